@@ -1,0 +1,97 @@
+"""The paged KV cache: its layout, its allocation on a mesh, and the in-step write.
+
+Layout
+------
+One pair of arrays per layer (a Python list, so each layer's pages are a
+separate buffer that the jitted step donates and updates in place)::
+
+    k_pages[layer], v_pages[layer]: [num_kv_heads, num_pages, page_size, head_dim]
+
+* ``num_kv_heads`` leads so tensor parallelism shards it (PartitionSpec
+  ``("model", None, None, None)``) and one (head, page) tile is a contiguous
+  ``page_size * head_dim`` run: a kernel reads a page of one head with one
+  contiguous copy, no gather.
+* A token at position ``pos`` of a sequence whose page list is ``pages`` lives
+  at ``[:, pages[pos // page_size], pos % page_size, :]``.
+* Page ids are indices into axis 1. The allocator (engine) hands them out; the
+  cache itself knows nothing of sequences.
+* Padding tokens of a bucketed step carry the page id ``num_pages`` (out of
+  range); the write drops them, so padding never touches a real page.
+
+Why a list per layer rather than one stacked array: the model's layers are
+unrolled in Python (a ``lax.scan`` over stacked weights measured 3x slower on
+the H100, see shared GPU notes), and separate buffers let XLA alias each
+layer's donated input to its output with a plain in-place scatter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from jaxdyn.parallel.sharding import kv_cache_partition_spec
+
+KVCache = list[tuple[jax.Array, jax.Array]]   # per layer: (k_pages, v_pages)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int      # heads stored (after replication for tensor parallelism)
+    num_pages: int
+    page_size: int
+    head_dim: int
+    dtype: jnp.dtype
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_kv_heads, self.num_pages, self.page_size, self.head_dim)
+
+    @property
+    def bytes_per_page(self) -> int:
+        """Bytes one page occupies over all layers, K and V."""
+        return (2 * self.num_layers * self.num_kv_heads * self.page_size * self.head_dim
+                * jnp.dtype(self.dtype).itemsize)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_size)
+
+
+def allocate_kv_cache(spec: KVCacheSpec, mesh: Mesh) -> KVCache:
+    """Zero-filled pages, sharded over kv heads on the mesh's model axis."""
+    sharding = NamedSharding(mesh, kv_cache_partition_spec(mesh, spec.num_kv_heads))
+    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=sharding)
+    return [(zeros(), zeros()) for _ in range(spec.num_layers)]
+
+
+def write_kv(
+    k_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
+    v_pages: jax.Array,
+    k: jax.Array,            # [T, num_kv_heads, head_dim]
+    v: jax.Array,            # [T, num_kv_heads, head_dim]
+    slot_page: jax.Array,    # i32[T] page id of each token; num_pages for padding
+    slot_offset: jax.Array,  # i32[T] offset inside the page
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's K/V into their pages (in place when the cache is donated)."""
+    k = jnp.swapaxes(k, 0, 1).astype(k_pages.dtype)   # [num_kv_heads, T, head_dim]
+    v = jnp.swapaxes(v, 0, 1).astype(v_pages.dtype)
+    k_pages = k_pages.at[:, slot_page, slot_offset].set(k, mode="drop")
+    v_pages = v_pages.at[:, slot_page, slot_offset].set(v, mode="drop")
+    return k_pages, v_pages
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """How one step's packed tokens address the paged cache (all device arrays)."""
+
+    positions: jax.Array     # i32[T]    position of each token in its sequence
+    slot_page: jax.Array     # i32[T]    page the token's K/V is written to (num_pages: padding)
+    slot_offset: jax.Array   # i32[T]    offset inside that page
+    page_table: jax.Array    # i32[S, P] pages of each sequence, in order
+    kv_lens: jax.Array       # i32[S]    cached tokens per sequence after this step's write
+    cu_q_lens: jax.Array     # i32[S+1]  row offsets of each sequence's tokens in the batch

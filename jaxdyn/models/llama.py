@@ -1,0 +1,207 @@
+"""One decoder for the Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 (Flax NNX).
+
+The families differ only by flags of ``ModelConfig``: qkv bias (Qwen2),
+q/k RMSNorm over head_dim (Qwen3), rope scaling (Llama 3.1+), sliding window
+(Mistral), tied embeddings (Llama 3.2 1B/3B, small Qwens), GQA/MQA.
+
+The model is functional about its KV cache::
+
+    kv_cache, hidden = model(kv_cache, token_ids, md)   # hidden: [T, hidden_size]
+    logits = model.compute_logits(hidden[rows])          # f32[N, vocab]
+
+Parameter names mirror Hugging Face's (``layers/3/self_attn/q_proj/kernel``)
+with kernels stored ``[in, out]``. Layers are unrolled in Python: a
+``lax.scan`` over stacked layer weights copied each layer's slice on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxdyn.config import ModelConfig, RopeConfig
+from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
+from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype):
+        self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, dtype):
+        self.embedding = nnx.Param(jnp.zeros((vocab_size, dim), dtype))
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], token_ids, axis=0)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """f32[head_dim // 2] inverse frequencies, with linear / llama3 scaling applied."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (rope.theta ** exponents)).astype(np.float32)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [T, head_dim] in the rotate-half layout Hugging Face uses."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, mesh: Mesh, dtype):
+        tp = model_parallel_size(mesh)
+        if cfg.num_heads % tp:
+            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by tensor_parallel={tp}")
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = stored_kv_heads(cfg.num_kv_heads, tp)
+        self.head_dim = cfg.head_dim
+        self.sliding_window = cfg.sliding_windows[layer_idx]
+        self.mesh = mesh
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(d, self.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
+                 cos: jax.Array, sin: jax.Array):
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        heads = P(None, MODEL_AXIS, None)
+        pages = P(MODEL_AXIS, None, None, None)
+        rep = P()
+        local = jax.shard_map(
+            self._write_and_attend,
+            mesh=self.mesh,
+            in_specs=(pages, pages, heads, heads, heads, rep, rep, rep, rep, rep),
+            out_specs=(pages, pages, heads),
+            check_vma=False,
+        )
+        k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
+                                    md.kv_lens, md.page_table, md.cu_q_lens)
+        return (k_pages, v_pages), self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+    def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
+                          kv_lens, page_table, cu_q_lens):
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_page, slot_offset)
+        o = ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+                                   sm_scale=self.head_dim ** -0.5,
+                                   sliding_window=self.sliding_window)
+        return k_pages, v_pages, o
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, mesh: Mesh, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, layer_idx, mesh=mesh, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype)
+
+    def __call__(self, kv, x, md, cos, sin):
+        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin)
+        x = x + attn
+        return kv, x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, mesh: Mesh, dtype=jnp.bfloat16):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg.rope, cfg.head_dim))
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, mesh=mesh, dtype=dtype) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+
+    def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata
+                 ) -> tuple[KVCache, jax.Array]:
+        """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size])."""
+        x = self.embed_tokens(token_ids)
+        cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
+        new_cache = []
+        for layer, kv in zip(self.layers, kv_cache):
+            kv, x = layer(kv, x, md, cos, sin)
+            new_cache.append(kv)
+        return new_cache, self.norm(x)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [N, hidden_size] -> f32[N, vocab_size]."""
+        if self.lm_head is None:
+            w = self.embed_tokens.embedding[...]
+            return jnp.einsum("nd,vd->nv", hidden, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("nd,dv->nv", hidden, self.lm_head.kernel[...],
+                          preferred_element_type=jnp.float32)

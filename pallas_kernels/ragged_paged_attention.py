@@ -1,0 +1,96 @@
+"""Attention of a ragged batch of query tokens over a paged KV cache.
+
+One call serves a step that mixes prefill chunks and decode tokens: the query
+tokens of all sequences are packed in one array, sequence ``s`` owning rows
+``cu_q_lens[s]:cu_q_lens[s+1]``. Its keys are the first ``kv_lens[s]`` tokens
+stored in pages ``page_table[s, :]`` (the new tokens of this step already
+written), and its ``q_len`` queries are the *last* ``q_len`` of those
+``kv_lens[s]`` positions, so a chunk attends to its earlier pages and causally
+within itself, and a decode token (q_len 1) to everything before it.
+
+KV layout (see jaxdyn/kv/cache.py): ``k_pages, v_pages: [num_kv_heads,
+num_pages, page_size, head_dim]``. Query head ``h`` reads kv head
+``h // (num_q_heads // num_kv_heads)`` (GQA / MQA).
+
+This module holds the plain ``jax.numpy`` reference; ``ragged_paged_attention``
+is the one entry point the model calls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Query rows handled at once by the reference: bounds its gathered-KV temporary
+# to this many rows times one sequence's context.
+_REFERENCE_Q_BLOCK = 64
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,            # [T, num_q_heads, head_dim]
+    k_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
+    v_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
+    kv_lens: jax.Array,      # i32[S]   tokens in the cache per sequence, this step's included
+    page_table: jax.Array,   # i32[S, P] page ids of each sequence, in order
+    cu_q_lens: jax.Array,    # i32[S+1] query row offsets; padding sequences have q_len 0
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:              # [T, num_q_heads, head_dim]; rows past cu_q_lens[-1] are 0
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_table.shape
+    group = num_q_heads // num_kv_heads
+    max_len = pages_per_seq * page_size
+
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, num_seqs - 1)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    valid = rows < cu_q_lens[num_seqs]
+    q_pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])       # [T]
+
+    def one_row(args):
+        q_row, s_row, pos = args                                  # [H, D], (), ()
+        pages = page_table[s_row]                                 # [P]
+        k = k_pages[:, pages].reshape(num_kv_heads, max_len, head_dim)
+        v = v_pages[:, pages].reshape(num_kv_heads, max_len, head_dim)
+        qg = q_row.reshape(num_kv_heads, group, head_dim).astype(jnp.float32)
+        s = jnp.einsum("kgd,kld->kgl", qg, k.astype(jnp.float32)) * sm_scale
+        key_pos = jnp.arange(max_len, dtype=jnp.int32)
+        mask = key_pos <= pos
+        if sliding_window is not None:
+            mask &= key_pos > pos - sliding_window
+        s = jnp.where(mask[None, None, :], s, _MASK_VALUE)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("kgl,kld->kgd", p, v.astype(jnp.float32))
+        return o.reshape(num_q_heads, head_dim)
+
+    # lax.map vmaps one_row over blocks of rows, bounding the gathered-KV temporary.
+    out = jax.lax.map(one_row, (q, seq, q_pos), batch_size=min(num_tokens, _REFERENCE_Q_BLOCK))
+    out = jnp.where(valid[:, None, None], out, 0.0)
+    return out.astype(q.dtype)
+
+
+@functools.partial(jax.named_call, name="ragged_paged_attention")
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    cu_q_lens: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """The entry point: the GPU kernel where one is available, else the reference.
+
+    No Pallas kernel has landed yet, so every backend runs the reference.
+    """
+    return ragged_paged_attention_reference(
+        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+        sm_scale=sm_scale, sliding_window=sliding_window)

@@ -1,0 +1,83 @@
+"""Tiny random Hugging Face checkpoints, made with transformers itself, one per supported family."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-6)
+
+# name -> (config class name, overrides)
+FAMILIES = {
+    "llama3.1": ("LlamaConfig", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}, rope_theta=500000.0)),
+    "llama3.2-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0)),
+    "llama2-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "llama-mqa-bias": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "mistral-swa": ("MistralConfig", dict(sliding_window=24, head_dim=16)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32)),
+}
+
+
+def make_hf_checkpoint(family: str, directory: str, *, seed: int = 0, dtype: str = "float32",
+                       max_shard_size: str | None = None) -> str:
+    """Save a randomly initialised HF model of ``family`` to ``directory`` (safetensors)."""
+    import torch
+    import transformers
+
+    cls_name, overrides = FAMILIES[family]
+    config_cls = getattr(transformers, cls_name)
+    cfg = config_cls(**{**BASE, **overrides})
+    cfg._attn_implementation = "eager"
+    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    # Default init leaves biases at 0 and norms at 1, which would hide a wrongly
+    # mapped bias or norm; give every tensor distinct random values instead.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2 and "embed" not in name:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def hf_model(directory: str):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], num_new: int) -> tuple[list[int], np.ndarray]:
+    """HF's greedy continuation and the f32 logits at every position of prompt + continuation."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(num_new):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+        all_logits = model(torch.tensor([ids])).logits[0].float().numpy()
+    return ids[len(prompt):], all_logits
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| over max |b|."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
