@@ -1,0 +1,79 @@
+"""ModelConfig from Hugging Face config.json dictionaries of every supported family."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxdyn.config import ConfigError, ModelConfig
+from jaxdyn.models.llama import rope_inv_freq
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+
+
+def test_transformers4_and_5_rope_keys_read_the_same():
+    v4 = {**LLAMA, "rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}
+    v5 = {**LLAMA, "rope_parameters": {"rope_theta": 500000.0, **v4["rope_scaling"]}}
+    assert ModelConfig.from_dict(v4).rope == ModelConfig.from_dict(v5).rope
+    assert ModelConfig.from_dict(v4).rope.rope_type == "llama3"
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf_cfg = LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "architectures"},
+                         rope_theta=500000.0, rope_scaling=scaling)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, torch.device("cpu"))
+    ours = rope_inv_freq(ModelConfig.from_dict({**LLAMA, **hf_cfg.to_dict(),
+                                                "architectures": ["LlamaForCausalLM"]}).rope, 16)
+    np.testing.assert_allclose(ours, want.numpy(), rtol=1e-6)
+
+
+def test_family_flags():
+    qwen2 = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen2ForCausalLM"]})
+    assert qwen2.qkv_bias and not qwen2.o_bias and not qwen2.qk_norm
+    qwen3 = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen3ForCausalLM"], "head_dim": 32})
+    assert qwen3.qk_norm and qwen3.head_dim == 32
+    llama_bias = ModelConfig.from_dict({**LLAMA, "attention_bias": True})
+    assert llama_bias.qkv_bias and llama_bias.o_bias
+    mqa = ModelConfig.from_dict({**LLAMA, "num_key_value_heads": 1})
+    assert mqa.num_kv_heads == 1 and mqa.head_dim == 16
+
+
+def test_sliding_windows_per_layer():
+    mistral = ModelConfig.from_dict({**LLAMA, "architectures": ["MistralForCausalLM"],
+                                     "sliding_window": 4096})
+    assert mistral.sliding_windows == (4096, 4096)
+    qwen = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
+                                  "layer_types": ["full_attention", "sliding_attention"]})
+    assert qwen.sliding_windows == (None, 64)
+    off = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
+                                 "use_sliding_window": False})
+    assert off.sliding_windows == (None, None)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+    ({"num_key_value_heads": 3}, "not a multiple"),
+])
+def test_unsupported_configs_are_named(change, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**LLAMA, **change})
+
+
+def test_missing_config_json_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "architectures": ["BertModel"]}))
+    with pytest.raises(ConfigError, match=r"config\.json: unsupported architecture"):
+        ModelConfig.from_pretrained(tmp_path)
