@@ -1,0 +1,42 @@
+"""The jaxdyn command line: generate on dummy weights and on a HF directory; clear errors."""
+
+import pytest
+
+from serving.cli import main
+from tests.support import hf_greedy, hf_model, make_hf_checkpoint
+
+
+def test_generate_matches_transformers_greedy(tmp_path, capsys):
+    path = make_hf_checkpoint("llama3.1", str(tmp_path / "m"))
+    assert main(["generate", "--model", path, "--prompt-ids", "5,6,7,8", "--max-tokens", "6",
+                 "--ignore-eos", "--dtype", "float32"]) == 0
+    got = [int(t) for t in capsys.readouterr().out.split()]
+    want, _ = hf_greedy(hf_model(path), [5, 6, 7, 8], 6)
+    assert got == want
+
+
+def test_generate_dummy_preset(capsys):
+    assert main(["generate", "--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1 2 3",
+                 "--max-tokens", "4", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 4 and all(0 <= int(t) < 512 for t in out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/dir", "--prompt-ids", "1"], "no such directory"),
+    (["--model", "nope", "--load-format", "dummy", "--prompt-ids", "1"], "neither a directory nor a preset"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,99999"], "token ids must lie in"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--max-tokens", "0"], "--max-tokens"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--tp", "64"], "device(s)"),
+])
+def test_generate_errors_name_the_problem(argv, message, capsys):
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1"]) == 2
+    assert "GPT2LMHeadModel" in capsys.readouterr().err
