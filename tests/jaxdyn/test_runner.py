@@ -33,8 +33,9 @@ def warm_runner(loaded):
 def test_bucket_lists_are_explicit_powers_of_two():
     assert powers_of_two(16, 64) == (16, 32, 64)
     assert powers_of_two(1, 6) == (1, 2, 4, 6)
-    tokens, seqs, pages = CFG.buckets()
-    assert tokens == (16, 32, 64) and seqs == (1, 2, 4, 8) and pages == (4, 8)
+    tokens, pages = CFG.buckets()
+    assert tokens == (16, 32, 64) and pages == (4, 8)
+    assert [CFG.seqs_for(t) for t in tokens] == [8, 8, 8]
 
 
 def test_steps_of_many_sizes_after_warmup_compile_nothing(warm_runner):
@@ -86,7 +87,7 @@ def test_kv_cache_is_donated_and_updated_in_place(loaded):
 
 @pytest.mark.parametrize("work,message", [
     ([SequenceWork(list(range(70)), 0, list(range(5)))], "tokens per step=70 exceeds"),
-    ([SequenceWork([1], 0, [0])] * 9, "sequences per step=9 exceeds"),
+    ([SequenceWork([1], 0, [0])] * 9, "9 sequences exceed max_num_seqs=8"),
     ([SequenceWork([1] * 20, 0, [0])], "1 pages cannot hold 20 tokens"),
     ([SequenceWork([1], 0, [96])], "page id out of range"),
     ([SequenceWork([], 0, [0])], "no tokens"),

@@ -1,0 +1,132 @@
+"""AsyncEngine: the engine core on a background thread, streamed to asyncio consumers.
+
+``async for out in engine.generate(prompt_ids, params, request_id)`` yields a
+RequestOutput per step that produced something for the request (cumulative
+text and tokens, plus the delta since the previous one). Leaving the loop
+early (a client that disconnects) aborts the request. ``abort(request_id)``
+works from any coroutine. If a step raises, the engine is dead: every stream
+ends with ``EngineDeadError`` and ``is_healthy`` turns false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import traceback
+
+from jaxdyn.engine.core import EngineCore
+from jaxdyn.engine.request import RequestOutput
+from jaxdyn.engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
+        self.core = core
+        self.max_queued_requests = max_queued_requests
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="jaxdyn-engine", daemon=True)
+        self._thread.start()
+
+    # ---- consumer side -------------------------------------------------------------------------
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine died: {self.dead!r}")
+        if request_id in self._streams:
+            from jaxdyn.engine.core import RequestError
+            raise RequestError("request_id", f"request id {request_id!r} is already in use")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        self._send(("add", request_id, list(prompt_ids), params, priority, time.monotonic()))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, cmd) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    # ---- engine thread -------------------------------------------------------------------------
+
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
+        s = self._streams.get(request_id)
+        if s is not None:
+            s.put(out)
+
+    def _loop(self) -> None:
+        core = self.core
+        try:
+            while not self._stop:
+                self._wake.clear()
+                while True:
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd[0] == "add":
+                        _, rid, prompt, params, priority, arrival = cmd
+                        try:
+                            core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival)
+                        except ValueError as e:
+                            self._deliver(e, rid)
+                    else:
+                        out = core.abort(cmd[1])
+                        if out is not None:
+                            self._deliver(out, cmd[1])
+                if core.has_unfinished():
+                    for out in core.step():
+                        self._deliver(out, out.request_id)
+                else:
+                    self._wake.wait(0.05)
+        except BaseException as e:  # the engine is dead: tell everyone, keep the reason
+            self.dead = e
+            traceback.print_exc()
+            err = EngineDeadError(f"the engine died: {e!r}")
+            for rid in list(self._streams):
+                self._deliver(err, rid)

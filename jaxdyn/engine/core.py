@@ -1,0 +1,327 @@
+"""EngineCore: the scheduler, the runner and the host bookkeeping of one step.
+
+``step()`` schedules and dispatches step N+1 *before* it reads the tokens of
+step N, so the device computes while the host does its bookkeeping (stop
+checks, detokenization, outputs). A sequence whose next input is still on the
+device takes it there (``SequenceWork.prev_row``). The price: a sequence that
+stops at step N has already been given step N+1, whose token is discarded; its
+pages are freed at once, which is safe because steps run in order on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+
+import jax
+import numpy as np
+
+from jaxdyn.engine.compilation import compilation_count
+from jaxdyn.engine.detokenizer import IncrementalDetokenizer
+from jaxdyn.engine.metrics import EngineMetrics
+from jaxdyn.engine.request import (
+    CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus)
+from jaxdyn.engine.runner import MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle
+from jaxdyn.engine.sampling_params import SamplingParams
+from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxdyn.engine.tokenizer import Tokenizer
+from jaxdyn.kv.allocator import PageAllocator
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; ``param`` names the offending field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None            # None: sized from free device memory (GPU) or a default (CPU)
+    kv_memory_fraction: float = 0.85         # of the device memory left after weights (GPU)
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int | None = None         # None: min(model's max positions, 8192)
+    token_buckets: tuple[int, ...] | None = None
+    page_buckets: tuple[int, ...] | None = None
+    fail_on_compile: bool = False
+    overlap: bool = True                     # dispatch step N+1 before reading step N
+    seed: int | None = None                  # seeds unseeded requests' draws (None: random)
+
+
+class EngineCore:
+    def __init__(self, graphdef, state, mesh, model_config, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig = EngineConfig(), eos_token_ids: tuple[int, ...] | None = None):
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
+        self.max_model_len = max_model_len
+        ps = config.page_size
+        num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
+        self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
+            page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+            token_buckets=config.token_buckets, page_buckets=config.page_buckets,
+            fail_on_compile=config.fail_on_compile))
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),
+                                   self.allocator)
+        eos = set(model_config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
+        if tokenizer is not None and eos_token_ids is None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.requests: dict[str, Request] = {}
+        self.metrics = EngineMetrics(kv_pages_total=num_pages)
+        self._rng = random.Random(config.seed)
+        self._arrivals = 0
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._compiles_at_warmup: int | None = None
+        self.host_time = 0.0          # seconds spent in step() outside waiting for the device
+        self.wait_time = 0.0
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    def warmup(self) -> float:
+        seconds = self.runner.warmup()
+        self._compiles_at_warmup = compilation_count()
+        return seconds
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
+                    priority: int = 0, arrival_time: float | None = None) -> Request:
+        if request_id in self.requests:
+            raise RequestError("request_id", f"request id {request_id!r} is already in use")
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise RequestError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
+            raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
+                               f"is {self.max_model_len} tokens and at least one must be left to generate")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop", "stop strings need a tokenizer; this model has none")
+        if len(self.eos_token_ids) + len(params.stop_token_ids) > MAX_BANNED and params.min_tokens:
+            raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = Request(request_id, prompt_ids, params, priority, arrival_time)
+        req.max_len = len(prompt_ids) + max_tokens
+        if math.ceil(req.max_len / self.config.page_size) > self.num_pages:
+            raise RequestError("max_tokens", f"prompt + max_tokens = {req.max_len} tokens exceed the KV "
+                               f"cache ({self.num_pages * self.config.page_size} tokens)")
+        for i in range(params.n):
+            seed = ((params.seed + i) if params.seed is not None else self._rng.getrandbits(32)) & 0xFFFFFFFF
+            seq = Sequence(req, i, seed, self._arrivals)
+            if self.tokenizer is not None and params.detokenize:
+                seq.detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            req.seqs.append(seq)
+        self._arrivals += 1
+        if params.n > 1 and len(prompt_ids) > 1:
+            req.seqs[0].fork_target = len(prompt_ids) - 1
+            for s in req.seqs[1:]:
+                s.blocked = True
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free all it holds; returns its final output."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        req.metrics.finished_time = time.monotonic()
+        self.metrics.requests_finished["abort"] = self.metrics.requests_finished.get("abort", 0) + 1
+        return self._make_output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or self._inflight is not None
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _can_sample(self, seq: Sequence) -> bool:
+        return seq.num_tokens < seq.request.max_len
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule(self._can_sample)
+        handle = self._dispatch(batch) if batch.items else None
+        outputs: list[RequestOutput] = []
+        prev, self._inflight = self._inflight, ((batch, handle) if handle is not None else None)
+        if prev is not None:
+            outputs = self._process(*prev)
+        if handle is not None and not self.config.overlap:
+            cur, self._inflight = self._inflight, None
+            outputs += self._process(*cur)
+        self.metrics.steps += 1
+        self.metrics.preemptions = self.scheduler.num_preemptions
+        self.metrics.num_running = len(self.scheduler.running)
+        self.metrics.num_waiting = len(self.scheduler.waiting)
+        self.metrics.kv_pages_used = self.allocator.num_used
+        if self._compiles_at_warmup is not None:
+            self.metrics.compilations_after_warmup = compilation_count() - self._compiles_at_warmup
+        self.host_time += time.perf_counter() - t0
+        return outputs
+
+    def _dispatch(self, batch: SchedulerOutput) -> StepHandle:
+        now = time.monotonic()
+        if batch.copies:
+            self.runner.copy_pages(batch.copies)
+        work = []
+        for idx, it in enumerate(batch.items):
+            seq, req = it.seq, it.seq.request
+            p = req.params
+            end = it.start + it.num_tokens
+            known = seq.num_known
+            if end <= known:
+                toks, prev_row = seq.token_slice(it.start, end), -1
+            else:   # the last token is the previous step's draw, still on the device
+                toks, prev_row = seq.token_slice(it.start, known) + [0], seq.pending_rows[-1]
+            out_index = len(seq.output_ids) + seq.num_pending
+            banned = ()
+            if it.samples and out_index < p.min_tokens:
+                banned = (() if p.ignore_eos else self.eos_token_ids) + tuple(p.stop_token_ids)
+            work.append(SequenceWork(toks, it.start, seq.pages, prev_row, p, len(seq.prompt_ids),
+                                     seq.seed, out_index, banned))
+            if it.samples:
+                seq.num_pending += 1
+                seq.pending_rows.append(idx)
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                self.metrics.queue_time.observe(now - req.metrics.arrival_time)
+            if it.start < len(seq.prompt_ids):
+                self.metrics.computed_prefill_tokens += min(end, len(seq.prompt_ids)) - it.start
+        return self.runner.execute(work)
+
+    def _process(self, batch: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        tw = time.perf_counter()
+        res = handle.result()
+        self.wait_time += time.perf_counter() - tw
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for idx, it in enumerate(batch.items):
+            if not it.samples:
+                continue
+            seq = it.seq
+            seq.num_pending -= 1
+            seq.pending_rows.popleft()
+            if seq.finished:
+                continue
+            req = seq.request
+            tok = int(res.next_token_ids[idx])
+            seq.output_ids.append(tok)
+            self.metrics.generation_tokens += 1
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+                self.metrics.ttft.observe(now - m.arrival_time)
+            elif seq.index == 0 and m.last_token_time is not None:
+                self.metrics.itl.observe(now - m.last_token_time)
+            if seq.index == 0:
+                m.last_token_time = now
+            if seq.logprobs is not None:
+                lp = float(res.logprobs[idx])
+                seq.cumulative_logprob += lp
+                entry = {tok: Logprob(lp)}
+                k = req.params.logprobs
+                for rank, (tid, tlp) in enumerate(zip(res.top_ids[idx][:k], res.top_logprobs[idx][:k]), 1):
+                    tid = int(tid)
+                    if tid == tok:
+                        entry[tok].rank = rank
+                    else:
+                        entry[tid] = Logprob(float(tlp), rank)
+                seq.logprobs.append(entry)
+            self._check_stop(seq, tok)
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._make_output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+                req.metrics.finished_time = now
+                self.metrics.e2e.observe(now - req.metrics.arrival_time)
+                for s in req.seqs:
+                    self.metrics.requests_finished[s.finish_reason] = \
+                        self.metrics.requests_finished.get(s.finish_reason, 0) + 1
+        return outputs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.request.params
+        n_out = len(seq.output_ids)
+        reason, stop_reason = None, None
+        if not p.ignore_eos and tok in self.eos_token_ids and n_out > p.min_tokens - 1:
+            reason = "stop"
+        elif tok in p.stop_token_ids and n_out >= p.min_tokens:
+            reason, stop_reason = "stop", tok
+        if seq.detok is not None:
+            # Before min_tokens a stop string does not count.
+            matched = seq.detok.add(tok, check_stop=reason is None and n_out >= p.min_tokens)
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is None and seq.num_known >= seq.request.max_len:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            if seq.detok is not None:
+                seq.detok.flush()
+            self.scheduler.finish(seq)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            done = seq.finished
+            if seq.detok is not None:
+                if done:
+                    seq.detok.flush()
+                delta_text = seq.detok.take_delta(done)
+                text = seq.detok.text[:seq.detok.emitted]
+            else:
+                delta_text = text = ""
+            delta_ids = seq.output_ids[seq.emitted_tokens:]
+            seq.emitted_tokens = len(seq.output_ids)
+            delta_lps = None
+            if seq.logprobs is not None:
+                delta_lps = seq.logprobs[seq.emitted_logprobs:]
+                seq.emitted_logprobs = len(seq.logprobs)
+            outs.append(CompletionOutput(
+                seq.index, text, list(seq.output_ids), delta_text, delta_ids,
+                seq.cumulative_logprob if seq.logprobs is not None else None,
+                seq.logprobs, delta_lps, seq.finish_reason, seq.stop_reason))
+        return RequestOutput(req.request_id, req.prompt_ids, outs, req.finished,
+                             req.num_cached_tokens, req.metrics)
+
+
+def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
+    from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
+    ps = config.page_size
+    dtype = jax.tree.leaves(state)[0].dtype
+    kv_heads = stored_kv_heads(model_config.num_kv_heads, model_parallel_size(mesh))
+    page_bytes = 2 * model_config.num_layers * kv_heads * ps * model_config.head_dim * dtype.itemsize
+    dev = mesh.devices.flat[0]
+    stats = dev.memory_stats() if dev.platform == "gpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
+        per_device_page = page_bytes / model_parallel_size(mesh) if kv_heads >= model_parallel_size(mesh) else page_bytes
+        return max(int(free // per_device_page), math.ceil(max_model_len / ps))
+    # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.
+    return max(math.ceil(max_model_len / ps), config.max_num_seqs * math.ceil(1024 / ps))

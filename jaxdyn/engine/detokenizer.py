@@ -1,0 +1,79 @@
+"""Incremental detokenization and stop strings.
+
+Text is produced a token at a time by decoding a short window
+``tokens[prefix:]`` and keeping what it adds beyond ``tokens[prefix:read]``:
+a token that ends inside a multi-byte character decodes to U+FFFD and is held
+until the character completes; the window starts on the last few prompt tokens
+so a leading space of the first output token survives SentencePiece decoding.
+
+Stop strings are searched in the text as it grows, so a stop string split
+over several tokens is found. While a sequence runs, the last
+``len(longest stop) - 1`` characters are held back from the stream, so no
+client ever sees the beginning of a stop string that then matches.
+"""
+
+from __future__ import annotations
+
+from jaxdyn.engine.tokenizer import Tokenizer
+
+_PROMPT_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids, *, skip_special_tokens: bool = True,
+                 stop: list[str] = (), include_stop_str_in_output: bool = False):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.tokens = list(prompt_ids[-_PROMPT_CONTEXT:])
+        self.prefix = 0
+        self.read = len(self.tokens)
+        self.text = ""
+        self.stop = list(stop)
+        self.include_stop = include_stop_str_in_output
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.emitted = 0           # characters of text already streamed
+        self.stopped_by: str | None = None
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Add a token; returns the stop string that matched, if one did (text is then cut)."""
+        self.tokens.append(token_id)
+        prefix_text = self._decode(self.tokens[self.prefix:self.read])
+        new_text = self._decode(self.tokens[self.prefix:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return None
+        delta = new_text[len(prefix_text):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        before = len(self.text)
+        self.text += delta
+        if self.stop and check_stop:
+            start = max(0, before - self.holdback)
+            best = None
+            for s in self.stop:
+                i = self.text.find(s, start)
+                if i >= 0 and (best is None or i < best[0]):
+                    best = (i, s)
+            if best is not None:
+                i, s = best
+                self.text = self.text[:i + len(s)] if self.include_stop else self.text[:i]
+                self.stopped_by = s
+                return s
+        return None
+
+    def flush(self) -> str:
+        """At the end: decode whatever is still held (an incomplete character decodes as U+FFFD)."""
+        if self.stopped_by is None and self.read < len(self.tokens):
+            prefix_text = self._decode(self.tokens[self.prefix:self.read])
+            new_text = self._decode(self.tokens[self.prefix:])
+            self.text += new_text[len(prefix_text):]
+            self.prefix = self.read = len(self.tokens)
+        return self.text
+
+    def take_delta(self, finished: bool) -> str:
+        """New text to stream since the last call (holding back a possible stop-string start)."""
+        end = len(self.text) if finished else max(self.emitted, len(self.text) - self.holdback)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta

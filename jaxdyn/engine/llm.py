@@ -1,0 +1,73 @@
+"""LLM: offline batched generation over the engine core."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxdyn.engine.core import EngineConfig, EngineCore
+from jaxdyn.engine.request import RequestOutput
+from jaxdyn.engine.sampling_params import SamplingParams
+
+
+def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
+                 config: EngineConfig = EngineConfig(), warmup: bool = True) -> EngineCore:
+    """An engine for ``model`` (a checkpoint directory, or a preset name with load_format="dummy")."""
+    # jaxdyn reaches into checkpoints/ here only, lazily: loading lives there
+    # (it imports jaxdyn), and this keeps `from jaxdyn import LLM` whole.
+    from checkpoints.loader import load_model
+
+    mesh, loaded, tokenizer = load_model(model, tp=tp, dtype=dtype, load_format=load_format)
+    engine = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
+    if warmup:
+        engine.warmup()
+    return engine
+
+
+class LLM:
+    def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
+                 load_format: str = "auto", **engine_kwargs):
+        self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
+                                             config=EngineConfig(**engine_kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        order = []
+        for prompt, p in zip(prompts, plist):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
+                prompt = self.tokenizer.encode(prompt)
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(rid, prompt, p)
+            order.append(rid)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
+        try:
+            while len(done) < len(order):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in order:
+                if rid not in done:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in order]

@@ -1,0 +1,66 @@
+"""Metrics the engine keeps for the server to export (plain Python; Prometheus-shaped).
+
+Counters only grow; gauges are read at export time; histograms keep
+cumulative bucket counts and a sum, as Prometheus does, so the server turns
+them into text without knowing the engine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+
+
+class Histogram:
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)   # last: +Inf
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.counts[bisect.bisect_left(self.buckets, value)] += 1
+            self.sum += value
+            self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        out, total = [], 0
+        for le, c in zip((*self.buckets, float("inf")), self.counts):
+            total += c
+            out.append((le, total))
+        return out
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    # counters
+    prompt_tokens: int = 0             # prompt tokens of finished-or-running requests, once each
+    generation_tokens: int = 0
+    computed_prefill_tokens: int = 0   # prompt (and recomputed) tokens the device actually ran
+    preemptions: int = 0
+    requests_finished: dict = dataclasses.field(default_factory=dict)   # finish_reason -> count
+    prefix_cache_queries: int = 0      # tokens looked up
+    prefix_cache_hits: int = 0         # tokens found
+    prefix_cache_evictions: int = 0    # pages evicted
+    compilations_after_warmup: int = 0
+    steps: int = 0
+    # gauges (set by the engine each step)
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    # histograms (seconds)
+    ttft: Histogram = dataclasses.field(default_factory=Histogram)
+    itl: Histogram = dataclasses.field(default_factory=Histogram)
+    e2e: Histogram = dataclasses.field(default_factory=Histogram)
+    queue_time: Histogram = dataclasses.field(default_factory=Histogram)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0

@@ -1,0 +1,145 @@
+"""Requests, their sequences, and what the engine hands back (plain Python, no JAX)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import time
+from collections import deque
+
+from jaxdyn.engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """One completion of a request: its tokens, its pages and its place in the scheduler."""
+
+    __slots__ = ("seq_id", "request", "index", "prompt_ids", "output_ids", "num_pending", "pending_rows",
+                 "num_computed", "pages", "status", "admit_order", "arrival_order", "seed",
+                 "fork_target", "blocked", "detok", "logprobs", "cumulative_logprob",
+                 "finish_reason", "stop_reason", "emitted_tokens", "emitted_logprobs", "num_preemptions")
+
+    def __init__(self, request: "Request", index: int, seed: int, arrival_order: int):
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.index = index
+        self.prompt_ids = request.prompt_ids
+        self.output_ids: list[int] = []
+        self.num_pending = 0                 # tokens drawn on the device, not yet seen by the host
+        self.pending_rows: deque[int] = deque()  # row in the step that drew each pending token
+        self.num_computed = 0                # tokens whose K/V is written (or scheduled to be)
+        self.pages: list[int] = []
+        self.status = SeqStatus.WAITING
+        self.admit_order = -1
+        self.arrival_order = arrival_order
+        self.seed = seed
+        self.fork_target: int | None = None  # n > 1: this sequence prefills the shared prompt to here
+        self.blocked = False                 # n > 1: waits for the shared prompt, then forks
+        self.detok = None
+        self.logprobs: list[dict[int, float]] | None = None
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.emitted_tokens = 0
+        self.emitted_logprobs = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Host-known token ids of positions [start, end) (all must be known)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.request.priority, self.arrival_order)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def __repr__(self):
+        return (f"Sequence({self.request.request_id}/{self.index}, {self.status.value}, "
+                f"computed={self.num_computed}/{self.num_tokens}, pages={len(self.pages)})")
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 priority: int = 0, arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.priority = priority
+        self.seqs: list[Sequence] = []
+        self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
+        self.num_cached_tokens = 0
+        self.max_len = 0                     # prompt + the most tokens it may generate
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+@dataclasses.dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str                            # all text so far
+    token_ids: list[int]                 # all tokens so far
+    delta_text: str                      # new since the previous output of this request
+    delta_token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None   # per token: sampled token + top alternatives
+    delta_logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None     # stop | length | abort
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+    error: str | None = None

@@ -1,0 +1,97 @@
+"""SamplingParams: what a request asks of generation, validated with errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+MAX_LOGPROBS = 20    # top-logprobs computed on the device per sampled token (OpenAI's cap)
+
+
+class SamplingParamsError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16           # None: up to the model's context length
+    min_tokens: int = 0
+    temperature: float = 1.0              # 0: greedy
+    top_k: int = 0                        # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0       # over prompt and output tokens
+    presence_penalty: float = 0.0         # over output tokens
+    frequency_penalty: float = 0.0        # over output tokens
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None           # top-k logprobs per sampled token (0: only the token's)
+    skip_special_tokens: bool = True
+    detokenize: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or ())
+        self.stop_token_ids = list(self.stop_token_ids or ())
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, param, msg):
+            if not cond:
+                raise SamplingParamsError(param, msg)
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        need(is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+             "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        need(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+             f"must be an integer >= 0, got {self.min_tokens!r}")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        need(is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature",
+             f"must be in [0, 100], got {self.temperature!r}")
+        need(is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be -1, 0 or a positive integer, got {self.top_k!r}")
+        need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        need(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+             f"must be in (0, 10], got {self.repetition_penalty!r}")
+        need(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+             f"must be in [-2, 2], got {self.presence_penalty!r}")
+        need(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+             f"must be in [-2, 2], got {self.frequency_penalty!r}")
+        need(self.seed is None or (is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed",
+             f"must be an integer, got {self.seed!r}")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        need(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "must be non-negative integers")
+        need(len(self.stop_token_ids) <= 16, "stop_token_ids", "at most 16 ids")
+        need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def uses_filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0

@@ -1,0 +1,228 @@
+"""The scheduler: continuous batching with chunked prefill and preemption (plain Python, no JAX).
+
+Each step fills a token budget (``max_num_batched_tokens``) and a sequence cap
+(``max_num_seqs``):
+
+1. Running sequences first, oldest admission first: a decoding sequence takes
+   one token, a sequence still in its prompt takes the next chunk (as much of
+   the budget as is left), so a long prompt never stalls decoding.
+2. Then waiting sequences, by (priority, arrival): admitted while the budget,
+   the cap and free pages allow; the first that does not fit stops admission
+   (no overtaking), and nothing is admitted in a step that had to preempt.
+
+Pages are allocated as a sequence's chunk needs them. When none are free for a
+running sequence, the running sequence with the largest (priority, admission)
+key -- the most recently admitted one when priorities are equal -- is
+preempted: its pages are freed and it goes back to the waiting queue to be
+recomputed later (its generated tokens are kept). A sequence that must write
+into a page shared with another (``n > 1``) gets a private copy first; the
+copies are listed in the batch for the runner to make before the step.
+
+A request never deadlocks the pool: the engine refuses any request whose
+longest possible sequence needs more pages than the pool has, so a sequence
+alone always fits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+
+from jaxdyn.engine.request import Request, Sequence, SeqStatus
+from jaxdyn.kv.allocator import PageAllocator
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    page_size: int
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int              # first position computed
+    num_tokens: int
+    samples: bool           # the chunk reaches the sequence's end: a token is drawn
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    items: list[ScheduledSeq]
+    copies: list[tuple[int, int]]      # (src page, dst page) to copy before the step
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_tokens for i in self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: list[Sequence] = []       # sorted by (priority, arrival)
+        self.running: list[Sequence] = []       # in admission order
+        self._admits = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- queue management --------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        for seq in request.seqs:
+            self._push_waiting(seq)
+
+    def _push_waiting(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        keys = [s.sort_key for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, seq.sort_key), seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out of the scheduler and free its pages (stop, length or abort)."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self._free_pages(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _free_pages(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.allocator.free(seq.pages)
+            seq.pages = []
+        seq.num_computed = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free_pages(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._push_waiting(seq)
+
+    def _pages_for(self, seq: Sequence, end: int) -> tuple[int, bool]:
+        """(new pages needed to hold tokens up to ``end``, whether the first written page is shared)."""
+        ps = self.config.page_size
+        need = -(-end // ps) - len(seq.pages)
+        first = seq.num_computed // ps
+        shared = first < len(seq.pages) and self.allocator.is_shared(seq.pages[first])
+        return max(need, 0), shared
+
+    def _reserve(self, seq: Sequence, end: int, copies: list) -> bool:
+        need, shared = self._pages_for(seq, end)
+        if not self.allocator.can_allocate(need + int(shared)):
+            return False
+        if shared:
+            first = seq.num_computed // self.config.page_size
+            old = seq.pages[first]
+            new = self.allocator.fork_for_write(old)
+            seq.pages[first] = new
+            copies.append((old, new))
+        if need:
+            seq.pages.extend(self.allocator.allocate(need))
+        return True
+
+    def _target(self, seq: Sequence) -> int:
+        """Position this sequence computes up to next: its end, or the shared-prompt fork point."""
+        return seq.fork_target if seq.fork_target is not None else seq.num_tokens
+
+    def schedule(self, can_sample) -> SchedulerOutput:
+        """Build the next step. ``can_sample(seq)``: whether the sequence may draw another token."""
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        copies: list[tuple[int, int]] = []
+        preempted: list[Sequence] = []
+        scheduled: set[int] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0 and len(items) < cfg.max_num_seqs:
+            seq = self.running[i]
+            target = self._target(seq)
+            if seq.num_computed >= target or (target == seq.num_tokens and not can_sample(seq)):
+                i += 1
+                continue
+            n = min(target - seq.num_computed, budget)
+            ok = True
+            while not self._reserve(seq, seq.num_computed + n, copies):
+                victim = max((s for s in self.running if s.seq_id not in scheduled),
+                             key=lambda s: (s.request.priority, s.admit_order))
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    ok = False
+                    break
+            if not ok:
+                continue                  # seq left running; self.running[i] is the next one
+            items.append(self._take(seq, n, target))
+            scheduled.add(seq.seq_id)
+            budget -= n
+            i += 1
+
+        if not preempted:
+            j = 0
+            while j < len(self.waiting) and budget > 0 and len(items) < cfg.max_num_seqs:
+                seq = self.waiting[j]
+                if seq.blocked or seq.num_pending:
+                    j += 1
+                    continue
+                target = self._target(seq)
+                if target == seq.num_tokens and not can_sample(seq):
+                    j += 1
+                    continue
+                n = min(target - seq.num_computed, budget)
+                if not self._reserve(seq, seq.num_computed + n, copies):
+                    break
+                self.waiting.pop(j)
+                seq.status = SeqStatus.RUNNING
+                seq.admit_order = next(self._admits)
+                self.running.append(seq)
+                items.append(self._take(seq, n, target))
+                scheduled.add(seq.seq_id)
+                budget -= n
+        return SchedulerOutput(items, copies, preempted)
+
+    def _take(self, seq: Sequence, n: int, target: int) -> ScheduledSeq:
+        start = seq.num_computed
+        seq.num_computed += n
+        samples = seq.num_computed == seq.num_tokens
+        if seq.fork_target is not None and seq.num_computed == seq.fork_target:
+            self._fork(seq)
+        return ScheduledSeq(seq, start, n, samples)
+
+    def _fork(self, leader: Sequence) -> None:
+        """n > 1: the shared prompt is computed (or scheduled); siblings take references to its pages."""
+        leader.fork_target = None
+        for sib in leader.request.seqs:
+            if sib is leader or not sib.blocked:
+                continue
+            sib.blocked = False
+            if sib.status is SeqStatus.FINISHED:
+                continue
+            self.waiting.remove(sib)
+            sib.pages = list(leader.pages)
+            self.allocator.share(sib.pages)
+            sib.num_computed = leader.num_computed
+            sib.status = SeqStatus.RUNNING
+            sib.admit_order = next(self._admits)
+            self.running.append(sib)
+
+    def check_invariants(self) -> None:
+        self.allocator.check_invariants()
+        counts: dict[int, int] = {}
+        for s in self.running + self.waiting:
+            for p in s.pages:
+                counts[p] = counts.get(p, 0) + 1
+        for p, c in counts.items():
+            assert self.allocator.refcount[p] == c, f"page {p}: refcount {self.allocator.refcount[p]} != {c}"
+        for s in self.waiting:
+            assert s.status is SeqStatus.WAITING and not s.pages
+        for s in self.running:
+            assert s.status is SeqStatus.RUNNING
+

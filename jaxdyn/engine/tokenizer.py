@@ -1,0 +1,76 @@
+"""A checkpoint's tokenizer (``tokenizer.json`` via the ``tokenizers`` library) and its special ids."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _token_str(value) -> str | None:
+    if isinstance(value, dict):         # AddedToken serialised as a dict
+        return value.get("content")
+    return value
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+class Tokenizer:
+    def __init__(self, tok: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, add_bos_token: bool | None = None,
+                 extra_eos_ids: tuple[int, ...] = ()):
+        self._tok = tok
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = tok.token_to_id(bos_token) if bos_token else None
+        eos = [tok.token_to_id(eos_token)] if eos_token and tok.token_to_id(eos_token) is not None else []
+        self.eos_token_ids = tuple(dict.fromkeys([*eos, *extra_eos_ids]))
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(
+            i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Tokenizer":
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise TokenizerError(f"{path}: no tokenizer.json")
+        try:
+            tok = _HFTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise TokenizerError(f"{file}: cannot be read: {e}") from None
+        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        gen = _read_json(os.path.join(path, "generation_config.json"))
+        extra = gen.get("eos_token_id")
+        extra = tuple(extra) if isinstance(extra, list) else ((extra,) if isinstance(extra, int) else ())
+        template = cfg.get("chat_template")
+        if isinstance(template, list):    # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+            with open(os.path.join(path, "chat_template.jinja")) as f:
+                template = f.read()
+        return cls(tok, bos_token=_token_str(cfg.get("bos_token")), eos_token=_token_str(cfg.get("eos_token")),
+                   chat_template=template, add_bos_token=cfg.get("add_bos_token"), extra_eos_ids=extra)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def token_to_id(self, t: str) -> int | None:
+        return self._tok.token_to_id(t)
