@@ -140,6 +140,7 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
+        self._forked: list[Sequence] = []     # siblings forked this step join running after it
 
         i = 0
         while i < len(self.running) and budget > 0 and len(items) < cfg.max_num_seqs:
@@ -186,6 +187,7 @@ class Scheduler:
                 items.append(self._take(seq, n, target))
                 scheduled.add(seq.seq_id)
                 budget -= n
+        self.running.extend(self._forked)
         return SchedulerOutput(items, copies, preempted)
 
     def _take(self, seq: Sequence, n: int, target: int) -> ScheduledSeq:
@@ -211,7 +213,7 @@ class Scheduler:
             sib.num_computed = leader.num_computed
             sib.status = SeqStatus.RUNNING
             sib.admit_order = next(self._admits)
-            self.running.append(sib)
+            self._forked.append(sib)
 
     def check_invariants(self) -> None:
         self.allocator.check_invariants()

@@ -1,0 +1,256 @@
+"""The engine end to end on a tiny float32 model: batch invariance under preemption, n > 1,
+stop conditions, aborts, logprobs, and every page back in the pool afterwards."""
+
+import asyncio
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints.loader import load_model
+from jaxdyn import AsyncEngine, EngineConfig, EngineCore, LLM, RequestError, SamplingParams
+from tests.support import hf_greedy, hf_model, make_byte_tokenizer, make_hf_checkpoint
+
+CFG = EngineConfig(num_pages=24, page_size=16, max_num_batched_tokens=32, max_num_seqs=16,
+                   max_model_len=128, fail_on_compile=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = make_hf_checkpoint("qwen3", str(tmp_path_factory.mktemp("qwen3")))
+    make_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core.warmup()
+    return core
+
+
+@pytest.fixture(autouse=True)
+def all_pages_free_after(request):
+    yield
+    if "engine" in request.fixturenames:
+        eng = request.getfixturevalue("engine")
+        while eng.has_unfinished():          # flush a step still in flight
+            eng.step()
+        assert eng.allocator.num_free == eng.num_pages, "pages leaked"
+        eng.scheduler.check_invariants()
+        assert eng.metrics.compilations_after_warmup == 0
+
+
+def run(engine, reqs, arrivals=None):
+    """reqs: {id: (prompt, params)}; arrivals: {id: step index at which it is submitted}."""
+    arrivals = arrivals or {rid: 0 for rid in reqs}
+    results, step = {}, 0
+    pending = sorted(reqs, key=lambda r: arrivals[r])
+    while pending or engine.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            rid = pending.pop(0)
+            engine.add_request(rid, *reqs[rid])
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out
+        step += 1
+    return results
+
+
+def test_greedy_matches_transformers(engine, ckpt):
+    ref = hf_model(ckpt)
+    prompts = {"a": [256, 5, 6, 7, 8], "b": list(range(30, 70)), "c": [1, 2]}
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    out = run(engine, {k: (v, p) for k, v in prompts.items()})
+    for k, prompt in prompts.items():
+        assert out[k].outputs[0].token_ids == hf_greedy(ref, prompt, 10)[0]
+
+
+def _workload(seed, sampled: bool):
+    rng = np.random.default_rng(seed)
+    reqs, arrivals = {}, {}
+    for i in range(64):
+        prompt = rng.integers(0, 256, int(rng.integers(1, 60))).tolist()
+        n_out = int(rng.integers(1, 30))
+        if sampled:
+            p = SamplingParams(temperature=float(rng.uniform(0.5, 1.5)), top_p=float(rng.uniform(0.7, 1.0)),
+                               top_k=int(rng.integers(0, 50)), seed=int(rng.integers(0, 2**31)),
+                               max_tokens=n_out, ignore_eos=True)
+        else:
+            p = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
+        reqs[f"r{i}"] = (prompt, p)
+        arrivals[f"r{i}"] = int(rng.integers(0, 80))
+    return reqs, arrivals
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_batch_invariance_under_preemption(engine, sampled):
+    reqs, arrivals = _workload(1 if sampled else 0, sampled)
+    before = engine.scheduler.num_preemptions
+    together = run(engine, reqs, arrivals)
+    assert engine.scheduler.num_preemptions > before, "the pool should be small enough to preempt"
+    for rid, (prompt, p) in reqs.items():
+        alone = run(engine, {rid: (prompt, p)})[rid]
+        assert together[rid].outputs[0].token_ids == alone.outputs[0].token_ids, rid
+        assert len(alone.outputs[0].token_ids) == p.max_tokens
+
+
+def test_n_samples_share_the_prompt_pages(engine):
+    prompt = list(range(10, 50))                      # 40 tokens: 2 full pages + a partial one
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    single = run(engine, {"one": (prompt, greedy)})["one"].outputs[0].token_ids
+    engine.add_request("many", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=3))
+    engine.step()                                     # 32 of the 39 shared prompt tokens
+    engine.step()                                     # the rest: the siblings fork
+    running = [s for s in engine.scheduler.running if s.request.request_id == "many"]
+    assert len(running) == 3
+    assert engine.allocator.refcount[running[0].pages[0]] == 3     # one copy of the prompt's pages
+    out = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            out = o if o.finished else out
+    assert [c.token_ids for c in out.outputs] == [single] * 3      # copy-on-write kept each intact
+    # Seeded samples differ from one another but reproduce.
+    p = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, n=3, seed=7)
+    a = run(engine, {"s1": (prompt, p)})["s1"]
+    b = run(engine, {"s2": (prompt, p)})["s2"]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+
+
+def test_abort_in_the_middle_of_a_prefill_chunk_frees_everything(engine):
+    engine.add_request("long", list(range(100)), SamplingParams(max_tokens=5))   # 4 chunks of 32
+    engine.add_request("short", [1, 2, 3], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.step()
+    held = engine.allocator.num_used
+    assert held > 0
+    final = engine.abort("long")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert engine.allocator.num_used < held
+    assert engine.abort("long") is None                  # unknown by now: nothing happens
+    engine.abort("short")
+    assert engine.allocator.num_free == engine.num_pages
+
+
+def test_stop_token_ids_min_tokens_and_eos(engine):
+    prompt = [256, 40, 41, 42]
+    free = run(engine, {"f": (prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))})["f"]
+    toks = free.outputs[0].token_ids
+    stop_id = toks[3]
+    first = toks.index(stop_id)
+    out = run(engine, {"s": (prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
+                                                     ignore_eos=True))})["s"].outputs[0]
+    assert out.token_ids == toks[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_id
+    # min_tokens bans the stop id (and EOS) until it is reached.
+    out = run(engine, {"m": (prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
+                                                     min_tokens=first + 2, ignore_eos=True))})["m"].outputs[0]
+    assert stop_id not in out.token_ids[:first + 2] and len(out.token_ids) >= first + 2
+    # EOS (the tokenizer's </s> = 257) ends a request unless ignore_eos.
+    eos_engine_ids = engine.eos_token_ids
+    assert 257 in eos_engine_ids
+    p = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[])
+    outs = run(engine, {f"e{i}": ([256, i], p) for i in range(40)})
+    ended = [o.outputs[0] for o in outs.values() if o.outputs[0].finish_reason == "stop"]
+    for o in ended:
+        assert o.token_ids[-1] == 257 and 257 not in o.token_ids[:-1]
+    lengths = [o.outputs[0] for o in outs.values() if o.outputs[0].finish_reason == "length"]
+    assert all(len(o.token_ids) == 20 and 257 not in o.token_ids for o in lengths)
+
+
+def test_stop_strings_end_generation_and_are_cut(engine):
+    prompt = [256, 72, 105]
+    base = run(engine, {"b": (prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))})["b"]
+    text = base.outputs[0].text
+    assert len(text) > 6
+    stop = text[3:6]
+    out = run(engine, {"s": (prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                     stop=[stop]))})["s"].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+    out = run(engine, {"i": (prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                                     include_stop_str_in_output=True))})["i"].outputs[0]
+    assert out.text == text[:text.index(stop) + len(stop)]
+
+
+def test_logprobs_are_the_models(engine, ckpt):
+    import torch
+    ref = hf_model(ckpt)
+    prompt = [256, 9, 8, 7]
+    out = run(engine, {"l": (prompt, SamplingParams(temperature=0, max_tokens=3, logprobs=5,
+                                                     ignore_eos=True))})["l"].outputs[0]
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1:].double()
+    want = torch.log_softmax(logits, -1).numpy()
+    for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert entry[tok].rank == 1                       # greedy: the top token
+        assert len(entry) == 5
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - want[i, tid]) < 1e-4
+    assert abs(out.cumulative_logprob - sum(want[i, t] for i, t in enumerate(out.token_ids))) < 1e-3
+
+
+@pytest.mark.parametrize("prompt, params, param", [
+    ([], SamplingParams(), "prompt"),
+    ([1, 999], SamplingParams(), "prompt"),
+    (list(range(128)), SamplingParams(), "prompt"),
+    ([1], SamplingParams(stop_token_ids=[5000]), "stop_token_ids"),
+])
+def test_bad_requests_are_refused(engine, prompt, params, param):
+    with pytest.raises(RequestError) as e:
+        engine.add_request("bad", prompt, params)
+    assert e.value.param == param
+    assert not engine.requests
+
+
+def test_sampling_params_validation_names_the_field():
+    from jaxdyn.engine.sampling_params import SamplingParamsError
+    for kwargs, field in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                          (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(logprobs=21), "logprobs"),
+                          (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop=[""]), "stop"),
+                          (dict(presence_penalty=3), "presence_penalty"), (dict(top_k=-2), "top_k")]:
+        with pytest.raises(SamplingParamsError) as e:
+            SamplingParams(**kwargs)
+        assert e.value.param == field
+
+
+def test_async_engine_streams_and_aborts_on_early_exit(engine):
+    async def main():
+        eng = AsyncEngine(engine)
+        try:
+            p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            deltas = []
+            async for out in eng.generate([256, 3, 4], p, "stream"):
+                deltas.extend(out.outputs[0].delta_token_ids)
+                last = out
+            assert last.finished and deltas == last.outputs[0].token_ids and len(deltas) == 12
+            # Leaving the loop early aborts the request.
+            gen = eng.generate([256, 3, 4], SamplingParams(max_tokens=100, ignore_eos=True), "early")
+            async for out in gen:
+                break
+            await gen.aclose()
+            for _ in range(200):
+                if not engine.has_unfinished():
+                    break
+                await asyncio.sleep(0.01)
+            assert not engine.requests
+            # A bad request fails its own stream only.
+            with pytest.raises(RequestError):
+                async for _ in eng.generate([], p, "bad"):
+                    pass
+        finally:
+            eng.shutdown()
+    asyncio.run(main())
+
+
+def test_llm_text_prompts_and_progress(ckpt):
+    llm = LLM(ckpt, dtype="float32", num_pages=32, max_num_seqs=4, max_num_batched_tokens=32,
+              max_model_len=128, fail_on_compile=True)
+    outs = llm.generate(["héllo", "wörld €"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.prompt_token_ids[0] for o in outs] == [256, 256]
+    for o in outs:
+        c = o.outputs[0]
+        assert len(c.token_ids) == 6 and c.text == llm.tokenizer.decode(c.token_ids)
+    assert llm.engine.allocator.num_free == llm.engine.num_pages
