@@ -1,0 +1,70 @@
+"""Incremental detokenization: multi-byte characters and stop strings split across tokens."""
+
+import pytest
+
+from jaxdyn.engine.detokenizer import IncrementalDetokenizer
+from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
+from tests.support import make_byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer.from_pretrained(make_byte_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+
+
+def stream(tok, text, **kw):
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [256], **kw)
+    pieces, stop = [], None
+    for i in ids:
+        stop = d.add(i)
+        pieces.append(d.take_delta(stop is not None))
+        if stop is not None:
+            break
+    d.flush()
+    pieces.append(d.take_delta(True))
+    return d, pieces, stop
+
+
+def test_multibyte_characters_split_across_tokens(tok):
+    text = "añb€c😀d"
+    d, pieces, _ = stream(tok, text)
+    assert "".join(pieces) == text == d.text
+    assert all("\ufffd" not in p for p in pieces)
+    # '€' is three byte tokens: nothing appears until its last byte arrives.
+    ids = tok.encode("€", add_special_tokens=False)
+    assert len(ids) == 3
+    d = IncrementalDetokenizer(tok, [256])
+    assert [d.add(i) or d.take_delta(False) for i in ids] == ["", "", "€"]
+
+
+def test_stop_string_split_across_tokens_is_cut_and_never_streamed(tok):
+    d, pieces, stop = stream(tok, "hello STOP world", stop=["STOP"])
+    assert stop == "STOP" and d.text == "hello "
+    assert "".join(pieces) == "hello " and not any("S" in p for p in pieces)
+    d, pieces, stop = stream(tok, "hello STOP world", stop=["STOP"], include_stop_str_in_output=True)
+    assert d.text == "hello STOP" == "".join(pieces)
+
+
+def test_stop_string_made_of_multibyte_characters(tok):
+    d, pieces, stop = stream(tok, "x€y€€z", stop=["€€"])
+    assert stop == "€€" and d.text == "x€y" == "".join(pieces)
+
+
+def test_earliest_stop_string_wins_and_partial_match_is_released(tok):
+    d, pieces, stop = stream(tok, "abcdef", stop=["cdx", "ef"])
+    assert stop == "ef" and d.text == "abcd" == "".join(pieces)
+
+
+def test_an_unfinished_character_at_the_end_is_flushed(tok):
+    ids = tok.encode("ok€", add_special_tokens=False)[:-1]
+    d = IncrementalDetokenizer(tok, [256])
+    for i in ids:
+        d.add(i)
+    assert d.text == "ok"
+    assert d.flush().startswith("ok") and len(d.text) > 2
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        Tokenizer.from_pretrained(str(tmp_path))

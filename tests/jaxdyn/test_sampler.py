@@ -1,0 +1,113 @@
+"""The on-device sampler against numpy: filters, penalties, seeds, banned ids, logprobs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdyn.engine.sampler import SamplingArrays, apply_filters, apply_penalties, sample
+
+
+def arrays(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0, freq=0.0,
+           seeds=None, index=None, banned=None, prompt_lens=0):
+    f = lambda v, dt=np.float32: np.broadcast_to(np.asarray(v, dt), (S,)).copy()
+    b = lambda v: np.bool_(v)
+    return SamplingArrays(
+        f(temperature), f(top_k, np.int32), f(top_p), f(min_p), f(rep), f(pres), f(freq),
+        f(prompt_lens, np.int32), f(0 if seeds is None else seeds, np.uint32),
+        f(0 if index is None else index, np.int32),
+        np.full((S, 4), -1, np.int32) if banned is None else banned,
+        b(rep != 1.0 or pres != 0.0 or freq != 0.0), b(top_k > 0 or top_p < 1 or min_p > 0),
+        b(np.any(np.asarray(temperature) > 0)), b(True))
+
+
+def np_filters(logits, top_k, top_p, min_p):
+    out = logits.copy()
+    order = np.argsort(-logits, kind="stable")
+    if top_k:
+        out[order[top_k:]] = -np.inf
+    p = np.exp(out - out.max())
+    p /= p.sum()
+    cum_before = np.cumsum(p[order]) - p[order]
+    drop = order[cum_before >= top_p]
+    out[drop] = -np.inf
+    p = np.exp(out - out.max())
+    p /= p.sum()
+    out[p < min_p * p.max()] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.6, 0.0),
+                                                 (8, 0.8, 0.0), (0, 1.0, 0.2), (3, 0.9, 0.1)])
+def test_filters_match_numpy(top_k, top_p, min_p):
+    rng = np.random.default_rng(top_k)
+    logits = rng.normal(size=(4, 32)).astype(np.float32) * 2
+    got = np.asarray(apply_filters(jnp.asarray(logits), arrays(4, top_k=top_k, top_p=top_p, min_p=min_p)))
+    for r in range(4):
+        want = np_filters(logits[r], top_k, top_p, min_p)
+        assert np.array_equal(np.isinf(got[r]), np.isinf(want))
+        assert np.allclose(got[r][~np.isinf(want)], want[~np.isinf(want)])
+
+
+def test_penalties_match_the_formulas():
+    logits = np.array([[2.0, -1.0, 0.5, 3.0, -2.0]], np.float32)
+    history = np.array([[0, 1, 3, 3, 2]])        # prompt: 0 1 ; output: 3 3 2
+    valid = np.ones_like(history, bool)
+    is_out = np.array([[False, False, True, True, True]])
+    s = arrays(1, rep=2.0, pres=0.5, freq=0.25)
+    got = np.asarray(apply_penalties(jnp.asarray(logits), history, valid, is_out, s))[0]
+    want = np.array([2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, -2.0])
+    assert np.allclose(got, want)
+
+
+def _draw(logits, s):
+    S = logits.shape[0]
+    h = lambda: (jnp.zeros((S, 1), jnp.int32), jnp.zeros((S, 1), bool), jnp.zeros((S, 1), bool))
+    return jax.jit(lambda l, s: sample(l, h, s))(jnp.asarray(logits), s)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05], np.float32))
+    N = 6000
+    s = arrays(N, temperature=1.0, top_k=3, seeds=np.arange(N), index=np.zeros(N))
+    ids = np.asarray(_draw(np.tile(logits, (N, 1)), s)[0])
+    freq = np.bincount(ids, minlength=5) / N
+    want = np.array([0.4, 0.3, 0.15, 0, 0]) / 0.85
+    assert np.abs(freq - want).max() < 0.03
+    # Temperature sharpens: at 0.5 the top token gets p^2 normalised.
+    s = arrays(N, temperature=0.5, seeds=np.arange(N) + 10**6)
+    ids = np.asarray(_draw(np.tile(logits, (N, 1)), s)[0])
+    p2 = np.exp(logits * 2) / np.exp(logits * 2).sum()
+    assert abs((ids == 0).mean() - p2[0]) < 0.03
+
+
+def test_a_seed_draws_the_same_token_in_any_batch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 50)).astype(np.float32)
+    seeds = rng.integers(0, 2**32, 8, dtype=np.uint64).astype(np.uint32)
+    full = np.asarray(_draw(logits, arrays(8, seeds=seeds, index=np.arange(8)))[0])
+    for r in [0, 5, 7]:
+        alone = np.asarray(_draw(logits[r:r + 1], arrays(1, seeds=seeds[r:r + 1], index=[r]))[0])
+        assert alone[0] == full[r]
+
+
+def test_greedy_banned_and_logprobs():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 40)).astype(np.float32)
+    top = logits.argmax(-1)
+    banned = np.full((3, 4), -1, np.int32)
+    banned[1, 0] = top[1]
+    ids, lp, top_ids, top_lps = _draw(logits, arrays(3, temperature=0.0, banned=banned))
+    ids = np.asarray(ids)
+    assert ids[0] == top[0] and ids[2] == top[2] and ids[1] != top[1]
+    assert ids[1] == np.argsort(-logits[1])[1]
+    ref = jax.nn.log_softmax(logits, -1)
+    assert np.allclose(np.asarray(lp), np.asarray(ref)[np.arange(3), ids], atol=1e-6)
+    assert np.array_equal(np.asarray(top_ids)[:, 0], top)
+    # Sampled rows never draw a banned id.
+    N = 2000
+    b = np.full((N, 4), -1, np.int32)
+    b[:, 0] = 0
+    flat = np.zeros((N, 4), np.float32)
+    ids = np.asarray(_draw(flat, arrays(N, temperature=1.0, seeds=np.arange(N), banned=b))[0])
+    assert 0 not in ids and set(ids) == {1, 2, 3}
