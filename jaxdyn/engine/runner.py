@@ -41,6 +41,31 @@ from jaxdyn.parallel.sharding import (
 MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under min_tokens)
 
 
+# Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, source row of a token drawn by the
+# previous step (-1: none), positions, slot page, slot offset, flags (penalties, filters,
+# random, logprobs in [5, :4]); seqi i32[S+1, _SEQ_COLS + P + MAX_BANNED] = kv_len,
+# cu_q_len, logits row, top_k, prompt_len, seed (u32 bits), output index, page table,
+# banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition, presence,
+# frequency penalties.
+_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 6, 7, 6
+
+
+def _unpack(tok, seqi, seqf):
+    S = seqf.shape[0]
+    P = seqi.shape[1] - _SEQ_COLS - MAX_BANNED
+    md = AttentionMetadata(positions=tok[2], slot_page=tok[3], slot_offset=tok[4],
+                           page_table=seqi[:S, _SEQ_COLS:_SEQ_COLS + P], kv_lens=seqi[:S, 0],
+                           cu_q_lens=seqi[:, 1])
+    flags = tok[5, :4] != 0
+    sp = SamplingArrays(
+        temperature=seqf[:, 0], top_k=seqi[:S, 3], top_p=seqf[:, 1], min_p=seqf[:, 2],
+        repetition_penalty=seqf[:, 3], presence_penalty=seqf[:, 4], frequency_penalty=seqf[:, 5],
+        prompt_lens=seqi[:S, 4], seeds=jax.lax.bitcast_convert_type(seqi[:S, 5], jnp.uint32),
+        output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:],
+        use_penalties=flags[0], use_filters=flags[1], use_random=flags[2], want_logprobs=flags[3])
+    return md, tok[0], tok[1], seqi[:S, 2], sp
+
+
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     """lo, 2lo, 4lo, ... up to and including hi (hi itself always ends the list)."""
     out, b = [], lo
@@ -177,9 +202,9 @@ class ModelRunner:
         graphdef, return_logits = self.graphdef, self.config.return_logits
         max_rows, page_size = self.max_rows, self.config.page_size
 
-        def step(state, kv_cache, token_pages, prev_sampled, host_tokens, token_src, md,
-                 logits_rows, sp: SamplingArrays):
-            token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], host_tokens)
+        def step(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+            md, token_ids_host, token_src, logits_rows, sp = _unpack(tok, seqi, seqf)
+            token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
             token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop")
             model = nnx.merge(graphdef, state)
             kv_cache, hidden = model(kv_cache, token_ids, md)
@@ -200,7 +225,7 @@ class ModelRunner:
         rep = self._replicated
         return jax.jit(
             step,
-            in_shardings=(param_shardings(self.state, self.mesh), kv, rep, rep, rep, rep, rep, rep, rep),
+            in_shardings=(param_shardings(self.state, self.mesh), kv, rep, rep, rep, rep, rep),
             out_shardings=(kv, rep, rep, rep, rep, rep, rep),
             donate_argnums=(1, 2),
         )
@@ -233,18 +258,11 @@ class ModelRunner:
     def _compile(self, t: int, p: int) -> jax.stages.Compiled:
         if (t, p) not in self._compiled:
             s = self.config.seqs_for(t)
-            i32, f32 = jnp.int32, jnp.float32
             sd = jax.ShapeDtypeStruct
-            md = AttentionMetadata(
-                positions=sd((t,), i32), slot_page=sd((t,), i32), slot_offset=sd((t,), i32),
-                page_table=sd((s, p), i32), kv_lens=sd((s,), i32), cu_q_lens=sd((s + 1,), i32))
-            b = sd((), jnp.bool_)
-            sp = SamplingArrays(sd((s,), f32), sd((s,), i32), sd((s,), f32), sd((s,), f32),
-                                sd((s,), f32), sd((s,), f32), sd((s,), f32), sd((s,), i32),
-                                sd((s,), jnp.uint32), sd((s,), i32), sd((s, MAX_BANNED), i32), b, b, b, b)
             self._compiled[(t, p)] = self._jitted.lower(
                 self.state, self.kv_cache, self.token_pages, self.prev_sampled,
-                sd((t,), i32), sd((t,), i32), md, sd((s,), i32), sp).compile()
+                sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + MAX_BANNED), jnp.int32),
+                sd((s, _SEQF_COLS), jnp.float32)).compile()
         return self._compiled[(t, p)]
 
     def _compile_copy(self):
@@ -281,26 +299,17 @@ class ModelRunner:
         s = cfg.seqs_for(t)
         p = _pick(self.page_buckets, max(len(w.page_ids) for w in work), "pages per sequence")
 
-        token_ids = np.zeros(t, np.int32)
-        token_src = np.full(t, -1, np.int32)
-        positions = np.zeros(t, np.int32)
-        slot_page = np.full(t, cfg.num_pages, np.int32)      # out of range: dropped on write
-        slot_offset = np.zeros(t, np.int32)
-        page_table = np.zeros((s, p), np.int32)
-        kv_lens = np.zeros(s, np.int32)
-        cu_q_lens = np.full(s + 1, num_tokens, np.int32)
-        logits_rows = np.zeros(s, np.int32)
-        temperature = np.zeros(s, np.float32)
-        top_k = np.zeros(s, np.int32)
-        top_p = np.ones(s, np.float32)
-        min_p = np.zeros(s, np.float32)
-        rep = np.ones(s, np.float32)
-        pres = np.zeros(s, np.float32)
-        freq = np.zeros(s, np.float32)
-        prompt_lens = np.zeros(s, np.int32)
-        seeds = np.zeros(s, np.uint32)
-        out_index = np.zeros(s, np.int32)
-        banned = np.full((s, MAX_BANNED), -1, np.int32)
+        # Three host buffers (one transfer each; many small transfers cost more than the data).
+        tok = np.zeros((_TOK_ROWS, t), np.int32)
+        token_ids, token_src, positions, slot_page, slot_offset = tok[0], tok[1], tok[2], tok[3], tok[4]
+        token_src[:] = -1
+        slot_page[:] = cfg.num_pages                       # out of range: dropped on write
+        seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
+        seqi[:, 1] = num_tokens                            # cu_q_lens
+        seqi[:, _SEQ_COLS + p:] = -1                       # banned
+        seqf = np.zeros((s, _SEQF_COLS), np.float32)
+        seqf[:, 1] = 1.0                                   # top_p
+        seqf[:, 3] = 1.0                                   # repetition penalty
         use_pen = use_filt = use_rand = want_lp = False
         row = 0
         for i, w in enumerate(work):
@@ -314,46 +323,51 @@ class ModelRunner:
             token_ids[row:row + n] = w.token_ids
             if w.prev_row >= 0:
                 token_src[row + n - 1] = w.prev_row
-            pos = np.arange(w.num_computed, end, dtype=np.int32)
-            positions[row:row + n] = pos
-            pages_arr = np.asarray(pages, np.int32)
-            slot_page[row:row + n] = pages_arr[pos // page_size]
-            slot_offset[row:row + n] = pos % page_size
-            page_table[i, :len(pages)] = pages_arr
-            kv_lens[i] = end
-            cu_q_lens[i] = row
+            if n == 1:
+                pos = w.num_computed
+                positions[row] = pos
+                slot_page[row] = pages[pos // page_size]
+                slot_offset[row] = pos % page_size
+            else:
+                pos = np.arange(w.num_computed, end, dtype=np.int32)
+                positions[row:row + n] = pos
+                slot_page[row:row + n] = np.asarray(pages, np.int32)[pos // page_size]
+                slot_offset[row:row + n] = pos % page_size
+            si = seqi[i]
+            si[_SEQ_COLS:_SEQ_COLS + len(pages)] = pages
+            si[0] = end                                    # kv_lens
+            si[1] = row                                    # cu_q_lens
             row += n
-            logits_rows[i] = row - 1
+            si[2] = row - 1                                # logits row
             sp = w.params
+            sf = seqf[i]
             if sp is not None:
-                temperature[i] = sp.temperature
+                sf[0] = sp.temperature
                 if sp.temperature > 0:
                     use_rand = True
                     if sp.uses_filters:
                         use_filt = True
-                        top_k[i], top_p[i], min_p[i] = sp.top_k, sp.top_p, sp.min_p
+                        si[3] = sp.top_k
+                        sf[1], sf[2] = sp.top_p, sp.min_p
                 if sp.uses_penalties:
                     use_pen = True
-                    rep[i], pres[i], freq[i] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
-                if sp.logprobs:
+                    sf[3], sf[4], sf[5] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
+                if sp.logprobs is not None:
                     want_lp = True
-                elif sp.logprobs == 0:
-                    want_lp = True
-            prompt_lens[i] = w.prompt_len
-            seeds[i] = w.seed & 0xFFFFFFFF
-            out_index[i] = w.output_index
+            si[4] = w.prompt_len
+            seed = w.seed & 0xFFFFFFFF
+            si[5] = seed - (1 << 32) if seed >= (1 << 31) else seed
+            si[6] = w.output_index
             if w.banned:
                 if len(w.banned) > MAX_BANNED:
                     raise ValueError(f"sequence {i}: more than {MAX_BANNED} banned ids")
-                banned[i, :len(w.banned)] = w.banned
-        if (slot_page[:num_tokens] >= cfg.num_pages).any() or (slot_page[:num_tokens] < 0).any():
+                si[_SEQ_COLS + p:_SEQ_COLS + p + len(w.banned)] = w.banned
+        used = slot_page[:num_tokens]
+        if (used >= cfg.num_pages).any() or (used < 0).any():
             raise ValueError(f"page id out of range [0, {cfg.num_pages})")
+        tok[5, :4] = (use_pen, use_filt, use_rand, want_lp)
 
-        md = AttentionMetadata(positions, slot_page, slot_offset, page_table, kv_lens, cu_q_lens)
-        sa = SamplingArrays(temperature, top_k, top_p, min_p, rep, pres, freq, prompt_lens, seeds,
-                            out_index, banned, np.bool_(use_pen), np.bool_(use_filt),
-                            np.bool_(use_rand), np.bool_(want_lp))
-        args = jax.device_put((token_ids, token_src, md, logits_rows, sa), self._replicated)
+        args = jax.device_put((tok, seqi, seqf), self._replicated)
         compiled = self._compile(t, p)
         (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
             self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
