@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -21,63 +20,40 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def load_model_for_cli(model: str, load_format: str, tp: int, dtype: str | None):
-    """Resolve --model (a checkpoint directory or, with --load-format dummy, a preset name)."""
-    import jax.numpy as jnp
-
-    from checkpoints.dummy import init_dummy_weights
-    from checkpoints.hf import CheckpointError, load_hf_checkpoint
-    from jaxdyn.config import ConfigError, ModelConfig
-    from jaxdyn.models.presets import PRESETS, preset_config
-    from jaxdyn.parallel.sharding import make_mesh
-
-    import jax
-    if tp < 1 or tp > len(jax.devices()):
-        raise CLIError(f"--tp {tp}: this machine has {len(jax.devices())} device(s)")
-    mesh = make_mesh(tp)
-    dt = jnp.dtype(dtype) if dtype else None
-    try:
-        if load_format == "dummy":
-            if model in PRESETS:
-                cfg = ModelConfig.from_dict(preset_config(model))
-            elif os.path.isdir(model):
-                cfg = ModelConfig.from_pretrained(model)
-            else:
-                raise CLIError(f"--model {model!r}: neither a directory nor a preset "
-                               f"({', '.join(sorted(PRESETS))})")
-            return mesh, init_dummy_weights(cfg, mesh, dtype=dt)
-        if not os.path.isdir(model):
-            raise CLIError(f"--model {model!r}: no such directory (use --load-format dummy "
-                           f"with a preset: {', '.join(sorted(PRESETS))})")
-        return mesh, load_hf_checkpoint(model, mesh, dtype=dt)
-    except (ConfigError, CheckpointError) as e:
-        raise CLIError(str(e)) from None
-
-
 def cmd_generate(args) -> int:
-    from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork
+    from checkpoints.hf import CheckpointError
+    from jaxdyn import EngineConfig, LLM, RequestError, SamplingParams
+    from jaxdyn.engine.llm import build_engine
+    from jaxdyn.engine.sampling_params import SamplingParamsError
 
-    prompt = _parse_ids(args.prompt_ids)
-    if args.max_tokens < 1:
-        raise CLIError("--max-tokens must be at least 1")
-    mesh, loaded = load_model_for_cli(args.model, args.load_format, args.tp, args.dtype)
-    cfg = loaded.config
-    if any(t < 0 or t >= cfg.vocab_size for t in prompt):
-        raise CLIError(f"--prompt-ids: token ids must lie in [0, {cfg.vocab_size})")
-    total = len(prompt) + args.max_tokens
-    page_size = 16
-    pages_needed = -(-total // page_size)
-    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
-        page_size=page_size, num_pages=pages_needed, max_num_batched_tokens=max(16, len(prompt)),
-        max_num_seqs=1, max_model_len=pages_needed * page_size))
-    pages = list(range(pages_needed))
-    out = runner.step([SequenceWork(prompt, 0, pages)]).next_token_ids.tolist()
-    while len(out) < args.max_tokens:
-        if out[-1] in cfg.eos_token_ids and not args.ignore_eos:
-            break
-        nxt = runner.step([SequenceWork([out[-1]], len(prompt) + len(out) - 1, pages)])
-        out.append(int(nxt.next_token_ids[0]))
-    print(" ".join(map(str, out)))
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise CLIError("give exactly one of --prompt and --prompt-ids")
+    prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    if args.prompt is not None and not args.prompt:
+        raise CLIError("--prompt: empty prompt")
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    except SamplingParamsError as e:
+        raise CLIError(f"--{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+    try:
+        engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
+                              config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
+                                                  max_model_len=args.max_model_len),
+                              warmup=False)     # one request: compile only the shapes it uses
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    llm = LLM(engine=engine)
+    if isinstance(prompt, str) and llm.tokenizer is None:
+        raise CLIError(f"--prompt: {args.model} has no tokenizer; use --prompt-ids")
+    try:
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    except RequestError as e:
+        raise CLIError(f"--prompt{'-ids' if args.prompt_ids else ''}: {e}") from None
+    if args.prompt_ids is not None:
+        print(" ".join(map(str, out.token_ids)))
+    else:
+        print(out.text)
     return 0
 
 
@@ -85,13 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxdyn", description="JAX/XLA-compiled LLM inference server")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="greedy continuation of token ids (offline)")
+    g = sub.add_parser("generate", help="generate a continuation offline")
     g.add_argument("--model", required=True, help="Hugging Face checkpoint directory, or a preset "
                    "name with --load-format dummy")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights in the model's real shapes")
-    g.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
+    g.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    g.add_argument("--prompt-ids", help="comma-separated token ids; prints token ids")
     g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=2048)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)

@@ -26,9 +26,11 @@ def test_generate_dummy_preset(capsys):
     (["--model", "/no/such/dir", "--prompt-ids", "1"], "no such directory"),
     (["--model", "nope", "--load-format", "dummy", "--prompt-ids", "1"], "neither a directory nor a preset"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,x"], "comma-separated integers"),
-    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,99999"], "token ids must lie in"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,99999"], "token ids must be integers in"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--max-tokens", "0"], "--max-tokens"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--tp", "64"], "device(s)"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt", "hi"], "has no tokenizer"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--temperature", "-1"], "--temperature"),
 ])
 def test_generate_errors_name_the_problem(argv, message, capsys):
     assert main(["generate", *argv]) == 2
