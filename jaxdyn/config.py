@@ -133,9 +133,22 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{config_path}: not valid JSON ({e})") from e
         try:
-            return cls.from_dict(hf)
+            cfg = cls.from_dict(hf)
         except ConfigError as e:
             raise ConfigError(f"{config_path}: {e}") from None
+        # generation_config.json's EOS ids end generation too (Llama 3 lists <|eot_id|> there).
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_path):
+            try:
+                with open(gen_path) as f:
+                    eos = json.load(f).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ConfigError(f"{gen_path}: not a valid generation config ({e})") from None
+            extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+            if not all(isinstance(t, int) for t in extra):
+                raise ConfigError(f"{gen_path}: eos_token_id must be an integer or a list of integers")
+            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *extra])))
+        return cfg
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

@@ -77,3 +77,13 @@ def test_missing_config_json_names_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "architectures": ["BertModel"]}))
     with pytest.raises(ConfigError, match=r"config\.json: unsupported architecture"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_generation_config_eos_ids_join_the_config_ones(tmp_path):
+    import json
+    from jaxdyn.config import ModelConfig
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, eos_token_id=5)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
+    assert ModelConfig.from_pretrained(str(tmp_path)).eos_token_ids == (5, 9)
