@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -57,6 +58,105 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights in the model's real shapes")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from memory)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_config(args):
+    from jaxdyn import EngineConfig
+    for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_num_seqs > args.max_num_batched_tokens:
+        raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
+    if args.num_pages is not None and args.num_pages < 1:
+        raise CLIError("--num-pages must be at least 1")
+    return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        seed=args.seed)
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    import uvicorn
+
+    from checkpoints.hf import CheckpointError
+    from jaxdyn import AsyncEngine
+    from jaxdyn.config import ConfigError, ModelConfig
+    from jaxdyn.engine.llm import build_engine
+    from jaxdyn.models.presets import PRESETS
+    from serving.app import ServerState, build_app
+
+    model = args.model
+    if model is None:
+        if not os.path.isdir(DEMO_MODEL):
+            raise CLIError(f"no --model given and the demo checkpoint {DEMO_MODEL} is missing")
+        model = DEMO_MODEL
+    # Check what can be checked before the port opens.
+    if args.load_format == "dummy" and model in PRESETS:
+        pass
+    elif not os.path.isdir(model):
+        raise CLIError(f"--model {model!r}: no such directory")
+    else:
+        try:
+            ModelConfig.from_pretrained(model)
+        except ConfigError as e:
+            raise CLIError(str(e)) from None
+    config = _engine_config(args)
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise CLIError("--max-queued-requests must be >= 0")
+    name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    state = ServerState(name, max_queued_requests=args.max_queued_requests,
+                        max_request_bytes=args.max_request_bytes)
+    app = build_app(state)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_grace))
+    failed = []
+
+    def load():
+        try:
+            core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
+                                config=config, progress=True)
+            state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
+            print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 "
+                  f"(max_model_len {core.max_model_len}, {core.num_pages} KV pages)", flush=True)
+        except (CheckpointError, ValueError) as e:
+            state.load_error = e
+            failed.append(str(e))
+            server.should_exit = True
+        except BaseException as e:
+            state.load_error = e
+            failed.append(repr(e))
+            server.should_exit = True
+            raise
+
+    threading.Thread(target=load, name="jaxdyn-load", daemon=True).start()
+    # SIGTERM / SIGINT: uvicorn stops accepting, lets in-flight requests finish within the
+    # grace period, then re-raises the signal; this handler makes that re-raise a clean exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if state.engine is not None:
+        state.engine.shutdown()
+    if failed:
+        raise CLIError(f"loading {model} failed: {failed[0]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxdyn", description="JAX/XLA-compiled LLM inference server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sv.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--max-queued-requests", type=int, default=None,
+                    help="requests that may wait beyond --max-num-seqs running ones (503 beyond)")
+    sv.add_argument("--max-request-bytes", type=int, default=8 << 20)
+    sv.add_argument("--shutdown-grace", type=float, default=30.0,
+                    help="seconds in-flight requests get to finish on SIGTERM")
+    sv.add_argument("--log-level", default="info")
+    _engine_args(sv)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -28,6 +28,7 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.request_id = ""
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item) -> None:
@@ -56,29 +57,41 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
-    async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
+    def add_request(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0) -> _Stream:
+        """Submit now (call from the event loop); iterate the result with ``stream()``."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine died: {self.dead!r}")
         if request_id in self._streams:
             from jaxdyn.engine.core import RequestError
             raise RequestError("request_id", f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop())
+        stream.request_id = request_id
         self._streams[request_id] = stream
         self._send(("add", request_id, list(prompt_ids), params, priority, time.monotonic()))
+        return stream
+
+    async def stream(self, stream: _Stream):
+        """The outputs of a submitted request; leaving early aborts it."""
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(stream.request_id, None)
             if not finished:
-                self._send(("abort", request_id))
+                self._send(("abort", stream.request_id))
+
+    async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
+        s = self.add_request(prompt_ids, params, request_id, priority=priority)
+        async for out in self.stream(s):
+            yield out
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -95,7 +108,9 @@ class AsyncEngine:
     # ---- engine thread -------------------------------------------------------------------------
 
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
-        s = self._streams.get(request_id)
+        # The last item of a request unregisters it here, so a stream nobody reads cannot leak.
+        last = isinstance(out, BaseException) or out.finished
+        s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if s is not None:
             s.put(out)
 

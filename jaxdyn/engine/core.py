@@ -88,19 +88,16 @@ class EngineCore:
     def num_pages(self) -> int:
         return self.allocator.num_pages
 
-    def warmup(self) -> float:
-        seconds = self.runner.warmup()
+    def warmup(self, progress: bool = False) -> float:
+        seconds = self.runner.warmup(progress)
         self._compiles_at_warmup = compilation_count()
         return seconds
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
-                    priority: int = 0, arrival_time: float | None = None) -> Request:
-        if request_id in self.requests:
-            raise RequestError("request_id", f"request id {request_id!r} is already in use")
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
+    def check_request(self, prompt_ids, params: SamplingParams) -> None:
+        """Raise RequestError if the engine would refuse this request (reads config only: thread-safe)."""
+        if len(prompt_ids) == 0:
             raise RequestError("prompt", "the prompt is empty")
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
@@ -115,12 +112,21 @@ class EngineCore:
         if len(self.eos_token_ids) + len(params.stop_token_ids) > MAX_BANNED and params.min_tokens:
             raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
         room = self.max_model_len - len(prompt_ids)
+        max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
+        if math.ceil(max_len / self.config.page_size) > self.num_pages:
+            raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens exceed the KV "
+                               f"cache ({self.num_pages * self.config.page_size} tokens)")
+
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
+                    priority: int = 0, arrival_time: float | None = None) -> Request:
+        if request_id in self.requests:
+            raise RequestError("request_id", f"request id {request_id!r} is already in use")
+        prompt_ids = list(prompt_ids)
+        self.check_request(prompt_ids, params)
+        room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id, prompt_ids, params, priority, arrival_time)
         req.max_len = len(prompt_ids) + max_tokens
-        if math.ceil(req.max_len / self.config.page_size) > self.num_pages:
-            raise RequestError("max_tokens", f"prompt + max_tokens = {req.max_len} tokens exceed the KV "
-                               f"cache ({self.num_pages * self.config.page_size} tokens)")
         for i in range(params.n):
             seed = ((params.seed + i) if params.seed is not None else self._rng.getrandbits(32)) & 0xFFFFFFFF
             seq = Sequence(req, i, seed, self._arrivals)

@@ -13,7 +13,8 @@ from jaxdyn.engine.sampling_params import SamplingParams
 
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
-                 config: EngineConfig = EngineConfig(), warmup: bool = True) -> EngineCore:
+                 config: EngineConfig = EngineConfig(), warmup: bool = True,
+                 progress: bool = False) -> EngineCore:
     """An engine for ``model`` (a checkpoint directory, or a preset name with load_format="dummy")."""
     # jaxdyn reaches into checkpoints/ here only, lazily: loading lives there
     # (it imports jaxdyn), and this keeps `from jaxdyn import LLM` whole.
@@ -22,7 +23,7 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     mesh, loaded, tokenizer = load_model(model, tp=tp, dtype=dtype, load_format=load_format)
     engine = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
     if warmup:
-        engine.warmup()
+        engine.warmup(progress)
     return engine
 
 

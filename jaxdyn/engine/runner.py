@@ -246,10 +246,11 @@ class ModelRunner:
         """Every (tokens, seqs, pages) shape warm-up compiles."""
         return [(t, self.config.seqs_for(t), p) for t in self.token_buckets for p in self.page_buckets]
 
-    def warmup(self) -> float:
+    def warmup(self, progress: bool = False) -> float:
         """Compile every bucket; returns the seconds it took."""
+        from tqdm.auto import tqdm
         t0 = time.perf_counter()
-        for t, _, p in self.bucket_shapes():
+        for t, _, p in tqdm(self.bucket_shapes(), desc="warm-up (compiling buckets)", disable=not progress):
             self._compile(t, p)
         self._compile_copy()
         self._compiles_at_warmup = compilation_count()

@@ -1,0 +1,565 @@
+"""The OpenAI-compatible HTTP server (Starlette): completions, chat, models, health, metrics, tokenize.
+
+Requests are validated before anything reaches the engine; every refusal is
+an OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` with
+a 4xx status. Streams are Server-Sent Events exactly as OpenAI frames them
+(``data: {json}\\n\\n`` ... ``data: [DONE]\\n\\n``). A client that goes away
+aborts its requests at once (the engine frees their pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import jaxdyn
+from jaxdyn import AsyncEngine, EngineDeadError, RequestError, SamplingParams
+from jaxdyn.engine.request import RequestOutput
+from jaxdyn.engine.sampling_params import SamplingParamsError
+from serving.chat import ChatTemplateError, message_text, render_chat
+from serving.metrics import make_registry, render
+from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
+
+log = logging.getLogger("jaxdyn.server")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ServerState:
+    """What the app serves: set ``engine`` once loaded (``/health`` is 503 until then)."""
+
+    def __init__(self, model_name: str, *, max_queued_requests: int | None = None,
+                 max_request_bytes: int = 8 << 20):
+        self.model_name = model_name
+        self.max_queued_requests = max_queued_requests
+        self.max_request_bytes = max_request_bytes
+        self.engine: AsyncEngine | None = None
+        self.load_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    @property
+    def core(self):
+        return self.engine.core if self.engine is not None else None
+
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.is_healthy
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > limit:
+        raise APIError(413, f"request body of {cl} bytes exceeds the limit of {limit} bytes",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the JSON body must be an object", code="invalid_json")
+    return data
+
+
+def _validate(model_cls, data: dict):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int"))] \
+            or [str(x) for x in err["loc"]]
+        param = ".".join(loc)
+        raise APIError(400, f"{param}: {err['msg']}", param=param.split(".")[0], code="invalid_value") from None
+
+
+def _sampling_params(req, *, max_tokens, logprobs) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=req.n if req.n is not None else 1,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens or 0,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed,
+            stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []),
+            stop_token_ids=req.stop_token_ids or [],
+            ignore_eos=bool(req.ignore_eos),
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens is not False,
+        )
+    except SamplingParamsError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(400, f"model: the model {model!r} does not exist; this server serves "
+                       f"{state.model_name!r}", param="model", code="model_not_found")
+
+
+def _require_engine(state: ServerState) -> AsyncEngine:
+    if state.engine is None:
+        raise APIError(503, "the model is still loading", code="service_unavailable",
+                       type_="service_unavailable", headers={"Retry-After": "5"})
+    if not state.engine.is_healthy:
+        raise APIError(503, "the engine is not running", code="service_unavailable", type_="service_unavailable")
+    return state.engine
+
+
+def _admit(state: ServerState, engine: AsyncEngine, count: int) -> None:
+    if state.max_queued_requests is None:
+        return
+    cap = engine.core.config.max_num_seqs + state.max_queued_requests
+    if engine.num_unfinished + count > cap:
+        raise APIError(503, f"the server is at capacity ({engine.num_unfinished} requests in flight, "
+                       f"queue bound {state.max_queued_requests})", code="queue_full",
+                       type_="service_unavailable", headers={"Retry-After": "1"})
+
+
+def _check(engine: AsyncEngine, prompt_ids, params, param_prefix=None) -> None:
+    try:
+        engine.core.check_request(prompt_ids, params)
+    except RequestError as e:
+        param = e.param if param_prefix is None or e.param != "prompt" else param_prefix
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+
+
+def _usage(prompt_lens: list[int], outputs: list[RequestOutput], cached: int) -> dict:
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    prompt = sum(prompt_lens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _merge(gens: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several engine streams; cancelling the consumer aborts all of them."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, g):
+        try:
+            async for out in g:
+                await q.put((i, out))
+            await q.put((i, None))
+        except BaseException as e:  # noqa: BLE001 -- forwarded to the consumer
+            await q.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            i, item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run ``coro``; cancel it (aborting its requests) if the client goes away first."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "client disconnected")
+
+
+# ---- logprobs formats --------------------------------------------------------------------------------
+
+
+def _tok_str(tokenizer, tid: int) -> str:
+    return tokenizer.decode([tid], skip_special_tokens=False) if tokenizer is not None else str(tid)
+
+
+def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    off = text_offset0
+    for tid, entry in zip(token_ids, lps):
+        s = _tok_str(tokenizer, tid)
+        tokens.append(s)
+        token_lps.append(entry[tid].logprob)
+        tops.append({_tok_str(tokenizer, t): lp.logprob for t, lp in entry.items() if lp.rank is not None or t == tid})
+        offsets.append(off)
+        off += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer, token_ids, lps, top_n: int) -> dict:
+    content = []
+    for tid, entry in zip(token_ids, lps):
+        s = _tok_str(tokenizer, tid)
+        tops = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None), key=lambda x: x[1].rank)[:top_n]
+        content.append({"token": s, "logprob": entry[tid].logprob, "bytes": list(s.encode()),
+                        "top_logprobs": [{"token": _tok_str(tokenizer, t), "logprob": lp.logprob,
+                                          "bytes": list(_tok_str(tokenizer, t).encode())} for t, lp in tops]})
+    return {"content": content}
+
+
+# ---- endpoints -------------------------------------------------------------------------------------
+
+
+def build_app(state: ServerState) -> Starlette:
+    registry = make_registry(lambda: state.core.metrics if state.core is not None else None, state.model_name)
+
+    def endpoint(fn):
+        async def wrapped(request: Request):
+            try:
+                return await fn(request)
+            except APIError as e:
+                return e.response()
+            except Exception:  # a bug: log it, answer 500 without the traceback
+                log.exception("internal error in %s", request.url.path)
+                return APIError(500, "internal server error").response()
+        return wrapped
+
+    @endpoint
+    async def health(request: Request):
+        if state.ready():
+            return Response(status_code=200)
+        why = "loading" if state.engine is None and state.load_error is None else "engine not running"
+        return JSONResponse({"status": why}, status_code=503)
+
+    @endpoint
+    async def version(request: Request):
+        return JSONResponse({"version": jaxdyn.__version__})
+
+    @endpoint
+    async def models(request: Request):
+        core = state.core
+        return JSONResponse({"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "jaxdyn",
+            "root": state.model_name, "max_model_len": core.max_model_len if core else None}]})
+
+    @endpoint
+    async def metrics(request: Request):
+        return Response(render(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @endpoint
+    async def tokenize(request: Request):
+        data = await _read_json(request, state.max_request_bytes)
+        req = _validate(TokenizeRequest, data)
+        engine = _require_engine(state)
+        _check_model(state, req.model)
+        tok = engine.core.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer", code="no_tokenizer")
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        else:
+            ids = _chat_prompt_ids(engine, req.messages, bool(req.add_generation_prompt), {})
+        return JSONResponse({"count": len(ids), "max_model_len": engine.core.max_model_len, "tokens": ids})
+
+    @endpoint
+    async def detokenize(request: Request):
+        data = await _read_json(request, state.max_request_bytes)
+        req = _validate(DetokenizeRequest, data)
+        engine = _require_engine(state)
+        _check_model(state, req.model)
+        tok = engine.core.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer", code="no_tokenizer")
+        if any(t < 0 or t >= tok.vocab_size for t in req.tokens):
+            raise APIError(400, f"tokens: ids must be in [0, {tok.vocab_size})", param="tokens")
+        return JSONResponse({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})
+
+    @endpoint
+    async def completions(request: Request):
+        data = await _read_json(request, state.max_request_bytes)
+        req = _validate(CompletionRequest, data)
+        engine = _require_engine(state)
+        _check_model(state, req.model)
+        tok = engine.core.tokenizer
+        # prompt: a string, strings, token ids, or lists of token ids
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif isinstance(p, list) and p and isinstance(p[0], int):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise APIError(400, "prompt: the prompt is empty", param="prompt", code="invalid_value")
+        prompt_ids, prompt_texts = [], []
+        for x in prompts:
+            if isinstance(x, str):
+                if tok is None:
+                    raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
+                if not x:
+                    raise APIError(400, "prompt: the prompt is empty", param="prompt", code="invalid_value")
+                prompt_ids.append(tok.encode(x, add_special_tokens=req.add_special_tokens is not False))
+                prompt_texts.append(x)
+            else:
+                prompt_ids.append(list(x))
+                prompt_texts.append(tok.decode(x, skip_special_tokens=False) if (tok and req.echo) else "")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo: echo with logprobs (prompt logprobs) is not supported", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix: not supported", param="suffix")
+        params = _sampling_params(req, max_tokens=16 if req.max_tokens is None else req.max_tokens,
+                                  logprobs=req.logprobs)
+        for ids in prompt_ids:
+            _check(engine, ids, params)
+        _admit(state, engine, len(prompt_ids))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        gens = [engine.stream(engine.add_request(ids, params, f"{rid}-{i}", priority=req.priority or 0))
+                for i, ids in enumerate(prompt_ids)]
+        n = params.n
+        echo = bool(req.echo)
+
+        def choice_text(i, c, first):
+            return (prompt_texts[i] if echo and first else "")
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def stream():
+                finals: dict[int, RequestOutput] = {}
+                started: set[int] = set()
+                ended: set[int] = set()
+                try:
+                    async for i, out in _merge(gens):
+                        for c in out.outputs:
+                            idx = i * n + c.index
+                            if idx in ended or not (c.delta_text or c.delta_token_ids or c.finish_reason):
+                                continue
+                            if c.finish_reason:
+                                ended.add(idx)
+                            first = idx not in started
+                            started.add(idx)
+                            ch = {"index": idx, "text": choice_text(i, c, first) + c.delta_text,
+                                  "logprobs": None, "finish_reason": c.finish_reason,
+                                  "stop_reason": c.stop_reason}
+                            if c.delta_logprobs is not None:
+                                ch["logprobs"] = _completion_logprobs(tok, c.delta_token_ids, c.delta_logprobs, 0)
+                            yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                        "model": state.model_name, "choices": [ch]})
+                        if out.finished:
+                            finals[i] = out
+                    if include_usage:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                    "model": state.model_name, "choices": [],
+                                    "usage": _usage([len(x) for x in prompt_ids], list(finals.values()),
+                                                    sum(o.num_cached_tokens for o in finals.values()))})
+                except (RequestError, EngineDeadError, SamplingParamsError) as e:
+                    code = 400 if isinstance(e, (RequestError, SamplingParamsError)) else 503
+                    yield _sse(APIError(code, str(e), param=getattr(e, "param", None)).body())
+                yield _DONE
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        async def collect():
+            finals: dict[int, RequestOutput] = {}
+            async for i, out in _merge(gens):
+                if out.finished:
+                    finals[i] = out
+            return finals
+
+        finals = await _run_collect(request, collect)
+        choices = []
+        for i in range(len(prompt_ids)):
+            for c in finals[i].outputs:
+                ch = {"index": i * n + c.index, "text": (prompt_texts[i] if echo else "") + c.text,
+                      "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if c.logprobs is not None:
+                    ch["logprobs"] = _completion_logprobs(tok, c.token_ids, c.logprobs, 0)
+                choices.append(ch)
+        outs = [finals[i] for i in range(len(prompt_ids))]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created,
+                             "model": state.model_name, "choices": choices,
+                             "usage": _usage([len(x) for x in prompt_ids], outs,
+                                             sum(o.num_cached_tokens for o in outs))})
+
+    @endpoint
+    async def chat_completions(request: Request):
+        data = await _read_json(request, state.max_request_bytes)
+        req = _validate(ChatCompletionRequest, data)
+        engine = _require_engine(state)
+        _check_model(state, req.model)
+        tok = engine.core.tokenizer
+        ids = _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
+                               req.chat_template_kwargs or {})
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = _sampling_params(req, max_tokens=max_tokens,
+                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        _check(engine, ids, params, param_prefix="messages")
+        _admit(state, engine, 1)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        gen = engine.stream(engine.add_request(ids, params, rid, priority=req.priority or 0))
+        top_n = req.top_logprobs or 0
+        prefix = ""
+        if req.echo and req.messages[-1].role == "assistant":
+            prefix = message_text(req.messages[-1].content)
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choices, usage=None):
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                       "model": state.model_name, "choices": choices}
+                if usage is not None:
+                    obj["usage"] = usage
+                return _sse(obj)
+
+            async def stream():
+                final = None
+                try:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": prefix},
+                                  "logprobs": None, "finish_reason": None} for i in range(params.n)])
+                    async for _, out in _merge([gen]):
+                        for c in out.outputs:
+                            if c.delta_text or c.delta_token_ids:
+                                ch = {"index": c.index, "delta": {"content": c.delta_text}, "logprobs": None,
+                                      "finish_reason": None}
+                                if c.delta_logprobs is not None:
+                                    ch["logprobs"] = _chat_logprobs(tok, c.delta_token_ids, c.delta_logprobs, top_n)
+                                yield chunk([ch])
+                        if out.finished:
+                            final = out
+                    for c in final.outputs:
+                        yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
+                    if include_usage:
+                        yield chunk([], _usage([len(ids)], [final], final.num_cached_tokens))
+                except (RequestError, EngineDeadError) as e:
+                    code = 400 if isinstance(e, RequestError) else 503
+                    yield _sse(APIError(code, str(e), param=getattr(e, "param", None)).body())
+                yield _DONE
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        async def collect():
+            final = None
+            async for out in gen:
+                if out.finished:
+                    final = out
+            return final
+
+        final = await _run_collect(request, collect)
+        choices = []
+        for c in final.outputs:
+            ch = {"index": c.index, "message": {"role": "assistant", "content": prefix + c.text},
+                  "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if c.logprobs is not None:
+                ch["logprobs"] = _chat_logprobs(tok, c.token_ids, c.logprobs, top_n)
+            choices.append(ch)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
+                             "model": state.model_name, "choices": choices,
+                             "usage": _usage([len(ids)], [final], final.num_cached_tokens)})
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+
+    async def not_found(request, exc):
+        return APIError(404, f"no route {request.method} {request.url.path}", code="not_found",
+                        type_="not_found_error").response()
+
+    async def not_allowed(request, exc):
+        return APIError(405, f"method {request.method} not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, not_allowed)
+    app.state.jaxdyn = state
+    return app
+
+
+async def _run_collect(request: Request, collect):
+    try:
+        return await _until_disconnect(request, collect())
+    except RequestError as e:
+        raise APIError(400, f"{e.param}: {e}", param=e.param, code="invalid_value") from None
+    except EngineDeadError as e:
+        raise APIError(503, str(e), code="engine_dead", type_="service_unavailable") from None
+
+
+def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict) -> list[int]:
+    tok = engine.core.tokenizer
+    if tok is None:
+        raise APIError(400, "messages: this model has no tokenizer", param="messages")
+    if not tok.chat_template:
+        raise APIError(400, "messages: this model has no chat template; use /v1/completions",
+                       param="messages", code="no_chat_template")
+    try:
+        msgs = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
+                for m in messages]
+        text = render_chat(tok.chat_template, msgs, add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token, **kwargs)
+    except ChatTemplateError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    except TypeError as e:
+        raise APIError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from None
+    return tok.encode(text, add_special_tokens=False)

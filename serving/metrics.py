@@ -1,0 +1,73 @@
+"""Prometheus export of the engine's metrics, named in the style of vLLM's (prefix ``jaxdyn:``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from jaxdyn.engine.metrics import EngineMetrics, Histogram
+
+
+class EngineCollector:
+    def __init__(self, get_metrics, model_name: str):
+        self._get = get_metrics
+        self.model_name = model_name
+
+    def collect(self):
+        m: EngineMetrics | None = self._get()
+        if m is None:
+            return
+        labels, lv = ["model_name"], [self.model_name]
+
+        def gauge(name, doc, value):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(lv, value)
+            return g
+
+        def counter(name, doc, value):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(lv, value)
+            return c
+
+        def hist(name, doc, h: Histogram):
+            f = HistogramMetricFamily(name, doc, labels=labels)
+            buckets = [(("+Inf" if le == float("inf") else repr(float(le))), c) for le, c in h.cumulative()]
+            f.add_metric(lv, buckets, h.sum)
+            return f
+
+        yield gauge("jaxdyn:num_requests_running", "Requests running on the device.", m.num_running)
+        yield gauge("jaxdyn:num_requests_waiting", "Requests waiting to be scheduled.", m.num_waiting)
+        yield gauge("jaxdyn:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).", m.kv_usage)
+        yield gauge("jaxdyn:kv_cache_pages_used", "KV pages in use.", m.kv_pages_used)
+        yield gauge("jaxdyn:kv_cache_pages_total", "KV pages in the pool.", m.kv_pages_total)
+        yield counter("jaxdyn:prompt_tokens", "Prompt tokens of requests received.", m.prompt_tokens)
+        yield counter("jaxdyn:generation_tokens", "Tokens generated.", m.generation_tokens)
+        yield counter("jaxdyn:prefill_computed_tokens", "Prompt tokens the device computed.",
+                      m.computed_prefill_tokens)
+        yield counter("jaxdyn:num_preemptions", "Preemptions (recompute).", m.preemptions)
+        yield counter("jaxdyn:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      m.prefix_cache_queries)
+        yield counter("jaxdyn:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits)
+        yield counter("jaxdyn:prefix_cache_evictions", "KV pages evicted from the prefix cache.",
+                      m.prefix_cache_evictions)
+        yield counter("jaxdyn:compilations_after_warmup", "XLA compilations after warm-up (should stay 0).",
+                      m.compilations_after_warmup)
+        done = CounterMetricFamily("jaxdyn:request_success", "Finished sequences by finish reason.",
+                                   labels=["model_name", "finished_reason"])
+        for reason in ("stop", "length", "abort"):
+            done.add_metric([self.model_name, reason], m.requests_finished.get(reason, 0))
+        yield done
+        yield hist("jaxdyn:time_to_first_token_seconds", "Time to first token.", m.ttft)
+        yield hist("jaxdyn:inter_token_latency_seconds", "Time between tokens of a sequence.", m.itl)
+        yield hist("jaxdyn:e2e_request_latency_seconds", "Arrival to finish.", m.e2e)
+        yield hist("jaxdyn:request_queue_time_seconds", "Arrival to first scheduled.", m.queue_time)
+
+
+def make_registry(get_metrics, model_name: str) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(EngineCollector(get_metrics, model_name))
+    return reg
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

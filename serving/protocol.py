@@ -1,0 +1,83 @@
+"""OpenAI request bodies (pydantic): the fields of vLLM's OpenAI server; unknown fields are ignored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Base):
+    include_usage: StrictBool | None = False
+    continuous_usage_stats: StrictBool | None = False
+
+
+class _Sampling(_Base):
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    n: StrictInt | None = 1
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool | None = False
+    min_tokens: StrictInt | None = 0
+    presence_penalty: Number | None = 0.0
+    frequency_penalty: Number | None = 0.0
+    repetition_penalty: Number | None = 1.0
+    include_stop_str_in_output: StrictBool | None = False
+    skip_special_tokens: StrictBool | None = True
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    priority: StrictInt | None = 0
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool | None = False
+    suffix: StrictStr | None = None
+    add_special_tokens: StrictBool | None = True
+
+
+class ChatMessage(_Base):
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = None
+    echo: StrictBool | None = False
+    add_generation_prompt: StrictBool | None = True
+    continue_final_message: StrictBool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Base):
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool | None = True
+    add_generation_prompt: StrictBool | None = True
+
+
+class DetokenizeRequest(_Base):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]

@@ -1,0 +1,346 @@
+"""The OpenAI server, started for real on a localhost port and driven by the openai client and httpx."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jax.numpy as jnp
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from checkpoints.loader import load_model
+from jaxdyn import AsyncEngine, EngineConfig, EngineCore
+from serving.app import ServerState, build_app
+from tests.support import make_byte_tokenizer, make_hf_checkpoint
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+CFG = EngineConfig(num_pages=160, page_size=16, max_num_batched_tokens=64, max_num_seqs=16,
+                   max_model_len=128, fail_on_compile=True, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = make_hf_checkpoint("qwen3", str(tmp_path_factory.mktemp("tiny-chat")))
+    make_byte_tokenizer(path, chat_template=TEMPLATE)
+    return path
+
+
+class Server:
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core.warmup()
+    state = ServerState("tiny", max_queued_requests=64, max_request_bytes=64 << 10)
+    state.engine = AsyncEngine(core)
+    srv = Server(state)
+    yield srv
+    srv.stop()
+    state.engine.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_pages_left(request):
+    yield
+    if "server" in request.fixturenames:
+        core = request.getfixturevalue("server").state.core
+        for _ in range(300):
+            if not core.requests and core.allocator.num_free == core.num_pages:
+                break
+            time.sleep(0.02)
+        assert core.allocator.num_free == core.num_pages, "KV pages leaked"
+        assert core.metrics.compilations_after_warmup == 0
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+
+
+def test_completions_with_the_openai_client(server):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="Hello", **GREEDY)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == 6        # <s> + 5 bytes
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    text = r.choices[0].text
+    parts = [ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="Hello", stream=True, **GREEDY)]
+    assert "".join(parts) == text
+    # token-id prompts, several prompts, n, echo
+    r = c.completions.create(model="tiny", prompt=[[256, 72], [256, 73]], n=2, **GREEDY)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2, 3]
+    r = c.completions.create(model="tiny", prompt="Hi", echo=True, **GREEDY)
+    assert r.choices[0].text.startswith("Hi")
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+
+
+def test_chat_with_the_openai_client_sync_and_async(server):
+    c = client(server)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, logprobs=True, top_logprobs=3, **GREEDY)
+    m = r.choices[0]
+    assert m.message.role == "assistant" and m.finish_reason == "length"
+    assert len(m.logprobs.content) == 8 and len(m.logprobs.content[0].top_logprobs) == 3
+    stream = c.chat.completions.create(model="tiny", messages=msgs, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == m.message.content
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
+
+    async def many():
+        ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        rs = await asyncio.gather(*[ac.chat.completions.create(model="tiny", messages=msgs, **GREEDY)
+                                    for _ in range(4)])
+        await ac.close()
+        return rs
+    assert all(x.choices[0].message.content == m.message.content for x in asyncio.run(many()))
+
+
+def test_raw_sse_framing(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "yo"}], "stream": True,
+            "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+    finals = [p for p in payloads if p["choices"] and p["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "length"
+    assert payloads[-1]["usage"]["completion_tokens"] == 4
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, None, "malformed JSON"),
+    ("/v1/completions", [1, 2], 400, None, "must be an object"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 7}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-5"}, 400, "model", "does not exist"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
+    ("/v1/completions", {}, 400, "prompt", "prompt"),
+    ("/v1/completions", {"prompt": "x" * 200}, 400, "prompt", "context"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", "token ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [70000]}, 400, "stop_token_ids", "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages", "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "context"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "x" * (70 << 10)}, 413, None, "exceeds the limit"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens", "tokens"),
+    ("/v1/nothing", {}, 404, None, "no route"),
+]
+
+
+def test_bad_inputs_get_their_4xx_while_a_good_stream_completes(server):
+    body = {"model": "tiny", "prompt": "steady", "stream": True, "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True}
+    result = {}
+
+    def good():
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            result["events"] = r.read().decode().split("\n\n")
+
+    t = threading.Thread(target=good)
+    t.start()
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        for path, payload, status, param, message in BAD:
+            content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            r = h.post(path, content=content, headers={"content-type": "application/json"})
+            assert r.status_code == status, (path, payload, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            assert message in err["message"], (message, err)
+            if param:
+                assert err["param"] == param, err
+    t.join(60)
+    events = result["events"]
+    assert events[-2] == "data: [DONE]"
+    texts = [json.loads(e[6:])["choices"][0] for e in events[:-2]]
+    assert texts[-1]["finish_reason"] == "length" and "error" not in events[-3]
+
+
+def test_sixty_four_concurrent_streams_match_one_by_one_and_disconnects_free_pages(server):
+    prompts = [f"p{i} " + "ab" * (i % 7) for i in range(64)]
+    params = {"model": "tiny", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def one(h, prompt, cut=False):
+        toks = []
+        async with h.stream("POST", "/v1/completions", json={**params, "prompt": prompt}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    toks.append(json.loads(line[6:])["choices"][0]["text"])
+                    if cut and len(toks) == 3:
+                        return None                      # disconnect midway
+        return "".join(toks)
+
+    async def run(concurrent):
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as h:
+            if not concurrent:
+                return [await one(h, p) for p in prompts]
+            return await asyncio.gather(*[one(h, p, cut=(i % 4 == 0)) for i, p in enumerate(prompts)])
+
+    alone = asyncio.run(run(False))
+    together = asyncio.run(run(True))
+    for i, (a, b) in enumerate(zip(alone, together)):
+        if i % 4:
+            assert a == b, i
+    assert sum(x is None for x in together) == 16
+    # the fixture checks that every page came back
+
+
+def test_metrics_parse_and_count_the_traffic(server):
+    def scrape():
+        text = httpx.get(server.url + "/metrics").text
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                key = s.name + ("" if not s.labels.get("finished_reason") else ":" + s.labels["finished_reason"])
+                out[key] = s.value
+        return out
+
+    before = scrape()
+    c = client(server)
+    for i in range(3):
+        c.completions.create(model="tiny", prompt=[256, 10 + i, 11], max_tokens=5, temperature=0,
+                             extra_body={"ignore_eos": True})
+    after = scrape()
+    assert after["jaxdyn:prompt_tokens_total"] - before["jaxdyn:prompt_tokens_total"] == 9
+    assert after["jaxdyn:generation_tokens_total"] - before["jaxdyn:generation_tokens_total"] == 15
+    assert after["jaxdyn:request_success_total:length"] - before["jaxdyn:request_success_total:length"] == 3
+    assert after["jaxdyn:time_to_first_token_seconds_count"] - before["jaxdyn:time_to_first_token_seconds_count"] == 3
+    assert after["jaxdyn:e2e_request_latency_seconds_count"] - before["jaxdyn:e2e_request_latency_seconds_count"] == 3
+    assert after["jaxdyn:compilations_after_warmup_total"] == 0
+    assert after["jaxdyn:num_requests_running"] == 0 and "jaxdyn:kv_cache_usage_perc" in after
+
+
+def test_tokenize_detokenize_and_no_double_bos(server):
+    h = httpx.Client(base_url=server.url, timeout=30)
+    r = h.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert r["tokens"][0] == 256 and r["tokens"].count(256) == 1      # the template's BOS only
+    assert h.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "<s>user: hi\nassistant:"
+    r = h.post("/tokenize", json={"prompt": "hé"}).json()
+    assert r["tokens"] == [256, 104, 195, 169] and r["count"] == 4
+    assert h.get("/version").json()["version"]
+    assert h.get("/health").status_code == 200
+
+
+def test_queue_bound_answers_503_with_retry_after(ckpt, server):
+    core = server.state.core
+    state = ServerState("tiny", max_queued_requests=0)
+    state.engine = server.state.engine
+    srv = Server(state)
+    try:
+        async def go():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as h:
+                body = {"prompt": "q", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+                return await asyncio.gather(*[h.post("/v1/completions", json=body) for _ in range(24)])
+        rs = asyncio.run(go())
+        codes = [r.status_code for r in rs]
+        assert codes.count(200) >= core.config.max_num_seqs and 503 in codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+    finally:
+        srv.stop()
+
+
+def test_health_is_503_while_loading():
+    state = ServerState("later")
+    srv = Server(state)
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["message"] == "the model is still loading"
+    finally:
+        srv.stop()
+
+
+def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--model", ckpt, "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--num-pages", "32",
+         "--log-level", "warning", "--shutdown-grace", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        else:
+            raise AssertionError("server never became healthy")
+        result = {}
+
+        def stream():
+            body = {"prompt": "drain", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                result["events"] = r.read().decode().split("\n\n")
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert proc.wait(60) == 0
+        assert result["events"][-2] == "data: [DONE]"
+        last = json.loads(result["events"][-3][6:])
+        assert last["choices"][0]["finish_reason"] == "length"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read()
+    assert "serving 'tiny-chat" in out or "serving '" in out
