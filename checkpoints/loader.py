@@ -1,4 +1,4 @@
-"""One way in for every model source: a Hugging Face directory, or a preset with dummy weights."""
+"""One way in for every model source: a converted (Orbax) or Hugging Face directory, or a preset."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from checkpoints.convert import is_converted, load_converted
 from checkpoints.dummy import init_dummy_weights
 from checkpoints.hf import CheckpointError, LoadedModel, load_hf_checkpoint
 from jaxdyn.config import ConfigError, ModelConfig
@@ -42,7 +43,8 @@ def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
             if not os.path.isdir(model):
                 raise CheckpointError(f"model {model!r}: no such directory (or use load format dummy "
                                       f"with a preset: {', '.join(sorted(PRESETS))})")
-            loaded = load_hf_checkpoint(model, mesh, dtype=dt)
+            loaded = (load_converted(model, mesh, dtype=dt) if is_converted(model)
+                      else load_hf_checkpoint(model, mesh, dtype=dt))
         if os.path.isdir(model) and os.path.exists(os.path.join(model, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(model)
     except (ConfigError, TokenizerError) as e:

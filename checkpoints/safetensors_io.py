@@ -108,3 +108,7 @@ class CheckpointFiles:
 
     def get(self, name: str) -> np.ndarray:
         return self._file(self.where[name]).get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the header alone (nothing is read)."""
+        return self._file(self.where[name]).info(name)[0]

@@ -56,6 +56,7 @@ class ModelConfig:
     dtype: str = "bfloat16"             # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: str | None = None     # weight-only: None | "int8" | "fp8" (converted checkpoints)
 
     @property
     def q_size(self) -> int:
@@ -120,6 +121,7 @@ class ModelConfig:
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=_quantization(hf),
         )
 
     @classmethod
@@ -149,6 +151,17 @@ class ModelConfig:
                 raise ConfigError(f"{gen_path}: eos_token_id must be an integer or a list of integers")
             cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *extra])))
         return cfg
+
+
+def _quantization(hf: dict[str, Any]) -> str | None:
+    q = hf.get("jaxdyn_quantization")
+    if q not in (None, "int8", "fp8"):
+        raise ConfigError(f"jaxdyn_quantization {q!r} is not supported (int8, fp8)")
+    if q is None and hf.get("quantization_config"):
+        raise ConfigError(f"quantization_config {hf['quantization_config'].get('quant_method', '?')!r}: "
+                          "pre-quantized Hugging Face checkpoints are not supported; convert the "
+                          "unquantized checkpoint with `jaxdyn convert --quant int8|fp8`")
+    return q
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

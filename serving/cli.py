@@ -157,6 +157,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from checkpoints.convert import convert
+    from checkpoints.hf import CheckpointError
+
+    try:
+        info = convert(args.hf, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
+                       progress=not args.quiet)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    print(f"jaxdyn convert: wrote {args.out} ({info['param_bytes'] / 2**20:.1f} MiB of parameters, "
+          f"{info['dtype']}{', ' + info['quantization'] if info['quantization'] else ''}) in {info['seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxdyn", description="JAX/XLA-compiled LLM inference server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     g.set_defaults(func=cmd_generate)
+
+    cv = sub.add_parser("convert", help="Hugging Face safetensors -> jaxdyn Orbax checkpoint")
+    cv.add_argument("--hf", required=True, help="Hugging Face checkpoint directory")
+    cv.add_argument("--out", required=True, help="output directory (written atomically)")
+    cv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    cv.add_argument("--quant", default=None, choices=["int8", "fp8"], help="weight-only quantization")
+    cv.add_argument("--force", action="store_true", help="replace an existing output directory")
+    cv.add_argument("--quiet", action="store_true", help="no progress bar")
+    cv.set_defaults(func=cmd_convert)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sv.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")

@@ -30,13 +30,28 @@ from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
+QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+
+
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype):
-        self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
+    """``x @ kernel (+ bias)``; with ``quant`` the kernel is int8 or fp8 (e4m3) with a float32
+    scale per output channel, dequantized inside the jitted matmul: ``(x @ q) * scale``."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, quant: str | None = None):
+        if quant is None:
+            self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
+            self.scale = None
+        else:
+            self.kernel = nnx.Param(jnp.zeros((in_features, out_features), QUANT_DTYPES[quant]))
+            self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+        if self.scale is None:
+            y = x @ self.kernel[...]
+        else:
+            y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+            y = (y * self.scale[...]).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -106,10 +121,11 @@ class Attention(nnx.Module):
         self.sliding_window = cfg.sliding_windows[layer_idx]
         self.mesh = mesh
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(d, self.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-        self.o_proj = Linear(self.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype)
+        qt = cfg.quantization
+        self.q_proj = Linear(d, self.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype, quant=qt)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, quant=qt)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, quant=qt)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, quant=qt)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -152,9 +168,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype)
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype)
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype)
+        qt = cfg.quantization
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

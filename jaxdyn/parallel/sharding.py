@@ -29,6 +29,11 @@ _RULES: dict[tuple[str, str], tuple] = {
     ("gate_proj", "kernel"): _COLUMN, ("gate_proj", "bias"): (MODEL_AXIS,),
     ("up_proj", "kernel"): _COLUMN, ("up_proj", "bias"): (MODEL_AXIS,),
     ("down_proj", "kernel"): _ROW, ("down_proj", "bias"): (None,),
+    # per-output-channel scales of int8/fp8 kernels follow the output split
+    ("q_proj", "scale"): (MODEL_AXIS,), ("k_proj", "scale"): (MODEL_AXIS,),
+    ("v_proj", "scale"): (MODEL_AXIS,), ("o_proj", "scale"): (None,),
+    ("gate_proj", "scale"): (MODEL_AXIS,), ("up_proj", "scale"): (MODEL_AXIS,),
+    ("down_proj", "scale"): (None,),
     ("embed_tokens", "embedding"): _ROW,      # [vocab, hidden]: vocab split
     ("lm_head", "kernel"): _COLUMN,           # [hidden, vocab]: vocab split
 }

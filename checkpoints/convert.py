@@ -1,0 +1,267 @@
+"""Hugging Face safetensors -> jaxdyn Orbax checkpoint, and its restore onto any mesh.
+
+Layout of a converted directory::
+
+    config.json               the HF config (+ "jaxdyn_quantization" when quantized)
+    generation_config.json    copied when present
+    tokenizer.json, tokenizer_config.json, ...   copied
+    jaxdyn_checkpoint.json    format marker: version, dtype, quantization, groups, bytes
+    params/<group>/           one Orbax (StandardCheckpointer) tree per group:
+                              embed_tokens, layers.0 ... layers.N-1, norm, lm_head
+
+Conversion streams: a group (one decoder layer at most) is read from the
+memory-mapped safetensors, converted and written before the next is read, so
+host memory holds one layer, never the model. Arrays are stored in the
+mesh-independent shapes of tensor parallelism 1; restore reads each group
+straight into the target sharding of any mesh (Orbax reads only each device's
+shard) and replicates kv heads on the device when TP exceeds them.
+
+The output is written to a temporary directory beside the target and renamed
+at the end: an interrupted conversion leaves nothing that looks loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from checkpoints.hf import CheckpointError, LoadedModel, _hf_shape, _key, hf_name, _IGNORED_SUFFIXES
+from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
+from jaxdyn.config import ConfigError, ModelConfig
+from jaxdyn.models.registry import build_abstract_model
+from jaxdyn.parallel.sharding import make_mesh, param_shardings
+
+MARKER = "jaxdyn_checkpoint.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def quantize(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """w f32[in, out] -> (q [in, out] int8 | float8_e4m3fn, scale f32[out]) with w ~= q * scale."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=0)
+    if kind == "int8":
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    elif kind == "fp8":
+        scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+        q = (w / scale).astype(ml_dtypes.float8_e4m3fn)
+    else:
+        raise ValueError(f"unknown quantization {kind!r}")
+    return q, scale
+
+
+def _path_keys(key_path) -> tuple:
+    return tuple(_key(k) for k in key_path if _key(k) != "value")
+
+
+def _group_of(keys: tuple) -> str:
+    return f"layers.{keys[1]}" if keys[0] == "layers" else str(keys[0])
+
+
+def _nest(flat: dict[tuple, object]) -> dict:
+    out: dict = {}
+    for keys, v in flat.items():
+        d = out
+        for k in keys[:-1]:
+            d = d.setdefault(str(k), {})
+        d[str(keys[-1])] = v
+    return out
+
+
+def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | None = None,
+            force: bool = False, progress: bool = True) -> dict:
+    """Convert; returns the marker dict (bytes written, seconds)."""
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    if dtype not in ("bfloat16", "float32"):
+        raise CheckpointError(f"--dtype {dtype!r}: expected bfloat16 or float32")
+    if quant not in (None, "int8", "fp8"):
+        raise CheckpointError(f"--quant {quant!r}: expected int8 or fp8")
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: not a directory")
+    if os.path.exists(out_dir) and not force:
+        raise CheckpointError(f"{out_dir}: already exists (pass --force to replace it)")
+    try:
+        cfg = ModelConfig.from_pretrained(hf_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if cfg.quantization:
+        raise CheckpointError(f"{hf_dir}: already a quantized jaxdyn checkpoint")
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        raise CheckpointError(f"{hf_dir}: missing tokenizer (no tokenizer.json); a served model needs one")
+    try:
+        files = CheckpointFiles(hf_dir)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+
+    qcfg = cfg if quant is None else _replace(cfg, quantization=quant)
+    mesh1 = make_mesh(1, jax.devices()[:1])
+    _, abstract = build_abstract_model(qcfg, mesh1, jnp.dtype(dtype))
+    leaves = [(_path_keys(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    groups: dict[str, list] = {}
+    for keys, leaf in leaves:
+        groups.setdefault(_group_of(keys), []).append((keys, leaf))
+
+    # Check names and shapes of every tensor before writing anything.
+    expected = set()
+    for keys, leaf in leaves:
+        if keys[-1] == "scale":
+            continue
+        name = hf_name(keys)
+        expected.add(name)
+        if name not in files:
+            raise CheckpointError(f"{hf_dir}: missing tensor {name!r}")
+        want = _hf_shape(keys, leaf.shape)
+        got = tuple(files.shape(name))
+        if got != want:
+            raise CheckpointError(f"{files.file_of(name)}: tensor {name!r} has shape {got}, expected {want}")
+    extra = [n for n in files.where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
+             and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if extra:
+        raise CheckpointError(f"{hf_dir}: tensors the {cfg.architecture} config does not use: "
+                              + ", ".join(f"{n!r} in {files.where[n]}" for n in sorted(extra)[:5]))
+
+    parent = os.path.dirname(out_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "params"))
+    ckptr = ocp.StandardCheckpointer()
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    num_bytes = 0
+    try:
+        bar = tqdm(total=len(leaves), desc="convert", unit="tensor", disable=not progress)
+        for group, items in groups.items():
+            flat = {}
+            for keys, leaf in items:
+                if keys[-1] == "scale":
+                    continue
+                raw = np.asarray(files.get(hf_name(keys)))
+                arr = raw.T if keys[-1] == "kernel" else raw
+                if quant and keys[-1] == "kernel" and keys[-2] in QUANTIZABLE:
+                    q, scale = quantize(arr.astype(np.float32), quant)
+                    flat[keys] = q
+                    flat[keys[:-1] + ("scale",)] = scale
+                    bar.update(2)
+                else:
+                    flat[keys] = np.ascontiguousarray(arr).astype(np_dtype)
+                    bar.update(1)
+            num_bytes += sum(a.nbytes for a in flat.values())
+            ckptr.save(os.path.join(tmp, "params", group), _nest(
+                {(k[2:] if group.startswith("layers.") else k[1:]): v for k, v in flat.items()}))
+            ckptr.wait_until_finished()
+            del flat
+        bar.close()
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf_cfg = json.load(f)
+        hf_cfg["torch_dtype"] = dtype
+        hf_cfg.pop("dtype", None)
+        if quant:
+            hf_cfg["jaxdyn_quantization"] = quant
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            src = os.path.join(hf_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(tmp, name))
+        marker = {"format": "jaxdyn", "version": FORMAT_VERSION, "dtype": dtype, "quantization": quant,
+                  "groups": list(groups), "param_bytes": int(num_bytes), "source": hf_dir,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        with open(os.path.join(tmp, MARKER), "w") as f:       # written last: marks the directory complete
+            json.dump(marker, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return marker
+
+
+def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
+    """Restore a converted checkpoint into the sharding of ``mesh`` (any TP degree)."""
+    import orbax.checkpoint as ocp
+
+    t0 = time.perf_counter()
+    path = os.path.abspath(path)
+    with open(os.path.join(path, MARKER)) as f:
+        marker = json.load(f)
+    if marker.get("format") != "jaxdyn" or marker.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown checkpoint format {marker.get('format')!r} "
+                              f"version {marker.get('version')!r}")
+    try:
+        cfg = ModelConfig.from_pretrained(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    dtype = jnp.dtype(dtype or marker["dtype"])
+    graphdef, abstract = build_abstract_model(cfg, mesh, dtype)
+    _, canonical = build_abstract_model(cfg, make_mesh(1, jax.devices()[:1]), jnp.dtype(marker["dtype"]))
+    shardings = param_shardings(abstract, mesh)
+    canon = {_path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(canonical)[0]}
+    targets = {}
+    for (p, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):
+        targets[_path_keys(p)] = (leaf, sh)
+    groups: dict[str, dict] = {}
+    for keys, (leaf, sh) in targets.items():
+        c = canon[keys]
+        same = c.shape == leaf.shape
+        stored_dtype = c.dtype
+        read_as = sh if same else NamedSharding(mesh, jax.sharding.PartitionSpec())
+        local = keys[2:] if keys[0] == "layers" else keys[1:]
+        groups.setdefault(_group_of(keys), {})[local] = jax.ShapeDtypeStruct(c.shape, stored_dtype, sharding=read_as)
+    ckptr = ocp.StandardCheckpointer()
+    restored = {}
+    for group, flat in groups.items():
+        gdir = os.path.join(path, "params", group)
+        if not os.path.isdir(gdir):
+            raise CheckpointError(f"{gdir}: missing parameter group {group!r}")
+        try:
+            tree = ckptr.restore(gdir, _nest(flat))
+        except Exception as e:  # orbax/tensorstore raise many kinds
+            raise CheckpointError(f"{gdir}: cannot restore group {group!r}: {e}") from None
+        for local in flat:
+            v = tree
+            for k in local:
+                v = v[str(k)]
+            full = (("layers", int(group.split(".")[1])) if group.startswith("layers.") else (group,)) + local
+            restored[full] = v
+    out = []
+    for keys, (leaf, sh) in targets.items():
+        v = restored[keys]
+        if v.shape != leaf.shape:            # kv heads replicated for TP > num_kv_heads
+            reps = leaf.shape[-1] // v.shape[-1]
+            hd = cfg.head_dim
+            v = jnp.repeat(v.reshape(*v.shape[:-1], -1, hd), reps, axis=-2).reshape(leaf.shape)
+            v = jax.device_put(v, sh)
+        if v.dtype != leaf.dtype:
+            v = jax.jit(lambda x, d=leaf.dtype: x.astype(d), out_shardings=sh)(v)
+        out.append(v)
+    treedef = jax.tree_util.tree_structure(abstract)
+    state = jax.tree_util.tree_unflatten(treedef, out)
+    jax.block_until_ready(out)
+    num_bytes = sum(x.size * x.dtype.itemsize for x in out)
+    return LoadedModel(cfg, graphdef, state, time.perf_counter() - t0, num_bytes)

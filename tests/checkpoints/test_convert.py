@@ -1,0 +1,130 @@
+"""jaxdyn convert: HF -> Orbax round trip at TP 1/2, atomic output, clear errors, int8/fp8 weights."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints.convert import convert, is_converted, load_converted, quantize
+from checkpoints.hf import CheckpointError, load_hf_checkpoint
+from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork
+from jaxdyn.parallel.sharding import make_mesh
+from serving.cli import main
+from tests.support import make_byte_tokenizer, make_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    path = make_hf_checkpoint("llama-mqa-bias", str(tmp_path_factory.mktemp("hf")), max_shard_size="100KB")
+    make_byte_tokenizer(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [257, 3]}, f)
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))     # sharded
+    return path
+
+
+def logits_of(loaded, mesh):
+    r = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
+        num_pages=8, max_num_batched_tokens=16, max_num_seqs=1, max_model_len=64, return_logits=True))
+    return r.step([SequenceWork([256, 5, 6, 7, 8, 9], 0, [0])]).logits[0]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_round_trip_equals_loading_hf_directly(hf, tmp_path, tp):
+    out = str(tmp_path / "conv")
+    assert main(["convert", "--hf", hf, "--out", out, "--dtype", "float32", "--quiet"]) == 0
+    assert is_converted(out)
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+    assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == [257, 3]
+    mesh = make_mesh(tp)
+    a = load_converted(out, mesh)
+    b = load_hf_checkpoint(hf, mesh, dtype=jnp.float32)
+    assert a.num_bytes == b.num_bytes and a.load_seconds > 0
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+        assert x.sharding == y.sharding and np.array_equal(np.asarray(x), np.asarray(y))
+    assert np.array_equal(logits_of(a, mesh), logits_of(b, mesh))
+
+
+def test_errors_name_the_problem(hf, tmp_path, capsys):
+    def fails(argv, message):
+        assert main(["convert", "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    fails(["--hf", hf, "--out", out], "already exists (pass --force")
+    fails(["--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "not a directory")
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    fails(["--hf", str(bad), "--out", str(tmp_path / "x")], "GPT2LMHeadModel")
+    notok = tmp_path / "notok"
+    shutil.copytree(hf, notok)
+    os.remove(notok / "tokenizer.json")
+    fails(["--hf", str(notok), "--out", str(tmp_path / "x")], "missing tokenizer")
+    # a tensor missing, an extra one, a wrong shape: edit the index to point elsewhere
+    from safetensors.numpy import load_file, save_file
+    for case, message in [("missing", "missing tensor 'model.layers.0.mlp.up_proj.weight'"),
+                          ("extra", "does not use: 'model.layers.0.surprise.weight'"),
+                          ("shape", "'model.norm.weight' has shape (3,)")]:
+        d = tmp_path / case
+        shutil.copytree(hf, d)
+        idx = json.load(open(d / "model.safetensors.index.json"))
+        name = {"missing": "model.layers.0.mlp.up_proj.weight", "extra": None, "shape": "model.norm.weight"}[case]
+        if case == "missing":
+            del idx["weight_map"][name]
+        else:
+            extra = {"model.layers.0.surprise.weight": np.zeros(2, np.float32)} if case == "extra" else \
+                {"model.norm.weight": np.zeros(3, np.float32)}
+            save_file(extra, str(d / "patch.safetensors"))
+            for k in extra:
+                idx["weight_map"][k] = "patch.safetensors"
+        json.dump(idx, open(d / "model.safetensors.index.json", "w"))
+        fails(["--hf", str(d), "--out", str(tmp_path / f"x{case}")], message)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("x") or ".partial" in p]
+
+
+def test_interrupted_conversion_leaves_nothing_loadable(hf, tmp_path, monkeypatch):
+    import checkpoints.convert as conv
+    calls = {"n": 0}
+    real = conv.quantize
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, "quantize", boom)
+    out = tmp_path / "half"
+    with pytest.raises(KeyboardInterrupt):
+        convert(hf, str(out), quant="int8", progress=False)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_force_replaces_and_quantized_restores_at_tp2(hf, tmp_path):
+    out = str(tmp_path / "q")
+    convert(hf, out, dtype="float32", progress=False)
+    info = convert(hf, out, dtype="float32", quant="int8", force=True, progress=False)
+    full = load_hf_checkpoint(hf, make_mesh(2), dtype=jnp.float32)
+    q = load_converted(out, make_mesh(2))
+    assert q.config.quantization == "int8"
+    kern = q.state["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert kern.dtype == jnp.int8
+    assert info["param_bytes"] < 0.6 * full.num_bytes
+    a, b = logits_of(q, make_mesh(2)), logits_of(full, make_mesh(2))
+    assert np.abs(a - b).max() / np.abs(b).max() < 0.05
+
+
+@pytest.mark.parametrize("kind, tol", [("int8", 1 / 127), ("fp8", 1 / 14)])
+def test_quantize_error_is_bounded_per_channel(kind, tol):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 32)).astype(np.float32) * rng.uniform(0.1, 5, 32)
+    q, s = quantize(w, kind)
+    err = np.abs(q.astype(np.float32) * s - w).max(axis=0) / np.abs(w).max(axis=0)
+    assert (err <= tol).all()
