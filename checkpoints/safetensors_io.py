@@ -112,3 +112,27 @@ class CheckpointFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the header alone (nothing is read)."""
         return self._file(self.where[name]).info(name)[0]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (any dtype above, bfloat16 included) as one safetensors file."""
+    names = {np.dtype(v): k for k, v in _DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        code = names.get(a.dtype)
+        if code is None:
+            raise SafetensorsError(f"tensor {name!r}: dtype {a.dtype} cannot be written")
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())

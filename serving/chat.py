@@ -6,6 +6,7 @@ import datetime
 from functools import lru_cache
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 

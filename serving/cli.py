@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+import checkpoints as _checkpoints_pkg
+
 
 class CLIError(Exception):
     """A problem with the command line or its inputs; printed as one line, exit status 2."""
@@ -19,6 +21,14 @@ def _parse_ids(text: str) -> list[int]:
     if not ids:
         raise CLIError("--prompt-ids: empty prompt")
     return ids
+
+
+def _model_or_demo(model: str | None) -> str:
+    if model is not None:
+        return model
+    if not os.path.isdir(DEMO_MODEL):
+        raise CLIError(f"no --model given and the demo checkpoint {DEMO_MODEL} is missing")
+    return DEMO_MODEL
 
 
 def cmd_generate(args) -> int:
@@ -38,6 +48,7 @@ def cmd_generate(args) -> int:
     except SamplingParamsError as e:
         raise CLIError(f"--{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
     try:
+        args.model = _model_or_demo(args.model)
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                               config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
                                                   max_model_len=args.max_model_len),
@@ -58,7 +69,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo")
+# The shipped demo model lives inside the `checkpoints` package (package data),
+# so it is found from an editable install and from a wheel alike.
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(_checkpoints_pkg.__file__)), "demo")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -101,11 +114,7 @@ def cmd_serve(args) -> int:
     from jaxdyn.models.presets import PRESETS
     from serving.app import ServerState, build_app
 
-    model = args.model
-    if model is None:
-        if not os.path.isdir(DEMO_MODEL):
-            raise CLIError(f"no --model given and the demo checkpoint {DEMO_MODEL} is missing")
-        model = DEMO_MODEL
+    model = _model_or_demo(args.model)
     # Check what can be checked before the port opens.
     if args.load_format == "dummy" and model in PRESETS:
         pass
@@ -176,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate a continuation offline")
-    g.add_argument("--model", required=True, help="Hugging Face checkpoint directory, or a preset "
+    g.add_argument("--model", default=None, help="(default: the shipped demo model) checkpoint directory, or a preset "
                    "name with --load-format dummy")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights in the model's real shapes")
