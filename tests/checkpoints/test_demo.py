@@ -76,19 +76,23 @@ def test_held_out_text_is_far_more_likely_than_chance():
     assert ppl < 1024, ppl
 
 
-def test_jaxdyn_greedy_equals_transformers_on_the_demo():
+@pytest.fixture(scope="module")
+def llm():
+    # A small engine: few buckets to compile on the CPU.
+    return LLM(DEMO_MODEL, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
+
+
+def test_jaxdyn_greedy_equals_transformers_on_the_demo(llm):
     tok = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)
     prompt = tok("ROMEO:").input_ids
     want, _ = hf_greedy(transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32),
                         prompt, 24)
-    llm = LLM(DEMO_MODEL, dtype="float32")
     got = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0].token_ids
     assert list(got) == list(want)
 
 
-def test_the_demo_writes_english_words_and_the_measure_can_tell():
-    llm = LLM(DEMO_MODEL, dtype="float32")
+def test_the_demo_writes_english_words_and_the_measure_can_tell(llm):
     prompts = ["ROMEO:", "KING HENRY:", "Good morrow,", "HAMLET.\n", "<|user|>What is love?<|end|><|assistant|>"]
     greedy = llm.generate(prompts, SamplingParams(max_tokens=100, temperature=0), use_tqdm=False)
     sampled = llm.generate(prompts, SamplingParams(max_tokens=100, temperature=0.8, seed=0, ignore_eos=True),
