@@ -39,6 +39,8 @@ class EngineCollector:
         yield gauge("jaxdyn:num_requests_waiting", "Requests waiting to be scheduled.", m.num_waiting)
         yield gauge("jaxdyn:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).", m.kv_usage)
         yield gauge("jaxdyn:kv_cache_pages_used", "KV pages in use.", m.kv_pages_used)
+        yield gauge("jaxdyn:prefix_cache_pages", "KV pages held only by the prefix cache (reclaimable).",
+                    m.kv_pages_cached)
         yield gauge("jaxdyn:kv_cache_pages_total", "KV pages in the pool.", m.kv_pages_total)
         yield counter("jaxdyn:prompt_tokens", "Prompt tokens of requests received.", m.prompt_tokens)
         yield counter("jaxdyn:generation_tokens", "Tokens generated.", m.generation_tokens)

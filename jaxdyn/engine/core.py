@@ -28,6 +28,7 @@ from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
 from jaxdyn.kv.allocator import PageAllocator
+from jaxdyn.kv.radix import RadixCache
 
 
 class RequestError(ValueError):
@@ -51,6 +52,7 @@ class EngineConfig:
     fail_on_compile: bool = False
     overlap: bool = True                     # dispatch step N+1 before reading step N
     seed: int | None = None                  # seeds unseeded requests' draws (None: random)
+    enable_prefix_caching: bool = True       # radix prefix cache over whole KV pages
 
 
 class EngineCore:
@@ -69,8 +71,9 @@ class EngineCore:
             token_buckets=config.token_buckets, page_buckets=config.page_buckets,
             fail_on_compile=config.fail_on_compile))
         self.allocator = PageAllocator(num_pages)
+        self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),
-                                   self.allocator)
+                                   self.allocator, self.prefix_cache)
         eos = set(model_config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
         if tokenizer is not None and eos_token_ids is None:
             eos |= set(tokenizer.eos_token_ids)
@@ -183,7 +186,12 @@ class EngineCore:
         self.metrics.preemptions = self.scheduler.num_preemptions
         self.metrics.num_running = len(self.scheduler.running)
         self.metrics.num_waiting = len(self.scheduler.waiting)
-        self.metrics.kv_pages_used = self.allocator.num_used
+        self.metrics.kv_pages_used = self.allocator.num_in_use
+        self.metrics.kv_pages_cached = self.allocator.num_cache_only
+        self.metrics.prefix_cache_queries = self.scheduler.prefix_queries
+        self.metrics.prefix_cache_hits = self.scheduler.prefix_hits
+        if self.prefix_cache is not None:
+            self.metrics.prefix_cache_evictions = self.prefix_cache.num_evicted
         if self._compiles_at_warmup is not None:
             self.metrics.compilations_after_warmup = compilation_count() - self._compiles_at_warmup
         self.host_time += time.perf_counter() - t0

@@ -53,7 +53,8 @@ class EngineMetrics:
     # gauges (set by the engine each step)
     num_running: int = 0
     num_waiting: int = 0
-    kv_pages_used: int = 0
+    kv_pages_used: int = 0             # held by requests
+    kv_pages_cached: int = 0           # held only by the prefix cache (reclaimable)
     kv_pages_total: int = 0
     # histograms (seconds)
     ttft: Histogram = dataclasses.field(default_factory=Histogram)

@@ -18,6 +18,14 @@ recomputed later (its generated tokens are kept). A sequence that must write
 into a page shared with another (``n > 1``) gets a private copy first; the
 copies are listed in the batch for the runner to make before the step.
 
+With a prefix cache (``jaxdyn.kv.radix.RadixCache``), a sequence admitted
+with nothing computed first takes the longest cached prefix of its tokens in
+whole pages (always leaving at least one token to compute, for its logits) and
+prefills only the rest. A sequence's computed whole pages go into the cache
+when its prompt is done, when it finishes or is aborted, and when it is
+preempted (so its recomputation is mostly a cache hit). Pages only the cache
+holds are evicted, least recently used first, before anything is preempted.
+
 A request never deadlocks the pool: the engine refuses any request whose
 longest possible sequence needs more pages than the pool has, so a sequence
 alone always fits.
@@ -31,6 +39,7 @@ import itertools
 
 from jaxdyn.engine.request import Request, Sequence, SeqStatus
 from jaxdyn.kv.allocator import PageAllocator
+from jaxdyn.kv.radix import RadixCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +69,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator):
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, cache: RadixCache | None = None):
         self.config = config
         self.allocator = allocator
+        self.cache = cache
+        self.prefix_queries = 0         # tokens of admitted sequences looked up in the cache
+        self.prefix_hits = 0            # of which found
         self.waiting: list[Sequence] = []       # sorted by (priority, arrival)
         self.running: list[Sequence] = []       # in admission order
         self._admits = itertools.count()
@@ -85,8 +97,17 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        self._cache_pages(seq)
         self._free_pages(seq)
         seq.status = SeqStatus.FINISHED
+
+    def _cache_pages(self, seq: Sequence) -> None:
+        """Put the sequence's computed whole pages of known tokens into the prefix cache."""
+        if self.cache is None or not seq.pages:
+            return
+        full = min(seq.num_computed, seq.num_known) // self.config.page_size
+        if full:
+            self.cache.insert(seq.token_slice(0, full * self.config.page_size), seq.pages[:full])
 
     def _free_pages(self, seq: Sequence) -> None:
         if seq.pages:
@@ -101,6 +122,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._cache_pages(seq)
         self._free_pages(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -114,9 +136,16 @@ class Scheduler:
         shared = first < len(seq.pages) and self.allocator.is_shared(seq.pages[first])
         return max(need, 0), shared
 
+    def _make_room(self, n: int) -> bool:
+        """Whether ``n`` pages can be allocated, evicting cached pages nobody uses if need be."""
+        short = n - self.allocator.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        return self.allocator.can_allocate(n)
+
     def _reserve(self, seq: Sequence, end: int, copies: list) -> bool:
         need, shared = self._pages_for(seq, end)
-        if not self.allocator.can_allocate(need + int(shared)):
+        if not self._make_room(need + int(shared)):
             return False
         if shared:
             first = seq.num_computed // self.config.page_size
@@ -141,6 +170,7 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
         self._forked: list[Sequence] = []     # siblings forked this step join running after it
+        self._prompts_done: list[Sequence] = []
 
         i = 0
         while i < len(self.running) and budget > 0 and len(items) < cfg.max_num_seqs:
@@ -177,9 +207,17 @@ class Scheduler:
                 if target == seq.num_tokens and not can_sample(seq):
                     j += 1
                     continue
+                cached = self._match(seq, target)
                 n = min(target - seq.num_computed, budget)
                 if not self._reserve(seq, seq.num_computed + n, copies):
+                    if cached:
+                        self._free_pages(seq)
                     break
+                if self.cache is not None:
+                    self.prefix_queries += seq.num_tokens
+                    self.prefix_hits += cached
+                    if seq.num_preemptions == 0 and seq.index == 0:
+                        seq.request.num_cached_tokens = cached
                 self.waiting.pop(j)
                 seq.status = SeqStatus.RUNNING
                 seq.admit_order = next(self._admits)
@@ -188,11 +226,29 @@ class Scheduler:
                 scheduled.add(seq.seq_id)
                 budget -= n
         self.running.extend(self._forked)
+        # Prompts finished in this step enter the cache now, so that the sequences admitted from the
+        # next step on can share them (their last pages are written by this very step).
+        for seq in self._prompts_done:
+            self._cache_pages(seq)
         return SchedulerOutput(items, copies, preempted)
+
+    def _match(self, seq: Sequence, target: int) -> int:
+        """Reuse the longest cached prefix (whole pages, short of ``target``); returns its length in tokens."""
+        if self.cache is None or seq.pages:
+            return 0
+        limit = target - 1          # at least one token is computed, for the logits
+        pages, n = self.cache.match(seq.token_slice(0, limit), limit)
+        if n:
+            self.allocator.share(pages)
+            seq.pages = pages
+            seq.num_computed = n
+        return n
 
     def _take(self, seq: Sequence, n: int, target: int) -> ScheduledSeq:
         start = seq.num_computed
         seq.num_computed += n
+        if start < len(seq.prompt_ids) <= seq.num_computed:
+            self._prompts_done.append(seq)    # cached once this step is built (see schedule)
         samples = seq.num_computed == seq.num_tokens
         if seq.fork_target is not None and seq.num_computed == seq.fork_target:
             self._fork(seq)
@@ -220,6 +276,10 @@ class Scheduler:
         counts: dict[int, int] = {}
         for s in self.running + self.waiting:
             for p in s.pages:
+                counts[p] = counts.get(p, 0) + 1
+        if self.cache is not None:
+            self.cache.check_invariants()
+            for p in self.cache.cached_prefixes().values():
                 counts[p] = counts.get(p, 0) + 1
         for p, c in counts.items():
             assert self.allocator.refcount[p] == c, f"page {p}: refcount {self.allocator.refcount[p]} != {c}"

@@ -6,6 +6,10 @@ prefix cache); ``free`` drops one reference per page and returns pages whose
 count reaches 0 to the free list. A page with more than one reference is
 read-only: a writer first takes a private copy (copy-on-write), which the
 scheduler arranges with ``fork_for_write``.
+
+Pages the prefix cache holds are marked ``cached``; ``num_cache_only`` counts
+those that nothing else holds (reclaimable on demand), kept up to date in O(1)
+as references come and go.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class PageAllocator:
         self.num_pages = num_pages
         self.refcount = [0] * num_pages
         self._free: deque[int] = deque(range(num_pages))
+        self.cached = [False] * num_pages
+        self.num_cache_only = 0          # cached pages with no other holder
 
     @property
     def num_free(self) -> int:
@@ -49,6 +55,8 @@ class PageAllocator:
         for p in pages:
             if self.refcount[p] <= 0:
                 raise ValueError(f"page {p} is free; cannot share it")
+            if self.cached[p] and self.refcount[p] == 1:
+                self.num_cache_only -= 1
             self.refcount[p] += 1
 
     def free(self, pages: Iterable[int]) -> None:
@@ -57,8 +65,23 @@ class PageAllocator:
             if c <= 0:
                 raise ValueError(f"page {p} freed twice")
             self.refcount[p] = c - 1
+            if self.cached[p] and c <= 2:
+                self.num_cache_only += 1 if c == 2 else -1
             if c == 1:
+                self.cached[p] = False
                 self._free.append(p)
+
+    def set_cached(self, pages: Iterable[int], cached: bool) -> None:
+        """Mark pages as held by the prefix cache (the cache holds its own reference on each)."""
+        for p in pages:
+            if self.cached[p] != cached and self.refcount[p] == 1:
+                self.num_cache_only += 1 if cached else -1
+            self.cached[p] = cached
+
+    @property
+    def num_in_use(self) -> int:
+        """Pages held by sequences (not counting those only the prefix cache holds)."""
+        return self.num_pages - len(self._free) - self.num_cache_only
 
     def is_shared(self, page: int) -> bool:
         return self.refcount[page] > 1
@@ -78,3 +101,6 @@ class PageAllocator:
         for p, c in enumerate(self.refcount):
             assert c >= 0, f"page {p} has negative count"
             assert (c == 0) == (p in free), f"page {p}: count {c} but free={p in free}"
+            assert not (c == 0 and self.cached[p]), f"page {p} is free but marked cached"
+        only = sum(1 for p, c in enumerate(self.refcount) if c == 1 and self.cached[p])
+        assert only == self.num_cache_only, f"{self.num_cache_only} cache-only pages counted, {only} found"

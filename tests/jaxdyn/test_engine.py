@@ -2,6 +2,7 @@
 stop conditions, aborts, logprobs, and every page back in the pool afterwards."""
 
 import asyncio
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +23,11 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def engine(ckpt):
+@pytest.fixture(scope="module", params=[True, False], ids=["prefix-cache", "no-prefix-cache"])
+def engine(ckpt, request):
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
-    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      dataclasses.replace(CFG, enable_prefix_caching=request.param))
     core.warmup()
     return core
 
@@ -37,8 +39,11 @@ def all_pages_free_after(request):
         eng = request.getfixturevalue("engine")
         while eng.has_unfinished():          # flush a step still in flight
             eng.step()
-        assert eng.allocator.num_free == eng.num_pages, "pages leaked"
+        assert eng.allocator.num_in_use == 0, "pages leaked"
         eng.scheduler.check_invariants()
+        if eng.prefix_cache is not None:         # what is left is the cache's, and it lets all of it go
+            eng.prefix_cache.clear()
+        assert eng.allocator.num_free == eng.num_pages, "pages leaked"
         assert eng.metrics.compilations_after_warmup == 0
 
 
@@ -101,11 +106,14 @@ def test_n_samples_share_the_prompt_pages(engine):
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     single = run(engine, {"one": (prompt, greedy)})["one"].outputs[0].token_ids
     engine.add_request("many", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=3))
-    engine.step()                                     # 32 of the 39 shared prompt tokens
+    engine.step()                                     # 32 of the 39 shared prompt tokens (or 7, cached)
     engine.step()                                     # the rest: the siblings fork
     running = [s for s in engine.scheduler.running if s.request.request_id == "many"]
     assert len(running) == 3
-    assert engine.allocator.refcount[running[0].pages[0]] == 3     # one copy of the prompt's pages
+    first = running[0].pages[0]
+    in_cache = engine.prefix_cache is not None
+    assert engine.allocator.cached[first] == in_cache
+    assert engine.allocator.refcount[first] == 3 + in_cache         # one copy of the prompt's pages
     out = None
     while engine.has_unfinished():
         for o in engine.step():
@@ -124,14 +132,14 @@ def test_abort_in_the_middle_of_a_prefill_chunk_frees_everything(engine):
     engine.add_request("short", [1, 2, 3], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     engine.step()
     engine.step()
-    held = engine.allocator.num_used
+    held = engine.allocator.num_in_use
     assert held > 0
     final = engine.abort("long")
     assert final.finished and final.outputs[0].finish_reason == "abort"
-    assert engine.allocator.num_used < held
+    assert engine.allocator.num_in_use < held
     assert engine.abort("long") is None                  # unknown by now: nothing happens
     engine.abort("short")
-    assert engine.allocator.num_free == engine.num_pages
+    assert engine.allocator.num_in_use == 0
 
 
 def test_stop_token_ids_min_tokens_and_eos(engine):
@@ -253,4 +261,4 @@ def test_llm_text_prompts_and_progress(ckpt):
     for o in outs:
         c = o.outputs[0]
         assert len(c.token_ids) == 6 and c.text == llm.tokenizer.decode(c.token_ids)
-    assert llm.engine.allocator.num_free == llm.engine.num_pages
+    assert llm.engine.allocator.num_in_use == 0

@@ -9,6 +9,7 @@ from jaxdyn.engine.request import Request, Sequence
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig
 from jaxdyn.kv.allocator import OutOfPages, PageAllocator
+from jaxdyn.kv.radix import RadixCache
 
 
 def test_allocator_counts_and_copy_on_write():
@@ -33,14 +34,16 @@ def test_allocator_counts_and_copy_on_write():
 class Sim:
     """The scheduler driven as the engine drives it, with tokens 'drawn' at once."""
 
-    def __init__(self, pages=12, budget=16, cap=4, page_size=4, seed=0):
+    def __init__(self, pages=12, budget=16, cap=4, page_size=4, seed=0, cache=False):
         self.alloc = PageAllocator(pages)
-        self.s = Scheduler(SchedulerConfig(budget, cap, page_size), self.alloc)
+        self.cache = RadixCache(self.alloc, page_size) if cache else None
+        self.s = Scheduler(SchedulerConfig(budget, cap, page_size), self.alloc, self.cache)
+        self.content = {}          # (page, offset) -> token id written there
         self.page_size, self.pages = page_size, pages
         self.reqs, self.arrivals, self.rng = {}, 0, random.Random(seed)
 
-    def add(self, rid, prompt_len, max_tokens, n=1, priority=0):
-        req = Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, n=n), priority)
+    def add(self, rid, prompt_len, max_tokens, n=1, priority=0, first=0):
+        req = Request(rid, list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens, n=n), priority)
         req.max_len = prompt_len + max_tokens
         assert -(-req.max_len // self.page_size) <= self.pages
         for i in range(n):
@@ -55,15 +58,23 @@ class Sim:
 
     def step(self):
         out = self.s.schedule(lambda q: q.num_tokens < q.request.max_len)
+        for src, dst in out.copies:              # copy-on-write, as the runner does before the step
+            for off in range(self.page_size):
+                if (src, off) in self.content:
+                    self.content[dst, off] = self.content[src, off]
         cfg = self.s.config
         assert out.num_tokens <= cfg.max_num_batched_tokens and len(out.items) <= cfg.max_num_seqs
         for it in out.items:
             seq = it.seq
             assert len(seq.pages) * self.page_size >= it.start + it.num_tokens
             end = it.start + it.num_tokens
+            ps = self.page_size
+            for pos in range(it.start):          # what the chunk attends to holds its tokens
+                assert self.content[seq.pages[pos // ps], pos % ps] == seq.token_slice(pos, pos + 1)[0]
             for pos in range(it.start, end):     # a page written is private, or shared with
                 page = seq.pages[pos // self.page_size]       # siblings forked at this chunk's end
-                if self.alloc.refcount[page] > 1:
+                self.content[page, pos % ps] = seq.token_slice(pos, pos + 1)[0]
+                if self.alloc.refcount[page] - self.alloc.cached[page] > 1:
                     sharers = [q for q in self.s.running if page in q.pages and q is not seq]
                     assert sharers and all(q.request is seq.request and q.num_computed == end
                                            for q in sharers)
@@ -72,6 +83,10 @@ class Sim:
                 if seq.num_known >= seq.request.max_len:
                     self.s.finish(seq)
                     seq.finish_reason = "length"
+        if self.cache is not None:                # a cached page holds the tokens of its prefix
+            for prefix, page in self.cache.cached_prefixes().items():
+                for off in range(self.page_size):
+                    assert self.content[page, off] == prefix[off - self.page_size], "a cached page is overwritten"
         for rid in [r for r, q in self.reqs.items() if q.finished]:
             del self.reqs[rid]
         self.s.check_invariants()
@@ -125,8 +140,9 @@ def test_priority_orders_admission():
                           st.integers(1, 40), st.integers(1, 20), st.integers(1, 3), st.integers(0, 2)),
                 min_size=1, max_size=60),
        st.integers(6, 20), st.integers(1, 24), st.integers(1, 5))
-def test_random_workloads_never_leak_crash_or_deadlock(ops, pages, budget, cap):
-    sim = Sim(pages=pages, budget=budget, cap=cap, page_size=4)
+@pytest.mark.parametrize("cache", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_random_workloads_never_leak_crash_or_deadlock(cache, ops, pages, budget, cap):
+    sim = Sim(pages=pages, budget=budget, cap=cap, page_size=4, cache=cache)
     k = 0
     for op, plen, mt, n, prio in ops:
         if op == "add":
@@ -141,5 +157,38 @@ def test_random_workloads_never_leak_crash_or_deadlock(ops, pages, budget, cap):
         if not sim.reqs:
             break
         sim.step()
-    assert not sim.reqs
-    assert sim.alloc.num_free == pages and not sim.s.has_unfinished()
+    assert not sim.reqs and not sim.s.has_unfinished()
+    assert sim.alloc.num_in_use == 0
+    if cache:
+        sim.cache.clear()
+    assert sim.alloc.num_free == pages
+
+
+def test_a_finished_prompt_is_reused_in_whole_pages_and_one_token_is_always_computed():
+    sim = Sim(pages=32, budget=64, cap=4, page_size=4, cache=True)
+    sim.add("a", 10, 3)                       # 10 prompt tokens: 2 whole pages, then 2 more
+    while sim.reqs:
+        sim.step()
+    sim.add("b", 12, 2)                       # shares the first 10 prompt tokens with "a"
+    first = sim.step().items[0]
+    # a's 12 computed tokens: prompt 0..9 then outputs; b matches 0..7 (whole pages of the shared part).
+    assert (first.start, first.num_tokens) == (8, 4)
+    assert sim.reqs["b"].num_cached_tokens == 8
+    while sim.reqs:
+        sim.step()
+    sim.add("c", 8, 2)                        # a prompt of exactly two cached pages: the last page is
+    first = sim.step().items[0]               # recomputed, so the logits of token 7 exist
+    assert (first.start, first.num_tokens) == (4, 4)
+    assert sim.s.prefix_queries == 10 + 12 + 8 and sim.s.prefix_hits == 8 + 4
+
+
+def test_cached_pages_are_evicted_before_anything_is_preempted():
+    sim = Sim(pages=6, budget=64, cap=4, page_size=4, cache=True)
+    sim.add("a", 16, 1)                       # 4 pages, cached when done
+    while sim.reqs:
+        sim.step()
+    assert sim.alloc.num_cache_only == 4
+    sim.add("b", 20, 1, first=100)            # needs 5 pages of 6, nothing in common
+    out = sim.step()
+    assert not out.preempted and out.items[0].num_tokens == 20
+    assert sim.cache.num_evicted >= 3
