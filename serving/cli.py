@@ -85,6 +85,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from memory)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV pages of cached prompt prefixes")
 
 
 def _engine_config(args):
@@ -98,7 +100,7 @@ def _engine_config(args):
         raise CLIError("--num-pages must be at least 1")
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        seed=args.seed)
+                        seed=args.seed, enable_prefix_caching=args.prefix_cache)
 
 
 def cmd_serve(args) -> int:

@@ -101,6 +101,37 @@ def test_batch_invariance_under_preemption(engine, sampled):
         assert len(alone.outputs[0].token_ids) == p.max_tokens
 
 
+def test_shared_prefixes_match_transformers_with_eviction_and_preemption(engine, ckpt):
+    """Requests over three shared system prompts, and chats that resend their history, on a pool of 24
+    pages: the cache hits, evicts and the engine preempts, and every greedy output equals transformers'."""
+    ref = hf_model(ckpt)
+    rng = np.random.default_rng(5)
+    systems = [rng.integers(0, 256, 40).tolist() for _ in range(3)]
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    reqs, arrivals = {}, {}
+    for i in range(18):
+        reqs[f"s{i}"] = (systems[i % 3] + rng.integers(0, 256, int(rng.integers(1, 40))).tolist(), p)
+        arrivals[f"s{i}"] = int(rng.integers(0, 30))
+    hits, evictions, preemptions = (engine.metrics.prefix_cache_hits, engine.metrics.prefix_cache_evictions,
+                                    engine.scheduler.num_preemptions)
+    out = run(engine, reqs, arrivals)
+    for rid, (prompt, _) in reqs.items():
+        assert out[rid].outputs[0].token_ids == hf_greedy(ref, prompt, 10)[0], rid
+    # A second turn of each chat: its first prompt, the answer, a new message.
+    turn2 = {f"t{i}": (reqs[f"s{i}"][0] + out[f"s{i}"].outputs[0].token_ids + [7, 8, 9], p) for i in range(6)}
+    out2 = run(engine, turn2)
+    for rid, (prompt, _) in turn2.items():
+        assert out2[rid].outputs[0].token_ids == hf_greedy(ref, prompt, 10)[0], rid
+    assert engine.scheduler.num_preemptions > preemptions
+    if engine.prefix_cache is None:
+        assert engine.metrics.prefix_cache_hits == 0
+        assert all(o.num_cached_tokens == 0 for o in [*out.values(), *out2.values()])
+    else:
+        assert engine.metrics.prefix_cache_hits > hits and engine.metrics.prefix_cache_evictions > evictions
+        assert sum(o.num_cached_tokens for o in out.values()) >= 32 * 12     # two pages of most systems
+        assert any(o.num_cached_tokens >= 48 for o in out2.values())        # history reused
+
+
 def test_n_samples_share_the_prompt_pages(engine):
     prompt = list(range(10, 50))                      # 40 tokens: 2 full pages + a partial one
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

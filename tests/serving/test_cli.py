@@ -42,3 +42,9 @@ def test_generate_unsupported_architecture(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1"]) == 2
     assert "GPT2LMHeadModel" in capsys.readouterr().err
+
+
+def test_serve_prefix_cache_is_on_by_default_and_can_be_turned_off():
+    from serving.cli import _engine_config, build_parser
+    assert _engine_config(build_parser().parse_args(["serve"])).enable_prefix_caching is True
+    assert _engine_config(build_parser().parse_args(["serve", "--no-prefix-cache"])).enable_prefix_caching is False

@@ -111,6 +111,22 @@ def test_completions_with_the_openai_client(server):
     assert [m.id for m in c.models.list().data] == ["tiny"]
 
 
+def test_usage_reports_cached_tokens_of_a_repeated_prefix(server):
+    c = client(server)
+    system = "You are a helpful assistant who answers briefly. "
+    # Rendered: <s> "system: " + 49 bytes + "\nuser: " = 65 tokens in common -> 4 whole pages of 16.
+    first = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": system},
+                                                              {"role": "user", "content": "one"}], **GREEDY)
+    again = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": system},
+                                                              {"role": "user", "content": "two"}], **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    text = httpx.get(server.url + "/metrics").text
+    hits = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "jaxdyn:prefix_cache_hits_total"]
+    assert hits and hits[0] >= 64
+
+
 def test_chat_with_the_openai_client_sync_and_async(server):
     c = client(server)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
