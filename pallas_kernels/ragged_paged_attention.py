@@ -12,8 +12,9 @@ KV layout (see jaxdyn/kv/cache.py): ``k_pages, v_pages: [num_kv_heads,
 num_pages, page_size, head_dim]``. Query head ``h`` reads kv head
 ``h // (num_q_heads // num_kv_heads)`` (GQA / MQA).
 
-This module holds the plain ``jax.numpy`` reference; ``ragged_paged_attention``
-is the one entry point the model calls.
+This module holds the plain ``jax.numpy`` reference and ``ragged_paged_attention``,
+the one entry point the model calls: on GPU it runs the Pallas kernels of
+``paged_decode.py`` (single decode tokens) and ``ragged_prefill.py`` (chunks).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.paged_decode import on_gpu, paged_decode_attention_kernel
+from pallas_kernels.ragged_prefill import ragged_prefill_attention_kernel
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -86,11 +90,38 @@ def ragged_paged_attention(
     *,
     sm_scale: float,
     sliding_window: int | None = None,
+    impl: str = "auto",
 ) -> jax.Array:
-    """The entry point: the GPU kernel where one is available, else the reference.
+    """The entry point the model calls; same contract as the reference.
 
-    No Pallas kernel has landed yet, so every backend runs the reference.
+    ``impl``: ``auto`` (the Pallas kernels on GPU, the reference elsewhere),
+    ``kernel``, ``interpret`` (the kernels through Pallas interpret mode, for CPU
+    tests) or ``reference``. With kernels, sequences with one query token go to
+    the decode kernel and longer chunks to the ragged prefill kernel; each row
+    of the output is taken from the kernel that owns its sequence.
     """
-    return ragged_paged_attention_reference(
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-        sm_scale=sm_scale, sliding_window=sliding_window)
+    if impl == "auto":
+        impl = "kernel" if on_gpu() else "reference"
+    if impl == "reference":
+        return ragged_paged_attention_reference(
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+            sm_scale=sm_scale, sliding_window=sliding_window)
+    if impl not in ("kernel", "interpret"):
+        raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
+    interpret = impl == "interpret"
+    num_tokens = q.shape[0]
+    num_seqs = kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    is_decode = q_lens == 1
+    decode_rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
+    decode_out = paged_decode_attention_kernel(                     # [S, H, D]
+        q[decode_rows], k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table,
+        sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
+    prefill_out = ragged_prefill_attention_kernel(                 # [T, H, D]
+        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
+        sliding_window=sliding_window, interpret=interpret, min_q_len=1)
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, num_seqs - 1)
+    valid = rows < cu_q_lens[num_seqs]
+    out = jnp.where(is_decode[seq][:, None, None], decode_out[seq], prefill_out)
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)

@@ -1,0 +1,391 @@
+"""Paged-attention kernels against the GPU's limits, the jax.numpy reference and JAX's bundled op.
+
+One run (one device call) does, on the default device:
+
+1. the two ceilings: HBM bandwidth (a donated in-place ``x + 1`` over 4 GiB,
+   bytes read + written) and the bf16 matmul rate (8192^3 ``jnp.dot``);
+2. correctness of both kernels against the reference on random bf16 inputs:
+   ragged lengths that are not multiples of the page size, shuffled page
+   tables, lengths 1 and maximal, sliding window, mixed prefill + decode steps;
+   relative error ||out - ref|| / ||ref|| and a NaN check;
+3. a block-size sweep of the decode kernel at two grid points (the winner is
+   used for the grid and printed, to be kept in ``TUNED_DECODE_BLOCKS``);
+4. the decode grid: batch x context x head_dim, 32 query / 8 kv heads; per point
+   the time, KV bytes read per second, its ratio to the measured bandwidth, and
+   the speed-up over the reference and over
+   ``jax.experimental.pallas.ops.gpu.paged_attention``;
+5. prefill of 2048-token chunks (fresh, and after a cached 2048-token prefix):
+   attention FLOP rate and its ratio to the measured matmul rate.
+
+Each timed call rotates over several page tables drawn from a pool larger
+than the L2 cache, so repeated calls do not read KV out of the cache.
+
+    python -m benchmarks.kernels [--out benchmarks/results/kernels_h100.md] [--quick]
+    jaxdyn bench kernels [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import paged_decode, ragged_prefill
+from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+                                                   ragged_paged_attention_reference)
+
+PAGE = 16
+Q_HEADS, KV_HEADS = 32, 8
+ROTATE = 8                         # page tables per timed call
+INTERPRET = jax.default_backend() != "gpu"   # CPU: a dry run through Pallas interpret mode
+L2_BYTES = 64 << 20
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _median_time(fn, *args, reps: int = 7) -> float:
+    """Median wall seconds of ``fn(*args)`` (already compiled), synchronised."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure_bandwidth(gib: float = 4.0) -> float:
+    """Bytes/s of a donated in-place x + 1 (read + write)."""
+    n = int(gib * (1 << 30)) // 4
+    x = jnp.zeros((n,), jnp.float32) + 1.0
+    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    for _ in range(3):
+        x = f(x)
+    jax.block_until_ready(x)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        x = f(x)
+        jax.block_until_ready(x)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / float(np.median(times))
+
+
+def measure_matmul(n: int = 8192) -> float:
+    """FLOP/s of a bf16 n^3 matmul on random data."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
+    return 2 * n ** 3 / _median_time(f, a, b, reps=20)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _kv_pool(num_pages: int, head_dim: int, seed: int):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    shape = (KV_HEADS, num_pages, PAGE, head_dim)
+    return jax.random.normal(k1, shape, jnp.bfloat16), jax.random.normal(k2, shape, jnp.bfloat16)
+
+
+def _page_tables(rng, num_pages: int, count: int, batch: int, pages_per_seq: int) -> np.ndarray:
+    """i32[count, batch, pages_per_seq]: distinct shuffled pages while the pool lasts."""
+    need = count * batch * pages_per_seq
+    ids = np.concatenate([rng.permutation(num_pages) for _ in range(-(-need // num_pages))])
+    return ids[:need].reshape(count, batch, pages_per_seq).astype(np.int32)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# ----------------------------------------------------------------------------- correctness
+
+def check_correctness(rng) -> list[dict]:
+    rows = []
+    cases = [
+        # name, head_dim, (cached, new) per sequence, window
+        ("decode ragged lens", 128, [(0, 1), (16, 1), (4095, 1), (37, 1), (1000, 1), (2047, 1)], None),
+        ("decode head_dim 64", 64, [(5, 1), (300, 1), (8191, 1)], None),
+        ("decode sliding window", 128, [(700, 1), (33, 1), (2000, 1)], 256),
+        ("mixed prefill + decode", 128, [(0, 2048), (100, 1), (513, 300), (2000, 1), (0, 7)], None),
+        ("prefill after prefix, hd 64", 64, [(1999, 517), (0, 1), (16, 16)], None),
+        ("prefill sliding window", 128, [(0, 1200), (480, 100)], 333),
+    ]
+    if INTERPRET:   # toy lengths for the CPU dry run
+        cases = [(n, d, [(c // 32, max(1, k // 32) if k > 1 else 1) for c, k in sq], w and max(4, w // 32))
+                 for n, d, sq, w in cases]
+    for name, head_dim, seqs, window in cases:
+        max_len = max(c + n for c, n in seqs)
+        pages_per_seq = 1 << int(np.ceil(np.log2(-(-max_len // PAGE))))
+        num_pages = len(seqs) * pages_per_seq + 11
+        k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=len(rows))
+        page_table = rng.permutation(num_pages)[:len(seqs) * pages_per_seq].reshape(len(seqs), -1)
+        num_tokens = sum(n for _, n in seqs)
+        padded = 1 << int(np.ceil(np.log2(num_tokens + 1)))
+        q = jax.random.normal(jax.random.key(100 + len(rows)), (padded, Q_HEADS, head_dim), jnp.bfloat16)
+        kv_lens = np.array([c + n for c, n in seqs] + [0], np.int32)
+        cu = np.concatenate([[0], np.cumsum([n for _, n in seqs]), [num_tokens]]).astype(np.int32)
+        page_table = np.concatenate([page_table, np.zeros((1, pages_per_seq), np.int64)]).astype(np.int32)
+        args = (q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(page_table), jnp.asarray(cu))
+        kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
+        out = jax.jit(functools.partial(ragged_paged_attention, impl="interpret" if INTERPRET else "kernel", **kw))(*args)
+        ref = jax.jit(functools.partial(ragged_paged_attention_reference, **kw))(
+            q.astype(jnp.float32), k_pages.astype(jnp.float32), v_pages.astype(jnp.float32), *args[3:])
+        out = np.asarray(out.astype(jnp.float32))
+        rows.append(dict(case=name, head_dim=head_dim, seqs=len(seqs), max_len=max_len,
+                         rel_err=rel_err(out[:num_tokens], ref[:num_tokens]),
+                         nan=bool(np.isnan(out).any()),
+                         padding_zero=bool(np.all(out[num_tokens:] == 0))))
+    return rows
+
+
+# ----------------------------------------------------------------------------- decode
+
+def _decode_inputs(rng, batch: int, context: int, head_dim: int):
+    pages_per_seq = context // PAGE
+    live = batch * pages_per_seq
+    # enough pages that ROTATE calls touch more than the L2 holds, up to 4x the live set
+    bytes_per_page = 2 * KV_HEADS * PAGE * head_dim * 2
+    num_pages = max(live, min(ROTATE * live, live * max(1, (4 * L2_BYTES) // (live * bytes_per_page))))
+    k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=batch * 7 + context)
+    tables = jnp.asarray(_page_tables(rng, num_pages, ROTATE, batch, pages_per_seq))
+    q = jax.random.normal(jax.random.key(1), (batch, Q_HEADS, head_dim), jnp.bfloat16)
+    lens = jnp.full((batch,), context, jnp.int32)
+    return q, k_pages, v_pages, lens, tables
+
+
+def _rotating(attn):
+    """jit of ROTATE calls of ``attn``, one page table each; returns their sum."""
+    def run(q, k_pages, v_pages, lens, tables):
+        acc = jnp.zeros(q.shape, jnp.float32)
+        for i in range(ROTATE):
+            acc += attn(q, k_pages, v_pages, lens, tables[i]).astype(jnp.float32)
+        return acc
+    return jax.jit(run)
+
+
+def _ours(blocks=None):
+    def attn(q, k_pages, v_pages, lens, table):
+        return paged_decode.paged_decode_attention_kernel(
+            q, k_pages, v_pages, lens, table, sm_scale=q.shape[-1] ** -0.5, blocks=blocks,
+            interpret=INTERPRET)
+    return attn
+
+
+def _bundled(q, k_pages, v_pages, lens, table):
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    k_splits = min(16, table.shape[1])
+    return paged_attention(q, k_pages, v_pages, table, lens, k_splits=k_splits,
+                           pages_per_compute_block=min(8, table.shape[1] // k_splits),
+                           interpret=INTERPRET)
+
+
+def _reference(q, k_pages, v_pages, lens, table):
+    return paged_decode.paged_decode_attention_reference(
+        q, k_pages, v_pages, lens, table, sm_scale=q.shape[-1] ** -0.5)
+
+
+def time_decode(fn, inputs) -> float:
+    """Seconds per attention call."""
+    return _median_time(_rotating(fn), *inputs) / ROTATE
+
+
+def sweep_decode_blocks(rng, points) -> tuple[paged_decode.DecodeBlockSizes, list[dict]]:
+    rows = []
+    variants = [paged_decode.DecodeBlockSizes(p, w, s)
+                for p in (4, 8, 16) for w in (4, 8) for s in (2, 3, 4)]
+    if INTERPRET:
+        variants = variants[:2]
+    inputs = {pt: _decode_inputs(rng, *pt, 128) for pt in points}
+    for v in variants:
+        row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps, num_stages=v.num_stages)
+        try:
+            for pt in points:
+                row[f"b{pt[0]}_c{pt[1]}_us"] = time_decode(_ours(v), inputs[pt]) * 1e6
+        except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        rows.append(row)
+    ok = [r for r in rows if "error" not in r]
+    best = min(ok, key=lambda r: sum(r[f"b{pt[0]}_c{pt[1]}_us"] for pt in points))
+    return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"], best["num_stages"]), rows
+
+
+def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
+    rows = []
+    for head_dim in head_dims:
+        for context in contexts:
+            for batch in batches:
+                kv_bytes = batch * context * KV_HEADS * head_dim * 2 * 2
+                if kv_bytes > mem_budget:
+                    continue
+                inputs = _decode_inputs(rng, batch, context, head_dim)
+                t_ours = time_decode(_ours(blocks if head_dim == 128 else None), inputs)
+                try:
+                    t_bundled = time_decode(_bundled, inputs)
+                except Exception as e:
+                    print(f"bundled op failed at b{batch} c{context} d{head_dim}: {e}", file=sys.stderr)
+                    t_bundled = float("nan")
+                t_ref = time_decode(_reference, inputs) if kv_bytes * 3 < 8e9 else float("nan")
+                rows.append(dict(batch=batch, context=context, head_dim=head_dim, us=t_ours * 1e6,
+                                 kv_gbs=kv_bytes / t_ours / 1e9, of_bw=kv_bytes / t_ours / bandwidth,
+                                 vs_bundled=t_bundled / t_ours, bundled_us=t_bundled * 1e6,
+                                 vs_reference=t_ref / t_ours))
+                print(f"decode b={batch} c={context} d={head_dim}: {t_ours * 1e6:.1f} us, "
+                      f"{rows[-1]['of_bw']:.2f} of HBM, {rows[-1]['vs_bundled']:.2f}x bundled", flush=True)
+                del inputs
+    return rows
+
+
+# ----------------------------------------------------------------------------- prefill
+
+def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048) -> list[dict]:
+    rows = []
+    for head_dim in head_dims:
+        for prefix, chunk, nseq in ((0, chunk, 1), (chunk, chunk, 1), (0, chunk, 4)):
+            length = prefix + chunk
+            pages_per_seq = length // PAGE
+            num_pages = nseq * pages_per_seq * ROTATE
+            k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=prefix + head_dim)
+            tables = jnp.asarray(_page_tables(rng, num_pages, ROTATE, nseq, pages_per_seq))
+            q = jax.random.normal(jax.random.key(3), (nseq * chunk, Q_HEADS, head_dim), jnp.bfloat16)
+            lens = jnp.full((nseq,), length, jnp.int32)
+            cu = jnp.arange(nseq + 1, dtype=jnp.int32) * chunk
+            scale = head_dim ** -0.5
+
+            def run(attn, q, k_pages, v_pages, lens, tables, cu=cu):
+                acc = jnp.zeros(q.shape, jnp.float32)
+                for i in range(ROTATE):
+                    acc += attn(q, k_pages, v_pages, lens, tables[i], cu).astype(jnp.float32)
+                return acc
+
+            ours = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=scale,
+                                     interpret=INTERPRET)
+            t = _median_time(jax.jit(functools.partial(run, ours)), q, k_pages, v_pages, lens, tables) / ROTATE
+            ref = functools.partial(ragged_paged_attention_reference, sm_scale=scale)
+            t_ref = _median_time(jax.jit(functools.partial(run, ref)), q, k_pages, v_pages, lens, tables) / ROTATE
+            # causal attention FLOPs: QK^T and PV, 2 flops per multiply-add, over the keys each query sees
+            keys_seen = nseq * (chunk * prefix + chunk * (chunk + 1) / 2)
+            flops = 4 * Q_HEADS * head_dim * keys_seen
+            rows.append(dict(head_dim=head_dim, sequences=nseq, prefix=prefix, chunk=chunk, us=t * 1e6,
+                             tflops=flops / t / 1e12, of_matmul=flops / t / matmul_rate,
+                             vs_reference=t_ref / t))
+            print(f"prefill d={head_dim} n={nseq} prefix={prefix}: {t * 1e6:.0f} us, "
+                  f"{rows[-1]['tflops']:.0f} TFLOP/s = {rows[-1]['of_matmul']:.2f} of matmul", flush=True)
+    return rows
+
+
+def entry_overhead(rng, blocks, points=((64, 2048), (256, 512))) -> list[dict]:
+    """A decode-only step through the ragged entry point vs the decode kernel alone."""
+    rows = []
+    for batch, context in points:
+        q, k_pages, v_pages, lens, tables = _decode_inputs(rng, batch, context, 128)
+        cu = jnp.arange(batch + 1, dtype=jnp.int32)
+
+        def entry(q, k_pages, v_pages, lens, table):
+            return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
+                                          sm_scale=128 ** -0.5,
+                                          impl="interpret" if INTERPRET else "kernel")
+        t_entry = time_decode(entry, (q, k_pages, v_pages, lens, tables))
+        t_kernel = time_decode(_ours(blocks), (q, k_pages, v_pages, lens, tables))
+        rows.append(dict(batch=batch, context=context, entry_us=t_entry * 1e6,
+                         kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |\n|" + "|".join("---:" for _ in cols) + "|\n"
+    body = ""
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key, "")
+            cells.append(format(v, fmt) if isinstance(v, (int, float)) and fmt else str(v))
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the markdown report here")
+    ap.add_argument("--quick", action="store_true", help="a small grid (smoke run)")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    dev = jax.devices()[0]
+    started = time.time()
+
+    bandwidth = measure_bandwidth(0.25 if INTERPRET else 0.5 if args.quick else 4.0)
+    matmul = measure_matmul(512 if INTERPRET else 2048 if args.quick else 8192)
+    print(f"HBM {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
+
+    correctness = check_correctness(rng)
+    for r in correctness:
+        print("correctness", r, flush=True)
+
+    if INTERPRET:   # CPU dry run: the script's logic at toy sizes
+        batches, contexts, head_dims, sweep_points = (2,), (64,), (128,), [(2, 64)]
+    elif args.quick:
+        batches, contexts, head_dims, sweep_points = (1, 32), (512, 2048), (128,), [(32, 2048)]
+    else:
+        batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
+        sweep_points = [(32, 2048), (8, 8192)]
+    best, sweep = sweep_decode_blocks(rng, sweep_points)
+    print("decode block sweep winner", best, flush=True)
+    mem_budget = 0.25 * (dev.memory_stats() or {}).get("bytes_limit", 16e9)
+    grid = decode_grid(rng, bandwidth, best, batches, contexts, head_dims, mem_budget)
+    prefill = prefill_rows(rng, matmul, head_dims, chunk=64 if INTERPRET else 2048)
+    overhead = entry_overhead(rng, best, ((2, 64),) if INTERPRET else ((64, 2048), (256, 512)))
+
+    cmd = "python -m benchmarks.kernels" + (" --quick" if args.quick else "") + (
+        f" --out {args.out}" if args.out else "")
+    md = [f"## Paged-attention kernels — {datetime.date.today().isoformat()}", "",
+          f"Device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, Python "
+          f"{platform.python_version()}. Command: `{cmd}` ({time.time() - started:.0f} s).", "",
+          f"Measured in the same run: HBM bandwidth **{bandwidth / 1e12:.2f} TB/s** (donated in-place "
+          f"`x + 1` over 4 GiB, read + write); bf16 matmul **{matmul / 1e12:.0f} TFLOP/s** (8192³).", "",
+          f"Decode: {Q_HEADS} query / {KV_HEADS} kv heads, page {PAGE}, bf16 KV, every sequence at the "
+          f"given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × 2 B. "
+          f"Each timed call reads pages of one of {ROTATE} shuffled page tables (rotating past the L2).", "",
+          "### Correctness (bf16 kernels vs the float32 reference on the same bf16 inputs)", "",
+          _table(correctness, [("case", "case", ""), ("head_dim", "head_dim", "d"), ("seqs", "seqs", "d"),
+                               ("max_len", "max len", "d"), ("rel_err", "rel err", ".2e"),
+                               ("nan", "NaN", ""), ("padding_zero", "padding rows 0", "")]),
+          "### Decode", "",
+          _table(grid, [("batch", "batch", "d"), ("context", "context", "d"), ("head_dim", "head_dim", "d"),
+                        ("us", "µs", ".1f"), ("kv_gbs", "KV GB/s", ".0f"), ("of_bw", "of HBM bw", ".2f"),
+                        ("bundled_us", "bundled µs", ".1f"), ("vs_bundled", "× bundled", ".2f"),
+                        ("vs_reference", "× reference", ".2f")]),
+          f"Decode block sizes used (head_dim 128, sweep winner): {best}.", "",
+          "### Decode block-size sweep (µs per call)", "",
+          _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
+                         ("num_stages", "stages", "d")]
+                 + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
+                 + [("error", "error", "")]),
+          "### Prefill (ragged kernel, causal)", "",
+          _table(prefill, [("head_dim", "head_dim", "d"), ("sequences", "sequences", "d"),
+                           ("prefix", "cached prefix", "d"), ("chunk", "chunk", "d"), ("us", "µs", ".0f"),
+                           ("tflops", "TFLOP/s", ".0f"), ("of_matmul", "of matmul", ".2f"),
+                           ("vs_reference", "× reference", ".2f")]),
+          "### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
+          _table(overhead, [("batch", "batch", "d"), ("context", "context", "d"), ("entry_us", "entry µs", ".1f"),
+                            ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")])]
+    report = "\n".join(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Decode paged attention: one query token per sequence over its KV pages (Pallas, GPU).
+
+Each program of the kernel serves one (sequence, kv head, context split): it
+loads the ``G = num_q_heads // num_kv_heads`` query heads of that kv head once
+(padded to 16 rows, the smallest tile of the GPU's matrix instructions) and
+streams the sequence's pages ``pages_per_block`` at a time, gathering them
+straight out of the cache by page id (no copy of the cache), with an online
+softmax in float32. Long contexts are split over ``num_splits`` programs whose
+partial results (``o``, running max ``m``, running sum ``l``) are merged by a
+numerically stable log-sum-exp combine outside the kernel.
+
+KV layout (jaxdyn/kv/cache.py): ``k_pages, v_pages: [num_kv_heads, num_pages,
+page_size, head_dim]``; one (head, page) tile is one contiguous run.
+
+Backend: Pallas on Triton, not Mosaic GPU. The kernel's inner loop is a
+data-dependent gather (page ids read from the page table, 16-token pages) and
+its matrix products have as few rows as the query group (1-8 heads, padded to
+16). Triton's pointer loads express the page gather as one pipelined load per
+block and its ``dot`` takes 16-row tiles; Mosaic GPU in jax 0.10/0.11 moves
+data with TMA tile copies (one descriptor copy and barrier per 16-token page)
+and multiplies with ``wgmma`` on 64-row warpgroup tiles, so a decode group
+would be padded 4-16x and every page would cost a separate asynchronous copy.
+The kernel also has to run in Pallas interpret mode on CPU CI, which the
+Triton-style ``pallas_call`` supports directly.
+
+``paged_decode_attention`` is the entry point: the kernel on GPU, Pallas
+interpret mode or the ``jax.numpy`` reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jax.experimental.pallas import triton as pltriton   # Triton backend: loads, stores, options
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MIN_ROWS = 16          # smallest M of a Triton dot tile
+_TARGET_PROGRAMS = 264  # about two programs per H100 SM before splitting the context
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    pages_per_block: int   # pages gathered per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+# Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
+# keyed by (head_dim, page_size); the fallback serves any other shape.
+TUNED_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
+    (128, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3),
+    (64, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3),
+}
+_FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=2)
+
+
+def decode_block_sizes(head_dim: int, page_size: int) -> DecodeBlockSizes:
+    return TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
+
+
+def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int) -> int:
+    """Splits of the context so that small batches still fill the GPU (a power of two)."""
+    splits = 1
+    while (num_seqs * num_kv_heads * splits < _TARGET_PROGRAMS
+           and num_blocks // (splits * 2) >= 2):
+        splits *= 2
+    return splits
+
+
+def paged_decode_attention_reference(
+    q: jax.Array,            # [S, num_q_heads, head_dim]   one query token per sequence
+    k_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
+    v_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
+    kv_lens: jax.Array,      # i32[S] tokens in the cache (the query's own included); 0 = no query
+    page_table: jax.Array,   # i32[S, P]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:              # [S, num_q_heads, head_dim]; rows with kv_len 0 are 0
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    max_len = page_table.shape[1] * page_size
+    k = k_pages[:, page_table].reshape(num_kv_heads, num_seqs, max_len, head_dim)
+    v = v_pages[:, page_table].reshape(num_kv_heads, num_seqs, max_len, head_dim)
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).astype(jnp.float32)
+    s = jnp.einsum("skgd,ksld->skgl", qg, k.astype(jnp.float32)) * sm_scale
+    key_pos = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+    mask = key_pos < kv_lens[:, None]
+    if sliding_window is not None:
+        mask &= key_pos >= kv_lens[:, None] - sliding_window
+    s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("skgl,ksld->skgd", p, v.astype(jnp.float32))
+    o = jnp.where((kv_lens > 0)[:, None, None, None], o, 0.0)
+    return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+
+
+def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+                   sm_scale: float, page_size: int, pages_per_block: int,
+                   pages_per_split: int, sliding_window: int | None, precision):
+    # lens_ref: i32[1]; pt_ref: i32[P]; q_ref: [R, D]; k_ref, v_ref: [num_pages, page_size, D]
+    # o_ref: f32[R, D]; m_ref, l_ref: f32[R]
+    split = pl.program_id(2)
+    rows, head_dim = q_ref.shape
+    block_tokens = pages_per_block * page_size
+    length = lens_ref[0]
+
+    first_page = split * pages_per_split
+    end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(length, page_size))
+    first_block = 0
+    if sliding_window is not None:
+        window_page = jnp.maximum(length - sliding_window, 0) // page_size
+        first_block = jnp.maximum(window_page - first_page, 0) // pages_per_block
+    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+
+    q = q_ref[...]
+    offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+
+    def body(b, carry):
+        acc, m_prev, l_prev = carry
+        page0 = first_page + b * pages_per_block
+        ids = pt_ref[pl.ds(page0, pages_per_block)]
+        k = k_ref[ids].reshape(block_tokens, head_dim)
+        v = v_ref[ids].reshape(block_tokens, head_dim)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * sm_scale
+        key_pos = page0 * page_size + offsets
+        valid = key_pos < length
+        if sliding_window is not None:
+            valid &= key_pos >= length - sliding_window
+        s = jnp.where(valid[None, :], s, _MASK_VALUE)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        alpha = jnp.exp(m_prev - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        l_next = alpha * l_prev + p.sum(axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+        return acc * alpha[:, None] + pv, m_next, l_next
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), _MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _compiler_params(blocks: DecodeBlockSizes):
+    return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret",
+                                             "blocks", "num_splits"))
+def paged_decode_attention_kernel(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+    page_table: jax.Array, *, sm_scale: float, sliding_window: int | None = None,
+    interpret: bool = False, blocks: DecodeBlockSizes | None = None,
+    num_splits: int | None = None,
+) -> jax.Array:
+    """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    blocks = blocks or decode_block_sizes(head_dim, page_size)
+    ppb = min(blocks.pages_per_block, pl.next_power_of_2(page_table.shape[1]))
+    num_blocks = pl.cdiv(page_table.shape[1], ppb)
+    splits = num_splits or num_context_splits(num_seqs, num_kv_heads, num_blocks)
+    blocks_per_split = pl.cdiv(num_blocks, splits)
+    pages_per_split = blocks_per_split * ppb
+    padded_pages = splits * pages_per_split
+    # Page ids past a sequence's end are read (then masked): keep them in range.
+    pt = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32)
+    pt = jnp.pad(pt, ((0, 0), (0, padded_pages - pt.shape[1])))
+    rows = max(_MIN_ROWS, pl.next_power_of_2(group))
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    kernel = functools.partial(
+        _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
+        pages_per_split=pages_per_split, sliding_window=sliding_window, precision=precision)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda s, h, c: (s,)),
+            pl.BlockSpec((None, padded_pages), lambda s, h, c: (s, 0)),
+            pl.BlockSpec((None, None, rows, head_dim), lambda s, h, c: (s, h, 0, 0)),
+            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
+            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, c: (s, c, h, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda s, h, c: (s, c, h, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda s, h, c: (s, c, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows), jnp.float32),
+            jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(blocks),
+        name="paged_decode_attention",
+    )(kv_lens.astype(jnp.int32), pt, qg, k_pages, v_pages)
+
+    o = combine_splits(o[..., :group, :], m[..., :group], l[..., :group])
+    return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+
+
+def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial outputs
+                   m: jax.Array,   # f32[S, C, K, G]    running max of each split
+                   l: jax.Array,   # f32[S, C, K, G]    running sum of each split
+                   ) -> jax.Array:  # f32[S, K, G, D]
+    """Merge context splits (log-sum-exp); a row no split saw (l = 0 everywhere) is 0."""
+    m_max = m.max(axis=1, keepdims=True)
+    w = jnp.exp(m - m_max)
+    den = (w * l).sum(axis=1)
+    num = (w[..., None] * o).sum(axis=1)
+    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def paged_decode_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+    page_table: jax.Array, *, sm_scale: float, sliding_window: int | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Entry point. ``impl``: ``auto`` (kernel on GPU, else reference), ``kernel``,
+    ``interpret`` (the kernel through Pallas interpret mode) or ``reference``."""
+    if impl == "auto":
+        impl = "kernel" if on_gpu() else "reference"
+    if impl == "reference":
+        return paged_decode_attention_reference(q, k_pages, v_pages, kv_lens, page_table,
+                                                sm_scale=sm_scale, sliding_window=sliding_window)
+    if impl not in ("kernel", "interpret"):
+        raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
+    return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table,
+                                         sm_scale=sm_scale, sliding_window=sliding_window,
+                                         interpret=impl == "interpret")

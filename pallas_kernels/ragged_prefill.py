@@ -1,0 +1,187 @@
+"""Ragged prefill paged attention: packed query chunks of many sequences over their pages (Pallas, GPU).
+
+The query tokens of all prefill chunks are packed in one array; each chunk
+attends to its sequence's earlier pages (prefix-cache hits and earlier chunks)
+and causally within itself. The work is cut into items of ``block_q`` query
+tokens of one sequence (a chunk of ``n`` tokens gives ``ceil(n / block_q)``
+items); one program serves one (item, kv head) and multiplies all ``G`` query
+heads of that kv head at once (``block_q * G`` rows), so each KV page it
+gathers out of the cache is read once per kv head and item. Blocks of
+``pages_per_block`` pages stream through an online softmax in float32; only
+blocks up to the item's last query position are read (causal), and with a
+sliding window only the blocks inside it.
+
+The item list (sequence, first row, rows, first query position) is computed on
+the device from ``cu_q_lens`` and ``kv_lens`` with a static upper bound of
+``ceil(T / block_q) + S`` items, so the step's shapes never depend on the data.
+
+Backend: Pallas on Triton, for the reasons given in ``paged_decode.py``
+(page-granular gathers by page id, which Triton expresses as pipelined pointer
+loads, and interpret mode on CPU CI).
+
+Sequences whose ``q_len`` is not above ``min_q_len`` are skipped (the ragged
+entry point gives single decode tokens to the decode kernel); their rows of
+the output are left unwritten and must be masked by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.paged_decode import _MASK_VALUE, pltriton
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBlockSizes:
+    block_rows: int        # query rows per program: block_q * G
+    pages_per_block: int   # pages gathered per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+# Tuned on an H100 (benchmarks/kernels.py), keyed by (head_dim, page_size).
+TUNED_PREFILL_BLOCKS: dict[tuple[int, int], PrefillBlockSizes] = {
+    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=8, num_stages=3),
+    (64, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
+}
+_FALLBACK_BLOCKS = PrefillBlockSizes(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2)
+
+
+def prefill_block_sizes(head_dim: int, page_size: int) -> PrefillBlockSizes:
+    return TUNED_PREFILL_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
+
+
+def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_items: int,
+               min_q_len: int) -> jax.Array:
+    """i32[num_items, 4]: (sequence, first packed row, rows, position of the first row)."""
+    num_seqs = kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    blocks = jnp.where(q_lens > min_q_len, pl.cdiv(q_lens, block_q), 0)
+    ends = jnp.cumsum(blocks)
+    starts = ends - blocks
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(ends, item, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+    j = item - starts[seq]
+    valid = item < ends[-1]
+    first_row = cu_q_lens[seq] + j * block_q
+    rows = jnp.where(valid, jnp.minimum(block_q, q_lens[seq] - j * block_q), 0)
+    first_pos = kv_lens[seq] - q_lens[seq] + j * block_q
+    return jnp.stack([seq, first_row, rows, first_pos], axis=1).astype(jnp.int32)
+
+
+def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
+                    page_size: int, pages_per_block: int, block_q: int, group: int,
+                    sliding_window: int | None, precision):
+    # item_ref: i32[4]; pt_ref: i32[P]; q_ref, o_ref: [T, G, D] (this kv head);
+    # k_ref, v_ref: [num_pages, page_size, D]
+    _, _, head_dim = q_ref.shape
+    rows_per_item = block_q * group
+    block_tokens = pages_per_block * page_size
+    first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
+
+    @pl.when(num_rows > 0)
+    def _():
+        row_ids = jnp.arange(block_q, dtype=jnp.int32)
+        row_ok = row_ids < num_rows
+        q = pltriton.load(q_ref.at[pl.ds(first_row, block_q)],
+                          mask=row_ok[:, None, None], other=0.0)
+        q = q.reshape(rows_per_item, head_dim)
+        # query position of each of the block_q * G rows (row r is token r // G)
+        q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group
+        last_pos = first_pos + num_rows - 1
+        num_blocks = pl.cdiv(last_pos + 1, block_tokens)
+        first_block = 0
+        if sliding_window is not None:
+            first_block = jnp.maximum(first_pos - sliding_window + 1, 0) // block_tokens
+        offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+
+        def body(b, carry):
+            acc, m_prev, l_prev = carry
+            ids = pt_ref[pl.ds(b * pages_per_block, pages_per_block)]
+            k = k_ref[ids].reshape(block_tokens, head_dim)
+            v = v_ref[ids].reshape(block_tokens, head_dim)
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32) * sm_scale
+            key_pos = b * block_tokens + offsets
+            valid = key_pos[None, :] <= q_pos[:, None]
+            if sliding_window is not None:
+                valid &= key_pos[None, :] > q_pos[:, None] - sliding_window
+            s = jnp.where(valid, s, _MASK_VALUE)
+            m_next = jnp.maximum(m_prev, s.max(axis=1))
+            alpha = jnp.exp(m_prev - m_next)
+            p = jnp.exp(s - m_next[:, None])
+            p = jnp.where(valid, p, 0.0)   # a row whose keys are all masked in this block adds nothing
+            l_next = alpha * l_prev + p.sum(axis=1)
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 precision=precision, preferred_element_type=jnp.float32)
+            return acc * alpha[:, None] + pv, m_next, l_next
+
+        init = (jnp.zeros((rows_per_item, head_dim), jnp.float32),
+                jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
+                jnp.zeros((rows_per_item,), jnp.float32))
+        acc, _, l = lax.fori_loop(first_block, num_blocks, body, init)
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        out = out.reshape(block_q, group, head_dim).astype(o_ref.dtype)
+        pltriton.store(o_ref.at[pl.ds(first_row, block_q)], out,
+                       mask=row_ok[:, None, None])
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret",
+                                             "blocks", "min_q_len"))
+def ragged_prefill_attention_kernel(
+    q: jax.Array,            # [T, num_q_heads, head_dim]
+    k_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
+    v_pages: jax.Array,
+    kv_lens: jax.Array,      # i32[S]
+    page_table: jax.Array,   # i32[S, P]
+    cu_q_lens: jax.Array,    # i32[S+1]
+    *, sm_scale: float, sliding_window: int | None = None, interpret: bool = False,
+    blocks: PrefillBlockSizes | None = None, min_q_len: int = 0,
+) -> jax.Array:              # [T, num_q_heads, head_dim]; rows of skipped sequences undefined
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_table.shape
+    group = num_q_heads // num_kv_heads
+    blocks = blocks or prefill_block_sizes(head_dim, page_size)
+    group_p = pl.next_power_of_2(group)
+    block_q = max(1, blocks.block_rows // group_p)
+    ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
+    padded_pages = pl.cdiv(pages_per_seq, ppb) * ppb
+    num_items = pl.cdiv(num_tokens, block_q) + num_seqs
+
+    items = work_items(cu_q_lens, kv_lens, block_q=block_q, num_items=num_items,
+                       min_q_len=min_q_len)
+    pt = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32)
+    pt = jnp.pad(pt, ((0, 0), (0, padded_pages - pages_per_seq)))[items[:, 0]]   # [W, P']
+    # [T + block_q, K, Gp, D]: a block of rows may run past the last token.
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, block_q), (0, 0), (0, group_p - group), (0, 0)))
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
+        block_q=block_q, group=group_p, sliding_window=sliding_window, precision=precision)
+    rows_total = num_tokens + block_q
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_items, num_kv_heads),
+        in_specs=[
+            pl.BlockSpec((None, 4), lambda i, h: (i, 0)),
+            pl.BlockSpec((None, padded_pages), lambda i, h: (i, 0)),
+            pl.BlockSpec((rows_total, None, group_p, head_dim), lambda i, h: (0, h, 0, 0)),
+            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),
+            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((rows_total, None, group_p, head_dim), lambda i, h: (0, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows_total, num_kv_heads, group_p, head_dim), q.dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        name="ragged_prefill_attention",
+    )(items, pt, qg, k_pages, v_pages)
+    return out[:num_tokens, :, :group].reshape(num_tokens, num_q_heads, head_dim)
