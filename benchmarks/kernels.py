@@ -247,31 +247,63 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
 
 # ----------------------------------------------------------------------------- prefill
 
-def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048) -> list[dict]:
+def sweep_prefill_blocks(rng, chunk: int) -> tuple[ragged_prefill.PrefillBlockSizes, list[dict]]:
+    """Time the prefill kernel's block sizes on one fresh chunk and four (head_dim 128)."""
+    variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s)
+                for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)]
+    if INTERPRET:
+        variants = variants[:2]
+    rows = []
+    for v in variants:
+        row = dict(block_rows=v.block_rows, pages_per_block=v.pages_per_block,
+                   num_warps=v.num_warps, num_stages=v.num_stages)
+        try:
+            for nseq in (1, 4):
+                row[f"n{nseq}_us"] = _prefill_time(rng, 128, 0, chunk, nseq, v, reference=False)[0] * 1e6
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        rows.append(row)
+    best = min((r for r in rows if "error" not in r), key=lambda r: r["n1_us"] + r["n4_us"])
+    return ragged_prefill.PrefillBlockSizes(best["block_rows"], best["pages_per_block"],
+                                            best["num_warps"], best["num_stages"]), rows
+
+
+def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
+    """Seconds per call of the prefill kernel (and of the reference) on nseq chunks."""
+    length = prefix + chunk
+    pages_per_seq = length // PAGE
+    num_pages = nseq * pages_per_seq * ROTATE
+    k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=prefix + head_dim)
+    tables = jnp.asarray(_page_tables(rng, num_pages, ROTATE, nseq, pages_per_seq))
+    q = jax.random.normal(jax.random.key(3), (nseq * chunk, Q_HEADS, head_dim), jnp.bfloat16)
+    lens = jnp.full((nseq,), length, jnp.int32)
+    cu = jnp.arange(nseq + 1, dtype=jnp.int32) * chunk
+    scale = head_dim ** -0.5
+
+    def run(attn, q, k_pages, v_pages, lens, tables):
+        acc = jnp.zeros(q.shape, jnp.float32)
+        for i in range(ROTATE):
+            acc += attn(q, k_pages, v_pages, lens, tables[i], cu).astype(jnp.float32)
+        return acc
+
+    ours = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=scale,
+                             interpret=INTERPRET, blocks=blocks)
+    args = (q, k_pages, v_pages, lens, tables)
+    t = _median_time(jax.jit(functools.partial(run, ours)), *args) / ROTATE
+    t_ref = float("nan")
+    if reference:
+        ref = functools.partial(ragged_paged_attention_reference, sm_scale=scale)
+        t_ref = _median_time(jax.jit(functools.partial(run, ref)), *args) / ROTATE
+    return t, t_ref
+
+
+def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048,
+                 blocks128=None) -> list[dict]:
     rows = []
     for head_dim in head_dims:
         for prefix, chunk, nseq in ((0, chunk, 1), (chunk, chunk, 1), (0, chunk, 4)):
-            length = prefix + chunk
-            pages_per_seq = length // PAGE
-            num_pages = nseq * pages_per_seq * ROTATE
-            k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=prefix + head_dim)
-            tables = jnp.asarray(_page_tables(rng, num_pages, ROTATE, nseq, pages_per_seq))
-            q = jax.random.normal(jax.random.key(3), (nseq * chunk, Q_HEADS, head_dim), jnp.bfloat16)
-            lens = jnp.full((nseq,), length, jnp.int32)
-            cu = jnp.arange(nseq + 1, dtype=jnp.int32) * chunk
-            scale = head_dim ** -0.5
-
-            def run(attn, q, k_pages, v_pages, lens, tables, cu=cu):
-                acc = jnp.zeros(q.shape, jnp.float32)
-                for i in range(ROTATE):
-                    acc += attn(q, k_pages, v_pages, lens, tables[i], cu).astype(jnp.float32)
-                return acc
-
-            ours = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=scale,
-                                     interpret=INTERPRET)
-            t = _median_time(jax.jit(functools.partial(run, ours)), q, k_pages, v_pages, lens, tables) / ROTATE
-            ref = functools.partial(ragged_paged_attention_reference, sm_scale=scale)
-            t_ref = _median_time(jax.jit(functools.partial(run, ref)), q, k_pages, v_pages, lens, tables) / ROTATE
+            t, t_ref = _prefill_time(rng, head_dim, prefix, chunk, nseq,
+                                     blocks128 if head_dim == 128 else None, reference=True)
             # causal attention FLOPs: QK^T and PV, 2 flops per multiply-add, over the keys each query sees
             keys_seen = nseq * (chunk * prefix + chunk * (chunk + 1) / 2)
             flops = 4 * Q_HEADS * head_dim * keys_seen
@@ -343,7 +375,10 @@ def main(argv=None) -> str:
     print("decode block sweep winner", best, flush=True)
     mem_budget = 0.25 * (dev.memory_stats() or {}).get("bytes_limit", 16e9)
     grid = decode_grid(rng, bandwidth, best, batches, contexts, head_dims, mem_budget)
-    prefill = prefill_rows(rng, matmul, head_dims, chunk=64 if INTERPRET else 2048)
+    chunk = 64 if INTERPRET else 2048
+    best_prefill, prefill_sweep = sweep_prefill_blocks(rng, chunk)
+    print("prefill block sweep winner", best_prefill, flush=True)
+    prefill = prefill_rows(rng, matmul, head_dims, chunk=chunk, blocks128=best_prefill)
     overhead = entry_overhead(rng, best, ((2, 64),) if INTERPRET else ((64, 2048), (256, 512)))
 
     cmd = "python -m benchmarks.kernels" + (" --quick" if args.quick else "") + (
@@ -376,6 +411,12 @@ def main(argv=None) -> str:
                            ("prefix", "cached prefix", "d"), ("chunk", "chunk", "d"), ("us", "µs", ".0f"),
                            ("tflops", "TFLOP/s", ".0f"), ("of_matmul", "of matmul", ".2f"),
                            ("vs_reference", "× reference", ".2f")]),
+          f"Prefill block sizes used (head_dim 128, sweep winner): {best_prefill}.", "",
+          "### Prefill block-size sweep (µs per call, fresh 2048-token chunks, head_dim 128)", "",
+          _table(prefill_sweep, [("block_rows", "rows", "d"), ("pages_per_block", "pages/block", "d"),
+                                 ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
+                                 ("n1_us", "1 chunk µs", ".0f"), ("n4_us", "4 chunks µs", ".0f"),
+                                 ("error", "error", "")]),
           "### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
           _table(overhead, [("batch", "batch", "d"), ("context", "context", "d"), ("entry_us", "entry µs", ".1f"),
                             ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")])]

@@ -103,13 +103,27 @@ def paged_decode_attention_reference(
     return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
-def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   sm_scale: float, page_size: int, pages_per_block: int,
-                   pages_per_split: int, sliding_window: int | None, precision):
-    # lens_ref: i32[1]; pt_ref: i32[P]; q_ref: [R, D]; k_ref, v_ref: [num_pages, page_size, D]
-    # o_ref: f32[R, D]; m_ref, l_ref: f32[R]
-    split = pl.program_id(2)
-    rows, head_dim = q_ref.shape
+def _gather_pages(pages_ref, ids, page_ok, interpret: bool) -> jax.Array:
+    """[n, page_size, D] pages ``ids`` of one kv head; pages not ``page_ok`` are not read (0).
+
+    Interpret mode cannot mask a gather, so there it reads them (their ids are
+    in range) and the caller's score mask removes them.
+    """
+    if interpret:
+        return pages_ref[ids]
+    return pltriton.load(pages_ref.at[ids], mask=page_ok[:, None, None], other=0.0)
+
+
+def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
+                   page_size: int, pages_per_block: int, pages_per_split: int, group: int,
+                   rows: int, sliding_window: int | None, precision, interpret: bool):
+    # lens_ref: i32[1]; pt_ref: i32[P]; q_ref: [num_q_heads, D] (this sequence);
+    # k_ref, v_ref: [num_pages, page_size, D] (this kv head)
+    # out_refs: (o [R, D] normalised,) with one split, else (o f32[R, D], m f32[R], l f32[R])
+    head, split = pl.program_id(1), pl.program_id(2)
+    num_q_heads, head_dim = q_ref.shape
+    num_pages = k_ref.shape[0]
+    pages_per_seq = pt_ref.shape[0]
     block_tokens = pages_per_block * page_size
     length = lens_ref[0]
 
@@ -121,15 +135,22 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
         first_block = jnp.maximum(window_page - first_page, 0) // pages_per_block
     num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
-    q = q_ref[...]
+    # The G query heads of this kv head, padded to `rows` (the smallest dot tile) by the mask.
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    q = pltriton.load(q_ref.at[pl.ds(head * group, rows)], mask=(row_ids < group)[:, None],
+                      other=0.0)
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+    page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
 
     def body(b, carry):
         acc, m_prev, l_prev = carry
         page0 = first_page + b * pages_per_block
-        ids = pt_ref[pl.ds(page0, pages_per_block)]
-        k = k_ref[ids].reshape(block_tokens, head_dim)
-        v = v_ref[ids].reshape(block_tokens, head_dim)
+        page_ok = page0 + page_offsets < end_page
+        ids = pltriton.load(pt_ref.at[pl.ds(page0, pages_per_block)],
+                            mask=page0 + page_offsets < pages_per_seq, other=0)
+        ids = jnp.clip(ids, 0, num_pages - 1)
+        k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+        v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale
         key_pos = page0 * page_size + offsets
@@ -149,9 +170,13 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
             jnp.full((rows,), _MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    if len(out_refs) == 1:
+        out_refs[0][...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_refs[0].dtype)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
 
 
 def _compiler_params(blocks: DecodeBlockSizes):
@@ -169,51 +194,57 @@ def paged_decode_attention_kernel(
     """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference."""
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    pages_per_seq = page_table.shape[1]
     group = num_q_heads // num_kv_heads
     blocks = blocks or decode_block_sizes(head_dim, page_size)
-    ppb = min(blocks.pages_per_block, pl.next_power_of_2(page_table.shape[1]))
-    num_blocks = pl.cdiv(page_table.shape[1], ppb)
+    ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
+    num_blocks = pl.cdiv(pages_per_seq, ppb)
     splits = num_splits or num_context_splits(num_seqs, num_kv_heads, num_blocks)
-    blocks_per_split = pl.cdiv(num_blocks, splits)
-    pages_per_split = blocks_per_split * ppb
-    padded_pages = splits * pages_per_split
-    # Page ids past a sequence's end are read (then masked): keep them in range.
-    pt = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32)
-    pt = jnp.pad(pt, ((0, 0), (0, padded_pages - pt.shape[1])))
+    pages_per_split = pl.cdiv(num_blocks, splits) * ppb
     rows = max(_MIN_ROWS, pl.next_power_of_2(group))
-    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
-        pages_per_split=pages_per_split, sliding_window=sliding_window, precision=precision)
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(num_seqs, num_kv_heads, splits),
-        in_specs=[
-            pl.BlockSpec((1,), lambda s, h, c: (s,)),
-            pl.BlockSpec((None, padded_pages), lambda s, h, c: (s, 0)),
-            pl.BlockSpec((None, None, rows, head_dim), lambda s, h, c: (s, h, 0, 0)),
-            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
-            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
-        ],
-        out_specs=[
+        pages_per_split=pages_per_split, group=group, rows=rows,
+        sliding_window=sliding_window, precision=precision, interpret=interpret)
+    in_specs = [
+        pl.BlockSpec((1,), lambda s, h, c: (s,)),
+        pl.BlockSpec((None, pages_per_seq), lambda s, h, c: (s, 0)),
+        pl.BlockSpec((None, num_q_heads, head_dim), lambda s, h, c: (s, 0, 0)),
+        pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
+        pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
+    ]
+    if splits == 1:   # the kernel normalises and writes the final rows
+        out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda s, h, c: (s, h, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((num_seqs, num_kv_heads, rows, head_dim), q.dtype)
+    else:
+        out_specs = [
             pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, c: (s, c, h, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda s, h, c: (s, c, h, 0)),
             pl.BlockSpec((None, None, None, rows), lambda s, h, c: (s, c, h, 0)),
-        ],
-        out_shape=[
+        ]
+        out_shape = [
             jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows), jnp.float32),
             jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows), jnp.float32),
-        ],
+        ]
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(blocks),
         name="paged_decode_attention",
-    )(kv_lens.astype(jnp.int32), pt, qg, k_pages, v_pages)
+    )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q, k_pages, v_pages)
 
-    o = combine_splits(o[..., :group, :], m[..., :group], l[..., :group])
+    if splits == 1:
+        o = out[:, :, :group]
+    else:
+        o, m, l = out
+        o = combine_splits(o[..., :group, :], m[..., :group], l[..., :group])
     return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
 

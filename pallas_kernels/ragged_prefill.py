@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import _MASK_VALUE, pltriton
+from pallas_kernels.paged_decode import _MASK_VALUE, _gather_pages, pltriton
+
+_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +80,15 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
 
 def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
                     page_size: int, pages_per_block: int, block_q: int, group: int,
-                    sliding_window: int | None, precision):
+                    sliding_window: int | None, precision, interpret: bool):
     # item_ref: i32[4]; pt_ref: i32[P]; q_ref, o_ref: [T, G, D] (this kv head);
     # k_ref, v_ref: [num_pages, page_size, D]
     _, _, head_dim = q_ref.shape
+    num_pages = k_ref.shape[0]
     rows_per_item = block_q * group
     block_tokens = pages_per_block * page_size
     first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
+    scale_log2 = sm_scale * _LOG2E      # scores in log2 units: exp2 instead of exp
 
     @pl.when(num_rows > 0)
     def _():
@@ -96,36 +101,46 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: f
         q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group
         last_pos = first_pos + num_rows - 1
         num_blocks = pl.cdiv(last_pos + 1, block_tokens)
-        first_block = 0
-        if sliding_window is not None:
-            first_block = jnp.maximum(first_pos - sliding_window + 1, 0) // block_tokens
         offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+        page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
 
-        def body(b, carry):
+        def step(b, carry, masked: bool):
             acc, m_prev, l_prev = carry
-            ids = pt_ref[pl.ds(b * pages_per_block, pages_per_block)]
-            k = k_ref[ids].reshape(block_tokens, head_dim)
-            v = v_ref[ids].reshape(block_tokens, head_dim)
+            ids = jnp.clip(pt_ref[pl.ds(b * pages_per_block, pages_per_block)], 0, num_pages - 1)
+            # pages at or before the item's last position; later ones are not read on GPU
+            page_ok = (b * pages_per_block + page_offsets) * page_size <= last_pos
+            k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+            v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * sm_scale
-            key_pos = b * block_tokens + offsets
-            valid = key_pos[None, :] <= q_pos[:, None]
-            if sliding_window is not None:
-                valid &= key_pos[None, :] > q_pos[:, None] - sliding_window
-            s = jnp.where(valid, s, _MASK_VALUE)
+                                preferred_element_type=jnp.float32) * scale_log2
+            if masked:
+                key_pos = b * block_tokens + offsets
+                valid = key_pos[None, :] <= q_pos[:, None]
+                if sliding_window is not None:
+                    valid &= key_pos[None, :] > q_pos[:, None] - sliding_window
+                s = jnp.where(valid, s, _MASK_VALUE)
             m_next = jnp.maximum(m_prev, s.max(axis=1))
-            alpha = jnp.exp(m_prev - m_next)
-            p = jnp.exp(s - m_next[:, None])
-            p = jnp.where(valid, p, 0.0)   # a row whose keys are all masked in this block adds nothing
+            alpha = jnp.exp2(m_prev - m_next)
+            p = jnp.exp2(s - m_next[:, None])
+            if masked:   # a row whose keys are all masked in this block adds nothing
+                p = jnp.where(valid, p, 0.0)
             l_next = alpha * l_prev + p.sum(axis=1)
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  precision=precision, preferred_element_type=jnp.float32)
             return acc * alpha[:, None] + pv, m_next, l_next
 
-        init = (jnp.zeros((rows_per_item, head_dim), jnp.float32),
-                jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
-                jnp.zeros((rows_per_item,), jnp.float32))
-        acc, _, l = lax.fori_loop(first_block, num_blocks, body, init)
+        carry = (jnp.zeros((rows_per_item, head_dim), jnp.float32),
+                 jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
+                 jnp.zeros((rows_per_item,), jnp.float32))
+        if sliding_window is None:
+            # blocks wholly at or before the first query position need no mask
+            full_blocks = (first_pos + 1) // block_tokens
+            carry = lax.fori_loop(0, full_blocks, functools.partial(step, masked=False), carry)
+            first_masked = full_blocks
+        else:
+            first_masked = jnp.maximum(first_pos - sliding_window + 1, 0) // block_tokens
+        acc, _, l = lax.fori_loop(first_masked, num_blocks, functools.partial(step, masked=True),
+                                  carry)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
         out = out.reshape(block_q, group, head_dim).astype(o_ref.dtype)
         pltriton.store(o_ref.at[pl.ds(first_row, block_q)], out,
@@ -165,7 +180,8 @@ def ragged_prefill_attention_kernel(
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
         _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
-        block_q=block_q, group=group_p, sliding_window=sliding_window, precision=precision)
+        block_q=block_q, group=group_p, sliding_window=sliding_window, precision=precision,
+        interpret=interpret)
     rows_total = num_tokens + block_q
     out = pl.pallas_call(
         kernel,

@@ -39,7 +39,8 @@ def _rel(out, ref):
     return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
-MIXED = [(0, 37), (20, 1), (50, 9), (3, 1), (100, 1), (17, 20), (0, 1), (63, 1)]
+# fresh prefill, decodes (incl. length 1), chunks after a cached prefix (150: whole unmasked blocks)
+MIXED = [(0, 37), (20, 1), (50, 9), (3, 1), (100, 1), (17, 20), (0, 1), (63, 1), (150, 20)]
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,window", [
