@@ -200,23 +200,31 @@ def time_decode(fn, inputs) -> float:
 
 
 def sweep_decode_blocks(rng, points) -> tuple[paged_decode.DecodeBlockSizes, list[dict]]:
+    """Time block sizes x split policies; the winner has the least sum of time / best time."""
     rows = []
-    variants = [paged_decode.DecodeBlockSizes(p, w, s)
-                for p in (4, 8, 16) for w in (4, 8) for s in (2, 3, 4)]
+    variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
+                for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
+                for t in (132, 264, 528)]
     if INTERPRET:
         variants = variants[:2]
     inputs = {pt: _decode_inputs(rng, *pt, 128) for pt in points}
+    keys = [f"b{pt[0]}_c{pt[1]}_us" for pt in points]
     for v in variants:
-        row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps, num_stages=v.num_stages)
+        row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps,
+                   num_stages=v.num_stages, min_programs=v.min_programs)
         try:
-            for pt in points:
-                row[f"b{pt[0]}_c{pt[1]}_us"] = time_decode(_ours(v), inputs[pt]) * 1e6
+            for pt, key in zip(points, keys):
+                row[key] = time_decode(_ours(v), inputs[pt]) * 1e6
         except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append(row)
     ok = [r for r in rows if "error" not in r]
-    best = min(ok, key=lambda r: sum(r[f"b{pt[0]}_c{pt[1]}_us"] for pt in points))
-    return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"], best["num_stages"]), rows
+    fastest = {k: min(r[k] for r in ok) for k in keys}
+    for r in ok:
+        r["score"] = sum(r[k] / fastest[k] for k in keys) / len(keys)
+    best = min(ok, key=lambda r: r["score"])
+    return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"],
+                                         best["num_stages"], best["min_programs"]), rows
 
 
 def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
@@ -370,7 +378,7 @@ def main(argv=None) -> str:
         batches, contexts, head_dims, sweep_points = (1, 32), (512, 2048), (128,), [(32, 2048)]
     else:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
-        sweep_points = [(32, 2048), (8, 8192)]
+        sweep_points = [(1, 2048), (32, 2048), (8, 8192)]
     best, sweep = sweep_decode_blocks(rng, sweep_points)
     print("decode block sweep winner", best, flush=True)
     mem_budget = 0.25 * (dev.memory_stats() or {}).get("bytes_limit", 16e9)
@@ -403,7 +411,8 @@ def main(argv=None) -> str:
           f"Decode block sizes used (head_dim 128, sweep winner): {best}.", "",
           "### Decode block-size sweep (µs per call)", "",
           _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
-                         ("num_stages", "stages", "d")]
+                         ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
+                         ("score", "time / best (mean)", ".3f")]
                  + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
                  + [("error", "error", "")]),
           "### Prefill (ragged kernel, causal)", "",

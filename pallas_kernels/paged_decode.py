@@ -42,7 +42,6 @@ from jax.experimental.pallas import triton as pltriton   # Triton backend: loads
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16          # smallest M of a Triton dot tile
-_TARGET_PROGRAMS = 264  # about two programs per H100 SM before splitting the context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +49,7 @@ class DecodeBlockSizes:
     pages_per_block: int   # pages gathered per loop iteration
     num_warps: int
     num_stages: int
+    min_programs: int = 264   # split the context until the grid has this many programs
 
 
 # Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
@@ -65,10 +65,11 @@ def decode_block_sizes(head_dim: int, page_size: int) -> DecodeBlockSizes:
     return TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
 
 
-def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int) -> int:
+def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int,
+                       min_programs: int) -> int:
     """Splits of the context so that small batches still fill the GPU (a power of two)."""
     splits = 1
-    while (num_seqs * num_kv_heads * splits < _TARGET_PROGRAMS
+    while (num_seqs * num_kv_heads * splits < min_programs
            and num_blocks // (splits * 2) >= 2):
         splits *= 2
     return splits
@@ -199,7 +200,8 @@ def paged_decode_attention_kernel(
     blocks = blocks or decode_block_sizes(head_dim, page_size)
     ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
     num_blocks = pl.cdiv(pages_per_seq, ppb)
-    splits = num_splits or num_context_splits(num_seqs, num_kv_heads, num_blocks)
+    splits = num_splits or num_context_splits(num_seqs, num_kv_heads, num_blocks,
+                                              blocks.min_programs)
     pages_per_split = pl.cdiv(num_blocks, splits) * ppb
     rows = max(_MIN_ROWS, pl.next_power_of_2(group))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None

@@ -121,7 +121,8 @@ def ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
         sliding_window=sliding_window, interpret=interpret, min_q_len=1)
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, num_seqs - 1)
+    # the sequence of each row: one fused comparison (searchsorted is a loop of kernels on GPU)
+    seq = jnp.clip((cu_q_lens[None, 1:] <= rows[:, None]).sum(axis=1), 0, num_seqs - 1)
     valid = rows < cu_q_lens[num_seqs]
     out = jnp.where(is_decode[seq][:, None, None], decode_out[seq], prefill_out)
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)

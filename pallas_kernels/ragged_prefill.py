@@ -62,16 +62,22 @@ def prefill_block_sizes(head_dim: int, page_size: int) -> PrefillBlockSizes:
 
 def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_items: int,
                min_q_len: int) -> jax.Array:
-    """i32[num_items, 4]: (sequence, first packed row, rows, position of the first row)."""
+    """i32[num_items, 4]: (sequence, first packed row, rows, position of the first row).
+
+    Items are listed last-first: the items at the end of each chunk, which read
+    the most pages, start first, and the empty padding items come last.
+    """
     num_seqs = kv_lens.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     blocks = jnp.where(q_lens > min_q_len, pl.cdiv(q_lens, block_q), 0)
     ends = jnp.cumsum(blocks)
     starts = ends - blocks
-    item = jnp.arange(num_items, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(ends, item, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+    total = ends[-1]
+    item = total - 1 - jnp.arange(num_items, dtype=jnp.int32)        # reversed; < 0: padding
+    # one fused comparison instead of searchsorted's loop (a loop of kernels on GPU)
+    seq = jnp.minimum((ends[None, :] <= item[:, None]).sum(axis=1), num_seqs - 1).astype(jnp.int32)
     j = item - starts[seq]
-    valid = item < ends[-1]
+    valid = item >= 0
     first_row = cu_q_lens[seq] + j * block_q
     rows = jnp.where(valid, jnp.minimum(block_q, q_lens[seq] - j * block_q), 0)
     first_pos = kv_lens[seq] - q_lens[seq] + j * block_q
@@ -80,25 +86,27 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
 
 def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
                     page_size: int, pages_per_block: int, block_q: int, group: int,
-                    sliding_window: int | None, precision, interpret: bool):
-    # item_ref: i32[4]; pt_ref: i32[P]; q_ref, o_ref: [T, G, D] (this kv head);
-    # k_ref, v_ref: [num_pages, page_size, D]
+                    group_rows: int, sliding_window: int | None, precision, interpret: bool):
+    # item_ref: i32[4]; pt_ref: i32[P]; q_ref, o_ref: [T, num_q_heads, D];
+    # k_ref, v_ref: [num_pages, page_size, D] (this kv head)
     _, _, head_dim = q_ref.shape
+    head = pl.program_id(1)
     num_pages = k_ref.shape[0]
-    rows_per_item = block_q * group
+    rows_per_item = block_q * group_rows
     block_tokens = pages_per_block * page_size
     first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
     scale_log2 = sm_scale * _LOG2E      # scores in log2 units: exp2 instead of exp
 
     @pl.when(num_rows > 0)
     def _():
-        row_ids = jnp.arange(block_q, dtype=jnp.int32)
-        row_ok = row_ids < num_rows
-        q = pltriton.load(q_ref.at[pl.ds(first_row, block_q)],
-                          mask=row_ok[:, None, None], other=0.0)
+        # rows: block_q tokens x the G query heads of this kv head (padded to group_rows)
+        io_mask = ((jnp.arange(block_q, dtype=jnp.int32) < num_rows)[:, None, None]
+                   & (jnp.arange(group_rows, dtype=jnp.int32) < group)[None, :, None])
+        io_ref = (pl.ds(first_row, block_q), pl.ds(head * group, group_rows))
+        q = pltriton.load(q_ref.at[io_ref], mask=io_mask, other=0.0)
         q = q.reshape(rows_per_item, head_dim)
-        # query position of each of the block_q * G rows (row r is token r // G)
-        q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group
+        # query position of each row (row r is token r // group_rows)
+        q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group_rows
         last_pos = first_pos + num_rows - 1
         num_blocks = pl.cdiv(last_pos + 1, block_tokens)
         offsets = jnp.arange(block_tokens, dtype=jnp.int32)
@@ -142,9 +150,8 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: f
         acc, _, l = lax.fori_loop(first_masked, num_blocks, functools.partial(step, masked=True),
                                   carry)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        out = out.reshape(block_q, group, head_dim).astype(o_ref.dtype)
-        pltriton.store(o_ref.at[pl.ds(first_row, block_q)], out,
-                       mask=row_ok[:, None, None])
+        out = out.reshape(block_q, group_rows, head_dim).astype(o_ref.dtype)
+        pltriton.store(o_ref.at[io_ref], out, mask=io_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret",
@@ -172,32 +179,29 @@ def ragged_prefill_attention_kernel(
 
     items = work_items(cu_q_lens, kv_lens, block_q=block_q, num_items=num_items,
                        min_q_len=min_q_len)
-    pt = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32)
-    pt = jnp.pad(pt, ((0, 0), (0, padded_pages - pages_per_seq)))[items[:, 0]]   # [W, P']
-    # [T + block_q, K, Gp, D]: a block of rows may run past the last token.
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, block_q), (0, 0), (0, group_p - group), (0, 0)))
+    pt = page_table.astype(jnp.int32)
+    if padded_pages != pages_per_seq:
+        pt = jnp.pad(pt, ((0, 0), (0, padded_pages - pages_per_seq)))
+    pt = pt[items[:, 0]]                                             # [W, P']
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
         _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
-        block_q=block_q, group=group_p, sliding_window=sliding_window, precision=precision,
-        interpret=interpret)
-    rows_total = num_tokens + block_q
-    out = pl.pallas_call(
+        block_q=block_q, group=group, group_rows=group_p, sliding_window=sliding_window,
+        precision=precision, interpret=interpret)
+    return pl.pallas_call(
         kernel,
         grid=(num_items, num_kv_heads),
         in_specs=[
             pl.BlockSpec((None, 4), lambda i, h: (i, 0)),
             pl.BlockSpec((None, padded_pages), lambda i, h: (i, 0)),
-            pl.BlockSpec((rows_total, None, group_p, head_dim), lambda i, h: (0, h, 0, 0)),
+            pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda i, h: (0, 0, 0)),
             pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),
             pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((rows_total, None, group_p, head_dim), lambda i, h: (0, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows_total, num_kv_heads, group_p, head_dim), q.dtype),
+        out_specs=pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda i, h: (0, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         name="ragged_prefill_attention",
-    )(items, pt, qg, k_pages, v_pages)
-    return out[:num_tokens, :, :group].reshape(num_tokens, num_q_heads, head_dim)
+    )(items, pt, q, k_pages, v_pages)
