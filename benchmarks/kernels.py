@@ -20,7 +20,7 @@ One run (one device call) does, on the default device:
 Each timed call rotates over several page tables drawn from a pool larger
 than the L2 cache, so repeated calls do not read KV out of the cache.
 
-    python -m benchmarks.kernels [--out benchmarks/results/kernels_h100.md] [--quick]
+    python -m benchmarks.kernels [--out benchmarks/results/kernels_h100.md] [--quick] [--sweep none|small|full]
     jaxdyn bench kernels [...]
 """
 
@@ -199,12 +199,20 @@ def time_decode(fn, inputs) -> float:
     return _median_time(_rotating(fn), *inputs) / ROTATE
 
 
-def sweep_decode_blocks(rng, points) -> tuple[paged_decode.DecodeBlockSizes, list[dict]]:
+def sweep_decode_blocks(rng, points, full: bool = False, variants=None
+                        ) -> tuple[paged_decode.DecodeBlockSizes, list[dict]]:
     """Time block sizes x split policies; the winner has the least sum of time / best time."""
     rows = []
-    variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
-                for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
-                for t in (132, 264, 528)]
+    if variants is not None:
+        pass
+    elif full:
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
+                    for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
+                    for t in (132, 264, 528)]
+    else:   # around the tuned entry
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
+                    for p, w, s, t in ((8, 4, 3, 264), (4, 4, 3, 264), (8, 8, 3, 264), (8, 4, 2, 264),
+                                       (8, 4, 3, 132), (8, 4, 3, 528))]
     if INTERPRET:
         variants = variants[:2]
     inputs = {pt: _decode_inputs(rng, *pt, 128) for pt in points}
@@ -255,10 +263,16 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
 
 # ----------------------------------------------------------------------------- prefill
 
-def sweep_prefill_blocks(rng, chunk: int) -> tuple[ragged_prefill.PrefillBlockSizes, list[dict]]:
+def sweep_prefill_blocks(rng, chunk: int, full: bool = False
+                         ) -> tuple[ragged_prefill.PrefillBlockSizes, list[dict]]:
     """Time the prefill kernel's block sizes on one fresh chunk and four (head_dim 128)."""
-    variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s)
-                for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)]
+    if full:
+        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s)
+                    for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)]
+    else:   # around the tuned entry
+        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s)
+                    for r, p, w, s in ((128, 4, 8, 3), (128, 8, 8, 3), (128, 4, 4, 3), (64, 4, 4, 3),
+                                       (128, 4, 8, 2), (128, 2, 8, 3))]
     if INTERPRET:
         variants = variants[:2]
     rows = []
@@ -357,20 +371,45 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="write the markdown report here")
+    ap.add_argument("--out", help="write the markdown report here (rewritten after every section)")
     ap.add_argument("--quick", action="store_true", help="a small grid (smoke run)")
+    ap.add_argument("--sweep", choices=("none", "small", "full"), default="small",
+                    help="block-size sweeps: none (use the tuned tables), small, full")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
     started = time.time()
+    cmd = "python -m benchmarks.kernels" + (" --quick" if args.quick else "") + (
+        f" --sweep {args.sweep}" if args.sweep != "small" else "") + (
+        f" --out {args.out}" if args.out else "")
+    md: list[str] = []
+
+    def emit(*lines: str) -> None:
+        """Add report lines and rewrite the report, so a run cut short keeps what it measured."""
+        md.extend(lines)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(md) + "\n")
 
     bandwidth = measure_bandwidth(0.25 if INTERPRET else 0.5 if args.quick else 4.0)
     matmul = measure_matmul(512 if INTERPRET else 2048 if args.quick else 8192)
     print(f"HBM {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
+    emit(f"## Paged-attention kernels — {datetime.date.today().isoformat()}", "",
+         f"Device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, Python "
+         f"{platform.python_version()}. Command: `{cmd}`.", "",
+         f"Measured in the same run: HBM bandwidth **{bandwidth / 1e12:.2f} TB/s** (donated in-place "
+         f"`x + 1` over 4 GiB, read + write); bf16 matmul **{matmul / 1e12:.0f} TFLOP/s** (8192³).", "",
+         f"Decode: {Q_HEADS} query / {KV_HEADS} kv heads, page {PAGE}, bf16 KV, every sequence at the "
+         f"given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × 2 B. "
+         f"Each timed call reads pages of one of {ROTATE} shuffled page tables (rotating past the L2).", "")
 
     correctness = check_correctness(rng)
     for r in correctness:
         print("correctness", r, flush=True)
+    emit("### Correctness (bf16 kernels vs the float32 reference on the same bf16 inputs)", "",
+         _table(correctness, [("case", "case", ""), ("head_dim", "head_dim", "d"), ("seqs", "seqs", "d"),
+                              ("max_len", "max len", "d"), ("rel_err", "rel err", ".2e"),
+                              ("nan", "NaN", ""), ("padding_zero", "padding rows 0", "")]))
 
     if INTERPRET:   # CPU dry run: the script's logic at toy sizes
         batches, contexts, head_dims, sweep_points = (2,), (64,), (128,), [(2, 64)]
@@ -379,60 +418,50 @@ def main(argv=None) -> str:
     else:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
         sweep_points = [(1, 2048), (32, 2048), (8, 8192)]
-    best, sweep = sweep_decode_blocks(rng, sweep_points)
-    print("decode block sweep winner", best, flush=True)
+
+    best = paged_decode.decode_block_sizes(128, PAGE)
+    if args.sweep != "none":
+        best, sweep = sweep_decode_blocks(rng, sweep_points, full=args.sweep == "full")
+        print("decode block sweep winner", best, flush=True)
+        emit("### Decode block-size sweep (µs per call)", "",
+             _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
+                            ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
+                            ("score", "time / best (mean)", ".3f")]
+                    + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
+                    + [("error", "error", "")]))
     mem_budget = 0.25 * (dev.memory_stats() or {}).get("bytes_limit", 16e9)
     grid = decode_grid(rng, bandwidth, best, batches, contexts, head_dims, mem_budget)
-    chunk = 64 if INTERPRET else 2048
-    best_prefill, prefill_sweep = sweep_prefill_blocks(rng, chunk)
-    print("prefill block sweep winner", best_prefill, flush=True)
-    prefill = prefill_rows(rng, matmul, head_dims, chunk=chunk, blocks128=best_prefill)
-    overhead = entry_overhead(rng, best, ((2, 64),) if INTERPRET else ((64, 2048), (256, 512)))
+    emit("### Decode", "",
+         _table(grid, [("batch", "batch", "d"), ("context", "context", "d"), ("head_dim", "head_dim", "d"),
+                       ("us", "µs", ".1f"), ("kv_gbs", "KV GB/s", ".0f"), ("of_bw", "of HBM bw", ".2f"),
+                       ("bundled_us", "bundled µs", ".1f"), ("vs_bundled", "× bundled", ".2f"),
+                       ("vs_reference", "× reference", ".2f")]),
+         f"Decode block sizes used (head_dim 128): {best}.", "")
 
-    cmd = "python -m benchmarks.kernels" + (" --quick" if args.quick else "") + (
-        f" --out {args.out}" if args.out else "")
-    md = [f"## Paged-attention kernels — {datetime.date.today().isoformat()}", "",
-          f"Device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, Python "
-          f"{platform.python_version()}. Command: `{cmd}` ({time.time() - started:.0f} s).", "",
-          f"Measured in the same run: HBM bandwidth **{bandwidth / 1e12:.2f} TB/s** (donated in-place "
-          f"`x + 1` over 4 GiB, read + write); bf16 matmul **{matmul / 1e12:.0f} TFLOP/s** (8192³).", "",
-          f"Decode: {Q_HEADS} query / {KV_HEADS} kv heads, page {PAGE}, bf16 KV, every sequence at the "
-          f"given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × 2 B. "
-          f"Each timed call reads pages of one of {ROTATE} shuffled page tables (rotating past the L2).", "",
-          "### Correctness (bf16 kernels vs the float32 reference on the same bf16 inputs)", "",
-          _table(correctness, [("case", "case", ""), ("head_dim", "head_dim", "d"), ("seqs", "seqs", "d"),
-                               ("max_len", "max len", "d"), ("rel_err", "rel err", ".2e"),
-                               ("nan", "NaN", ""), ("padding_zero", "padding rows 0", "")]),
-          "### Decode", "",
-          _table(grid, [("batch", "batch", "d"), ("context", "context", "d"), ("head_dim", "head_dim", "d"),
-                        ("us", "µs", ".1f"), ("kv_gbs", "KV GB/s", ".0f"), ("of_bw", "of HBM bw", ".2f"),
-                        ("bundled_us", "bundled µs", ".1f"), ("vs_bundled", "× bundled", ".2f"),
-                        ("vs_reference", "× reference", ".2f")]),
-          f"Decode block sizes used (head_dim 128, sweep winner): {best}.", "",
-          "### Decode block-size sweep (µs per call)", "",
-          _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
-                         ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
-                         ("score", "time / best (mean)", ".3f")]
-                 + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
-                 + [("error", "error", "")]),
-          "### Prefill (ragged kernel, causal)", "",
-          _table(prefill, [("head_dim", "head_dim", "d"), ("sequences", "sequences", "d"),
-                           ("prefix", "cached prefix", "d"), ("chunk", "chunk", "d"), ("us", "µs", ".0f"),
-                           ("tflops", "TFLOP/s", ".0f"), ("of_matmul", "of matmul", ".2f"),
-                           ("vs_reference", "× reference", ".2f")]),
-          f"Prefill block sizes used (head_dim 128, sweep winner): {best_prefill}.", "",
-          "### Prefill block-size sweep (µs per call, fresh 2048-token chunks, head_dim 128)", "",
-          _table(prefill_sweep, [("block_rows", "rows", "d"), ("pages_per_block", "pages/block", "d"),
-                                 ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
-                                 ("n1_us", "1 chunk µs", ".0f"), ("n4_us", "4 chunks µs", ".0f"),
-                                 ("error", "error", "")]),
-          "### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
-          _table(overhead, [("batch", "batch", "d"), ("context", "context", "d"), ("entry_us", "entry µs", ".1f"),
-                            ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")])]
+    chunk = 64 if INTERPRET else 2048
+    best_prefill = ragged_prefill.prefill_block_sizes(128, PAGE)
+    if args.sweep != "none":
+        best_prefill, prefill_sweep = sweep_prefill_blocks(rng, chunk, full=args.sweep == "full")
+        print("prefill block sweep winner", best_prefill, flush=True)
+        emit("### Prefill block-size sweep (µs per call, fresh 2048-token chunks, head_dim 128)", "",
+             _table(prefill_sweep, [("block_rows", "rows", "d"), ("pages_per_block", "pages/block", "d"),
+                                    ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
+                                    ("n1_us", "1 chunk µs", ".0f"), ("n4_us", "4 chunks µs", ".0f"),
+                                    ("error", "error", "")]))
+    prefill = prefill_rows(rng, matmul, head_dims, chunk=chunk, blocks128=best_prefill)
+    emit("### Prefill (ragged kernel, causal)", "",
+         _table(prefill, [("head_dim", "head_dim", "d"), ("sequences", "sequences", "d"),
+                          ("prefix", "cached prefix", "d"), ("chunk", "chunk", "d"), ("us", "µs", ".0f"),
+                          ("tflops", "TFLOP/s", ".0f"), ("of_matmul", "of matmul", ".2f"),
+                          ("vs_reference", "× reference", ".2f")]),
+         f"Prefill block sizes used (head_dim 128): {best_prefill}.", "")
+
+    overhead = entry_overhead(rng, best, ((2, 64),) if INTERPRET else ((64, 2048), (256, 512)))
+    emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
+         _table(overhead, [("batch", "batch", "d"), ("context", "context", "d"), ("entry_us", "entry µs", ".1f"),
+                           ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")]),
+         f"Whole run: {time.time() - started:.0f} s.")
     report = "\n".join(md)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
     print(report)
     return report
 

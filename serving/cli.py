@@ -182,6 +182,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.bench_command == "kernels":
+        from benchmarks import kernels
+        kernels.main(args.bench_args)
+        return 0
+    raise CLIError(f"unknown benchmark {args.bench_command!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxdyn", description="JAX/XLA-compiled LLM inference server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -226,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info")
     _engine_args(sv)
     sv.set_defaults(func=cmd_serve)
+
+    bn = sub.add_parser("bench", help="benchmarks")
+    bsub = bn.add_subparsers(dest="bench_command", required=True)
+    bk = bsub.add_parser("kernels", help="Pallas paged-attention kernels vs the reference, JAX's "
+                         "bundled op and the HBM / matmul ceilings (python -m benchmarks.kernels)",
+                         add_help=False)
+    bk.add_argument("bench_args", nargs=argparse.REMAINDER,
+                    help="arguments of benchmarks.kernels (--out, --quick, --sweep)")
+    bk.set_defaults(func=cmd_bench)
     return p
 
 

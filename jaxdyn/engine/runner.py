@@ -183,6 +183,8 @@ class ModelRunner:
         self.token_pages = jax.device_put(
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
         self.token_buckets, self.page_buckets = config.buckets()
+        if self.token_buckets[0] < 4:   # row 5 of the packed token buffer carries 4 step flags
+            raise ValueError(f"token buckets must be at least 4, got {self.token_buckets[0]}")
         self.max_rows = config.max_num_seqs
         self.prev_sampled = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
         self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
@@ -256,6 +258,10 @@ class ModelRunner:
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
 
+    def executable(self, t: int, p: int) -> jax.stages.Compiled:
+        """The compiled step of bucket (tokens t, pages p); compiles it if warm-up did not."""
+        return self._compile(t, p)
+
     def _compile(self, t: int, p: int) -> jax.stages.Compiled:
         if (t, p) not in self._compiled:
             s = self.config.seqs_for(t)
@@ -290,6 +296,17 @@ class ModelRunner:
 
     def execute(self, work: Sequence[SequenceWork]) -> StepHandle:
         """Dispatch one step; returns at once with a handle to its results."""
+        t, p, host_arrays, want_lp = self.pack(work)
+        args = jax.device_put(host_arrays, self._replicated)
+        compiled = self._compile(t, p)
+        (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
+            self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
+        self.prev_sampled = sampled
+        return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp)
+
+    def pack(self, work: Sequence[SequenceWork]
+             ) -> tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
+        """The step's bucket (tokens, pages), its three host buffers, and whether it wants logprobs."""
         if not work:
             raise ValueError("a step needs at least one sequence")
         cfg, page_size = self.config, self.config.page_size
@@ -367,13 +384,7 @@ class ModelRunner:
         if (used >= cfg.num_pages).any() or (used < 0).any():
             raise ValueError(f"page id out of range [0, {cfg.num_pages})")
         tok[5, :4] = (use_pen, use_filt, use_rand, want_lp)
-
-        args = jax.device_put((tok, seqi, seqf), self._replicated)
-        compiled = self._compile(t, p)
-        (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
-            self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
-        self.prev_sampled = sampled
-        return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp)
+        return t, p, (tok, seqi, seqf), want_lp
 
     def step(self, work: Sequence[SequenceWork]) -> StepOutput:
         """Dispatch one step and wait for it (greedy unless the work says otherwise)."""

@@ -34,6 +34,13 @@ def _batch(rng, seqs, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, 
     return (*arrays, jnp.asarray(kv_lens), jnp.asarray(page_table), jnp.asarray(cu)), num_tokens
 
 
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+    # On GPU a float32 dot defaults to TF32 (~1e-3): the float32 reference must not.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _rel(out, ref):
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     return np.linalg.norm(out - ref) / np.linalg.norm(ref)

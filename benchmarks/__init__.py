@@ -1,0 +1,1 @@
+"""Benchmark scripts; each prints ratios to a reference run or to the hardware limit."""
