@@ -1,0 +1,130 @@
+"""Where a decode step's device time goes: GPU kernel time by kernel, from a JAX profiler trace.
+
+For each (batch, context) point it runs a few compiled steps of the model
+(random bf16 weights, as ``benchmarks/gpu/step.py``) under
+``jax.profiler.trace(..., create_perfetto_trace=True)``, reads the Perfetto
+JSON it writes, and prints the GPU kernels that take the most time per step,
+grouped by kernel name, with their share of the step. It also saves the
+optimised HLO of each step (``--hlo-dir``) to read for copies and fusions.
+
+    python -m benchmarks.gpu.profile_step --model llama-3.1-8b --points 8x2048,64x2048 [--hlo-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.gpu.step import PAGE, _fill_kv_random
+from checkpoints.loader import load_model
+from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
+    """({kernel name: total µs}, GPU span µs) from the Perfetto trace under ``trace_dir``."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and re.search(r"/device:GPU|GPU:|stream", str(e.get("args", {}).get("name", "")))}
+    # a GPU's timeline has stream lines (kernels) beside summary lines (XLA modules / ops):
+    # count the stream lines only, so nothing is counted twice
+    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {k for k, v in threads.items() if "stream" in v.lower()}
+    print("GPU timeline lines:", sorted(set(threads.values())), flush=True)
+    totals: dict[str, float] = collections.defaultdict(float)
+    start, end = float("inf"), 0.0
+    for e in events:
+        if (e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e
+                and (not streams or (e["pid"], e.get("tid")) in streams)):
+            name = re.sub(r"[._]\d+$", "", e["name"])
+            totals[name] += float(e["dur"])
+            start, end = min(start, float(e["ts"])), max(end, float(e["ts"]) + float(e["dur"]))
+    return dict(totals), end - start
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--points", default="8x2048,64x2048", help="batch x context, comma-separated")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--hlo-dir", default=None, help="write each step's optimised HLO here (gzip)")
+    ap.add_argument("--argmax-sampler", action="store_true",
+                    help="experiment: replace the sampler (its lax.cond branches) by a plain argmax")
+    args = ap.parse_args(argv)
+    if args.argmax_sampler:
+        import jax.numpy as jnp
+        from jaxdyn.engine import runner as runner_module
+        from jaxdyn.engine.sampling_params import MAX_LOGPROBS
+
+        def argmax_only(logits, history_fn, s):
+            S = logits.shape[0]
+            ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return (ids, jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
+                    jnp.zeros((S, MAX_LOGPROBS), jnp.float32))
+        runner_module.sample = argmax_only
+    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    mesh, loaded, _ = load_model(args.model, load_format="dummy", dtype="bfloat16")
+    cfg = loaded.config
+    rng = np.random.default_rng(0)
+    pages_per = {c: -(-(c + 1) // PAGE) for _, c in points}
+    num_pages = max(b * pages_per[c] for b, c in points) + 1
+    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
+        page_size=PAGE, num_pages=num_pages, max_num_batched_tokens=max(max(b, 8) for b, _ in points),
+        max_num_seqs=max(b for b, _ in points), max_model_len=max(pages_per.values()) * PAGE,
+        token_buckets=tuple(sorted({max(b, 8) for b, _ in points})),
+        page_buckets=tuple(sorted(set(pages_per.values())))))
+    _fill_kv_random(runner)
+    for b, c in points:
+        perm = rng.permutation(num_pages - 1)[:b * pages_per[c]].reshape(b, pages_per[c])
+        work = [SequenceWork(token_ids=[int(rng.integers(0, cfg.vocab_size))], num_computed=c,
+                             page_ids=perm[i].tolist()) for i in range(b)]
+        t, p, host, _ = runner.pack(work)
+        exe = runner.executable(t, p)
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with gzip.open(os.path.join(args.hlo_dir, f"{args.model}_b{b}_c{c}.hlo.txt.gz"), "wt") as f:
+                f.write(exe.as_text())
+        dev_args = jax.device_put(host, runner._replicated)
+        kv, tp = runner.kv_cache, runner.token_pages
+        for _ in range(3):
+            kv, tp, *_ = exe(runner.state, kv, tp, runner.prev_sampled, *dev_args)
+        jax.block_until_ready(kv)
+        # host time to dispatch a step (no wait) and wall time per step, outside the profiler
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            kv, tp, sampled, *_ = exe(runner.state, kv, tp, runner.prev_sampled, *dev_args)
+        dispatch = (time.perf_counter() - t0) / args.steps
+        jax.block_until_ready(sampled)
+        wall = (time.perf_counter() - t0) / args.steps
+        trace_dir = tempfile.mkdtemp()
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                kv, tp, sampled, *_ = exe(runner.state, kv, tp, runner.prev_sampled, *dev_args)
+            jax.block_until_ready(sampled)
+        runner.kv_cache, runner.token_pages = kv, tp
+        totals, span = kernel_times(trace_dir)
+        busy = sum(totals.values())
+        print(f"\n{args.model} batch {b} context {c}: wall {wall * 1e3:.2f} ms/step, host dispatch "
+              f"{dispatch * 1e3:.2f} ms/step; profiled: GPU span {span / args.steps / 1e3:.2f} ms/step, "
+              f"kernels busy {busy / args.steps / 1e3:.2f} ms/step", flush=True)
+        print("| kernel | µs / step | share of busy |\n|---|---:|---:|")
+        for name, us in sorted(totals.items(), key=lambda kv_: -kv_[1])[:args.top]:
+            print(f"| {name[:90]} | {us / args.steps:.1f} | {us / busy:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
