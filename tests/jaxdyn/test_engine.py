@@ -264,7 +264,8 @@ def test_async_engine_streams_and_aborts_on_early_exit(engine):
                 deltas.extend(out.outputs[0].delta_token_ids)
                 last = out
             assert last.finished and deltas == last.outputs[0].token_ids and len(deltas) == 12
-            # Leaving the loop early aborts the request.
+            # Leaving the loop early aborts the request (it would run 100 steps on its own).
+            aborts = engine.metrics.requests_finished.get("abort", 0)
             gen = eng.generate([256, 3, 4], SamplingParams(max_tokens=100, ignore_eos=True), "early")
             async for out in gen:
                 break
@@ -274,6 +275,16 @@ def test_async_engine_streams_and_aborts_on_early_exit(engine):
                     break
                 await asyncio.sleep(0.01)
             assert not engine.requests
+            assert engine.metrics.requests_finished.get("abort", 0) == aborts + 1
+            # abort(request_id) ends a stream that is still being read, with finish_reason "abort".
+            outs = []
+            async for out in eng.generate([256, 9, 9], SamplingParams(max_tokens=100, ignore_eos=True), "byid"):
+                outs.append(out)
+                if len(outs) == 1:
+                    eng.abort("byid")
+            assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+            assert len(outs[-1].outputs[0].token_ids) < 100
+            assert engine.metrics.requests_finished.get("abort", 0) == aborts + 2
             # A bad request fails its own stream only.
             with pytest.raises(RequestError):
                 async for _ in eng.generate([], p, "bad"):
@@ -293,3 +304,57 @@ def test_llm_text_prompts_and_progress(ckpt):
         c = o.outputs[0]
         assert len(c.token_ids) == 6 and c.text == llm.tokenizer.decode(c.token_ids)
     assert llm.engine.allocator.num_in_use == 0
+
+
+def _reference_greedy_with_penalties(model, prompt, n, *, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding over transformers' logits with vLLM's penalties applied in numpy:
+    repetition over prompt + output, presence and frequency over the output only."""
+    import torch
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].double().numpy()
+            seen = np.zeros_like(logits, bool)
+            seen[ids] = True
+            logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
+            counts = np.bincount(out, minlength=logits.size)[:logits.size].astype(np.float64)
+            logits = logits - frequency * counts - presence * (counts > 0)
+            out.append(int(np.argmax(logits)))
+            ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.8), dict(presence_penalty=1.5),
+                                       dict(frequency_penalty=0.9),
+                                       dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4)],
+                         ids=["repetition", "presence", "frequency", "all"])
+def test_penalties_in_the_engine_match_a_reference(engine, ckpt, penalties):
+    ref = hf_model(ckpt)
+    prompts = {"a": [256, 5, 6, 5, 6, 5], "b": [7] * 20 + list(range(40, 50))}
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, **penalties)
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = run(engine, {**{k: (v, p) for k, v in prompts.items()},
+                       **{k + "-plain": (v, plain) for k, v in prompts.items()}})
+    kw = dict(presence=penalties.get("presence_penalty", 0.0), frequency=penalties.get("frequency_penalty", 0.0),
+              repetition=penalties.get("repetition_penalty", 1.0))
+    for k, prompt in prompts.items():
+        expected = _reference_greedy_with_penalties(ref, prompt, 12, **kw)
+        assert out[k].outputs[0].token_ids == expected
+        assert out[k + "-plain"].outputs[0].token_ids == hf_greedy(ref, prompt, 12)[0]
+    # the penalties change something on this workload (else this test shows nothing)
+    assert any(out[k].outputs[0].token_ids != out[k + "-plain"].outputs[0].token_ids for k in prompts)
+
+
+def test_min_p_one_and_top_k_one_sample_the_argmax(engine, ckpt):
+    ref = hf_model(ckpt)
+    prompt = [256, 11, 12, 13]
+    greedy = hf_greedy(ref, prompt, 10)[0]
+    reqs = {f"{name}-{seed}": (prompt, SamplingParams(temperature=1.5, max_tokens=10, ignore_eos=True, seed=seed, **kw))
+            for seed in range(3) for name, kw in (("minp", dict(min_p=1.0)), ("topk", dict(top_k=1)),
+                                                   ("topp", dict(top_p=1e-6)))}
+    reqs["free"] = (prompt, SamplingParams(temperature=1.5, max_tokens=10, ignore_eos=True, seed=0))
+    out = run(engine, reqs)
+    for k in reqs:
+        if k != "free":
+            assert out[k].outputs[0].token_ids == greedy, k
+    assert out["free"].outputs[0].token_ids != greedy   # temperature 1.5 alone does sample
