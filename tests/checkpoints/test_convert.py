@@ -128,3 +128,32 @@ def test_quantize_error_is_bounded_per_channel(kind, tol):
     q, s = quantize(w, kind)
     err = np.abs(q.astype(np.float32) * s - w).max(axis=0) / np.abs(w).max(axis=0)
     assert (err <= tol).all()
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_fp8_checkpoint_runs_the_model_close_to_full_precision(hf, tmp_path, tp):
+    out = str(tmp_path / "fp8")
+    convert(hf, out, dtype="float32", quant="fp8", progress=False)
+    mesh = make_mesh(tp)
+    q = load_converted(out, mesh)
+    assert q.config.quantization == "fp8"
+    assert q.state["layers"][0]["mlp"]["up_proj"]["kernel"].dtype == jnp.float8_e4m3fn
+    full = load_hf_checkpoint(hf, mesh, dtype=jnp.float32)
+    a, b = logits_of(q, mesh), logits_of(full, mesh)
+    err = np.abs(a - b).max() / np.abs(b).max()
+    assert 0 < err < 0.15      # quantized (not equal), and close
+
+
+def test_engine_serves_a_converted_directory_like_the_hf_one(hf, tmp_path):
+    from jaxdyn import LLM, SamplingParams
+    out = str(tmp_path / "conv")
+    convert(hf, out, dtype="float32", progress=False)
+    kw = dict(dtype="float32", num_pages=16, max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64)
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[256, 5, 6, 7], [256, 40, 41]]
+    a = LLM(out, **kw)
+    b = LLM(hf, **kw)
+    assert a.tokenizer is not None and a.engine.load_info["weight_bytes"] == b.engine.load_info["weight_bytes"]
+    ta = [o.outputs[0].token_ids for o in a.generate(prompts, p, use_tqdm=False)]
+    tb = [o.outputs[0].token_ids for o in b.generate(prompts, p, use_tqdm=False)]
+    assert ta == tb and all(len(t) == 8 for t in ta)

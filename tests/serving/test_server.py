@@ -228,7 +228,9 @@ def test_sixty_four_concurrent_streams_match_one_by_one_and_disconnects_free_pag
 
     async def one(h, prompt, cut=False):
         toks = []
-        async with h.stream("POST", "/v1/completions", json={**params, "prompt": prompt}) as r:
+        # a stream cut midway asks for 100 tokens: it can only end early by being aborted
+        body = {**params, "prompt": prompt, **({"max_tokens": 100} if cut else {})}
+        async with h.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
@@ -244,12 +246,90 @@ def test_sixty_four_concurrent_streams_match_one_by_one_and_disconnects_free_pag
             return await asyncio.gather(*[one(h, p, cut=(i % 4 == 0)) for i, p in enumerate(prompts)])
 
     alone = asyncio.run(run(False))
+    aborted = _abort_count(server)
     together = asyncio.run(run(True))
     for i, (a, b) in enumerate(zip(alone, together)):
         if i % 4:
             assert a == b, i
     assert sum(x is None for x in together) == 16
+    _wait_idle(server)
+    assert _abort_count(server) - aborted == 16       # each disconnect aborted its request
     # the fixture checks that every page came back
+
+
+def _abort_count(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "jaxdyn:request_success_total" and smp.labels.get("finished_reason") == "abort":
+                return smp.value
+    return 0.0
+
+
+def _wait_idle(server, seconds: float = 30.0) -> None:
+    core = server.state.core
+    deadline = time.monotonic() + seconds
+    while core.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_non_streaming_client_that_disconnects_aborts_its_request(server):
+    core = server.state.core
+    real_step = core.step
+
+    def slow_step():          # 120 tokens take >= 1.2 s: the request cannot finish before the client leaves
+        time.sleep(0.01)
+        return real_step()
+    aborted = _abort_count(server)
+    body = {"model": "tiny", "prompt": [256, 40, 41], "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    core.step = slow_step
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.1))
+        deadline = time.monotonic() + 30
+        while _abort_count(server) == aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        core.step = real_step
+    assert _abort_count(server) == aborted + 1
+
+
+def test_unknown_fields_are_ignored(server):
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+        "frobnicate": {"x": 1}, "logit_bias_v2": [1, 2], "suffix_guard": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi", "extra": 1}], "max_tokens": 2,
+        "temperature": 0, "parallel_tool_calls": False, "service_tier": "auto"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_async_openai_client_streams_completions_and_chat(server):
+    c = client(server)
+    ref = c.completions.create(model="tiny", prompt="stream me", max_tokens=6, temperature=0,
+                               extra_body={"ignore_eos": True}).choices[0].text
+    msgs = [{"role": "user", "content": "hello"}]
+    ref_chat = c.chat.completions.create(model="tiny", messages=msgs, **GREEDY).choices[0].message.content
+
+    async def go():
+        ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        try:
+            done = await ac.completions.create(model="tiny", prompt="stream me", max_tokens=6, temperature=0,
+                                               extra_body={"ignore_eos": True})
+            text = ""
+            async for ch in await ac.completions.create(model="tiny", prompt="stream me", max_tokens=6,
+                                                        temperature=0, stream=True,
+                                                        extra_body={"ignore_eos": True}):
+                text += ch.choices[0].text
+            chat = ""
+            async for ch in await ac.chat.completions.create(model="tiny", messages=msgs, stream=True, **GREEDY):
+                chat += ch.choices[0].delta.content or ""
+            return done.choices[0].text, text, chat
+        finally:
+            await ac.close()
+    done, text, chat = asyncio.run(go())
+    assert done == text == ref and chat == ref_chat
 
 
 def test_metrics_parse_and_count_the_traffic(server):
@@ -360,3 +440,44 @@ def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
             proc.kill()
         out = proc.stdout.read()
     assert "serving 'tiny-chat" in out or "serving '" in out
+    # load time and bytes are reported (qwen3 test checkpoint: float32 weights)
+    import re
+    m = re.search(r"loaded .* \(([\d.]+) MiB of weights\) in ([\d.]+) s, warm-up \(compiling every bucket\) "
+                  r"([\d.]+) s", out)
+    assert m, out
+    assert float(m.group(1)) > 0 and float(m.group(2)) >= 0 and float(m.group(3)) > 0
+
+
+def test_an_engine_that_dies_mid_stream_sends_an_error_event_then_done_and_health_turns_503(ckpt):
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      EngineConfig(num_pages=32, page_size=16, max_num_batched_tokens=16, max_num_seqs=4,
+                                   max_model_len=128, token_buckets=(16,), page_buckets=(8,), seed=0))
+    real_step, calls = core.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("device lost (injected)")
+        return real_step()
+    core.step = failing_step
+    state = ServerState("tiny")
+    state.engine = AsyncEngine(core)
+    srv = Server(state)
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 50, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = [e for e in r.read().decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        assert any("choices" in json.loads(e[6:]) for e in events[:-2])      # the stream had started
+        err = json.loads(events[-2][6:])["error"]
+        assert "engine died" in err["message"] and "device lost" in err["message"]
+        assert httpx.get(srv.url + "/health").status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "y", "max_tokens": 2})
+        assert r.status_code == 503 and "error" in r.json()
+    finally:
+        srv.stop()
+        state.engine.shutdown()
