@@ -55,7 +55,7 @@ class DecodeBlockSizes:
 # Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
 # keyed by (head_dim, page_size); the fallback serves any other shape.
 TUNED_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
-    (128, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3),
+    (128, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=132),
     (64, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3),
 }
 _FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=2)

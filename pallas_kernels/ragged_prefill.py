@@ -48,9 +48,10 @@ class PrefillBlockSizes:
     num_stages: int
 
 
-# Tuned on an H100 (benchmarks/kernels.py), keyed by (head_dim, page_size).
+# Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
+# keyed by (head_dim, page_size).
 TUNED_PREFILL_BLOCKS: dict[tuple[int, int], PrefillBlockSizes] = {
-    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=8, num_stages=3),
+    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
     (64, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
 }
 _FALLBACK_BLOCKS = PrefillBlockSizes(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2)
