@@ -203,13 +203,11 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None
                         ) -> tuple[paged_decode.DecodeBlockSizes, list[dict]]:
     """Time block sizes x split policies; the winner has the least sum of time / best time."""
     rows = []
-    if variants is not None:
-        pass
-    elif full:
+    if variants is None and full:
         variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
                     for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
                     for t in (132, 264, 528)]
-    else:   # around the tuned entry
+    elif variants is None:   # around the tuned entry
         variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
                     for p, w, s, t in ((8, 4, 3, 264), (4, 4, 3, 264), (8, 8, 3, 264), (8, 4, 2, 264),
                                        (8, 4, 3, 132), (8, 4, 3, 528))]

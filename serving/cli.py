@@ -186,12 +186,10 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    if args.bench_command == "kernels":
-        from benchmarks import kernels
-        kernels.main(args.bench_args)
-        return 0
-    raise CLIError(f"unknown benchmark {args.bench_command!r}")
+def cmd_bench_kernels(args) -> int:
+    from benchmarks import kernels
+    kernels.main(args.bench_args)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                          add_help=False)
     bk.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="arguments of benchmarks.kernels (--out, --quick, --sweep)")
-    bk.set_defaults(func=cmd_bench)
+    bk.set_defaults(func=cmd_bench_kernels)
     return p
 
 

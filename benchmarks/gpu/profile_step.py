@@ -25,9 +25,8 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.gpu.step import PAGE, _fill_kv_random
+from benchmarks.gpu.step import decode_runner, decode_work, run_back_to_back
 from checkpoints.loader import load_model
-from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork
 
 
 def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
@@ -52,7 +51,7 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
             name = re.sub(r"[._]\d+$", "", e["name"])
             totals[name] += float(e["dur"])
             start, end = min(start, float(e["ts"])), max(end, float(e["ts"]) + float(e["dur"]))
-    return dict(totals), end - start
+    return dict(totals), max(end - start, 0.0)
 
 
 def main(argv=None) -> None:
@@ -78,44 +77,24 @@ def main(argv=None) -> None:
         runner_module.sample = argmax_only
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     mesh, loaded, _ = load_model(args.model, load_format="dummy", dtype="bfloat16")
-    cfg = loaded.config
     rng = np.random.default_rng(0)
-    pages_per = {c: -(-(c + 1) // PAGE) for _, c in points}
-    num_pages = max(b * pages_per[c] for b, c in points) + 1
-    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
-        page_size=PAGE, num_pages=num_pages, max_num_batched_tokens=max(max(b, 8) for b, _ in points),
-        max_num_seqs=max(b for b, _ in points), max_model_len=max(pages_per.values()) * PAGE,
-        token_buckets=tuple(sorted({max(b, 8) for b, _ in points})),
-        page_buckets=tuple(sorted(set(pages_per.values())))))
-    _fill_kv_random(runner)
+    runner = decode_runner(loaded, mesh, points)
     for b, c in points:
-        perm = rng.permutation(num_pages - 1)[:b * pages_per[c]].reshape(b, pages_per[c])
-        work = [SequenceWork(token_ids=[int(rng.integers(0, cfg.vocab_size))], num_computed=c,
-                             page_ids=perm[i].tolist()) for i in range(b)]
-        t, p, host, _ = runner.pack(work)
-        exe = runner.executable(t, p)
+        compiled, dev_args, _ = runner.prepare(decode_work(rng, runner, loaded.config.vocab_size, b, c))
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(args.hlo_dir, f"{args.model}_b{b}_c{c}.hlo.txt.gz"), "wt") as f:
-                f.write(exe.as_text())
-        dev_args = jax.device_put(host, runner._replicated)
-        kv, tp = runner.kv_cache, runner.token_pages
-        for _ in range(3):
-            kv, tp, *_ = exe(runner.state, kv, tp, runner.prev_sampled, *dev_args)
-        jax.block_until_ready(kv)
+                f.write(compiled.as_text())
+        jax.block_until_ready(run_back_to_back(runner, compiled, dev_args, 3))
         # host time to dispatch a step (no wait) and wall time per step, outside the profiler
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            kv, tp, sampled, *_ = exe(runner.state, kv, tp, runner.prev_sampled, *dev_args)
+        sampled = run_back_to_back(runner, compiled, dev_args, args.steps)
         dispatch = (time.perf_counter() - t0) / args.steps
         jax.block_until_ready(sampled)
         wall = (time.perf_counter() - t0) / args.steps
         trace_dir = tempfile.mkdtemp()
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.steps):
-                kv, tp, sampled, *_ = exe(runner.state, kv, tp, runner.prev_sampled, *dev_args)
-            jax.block_until_ready(sampled)
-        runner.kv_cache, runner.token_pages = kv, tp
+            jax.block_until_ready(run_back_to_back(runner, compiled, dev_args, args.steps))
         totals, span = kernel_times(trace_dir)
         busy = sum(totals.values())
         print(f"\n{args.model} batch {b} context {c}: wall {wall * 1e3:.2f} ms/step, host dispatch "

@@ -63,38 +63,68 @@ def model_bytes_and_flops(loaded) -> tuple[int, int, int]:
     return read, matmul_params, head_params
 
 
+def decode_runner(loaded, mesh, points, *, prefill_tokens: int = 0) -> ModelRunner:
+    """A runner whose buckets are exactly the (batch, context) decode points (and one prefill
+    of ``prefill_tokens``), with enough pages for the largest point and random KV pages."""
+    pages_per = {c: pages_for(c) for _, c in points}
+    prefill_pages = {pages_for(prefill_tokens - 1)} if prefill_tokens else set()
+    num_pages = max([b * pages_per[c] for b, c in points] + list(prefill_pages)) + 1
+    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
+        page_size=PAGE, num_pages=num_pages,
+        max_num_batched_tokens=max([max(b, 8) for b, _ in points] + [prefill_tokens]),
+        max_num_seqs=max(b for b, _ in points), max_model_len=max(pages_per.values()) * PAGE,
+        token_buckets=tuple(sorted({max(b, 8) for b, _ in points} | ({prefill_tokens} - {0}))),
+        page_buckets=tuple(sorted(set(pages_per.values()) | prefill_pages))))
+    _fill_kv_random(runner)
+    return runner
+
+
+def pages_for(context: int) -> int:
+    """Pages a sequence of ``context`` cached tokens needs to decode one more."""
+    return -(-(context + 1) // PAGE)
+
+
+def decode_work(rng, runner: ModelRunner, vocab_size: int, batch: int, context: int) -> list[SequenceWork]:
+    """One decode token for each of ``batch`` sequences of ``context`` cached tokens, shuffled pages."""
+    n = pages_for(context)
+    perm = rng.permutation(runner.config.num_pages - 1)[:batch * n].reshape(batch, n)
+    return [SequenceWork(token_ids=[int(rng.integers(0, vocab_size))], num_computed=context,
+                         page_ids=perm[i].tolist()) for i in range(batch)]
+
+
+def run_back_to_back(runner: ModelRunner, compiled, args, steps: int):
+    """Call the compiled step ``steps`` times on the same inputs (cache donated and chained);
+    returns the last step's sampled ids without waiting for them."""
+    kv, tp = runner.kv_cache, runner.token_pages
+    for _ in range(steps):
+        kv, tp, sampled, *_ = compiled(runner.state, kv, tp, runner.prev_sampled, *args)
+    runner.kv_cache, runner.token_pages = kv, tp
+    return sampled
+
+
 def _fill_kv_random(runner: ModelRunner, seed: int = 0) -> None:
-    new = []
-    for i, (k, v) in enumerate(runner.kv_cache):
-        def rand(key, like=k):
-            return jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype)
-        f = jax.jit(rand, out_shardings=k.sharding)
-        new.append((f(jax.random.key(seed + 2 * i)), f(jax.random.key(seed + 2 * i + 1))))
-        del k, v
-    runner.kv_cache = new
-    jax.block_until_ready(new)
+    """Random KV pages (never zeros), one layer at a time so the cache is never held twice."""
+    cache = list(runner.kv_cache)
+    runner.kv_cache = cache
+    for i, (k, _) in enumerate(cache):
+        f = jax.jit(lambda key, like=k: jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype),
+                    out_shardings=k.sharding)
+        cache[i] = None
+        cache[i] = (f(jax.random.key(seed + 2 * i)), f(jax.random.key(seed + 2 * i + 1)))
+    jax.block_until_ready(cache)
 
 
 def _time_device_steps(runner: ModelRunner, work, reps: int) -> tuple[float, float]:
-    """(median seconds per compiled step, compile seconds)."""
-    t, p, host, _ = runner.pack(work)
+    """(median seconds per compiled step, seconds to prepare the step: compiling it, mostly)."""
     t0 = time.perf_counter()
-    exe = runner.executable(t, p)
+    compiled, args, _ = runner.prepare(work)
     compile_s = time.perf_counter() - t0
-    args = jax.device_put(host, runner._replicated)
-    state, prev = runner.state, runner.prev_sampled
-    kv, tp = runner.kv_cache, runner.token_pages
-    for _ in range(3):
-        kv, tp, *_ = exe(state, kv, tp, prev, *args)
-    jax.block_until_ready(kv)
+    jax.block_until_ready(run_back_to_back(runner, compiled, args, 3))
     times = []
     for _ in range(3):   # median of three timed batches of back-to-back steps
         t0 = time.perf_counter()
-        for _ in range(reps):
-            kv, tp, sampled, *_ = exe(state, kv, tp, prev, *args)
-        jax.block_until_ready(sampled)
+        jax.block_until_ready(run_back_to_back(runner, compiled, args, reps))
         times.append((time.perf_counter() - t0) / reps)
-    runner.kv_cache, runner.token_pages = kv, tp
     return float(np.median(times)), compile_s
 
 
@@ -114,26 +144,18 @@ def bench_model(name: str, bandwidth: float, matmul: float, batches, contexts, r
     stats = jax.devices()[0].memory_stats() or {}
     free = stats.get("bytes_limit", 80e9) - stats.get("bytes_in_use", w_read)
     kv_budget = free - 10e9            # activations, logits, compiled workspaces
-    pages_per = {c: -(-(c + 1) // PAGE) for c in contexts}
     points, skipped = [], []
     for c in contexts:
         for b in batches:
-            (points if b * pages_per[c] * PAGE * kv_per_token <= kv_budget else skipped).append((b, c))
-    num_pages = max([b * pages_per[c] for b, c in points] + [PREFILL // PAGE + 1]) + 1
-    page_buckets = tuple(sorted(set(pages_per.values()) | {PREFILL // PAGE + 1}))
-    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
-        page_size=PAGE, num_pages=num_pages, max_num_batched_tokens=PREFILL,
-        max_num_seqs=max(batches), max_model_len=max(contexts) + PAGE,
-        token_buckets=tuple(sorted({max(b, 8) for b in batches} | {PREFILL})), page_buckets=page_buckets))
-    _fill_kv_random(runner)
+            (points if b * pages_for(c) * PAGE * kv_per_token <= kv_budget else skipped).append((b, c))
+    runner = decode_runner(loaded, mesh, points, prefill_tokens=PREFILL)
+    num_pages = runner.config.num_pages
     print(f"{name}: weights read per step {w_read / 1e9:.2f} GB, KV {kv_per_token} B/token, "
           f"{num_pages} pages, skipped {skipped}", flush=True)
 
     decode = []
     for b, c in points:
-        perm = rng.permutation(num_pages - 1)[:b * pages_per[c]].reshape(b, pages_per[c])
-        work = [SequenceWork(token_ids=[int(rng.integers(0, cfg.vocab_size))], num_computed=c,
-                             page_ids=perm[i].tolist()) for i in range(b)]
+        work = decode_work(rng, runner, cfg.vocab_size, b, c)
         dev_s, compile_s = _time_device_steps(runner, work, reps=10)
         host_s = _time_runner_steps(runner, work, reps=10)
         kv_read = b * (c + 1) * kv_per_token

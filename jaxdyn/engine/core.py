@@ -61,6 +61,7 @@ class EngineCore:
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.load_info: dict[str, float] = {}   # seconds, weight_bytes, warmup_seconds (build_engine)
         max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
         self.max_model_len = max_model_len
         ps = config.page_size

@@ -22,7 +22,6 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
 
     mesh, loaded, tokenizer = load_model(model, tp=tp, dtype=dtype, load_format=load_format)
     engine = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
-    # what loading cost, for the server's start-up line and for benchmarks
     engine.load_info = {"seconds": loaded.load_seconds, "weight_bytes": loaded.num_bytes,
                         "warmup_seconds": engine.warmup(progress) if warmup else 0.0}
     return engine

@@ -258,10 +258,6 @@ class ModelRunner:
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
 
-    def executable(self, t: int, p: int) -> jax.stages.Compiled:
-        """The compiled step of bucket (tokens t, pages p); compiles it if warm-up did not."""
-        return self._compile(t, p)
-
     def _compile(self, t: int, p: int) -> jax.stages.Compiled:
         if (t, p) not in self._compiled:
             s = self.config.seqs_for(t)
@@ -296,16 +292,21 @@ class ModelRunner:
 
     def execute(self, work: Sequence[SequenceWork]) -> StepHandle:
         """Dispatch one step; returns at once with a handle to its results."""
-        t, p, host_arrays, want_lp = self.pack(work)
-        args = jax.device_put(host_arrays, self._replicated)
-        compiled = self._compile(t, p)
+        compiled, args, want_lp = self.prepare(work)
         (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
             self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         self.prev_sampled = sampled
         return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp)
 
-    def pack(self, work: Sequence[SequenceWork]
-             ) -> tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
+    def prepare(self, work: Sequence[SequenceWork]) -> tuple[jax.stages.Compiled, tuple, bool]:
+        """The compiled step of the work's bucket, its three input arrays on the device, and
+        whether it wants logprobs. ``execute`` calls the step with them; benchmarks call it
+        back to back as ``compiled(state, kv_cache, token_pages, prev_sampled, *args)``."""
+        t, p, host_arrays, want_lp = self._pack(work)
+        return self._compile(t, p), jax.device_put(host_arrays, self._replicated), want_lp
+
+    def _pack(self, work: Sequence[SequenceWork]
+              ) -> tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
         """The step's bucket (tokens, pages), its three host buffers, and whether it wants logprobs."""
         if not work:
             raise ValueError("a step needs at least one sequence")

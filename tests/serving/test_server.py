@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -441,7 +442,6 @@ def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
         out = proc.stdout.read()
     assert "serving 'tiny-chat" in out or "serving '" in out
     # load time and bytes are reported (qwen3 test checkpoint: float32 weights)
-    import re
     m = re.search(r"loaded .* \(([\d.]+) MiB of weights\) in ([\d.]+) s, warm-up \(compiling every bucket\) "
                   r"([\d.]+) s", out)
     assert m, out
