@@ -2,16 +2,21 @@
 
 Shapes come from two explicit bucket lists, tokens per step and pages per
 sequence; the sequences per step follow the token bucket (``min(tokens,
-max_num_seqs)``), which keeps the number of compiled shapes small. ``warmup()``
-compiles the step once per bucket pair ahead of time
-(``jit(...).lower(...).compile()``); a step calls the executable of its bucket,
-so nothing can compile while serving. With ``fail_on_compile`` (on in tests) a
-step that observes any compilation in the process after warm-up raises
-``CompiledAfterWarmupError``.
+max_num_seqs)``), which keeps the number of compiled shapes small. The sampler
+comes in three static variants (``greedy``, ``plain``, ``full``: see
+``jaxdyn.engine.sampler``), picked on the host when a step is packed from what
+its rows ask for, so the executable holds no conditional on device data (a GPU
+conditional syncs the host on its predicate every step). ``warmup()`` compiles
+the step once per (token bucket, page bucket, variant) ahead of time
+(``jit(...).lower(...).compile()``); a step calls the executable of its bucket
+and variant, so nothing can compile while serving. With ``fail_on_compile`` (on
+in tests) a step that observes any compilation in the process after warm-up
+raises ``CompiledAfterWarmupError``.
 
 Device state the runner owns and donates into every step (updated in place):
 the KV pages, and ``token_pages`` (i32[num_pages, page_size]), the token id at
-each cached position, which the sampler reads for penalties.
+each cached position, which the sampler reads for penalties (written by every
+variant, since a later step's penalties need the history).
 
 A step is dispatched without waiting (``execute`` returns a handle); a
 sequence whose next input is the token the previous step sampled names that
@@ -32,8 +37,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
-from jaxdyn.engine.sampler import SamplingArrays, sample
-from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
+from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
@@ -42,12 +47,11 @@ MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under m
 
 
 # Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, source row of a token drawn by the
-# previous step (-1: none), positions, slot page, slot offset, flags (penalties, filters,
-# random, logprobs in [5, :4]); seqi i32[S+1, _SEQ_COLS + P + MAX_BANNED] = kv_len,
-# cu_q_len, logits row, top_k, prompt_len, seed (u32 bits), output index, page table,
-# banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition, presence,
+# previous step (-1: none), positions, slot page, slot offset; seqi i32[S+1, _SEQ_COLS + P +
+# MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed (u32 bits), output
+# index, page table, banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition, presence,
 # frequency penalties.
-_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 6, 7, 6
+_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 7, 6
 
 
 def _unpack(tok, seqi, seqf):
@@ -56,13 +60,11 @@ def _unpack(tok, seqi, seqf):
     md = AttentionMetadata(positions=tok[2], slot_page=tok[3], slot_offset=tok[4],
                            page_table=seqi[:S, _SEQ_COLS:_SEQ_COLS + P], kv_lens=seqi[:S, 0],
                            cu_q_lens=seqi[:, 1])
-    flags = tok[5, :4] != 0
     sp = SamplingArrays(
         temperature=seqf[:, 0], top_k=seqi[:S, 3], top_p=seqf[:, 1], min_p=seqf[:, 2],
         repetition_penalty=seqf[:, 3], presence_penalty=seqf[:, 4], frequency_penalty=seqf[:, 5],
         prompt_lens=seqi[:S, 4], seeds=jax.lax.bitcast_convert_type(seqi[:S, 5], jnp.uint32),
-        output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:],
-        use_penalties=flags[0], use_filters=flags[1], use_random=flags[2], want_logprobs=flags[3])
+        output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:])
     return md, tok[0], tok[1], seqi[:S, 2], sp
 
 
@@ -159,9 +161,6 @@ def _pick(buckets: tuple[int, ...], n: int, what: str) -> int:
     raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
 
 
-_GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
-
-
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, config: RunnerConfig):
         self.graphdef = graphdef
@@ -183,14 +182,12 @@ class ModelRunner:
         self.token_pages = jax.device_put(
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
         self.token_buckets, self.page_buckets = config.buckets()
-        if self.token_buckets[0] < 4:   # row 5 of the packed token buffer carries 4 step flags
-            raise ValueError(f"token buckets must be at least 4, got {self.token_buckets[0]}")
         self.max_rows = config.max_num_seqs
         self.prev_sampled = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
-        self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
-        self._jitted = self._make_jitted()
+        self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
         self._copy_jitted = self._make_copy()
 
     # ---- compilation -------------------------------------------------------------------------
@@ -200,7 +197,7 @@ class ModelRunner:
             self.mesh, kv_cache_partition_spec(self.mesh, self.kv_spec.num_kv_heads))
         return [(kv_sharding, kv_sharding)] * self.kv_spec.num_layers
 
-    def _make_jitted(self):
+    def _make_jitted(self, variant: str):
         graphdef, return_logits = self.graphdef, self.config.return_logits
         max_rows, page_size = self.max_rows, self.config.page_size
 
@@ -218,7 +215,7 @@ class ModelRunner:
                 pos = jnp.arange(P * page_size)[None, :]
                 return h, pos < md.kv_lens[:, None], pos >= sp.prompt_lens[:, None]
 
-            ids, lps, top_ids, top_lps = sample(logits, history, sp)
+            ids, lps, top_ids, top_lps = sample(logits, history, sp, variant)
             sampled = jnp.zeros(max_rows, jnp.int32).at[:S].set(ids[:max_rows])
             return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
                     logits if return_logits else None)
@@ -249,24 +246,29 @@ class ModelRunner:
         return [(t, self.config.seqs_for(t), p) for t in self.token_buckets for p in self.page_buckets]
 
     def warmup(self, progress: bool = False) -> float:
-        """Compile every bucket; returns the seconds it took."""
+        """Compile every bucket in every sampler variant; returns the seconds it took."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
-        for t, _, p in tqdm(self.bucket_shapes(), desc="warm-up (compiling buckets)", disable=not progress):
-            self._compile(t, p)
+        keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
+        for t, p, v in tqdm(keys, desc="warm-up (compiling buckets)", disable=not progress):
+            self._compile(t, p, v)
         self._compile_copy()
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
 
-    def _compile(self, t: int, p: int) -> jax.stages.Compiled:
-        if (t, p) not in self._compiled:
-            s = self.config.seqs_for(t)
-            sd = jax.ShapeDtypeStruct
-            self._compiled[(t, p)] = self._jitted.lower(
-                self.state, self.kv_cache, self.token_pages, self.prev_sampled,
-                sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + MAX_BANNED), jnp.int32),
-                sd((s, _SEQF_COLS), jnp.float32)).compile()
-        return self._compiled[(t, p)]
+    def _compile(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
+        if (t, p, variant) not in self._compiled:
+            self._compiled[(t, p, variant)] = self.lower(t, p, variant).compile()
+        return self._compiled[(t, p, variant)]
+
+    def lower(self, t: int, p: int, variant: str) -> jax.stages.Lowered:
+        """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered."""
+        s = self.config.seqs_for(t)
+        sd = jax.ShapeDtypeStruct
+        return self._jitted[variant].lower(
+            self.state, self.kv_cache, self.token_pages, self.prev_sampled,
+            sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + MAX_BANNED), jnp.int32),
+            sd((s, _SEQF_COLS), jnp.float32))
 
     def _compile_copy(self):
         if self._copy_compiled is None:
@@ -290,24 +292,32 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def execute(self, work: Sequence[SequenceWork]) -> StepHandle:
+    def execute(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepHandle:
         """Dispatch one step; returns at once with a handle to its results."""
-        compiled, args, want_lp = self.prepare(work)
+        compiled, args, want_lp = self.prepare(work, variant)
         (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
             self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         self.prev_sampled = sampled
         return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp)
 
-    def prepare(self, work: Sequence[SequenceWork]) -> tuple[jax.stages.Compiled, tuple, bool]:
-        """The compiled step of the work's bucket, its three input arrays on the device, and
-        whether it wants logprobs. ``execute`` calls the step with them; benchmarks call it
-        back to back as ``compiled(state, kv_cache, token_pages, prev_sampled, *args)``."""
-        t, p, host_arrays, want_lp = self._pack(work)
-        return self._compile(t, p), jax.device_put(host_arrays, self._replicated), want_lp
+    def prepare(self, work: Sequence[SequenceWork], variant: str | None = None
+                ) -> tuple[jax.stages.Compiled, tuple, bool]:
+        """The compiled step of the work's bucket and sampler variant, its three input arrays on
+        the device, and whether it wants logprobs. ``execute`` calls the step with them;
+        benchmarks call it back to back as ``compiled(state, kv_cache, token_pages,
+        prev_sampled, *args)``. ``variant`` None: the cheapest that serves the work; a costlier
+        one may be named (tests, benchmarks), a cheaper one is refused."""
+        t, p, needed, host_arrays, want_lp = self._pack(work)
+        if variant is None:
+            variant = needed
+        elif variant not in VARIANTS or not serves(variant, needed):
+            raise ValueError(f"sampler variant {variant!r} cannot serve this step (it needs {needed!r})")
+        return self._compile(t, p, variant), jax.device_put(host_arrays, self._replicated), want_lp
 
     def _pack(self, work: Sequence[SequenceWork]
-              ) -> tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
-        """The step's bucket (tokens, pages), its three host buffers, and whether it wants logprobs."""
+              ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
+        """The step's bucket (tokens, pages), the sampler variant its rows need, its three host
+        buffers, and whether it wants logprobs."""
         if not work:
             raise ValueError("a step needs at least one sequence")
         cfg, page_size = self.config, self.config.page_size
@@ -384,12 +394,12 @@ class ModelRunner:
         used = slot_page[:num_tokens]
         if (used >= cfg.num_pages).any() or (used < 0).any():
             raise ValueError(f"page id out of range [0, {cfg.num_pages})")
-        tok[5, :4] = (use_pen, use_filt, use_rand, want_lp)
-        return t, p, (tok, seqi, seqf), want_lp
+        variant = variant_for(penalties=use_pen, filters=use_filt, random=use_rand, logprobs=want_lp)
+        return t, p, variant, (tok, seqi, seqf), want_lp
 
-    def step(self, work: Sequence[SequenceWork]) -> StepOutput:
+    def step(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepOutput:
         """Dispatch one step and wait for it (greedy unless the work says otherwise)."""
-        return self.execute(work).result()
+        return self.execute(work, variant).result()
 
     def _check_no_compile(self) -> None:
         if (self.config.fail_on_compile and self._compiles_at_warmup is not None
