@@ -192,6 +192,23 @@ def cmd_bench_kernels(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from serving.bench import BenchError, serve
+    try:
+        return serve.main(args)
+    except BenchError as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_bench_offline(args) -> int:
+    from serving.bench import BenchError, offline
+    try:
+        offline.run(args, _model_or_demo(args.model), _engine_config(args))
+    except BenchError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxdyn", description="JAX/XLA-compiled LLM inference server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="arguments of benchmarks.kernels (--out, --quick, --sweep)")
     bk.set_defaults(func=cmd_bench_kernels)
+    from serving.bench import offline as bench_offline, serve as bench_serve
+    bs = bsub.add_parser("serve", help="load an OpenAI-compatible server over HTTP and report what vLLM's "
+                         "bench serve does (TTFT, TPOT, ITL, E2E, throughput, goodput); --compare A.json B.json")
+    bench_serve.add_arguments(bs)
+    bs.set_defaults(func=cmd_bench_serve)
+    bo = bsub.add_parser("offline", help="the engine without HTTP on the bench serve datasets: requests/s, "
+                         "input and output tokens/s")
+    bo.add_argument("--model", default=None, help="(default: the shipped demo model) checkpoint directory, or a "
+                    "preset name with --load-format dummy")
+    _engine_args(bo)
+    bench_offline.add_arguments(bo)
+    bo.set_defaults(func=cmd_bench_offline)
     return p
 
 

@@ -1,0 +1,340 @@
+"""``jaxdyn bench serve``: load an OpenAI-compatible server (this one, vLLM, SGLang) as vLLM's ``bench serve`` does.
+
+Requests arrive at ``--request-rate`` per second, Poisson (gamma intervals with
+``--burstiness`` < 1 burstier, > 1 more regular; ``inf`` sends all at once), at
+most ``--max-concurrency`` in flight; a comma-separated rate list runs a sweep.
+Multi-turn conversations send turn k when turn k-1 has answered, with its
+prompts and the model's actual replies as history. Records, summary, table,
+JSON, plots: ``metrics`` and ``report``.
+
+    jaxdyn bench serve --url http://127.0.0.1:8000 --model demo --tokenizer checkpoints/demo \\
+        --random-input-len 128 --random-output-len 64 --num-prompts 200 --request-rate 8,inf --out run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import math
+import os
+import sys
+import time
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+from serving.bench import BenchError, datasets, metrics, report
+from serving.bench.client import ENDPOINTS, Endpoint, RequestRecord, send
+from serving.bench.datasets import PromptSource, Sample
+
+
+def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
+    """Seconds after the start at which each of n requests arrives: the first at 0, then gamma-distributed
+    intervals of mean 1/rate and shape ``burstiness`` (1: exponential, a Poisson process); all 0 at rate inf."""
+    if math.isinf(rate):
+        return np.zeros(n)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=max(n - 1, 0))
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--request-rate: expected numbers or inf, comma-separated, got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise BenchError(f"--request-rate: rates must be > 0 (or inf), got {text!r}")
+    return rates
+
+
+class LoadRun:
+    """One run at one request rate: schedules the samples, sends them, keeps every record."""
+
+    def __init__(self, endpoint: Endpoint, samples: list[Sample], source: PromptSource, *, rate: float,
+                 burstiness: float = 1.0, max_concurrency: int | None = None,
+                 rng: np.random.Generator | None = None, progress: bool = False):
+        self.endpoint, self.samples, self.source = endpoint, samples, source
+        self.rate, self.burstiness, self.max_concurrency = rate, burstiness, max_concurrency
+        self.arrivals = arrival_times(len(samples), rate, burstiness, rng or np.random.default_rng(0))
+        self.progress = progress
+        self.in_flight = 0
+        self.peak_concurrency = 0
+
+    def _prompt(self, sample: Sample, history: list[tuple[Sample, RequestRecord]]):
+        """The request's prompt and the caller's count of its tokens (multi-turn: with the history)."""
+        chat = self.endpoint.kind == "chat"
+        if chat:
+            messages = []
+            for s, r in history:
+                messages += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": r.text}]
+            messages.append({"role": "user", "content": sample.prompt})
+            count = sum(self.source.count(m["content"], special=False) for m in messages)
+            return messages, count
+        if not history:
+            return sample.prompt, sample.prompt_len if sample.prompt_len is not None \
+                else self.source.count(sample.prompt)
+        text = ""
+        for s, r in history:
+            text += s.prompt + r.text + "\n"
+        text += sample.prompt
+        return text, self.source.count(text)
+
+    async def _one(self, client, i: int, sample: Sample, t0: float, sem, history, bar) -> RequestRecord:
+        record = RequestRecord(index=i, conversation=sample.conversation,
+                               turn=sample.turn if sample.conversation is not None else None)
+        if history:     # multi-turn: wait for the previous turn; its reply joins the history
+            prev = await history[-1][1]
+            if not prev.success:
+                record.start = time.perf_counter() - t0
+                record.error = (f"not sent: turn {prev.turn} of conversation {prev.conversation} failed "
+                                f"({prev.error})")
+                if bar is not None:
+                    bar.update(1)
+                return record
+        prompt, count = self._prompt(sample, [(s, task.result()) for s, task in history])
+        record.prompt_len = count
+        record.prompt_token_source = "tokenizer" if self.source.exact else "estimate"
+        async with sem:
+            self.in_flight += 1
+            self.peak_concurrency = max(self.peak_concurrency, self.in_flight)
+            try:
+                await send(client, self.endpoint, prompt, sample.output_len, record, t0=t0,
+                           tokenizer=self.source.tokenizer)
+            finally:
+                self.in_flight -= 1
+        if bar is not None:
+            bar.update(1)
+        return record
+
+    async def run(self, client: httpx.AsyncClient) -> tuple[list[RequestRecord], float]:
+        """Send every sample on schedule; returns the records (dataset order) and the run's duration."""
+        sem = asyncio.Semaphore(self.max_concurrency or len(self.samples))
+        bar = tqdm(total=len(self.samples), desc=f"rate {self.rate:g}", disable=not self.progress)
+        tasks: list[asyncio.Task] = []
+        turns: dict[int, list[tuple[Sample, asyncio.Task]]] = {}   # conversation -> its turns so far
+        t0 = time.perf_counter()
+        try:
+            for i, (sample, at) in enumerate(zip(self.samples, self.arrivals)):
+                delay = t0 + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                history = list(turns.get(sample.conversation, ())) if sample.conversation is not None else []
+                task = asyncio.create_task(self._one(client, i, sample, t0, sem, history, bar))
+                if sample.conversation is not None:
+                    turns.setdefault(sample.conversation, []).append((sample, task))
+                tasks.append(task)
+            records = await asyncio.gather(*tasks)
+        finally:
+            bar.close()
+        return list(records), time.perf_counter() - t0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="the served model name (default: the first of /v1/models)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (tokenizer.json) or file: exact prompt lengths and output counts "
+                   "when the server gives no usage (default: --model if it is such a directory)")
+    p.add_argument("--endpoint", default=None, choices=[*ENDPOINTS.values(), *ENDPOINTS],
+                   help="/v1/completions (default) or /v1/chat/completions")
+    p.add_argument("--backend", default=None, choices=["openai", "openai-chat"],
+                   help="vLLM's spelling of the endpoint: openai = completions, openai-chat = chat")
+    datasets.add_arguments(p)
+    p.add_argument("--request-rate", "--rate", dest="request_rate", default="inf",
+                   help="requests per second (Poisson arrivals), or inf; a comma-separated list runs a sweep")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival intervals: 1 Poisson, < 1 burstier, > 1 more regular")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument("--num-warmups", type=int, default=0, help="requests sent (and not counted) before the runs")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
+                   help="do not send stream_options.include_usage (for servers that refuse it)")
+    p.add_argument("--percentiles", default="90,99", help="latency percentiles to report (mean and median always)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT at most this")
+    p.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput: end-to-end latency at most this")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take, stream included")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as a Bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--out", default=None, help="write the results (summary and every request) as JSON")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="save latency CDFs (and, for a rate sweep, throughput and latency against rate) as PNGs")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                   help="print two saved runs side by side with ratios B/A (nothing is sent)")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
+
+    if os.path.isfile(path):
+        try:
+            return Tokenizer(HFTokenizer.from_file(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise BenchError(f"--tokenizer {path}: cannot be read: {e}") from None
+    if not os.path.isdir(path):
+        raise BenchError(f"--tokenizer {path!r}: no such file or directory")
+    try:
+        return Tokenizer.from_pretrained(path)
+    except TokenizerError as e:
+        raise BenchError(f"--tokenizer {e}") from None
+
+
+def _endpoint_kind(args) -> str:
+    kind = None
+    if args.endpoint is not None:
+        kind = "chat" if args.endpoint in ("chat", ENDPOINTS["chat"]) else "completions"
+    if args.backend is not None:
+        backend_kind = "chat" if args.backend == "openai-chat" else "completions"
+        if kind is not None and kind != backend_kind:
+            raise BenchError(f"--backend {args.backend} contradicts --endpoint {args.endpoint}")
+        kind = backend_kind
+    return kind or "completions"
+
+
+def check_arguments(args) -> dict:
+    """Everything that can be checked before a request is sent; returns the parsed numbers."""
+    if args.url is None:
+        raise BenchError("--url is required (or --compare A.json B.json)")
+    if not args.url.startswith(("http://", "https://")):
+        raise BenchError(f"--url {args.url!r}: expected http://host:port")
+    datasets.check_arguments(args)
+    rates = parse_rates(args.request_rate)
+    try:
+        percentiles = metrics.parse_percentiles(args.percentiles)
+    except ValueError as e:
+        raise BenchError(f"--percentiles: {e}") from None
+    if not args.burstiness > 0:
+        raise BenchError(f"--burstiness must be > 0, got {args.burstiness}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise BenchError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.num_warmups < 0:
+        raise BenchError(f"--num-warmups must be >= 0, got {args.num_warmups}")
+    if not args.timeout > 0:
+        raise BenchError(f"--timeout must be > 0, got {args.timeout}")
+    if args.temperature < 0:
+        raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
+    slo = {k: v for k, v in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms),
+                             ("e2el", args.slo_e2e_ms)) if v is not None}
+    for k, v in slo.items():
+        if not v > 0:
+            raise BenchError(f"--slo-{'e2e' if k == 'e2el' else k}-ms must be > 0, got {v}")
+    if args.plot is not None:
+        report.require_matplotlib()
+    return {"rates": rates, "percentiles": percentiles, "slo_ms": slo, "kind": _endpoint_kind(args)}
+
+
+def _served_model(base: str, model: str | None, api_key: str | None) -> str:
+    """Check that the server answers; the model name to send (the first listed when none is given)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        raise BenchError(f"--url {base}: cannot reach the server ({type(e).__name__}: {e})") from None
+    ids = []
+    if r.status_code == 200:
+        try:
+            ids = [m["id"] for m in r.json().get("data", [])]
+        except (ValueError, AttributeError, KeyError, TypeError):
+            ids = []
+    if model is None:
+        if not ids:
+            raise BenchError(f"--model not given and {base}/v1/models lists no model (HTTP {r.status_code})")
+        return ids[0]
+    if ids and model not in ids:
+        raise BenchError(f"--model {model!r}: the server serves {', '.join(map(repr, ids))}")
+    return model
+
+
+def _config(args, parsed: dict, model: str) -> dict:
+    keep = ("url", "tokenizer", "dataset", "dataset_path", "num_prompts", "seed", "input_len", "output_len",
+            "range_ratio", "prefix_len", "suffix_len", "num_prefixes", "num_turns", "turn_len", "ignore_eos",
+            "burstiness", "max_concurrency", "num_warmups", "temperature", "stream_usage", "timeout")
+    cfg = {k: getattr(args, k) for k in keep}
+    cfg.update(model=model, endpoint=ENDPOINTS[parsed["kind"]], request_rates=args.request_rate,
+               percentiles=parsed["percentiles"], slo_ms=parsed["slo_ms"])
+    if cfg["dataset"] != "random":
+        for k in ("input_len", "range_ratio"):
+            cfg.pop(k)
+    if cfg["dataset"] != "prefix":
+        for k in ("prefix_len", "suffix_len", "num_prefixes"):
+            cfg.pop(k)
+    if cfg["dataset"] != "multiturn":
+        for k in ("num_turns", "turn_len"):
+            cfg.pop(k)
+    return cfg
+
+
+def plan_runs(args, tokenizer, rates: list[float]) -> list[tuple[float, np.random.Generator, PromptSource,
+                                                                   list[Sample]]]:
+    """(rate, arrival generator, prompt source, samples) of each run. Run k draws its own prompts from the
+    seed's stream (k + 1, 0) and its arrival times from (k + 1, 1) (the warm-up's prompts: stream (0,)), so
+    no run finds an earlier one's prompts in the server's prefix cache."""
+    plans = []
+    for k, rate in enumerate(rates):
+        source = PromptSource(datasets.seeded_rng(args.seed, k + 1, 0), tokenizer)
+        plans.append((rate, datasets.seeded_rng(args.seed, k + 1, 1), source, datasets.load_samples(args, source)))
+    return plans
+
+
+async def _run_all(endpoint, tokenizer, plans, parsed, args) -> tuple[dict | None, list[dict]]:
+    """The warm-up, then the runs."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.max_concurrency or 1000)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        warmup = None
+        if args.num_warmups:
+            source = PromptSource(datasets.seeded_rng(args.seed, 0), tokenizer)
+            n = args.num_warmups * (args.num_turns if args.dataset == "multiturn" else 1)
+            samples = [s for s in datasets.load_samples(args, source, n) if s.turn == 0][:args.num_warmups]
+            records, _ = await LoadRun(endpoint, samples, source, rate=math.inf,
+                                       max_concurrency=args.max_concurrency).run(client)
+            errors = [r.error for r in records if not r.success]
+            warmup = {"requests": len(records), "failed": len(errors), "errors": errors[:10]}
+            if errors:
+                print(f"jaxdyn bench serve: {len(errors)} of {len(records)} warm-up requests failed: {errors[0]}",
+                      file=sys.stderr)
+        runs = []
+        for rate, rng, source, samples in plans:
+            run = LoadRun(endpoint, samples, source, rate=rate, burstiness=args.burstiness,
+                          max_concurrency=args.max_concurrency, rng=rng, progress=not args.disable_tqdm)
+            records, duration = await run.run(client)
+            summary = metrics.summarize(records, duration, percentiles=parsed["percentiles"],
+                                        slo_ms=parsed["slo_ms"], peak_concurrency=run.peak_concurrency)
+            runs.append({"request_rate": "inf" if math.isinf(rate) else rate, "burstiness": args.burstiness,
+                         "max_concurrency": args.max_concurrency, "summary": summary,
+                         "requests": [r.to_json() for r in records]})
+    return warmup, runs
+
+
+def main(args) -> int:
+    if args.compare is not None:
+        docs = [report.load_json(path) for path in args.compare]
+        print(report.compare(docs[0], docs[1], names=args.compare))
+        return 0
+    parsed = check_arguments(args)
+    base = args.url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    tok_path = args.tokenizer
+    if tok_path is None and args.model is not None and os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+        tok_path = args.model
+    tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
+    model = _served_model(base, args.model, args.api_key)
+    endpoint = Endpoint(base, parsed["kind"], model, temperature=args.temperature, ignore_eos=args.ignore_eos,
+                        stream_usage=args.stream_usage, timeout=args.timeout, api_key=args.api_key)
+    plans = plan_runs(args, tokenizer, parsed["rates"])
+    warmup, runs = asyncio.run(_run_all(endpoint, tokenizer, plans, parsed, args))
+    doc = {"benchmark": "jaxdyn bench serve", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "config": _config(args, parsed, model), "warmup": warmup, "runs": runs}
+    print(report.table(doc))
+    if args.out:
+        report.write_json(doc, args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        for path in report.plot(doc, args.plot):
+            print(f"wrote {path}")
+    return 0

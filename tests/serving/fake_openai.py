@@ -1,0 +1,124 @@
+"""A fake OpenAI-compatible streaming server with injected delays and failures, for the benchmark tests.
+
+Each request streams ``max_tokens`` chunks of one token ("t<request>.<k> "):
+the first after ``ttft(n)`` seconds, the others ``itl`` apart, then a finish
+chunk, a usage chunk when asked (``stream_options.include_usage``) and
+``[DONE]``. ``n`` is the request's arrival number at the server (1, 2, ...).
+The server records every request body and the peak number of requests in
+flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompt_tokens(body: dict) -> int:
+    """What the fake reports as usage.prompt_tokens: words of the prompt (or of every message) + 1."""
+    if "messages" in body:
+        return sum(len(m["content"].split()) for m in body["messages"]) + 1
+    p = body["prompt"]
+    return (len(p) if isinstance(p, list) else len(p.split())) + 1
+
+
+class FakeOpenAI:
+    def __init__(self, *, ttft=0.05, itl=0.01, model="fake"):
+        self.ttft = ttft if callable(ttft) else (lambda n, t=ttft: t)
+        self.itl = itl
+        self.model = model
+        self.fail_every = 0          # every k-th request answers HTTP 500
+        self.error_event_every = 0   # every k-th request sends an error event after two tokens
+        self.hang_every = 0          # every k-th request sends one token, then nothing for 30 s
+        self.usage = True            # honour stream_options.include_usage
+        self.bodies: list[dict] = []
+        self.count = 0
+        self.active = 0
+        self.peak = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(routes=[Route("/v1/models", self._models, methods=["GET"]),
+                                Route("/v1/completions", self._complete, methods=["POST"]),
+                                Route("/v1/chat/completions", self._complete, methods=["POST"])])
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        for _ in range(200):
+            if self._server.started:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("the fake server did not start")
+
+    def __exit__(self, *exc):
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    async def _models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def _complete(self, request: Request):
+        body = await request.json()
+        self.count += 1
+        n = self.count
+        self.bodies.append(body)
+        if self.fail_every and n % self.fail_every == 0:
+            return JSONResponse({"error": {"message": f"injected failure of request {n}", "type": "server_error",
+                                           "param": None, "code": None}}, status_code=500)
+        chat = "messages" in body
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        include_usage = self.usage and (body.get("stream_options") or {}).get("include_usage")
+
+        def chunk(text=None, finish=None, usage=None, role=False):
+            if usage is not None:
+                obj = {"choices": [], "usage": usage}
+            elif chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            else:
+                obj = {"choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
+            return f"data: {json.dumps({'id': f'x{n}', 'model': self.model, **obj})}\n\n"
+
+        async def stream():
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            try:
+                if chat:
+                    yield chunk(role=True)
+                await asyncio.sleep(self.ttft(n))
+                for k in range(max_tokens):
+                    if k:
+                        await asyncio.sleep(self.itl)
+                    if self.error_event_every and n % self.error_event_every == 0 and k == 2:
+                        yield f"data: {json.dumps({'error': {'message': f'injected error event {n}'}})}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                    if self.hang_every and n % self.hang_every == 0 and k == 1:
+                        await asyncio.sleep(30)
+                    yield chunk(f"t{n}.{k} ")
+                yield chunk(finish="length")
+                if include_usage:
+                    p = prompt_tokens(body)
+                    yield chunk(usage={"prompt_tokens": p, "completion_tokens": max_tokens,
+                                       "total_tokens": p + max_tokens})
+                yield "data: [DONE]\n\n"
+            finally:
+                self.active -= 1
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
