@@ -6,8 +6,12 @@ For each (batch, context) point it runs a few compiled steps of the model
 JSON it writes, and prints the GPU kernels that take the most time per step,
 grouped by kernel name, with their share of the step. It also saves the
 optimised HLO of each step (``--hlo-dir``) to read for copies and fusions.
+``--sampler`` picks the sampler variant the step is compiled with (the rows are
+greedy, so ``plain`` and ``full`` compute their extra parts and discard them):
+the difference to ``greedy`` is what that variant costs.
 
-    python -m benchmarks.gpu.profile_step --model llama-3.1-8b --points 8x2048,64x2048 [--hlo-dir DIR]
+    python -m benchmarks.gpu.profile_step --model llama-3.1-8b --points 8x2048,64x2048 \
+        [--sampler greedy|plain|full] [--hlo-dir DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from benchmarks.gpu.step import decode_runner, decode_work, run_back_to_back
 from checkpoints.loader import load_model
+from jaxdyn.engine.sampler import GREEDY, VARIANTS
 
 
 def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
@@ -61,29 +66,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--hlo-dir", default=None, help="write each step's optimised HLO here (gzip)")
-    ap.add_argument("--argmax-sampler", action="store_true",
-                    help="experiment: replace the sampler (its lax.cond branches) by a plain argmax")
+    ap.add_argument("--sampler", choices=VARIANTS, default=GREEDY,
+                    help="sampler variant of the step (greedy: argmax only, what greedy rows get)")
     args = ap.parse_args(argv)
-    if args.argmax_sampler:
-        import jax.numpy as jnp
-        from jaxdyn.engine import runner as runner_module
-        from jaxdyn.engine.sampling_params import MAX_LOGPROBS
-
-        def argmax_only(logits, history_fn, s):
-            S = logits.shape[0]
-            ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return (ids, jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
-                    jnp.zeros((S, MAX_LOGPROBS), jnp.float32))
-        runner_module.sample = argmax_only
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     mesh, loaded, _ = load_model(args.model, load_format="dummy", dtype="bfloat16")
     rng = np.random.default_rng(0)
     runner = decode_runner(loaded, mesh, points)
     for b, c in points:
-        compiled, dev_args, _ = runner.prepare(decode_work(rng, runner, loaded.config.vocab_size, b, c))
+        compiled, dev_args, _ = runner.prepare(decode_work(rng, runner, loaded.config.vocab_size, b, c),
+                                               args.sampler)
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
-            with gzip.open(os.path.join(args.hlo_dir, f"{args.model}_b{b}_c{c}.hlo.txt.gz"), "wt") as f:
+            name = f"{args.model}_b{b}_c{c}_{args.sampler}.hlo.txt.gz"
+            with gzip.open(os.path.join(args.hlo_dir, name), "wt") as f:
                 f.write(compiled.as_text())
         jax.block_until_ready(run_back_to_back(runner, compiled, dev_args, 3))
         # host time to dispatch a step (no wait) and wall time per step, outside the profiler
@@ -97,8 +93,8 @@ def main(argv=None) -> None:
             jax.block_until_ready(run_back_to_back(runner, compiled, dev_args, args.steps))
         totals, span = kernel_times(trace_dir)
         busy = sum(totals.values())
-        print(f"\n{args.model} batch {b} context {c}: wall {wall * 1e3:.2f} ms/step, host dispatch "
-              f"{dispatch * 1e3:.2f} ms/step; profiled: GPU span {span / args.steps / 1e3:.2f} ms/step, "
+        print(f"\n{args.model} batch {b} context {c} sampler {args.sampler}: wall {wall * 1e3:.2f} ms/step, "
+              f"host dispatch {dispatch * 1e3:.2f} ms/step; profiled: GPU span {span / args.steps / 1e3:.2f} ms/step, "
               f"kernels busy {busy / args.steps / 1e3:.2f} ms/step", flush=True)
         print("| kernel | µs / step | share of busy |\n|---|---:|---:|")
         for name, us in sorted(totals.items(), key=lambda kv_: -kv_[1])[:args.top]:

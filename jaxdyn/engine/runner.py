@@ -131,10 +131,11 @@ class StepOutput:
 
 
 class StepHandle:
-    """A dispatched step; ``result()`` waits for it and copies what was asked to the host."""
+    """A dispatched step; ``result()`` waits for it and copies what was asked to the host.
+    ``variant`` names the sampler variant it ran with."""
 
-    def __init__(self, runner, n, ids, lps, top_ids, top_lps, logits, want_logprobs):
-        self._runner, self.n = runner, n
+    def __init__(self, runner, n, ids, lps, top_ids, top_lps, logits, want_logprobs, variant):
+        self._runner, self.n, self.variant = runner, n, variant
         self._ids, self._lps, self._top_ids, self._top_lps, self._logits = ids, lps, top_ids, top_lps, logits
         self._want = want_logprobs
         self._out: StepOutput | None = None
@@ -294,11 +295,11 @@ class ModelRunner:
 
     def execute(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepHandle:
         """Dispatch one step; returns at once with a handle to its results."""
-        compiled, args, want_lp = self.prepare(work, variant)
+        compiled, args, want_lp, variant = self._prepare(work, variant)
         (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
             self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         self.prev_sampled = sampled
-        return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp)
+        return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp, variant)
 
     def prepare(self, work: Sequence[SequenceWork], variant: str | None = None
                 ) -> tuple[jax.stages.Compiled, tuple, bool]:
@@ -307,12 +308,16 @@ class ModelRunner:
         benchmarks call it back to back as ``compiled(state, kv_cache, token_pages,
         prev_sampled, *args)``. ``variant`` None: the cheapest that serves the work; a costlier
         one may be named (tests, benchmarks), a cheaper one is refused."""
+        return self._prepare(work, variant)[:3]
+
+    def _prepare(self, work, variant):
         t, p, needed, host_arrays, want_lp = self._pack(work)
         if variant is None:
             variant = needed
         elif variant not in VARIANTS or not serves(variant, needed):
             raise ValueError(f"sampler variant {variant!r} cannot serve this step (it needs {needed!r})")
-        return self._compile(t, p, variant), jax.device_put(host_arrays, self._replicated), want_lp
+        return (self._compile(t, p, variant), jax.device_put(host_arrays, self._replicated), want_lp,
+                variant)
 
     def _pack(self, work: Sequence[SequenceWork]
               ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:

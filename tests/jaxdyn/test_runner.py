@@ -1,4 +1,8 @@
-"""The model runner: bucketed shapes compiled once at warm-up, the cache donated and written in place."""
+"""The model runner: bucketed shapes compiled once at warm-up in every sampler variant, the step's
+variant picked from its rows, the cache donated and written in place."""
+
+import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +12,8 @@ import pytest
 from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
 from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers_of_two
+from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, VARIANTS, serves
+from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
 from tests.support import make_hf_checkpoint
 
@@ -96,3 +102,158 @@ def test_kv_cache_is_donated_and_updated_in_place(loaded):
 def test_bad_steps_are_refused_with_a_reason(warm_runner, work, message):
     with pytest.raises(ValueError, match=message):
         warm_runner.step(work)
+
+
+# ---- sampler variants --------------------------------------------------------------------------
+
+VARIANT_CFG = RunnerConfig(num_pages=32, page_size=16, max_num_batched_tokens=64, max_num_seqs=8,
+                           max_model_len=64, token_buckets=(16, 64), page_buckets=(4,), fail_on_compile=True)
+
+
+@pytest.fixture(scope="module")
+def variant_runner(loaded):
+    """A warm runner of two buckets, and the compilations its warm-up made."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh, VARIANT_CFG)
+    before = compilation_count()
+    runner.warmup()
+    return runner, compilation_count() - before
+
+
+def test_warmup_compiles_every_bucket_in_every_sampler_variant(variant_runner):
+    runner, compiled = variant_runner
+    assert len(runner.bucket_shapes()) == 2
+    assert compiled == 2 * len(VARIANTS) + 1          # + the page copy
+
+
+GREEDY_P = SamplingParams(temperature=0, max_tokens=None)
+KINDS = {   # name: (params, banned ids)
+    "greedy": (GREEDY_P, ()),
+    "banned": (GREEDY_P, (7, 100, 255)),
+    "seeded": (SamplingParams(temperature=0.8, max_tokens=None), ()),
+    "seeded-banned": (SamplingParams(temperature=1.2, max_tokens=None), (3, 4)),
+    "top-k": (SamplingParams(temperature=1.0, top_k=20, max_tokens=None), ()),
+    "top-p-min-p": (SamplingParams(temperature=1.0, top_p=0.9, min_p=0.02, max_tokens=None), ()),
+    "penalties": (SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=0.5,
+                                 frequency_penalty=0.5, max_tokens=None), ()),
+    "logprobs": (SamplingParams(temperature=0.7, logprobs=5, max_tokens=None), ()),
+    "greedy-logprobs": (SamplingParams(temperature=0, logprobs=0, max_tokens=None), ()),
+    "greedy-top-k": (SamplingParams(temperature=0, top_k=5, max_tokens=None), ()),  # no draw: no filter
+}
+OWN_VARIANT = {"greedy": GREEDY, "banned": GREEDY, "greedy-top-k": GREEDY, "seeded": PLAIN,
+               "seeded-banned": PLAIN, "top-k": FULL, "top-p-min-p": FULL, "penalties": FULL,
+               "logprobs": FULL, "greedy-logprobs": FULL}
+
+
+@pytest.mark.parametrize("kinds, want", [
+    ((None,), GREEDY), (("greedy", "banned", "greedy-top-k"), GREEDY),
+    (("seeded",), PLAIN), (("greedy", "seeded-banned", "banned"), PLAIN),
+    (("greedy", "top-k"), FULL), (("seeded", "top-p-min-p"), FULL), (("penalties",), FULL),
+    (("greedy-logprobs", "greedy"), FULL), (("seeded", "logprobs", "banned"), FULL),
+])
+def test_a_step_runs_the_cheapest_variant_its_rows_need(variant_runner, kinds, want):
+    runner, _ = variant_runner
+    work = [SequenceWork([5 + i, 6, 7], 0, [i], params=None if k is None else KINDS[k][0],
+                         banned=() if k is None else KINDS[k][1]) for i, k in enumerate(kinds)]
+    handle = runner.execute(work)
+    assert handle.variant == want
+    out = handle.result()
+    wants_logprobs = any(k is not None and KINDS[k][0].logprobs is not None for k in kinds)
+    assert (out.logprobs is not None) == wants_logprobs
+    assert all(OWN_VARIANT[k] == want or serves(want, OWN_VARIANT[k]) for k in kinds if k is not None)
+
+
+def test_a_variant_cheaper_than_the_step_needs_is_refused(variant_runner):
+    runner, _ = variant_runner
+    work = [SequenceWork([1, 2], 0, [0], params=KINDS["seeded"][0])]
+    with pytest.raises(ValueError, match="variant 'greedy' cannot serve this step \\(it needs 'plain'\\)"):
+        runner.prepare(work, GREEDY)
+    assert runner.execute(work, FULL).variant == FULL
+
+
+def _generate(runner, kinds, variant=None, steps=5):
+    """Prefill one prompt per kind in one step, then decode ``steps - 1`` tokens (fed back from
+    the host); row i in pages 2i, 2i+1. Returns per row the tokens, per row the (logprob, top 5)
+    of each step where it asked for logprobs, and the variants the steps ran."""
+    work = []
+    for i, k in enumerate(kinds):
+        params, banned = KINDS[k]
+        kind = sorted(KINDS).index(k)                  # a row's prompt and seed follow its kind only
+        prompt = np.random.default_rng(kind).integers(0, 256, 6 + kind % 5).tolist()
+        work.append(SequenceWork(prompt, 0, [2 * i, 2 * i + 1], params=params, prompt_len=len(prompt),
+                                 seed=1000 + kind, banned=banned))
+    tokens, logprobs, used = [[] for _ in kinds], [[] for _ in kinds], set()
+    for step in range(steps):
+        handle = runner.execute(work, variant)
+        out = handle.result()
+        used.add(handle.variant)
+        for i, w in enumerate(work):
+            tokens[i].append(int(out.next_token_ids[i]))
+            if w.params.logprobs is not None:
+                logprobs[i].append((out.logprobs[i], out.top_ids[i, :5], out.top_logprobs[i, :5]))
+        work = [dataclasses.replace(w, token_ids=[tokens[i][-1]], num_computed=w.num_computed + len(w.token_ids),
+                                    output_index=step + 1) for i, w in enumerate(work)]
+    return tokens, logprobs, used
+
+
+@pytest.mark.parametrize("kinds", [("greedy", "banned", "greedy-top-k"), ("greedy", "seeded", "seeded-banned")])
+def test_a_greedy_or_plain_step_draws_what_full_draws(variant_runner, kinds):
+    runner, _ = variant_runner
+    tokens, _, used = _generate(runner, kinds)
+    assert used == {max((OWN_VARIANT[k] for k in kinds), key=VARIANTS.index)}
+    assert _generate(runner, kinds, FULL)[0] == tokens
+    if PLAIN not in used:
+        assert _generate(runner, kinds, PLAIN)[0] == tokens
+
+
+def test_every_row_of_a_mixed_step_draws_what_it_draws_alone(variant_runner):
+    """Six kinds of rows in one ``full`` step, five steps on: each row's tokens (and logprobs) are
+    those it gets alone in its own variant; a greedy row in a full step takes the argmax."""
+    runner, _ = variant_runner
+    kinds = ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs", "banned")
+    tokens, logprobs, used = _generate(runner, kinds)
+    assert used == {FULL}
+    for i, k in enumerate(kinds):
+        alone, alone_lps, alone_used = _generate(runner, (k,))
+        assert alone_used == {OWN_VARIANT[k]}
+        assert alone[0] == tokens[i], k
+        for (lp, top_ids, top_lps), (lp1, top_ids1, top_lps1) in zip(logprobs[i], alone_lps[0], strict=True):
+            assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(top_ids, top_ids1)
+            assert np.allclose(top_lps, top_lps1, atol=1e-5)
+    assert len(logprobs[kinds.index("logprobs")]) == 5
+
+
+def test_no_step_variant_holds_a_conditional(variant_runner):
+    """XLA's GPU conditional reads its predicate on the host (a sync every step): none in any variant,
+    neither in the lowered step nor in the compiled one."""
+    runner, _ = variant_runner
+    work = [SequenceWork([1, 2, 3], 0, [0])]          # greedy: every variant may run it
+    for v in VARIANTS:
+        lowered = runner.lower(16, 4, v).as_text()
+        assert "stablehlo.case" not in lowered and "stablehlo.if" not in lowered, v
+        assert "conditional(" not in runner.prepare(work, v)[0].as_text(), v
+
+
+def test_a_mixed_workload_after_warmup_compiles_nothing(variant_runner):
+    runner, _ = variant_runner
+    rng = np.random.default_rng(3)
+    before = compilation_count()
+    used = collections.Counter()
+    for _ in range(30):
+        num_seqs = int(rng.integers(1, VARIANT_CFG.max_num_seqs + 1))
+        kinds = rng.choice(sorted(KINDS), num_seqs, p=None).tolist()
+        if rng.random() < 0.4:                               # plenty of greedy-only and plain steps too
+            kinds = [k for k in kinds if OWN_VARIANT[k] != FULL] or ["greedy"]
+        work = []
+        for i, k in enumerate(kinds):
+            n = int(rng.integers(1, 64 // len(kinds) + 1))
+            cached = int(rng.integers(0, 64 - n))
+            pages = [4 * i + j for j in range(-(-(cached + n) // 16))]
+            work.append(SequenceWork(rng.integers(0, 256, n).tolist(), cached, pages, params=KINDS[k][0],
+                                     prompt_len=int(rng.integers(0, cached + 1)), seed=int(rng.integers(0, 2**32)),
+                                     output_index=int(rng.integers(0, 20)), banned=KINDS[k][1]))
+        handle = runner.execute(work)
+        handle.result()
+        used[handle.variant] += 1
+    assert set(used) == set(VARIANTS) and min(used.values()) >= 3, used
+    assert compilation_count() == before

@@ -1,11 +1,14 @@
-"""The on-device sampler against numpy: filters, penalties, seeds, banned ids, logprobs."""
+"""The on-device sampler against numpy: filters, penalties, seeds, banned ids, logprobs; its static
+variants draw what ``full`` draws, and none holds a conditional."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdyn.engine.sampler import SamplingArrays, apply_filters, apply_penalties, sample
+from jaxdyn.engine.sampler import (
+    FULL, GREEDY, PLAIN, VARIANTS, SamplingArrays, apply_filters, apply_penalties, sample, serves, variant_for)
+from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 
 
 def arrays(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0, freq=0.0,
@@ -111,3 +114,107 @@ def test_greedy_banned_and_logprobs():
     flat = np.zeros((N, 4), np.float32)
     ids = np.asarray(_draw(flat, arrays(N, temperature=1.0, seeds=np.arange(N), banned=b))[0])
     assert 0 not in ids and set(ids) == {1, 2, 3}
+
+
+# ---- static variants -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("needs, want", [
+    (dict(), GREEDY),
+    (dict(random=True), PLAIN),
+    (dict(penalties=True), FULL),
+    (dict(random=True, filters=True), FULL),
+    (dict(logprobs=True), FULL),
+    (dict(random=True, penalties=True, filters=True, logprobs=True), FULL),
+])
+def test_the_cheapest_variant_that_serves_the_batch_is_picked(needs, want):
+    flags = dict(penalties=False, filters=False, random=False, logprobs=False) | needs
+    assert variant_for(**flags) == want
+    assert [v for v in VARIANTS if serves(v, want)] == list(VARIANTS[VARIANTS.index(want):])
+
+
+def mixed_batch(seed=0):
+    """Twelve rows of every kind: greedy, greedy with a banned argmax, seeded draws (one banning
+    its argmax), top-k / top-p / min-p, penalties (greedy and sampled), and what each row needs."""
+    rng = np.random.default_rng(seed)
+    S, V, H = 12, 64, 10
+    logits = (rng.normal(size=(S, V)) * 2).astype(np.float32)
+    col = lambda *v: np.array(v)
+    temperature = col(0, 0, 0, 0, 0.7, 1.0, 1.3, 1.0, 1.0, 0.8, 1.2, 0.9)
+    top_k = col(0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0)
+    top_p = col(1, 1, 1, 1, 1, 1, 1, 1, 1, 0.8, 1, 1)
+    min_p = col(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.1, 0)
+    rep = col(1, 1, 1.5, 1, 1, 1, 1, 1, 1, 1, 1, 1.3)
+    pres = col(0, 0, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0.4)
+    freq = col(0, 0, 0.7, 0, 0, 0, 0, 0, 0, 0, 0, 0.2)
+    banned = np.full((S, 4), -1, np.int32)
+    banned[1, 0] = logits[1].argmax()
+    banned[7, :2] = np.argsort(-logits[7])[:2]
+    f32 = lambda v: v.astype(np.float32)
+    s = SamplingArrays(f32(temperature), top_k.astype(np.int32), f32(top_p), f32(min_p), f32(rep), f32(pres),
+                       f32(freq), np.full(S, 4, np.int32), rng.integers(0, 2**32, S, dtype=np.uint64).astype(np.uint32),
+                       rng.integers(0, 50, S).astype(np.int32), banned)
+    history = (rng.integers(0, V, (S, H)).astype(np.int32), np.arange(H)[None, :] < rng.integers(4, H + 1, (S, 1)),
+               np.broadcast_to(np.arange(H)[None, :] >= 4, (S, H)))
+    needs = [variant_for(penalties=bool(rep[r] != 1 or pres[r] or freq[r]),
+                         filters=bool(temperature[r] > 0 and (top_k[r] or top_p[r] < 1 or min_p[r])),
+                         random=bool(temperature[r] > 0), logprobs=False) for r in range(S)]
+    return logits, s, history, needs
+
+
+def _sample(logits, s, history, variant):
+    h = tuple(jnp.asarray(x) for x in history)
+    return jax.jit(lambda l, s: sample(l, lambda: h, s, variant))(jnp.asarray(logits), s)
+
+
+def _rows(s, history, rows):
+    return jax.tree.map(lambda x: x[rows], s), tuple(x[rows] for x in history)
+
+
+@pytest.mark.parametrize("variant", [GREEDY, PLAIN])
+def test_greedy_and_plain_draw_what_full_draws_on_the_rows_they_serve(variant):
+    logits, s, history, needs = mixed_batch()
+    rows = np.array([r for r, need in enumerate(needs) if serves(variant, need)])
+    assert {needs[r] for r in rows} == set(VARIANTS[:VARIANTS.index(variant) + 1]), "every kind it serves"
+    sub, hist = _rows(s, history, rows)
+    ids, lp, top_ids, top_lps = _sample(logits[rows], sub, hist, variant)
+    assert lp is None and top_ids is None and top_lps is None       # logprobs only in full
+    full_ids = _sample(logits[rows], sub, hist, FULL)[0]
+    assert np.array_equal(np.asarray(ids), np.asarray(full_ids))
+    greedy = np.asarray(sub.temperature) == 0
+    want = np.array([np.argmax(np.where(np.isin(np.arange(64), b[b >= 0]), -np.inf, l))
+                     for l, b in zip(logits[rows], sub.banned)])
+    assert np.array_equal(np.asarray(ids)[greedy], want[greedy])   # temperature 0: the argmax
+
+
+def test_a_row_of_a_full_batch_draws_what_its_own_variant_draws_alone():
+    """Penalties and filters apply per row in ``full``: a row without them gets what ``greedy`` or
+    ``plain`` gives it alone, and a row with them what it gets alone; logprobs are the raw model's."""
+    logits, s, history, needs = mixed_batch(1)
+    ids, lp, top_ids, top_lps = (np.asarray(x) for x in _sample(logits, s, history, FULL))
+    assert sorted(set(needs)) == sorted(VARIANTS)
+    for r, need in enumerate(needs):
+        sub, hist = _rows(s, history, np.array([r]))
+        assert int(_sample(logits[r:r + 1], sub, hist, need)[0][0]) == ids[r], r
+        alone = _sample(logits[r:r + 1], sub, hist, FULL)
+        assert np.array_equal(np.asarray(alone[1])[0], lp[r]) and np.array_equal(np.asarray(alone[3])[0], top_lps[r])
+    ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    assert np.allclose(lp, ref[np.arange(12), ids], atol=1e-6)
+    assert np.array_equal(top_ids, np.argsort(-ref, axis=-1, kind="stable")[:, :MAX_LOGPROBS])
+    assert np.allclose(top_lps, np.sort(ref, axis=-1)[:, ::-1][:, :MAX_LOGPROBS], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_variant_holds_a_conditional_or_a_loop(variant):
+    """A GPU conditional (or while loop) reads its predicate on the host: none in any variant."""
+    logits, s, history, _ = mixed_batch()
+    h = tuple(jnp.asarray(x) for x in history)
+    text = jax.jit(lambda l, s: sample(l, lambda: h, s, variant)).lower(jnp.asarray(logits), s).as_text()
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text and "stablehlo.while" not in text
+    jaxpr = str(jax.make_jaxpr(lambda l, s: sample(l, lambda: h, s, variant))(jnp.asarray(logits), s))
+    assert "cond[" not in jaxpr and "while[" not in jaxpr
+
+
+def test_an_unknown_variant_is_refused():
+    logits, s, history, _ = mixed_batch()
+    with pytest.raises(ValueError, match="unknown sampler variant 'fast'"):
+        _sample(logits, s, history, "fast")
