@@ -53,8 +53,10 @@ class PromptSource:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         if tokenizer is not None:
+            # ordinary tokens that decode to whole characters (not a fragment of a multi-byte one)
             special = tokenizer.special_ids
-            self._ids = np.array([i for i in range(tokenizer.vocab_size) if i not in special], dtype=np.int64)
+            self._ids = np.array([i for i in range(tokenizer.vocab_size) if i not in special
+                                  and "\ufffd" not in tokenizer.decode([i])], dtype=np.int64)
             if len(self._ids) == 0:
                 raise BenchError("the tokenizer has no ordinary tokens to draw prompts from")
 

@@ -95,7 +95,8 @@ def run(args, model: str, engine_config) -> dict:
         raise BenchError(str(e)) from None
     llm = LLM(engine=engine)
     vocab = None if llm.tokenizer is not None else engine.model_config.vocab_size
-    source = PromptSource(datasets.seeded_rng(args.seed if args.seed is not None else 0, 1, 0), llm.tokenizer, vocab)
+    seed = args.seed if args.seed is not None else 0
+    source = PromptSource(datasets.seeded_rng(seed, 1, 0), llm.tokenizer, vocab)
     samples = datasets.load_samples(args, source)
     if samples[0].conversation is None:
         longest = max(s.prompt_len or 0 for s in samples) + max(s.output_len for s in samples)
@@ -111,7 +112,7 @@ def run(args, model: str, engine_config) -> dict:
     cfg = {k: getattr(args, k) for k in ("dataset", "dataset_path", "num_prompts", "seed", "input_len",
                                          "output_len", "range_ratio", "ignore_eos", "temperature", "num_warmups",
                                          "tp", "dtype", "load_format")}
-    cfg.update(model=model, engine={k: getattr(engine_config, k) for k in (
+    cfg.update(seed=seed, model=model, engine={k: getattr(engine_config, k) for k in (
         "max_num_seqs", "max_num_batched_tokens", "page_size", "enable_prefix_caching")},
         max_model_len=engine.max_model_len, num_pages=engine.num_pages,
         load_seconds=engine.load_info.get("seconds"), warmup_seconds=engine.load_info.get("warmup_seconds"))

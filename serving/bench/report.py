@@ -106,16 +106,18 @@ def table(doc: dict) -> str:
              "|---|" + "---:|" * len(runs)]
     for key, label in rows:
         lines.append(f"| {label} | " + " | ".join(_fmt(s.get(key)) for _, s in runs) + " |")
-    lines.append("")
+    notes = []
     for label, s in runs:
         sources = s.get("token_sources")
         if sources:
-            lines.append(f"{label}: output tokens counted from " +
+            notes.append(f"{label}: output tokens counted from " +
                          ", ".join(f"{k} ({v} requests)" for k, v in sources.items()))
         for err, count in list(s.get("errors", {}).items())[:5]:
-            lines.append(f"{label}: {count} failed: {err}")
+            notes.append(f"{label}: {count} failed: {err}")
         if len(s.get("errors", {})) > 5:
-            lines.append(f"{label}: ... {len(s['errors']) - 5} more distinct errors (see the JSON)")
+            notes.append(f"{label}: ... {len(s['errors']) - 5} more distinct errors (see the JSON)")
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines)
 
 

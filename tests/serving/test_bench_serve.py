@@ -46,20 +46,22 @@ def test_reported_latencies_and_throughputs_match_the_injected_delays(tmp_path, 
     s = doc["runs"][0]["summary"]
     reqs = doc["runs"][0]["requests"]
     assert s["completed"] == 12 and s["failed"] == 0
+    # never faster than injected; single requests may be late (a GC pause on a busy CI machine), medians may not
     for r in reqs:
         # the chat stream's opening role chunk comes at once and must not count as the first token
-        assert 0.2 <= r["ttft"] < 0.3
-        assert len(r["itls"]) == 5 and all(0.035 <= x < 0.1 for x in r["itls"])
-        assert 0.2 + 5 * 0.04 <= r["e2e"] < 0.55
+        assert 0.2 <= r["ttft"] < 0.45
+        assert len(r["itls"]) == 5 and all(x >= 0.035 for x in r["itls"])
+        assert 0.2 + 5 * 0.04 <= r["e2e"] < 0.65
         assert r["tpot"] == pytest.approx((r["e2e"] - r["ttft"]) / 5, abs=1e-5)
         assert r["output_tokens"] == 6 and r["token_source"] == "usage"
         assert r["prompt_len"] == 8 + 1 and r["prompt_token_source"] == "usage"    # the fake: words + 1
-    assert 200 <= s["mean_ttft_ms"] < 300 and 200 <= s["median_ttft_ms"] <= s["p90_ttft_ms"] <= s["p99_ttft_ms"]
-    assert 40 <= s["median_itl_ms"] < 60 and 40 <= s["mean_tpot_ms"] < 60
-    assert 400 <= s["mean_e2el_ms"] < 550
+    assert 200 <= s["median_ttft_ms"] < 240 and s["median_ttft_ms"] <= s["p90_ttft_ms"] <= s["p99_ttft_ms"]
+    assert 200 <= s["mean_ttft_ms"] < 300
+    assert 40 <= s["median_itl_ms"] < 50 and 40 <= s["median_tpot_ms"] < 50
+    assert 400 <= s["median_e2el_ms"] < 460
     # throughputs are the totals over the run's duration, which is about one request's latency
     assert s["total_output_tokens"] == 72 and s["total_input_tokens"] == 12 * 9
-    assert 0.4 <= s["duration_s"] < 0.8
+    assert 0.4 <= s["duration_s"] < 0.9
     assert s["request_throughput"] == pytest.approx(12 / s["duration_s"])
     assert s["output_throughput"] == pytest.approx(72 / s["duration_s"])
     assert s["total_token_throughput"] == pytest.approx((72 + 108) / s["duration_s"])
@@ -397,8 +399,9 @@ def test_against_the_real_server_token_counts_equal_its_usage(tmp_path, demo_ser
     assert len({u["prompt_len"] for u in usage["requests"]}) > 1            # the range ratio varies them
     assert usage["summary"]["total_output_tokens"] == sum(u["max_tokens"] for u in usage["requests"])
     assert usage["summary"]["peak_concurrency"] == 4
-    # greedy, same prompts: the tokenizer's count of the streamed text equals the server's usage too
-    assert [c["output_tokens"] for c in counted["requests"]] == [u["output_tokens"] for u in usage["requests"]]
+    # re-encoding the streamed text only approximates the tokens generated (BPE merges differ): hence usage first
+    total = usage["summary"]["total_output_tokens"]
+    assert 0.75 * total <= counted["summary"]["total_output_tokens"] <= 1.25 * total
     assert core.metrics.compilations_after_warmup == 0
 
 
