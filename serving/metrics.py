@@ -56,13 +56,29 @@ class EngineCollector:
                       m.compilations_after_warmup)
         done = CounterMetricFamily("jaxdyn:request_success", "Finished sequences by finish reason.",
                                    labels=["model_name", "finished_reason"])
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             done.add_metric([self.model_name, reason], m.requests_finished.get(reason, 0))
         yield done
+        decisions = CounterMetricFamily(
+            "jaxdyn:disagg_prefill_decisions", "Where prompts were computed: remote, or why local.",
+            labels=["model_name", "decision"])
+        for decision, count in sorted(m.prefill_decisions.items()):
+            decisions.add_metric([self.model_name, decision], count)
+        yield decisions
+        yield counter("jaxdyn:kv_transfers", "KV handoffs from the prefill role to the decode role.",
+                      m.kv_transfers)
+        yield counter("jaxdyn:kv_transfer_bytes", "KV bytes handed to the decode role.", m.kv_transfer_bytes)
+        yield counter("jaxdyn:remote_prefill_failures", "Remote prefills failed, timed out or refused.",
+                      m.remote_prefill_failures)
+        yield counter("jaxdyn:remote_prefill_computed_tokens", "Prompt tokens the prefill role computed.",
+                      m.remote_prefill_tokens)
+        yield gauge("jaxdyn:num_remote_prefills", "Remote prefills in flight.", m.num_remote_prefills)
         yield hist("jaxdyn:time_to_first_token_seconds", "Time to first token.", m.ttft)
         yield hist("jaxdyn:inter_token_latency_seconds", "Time between tokens of a sequence.", m.itl)
         yield hist("jaxdyn:e2e_request_latency_seconds", "Arrival to finish.", m.e2e)
         yield hist("jaxdyn:request_queue_time_seconds", "Arrival to first scheduled.", m.queue_time)
+        yield hist("jaxdyn:kv_handoff_seconds", "Prefill done to its KV scattered on the decode side.",
+                   m.kv_handoff)
 
 
 def make_registry(get_metrics, model_name: str) -> CollectorRegistry:

@@ -1,10 +1,10 @@
-"""Test set-up: 4 virtual CPU devices for tensor-parallel tests, float32 parity settings."""
+"""Test set-up: 8 virtual CPU devices for tensor-parallel tests, float32 parity settings."""
 
 import os
 
 # Must be set before jax initialises its CPU backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=4").strip()
+                           + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -25,6 +25,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (e.g. its remote prefill); the engine lives on."""
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -108,6 +112,8 @@ class AsyncEngine:
     # ---- engine thread -------------------------------------------------------------------------
 
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
+        if isinstance(out, RequestOutput) and out.error is not None:
+            out = RequestFailedError(out.error)
         # The last item of a request unregisters it here, so a stream nobody reads cannot leak.
         last = isinstance(out, BaseException) or out.finished
         s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
@@ -139,6 +145,9 @@ class AsyncEngine:
                         self._deliver(out, out.request_id)
                 else:
                     self._wake.wait(0.05)
+            stop = getattr(core, "shutdown", None)
+            if stop is not None:
+                stop()
         except BaseException as e:  # the engine is dead: tell everyone, keep the reason
             self.dead = e
             traceback.print_exc()

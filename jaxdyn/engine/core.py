@@ -18,11 +18,11 @@ import time
 import jax
 import numpy as np
 
-from jaxdyn.engine.compilation import compilation_count
+from jaxdyn.engine.compilation import thread_compilation_count
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
-    CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus)
+    CompletionOutput, Logprob, Request, RequestOutput, Sequence)
 from jaxdyn.engine.runner import MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -84,7 +84,8 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._arrivals = 0
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
-        self._compiles_at_warmup: int | None = None
+        self._warm = False
+        self.compiles_while_serving = 0   # on the serving thread, inside step(), after warm-up
         self.host_time = 0.0          # seconds spent in step() outside waiting for the device
         self.wait_time = 0.0
 
@@ -94,7 +95,7 @@ class EngineCore:
 
     def warmup(self, progress: bool = False) -> float:
         seconds = self.runner.warmup(progress)
-        self._compiles_at_warmup = compilation_count()
+        self._warm = True
         return seconds
 
     # ---- requests ------------------------------------------------------------------------------
@@ -121,18 +122,19 @@ class EngineCore:
             raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens exceed the KV "
                                f"cache ({self.num_pages * self.config.page_size} tokens)")
 
-    def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
-                    priority: int = 0, arrival_time: float | None = None) -> Request:
+    def draw_seed(self) -> int:
+        return self._rng.getrandbits(32)
+
+    def _new_request(self, request_id, prompt_ids, params, priority, arrival_time) -> Request:
         if request_id in self.requests:
             raise RequestError("request_id", f"request id {request_id!r} is already in use")
-        prompt_ids = list(prompt_ids)
         self.check_request(prompt_ids, params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id, prompt_ids, params, priority, arrival_time)
         req.max_len = len(prompt_ids) + max_tokens
         for i in range(params.n):
-            seed = ((params.seed + i) if params.seed is not None else self._rng.getrandbits(32)) & 0xFFFFFFFF
+            seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFF
             seq = Sequence(req, i, seed, self._arrivals)
             if self.tokenizer is not None and params.detokenize:
                 seq.detok = IncrementalDetokenizer(
@@ -142,6 +144,17 @@ class EngineCore:
                 seq.logprobs = []
             req.seqs.append(seq)
         self._arrivals += 1
+        return req
+
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
+                    priority: int = 0, arrival_time: float | None = None, hold_kv: bool = False) -> Request:
+        """Queue a request. ``hold_kv``: when it finishes keep its pages until ``release_kv``
+        (a prefill whose KV another engine reads; one sequence only)."""
+        prompt_ids = list(prompt_ids)
+        if hold_kv and params.n != 1:
+            raise RequestError("n", "a request whose KV is held must have n=1")
+        req = self._new_request(request_id, prompt_ids, params, priority, arrival_time)
+        req.hold_kv = hold_kv
         if params.n > 1 and len(prompt_ids) > 1:
             req.seqs[0].fork_target = len(prompt_ids) - 1
             for s in req.seqs[1:]:
@@ -167,6 +180,53 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None
 
+    # ---- disaggregation: KV that leaves or arrives -----------------------------------------------
+
+    def held_pages(self, request_id: str) -> list[int] | None:
+        """Pages of a finished ``hold_kv`` request (its prompt's KV), until ``release_kv``."""
+        seq = self.scheduler.held.get(request_id)
+        return None if seq is None else list(seq.pages)
+
+    def release_kv(self, request_id: str) -> None:
+        self.scheduler.release(request_id)
+
+    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Pages for ``num_tokens`` of KV computed elsewhere; None when they cannot be had now."""
+        return self.scheduler.reserve(request_id, math.ceil(num_tokens / self.config.page_size))
+
+    def unreserve_kv(self, request_id: str) -> None:
+        self.scheduler.unreserve(request_id)
+
+    def add_prefilled(self, request_id: str, prompt_ids, params: SamplingParams, *, seed: int,
+                      first_token: int, first_logprobs: dict | None = None, priority: int = 0,
+                      arrival_time: float | None = None, num_cached_tokens: int = 0) -> RequestOutput:
+        """Continue a request whose prompt was computed elsewhere: its KV is already in the pages
+        reserved for it (``reserve_kv``), its first token was drawn there. The token goes through
+        the same stop checks as one drawn here; returns the output that carries it."""
+        prompt_ids = list(prompt_ids)
+        if request_id not in self.scheduler.reserved:
+            raise RequestError("request_id", f"no pages reserved for {request_id!r}")
+        if params.n != 1:
+            raise RequestError("n", "a prefilled request must have n=1")
+        params = dataclasses.replace(params, seed=seed)
+        try:
+            req = self._new_request(request_id, prompt_ids, params, priority, arrival_time)
+        except RequestError:
+            self.scheduler.unreserve(request_id)
+            raise
+        req.num_cached_tokens = num_cached_tokens
+        seq = req.seqs[0]
+        now = time.monotonic()
+        req.metrics.first_scheduled_time = now
+        self.requests[request_id] = req
+        self.metrics.prompt_tokens += len(prompt_ids)
+        self.scheduler.add_running(seq, self.scheduler.reserved.pop(request_id), len(prompt_ids))
+        self._accept(seq, int(first_token), now, first_logprobs)
+        out = self._make_output(req)
+        if req.finished:
+            self._retire(req, now)
+        return out
+
     # ---- one step ------------------------------------------------------------------------------
 
     def _can_sample(self, seq: Sequence) -> bool:
@@ -174,6 +234,7 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        c0 = thread_compilation_count()
         batch = self.scheduler.schedule(self._can_sample)
         handle = self._dispatch(batch) if batch.items else None
         outputs: list[RequestOutput] = []
@@ -193,8 +254,9 @@ class EngineCore:
         self.metrics.prefix_cache_hits = self.scheduler.prefix_hits
         if self.prefix_cache is not None:
             self.metrics.prefix_cache_evictions = self.prefix_cache.num_evicted
-        if self._compiles_at_warmup is not None:
-            self.metrics.compilations_after_warmup = compilation_count() - self._compiles_at_warmup
+        if self._warm:
+            self.compiles_while_serving += thread_compilation_count() - c0
+            self.metrics.compilations_after_warmup = self.compiles_while_serving
         self.host_time += time.perf_counter() - t0
         return outputs
 
@@ -244,19 +306,9 @@ class EngineCore:
                 continue
             req = seq.request
             tok = int(res.next_token_ids[idx])
-            seq.output_ids.append(tok)
-            self.metrics.generation_tokens += 1
-            m = req.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-                self.metrics.ttft.observe(now - m.arrival_time)
-            elif seq.index == 0 and m.last_token_time is not None:
-                self.metrics.itl.observe(now - m.last_token_time)
-            if seq.index == 0:
-                m.last_token_time = now
+            entry = None
             if seq.logprobs is not None:
                 lp = float(res.logprobs[idx])
-                seq.cumulative_logprob += lp
                 entry = {tok: Logprob(lp)}
                 k = req.params.logprobs
                 for rank, (tid, tlp) in enumerate(zip(res.top_ids[idx][:k], res.top_logprobs[idx][:k]), 1):
@@ -265,20 +317,40 @@ class EngineCore:
                         entry[tok].rank = rank
                     else:
                         entry[tid] = Logprob(float(tlp), rank)
-                seq.logprobs.append(entry)
-            self._check_stop(seq, tok)
+            self._accept(seq, tok, now, entry)
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():
             outputs.append(self._make_output(req))
             if req.finished:
-                self.requests.pop(req.request_id, None)
-                req.metrics.finished_time = now
-                self.metrics.e2e.observe(now - req.metrics.arrival_time)
-                for s in req.seqs:
-                    self.metrics.requests_finished[s.finish_reason] = \
-                        self.metrics.requests_finished.get(s.finish_reason, 0) + 1
+                self._retire(req, now)
         return outputs
+
+    def _accept(self, seq: Sequence, tok: int, now: float, entry: dict | None) -> None:
+        """A drawn token joins its sequence: metrics, logprobs, stop checks."""
+        req = seq.request
+        seq.output_ids.append(tok)
+        self.metrics.generation_tokens += 1
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+            self.metrics.ttft.observe(now - m.arrival_time)
+        elif seq.index == 0 and m.last_token_time is not None:
+            self.metrics.itl.observe(now - m.last_token_time)
+        if seq.index == 0:
+            m.last_token_time = now
+        if seq.logprobs is not None and entry is not None:
+            seq.cumulative_logprob += entry[tok].logprob
+            seq.logprobs.append(entry)
+        self._check_stop(seq, tok)
+
+    def _retire(self, req: Request, now: float) -> None:
+        self.requests.pop(req.request_id, None)
+        req.metrics.finished_time = now
+        self.metrics.e2e.observe(now - req.metrics.arrival_time)
+        for s in req.seqs:
+            self.metrics.requests_finished[s.finish_reason] = \
+                self.metrics.requests_finished.get(s.finish_reason, 0) + 1
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.request.params
@@ -299,7 +371,7 @@ class EngineCore:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             if seq.detok is not None:
                 seq.detok.flush()
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, hold=seq.request.hold_kv)
 
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []

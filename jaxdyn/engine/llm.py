@@ -27,6 +27,48 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     return engine
 
 
+def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: int | None = None,
+                        decode_tp: int | None = None, dtype=None, load_format: str = "auto",
+                        prefill_config: EngineConfig | None = None, config: EngineConfig = EngineConfig(),
+                        policy=None, warmup: bool = True, progress: bool = False):
+    """A ``DisaggEngine``: the model on a prefill mesh and a decode mesh of disjoint devices.
+
+    ``*_devices``: device indices (into ``jax.devices()``); ``*_tp``: tensor-parallel degree of
+    each mesh (default: all its devices). ``prefill_config`` defaults to ``config``."""
+    import time
+
+    import jax
+
+    from checkpoints.loader import load_model
+    from jaxdyn.disagg.engine import DisaggEngine
+    from jaxdyn.disagg.policy import DisaggPolicy
+    from jaxdyn.parallel.sharding import make_mesh
+
+    devices = jax.devices()
+    pick = []
+    for role, idx, tp in (("prefill", prefill_devices, prefill_tp), ("decode", decode_devices, decode_tp)):
+        idx = list(idx)
+        bad = [i for i in idx if not 0 <= i < len(devices)]
+        if not idx or bad or len(set(idx)) != len(idx):
+            raise ValueError(f"{role} devices {idx}: need distinct indices in [0, {len(devices)})")
+        tp = tp or len(idx)
+        if tp != len(idx):
+            raise ValueError(f"{role}: tensor parallelism {tp} needs {tp} devices, got {len(idx)}")
+        pick.append((make_mesh(tp, [devices[i] for i in idx]), tp))
+    if set(prefill_devices) & set(decode_devices):
+        raise ValueError("prefill and decode devices must be disjoint")
+    cores, t0 = [], time.perf_counter()
+    total_bytes = 0
+    for (mesh, tp), cfg in zip(pick, (prefill_config or config, config)):
+        _, loaded, tokenizer = load_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh)
+        total_bytes += loaded.num_bytes
+        cores.append(EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, cfg))
+    engine = DisaggEngine(cores[0], cores[1], policy or DisaggPolicy())
+    engine.load_info = {"seconds": time.perf_counter() - t0, "weight_bytes": total_bytes,
+                        "warmup_seconds": engine.warmup(progress) if warmup else 0.0}
+    return engine
+
+
 class LLM:
     def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
                  load_format: str = "auto", **engine_kwargs):

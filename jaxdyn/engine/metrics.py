@@ -50,6 +50,13 @@ class EngineMetrics:
     prefix_cache_evictions: int = 0    # pages evicted
     compilations_after_warmup: int = 0
     steps: int = 0
+    # disaggregation (jaxdyn.disagg): where prompts were computed and the KV that moved
+    prefill_decisions: dict = dataclasses.field(default_factory=dict)   # "remote" or why local -> count
+    kv_transfers: int = 0
+    kv_transfer_bytes: int = 0
+    remote_prefill_failures: int = 0   # failed, timed out, or refused on the prefill side
+    remote_prefill_tokens: int = 0     # prompt tokens the prefill role computed
+    num_remote_prefills: int = 0       # gauge: remote prefills in flight
     # gauges (set by the engine each step)
     num_running: int = 0
     num_waiting: int = 0
@@ -61,6 +68,7 @@ class EngineMetrics:
     itl: Histogram = dataclasses.field(default_factory=Histogram)
     e2e: Histogram = dataclasses.field(default_factory=Histogram)
     queue_time: Histogram = dataclasses.field(default_factory=Histogram)
+    kv_handoff: Histogram = dataclasses.field(default_factory=Histogram)   # prefill done -> KV scattered
 
     @property
     def kv_usage(self) -> float:

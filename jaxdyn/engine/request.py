@@ -103,6 +103,7 @@ class Request:
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         self.num_cached_tokens = 0
         self.max_len = 0                     # prompt + the most tokens it may generate
+        self.hold_kv = False                 # keep its pages when done, until released (prefill role)
 
     @property
     def finished(self) -> bool:

@@ -79,6 +79,10 @@ class Scheduler:
         self.running: list[Sequence] = []       # in admission order
         self._admits = itertools.count()
         self.num_preemptions = 0
+        # Disaggregation: pages a finished prefill keeps until its KV is sent (prefill role), and
+        # pages reserved for KV that is on its way (decode role), both keyed by request id.
+        self.held: dict[str, Sequence] = {}
+        self.reserved: dict[str, list[int]] = {}
 
     # ---- queue management --------------------------------------------------------------------
 
@@ -91,15 +95,54 @@ class Scheduler:
         keys = [s.sort_key for s in self.waiting]
         self.waiting.insert(bisect.bisect_right(keys, seq.sort_key), seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Take a sequence out of the scheduler and free its pages (stop, length or abort)."""
+    def finish(self, seq: Sequence, hold: bool = False) -> None:
+        """Take a sequence out of the scheduler and free its pages (stop, length or abort).
+
+        ``hold``: keep the pages (and their contents) until ``release`` -- a prefill whose KV
+        is still to be read for the decode side.
+        """
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        if hold and seq.pages:
+            self.held[seq.request.request_id] = seq
+            return
         self._cache_pages(seq)
         self._free_pages(seq)
-        seq.status = SeqStatus.FINISHED
+
+    def release(self, request_id: str) -> None:
+        """Free the pages a held sequence kept (into the prefix cache where whole and computed)."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self._cache_pages(seq)
+            self._free_pages(seq)
+
+    def reserve(self, request_id: str, n: int) -> list[int] | None:
+        """Set aside ``n`` pages for KV arriving from elsewhere (evicting cached pages if need be)."""
+        if request_id in self.reserved:
+            raise ValueError(f"pages already reserved for {request_id!r}")
+        if not self._make_room(n):
+            return None
+        pages = self.allocator.allocate(n)
+        self.reserved[request_id] = pages
+        return pages
+
+    def unreserve(self, request_id: str) -> None:
+        pages = self.reserved.pop(request_id, None)
+        if pages:
+            self.allocator.free(pages)
+
+    def add_running(self, seq: Sequence, pages: list[int], num_computed: int) -> None:
+        """Admit a sequence whose first ``num_computed`` tokens' KV is already in ``pages``."""
+        seq.pages = list(pages)
+        seq.num_computed = num_computed
+        seq.status = SeqStatus.RUNNING
+        seq.admit_order = next(self._admits)
+        self.running.append(seq)
+        # Its prompt is complete: cache it now, as for a prompt finished in a step.
+        self._cache_pages(seq)
 
     def _cache_pages(self, seq: Sequence) -> None:
         """Put the sequence's computed whole pages of known tokens into the prefix cache."""
@@ -274,8 +317,11 @@ class Scheduler:
     def check_invariants(self) -> None:
         self.allocator.check_invariants()
         counts: dict[int, int] = {}
-        for s in self.running + self.waiting:
+        for s in self.running + self.waiting + list(self.held.values()):
             for p in s.pages:
+                counts[p] = counts.get(p, 0) + 1
+        for pages in self.reserved.values():
+            for p in pages:
                 counts[p] = counts.get(p, 0) + 1
         if self.cache is not None:
             self.cache.check_invariants()

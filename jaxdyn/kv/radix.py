@@ -112,6 +112,25 @@ class RadixCache:
         self._touch(node)
         return pages, n
 
+    def peek(self, tokens: Seq[int]) -> int:
+        """Tokens of the longest cached prefix of ``tokens`` in whole pages; changes nothing."""
+        ps = self.page_size
+        limit = len(tokens) - len(tokens) % ps
+        node, pos = self.root, 0
+        while pos < limit:
+            child = node.children.get(tuple(tokens[pos:pos + ps]))
+            if child is None:
+                break
+            m = 1
+            while m < len(child.pages) and pos + (m + 1) * ps <= limit and \
+                    tuple(tokens[pos + m * ps:pos + (m + 1) * ps]) == child.key[m * ps:(m + 1) * ps]:
+                m += 1
+            pos += m * ps
+            if m < len(child.pages):
+                break
+            node = child
+        return pos
+
     # ---- insertion -------------------------------------------------------------------------------
 
     def insert(self, tokens: Seq[int], pages: Seq[int]) -> int:

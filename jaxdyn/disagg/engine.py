@@ -1,0 +1,337 @@
+"""DisaggEngine: prefill on one mesh, decode on another, KV handed over device to device.
+
+Two ``EngineCore``s hold the same model on disjoint devices, each with its own
+tensor-parallel degree, paged cache, prefix cache and scheduler:
+
+* the **prefill role** runs on its own thread. A remote request enters it with
+  ``max_tokens=1`` and ``hold_kv``: it is prefilled (chunked, prefix-cached as
+  any request), its first token is drawn there with the request's own seed,
+  and when it finishes its pages are held. The thread then gathers those pages
+  into a KV block (``jaxdyn.kv.transfer``), puts it on the decode mesh with
+  ``jax.device_put`` (a device-to-device copy, resharded when the TP degrees
+  differ), releases the pages (into its prefix cache) and hands the block and
+  the first token over. Nothing waits for the transfer: it is ordered on the
+  devices, not on the host.
+* the **decode role** is driven by ``step()`` (the engine thread of
+  ``AsyncEngine``, or ``LLM``). When the policy sends a request remote, pages
+  for its prompt are reserved on the decode side at once. A handoff is
+  scattered into them and the request joins the decode batch through
+  ``EngineCore.add_prefilled``: its first token is emitted at that moment
+  (streamed to the client) and goes through the same stop checks as any other.
+  Other requests (short prompts, prefix hits, ...) are prefilled locally.
+
+Faults: a remote prefill that fails, is aborted or outlives
+``policy.prefill_timeout_s`` frees the pages reserved for it and ends with an
+error output (``RequestOutput.error``); a late handoff of such a request is
+dropped. If the prefill thread dies, its requests end with errors and every
+later request is prefilled locally.
+
+The interface is ``EngineCore``'s (``add_request``, ``abort``, ``step``,
+``has_unfinished``, ``check_request``, ``metrics``, ...), so ``AsyncEngine``,
+``LLM`` and the server run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import time
+import traceback
+
+from jaxdyn.disagg.policy import REMOTE, DisaggPolicy
+from jaxdyn.engine.compilation import thread_compilation_count
+from jaxdyn.engine.core import EngineCore, RequestError
+from jaxdyn.engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from jaxdyn.engine.sampling_params import SamplingParams
+from jaxdyn.kv.transfer import KVGather, KVScatter, to_mesh
+
+
+@dataclasses.dataclass
+class _Remote:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams          # the client's, with its seed fixed
+    priority: int
+    arrival_time: float
+    started: float
+    pages: list[int]                # reserved on the decode side
+
+
+@dataclasses.dataclass
+class Handoff:
+    """What the prefill role gives the decode role for one request."""
+    request_id: str
+    block: object                   # KV block (jax.Array on the decode mesh, or host numpy)
+    first_token: int
+    first_logprobs: dict | None
+    num_cached_tokens: int
+    prefill_done: float             # time.monotonic() when the prefill's output was read
+
+
+class DisaggEngine:
+    def __init__(self, prefill: EngineCore, decode: EngineCore, policy: DisaggPolicy = DisaggPolicy()):
+        pc, dc = prefill.model_config, decode.model_config
+        if (pc.vocab_size, pc.num_layers, pc.num_kv_heads, pc.head_dim) != \
+                (dc.vocab_size, dc.num_layers, dc.num_kv_heads, dc.head_dim):
+            raise ValueError("the prefill and decode engines must hold the same model")
+        if prefill.config.page_size != decode.config.page_size:
+            raise ValueError(f"page sizes differ: prefill {prefill.config.page_size}, "
+                             f"decode {decode.config.page_size}")
+        pdev = set(prefill.runner.mesh.devices.flat)
+        ddev = set(decode.runner.mesh.devices.flat)
+        if pdev & ddev:
+            raise ValueError("the prefill and decode meshes must use disjoint devices")
+        self.prefill, self.decode, self.policy = prefill, decode, policy
+        self.max_model_len = min(prefill.max_model_len, decode.max_model_len)
+        max_pages = math.ceil(self.max_model_len / decode.config.page_size)
+        self.gather = KVGather(prefill.runner, pc.num_kv_heads, max_pages)
+        self.scatter = KVScatter(decode.runner, dc.num_kv_heads, max_pages)
+        self.load_info: dict[str, float] = {}
+        self._remote: dict[str, _Remote] = {}            # engine thread's view of remote prefills
+        self._handoffs: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self.prefill_dead: BaseException | None = None
+        self._warm = False
+        self._compiles = [0, 0]           # while serving: engine thread, prefill thread
+        self._thread = threading.Thread(target=self._prefill_loop, name="jaxdyn-prefill", daemon=True)
+        self._thread.start()
+
+    # ---- EngineCore's face -----------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.decode.config
+
+    @property
+    def model_config(self):
+        return self.decode.model_config
+
+    @property
+    def tokenizer(self):
+        return self.decode.tokenizer
+
+    @property
+    def eos_token_ids(self):
+        return self.decode.eos_token_ids
+
+    @property
+    def metrics(self):
+        return self.decode.metrics
+
+    @property
+    def num_pages(self) -> int:
+        return self.decode.num_pages
+
+    @property
+    def requests(self):
+        return self.decode.requests
+
+    def warmup(self, progress: bool = False) -> float:
+        t0 = time.perf_counter()
+        self.prefill.warmup(progress)
+        self.decode.warmup(progress)
+        self.gather.warmup()
+        self.scatter.warmup()
+        self._warm = True
+        return time.perf_counter() - t0
+
+    def check_request(self, prompt_ids, params: SamplingParams) -> None:
+        self.decode.check_request(prompt_ids, params)
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
+                               f"is {self.max_model_len} tokens and at least one must be left to generate")
+
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        prompt_ids = list(prompt_ids)
+        if request_id in self._remote or request_id in self.decode.requests:
+            raise RequestError("request_id", f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        cache = self.decode.prefix_cache
+        decision = self.policy.decide(
+            prompt_len=len(prompt_ids), decode_cached=cache.peek(prompt_ids) if cache else 0,
+            prefill_queue=len(self._remote), n=params.n, prefill_alive=self.prefill_dead is None)
+        pages = None
+        if decision == REMOTE:
+            pages = self.decode.reserve_kv(request_id, len(prompt_ids))
+            if pages is None:
+                decision = "decode_full"
+        m = self.metrics
+        m.prefill_decisions[decision] = m.prefill_decisions.get(decision, 0) + 1
+        if decision != REMOTE:
+            self.decode.add_request(request_id, prompt_ids, params, priority=priority, arrival_time=arrival)
+            return
+        seed = params.seed if params.seed is not None else self.decode.draw_seed()
+        params = dataclasses.replace(params, seed=seed)
+        self._remote[request_id] = _Remote(request_id, prompt_ids, params, priority, arrival,
+                                           time.monotonic(), pages)
+        first = dataclasses.replace(params, n=1, max_tokens=1, stop=[], detokenize=False,
+                                    include_stop_str_in_output=False)
+        self._send(("add", request_id, prompt_ids, first, priority, arrival))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        r = self._remote.pop(request_id, None)
+        if r is None:
+            return self.decode.abort(request_id)
+        self._drop_remote(r)
+        self._count_finish("abort")
+        return _final_output(r, "abort", None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._remote) or self.decode.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        c0 = thread_compilation_count()
+        outputs = self._expire()
+        outputs += self._take_handoffs(block=not self.decode.has_unfinished() and bool(self._remote))
+        if self.decode.has_unfinished():
+            outputs += self.decode.step()
+        m = self.metrics
+        if self._warm:
+            self._compiles[0] += thread_compilation_count() - c0
+            m.compilations_after_warmup = sum(self._compiles)
+        m.remote_prefill_tokens = self.prefill.metrics.computed_prefill_tokens
+        m.num_remote_prefills = len(self._remote)
+        return outputs
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ---- decode side (engine thread) -------------------------------------------------------------
+
+    def _take_handoffs(self, block: bool) -> list[RequestOutput]:
+        outputs = []
+        while True:
+            try:
+                item = self._handoffs.get(timeout=0.05) if block else self._handoffs.get_nowait()
+            except queue.Empty:
+                return outputs
+            block = False
+            if isinstance(item, Handoff):
+                out = self.accept_handoff(item)
+            else:                        # ("error", request_id, message)
+                _, rid, message = item
+                r = self._remote.pop(rid, None)
+                out = None
+                if r is not None:
+                    self.decode.unreserve_kv(rid)
+                    self._count_finish("error")
+                    self.metrics.remote_prefill_failures += 1
+                    out = _final_output(r, "abort", message)
+                if rid == "*":           # the prefill thread died: every remote request fails
+                    outputs += self._fail_all(message)
+            if out is not None:
+                outputs.append(out)
+
+    def accept_handoff(self, h: Handoff) -> RequestOutput | None:
+        """Scatter a handoff's KV into the pages reserved for it and continue decoding it."""
+        r = self._remote.pop(h.request_id, None)
+        if r is None:                    # aborted or timed out meanwhile: its pages are gone
+            return None
+        self.scatter(r.pages, h.block, r.prompt_ids)
+        m = self.metrics
+        m.kv_transfers += 1
+        m.kv_transfer_bytes += int(h.block.nbytes) * len(r.pages) // h.block.shape[3]
+        m.kv_handoff.observe(time.monotonic() - h.prefill_done)
+        return self.decode.add_prefilled(
+            r.request_id, r.prompt_ids, r.params, seed=r.params.seed, first_token=h.first_token,
+            first_logprobs=h.first_logprobs, priority=r.priority, arrival_time=r.arrival_time,
+            num_cached_tokens=h.num_cached_tokens)
+
+    def _expire(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        late = [r for r in self._remote.values() if now - r.started > self.policy.prefill_timeout_s]
+        outputs = []
+        for r in late:
+            del self._remote[r.request_id]
+            self._drop_remote(r)
+            self._count_finish("error")
+            self.metrics.remote_prefill_failures += 1
+            outputs.append(_final_output(
+                r, "abort", f"remote prefill did not finish within {self.policy.prefill_timeout_s:g} s"))
+        return outputs
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        outputs = []
+        for r in list(self._remote.values()):
+            del self._remote[r.request_id]
+            self.decode.unreserve_kv(r.request_id)
+            self._count_finish("error")
+            self.metrics.remote_prefill_failures += 1
+            outputs.append(_final_output(r, "abort", message))
+        return outputs
+
+    def _drop_remote(self, r: _Remote) -> None:
+        self.decode.unreserve_kv(r.request_id)
+        self._send(("abort", r.request_id))
+
+    def _count_finish(self, reason: str) -> None:
+        f = self.metrics.requests_finished
+        f[reason] = f.get(reason, 0) + 1
+
+    # ---- prefill side (its own thread) ----------------------------------------------------------
+
+    def _send(self, cmd) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def _prefill_loop(self) -> None:
+        core = self.prefill
+        try:
+            while not self._stop:
+                self._wake.clear()
+                while True:
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd[0] == "add":
+                        _, rid, prompt, params, priority, arrival = cmd
+                        try:
+                            core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival,
+                                             hold_kv=True)
+                        except ValueError as e:
+                            self._handoffs.put(("error", rid, f"remote prefill refused: {e}"))
+                    else:
+                        core.abort(cmd[1])
+                        core.release_kv(cmd[1])
+                if core.has_unfinished():
+                    c0 = thread_compilation_count()
+                    for out in core.step():
+                        if out.finished:
+                            self._hand_over(out)
+                    if self._warm:
+                        self._compiles[1] += thread_compilation_count() - c0
+                else:
+                    self._wake.wait(0.05)
+        except BaseException as e:    # the prefill role is dead; the decode role goes on alone
+            self.prefill_dead = e
+            traceback.print_exc()
+            self._handoffs.put(("error", "*", f"the prefill engine died: {e!r}"))
+
+    def _hand_over(self, out: RequestOutput) -> None:
+        c = out.outputs[0]
+        rid = out.request_id
+        pages = self.prefill.held_pages(rid)
+        if c.finish_reason == "abort" or pages is None or not c.token_ids:
+            self.prefill.release_kv(rid)
+            return
+        n = math.ceil(len(out.prompt_token_ids) / self.prefill.config.page_size)
+        block = to_mesh(self.gather(pages[:n]), self.decode.runner.mesh, self.scatter.num_kv_heads)
+        self.prefill.release_kv(rid)     # after the gather is queued: the device reads first
+        lps = c.logprobs[0] if c.logprobs else None
+        self._handoffs.put(Handoff(rid, block, c.token_ids[0], lps, out.num_cached_tokens,
+                                   time.monotonic()))
+
+
+def _final_output(r: _Remote, reason: str, error: str | None) -> RequestOutput:
+    c = CompletionOutput(0, "", [], "", [], None, None, None, reason)
+    metrics = RequestMetrics(r.arrival_time, finished_time=time.monotonic())
+    return RequestOutput(r.request_id, r.prompt_ids, [c], True, 0, metrics, error=error)

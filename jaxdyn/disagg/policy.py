@@ -1,0 +1,50 @@
+"""Where a request's prompt is computed: on the prefill mesh (remote) or the decode mesh (local).
+
+Remote prefill keeps long prompts from stalling the decode batch (DistServe);
+it costs a KV transfer and a queue. The policy keeps a prompt local when that
+cost is not worth paying, as Dynamo's disaggregated router does:
+
+* ``short_prompt``: fewer than ``min_remote_tokens`` prompt tokens;
+* ``prefix_hit``: the decode side's prefix cache already holds all but fewer
+  than ``min_remote_tokens`` of them;
+* ``prefill_queue``: ``max_prefill_queue`` prompts are already waiting for or
+  running on the prefill side;
+* ``n``: several completions of one prompt (they share its pages locally);
+* ``decode_full``: the decode side cannot reserve pages for the KV now;
+* ``prefill_down``: the prefill side has failed.
+
+Every decision is counted (``EngineMetrics.prefill_decisions``, exported as
+``jaxdyn:disagg_prefill_decisions_total{decision=...}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+REMOTE = "remote"
+
+
+@dataclasses.dataclass(frozen=True)
+class DisaggPolicy:
+    min_remote_tokens: int = 64
+    max_prefill_queue: int = 64
+    prefill_timeout_s: float = 120.0      # a remote prefill not done by then ends with an error
+
+    def __post_init__(self):
+        if self.min_remote_tokens < 0 or self.max_prefill_queue < 0 or self.prefill_timeout_s <= 0:
+            raise ValueError(f"invalid disaggregation policy {self}")
+
+    def decide(self, *, prompt_len: int, decode_cached: int, prefill_queue: int, n: int,
+               prefill_alive: bool) -> str:
+        """``REMOTE`` or the reason the prompt stays local (before page reservation)."""
+        if not prefill_alive:
+            return "prefill_down"
+        if n != 1:
+            return "n"
+        if prompt_len < self.min_remote_tokens:
+            return "short_prompt"
+        if prompt_len - decode_cached < self.min_remote_tokens:
+            return "prefix_hit"
+        if prefill_queue >= self.max_prefill_queue:
+            return "prefill_queue"
+        return REMOTE

@@ -1,0 +1,268 @@
+"""Disaggregated prefill and decode in one process, on 8 virtual CPU devices: the same greedy
+float32 tokens as aggregated serving (TP 2 -> TP 2 and TP 2 -> TP 4), prefix cache and chunked
+prefill on both sides, the policy's decisions, aborts, timeouts and a dead prefill role, and
+every page back in both pools."""
+
+import asyncio
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints.loader import load_model
+from jaxdyn import AsyncEngine, EngineConfig, EngineCore, SamplingParams
+from jaxdyn.disagg.policy import DisaggPolicy
+from jaxdyn.engine.async_engine import RequestFailedError
+from jaxdyn.engine.llm import build_disagg_engine
+from jaxdyn.kv.transfer import KVGather, KVScatter, measure_handoff, page_buckets
+from jaxdyn.parallel.sharding import make_mesh
+from tests.support import make_byte_tokenizer, make_hf_checkpoint
+
+CFG = EngineConfig(num_pages=48, page_size=16, max_num_batched_tokens=32, max_num_seqs=8,
+                   max_model_len=192, token_buckets=(8, 32), page_buckets=(4, 12),
+                   fail_on_compile=False, seed=0)
+POLICY = DisaggPolicy(min_remote_tokens=24, max_prefill_queue=64, prefill_timeout_s=600)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = make_hf_checkpoint("qwen3", str(tmp_path_factory.mktemp("qwen3")))
+    make_byte_tokenizer(path)
+    return path
+
+
+def _prompts(seed=0):
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(3, 250, 70).tolist()
+    prompts = {
+        "short": rng.integers(3, 250, 9).tolist(),                   # local: short prompt
+        "long": rng.integers(3, 250, 130).tolist(),                  # remote, chunked (budget 32)
+        "mid": rng.integers(3, 250, 47).tolist(),                    # remote, length not a page multiple
+        "page": rng.integers(3, 250, 64).tolist(),                   # remote, exactly 4 pages
+        "shared-a": shared + rng.integers(3, 250, 11).tolist(),      # remote
+        "shared-b": shared + rng.integers(3, 250, 30).tolist(),      # remote, prefix hit on the prefill side
+    }
+    return prompts
+
+
+def _run(engine, reqs, after=None):
+    """reqs: list of (id, prompt, params) submitted in order; returns {id: final output}."""
+    results = {}
+    for rid, prompt, params in reqs:
+        engine.add_request(rid, prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out
+    return results
+
+
+@pytest.fixture(scope="module")
+def aggregated(ckpt):
+    """What aggregated serving (TP 2, its own devices) answers; a fresh prefix cache per call."""
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32, mesh=make_mesh(2, jax.devices()[6:8]))
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core.warmup()
+
+    def run(reqs):
+        core.prefix_cache.clear()
+        return _run(core, reqs)
+    return run
+
+
+def _check_clean(engine):
+    for core in (engine.prefill, engine.decode):
+        deadline = time.monotonic() + 30
+        while core is engine.prefill and core.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)        # the prefill thread finishes what was aborted on its own
+        core.scheduler.check_invariants()
+        assert not core.scheduler.held and not core.scheduler.reserved
+        assert core.allocator.num_in_use == 0, "pages leaked"
+        if core.prefix_cache is not None:
+            core.prefix_cache.clear()
+        assert core.allocator.num_free == core.num_pages, "pages leaked"
+    assert engine.metrics.compilations_after_warmup == 0
+
+
+@pytest.fixture(scope="module", params=[(2, 2), (2, 4)], ids=["tp2-tp2", "tp2-tp4"])
+def disagg(ckpt, request):
+    ptp, dtp = request.param
+    eng = build_disagg_engine(ckpt, prefill_devices=range(ptp), decode_devices=range(ptp, ptp + dtp),
+                              dtype=jnp.float32, config=CFG, policy=POLICY)
+    yield eng
+    eng.shutdown()
+
+
+def test_greedy_tokens_equal_aggregated_serving(disagg, aggregated):
+    prompts = _prompts()
+    reqs = [(rid, p, GREEDY) for rid, p in prompts.items() if rid != "shared-b"]
+    # then: "shared-b" hits the prefill side's cache (shared-a's pages); a repeat of "long" stays
+    # local (the decode side's cache holds its pages) and reuses them
+    reqs_then = [("shared-b", prompts["shared-b"], GREEDY), ("long-again", prompts["long"] + [5, 6], GREEDY)]
+    want = aggregated(reqs)
+    want.update(aggregated(reqs_then))
+    before = dict(disagg.metrics.prefill_decisions)
+    got = _run(disagg, reqs)
+    got.update(_run(disagg, reqs_then))
+    for rid in want:
+        assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids, rid
+        assert got[rid].outputs[0].finish_reason == "length"
+        assert got[rid].error is None
+    made = {k: v - before.get(k, 0) for k, v in disagg.metrics.prefill_decisions.items()}
+    assert made.get("remote") == 5 and made.get("short_prompt") == 1 and made.get("prefix_hit") == 1, made
+    # chunked prefill and the prefix cache on the prefill side; the decode side's hit
+    assert disagg.prefill.metrics.prefix_cache_hits >= 64
+    assert disagg.decode.metrics.prefix_cache_hits >= 128
+    assert got["long-again"].num_cached_tokens == 128
+    assert disagg.metrics.kv_transfers >= 5
+    # bytes of the real kv heads (2), not of the TP replicas
+    ps, layers, hd = 16, 2, 32
+    pages = sum(-(-len(p) // ps) for rid, p in prompts.items() if rid != "short")
+    assert disagg.metrics.kv_transfer_bytes >= pages * 2 * layers * 2 * ps * hd * 4
+    _check_clean(disagg)
+
+
+def test_sampled_stop_strings_and_logprobs_cross_the_handoff(disagg, aggregated):
+    """The first token is drawn on the prefill side with the request's seed and goes through the
+    decode side's stop checks; logprobs of every token, the first included, come back."""
+    prompts = _prompts(1)
+    tok = disagg.tokenizer
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=10, logprobs=2)
+    reqs = [("s-long", prompts["long"], sampled), ("s-mid", prompts["mid"], sampled)]
+    got = _run(disagg, reqs)
+    want = aggregated(reqs)
+    for rid in want:
+        g, w = got[rid].outputs[0], want[rid].outputs[0]
+        assert g.token_ids == w.token_ids
+        assert len(g.logprobs) == len(g.token_ids) == 10
+        np.testing.assert_allclose([d[t].logprob for d, t in zip(g.logprobs, g.token_ids)],
+                                   [d[t].logprob for d, t in zip(w.logprobs, w.token_ids)], atol=1e-4)
+    # a stop string found in the very first token ends the request at once
+    first = got["s-long"].outputs[0].token_ids[0]
+    stop_text = tok.decode([first])
+    if stop_text.strip():
+        p = dataclasses.replace(sampled, stop=[stop_text], max_tokens=10)
+        out = _run(disagg, [("s-stop", prompts["long"], p)])["s-stop"].outputs[0]
+        assert out.finish_reason == "stop" and out.token_ids == [first]
+    _check_clean(disagg)
+
+
+def test_abort_during_remote_prefill_frees_both_sides(disagg):
+    prompts = _prompts(2)
+    disagg.add_request("a1", prompts["long"], GREEDY)
+    disagg.add_request("a2", prompts["page"], GREEDY)
+    assert disagg.decode.scheduler.reserved          # pages wait on the decode side
+    out = disagg.abort("a1")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert "a1" not in disagg.decode.scheduler.reserved
+    results = _run(disagg, [])
+    assert set(results) == {"a2"} and len(results["a2"].outputs[0].token_ids) == 12
+    _check_clean(disagg)
+
+
+def test_timed_out_remote_prefill_ends_with_an_error(disagg):
+    prompts = _prompts(3)
+    old = disagg.policy
+    disagg.policy = dataclasses.replace(old, prefill_timeout_s=1e-6)
+    failures = disagg.metrics.remote_prefill_failures
+    try:
+        results = _run(disagg, [("t1", prompts["long"], GREEDY)])
+    finally:
+        disagg.policy = old
+    assert results["t1"].error and "did not finish" in results["t1"].error
+    assert disagg.metrics.remote_prefill_failures == failures + 1
+    _check_clean(disagg)
+
+
+def test_async_stream_over_disagg_first_token_then_rest(disagg):
+    prompts = _prompts(4)
+
+    async def main():
+        eng = AsyncEngine(disagg)
+        try:
+            outs = [o async for o in eng.generate(prompts["long"], GREEDY, "as1")]
+        finally:
+            eng._stop = True
+            eng._thread.join(timeout=10)
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[0].outputs[0].token_ids and len(outs[0].outputs[0].token_ids) == 1   # first token alone
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
+    _check_clean(disagg)
+
+
+def test_dead_prefill_role_fails_its_requests_and_the_rest_go_local(ckpt):
+    eng = build_disagg_engine(ckpt, prefill_devices=[0, 1], decode_devices=[2, 3], dtype=jnp.float32,
+                              config=CFG, policy=POLICY, warmup=False)
+    try:
+        def boom():
+            raise RuntimeError("injected prefill failure")
+        eng.prefill.step = boom
+        prompts = _prompts(5)
+        got = _run(eng, [("d1", prompts["long"], GREEDY)])
+        assert "prefill engine died" in got["d1"].error
+        assert eng.prefill_dead is not None
+        got = _run(eng, [("d2", prompts["long"], GREEDY)])
+        assert got["d2"].error is None and len(got["d2"].outputs[0].token_ids) == 12
+        assert eng.metrics.prefill_decisions.get("prefill_down") == 1
+        for core in (eng.decode,):
+            core.scheduler.check_invariants()
+            assert not core.scheduler.reserved and core.allocator.num_in_use == 0
+    finally:
+        eng.shutdown()
+
+
+def test_async_engine_turns_a_failed_request_into_an_error(ckpt):
+    eng = build_disagg_engine(ckpt, prefill_devices=[4, 5], decode_devices=[6, 7], dtype=jnp.float32,
+                              config=CFG, policy=dataclasses.replace(POLICY, prefill_timeout_s=1e-6),
+                              warmup=False)
+    prompts = _prompts(6)
+
+    async def main():
+        a = AsyncEngine(eng)
+        try:
+            with pytest.raises(RequestFailedError, match="did not finish"):
+                async for _ in a.generate(prompts["long"], GREEDY, "f1"):
+                    pass
+            assert a.is_healthy
+        finally:
+            a.shutdown()
+
+    asyncio.run(main())
+
+
+def test_gather_transfer_scatter_moves_pages_between_tp_degrees(ckpt):
+    """Pages of a TP 2 cache land bit-exact in other pages of a TP 4 cache (kv heads replicated there)."""
+    from jaxdyn.engine.runner import ModelRunner, RunnerConfig
+    devs = jax.devices()
+    runners = []
+    for tp, d in ((2, devs[:2]), (4, devs[2:6])):
+        _, loaded, _ = load_model(ckpt, tp=tp, dtype=jnp.float32, mesh=make_mesh(tp, d))
+        runners.append(ModelRunner(loaded.graphdef, loaded.state, make_mesh(tp, d),
+                                   RunnerConfig(page_size=16, num_pages=12, max_num_batched_tokens=32,
+                                                max_num_seqs=4, max_model_len=128)))
+    src, dst = runners
+    rng = np.random.default_rng(0)
+    src.kv_cache = [tuple(jax.device_put(rng.standard_normal(k.shape).astype(np.float32), k.sharding)
+                          for k in pair) for pair in src.kv_cache]
+    g = KVGather(src, 2, 8)
+    s = KVScatter(dst, 2, 8)
+    assert page_buckets(8) == (1, 2, 4, 8)
+    src_pages, dst_pages = [3, 0, 7], [9, 4, 1]
+    times = measure_handoff(g, s, src_pages, dst_pages, list(range(40)), repeats=2)
+    assert all(v > 0 for v in times.values())
+    for (sk, sv), (dk, dv) in zip(src.kv_cache, dst.kv_cache):
+        sk, sv, dk, dv = map(np.asarray, (sk, sv, dk, dv))
+        for a, b in zip(src_pages, dst_pages):
+            np.testing.assert_array_equal(dk[:, b], np.repeat(sk[:, a], 2, axis=0))
+            np.testing.assert_array_equal(dv[:, b], np.repeat(sv[:, a], 2, axis=0))
+        untouched = [p for p in range(12) if p not in dst_pages]
+        assert not np.any(dk[:, untouched])
+    tp = np.asarray(dst.token_pages)
+    assert tp[9].tolist() == list(range(16)) and tp[1][:8].tolist() == list(range(32, 40))
+    assert not tp[1][8:].any()
