@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 import jaxdyn
 from jaxdyn import AsyncEngine, EngineDeadError, RequestError, SamplingParams
+from jaxdyn.engine.async_engine import RequestFailedError
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParamsError
 from serving.chat import ChatTemplateError, message_text, render_chat
@@ -400,9 +401,8 @@ def build_app(state: ServerState) -> Starlette:
                                     "model": state.model_name, "choices": [],
                                     "usage": _usage([len(x) for x in prompt_ids], list(finals.values()),
                                                     sum(o.num_cached_tokens for o in finals.values()))})
-                except (RequestError, EngineDeadError, SamplingParamsError) as e:
-                    code = 400 if isinstance(e, (RequestError, SamplingParamsError)) else 503
-                    yield _sse(APIError(code, str(e), param=getattr(e, "param", None)).body())
+                except (RequestError, EngineDeadError, SamplingParamsError, RequestFailedError) as e:
+                    yield _sse(_stream_error(e).body())
                 yield _DONE
 
             return StreamingResponse(stream(), media_type="text/event-stream",
@@ -484,9 +484,8 @@ def build_app(state: ServerState) -> Starlette:
                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
                     if include_usage:
                         yield chunk([], _usage([len(ids)], [final], final.num_cached_tokens))
-                except (RequestError, EngineDeadError) as e:
-                    code = 400 if isinstance(e, RequestError) else 503
-                    yield _sse(APIError(code, str(e), param=getattr(e, "param", None)).body())
+                except (RequestError, EngineDeadError, RequestFailedError) as e:
+                    yield _sse(_stream_error(e).body())
                 yield _DONE
 
             return StreamingResponse(stream(), media_type="text/event-stream",
@@ -544,6 +543,17 @@ async def _run_collect(request: Request, collect):
         raise APIError(400, f"{e.param}: {e}", param=e.param, code="invalid_value") from None
     except EngineDeadError as e:
         raise APIError(503, str(e), code="engine_dead", type_="service_unavailable") from None
+    except RequestFailedError as e:
+        raise APIError(500, str(e), code="request_failed") from None
+
+
+def _stream_error(e: Exception) -> APIError:
+    """The error event that ends a stream whose request failed after the response began."""
+    if isinstance(e, (RequestError, SamplingParamsError)):
+        return APIError(400, str(e), param=getattr(e, "param", None))
+    if isinstance(e, RequestFailedError):
+        return APIError(500, str(e), code="request_failed")
+    return APIError(503, str(e), code="engine_dead", type_="service_unavailable")
 
 
 def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict) -> list[int]:

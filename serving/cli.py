@@ -103,6 +103,48 @@ def _engine_config(args):
                         seed=args.seed, enable_prefix_caching=args.prefix_cache)
 
 
+def _device_list(text: str | None, flag: str) -> list[int]:
+    if not text:
+        raise CLIError(f"{flag}: required with --disagg (device indices, e.g. 0,1)")
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise CLIError(f"{flag}: expected comma-separated device indices, got {text!r}") from None
+    if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+        raise CLIError(f"{flag}: device indices must be distinct and >= 0, got {text!r}")
+    return ids
+
+
+def _disagg_args(args, config) -> dict:
+    """build_disagg_engine's arguments from --disagg and its flags (checked before the port opens)."""
+    import dataclasses
+
+    import jax
+
+    from jaxdyn.disagg.policy import DisaggPolicy
+
+    pre = _device_list(args.prefill_devices, "--prefill-devices")
+    dec = _device_list(args.decode_devices, "--decode-devices")
+    if set(pre) & set(dec):
+        raise CLIError(f"--prefill-devices and --decode-devices overlap: {sorted(set(pre) & set(dec))}")
+    n = len(jax.devices())
+    if max(pre + dec) >= n:
+        raise CLIError(f"--prefill-devices/--decode-devices: this machine has {n} device(s) (0..{n - 1})")
+    if args.tp != 1:
+        raise CLIError("--tp does not apply with --disagg: each mesh's TP is its number of devices")
+    try:
+        policy = DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
+                              args.disagg_prefill_timeout)
+    except ValueError:
+        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout > 0") from None
+    pcfg = config
+    if args.prefill_max_num_batched_tokens is not None:
+        if args.prefill_max_num_batched_tokens < config.max_num_seqs:
+            raise CLIError("--prefill-max-num-batched-tokens cannot be below --max-num-seqs")
+        pcfg = dataclasses.replace(config, max_num_batched_tokens=args.prefill_max_num_batched_tokens)
+    return dict(prefill_devices=pre, decode_devices=dec, prefill_config=pcfg, policy=policy)
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -112,7 +154,7 @@ def cmd_serve(args) -> int:
     from checkpoints.hf import CheckpointError
     from jaxdyn import AsyncEngine
     from jaxdyn.config import ConfigError, ModelConfig
-    from jaxdyn.engine.llm import build_engine
+    from jaxdyn.engine.llm import build_disagg_engine, build_engine
     from jaxdyn.models.presets import PRESETS
     from serving.app import ServerState, build_app
 
@@ -128,6 +170,7 @@ def cmd_serve(args) -> int:
         except ConfigError as e:
             raise CLIError(str(e)) from None
     config = _engine_config(args)
+    disagg = _disagg_args(args, config) if args.disagg else None
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise CLIError("--max-queued-requests must be >= 0")
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
@@ -140,8 +183,12 @@ def cmd_serve(args) -> int:
 
     def load():
         try:
-            core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                config=config, progress=True)
+            if disagg is not None:
+                core = build_disagg_engine(model, dtype=args.dtype, load_format=args.load_format,
+                                           config=config, progress=True, **disagg)
+            else:
+                core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
+                                    config=config, progress=True)
             state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             info = core.load_info
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
@@ -252,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds in-flight requests get to finish on SIGTERM")
     sv.add_argument("--log-level", default="info")
     _engine_args(sv)
+    dg = sv.add_argument_group("disaggregated prefill and decode (one process, two meshes)")
+    dg.add_argument("--disagg", action="store_true",
+                    help="prefill on --prefill-devices, decode on --decode-devices, KV moved device to device")
+    dg.add_argument("--prefill-devices", default=None, help="device indices, e.g. 0,1")
+    dg.add_argument("--decode-devices", default=None, help="device indices, e.g. 2,3")
+    dg.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
+                    help="token budget of a prefill step (default: --max-num-batched-tokens)")
+    dg.add_argument("--disagg-min-remote-tokens", type=int, default=64,
+                    help="shorter prompts (or uncached remainders) are prefilled on the decode side")
+    dg.add_argument("--disagg-max-prefill-queue", type=int, default=64,
+                    help="remote prefills in flight beyond which new prompts are prefilled locally")
+    dg.add_argument("--disagg-prefill-timeout", type=float, default=120.0,
+                    help="seconds after which a remote prefill ends its request with an error")
     sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks")
