@@ -71,34 +71,46 @@ class Handoff:
 
 
 class DisaggEngine:
-    def __init__(self, prefill: EngineCore, decode: EngineCore, policy: DisaggPolicy = DisaggPolicy()):
-        pc, dc = prefill.model_config, decode.model_config
-        if (pc.vocab_size, pc.num_layers, pc.num_kv_heads, pc.head_dim) != \
-                (dc.vocab_size, dc.num_layers, dc.num_kv_heads, dc.head_dim):
-            raise ValueError("the prefill and decode engines must hold the same model")
-        if prefill.config.page_size != decode.config.page_size:
-            raise ValueError(f"page sizes differ: prefill {prefill.config.page_size}, "
-                             f"decode {decode.config.page_size}")
-        pdev = set(prefill.runner.mesh.devices.flat)
-        ddev = set(decode.runner.mesh.devices.flat)
-        if pdev & ddev:
-            raise ValueError("the prefill and decode meshes must use disjoint devices")
-        self.prefill, self.decode, self.policy = prefill, decode, policy
-        self.max_model_len = min(prefill.max_model_len, decode.max_model_len)
+    def __init__(self, prefill, decode: EngineCore, policy: DisaggPolicy = DisaggPolicy()):
+        """``prefill``: an ``EngineCore`` on other devices of this process (run by a
+        ``LocalPrefillRole`` on its own thread), or any prefill role object (``submit``, ``abort``,
+        ``dead``, ``warmup``, ``shutdown``, delivering to the sink it is given) such as the gRPC
+        client of a prefill worker in ``serving/workers``."""
+        self._handoffs: queue.SimpleQueue = queue.SimpleQueue()
+        self.decode, self.policy = decode, policy
+        dc = decode.model_config
+        if isinstance(prefill, EngineCore):
+            pc = prefill.model_config
+            if (pc.vocab_size, pc.num_layers, pc.num_kv_heads, pc.head_dim) != \
+                    (dc.vocab_size, dc.num_layers, dc.num_kv_heads, dc.head_dim):
+                raise ValueError("the prefill and decode engines must hold the same model")
+            if prefill.config.page_size != decode.config.page_size:
+                raise ValueError(f"page sizes differ: prefill {prefill.config.page_size}, "
+                                 f"decode {decode.config.page_size}")
+            if set(prefill.runner.mesh.devices.flat) & set(decode.runner.mesh.devices.flat):
+                raise ValueError("the prefill and decode meshes must use disjoint devices")
+            self.max_model_len = min(prefill.max_model_len, decode.max_model_len)
+            prefill = LocalPrefillRole(prefill, self._handoffs.put, self.max_model_len,
+                                       target_mesh=decode.runner.mesh)
+        else:
+            self.max_model_len = decode.max_model_len
+            prefill.set_sink(self._handoffs.put)
+        self.role = prefill
         max_pages = math.ceil(self.max_model_len / decode.config.page_size)
-        self.gather = KVGather(prefill.runner, pc.num_kv_heads, max_pages)
         self.scatter = KVScatter(decode.runner, dc.num_kv_heads, max_pages)
         self.load_info: dict[str, float] = {}
         self._remote: dict[str, _Remote] = {}            # engine thread's view of remote prefills
-        self._handoffs: queue.SimpleQueue = queue.SimpleQueue()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = False
-        self.prefill_dead: BaseException | None = None
         self._warm = False
-        self._compiles = [0, 0]           # while serving: engine thread, prefill thread
-        self._thread = threading.Thread(target=self._prefill_loop, name="jaxdyn-prefill", daemon=True)
-        self._thread.start()
+        self._compiles = 0                # while serving, on the engine thread
+
+    @property
+    def prefill(self) -> EngineCore | None:
+        """The prefill engine when it runs in this process."""
+        return getattr(self.role, "core", None)
+
+    @property
+    def prefill_dead(self) -> BaseException | None:
+        return self.role.dead
 
     # ---- EngineCore's face -----------------------------------------------------------------------
 
@@ -132,9 +144,8 @@ class DisaggEngine:
 
     def warmup(self, progress: bool = False) -> float:
         t0 = time.perf_counter()
-        self.prefill.warmup(progress)
+        self.role.warmup(progress)
         self.decode.warmup(progress)
-        self.gather.warmup()
         self.scatter.warmup()
         self._warm = True
         return time.perf_counter() - t0
@@ -170,9 +181,7 @@ class DisaggEngine:
         params = dataclasses.replace(params, seed=seed)
         self._remote[request_id] = _Remote(request_id, prompt_ids, params, priority, arrival,
                                            time.monotonic(), pages)
-        first = dataclasses.replace(params, n=1, max_tokens=1, stop=[], detokenize=False,
-                                    include_stop_str_in_output=False)
-        self._send(("add", request_id, prompt_ids, first, priority, arrival))
+        self.role.submit(request_id, prompt_ids, prefill_params(params), priority, arrival)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         r = self._remote.pop(request_id, None)
@@ -193,16 +202,14 @@ class DisaggEngine:
             outputs += self.decode.step()
         m = self.metrics
         if self._warm:
-            self._compiles[0] += thread_compilation_count() - c0
-            m.compilations_after_warmup = sum(self._compiles)
-        m.remote_prefill_tokens = self.prefill.metrics.computed_prefill_tokens
+            self._compiles += thread_compilation_count() - c0
+            m.compilations_after_warmup = self._compiles + self.role.compiles_while_serving
+        m.remote_prefill_tokens = self.role.computed_prefill_tokens
         m.num_remote_prefills = len(self._remote)
         return outputs
 
     def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self.role.shutdown()
 
     # ---- decode side (engine thread) -------------------------------------------------------------
 
@@ -270,20 +277,74 @@ class DisaggEngine:
 
     def _drop_remote(self, r: _Remote) -> None:
         self.decode.unreserve_kv(r.request_id)
-        self._send(("abort", r.request_id))
+        self.role.abort(r.request_id)
 
     def _count_finish(self, reason: str) -> None:
         f = self.metrics.requests_finished
         f[reason] = f.get(reason, 0) + 1
 
-    # ---- prefill side (its own thread) ----------------------------------------------------------
+
+
+def prefill_params(params: SamplingParams) -> SamplingParams:
+    """What the prefill role runs: the prompt and one token, drawn with the request's own seed
+    (stop strings and detokenization stay with the decode role, which checks the token)."""
+    return dataclasses.replace(params, n=1, max_tokens=1, stop=[], detokenize=False,
+                               include_stop_str_in_output=False)
+
+
+class LocalPrefillRole:
+    """Runs a prefill ``EngineCore`` on its own thread and hands each finished prompt over.
+
+    ``sink`` receives a ``Handoff`` per finished prefill (its KV block on ``target_mesh``, or on
+    the prefill mesh when that is None, e.g. to be sent to another process), or
+    ``("error", request_id, message)``; ``request_id == "*"`` when the role itself died.
+    """
+
+    def __init__(self, core: EngineCore, sink, max_model_len: int | None = None, target_mesh=None):
+        self.core = core
+        self.sink = sink
+        self.target_mesh = target_mesh
+        max_len = max_model_len or core.max_model_len
+        self.gather = KVGather(core.runner, core.model_config.num_kv_heads,
+                               math.ceil(max_len / core.config.page_size))
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._warm = False
+        self.dead: BaseException | None = None
+        self.compiles_while_serving = 0
+        self._thread = threading.Thread(target=self._loop, name="jaxdyn-prefill", daemon=True)
+        self._thread.start()
+
+    @property
+    def computed_prefill_tokens(self) -> int:
+        return self.core.metrics.computed_prefill_tokens
+
+    def set_sink(self, sink) -> None:
+        self.sink = sink
+
+    def warmup(self, progress: bool = False) -> None:
+        self.core.warmup(progress)
+        self.gather.warmup()
+        self._warm = True
+
+    def submit(self, request_id, prompt_ids, params, priority=0, arrival_time=None) -> None:
+        self._send(("add", request_id, list(prompt_ids), params, priority, arrival_time))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
 
     def _send(self, cmd) -> None:
         self._commands.put(cmd)
         self._wake.set()
 
-    def _prefill_loop(self) -> None:
-        core = self.prefill
+    def _loop(self) -> None:
+        core = self.core
         try:
             while not self._stop:
                 self._wake.clear()
@@ -298,7 +359,7 @@ class DisaggEngine:
                             core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival,
                                              hold_kv=True)
                         except ValueError as e:
-                            self._handoffs.put(("error", rid, f"remote prefill refused: {e}"))
+                            self.sink(("error", rid, f"remote prefill refused: {e}"))
                     else:
                         core.abort(cmd[1])
                         core.release_kv(cmd[1])
@@ -308,27 +369,28 @@ class DisaggEngine:
                         if out.finished:
                             self._hand_over(out)
                     if self._warm:
-                        self._compiles[1] += thread_compilation_count() - c0
+                        self.compiles_while_serving += thread_compilation_count() - c0
                 else:
                     self._wake.wait(0.05)
         except BaseException as e:    # the prefill role is dead; the decode role goes on alone
-            self.prefill_dead = e
+            self.dead = e
             traceback.print_exc()
-            self._handoffs.put(("error", "*", f"the prefill engine died: {e!r}"))
+            self.sink(("error", "*", f"the prefill engine died: {e!r}"))
 
     def _hand_over(self, out: RequestOutput) -> None:
         c = out.outputs[0]
         rid = out.request_id
-        pages = self.prefill.held_pages(rid)
+        pages = self.core.held_pages(rid)
         if c.finish_reason == "abort" or pages is None or not c.token_ids:
-            self.prefill.release_kv(rid)
+            self.core.release_kv(rid)
             return
-        n = math.ceil(len(out.prompt_token_ids) / self.prefill.config.page_size)
-        block = to_mesh(self.gather(pages[:n]), self.decode.runner.mesh, self.scatter.num_kv_heads)
-        self.prefill.release_kv(rid)     # after the gather is queued: the device reads first
+        n = math.ceil(len(out.prompt_token_ids) / self.core.config.page_size)
+        block = self.gather(pages[:n])
+        if self.target_mesh is not None:
+            block = to_mesh(block, self.target_mesh, self.gather.num_kv_heads)
+        self.core.release_kv(rid)        # after the gather is queued: the device reads first
         lps = c.logprobs[0] if c.logprobs else None
-        self._handoffs.put(Handoff(rid, block, c.token_ids[0], lps, out.num_cached_tokens,
-                                   time.monotonic()))
+        self.sink(Handoff(rid, block, c.token_ids[0], lps, out.num_cached_tokens, time.monotonic()))
 
 
 def _final_output(r: _Remote, reason: str, error: str | None) -> RequestOutput:
