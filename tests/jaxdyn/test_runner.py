@@ -217,9 +217,10 @@ def test_every_row_of_a_mixed_step_draws_what_it_draws_alone(variant_runner):
         alone, alone_lps, alone_used = _generate(runner, (k,))
         assert alone_used == {OWN_VARIANT[k]}
         assert alone[0] == tokens[i], k
+        # the model's logits of a row move with the step's shape by float rounding (GPU: 1e-4, TF32)
         for (lp, top_ids, top_lps), (lp1, top_ids1, top_lps1) in zip(logprobs[i], alone_lps[0], strict=True):
-            assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(top_ids, top_ids1)
-            assert np.allclose(top_lps, top_lps1, atol=1e-5)
+            assert np.isclose(lp, lp1, atol=1e-3) and np.array_equal(top_ids, top_ids1)
+            assert np.allclose(top_lps, top_lps1, atol=1e-3)
     assert len(logprobs[kinds.index("logprobs")]) == 5
 
 
