@@ -50,3 +50,18 @@ def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
     except (ConfigError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
     return mesh, loaded, tokenizer
+
+
+def model_config_and_tokenizer(model: str, *, load_format: str = "auto") -> tuple[ModelConfig, Tokenizer | None]:
+    """The config and tokenizer of ``model`` without its weights (a frontend over workers)."""
+    try:
+        if load_format == "dummy" and model in PRESETS:
+            return ModelConfig.from_dict(preset_config(model)), None
+        if not os.path.isdir(model):
+            raise CheckpointError(f"model {model!r}: no such directory")
+        cfg = ModelConfig.from_pretrained(model)
+        tok = (Tokenizer.from_pretrained(model)
+               if os.path.exists(os.path.join(model, "tokenizer.json")) else None)
+        return cfg, tok
+    except (ConfigError, TokenizerError) as e:
+        raise CheckpointError(str(e)) from None

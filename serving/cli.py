@@ -87,6 +87,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV pages of cached prompt prefixes")
+    p.add_argument("--token-buckets", default=None,
+                   help="step sizes compiled at warm-up, e.g. 16,64,512 (default: powers of two)")
+    p.add_argument("--page-buckets", default=None,
+                   help="page-table widths compiled at warm-up (default: powers of two)")
 
 
 def _engine_config(args):
@@ -98,9 +102,23 @@ def _engine_config(args):
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
         raise CLIError("--num-pages must be at least 1")
+    buckets = {}
+    for name in ("token_buckets", "page_buckets"):
+        text = getattr(args, name, None)
+        if text:
+            flag = "--" + name.replace("_", "-")
+            try:
+                vals = tuple(sorted({int(t) for t in text.replace(",", " ").split()}))
+            except ValueError:
+                raise CLIError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+            if not vals or vals[0] < 1:
+                raise CLIError(f"{flag}: sizes must be at least 1")
+            buckets[name] = vals
+    if "token_buckets" in buckets and buckets["token_buckets"][-1] < args.max_num_batched_tokens:
+        raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        seed=args.seed, enable_prefix_caching=args.prefix_cache)
+                        seed=args.seed, enable_prefix_caching=args.prefix_cache, **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:
@@ -145,6 +163,15 @@ def _disagg_args(args, config) -> dict:
     return dict(prefill_devices=pre, decode_devices=dec, prefill_config=pcfg, policy=policy)
 
 
+def _remote_engine(model: str, args):
+    from checkpoints.loader import model_config_and_tokenizer
+    from serving.workers.frontend import RemoteEngine
+
+    cfg, tokenizer = model_config_and_tokenizer(model, load_format=args.load_format)
+    addresses = [a for a in args.workers.split(",") if a]
+    return RemoteEngine(addresses, tokenizer=tokenizer, model_config=cfg)
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -171,6 +198,8 @@ def cmd_serve(args) -> int:
             raise CLIError(str(e)) from None
     config = _engine_config(args)
     disagg = _disagg_args(args, config) if args.disagg else None
+    if args.workers and args.disagg:
+        raise CLIError("--workers and --disagg: the workers decide where prompts are prefilled")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise CLIError("--max-queued-requests must be >= 0")
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
@@ -183,6 +212,11 @@ def cmd_serve(args) -> int:
 
     def load():
         try:
+            if args.workers:
+                state.engine = _remote_engine(model, args)
+                print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 over workers "
+                      f"{args.workers}", flush=True)
+                return
             if disagg is not None:
                 core = build_disagg_engine(model, dtype=args.dtype, load_format=args.load_format,
                                            config=config, progress=True, **disagg)
@@ -196,7 +230,7 @@ def cmd_serve(args) -> int:
                   flush=True)
             print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 "
                   f"(max_model_len {core.max_model_len}, {core.num_pages} KV pages)", flush=True)
-        except (CheckpointError, ValueError) as e:
+        except (CheckpointError, ValueError, ConnectionError) as e:
             state.load_error = e
             failed.append(str(e))
             server.should_exit = True
@@ -216,6 +250,67 @@ def cmd_serve(args) -> int:
         state.engine.shutdown()
     if failed:
         raise CLIError(f"loading {model} failed: {failed[0]}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """A worker process: one role's gRPC service over its engine (serving/workers)."""
+    import asyncio
+
+    import jax
+
+    from checkpoints.hf import CheckpointError
+    from checkpoints.loader import load_model
+    from jaxdyn import AsyncEngine, EngineCore
+    from jaxdyn.disagg.engine import DisaggEngine, LocalPrefillRole
+    from jaxdyn.disagg.policy import DisaggPolicy
+    from jaxdyn.parallel.sharding import make_mesh
+    from serving.workers.remote_prefill import RemotePrefillRole
+    from serving.workers.worker import WorkerService, serve_worker
+
+    model = _model_or_demo(args.model)
+    config = _engine_config(args)
+    n = len(jax.devices())
+    devices = _device_list(args.devices, "--devices") if args.devices else list(range(args.tp))
+    if max(devices) >= n:
+        raise CLIError(f"--devices: this machine has {n} device(s) (0..{n - 1})")
+    if args.devices and args.tp not in (1, len(devices)):
+        raise CLIError("--tp: with --devices the TP degree is the number of devices")
+    prefill_workers = [a for a in (args.prefill_workers or "").split(",") if a]
+    if prefill_workers and args.role != "decode":
+        raise CLIError("--prefill-workers: only a decode worker sends prompts to prefill workers")
+    try:
+        policy = DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
+                              args.disagg_prefill_timeout)
+    except ValueError:
+        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout > 0") from None
+    mesh = make_mesh(len(devices), [jax.devices()[i] for i in devices])
+    try:
+        _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
+    name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    if args.role == "prefill":
+        role = LocalPrefillRole(core, None)
+        role.warmup()
+        service = WorkerService("prefill", name, prefill=role, transfer_host=args.host)
+    else:
+        engine = core
+        if prefill_workers:
+            remote = RemotePrefillRole(prefill_workers, transport=args.kv_transport, device=mesh.devices.flat[0],
+                                       transfer_host=args.host, timeout_s=policy.prefill_timeout_s)
+            engine = DisaggEngine(remote, core, policy)
+        engine.warmup()
+        service = WorkerService(args.role, name, engine=AsyncEngine(engine), transfer_host=args.host)
+
+    def ready(port):
+        print(f"jaxdyn worker: {args.role} worker for {name!r} listening on {args.host}:{port}", flush=True)
+
+    try:
+        asyncio.run(serve_worker(service, args.host, args.port, ready))
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -312,7 +407,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="remote prefills in flight beyond which new prompts are prefilled locally")
     dg.add_argument("--disagg-prefill-timeout", type=float, default=120.0,
                     help="seconds after which a remote prefill ends its request with an error")
+    sv.add_argument("--workers", default=None,
+                    help="HOST:PORT,... of decode/both workers (jaxdyn worker): serve the API over them; "
+                    "--model then only gives the tokenizer and config")
     sv.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser("worker", help="a worker process serving one role over gRPC (serving/workers)")
+    wk.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
+    wk.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
+    wk.add_argument("--host", default="127.0.0.1")
+    wk.add_argument("--port", type=int, default=50051, help="0: any free port (printed)")
+    wk.add_argument("--served-model-name", default=None)
+    wk.add_argument("--devices", default=None, help="device indices of this worker's mesh (default: 0..tp-1)")
+    wk.add_argument("--prefill-workers", default=None,
+                    help="decode role: HOST:PORT,... of prefill workers (else every prompt is prefilled here)")
+    wk.add_argument("--kv-transport", choices=["grpc", "jax"], default="grpc",
+                    help="how KV comes from prefill workers: bytes in the gRPC stream, or "
+                    "jax.experimental.transfer device to device")
+    wk.add_argument("--disagg-min-remote-tokens", type=int, default=64)
+    wk.add_argument("--disagg-max-prefill-queue", type=int, default=64)
+    wk.add_argument("--disagg-prefill-timeout", type=float, default=120.0)
+    _engine_args(wk)
+    wk.set_defaults(func=cmd_worker)
 
     bn = sub.add_parser("bench", help="benchmarks")
     bsub = bn.add_subparsers(dest="bench_command", required=True)

@@ -1,0 +1,94 @@
+"""What crosses the wire between jaxdyn workers and the frontend: sampling parameters, output
+increments and logprobs as JSON inside the protobuf messages of ``worker.proto``, and the gRPC
+status codes of failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import grpc
+
+from jaxdyn.engine.request import CompletionOutput, Logprob, RequestOutput
+from jaxdyn.engine.sampling_params import SamplingParams
+from serving.workers import worker_pb2 as pb
+
+# Messages up to 64 MiB (KV chunks are 4 MiB; the default 4 MiB cap is for the rest).
+KV_CHUNK_BYTES = 4 << 20
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def params_to_json(p: SamplingParams) -> str:
+    d = dataclasses.asdict(p)
+    d["stop"] = list(d["stop"])
+    d["stop_token_ids"] = list(d["stop_token_ids"])
+    return json.dumps(d)
+
+
+def params_from_json(text: str) -> SamplingParams:
+    return SamplingParams(**json.loads(text))
+
+
+def logprobs_to_json(entries) -> str:
+    if entries is None:
+        return ""
+    return json.dumps([{str(t): [lp.logprob, lp.rank] for t, lp in e.items()} for e in entries])
+
+
+def logprobs_from_json(text: str):
+    if not text:
+        return None
+    return [{int(t): Logprob(v[0], v[1]) for t, v in e.items()} for e in json.loads(text)]
+
+
+def output_to_pb(out: RequestOutput) -> pb.GenerateResponse:
+    comps = []
+    for c in out.outputs:
+        comps.append(pb.Completion(
+            index=c.index, delta_token_ids=c.delta_token_ids, delta_text=c.delta_text,
+            finish_reason=c.finish_reason or "", stop_reason_json=json.dumps(c.stop_reason),
+            delta_logprobs_json=logprobs_to_json(c.delta_logprobs),
+            cumulative_logprob=c.cumulative_logprob or 0.0))
+    return pb.GenerateResponse(outputs=comps, finished=out.finished, num_cached_tokens=out.num_cached_tokens)
+
+
+class OutputAccumulator:
+    """Rebuilds the cumulative ``RequestOutput``s of one request from the increments it receives."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], n: int, want_logprobs: bool):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.text = [""] * n
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs = [[] for _ in range(n)] if want_logprobs else None
+        self.finish = [None] * n
+        self.stop = [None] * n
+
+    def add(self, msg: pb.GenerateResponse) -> RequestOutput:
+        outs = []
+        for c in msg.outputs:
+            i = c.index
+            self.text[i] += c.delta_text
+            self.tokens[i].extend(c.delta_token_ids)
+            delta_lps = logprobs_from_json(c.delta_logprobs_json)
+            if self.logprobs is not None and delta_lps is not None:
+                self.logprobs[i].extend(delta_lps)
+            self.finish[i] = c.finish_reason or None
+            self.stop[i] = json.loads(c.stop_reason_json) if c.stop_reason_json else None
+            outs.append(CompletionOutput(
+                i, self.text[i], list(self.tokens[i]), c.delta_text, list(c.delta_token_ids),
+                c.cumulative_logprob if self.logprobs is not None else None,
+                list(self.logprobs[i]) if self.logprobs is not None else None, delta_lps,
+                self.finish[i], self.stop[i]))
+        return RequestOutput(self.request_id, self.prompt_ids, outs, msg.finished, msg.num_cached_tokens)
+
+
+# Failures: a refused request carries its parameter name; a failed one a message.
+def refused_details(param: str, message: str) -> str:
+    return json.dumps({"param": param, "message": message})
+
+
+FAILED = grpc.StatusCode.INTERNAL
+REFUSED = grpc.StatusCode.INVALID_ARGUMENT
+DEAD = grpc.StatusCode.UNAVAILABLE

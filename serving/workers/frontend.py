@@ -1,0 +1,254 @@
+"""RemoteEngine: the OpenAI server's engine when the model runs in worker processes.
+
+``jaxdyn serve --workers HOST:PORT,...`` serves the OpenAI API (``serving/app.py``, unchanged)
+over ``RemoteEngine``, which has ``AsyncEngine``'s face: ``add_request`` / ``stream`` /
+``generate`` / ``abort`` / ``is_healthy`` / ``num_unfinished`` and a ``core`` with the
+tokenizer, limits, request checks and metrics the app reads.
+
+* Each request goes, as one ``Generate`` stream, to the generate-capable worker (role
+  ``decode`` or ``both``) with the fewest requests in flight among the healthy ones. Prefill
+  workers are the decode workers' business (their ``--prefill-workers``).
+* A health thread calls every worker's ``Health`` each ``health_interval`` seconds. A worker
+  that fails ``max_missed`` checks in a row is unhealthy: its streams end with an error at once
+  (they do not wait for TCP to notice) and new requests go to the others; it is used again
+  when it answers again.
+* Leaving a stream early (a client that disconnects) cancels the call, which aborts the
+  request on the worker and, through it, on the prefill worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import types
+
+import grpc
+
+from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError
+from jaxdyn.engine.core import RequestError
+from jaxdyn.engine.metrics import EngineMetrics
+from jaxdyn.engine.request import RequestOutput
+from jaxdyn.engine.sampling_params import SamplingParams
+from serving.workers import worker_pb2 as pb
+from serving.workers import worker_pb2_grpc as pb_grpc
+from serving.workers.common import CHANNEL_OPTIONS, OutputAccumulator, params_to_json
+
+GENERATE_ROLES = ("decode", "both")
+
+
+class _Worker:
+    def __init__(self, address: str):
+        self.address = address
+        self.role: str | None = None
+        self.healthy = False
+        self.missed = 0
+        self.max_model_len = 0
+        self.max_num_seqs = 0
+        self.vocab_size = 0
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.health_stub = pb_grpc.WorkerStub(self.channel)
+        self._aio: dict[asyncio.AbstractEventLoop, tuple] = {}
+        self.inflight: dict[str, "_RemoteStream"] = {}
+
+    def stub(self) -> pb_grpc.WorkerStub:
+        """An asyncio stub bound to the running loop (channels belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._aio:
+            ch = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._aio[loop] = (ch, pb_grpc.WorkerStub(ch))
+        return self._aio[loop][1]
+
+
+class _RemoteStream:
+    def __init__(self, loop, request_id, prompt_ids, params, priority, worker):
+        self.loop = loop
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.priority = priority
+        self.worker = worker
+        self.call = None
+        self.failure: str | None = None
+        self.arrival = time.monotonic()
+
+    def fail(self, message: str) -> None:
+        """From any thread: end this stream with an error now."""
+        self.failure = message
+        if self.call is not None:
+            self.loop.call_soon_threadsafe(self.call.cancel)
+
+
+class FrontendCore:
+    """The engine facts the OpenAI app reads, for an engine made of workers."""
+
+    def __init__(self, tokenizer, model_config, max_model_len: int, max_num_seqs: int):
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
+        self.metrics = EngineMetrics()
+        self.num_pages = 0
+        self.load_info: dict[str, float] = {}
+
+    def check_request(self, prompt_ids, params: SamplingParams) -> None:
+        """What can be refused here; the worker checks the rest (and its refusal is a 400 too)."""
+        if len(prompt_ids) == 0:
+            raise RequestError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
+            raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
+                               f"is {self.max_model_len} tokens and at least one must be left to generate")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop", "stop strings need a tokenizer; this model has none")
+
+
+class RemoteEngine:
+    def __init__(self, addresses: list[str], *, tokenizer, model_config, health_interval: float = 0.5,
+                 max_missed: int = 2, connect_timeout: float = 120.0):
+        if not addresses:
+            raise ValueError("no workers given")
+        self.workers = [_Worker(a) for a in addresses]
+        self.health_interval = health_interval
+        self.max_missed = max_missed
+        self._streams: dict[str, _RemoteStream] = {}
+        self._stop = threading.Event()
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            self._check_health()
+            if any(w.healthy and w.role in GENERATE_ROLES for w in self.workers):
+                break
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no decode or both worker answered within {connect_timeout:g} s: "
+                                      f"{', '.join(addresses)}")
+            time.sleep(0.2)
+        gen = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+        bad = [w.address for w in gen if w.vocab_size != model_config.vocab_size]
+        if bad:
+            raise ValueError(f"workers {', '.join(bad)} serve a model with another vocabulary")
+        self.core = FrontendCore(tokenizer, model_config, min(w.max_model_len for w in gen),
+                                 sum(w.max_num_seqs for w in gen))
+        self._thread = threading.Thread(target=self._health_loop, name="jaxdyn-health", daemon=True)
+        self._thread.start()
+
+    # ---- health ----------------------------------------------------------------------------------
+
+    def _check_health(self) -> None:
+        for w in self.workers:
+            try:
+                r = w.health_stub.Health(pb.HealthRequest(), timeout=max(self.health_interval, 1.0))
+                w.missed = 0
+                w.role, w.healthy = r.role, r.healthy
+                w.max_model_len, w.max_num_seqs, w.vocab_size = r.max_model_len, r.max_num_seqs, r.vocab_size
+            except grpc.RpcError:
+                w.missed += 1
+                if w.missed >= self.max_missed:
+                    w.healthy = False
+            if not w.healthy:
+                for s in list(w.inflight.values()):
+                    s.fail(f"worker {w.address} is unreachable")
+
+    def _health_loop(self) -> None:
+        while not self._stop.wait(self.health_interval):
+            self._check_health()
+
+    @property
+    def is_healthy(self) -> bool:
+        return any(w.healthy and w.role in GENERATE_ROLES for w in self.workers)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
+        if request_id in self._streams:
+            raise RequestError("request_id", f"request id {request_id!r} is already in use")
+        live = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+        if not live:
+            raise EngineDeadError("no worker is available")
+        w = min(live, key=lambda w: len(w.inflight))
+        s = _RemoteStream(asyncio.get_running_loop(), request_id, list(prompt_ids), params, priority, w)
+        self._streams[request_id] = s
+        w.inflight[request_id] = s
+        self.core.metrics.prompt_tokens += len(prompt_ids)
+        return s
+
+    async def stream(self, s: _RemoteStream):
+        m = self.core.metrics
+        req = pb.GenerateRequest(request_id=s.request_id, prompt_ids=s.prompt_ids,
+                                 params_json=params_to_json(s.params), priority=s.priority)
+        acc = OutputAccumulator(s.request_id, s.prompt_ids, s.params.n, s.params.logprobs is not None)
+        finished = False
+        first = last = None
+        try:
+            s.call = s.worker.stub().Generate(req)
+            if s.failure is not None:
+                s.call.cancel()
+            async for msg in s.call:
+                out: RequestOutput = acc.add(msg)
+                now = time.monotonic()
+                m.generation_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
+                if first is None:
+                    first = now
+                    m.ttft.observe(now - s.arrival)
+                elif last is not None:
+                    m.itl.observe(now - last)
+                last = now
+                if out.finished:
+                    finished = True
+                    m.e2e.observe(now - s.arrival)
+                    for c in out.outputs:
+                        m.requests_finished[c.finish_reason] = m.requests_finished.get(c.finish_reason, 0) + 1
+                yield out
+                if finished:
+                    return
+            raise RequestFailedError(s.failure or f"worker {s.worker.address} ended the stream early")
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e, s) from None
+        except asyncio.CancelledError:
+            if s.failure is not None:          # the health thread cancelled it: the worker is gone
+                raise RequestFailedError(s.failure) from None
+            raise
+        finally:
+            self._streams.pop(s.request_id, None)
+            s.worker.inflight.pop(s.request_id, None)
+            if not finished and s.call is not None:
+                s.call.cancel()                # the worker aborts the request (and its prefill)
+                m.requests_finished["abort"] = m.requests_finished.get("abort", 0) + 1
+            m.num_running = len(self._streams)
+
+    async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
+        s = self.add_request(prompt_ids, params, request_id, priority=priority)
+        async for out in self.stream(s):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        s = self._streams.get(request_id)
+        if s is not None and s.call is not None:
+            s.loop.call_soon_threadsafe(s.call.cancel)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for w in self.workers:
+            w.channel.close()
+
+
+def _translate(e: grpc.aio.AioRpcError, s: _RemoteStream) -> Exception:
+    if s.failure is not None:
+        return RequestFailedError(s.failure)
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        try:
+            d = json.loads(details)
+            return RequestError(d["param"], d["message"])
+        except (ValueError, KeyError):
+            return RequestError("request", details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return RequestFailedError(f"worker {s.worker.address} is unreachable: {details}")
+    return RequestFailedError(f"worker {s.worker.address}: {details or code.name}")

@@ -1,0 +1,173 @@
+"""RemotePrefillRole: the decode worker's view of prefill workers, as a ``DisaggEngine`` prefill role.
+
+``submit`` sends the prompt to a prefill worker (round robin over those not recently
+unreachable) in a ``Prefill`` call on a thread of its own; the reply's header carries the
+first token, then the KV block comes either as byte chunks in the same stream (``grpc``) or
+is pulled device to device with ``jax.experimental.transfer`` (``jax``) onto this worker's
+first decode device. The block and token go to the sink as a ``Handoff``; any failure
+(worker gone, refused, cancelled by time) as ``("error", request_id, message)``, so the
+decode side frees the pages it reserved and ends the request with an error. ``abort``
+cancels the call, which aborts the prefill on the other side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdyn.disagg.engine import Handoff
+from serving.workers import worker_pb2 as pb
+from serving.workers import worker_pb2_grpc as pb_grpc
+from serving.workers.common import CHANNEL_OPTIONS, logprobs_from_json, params_to_json
+
+UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
+
+
+class RemotePrefillRole:
+    core = None
+
+    def __init__(self, addresses: list[str], *, transport: str = "grpc", device=None,
+                 transfer_host: str = "127.0.0.1", timeout_s: float = 120.0):
+        if not addresses:
+            raise ValueError("no prefill workers given")
+        if transport not in ("grpc", "jax"):
+            raise ValueError(f"kv transport {transport!r}: expected grpc or jax")
+        self.addresses = list(addresses)
+        self.transport = transport
+        self.device = device or jax.devices()[0]
+        self.timeout_s = timeout_s
+        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
+        self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
+        self._bad_until = [0.0] * len(self.addresses)
+        self._rr = itertools.count()
+        self._calls: dict[str, grpc.Future] = {}
+        self._aborted: set[str] = set()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="jaxdyn-remote-prefill")
+        self._transfer = None
+        self._transfer_host = transfer_host
+        self._connections: dict[str, object] = {}
+        self.sink = None
+        self.compiles_while_serving = 0
+        self.computed_prefill_tokens = 0       # prompt tokens sent for remote prefill
+        self.bytes_received = 0
+
+    @property
+    def dead(self) -> str | None:
+        """Set while every prefill worker is unreachable."""
+        now = time.monotonic()
+        if all(t > now for t in self._bad_until):
+            return f"no prefill worker reachable ({', '.join(self.addresses)})"
+        return None
+
+    def set_sink(self, sink) -> None:
+        self.sink = sink
+
+    def warmup(self, progress: bool = False) -> None:
+        if self.transport == "jax":
+            self._transfer_server()
+
+    def submit(self, request_id, prompt_ids, params, priority=0, arrival_time=None) -> None:
+        self.computed_prefill_tokens += len(prompt_ids)
+        with self._lock:
+            self._pending.add(request_id)
+        self._pool.submit(self._run, request_id, list(prompt_ids), params, priority)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id not in self._pending:
+                return
+            self._aborted.add(request_id)
+            call = self._calls.pop(request_id, None)
+        if call is not None:
+            call.cancel()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            calls = list(self._calls.values())
+        for c in calls:
+            c.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for ch in self._channels:
+            ch.close()
+
+    def _pick(self) -> int:
+        now = time.monotonic()
+        n = len(self.addresses)
+        start = next(self._rr)
+        for k in range(n):
+            i = (start + k) % n
+            if self._bad_until[i] <= now:
+                return i
+        return start % n
+
+    def _run(self, rid: str, prompt_ids: list[int], params, priority: int) -> None:
+        i = self._pick()
+        addr = self.addresses[i]
+        req = pb.PrefillRequest(request_id=rid, prompt_ids=prompt_ids, params_json=params_to_json(params),
+                                priority=priority, kv_transport=self.transport)
+        try:
+            call = self._stubs[i].Prefill(req, timeout=self.timeout_s)
+            with self._lock:
+                if rid in self._aborted:
+                    self._aborted.discard(rid)
+                    call.cancel()
+                    return
+                self._calls[rid] = call
+            first = next(call)
+            h = first.header
+            dtype = jnp.dtype(h.dtype)
+            shape = tuple(h.shape)
+            if h.transport == "jax":
+                conn = self._connection(h.transfer_address)
+                spec = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(self.device))
+                block = conn.pull(h.transfer_uuid, [spec])[0]
+            else:
+                buf = bytearray()
+                for msg in call:
+                    buf += msg.kv_chunk
+                if len(buf) != h.nbytes:
+                    raise RuntimeError(f"KV stream from {addr} ended after {len(buf)} of {h.nbytes} bytes")
+                block = np.frombuffer(bytes(buf), dtype=dtype).reshape(shape)
+            self.bytes_received += h.nbytes
+            lps = logprobs_from_json(h.first_logprobs_json)
+            self.sink(Handoff(rid, block, h.first_token, lps[0] if lps else None, h.num_cached_tokens,
+                              time.monotonic()))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                with self._lock:
+                    aborted = rid in self._aborted
+                if aborted:
+                    return                  # we cancelled it (abort): the decode side knows
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._bad_until[i] = time.monotonic() + UNREACHABLE_FOR_S
+            self.sink(("error", rid, f"remote prefill on {addr} failed: {e.code().name}: {e.details()}"))
+        except Exception as e:              # a malformed reply, a failed pull: this request fails
+            self.sink(("error", rid, f"remote prefill on {addr} failed: {e!r}"))
+        finally:
+            with self._lock:
+                self._calls.pop(rid, None)
+                self._aborted.discard(rid)
+                self._pending.discard(rid)
+
+    def _transfer_server(self):
+        if self._transfer is None:
+            from jax.experimental import transfer
+            self._transfer = transfer.start_transfer_server(
+                self.device.client, f"{self._transfer_host}:0", [f"{self._transfer_host}:0"])
+        return self._transfer
+
+    def _connection(self, address: str):
+        with self._lock:
+            conn = self._connections.get(address)
+            if conn is None:
+                conn = self._connections[address] = self._transfer_server().connect(address)
+        return conn

@@ -1,0 +1,231 @@
+"""Worker processes over gRPC on localhost: a prefill worker, decode workers that take KV from it
+by gRPC stream and by jax.experimental.transfer, and the OpenAI frontend over them. The same
+greedy text as one aggregated engine; a prefill worker killed mid-request gives an error event
+and no leaked page; a decode worker that stops answering is noticed and its requests fail while
+the others go on; a client that leaves aborts the request on the worker."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import httpx
+import jax.numpy as jnp
+import pytest
+
+from checkpoints.loader import load_model, model_config_and_tokenizer
+from jaxdyn import AsyncEngine, EngineConfig, EngineCore
+from serving.app import ServerState
+from serving.workers import worker_pb2 as pb
+from serving.workers import worker_pb2_grpc as pb_grpc
+from serving.workers.frontend import RemoteEngine
+from tests.serving.test_server import TEMPLATE, Server
+from tests.support import make_byte_tokenizer, make_hf_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
+                "--max-num-batched-tokens", "32", "--num-pages", "64", "--token-buckets", "8,32",
+                "--page-buckets", "8", "--seed", "0", "--log-level", "warning"]
+PROMPTS = ["a long prompt for the prefill worker, and then some", "hi", "z" * 60]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = make_hf_checkpoint("qwen3", str(tmp_path_factory.mktemp("tiny-workers")))
+    make_byte_tokenizer(path, chat_template=TEMPLATE)
+    return path
+
+
+class Worker:
+    def __init__(self, ckpt, role, *extra, devices=2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        flags = [a for a in ENGINE_FLAGS if a != "--log-level" and a != "warning"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "worker", "--role", role, "--model", ckpt, "--port", "0",
+             "--devices", ",".join(map(str, range(devices))), *flags, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=ROOT)
+        self.lines = []
+        self.port = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"listening on [\d.]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                self._ready.set()
+
+    def wait(self, timeout=300):
+        if not self._ready.wait(timeout):
+            raise AssertionError("worker never listened:\n" + "".join(self.lines[-30:]))
+        return self
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def health(self):
+        with grpc.insecure_channel(self.address) as ch:
+            return pb_grpc.WorkerStub(ch).Health(pb.HealthRequest(), timeout=5)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    cfg = EngineConfig(num_pages=64, page_size=16, max_num_batched_tokens=32, max_num_seqs=4,
+                       max_model_len=128, token_buckets=(8, 32), page_buckets=(8,), seed=0)
+    state = ServerState("tiny")
+    state.engine = AsyncEngine(EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg))
+    srv = Server(state)
+    try:
+        yield [_complete(srv.url, p) for p in PROMPTS]
+    finally:
+        srv.stop()
+        state.engine.shutdown()
+
+
+def _complete(url, prompt, max_tokens=10):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _stream_events(url, prompt, max_tokens=10, timeout=120):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+        return [json.loads(e[6:]) if e != "data: [DONE]" else e
+                for e in r.read().decode().split("\n\n") if e]
+
+
+def _frontend(ckpt, addresses):
+    cfg, tok = model_config_and_tokenizer(ckpt)
+    state = ServerState("tiny")
+    state.engine = RemoteEngine(addresses, tokenizer=tok, model_config=cfg, health_interval=0.3)
+    return Server(state)
+
+
+@pytest.fixture(scope="module")
+def cluster(ckpt):
+    """A prefill worker (TP 2), a decode worker taking KV by gRPC (TP 2) and one by
+    jax.experimental.transfer (TP 1), each its own process."""
+    pre = Worker(ckpt, "prefill").wait()
+    dec_grpc = Worker(ckpt, "decode", "--prefill-workers", pre.address, "--kv-transport", "grpc",
+                      "--disagg-min-remote-tokens", "16", "--disagg-prefill-timeout", "60")
+    dec_jax = Worker(ckpt, "decode", "--prefill-workers", pre.address, "--kv-transport", "jax",
+                     "--disagg-min-remote-tokens", "16", devices=1)
+    procs = [pre, dec_grpc.wait(), dec_jax.wait()]
+    yield pre, dec_grpc, dec_jax
+    for p in procs:
+        p.stop()
+
+
+@pytest.mark.parametrize("which", ["grpc", "jax"])
+def test_frontend_over_workers_answers_as_one_engine(cluster, ckpt, reference, which):
+    pre, dec_grpc, dec_jax = cluster
+    dec = dec_grpc if which == "grpc" else dec_jax
+    srv = _frontend(ckpt, [dec.address])
+    try:
+        assert [_complete(srv.url, p) for p in PROMPTS] == reference
+        events = _stream_events(srv.url, PROMPTS[0])
+        assert events[-1] == "data: [DONE]" and all("error" not in e for e in events[:-1])
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reference[0]
+        h = dec.health()
+        assert h.role == "decode" and h.healthy and h.kv_pages_used == 0
+        assert pre.health().kv_pages_used == 0
+    finally:
+        srv.stop()
+        srv.state.engine.shutdown()
+
+
+def test_a_client_that_leaves_aborts_on_the_worker(cluster, ckpt):
+    _, dec, _ = cluster
+    srv = _frontend(ckpt, [dec.address])
+    try:
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                break                       # one event, then hang up
+        for _ in range(100):
+            h = dec.health()
+            if h.num_running == 0 and h.kv_pages_used == 0:
+                break
+            time.sleep(0.1)
+        assert h.num_running == 0 and h.kv_pages_used == 0
+        assert srv.state.engine.core.metrics.requests_finished.get("abort", 0) == 1
+    finally:
+        srv.stop()
+        srv.state.engine.shutdown()
+
+
+def test_a_prefill_worker_killed_mid_request_gives_an_error_and_leaks_nothing(ckpt):
+    pre = Worker(ckpt, "prefill").wait()
+    dec = Worker(ckpt, "decode", "--prefill-workers", pre.address, "--disagg-min-remote-tokens", "16",
+                 devices=1).wait()
+    srv = _frontend(ckpt, [dec.address])
+    try:
+        pre.proc.send_signal(signal.SIGSTOP)          # the prompt will be stuck on the prefill side
+        result = {}
+        t = threading.Thread(target=lambda: result.update(events=_stream_events(srv.url, PROMPTS[0], timeout=60)))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(1.0)
+        assert dec.health().kv_pages_used > 0         # pages reserved for the KV on its way
+        pre.proc.kill()                               # mid-request
+        t.join(60)
+        assert not t.is_alive() and time.monotonic() - t0 < 30
+        events = result["events"]
+        assert events[-1] == "data: [DONE]"
+        assert "remote prefill" in events[-2]["error"]["message"]
+        assert dec.health().kv_pages_used == 0        # the reservation was freed
+        # later prompts are prefilled on the decode worker
+        assert _complete(srv.url, PROMPTS[0])
+    finally:
+        srv.stop()
+        srv.state.engine.shutdown()
+        pre.stop()
+        dec.stop()
+
+
+def test_a_worker_that_stops_answering_fails_its_requests_and_new_ones_go_to_the_others(ckpt):
+    a = Worker(ckpt, "both", devices=1)
+    b = Worker(ckpt, "both", devices=1)
+    a.wait(), b.wait()
+    srv = _frontend(ckpt, [a.address, b.address])
+    try:
+        b.proc.send_signal(signal.SIGSTOP)
+        body = {"model": "tiny", "prompt": "x" * 20, "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()
+            next(lines)                                # in flight on a: the next request goes to b
+            t0 = time.monotonic()
+            events = _stream_events(srv.url, "x" * 20, 20, 60)
+            assert time.monotonic() - t0 < 30
+            assert events[-1] == "data: [DONE]" and "unreachable" in events[-2]["error"]["message"]
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]" and "error" not in rest[-2]
+        b.proc.kill()
+        for _ in range(5):                             # every new request goes to the survivor
+            assert _complete(srv.url, "y" * 10)
+        assert httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        srv.stop()
+        srv.state.engine.shutdown()
+        a.stop()
+        b.stop()
