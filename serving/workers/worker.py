@@ -176,7 +176,6 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def Health(self, request, context):
         core = self.core
-        m = core.metrics
         local = getattr(core, "decode", core)         # the EngineCore whose pages these are
         if self.engine is not None:
             healthy = self.engine.is_healthy
