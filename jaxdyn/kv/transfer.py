@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size
+from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
+from jaxdyn.parallel.sharding import MODEL_AXIS, kv_cache_partition_spec, model_parallel_size, replicated
 
 
 def page_buckets(max_pages: int) -> tuple[int, ...]:
@@ -75,6 +76,22 @@ def block_to_host(block: jax.Array) -> np.ndarray:
 def block_nbytes(num_layers: int, num_kv_heads: int, n_pages: int, page_size: int, head_dim: int,
                  itemsize: int) -> int:
     return 2 * num_layers * num_kv_heads * n_pages * page_size * head_dim * itemsize
+
+
+class PagedKV:
+    """A paged KV cache on a mesh without a model: what ``KVGather`` / ``KVScatter`` need of a
+    ``ModelRunner`` (benchmarks of the transfer alone)."""
+
+    def __init__(self, spec: KVCacheSpec, mesh: Mesh):
+        self.kv_spec, self.mesh = spec, mesh
+        self.kv_cache = allocate_kv_cache(spec, mesh)
+        self._replicated = replicated(mesh)
+        self.token_pages = jax.device_put(np.zeros((spec.num_pages, spec.page_size), np.int32),
+                                          self._replicated)
+
+    def _kv_shardings(self):
+        s = NamedSharding(self.mesh, kv_cache_partition_spec(self.mesh, self.kv_spec.num_kv_heads))
+        return [(s, s)] * self.kv_spec.num_layers
 
 
 class _Side:

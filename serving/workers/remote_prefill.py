@@ -59,6 +59,7 @@ class RemotePrefillRole:
         self.compiles_while_serving = 0
         self.computed_prefill_tokens = 0       # prompt tokens sent for remote prefill
         self.bytes_received = 0
+        self.timings: dict[str, tuple[float, float]] | None = None   # benchmarks: {id: (header, block)}
 
     @property
     def dead(self) -> str | None:
@@ -123,6 +124,7 @@ class RemotePrefillRole:
                     return
                 self._calls[rid] = call
             first = next(call)
+            t_header = time.perf_counter()
             h = first.header
             dtype = jnp.dtype(h.dtype)
             shape = tuple(h.shape)
@@ -138,6 +140,8 @@ class RemotePrefillRole:
                     raise RuntimeError(f"KV stream from {addr} ended after {len(buf)} of {h.nbytes} bytes")
                 block = np.frombuffer(bytes(buf), dtype=dtype).reshape(shape)
             self.bytes_received += h.nbytes
+            if self.timings is not None:
+                self.timings[rid] = (t_header, time.perf_counter())
             lps = logprobs_from_json(h.first_logprobs_json)
             self.sink(Handoff(rid, block, h.first_token, lps[0] if lps else None, h.num_cached_tokens,
                               time.monotonic()))
