@@ -136,18 +136,22 @@ def _time_runner_steps(runner: ModelRunner, work, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def bench_model(name: str, bandwidth: float, matmul: float, batches, contexts, rng) -> tuple[list, list, list]:
-    mesh, loaded, _ = load_model(name, load_format="dummy", dtype="bfloat16")
+def bench_model(name: str, bandwidth: float, matmul: float, batches, contexts, rng, tp: int = 1
+                ) -> tuple[list, list, list]:
+    """With ``tp`` > 1 the floor is the bytes over ``tp`` devices' bandwidth (each reads its shard)
+    and MFU is over ``tp`` devices' matmul rate."""
+    mesh, loaded, _ = load_model(name, load_format="dummy", dtype="bfloat16", tp=tp)
     cfg = loaded.config
     w_read, matmul_params, head_params = model_bytes_and_flops(loaded)
     kv_per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * 2
     stats = jax.devices()[0].memory_stats() or {}
     free = stats.get("bytes_limit", 80e9) - stats.get("bytes_in_use", w_read)
-    kv_budget = free - 10e9            # activations, logits, compiled workspaces
+    kv_budget = (free - 10e9) * tp     # activations, logits, compiled workspaces; KV split over tp
     points, skipped = [], []
     for c in contexts:
         for b in batches:
             (points if b * pages_for(c) * PAGE * kv_per_token <= kv_budget else skipped).append((b, c))
+    bandwidth, matmul = bandwidth * tp, matmul * tp
     runner = decode_runner(loaded, mesh, points, prefill_tokens=PREFILL)
     num_pages = runner.config.num_pages
     print(f"{name}: weights read per step {w_read / 1e9:.2f} GB, KV {kv_per_token} B/token, "
@@ -160,7 +164,7 @@ def bench_model(name: str, bandwidth: float, matmul: float, batches, contexts, r
         host_s = _time_runner_steps(runner, work, reps=10)
         kv_read = b * (c + 1) * kv_per_token
         floor = (w_read + kv_read) / bandwidth
-        decode.append(dict(model=name, batch=b, context=c, step_ms=dev_s * 1e3, floor_ms=floor * 1e3,
+        decode.append(dict(model=name if tp == 1 else f"{name} TP{tp}", batch=b, context=c, step_ms=dev_s * 1e3, floor_ms=floor * 1e3,
                            of_floor=dev_s / floor, runner_ms=host_s * 1e3,
                            tok_s=b / host_s, compile_s=compile_s))
         print(f"decode {name} b={b} c={c}: {dev_s * 1e3:.2f} ms = {dev_s / floor:.2f}x floor "
@@ -173,7 +177,7 @@ def bench_model(name: str, bandwidth: float, matmul: float, batches, contexts, r
     dev_s, compile_s = _time_device_steps(runner, work, reps=5)
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (PREFILL * (PREFILL + 1) / 2)
     flops = 2 * matmul_params * PREFILL + attn + 2 * head_params
-    prefill.append(dict(model=name, tokens=PREFILL, ms=dev_s * 1e3, tflops=flops / dev_s / 1e12,
+    prefill.append(dict(model=name if tp == 1 else f"{name} TP{tp}", tokens=PREFILL, ms=dev_s * 1e3, tflops=flops / dev_s / 1e12,
                         mfu=flops / dev_s / matmul, attn_share=attn / flops, compile_s=compile_s))
     print(f"prefill {name} {PREFILL}: {dev_s * 1e3:.1f} ms, {flops / dev_s / 1e12:.0f} TFLOP/s "
           f"= {flops / dev_s / matmul:.2f} MFU", flush=True)
@@ -186,6 +190,7 @@ def main(argv=None) -> str:
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
     ap.add_argument("--out", help="markdown report (rewritten after each model)")
     ap.add_argument("--quick", action="store_true", help="batch 1 and 64, context 2048 only")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (floor over tp devices)")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     rng = np.random.default_rng(0)
@@ -195,11 +200,12 @@ def main(argv=None) -> str:
     print(f"HBM {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
     batches, contexts = ((1, 64), (2048,)) if args.quick else ((1, 8, 64, 256), (512, 2048))
     cmd = "python -m benchmarks.gpu.step" + (f" --models {args.models}") + (
-        " --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
+        " --quick" if args.quick else "") + (f" --tp {args.tp}" if args.tp != 1 else "") + (
+        f" --out {args.out}" if args.out else "")
     decode, prefill, skipped = [], [], []
     report = ""
     for name in args.models.split(","):
-        d, p, s = bench_model(name, bandwidth, matmul, batches, contexts, rng)
+        d, p, s = bench_model(name, bandwidth, matmul, batches, contexts, rng, tp=args.tp)
         decode += d
         prefill += p
         skipped += s
