@@ -1,0 +1,123 @@
+"""The benchmark suite on one NVIDIA GPU, in one device call (< 600 s): what every section measures there.
+
+The GPU command (the wheels of what the GPU image lacks are made here by
+``benchmarks/gpu/fetch_wheels.sh`` and travel with the call as ``carry: [".gpu_wheels"]``):
+
+    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu
+
+The same with the GPU tests first (they get 150 s; the suite then runs the sections that are
+new to this suite, 355 s of budgets, at full size):
+
+    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && export PYTHONPATH=$PWD:/tmp/pydeps && timeout 150 python -m pytest -q -m gpu tests/pallas_kernels 2>&1 | tee $OUT/pytest.log; python -m benchmarks.gpu.gpu --out $OUT/gpu --sections serve,offline,host
+
+``$OUT/gpu`` receives ``report.md``, ``results.json`` and ``suite.log`` (rewritten
+after every step, so a call cut short keeps what ran). Flags: ``--quick``
+(smaller sizes, 425 s of budgets), ``--sections serve,host,...``, ``--budget-s N``
+(every step's budget scaled to a total of N), ``--model PRESET``, ``--list``
+(print the plan), ``--dry-run`` (the CPU plumbing run).
+
+Order and budgets (the machine starts bare: every compilation counts). The
+sections share one JAX compilation cache, and ``serve`` runs first so its
+first start is cold and ``offline`` / ``host`` (the same engine shapes) find
+its compiled steps:
+
+| section | budget s | what |
+|---|---:|---|
+| probe | 30 | device kind and count (a GPU must be there) |
+| serve | 230 | ``jaxdyn serve`` 8B: first start (empty cache), bench serve random 1024/128 at rate inf and at 4 req/s, prefix dataset; second start (cache warm) |
+| offline | 75 | ``jaxdyn bench offline`` 8B: random 1024/128 and prefix-heavy, 300 prompts each (``--offline-prompts N``) |
+| host | 50 | device idle share between engine steps at 64 and 256 running requests (8B) |
+| step | 45 + 70 | decode step vs memory floor, prefill MFU: 1B at batch 1/64/256 context 2048; 8B at batch 1/64/256 context 512 (``--full-grid``: batch 1/8/64/256 × context 512/2048, alone) |
+| kernels | 50 | ``python -m benchmarks.kernels --quick --sweep none`` |
+
+Sections 520 s + probe 30 s = 550 s. GPU settings: every process that opens the
+GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
+that drives the server and the ``bench serve`` client run with
+``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
+only process on the GPU while it runs. The engine sections size their KV pool
+explicitly (16,384 pages × 2 MiB for the 8B shape, beside 16 GB of weights).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks.gpu import suite
+
+DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, source), most specific first
+    ("H100 PCIe", 2.0e12, 756e12, "NVIDIA H100 PCIe datasheet"),
+    ("H100", 3.35e12, 989e12, "NVIDIA H100 SXM5 datasheet: 3.35 TB/s HBM3, 989 TFLOP/s bf16 dense"),
+    ("H200", 4.8e12, 989e12, "NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s bf16 dense"),
+    ("A100", 2.039e12, 312e12, "NVIDIA A100 80GB SXM datasheet: 2.0 TB/s, 312 TFLOP/s bf16 dense"),
+)
+
+# One engine shape for serve, host and offline (the same compiled steps, so later sections hit the cache):
+# a page bucket of the whole model length and three token buckets (16: a few decoding requests; 256: up to
+# max_num_seqs decoding; 2048: prefill chunks), 3 x 3 sampler variants = 9 steps compiled at warm-up.
+ENGINE = dict(page_size=16, num_pages=16384, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=2048,
+              token_buckets=[16, 256, 2048], page_buckets=[128])
+SERVER_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
+PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
+
+
+def serve_runs(quick: bool) -> list[dict]:
+    runs = [dict(label="random 1024/128, rate inf", dataset="random", num_prompts=64 if quick else 200,
+                 input_len=1024, output_len=128, request_rate="inf", num_warmups=2)]
+    if not quick:
+        runs += [dict(label="random 1024/128, 4 req/s", dataset="random", num_prompts=40, input_len=1024,
+                      output_len=128, request_rate="4"),
+                 dict(label="prefix 960+64/128, rate inf", dataset="prefix", num_prompts=200, prefix_len=960,
+                      suffix_len=64, num_prefixes=4, output_len=128, request_rate="inf")]
+    return runs
+
+
+def offline_datasets(quick: bool, num_prompts: int) -> list[dict]:
+    sets = [dict(dataset="random", num_prompts=num_prompts, input_len=1024, output_len=128, num_warmups=4)]
+    if not quick:
+        sets.append(dict(dataset="prefix", num_prompts=num_prompts, prefix_len=960, suffix_len=64, num_prefixes=4,
+                         output_len=128, num_warmups=4))
+    return sets
+
+
+def step_models(quick: bool, model: str, full_grid: bool) -> list[dict]:
+    """The step section's points: a fit for the one-call budget, or step.py's whole grid (about 9 minutes:
+    run it alone, ``--sections step --full-grid``)."""
+    if full_grid:
+        return [dict(name=n, batches=[1, 8, 64, 256], contexts=[512, 2048], budget_s=b)
+                for n, b in (("llama-3.2-1b", 180), (model, 360))]
+    if quick:
+        return [dict(name=model, batches=[1, 64], contexts=[2048], budget_s=60)]
+    return [dict(name="llama-3.2-1b", batches=[1, 64, 256], contexts=[2048], budget_s=45),
+            dict(name=model, batches=[1, 64, 256], contexts=[512], budget_s=70)]
+
+
+def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
+         full_grid: bool = False) -> suite.Plan:
+    """The GPU plan; budgets sum to 550 s with the probe (425 s with ``quick``)."""
+    host_engine = dict(ENGINE, token_buckets=[16, 64, 256, 2048], enable_prefix_caching=False)
+    return suite.Plan(
+        name="gpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.gpu", expect_platform="gpu",
+        env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30,
+        notes=("Model shapes with random bf16 weights (`--load-format dummy`); the engine sections load the preset "
+               "with a word-level tokenizer over its whole vocabulary (exact prompt lengths, one streamed chunk "
+               "per token). Published anchors ran real weights on ShareGPT: their ratios place us, they do not "
+               "rank.",),
+        sections=(
+            suite.serve_section(180 if quick else 230, model=model, engine=ENGINE, runs=serve_runs(quick),
+                                ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV),
+            suite.offline_section(60 if quick else 75, model=model, engine=ENGINE,
+                                  datasets=offline_datasets(quick, offline_prompts or (100 if quick else 300))),
+            suite.host_section(45 if quick else 50, model=model, engine=host_engine,
+                               batches=[64] if quick else [64, 256], prompt_len=512, max_tokens=1024, steps=30),
+            suite.step_section(step_models(quick, model, full_grid), bandwidth_gib=4.0, matmul_n=8192),
+            suite.kernels_section(["--quick", "--sweep", "none"], 50),
+        ))
+
+
+def main(argv=None) -> int:
+    return suite.main(argv, plan_factory=plan, entry="benchmarks.gpu.gpu", dry_first="kernels")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

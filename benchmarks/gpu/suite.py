@@ -1,0 +1,1177 @@
+"""The benchmark suite of one accelerator: sections in subprocesses with time budgets, one report.
+
+An entry per accelerator kind (``benchmarks/gpu/gpu.py``, ``benchmarks/gpu/tpu.py``)
+builds a ``Plan``: its sections, the sizes each runs at, a time budget per
+subprocess, the environment. This module runs it, accelerator-independently:
+
+1. ``probe``: a subprocess reads the device (kind, count, platform, jax version);
+   the driver itself never initialises jax, so it holds no accelerator memory;
+2. each section's steps run one at a time, each as
+   ``python -m benchmarks.gpu.suite section NAME --result F --config JSON``
+   in its own process group, killed when its budget runs out (SIGTERM, then
+   SIGKILL); a crash, an OOM or a timeout ends that step only, and what it had
+   recorded so far (it rewrites its result file as it goes) is kept;
+3. a section whose Python modules are missing is reported as skipped;
+4. after every step ``report.md`` and ``results.json`` are rewritten: date,
+   device, jax version, the exact command of every step, every figure as a
+   ratio to its floor or anchor. All subprocess output goes to ``suite.log``.
+
+Those three files are all the output directory holds (a device call brings
+back at most 8 files); intermediate files and the JAX compilation cache live
+in ``--scratch`` (default: a new temporary directory).
+
+Sections (bodies below): ``kernels`` (``python -m benchmarks.kernels``),
+``ceilings`` (copy bandwidth, matmul rate and the jax.numpy decode attention
+against them: the accelerator-neutral stand-in where there are no Pallas GPU
+kernels), ``step`` (``benchmarks.gpu.step.bench_model``), ``host`` (GPU idle
+share between engine steps), ``offline`` (``jaxdyn bench offline``'s
+``benchmark``), ``serve`` (``jaxdyn serve`` cold and warm start, then
+``jaxdyn bench serve`` against it).
+
+    python -m benchmarks.gpu.suite --dry-run --out /tmp/suite [--sections host,offline] [--budget-s N] [--list]
+
+``--dry-run`` runs every section on the CPU with the ``tiny`` preset and toy
+sizes (the plumbing, in about three minutes); the GPU and TPU entries take the
+same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+# Only the standard library at module level: the driver must not import jax.
+
+# ----------------------------------------------------------------------------- anchors
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+    what: str          # the system and setup the figure is from
+    value: float
+    unit: str
+    source: str
+
+
+_AIMULTIPLE = ("AIMultiple, 'LLM inference engines' benchmark (third-party, 2025): 1,000 ShareGPT prompts, "
+               "Llama-3.1-8B-Instruct bf16, one H100 80GB, offline batch, "
+               "https://research.aimultiple.com/inference-engines")
+_SGLANG_030 = ("SGLang v0.3.0 vs vLLM v0.6.0 reproduction (2024): github.com/sgl-project/sglang "
+               "benchmark/benchmark_vllm_060/README.md, Llama-3.1-8B-Instruct, one A100 80G, ShareGPT")
+
+# Published figures for Llama-3.1-8B. Their datasets are ShareGPT (short prompts, long replies); ours are
+# random 1024-in / 128-out and shared-prefix prompts, so the ratios say where we stand, not who wins.
+ANCHORS = {
+    "vllm_h100_offline": Anchor("vLLM, 1×H100, ShareGPT, offline", 12_553, "output tok/s", _AIMULTIPLE),
+    "sglang_h100_offline": Anchor("SGLang, 1×H100, ShareGPT, offline", 16_215, "output tok/s", _AIMULTIPLE),
+    "sglang030_a100_rate_inf": Anchor("SGLang 0.3, 1×A100, 5,000 ShareGPT prompts at rate inf", 4_281.51,
+                                      "output tok/s", _SGLANG_030),
+    "sglang030_a100_rate4_itl": Anchor("SGLang 0.3, 1×A100, 4 req/s: median ITL", 11.93, "ms", _SGLANG_030),
+    "sglang030_a100_rate4_ttft": Anchor("SGLang 0.3, 1×A100, 4 req/s: median TTFT", 31.98, "ms", _SGLANG_030),
+    "sglang030_a100_rate4_tpot": Anchor("SGLang 0.3, 1×A100, 4 req/s: median TPOT", 13.17, "ms", _SGLANG_030),
+}
+COLD_START_TARGET_S = 60.0      # process start -> /health 200, empty compilation cache
+WARM_START_TARGET_S = 15.0      # the same with the compilation cache warm
+
+
+# ----------------------------------------------------------------------------- plans
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One subprocess of a section: a body and its configuration (JSON), with a time budget."""
+    label: str
+    budget_s: float
+    config: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    name: str                          # the body: kernels, ceilings, step, host, offline, serve
+    title: str
+    steps: tuple[Step, ...]
+    requires: tuple[str, ...] = ()     # Python modules the section cannot run without
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str                          # "gpu", "tpu", "dry run (CPU)"
+    entry: str                         # the module a person runs: python -m ENTRY
+    sections: tuple[Section, ...]
+    env: dict = dataclasses.field(default_factory=dict)   # every subprocess; "{scratch}" is replaced
+    expect_platform: str | None = None  # "gpu" / "tpu": stop after the probe when the device differs
+    datasheets: tuple = ()             # ((device-kind substring, bytes/s, bf16 FLOP/s, source), ...)
+    probe_budget_s: float = 60.0
+    notes: tuple[str, ...] = ()
+
+    def budget(self, only: list[str] | None = None) -> float:
+        return sum(st.budget_s for s in self.sections if only is None or s.name in only for st in s.steps)
+
+
+SERVE_MODULES = ("starlette", "uvicorn", "pydantic", "httpx", "jinja2", "prometheus_client", "tokenizers")
+ENGINE_MODULES = ("jax", "flax", "numpy", "tqdm", "tokenizers", "safetensors")
+
+
+def kernels_section(argv: list[str], budget_s: float) -> Section:
+    """``python -m benchmarks.kernels ARGV``: the Pallas GPU kernels vs copy bandwidth and matmul rate."""
+    return Section("kernels", "Pallas kernels vs HBM bandwidth and matmul rate",
+                   (Step("kernels", budget_s, {"argv": list(argv)}),), ENGINE_MODULES)
+
+
+def ceilings_section(budget_s: float, *, bandwidth_gib: float, matmul_n: int,
+                     points: list[tuple[int, int]]) -> Section:
+    return Section("ceilings", "Copy bandwidth, matmul rate, reference decode attention",
+                   (Step("ceilings", budget_s, {"bandwidth_gib": bandwidth_gib, "matmul_n": matmul_n,
+                                                "points": [list(p) for p in points]}),), ENGINE_MODULES)
+
+
+def step_section(models: list[dict], *, bandwidth_gib: float, matmul_n: int, prefill: int | None = None
+                 ) -> Section:
+    """``models``: [{"name", "batches", "contexts", "budget_s"}]; one subprocess per model."""
+    steps = tuple(Step(f"step {m['name']}", m["budget_s"],
+                       {"model": m["name"], "batches": list(m["batches"]), "contexts": list(m["contexts"]),
+                        "bandwidth_gib": bandwidth_gib, "matmul_n": matmul_n, "prefill": prefill})
+                  for m in models)
+    return Section("step", "Model step vs its memory floor, prefill vs the matmul rate", steps, ENGINE_MODULES)
+
+
+def host_section(budget_s: float, *, model: str, engine: dict, batches: list[int], prompt_len: int,
+                 max_tokens: int, steps: int, dtype: str = "bfloat16") -> Section:
+    return Section("host", "Device idle share between engine steps (host time per step)",
+                   (Step("host", budget_s, {"model": model, "engine": engine, "batches": list(batches),
+                                            "prompt_len": prompt_len, "max_tokens": max_tokens, "steps": steps,
+                                            "dtype": dtype}),), ENGINE_MODULES)
+
+
+def offline_section(budget_s: float, *, model: str, engine: dict, datasets: list[dict],
+                    dtype: str = "bfloat16") -> Section:
+    """``datasets``: [{"dataset": "random"|"prefix", "num_prompts", ...lengths}]."""
+    return Section("offline", "Offline throughput (jaxdyn bench offline)",
+                   (Step("offline", budget_s, {"model": model, "engine": engine, "datasets": datasets,
+                                               "dtype": dtype}),), ENGINE_MODULES)
+
+
+def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict], ready_timeout_s: float,
+                  warm_reserve_s: float, server_env: dict, dtype: str = "bfloat16", warm_start: bool = True
+                  ) -> Section:
+    """``runs``: [{"label", "dataset", "num_prompts", "request_rate", ...lengths}] of ``jaxdyn bench serve``."""
+    return Section("serve", "Server cold start and online serving (jaxdyn serve + jaxdyn bench serve)",
+                   (Step("serve", budget_s, {"model": model, "engine": engine, "runs": runs, "dtype": dtype,
+                                             "ready_timeout_s": ready_timeout_s, "warm_reserve_s": warm_reserve_s,
+                                             "server_env": server_env, "warm_start": warm_start}),),
+                   ENGINE_MODULES + SERVE_MODULES)
+
+
+def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
+    """Every section on the CPU with the ``tiny`` preset and toy sizes: the plumbing, in about three minutes.
+    ``first``: the entry's hardware section (``kernels`` for a GPU, ``ceilings`` for a TPU)."""
+    engine = dict(page_size=16, num_pages=512, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256,
+                  token_buckets=[16, 128], page_buckets=[16])
+    hw = (kernels_section(["--quick", "--sweep", "none"], 150) if first == "kernels" else
+          ceilings_section(40, bandwidth_gib=0.05, matmul_n=256, points=[(2, 64), (8, 64)]))
+    return Plan(
+        name="dry run (CPU, tiny preset, toy sizes)", entry=entry, expect_platform=None,
+        env={"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache",
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"},
+        probe_budget_s=60,
+        sections=(
+            serve_section(120, model="tiny", engine=engine, ready_timeout_s=60, warm_reserve_s=20,
+                          server_env={}, dtype="float32", runs=[
+                              dict(label="random 64/16, rate inf", dataset="random", num_prompts=12,
+                                   input_len=64, output_len=16, request_rate="inf", num_warmups=1),
+                              dict(label="random 64/16, 4 req/s", dataset="random", num_prompts=6,
+                                   input_len=64, output_len=16, request_rate="4"),
+                              dict(label="prefix 48+16/16, rate inf", dataset="prefix", num_prompts=12,
+                                   prefix_len=48, suffix_len=16, num_prefixes=2, output_len=16,
+                                   request_rate="inf")]),
+            offline_section(60, model="tiny", dtype="float32", engine=engine, datasets=[
+                dict(dataset="random", num_prompts=24, input_len=64, output_len=16, num_warmups=2),
+                dict(dataset="prefix", num_prompts=24, prefix_len=48, suffix_len=16, num_prefixes=2,
+                     output_len=16, num_warmups=2)]),
+            host_section(60, model="tiny", engine=dict(engine, token_buckets=[4, 16, 128],
+                                                       enable_prefix_caching=False),
+                         batches=[4, 16], prompt_len=32, max_tokens=128, steps=8, dtype="float32"),
+            step_section([dict(name="tiny", batches=[1, 4], contexts=[64], budget_s=60)],
+                         bandwidth_gib=0.05, matmul_n=256, prefill=64),
+            hw,
+        ))
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def _shown(argv: list[str]) -> str:
+    """The command as a person types it (the interpreter shown as ``python``)."""
+    return shlex.join(["python" if a == sys.executable else a for a in argv])
+
+
+class Driver:
+    """Runs a plan's steps in subprocesses; rewrites report.md / results.json after each."""
+
+    def __init__(self, plan: Plan, out_dir: str, *, scratch: str | None = None, only: list[str] | None = None,
+                 budget_s: float | None = None, command: str = "", python: str = sys.executable):
+        self.plan, self.out_dir, self.python, self.command = plan, out_dir, python, command
+        os.makedirs(out_dir, exist_ok=True)
+        self.scratch = scratch or tempfile.mkdtemp(prefix="jaxdyn-suite-")
+        os.makedirs(self.scratch, exist_ok=True)
+        unknown = [s for s in (only or []) if s not in {x.name for x in plan.sections}]
+        if unknown:
+            raise SystemExit(f"unknown section(s) {', '.join(unknown)}; this plan has "
+                             f"{', '.join(s.name for s in plan.sections)}")
+        self.sections = [s for s in plan.sections if only is None or s.name in only]
+        planned = sum(st.budget_s for s in self.sections for st in s.steps)
+        self.scale = (budget_s / planned) if budget_s and planned else 1.0
+        self.total_budget = planned * self.scale
+        self.log_path = os.path.join(out_dir, "suite.log")
+        self.doc = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "plan": plan.name,
+                    "command": command, "scratch": self.scratch, "budget_s": self.total_budget,
+                    "device": None, "sections": []}
+
+    # -- subprocesses ----------------------------------------------------------------------------
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update({k: v.replace("{scratch}", self.scratch) for k, v in self.plan.env.items()})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:    # the sections import this repository (a checkout, not installed)
+            env["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        return env
+
+    def _run(self, body: str, label: str, config: dict, budget_s: float) -> dict:
+        """Run one body in a subprocess within ``budget_s``; returns its record."""
+        result = os.path.join(self.scratch, f"{label.replace(' ', '_').replace('/', '_')}.json")
+        if os.path.exists(result):
+            os.remove(result)
+        config = dict(config, budget_s=round(budget_s, 1), scratch=self.scratch)
+        argv = [self.python, "-m", "benchmarks.gpu.suite", "section", body, "--result", result,
+                "--config", json.dumps(config, separators=(",", ":"))]
+        rec = {"label": label, "command": _shown(argv), "budget_s": round(budget_s, 1)}
+        print(f"[suite] {label}: start (budget {budget_s:.0f} s)", flush=True)
+        t0 = _now()
+        with open(self.log_path, "a") as log:
+            log.write(f"\n===== {label} (budget {budget_s:.0f} s): {_shown(argv)}\n")
+            log.flush()
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                    process_group=0, cwd=os.getcwd())
+            try:
+                rc = proc.wait(timeout=budget_s)
+                rec["status"] = "ok" if rc == 0 else "failed"
+                rec["rc"] = rc
+            except subprocess.TimeoutExpired:
+                rec["status"] = "timed out"
+                _stop_group(proc)
+            log.write(f"===== {label}: {rec['status']} after {_now() - t0:.1f} s\n")
+        rec["seconds"] = round(_now() - t0, 1)
+        try:
+            with open(result) as f:
+                rec.update(body=json.load(f))
+        except (OSError, ValueError):
+            rec["body"] = {}
+        if rec["status"] == "failed":
+            rec["reason"] = rec["body"].get("error") or f"exit status {rec.get('rc')}; see suite.log"
+        elif rec["status"] == "timed out":
+            rec["reason"] = f"budget of {budget_s:.0f} s ran out; what it recorded before is kept"
+        print(f"[suite] {label}: {rec['status']} in {rec['seconds']:.0f} s"
+              + (f" ({rec['reason']})" if rec.get("reason") else ""), flush=True)
+        return rec
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        start = _now()
+        deadline = start + self.total_budget + self.plan.probe_budget_s
+        open(self.log_path, "w").close()
+        probe = self._run("probe", "probe", {}, self.plan.probe_budget_s)
+        self.doc["device"] = probe.get("body", {}).get("device")
+        self.doc["probe"] = {k: probe.get(k) for k in ("status", "reason", "seconds")}
+        dev = self.doc["device"] or {}
+        self.write()
+        if self.plan.expect_platform and dev.get("platform") != self.plan.expect_platform:
+            why = (f"expected a {self.plan.expect_platform} device, the probe found "
+                   f"{dev.get('platform', 'none')} ({probe.get('reason') or dev.get('device_kind', '?')})")
+            self.doc["stopped"] = why
+            self.write()
+            print(f"[suite] stopped: {why}", file=sys.stderr)
+            return 2
+        for section in self.sections:
+            srec = {"name": section.name, "title": section.title, "steps": []}
+            self.doc["sections"].append(srec)
+            missing = [m for m in section.requires if importlib.util.find_spec(m) is None]
+            if missing:
+                srec["status"] = "skipped"
+                srec["reason"] = (f"missing Python module(s): {', '.join(missing)} (install the wheels: "
+                                  "benchmarks/gpu/fetch_wheels.sh)")
+                print(f"[suite] {section.name}: skipped: {srec['reason']}", flush=True)
+                self.write()
+                continue
+            for step in section.steps:
+                budget = min(step.budget_s * self.scale, deadline - _now())
+                if budget < 5:
+                    srec["steps"].append({"label": step.label, "status": "skipped",
+                                          "reason": "no time left in the suite's budget", "seconds": 0,
+                                          "budget_s": round(step.budget_s * self.scale, 1)})
+                else:
+                    srec["steps"].append(self._run(section.name, step.label, step.config, budget))
+                srec["status"] = _section_status(srec["steps"])
+                self.write()
+        self.doc["seconds"] = round(_now() - start, 1)
+        self.write()
+        print(self.summary(), flush=True)
+        return 0
+
+    # -- the report ------------------------------------------------------------------------------
+
+    def datasheet(self):
+        kind = (self.doc.get("device") or {}).get("device_kind", "")
+        for sub, bw, flops, source in self.plan.datasheets:
+            if sub.lower() in kind.lower():
+                return bw, flops, source
+        return None
+
+    def figures(self, srec: dict) -> list[dict]:
+        rows = []
+        for st in srec.get("steps", []):
+            body = st.get("body") or {}
+            rows += body.get("figures", [])
+            sheet = self.datasheet()
+            meas = body.get("measured", {})
+            tag = f" ({st['label']})" if len(srec["steps"]) > 1 else ""
+            if "hbm_bandwidth" in meas:
+                rows.append(figure(f"copy bandwidth{tag}", meas["hbm_bandwidth"] / 1e12, "TB/s",
+                                   sheet and sheet[0] / 1e12, "datasheet", "higher"))
+            if "matmul_rate" in meas:
+                rows.append(figure(f"bf16 matmul rate{tag}", meas["matmul_rate"] / 1e12, "TFLOP/s",
+                                   sheet and sheet[1] / 1e12, "datasheet", "higher"))
+        return rows
+
+    def report(self) -> str:
+        d = self.doc
+        dev = d.get("device") or {}
+        lines = [f"# jaxdyn benchmark suite — {d['date'][:10]}", ""]
+        if dev:
+            lines.append(f"Device: **{dev.get('device_kind')}** × {dev.get('count')} ({dev.get('platform')}), "
+                         f"jax {dev.get('jax')}, jaxlib {dev.get('jaxlib')}, Python {dev.get('python')}, "
+                         f"host {dev.get('host_cpus')} CPUs.")
+        else:
+            lines.append(f"Device: unknown (probe {d.get('probe', {}).get('status')}: "
+                         f"{d.get('probe', {}).get('reason')}).")
+        lines += ["", f"Plan: {self.plan.name}. Command: `{d['command']}`. Budget {d['budget_s']:.0f} s"
+                  + (f", whole run {d['seconds']:.0f} s." if "seconds" in d else " (running).")]
+        for note in self.plan.notes:
+            lines += ["", note]
+        if d.get("stopped"):
+            lines += ["", f"**Stopped:** {d['stopped']}."]
+        sheet = self.datasheet()
+        if sheet:
+            lines += ["", f"Datasheet figures used as anchors: {sheet[0] / 1e12:.2f} TB/s, "
+                          f"{sheet[1] / 1e12:.0f} TFLOP/s bf16 dense ({sheet[2]})."]
+        lines += ["", "## Sections", "", "| section | status | seconds / budget | note |", "|---|---|---:|---|"]
+        for s in d["sections"]:
+            secs = sum(st.get("seconds", 0) for st in s["steps"])
+            budget = sum(st.get("budget_s", 0) for st in s["steps"])
+            note = s.get("reason") or "; ".join(f"{st['label']}: {st['reason']}" for st in s["steps"]
+                                                if st.get("reason"))
+            lines.append(f"| {s['name']} | {s.get('status', 'running')} | {secs:.0f} / {budget:.0f} | {note} |")
+        lines += ["", "## Figures against their floors and anchors", "",
+                  "ratio = value / anchor; the last column says which way is better.", "",
+                  "| section | figure | value | anchor (floor, target or published) | ratio | better |",
+                  "|---|---|---:|---|---:|---|"]
+        for s in d["sections"]:
+            for f in self.figures(s):
+                anchor = f"{_fmt(f['anchor'])} {f['unit']} ({f['anchor_label']})" if f["anchor"] else "—"
+                ratio = f"{f['ratio']:.2f}×" if f.get("ratio") is not None else "—"
+                lines.append(f"| {s['name']} | {f['name']} | {_fmt(f['value'])} {f['unit']} | {anchor} | "
+                             f"{ratio} | {f['better']} |")
+        used = sorted({f["anchor_key"] for s in d["sections"] for f in self.figures(s) if f.get("anchor_key")})
+        if used:
+            lines += ["", "Published anchors:", ""]
+            lines += [f"- {ANCHORS[k].what}: {ANCHORS[k].value:,} {ANCHORS[k].unit}. Source: {ANCHORS[k].source}."
+                      for k in used]
+        for s in d["sections"]:
+            lines += ["", f"## {s['name']}: {s['title']}", "", f"Status: **{s.get('status', 'running')}**"
+                      + (f" — {s['reason']}" if s.get("reason") else "") + "."]
+            for st in s["steps"]:
+                body = st.get("body") or {}
+                lines += ["", f"### {st['label']}: {st['status']} in {st.get('seconds', 0):.0f} s "
+                              f"(budget {st.get('budget_s', 0):.0f} s)"]
+                if st.get("reason"):
+                    lines += ["", f"Reason: {st['reason']}"]
+                if st.get("command"):
+                    lines += ["", "Command:", "", f"    {st['command']}"]
+                if body.get("commands"):
+                    lines += ["", "What it runs (reproducers):", ""] + [f"    {c}" for c in body["commands"]]
+                for n in body.get("notes", []):
+                    lines += ["", n]
+                frag = body.get("fragment") or ""
+                if body.get("fragment_file") and os.path.exists(body["fragment_file"]):
+                    with open(body["fragment_file"]) as f:
+                        frag = _demote(f.read()) + ("\n\n" + frag if frag else "")
+                if frag.strip():
+                    lines += ["", frag.strip()]
+        return "\n".join(lines) + "\n"
+
+    def summary(self) -> str:
+        lines = ["", "| section | figure | value | ratio | better |", "|---|---|---:|---:|---|"]
+        for s in self.doc["sections"]:
+            figs = self.figures(s)
+            if not figs:
+                lines.append(f"| {s['name']} | ({s.get('status')}{': ' + s['reason'] if s.get('reason') else ''}) "
+                             "| | | |")
+            for f in figs:
+                ratio = f"{f['ratio']:.2f}×" if f.get("ratio") is not None else "—"
+                lines.append(f"| {s['name']} | {f['name']} | {_fmt(f['value'])} {f['unit']} | {ratio} | "
+                             f"{f['better']} |")
+        return "\n".join(lines)
+
+    def write(self) -> None:
+        doc = dict(self.doc, sections=[dict(s, figures=self.figures(s)) for s in self.doc["sections"]])
+        _atomic_write(os.path.join(self.out_dir, "results.json"), json.dumps(doc, indent=1, default=str) + "\n")
+        _atomic_write(os.path.join(self.out_dir, "report.md"), self.report())
+
+
+def _section_status(steps: list[dict]) -> str:
+    states = {st["status"] for st in steps}
+    if states == {"ok"}:
+        return "ok"
+    if "ok" in states:
+        return "partial"
+    return steps[-1]["status"] if len(states) == 1 else "failed"
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the step's process group (its server too), then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            # the leader is gone; members may remain (a server): one more signal to the group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _demote(md: str) -> str:
+    """A fragment's headings two levels down, under the report's ``### step`` heading."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in md.splitlines())
+
+
+# ----------------------------------------------------------------------------- what bodies record
+
+def figure(name: str, value, unit: str, anchor=None, anchor_label: str = "", better: str = "lower",
+           anchor_key: str | None = None) -> dict:
+    """A figure and its ratio to an anchor (a floor, a target, a published figure, another run)."""
+    value = None if value is None else float(value)
+    ratio = value / anchor if value is not None and anchor else None
+    return {"name": name, "value": value, "unit": unit, "anchor": anchor, "anchor_label": anchor_label,
+            "ratio": ratio, "better": f"{better} is better", "anchor_key": anchor_key}
+
+
+def anchored(name: str, value, key: str, better: str) -> dict:
+    a = ANCHORS[key]
+    return figure(name, value, a.unit, a.value, a.what, better, key)
+
+
+class Recorder:
+    """A body's result file, rewritten on every change so a killed step keeps what it measured."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.doc = {"figures": [], "fragment": "", "commands": [], "notes": [], "measured": {}}
+        self.save()
+
+    def add(self, *figures: dict) -> None:
+        self.doc["figures"].extend(figures)
+        self.save()
+
+    def fragment(self, md: str) -> None:
+        self.doc["fragment"] = md
+        self.save()
+
+    def command(self, cmd: str) -> None:
+        self.doc["commands"].append(cmd)
+        self.save()
+
+    def note(self, text: str) -> None:
+        self.doc["notes"].append(text)
+        self.save()
+
+    def save(self) -> None:
+        _atomic_write(self.path, json.dumps(self.doc, indent=1, default=float) + "\n")
+
+
+def md_tables(md: str) -> dict[str, list[dict]]:
+    """{the ``###`` heading above it: rows as {column: cell}} of every markdown table in ``md``."""
+    tables: dict[str, list[dict]] = {}
+    lines, title, i = md.splitlines(), "", 0
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            title = line.lstrip("#").strip()
+        elif (line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|")
+              and set(lines[i + 1]) <= set("|-: ")):
+            header, rows = cells(line), []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(header, cells(lines[i]))))
+                i += 1
+            tables[title] = rows
+            continue
+        i += 1
+    return tables
+
+
+def _num(text) -> float | None:
+    try:
+        return float(str(text).replace(",", "").replace("×", "").strip())
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- bodies
+
+def body_probe(cfg: dict, rec: Recorder) -> None:
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"    # it only looks at the device
+    import jax
+    import jaxlib
+    devs = jax.devices()
+    rec.doc["device"] = {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "count": len(devs),
+                         "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"),
+                         "python": platform.python_version(), "host_cpus": os.cpu_count(),
+                         "backend": jax.default_backend()}
+    rec.save()
+    print("probe:", rec.doc["device"], flush=True)
+
+
+def kernels_figures(md: str) -> tuple[list[dict], dict]:
+    """The kernels report as figures: each decode point's time against the time its KV read takes at the
+    copy bandwidth of the same run, each prefill's FLOP rate against the matmul rate of the same run
+    (recomputed from the µs column and the shapes the report states, not from its rounded ratios)."""
+    import re
+    figs, measured = [], {}
+    m = re.search(r"HBM bandwidth \*\*([\d.]+) TB/s\*\*", md)
+    if m:
+        measured["hbm_bandwidth"] = float(m.group(1)) * 1e12
+    m = re.search(r"bf16 matmul \*\*([\d.]+) TFLOP/s\*\*", md)
+    if m:
+        measured["matmul_rate"] = float(m.group(1)) * 1e12
+    q_heads, kv_heads = 32, 8          # benchmarks.kernels.Q_HEADS, KV_HEADS (the report states them)
+    tables = md_tables(md)
+    bw, mm = measured.get("hbm_bandwidth"), measured.get("matmul_rate")
+    for r in tables.get("Decode", []):
+        b, c, d, us = (_num(r.get(k)) for k in ("batch", "context", "head_dim", "µs"))
+        if None not in (b, c, d, us) and bw:
+            kv_bytes = b * c * kv_heads * d * 2 * 2
+            figs.append(figure(f"decode attention b{b:.0f} c{c:.0f} d{d:.0f}", us, "µs", kv_bytes / bw * 1e6,
+                               "KV bytes / copy bandwidth", "lower"))
+    for r in tables.get("Prefill (ragged kernel, causal)", []):
+        d, n, prefix, chunk, us = (_num(r.get(k)) for k in ("head_dim", "sequences", "cached prefix", "chunk", "µs"))
+        if None not in (d, n, prefix, chunk, us) and mm and us > 0:
+            flops = 4 * q_heads * d * n * (chunk * prefix + chunk * (chunk + 1) / 2)
+            figs.append(figure(f"prefill attention d{d:.0f} ×{n:.0f} chunk {chunk:.0f} prefix {prefix:.0f}",
+                               flops / (us * 1e-6) / 1e12, "TFLOP/s", mm / 1e12, "bf16 matmul rate (same run)",
+                               "higher"))
+    return figs, measured
+
+
+def body_kernels(cfg: dict, rec: Recorder) -> None:
+    from benchmarks import kernels
+    md = os.path.join(cfg["scratch"], "kernels.md")
+    rec.doc["fragment_file"] = md
+    rec.command(shlex.join(["python", "-m", "benchmarks.kernels", *cfg["argv"]]))
+    kernels.main([*cfg["argv"], "--out", md])
+    with open(md) as f:
+        figs, measured = kernels_figures(f.read())
+    rec.doc["measured"] = measured
+    rec.add(*figs)
+
+
+def body_ceilings(cfg: dict, rec: Recorder) -> None:
+    """Copy bandwidth, matmul rate and the jax.numpy decode attention against them (any backend)."""
+    import numpy as np
+
+    from benchmarks import kernels as K
+    bw, mm = K.measure_bandwidth(cfg["bandwidth_gib"]), K.measure_matmul(cfg["matmul_n"])
+    rec.doc["measured"] = {"hbm_bandwidth": bw, "matmul_rate": mm}
+    rec.save()
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, context in cfg["points"]:
+        inputs = K._decode_inputs(rng, batch, context, 128)
+        t = K.time_decode(K._reference, inputs)
+        kv_bytes = batch * context * K.KV_HEADS * 128 * 2 * 2
+        rows.append(dict(batch=batch, context=context, us=t * 1e6, kv_gbs=kv_bytes / t / 1e9, of_bw=kv_bytes / t / bw))
+        rec.add(figure(f"reference decode attention b{batch} c{context}", t * 1e6, "µs",
+                       kv_bytes / bw * 1e6, "KV bytes / copy bandwidth", "lower"))
+        del inputs
+    rec.fragment("\n".join([
+        f"Measured: copy bandwidth **{bw / 1e12:.3f} TB/s** (donated in-place `x + 1` over "
+        f"{cfg['bandwidth_gib']} GiB, read + write), bf16 matmul **{mm / 1e12:.1f} TFLOP/s** "
+        f"({cfg['matmul_n']}³).", "",
+        f"Decode attention through the jax.numpy reference (what the model runs where there is no Pallas "
+        f"kernel): {K.Q_HEADS} query / {K.KV_HEADS} kv heads, head_dim 128, page {K.PAGE}, bf16.", "",
+        K._table(rows, [("batch", "batch", "d"), ("context", "context", "d"), ("us", "µs", ".1f"),
+                        ("kv_gbs", "KV GB/s", ".1f"), ("of_bw", "of copy bw", ".3f")])]))
+
+
+def body_step(cfg: dict, rec: Recorder) -> None:
+    import numpy as np
+
+    from benchmarks import kernels as K
+    from benchmarks.gpu import step as S
+    if cfg.get("prefill"):
+        S.PREFILL = int(cfg["prefill"])     # the dry run's toy prompt (the GPU plan keeps 2048)
+    rec.command(f"python -m benchmarks.gpu.step --models {cfg['model']} (the same bench_model, at batches "
+                f"{cfg['batches']} x contexts {cfg['contexts']}, prefill {S.PREFILL})")
+    bw, mm = K.measure_bandwidth(cfg["bandwidth_gib"]), K.measure_matmul(cfg["matmul_n"])
+    rec.doc["measured"] = {"hbm_bandwidth": bw, "matmul_rate": mm}
+    rec.save()
+    decode, prefill, skipped = S.bench_model(cfg["model"], bw, mm, cfg["batches"], cfg["contexts"],
+                                             np.random.default_rng(0))
+    for r in decode:
+        rec.doc["figures"].append(figure(f"{r['model']} decode step b{r['batch']} c{r['context']}", r["step_ms"],
+                                         "ms", r["floor_ms"], "(weights + KV bytes) / copy bandwidth", "lower"))
+    for r in prefill:
+        rec.doc["figures"].append(figure(f"{r['model']} prefill {r['tokens']} tokens", r["tflops"], "TFLOP/s",
+                                         mm / 1e12, "bf16 matmul rate (measured): MFU", "higher"))
+    rec.fragment("\n".join([
+        f"Measured in this step: copy bandwidth **{bw / 1e12:.2f} TB/s**, bf16 matmul **{mm / 1e12:.0f} "
+        f"TFLOP/s**. `step ms`: the compiled step back to back; `× floor`: over (weight + KV bytes) / "
+        "bandwidth; `runner ms`: through `ModelRunner.step`.", "",
+        K._table(decode, [("model", "model", ""), ("batch", "batch", "d"), ("context", "context", "d"),
+                          ("step_ms", "step ms", ".2f"), ("floor_ms", "floor ms", ".2f"),
+                          ("of_floor", "× floor", ".2f"), ("runner_ms", "runner ms", ".2f"),
+                          ("tok_s", "tok/s (runner)", ".0f"), ("compile_s", "compile s", ".1f")]),
+        K._table(prefill, [("model", "model", ""), ("tokens", "tokens", "d"), ("ms", "ms", ".1f"),
+                           ("tflops", "TFLOP/s", ".0f"), ("mfu", "MFU", ".2f"),
+                           ("attn_share", "attention share of FLOPs", ".2f"), ("compile_s", "compile s", ".1f")]),
+        ("Skipped (KV does not fit beside the weights): "
+         + ", ".join(f"b{r['batch']} c{r['context']}" for r in skipped) + "." if skipped else "")]))
+
+
+def model_dir(preset: str, scratch: str) -> str:
+    """A checkpoint directory for ``--load-format dummy``: the preset's config.json and a word-level
+    tokenizer over the whole vocabulary (token i is the word ``w<i>``), so text prompts have exact
+    lengths, every output token is one word (one streamed chunk) and detokenization costs what it costs."""
+    from jaxdyn.models.presets import preset_config
+    path = os.path.join(scratch, "models", preset)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    cfg = preset_config(preset)
+    os.makedirs(path, exist_ok=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(cfg["vocab_size"])}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tmp = path + ".partial"
+    os.makedirs(tmp, exist_ok=True)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20}, f)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+    return path
+
+
+def _engine_config(engine: dict):
+    from jaxdyn import EngineConfig
+    kw = dict(engine)
+    for k in ("token_buckets", "page_buckets"):
+        if kw.get(k) is not None:
+            kw[k] = tuple(kw[k])
+    return EngineConfig(**kw)
+
+
+def body_host(cfg: dict, rec: Recorder) -> None:
+    """Wall time per engine step in steady decode vs device time of the same compiled step back to back."""
+    import jax
+    import numpy as np
+
+    from benchmarks.gpu.step import decode_work, run_back_to_back
+    from jaxdyn import SamplingParams
+    from jaxdyn.engine.llm import build_engine
+
+    path = model_dir(cfg["model"], cfg["scratch"])
+    engine = build_engine(path, load_format="dummy", dtype=cfg["dtype"], config=_engine_config(cfg["engine"]),
+                          warmup=False)
+    rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer: detokenization on), engine "
+             f"{cfg['engine']}; greedy requests with ignore_eos, prompts of {cfg['prompt_len']} tokens; "
+             f"{cfg['steps']} steady decode steps timed per point. `device ms`: the same compiled step "
+             "(same bucket, greedy) called back to back via `ModelRunner.prepare`; idle share = 1 - device / wall; "
+             "`host ms`: `EngineCore.host_time` per step less the wait for the device.")
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in cfg["batches"]:
+        ids = [f"h{batch}-{i}" for i in range(batch)]
+        params = SamplingParams(max_tokens=cfg["max_tokens"], ignore_eos=True, temperature=0.0)
+        for rid in ids:
+            engine.add_request(rid, rng.integers(0, vocab, cfg["prompt_len"]).tolist(), params)
+        sched = engine.scheduler
+        while sched.waiting or any(s.num_computed < len(s.prompt_ids) for s in sched.running):
+            engine.step()
+        for _ in range(3):       # the decode bucket compiles here
+            engine.step()
+        h0, w0, t0 = engine.host_time, engine.wait_time, time.perf_counter()
+        for _ in range(cfg["steps"]):
+            engine.step()
+        wall = (time.perf_counter() - t0) / cfg["steps"]
+        wait = (engine.wait_time - w0) / cfg["steps"]
+        host = (engine.host_time - h0) / cfg["steps"] - wait
+        running = len(sched.running)
+        context = int(np.mean([s.num_tokens for s in sched.running])) if running else cfg["prompt_len"]
+        for rid in ids:
+            engine.abort(rid)
+        while engine.has_unfinished():
+            engine.step()
+        runner = engine.runner
+        work = decode_work(rng, runner, vocab, batch, context)
+        compiled, args, _ = runner.prepare(work)
+        jax.block_until_ready(run_back_to_back(runner, compiled, args, 3))
+        times = []
+        for _ in range(3):
+            t1 = time.perf_counter()
+            jax.block_until_ready(run_back_to_back(runner, compiled, args, cfg["steps"]))
+            times.append((time.perf_counter() - t1) / cfg["steps"])
+        device = float(np.median(times))
+        rows.append(dict(batch=batch, running=running, context=context, wall_ms=wall * 1e3,
+                         device_ms=device * 1e3, idle=1 - device / wall, host_ms=host * 1e3, wait_ms=wait * 1e3,
+                         host_share=host / wall))
+        rec.add(figure(f"engine step, {batch} running", wall * 1e3, "ms", device * 1e3,
+                       "the same step back to back (device time)", "lower"),
+                figure(f"device idle share, {batch} running", 1 - device / wall, "", None, "", "lower"),
+                figure(f"host time per step, {batch} running", host * 1e3, "ms", wall * 1e3, "wall time per step",
+                       "lower"))
+        from benchmarks.kernels import _table
+        rec.fragment(_table(rows, [("batch", "requests", "d"), ("running", "running", "d"),
+                                   ("context", "mean context", "d"), ("wall_ms", "wall ms / step", ".2f"),
+                                   ("device_ms", "device ms / step", ".2f"), ("idle", "idle share", ".3f"),
+                                   ("host_ms", "host ms / step", ".2f"), ("wait_ms", "wait ms / step", ".2f"),
+                                   ("host_share", "host / wall", ".2f")]))
+
+
+def _dataset_args(ds: dict, seed: int = 0) -> argparse.Namespace:
+    """The ``jaxdyn bench serve/offline`` dataset flags as a namespace (their defaults, then ``ds``)."""
+    from serving.bench import datasets
+    p = argparse.ArgumentParser()
+    datasets.add_arguments(p)
+    args = p.parse_args([])
+    for k, v in ds.items():
+        if hasattr(args, k):
+            setattr(args, k, v)
+    args.seed = seed
+    return args
+
+
+def body_offline(cfg: dict, rec: Recorder) -> None:
+    """``jaxdyn bench offline``: the engine warmed up (every bucket compiled), then each dataset through
+    ``LLM.generate`` (``serving.bench.offline.benchmark``)."""
+    from jaxdyn import LLM
+    from jaxdyn.engine.llm import build_engine
+    from serving.bench import datasets, offline
+
+    path = model_dir(cfg["model"], cfg["scratch"])
+    t0 = time.perf_counter()
+    engine = build_engine(path, load_format="dummy", dtype=cfg["dtype"], config=_engine_config(cfg["engine"]),
+                          warmup=False)
+    load_s = time.perf_counter() - t0
+    warmup_s = engine.warmup()
+    llm = LLM(engine=engine)
+    rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer), engine {cfg['engine']}; loaded in "
+             f"{load_s:.1f} s, warm-up (every bucket, every sampler variant) {warmup_s:.1f} s.")
+    rows, base = [], None
+    for ds in cfg["datasets"]:
+        args = _dataset_args(ds)
+        datasets.check_arguments(args)
+        source = datasets.PromptSource(datasets.seeded_rng(0, 1, 0), llm.tokenizer,
+                                       None if llm.tokenizer is not None else engine.model_config.vocab_size)
+        samples = datasets.load_samples(args, source)
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
+        rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy --dataset {ds['dataset']} "
+                    f"{flags} (engine as above)")
+        s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
+        s.pop("per_request")
+        label = (f"{ds['dataset']} {ds.get('input_len', 1024)}/{ds.get('output_len', 128)}"
+                 if ds["dataset"] == "random" else
+                 f"{ds['dataset']} {ds.get('prefix_len')}+{ds.get('suffix_len')}/{ds.get('output_len', 128)}")
+        rows.append(dict(dataset=label, prompts=s["requests"], duration=s["duration_s"],
+                         req_s=s["request_throughput"], in_tok_s=s["input_throughput"],
+                         out_tok_s=s["output_throughput"]))
+        out = s["output_throughput"]
+        if ds["dataset"] == "random" and base is None:
+            base = out
+            rec.doc["figures"] += [
+                anchored(f"offline output tok/s, {label}", out, "vllm_h100_offline", "higher"),
+                anchored(f"offline output tok/s, {label}", out, "sglang_h100_offline", "higher"),
+                anchored(f"offline output tok/s, {label}", out, "sglang030_a100_rate_inf", "higher")]
+        else:
+            rec.doc["figures"].append(figure(f"offline output tok/s, {label}", out, "tok/s", base,
+                                             "the random dataset's run" if base else "", "higher"))
+        from benchmarks.kernels import _table
+        rec.fragment(_table(rows, [("dataset", "dataset", ""), ("prompts", "prompts", "d"),
+                                   ("duration", "seconds", ".1f"), ("req_s", "requests/s", ".2f"),
+                                   ("in_tok_s", "input tok/s", ".0f"), ("out_tok_s", "output tok/s", ".0f")]))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class Server:
+    """``jaxdyn serve`` (with the plan's bucket lists) as a subprocess; ``start`` times process start -> ready."""
+
+    def __init__(self, argv: list[str], env: dict, log_path: str, url: str):
+        self.argv, self.env, self.log_path, self.url = argv, env, log_path, url
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float) -> tuple[float | None, str]:
+        """(seconds to /health 200 or None, why not)."""
+        t0 = time.perf_counter()
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        while time.perf_counter() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                return None, f"the server exited with status {self.proc.returncode} before it was ready"
+            if _healthy(self.url):
+                return time.perf_counter() - t0, ""
+            time.sleep(0.25)
+        return None, f"not ready within {timeout_s:.0f} s"
+
+    def stop(self) -> int | None:
+        """SIGTERM (the server drains, then exits 0), SIGKILL after 30 s; the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.log.close()
+        return rc
+
+    def tail(self, n: int = 40) -> list[str]:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read().splitlines()[-n:]
+        except OSError:
+            return []
+
+    def load_line(self) -> str:
+        return next((line for line in self.tail(400) if line.startswith("jaxdyn: loaded")), "")
+
+
+def body_serve(cfg: dict, rec: Recorder) -> None:
+    """Cold start (empty compilation cache), ``jaxdyn bench serve`` runs, stop; warm start (cache warm), stop."""
+    t_end = time.perf_counter() + cfg["budget_s"] - min(15.0, 0.2 * cfg["budget_s"])   # time to stop, write
+    path = model_dir(cfg["model"], cfg["scratch"])
+    e = cfg["engine"]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve_args = ["--model", path, "--load-format", "dummy", "--dtype", cfg["dtype"], "--port", str(port),
+                  "--served-model-name", cfg["model"], "--max-num-seqs", str(e["max_num_seqs"]),
+                  "--max-num-batched-tokens", str(e["max_num_batched_tokens"]), "--max-model-len",
+                  str(e["max_model_len"]), "--num-pages", str(e["num_pages"]), "--page-size", str(e["page_size"]),
+                  "--shutdown-grace", "5", "--log-level", "warning"]
+    buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
+               "--page-buckets", ",".join(map(str, e["page_buckets"]))]
+    argv = [sys.executable, "-m", "benchmarks.gpu.suite", "serve-engine", *buckets, *serve_args]
+    # The plan's compilation cache (the sections after this one find the server's steps in it), else a
+    # private one. The first start is cold only if the directory is empty: the plans run serve first.
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cfg["scratch"], "jax_cache_serve")
+    os.makedirs(cache, exist_ok=True)
+    entries = len(os.listdir(cache))
+    env = dict(os.environ)
+    if cfg.get("_jax_platforms") is None:     # this process runs on the CPU; the server gets the device
+        env.pop("JAX_PLATFORMS", None)
+    else:
+        env["JAX_PLATFORMS"] = cfg["_jax_platforms"]
+    env.update(cfg["server_env"])
+    env.update({"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    rec.command(f"jaxdyn serve {shlex.join(serve_args)}  # with the engine's bucket lists "
+                f"{shlex.join(buckets)} (serve has no flags for them; the suite's serve-engine sets them): "
+                f"{_shown(argv)}")
+    rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer), engine {e}. Server environment: "
+             f"{ {k: v for k, v in cfg['server_env'].items()} }, JAX_COMPILATION_CACHE_DIR set (min compile time "
+             "0). First start: the cache directory "
+             + ("empty" if entries == 0 else f"NOT empty ({entries} entries from earlier sections: not a cold "
+                "start)") + "; second start: the same directory, warm.")
+    rows: list[dict] = []
+
+    def table():
+        from benchmarks.kernels import _table
+        rec.fragment(_table(rows, [("run", "run", ""), ("completed", "completed", "d"), ("failed", "failed", "d"),
+                                   ("out_tok_s", "output tok/s", ".0f"), ("ttft", "median TTFT ms", ".1f"),
+                                   ("tpot", "median TPOT ms", ".2f"), ("itl", "median ITL ms", ".2f"),
+                                   ("e2e", "median E2E ms", ".0f"), ("seconds", "seconds", ".1f")]))
+
+    server = Server(argv, env, os.path.join(cfg["scratch"], "server_cold.log"), url)
+    try:
+        left = t_end - time.perf_counter()
+        ready, why = server.start(min(cfg["ready_timeout_s"], max(left - cfg["warm_reserve_s"], 0.6 * left)))
+        rows.append(dict(run="first start" + (", empty cache" if entries == 0 else "")
+                         + ": process start -> /health 200", seconds=ready if ready is not None else why))
+        rec.add(figure("cold start (empty compilation cache)" if entries == 0 else
+                       f"first start (cache held {entries} entries)", ready, "s", COLD_START_TARGET_S, "target",
+                       "lower"))
+        rec.note(f"Cold start: {why or 'ready'}. {server.load_line()}")
+        table()
+        if ready is None:
+            raise RuntimeError(f"the first server start failed: {why} (its log is in suite.log)")
+        for run in cfg["runs"]:
+            limit = t_end - time.perf_counter() - (cfg["warm_reserve_s"] if cfg.get("warm_start") else 0)
+            if limit < 10:
+                rec.note(f"{run['label']}: not run, no time left in the budget.")
+                continue
+            s, cmd, why = _bench_serve(run, url, cfg["model"], path, cfg["scratch"], limit)
+            rec.command(cmd)
+            if s is None:
+                rec.note(f"{run['label']}: {why}")
+                continue
+            rows.append(dict(run=run["label"], completed=s.get("completed"), failed=s.get("failed"),
+                             out_tok_s=s.get("output_throughput"), ttft=s.get("median_ttft_ms"),
+                             tpot=s.get("median_tpot_ms"), itl=s.get("median_itl_ms"), e2e=s.get("median_e2el_ms"),
+                             seconds=s.get("duration_s")))
+            table()
+            out = s.get("output_throughput")
+            if run["request_rate"] == "inf" and run["dataset"] == "random":
+                rec.add(anchored(f"serve output tok/s, {run['label']}", out, "sglang030_a100_rate_inf", "higher"),
+                        anchored(f"serve output tok/s, {run['label']}", out, "sglang_h100_offline", "higher"))
+            elif run["request_rate"] != "inf":
+                rec.add(anchored(f"median ITL, {run['label']}", s.get("median_itl_ms"), "sglang030_a100_rate4_itl",
+                                 "lower"),
+                        anchored(f"median TTFT, {run['label']}", s.get("median_ttft_ms"),
+                                 "sglang030_a100_rate4_ttft", "lower"),
+                        anchored(f"median TPOT, {run['label']}", s.get("median_tpot_ms"),
+                                 "sglang030_a100_rate4_tpot", "lower"))
+            else:
+                base = next((r["out_tok_s"] for r in rows if r["run"].startswith("random")
+                             and r.get("out_tok_s")), None)
+                rec.add(figure(f"serve output tok/s, {run['label']}", out, "tok/s", base,
+                               "the random rate-inf run", "higher"))
+            if s.get("failed"):
+                rec.note(f"{run['label']}: {s['failed']} requests failed: {s.get('errors')}")
+    finally:
+        rc = server.stop()
+        rec.note(f"First server stopped with SIGTERM: exit status {rc}.")
+        print("\n".join(f"server(cold)| {line}" for line in server.tail(60)), flush=True)
+    if not cfg.get("warm_start"):
+        return
+    left = t_end - time.perf_counter()
+    if left < 5:
+        rec.note("Warm start: not run, no time left in the budget.")
+        return
+    server = Server(argv, env, os.path.join(cfg["scratch"], "server_warm.log"), url)
+    try:
+        ready, why = server.start(left)
+        rows.append(dict(run="second start, cache warm: process start -> /health 200",
+                         seconds=ready if ready is not None else why))
+        rec.add(figure("warm start (compilation cache warm)", ready, "s", WARM_START_TARGET_S, "target", "lower"))
+        rec.note(f"Warm start: {why or 'ready'}. {server.load_line()}")
+        table()
+        if ready is None:
+            raise RuntimeError(f"the second server start failed: {why} (its log is in suite.log)")
+    finally:
+        rc = server.stop()
+        rec.note(f"Second server stopped with SIGTERM: exit status {rc}.")
+        print("\n".join(f"server(warm)| {line}" for line in server.tail(60)), flush=True)
+
+
+def _bench_serve(run: dict, url: str, model: str, tokenizer: str, scratch: str, timeout_s: float):
+    """One ``jaxdyn bench serve`` in a subprocess on the CPU; (summary or None, command, why)."""
+    out = os.path.join(scratch, f"bench_{run['label'].replace(' ', '_').replace('/', '-')}.json")
+    flags = ["--url", url, "--model", model, "--tokenizer", tokenizer, "--dataset", run["dataset"],
+             "--num-prompts", str(run["num_prompts"]), "--request-rate", str(run["request_rate"]),
+             "--num-warmups", str(run.get("num_warmups", 0)), "--seed", str(run.get("seed", 0)),
+             "--disable-tqdm", "--timeout", str(int(max(timeout_s, 10)))]
+    for k in ("input_len", "output_len", "prefix_len", "suffix_len", "num_prefixes"):
+        if k in run:
+            flag = {"input_len": "--random-input-len", "output_len": "--random-output-len"}.get(
+                k, "--" + k.replace("_", "-"))
+            flags += [flag, str(run[k])]
+    argv = [sys.executable, "-m", "serving.cli", "bench", "serve", *flags, "--out", out]
+    cmd = "jaxdyn bench serve " + shlex.join(flags)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")      # the client never touches the accelerator
+    try:
+        p = subprocess.run(argv, env=env, timeout=timeout_s, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(out[-4000:], flush=True)
+        return None, cmd, f"timed out after {timeout_s:.0f} s"
+    print(p.stdout[-6000:], flush=True)
+    if p.returncode != 0:
+        return None, cmd, f"exit status {p.returncode}: {(p.stdout.strip().splitlines() or ['?'])[-1]}"
+    with open(out) as f:
+        doc = json.load(f)
+    return doc["runs"][0]["summary"], cmd, ""
+
+
+BODIES = {"probe": body_probe, "kernels": body_kernels, "ceilings": body_ceilings, "step": body_step,
+          "host": body_host, "offline": body_offline, "serve": body_serve}
+
+
+def section_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.suite section")
+    ap.add_argument("name", choices=sorted(BODIES))
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--config", required=True, help="JSON")
+    args = ap.parse_args(argv)
+    rec = Recorder(args.result)
+    cfg = json.loads(args.config)
+    if args.name == "serve":
+        # this process only drives the server and the client: keep it off the accelerator
+        cfg["_jax_platforms"] = os.environ.get("JAX_PLATFORMS")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        BODIES[args.name](cfg, rec)
+    except BaseException as e:
+        rec.doc["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        rec.save()
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def serve_engine_main(argv: list[str]) -> int:
+    """``jaxdyn serve ARGS`` with the engine's ``token_buckets`` / ``page_buckets`` set (serve has no flags
+    for them, and its default buckets compile too many steps for a timed cold start)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.suite serve-engine")
+    ap.add_argument("--token-buckets", default=None, help="comma-separated")
+    ap.add_argument("--page-buckets", default=None, help="comma-separated")
+    ours, rest = ap.parse_known_args(argv)
+    from serving import cli
+
+    def ints(text):
+        return tuple(int(x) for x in text.split(",")) if text else None
+
+    make_config = cli._engine_config
+
+    def engine_config(args):
+        c = make_config(args)
+        return dataclasses.replace(c, token_buckets=ints(ours.token_buckets) or c.token_buckets,
+                                   page_buckets=ints(ours.page_buckets) or c.page_buckets)
+
+    cli._engine_config = engine_config
+    return cli.main(["serve", *rest])
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def list_plan(plan: Plan, only: list[str] | None, budget_s: float | None) -> str:
+    planned = plan.budget(only)
+    scale = budget_s / planned if budget_s else 1.0
+    lines = [f"plan: {plan.name}; probe {plan.probe_budget_s:.0f} s + sections {planned * scale:.0f} s"]
+    for s in plan.sections:
+        if only is None or s.name in only:
+            for st in s.steps:
+                lines.append(f"  {s.name:9s} {st.label:24s} {st.budget_s * scale:6.0f} s  {json.dumps(st.config)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benchmarks.gpu.suite",
+         dry_first: str = "kernels") -> int:
+    """The shared command line of the entries: ``plan_factory(quick=bool)`` builds the accelerator's plan."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "section":
+        return section_main(argv[1:])
+    if argv and argv[0] == "serve-engine":
+        return serve_engine_main(argv[1:])
+    ap = argparse.ArgumentParser(prog=f"python -m {entry}", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="report.md, results.json and suite.log go here")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and budgets (a smoke run)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="every section on the CPU with the tiny preset and toy sizes (proves the plumbing)")
+    ap.add_argument("--sections", default=None, help="comma-separated subset, in the plan's order")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="total seconds for the sections run: every step's budget is scaled to it")
+    ap.add_argument("--scratch", default=None, help="intermediate files and the compilation cache "
+                    "(default: a new temporary directory)")
+    ap.add_argument("--model", default=None, help="preset of the engine sections (host, offline, serve); "
+                    "default: the entry's (llama-3.1-8b)")
+    ap.add_argument("--offline-prompts", type=int, default=None,
+                    help="prompts per dataset of the offline section (default: the entry's, 300)")
+    ap.add_argument("--full-grid", action="store_true",
+                    help="step section: batch 1/8/64/256 x context 512/2048 on both models (run it alone)")
+    ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
+    args = ap.parse_args(argv)
+    if args.dry_run or plan_factory is None:
+        plan = dry_run_plan(entry, dry_first)
+    else:
+        extra = {k: v for k, v in (("model", args.model), ("offline_prompts", args.offline_prompts),
+                                   ("full_grid", args.full_grid)) if v}
+        plan = plan_factory(quick=args.quick, **extra)
+    only = args.sections.split(",") if args.sections else None
+    if args.list:
+        print(list_plan(plan, only, args.budget_s))
+        return 0
+    command = shlex.join(["python", "-m", entry, *argv])
+    return Driver(plan, args.out, scratch=args.scratch, only=only, budget_s=args.budget_s, command=command).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

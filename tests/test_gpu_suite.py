@@ -1,0 +1,96 @@
+"""The benchmark suite's plumbing on the CPU: sections in subprocesses, budgets, skips, one report with ratios."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.gpu import gpu, suite, tpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # conftest's 8 virtual CPU devices are for the tensor-parallel tests, not for the suite's subprocesses
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ratios(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu.gpu", "--dry-run", "--out", str(out),
+                        "--scratch", str(tmp_path / "scratch"), "--sections", "host,offline,step"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["report.md", "results.json", "suite.log"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["device"]["platform"] == "cpu" and doc["device"]["jax"]
+    assert [(s["name"], s["status"]) for s in doc["sections"]] == [("host", "ok"), ("offline", "ok"), ("step", "ok")]
+    figures = {s["name"]: s["figures"] for s in doc["sections"]}
+    # host: wall time per engine step against the same step back to back, and the idle share
+    step_wall = [f for f in figures["host"] if f["name"].startswith("engine step")]
+    assert len(step_wall) == 2 and all(f["ratio"] > 0 for f in step_wall)
+    idle = [f["value"] for f in figures["host"] if "idle share" in f["name"]]
+    assert len(idle) == 2 and all(v < 1 for v in idle)
+    # offline: output tok/s against the published anchors, the prefix dataset against the random one
+    anchors = {f["anchor_key"] for f in figures["offline"] if f["anchor_key"]}
+    assert anchors == {"vllm_h100_offline", "sglang_h100_offline", "sglang030_a100_rate_inf"}
+    assert all(f["value"] > 0 and f["ratio"] > 0 for f in figures["offline"])
+    # step: decode against its memory floor, prefill against the matmul rate
+    assert {f["unit"] for f in figures["step"]} >= {"ms", "TFLOP/s"}
+    report = (out / "report.md").read_text()
+    for heading in ("## host:", "## offline:", "## step:", "## Figures against their floors and anchors"):
+        assert heading in report
+    assert "Device: **cpu** × 1" in report and "jax " in report
+    assert report.count("python -m benchmarks.gpu.suite section") == 3      # the exact command of each step
+    assert "jaxdyn bench offline --model tiny" in report
+    assert "× |" in report                                                  # ratios in the figures table
+    assert "research.aimultiple.com" in report and "benchmark_vllm_060" in report
+
+
+def test_a_missing_module_skips_its_section_and_a_step_past_its_budget_is_stopped(tmp_path):
+    base = suite.dry_run_plan("benchmarks.gpu.suite")
+    host = next(s for s in base.sections if s.name == "host")
+    plan = suite.Plan(name="test", entry="benchmarks.gpu.suite", env=base.env, probe_budget_s=60, sections=(
+        suite.Section("serve", "needs a module that is not there", host.steps, ("no_such_module_for_the_suite",)),
+        # a million decode steps: it can only end by its 6 s budget
+        suite.Section("host", host.title, (suite.Step("host", 6.0, dict(host.steps[0].config, steps=10**6)),)),
+    ))
+    old = dict(os.environ)
+    os.environ.update(_env())
+    try:
+        rc = suite.Driver(plan, str(tmp_path / "out"), scratch=str(tmp_path / "scratch")).run()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    skipped, stopped = doc["sections"]
+    assert skipped["status"] == "skipped" and "no_such_module_for_the_suite" in skipped["reason"]
+    assert stopped["status"] == "timed out" and stopped["steps"][0]["seconds"] < 30
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| serve | skipped |" in report and "| host | timed out |" in report
+
+
+def test_the_kernels_report_becomes_figures_against_bandwidth_and_matmul_rate():
+    with open(os.path.join(ROOT, "benchmarks", "results", "kernels_h100.md")) as f:
+        figures, measured = suite.kernels_figures(f.read())
+    assert measured == {"hbm_bandwidth": pytest.approx(2.69e12), "matmul_rate": pytest.approx(654e12)}
+    decode = {f["name"]: f for f in figures if f["name"].startswith("decode")}
+    # batch 128, context 2048, head_dim 128: 537 MB of KV in 512.7 µs, 0.78 of 2.69 TB/s
+    assert decode["decode attention b128 c2048 d128"]["ratio"] == pytest.approx(1 / 0.78, rel=0.01)
+    prefill = [f for f in figures if f["name"].startswith("prefill")]
+    assert prefill and all(0 < f["ratio"] < 1 for f in prefill)
+
+
+@pytest.mark.parametrize("entry", [gpu, tpu])
+@pytest.mark.parametrize("quick", [False, True])
+def test_each_plan_fits_one_device_call(entry, quick):
+    plan = entry.plan(quick=quick)
+    assert plan.budget() + plan.probe_budget_s < 560
+    assert [s.name for s in plan.sections][0] == "serve"     # first: its first start finds the cache empty
+    assert all(st.budget_s > 0 for s in plan.sections for st in s.steps)
