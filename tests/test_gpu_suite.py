@@ -29,7 +29,7 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
     assert sorted(os.listdir(out)) == ["report.md", "results.json", "suite.log"]
     doc = json.loads((out / "results.json").read_text())
     assert doc["device"]["platform"] == "cpu" and doc["device"]["jax"]
-    assert [(s["name"], s["status"]) for s in doc["sections"]] == [("host", "ok"), ("offline", "ok"), ("step", "ok")]
+    assert [(s["name"], s["status"]) for s in doc["sections"]] == [("offline", "ok"), ("host", "ok"), ("step", "ok")]
     figures = {s["name"]: s["figures"] for s in doc["sections"]}
     # host: wall time per engine step against the same step back to back, and the idle share
     step_wall = [f for f in figures["host"] if f["name"].startswith("engine step")]
@@ -43,7 +43,7 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
     # step: decode against its memory floor, prefill against the matmul rate
     assert {f["unit"] for f in figures["step"]} >= {"ms", "TFLOP/s"}
     report = (out / "report.md").read_text()
-    for heading in ("## host:", "## offline:", "## step:", "## Figures against their floors and anchors"):
+    for heading in ("## offline:", "## host:", "## step:", "## Figures against their floors and anchors"):
         assert heading in report
     assert "Device: **cpu** × 1" in report and "jax " in report
     assert report.count("python -m benchmarks.gpu.suite section") == 3      # the exact command of each step

@@ -177,7 +177,7 @@ def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
     ``first``: the entry's hardware section (``kernels`` for a GPU, ``ceilings`` for a TPU)."""
     engine = dict(page_size=16, num_pages=512, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256,
                   token_buckets=[16, 128], page_buckets=[16])
-    hw = (kernels_section(["--quick", "--sweep", "none"], 150) if first == "kernels" else
+    hw = (kernels_section(["--quick", "--sweep", "none"], 240) if first == "kernels" else
           ceilings_section(40, bandwidth_gib=0.05, matmul_n=256, points=[(2, 64), (8, 64)]))
     return Plan(
         name="dry run (CPU, tiny preset, toy sizes)", entry=entry, expect_platform=None,
@@ -699,17 +699,18 @@ def body_step(cfg: dict, rec: Recorder) -> None:
 
 def model_dir(preset: str, scratch: str) -> str:
     """A checkpoint directory for ``--load-format dummy``: the preset's config.json and a word-level
-    tokenizer over the whole vocabulary (token i is the word ``w<i>``), so text prompts have exact
-    lengths, every output token is one word (one streamed chunk) and detokenization costs what it costs."""
+    tokenizer over the whole vocabulary (token i is ``"w<i> "``, its trailing space included, and decoding
+    concatenates), so random text has exact token lengths, two texts join without merging words (the
+    prefix dataset), every output token is one streamed chunk, and detokenization runs as it does in serving."""
     from jaxdyn.models.presets import preset_config
-    path = os.path.join(scratch, "models", preset)
+    path = os.path.join(scratch, "models", f"{preset}-words")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         return path
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     cfg = preset_config(preset)
-    os.makedirs(path, exist_ok=True)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(cfg["vocab_size"])}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = Tokenizer(models.WordLevel({f"w{i} ": i for i in range(cfg["vocab_size"])}, unk_token="w0 "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S+\s*"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
     tmp = path + ".partial"
     os.makedirs(tmp, exist_ok=True)
     tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -717,9 +718,7 @@ def model_dir(preset: str, scratch: str) -> str:
         json.dump(cfg, f)
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20}, f)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    os.rmdir(tmp)
+    os.replace(tmp, path)
     return path
 
 
@@ -1060,8 +1059,8 @@ def _bench_serve(run: dict, url: str, model: str, tokenizer: str, scratch: str, 
         p = subprocess.run(argv, env=env, timeout=timeout_s, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        print(out[-4000:], flush=True)
+        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(text[-4000:], flush=True)
         return None, cmd, f"timed out after {timeout_s:.0f} s"
     print(p.stdout[-6000:], flush=True)
     if p.returncode != 0:
