@@ -178,10 +178,13 @@ def _goodput_table(results: list[dict]) -> str:
                         f"{r.get('error', 'no result')} |")
         for run in runs:
             g = run["summary"].get
-            rows.append(f"| {r['setup']} | {r['ready_s']:.0f} | {run['request_rate']} | {g('goodput', float('nan')):.2f} "
-                        f"| {g('output_throughput', float('nan')):.0f} | {g('median_ttft_ms', float('nan')):.0f} | "
-                        f"{g('p99_ttft_ms', float('nan')):.0f} | {g('median_tpot_ms', float('nan')):.1f} | "
-                        f"{g('p99_tpot_ms', float('nan')):.1f} | {g('failed', 0)} |")
+
+            def f(key, spec):
+                v = g(key)
+                return "—" if not isinstance(v, (int, float)) or v != v else format(v, spec)
+            rows.append(f"| {r['setup']} | {r['ready_s']:.0f} | {run['request_rate']} | {f('goodput', '.2f')} | "
+                        f"{f('output_throughput', '.0f')} | {f('median_ttft_ms', '.0f')} | {f('p99_ttft_ms', '.0f')} | "
+                        f"{f('median_tpot_ms', '.1f')} | {f('p99_tpot_ms', '.1f')} | {g('failed', 0)} |")
     return "\n".join(rows)
 
 
