@@ -121,13 +121,28 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _dumps(obj, level: int = 0) -> str:
+    """JSON indented by structure, but a dict or list holding only numbers, strings or lists of them (a
+    request record, the ITLs) on one line: readable, and a few hundred bytes per request."""
+    def flat(v):
+        return not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(isinstance(x, (dict, list))
+                                                                                 for x in v))
+    values = list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    if all(flat(v) for v in values):
+        return json.dumps(obj, allow_nan=False)
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(k)}: {_dumps(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    return "[\n" + ",\n".join(inner + _dumps(v, level + 1) for v in obj) + "\n" + pad + "]"
+
+
 def write_json(doc: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
         with open(path, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
+            f.write(_dumps(doc) + "\n")
     except OSError as e:
         raise BenchError(f"--out {path}: {e.strerror or e}") from None
 

@@ -167,6 +167,8 @@ def test_json_has_every_field(tmp_path):
     for kind in ["ttft", "tpot", "itl", "e2el"]:
         for stat in ["mean", "median", "std", "p50", "p90", "p99.9"]:
             assert isinstance(s[f"{stat}_{kind}_ms"], float), (stat, kind)
+    lines = (tmp_path / "run.json").read_text().splitlines()       # a request record per line
+    assert sum(ln.lstrip().startswith('{"index": ') for ln in lines) == 8 and len(lines) < 150
     assert set(doc["runs"][0]["requests"][0]) == {
         "index", "prompt_len", "max_tokens", "output_tokens", "start", "ttft", "itls", "e2e", "tpot", "success", "error",
         "token_source", "prompt_token_source", "cached_tokens", "conversation", "turn"}
