@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
+from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
 from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
@@ -188,6 +188,10 @@ class ModelRunner:
         self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
+        # Compilations on the calling thread inside this runner's own calls after warm-up: other
+        # engines of the process (disaggregation, tests) compiling on other threads do not count.
+        self.compiles_while_serving = 0
+        self._compiles_reported = 0
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
         self._copy_jitted = self._make_copy()
 
@@ -279,8 +283,19 @@ class ModelRunner:
 
     # ---- page copies (copy-on-write) ---------------------------------------------------------
 
+    def _count_compiles(self, c0: int) -> None:
+        if self._compiles_at_warmup is not None:
+            self.compiles_while_serving += thread_compilation_count() - c0
+
     def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy page ``src`` to ``dst`` for each pair (K, V and token ids), in stream order."""
+        c0 = thread_compilation_count()
+        try:
+            self._copy_pages(pairs)
+        finally:
+            self._count_compiles(c0)
+
+    def _copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
         c = self.config.max_copies
         for i in range(0, len(pairs), c):
             chunk = pairs[i:i + c]
@@ -295,7 +310,11 @@ class ModelRunner:
 
     def execute(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepHandle:
         """Dispatch one step; returns at once with a handle to its results."""
-        compiled, args, want_lp, variant = self._prepare(work, variant)
+        c0 = thread_compilation_count()
+        try:
+            compiled, args, want_lp, variant = self._prepare(work, variant)
+        finally:
+            self._count_compiles(c0)
         (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
             self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         self.prev_sampled = sampled
@@ -407,8 +426,7 @@ class ModelRunner:
         return self.execute(work, variant).result()
 
     def _check_no_compile(self) -> None:
-        if (self.config.fail_on_compile and self._compiles_at_warmup is not None
-                and compilation_count() != self._compiles_at_warmup):
-            new = compilation_count() - self._compiles_at_warmup
-            self._compiles_at_warmup = compilation_count()
+        new = self.compiles_while_serving - self._compiles_reported
+        if self.config.fail_on_compile and new:
+            self._compiles_reported = self.compiles_while_serving
             raise CompiledAfterWarmupError(f"{new} XLA compilation(s) after warm-up")

@@ -23,7 +23,7 @@ from tests.support import make_byte_tokenizer, make_hf_checkpoint
 
 CFG = EngineConfig(num_pages=48, page_size=16, max_num_batched_tokens=32, max_num_seqs=8,
                    max_model_len=192, token_buckets=(8, 32), page_buckets=(4, 12),
-                   fail_on_compile=False, seed=0)
+                   fail_on_compile=True, seed=0)
 POLICY = DisaggPolicy(min_remote_tokens=24, max_prefill_queue=64, prefill_timeout_s=600)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

@@ -68,10 +68,22 @@ def test_steps_of_many_sizes_after_warmup_compile_nothing(warm_runner):
     assert compilation_count() == before
 
 
-def test_a_compilation_after_warmup_raises(warm_runner):
-    jax.jit(lambda x: x * 3 + 1)(jnp.arange(7))          # something compiles while serving
+def test_a_compilation_after_warmup_raises(warm_runner, monkeypatch):
+    real = warm_runner._prepare
+
+    def prepare_and_compile(*a, **k):                      # something compiles inside a step
+        jax.jit(lambda x: x * 3 + 1)(jnp.arange(7))
+        return real(*a, **k)
+    monkeypatch.setattr(warm_runner, "_prepare", prepare_and_compile)
     with pytest.raises(CompiledAfterWarmupError):
         warm_runner.step([SequenceWork([1, 2, 3], 0, [0])])
+    monkeypatch.undo()
+    # what compiles elsewhere (another engine of the process, on its own thread) is not this runner's
+    import threading
+    t = threading.Thread(target=lambda: jax.jit(lambda x: x * 5 + 2)(jnp.arange(9)))
+    t.start()
+    t.join()
+    warm_runner.step([SequenceWork([1, 2, 3], 0, [0])])
 
 
 def test_kv_cache_is_donated_and_updated_in_place(loaded):
