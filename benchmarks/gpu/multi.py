@@ -122,9 +122,11 @@ def _wait_line(path: str, pattern: str, proc, timeout: float) -> re.Match:
 
 def goodput(out_dir: str, setup: str, rates: str, num_prompts: int, deadline: float, *, model: str = MODEL,
             input_len: int = 2048, output_len: int = 256) -> dict:
+    from benchmarks.gpu.suite import model_dir
     sec = Section(out_dir, deadline)
     py = sys.executable
     port = _port()
+    model = model_dir(model, "/tmp/jaxdyn-multi-scratch")   # the preset's shapes + a word-level tokenizer
     url = f"http://127.0.0.1:{port}"
     noalloc = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     try:
@@ -154,6 +156,7 @@ def goodput(out_dir: str, setup: str, rates: str, num_prompts: int, deadline: fl
         ready_s = _wait_healthy(url, procs, sec.left() - 40)
         js = os.path.join(out_dir, f"goodput-{setup}.json")
         rc = sec.run(f"{setup}-bench", [py, "-m", "serving.cli", "bench", "serve", "--url", url,
+                                        "--tokenizer", model,
                                         "--dataset", "random", "--random-input-len", str(input_len),
                                         "--random-output-len", str(output_len), "--num-prompts", str(num_prompts),
                                         "--request-rate", rates, "--slo-ttft-ms", "500", "--slo-tpot-ms", "50",
