@@ -229,3 +229,61 @@ def test_a_worker_that_stops_answering_fails_its_requests_and_new_ones_go_to_the
         srv.state.engine.shutdown()
         a.stop()
         b.stop()
+
+
+def test_a_cancelled_prefill_call_aborts_the_prefill_and_frees_its_pages(ckpt):
+    """The prefill worker's side of a client abort: the decode side cancels its Prefill call
+    (DisaggEngine.abort -> RemotePrefillRole.abort); the prefill stops mid-way, pages freed."""
+    import asyncio
+
+    from jaxdyn.disagg.engine import LocalPrefillRole
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.common import params_to_json
+    from serving.workers.worker import WorkerService, serve_worker
+
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    cfg = EngineConfig(num_pages=64, page_size=16, max_num_batched_tokens=8, max_num_seqs=4,
+                       max_model_len=128, token_buckets=(8,), page_buckets=(8,), seed=0)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
+    real_step = core.step
+
+    def slow_step():                     # 8 tokens a step, 0.3 s each: a 60-token prompt takes ~2 s
+        time.sleep(0.3)
+        return real_step()
+    core.step = slow_step
+    role = LocalPrefillRole(core, None)
+    service = WorkerService("prefill", "tiny", prefill=role)
+    ports, stop = [], None
+    loop = asyncio.new_event_loop()
+
+    def serve():
+        nonlocal stop
+        asyncio.set_event_loop(loop)
+        stop = asyncio.Event()
+        loop.run_until_complete(serve_worker(service, "127.0.0.1", 0, ports.append, stop))
+    threading.Thread(target=serve, daemon=True).start()
+    for _ in range(100):
+        if ports:
+            break
+        time.sleep(0.05)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as ch:
+            stub = pb_grpc.WorkerStub(ch)
+            params = SamplingParams(temperature=0.0, max_tokens=1, seed=0)
+            call = stub.Prefill(pb.PrefillRequest(request_id="c1", prompt_ids=list(range(3, 63)),
+                                                  params_json=params_to_json(params), kv_transport="grpc"))
+            time.sleep(0.8)                                  # a few prefill chunks in
+            assert core.allocator.num_in_use > 0
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as e:
+                next(call)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+        for _ in range(50):
+            if core.metrics.requests_finished.get("abort") == 1 and not core.has_unfinished():
+                break
+            time.sleep(0.1)
+        assert core.metrics.requests_finished.get("abort") == 1       # stopped mid-prefill, not finished
+        assert core.allocator.num_in_use == 0 and not core.scheduler.held
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        role.shutdown()
