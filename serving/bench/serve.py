@@ -63,7 +63,8 @@ class LoadRun:
         self.peak_concurrency = 0
 
     def _prompt(self, sample: Sample, history: list[tuple[Sample, RequestRecord]]):
-        """The request's prompt and the caller's count of its tokens (multi-turn: with the history)."""
+        """The request's prompt and the caller's count of its tokens (multi-turn: with the history; chat: the
+        messages' text only, the server's chat template adds more, which its usage counts)."""
         chat = self.endpoint.kind == "chat"
         if chat:
             messages = []
@@ -90,8 +91,7 @@ class LoadRun:
                 record.start = time.perf_counter() - t0
                 record.error = (f"not sent: turn {prev.turn} of conversation {prev.conversation} failed "
                                 f"({prev.error})")
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 return record
         prompt, count = self._prompt(sample, [(s, task.result()) for s, task in history])
         record.prompt_len = count
@@ -104,8 +104,7 @@ class LoadRun:
                            tokenizer=self.source.tokenizer)
             finally:
                 self.in_flight -= 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         return record
 
     async def run(self, client: httpx.AsyncClient) -> tuple[list[RequestRecord], float]:
