@@ -22,8 +22,8 @@ from jaxdyn.engine.compilation import thread_compilation_count
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
-    CompletionOutput, Logprob, Request, RequestOutput, Sequence)
-from jaxdyn.engine.runner import MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle
+    CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TokenPrefix)
+from jaxdyn.engine.runner import MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, sampling_row
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -133,6 +133,7 @@ class EngineCore:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id, prompt_ids, params, priority, arrival_time)
         req.max_len = len(prompt_ids) + max_tokens
+        req.sampling_row = sampling_row(params)
         for i in range(params.n):
             seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFF
             seq = Sequence(req, i, seed, self._arrivals)
@@ -265,29 +266,40 @@ class EngineCore:
         if batch.copies:
             self.runner.copy_pages(batch.copies)
         work = []
+        metrics = self.metrics
         for idx, it in enumerate(batch.items):
-            seq, req = it.seq, it.seq.request
+            seq = it.seq
+            req = seq.request
             p = req.params
-            end = it.start + it.num_tokens
-            known = seq.num_known
+            start = it.start
+            end = start + it.num_tokens
+            prompt_len = len(seq.prompt_ids)
+            num_out = len(seq.output_ids)
+            known = prompt_len + num_out
             if end <= known:
-                toks, prev_row = seq.token_slice(it.start, end), -1
+                toks, prev_row = seq.token_slice(start, end), -1
+            elif start == known:   # decode: the one token is the previous step's draw, on the device
+                toks, prev_row = [0], seq.pending_rows[-1]
             else:   # the last token is the previous step's draw, still on the device
-                toks, prev_row = seq.token_slice(it.start, known) + [0], seq.pending_rows[-1]
-            out_index = len(seq.output_ids) + seq.num_pending
+                toks, prev_row = seq.token_slice(start, known) + [0], seq.pending_rows[-1]
+            out_index = num_out + seq.num_pending
             banned = ()
             if it.samples and out_index < p.min_tokens:
                 banned = (() if p.ignore_eos else self.eos_token_ids) + tuple(p.stop_token_ids)
-            work.append(SequenceWork(toks, it.start, seq.pages, prev_row, p, len(seq.prompt_ids),
-                                     seq.seed, out_index, banned))
+            pages = seq.pages
+            cached = seq.page_array
+            if cached is None or cached[0] is not pages or cached[1] != len(pages):
+                cached = seq.page_array = (pages, len(pages), np.asarray(pages, np.int32))
+            work.append(SequenceWork(toks, start, cached[2], prev_row, p, prompt_len,
+                                     seq.seed, out_index, banned, req.sampling_row))
             if it.samples:
                 seq.num_pending += 1
                 seq.pending_rows.append(idx)
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-                self.metrics.queue_time.observe(now - req.metrics.arrival_time)
-            if it.start < len(seq.prompt_ids):
-                self.metrics.computed_prefill_tokens += min(end, len(seq.prompt_ids)) - it.start
+                metrics.queue_time.observe(now - req.metrics.arrival_time)
+            if start < prompt_len:
+                metrics.computed_prefill_tokens += min(end, prompt_len) - start
         return self.runner.execute(work)
 
     def _process(self, batch: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
@@ -295,6 +307,7 @@ class EngineCore:
         res = handle.result()
         self.wait_time += time.perf_counter() - tw
         now = time.monotonic()
+        next_ids = res.next_token_ids.tolist()
         touched: dict[str, Request] = {}
         for idx, it in enumerate(batch.items):
             if not it.samples:
@@ -302,10 +315,10 @@ class EngineCore:
             seq = it.seq
             seq.num_pending -= 1
             seq.pending_rows.popleft()
-            if seq.finished:
+            if seq.status is SeqStatus.FINISHED:
                 continue
             req = seq.request
-            tok = int(res.next_token_ids[idx])
+            tok = next_ids[idx]
             entry = None
             if seq.logprobs is not None:
                 lp = float(res.logprobs[idx])
@@ -353,7 +366,8 @@ class EngineCore:
                 self.metrics.requests_finished.get(s.finish_reason, 0) + 1
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
-        p = seq.request.params
+        req = seq.request
+        p = req.params
         n_out = len(seq.output_ids)
         reason, stop_reason = None, None
         if not p.ignore_eos and tok in self.eos_token_ids and n_out > p.min_tokens - 1:
@@ -365,13 +379,13 @@ class EngineCore:
             matched = seq.detok.add(tok, check_stop=reason is None and n_out >= p.min_tokens)
             if matched is not None:
                 reason, stop_reason = "stop", matched
-        if reason is None and seq.num_known >= seq.request.max_len:
+        if reason is None and len(seq.prompt_ids) + n_out >= req.max_len:
             reason = "length"
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             if seq.detok is not None:
                 seq.detok.flush()
-            self.scheduler.finish(seq, hold=seq.request.hold_kv)
+            self.scheduler.finish(seq, hold=req.hold_kv)
 
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []
@@ -384,14 +398,15 @@ class EngineCore:
                 text = seq.detok.text[:seq.detok.emitted]
             else:
                 delta_text = text = ""
+            num_out = len(seq.output_ids)
             delta_ids = seq.output_ids[seq.emitted_tokens:]
-            seq.emitted_tokens = len(seq.output_ids)
+            seq.emitted_tokens = num_out
             delta_lps = None
             if seq.logprobs is not None:
                 delta_lps = seq.logprobs[seq.emitted_logprobs:]
                 seq.emitted_logprobs = len(seq.logprobs)
             outs.append(CompletionOutput(
-                seq.index, text, list(seq.output_ids), delta_text, delta_ids,
+                seq.index, text, TokenPrefix(seq.output_ids, num_out), delta_text, delta_ids,
                 seq.cumulative_logprob if seq.logprobs is not None else None,
                 seq.logprobs, delta_lps, seq.finish_reason, seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt_ids, outs, req.finished,

@@ -39,9 +39,11 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Add a token; returns the stop string that matched, if one did (text is then cut)."""
-        self.tokens.append(token_id)
-        prefix_text = self._decode(self.tokens[self.prefix:self.read])
-        new_text = self._decode(self.tokens[self.prefix:])
+        tokens = self.tokens
+        tokens.append(token_id)
+        decode, skip = self.tok.decode, self.skip
+        prefix_text = decode(tokens[self.prefix:self.read], skip_special_tokens=skip)
+        new_text = decode(tokens[self.prefix:], skip_special_tokens=skip)
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return None
         delta = new_text[len(prefix_text):]

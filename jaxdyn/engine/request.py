@@ -26,7 +26,8 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "prompt_ids", "output_ids", "num_pending", "pending_rows",
                  "num_computed", "pages", "status", "admit_order", "arrival_order", "seed",
                  "fork_target", "blocked", "detok", "logprobs", "cumulative_logprob",
-                 "finish_reason", "stop_reason", "emitted_tokens", "emitted_logprobs", "num_preemptions")
+                 "finish_reason", "stop_reason", "emitted_tokens", "emitted_logprobs", "num_preemptions",
+                 "page_array")
 
     def __init__(self, request: "Request", index: int, seed: int, arrival_order: int):
         self.seq_id = next(_seq_ids)
@@ -52,6 +53,9 @@ class Sequence:
         self.emitted_tokens = 0
         self.emitted_logprobs = 0
         self.num_preemptions = 0
+        # (pages list, its length, the same ids as i32[n]) for the runner, rebuilt when ``pages``
+        # is replaced or grows; the scheduler never changes an element of the list in place.
+        self.page_array = None
 
     @property
     def num_tokens(self) -> int:
@@ -104,10 +108,14 @@ class Request:
         self.num_cached_tokens = 0
         self.max_len = 0                     # prompt + the most tokens it may generate
         self.hold_kv = False                 # keep its pages when done, until released (prefill role)
+        self.sampling_row = None             # runner.sampling_row(params), computed once by the engine
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:
+            return seqs[0].status is SeqStatus.FINISHED
+        return all(s.status is SeqStatus.FINISHED for s in seqs)
 
 
 @dataclasses.dataclass
@@ -117,11 +125,21 @@ class Logprob:
     decoded_token: str | None = None
 
 
+class TokenPrefix:
+    """The first ``n`` ids of a list that only ever grows at its end (a sequence's output ids):
+    what ``CompletionOutput.token_ids`` was when the output was made, copied only if read."""
+
+    __slots__ = ("ids", "n")
+
+    def __init__(self, ids: list[int], n: int):
+        self.ids, self.n = ids, n
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     index: int
     text: str                            # all text so far
-    token_ids: list[int]                 # all tokens so far
+    token_ids: list[int]                 # all tokens so far (the engine passes a TokenPrefix)
     delta_text: str                      # new since the previous output of this request
     delta_token_ids: list[int]
     cumulative_logprob: float | None
@@ -133,6 +151,21 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def _get_token_ids(self) -> list[int]:
+    ids = self._token_ids
+    if type(ids) is TokenPrefix:    # copied on first read: most outputs are read only for deltas
+        ids = self._token_ids = ids.ids[:ids.n]
+    return ids
+
+
+def _set_token_ids(self, ids) -> None:
+    self._token_ids = ids
+
+
+# A property after the dataclass is made: the field stays a constructor argument and in repr/eq.
+CompletionOutput.token_ids = property(_get_token_ids, _set_token_ids)
 
 
 @dataclasses.dataclass

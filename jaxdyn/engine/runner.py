@@ -27,6 +27,7 @@ can schedule and dispatch step N+1 before it has read step N's tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -106,19 +107,44 @@ class RunnerConfig:
         return min(token_bucket, self.max_num_seqs)
 
 
-@dataclasses.dataclass(frozen=True)
+_PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler
+
+
+def sampling_row(sp: SamplingParams | None) -> tuple[tuple[float, ...], int, int]:
+    """A row's constant sampler inputs: (its ``seqf`` row, top_k, the flags of what it asks).
+
+    The same for every step of a request: the engine computes it once per request."""
+    if sp is None:
+        return (0.0, 1.0, 0.0, 1.0, 0.0, 0.0), 0, 0
+    flags, top_k, top_p, min_p = 0, 0, 1.0, 0.0
+    rep, pres, freq = 1.0, 0.0, 0.0
+    if sp.temperature > 0:
+        flags |= _RANDOM
+        if sp.uses_filters:
+            flags |= _FILTERS
+            top_k, top_p, min_p = sp.top_k, sp.top_p, sp.min_p
+    if sp.uses_penalties:
+        flags |= _PENALTIES
+        rep, pres, freq = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
+    if sp.logprobs is not None:
+        flags |= _LOGPROBS
+    return (sp.temperature, top_p, min_p, rep, pres, freq), top_k, flags
+
+
+@dataclasses.dataclass(slots=True)
 class SequenceWork:
     """One sequence's share of a step: a prefill chunk or a single decode token."""
 
     token_ids: Sequence[int]   # tokens to compute now
     num_computed: int          # tokens of this sequence already in the cache
-    page_ids: Sequence[int]    # its pages, covering num_computed + len(token_ids) tokens
+    page_ids: Sequence[int]    # its pages, covering num_computed + len(token_ids) tokens (list or i32 array)
     prev_row: int = -1         # >= 0: the last token is the previous step's sample of this row
     params: SamplingParams | None = None   # None: greedy
     prompt_len: int = 0        # for penalties: positions before this are the prompt
     seed: int = 0
     output_index: int = 0      # index in the output of the token this row draws
     banned: Sequence[int] = ()
+    sampling_row: tuple | None = None      # sampling_row(params), when the caller keeps it
 
 
 @dataclasses.dataclass
@@ -356,84 +382,107 @@ class ModelRunner:
     def _pack(self, work: Sequence[SequenceWork]
               ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
         """The step's bucket (tokens, pages), the sampler variant its rows need, its three host
-        buffers, and whether it wants logprobs."""
+        buffers, and whether it wants logprobs.
+
+        One Python pass gathers each row's facts into flat lists; positions, page slots and the
+        page table are then filled by numpy over all rows at once (per-element numpy writes in
+        a Python loop cost more than the data at a few hundred rows)."""
         if not work:
             raise ValueError("a step needs at least one sequence")
         cfg, page_size = self.config, self.config.page_size
-        if len(work) > cfg.max_num_seqs:
-            raise ValueError(f"{len(work)} sequences exceed max_num_seqs={cfg.max_num_seqs}")
-        num_tokens = sum(len(w.token_ids) for w in work)
-        t = _pick(self.token_buckets, num_tokens, "tokens per step")
-        s = cfg.seqs_for(t)
-        p = _pick(self.page_buckets, max(len(w.page_ids) for w in work), "pages per sequence")
-
-        # Three host buffers (one transfer each; many small transfers cost more than the data).
-        tok = np.zeros((_TOK_ROWS, t), np.int32)
-        token_ids, token_src, positions, slot_page, slot_offset = tok[0], tok[1], tok[2], tok[3], tok[4]
-        token_src[:] = -1
-        slot_page[:] = cfg.num_pages                       # out of range: dropped on write
-        seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
-        seqi[:, 1] = num_tokens                            # cu_q_lens
-        seqi[:, _SEQ_COLS + p:] = -1                       # banned
-        seqf = np.zeros((s, _SEQF_COLS), np.float32)
-        seqf[:, 1] = 1.0                                   # top_p
-        seqf[:, 3] = 1.0                                   # repetition penalty
-        use_pen = use_filt = use_rand = want_lp = False
+        S = len(work)
+        if S > cfg.max_num_seqs:
+            raise ValueError(f"{S} sequences exceed max_num_seqs={cfg.max_num_seqs}")
+        flat_tokens: list[int] = []
+        page_parts = []
+        all_arrays = True
+        ns, ints, floats, num_pages, src = [], [], [], [], []
+        banned_rows = []
+        flags = 0
         row = 0
         for i, w in enumerate(work):
-            n = len(w.token_ids)
+            toks = w.token_ids
+            n = len(toks)
             if n == 0:
                 raise ValueError(f"sequence {i} has no tokens to compute")
-            end = w.num_computed + n
+            flat_tokens += toks
+            ns.append(n)
             pages = w.page_ids
-            if len(pages) * page_size < end:
-                raise ValueError(f"sequence {i}: {len(pages)} pages cannot hold {end} tokens")
-            token_ids[row:row + n] = w.token_ids
-            if w.prev_row >= 0:
-                token_src[row + n - 1] = w.prev_row
-            if n == 1:
-                pos = w.num_computed
-                positions[row] = pos
-                slot_page[row] = pages[pos // page_size]
-                slot_offset[row] = pos % page_size
-            else:
-                pos = np.arange(w.num_computed, end, dtype=np.int32)
-                positions[row:row + n] = pos
-                slot_page[row:row + n] = np.asarray(pages, np.int32)[pos // page_size]
-                slot_offset[row:row + n] = pos % page_size
-            si = seqi[i]
-            si[_SEQ_COLS:_SEQ_COLS + len(pages)] = pages
-            si[0] = end                                    # kv_lens
-            si[1] = row                                    # cu_q_lens
+            page_parts.append(pages)
+            if all_arrays and type(pages) is not np.ndarray:
+                all_arrays = False
+            num_pages.append(len(pages))
             row += n
-            si[2] = row - 1                                # logits row
-            sp = w.params
-            sf = seqf[i]
-            if sp is not None:
-                sf[0] = sp.temperature
-                if sp.temperature > 0:
-                    use_rand = True
-                    if sp.uses_filters:
-                        use_filt = True
-                        si[3] = sp.top_k
-                        sf[1], sf[2] = sp.top_p, sp.min_p
-                if sp.uses_penalties:
-                    use_pen = True
-                    sf[3], sf[4], sf[5] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
-                if sp.logprobs is not None:
-                    want_lp = True
-            si[4] = w.prompt_len
+            if w.prev_row >= 0:
+                src.append((row - 1, w.prev_row))
+            sr = w.sampling_row
+            if sr is None:
+                sr = sampling_row(w.params)
+            floats.append(sr[0])
+            flags |= sr[2]
             seed = w.seed & 0xFFFFFFFF
-            si[5] = seed - (1 << 32) if seed >= (1 << 31) else seed
-            si[6] = w.output_index
+            # kv_len, cu_q_len (filled below), logits row, top_k, prompt_len, seed, output index
+            ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len,
+                         seed - (1 << 32) if seed >= (1 << 31) else seed, w.output_index))
             if w.banned:
                 if len(w.banned) > MAX_BANNED:
                     raise ValueError(f"sequence {i}: more than {MAX_BANNED} banned ids")
-                si[_SEQ_COLS + p:_SEQ_COLS + p + len(w.banned)] = w.banned
-        used = slot_page[:num_tokens]
+                banned_rows.append((i, w.banned))
+        num_tokens = row
+        t = _pick(self.token_buckets, num_tokens, "tokens per step")
+        s = cfg.seqs_for(t)
+        p = _pick(self.page_buckets, max(num_pages), "pages per sequence")
+
+        # Three host buffers (one transfer each; many small transfers cost more than the data).
+        tok = np.zeros((_TOK_ROWS, t), np.int32)
+        seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
+        seqf = np.zeros((s, _SEQF_COLS), np.float32)
+        seqf[:, 1] = 1.0                                   # top_p
+        seqf[:, 3] = 1.0                                   # repetition penalty
+        seqf[:S] = floats
+        head = seqi[:S, :_SEQ_COLS]
+        head[:] = ints
+        ns_a = np.asarray(ns, np.int64)
+        ends = head[:, 0]                                  # kv_lens
+        npages = np.asarray(num_pages, np.int64)
+        short = np.flatnonzero(npages * page_size < ends)
+        if short.size:
+            i = int(short[0])
+            raise ValueError(f"sequence {i}: {num_pages[i]} pages cannot hold {int(ends[i])} tokens")
+        starts = np.cumsum(ns_a) - ns_a                     # first row of each sequence
+        head[:, 1] = starts                                # cu_q_lens
+        seqi[S:, 1] = num_tokens
+        seqi[:, _SEQ_COLS + p:] = -1                       # banned
+        for i, b in banned_rows:
+            seqi[i, _SEQ_COLS + p:_SEQ_COLS + p + len(b)] = b
+        page_table = seqi[:S, _SEQ_COLS:_SEQ_COLS + p]
+        if all_arrays:
+            flat_pages = np.concatenate(page_parts)
+        else:
+            flat_pages = np.fromiter(itertools.chain.from_iterable(page_parts), np.int64, int(npages.sum()))
+        page_table[np.arange(p) < npages[:, None]] = flat_pages     # row by row, in order
+
+        token_ids, token_src, positions, slot_page, slot_offset = tok[0], tok[1], tok[2], tok[3], tok[4]
+        token_ids[:num_tokens] = flat_tokens
+        token_src[:] = -1
+        for r, prev in src:
+            token_src[r] = prev
+        if num_tokens == S:                                # decode only: one token per sequence
+            tok_seq = np.arange(S)
+            pos = ends - 1
+        else:
+            tok_seq = np.repeat(np.arange(S), ns_a)
+            pos = np.arange(num_tokens) + np.repeat(ends - ns_a - starts, ns_a)
+        positions[:num_tokens] = pos
+        slot_page[num_tokens:] = cfg.num_pages             # out of range: dropped on write
+        used = page_table[tok_seq, pos // page_size]
+        slot_page[:num_tokens] = used
+        slot_offset[:num_tokens] = pos % page_size
         if (used >= cfg.num_pages).any() or (used < 0).any():
             raise ValueError(f"page id out of range [0, {cfg.num_pages})")
-        variant = variant_for(penalties=use_pen, filters=use_filt, random=use_rand, logprobs=want_lp)
+        want_lp = bool(flags & _LOGPROBS)
+        variant = variant_for(penalties=bool(flags & _PENALTIES), filters=bool(flags & _FILTERS),
+                              random=bool(flags & _RANDOM), logprobs=want_lp)
         return t, p, variant, (tok, seqi, seqf), want_lp
 
     def step(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepOutput:

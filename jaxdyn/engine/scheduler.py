@@ -49,7 +49,7 @@ class SchedulerConfig:
     page_size: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     start: int              # first position computed
@@ -194,7 +194,8 @@ class Scheduler:
             first = seq.num_computed // self.config.page_size
             old = seq.pages[first]
             new = self.allocator.fork_for_write(old)
-            seq.pages[first] = new
+            # A new list, not an element changed in place: Sequence.page_array caches by identity.
+            seq.pages = seq.pages[:first] + [new] + seq.pages[first + 1:]
             copies.append((old, new))
         if need:
             seq.pages.extend(self.allocator.allocate(need))
@@ -215,14 +216,29 @@ class Scheduler:
         self._forked: list[Sequence] = []     # siblings forked this step join running after it
         self._prompts_done: list[Sequence] = []
 
+        ps = cfg.page_size
+        is_shared = self.allocator.is_shared
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0 and len(items) < cfg.max_num_seqs:
-            seq = self.running[i]
-            target = self._target(seq)
-            if seq.num_computed >= target or (target == seq.num_tokens and not can_sample(seq)):
+        while i < len(running) and budget > 0 and len(items) < cfg.max_num_seqs:
+            seq = running[i]
+            num_tokens = len(seq.prompt_ids) + len(seq.output_ids) + seq.num_pending
+            target = seq.fork_target if seq.fork_target is not None else num_tokens
+            computed = seq.num_computed
+            if computed >= target or (target == num_tokens and not can_sample(seq)):
                 i += 1
                 continue
-            n = min(target - seq.num_computed, budget)
+            n = min(target - computed, budget)
+            end = computed + n
+            pages = seq.pages
+            first = computed // ps
+            if end <= len(pages) * ps and (first >= len(pages) or not is_shared(pages[first])):
+                # Its pages already hold the chunk and none it writes is shared (most decode steps).
+                items.append(self._take(seq, n, target))
+                scheduled.add(seq.seq_id)
+                budget -= n
+                i += 1
+                continue
             ok = True
             while not self._reserve(seq, seq.num_computed + n, copies):
                 victim = max((s for s in self.running if s.seq_id not in scheduled),
@@ -289,11 +305,12 @@ class Scheduler:
 
     def _take(self, seq: Sequence, n: int, target: int) -> ScheduledSeq:
         start = seq.num_computed
-        seq.num_computed += n
-        if start < len(seq.prompt_ids) <= seq.num_computed:
+        computed = seq.num_computed = start + n
+        prompt_len = len(seq.prompt_ids)
+        if start < prompt_len <= computed:
             self._prompts_done.append(seq)    # cached once this step is built (see schedule)
-        samples = seq.num_computed == seq.num_tokens
-        if seq.fork_target is not None and seq.num_computed == seq.fork_target:
+        samples = computed == prompt_len + len(seq.output_ids) + seq.num_pending
+        if seq.fork_target is not None and computed == seq.fork_target:
             self._fork(seq)
         return ScheduledSeq(seq, start, n, samples)
 
