@@ -133,13 +133,30 @@ def _device_list(text: str | None, flag: str) -> list[int]:
     return ids
 
 
+def _policy_args(p) -> None:
+    """The disaggregation policy's flags (serve --disagg, and decode workers)."""
+    p.add_argument("--disagg-min-remote-tokens", type=int, default=64,
+                   help="shorter prompts (or uncached remainders) are prefilled on the decode side")
+    p.add_argument("--disagg-max-prefill-queue", type=int, default=64,
+                   help="remote prefills in flight beyond which new prompts are prefilled locally")
+    p.add_argument("--disagg-prefill-timeout", type=float, default=120.0,
+                   help="seconds after which a remote prefill ends its request with an error")
+
+
+def _disagg_policy(args):
+    from jaxdyn.disagg.policy import DisaggPolicy
+    try:
+        return DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
+                            args.disagg_prefill_timeout)
+    except ValueError:
+        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout > 0") from None
+
+
 def _disagg_args(args, config) -> dict:
     """build_disagg_engine's arguments from --disagg and its flags (checked before the port opens)."""
     import dataclasses
 
     import jax
-
-    from jaxdyn.disagg.policy import DisaggPolicy
 
     pre = _device_list(args.prefill_devices, "--prefill-devices")
     dec = _device_list(args.decode_devices, "--decode-devices")
@@ -150,11 +167,7 @@ def _disagg_args(args, config) -> dict:
         raise CLIError(f"--prefill-devices/--decode-devices: this machine has {n} device(s) (0..{n - 1})")
     if args.tp != 1:
         raise CLIError("--tp does not apply with --disagg: each mesh's TP is its number of devices")
-    try:
-        policy = DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
-                              args.disagg_prefill_timeout)
-    except ValueError:
-        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout > 0") from None
+    policy = _disagg_policy(args)
     pcfg = config
     if args.prefill_max_num_batched_tokens is not None:
         if args.prefill_max_num_batched_tokens < config.max_num_seqs:
@@ -263,7 +276,6 @@ def cmd_worker(args) -> int:
     from checkpoints.loader import load_model
     from jaxdyn import AsyncEngine, EngineCore
     from jaxdyn.disagg.engine import DisaggEngine, LocalPrefillRole
-    from jaxdyn.disagg.policy import DisaggPolicy
     from jaxdyn.parallel.sharding import make_mesh
     from serving.workers.remote_prefill import RemotePrefillRole
     from serving.workers.worker import WorkerService, serve_worker
@@ -279,11 +291,7 @@ def cmd_worker(args) -> int:
     prefill_workers = [a for a in (args.prefill_workers or "").split(",") if a]
     if prefill_workers and args.role != "decode":
         raise CLIError("--prefill-workers: only a decode worker sends prompts to prefill workers")
-    try:
-        policy = DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
-                              args.disagg_prefill_timeout)
-    except ValueError:
-        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout > 0") from None
+    policy = _disagg_policy(args)
     mesh = make_mesh(len(devices), [jax.devices()[i] for i in devices])
     try:
         _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh)
@@ -401,12 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--decode-devices", default=None, help="device indices, e.g. 2,3")
     dg.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
                     help="token budget of a prefill step (default: --max-num-batched-tokens)")
-    dg.add_argument("--disagg-min-remote-tokens", type=int, default=64,
-                    help="shorter prompts (or uncached remainders) are prefilled on the decode side")
-    dg.add_argument("--disagg-max-prefill-queue", type=int, default=64,
-                    help="remote prefills in flight beyond which new prompts are prefilled locally")
-    dg.add_argument("--disagg-prefill-timeout", type=float, default=120.0,
-                    help="seconds after which a remote prefill ends its request with an error")
+    _policy_args(dg)
     sv.add_argument("--workers", default=None,
                     help="HOST:PORT,... of decode/both workers (jaxdyn worker): serve the API over them; "
                     "--model then only gives the tokenizer and config")
@@ -424,9 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--kv-transport", choices=["grpc", "jax"], default="grpc",
                     help="how KV comes from prefill workers: bytes in the gRPC stream, or "
                     "jax.experimental.transfer device to device")
-    wk.add_argument("--disagg-min-remote-tokens", type=int, default=64)
-    wk.add_argument("--disagg-max-prefill-queue", type=int, default=64)
-    wk.add_argument("--disagg-prefill-timeout", type=float, default=120.0)
+    _policy_args(wk)
     _engine_args(wk)
     wk.set_defaults(func=cmd_worker)
 

@@ -41,7 +41,6 @@ import time
 import traceback
 
 from jaxdyn.disagg.policy import REMOTE, DisaggPolicy
-from jaxdyn.engine.compilation import thread_compilation_count
 from jaxdyn.engine.core import EngineCore, RequestError
 from jaxdyn.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
@@ -100,8 +99,6 @@ class DisaggEngine:
         self.scatter = KVScatter(decode.runner, dc.num_kv_heads, max_pages)
         self.load_info: dict[str, float] = {}
         self._remote: dict[str, _Remote] = {}            # engine thread's view of remote prefills
-        self._warm = False
-        self._compiles = 0                # while serving, on the engine thread
 
     @property
     def prefill(self) -> EngineCore | None:
@@ -147,7 +144,6 @@ class DisaggEngine:
         self.role.warmup(progress)
         self.decode.warmup(progress)
         self.scatter.warmup()
-        self._warm = True
         return time.perf_counter() - t0
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
@@ -187,7 +183,8 @@ class DisaggEngine:
         r = self._remote.pop(request_id, None)
         if r is None:
             return self.decode.abort(request_id)
-        self._drop_remote(r)
+        self.decode.unreserve_kv(request_id)
+        self.role.abort(request_id)
         self._count_finish("abort")
         return _final_output(r, "abort", None)
 
@@ -195,15 +192,13 @@ class DisaggEngine:
         return bool(self._remote) or self.decode.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        c0 = thread_compilation_count()
         outputs = self._expire()
         outputs += self._take_handoffs(block=not self.decode.has_unfinished() and bool(self._remote))
         if self.decode.has_unfinished():
             outputs += self.decode.step()
         m = self.metrics
-        if self._warm:
-            self._compiles += thread_compilation_count() - c0
-            m.compilations_after_warmup = self._compiles + self.role.compiles_while_serving
+        m.compilations_after_warmup = (self.decode.runner.compiles_while_serving
+                                       + self.role.compiles_while_serving)
         m.remote_prefill_tokens = self.role.computed_prefill_tokens
         m.num_remote_prefills = len(self._remote)
         return outputs
@@ -223,19 +218,13 @@ class DisaggEngine:
             block = False
             if isinstance(item, Handoff):
                 out = self.accept_handoff(item)
-            else:                        # ("error", request_id, message)
-                _, rid, message = item
-                r = self._remote.pop(rid, None)
-                out = None
-                if r is not None:
-                    self.decode.unreserve_kv(rid)
-                    self._count_finish("error")
-                    self.metrics.remote_prefill_failures += 1
-                    out = _final_output(r, "abort", message)
-                if rid == "*":           # the prefill thread died: every remote request fails
-                    outputs += self._fail_all(message)
-            if out is not None:
-                outputs.append(out)
+                if out is not None:
+                    outputs.append(out)
+                continue
+            _, rid, message = item           # ("error", request_id, message)
+            # "*": the prefill role died, and every remote request fails with it
+            failed = list(self._remote) if rid == "*" else [rid] if rid in self._remote else []
+            outputs += [self._fail(self._remote[f], message) for f in failed]
 
     def accept_handoff(self, h: Handoff) -> RequestOutput | None:
         """Scatter a handoff's KV into the pages reserved for it and continue decoding it."""
@@ -255,29 +244,18 @@ class DisaggEngine:
     def _expire(self) -> list[RequestOutput]:
         now = time.monotonic()
         late = [r for r in self._remote.values() if now - r.started > self.policy.prefill_timeout_s]
-        outputs = []
-        for r in late:
-            del self._remote[r.request_id]
-            self._drop_remote(r)
-            self._count_finish("error")
-            self.metrics.remote_prefill_failures += 1
-            outputs.append(_final_output(
-                r, "abort", f"remote prefill did not finish within {self.policy.prefill_timeout_s:g} s"))
-        return outputs
+        message = f"remote prefill did not finish within {self.policy.prefill_timeout_s:g} s"
+        return [self._fail(r, message, abort_prefill=True) for r in late]
 
-    def _fail_all(self, message: str) -> list[RequestOutput]:
-        outputs = []
-        for r in list(self._remote.values()):
-            del self._remote[r.request_id]
-            self.decode.unreserve_kv(r.request_id)
-            self._count_finish("error")
-            self.metrics.remote_prefill_failures += 1
-            outputs.append(_final_output(r, "abort", message))
-        return outputs
-
-    def _drop_remote(self, r: _Remote) -> None:
+    def _fail(self, r: _Remote, message: str, abort_prefill: bool = False) -> RequestOutput:
+        """End a remote request with an error: its reserved pages freed (and its prefill stopped)."""
+        del self._remote[r.request_id]
         self.decode.unreserve_kv(r.request_id)
-        self.role.abort(r.request_id)
+        if abort_prefill:
+            self.role.abort(r.request_id)
+        self._count_finish("error")
+        self.metrics.remote_prefill_failures += 1
+        return _final_output(r, "abort", message)
 
     def _count_finish(self, reason: str) -> None:
         f = self.metrics.requests_finished
@@ -310,9 +288,7 @@ class LocalPrefillRole:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
-        self._warm = False
         self.dead: BaseException | None = None
-        self.compiles_while_serving = 0
         self._thread = threading.Thread(target=self._loop, name="jaxdyn-prefill", daemon=True)
         self._thread.start()
 
@@ -320,13 +296,16 @@ class LocalPrefillRole:
     def computed_prefill_tokens(self) -> int:
         return self.core.metrics.computed_prefill_tokens
 
+    @property
+    def compiles_while_serving(self) -> int:
+        return self.core.runner.compiles_while_serving
+
     def set_sink(self, sink) -> None:
         self.sink = sink
 
     def warmup(self, progress: bool = False) -> None:
         self.core.warmup(progress)
         self.gather.warmup()
-        self._warm = True
 
     def submit(self, request_id, prompt_ids, params, priority=0, arrival_time=None) -> None:
         self._send(("add", request_id, list(prompt_ids), params, priority, arrival_time))
@@ -364,12 +343,9 @@ class LocalPrefillRole:
                         core.abort(cmd[1])
                         core.release_kv(cmd[1])
                 if core.has_unfinished():
-                    c0 = thread_compilation_count()
                     for out in core.step():
                         if out.finished:
                             self._hand_over(out)
-                    if self._warm:
-                        self.compiles_while_serving += thread_compilation_count() - c0
                 else:
                     self._wake.wait(0.05)
         except BaseException as e:    # the prefill role is dead; the decode role goes on alone

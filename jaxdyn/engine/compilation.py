@@ -3,7 +3,7 @@ happens while serving.
 
 Several engines can share a process (disaggregated prefill and decode, tests), each serving on
 its own thread: "did this engine compile while serving" is the count on the thread that runs it,
-taken around its own steps (``thread_compilation_count``), not the process-wide one.
+taken around the runner's own calls (``thread_compilation_count``), not the process-wide one.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import time
 import jax
 import numpy as np
 
-from jaxdyn.engine.compilation import thread_compilation_count
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
@@ -84,8 +83,6 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._arrivals = 0
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
-        self._warm = False
-        self.compiles_while_serving = 0   # on the serving thread, inside step(), after warm-up
         self.host_time = 0.0          # seconds spent in step() outside waiting for the device
         self.wait_time = 0.0
 
@@ -94,9 +91,7 @@ class EngineCore:
         return self.allocator.num_pages
 
     def warmup(self, progress: bool = False) -> float:
-        seconds = self.runner.warmup(progress)
-        self._warm = True
-        return seconds
+        return self.runner.warmup(progress)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -235,7 +230,6 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        c0 = thread_compilation_count()
         batch = self.scheduler.schedule(self._can_sample)
         handle = self._dispatch(batch) if batch.items else None
         outputs: list[RequestOutput] = []
@@ -255,9 +249,7 @@ class EngineCore:
         self.metrics.prefix_cache_hits = self.scheduler.prefix_hits
         if self.prefix_cache is not None:
             self.metrics.prefix_cache_evictions = self.prefix_cache.num_evicted
-        if self._warm:
-            self.compiles_while_serving += thread_compilation_count() - c0
-            self.metrics.compilations_after_warmup = self.compiles_while_serving
+        self.metrics.compilations_after_warmup = self.runner.compiles_while_serving
         self.host_time += time.perf_counter() - t0
         return outputs
 

@@ -24,14 +24,12 @@ Everything is dispatched asynchronously: a gather is ordered after the step
 that wrote the pages, a scatter before the step that reads them, because each
 runs on its own mesh's stream in program order.
 
-Across processes the block goes to host memory (``block_to_host``) and is sent
-over gRPC, or is pulled device to device with ``jax.experimental.transfer``
-(see ``serving/workers``).
+Across processes the block goes to host memory and is sent over gRPC, or is
+pulled with ``jax.experimental.transfer`` (see ``serving/workers``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -67,10 +65,6 @@ def block_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
 def to_mesh(block: jax.Array, mesh: Mesh, num_kv_heads: int) -> jax.Array:
     """The block on ``mesh`` (device to device; resharded if the TP degrees differ)."""
     return jax.device_put(block, block_sharding(mesh, num_kv_heads))
-
-
-def block_to_host(block: jax.Array) -> np.ndarray:
-    return np.asarray(jax.device_get(block))
 
 
 def block_nbytes(num_layers: int, num_kv_heads: int, n_pages: int, page_size: int, head_dim: int,
@@ -174,9 +168,6 @@ class KVScatter(_Side):
                 sd((b, self.runner.kv_spec.page_size), jnp.int32)).compile()
         return self._compiled[b]
 
-    def bucket_for(self, n_pages: int) -> int:
-        return _bucket(self.buckets, n_pages)
-
     def __call__(self, pages: list[int], block, token_ids) -> None:
         """Write ``block`` (a bucket >= len(pages); on any mesh, or host numpy) into ``pages``;
         ``token_ids``: the tokens whose KV it holds (the prompt), for the penalties' history."""
@@ -216,6 +207,3 @@ def measure_handoff(gather: KVGather, scatter: KVScatter, src_pages: list[int], 
             times[key].append(dt)
     return {k: float(np.median(v)) for k, v in times.items()}
 
-
-def max_pages_for(max_model_len: int, page_size: int) -> int:
-    return math.ceil(max_model_len / page_size)

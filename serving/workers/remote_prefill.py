@@ -58,7 +58,6 @@ class RemotePrefillRole:
         self.sink = None
         self.compiles_while_serving = 0
         self.computed_prefill_tokens = 0       # prompt tokens sent for remote prefill
-        self.bytes_received = 0
         self.timings: dict[str, tuple[float, float]] | None = None   # benchmarks: {id: (header, block)}
 
     @property
@@ -139,7 +138,6 @@ class RemotePrefillRole:
                 if len(buf) != h.nbytes:
                     raise RuntimeError(f"KV stream from {addr} ended after {len(buf)} of {h.nbytes} bytes")
                 block = np.frombuffer(bytes(buf), dtype=dtype).reshape(shape)
-            self.bytes_received += h.nbytes
             if self.timings is not None:
                 self.timings[rid] = (t_header, time.perf_counter())
             lps = logprobs_from_json(h.first_logprobs_json)
