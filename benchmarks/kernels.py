@@ -163,14 +163,18 @@ def _decode_inputs(rng, batch: int, context: int, head_dim: int):
     return q, k_pages, v_pages, lens, tables
 
 
-def _rotating(attn):
-    """jit of ROTATE calls of ``attn``, one page table each; returns their sum."""
+def _rotating(attn, repeats: int = 1):
+    """jit of ``repeats`` x ROTATE calls of ``attn``, one page table each; returns their sum."""
     def run(q, k_pages, v_pages, lens, tables):
         acc = jnp.zeros(q.shape, jnp.float32)
-        for i in range(ROTATE):
-            acc += attn(q, k_pages, v_pages, lens, tables[i]).astype(jnp.float32)
+        for _ in range(repeats):
+            for i in range(ROTATE):
+                acc += attn(q, k_pages, v_pages, lens, tables[i]).astype(jnp.float32)
         return acc
     return jax.jit(run)
+
+
+LONG = 5   # calls of the long timed jit per call of the short one (difference timing)
 
 
 def _ours(blocks=None):
@@ -194,9 +198,23 @@ def _reference(q, k_pages, v_pages, lens, table):
         q, k_pages, v_pages, lens, table, sm_scale=q.shape[-1] ** -0.5)
 
 
-def time_decode(fn, inputs) -> float:
-    """Seconds per attention call."""
-    return _median_time(_rotating(fn), *inputs) / ROTATE
+def per_call_time(make_jit, args, difference: bool = True) -> float:
+    """Seconds per attention call of ``make_jit(repeats)`` (a jit of repeats x ROTATE calls).
+
+    With ``difference``: device time back to back, the time of ROTATE calls taken from that of
+    LONG x ROTATE ((t_long - t_short) / ((LONG - 1) x ROTATE)), so the fixed cost of dispatching
+    a jit and waiting for it (tens of µs, which a model step pays once for all its layers) drops
+    out; without it, the short jit's wall time / ROTATE (for ranking variants, which all pay the
+    same fixed cost)."""
+    short = _median_time(make_jit(1), *args)
+    if not difference or INTERPRET:
+        return short / ROTATE
+    long = _median_time(make_jit(LONG), *args)
+    return max(long - short, 1e-9) / ((LONG - 1) * ROTATE)
+
+
+def time_decode(fn, inputs, difference: bool = True) -> float:
+    return per_call_time(functools.partial(_rotating, fn), inputs, difference)
 
 
 def sweep_decode_blocks(rng, points, full: bool = False, variants=None
@@ -204,23 +222,24 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None
     """Time block sizes x split policies; the winner has the least sum of time / best time."""
     rows = []
     if variants is None and full:
-        variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, g)
                     for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
-                    for t in (132, 264, 528)]
-    elif variants is None:   # around the tuned entry
-        variants = [paged_decode.DecodeBlockSizes(p, w, s, t)
-                    for p, w, s, t in ((8, 4, 3, 264), (4, 4, 3, 264), (8, 8, 3, 264), (8, 4, 2, 264),
-                                       (8, 4, 3, 132), (8, 4, 3, 528))]
+                    for t in (132, 264, 528) for g in ("pages", "rows")]
+    elif variants is None:   # around the tuned entry, both ways of gathering keys
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, g)
+                    for p, w, s, t in ((8, 4, 3, 132), (4, 4, 3, 264), (8, 8, 3, 264), (4, 4, 4, 528),
+                                       (16, 8, 2, 132), (2, 4, 6, 528))
+                    for g in ("pages", "rows")]
     if INTERPRET:
         variants = variants[:2]
     inputs = {pt: _decode_inputs(rng, *pt, 128) for pt in points}
     keys = [f"b{pt[0]}_c{pt[1]}_us" for pt in points]
     for v in variants:
         row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps,
-                   num_stages=v.num_stages, min_programs=v.min_programs)
+                   num_stages=v.num_stages, min_programs=v.min_programs, gather=v.gather)
         try:
             for pt, key in zip(points, keys):
-                row[key] = time_decode(_ours(v), inputs[pt]) * 1e6
+                row[key] = time_decode(_ours(v), inputs[pt], difference=False) * 1e6
         except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append(row)
@@ -230,7 +249,8 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None
         r["score"] = sum(r[k] / fastest[k] for k in keys) / len(keys)
     best = min(ok, key=lambda r: r["score"])
     return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"],
-                                         best["num_stages"], best["min_programs"]), rows
+                                         best["num_stages"], best["min_programs"],
+                                         best["gather"]), rows
 
 
 def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
@@ -265,18 +285,20 @@ def sweep_prefill_blocks(rng, chunk: int, full: bool = False
                          ) -> tuple[ragged_prefill.PrefillBlockSizes, list[dict]]:
     """Time the prefill kernel's block sizes on one fresh chunk and four (head_dim 128)."""
     if full:
-        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s)
-                    for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)]
-    else:   # around the tuned entry
-        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s)
-                    for r, p, w, s in ((128, 4, 8, 3), (128, 8, 8, 3), (128, 4, 4, 3), (64, 4, 4, 3),
-                                       (128, 4, 8, 2), (128, 2, 8, 3))]
+        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, g)
+                    for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)
+                    for g in ("pages", "rows")]
+    else:   # around the tuned entry, both ways of gathering keys
+        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, g)
+                    for r, p, w, s in ((128, 4, 4, 3), (128, 8, 8, 3), (128, 8, 4, 2), (256, 4, 8, 2),
+                                       (64, 8, 4, 3))
+                    for g in ("pages", "rows")]
     if INTERPRET:
         variants = variants[:2]
     rows = []
     for v in variants:
         row = dict(block_rows=v.block_rows, pages_per_block=v.pages_per_block,
-                   num_warps=v.num_warps, num_stages=v.num_stages)
+                   num_warps=v.num_warps, num_stages=v.num_stages, gather=v.gather)
         try:
             for nseq in (1, 4):
                 row[f"n{nseq}_us"] = _prefill_time(rng, 128, 0, chunk, nseq, v, reference=False)[0] * 1e6
@@ -285,7 +307,8 @@ def sweep_prefill_blocks(rng, chunk: int, full: bool = False
         rows.append(row)
     best = min((r for r in rows if "error" not in r), key=lambda r: r["n1_us"] + r["n4_us"])
     return ragged_prefill.PrefillBlockSizes(best["block_rows"], best["pages_per_block"],
-                                            best["num_warps"], best["num_stages"]), rows
+                                            best["num_warps"], best["num_stages"],
+                                            best["gather"]), rows
 
 
 def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
@@ -300,20 +323,23 @@ def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
     cu = jnp.arange(nseq + 1, dtype=jnp.int32) * chunk
     scale = head_dim ** -0.5
 
-    def run(attn, q, k_pages, v_pages, lens, tables):
+    def run(attn, repeats, q, k_pages, v_pages, lens, tables):
         acc = jnp.zeros(q.shape, jnp.float32)
-        for i in range(ROTATE):
-            acc += attn(q, k_pages, v_pages, lens, tables[i], cu).astype(jnp.float32)
+        for _ in range(repeats):
+            for i in range(ROTATE):
+                acc += attn(q, k_pages, v_pages, lens, tables[i], cu).astype(jnp.float32)
         return acc
+
+    def timed(attn, difference: bool) -> float:
+        return per_call_time(lambda r: jax.jit(functools.partial(run, attn, r)), args, difference)
 
     ours = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=scale,
                              interpret=INTERPRET, blocks=blocks)
     args = (q, k_pages, v_pages, lens, tables)
-    t = _median_time(jax.jit(functools.partial(run, ours)), *args) / ROTATE
+    t = timed(ours, difference=reference)
     t_ref = float("nan")
     if reference:
-        ref = functools.partial(ragged_paged_attention_reference, sm_scale=scale)
-        t_ref = _median_time(jax.jit(functools.partial(run, ref)), *args) / ROTATE
+        t_ref = timed(functools.partial(ragged_paged_attention_reference, sm_scale=scale), False)
     return t, t_ref
 
 
@@ -373,12 +399,15 @@ def main(argv=None) -> str:
     ap.add_argument("--quick", action="store_true", help="a small grid (smoke run)")
     ap.add_argument("--sweep", choices=("none", "small", "full"), default="small",
                     help="block-size sweeps: none (use the tuned tables), small, full")
+    ap.add_argument("--points", default=None,
+                    help="decode grid points BxC[,BxC...] at head_dim 128 instead of the full grid")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
     started = time.time()
     cmd = "python -m benchmarks.kernels" + (" --quick" if args.quick else "") + (
         f" --sweep {args.sweep}" if args.sweep != "small" else "") + (
+        f" --points {args.points}" if args.points else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -399,7 +428,10 @@ def main(argv=None) -> str:
          f"`x + 1` over 4 GiB, read + write); bf16 matmul **{matmul / 1e12:.0f} TFLOP/s** (8192³).", "",
          f"Decode: {Q_HEADS} query / {KV_HEADS} kv heads, page {PAGE}, bf16 KV, every sequence at the "
          f"given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × 2 B. "
-         f"Each timed call reads pages of one of {ROTATE} shuffled page tables (rotating past the L2).", "")
+         f"Each timed call reads pages of one of {ROTATE} shuffled page tables (rotating past the L2). "
+         f"Grid and prefill times are device time back to back: the wall time of {ROTATE} calls in one "
+         f"jit subtracted from that of {LONG * ROTATE} (the jit's fixed dispatch cost drops out); "
+         f"sweeps rank variants by the wall time of {ROTATE} calls / {ROTATE}.", "")
 
     correctness = check_correctness(rng)
     for r in correctness:
@@ -415,7 +447,7 @@ def main(argv=None) -> str:
         batches, contexts, head_dims, sweep_points = (1, 32), (512, 2048), (128,), [(32, 2048)]
     else:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
-        sweep_points = [(1, 2048), (32, 2048), (8, 8192)]
+        sweep_points = [(1, 2048), (32, 2048), (64, 2048), (8, 8192)]
 
     best = paged_decode.decode_block_sizes(128, PAGE)
     if args.sweep != "none":
@@ -424,11 +456,18 @@ def main(argv=None) -> str:
         emit("### Decode block-size sweep (µs per call)", "",
              _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
                             ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
+                            ("gather", "gather", ""),
                             ("score", "time / best (mean)", ".3f")]
                     + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
                     + [("error", "error", "")]))
     mem_budget = 0.25 * (dev.memory_stats() or {}).get("bytes_limit", 16e9)
-    grid = decode_grid(rng, bandwidth, best, batches, contexts, head_dims, mem_budget)
+    if args.points:
+        grid = []
+        for point in args.points.split(","):
+            b, c = (int(x) for x in point.split("x"))
+            grid += decode_grid(rng, bandwidth, best, (b,), (c,), (128,), mem_budget)
+    else:
+        grid = decode_grid(rng, bandwidth, best, batches, contexts, head_dims, mem_budget)
     emit("### Decode", "",
          _table(grid, [("batch", "batch", "d"), ("context", "context", "d"), ("head_dim", "head_dim", "d"),
                        ("us", "µs", ".1f"), ("kv_gbs", "KV GB/s", ".0f"), ("of_bw", "of HBM bw", ".2f"),
@@ -444,6 +483,7 @@ def main(argv=None) -> str:
         emit("### Prefill block-size sweep (µs per call, fresh 2048-token chunks, head_dim 128)", "",
              _table(prefill_sweep, [("block_rows", "rows", "d"), ("pages_per_block", "pages/block", "d"),
                                     ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
+                                    ("gather", "gather", ""),
                                     ("n1_us", "1 chunk µs", ".0f"), ("n4_us", "4 chunks µs", ".0f"),
                                     ("error", "error", "")]))
     prefill = prefill_rows(rng, matmul, head_dims, chunk=chunk, blocks128=best_prefill)

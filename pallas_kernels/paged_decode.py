@@ -50,6 +50,10 @@ class DecodeBlockSizes:
     num_warps: int
     num_stages: int
     min_programs: int = 264   # split the context until the grid has this many programs
+    # how a block of keys is gathered: "pages" loads [pages_per_block, page_size, D] by page id
+    # and reshapes it to [tokens, D]; "rows" reads each key token's page id from the page table
+    # and loads the [tokens, D] tile directly from the (free) [pages * page_size, D] view
+    gather: str = "pages"
 
 
 # Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
@@ -115,15 +119,42 @@ def _gather_pages(pages_ref, ids, page_ok, interpret: bool) -> jax.Array:
     return pltriton.load(pages_ref.at[ids], mask=page_ok[:, None, None], other=0.0)
 
 
+def _gather_rows(rows_ref, rows, row_ok, interpret: bool) -> jax.Array:
+    """[n, D] rows ``rows`` of a [pages * page_size, D] view; rows not ``row_ok`` are not read (0)."""
+    if interpret:
+        return rows_ref[rows]
+    return pltriton.load(rows_ref.at[rows], mask=row_ok[:, None], other=0.0)
+
+
+def key_rows(pt_ref, first_page, tokens: int, page_size: int, num_pages: int, end_page,
+             interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """(i32[tokens] row of each key token of the block starting at page ``first_page`` in the
+    [pages * page_size, D] view, bool[tokens] token's page before ``end_page``).
+
+    Each token reads its page id from the page table (``page_size`` tokens share one id, an L1
+    hit), so the tile is gathered as [tokens, D] with no reshape of the loaded data.
+    """
+    offsets = jnp.arange(tokens, dtype=jnp.int32)
+    page = first_page + offsets // page_size
+    ok = page < end_page
+    if interpret:
+        ids = pt_ref[jnp.clip(page, 0, pt_ref.shape[0] - 1)]
+    else:
+        ids = pltriton.load(pt_ref.at[page], mask=page < pt_ref.shape[0], other=0)
+    return jnp.clip(ids, 0, num_pages - 1) * page_size + offsets % page_size, ok
+
+
 def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
                    page_size: int, pages_per_block: int, pages_per_split: int, group: int,
-                   rows: int, sliding_window: int | None, precision, interpret: bool):
+                   rows: int, sliding_window: int | None, precision, interpret: bool,
+                   gather: str):
     # lens_ref: i32[1]; pt_ref: i32[P]; q_ref: [num_q_heads, D] (this sequence);
-    # k_ref, v_ref: [num_pages, page_size, D] (this kv head)
+    # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
+    # with gather="rows"
     # out_refs: (o [R, D] normalised,) with one split, else (o f32[R, D], m f32[R], l f32[R])
     head, split = pl.program_id(1), pl.program_id(2)
     num_q_heads, head_dim = q_ref.shape
-    num_pages = k_ref.shape[0]
+    num_pages = k_ref.shape[0] if gather == "pages" else k_ref.shape[0] // page_size
     pages_per_seq = pt_ref.shape[0]
     block_tokens = pages_per_block * page_size
     length = lens_ref[0]
@@ -146,12 +177,18 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
     def body(b, carry):
         acc, m_prev, l_prev = carry
         page0 = first_page + b * pages_per_block
-        page_ok = page0 + page_offsets < end_page
-        ids = pltriton.load(pt_ref.at[pl.ds(page0, pages_per_block)],
-                            mask=page0 + page_offsets < pages_per_seq, other=0)
-        ids = jnp.clip(ids, 0, num_pages - 1)
-        k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
-        v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+        if gather == "rows":
+            key_row, row_ok = key_rows(pt_ref, page0, block_tokens, page_size, num_pages,
+                                       end_page, interpret)
+            k = _gather_rows(k_ref, key_row, row_ok, interpret)
+            v = _gather_rows(v_ref, key_row, row_ok, interpret)
+        else:
+            page_ok = page0 + page_offsets < end_page
+            ids = pltriton.load(pt_ref.at[pl.ds(page0, pages_per_block)],
+                                mask=page0 + page_offsets < pages_per_seq, other=0)
+            ids = jnp.clip(ids, 0, num_pages - 1)
+            k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+            v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale
         key_pos = page0 * page_size + offsets
@@ -178,6 +215,24 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
         o_ref[...] = acc
         m_ref[...] = m
         l_ref[...] = l
+
+
+def kv_operands(k_pages, v_pages, gather: str, head_of_program):
+    """(BlockSpec of one kv head's pages, k, v) as a kernel takes them for ``gather``.
+
+    "rows" views the pages as [kv_heads, pages * page_size, D] (a reshape of contiguous
+    memory: no copy)."""
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    if gather == "rows":
+        shape = (num_kv_heads, num_pages * page_size, head_dim)
+        spec = pl.BlockSpec((None, num_pages * page_size, head_dim),
+                            lambda *g: (head_of_program(*g), 0, 0))
+        return spec, k_pages.reshape(shape), v_pages.reshape(shape)
+    if gather != "pages":
+        raise ValueError(f"gather must be 'pages' or 'rows', not {gather!r}")
+    spec = pl.BlockSpec((None, num_pages, page_size, head_dim),
+                        lambda *g: (head_of_program(*g), 0, 0, 0))
+    return spec, k_pages, v_pages
 
 
 def _compiler_params(blocks: DecodeBlockSizes):
@@ -209,13 +264,14 @@ def paged_decode_attention_kernel(
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
         pages_per_split=pages_per_split, group=group, rows=rows,
-        sliding_window=sliding_window, precision=precision, interpret=interpret)
+        sliding_window=sliding_window, precision=precision, interpret=interpret,
+        gather=blocks.gather)
+    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, lambda s, h, c: h)
     in_specs = [
         pl.BlockSpec((1,), lambda s, h, c: (s,)),
         pl.BlockSpec((None, pages_per_seq), lambda s, h, c: (s, 0)),
         pl.BlockSpec((None, num_q_heads, head_dim), lambda s, h, c: (s, 0, 0)),
-        pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
-        pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, c: (h, 0, 0, 0)),
+        kv_spec, kv_spec,
     ]
     if splits == 1:   # the kernel normalises and writes the final rows
         out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda s, h, c: (s, h, 0, 0))
@@ -240,7 +296,7 @@ def paged_decode_attention_kernel(
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(blocks),
         name="paged_decode_attention",
-    )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q, k_pages, v_pages)
+    )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q, k_in, v_in)
 
     if splits == 1:
         o = out[:, :, :group]

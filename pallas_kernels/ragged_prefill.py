@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import _MASK_VALUE, _gather_pages, pltriton
+from pallas_kernels.paged_decode import (_MASK_VALUE, _gather_pages, _gather_rows, key_rows,
+                                         kv_operands, pltriton)
 
 _LOG2E = math.log2(math.e)
 
@@ -46,6 +47,7 @@ class PrefillBlockSizes:
     pages_per_block: int   # pages gathered per loop iteration
     num_warps: int
     num_stages: int
+    gather: str = "pages"  # "pages" or "rows": see paged_decode.DecodeBlockSizes
 
 
 # Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
@@ -87,12 +89,14 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
 
 def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
                     page_size: int, pages_per_block: int, block_q: int, group: int,
-                    group_rows: int, sliding_window: int | None, precision, interpret: bool):
+                    group_rows: int, sliding_window: int | None, precision, interpret: bool,
+                    gather: str):
     # item_ref: i32[4]; pt_ref: i32[P]; q_ref, o_ref: [T, num_q_heads, D];
-    # k_ref, v_ref: [num_pages, page_size, D] (this kv head)
+    # k_ref, v_ref: [num_pages, page_size, D] (this kv head), [num_pages * page_size, D] with
+    # gather="rows"
     _, _, head_dim = q_ref.shape
     head = pl.program_id(1)
-    num_pages = k_ref.shape[0]
+    num_pages = k_ref.shape[0] if gather == "pages" else k_ref.shape[0] // page_size
     rows_per_item = block_q * group_rows
     block_tokens = pages_per_block * page_size
     first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
@@ -115,11 +119,18 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: f
 
         def step(b, carry, masked: bool):
             acc, m_prev, l_prev = carry
-            ids = jnp.clip(pt_ref[pl.ds(b * pages_per_block, pages_per_block)], 0, num_pages - 1)
             # pages at or before the item's last position; later ones are not read on GPU
-            page_ok = (b * pages_per_block + page_offsets) * page_size <= last_pos
-            k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
-            v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+            if gather == "rows":
+                key_row, row_ok = key_rows(pt_ref, b * pages_per_block, block_tokens, page_size,
+                                           num_pages, last_pos // page_size + 1, interpret)
+                k = _gather_rows(k_ref, key_row, row_ok, interpret)
+                v = _gather_rows(v_ref, key_row, row_ok, interpret)
+            else:
+                ids = jnp.clip(pt_ref[pl.ds(b * pages_per_block, pages_per_block)], 0,
+                               num_pages - 1)
+                page_ok = (b * pages_per_block + page_offsets) * page_size <= last_pos
+                k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+                v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale_log2
             if masked:
@@ -188,7 +199,8 @@ def ragged_prefill_attention_kernel(
     kernel = functools.partial(
         _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
         block_q=block_q, group=group, group_rows=group_p, sliding_window=sliding_window,
-        precision=precision, interpret=interpret)
+        precision=precision, interpret=interpret, gather=blocks.gather)
+    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, lambda i, h: h)
     return pl.pallas_call(
         kernel,
         grid=(num_items, num_kv_heads),
@@ -196,8 +208,7 @@ def ragged_prefill_attention_kernel(
             pl.BlockSpec((None, 4), lambda i, h: (i, 0)),
             pl.BlockSpec((None, padded_pages), lambda i, h: (i, 0)),
             pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda i, h: (0, 0, 0)),
-            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),
-            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),
+            kv_spec, kv_spec,
         ],
         out_specs=pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda i, h: (0, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype),
@@ -205,4 +216,4 @@ def ragged_prefill_attention_kernel(
         compiler_params=None if interpret else pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         name="ragged_prefill_attention",
-    )(items, pt, q, k_pages, v_pages)
+    )(items, pt, q, k_in, v_in)

@@ -23,6 +23,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 
@@ -34,10 +35,13 @@ from checkpoints.loader import load_model
 from jaxdyn.engine.sampler import GREEDY, VARIANTS
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
-    """({kernel name: total µs}, GPU span µs) from the Perfetto trace under ``trace_dir``."""
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
-    with gzip.open(path) as f:
+def trace_path(trace_dir: str) -> str:
+    return sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+
+
+def kernel_events(trace_dir: str) -> list[tuple[float, float, str]]:
+    """[(start µs, duration µs, kernel name)] of the GPU stream lines of the trace, in time order."""
+    with gzip.open(trace_path(trace_dir)) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
@@ -48,15 +52,32 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
     streams = {k for k, v in threads.items() if "stream" in v.lower()}
     print("GPU timeline lines:", sorted(set(threads.values())), flush=True)
+    return sorted((float(e["ts"]), float(e["dur"]), re.sub(r"[._]\d+$", "", e["name"]))
+                  for e in events
+                  if (e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e
+                      and (not streams or (e["pid"], e.get("tid")) in streams)))
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
+    """({kernel name: total µs}, GPU span µs) from the Perfetto trace under ``trace_dir``."""
+    events = kernel_events(trace_dir)
     totals: dict[str, float] = collections.defaultdict(float)
-    start, end = float("inf"), 0.0
-    for e in events:
-        if (e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e
-                and (not streams or (e["pid"], e.get("tid")) in streams)):
-            name = re.sub(r"[._]\d+$", "", e["name"])
-            totals[name] += float(e["dur"])
-            start, end = min(start, float(e["ts"])), max(end, float(e["ts"]) + float(e["dur"]))
-    return dict(totals), max(end - start, 0.0)
+    for _, dur, name in events:
+        totals[name] += dur
+    span = max(ts + dur for ts, dur, _ in events) - events[0][0] if events else 0.0
+    return dict(totals), span
+
+
+def idle_gaps(events: list[tuple[float, float, str]]) -> dict[tuple[str, str], list[float]]:
+    """{(kernel before, kernel after): [idle µs]}: where the GPU waits between kernels."""
+    gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    end, prev = None, None
+    for ts, dur, name in events:
+        if end is not None and ts > end:
+            gaps[(prev, name)].append(ts - end)
+        if end is None or ts + dur > end:
+            end, prev = ts + dur, name
+    return gaps
 
 
 def main(argv=None) -> None:
@@ -66,6 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--hlo-dir", default=None, help="write each step's optimised HLO here (gzip)")
+    ap.add_argument("--trace-out", default=None,
+                    help="copy each point's Perfetto trace (.json.gz) into this folder")
     ap.add_argument("--sampler", choices=VARIANTS, default=GREEDY,
                     help="sampler variant of the step (greedy: argmax only, what greedy rows get)")
     args = ap.parse_args(argv)
@@ -93,12 +116,24 @@ def main(argv=None) -> None:
             jax.block_until_ready(run_back_to_back(runner, compiled, dev_args, args.steps))
         totals, span = kernel_times(trace_dir)
         busy = sum(totals.values())
+        if args.trace_out:
+            os.makedirs(args.trace_out, exist_ok=True)
+            shutil.copy(trace_path(trace_dir), os.path.join(
+                args.trace_out, f"{args.model}_b{b}_c{c}_{args.sampler}.trace.json.gz"))
         print(f"\n{args.model} batch {b} context {c} sampler {args.sampler}: wall {wall * 1e3:.2f} ms/step, "
               f"host dispatch {dispatch * 1e3:.2f} ms/step; profiled: GPU span {span / args.steps / 1e3:.2f} ms/step, "
               f"kernels busy {busy / args.steps / 1e3:.2f} ms/step", flush=True)
         print("| kernel | µs / step | share of busy |\n|---|---:|---:|")
         for name, us in sorted(totals.items(), key=lambda kv_: -kv_[1])[:args.top]:
             print(f"| {name[:90]} | {us / args.steps:.1f} | {us / busy:.3f} |")
+        gaps = idle_gaps(kernel_events(trace_dir))
+        idle = sum(sum(g) for g in gaps.values())
+        print(f"\nGPU idle between kernels: {idle / args.steps / 1e3:.2f} ms/step; "
+              f"where (kernel before -> kernel after):")
+        print("| before | after | gaps / step | idle µs / step | mean µs |\n|---|---|---:|---:|---:|")
+        for (before, after), g in sorted(gaps.items(), key=lambda kv_: -sum(kv_[1]))[:args.top]:
+            print(f"| {before[:50]} | {after[:50]} | {len(g) / args.steps:.1f} | "
+                  f"{sum(g) / args.steps:.1f} | {np.mean(g):.2f} |")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,32 @@ def test_interpreted_decode_kernel_splits_long_contexts_and_combines_them():
                                    err_msg=f"num_splits={splits}")
 
 
+@pytest.mark.parametrize("gather", ["pages", "rows"])
+def test_interpreted_kernels_gather_keys_by_page_or_by_row_alike(gather):
+    # ragged lengths off page multiples, a window, a prefill chunk after a cached prefix
+    rng = np.random.default_rng(11)
+    args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=8,
+                     dtype=jnp.float32)
+    q, k_pages, v_pages, kv_lens, page_table, cu = args
+    for window in (None, 13):
+        kw = dict(sm_scale=32 ** -0.5, sliding_window=window)
+        ref = np.asarray(ragged_paged_attention_reference(*args, **kw))
+        prefill = ragged_prefill.ragged_prefill_attention_kernel(
+            *args, interpret=True, min_q_len=1,
+            blocks=ragged_prefill.PrefillBlockSizes(32, 2, 4, 2, gather=gather), **kw)
+        chunk_rows = [r for s in range(len(MIXED)) if MIXED[s][1] > 1
+                      for r in range(int(cu[s]), int(cu[s + 1]))]
+        np.testing.assert_allclose(np.asarray(prefill)[chunk_rows], ref[chunk_rows],
+                                   rtol=2e-5, atol=2e-5, err_msg=f"prefill, window {window}")
+        dec = [s for s in range(len(MIXED)) if MIXED[s][1] == 1]
+        decode = paged_decode.paged_decode_attention_kernel(
+            q[np.asarray(cu)[dec]], k_pages, v_pages, kv_lens[np.asarray(dec)],
+            page_table[np.asarray(dec)], interpret=True, num_splits=2,
+            blocks=paged_decode.DecodeBlockSizes(2, 4, 2, gather=gather), **kw)
+        np.testing.assert_allclose(np.asarray(decode), ref[np.asarray(cu)[dec]],
+                                   rtol=2e-5, atol=2e-5, err_msg=f"decode, window {window}")
+
+
 def test_prefill_work_items_cover_every_chunk_row_once():
     cu = jnp.asarray([0, 5, 6, 40, 41, 41], jnp.int32)      # q_lens 5, 1, 34, 1, 0
     kv = jnp.asarray([5, 9, 70, 3, 0], jnp.int32)
