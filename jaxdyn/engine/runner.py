@@ -26,8 +26,10 @@ can schedule and dispatch step N+1 before it has read step N's tokens.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
+import os
 import time
 from collections.abc import Sequence
 
@@ -91,6 +93,9 @@ class RunnerConfig:
     max_copies: int = 16                   # page copies (copy-on-write) per copy call
     return_logits: bool = False            # also bring back each sequence's last-token logits
     fail_on_compile: bool = False          # raise if anything compiles after warm-up
+    # executables compiled at once in warm-up (XLA compiles with the GIL released);
+    # None: one per 2 host cores up to 8 on an accelerator, 1 on the CPU
+    warmup_threads: int | None = None
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -291,13 +296,37 @@ class ModelRunner:
         """Every (tokens, seqs, pages) shape warm-up compiles."""
         return [(t, self.config.seqs_for(t), p) for t in self.token_buckets for p in self.page_buckets]
 
+    def warmup_threads(self) -> int:
+        n = self.config.warmup_threads
+        if n is None:
+            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+            n = 1 if on_cpu else max(1, min(8, (os.cpu_count() or 2) // 2))
+        return max(1, n)
+
     def warmup(self, progress: bool = False) -> float:
-        """Compile every bucket in every sampler variant; returns the seconds it took."""
+        """Compile every bucket in every sampler variant; returns the seconds it took.
+
+        Steps are traced and lowered one after another on this thread, then compiled by
+        ``warmup_threads()`` threads at once (each compilation runs in XLA without the GIL)."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
-        for t, p, v in tqdm(keys, desc="warm-up (compiling buckets)", disable=not progress):
-            self._compile(t, p, v)
+        keys = [k for k in keys if k not in self._compiled]
+        bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress)
+        threads = self.warmup_threads()
+        if threads == 1:
+            for key in keys:
+                self._compiled[key] = self.lower(*key).compile()
+                bar.update()
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
+                futures = {}
+                for key in keys:
+                    futures[pool.submit(self.lower(*key).compile)] = key
+                for done in concurrent.futures.as_completed(futures):
+                    self._compiled[futures[done]] = done.result()
+                    bar.update()
+        bar.close()
         self._compile_copy()
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0

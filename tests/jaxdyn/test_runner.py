@@ -138,6 +138,24 @@ def test_warmup_compiles_every_bucket_in_every_sampler_variant(variant_runner):
     assert compiled == 2 * len(VARIANTS) + 1          # + the page copy
 
 
+def test_warmup_on_several_threads_compiles_each_executable_once_and_steps_alike(
+        loaded, variant_runner):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(VARIANT_CFG, warmup_threads=3))
+    assert runner.warmup_threads() == 3
+    before = compilation_count()
+    runner.warmup()
+    assert compilation_count() - before == 2 * len(VARIANTS) + 1
+    assert set(runner._compiled) == set(variant_runner[0]._compiled)
+    work = [SequenceWork(token_ids=[5, 6, 7], num_computed=0, page_ids=[0]),
+            SequenceWork(token_ids=list(range(20, 40)), num_computed=0, page_ids=[1, 2])]
+    before = compilation_count()
+    got = runner.step(work).next_token_ids
+    assert compilation_count() == before
+    np.testing.assert_array_equal(got, variant_runner[0].step(work).next_token_ids)
+
+
 GREEDY_P = SamplingParams(temperature=0, max_tokens=None)
 KINDS = {   # name: (params, banned ids)
     "greedy": (GREEDY_P, ()),
