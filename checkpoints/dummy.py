@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -11,6 +12,19 @@ from checkpoints.hf import LoadedModel
 from jaxdyn.config import ModelConfig
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import param_shardings
+
+
+@functools.lru_cache(maxsize=None)
+def _maker(shape: tuple[int, ...], dtype, kind: str, scale: float, sharding):
+    """One compiled generator per (shape, kind, scale, sharding): the 32 layers of an 8B model
+    share ~10 of them instead of compiling one per tensor (291 compilations, ~15 s on a GPU)."""
+    def make(key):
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "bias":
+            return 0.02 * jax.random.normal(key, shape, dtype)
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return jax.jit(make, out_shardings=sharding)
 
 
 def init_dummy_weights(cfg: ModelConfig, mesh, *, dtype=None, seed: int = 0) -> LoadedModel:
@@ -26,13 +40,12 @@ def init_dummy_weights(cfg: ModelConfig, mesh, *, dtype=None, seed: int = 0) -> 
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         key = jax.random.fold_in(jax.random.key(seed), i)
         if "norm" in name:
-            make = lambda key, shape=leaf.shape: jnp.ones(shape, dtype)
+            kind, scale = "ones", 1.0
         elif name.endswith("bias") or name.endswith("bias/value"):
-            make = lambda key, shape=leaf.shape: 0.02 * jax.random.normal(key, shape, dtype)
+            kind, scale = "bias", 1.0
         else:
-            scale = 1.0 if "embed" in name else leaf.shape[0] ** -0.5
-            make = lambda key, shape=leaf.shape, s=scale: (s * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-        out.append(jax.jit(make, out_shardings=sharding)(key))
+            kind, scale = "matrix", 1.0 if "embed" in name else leaf.shape[0] ** -0.5
+        out.append(_maker(tuple(leaf.shape), dtype, kind, scale, sharding)(key))
     state = jax.tree_util.tree_unflatten(treedef, out)
     jax.block_until_ready(out)
     num_bytes = sum(x.size * x.dtype.itemsize for x in out)
