@@ -4,8 +4,13 @@ Each program of the kernel serves one (sequence, kv head, context split): it
 loads the ``G = num_q_heads // num_kv_heads`` query heads of that kv head once
 (padded to 16 rows, the smallest tile of the GPU's matrix instructions) and
 streams the sequence's pages ``pages_per_block`` at a time, gathering them
-straight out of the cache by page id (no copy of the cache), with an online
-softmax in float32. Long contexts are split over ``num_splits`` programs whose
+straight out of the cache (no copy of the cache), with an online softmax in
+float32. Keys are gathered by row (``gather="rows"``, the tuned choice): each
+key token of a block reads its page id from the page table and the
+``[tokens, head_dim]`` tile is loaded from the ``[pages * page_size, head_dim]``
+view of one kv head's pages, so the loaded tile feeds the matrix products with
+no reshape (gathering ``[pages, page_size, head_dim]`` by page id and
+reshaping it, ``gather="pages"``, ran 1.4-1.6x slower on an H200). Long contexts are split over ``num_splits`` programs whose
 partial results (``o``, running max ``m``, running sum ``l``) are merged by a
 numerically stable log-sum-exp combine outside the kernel.
 
@@ -56,13 +61,16 @@ class DecodeBlockSizes:
     gather: str = "pages"
 
 
-# Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
-# keyed by (head_dim, page_size); the fallback serves any other shape.
+# Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
+# (head_dim, page_size): gathering keys by row beat gathering by page at every mid-size point
+# (batch 64, context 2048: 168 vs 247-297 µs); the fallback serves any other shape.
 TUNED_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
-    (128, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=132),
-    (64, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3),
+    (128, 16): DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=3, min_programs=264,
+                                gather="rows"),
+    (64, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=264,
+                               gather="rows"),
 }
-_FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=2)
+_FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2, gather="rows")
 
 
 def decode_block_sizes(head_dim: int, page_size: int) -> DecodeBlockSizes:

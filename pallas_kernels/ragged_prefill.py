@@ -50,13 +50,16 @@ class PrefillBlockSizes:
     gather: str = "pages"  # "pages" or "rows": see paged_decode.DecodeBlockSizes
 
 
-# Tuned on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md),
-# keyed by (head_dim, page_size).
+# Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
+# (head_dim, page_size).
 TUNED_PREFILL_BLOCKS: dict[tuple[int, int], PrefillBlockSizes] = {
-    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
-    (64, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
+    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3,
+                                 gather="rows"),
+    (64, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3,
+                                gather="rows"),
 }
-_FALLBACK_BLOCKS = PrefillBlockSizes(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2)
+_FALLBACK_BLOCKS = PrefillBlockSizes(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2,
+                                     gather="rows")
 
 
 def prefill_block_sizes(head_dim: int, page_size: int) -> PrefillBlockSizes:
