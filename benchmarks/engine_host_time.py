@@ -8,9 +8,20 @@ finishing), and set beside the step's wall time.
 
     python benchmarks/engine_host_time.py [--out benchmarks/results/engine_host_time.md]
         [--batches 1 64 256] [--steps 60] [--repeats 3]
+        [--preset llama-3.1-8b] [--layers N] [--vocab V] [--prompt-len 16] [--greedy]
 
 With ``--repeats R`` the steps are timed in R runs of ``--steps`` each and the
 median run is reported (the host is shared: single runs are noisy).
+
+By default the model is the tests' tiny Llama (2 layers, vocab 258, byte-level
+tokenizer). ``--preset NAME`` takes a preset's depth and vocabulary with a
+word-level tokenizer over the whole vocabulary (``benchmarks.gpu.suite.model_dir``,
+the GPU suite's), random weights, and a tiny width (hidden 64), so the costs that
+grow with the model's shape on the host show up -- dispatching an executable of
+a few hundred arrays (32 layers of weights and 64 KV arrays for Llama-3.1-8B),
+detokenizing over a 128k vocabulary -- while the CPU's device time stays small.
+``--layers`` / ``--vocab`` override the depth and vocabulary; ``--greedy`` and
+``--prompt-len`` give the GPU suite's requests (greedy, 512-token prompts).
 """
 
 from __future__ import annotations
@@ -26,24 +37,15 @@ import jax
 import numpy as np
 
 
-def measure(batch: int, steps: int, model_dir: str, repeats: int = 1) -> dict:
-    from checkpoints.loader import load_model
-    from jaxdyn import EngineConfig, EngineCore, SamplingParams
+# The width of a ``--preset`` model: tiny, so the CPU's device time stays small.
+TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, torch_dtype="float32")
 
-    mesh, loaded, tok = load_model(model_dir, dtype="float32")
-    cfg = EngineConfig(num_pages=batch * 32 + 64, page_size=16, max_num_batched_tokens=max(256, batch),
-                       max_num_seqs=max(batch, 1), max_model_len=512, token_buckets=None,
-                       fail_on_compile=True, seed=0)
-    eng = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
-    eng.warmup()
-    rng = np.random.default_rng(0)
-    for i in range(batch):
-        eng.add_request(f"r{i}", rng.integers(0, 250, 16).tolist(),
-                        SamplingParams(temperature=0.8, top_p=0.95, max_tokens=400, ignore_eos=True, seed=i))
-    while eng.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.scheduler.running):
-        eng.step()
-    for _ in range(5):
-        eng.step()
+
+def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_format: str = "auto",
+            prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None) -> dict:
+    eng = steady_engine(batch, steps * (repeats + bool(profile)), model_dir, load_format=load_format,
+                        prompt_len=prompt_len, greedy=greedy, overlap=overlap)
     runs = []
     for _ in range(repeats):
         h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
@@ -52,8 +54,52 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1) -> dict:
         wall = (time.perf_counter() - t0) / steps
         runs.append((((eng.host_time - h0) - (eng.wait_time - w0)) / steps, wall))
     host, wall = sorted(runs)[len(runs) // 2]
-    assert len(eng.scheduler.running) == batch, (len(eng.scheduler.running), len(eng.scheduler.waiting), eng.metrics.requests_finished, eng.metrics.steps, eng.allocator.num_used, eng.num_pages, eng.scheduler.num_preemptions, sum(len(s.pages) for s in eng.scheduler.running), max(s.num_tokens for s in eng.scheduler.running))
+    if profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [eng.step() for _ in range(steps)])
+        path = f"{profile}/host_{batch}.prof"
+        prof.dump_stats(path)
+        print(f"## cProfile of {steps} steps at {batch} running ({path})")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    assert len(eng.scheduler.running) == batch, "a request finished or was preempted while timed"
     return dict(batch=batch, host_ms=host * 1e3, wall_ms=wall * 1e3, host_per_req_us=host / batch * 1e6)
+
+
+def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = "auto", prompt_len: int = 16,
+                  greedy: bool = False, overlap: bool = True):
+    """A warmed-up EngineCore with ``batch`` requests in steady decode and room for ``steps`` more steps."""
+    from checkpoints.loader import load_model
+    from jaxdyn import EngineConfig, EngineCore, SamplingParams
+
+    mesh, loaded, tok = load_model(model_dir, dtype="float32", load_format=load_format)
+    tokens = max(256, 2 * batch)
+    # Nobody finishes while timed (those admitted first decode while the rest prefill, in what the
+    # running ones leave of the token budget).
+    max_tokens = steps + 16 + -(-batch * prompt_len // (tokens - batch))
+    max_model_len = prompt_len + max_tokens
+    # Only the buckets the run uses (prefill chunks, then decode of ``batch``), one page bucket: the
+    # warm-up compiles each in every sampler variant, which at 32 layers takes long on the CPU.
+    cfg = EngineConfig(num_pages=batch * -(-max_model_len // 16) + 64, page_size=16,
+                       max_num_batched_tokens=tokens, max_num_seqs=max(batch, 1),
+                       max_model_len=max_model_len, token_buckets=tuple(sorted({batch, tokens})),
+                       page_buckets=(-(-max_model_len // 16),), fail_on_compile=True, seed=0,
+                       overlap=overlap)
+    eng = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
+    eng.warmup()
+    rng = np.random.default_rng(0)
+    vocab = min(loaded.config.vocab_size, tok.vocab_size if tok is not None else 1 << 30)
+    high = 250 if vocab == 258 else vocab      # the byte tokenizer: bytes only
+    for i in range(batch):
+        params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) if greedy else
+                  SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens, ignore_eos=True, seed=i))
+        eng.add_request(f"r{i}", rng.integers(0, high, prompt_len).tolist(), params)
+    while eng.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.scheduler.running):
+        eng.step()
+    for _ in range(5):
+        eng.step()
+    return eng
 
 
 def main() -> int:
@@ -62,19 +108,65 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--preset", default=None,
+                    help="a preset's depth and vocabulary, word-level tokenizer, hidden 64 (e.g. llama-3.1-8b)")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--greedy", action="store_true", help="greedy requests (default: temperature 0.8, top-p 0.95)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="read each step's tokens before the next dispatch: the host's bookkeeping then runs "
+                         "while the CPU device is idle, so it is timed without the device competing for the cores")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="then profile --steps more steps per batch (cProfile): DIR/host_<batch>.prof, top 25 printed")
     args = ap.parse_args()
     sys.path.insert(0, ".")
-    from tests.support import make_byte_tokenizer, make_hf_checkpoint
-    d = make_hf_checkpoint("llama3.1", tempfile.mkdtemp())
-    make_byte_tokenizer(d)
-    rows = [measure(b, args.steps, d, args.repeats) for b in args.batches]
+    if args.preset is None:
+        if args.layers is not None or args.vocab is not None:
+            ap.error("--layers and --vocab need --preset")
+        from tests.support import make_byte_tokenizer, make_hf_checkpoint
+        d = make_hf_checkpoint("llama3.1", tempfile.mkdtemp())
+        make_byte_tokenizer(d)
+        load_format = "auto"
+    else:
+        from benchmarks.gpu.suite import model_dir
+        overrides = dict(TINY_WIDTH)
+        if args.layers is not None:
+            overrides["num_hidden_layers"] = args.layers
+        if args.vocab is not None:
+            overrides["vocab_size"] = args.vocab
+        d = model_dir(args.preset, tempfile.mkdtemp(), **overrides)
+        load_format = "dummy"
+    rows = [measure(b, args.steps, d, args.repeats, load_format=load_format, prompt_len=args.prompt_len,
+                    greedy=args.greedy, overlap=not args.no_overlap, profile=args.profile)
+            for b in args.batches]
+    from jaxdyn.config import ModelConfig
+    mc = ModelConfig.from_pretrained(d)
     cmd = "python benchmarks/engine_host_time.py" + (f" --repeats {args.repeats}" if args.repeats > 1 else "")
+    if args.steps != 60:
+        cmd += f" --steps {args.steps}"
+    if args.batches != [1, 64, 256]:
+        cmd += " --batches " + " ".join(map(str, args.batches))
+    for flag in ("preset", "layers", "vocab"):
+        if getattr(args, flag) is not None:
+            cmd += f" --{flag} {getattr(args, flag)}"
+    if args.prompt_len != 16:
+        cmd += f" --prompt-len {args.prompt_len}"
+    if args.greedy:
+        cmd += " --greedy"
+    if args.no_overlap:
+        cmd += " --no-overlap"
+    model = (f"tiny random Llama ({mc.num_layers} layers, hidden {mc.hidden_size}, vocab {mc.vocab_size}, "
+             "byte-level tokenizer)" if args.preset is None else
+             f"{args.preset}'s depth and vocabulary ({mc.num_layers} layers, vocab {mc.vocab_size}, word-level "
+             f"tokenizer), hidden {mc.hidden_size}, random weights")
     lines = [
         f"## Engine host time per step — {datetime.date.today()}",
         "",
         f"Device: CPU ({platform.processor() or platform.machine()}, {jax.device_count()} device), "
-        f"jax {jax.__version__}; model: tiny random Llama (2 layers, hidden 64, vocab 258), float32; "
-        "steady decode with sampling (temperature 0.8, top-p 0.95), detokenization on, overlap on"
+        f"jax {jax.__version__}; model: {model}, float32; steady decode, "
+        + ("greedy" if args.greedy else "sampling (temperature 0.8, top-p 0.95)")
+        + f", prompts of {args.prompt_len} tokens, detokenization on, overlap {'off' if args.no_overlap else 'on'}"
         + (f"; median of {args.repeats} runs of {args.steps} steps." if args.repeats > 1 else "."),
         f"Command: `{cmd}`",
         "",

@@ -697,17 +697,20 @@ def body_step(cfg: dict, rec: Recorder) -> None:
          + ", ".join(f"b{r['batch']} c{r['context']}" for r in skipped) + "." if skipped else "")]))
 
 
-def model_dir(preset: str, scratch: str) -> str:
+def model_dir(preset: str, scratch: str, **overrides) -> str:
     """A checkpoint directory for ``--load-format dummy``: the preset's config.json and a word-level
     tokenizer over the whole vocabulary (token i is ``"w<i> "``, its trailing space included, and decoding
     concatenates), so random text has exact token lengths, two texts join without merging words (the
-    prefix dataset), every output token is one streamed chunk, and detokenization runs as it does in serving."""
+    prefix dataset), every output token is one streamed chunk, and detokenization runs as it does in serving.
+    ``overrides`` replace config.json fields (a narrower model of the preset's depth and vocabulary, for
+    the CPU's engine host-time benchmark)."""
     from jaxdyn.models.presets import preset_config
-    path = os.path.join(scratch, "models", f"{preset}-words")
+    tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    path = os.path.join(scratch, "models", f"{preset}-words{tag}")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         return path
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    cfg = preset_config(preset)
+    cfg = {**preset_config(preset), **overrides}
     tok = Tokenizer(models.WordLevel({f"w{i} ": i for i in range(cfg["vocab_size"])}, unk_token="w0 "))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S+\s*"), behavior="isolated")
     tok.decoder = decoders.Fuse()
