@@ -27,10 +27,10 @@ its compiled steps:
 | serve | 230 | ``jaxdyn serve`` 8B: first start (empty cache), bench serve random 1024/128 at rate inf and at 4 req/s, prefix dataset; second start (cache warm) |
 | offline | 75 | ``jaxdyn bench offline`` 8B: random 1024/128 and prefix-heavy, 300 prompts each (``--offline-prompts N``) |
 | host | 50 | device idle share between engine steps at 64 and 256 running requests (8B) |
-| step | 45 + 70 | decode step vs memory floor, prefill MFU: 1B at batch 1/64/256 context 2048; 8B at batch 1/64/256 context 512 (``--full-grid``: batch 1/8/64/256 × context 512/2048, alone) |
+| step | 80 | decode step vs memory floor, prefill MFU: 8B at batch 1/64 × context 512/2048 (``--full-grid``: 1B and 8B at batch 1/8/64/256 × context 512/2048, alone) |
 | kernels | 50 | ``python -m benchmarks.kernels --quick --sweep none`` |
 
-Sections 520 s + probe 30 s = 550 s. GPU settings: every process that opens the
+Sections 485 s + probe 30 s = 515 s. GPU settings: every process that opens the
 GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
 that drives the server and the ``bench serve`` client run with
 ``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
@@ -88,13 +88,13 @@ def step_models(quick: bool, model: str, full_grid: bool) -> list[dict]:
                 for n, b in (("llama-3.2-1b", 180), (model, 360))]
     if quick:
         return [dict(name=model, batches=[1, 64], contexts=[2048], budget_s=60)]
-    return [dict(name="llama-3.2-1b", batches=[1, 64, 256], contexts=[2048], budget_s=45),
-            dict(name=model, batches=[1, 64, 256], contexts=[512], budget_s=70)]
+    # the 8B shape at the points issue 10's targets name (batch 1 and 64, context 2048) and at 512
+    return [dict(name=model, batches=[1, 64], contexts=[512, 2048], budget_s=80)]
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
          full_grid: bool = False) -> suite.Plan:
-    """The GPU plan; budgets sum to 550 s with the probe (425 s with ``quick``)."""
+    """The GPU plan; budgets sum to 515 s with the probe (425 s with ``quick``)."""
     host_engine = dict(ENGINE, token_buckets=[16, 64, 256, 2048], enable_prefix_caching=False)
     return suite.Plan(
         name="gpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.gpu", expect_platform="gpu",
