@@ -306,22 +306,29 @@ class ModelRunner:
     def warmup(self, progress: bool = False) -> float:
         """Compile every bucket in every sampler variant; returns the seconds it took.
 
-        Steps are traced and lowered one after another on this thread, then compiled by
-        ``warmup_threads()`` threads at once (each compilation runs in XLA without the GIL)."""
+        Steps are traced and lowered one after another on this thread. The first variant of
+        each (tokens, pages) shape is compiled alone, so XLA autotunes that shape's matrix
+        products with the GPU to itself (its process-wide autotuning cache then serves the
+        other variants); the other variants are compiled by ``warmup_threads()`` threads at
+        once (each compilation runs in XLA without the GIL)."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
         keys = [k for k in keys if k not in self._compiled]
         bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress)
         threads = self.warmup_threads()
-        if threads == 1:
-            for key in keys:
-                self._compiled[key] = self.lower(*key).compile()
-                bar.update()
-        else:
+        first_of_shape = {}
+        for key in keys:
+            first_of_shape.setdefault(key[:2], key)
+        alone = keys if threads == 1 else list(first_of_shape.values())
+        for key in alone:
+            self._compiled[key] = self.lower(*key).compile()
+            bar.update()
+        rest = [k for k in keys if k not in self._compiled]
+        if rest:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
                 futures = {}
-                for key in keys:
+                for key in rest:
                     futures[pool.submit(self.lower(*key).compile)] = key
                 for done in concurrent.futures.as_completed(futures):
                     self._compiled[futures[done]] = done.result()
