@@ -211,7 +211,12 @@ def _pick(buckets: tuple[int, ...], n: int, what: str) -> int:
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, config: RunnerConfig):
         self.graphdef = graphdef
-        self.state = state
+        # The weights as the flat tuple of their leaves, the step's first argument (unflattened
+        # inside it): flattening the nnx.State runs a Python callback per Variable on every call
+        # (measured, CPU, 291 leaves of the 8B shape: 1.7 ms a call with the State, 0.5 ms flat).
+        leaves, self.state_treedef = jax.tree.flatten(state)
+        self.state = tuple(leaves)
+        self._state_shardings = tuple(jax.tree.leaves(param_shardings(state, mesh)))
         self.mesh = mesh
         self.config = config
         model_cfg = nnx.merge(graphdef, state).config
@@ -252,7 +257,10 @@ class ModelRunner:
         graphdef, return_logits = self.graphdef, self.config.return_logits
         max_rows, page_size = self.max_rows, self.config.page_size
 
-        def step(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+        state_treedef = self.state_treedef
+
+        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+            state = jax.tree.unflatten(state_treedef, state_leaves)
             md, token_ids_host, token_src, logits_rows, sp = _unpack(tok, seqi, seqf)
             token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
             token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop")
@@ -275,7 +283,7 @@ class ModelRunner:
         rep = self._replicated
         return jax.jit(
             step,
-            in_shardings=(param_shardings(self.state, self.mesh), kv, rep, rep, rep, rep, rep),
+            in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
             out_shardings=(kv, rep, rep, rep, rep, rep, rep),
             donate_argnums=(1, 2),
         )
@@ -389,9 +397,12 @@ class ModelRunner:
         """Dispatch one step; returns at once with a handle to its results."""
         c0 = thread_compilation_count()
         try:
-            compiled, args, want_lp, variant = self._prepare(work, variant)
+            compiled, args, want_lp, variant = self._prepare(work, variant, to_device=False)
         finally:
             self._count_compiles(c0)
+        # The host buffers go to the executable as they are: its call moves them to the device
+        # (cheaper than a device_put first: measured 0.4-0.6 ms a step on the CPU). They are fresh
+        # each step and never written again, so a zero-copy alias of them is safe.
         (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
             self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         self.prev_sampled = sampled
@@ -406,14 +417,14 @@ class ModelRunner:
         one may be named (tests, benchmarks), a cheaper one is refused."""
         return self._prepare(work, variant)[:3]
 
-    def _prepare(self, work, variant):
+    def _prepare(self, work, variant, to_device: bool = True):
         t, p, needed, host_arrays, want_lp = self._pack(work)
         if variant is None:
             variant = needed
         elif variant not in VARIANTS or not serves(variant, needed):
             raise ValueError(f"sampler variant {variant!r} cannot serve this step (it needs {needed!r})")
-        return (self._compile(t, p, variant), jax.device_put(host_arrays, self._replicated), want_lp,
-                variant)
+        args = jax.device_put(host_arrays, self._replicated) if to_device else host_arrays
+        return self._compile(t, p, variant), args, want_lp, variant
 
     def _pack(self, work: Sequence[SequenceWork]
               ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:

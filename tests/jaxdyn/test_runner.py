@@ -103,6 +103,25 @@ def test_kv_cache_is_donated_and_updated_in_place(loaded):
     assert all(np.all(k[:, p] == 0) for p in range(CFG.num_pages) if p not in touched)
 
 
+def test_the_step_takes_the_weights_as_flat_leaves_and_execute_draws_what_prepare_s_arrays_draw(loaded):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh, CFG)
+    leaves = jax.tree.leaves(model.state)
+    assert type(runner.state) is tuple and len(runner.state) == len(leaves)
+    assert all(a is b for a, b in zip(runner.state, leaves))
+    assert jax.tree.structure(jax.tree.unflatten(runner.state_treedef, runner.state)) == \
+        jax.tree.structure(model.state)
+    work = [SequenceWork(list(range(1, 20)), 0, [3, 9]), SequenceWork([5, 6, 7], 0, [4])]
+    ids = runner.execute(work).result().next_token_ids
+    # The same step from the device arrays prepare() gives (what the GPU benchmarks call back to back),
+    # on a fresh runner: host buffers passed straight to the executable draw the same tokens.
+    other = ModelRunner(model.graphdef, model.state, mesh, CFG)
+    compiled, args, _ = other.prepare(work)
+    assert all(isinstance(a, jax.Array) for a in args)
+    out = compiled(other.state, other.kv_cache, other.token_pages, other.prev_sampled, *args)
+    np.testing.assert_array_equal(np.asarray(out[2])[:2], ids)
+
+
 @pytest.mark.parametrize("work,message", [
     ([SequenceWork(list(range(70)), 0, list(range(5)))], "tokens per step=70 exceeds"),
     ([SequenceWork([1], 0, [0])] * 9, "9 sequences exceed max_num_seqs=8"),
