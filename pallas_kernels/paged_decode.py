@@ -10,9 +10,10 @@ key token of a block reads its page id from the page table and the
 ``[tokens, head_dim]`` tile is loaded from the ``[pages * page_size, head_dim]``
 view of one kv head's pages, so the loaded tile feeds the matrix products with
 no reshape (gathering ``[pages, page_size, head_dim]`` by page id and
-reshaping it, ``gather="pages"``, ran 1.4-1.6x slower on an H200). Long contexts are split over ``num_splits`` programs whose
-partial results (``o``, running max ``m``, running sum ``l``) are merged by a
-numerically stable log-sum-exp combine outside the kernel.
+reshaping it, ``gather="pages"``, ran 1.4-1.6x slower on an H200). Long
+contexts are split over ``num_splits`` programs whose partial results (``o``,
+running max ``m``, running sum ``l``) are merged by a numerically stable
+log-sum-exp combine outside the kernel.
 
 KV layout (jaxdyn/kv/cache.py): ``k_pages, v_pages: [num_kv_heads, num_pages,
 page_size, head_dim]``; one (head, page) tile is one contiguous run.
@@ -55,22 +56,20 @@ class DecodeBlockSizes:
     num_warps: int
     num_stages: int
     min_programs: int = 264   # split the context until the grid has this many programs
-    # how a block of keys is gathered: "pages" loads [pages_per_block, page_size, D] by page id
-    # and reshapes it to [tokens, D]; "rows" reads each key token's page id from the page table
-    # and loads the [tokens, D] tile directly from the (free) [pages * page_size, D] view
-    gather: str = "pages"
+    # how a block of keys is gathered: "rows" (each key token's page id read from the page table,
+    # the [tokens, D] tile loaded from the free [pages * page_size, D] view) or "pages" (the
+    # [pages, page_size, D] tile loaded by page id and reshaped): see key_block
+    gather: str = "rows"
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
 # (head_dim, page_size): gathering keys by row beat gathering by page at every mid-size point
 # (batch 64, context 2048: 168 vs 247-297 µs); the fallback serves any other shape.
 TUNED_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
-    (128, 16): DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=3, min_programs=264,
-                                gather="rows"),
-    (64, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=264,
-                               gather="rows"),
+    (128, 16): DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=3, min_programs=264),
+    (64, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=264),
 }
-_FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2, gather="rows")
+_FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2)
 
 
 def decode_block_sizes(head_dim: int, page_size: int) -> DecodeBlockSizes:
@@ -116,40 +115,43 @@ def paged_decode_attention_reference(
     return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
-def _gather_pages(pages_ref, ids, page_ok, interpret: bool) -> jax.Array:
-    """[n, page_size, D] pages ``ids`` of one kv head; pages not ``page_ok`` are not read (0).
+def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size: int, end_page,
+              gather: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """(k, v) [pages_per_block * page_size, D]: the keys and values of the sequence's pages
+    ``first_page ..`` (positions in its page table ``pt_ref``); pages at or past ``end_page`` are
+    not read on GPU (0) and must be masked by the caller (interpret mode reads them: its gathers
+    take no mask, and every id is clipped into range).
 
-    Interpret mode cannot mask a gather, so there it reads them (their ids are
-    in range) and the caller's score mask removes them.
+    ``gather="rows"``: ``k_ref``/``v_ref`` are one kv head's ``[pages * page_size, D]`` view; each
+    key token reads its page id from the page table (``page_size`` tokens share one id, an L1
+    hit) and the tile is loaded as ``[tokens, D]``, no reshape of the loaded data.
+    ``gather="pages"``: they are ``[pages, page_size, D]``; the block's page ids are read once
+    and the ``[pages, page_size, D]`` tile is reshaped to ``[tokens, D]``.
     """
-    if interpret:
-        return pages_ref[ids]
-    return pltriton.load(pages_ref.at[ids], mask=page_ok[:, None, None], other=0.0)
-
-
-def _gather_rows(rows_ref, rows, row_ok, interpret: bool) -> jax.Array:
-    """[n, D] rows ``rows`` of a [pages * page_size, D] view; rows not ``row_ok`` are not read (0)."""
-    if interpret:
-        return rows_ref[rows]
-    return pltriton.load(rows_ref.at[rows], mask=row_ok[:, None], other=0.0)
-
-
-def key_rows(pt_ref, first_page, tokens: int, page_size: int, num_pages: int, end_page,
-             interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """(i32[tokens] row of each key token of the block starting at page ``first_page`` in the
-    [pages * page_size, D] view, bool[tokens] token's page before ``end_page``).
-
-    Each token reads its page id from the page table (``page_size`` tokens share one id, an L1
-    hit), so the tile is gathered as [tokens, D] with no reshape of the loaded data.
-    """
-    offsets = jnp.arange(tokens, dtype=jnp.int32)
-    page = first_page + offsets // page_size
-    ok = page < end_page
+    tokens = pages_per_block * page_size
+    if gather == "rows":
+        offsets = jnp.arange(tokens, dtype=jnp.int32)
+        page = first_page + offsets // page_size
+        num_pages = k_ref.shape[0] // page_size
+    else:
+        page = first_page + jnp.arange(pages_per_block, dtype=jnp.int32)
+        num_pages = k_ref.shape[0]
     if interpret:
         ids = pt_ref[jnp.clip(page, 0, pt_ref.shape[0] - 1)]
     else:
         ids = pltriton.load(pt_ref.at[page], mask=page < pt_ref.shape[0], other=0)
-    return jnp.clip(ids, 0, num_pages - 1) * page_size + offsets % page_size, ok
+    ids = jnp.clip(ids, 0, num_pages - 1)
+    ok = page < end_page
+    if gather == "rows":
+        index, mask = ids * page_size + offsets % page_size, ok[:, None]
+    else:
+        index, mask = ids, ok[:, None, None]
+    if interpret:
+        k, v = k_ref[index], v_ref[index]
+    else:
+        k = pltriton.load(k_ref.at[index], mask=mask, other=0.0)
+        v = pltriton.load(v_ref.at[index], mask=mask, other=0.0)
+    return k.reshape(tokens, k.shape[-1]), v.reshape(tokens, v.shape[-1])
 
 
 def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
@@ -162,8 +164,6 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
     # out_refs: (o [R, D] normalised,) with one split, else (o f32[R, D], m f32[R], l f32[R])
     head, split = pl.program_id(1), pl.program_id(2)
     num_q_heads, head_dim = q_ref.shape
-    num_pages = k_ref.shape[0] if gather == "pages" else k_ref.shape[0] // page_size
-    pages_per_seq = pt_ref.shape[0]
     block_tokens = pages_per_block * page_size
     length = lens_ref[0]
 
@@ -180,23 +180,12 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
     q = pltriton.load(q_ref.at[pl.ds(head * group, rows)], mask=(row_ids < group)[:, None],
                       other=0.0)
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
-    page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
 
     def body(b, carry):
         acc, m_prev, l_prev = carry
         page0 = first_page + b * pages_per_block
-        if gather == "rows":
-            key_row, row_ok = key_rows(pt_ref, page0, block_tokens, page_size, num_pages,
-                                       end_page, interpret)
-            k = _gather_rows(k_ref, key_row, row_ok, interpret)
-            v = _gather_rows(v_ref, key_row, row_ok, interpret)
-        else:
-            page_ok = page0 + page_offsets < end_page
-            ids = pltriton.load(pt_ref.at[pl.ds(page0, pages_per_block)],
-                                mask=page0 + page_offsets < pages_per_seq, other=0)
-            ids = jnp.clip(ids, 0, num_pages - 1)
-            k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
-            v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+        k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
+                         gather, interpret)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale
         key_pos = page0 * page_size + offsets
@@ -225,8 +214,9 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
         l_ref[...] = l
 
 
-def kv_operands(k_pages, v_pages, gather: str, head_of_program):
-    """(BlockSpec of one kv head's pages, k, v) as a kernel takes them for ``gather``.
+def kv_operands(k_pages, v_pages, gather: str):
+    """(BlockSpec of one kv head's pages, k, v) as a kernel takes them for ``gather``; the kv
+    head is the kernel's grid axis 1.
 
     "rows" views the pages as [kv_heads, pages * page_size, D] (a reshape of contiguous
     memory: no copy)."""
@@ -234,12 +224,12 @@ def kv_operands(k_pages, v_pages, gather: str, head_of_program):
     if gather == "rows":
         shape = (num_kv_heads, num_pages * page_size, head_dim)
         spec = pl.BlockSpec((None, num_pages * page_size, head_dim),
-                            lambda *g: (head_of_program(*g), 0, 0))
+                            lambda *g: (g[1], 0, 0))
         return spec, k_pages.reshape(shape), v_pages.reshape(shape)
     if gather != "pages":
         raise ValueError(f"gather must be 'pages' or 'rows', not {gather!r}")
     spec = pl.BlockSpec((None, num_pages, page_size, head_dim),
-                        lambda *g: (head_of_program(*g), 0, 0, 0))
+                        lambda *g: (g[1], 0, 0, 0))
     return spec, k_pages, v_pages
 
 
@@ -274,7 +264,7 @@ def paged_decode_attention_kernel(
         pages_per_split=pages_per_split, group=group, rows=rows,
         sliding_window=sliding_window, precision=precision, interpret=interpret,
         gather=blocks.gather)
-    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, lambda s, h, c: h)
+    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
     in_specs = [
         pl.BlockSpec((1,), lambda s, h, c: (s,)),
         pl.BlockSpec((None, pages_per_seq), lambda s, h, c: (s, 0)),

@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import (_MASK_VALUE, _gather_pages, _gather_rows, key_rows,
-                                         kv_operands, pltriton)
+from pallas_kernels.paged_decode import _MASK_VALUE, key_block, kv_operands, pltriton
 
 _LOG2E = math.log2(math.e)
 
@@ -47,19 +46,16 @@ class PrefillBlockSizes:
     pages_per_block: int   # pages gathered per loop iteration
     num_warps: int
     num_stages: int
-    gather: str = "pages"  # "pages" or "rows": see paged_decode.DecodeBlockSizes
+    gather: str = "rows"   # "rows" or "pages": see paged_decode.key_block
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
 # (head_dim, page_size).
 TUNED_PREFILL_BLOCKS: dict[tuple[int, int], PrefillBlockSizes] = {
-    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3,
-                                 gather="rows"),
-    (64, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3,
-                                gather="rows"),
+    (128, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
+    (64, 16): PrefillBlockSizes(block_rows=128, pages_per_block=4, num_warps=4, num_stages=3),
 }
-_FALLBACK_BLOCKS = PrefillBlockSizes(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2,
-                                     gather="rows")
+_FALLBACK_BLOCKS = PrefillBlockSizes(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2)
 
 
 def prefill_block_sizes(head_dim: int, page_size: int) -> PrefillBlockSizes:
@@ -99,7 +95,6 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: f
     # gather="rows"
     _, _, head_dim = q_ref.shape
     head = pl.program_id(1)
-    num_pages = k_ref.shape[0] if gather == "pages" else k_ref.shape[0] // page_size
     rows_per_item = block_q * group_rows
     block_tokens = pages_per_block * page_size
     first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
@@ -118,22 +113,12 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: f
         last_pos = first_pos + num_rows - 1
         num_blocks = pl.cdiv(last_pos + 1, block_tokens)
         offsets = jnp.arange(block_tokens, dtype=jnp.int32)
-        page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
 
         def step(b, carry, masked: bool):
             acc, m_prev, l_prev = carry
             # pages at or before the item's last position; later ones are not read on GPU
-            if gather == "rows":
-                key_row, row_ok = key_rows(pt_ref, b * pages_per_block, block_tokens, page_size,
-                                           num_pages, last_pos // page_size + 1, interpret)
-                k = _gather_rows(k_ref, key_row, row_ok, interpret)
-                v = _gather_rows(v_ref, key_row, row_ok, interpret)
-            else:
-                ids = jnp.clip(pt_ref[pl.ds(b * pages_per_block, pages_per_block)], 0,
-                               num_pages - 1)
-                page_ok = (b * pages_per_block + page_offsets) * page_size <= last_pos
-                k = _gather_pages(k_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
-                v = _gather_pages(v_ref, ids, page_ok, interpret).reshape(block_tokens, head_dim)
+            k, v = key_block(k_ref, v_ref, pt_ref, b * pages_per_block, pages_per_block, page_size,
+                             last_pos // page_size + 1, gather, interpret)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale_log2
             if masked:
@@ -203,7 +188,7 @@ def ragged_prefill_attention_kernel(
         _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
         block_q=block_q, group=group, group_rows=group_p, sliding_window=sliding_window,
         precision=precision, interpret=interpret, gather=blocks.gather)
-    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, lambda i, h: h)
+    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
     return pl.pallas_call(
         kernel,
         grid=(num_items, num_kv_heads),
