@@ -176,7 +176,6 @@ def _rotating(attn, repeats: int = 1):
     return jax.jit(run)
 
 
-
 def _ours(blocks=None):
     def attn(q, k_pages, v_pages, lens, table):
         return paged_decode.paged_decode_attention_kernel(
@@ -198,23 +197,19 @@ def _reference(q, k_pages, v_pages, lens, table):
         q, k_pages, v_pages, lens, table, sm_scale=q.shape[-1] ** -0.5)
 
 
-def per_call_time(make_jit, args, difference: bool = True) -> float:
-    """Seconds per attention call of ``make_jit(repeats)`` (a jit of repeats x ROTATE calls).
+def time_per_call(fn, inputs, difference: bool = True) -> float:
+    """Seconds per call of ``fn(q, k_pages, v_pages, lens, table)``, ROTATE calls a jit.
 
     With ``difference``: device time back to back, the time of ROTATE calls taken from that of
     LONG x ROTATE ((t_long - t_short) / ((LONG - 1) x ROTATE)), so the fixed cost of dispatching
     a jit and waiting for it (tens of µs, which a model step pays once for all its layers) drops
     out; without it, the short jit's wall time / ROTATE (for ranking variants, which all pay the
     same fixed cost)."""
-    short = _median_time(make_jit(1), *args)
+    short = _median_time(_rotating(fn), *inputs)
     if not difference or INTERPRET:
         return short / ROTATE
-    long = _median_time(make_jit(LONG), *args)
+    long = _median_time(_rotating(fn, LONG), *inputs)
     return max(long - short, 1e-9) / ((LONG - 1) * ROTATE)
-
-
-def time_decode(fn, inputs, difference: bool = True) -> float:
-    return per_call_time(functools.partial(_rotating, fn), inputs, difference)
 
 
 def sweep_decode_blocks(rng, points, full: bool = False, variants=None
@@ -239,7 +234,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None
                    num_stages=v.num_stages, min_programs=v.min_programs, gather=v.gather)
         try:
             for pt, key in zip(points, keys):
-                row[key] = time_decode(_ours(v), inputs[pt], difference=False) * 1e6
+                row[key] = time_per_call(_ours(v), inputs[pt], difference=False) * 1e6
         except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append(row)
@@ -262,13 +257,13 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
                 if kv_bytes > mem_budget:
                     continue
                 inputs = _decode_inputs(rng, batch, context, head_dim)
-                t_ours = time_decode(_ours(blocks if head_dim == 128 else None), inputs)
+                t_ours = time_per_call(_ours(blocks if head_dim == 128 else None), inputs)
                 try:
-                    t_bundled = time_decode(_bundled, inputs)
+                    t_bundled = time_per_call(_bundled, inputs)
                 except Exception as e:
                     print(f"bundled op failed at b{batch} c{context} d{head_dim}: {e}", file=sys.stderr)
                     t_bundled = float("nan")
-                t_ref = time_decode(_reference, inputs) if kv_bytes * 3 < 8e9 else float("nan")
+                t_ref = time_per_call(_reference, inputs) if kv_bytes * 3 < 8e9 else float("nan")
                 rows.append(dict(batch=batch, context=context, head_dim=head_dim, us=t_ours * 1e6,
                                  kv_gbs=kv_bytes / t_ours / 1e9, of_bw=kv_bytes / t_ours / bandwidth,
                                  vs_bundled=t_bundled / t_ours, bundled_us=t_bundled * 1e6,
@@ -323,23 +318,17 @@ def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
     cu = jnp.arange(nseq + 1, dtype=jnp.int32) * chunk
     scale = head_dim ** -0.5
 
-    def run(attn, repeats, q, k_pages, v_pages, lens, tables):
-        acc = jnp.zeros(q.shape, jnp.float32)
-        for r in range(repeats):
-            for i in range(ROTATE):
-                acc += attn(q, k_pages, v_pages, lens, tables[r * ROTATE + i], cu).astype(jnp.float32)
-        return acc
-
-    def timed(attn, difference: bool) -> float:
-        return per_call_time(lambda r: jax.jit(functools.partial(run, attn, r)), args, difference)
+    def with_cu(attn):
+        return lambda q, k_pages, v_pages, lens, table: attn(q, k_pages, v_pages, lens, table, cu)
 
     ours = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=scale,
                              interpret=INTERPRET, blocks=blocks)
     args = (q, k_pages, v_pages, lens, tables)
-    t = timed(ours, difference=reference)
+    t = time_per_call(with_cu(ours), args, difference=reference)
     t_ref = float("nan")
     if reference:
-        t_ref = timed(functools.partial(ragged_paged_attention_reference, sm_scale=scale), False)
+        ref = functools.partial(ragged_paged_attention_reference, sm_scale=scale)
+        t_ref = time_per_call(with_cu(ref), args, difference=False)
     return t, t_ref
 
 
@@ -372,8 +361,8 @@ def entry_overhead(rng, blocks, points=((64, 2048), (256, 512))) -> list[dict]:
             return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
                                           sm_scale=128 ** -0.5,
                                           impl="interpret" if INTERPRET else "kernel")
-        t_entry = time_decode(entry, (q, k_pages, v_pages, lens, tables))
-        t_kernel = time_decode(_ours(blocks), (q, k_pages, v_pages, lens, tables))
+        t_entry = time_per_call(entry, (q, k_pages, v_pages, lens, tables))
+        t_kernel = time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables))
         rows.append(dict(batch=batch, context=context, entry_us=t_entry * 1e6,
                          kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel))
     return rows

@@ -58,9 +58,8 @@ def kernel_events(trace_dir: str) -> list[tuple[float, float, str]]:
                       and (not streams or (e["pid"], e.get("tid")) in streams)))
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
-    """({kernel name: total µs}, GPU span µs) from the Perfetto trace under ``trace_dir``."""
-    events = kernel_events(trace_dir)
+def kernel_times(events: list[tuple[float, float, str]]) -> tuple[dict[str, float], float]:
+    """({kernel name: total µs}, GPU span µs) of ``kernel_events``."""
     totals: dict[str, float] = collections.defaultdict(float)
     for _, dur, name in events:
         totals[name] += dur
@@ -114,7 +113,8 @@ def main(argv=None) -> None:
         trace_dir = tempfile.mkdtemp()
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready(run_back_to_back(runner, compiled, dev_args, args.steps))
-        totals, span = kernel_times(trace_dir)
+        events = kernel_events(trace_dir)
+        totals, span = kernel_times(events)
         busy = sum(totals.values())
         if args.trace_out:
             os.makedirs(args.trace_out, exist_ok=True)
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
         print("| kernel | µs / step | share of busy |\n|---|---:|---:|")
         for name, us in sorted(totals.items(), key=lambda kv_: -kv_[1])[:args.top]:
             print(f"| {name[:90]} | {us / args.steps:.1f} | {us / busy:.3f} |")
-        gaps = idle_gaps(kernel_events(trace_dir))
+        gaps = idle_gaps(events)
         idle = sum(sum(g) for g in gaps.values())
         print(f"\nGPU idle between kernels: {idle / args.steps / 1e3:.2f} ms/step; "
               f"where (kernel before -> kernel after):")

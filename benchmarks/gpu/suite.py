@@ -646,7 +646,7 @@ def body_ceilings(cfg: dict, rec: Recorder) -> None:
     rows = []
     for batch, context in cfg["points"]:
         inputs = K._decode_inputs(rng, batch, context, 128)
-        t = K.time_decode(K._reference, inputs)
+        t = K.time_per_call(K._reference, inputs)
         kv_bytes = batch * context * K.KV_HEADS * 128 * 2 * 2
         rows.append(dict(batch=batch, context=context, us=t * 1e6, kv_gbs=kv_bytes / t / 1e9, of_bw=kv_bytes / t / bw))
         rec.add(figure(f"reference decode attention b{batch} c{context}", t * 1e6, "µs",

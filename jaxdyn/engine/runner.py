@@ -308,7 +308,7 @@ class ModelRunner:
         n = self.config.warmup_threads
         if n is None:
             on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-            n = 1 if on_cpu else max(1, min(8, (os.cpu_count() or 2) // 2))
+            n = 1 if on_cpu else min(8, (os.cpu_count() or 2) // 2)
         return max(1, n)
 
     def warmup(self, progress: bool = False) -> float:
@@ -330,7 +330,7 @@ class ModelRunner:
             first_of_shape.setdefault(key[:2], key)
         alone = keys if threads == 1 else list(first_of_shape.values())
         for key in alone:
-            self._compiled[key] = self.lower(*key).compile()
+            self._compile(*key)
             bar.update()
         rest = [k for k in keys if k not in self._compiled]
         if rest:
