@@ -243,6 +243,7 @@ class ModelRunner:
         # engines of the process (disaggregation, tests) compiling on other threads do not count.
         self.compiles_while_serving = 0
         self._compiles_reported = 0
+        self._forward = self._make_forward()
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
         self._copy_jitted = self._make_copy()
 
@@ -253,20 +254,33 @@ class ModelRunner:
             self.mesh, kv_cache_partition_spec(self.mesh, self.kv_spec.num_kv_heads))
         return [(kv_sharding, kv_sharding)] * self.kv_spec.num_layers
 
-    def _make_jitted(self, variant: str):
-        graphdef, return_logits = self.graphdef, self.config.return_logits
-        max_rows, page_size = self.max_rows, self.config.page_size
+    def _make_forward(self):
+        """The model's part of the step (inputs unpacked, token ids written, forward, logits), one
+        ``jax.jit`` shared by every sampler variant's step: a nested jit is traced once per shape and
+        its jaxpr reused by the other variants' steps (tracing the unrolled 32-layer model is most
+        of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
+        graphdef, state_treedef = self.graphdef, self.state_treedef
 
-        state_treedef = self.state_treedef
-
-        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+        def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)
-            md, token_ids_host, token_src, logits_rows, sp = _unpack(tok, seqi, seqf)
+            md, token_ids_host, token_src, logits_rows, _ = _unpack(tok, seqi, seqf)
             token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
             token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop")
             model = nnx.merge(graphdef, state)
             kv_cache, hidden = model(kv_cache, token_ids, md)
-            logits = model.compute_logits(hidden[logits_rows])        # f32[S, vocab]
+            return kv_cache, token_pages, model.compute_logits(hidden[logits_rows])   # f32[S, vocab]
+
+        return jax.jit(forward)
+
+    def _make_jitted(self, variant: str):
+        return_logits = self.config.return_logits
+        max_rows, page_size = self.max_rows, self.config.page_size
+        forward = self._forward
+
+        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
+                                                    tok, seqi, seqf)
+            md, _, _, _, sp = _unpack(tok, seqi, seqf)
             S, P = md.page_table.shape
 
             def history():
@@ -314,32 +328,40 @@ class ModelRunner:
     def warmup(self, progress: bool = False) -> float:
         """Compile every bucket in every sampler variant; returns the seconds it took.
 
-        Steps are traced and lowered one after another on this thread. The first variant of
-        each (tokens, pages) shape is compiled alone, so XLA autotunes that shape's matrix
-        products with the GPU to itself (its process-wide autotuning cache then serves the
-        other variants); the other variants are compiled by ``warmup_threads()`` threads at
-        once (each compilation runs in XLA without the GIL)."""
+        Steps are traced and lowered one after another on this thread (tracing holds the GIL;
+        the variants of one shape share the model's trace, see ``_make_forward``), and each is
+        handed to a compiling thread as soon as it is lowered, so compilation (or, with JAX's
+        persistent cache warm, loading) overlaps the lowering of the next. The first variant of
+        each (tokens, pages) shape is compiled alone, one after another, so XLA autotunes that
+        shape's matrix products with the GPU to itself (its process-wide autotuning cache then
+        serves the other variants); the other variants are compiled on ``warmup_threads()``
+        threads at once once those are done (each compilation runs in XLA without the GIL)."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
         keys = [k for k in keys if k not in self._compiled]
         bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress)
         threads = self.warmup_threads()
-        first_of_shape = {}
-        for key in keys:
-            first_of_shape.setdefault(key[:2], key)
-        alone = keys if threads == 1 else list(first_of_shape.values())
-        for key in alone:
-            self._compile(*key)
-            bar.update()
-        rest = [k for k in keys if k not in self._compiled]
-        if rest:
-            with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
-                futures = {}
-                for key in rest:
-                    futures[pool.submit(self.lower(*key).compile)] = key
-                for done in concurrent.futures.as_completed(futures):
-                    self._compiled[futures[done]] = done.result()
+        if threads == 1:
+            for key in keys:
+                self._compile(*key)
+                bar.update()
+        else:
+            first_of_shape: dict[tuple[int, int], tuple[int, int, str]] = {}
+            for key in keys:
+                first_of_shape.setdefault(key[:2], key)
+            alone = list(first_of_shape.values())
+            rest = [k for k in keys if k not in set(alone)]
+            with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
+                  concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
+                firsts = {first_pool.submit(self.lower(*key).compile): key for key in alone}
+                lowered = [(key, self.lower(*key)) for key in rest]
+                for done in concurrent.futures.as_completed(firsts):
+                    self._compiled[firsts[done]] = done.result()
+                    bar.update()
+                others = {pool.submit(lo.compile): key for key, lo in lowered}
+                for done in concurrent.futures.as_completed(others):
+                    self._compiled[others[done]] = done.result()
                     bar.update()
         bar.close()
         self._compile_copy()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
@@ -158,14 +159,21 @@ def test_warmup_compiles_every_bucket_in_every_sampler_variant(variant_runner):
 
 
 def test_warmup_on_several_threads_compiles_each_executable_once_and_steps_alike(
-        loaded, variant_runner):
+        loaded, variant_runner, monkeypatch):
     mesh, model = loaded
     runner = ModelRunner(model.graphdef, model.state, mesh,
                          dataclasses.replace(VARIANT_CFG, warmup_threads=3))
     assert runner.warmup_threads() == 3
+    traced = []
+    model_class = type(nnx.merge(model.graphdef, model.state))
+    forward = model_class.__call__
+    monkeypatch.setattr(model_class, "__call__",
+                        lambda self, *a, **k: traced.append(a[1].shape) or forward(self, *a, **k))
     before = compilation_count()
     runner.warmup()
     assert compilation_count() - before == 2 * len(VARIANTS) + 1
+    # the sampler variants of a shape share one trace of the model
+    assert sorted(traced) == sorted((t,) for t, _, _ in runner.bucket_shapes())
     assert set(runner._compiled) == set(variant_runner[0]._compiled)
     work = [SequenceWork(token_ids=[5, 6, 7], num_computed=0, page_ids=[0]),
             SequenceWork(token_ids=list(range(20, 40)), num_computed=0, page_ids=[1, 2])]
