@@ -212,7 +212,7 @@ def time_per_call(fn, inputs, difference: bool = True) -> float:
     return max(long - short, 1e-9) / ((LONG - 1) * ROTATE)
 
 
-def sweep_decode_blocks(rng, points, full: bool = False, variants=None
+def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim: int = 128
                         ) -> tuple[paged_decode.DecodeBlockSizes, list[dict]]:
     """Time block sizes x split policies; the winner has the least sum of time / best time."""
     rows = []
@@ -220,14 +220,13 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None
         variants = [paged_decode.DecodeBlockSizes(p, w, s, t, g)
                     for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
                     for t in (132, 264, 528) for g in ("pages", "rows")]
-    elif variants is None:   # around the tuned entry, both ways of gathering keys
-        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, g)
+    elif variants is None:   # around the tuned entry; keys by row (by page lost at every point, H200)
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, "rows")
                     for p, w, s, t in ((8, 4, 3, 132), (4, 4, 3, 264), (8, 8, 3, 264), (4, 4, 4, 528),
-                                       (16, 8, 2, 132), (2, 4, 6, 528))
-                    for g in ("pages", "rows")]
+                                       (16, 8, 2, 132), (2, 4, 6, 528), (8, 4, 3, 528), (4, 4, 3, 1056))]
     if INTERPRET:
         variants = variants[:2]
-    inputs = {pt: _decode_inputs(rng, *pt, 128) for pt in points}
+    inputs = {pt: _decode_inputs(rng, *pt, head_dim) for pt in points}
     keys = [f"b{pt[0]}_c{pt[1]}_us" for pt in points]
     for v in variants:
         row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps,
@@ -257,7 +256,7 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
                 if kv_bytes > mem_budget:
                     continue
                 inputs = _decode_inputs(rng, batch, context, head_dim)
-                t_ours = time_per_call(_ours(blocks if head_dim == 128 else None), inputs)
+                t_ours = time_per_call(_ours(blocks[head_dim]), inputs)
                 try:
                     t_bundled = time_per_call(_bundled, inputs)
                 except Exception as e:
@@ -283,11 +282,10 @@ def sweep_prefill_blocks(rng, chunk: int, full: bool = False
         variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, g)
                     for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)
                     for g in ("pages", "rows")]
-    else:   # around the tuned entry, both ways of gathering keys
-        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, g)
+    else:   # around the tuned entry; keys by row (by page lost at every point, H200)
+        variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, "rows")
                     for r, p, w, s in ((128, 4, 4, 3), (128, 8, 8, 3), (128, 8, 4, 2), (256, 4, 8, 2),
-                                       (64, 8, 4, 3))
-                    for g in ("pages", "rows")]
+                                       (64, 8, 4, 3), (64, 4, 4, 3), (128, 8, 4, 3), (256, 8, 8, 2))]
     if INTERPRET:
         variants = variants[:2]
     rows = []
@@ -350,21 +348,33 @@ def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048,
     return rows
 
 
-def entry_overhead(rng, blocks, points=((64, 2048), (256, 512))) -> list[dict]:
-    """A decode-only step through the ragged entry point vs the decode kernel alone."""
+def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048))
+                   ) -> list[dict]:
+    """A decode-only step through the ragged entry point (decode + prefill kernels), ``live`` of
+    ``slots`` sequence slots in use (the rest padding, kv_len 0, as in a model step whose bucket
+    has more sequence slots than running requests), against the decode kernel on the live
+    sequences alone."""
     rows = []
-    for batch, context in points:
-        q, k_pages, v_pages, lens, tables = _decode_inputs(rng, batch, context, 128)
-        cu = jnp.arange(batch + 1, dtype=jnp.int32)
+    for live, slots, context in points:
+        q, k_pages, v_pages, lens, tables = _decode_inputs(rng, live, context, 128)
+        pad = slots - live
+        q_s = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
+        lens_s = jnp.pad(lens, (0, pad))
+        tables_s = jnp.pad(tables, ((0, 0), (0, pad), (0, 0)))
+        cu = jnp.minimum(jnp.arange(slots + 1, dtype=jnp.int32), live)
 
         def entry(q, k_pages, v_pages, lens, table):
             return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
                                           sm_scale=128 ** -0.5,
                                           impl="interpret" if INTERPRET else "kernel")
-        t_entry = time_per_call(entry, (q, k_pages, v_pages, lens, tables))
+        t_entry = time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s))
         t_kernel = time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables))
-        rows.append(dict(batch=batch, context=context, entry_us=t_entry * 1e6,
-                         kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel))
+        kv_bytes = live * context * KV_HEADS * 128 * 2 * 2
+        rows.append(dict(live=live, slots=slots, context=context, entry_us=t_entry * 1e6,
+                         kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
+                         entry_gbs=kv_bytes / t_entry / 1e9))
+        print(f"entry {live}/{slots} c={context}: {t_entry * 1e6:.1f} us vs kernel "
+              f"{t_kernel * 1e6:.1f} us", flush=True)
     return rows
 
 
@@ -389,7 +399,10 @@ def main(argv=None) -> str:
     ap.add_argument("--sweep", choices=("none", "small", "full"), default="small",
                     help="block-size sweeps: none (use the tuned tables), small, full")
     ap.add_argument("--points", default=None,
-                    help="decode grid points BxC[,BxC...] at head_dim 128 instead of the full grid")
+                    help="decode grid points BxC or BxCxD[,...] (D: head_dim, default 128) instead of the full grid")
+    ap.add_argument("--sweep-head-dims", default="128",
+                    help="head dims whose decode block sizes are swept (comma-separated), each winner "
+                         "used for its head_dim's grid points")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
@@ -397,6 +410,7 @@ def main(argv=None) -> str:
     cmd = "python -m benchmarks.kernels" + (" --quick" if args.quick else "") + (
         f" --sweep {args.sweep}" if args.sweep != "small" else "") + (
         f" --points {args.points}" if args.points else "") + (
+        f" --sweep-head-dims {args.sweep_head_dims}" if args.sweep_head_dims != "128" else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -438,23 +452,25 @@ def main(argv=None) -> str:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
         sweep_points = [(1, 2048), (32, 2048), (64, 2048), (8, 8192)]
 
-    best = paged_decode.decode_block_sizes(128, PAGE)
+    best = {d: paged_decode.decode_block_sizes(d, PAGE) for d in (128, 64)}
     if args.sweep != "none":
-        best, sweep = sweep_decode_blocks(rng, sweep_points, full=args.sweep == "full")
-        print("decode block sweep winner", best, flush=True)
-        emit("### Decode block-size sweep (µs per call)", "",
-             _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
-                            ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
-                            ("gather", "gather", ""),
-                            ("score", "time / best (mean)", ".3f")]
-                    + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
-                    + [("error", "error", "")]))
+        for head_dim in (int(d) for d in args.sweep_head_dims.split(",")):
+            best[head_dim], sweep = sweep_decode_blocks(rng, sweep_points, full=args.sweep == "full",
+                                                        head_dim=head_dim)
+            print(f"decode block sweep winner (head_dim {head_dim})", best[head_dim], flush=True)
+            emit(f"### Decode block-size sweep, head_dim {head_dim} (µs per call)", "",
+                 _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
+                                ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
+                                ("gather", "gather", ""),
+                                ("score", "time / best (mean)", ".3f")]
+                        + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
+                        + [("error", "error", "")]))
     mem_budget = 0.25 * (dev.memory_stats() or {}).get("bytes_limit", 16e9)
     if args.points:
         grid = []
         for point in args.points.split(","):
-            b, c = (int(x) for x in point.split("x"))
-            grid += decode_grid(rng, bandwidth, best, (b,), (c,), (128,), mem_budget)
+            b, c, *d = (int(x) for x in point.split("x"))
+            grid += decode_grid(rng, bandwidth, best, (b,), (c,), tuple(d) or (128,), mem_budget)
     else:
         grid = decode_grid(rng, bandwidth, best, batches, contexts, head_dims, mem_budget)
     emit("### Decode", "",
@@ -462,7 +478,7 @@ def main(argv=None) -> str:
                        ("us", "µs", ".1f"), ("kv_gbs", "KV GB/s", ".0f"), ("of_bw", "of HBM bw", ".2f"),
                        ("bundled_us", "bundled µs", ".1f"), ("vs_bundled", "× bundled", ".2f"),
                        ("vs_reference", "× reference", ".2f")]),
-         f"Decode block sizes used (head_dim 128): {best}.", "")
+         f"Decode block sizes used: head_dim 128 {best[128]}; head_dim 64 {best[64]}.", "")
 
     chunk = 64 if INTERPRET else 2048
     best_prefill = ragged_prefill.prefill_block_sizes(128, PAGE)
@@ -483,9 +499,13 @@ def main(argv=None) -> str:
                           ("vs_reference", "× reference", ".2f")]),
          f"Prefill block sizes used (head_dim 128): {best_prefill}.", "")
 
-    overhead = entry_overhead(rng, best, ((2, 64),) if INTERPRET else ((64, 2048), (256, 512)))
+    overhead = entry_overhead(rng, best[128], ((2, 4, 64),) if INTERPRET else
+                              ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048)))
     emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
-         _table(overhead, [("batch", "batch", "d"), ("context", "context", "d"), ("entry_us", "entry µs", ".1f"),
+         "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
+         "kernel alone runs on the live sequences only.", "",
+         _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
+                           ("entry_us", "entry µs", ".1f"), ("entry_gbs", "entry KV GB/s", ".0f"),
                            ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")]),
          f"Whole run: {time.time() - started:.0f} s.")
     report = "\n".join(md)

@@ -214,9 +214,9 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
         l_ref[...] = l
 
 
-def kv_operands(k_pages, v_pages, gather: str):
+def kv_operands(k_pages, v_pages, gather: str, head_axis: int = 1):
     """(BlockSpec of one kv head's pages, k, v) as a kernel takes them for ``gather``; the kv
-    head is the kernel's grid axis 1.
+    head is the kernel's grid axis ``head_axis``.
 
     "rows" views the pages as [kv_heads, pages * page_size, D] (a reshape of contiguous
     memory: no copy)."""
@@ -224,12 +224,12 @@ def kv_operands(k_pages, v_pages, gather: str):
     if gather == "rows":
         shape = (num_kv_heads, num_pages * page_size, head_dim)
         spec = pl.BlockSpec((None, num_pages * page_size, head_dim),
-                            lambda *g: (g[1], 0, 0))
+                            lambda *g: (g[head_axis], 0, 0))
         return spec, k_pages.reshape(shape), v_pages.reshape(shape)
     if gather != "pages":
         raise ValueError(f"gather must be 'pages' or 'rows', not {gather!r}")
     spec = pl.BlockSpec((None, num_pages, page_size, head_dim),
-                        lambda *g: (g[1], 0, 0, 0))
+                        lambda *g: (g[head_axis], 0, 0, 0))
     return spec, k_pages, v_pages
 
 

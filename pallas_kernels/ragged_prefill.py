@@ -4,7 +4,7 @@ The query tokens of all prefill chunks are packed in one array; each chunk
 attends to its sequence's earlier pages (prefix-cache hits and earlier chunks)
 and causally within itself. The work is cut into items of ``block_q`` query
 tokens of one sequence (a chunk of ``n`` tokens gives ``ceil(n / block_q)``
-items); one program serves one (item, kv head) and multiplies all ``G`` query
+items); one program serves one (kv head, item) and multiplies all ``G`` query
 heads of that kv head at once (``block_q * G`` rows), so each KV page it
 gathers out of the cache is read once per kv head and item. Blocks of
 ``pages_per_block`` pages stream through an online softmax in float32; only
@@ -94,7 +94,7 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: f
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), [num_pages * page_size, D] with
     # gather="rows"
     _, _, head_dim = q_ref.shape
-    head = pl.program_id(1)
+    head = pl.program_id(0)
     rows_per_item = block_q * group_rows
     block_tokens = pages_per_block * page_size
     first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
@@ -188,17 +188,22 @@ def ragged_prefill_attention_kernel(
         _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
         block_q=block_q, group=group, group_rows=group_p, sliding_window=sliding_window,
         precision=precision, interpret=interpret, gather=blocks.gather)
-    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
+    # Grid (kv head, item): the GPU launches blocks in the order of grid axis 0 first, so the
+    # kv heads of one item start together and the items, listed longest first, start in that order
+    # (largest work first). With the item axis first, the heads' items would start one head after
+    # another, and the long items of the last heads would start last: a lone causal chunk's tail
+    # ran ~1.5x its even share (list scheduling of 512 programs on 264 slots).
+    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, head_axis=0)
     return pl.pallas_call(
         kernel,
-        grid=(num_items, num_kv_heads),
+        grid=(num_kv_heads, num_items),
         in_specs=[
-            pl.BlockSpec((None, 4), lambda i, h: (i, 0)),
-            pl.BlockSpec((None, padded_pages), lambda i, h: (i, 0)),
-            pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda i, h: (0, 0, 0)),
+            pl.BlockSpec((None, 4), lambda h, i: (i, 0)),
+            pl.BlockSpec((None, padded_pages), lambda h, i: (i, 0)),
+            pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0)),
             kv_spec, kv_spec,
         ],
-        out_specs=pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda i, h: (0, 0, 0)),
+        out_specs=pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(
