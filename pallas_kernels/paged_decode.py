@@ -56,6 +56,10 @@ class DecodeBlockSizes:
     num_warps: int
     num_stages: int
     min_programs: int = 264   # split the context until the grid has this many programs
+    # A call of at most this many sequence slots (a decode step's smallest bucket: 1 to that many
+    # running sequences) gets as many splits as one live sequence would; the splits a call uses
+    # are picked on device from the sequences that are live (kv_len > 0), up to that number.
+    one_live_slots: int = 16
     # how a block of keys is gathered: "rows" (each key token's page id read from the page table,
     # the [tokens, D] tile loaded from the free [pages * page_size, D] view) or "pages" (the
     # [pages, page_size, D] tile loaded by page id and reshaped): see key_block
@@ -84,6 +88,15 @@ def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int,
            and num_blocks // (splits * 2) >= 2):
         splits *= 2
     return splits
+
+
+def live_splits(kv_lens: jax.Array, num_kv_heads: int, max_splits: int,
+                min_programs: int) -> jax.Array:
+    """i32[1]: the splits a call uses, picked on device from its live sequences (kv_len > 0):
+    the fewest that give ``min_programs`` programs, at most ``max_splits`` (the grid's)."""
+    live = jnp.maximum(jnp.sum(kv_lens > 0), 1)
+    want = -(-min_programs // (live * num_kv_heads))
+    return jnp.clip(want, 1, max_splits).astype(jnp.int32).reshape(1)
 
 
 def paged_decode_attention_reference(
@@ -154,19 +167,23 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
     return k.reshape(tokens, k.shape[-1]), v.reshape(tokens, v.shape[-1])
 
 
-def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
-                   page_size: int, pages_per_block: int, pages_per_split: int, group: int,
-                   rows: int, sliding_window: int | None, precision, interpret: bool,
-                   gather: str):
-    # lens_ref: i32[1]; pt_ref: i32[P]; q_ref: [num_q_heads, D] (this sequence);
+def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
+                   sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
+                   sliding_window: int | None, precision, interpret: bool, gather: str):
+    # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); splits_ref: i32[1]
+    # (splits in use, <= the grid's); pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
     # with gather="rows"
-    # out_refs: (o [R, D] normalised,) with one split, else (o f32[R, D], m f32[R], l f32[R])
+    # out_refs: (o [R, D] normalised,) with one split, else (o f32[R, D], m f32[R], l f32[R]);
+    # with splits, o is left unwritten where the program has no keys (l = 0 there)
     head, split = pl.program_id(1), pl.program_id(2)
-    num_q_heads, head_dim = q_ref.shape
+    _, num_q_heads, head_dim = q_ref.shape
     block_tokens = pages_per_block * page_size
     length = lens_ref[0]
 
+    # this sequence's blocks, shared evenly by the splits in use; later splits get none
+    seq_blocks = pl.cdiv(pl.cdiv(length, page_size), pages_per_block)
+    pages_per_split = pl.cdiv(seq_blocks, splits_ref[0]) * pages_per_block
     first_page = split * pages_per_split
     end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(length, page_size))
     first_block = 0
@@ -177,8 +194,8 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
 
     # The G query heads of this kv head, padded to `rows` (the smallest dot tile) by the mask.
     row_ids = jnp.arange(rows, dtype=jnp.int32)
-    q = pltriton.load(q_ref.at[pl.ds(head * group, rows)], mask=(row_ids < group)[:, None],
-                      other=0.0)
+    q = pltriton.load(q_ref.at[qrow_ref[0], pl.ds(head * group, rows)],
+                      mask=(row_ids < group)[:, None], other=0.0)
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
     def body(b, carry):
@@ -204,14 +221,20 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: f
     init = (jnp.zeros((rows, head_dim), jnp.float32),
             jnp.full((rows,), _MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
     if len(out_refs) == 1:
+        acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
         out_refs[0][...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
-        o_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
+        m_ref[...] = init[1]
+        l_ref[...] = init[2]
+
+        @pl.when(num_blocks > first_block)
+        def _():
+            acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
+            o_ref[...] = acc
+            m_ref[...] = m
+            l_ref[...] = l
 
 
 def kv_operands(k_pages, v_pages, gather: str, head_axis: int = 1):
@@ -243,32 +266,46 @@ def paged_decode_attention_kernel(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
     page_table: jax.Array, *, sm_scale: float, sliding_window: int | None = None,
     interpret: bool = False, blocks: DecodeBlockSizes | None = None,
-    num_splits: int | None = None,
+    num_splits: int | None = None, q_rows: jax.Array | None = None,
 ) -> jax.Array:
-    """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference."""
-    num_seqs, num_q_heads, head_dim = q.shape
+    """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference.
+
+    ``q_rows`` (i32[S]): sequence ``s``'s query is row ``q_rows[s]`` of ``q`` ([T, H, D], e.g. a
+    ragged batch's packed tokens), read in place; without it ``q`` is [S, H, D].
+    ``num_splits``: the context splits (every one used); by default the grid gets what the
+    number of sequence slots needs (one live sequence's, up to ``blocks.one_live_slots`` slots)
+    and each call uses as many of them as its live sequences need (``live_splits``)."""
+    num_q_heads, head_dim = q.shape[1:]
+    num_seqs = kv_lens.shape[0]
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     group = num_q_heads // num_kv_heads
     blocks = blocks or decode_block_sizes(head_dim, page_size)
     ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
     num_blocks = pl.cdiv(pages_per_seq, ppb)
-    splits = num_splits or num_context_splits(num_seqs, num_kv_heads, num_blocks,
-                                              blocks.min_programs)
-    pages_per_split = pl.cdiv(num_blocks, splits) * ppb
+    if num_splits is None:
+        sized_for = 1 if num_seqs <= blocks.one_live_slots else num_seqs
+        splits = num_context_splits(sized_for, num_kv_heads, num_blocks, blocks.min_programs)
+        in_use = live_splits(kv_lens, num_kv_heads, splits, blocks.min_programs)
+    else:
+        splits = num_splits
+        in_use = jnp.full((1,), splits, jnp.int32)
     rows = max(_MIN_ROWS, pl.next_power_of_2(group))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    if q_rows is None:
+        q_rows = jnp.arange(num_seqs, dtype=jnp.int32)
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
-        pages_per_split=pages_per_split, group=group, rows=rows,
-        sliding_window=sliding_window, precision=precision, interpret=interpret,
-        gather=blocks.gather)
+        group=group, rows=rows, sliding_window=sliding_window, precision=precision,
+        interpret=interpret, gather=blocks.gather)
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
     in_specs = [
         pl.BlockSpec((1,), lambda s, h, c: (s,)),
+        pl.BlockSpec((1,), lambda s, h, c: (s,)),
+        pl.BlockSpec((1,), lambda s, h, c: (0,)),
         pl.BlockSpec((None, pages_per_seq), lambda s, h, c: (s, 0)),
-        pl.BlockSpec((None, num_q_heads, head_dim), lambda s, h, c: (s, 0, 0)),
+        pl.BlockSpec(q.shape, lambda s, h, c: (0, 0, 0)),
         kv_spec, kv_spec,
     ]
     if splits == 1:   # the kernel normalises and writes the final rows
@@ -294,7 +331,8 @@ def paged_decode_attention_kernel(
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(blocks),
         name="paged_decode_attention",
-    )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q, k_in, v_in)
+    )(kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), in_use, page_table.astype(jnp.int32),
+      q, k_in, v_in)
 
     if splits == 1:
         o = out[:, :, :group]
@@ -308,11 +346,12 @@ def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial out
                    m: jax.Array,   # f32[S, C, K, G]    running max of each split
                    l: jax.Array,   # f32[S, C, K, G]    running sum of each split
                    ) -> jax.Array:  # f32[S, K, G, D]
-    """Merge context splits (log-sum-exp); a row no split saw (l = 0 everywhere) is 0."""
+    """Merge context splits (log-sum-exp); a row no split saw (l = 0 everywhere) is 0. A split
+    with l = 0 adds nothing, whatever its ``o`` holds (the kernel leaves it unwritten)."""
     m_max = m.max(axis=1, keepdims=True)
-    w = jnp.exp(m - m_max)
+    w = jnp.where(l > 0, jnp.exp(m - m_max), 0.0)
     den = (w * l).sum(axis=1)
-    num = (w[..., None] * o).sum(axis=1)
+    num = jnp.where(w[..., None] > 0, w[..., None] * o, 0.0).sum(axis=1)
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 

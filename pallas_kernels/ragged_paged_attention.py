@@ -115,7 +115,7 @@ def ragged_paged_attention(
     is_decode = q_lens == 1
     decode_rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
     decode_out = paged_decode_attention_kernel(                     # [S, H, D]
-        q[decode_rows], k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table,
+        q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
         sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
     prefill_out = ragged_prefill_attention_kernel(                 # [T, H, D]
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,

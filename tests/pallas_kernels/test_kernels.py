@@ -81,6 +81,54 @@ def test_interpreted_decode_kernel_splits_long_contexts_and_combines_them():
                                    err_msg=f"num_splits={splits}")
 
 
+def test_live_splits_fill_the_grid_from_the_live_sequences_only():
+    lens = jnp.asarray([0, 300, 0, 0, 5, 0, 0, 0], jnp.int32)
+    assert int(paged_decode.live_splits(lens, 2, 8, 16)[0]) == 4          # 2 live x 2 heads x 4
+    assert int(paged_decode.live_splits(lens[:2], 2, 8, 16)[0]) == 8      # 1 live: the grid's 8
+    assert int(paged_decode.live_splits(lens, 2, 8, 1000)[0]) == 8        # never above the grid's
+    assert int(paged_decode.live_splits(jnp.full(8, 9, jnp.int32), 2, 8, 16)[0]) == 1
+    assert int(paged_decode.live_splits(jnp.zeros(8, jnp.int32), 2, 8, 16)[0]) == 8
+
+
+@pytest.mark.parametrize("live", [[5], [0, 3, 6], list(range(8))])
+def test_interpreted_decode_kernel_in_a_bucket_of_padding_slots_uses_the_live_sequences_splits(live):
+    # 8 sequence slots, the live ones at uneven lengths; the grid is sized for one live sequence
+    # (8 splits) and a call uses what its live sequences need (1, 3 or 8 of them here)
+    rng = np.random.default_rng(len(live))
+    contexts = [511, 17, 300, 255, 16, 1, 90, 433]
+    seqs = [(contexts[s] if s in live else 0, 1) for s in range(8)]
+    args, n = _batch(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
+                     dtype=jnp.float32, pad_tokens=0)
+    q, k_pages, v_pages, kv_lens, page_table, cu = args
+    kv_lens = jnp.asarray([contexts[s] + 1 if s in live else 0 for s in range(8)], jnp.int32)
+    blocks = paged_decode.DecodeBlockSizes(pages_per_block=2, num_warps=4, num_stages=2,
+                                           min_programs=16, one_live_slots=8)
+    want = {1: 8, 3: 3, 8: 1}[len(live)]
+    assert int(paged_decode.live_splits(kv_lens, 2, 8, 16)[0]) == want
+    out = paged_decode.paged_decode_attention_kernel(
+        q[:8], k_pages, v_pages, kv_lens, page_table[:8], sm_scale=0.25, interpret=True,
+        blocks=blocks)
+    ref = paged_decode.paged_decode_attention_reference(
+        q[:8], k_pages, v_pages, kv_lens, page_table[:8], sm_scale=0.25)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    dead = [s for s in range(8) if s not in live]
+    assert np.all(np.asarray(out)[dead] == 0), "a padding slot's rows must be zero"
+
+
+def test_interpreted_decode_kernel_reads_each_query_in_place_by_row():
+    rng = np.random.default_rng(5)
+    args, n = _batch(rng, [(40, 1), (0, 1), (200, 1)], num_q_heads=4, num_kv_heads=2,
+                     head_dim=16, page_size=8, dtype=jnp.float32, pad_tokens=6)
+    q, k_pages, v_pages, kv_lens, page_table, cu = args
+    rows = jnp.asarray([7, 2, 4], jnp.int32)                    # anywhere in a [9, H, D] array
+    out = paged_decode.paged_decode_attention_kernel(
+        q, k_pages, v_pages, kv_lens[:3], page_table[:3], q_rows=rows, sm_scale=0.25,
+        interpret=True)
+    ref = paged_decode.paged_decode_attention_reference(
+        q[rows], k_pages, v_pages, kv_lens[:3], page_table[:3], sm_scale=0.25)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("gather", ["pages", "rows"])
 def test_interpreted_kernels_gather_keys_by_page_or_by_row_alike(gather):
     # ragged lengths off page multiples, a window, a prefill chunk after a cached prefix
