@@ -684,7 +684,7 @@ def body_step(cfg: dict, rec: Recorder) -> None:
                                          mm / 1e12, "bf16 matmul rate (measured): MFU", "higher"))
     rec.fragment("\n".join([
         f"Measured in this step: copy bandwidth **{bw / 1e12:.2f} TB/s**, bf16 matmul **{mm / 1e12:.0f} "
-        f"TFLOP/s**. `step ms`: the compiled step back to back; `× floor`: over (weight + KV bytes) / "
+        f"TFLOP/s**. `step ms`: the compiled step back to back in steady state (the time of 10 steps taken from that of 30); `× floor`: over (weight + KV bytes) / "
         "bandwidth; `runner ms`: through `ModelRunner.step`.", "",
         K._table(decode, [("model", "model", ""), ("batch", "batch", "d"), ("context", "context", "d"),
                           ("step_ms", "step ms", ".2f"), ("floor_ms", "floor ms", ".2f"),
@@ -736,10 +736,9 @@ def _engine_config(engine: dict):
 
 def body_host(cfg: dict, rec: Recorder) -> None:
     """Wall time per engine step in steady decode vs device time of the same compiled step back to back."""
-    import jax
     import numpy as np
 
-    from benchmarks.gpu.step import decode_work, run_back_to_back
+    from benchmarks.gpu.step import decode_work, steady_step_time
     from jaxdyn import SamplingParams
     from jaxdyn.engine.llm import build_engine
 
@@ -749,7 +748,8 @@ def body_host(cfg: dict, rec: Recorder) -> None:
     rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer: detokenization on), engine "
              f"{cfg['engine']}; greedy requests with ignore_eos, prompts of {cfg['prompt_len']} tokens; "
              f"{cfg['steps']} steady decode steps timed per point. `device ms`: the same compiled step "
-             "(same bucket, greedy) called back to back via `ModelRunner.prepare`; idle share = 1 - device / wall; "
+             "(same bucket, greedy) called back to back via `ModelRunner.prepare`, in steady state "
+             "(`benchmarks.gpu.step.steady_step_time`); idle share = 1 - device / wall; "
              "`host ms`: `EngineCore.host_time` per step less the wait for the device.")
     vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(0)
@@ -779,13 +779,7 @@ def body_host(cfg: dict, rec: Recorder) -> None:
         runner = engine.runner
         work = decode_work(rng, runner, vocab, batch, context)
         compiled, args, _ = runner.prepare(work)
-        jax.block_until_ready(run_back_to_back(runner, compiled, args, 3))
-        times = []
-        for _ in range(3):
-            t1 = time.perf_counter()
-            jax.block_until_ready(run_back_to_back(runner, compiled, args, cfg["steps"]))
-            times.append((time.perf_counter() - t1) / cfg["steps"])
-        device = float(np.median(times))
+        device = steady_step_time(runner, compiled, args, cfg["steps"])
         rows.append(dict(batch=batch, running=running, context=context, wall_ms=wall * 1e3,
                          device_ms=device * 1e3, idle=1 - device / wall, host_ms=host * 1e3, wait_ms=wait * 1e3,
                          host_share=host / wall))
