@@ -30,7 +30,9 @@ import argparse
 import datetime
 import functools
 import platform
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -45,6 +47,8 @@ PAGE = 16
 Q_HEADS, KV_HEADS = 32, 8
 ROTATE = 8                         # page tables per timed call
 LONG = 5                           # calls of the long timed jit per call of the short one
+TRACED_POINT = 1 << 14             # batch x context up to which a decode call is timed from a trace
+TRACED_RUNS = 5                    # traced runs of the ROTATE-call jit
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a dry run through Pallas interpret mode
 L2_BYTES = 64 << 20
 
@@ -166,13 +170,10 @@ def _decode_inputs(rng, batch: int, context: int, head_dim: int):
 
 def _rotating(attn, repeats: int = 1):
     """jit of ``repeats`` x ROTATE calls of ``attn``, each with its own page table (identical
-    calls would be merged by XLA); returns their sum."""
+    calls would be merged by XLA); returns every call's output (no op of its own between calls)."""
     def run(q, k_pages, v_pages, lens, tables):
-        acc = jnp.zeros(q.shape, jnp.float32)
-        for r in range(repeats):
-            for i in range(ROTATE):
-                acc += attn(q, k_pages, v_pages, lens, tables[r * ROTATE + i]).astype(jnp.float32)
-        return acc
+        return tuple(attn(q, k_pages, v_pages, lens, tables[r * ROTATE + i])
+                     for r in range(repeats) for i in range(ROTATE))
     return jax.jit(run)
 
 
@@ -210,6 +211,34 @@ def time_per_call(fn, inputs, difference: bool = True) -> float:
         return short / ROTATE
     long = _median_time(_rotating(fn, LONG), *inputs)
     return max(long - short, 1e-9) / ((LONG - 1) * ROTATE)
+
+
+def traced_time_per_call(fn, inputs) -> float:
+    """Seconds of GPU kernel time per call of ``fn``, from a profiler trace of TRACED_RUNS runs
+    of the ROTATE-call jit (every kernel of the call counted, the gaps between kernels not: in a
+    model step they are ~0). For calls of a few µs, where the difference of two wall times is
+    within the host's jitter (measured on an H200: the same batch-1 point read 9.1 and 13.2 µs in
+    two runs, and the bundled op 15.4 and 8.2 µs)."""
+    if INTERPRET:
+        return time_per_call(fn, inputs, difference=False)
+    from benchmarks.gpu.profile_step import kernel_events
+    jitted = _rotating(fn)
+    jax.block_until_ready(jitted(*inputs))
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(TRACED_RUNS):
+            jax.block_until_ready(jitted(*inputs))
+    busy_us = sum(dur for _, dur, _ in kernel_events(trace_dir))
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    return busy_us * 1e-6 / (TRACED_RUNS * ROTATE)
+
+
+def decode_time_per_call(fn, inputs, batch: int, context: int) -> float:
+    """The grid's timing of a decode point: ``traced_time_per_call`` up to TRACED_POINT
+    (batch x context), ``time_per_call`` above."""
+    if batch * context <= TRACED_POINT:
+        return traced_time_per_call(fn, inputs)
+    return time_per_call(fn, inputs)
 
 
 def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim: int = 128
@@ -256,13 +285,14 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
                 if kv_bytes > mem_budget:
                     continue
                 inputs = _decode_inputs(rng, batch, context, head_dim)
-                t_ours = time_per_call(_ours(blocks[head_dim]), inputs)
+                t_ours = decode_time_per_call(_ours(blocks[head_dim]), inputs, batch, context)
                 try:
-                    t_bundled = time_per_call(_bundled, inputs)
+                    t_bundled = decode_time_per_call(_bundled, inputs, batch, context)
                 except Exception as e:
                     print(f"bundled op failed at b{batch} c{context} d{head_dim}: {e}", file=sys.stderr)
                     t_bundled = float("nan")
-                t_ref = time_per_call(_reference, inputs) if kv_bytes * 3 < 8e9 else float("nan")
+                t_ref = (decode_time_per_call(_reference, inputs, batch, context) if kv_bytes * 3 < 8e9
+                         else float("nan"))
                 rows.append(dict(batch=batch, context=context, head_dim=head_dim, us=t_ours * 1e6,
                                  kv_gbs=kv_bytes / t_ours / 1e9, of_bw=kv_bytes / t_ours / bandwidth,
                                  vs_bundled=t_bundled / t_ours, bundled_us=t_bundled * 1e6,
@@ -275,9 +305,9 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
 
 # ----------------------------------------------------------------------------- prefill
 
-def sweep_prefill_blocks(rng, chunk: int, full: bool = False
+def sweep_prefill_blocks(rng, chunk: int, full: bool = False, head_dim: int = 128
                          ) -> tuple[ragged_prefill.PrefillBlockSizes, list[dict]]:
-    """Time the prefill kernel's block sizes on one fresh chunk and four (head_dim 128)."""
+    """Time the prefill kernel's block sizes on one fresh chunk and four."""
     if full:
         variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, g)
                     for r in (64, 128) for p in (2, 4, 8) for w in (4, 8) for s in (2, 3)
@@ -285,7 +315,8 @@ def sweep_prefill_blocks(rng, chunk: int, full: bool = False
     else:   # around the tuned entry; keys by row (by page lost at every point, H200)
         variants = [ragged_prefill.PrefillBlockSizes(r, p, w, s, "rows")
                     for r, p, w, s in ((128, 4, 4, 3), (128, 8, 8, 3), (128, 8, 4, 2), (256, 4, 8, 2),
-                                       (64, 8, 4, 3), (64, 4, 4, 3), (128, 8, 4, 3), (256, 8, 8, 2))]
+                                       (64, 8, 4, 3), (64, 4, 4, 3), (128, 8, 4, 3), (256, 8, 8, 2),
+                                       (128, 16, 8, 2), (256, 8, 8, 3))]
     if INTERPRET:
         variants = variants[:2]
     rows = []
@@ -294,7 +325,7 @@ def sweep_prefill_blocks(rng, chunk: int, full: bool = False
                    num_warps=v.num_warps, num_stages=v.num_stages, gather=v.gather)
         try:
             for nseq in (1, 4):
-                row[f"n{nseq}_us"] = _prefill_time(rng, 128, 0, chunk, nseq, v, reference=False)[0] * 1e6
+                row[f"n{nseq}_us"] = _prefill_time(rng, head_dim, 0, chunk, nseq, v, reference=False)[0] * 1e6
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append(row)
@@ -331,12 +362,14 @@ def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
 
 
 def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048,
-                 blocks128=None) -> list[dict]:
+                 blocks=None) -> list[dict]:
+    """``blocks``: {head_dim: PrefillBlockSizes} (absent: the tuned table's)."""
+    blocks = blocks or {}
     rows = []
     for head_dim in head_dims:
         for prefix, chunk, nseq in ((0, chunk, 1), (chunk, chunk, 1), (0, chunk, 4)):
-            t, t_ref = _prefill_time(rng, head_dim, prefix, chunk, nseq,
-                                     blocks128 if head_dim == 128 else None, reference=True)
+            t, t_ref = _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks.get(head_dim),
+                                     reference=True)
             # causal attention FLOPs: QK^T and PV, 2 flops per multiply-add, over the keys each query sees
             keys_seen = nseq * (chunk * prefix + chunk * (chunk + 1) / 2)
             flops = 4 * Q_HEADS * head_dim * keys_seen
@@ -367,8 +400,8 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
             return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
                                           sm_scale=128 ** -0.5,
                                           impl="interpret" if INTERPRET else "kernel")
-        t_entry = time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s))
-        t_kernel = time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables))
+        t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, context)
+        t_kernel = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live, context)
         kv_bytes = live * context * KV_HEADS * 128 * 2 * 2
         rows.append(dict(live=live, slots=slots, context=context, entry_us=t_entry * 1e6,
                          kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
@@ -401,8 +434,10 @@ def main(argv=None) -> str:
     ap.add_argument("--points", default=None,
                     help="decode grid points BxC or BxCxD[,...] (D: head_dim, default 128) instead of the full grid")
     ap.add_argument("--sweep-head-dims", default="128",
-                    help="head dims whose decode block sizes are swept (comma-separated), each winner "
-                         "used for its head_dim's grid points")
+                    help="head dims whose block sizes are swept (comma-separated), each winner used for "
+                         "its head_dim's grid points and prefill rows")
+    ap.add_argument("--sweep-kernels", default="decode,prefill",
+                    help="which kernels' block sizes are swept (decode, prefill or both)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
@@ -411,6 +446,7 @@ def main(argv=None) -> str:
         f" --sweep {args.sweep}" if args.sweep != "small" else "") + (
         f" --points {args.points}" if args.points else "") + (
         f" --sweep-head-dims {args.sweep_head_dims}" if args.sweep_head_dims != "128" else "") + (
+        f" --sweep-kernels {args.sweep_kernels}" if args.sweep_kernels != "decode,prefill" else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -433,7 +469,10 @@ def main(argv=None) -> str:
          f"given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × 2 B. "
          f"Each timed call reads pages of its own shuffled page table (rotating past the L2). "
          f"Grid and prefill times are device time back to back: the wall time of {ROTATE} calls in one "
-         f"jit subtracted from that of {LONG * ROTATE} (the jit's fixed dispatch cost drops out); "
+         f"jit subtracted from that of {LONG * ROTATE} (the jit's fixed dispatch cost drops out); decode "
+         f"points of batch × context ≤ {TRACED_POINT}, whose calls take a few µs, are timed as GPU kernel "
+         f"time from a profiler trace of {TRACED_RUNS} runs of the {ROTATE}-call jit instead (a wall-time "
+         f"difference is within the host's jitter there); "
          f"sweeps rank variants by the wall time of {ROTATE} calls / {ROTATE}.", "")
 
     correctness = check_correctness(rng)
@@ -453,8 +492,12 @@ def main(argv=None) -> str:
         sweep_points = [(1, 2048), (32, 2048), (64, 2048), (8, 8192)]
 
     best = {d: paged_decode.decode_block_sizes(d, PAGE) for d in (128, 64)}
-    if args.sweep != "none":
-        for head_dim in (int(d) for d in args.sweep_head_dims.split(",")):
+    sweep_dims = [int(d) for d in args.sweep_head_dims.split(",")]
+    sweep_kernels = set(args.sweep_kernels.split(","))
+    if sweep_kernels - {"decode", "prefill"}:
+        ap.error("--sweep-kernels takes decode and/or prefill")
+    if args.sweep != "none" and "decode" in sweep_kernels:
+        for head_dim in sweep_dims:
             best[head_dim], sweep = sweep_decode_blocks(rng, sweep_points, full=args.sweep == "full",
                                                         head_dim=head_dim)
             print(f"decode block sweep winner (head_dim {head_dim})", best[head_dim], flush=True)
@@ -481,23 +524,25 @@ def main(argv=None) -> str:
          f"Decode block sizes used: head_dim 128 {best[128]}; head_dim 64 {best[64]}.", "")
 
     chunk = 64 if INTERPRET else 2048
-    best_prefill = ragged_prefill.prefill_block_sizes(128, PAGE)
-    if args.sweep != "none":
-        best_prefill, prefill_sweep = sweep_prefill_blocks(rng, chunk, full=args.sweep == "full")
-        print("prefill block sweep winner", best_prefill, flush=True)
-        emit("### Prefill block-size sweep (µs per call, fresh 2048-token chunks, head_dim 128)", "",
-             _table(prefill_sweep, [("block_rows", "rows", "d"), ("pages_per_block", "pages/block", "d"),
-                                    ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
-                                    ("gather", "gather", ""),
-                                    ("n1_us", "1 chunk µs", ".0f"), ("n4_us", "4 chunks µs", ".0f"),
-                                    ("error", "error", "")]))
-    prefill = prefill_rows(rng, matmul, head_dims, chunk=chunk, blocks128=best_prefill)
+    best_prefill = {d: ragged_prefill.prefill_block_sizes(d, PAGE) for d in (128, 64)}
+    if args.sweep != "none" and "prefill" in sweep_kernels:
+        for head_dim in sweep_dims:
+            best_prefill[head_dim], prefill_sweep = sweep_prefill_blocks(
+                rng, chunk, full=args.sweep == "full", head_dim=head_dim)
+            print(f"prefill block sweep winner (head_dim {head_dim})", best_prefill[head_dim], flush=True)
+            emit(f"### Prefill block-size sweep, head_dim {head_dim} (µs per call, fresh 2048-token chunks)", "",
+                 _table(prefill_sweep, [("block_rows", "rows", "d"), ("pages_per_block", "pages/block", "d"),
+                                        ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
+                                        ("gather", "gather", ""),
+                                        ("n1_us", "1 chunk µs", ".0f"), ("n4_us", "4 chunks µs", ".0f"),
+                                        ("error", "error", "")]))
+    prefill = prefill_rows(rng, matmul, head_dims, chunk=chunk, blocks=best_prefill)
     emit("### Prefill (ragged kernel, causal)", "",
          _table(prefill, [("head_dim", "head_dim", "d"), ("sequences", "sequences", "d"),
                           ("prefix", "cached prefix", "d"), ("chunk", "chunk", "d"), ("us", "µs", ".0f"),
                           ("tflops", "TFLOP/s", ".0f"), ("of_matmul", "of matmul", ".2f"),
                           ("vs_reference", "× reference", ".2f")]),
-         f"Prefill block sizes used (head_dim 128): {best_prefill}.", "")
+         f"Prefill block sizes used: head_dim 128 {best_prefill[128]}; head_dim 64 {best_prefill[64]}.", "")
 
     overhead = entry_overhead(rng, best[128], ((2, 4, 64),) if INTERPRET else
                               ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048)))
