@@ -335,7 +335,7 @@ class ModelRunner:
         each (tokens, pages) shape is compiled alone, one after another, so XLA autotunes that
         shape's matrix products with the GPU to itself (its process-wide autotuning cache then
         serves the other variants); the other variants are compiled on ``warmup_threads()``
-        threads at once once those are done (each compilation runs in XLA without the GIL)."""
+        threads at once after those are done (each compilation runs in XLA without the GIL)."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
@@ -351,7 +351,7 @@ class ModelRunner:
             for key in keys:
                 first_of_shape.setdefault(key[:2], key)
             alone = list(first_of_shape.values())
-            rest = [k for k in keys if k not in set(alone)]
+            rest = [k for k in keys if k not in first_of_shape.values()]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
                 firsts = {first_pool.submit(self.lower(*key).compile): key for key in alone}
