@@ -1,4 +1,5 @@
-"""Benchmark prompts, reproducible from a seed: random, shared-prefix, multi-turn and ShareGPT datasets.
+"""Benchmark prompts, reproducible from a seed: random, shared-prefix, multi-turn, ShareGPT, and
+ShareGPT-shaped random prompts (``sharegpt-lengths``: the lengths of ShareGPT, no file needed).
 
 Lengths are in tokens of the given tokenizer. Random text is drawn from the
 tokenizer's vocabulary (special tokens excluded), decoded and re-encoded until
@@ -21,7 +22,7 @@ import numpy as np
 
 from serving.bench import BenchError
 
-DATASETS = ("random", "prefix", "multiturn", "sharegpt")
+DATASETS = ("random", "prefix", "multiturn", "sharegpt", "sharegpt-lengths")
 
 # Text for runs without a tokenizer: common short English words (one token each in most vocabularies).
 WORDS = ("the of and to in is was he for it with as his on be at by had are but from or have an they "
@@ -104,7 +105,9 @@ def add_arguments(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
                    help="random: random token lengths; prefix: --num-prefixes shared prefixes of --prefix-len "
                    "tokens with distinct --suffix-len suffixes; multiturn: conversations of --num-turns turns "
                    "that resend their history (earlier prompts and the actual replies); sharegpt: the first "
-                   "exchange of each conversation of the ShareGPT JSON file --dataset-path")
+                   "exchange of each conversation of the ShareGPT JSON file --dataset-path; sharegpt-lengths: random "
+                   "prompts and max_tokens drawn from ShareGPT's length distribution as vLLM samples it (mean 215 "
+                   "prompt / 198 output tokens, Llama-3 tokenizer), for runs without the file")
     p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset sharegpt)")
     p.add_argument("--num-prompts", type=int, default=200, help="requests to send (multiturn: all turns)")
     if seed:
@@ -166,6 +169,8 @@ def load_samples(args, source: PromptSource, n: int | None = None) -> list[Sampl
         return prefix_samples(source, n, args.num_prefixes, args.prefix_len, args.suffix_len, output_len)
     if args.dataset == "multiturn":
         return multiturn_samples(source, n, args.num_turns, args.turn_len, output_len)
+    if args.dataset == "sharegpt-lengths":
+        return sharegpt_length_samples(source, n)
     return sharegpt_samples(source, args.dataset_path, n, args.output_len)
 
 
@@ -243,3 +248,55 @@ def sharegpt_samples(source: PromptSource, path: str, n: int, output_len: int | 
             return samples
     raise BenchError(f"--dataset-path {path}: only {len(samples)} usable conversations, fewer than "
                      f"--num-prompts {n}")
+
+
+# ShareGPT as vLLM's sampler draws it (first exchange of each conversation, seed 0; dropped: prompt or reply
+# under 4 tokens, prompt over 1024, prompt + reply over 2048), Llama-3 tokenizer, 1,000 prompts: 215,196
+# prompt tokens and 198,343 reply tokens (vLLM benchmark_throughput with ignore_eos, as reprinted from
+# zhihu.com/p/1928005367754884226; the same 215,196 appears in vLLM benchmark_serving logs). The shape of the
+# prompt lengths follows the prompt-length CDF printed in sgl-project/sglang PR #1853 (Llama-3 tokenizer,
+# 1,003 ShareGPT requests): its bins below, log-uniform inside each bin. No published shape of the reply
+# lengths was found: they are lognormal with sigma 1 (median = mean / e^0.5), an assumption.
+SHAREGPT_MEAN_PROMPT = 215.196
+SHAREGPT_MEAN_OUTPUT = 198.343
+_SHAREGPT_PROMPT_BINS = ((4, 20, 244), (20, 50, 148), (50, 100, 89), (100, 200, 89), (200, 500, 276),
+                         (500, 1000, 155), (1000, 1024, 2))          # (low, high, requests of 1,003)
+_SHAREGPT_OUTPUT_SIGMA = 1.0
+
+
+def sharegpt_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt lengths, output lengths) of ``n`` requests shaped like vLLM's ShareGPT sample: prompts in
+    [4, 1024], replies >= 4, prompt + reply <= 2048, and the two means equal to ShareGPT's (215.2, 198.3)
+    to within rounding for any ``n`` large enough to hold them."""
+    lows, highs, counts = (np.array(c, np.float64) for c in zip(*_SHAREGPT_PROMPT_BINS))
+    which = rng.choice(len(counts), n, p=counts / counts.sum())
+    u = rng.random(n)
+    prompt = np.exp(np.log(lows[which]) + u * (np.log(highs[which]) - np.log(lows[which])))
+    z = rng.standard_normal(n)
+    output = np.exp(np.log(SHAREGPT_MEAN_OUTPUT) - _SHAREGPT_OUTPUT_SIGMA ** 2 / 2 + _SHAREGPT_OUTPUT_SIGMA * z)
+    prompt = _scaled_to_mean(prompt, SHAREGPT_MEAN_PROMPT, 4, np.full(n, 1024))
+    output = _scaled_to_mean(output, SHAREGPT_MEAN_OUTPUT, 4, 2048 - prompt)
+    return prompt, output
+
+
+def _scaled_to_mean(x: np.ndarray, mean: float, low: int, high: np.ndarray) -> np.ndarray:
+    """x scaled so that, rounded and clipped to [low, high], its mean is ``mean`` (bisection on the scale)."""
+    lo, hi = 0.0, 4.0 * mean / max(float(x.mean()), 1e-9)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.clip(np.rint(x * mid), low, high).mean() < mean:
+            lo = mid
+        else:
+            hi = mid
+    return np.clip(np.rint(x * hi), low, high).astype(np.int64)
+
+
+def sharegpt_length_samples(source: PromptSource, n: int) -> list[Sample]:
+    """Random prompts with ShareGPT's lengths (``sharegpt_lengths``); max_tokens = the drawn reply length.
+    Prompt lengths are exact with a tokenizer or token ids; without either, in words."""
+    prompts, outputs = sharegpt_lengths(source.rng, n)
+    out = []
+    for i, o in zip(prompts, outputs):
+        prompt = source.make(int(i))
+        out.append(Sample(prompt, source.count(prompt), int(o)))
+    return out

@@ -267,6 +267,34 @@ def test_sharegpt_file_gives_first_exchanges_filtered_as_vllm_does(tmp_path, dem
     assert all(s.output_len == 7 and s.prompt_len is None for s in words)
 
 
+def test_sharegpt_lengths_match_sharegpt_totals_and_vllm_filters():
+    p, o = datasets.sharegpt_lengths(np.random.default_rng(0), 1000)
+    assert (p.sum(), o.sum()) == (215196, 198343)          # vLLM's ShareGPT sample, Llama-3 tokenizer
+    assert p.min() >= 4 and p.max() <= 1024 and o.min() >= 4 and (p + o).max() <= 2048
+    assert 0.20 < (p <= 20).mean() < 0.30 and 0.78 < (p <= 500).mean() < 0.90   # the published prompt CDF
+    assert np.median(o) < o.mean() / 1.3                    # a long tail of replies, not a fixed length
+    p2, o2 = datasets.sharegpt_lengths(np.random.default_rng(1), 1000)
+    assert (p2.sum(), o2.sum()) == (215196, 198343) and not np.array_equal(p, p2)
+
+
+def test_sharegpt_lengths_dataset_prompts_are_exact_with_a_tokenizer(demo_tokenizer):
+    source = PromptSource(np.random.default_rng(0), demo_tokenizer)
+    samples = datasets.sharegpt_length_samples(source, 30)
+    p, o = datasets.sharegpt_lengths(np.random.default_rng(0), 30)
+    assert [s.output_len for s in samples] == o.tolist()
+    assert [len(demo_tokenizer.encode(s.prompt, add_special_tokens=False)) for s in samples] == p.tolist()
+    ids = datasets.sharegpt_length_samples(PromptSource(np.random.default_rng(0), vocab_size=500), 30)
+    assert [len(s.prompt) for s in ids] == p.tolist()
+
+
+def test_sharegpt_lengths_run_against_the_fake_server(tmp_path):
+    with FakeOpenAI(ttft=0.01, itl=0.001) as fake:
+        doc = bench(tmp_path, fake.url, "--dataset", "sharegpt-lengths", "--num-prompts", "8")
+        sent = sorted(b["max_tokens"] for b in fake.bodies)
+    assert sent == sorted(datasets.sharegpt_lengths(datasets.seeded_rng(0, 1, 0), 8)[1].tolist())
+    assert doc["runs"][0]["summary"]["completed"] == 8
+
+
 def test_sharegpt_run_against_the_fake_server(tmp_path):
     convs = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "a b c"}]}
              for i in range(6)]
