@@ -39,6 +39,11 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
     # offline: output tok/s against the published anchors, the prefix dataset against the random one
     anchors = {f["anchor_key"] for f in figures["offline"] if f["anchor_key"]}
     assert anchors == {"vllm_h100_offline", "sglang_h100_offline", "sglang030_a100_rate_inf"}
+    # ... set beside the ShareGPT-shaped run (the anchors' workload), not the random one
+    assert all("sharegpt-lengths" in f["name"] for f in figures["offline"] if f["anchor_key"])
+    # the runs' matmul FLOP/s against the matmul rate measured in the same process (not for the prefix run)
+    mfu = sorted(f["name"] for f in figures["offline"] if f["unit"] == "TFLOP/s")
+    assert mfu == ["offline matmul TFLOP/s, random 64/16", "offline matmul TFLOP/s, sharegpt-lengths (mean 215/198)"]
     assert all(f["value"] > 0 and f["ratio"] > 0 for f in figures["offline"])
     # step: decode against its memory floor, prefill against the matmul rate
     assert {f["unit"] for f in figures["step"]} >= {"ms", "TFLOP/s"}

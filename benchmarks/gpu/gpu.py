@@ -62,39 +62,44 @@ PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_
 
 
 def serve_runs(quick: bool) -> list[dict]:
-    runs = [dict(label="random 1024/128, rate inf", dataset="random", num_prompts=64 if quick else 200,
-                 input_len=1024, output_len=128, request_rate="inf", num_warmups=2)]
-    if not quick:
-        runs += [dict(label="random 1024/128, 4 req/s", dataset="random", num_prompts=40, input_len=1024,
-                      output_len=128, request_rate="4"),
-                 dict(label="prefix 960+64/128, rate inf", dataset="prefix", num_prompts=200, prefix_len=960,
-                      suffix_len=64, num_prefixes=4, output_len=128, request_rate="inf")]
-    return runs
+    """Issue 10's serving runs: random 1024/128 and prefix-heavy, 1,000 prompts each at rate inf; the
+    ShareGPT-shaped dataset (the published anchors' workload) at rate inf and at 4 req/s."""
+    if quick:
+        return [dict(label="random 1024/128, rate inf", dataset="random", num_prompts=64, input_len=1024,
+                     output_len=128, request_rate="inf", num_warmups=2)]
+    return [dict(label="random 1024/128, rate inf", dataset="random", num_prompts=1000, input_len=1024,
+                 output_len=128, request_rate="inf", num_warmups=2),
+            dict(label="sharegpt-lengths, rate inf", dataset="sharegpt-lengths", num_prompts=1000,
+                 request_rate="inf"),
+            dict(label="sharegpt-lengths, 4 req/s", dataset="sharegpt-lengths", num_prompts=120, request_rate="4"),
+            dict(label="prefix 960+64/128, rate inf", dataset="prefix", num_prompts=1000, prefix_len=960,
+                 suffix_len=64, num_prefixes=4, output_len=128, request_rate="inf")]
 
 
 def offline_datasets(quick: bool, num_prompts: int) -> list[dict]:
     sets = [dict(dataset="random", num_prompts=num_prompts, input_len=1024, output_len=128, num_warmups=4)]
     if not quick:
-        sets.append(dict(dataset="prefix", num_prompts=num_prompts, prefix_len=960, suffix_len=64, num_prefixes=4,
-                         output_len=128, num_warmups=4))
+        sets += [dict(dataset="sharegpt-lengths", num_prompts=num_prompts, num_warmups=4),
+                 dict(dataset="prefix", num_prompts=num_prompts, prefix_len=960, suffix_len=64, num_prefixes=4,
+                      output_len=128, num_warmups=4)]
     return sets
 
 
 def step_models(quick: bool, model: str, full_grid: bool) -> list[dict]:
-    """The step section's points: a fit for the one-call budget, or step.py's whole grid (about 9 minutes:
-    run it alone, ``--sections step --full-grid``)."""
-    if full_grid:
-        return [dict(name=n, batches=[1, 8, 64, 256], contexts=[512, 2048], budget_s=b)
-                for n, b in (("llama-3.2-1b", 180), (model, 360))]
+    """The step section's points: the 8B shape at issue 10's grid (batch 1/8/64/256 x context 512/2048), or
+    with ``--full-grid`` the 1B shape's grid too (about 5 minutes more: run it alone)."""
     if quick:
         return [dict(name=model, batches=[1, 64], contexts=[2048], budget_s=60)]
-    # the 8B shape at the points issue 10's targets name (batch 1 and 64, context 2048) and at 512
-    return [dict(name=model, batches=[1, 64], contexts=[512, 2048], budget_s=80)]
+    grid = [dict(name=model, batches=[1, 8, 64, 256], contexts=[512, 2048], budget_s=150)]
+    if full_grid:
+        grid.insert(0, dict(name="llama-3.2-1b", batches=[1, 8, 64, 256], contexts=[512, 2048], budget_s=150))
+    return grid
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
          full_grid: bool = False) -> suite.Plan:
-    """The GPU plan; budgets sum to 515 s with the probe (425 s with ``quick``)."""
+    """The GPU plan; budgets sum to 690 s with the probe (425 s with ``quick``): more than one device call's
+    600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``)."""
     host_engine = dict(ENGINE, token_buckets=[16, 64, 256, 2048], enable_prefix_caching=False)
     return suite.Plan(
         name="gpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.gpu", expect_platform="gpu",
@@ -104,10 +109,10 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
                "per token). Published anchors ran real weights on ShareGPT: their ratios place us, they do not "
                "rank.",),
         sections=(
-            suite.serve_section(180 if quick else 230, model=model, engine=ENGINE, runs=serve_runs(quick),
+            suite.serve_section(180 if quick else 270, model=model, engine=ENGINE, runs=serve_runs(quick),
                                 ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV),
-            suite.offline_section(60 if quick else 75, model=model, engine=ENGINE,
-                                  datasets=offline_datasets(quick, offline_prompts or (100 if quick else 300))),
+            suite.offline_section(60 if quick else 140, model=model, engine=ENGINE,
+                                  datasets=offline_datasets(quick, offline_prompts or (100 if quick else 1000))),
             suite.host_section(45 if quick else 50, model=model, engine=host_engine,
                                batches=[64] if quick else [64, 256], prompt_len=512, max_tokens=1024, steps=30),
             suite.step_section(step_models(quick, model, full_grid), bandwidth_gib=4.0, matmul_n=8192),

@@ -154,11 +154,12 @@ def host_section(budget_s: float, *, model: str, engine: dict, batches: list[int
 
 
 def offline_section(budget_s: float, *, model: str, engine: dict, datasets: list[dict],
-                    dtype: str = "bfloat16") -> Section:
-    """``datasets``: [{"dataset": "random"|"prefix", "num_prompts", ...lengths}]."""
+                    dtype: str = "bfloat16", matmul_n: int = 8192) -> Section:
+    """``datasets``: [{"dataset": "random"|"prefix"|"sharegpt-lengths", "num_prompts", ...lengths}];
+    ``matmul_n``: the size of the matmul whose rate the runs' matmul FLOP/s are set against."""
     return Section("offline", "Offline throughput (jaxdyn bench offline)",
                    (Step("offline", budget_s, {"model": model, "engine": engine, "datasets": datasets,
-                                               "dtype": dtype}),), ENGINE_MODULES)
+                                               "dtype": dtype, "matmul_n": matmul_n}),), ENGINE_MODULES)
 
 
 def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict], ready_timeout_s: float,
@@ -194,8 +195,11 @@ def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
                               dict(label="prefix 48+16/16, rate inf", dataset="prefix", num_prompts=12,
                                    prefix_len=48, suffix_len=16, num_prefixes=2, output_len=16,
                                    request_rate="inf")]),
-            offline_section(60, model="tiny", dtype="float32", engine=engine, datasets=[
+            # its engine takes ShareGPT-shaped requests (up to 2048 tokens) too
+            offline_section(90, model="tiny", dtype="float32", matmul_n=256,
+                            engine=dict(engine, max_model_len=2048, page_buckets=[16, 128]), datasets=[
                 dict(dataset="random", num_prompts=24, input_len=64, output_len=16, num_warmups=2),
+                dict(dataset="sharegpt-lengths", num_prompts=8, num_warmups=0),
                 dict(dataset="prefix", num_prompts=24, prefix_len=48, suffix_len=16, num_prefixes=2,
                      output_len=16, num_warmups=2)]),
             host_section(60, model="tiny", engine=dict(engine, token_buckets=[4, 16, 128],
@@ -825,7 +829,9 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
     llm = LLM(engine=engine)
     rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer), engine {cfg['engine']}; loaded in "
              f"{load_s:.1f} s, warm-up (every bucket, every sampler variant) {warmup_s:.1f} s.")
-    rows, base = [], None
+    rows, base, tflops_figs = [], None, []
+    anchor_ds = anchor_dataset(cfg["datasets"])
+    mc = engine.model_config
     for ds in cfg["datasets"]:
         args = _dataset_args(ds)
         datasets.check_arguments(args)
@@ -837,26 +843,74 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                     f"{flags} (engine as above)")
         s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
         s.pop("per_request")
-        label = (f"{ds['dataset']} {ds.get('input_len', 1024)}/{ds.get('output_len', 128)}"
-                 if ds["dataset"] == "random" else
-                 f"{ds['dataset']} {ds.get('prefix_len')}+{ds.get('suffix_len')}/{ds.get('output_len', 128)}")
+        label = dataset_label(ds)
+        # matmul FLOPs of the run (every prompt token computed: not for the prefix dataset, whose cache hits
+        # skip most of them), over its duration
+        tflops = (matmul_flops(mc, s["total_input_tokens"], s["total_output_tokens"]) / s["duration_s"] / 1e12
+                  if ds["dataset"] != "prefix" and s["duration_s"] else None)
         rows.append(dict(dataset=label, prompts=s["requests"], duration=s["duration_s"],
-                         req_s=s["request_throughput"], in_tok_s=s["input_throughput"],
-                         out_tok_s=s["output_throughput"]))
+                         req_s=s["request_throughput"], in_tokens=s["total_input_tokens"],
+                         out_tokens=s["total_output_tokens"], in_tok_s=s["input_throughput"],
+                         out_tok_s=s["output_throughput"], tflops=tflops))
         out = s["output_throughput"]
-        if ds["dataset"] == "random" and base is None:
+        is_base = ds["dataset"] == "random" and base is None
+        if is_base:
             base = out
+        if ds["dataset"] == anchor_ds and not any(f.get("anchor_key") == "vllm_h100_offline"
+                                                  for f in rec.doc["figures"]):
             rec.doc["figures"] += [
                 anchored(f"offline output tok/s, {label}", out, "vllm_h100_offline", "higher"),
                 anchored(f"offline output tok/s, {label}", out, "sglang_h100_offline", "higher"),
                 anchored(f"offline output tok/s, {label}", out, "sglang030_a100_rate_inf", "higher")]
+        elif is_base:
+            pass        # the anchor of the runs after it (its figures are in the table)
         else:
             rec.doc["figures"].append(figure(f"offline output tok/s, {label}", out, "tok/s", base,
                                              "the random dataset's run" if base else "", "higher"))
+        if tflops is not None:
+            tflops_figs.append((label, tflops))
         from benchmarks.kernels import _table
         rec.fragment(_table(rows, [("dataset", "dataset", ""), ("prompts", "prompts", "d"),
                                    ("duration", "seconds", ".1f"), ("req_s", "requests/s", ".2f"),
-                                   ("in_tok_s", "input tok/s", ".0f"), ("out_tok_s", "output tok/s", ".0f")]))
+                                   ("in_tokens", "input tokens", "d"), ("out_tokens", "output tokens", "d"),
+                                   ("in_tok_s", "input tok/s", ".0f"), ("out_tok_s", "output tok/s", ".0f"),
+                                   ("tflops", "matmul TFLOP/s", ".0f")]))
+    from benchmarks.kernels import measure_matmul
+    rate = measure_matmul(cfg.get("matmul_n", 8192)) / 1e12
+    for label, tflops in tflops_figs:
+        rec.add(figure(f"offline matmul TFLOP/s, {label}", tflops, "TFLOP/s", rate,
+                       "bf16 matmul rate (measured after the runs): the run's MFU", "higher"))
+    rec.note(f"matmul TFLOP/s: 2 x (every layer's matmul parameters) x (input + output tokens) + 2 x the LM "
+             f"head's parameters x output tokens, over the run's duration (attention left out), against a bf16 "
+             f"{cfg.get('matmul_n', 8192)}^3 matmul measured in this process after the runs: {rate:.0f} TFLOP/s. "
+             "Not given for the prefix dataset (its cache hits skip most prompt tokens).")
+
+
+def dataset_label(ds: dict) -> str:
+    d = ds["dataset"]
+    if d == "random":
+        return f"random {ds.get('input_len', 1024)}/{ds.get('output_len', 128)}"
+    if d == "prefix":
+        return f"prefix {ds.get('prefix_len')}+{ds.get('suffix_len')}/{ds.get('output_len', 128)}"
+    if d == "sharegpt-lengths":
+        return "sharegpt-lengths (mean 215/198)"
+    return d
+
+
+def anchor_dataset(sets: list[dict]) -> str:
+    """The dataset whose rate-inf throughput stands beside the published ShareGPT figures: the
+    ShareGPT-shaped one when the plan has it, else random."""
+    return "sharegpt-lengths" if any(d["dataset"] == "sharegpt-lengths" for d in sets) else "random"
+
+
+def matmul_flops(mc, input_tokens: int, output_tokens: int) -> float:
+    """2 x matmul parameters x tokens: every layer's projections for each computed token (input + output),
+    the LM head for each output token (a prompt's last row gives the first output token)."""
+    hd = mc.head_dim
+    layer = (mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * hd + mc.num_heads * hd * mc.hidden_size
+             + 3 * mc.hidden_size * mc.intermediate_size)
+    return 2.0 * (mc.num_layers * layer * (input_tokens + output_tokens)
+                  + mc.hidden_size * mc.vocab_size * output_tokens)
 
 
 def _free_port() -> int:
@@ -957,6 +1011,7 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
              + ("empty" if entries == 0 else f"NOT empty ({entries} entries from earlier sections: not a cold "
                 "start)") + "; second start: the same directory, warm.")
     rows: list[dict] = []
+    anchor_ds, anchored_done = anchor_dataset(cfg["runs"]), False
 
     def table():
         from benchmarks.kernels import _table
@@ -994,9 +1049,11 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                              seconds=s.get("duration_s")))
             table()
             out = s.get("output_throughput")
-            if run["request_rate"] == "inf" and run["dataset"] == "random":
+            if run["request_rate"] == "inf" and run["dataset"] == anchor_ds and not anchored_done:
+                anchored_done = True
                 rec.add(anchored(f"serve output tok/s, {run['label']}", out, "sglang030_a100_rate_inf", "higher"),
-                        anchored(f"serve output tok/s, {run['label']}", out, "sglang_h100_offline", "higher"))
+                        anchored(f"serve output tok/s, {run['label']}", out, "sglang_h100_offline", "higher"),
+                        anchored(f"serve output tok/s, {run['label']}", out, "vllm_h100_offline", "higher"))
             elif run["request_rate"] != "inf":
                 rec.add(anchored(f"median ITL, {run['label']}", s.get("median_itl_ms"), "sglang030_a100_rate4_itl",
                                  "lower"),
@@ -1005,10 +1062,13 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                         anchored(f"median TPOT, {run['label']}", s.get("median_tpot_ms"),
                                  "sglang030_a100_rate4_tpot", "lower"))
             else:
-                base = next((r["out_tok_s"] for r in rows if r["run"].startswith("random")
-                             and r.get("out_tok_s")), None)
-                rec.add(figure(f"serve output tok/s, {run['label']}", out, "tok/s", base,
-                               "the random rate-inf run", "higher"))
+                base_row = next((r for r in rows if r["run"].startswith("random") and r.get("out_tok_s")), None)
+                base = base_row["out_tok_s"] if base_row else None
+                if base_row is rows[-1]:
+                    rec.add(figure(f"serve output tok/s, {run['label']}", out, "tok/s", None, "", "higher"))
+                else:
+                    rec.add(figure(f"serve output tok/s, {run['label']}", out, "tok/s", base,
+                                   "the random rate-inf run", "higher"))
             if s.get("failed"):
                 rec.note(f"{run['label']}: {s['failed']} requests failed: {s.get('errors')}")
     finally:

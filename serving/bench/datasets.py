@@ -266,7 +266,7 @@ _SHAREGPT_OUTPUT_SIGMA = 1.0
 
 def sharegpt_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(prompt lengths, output lengths) of ``n`` requests shaped like vLLM's ShareGPT sample: prompts in
-    [4, 1024], replies >= 4, prompt + reply <= 2048, and the two means equal to ShareGPT's (215.2, 198.3)
+    [4, 1024], replies >= 4, prompt + reply <= 2047 (2048 with a BOS), and the two means equal to ShareGPT's (215.2, 198.3)
     to within rounding for any ``n`` large enough to hold them."""
     lows, highs, counts = (np.array(c, np.float64) for c in zip(*_SHAREGPT_PROMPT_BINS))
     which = rng.choice(len(counts), n, p=counts / counts.sum())
@@ -275,7 +275,7 @@ def sharegpt_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
     z = rng.standard_normal(n)
     output = np.exp(np.log(SHAREGPT_MEAN_OUTPUT) - _SHAREGPT_OUTPUT_SIGMA ** 2 / 2 + _SHAREGPT_OUTPUT_SIGMA * z)
     prompt = _scaled_to_mean(prompt, SHAREGPT_MEAN_PROMPT, 4, np.full(n, 1024))
-    output = _scaled_to_mean(output, SHAREGPT_MEAN_OUTPUT, 4, 2048 - prompt)
+    output = _scaled_to_mean(output, SHAREGPT_MEAN_OUTPUT, 4, 2047 - prompt)    # + BOS: 2048 at most
     return prompt, output
 
 
