@@ -91,6 +91,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="step sizes compiled at warm-up, e.g. 16,64,512 (default: powers of two)")
     p.add_argument("--page-buckets", default=None,
                    help="page-table widths compiled at warm-up (default: powers of two)")
+    p.add_argument("--executable-cache", default=None, metavar="DIR",
+                   help="save the compiled steps here and load them at the next start (no tracing or compiling "
+                   "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
+                   "compilation cache ($JAX_COMPILATION_CACHE_DIR) when that is set, else none")
+    p.add_argument("--no-executable-cache", dest="executable_cache", action="store_const", const="",
+                   help="neither load nor save compiled steps")
 
 
 def _engine_config(args):
@@ -116,9 +122,15 @@ def _engine_config(args):
             buckets[name] = vals
     if "token_buckets" in buckets and buckets["token_buckets"][-1] < args.max_num_batched_tokens:
         raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
+    from jaxdyn.engine.executable_cache import default_directory
+    cache = getattr(args, "executable_cache", None)
+    cache = default_directory() if cache is None else (cache or None)
+    if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
+        raise CLIError(f"--executable-cache {cache}: not a directory")
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        seed=args.seed, enable_prefix_caching=args.prefix_cache, **buckets)
+                        seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
+                        **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

@@ -24,18 +24,18 @@ its compiled steps:
 | section | budget s | what |
 |---|---:|---|
 | probe | 30 | device kind and count (a GPU must be there) |
-| serve | 230 | ``jaxdyn serve`` 8B: first start (empty cache), bench serve random 1024/128 at rate inf and at 4 req/s, prefix dataset; second start (cache warm) |
-| offline | 75 | ``jaxdyn bench offline`` 8B: random 1024/128 and prefix-heavy, 300 prompts each (``--offline-prompts N``) |
+| serve | 270 | ``jaxdyn serve`` 8B: first start (empty cache), bench serve random 1024/128, ShareGPT-shaped (``sharegpt-lengths``) and prefix-heavy at rate inf (1,000 prompts each), ShareGPT-shaped at 4 req/s; second start (cache warm) |
+| offline | 140 | ``jaxdyn bench offline`` 8B: random 1024/128, ShareGPT-shaped and prefix-heavy, 1,000 prompts each (``--offline-prompts N``), MFU of each run |
 | host | 50 | device idle share between engine steps at 64 and 256 running requests (8B) |
-| step | 80 | decode step vs memory floor, prefill MFU: 8B at batch 1/64 × context 512/2048 (``--full-grid``: 1B and 8B at batch 1/8/64/256 × context 512/2048, alone) |
+| step | 150 | decode step vs memory floor, prefill MFU: 8B at batch 1/8/64/256 × context 512/2048 (``--full-grid``: the 1B shape's grid too) |
 | kernels | 50 | ``python -m benchmarks.kernels --quick --sweep none`` |
 
-Sections 485 s + probe 30 s = 515 s. GPU settings: every process that opens the
+Sections 660 s + probe 30 s = 690 s: two device calls (``--sections serve,offline``, then the rest). GPU settings: every process that opens the
 GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
 that drives the server and the ``bench serve`` client run with
 ``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
 only process on the GPU while it runs. The engine sections size their KV pool
-explicitly (16,384 pages × 2 MiB for the 8B shape, beside 16 GB of weights).
+explicitly (serve and offline: 32,768 pages × 2 MiB for the 8B shape, beside 16 GB of weights; host: 16,384).
 """
 
 from __future__ import annotations
@@ -51,11 +51,15 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
     ("A100", 2.039e12, 312e12, "NVIDIA A100 80GB SXM datasheet: 2.0 TB/s, 312 TFLOP/s bf16 dense"),
 )
 
-# One engine shape for serve, host and offline (the same compiled steps, so later sections hit the cache):
-# a page bucket of the whole model length and three token buckets (16: a few decoding requests; 256: up to
-# max_num_seqs decoding; 2048: prefill chunks), 3 x 3 sampler variants = 9 steps compiled at warm-up.
-ENGINE = dict(page_size=16, num_pages=16384, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=2048,
-              token_buckets=[16, 256, 2048], page_buckets=[128])
+# One engine shape for serve and offline (the same compiled steps, so offline loads the server's from the
+# executable cache): a page bucket of the whole model length and five token buckets, 5 x 3 sampler variants =
+# 15 steps compiled at warm-up. Up to 512 sequences: ShareGPT-shaped load keeps few prompts waiting per freed
+# slot, so with 256 slots most steps held a few hundred tokens padded to the 2048 bucket (a scheduler
+# simulation with the measured step costs: 36-40 s for 1,000 ShareGPT-shaped requests with buckets 16/256/2048
+# and 256 sequences, 25.5 s with these). 32,768 pages of 16 tokens (64 GiB in the 8B shape) hold 512 sequences
+# of up to 1,024 tokens each.
+ENGINE = dict(page_size=16, num_pages=32768, max_num_seqs=512, max_num_batched_tokens=2048, max_model_len=2048,
+              token_buckets=[16, 128, 512, 1024, 2048], page_buckets=[128])
 SERVER_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
 PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
@@ -100,7 +104,8 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
          full_grid: bool = False) -> suite.Plan:
     """The GPU plan; budgets sum to 690 s with the probe (425 s with ``quick``): more than one device call's
     600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``)."""
-    host_engine = dict(ENGINE, token_buckets=[16, 64, 256, 2048], enable_prefix_caching=False)
+    host_engine = dict(ENGINE, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
+                       enable_prefix_caching=False)
     return suite.Plan(
         name="gpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.gpu", expect_platform="gpu",
         env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30,

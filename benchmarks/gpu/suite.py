@@ -730,11 +730,15 @@ def model_dir(preset: str, scratch: str, **overrides) -> str:
 
 
 def _engine_config(engine: dict):
+    """The plan's engine as an EngineConfig, with the executable cache ``jaxdyn serve`` would use (inside the
+    plan's JAX compilation cache): a section after ``serve`` loads the server's compiled steps."""
     from jaxdyn import EngineConfig
+    from jaxdyn.engine.executable_cache import default_directory
     kw = dict(engine)
     for k in ("token_buckets", "page_buckets"):
         if kw.get(k) is not None:
             kw[k] = tuple(kw[k])
+    kw.setdefault("executable_cache_dir", default_directory())
     return EngineConfig(**kw)
 
 

@@ -53,6 +53,7 @@ class EngineConfig:
     seed: int | None = None                  # seeds unseeded requests' draws (None: random)
     enable_prefix_caching: bool = True       # radix prefix cache over whole KV pages
     warmup_threads: int | None = None        # executables compiled at once (None: by device, see runner)
+    executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
 
 
 class EngineCore:
@@ -70,7 +71,8 @@ class EngineCore:
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
             token_buckets=config.token_buckets, page_buckets=config.page_buckets,
-            fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads))
+            fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
+            executable_cache_dir=config.executable_cache_dir))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
+from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
@@ -96,6 +97,9 @@ class RunnerConfig:
     # executables compiled at once in warm-up (XLA compiles with the GIL released);
     # None: one per 2 host cores up to 8 on an accelerator, 1 on the CPU
     warmup_threads: int | None = None
+    # warm-up loads the compiled steps from this directory and saves those it compiles
+    # (``jaxdyn.engine.executable_cache``); None: no cache
+    executable_cache_dir: str | None = None
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -201,6 +205,11 @@ def kv_cache_dtype(weight_dtype, mesh: Mesh):
     return dt
 
 
+def _cache_name(key: tuple[int, int, str]) -> str:
+    t, p, variant = key
+    return f"step-t{t}-p{p}-{variant}"
+
+
 def _pick(buckets: tuple[int, ...], n: int, what: str) -> int:
     for b in buckets:
         if b >= n:
@@ -242,6 +251,7 @@ class ModelRunner:
         # Compilations on the calling thread inside this runner's own calls after warm-up: other
         # engines of the process (disaggregation, tests) compiling on other threads do not count.
         self.compiles_while_serving = 0
+        self.executables_loaded = 0        # steps warm-up took from the executable cache
         self._compiles_reported = 0
         self._forward = self._make_forward()
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
@@ -335,12 +345,25 @@ class ModelRunner:
         each (tokens, pages) shape is compiled alone, one after another, so XLA autotunes that
         shape's matrix products with the GPU to itself (its process-wide autotuning cache then
         serves the other variants); the other variants are compiled on ``warmup_threads()``
-        threads at once after those are done (each compilation runs in XLA without the GIL)."""
+        threads at once after those are done (each compilation runs in XLA without the GIL).
+
+        With ``executable_cache_dir``, steps saved there by an earlier run of the same fingerprint are
+        loaded instead (no tracing, lowering or compiling), and the ones compiled here are saved."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
         keys = [k for k in keys if k not in self._compiled]
         bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress)
+        cache = self.executable_cache()
+        if cache is not None:
+            for key in keys:
+                compiled = cache.load(_cache_name(key))
+                if compiled is not None:
+                    self._compiled[key] = compiled
+                    self.executables_loaded += 1
+                    bar.update()
+            keys = [k for k in keys if k not in self._compiled]
+        compiled_now = list(keys)
         threads = self.warmup_threads()
         if threads == 1:
             for key in keys:
@@ -364,9 +387,28 @@ class ModelRunner:
                     self._compiled[others[done]] = done.result()
                     bar.update()
         bar.close()
+        if cache is not None:
+            for key in compiled_now:
+                cache.save(_cache_name(key), self._compiled[key])
         self._compile_copy()
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
+
+    def executable_cache(self) -> ExecutableCache | None:
+        """The cache of this runner's compiled steps (``RunnerConfig.executable_cache_dir``), keyed by everything
+        they depend on (``executable_cache.fingerprint``); None without a directory."""
+        d = self.config.executable_cache_dir
+        if not d:
+            return None
+        devices = list(self.mesh.devices.flat)
+        cfg = dataclasses.replace(self.config, fail_on_compile=False, warmup_threads=None, executable_cache_dir=None)
+        key = fingerprint(
+            devices[0].client.platform, devices[0].client.platform_version,
+            [(d.id, d.device_kind) for d in devices], self.mesh.axis_names, self.mesh.devices.shape,
+            self.model_config, cfg, self.kv_spec, self._kv_shardings()[0][0].spec,
+            [(leaf.shape, str(leaf.dtype)) for leaf in self.state], [s.spec for s in self._state_shardings],
+            str(self.state_treedef))
+        return ExecutableCache(d, key, devices)
 
     def _compile(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
         if (t, p, variant) not in self._compiled:

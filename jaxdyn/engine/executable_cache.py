@@ -1,0 +1,128 @@
+"""A disk cache of the runner's compiled steps, so a restart skips tracing and lowering too.
+
+JAX's persistent compilation cache saves XLA's compilation, but a warm start still traces and
+lowers every step (the unrolled model, once per bucket shape) to find its cache key: on an H200,
+most of a warm start's warm-up (8B shape: about 1.5-2 s a shape). This cache keeps the compiled
+executables themselves (``jax.experimental.serialize_executable``), one file per (token bucket,
+page bucket, sampler variant), under a directory named by a fingerprint of everything the
+executable depends on: jax / jaxlib / flax versions, backend and devices, the mesh, the model
+config, the runner's config, the weights' shapes, dtypes and shardings, the KV cache spec,
+``XLA_FLAGS`` and the source of ``jaxdyn`` and ``pallas_kernels``. Any change gives a new
+directory; nothing is ever reused across one.
+
+A file that cannot be read or loaded is a miss (the step is compiled and the file rewritten);
+saving never fails the caller. Writes are atomic (temporary file, then rename), so concurrent
+processes with the same fingerprint at worst both write the same executable.
+
+Loading an executable runs code from the file: point the cache only at a directory you trust
+(as with JAX's own cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+
+import jax
+
+log = logging.getLogger(__name__)
+
+_ROOTS = ("jaxdyn", "pallas_kernels")      # the packages whose code is traced into the step
+_source_digest: str | None = None
+
+
+def source_digest() -> str:
+    """sha256 over the Python sources of the packages traced into the step (computed once)."""
+    global _source_digest
+    if _source_digest is None:
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        h = hashlib.sha256()
+        for root in _ROOTS:
+            base = os.path.join(here, root)
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if name.endswith(".py"):
+                        path = os.path.join(dirpath, name)
+                        h.update(os.path.relpath(path, here).encode())
+                        with open(path, "rb") as f:
+                            h.update(hashlib.sha256(f.read()).digest())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def fingerprint(*parts) -> str:
+    """A short hex digest of ``parts`` (their reprs) and of the versions, flags and sources above."""
+    import flax
+    import jaxlib
+    h = hashlib.sha256()
+    for p in (jax.__version__, jaxlib.__version__, flax.__version__, os.environ.get("XLA_FLAGS", ""),
+              source_digest(), *parts):
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def default_directory() -> str | None:
+    """``JAXDYN_EXECUTABLE_CACHE`` if set (empty: off); else ``jaxdyn-executables`` inside JAX's persistent
+    compilation cache directory when one is configured; else None (no cache)."""
+    env = os.environ.get("JAXDYN_EXECUTABLE_CACHE")
+    if env is not None:
+        return env or None
+    jax_dir = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return os.path.join(jax_dir, "jaxdyn-executables") if jax_dir else None
+
+
+@dataclasses.dataclass
+class ExecutableCache:
+    """Compiled steps of one fingerprint in ``directory/fingerprint/``; ``devices``: where they run."""
+
+    directory: str
+    key: str
+    devices: list
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.key)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name + ".jaxexec")
+
+    def load(self, name: str) -> jax.stages.Compiled | None:
+        """The executable saved as ``name``, or None (no file, or one that cannot be loaded)."""
+        from jax.experimental import serialize_executable
+        path = self._file(name)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                blob, in_tree, out_tree = pickle.load(f)
+            return serialize_executable.deserialize_and_load(
+                blob, in_tree, out_tree, backend=self.devices[0].client, execution_devices=self.devices)
+        except Exception as e:     # a torn, foreign or stale file: compile instead (and overwrite it)
+            log.warning("executable cache: %s cannot be loaded (%s: %s); compiling it", path, type(e).__name__, e)
+            return None
+
+    def save(self, name: str, compiled: jax.stages.Compiled) -> bool:
+        """Write ``compiled`` as ``name`` (atomically); False, with a warning, if it cannot be."""
+        from jax.experimental import serialize_executable
+        try:
+            blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+            os.makedirs(self.path, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    pickle.dump((blob, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
+                os.replace(tmp, self._file(name))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            return True
+        except Exception as e:
+            log.warning("executable cache: cannot save %s in %s (%s: %s)", name, self.path, type(e).__name__, e)
+            return False

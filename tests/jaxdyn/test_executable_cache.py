@@ -1,0 +1,124 @@
+"""The executable cache: warm-up saves the compiled steps and a later runner of the same fingerprint
+loads them (nothing traced or compiled) and computes the same tokens; anything that changes the
+executable changes the fingerprint; a file that cannot be loaded is compiled again and rewritten."""
+
+import dataclasses
+import logging
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints.hf import load_hf_checkpoint
+from jaxdyn.engine import executable_cache
+from jaxdyn.engine.compilation import compilation_count
+from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork
+from jaxdyn.engine.sampling_params import SamplingParams
+from jaxdyn.parallel.sharding import make_mesh
+from serving.cli import main
+from tests.support import make_hf_checkpoint
+
+CFG = RunnerConfig(num_pages=32, page_size=16, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64,
+                   token_buckets=(16,), page_buckets=(4,), fail_on_compile=True)
+STEPS = 3     # one (tokens, pages) shape x the three sampler variants
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_hf_checkpoint("llama3.1", str(tmp_path_factory.mktemp("llama")))
+    mesh = make_mesh(1)
+    return mesh, load_hf_checkpoint(path, mesh, dtype=jnp.float32)
+
+
+def _runner(model, directory, **changes):
+    mesh, m = model
+    return ModelRunner(m.graphdef, m.state, mesh, dataclasses.replace(CFG, executable_cache_dir=str(directory),
+                                                                      **changes))
+
+
+def _tokens(runner) -> list[int]:
+    work = [SequenceWork([5, 6, 7], 0, [0]),
+            SequenceWork([9, 3], 0, [1], params=SamplingParams(temperature=0.8, seed=3), seed=3)]
+    out = [int(t) for t in runner.step(work).next_token_ids]
+    full = [SequenceWork([5, 6, 7], 0, [2], params=SamplingParams(temperature=0.7, top_p=0.9, seed=1), seed=1)]
+    return out + [int(t) for t in runner.step(full).next_token_ids]
+
+
+def _files(directory) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs)
+
+
+def test_a_second_runner_loads_every_step_compiles_none_and_computes_the_same(model, tmp_path):
+    first = _runner(model, tmp_path)
+    c0 = compilation_count()
+    first.warmup()
+    assert compilation_count() - c0 >= STEPS and first.executables_loaded == 0
+    files = _files(tmp_path)
+    assert len(files) == STEPS and all(f.endswith(".jaxexec") for f in files)
+    want = _tokens(first)
+
+    second = _runner(model, tmp_path)
+    c0 = compilation_count()
+    second.warmup()
+    assert second.executables_loaded == STEPS
+    assert compilation_count() - c0 <= 1          # the page-copy step only (not cached: small, lowered in ms)
+    assert _tokens(second) == want                 # greedy, seeded plain and full variants alike
+    assert _files(tmp_path) == files
+
+
+@pytest.mark.parametrize("change", [dict(num_pages=48), dict(max_num_seqs=2), dict(return_logits=True)])
+def test_what_changes_the_executable_changes_the_fingerprint(model, tmp_path, change):
+    base = _runner(model, tmp_path)
+    other = _runner(model, tmp_path, **change)
+    assert base.executable_cache().key != other.executable_cache().key
+    # settings that do not change the executables do not change it
+    same = _runner(model, tmp_path, fail_on_compile=False, warmup_threads=3)
+    assert same.executable_cache().key == base.executable_cache().key
+    base.warmup()
+    other.warmup()
+    assert other.executables_loaded == 0 and len(os.listdir(tmp_path)) == 2
+
+
+def test_a_file_that_cannot_be_loaded_is_compiled_again_and_rewritten(model, tmp_path, caplog):
+    first = _runner(model, tmp_path)
+    first.warmup()
+    want = _tokens(first)
+    victim = _files(tmp_path)[0]
+    with open(victim, "wb") as f:
+        f.write(b"not an executable")
+    second = _runner(model, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="jaxdyn.engine.executable_cache"):
+        second.warmup()
+    assert second.executables_loaded == STEPS - 1
+    assert any("cannot be loaded" in r.getMessage() for r in caplog.records)
+    assert _tokens(second) == want
+    third = _runner(model, tmp_path)
+    third.warmup()
+    assert third.executables_loaded == STEPS          # rewritten by the second runner
+
+
+def test_the_default_directory_follows_the_environment(monkeypatch, tmp_path):
+    jax = executable_cache.jax
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        monkeypatch.delenv("JAXDYN_EXECUTABLE_CACHE", raising=False)
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        assert executable_cache.default_directory() is None
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+        assert executable_cache.default_directory() == str(tmp_path / "jax" / "jaxdyn-executables")
+        monkeypatch.setenv("JAXDYN_EXECUTABLE_CACHE", str(tmp_path / "mine"))
+        assert executable_cache.default_directory() == str(tmp_path / "mine")
+        monkeypatch.setenv("JAXDYN_EXECUTABLE_CACHE", "")
+        assert executable_cache.default_directory() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_the_cli_refuses_a_cache_path_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["bench", "offline", "--executable-cache", str(f), "--num-prompts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--executable-cache {f}: not a directory" in err and "Traceback" not in err
