@@ -52,14 +52,16 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 )
 
 # One engine shape for serve and offline (the same compiled steps, so offline loads the server's from the
-# executable cache): a page bucket of the whole model length and five token buckets, 5 x 3 sampler variants =
-# 15 steps compiled at warm-up. Up to 512 sequences: ShareGPT-shaped load keeps few prompts waiting per freed
-# slot, so with 256 slots most steps held a few hundred tokens padded to the 2048 bucket (a scheduler
-# simulation with the measured step costs: 36-40 s for 1,000 ShareGPT-shaped requests with buckets 16/256/2048
-# and 256 sequences, 25.5 s with these). 32,768 pages of 16 tokens (64 GiB in the 8B shape) hold 512 sequences
-# of up to 1,024 tokens each.
+# executable cache): a page bucket of the whole model length and four token buckets, 4 x 3 sampler variants =
+# 12 steps compiled at warm-up. Up to 512 sequences: ShareGPT-shaped load keeps few prompts waiting per freed
+# slot, so with 256 slots most steps held a few hundred tokens padded to the 2048 bucket. A scheduler
+# simulation with the measured step costs, 1,000 ShareGPT-shaped requests: 39.9 s with buckets 16/256/2048 and
+# 256 sequences (measured: 36.3 s), 27.1 s with these, 25.5 s with a 1024 bucket too (measured: 30.5 s), which
+# costs a fifth shape at warm-up: the cold start went 37 -> 73 s on the H200 (each first compile of a shape
+# ~9 s), past its 60 s target. 32,768 pages of 16 tokens (64 GiB in the 8B shape) hold 512 sequences of up to
+# 1,024 tokens each.
 ENGINE = dict(page_size=16, num_pages=32768, max_num_seqs=512, max_num_batched_tokens=2048, max_model_len=2048,
-              token_buckets=[16, 128, 512, 1024, 2048], page_buckets=[128])
+              token_buckets=[16, 128, 512, 2048], page_buckets=[128])
 SERVER_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
 PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
