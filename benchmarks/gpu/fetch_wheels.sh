@@ -21,6 +21,8 @@ DEST=.gpu_wheels
 WHEELS=(
     starlette==1.10.0          # serving/app.py
     uvicorn==0.54.0            # jaxdyn serve (needs click, h11: in the image)
+    uvloop==0.23.0             # uvicorn's event loop (a jaxdyn dependency)
+    httptools==0.9.0           # uvicorn's HTTP parser (a jaxdyn dependency)
     pydantic==2.13.4           # serving/protocol.py
     pydantic_core==2.46.4      # pydantic's compiled core (cp312 manylinux)
     typing-inspection==0.4.2   # pydantic
@@ -33,6 +35,7 @@ rm -rf "$DEST"
 mkdir -p "$DEST"
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
     -d "$DEST" "${WHEELS[@]}"
 count=$(ls "$DEST"/*.whl | wc -l)
 if [ "$count" -ne "${#WHEELS[@]}" ]; then
