@@ -99,3 +99,15 @@ def test_each_plan_fits_one_device_call(entry, quick):
     assert plan.budget() + plan.probe_budget_s < 560
     assert [s.name for s in plan.sections][0] == "serve"     # first: its first start finds the cache empty
     assert all(st.budget_s > 0 for s in plan.sections for st in s.steps)
+
+
+def test_schedule_simulation_pads_to_buckets_and_finishes_every_request():
+    from benchmarks.schedule_sim import simulate
+    prompts, outputs = [40, 7, 300, 12], [5, 1, 9, 30]
+    exact = tuple(range(1, 65))
+    s_exact, steps, eff = simulate(prompts, outputs, exact, max_seqs=4, budget=64)
+    assert eff == 1.0                              # a bucket of every size: no padding
+    # the longest request alone needs its prompt's chunks and one step per output token
+    assert steps >= 300 // 64 + 30
+    s_coarse, steps_coarse, eff_coarse = simulate(prompts, outputs, (16, 64), max_seqs=4, budget=64)
+    assert steps_coarse == steps and eff_coarse < 1.0 and s_coarse >= s_exact
