@@ -1,14 +1,15 @@
-"""The benchmark suite on one NVIDIA GPU, in one device call (< 600 s): what every section measures there.
+"""The benchmark suite on one NVIDIA GPU, in two device calls (< 600 s each): what every section measures there.
 
-The GPU command (the wheels of what the GPU image lacks are made here by
-``benchmarks/gpu/fetch_wheels.sh`` and travel with the call as ``carry: [".gpu_wheels"]``):
+The GPU commands (the wheels of what the GPU image lacks are made here by
+``benchmarks/gpu/fetch_wheels.sh`` and travel with each call as ``carry: [".gpu_wheels"]``), one per call
+(``CALLS``; ``--list`` prints them with their budgets):
 
-    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu
+    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu --sections serve,offline
+    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu --sections host,step,kernels
 
-The same with the GPU tests first (they get 150 s; the suite then runs the sections that are
-new to this suite, 355 s of budgets, at full size):
+The second with the GPU tests first (they get 150 s):
 
-    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && export PYTHONPATH=$PWD:/tmp/pydeps && timeout 150 python -m pytest -q -m gpu tests/pallas_kernels 2>&1 | tee $OUT/pytest.log; python -m benchmarks.gpu.gpu --out $OUT/gpu --sections serve,offline,host
+    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && export PYTHONPATH=$PWD:/tmp/pydeps && timeout 150 python -m pytest -q -m gpu tests/pallas_kernels 2>&1 | tee $OUT/pytest.log; python -m benchmarks.gpu.gpu --out $OUT/gpu --sections host,step --budget-s 250
 
 ``$OUT/gpu`` receives ``report.md``, ``results.json`` and ``suite.log`` (rewritten
 after every step, so a call cut short keeps what ran). Flags: ``--quick``
@@ -62,6 +63,9 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 # 1,024 tokens each.
 ENGINE = dict(page_size=16, num_pages=32768, max_num_seqs=512, max_num_batched_tokens=2048, max_model_len=2048,
               token_buckets=[16, 128, 512, 2048], page_buckets=[128])
+# The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
+# loads the server's compiled steps), the model-step and kernel sections the other.
+CALLS = (("serve", "offline"), ("host", "step", "kernels"))
 SERVER_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
 PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
@@ -110,7 +114,7 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
                        enable_prefix_caching=False)
     return suite.Plan(
         name="gpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.gpu", expect_platform="gpu",
-        env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30,
+        env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30, calls=CALLS,
         notes=("Model shapes with random bf16 weights (`--load-format dummy`); the engine sections load the preset "
                "with a word-level tokenizer over its whole vocabulary (exact prompt lengths, one streamed chunk "
                "per token). Published anchors ran real weights on ShareGPT: their ratios place us, they do not "

@@ -113,9 +113,14 @@ class Plan:
     datasheets: tuple = ()             # ((device-kind substring, bytes/s, bf16 FLOP/s, source), ...)
     probe_budget_s: float = 60.0
     notes: tuple[str, ...] = ()
+    # the device calls the plan is run in (``--sections`` of each, in order); empty: one call
+    calls: tuple[tuple[str, ...], ...] = ()
 
     def budget(self, only: list[str] | None = None) -> float:
         return sum(st.budget_s for s in self.sections if only is None or s.name in only for st in s.steps)
+
+    def call_groups(self) -> tuple[tuple[str, ...], ...]:
+        return self.calls or (tuple(s.name for s in self.sections),)
 
 
 SERVE_MODULES = ("starlette", "uvicorn", "pydantic", "httpx", "jinja2", "prometheus_client", "tokenizers")
@@ -1186,6 +1191,9 @@ def list_plan(plan: Plan, only: list[str] | None, budget_s: float | None) -> str
     planned = plan.budget(only)
     scale = budget_s / planned if budget_s else 1.0
     lines = [f"plan: {plan.name}; probe {plan.probe_budget_s:.0f} s + sections {planned * scale:.0f} s"]
+    if only is None and len(plan.call_groups()) > 1:
+        lines.append("  device calls: " + "; ".join(
+            f"--sections {','.join(g)} ({plan.probe_budget_s + plan.budget(list(g)):.0f} s)" for g in plan.call_groups()))
     for s in plan.sections:
         if only is None or s.name in only:
             for st in s.steps:

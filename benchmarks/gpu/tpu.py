@@ -17,7 +17,8 @@ What differs from ``gpu.py``:
   16 GB of weights), so the 8B shape fits a 32 GB chip (v6e, v4); a 16 GB chip
   (v5e) needs ``--model llama-3.2-1b``.
 
-Budgets (as on the GPU, 550 s): probe 30, serve 230, offline 75, host 50, step 45 + 70, ceilings 50.
+Budgets: probe 30, serve 230, offline 75, host 50, step 150, ceilings 50, in two device calls (serve and
+offline; host, step and ceilings).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
         name="tpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.tpu", expect_platform="tpu",
         env={k: v for k, v in gpu.PLAN_ENV.items() if not k.startswith("XLA_PYTHON")},   # that one is GPU-only
         datasheets=DATASHEETS, probe_budget_s=30, notes=gpu.plan(quick).notes,
+        calls=(("serve", "offline"), ("host", "step", "ceilings")),
         sections=(
             suite.serve_section(180 if quick else 230, model=model, engine=ENGINE, runs=runs, ready_timeout_s=170,
                                 warm_reserve_s=40, server_env={}),

@@ -2,7 +2,10 @@
 
 ``async for out in engine.generate(prompt_ids, params, request_id)`` yields a
 RequestOutput per step that produced something for the request (cumulative
-text and tokens, plus the delta since the previous one). Leaving the loop
+text and tokens, plus the delta since the previous one); a consumer that has
+fallen behind gets what arrived meanwhile folded into one output (the deltas
+joined, ``merge_outputs``), so a loaded server writes one chunk per request per
+wake-up instead of one per token. Leaving the loop
 early (a client that disconnects) aborts the request. ``abort(request_id)``
 works from any coroutine. If a step raises, the engine is dead: every stream
 ends with ``EngineDeadError`` and ``is_healthy`` turns false.
@@ -17,7 +20,7 @@ import time
 import traceback
 
 from jaxdyn.engine.core import EngineCore
-from jaxdyn.engine.request import RequestOutput
+from jaxdyn.engine.request import RequestOutput, merge_outputs
 from jaxdyn.engine.sampling_params import SamplingParams
 
 
@@ -94,6 +97,13 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
+                    nxt = stream.queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        yield item                    # what came before the error, then the error
+                        item = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

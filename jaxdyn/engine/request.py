@@ -177,3 +177,25 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """``b`` (the later output of a request) with ``a``'s deltas in front of its own: one output for a
+    consumer that fell behind (what vLLM's output collector does). Completions ``b`` lacks are kept."""
+    earlier = {c.index: c for c in a.outputs}
+    outs = []
+    for c in b.outputs:
+        p = earlier.pop(c.index, None)
+        if p is None:
+            outs.append(c)
+            continue
+        lps = None
+        if p.delta_logprobs is not None or c.delta_logprobs is not None:
+            lps = list(p.delta_logprobs or []) + list(c.delta_logprobs or [])
+        outs.append(CompletionOutput(c.index, c.text, c._token_ids, p.delta_text + c.delta_text,
+                                     list(p.delta_token_ids) + list(c.delta_token_ids), c.cumulative_logprob,
+                                     c.logprobs, lps, c.finish_reason, c.stop_reason))
+    outs.extend(earlier.values())
+    outs.sort(key=lambda c: c.index)
+    return RequestOutput(b.request_id, b.prompt_token_ids, outs, b.finished, b.num_cached_tokens, b.metrics,
+                         b.error)

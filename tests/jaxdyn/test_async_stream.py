@@ -1,0 +1,92 @@
+"""AsyncEngine streams: outputs that pile up while the consumer is busy reach it folded into one (deltas
+joined in order, the latest cumulative state), errors after them still arrive, nothing is lost."""
+
+import asyncio
+
+import pytest
+
+from jaxdyn.engine.async_engine import AsyncEngine, RequestFailedError
+from jaxdyn.engine.request import CompletionOutput, Logprob, RequestOutput, merge_outputs
+from jaxdyn.engine.sampling_params import SamplingParams
+
+
+def out(step: int, *, n: int = 1, finished: bool = False, logprobs: bool = False) -> RequestOutput:
+    """The output of a request after ``step`` steps: each completion has drawn token 10 * index + step."""
+    comps = []
+    for i in range(n):
+        ids = [10 * i + k for k in range(1, step + 1)]
+        lps = [{t: Logprob(-float(t))} for t in ids] if logprobs else None
+        comps.append(CompletionOutput(i, "".join(f"<{t}>" for t in ids), ids, f"<{ids[-1]}>", [ids[-1]],
+                                      -float(sum(ids)) if logprobs else None, lps,
+                                      lps[-1:] if logprobs else None, "length" if finished else None))
+    return RequestOutput("r", [1, 2], comps, finished)
+
+
+def test_merge_joins_deltas_in_order_and_keeps_the_latest_state():
+    m = merge_outputs(merge_outputs(out(1, n=2, logprobs=True), out(2, n=2, logprobs=True)),
+                      out(3, n=2, finished=True, logprobs=True))
+    assert m.finished and [c.index for c in m.outputs] == [0, 1]
+    for i, c in enumerate(m.outputs):
+        ids = [10 * i + 1, 10 * i + 2, 10 * i + 3]
+        assert c.delta_token_ids == ids and c.delta_text == "".join(f"<{t}>" for t in ids)
+        assert c.token_ids == ids and c.text == c.delta_text and c.finish_reason == "length"
+        assert [list(d) for d in c.delta_logprobs] == [[t] for t in ids] and c.cumulative_logprob == -sum(ids)
+
+
+def test_merge_keeps_a_completion_the_later_output_lacks():
+    a = out(1, n=2)
+    b = RequestOutput("r", [1, 2], [out(2, n=2).outputs[1]], False)
+    m = merge_outputs(a, b)
+    assert [c.index for c in m.outputs] == [0, 1]
+    assert m.outputs[0].delta_token_ids == [1] and m.outputs[1].delta_token_ids == [11, 12]
+
+
+class _IdleCore:
+    def has_unfinished(self):
+        return False
+
+    def add_request(self, *a, **k):
+        pass
+
+    def abort(self, rid):
+        return None
+
+
+@pytest.fixture
+def engine():
+    e = AsyncEngine(_IdleCore())
+    yield e
+    e.shutdown()
+
+
+def test_a_consumer_behind_gets_one_folded_output_then_the_rest(engine):
+    async def run():
+        s = engine.add_request([1, 2], SamplingParams(max_tokens=4), "r")
+        got = []
+        for k in (1, 2, 3):
+            s.queue.put_nowait(out(k))
+        async for o in engine.stream(s):
+            got.append(o)
+            if len(got) == 1:              # the consumer was busy: the last step comes later on its own
+                s.queue.put_nowait(out(4, finished=True))
+        return got
+
+    got = asyncio.run(run())
+    assert [o.outputs[0].delta_token_ids for o in got] == [[1, 2, 3], [4]]
+    assert got[-1].finished and got[-1].outputs[0].token_ids == [1, 2, 3, 4]
+
+
+def test_an_error_after_waiting_outputs_comes_after_them(engine):
+    async def run():
+        s = engine.add_request([1, 2], SamplingParams(max_tokens=4), "r")
+        s.queue.put_nowait(out(1))
+        s.queue.put_nowait(out(2))
+        s.queue.put_nowait(RequestFailedError("prefill worker lost"))
+        got = []
+        with pytest.raises(RequestFailedError, match="prefill worker lost"):
+            async for o in engine.stream(s):
+                got.append(o)
+        return got
+
+    got = asyncio.run(run())
+    assert [o.outputs[0].delta_token_ids for o in got] == [[1, 2]]
