@@ -15,7 +15,8 @@ saving never fails the caller. Writes are atomic (temporary file, then rename), 
 processes with the same fingerprint at worst both write the same executable.
 
 Loading an executable runs code from the file: point the cache only at a directory you trust
-(as with JAX's own cache).
+(as with JAX's own cache). Directories of old fingerprints are never removed (a code or config change
+leaves the previous one behind): delete the cache directory to reclaim the space.
 """
 
 from __future__ import annotations
