@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import tempfile
@@ -59,7 +60,8 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
         import pstats
         prof = cProfile.Profile()
         prof.runcall(lambda: [eng.step() for _ in range(steps)])
-        path = f"{profile}/host_{batch}.prof"
+        os.makedirs(profile, exist_ok=True)
+        path = os.path.join(profile, f"host_{batch}.prof")
         prof.dump_stats(path)
         print(f"## cProfile of {steps} steps at {batch} running ({path})")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
