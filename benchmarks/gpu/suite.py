@@ -997,7 +997,7 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                   "--shutdown-grace", "5", "--log-level", "warning"]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
                "--page-buckets", ",".join(map(str, e["page_buckets"]))]
-    argv = [sys.executable, "-m", "benchmarks.gpu.suite", "serve-engine", *buckets, *serve_args]
+    argv = [sys.executable, "-m", "serving.cli", "serve", *serve_args, *buckets]
     # The plan's compilation cache (the sections after this one find the server's steps in it), else a
     # private one. The first start is cold only if the directory is empty: the plans run serve first.
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cfg["scratch"], "jax_cache_serve")
@@ -1011,9 +1011,7 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
     env.update(cfg["server_env"])
     env.update({"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
-    rec.command(f"jaxdyn serve {shlex.join(serve_args)}  # with the engine's bucket lists "
-                f"{shlex.join(buckets)} (serve has no flags for them; the suite's serve-engine sets them): "
-                f"{_shown(argv)}")
+    rec.command(f"jaxdyn serve {shlex.join(serve_args + buckets)}")
     rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer), engine {e}. Server environment: "
              f"{ {k: v for k, v in cfg['server_env'].items()} }, JAX_COMPILATION_CACHE_DIR set (min compile time "
              "0). First start: the cache directory "
@@ -1162,29 +1160,6 @@ def section_main(argv: list[str]) -> int:
     return 0
 
 
-def serve_engine_main(argv: list[str]) -> int:
-    """``jaxdyn serve ARGS`` with the engine's ``token_buckets`` / ``page_buckets`` set (serve has no flags
-    for them, and its default buckets compile too many steps for a timed cold start)."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.suite serve-engine")
-    ap.add_argument("--token-buckets", default=None, help="comma-separated")
-    ap.add_argument("--page-buckets", default=None, help="comma-separated")
-    ours, rest = ap.parse_known_args(argv)
-    from serving import cli
-
-    def ints(text):
-        return tuple(int(x) for x in text.split(",")) if text else None
-
-    make_config = cli._engine_config
-
-    def engine_config(args):
-        c = make_config(args)
-        return dataclasses.replace(c, token_buckets=ints(ours.token_buckets) or c.token_buckets,
-                                   page_buckets=ints(ours.page_buckets) or c.page_buckets)
-
-    cli._engine_config = engine_config
-    return cli.main(["serve", *rest])
-
-
 # ----------------------------------------------------------------------------- entry points
 
 def list_plan(plan: Plan, only: list[str] | None, budget_s: float | None) -> str:
@@ -1207,8 +1182,6 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "section":
         return section_main(argv[1:])
-    if argv and argv[0] == "serve-engine":
-        return serve_engine_main(argv[1:])
     ap = argparse.ArgumentParser(prog=f"python -m {entry}", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="report.md, results.json and suite.log go here")
     ap.add_argument("--quick", action="store_true", help="smaller sizes and budgets (a smoke run)")
