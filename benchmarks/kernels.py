@@ -420,7 +420,7 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
         cells = []
         for key, _, fmt in cols:
             v = r.get(key, "")
-            cells.append(format(v, fmt) if isinstance(v, (int, float)) and fmt else str(v))
+            cells.append(format(v, fmt) if isinstance(v, (int, float)) and fmt else "" if v is None else str(v))
         body += "| " + " | ".join(cells) + " |\n"
     return head + body
 

@@ -52,6 +52,11 @@ class EngineCollector:
         yield counter("jaxdyn:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits)
         yield counter("jaxdyn:prefix_cache_evictions", "KV pages evicted from the prefix cache.",
                       m.prefix_cache_evictions)
+        yield counter("jaxdyn:engine_steps", "Engine steps.", m.steps)
+        yield counter("jaxdyn:engine_host_seconds", "Engine loop time in its steps outside the wait for the device.",
+                      m.host_seconds)
+        yield counter("jaxdyn:engine_device_wait_seconds", "Engine loop time waiting for the device's results.",
+                      m.device_wait_seconds)
         yield counter("jaxdyn:compilations_after_warmup", "XLA compilations after warm-up (should stay 0).",
                       m.compilations_after_warmup)
         done = CounterMetricFamily("jaxdyn:request_success", "Finished sequences by finish reason.",

@@ -53,6 +53,13 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
     assert "Device: **cpu** × 1" in report and "jax " in report
     assert report.count("python -m benchmarks.gpu.suite section") == 3      # the exact command of each step
     assert "jaxdyn bench offline --model tiny" in report
+    # the offline runs' engine loop: steps, host and device-wait ms a step, for every dataset
+    offline_rows = [ln for ln in report.splitlines() if ln.startswith(("| random 64/16 |", "| sharegpt-lengths",
+                                                                         "| prefix 48+16/16 |"))]
+    assert len(offline_rows) == 3
+    for ln in offline_rows:
+        steps, host_ms, wait_ms = [c.strip() for c in ln.strip("|").split("|")][-3:]
+        assert int(steps) > 0 and float(host_ms) > 0 and float(wait_ms) > 0, ln
     assert "× |" in report                                                  # ratios in the figures table
     assert "research.aimultiple.com" in report and "benchmark_vllm_060" in report
 

@@ -850,8 +850,13 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
         rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy --dataset {ds['dataset']} "
                     f"{flags} (engine as above)")
+        m = engine.metrics
+        m0 = {"jaxdyn:engine_steps": m.steps, "jaxdyn:engine_host_seconds": m.host_seconds,
+              "jaxdyn:engine_device_wait_seconds": m.device_wait_seconds}
         s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
         s.pop("per_request")
+        loop = _loop_figures(m0, {"jaxdyn:engine_steps": m.steps, "jaxdyn:engine_host_seconds": m.host_seconds,
+                                  "jaxdyn:engine_device_wait_seconds": m.device_wait_seconds})
         label = dataset_label(ds)
         # matmul FLOPs of the run (every prompt token computed: not for the prefix dataset, whose cache hits
         # skip most of them), over its duration
@@ -860,7 +865,7 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
         rows.append(dict(dataset=label, prompts=s["requests"], duration=s["duration_s"],
                          req_s=s["request_throughput"], in_tokens=s["total_input_tokens"],
                          out_tokens=s["total_output_tokens"], in_tok_s=s["input_throughput"],
-                         out_tok_s=s["output_throughput"], tflops=tflops))
+                         out_tok_s=s["output_throughput"], tflops=tflops, **loop))
         out = s["output_throughput"]
         is_base = ds["dataset"] == "random" and base is None
         if is_base:
@@ -883,7 +888,8 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                                    ("duration", "seconds", ".1f"), ("req_s", "requests/s", ".2f"),
                                    ("in_tokens", "input tokens", "d"), ("out_tokens", "output tokens", "d"),
                                    ("in_tok_s", "input tok/s", ".0f"), ("out_tok_s", "output tok/s", ".0f"),
-                                   ("tflops", "matmul TFLOP/s", ".0f")]))
+                                   ("tflops", "matmul TFLOP/s", ".0f"), ("steps", "engine steps", "d"),
+                                   ("host_ms", "host ms / step", ".2f"), ("wait_ms", "wait ms / step", ".2f")]))
     from benchmarks.kernels import measure_matmul
     rate = measure_matmul(cfg.get("matmul_n", 8192)) / 1e12
     for label, tflops in tflops_figs:
@@ -1025,7 +1031,9 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
         rec.fragment(_table(rows, [("run", "run", ""), ("completed", "completed", "d"), ("failed", "failed", "d"),
                                    ("out_tok_s", "output tok/s", ".0f"), ("ttft", "median TTFT ms", ".1f"),
                                    ("tpot", "median TPOT ms", ".2f"), ("itl", "median ITL ms", ".2f"),
-                                   ("e2e", "median E2E ms", ".0f"), ("seconds", "seconds", ".1f")]))
+                                   ("e2e", "median E2E ms", ".0f"), ("seconds", "seconds", ".1f"),
+                                   ("steps", "engine steps", "d"), ("host_ms", "host ms / step", ".2f"),
+                                   ("wait_ms", "wait ms / step", ".2f")]))
 
     server = Server(argv, env, os.path.join(cfg["scratch"], "server_cold.log"), url)
     try:
@@ -1045,15 +1053,17 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
             if limit < 10:
                 rec.note(f"{run['label']}: not run, no time left in the budget.")
                 continue
+            m0 = _engine_counters(url)
             s, cmd, why = _bench_serve(run, url, cfg["model"], path, cfg["scratch"], limit)
             rec.command(cmd)
             if s is None:
                 rec.note(f"{run['label']}: {why}")
                 continue
+            loop = _loop_figures(m0, _engine_counters(url))
             rows.append(dict(run=run["label"], completed=s.get("completed"), failed=s.get("failed"),
                              out_tok_s=s.get("output_throughput"), ttft=s.get("median_ttft_ms"),
                              tpot=s.get("median_tpot_ms"), itl=s.get("median_itl_ms"), e2e=s.get("median_e2el_ms"),
-                             seconds=s.get("duration_s")))
+                             seconds=s.get("duration_s"), **loop))
             table()
             out = s.get("output_throughput")
             if run["request_rate"] == "inf" and run["dataset"] == anchor_ds and not anchored_done:
@@ -1102,6 +1112,36 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
         rc = server.stop()
         rec.note(f"Second server stopped with SIGTERM: exit status {rc}.")
         print("\n".join(f"server(warm)| {line}" for line in server.tail(60)), flush=True)
+
+
+_LOOP_COUNTERS = ("jaxdyn:engine_steps", "jaxdyn:engine_host_seconds", "jaxdyn:engine_device_wait_seconds")
+
+
+def _engine_counters(url: str) -> dict[str, float]:
+    """The engine loop's counters from the server's /metrics (empty if they cannot be read)."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {f.name: sum(x.value for x in f.samples if x.name.endswith("_total"))
+            for f in text_string_to_metric_families(text) if f.name in _LOOP_COUNTERS}
+
+
+def _loop_figures(before: dict, after: dict) -> dict:
+    """Engine steps of a run and the loop's host and device-wait ms per step (the serve table's columns;
+    the offline table has the same from the engine itself): a served run whose host ms a step exceeds the
+    offline run's spends that difference on the server's other Python work in the engine's process."""
+    if not all(k in before and k in after for k in _LOOP_COUNTERS):
+        return {}
+    steps = after["jaxdyn:engine_steps"] - before["jaxdyn:engine_steps"]
+    if steps <= 0:
+        return {}
+    per = lambda k: (after[k] - before[k]) / steps * 1e3  # noqa: E731
+    return dict(steps=int(steps), host_ms=per("jaxdyn:engine_host_seconds"),
+                wait_ms=per("jaxdyn:engine_device_wait_seconds"))
 
 
 def _bench_serve(run: dict, url: str, model: str, tokenizer: str, scratch: str, timeout_s: float):

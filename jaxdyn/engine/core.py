@@ -254,6 +254,8 @@ class EngineCore:
             self.metrics.prefix_cache_evictions = self.prefix_cache.num_evicted
         self.metrics.compilations_after_warmup = self.runner.compiles_while_serving
         self.host_time += time.perf_counter() - t0
+        self.metrics.host_seconds = self.host_time - self.wait_time
+        self.metrics.device_wait_seconds = self.wait_time
         return outputs
 
     def _dispatch(self, batch: SchedulerOutput) -> StepHandle:

@@ -50,6 +50,10 @@ class EngineMetrics:
     prefix_cache_evictions: int = 0    # pages evicted
     compilations_after_warmup: int = 0
     steps: int = 0
+    # the engine loop's own time (seconds, summed over steps): in step() outside the wait for the device, and
+    # that wait; with the steps, host ms a step (a loop slowed by other Python work in its process shows here)
+    host_seconds: float = 0.0
+    device_wait_seconds: float = 0.0
     # disaggregation (jaxdyn.disagg): where prompts were computed and the KV that moved
     prefill_decisions: dict = dataclasses.field(default_factory=dict)   # "remote" or why local -> count
     kv_transfers: int = 0

@@ -355,6 +355,12 @@ def test_metrics_parse_and_count_the_traffic(server):
     assert after["jaxdyn:time_to_first_token_seconds_count"] - before["jaxdyn:time_to_first_token_seconds_count"] == 3
     assert after["jaxdyn:e2e_request_latency_seconds_count"] - before["jaxdyn:e2e_request_latency_seconds_count"] == 3
     assert after["jaxdyn:compilations_after_warmup_total"] == 0
+    # the engine loop's steps and its time in them, outside and inside the wait for the device
+    steps = after["jaxdyn:engine_steps_total"] - before["jaxdyn:engine_steps_total"]
+    assert steps >= 5                                   # 5 tokens each, one step per token at least
+    host = after["jaxdyn:engine_host_seconds_total"] - before["jaxdyn:engine_host_seconds_total"]
+    wait = after["jaxdyn:engine_device_wait_seconds_total"] - before["jaxdyn:engine_device_wait_seconds_total"]
+    assert host > 0 and wait > 0
     assert after["jaxdyn:num_requests_running"] == 0 and "jaxdyn:kv_cache_usage_perc" in after
 
 
