@@ -31,7 +31,7 @@ async def _measure(num_streams: int, steps: int) -> dict[str, float]:
                 _post({loop: [(s, step) for s in streams]})
             else:
                 for s in streams:
-                    s.put(step)
+                    loop.call_soon_threadsafe(s.queue.put_nowait, step)
         res["per step" if batched else "per request"] = (time.perf_counter() - t0) / steps * 1e3
 
     for batched in (False, True):

@@ -850,13 +850,10 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
         rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy --dataset {ds['dataset']} "
                     f"{flags} (engine as above)")
-        m = engine.metrics
-        m0 = {"jaxdyn:engine_steps": m.steps, "jaxdyn:engine_host_seconds": m.host_seconds,
-              "jaxdyn:engine_device_wait_seconds": m.device_wait_seconds}
+        m0 = _loop_counters(engine.metrics)
         s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
         s.pop("per_request")
-        loop = _loop_figures(m0, {"jaxdyn:engine_steps": m.steps, "jaxdyn:engine_host_seconds": m.host_seconds,
-                                  "jaxdyn:engine_device_wait_seconds": m.device_wait_seconds})
+        loop = _loop_figures(m0, _loop_counters(engine.metrics))
         label = dataset_label(ds)
         # matmul FLOPs of the run (every prompt token computed: not for the prefix dataset, whose cache hits
         # skip most of them), over its duration
@@ -1115,6 +1112,11 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
 
 
 _LOOP_COUNTERS = ("jaxdyn:engine_steps", "jaxdyn:engine_host_seconds", "jaxdyn:engine_device_wait_seconds")
+
+
+def _loop_counters(m) -> dict[str, float]:
+    """The same counters from an engine's ``EngineMetrics`` in this process (the offline section)."""
+    return dict(zip(_LOOP_COUNTERS, (m.steps, m.host_seconds, m.device_wait_seconds)))
 
 
 def _engine_counters(url: str) -> dict[str, float]:

@@ -38,9 +38,6 @@ class _Stream:
         self.request_id = ""
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
 
 def _put_all(items: list) -> None:
     """On the event loop: hand each (stream, item) of one engine step to its stream."""
@@ -49,9 +46,10 @@ def _put_all(items: list) -> None:
 
 
 def _post(pending: dict) -> None:
-    """Send one step's outputs to their event loops: one thread-safe call per loop, not per request (each
-    such call wakes the loop through a pipe; at hundreds of requests a step that cost ~1 ms of the engine
-    thread's time and as many wake-ups of the server's loop)."""
+    """Send what the engine thread gathered (a step's outputs, a command's errors) to their event loops: one
+    thread-safe call per loop, not per request (each such call wakes the loop through a pipe; at 512 requests
+    one per request cost 3.3-110 ms of the engine thread a step in runs on a 2-core CPU, one per step
+    0.07-0.3 ms: ``benchmarks/stream_delivery.py``)."""
     for loop, items in pending.items():
         loop.call_soon_threadsafe(_put_all, items)
 
@@ -135,22 +133,19 @@ class AsyncEngine:
 
     # ---- engine thread -------------------------------------------------------------------------
 
-    def _deliver(self, out: RequestOutput | BaseException, request_id: str, pending: dict | None = None) -> None:
-        """Hand ``out`` to the request's stream: at once, or, with ``pending``, gathered by event loop for
-        ``_post`` (the outputs of one step)."""
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str, pending: dict) -> None:
+        """Gather ``out`` for the request's stream in ``pending`` (by event loop), for ``_post``."""
         if isinstance(out, RequestOutput) and out.error is not None:
             out = RequestFailedError(out.error)
         # The last item of a request unregisters it here, so a stream nobody reads cannot leak.
         last = isinstance(out, BaseException) or out.finished
         s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if s is not None:
-            if pending is None:
-                s.put(out)
-            else:
-                pending.setdefault(s.loop, []).append((s, out))
+            pending.setdefault(s.loop, []).append((s, out))
 
     def _loop(self) -> None:
         core = self.core
+        pending: dict = {}     # this turn's outputs and errors, in order, sent to the loops at its end
         try:
             while not self._stop:
                 self._wake.clear()
@@ -164,17 +159,18 @@ class AsyncEngine:
                         try:
                             core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival)
                         except ValueError as e:
-                            self._deliver(e, rid)
+                            self._deliver(e, rid, pending)
                     else:
                         out = core.abort(cmd[1])
                         if out is not None:
-                            self._deliver(out, cmd[1])
-                if core.has_unfinished():
-                    pending: dict = {}
+                            self._deliver(out, cmd[1], pending)
+                busy = core.has_unfinished()
+                if busy:
                     for out in core.step():
                         self._deliver(out, out.request_id, pending)
-                    _post(pending)
-                else:
+                _post(pending)
+                pending = {}
+                if not busy:
                     self._wake.wait(0.05)
             stop = getattr(core, "shutdown", None)
             if stop is not None:
@@ -183,5 +179,6 @@ class AsyncEngine:
             self.dead = e
             traceback.print_exc()
             err = EngineDeadError(f"the engine died: {e!r}")
-            for rid in list(self._streams):
-                self._deliver(err, rid)
+            for rid in list(self._streams):     # after what this turn gathered before it died
+                self._deliver(err, rid, pending)
+            _post(pending)

@@ -86,8 +86,6 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._arrivals = 0
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
-        self.host_time = 0.0          # seconds spent in step() outside waiting for the device
-        self.wait_time = 0.0
 
     @property
     def num_pages(self) -> int:
@@ -231,8 +229,19 @@ class EngineCore:
     def _can_sample(self, seq: Sequence) -> bool:
         return seq.num_tokens < seq.request.max_len
 
+    @property
+    def host_time(self) -> float:
+        """Seconds spent in step(), the wait for the device included (``metrics`` holds the two parts)."""
+        return self.metrics.host_seconds + self.metrics.device_wait_seconds
+
+    @property
+    def wait_time(self) -> float:
+        """Seconds step() spent waiting for the device's results."""
+        return self.metrics.device_wait_seconds
+
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        w0 = self.metrics.device_wait_seconds
         batch = self.scheduler.schedule(self._can_sample)
         handle = self._dispatch(batch) if batch.items else None
         outputs: list[RequestOutput] = []
@@ -253,9 +262,7 @@ class EngineCore:
         if self.prefix_cache is not None:
             self.metrics.prefix_cache_evictions = self.prefix_cache.num_evicted
         self.metrics.compilations_after_warmup = self.runner.compiles_while_serving
-        self.host_time += time.perf_counter() - t0
-        self.metrics.host_seconds = self.host_time - self.wait_time
-        self.metrics.device_wait_seconds = self.wait_time
+        self.metrics.host_seconds += time.perf_counter() - t0 - (self.metrics.device_wait_seconds - w0)
         return outputs
 
     def _dispatch(self, batch: SchedulerOutput) -> StepHandle:
@@ -302,7 +309,7 @@ class EngineCore:
     def _process(self, batch: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
         tw = time.perf_counter()
         res = handle.result()
-        self.wait_time += time.perf_counter() - tw
+        self.metrics.device_wait_seconds += time.perf_counter() - tw
         now = time.monotonic()
         next_ids = res.next_token_ids.tolist()
         touched: dict[str, Request] = {}

@@ -381,7 +381,7 @@ class ModelRunner:
             for key in keys:
                 first_of_shape.setdefault(key[:2], key)
             alone = list(first_of_shape.values())
-            rest = [k for k in keys if k not in first_of_shape.values()]
+            rest = [k for k in keys if first_of_shape[k[:2]] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
                 firsts = {first_pool.submit(self.lower(*key).compile): key for key in alone}

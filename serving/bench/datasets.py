@@ -266,8 +266,8 @@ _SHAREGPT_OUTPUT_SIGMA = 1.0
 
 def sharegpt_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(prompt lengths, output lengths) of ``n`` requests shaped like vLLM's ShareGPT sample: prompts in
-    [4, 1024], replies >= 4, prompt + reply <= 2047 (2048 with a BOS), and the two means equal to ShareGPT's (215.2, 198.3)
-    to within rounding for any ``n`` large enough to hold them."""
+    [4, 1024], replies >= 4, prompt + reply <= 2047 (2048 with a BOS), and the two means equal to
+    ShareGPT's (215.2, 198.3) to within rounding for any ``n`` large enough to hold them."""
     lows, highs, counts = (np.array(c, np.float64) for c in zip(*_SHAREGPT_PROMPT_BINS))
     which = rng.choice(len(counts), n, p=counts / counts.sum())
     u = rng.random(n)
