@@ -207,6 +207,7 @@ def cmd_serve(args) -> int:
     from jaxdyn import AsyncEngine
     from jaxdyn.config import ConfigError, ModelConfig
     from jaxdyn.engine.llm import build_disagg_engine, build_engine
+    from jaxdyn.engine.process import EngineStartError, ProcessEngine
     from jaxdyn.models.presets import PRESETS
     from serving.app import ServerState, build_app
 
@@ -245,17 +246,23 @@ def cmd_serve(args) -> int:
             if disagg is not None:
                 core = build_disagg_engine(model, dtype=args.dtype, load_format=args.load_format,
                                            config=config, progress=True, **disagg)
+                state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
+            elif args.engine_process:
+                state.engine = ProcessEngine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
+                                             config=config, progress=True,
+                                             max_queued_requests=args.max_queued_requests)
+                core = state.engine.core
             else:
                 core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                                     config=config, progress=True)
-            state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
+                state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             info = core.load_info
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
                   f"{info['seconds']:.1f} s, warm-up (compiling every bucket) {info['warmup_seconds']:.1f} s",
                   flush=True)
             print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 "
                   f"(max_model_len {core.max_model_len}, {core.num_pages} KV pages)", flush=True)
-        except (CheckpointError, ValueError, ConnectionError) as e:
+        except (CheckpointError, ValueError, ConnectionError, EngineStartError) as e:
             state.load_error = e
             failed.append(str(e))
             server.should_exit = True
@@ -413,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--shutdown-grace", type=float, default=30.0,
                     help="seconds in-flight requests get to finish on SIGTERM")
     sv.add_argument("--log-level", default="info")
+    sv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the engine loop in its own process, apart from the HTTP server's Python "
+                    "(default; --no-engine-process: on a thread of the server; --disagg always does)")
     _engine_args(sv)
     dg = sv.add_argument_group("disaggregated prefill and decode (one process, two meshes)")
     dg.add_argument("--disagg", action="store_true",

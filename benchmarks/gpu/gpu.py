@@ -86,6 +86,14 @@ def serve_runs(quick: bool) -> list[dict]:
                  suffix_len=64, num_prefixes=4, output_len=128, request_rate="inf")]
 
 
+# The server's engine loop runs in its own process (``jaxdyn serve``'s default); the same loads against the
+# engine on a thread of the server's process, in the same call, show what the split is worth.
+COMPARE = dict(label="engine on a thread", args=["--no-engine-process"], reserve_s=100, runs=[
+    dict(label="sharegpt-lengths, rate inf", dataset="sharegpt-lengths", num_prompts=1000, request_rate="inf"),
+    dict(label="prefix 960+64/128, rate inf", dataset="prefix", num_prompts=1000, prefix_len=960, suffix_len=64,
+         num_prefixes=4, output_len=128, request_rate="inf")])
+
+
 def offline_datasets(quick: bool, num_prompts: int) -> list[dict]:
     sets = [dict(dataset="random", num_prompts=num_prompts, input_len=1024, output_len=128, num_warmups=4)]
     if not quick:
@@ -120,8 +128,9 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
                "per token). Published anchors ran real weights on ShareGPT: their ratios place us, they do not "
                "rank.",),
         sections=(
-            suite.serve_section(180 if quick else 270, model=model, engine=ENGINE, runs=serve_runs(quick),
-                                ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV),
+            suite.serve_section(180 if quick else 370, model=model, engine=ENGINE, runs=serve_runs(quick),
+                                ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV,
+                                compare=None if quick else COMPARE),
             suite.offline_section(60 if quick else 140, model=model, engine=ENGINE,
                                   datasets=offline_datasets(quick, offline_prompts or (100 if quick else 1000))),
             suite.host_section(45 if quick else 50, model=model, engine=host_engine,

@@ -168,13 +168,17 @@ def offline_section(budget_s: float, *, model: str, engine: dict, datasets: list
 
 
 def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict], ready_timeout_s: float,
-                  warm_reserve_s: float, server_env: dict, dtype: str = "bfloat16", warm_start: bool = True
-                  ) -> Section:
-    """``runs``: [{"label", "dataset", "num_prompts", "request_rate", ...lengths}] of ``jaxdyn bench serve``."""
+                  warm_reserve_s: float, server_env: dict, dtype: str = "bfloat16", warm_start: bool = True,
+                  compare: dict | None = None) -> Section:
+    """``runs``: [{"label", "dataset", "num_prompts", "request_rate", ...lengths}] of ``jaxdyn bench serve``.
+    ``compare``: {"label", "args", "runs", "reserve_s"}: after the warm start, a third server with ``args``
+    added to the command line runs ``runs`` (the same load against a variant of the server, in the same
+    call); ``reserve_s`` of the budget is kept for it."""
     return Section("serve", "Server cold start and online serving (jaxdyn serve + jaxdyn bench serve)",
                    (Step("serve", budget_s, {"model": model, "engine": engine, "runs": runs, "dtype": dtype,
                                              "ready_timeout_s": ready_timeout_s, "warm_reserve_s": warm_reserve_s,
-                                             "server_env": server_env, "warm_start": warm_start}),),
+                                             "server_env": server_env, "warm_start": warm_start,
+                                             "compare": compare}),),
                    ENGINE_MODULES + SERVE_MODULES)
 
 
@@ -191,7 +195,7 @@ def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"},
         probe_budget_s=60,
         sections=(
-            serve_section(120, model="tiny", engine=engine, ready_timeout_s=60, warm_reserve_s=20,
+            serve_section(160, model="tiny", engine=engine, ready_timeout_s=60, warm_reserve_s=20,
                           server_env={}, dtype="float32", runs=[
                               dict(label="random 64/16, rate inf", dataset="random", num_prompts=12,
                                    input_len=64, output_len=16, request_rate="inf", num_warmups=1),
@@ -199,7 +203,10 @@ def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
                                    input_len=64, output_len=16, request_rate="4"),
                               dict(label="prefix 48+16/16, rate inf", dataset="prefix", num_prompts=12,
                                    prefix_len=48, suffix_len=16, num_prefixes=2, output_len=16,
-                                   request_rate="inf")]),
+                                   request_rate="inf")],
+                          compare=dict(label="engine on a thread", args=["--no-engine-process"], reserve_s=40, runs=[
+                              dict(label="random 64/16, rate inf", dataset="random", num_prompts=12,
+                                   input_len=64, output_len=16, request_rate="inf", num_warmups=1)])),
             # its engine takes ShareGPT-shaped requests (up to 2048 tokens) too
             offline_section(90, model="tiny", dtype="float32", matmul_n=256,
                             engine=dict(engine, max_model_len=2048, page_buckets=[16, 128]), datasets=[
@@ -1032,21 +1039,11 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                                    ("steps", "engine steps", "d"), ("host_ms", "host ms / step", ".2f"),
                                    ("wait_ms", "wait ms / step", ".2f")]))
 
-    server = Server(argv, env, os.path.join(cfg["scratch"], "server_cold.log"), url)
-    try:
-        left = t_end - time.perf_counter()
-        ready, why = server.start(min(cfg["ready_timeout_s"], max(left - cfg["warm_reserve_s"], 0.6 * left)))
-        rows.append(dict(run="first start" + (", empty cache" if entries == 0 else "")
-                         + ": process start -> /health 200", seconds=ready if ready is not None else why))
-        rec.add(figure("cold start (empty compilation cache)" if entries == 0 else
-                       f"first start (cache held {entries} entries)", ready, "s", COLD_START_TARGET_S, "target",
-                       "lower"))
-        rec.note(f"Cold start: {why or 'ready'}. {server.load_line()}")
-        table()
-        if ready is None:
-            raise RuntimeError(f"the first server start failed: {why} (its log is in suite.log)")
-        for run in cfg["runs"]:
-            limit = t_end - time.perf_counter() - (cfg["warm_reserve_s"] if cfg.get("warm_start") else 0)
+    def bench_runs(runs: list[dict], reserve: float, suffix: str = "") -> None:
+        nonlocal anchored_done
+        for run in runs:
+            run = dict(run, label=run["label"] + suffix)
+            limit = t_end - time.perf_counter() - reserve
             if limit < 10:
                 rec.note(f"{run['label']}: not run, no time left in the budget.")
                 continue
@@ -1085,6 +1082,23 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                                    "the random rate-inf run", "higher"))
             if s.get("failed"):
                 rec.note(f"{run['label']}: {s['failed']} requests failed: {s.get('errors')}")
+
+    server = Server(argv, env, os.path.join(cfg["scratch"], "server_cold.log"), url)
+    try:
+        left = t_end - time.perf_counter()
+        ready, why = server.start(min(cfg["ready_timeout_s"], max(left - cfg["warm_reserve_s"], 0.6 * left)))
+        rows.append(dict(run="first start" + (", empty cache" if entries == 0 else "")
+                         + ": process start -> /health 200", seconds=ready if ready is not None else why))
+        rec.add(figure("cold start (empty compilation cache)" if entries == 0 else
+                       f"first start (cache held {entries} entries)", ready, "s", COLD_START_TARGET_S, "target",
+                       "lower"))
+        rec.note(f"Cold start: {why or 'ready'}. {server.load_line()}")
+        table()
+        if ready is None:
+            raise RuntimeError(f"the first server start failed: {why} (its log is in suite.log)")
+        # time kept for what comes after: the warm start, and the compared server's start and runs
+        bench_runs(cfg["runs"], (cfg["warm_reserve_s"] if cfg.get("warm_start") else 0)
+                   + (cfg["compare"]["reserve_s"] if cfg.get("compare") else 0))
     finally:
         rc = server.stop()
         rec.note(f"First server stopped with SIGTERM: exit status {rc}.")
@@ -1109,6 +1123,27 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
         rc = server.stop()
         rec.note(f"Second server stopped with SIGTERM: exit status {rc}.")
         print("\n".join(f"server(warm)| {line}" for line in server.tail(60)), flush=True)
+    cmp = cfg.get("compare")
+    left = t_end - time.perf_counter()
+    if not cmp:
+        return
+    if left < 20:
+        rec.note(f"Compared server ({cmp['label']}): not run, no time left in the budget.")
+        return
+    rec.command(f"jaxdyn serve {shlex.join(serve_args + buckets + list(cmp['args']))}")
+    server = Server(argv + list(cmp["args"]), env, os.path.join(cfg["scratch"], "server_compare.log"), url)
+    try:
+        ready, why = server.start(left)
+        rows.append(dict(run=f"third start ({cmp['label']}), cache warm: process start -> /health 200",
+                         seconds=ready if ready is not None else why))
+        table()
+        if ready is None:
+            raise RuntimeError(f"the compared server's start failed: {why} (its log is in suite.log)")
+        bench_runs(cmp["runs"], 0, f" ({cmp['label']})")
+    finally:
+        rc = server.stop()
+        rec.note(f"Compared server stopped with SIGTERM: exit status {rc}.")
+        print("\n".join(f"server(compare)| {line}" for line in server.tail(60)), flush=True)
 
 
 _LOOP_COUNTERS = ("jaxdyn:engine_steps", "jaxdyn:engine_host_seconds", "jaxdyn:engine_device_wait_seconds")

@@ -36,6 +36,8 @@ class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.request_id = ""
+        self.prompt_ids: list[int] = []
+        self.acc = None                      # ProcessEngine: the request's text / tokens so far
         self.queue: asyncio.Queue = asyncio.Queue()
 
 
@@ -54,23 +56,17 @@ def _post(pending: dict) -> None:
         loop.call_soon_threadsafe(_put_all, items)
 
 
-class AsyncEngine:
-    def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
-        self.core = core
+class StreamingEngine:
+    """The consumer side shared by the engine on a thread (``AsyncEngine``) and the engine in its own process
+    (``jaxdyn.engine.process.ProcessEngine``): streams by request id, folding, abort on early exit. A
+    subclass provides ``core`` (what the server reads: config, tokenizer, check_request, metrics),
+    ``is_healthy`` and ``_send`` (a command to the engine loop: ``("add", ...)`` or ``("abort", id)``)."""
+
+    dead: BaseException | None = None
+
+    def _init_streams(self, max_queued_requests: int | None) -> None:
         self.max_queued_requests = max_queued_requests
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._wake = threading.Event()
-        self._stop = False
-        self.dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="jaxdyn-engine", daemon=True)
-        self._thread.start()
-
-    # ---- consumer side -------------------------------------------------------------------------
-
-    @property
-    def is_healthy(self) -> bool:
-        return self.dead is None and self._thread.is_alive()
 
     @property
     def num_unfinished(self) -> int:
@@ -85,8 +81,10 @@ class AsyncEngine:
             raise RequestError("request_id", f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop())
         stream.request_id = request_id
+        prompt_ids = list(prompt_ids)
+        stream.prompt_ids = prompt_ids
         self._streams[request_id] = stream
-        self._send(("add", request_id, list(prompt_ids), params, priority, time.monotonic()))
+        self._send(("add", request_id, prompt_ids, params, priority, time.monotonic()))
         return stream
 
     async def stream(self, stream: _Stream):
@@ -122,6 +120,39 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str, pending: dict) -> None:
+        """Gather ``out`` for the request's stream in ``pending`` (by event loop), for ``_post``."""
+        if isinstance(out, RequestOutput) and out.error is not None:
+            out = RequestFailedError(out.error)
+        # The last item of a request unregisters it here, so a stream nobody reads cannot leak.
+        last = isinstance(out, BaseException) or out.finished
+        s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if s is not None:
+            pending.setdefault(s.loop, []).append((s, out))
+
+    def _fail_all(self, err: BaseException, pending: dict) -> None:
+        for rid in list(self._streams):
+            self._deliver(err, rid, pending)
+        _post(pending)
+
+
+class AsyncEngine(StreamingEngine):
+    """The engine core driven by a thread of this process."""
+
+    def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
+        self.core = core
+        self._init_streams(max_queued_requests)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self.dead = None
+        self._thread = threading.Thread(target=self._loop, name="jaxdyn-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
@@ -132,16 +163,6 @@ class AsyncEngine:
         self._wake.set()
 
     # ---- engine thread -------------------------------------------------------------------------
-
-    def _deliver(self, out: RequestOutput | BaseException, request_id: str, pending: dict) -> None:
-        """Gather ``out`` for the request's stream in ``pending`` (by event loop), for ``_post``."""
-        if isinstance(out, RequestOutput) and out.error is not None:
-            out = RequestFailedError(out.error)
-        # The last item of a request unregisters it here, so a stream nobody reads cannot leak.
-        last = isinstance(out, BaseException) or out.finished
-        s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if s is not None:
-            pending.setdefault(s.loop, []).append((s, out))
 
     def _loop(self) -> None:
         core = self.core
@@ -178,7 +199,5 @@ class AsyncEngine:
         except BaseException as e:  # the engine is dead: tell everyone, keep the reason
             self.dead = e
             traceback.print_exc()
-            err = EngineDeadError(f"the engine died: {e!r}")
-            for rid in list(self._streams):     # after what this turn gathered before it died
-                self._deliver(err, rid, pending)
-            _post(pending)
+            # after what this turn gathered before it died
+            self._fail_all(EngineDeadError(f"the engine died: {e!r}"), pending)

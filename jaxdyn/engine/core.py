@@ -98,25 +98,7 @@ class EngineCore:
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
         """Raise RequestError if the engine would refuse this request (reads config only: thread-safe)."""
-        if len(prompt_ids) == 0:
-            raise RequestError("prompt", "the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
-            raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
-                               f"is {self.max_model_len} tokens and at least one must be left to generate")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop", "stop strings need a tokenizer; this model has none")
-        if len(self.eos_token_ids) + len(params.stop_token_ids) > MAX_BANNED and params.min_tokens:
-            raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
-        room = self.max_model_len - len(prompt_ids)
-        max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
-        if math.ceil(max_len / self.config.page_size) > self.num_pages:
-            raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens exceed the KV "
-                               f"cache ({self.num_pages * self.config.page_size} tokens)")
+        check_request(self, prompt_ids, params)
 
     def draw_seed(self) -> int:
         return self._rng.getrandbits(32)
@@ -416,6 +398,31 @@ class EngineCore:
         return RequestOutput(req.request_id, req.prompt_ids, outs, req.finished,
                              req.num_cached_tokens, req.metrics)
 
+
+
+def check_request(facts, prompt_ids, params: SamplingParams) -> None:
+    """Raise RequestError if an engine with these ``facts`` would refuse the request: anything with an
+    EngineCore's ``model_config``, ``max_model_len``, ``tokenizer``, ``eos_token_ids``, ``config`` and
+    ``num_pages`` (the core itself, or the view of a core in another process)."""
+    if len(prompt_ids) == 0:
+        raise RequestError("prompt", "the prompt is empty")
+    vocab = facts.model_config.vocab_size
+    if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
+        raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
+    if len(prompt_ids) >= facts.max_model_len:
+        raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
+                           f"is {facts.max_model_len} tokens and at least one must be left to generate")
+    if any(t >= vocab for t in params.stop_token_ids):
+        raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
+    if params.stop and facts.tokenizer is None:
+        raise RequestError("stop", "stop strings need a tokenizer; this model has none")
+    if len(facts.eos_token_ids) + len(params.stop_token_ids) > MAX_BANNED and params.min_tokens:
+        raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
+    room = facts.max_model_len - len(prompt_ids)
+    max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
+    if math.ceil(max_len / facts.config.page_size) > facts.num_pages:
+        raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens exceed the KV "
+                           f"cache ({facts.num_pages * facts.config.page_size} tokens)")
 
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads

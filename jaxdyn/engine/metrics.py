@@ -29,6 +29,14 @@ class Histogram:
             self.sum += value
             self.count += 1
 
+    def __getstate__(self):     # pickled without its lock (a snapshot sent from the engine process)
+        with self._lock:
+            return {k: (list(v) if k == "counts" else v) for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def cumulative(self) -> list[tuple[float, int]]:
         out, total = [], 0
         for le, c in zip((*self.buckets, float("inf")), self.counts):

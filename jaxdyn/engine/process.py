@@ -1,0 +1,282 @@
+"""ProcessEngine: the engine core alone in its own process, streamed to asyncio consumers.
+
+vLLM V1's split. With the engine on a thread of the server's process (``AsyncEngine``), the engine loop
+shares one interpreter lock with the HTTP event loop: every output a step makes costs the event loop
+its SSE framing, JSON and socket writes, and while the event loop holds the lock the engine loop cannot
+build and dispatch the next step, so the device waits on the server's Python. Here the engine loop runs
+in a child process (``multiprocessing`` spawn: the child owns the accelerator; the server process never
+initialises a JAX backend) and the two exchange one message per engine step:
+
+- server → engine: the commands gathered since the last message (``add`` with the prompt ids, sampling
+  params, priority and arrival time; ``abort``; ``shutdown``), sent by a thread so the event loop never
+  blocks on the pipe;
+- engine → server: every output of one step as its deltas only (text, token ids, logprobs, finish), a
+  refused ``add`` as its error, and a snapshot of the engine's metrics whenever a request finished, the
+  engine went idle, or 0.25 s passed. A reader thread rebuilds each request's cumulative text and tokens
+  (``_Stream.acc``) and hands the step to the event loops in one call per loop, as ``AsyncEngine`` does.
+
+The server reads the core through ``EngineFacts`` (config, model config, tokenizer, limits, load info,
+the latest metrics, ``check_request``), sent once when the engine is ready. An engine that dies (an
+exception in a step, a killed process) ends every stream with ``EngineDeadError`` and turns
+``is_healthy`` false; a server that dies closes the pipe and the engine process exits.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+
+from jaxdyn.engine.async_engine import EngineDeadError, StreamingEngine, _post
+from jaxdyn.engine.core import EngineConfig, RequestError, check_request
+from jaxdyn.engine.request import CompletionOutput, RequestOutput, TokenPrefix
+
+METRICS_INTERVAL_S = 0.25       # the longest a busy engine goes without sending its metrics
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not build its engine (the message says why), or exited before it was ready."""
+
+
+class EngineFacts:
+    """What the server reads of a core in another process (``AsyncEngine.core``'s face)."""
+
+    def __init__(self, *, config, model_config, tokenizer, max_model_len: int, num_pages: int,
+                 eos_token_ids: tuple[int, ...], load_info: dict, metrics):
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.num_pages = num_pages
+        self.eos_token_ids = eos_token_ids
+        self.load_info = load_info
+        self.metrics = metrics           # replaced by each snapshot the engine sends
+
+    @classmethod
+    def of(cls, core) -> "EngineFacts":
+        return cls(config=core.config, model_config=core.model_config, tokenizer=core.tokenizer,
+                   max_model_len=core.max_model_len, num_pages=core.num_pages, eos_token_ids=core.eos_token_ids,
+                   load_info=dict(core.load_info), metrics=core.metrics)
+
+    def check_request(self, prompt_ids, params) -> None:
+        check_request(self, prompt_ids, params)
+
+
+def _dumps(msg) -> bytes:
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# ---- the engine process ---------------------------------------------------------------------------
+
+
+def _wire(out: RequestOutput) -> tuple:
+    """A step's output of one request as its deltas (the server side keeps the cumulative state)."""
+    return (out.request_id, out.finished, out.num_cached_tokens, out.error, out.metrics,
+            [(c.index, c.delta_text, c.delta_token_ids, c.cumulative_logprob, c.delta_logprobs,
+              c.finish_reason, c.stop_reason) for c in out.outputs])
+
+
+def _apply(core, cmd, items: list) -> bool:
+    """Run one command on the core; False for ``shutdown``."""
+    if cmd[0] == "add":
+        _, rid, prompt, params, priority, arrival = cmd
+        try:
+            core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival)
+        except ValueError as e:
+            items.append(("e", rid, getattr(e, "param", None), str(e)))
+    elif cmd[0] == "abort":
+        out = core.abort(cmd[1])
+        if out is not None:
+            items.append(("o", _wire(out)))
+    elif cmd[0] == "shutdown":
+        return False
+    return True
+
+
+def engine_loop(conn, core) -> None:
+    """The engine process's loop over ``core`` (an EngineCore or anything with its face)."""
+    last_metrics = time.monotonic()
+    running = True
+    while running:
+        items: list = []
+        timeout = 0 if core.has_unfinished() else None     # idle: sleep until a command (or the pipe closes)
+        while running and conn.poll(timeout):
+            for cmd in pickle.loads(conn.recv_bytes())[1]:
+                if not _apply(core, cmd, items):
+                    running = False
+                    break
+            timeout = 0
+        finished = any(it[0] == "o" and it[1][1] for it in items)
+        busy = running and core.has_unfinished()
+        if busy:
+            for out in core.step():
+                items.append(("o", _wire(out)))
+                finished = finished or out.finished
+        now = time.monotonic()
+        snapshot = None
+        if finished or not busy or now - last_metrics >= METRICS_INTERVAL_S:
+            snapshot, last_metrics = core.metrics, now
+        if items or snapshot is not None:
+            conn.send_bytes(_dumps(("out", items, snapshot)))
+    stop = getattr(core, "shutdown", None)
+    if stop is not None:
+        stop()
+
+
+def _engine_main(conn, build: dict) -> None:
+    """The child process: build the engine, say ready (or why not), run the loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the server, which drains and stops us
+    try:
+        from jaxdyn.engine.llm import build_engine
+        core = build_engine(**build)
+    except BaseException as e:  # noqa: BLE001 -- reported to the server, which says it and exits
+        conn.send_bytes(_dumps(("failed", type(e).__name__, str(e))))
+        return
+    conn.send_bytes(_dumps(("ready", EngineFacts.of(core))))
+    try:
+        engine_loop(conn, core)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return                                       # the server is gone
+    except BaseException as e:  # noqa: BLE001 -- the engine is dead: tell the server why
+        traceback.print_exc()
+        try:
+            conn.send_bytes(_dumps(("dead", repr(e))))
+        except OSError:
+            pass
+
+
+# ---- the server process ---------------------------------------------------------------------------
+
+
+class ProcessEngine(StreamingEngine):
+    """``AsyncEngine``'s face over an engine built and run in a child process.
+
+    ``ProcessEngine(model, tp=, dtype=, load_format=, config=, progress=)`` takes ``build_engine``'s
+    arguments and returns once the engine is loaded and warmed up (``EngineStartError`` if it cannot be)."""
+
+    def __init__(self, model, *, tp: int = 1, dtype=None, load_format: str = "auto",
+                 config: EngineConfig = EngineConfig(), progress: bool = False,
+                 max_queued_requests: int | None = None):
+        self._init_streams(max_queued_requests)
+        self.dead = None
+        self._closing = False
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        build = dict(model=model, tp=tp, dtype=dtype, load_format=load_format, config=config, progress=progress)
+        self._proc = ctx.Process(target=_engine_main, args=(child, build), name="jaxdyn-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            msg = pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self._proc.join(10)
+            raise EngineStartError(f"the engine process exited (code {self._proc.exitcode}) before it was "
+                                   "ready") from None
+        if msg[0] != "ready":
+            self._proc.join(10)
+            raise EngineStartError(f"{msg[1]}: {msg[2]}")
+        self.core: EngineFacts = msg[1]
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="jaxdyn-engine-send", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="jaxdyn-engine-read", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead is None and self._proc.is_alive()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine process (after the commands already sent) and wait for it."""
+        if self._closing:
+            return
+        self._closing = True
+        self._outbox.put(("shutdown",))
+        self._outbox.put(None)
+        self._sender.join(timeout)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        self._conn.close()
+        self._reader.join(5)
+
+    def _send(self, cmd) -> None:
+        self._outbox.put(cmd)
+
+    def _send_loop(self) -> None:
+        """Everything queued since the last send, in one message (the event loop never blocks on the pipe)."""
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            batch = [c for c in batch if c is not None]
+            if batch:
+                try:
+                    self._conn.send_bytes(_dumps(("cmds", batch)))
+                except OSError:
+                    return                 # the engine process is gone: the reader says so
+            if stop:
+                return
+
+    def _read_loop(self) -> None:
+        reason = None
+        while True:
+            try:
+                msg = pickle.loads(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                if not self._closing:
+                    self._proc.join(5)
+                    reason = f"the engine process exited (code {self._proc.exitcode})"
+                break
+            if msg[0] == "dead":
+                reason = f"the engine died: {msg[1]}"
+                break
+            _, items, snapshot = msg
+            if snapshot is not None:       # before the outputs: a client that sees a finish sees its counts
+                self.core.metrics = snapshot
+            pending: dict = {}
+            for item in items:
+                if item[0] == "o":
+                    self._output(item[1], pending)
+                else:
+                    _, rid, param, message = item
+                    self._deliver(RequestError(param, message) if param else ValueError(message), rid, pending)
+            _post(pending)
+        if reason is not None:
+            self.dead = EngineDeadError(reason)
+            self._fail_all(self.dead, {})
+
+    def _output(self, wire: tuple, pending: dict) -> None:
+        rid, finished, cached, error, metrics, comps = wire
+        s = self._streams.get(rid)
+        if s is None:                      # its consumer left (the abort is on its way)
+            return
+        acc = s.acc if s.acc is not None else {}
+        s.acc = acc
+        outs = []
+        for index, dtext, dids, cum_lp, dlps, reason, stop_reason in comps:
+            a = acc.get(index)
+            if a is None:
+                a = acc[index] = ["", [], None]
+            a[0] += dtext
+            a[1].extend(dids)
+            if dlps is not None:
+                if a[2] is None:
+                    a[2] = []
+                a[2].extend(dlps)
+            outs.append(CompletionOutput(index, a[0], TokenPrefix(a[1], len(a[1])), dtext, dids, cum_lp, a[2],
+                                         dlps, reason, stop_reason))
+        self._deliver(RequestOutput(rid, s.prompt_ids, outs, finished, cached, metrics, error), rid, pending)

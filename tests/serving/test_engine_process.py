@@ -1,0 +1,196 @@
+"""The server over the engine in its own process (``ProcessEngine``, ``jaxdyn serve``'s default): the same
+answers as the engine on a thread, aborts and refusals crossing the pipe, the engine's metrics exported, no
+pages left, and a killed engine process reported rather than hung on."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import jax.numpy as jnp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from checkpoints.loader import load_model
+from jaxdyn import AsyncEngine, EngineCore, RequestError, SamplingParams
+from jaxdyn.engine.process import EngineStartError, ProcessEngine
+from serving.app import ServerState
+from tests.serving.test_server import CFG, TEMPLATE, Server  # noqa: F401 -- ckpt is a fixture
+from tests.serving.test_server import ckpt  # noqa: F401
+from tests.support import make_byte_tokenizer, make_hf_checkpoint  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def thread_server(ckpt):  # noqa: F811
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core.warmup()
+    state = ServerState("tiny", max_queued_requests=64)
+    state.engine = AsyncEngine(core)
+    srv = Server(state)
+    yield srv
+    srv.stop()
+    state.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def proc_server(ckpt):  # noqa: F811
+    state = ServerState("tiny", max_queued_requests=64)
+    state.engine = ProcessEngine(ckpt, dtype="float32", config=CFG)
+    srv = Server(state)
+    yield srv
+    srv.stop()
+    state.engine.shutdown()
+    assert not state.engine._proc.is_alive()
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
+            if "le" not in labels:
+                out[s.name + (json.dumps(labels, sort_keys=True) if labels else "")] = s.value
+    return out
+
+
+def settled(url: str, timeout: float = 30.0) -> dict[str, float]:
+    """/metrics once the engine has nothing running or waiting and holds no pages for requests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if (m["jaxdyn:num_requests_running"] == 0 and m["jaxdyn:num_requests_waiting"] == 0
+                and m["jaxdyn:kv_cache_usage_perc"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+REQUESTS = [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True}),
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                         "stream": True}),
+    ("/v1/completions", {"prompt": [[256, 72], [256, 73]], "n": 2, "max_tokens": 10, "temperature": 0.9,
+                         "seed": 7, "logprobs": 2, "ignore_eos": True}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 20, "temperature": 1.0, "seed": 3, "stop": ["e", "x"],
+                         "stream": True, "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                              "temperature": 0.7, "seed": 1, "logprobs": True, "top_logprobs": 3,
+                              "ignore_eos": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                              "temperature": 0, "stream": True, "ignore_eos": True}),
+]
+
+
+def answer(url: str, path: str, body: dict):
+    """The response with its ids and timestamps taken out (they differ run to run); a stream as each
+    choice's joined text / content, logprobs and finish reason, and its usage (how a stream is cut into
+    chunks depends on timing: a consumer behind gets deltas folded)."""
+    r = httpx.post(url + path, json={"model": "tiny", **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        j = r.json()
+        j.pop("id"), j.pop("created")
+        return j
+    choices, usage, tail = {}, None, []
+    for ev in r.text.split("\n\n"):
+        if not ev.startswith("data: {"):
+            tail += [ev] if ev else []
+            continue
+        j = json.loads(ev[6:])
+        usage = j.get("usage") or usage
+        for ch in j["choices"]:
+            c = choices.setdefault(ch["index"], {"text": "", "logprobs": [], "finish_reason": None})
+            c["text"] += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+            c["logprobs"].append(ch.get("logprobs"))
+            c["finish_reason"] = ch.get("finish_reason") or c["finish_reason"]
+    for c in choices.values():
+        c["logprobs"] = [x for x in c["logprobs"] if x]
+    return choices, usage, tail
+
+
+def test_answers_equal_the_engine_on_a_thread(thread_server, proc_server):
+    for path, body in REQUESTS:
+        assert answer(proc_server.url, path, body) == answer(thread_server.url, path, body), (path, body)
+
+
+def test_concurrent_streams_and_the_exported_metrics(proc_server):
+    before = settled(proc_server.url)
+    body = {"model": "tiny", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as c:
+            async def one(i):
+                text = ""
+                async with c.stream("POST", proc_server.url + "/v1/completions",
+                                    json={**body, "prompt": f"request {i}"}) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                return text
+            return await asyncio.gather(*[one(i) for i in range(24)])     # more than max_num_seqs (16)
+
+    texts = asyncio.run(run())
+    assert all(texts)
+    after = settled(proc_server.url)
+    assert after["jaxdyn:generation_tokens_total"] - before["jaxdyn:generation_tokens_total"] == 24 * 16
+    assert after["jaxdyn:engine_steps_total"] > before["jaxdyn:engine_steps_total"]
+    assert after["jaxdyn:compilations_after_warmup_total"] == 0
+    assert after["jaxdyn:time_to_first_token_seconds_count"] - before["jaxdyn:time_to_first_token_seconds_count"] == 24
+
+
+def test_a_client_that_leaves_aborts_the_request_in_the_engine_process(proc_server):
+    before = settled(proc_server.url)
+    body = {"model": "tiny", "prompt": "leave", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", proc_server.url + "/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    after = settled(proc_server.url)
+    key = 'jaxdyn:request_success_total{"finished_reason": "abort"}'
+    assert after.get(key, 0) == before.get(key, 0) + 1
+    assert after["jaxdyn:kv_cache_usage_perc"] == 0 and after["jaxdyn:num_requests_running"] == 0
+
+
+def test_refusals(proc_server):
+    r = httpx.post(proc_server.url + "/v1/completions", json={"model": "tiny", "prompt": [1] * 200})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    # A request the server did not check: the engine process refuses it and the refusal comes back.
+    engine = proc_server.state.engine
+
+    async def run():
+        with pytest.raises(RequestError) as e:
+            async for _ in engine.generate([], SamplingParams(max_tokens=2), "unchecked"):
+                pass
+        return e.value
+
+    assert asyncio.run(run()).param == "prompt"
+    assert engine.num_unfinished == 0 and engine.is_healthy
+
+
+def test_a_killed_engine_process_ends_streams_with_an_error_and_health_turns_503(proc_server):
+    # Last in this module: it kills the module's engine.
+    url = proc_server.url
+    body = {"model": "tiny", "prompt": "doomed", "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line:
+                events.append(line)
+            if len(events) == 2:
+                os.kill(proc_server.state.engine.pid, signal.SIGKILL)
+    assert events[-1] == "data: [DONE]"
+    err = json.loads(events[-2][6:])
+    assert "error" in err and "engine process exited" in err["error"]["message"]
+    assert httpx.get(url + "/health").status_code == 503
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["type"]
+
+
+def test_an_engine_that_cannot_be_built_says_why(tmp_path):
+    with pytest.raises(EngineStartError, match="no_such_model"):
+        ProcessEngine(str(tmp_path / "no_such_model"), config=CFG)
