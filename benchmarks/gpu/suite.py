@@ -1042,7 +1042,8 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
     def bench_runs(runs: list[dict], reserve: float, suffix: str = "") -> None:
         nonlocal anchored_done
         for run in runs:
-            run = dict(run, label=run["label"] + suffix)
+            base_label = run["label"]
+            run = dict(run, label=base_label + suffix)
             limit = t_end - time.perf_counter() - reserve
             if limit < 10:
                 rec.note(f"{run['label']}: not run, no time left in the budget.")
@@ -1060,7 +1061,12 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                              seconds=s.get("duration_s"), **loop))
             table()
             out = s.get("output_throughput")
-            if run["request_rate"] == "inf" and run["dataset"] == anchor_ds and not anchored_done:
+            if suffix:        # a compared server: against the same load on the default one
+                same = next((r for r in rows if r["run"] == base_label and r.get("out_tok_s")), None)
+                rec.add(figure(f"serve output tok/s, {run['label']}", out, "tok/s",
+                               same["out_tok_s"] if same else None, "the same load on the default server",
+                               "higher"))
+            elif run["request_rate"] == "inf" and run["dataset"] == anchor_ds and not anchored_done:
                 anchored_done = True
                 rec.add(anchored(f"serve output tok/s, {run['label']}", out, "sglang030_a100_rate_inf", "higher"),
                         anchored(f"serve output tok/s, {run['label']}", out, "sglang_h100_offline", "higher"),
