@@ -36,7 +36,7 @@ GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
 that drives the server and the ``bench serve`` client run with
 ``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
 only process on the GPU while it runs. The engine sections size their KV pool
-explicitly (serve and offline: 32,768 pages × 2 MiB for the 8B shape, beside 16 GB of weights; host: 16,384).
+explicitly (serve and offline: 40,960 pages × 2 MiB for the 8B shape, beside 16 GB of weights; host: 16,384).
 """
 
 from __future__ import annotations
@@ -54,14 +54,16 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 
 # One engine shape for serve and offline (the same compiled steps, so offline loads the server's from the
 # executable cache): a page bucket of the whole model length and four token buckets, 4 x 3 sampler variants =
-# 12 steps compiled at warm-up. Up to 512 sequences: ShareGPT-shaped load keeps few prompts waiting per freed
-# slot, so with 256 slots most steps held a few hundred tokens padded to the 2048 bucket. A scheduler
-# simulation with the measured step costs, 1,000 ShareGPT-shaped requests: 39.9 s with buckets 16/256/2048 and
-# 256 sequences (measured: 36.3 s), 27.1 s with these, 25.5 s with a 1024 bucket too (measured: 30.5 s), which
-# costs a fifth shape at warm-up: the cold start went 37 -> 73 s on the H200 (each first compile of a shape
-# ~9 s), past its 60 s target. 32,768 pages of 16 tokens (64 GiB in the 8B shape) hold 512 sequences of up to
-# 1,024 tokens each.
-ENGINE = dict(page_size=16, num_pages=32768, max_num_seqs=512, max_num_batched_tokens=2048, max_model_len=2048,
+# 12 steps compiled at warm-up. Up to 1,024 sequences: with 1,000 ShareGPT-shaped requests all are admitted at
+# once, and few prompts wait per freed slot (with 256 slots most steps held a few hundred tokens padded to the
+# 2048 bucket). Offline ShareGPT-shaped on the H200, the same call: 6,252 output tok/s with 512 sequences and
+# 32,768 pages, 7,381 with 1,024 and 40,960 (``benchmarks/gpu/profile_host.py``, 2026-12-02). A scheduler
+# simulation with the measured step costs (``benchmarks/schedule_sim.py``): 39.9 s with buckets 16/256/2048 and
+# 256 sequences (measured: 36.3 s), 27.1 s with these buckets and 512; a 1024 bucket too simulated 25.5 s
+# (measured: 30.5 s) but costs a fifth shape at warm-up: the cold start went 37 -> 73 s on the H200 (each
+# first compile of a shape ~9 s), past its 60 s target. 40,960 pages of 16 tokens (80 GiB in the 8B shape,
+# beside 16 GB of weights).
+ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
               token_buckets=[16, 128, 512, 2048], page_buckets=[128])
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.

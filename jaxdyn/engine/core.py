@@ -126,14 +126,18 @@ class EngineCore:
         return req
 
     def add_request(self, request_id: str, prompt_ids, params: SamplingParams, *,
-                    priority: int = 0, arrival_time: float | None = None, hold_kv: bool = False) -> Request:
+                    priority: int = 0, arrival_time: float | None = None, hold_kv: bool = False,
+                    final_only: bool = False) -> Request:
         """Queue a request. ``hold_kv``: when it finishes keep its pages until ``release_kv``
-        (a prefill whose KV another engine reads; one sequence only)."""
+        (a prefill whose KV another engine reads; one sequence only). ``final_only``: ``step()`` returns
+        its output once, when it finishes (vLLM's ``RequestOutputKind.FINAL_ONLY``: ``LLM.generate``
+        builds no output object per token)."""
         prompt_ids = list(prompt_ids)
         if hold_kv and params.n != 1:
             raise RequestError("n", "a request whose KV is held must have n=1")
         req = self._new_request(request_id, prompt_ids, params, priority, arrival_time)
         req.hold_kv = hold_kv
+        req.final_only = final_only
         if params.n > 1 and len(prompt_ids) > 1:
             req.seqs[0].fork_target = len(prompt_ids) - 1
             for s in req.seqs[1:]:
@@ -221,7 +225,10 @@ class EngineCore:
         """Seconds step() spent waiting for the device's results."""
         return self.metrics.device_wait_seconds
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, wire: bool = False) -> list:
+        """Schedule and dispatch the next step, then process the previous one's tokens: the outputs of
+        the requests that got a token (``RequestOutput``; with ``wire`` each as its deltas only, the
+        tuple ``jaxdyn.engine.process`` sends: no output objects are built)."""
         t0 = time.perf_counter()
         w0 = self.metrics.device_wait_seconds
         batch = self.scheduler.schedule(self._can_sample)
@@ -229,10 +236,10 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, ((batch, handle) if handle is not None else None)
         if prev is not None:
-            outputs = self._process(*prev)
+            outputs = self._process(*prev, wire)
         if handle is not None and not self.config.overlap:
             cur, self._inflight = self._inflight, None
-            outputs += self._process(*cur)
+            outputs += self._process(*cur, wire)
         self.metrics.steps += 1
         self.metrics.preemptions = self.scheduler.num_preemptions
         self.metrics.num_running = len(self.scheduler.running)
@@ -288,7 +295,7 @@ class EngineCore:
                 metrics.computed_prefill_tokens += min(end, prompt_len) - start
         return self.runner.execute(work)
 
-    def _process(self, batch: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+    def _process(self, batch: SchedulerOutput, handle: StepHandle, wire: bool = False) -> list:
         tw = time.perf_counter()
         res = handle.result()
         self.metrics.device_wait_seconds += time.perf_counter() - tw
@@ -319,9 +326,12 @@ class EngineCore:
             self._accept(seq, tok, now, entry)
             touched[req.request_id] = req
         outputs = []
+        make = self._make_wire if wire else self._make_output
         for req in touched.values():
-            outputs.append(self._make_output(req))
-            if req.finished:
+            done = req.finished
+            if done or not req.final_only:
+                outputs.append(make(req))
+            if done:
                 self._retire(req, now)
         return outputs
 
@@ -373,6 +383,29 @@ class EngineCore:
                 seq.detok.flush()
             self.scheduler.finish(seq, hold=req.hold_kv)
 
+    def _make_wire(self, req: Request) -> tuple:
+        """``_make_output``'s deltas as ``jaxdyn.engine.process._wire`` lays them out, without the objects."""
+        outs = []
+        for seq in req.seqs:
+            done = seq.finished
+            detok = seq.detok
+            if detok is not None:
+                if done:
+                    detok.flush()
+                delta_text = detok.take_delta(done)
+            else:
+                delta_text = ""
+            num_out = len(seq.output_ids)
+            delta_ids = seq.output_ids[seq.emitted_tokens:]
+            seq.emitted_tokens = num_out
+            delta_lps = cum = None
+            if seq.logprobs is not None:
+                delta_lps = seq.logprobs[seq.emitted_logprobs:]
+                seq.emitted_logprobs = len(seq.logprobs)
+                cum = seq.cumulative_logprob
+            outs.append((seq.index, delta_text, delta_ids, cum, delta_lps, seq.finish_reason, seq.stop_reason))
+        return (req.request_id, req.finished, req.num_cached_tokens, None, req.metrics, outs)
+
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []
         for seq in req.seqs:
@@ -407,7 +440,11 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
     if len(prompt_ids) == 0:
         raise RequestError("prompt", "the prompt is empty")
     vocab = facts.model_config.vocab_size
-    if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
+    ids = np.asarray(prompt_ids) if len(prompt_ids) > 16 else None     # one pass in numpy for long prompts
+    if ids is not None and ids.ndim == 1 and ids.dtype.kind in "iu":
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
+    elif any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
         raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
     if len(prompt_ids) >= facts.max_model_len:
         raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "

@@ -90,13 +90,15 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         order = []
+        # Only the finished outputs are kept: an EngineCore then builds one output per request, not per token.
+        final = {"final_only": True} if isinstance(self.engine, EngineCore) else {}
         for prompt, p in zip(prompts, plist):
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
                 prompt = self.tokenizer.encode(prompt)
             rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, **final)
             order.append(rid)
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)

@@ -74,7 +74,8 @@ def _dumps(msg) -> bytes:
 
 
 def _wire(out: RequestOutput) -> tuple:
-    """A step's output of one request as its deltas (the server side keeps the cumulative state)."""
+    """An output of one request as its deltas (the server side keeps the cumulative state): the layout
+    ``EngineCore.step(wire=True)`` makes for a step's outputs, here for an abort's."""
     return (out.request_id, out.finished, out.num_cached_tokens, out.error, out.metrics,
             [(c.index, c.delta_text, c.delta_token_ids, c.cumulative_logprob, c.delta_logprobs,
               c.finish_reason, c.stop_reason) for c in out.outputs])
@@ -98,7 +99,7 @@ def _apply(core, cmd, items: list) -> bool:
 
 
 def engine_loop(conn, core) -> None:
-    """The engine process's loop over ``core`` (an EngineCore or anything with its face)."""
+    """The engine process's loop over ``core`` (an EngineCore: its ``step(wire=True)``)."""
     last_metrics = time.monotonic()
     running = True
     while running:
@@ -113,9 +114,9 @@ def engine_loop(conn, core) -> None:
         finished = any(it[0] == "o" and it[1][1] for it in items)
         busy = running and core.has_unfinished()
         if busy:
-            for out in core.step():
-                items.append(("o", _wire(out)))
-                finished = finished or out.finished
+            outs = core.step(wire=True)
+            items.extend(("o", w) for w in outs)
+            finished = finished or any(w[1] for w in outs)
         now = time.monotonic()
         snapshot = None
         if finished or not busy or now - last_metrics >= METRICS_INTERVAL_S:

@@ -108,6 +108,7 @@ class Request:
         self.num_cached_tokens = 0
         self.max_len = 0                     # prompt + the most tokens it may generate
         self.hold_kv = False                 # keep its pages when done, until released (prefill role)
+        self.final_only = False              # one output, when it finishes (offline: no per-step outputs)
         self.sampling_row = None             # runner.sampling_row(params), computed once by the engine
 
     @property

@@ -166,7 +166,8 @@ class RadixCache:
 
     def evict(self, n: int) -> int:
         """Free up to ``n`` pages that only the tree holds, least recently used leaves first."""
-        heap = [(leaf.last_access, leaf.uid, leaf) for leaf in self._leaves if self._evictable(leaf)]
+        rc = self.allocator.refcount      # _evictable inlined: this scan runs over every leaf
+        heap = [(leaf.last_access, leaf.uid, leaf) for leaf in self._leaves if leaf.pages and rc[leaf.pages[-1]] == 1]
         heapq.heapify(heap)
         freed = 0
         while freed < n and heap:

@@ -358,3 +358,23 @@ def test_min_p_one_and_top_k_one_sample_the_argmax(engine, ckpt):
         if k != "free":
             assert out[k].outputs[0].token_ids == greedy, k
     assert out["free"].outputs[0].token_ids != greedy   # temperature 1.5 alone does sample
+
+
+def test_final_only_requests_get_one_output_equal_to_the_streamed_one(engine):
+    """``final_only`` (what LLM.generate asks for): no output until the request finishes, then one with
+    everything; the same text, tokens, logprobs and finish as the request streamed step by step."""
+    prompt = [256, 72, 105]
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=12, logprobs=2, stop=["zz"], ignore_eos=True)
+    engine.add_request("streamed", prompt, params)
+    engine.add_request("final", prompt, params, final_only=True)
+    outs = {"streamed": [], "final": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    assert len(outs["final"]) == 1 and outs["final"][0].finished and len(outs["streamed"]) > 1
+    a, b = outs["streamed"][-1].outputs[0], outs["final"][0].outputs[0]
+    assert (b.text, b.token_ids, b.finish_reason, b.cumulative_logprob) == \
+        (a.text, a.token_ids, a.finish_reason, a.cumulative_logprob)
+    assert b.delta_text == b.text and b.delta_token_ids == b.token_ids and len(b.delta_logprobs) == len(b.token_ids)
+    assert [list(d) for d in b.logprobs] == [list(d) for d in a.logprobs]
+    assert "".join(o.outputs[0].delta_text for o in outs["streamed"]) == a.text

@@ -192,3 +192,19 @@ def test_cached_pages_are_evicted_before_anything_is_preempted():
     out = sim.step()
     assert not out.preempted and out.items[0].num_tokens == 20
     assert sim.cache.num_evicted >= 3
+
+
+def test_an_eviction_frees_a_batch_of_the_pool_at_once():
+    """Each eviction scans the whole tree, so one frees at least 1/512 of the pool (least recently used
+    first) rather than exactly the pages short; a small pool still evicts page by page."""
+    for pages, expect in ((2048, 4), (64, 1)):
+        alloc = PageAllocator(pages)
+        cache = RadixCache(alloc, 4)
+        s = Scheduler(SchedulerConfig(16, 4, 4), alloc, cache)
+        for i in range(8):                      # eight cached one-page prompts nobody uses
+            p = alloc.allocate(1)
+            cache.insert([100 + i] * 4, p)
+            alloc.free(p)
+        alloc.allocate(alloc.num_free)          # the pool is full
+        assert s._make_room(1) and cache.num_evicted == expect
+        assert cache.match([100] * 4) == ([], 0) and cache.match([107] * 4)[1] == 4   # the oldest went first
