@@ -117,9 +117,15 @@ def step_models(quick: bool, model: str, full_grid: bool) -> list[dict]:
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
-         full_grid: bool = False) -> suite.Plan:
+         full_grid: bool = False, datasets: list[str] | None = None) -> suite.Plan:
     """The GPU plan; budgets sum to 690 s with the probe (425 s with ``quick``): more than one device call's
     600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``)."""
+    runs, sets = serve_runs(quick), offline_datasets(quick, offline_prompts or (100 if quick else 1000))
+    compare = None if quick else COMPARE
+    if datasets:          # --datasets: a shorter call (no compared server)
+        runs = [r for r in runs if r["dataset"] in datasets]
+        sets = [d for d in sets if d["dataset"] in datasets]
+        compare = None
     host_engine = dict(ENGINE, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
                        enable_prefix_caching=False)
     return suite.Plan(
@@ -130,11 +136,9 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
                "per token). Published anchors ran real weights on ShareGPT: their ratios place us, they do not "
                "rank.",),
         sections=(
-            suite.serve_section(180 if quick else 370, model=model, engine=ENGINE, runs=serve_runs(quick),
-                                ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV,
-                                compare=None if quick else COMPARE),
-            suite.offline_section(60 if quick else 140, model=model, engine=ENGINE,
-                                  datasets=offline_datasets(quick, offline_prompts or (100 if quick else 1000))),
+            suite.serve_section(180 if quick else 370, model=model, engine=ENGINE, runs=runs,
+                                ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV, compare=compare),
+            suite.offline_section(60 if quick else 140, model=model, engine=ENGINE, datasets=sets),
             suite.host_section(45 if quick else 50, model=model, engine=host_engine,
                                batches=[64] if quick else [64, 256], prompt_len=512, max_tokens=1024, steps=30),
             suite.step_section(step_models(quick, model, full_grid), bandwidth_gib=4.0, matmul_n=8192),

@@ -1281,13 +1281,17 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
                     help="prompts per dataset of the offline section (default: the entry's, 300)")
     ap.add_argument("--full-grid", action="store_true",
                     help="step section: batch 1/8/64/256 x context 512/2048 on both models (run it alone)")
+    ap.add_argument("--datasets", default=None,
+                    help="comma-separated: only the serve runs and offline datasets of these (random, "
+                    "sharegpt-lengths, prefix), no compared server (a shorter call)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
     args = ap.parse_args(argv)
     if args.dry_run or plan_factory is None:
         plan = dry_run_plan(entry, dry_first)
     else:
         extra = {k: v for k, v in (("model", args.model), ("offline_prompts", args.offline_prompts),
-                                   ("full_grid", args.full_grid)) if v}
+                                   ("full_grid", args.full_grid),
+                                   ("datasets", args.datasets and args.datasets.split(","))) if v}
         plan = plan_factory(quick=args.quick, **extra)
     only = args.sections.split(",") if args.sections else None
     if args.list:

@@ -6,6 +6,15 @@ a token that ends inside a multi-byte character decodes to U+FFFD and is held
 until the character completes; the window starts on the last few prompt tokens
 so a leading space of the first output token survives SentencePiece decoding.
 
+The same algorithm runs in Rust when the ``tokenizers`` library has it
+(``tokenizers.decoders.DecodeStream``, one call a token instead of two
+decodes of the window: 4.3 -> 1.0 us a token on the CPU here). It is primed
+by stepping through the prompt's last tokens, and is used only when those
+decode to whole characters (otherwise the prompt's last character would be
+completed by the first output token, which the window above does not emit);
+the Python window keeps the same offsets alongside, so a stream that fails
+falls back to it mid-way, and ``flush`` is the same for both.
+
 Stop strings are searched in the text as it grows, so a stop string split
 over several tokens is found. While a sequence runs, the last
 ``len(longest stop) - 1`` characters are held back from the stream, so no
@@ -16,7 +25,29 @@ from __future__ import annotations
 
 from jaxdyn.engine.tokenizer import Tokenizer
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:            # tokenizers < 0.21: the Python window only
+    DecodeStream = None
+
 _PROMPT_CONTEXT = 5
+
+
+def _stream(tokenizer: Tokenizer, context: list[int], skip: bool):
+    """A DecodeStream primed on ``context`` (whose text is not emitted), or None where it cannot stand in
+    for the Python window (no DecodeStream, no raw tokenizer, a context that ends inside a character)."""
+    raw = getattr(tokenizer, "_tok", None)
+    if DecodeStream is None or raw is None or not hasattr(raw, "decode"):
+        return None
+    try:
+        if tokenizer.decode(context, skip_special_tokens=skip).endswith("\ufffd"):
+            return None
+        stream = DecodeStream(skip_special_tokens=skip)
+        for t in context:
+            stream.step(raw, t)
+        return stream
+    except Exception:  # noqa: BLE001 -- any failure: the Python window
+        return None
 
 
 class IncrementalDetokenizer:
@@ -33,6 +64,8 @@ class IncrementalDetokenizer:
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.emitted = 0           # characters of text already streamed
         self.stopped_by: str | None = None
+        self._raw = getattr(tokenizer, "_tok", None)
+        self._stream = _stream(tokenizer, self.tokens, skip_special_tokens)
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
@@ -41,12 +74,22 @@ class IncrementalDetokenizer:
         """Add a token; returns the stop string that matched, if one did (text is then cut)."""
         tokens = self.tokens
         tokens.append(token_id)
-        decode, skip = self.tok.decode, self.skip
-        prefix_text = decode(tokens[self.prefix:self.read], skip_special_tokens=skip)
-        new_text = decode(tokens[self.prefix:], skip_special_tokens=skip)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return None
-        delta = new_text[len(prefix_text):]
+        stream = self._stream
+        delta = None
+        if stream is not None:
+            try:
+                delta = stream.step(self._raw, token_id)
+            except Exception:  # noqa: BLE001 -- the Python window takes over from here (same offsets)
+                self._stream = stream = None
+            if stream is not None and delta is None:
+                return None
+        if delta is None:
+            decode, skip = self.tok.decode, self.skip
+            prefix_text = decode(tokens[self.prefix:self.read], skip_special_tokens=skip)
+            new_text = decode(tokens[self.prefix:], skip_special_tokens=skip)
+            if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+                return None
+            delta = new_text[len(prefix_text):]
         self.prefix, self.read = self.read, len(self.tokens)
         before = len(self.text)
         self.text += delta

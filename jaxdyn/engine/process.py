@@ -99,10 +99,35 @@ def _apply(core, cmd, items: list) -> bool:
 
 
 def engine_loop(conn, core) -> None:
-    """The engine process's loop over ``core`` (an EngineCore: its ``step(wire=True)``)."""
+    """The engine process's loop over ``core`` (an EngineCore: its ``step(wire=True)``). Its messages are
+    written by a thread: a server that reads late (its interpreter busy with HTTP) never blocks a step on
+    the pipe; it reads the backlog later, and its streams fold what piled up."""
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    broken: list[BaseException] = []
+
+    def write() -> None:
+        while (data := outbox.get()) is not None:
+            try:
+                conn.send_bytes(data)
+            except OSError as e:          # the server is gone: the loop stops at its next turn
+                broken.append(e)
+                return
+
+    writer = threading.Thread(target=write, name="jaxdyn-engine-write", daemon=True)
+    writer.start()
+    try:
+        _loop(conn, core, outbox, broken)
+    finally:
+        outbox.put(None)
+        writer.join(10)
+
+
+def _loop(conn, core, outbox: queue.SimpleQueue, broken: list) -> None:
     last_metrics = time.monotonic()
     running = True
     while running:
+        if broken:
+            raise BrokenPipeError(f"the server is gone: {broken[0]!r}")
         items: list = []
         timeout = 0 if core.has_unfinished() else None     # idle: sleep until a command (or the pipe closes)
         while running and conn.poll(timeout):
@@ -122,7 +147,7 @@ def engine_loop(conn, core) -> None:
         if finished or not busy or now - last_metrics >= METRICS_INTERVAL_S:
             snapshot, last_metrics = core.metrics, now
         if items or snapshot is not None:
-            conn.send_bytes(_dumps(("out", items, snapshot)))
+            outbox.put(_dumps(("out", items, snapshot)))
     stop = getattr(core, "shutdown", None)
     if stop is not None:
         stop()

@@ -371,6 +371,16 @@ def test_tokenize_detokenize_and_no_double_bos(server):
     assert h.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "<s>user: hi\nassistant:"
     r = h.post("/tokenize", json={"prompt": "hé"}).json()
     assert r["tokens"] == [256, 104, 195, 169] and r["count"] == 4
+    # Long texts are encoded on a thread pool (serving.app.ENCODE_INLINE_CHARS): the same ids.
+    from serving import app as app_module
+    long = "é" + "abc " * app_module.ENCODE_INLINE_CHARS
+    r = h.post("/tokenize", json={"prompt": long}).json()
+    assert r["tokens"] == [256, 195, 169] + list(b"abc " * app_module.ENCODE_INLINE_CHARS)
+    assert app_module._ENCODE_POOL is not None
+    r = h.post("/tokenize", json={"messages": [{"role": "user", "content": long}]}).json()
+    assert r["count"] == len("<s>user: ".encode()) + len(long.encode()) + len("\nassistant:") - 2   # <s> is 1 id
+    r = h.post("/v1/completions", json={"model": "tiny", "prompt": long, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert h.get("/version").json()["version"]
     assert h.get("/health").status_code == 200
 
