@@ -41,6 +41,7 @@ explicitly (serve and offline: 40,960 pages × 2 MiB for the 8B shape, beside 16
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from benchmarks.gpu import suite
@@ -67,7 +68,7 @@ ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_
               token_buckets=[16, 128, 512, 2048], page_buckets=[128])
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.
-CALLS = (("serve", "offline"), ("host", "step", "kernels"))
+CALLS = (("serve", "offline"), ("host", "step", "kernels", "ceiling"))
 SERVER_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
 PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
@@ -126,9 +127,10 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
         runs = [r for r in runs if r["dataset"] in datasets]
         sets = [d for d in sets if d["dataset"] in datasets]
         compare = None
+    ceiling_runs = [r for r in runs if r["request_rate"] == "inf" and r["dataset"] != "random"]
     host_engine = dict(ENGINE, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
                        enable_prefix_caching=False)
-    return suite.Plan(
+    plan = suite.Plan(
         name="gpu" + (" (quick)" if quick else ""), entry="benchmarks.gpu.gpu", expect_platform="gpu",
         env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30, calls=CALLS,
         notes=("Model shapes with random bf16 weights (`--load-format dummy`); the engine sections load the preset "
@@ -143,7 +145,14 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
                                batches=[64] if quick else [64, 256], prompt_len=512, max_tokens=1024, steps=30),
             suite.step_section(step_models(quick, model, full_grid), bandwidth_gib=4.0, matmul_n=8192),
             suite.kernels_section(["--quick", "--sweep", "none"], 50),
-        ))
+        ) + ((
+            # the same server and client on the tiny model (its steps cost next to nothing): the output tok/s
+            # the HTTP process, the engine loop's host work and the client carry, beside the 8B served runs
+            suite.serve_section(100, model="tiny", engine=ENGINE, runs=ceiling_runs, ready_timeout_s=60,
+                                warm_reserve_s=0, server_env=SERVER_ENV, warm_start=False, ceiling=True),) if ceiling_runs
+            else ()))
+    names = {sec.name for sec in plan.sections}      # the calls name only the sections this plan has
+    return dataclasses.replace(plan, calls=tuple(tuple(n for n in g if n in names) for g in plan.calls))
 
 
 def main(argv=None) -> int:

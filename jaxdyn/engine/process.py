@@ -23,6 +23,7 @@ exception in a step, a killed process) ends every stream with ``EngineDeadError`
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import pickle
 import queue
@@ -42,19 +43,19 @@ class EngineStartError(RuntimeError):
     """The engine process could not build its engine (the message says why), or exited before it was ready."""
 
 
+@dataclasses.dataclass
 class EngineFacts:
-    """What the server reads of a core in another process (``AsyncEngine.core``'s face)."""
+    """What the server reads of a core in another process (``AsyncEngine.core``'s face); ``metrics`` is
+    replaced by each snapshot the engine sends."""
 
-    def __init__(self, *, config, model_config, tokenizer, max_model_len: int, num_pages: int,
-                 eos_token_ids: tuple[int, ...], load_info: dict, metrics):
-        self.config = config
-        self.model_config = model_config
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.num_pages = num_pages
-        self.eos_token_ids = eos_token_ids
-        self.load_info = load_info
-        self.metrics = metrics           # replaced by each snapshot the engine sends
+    config: EngineConfig
+    model_config: object
+    tokenizer: object
+    max_model_len: int
+    num_pages: int
+    eos_token_ids: tuple[int, ...]
+    load_info: dict
+    metrics: object
 
     @classmethod
     def of(cls, core) -> "EngineFacts":
