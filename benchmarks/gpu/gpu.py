@@ -5,7 +5,7 @@ The GPU commands (the wheels of what the GPU image lacks are made here by
 (``CALLS``; ``--list`` prints them with their budgets):
 
     pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu --sections serve,offline
-    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu --sections host,step,kernels
+    pip install --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps && PYTHONPATH=$PWD:/tmp/pydeps python -m benchmarks.gpu.gpu --out $OUT/gpu --sections host,step,kernels,ceiling
 
 The second with the GPU tests first (they get 150 s):
 
@@ -13,7 +13,8 @@ The second with the GPU tests first (they get 150 s):
 
 ``$OUT/gpu`` receives ``report.md``, ``results.json`` and ``suite.log`` (rewritten
 after every step, so a call cut short keeps what ran). Flags: ``--quick``
-(smaller sizes, 425 s of budgets), ``--sections serve,host,...``, ``--budget-s N``
+(smaller sizes), ``--sections serve,host,...``, ``--datasets sharegpt-lengths,prefix`` (only those
+serve runs and offline datasets, no compared server), ``--budget-s N``
 (every step's budget scaled to a total of N), ``--model PRESET``, ``--list``
 (print the plan), ``--dry-run`` (the CPU plumbing run).
 
@@ -25,13 +26,14 @@ its compiled steps:
 | section | budget s | what |
 |---|---:|---|
 | probe | 30 | device kind and count (a GPU must be there) |
-| serve | 270 | ``jaxdyn serve`` 8B: first start (empty cache), bench serve random 1024/128, ShareGPT-shaped (``sharegpt-lengths``) and prefix-heavy at rate inf (1,000 prompts each), ShareGPT-shaped at 4 req/s; second start (cache warm) |
+| serve | 370 | ``jaxdyn serve`` 8B: first start (empty cache), bench serve random 1024/128, ShareGPT-shaped (``sharegpt-lengths``) and prefix-heavy at rate inf (1,000 prompts each), ShareGPT-shaped at 4 req/s; second start (cache warm); a third start with ``--no-engine-process`` (the engine on a thread) runs the ShareGPT-shaped and prefix loads again |
 | offline | 140 | ``jaxdyn bench offline`` 8B: random 1024/128, ShareGPT-shaped and prefix-heavy, 1,000 prompts each (``--offline-prompts N``), MFU of each run |
 | host | 50 | device idle share between engine steps at 64 and 256 running requests (8B) |
 | step | 150 | decode step vs memory floor, prefill MFU: 8B at batch 1/8/64/256 × context 512/2048 (``--full-grid``: the 1B shape's grid too) |
 | kernels | 50 | ``python -m benchmarks.kernels --quick --sweep none`` |
+| ceiling | 100 | the serving stack's ceiling: ``jaxdyn serve`` on the tiny preset (steps next to free) with the serve section's rate-inf ShareGPT-shaped and prefix loads |
 
-Sections 660 s + probe 30 s = 690 s: two device calls (``--sections serve,offline``, then the rest). GPU settings: every process that opens the
+Sections 860 s + probe 30 s: two device calls (``--sections serve,offline``, then the rest). GPU settings: every process that opens the
 GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
 that drives the server and the ``bench serve`` client run with
 ``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
