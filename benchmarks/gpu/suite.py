@@ -204,7 +204,7 @@ def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
             serve_section(160, model="tiny", engine=engine, ready_timeout_s=60, warm_reserve_s=20,
                           server_env={}, dtype="float32", runs=[
                               dict(label="random 64/16, rate inf", dataset="random", num_prompts=12,
-                                   input_len=64, output_len=16, request_rate="inf", num_warmups=1),
+                                   input_len=64, output_len=16, request_rate="inf", num_warmups=1, num_clients=2),
                               dict(label="random 64/16, 4 req/s", dataset="random", num_prompts=6,
                                    input_len=64, output_len=16, request_rate="4"),
                               dict(label="prefix 48+16/16, rate inf", dataset="prefix", num_prompts=12,
@@ -1209,7 +1209,7 @@ def _bench_serve(run: dict, url: str, model: str, tokenizer: str, scratch: str, 
              "--num-prompts", str(run["num_prompts"]), "--request-rate", str(run["request_rate"]),
              "--num-warmups", str(run.get("num_warmups", 0)), "--seed", str(run.get("seed", 0)),
              "--disable-tqdm", "--timeout", str(int(max(timeout_s, 10)))]
-    for k in ("input_len", "output_len", "prefix_len", "suffix_len", "num_prefixes"):
+    for k in ("input_len", "output_len", "prefix_len", "suffix_len", "num_prefixes", "num_clients"):
         if k in run:
             flag = {"input_len": "--random-input-len", "output_len": "--random-output-len"}.get(
                 k, "--" + k.replace("_", "-"))

@@ -140,6 +140,34 @@ def test_requests_are_sent_at_their_scheduled_arrival_times(tmp_path):
     assert doc["runs"][0]["summary"]["duration_s"] >= want[-1]
 
 
+def test_several_client_processes_keep_the_schedule_the_bound_and_the_conversations(tmp_path):
+    """--num-clients: the requests spread over processes that share the arrival schedule and start time;
+    --max-concurrency is divided among them; a conversation's turns stay in order in one process."""
+    with FakeOpenAI(ttft=0.005, itl=0.001) as fake:
+        doc = bench(tmp_path, fake.url, "--num-prompts", "30", "--random-output-len", "2", "--request-rate", "40",
+                    "--seed", "3", "--num-clients", "3")
+        assert fake.count == 30
+    run = doc["runs"][0]
+    assert doc["config"]["num_clients"] == 3 and run["summary"]["completed"] == 30
+    assert [r["index"] for r in run["requests"]] == list(range(30))
+    want = arrival_times(30, 40.0, 1.0, datasets.seeded_rng(3, 1, 1))
+    got = np.array([r["start"] for r in run["requests"]])
+    assert np.all(np.abs(got - want) < 0.03), np.abs(got - want).max()
+    with FakeOpenAI(ttft=0.05, itl=0.01) as fake:
+        doc = bench(tmp_path, fake.url, "--num-prompts", "12", "--random-output-len", "3", "--max-concurrency", "4",
+                    "--num-clients", "2")
+        assert fake.peak <= 4 and doc["runs"][0]["summary"]["completed"] == 12
+    with FakeOpenAI(ttft=0.01, itl=0.002) as fake:
+        doc = bench(tmp_path, fake.url, "--dataset", "multiturn", "--num-prompts", "8", "--num-turns", "3",
+                    "--turn-len", "4", "--output-len", "3", "--num-clients", "2")
+    by_key = {(r["conversation"], r["turn"]): r for r in doc["runs"][0]["requests"]}
+    assert len(by_key) == 8 and all(r["success"] for r in by_key.values())
+    for (c, t), r in by_key.items():
+        if t:
+            prev = by_key[(c, t - 1)]
+            assert r["start"] >= prev["start"] + prev["e2e"] - 1e-3 and r["prompt_len"] > prev["prompt_len"] + 3
+
+
 def test_max_concurrency_is_never_exceeded(tmp_path):
     with FakeOpenAI(ttft=0.05, itl=0.01) as fake:
         doc = bench(tmp_path, fake.url, "--num-prompts", "12", "--random-output-len", "3", "--max-concurrency", "3")
@@ -365,6 +393,7 @@ def idle_fake():
     (["URL", "--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1)"),
     (["URL", "--percentiles", "50,150"], "--percentiles: percentiles must be in (0, 100]"),
     (["URL", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+    (["URL", "--num-clients", "0"], "--num-clients must be at least 1"),
     (["URL", "--burstiness", "0"], "--burstiness must be > 0"),
     (["URL", "--slo-ttft-ms", "-5"], "--slo-ttft-ms must be > 0"),
     (["URL", "--model", "nope"], "--model 'nope': the server serves 'fake'"),
