@@ -77,8 +77,9 @@ PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_
 
 
 # Client processes of the rate-inf runs: one ``bench serve`` process parses ~15k streamed chunks a second at
-# most (the ceiling section measured 14,810 tok/s with one; on 2 CPUs, two processes measured 1.7-1.8x one
-# against a server with an instant engine), which would cap the served figures.
+# most (the ceiling section measured 14,810 tok/s with one on the H200's host; on 2 CPUs one process read
+# 0.43-0.58x and two 0.74-0.90x of what a raw socket client read from the same server,
+# ``python -m benchmarks.serve_stack``), which would cap the served figures.
 CLIENTS = 4
 
 

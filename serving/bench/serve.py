@@ -136,8 +136,8 @@ class LoadRun:
 
     def run_processes(self, n: int) -> tuple[list[RequestRecord], float]:
         """``run`` split over ``n`` client processes: one Python process parses about 15k streamed chunks a
-        second at most (measured: a server with an instant engine streamed 28.7k tok/s to a raw socket client
-        and 11.6k to one ``bench serve`` process on the same 2 CPUs), which would cap what a fast server
+        second at most (on 2 CPUs one process read 0.43-0.58x, two 0.74-0.90x of what a raw socket client
+        read from the same server: ``python -m benchmarks.serve_stack``), which would cap what a fast server
         shows. The processes share the run's arrival schedule and start time; a conversation's turns stay
         in one process; ``--max-concurrency`` is divided among them; the peak concurrency is their sum."""
         ctx = multiprocessing.get_context("spawn")
