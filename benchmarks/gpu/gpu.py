@@ -76,10 +76,10 @@ PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
 
 
-# Client processes of the rate-inf runs: one ``bench serve`` process parses ~15k streamed chunks a second at
-# most (the ceiling section measured 14,810 tok/s with one on the H200's host; on 2 CPUs one process read
-# 0.43-0.58x and two 0.74-0.90x of what a raw socket client read from the same server,
-# ``python -m benchmarks.serve_stack``), which would cap the served figures.
+# Client processes of the rate-inf runs: one ``bench serve`` process parses a bounded number of streamed chunks a
+# second (the ceiling section measured 14,810 tok/s with one on the H200's host, before its requests were
+# spread over 16 connection pools; on 2 CPUs, 1,000 streams, one process now reads 0.65x of what a raw socket
+# client reads from the same server, ``python -m benchmarks.serve_stack``), which would cap the served figures.
 CLIENTS = 4
 
 

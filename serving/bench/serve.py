@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import math
 import multiprocessing
@@ -50,6 +51,21 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
+POOL_SHARDS = 16     # HTTP clients a run's requests are spread over (see ``clients``)
+
+
+@contextlib.asynccontextmanager
+async def clients(n: int = POOL_SHARDS):
+    """``n`` httpx clients for one run's requests, request i on client i % n. One client's connection pool
+    scans every connection each time a request is assigned or released (httpcore's ``is_idle``): with
+    300 streams that scan was 4 of the 11 s of a one-process client's CPU (``benchmarks/serve_stack.py``
+    profiled), growing with the square of the streams; n pools make it n times smaller."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits))
+               for _ in range(n)]
+
+
 class LoadRun:
     """One run at one request rate: schedules the samples, sends them, keeps every record."""
 
@@ -83,7 +99,7 @@ class LoadRun:
         text += sample.prompt
         return text, self.source.count(text)
 
-    async def _one(self, client, i: int, sample: Sample, t0: float, sem, history, bar) -> RequestRecord:
+    async def _one(self, pool: list, i: int, sample: Sample, t0: float, sem, history, bar) -> RequestRecord:
         record = RequestRecord(index=i, conversation=sample.conversation,
                                turn=sample.turn if sample.conversation is not None else None)
         if history:     # multi-turn: wait for the previous turn; its reply joins the history
@@ -101,16 +117,17 @@ class LoadRun:
             self.in_flight += 1
             self.peak_concurrency = max(self.peak_concurrency, self.in_flight)
             try:
-                await send(client, self.endpoint, prompt, sample.output_len, record, t0=t0,
+                await send(pool[i % len(pool)], self.endpoint, prompt, sample.output_len, record, t0=t0,
                            tokenizer=self.source.tokenizer)
             finally:
                 self.in_flight -= 1
         bar.update(1)
         return record
 
-    async def run(self, client: httpx.AsyncClient, *, t0: float | None = None, indices=None
+    async def run(self, pool: list, *, t0: float | None = None, indices=None
                   ) -> tuple[list[RequestRecord], float]:
-        """Send every sample on schedule; returns the records (dataset order) and the run's duration.
+        """Send every sample on schedule over ``pool`` (httpx clients, from ``clients()``); returns the
+        records (dataset order) and the run's duration.
         ``t0`` (perf_counter, shared by the processes of one machine) and ``indices`` (each sample's index in
         the whole run): a client process's part of a run (``run_processes``)."""
         sem = asyncio.Semaphore(self.max_concurrency or len(self.samples))
@@ -125,7 +142,7 @@ class LoadRun:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 history = list(turns.get(sample.conversation, ())) if sample.conversation is not None else []
-                task = asyncio.create_task(self._one(client, i, sample, t0, sem, history, bar))
+                task = asyncio.create_task(self._one(pool, i, sample, t0, sem, history, bar))
                 if sample.conversation is not None:
                     turns.setdefault(sample.conversation, []).append((sample, task))
                 tasks.append(task)
@@ -135,9 +152,9 @@ class LoadRun:
         return list(records), time.perf_counter() - t0
 
     def run_processes(self, n: int) -> tuple[list[RequestRecord], float]:
-        """``run`` split over ``n`` client processes: one Python process parses about 15k streamed chunks a
-        second at most (on 2 CPUs one process read 0.43-0.58x, two 0.74-0.90x of what a raw socket client
-        read from the same server: ``python -m benchmarks.serve_stack``), which would cap what a fast server
+        """``run`` split over ``n`` client processes: one Python process parses a bounded number of streamed
+        chunks a second (on 2 CPUs, 1,000 streams: 0.65x of what a raw socket client read from the same server,
+        ``python -m benchmarks.serve_stack --streams 1000 --tokens 100``), which would cap what a fast server
         shows. The processes share the run's arrival schedule and start time; a conversation's turns stay
         in one process; ``--max-concurrency`` is divided among them; the peak concurrency is their sum."""
         ctx = multiprocessing.get_context("spawn")
@@ -191,11 +208,10 @@ def _client_process(conn, job: dict) -> None:
         run = LoadRun(job["endpoint"], job["samples"], job["source"], rate=job["rate"],
                       max_concurrency=job["max_concurrency"])
         run.arrivals = job["arrivals"]
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        async with clients() as pool:
             conn.send("ready")
             t0 = conn.recv()
-            records, _ = await run.run(client, t0=t0, indices=job["indices"])
+            records, _ = await run.run(pool, t0=t0, indices=job["indices"])
         conn.send((records, run.peak_concurrency, time.perf_counter()))
 
     asyncio.run(go())
@@ -218,8 +234,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gamma shape of the arrival intervals: 1 Poisson, < 1 burstier, > 1 more regular")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--num-clients", type=int, default=1,
-                   help="client processes the requests are spread over (one Python process parses ~15k "
-                   "streamed chunks a second at most); the arrival schedule is the same")
+                   help="client processes the requests are spread over (one Python process parses a bounded "
+                   "number of streamed chunks a second); the arrival schedule is the same")
     p.add_argument("--num-warmups", type=int, default=0, help="requests sent (and not counted) before the runs")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
@@ -359,15 +375,14 @@ def plan_runs(args, tokenizer, rates: list[float]) -> list[tuple[float, np.rando
 
 async def _run_all(endpoint, tokenizer, plans, parsed, args) -> tuple[dict | None, list[dict]]:
     """The warm-up, then the runs."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.max_concurrency or 1000)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    async with clients() as pool:
         warmup = None
         if args.num_warmups:
             source = PromptSource(datasets.seeded_rng(args.seed, 0), tokenizer)
             n = args.num_warmups * (args.num_turns if args.dataset == "multiturn" else 1)
             samples = [s for s in datasets.load_samples(args, source, n) if s.turn == 0][:args.num_warmups]
             records, _ = await LoadRun(endpoint, samples, source, rate=math.inf,
-                                       max_concurrency=args.max_concurrency).run(client)
+                                       max_concurrency=args.max_concurrency).run(pool)
             errors = [r.error for r in records if not r.success]
             warmup = {"requests": len(records), "failed": len(errors), "errors": errors[:10]}
             if errors:
@@ -380,7 +395,7 @@ async def _run_all(endpoint, tokenizer, plans, parsed, args) -> tuple[dict | Non
             if args.num_clients > 1:
                 records, duration = await asyncio.to_thread(run.run_processes, args.num_clients)
             else:
-                records, duration = await run.run(client)
+                records, duration = await run.run(pool)
             summary = metrics.summarize(records, duration, percentiles=parsed["percentiles"],
                                         slo_ms=parsed["slo_ms"], peak_concurrency=run.peak_concurrency)
             runs.append({"request_rate": "inf" if math.isinf(rate) else rate, "burstiness": args.burstiness,
