@@ -51,15 +51,18 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
-POOL_SHARDS = 16     # HTTP clients a run's requests are spread over (see ``clients``)
+POOL_SHARDS = 16     # HTTP clients a large run's requests are spread over (see ``clients``)
+POOL_SIZE = 64       # requests per client before a run takes another
 
 
 @contextlib.asynccontextmanager
-async def clients(n: int = POOL_SHARDS):
-    """``n`` httpx clients for one run's requests, request i on client i % n. One client's connection pool
-    scans every connection each time a request is assigned or released (httpcore's ``is_idle``): with
-    300 streams that scan was 4 of the 11 s of a one-process client's CPU (``benchmarks/serve_stack.py``
-    profiled), growing with the square of the streams; n pools make it n times smaller."""
+async def clients(requests: int):
+    """httpx clients for a run of ``requests`` requests, request i on client i % n, n = requests / 64 (1 to
+    16). One client's connection pool scans every connection each time a request is assigned or released
+    (httpcore's ``is_idle``): with 300 streams that scan was 4 of the 11 s of a one-process client's CPU
+    (``benchmarks/serve_stack.py`` profiled), growing with the square of the streams; n pools make it n times
+    smaller. A small run keeps one client (each client's first request costs a little more)."""
+    n = max(1, min(POOL_SHARDS, requests // POOL_SIZE))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
     async with contextlib.AsyncExitStack() as stack:
         yield [await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits))
@@ -208,7 +211,7 @@ def _client_process(conn, job: dict) -> None:
         run = LoadRun(job["endpoint"], job["samples"], job["source"], rate=job["rate"],
                       max_concurrency=job["max_concurrency"])
         run.arrivals = job["arrivals"]
-        async with clients() as pool:
+        async with clients(len(job["samples"])) as pool:
             conn.send("ready")
             t0 = conn.recv()
             records, _ = await run.run(pool, t0=t0, indices=job["indices"])
@@ -375,7 +378,7 @@ def plan_runs(args, tokenizer, rates: list[float]) -> list[tuple[float, np.rando
 
 async def _run_all(endpoint, tokenizer, plans, parsed, args) -> tuple[dict | None, list[dict]]:
     """The warm-up, then the runs."""
-    async with clients() as pool:
+    async with clients(max(args.num_prompts, args.num_warmups)) as pool:
         warmup = None
         if args.num_warmups:
             source = PromptSource(datasets.seeded_rng(args.seed, 0), tokenizer)
