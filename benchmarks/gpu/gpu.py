@@ -98,13 +98,10 @@ def serve_runs(quick: bool) -> list[dict]:
                  suffix_len=64, num_prefixes=4, output_len=128, request_rate="inf", num_clients=CLIENTS)]
 
 
-# The server's engine loop runs in its own process (``jaxdyn serve``'s default); the same loads against the
-# engine on a thread of the server's process, in the same call, show what the split is worth.
-COMPARE = dict(label="engine on a thread", args=["--no-engine-process"], reserve_s=100, runs=[
-    dict(label="sharegpt-lengths, rate inf", dataset="sharegpt-lengths", num_prompts=1000, request_rate="inf",
-         num_clients=CLIENTS),
-    dict(label="prefix 960+64/128, rate inf", dataset="prefix", num_prompts=1000, prefix_len=960, suffix_len=64,
-         num_prefixes=4, output_len=128, request_rate="inf", num_clients=CLIENTS)])
+# The server's engine loop runs in its own process (``jaxdyn serve``'s default); the rate-inf ShareGPT-shaped and
+# prefix loads against the engine on a thread of the server's process, in the same call, show what the split
+# is worth.
+COMPARE = dict(label="engine on a thread", args=["--no-engine-process"], reserve_s=100)
 
 
 def offline_datasets(quick: bool, num_prompts: int) -> list[dict]:
@@ -132,12 +129,12 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
     """The GPU plan; budgets sum to 690 s with the probe (425 s with ``quick``): more than one device call's
     600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``)."""
     runs, sets = serve_runs(quick), offline_datasets(quick, offline_prompts or (100 if quick else 1000))
-    compare = None if quick else COMPARE
     if datasets:          # --datasets: a shorter call (no compared server)
         runs = [r for r in runs if r["dataset"] in datasets]
         sets = [d for d in sets if d["dataset"] in datasets]
-        compare = None
+    # the loads run again against the compared server and the tiny model
     ceiling_runs = [r for r in runs if r["request_rate"] == "inf" and r["dataset"] != "random"]
+    compare = None if quick or datasets else dict(COMPARE, runs=ceiling_runs)
     host_engine = dict(ENGINE, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
                        enable_prefix_caching=False)
     plan = suite.Plan(

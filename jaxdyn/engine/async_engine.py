@@ -37,7 +37,7 @@ class _Stream:
         self.loop = loop
         self.request_id = ""
         self.prompt_ids: list[int] = []
-        self.acc = None                      # ProcessEngine: the request's text / tokens so far
+        self.acc: dict = {}                  # ProcessEngine: each completion's text / tokens / logprobs so far
         self.queue: asyncio.Queue = asyncio.Queue()
 
 
@@ -56,17 +56,31 @@ def _post(pending: dict) -> None:
         loop.call_soon_threadsafe(_put_all, items)
 
 
+def apply_command(core, cmd, wire: bool = False):
+    """Run an ``("add", id, prompt ids, params, priority, arrival)`` or ``("abort", id)`` command on the core:
+    (request id, its refusal or its final output) when there is one to deliver, else None. ``wire``: the
+    abort's output as ``EngineCore.step(wire=True)`` lays it out (the engine process)."""
+    if cmd[0] == "add":
+        _, rid, prompt, params, priority, arrival = cmd
+        try:
+            core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival)
+        except ValueError as e:
+            return rid, e
+        return None
+    out = core.abort(cmd[1], wire=True) if wire else core.abort(cmd[1])
+    return None if out is None else (cmd[1], out)
+
+
 class StreamingEngine:
     """The consumer side shared by the engine on a thread (``AsyncEngine``) and the engine in its own process
     (``jaxdyn.engine.process.ProcessEngine``): streams by request id, folding, abort on early exit. A
     subclass provides ``core`` (what the server reads: config, tokenizer, check_request, metrics),
     ``is_healthy`` and ``_send`` (a command to the engine loop: ``("add", ...)`` or ``("abort", id)``)."""
 
-    dead: BaseException | None = None
-
-    def _init_streams(self, max_queued_requests: int | None) -> None:
+    def __init__(self, max_queued_requests: int | None):
         self.max_queued_requests = max_queued_requests
         self._streams: dict[str, _Stream] = {}
+        self.dead: BaseException | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -140,12 +154,11 @@ class AsyncEngine(StreamingEngine):
     """The engine core driven by a thread of this process."""
 
     def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
+        super().__init__(max_queued_requests)
         self.core = core
-        self._init_streams(max_queued_requests)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
-        self.dead = None
         self._thread = threading.Thread(target=self._loop, name="jaxdyn-engine", daemon=True)
         self._thread.start()
 
@@ -175,16 +188,9 @@ class AsyncEngine(StreamingEngine):
                         cmd = self._commands.get_nowait()
                     except queue.Empty:
                         break
-                    if cmd[0] == "add":
-                        _, rid, prompt, params, priority, arrival = cmd
-                        try:
-                            core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival)
-                        except ValueError as e:
-                            self._deliver(e, rid, pending)
-                    else:
-                        out = core.abort(cmd[1])
-                        if out is not None:
-                            self._deliver(out, cmd[1], pending)
+                    done = apply_command(core, cmd)
+                    if done is not None:
+                        self._deliver(done[1], done[0], pending)
                 busy = core.has_unfinished()
                 if busy:
                     for out in core.step():

@@ -147,8 +147,9 @@ class EngineCore:
         self.metrics.prompt_tokens += len(prompt_ids)
         return req
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is and free all it holds; returns its final output."""
+    def abort(self, request_id: str, wire: bool = False) -> RequestOutput | tuple | None:
+        """Stop a request wherever it is and free all it holds; returns its final output (``wire``: as
+        ``step(wire=True)`` lays it out)."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -158,7 +159,7 @@ class EngineCore:
                 seq.finish_reason = "abort"
         req.metrics.finished_time = time.monotonic()
         self.metrics.requests_finished["abort"] = self.metrics.requests_finished.get("abort", 0) + 1
-        return self._make_output(req)
+        return self._make_wire(req) if wire else self._make_output(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None
@@ -383,54 +384,48 @@ class EngineCore:
                 seq.detok.flush()
             self.scheduler.finish(seq, hold=req.hold_kv)
 
+    def _seq_delta(self, seq: Sequence) -> tuple[str, list[int], list | None]:
+        """What ``seq`` has that its previous output did not (text held back for a stop string stays held):
+        (delta text, delta token ids, delta logprobs); marks it emitted."""
+        done = seq.finished
+        detok = seq.detok
+        delta_text = ""
+        if detok is not None:
+            if done:
+                detok.flush()
+            delta_text = detok.take_delta(done)
+        delta_ids = seq.output_ids[seq.emitted_tokens:]
+        seq.emitted_tokens = len(seq.output_ids)
+        delta_lps = None
+        if seq.logprobs is not None:
+            delta_lps = seq.logprobs[seq.emitted_logprobs:]
+            seq.emitted_logprobs = len(seq.logprobs)
+        return delta_text, delta_ids, delta_lps
+
     def _make_wire(self, req: Request) -> tuple:
-        """``_make_output``'s deltas as ``jaxdyn.engine.process._wire`` lays them out, without the objects."""
+        """A request's output as its deltas only, the layout ``jaxdyn.engine.process`` sends (no objects):
+        (request id, finished, cached tokens, error, metrics, [(index, delta text, delta ids, cumulative
+        logprob, delta logprobs, finish reason, stop reason) per sequence])."""
         outs = []
         for seq in req.seqs:
-            done = seq.finished
-            detok = seq.detok
-            if detok is not None:
-                if done:
-                    detok.flush()
-                delta_text = detok.take_delta(done)
-            else:
-                delta_text = ""
-            num_out = len(seq.output_ids)
-            delta_ids = seq.output_ids[seq.emitted_tokens:]
-            seq.emitted_tokens = num_out
-            delta_lps = cum = None
-            if seq.logprobs is not None:
-                delta_lps = seq.logprobs[seq.emitted_logprobs:]
-                seq.emitted_logprobs = len(seq.logprobs)
-                cum = seq.cumulative_logprob
-            outs.append((seq.index, delta_text, delta_ids, cum, delta_lps, seq.finish_reason, seq.stop_reason))
+            delta_text, delta_ids, delta_lps = self._seq_delta(seq)
+            outs.append((seq.index, delta_text, delta_ids,
+                         seq.cumulative_logprob if seq.logprobs is not None else None, delta_lps,
+                         seq.finish_reason, seq.stop_reason))
         return (req.request_id, req.finished, req.num_cached_tokens, None, req.metrics, outs)
 
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []
         for seq in req.seqs:
-            done = seq.finished
-            if seq.detok is not None:
-                if done:
-                    seq.detok.flush()
-                delta_text = seq.detok.take_delta(done)
-                text = seq.detok.text[:seq.detok.emitted]
-            else:
-                delta_text = text = ""
+            delta_text, delta_ids, delta_lps = self._seq_delta(seq)
+            text = seq.detok.text[:seq.detok.emitted] if seq.detok is not None else ""
             num_out = len(seq.output_ids)
-            delta_ids = seq.output_ids[seq.emitted_tokens:]
-            seq.emitted_tokens = num_out
-            delta_lps = None
-            if seq.logprobs is not None:
-                delta_lps = seq.logprobs[seq.emitted_logprobs:]
-                seq.emitted_logprobs = len(seq.logprobs)
             outs.append(CompletionOutput(
                 seq.index, text, TokenPrefix(seq.output_ids, num_out), delta_text, delta_ids,
                 seq.cumulative_logprob if seq.logprobs is not None else None,
                 seq.logprobs, delta_lps, seq.finish_reason, seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt_ids, outs, req.finished,
                              req.num_cached_tokens, req.metrics)
-
 
 
 def check_request(facts, prompt_ids, params: SamplingParams) -> None:
@@ -460,6 +455,7 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
     if math.ceil(max_len / facts.config.page_size) > facts.num_pages:
         raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens exceed the KV "
                            f"cache ({facts.num_pages * facts.config.page_size} tokens)")
+
 
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads

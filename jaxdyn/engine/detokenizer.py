@@ -33,10 +33,10 @@ except ImportError:            # tokenizers < 0.21: the Python window only
 _PROMPT_CONTEXT = 5
 
 
-def _stream(tokenizer: Tokenizer, context: list[int], skip: bool):
-    """A DecodeStream primed on ``context`` (whose text is not emitted), or None where it cannot stand in
-    for the Python window (no DecodeStream, no raw tokenizer, a context that ends inside a character)."""
-    raw = getattr(tokenizer, "_tok", None)
+def _stream(tokenizer: Tokenizer, raw, context: list[int], skip: bool):
+    """A DecodeStream over ``raw`` (the ``tokenizers`` object inside ``tokenizer``) primed on ``context``
+    (whose text is not emitted), or None where it cannot stand in for the Python window (no DecodeStream,
+    no raw tokenizer, a context that ends inside a character)."""
     if DecodeStream is None or raw is None or not hasattr(raw, "decode"):
         return None
     try:
@@ -65,7 +65,7 @@ class IncrementalDetokenizer:
         self.emitted = 0           # characters of text already streamed
         self.stopped_by: str | None = None
         self._raw = getattr(tokenizer, "_tok", None)
-        self._stream = _stream(tokenizer, self.tokens, skip_special_tokens)
+        self._stream = _stream(tokenizer, self._raw, self.tokens, skip_special_tokens)
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)

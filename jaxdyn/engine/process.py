@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 
-from jaxdyn.engine.async_engine import EngineDeadError, StreamingEngine, _post
+from jaxdyn.engine.async_engine import EngineDeadError, StreamingEngine, _post, apply_command
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.request import CompletionOutput, RequestOutput, TokenPrefix
 
@@ -74,28 +74,15 @@ def _dumps(msg) -> bytes:
 # ---- the engine process ---------------------------------------------------------------------------
 
 
-def _wire(out: RequestOutput) -> tuple:
-    """An output of one request as its deltas (the server side keeps the cumulative state): the layout
-    ``EngineCore.step(wire=True)`` makes for a step's outputs, here for an abort's."""
-    return (out.request_id, out.finished, out.num_cached_tokens, out.error, out.metrics,
-            [(c.index, c.delta_text, c.delta_token_ids, c.cumulative_logprob, c.delta_logprobs,
-              c.finish_reason, c.stop_reason) for c in out.outputs])
-
-
 def _apply(core, cmd, items: list) -> bool:
-    """Run one command on the core; False for ``shutdown``."""
-    if cmd[0] == "add":
-        _, rid, prompt, params, priority, arrival = cmd
-        try:
-            core.add_request(rid, prompt, params, priority=priority, arrival_time=arrival)
-        except ValueError as e:
-            items.append(("e", rid, getattr(e, "param", None), str(e)))
-    elif cmd[0] == "abort":
-        out = core.abort(cmd[1])
-        if out is not None:
-            items.append(("o", _wire(out)))
-    elif cmd[0] == "shutdown":
+    """Run one command on the core, its refusal or final output into ``items``; False for ``shutdown``."""
+    if cmd[0] == "shutdown":
         return False
+    done = apply_command(core, cmd, wire=True)
+    if done is not None:
+        rid, out = done
+        items.append(("e", rid, getattr(out, "param", None), str(out)) if isinstance(out, ValueError)
+                     else ("o", out))
     return True
 
 
@@ -188,8 +175,7 @@ class ProcessEngine(StreamingEngine):
     def __init__(self, model, *, tp: int = 1, dtype=None, load_format: str = "auto",
                  config: EngineConfig = EngineConfig(), progress: bool = False,
                  max_queued_requests: int | None = None):
-        self._init_streams(max_queued_requests)
-        self.dead = None
+        super().__init__(max_queued_requests)
         self._closing = False
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
@@ -291,8 +277,7 @@ class ProcessEngine(StreamingEngine):
         s = self._streams.get(rid)
         if s is None:                      # its consumer left (the abort is on its way)
             return
-        acc = s.acc if s.acc is not None else {}
-        s.acc = acc
+        acc = s.acc
         outs = []
         for index, dtext, dids, cum_lp, dlps, reason, stop_reason in comps:
             a = acc.get(index)
