@@ -91,6 +91,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="step sizes compiled at warm-up, e.g. 16,64,512 (default: powers of two)")
     p.add_argument("--page-buckets", default=None,
                    help="page-table widths compiled at warm-up (default: powers of two)")
+    p.add_argument("--no-split-steps", dest="split_steps", action="store_const", const=False, default=None,
+                   help="always run a step as one call of the smallest bucket that holds it (by default, on a GPU "
+                   "or TPU, a step that would mostly pad its bucket runs as smaller buckets' steps where their "
+                   "costs, measured at warm-up, add up to less)")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -130,7 +134,7 @@ def _engine_config(args):
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
-                        **buckets)
+                        split_steps=getattr(args, "split_steps", None), **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

@@ -57,6 +57,11 @@ class EngineCollector:
                       m.host_seconds)
         yield counter("jaxdyn:engine_device_wait_seconds", "Engine loop time waiting for the device's results.",
                       m.device_wait_seconds)
+        yield counter("jaxdyn:step_tokens", "Tokens the model steps computed.", m.step_tokens)
+        yield counter("jaxdyn:step_token_rows", "Token rows of the compiled buckets those steps ran in "
+                      "(step_tokens / step_token_rows: the share that was not padding).", m.step_token_rows)
+        yield counter("jaxdyn:step_calls", "Compiled calls of the model steps (more than the steps where a step "
+                      "ran as several smaller buckets' calls).", m.step_calls)
         yield counter("jaxdyn:compilations_after_warmup", "XLA compilations after warm-up (should stay 0).",
                       m.compilations_after_warmup)
         done = CounterMetricFamily("jaxdyn:request_success", "Finished sequences by finish reason.",

@@ -218,10 +218,12 @@ def dry_run_plan(entry: str, first: str = "kernels") -> Plan:
                               dict(label="random 64/16, rate inf", dataset="random", num_prompts=24,
                                    input_len=64, output_len=16, request_rate="inf")]),
             # its engine takes ShareGPT-shaped requests (up to 2048 tokens) too
+            # split steps on (off by default on the CPU), so that the whole-steps rerun runs too
             offline_section(90, model="tiny", dtype="float32", matmul_n=256,
-                            engine=dict(engine, max_model_len=2048, page_buckets=[16, 128]), datasets=[
+                            engine=dict(engine, max_model_len=2048, page_buckets=[16, 128], split_steps=True),
+                            datasets=[
                 dict(dataset="random", num_prompts=24, input_len=64, output_len=16, num_warmups=2),
-                dict(dataset="sharegpt-lengths", num_prompts=8, num_warmups=0),
+                dict(dataset="sharegpt-lengths", num_prompts=8, num_warmups=0, whole_steps=True),
                 dict(dataset="prefix", num_prompts=24, prefix_len=48, suffix_len=16, num_prefixes=2,
                      output_len=16, num_warmups=2)]),
             host_section(60, model="tiny", engine=dict(engine, token_buckets=[4, 16, 128],
@@ -824,6 +826,7 @@ def body_host(cfg: dict, rec: Recorder) -> None:
                                    ("context", "mean context", "d"), ("wall_ms", "wall ms / step", ".2f"),
                                    ("device_ms", "device ms / step", ".2f"), ("idle", "idle share", ".3f"),
                                    ("host_ms", "host ms / step", ".2f"), ("wait_ms", "wait ms / step", ".2f"),
+                                   ("fill", "tokens / bucket rows", ".2f"), ("calls", "calls / step", ".2f"),
                                    ("host_share", "host / wall", ".2f")]))
 
 
@@ -856,10 +859,21 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
     llm = LLM(engine=engine)
     rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer), engine {cfg['engine']}; loaded in "
              f"{load_s:.1f} s, warm-up (every bucket, every sampler variant) {warmup_s:.1f} s.")
+    costs = engine.runner.step_costs
+    if costs:
+        rec.note("Step costs measured at warm-up (ms a step of each token bucket, back to back; steps that would "
+                 "mostly pad a bucket run as smaller buckets' calls where these add up to less): "
+                 + ", ".join(f"{t}: {c * 1e3:.2f}" for t, c in sorted(costs.items())) + ".")
     rows, base, tflops_figs = [], None, []
     anchor_ds = anchor_dataset(cfg["datasets"])
     mc = engine.model_config
-    for ds in cfg["datasets"]:
+    # a dataset with "whole_steps": run again with every step one call (no splits), right after its own run
+    runs = [(ds, whole) for ds in cfg["datasets"] for whole in ((False, True) if ds.get("whole_steps") and costs
+                                                                 else (False,))]
+    split_out = {}
+    for ds, whole in runs:
+        ds = {k: v for k, v in ds.items() if k != "whole_steps"}
+        engine.runner.set_step_costs(None if whole else costs)
         args = _dataset_args(ds)
         datasets.check_arguments(args)
         source = datasets.PromptSource(datasets.seeded_rng(0, 1, 0), llm.tokenizer,
@@ -867,12 +881,12 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
         samples = datasets.load_samples(args, source)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
         rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy --dataset {ds['dataset']} "
-                    f"{flags} (engine as above)")
+                    f"{flags}{' --no-split-steps' if whole else ''} (engine as above)")
         m0 = _loop_counters(engine.metrics)
         s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
         s.pop("per_request")
         loop = _loop_figures(m0, _loop_counters(engine.metrics))
-        label = dataset_label(ds)
+        label = dataset_label(ds) + (" (whole steps)" if whole else "")
         # matmul FLOPs of the run (every prompt token computed: not for the prefix dataset, whose cache hits
         # skip most of them), over its duration
         tflops = (matmul_flops(mc, s["total_input_tokens"], s["total_output_tokens"]) / s["duration_s"] / 1e12
@@ -882,10 +896,14 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                          out_tokens=s["total_output_tokens"], in_tok_s=s["input_throughput"],
                          out_tok_s=s["output_throughput"], tflops=tflops, **loop))
         out = s["output_throughput"]
-        is_base = ds["dataset"] == "random" and base is None
+        split_out.setdefault(dataset_label(ds), out)
+        is_base = ds["dataset"] == "random" and base is None and not whole
         if is_base:
             base = out
-        if ds["dataset"] == anchor_ds and not any(f.get("anchor_key") == "vllm_h100_offline"
+        if whole:
+            rec.doc["figures"].append(figure(f"offline output tok/s, {dataset_label(ds)}", split_out[dataset_label(ds)],
+                                             "tok/s", out, "the same run with whole steps (no splits)", "higher"))
+        elif ds["dataset"] == anchor_ds and not any(f.get("anchor_key") == "vllm_h100_offline"
                                                   for f in rec.doc["figures"]):
             rec.doc["figures"] += [
                 anchored(f"offline output tok/s, {label}", out, "vllm_h100_offline", "higher"),
@@ -904,7 +922,8 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                                    ("in_tokens", "input tokens", "d"), ("out_tokens", "output tokens", "d"),
                                    ("in_tok_s", "input tok/s", ".0f"), ("out_tok_s", "output tok/s", ".0f"),
                                    ("tflops", "matmul TFLOP/s", ".0f"), ("steps", "engine steps", "d"),
-                                   ("host_ms", "host ms / step", ".2f"), ("wait_ms", "wait ms / step", ".2f")]))
+                                   ("host_ms", "host ms / step", ".2f"), ("wait_ms", "wait ms / step", ".2f"),
+                                   ("fill", "tokens / bucket rows", ".2f"), ("calls", "calls / step", ".2f")]))
     from benchmarks.kernels import measure_matmul
     rate = measure_matmul(cfg.get("matmul_n", 8192)) / 1e12
     for label, tflops in tflops_figs:
@@ -1048,7 +1067,8 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                                    ("tpot", "median TPOT ms", ".2f"), ("itl", "median ITL ms", ".2f"),
                                    ("e2e", "median E2E ms", ".0f"), ("seconds", "seconds", ".1f"),
                                    ("steps", "engine steps", "d"), ("host_ms", "host ms / step", ".2f"),
-                                   ("wait_ms", "wait ms / step", ".2f")]))
+                                   ("wait_ms", "wait ms / step", ".2f"), ("fill", "tokens / bucket rows", ".2f"),
+                                   ("calls", "calls / step", ".2f")]))
 
     def bench_runs(runs: list[dict], reserve: float, suffix: str = "") -> None:
         nonlocal anchored_done
@@ -1167,12 +1187,14 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
         print("\n".join(f"server(compare)| {line}" for line in server.tail(60)), flush=True)
 
 
-_LOOP_COUNTERS = ("jaxdyn:engine_steps", "jaxdyn:engine_host_seconds", "jaxdyn:engine_device_wait_seconds")
+_LOOP_COUNTERS = ("jaxdyn:engine_steps", "jaxdyn:engine_host_seconds", "jaxdyn:engine_device_wait_seconds",
+                  "jaxdyn:step_tokens", "jaxdyn:step_token_rows", "jaxdyn:step_calls")
 
 
 def _loop_counters(m) -> dict[str, float]:
     """The same counters from an engine's ``EngineMetrics`` in this process (the offline section)."""
-    return dict(zip(_LOOP_COUNTERS, (m.steps, m.host_seconds, m.device_wait_seconds)))
+    return dict(zip(_LOOP_COUNTERS, (m.steps, m.host_seconds, m.device_wait_seconds, m.step_tokens,
+                                     m.step_token_rows, m.step_calls)))
 
 
 def _engine_counters(url: str) -> dict[str, float]:
@@ -1198,8 +1220,12 @@ def _loop_figures(before: dict, after: dict) -> dict:
     if steps <= 0:
         return {}
     per = lambda k: (after[k] - before[k]) / steps * 1e3  # noqa: E731
+    delta = lambda k: after[k] - before[k]  # noqa: E731
+    rows = delta("jaxdyn:step_token_rows")
     return dict(steps=int(steps), host_ms=per("jaxdyn:engine_host_seconds"),
-                wait_ms=per("jaxdyn:engine_device_wait_seconds"))
+                wait_ms=per("jaxdyn:engine_device_wait_seconds"),
+                fill=delta("jaxdyn:step_tokens") / rows if rows else None,
+                calls=delta("jaxdyn:step_calls") / steps)
 
 
 def _bench_serve(run: dict, url: str, model: str, tokenizer: str, scratch: str, timeout_s: float):

@@ -54,6 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True       # radix prefix cache over whole KV pages
     warmup_threads: int | None = None        # executables compiled at once (None: by device, see runner)
     executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
+    split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
 
 
 class EngineCore:
@@ -72,7 +73,7 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
             token_buckets=config.token_buckets, page_buckets=config.page_buckets,
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
-            executable_cache_dir=config.executable_cache_dir))
+            executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),
@@ -252,6 +253,9 @@ class EngineCore:
         if self.prefix_cache is not None:
             self.metrics.prefix_cache_evictions = self.prefix_cache.num_evicted
         self.metrics.compilations_after_warmup = self.runner.compiles_while_serving
+        r = self.runner
+        self.metrics.step_tokens, self.metrics.step_token_rows, self.metrics.step_calls = (
+            r.tokens_run, r.rows_run, r.calls_run)
         self.metrics.host_seconds += time.perf_counter() - t0 - (self.metrics.device_wait_seconds - w0)
         return outputs
 

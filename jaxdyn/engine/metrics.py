@@ -62,6 +62,11 @@ class EngineMetrics:
     # that wait; with the steps, host ms a step (a loop slowed by other Python work in its process shows here)
     host_seconds: float = 0.0
     device_wait_seconds: float = 0.0
+    # the model steps' real tokens, the bucket rows they ran in (tokens / rows: the share not padding) and
+    # their compiled calls (more than the steps where steps were split: ``ModelRunner.plan``)
+    step_tokens: int = 0
+    step_token_rows: int = 0
+    step_calls: int = 0
     # disaggregation (jaxdyn.disagg): where prompts were computed and the KV that moved
     prefill_decisions: dict = dataclasses.field(default_factory=dict)   # "remote" or why local -> count
     kv_transfers: int = 0

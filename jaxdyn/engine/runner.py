@@ -50,12 +50,13 @@ from jaxdyn.parallel.sharding import (
 MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under min_tokens)
 
 
-# Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, source row of a token drawn by the
-# previous step (-1: none), positions, slot page, slot offset; seqi i32[S+1, _SEQ_COLS + P +
-# MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed (u32 bits), output
-# index, page table, banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition, presence,
-# frequency penalties.
-_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 7, 6
+# Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, index in the sampled buffer of a token
+# drawn by the previous step (-1: none), positions, slot page, slot offset; seqi i32[S+1,
+# _SEQ_COLS + P + MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed (u32
+# bits), output index, index in the sampled buffer its draw goes to (2 * max_num_seqs: nowhere),
+# page table, banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition,
+# presence, frequency penalties.
+_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 8, 6
 
 
 def _unpack(tok, seqi, seqf):
@@ -69,7 +70,7 @@ def _unpack(tok, seqi, seqf):
         repetition_penalty=seqf[:, 3], presence_penalty=seqf[:, 4], frequency_penalty=seqf[:, 5],
         prompt_lens=seqi[:S, 4], seeds=jax.lax.bitcast_convert_type(seqi[:S, 5], jnp.uint32),
         output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:])
-    return md, tok[0], tok[1], seqi[:S, 2], sp
+    return md, tok[0], tok[1], seqi[:S, 2], sp, seqi[:S, 7]
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -100,6 +101,11 @@ class RunnerConfig:
     # warm-up loads the compiled steps from this directory and saves those it compiles
     # (``jaxdyn.engine.executable_cache``); None: no cache
     executable_cache_dir: str | None = None
+    # Split steps: a step whose tokens would mostly pad its bucket (600 decode rows in a 2,048-token
+    # bucket) runs as the steps of smaller buckets one after another (two of 512 tokens), where the
+    # buckets' step costs, measured at warm-up, add up to less (``ModelRunner.plan``).
+    # None: on for accelerators, off on the CPU (where the measured costs are noise).
+    split_steps: bool | None = None
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -167,27 +173,82 @@ class StepOutput:
 
 class StepHandle:
     """A dispatched step; ``result()`` waits for it and copies what was asked to the host.
-    ``variant`` names the sampler variant it ran with."""
+    ``variant`` names the sampler variant it ran with. ``sampled``: the draws buffer after the step's
+    last call, its rows at ``offset``; ``parts``: each call's rows (``ModelRunner.plan``) and ``outs``
+    its (logprobs, top ids, top logprobs, logits), in the call's own row order."""
 
-    def __init__(self, runner, n, ids, lps, top_ids, top_lps, logits, want_logprobs, variant):
+    def __init__(self, runner, n, sampled, offset, parts, outs, want_logprobs, variant):
         self._runner, self.n, self.variant = runner, n, variant
-        self._ids, self._lps, self._top_ids, self._top_lps, self._logits = ids, lps, top_ids, top_lps, logits
+        self._sampled, self._offset, self._parts, self._outs = sampled, offset, parts, outs
         self._want = want_logprobs
         self._out: StepOutput | None = None
+
+    @property
+    def num_calls(self) -> int:
+        return len(self._parts)
 
     def result(self) -> StepOutput:
         if self._out is None:
             n = self.n
-            out = StepOutput(np.asarray(self._ids)[:n])
+            out = StepOutput(np.asarray(self._sampled)[self._offset:self._offset + n])
             if self._want:
-                out.logprobs = np.asarray(self._lps)[:n]
-                out.top_ids = np.asarray(self._top_ids)[:n]
-                out.top_logprobs = np.asarray(self._top_lps)[:n]
-            if self._logits is not None:
-                out.logits = np.asarray(self._logits)[:n]
+                out.logprobs, out.top_ids, out.top_logprobs = (self._gather(k) for k in range(3))
+            if self._outs[0][3] is not None:
+                out.logits = self._gather(3)
             self._out = out
             self._runner._check_no_compile()
         return self._out
+
+    def _gather(self, k: int) -> np.ndarray:
+        """Output ``k`` of every call, as rows of the step."""
+        if self._parts[0] is None:
+            return np.asarray(self._outs[0][k])[:self.n]
+        arrays = [np.asarray(o[k]) for o in self._outs]
+        full = np.empty((self.n, *arrays[0].shape[1:]), arrays[0].dtype)
+        for rows, a in zip(self._parts, arrays):
+            full[rows] = a[:len(rows)]
+        return full
+
+
+def _splits(buckets: tuple[int, ...], single: int, costs: dict[int, float], max_calls: int = 4
+            ) -> list[tuple[float, tuple[int, ...]]]:
+    """Every multiset of 2 to ``max_calls`` buckets smaller than ``single``, as (summed cost, buckets
+    largest first), cheapest first."""
+    smaller = [b for b in buckets if b < single]
+    out = []
+    for k in range(2, max_calls + 1):
+        for combo in itertools.combinations_with_replacement(sorted(smaller, reverse=True), k):
+            out.append((sum(costs[b] for b in combo), combo))
+    out.sort()
+    return out
+
+
+def _place(ns: Sequence[int], buckets: tuple[int, ...], max_seqs: int) -> list[list[int]] | None:
+    """The rows of each of ``buckets`` (largest first) that hold rows of ``ns`` tokens: rows of several
+    tokens first, largest first, each in the first bucket with room; single tokens then fill the buckets in
+    row order. None if they do not fit; buckets left empty are dropped."""
+    room = list(buckets)
+    seats = [min(b, max_seqs) for b in buckets]
+    rows: list[list[int]] = [[] for _ in buckets]
+    for i in sorted((i for i, n in enumerate(ns) if n > 1), key=lambda i: -ns[i]):
+        n = ns[i]
+        for j in range(len(room)):
+            if room[j] >= n and seats[j]:
+                room[j] -= n
+                seats[j] -= 1
+                rows[j].append(i)
+                break
+        else:
+            return None
+    singles = [i for i, n in enumerate(ns) if n == 1]
+    k = 0
+    for j in range(len(room)):
+        take = min(room[j], seats[j], len(singles) - k)
+        rows[j] += singles[k:k + take]
+        k += take
+    if k < len(singles):
+        return None
+    return [sorted(r) for r in rows if r]
 
 
 def kv_cache_dtype(weight_dtype, mesh: Mesh):
@@ -244,7 +305,16 @@ class ModelRunner:
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
         self.token_buckets, self.page_buckets = config.buckets()
         self.max_rows = config.max_num_seqs
-        self.prev_sampled = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
+        # The tokens steps draw, two halves: a step writes one (``_write_half``) while its inputs read the
+        # previous step's draws from the other, so the calls of a split step can share one buffer.
+        self.prev_sampled = jax.device_put(np.zeros(2 * self.max_rows, np.int32), self._replicated)
+        self._write_half = 0
+        # token bucket -> seconds a step of it costs run back to back (``measure_step_costs``); None: no splits
+        self.step_costs: dict[int, float] | None = None
+        self._plans: dict[int, list[tuple[float, tuple[int, ...]]]] = {}
+        # what the steps ran: their real tokens, the bucket rows those filled (tokens / rows: the share that
+        # was not padding), their compiled calls (more than the steps where steps were split)
+        self.tokens_run = self.rows_run = self.calls_run = 0
         self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
@@ -273,7 +343,7 @@ class ModelRunner:
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)
-            md, token_ids_host, token_src, logits_rows, _ = _unpack(tok, seqi, seqf)
+            md, token_ids_host, token_src, logits_rows, _, _ = _unpack(tok, seqi, seqf)
             token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
             token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop")
             model = nnx.merge(graphdef, state)
@@ -290,7 +360,7 @@ class ModelRunner:
         def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
                                                     tok, seqi, seqf)
-            md, _, _, _, sp = _unpack(tok, seqi, seqf)
+            md, _, _, _, sp, out_rows = _unpack(tok, seqi, seqf)
             S, P = md.page_table.shape
 
             def history():
@@ -299,7 +369,9 @@ class ModelRunner:
                 return h, pos < md.kv_lens[:, None], pos >= sp.prompt_lens[:, None]
 
             ids, lps, top_ids, top_lps = sample(logits, history, sp, variant)
-            sampled = jnp.zeros(max_rows, jnp.int32).at[:S].set(ids[:max_rows])
+            # into the half of the buffer this step writes (the other half holds the previous step's
+            # draws, which this step's inputs read); padding rows go nowhere
+            sampled = prev_sampled.at[out_rows].set(ids, mode="drop")
             return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
                     logits if return_logits else None)
 
@@ -393,8 +465,60 @@ class ModelRunner:
                     done(others[fut], fut.result())
         bar.close()
         self._compile_copy()
+        if self.split_enabled() and len(self.token_buckets) > 1:
+            self.measure_step_costs()
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
+
+    def split_enabled(self) -> bool:
+        if self.config.split_steps is None:
+            return self.mesh.devices.flat[0].platform != "cpu"
+        return self.config.split_steps
+
+    def measure_step_costs(self, reps: int = 4, rounds: int = 2) -> dict[int, float]:
+        """Seconds a step of each token bucket costs with steps dispatched back to back (the device's time, or
+        the host's call where that is longer), the least of ``rounds`` runs of ``reps`` steps; sets
+        ``step_costs``. The steps hold only padding: their matrix products are a full step's, their
+        attention costs nothing, and a split does not change what attention reads. Each bucket runs with
+        the narrowest page table and the greedy sampler."""
+        p = self.page_buckets[0]
+        costs = {}
+        for t in self.token_buckets:
+            compiled = self._compile(t, p, VARIANTS[0])
+            args = jax.device_put(self._padding_arrays(t, p), self._replicated)
+            best = float("inf")
+            for r in range(rounds + 1):           # the first round warms up
+                sampled = self.prev_sampled
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    self.kv_cache, self.token_pages, sampled, *_ = compiled(
+                        self.state, self.kv_cache, self.token_pages, sampled, *args)
+                sampled.block_until_ready()
+                if r:
+                    best = min(best, (time.perf_counter() - t0) / reps)
+            costs[t] = best
+        self.set_step_costs(costs)
+        return costs
+
+    def set_step_costs(self, costs: dict[int, float] | None) -> None:
+        """Seconds a step of each token bucket costs (what ``plan`` weighs); None: steps are never split."""
+        if costs is not None and set(costs) != set(self.token_buckets):
+            raise ValueError(f"step costs for buckets {sorted(costs)}, the runner has {list(self.token_buckets)}")
+        self.step_costs = costs
+        self._plans = {}
+
+    def _padding_arrays(self, t: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The inputs of a step of bucket (t, p) that holds no tokens: nothing is written or drawn."""
+        s = self.config.seqs_for(t)
+        tok = np.zeros((_TOK_ROWS, t), np.int32)
+        tok[1] = -1
+        tok[3] = self.config.num_pages                   # every slot out of range: dropped
+        seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
+        seqi[:, 7] = 2 * self.max_rows                   # no draw kept
+        seqi[:, _SEQ_COLS + p:] = -1
+        seqf = np.zeros((s, _SEQF_COLS), np.float32)
+        seqf[:, 1] = seqf[:, 3] = 1.0
+        return tok, seqi, seqf
 
     def executable_cache(self) -> ExecutableCache | None:
         """The cache of this runner's compiled steps (``RunnerConfig.executable_cache_dir``), keyed by everything
@@ -460,42 +584,83 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------------
 
     def execute(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepHandle:
-        """Dispatch one step; returns at once with a handle to its results."""
+        """Dispatch one step (one compiled call, or several where ``plan`` splits it); returns at once
+        with a handle to its results."""
         c0 = thread_compilation_count()
+        write = self._write_half * self.max_rows
+        read = self.max_rows - write
         try:
-            compiled, args, want_lp, variant = self._prepare(work, variant, to_device=False)
+            parts = self.plan([len(w.token_ids) for w in work])
+            packed = [self._pack(work, rows, read, write) for rows in parts]
+            variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
+            calls = [(self._compile(t, p, variant), arrays) for t, p, _, arrays, _ in packed]
         finally:
             self._count_compiles(c0)
         # The host buffers go to the executable as they are: its call moves them to the device
         # (cheaper than a device_put first: measured 0.4-0.6 ms a step on the CPU). They are fresh
         # each step and never written again, so a zero-copy alias of them is safe.
-        (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
-            self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
+        sampled = self.prev_sampled
+        outs = []
+        for compiled, arrays in calls:
+            (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
+                self.state, self.kv_cache, self.token_pages, sampled, *arrays)
+            outs.append((lps, top_ids, top_lps, logits))
         self.prev_sampled = sampled
-        return StepHandle(self, len(work), sampled, lps, top_ids, top_lps, logits, want_lp, variant)
+        self._write_half ^= 1
+        self.tokens_run += sum(len(w.token_ids) for w in work)
+        self.rows_run += sum(pk[0] for pk in packed)
+        self.calls_run += len(calls)
+        return StepHandle(self, len(work), sampled, write, parts, outs, any(pk[4] for pk in packed), variant)
+
+    def plan(self, ns: Sequence[int]) -> list[list[int] | None]:
+        """The rows of each compiled call of a step whose rows hold ``ns[i]`` tokens: ``[None]`` (one call of
+        the smallest bucket that holds them all), or the row lists of several calls of smaller buckets when
+        their costs (``step_costs``) add up to at least 5 % less than the one call's. Rows of more than one
+        token (prompt chunks) are placed first, largest first, each in the first call with room; single
+        tokens (decode rows) fill the rest in order. No row of a step reads what another row of it writes
+        (the scheduler shares a prompt's pages from the step after the one that wrote them), so the calls
+        may run in any order."""
+        costs = self.step_costs
+        total = sum(ns)
+        single = _pick(self.token_buckets, total, "tokens per step")
+        if not costs or len(ns) < 2 or single == self.token_buckets[0]:
+            return [None]
+        if single not in self._plans:
+            self._plans[single] = _splits(self.token_buckets, single, costs)
+        limit = 0.95 * costs[single]
+        for cost, combo in self._plans[single]:
+            if cost >= limit:
+                break
+            if sum(combo) >= total:
+                rows = _place(ns, combo, self.config.max_num_seqs)
+                if rows is not None:
+                    return rows
+        return [None]
 
     def prepare(self, work: Sequence[SequenceWork], variant: str | None = None
                 ) -> tuple[jax.stages.Compiled, tuple, bool]:
-        """The compiled step of the work's bucket and sampler variant, its three input arrays on
-        the device, and whether it wants logprobs. ``execute`` calls the step with them;
-        benchmarks call it back to back as ``compiled(state, kv_cache, token_pages,
-        prev_sampled, *args)``. ``variant`` None: the cheapest that serves the work; a costlier
-        one may be named (tests, benchmarks), a cheaper one is refused."""
-        return self._prepare(work, variant)[:3]
-
-    def _prepare(self, work, variant, to_device: bool = True):
+        """The compiled step of the work's bucket and sampler variant (one call, never split), its three
+        input arrays on the device, and whether it wants logprobs. Benchmarks call it back to back as
+        ``compiled(state, kv_cache, token_pages, prev_sampled, *args)``. ``variant`` None: the cheapest
+        that serves the work; a costlier one may be named (tests, benchmarks), a cheaper one is refused."""
         t, p, needed, host_arrays, want_lp = self._pack(work)
-        if variant is None:
-            variant = needed
-        elif variant not in VARIANTS or not serves(variant, needed):
-            raise ValueError(f"sampler variant {variant!r} cannot serve this step (it needs {needed!r})")
-        args = jax.device_put(host_arrays, self._replicated) if to_device else host_arrays
-        return self._compile(t, p, variant), args, want_lp, variant
+        variant = self._variant(variant, needed)
+        return self._compile(t, p, variant), jax.device_put(host_arrays, self._replicated), want_lp
 
-    def _pack(self, work: Sequence[SequenceWork]
+    @staticmethod
+    def _variant(variant: str | None, needed: str) -> str:
+        if variant is None:
+            return needed
+        if variant not in VARIANTS or not serves(variant, needed):
+            raise ValueError(f"sampler variant {variant!r} cannot serve this step (it needs {needed!r})")
+        return variant
+
+    def _pack(self, work: Sequence[SequenceWork], rows: list[int] | None = None, read: int = 0, write: int = 0
               ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
-        """The step's bucket (tokens, pages), the sampler variant its rows need, its three host
-        buffers, and whether it wants logprobs.
+        """The bucket (tokens, pages) of one call of a step, the sampler variant its rows need, its three
+        host buffers, and whether it wants logprobs. ``rows``: the rows of ``work`` this call computes
+        (None: all); a row's draw goes to ``write + its row`` of the sampled buffer, and a token the
+        previous step drew is read from ``read + that step's row``.
 
         One Python pass gathers each row's facts into flat lists; positions, page slots and the
         page table are then filled by numpy over all rows at once (per-element numpy writes in
@@ -503,9 +668,12 @@ class ModelRunner:
         if not work:
             raise ValueError("a step needs at least one sequence")
         cfg, page_size = self.config, self.config.page_size
+        if len(work) > cfg.max_num_seqs:
+            raise ValueError(f"{len(work)} sequences exceed max_num_seqs={cfg.max_num_seqs}")
+        index = range(len(work)) if rows is None else rows
+        if rows is not None:
+            work = [work[i] for i in rows]
         S = len(work)
-        if S > cfg.max_num_seqs:
-            raise ValueError(f"{S} sequences exceed max_num_seqs={cfg.max_num_seqs}")
         flat_tokens: list[int] = []
         page_parts = []
         all_arrays = True
@@ -517,7 +685,7 @@ class ModelRunner:
             toks = w.token_ids
             n = len(toks)
             if n == 0:
-                raise ValueError(f"sequence {i} has no tokens to compute")
+                raise ValueError(f"sequence {index[i]} has no tokens to compute")
             flat_tokens += toks
             ns.append(n)
             pages = w.page_ids
@@ -527,19 +695,19 @@ class ModelRunner:
             num_pages.append(len(pages))
             row += n
             if w.prev_row >= 0:
-                src.append((row - 1, w.prev_row))
+                src.append((row - 1, read + w.prev_row))
             sr = w.sampling_row
             if sr is None:
                 sr = sampling_row(w.params)
             floats.append(sr[0])
             flags |= sr[2]
             seed = w.seed & 0xFFFFFFFF
-            # kv_len, cu_q_len (filled below), logits row, top_k, prompt_len, seed, output index
+            # kv_len, cu_q_len (filled below), logits row, top_k, prompt_len, seed, output index, where its draw goes
             ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len,
-                         seed - (1 << 32) if seed >= (1 << 31) else seed, w.output_index))
+                         seed - (1 << 32) if seed >= (1 << 31) else seed, w.output_index, write + index[i]))
             if w.banned:
                 if len(w.banned) > MAX_BANNED:
-                    raise ValueError(f"sequence {i}: more than {MAX_BANNED} banned ids")
+                    raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned ids")
                 banned_rows.append((i, w.banned))
         num_tokens = row
         t = _pick(self.token_buckets, num_tokens, "tokens per step")
@@ -561,10 +729,11 @@ class ModelRunner:
         short = np.flatnonzero(npages * page_size < ends)
         if short.size:
             i = int(short[0])
-            raise ValueError(f"sequence {i}: {num_pages[i]} pages cannot hold {int(ends[i])} tokens")
+            raise ValueError(f"sequence {index[i]}: {num_pages[i]} pages cannot hold {int(ends[i])} tokens")
         starts = np.cumsum(ns_a) - ns_a                     # first row of each sequence
         head[:, 1] = starts                                # cu_q_lens
         seqi[S:, 1] = num_tokens
+        seqi[S:, 7] = 2 * self.max_rows                    # padding rows' draws go nowhere
         seqi[:, _SEQ_COLS + p:] = -1                       # banned
         for i, b in banned_rows:
             seqi[i, _SEQ_COLS + p:_SEQ_COLS + p + len(b)] = b

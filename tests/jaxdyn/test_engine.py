@@ -101,6 +101,23 @@ def test_batch_invariance_under_preemption(engine, sampled):
         assert len(alone.outputs[0].token_ids) == p.max_tokens
 
 
+def test_split_steps_draw_what_whole_steps_draw(engine):
+    """Every step of more than 16 tokens run as two 16-token calls (``ModelRunner.plan``, step costs set by
+    hand): the seeded, preempting workload draws the same tokens as with whole steps."""
+    reqs, arrivals = _workload(2, sampled=True)
+    whole = run(engine, reqs, arrivals)
+    runner, steps = engine.runner, engine.metrics.steps
+    calls = runner.calls_run
+    runner.set_step_costs({16: 1.0, 32: 10.0})
+    try:
+        split = run(engine, reqs, arrivals)
+    finally:
+        runner.set_step_costs(None)
+    assert runner.calls_run - calls > engine.metrics.steps - steps, "steps should have been split"
+    for rid in reqs:
+        assert split[rid].outputs[0].token_ids == whole[rid].outputs[0].token_ids, rid
+
+
 def test_shared_prefixes_match_transformers_with_eviction_and_preemption(engine, ckpt):
     """Requests over three shared system prompts, and chats that resend their history, on a pool of 24
     pages: the cache hits, evicts and the engine preempts, and every greedy output equals transformers'."""

@@ -70,12 +70,12 @@ def test_steps_of_many_sizes_after_warmup_compile_nothing(warm_runner):
 
 
 def test_a_compilation_after_warmup_raises(warm_runner, monkeypatch):
-    real = warm_runner._prepare
+    real = warm_runner._pack
 
-    def prepare_and_compile(*a, **k):                      # something compiles inside a step
+    def pack_and_compile(*a, **k):                         # something compiles inside a step
         jax.jit(lambda x: x * 3 + 1)(jnp.arange(7))
         return real(*a, **k)
-    monkeypatch.setattr(warm_runner, "_prepare", prepare_and_compile)
+    monkeypatch.setattr(warm_runner, "_pack", pack_and_compile)
     with pytest.raises(CompiledAfterWarmupError):
         warm_runner.step([SequenceWork([1, 2, 3], 0, [0])])
     monkeypatch.undo()
@@ -315,3 +315,80 @@ def test_a_mixed_workload_after_warmup_compiles_nothing(variant_runner):
         used[handle.variant] += 1
     assert set(used) == set(VARIANTS) and min(used.values()) >= 3, used
     assert compilation_count() == before
+
+
+def test_place_puts_chunks_first_then_fills_with_single_tokens():
+    from jaxdyn.engine.runner import _place
+    assert _place([1] * 40, (32, 16), 64) == [list(range(32)), list(range(32, 40))]
+    assert _place([20, 1, 1, 15], (32, 16), 64) == [[0, 1, 2], [3]]     # 15 does not fit beside 20
+    assert _place([20, 20], (32, 16), 64) is None
+    assert _place([1] * 10, (8, 8), 4) is None                           # 4 sequences a call at most
+    assert _place([1] * 10, (16, 16), 64) == [list(range(10))]           # the empty call is dropped
+
+
+def test_plan_splits_a_step_only_where_the_smaller_buckets_cost_less(warm_runner):
+    r = warm_runner
+    assert r.token_buckets == (16, 32, 64) and not r.split_enabled()      # off on the CPU by default
+    assert r.step_costs is None and r.plan([5] * 8) == [None]
+    with pytest.raises(ValueError, match="buckets"):
+        r.set_step_costs({16: 1.0})
+    try:
+        r.set_step_costs({16: 1.0, 32: 1.5, 64: 10.0})
+        assert r.plan([5] * 8) == [list(range(6)), [6, 7]]                   # 32 + 16: 2.5 against 10
+        assert r.plan([30, 30]) == [[0], [1]]                                # 32 + 32
+        assert r.plan([1] * 8) == [None]                                     # the smallest bucket
+        assert r.plan([40]) == [None]                                        # one row is never split
+        r.set_step_costs({16: 2.0, 32: 5.0, 64: 5.5})
+        assert r.plan([5] * 8) == [None]                         # 16 * 3 or 32 + 16 cost more than 64
+    finally:
+        r.set_step_costs(None)
+
+
+def test_a_split_step_draws_what_the_whole_step_draws(loaded):
+    """The same steps (prompt chunks, then decode tokens taken from the previous step's draws on the device,
+    seeded sampling with logprobs) on two runners, one splitting each step into calls of smaller buckets:
+    the same tokens, logprobs and KV pages."""
+    mesh, model = loaded
+    whole = ModelRunner(model.graphdef, model.state, mesh, CFG)
+    split = ModelRunner(model.graphdef, model.state, mesh, CFG)
+    split.set_step_costs({16: 1.0, 32: 1.5, 64: 10.0})
+    rng = np.random.default_rng(3)
+    params = SamplingParams(temperature=0.9, top_p=0.9, logprobs=3, seed=7)
+    lens = [int(n) for n in rng.integers(2, 12, 5)]
+    pages = [[2 * i, 2 * i + 1] for i in range(5)]
+    prompts = [rng.integers(0, 256, n).tolist() for n in lens]
+    fillers = [rng.integers(0, 256, 30).tolist() for _ in range(4)]    # a 30-token prompt in every step
+    results = {}
+    for name, runner in (("whole", whole), ("split", split)):
+        out = []
+        handles = []
+        for step in range(4):         # each decode token is the previous step's draw, read on the device
+            if step == 0:
+                work = [SequenceWork(p, 0, pg, params=params, seed=i) for i, (p, pg) in enumerate(zip(prompts, pages))]
+            else:
+                work = [SequenceWork([0], n + step - 1, pg, prev_row=i, params=params, seed=i, output_index=step)
+                        for i, (n, pg) in enumerate(zip(lens, pages))]
+            work.append(SequenceWork(fillers[step], 0, [20 + 2 * step, 21 + 2 * step], params=params, seed=9))
+            handles.append(runner.execute(work))
+            if len(handles) == 2:
+                out.append(handles.pop(0).result())
+        out.append(handles.pop().result())
+        results[name] = (out, np.asarray(runner.kv_cache[0][0]))
+    assert split.calls_run > whole.calls_run == 4
+    assert split.rows_run < whole.rows_run and split.tokens_run == whole.tokens_run
+    for a, b in zip(results["whole"][0], results["split"][0]):
+        np.testing.assert_array_equal(a.next_token_ids, b.next_token_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)
+    np.testing.assert_allclose(results["whole"][1], results["split"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=True))
+    runner.warmup()
+    assert set(runner.step_costs) == {16, 64} and all(c > 0 for c in runner.step_costs.values())
+    assert all(not np.asarray(k).any() and not np.asarray(v).any() for k, v in runner.kv_cache)
+    assert not np.asarray(runner.token_pages).any() and not np.asarray(runner.prev_sampled).any()
+    assert runner.tokens_run == runner.rows_run == 0
