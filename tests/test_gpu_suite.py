@@ -43,7 +43,11 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
     assert all("sharegpt-lengths" in f["name"] for f in figures["offline"] if f["anchor_key"])
     # the runs' matmul FLOP/s against the matmul rate measured in the same process (not for the prefix run)
     mfu = sorted(f["name"] for f in figures["offline"] if f["unit"] == "TFLOP/s")
-    assert mfu == ["offline matmul TFLOP/s, random 64/16", "offline matmul TFLOP/s, sharegpt-lengths (mean 215/198)"]
+    assert mfu == ["offline matmul TFLOP/s, random 64/16", "offline matmul TFLOP/s, sharegpt-lengths (mean 215/198)",
+                   "offline matmul TFLOP/s, sharegpt-lengths (mean 215/198) (whole steps)"]
+    # the ShareGPT-shaped run with split steps against the same run with whole steps (its own prompts, not cached)
+    split = [f for f in figures["offline"] if "whole steps" in f["anchor_label"]]
+    assert len(split) == 1 and split[0]["unit"] == "tok/s" and split[0]["ratio"] > 0
     assert all(f["value"] > 0 and f["ratio"] > 0 for f in figures["offline"])
     # step: decode against its memory floor, prefill against the matmul rate
     assert {f["unit"] for f in figures["step"]} >= {"ms", "TFLOP/s"}
@@ -56,10 +60,12 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
     # the offline runs' engine loop: steps, host and device-wait ms a step, for every dataset
     offline_rows = [ln for ln in report.splitlines() if ln.startswith(("| random 64/16 |", "| sharegpt-lengths",
                                                                          "| prefix 48+16/16 |"))]
-    assert len(offline_rows) == 3
+    assert len(offline_rows) == 4
     for ln in offline_rows:
-        steps, host_ms, wait_ms = [c.strip() for c in ln.strip("|").split("|")][-3:]
+        steps, host_ms, wait_ms, fill, calls = [c.strip() for c in ln.strip("|").split("|")][-5:]
         assert int(steps) > 0 and float(host_ms) > 0 and float(wait_ms) > 0, ln
+        assert 0 < float(fill) <= 1 and float(calls) > 0, ln
+    assert "Step costs measured at warm-up" in report and "--no-split-steps" in report
     assert "× |" in report                                                  # ratios in the figures table
     assert "research.aimultiple.com" in report and "benchmark_vllm_060" in report
 

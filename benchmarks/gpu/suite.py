@@ -882,8 +882,13 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
         rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy --dataset {ds['dataset']} "
                     f"{flags}{' --no-split-steps' if whole else ''} (engine as above)")
-        m0 = _loop_counters(engine.metrics)
-        s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
+        # each run starts from an empty prefix cache (a rerun of the same prompts would hit the first run's), and
+        # its loop figures leave the warm-up requests out
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.clear()
+        m0 = {}
+        s = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False,
+                              on_start=lambda: m0.update(_loop_counters(engine.metrics)))
         s.pop("per_request")
         loop = _loop_figures(m0, _loop_counters(engine.metrics))
         label = dataset_label(ds) + (" (whole steps)" if whole else "")

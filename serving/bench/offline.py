@@ -34,13 +34,16 @@ def _generate(llm, prompts, params, progress: bool, desc: str):
 
 
 def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperature: float = 0.0,
-              num_warmups: int = 0, progress: bool = True) -> dict:
-    """Generate every sample; returns the summary (and ``requests``: prompt and output tokens of each)."""
+              num_warmups: int = 0, progress: bool = True, on_start=None) -> dict:
+    """Generate every sample; returns the summary (and ``requests``: prompt and output tokens of each).
+    ``on_start``: called after the warm-up requests, as the timed run starts."""
     tok = llm.tokenizer
     if num_warmups:
         firsts = [s for s in samples if s.turn == 0][:num_warmups]
         _generate(llm, [s.prompt for s in firsts], _params(firsts, ignore_eos, temperature), False, "warm-up")
     records: list[tuple[int, int]] = []
+    if on_start is not None:
+        on_start()
     start = time.perf_counter()
     if samples[0].conversation is None:
         outs = _generate(llm, [s.prompt for s in samples], _params(samples, ignore_eos, temperature),
