@@ -13,6 +13,15 @@ requests, buckets 16/256/2048 and 256 sequences, 39.9 s simulated / 36.3 s measu
 
 prints, for each configuration, the simulated seconds, output tok/s and the share of bucket rows that
 held real tokens, and each one's time as a ratio to the first (the suite's engine before this change).
+
+    python -m benchmarks.schedule_sim --costs 16:5.21,128:6.08,512:13.12,2048:42.75 [--kv-tb-s 4.0]
+
+costs each step from a table of measured step costs instead (ms a step of each token bucket, back to back:
+what ``jaxdyn serve`` / the offline suite measure at warm-up and print), with the engine's 1,024 sequences,
+whole steps and split steps (``ModelRunner.plan``: the cheapest set of buckets that holds the step), and
+a bound: an engine whose every step costs exactly its tokens at the largest bucket's rate a token, never
+less than ``--floor-ms`` (the one-sequence decode step measured on the device), plus the decode rows' KV
+read at ``--kv-tb-s``.
 """
 
 from __future__ import annotations
@@ -81,17 +90,68 @@ def simulate(prompts, outputs, buckets, max_seqs: int, budget: int = 2048, min_f
     return total_ms / 1e3, steps, real / rows
 
 
+def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, floor_ms: float,
+                  max_seqs: int = 1024) -> list[tuple[str, float]]:
+    """(label, seconds) of whole steps, split steps and the bound, each step costed from ``costs``
+    (token bucket -> ms) plus its decode rows' KV read at ``kv_tb_s``."""
+    import functools
+    buckets = tuple(sorted(costs))
+    kv_ms = lambda kv: kv * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3  # noqa: E731
+
+    @functools.lru_cache(None)
+    def split(tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        single = next(b for b in buckets if b >= tokens)
+        return min([costs[single]] + [costs[b] + split(tokens - b) for b in buckets if b < single])
+
+    rate = costs[buckets[-1]] / buckets[-1]
+    models = (("whole steps", lambda t: costs[next(b for b in buckets if b >= t)]),
+              ("split steps", split),
+              (f"bound: every step its tokens x {rate:.4f} ms, at least {floor_ms} ms", lambda t: max(floor_ms, rate * t)))
+    out = []
+    global step_ms
+    saved = step_ms
+    try:
+        for label, cost in models:
+            step_ms = lambda tokens, kv, cost=cost: cost(tokens) + kv_ms(kv)  # noqa: E731
+            # the bucket list 1..largest: a step is costed by its own token count
+            s, _, _ = simulate(prompts, outputs, tuple(range(1, buckets[-1] + 1)), max_seqs, budget=buckets[-1])
+            out.append((label, s))
+    finally:
+        step_ms = saved
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.schedule_sim")
     p.add_argument("--dataset", choices=["sharegpt-lengths", "random"], default="sharegpt-lengths")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--min-free-slots", type=int, default=1,
                    help="admit only once this many slots are free (a policy the engine does not have; 1: as it does)")
+    p.add_argument("--costs", default=None, metavar="T:MS,...",
+                   help="measured ms a step of each token bucket (e.g. 16:5.21,128:6.08,512:13.12,2048:42.75)")
+    p.add_argument("--kv-tb-s", type=float, default=4.0, help="with --costs: TB/s the decode rows' KV is read at")
+    p.add_argument("--floor-ms", type=float, default=4.82,
+                   help="with --costs: the bound's least step (the one-sequence decode step on the device)")
     args = p.parse_args(argv)
     if args.dataset == "random":
         prompts, outputs = np.full(args.num_prompts, 1024), np.full(args.num_prompts, 128)
     else:     # the prompts bench offline draws (seed 0)
         prompts, outputs = sharegpt_lengths(seeded_rng(0, 1, 0), args.num_prompts)
+    if args.costs:
+        try:
+            costs = {int(t): float(ms) for t, ms in (c.split(":") for c in args.costs.split(","))}
+        except ValueError:
+            p.error(f"--costs: expected TOKENS:MS pairs separated by commas, got {args.costs!r}")
+        print(f"{args.dataset}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} output "
+              f"tokens), measured step costs {costs} ms, KV read at {args.kv_tb_s} TB/s, 1,024 sequences:")
+        print("| steps | seconds | output tok/s |\n|---|---:|---:|")
+        for label, s in measured_runs(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s, args.floor_ms):
+            print(f"| {label} | {s:.1f} | {outputs.sum() / s:,.0f} |")
+        print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --num-prompts {args.num_prompts} "
+              f"--costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}")
+        return
     first = None
     print(f"{args.dataset}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} "
           "output tokens), 8B step costs of the H200:")

@@ -479,8 +479,9 @@ class ModelRunner:
         """Seconds a step of each token bucket costs with steps dispatched back to back (the device's time, or
         the host's call where that is longer), the least of ``rounds`` runs of ``reps`` steps; sets
         ``step_costs``. The steps hold only padding: their matrix products are a full step's, their
-        attention costs nothing, and a split does not change what attention reads. Each bucket runs with
-        the narrowest page table and the greedy sampler."""
+        attention costs nothing, and a split does not change what attention reads. Their token ids are
+        random (a GPU's matrix products run slower on varied data than on one repeated row: more power).
+        Each bucket runs with the narrowest page table and the greedy sampler."""
         p = self.page_buckets[0]
         costs = {}
         for t in self.token_buckets:
@@ -511,6 +512,7 @@ class ModelRunner:
         """The inputs of a step of bucket (t, p) that holds no tokens: nothing is written or drawn."""
         s = self.config.seqs_for(t)
         tok = np.zeros((_TOK_ROWS, t), np.int32)
+        tok[0] = np.random.default_rng(t).integers(0, self.model_config.vocab_size, t)
         tok[1] = -1
         tok[3] = self.config.num_pages                   # every slot out of range: dropped
         seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
