@@ -30,7 +30,7 @@ import argparse
 
 import numpy as np
 
-from serving.bench.datasets import seeded_rng, sharegpt_lengths
+from serving.bench.datasets import SHAREGPT_REPLY_SHAPES, seeded_rng, sharegpt_lengths
 
 CONFIGS = (   # (token buckets, max_num_seqs)
     ((16, 256, 2048), 256),
@@ -127,6 +127,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.schedule_sim")
     p.add_argument("--dataset", choices=["sharegpt-lengths", "random"], default="sharegpt-lengths")
     p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--replies", choices=SHAREGPT_REPLY_SHAPES, default="chatgpt",
+                   help="sharegpt-lengths: the reply-length shape (serving.bench.datasets)")
     p.add_argument("--min-free-slots", type=int, default=1,
                    help="admit only once this many slots are free (a policy the engine does not have; 1: as it does)")
     p.add_argument("--costs", default=None, metavar="T:MS,...",
@@ -135,25 +137,26 @@ def main(argv=None) -> None:
     p.add_argument("--floor-ms", type=float, default=4.82,
                    help="with --costs: the bound's least step (the one-sequence decode step on the device)")
     args = p.parse_args(argv)
+    shape = f" ({args.replies} replies)" if args.dataset == "sharegpt-lengths" else ""
     if args.dataset == "random":
         prompts, outputs = np.full(args.num_prompts, 1024), np.full(args.num_prompts, 128)
     else:     # the prompts bench offline draws (seed 0)
-        prompts, outputs = sharegpt_lengths(seeded_rng(0, 1, 0), args.num_prompts)
+        prompts, outputs = sharegpt_lengths(seeded_rng(0, 1, 0), args.num_prompts, args.replies)
     if args.costs:
         try:
             costs = {int(t): float(ms) for t, ms in (c.split(":") for c in args.costs.split(","))}
         except ValueError:
             p.error(f"--costs: expected TOKENS:MS pairs separated by commas, got {args.costs!r}")
-        print(f"{args.dataset}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} output "
+        print(f"{args.dataset}{shape}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} output "
               f"tokens), measured step costs {costs} ms, KV read at {args.kv_tb_s} TB/s, 1,024 sequences:")
         print("| steps | seconds | output tok/s |\n|---|---:|---:|")
         for label, s in measured_runs(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s, args.floor_ms):
             print(f"| {label} | {s:.1f} | {outputs.sum() / s:,.0f} |")
-        print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --num-prompts {args.num_prompts} "
-              f"--costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}")
+        print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --replies {args.replies} "
+              f"--num-prompts {args.num_prompts} --costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}")
         return
     first = None
-    print(f"{args.dataset}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} "
+    print(f"{args.dataset}{shape}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} "
           "output tokens), 8B step costs of the H200:")
     print("| token buckets | max_num_seqs | seconds | output tok/s | steps | real tokens / bucket rows | x first |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -162,8 +165,8 @@ def main(argv=None) -> None:
         first = first or s
         print(f"| {'/'.join(map(str, buckets))} | {seqs} | {s:.1f} | {outputs.sum() / s:,.0f} | {n} | {eff:.2f} "
               f"| {s / first:.2f} |")
-    print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --num-prompts {args.num_prompts} "
-          f"--min-free-slots {args.min_free_slots}")
+    print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --replies {args.replies} "
+          f"--num-prompts {args.num_prompts} --min-free-slots {args.min_free_slots}")
 
 
 if __name__ == "__main__":

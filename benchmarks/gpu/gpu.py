@@ -108,6 +108,9 @@ def offline_datasets(quick: bool, num_prompts: int) -> list[dict]:
     sets = [dict(dataset="random", num_prompts=num_prompts, input_len=1024, output_len=128, num_warmups=4)]
     if not quick:
         sets += [dict(dataset="sharegpt-lengths", num_prompts=num_prompts, num_warmups=4, whole_steps=True),
+                 # the reply shape of the figures before 2026-12-03 (lognormal, assumed), for comparison
+                 dict(dataset="sharegpt-lengths", sharegpt_replies="lognormal", num_prompts=num_prompts,
+                      num_warmups=4),
                  dict(dataset="prefix", num_prompts=num_prompts, prefix_len=960, suffix_len=64, num_prefixes=4,
                       output_len=128, num_warmups=4)]
     return sets

@@ -947,7 +947,7 @@ def dataset_label(ds: dict) -> str:
     if d == "prefix":
         return f"prefix {ds.get('prefix_len')}+{ds.get('suffix_len')}/{ds.get('output_len', 128)}"
     if d == "sharegpt-lengths":
-        return "sharegpt-lengths (mean 215/198)"
+        return f"sharegpt-lengths (mean 215/198, {ds.get('sharegpt_replies', 'chatgpt')} replies)"
     return d
 
 
@@ -1240,7 +1240,8 @@ def _bench_serve(run: dict, url: str, model: str, tokenizer: str, scratch: str, 
              "--num-prompts", str(run["num_prompts"]), "--request-rate", str(run["request_rate"]),
              "--num-warmups", str(run.get("num_warmups", 0)), "--seed", str(run.get("seed", 0)),
              "--disable-tqdm", "--timeout", str(int(max(timeout_s, 10)))]
-    for k in ("input_len", "output_len", "prefix_len", "suffix_len", "num_prefixes", "num_clients"):
+    for k in ("input_len", "output_len", "prefix_len", "suffix_len", "num_prefixes", "num_clients",
+              "sharegpt_replies"):
         if k in run:
             flag = {"input_len": "--random-input-len", "output_len": "--random-output-len"}.get(
                 k, "--" + k.replace("_", "-"))

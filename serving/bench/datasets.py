@@ -109,6 +109,10 @@ def add_arguments(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
                    "prompts and max_tokens drawn from ShareGPT's length distribution as vLLM samples it (mean 215 "
                    "prompt / 198 output tokens, Llama-3 tokenizer), for runs without the file")
     p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset sharegpt)")
+    p.add_argument("--sharegpt-replies", choices=SHAREGPT_REPLY_SHAPES, default="chatgpt",
+                   help="sharegpt-lengths: the shape of the reply lengths, chatgpt (ChatGPT's first replies in "
+                   "ShareGPT, as vLLM's SOSP'23 artifact measured them; default) or lognormal (sigma 1, the "
+                   "assumption of figures before 2026-12-03)")
     p.add_argument("--num-prompts", type=int, default=200, help="requests to send (multiturn: all turns)")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
@@ -170,7 +174,7 @@ def load_samples(args, source: PromptSource, n: int | None = None) -> list[Sampl
     if args.dataset == "multiturn":
         return multiturn_samples(source, n, args.num_turns, args.turn_len, output_len)
     if args.dataset == "sharegpt-lengths":
-        return sharegpt_length_samples(source, n)
+        return sharegpt_length_samples(source, n, getattr(args, "sharegpt_replies", "chatgpt"))
     return sharegpt_samples(source, args.dataset_path, n, args.output_len)
 
 
@@ -255,25 +259,53 @@ def sharegpt_samples(source: PromptSource, path: str, n: int, output_len: int | 
 # prompt tokens and 198,343 reply tokens (vLLM benchmark_throughput with ignore_eos, as reprinted from
 # zhihu.com/p/1928005367754884226; the same 215,196 appears in vLLM benchmark_serving logs). The shape of the
 # prompt lengths follows the prompt-length CDF printed in sgl-project/sglang PR #1853 (Llama-3 tokenizer,
-# 1,003 ShareGPT requests): its bins below, log-uniform inside each bin. No published shape of the reply
-# lengths was found: they are lognormal with sigma 1 (median = mean / e^0.5), an assumption.
+# 1,003 ShareGPT requests): its bins below, log-uniform inside each bin.
 SHAREGPT_MEAN_PROMPT = 215.196
 SHAREGPT_MEAN_OUTPUT = 198.343
 _SHAREGPT_PROMPT_BINS = ((4, 20, 244), (20, 50, 148), (50, 100, 89), (100, 200, 89), (200, 500, 276),
                          (500, 1000, 155), (1000, 1024, 2))          # (low, high, requests of 1,003)
+
+# The shape of the replies: ChatGPT's first replies in ShareGPT as measured in vLLM's SOSP'23 artifact
+# (github.com/sosp-ae-39/sosp-ae-astra, datasets/sharegpt_opt_text_completion_length.pkl: the (prompt, reply)
+# lengths of the first exchange of 84,226 ShareGPT conversations of March 2023, OPT tokenizer), kept by vLLM's
+# sampling rules (both >= 4, prompt <= 1024, prompt + reply <= 2048: 74,704 pairs, mean reply 348.4, std 284.4,
+# median 280, p99 1,292, max 2,009; prompt and reply lengths correlate at 0.12, so they are drawn independently):
+# the reply-length quantiles below, at percentiles 0, 1, ..., 99, 99.1, ..., 99.9, 99.95, 99.99, 100,
+# interpolated linearly and scaled to the Llama-3 mean above. The tokenizer and the file differ from vLLM's
+# sample (Llama-3, ShareGPT_V3), so the mean is the published one; the shape is the artifact's.
+_CHATGPT_REPLY_PERCENTILES = np.array(list(range(100)) + [99.0 + k / 10 for k in range(1, 10)] + [99.95, 99.99, 100.0])
+_CHATGPT_REPLY_QUANTILES = np.array([
+    4, 11, 17, 22, 27, 32, 36, 41, 47, 53, 59, 66, 71, 76, 82, 87,
+    92, 97, 102, 107, 112, 117, 123, 128, 134, 140, 146, 151, 158, 164, 170, 176,
+    182, 188, 194, 199, 205, 211, 216, 221, 226, 232, 238, 243, 248, 253, 258, 263,
+    269, 274, 280, 285, 290, 296, 302, 308, 313, 319, 325, 332, 338, 344, 351, 357,
+    364, 372, 379, 387, 394, 403, 412, 422, 432, 443, 454, 468, 479, 491, 506, 520,
+    534, 552, 569, 589, 609, 630, 653, 680, 708, 739, 764, 772, 796, 823, 862, 919,
+    981, 1058, 1153, 1292, 1321, 1347, 1385, 1417, 1450, 1486, 1534, 1607, 1710, 1810, 1903, 2009,
+], np.float64)
+# The earlier assumption, kept for comparison with figures measured on it (``--sharegpt-replies lognormal``):
+# lognormal with sigma 1 (median = mean / e^0.5). Its tail is far heavier than the artifact's (p99 / median 10
+# against 4.6; in 1,000 draws the longest reply is ~2,040 tokens against ~1,120).
 _SHAREGPT_OUTPUT_SIGMA = 1.0
+SHAREGPT_REPLY_SHAPES = ("chatgpt", "lognormal")
 
 
-def sharegpt_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def sharegpt_lengths(rng: np.random.Generator, n: int, replies: str = "chatgpt") -> tuple[np.ndarray, np.ndarray]:
     """(prompt lengths, output lengths) of ``n`` requests shaped like vLLM's ShareGPT sample: prompts in
     [4, 1024], replies >= 4, prompt + reply <= 2047 (2048 with a BOS), and the two means equal to
-    ShareGPT's (215.2, 198.3) to within rounding for any ``n`` large enough to hold them."""
+    ShareGPT's (215.2, 198.3) to within rounding for any ``n`` large enough to hold them. ``replies``: the
+    shape of the reply lengths, ``chatgpt`` (measured, vLLM's artifact) or ``lognormal`` (sigma 1, assumed)."""
+    if replies not in SHAREGPT_REPLY_SHAPES:
+        raise BenchError(f"ShareGPT reply shape must be one of {', '.join(SHAREGPT_REPLY_SHAPES)}, got {replies!r}")
     lows, highs, counts = (np.array(c, np.float64) for c in zip(*_SHAREGPT_PROMPT_BINS))
     which = rng.choice(len(counts), n, p=counts / counts.sum())
     u = rng.random(n)
     prompt = np.exp(np.log(lows[which]) + u * (np.log(highs[which]) - np.log(lows[which])))
-    z = rng.standard_normal(n)
-    output = np.exp(np.log(SHAREGPT_MEAN_OUTPUT) - _SHAREGPT_OUTPUT_SIGMA ** 2 / 2 + _SHAREGPT_OUTPUT_SIGMA * z)
+    if replies == "chatgpt":
+        output = np.interp(rng.random(n) * 100.0, _CHATGPT_REPLY_PERCENTILES, _CHATGPT_REPLY_QUANTILES)
+    else:
+        z = rng.standard_normal(n)
+        output = np.exp(np.log(SHAREGPT_MEAN_OUTPUT) - _SHAREGPT_OUTPUT_SIGMA ** 2 / 2 + _SHAREGPT_OUTPUT_SIGMA * z)
     prompt = _scaled_to_mean(prompt, SHAREGPT_MEAN_PROMPT, 4, np.full(n, 1024))
     output = _scaled_to_mean(output, SHAREGPT_MEAN_OUTPUT, 4, 2047 - prompt)    # + BOS: 2048 at most
     return prompt, output
@@ -291,10 +323,10 @@ def _scaled_to_mean(x: np.ndarray, mean: float, low: int, high: np.ndarray) -> n
     return np.clip(np.rint(x * hi), low, high).astype(np.int64)
 
 
-def sharegpt_length_samples(source: PromptSource, n: int) -> list[Sample]:
+def sharegpt_length_samples(source: PromptSource, n: int, replies: str = "chatgpt") -> list[Sample]:
     """Random prompts with ShareGPT's lengths (``sharegpt_lengths``); max_tokens = the drawn reply length.
     Prompt lengths are exact with a tokenizer or token ids; without either, in words."""
-    prompts, outputs = sharegpt_lengths(source.rng, n)
+    prompts, outputs = sharegpt_lengths(source.rng, n, replies)
     out = []
     for i, o in zip(prompts, outputs):
         prompt = source.make(int(i))

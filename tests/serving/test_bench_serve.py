@@ -295,14 +295,32 @@ def test_sharegpt_file_gives_first_exchanges_filtered_as_vllm_does(tmp_path, dem
     assert all(s.output_len == 7 and s.prompt_len is None for s in words)
 
 
-def test_sharegpt_lengths_match_sharegpt_totals_and_vllm_filters():
-    p, o = datasets.sharegpt_lengths(np.random.default_rng(0), 1000)
+@pytest.mark.parametrize("replies", datasets.SHAREGPT_REPLY_SHAPES)
+def test_sharegpt_lengths_match_sharegpt_totals_and_vllm_filters(replies):
+    p, o = datasets.sharegpt_lengths(np.random.default_rng(0), 1000, replies)
     assert (p.sum(), o.sum()) == (215196, 198343)          # vLLM's ShareGPT sample, Llama-3 tokenizer
     assert p.min() >= 4 and p.max() <= 1024 and o.min() >= 4 and (p + o).max() <= 2047
     assert 0.20 < (p <= 20).mean() < 0.30 and 0.78 < (p <= 500).mean() < 0.90   # the published prompt CDF
-    assert np.median(o) < o.mean() / 1.3                    # a long tail of replies, not a fixed length
-    p2, o2 = datasets.sharegpt_lengths(np.random.default_rng(1), 1000)
+    assert np.median(o) < o.mean() / 1.1                    # a long tail of replies, not a fixed length
+    p2, o2 = datasets.sharegpt_lengths(np.random.default_rng(1), 1000, replies)
     assert (p2.sum(), o2.sum()) == (215196, 198343) and not np.array_equal(p, p2)
+
+
+def test_sharegpt_reply_shapes():
+    """chatgpt: the artifact's shape (median / mean 280 / 348.4, p99 / median 4.6, longest 2,009 of mean 348.4)
+    at the Llama-3 mean; lognormal sigma 1: p99 / median e^2.33 = 10, its longest reply near the 2,047 cap."""
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    _, o = datasets.sharegpt_lengths(rng(), 20000, "chatgpt")
+    assert 0.74 < np.median(o) / o.mean() < 0.87
+    assert 3.8 < np.percentile(o, 99) / np.median(o) < 5.4
+    assert o.max() <= 2009 * 198.343 / 348.4 * 1.05
+    _, lo = datasets.sharegpt_lengths(rng(), 20000, "lognormal")
+    assert np.percentile(lo, 99) / np.median(lo) > 7 and lo.max() > 1.5 * o.max()
+    p1, _ = datasets.sharegpt_lengths(rng(), 50, "chatgpt")
+    p2, _ = datasets.sharegpt_lengths(rng(), 50, "lognormal")
+    assert np.array_equal(p1, p2)                           # the shapes differ in the replies only
+    with pytest.raises(datasets.BenchError, match="reply shape"):
+        datasets.sharegpt_lengths(rng(), 10, "uniform")
 
 
 def test_sharegpt_lengths_dataset_prompts_are_exact_with_a_tokenizer(demo_tokenizer):
@@ -321,6 +339,11 @@ def test_sharegpt_lengths_run_against_the_fake_server(tmp_path):
         sent = sorted(b["max_tokens"] for b in fake.bodies)
     assert sent == sorted(datasets.sharegpt_lengths(datasets.seeded_rng(0, 1, 0), 8)[1].tolist())
     assert doc["runs"][0]["summary"]["completed"] == 8
+    with FakeOpenAI(ttft=0.01, itl=0.001) as fake:
+        bench(tmp_path, fake.url, "--dataset", "sharegpt-lengths", "--num-prompts", "8",
+              "--sharegpt-replies", "lognormal")
+        sent = sorted(b["max_tokens"] for b in fake.bodies)
+    assert sent == sorted(datasets.sharegpt_lengths(datasets.seeded_rng(0, 1, 0), 8, "lognormal")[1].tolist())
 
 
 def test_sharegpt_run_against_the_fake_server(tmp_path):

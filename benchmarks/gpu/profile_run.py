@@ -1,0 +1,231 @@
+"""Where an offline run's device time goes, phase by phase: JAX profiler traces of windows of engine steps.
+
+The GPU suite's engine (8B shape, random weights) runs an offline dataset as ``jaxdyn bench offline`` does; for
+each window of engine steps (counted from the timed run's first step) a JAX profiler trace is taken, and its
+GPU kernels are summed by kind (matrix products, decode attention, prefill attention, KV writes, the rest) and
+set beside what the window's steps asked for:
+
+- matrix products: their floor is, per call, the larger of (weights read at the copy bandwidth) and (2 x matmul
+  parameters x the call's bucket rows + the LM head's rows, at the bf16 matmul rate), both measured in this
+  process;
+- decode attention: the decode rows' KV bytes at the copy bandwidth;
+- idle: the window's GPU span less the time some kernel ran (the host not keeping the device fed).
+
+    python -m benchmarks.gpu.profile_run [--dataset sharegpt-lengths] [--num-prompts 1000]
+        [--windows 10:40,150:180,400:430,800:830,1600:1630] [--model llama-3.1-8b] [--engine JSON] [--out DIR]
+
+prints one table (a row per window, ms a step) and the run's own figures. The traces perturb the run (stopping
+one writes it), so the run's seconds are not a throughput figure; the windows' device times are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import tempfile
+import time
+
+KINDS = (("gemm", re.compile(r"gemm|nvjet|cublas|cutlass|xmma|matmul|dot", re.I)),
+         ("decode attn", re.compile(r"paged_decode", re.I)),
+         ("prefill attn", re.compile(r"ragged_prefill", re.I)),
+         ("kv write", re.compile(r"scatter", re.I)))
+
+
+def kind_of(name: str) -> str:
+    for kind, pat in KINDS:
+        if pat.search(name):
+            return kind
+    return "other"
+
+
+def busy_union(events) -> float:
+    """µs during which at least one kernel ran (events: (start µs, duration µs, name) in start order)."""
+    total, end = 0.0, None
+    start = None
+    for ts, dur, _ in events:
+        if end is None or ts > end:
+            if end is not None:
+                total += end - start
+            start, end = ts, ts + dur
+        else:
+            end = max(end, ts + dur)
+    if end is not None:
+        total += end - start
+    return total
+
+
+def summarize_window(events, calls: list[dict], *, weight_bytes: int, matmul_params: int, head_params: int,
+                     kv_bytes_per_token: int, bandwidth: float, matmul: float) -> dict:
+    """One window's figures, ms per engine step (``calls``: the runner calls of its steps)."""
+    steps = len({c["step"] for c in calls}) or 1
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for _, dur, name in events:
+        by_kind[kind_of(name)] += dur
+    span = (max(ts + d for ts, d, _ in events) - events[0][0]) if events else 0.0
+    busy = busy_union(events)
+    gemm_floor = sum(max(weight_bytes / bandwidth,
+                         2.0 * (matmul_params * c["rows"] + head_params * c["seqs"]) / matmul) for c in calls)
+    kv_floor = sum(c["decode_kv"] for c in calls) * kv_bytes_per_token / bandwidth
+    ms = lambda us: us / 1e3 / steps  # noqa: E731
+    return {
+        "steps": steps, "calls": len(calls),
+        "tokens": sum(c["tokens"] for c in calls) / steps, "rows": sum(c["rows"] for c in calls) / steps,
+        "decode rows": sum(c["decode"] for c in calls) / steps,
+        "decode ctx": sum(c["decode_kv"] for c in calls) / max(1, sum(c["decode"] for c in calls)),
+        "span ms": ms(span), "idle ms": ms(span - busy),
+        **{f"{k} ms": ms(by_kind.get(k, 0.0)) for k, _ in KINDS}, "other ms": ms(by_kind.get("other", 0.0)),
+        "gemm floor ms": gemm_floor * 1e3 / steps, "decode attn floor ms": kv_floor * 1e3 / steps,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.profile_run")
+    ap.add_argument("--dataset", default="sharegpt-lengths")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--windows", default="10:40,150:180,400:430,800:830,1600:1630",
+                    help="engine-step ranges START:END of the timed run, comma-separated")
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
+    ap.add_argument("--out", default=None, help="keep the traces and write the table here")
+    ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
+    ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
+    args = ap.parse_args(argv)
+    try:
+        windows = [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")]
+        if any(len(w) != 2 or w[0] >= w[1] or w[0] < 0 for w in windows):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--windows: expected START:END pairs with START < END, got {args.windows!r}")
+    windows.sort()
+
+    import jax
+
+    from benchmarks.gpu.gpu import ENGINE, offline_datasets
+    from benchmarks.gpu.profile_step import kernel_events
+    from benchmarks.gpu.suite import _dataset_args, _engine_config, model_dir
+    from benchmarks.kernels import measure_bandwidth, measure_matmul
+    from jaxdyn import LLM
+    from jaxdyn.engine.llm import build_engine
+    from serving.bench import datasets, offline
+
+    engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
+    scratch = args.out or tempfile.mkdtemp()
+    path = model_dir(args.model, tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
+    print(f"engine {engine_cfg}: loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+    bandwidth, matmul = measure_bandwidth(args.bandwidth_gib), measure_matmul(args.matmul_n)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
+
+    mc = engine.model_config
+    runner = engine.runner
+    itemsize = 2
+    hd = mc.head_dim
+    layer = (mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * hd + mc.num_heads * hd * mc.hidden_size
+             + 3 * mc.hidden_size * mc.intermediate_size)
+    matmul_params = mc.num_layers * layer
+    head_params = mc.hidden_size * mc.vocab_size
+    weight_bytes = (matmul_params + head_params) * itemsize
+    kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * hd * itemsize
+
+    state = {"step": -1, "calls": [], "window": None, "done": []}
+    execute = runner.execute
+
+    def traced_execute(work, variant=None):
+        calls0, rows0 = runner.calls_run, runner.rows_run
+        handle = execute(work, variant)
+        s = state["step"] - 1
+        if state["window"] is not None:
+            decode = [w for w in work if len(w.token_ids) == 1]
+            state["calls"].append(dict(
+                step=s, tokens=sum(len(w.token_ids) for w in work), rows=runner.rows_run - rows0,
+                seqs=len(work), ncalls=runner.calls_run - calls0, decode=len(decode),
+                decode_kv=sum(w.num_computed + 1 for w in decode)))
+            # one record a call: spread the step's rows over its calls for the floor (rows are per bucket)
+            n = state["calls"][-1]["ncalls"]
+            if n > 1:
+                rec = state["calls"].pop()
+                for _ in range(n):
+                    state["calls"].append(dict(rec, rows=rec["rows"] / n, seqs=rec["seqs"] / n,
+                                               tokens=rec["tokens"] / n, decode=rec["decode"] / n,
+                                               decode_kv=rec["decode_kv"] / n))
+        return handle
+
+    runner.execute = traced_execute
+    step = engine.step
+
+    def drain():
+        for leaf in jax.tree.leaves(runner.kv_cache):
+            leaf.block_until_ready()
+
+    def traced_step(*a, **k):
+        if state["step"] < 0:           # warm-up requests: not counted
+            return step(*a, **k)
+        s = state["step"]
+        state["step"] += 1
+        w = state["window"]
+        if w is not None and s >= w[1]:
+            drain()
+            jax.profiler.stop_trace()
+            state["done"].append((w, state["trace"], state["calls"]))
+            state["window"], state["calls"] = None, []
+        if state["window"] is None:
+            pending = [x for x in windows if x[0] == s]
+            if pending:
+                d = os.path.join(scratch, f"trace_{pending[0][0]}_{pending[0][1]}")
+                drain()                 # the window's trace holds its own steps' kernels only
+                jax.profiler.start_trace(d)
+                state["window"], state["trace"] = pending[0], d
+        return step(*a, **k)
+
+    engine.step = traced_step
+    llm = LLM(engine=engine)
+    ds = next(d for d in offline_datasets(False, args.num_prompts) if d["dataset"] == args.dataset)
+    a = _dataset_args(ds)
+    source = datasets.PromptSource(datasets.seeded_rng(0, 1, 0), llm.tokenizer, None)
+    samples = datasets.load_samples(a, source)
+
+    def on_start():
+        state["step"] = 0
+
+    summary = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False,
+                                on_start=on_start)
+    if state["window"] is not None:
+        jax.profiler.stop_trace()
+        state["done"].append((state["window"], state["trace"], state["calls"]))
+    print(f"run: {state['step']} steps, {summary['duration_s']:.1f} s with the traces, "
+          f"{summary['output_throughput']:.0f} output tok/s (perturbed by the traces)", flush=True)
+
+    rows = []
+    for w, trace_dir, calls in state["done"]:
+        events = kernel_events(trace_dir)
+        if not calls:
+            continue
+        r = summarize_window(events, calls, weight_bytes=weight_bytes, matmul_params=matmul_params,
+                             head_params=head_params, kv_bytes_per_token=kv_bytes_per_token,
+                             bandwidth=bandwidth, matmul=matmul)
+        rows.append((f"{w[0]}-{w[1]}", r))
+    keys = list(rows[0][1]) if rows else []
+    lines = [f"{args.dataset}, {args.num_prompts} prompts, engine {engine_cfg}; copy bandwidth "
+             f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (this process). "
+             "Per engine step (ms), kernel time by kind from the window's trace:", "",
+             "| steps | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for label, r in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
+                                                   for v in r.values()) + " |")
+    lines += ["", "reproduce: python -m benchmarks.gpu.profile_run --dataset " + args.dataset
+              + f" --num-prompts {args.num_prompts} --windows {args.windows}"
+              + (f" --engine '{args.engine}'" if args.engine else "")]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out:
+        with open(os.path.join(args.out, "profile_run.md"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
