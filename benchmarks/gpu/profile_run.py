@@ -12,7 +12,7 @@ set beside what the window's steps asked for:
 - idle: the window's GPU span less the time some kernel ran (the host not keeping the device fed).
 
     python -m benchmarks.gpu.profile_run [--dataset sharegpt-lengths] [--num-prompts 1000]
-        [--windows 10:40,150:180,400:430,800:830,1600:1630] [--model llama-3.1-8b] [--engine JSON] [--out DIR]
+        [--windows 10:40,100:130,250:280,500:530,900:930] [--model llama-3.1-8b] [--engine JSON] [--out DIR]
 
 prints one table (a row per window, ms a step) and the run's own figures. The traces perturb the run (stopping
 one writes it), so the run's seconds are not a throughput figure; the windows' device times are.
@@ -85,11 +85,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.profile_run")
     ap.add_argument("--dataset", default="sharegpt-lengths")
     ap.add_argument("--num-prompts", type=int, default=1000)
-    ap.add_argument("--windows", default="10:40,150:180,400:430,800:830,1600:1630",
+    ap.add_argument("--windows", default="10:40,100:130,250:280,500:530,900:930",
                     help="engine-step ranges START:END of the timed run, comma-separated")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
-    ap.add_argument("--out", default=None, help="keep the traces and write the table here")
+    ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
+    ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")
     ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     from serving.bench import datasets, offline
 
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
-    scratch = args.out or tempfile.mkdtemp()
+    scratch = args.out if args.out and args.keep_traces else tempfile.mkdtemp()
     path = model_dir(args.model, tempfile.mkdtemp())
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     lines = [f"{args.dataset}, {args.num_prompts} prompts, engine {engine_cfg}; copy bandwidth "
              f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (this process). "
              "Per engine step (ms), kernel time by kind from the window's trace:", "",
-             "| steps | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+             "| window | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for label, r in rows:
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
                                                    for v in r.values()) + " |")
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_run.md"), "w") as f:
             f.write(text + "\n")
     return 0
