@@ -81,12 +81,24 @@ def summarize_window(events, calls: list[dict], *, weight_bytes: int, matmul_par
     }
 
 
+def loop_by_running(loop, edges=(0, 16, 64, 128, 256, 512, 768, 1025)):
+    """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 50 µs of wait)] of the
+    engine steps ``loop`` ((running sequences, host s, wait s) each) binned by running sequences."""
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [(h, w) for n, h, w in loop if lo <= n < hi]
+        if sel:
+            out.append((lo, hi, len(sel), sum(h for h, _ in sel) / len(sel) * 1e3,
+                        sum(w for _, w in sel) / len(sel) * 1e3, sum(w < 50e-6 for _, w in sel) / len(sel)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.profile_run")
     ap.add_argument("--dataset", default="sharegpt-lengths")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--windows", default="10:40,100:130,250:280,500:530,900:930",
-                    help="engine-step ranges START:END of the timed run, comma-separated")
+                    help="engine-step ranges START:END of the timed run, comma-separated (none: no traces)")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
@@ -95,7 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
     try:
-        windows = [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")]
+        windows = ([] if args.windows == "none" else
+                   [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")])
         if any(len(w) != 2 or w[0] >= w[1] or w[0] < 0 for w in windows):
             raise ValueError
     except ValueError:
@@ -162,9 +175,19 @@ def main(argv=None) -> int:
         for leaf in jax.tree.leaves(runner.kv_cache):
             leaf.block_until_ready()
 
+    metrics = engine.metrics
+    loop = []       # every timed step: (running sequences before it, host s, device-wait s)
+
     def traced_step(*a, **k):
         if state["step"] < 0:           # warm-up requests: not counted
             return step(*a, **k)
+        n, h0, w0 = len(engine.scheduler.running), metrics.host_seconds, metrics.device_wait_seconds
+        try:
+            return windowed_step(*a, **k)
+        finally:
+            loop.append((n, metrics.host_seconds - h0, metrics.device_wait_seconds - w0))
+
+    def windowed_step(*a, **k):
         s = state["step"]
         state["step"] += 1
         w = state["window"]
@@ -217,6 +240,13 @@ def main(argv=None) -> int:
     for label, r in rows:
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
                                                    for v in r.values()) + " |")
+    lines += ["", "The engine loop by running sequences (every step of the run; host: the step's time outside waiting for "
+              "the device; wait: blocked on the device; a step that did not wait at all found its result ready, "
+              "the device having idled for the host):", "",
+              "| running sequences | steps | host ms / step | wait ms / step | steps that did not wait |",
+              "|---|---:|---:|---:|---:|"]
+    for lo, hi, k, host, wait, nowait in loop_by_running(loop):
+        lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {wait:.2f} | {nowait:.2f} |")
     lines += ["", "reproduce: python -m benchmarks.gpu.profile_run --dataset " + args.dataset
               + f" --num-prompts {args.num_prompts} --windows {args.windows}"
               + (f" --engine '{args.engine}'" if args.engine else "")]

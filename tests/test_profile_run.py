@@ -1,0 +1,43 @@
+"""benchmarks/gpu/profile_run.py's arithmetic (the run itself needs a GPU trace)."""
+
+import pytest
+
+from benchmarks.gpu import profile_run as pr
+
+
+def test_kernel_kinds():
+    assert pr.kind_of("gemm_fusion_dot_general") == "gemm"
+    assert pr.kind_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "gemm"
+    assert pr.kind_of("paged_decode_attention") == "decode attn"
+    assert pr.kind_of("ragged_prefill_attention") == "prefill attn"
+    assert pr.kind_of("input_scatter_fusion") == "kv write"
+    assert pr.kind_of("loop_add_fusion") == "other"
+
+
+def test_busy_union_counts_overlaps_once():
+    # 0-10 and 5-12 overlap (12 µs busy), 20-25 alone (5 µs)
+    assert pr.busy_union([(0.0, 10.0, "a"), (5.0, 7.0, "b"), (20.0, 5.0, "c")]) == 17.0
+    assert pr.busy_union([]) == 0.0
+
+
+def test_window_summary_per_step():
+    events = [(0.0, 4000.0, "gemm_fusion_dot"), (4000.0, 1000.0, "paged_decode_attention"),
+              (6000.0, 1000.0, "gemm_fusion_dot"), (7000.0, 1000.0, "loop_add_fusion")]
+    calls = [dict(step=0, tokens=10, rows=16, seqs=10, decode=10, decode_kv=1000),
+             dict(step=1, tokens=10, rows=16, seqs=10, decode=10, decode_kv=3000)]
+    r = pr.summarize_window(events, calls, weight_bytes=1_000_000_000, matmul_params=100, head_params=10,
+                            kv_bytes_per_token=1_000_000, bandwidth=1e12, matmul=1e15)
+    assert r["steps"] == 2 and r["decode ctx"] == 200.0
+    assert r["span ms"] == pytest.approx(4.0) and r["idle ms"] == pytest.approx(0.5)   # 8 ms, 1 ms idle, 2 steps
+    assert r["gemm ms"] == pytest.approx(2.5) and r["decode attn ms"] == pytest.approx(0.5)
+    assert r["other ms"] == pytest.approx(0.5)
+    assert r["gemm floor ms"] == pytest.approx(1.0)            # 1 GB at 1 TB/s a call, 2 calls over 2 steps
+    assert r["decode attn floor ms"] == pytest.approx(2.0)     # 4,000 tokens x 1 MB at 1 TB/s over 2 steps
+
+
+def test_loop_by_running_bins_and_no_wait_share():
+    loop = [(10, 0.002, 0.0), (10, 0.004, 0.001), (300, 0.020, 0.0), (300, 0.010, 0.00001)]
+    rows = pr.loop_by_running(loop)
+    assert [(lo, hi, k) for lo, hi, k, *_ in rows] == [(0, 16, 2), (256, 512, 2)]
+    assert rows[0][3] == pytest.approx(3.0) and rows[0][4] == pytest.approx(0.5) and rows[0][5] == 0.5
+    assert rows[1][5] == 1.0
