@@ -55,6 +55,7 @@ class EngineConfig:
     warmup_threads: int | None = None        # executables compiled at once (None: by device, see runner)
     executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
     split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
+    twin_executables: bool = False           # each compiled step as two copies called in turn (RunnerConfig)
 
 
 class EngineCore:
@@ -73,7 +74,8 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
             token_buckets=config.token_buckets, page_buckets=config.page_buckets,
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
-            executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps))
+            executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
+            twin_executables=config.twin_executables))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

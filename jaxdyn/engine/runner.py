@@ -106,6 +106,12 @@ class RunnerConfig:
     # buckets' step costs, measured at warm-up, add up to less (``ModelRunner.plan``).
     # None: on for accelerators, off on the CPU (where the measured costs are noise).
     split_steps: bool | None = None
+    # Twin executables: each compiled step also as a second copy (deserialized from the first), the two
+    # called in turn. XLA records a command buffer (CUDA graph) per executable and re-records it -- the
+    # call then waits for the previous step to finish -- whenever a buffer it uses moved since its last
+    # call; a step's outputs are still held when the next step is dispatched, so with one executable they
+    # move every call (``benchmarks/gpu/dispatch_probe.py``). False: one executable per step.
+    twin_executables: bool = False
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -316,6 +322,8 @@ class ModelRunner:
         # was not padding), their compiled calls (more than the steps where steps were split)
         self.tokens_run = self.rows_run = self.calls_run = 0
         self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
+        self._twins: dict[tuple[int, int, str], jax.stages.Compiled] = {}      # their copies (twin_executables)
+        self._turns: dict[tuple[int, int, str], int] = {}                      # calls of each, for the turn
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
         # Compilations on the calling thread inside this runner's own calls after warm-up: other
@@ -464,11 +472,39 @@ class ModelRunner:
                 for fut in concurrent.futures.as_completed(others):
                     done(others[fut], fut.result())
         bar.close()
+        if self.config.twin_executables:
+            self._make_twins(threads)
         self._compile_copy()
         if self.split_enabled() and len(self.token_buckets) > 1:
             self.measure_step_costs()
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
+
+    def _make_twins(self, threads: int) -> None:
+        """A second copy of every compiled step (serialized and loaded again: its own command buffers)."""
+        from jax.experimental import serialize_executable
+
+        def twin(compiled):
+            blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+            return serialize_executable.deserialize_and_load(
+                blob, in_tree, out_tree, backend=self.mesh.devices.flat[0].client,
+                execution_devices=list(self.mesh.devices.flat))
+
+        keys = [k for k in self._compiled if k not in self._twins]
+        with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-twins") as pool:
+            for key, copy in zip(keys, pool.map(lambda k: twin(self._compiled[k]), keys)):
+                self._twins[key] = copy
+
+    def _executable(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
+        """The compiled step to call now: with twins, the two copies in turn."""
+        key = (t, p, variant)
+        compiled = self._compile(t, p, variant)
+        other = self._twins.get(key)
+        if other is None:
+            return compiled
+        turn = self._turns.get(key, 0)
+        self._turns[key] = turn + 1
+        return other if turn & 1 else compiled
 
     def split_enabled(self) -> bool:
         if self.config.split_steps is None:
@@ -595,7 +631,7 @@ class ModelRunner:
             parts = self.plan([len(w.token_ids) for w in work])
             packed = [self._pack(work, rows, read, write) for rows in parts]
             variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
-            calls = [(self._compile(t, p, variant), arrays) for t, p, _, arrays, _ in packed]
+            calls = [(self._executable(t, p, variant), arrays) for t, p, _, arrays, _ in packed]
         finally:
             self._count_compiles(c0)
         # The host buffers go to the executable as they are: its call moves them to the device

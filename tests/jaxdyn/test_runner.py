@@ -392,3 +392,43 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
     assert all(not np.asarray(k).any() and not np.asarray(v).any() for k, v in runner.kv_cache)
     assert not np.asarray(runner.token_pages).any() and not np.asarray(runner.prev_sampled).any()
     assert runner.tokens_run == runner.rows_run == 0
+
+
+def test_twin_executables_take_turns_and_draw_what_one_executable_draws(loaded):
+    """With twin_executables every compiled step has a second copy and the two are called in turn; the
+    steps (prompts, then decode tokens fed on the device, seeded sampling with logprobs) give the same tokens,
+    logprobs and KV as one executable's."""
+    mesh, model = loaded
+    cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False)
+    one = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    twins = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, twin_executables=True))
+    one.warmup()
+    twins.warmup()
+    assert not one._twins and set(twins._twins) == set(twins._compiled)
+    assert all(twins._twins[k] is not twins._compiled[k] for k in twins._compiled)
+    rng = np.random.default_rng(5)
+    params = SamplingParams(temperature=0.8, top_p=0.9, logprobs=2, seed=3)
+    lens = [int(n) for n in rng.integers(3, 10, 4)]
+    prompts = [rng.integers(0, 256, n).tolist() for n in lens]
+    pages = [[2 * i, 2 * i + 1] for i in range(4)]
+    results = {}
+    for name, runner in (("one", one), ("twins", twins)):
+        out, handles = [], []
+        for step in range(5):
+            if step == 0:
+                work = [SequenceWork(p, 0, pg, params=params, seed=i) for i, (p, pg) in enumerate(zip(prompts, pages))]
+            else:
+                work = [SequenceWork([0], n + step - 1, pg, prev_row=i, params=params, seed=i, output_index=step)
+                        for i, (n, pg) in enumerate(zip(lens, pages))]
+            handles.append(runner.execute(work))
+            if len(handles) == 2:
+                out.append(handles.pop(0).result())
+        out.append(handles.pop().result())
+        results[name] = (out, np.asarray(runner.kv_cache[0][0]))
+    # the prompts' step in the 64 bucket, the 4 decode steps in the 16 bucket: its two copies twice each
+    assert sorted((k[0], n) for k, n in twins._turns.items()) == [(16, 4), (64, 1)]
+    for a, b in zip(results["one"][0], results["twins"][0]):
+        np.testing.assert_array_equal(a.next_token_ids, b.next_token_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)
+    np.testing.assert_allclose(results["one"][1], results["twins"][1], rtol=1e-6, atol=1e-6)
