@@ -220,8 +220,9 @@ def main(argv=None) -> int:
     if state["window"] is not None:
         jax.profiler.stop_trace()
         state["done"].append((state["window"], state["trace"], state["calls"]))
-    print(f"run: {state['step']} steps, {summary['duration_s']:.1f} s with the traces, "
-          f"{summary['output_throughput']:.0f} output tok/s (perturbed by the traces)", flush=True)
+    print(f"run: {state['step']} steps, {summary['duration_s']:.1f} s, "
+          f"{summary['output_throughput']:.0f} output tok/s" + (" (perturbed by the traces)" if windows else ""),
+          flush=True)
 
     rows = []
     for w, trace_dir, calls in state["done"]:
@@ -234,9 +235,13 @@ def main(argv=None) -> int:
         rows.append((f"{w[0]}-{w[1]}", r))
     keys = list(rows[0][1]) if rows else []
     lines = [f"{args.dataset}, {args.num_prompts} prompts, engine {engine_cfg}; copy bandwidth "
-             f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (this process). "
-             "Per engine step (ms), kernel time by kind from the window's trace:", "",
-             "| window | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+             f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (this process); the run "
+             f"{summary['duration_s']:.1f} s, {summary['output_throughput']:.0f} output tok/s"
+             + (" (perturbed by the traces)." if rows else " (no traces).")]
+    if rows:
+        lines += ["", "Per engine step (ms), kernel time by kind from the window's trace (a trace turns XLA's command "
+                  "buffers off: kernels are launched one by one, so idle here is not the untraced run's):", "",
+                  "| window | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for label, r in rows:
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
                                                    for v in r.values()) + " |")
