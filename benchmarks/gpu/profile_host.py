@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     engine = build_engine(path, load_format="dummy", dtype=args.dtype, config=_engine_config(engine_cfg))
     print(f"engine {engine_cfg}: loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
     llm = LLM(engine=engine)
-    by_name = {d["dataset"]: d for d in offline_datasets(False, args.num_prompts)}
+    by_name = {}
+    for d in offline_datasets(False, args.num_prompts):      # the first of a name (sharegpt-lengths: chatgpt)
+        by_name.setdefault(d["dataset"], d)
     m = engine.metrics
     for name in args.datasets.split(","):
         ds = by_name[name]
