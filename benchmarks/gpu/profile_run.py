@@ -119,7 +119,7 @@ def main(argv=None) -> int:
 
     from benchmarks.gpu.gpu import ENGINE, offline_datasets
     from benchmarks.gpu.profile_step import kernel_events
-    from benchmarks.gpu.suite import _dataset_args, _engine_config, model_dir
+    from benchmarks.gpu.suite import _dataset_args, _engine_config, layers_matmul_params, model_dir
     from benchmarks.kernels import measure_bandwidth, measure_matmul
     from jaxdyn import LLM
     from jaxdyn.engine.llm import build_engine
@@ -137,13 +137,10 @@ def main(argv=None) -> int:
     mc = engine.model_config
     runner = engine.runner
     itemsize = 2
-    hd = mc.head_dim
-    layer = (mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * hd + mc.num_heads * hd * mc.hidden_size
-             + 3 * mc.hidden_size * mc.intermediate_size)
-    matmul_params = mc.num_layers * layer
+    matmul_params = layers_matmul_params(mc)
     head_params = mc.hidden_size * mc.vocab_size
     weight_bytes = (matmul_params + head_params) * itemsize
-    kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * hd * itemsize
+    kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * itemsize
 
     state = {"step": -1, "calls": [], "window": None, "done": []}
     execute = runner.execute

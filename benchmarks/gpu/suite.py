@@ -957,13 +957,18 @@ def anchor_dataset(sets: list[dict]) -> str:
     return "sharegpt-lengths" if any(d["dataset"] == "sharegpt-lengths" for d in sets) else "random"
 
 
-def matmul_flops(mc, input_tokens: int, output_tokens: int) -> float:
-    """2 x matmul parameters x tokens: every layer's projections for each computed token (input + output),
-    the LM head for each output token (a prompt's last row gives the first output token)."""
+def layers_matmul_params(mc) -> int:
+    """Parameters of every layer's projections (q, k, v, o, gate, up, down), all layers."""
     hd = mc.head_dim
     layer = (mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * hd + mc.num_heads * hd * mc.hidden_size
              + 3 * mc.hidden_size * mc.intermediate_size)
-    return 2.0 * (mc.num_layers * layer * (input_tokens + output_tokens)
+    return mc.num_layers * layer
+
+
+def matmul_flops(mc, input_tokens: int, output_tokens: int) -> float:
+    """2 x matmul parameters x tokens: every layer's projections for each computed token (input + output),
+    the LM head for each output token (a prompt's last row gives the first output token)."""
+    return 2.0 * (layers_matmul_params(mc) * (input_tokens + output_tokens)
                   + mc.hidden_size * mc.vocab_size * output_tokens)
 
 

@@ -95,15 +95,12 @@ class ExecutableCache:
 
     def load(self, name: str) -> jax.stages.Compiled | None:
         """The executable saved as ``name``, or None (no file, or one that cannot be loaded)."""
-        from jax.experimental import serialize_executable
         path = self._file(name)
         if not os.path.isfile(path):
             return None
         try:
             with open(path, "rb") as f:
-                blob, in_tree, out_tree = pickle.load(f)
-            return serialize_executable.deserialize_and_load(
-                blob, in_tree, out_tree, backend=self.devices[0].client, execution_devices=self.devices)
+                return _load(pickle.load(f), self.devices)
         except Exception as e:     # a torn, foreign or stale file: compile instead (and overwrite it)
             log.warning("executable cache: %s cannot be loaded (%s: %s); compiling it", path, type(e).__name__, e)
             return None
@@ -112,12 +109,12 @@ class ExecutableCache:
         """Write ``compiled`` as ``name`` (atomically); False, with a warning, if it cannot be."""
         from jax.experimental import serialize_executable
         try:
-            blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+            serialized = serialize_executable.serialize(compiled)
             os.makedirs(self.path, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    pickle.dump((blob, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump(serialized, f, protocol=pickle.HIGHEST_PROTOCOL)
                 os.replace(tmp, self._file(name))
             except BaseException:
                 if os.path.exists(tmp):
@@ -127,3 +124,17 @@ class ExecutableCache:
         except Exception as e:
             log.warning("executable cache: cannot save %s in %s (%s: %s)", name, self.path, type(e).__name__, e)
             return False
+
+
+def _load(serialized: tuple, devices) -> jax.stages.Compiled:
+    """An executable from ``serialize_executable.serialize``'s (blob, in tree, out tree), on ``devices``."""
+    from jax.experimental import serialize_executable
+    blob, in_tree, out_tree = serialized
+    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
+                                                     execution_devices=devices)
+
+
+def duplicate(compiled: jax.stages.Compiled, devices) -> jax.stages.Compiled:
+    """A second, separately loaded copy of ``compiled`` (its own XLA runtime state: command buffers)."""
+    from jax.experimental import serialize_executable
+    return _load(serialize_executable.serialize(compiled), devices)

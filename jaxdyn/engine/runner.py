@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
-from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
+from jaxdyn.engine.executable_cache import ExecutableCache, duplicate, fingerprint
 from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
@@ -482,17 +482,10 @@ class ModelRunner:
 
     def _make_twins(self, threads: int) -> None:
         """A second copy of every compiled step (serialized and loaded again: its own command buffers)."""
-        from jax.experimental import serialize_executable
-
-        def twin(compiled):
-            blob, in_tree, out_tree = serialize_executable.serialize(compiled)
-            return serialize_executable.deserialize_and_load(
-                blob, in_tree, out_tree, backend=self.mesh.devices.flat[0].client,
-                execution_devices=list(self.mesh.devices.flat))
-
+        devices = list(self.mesh.devices.flat)
         keys = [k for k in self._compiled if k not in self._twins]
         with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-twins") as pool:
-            for key, copy in zip(keys, pool.map(lambda k: twin(self._compiled[k]), keys)):
+            for key, copy in zip(keys, pool.map(lambda k: duplicate(self._compiled[k], devices), keys)):
                 self._twins[key] = copy
 
     def _executable(self, t: int, p: int, variant: str) -> jax.stages.Compiled:

@@ -174,7 +174,7 @@ def load_samples(args, source: PromptSource, n: int | None = None) -> list[Sampl
     if args.dataset == "multiturn":
         return multiturn_samples(source, n, args.num_turns, args.turn_len, output_len)
     if args.dataset == "sharegpt-lengths":
-        return sharegpt_length_samples(source, n, getattr(args, "sharegpt_replies", "chatgpt"))
+        return sharegpt_length_samples(source, n, args.sharegpt_replies)
     return sharegpt_samples(source, args.dataset_path, n, args.output_len)
 
 
