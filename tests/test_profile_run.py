@@ -41,3 +41,11 @@ def test_loop_by_running_bins_and_no_wait_share():
     assert [(lo, hi, k) for lo, hi, k, *_ in rows] == [(0, 16, 2), (256, 512, 2)]
     assert rows[0][3] == pytest.approx(3.0) and rows[0][4] == pytest.approx(0.5) and rows[0][5] == 0.5
     assert rows[1][5] == 1.0
+
+
+def test_top_kernels_outside_gemm_and_attention():
+    events = [(0.0, 3000.0, "loop_add_fusion"), (0.0, 1000.0, "loop_add_fusion"), (0.0, 500.0, "input_scatter_fusion"),
+              (0.0, 9000.0, "gemm_fusion_dot"), (0.0, 2000.0, "loop_rope_fusion")]
+    top = pr.top_kernels(events, steps=2, n=2)
+    assert top == [("other", "loop_add_fusion", 2.0, 1.0), ("other", "loop_rope_fusion", 1.0, 0.5)]
+    assert ("kv write", "input_scatter_fusion", 0.25, 0.5) in pr.top_kernels(events, steps=2)

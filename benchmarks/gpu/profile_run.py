@@ -81,6 +81,19 @@ def summarize_window(events, calls: list[dict], *, weight_bytes: int, matmul_par
     }
 
 
+def top_kernels(events, steps: int, n: int = 8, kinds=("other", "kv write")) -> list[tuple[str, str, float, float]]:
+    """[(kind, kernel name, ms per step, launches per step)] of the ``n`` kernels of ``kinds`` that took the
+    most time in a window of ``steps`` engine steps, most first."""
+    total: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    for _, dur, name in events:
+        if kind_of(name) in kinds:
+            total[name] += dur
+            count[name] += 1
+    top = sorted(total, key=total.get, reverse=True)[:n]
+    return [(kind_of(k), k, total[k] / 1e3 / steps, count[k] / steps) for k in top]
+
+
 def loop_by_running(loop, edges=(0, 16, 64, 128, 256, 512, 768, 1025)):
     """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 50 µs of wait)] of the
     engine steps ``loop`` ((running sequences, host s, wait s) each) binned by running sequences."""
@@ -130,7 +143,10 @@ def main(argv=None) -> int:
     path = model_dir(args.model, tempfile.mkdtemp())
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
-    print(f"engine {engine_cfg}: loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+    load_s = time.perf_counter() - t0
+    costs = {b: round(c * 1e3, 2) for b, c in (engine.runner.step_costs or {}).items()}
+    print(f"engine {engine_cfg}: loaded and warmed up in {load_s:.1f} s; step costs (ms by token bucket) {costs}",
+          flush=True)
     bandwidth, matmul = measure_bandwidth(args.bandwidth_gib), measure_matmul(args.matmul_n)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
 
@@ -221,7 +237,7 @@ def main(argv=None) -> int:
           f"{summary['output_throughput']:.0f} output tok/s" + (" (perturbed by the traces)" if windows else ""),
           flush=True)
 
-    rows = []
+    rows, tops = [], []
     for w, trace_dir, calls in state["done"]:
         events = kernel_events(trace_dir)
         if not calls:
@@ -230,10 +246,12 @@ def main(argv=None) -> int:
                              head_params=head_params, kv_bytes_per_token=kv_bytes_per_token,
                              bandwidth=bandwidth, matmul=matmul)
         rows.append((f"{w[0]}-{w[1]}", r))
+        tops.append((f"{w[0]}-{w[1]}", top_kernels(events, r["steps"])))
     keys = list(rows[0][1]) if rows else []
     lines = [f"{args.dataset}, {args.num_prompts} prompts, engine {engine_cfg}; copy bandwidth "
              f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (this process); the run "
-             f"{summary['duration_s']:.1f} s, {summary['output_throughput']:.0f} output tok/s"
+             f"{summary['duration_s']:.1f} s, {summary['output_throughput']:.0f} output tok/s; loaded and warmed up in "
+             f"{load_s:.1f} s; step costs (ms by token bucket) {costs}"
              + (" (perturbed by the traces)." if rows else " (no traces).")]
     if rows:
         lines += ["", "Per engine step (ms), kernel time by kind from the window's trace (a trace turns XLA's command "
@@ -242,6 +260,11 @@ def main(argv=None) -> int:
     for label, r in rows:
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
                                                    for v in r.values()) + " |")
+    if tops:
+        lines += ["", "The kernels outside the matrix products and attention that took the most time, per engine step:",
+                  "", "| window | kind | kernel | ms / step | launches / step |", "|---|---|---|---:|---:|"]
+        for label, top in tops:
+            lines += [f"| {label} | {kind} | `{name[:80]}` | {ms:.3f} | {n:.0f} |" for kind, name, ms, n in top]
     lines += ["", "The engine loop by running sequences (every step of the run; host: the step's time outside waiting for "
               "the device; wait: blocked on the device; a step that did not wait at all found its result ready, "
               "the device having idled for the host):", "",

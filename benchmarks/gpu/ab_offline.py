@@ -1,0 +1,91 @@
+"""A/B of engine configurations on one offline dataset: each run in a fresh process, the configurations in turn.
+
+Each run is ``python -m benchmarks.gpu.profile_run --windows none`` (the GPU suite's engine, 8B shape, random
+weights, an offline dataset as ``jaxdyn bench offline`` runs it, no traces) with one configuration's
+``EngineConfig`` fields over the suite's; the configurations alternate for ``--rounds`` rounds so that drift of
+the machine falls on all of them alike. Set ``JAX_COMPILATION_CACHE_DIR`` so that only the first run of each
+configuration compiles.
+
+    python -m benchmarks.gpu.ab_offline --configs '[{}, {"twin_executables": true}]' [--rounds 2]
+        [--dataset sharegpt-lengths] [--num-prompts 1000]
+
+prints a table: each configuration's runs (seconds, output tok/s), its median, its ratio to the first
+configuration's median, its load-and-warm-up seconds and its step costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+
+RUN = re.compile(r"the run ([\d.]+) s, (\d+) output tok/s; loaded and warmed up in ([\d.]+) s; "
+                 r"step costs \(ms by token bucket\) (\{[^}]*\})")
+
+
+def parse_run(text: str) -> tuple[float, float, float, str]:
+    """(seconds, output tok/s, load s, step costs) of profile_run's header line; ValueError when absent."""
+    m = RUN.search(text)
+    if not m:
+        raise ValueError("no run line in profile_run's output")
+    return float(m.group(1)), float(m.group(2)), float(m.group(3)), m.group(4)
+
+
+def summarize(results: dict[int, list[tuple[float, float, float, str]]]) -> list[tuple[int, float, float]]:
+    """[(config index, median tok/s, median / first config's median)] of the configurations that ran."""
+    med = {i: statistics.median(r[1] for r in runs) for i, runs in results.items() if runs}
+    base = med.get(0)
+    return [(i, m, m / base if base else float("nan")) for i, m in sorted(med.items())]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.ab_offline")
+    ap.add_argument("--configs", required=True, help="JSON list of EngineConfig field overrides, one a configuration")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dataset", default="sharegpt-lengths")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--timeout-s", type=float, default=240.0, help="a run's limit")
+    args = ap.parse_args(argv)
+    try:
+        configs = json.loads(args.configs)
+        if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--configs: expected a JSON list of objects, got {args.configs!r}")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+
+    results: dict[int, list] = {i: [] for i in range(len(configs))}
+    for r in range(args.rounds):
+        for i, cfg in enumerate(configs):
+            cmd = [sys.executable, "-m", "benchmarks.gpu.profile_run", "--windows", "none", "--dataset", args.dataset,
+                   "--num-prompts", str(args.num_prompts), "--model", args.model, "--engine", json.dumps(cfg)]
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+                run = parse_run(p.stdout)
+            except (subprocess.TimeoutExpired, ValueError) as e:
+                tail = getattr(e, "stdout", None) or ""
+                print(f"round {r} config {i} {cfg}: failed ({e.__class__.__name__})\n{str(tail)[-2000:]}", flush=True)
+                if isinstance(e, ValueError):
+                    print(p.stderr[-3000:], flush=True)
+                continue
+            results[i].append(run)
+            print(f"round {r} config {i} {cfg}: {run[0]:.2f} s, {run[1]:.0f} tok/s (load {run[2]:.1f} s) "
+                  f"costs {run[3]}", flush=True)
+    print(f"\n{args.dataset}, {args.num_prompts} prompts, {args.rounds} rounds, configurations in turn:\n")
+    print("| config | runs: s (tok/s) | median tok/s | x config 0 | load s | step costs ms |\n|---|---|---:|---:|---:|---|")
+    for i, m, ratio in summarize(results):
+        runs = results[i]
+        print(f"| `{json.dumps(configs[i])}` | " + ", ".join(f"{s:.2f} ({t:.0f})" for s, t, _, _ in runs)
+              + f" | {m:.0f} | {ratio:.3f} | {', '.join(f'{x[2]:.0f}' for x in runs)} | {runs[-1][3]} |")
+    print(f"\nreproduce: python -m benchmarks.gpu.ab_offline --configs '{args.configs}' --rounds {args.rounds} "
+          f"--dataset {args.dataset} --num-prompts {args.num_prompts} --model {args.model}")
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

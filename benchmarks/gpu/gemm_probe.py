@@ -1,0 +1,98 @@
+"""Do merged projections make a step's matrix products cheaper? Separate q/k/v and gate/up against merged ones.
+
+Every layer of a preset's shape (random bf16 weights, 32 distinct layers as the model holds them) runs its
+projections on ``M`` rows (a token bucket): separate (q, k, v, o, gate, up, down: seven products a layer, as
+``jaxdyn.models.llama`` does) and merged (one qkv product, o, one gate_up product, down: four), with the MLP's
+``silu(gate) * up`` and the residual adds, nothing else. Each layout's time per forward is set beside its FLOPs
+at the bf16 matmul rate and beside the weights read at the copy bandwidth, both measured in this process.
+
+    python -m benchmarks.gpu.gemm_probe [--model llama-3.1-8b] [--rows 16,128,256,512,1024,2048]
+
+prints one table: rows, ms separate, ms merged, merged / separate, and each one's floor ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.gemm_probe")
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--rows", default="16,128,256,512,1024,2048")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    try:
+        rows = tuple(int(r) for r in args.rows.split(","))
+    except ValueError:
+        ap.error(f"--rows: expected row counts separated by commas, got {args.rows!r}")
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu.suite import layers_matmul_params
+    from benchmarks.kernels import measure_bandwidth, measure_matmul
+    from jaxdyn.config import ModelConfig
+    from jaxdyn.models.presets import preset_config
+
+    mc = ModelConfig.from_dict(preset_config(args.model))
+    d, f, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
+    nq, nkv = mc.num_heads * hd, mc.num_kv_heads * hd
+    keys = iter(jax.random.split(jax.random.key(0), 8 * mc.num_layers))
+
+    def w(shape):
+        return (jax.random.normal(next(keys), shape, jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+
+    sep = [dict(q=w((d, nq)), k=w((d, nkv)), v=w((d, nkv)), o=w((nq, d)), g=w((d, f)), u=w((d, f)),
+                dn=w((f, d))) for _ in range(mc.num_layers)]
+    mer = [dict(qkv=jnp.concatenate([p["q"], p["k"], p["v"]], axis=1), o=p["o"],
+                gu=jnp.concatenate([p["g"], p["u"]], axis=1), dn=p["dn"]) for p in sep]
+
+    @jax.jit
+    def separate(x, layers):
+        for p in layers:
+            q, k, v = x @ p["q"], x @ p["k"], x @ p["v"]
+            x = x + (q + jnp.tile(k + v, (1, nq // nkv))) @ p["o"]
+            x = x + (jax.nn.silu(x @ p["g"]) * (x @ p["u"])) @ p["dn"]
+        return x
+
+    @jax.jit
+    def merged(x, layers):
+        for p in layers:
+            qkv = x @ p["qkv"]
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+            x = x + (q + jnp.tile(k + v, (1, nq // nkv))) @ p["o"]
+            gu = x @ p["gu"]
+            x = x + (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ p["dn"]
+        return x
+
+    def timed(fn, x, layers) -> float:
+        for _ in range(3):
+            fn(x, layers).block_until_ready()
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            fn(x, layers).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    bandwidth, matmul = measure_bandwidth(4.0), measure_matmul(8192)
+    params = layers_matmul_params(mc)
+    print(f"{args.model}: {mc.num_layers} layers, {params / 1e9:.2f} B projection parameters; copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (8192^3, this process)", flush=True)
+    print("| rows | separate ms | merged ms | merged / separate | separate / floor | merged / floor | "
+          "separate TFLOP/s |\n|---:|---:|---:|---:|---:|---:|---:|")
+    for m in rows:
+        x = (jax.random.normal(jax.random.key(m), (m, d), jnp.bfloat16) * 0.1).astype(jnp.bfloat16)
+        a, b = timed(separate, x, sep), timed(merged, x, mer)
+        floor = max(2 * params * 1.0 / bandwidth, 2.0 * params * m / matmul)
+        print(f"| {m} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.3f} | {a / floor:.2f} | {b / floor:.2f} | "
+              f"{2.0 * params * m / a / 1e12:.0f} |", flush=True)
+    print(f"reproduce: python -m benchmarks.gpu.gemm_probe --model {args.model} --rows {args.rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""benchmarks/gpu/ab_offline.py's parsing and summary (the runs themselves need a GPU)."""
+
+import pytest
+
+from benchmarks.gpu import ab_offline as ab
+
+
+def test_parse_run_reads_profile_runs_header():
+    text = ("sharegpt-lengths, 1000 prompts, engine {...}; copy bandwidth 3.71 TB/s, bf16 matmul 584 TFLOP/s "
+            "(this process); the run 19.3 s, 10253 output tok/s; loaded and warmed up in 12.5 s; step costs "
+            "(ms by token bucket) {16: 5.45, 2048: 48.45} (no traces).")
+    assert ab.parse_run(text) == (19.3, 10253.0, 12.5, "{16: 5.45, 2048: 48.45}")
+    with pytest.raises(ValueError, match="no run line"):
+        ab.parse_run("Traceback: out of memory")
+
+
+def test_summarize_medians_against_first_config():
+    results = {0: [(20.0, 100.0, 1, ""), (19.0, 110.0, 1, ""), (21.0, 90.0, 1, "")],
+               1: [(10.0, 200.0, 1, "")], 2: []}
+    assert ab.summarize(results) == [(0, 100.0, 1.0), (1, 200.0, 2.0)]
