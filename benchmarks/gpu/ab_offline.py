@@ -6,7 +6,7 @@ weights, an offline dataset as ``jaxdyn bench offline`` runs it, no traces) with
 the machine falls on all of them alike. Set ``JAX_COMPILATION_CACHE_DIR`` so that only the first run of each
 configuration compiles.
 
-    python -m benchmarks.gpu.ab_offline --configs '[{}, {"twin_executables": true}]' [--rounds 2]
+    python -m benchmarks.gpu.ab_offline --configs '[{}, {"xla_dot_merger": true}]' [--rounds 2]
         [--dataset sharegpt-lengths] [--num-prompts 1000]
 
 prints a table: each configuration's runs (seconds, output tok/s), its median, its ratio to the first

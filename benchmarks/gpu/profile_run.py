@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")
+    ap.add_argument("--hlo", action="store_true", help="write the largest bucket's optimized HLO in --out too")
     ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
@@ -152,6 +153,12 @@ def main(argv=None) -> int:
 
     mc = engine.model_config
     runner = engine.runner
+    if args.out and args.hlo:
+        from jaxdyn.engine.sampler import VARIANTS
+        os.makedirs(args.out, exist_ok=True)
+        t = runner.token_buckets[-1]
+        with open(os.path.join(args.out, f"step_{t}.hlo.txt"), "w") as f:
+            f.write(runner._compile(t, runner.page_buckets[0], VARIANTS[0]).as_text())
     itemsize = 2
     matmul_params = layers_matmul_params(mc)
     head_params = mc.hidden_size * mc.vocab_size

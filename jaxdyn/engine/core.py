@@ -55,7 +55,7 @@ class EngineConfig:
     warmup_threads: int | None = None        # executables compiled at once (None: by device, see runner)
     executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
     split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
-    twin_executables: bool = False           # each compiled step as two copies called in turn (RunnerConfig)
+    xla_dot_merger: bool = False             # XLA's dot merger on for the steps (RunnerConfig: off, it copies weights)
 
 
 class EngineCore:
@@ -75,7 +75,7 @@ class EngineCore:
             token_buckets=config.token_buckets, page_buckets=config.page_buckets,
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
-            twin_executables=config.twin_executables))
+            xla_dot_merger=config.xla_dot_merger))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

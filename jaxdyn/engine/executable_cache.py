@@ -133,8 +133,3 @@ def _load(serialized: tuple, devices) -> jax.stages.Compiled:
     return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
                                                      execution_devices=devices)
 
-
-def duplicate(compiled: jax.stages.Compiled, devices) -> jax.stages.Compiled:
-    """A second, separately loaded copy of ``compiled`` (its own XLA runtime state: command buffers)."""
-    from jax.experimental import serialize_executable
-    return _load(serialize_executable.serialize(compiled), devices)

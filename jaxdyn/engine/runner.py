@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
-from jaxdyn.engine.executable_cache import ExecutableCache, duplicate, fingerprint
+from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
@@ -106,12 +106,11 @@ class RunnerConfig:
     # buckets' step costs, measured at warm-up, add up to less (``ModelRunner.plan``).
     # None: on for accelerators, off on the CPU (where the measured costs are noise).
     split_steps: bool | None = None
-    # Twin executables: each compiled step also as a second copy (deserialized from the first), the two
-    # called in turn. XLA records a command buffer (CUDA graph) per executable and re-records it -- the
-    # call then waits for the previous step to finish -- whenever a buffer it uses moved since its last
-    # call; a step's outputs are still held when the next step is dispatched, so with one executable they
-    # move every call (``benchmarks/gpu/dispatch_probe.py``). False: one executable per step.
-    twin_executables: bool = False
+    # XLA's dot merger joins dots that share an operand where one of them is small -- here each layer's q, k
+    # and v projections (k's and v's are under its 32 MiB limit) -- by concatenating their weights, which
+    # are arguments of the step: a 48 MiB copy a layer every step on the 8B shape, 0.8 ms a step on an H200
+    # whatever its tokens (``benchmarks/gpu/profile_run.py``). False: the pass is off for the steps.
+    xla_dot_merger: bool = False
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -322,8 +321,6 @@ class ModelRunner:
         # was not padding), their compiled calls (more than the steps where steps were split)
         self.tokens_run = self.rows_run = self.calls_run = 0
         self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
-        self._twins: dict[tuple[int, int, str], jax.stages.Compiled] = {}      # their copies (twin_executables)
-        self._turns: dict[tuple[int, int, str], int] = {}                      # calls of each, for the turn
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
         # Compilations on the calling thread inside this runner's own calls after warm-up: other
@@ -353,7 +350,7 @@ class ModelRunner:
             state = jax.tree.unflatten(state_treedef, state_leaves)
             md, token_ids_host, token_src, logits_rows, _, _ = _unpack(tok, seqi, seqf)
             token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
-            token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop")
+            token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop", unique_indices=True)
             model = nnx.merge(graphdef, state)
             kv_cache, hidden = model(kv_cache, token_ids, md)
             return kv_cache, token_pages, model.compute_logits(hidden[logits_rows])   # f32[S, vocab]
@@ -455,7 +452,7 @@ class ModelRunner:
 
         if threads == 1:
             for key in keys:
-                done(key, self.lower(*key).compile())
+                done(key, self.compile(self.lower(*key)))
         else:
             first_of_shape: dict[tuple[int, int], tuple[int, int, str]] = {}
             for key in keys:
@@ -464,40 +461,19 @@ class ModelRunner:
             rest = [k for k in keys if first_of_shape[k[:2]] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
-                firsts = {first_pool.submit(self.lower(*key).compile): key for key in alone}
+                firsts = {first_pool.submit(self.compile, self.lower(*key)): key for key in alone}
                 lowered = [(key, self.lower(*key)) for key in rest]
                 for fut in concurrent.futures.as_completed(firsts):
                     done(firsts[fut], fut.result())
-                others = {pool.submit(lo.compile): key for key, lo in lowered}
+                others = {pool.submit(self.compile, lo): key for key, lo in lowered}
                 for fut in concurrent.futures.as_completed(others):
                     done(others[fut], fut.result())
         bar.close()
-        if self.config.twin_executables:
-            self._make_twins(threads)
         self._compile_copy()
         if self.split_enabled() and len(self.token_buckets) > 1:
             self.measure_step_costs()
         self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
-
-    def _make_twins(self, threads: int) -> None:
-        """A second copy of every compiled step (serialized and loaded again: its own command buffers)."""
-        devices = list(self.mesh.devices.flat)
-        keys = [k for k in self._compiled if k not in self._twins]
-        with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-twins") as pool:
-            for key, copy in zip(keys, pool.map(lambda k: duplicate(self._compiled[k], devices), keys)):
-                self._twins[key] = copy
-
-    def _executable(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
-        """The compiled step to call now: with twins, the two copies in turn."""
-        key = (t, p, variant)
-        compiled = self._compile(t, p, variant)
-        other = self._twins.get(key)
-        if other is None:
-            return compiled
-        turn = self._turns.get(key, 0)
-        self._turns[key] = turn + 1
-        return other if turn & 1 else compiled
 
     def split_enabled(self) -> bool:
         if self.config.split_steps is None:
@@ -569,8 +545,13 @@ class ModelRunner:
 
     def _compile(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
         if (t, p, variant) not in self._compiled:
-            self._compiled[(t, p, variant)] = self.lower(t, p, variant).compile()
+            self._compiled[(t, p, variant)] = self.compile(self.lower(t, p, variant))
         return self._compiled[(t, p, variant)]
+
+    def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """A step, compiled with this runner's XLA options (``xla_dot_merger``)."""
+        options = {} if self.config.xla_dot_merger else {"xla_disable_hlo_passes": "dot-merger"}
+        return lowered.compile(compiler_options=options)
 
     def lower(self, t: int, p: int, variant: str) -> jax.stages.Lowered:
         """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered."""
@@ -624,7 +605,7 @@ class ModelRunner:
             parts = self.plan([len(w.token_ids) for w in work])
             packed = [self._pack(work, rows, read, write) for rows in parts]
             variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
-            calls = [(self._executable(t, p, variant), arrays) for t, p, _, arrays, _ in packed]
+            calls = [(self._compile(t, p, variant), arrays) for t, p, _, arrays, _ in packed]
         finally:
             self._count_compiles(c0)
         # The host buffers go to the executable as they are: its call moves them to the device

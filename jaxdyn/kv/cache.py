@@ -76,11 +76,16 @@ def write_kv(
     slot_page: jax.Array,    # i32[T] page id of each token; num_pages for padding
     slot_offset: jax.Array,  # i32[T] offset inside the page
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter this step's K/V into their pages (in place when the cache is donated)."""
+    """Scatter this step's K/V into their pages (in place when the cache is donated).
+
+    The slots a step writes are distinct (a token's slot is its own; a shared page is copied before it is
+    written) and padding's are out of range, dropped: the scatter is declared unique, so XLA writes the rows
+    in parallel instead of serialising possible collisions (on an H200, 19 µs a layer's K or V at 2,048 rows
+    before)."""
     k = jnp.swapaxes(k, 0, 1).astype(k_pages.dtype)   # [num_kv_heads, T, head_dim]
     v = jnp.swapaxes(v, 0, 1).astype(v_pages.dtype)
-    k_pages = k_pages.at[:, slot_page, slot_offset].set(k, mode="drop")
-    v_pages = v_pages.at[:, slot_page, slot_offset].set(v, mode="drop")
+    k_pages = k_pages.at[:, slot_page, slot_offset].set(k, mode="drop", unique_indices=True)
+    v_pages = v_pages.at[:, slot_page, slot_offset].set(v, mode="drop", unique_indices=True)
     return k_pages, v_pages
 
 

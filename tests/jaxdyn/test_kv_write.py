@@ -1,0 +1,26 @@
+"""write_kv: a step's K/V rows land in their (page, offset) slots; padding rows (page = num_pages) are dropped."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdyn.kv.cache import write_kv
+
+
+def test_rows_land_in_their_slots_and_padding_is_dropped():
+    heads, pages, page, dim = 2, 5, 4, 8
+    rng = np.random.default_rng(0)
+    k_pages = jnp.asarray(rng.normal(size=(heads, pages, page, dim)), jnp.float32)
+    v_pages = jnp.asarray(rng.normal(size=(heads, pages, page, dim)), jnp.float32)
+    t = 7                      # 4 real rows, then 3 padding rows that all point at the same (dropped) slot
+    k = jnp.asarray(rng.normal(size=(t, heads, dim)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(t, heads, dim)), jnp.float32)
+    slot_page = jnp.asarray([3, 3, 0, 4, pages, pages, pages], jnp.int32)
+    slot_offset = jnp.asarray([1, 2, 3, 0, 0, 0, 0], jnp.int32)
+    nk, nv = jax.jit(write_kv)(k_pages, v_pages, k, v, slot_page, slot_offset)
+    want_k, want_v = np.asarray(k_pages).copy(), np.asarray(v_pages).copy()
+    for row, (p, o) in enumerate(zip([3, 3, 0, 4], [1, 2, 3, 0])):
+        want_k[:, p, o] = np.asarray(k)[row]
+        want_v[:, p, o] = np.asarray(v)[row]
+    np.testing.assert_array_equal(np.asarray(nk), want_k)
+    np.testing.assert_array_equal(np.asarray(nv), want_v)
