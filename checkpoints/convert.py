@@ -34,17 +34,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from checkpoints.hf import CheckpointError, LoadedModel, _hf_shape, _key, hf_name, _IGNORED_SUFFIXES
+from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _key, hf_names, qkv_sizes,
+                            replicate_kv)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import ConfigError, ModelConfig
+from jaxdyn.models.llama import merge_qkv, split_qkv
 from jaxdyn.models.registry import build_abstract_model
-from jaxdyn.parallel.sharding import make_mesh, param_shardings
+from jaxdyn.parallel.sharding import make_mesh, model_parallel_size, param_shardings
 
 MARKER = "jaxdyn_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: q, k and v stored as one qkv_proj (1: separate; convert again)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
-QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZABLE = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def is_converted(path: str) -> bool:
@@ -126,14 +128,13 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
     for keys, leaf in leaves:
         if keys[-1] == "scale":
             continue
-        name = hf_name(keys)
-        expected.add(name)
-        if name not in files:
-            raise CheckpointError(f"{hf_dir}: missing tensor {name!r}")
-        want = _hf_shape(keys, leaf.shape)
-        got = tuple(files.shape(name))
-        if got != want:
-            raise CheckpointError(f"{files.file_of(name)}: tensor {name!r} has shape {got}, expected {want}")
+        for name, want in zip(hf_names(keys), _hf_shapes(keys, leaf.shape, cfg)):
+            expected.add(name)
+            if name not in files:
+                raise CheckpointError(f"{hf_dir}: missing tensor {name!r}")
+            got = tuple(files.shape(name))
+            if got != want:
+                raise CheckpointError(f"{files.file_of(name)}: tensor {name!r} has shape {got}, expected {want}")
     extra = [n for n in files.where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
              and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if extra:
@@ -155,8 +156,8 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
             for keys, leaf in items:
                 if keys[-1] == "scale":
                     continue
-                raw = np.asarray(files.get(hf_name(keys)))
-                arr = raw.T if keys[-1] == "kernel" else raw
+                raws = [np.asarray(files.get(n)) for n in hf_names(keys)]
+                arr = np.concatenate([r.T if keys[-1] == "kernel" else r for r in raws], axis=-1)  # qkv: one shard
                 if quant and keys[-1] == "kernel" and keys[-2] in QUANTIZABLE:
                     q, scale = quantize(arr.astype(np.float32), quant)
                     flat[keys] = q
@@ -210,6 +211,9 @@ def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
     path = os.path.abspath(path)
     with open(os.path.join(path, MARKER)) as f:
         marker = json.load(f)
+    if marker.get("format") == "jaxdyn" and marker.get("version") == 1:
+        raise CheckpointError(f"{path}: a jaxdyn checkpoint of format version 1 (separate q/k/v projections); "
+                              f"convert it again from its Hugging Face checkpoint with `jaxdyn convert`")
     if marker.get("format") != "jaxdyn" or marker.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format {marker.get('format')!r} "
                               f"version {marker.get('version')!r}")
@@ -221,6 +225,7 @@ def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
     graphdef, abstract = build_abstract_model(cfg, mesh, dtype)
     _, canonical = build_abstract_model(cfg, make_mesh(1, jax.devices()[:1]), jnp.dtype(marker["dtype"]))
     shardings = param_shardings(abstract, mesh)
+    tp = model_parallel_size(mesh)
     canon = {_path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(canonical)[0]}
     targets = {}
     for (p, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):
@@ -228,7 +233,7 @@ def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
     groups: dict[str, dict] = {}
     for keys, (leaf, sh) in targets.items():
         c = canon[keys]
-        same = c.shape == leaf.shape
+        same = c.shape == leaf.shape and not (keys[-2] == "qkv_proj" and tp > 1)
         stored_dtype = c.dtype
         read_as = sh if same else NamedSharding(mesh, jax.sharding.PartitionSpec())
         local = keys[2:] if keys[0] == "layers" else keys[1:]
@@ -252,11 +257,11 @@ def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
     out = []
     for keys, (leaf, sh) in targets.items():
         v = restored[keys]
-        if v.shape != leaf.shape:            # kv heads replicated for TP > num_kv_heads
-            reps = leaf.shape[-1] // v.shape[-1]
-            hd = cfg.head_dim
-            v = jnp.repeat(v.reshape(*v.shape[:-1], -1, hd), reps, axis=-2).reshape(leaf.shape)
-            v = jax.device_put(v, sh)
+        if keys[-2] == "qkv_proj" and tp > 1:     # stored for one shard: each shard's heads in turn, kv replicated
+            q_size, kv_size = qkv_sizes(cfg)
+            q, k, vv = split_qkv(np.asarray(v), q_size, kv_size, 1)
+            stored = (leaf.shape[-1] - q_size) // (2 * cfg.head_dim)
+            v = jax.device_put(merge_qkv(q, replicate_kv(k, cfg, stored), replicate_kv(vv, cfg, stored), tp), sh)
         if v.dtype != leaf.dtype:
             v = jax.jit(lambda x, d=leaf.dtype: x.astype(d), out_shardings=sh)(v)
         out.append(v)

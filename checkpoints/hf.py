@@ -20,8 +20,9 @@ from jax.sharding import Mesh
 
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import ModelConfig
+from jaxdyn.models.llama import merge_qkv
 from jaxdyn.models.registry import build_abstract_model
-from jaxdyn.parallel.sharding import param_shardings
+from jaxdyn.parallel.sharding import model_parallel_size, param_shardings
 
 # Tensors some checkpoints carry that hold nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,13 +46,37 @@ class LoadedModel:
 
 
 def hf_name(path: tuple) -> str:
-    """jaxdyn parameter path -> Hugging Face tensor name."""
+    """jaxdyn parameter path -> Hugging Face tensor name (of a parameter that is one HF tensor)."""
     parts = [str(p) for p in path if p != "value"]
     leaf = parts[-1]
     if leaf in ("kernel", "embedding"):
         parts[-1] = "weight"
     name = ".".join(parts)
     return name if parts[0] == "lm_head" else "model." + name
+
+
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def hf_names(path: tuple) -> list[str]:
+    """jaxdyn parameter path -> the Hugging Face tensors it is made of: ``qkv_proj``'s are q, k and v's."""
+    keys = [p for p in path if p != "value"]
+    if len(keys) >= 2 and keys[-2] == "qkv_proj":
+        return [hf_name((*keys[:-2], part, keys[-1])) for part in QKV_PARTS]
+    return [hf_name(tuple(keys))]
+
+
+def qkv_sizes(cfg: ModelConfig, stored_kv: int | None = None) -> tuple[int, int]:
+    """Output features of q and of each of k, v (``stored_kv`` kv heads: replicated for TP)."""
+    return cfg.num_heads * cfg.head_dim, (stored_kv or cfg.num_kv_heads) * cfg.head_dim
+
+
+def replicate_kv(array: np.ndarray, cfg: ModelConfig, stored: int) -> np.ndarray:
+    """k or v features [..., num_kv_heads * head_dim] -> [..., stored * head_dim], each head repeated."""
+    if stored == cfg.num_kv_heads:
+        return array
+    heads = array.reshape(*array.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
+    return np.repeat(heads, stored // cfg.num_kv_heads, axis=-2).reshape(*array.shape[:-1], stored * cfg.head_dim)
 
 
 def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
@@ -72,21 +97,27 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     shardings = param_shardings(abstract, mesh)
     expected = set()
 
+    tp = model_parallel_size(mesh)
+
     def load_one(key_path, leaf, sharding):
         keys = tuple(_key(k) for k in key_path)
-        name = hf_name(keys)
-        expected.add(name)
-        if name not in files:
-            raise CheckpointError(f"{path}: missing tensor {name!r} (looked in {sorted(set(files.where.values()))})")
-        try:
-            raw = files.get(name)
-        except SafetensorsError as e:
-            raise CheckpointError(str(e)) from e
-        array = _to_jaxdyn_layout(raw, keys, cfg, leaf.shape)
-        if array.shape != leaf.shape:
-            raise CheckpointError(
-                f"{files.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
-                f"expected {_hf_shape(keys, leaf.shape)} for this config")
+        names = hf_names(keys)
+        expected.update(names)
+        arrays = []
+        for name, want in zip(names, _hf_shapes(keys, leaf.shape, cfg)):
+            if name not in files:
+                raise CheckpointError(
+                    f"{path}: missing tensor {name!r} (looked in {sorted(set(files.where.values()))})")
+            try:
+                raw = files.get(name)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from e
+            if tuple(raw.shape) != want:
+                raise CheckpointError(
+                    f"{files.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
+                    f"expected {want} for this config")
+            arrays.append(raw.T if [k for k in keys if k != "value"][-1] == "kernel" else raw)
+        array = arrays[0] if len(arrays) == 1 else _merged_qkv(arrays, cfg, leaf.shape, tp)
         return jax.make_array_from_callback(
             leaf.shape, sharding, lambda idx: np.asarray(array[idx]).astype(dtype))
 
@@ -110,21 +141,22 @@ def _key(k):
     return k
 
 
-def _to_jaxdyn_layout(raw: np.ndarray, keys: tuple, cfg: ModelConfig, target: tuple) -> np.ndarray:
-    """Transpose kernels and replicate kv heads when the cache stores more than the model has."""
-    leaf = [k for k in keys if k != "value"][-1]
-    array = raw.T if leaf == "kernel" else raw
-    module = [k for k in keys if k != "value"][-2]
-    if module in ("k_proj", "v_proj") and array.shape[-1] != target[-1]:
-        stored = target[-1] // cfg.head_dim
-        if (array.shape[-1] == cfg.num_kv_heads * cfg.head_dim
-                and stored % cfg.num_kv_heads == 0):
-            reps = stored // cfg.num_kv_heads
-            heads = array.reshape(*array.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
-            array = np.repeat(heads, reps, axis=-2).reshape(*array.shape[:-1], stored * cfg.head_dim)
-    return array
+def _merged_qkv(arrays: list, cfg: ModelConfig, target: tuple, tp: int) -> np.ndarray:
+    """q, k, v ([in, out] kernels or [out] vectors, Hugging Face's heads) -> ``qkv_proj``'s columns for ``tp``
+    shards, kv heads replicated where the cache stores more than the model has."""
+    q_size = cfg.num_heads * cfg.head_dim
+    stored = (target[-1] - q_size) // (2 * cfg.head_dim)
+    q, k, v = (np.asarray(a) for a in arrays)
+    return merge_qkv(q, replicate_kv(k, cfg, stored), replicate_kv(v, cfg, stored), tp)
 
 
-def _hf_shape(keys: tuple, shape: tuple) -> tuple:
-    leaf = [k for k in keys if k != "value"][-1]
-    return tuple(reversed(shape)) if leaf == "kernel" else tuple(shape)
+def _hf_shapes(keys: tuple, shape: tuple, cfg: ModelConfig) -> list[tuple]:
+    """The Hugging Face shapes of the tensors a parameter of ``shape`` is made of (``hf_names``' order)."""
+    keys = [k for k in keys if k != "value"]
+    leaf = keys[-1]
+    if keys[-2] == "qkv_proj":
+        q_size, kv_size = qkv_sizes(cfg)
+        shapes = [(*shape[:-1], n) for n in (q_size, kv_size, kv_size)]
+    else:
+        shapes = [tuple(shape)]
+    return [tuple(reversed(s)) if leaf == "kernel" else tuple(s) for s in shapes]

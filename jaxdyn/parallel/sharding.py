@@ -1,7 +1,7 @@
 """Meshes with named axes and the PartitionSpec of every weight and of the KV cache.
 
 Tensor parallelism (Megatron style) over the mesh axis ``"model"``:
-attention is split by heads (q/k/v column-parallel, o row-parallel), the MLP
+attention is split by heads (the merged q/k/v column-parallel, o row-parallel), the MLP
 by its width (gate/up column-parallel, down row-parallel), embeddings and the
 LM head by vocabulary, the KV cache by kv heads. The ``"data"`` axis is
 reserved for data parallelism and has size 1 for now.
@@ -22,16 +22,14 @@ MODEL_AXIS = "model"
 _COLUMN = (None, MODEL_AXIS)      # output features split
 _ROW = (MODEL_AXIS, None)         # input features split
 _RULES: dict[tuple[str, str], tuple] = {
-    ("q_proj", "kernel"): _COLUMN, ("q_proj", "bias"): (MODEL_AXIS,),
-    ("k_proj", "kernel"): _COLUMN, ("k_proj", "bias"): (MODEL_AXIS,),
-    ("v_proj", "kernel"): _COLUMN, ("v_proj", "bias"): (MODEL_AXIS,),
+    # q, k and v as one kernel whose columns hold each shard's heads in turn (``llama.merge_qkv``)
+    ("qkv_proj", "kernel"): _COLUMN, ("qkv_proj", "bias"): (MODEL_AXIS,),
     ("o_proj", "kernel"): _ROW, ("o_proj", "bias"): (None,),
     ("gate_proj", "kernel"): _COLUMN, ("gate_proj", "bias"): (MODEL_AXIS,),
     ("up_proj", "kernel"): _COLUMN, ("up_proj", "bias"): (MODEL_AXIS,),
     ("down_proj", "kernel"): _ROW, ("down_proj", "bias"): (None,),
     # per-output-channel scales of int8/fp8 kernels follow the output split
-    ("q_proj", "scale"): (MODEL_AXIS,), ("k_proj", "scale"): (MODEL_AXIS,),
-    ("v_proj", "scale"): (MODEL_AXIS,), ("o_proj", "scale"): (None,),
+    ("qkv_proj", "scale"): (MODEL_AXIS,), ("o_proj", "scale"): (None,),
     ("gate_proj", "scale"): (MODEL_AXIS,), ("up_proj", "scale"): (MODEL_AXIS,),
     ("down_proj", "scale"): (None,),
     ("embed_tokens", "embedding"): _ROW,      # [vocab, hidden]: vocab split

@@ -157,3 +157,14 @@ def test_engine_serves_a_converted_directory_like_the_hf_one(hf, tmp_path):
     ta = [o.outputs[0].token_ids for o in a.generate(prompts, p, use_tqdm=False)]
     tb = [o.outputs[0].token_ids for o in b.generate(prompts, p, use_tqdm=False)]
     assert ta == tb and all(len(t) == 8 for t in ta)
+
+
+def test_a_format_1_checkpoint_is_refused_with_what_to_do(hf, tmp_path):
+    out = str(tmp_path / "old")
+    convert(hf, out, dtype="float32", progress=False)
+    marker = os.path.join(out, "jaxdyn_checkpoint.json")
+    m = json.load(open(marker))
+    assert m["version"] == 2
+    json.dump(dict(m, version=1), open(marker, "w"))
+    with pytest.raises(CheckpointError, match="format version 1 .* convert it again"):
+        load_converted(out, make_mesh(1))

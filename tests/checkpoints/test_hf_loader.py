@@ -50,10 +50,10 @@ def test_tensor_parallel_load_places_each_weight_on_its_shards(llama_dir):
     loaded = load_hf_checkpoint(llama_dir, mesh, dtype=jnp.float32)
     attn = loaded.state["layers"][0]["self_attn"]
     mlp = loaded.state["layers"][0]["mlp"]
-    assert attn["q_proj"]["kernel"][...].sharding.spec == P(None, "model")
+    assert attn["qkv_proj"]["kernel"][...].sharding.spec == P(None, "model")
     assert attn["o_proj"]["kernel"][...].sharding.spec == P("model", None)
     assert mlp["down_proj"]["kernel"][...].sharding.spec == P("model", None)
-    q = attn["q_proj"]["kernel"][...]
+    q = attn["qkv_proj"]["kernel"][...]
     shard_shapes = {s.data.shape for s in q.addressable_shards}
     assert shard_shapes == {(q.shape[0], q.shape[1] // 2)}
 
