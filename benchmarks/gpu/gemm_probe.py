@@ -1,14 +1,15 @@
 """Do merged projections make a step's matrix products cheaper? Separate q/k/v and gate/up against merged ones.
 
 Every layer of a preset's shape (random bf16 weights, 32 distinct layers as the model holds them) runs its
-projections on ``M`` rows (a token bucket): separate (q, k, v, o, gate, up, down: seven products a layer, as
-``jaxdyn.models.llama`` does) and merged (one qkv product, o, one gate_up product, down: four), with the MLP's
-``silu(gate) * up`` and the residual adds, nothing else. Each layout's time per forward is set beside its FLOPs
-at the bf16 matmul rate and beside the weights read at the copy bandwidth, both measured in this process.
+projections on ``M`` rows (a token bucket): separate (q, k, v, o, gate, up, down: seven products a layer),
+q/k/v merged (five: as ``jaxdyn.models.llama`` does) and q/k/v and gate/up merged (four), with the MLP's
+``silu(gate) * up`` and the residual adds, nothing else, compiled as the engine compiles its steps (XLA's dot
+merger off). The separate layout's time per forward is set beside its FLOPs at the bf16 matmul rate and beside
+the weights read at the copy bandwidth, both measured in this process.
 
     python -m benchmarks.gpu.gemm_probe [--model llama-3.1-8b] [--rows 16,128,256,512,1024,2048]
 
-prints one table: rows, ms separate, ms merged, merged / separate, and each one's floor ratio.
+prints one table: rows, ms of each layout, each merged layout / separate, separate / its floor.
 """
 
 from __future__ import annotations
@@ -47,26 +48,30 @@ def main(argv=None) -> int:
 
     sep = [dict(q=w((d, nq)), k=w((d, nkv)), v=w((d, nkv)), o=w((nq, d)), g=w((d, f)), u=w((d, f)),
                 dn=w((f, d))) for _ in range(mc.num_layers)]
-    mer = [dict(qkv=jnp.concatenate([p["q"], p["k"], p["v"]], axis=1), o=p["o"],
-                gu=jnp.concatenate([p["g"], p["u"]], axis=1), dn=p["dn"]) for p in sep]
+    for p in sep:
+        p["qkv"] = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1)
+        p["gu"] = jnp.concatenate([p["g"], p["u"]], axis=1)
 
-    @jax.jit
-    def separate(x, layers):
-        for p in layers:
-            q, k, v = x @ p["q"], x @ p["k"], x @ p["v"]
-            x = x + (q + jnp.tile(k + v, (1, nq // nkv))) @ p["o"]
-            x = x + (jax.nn.silu(x @ p["g"]) * (x @ p["u"])) @ p["dn"]
-        return x
+    def forward(merge_qkv: bool, merge_gate_up: bool):
+        def fwd(x, layers):
+            for p in layers:
+                if merge_qkv:
+                    qkv = x @ p["qkv"]
+                    q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+                else:
+                    q, k, v = x @ p["q"], x @ p["k"], x @ p["v"]
+                x = x + (q + jnp.tile(k + v, (1, nq // nkv))) @ p["o"]
+                if merge_gate_up:
+                    gu = x @ p["gu"]
+                    g, u = gu[:, :f], gu[:, f:]
+                else:
+                    g, u = x @ p["g"], x @ p["u"]
+                x = x + (jax.nn.silu(g) * u) @ p["dn"]
+            return x
+        return fwd
 
-    @jax.jit
-    def merged(x, layers):
-        for p in layers:
-            qkv = x @ p["qkv"]
-            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
-            x = x + (q + jnp.tile(k + v, (1, nq // nkv))) @ p["o"]
-            gu = x @ p["gu"]
-            x = x + (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ p["dn"]
-        return x
+    layouts = (("separate", False, False), ("qkv merged", True, False), ("qkv, gate_up merged", True, True))
+    options = {"xla_disable_hlo_passes": "dot-merger"}     # as the engine compiles its steps
 
     def timed(fn, x, layers) -> float:
         for _ in range(3):
@@ -82,14 +87,19 @@ def main(argv=None) -> int:
     params = layers_matmul_params(mc)
     print(f"{args.model}: {mc.num_layers} layers, {params / 1e9:.2f} B projection parameters; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (8192^3, this process)", flush=True)
-    print("| rows | separate ms | merged ms | merged / separate | separate / floor | merged / floor | "
-          "separate TFLOP/s |\n|---:|---:|---:|---:|---:|---:|---:|")
+    print("| rows | " + " | ".join(f"{name} ms" for name, _, _ in layouts) + " | "
+          + " | ".join(f"{name} / separate" for name, _, _ in layouts[1:]) + " | separate / floor | separate TFLOP/s |")
+    print("|---:|" + "---:|" * (2 * len(layouts) + 1))
     for m in rows:
         x = (jax.random.normal(jax.random.key(m), (m, d), jnp.bfloat16) * 0.1).astype(jnp.bfloat16)
-        a, b = timed(separate, x, sep), timed(merged, x, mer)
+        times = []
+        for _, mq, mg in layouts:
+            fn = jax.jit(forward(mq, mg)).lower(x, sep).compile(compiler_options=options)
+            times.append(timed(fn, x, sep))
         floor = max(2 * params * 1.0 / bandwidth, 2.0 * params * m / matmul)
-        print(f"| {m} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.3f} | {a / floor:.2f} | {b / floor:.2f} | "
-              f"{2.0 * params * m / a / 1e12:.0f} |", flush=True)
+        print(f"| {m} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
+              + " | ".join(f"{t / times[0]:.3f}" for t in times[1:])
+              + f" | {times[0] / floor:.2f} | {2.0 * params * m / times[0] / 1e12:.0f} |", flush=True)
     print(f"reproduce: python -m benchmarks.gpu.gemm_probe --model {args.model} --rows {args.rows}")
     return 0
 
