@@ -56,18 +56,14 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 )
 
 # One engine shape for serve and offline (the same compiled steps, so offline loads the server's from the
-# executable cache): a page bucket of the whole model length and four token buckets, 4 x 3 sampler variants =
-# 12 steps compiled at warm-up. Up to 1,024 sequences: with 1,000 ShareGPT-shaped requests all are admitted at
-# once, and few prompts wait per freed slot (with 256 slots most steps held a few hundred tokens padded to the
-# 2048 bucket). Offline ShareGPT-shaped on the H200, the same call: 6,252 output tok/s with 512 sequences and
-# 32,768 pages, 7,381 with 1,024 and 40,960 (``benchmarks/gpu/profile_host.py``, 2026-12-02). A scheduler
-# simulation with the measured step costs (``benchmarks/schedule_sim.py``): 39.9 s with buckets 16/256/2048 and
-# 256 sequences (measured: 36.3 s), 27.1 s with these buckets and 512; a 1024 bucket too simulated 25.5 s
-# (measured: 30.5 s) but costs a fifth shape at warm-up: the cold start went 37 -> 73 s on the H200 (each
-# first compile of a shape ~9 s), past its 60 s target. 40,960 pages of 16 tokens (80 GiB in the 8B shape,
-# beside 16 GB of weights).
+# executable cache): a page bucket of the whole model length and six token buckets. Up to 1,024 sequences: with
+# 1,000 ShareGPT-shaped requests all are admitted at once, and few prompts wait per freed slot. The 256 and
+# 1,024 buckets: offline ShareGPT-shaped on the H200, the same call, 11,392 output tok/s against 10,940 with
+# 16/128/512/2048 (``benchmarks/gpu/ab_offline.py``, 2026-12-03); their cold compile no longer costs the cold
+# start its target (the whole warm-up from an empty cache: 31 s with six, was 54 s with four before q/k/v were
+# one product). 40,960 pages of 16 tokens (80 GiB in the 8B shape, beside 16 GB of weights).
 ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
-              token_buckets=[16, 128, 512, 2048], page_buckets=[128])
+              token_buckets=[16, 128, 256, 512, 1024, 2048], page_buckets=[128])
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.
 CALLS = (("serve", "offline"), ("host", "step", "kernels", "ceiling"))
