@@ -66,9 +66,9 @@ def hf_names(path: tuple) -> list[str]:
     return [hf_name(tuple(keys))]
 
 
-def qkv_sizes(cfg: ModelConfig, stored_kv: int | None = None) -> tuple[int, int]:
-    """Output features of q and of each of k, v (``stored_kv`` kv heads: replicated for TP)."""
-    return cfg.num_heads * cfg.head_dim, (stored_kv or cfg.num_kv_heads) * cfg.head_dim
+def qkv_sizes(cfg: ModelConfig) -> tuple[int, int]:
+    """Output features of q and of each of k, v, as Hugging Face holds them."""
+    return cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
 
 def replicate_kv(array: np.ndarray, cfg: ModelConfig, stored: int) -> np.ndarray:
@@ -144,7 +144,7 @@ def _key(k):
 def _merged_qkv(arrays: list, cfg: ModelConfig, target: tuple, tp: int) -> np.ndarray:
     """q, k, v ([in, out] kernels or [out] vectors, Hugging Face's heads) -> ``qkv_proj``'s columns for ``tp``
     shards, kv heads replicated where the cache stores more than the model has."""
-    q_size = cfg.num_heads * cfg.head_dim
+    q_size, _ = qkv_sizes(cfg)
     stored = (target[-1] - q_size) // (2 * cfg.head_dim)
     q, k, v = (np.asarray(a) for a in arrays)
     return merge_qkv(q, replicate_kv(k, cfg, stored), replicate_kv(v, cfg, stored), tp)
