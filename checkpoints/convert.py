@@ -34,11 +34,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _key, hf_names, qkv_sizes,
-                            replicate_kv)
+from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _key, _merged_qkv, hf_names,
+                            qkv_sizes)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import ConfigError, ModelConfig
-from jaxdyn.models.llama import merge_qkv, split_qkv
+from jaxdyn.models.llama import split_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh, model_parallel_size, param_shardings
 
@@ -258,10 +258,7 @@ def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
     for keys, (leaf, sh) in targets.items():
         v = restored[keys]
         if keys[-2] == "qkv_proj" and tp > 1:     # stored for one shard: each shard's heads in turn, kv replicated
-            q_size, kv_size = qkv_sizes(cfg)
-            q, k, vv = split_qkv(np.asarray(v), q_size, kv_size, 1)
-            stored = (leaf.shape[-1] - q_size) // (2 * cfg.head_dim)
-            v = jax.device_put(merge_qkv(q, replicate_kv(k, cfg, stored), replicate_kv(vv, cfg, stored), tp), sh)
+            v = jax.device_put(_merged_qkv(split_qkv(np.asarray(v), *qkv_sizes(cfg), 1), cfg, leaf.shape, tp), sh)
         if v.dtype != leaf.dtype:
             v = jax.jit(lambda x, d=leaf.dtype: x.astype(d), out_shardings=sh)(v)
         out.append(v)

@@ -71,7 +71,7 @@ def qkv_sizes(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
 
-def replicate_kv(array: np.ndarray, cfg: ModelConfig, stored: int) -> np.ndarray:
+def _replicate_kv(array: np.ndarray, cfg: ModelConfig, stored: int) -> np.ndarray:
     """k or v features [..., num_kv_heads * head_dim] -> [..., stored * head_dim], each head repeated."""
     if stored == cfg.num_kv_heads:
         return array
@@ -103,6 +103,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
         keys = tuple(_key(k) for k in key_path)
         names = hf_names(keys)
         expected.update(names)
+        kernel = [k for k in keys if k != "value"][-1] == "kernel"
         arrays = []
         for name, want in zip(names, _hf_shapes(keys, leaf.shape, cfg)):
             if name not in files:
@@ -116,7 +117,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
                 raise CheckpointError(
                     f"{files.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
                     f"expected {want} for this config")
-            arrays.append(raw.T if [k for k in keys if k != "value"][-1] == "kernel" else raw)
+            arrays.append(raw.T if kernel else raw)
         array = arrays[0] if len(arrays) == 1 else _merged_qkv(arrays, cfg, leaf.shape, tp)
         return jax.make_array_from_callback(
             leaf.shape, sharding, lambda idx: np.asarray(array[idx]).astype(dtype))
@@ -147,7 +148,7 @@ def _merged_qkv(arrays: list, cfg: ModelConfig, target: tuple, tp: int) -> np.nd
     q_size, _ = qkv_sizes(cfg)
     stored = (target[-1] - q_size) // (2 * cfg.head_dim)
     q, k, v = (np.asarray(a) for a in arrays)
-    return merge_qkv(q, replicate_kv(k, cfg, stored), replicate_kv(v, cfg, stored), tp)
+    return merge_qkv(q, _replicate_kv(k, cfg, stored), _replicate_kv(v, cfg, stored), tp)
 
 
 def _hf_shapes(keys: tuple, shape: tuple, cfg: ModelConfig) -> list[tuple]:

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     from benchmarks.gpu.suite import layers_matmul_params
     from benchmarks.kernels import measure_bandwidth, measure_matmul
     from jaxdyn.config import ModelConfig
+    from jaxdyn.engine.runner import NO_DOT_MERGER
     from jaxdyn.models.presets import preset_config
 
     mc = ModelConfig.from_dict(preset_config(args.model))
@@ -71,7 +72,6 @@ def main(argv=None) -> int:
         return fwd
 
     layouts = (("separate", False, False), ("qkv merged", True, False), ("qkv, gate_up merged", True, True))
-    options = {"xla_disable_hlo_passes": "dot-merger"}     # as the engine compiles its steps
 
     def timed(fn, x, layers) -> float:
         for _ in range(3):
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         x = (jax.random.normal(jax.random.key(m), (m, d), jnp.bfloat16) * 0.1).astype(jnp.bfloat16)
         times = []
         for _, mq, mg in layouts:
-            fn = jax.jit(forward(mq, mg)).lower(x, sep).compile(compiler_options=options)
+            fn = jax.jit(forward(mq, mg)).lower(x, sep).compile(compiler_options=NO_DOT_MERGER)
             times.append(timed(fn, x, sep))
         floor = max(2 * params * 1.0 / bandwidth, 2.0 * params * m / matmul)
         print(f"| {m} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "

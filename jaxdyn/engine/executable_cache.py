@@ -95,12 +95,15 @@ class ExecutableCache:
 
     def load(self, name: str) -> jax.stages.Compiled | None:
         """The executable saved as ``name``, or None (no file, or one that cannot be loaded)."""
+        from jax.experimental import serialize_executable
         path = self._file(name)
         if not os.path.isfile(path):
             return None
         try:
             with open(path, "rb") as f:
-                return _load(pickle.load(f), self.devices)
+                blob, in_tree, out_tree = pickle.load(f)
+            return serialize_executable.deserialize_and_load(
+                blob, in_tree, out_tree, backend=self.devices[0].client, execution_devices=self.devices)
         except Exception as e:     # a torn, foreign or stale file: compile instead (and overwrite it)
             log.warning("executable cache: %s cannot be loaded (%s: %s); compiling it", path, type(e).__name__, e)
             return None
@@ -109,12 +112,12 @@ class ExecutableCache:
         """Write ``compiled`` as ``name`` (atomically); False, with a warning, if it cannot be."""
         from jax.experimental import serialize_executable
         try:
-            serialized = serialize_executable.serialize(compiled)
+            blob, in_tree, out_tree = serialize_executable.serialize(compiled)
             os.makedirs(self.path, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    pickle.dump(serialized, f, protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump((blob, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
                 os.replace(tmp, self._file(name))
             except BaseException:
                 if os.path.exists(tmp):
@@ -124,12 +127,3 @@ class ExecutableCache:
         except Exception as e:
             log.warning("executable cache: cannot save %s in %s (%s: %s)", name, self.path, type(e).__name__, e)
             return False
-
-
-def _load(serialized: tuple, devices) -> jax.stages.Compiled:
-    """An executable from ``serialize_executable.serialize``'s (blob, in tree, out tree), on ``devices``."""
-    from jax.experimental import serialize_executable
-    blob, in_tree, out_tree = serialized
-    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
-                                                     execution_devices=devices)
-

@@ -83,6 +83,10 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+# XLA options that turn its dot merger off (``RunnerConfig.xla_dot_merger``)
+NO_DOT_MERGER = {"xla_disable_hlo_passes": "dot-merger"}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
     page_size: int = 16
@@ -550,8 +554,7 @@ class ModelRunner:
 
     def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         """A step, compiled with this runner's XLA options (``xla_dot_merger``)."""
-        options = {} if self.config.xla_dot_merger else {"xla_disable_hlo_passes": "dot-merger"}
-        return lowered.compile(compiler_options=options)
+        return lowered.compile(compiler_options={} if self.config.xla_dot_merger else NO_DOT_MERGER)
 
     def lower(self, t: int, p: int, variant: str) -> jax.stages.Lowered:
         """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered."""

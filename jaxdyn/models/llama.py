@@ -115,12 +115,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def merge_qkv(q, k, v, tp: int):
-    """The ``qkv_proj`` layout from q [..., q_size] and k, v [..., kv_size] (numpy or jax arrays): for each of
-    the ``tp`` column shards in turn, its q columns, its k columns, its v columns -- so that a column split
-    over ``tp`` devices gives each device its own heads of all three."""
-    xp = jnp if isinstance(q, jax.Array) else np
+    """The ``qkv_proj`` layout from q [..., q_size] and k, v [..., kv_size] (host arrays): for each of the
+    ``tp`` column shards in turn, its q columns, its k columns, its v columns -- so that a column split over
+    ``tp`` devices gives each device its own heads of all three."""
     parts = [a.reshape(*a.shape[:-1], tp, a.shape[-1] // tp) for a in (q, k, v)]
-    return xp.concatenate(parts, axis=-1).reshape(*q.shape[:-1], -1)
+    return np.concatenate(parts, axis=-1).reshape(*q.shape[:-1], -1)
 
 
 def split_qkv(qkv, q_size: int, kv_size: int, tp: int):
