@@ -41,30 +41,35 @@ def demo_tokenizer():
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_reported_latencies_and_throughputs_match_the_injected_delays(tmp_path, endpoint):
-    with FakeOpenAI(ttft=0.2, itl=0.04) as fake:
-        doc = bench(tmp_path, fake.url, "--endpoint", endpoint, "--num-prompts", "12", "--random-output-len", "6")
+    # Tokens 100 ms apart: a TTFT that counted the second token (or the chat stream's role chunk) is off by
+    # 100 ms, while the slack left for a loaded 2-core CI machine is 90 ms on medians (all twelve requests
+    # came 40 ms late at once on one CI run with 40 ms apart).
+    ttft, itl, n_out = 0.2, 0.1, 4
+    with FakeOpenAI(ttft=ttft, itl=itl) as fake:
+        doc = bench(tmp_path, fake.url, "--endpoint", endpoint, "--num-prompts", "12",
+                    "--random-output-len", str(n_out))
     s = doc["runs"][0]["summary"]
     reqs = doc["runs"][0]["requests"]
     assert s["completed"] == 12 and s["failed"] == 0
+    e2e = ttft + (n_out - 1) * itl
     # never faster than injected; single requests may be late (a GC pause on a busy CI machine), medians may not
     for r in reqs:
         # the chat stream's opening role chunk comes at once and must not count as the first token
-        assert 0.2 <= r["ttft"] < 0.45
-        assert len(r["itls"]) == 5 and all(x >= 0.035 for x in r["itls"])
-        assert 0.2 + 5 * 0.04 <= r["e2e"] < 0.65
-        assert r["tpot"] == pytest.approx((r["e2e"] - r["ttft"]) / 5, abs=1e-5)
-        assert r["output_tokens"] == 6 and r["token_source"] == "usage"
+        assert ttft <= r["ttft"] < r["e2e"]
+        assert len(r["itls"]) == n_out - 1 and all(x >= itl - 0.005 for x in r["itls"])
+        assert e2e <= r["e2e"]
+        assert r["tpot"] == pytest.approx((r["e2e"] - r["ttft"]) / (n_out - 1), abs=1e-5)
+        assert r["output_tokens"] == n_out and r["token_source"] == "usage"
         assert r["prompt_len"] == 8 + 1 and r["prompt_token_source"] == "usage"    # the fake: words + 1
-    assert 200 <= s["median_ttft_ms"] < 240 and s["median_ttft_ms"] <= s["p90_ttft_ms"] <= s["p99_ttft_ms"]
-    assert 200 <= s["mean_ttft_ms"] < 300
-    assert 40 <= s["median_itl_ms"] < 50 and 40 <= s["median_tpot_ms"] < 50
-    assert 400 <= s["median_e2el_ms"] < 460
+    assert 200 <= s["median_ttft_ms"] < 290 and s["median_ttft_ms"] <= s["p90_ttft_ms"] <= s["p99_ttft_ms"]
+    assert 100 <= s["median_itl_ms"] < 150 and 100 <= s["median_tpot_ms"] < 150
+    assert 500 <= s["median_e2el_ms"] < 590
     # throughputs are the totals over the run's duration, which is about one request's latency
-    assert s["total_output_tokens"] == 72 and s["total_input_tokens"] == 12 * 9
-    assert 0.4 <= s["duration_s"] < 0.9
+    assert s["total_output_tokens"] == 12 * n_out and s["total_input_tokens"] == 12 * 9
+    assert e2e <= s["duration_s"] < 2 * e2e
     assert s["request_throughput"] == pytest.approx(12 / s["duration_s"])
-    assert s["output_throughput"] == pytest.approx(72 / s["duration_s"])
-    assert s["total_token_throughput"] == pytest.approx((72 + 108) / s["duration_s"])
+    assert s["output_throughput"] == pytest.approx(12 * n_out / s["duration_s"])
+    assert s["total_token_throughput"] == pytest.approx((12 * n_out + 108) / s["duration_s"])
 
 
 def test_failed_requests_are_counted_with_their_errors(tmp_path):
