@@ -53,6 +53,25 @@ def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
+def read_marker(path: str) -> dict:
+    """The format marker of a converted checkpoint, checked (CheckpointError: unreadable, or a format or
+    version this code does not read)."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, MARKER)}: unreadable format marker: {e}") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{os.path.join(path, MARKER)}: not a JSON object")
+    if marker.get("format") == "jaxdyn" and marker.get("version") == 1:
+        raise CheckpointError(f"{path}: a jaxdyn checkpoint of format version 1 (separate q/k/v projections); "
+                              f"convert it again from its Hugging Face checkpoint with `jaxdyn convert`")
+    if marker.get("format") != "jaxdyn" or marker.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown checkpoint format {marker.get('format')!r} "
+                              f"version {marker.get('version')!r}")
+    return marker
+
+
 def quantize(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """w f32[in, out] -> (q [in, out] int8 | float8_e4m3fn, scale f32[out]) with w ~= q * scale."""
     w = np.asarray(w, np.float32)
@@ -209,14 +228,7 @@ def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
 
     t0 = time.perf_counter()
     path = os.path.abspath(path)
-    with open(os.path.join(path, MARKER)) as f:
-        marker = json.load(f)
-    if marker.get("format") == "jaxdyn" and marker.get("version") == 1:
-        raise CheckpointError(f"{path}: a jaxdyn checkpoint of format version 1 (separate q/k/v projections); "
-                              f"convert it again from its Hugging Face checkpoint with `jaxdyn convert`")
-    if marker.get("format") != "jaxdyn" or marker.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown checkpoint format {marker.get('format')!r} "
-                              f"version {marker.get('version')!r}")
+    marker = read_marker(path)
     try:
         cfg = ModelConfig.from_pretrained(path)
     except ConfigError as e:

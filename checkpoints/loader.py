@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from checkpoints.convert import is_converted, load_converted
+from checkpoints.convert import is_converted, load_converted, read_marker
 from checkpoints.dummy import init_dummy_weights
 from checkpoints.hf import CheckpointError, LoadedModel, load_hf_checkpoint
 from jaxdyn.config import ConfigError, ModelConfig
 from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
 from jaxdyn.models.presets import PRESETS, preset_config
+from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh
 
 LOAD_FORMATS = ("auto", "dummy")
 
 
-def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None
-               ) -> tuple[jax.sharding.Mesh, LoadedModel, Tokenizer | None]:
-    """(mesh, weights, tokenizer or None). Raises CheckpointError naming what is wrong."""
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """What loading ``model`` will produce, known before any weight is read: its mesh, config and dtype, the
+    model's graph and a state of ``ShapeDtypeStruct``s (what an engine's steps are compiled against, so
+    compiling can start while the weights load), and its tokenizer."""
+    model: str
+    source: str                  # "dummy", "converted" or "hf"
+    mesh: jax.sharding.Mesh
+    config: ModelConfig
+    dtype: jnp.dtype
+    graphdef: nnx.GraphDef
+    abstract: nnx.State
+    tokenizer: Tokenizer | None
+
+
+def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None) -> ModelPlan:
+    """Check ``model`` and read its config, dtype and tokenizer; no weights. Raises CheckpointError naming
+    what is wrong."""
     if load_format not in LOAD_FORMATS:
         raise CheckpointError(f"load format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
     if mesh is None:
@@ -38,18 +56,40 @@ def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
             else:
                 raise CheckpointError(f"model {model!r}: neither a directory nor a preset "
                                       f"({', '.join(sorted(PRESETS))})")
-            loaded = init_dummy_weights(cfg, mesh, dtype=dt)
+            source, dt = "dummy", dt or jnp.dtype(cfg.dtype)
+        elif not os.path.isdir(model):
+            raise CheckpointError(f"model {model!r}: no such directory (or use load format dummy "
+                                  f"with a preset: {', '.join(sorted(PRESETS))})")
+        elif is_converted(model):
+            source, marker = "converted", read_marker(model)
+            cfg = ModelConfig.from_pretrained(model)
+            dt = dt or jnp.dtype(marker["dtype"])
         else:
-            if not os.path.isdir(model):
-                raise CheckpointError(f"model {model!r}: no such directory (or use load format dummy "
-                                      f"with a preset: {', '.join(sorted(PRESETS))})")
-            loaded = (load_converted(model, mesh, dtype=dt) if is_converted(model)
-                      else load_hf_checkpoint(model, mesh, dtype=dt))
+            source = "hf"
+            cfg = ModelConfig.from_pretrained(model)
+            dt = dt or jnp.dtype(cfg.dtype)
         if os.path.isdir(model) and os.path.exists(os.path.join(model, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(model)
     except (ConfigError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
-    return mesh, loaded, tokenizer
+    graphdef, abstract = build_abstract_model(cfg, mesh, dt)
+    return ModelPlan(model, source, mesh, cfg, dt, graphdef, abstract, tokenizer)
+
+
+def load_weights(plan: ModelPlan) -> LoadedModel:
+    """The weights ``plan`` describes, in the shapes, dtypes and shardings of ``plan.abstract``."""
+    if plan.source == "dummy":
+        return init_dummy_weights(plan.config, plan.mesh, dtype=plan.dtype)
+    if plan.source == "converted":
+        return load_converted(plan.model, plan.mesh, dtype=plan.dtype)
+    return load_hf_checkpoint(plan.model, plan.mesh, dtype=plan.dtype, config=plan.config)
+
+
+def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None
+               ) -> tuple[jax.sharding.Mesh, LoadedModel, Tokenizer | None]:
+    """(mesh, weights, tokenizer or None). Raises CheckpointError naming what is wrong."""
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh)
+    return plan.mesh, load_weights(plan), plan.tokenizer
 
 
 def model_config_and_tokenizer(model: str, *, load_format: str = "auto") -> tuple[ModelConfig, Tokenizer | None]:

@@ -262,8 +262,8 @@ def cmd_serve(args) -> int:
                 state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             info = core.load_info
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
-                  f"{info['seconds']:.1f} s, warm-up (compiling every bucket) {info['warmup_seconds']:.1f} s",
-                  flush=True)
+                  f"{info['seconds']:.1f} s, warm-up (compiling every bucket, begun with the load) "
+                  f"{info['warmup_seconds']:.1f} s", flush=True)
             print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 "
                   f"(max_model_len {core.max_model_len}, {core.num_pages} KV pages)", flush=True)
         except (CheckpointError, ValueError, ConnectionError, EngineStartError) as e:

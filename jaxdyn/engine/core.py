@@ -97,6 +97,11 @@ class EngineCore:
     def warmup(self, progress: bool = False) -> float:
         return self.runner.warmup(progress)
 
+    def load_weights(self, load, compile_steps: bool = True, progress: bool = False):
+        """For an engine built on an abstract state: ``ModelRunner.load_weights`` (the steps compile while
+        ``load()`` runs); returns what ``load`` returned."""
+        return self.runner.load_weights(load, compile_steps, progress)
+
     # ---- requests ------------------------------------------------------------------------------
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
@@ -466,13 +471,18 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
     ps = config.page_size
+    from jaxdyn.parallel.sharding import param_shardings
     dtype = jax.tree.leaves(state)[0].dtype
     kv_heads = stored_kv_heads(model_config.num_kv_heads, model_parallel_size(mesh))
     page_bytes = 2 * model_config.num_layers * kv_heads * ps * model_config.head_dim * dtype.itemsize
     dev = mesh.devices.flat[0]
     stats = dev.memory_stats() if dev.platform == "gpu" else None
     if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
+        # weights not loaded yet (an abstract state) will take their share of a device too
+        coming = sum(math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                     for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(param_shardings(state, mesh)))
+                     if not isinstance(leaf, jax.Array))
+        free = stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0) - coming
         per_device_page = page_bytes / model_parallel_size(mesh) if kv_heads >= model_parallel_size(mesh) else page_bytes
         return max(int(free // per_device_page), math.ceil(max_model_len / ps))
     # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.

@@ -18,10 +18,12 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     """An engine for ``model`` (a checkpoint directory, or a preset name with load_format="dummy")."""
     # jaxdyn reaches into checkpoints/ here only, lazily: loading lives there
     # (it imports jaxdyn), and this keeps `from jaxdyn import LLM` whole.
-    from checkpoints.loader import load_model
+    from checkpoints.loader import load_weights, plan_model
 
-    mesh, loaded, tokenizer = load_model(model, tp=tp, dtype=dtype, load_format=load_format)
-    engine = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format)
+    # built on the weights' shapes: with warmup, the steps compile while the weights load
+    engine = EngineCore(plan.graphdef, plan.abstract, plan.mesh, plan.config, plan.tokenizer, config)
+    loaded = engine.load_weights(lambda: load_weights(plan), compile_steps=warmup, progress=progress)
     engine.load_info = {"seconds": loaded.load_seconds, "weight_bytes": loaded.num_bytes,
                         "warmup_seconds": engine.warmup(progress) if warmup else 0.0}
     return engine
@@ -39,7 +41,7 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
 
     import jax
 
-    from checkpoints.loader import load_model
+    from checkpoints.loader import load_weights, plan_model
     from jaxdyn.disagg.engine import DisaggEngine
     from jaxdyn.disagg.policy import DisaggPolicy
     from jaxdyn.parallel.sharding import make_mesh
@@ -60,9 +62,11 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     cores, t0 = [], time.perf_counter()
     total_bytes = 0
     for (mesh, tp), cfg in zip(pick, (prefill_config or config, config)):
-        _, loaded, tokenizer = load_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh)
-        total_bytes += loaded.num_bytes
-        cores.append(EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, cfg))
+        plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh)
+        core = EngineCore(plan.graphdef, plan.abstract, mesh, plan.config, plan.tokenizer, cfg)
+        total_bytes += core.load_weights(lambda: load_weights(plan), compile_steps=warmup,
+                                         progress=progress).num_bytes
+        cores.append(core)
     engine = DisaggEngine(cores[0], cores[1], policy or DisaggPolicy())
     engine.load_info = {"seconds": time.perf_counter() - t0, "weight_bytes": total_bytes,
                         "warmup_seconds": engine.warmup(progress) if warmup else 0.0}

@@ -30,8 +30,10 @@ import concurrent.futures
 import dataclasses
 import itertools
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -293,8 +295,12 @@ class ModelRunner:
         # The weights as the flat tuple of their leaves, the step's first argument (unflattened
         # inside it): flattening the nnx.State runs a Python callback per Variable on every call
         # (measured, CPU, 291 leaves of the 8B shape: 1.7 ms a call with the State, 0.5 ms flat).
-        leaves, self.state_treedef = jax.tree.flatten(state)
-        self.state = tuple(leaves)
+        # ``state`` may be abstract (``ShapeDtypeStruct`` leaves, ``checkpoints.loader.plan_model``): the steps
+        # compile against shapes alone, and ``set_weights`` gives the arrays before the first step.
+        path_leaves, self.state_treedef = jax.tree_util.tree_flatten_with_path(state)
+        self.state = tuple(leaf for _, leaf in path_leaves)
+        self._state_names = tuple(jax.tree_util.keystr(path) for path, _ in path_leaves)
+        self.weights_loaded = all(isinstance(leaf, jax.Array) for leaf in self.state)
         self._state_shardings = tuple(jax.tree.leaves(param_shardings(state, mesh)))
         self.mesh = mesh
         self.config = config
@@ -327,6 +333,7 @@ class ModelRunner:
         self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
+        self._warmup_started: float | None = None   # when load_weights began compiling (warmup's start)
         # Compilations on the calling thread inside this runner's own calls after warm-up: other
         # engines of the process (disaggregation, tests) compiling on other threads do not count.
         self.compiles_while_serving = 0
@@ -416,8 +423,60 @@ class ModelRunner:
             n = 1 if on_cpu else min(8, (os.cpu_count() or 2) // 2)
         return max(1, n)
 
+    def set_weights(self, state) -> None:
+        """The weights of a runner built on an abstract state: the same tree of arrays, each in the shape,
+        dtype and sharding the steps were compiled for (ValueError naming the first that is not)."""
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self.state_treedef:
+            raise ValueError("weights of another structure than the runner's model")
+        for name, new, old, sharding in zip(self._state_names, leaves, self.state, self._state_shardings):
+            if not isinstance(new, jax.Array):
+                raise ValueError(f"weight {name}: {type(new).__name__}, not an array")
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise ValueError(f"weight {name}: {new.dtype}{list(new.shape)}, the model's is "
+                                 f"{old.dtype}{list(old.shape)}")
+            if not new.sharding.is_equivalent_to(sharding, new.ndim):
+                raise ValueError(f"weight {name}: sharded as {new.sharding}, the steps take {sharding}")
+        self.state = tuple(leaves)
+        self.weights_loaded = True
+
+    def load_weights(self, load: Callable[[], Any], compile_steps: bool = True, progress: bool = False) -> Any:
+        """``set_weights(load().state)`` where ``load`` returns an object with the weights as ``.state`` (a
+        ``LoadedModel``), which it returns; with ``compile_steps``, every step is compiled (``warmup``'s
+        compilation) on another thread meanwhile: a step's compilation needs the weights' shapes only, and
+        loading is mostly reading files or the host's work. If ``load`` raises, the compiling thread stops
+        after the step it is compiling and the error propagates at once."""
+        if not compile_steps:
+            loaded = load()
+            self.set_weights(loaded.state)
+            return loaded
+        cancel = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def compile_all():
+            try:
+                outcome["seconds"] = self._compile_steps(progress, cancel)
+            except BaseException as e:  # noqa: BLE001 -- raised on the loading thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=compile_all, name="jaxdyn-compile-while-loading", daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        try:
+            loaded = load()
+            self.set_weights(loaded.state)
+        except BaseException:
+            cancel.set()          # not joined: the step being compiled may take seconds
+            raise
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        self._warmup_started = t0
+        return loaded
+
     def warmup(self, progress: bool = False) -> float:
-        """Compile every bucket in every sampler variant; returns the seconds it took.
+        """Compile every bucket in every sampler variant, then measure the step costs; returns the seconds it
+        took (from the start of ``load_weights``' compiling, when that ran).
 
         Steps are traced and lowered one after another on this thread (tracing holds the GIL;
         the variants of one shape share the model's trace, see ``_make_forward``), and each is
@@ -430,11 +489,25 @@ class ModelRunner:
 
         With ``executable_cache_dir``, steps saved there by an earlier run of the same fingerprint are
         loaded instead (no tracing, lowering or compiling), and the ones compiled here are saved."""
+        t0 = self._warmup_started or time.perf_counter()
+        self._warmup_started = None
+        if not self.weights_loaded:
+            raise RuntimeError("the runner has no weights yet (set_weights)")
+        self._compile_steps(progress)
+        self._compile_copy()
+        if self.split_enabled() and len(self.token_buckets) > 1:
+            self.measure_step_costs()
+        self._compiles_at_warmup = compilation_count()
+        return time.perf_counter() - t0
+
+    def _compile_steps(self, progress: bool = False, cancel: threading.Event | None = None) -> float:
+        """``warmup``'s compilation (``cancel``: stop after the steps being compiled); returns its seconds."""
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
+        stopped = cancel.is_set if cancel is not None else (lambda: False)
         keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
         keys = [k for k in keys if k not in self._compiled]
-        bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress)
+        bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress or not keys)
         cache = self.executable_cache()
         threads = self.warmup_threads()
         if cache is not None and keys:
@@ -454,8 +527,18 @@ class ModelRunner:
                 cache.save(_cache_name(key), compiled)
             bar.update()
 
+        def finish(futures: dict) -> None:
+            for fut in concurrent.futures.as_completed(futures):
+                if stopped():
+                    for f in futures:
+                        f.cancel()
+                    return
+                done(futures[fut], fut.result())
+
         if threads == 1:
             for key in keys:
+                if stopped():
+                    break
                 done(key, self.compile(self.lower(*key)))
         else:
             first_of_shape: dict[tuple[int, int], tuple[int, int, str]] = {}
@@ -465,18 +548,13 @@ class ModelRunner:
             rest = [k for k in keys if first_of_shape[k[:2]] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
-                firsts = {first_pool.submit(self.compile, self.lower(*key)): key for key in alone}
-                lowered = [(key, self.lower(*key)) for key in rest]
-                for fut in concurrent.futures.as_completed(firsts):
-                    done(firsts[fut], fut.result())
-                others = {pool.submit(self.compile, lo): key for key, lo in lowered}
-                for fut in concurrent.futures.as_completed(others):
-                    done(others[fut], fut.result())
+                firsts = {first_pool.submit(self.compile, self.lower(*key)): key
+                          for key in alone if not stopped()}
+                lowered = [(key, self.lower(*key)) for key in rest if not stopped()]
+                finish(firsts)
+                if not stopped():
+                    finish({pool.submit(self.compile, lo): key for key, lo in lowered})
         bar.close()
-        self._compile_copy()
-        if self.split_enabled() and len(self.token_buckets) > 1:
-            self.measure_step_costs()
-        self._compiles_at_warmup = compilation_count()
         return time.perf_counter() - t0
 
     def split_enabled(self) -> bool:
@@ -601,6 +679,8 @@ class ModelRunner:
     def execute(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepHandle:
         """Dispatch one step (one compiled call, or several where ``plan`` splits it); returns at once
         with a handle to its results."""
+        if not self.weights_loaded:
+            raise RuntimeError("the runner has no weights yet (set_weights)")
         c0 = thread_compilation_count()
         write = self._write_half * self.max_rows
         read = self.max_rows - write

@@ -168,3 +168,28 @@ def test_a_format_1_checkpoint_is_refused_with_what_to_do(hf, tmp_path):
     json.dump(dict(m, version=1), open(marker, "w"))
     with pytest.raises(CheckpointError, match="format version 1 .* convert it again"):
         load_converted(out, make_mesh(1))
+
+
+@pytest.mark.parametrize("source, tp", [("hf", 1), ("hf", 2), ("converted", 2), ("int8", 2), ("dummy", 2)])
+def test_the_plan_s_abstract_weights_are_what_loading_gives(hf, tmp_path, source, tp):
+    """An engine's steps compile against plan_model's abstract state while load_weights runs: every leaf's
+    shape, dtype and sharding must be the loaded one's (the runner's set_weights checks them all)."""
+    from checkpoints.loader import load_weights, plan_model
+    model, fmt, dtype = hf, "auto", "float32"
+    if source in ("converted", "int8"):
+        model = str(tmp_path / source)
+        extra = ["--quant", "int8"] if source == "int8" else []
+        assert main(["convert", "--hf", hf, "--out", model, "--dtype", "bfloat16", "--quiet", *extra]) == 0
+        dtype = None                     # the marker's
+    elif source == "dummy":
+        fmt = "dummy"
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=fmt, mesh=make_mesh(tp, jax.devices()[:tp]))
+    assert plan.source == ("converted" if source == "int8" else source)
+    assert plan.dtype == (jnp.bfloat16 if dtype is None else jnp.float32)
+    loaded = load_weights(plan)
+    runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, RunnerConfig(
+        num_pages=8, max_num_batched_tokens=16, max_num_seqs=1, max_model_len=64))
+    runner.set_weights(loaded.state)
+    kinds = {str(x.dtype) for x in jax.tree.leaves(loaded.state)}
+    assert ("int8" in kinds) == (source == "int8")
+    assert runner.step([SequenceWork([256, 5, 6], 0, [0])]).next_token_ids.shape == (1,)

@@ -3,6 +3,9 @@ variant picked from its rows, the cache donated and written in place."""
 
 import collections
 import dataclasses
+import re
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -429,3 +432,74 @@ def test_steps_compiled_with_and_without_the_dot_merger_draw_the_same(loaded):
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(a.top_ids, b.top_ids)
     np.testing.assert_allclose(results["off"][1], results["on"][1], rtol=1e-6, atol=1e-6)
+
+
+# ---- compiling while the weights load ---------------------------------------------------------------
+
+
+def _abstract(model):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.state)
+
+
+def test_steps_compile_while_the_weights_load_and_step_as_a_runner_built_on_them(loaded, variant_runner):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, _abstract(model), mesh, VARIANT_CFG)
+    assert not runner.weights_loaded
+    with pytest.raises(RuntimeError, match="no weights yet"):
+        runner.execute([SequenceWork([1, 2], 0, [0])])
+    with pytest.raises(RuntimeError, match="no weights yet"):
+        runner.warmup()
+    seen = []
+
+    def load():
+        # the weights arrive only once a step has compiled without them: a load that ran first,
+        # or a compilation that waited for the load, fails here
+        deadline = time.monotonic() + 300
+        while not runner._compiled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(len(runner._compiled))
+        return model
+
+    before = compilation_count()
+    assert runner.load_weights(load) is model and runner.weights_loaded
+    assert seen[0] >= 1
+    assert set(runner._compiled) == set(variant_runner[0]._compiled)
+    runner.warmup()
+    assert compilation_count() - before == 2 * len(VARIANTS) + 1          # nothing twice, + the page copy
+    work = [SequenceWork(token_ids=[5, 6, 7], num_computed=0, page_ids=[0]),
+            SequenceWork(token_ids=list(range(20, 40)), num_computed=0, page_ids=[1, 2])]
+    np.testing.assert_array_equal(runner.step(work).next_token_ids, variant_runner[0].step(work).next_token_ids)
+
+
+def test_a_failed_load_stops_the_compiling_and_raises_at_once(loaded):
+    mesh, model = loaded
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16, 32, 64))
+    runner = ModelRunner(model.graphdef, _abstract(model), mesh, cfg)
+
+    def load():
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        runner.load_weights(load)
+    compiling = [t for t in threading.enumerate() if t.name == "jaxdyn-compile-while-loading"]
+    for t in compiling:
+        t.join(120)
+        assert not t.is_alive()
+    # it stopped after the step it was compiling: not all nine
+    assert len(runner._compiled) < 3 * len(VARIANTS)
+    assert not runner.weights_loaded
+
+
+def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, _abstract(model), mesh, VARIANT_CFG)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(model.state)
+    for i, change in ((0, lambda x: x.astype(jnp.bfloat16)), (3, lambda x: x[:1]), (5, np.asarray)):
+        bad = [change(x) if j == i else x for j, (_, x) in enumerate(leaves)]
+        with pytest.raises(ValueError, match=re.escape(jax.tree_util.keystr(leaves[i][0]))):
+            runner.set_weights(jax.tree.unflatten(treedef, bad))
+    with pytest.raises(ValueError, match="another structure"):
+        runner.set_weights({"w": model.state})
+    assert not runner.weights_loaded
+    runner.set_weights(model.state)
+    assert runner.weights_loaded
