@@ -18,3 +18,20 @@ def test_summarize_medians_against_first_config():
     results = {0: [(20.0, 100.0, 1, ""), (19.0, 110.0, 1, ""), (21.0, 90.0, 1, "")],
                1: [(10.0, 200.0, 1, "")], 2: []}
     assert ab.summarize(results) == [(0, 100.0, 1.0), (1, 200.0, 2.0)]
+
+
+def test_a_configurations_env_goes_to_its_runs_environment_not_the_engine():
+    engine, env = ab.split_config({"token_buckets": [16, 2048], "env": {"XLA_FLAGS": "--x=1"}},
+                                  {"XLA_FLAGS": "", "PATH": "/bin"})
+    assert engine == {"token_buckets": [16, 2048]}
+    assert env == {"XLA_FLAGS": "--x=1", "PATH": "/bin"}
+    assert ab.split_config({}, {"PATH": "/bin"}) == ({}, {"PATH": "/bin"})
+    for bad in ({"env": "XLA_FLAGS=1"}, {"env": {"XLA_FLAGS": 1}}):
+        with pytest.raises(ValueError, match="object of strings"):
+            ab.split_config(bad, {})
+
+
+def test_bad_configs_are_refused_by_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        ab.main(["--configs", '[{"env": {"XLA_FLAGS": 3}}]'])
+    assert "object of strings" in capsys.readouterr().err

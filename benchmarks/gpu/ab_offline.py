@@ -9,6 +9,11 @@ configuration compiles.
     python -m benchmarks.gpu.ab_offline --configs '[{}, {"xla_dot_merger": true}]' [--rounds 2]
         [--dataset sharegpt-lengths] [--num-prompts 1000]
 
+A configuration's ``"env"`` object is set in its runs' environment instead (XLA's options for the whole
+process, e.g. ``{"env": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}}``: cuBLAS for every matrix
+product); ``XLA_FLAGS`` is part of JAX's cache keys and the executable cache's fingerprint, so each such
+configuration's first run compiles from scratch and its load seconds are a cold compilation's.
+
 prints a table: each configuration's runs (seconds, output tok/s), its median, its ratio to the first
 configuration's median, its load-and-warm-up seconds and its step costs.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -32,6 +38,16 @@ def parse_run(text: str) -> tuple[float, float, float, str]:
     if not m:
         raise ValueError("no run line in profile_run's output")
     return float(m.group(1)), float(m.group(2)), float(m.group(3)), m.group(4)
+
+
+def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """(EngineConfig overrides, the run's environment) of one configuration: ``environ`` with the
+    configuration's ``"env"`` strings over it (ValueError when ``"env"`` is not an object of strings)."""
+    engine = {k: v for k, v in cfg.items() if k != "env"}
+    env = cfg.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError(f"\"env\" of {json.dumps(cfg)}: expected an object of strings")
+    return engine, {**environ, **env}
 
 
 def summarize(results: dict[int, list[tuple[float, float, float, str]]]) -> list[tuple[int, float, float]]:
@@ -58,14 +74,19 @@ def main(argv=None) -> int:
         ap.error(f"--configs: expected a JSON list of objects, got {args.configs!r}")
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    try:
+        runs_of = [split_config(c, dict(os.environ)) for c in configs]
+    except ValueError as e:
+        ap.error(f"--configs: {e}")
 
     results: dict[int, list] = {i: [] for i in range(len(configs))}
     for r in range(args.rounds):
         for i, cfg in enumerate(configs):
+            engine, env = runs_of[i]
             cmd = [sys.executable, "-m", "benchmarks.gpu.profile_run", "--windows", "none", "--dataset", args.dataset,
-                   "--num-prompts", str(args.num_prompts), "--model", args.model, "--engine", json.dumps(cfg)]
+                   "--num-prompts", str(args.num_prompts), "--model", args.model, "--engine", json.dumps(engine)]
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env)
                 run = parse_run(p.stdout)
             except (subprocess.TimeoutExpired, ValueError) as e:
                 tail = getattr(e, "stdout", None) or ""
