@@ -1047,6 +1047,8 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                   "--shutdown-grace", "5", "--log-level", "warning"]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
                "--page-buckets", ",".join(map(str, e["page_buckets"]))]
+    if e.get("first_compiles_alone") is False:
+        serve_args.append("--first-compiles-together")
     argv = [sys.executable, "-m", "serving.cli", "serve", *serve_args, *buckets]
     # The plan's compilation cache (the sections after this one find the server's steps in it), else a
     # private one. The first start is cold only if the directory is empty: the plans run serve first.

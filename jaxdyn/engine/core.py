@@ -53,6 +53,7 @@ class EngineConfig:
     seed: int | None = None                  # seeds unseeded requests' draws (None: random)
     enable_prefix_caching: bool = True       # radix prefix cache over whole KV pages
     warmup_threads: int | None = None        # executables compiled at once (None: by device, see runner)
+    first_compiles_alone: bool = True        # each bucket's first variant compiled alone (RunnerConfig)
     executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
     split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
     xla_dot_merger: bool = False             # XLA's dot merger on for the steps (RunnerConfig: off, it copies weights)
@@ -74,6 +75,7 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
             token_buckets=config.token_buckets, page_buckets=config.page_buckets,
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
+            first_compiles_alone=config.first_compiles_alone,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
             xla_dot_merger=config.xla_dot_merger))
         self.allocator = PageAllocator(num_pages)

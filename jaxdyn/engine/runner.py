@@ -104,6 +104,10 @@ class RunnerConfig:
     # executables compiled at once in warm-up (XLA compiles with the GIL released);
     # None: one per 2 host cores up to 8 on an accelerator, 1 on the CPU
     warmup_threads: int | None = None
+    # The first sampler variant of each bucket compiles alone, one bucket after another, so that XLA
+    # autotunes its matrix products with the GPU to itself; False: those compile on the warm-up threads
+    # too, all at once (a shorter cold warm-up, if autotuning under load picks as well: measure both).
+    first_compiles_alone: bool = True
     # warm-up loads the compiled steps from this directory and saves those it compiles
     # (``jaxdyn.engine.executable_cache``); None: no cache
     executable_cache_dir: str | None = None
@@ -486,6 +490,7 @@ class ModelRunner:
         shape's matrix products with the GPU to itself (its process-wide autotuning cache then
         serves the other variants); the other variants are compiled on ``warmup_threads()``
         threads at once after those are done (each compilation runs in XLA without the GIL).
+        ``first_compiles_alone=False``: every step on those threads at once.
 
         With ``executable_cache_dir``, steps saved there by an earlier run of the same fingerprint are
         loaded instead (no tracing, lowering or compiling), and the ones compiled here are saved."""
@@ -540,6 +545,9 @@ class ModelRunner:
                 if stopped():
                     break
                 done(key, self.compile(self.lower(*key)))
+        elif not self.config.first_compiles_alone:
+            with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
+                finish({pool.submit(self.compile, self.lower(*key)): key for key in keys if not stopped()})
         else:
             first_of_shape: dict[tuple[int, int], tuple[int, int, str]] = {}
             for key in keys:

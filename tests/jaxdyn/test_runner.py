@@ -161,20 +161,29 @@ def test_warmup_compiles_every_bucket_in_every_sampler_variant(variant_runner):
     assert compiled == 2 * len(VARIANTS) + 1          # + the page copy
 
 
+@pytest.mark.parametrize("first_alone", [True, False])
 def test_warmup_on_several_threads_compiles_each_executable_once_and_steps_alike(
-        loaded, variant_runner, monkeypatch):
+        loaded, variant_runner, monkeypatch, first_alone):
     mesh, model = loaded
     runner = ModelRunner(model.graphdef, model.state, mesh,
-                         dataclasses.replace(VARIANT_CFG, warmup_threads=3))
+                         dataclasses.replace(VARIANT_CFG, warmup_threads=3, first_compiles_alone=first_alone))
     assert runner.warmup_threads() == 3
     traced = []
     model_class = type(nnx.merge(model.graphdef, model.state))
     forward = model_class.__call__
     monkeypatch.setattr(model_class, "__call__",
                         lambda self, *a, **k: traced.append(a[1].shape) or forward(self, *a, **k))
+    compiled_on = []
+    compile_step = runner.compile
+    monkeypatch.setattr(runner, "compile",
+                        lambda lowered: compiled_on.append(threading.current_thread().name) or compile_step(lowered))
     before = compilation_count()
     runner.warmup()
     assert compilation_count() - before == 2 * len(VARIANTS) + 1
+    # each shape's first variant alone on one thread, or every step on the pool's threads
+    pools = collections.Counter(name.rsplit("_", 1)[0] for name in compiled_on)
+    assert pools == ({"jaxdyn-warmup-first": 2, "jaxdyn-warmup": 2 * len(VARIANTS) - 2} if first_alone
+                     else {"jaxdyn-warmup": 2 * len(VARIANTS)})
     # the sampler variants of a shape share one trace of the model
     assert sorted(traced) == sorted((t,) for t, _, _ in runner.bucket_shapes())
     assert set(runner._compiled) == set(variant_runner[0]._compiled)

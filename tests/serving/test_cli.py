@@ -48,3 +48,10 @@ def test_serve_prefix_cache_is_on_by_default_and_can_be_turned_off():
     from serving.cli import _engine_config, build_parser
     assert _engine_config(build_parser().parse_args(["serve"])).enable_prefix_caching is True
     assert _engine_config(build_parser().parse_args(["serve", "--no-prefix-cache"])).enable_prefix_caching is False
+
+
+def test_serve_compiles_first_steps_alone_unless_told_otherwise():
+    from serving.cli import _engine_config, build_parser
+    assert _engine_config(build_parser().parse_args(["serve"])).first_compiles_alone is True
+    args = build_parser().parse_args(["serve", "--first-compiles-together"])
+    assert _engine_config(args).first_compiles_alone is False
