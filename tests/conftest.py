@@ -6,6 +6,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
+# `jaxdyn serve` and `jaxdyn bench` keep compiled steps in the user's cache by default: not from tests
+# (a test that wants the cache names its directory)
+os.environ.setdefault("JAXDYN_EXECUTABLE_CACHE", "")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -15,8 +15,9 @@ saving never fails the caller. Writes are atomic (temporary file, then rename), 
 processes with the same fingerprint at worst both write the same executable.
 
 Loading an executable runs code from the file: point the cache only at a directory you trust
-(as with JAX's own cache). Directories of old fingerprints are never removed (a code or config change
-leaves the previous one behind): delete the cache directory to reclaim the space.
+(as with JAX's own cache). A code or config change leaves the previous fingerprint's directory behind:
+when a new one is made, only the ``KEEP_FINGERPRINTS`` most recently used stay (a hit marks its directory
+used); other files in the cache directory are never touched.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import hashlib
 import logging
 import os
 import pickle
+import re
+import shutil
 import tempfile
 
 import jax
@@ -68,14 +71,41 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:32]
 
 
+KEEP_FINGERPRINTS = 4
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
 def default_directory() -> str | None:
     """``JAXDYN_EXECUTABLE_CACHE`` if set (empty: off); else ``jaxdyn-executables`` inside JAX's persistent
-    compilation cache directory when one is configured; else None (no cache)."""
+    compilation cache directory when one is configured; else ``jaxdyn/executables`` in the user's cache
+    directory (``$XDG_CACHE_HOME``, else ``~/.cache``), as vLLM keeps its compiled graphs; None (no cache)
+    when there is no home directory either."""
     env = os.environ.get("JAXDYN_EXECUTABLE_CACHE")
     if env is not None:
         return env or None
     jax_dir = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    return os.path.join(jax_dir, "jaxdyn-executables") if jax_dir else None
+    if jax_dir:
+        return os.path.join(jax_dir, "jaxdyn-executables")
+    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return None if user.startswith("~") else os.path.join(user, "jaxdyn", "executables")
+
+
+def prune(directory: str, keep: int = KEEP_FINGERPRINTS) -> list[str]:
+    """Remove all but the ``keep`` most recently used fingerprint directories of ``directory`` (names of 32
+    hex digits; nothing else is touched); returns the removed ones' names. Never raises."""
+    try:
+        dirs = [e for e in os.scandir(directory) if e.is_dir(follow_symlinks=False) and _FINGERPRINT.fullmatch(e.name)]
+        dirs.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)
+    except OSError:
+        return []
+    removed = []
+    for e in dirs[keep:]:
+        try:
+            shutil.rmtree(e.path)
+            removed.append(e.name)
+        except OSError as err:
+            log.warning("executable cache: cannot remove %s (%s)", e.path, err)
+    return removed
 
 
 @dataclasses.dataclass
@@ -102,8 +132,10 @@ class ExecutableCache:
         try:
             with open(path, "rb") as f:
                 blob, in_tree, out_tree = pickle.load(f)
-            return serialize_executable.deserialize_and_load(
+            compiled = serialize_executable.deserialize_and_load(
                 blob, in_tree, out_tree, backend=self.devices[0].client, execution_devices=self.devices)
+            os.utime(self.path)            # used: kept by prune over older fingerprints
+            return compiled
         except Exception as e:     # a torn, foreign or stale file: compile instead (and overwrite it)
             log.warning("executable cache: %s cannot be loaded (%s: %s); compiling it", path, type(e).__name__, e)
             return None
@@ -113,7 +145,9 @@ class ExecutableCache:
         from jax.experimental import serialize_executable
         try:
             blob, in_tree, out_tree = serialize_executable.serialize(compiled)
-            os.makedirs(self.path, exist_ok=True)
+            if not os.path.isdir(self.path):
+                os.makedirs(self.path, exist_ok=True)
+                prune(self.directory)
             fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:

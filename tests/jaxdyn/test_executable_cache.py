@@ -105,7 +105,11 @@ def test_the_default_directory_follows_the_environment(monkeypatch, tmp_path):
     try:
         monkeypatch.delenv("JAXDYN_EXECUTABLE_CACHE", raising=False)
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-        assert executable_cache.default_directory() is None
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert executable_cache.default_directory() == str(tmp_path / "xdg" / "jaxdyn" / "executables")
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert executable_cache.default_directory() == str(tmp_path / "home" / ".cache" / "jaxdyn" / "executables")
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
         assert executable_cache.default_directory() == str(tmp_path / "jax" / "jaxdyn-executables")
         monkeypatch.setenv("JAXDYN_EXECUTABLE_CACHE", str(tmp_path / "mine"))
@@ -122,3 +126,32 @@ def test_the_cli_refuses_a_cache_path_that_is_a_file(tmp_path, capsys):
     assert main(["bench", "offline", "--executable-cache", str(f), "--num-prompts", "1"]) == 2
     err = capsys.readouterr().err
     assert f"--executable-cache {f}: not a directory" in err and "Traceback" not in err
+
+
+def test_prune_keeps_the_most_recently_used_fingerprints_and_nothing_else_is_touched(tmp_path):
+    names = [f"{i:032x}" for i in range(6)]
+    for i, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "step.jaxexec").write_bytes(b"x")
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / ("f" * 32)).write_text("a file with a fingerprint's name")
+    os.utime(tmp_path / "notes", (1, 1))
+    assert sorted(executable_cache.prune(str(tmp_path), keep=4)) == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:] + ["notes", "f" * 32])
+    assert executable_cache.prune(str(tmp_path / "missing")) == []
+
+
+def test_a_new_fingerprint_prunes_the_oldest_and_a_hit_counts_as_use(model, tmp_path):
+    old = [f"{i:032x}" for i in range(executable_cache.KEEP_FINGERPRINTS)]
+    for i, name in enumerate(old):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    first = _runner(model, tmp_path)
+    first.warmup()
+    key = first.executable_cache().key
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(old[1:] + [key])
+    os.utime(tmp_path / key, (1, 1))          # older than all the others now
+    again = _runner(model, tmp_path)
+    again.warmup()
+    assert again.executables_loaded == STEPS and os.stat(tmp_path / key).st_mtime > 2000
