@@ -269,6 +269,9 @@ def cmd_serve(args) -> int:
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
                   f"{info['seconds']:.1f} s, warm-up (compiling every bucket, begun with the load) "
                   f"{info['warmup_seconds']:.1f} s", flush=True)
+            if info.get("step_costs_ms"):
+                print(f"jaxdyn: step costs (ms by token bucket, measured at warm-up) {info['step_costs_ms']}",
+                      flush=True)
             print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 "
                   f"(max_model_len {core.max_model_len}, {core.num_pages} KV pages)", flush=True)
         except (CheckpointError, ValueError, ConnectionError, EngineStartError) as e:

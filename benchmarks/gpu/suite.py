@@ -1033,6 +1033,20 @@ class Server:
         return next((line for line in self.tail(400) if line.startswith("jaxdyn: loaded")), "")
 
 
+def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[list[str], list[str]]:
+    """``jaxdyn serve``'s flags for the plan's engine ``e`` on the checkpoint ``path``: (the rest, the buckets)."""
+    serve_args = ["--model", path, "--load-format", "dummy", "--dtype", dtype, "--port", str(port),
+                  "--served-model-name", name, "--max-num-seqs", str(e["max_num_seqs"]),
+                  "--max-num-batched-tokens", str(e["max_num_batched_tokens"]), "--max-model-len",
+                  str(e["max_model_len"]), "--num-pages", str(e["num_pages"]), "--page-size", str(e["page_size"]),
+                  "--shutdown-grace", "5", "--log-level", "warning"]
+    if e.get("first_compiles_alone") is False:
+        serve_args.append("--first-compiles-together")
+    buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
+               "--page-buckets", ",".join(map(str, e["page_buckets"]))]
+    return serve_args, buckets
+
+
 def body_serve(cfg: dict, rec: Recorder) -> None:
     """Cold start (empty compilation cache), ``jaxdyn bench serve`` runs, stop; warm start (cache warm), stop."""
     t_end = time.perf_counter() + cfg["budget_s"] - min(15.0, 0.2 * cfg["budget_s"])   # time to stop, write
@@ -1040,15 +1054,7 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
     e = cfg["engine"]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    serve_args = ["--model", path, "--load-format", "dummy", "--dtype", cfg["dtype"], "--port", str(port),
-                  "--served-model-name", cfg["model"], "--max-num-seqs", str(e["max_num_seqs"]),
-                  "--max-num-batched-tokens", str(e["max_num_batched_tokens"]), "--max-model-len",
-                  str(e["max_model_len"]), "--num-pages", str(e["num_pages"]), "--page-size", str(e["page_size"]),
-                  "--shutdown-grace", "5", "--log-level", "warning"]
-    buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
-               "--page-buckets", ",".join(map(str, e["page_buckets"]))]
-    if e.get("first_compiles_alone") is False:
-        serve_args.append("--first-compiles-together")
+    serve_args, buckets = serve_flags(path, cfg["model"], e, cfg["dtype"], port)
     argv = [sys.executable, "-m", "serving.cli", "serve", *serve_args, *buckets]
     # The plan's compilation cache (the sections after this one find the server's steps in it), else a
     # private one. The first start is cold only if the directory is empty: the plans run serve first.

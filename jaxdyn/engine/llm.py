@@ -26,6 +26,9 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     loaded = engine.load_weights(lambda: load_weights(plan), compile_steps=warmup, progress=progress)
     engine.load_info = {"seconds": loaded.load_seconds, "weight_bytes": loaded.num_bytes,
                         "warmup_seconds": engine.warmup(progress) if warmup else 0.0}
+    costs = engine.runner.step_costs
+    if costs:       # measured at warm-up where steps split (accelerators): ms a step by token bucket
+        engine.load_info["step_costs_ms"] = {t: round(c * 1e3, 2) for t, c in sorted(costs.items())}
     return engine
 
 
