@@ -449,7 +449,8 @@ class ModelRunner:
         ``LoadedModel``), which it returns; with ``compile_steps``, every step is compiled (``warmup``'s
         compilation) on another thread meanwhile: a step's compilation needs the weights' shapes only, and
         loading is mostly reading files or the host's work. If ``load`` raises, the compiling thread stops
-        after the step it is compiling and the error propagates at once."""
+        after the step it is compiling, and the error propagates once it has (a process that exits while
+        XLA compiles on another thread aborts)."""
         if not compile_steps:
             loaded = load()
             self.set_weights(loaded.state)
@@ -470,7 +471,8 @@ class ModelRunner:
             loaded = load()
             self.set_weights(loaded.state)
         except BaseException:
-            cancel.set()          # not joined: the step being compiled may take seconds
+            cancel.set()
+            thread.join()
             raise
         thread.join()
         if "error" in outcome:

@@ -84,6 +84,28 @@ def test_missing_tensor_is_named(llama_dir, tmp_path):
         load_hf_checkpoint(path, make_mesh(1))
 
 
+@pytest.mark.parametrize("where", ["--engine-process", "--no-engine-process"])
+def test_a_server_whose_checkpoint_fails_to_load_while_its_steps_compile_exits_2_naming_it(
+        llama_dir, tmp_path, where):
+    """The config is fine, so the steps start compiling while the weights load; the load then fails. The
+    server says why and exits 2 (a process that exited while XLA compiled on another thread aborted)."""
+    import subprocess
+    import sys
+    path = _copy(llama_dir, tmp_path / "missing")
+    _rewrite_safetensors(path, lambda h: {k: v for k, v in h.items()
+                                          if k != "model.layers.1.mlp.up_proj.weight"})
+    argv = [sys.executable, "-m", "serving.cli", "serve", "--model", path, "--port", "0", "--max-model-len", "64",
+            "--max-num-seqs", "2", "--max-num-batched-tokens", "16", "--num-pages", "16", "--log-level", "warning"]
+    if where == "--no-engine-process":
+        argv.append(where)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=root,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "missing tensor 'model.layers.1.mlp.up_proj.weight'" in p.stderr
+    assert "Traceback" not in p.stderr and "FATAL" not in p.stderr
+
+
 def test_wrong_shape_names_file_and_tensor(llama_dir, tmp_path):
     path = _copy(llama_dir, tmp_path / "shape")
 

@@ -480,7 +480,7 @@ def test_steps_compile_while_the_weights_load_and_step_as_a_runner_built_on_them
     np.testing.assert_array_equal(runner.step(work).next_token_ids, variant_runner[0].step(work).next_token_ids)
 
 
-def test_a_failed_load_stops_the_compiling_and_raises_at_once(loaded):
+def test_a_failed_load_stops_the_compiling_after_the_step_in_hand_and_raises(loaded):
     mesh, model = loaded
     cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16, 32, 64))
     runner = ModelRunner(model.graphdef, _abstract(model), mesh, cfg)
@@ -490,10 +490,8 @@ def test_a_failed_load_stops_the_compiling_and_raises_at_once(loaded):
 
     with pytest.raises(OSError, match="disk gone"):
         runner.load_weights(load)
-    compiling = [t for t in threading.enumerate() if t.name == "jaxdyn-compile-while-loading"]
-    for t in compiling:
-        t.join(120)
-        assert not t.is_alive()
+    # the compiling thread has ended (a process exiting while XLA compiles on it aborts)
+    assert not [t for t in threading.enumerate() if t.name == "jaxdyn-compile-while-loading"]
     # it stopped after the step it was compiling: not all nine
     assert len(runner._compiled) < 3 * len(VARIANTS)
     assert not runner.weights_loaded
