@@ -470,21 +470,27 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
                            f"cache ({facts.num_pages * facts.config.page_size} tokens)")
 
 
+def unloaded_bytes_per_device(state, mesh) -> int:
+    """Bytes one device will hold of the weights of ``state`` that are not arrays yet (``ShapeDtypeStruct``
+    leaves of an abstract state), in their shardings over ``mesh``."""
+    from jaxdyn.parallel.sharding import param_shardings
+    return sum(math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(param_shardings(state, mesh)))
+               if not isinstance(leaf, jax.Array))
+
+
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
     ps = config.page_size
-    from jaxdyn.parallel.sharding import param_shardings
     dtype = jax.tree.leaves(state)[0].dtype
     kv_heads = stored_kv_heads(model_config.num_kv_heads, model_parallel_size(mesh))
     page_bytes = 2 * model_config.num_layers * kv_heads * ps * model_config.head_dim * dtype.itemsize
     dev = mesh.devices.flat[0]
     stats = dev.memory_stats() if dev.platform == "gpu" else None
     if stats and "bytes_limit" in stats:
-        # weights not loaded yet (an abstract state) will take their share of a device too
-        coming = sum(math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-                     for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(param_shardings(state, mesh)))
-                     if not isinstance(leaf, jax.Array))
-        free = stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0) - coming
+        # weights not loaded yet (an abstract state) will take their share of the device too
+        free = (stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
+                - unloaded_bytes_per_device(state, mesh))
         per_device_page = page_bytes / model_parallel_size(mesh) if kv_heads >= model_parallel_size(mesh) else page_bytes
         return max(int(free // per_device_page), math.ceil(max_model_len / ps))
     # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.

@@ -456,11 +456,11 @@ class ModelRunner:
             self.set_weights(loaded.state)
             return loaded
         cancel = threading.Event()
-        outcome: dict[str, Any] = {}
+        outcome: dict[str, BaseException] = {}
 
         def compile_all():
             try:
-                outcome["seconds"] = self._compile_steps(progress, cancel)
+                self._compile_steps(progress, cancel)
             except BaseException as e:  # noqa: BLE001 -- raised on the loading thread
                 outcome["error"] = e
 

@@ -193,3 +193,17 @@ def test_the_plan_s_abstract_weights_are_what_loading_gives(hf, tmp_path, source
     kinds = {str(x.dtype) for x in jax.tree.leaves(loaded.state)}
     assert ("int8" in kinds) == (source == "int8")
     assert runner.step([SequenceWork([256, 5, 6], 0, [0])]).next_token_ids.shape == (1,)
+
+
+def test_the_weights_still_to_load_are_counted_per_device(hf):
+    """What sizes the KV cache from free GPU memory before the weights are there: each device's shard."""
+    from checkpoints.loader import load_weights, plan_model
+    from jaxdyn.engine.core import unloaded_bytes_per_device
+    one = plan_model(hf, dtype="float32", mesh=make_mesh(1, jax.devices()[:1]))
+    loaded = load_weights(one)
+    assert unloaded_bytes_per_device(one.abstract, one.mesh) == loaded.num_bytes
+    assert unloaded_bytes_per_device(loaded.state, one.mesh) == 0
+    two = plan_model(hf, dtype="float32", mesh=make_mesh(2, jax.devices()[:2]))
+    per_device = sum(s.data.nbytes for x in jax.tree.leaves(load_weights(two).state)
+                     for s in x.addressable_shards if s.device == jax.devices()[0])
+    assert unloaded_bytes_per_device(two.abstract, two.mesh) == per_device < loaded.num_bytes
