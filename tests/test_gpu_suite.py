@@ -126,3 +126,16 @@ def test_schedule_simulation_pads_to_buckets_and_finishes_every_request():
     assert steps >= 300 // 64 + 30
     s_coarse, steps_coarse, eff_coarse = simulate(prompts, outputs, (16, 64), max_seqs=4, budget=64)
     assert steps_coarse == steps and eff_coarse < 1.0 and s_coarse >= s_exact
+
+
+def test_serve_flags_carry_the_engine_and_the_compile_order():
+    from benchmarks.gpu.gpu import ENGINE
+    from benchmarks.gpu.suite import serve_flags
+    from serving.cli import _engine_config, build_parser
+    flags, buckets = serve_flags("/m", "llama-3.1-8b", ENGINE, "bfloat16", 8123)
+    cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
+    assert (cfg.max_num_seqs, cfg.num_pages, cfg.token_buckets) == (
+        ENGINE["max_num_seqs"], ENGINE["num_pages"], tuple(ENGINE["token_buckets"]))
+    assert cfg.first_compiles_alone is True
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "first_compiles_alone": False}, "bfloat16", 8123)
+    assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).first_compiles_alone is False
