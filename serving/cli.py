@@ -102,13 +102,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
-                   "compilation cache ($JAX_COMPILATION_CACHE_DIR) when that is set, else none")
+                   "compilation cache ($JAX_COMPILATION_CACHE_DIR) when that is set, else "
+                   "~/.cache/jaxdyn/executables ($XDG_CACHE_HOME if set)")
     p.add_argument("--no-executable-cache", dest="executable_cache", action="store_const", const="",
                    help="neither load nor save compiled steps")
 
 
 def _engine_config(args):
     from jaxdyn import EngineConfig
+    return EngineConfig(**_engine_fields(args))
+
+
+def _engine_fields(args) -> dict:
+    """The EngineConfig fields the flags give, checked (CLIError); imports no JAX."""
     for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
@@ -135,11 +141,11 @@ def _engine_config(args):
     cache = default_directory() if cache is None else (cache or None)
     if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
         raise CLIError(f"--executable-cache {cache}: not a directory")
-    return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
-                        split_steps=getattr(args, "split_steps", None),
-                        first_compiles_alone=getattr(args, "first_compiles_alone", True), **buckets)
+    return dict(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
+                split_steps=getattr(args, "split_steps", None),
+                first_compiles_alone=getattr(args, "first_compiles_alone", True), **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:
@@ -210,15 +216,8 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
-    import uvicorn
-
-    from checkpoints.hf import CheckpointError
-    from jaxdyn import AsyncEngine
-    from jaxdyn.config import ConfigError, ModelConfig
-    from jaxdyn.engine.llm import build_disagg_engine, build_engine
-    from jaxdyn.engine.process import EngineStartError, ProcessEngine
+    from jaxdyn.config import ConfigError, ModelConfig       # no JAX: see jaxdyn/__init__.py
     from jaxdyn.models.presets import PRESETS
-    from serving.app import ServerState, build_app
 
     model = _model_or_demo(args.model)
     # Check what can be checked before the port opens.
@@ -231,12 +230,29 @@ def cmd_serve(args) -> int:
             ModelConfig.from_pretrained(model)
         except ConfigError as e:
             raise CLIError(str(e)) from None
-    config = _engine_config(args)
-    disagg = _disagg_args(args, config) if args.disagg else None
+    fields = _engine_fields(args)
     if args.workers and args.disagg:
         raise CLIError("--workers and --disagg: the workers decide where prompts are prefilled")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise CLIError("--max-queued-requests must be >= 0")
+    started = None
+    if args.engine_process and not args.workers and not args.disagg:
+        # The engine process starts now: its Python, JAX and engine imports run while this process imports
+        # its own below (one after the other, they were ~3 s of a start on 2 CPU cores).
+        from jaxdyn.engine.boot import start_engine_process
+        started = start_engine_process(dict(model=model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
+                                            config=fields, progress=True))
+
+    import uvicorn
+
+    from checkpoints.hf import CheckpointError
+    from jaxdyn import AsyncEngine, EngineConfig
+    from jaxdyn.engine.llm import build_disagg_engine, build_engine
+    from jaxdyn.engine.process import EngineStartError, ProcessEngine
+    from serving.app import ServerState, build_app
+
+    config = EngineConfig(**fields)
+    disagg = _disagg_args(args, config) if args.disagg else None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     state = ServerState(name, max_queued_requests=args.max_queued_requests,
                         max_request_bytes=args.max_request_bytes)
@@ -259,7 +275,7 @@ def cmd_serve(args) -> int:
             elif args.engine_process:
                 state.engine = ProcessEngine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                                              config=config, progress=True,
-                                             max_queued_requests=args.max_queued_requests)
+                                             max_queued_requests=args.max_queued_requests, started=started)
                 core = state.engine.core
             else:
                 core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,

@@ -29,9 +29,8 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
-
-import jax
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ def source_digest() -> str:
 def fingerprint(*parts) -> str:
     """A short hex digest of ``parts`` (their reprs) and of the versions, flags and sources above."""
     import flax
+    import jax
     import jaxlib
     h = hashlib.sha256()
     for p in (jax.__version__, jaxlib.__version__, flax.__version__, os.environ.get("XLA_FLAGS", ""),
@@ -83,7 +83,11 @@ def default_directory() -> str | None:
     env = os.environ.get("JAXDYN_EXECUTABLE_CACHE")
     if env is not None:
         return env or None
-    jax_dir = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    # JAX's setting where JAX is imported (the server process, before its engine starts, has not:
+    # then the variable JAX reads it from)
+    jax = sys.modules.get("jax")
+    jax_dir = (jax.config.jax_compilation_cache_dir if jax is not None else None) \
+        or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if jax_dir:
         return os.path.join(jax_dir, "jaxdyn-executables")
     user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -24,7 +24,6 @@ exception in a step, a killed process) ends every stream with ``EngineDeadError`
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import pickle
 import queue
 import signal
@@ -33,6 +32,7 @@ import time
 import traceback
 
 from jaxdyn.engine.async_engine import EngineDeadError, StreamingEngine, _post, apply_command
+from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.request import CompletionOutput, RequestOutput, TokenPrefix
 
@@ -174,15 +174,15 @@ class ProcessEngine(StreamingEngine):
 
     def __init__(self, model, *, tp: int = 1, dtype=None, load_format: str = "auto",
                  config: EngineConfig = EngineConfig(), progress: bool = False,
-                 max_queued_requests: int | None = None):
+                 max_queued_requests: int | None = None, started=None):
+        """``started``: (process, pipe) of ``boot.start_engine_process``, already started with these arguments
+        (``jaxdyn serve`` starts it before its own imports); None: started here."""
         super().__init__(max_queued_requests)
         self._closing = False
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        build = dict(model=model, tp=tp, dtype=dtype, load_format=load_format, config=config, progress=progress)
-        self._proc = ctx.Process(target=_engine_main, args=(child, build), name="jaxdyn-engine", daemon=True)
-        self._proc.start()
-        child.close()
+        if started is None:
+            build = dict(model=model, tp=tp, dtype=dtype, load_format=load_format, config=config, progress=progress)
+            started = start_engine_process(build)
+        self._proc, self._conn = started
         try:
             msg = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):

@@ -99,7 +99,7 @@ def test_a_file_that_cannot_be_loaded_is_compiled_again_and_rewritten(model, tmp
 
 
 def test_the_default_directory_follows_the_environment(monkeypatch, tmp_path):
-    jax = executable_cache.jax
+    import jax
     old = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     try:

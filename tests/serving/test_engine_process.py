@@ -17,6 +17,7 @@ from checkpoints.loader import load_model
 from jaxdyn import AsyncEngine, EngineCore, RequestError, SamplingParams
 from jaxdyn.engine.process import EngineStartError, ProcessEngine
 from serving.app import ServerState
+from serving.cli import DEMO_MODEL
 from tests.serving.test_server import CFG, TEMPLATE, Server  # noqa: F401 -- ckpt is a fixture
 from tests.serving.test_server import ckpt  # noqa: F401
 from tests.support import make_byte_tokenizer, make_hf_checkpoint  # noqa: F401
@@ -194,3 +195,25 @@ def test_a_killed_engine_process_ends_streams_with_an_error_and_health_turns_503
 def test_an_engine_that_cannot_be_built_says_why(tmp_path):
     with pytest.raises(EngineStartError, match="no_such_model"):
         ProcessEngine(str(tmp_path / "no_such_model"), config=CFG)
+
+
+def test_jaxdyn_serve_starts_its_engine_process_before_it_imports_jax(tmp_path):
+    """The engine process's start-up runs while the server imports its own stack: when serve starts it,
+    the server has not imported JAX, and the engine's config goes as plain fields."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "import jaxdyn.engine.boot as boot\n"
+        "def start(build):\n"
+        "    print('jax imported:', 'jax' in sys.modules, '| config:', type(build['config']).__name__,\n"
+        "          build['config']['max_num_seqs'], build['model'] == sys.argv[1], flush=True)\n"
+        "    raise SystemExit(7)\n"
+        "boot.start_engine_process = start\n"
+        "from serving.cli import main\n"
+        "main(['serve', '--model', sys.argv[1], '--max-num-seqs', '3', '--port', '0'])\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", code, DEMO_MODEL], capture_output=True, text=True, timeout=120,
+                       cwd=root)
+    assert p.returncode == 7, p.stdout + p.stderr
+    assert "jax imported: False | config: dict 3 True" in p.stdout
