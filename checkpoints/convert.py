@@ -222,19 +222,20 @@ def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
     return dataclasses.replace(cfg, **kw)
 
 
-def load_converted(path: str, mesh, *, dtype=None) -> LoadedModel:
-    """Restore a converted checkpoint into the sharding of ``mesh`` (any TP degree)."""
+def load_converted(path: str, mesh, *, dtype=None, config: ModelConfig | None = None, abstract=None) -> LoadedModel:
+    """Restore a converted checkpoint into the sharding of ``mesh`` (any TP degree).
+    ``abstract``: ``build_abstract_model(cfg, mesh, dtype)`` when the caller has built it already."""
     import orbax.checkpoint as ocp
 
     t0 = time.perf_counter()
     path = os.path.abspath(path)
     marker = read_marker(path)
     try:
-        cfg = ModelConfig.from_pretrained(path)
+        cfg = config or ModelConfig.from_pretrained(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     dtype = jnp.dtype(dtype or marker["dtype"])
-    graphdef, abstract = build_abstract_model(cfg, mesh, dtype)
+    graphdef, abstract = abstract or build_abstract_model(cfg, mesh, dtype)
     _, canonical = build_abstract_model(cfg, make_mesh(1, jax.devices()[:1]), jnp.dtype(marker["dtype"]))
     shardings = param_shardings(abstract, mesh)
     tp = model_parallel_size(mesh)

@@ -27,11 +27,12 @@ def _maker(shape: tuple[int, ...], dtype, kind: str, scale: float, sharding):
     return jax.jit(make, out_shardings=sharding)
 
 
-def init_dummy_weights(cfg: ModelConfig, mesh, *, dtype=None, seed: int = 0) -> LoadedModel:
-    """Norms at 1, biases small, matrices N(0, 1/fan_in): activations stay finite at any depth."""
+def init_dummy_weights(cfg: ModelConfig, mesh, *, dtype=None, seed: int = 0, abstract=None) -> LoadedModel:
+    """Norms at 1, biases small, matrices N(0, 1/fan_in): activations stay finite at any depth.
+    ``abstract``: ``build_abstract_model(cfg, mesh, dtype)`` when the caller has built it already."""
     t0 = time.perf_counter()
     dtype = jnp.dtype(dtype or cfg.dtype)
-    graphdef, abstract = build_abstract_model(cfg, mesh, dtype)
+    graphdef, abstract = abstract or build_abstract_model(cfg, mesh, dtype)
     shardings = param_shardings(abstract, mesh)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     flat_shardings = jax.tree.leaves(shardings)

@@ -80,8 +80,9 @@ def _replicate_kv(array: np.ndarray, cfg: ModelConfig, stored: int) -> np.ndarra
 
 
 def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
-                       config: ModelConfig | None = None) -> LoadedModel:
-    """Read ``path`` (config.json + safetensors) into a model sharded over ``mesh``."""
+                       config: ModelConfig | None = None, abstract=None) -> LoadedModel:
+    """Read ``path`` (config.json + safetensors) into a model sharded over ``mesh``.
+    ``abstract``: ``build_abstract_model(cfg, mesh, dtype)`` when the caller has built it already."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -93,7 +94,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     except SafetensorsError as e:
         raise CheckpointError(str(e)) from e
 
-    graphdef, abstract = build_abstract_model(cfg, mesh, dtype)
+    graphdef, abstract = abstract or build_abstract_model(cfg, mesh, dtype)
     shardings = param_shardings(abstract, mesh)
     expected = set()
 

@@ -78,11 +78,12 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
 
 def load_weights(plan: ModelPlan) -> LoadedModel:
     """The weights ``plan`` describes, in the shapes, dtypes and shardings of ``plan.abstract``."""
+    abstract = (plan.graphdef, plan.abstract)
     if plan.source == "dummy":
-        return init_dummy_weights(plan.config, plan.mesh, dtype=plan.dtype)
+        return init_dummy_weights(plan.config, plan.mesh, dtype=plan.dtype, abstract=abstract)
     if plan.source == "converted":
-        return load_converted(plan.model, plan.mesh, dtype=plan.dtype)
-    return load_hf_checkpoint(plan.model, plan.mesh, dtype=plan.dtype, config=plan.config)
+        return load_converted(plan.model, plan.mesh, dtype=plan.dtype, config=plan.config, abstract=abstract)
+    return load_hf_checkpoint(plan.model, plan.mesh, dtype=plan.dtype, config=plan.config, abstract=abstract)
 
 
 def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None

@@ -12,7 +12,7 @@ import signal
 
 
 def start_engine_process(build: dict):
-    """Spawn the engine process for ``build`` (``build_engine``'s arguments; ``config`` may be a dict of
+    """Spawn the engine process for ``build`` (``build_engine``'s arguments, ``config`` as a dict of
     ``EngineConfig`` fields); returns (process, the server's end of the pipe)."""
     ctx = multiprocessing.get_context("spawn")
     conn, child = ctx.Pipe()
@@ -26,6 +26,4 @@ def _boot(conn, build: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the server, which drains and stops us
     from jaxdyn.engine.core import EngineConfig
     from jaxdyn.engine.process import _engine_main
-    if isinstance(build.get("config"), dict):
-        build = {**build, "config": EngineConfig(**build["config"])}
-    _engine_main(conn, build)
+    _engine_main(conn, {**build, "config": EngineConfig(**build["config"])})

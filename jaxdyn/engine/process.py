@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import queue
-import signal
 import threading
 import time
 import traceback
@@ -142,8 +141,7 @@ def _loop(conn, core, outbox: queue.SimpleQueue, broken: list) -> None:
 
 
 def _engine_main(conn, build: dict) -> None:
-    """The child process: build the engine, say ready (or why not), run the loop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the server, which drains and stops us
+    """The child process (``boot._boot``): build the engine, say ready (or why not), run the loop."""
     try:
         from jaxdyn.engine.llm import build_engine
         core = build_engine(**build)
@@ -180,7 +178,8 @@ class ProcessEngine(StreamingEngine):
         super().__init__(max_queued_requests)
         self._closing = False
         if started is None:
-            build = dict(model=model, tp=tp, dtype=dtype, load_format=load_format, config=config, progress=progress)
+            build = dict(model=model, tp=tp, dtype=dtype, load_format=load_format,
+                         config=dataclasses.asdict(config), progress=progress)
             started = start_engine_process(build)
         self._proc, self._conn = started
         try:
