@@ -95,10 +95,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="always run a step as one call of the smallest bucket that holds it (by default, on a GPU "
                    "or TPU, a step that would mostly pad its bucket runs as smaller buckets' steps where their "
                    "costs, measured at warm-up, add up to less)")
-    p.add_argument("--first-compiles-together", dest="first_compiles_alone", action="store_false",
-                   help="at warm-up, compile every step on the warm-up threads at once (by default each token "
-                   "bucket's first step compiles alone, one after another, so that XLA autotunes its matrix "
-                   "products with the GPU to itself)")
+    p.add_argument("--first-compiles-alone", dest="first_compiles_alone", action="store_true",
+                   help="at warm-up, compile each token bucket's first step alone, one after another, so that "
+                   "XLA autotunes its matrix products with the GPU to itself (by default every step compiles "
+                   "on the warm-up threads at once: on an H200 that started the 8B shape in 29.7 s instead of "
+                   "51.2 s, with the same step costs within 2%%)")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -145,7 +146,7 @@ def _engine_fields(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
                 split_steps=getattr(args, "split_steps", None),
-                first_compiles_alone=getattr(args, "first_compiles_alone", True), **buckets)
+                first_compiles_alone=getattr(args, "first_compiles_alone", False), **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

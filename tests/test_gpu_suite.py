@@ -136,6 +136,6 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
     assert (cfg.max_num_seqs, cfg.num_pages, cfg.token_buckets) == (
         ENGINE["max_num_seqs"], ENGINE["num_pages"], tuple(ENGINE["token_buckets"]))
-    assert cfg.first_compiles_alone is True
-    flags, buckets = serve_flags("/m", "x", {**ENGINE, "first_compiles_alone": False}, "bfloat16", 8123)
-    assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).first_compiles_alone is False
+    assert cfg.first_compiles_alone is False
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "first_compiles_alone": True}, "bfloat16", 8123)
+    assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).first_compiles_alone is True

@@ -1040,8 +1040,8 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
                   "--max-num-batched-tokens", str(e["max_num_batched_tokens"]), "--max-model-len",
                   str(e["max_model_len"]), "--num-pages", str(e["num_pages"]), "--page-size", str(e["page_size"]),
                   "--shutdown-grace", "5", "--log-level", "warning"]
-    if e.get("first_compiles_alone") is False:
-        serve_args.append("--first-compiles-together")
+    if e.get("first_compiles_alone"):
+        serve_args.append("--first-compiles-alone")
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
                "--page-buckets", ",".join(map(str, e["page_buckets"]))]
     return serve_args, buckets

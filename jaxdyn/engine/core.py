@@ -53,7 +53,7 @@ class EngineConfig:
     seed: int | None = None                  # seeds unseeded requests' draws (None: random)
     enable_prefix_caching: bool = True       # radix prefix cache over whole KV pages
     warmup_threads: int | None = None        # executables compiled at once (None: by device, see runner)
-    first_compiles_alone: bool = True        # each bucket's first variant compiled alone (RunnerConfig)
+    first_compiles_alone: bool = False       # each bucket's first variant compiled alone (RunnerConfig)
     executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
     split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
     xla_dot_merger: bool = False             # XLA's dot merger on for the steps (RunnerConfig: off, it copies weights)

@@ -52,6 +52,6 @@ def test_serve_prefix_cache_is_on_by_default_and_can_be_turned_off():
 
 def test_serve_compiles_first_steps_alone_unless_told_otherwise():
     from serving.cli import _engine_config, build_parser
-    assert _engine_config(build_parser().parse_args(["serve"])).first_compiles_alone is True
-    args = build_parser().parse_args(["serve", "--first-compiles-together"])
-    assert _engine_config(args).first_compiles_alone is False
+    assert _engine_config(build_parser().parse_args(["serve"])).first_compiles_alone is False
+    args = build_parser().parse_args(["serve", "--first-compiles-alone"])
+    assert _engine_config(args).first_compiles_alone is True
