@@ -112,6 +112,15 @@ def prune(directory: str, keep: int = KEEP_FINGERPRINTS) -> list[str]:
     return removed
 
 
+_said_cpu = False
+
+
+def jax_cache_in_use() -> bool:
+    """Whether JAX's persistent compilation cache is on in this process (a directory set, the cache enabled)."""
+    import jax
+    return bool(jax.config.jax_compilation_cache_dir) and bool(jax.config.jax_enable_compilation_cache)
+
+
 @dataclasses.dataclass
 class ExecutableCache:
     """Compiled steps of one fingerprint in ``directory/fingerprint/``; ``devices``: where they run."""
@@ -145,8 +154,19 @@ class ExecutableCache:
             return None
 
     def save(self, name: str, compiled: jax.stages.Compiled) -> bool:
-        """Write ``compiled`` as ``name`` (atomically); False, with a warning, if it cannot be."""
+        """Write ``compiled`` as ``name`` (atomically); False, with a warning, if it cannot be. On the CPU
+        with JAX's persistent compilation cache in use, nothing is written (False; said once in the log):
+        there ``compiled`` may have been loaded from JAX's cache, and such an executable, serialized and
+        loaded again, fails when it runs ("NOT_FOUND: Function ..._fusion not found", jax 0.10.2), so a later
+        start would load a step that cannot run. JAX's cache still keeps the compilation."""
         from jax.experimental import serialize_executable
+        if self.devices[0].platform == "cpu" and jax_cache_in_use():
+            global _said_cpu
+            if not _said_cpu:
+                _said_cpu = True
+                log.info("executable cache: not saving on the CPU while JAX's persistent compilation cache is "
+                         "in use (an executable loaded from it cannot be saved again)")
+            return False
         try:
             blob, in_tree, out_tree = serialize_executable.serialize(compiled)
             if not os.path.isdir(self.path):

@@ -118,8 +118,10 @@ def test_jaxdyn_serve_with_no_arguments_serves_the_demo_in_chat():
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(
+        # the demo's own dtype (bfloat16); one token and one page bucket, so the CPU compiles 3 steps, not 27
         [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--max-num-seqs", "4",
-         "--max-num-batched-tokens", "64", "--max-model-len", "256", "--log-level", "warning"],
+         "--max-num-batched-tokens", "64", "--max-model-len", "256", "--token-buckets", "64",
+         "--page-buckets", "16", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -24,6 +24,20 @@ CFG = RunnerConfig(num_pages=32, page_size=16, max_num_batched_tokens=16, max_nu
 STEPS = 3     # one (tokens, pages) shape x the three sampler variants
 
 
+@pytest.fixture(autouse=True)
+def without_jax_cache():
+    """These tests save executables: on the CPU that is done only with JAX's persistent cache off (the test
+    run turns it on in conftest)."""
+    import jax
+    from jax._src import compilation_cache
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", was)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = make_hf_checkpoint("llama3.1", str(tmp_path_factory.mktemp("llama")))
@@ -155,3 +169,35 @@ def test_a_new_fingerprint_prunes_the_oldest_and_a_hit_counts_as_use(model, tmp_
     again = _runner(model, tmp_path)
     again.warmup()
     assert again.executables_loaded == STEPS and os.stat(tmp_path / key).st_mtime > 2000
+
+
+def test_on_the_cpu_with_jax_s_cache_on_nothing_is_saved_and_steps_run(model, tmp_path):
+    """An executable JAX's cache loaded cannot be serialized and loaded again on the CPU (it fails when it
+    runs): with that cache on, warm-up saves nothing there, and a runner whose steps JAX's cache served
+    computes what a runner that compiled them does."""
+    import jax
+    from jax._src import compilation_cache
+    base = _runner(model, tmp_path / "off")          # JAX's cache off (the fixture): compiled and saved
+    base.warmup()
+    assert len(_files(tmp_path / "off")) == STEPS
+    want = _tokens(base)
+    old_dir, old_min = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    try:
+        assert executable_cache.jax_cache_in_use()
+        for name in ("compiles", "served by JAX's cache"):
+            runner = _runner(model, tmp_path / name)
+            runner.warmup()
+            assert runner.executables_loaded == 0
+            assert not os.path.exists(tmp_path / name) or _files(tmp_path / name) == [], name
+            assert _tokens(runner) == want, name
+        assert os.listdir(tmp_path / "jax")               # JAX's cache kept the compilations
+        later = _runner(model, tmp_path / "served by JAX's cache")     # a later start: it runs
+        later.warmup()
+        assert _tokens(later) == want
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
