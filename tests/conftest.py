@@ -2,11 +2,14 @@
 
 import os
 
-# Must be set before jax initialises its CPU backend. LLVM's optimisation level 0: the tests' programs
-# are small and compiling them is most of the suite's time (the demo engine's warm-up 52 -> 37 s on 2
-# cores); XLA, not LLVM, decides the floating-point order, so the numbers are the same.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
+# Must be set before jax initialises its CPU backend. On a machine without an NVIDIA GPU, LLVM's
+# optimisation level 0: the tests' programs are small and compiling them is most of the suite's time (the
+# demo engine's warm-up 52 -> 37 s on 2 cores); XLA, not LLVM, decides the floating-point order, so the
+# numbers are the same. (On a GPU machine the flag would also leave the GPU kernels unoptimised.)
+_flags = " --xla_force_host_platform_device_count=8"
+if not os.path.exists("/dev/nvidiactl"):
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _flags).strip()
 
 # One JAX compilation cache for the whole run, the subprocesses the tests start included: many tests build
 # the same small engines (the demo's, the tiny preset's), and each build compiled every step again.
