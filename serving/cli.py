@@ -145,8 +145,7 @@ def _engine_fields(args) -> dict:
     return dict(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
-                split_steps=getattr(args, "split_steps", None),
-                first_compiles_alone=getattr(args, "first_compiles_alone", False), **buckets)
+                split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone, **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

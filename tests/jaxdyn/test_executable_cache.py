@@ -2,6 +2,7 @@
 loads them (nothing traced or compiled) and computes the same tokens; anything that changes the
 executable changes the fingerprint; a file that cannot be loaded is compiled again and rewritten."""
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,18 +25,33 @@ CFG = RunnerConfig(num_pages=32, page_size=16, max_num_batched_tokens=16, max_nu
 STEPS = 3     # one (tokens, pages) shape x the three sampler variants
 
 
+@contextlib.contextmanager
+def jax_cache(directory):
+    """JAX's persistent compilation cache in ``directory`` (None: off) for the block, then as it was."""
+    import jax
+    from jax._src import compilation_cache
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    was = {n: getattr(jax.config, n) for n in names}
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+    else:
+        for n, v in zip(names, (True, str(directory), 0)):
+            jax.config.update(n, v)
+    compilation_cache.reset_cache()          # JAX decides once whether its cache is used: ask again
+    try:
+        yield
+    finally:
+        for n, v in was.items():
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+
+
 @pytest.fixture(autouse=True)
 def without_jax_cache():
     """These tests save executables: on the CPU that is done only with JAX's persistent cache off (the test
     run turns it on in conftest)."""
-    import jax
-    from jax._src import compilation_cache
-    was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_enable_compilation_cache", was)
-    compilation_cache.reset_cache()
+    with jax_cache(None):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +191,11 @@ def test_on_the_cpu_with_jax_s_cache_on_nothing_is_saved_and_steps_run(model, tm
     """An executable JAX's cache loaded cannot be serialized and loaded again on the CPU (it fails when it
     runs): with that cache on, warm-up saves nothing there, and a runner whose steps JAX's cache served
     computes what a runner that compiled them does."""
-    import jax
-    from jax._src import compilation_cache
     base = _runner(model, tmp_path / "off")          # JAX's cache off (the fixture): compiled and saved
     base.warmup()
     assert len(_files(tmp_path / "off")) == STEPS
     want = _tokens(base)
-    old_dir, old_min = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()
-    try:
+    with jax_cache(tmp_path / "jax"):
         assert executable_cache.jax_cache_in_use()
         for name in ("compiles", "served by JAX's cache"):
             runner = _runner(model, tmp_path / name)
@@ -198,6 +207,3 @@ def test_on_the_cpu_with_jax_s_cache_on_nothing_is_saved_and_steps_run(model, tm
         later = _runner(model, tmp_path / "served by JAX's cache")     # a later start: it runs
         later.warmup()
         assert _tokens(later) == want
-    finally:
-        jax.config.update("jax_compilation_cache_dir", old_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
