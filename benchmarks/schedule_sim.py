@@ -18,9 +18,10 @@ held real tokens, and each one's time as a ratio to the first (the suite's engin
 
 costs each step from a table of measured step costs instead (ms a step of each token bucket, back to back:
 what ``jaxdyn serve`` / the offline suite measure at warm-up and print), with the engine's 1,024 sequences,
-whole steps and split steps (``ModelRunner.plan``: the cheapest set of buckets that holds the step), and
-a bound: an engine whose every step costs exactly its tokens at the largest bucket's rate a token, never
-less than ``--floor-ms`` (the one-sequence decode step measured on the device), plus the decode rows' KV
+whole steps and split steps (``ModelRunner.plan``: the cheapest set of buckets that holds the step), steps
+without padding (a bucket of every size, each costed by linear interpolation between the measured buckets: what
+buckets alone could win at these costs), and a bound: an engine whose every step costs exactly its tokens at
+the largest bucket's rate a token, never less than ``--floor-ms`` (the one-sequence decode step measured on the device), plus the decode rows' KV
 read at ``--kv-tb-s``.
 """
 
@@ -105,9 +106,19 @@ def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, flo
         single = next(b for b in buckets if b >= tokens)
         return min([costs[single]] + [costs[b] + split(tokens - b) for b in buckets if b < single])
 
+    def unpadded(tokens: int) -> float:
+        """The cost of a step of exactly ``tokens`` rows: the measured costs interpolated linearly between
+        buckets (no less than the smallest bucket's)."""
+        if tokens <= buckets[0]:
+            return costs[buckets[0]]
+        hi = next(b for b in buckets if b >= tokens)
+        lo = max(b for b in buckets if b < hi) if hi != buckets[0] else hi
+        return costs[lo] + (costs[hi] - costs[lo]) * (tokens - lo) / (hi - lo)
+
     rate = costs[buckets[-1]] / buckets[-1]
     models = (("whole steps", lambda t: costs[next(b for b in buckets if b >= t)]),
               ("split steps", split),
+              ("no padding: every step its own tokens, its cost interpolated between the buckets'", unpadded),
               (f"bound: every step its tokens x {rate:.4f} ms, at least {floor_ms} ms", lambda t: max(floor_ms, rate * t)))
     out = []
     global step_ms

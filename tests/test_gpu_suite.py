@@ -139,3 +139,28 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
     assert cfg.first_compiles_alone is False
     flags, buckets = serve_flags("/m", "x", {**ENGINE, "first_compiles_alone": True}, "bfloat16", 8123)
     assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).first_compiles_alone is True
+
+
+def test_measured_runs_order_whole_split_unpadded_bound():
+    from benchmarks.schedule_sim import measured_runs
+    prompts, outputs = [40, 7, 300, 12, 90, 33], [5, 1, 9, 30, 60, 2]
+    costs = {4: 1.0, 16: 1.5, 64: 5.0}
+    runs = measured_runs(prompts, outputs, costs, kv_tb_s=4.0, floor_ms=1.0, max_seqs=8)
+    labels = [label for label, _ in runs]
+    assert labels[0] == "whole steps" and labels[1] == "split steps" and labels[2].startswith("no padding")
+    whole, split, unpadded, bound = (s for _, s in runs)
+    # a bucket of every size is never dearer than padding to the measured ones, whole or split
+    assert unpadded <= split <= whole and unpadded < whole
+    assert bound <= unpadded           # the largest bucket's rate a token is the cheapest of these costs
+
+
+def test_unpadded_costs_interpolate_between_buckets():
+    from benchmarks import schedule_sim
+    # one request of 40 prompt tokens and one output token: the simulation's prompt step of 40 tokens, then
+    # one decode step (1 token, the smallest bucket's cost, and the KV read of the 40 tokens before it)
+    runs = dict(schedule_sim.measured_runs([40], [1], {16: 1.5, 64: 5.0}, kv_tb_s=4.0, floor_ms=1.0))
+    kv_ms = 40 * schedule_sim.KV_BYTES_PER_TOKEN / 4e12 * 1e3
+    unpadded = next(s for label, s in runs.items() if label.startswith("no padding"))
+    # 40 tokens lie halfway between the buckets 16 and 64: 1.5 + (5.0 - 1.5) / 2 ms
+    assert unpadded * 1e3 == pytest.approx(3.25 + 1.5 + kv_ms, rel=1e-6)
+    assert runs["whole steps"] * 1e3 == pytest.approx(5.0 + 1.5 + kv_ms, rel=1e-6)

@@ -49,3 +49,5 @@ def test_top_kernels_outside_gemm_and_attention():
     top = pr.top_kernels(events, steps=2, n=2)
     assert top == [("other", "loop_add_fusion", 2.0, 1.0), ("other", "loop_rope_fusion", 1.0, 0.5)]
     assert ("kv write", "input_scatter_fusion", 0.25, 0.5) in pr.top_kernels(events, steps=2)
+    # the matrix-product table takes the gemm kind alone
+    assert pr.top_kernels(events, steps=2, kinds=("gemm",)) == [("gemm", "gemm_fusion_dot", 4.5, 0.5)]

@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")
-    ap.add_argument("--hlo", action="store_true", help="write the largest bucket's optimized HLO in --out too")
+    ap.add_argument("--hlo", nargs="?", const="largest", default=None, metavar="BUCKETS",
+                    help="write optimized HLO in --out too: the largest bucket's, or of each token bucket listed "
+                         "(comma-separated)")
     ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
@@ -140,6 +142,13 @@ def main(argv=None) -> int:
     from serving.bench import datasets, offline
 
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
+    if args.hlo not in (None, "largest"):     # checked before the model loads
+        try:
+            hlo_buckets = [int(b) for b in args.hlo.split(",")]
+        except ValueError:
+            ap.error(f"--hlo: expected token buckets separated by commas, got {args.hlo!r}")
+        if missing := [b for b in hlo_buckets if b not in engine_cfg["token_buckets"]]:
+            ap.error(f"--hlo: {missing} not among the token buckets {engine_cfg['token_buckets']}")
     scratch = args.out if args.out and args.keep_traces else tempfile.mkdtemp()
     path = model_dir(args.model, tempfile.mkdtemp())
     t0 = time.perf_counter()
@@ -153,12 +162,14 @@ def main(argv=None) -> int:
 
     mc = engine.model_config
     runner = engine.runner
+    if args.hlo == "largest":
+        hlo_buckets = [runner.token_buckets[-1]]
     if args.out and args.hlo:
         from jaxdyn.engine.sampler import VARIANTS
         os.makedirs(args.out, exist_ok=True)
-        t = runner.token_buckets[-1]
-        with open(os.path.join(args.out, f"step_{t}.hlo.txt"), "w") as f:
-            f.write(runner._compile(t, runner.page_buckets[0], VARIANTS[0]).as_text())
+        for t in hlo_buckets:
+            with open(os.path.join(args.out, f"step_{t}.hlo.txt"), "w") as f:
+                f.write(runner._compile(t, runner.page_buckets[0], VARIANTS[0]).as_text())
     itemsize = 2
     matmul_params = layers_matmul_params(mc)
     head_params = mc.hidden_size * mc.vocab_size
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
           f"{summary['output_throughput']:.0f} output tok/s" + (" (perturbed by the traces)" if windows else ""),
           flush=True)
 
-    rows, tops = [], []
+    rows, tops, gemms = [], [], []
     for w, trace_dir, calls in state["done"]:
         events = kernel_events(trace_dir)
         if not calls:
@@ -254,6 +265,7 @@ def main(argv=None) -> int:
                              bandwidth=bandwidth, matmul=matmul)
         rows.append((f"{w[0]}-{w[1]}", r))
         tops.append((f"{w[0]}-{w[1]}", top_kernels(events, r["steps"])))
+        gemms.append((f"{w[0]}-{w[1]}", r["rows"], top_kernels(events, r["steps"], n=12, kinds=("gemm",))))
     keys = list(rows[0][1]) if rows else []
     lines = [f"{args.dataset}, {args.num_prompts} prompts, engine {engine_cfg}; copy bandwidth "
              f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s (this process); the run "
@@ -272,6 +284,15 @@ def main(argv=None) -> int:
                   "", "| window | kind | kernel | ms / step | launches / step |", "|---|---|---|---:|---:|"]
         for label, top in tops:
             lines += [f"| {label} | {kind} | `{name[:80]}` | {ms:.3f} | {n:.0f} |" for kind, name, ms, n in top]
+    if gemms:
+        # each kernel's weight bytes read at its launches' rate: which products of a bucket are under the
+        # bandwidth (skinny) or the matmul rate, by name (Triton fusions name the product, cuBLAS its tiling)
+        lines += ["", "The matrix-product kernels that took the most time, per engine step (rows: the step's bucket "
+                  "rows):", "", "| window | rows | kernel | ms / step | launches / step | µs / launch |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for label, nrows, top in gemms:
+            lines += [f"| {label} | {nrows:.0f} | `{name[:80]}` | {ms:.3f} | {n:.0f} | {ms / n * 1e3:.1f} |"
+                      for _, name, ms, n in top if n]
     lines += ["", "The engine loop by running sequences (every step of the run; host: the step's time outside waiting for "
               "the device; wait: blocked on the device; a step that did not wait at all found its result ready, "
               "the device having idled for the host):", "",
