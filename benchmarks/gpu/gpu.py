@@ -56,17 +56,17 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 )
 
 # One engine shape for serve and offline (the same compiled steps, so offline loads the server's from the
-# executable cache): a page bucket of the whole model length and six token buckets. Up to 1,024 sequences: with
-# 1,000 ShareGPT-shaped requests all are admitted at once, and few prompts wait per freed slot. The 256 bucket
-# cuts the padding of steps of 129-256 tokens: offline ShareGPT-shaped on the H200, the same call, 11,392 output
-# tok/s with 16/128/256/512/1024/2048 against 10,940 with 16/128/512/2048 (``benchmarks/gpu/ab_offline.py``,
-# 2026-12-03). The 1,024 bucket stays: without it a later call measured 11,052 (``schedule_sim`` had given the
-# same 17.2 s either way), and since every step now compiles at once at warm-up (``first_compiles_alone`` off)
-# a bucket costs the cold start little: 29.7 s with five buckets against 51.2 s compiling the first ones alone.
-# 40,960 pages of 16 tokens (80 GiB in the 8B shape,
-# beside 16 GB of weights).
+# executable cache): a page bucket of the whole model length and ten token buckets. Up to 1,024 sequences: with
+# 1,000 ShareGPT-shaped requests all are admitted at once, and few prompts wait per freed slot. The buckets
+# between the powers of two (192, 384, 768) and 64 cut the padding of decode steps, a small gain: offline
+# ShareGPT-shaped on the H200, the same call, 11,382 output tok/s (median of two) against 11,088 with
+# 16/128/256/512/1024/2048, 1.027x, near the 1.9 % spread of repeated runs (``benchmarks/gpu/ab_offline.py``,
+# 2026-12-03); ``schedule_sim`` with the measured costs gives 16.9 s against 17.0 s, and 16.4 s for a bucket of
+# every size. Every step compiles at once at warm-up (``first_compiles_alone`` off), so the four more buckets
+# cost the cold start 11 s: 52.3 s against 41.2 s with six.
+# 40,960 pages of 16 tokens (80 GiB in the 8B shape, beside 16 GB of weights).
 ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
-              token_buckets=[16, 128, 256, 512, 1024, 2048], page_buckets=[128])
+              token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128])
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.
 CALLS = (("serve", "offline"), ("host", "step", "kernels", "ceiling"))
