@@ -122,6 +122,12 @@ class RunnerConfig:
     # are arguments of the step: a 48 MiB copy a layer every step on the 8B shape, 0.8 ms a step on an H200
     # whatever its tokens (``benchmarks/gpu/profile_run.py``). False: the pass is off for the steps.
     xla_dot_merger: bool = False
+    # Each residual add and the RMSNorm after it as one kernel on the GPU (``pallas_kernels.add_rmsnorm``;
+    # ``LlamaForCausalLM(..., fused_add_norm=True)``): XLA leaves the add outside its norm fusion, four kernels
+    # a layer and the sum written and read back (8B shape on an H200: adds and norms 0.24 ms of a 16-row step,
+    # 0.54 ms of a 768-row one, ``benchmarks/gpu/profile_run.py``). The same numbers either way. Off until
+    # measured on the GPU.
+    fused_add_norm: bool = False
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -361,6 +367,7 @@ class ModelRunner:
         its jaxpr reused by the other variants' steps (tracing the unrolled 32-layer model is most
         of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
         graphdef, state_treedef = self.graphdef, self.state_treedef
+        fused_add_norm = self.config.fused_add_norm
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)
@@ -368,7 +375,7 @@ class ModelRunner:
             token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
             token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop", unique_indices=True)
             model = nnx.merge(graphdef, state)
-            kv_cache, hidden = model(kv_cache, token_ids, md)
+            kv_cache, hidden = model(kv_cache, token_ids, md, fused_add_norm=fused_add_norm)
             return kv_cache, token_pages, model.compute_logits(hidden[logits_rows])   # f32[S, vocab]
 
         return jax.jit(forward)

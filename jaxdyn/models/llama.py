@@ -17,6 +17,7 @@ as one (``merge_qkv``; the loaders merge them). Layers are unrolled in Python: a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,6 +29,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
+from pallas_kernels.add_rmsnorm import add_rmsnorm
+from pallas_kernels.paged_decode import on_gpu
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -70,6 +73,17 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def add_and_norm(norm: RMSNorm, x: jax.Array, delta: jax.Array, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """(x + delta, norm(x + delta)) in one kernel on the GPU (``pallas_kernels.add_rmsnorm``); the same
+    numbers as ``x + delta`` and ``norm`` of it. The rows are whole on every device (tensor parallelism
+    splits heads and the MLP's width, not the hidden size), so with several devices each runs the kernel on
+    its own copy."""
+    fn = functools.partial(add_rmsnorm, eps=norm.eps)
+    if mesh.size > 1 and on_gpu():
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()), check_vma=False)
+    return fn(x, delta, norm.weight[...])
 
 
 class Embed(nnx.Module):
@@ -217,6 +231,7 @@ class DecoderLayer(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, mesh: Mesh, dtype=jnp.bfloat16):
         self.config = cfg
+        self.mesh = mesh
         self.dtype = jnp.dtype(dtype)
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg.rope, cfg.head_dim))
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
@@ -228,16 +243,29 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
-    def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata
-                 ) -> tuple[KVCache, jax.Array]:
-        """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size])."""
+    def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
+                 fused_add_norm: bool = False) -> tuple[KVCache, jax.Array]:
+        """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
+
+        ``fused_add_norm``: each residual add and the norm after it (the next layer's input norm, or the
+        final one) as one kernel on the GPU (``add_and_norm``); the same numbers either way."""
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []
-        for layer, kv in zip(self.layers, kv_cache):
-            kv, x = layer(kv, x, md, cos, sin)
+        if not fused_add_norm:
+            for layer, kv in zip(self.layers, kv_cache):
+                kv, x = layer(kv, x, md, cos, sin)
+                new_cache.append(kv)
+            return new_cache, self.norm(x)
+        layers = list(self.layers)
+        h = layers[0].input_layernorm(x)
+        for i, (layer, kv) in enumerate(zip(layers, kv_cache)):
+            kv, attn = layer.self_attn(kv, h, md, cos, sin)
+            x, h = add_and_norm(layer.post_attention_layernorm, x, attn, self.mesh)
+            after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            x, h = add_and_norm(after, x, layer.mlp(h), self.mesh)
             new_cache.append(kv)
-        return new_cache, self.norm(x)
+        return new_cache, h
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [N, hidden_size] -> f32[N, vocab_size]."""

@@ -406,14 +406,26 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
     assert runner.tokens_run == runner.rows_run == 0
 
 
-def test_steps_compiled_with_and_without_the_dot_merger_draw_the_same(loaded):
-    """The steps compile with XLA's dot merger off by default (``RunnerConfig.xla_dot_merger``; an option
-    name XLA did not know would fail the compile); prompts, then decode tokens fed on the device, seeded
-    sampling with logprobs, give the same tokens, logprobs and KV with it on."""
+@pytest.mark.parametrize("option", ["xla_dot_merger", "fused_add_norm"])
+def test_steps_with_and_without_an_option_draw_the_same(loaded, option, monkeypatch):
+    """Options that must not change the numbers: XLA's dot merger (off by default,
+    ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile) and the fused
+    residual add and norm (``fused_add_norm``; here its Pallas kernel runs in interpret mode, as it runs on
+    the GPU). Prompts, then decode tokens fed on the device, seeded sampling with logprobs, give the same
+    tokens, logprobs and KV with the option on."""
+    import jaxdyn.models.llama as llama
+    from pallas_kernels.add_rmsnorm import add_rmsnorm
+    calls = []
+
+    def interpret(*a, **k):
+        calls.append(1)
+        return add_rmsnorm(*a, **k, impl="interpret")
+
+    monkeypatch.setattr(llama, "add_rmsnorm", interpret)
     mesh, model = loaded
     cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False)
     off = ModelRunner(model.graphdef, model.state, mesh, cfg)
-    on = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, xla_dot_merger=True))
+    on = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, **{option: True}))
     off.warmup()
     on.warmup()
     rng = np.random.default_rng(5)
@@ -441,6 +453,8 @@ def test_steps_compiled_with_and_without_the_dot_merger_draw_the_same(loaded):
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(a.top_ids, b.top_ids)
     np.testing.assert_allclose(results["off"][1], results["on"][1], rtol=1e-6, atol=1e-6)
+    # the fused kernel ran, in every layer (two a layer, per traced shape), and only with its option on
+    assert (len(calls) > 0) == (option == "fused_add_norm")
 
 
 # ---- compiling while the weights load ---------------------------------------------------------------
