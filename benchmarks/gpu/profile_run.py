@@ -285,8 +285,8 @@ def main(argv=None) -> int:
         for label, top in tops:
             lines += [f"| {label} | {kind} | `{name[:80]}` | {ms:.3f} | {n:.0f} |" for kind, name, ms, n in top]
     if gemms:
-        # each kernel's weight bytes read at its launches' rate: which products of a bucket are under the
-        # bandwidth (skinny) or the matmul rate, by name (Triton fusions name the product, cuBLAS its tiling)
+        # which kernels XLA picked for a bucket's products and what each costs a launch (Triton fusions are
+        # named by the product, cuBLAS kernels by their tiling)
         lines += ["", "The matrix-product kernels that took the most time, per engine step (rows: the step's bucket "
                   "rows):", "", "| window | rows | kernel | ms / step | launches / step | µs / launch |",
                   "|---|---:|---|---:|---:|---:|"]
