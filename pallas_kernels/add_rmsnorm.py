@@ -9,8 +9,11 @@ This kernel reads the residual and the addend once and writes both the new resid
     s = x + delta                          # rounded to x's dtype: the residual stream, as the unfused model
     h = s * rsqrt(mean(s^2) + eps) * w     # in float32, rounded once (``jaxdyn.models.llama.RMSNorm``)
 
-Each program normalises ``block_rows`` rows of the ``[T, D]`` arrays. ``D`` must be a power of two (Triton's
-block shapes); ``add_rmsnorm`` takes the ``jax.numpy`` reference for other widths and off the GPU.
+Each program normalises ``block_rows`` rows of the ``[T, D]`` arrays, with enough warps that a thread holds about
+32 float32 values of them (they stay live across the row's sum). ``D`` must be a power of two (Triton's block
+shapes); ``add_rmsnorm`` takes the ``jax.numpy`` reference for other widths and off the GPU. The sum is the
+same; the norm's mean of squares may be summed in another order than XLA's, so a normalised value can differ
+from the unfused model's in its last bit.
 """
 
 from __future__ import annotations
@@ -56,14 +59,23 @@ def kernel_supported(width: int) -> bool:
     return width >= 16 and width & (width - 1) == 0
 
 
+def warps_for(rows: int, width: int) -> int:
+    """Warps of a program of ``rows`` x ``width`` values: about 32 float32 values a thread, 1 to 16 warps."""
+    return min(16, max(1, rows * width // 1024))
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps"))
 def add_rmsnorm_kernel(x: jax.Array, delta: jax.Array, weight: jax.Array, *, eps: float,
-                       interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
-    """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference."""
+                       interpret: bool = False, num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference. ``num_warps``:
+    None for ``warps_for`` the program's block."""
     t, d = x.shape
     if not kernel_supported(d):
         raise ValueError(f"add_rmsnorm_kernel: width {d} is not a power of two of at least 16")
+    if t == 0:                      # no program to launch
+        return x + delta.astype(x.dtype), x
     br = block_rows(t)
+    num_warps = num_warps or warps_for(br, d)
     row = pl.BlockSpec((br, d), lambda i: (i, 0))
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps),

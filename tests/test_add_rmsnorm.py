@@ -53,3 +53,12 @@ def test_rows_per_program_and_widths():
     np.testing.assert_array_equal(np.asarray(h), np.asarray(add_rmsnorm_reference(x, delta, w, eps=1e-5)[1]))
     with pytest.raises(ValueError, match="impl must be"):
         add_rmsnorm(x, delta, w, eps=1e-5, impl="cuda")
+
+
+def test_warps_and_an_empty_batch():
+    from pallas_kernels.add_rmsnorm import add_rmsnorm_kernel, warps_for
+    assert [warps_for(br, 4096) for br in (1, 2, 4)] == [4, 8, 16]
+    assert warps_for(1, 64) == 1 and warps_for(8, 8192) == 16
+    x, delta, w = _inputs(1, 64, jnp.float32)
+    s, h = add_rmsnorm_kernel(x[:0], delta[:0], w, eps=1e-5, interpret=True)
+    assert s.shape == h.shape == (0, 64)

@@ -125,8 +125,8 @@ class RunnerConfig:
     # Each residual add and the RMSNorm after it as one kernel on the GPU (``pallas_kernels.add_rmsnorm``;
     # ``LlamaForCausalLM(..., fused_add_norm=True)``): XLA leaves the add outside its norm fusion, four kernels
     # a layer and the sum written and read back (8B shape on an H200: adds and norms 0.24 ms of a 16-row step,
-    # 0.54 ms of a 768-row one, ``benchmarks/gpu/profile_run.py``). The same numbers either way. Off until
-    # measured on the GPU.
+    # 0.54 ms of a 768-row one, ``benchmarks/gpu/profile_run.py``). The same residual stream; the norm's sum in
+    # another order than XLA's, so a normalised value may differ in its last bit. Off until measured on the GPU.
     fused_add_norm: bool = False
 
     def __post_init__(self):

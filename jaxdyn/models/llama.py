@@ -76,8 +76,8 @@ class RMSNorm(nnx.Module):
 
 
 def add_and_norm(norm: RMSNorm, x: jax.Array, delta: jax.Array, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-    """(x + delta, norm(x + delta)) in one kernel on the GPU (``pallas_kernels.add_rmsnorm``); the same
-    numbers as ``x + delta`` and ``norm`` of it. The rows are whole on every device (tensor parallelism
+    """(x + delta, norm(x + delta)) in one kernel on the GPU (``pallas_kernels.add_rmsnorm``): the same sum,
+    and the norm up to the order of its mean's sum (the last bit). The rows are whole on every device (tensor parallelism
     splits heads and the MLP's width, not the hidden size), so with several devices each runs the kernel on
     its own copy."""
     fn = functools.partial(add_rmsnorm, eps=norm.eps)
@@ -248,7 +248,8 @@ class LlamaForCausalLM(nnx.Module):
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``fused_add_norm``: each residual add and the norm after it (the next layer's input norm, or the
-        final one) as one kernel on the GPU (``add_and_norm``); the same numbers either way."""
+        final one) as one kernel on the GPU (``add_and_norm``); the same numbers up to the order of the norms'
+        sums."""
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []
