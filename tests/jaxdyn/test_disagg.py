@@ -178,8 +178,19 @@ def test_timed_out_remote_prefill_ends_with_an_error(disagg):
     _check_clean(disagg)
 
 
-def test_async_stream_over_disagg_first_token_then_rest(disagg):
+def test_async_stream_over_disagg_first_token_then_rest(disagg, monkeypatch):
+    """The engine sends the prefill's first token alone, then the decode's; the stream may merge what a slow
+    reader left queued (``AsyncEngine.stream``), so the first-token check reads the engine's own outputs."""
     prompts = _prompts(4)
+    sent = []
+    step = disagg.step
+
+    def recording_step():
+        outs = step()
+        sent.extend(o for o in outs if o.request_id == "as1")
+        return outs
+
+    monkeypatch.setattr(disagg, "step", recording_step)
 
     async def main():
         eng = AsyncEngine(disagg)
@@ -191,8 +202,11 @@ def test_async_stream_over_disagg_first_token_then_rest(disagg):
         return outs
 
     outs = asyncio.run(main())
-    assert outs[0].outputs[0].token_ids and len(outs[0].outputs[0].token_ids) == 1   # first token alone
+    assert len(sent[0].outputs[0].token_ids) == 1 and not sent[0].finished    # first token alone
+    assert len(sent) > 1                                                      # the rest after it
+    assert outs[0].outputs[0].token_ids
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
+    assert outs[-1].outputs[0].token_ids == sent[-1].outputs[0].token_ids
     _check_clean(disagg)
 
 
