@@ -21,8 +21,8 @@ what ``jaxdyn serve`` / the offline suite measure at warm-up and print), with th
 whole steps and split steps (``ModelRunner.plan``: the cheapest set of buckets that holds the step), steps
 without padding (a bucket of every size, each costed by linear interpolation between the measured buckets: what
 buckets alone could win at these costs), and a bound: an engine whose every step costs exactly its tokens at
-the largest bucket's rate a token, never less than ``--floor-ms`` (the one-sequence decode step measured on the device), plus the decode rows' KV
-read at ``--kv-tb-s``.
+the largest bucket's rate a token, never less than ``--floor-ms`` (the one-sequence decode step measured on the
+device), plus the decode rows' KV read at ``--kv-tb-s``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, flo
         if tokens <= buckets[0]:
             return costs[buckets[0]]
         hi = next(b for b in buckets if b >= tokens)
-        lo = max(b for b in buckets if b < hi) if hi != buckets[0] else hi
+        lo = max(b for b in buckets if b < hi)
         return costs[lo] + (costs[hi] - costs[lo]) * (tokens - lo) / (hi - lo)
 
     rate = costs[buckets[-1]] / buckets[-1]

@@ -29,22 +29,25 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.paged_decode import on_gpu
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, the weight multiplied in float32 before the one rounding to x's dtype (the
+    model's ``RMSNorm``, this kernel's body and its reference share it)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
 def add_rmsnorm_reference(x: jax.Array, delta: jax.Array, weight: jax.Array, *, eps: float
                           ) -> tuple[jax.Array, jax.Array]:
     """(x + delta, RMSNorm(x + delta) * weight), both in x's dtype; x, delta: [T, D], weight: [D]."""
     s = x + delta.astype(x.dtype)
-    sf = s.astype(jnp.float32)
-    sf = sf * lax.rsqrt(jnp.mean(sf * sf, axis=-1, keepdims=True) + eps)
-    return s, (sf * weight.astype(jnp.float32)).astype(x.dtype)
+    return s, rms_norm(s, weight, eps)
 
 
 def _kernel(x_ref, d_ref, w_ref, s_ref, h_ref, *, eps: float):
-    s = (x_ref[...] + d_ref[...].astype(x_ref.dtype))
+    s = x_ref[...] + d_ref[...].astype(x_ref.dtype)
     s_ref[...] = s
-    sf = s.astype(jnp.float32)
-    ms = jnp.mean(sf * sf, axis=-1, keepdims=True)
-    h = sf * lax.rsqrt(ms + eps) * w_ref[...].astype(jnp.float32)[None, :]
-    h_ref[...] = h.astype(h_ref.dtype)
+    h_ref[...] = rms_norm(s, w_ref[...], eps)
 
 
 def block_rows(num_rows: int, cap: int = 4) -> int:
@@ -73,7 +76,7 @@ def add_rmsnorm_kernel(x: jax.Array, delta: jax.Array, weight: jax.Array, *, eps
     if not kernel_supported(d):
         raise ValueError(f"add_rmsnorm_kernel: width {d} is not a power of two of at least 16")
     if t == 0:                      # no program to launch
-        return x + delta.astype(x.dtype), x
+        return add_rmsnorm_reference(x, delta, weight, eps=eps)
     br = block_rows(t)
     num_warps = num_warps or warps_for(br, d)
     row = pl.BlockSpec((br, d), lambda i: (i, 0))

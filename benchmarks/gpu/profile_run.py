@@ -142,7 +142,10 @@ def main(argv=None) -> int:
     from serving.bench import datasets, offline
 
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
-    if args.hlo not in (None, "largest"):     # checked before the model loads
+    hlo_buckets = []                          # checked before the model loads
+    if args.hlo == "largest":
+        hlo_buckets = [max(engine_cfg["token_buckets"])]
+    elif args.hlo is not None:
         try:
             hlo_buckets = [int(b) for b in args.hlo.split(",")]
         except ValueError:
@@ -162,9 +165,7 @@ def main(argv=None) -> int:
 
     mc = engine.model_config
     runner = engine.runner
-    if args.hlo == "largest":
-        hlo_buckets = [runner.token_buckets[-1]]
-    if args.out and args.hlo:
+    if args.out and hlo_buckets:
         from jaxdyn.engine.sampler import VARIANTS
         os.makedirs(args.out, exist_ok=True)
         for t in hlo_buckets:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
-from pallas_kernels.add_rmsnorm import add_rmsnorm
+from pallas_kernels.add_rmsnorm import add_rmsnorm, rms_norm
 from pallas_kernels.paged_decode import on_gpu
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -70,16 +70,18 @@ class RMSNorm(nnx.Module):
         # the weight multiplies in float32, before the one rounding: one fusion makes the output that every
         # consumer reads (rounding first, as Hugging Face does, left XLA a separate multiply that it made
         # again for each of the projections that read it: 1 ms a 2,048-token 8B step on an H200)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
-def add_and_norm(norm: RMSNorm, x: jax.Array, delta: jax.Array, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-    """(x + delta, norm(x + delta)) in one kernel on the GPU (``pallas_kernels.add_rmsnorm``): the same sum,
-    and the norm up to the order of its mean's sum (the last bit). The rows are whole on every device (tensor parallelism
-    splits heads and the MLP's width, not the hidden size), so with several devices each runs the kernel on
-    its own copy."""
+def add_and_norm(norm: RMSNorm, x: jax.Array, delta: jax.Array, mesh: Mesh, *, fused: bool
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(x + delta, norm(x + delta)). ``fused``: in one kernel on the GPU (``pallas_kernels.add_rmsnorm``): the
+    same sum, and the norm up to the order of its mean's sum (the last bit). The rows are whole on every device
+    (tensor parallelism splits heads and the MLP's width, not the hidden size), so with several devices each
+    runs the kernel on its own copy."""
+    if not fused:
+        s = x + delta
+        return s, norm(s)
     fn = functools.partial(add_rmsnorm, eps=norm.eps)
     if mesh.size > 1 and on_gpu():
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()), check_vma=False)
@@ -216,16 +218,14 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """One layer's modules; ``LlamaForCausalLM.__call__`` runs them, pairing each residual add with the norm
+    after it (``add_and_norm``)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, mesh: Mesh, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, layer_idx, mesh=mesh, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype)
-
-    def __call__(self, kv, x, md, cos, sin):
-        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin)
-        x = x + attn
-        return kv, x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -252,19 +252,16 @@ class LlamaForCausalLM(nnx.Module):
         sums."""
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
+        # each residual add with the norm after it: the post-attention norm, then the next layer's input norm
+        # (the final norm after the last layer)
         new_cache = []
-        if not fused_add_norm:
-            for layer, kv in zip(self.layers, kv_cache):
-                kv, x = layer(kv, x, md, cos, sin)
-                new_cache.append(kv)
-            return new_cache, self.norm(x)
         layers = list(self.layers)
         h = layers[0].input_layernorm(x)
         for i, (layer, kv) in enumerate(zip(layers, kv_cache)):
             kv, attn = layer.self_attn(kv, h, md, cos, sin)
-            x, h = add_and_norm(layer.post_attention_layernorm, x, attn, self.mesh)
+            x, h = add_and_norm(layer.post_attention_layernorm, x, attn, self.mesh, fused=fused_add_norm)
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            x, h = add_and_norm(after, x, layer.mlp(h), self.mesh)
+            x, h = add_and_norm(after, x, layer.mlp(h), self.mesh, fused=fused_add_norm)
             new_cache.append(kv)
         return new_cache, h
 
