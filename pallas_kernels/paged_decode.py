@@ -169,13 +169,16 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
 
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
                    sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
-                   sliding_window: int | None, precision, interpret: bool, gather: str):
+                   sliding_window: int | None, precision, interpret: bool, gather: str,
+                   in_place: bool = False):
     # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); splits_ref: i32[1]
     # (splits in use, <= the grid's); pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
     # with gather="rows"
     # out_refs: (o [R, D] normalised,) with one split, else (o f32[R, D], m f32[R], l f32[R]);
-    # with splits, o is left unwritten where the program has no keys (l = 0 there)
+    # with splits, o is left unwritten where the program has no keys (l = 0 there);
+    # with ``in_place`` (one split): (o [T, num_q_heads, D],), the normalised G rows stored at the
+    # query's row and this kv head's query heads, nothing stored for a sequence with kv_len 0
     head, split = pl.program_id(1), pl.program_id(2)
     _, num_q_heads, head_dim = q_ref.shape
     block_tokens = pages_per_block * page_size
@@ -221,7 +224,17 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
             jnp.full((rows,), _MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    if len(out_refs) == 1:
+    if in_place:
+        # out_refs: (the previous output aliased [T, H, D],); the query's own rows only
+        o_ref = out_refs[-1]
+
+        @pl.when(length > 0)
+        def _():
+            acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
+            out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+            pltriton.store(o_ref.at[qrow_ref[0], pl.ds(head * group, rows)], out,
+                           mask=(row_ids < group)[:, None])
+    elif len(out_refs) == 1:
         acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
         out_refs[0][...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
@@ -266,12 +279,16 @@ def paged_decode_attention_kernel(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
     page_table: jax.Array, *, sm_scale: float, sliding_window: int | None = None,
     interpret: bool = False, blocks: DecodeBlockSizes | None = None,
-    num_splits: int | None = None, q_rows: jax.Array | None = None,
+    num_splits: int | None = None, q_rows: jax.Array | None = None, out: jax.Array | None = None,
 ) -> jax.Array:
     """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference.
 
     ``q_rows`` (i32[S]): sequence ``s``'s query is row ``q_rows[s]`` of ``q`` ([T, H, D], e.g. a
     ragged batch's packed tokens), read in place; without it ``q`` is [S, H, D].
+    ``out`` ([T, H, D] like ``q``, with ``q_rows``): the result is ``out`` with each live
+    sequence's (kv_len > 0) attention written at its query's row, every other row as it was: the
+    kernel stores into ``out``'s buffer (aliased, no copy when the caller gives it up) and with
+    one split writes only those rows (the split path merges on the side and scatters them in).
     ``num_splits``: the context splits (every one used); by default the grid gets what the
     number of sequence slots needs (one live sequence's, up to ``blocks.one_live_slots`` slots)
     and each call uses as many of them as its live sequences need (``live_splits``)."""
@@ -293,12 +310,17 @@ def paged_decode_attention_kernel(
     rows = max(_MIN_ROWS, pl.next_power_of_2(group))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     if q_rows is None:
+        if out is not None:
+            raise ValueError("out needs q_rows: the row of each sequence's query in q and out")
         q_rows = jnp.arange(num_seqs, dtype=jnp.int32)
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {q.shape}, not {out.shape}")
+    in_place = out is not None and splits == 1
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
         group=group, rows=rows, sliding_window=sliding_window, precision=precision,
-        interpret=interpret, gather=blocks.gather)
+        interpret=interpret, gather=blocks.gather, in_place=in_place)
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
     in_specs = [
         pl.BlockSpec((1,), lambda s, h, c: (s,)),
@@ -308,7 +330,16 @@ def paged_decode_attention_kernel(
         pl.BlockSpec(q.shape, lambda s, h, c: (0, 0, 0)),
         kv_spec, kv_spec,
     ]
-    if splits == 1:   # the kernel normalises and writes the final rows
+    operands = [kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), in_use,
+                page_table.astype(jnp.int32), q, k_in, v_in]
+    aliases = {}
+    if in_place:      # the kernel normalises and stores each live query's rows into ``out``
+        in_specs.append(pl.BlockSpec(q.shape, lambda s, h, c: (0, 0, 0)))
+        aliases = {len(operands): 0}
+        operands.append(out)
+        out_specs = pl.BlockSpec(q.shape, lambda s, h, c: (0, 0, 0))
+        out_shape = jax.ShapeDtypeStruct(q.shape, out.dtype)
+    elif splits == 1:   # the kernel normalises and writes the final rows
         out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda s, h, c: (s, h, 0, 0))
         out_shape = jax.ShapeDtypeStruct((num_seqs, num_kv_heads, rows, head_dim), q.dtype)
     else:
@@ -322,7 +353,7 @@ def paged_decode_attention_kernel(
             jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows), jnp.float32),
             jax.ShapeDtypeStruct((num_seqs, splits, num_kv_heads, rows), jnp.float32),
         ]
-    out = pl.pallas_call(
+    result = pl.pallas_call(
         kernel,
         grid=(num_seqs, num_kv_heads, splits),
         in_specs=in_specs,
@@ -330,16 +361,24 @@ def paged_decode_attention_kernel(
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(blocks),
+        input_output_aliases=aliases,
         name="paged_decode_attention",
-    )(kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), in_use, page_table.astype(jnp.int32),
-      q, k_in, v_in)
+    )(*operands)
 
+    if in_place:
+        return result
     if splits == 1:
-        o = out[:, :, :group]
+        o = result[:, :, :group]
     else:
-        o, m, l = out
+        o, m, l = result
         o = combine_splits(o[..., :group, :], m[..., :group], l[..., :group])
-    return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+    o = o.reshape(num_seqs, num_q_heads, head_dim)
+    if out is None:
+        return o.astype(q.dtype)
+    # splits: the merged rows scattered into ``out`` (one fusion with the merge); a sequence with
+    # no query (kv_len 0) writes nothing
+    rows_at = jnp.where(kv_lens > 0, q_rows, out.shape[0])
+    return out.at[rows_at].set(o.astype(out.dtype), mode="drop", unique_indices=True)
 
 
 def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial outputs

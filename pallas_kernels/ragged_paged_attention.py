@@ -91,14 +91,19 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     impl: str = "auto",
+    in_place: bool = False,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
     ``impl``: ``auto`` (the Pallas kernels on GPU, the reference elsewhere),
     ``kernel``, ``interpret`` (the kernels through Pallas interpret mode, for CPU
     tests) or ``reference``. With kernels, sequences with one query token go to
-    the decode kernel and longer chunks to the ragged prefill kernel; each row
-    of the output is taken from the kernel that owns its sequence.
+    the decode kernel and longer chunks to the ragged prefill kernel. Each row
+    of the output is taken from the kernel that owns its sequence: by default
+    each kernel writes an output of its own and one select merges them;
+    ``in_place``: both store into one zeroed output, each its own rows (no
+    merge, and the decode kernel writes its query heads' rows only, not the
+    16-row tiles of its matrix products).
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -114,6 +119,14 @@ def ragged_paged_attention(
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     is_decode = q_lens == 1
     decode_rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
+    if in_place:
+        # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
+        out = paged_decode_attention_kernel(
+            q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
+            out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
+        return ragged_prefill_attention_kernel(
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
+            sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out)
     decode_out = paged_decode_attention_kernel(                     # [S, H, D]
         q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
         sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)

@@ -87,13 +87,14 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
     return jnp.stack([seq, first_row, rows, first_pos], axis=1).astype(jnp.int32)
 
 
-def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
+def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: float,
                     page_size: int, pages_per_block: int, block_q: int, group: int,
                     group_rows: int, sliding_window: int | None, precision, interpret: bool,
                     gather: str):
-    # item_ref: i32[4]; pt_ref: i32[P]; q_ref, o_ref: [T, num_q_heads, D];
+    # item_ref: i32[4]; pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), [num_pages * page_size, D] with
-    # gather="rows"
+    # gather="rows"; o_refs: (o [T, num_q_heads, D],), or (the aliased input, o) with ``out``
+    o_ref = o_refs[-1]
     _, _, head_dim = q_ref.shape
     head = pl.program_id(0)
     rows_per_item = block_q * group_rows
@@ -165,8 +166,13 @@ def ragged_prefill_attention_kernel(
     page_table: jax.Array,   # i32[S, P]
     cu_q_lens: jax.Array,    # i32[S+1]
     *, sm_scale: float, sliding_window: int | None = None, interpret: bool = False,
-    blocks: PrefillBlockSizes | None = None, min_q_len: int = 0,
+    blocks: PrefillBlockSizes | None = None, min_q_len: int = 0, out: jax.Array | None = None,
 ) -> jax.Array:              # [T, num_q_heads, head_dim]; rows of skipped sequences undefined
+    """``out`` ([T, H, D] like ``q``): the result is ``out`` with the chunks' rows written, every
+    other row as it was (the kernel stores into ``out``'s buffer, aliased: no copy when the caller
+    gives it up); without it those rows are undefined."""
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {q.shape}, not {out.shape}")
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     num_seqs, pages_per_seq = page_table.shape
@@ -195,19 +201,26 @@ def ragged_prefill_attention_kernel(
     # another, and the long items of the last heads would start last: a lone causal chunk's tail
     # ran ~1.5x its even share (list scheduling of 512 programs on 264 slots).
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, head_axis=0)
+    whole = pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0))
+    in_specs = [pl.BlockSpec((None, 4), lambda h, i: (i, 0)),
+                pl.BlockSpec((None, padded_pages), lambda h, i: (i, 0)),
+                whole, kv_spec, kv_spec]
+    operands = [items, pt, q, k_in, v_in]
+    aliases = {}
+    if out is not None:
+        in_specs.append(whole)
+        aliases = {len(operands): 0}
+        operands.append(out)
     return pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_items),
-        in_specs=[
-            pl.BlockSpec((None, 4), lambda h, i: (i, 0)),
-            pl.BlockSpec((None, padded_pages), lambda h, i: (i, 0)),
-            pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0)),
-            kv_spec, kv_spec,
-        ],
-        out_specs=pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype),
+        in_specs=in_specs,
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim),
+                                       q.dtype if out is None else out.dtype),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        input_output_aliases=aliases,
         name="ragged_prefill_attention",
-    )(items, pt, q, k_in, v_in)
+    )(*operands)

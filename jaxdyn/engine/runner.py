@@ -128,6 +128,11 @@ class RunnerConfig:
     # 0.54 ms of a 768-row one, ``benchmarks/gpu/profile_run.py``). The same residual stream; the norm's sum in
     # another order than XLA's, so a normalised value may differ in its last bit. Off until measured on the GPU.
     fused_add_norm: bool = False
+    # The decode and prefill attention kernels store into one zeroed output, each its own rows
+    # (``ragged_paged_attention(in_place=True)``), instead of two outputs merged by a select: one kernel a
+    # layer less, and the decode kernel writes its query heads' rows, not 16-row tiles (8B shape on an H200:
+    # the select 0.08-0.2 ms a step, ``benchmarks/gpu/profile_run.py``). The same numbers. Off until measured.
+    attention_in_place: bool = False
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -367,7 +372,8 @@ class ModelRunner:
         its jaxpr reused by the other variants' steps (tracing the unrolled 32-layer model is most
         of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
         graphdef, state_treedef = self.graphdef, self.state_treedef
-        fused_add_norm = self.config.fused_add_norm
+        options = dict(fused_add_norm=self.config.fused_add_norm,
+                       attention_in_place=self.config.attention_in_place)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)
@@ -375,7 +381,7 @@ class ModelRunner:
             token_ids = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], token_ids_host)
             token_pages = token_pages.at[md.slot_page, md.slot_offset].set(token_ids, mode="drop", unique_indices=True)
             model = nnx.merge(graphdef, state)
-            kv_cache, hidden = model(kv_cache, token_ids, md, fused_add_norm=fused_add_norm)
+            kv_cache, hidden = model(kv_cache, token_ids, md, **options)
             return kv_cache, token_pages, model.compute_logits(hidden[logits_rows])   # f32[S, vocab]
 
         return jax.jit(forward)

@@ -171,7 +171,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
-                 cos: jax.Array, sin: jax.Array):
+                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = False):
         t = x.shape[0]
         hd = self.head_dim
         q, k, v = split_qkv(self.qkv_proj(x), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
@@ -186,7 +186,7 @@ class Attention(nnx.Module):
         pages = P(MODEL_AXIS, None, None, None)
         rep = P()
         local = jax.shard_map(
-            self._write_and_attend,
+            functools.partial(self._write_and_attend, in_place=attention_in_place),
             mesh=self.mesh,
             in_specs=(pages, pages, heads, heads, heads, rep, rep, rep, rep, rep),
             out_specs=(pages, pages, heads),
@@ -197,11 +197,11 @@ class Attention(nnx.Module):
         return (k_pages, v_pages), self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
     def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
-                          kv_lens, page_table, cu_q_lens):
+                          kv_lens, page_table, cu_q_lens, *, in_place: bool):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_page, slot_offset)
         o = ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                    sm_scale=self.head_dim ** -0.5,
-                                   sliding_window=self.sliding_window)
+                                   sliding_window=self.sliding_window, in_place=in_place)
         return k_pages, v_pages, o
 
 
@@ -244,12 +244,13 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
-                 fused_add_norm: bool = False) -> tuple[KVCache, jax.Array]:
+                 fused_add_norm: bool = False, attention_in_place: bool = False) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``fused_add_norm``: each residual add and the norm after it (the next layer's input norm, or the
         final one) as one kernel on the GPU (``add_and_norm``); the same numbers up to the order of the norms'
-        sums."""
+        sums. ``attention_in_place``: the attention kernels store into one output, no merge
+        (``ragged_paged_attention(in_place=True)``; the same numbers)."""
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         # each residual add with the norm after it: the post-attention norm, then the next layer's input norm
@@ -258,7 +259,7 @@ class LlamaForCausalLM(nnx.Module):
         layers = list(self.layers)
         h = layers[0].input_layernorm(x)
         for i, (layer, kv) in enumerate(zip(layers, kv_cache)):
-            kv, attn = layer.self_attn(kv, h, md, cos, sin)
+            kv, attn = layer.self_attn(kv, h, md, cos, sin, attention_in_place=attention_in_place)
             x, h = add_and_norm(layer.post_attention_layernorm, x, attn, self.mesh, fused=fused_add_norm)
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
             x, h = add_and_norm(after, x, layer.mlp(h), self.mesh, fused=fused_add_norm)

@@ -64,6 +64,73 @@ def test_interpreted_kernels_equal_reference_on_mixed_prefill_and_decode(
     assert np.all(np.asarray(out[n:]) == 0), "padding rows must be zero"
 
 
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,window", [
+    (8, 2, 32, None), (7, 1, 16, None), (8, 2, 32, 13)])
+def test_interpreted_kernels_writing_one_output_in_place_equal_reference(
+        num_q_heads, num_kv_heads, head_dim, window):
+    rng = np.random.default_rng(num_q_heads + head_dim + 1)
+    args, n = _batch(rng, MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                     head_dim=head_dim, page_size=16, dtype=jnp.float32)
+    kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
+    out = ragged_paged_attention(*args, impl="interpret", in_place=True, **kw)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(out[n:]) == 0), "padding rows must be zero"
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_interpreted_decode_kernel_stores_only_its_live_queries_rows_into_out(splits):
+    # three live decode queries at rows 7, 2, 4 of a [9, H, D] batch, one dead slot (kv_len 0)
+    # that points at row 0: every other row of ``out`` keeps what it held
+    rng = np.random.default_rng(6)
+    args, n = _batch(rng, [(40, 1), (0, 1), (200, 1), (9, 1)], num_q_heads=8, num_kv_heads=2,
+                     head_dim=16, page_size=8, dtype=jnp.float32, pad_tokens=5)
+    q, k_pages, v_pages, kv_lens, page_table, cu = args
+    kv_lens = kv_lens[:4].at[3].set(0)
+    rows = jnp.asarray([7, 2, 4, 0], jnp.int32)
+    before = jnp.full(q.shape, 7.0, jnp.float32)
+    out = paged_decode.paged_decode_attention_kernel(
+        q, k_pages, v_pages, kv_lens, page_table[:4], q_rows=rows, out=before, sm_scale=0.25,
+        interpret=True, num_splits=splits)
+    ref = paged_decode.paged_decode_attention_reference(
+        q[rows[:3]], k_pages, v_pages, kv_lens[:3], page_table[:3], sm_scale=0.25)
+    out = np.asarray(out)
+    np.testing.assert_allclose(out[[7, 2, 4]], np.asarray(ref), rtol=2e-5, atol=2e-5)
+    assert np.all(out[[0, 1, 3, 5, 6, 8]] == 7.0), "rows of no live query must keep their values"
+
+
+def test_interpreted_prefill_kernel_stores_only_the_chunks_rows_into_out():
+    rng = np.random.default_rng(12)
+    args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
+                     dtype=jnp.float32)
+    cu = np.asarray(args[-1])
+    before = jnp.full(args[0].shape, -3.0, jnp.float32)
+    out = np.asarray(ragged_prefill.ragged_prefill_attention_kernel(
+        *args, sm_scale=32 ** -0.5, interpret=True, min_q_len=1, out=before))
+    ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=32 ** -0.5))
+    chunk = np.zeros(out.shape[0], bool)
+    for s, (_, q_len) in enumerate(MIXED):
+        chunk[cu[s]:cu[s + 1]] = q_len > 1
+    np.testing.assert_allclose(out[chunk], ref[chunk], rtol=2e-5, atol=2e-5)
+    assert np.all(out[~chunk] == -3.0), "rows of no chunk must keep their values"
+
+
+def test_kernels_refuse_an_out_of_another_shape():
+    rng = np.random.default_rng(1)
+    args, n = _batch(rng, [(4, 1)], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
+                     dtype=jnp.float32, pad_tokens=1)
+    q, k_pages, v_pages, kv_lens, page_table, cu = args
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        paged_decode.paged_decode_attention_kernel(
+            q, k_pages, v_pages, kv_lens, page_table, q_rows=cu[:-1], out=q[:1], sm_scale=0.25,
+            interpret=True)
+    with pytest.raises(ValueError, match="out needs q_rows"):
+        paged_decode.paged_decode_attention_kernel(
+            q, k_pages, v_pages, kv_lens, page_table, out=q, sm_scale=0.25, interpret=True)
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        ragged_prefill.ragged_prefill_attention_kernel(*args, sm_scale=0.25, interpret=True, out=q[:1])
+
+
 def test_interpreted_decode_kernel_splits_long_contexts_and_combines_them():
     rng = np.random.default_rng(3)
     seqs = [(c, 1) for c in (0, 15, 16, 17, 255, 511)]
@@ -188,14 +255,15 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_place", [False, True], ids=["select", "in_place"])
 @pytest.mark.parametrize("name,head_dim,seqs,window", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_gpu_kernels_match_reference_in_bf16(name, head_dim, seqs, window):
+def test_gpu_kernels_match_reference_in_bf16(name, head_dim, seqs, window, in_place):
     rng = np.random.default_rng(len(name))
     heads = (14, 2) if "7" in name else (32, 8)
     args, n = _batch(rng, seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                      page_size=16, dtype=jnp.bfloat16)
     kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
-    out = jax.jit(functools.partial(ragged_paged_attention, impl="kernel", **kw))(*args)
+    out = jax.jit(functools.partial(ragged_paged_attention, impl="kernel", in_place=in_place, **kw))(*args)
     f32 = [a.astype(jnp.float32) for a in args[:3]]
     ref = jax.jit(functools.partial(ragged_paged_attention_reference, **kw))(*f32, *args[3:])
     out = np.asarray(out.astype(jnp.float32))
