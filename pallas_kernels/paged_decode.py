@@ -90,6 +90,14 @@ def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int,
     return splits
 
 
+def grid_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, blocks: DecodeBlockSizes) -> int:
+    """The context splits of the kernel's grid for a call of ``num_seqs`` sequence slots (static): what one
+    live sequence needs up to ``blocks.one_live_slots`` slots, else what ``num_seqs`` need."""
+    ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
+    sized_for = 1 if num_seqs <= blocks.one_live_slots else num_seqs
+    return num_context_splits(sized_for, num_kv_heads, pl.cdiv(pages_per_seq, ppb), blocks.min_programs)
+
+
 def live_splits(kv_lens: jax.Array, num_kv_heads: int, max_splits: int,
                 min_programs: int) -> jax.Array:
     """i32[1]: the splits a call uses, picked on device from its live sequences (kv_len > 0):
@@ -285,10 +293,10 @@ def paged_decode_attention_kernel(
 
     ``q_rows`` (i32[S]): sequence ``s``'s query is row ``q_rows[s]`` of ``q`` ([T, H, D], e.g. a
     ragged batch's packed tokens), read in place; without it ``q`` is [S, H, D].
-    ``out`` ([T, H, D] like ``q``, with ``q_rows``): the result is ``out`` with each live
-    sequence's (kv_len > 0) attention written at its query's row, every other row as it was: the
-    kernel stores into ``out``'s buffer (aliased, no copy when the caller gives it up) and with
-    one split writes only those rows (the split path merges on the side and scatters them in).
+    ``out`` ([T, H, D] like ``q``, with ``q_rows``, one context split): the result is ``out`` with
+    each live sequence's (kv_len > 0) attention written at its query's row, every other row as it
+    was; the kernel stores those rows into ``out``'s buffer (aliased: no copy when the caller gives
+    it up), its query heads' rows only.
     ``num_splits``: the context splits (every one used); by default the grid gets what the
     number of sequence slots needs (one live sequence's, up to ``blocks.one_live_slots`` slots)
     and each call uses as many of them as its live sequences need (``live_splits``)."""
@@ -299,10 +307,8 @@ def paged_decode_attention_kernel(
     group = num_q_heads // num_kv_heads
     blocks = blocks or decode_block_sizes(head_dim, page_size)
     ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
-    num_blocks = pl.cdiv(pages_per_seq, ppb)
     if num_splits is None:
-        sized_for = 1 if num_seqs <= blocks.one_live_slots else num_seqs
-        splits = num_context_splits(sized_for, num_kv_heads, num_blocks, blocks.min_programs)
+        splits = grid_splits(num_seqs, num_kv_heads, pages_per_seq, blocks)
         in_use = live_splits(kv_lens, num_kv_heads, splits, blocks.min_programs)
     else:
         splits = num_splits
@@ -315,7 +321,9 @@ def paged_decode_attention_kernel(
         q_rows = jnp.arange(num_seqs, dtype=jnp.int32)
     if out is not None and out.shape != q.shape:
         raise ValueError(f"out must have q's shape {q.shape}, not {out.shape}")
-    in_place = out is not None and splits == 1
+    if out is not None and splits != 1:
+        raise ValueError(f"out needs one context split, not {splits} (grid_splits)")
+    in_place = out is not None
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
@@ -372,13 +380,7 @@ def paged_decode_attention_kernel(
     else:
         o, m, l = result
         o = combine_splits(o[..., :group, :], m[..., :group], l[..., :group])
-    o = o.reshape(num_seqs, num_q_heads, head_dim)
-    if out is None:
-        return o.astype(q.dtype)
-    # splits: the merged rows scattered into ``out`` (one fusion with the merge); a sequence with
-    # no query (kv_len 0) writes nothing
-    rows_at = jnp.where(kv_lens > 0, q_rows, out.shape[0])
-    return out.at[rows_at].set(o.astype(out.dtype), mode="drop", unique_indices=True)
+    return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
 def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial outputs

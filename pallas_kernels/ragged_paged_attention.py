@@ -24,7 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode import on_gpu, paged_decode_attention_kernel
+from pallas_kernels.paged_decode import (decode_block_sizes, grid_splits, on_gpu,
+                                         paged_decode_attention_kernel)
 from pallas_kernels.ragged_prefill import ragged_prefill_attention_kernel
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -91,7 +92,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     impl: str = "auto",
-    in_place: bool = False,
+    in_place: bool = True,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -99,11 +100,12 @@ def ragged_paged_attention(
     ``kernel``, ``interpret`` (the kernels through Pallas interpret mode, for CPU
     tests) or ``reference``. With kernels, sequences with one query token go to
     the decode kernel and longer chunks to the ragged prefill kernel. Each row
-    of the output is taken from the kernel that owns its sequence: by default
-    each kernel writes an output of its own and one select merges them;
-    ``in_place``: both store into one zeroed output, each its own rows (no
-    merge, and the decode kernel writes its query heads' rows only, not the
-    16-row tiles of its matrix products).
+    of the output is taken from the kernel that owns its sequence: with
+    ``in_place`` both store into one zeroed output, each its own rows (no merge,
+    and the decode kernel writes its query heads' rows only, not the 16-row
+    tiles of its matrix products), unless the decode kernel splits contexts
+    (a call of few sequence slots), whose merge happens outside it; otherwise
+    each kernel writes an output of its own and one select merges them.
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -119,7 +121,9 @@ def ragged_paged_attention(
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     is_decode = q_lens == 1
     decode_rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
-    if in_place:
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], decode_block_sizes(head_dim, page_size))
+    if in_place and splits == 1:
         # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
         out = paged_decode_attention_kernel(
             q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,

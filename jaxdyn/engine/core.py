@@ -57,8 +57,7 @@ class EngineConfig:
     executable_cache_dir: str | None = None  # compiled steps saved / loaded here (None: no cache)
     split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
     xla_dot_merger: bool = False             # XLA's dot merger on for the steps (RunnerConfig: off, it copies weights)
-    fused_add_norm: bool = False             # each residual add and its norm as one kernel on the GPU (RunnerConfig)
-    attention_in_place: bool = False         # the attention kernels store into one output, no merge (RunnerConfig)
+    attention_in_place: bool = True          # the attention kernels store into one output, no merge (RunnerConfig)
 
 
 class EngineCore:
@@ -79,8 +78,7 @@ class EngineCore:
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
             first_compiles_alone=config.first_compiles_alone,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
-            xla_dot_merger=config.xla_dot_merger, fused_add_norm=config.fused_add_norm,
-            attention_in_place=config.attention_in_place))
+            xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

@@ -122,17 +122,12 @@ class RunnerConfig:
     # are arguments of the step: a 48 MiB copy a layer every step on the 8B shape, 0.8 ms a step on an H200
     # whatever its tokens (``benchmarks/gpu/profile_run.py``). False: the pass is off for the steps.
     xla_dot_merger: bool = False
-    # Each residual add and the RMSNorm after it as one kernel on the GPU (``pallas_kernels.add_rmsnorm``;
-    # ``LlamaForCausalLM(..., fused_add_norm=True)``): XLA leaves the add outside its norm fusion, four kernels
-    # a layer and the sum written and read back (8B shape on an H200: adds and norms 0.24 ms of a 16-row step,
-    # 0.54 ms of a 768-row one, ``benchmarks/gpu/profile_run.py``). The same residual stream; the norm's sum in
-    # another order than XLA's, so a normalised value may differ in its last bit. Off until measured on the GPU.
-    fused_add_norm: bool = False
     # The decode and prefill attention kernels store into one zeroed output, each its own rows
     # (``ragged_paged_attention(in_place=True)``), instead of two outputs merged by a select: one kernel a
-    # layer less, and the decode kernel writes its query heads' rows, not 16-row tiles (8B shape on an H200:
-    # the select 0.08-0.2 ms a step, ``benchmarks/gpu/profile_run.py``). The same numbers. Off until measured.
-    attention_in_place: bool = False
+    # layer less, and the decode kernel writes its query heads' rows, not 16-row tiles (8B shape on an H200,
+    # ShareGPT-shaped offline run: the step costs of the 64-2,048-token buckets 1.5-3 % lower,
+    # ``benchmarks/gpu/ab_offline.py``). The same numbers. False: the select (for A/B runs).
+    attention_in_place: bool = True
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -372,8 +367,7 @@ class ModelRunner:
         its jaxpr reused by the other variants' steps (tracing the unrolled 32-layer model is most
         of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
         graphdef, state_treedef = self.graphdef, self.state_treedef
-        options = dict(fused_add_norm=self.config.fused_add_norm,
-                       attention_in_place=self.config.attention_in_place)
+        options = dict(attention_in_place=self.config.attention_in_place)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -29,8 +29,6 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
-from pallas_kernels.add_rmsnorm import add_rmsnorm, rms_norm
-from pallas_kernels.paged_decode import on_gpu
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -61,6 +59,13 @@ class Linear(nnx.Module):
         return y
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, the weight multiplied in float32 before the one rounding to x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -71,21 +76,6 @@ class RMSNorm(nnx.Module):
         # consumer reads (rounding first, as Hugging Face does, left XLA a separate multiply that it made
         # again for each of the projections that read it: 1 ms a 2,048-token 8B step on an H200)
         return rms_norm(x, self.weight[...], self.eps)
-
-
-def add_and_norm(norm: RMSNorm, x: jax.Array, delta: jax.Array, mesh: Mesh, *, fused: bool
-                 ) -> tuple[jax.Array, jax.Array]:
-    """(x + delta, norm(x + delta)). ``fused``: in one kernel on the GPU (``pallas_kernels.add_rmsnorm``): the
-    same sum, and the norm up to the order of its mean's sum (the last bit). The rows are whole on every device
-    (tensor parallelism splits heads and the MLP's width, not the hidden size), so with several devices each
-    runs the kernel on its own copy."""
-    if not fused:
-        s = x + delta
-        return s, norm(s)
-    fn = functools.partial(add_rmsnorm, eps=norm.eps)
-    if mesh.size > 1 and on_gpu():
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()), check_vma=False)
-    return fn(x, delta, norm.weight[...])
 
 
 class Embed(nnx.Module):
@@ -171,7 +161,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
-                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = False):
+                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True):
         t = x.shape[0]
         hd = self.head_dim
         q, k, v = split_qkv(self.qkv_proj(x), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
@@ -218,8 +208,7 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """One layer's modules; ``LlamaForCausalLM.__call__`` runs them, pairing each residual add with the norm
-    after it (``add_and_norm``)."""
+    """One layer's modules; ``LlamaForCausalLM.__call__`` runs them."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, mesh: Mesh, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -244,27 +233,21 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
-                 fused_add_norm: bool = False, attention_in_place: bool = False) -> tuple[KVCache, jax.Array]:
+                 attention_in_place: bool = True) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
-        ``fused_add_norm``: each residual add and the norm after it (the next layer's input norm, or the
-        final one) as one kernel on the GPU (``add_and_norm``); the same numbers up to the order of the norms'
-        sums. ``attention_in_place``: the attention kernels store into one output, no merge
+        ``attention_in_place``: the attention kernels store into one output, no merge
         (``ragged_paged_attention(in_place=True)``; the same numbers)."""
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
-        # each residual add with the norm after it: the post-attention norm, then the next layer's input norm
-        # (the final norm after the last layer)
         new_cache = []
-        layers = list(self.layers)
-        h = layers[0].input_layernorm(x)
-        for i, (layer, kv) in enumerate(zip(layers, kv_cache)):
-            kv, attn = layer.self_attn(kv, h, md, cos, sin, attention_in_place=attention_in_place)
-            x, h = add_and_norm(layer.post_attention_layernorm, x, attn, self.mesh, fused=fused_add_norm)
-            after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            x, h = add_and_norm(after, x, layer.mlp(h), self.mesh, fused=fused_add_norm)
+        for layer, kv in zip(self.layers, kv_cache):
+            kv, attn = layer.self_attn(kv, layer.input_layernorm(x), md, cos, sin,
+                                       attention_in_place=attention_in_place)
+            x = x + attn
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
             new_cache.append(kv)
-        return new_cache, h
+        return new_cache, self.norm(x)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [N, hidden_size] -> f32[N, vocab_size]."""

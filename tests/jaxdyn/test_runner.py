@@ -406,34 +406,29 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
     assert runner.tokens_run == runner.rows_run == 0
 
 
-@pytest.mark.parametrize("option", ["xla_dot_merger", "fused_add_norm", "attention_in_place"])
+@pytest.mark.parametrize("option", ["xla_dot_merger", "attention_in_place"])
 def test_steps_with_and_without_an_option_draw_the_same(loaded, option, monkeypatch):
     """Options that must not change the numbers: XLA's dot merger (off by default,
-    ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile), the fused
-    residual add and norm (``fused_add_norm``; here its Pallas kernel runs in interpret mode, as it runs on
-    the GPU) and the attention kernels storing into one output (``attention_in_place``; here both runners'
+    ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile) and the
+    attention kernels storing into one output (``attention_in_place``, on by default; here both runners'
     attention runs the kernels in interpret mode, as on the GPU, merged by a select or in place). Prompts,
     then decode tokens fed on the device, seeded sampling with logprobs, give the same tokens, logprobs and
     KV with the option on."""
     import jaxdyn.models.llama as llama
-    from pallas_kernels.add_rmsnorm import add_rmsnorm
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     calls = []
 
-    def interpret(*a, **k):
-        calls.append(1)
-        return add_rmsnorm(*a, **k, impl="interpret")
-
-    def attention_kernels(*a, in_place=False, **k):
+    def attention_kernels(*a, in_place, **k):
         if in_place:
             calls.append(1)
         return ragged_paged_attention(*a, **k, in_place=in_place, impl="interpret")
 
-    monkeypatch.setattr(llama, "add_rmsnorm", interpret)
     if option == "attention_in_place":
         monkeypatch.setattr(llama, "ragged_paged_attention", attention_kernels)
     mesh, model = loaded
-    cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False)
+    # (one page bucket of 4 pages: the decode kernel takes one context split, so in place is in place)
+    cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False,
+                              attention_in_place=False)
     off = ModelRunner(model.graphdef, model.state, mesh, cfg)
     on = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, **{option: True}))
     off.warmup()
@@ -463,8 +458,8 @@ def test_steps_with_and_without_an_option_draw_the_same(loaded, option, monkeypa
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(a.top_ids, b.top_ids)
     np.testing.assert_allclose(results["off"][1], results["on"][1], rtol=1e-6, atol=1e-6)
-    # the fused kernel (or the in-place attention) ran, and only with its option on
-    assert (len(calls) > 0) == (option in ("fused_add_norm", "attention_in_place"))
+    # the in-place attention ran, and only with its option on
+    assert (len(calls) > 0) == (option == "attention_in_place")
 
 
 # ---- compiling while the weights load ---------------------------------------------------------------

@@ -64,22 +64,28 @@ def test_interpreted_kernels_equal_reference_on_mixed_prefill_and_decode(
     assert np.all(np.asarray(out[n:]) == 0), "padding rows must be zero"
 
 
+# MIXED within 8 pages of 16 a sequence: the decode kernel takes one context split (grid_splits)
+MIXED_SHORT = [(0, 37), (20, 1), (50, 9), (3, 1), (100, 1), (17, 20), (0, 1), (63, 1), (90, 20)]
+
+
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,window", [
     (8, 2, 32, None), (7, 1, 16, None), (8, 2, 32, 13)])
-def test_interpreted_kernels_writing_one_output_in_place_equal_reference(
-        num_q_heads, num_kv_heads, head_dim, window):
+def test_interpreted_kernels_in_one_output_or_merged_equal_reference(
+        num_q_heads, num_kv_heads, head_dim, window, in_place):
     rng = np.random.default_rng(num_q_heads + head_dim + 1)
-    args, n = _batch(rng, MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+    args, n = _batch(rng, MIXED_SHORT, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                      head_dim=head_dim, page_size=16, dtype=jnp.float32)
+    blocks = paged_decode.decode_block_sizes(head_dim, 16)
+    assert paged_decode.grid_splits(args[4].shape[0], num_kv_heads, args[4].shape[1], blocks) == 1
     kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
-    out = ragged_paged_attention(*args, impl="interpret", in_place=True, **kw)
+    out = ragged_paged_attention(*args, impl="interpret", in_place=in_place, **kw)
     ref = ragged_paged_attention_reference(*args, **kw)
     np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
     assert np.all(np.asarray(out[n:]) == 0), "padding rows must be zero"
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_interpreted_decode_kernel_stores_only_its_live_queries_rows_into_out(splits):
+def test_interpreted_decode_kernel_stores_only_its_live_queries_rows_into_out():
     # three live decode queries at rows 7, 2, 4 of a [9, H, D] batch, one dead slot (kv_len 0)
     # that points at row 0: every other row of ``out`` keeps what it held
     rng = np.random.default_rng(6)
@@ -89,9 +95,13 @@ def test_interpreted_decode_kernel_stores_only_its_live_queries_rows_into_out(sp
     kv_lens = kv_lens[:4].at[3].set(0)
     rows = jnp.asarray([7, 2, 4, 0], jnp.int32)
     before = jnp.full(q.shape, 7.0, jnp.float32)
+    with pytest.raises(ValueError, match="one context split"):
+        paged_decode.paged_decode_attention_kernel(
+            q, k_pages, v_pages, kv_lens, page_table[:4], q_rows=rows, out=before, sm_scale=0.25,
+            interpret=True, num_splits=4)
     out = paged_decode.paged_decode_attention_kernel(
         q, k_pages, v_pages, kv_lens, page_table[:4], q_rows=rows, out=before, sm_scale=0.25,
-        interpret=True, num_splits=splits)
+        interpret=True, num_splits=1)
     ref = paged_decode.paged_decode_attention_reference(
         q[rows[:3]], k_pages, v_pages, kv_lens[:3], page_table[:3], sm_scale=0.25)
     out = np.asarray(out)
@@ -123,7 +133,7 @@ def test_kernels_refuse_an_out_of_another_shape():
     with pytest.raises(ValueError, match="out must have q's shape"):
         paged_decode.paged_decode_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, q_rows=cu[:-1], out=q[:1], sm_scale=0.25,
-            interpret=True)
+            interpret=True, num_splits=1)
     with pytest.raises(ValueError, match="out needs q_rows"):
         paged_decode.paged_decode_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, out=q, sm_scale=0.25, interpret=True)
@@ -251,6 +261,8 @@ GPU_CASES = [
     ("prefill after a cached prefix, head_dim 64", 64, [(1999, 517), (0, 1), (16, 16)], None),
     ("prefill, sliding window", 128, [(0, 1200), (480, 100)], 333),
     ("qwen-like group of 7", 64, [(0, 300), (77, 1), (500, 20)], None),
+    # 41 sequence slots: the decode kernel takes one context split, so in place is in place
+    ("40 decodes and a chunk", 128, [(0, 300)] + [(97 * i + 3, 1) for i in range(40)], None),
 ]
 
 
@@ -259,9 +271,12 @@ GPU_CASES = [
 @pytest.mark.parametrize("name,head_dim,seqs,window", GPU_CASES, ids=[c[0] for c in GPU_CASES])
 def test_gpu_kernels_match_reference_in_bf16(name, head_dim, seqs, window, in_place):
     rng = np.random.default_rng(len(name))
-    heads = (14, 2) if "7" in name else (32, 8)
+    heads = (14, 2) if "of 7" in name else (32, 8)
     args, n = _batch(rng, seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                      page_size=16, dtype=jnp.bfloat16)
+    if "40 decodes" in name:
+        blocks = paged_decode.decode_block_sizes(head_dim, 16)
+        assert paged_decode.grid_splits(args[4].shape[0], heads[1], args[4].shape[1], blocks) == 1
     kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
     out = jax.jit(functools.partial(ragged_paged_attention, impl="kernel", in_place=in_place, **kw))(*args)
     f32 = [a.astype(jnp.float32) for a in args[:3]]
