@@ -44,9 +44,10 @@ TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 
 
 def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_format: str = "auto",
-            prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None) -> dict:
+            prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None,
+            final_only: bool = False) -> dict:
     eng = steady_engine(batch, steps * (repeats + bool(profile)), model_dir, load_format=load_format,
-                        prompt_len=prompt_len, greedy=greedy, overlap=overlap)
+                        prompt_len=prompt_len, greedy=greedy, overlap=overlap, final_only=final_only)
     runs = []
     for _ in range(repeats):
         h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
@@ -70,7 +71,7 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
 
 
 def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = "auto", prompt_len: int = 16,
-                  greedy: bool = False, overlap: bool = True):
+                  greedy: bool = False, overlap: bool = True, final_only: bool = False):
     """A warmed-up EngineCore with ``batch`` requests in steady decode and room for ``steps`` more steps."""
     from checkpoints.loader import load_model
     from jaxdyn import EngineConfig, EngineCore, SamplingParams
@@ -96,7 +97,7 @@ def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = 
     for i in range(batch):
         params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) if greedy else
                   SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens, ignore_eos=True, seed=i))
-        eng.add_request(f"r{i}", rng.integers(0, high, prompt_len).tolist(), params)
+        eng.add_request(f"r{i}", rng.integers(0, high, prompt_len).tolist(), params, final_only=final_only)
     while eng.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.scheduler.running):
         eng.step()
     for _ in range(5):
@@ -119,6 +120,8 @@ def main() -> int:
     ap.add_argument("--no-overlap", action="store_true",
                     help="read each step's tokens before the next dispatch: the host's bookkeeping then runs "
                          "while the CPU device is idle, so it is timed without the device competing for the cores")
+    ap.add_argument("--final-only", action="store_true",
+                    help="requests as LLM.generate adds them (one output each, when it finishes: no per-step outputs)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="then profile --steps more steps per batch (cProfile): DIR/host_<batch>.prof, top 25 printed")
     args = ap.parse_args()
@@ -140,7 +143,8 @@ def main() -> int:
         d = model_dir(args.preset, tempfile.mkdtemp(), **overrides)
         load_format = "dummy"
     rows = [measure(b, args.steps, d, args.repeats, load_format=load_format, prompt_len=args.prompt_len,
-                    greedy=args.greedy, overlap=not args.no_overlap, profile=args.profile)
+                    greedy=args.greedy, overlap=not args.no_overlap, profile=args.profile,
+                    final_only=args.final_only)
             for b in args.batches]
     from jaxdyn.config import ModelConfig
     mc = ModelConfig.from_pretrained(d)
@@ -158,6 +162,8 @@ def main() -> int:
         cmd += " --greedy"
     if args.no_overlap:
         cmd += " --no-overlap"
+    if args.final_only:
+        cmd += " --final-only"
     model = (f"tiny random Llama ({mc.num_layers} layers, hidden {mc.hidden_size}, vocab {mc.vocab_size}, "
              "byte-level tokenizer)" if args.preset is None else
              f"{args.preset}'s depth and vocabulary ({mc.num_layers} layers, vocab {mc.vocab_size}, word-level "
@@ -169,6 +175,7 @@ def main() -> int:
         f"jax {jax.__version__}; model: {model}, float32; steady decode, "
         + ("greedy" if args.greedy else "sampling (temperature 0.8, top-p 0.95)")
         + f", prompts of {args.prompt_len} tokens, detokenization on, overlap {'off' if args.no_overlap else 'on'}"
+        + (", final-only requests (as LLM.generate)" if args.final_only else "")
         + (f"; median of {args.repeats} runs of {args.steps} steps." if args.repeats > 1 else "."),
         f"Command: `{cmd}`",
         "",
