@@ -21,14 +21,24 @@ def test_summarize_medians_against_first_config():
 
 
 def test_a_configurations_env_goes_to_its_runs_environment_not_the_engine():
-    engine, env = ab.split_config({"token_buckets": [16, 2048], "env": {"XLA_FLAGS": "--x=1"}},
-                                  {"XLA_FLAGS": "", "PATH": "/bin"})
-    assert engine == {"token_buckets": [16, 2048]}
+    engine, env, tree = ab.split_config({"token_buckets": [16, 2048], "env": {"XLA_FLAGS": "--x=1"}},
+                                        {"XLA_FLAGS": "", "PATH": "/bin"})
+    assert engine == {"token_buckets": [16, 2048]} and tree is None
     assert env == {"XLA_FLAGS": "--x=1", "PATH": "/bin"}
-    assert ab.split_config({}, {"PATH": "/bin"}) == ({}, {"PATH": "/bin"})
+    assert ab.split_config({}, {"PATH": "/bin"}) == ({}, {"PATH": "/bin"}, None)
     for bad in ({"env": "XLA_FLAGS=1"}, {"env": {"XLA_FLAGS": 1}}):
         with pytest.raises(ValueError, match="object of strings"):
             ab.split_config(bad, {})
+
+
+def test_a_configuration_may_run_another_tree_of_the_repository(tmp_path):
+    import os
+    here = os.getcwd()
+    engine, _, tree = ab.split_config({"tree": ".", "max_num_seqs": 8}, {})
+    assert engine == {"max_num_seqs": 8} and tree == here
+    for bad in (str(tmp_path), 3):
+        with pytest.raises(ValueError, match="not a copy of the repository"):
+            ab.split_config({"tree": bad}, {})
 
 
 def test_bad_configs_are_refused_by_the_command_line(capsys):

@@ -14,6 +14,10 @@ process, e.g. ``{"env": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}}``: 
 product); ``XLA_FLAGS`` is part of JAX's cache keys and the executable cache's fingerprint, so each such
 configuration's first run compiles from scratch and its load seconds are a cold compilation's.
 
+A configuration's ``"tree"`` is a directory holding another copy of the repository (``git archive BASE | tar -x
+-C base``): its runs run that code (``python -m`` from there), so two commits alternate in one call, e.g.
+``--configs '[{"tree": "base"}, {}]'``.
+
 prints a table: each configuration's runs (seconds, output tok/s), its median, its ratio to the first
 configuration's median, its load-and-warm-up seconds and its step costs.
 """
@@ -40,14 +44,20 @@ def parse_run(text: str) -> tuple[float, float, float, str]:
     return float(m.group(1)), float(m.group(2)), float(m.group(3)), m.group(4)
 
 
-def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, str]]:
-    """(EngineConfig overrides, the run's environment) of one configuration: ``environ`` with the
-    configuration's ``"env"`` strings over it (ValueError when ``"env"`` is not an object of strings)."""
-    engine = {k: v for k, v in cfg.items() if k != "env"}
+def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, str], str | None]:
+    """(EngineConfig overrides, the run's environment, the tree its code comes from or None) of one
+    configuration: ``environ`` with the configuration's ``"env"`` strings over it (ValueError when ``"env"``
+    is not an object of strings, or ``"tree"`` not a directory with ``benchmarks/gpu/profile_run.py``)."""
+    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree")}
     env = cfg.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ValueError(f"\"env\" of {json.dumps(cfg)}: expected an object of strings")
-    return engine, {**environ, **env}
+    tree = cfg.get("tree")
+    if tree is not None:
+        if not isinstance(tree, str) or not os.path.isfile(os.path.join(tree, "benchmarks", "gpu", "profile_run.py")):
+            raise ValueError(f"\"tree\" of {json.dumps(cfg)}: not a copy of the repository")
+        tree = os.path.abspath(tree)
+    return engine, {**environ, **env}, tree
 
 
 def summarize(results: dict[int, list[tuple[float, float, float, str]]]) -> list[tuple[int, float, float]]:
@@ -82,11 +92,11 @@ def main(argv=None) -> int:
     results: dict[int, list] = {i: [] for i in range(len(configs))}
     for r in range(args.rounds):
         for i, cfg in enumerate(configs):
-            engine, env = runs_of[i]
+            engine, env, tree = runs_of[i]
             cmd = [sys.executable, "-m", "benchmarks.gpu.profile_run", "--windows", "none", "--dataset", args.dataset,
                    "--num-prompts", str(args.num_prompts), "--model", args.model, "--engine", json.dumps(engine)]
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env)
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env, cwd=tree)
                 run = parse_run(p.stdout)
             except (subprocess.TimeoutExpired, ValueError) as e:
                 tail = getattr(e, "stdout", None) or ""

@@ -106,6 +106,25 @@ def loop_by_running(loop, edges=(0, 16, 64, 128, 256, 512, 768, 1025)):
     return out
 
 
+def decode_steps_by_running(loop, costs: dict[int, float], edges=(0, 16, 64, 128, 256, 512, 768, 1025)):
+    """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 0.5 ms of wait, mean step
+    cost ms of their buckets)] of the decode-only steps of ``loop`` ((running sequences, host s, wait s, step
+    tokens, prefill tokens) each) binned by running sequences; ``costs``: ms by token bucket. A step whose
+    host time exceeds its bucket's cost leaves the device idle (overlap hides the host only up to the device's
+    time): the engine is host-bound there."""
+    buckets = sorted(costs)
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [(h, w, t) for n, h, w, t, pre in loop if lo <= n < hi and pre == 0 and t > 0]
+        if not sel:
+            continue
+        cost = [costs[next((b for b in buckets if b >= t), buckets[-1])] for _, _, t in sel] if buckets else [0.0]
+        out.append((lo, hi, len(sel), sum(h for h, _, _ in sel) / len(sel) * 1e3,
+                    sum(w for _, w, _ in sel) / len(sel) * 1e3, sum(w < 0.5e-3 for _, w, _ in sel) / len(sel),
+                    sum(cost) / len(cost)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.profile_run")
     ap.add_argument("--dataset", default="sharegpt-lengths")
@@ -208,16 +227,18 @@ def main(argv=None) -> int:
             leaf.block_until_ready()
 
     metrics = engine.metrics
-    loop = []       # every timed step: (running sequences before it, host s, device-wait s)
+    loop = []       # every timed step: (running sequences before it, host s, device-wait s, tokens, prefill tokens)
 
     def traced_step(*a, **k):
         if state["step"] < 0:           # warm-up requests: not counted
             return step(*a, **k)
         n, h0, w0 = len(engine.scheduler.running), metrics.host_seconds, metrics.device_wait_seconds
+        t0, p0 = runner.tokens_run, metrics.computed_prefill_tokens
         try:
             return windowed_step(*a, **k)
         finally:
-            loop.append((n, metrics.host_seconds - h0, metrics.device_wait_seconds - w0))
+            loop.append((n, metrics.host_seconds - h0, metrics.device_wait_seconds - w0, runner.tokens_run - t0,
+                         metrics.computed_prefill_tokens - p0))
 
     def windowed_step(*a, **k):
         s = state["step"]
@@ -299,8 +320,15 @@ def main(argv=None) -> int:
               "the device having idled for the host):", "",
               "| running sequences | steps | host ms / step | wait ms / step | steps that did not wait |",
               "|---|---:|---:|---:|---:|"]
-    for lo, hi, k, host, wait, nowait in loop_by_running(loop):
+    for lo, hi, k, host, wait, nowait in loop_by_running([x[:3] for x in loop]):
         lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {wait:.2f} | {nowait:.2f} |")
+    lines += ["", "Decode-only steps (no prompt token) by running sequences, beside the step cost of their buckets "
+              "(measured at warm-up): where host ms reach the cost, the device waits for the host:", "",
+              "| running sequences | steps | host ms / step | wait ms / step | share with under 0.5 ms of wait | "
+              "bucket cost ms | host / cost |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for lo, hi, k, host, wait, short, cost in decode_steps_by_running(loop, costs):
+        lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {wait:.2f} | {short:.2f} | {cost:.2f} | "
+                     f"{host / cost if cost else float('nan'):.2f} |")
     lines += ["", "reproduce: python -m benchmarks.gpu.profile_run --dataset " + args.dataset
               + f" --num-prompts {args.num_prompts} --windows {args.windows}"
               + (f" --engine '{args.engine}'" if args.engine else "")]

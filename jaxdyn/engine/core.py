@@ -114,7 +114,8 @@ class EngineCore:
     def draw_seed(self) -> int:
         return self._rng.getrandbits(32)
 
-    def _new_request(self, request_id, prompt_ids, params, priority, arrival_time) -> Request:
+    def _new_request(self, request_id, prompt_ids, params, priority, arrival_time, final_only: bool = False
+                     ) -> Request:
         if request_id in self.requests:
             raise RequestError("request_id", f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
@@ -127,9 +128,13 @@ class EngineCore:
             seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFF
             seq = Sequence(req, i, seed, self._arrivals)
             if self.tokenizer is not None and params.detokenize:
+                # a request whose text is read once, at its end, and that no stop string can end is
+                # decoded then, in one call (``lazy``): per token, the detokenizer was ~30 % of a decode
+                # step's host time at 512 running requests (benchmarks/engine_host_time.py --final-only)
                 seq.detok = IncrementalDetokenizer(
                     self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                    lazy=final_only and not params.stop)
             if params.logprobs is not None:
                 seq.logprobs = []
             req.seqs.append(seq)
@@ -146,7 +151,7 @@ class EngineCore:
         prompt_ids = list(prompt_ids)
         if hold_kv and params.n != 1:
             raise RequestError("n", "a request whose KV is held must have n=1")
-        req = self._new_request(request_id, prompt_ids, params, priority, arrival_time)
+        req = self._new_request(request_id, prompt_ids, params, priority, arrival_time, final_only)
         req.hold_kv = hold_kv
         req.final_only = final_only
         if params.n > 1 and len(prompt_ids) > 1:

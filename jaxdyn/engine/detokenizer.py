@@ -51,8 +51,14 @@ def _stream(tokenizer: Tokenizer, raw, context: list[int], skip: bool):
 
 
 class IncrementalDetokenizer:
+    """``lazy``: no text until ``flush``, which decodes every token since the prompt in one call (the
+    window's algorithm over the whole output: the same text); for output read only at its end, with no
+    stop strings (ValueError with them: they are searched as the text grows)."""
+
     def __init__(self, tokenizer: Tokenizer, prompt_ids, *, skip_special_tokens: bool = True,
-                 stop: list[str] = (), include_stop_str_in_output: bool = False):
+                 stop: list[str] = (), include_stop_str_in_output: bool = False, lazy: bool = False):
+        if lazy and stop:
+            raise ValueError("a lazy detokenizer cannot search stop strings")
         self.tok = tokenizer
         self.skip = skip_special_tokens
         self.tokens = list(prompt_ids[-_PROMPT_CONTEXT:])
@@ -65,7 +71,8 @@ class IncrementalDetokenizer:
         self.emitted = 0           # characters of text already streamed
         self.stopped_by: str | None = None
         self._raw = getattr(tokenizer, "_tok", None)
-        self._stream = _stream(tokenizer, self._raw, self.tokens, skip_special_tokens)
+        self.lazy = lazy
+        self._stream = None if lazy else _stream(tokenizer, self._raw, self.tokens, skip_special_tokens)
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
@@ -74,6 +81,8 @@ class IncrementalDetokenizer:
         """Add a token; returns the stop string that matched, if one did (text is then cut)."""
         tokens = self.tokens
         tokens.append(token_id)
+        if self.lazy:
+            return None
         stream = self._stream
         delta = None
         if stream is not None:

@@ -116,3 +116,23 @@ def test_the_rust_stream_and_the_python_window_emit_the_same_deltas(tok, which):
         expect = _deltas(slow, ids)
         assert _deltas(fast, ids) == expect and _deltas(failing, ids) == expect
     assert used > 50        # the Rust path ran (a prompt ending inside a character keeps the window)
+
+
+@pytest.mark.parametrize("which", ["bytes", "demo"])
+def test_a_lazy_detokenizer_ends_with_the_incremental_text(tok, which):
+    """``lazy`` (output read once, at its end): no text until flush, then the same text the incremental
+    detokenizer built token by token, for random streams (invalid UTF-8 among them) after random prompts."""
+    import random
+    t = tok if which == "bytes" else Tokenizer.from_pretrained("checkpoints/demo")
+    rng = random.Random(1)
+    for _ in range(150):
+        prompt = [rng.randrange(t.vocab_size) for _ in range(rng.randrange(1, 12))]
+        ids = [rng.randrange(t.vocab_size) for _ in range(rng.randrange(1, 40))]
+        eager, lazy = IncrementalDetokenizer(t, prompt), IncrementalDetokenizer(t, prompt, lazy=True)
+        for i in ids:
+            assert eager.add(i) is None and lazy.add(i) is None
+        assert lazy.text == "" and lazy.take_delta(False) == ""
+        assert lazy.flush() == eager.flush(), (prompt, ids)
+        assert lazy.take_delta(True) == eager.text
+    with pytest.raises(ValueError, match="stop strings"):
+        IncrementalDetokenizer(t, [1], stop=["x"], lazy=True)
