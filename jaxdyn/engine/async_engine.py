@@ -38,6 +38,7 @@ class _Stream:
         self.request_id = ""
         self.prompt_ids: list[int] = []
         self.acc: dict = {}                  # ProcessEngine: each completion's text / tokens / logprobs so far
+        self.detok: dict | None = None       # ProcessEngine: each completion's detokenizer, when decoded here
         self.queue: asyncio.Queue = asyncio.Queue()
 
 
@@ -97,9 +98,14 @@ class StreamingEngine:
         stream.request_id = request_id
         prompt_ids = list(prompt_ids)
         stream.prompt_ids = prompt_ids
+        params = self._prepare(stream, params)
         self._streams[request_id] = stream
         self._send(("add", request_id, prompt_ids, params, priority, time.monotonic()))
         return stream
+
+    def _prepare(self, stream: _Stream, params: SamplingParams) -> SamplingParams:
+        """The params the engine gets for a new request's ``stream`` (before it is sent); as given here."""
+        return params
 
     async def stream(self, stream: _Stream):
         """The outputs of a submitted request; leaving early aborts it."""

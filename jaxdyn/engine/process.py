@@ -15,6 +15,12 @@ initialises a JAX backend) and the two exchange one message per engine step:
   engine went idle, or 0.25 s passed. A reader thread rebuilds each request's cumulative text and tokens
   (``_Stream.acc``) and hands the step to the event loops in one call per loop, as ``AsyncEngine`` does.
 
+Text is decoded on the server's side, as vLLM V1's front end does, for every request that no stop string
+can end (``ProcessEngine._prepare``: the engine gets it with ``detokenize=False`` and the reader thread runs
+its ``IncrementalDetokenizer``s): a decode step's host time in the engine process is then its own
+bookkeeping only (the detokenizer was ~30 % of it at 512 running requests, ``benchmarks/engine_host_time.py``).
+A request with stop strings is decoded in the engine, which must see its text to stop it.
+
 The server reads the core through ``EngineFacts`` (config, model config, tokenizer, limits, load info,
 the latest metrics, ``check_request``), sent once when the engine is ready. An engine that dies (an
 exception in a step, a killed process) ends every stream with ``EngineDeadError`` and turns
@@ -33,6 +39,7 @@ import traceback
 from jaxdyn.engine.async_engine import EngineDeadError, StreamingEngine, _post, apply_command
 from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
+from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.request import CompletionOutput, RequestOutput, TokenPrefix
 
 METRICS_INTERVAL_S = 0.25       # the longest a busy engine goes without sending its metrics
@@ -224,6 +231,15 @@ class ProcessEngine(StreamingEngine):
     def _send(self, cmd) -> None:
         self._outbox.put(cmd)
 
+    def _prepare(self, stream, params):
+        """A request that no stop string can end is decoded here, by the reader thread: the engine gets it
+        with ``detokenize=False`` (its token ids, logprobs and finish are the same)."""
+        if self.core.tokenizer is None or not params.detokenize or params.stop:
+            return params
+        stream.detok = {}
+        stream.skip_special_tokens = params.skip_special_tokens
+        return dataclasses.replace(params, detokenize=False)
+
     def _send_loop(self) -> None:
         """Everything queued since the last send, in one message (the event loop never blocks on the pipe)."""
         while True:
@@ -279,6 +295,16 @@ class ProcessEngine(StreamingEngine):
         acc = s.acc
         outs = []
         for index, dtext, dids, cum_lp, dlps, reason, stop_reason in comps:
+            if s.detok is not None:        # decoded here (_prepare)
+                d = s.detok.get(index)
+                if d is None:
+                    d = s.detok[index] = IncrementalDetokenizer(
+                        self.core.tokenizer, s.prompt_ids, skip_special_tokens=s.skip_special_tokens)
+                for t in dids:
+                    d.add(t, check_stop=False)
+                if reason is not None:
+                    d.flush()
+                dtext = d.take_delta(reason is not None)
             a = acc.get(index)
             if a is None:
                 a = acc[index] = ["", [], None]

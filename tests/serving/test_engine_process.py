@@ -217,3 +217,22 @@ def test_jaxdyn_serve_starts_its_engine_process_before_it_imports_jax(tmp_path):
                        cwd=root)
     assert p.returncode == 7, p.stdout + p.stderr
     assert "jax imported: False | config: dict 3 True" in p.stdout
+
+
+def test_text_is_decoded_on_the_server_side_unless_a_stop_string_can_end_it():
+    """The engine process gets ``detokenize=False`` for a request no stop string can end (the reader thread
+    decodes its tokens); with stop strings, or without a tokenizer, the engine decodes as given."""
+    import types
+
+    from jaxdyn import SamplingParams
+    from jaxdyn.engine.async_engine import _Stream
+    from jaxdyn.engine.process import ProcessEngine
+    me = types.SimpleNamespace(core=types.SimpleNamespace(tokenizer=object()))
+    s = _Stream(None)
+    p = ProcessEngine._prepare(me, s, SamplingParams(max_tokens=3, skip_special_tokens=False))
+    assert p.detokenize is False and p.max_tokens == 3 and s.detok == {} and s.skip_special_tokens is False
+    for params, tokenizer in ((SamplingParams(stop=["x"]), object()), (SamplingParams(), None),
+                              (SamplingParams(detokenize=False), object())):
+        s = _Stream(None)
+        me.core.tokenizer = tokenizer
+        assert ProcessEngine._prepare(me, s, params) is params and s.detok is None
