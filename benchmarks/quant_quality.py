@@ -1,4 +1,5 @@
-"""Quality and size of int8 / fp8 weight-only quantization against the unquantized model.
+"""Quality and size of int8 (weights only) and fp8 (weights and activations) quantization against the
+unquantized model.
 
     python benchmarks/quant_quality.py                      # the shipped demo model, CPU is fine
     python benchmarks/quant_quality.py --model DIR --prompts FILE.json

@@ -47,6 +47,9 @@ FORMAT_VERSION = 2      # 2: q, k and v stored as one qkv_proj (1: separate; con
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
 QUANTIZABLE = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# fp8 weights are stored [out, in] (``llama.Linear``); fp8 checkpoints converted before said nothing of it and
+# hold [in, out] kernels
+FP8_WEIGHTS = "[out, in]"
 
 
 def is_converted(path: str) -> bool:
@@ -69,19 +72,23 @@ def read_marker(path: str) -> dict:
     if marker.get("format") != "jaxdyn" or marker.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format {marker.get('format')!r} "
                               f"version {marker.get('version')!r}")
+    if marker.get("quantization") == "fp8" and marker.get("fp8_weights") != FP8_WEIGHTS:
+        raise CheckpointError(f"{path}: an fp8 checkpoint of an older layout ([in, out] weights, dequantized "
+                              f"inside the product); convert it again with `jaxdyn convert --quant fp8`")
     return marker
 
 
-def quantize(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """w f32[in, out] -> (q [in, out] int8 | float8_e4m3fn, scale f32[out]) with w ~= q * scale."""
+def quantize(w: np.ndarray, kind: str, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """w f32[in, out] (``axis`` 0; ``axis`` 1: [out, in]) -> (q int8 | float8_e4m3fn in w's layout, scale f32[out])
+    with w ~= q * scale, one scale per output channel (the maximum over ``axis``, the input features)."""
     w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=0)
+    amax = np.abs(w).max(axis=axis)
     if kind == "int8":
         scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        q = np.clip(np.rint(w / np.expand_dims(scale, axis)), -127, 127).astype(np.int8)
     elif kind == "fp8":
         scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-        q = (w / scale).astype(ml_dtypes.float8_e4m3fn)
+        q = np.clip(w / np.expand_dims(scale, axis), -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
     else:
         raise ValueError(f"unknown quantization {kind!r}")
     return q, scale
@@ -176,9 +183,11 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
                 if keys[-1] == "scale":
                     continue
                 raws = [np.asarray(files.get(n)) for n in hf_names(keys)]
-                arr = np.concatenate([r.T if keys[-1] == "kernel" else r for r in raws], axis=-1)  # qkv: one shard
-                if quant and keys[-1] == "kernel" and keys[-2] in QUANTIZABLE:
-                    q, scale = quantize(arr.astype(np.float32), quant)
+                # qkv: one shard's q, k, v; an fp8 weight is [out, in] as Hugging Face's, the rest [in, out]
+                arr = np.concatenate([r.T if keys[-1] == "kernel" else r for r in raws],
+                                     axis=0 if keys[-1] == "weight" else -1)
+                if quant and keys[-1] in ("kernel", "weight") and keys[-2] in QUANTIZABLE:
+                    q, scale = quantize(arr.astype(np.float32), quant, axis=1 if keys[-1] == "weight" else 0)
                     flat[keys] = q
                     flat[keys[:-1] + ("scale",)] = scale
                     bar.update(2)
@@ -206,6 +215,8 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
         marker = {"format": "jaxdyn", "version": FORMAT_VERSION, "dtype": dtype, "quantization": quant,
                   "groups": list(groups), "param_bytes": int(num_bytes), "source": hf_dir,
                   "seconds": round(time.perf_counter() - t0, 3)}
+        if quant == "fp8":
+            marker["fp8_weights"] = FP8_WEIGHTS
         with open(os.path.join(tmp, MARKER), "w") as f:       # written last: marks the directory complete
             json.dump(marker, f, indent=2)
         if os.path.exists(out_dir):
@@ -271,7 +282,11 @@ def load_converted(path: str, mesh, *, dtype=None, config: ModelConfig | None = 
     for keys, (leaf, sh) in targets.items():
         v = restored[keys]
         if keys[-2] == "qkv_proj" and tp > 1:     # stored for one shard: each shard's heads in turn, kv replicated
-            v = jax.device_put(_merged_qkv(split_qkv(np.asarray(v), *qkv_sizes(cfg), 1), cfg, leaf.shape, tp), sh)
+            if keys[-1] == "weight":               # an fp8 weight [out, in]: the heads along axis 0
+                v = _merged_qkv(split_qkv(np.asarray(v).T, *qkv_sizes(cfg), 1), cfg, leaf.shape[::-1], tp).T
+            else:
+                v = _merged_qkv(split_qkv(np.asarray(v), *qkv_sizes(cfg), 1), cfg, leaf.shape, tp)
+            v = jax.device_put(np.ascontiguousarray(v), sh)
         if v.dtype != leaf.dtype:
             v = jax.jit(lambda x, d=leaf.dtype: x.astype(d), out_shardings=sh)(v)
         out.append(v)

@@ -158,6 +158,8 @@ def _hf_shapes(keys: tuple, shape: tuple, cfg: ModelConfig) -> list[tuple]:
     leaf = keys[-1]
     if keys[-2] == "qkv_proj":
         q_size, kv_size = qkv_sizes(cfg)
+        if leaf == "weight":          # an fp8 weight: [out, in], as Hugging Face holds it
+            return [(n, *shape[1:]) for n in (q_size, kv_size, kv_size)]
         shapes = [(*shape[:-1], n) for n in (q_size, kv_size, kv_size)]
     else:
         shapes = [tuple(shape)]

@@ -45,3 +45,11 @@ def test_bad_configs_are_refused_by_the_command_line(capsys):
     with pytest.raises(SystemExit):
         ab.main(["--configs", '[{"env": {"XLA_FLAGS": 3}}]'])
     assert "object of strings" in capsys.readouterr().err
+
+
+def test_a_configuration_may_quantize_the_model():
+    engine, _, _ = ab.split_config({"quant": "fp8", "max_num_seqs": 8}, {})
+    assert engine == {"max_num_seqs": 8}
+    cmd = ab.run_command({"quant": "fp8", "max_num_seqs": 8}, engine, "sharegpt-lengths", 10, "llama-3.1-8b")
+    assert cmd[-2:] == ["--quant", "fp8"] and '{"max_num_seqs": 8}' in cmd
+    assert "--quant" not in ab.run_command({}, {}, "sharegpt-lengths", 10, "llama-3.1-8b")

@@ -14,6 +14,8 @@ process, e.g. ``{"env": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}}``: 
 product); ``XLA_FLAGS`` is part of JAX's cache keys and the executable cache's fingerprint, so each such
 configuration's first run compiles from scratch and its load seconds are a cold compilation's.
 
+A configuration's ``"quant"`` (``"fp8"`` or ``"int8"``) quantizes the model (``profile_run --quant``).
+
 A configuration's ``"tree"`` is a directory holding another copy of the repository (``git archive BASE | tar -x
 -C base``): its runs run that code (``python -m`` from there), so two commits alternate in one call, e.g.
 ``--configs '[{"tree": "base"}, {}]'``.
@@ -48,7 +50,7 @@ def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, st
     """(EngineConfig overrides, the run's environment, the tree its code comes from or None) of one
     configuration: ``environ`` with the configuration's ``"env"`` strings over it (ValueError when ``"env"``
     is not an object of strings, or ``"tree"`` not a directory with ``benchmarks/gpu/profile_run.py``)."""
-    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree")}
+    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree", "quant")}
     env = cfg.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ValueError(f"\"env\" of {json.dumps(cfg)}: expected an object of strings")
@@ -58,6 +60,15 @@ def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, st
             raise ValueError(f"\"tree\" of {json.dumps(cfg)}: not a copy of the repository")
         tree = os.path.abspath(tree)
     return engine, {**environ, **env}, tree
+
+
+def run_command(cfg: dict, engine: dict, dataset: str, num_prompts: int, model: str) -> list[str]:
+    """The ``profile_run`` command line of one run of configuration ``cfg`` (its EngineConfig fields ``engine``)."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu.profile_run", "--windows", "none", "--dataset", dataset,
+           "--num-prompts", str(num_prompts), "--model", model, "--engine", json.dumps(engine)]
+    if "quant" in cfg:
+        cmd += ["--quant", str(cfg["quant"])]
+    return cmd
 
 
 def summarize(results: dict[int, list[tuple[float, float, float, str]]]) -> list[tuple[int, float, float]]:
@@ -93,8 +104,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for i, cfg in enumerate(configs):
             engine, env, tree = runs_of[i]
-            cmd = [sys.executable, "-m", "benchmarks.gpu.profile_run", "--windows", "none", "--dataset", args.dataset,
-                   "--num-prompts", str(args.num_prompts), "--model", args.model, "--engine", json.dumps(engine)]
+            cmd = run_command(cfg, engine, args.dataset, args.num_prompts, args.model)
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env, cwd=tree)
                 run = parse_run(p.stdout)

@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                     help="engine-step ranges START:END of the timed run, comma-separated (none: no traces)")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
+    ap.add_argument("--quant", default=None, choices=["int8", "fp8"],
+                    help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")
     ap.add_argument("--hlo", nargs="?", const="largest", default=None, metavar="BUCKETS",
@@ -172,7 +174,8 @@ def main(argv=None) -> int:
         if missing := [b for b in hlo_buckets if b not in engine_cfg["token_buckets"]]:
             ap.error(f"--hlo: {missing} not among the token buckets {engine_cfg['token_buckets']}")
     scratch = args.out if args.out and args.keep_traces else tempfile.mkdtemp()
-    path = model_dir(args.model, tempfile.mkdtemp())
+    path = model_dir(args.model, tempfile.mkdtemp(),
+                     **({"jaxdyn_quantization": args.quant} if args.quant else {}))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
     load_s = time.perf_counter() - t0
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
                      f"{host / cost if cost else float('nan'):.2f} |")
     lines += ["", "reproduce: python -m benchmarks.gpu.profile_run --dataset " + args.dataset
               + f" --num-prompts {args.num_prompts} --windows {args.windows}"
-              + (f" --engine '{args.engine}'" if args.engine else "")]
+              + (f" --engine '{args.engine}'" if args.engine else "") + (f" --quant {args.quant}" if args.quant else "")]
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:

@@ -33,24 +33,51 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
 QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+FP8_MAX = 448.0                 # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x in float8_e4m3fn, its f32 scale): one scale for the whole tensor, its absolute maximum / 448, found on
+    the device (dynamic: the batch's rows share it, as vLLM's dynamic fp8 does)."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf)), 1e-12) / FP8_MAX
+    return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
 
 
 class Linear(nnx.Module):
-    """``x @ kernel (+ bias)``; with ``quant`` the kernel is int8 or fp8 (e4m3) with a float32
-    scale per output channel, dequantized inside the jitted matmul: ``(x @ q) * scale``."""
+    """``x @ kernel (+ bias)``, the kernel ``[in, out]``. Quantized (``quant``), with a float32 scale per
+    output channel:
+
+    - ``int8``: the kernel int8 ``[in, out]``, made x's dtype inside the jitted product: ``(x @ q) * scale``
+      (weights only);
+    - ``fp8``: ``weight`` float8_e4m3fn ``[out, in]`` (Hugging Face's layout: the contracting dimension minor,
+      the one cuBLASLt's fp8 products take; ``[in, out]`` was transposed on every call) and the input quantized
+      to fp8 with one scale a tensor (``quantize_fp8``): one fp8 x fp8 product, its result times the two scales
+      (weights and activations, w8a8: 0.65x bf16's time on an H200 at 768-2,048 rows,
+      ``benchmarks/gpu/fp8_probe.py``)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, quant: str | None = None):
         if quant is None:
             self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
-            self.scale = None
+            self.weight = self.scale = None
         else:
-            self.kernel = nnx.Param(jnp.zeros((in_features, out_features), QUANT_DTYPES[quant]))
+            if quant == "fp8":
+                self.weight = nnx.Param(jnp.zeros((out_features, in_features), QUANT_DTYPES[quant]))
+                self.kernel = None
+            else:
+                self.kernel = nnx.Param(jnp.zeros((in_features, out_features), QUANT_DTYPES[quant]))
+                self.weight = None
             self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.scale is None:
             y = x @ self.kernel[...]
+        elif self.weight is not None:
+            xq, sx = quantize_fp8(x)
+            y = jax.lax.dot_general(xq, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())),
+                                    preferred_element_type=x.dtype)
+            y = (y.astype(jnp.float32) * (sx * self.scale[...])).astype(x.dtype)
         else:
             y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
             y = (y * self.scale[...]).astype(x.dtype)

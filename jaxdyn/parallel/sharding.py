@@ -28,6 +28,11 @@ _RULES: dict[tuple[str, str], tuple] = {
     ("gate_proj", "kernel"): _COLUMN, ("gate_proj", "bias"): (MODEL_AXIS,),
     ("up_proj", "kernel"): _COLUMN, ("up_proj", "bias"): (MODEL_AXIS,),
     ("down_proj", "kernel"): _ROW, ("down_proj", "bias"): (None,),
+    # fp8 weights are [out, in] (``llama.Linear``): qkv, gate and up split their output features (axis 0
+    # here), o and down their input features (axis 1)
+    ("qkv_proj", "weight"): _ROW, ("o_proj", "weight"): _COLUMN,
+    ("gate_proj", "weight"): _ROW, ("up_proj", "weight"): _ROW,
+    ("down_proj", "weight"): _COLUMN,
     # per-output-channel scales of int8/fp8 kernels follow the output split
     ("qkv_proj", "scale"): (MODEL_AXIS,), ("o_proj", "scale"): (None,),
     ("gate_proj", "scale"): (MODEL_AXIS,), ("up_proj", "scale"): (MODEL_AXIS,),

@@ -137,11 +137,19 @@ def test_fp8_checkpoint_runs_the_model_close_to_full_precision(hf, tmp_path, tp)
     mesh = make_mesh(tp)
     q = load_converted(out, mesh)
     assert q.config.quantization == "fp8"
-    assert q.state["layers"][0]["mlp"]["up_proj"]["kernel"].dtype == jnp.float8_e4m3fn
+    weight = q.state["layers"][0]["mlp"]["up_proj"]["weight"]
+    assert weight.dtype == jnp.float8_e4m3fn and weight.shape == (q.config.intermediate_size, q.config.hidden_size)
     full = load_hf_checkpoint(hf, mesh, dtype=jnp.float32)
     a, b = logits_of(q, mesh), logits_of(full, mesh)
     err = np.abs(a - b).max() / np.abs(b).max()
     assert 0 < err < 0.15      # quantized (not equal), and close
+    if tp == 1:                # an fp8 checkpoint of the layout before ([in, out] kernels) is refused, by name
+        marker = json.load(open(os.path.join(out, "jaxdyn_checkpoint.json")))
+        assert marker["fp8_weights"] == "[out, in]"
+        del marker["fp8_weights"]
+        json.dump(marker, open(os.path.join(out, "jaxdyn_checkpoint.json"), "w"))
+        with pytest.raises(CheckpointError, match="older layout.*convert it again"):
+            load_converted(out, mesh)
 
 
 def test_engine_serves_a_converted_directory_like_the_hf_one(hf, tmp_path):

@@ -35,3 +35,19 @@ def test_dummy_weights_are_seeded_scaled_and_share_one_compilation_per_shape():
         assert not np.array_equal(x, z), name               # another seed, other values
         if x.ndim == 2 and "embed" not in name and x.size > 1000:
             np.testing.assert_allclose(x.std(), x.shape[0] ** -0.5, rtol=0.1, err_msg=name)
+
+
+def test_quantized_dummy_weights_give_the_product_the_unquantized_spread():
+    """fp8 weights [out, in] with values N(0, 1) and int8 kernels [in, out] with values N(0, 32), each with a
+    constant scale per output channel that brings the product to N(0, 1/fan_in), as the bf16 matrices."""
+    for quant in ("fp8", "int8"):
+        cfg = ModelConfig.from_dict({**preset_config("tiny"), "jaxdyn_quantization": quant})
+        up = init_dummy_weights(cfg, make_mesh(1), dtype=jnp.float32).state["layers"][0]["mlp"]["up_proj"]
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        q = up["weight" if quant == "fp8" else "kernel"][...]
+        scale = np.asarray(up["scale"][...])
+        assert q.dtype == (jnp.float8_e4m3fn if quant == "fp8" else jnp.int8)
+        assert q.shape == ((f, d) if quant == "fp8" else (d, f))
+        spread = 1.0 if quant == "fp8" else 32.0
+        np.testing.assert_allclose(np.asarray(q, np.float32).std(), spread, rtol=0.1)
+        np.testing.assert_allclose(scale, 1 / (spread * d ** 0.5), rtol=1e-6)
