@@ -48,3 +48,10 @@ def test_a_cold_and_a_warm_start_of_the_tiny_preset(tmp_path, capsys):
     warmup = [float(line.split("warm-up ")[1].split(" s")[0]) for line in (cold, warm)]
     assert warmup[1] < warmup[0]
     assert "| `{}` |" in out and "reproduce: python -m benchmarks.gpu.start_probe" in out
+
+
+def test_ab_offline_only_keys_are_refused(capsys):
+    for cfg in ('[{"tree": "."}]', '[{"quant": "fp8"}]'):
+        with pytest.raises(SystemExit):
+            sp.main(["--configs", cfg, "--model", "tiny"])
+        assert "are ab_offline's" in capsys.readouterr().err

@@ -79,7 +79,12 @@ def main(argv=None) -> int:
         base = {**ENGINE, **json.loads(args.engine)}
         if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
             raise ValueError("--configs: expected a JSON list of objects")
-        runs = [split_config(c, dict(os.environ)) for c in configs]
+        runs = []
+        for c in configs:
+            if "tree" in c or "quant" in c:
+                raise ValueError(f"--configs: {json.dumps(c)}: \"tree\" and \"quant\" are ab_offline's, not this probe's")
+            engine, env, _ = split_config(c, dict(os.environ))
+            runs.append((engine, env))
     except ValueError as e:
         ap.error(str(e))
     scratch = args.scratch or tempfile.mkdtemp(prefix="jaxdyn-start-")
