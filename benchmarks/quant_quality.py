@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/quant_quality.py" + "".join(
         f" --{k} {v}" for k, v in (("model", args.model), ("prompts", args.prompts), ("dtype", args.dtype))
         if v != ap.get_default(k))
-    print(f"# weight-only quantization quality: {os.path.basename(os.path.normpath(args.model))}, "
+    print(f"# quantization quality (int8: weights only; fp8: weights and activations): {os.path.basename(os.path.normpath(args.model))}, "
           f"{len(prompts)} prompts, {n_pos} positions, float32 compute on {jax.devices()[0].device_kind}")
     print(f"# {datetime.date.today().isoformat()}  command: {cmd}")
     print(f"# unquantized = {args.dtype} weights; KL(p_unquantized || p_quantized) in nats per position\n")

@@ -8,18 +8,23 @@ import pytest
 from jaxdyn.models.llama import FP8_MAX, Linear, quantize_fp8
 
 
-def test_activations_quantize_to_fp8_with_one_scale_from_their_maximum():
+def test_activations_quantize_to_fp8_with_one_scale_a_row_from_its_maximum():
     x = jax.random.normal(jax.random.key(0), (16, 64)) * 3.0
     x = x.at[3, 5].set(-40.0)
     q, s = quantize_fp8(x)
-    assert q.dtype == jnp.float8_e4m3fn and s.shape == ()
-    assert float(s) == pytest.approx(40.0 / FP8_MAX)
-    back = np.asarray(q, np.float32) * float(s)
+    s = np.asarray(s)
+    assert q.dtype == jnp.float8_e4m3fn and s.shape == (16, 1)
+    assert s[3, 0] == pytest.approx(40.0 / FP8_MAX)
+    np.testing.assert_allclose(s[:, 0], np.abs(np.asarray(x)).max(axis=1) / FP8_MAX, rtol=1e-6)
+    back = np.asarray(q, np.float32) * s
     assert back[3, 5] == pytest.approx(-40.0)
-    # e4m3: 3 mantissa bits, a relative error of at most 1/16 where the value is normal (>= 2^-6 * s)
-    normal = np.abs(np.asarray(x)) >= 2.0 ** -6 * float(s)
+    # e4m3: 3 mantissa bits, a relative error of at most 1/16 where the value is normal (>= 2^-6 * its scale)
+    normal = np.abs(np.asarray(x)) >= 2.0 ** -6 * s
     np.testing.assert_array_less(np.abs(back - np.asarray(x))[normal], np.abs(np.asarray(x))[normal] / 16 + 1e-6)
     assert np.all(np.isfinite(np.asarray(quantize_fp8(jnp.zeros((2, 3)))[0], np.float32)))
+    # a row's quantization is its own: the same row beside other rows quantizes alike
+    q1, s1 = quantize_fp8(x[:1])
+    np.testing.assert_array_equal(np.asarray(q1, np.float32), np.asarray(q, np.float32)[:1])
 
 
 def test_the_fp8_product_is_the_two_quantized_operands_times_their_scales():
@@ -33,7 +38,7 @@ def test_the_fp8_product_is_the_two_quantized_operands_times_their_scales():
     x = jax.random.normal(k[3], (10, 64))
     y = layer(x)
     xq, sx = quantize_fp8(x)
-    want = (np.asarray(xq, np.float64) * float(sx)) @ (np.asarray(w, np.float64) * np.asarray(scale)[:, None]).T
+    want = (np.asarray(xq, np.float64) * np.asarray(sx)) @ (np.asarray(w, np.float64) * np.asarray(scale)[:, None]).T
     np.testing.assert_allclose(np.asarray(y), want + np.asarray(bias), rtol=1e-5, atol=1e-5)
     # within fp8's error of the unquantized product
     exact = np.asarray(x, np.float64) @ (np.asarray(w, np.float64) * np.asarray(scale)[:, None]).T
