@@ -13,7 +13,7 @@ merger off), in these forms:
 - ``w8a8 [in, out]``: the same with the weights ``[in, out]`` (as the model stores them now): whatever XLA
   does with a layout cuBLASLt's fp8 products do not take (a transposed copy of each weight would show here);
 - ``w8a8 static``: the activations' scale a constant (no maximum found on the device): what that search costs;
-- ``w8 only``: fp8 weights made bf16 inside the product (``jaxdyn.models.llama.Linear``'s quantized path now).
+- ``w8 only``: fp8 weights made bf16 inside the product (jaxdyn's fp8 before this probe; its int8 path still).
 
     python -m benchmarks.gpu.fp8_probe [--model llama-3.1-8b] [--rows 16,128,768,2048]
 
@@ -24,11 +24,8 @@ number of its transposes and copies.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import re
-import statistics
-import time
 
 
 def hlo_summary(text: str) -> str:
@@ -42,15 +39,8 @@ def hlo_summary(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.fp8_probe")
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--rows", default="16,128,768,2048")
-    ap.add_argument("--reps", type=int, default=10)
-    args = ap.parse_args(argv)
-    try:
-        rows = tuple(int(r) for r in args.rows.split(","))
-    except ValueError:
-        ap.error(f"--rows: expected row counts separated by commas, got {args.rows!r}")
+    from benchmarks.gpu.gemm_probe import layer_dims, median_time, probe_args
+    args, rows = probe_args("python -m benchmarks.gpu.fp8_probe", "16,128,768,2048", argv)
 
     import jax
     import jax.numpy as jnp
@@ -58,14 +48,9 @@ def main(argv=None) -> int:
 
     from benchmarks.gpu.suite import layers_matmul_params
     from benchmarks.kernels import measure_bandwidth, measure_matmul
-    from jaxdyn.config import ModelConfig
     from jaxdyn.engine.runner import NO_DOT_MERGER
-    from jaxdyn.models.presets import preset_config
 
-    mc = ModelConfig.from_dict(preset_config(args.model))
-    d, f, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
-    nq, nkv = mc.num_heads * hd, mc.num_kv_heads * hd
-    keys = iter(jax.random.split(jax.random.key(0), 8 * mc.num_layers))
+    mc, d, f, nq, nkv, keys = layer_dims(args.model)
     f8 = jnp.float8_e4m3fn
     shapes = dict(qkv=(d, nq + 2 * nkv), o=(nq, d), g=(d, f), u=(d, f), dn=(f, d))
 
@@ -113,16 +98,6 @@ def main(argv=None) -> int:
 
     forms = ("bf16", "w8a8", "w8a8 [in, out]", "w8a8 static", "w8 only")
 
-    def timed(fn, x, ws) -> float:
-        for _ in range(3):
-            fn(x, ws).block_until_ready()
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            fn(x, ws).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     bandwidth, matmul = measure_bandwidth(4.0), measure_matmul(8192)
     params = layers_matmul_params(mc)
     print(f"{args.model}: {mc.num_layers} layers, {params / 1e9:.2f} B projection parameters; copy bandwidth "
@@ -138,7 +113,7 @@ def main(argv=None) -> int:
             fn = jax.jit(forward(form)).lower(x, layers).compile(compiler_options=NO_DOT_MERGER)
             if form not in summaries:
                 summaries[form] = hlo_summary(fn.as_text())
-            times.append(timed(fn, x, layers))
+            times.append(median_time(fn, x, layers, args.reps))
         floor = max(2 * params * 1.0 / bandwidth, 2.0 * params * m / matmul)
         print(f"| {m} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
               + " | ".join(f"{t / times[0]:.3f}" for t in times[1:])

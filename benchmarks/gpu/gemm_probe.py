@@ -19,30 +19,53 @@ import statistics
 import time
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.gemm_probe")
+def probe_args(prog: str, default_rows: str, argv) -> tuple[argparse.Namespace, tuple[int, ...]]:
+    """A layer-stack probe's command line (``--model``, ``--rows``, ``--reps``) and its row counts."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--rows", default="16,128,256,512,1024,2048")
+    ap.add_argument("--rows", default=default_rows)
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args(argv)
     try:
-        rows = tuple(int(r) for r in args.rows.split(","))
+        return args, tuple(int(r) for r in args.rows.split(","))
     except ValueError:
         ap.error(f"--rows: expected row counts separated by commas, got {args.rows!r}")
+
+
+def layer_dims(model: str):
+    """(ModelConfig, hidden, intermediate, q features, k/v features) of a preset, and a key per weight it needs."""
+    import jax
+
+    from jaxdyn.config import ModelConfig
+    from jaxdyn.models.presets import preset_config
+    mc = ModelConfig.from_dict(preset_config(model))
+    keys = iter(jax.random.split(jax.random.key(0), 8 * mc.num_layers))
+    return mc, mc.hidden_size, mc.intermediate_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, keys
+
+
+def median_time(fn, x, layers, reps: int) -> float:
+    """Median seconds of ``fn(x, layers)`` over ``reps`` calls after three unmeasured ones."""
+    for _ in range(3):
+        fn(x, layers).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(x, layers).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    args, rows = probe_args("python -m benchmarks.gpu.gemm_probe", "16,128,256,512,1024,2048", argv)
 
     import jax
     import jax.numpy as jnp
 
     from benchmarks.gpu.suite import layers_matmul_params
     from benchmarks.kernels import measure_bandwidth, measure_matmul
-    from jaxdyn.config import ModelConfig
     from jaxdyn.engine.runner import NO_DOT_MERGER
-    from jaxdyn.models.presets import preset_config
 
-    mc = ModelConfig.from_dict(preset_config(args.model))
-    d, f, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
-    nq, nkv = mc.num_heads * hd, mc.num_kv_heads * hd
-    keys = iter(jax.random.split(jax.random.key(0), 8 * mc.num_layers))
+    mc, d, f, nq, nkv, keys = layer_dims(args.model)
 
     def w(shape):
         return (jax.random.normal(next(keys), shape, jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
@@ -73,16 +96,6 @@ def main(argv=None) -> int:
 
     layouts = (("separate", False, False), ("qkv merged", True, False), ("qkv, gate_up merged", True, True))
 
-    def timed(fn, x, layers) -> float:
-        for _ in range(3):
-            fn(x, layers).block_until_ready()
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            fn(x, layers).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     bandwidth, matmul = measure_bandwidth(4.0), measure_matmul(8192)
     params = layers_matmul_params(mc)
     print(f"{args.model}: {mc.num_layers} layers, {params / 1e9:.2f} B projection parameters; copy bandwidth "
@@ -95,7 +108,7 @@ def main(argv=None) -> int:
         times = []
         for _, mq, mg in layouts:
             fn = jax.jit(forward(mq, mg)).lower(x, sep).compile(compiler_options=NO_DOT_MERGER)
-            times.append(timed(fn, x, sep))
+            times.append(median_time(fn, x, sep, args.reps))
         floor = max(2 * params * 1.0 / bandwidth, 2.0 * params * m / matmul)
         print(f"| {m} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
               + " | ".join(f"{t / times[0]:.3f}" for t in times[1:])
