@@ -23,6 +23,8 @@ def _maker(shape: tuple[int, ...], dtype, kind: str, scale: float, sharding):
             return jnp.ones(shape, dtype)
         if kind == "const":
             return jnp.full(shape, scale, dtype)
+        if jnp.issubdtype(dtype, jnp.integer):        # an int8 kernel: rounded, within quantize's +-127
+            return jnp.clip(jnp.round(scale * jax.random.normal(key, shape, jnp.float32)), -127, 127).astype(dtype)
         if kind == "bias":
             return 0.02 * jax.random.normal(key, shape, dtype)
         return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

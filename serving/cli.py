@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     cv.add_argument("--quant", default=None, choices=["int8", "fp8"],
                     help="int8: weights only, per output channel; fp8: weights per output channel and each "
-                         "product's input per tensor, fp8 x fp8 products (w8a8)")
+                         "product's input per token, fp8 x fp8 products (w8a8)")
     cv.add_argument("--force", action="store_true", help="replace an existing output directory")
     cv.add_argument("--quiet", action="store_true", help="no progress bar")
     cv.set_defaults(func=cmd_convert)

@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 
-from jaxdyn.engine.async_engine import EngineDeadError, StreamingEngine, _post, apply_command
+from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, StreamingEngine, _post, apply_command
 from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
@@ -276,16 +276,26 @@ class ProcessEngine(StreamingEngine):
             if snapshot is not None:       # before the outputs: a client that sees a finish sees its counts
                 self.core.metrics = snapshot
             pending: dict = {}
-            for item in items:
-                if item[0] == "o":
-                    self._output(item[1], pending)
-                else:
-                    _, rid, param, message = item
-                    self._deliver(RequestError(param, message) if param else ValueError(message), rid, pending)
+            self._handle(items, pending)
             _post(pending)
         if reason is not None:
             self.dead = EngineDeadError(reason)
             self._fail_all(self.dead, {})
+
+    def _handle(self, items: list, pending: dict) -> None:
+        """One engine message's outputs and refusals, gathered by stream in ``pending``. An output this side
+        cannot build (its text decoded here) fails its request, which is aborted; the reader goes on."""
+        for item in items:
+            if item[0] == "o":
+                try:
+                    self._output(item[1], pending)
+                except Exception as e:  # noqa: BLE001 -- that request fails, not the reader (every stream)
+                    self._deliver(RequestFailedError(f"the server could not build its output: {e!r}"),
+                                  item[1][0], pending)
+                    self._send(("abort", item[1][0]))
+            else:
+                _, rid, param, message = item
+                self._deliver(RequestError(param, message) if param else ValueError(message), rid, pending)
 
     def _output(self, wire: tuple, pending: dict) -> None:
         rid, finished, cached, error, metrics, comps = wire

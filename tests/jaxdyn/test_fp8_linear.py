@@ -1,4 +1,4 @@
-"""The fp8 Linear (w8a8): fp8 weights [out, in], activations quantized per tensor on the device."""
+"""The fp8 Linear (w8a8): fp8 weights [out, in], activations quantized per token on the device."""
 
 import jax
 import jax.numpy as jnp

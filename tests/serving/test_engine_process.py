@@ -236,3 +236,41 @@ def test_text_is_decoded_on_the_server_side_unless_a_stop_string_can_end_it():
         s = _Stream(None)
         me.core.tokenizer = tokenizer
         assert ProcessEngine._prepare(me, s, params) is params and s.detok is None
+
+
+def test_an_output_the_server_cannot_decode_fails_that_request_only():
+    """The reader thread decodes text: a failure there ends that request's stream with an error and aborts it
+    in the engine; the other streams go on (the reader does not die, leaving every stream hanging)."""
+    import asyncio
+    import types
+
+    from jaxdyn import SamplingParams
+    from jaxdyn.engine.async_engine import RequestFailedError, StreamingEngine
+    from jaxdyn.engine.process import ProcessEngine
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            if 13 in ids:
+                raise RuntimeError("cannot decode 13")
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    sent = []
+    pe = ProcessEngine.__new__(ProcessEngine)
+    StreamingEngine.__init__(pe, None)
+    pe.core = types.SimpleNamespace(tokenizer=Tok())
+    pe._send = sent.append
+
+    async def run():
+        a = pe.add_request([1, 2], SamplingParams(max_tokens=4), "a")
+        b = pe.add_request([1, 2], SamplingParams(max_tokens=4), "b")
+        pending = {}
+        wire = lambda rid, ids: (rid, False, 0, None, None, [(0, "", ids, None, None, None, None)])  # noqa: E731
+        pe._handle([("o", wire("a", [13])), ("o", wire("b", [3, 4]))], pending)
+        (items,) = pending.values()
+        return a, b, items
+
+    a, b, items = asyncio.run(run())
+    got = {s.request_id: out for s, out in items}
+    assert isinstance(got["a"], RequestFailedError) and "cannot decode 13" in str(got["a"])
+    assert got["b"].outputs[0].text == "de"
+    assert ("abort", "a") in sent and "a" not in pe._streams and "b" in pe._streams
