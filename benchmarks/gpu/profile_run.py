@@ -94,33 +94,38 @@ def top_kernels(events, steps: int, n: int = 8, kinds=("other", "kv write")) -> 
     return [(kind_of(k), k, total[k] / 1e3 / steps, count[k] / steps) for k in top]
 
 
-def loop_by_running(loop, edges=(0, 16, 64, 128, 256, 512, 768, 1025)):
-    """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 50 µs of wait)] of the
-    engine steps ``loop`` ((running sequences, host s, wait s) each) binned by running sequences."""
-    out = []
+RUNNING_EDGES = (0, 16, 64, 128, 256, 512, 768, 1025)
+
+
+def _bins(loop, edges):
+    """(low, high, the steps of ``loop`` whose running sequences (their first field) fall in [low, high)) of
+    each non-empty bin."""
     for lo, hi in zip(edges, edges[1:]):
-        sel = [(h, w) for n, h, w in loop if lo <= n < hi]
+        sel = [x for x in loop if lo <= x[0] < hi]
         if sel:
-            out.append((lo, hi, len(sel), sum(h for h, _ in sel) / len(sel) * 1e3,
-                        sum(w for _, w in sel) / len(sel) * 1e3, sum(w < 50e-6 for _, w in sel) / len(sel)))
-    return out
+            yield lo, hi, sel
 
 
-def decode_steps_by_running(loop, costs: dict[int, float], edges=(0, 16, 64, 128, 256, 512, 768, 1025)):
+def loop_by_running(loop, edges=RUNNING_EDGES):
+    """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 50 µs of wait)] of the
+    engine steps ``loop`` ((running sequences, host s, wait s, ...) each) binned by running sequences."""
+    return [(lo, hi, len(sel), sum(x[1] for x in sel) / len(sel) * 1e3, sum(x[2] for x in sel) / len(sel) * 1e3,
+             sum(x[2] < 50e-6 for x in sel) / len(sel)) for lo, hi, sel in _bins(loop, edges)]
+
+
+def decode_steps_by_running(loop, costs: dict[int, float], edges=RUNNING_EDGES):
     """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 0.5 ms of wait, mean step
     cost ms of their buckets)] of the decode-only steps of ``loop`` ((running sequences, host s, wait s, step
     tokens, prefill tokens) each) binned by running sequences; ``costs``: ms by token bucket. A step whose
     host time exceeds its bucket's cost leaves the device idle (overlap hides the host only up to the device's
     time): the engine is host-bound there."""
     buckets = sorted(costs)
+    decode = [x for x in loop if x[4] == 0 and x[3] > 0]
     out = []
-    for lo, hi in zip(edges, edges[1:]):
-        sel = [(h, w, t) for n, h, w, t, pre in loop if lo <= n < hi and pre == 0 and t > 0]
-        if not sel:
-            continue
-        cost = [costs[next((b for b in buckets if b >= t), buckets[-1])] for _, _, t in sel] if buckets else [0.0]
-        out.append((lo, hi, len(sel), sum(h for h, _, _ in sel) / len(sel) * 1e3,
-                    sum(w for _, w, _ in sel) / len(sel) * 1e3, sum(w < 0.5e-3 for _, w, _ in sel) / len(sel),
+    for lo, hi, sel in _bins(decode, edges):
+        cost = [costs[next((b for b in buckets if b >= t), buckets[-1])] for _, _, _, t, _ in sel] if buckets else [0.0]
+        out.append((lo, hi, len(sel), sum(x[1] for x in sel) / len(sel) * 1e3,
+                    sum(x[2] for x in sel) / len(sel) * 1e3, sum(x[2] < 0.5e-3 for x in sel) / len(sel),
                     sum(cost) / len(cost)))
     return out
 
@@ -323,7 +328,7 @@ def main(argv=None) -> int:
               "the device having idled for the host):", "",
               "| running sequences | steps | host ms / step | wait ms / step | steps that did not wait |",
               "|---|---:|---:|---:|---:|"]
-    for lo, hi, k, host, wait, nowait in loop_by_running([x[:3] for x in loop]):
+    for lo, hi, k, host, wait, nowait in loop_by_running(loop):
         lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {wait:.2f} | {nowait:.2f} |")
     lines += ["", "Decode-only steps (no prompt token) by running sequences, beside the step cost of their buckets "
               "(measured at warm-up): where host ms reach the cost, the device waits for the host:", "",

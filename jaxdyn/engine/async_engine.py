@@ -39,6 +39,7 @@ class _Stream:
         self.prompt_ids: list[int] = []
         self.acc: dict = {}                  # ProcessEngine: each completion's text / tokens / logprobs so far
         self.detok: dict | None = None       # ProcessEngine: each completion's detokenizer, when decoded here
+        self.skip_special_tokens = True      # ProcessEngine: the request's, for those detokenizers
         self.queue: asyncio.Queue = asyncio.Queue()
 
 

@@ -122,6 +122,7 @@ class EngineCore:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id, prompt_ids, params, priority, arrival_time)
+        req.final_only = final_only
         req.max_len = len(prompt_ids) + max_tokens
         req.sampling_row = sampling_row(params)
         for i in range(params.n):
@@ -153,7 +154,6 @@ class EngineCore:
             raise RequestError("n", "a request whose KV is held must have n=1")
         req = self._new_request(request_id, prompt_ids, params, priority, arrival_time, final_only)
         req.hold_kv = hold_kv
-        req.final_only = final_only
         if params.n > 1 and len(prompt_ids) > 1:
             req.seqs[0].fork_target = len(prompt_ids) - 1
             for s in req.seqs[1:]:

@@ -89,13 +89,6 @@ class Linear(nnx.Module):
         return y
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, the weight multiplied in float32 before the one rounding to x's dtype."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -105,7 +98,9 @@ class RMSNorm(nnx.Module):
         # the weight multiplies in float32, before the one rounding: one fusion makes the output that every
         # consumer reads (rounding first, as Hugging Face does, left XLA a separate multiply that it made
         # again for each of the projections that read it: 1 ms a 2,048-token 8B step on an H200)
-        return rms_norm(x, self.weight[...], self.eps)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -238,19 +233,21 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """One layer's modules; ``LlamaForCausalLM.__call__`` runs them."""
-
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, mesh: Mesh, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, layer_idx, mesh=mesh, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype)
 
+    def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True):
+        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention_in_place=attention_in_place)
+        x = x + attn
+        return kv, x + self.mlp(self.post_attention_layernorm(x))
+
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, mesh: Mesh, dtype=jnp.bfloat16):
         self.config = cfg
-        self.mesh = mesh
         self.dtype = jnp.dtype(dtype)
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg.rope, cfg.head_dim))
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
@@ -272,10 +269,7 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
-            kv, attn = layer.self_attn(kv, layer.input_layernorm(x), md, cos, sin,
-                                       attention_in_place=attention_in_place)
-            x = x + attn
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place)
             new_cache.append(kv)
         return new_cache, self.norm(x)
 
