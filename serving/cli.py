@@ -100,6 +100,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "XLA autotunes its matrix products with the GPU to itself (by default every step compiles "
                    "on the warm-up threads at once: on an H200 that started the 8B shape in 29.7 s instead of "
                    "51.2 s, with the same step costs within 2%%)")
+    p.add_argument("--triton-gemm-max-tokens", default="auto", metavar="N|auto|all",
+                   help="XLA's Triton matrix products only in steps of at most N tokens, cuBLAS's in larger ones "
+                   "(0: never Triton; all: XLA's choice in every step). auto (default): 64 for an fp8 model on a "
+                   "GPU (Triton's autotuning of fp8 products made an 8B cold start minutes long, and wins only "
+                   "at few rows), else all")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -137,6 +142,16 @@ def _engine_fields(args) -> dict:
             buckets[name] = vals
     if "token_buckets" in buckets and buckets["token_buckets"][-1] < args.max_num_batched_tokens:
         raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
+    triton = getattr(args, "triton_gemm_max_tokens", "auto")
+    if triton == "all":
+        triton = None
+    elif triton != "auto":
+        try:
+            triton = int(triton)
+        except ValueError:
+            raise CLIError(f"--triton-gemm-max-tokens: expected an integer, auto or all, got {triton!r}") from None
+        if triton < 0:
+            raise CLIError("--triton-gemm-max-tokens must be at least 0")
     from jaxdyn.engine.executable_cache import default_directory
     cache = getattr(args, "executable_cache", None)
     cache = default_directory() if cache is None else (cache or None)
@@ -145,7 +160,8 @@ def _engine_fields(args) -> dict:
     return dict(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
-                split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone, **buckets)
+                split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone,
+                triton_gemm_max_tokens=triton, **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

@@ -164,3 +164,18 @@ def test_unpadded_costs_interpolate_between_buckets():
     # 40 tokens lie halfway between the buckets 16 and 64: 1.5 + (5.0 - 1.5) / 2 ms
     assert unpadded * 1e3 == pytest.approx(3.25 + 1.5 + kv_ms, rel=1e-6)
     assert runs["whole steps"] * 1e3 == pytest.approx(5.0 + 1.5 + kv_ms, rel=1e-6)
+
+
+def test_quant_reaches_the_engine_sections_model_and_the_report_says_so(tmp_path):
+    plan = gpu.plan(quant="fp8")
+    by_name = {sec.name: sec for sec in plan.sections}
+    for name in ("serve", "offline", "host"):
+        assert by_name[name].steps[0].config["quant"] == "fp8"
+    assert "ceiling" not in by_name or not by_name["ceiling"].steps[0].config.get("quant")
+    assert any("fp8" in n for n in plan.notes) and "fp8" in plan.name
+    assert not any("quantized" in n for n in gpu.plan().notes)
+    assert suite.quant_overrides({"quant": "fp8"}) == {"jaxdyn_quantization": "fp8"}
+    assert suite.quant_overrides({"quant": None}) == {}
+    path = suite.model_dir("llama-3.2-1b", str(tmp_path), **suite.quant_overrides({"quant": "fp8"}))
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["jaxdyn_quantization"] == "fp8"

@@ -152,25 +152,26 @@ def step_section(models: list[dict], *, bandwidth_gib: float, matmul_n: int, pre
 
 
 def host_section(budget_s: float, *, model: str, engine: dict, batches: list[int], prompt_len: int,
-                 max_tokens: int, steps: int, dtype: str = "bfloat16") -> Section:
+                 max_tokens: int, steps: int, dtype: str = "bfloat16", quant: str | None = None) -> Section:
     return Section("host", "Device idle share between engine steps (host time per step)",
                    (Step("host", budget_s, {"model": model, "engine": engine, "batches": list(batches),
                                             "prompt_len": prompt_len, "max_tokens": max_tokens, "steps": steps,
-                                            "dtype": dtype}),), ENGINE_MODULES)
+                                            "dtype": dtype, "quant": quant}),), ENGINE_MODULES)
 
 
 def offline_section(budget_s: float, *, model: str, engine: dict, datasets: list[dict],
-                    dtype: str = "bfloat16", matmul_n: int = 8192) -> Section:
+                    dtype: str = "bfloat16", matmul_n: int = 8192, quant: str | None = None) -> Section:
     """``datasets``: [{"dataset": "random"|"prefix"|"sharegpt-lengths", "num_prompts", ...lengths}];
     ``matmul_n``: the size of the matmul whose rate the runs' matmul FLOP/s are set against."""
     return Section("offline", "Offline throughput (jaxdyn bench offline)",
                    (Step("offline", budget_s, {"model": model, "engine": engine, "datasets": datasets,
-                                               "dtype": dtype, "matmul_n": matmul_n}),), ENGINE_MODULES)
+                                               "dtype": dtype, "matmul_n": matmul_n, "quant": quant}),),
+                   ENGINE_MODULES)
 
 
 def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict], ready_timeout_s: float,
                   warm_reserve_s: float, server_env: dict, dtype: str = "bfloat16", warm_start: bool = True,
-                  compare: dict | None = None, ceiling: bool = False) -> Section:
+                  compare: dict | None = None, ceiling: bool = False, quant: str | None = None) -> Section:
     """``runs``: [{"label", "dataset", "num_prompts", "request_rate", ...lengths}] of ``jaxdyn bench serve``.
     ``compare``: {"label", "args", "runs", "reserve_s"}: after the warm start, a third server with ``args``
     added to the command line runs ``runs`` (the same load against a variant of the server, in the same
@@ -180,7 +181,7 @@ def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict]
     the ``bench serve`` client can carry; no anchors, no start targets."""
     config = {"model": model, "engine": engine, "runs": runs, "dtype": dtype, "ready_timeout_s": ready_timeout_s,
               "warm_reserve_s": warm_reserve_s, "server_env": server_env, "warm_start": warm_start,
-              "compare": compare, "ceiling": ceiling}
+              "compare": compare, "ceiling": ceiling, "quant": quant}
     if ceiling:
         return Section("ceiling", "Serving stack ceiling (jaxdyn serve on the tiny model + jaxdyn bench serve)",
                        (Step("serve", budget_s, config),), ENGINE_MODULES + SERVE_MODULES, body="serve")
@@ -754,6 +755,12 @@ def model_dir(preset: str, scratch: str, **overrides) -> str:
     return path
 
 
+def quant_overrides(cfg: dict) -> dict:
+    """config.json fields that quantize a section's model (``--quant``: random weights laid out as ``jaxdyn
+    convert --quant`` lays them out)."""
+    return {"jaxdyn_quantization": cfg["quant"]} if cfg.get("quant") else {}
+
+
 def _engine_config(engine: dict):
     """The plan's engine as an EngineConfig, with the executable cache ``jaxdyn serve`` would use (inside the
     plan's JAX compilation cache): a section after ``serve`` loads the server's compiled steps."""
@@ -775,7 +782,7 @@ def body_host(cfg: dict, rec: Recorder) -> None:
     from jaxdyn import SamplingParams
     from jaxdyn.engine.llm import build_engine
 
-    path = model_dir(cfg["model"], cfg["scratch"])
+    path = model_dir(cfg["model"], cfg["scratch"], **quant_overrides(cfg))
     engine = build_engine(path, load_format="dummy", dtype=cfg["dtype"], config=_engine_config(cfg["engine"]),
                           warmup=False)
     rec.note(f"Model {cfg['model']} (random weights, word-level tokenizer: detokenization on), engine "
@@ -850,7 +857,7 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
     from jaxdyn.engine.llm import build_engine
     from serving.bench import datasets, offline
 
-    path = model_dir(cfg["model"], cfg["scratch"])
+    path = model_dir(cfg["model"], cfg["scratch"], **quant_overrides(cfg))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", dtype=cfg["dtype"], config=_engine_config(cfg["engine"]),
                           warmup=False)
@@ -1050,7 +1057,7 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
 def body_serve(cfg: dict, rec: Recorder) -> None:
     """Cold start (empty compilation cache), ``jaxdyn bench serve`` runs, stop; warm start (cache warm), stop."""
     t_end = time.perf_counter() + cfg["budget_s"] - min(15.0, 0.2 * cfg["budget_s"])   # time to stop, write
-    path = model_dir(cfg["model"], cfg["scratch"])
+    path = model_dir(cfg["model"], cfg["scratch"], **quant_overrides(cfg))
     e = cfg["engine"]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -1344,6 +1351,9 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     ap.add_argument("--datasets", default=None,
                     help="comma-separated: only the serve runs and offline datasets of these (random, "
                     "sharegpt-lengths, prefix), no compared server (a shorter call)")
+    ap.add_argument("--quant", default=None, choices=["int8", "fp8"],
+                    help="the engine sections' model quantized (random weights laid out as jaxdyn convert --quant "
+                    "lays them out)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
     args = ap.parse_args(argv)
     if args.dry_run or plan_factory is None:
@@ -1351,7 +1361,8 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     else:
         extra = {k: v for k, v in (("model", args.model), ("offline_prompts", args.offline_prompts),
                                    ("full_grid", args.full_grid),
-                                   ("datasets", args.datasets and args.datasets.split(","))) if v}
+                                   ("datasets", args.datasets and args.datasets.split(",")),
+                                   ("quant", args.quant)) if v}
         plan = plan_factory(quick=args.quick, **extra)
     only = args.sections.split(",") if args.sections else None
     if args.list:

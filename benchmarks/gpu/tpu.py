@@ -39,7 +39,7 @@ ENGINE = dict(gpu.ENGINE, num_pages=6144, max_num_seqs=128, token_buckets=[16, 1
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
-         full_grid: bool = False) -> suite.Plan:
+         full_grid: bool = False, quant: str | None = None) -> suite.Plan:
     host_engine = dict(ENGINE, token_buckets=[16, 64, 128, 2048], enable_prefix_caching=False)
     # batch 256 of the GPU plans needs more KV than a 32 GB chip has beside the 8B weights: 128 instead
     step_models = [dict(m, batches=sorted({min(b, 128) for b in m["batches"]}))
@@ -52,11 +52,13 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
         calls=(("serve", "offline"), ("host", "step", "ceilings")),
         sections=(
             suite.serve_section(180 if quick else 230, model=model, engine=ENGINE, runs=runs, ready_timeout_s=170,
-                                warm_reserve_s=40, server_env={}),
+                                warm_reserve_s=40, server_env={}, quant=quant),
             suite.offline_section(60 if quick else 75, model=model, engine=ENGINE,
-                                  datasets=gpu.offline_datasets(quick, offline_prompts or (100 if quick else 300))),
+                                  datasets=gpu.offline_datasets(quick, offline_prompts or (100 if quick else 300)),
+                                  quant=quant),
             suite.host_section(45 if quick else 50, model=model, engine=host_engine,
-                               batches=[64] if quick else [64, 128], prompt_len=512, max_tokens=1024, steps=30),
+                               batches=[64] if quick else [64, 128], prompt_len=512, max_tokens=1024, steps=30,
+                               quant=quant),
             suite.step_section(step_models, bandwidth_gib=4.0, matmul_n=8192),
             suite.ceilings_section(50, bandwidth_gib=4.0, matmul_n=8192,
                                    points=[(1, 2048), (8, 2048), (32, 2048), (128, 2048)]),

@@ -58,6 +58,27 @@ class EngineConfig:
     split_steps: bool | None = None          # mostly-padding steps as smaller buckets' (None: off on the CPU)
     xla_dot_merger: bool = False             # XLA's dot merger on for the steps (RunnerConfig: off, it copies weights)
     attention_in_place: bool = True          # the attention kernels store into one output, no merge (RunnerConfig)
+    # XLA's Triton GEMMs only in steps of at most this many tokens (RunnerConfig); None: in every step;
+    # "auto": FP8_TRITON_GEMM_MAX_TOKENS for an fp8 model on a GPU, else None
+    triton_gemm_max_tokens: int | None | str = "auto"
+
+    def __post_init__(self):
+        t = self.triton_gemm_max_tokens
+        if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 0)):
+            raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
+
+
+# An fp8 (w8a8) model's steps on a GPU: Triton GEMMs only where they win, the few-row steps; above, XLA's Triton
+# search costs the cold start minutes and its products are no faster than cuBLASLt's (RunnerConfig's comment)
+FP8_TRITON_GEMM_MAX_TOKENS = 64
+
+
+def triton_gemm_limit(config: EngineConfig, model_config, platform: str) -> int | None:
+    """``EngineConfig.triton_gemm_max_tokens`` with "auto" resolved for a model on ``platform``."""
+    t = config.triton_gemm_max_tokens
+    if t != "auto":
+        return t
+    return FP8_TRITON_GEMM_MAX_TOKENS if platform == "gpu" and model_config.quantization == "fp8" else None
 
 
 class EngineCore:
@@ -78,7 +99,8 @@ class EngineCore:
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
             first_compiles_alone=config.first_compiles_alone,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
-            xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place))
+            xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place,
+            triton_gemm_max_tokens=triton_gemm_limit(config, model_config, mesh.devices.flat[0].platform)))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

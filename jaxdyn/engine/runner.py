@@ -87,6 +87,8 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 
 # XLA options that turn its dot merger off (``RunnerConfig.xla_dot_merger``)
 NO_DOT_MERGER = {"xla_disable_hlo_passes": "dot-merger"}
+# XLA's options that send a step's matrix products to cuBLAS, not Triton (``RunnerConfig.triton_gemm_max_tokens``)
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +130,13 @@ class RunnerConfig:
     # ShareGPT-shaped offline run: the step costs of the 64-2,048-token buckets 1.5-3 % lower,
     # ``benchmarks/gpu/ab_offline.py``). The same numbers. False: the select (for A/B runs).
     attention_in_place: bool = True
+    # XLA's Triton GEMMs only in steps of at most this many tokens: larger ones compile with
+    # ``xla_gpu_enable_triton_gemm`` off, so their products go to cuBLAS / cuBLASLt and XLA does not autotune
+    # Triton tilings for them. None: XLA's default in every step. For fp8 (w8a8) products the Triton search is
+    # the cold start's cost (8B shape on an H200, buckets 16/512/2048, empty caches: warm-up 107.5 s with it,
+    # 21.6 s without; bf16 29.1 s) while Triton wins only at few rows (16-token step 3.93 ms against 4.80 with
+    # cuBLASLt; 512: 9.54 against 8.99; 2048: 30.59 against 31.13; ``benchmarks/gpu/ab_offline.py``).
+    triton_gemm_max_tokens: int | None = None
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -554,10 +563,10 @@ class ModelRunner:
             for key in keys:
                 if stopped():
                     break
-                done(key, self.compile(self.lower(*key)))
+                done(key, self.compile(self.lower(*key), key[0]))
         elif not self.config.first_compiles_alone:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
-                finish({pool.submit(self.compile, self.lower(*key)): key for key in keys if not stopped()})
+                finish({pool.submit(self.compile, self.lower(*key), key[0]): key for key in keys if not stopped()})
         else:
             first_of_shape: dict[tuple[int, int], tuple[int, int, str]] = {}
             for key in keys:
@@ -566,12 +575,12 @@ class ModelRunner:
             rest = [k for k in keys if first_of_shape[k[:2]] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
-                firsts = {first_pool.submit(self.compile, self.lower(*key)): key
+                firsts = {first_pool.submit(self.compile, self.lower(*key), key[0]): key
                           for key in alone if not stopped()}
                 lowered = [(key, self.lower(*key)) for key in rest if not stopped()]
                 finish(firsts)
                 if not stopped():
-                    finish({pool.submit(self.compile, lo): key for key, lo in lowered})
+                    finish({pool.submit(self.compile, lo, key[0]): key for key, lo in lowered})
         bar.close()
         return time.perf_counter() - t0
 
@@ -645,12 +654,22 @@ class ModelRunner:
 
     def _compile(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
         if (t, p, variant) not in self._compiled:
-            self._compiled[(t, p, variant)] = self.compile(self.lower(t, p, variant))
+            self._compiled[(t, p, variant)] = self.compile(self.lower(t, p, variant), t)
         return self._compiled[(t, p, variant)]
 
-    def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-        """A step, compiled with this runner's XLA options (``xla_dot_merger``)."""
-        return lowered.compile(compiler_options={} if self.config.xla_dot_merger else NO_DOT_MERGER)
+    def compiler_options(self, tokens: int) -> dict[str, str | bool]:
+        """XLA's options for the step of a bucket of ``tokens`` tokens (``xla_dot_merger``,
+        ``triton_gemm_max_tokens``)."""
+        opts = {} if self.config.xla_dot_merger else dict(NO_DOT_MERGER)
+        limit = self.config.triton_gemm_max_tokens
+        if limit is not None and tokens > limit:
+            opts.update(NO_TRITON_GEMM)
+        return opts
+
+    def compile(self, lowered: jax.stages.Lowered, tokens: int) -> jax.stages.Compiled:
+        """The step of a bucket of ``tokens`` tokens, compiled with this runner's XLA options
+        (``compiler_options``)."""
+        return lowered.compile(compiler_options=self.compiler_options(tokens))
 
     def lower(self, t: int, p: int, variant: str) -> jax.stages.Lowered:
         """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered."""

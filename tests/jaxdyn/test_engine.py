@@ -395,3 +395,22 @@ def test_final_only_requests_get_one_output_equal_to_the_streamed_one(engine):
     assert b.delta_text == b.text and b.delta_token_ids == b.token_ids and len(b.delta_logprobs) == len(b.token_ids)
     assert [list(d) for d in b.logprobs] == [list(d) for d in a.logprobs]
     assert "".join(o.outputs[0].delta_text for o in outs["streamed"]) == a.text
+
+
+def test_triton_gemm_limit_auto_is_for_fp8_models_on_a_gpu():
+    """"auto" limits XLA's Triton GEMMs to the few-row steps for an fp8 model on a GPU only; an explicit
+    limit or None passes through; anything else is refused."""
+    from types import SimpleNamespace
+
+    from jaxdyn.engine.core import FP8_TRITON_GEMM_MAX_TOKENS, triton_gemm_limit
+    fp8, bf16 = SimpleNamespace(quantization="fp8"), SimpleNamespace(quantization=None)
+    auto = EngineConfig()
+    assert triton_gemm_limit(auto, fp8, "gpu") == FP8_TRITON_GEMM_MAX_TOKENS
+    assert triton_gemm_limit(auto, fp8, "cpu") is None
+    assert triton_gemm_limit(auto, bf16, "gpu") is None
+    assert triton_gemm_limit(auto, SimpleNamespace(quantization="int8"), "gpu") is None
+    assert triton_gemm_limit(EngineConfig(triton_gemm_max_tokens=0), bf16, "gpu") == 0
+    assert triton_gemm_limit(EngineConfig(triton_gemm_max_tokens=None), fp8, "gpu") is None
+    for bad in (-1, "some", 1.5, True):
+        with pytest.raises(ValueError, match="triton_gemm_max_tokens"):
+            EngineConfig(triton_gemm_max_tokens=bad)

@@ -406,10 +406,13 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
     assert runner.tokens_run == runner.rows_run == 0
 
 
-@pytest.mark.parametrize("option", ["xla_dot_merger", "attention_in_place"])
-def test_steps_with_and_without_an_option_draw_the_same(loaded, option, monkeypatch):
+@pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
+                                          ("triton_gemm_max_tokens", 16)])
+def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, monkeypatch):
     """Options that must not change the numbers: XLA's dot merger (off by default,
-    ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile) and the
+    ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile), XLA's Triton
+    GEMMs off above 16 tokens (``triton_gemm_max_tokens``: the 64-token bucket compiles with
+    ``xla_gpu_enable_triton_gemm`` off, an option XLA's CPU compiler takes and ignores) and the
     attention kernels storing into one output (``attention_in_place``, on by default; here both runners'
     attention runs the kernels in interpret mode, as on the GPU, merged by a select or in place). Prompts,
     then decode tokens fed on the device, seeded sampling with logprobs, give the same tokens, logprobs and
@@ -430,7 +433,11 @@ def test_steps_with_and_without_an_option_draw_the_same(loaded, option, monkeypa
     cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False,
                               attention_in_place=False)
     off = ModelRunner(model.graphdef, model.state, mesh, cfg)
-    on = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, **{option: True}))
+    on = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, **{option: value}))
+    if option == "triton_gemm_max_tokens":
+        assert "xla_gpu_enable_triton_gemm" in on.compiler_options(64)
+        assert "xla_gpu_enable_triton_gemm" not in on.compiler_options(16)
+        assert "xla_gpu_enable_triton_gemm" not in off.compiler_options(2048)
     off.warmup()
     on.warmup()
     rng = np.random.default_rng(5)

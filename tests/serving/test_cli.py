@@ -55,3 +55,15 @@ def test_serve_compiles_first_steps_alone_unless_told_otherwise():
     assert _engine_config(build_parser().parse_args(["serve"])).first_compiles_alone is False
     args = build_parser().parse_args(["serve", "--first-compiles-alone"])
     assert _engine_config(args).first_compiles_alone is True
+
+
+def test_serve_triton_gemm_limit_flag():
+    from serving.cli import CLIError, _engine_config, build_parser
+    parse = build_parser().parse_args
+    assert _engine_config(parse(["serve"])).triton_gemm_max_tokens == "auto"
+    assert _engine_config(parse(["serve", "--triton-gemm-max-tokens", "all"])).triton_gemm_max_tokens is None
+    assert _engine_config(parse(["serve", "--triton-gemm-max-tokens", "0"])).triton_gemm_max_tokens == 0
+    assert _engine_config(parse(["serve", "--triton-gemm-max-tokens", "128"])).triton_gemm_max_tokens == 128
+    for bad, says in (("lots", "expected an integer, auto or all"), ("-1", "at least 0")):
+        with pytest.raises(CLIError, match=says):
+            _engine_config(parse(["serve", "--triton-gemm-max-tokens", bad]))
