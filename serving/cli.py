@@ -102,9 +102,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "51.2 s, with the same step costs within 2%%)")
     p.add_argument("--triton-gemm-max-tokens", default="auto", metavar="N|auto|all",
                    help="XLA's Triton matrix products only in steps of at most N tokens, cuBLAS's in larger ones "
-                   "(0: never Triton; all: XLA's choice in every step). auto (default): 64 for an fp8 model on a "
-                   "GPU (Triton's autotuning of fp8 products made an 8B cold start minutes long, and wins only "
-                   "at few rows), else all")
+                   "(0: never Triton; all: XLA's choice in every step). auto (default): 0 for an fp8 model on a "
+                   "GPU (XLA's autotuning of Triton fp8 products made an 8B cold start minutes long, and "
+                   "cuBLASLt's are as fast), else all")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "

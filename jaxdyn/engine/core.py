@@ -68,9 +68,12 @@ class EngineConfig:
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
 
 
-# An fp8 (w8a8) model's steps on a GPU: Triton GEMMs only where they win, the few-row steps; above, XLA's Triton
-# search costs the cold start minutes and its products are no faster than cuBLASLt's (RunnerConfig's comment)
-FP8_TRITON_GEMM_MAX_TOKENS = 64
+# An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
+# 8B shape's cold start minutes long, and cuBLASLt's products are as fast: ten buckets, empty caches, on an H200,
+# ShareGPT-shaped offline run (``benchmarks/gpu/ab_offline.py``, 2026-12-03), Triton in no step: warm-up 51.8 s,
+# 14,592 output tok/s; Triton in the 16- and 64-token steps: 79.2 s, 14,722 (1.009x, one run each: noise);
+# Triton everywhere: over 260 s (the run was stopped), 14,469 tok/s once its cache was warm
+FP8_TRITON_GEMM_MAX_TOKENS = 0
 
 
 def triton_gemm_limit(config: EngineConfig, model_config, platform: str) -> int | None:

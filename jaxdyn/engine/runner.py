@@ -134,8 +134,8 @@ class RunnerConfig:
     # ``xla_gpu_enable_triton_gemm`` off, so their products go to cuBLAS / cuBLASLt and XLA does not autotune
     # Triton tilings for them. None: XLA's default in every step. For fp8 (w8a8) products the Triton search is
     # the cold start's cost (8B shape on an H200, buckets 16/512/2048, empty caches: warm-up 107.5 s with it,
-    # 21.6 s without; bf16 29.1 s) while Triton wins only at few rows (16-token step 3.93 ms against 4.80 with
-    # cuBLASLt; 512: 9.54 against 8.99; 2048: 30.59 against 31.13; ``benchmarks/gpu/ab_offline.py``).
+    # 21.6 s without; bf16 29.1 s) and buys no throughput (ten buckets: 14,592 output tok/s with Triton in no
+    # step, 14,722 with it in the 16- and 64-token steps, one run each; ``benchmarks/gpu/ab_offline.py``).
     triton_gemm_max_tokens: int | None = None
 
     def __post_init__(self):
