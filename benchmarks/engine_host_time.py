@@ -45,14 +45,16 @@ TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 
 def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_format: str = "auto",
             prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None,
-            final_only: bool = False) -> dict:
+            final_only: bool = False, served: bool = False) -> dict:
     eng = steady_engine(batch, steps * (repeats + bool(profile)), model_dir, load_format=load_format,
-                        prompt_len=prompt_len, greedy=greedy, overlap=overlap, final_only=final_only)
+                        prompt_len=prompt_len, greedy=greedy, overlap=overlap, final_only=final_only,
+                        served=served)
+    step = (lambda: eng.step(wire=True)) if served else eng.step
     runs = []
     for _ in range(repeats):
         h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
         for _ in range(steps):
-            eng.step()
+            step()
         wall = (time.perf_counter() - t0) / steps
         runs.append((((eng.host_time - h0) - (eng.wait_time - w0)) / steps, wall))
     host, wall = sorted(runs)[len(runs) // 2]
@@ -60,7 +62,7 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
         import cProfile
         import pstats
         prof = cProfile.Profile()
-        prof.runcall(lambda: [eng.step() for _ in range(steps)])
+        prof.runcall(lambda: [step() for _ in range(steps)])
         os.makedirs(profile, exist_ok=True)
         path = os.path.join(profile, f"host_{batch}.prof")
         prof.dump_stats(path)
@@ -71,8 +73,10 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
 
 
 def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = "auto", prompt_len: int = 16,
-                  greedy: bool = False, overlap: bool = True, final_only: bool = False):
-    """A warmed-up EngineCore with ``batch`` requests in steady decode and room for ``steps`` more steps."""
+                  greedy: bool = False, overlap: bool = True, final_only: bool = False, served: bool = False):
+    """A warmed-up EngineCore with ``batch`` requests in steady decode and room for ``steps`` more steps.
+    ``served``: the requests as ``jaxdyn serve``'s engine process gets them (``detokenize=False``: the server
+    decodes their text)."""
     from checkpoints.loader import load_model
     from jaxdyn import EngineConfig, EngineCore, SamplingParams
 
@@ -95,8 +99,10 @@ def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = 
     vocab = min(loaded.config.vocab_size, tok.vocab_size if tok is not None else 1 << 30)
     high = 250 if vocab == 258 else vocab      # the byte tokenizer: bytes only
     for i in range(batch):
-        params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) if greedy else
-                  SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens, ignore_eos=True, seed=i))
+        params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                 detokenize=not served) if greedy else
+                  SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens, ignore_eos=True, seed=i,
+                                 detokenize=not served))
         eng.add_request(f"r{i}", rng.integers(0, high, prompt_len).tolist(), params, final_only=final_only)
     while eng.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.scheduler.running):
         eng.step()
@@ -122,6 +128,9 @@ def main() -> int:
                          "while the CPU device is idle, so it is timed without the device competing for the cores")
     ap.add_argument("--final-only", action="store_true",
                     help="requests as LLM.generate adds them (one output each, when it finishes: no per-step outputs)")
+    ap.add_argument("--served", action="store_true",
+                    help="requests and steps as jaxdyn serve's engine process runs them (no detokenization: the "
+                         "server decodes the text; outputs as the deltas sent to the server, step(wire=True))")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="then profile --steps more steps per batch (cProfile): DIR/host_<batch>.prof, top 25 printed")
     args = ap.parse_args()
@@ -144,7 +153,7 @@ def main() -> int:
         load_format = "dummy"
     rows = [measure(b, args.steps, d, args.repeats, load_format=load_format, prompt_len=args.prompt_len,
                     greedy=args.greedy, overlap=not args.no_overlap, profile=args.profile,
-                    final_only=args.final_only)
+                    final_only=args.final_only, served=args.served)
             for b in args.batches]
     from jaxdyn.config import ModelConfig
     mc = ModelConfig.from_pretrained(d)
@@ -164,6 +173,8 @@ def main() -> int:
         cmd += " --no-overlap"
     if args.final_only:
         cmd += " --final-only"
+    if args.served:
+        cmd += " --served"
     model = (f"tiny random Llama ({mc.num_layers} layers, hidden {mc.hidden_size}, vocab {mc.vocab_size}, "
              "byte-level tokenizer)" if args.preset is None else
              f"{args.preset}'s depth and vocabulary ({mc.num_layers} layers, vocab {mc.vocab_size}, word-level "
@@ -174,8 +185,9 @@ def main() -> int:
         f"Device: CPU ({platform.processor() or platform.machine()}, {jax.device_count()} device), "
         f"jax {jax.__version__}; model: {model}, float32; steady decode, "
         + ("greedy" if args.greedy else "sampling (temperature 0.8, top-p 0.95)")
-        + f", prompts of {args.prompt_len} tokens, detokenization on, overlap {'off' if args.no_overlap else 'on'}"
+        + f", prompts of {args.prompt_len} tokens, {'detokenization by the server' if args.served else 'detokenization on'}, overlap {'off' if args.no_overlap else 'on'}"
         + (", final-only requests (as LLM.generate)" if args.final_only else "")
+        + (", requests and steps as jaxdyn serve's engine process runs them" if args.served else "")
         + (f"; median of {args.repeats} runs of {args.steps} steps." if args.repeats > 1 else "."),
         f"Command: `{cmd}`",
         "",

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.gpu.suite import model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,15 +23,19 @@ def test_model_dir_overrides_take_the_preset_s_depth_and_vocabulary_at_another_w
     assert model_dir("llama-3.1-8b", str(tmp_path)) != d      # the unchanged preset has its own directory
 
 
-def test_preset_run_reports_a_row_per_batch_and_the_command_that_reproduces_it(tmp_path):
+@pytest.mark.parametrize("served", [False, True])
+def test_preset_run_reports_a_row_per_batch_and_the_command_that_reproduces_it(tmp_path, served):
+    """``--served``: the requests without detokenization and the steps' wire outputs, as ``jaxdyn serve``'s
+    engine process runs them."""
     out = tmp_path / "r.md"
     cmd = [sys.executable, "benchmarks/engine_host_time.py", "--preset", "llama-3.1-8b", "--layers", "2",
            "--vocab", "1000", "--batches", "1", "3", "--steps", "3", "--greedy", "--no-overlap",
-           "--out", str(out)]
+           "--out", str(out)] + (["--served"] if served else [])
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     text = out.read_text()
     assert ("`python benchmarks/engine_host_time.py --steps 3 --batches 1 3 --preset llama-3.1-8b --layers 2 "
-            "--vocab 1000 --greedy --no-overlap`") in text
+            "--vocab 1000 --greedy --no-overlap" + (" --served`" if served else "`")) in text
     assert "2 layers, vocab 1000, word-level tokenizer" in text and "overlap off" in text
+    assert ("detokenization by the server" in text) == served and ("detokenization on" in text) != served
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2
