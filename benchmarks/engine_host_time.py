@@ -49,7 +49,13 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
     eng = steady_engine(batch, steps * (repeats + bool(profile)), model_dir, load_format=load_format,
                         prompt_len=prompt_len, greedy=greedy, overlap=overlap, final_only=final_only,
                         served=served)
-    step = (lambda: eng.step(wire=True)) if served else eng.step
+    if served:     # the step and its message to the server, pickled as the engine process's loop does
+        from jaxdyn.engine.process import _dumps
+
+        def step():
+            _dumps(("out", [("o", w) for w in eng.step(wire=True)], None))
+    else:
+        step = eng.step
     runs = []
     for _ in range(repeats):
         h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
@@ -130,7 +136,8 @@ def main() -> int:
                     help="requests as LLM.generate adds them (one output each, when it finishes: no per-step outputs)")
     ap.add_argument("--served", action="store_true",
                     help="requests and steps as jaxdyn serve's engine process runs them (no detokenization: the "
-                         "server decodes the text; outputs as the deltas sent to the server, step(wire=True))")
+                         "server decodes the text; outputs as the deltas sent to the server, step(wire=True), "
+                         "pickled into its message)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="then profile --steps more steps per batch (cProfile): DIR/host_<batch>.prof, top 25 printed")
     args = ap.parse_args()

@@ -397,6 +397,20 @@ def test_final_only_requests_get_one_output_equal_to_the_streamed_one(engine):
     assert "".join(o.outputs[0].delta_text for o in outs["streamed"]) == a.text
 
 
+def test_wire_outputs_carry_the_request_timings_with_the_final_output_only(engine):
+    """``step(wire=True)`` (what the engine process sends): each step's deltas, the request's
+    ``RequestMetrics`` only with its final output (timings filled in), None before."""
+    engine.add_request("w", [256, 72, 105], SamplingParams(max_tokens=5, ignore_eos=True, detokenize=False))
+    wires = []
+    while engine.has_unfinished():
+        wires += engine.step(wire=True)
+    assert len(wires) == 5 and [w[1] for w in wires] == [False] * 4 + [True]
+    assert all(w[4] is None for w in wires[:-1])
+    m = wires[-1][4]
+    assert m.first_token_time is not None and m.finished_time is not None and m.arrival_time <= m.first_token_time
+    assert len(sum((w[5][0][2] for w in wires), [])) == 5      # one token id a step
+
+
 def test_triton_gemm_limit_auto_is_for_fp8_models_on_a_gpu():
     """"auto" limits XLA's Triton GEMMs to the few-row steps for an fp8 model on a GPU only; an explicit
     limit or None passes through; anything else is refused."""

@@ -176,7 +176,8 @@ def test_warmup_on_several_threads_compiles_each_executable_once_and_steps_alike
     compiled_on = []
     compile_step = runner.compile
     monkeypatch.setattr(runner, "compile",
-                        lambda lowered: compiled_on.append(threading.current_thread().name) or compile_step(lowered))
+                        lambda lowered, tokens: compiled_on.append(threading.current_thread().name)
+                        or compile_step(lowered, tokens))
     before = compilation_count()
     runner.warmup()
     assert compilation_count() - before == 2 * len(VARIANTS) + 1
