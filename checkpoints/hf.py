@@ -9,6 +9,7 @@ its own shard; the whole model is never held in host memory at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -99,12 +100,20 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     expected = set()
 
     tp = model_parallel_size(mesh)
+    # Quantized on the device as they load (``cfg.quantization``: the checkpoint holds the model's float weights):
+    # each quantized Linear's scale is made with its weight and put in place after.
+    sharding_of = {_plain(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    scales: dict[tuple, jax.Array] = {}
 
     def load_one(key_path, leaf, sharding):
         keys = tuple(_key(k) for k in key_path)
+        plain = _plain(key_path)
+        if plain[-1] == "scale":           # a quantized Linear's: made with its weight, below
+            return leaf
+        quantized = jnp.dtype(leaf.dtype) in _QUANT_MAX
         names = hf_names(keys)
         expected.update(names)
-        kernel = [k for k in keys if k != "value"][-1] == "kernel"
+        kernel = plain[-1] == "kernel"
         arrays = []
         for name, want in zip(names, _hf_shapes(keys, leaf.shape, cfg)):
             if name not in files:
@@ -119,11 +128,26 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
                     f"{files.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
                     f"expected {want} for this config")
             arrays.append(raw.T if kernel else raw)
-        array = arrays[0] if len(arrays) == 1 else _merged_qkv(arrays, cfg, leaf.shape, tp)
-        return jax.make_array_from_callback(
-            leaf.shape, sharding, lambda idx: np.asarray(array[idx]).astype(dtype))
+        if len(arrays) == 1:
+            array = arrays[0]
+        elif plain[-1] == "weight":        # an fp8 weight is [out, in]: q, k and v merged as [in, out]
+            array = _merged_qkv([a.T for a in arrays], cfg, leaf.shape[::-1], tp).T
+        else:
+            array = _merged_qkv(arrays, cfg, leaf.shape, tp)
+        if not quantized:
+            return jax.make_array_from_callback(
+                leaf.shape, sharding, lambda idx: np.asarray(array[idx]).astype(dtype))
+        full = jax.make_array_from_callback(
+            leaf.shape, sharding, lambda idx: np.asarray(array[idx]).astype(np.float32))
+        axis = 1 if plain[-1] == "weight" else 0        # over the input features: a scale per output channel
+        q, scales[plain[:-1]] = _quantizer(jnp.dtype(leaf.dtype), axis, sharding,
+                                           sharding_of[plain[:-1] + ("scale",)])(full)
+        return q
 
     state = jax.tree_util.tree_map_with_path(load_one, abstract, shardings)
+    if scales:
+        state = jax.tree_util.tree_map_with_path(
+            lambda p, x: scales[_plain(p)[:-1]] if isinstance(x, jax.ShapeDtypeStruct) else x, state)
     unexpected = [n for n in files.where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                   and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if unexpected:
@@ -134,6 +158,30 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     jax.block_until_ready(jax.tree.leaves(state))
     num_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     return LoadedModel(cfg, graphdef, state, time.perf_counter() - t0, num_bytes)
+
+
+# The largest magnitude of each quantized type (``checkpoints.convert.quantize``'s, whose numbers these match)
+_QUANT_MAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.int8): 127.0}
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer(qdtype, axis: int, sharding, scale_sharding):
+    """float32 weights -> (quantized weights, float32 scale per output channel), on the devices, as
+    ``convert.quantize`` does on the host (an 8B model there takes about a minute of numpy)."""
+    qmax = _QUANT_MAX[qdtype]
+
+    def quantize(w):
+        amax = jnp.abs(w).max(axis=axis)
+        scale = jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
+        x = w / jnp.expand_dims(scale, axis)
+        x = jnp.clip(jnp.rint(x), -qmax, qmax) if qdtype == jnp.int8 else jnp.clip(x, -qmax, qmax)
+        return x.astype(qdtype), scale
+
+    return jax.jit(quantize, out_shardings=(sharding, scale_sharding))
+
+
+def _plain(key_path) -> tuple:
+    return tuple(k for k in (_key(k) for k in key_path) if k != "value")
 
 
 def _key(k):

@@ -36,11 +36,19 @@ class ModelPlan:
     tokenizer: Tokenizer | None
 
 
-def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None) -> ModelPlan:
+QUANTIZATIONS = ("int8", "fp8")
+
+
+def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None,
+               quantization: str | None = None) -> ModelPlan:
     """Check ``model`` and read its config, dtype and tokenizer; no weights. Raises CheckpointError naming
-    what is wrong."""
+    what is wrong. ``quantization`` ("fp8": w8a8; "int8": weights only): a Hugging Face checkpoint of float
+    weights quantized as it loads, on the devices, to what ``jaxdyn convert --quant`` would write (vLLM's
+    ``--quantization fp8``); random weights made quantized; a converted checkpoint must already be."""
     if load_format not in LOAD_FORMATS:
         raise CheckpointError(f"load format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if mesh is None:
         if tp < 1 or tp > len(jax.devices()):
             raise CheckpointError(f"tensor parallelism {tp}: this machine has {len(jax.devices())} device(s)")
@@ -72,6 +80,15 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
             tokenizer = Tokenizer.from_pretrained(model)
     except (ConfigError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
+    if quantization is not None and quantization != cfg.quantization:
+        if source == "converted":
+            raise CheckpointError(
+                f"{model}: a converted checkpoint of {cfg.quantization or 'float'} weights; quantization "
+                f"{quantization} needs the Hugging Face checkpoint (quantized as it loads) or `jaxdyn convert "
+                f"--quant {quantization}`")
+        if cfg.quantization is not None:
+            raise CheckpointError(f"{model}: already quantized ({cfg.quantization}), not {quantization}")
+        cfg = dataclasses.replace(cfg, quantization=quantization)
     graphdef, abstract = build_abstract_model(cfg, mesh, dt)
     return ModelPlan(model, source, mesh, cfg, dt, graphdef, abstract, tokenizer)
 
@@ -86,10 +103,10 @@ def load_weights(plan: ModelPlan) -> LoadedModel:
     return load_hf_checkpoint(plan.model, plan.mesh, dtype=plan.dtype, config=plan.config, abstract=abstract)
 
 
-def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None
-               ) -> tuple[jax.sharding.Mesh, LoadedModel, Tokenizer | None]:
+def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None,
+               quantization: str | None = None) -> tuple[jax.sharding.Mesh, LoadedModel, Tokenizer | None]:
     """(mesh, weights, tokenizer or None). Raises CheckpointError naming what is wrong."""
-    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh)
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh, quantization=quantization)
     return plan.mesh, load_weights(plan), plan.tokenizer
 
 

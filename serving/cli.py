@@ -50,7 +50,7 @@ def cmd_generate(args) -> int:
     try:
         args.model = _model_or_demo(args.model)
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                              config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
+                              quantization=args.quantization, config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
                                                   max_model_len=args.max_model_len),
                               warmup=False)     # one request: compile only the shapes it uses
     except CheckpointError as e:
@@ -74,9 +74,15 @@ def cmd_generate(args) -> int:
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(_checkpoints_pkg.__file__)), "demo")
 
 
+QUANT_HELP = ("quantize a Hugging Face checkpoint of float weights as it loads (on the devices, as jaxdyn convert --quant "
+                   "would): fp8 = fp8 weights and activations (w8a8), int8 = int8 weights only; random weights "
+                   "(--load-format dummy) are made quantized")
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--quantization", choices=["fp8", "int8"], default=None, help=QUANT_HELP)
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights in the model's real shapes")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -257,7 +263,7 @@ def cmd_serve(args) -> int:
         # its own below (one after the other, they were ~3 s of a start on 2 CPU cores).
         from jaxdyn.engine.boot import start_engine_process
         started = start_engine_process(dict(model=model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                            config=fields, progress=True))
+                                            config=fields, progress=True, quantization=args.quantization))
 
     import uvicorn
 
@@ -286,16 +292,17 @@ def cmd_serve(args) -> int:
                 return
             if disagg is not None:
                 core = build_disagg_engine(model, dtype=args.dtype, load_format=args.load_format,
-                                           config=config, progress=True, **disagg)
+                                           config=config, progress=True, quantization=args.quantization,
+                                           **disagg)
                 state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             elif args.engine_process:
                 state.engine = ProcessEngine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                             config=config, progress=True,
+                                             config=config, progress=True, quantization=args.quantization,
                                              max_queued_requests=args.max_queued_requests, started=started)
                 core = state.engine.core
             else:
                 core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                    config=config, progress=True)
+                                    config=config, progress=True, quantization=args.quantization)
                 state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             info = core.load_info
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
@@ -357,7 +364,8 @@ def cmd_worker(args) -> int:
     policy = _disagg_policy(args)
     mesh = make_mesh(len(devices), [jax.devices()[i] for i in devices])
     try:
-        _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh)
+        _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh,
+                                          quantization=args.quantization)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
@@ -442,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.add_argument("--quantization", choices=["fp8", "int8"], default=None, help=QUANT_HELP)
     g.set_defaults(func=cmd_generate)
 
     cv = sub.add_parser("convert", help="Hugging Face safetensors -> jaxdyn Orbax checkpoint")

@@ -14,13 +14,14 @@ from jaxdyn.engine.sampling_params import SamplingParams
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
                  config: EngineConfig = EngineConfig(), warmup: bool = True,
-                 progress: bool = False) -> EngineCore:
-    """An engine for ``model`` (a checkpoint directory, or a preset name with load_format="dummy")."""
+                 progress: bool = False, quantization: str | None = None) -> EngineCore:
+    """An engine for ``model`` (a checkpoint directory, or a preset name with load_format="dummy").
+    ``quantization`` ("fp8", "int8"): a Hugging Face checkpoint quantized as it loads (``plan_model``)."""
     # jaxdyn reaches into checkpoints/ here only, lazily: loading lives there
     # (it imports jaxdyn), and this keeps `from jaxdyn import LLM` whole.
     from checkpoints.loader import load_weights, plan_model
 
-    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format)
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, quantization=quantization)
     # built on the weights' shapes: with warmup, the steps compile while the weights load
     engine = EngineCore(plan.graphdef, plan.abstract, plan.mesh, plan.config, plan.tokenizer, config)
     loaded = engine.load_weights(lambda: load_weights(plan), compile_steps=warmup, progress=progress)
@@ -35,7 +36,8 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
 def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: int | None = None,
                         decode_tp: int | None = None, dtype=None, load_format: str = "auto",
                         prefill_config: EngineConfig | None = None, config: EngineConfig = EngineConfig(),
-                        policy=None, warmup: bool = True, progress: bool = False):
+                        policy=None, warmup: bool = True, progress: bool = False,
+                        quantization: str | None = None):
     """A ``DisaggEngine``: the model on a prefill mesh and a decode mesh of disjoint devices.
 
     ``*_devices``: device indices (into ``jax.devices()``); ``*_tp``: tensor-parallel degree of
@@ -65,7 +67,8 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     cores, t0 = [], time.perf_counter()
     total_bytes = 0
     for (mesh, tp), cfg in zip(pick, (prefill_config or config, config)):
-        plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh)
+        plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh,
+                          quantization=quantization)
         core = EngineCore(plan.graphdef, plan.abstract, mesh, plan.config, plan.tokenizer, cfg)
         total_bytes += core.load_weights(lambda: load_weights(plan), compile_steps=warmup,
                                          progress=progress).num_bytes
@@ -78,9 +81,9 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
 
 class LLM:
     def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
-                 load_format: str = "auto", **engine_kwargs):
+                 load_format: str = "auto", quantization: str | None = None, **engine_kwargs):
         self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
-                                             config=EngineConfig(**engine_kwargs))
+                                             config=EngineConfig(**engine_kwargs), quantization=quantization)
         self._ids = itertools.count()
 
     @property

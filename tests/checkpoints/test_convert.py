@@ -215,3 +215,46 @@ def test_the_weights_still_to_load_are_counted_per_device(hf):
     per_device = sum(s.data.nbytes for x in jax.tree.leaves(load_weights(two).state)
                      for s in x.addressable_shards if s.device == jax.devices()[0])
     assert unloaded_bytes_per_device(two.abstract, two.mesh) == per_device < loaded.num_bytes
+
+
+@pytest.mark.parametrize("quant,tp", [("fp8", 1), ("fp8", 2), ("int8", 4)])
+def test_quantized_as_it_loads_equals_the_converted_checkpoint(hf, tmp_path, quant, tp):
+    """``quantization=`` on a Hugging Face directory (vLLM's ``--quantization fp8``): quantized on the devices
+    as it loads, the weights, scales and shardings of ``jaxdyn convert --quant`` then loading, and its logits.
+    Not bit for bit: XLA's CPU divides float32 within an ulp of numpy's (half the scales here differ in their
+    last bit), so a value on a rounding boundary may land one quantization step over. A converted checkpoint
+    of another quantization, or of none, is refused, naming what to do."""
+    from checkpoints.loader import load_model
+    out = str(tmp_path / quant)
+    convert(hf, out, dtype="float32", quant=quant, progress=False)
+    mesh = make_mesh(tp)
+    a = load_converted(out, mesh)
+    _, b, _ = load_model(hf, dtype="float32", mesh=mesh, quantization=quant)
+    assert b.config.quantization == quant and a.num_bytes == b.num_bytes
+    la = jax.tree_util.tree_flatten_with_path(a.state)[0]
+    lb = jax.tree_util.tree_flatten_with_path(b.state)[0]
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    from checkpoints.hf import _key
+    for (path, x), (_, y) in zip(la, lb):
+        name = [_key(k) for k in path if _key(k) != "value"]
+        assert x.dtype == y.dtype and x.sharding == y.sharding, name
+        x, y = np.asarray(x).astype(np.float32), np.asarray(y).astype(np.float32)
+        if name[-1] == "scale":
+            np.testing.assert_allclose(x, y, rtol=2e-7, err_msg=str(name))
+            continue
+        same = x == y
+        if not same.all():     # quantized values on a rounding boundary: one step of the type's grid apart
+            assert name[-1] in ("weight", "kernel") and same.mean() > 0.999, name
+            step = 1.0 if quant == "int8" else np.maximum(np.abs(x), np.abs(y)) * 2.0 ** -3 + 2.0 ** -9
+            assert (np.abs(x - y) <= step * 1.01)[~same].all(), name
+    np.testing.assert_allclose(logits_of(a, mesh), logits_of(b, mesh), rtol=1e-4, atol=1e-5)
+    if tp == 1:
+        other = "int8" if quant == "fp8" else "fp8"
+        with pytest.raises(CheckpointError, match=f"already quantized|converted checkpoint of {quant}"):
+            load_model(out, dtype="float32", mesh=mesh, quantization=other)
+        plain = str(tmp_path / "plain")
+        convert(hf, plain, dtype="float32", progress=False)
+        with pytest.raises(CheckpointError, match="converted checkpoint of float weights.*jaxdyn convert --quant"):
+            load_model(plain, dtype="float32", mesh=mesh, quantization=quant)
+        with pytest.raises(CheckpointError, match="quantization 'fp4'"):
+            load_model(hf, dtype="float32", mesh=mesh, quantization="fp4")

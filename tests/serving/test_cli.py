@@ -67,3 +67,29 @@ def test_serve_triton_gemm_limit_flag():
     for bad, says in (("lots", "expected an integer, auto or all"), ("-1", "at least 0")):
         with pytest.raises(CLIError, match=says):
             _engine_config(parse(["serve", "--triton-gemm-max-tokens", bad]))
+
+
+def test_generate_quantizes_a_hf_checkpoint_as_it_loads(tmp_path, capsys):
+    """``--quantization fp8|int8`` on a Hugging Face directory: generates (greedy, the quantized model's
+    tokens equal the LLM's of the same quantization); on a converted checkpoint of float weights it is refused,
+    naming what to do; ``serve`` and ``bench offline`` take the flag too."""
+    from jaxdyn import LLM, SamplingParams
+    from serving.cli import build_parser
+    from tests.support import make_byte_tokenizer
+    path = make_hf_checkpoint("llama3.1", str(tmp_path / "m"))
+    make_byte_tokenizer(path)
+    for quant in ("fp8", "int8"):
+        assert main(["generate", "--model", path, "--prompt-ids", "5,6,7,8", "--max-tokens", "6", "--ignore-eos",
+                     "--dtype", "float32", "--quantization", quant]) == 0
+        got = [int(t) for t in capsys.readouterr().out.split()]
+        llm = LLM(path, dtype="float32", quantization=quant, max_num_seqs=1, max_num_batched_tokens=16)
+        assert llm.engine.model_config.quantization == quant
+        want = llm.generate([5, 6, 7, 8], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids
+        assert got == list(want)
+    assert main(["convert", "--hf", path, "--out", str(tmp_path / "c"), "--dtype", "float32", "--quiet"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "c"), "--prompt-ids", "5", "--quantization", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "converted checkpoint of float weights" in err and "Traceback" not in err
+    for cmd in (["serve"], ["bench", "offline"]):
+        assert build_parser().parse_args([*cmd, "--quantization", "fp8"]).quantization == "fp8"
