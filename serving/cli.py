@@ -253,6 +253,8 @@ def cmd_serve(args) -> int:
         except ConfigError as e:
             raise CLIError(str(e)) from None
     fields = _engine_fields(args)
+    if args.workers and args.quantization:
+        raise CLIError("--workers and --quantization: each worker loads (and quantizes) the model itself")
     if args.workers and args.disagg:
         raise CLIError("--workers and --disagg: the workers decide where prompts are prefilled")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:

@@ -179,3 +179,9 @@ def test_quant_reaches_the_engine_sections_model_and_the_report_says_so(tmp_path
     path = suite.model_dir("llama-3.2-1b", str(tmp_path), **suite.quant_overrides({"quant": "fp8"}))
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["jaxdyn_quantization"] == "fp8"
+
+
+def test_the_dry_run_refuses_quant(capsys):
+    with pytest.raises(SystemExit):
+        suite.main(["--out", "/tmp/never", "--dry-run", "--quant", "fp8"])
+    assert "--quant" in capsys.readouterr().err

@@ -887,8 +887,9 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                                        None if llm.tokenizer is not None else engine.model_config.vocab_size)
         samples = datasets.load_samples(args, source)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
-        rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy --dataset {ds['dataset']} "
-                    f"{flags}{' --no-split-steps' if whole else ''} (engine as above)")
+        quant = f" --quantization {cfg['quant']}" if cfg.get("quant") else ""
+        rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy{quant} --dataset "
+                    f"{ds['dataset']} {flags}{' --no-split-steps' if whole else ''} (engine as above)")
         # each run starts from an empty prefix cache (a rerun of the same prompts would hit the first run's), and
         # its loop figures leave the warm-up requests out
         if engine.prefix_cache is not None:
@@ -1356,6 +1357,8 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
                     "lays them out)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
     args = ap.parse_args(argv)
+    if args.dry_run and args.quant:
+        ap.error("--quant: the dry run's tiny model is not quantized")
     if args.dry_run or plan_factory is None:
         plan = dry_run_plan(entry, dry_first)
     else:

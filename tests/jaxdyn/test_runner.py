@@ -176,13 +176,15 @@ def test_warmup_on_several_threads_compiles_each_executable_once_and_steps_alike
     compiled_on = []
     compile_step = runner.compile
     monkeypatch.setattr(runner, "compile",
-                        lambda lowered, tokens: compiled_on.append(threading.current_thread().name)
+                        lambda lowered, tokens: compiled_on.append((threading.current_thread().name, tokens))
                         or compile_step(lowered, tokens))
     before = compilation_count()
     runner.warmup()
     assert compilation_count() - before == 2 * len(VARIANTS) + 1
     # each shape's first variant alone on one thread, or every step on the pool's threads
-    pools = collections.Counter(name.rsplit("_", 1)[0] for name in compiled_on)
+    pools = collections.Counter(name.rsplit("_", 1)[0] for name, _ in compiled_on)
+    # each compiled with its bucket's token count (the XLA options per bucket, ``compiler_options``)
+    assert collections.Counter(t for _, t in compiled_on) == {t: len(VARIANTS) for t, _, _ in runner.bucket_shapes()}
     assert pools == ({"jaxdyn-warmup-first": 2, "jaxdyn-warmup": 2 * len(VARIANTS) - 2} if first_alone
                      else {"jaxdyn-warmup": 2 * len(VARIANTS)})
     # the sampler variants of a shape share one trace of the model

@@ -93,3 +93,12 @@ def test_generate_quantizes_a_hf_checkpoint_as_it_loads(tmp_path, capsys):
     assert "converted checkpoint of float weights" in err and "Traceback" not in err
     for cmd in (["serve"], ["bench", "offline"]):
         assert build_parser().parse_args([*cmd, "--quantization", "fp8"]).quantization == "fp8"
+
+
+def test_serve_over_workers_refuses_quantization(capsys):
+    """The workers load (and quantize) the model: ``serve --workers`` with ``--quantization`` says so, before
+    any port opens."""
+    assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--workers", "127.0.0.1:1",
+                 "--quantization", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "--workers and --quantization" in err and "Traceback" not in err
