@@ -34,10 +34,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _key, _merged_qkv, hf_names,
-                            qkv_sizes)
+from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _merged_qkv, _path_keys,
+                            hf_names, qkv_sizes)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
-from jaxdyn.config import ConfigError, ModelConfig
+from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
 from jaxdyn.models.llama import split_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh, model_parallel_size, param_shardings
@@ -78,24 +78,21 @@ def read_marker(path: str) -> dict:
     return marker
 
 
-def quantize(w: np.ndarray, kind: str, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def quantize(w, kind: str, axis: int = 0, xp=np):
     """w f32[in, out] (``axis`` 0; ``axis`` 1: [out, in]) -> (q int8 | float8_e4m3fn in w's layout, scale f32[out])
-    with w ~= q * scale, one scale per output channel (the maximum over ``axis``, the input features)."""
-    w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=axis)
+    with w ~= q * scale, one scale per output channel (the maximum over ``axis``, the input features).
+    ``xp``: numpy (the converter, on the host) or ``jax.numpy`` (``hf.load_hf_checkpoint``, on the devices)."""
+    w = xp.asarray(w, xp.float32)
+    amax = xp.abs(w).max(axis=axis)
     if kind == "int8":
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / np.expand_dims(scale, axis)), -127, 127).astype(np.int8)
+        scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+        q = xp.clip(xp.rint(w / xp.expand_dims(scale, axis)), -127, 127).astype(np.int8)
     elif kind == "fp8":
-        scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-        q = np.clip(w / np.expand_dims(scale, axis), -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
+        scale = xp.where(amax > 0, amax / 448.0, 1.0).astype(xp.float32)
+        q = xp.clip(w / xp.expand_dims(scale, axis), -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
     else:
         raise ValueError(f"unknown quantization {kind!r}")
     return q, scale
-
-
-def _path_keys(key_path) -> tuple:
-    return tuple(_key(k) for k in key_path if _key(k) != "value")
 
 
 def _group_of(keys: tuple) -> str:
@@ -122,8 +119,8 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
     hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
     if dtype not in ("bfloat16", "float32"):
         raise CheckpointError(f"--dtype {dtype!r}: expected bfloat16 or float32")
-    if quant not in (None, "int8", "fp8"):
-        raise CheckpointError(f"--quant {quant!r}: expected int8 or fp8")
+    if quant not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"--quant {quant!r}: expected {' or '.join(QUANTIZATIONS)}")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: not a directory")
     if os.path.exists(out_dir) and not force:

@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from checkpoints.hf import LoadedModel, _key
+from checkpoints.hf import LoadedModel, _path_keys
 from jaxdyn.config import ModelConfig
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import param_shardings
@@ -46,7 +46,7 @@ def init_dummy_weights(cfg: ModelConfig, mesh, *, dtype=None, seed: int = 0, abs
     shardings = param_shardings(abstract, mesh)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     flat_shardings = jax.tree.leaves(shardings)
-    names = ["/".join(str(_key(k)) for k in path if _key(k) != "value") for path, _ in leaves]
+    names = ["/".join(map(str, _path_keys(path))) for path, _ in leaves]
     # a quantized Linear's (spread, fan_in), by module path: an fp8 weight is [out, in], an int8 kernel [in, out]
     quant = {}
     for name, (_, leaf) in zip(names, leaves):

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import ModelConfig
-from jaxdyn.models.llama import merge_qkv
+from jaxdyn.models.llama import QUANT_DTYPES, merge_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import model_parallel_size, param_shardings
 
@@ -102,18 +102,17 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     tp = model_parallel_size(mesh)
     # Quantized on the device as they load (``cfg.quantization``: the checkpoint holds the model's float weights):
     # each quantized Linear's scale is made with its weight and put in place after.
-    sharding_of = {_plain(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    sharding_of = {_path_keys(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     scales: dict[tuple, jax.Array] = {}
 
     def load_one(key_path, leaf, sharding):
-        keys = tuple(_key(k) for k in key_path)
-        plain = _plain(key_path)
-        if plain[-1] == "scale":           # a quantized Linear's: made with its weight, below
+        keys = _path_keys(key_path)
+        if keys[-1] == "scale":             # a quantized Linear's: made with its weight, below
             return leaf
-        quantized = jnp.dtype(leaf.dtype) in _QUANT_MAX
+        quantized = cfg.quantization is not None and jnp.dtype(leaf.dtype) == QUANT_DTYPES[cfg.quantization]
         names = hf_names(keys)
         expected.update(names)
-        kernel = plain[-1] == "kernel"
+        kernel = keys[-1] == "kernel"
         arrays = []
         for name, want in zip(names, _hf_shapes(keys, leaf.shape, cfg)):
             if name not in files:
@@ -130,7 +129,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
             arrays.append(raw.T if kernel else raw)
         if len(arrays) == 1:
             array = arrays[0]
-        elif plain[-1] == "weight":        # an fp8 weight is [out, in]: q, k and v merged as [in, out]
+        elif keys[-1] == "weight":          # an fp8 weight is [out, in]: q, k and v merged as [in, out]
             array = _merged_qkv([a.T for a in arrays], cfg, leaf.shape[::-1], tp).T
         else:
             array = _merged_qkv(arrays, cfg, leaf.shape, tp)
@@ -140,15 +139,15 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
         # sent in the file's float type (bf16 -> f32 is exact: made float32 on the device, half the bytes moved)
         src = np.dtype(array.dtype) if np.dtype(array.dtype) in _EXACT_IN_F32 else np.dtype(np.float32)
         full = jax.make_array_from_callback(leaf.shape, sharding, lambda idx: np.asarray(array[idx]).astype(src))
-        axis = 1 if plain[-1] == "weight" else 0        # over the input features: a scale per output channel
-        q, scales[plain[:-1]] = _quantizer(jnp.dtype(leaf.dtype), axis, sharding,
-                                           sharding_of[plain[:-1] + ("scale",)])(full)
+        axis = 1 if keys[-1] == "weight" else 0        # over the input features: a scale per output channel
+        q, scales[keys[:-1]] = _quantizer(cfg.quantization, axis, sharding,
+                                          sharding_of[keys[:-1] + ("scale",)])(full)
         return q
 
     state = jax.tree_util.tree_map_with_path(load_one, abstract, shardings)
     if scales:
         state = jax.tree_util.tree_map_with_path(
-            lambda p, x: scales[_plain(p)[:-1]] if isinstance(x, jax.ShapeDtypeStruct) else x, state)
+            lambda p, x: scales[_path_keys(p)[:-1]] if isinstance(x, jax.ShapeDtypeStruct) else x, state)
     unexpected = [n for n in files.where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                   and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if unexpected:
@@ -163,29 +162,16 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
 
 # Float types a weight may be sent to the devices in and made float32 there without rounding
 _EXACT_IN_F32 = (np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
-# The largest magnitude of each quantized type (``checkpoints.convert.quantize``'s, whose numbers these match)
-_QUANT_MAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.int8): 127.0}
-
-
 @functools.lru_cache(maxsize=None)
-def _quantizer(qdtype, axis: int, sharding, scale_sharding):
-    """float weights -> (quantized weights, float32 scale per output channel), on the devices, as
-    ``convert.quantize`` does on the host (an 8B model there takes about a minute of numpy)."""
-    qmax = _QUANT_MAX[qdtype]
-
-    def quantize(w):
-        w = w.astype(jnp.float32)
-        amax = jnp.abs(w).max(axis=axis)
-        scale = jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
-        x = w / jnp.expand_dims(scale, axis)
-        x = jnp.clip(jnp.rint(x), -qmax, qmax) if qdtype == jnp.int8 else jnp.clip(x, -qmax, qmax)
-        return x.astype(qdtype), scale
-
-    return jax.jit(quantize, out_shardings=(sharding, scale_sharding))
+def _quantizer(kind: str, axis: int, sharding, scale_sharding):
+    """float weights -> (quantized weights, float32 scale per output channel): ``convert.quantize`` on the
+    devices (an 8B model takes about a minute of numpy on the host)."""
+    from checkpoints.convert import quantize     # convert imports this module
+    return jax.jit(lambda w: quantize(w, kind, axis, xp=jnp), out_shardings=(sharding, scale_sharding))
 
 
-def _plain(key_path) -> tuple:
-    return tuple(k for k in (_key(k) for k in key_path) if k != "value")
+def _path_keys(key_path) -> tuple:
+    return tuple(_key(k) for k in key_path if _key(k) != "value")
 
 
 def _key(k):

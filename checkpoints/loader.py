@@ -12,7 +12,7 @@ from flax import nnx
 from checkpoints.convert import is_converted, load_converted, read_marker
 from checkpoints.dummy import init_dummy_weights
 from checkpoints.hf import CheckpointError, LoadedModel, load_hf_checkpoint
-from jaxdyn.config import ConfigError, ModelConfig
+from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
 from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
 from jaxdyn.models.presets import PRESETS, preset_config
 from jaxdyn.models.registry import build_abstract_model
@@ -34,9 +34,6 @@ class ModelPlan:
     graphdef: nnx.GraphDef
     abstract: nnx.State
     tokenizer: Tokenizer | None
-
-
-QUANTIZATIONS = ("int8", "fp8")
 
 
 def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None,

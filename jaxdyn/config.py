@@ -153,10 +153,14 @@ class ModelConfig:
         return cfg
 
 
+# int8: weights only; fp8: weights and activations (w8a8) (``jaxdyn.models.llama.Linear``)
+QUANTIZATIONS = ("int8", "fp8")
+
+
 def _quantization(hf: dict[str, Any]) -> str | None:
     q = hf.get("jaxdyn_quantization")
-    if q not in (None, "int8", "fp8"):
-        raise ConfigError(f"jaxdyn_quantization {q!r} is not supported (int8, fp8)")
+    if q not in (None, *QUANTIZATIONS):
+        raise ConfigError(f"jaxdyn_quantization {q!r} is not supported ({', '.join(QUANTIZATIONS)})")
     if q is None and hf.get("quantization_config"):
         raise ConfigError(f"quantization_config {hf['quantization_config'].get('quant_method', '?')!r}: "
                           "pre-quantized Hugging Face checkpoints are not supported; convert the "

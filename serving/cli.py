@@ -50,7 +50,8 @@ def cmd_generate(args) -> int:
     try:
         args.model = _model_or_demo(args.model)
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                              quantization=args.quantization, config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
+                              quantization=args.quantization,
+                              config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
                                                   max_model_len=args.max_model_len),
                               warmup=False)     # one request: compile only the shapes it uses
     except CheckpointError as e:
@@ -74,15 +75,18 @@ def cmd_generate(args) -> int:
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(_checkpoints_pkg.__file__)), "demo")
 
 
-QUANT_HELP = ("quantize a Hugging Face checkpoint of float weights as it loads (on the devices, as jaxdyn convert --quant "
-                   "would): fp8 = fp8 weights and activations (w8a8), int8 = int8 weights only; random weights "
-                   "(--load-format dummy) are made quantized")
+def _quantization_arg(p: argparse.ArgumentParser) -> None:
+    from jaxdyn.config import QUANTIZATIONS      # no JAX
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="quantize a Hugging Face checkpoint of float weights as it loads (on the devices, as "
+                   "jaxdyn convert --quant would): fp8 = fp8 weights and activations (w8a8), int8 = int8 weights "
+                   "only; random weights (--load-format dummy) are made quantized")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--quantization", choices=["fp8", "int8"], default=None, help=QUANT_HELP)
+    _quantization_arg(p)
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights in the model's real shapes")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -433,6 +437,7 @@ def cmd_bench_offline(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxdyn.config import QUANTIZATIONS      # no JAX
     p = argparse.ArgumentParser(prog="jaxdyn", description="JAX/XLA-compiled LLM inference server")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -452,14 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    g.add_argument("--quantization", choices=["fp8", "int8"], default=None, help=QUANT_HELP)
+    _quantization_arg(g)
     g.set_defaults(func=cmd_generate)
 
     cv = sub.add_parser("convert", help="Hugging Face safetensors -> jaxdyn Orbax checkpoint")
     cv.add_argument("--hf", required=True, help="Hugging Face checkpoint directory")
     cv.add_argument("--out", required=True, help="output directory (written atomically)")
     cv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    cv.add_argument("--quant", default=None, choices=["int8", "fp8"],
+    cv.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="int8: weights only, per output channel; fp8: weights per output channel and each "
                          "product's input per token, fp8 x fp8 products (w8a8)")
     cv.add_argument("--force", action="store_true", help="replace an existing output directory")

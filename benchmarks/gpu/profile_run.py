@@ -138,7 +138,8 @@ def main(argv=None) -> int:
                     help="engine-step ranges START:END of the timed run, comma-separated (none: no traces)")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
-    ap.add_argument("--quant", default=None, choices=["int8", "fp8"],
+    from jaxdyn.config import QUANTIZATIONS        # no JAX
+    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")

@@ -1352,7 +1352,8 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     ap.add_argument("--datasets", default=None,
                     help="comma-separated: only the serve runs and offline datasets of these (random, "
                     "sharegpt-lengths, prefix), no compared server (a shorter call)")
-    ap.add_argument("--quant", default=None, choices=["int8", "fp8"],
+    from jaxdyn.config import QUANTIZATIONS        # no JAX
+    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the engine sections' model quantized (random weights laid out as jaxdyn convert --quant "
                     "lays them out)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
