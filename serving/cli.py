@@ -115,6 +115,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "(0: never Triton; all: XLA's choice in every step). auto (default): 0 for an fp8 model on a "
                    "GPU (XLA's autotuning of Triton fp8 products made an 8B cold start minutes long, and "
                    "cuBLASLt's are as fast), else all")
+    p.add_argument("--fp8-kernel-max-tokens", default="auto", metavar="N|auto",
+                   help="an fp8 model's steps of at most N tokens multiply with jaxdyn's Pallas fp8-weight kernel "
+                   "(bf16 activations, the weights read once at the copy rate) instead of cuBLASLt's fp8 x fp8 "
+                   "product (0: never). auto (default): 64 on a GPU (jaxdyn.engine.core.FP8_KERNEL_MAX_TOKENS), else 0")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -162,6 +166,14 @@ def _engine_fields(args) -> dict:
             raise CLIError(f"--triton-gemm-max-tokens: expected an integer, auto or all, got {triton!r}") from None
         if triton < 0:
             raise CLIError("--triton-gemm-max-tokens must be at least 0")
+    fp8_kernel = getattr(args, "fp8_kernel_max_tokens", "auto")
+    if fp8_kernel != "auto":
+        try:
+            fp8_kernel = int(fp8_kernel)
+        except ValueError:
+            raise CLIError(f"--fp8-kernel-max-tokens: expected an integer or auto, got {fp8_kernel!r}") from None
+        if fp8_kernel < 0:
+            raise CLIError("--fp8-kernel-max-tokens must be at least 0")
     from jaxdyn.engine.executable_cache import default_directory
     cache = getattr(args, "executable_cache", None)
     cache = default_directory() if cache is None else (cache or None)
@@ -171,7 +183,7 @@ def _engine_fields(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
                 split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone,
-                triton_gemm_max_tokens=triton, **buckets)
+                triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel, **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

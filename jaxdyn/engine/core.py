@@ -61,11 +61,17 @@ class EngineConfig:
     # XLA's Triton GEMMs only in steps of at most this many tokens (RunnerConfig); None: in every step;
     # "auto": FP8_TRITON_GEMM_MAX_TOKENS for an fp8 model on a GPU, else None
     triton_gemm_max_tokens: int | None | str = "auto"
+    # an fp8 model's steps of at most this many tokens take the Pallas fp8-weight kernel (RunnerConfig);
+    # "auto": FP8_KERNEL_MAX_TOKENS on a GPU, else 0 (never); 0 for models without fp8 weights
+    fp8_kernel_max_tokens: int | str = "auto"
 
     def __post_init__(self):
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 0)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
+        f = self.fp8_kernel_max_tokens
+        if not (f == "auto" or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
+            raise ValueError(f"fp8_kernel_max_tokens: expected 'auto' or an integer >= 0, got {f!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -74,6 +80,21 @@ class EngineConfig:
 # 14,592 output tok/s; Triton in the 16- and 64-token steps: 79.2 s, 14,722 (1.009x, one run each: noise);
 # Triton everywhere: over 260 s (the run was stopped), 14,469 tok/s once its cache was warm
 FP8_TRITON_GEMM_MAX_TOKENS = 0
+
+
+# An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel (w8a16) for its products
+FP8_KERNEL_MAX_TOKENS = 64
+
+
+def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:
+    """``EngineConfig.fp8_kernel_max_tokens`` resolved for a model on ``platform``: 0 for a model without fp8
+    weights (the option changes nothing there), "auto" FP8_KERNEL_MAX_TOKENS on a GPU, else 0."""
+    f = config.fp8_kernel_max_tokens
+    if model_config.quantization != "fp8":
+        return 0
+    if f != "auto":
+        return f
+    return FP8_KERNEL_MAX_TOKENS if platform == "gpu" else 0
 
 
 def triton_gemm_limit(config: EngineConfig, model_config, platform: str) -> int | None:
@@ -103,7 +124,8 @@ class EngineCore:
             first_compiles_alone=config.first_compiles_alone,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
             xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place,
-            triton_gemm_max_tokens=triton_gemm_limit(config, model_config, mesh.devices.flat[0].platform)))
+            triton_gemm_max_tokens=triton_gemm_limit(config, model_config, mesh.devices.flat[0].platform),
+            fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, mesh.devices.flat[0].platform)))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

@@ -137,6 +137,10 @@ class RunnerConfig:
     # 21.6 s without; bf16 29.1 s) and buys no throughput (ten buckets: 14,592 output tok/s with Triton in no
     # step, 14,722 with it in the 16- and 64-token steps, one run each; ``benchmarks/gpu/ab_offline.py``).
     triton_gemm_max_tokens: int | None = None
+    # An fp8 model's steps of at most this many tokens multiply with ``pallas_kernels.fp8_matmul`` (bf16
+    # activations, each fp8 weight tile made bf16 as it is read) instead of cuBLASLt's fp8 x fp8 product after a
+    # per-token quantization: those steps are bound by the weights' read (``llama.Linear``). 0: never.
+    fp8_kernel_max_tokens: int = 0
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -376,7 +380,8 @@ class ModelRunner:
         its jaxpr reused by the other variants' steps (tracing the unrolled 32-layer model is most
         of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
         graphdef, state_treedef = self.graphdef, self.state_treedef
-        options = dict(attention_in_place=self.config.attention_in_place)
+        options = dict(attention_in_place=self.config.attention_in_place,
+                       fp8_kernel_rows=self.config.fp8_kernel_max_tokens)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
+from pallas_kernels.fp8_matmul import fp8_weight_matmul
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -47,6 +48,14 @@ def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
 
 
+def fp8_product(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """w8a8: ``x [..., K]`` quantized per row (``quantize_fp8``) times ``w [N, K]`` float8_e4m3fn, one fp8 x fp8
+    product (cuBLASLt's on a GPU) scaled by the rows' and the channels' (``scale [N]``) scales, in x's dtype."""
+    xq, sx = quantize_fp8(x)
+    y = jax.lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=x.dtype)
+    return (y.astype(jnp.float32) * (sx * scale)).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """``x @ kernel (+ bias)``, the kernel ``[in, out]``. Quantized (``quant``), with a float32 scale per
     output channel:
@@ -57,9 +66,18 @@ class Linear(nnx.Module):
       the one cuBLASLt's fp8 products take; ``[in, out]`` was transposed on every call) and the input quantized
       to fp8 with one scale a row (``quantize_fp8``): one fp8 x fp8 product, its result times the rows' and the
       channels' scales (weights and activations, w8a8: 0.65x bf16's time on an H200 at 768-2,048 rows with one
-      activation scale a tensor, ``benchmarks/gpu/fp8_probe.py``)."""
+      activation scale a tensor, ``benchmarks/gpu/fp8_probe.py``). A call of at most ``fp8_kernel_rows`` rows
+      (a step of few tokens, bound by the weights' read) takes ``pallas_kernels.fp8_matmul`` instead: the
+      input stays bf16 and each weight tile is made bf16 as it is read (w8a16: no activation quantization,
+      and the fp8 weights read at the copy rate rather than cuBLASLt's half of it at 16 rows). Under tensor
+      parallelism that call runs per shard (``jax.shard_map``, ``mesh`` and ``split``: "column" splits the
+      output features, "row" the input features and sums the shards' products)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, quant: str | None = None):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, quant: str | None = None,
+                 mesh: Mesh | None = None, split: str | None = None):
+        if split not in (None, "column", "row"):
+            raise ValueError(f"split must be None, 'column' or 'row', not {split!r}")
+        self.mesh, self.split = mesh, split
         if quant is None:
             self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
             self.weight = self.scale = None
@@ -73,20 +91,36 @@ class Linear(nnx.Module):
             self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, fp8_kernel_rows: int = 0) -> jax.Array:
         if self.scale is None:
             y = x @ self.kernel[...]
+        elif self.weight is not None and x.ndim == 2 and x.shape[0] <= fp8_kernel_rows:
+            y = self._fp8_few_rows(x)
         elif self.weight is not None:
-            xq, sx = quantize_fp8(x)
-            y = jax.lax.dot_general(xq, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())),
-                                    preferred_element_type=x.dtype)
-            y = (y.astype(jnp.float32) * (sx * self.scale[...])).astype(x.dtype)
+            y = fp8_product(x, self.weight[...], self.scale[...])
         else:
             y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
             y = (y * self.scale[...]).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+    def _fp8_few_rows(self, x: jax.Array) -> jax.Array:
+        w, scale = self.weight[...], self.scale[...]
+        if self.mesh is None or model_parallel_size(self.mesh) == 1 or self.split is None:
+            return fp8_weight_matmul(x, w, scale)
+        if self.split == "column":
+            specs = (P(), P(MODEL_AXIS, None), P(MODEL_AXIS))
+            out, body = P(None, MODEL_AXIS), fp8_weight_matmul
+        else:
+            specs = (P(None, MODEL_AXIS), P(None, MODEL_AXIS), P())
+            out = P()
+
+            def body(xs, ws, ss):
+                # the shards' partial sums in float32 (the scale is per output channel: it commutes with the sum)
+                y = fp8_weight_matmul(xs, ws, ss, out_dtype=jnp.float32)
+                return jax.lax.psum(y, MODEL_AXIS).astype(x.dtype)
+        return jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=out, check_vma=False)(x, w, scale)
 
 
 class RMSNorm(nnx.Module):
@@ -177,8 +211,8 @@ class Attention(nnx.Module):
         self.tp = tp
         # q, k and v as one product (``merge_qkv``'s layout): one matrix product a layer instead of three
         self.qkv_proj = Linear(d, (self.num_heads + 2 * self.num_kv_heads) * hd, bias=cfg.qkv_bias,
-                               dtype=dtype, quant=qt)
-        self.o_proj = Linear(self.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, quant=qt)
+                               dtype=dtype, quant=qt, mesh=mesh, split="column")
+        self.o_proj = Linear(self.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, quant=qt, mesh=mesh, split="row")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -186,10 +220,10 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
-                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True):
+                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True, fp8_kernel_rows: int = 0):
         t = x.shape[0]
         hd = self.head_dim
-        q, k, v = split_qkv(self.qkv_proj(x), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
+        q, k, v = split_qkv(self.qkv_proj(x, fp8_kernel_rows=fp8_kernel_rows), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
         q = q.reshape(t, self.num_heads, hd)
         k = k.reshape(t, self.num_kv_heads, hd)
         v = v.reshape(t, self.num_kv_heads, hd)
@@ -209,7 +243,8 @@ class Attention(nnx.Module):
         )
         k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
                                     md.kv_lens, md.page_table, md.cu_q_lens)
-        return (k_pages, v_pages), self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return (k_pages, v_pages), self.o_proj(o.reshape(t, self.num_heads * self.head_dim),
+                                               fp8_kernel_rows=fp8_kernel_rows)
 
     def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
                           kv_lens, page_table, cu_q_lens, *, in_place: bool):
@@ -221,15 +256,17 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype):
+    def __init__(self, cfg: ModelConfig, *, dtype, mesh: Mesh | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
         qt = cfg.quantization
-        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt)
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt)
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt)
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="column")
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="column")
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="row")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, *, fp8_kernel_rows: int = 0) -> jax.Array:
+        r = fp8_kernel_rows
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, fp8_kernel_rows=r)) * self.up_proj(x, fp8_kernel_rows=r),
+                              fp8_kernel_rows=r)
 
 
 class DecoderLayer(nnx.Module):
@@ -237,12 +274,13 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, layer_idx, mesh=mesh, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, mesh=mesh)
 
-    def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True):
-        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention_in_place=attention_in_place)
+    def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True, fp8_kernel_rows: int = 0):
+        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention_in_place=attention_in_place,
+                                  fp8_kernel_rows=fp8_kernel_rows)
         x = x + attn
-        return kv, x + self.mlp(self.post_attention_layernorm(x))
+        return kv, x + self.mlp(self.post_attention_layernorm(x), fp8_kernel_rows=fp8_kernel_rows)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -260,16 +298,19 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
-                 attention_in_place: bool = True) -> tuple[KVCache, jax.Array]:
+                 attention_in_place: bool = True, fp8_kernel_rows: int = 0) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
-        (``ragged_paged_attention(in_place=True)``; the same numbers)."""
+        (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``: an fp8 model's
+        products take ``pallas_kernels.fp8_matmul`` (w8a16) when the step has at most this many tokens
+        (``Linear``)."""
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
-            kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place)
+            kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place,
+                          fp8_kernel_rows=fp8_kernel_rows)
             new_cache.append(kv)
         return new_cache, self.norm(x)
 

@@ -428,3 +428,22 @@ def test_triton_gemm_limit_auto_is_for_fp8_models_on_a_gpu():
     for bad in (-1, "some", 1.5, True):
         with pytest.raises(ValueError, match="triton_gemm_max_tokens"):
             EngineConfig(triton_gemm_max_tokens=bad)
+
+
+def test_fp8_kernel_limit_auto_is_for_fp8_models_on_a_gpu():
+    """"auto" sends an fp8 model's few-token steps to the Pallas fp8-weight kernel on a GPU only; a model
+    without fp8 weights always resolves to 0 (its steps and their cache key unchanged); bad values refused."""
+    from types import SimpleNamespace
+
+    from jaxdyn.engine.core import FP8_KERNEL_MAX_TOKENS, fp8_kernel_limit
+    fp8, bf16 = SimpleNamespace(quantization="fp8"), SimpleNamespace(quantization=None)
+    auto = EngineConfig()
+    assert FP8_KERNEL_MAX_TOKENS > 0
+    assert fp8_kernel_limit(auto, fp8, "gpu") == FP8_KERNEL_MAX_TOKENS
+    assert fp8_kernel_limit(auto, fp8, "cpu") == 0
+    assert fp8_kernel_limit(auto, bf16, "gpu") == 0
+    assert fp8_kernel_limit(EngineConfig(fp8_kernel_max_tokens=16), fp8, "cpu") == 16
+    assert fp8_kernel_limit(EngineConfig(fp8_kernel_max_tokens=16), SimpleNamespace(quantization="int8"), "gpu") == 0
+    for bad in (-1, "some", 1.5, True, None):
+        with pytest.raises(ValueError, match="fp8_kernel_max_tokens"):
+            EngineConfig(fp8_kernel_max_tokens=bad)

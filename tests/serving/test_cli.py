@@ -69,6 +69,22 @@ def test_serve_triton_gemm_limit_flag():
             _engine_config(parse(["serve", "--triton-gemm-max-tokens", bad]))
 
 
+def test_serve_fp8_kernel_limit_flag():
+    from jaxdyn.engine.core import FP8_KERNEL_MAX_TOKENS
+    from serving.cli import CLIError, _engine_config, build_parser
+    parse = build_parser().parse_args
+    assert _engine_config(parse(["serve"])).fp8_kernel_max_tokens == "auto"
+    assert _engine_config(parse(["serve", "--fp8-kernel-max-tokens", "0"])).fp8_kernel_max_tokens == 0
+    assert _engine_config(parse(["serve", "--fp8-kernel-max-tokens", "16"])).fp8_kernel_max_tokens == 16
+    for bad, says in (("some", "expected an integer or auto"), ("-2", "at least 0")):
+        with pytest.raises(CLIError, match=says):
+            _engine_config(parse(["serve", "--fp8-kernel-max-tokens", bad]))
+    # the help states the default the engine resolves "auto" to
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions
+                  if "--fp8-kernel-max-tokens" in a.option_strings)
+    assert f"auto (default): {FP8_KERNEL_MAX_TOKENS} on a GPU" in action.help
+
+
 def test_generate_quantizes_a_hf_checkpoint_as_it_loads(tmp_path, capsys):
     """``--quantization fp8|int8`` on a Hugging Face directory: generates (greedy, the quantized model's
     tokens equal the LLM's of the same quantization); on a converted checkpoint of float weights it is refused,

@@ -1,0 +1,186 @@
+"""Few-row fp8 products: the Pallas fp8-weight kernel (w8a16) against cuBLASLt's w8a8 and the weights' read.
+
+A decode step of few sequences reads every weight once; its products are bound by that read. For each distinct
+projection shape of a preset (q/k/v merged, o, gate = up, down; fp8 e4m3 weights ``[out, in]`` with a scale per
+output channel, ``--copies`` distinct weights a shape so that no call is served from L2) and each row count:
+
+- ``w8a8``: ``jaxdyn.models.llama.fp8_product``, the model's product above ``fp8_kernel_max_tokens`` (each row
+  quantized to fp8 on the device, cuBLASLt's fp8 x fp8 product);
+- ``w8a16 xla``: the weights made bf16 by XLA, then a bf16 product (the kernel's reference);
+- ``kernel``: ``pallas_kernels.fp8_matmul`` with the blocks ``fp8_matmul_blocks`` picks;
+- with ``--sweep``: the kernel over a grid of blocks (channels a program, columns a stage, K split, warps,
+  stages); the best is printed beside the pick.
+
+Each time is set beside the floor: the fp8 weights' bytes at the copy bandwidth measured in this process.
+
+    python -m benchmarks.gpu.fp8_matmul_probe [--model llama-3.1-8b] [--rows 16,64] [--sweep] [--sweep-rows 16]
+
+Then the layer stack as a step runs it (32 layers' projections with ``silu(gate) * up`` and the residual adds,
+compiled as the engine compiles its steps): bf16, w8a8 and the kernel, at each row count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+
+def _time(fn, *args, reps: int) -> float:
+    for _ in range(3):
+        jax_block(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax_block(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def jax_block(out):
+    import jax
+    jax.block_until_ready(out)
+
+
+def sweep_blocks(m: int, n: int, k: int):
+    """Candidate ``Fp8MatmulBlocks`` for an ``[m, k] x [n, k]`` product: 32-128 channels a program, 128-512
+    columns a stage, K split 1-8, 128-1,024 programs and two stages a program, 4 warps and 4 stages; the
+    caller tries warps and stages on the best of these."""
+    from pallas_kernels.fp8_matmul import Fp8MatmulBlocks
+    out = []
+    for bn, bk, split in itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8)):
+        if n % bn or k % (bk * split):
+            continue
+        programs, steps = (n // bn) * split, k // split // bk
+        if not 128 <= programs <= 1024 or steps < 2 or bn * bk > 32768:
+            continue
+        out.append(Fp8MatmulBlocks(bn, bk, split))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.fp8_matmul_probe")
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--rows", default="16,64")
+    ap.add_argument("--sweep", action="store_true", help="time the kernel over a grid of block sizes")
+    ap.add_argument("--sweep-rows", default="16", help="row counts the sweep covers (of --rows)")
+    ap.add_argument("--copies", type=int, default=8, help="distinct weights a shape (past L2)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-stack", action="store_true", help="skip the layer-stack table")
+    ap.add_argument("--impl", default="kernel", choices=("kernel", "interpret"),
+                    help="interpret: the kernel through Pallas interpret mode (a CPU check of this script)")
+    args = ap.parse_args(argv)
+    rows = tuple(int(r) for r in args.rows.split(","))
+    sweep_rows = tuple(int(r) for r in args.sweep_rows.split(",")) if args.sweep else ()
+
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu.gemm_probe import layer_dims
+    from benchmarks.kernels import measure_bandwidth
+    from jaxdyn.engine.runner import NO_DOT_MERGER, NO_TRITON_GEMM
+    from jaxdyn.models.llama import fp8_product
+    from pallas_kernels.fp8_matmul import fp8_matmul_blocks, fp8_weight_matmul, fp8_weight_matmul_reference
+
+    mc, d, f, nq, nkv, _ = layer_dims(args.model)
+    counter = itertools.count()
+    keys = iter(lambda: jax.random.fold_in(jax.random.key(1), next(counter)), None)
+    f8 = jnp.float8_e4m3fn
+    shapes = dict(qkv=(nq + 2 * nkv, d), o=(d, nq), gate=(f, d), down=(d, f))   # [N, K]
+    opts = dict(NO_DOT_MERGER, **NO_TRITON_GEMM)      # as the engine compiles an fp8 model's steps
+
+    def fp8_weight(shape, key):
+        w = jax.random.normal(key, shape, jnp.float32)
+        scale = jnp.max(jnp.abs(w), axis=1) / 448.0
+        return (w / scale[:, None]).astype(f8), scale * shape[1] ** -0.5
+
+    bandwidth = measure_bandwidth(4.0)
+    print(f"{args.model}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process); {args.copies} distinct "
+          f"weights a shape", flush=True)
+
+    def compiled(fn, x, ws):
+        return jax.jit(fn).lower(x, ws).compile(compiler_options=opts)
+
+    def over(product):
+        return lambda x, ws: [product(x, w, s) for w, s in ws]
+
+    best_blocks = {}
+    print("\n| shape [N, K] | rows | floor ms | w8a8 ms | w8a16 xla ms | kernel ms (blocks) | best swept ms (blocks) "
+          "| kernel / floor | kernel / w8a8 |")
+    print("|---|---:|---:|---:|---:|---|---|---:|---:|")
+    for name, (n, k) in shapes.items():
+        ws = [fp8_weight((n, k), next(keys)) for _ in range(args.copies)]
+        floor = args.copies * n * k / bandwidth
+        for m in rows:
+            x = (jax.random.normal(jax.random.key(m), (m, k), jnp.float32) * 0.5).astype(jnp.bfloat16)
+            t8 = _time(compiled(over(fp8_product), x, ws), x, ws, reps=args.reps)
+            t16 = _time(compiled(over(fp8_weight_matmul_reference), x, ws), x, ws, reps=args.reps)
+            pick = fp8_matmul_blocks(m, n, k)
+
+            def kernel_time(blocks):
+                fn = over(lambda x, w, s: fp8_weight_matmul(x, w, s, impl=args.impl, blocks=blocks))
+                try:
+                    return _time(compiled(fn, x, ws), x, ws, reps=args.reps)
+                except Exception as e:      # a tiling that does not fit (shared memory, registers)
+                    print(f"  {name} m={m} {blocks}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    return float("inf")
+
+            tk = kernel_time(pick)
+            best = (tk, pick)
+            if m in sweep_rows:
+                tried = {pick: tk}
+                for b in sweep_blocks(m, n, k):
+                    if b not in tried:
+                        tried[b] = kernel_time(b)
+                top = sorted(tried, key=tried.get)[:2]
+                for b, (warps, stages) in itertools.product(top, ((4, 3), (4, 6), (8, 3), (8, 5))):
+                    v = dataclasses.replace(b, num_warps=warps, num_stages=stages)
+                    if v not in tried:
+                        tried[v] = kernel_time(v)
+                b = min(tried, key=tried.get)
+                best = (tried[b], b)
+                best_blocks[(name, m)] = b
+            fmt = lambda b: f"{b.block_n}/{b.block_k}/{b.split_k}/w{b.num_warps}/s{b.num_stages}"
+            print(f"| {name} [{n}, {k}] | {m} | {floor * 1e3:.3f} | {t8 * 1e3:.3f} | {t16 * 1e3:.3f} | "
+                  f"{tk * 1e3:.3f} ({fmt(pick)}) | {best[0] * 1e3:.3f} ({fmt(best[1])}) | {tk / floor:.2f} | "
+                  f"{tk / t8:.3f} |", flush=True)
+        del ws
+    if best_blocks:
+        print("\nbest swept blocks: " + "; ".join(f"{k[0]} m={k[1]}: {v}" for k, v in best_blocks.items()))
+
+    if not args.no_stack:
+        layers = []
+        for _ in range(mc.num_layers):
+            layers.append({name: fp8_weight(shape, next(keys)) for name, shape in dict(shapes, up=(f, d)).items()})
+        weight_bytes = mc.num_layers * (sum(n * k for n, k in shapes.values()) + f * d)
+
+        def stack(product):
+            def fwd(x, layers):
+                for p in layers:
+                    qkv = product(x, *p["qkv"])
+                    q, kk, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+                    x = x + product(q + jnp.tile(kk + v, (1, nq // nkv)), *p["o"])
+                    x = x + product(jax.nn.silu(product(x, *p["gate"])) * product(x, *p["up"]), *p["down"])
+                return x
+            return fwd
+
+        print(f"\nlayer stack: {mc.num_layers} layers, {weight_bytes / 1e9:.2f} GB of fp8 weights read a forward; floor = that at the copy rate: {weight_bytes / bandwidth * 1e3:.2f} ms")
+        print("| rows | w8a8 ms | kernel ms | kernel / w8a8 | kernel / floor |")
+        print("|---:|---:|---:|---:|---:|")
+        for m in rows:
+            x = (jax.random.normal(jax.random.key(m), (m, d), jnp.float32) * 0.5).astype(jnp.bfloat16)
+            t8 = _time(compiled(stack(fp8_product), x, layers), x, layers, reps=args.reps)
+            tk = _time(compiled(stack(lambda x, w, s: fp8_weight_matmul(x, w, s, impl=args.impl)), x, layers),
+                       x, layers, reps=args.reps)
+            print(f"| {m} | {t8 * 1e3:.2f} | {tk * 1e3:.2f} | {tk / t8:.3f} | {tk / (weight_bytes / bandwidth):.2f} |",
+                  flush=True)
+    print(f"reproduce: python -m benchmarks.gpu.fp8_matmul_probe --model {args.model} --rows {args.rows}"
+          + (f" --sweep --sweep-rows {args.sweep_rows}" if args.sweep else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
