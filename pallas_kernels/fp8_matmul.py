@@ -41,6 +41,7 @@ class Fp8MatmulBlocks:
     split_k: int = 1        # programs sharing one strip of channels along K
     num_warps: int = 4
     num_stages: int = 4
+    swap: bool = False      # the product as w_tile @ x_tile.T ([block_n, rows]: channels on the MMA's M side)
 
 
 # Programs wanted in flight: two per SM of an H100 / H200 (132 SMs)
@@ -63,33 +64,49 @@ def fp8_matmul_blocks(m: int, n: int, k: int) -> Fp8MatmulBlocks:
     return Fp8MatmulBlocks(block_n=bn, block_k=bk, split_k=split)
 
 
-def fp8_weight_matmul_reference(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Array:
-    """``(x @ w.T in float32) * scale`` rounded to ``out_dtype`` (x's by default); w made x's dtype first (exact
-    for e4m3 in bf16)."""
-    y = lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def fp8_weight_matmul_reference(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None,
+                                x_scale: jax.Array | None = None) -> jax.Array:
+    """``(x @ w.T in float32) * scale`` (times ``x_scale [M]``, the rows' scales of fp8 activations) rounded to
+    ``out_dtype`` (x's by default); w made x's dtype first (exact for e4m3 in bf16)."""
+    if x.dtype == jnp.float8_e4m3fn:
+        y = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y * x_scale.reshape(-1, 1).astype(jnp.float32)
+    else:
+        y = lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (y * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, split: bool, precision):
+def _kernel(x_ref, w_ref, s_ref, xs_ref, o_ref, *, block_k: int, steps: int, split: bool, swap: bool, precision):
     rows, bn = x_ref.shape[0], w_ref.shape[0]
+    nt = (((1,), (1,)), ((), ()))
 
     def body(i, acc):
         cols = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         x = x_ref[:, cols]
-        w = w_ref[:, cols].astype(x.dtype)
-        return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32)
+        w = w_ref[:, cols]
+        if x.dtype != w.dtype:            # w8a16: the weights made the activations' type in registers
+            w = w.astype(x.dtype)
+        if swap:
+            return acc + lax.dot_general(w, x, nt, precision=precision, preferred_element_type=jnp.float32)
+        return acc + lax.dot_general(x, w, nt, precision=precision, preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), jnp.float32))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((bn, rows) if swap else (rows, bn), jnp.float32))
+    if swap:
+        acc = acc.T
     if split:
         o_ref[...] = acc
     else:
-        o_ref[...] = (acc * s_ref[...][None, :]).astype(o_ref.dtype)
+        o_ref[...] = (acc * s_ref[...][None, :] * xs_ref[...][:, None]).astype(o_ref.dtype)
 
 
 def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
                              blocks: Fp8MatmulBlocks | None = None, interpret: bool = False,
-                             out_dtype=None) -> jax.Array:
+                             out_dtype=None, x_scale: jax.Array | None = None) -> jax.Array:
+    """The kernel. ``x`` float8_e4m3fn with ``x_scale [M]`` (its rows' scales): fp8 x fp8 products (w8a8,
+    ``out_dtype`` required); otherwise w8a16."""
+    fp8_x = x.dtype == jnp.float8_e4m3fn
+    if fp8_x and (x_scale is None or out_dtype is None):
+        raise ValueError("fp8 activations need x_scale and out_dtype")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, k = x.shape
     n, k2 = w.shape
@@ -101,9 +118,12 @@ def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         raise ValueError(f"blocks {blocks} do not divide N={n}, K={k}")
     rows = max(_MIN_ROWS, pl.next_power_of_2(m))
     xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
+    xs = jnp.ones((m,), jnp.float32) if x_scale is None else x_scale.reshape(m).astype(jnp.float32)
+    xs = jnp.pad(xs, (0, rows - m)) if rows != m else xs
     share = k // split
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, block_k=bk, steps=share // bk, split=split > 1, precision=precision)
+    kernel = functools.partial(_kernel, block_k=bk, steps=share // bk, split=split > 1, swap=blocks.swap,
+                               precision=precision)
     if split > 1:
         out_spec = pl.BlockSpec((None, rows, bn), lambda j, s: (s, 0, j))
         out_shape = jax.ShapeDtypeStruct((split, rows, n), jnp.float32)
@@ -115,29 +135,35 @@ def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         grid=(n // bn, split),
         in_specs=[pl.BlockSpec((rows, share), lambda j, s: (0, s)),
                   pl.BlockSpec((bn, share), lambda j, s: (j, s)),
-                  pl.BlockSpec((bn,), lambda j, s: (j,))],
+                  pl.BlockSpec((bn,), lambda j, s: (j,)),
+                  pl.BlockSpec((rows,), lambda j, s: (0,))],
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         name="fp8_weight_matmul",
-    )(xp, w, scale.astype(jnp.float32))
+    )(xp, w, scale.astype(jnp.float32), xs)
     if split > 1:
-        out = (out.sum(axis=0) * scale.astype(jnp.float32)).astype(out_dtype)
+        out = (out.sum(axis=0) * scale.astype(jnp.float32) * xs[:, None]).astype(out_dtype)
     return out[:m] if rows != m else out
 
 
 def fp8_weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, impl: str = "auto",
-                      blocks: Fp8MatmulBlocks | None = None, out_dtype=None) -> jax.Array:
-    """``x [M, K] @ w [N, K].T * scale [N]`` in ``out_dtype`` (x's by default), ``w`` float8_e4m3fn. ``impl``:
-    ``auto`` (the kernel on GPU, else the reference), ``kernel``, ``interpret`` or ``reference``. The kernel
-    needs N and K divisible by 16; other shapes take the reference."""
+                      blocks: Fp8MatmulBlocks | None = None, out_dtype=None,
+                      x_scale: jax.Array | None = None) -> jax.Array:
+    """``x [M, K] @ w [N, K].T * scale [N]`` in ``out_dtype`` (x's by default), ``w`` float8_e4m3fn; ``x``
+    float8_e4m3fn too with ``x_scale [M]`` and ``out_dtype`` (w8a8). ``impl``: ``auto`` (the kernel on GPU, else
+    the reference), ``kernel``, ``interpret`` or ``reference``. The kernel needs N and K divisible by 16; other
+    shapes take the reference."""
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
     if impl not in ("kernel", "interpret", "reference"):
         raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
+    if x.dtype == jnp.float8_e4m3fn and (x_scale is None or out_dtype is None):
+        raise ValueError("fp8 activations need x_scale and out_dtype")
     n, k = w.shape
     if impl == "reference" or n % 16 or k % 16:
-        return fp8_weight_matmul_reference(x, w, scale, out_dtype)
-    return fp8_weight_matmul_kernel(x, w, scale, blocks=blocks, interpret=impl == "interpret", out_dtype=out_dtype)
+        return fp8_weight_matmul_reference(x, w, scale, out_dtype, x_scale)
+    return fp8_weight_matmul_kernel(x, w, scale, blocks=blocks, interpret=impl == "interpret", out_dtype=out_dtype,
+                                    x_scale=x_scale)

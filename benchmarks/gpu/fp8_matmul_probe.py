@@ -44,18 +44,18 @@ def jax_block(out):
 
 
 def sweep_blocks(m: int, n: int, k: int):
-    """Candidate ``Fp8MatmulBlocks`` for an ``[m, k] x [n, k]`` product: 32-128 channels a program, 128-512
-    columns a stage, K split 1-8, 128-1,024 programs and two stages a program, 4 warps and 4 stages; the
-    caller tries warps and stages on the best of these."""
+    """Candidate ``Fp8MatmulBlocks`` for an ``[m, k] x [n, k]`` product: 64 or 128 channels a program, 128 or 256
+    columns a stage, K split 1-8, 128-768 programs and two stages a program, each orientation (``swap``), 4 warps
+    and 4 stages; the caller tries warps and stages on the best of these."""
     from pallas_kernels.fp8_matmul import Fp8MatmulBlocks
     out = []
-    for bn, bk, split in itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8)):
+    for bn, bk, split, swap in itertools.product((64, 128), (128, 256), (1, 2, 4, 8), (False, True)):
         if n % bn or k % (bk * split):
             continue
         programs, steps = (n // bn) * split, k // split // bk
-        if not 128 <= programs <= 1024 or steps < 2 or bn * bk > 32768:
+        if not 128 <= programs <= 768 or steps < 2:
             continue
-        out.append(Fp8MatmulBlocks(bn, bk, split))
+        out.append(Fp8MatmulBlocks(bn, bk, split, swap=swap))
     return out
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from benchmarks.gpu.gemm_probe import layer_dims
     from benchmarks.kernels import measure_bandwidth
     from jaxdyn.engine.runner import NO_DOT_MERGER, NO_TRITON_GEMM
-    from jaxdyn.models.llama import fp8_product
+    from jaxdyn.models.llama import fp8_product, quantize_fp8
     from pallas_kernels.fp8_matmul import fp8_matmul_blocks, fp8_weight_matmul, fp8_weight_matmul_reference
 
     mc, d, f, nq, nkv, _ = layer_dims(args.model)
@@ -107,10 +107,23 @@ def main(argv=None) -> int:
     def over(product):
         return lambda x, ws: [product(x, w, s) for w, s in ws]
 
+    def mode_product(mode, blocks=None):
+        """The kernel's product in ``mode``: ``w8a16`` (bf16 rows, weights made bf16 in registers) or ``w8a8``
+        (rows quantized per row by XLA as the model does, fp8 x fp8 tiles in the kernel)."""
+        if mode == "w8a16":
+            return lambda x, w, s: fp8_weight_matmul(x, w, s, impl=args.impl, blocks=blocks)
+
+        def w8a8(x, w, s):
+            xq, sx = quantize_fp8(x)
+            return fp8_weight_matmul(xq, w, s, impl=args.impl, blocks=blocks, x_scale=sx, out_dtype=x.dtype)
+        return w8a8
+
+    modes = ("w8a16", "w8a8")
+    fmt = lambda b: f"{b.block_n}/{b.block_k}/{b.split_k}/w{b.num_warps}/s{b.num_stages}" + ("/swap" if b.swap else "")
     best_blocks = {}
-    print("\n| shape [N, K] | rows | floor ms | w8a8 ms | w8a16 xla ms | kernel ms (blocks) | best swept ms (blocks) "
-          "| kernel / floor | kernel / w8a8 |")
-    print("|---|---:|---:|---:|---:|---|---|---:|---:|")
+    print("\n| shape [N, K] | rows | floor ms | cuBLASLt w8a8 ms | w8a16 xla ms | "
+          + " | ".join(f"kernel {mode} ms (blocks)" for mode in modes) + " | best kernel / floor | best kernel / cuBLASLt |")
+    print("|---|---:|---:|---:|---:|" + "---|" * len(modes) + "---:|---:|")
     for name, (n, k) in shapes.items():
         ws = [fp8_weight((n, k), next(keys)) for _ in range(args.copies)]
         floor = args.copies * n * k / bandwidth
@@ -118,38 +131,36 @@ def main(argv=None) -> int:
             x = (jax.random.normal(jax.random.key(m), (m, k), jnp.float32) * 0.5).astype(jnp.bfloat16)
             t8 = _time(compiled(over(fp8_product), x, ws), x, ws, reps=args.reps)
             t16 = _time(compiled(over(fp8_weight_matmul_reference), x, ws), x, ws, reps=args.reps)
-            pick = fp8_matmul_blocks(m, n, k)
+            cells, bests = [], []
+            for mode in modes:
+                def kernel_time(blocks):
+                    try:
+                        return _time(compiled(over(mode_product(mode, blocks)), x, ws), x, ws, reps=args.reps)
+                    except Exception as e:      # a tiling that does not fit (shared memory, registers)
+                        print(f"  {name} m={m} {mode} {fmt(blocks)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                        return float("inf")
 
-            def kernel_time(blocks):
-                fn = over(lambda x, w, s: fp8_weight_matmul(x, w, s, impl=args.impl, blocks=blocks))
-                try:
-                    return _time(compiled(fn, x, ws), x, ws, reps=args.reps)
-                except Exception as e:      # a tiling that does not fit (shared memory, registers)
-                    print(f"  {name} m={m} {blocks}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    return float("inf")
-
-            tk = kernel_time(pick)
-            best = (tk, pick)
-            if m in sweep_rows:
-                tried = {pick: tk}
-                for b in sweep_blocks(m, n, k):
-                    if b not in tried:
-                        tried[b] = kernel_time(b)
-                top = sorted(tried, key=tried.get)[:2]
-                for b, (warps, stages) in itertools.product(top, ((4, 3), (4, 6), (8, 3), (8, 5))):
-                    v = dataclasses.replace(b, num_warps=warps, num_stages=stages)
-                    if v not in tried:
-                        tried[v] = kernel_time(v)
+                pick = fp8_matmul_blocks(m, n, k)
+                tried = {pick: kernel_time(pick)}
+                if m in sweep_rows:
+                    for b in sweep_blocks(m, n, k):
+                        if b not in tried:
+                            tried[b] = kernel_time(b)
+                    top = sorted(tried, key=tried.get)[:2]
+                    for b, (warps, stages) in itertools.product(top, ((4, 3), (4, 6), (8, 3), (8, 5))):
+                        v = dataclasses.replace(b, num_warps=warps, num_stages=stages)
+                        if v not in tried:
+                            tried[v] = kernel_time(v)
                 b = min(tried, key=tried.get)
-                best = (tried[b], b)
-                best_blocks[(name, m)] = b
-            fmt = lambda b: f"{b.block_n}/{b.block_k}/{b.split_k}/w{b.num_warps}/s{b.num_stages}"
+                best_blocks[(name, m, mode)] = b
+                bests.append(tried[b])
+                cells.append(f"{tried[b] * 1e3:.3f} ({fmt(b)})")
             print(f"| {name} [{n}, {k}] | {m} | {floor * 1e3:.3f} | {t8 * 1e3:.3f} | {t16 * 1e3:.3f} | "
-                  f"{tk * 1e3:.3f} ({fmt(pick)}) | {best[0] * 1e3:.3f} ({fmt(best[1])}) | {tk / floor:.2f} | "
-                  f"{tk / t8:.3f} |", flush=True)
+                  + " | ".join(cells) + f" | {min(bests) / floor:.2f} | {min(bests) / t8:.3f} |", flush=True)
         del ws
-    if best_blocks:
-        print("\nbest swept blocks: " + "; ".join(f"{k[0]} m={k[1]}: {v}" for k, v in best_blocks.items()))
+    if sweep_rows:
+        print("\nbest swept blocks: " + "; ".join(f"{k[0]} m={k[1]} {k[2]}: {v}" for k, v in best_blocks.items()
+                                                if k[1] in sweep_rows))
 
     if not args.no_stack:
         layers = []
@@ -168,15 +179,22 @@ def main(argv=None) -> int:
             return fwd
 
         print(f"\nlayer stack: {mc.num_layers} layers, {weight_bytes / 1e9:.2f} GB of fp8 weights read a forward; floor = that at the copy rate: {weight_bytes / bandwidth * 1e3:.2f} ms")
-        print("| rows | w8a8 ms | kernel ms | kernel / w8a8 | kernel / floor |")
-        print("|---:|---:|---:|---:|---:|")
+        print("| rows | cuBLASLt w8a8 ms | " + " | ".join(f"kernel {mode} ms" for mode in modes)
+              + " | best kernel / cuBLASLt | best kernel / floor |")
+        print("|---:|---:|" + "---:|" * len(modes) + "---:|---:|")
+        shape_of = {v: name for name, v in shapes.items()}
         for m in rows:
             x = (jax.random.normal(jax.random.key(m), (m, d), jnp.float32) * 0.5).astype(jnp.bfloat16)
             t8 = _time(compiled(stack(fp8_product), x, layers), x, layers, reps=args.reps)
-            tk = _time(compiled(stack(lambda x, w, s: fp8_weight_matmul(x, w, s, impl=args.impl)), x, layers),
-                       x, layers, reps=args.reps)
-            print(f"| {m} | {t8 * 1e3:.2f} | {tk * 1e3:.2f} | {tk / t8:.3f} | {tk / (weight_bytes / bandwidth):.2f} |",
-                  flush=True)
+            times = []
+            for mode in modes:
+                def product(x, w, s, mode=mode):
+                    b = best_blocks.get((shape_of[tuple(w.shape)], m, mode))
+                    return mode_product(mode, b)(x, w, s)
+                times.append(_time(compiled(stack(product), x, layers), x, layers, reps=args.reps))
+            floor = weight_bytes / bandwidth
+            print(f"| {m} | {t8 * 1e3:.2f} | " + " | ".join(f"{t * 1e3:.2f}" for t in times)
+                  + f" | {min(times) / t8:.3f} | {min(times) / floor:.2f} |", flush=True)
     print(f"reproduce: python -m benchmarks.gpu.fp8_matmul_probe --model {args.model} --rows {args.rows}"
           + (f" --sweep --sweep-rows {args.sweep_rows}" if args.sweep else ""))
     return 0

@@ -85,3 +85,22 @@ def test_gpu_the_kernel_on_the_8b_shapes():
             out = jax.jit(lambda x, w, s: fp8_weight_matmul(x, w, s, impl="kernel"))(x, w, scale)
             want = _exact(x, w, scale)
             np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2 ** -7, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("blocks", [Fp8MatmulBlocks(64, 128, 1, swap=True), Fp8MatmulBlocks(32, 128, 2, swap=True),
+                                    Fp8MatmulBlocks(64, 64, 2)])
+def test_fp8_activations_and_the_swapped_product(blocks):
+    """``swap``: the tiles multiplied as ``w @ x.T`` (the channels on the MMA's M side), the same result. fp8
+    activations with their rows' scales: one fp8 x fp8 product a tile (w8a8), scaled by rows and channels."""
+    from jaxdyn.models.llama import quantize_fp8
+    x, w, scale = _operands(12, 128, 256, seed=5)
+    out = fp8_weight_matmul(x, w, scale, impl="interpret", blocks=blocks)
+    np.testing.assert_allclose(np.asarray(out, np.float64), _exact(x, w, scale), rtol=2 ** -7,
+                               atol=1e-3 * np.abs(_exact(x, w, scale)).max())
+    xq, sx = quantize_fp8(x)
+    out = fp8_weight_matmul(xq, w, scale, impl="interpret", blocks=blocks, x_scale=sx, out_dtype=jnp.bfloat16)
+    want = _exact(xq, w, scale) * np.asarray(sx, np.float64)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2 ** -7, atol=1e-3 * np.abs(want).max())
+    with pytest.raises(ValueError, match="need x_scale"):
+        fp8_weight_matmul(xq, w, scale, impl="interpret", blocks=blocks)
