@@ -118,7 +118,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-kernel-max-tokens", default="auto", metavar="N|auto",
                    help="an fp8 model's steps of at most N tokens multiply with jaxdyn's Pallas fp8-weight kernel "
                    "(bf16 activations, the weights read once at the copy rate) instead of cuBLASLt's fp8 x fp8 "
-                   "product (0: never). auto (default): 64 on a GPU (jaxdyn.engine.core.FP8_KERNEL_MAX_TOKENS), else 0")
+                   "product (0: never). auto (default): 0 on a GPU (jaxdyn.engine.core.FP8_KERNEL_MAX_TOKENS: measured slower "
+                   "than cuBLASLt in a step), else 0")
+    p.add_argument("--fp8-fused-quantize", default="auto", choices=("auto", "on", "off"),
+                   help="an fp8 model's o_proj and down_proj inputs quantized by one Pallas kernel each "
+                   "(silu(gate) * up made inside) instead of XLA's reduction and conversion. auto (default): on "
+                   "on a GPU")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -183,7 +188,9 @@ def _engine_fields(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
                 split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone,
-                triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel, **buckets)
+                triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
+                fp8_fused_quantize={"auto": "auto", "on": True, "off": False}[getattr(args, "fp8_fused_quantize", "auto")],
+                **buckets)
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:

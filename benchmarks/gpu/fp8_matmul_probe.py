@@ -59,6 +59,48 @@ def sweep_blocks(m: int, n: int, k: int):
     return out
 
 
+def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
+    """The row-parallel products' inputs quantized per row: XLA (``quantize_fp8`` of ``silu(gate) * up``, and of
+    the attention's output) against ``pallas_kernels.fp8_quantize`` at several rows a program; floor: bytes read
+    once and written once at the copy rate. 32 distinct inputs a call (a step's layers)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdyn.models.llama import quantize_fp8
+    from pallas_kernels.fp8_quantize import quantize_rows_fp8_kernel
+
+    def xla(u, g):
+        return quantize_fp8(u if g is None else jax.nn.silu(g) * u)
+
+    print("\n| input | rows | floor ms | XLA ms | kernel 2 rows ms | kernel 4 rows ms | kernel 8 rows ms | best kernel / XLA "
+          "| best kernel / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, width, silu in (("silu(gate) * up", f, True), ("attention output", d, False)):
+        for t in (int(r) for r in args.quantize_rows.split(",")):
+            ks = jax.random.split(jax.random.key(t), 64)
+            us = [jax.random.normal(ks[i], (t, width), jnp.bfloat16) for i in range(32)]
+            gs = [jax.random.normal(ks[32 + i], (t, width), jnp.bfloat16) for i in range(32)] if silu else [None] * 32
+            floor = 32 * t * width * ((4 if silu else 2) + 1) / bandwidth
+
+            def timed(fn):
+                run = jax.jit(lambda us, gs: [fn(u, g) for u, g in zip(us, gs)]).lower(us, gs).compile(
+                    compiler_options=opts)
+                return _time(run, us, gs, reps=args.reps)
+
+            tx = timed(xla)
+            tks = []
+            for br in (2, 4, 8):
+                try:
+                    tks.append(timed(lambda u, g, br=br: quantize_rows_fp8_kernel(
+                        u, g, block_rows=br, interpret=args.impl == "interpret")))
+                except Exception as e:
+                    print(f"  {label} t={t} block_rows={br}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    tks.append(float("inf"))
+            print(f"| {label} [{t}, {width}] | {t} | {floor * 1e3:.3f} | {tx * 1e3:.3f} | "
+                  + " | ".join(f"{v * 1e3:.3f}" for v in tks)
+                  + f" | {min(tks) / tx:.3f} | {min(tks) / floor:.2f} |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.fp8_matmul_probe")
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -68,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--copies", type=int, default=8, help="distinct weights a shape (past L2)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-stack", action="store_true", help="skip the layer-stack table")
+    ap.add_argument("--quantize-only", action="store_true",
+                    help="only the table of the row-parallel inputs' quantization (XLA against the kernel)")
+    ap.add_argument("--quantize-rows", default="16,128,768,2048", help="row counts of the quantization table")
     ap.add_argument("--impl", default="kernel", choices=("kernel", "interpret"),
                     help="interpret: the kernel through Pallas interpret mode (a CPU check of this script)")
     args = ap.parse_args(argv)
@@ -100,6 +145,10 @@ def main(argv=None) -> int:
     bandwidth = measure_bandwidth(4.0)
     print(f"{args.model}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process); {args.copies} distinct "
           f"weights a shape", flush=True)
+
+    quantize_table(args, bandwidth, d, f, opts)
+    if args.quantize_only:
+        return 0
 
     def compiled(fn, x, ws):
         return jax.jit(fn).lower(x, ws).compile(compiler_options=opts)

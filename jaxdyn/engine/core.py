@@ -64,6 +64,8 @@ class EngineConfig:
     # an fp8 model's steps of at most this many tokens take the Pallas fp8-weight kernel (RunnerConfig);
     # "auto": FP8_KERNEL_MAX_TOKENS on a GPU, else 0 (never); 0 for models without fp8 weights
     fp8_kernel_max_tokens: int | str = "auto"
+    # an fp8 model's o_proj / down_proj inputs quantized by one Pallas kernel each (RunnerConfig); "auto": on a GPU
+    fp8_fused_quantize: bool | str = "auto"
 
     def __post_init__(self):
         t = self.triton_gemm_max_tokens
@@ -72,6 +74,8 @@ class EngineConfig:
         f = self.fp8_kernel_max_tokens
         if not (f == "auto" or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
             raise ValueError(f"fp8_kernel_max_tokens: expected 'auto' or an integer >= 0, got {f!r}")
+        if self.fp8_fused_quantize not in ("auto", True, False):
+            raise ValueError(f"fp8_fused_quantize: expected 'auto', True or False, got {self.fp8_fused_quantize!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -82,8 +86,12 @@ class EngineConfig:
 FP8_TRITON_GEMM_MAX_TOKENS = 0
 
 
-# An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel (w8a16) for its products
-FP8_KERNEL_MAX_TOKENS = 64
+# An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel for its products. 0
+# (never): on an H200 (8B shape) its products, alone, took 0.76-0.95x cuBLASLt's at 16 rows with the best blocks
+# of a sweep, but a step's products with its K-split sums took 1.06x (layer stack 4.01 vs 3.78 ms,
+# ``benchmarks/gpu/fp8_matmul_probe.py``), and the offline run's 16- and 64-token steps cost 5.11 / 6.74 ms
+# against 4.75 / 4.69 (``benchmarks/gpu/ab_offline.py``, 2026-12-03)
+FP8_KERNEL_MAX_TOKENS = 0
 
 
 def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:
@@ -95,6 +103,15 @@ def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:
     if f != "auto":
         return f
     return FP8_KERNEL_MAX_TOKENS if platform == "gpu" else 0
+
+
+def fp8_fused_quantize(config: EngineConfig, model_config, platform: str) -> bool:
+    """``EngineConfig.fp8_fused_quantize`` resolved for a model on ``platform``: False without fp8 weights,
+    "auto" True on a GPU."""
+    if model_config.quantization != "fp8":
+        return False
+    f = config.fp8_fused_quantize
+    return platform == "gpu" if f == "auto" else f
 
 
 def triton_gemm_limit(config: EngineConfig, model_config, platform: str) -> int | None:
@@ -125,7 +142,8 @@ class EngineCore:
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
             xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place,
             triton_gemm_max_tokens=triton_gemm_limit(config, model_config, mesh.devices.flat[0].platform),
-            fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, mesh.devices.flat[0].platform)))
+            fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, mesh.devices.flat[0].platform),
+            fp8_fused_quantize=fp8_fused_quantize(config, model_config, mesh.devices.flat[0].platform)))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

@@ -141,6 +141,9 @@ class RunnerConfig:
     # activations, each fp8 weight tile made bf16 as it is read) instead of cuBLASLt's fp8 x fp8 product after a
     # per-token quantization: those steps are bound by the weights' read (``llama.Linear``). 0: never.
     fp8_kernel_max_tokens: int = 0
+    # An fp8 model's ``o_proj`` and ``down_proj`` inputs quantized by ``pallas_kernels.fp8_quantize`` (one kernel
+    # each, ``silu(gate) * up`` made inside) instead of XLA's reduction and conversion (``llama.Fp8Options``).
+    fp8_fused_quantize: bool = False
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -381,7 +384,8 @@ class ModelRunner:
         of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
         graphdef, state_treedef = self.graphdef, self.state_treedef
         options = dict(attention_in_place=self.config.attention_in_place,
-                       fp8_kernel_rows=self.config.fp8_kernel_max_tokens)
+                       fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
+                       fp8_fused_quantize=self.config.fp8_fused_quantize)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -17,6 +17,7 @@ as one (``merge_qkv``; the loaders merge them). Layers are unrolled in Python: a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -30,11 +31,11 @@ from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
 from pallas_kernels.fp8_matmul import fp8_weight_matmul
+from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
 QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
-FP8_MAX = 448.0                 # the largest finite float8_e4m3fn
 
 
 def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -48,12 +49,29 @@ def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
 
 
+@dataclasses.dataclass(frozen=True)
+class Fp8Options:
+    """How an fp8 (w8a8) model's products run in a step (the runner's options, static under jit):
+
+    - ``kernel_rows``: calls of at most this many rows take ``pallas_kernels.fp8_matmul`` (w8a16, ``Linear``);
+    - ``fused_quantize``: the inputs of ``o_proj`` and ``down_proj`` (``silu(gate) * up`` made in the same
+      kernel) are quantized by ``pallas_kernels.fp8_quantize``, one kernel each instead of XLA's reduction and
+      conversion (at one device on the model axis; shards' rows need one maximum across them)."""
+    kernel_rows: int = 0
+    fused_quantize: bool = False
+
+
+def fp8_scaled_dot(xq: jax.Array, sx: jax.Array, w: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """``xq [..., K]`` float8_e4m3fn with its rows' scales ``sx [..., 1]`` times ``w [N, K]`` float8_e4m3fn: one
+    fp8 x fp8 product (cuBLASLt's on a GPU) scaled by the rows' and the channels' (``scale [N]``) scales."""
+    y = jax.lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+    return (y.astype(jnp.float32) * (sx * scale)).astype(dtype)
+
+
 def fp8_product(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
-    """w8a8: ``x [..., K]`` quantized per row (``quantize_fp8``) times ``w [N, K]`` float8_e4m3fn, one fp8 x fp8
-    product (cuBLASLt's on a GPU) scaled by the rows' and the channels' (``scale [N]``) scales, in x's dtype."""
+    """w8a8: ``x [..., K]`` quantized per row (``quantize_fp8``) times ``w [N, K]`` float8_e4m3fn, in x's dtype."""
     xq, sx = quantize_fp8(x)
-    y = jax.lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=x.dtype)
-    return (y.astype(jnp.float32) * (sx * scale)).astype(x.dtype)
+    return fp8_scaled_dot(xq, sx, w, scale, x.dtype)
 
 
 class Linear(nnx.Module):
@@ -66,7 +84,7 @@ class Linear(nnx.Module):
       the one cuBLASLt's fp8 products take; ``[in, out]`` was transposed on every call) and the input quantized
       to fp8 with one scale a row (``quantize_fp8``): one fp8 x fp8 product, its result times the rows' and the
       channels' scales (weights and activations, w8a8: 0.65x bf16's time on an H200 at 768-2,048 rows with one
-      activation scale a tensor, ``benchmarks/gpu/fp8_probe.py``). A call of at most ``fp8_kernel_rows`` rows
+      activation scale a tensor, ``benchmarks/gpu/fp8_probe.py``). A call of at most ``Fp8Options.kernel_rows`` rows
       (a step of few tokens, bound by the weights' read) takes ``pallas_kernels.fp8_matmul`` instead: the
       input stays bf16 and each weight tile is made bf16 as it is read (w8a16: no activation quantization,
       and the fp8 weights read at the copy rate rather than cuBLASLt's half of it at 16 rows). Under tensor
@@ -91,10 +109,10 @@ class Linear(nnx.Module):
             self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
-    def __call__(self, x: jax.Array, *, fp8_kernel_rows: int = 0) -> jax.Array:
+    def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
         if self.scale is None:
             y = x @ self.kernel[...]
-        elif self.weight is not None and x.ndim == 2 and x.shape[0] <= fp8_kernel_rows:
+        elif self.weight is not None and x.ndim == 2 and x.shape[0] <= fp8.kernel_rows:
             y = self._fp8_few_rows(x)
         elif self.weight is not None:
             y = fp8_product(x, self.weight[...], self.scale[...])
@@ -104,6 +122,17 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+    def fuses_quantize(self, x: jax.Array, fp8: Fp8Options) -> bool:
+        """Whether this layer's input ``x`` is to be quantized by ``pallas_kernels.fp8_quantize``
+        (``Fp8Options.fused_quantize``) and given to ``quantized``."""
+        return (self.weight is not None and fp8.fused_quantize and x.ndim == 2 and x.shape[0] > fp8.kernel_rows
+                and (self.mesh is None or model_parallel_size(self.mesh) == 1))
+
+    def quantized(self, xq: jax.Array, sx: jax.Array, dtype) -> jax.Array:
+        """The fp8 layer on an input already quantized per row (``xq`` float8_e4m3fn, its scales ``sx [..., 1]``)."""
+        y = fp8_scaled_dot(xq, sx, self.weight[...], self.scale[...], dtype)
+        return y if self.bias is None else y + self.bias[...]
 
     def _fp8_few_rows(self, x: jax.Array) -> jax.Array:
         w, scale = self.weight[...], self.scale[...]
@@ -220,10 +249,10 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
-                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True, fp8_kernel_rows: int = 0):
+                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True, fp8: Fp8Options = Fp8Options()):
         t = x.shape[0]
         hd = self.head_dim
-        q, k, v = split_qkv(self.qkv_proj(x, fp8_kernel_rows=fp8_kernel_rows), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
+        q, k, v = split_qkv(self.qkv_proj(x, fp8=fp8), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
         q = q.reshape(t, self.num_heads, hd)
         k = k.reshape(t, self.num_kv_heads, hd)
         v = v.reshape(t, self.num_kv_heads, hd)
@@ -243,8 +272,10 @@ class Attention(nnx.Module):
         )
         k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
                                     md.kv_lens, md.page_table, md.cu_q_lens)
-        return (k_pages, v_pages), self.o_proj(o.reshape(t, self.num_heads * self.head_dim),
-                                               fp8_kernel_rows=fp8_kernel_rows)
+        o = o.reshape(t, self.num_heads * self.head_dim)
+        if self.o_proj.fuses_quantize(o, fp8):
+            return (k_pages, v_pages), self.o_proj.quantized(*quantize_rows_fp8(o), o.dtype)
+        return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
 
     def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
                           kv_lens, page_table, cu_q_lens, *, in_place: bool):
@@ -263,10 +294,11 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="column")
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="row")
 
-    def __call__(self, x: jax.Array, *, fp8_kernel_rows: int = 0) -> jax.Array:
-        r = fp8_kernel_rows
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, fp8_kernel_rows=r)) * self.up_proj(x, fp8_kernel_rows=r),
-                              fp8_kernel_rows=r)
+    def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
+        gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
+        if self.down_proj.fuses_quantize(up, fp8):
+            return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
+        return self.down_proj(jax.nn.silu(gate) * up, fp8=fp8)
 
 
 class DecoderLayer(nnx.Module):
@@ -276,11 +308,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, mesh=mesh)
 
-    def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True, fp8_kernel_rows: int = 0):
+    def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True, fp8: Fp8Options = Fp8Options()):
         kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention_in_place=attention_in_place,
-                                  fp8_kernel_rows=fp8_kernel_rows)
+                                  fp8=fp8)
         x = x + attn
-        return kv, x + self.mlp(self.post_attention_layernorm(x), fp8_kernel_rows=fp8_kernel_rows)
+        return kv, x + self.mlp(self.post_attention_layernorm(x), fp8=fp8)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -298,19 +330,19 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
-                 attention_in_place: bool = True, fp8_kernel_rows: int = 0) -> tuple[KVCache, jax.Array]:
+                 attention_in_place: bool = True, fp8_kernel_rows: int = 0,
+                 fp8_fused_quantize: bool = False) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
-        (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``: an fp8 model's
-        products take ``pallas_kernels.fp8_matmul`` (w8a16) when the step has at most this many tokens
-        (``Linear``)."""
+        (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``, ``fp8_fused_quantize``: how an
+        fp8 model's products run (``Fp8Options``)."""
+        fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
-            kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place,
-                          fp8_kernel_rows=fp8_kernel_rows)
+            kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place, fp8=fp8)
             new_cache.append(kv)
         return new_cache, self.norm(x)
 

@@ -153,11 +153,12 @@ def test_fp8_checkpoint_runs_the_model_close_to_full_precision(hf, tmp_path, tp)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_fp8_steps_of_few_tokens_take_the_fp8_weight_kernel(hf, tmp_path, tp):
+def test_fp8_steps_of_few_tokens_take_the_fp8_weight_kernel(hf, tmp_path, tp, monkeypatch):
     """``RunnerConfig.fp8_kernel_max_tokens``: a step of at most that many tokens multiplies its bf16/f32
     activations by the fp8 weights (w8a16, ``pallas_kernels.fp8_matmul``; the reference on the CPU) in every
     layer, at TP 1 and per shard at TP 2: its logits are nearer the float model's than w8a8's, whose
     activations are quantized too. A limit under the step's tokens leaves the step w8a8."""
+    from pallas_kernels.fp8_quantize import quantize_rows_fp8
     out = str(tmp_path / "fp8")
     convert(hf, out, dtype="float32", quant="fp8", progress=False)
     mesh = make_mesh(tp)
@@ -168,6 +169,15 @@ def test_fp8_steps_of_few_tokens_take_the_fp8_weight_kernel(hf, tmp_path, tp):
     np.testing.assert_array_equal(logits_of(q, mesh, fp8_kernel_max_tokens=8), w8a8)
     err16, err8 = np.abs(w8a16 - full).max(), np.abs(w8a8 - full).max()
     assert 0 < err16 < 0.8 * err8, (err16, err8)       # 0.61x here: the weights' rounding is most of it
+    # fp8_fused_quantize: o_proj's and down_proj's inputs quantized by pallas_kernels.fp8_quantize (its reference
+    # on the CPU; in float32 the same values as XLA's quantize_fp8), two calls a layer; at TP 2 it stays off
+    import jaxdyn.models.llama as llama
+    calls = []
+    monkeypatch.setattr(llama, "quantize_rows_fp8", lambda *a: calls.append(len(a)) or quantize_rows_fp8(*a))
+    fused = logits_of(q, mesh, fp8_fused_quantize=True)
+    layers = q.config.num_layers
+    assert sorted(calls) == ([] if tp > 1 else [1] * layers + [2] * layers)    # o's input; silu(gate) * up
+    np.testing.assert_allclose(fused, w8a8, rtol=1e-5, atol=1e-5 * np.abs(w8a8).max())
 
 
 def test_engine_serves_a_converted_directory_like_the_hf_one(hf, tmp_path):

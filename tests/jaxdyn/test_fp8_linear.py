@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdyn.models.llama import FP8_MAX, Linear, quantize_fp8
+from jaxdyn.models.llama import FP8_MAX, Fp8Options, Linear, quantize_fp8
 
 
 def test_activations_quantize_to_fp8_with_one_scale_a_row_from_its_maximum():
@@ -77,15 +77,15 @@ def _fp8_layer(n_in, n_out, *, bias=False, seed=1, **kw):
 
 
 def test_few_rows_take_the_fp8_weight_product_with_unquantized_activations():
-    """A call of at most ``fp8_kernel_rows`` rows multiplies the input as it is by the weights made x's dtype
+    """A call of at most ``Fp8Options.kernel_rows`` rows multiplies the input as it is by the weights made x's dtype
     (w8a16, ``pallas_kernels.fp8_matmul``): nearer the exact product than w8a8, which quantizes each row."""
     from pallas_kernels.fp8_matmul import fp8_weight_matmul_reference
     layer = _fp8_layer(64, 48, bias=True)
     x = jax.random.normal(jax.random.key(9), (10, 64))
     w, s, b = layer.weight[...], layer.scale[...], np.asarray(layer.bias[...])
-    few = layer(x, fp8_kernel_rows=16)
+    few = layer(x, fp8=Fp8Options(kernel_rows=16))
     np.testing.assert_array_equal(np.asarray(few), np.asarray(fp8_weight_matmul_reference(x, w, s)) + b)
-    many = layer(x, fp8_kernel_rows=8)                       # 10 rows > 8: w8a8 as before
+    many = layer(x, fp8=Fp8Options(kernel_rows=8))                       # 10 rows > 8: w8a8 as before
     np.testing.assert_array_equal(np.asarray(many), np.asarray(layer(x)))
     exact = np.asarray(x, np.float64) @ (np.asarray(w, np.float64) * np.asarray(s)[:, None]).T + b
     err_few, err_many = np.abs(np.asarray(few) - exact).max(), np.abs(np.asarray(many) - exact).max()
@@ -105,16 +105,16 @@ def test_few_rows_under_tensor_parallelism_match_one_device(tp):
     for split, spec in (("column", {"weight": P("model", None), "scale": P("model")}),
                         ("row", {"weight": P(None, "model"), "scale": P()})):
         one = _fp8_layer(64, 32, bias=True)
-        want = np.asarray(one(x, fp8_kernel_rows=16))
+        want = np.asarray(one(x, fp8=Fp8Options(kernel_rows=16)))
         layer = _fp8_layer(64, 32, bias=True, mesh=mesh, split=split)
         graphdef, state = nnx.split(layer)
         state = jax.tree.map_with_path(
             lambda path, v: jax.device_put(v, NamedSharding(mesh, spec.get(str(path[0].key), P()))), state)
         x_spec = P() if split == "column" else P(None, "model")
         xs = jax.device_put(x, NamedSharding(mesh, x_spec))
-        got = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, fp8_kernel_rows=16))(state, xs)
+        got = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, fp8=Fp8Options(kernel_rows=16)))(state, xs)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)   # float32 sums in another order
-        text = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, fp8_kernel_rows=16)).lower(state, xs).compile().as_text()
+        text = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, fp8=Fp8Options(kernel_rows=16))).lower(state, xs).compile().as_text()
         assert ("all-reduce" in text) == (split == "row")      # row-split: one sum of the shards, nothing gathered
         assert "all-gather" not in text
     with pytest.raises(ValueError, match="split must be"):

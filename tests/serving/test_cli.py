@@ -79,6 +79,9 @@ def test_serve_fp8_kernel_limit_flag():
     for bad, says in (("some", "expected an integer or auto"), ("-2", "at least 0")):
         with pytest.raises(CLIError, match=says):
             _engine_config(parse(["serve", "--fp8-kernel-max-tokens", bad]))
+    assert _engine_config(parse(["serve"])).fp8_fused_quantize == "auto"
+    assert _engine_config(parse(["serve", "--fp8-fused-quantize", "off"])).fp8_fused_quantize is False
+    assert _engine_config(parse(["serve", "--fp8-fused-quantize", "on"])).fp8_fused_quantize is True
     # the help states the default the engine resolves "auto" to
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions
                   if "--fp8-kernel-max-tokens" in a.option_strings)

@@ -1,0 +1,61 @@
+"""Rows quantized to fp8 in one kernel (``pallas_kernels.fp8_quantize``), optionally silu(gate) * up first."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdyn.models.llama import quantize_fp8
+from pallas_kernels.fp8_quantize import quantize_rows_fp8, quantize_rows_fp8_reference
+
+
+def _rows(t, f, seed=0, dtype=jnp.bfloat16):
+    x = jax.random.normal(jax.random.key(seed), (t, f), jnp.float32) * 3.0
+    return x.at[1, 7].set(-90.0).astype(dtype)
+
+
+@pytest.mark.parametrize("t, f", [(16, 256), (5, 4096), (3, 96)])
+def test_the_kernel_quantizes_as_the_model_does(t, f):
+    x = _rows(t, f)
+    q, s = quantize_rows_fp8(x, impl="interpret")
+    want_q, want_s = quantize_fp8(x)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == (t, f) and s.shape == (t, 1)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+    np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
+    assert float(s[1, 0]) == pytest.approx(90.0 / 448.0)
+    # an all-zero row: a tiny scale, zeros
+    q0, s0 = quantize_rows_fp8(jnp.zeros((4, 64), jnp.bfloat16), impl="interpret")
+    assert np.all(np.asarray(q0, np.float32) == 0) and np.all(np.asarray(s0) > 0)
+
+
+def test_silu_gate_times_up_is_made_in_the_kernel():
+    g, u = _rows(10, 512, seed=1), _rows(10, 512, seed=2)
+    q, s = quantize_rows_fp8(u, g, impl="interpret")
+    h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(jnp.bfloat16)
+    want_q, want_s = quantize_fp8(h)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(want_s), rtol=1e-6)
+    back = np.asarray(q, np.float32) * np.asarray(s)
+    hf = np.asarray(h, np.float32)
+    assert np.abs(back - hf).max() <= np.abs(hf).max() / 16        # e4m3: within a 1/16 step of the row's max
+    ref_q, ref_s = quantize_rows_fp8_reference(u, g)
+    np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(ref_q, np.float32))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="differ"):
+        quantize_rows_fp8(_rows(4, 64), _rows(4, 32), impl="interpret")
+    with pytest.raises(ValueError, match=r"\[T, F\]"):
+        quantize_rows_fp8(jnp.zeros((2, 3, 64)), impl="interpret")
+    with pytest.raises(ValueError, match="impl must be"):
+        quantize_rows_fp8(_rows(4, 64), impl="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_the_kernel_on_the_8b_widths():
+    for f in (4096, 14336):
+        for t in (16, 2048):
+            g, u = _rows(t, f, seed=t), _rows(t, f, seed=t + 1)
+            q, s = jax.jit(lambda u, g: quantize_rows_fp8(u, g, impl="kernel"))(u, g)
+            rq, rs = quantize_rows_fp8_reference(u, g)
+            np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
+            assert (np.asarray(q, np.float32) != np.asarray(rq, np.float32)).mean() < 1e-3
