@@ -75,7 +75,7 @@ def _kernel(*refs, block_cols: int, steps: int, silu: bool):
 
 
 def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, block_rows: int = 2,
-                             block_cols: int | None = None, num_warps: int = 4,
+                             block_cols: int | None = None, num_warps: int = 4, num_stages: int = 1,
                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     t, f = x.shape
     if gate is not None and gate.shape != x.shape:
@@ -97,7 +97,7 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
         out_specs=[spec, pl.BlockSpec((block_rows,), lambda i: (i,))],
         out_shape=[jax.ShapeDtypeStruct((rows, f), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((rows,), jnp.float32)],
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="quantize_rows_fp8",
     )(*ops)
     return q[:t], s[:t, None]

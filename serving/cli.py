@@ -120,10 +120,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "(bf16 activations, the weights read once at the copy rate) instead of cuBLASLt's fp8 x fp8 "
                    "product (0: never). auto (default): 0 on a GPU (jaxdyn.engine.core.FP8_KERNEL_MAX_TOKENS: measured slower "
                    "than cuBLASLt in a step), else 0")
-    p.add_argument("--fp8-fused-quantize", default="auto", choices=("auto", "on", "off"),
-                   help="an fp8 model's o_proj and down_proj inputs quantized by one Pallas kernel each "
-                   "(silu(gate) * up made inside) instead of XLA's reduction and conversion. auto (default): on "
-                   "on a GPU")
+    p.add_argument("--fp8-fused-quantize", default="auto", choices=("auto", "off", "o_proj", "all"),
+                   help="which of an fp8 model's row-parallel inputs one Pallas kernel quantizes per row (o_proj's; "
+                   "all: down_proj's too, silu(gate) * up made inside) instead of XLA's reduction and conversion. "
+                   "auto (default): jaxdyn.engine.core.FP8_FUSED_QUANTIZE on a GPU, else off")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -189,7 +189,7 @@ def _engine_fields(args) -> dict:
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
                 split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone,
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
-                fp8_fused_quantize={"auto": "auto", "on": True, "off": False}[getattr(args, "fp8_fused_quantize", "auto")],
+                fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 **buckets)
 
 

@@ -64,8 +64,9 @@ class EngineConfig:
     # an fp8 model's steps of at most this many tokens take the Pallas fp8-weight kernel (RunnerConfig);
     # "auto": FP8_KERNEL_MAX_TOKENS on a GPU, else 0 (never); 0 for models without fp8 weights
     fp8_kernel_max_tokens: int | str = "auto"
-    # an fp8 model's o_proj / down_proj inputs quantized by one Pallas kernel each (RunnerConfig); "auto": on a GPU
-    fp8_fused_quantize: bool | str = "auto"
+    # which of an fp8 model's row-parallel inputs one Pallas kernel quantizes: off, o_proj, all (RunnerConfig);
+    # "auto": FP8_FUSED_QUANTIZE on a GPU, else off
+    fp8_fused_quantize: str = "auto"
 
     def __post_init__(self):
         t = self.triton_gemm_max_tokens
@@ -74,8 +75,8 @@ class EngineConfig:
         f = self.fp8_kernel_max_tokens
         if not (f == "auto" or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
             raise ValueError(f"fp8_kernel_max_tokens: expected 'auto' or an integer >= 0, got {f!r}")
-        if self.fp8_fused_quantize not in ("auto", True, False):
-            raise ValueError(f"fp8_fused_quantize: expected 'auto', True or False, got {self.fp8_fused_quantize!r}")
+        if self.fp8_fused_quantize not in ("auto",) + FUSED_QUANTIZE_SITES:
+            raise ValueError(f"fp8_fused_quantize: expected auto, off, o_proj or all, got {self.fp8_fused_quantize!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -85,6 +86,12 @@ class EngineConfig:
 # Triton everywhere: over 260 s (the run was stopped), 14,469 tok/s once its cache was warm
 FP8_TRITON_GEMM_MAX_TOKENS = 0
 
+
+FUSED_QUANTIZE_SITES = ("off", "o_proj", "all")
+# Which row-parallel inputs of an fp8 model on a GPU ``pallas_kernels.fp8_quantize`` quantizes. "all" (o_proj's and
+# down_proj's) made every step dearer on an H200 (8B shape, ShareGPT-shaped offline run, two rounds: 14,206 output
+# tok/s against 15,018 with XLA's, 0.946x; ``benchmarks/gpu/ab_offline.py``, 2026-12-03)
+FP8_FUSED_QUANTIZE = "off"
 
 # An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel for its products. 0
 # (never): on an H200 (8B shape) its products, alone, took 0.76-0.95x cuBLASLt's at 16 rows with the best blocks
@@ -105,13 +112,15 @@ def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:
     return FP8_KERNEL_MAX_TOKENS if platform == "gpu" else 0
 
 
-def fp8_fused_quantize(config: EngineConfig, model_config, platform: str) -> bool:
-    """``EngineConfig.fp8_fused_quantize`` resolved for a model on ``platform``: False without fp8 weights,
-    "auto" True on a GPU."""
+def fp8_fused_quantize(config: EngineConfig, model_config, platform: str) -> str:
+    """``EngineConfig.fp8_fused_quantize`` resolved for a model on ``platform``: off without fp8 weights, "auto"
+    FP8_FUSED_QUANTIZE on a GPU, else off."""
     if model_config.quantization != "fp8":
-        return False
+        return "off"
     f = config.fp8_fused_quantize
-    return platform == "gpu" if f == "auto" else f
+    if f == "auto":
+        return FP8_FUSED_QUANTIZE if platform == "gpu" else "off"
+    return f
 
 
 def triton_gemm_limit(config: EngineConfig, model_config, platform: str) -> int | None:

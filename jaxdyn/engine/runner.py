@@ -141,9 +141,9 @@ class RunnerConfig:
     # activations, each fp8 weight tile made bf16 as it is read) instead of cuBLASLt's fp8 x fp8 product after a
     # per-token quantization: those steps are bound by the weights' read (``llama.Linear``). 0: never.
     fp8_kernel_max_tokens: int = 0
-    # An fp8 model's ``o_proj`` and ``down_proj`` inputs quantized by ``pallas_kernels.fp8_quantize`` (one kernel
-    # each, ``silu(gate) * up`` made inside) instead of XLA's reduction and conversion (``llama.Fp8Options``).
-    fp8_fused_quantize: bool = False
+    # Which of an fp8 model's row-parallel inputs ``pallas_kernels.fp8_quantize`` quantizes, one kernel each
+    # instead of XLA's reduction and conversion: "off", "o_proj" or "all" (``llama.Fp8Options``).
+    fp8_fused_quantize: str = "off"
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:

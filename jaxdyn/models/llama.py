@@ -54,11 +54,12 @@ class Fp8Options:
     """How an fp8 (w8a8) model's products run in a step (the runner's options, static under jit):
 
     - ``kernel_rows``: calls of at most this many rows take ``pallas_kernels.fp8_matmul`` (w8a16, ``Linear``);
-    - ``fused_quantize``: the inputs of ``o_proj`` and ``down_proj`` (``silu(gate) * up`` made in the same
-      kernel) are quantized by ``pallas_kernels.fp8_quantize``, one kernel each instead of XLA's reduction and
-      conversion (at one device on the model axis; shards' rows need one maximum across them)."""
+    - ``fused_quantize``: which row-parallel products' inputs ``pallas_kernels.fp8_quantize`` quantizes, one
+      kernel each instead of XLA's reduction and conversion: "off", "o_proj" (the attention's output) or
+      "all" (o_proj's and down_proj's, ``silu(gate) * up`` made in the kernel); at one device on the model axis
+      (shards' rows would need one maximum across them)."""
     kernel_rows: int = 0
-    fused_quantize: bool = False
+    fused_quantize: str = "off"
 
 
 def fp8_scaled_dot(xq: jax.Array, sx: jax.Array, w: jax.Array, scale: jax.Array, dtype) -> jax.Array:
@@ -123,10 +124,11 @@ class Linear(nnx.Module):
             y = y + self.bias[...]
         return y
 
-    def fuses_quantize(self, x: jax.Array, fp8: Fp8Options) -> bool:
+    def fuses_quantize(self, x: jax.Array, fp8: Fp8Options, sites: tuple[str, ...]) -> bool:
         """Whether this layer's input ``x`` is to be quantized by ``pallas_kernels.fp8_quantize``
-        (``Fp8Options.fused_quantize``) and given to ``quantized``."""
-        return (self.weight is not None and fp8.fused_quantize and x.ndim == 2 and x.shape[0] > fp8.kernel_rows
+        (``Fp8Options.fused_quantize`` among ``sites``) and given to ``quantized``."""
+        return (self.weight is not None and fp8.fused_quantize in sites and x.ndim == 2
+                and x.shape[0] > fp8.kernel_rows
                 and (self.mesh is None or model_parallel_size(self.mesh) == 1))
 
     def quantized(self, xq: jax.Array, sx: jax.Array, dtype) -> jax.Array:
@@ -273,7 +275,7 @@ class Attention(nnx.Module):
         k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
                                     md.kv_lens, md.page_table, md.cu_q_lens)
         o = o.reshape(t, self.num_heads * self.head_dim)
-        if self.o_proj.fuses_quantize(o, fp8):
+        if self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all")):
             return (k_pages, v_pages), self.o_proj.quantized(*quantize_rows_fp8(o), o.dtype)
         return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
 
@@ -296,7 +298,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
         gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
-        if self.down_proj.fuses_quantize(up, fp8):
+        if self.down_proj.fuses_quantize(up, fp8, ("all",)):
             return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
         return self.down_proj(jax.nn.silu(gate) * up, fp8=fp8)
 
@@ -331,7 +333,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
                  attention_in_place: bool = True, fp8_kernel_rows: int = 0,
-                 fp8_fused_quantize: bool = False) -> tuple[KVCache, jax.Array]:
+                 fp8_fused_quantize: str = "off") -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge

@@ -174,10 +174,12 @@ def test_fp8_steps_of_few_tokens_take_the_fp8_weight_kernel(hf, tmp_path, tp, mo
     import jaxdyn.models.llama as llama
     calls = []
     monkeypatch.setattr(llama, "quantize_rows_fp8", lambda *a: calls.append(len(a)) or quantize_rows_fp8(*a))
-    fused = logits_of(q, mesh, fp8_fused_quantize=True)
     layers = q.config.num_layers
-    assert sorted(calls) == ([] if tp > 1 else [1] * layers + [2] * layers)    # o's input; silu(gate) * up
-    np.testing.assert_allclose(fused, w8a8, rtol=1e-5, atol=1e-5 * np.abs(w8a8).max())
+    for sites, want in (("all", [1] * layers + [2] * layers), ("o_proj", [1] * layers)):   # o's input; silu(g) * up
+        calls.clear()
+        fused = logits_of(q, mesh, fp8_fused_quantize=sites)
+        assert sorted(calls) == ([] if tp > 1 else want)
+        np.testing.assert_allclose(fused, w8a8, rtol=1e-5, atol=1e-5 * np.abs(w8a8).max())
 
 
 def test_engine_serves_a_converted_directory_like_the_hf_one(hf, tmp_path):

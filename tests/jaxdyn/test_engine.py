@@ -448,15 +448,16 @@ def test_fp8_kernel_limit_auto_is_for_fp8_models_on_a_gpu():
             EngineConfig(fp8_kernel_max_tokens=bad)
 
 
-def test_fp8_fused_quantize_auto_is_on_for_fp8_models_on_a_gpu():
+def test_fp8_fused_quantize_auto_resolves_by_platform_and_model():
     from types import SimpleNamespace
 
-    from jaxdyn.engine.core import fp8_fused_quantize
+    from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, fp8_fused_quantize
     fp8, bf16 = SimpleNamespace(quantization="fp8"), SimpleNamespace(quantization=None)
-    assert fp8_fused_quantize(EngineConfig(), fp8, "gpu") is True
-    assert fp8_fused_quantize(EngineConfig(), fp8, "cpu") is False
-    assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize=True), fp8, "cpu") is True
-    assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize=False), fp8, "gpu") is False
-    assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize=True), bf16, "gpu") is False
-    with pytest.raises(ValueError, match="fp8_fused_quantize"):
-        EngineConfig(fp8_fused_quantize="yes")
+    assert fp8_fused_quantize(EngineConfig(), fp8, "gpu") == FP8_FUSED_QUANTIZE
+    assert fp8_fused_quantize(EngineConfig(), fp8, "cpu") == "off"
+    assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize="all"), fp8, "cpu") == "all"
+    assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize="o_proj"), fp8, "gpu") == "o_proj"
+    assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize="all"), bf16, "gpu") == "off"
+    for bad in ("yes", True, None):
+        with pytest.raises(ValueError, match="fp8_fused_quantize"):
+            EngineConfig(fp8_fused_quantize=bad)

@@ -80,8 +80,8 @@ def test_serve_fp8_kernel_limit_flag():
         with pytest.raises(CLIError, match=says):
             _engine_config(parse(["serve", "--fp8-kernel-max-tokens", bad]))
     assert _engine_config(parse(["serve"])).fp8_fused_quantize == "auto"
-    assert _engine_config(parse(["serve", "--fp8-fused-quantize", "off"])).fp8_fused_quantize is False
-    assert _engine_config(parse(["serve", "--fp8-fused-quantize", "on"])).fp8_fused_quantize is True
+    for site in ("off", "o_proj", "all"):
+        assert _engine_config(parse(["serve", "--fp8-fused-quantize", site])).fp8_fused_quantize == site
     # the help states the default the engine resolves "auto" to
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions
                   if "--fp8-kernel-max-tokens" in a.option_strings)
