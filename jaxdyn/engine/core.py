@@ -21,7 +21,7 @@ import numpy as np
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
-    CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TokenPrefix)
+    CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, sampling_row
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -514,7 +514,7 @@ class EngineCore:
         outs = []
         for seq in req.seqs:
             delta_text, delta_ids, delta_lps = self._seq_delta(seq)
-            text = seq.detok.text[:seq.detok.emitted] if seq.detok is not None else ""
+            text = TextPrefix(*seq.detok.streamed()) if seq.detok is not None else ""
             num_out = len(seq.output_ids)
             outs.append(CompletionOutput(
                 seq.index, text, TokenPrefix(seq.output_ids, num_out), delta_text, delta_ids,

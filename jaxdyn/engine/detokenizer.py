@@ -53,7 +53,11 @@ def _stream(tokenizer: Tokenizer, raw, context: list[int], skip: bool):
 class IncrementalDetokenizer:
     """``lazy``: no text until ``flush``, which decodes every token since the prompt in one call (the
     window's algorithm over the whole output: the same text); for output read only at its end, with no
-    stop strings (ValueError with them: they are searched as the text grows)."""
+    stop strings (ValueError with them: they are searched as the text grows).
+
+    The text is kept as the pieces already streamed (``take_delta``), joined only when ``text`` is read, and
+    the tail after them: appending a token's text copies the tail, not the whole output (a string attribute
+    grown by ``+=`` is copied on every append: quadratic in the output's length)."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids, *, skip_special_tokens: bool = True,
                  stop: list[str] = (), include_stop_str_in_output: bool = False, lazy: bool = False):
@@ -64,7 +68,9 @@ class IncrementalDetokenizer:
         self.tokens = list(prompt_ids[-_PROMPT_CONTEXT:])
         self.prefix = 0
         self.read = len(self.tokens)
-        self.text = ""
+        self._done: list[str] = []   # text streamed and out of reach of a stop string, in pieces
+        self._done_len = 0
+        self._tail = ""              # the text after those pieces
         self.stop = list(stop)
         self.include_stop = include_stop_str_in_output
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
@@ -73,6 +79,18 @@ class IncrementalDetokenizer:
         self._raw = getattr(tokenizer, "_tok", None)
         self.lazy = lazy
         self._stream = None if lazy else _stream(tokenizer, self._raw, self.tokens, skip_special_tokens)
+
+    def streamed(self) -> tuple[list[str], int]:
+        """(a list that only grows at its end, n): its first n pieces are the text ``take_delta`` has returned
+        (``request.TextPrefix``'s arguments; the list is not copied)."""
+        return self._done, len(self._done)
+
+    @property
+    def text(self) -> str:
+        """All text so far."""
+        if len(self._done) > 1:
+            self._done = ["".join(self._done)]
+        return (self._done[0] if self._done else "") + self._tail
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
@@ -100,18 +118,20 @@ class IncrementalDetokenizer:
                 return None
             delta = new_text[len(prefix_text):]
         self.prefix, self.read = self.read, len(self.tokens)
-        before = len(self.text)
-        self.text += delta
+        before = len(self._tail)
+        self._tail += delta
         if self.stop and check_stop:
+            # a stop string ending in this delta starts at most holdback characters before it; the streamed
+            # pieces end at or before that point (take_delta holds back as much)
             start = max(0, before - self.holdback)
             best = None
             for s in self.stop:
-                i = self.text.find(s, start)
+                i = self._tail.find(s, start)
                 if i >= 0 and (best is None or i < best[0]):
                     best = (i, s)
             if best is not None:
                 i, s = best
-                self.text = self.text[:i + len(s)] if self.include_stop else self.text[:i]
+                self._tail = self._tail[:i + len(s)] if self.include_stop else self._tail[:i]
                 self.stopped_by = s
                 return s
         return None
@@ -121,13 +141,19 @@ class IncrementalDetokenizer:
         if self.stopped_by is None and self.read < len(self.tokens):
             prefix_text = self._decode(self.tokens[self.prefix:self.read])
             new_text = self._decode(self.tokens[self.prefix:])
-            self.text += new_text[len(prefix_text):]
+            self._tail += new_text[len(prefix_text):]
             self.prefix = self.read = len(self.tokens)
         return self.text
 
     def take_delta(self, finished: bool) -> str:
         """New text to stream since the last call (holding back a possible stop-string start)."""
-        end = len(self.text) if finished else max(self.emitted, len(self.text) - self.holdback)
-        delta = self.text[self.emitted:end]
+        total = self._done_len + len(self._tail)
+        end = total if finished else max(self.emitted, total - self.holdback)
+        k = end - self._done_len
+        delta = self._tail[self.emitted - self._done_len:k]
         self.emitted = end
+        if k > 0:                      # streamed: out of reach of a stop string from now on
+            self._done.append(self._tail[:k])
+            self._tail = self._tail[k:]
+            self._done_len = end
         return delta

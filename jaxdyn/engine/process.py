@@ -40,7 +40,7 @@ from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, Stre
 from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
-from jaxdyn.engine.request import CompletionOutput, RequestOutput, TokenPrefix
+from jaxdyn.engine.request import CompletionOutput, RequestOutput, TextPrefix, TokenPrefix
 
 METRICS_INTERVAL_S = 0.25       # the longest a busy engine goes without sending its metrics
 
@@ -317,13 +317,15 @@ class ProcessEngine(StreamingEngine):
                 dtext = d.take_delta(reason is not None)
             a = acc.get(index)
             if a is None:
-                a = acc[index] = ["", [], None]
-            a[0] += dtext
+                a = acc[index] = [[], [], None]
+            if dtext:
+                a[0].append(dtext)
             a[1].extend(dids)
             if dlps is not None:
                 if a[2] is None:
                     a[2] = []
                 a[2].extend(dlps)
-            outs.append(CompletionOutput(index, a[0], TokenPrefix(a[1], len(a[1])), dtext, dids, cum_lp, a[2],
+            outs.append(CompletionOutput(index, TextPrefix(a[0], len(a[0])), TokenPrefix(a[1], len(a[1])), dtext,
+                                         dids, cum_lp, a[2],
                                          dlps, reason, stop_reason))
         self._deliver(RequestOutput(rid, s.prompt_ids, outs, finished, cached, metrics, error), rid, pending)

@@ -136,10 +136,21 @@ class TokenPrefix:
         self.ids, self.n = ids, n
 
 
+class TextPrefix:
+    """The first ``n`` pieces of a list of strings that only ever grows at its end (a sequence's streamed
+    text): what ``CompletionOutput.text`` was when the output was made, joined only if read. Building each
+    step's cumulative text by concatenation copied the whole output every step: quadratic in its length."""
+
+    __slots__ = ("pieces", "n")
+
+    def __init__(self, pieces: list[str], n: int):
+        self.pieces, self.n = pieces, n
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     index: int
-    text: str                            # all text so far
+    text: str                            # all text so far (the engine passes a TextPrefix)
     token_ids: list[int]                 # all tokens so far (the engine passes a TokenPrefix)
     delta_text: str                      # new since the previous output of this request
     delta_token_ids: list[int]
@@ -165,8 +176,20 @@ def _set_token_ids(self, ids) -> None:
     self._token_ids = ids
 
 
-# A property after the dataclass is made: the field stays a constructor argument and in repr/eq.
+def _get_text(self) -> str:
+    text = self._text
+    if type(text) is TextPrefix:    # joined on first read: most outputs are read only for deltas
+        text = self._text = "".join(text.pieces[:text.n])
+    return text
+
+
+def _set_text(self, text) -> None:
+    self._text = text
+
+
+# Properties after the dataclass is made: the fields stay constructor arguments and in repr/eq.
 CompletionOutput.token_ids = property(_get_token_ids, _set_token_ids)
+CompletionOutput.text = property(_get_text, _set_text)
 
 
 @dataclasses.dataclass
@@ -193,7 +216,7 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         lps = None
         if p.delta_logprobs is not None or c.delta_logprobs is not None:
             lps = list(p.delta_logprobs or []) + list(c.delta_logprobs or [])
-        outs.append(CompletionOutput(c.index, c.text, c._token_ids, p.delta_text + c.delta_text,
+        outs.append(CompletionOutput(c.index, c._text, c._token_ids, p.delta_text + c.delta_text,
                                      list(p.delta_token_ids) + list(c.delta_token_ids), c.cumulative_logprob,
                                      c.logprobs, lps, c.finish_reason, c.stop_reason))
     outs.extend(earlier.values())

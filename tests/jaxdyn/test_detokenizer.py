@@ -136,3 +136,28 @@ def test_a_lazy_detokenizer_ends_with_the_incremental_text(tok, which):
         assert lazy.take_delta(True) == eager.text
     with pytest.raises(ValueError, match="stop strings"):
         IncrementalDetokenizer(t, [1], stop=["x"], lazy=True)
+
+
+def test_streamed_text_matches_cutting_the_whole_text_at_the_first_stop(tok):
+    """The detokenizer keeps what it streamed as pieces and searches only the tail: on random texts over a
+    small alphabet (stop strings occur, overlap, straddle tokens) it streams exactly the whole text cut where
+    a stop string first completes, and ``text`` is that too."""
+    import random
+    rng = random.Random(0)
+    for trial in range(300):
+        text = "".join(rng.choice("abc€ ") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("abc€") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 3))]
+        include = rng.random() < 0.5
+        ids = tok.encode(text, add_special_tokens=False)
+        want, want_stop = text, None
+        for k in range(1, len(ids) + 1):           # the text after each token; the first stop to complete
+            t = tok.decode(ids[:k])
+            if t.endswith("\ufffd"):
+                continue
+            found = [(t.find(s), s) for s in stops if s in t]
+            if found:
+                i, s = min(found)
+                want, want_stop = (t[:i + len(s)] if include else t[:i]), s
+                break
+        d, pieces, stop = stream(tok, text, stop=stops, include_stop_str_in_output=include)
+        assert (stop, "".join(pieces), d.text) == (want_stop, want, want), (trial, text, stops, include)
