@@ -161,24 +161,8 @@ def _engine_fields(args) -> dict:
             buckets[name] = vals
     if "token_buckets" in buckets and buckets["token_buckets"][-1] < args.max_num_batched_tokens:
         raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
-    triton = getattr(args, "triton_gemm_max_tokens", "auto")
-    if triton == "all":
-        triton = None
-    elif triton != "auto":
-        try:
-            triton = int(triton)
-        except ValueError:
-            raise CLIError(f"--triton-gemm-max-tokens: expected an integer, auto or all, got {triton!r}") from None
-        if triton < 0:
-            raise CLIError("--triton-gemm-max-tokens must be at least 0")
-    fp8_kernel = getattr(args, "fp8_kernel_max_tokens", "auto")
-    if fp8_kernel != "auto":
-        try:
-            fp8_kernel = int(fp8_kernel)
-        except ValueError:
-            raise CLIError(f"--fp8-kernel-max-tokens: expected an integer or auto, got {fp8_kernel!r}") from None
-        if fp8_kernel < 0:
-            raise CLIError("--fp8-kernel-max-tokens must be at least 0")
+    triton = _token_limit(args, "triton_gemm_max_tokens", {"auto": "auto", "all": None})
+    fp8_kernel = _token_limit(args, "fp8_kernel_max_tokens", {"auto": "auto"})
     from jaxdyn.engine.executable_cache import default_directory
     cache = getattr(args, "executable_cache", None)
     cache = default_directory() if cache is None else (cache or None)
@@ -191,6 +175,21 @@ def _engine_fields(args) -> dict:
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 **buckets)
+
+
+def _token_limit(args, name: str, words: dict):
+    """A token-count flag's value: an integer >= 0, or one of ``words`` (mapped to its value)."""
+    text = getattr(args, name, "auto")
+    if text in words:
+        return words[text]
+    flag = "--" + name.replace("_", "-")
+    try:
+        value = int(text)
+    except ValueError:
+        raise CLIError(f"{flag}: expected an integer, {' or '.join(words)}, got {text!r}") from None
+    if value < 0:
+        raise CLIError(f"{flag} must be at least 0")
+    return value
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:
