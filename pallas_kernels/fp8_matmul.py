@@ -32,6 +32,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.paged_decode import on_gpu
 
 _MIN_ROWS = 16          # smallest M of a Triton dot tile
+# The most rows the kernel takes: its row tiles sit in shared memory once per pipeline stage (128 x 256 bf16 x 4
+# stages = 256 KiB is already past an H100's 228 KiB with the weight tiles; the blocks for more rows use 128 columns)
+FP8_KERNEL_MAX_ROWS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +112,8 @@ def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         raise ValueError("fp8 activations need x_scale and out_dtype")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, k = x.shape
+    if m > FP8_KERNEL_MAX_ROWS:
+        raise ValueError(f"{m} rows: the kernel takes at most {FP8_KERNEL_MAX_ROWS}")
     n, k2 = w.shape
     if k2 != k or scale.shape != (n,):
         raise ValueError(f"x [M, K] {x.shape}, w [N, K] {w.shape}, scale [N] {scale.shape}: shapes do not match")

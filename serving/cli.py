@@ -118,12 +118,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-kernel-max-tokens", default="auto", metavar="N|auto",
                    help="an fp8 model's steps of at most N tokens multiply with jaxdyn's Pallas fp8-weight kernel "
                    "(bf16 activations, the weights read once at the copy rate) instead of cuBLASLt's fp8 x fp8 "
-                   "product (0: never). auto (default): 0 on a GPU (jaxdyn.engine.core.FP8_KERNEL_MAX_TOKENS: measured slower "
+                   "product (0: never; the kernel takes steps of up to 128 tokens, larger ones keep cuBLASLt). auto (default): 0 on a GPU (jaxdyn.engine.core.FP8_KERNEL_MAX_TOKENS: measured slower "
                    "than cuBLASLt in a step), else 0")
     p.add_argument("--fp8-fused-quantize", default="auto", choices=("auto", "off", "o_proj", "all"),
                    help="which of an fp8 model's row-parallel inputs one Pallas kernel quantizes per row (o_proj's; "
                    "all: down_proj's too, silu(gate) * up made inside) instead of XLA's reduction and conversion. "
-                   "auto (default): jaxdyn.engine.core.FP8_FUSED_QUANTIZE on a GPU, else off")
+                   "At one device on the model axis only (no effect under --tp). auto (default): "
+                   "jaxdyn.engine.core.FP8_FUSED_QUANTIZE on a GPU, else off")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "

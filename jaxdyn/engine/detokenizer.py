@@ -23,6 +23,7 @@ client ever sees the beginning of a stop string that then matches.
 
 from __future__ import annotations
 
+from jaxdyn.engine.request import append_piece
 from jaxdyn.engine.tokenizer import Tokenizer
 
 try:
@@ -153,7 +154,7 @@ class IncrementalDetokenizer:
         delta = self._tail[self.emitted - self._done_len:k]
         self.emitted = end
         if k > 0:                      # streamed: out of reach of a stop string from now on
-            self._done.append(self._tail[:k])
+            self._done = append_piece(self._done, self._tail[:k])
             self._tail = self._tail[k:]
             self._done_len = end
         return delta

@@ -40,7 +40,7 @@ from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, Stre
 from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
-from jaxdyn.engine.request import CompletionOutput, RequestOutput, TextPrefix, TokenPrefix
+from jaxdyn.engine.request import CompletionOutput, RequestOutput, TextPrefix, TokenPrefix, append_piece
 
 METRICS_INTERVAL_S = 0.25       # the longest a busy engine goes without sending its metrics
 
@@ -319,7 +319,7 @@ class ProcessEngine(StreamingEngine):
             if a is None:
                 a = acc[index] = [[], [], None]
             if dtext:
-                a[0].append(dtext)
+                a[0] = append_piece(a[0], dtext)
             a[1].extend(dids)
             if dlps is not None:
                 if a[2] is None:

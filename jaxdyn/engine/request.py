@@ -147,6 +147,18 @@ class TextPrefix:
         self.pieces, self.n = pieces, n
 
 
+PIECES_KEPT = 64
+
+
+def append_piece(pieces: list[str], piece: str) -> list[str]:
+    """``pieces`` with ``piece`` at its end: the same list, or, once it holds ``PIECES_KEPT``, a new list of their
+    join and the piece (a small string a token costs ~60 bytes; outputs made from the old list keep it whole)."""
+    if len(pieces) >= PIECES_KEPT:
+        pieces = ["".join(pieces)]
+    pieces.append(piece)
+    return pieces
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     index: int

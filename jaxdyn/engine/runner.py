@@ -148,6 +148,11 @@ class RunnerConfig:
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
+        f = self.fp8_kernel_max_tokens
+        if not (isinstance(f, int) and not isinstance(f, bool) and f >= 0):
+            raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {f!r}")
+        if self.fp8_fused_quantize not in ("off", "o_proj", "all"):
+            raise ValueError(f"fp8_fused_quantize: expected off, o_proj or all, got {self.fp8_fused_quantize!r}")
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         max_pages = -(-self.max_model_len // self.page_size)

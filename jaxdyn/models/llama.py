@@ -30,7 +30,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
-from pallas_kernels.fp8_matmul import fp8_weight_matmul
+from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS, fp8_weight_matmul
 from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -53,11 +53,13 @@ def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 class Fp8Options:
     """How an fp8 (w8a8) model's products run in a step (the runner's options, static under jit):
 
-    - ``kernel_rows``: calls of at most this many rows take ``pallas_kernels.fp8_matmul`` (w8a16, ``Linear``);
+    - ``kernel_rows``: calls of at most this many rows (and at most ``FP8_KERNEL_MAX_ROWS``) take
+      ``pallas_kernels.fp8_matmul`` (w8a16, ``Linear``);
     - ``fused_quantize``: which row-parallel products' inputs ``pallas_kernels.fp8_quantize`` quantizes, one
       kernel each instead of XLA's reduction and conversion: "off", "o_proj" (the attention's output) or
-      "all" (o_proj's and down_proj's, ``silu(gate) * up`` made in the kernel); at one device on the model axis
-      (shards' rows would need one maximum across them)."""
+      "all" (o_proj's and down_proj's, ``silu(gate) * up`` made in the kernel in float32 and rounded once, where
+      XLA rounds ``silu(gate)`` first: not bit-identical in bf16); at one device on the model axis only (shards'
+      rows would need one maximum across them): under tensor parallelism the option changes nothing."""
     kernel_rows: int = 0
     fused_quantize: str = "off"
 
@@ -113,7 +115,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
         if self.scale is None:
             y = x @ self.kernel[...]
-        elif self.weight is not None and x.ndim == 2 and x.shape[0] <= fp8.kernel_rows:
+        elif self.weight is not None and x.ndim == 2 and x.shape[0] <= min(fp8.kernel_rows, FP8_KERNEL_MAX_ROWS):
             y = self._fp8_few_rows(x)
         elif self.weight is not None:
             y = fp8_product(x, self.weight[...], self.scale[...])
@@ -138,8 +140,12 @@ class Linear(nnx.Module):
 
     def _fp8_few_rows(self, x: jax.Array) -> jax.Array:
         w, scale = self.weight[...], self.scale[...]
-        if self.mesh is None or model_parallel_size(self.mesh) == 1 or self.split is None:
+        tp = 1 if self.mesh is None else model_parallel_size(self.mesh)
+        if tp == 1 or self.split is None:
             return fp8_weight_matmul(x, w, scale)
+        if w.shape[0 if self.split == "column" else 1] % tp:
+            # the sharding rules left this weight whole (a width TP does not divide): the w8a8 product
+            return fp8_product(x, w, scale)
         if self.split == "column":
             specs = (P(), P(MODEL_AXIS, None), P(MODEL_AXIS))
             out, body = P(None, MODEL_AXIS), fp8_weight_matmul

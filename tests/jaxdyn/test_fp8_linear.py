@@ -119,3 +119,33 @@ def test_few_rows_under_tensor_parallelism_match_one_device(tp):
         assert "all-gather" not in text
     with pytest.raises(ValueError, match="split must be"):
         Linear(8, 8, bias=False, dtype=jnp.float32, quant="fp8", split="diagonal")
+
+
+def test_few_rows_fall_back_where_the_kernel_does_not_apply():
+    """A width tensor parallelism does not divide (the sharding rules leave the weight whole) takes the w8a8
+    product rather than a shard_map it cannot split; so does a call of more rows than the kernel takes."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from jaxdyn.parallel.sharding import make_mesh
+    from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS
+    mesh = make_mesh(4)
+    for split, n_in, n_out in (("column", 64, 34), ("row", 34, 64)):
+        x = jax.random.normal(jax.random.key(3), (16, n_in))
+        layer = _fp8_layer(n_in, n_out, mesh=mesh, split=split)
+        want = np.asarray(_fp8_layer(n_in, n_out)(x))                      # w8a8 on one device
+        graphdef, state = nnx.split(layer)
+        state = jax.tree.map(lambda v: jax.device_put(v, NamedSharding(mesh, P())), state)
+        got = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, fp8=Fp8Options(kernel_rows=16)))(state, x)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+    layer = _fp8_layer(64, 48)
+    x = jax.random.normal(jax.random.key(4), (FP8_KERNEL_MAX_ROWS + 8, 64))
+    np.testing.assert_array_equal(np.asarray(layer(x, fp8=Fp8Options(kernel_rows=4096))), np.asarray(layer(x)))
+
+
+def test_runner_config_refuses_bad_fp8_options():
+    from jaxdyn.engine.runner import RunnerConfig
+    for bad in (dict(fp8_kernel_max_tokens=None), dict(fp8_kernel_max_tokens=-1),
+                dict(fp8_fused_quantize="O_proj"), dict(fp8_fused_quantize=True)):
+        with pytest.raises(ValueError, match="fp8_"):
+            RunnerConfig(**bad)

@@ -63,3 +63,14 @@ def test_detokenizer_text_is_its_streamed_pieces():
     texts = ["".join(p.pieces[:p.n]) for p in outs]
     assert texts == ["", "", "a", "ab", "abx", "abxy"] and d.text == "abxyq!"
     assert d.take_delta(True) == "q!" and "".join(d.streamed()[0]) == "abxyq!"
+
+
+def test_pieces_are_joined_every_so_often_without_changing_earlier_outputs():
+    from jaxdyn.engine.request import PIECES_KEPT, TextPrefix, append_piece
+    pieces, snaps = [], []
+    for i in range(3 * PIECES_KEPT + 5):
+        pieces = append_piece(pieces, str(i % 10))
+        snaps.append(TextPrefix(pieces, len(pieces)))
+        assert len(pieces) <= PIECES_KEPT
+    whole = "".join(str(i % 10) for i in range(3 * PIECES_KEPT + 5))
+    assert ["".join(s.pieces[:s.n]) for s in snaps] == [whole[:i + 1] for i in range(len(whole))]
