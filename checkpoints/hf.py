@@ -162,6 +162,8 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
 
 # Float types a weight may be sent to the devices in and made float32 there without rounding
 _EXACT_IN_F32 = (np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
+
+
 @functools.lru_cache(maxsize=None)
 def _quantizer(kind: str, axis: int, sharding, scale_sharding):
     """float weights -> (quantized weights, float32 scale per output channel): ``convert.quantize`` on the

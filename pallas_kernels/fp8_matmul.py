@@ -29,9 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.paged_decode import on_gpu
+from pallas_kernels.paged_decode import _MIN_ROWS, on_gpu   # the smallest M of a Triton dot tile
 
-_MIN_ROWS = 16          # smallest M of a Triton dot tile
 # The most rows the kernel takes: its row tiles sit in shared memory once per pipeline stage (128 x 256 bf16 x 4
 # stages = 256 KiB is already past an H100's 228 KiB with the weight tiles; the blocks for more rows use 128 columns)
 FP8_KERNEL_MAX_ROWS = 128
@@ -105,11 +104,8 @@ def _kernel(x_ref, w_ref, s_ref, xs_ref, o_ref, *, block_k: int, steps: int, spl
 def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
                              blocks: Fp8MatmulBlocks | None = None, interpret: bool = False,
                              out_dtype=None, x_scale: jax.Array | None = None) -> jax.Array:
-    """The kernel. ``x`` float8_e4m3fn with ``x_scale [M]`` (its rows' scales): fp8 x fp8 products (w8a8,
-    ``out_dtype`` required); otherwise w8a16."""
-    fp8_x = x.dtype == jnp.float8_e4m3fn
-    if fp8_x and (x_scale is None or out_dtype is None):
-        raise ValueError("fp8 activations need x_scale and out_dtype")
+    """The kernel (``fp8_weight_matmul`` checks its arguments). ``x`` float8_e4m3fn with ``x_scale [M]`` (its
+    rows' scales): fp8 x fp8 products (w8a8); otherwise w8a16."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, k = x.shape
     if m > FP8_KERNEL_MAX_ROWS:

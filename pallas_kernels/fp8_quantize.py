@@ -41,7 +41,7 @@ def _values(up, gate):
 
 
 def quantize_rows_fp8_reference(x: jax.Array, gate: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(values in float8_e4m3fn [T, F], f32 scales [T, 1]): a scale a row, its absolute maximum / 448."""
+    """(values in float8_e4m3fn [..., F], f32 scales [..., 1]): a scale a row, its absolute maximum / 448."""
     v = _values(x, gate)
     scale = jnp.maximum(jnp.max(jnp.abs(v), axis=-1, keepdims=True), 1e-12) / FP8_MAX
     return jnp.clip(v / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale

@@ -22,7 +22,8 @@ from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
-from jaxdyn.engine.runner import MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, sampling_row
+from jaxdyn.engine.runner import (
+    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, is_count, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -70,10 +71,10 @@ class EngineConfig:
 
     def __post_init__(self):
         t = self.triton_gemm_max_tokens
-        if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 0)):
+        if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
         f = self.fp8_kernel_max_tokens
-        if not (f == "auto" or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
+        if not (f == "auto" or is_count(f)):
             raise ValueError(f"fp8_kernel_max_tokens: expected 'auto' or an integer >= 0, got {f!r}")
         if self.fp8_fused_quantize not in ("auto",) + FUSED_QUANTIZE_SITES:
             raise ValueError(f"fp8_fused_quantize: expected auto, off, o_proj or all, got {self.fp8_fused_quantize!r}")
@@ -87,7 +88,6 @@ class EngineConfig:
 FP8_TRITON_GEMM_MAX_TOKENS = 0
 
 
-FUSED_QUANTIZE_SITES = ("off", "o_proj", "all")
 # Which row-parallel inputs of an fp8 model on a GPU ``pallas_kernels.fp8_quantize`` quantizes. "all" (o_proj's and
 # down_proj's) made every step dearer on an H200 (8B shape, ShareGPT-shaped offline run, two rounds: 14,206 output
 # tok/s against 15,018 with XLA's, 0.946x; ``benchmarks/gpu/ab_offline.py``, 2026-12-03)
@@ -142,6 +142,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         ps = config.page_size
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
+        platform = mesh.devices.flat[0].platform
         self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
@@ -150,9 +151,9 @@ class EngineCore:
             first_compiles_alone=config.first_compiles_alone,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,
             xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place,
-            triton_gemm_max_tokens=triton_gemm_limit(config, model_config, mesh.devices.flat[0].platform),
-            fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, mesh.devices.flat[0].platform),
-            fp8_fused_quantize=fp8_fused_quantize(config, model_config, mesh.devices.flat[0].platform)))
+            triton_gemm_max_tokens=triton_gemm_limit(config, model_config, platform),
+            fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, platform),
+            fp8_fused_quantize=fp8_fused_quantize(config, model_config, platform)))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

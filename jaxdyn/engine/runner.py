@@ -85,10 +85,17 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+# Which row-parallel inputs of an fp8 model ``pallas_kernels.fp8_quantize`` may quantize (``fp8_fused_quantize``)
+FUSED_QUANTIZE_SITES = ("off", "o_proj", "all")
 # XLA options that turn its dot merger off (``RunnerConfig.xla_dot_merger``)
 NO_DOT_MERGER = {"xla_disable_hlo_passes": "dot-merger"}
 # XLA's options that send a step's matrix products to cuBLAS, not Triton (``RunnerConfig.triton_gemm_max_tokens``)
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+
+
+def is_count(v) -> bool:
+    """An integer >= 0 (not a bool): a token-count option's value."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +155,9 @@ class RunnerConfig:
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
-        f = self.fp8_kernel_max_tokens
-        if not (isinstance(f, int) and not isinstance(f, bool) and f >= 0):
-            raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {f!r}")
-        if self.fp8_fused_quantize not in ("off", "o_proj", "all"):
+        if not is_count(self.fp8_kernel_max_tokens):
+            raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
+        if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
             raise ValueError(f"fp8_fused_quantize: expected off, o_proj or all, got {self.fp8_fused_quantize!r}")
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

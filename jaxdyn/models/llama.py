@@ -31,7 +31,7 @@ from jaxdyn.config import ModelConfig, RopeConfig
 from jaxdyn.kv.cache import AttentionMetadata, KVCache, write_kv
 from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_heads
 from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS, fp8_weight_matmul
-from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8
+from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8, quantize_rows_fp8_reference  # noqa: F401
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -43,10 +43,9 @@ def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     on the device. A row's result depends on its own values only, not on the batch it runs in (with one scale for
     the whole tensor it did); the scales multiply the product's rows afterwards, so the product itself stays one
     fp8 x fp8 product. (The demo model's top-1 agreement with bf16: 0.864 with a scale a row, 0.867 with one a
-    tensor, 0.904 with fp8 weights alone: ``benchmarks/quant_quality.py``.)"""
-    xf = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), 1e-12) / FP8_MAX
-    return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
+    tensor, 0.904 with fp8 weights alone: ``benchmarks/quant_quality.py``.) XLA's form of
+    ``pallas_kernels.fp8_quantize``'s."""
+    return quantize_rows_fp8_reference(x)
 
 
 @dataclasses.dataclass(frozen=True)
