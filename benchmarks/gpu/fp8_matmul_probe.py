@@ -72,9 +72,16 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     def xla(u, g):
         return quantize_fp8(u if g is None else jax.nn.silu(g) * u)
 
-    configs = [(br, st, nw) for br in (2, 4) for st in (1, 2, 3) for nw in (4, 8)]
-    print("\n| input | rows | floor ms | XLA ms | best kernel ms (rows a program / stages / warps) | kernel 2/1/4 ms "
-          "| best kernel / XLA | best kernel / floor |")
+    # (rows a program, warps, one pass, columns a block): one pass (each value read once, the row in registers)
+    # and the two-loop form (first version: 2 rows, 4 warps)
+    configs = [(br, nw, True, None) for br in (1, 2) for nw in (4, 8, 16)]
+    configs += [(1, 8, True, 1024), (2, 4, False, None)]
+
+    def name(c):
+        return f"{c[0]}/{c[1]}/{'1p' if c[2] else '2l'}/{c[3] or 'auto'}"
+
+    print("\n| input | rows | floor ms | XLA ms | best kernel ms (rows a program / warps / one pass or two loops / "
+          "columns a block) | two loops 2/4 ms | best kernel / XLA | best kernel / floor |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
     for label, width, silu in (("silu(gate) * up", f, True), ("attention output", d, False)):
         for t in (int(r) for r in args.quantize_rows.split(",")):
@@ -90,17 +97,20 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
 
             tx = timed(xla)
             tks = {}
-            for br, st, nw in configs:
+            for c in configs:
+                br, nw, one, bc = c
                 try:
-                    tks[(br, st, nw)] = timed(lambda u, g, br=br, st=st, nw=nw: quantize_rows_fp8_kernel(
-                        u, g, block_rows=br, num_stages=st, num_warps=nw, interpret=args.impl == "interpret"))
+                    tks[c] = timed(lambda u, g, br=br, nw=nw, one=one, bc=bc: quantize_rows_fp8_kernel(
+                        u, g, block_rows=br, num_warps=nw, one_pass=one, block_cols=bc,
+                        interpret=args.impl == "interpret"))
                 except Exception as e:
-                    print(f"  {label} t={t} {br}/{st}/{nw}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                    tks[(br, st, nw)] = float("inf")
+                    print(f"  {label} t={t} {name(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    tks[c] = float("inf")
             best = min(tks, key=tks.get)
+            default = tks[(1, 8, True, None)]
             print(f"| {label} [{t}, {width}] | {t} | {floor * 1e3:.3f} | {tx * 1e3:.3f} | {tks[best] * 1e3:.3f} "
-                  f"({'/'.join(map(str, best))}) | {tks[(2, 1, 4)] * 1e3:.3f} | {tks[best] / tx:.3f} | "
-                  f"{tks[best] / floor:.2f} |", flush=True)
+                  f"({name(best)}; default 1/8/1p/auto {default * 1e3:.3f}) | {tks[(2, 4, False, None)] * 1e3:.3f} "
+                  f"| {tks[best] / tx:.3f} | {tks[best] / floor:.2f} |", flush=True)
 
 
 def main(argv=None) -> int:

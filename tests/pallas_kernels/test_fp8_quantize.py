@@ -1,12 +1,14 @@
 """Rows quantized to fp8 in one kernel (``pallas_kernels.fp8_quantize``), optionally silu(gate) * up first."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdyn.models.llama import quantize_fp8
-from pallas_kernels.fp8_quantize import quantize_rows_fp8, quantize_rows_fp8_reference
+from pallas_kernels.fp8_quantize import quantize_rows_fp8, quantize_rows_fp8_kernel, quantize_rows_fp8_reference
 
 
 def _rows(t, f, seed=0, dtype=jnp.bfloat16):
@@ -26,6 +28,20 @@ def test_the_kernel_quantizes_as_the_model_does(t, f):
     # an all-zero row: a tiny scale, zeros
     q0, s0 = quantize_rows_fp8(jnp.zeros((4, 64), jnp.bfloat16), impl="interpret")
     assert np.all(np.asarray(q0, np.float32) == 0) and np.all(np.asarray(s0) > 0)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("block_rows, block_cols", [(1, None), (2, 128)])
+def test_one_pass_and_two_loops_agree_with_the_reference(one_pass, block_rows, block_cols):
+    # 9 rows: with 2 a program the last program's second row is padding
+    for gate in (None, _rows(9, 1024, seed=3)):
+        x = _rows(9, 1024, seed=4)
+        q, s = quantize_rows_fp8_kernel(x, gate, block_rows=block_rows, block_cols=block_cols,
+                                        one_pass=one_pass, interpret=True)
+        want_q, want_s = quantize_rows_fp8_reference(x, gate)
+        assert q.shape == (9, 1024) and s.shape == (9, 1)
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+        np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
 
 
 def test_silu_gate_times_up_is_made_in_the_kernel():
@@ -51,11 +67,11 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-def test_gpu_the_kernel_on_the_8b_widths():
-    for f in (4096, 14336):
-        for t in (16, 2048):
-            g, u = _rows(t, f, seed=t), _rows(t, f, seed=t + 1)
-            q, s = jax.jit(lambda u, g: quantize_rows_fp8(u, g, impl="kernel"))(u, g)
-            rq, rs = quantize_rows_fp8_reference(u, g)
-            np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
-            assert (np.asarray(q, np.float32) != np.asarray(rq, np.float32)).mean() < 1e-3
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_gpu_the_kernel_on_the_8b_widths(one_pass):
+    for f, t, with_gate in itertools.product((4096, 14336), (16, 2048), (True, False)):
+        g, u = (_rows(t, f, seed=t) if with_gate else None), _rows(t, f, seed=t + 1)
+        q, s = jax.jit(lambda u, g: quantize_rows_fp8_kernel(u, g, one_pass=one_pass))(u, g)
+        rq, rs = quantize_rows_fp8_reference(u, g)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
+        assert (np.asarray(q, np.float32) != np.asarray(rq, np.float32)).mean() < 1e-3
