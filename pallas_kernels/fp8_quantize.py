@@ -37,6 +37,12 @@ FP8_MAX = 448.0                 # the largest finite float8_e4m3fn
 ONE_PASS_MAX_STEPS = 16         # column blocks a row loaded at once (16 x 2,048: rows up to 32,768 wide)
 
 
+def _scaled(raw, row_scale, col_scale):
+    """An fp8 product's epilogue as ``jaxdyn.models.llama.fp8_scaled_dot`` makes it: the raw product times its
+    rows' and its channels' scales, rounded to the raw product's dtype."""
+    return (raw.astype(jnp.float32) * (row_scale[:, None] * col_scale[None, :])).astype(raw.dtype)
+
+
 def _values(up, gate):
     """The f32 values quantized: ``up``, or ``silu(gate) * up`` rounded to up's dtype."""
     if gate is None:
@@ -46,24 +52,52 @@ def _values(up, gate):
     return h.astype(up.dtype).astype(jnp.float32)
 
 
-def quantize_rows_fp8_reference(x: jax.Array, gate: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(values in float8_e4m3fn [..., F], f32 scales [..., 1]): a scale a row, its absolute maximum / 448."""
+def quantize_rows_fp8_reference(x: jax.Array, gate: jax.Array | None = None,
+                                scales: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+    """(values in float8_e4m3fn [..., F], f32 scales [..., 1]): a scale a row, its absolute maximum / 448.
+    ``scales``: see ``quantize_rows_fp8``."""
+    if scales is not None:
+        rs, us, gs = _check_scales(x, gate, scales)
+        x = _scaled(x, rs, us)
+        gate = None if gate is None else _scaled(gate, rs, gs)
     v = _values(x, gate)
     scale = jnp.maximum(jnp.max(jnp.abs(v), axis=-1, keepdims=True), 1e-12) / FP8_MAX
     return jnp.clip(v / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
 
 
-def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool):
-    if silu:
-        g_ref, u_ref, q_ref, s_ref = refs
-    else:
-        u_ref, q_ref, s_ref = refs
-        g_ref = None
+def _check_scales(x, gate, scales):
+    """(row scales [T], up's channel scales [F], gate's [F] or None) of a ``scales`` tuple, checked."""
+    if len(scales) != 3:
+        raise ValueError("scales must be (row_scale, up_scale, gate_scale)")
+    rs, us, gs = scales
+    t, f = x.shape
+    rs = jnp.reshape(rs, (-1,))
+    if rs.shape != (t,) or jnp.shape(us) != (f,) or (gate is not None and jnp.shape(gs) != (f,)):
+        raise ValueError(f"scales must be [T] or [T, 1] rows and [F] channels for [T, F] = {x.shape}, got "
+                         f"{[None if a is None else jnp.shape(a) for a in scales]}")
+    return rs.astype(jnp.float32), us.astype(jnp.float32), None if gate is None else gs.astype(jnp.float32)
+
+
+def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scaled: bool):
+    refs = list(refs)
+    g_ref = refs.pop(0) if silu else None
+    u_ref = refs.pop(0)
+    rs_ref = us_ref = gs_ref = None
+    if scaled:
+        rs_ref, us_ref = refs.pop(0), refs.pop(0)
+        gs_ref = refs.pop(0) if silu else None
+    q_ref, s_ref = refs
 
     def values(j):
         start = j * block_cols if isinstance(j, int) else pl.multiple_of(j * block_cols, block_cols)
         cols = pl.ds(start, block_cols)
-        return cols, _values(u_ref[:, cols], None if g_ref is None else g_ref[:, cols])
+        u = u_ref[:, cols]
+        g = None if g_ref is None else g_ref[:, cols]
+        if scaled:
+            rs = rs_ref[...]
+            u = _scaled(u, rs, us_ref[cols])
+            g = None if g is None else _scaled(g, rs, gs_ref[cols])
+        return cols, _values(u, g)
 
     def row_max(j, m):
         _, v = values(j)
@@ -92,7 +126,8 @@ def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool):
 
 def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, block_rows: int = 1,
                              block_cols: int | None = None, num_warps: int = 8, num_stages: int = 1,
-                             one_pass: bool | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                             one_pass: bool | None = None, scales: tuple | None = None,
+                             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel: ``block_rows`` rows a program, their columns in blocks of ``block_cols`` (by default the
     largest power of two up to 2,048 that divides the width), all loaded at once when ``one_pass`` (by default
     when the blocks are at most ``ONE_PASS_MAX_STEPS``), else in two loops."""
@@ -106,14 +141,21 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
         raise ValueError(f"block_cols={bc} does not divide the row width {f}")
     rows = pl.cdiv(t, block_rows) * block_rows
     ops = [x] if gate is None else [gate, x]
-    if rows != t:
-        ops = [jnp.pad(a, ((0, rows - t), (0, 0))) for a in ops]
     spec = pl.BlockSpec((block_rows, f), lambda i: (i, 0))
+    specs = [spec] * len(ops)
+    if scales is not None:
+        rs, us, gs = _check_scales(x, gate, scales)
+        ops += [rs, us] + ([] if gate is None else [gs])
+        specs += [pl.BlockSpec((block_rows,), lambda i: (i,))] + [pl.BlockSpec((f,), lambda i: (0,))] * (
+            1 if gate is None else 2)
+    if rows != t:
+        ops = [jnp.pad(a, ((0, rows - t),) + ((0, 0),) * (a.ndim - 1)) if a.shape[0] == t else a for a in ops]
     q, s = pl.pallas_call(
         functools.partial(_kernel, block_cols=bc, steps=f // bc, silu=gate is not None,
-                          one_pass=f // bc <= ONE_PASS_MAX_STEPS if one_pass is None else one_pass),
+                          one_pass=f // bc <= ONE_PASS_MAX_STEPS if one_pass is None else one_pass,
+                          scaled=scales is not None),
         grid=(rows // block_rows,),
-        in_specs=[spec] * len(ops),
+        in_specs=specs,
         out_specs=[spec, pl.BlockSpec((block_rows,), lambda i: (i,))],
         out_shape=[jax.ShapeDtypeStruct((rows, f), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((rows,), jnp.float32)],
         interpret=interpret,
@@ -123,9 +165,12 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
     return q[:t], s[:t, None]
 
 
-def quantize_rows_fp8(x: jax.Array, gate: jax.Array | None = None, *,
+def quantize_rows_fp8(x: jax.Array, gate: jax.Array | None = None, *, scales: tuple | None = None,
                       impl: str = "auto") -> tuple[jax.Array, jax.Array]:
     """``x [T, F]`` (or ``silu(gate) * x``) quantized per row: (float8_e4m3fn [T, F], f32 scales [T, 1]).
+    ``scales = (row_scale [T, 1], up_scale [F], gate_scale [F])``: ``x`` and ``gate`` are fp8 products' raw
+    results (``fp8_dot``), each first scaled as ``fp8_scaled_dot`` scales it -- by the rows' scale and its own
+    channels' -- and rounded to its dtype, in the kernel: the scaled products are never written.
     ``impl``: ``auto`` (the kernel on GPU, else the reference), ``kernel``, ``interpret`` or ``reference``. The
     kernel needs F divisible by 16; other widths take the reference."""
     if impl == "auto":
@@ -135,5 +180,5 @@ def quantize_rows_fp8(x: jax.Array, gate: jax.Array | None = None, *,
     if x.ndim != 2:
         raise ValueError(f"x must be [T, F], got {x.shape}")
     if impl == "reference" or x.shape[1] % 16:
-        return quantize_rows_fp8_reference(x, gate)
-    return quantize_rows_fp8_kernel(x, gate, interpret=impl == "interpret")
+        return quantize_rows_fp8_reference(x, gate, scales)
+    return quantize_rows_fp8_kernel(x, gate, scales=scales, interpret=impl == "interpret")

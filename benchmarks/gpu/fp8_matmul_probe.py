@@ -69,13 +69,16 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     from jaxdyn.models.llama import quantize_fp8
     from pallas_kernels.fp8_quantize import quantize_rows_fp8_kernel
 
-    def xla(u, g):
+    def xla(u, g, scales=None):
+        if scales is not None:      # the products' epilogues first, as fp8_scaled_dot makes them
+            rs, us, gs = scales
+            u, g = ((a.astype(jnp.float32) * (rs * c)).astype(a.dtype) for a, c in ((u, us), (g, gs)))
         return quantize_fp8(u if g is None else jax.nn.silu(g) * u)
 
     # (rows a program, warps, one pass, columns a block): one pass (each value read once, the row in registers)
     # and the two-loop form (first version: 2 rows, 4 warps)
-    configs = [(br, nw, True, None) for br in (1, 2) for nw in (4, 8, 16)]
-    configs += [(1, 8, True, 1024), (2, 4, False, None)]
+    configs = [(br, nw, True, None) for br in (1, 2) for nw in (4, 8)]
+    configs += [(1, 16, True, None), (2, 4, False, None)]
 
     def name(c):
         return f"{c[0]}/{c[1]}/{'1p' if c[2] else '2l'}/{c[3] or 'auto'}"
@@ -83,25 +86,29 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     print("\n| input | rows | floor ms | XLA ms | best kernel ms (rows a program / warps / one pass or two loops / "
           "columns a block) | two loops 2/4 ms | best kernel / XLA | best kernel / floor |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
-    for label, width, silu in (("silu(gate) * up", f, True), ("attention output", d, False)):
+    for label, width, silu, raw in (("silu(gate) * up", f, True, False),
+                                    ("raw products -> silu(gate) * up", f, True, True),
+                                    ("attention output", d, False, False)):
         for t in (int(r) for r in args.quantize_rows.split(",")):
             ks = jax.random.split(jax.random.key(t), 64)
             us = [jax.random.normal(ks[i], (t, width), jnp.bfloat16) for i in range(32)]
             gs = [jax.random.normal(ks[32 + i], (t, width), jnp.bfloat16) for i in range(32)] if silu else [None] * 32
+            sc = [(jax.random.uniform(ks[i], (t, 1)), jnp.full((width,), 0.01), jnp.full((width,), 0.02))
+                  for i in range(32)] if raw else [None] * 32
             floor = 32 * t * width * ((4 if silu else 2) + 1) / bandwidth
 
             def timed(fn):
-                run = jax.jit(lambda us, gs: [fn(u, g) for u, g in zip(us, gs)]).lower(us, gs).compile(
-                    compiler_options=opts)
-                return _time(run, us, gs, reps=args.reps)
+                run = jax.jit(lambda us, gs, sc: [fn(u, g, s) for u, g, s in zip(us, gs, sc)]).lower(
+                    us, gs, sc).compile(compiler_options=opts)
+                return _time(run, us, gs, sc, reps=args.reps)
 
             tx = timed(xla)
             tks = {}
             for c in configs:
                 br, nw, one, bc = c
                 try:
-                    tks[c] = timed(lambda u, g, br=br, nw=nw, one=one, bc=bc: quantize_rows_fp8_kernel(
-                        u, g, block_rows=br, num_warps=nw, one_pass=one, block_cols=bc,
+                    tks[c] = timed(lambda u, g, s, br=br, nw=nw, one=one, bc=bc: quantize_rows_fp8_kernel(
+                        u, g, block_rows=br, num_warps=nw, one_pass=one, block_cols=bc, scales=s,
                         interpret=args.impl == "interpret"))
                 except Exception as e:
                     print(f"  {label} t={t} {name(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)

@@ -63,11 +63,16 @@ class Fp8Options:
     fused_quantize: str = "off"
 
 
+def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """``xq [..., K]`` float8_e4m3fn times ``w [N, K]`` float8_e4m3fn, unscaled, in ``dtype``: one fp8 x fp8
+    product (cuBLASLt's on a GPU)."""
+    return jax.lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+
+
 def fp8_scaled_dot(xq: jax.Array, sx: jax.Array, w: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """``xq [..., K]`` float8_e4m3fn with its rows' scales ``sx [..., 1]`` times ``w [N, K]`` float8_e4m3fn: one
-    fp8 x fp8 product (cuBLASLt's on a GPU) scaled by the rows' and the channels' (``scale [N]``) scales."""
-    y = jax.lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
-    return (y.astype(jnp.float32) * (sx * scale)).astype(dtype)
+    """``xq [..., K]`` float8_e4m3fn with its rows' scales ``sx [..., 1]`` times ``w [N, K]`` float8_e4m3fn:
+    ``fp8_dot`` scaled by the rows' and the channels' (``scale [N]``) scales."""
+    return (fp8_dot(xq, w, dtype).astype(jnp.float32) * (sx * scale)).astype(dtype)
 
 
 def fp8_product(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -302,9 +307,17 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="row")
 
     def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
-        gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
-        if self.down_proj.fuses_quantize(up, fp8, ("all",)):
+        if self.down_proj.fuses_quantize(x, fp8, ("all",)):
+            if self.gate_proj.bias is None and self.up_proj.bias is None:
+                # gate's and up's raw products (one quantized input), scaled in the quantization kernel
+                xq, sx = quantize_fp8(x)
+                gate = fp8_dot(xq, self.gate_proj.weight[...], x.dtype)
+                up = fp8_dot(xq, self.up_proj.weight[...], x.dtype)
+                scales = (sx, self.up_proj.scale[...], self.gate_proj.scale[...])
+                return self.down_proj.quantized(*quantize_rows_fp8(up, gate, scales=scales), x.dtype)
+            gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
             return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
+        gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
         return self.down_proj(jax.nn.silu(gate) * up, fp8=fp8)
 
 

@@ -173,9 +173,12 @@ def test_fp8_steps_of_few_tokens_take_the_fp8_weight_kernel(hf, tmp_path, tp, mo
     # on the CPU; in float32 the same values as XLA's quantize_fp8), two calls a layer; at TP 2 it stays off
     import jaxdyn.models.llama as llama
     calls = []
-    monkeypatch.setattr(llama, "quantize_rows_fp8", lambda *a: calls.append(len(a)) or quantize_rows_fp8(*a))
+    monkeypatch.setattr(llama, "quantize_rows_fp8",
+                        lambda *a, **k: calls.append(len(a) + len(k)) or quantize_rows_fp8(*a, **k))
     layers = q.config.num_layers
-    for sites, want in (("all", [1] * layers + [2] * layers), ("o_proj", [1] * layers)):   # o's input; silu(g) * up
+    # o's input; silu(g) * up (from gate's and up's raw products and their scales where the MLP has no biases)
+    down = 2 if q.config.mlp_bias else 3          # with biases from the scaled products (test_fp8_linear: both)
+    for sites, want in (("all", [1] * layers + [down] * layers), ("o_proj", [1] * layers)):
         calls.clear()
         fused = logits_of(q, mesh, fp8_fused_quantize=sites)
         assert sorted(calls) == ([] if tp > 1 else want)

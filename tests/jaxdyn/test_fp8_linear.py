@@ -149,3 +149,43 @@ def test_runner_config_refuses_bad_fp8_options():
                 dict(fp8_fused_quantize="O_proj"), dict(fp8_fused_quantize=True)):
         with pytest.raises(ValueError, match="fp8_"):
             RunnerConfig(**bad)
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_quantize_mlp_matches_the_unfused_one(mlp_bias, dtype, monkeypatch):
+    # fp8_fused_quantize="all": down_proj's input quantized by pallas_kernels.fp8_quantize (its reference on the
+    # CPU); without biases from gate's and up's raw products and their scales (the scaled products never made)
+    import dataclasses
+
+    import jaxdyn.models.llama as llama
+    from jaxdyn.config import ModelConfig
+    from jaxdyn.models.llama import MLP
+    from jaxdyn.models.presets import preset_config
+    cfg = dataclasses.replace(ModelConfig.from_dict(preset_config("tiny")), quantization="fp8", mlp_bias=mlp_bias)
+    mlp = MLP(cfg, dtype=dtype)
+    k = jax.random.split(jax.random.key(3), 8)
+    for i, lin in enumerate((mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        lin.weight[...] = (jax.random.normal(k[i], lin.weight[...].shape) * 50).astype(jnp.float8_e4m3fn)
+        lin.scale[...] = jax.random.uniform(k[3 + i], lin.scale[...].shape, minval=1e-3, maxval=1e-2)
+        if mlp_bias:
+            lin.bias[...] = jax.random.normal(k[6], lin.bias[...].shape, dtype) * 0.1
+    x = jax.random.normal(k[7], (12, cfg.hidden_size), dtype)
+    calls = []
+    real = llama.quantize_rows_fp8
+    monkeypatch.setattr(llama, "quantize_rows_fp8", lambda *a, **kw: calls.append(kw.get("scales") is not None)
+                        or real(*a, **kw))
+    off = np.asarray(mlp(x), np.float32)
+    fused = np.asarray(mlp(x, fp8=Fp8Options(fused_quantize="all")), np.float32)
+    assert calls == [not mlp_bias]
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(fused, off, rtol=1e-5, atol=1e-5 * np.abs(off).max())
+    else:
+        # silu(gate) * up rounded once in the kernel, twice in XLA's bf16 (silu first): a step of fp8 at most
+        assert np.abs(fused - off).max() <= np.abs(off).max() / 8
+        assert np.abs(fused - off).mean() <= 0.02 * np.abs(off).mean()
+    # above the few-row kernel's limit only: a step the kernel takes stays unfused
+    calls.clear()
+    np.testing.assert_array_equal(np.asarray(mlp(x, fp8=Fp8Options(kernel_rows=16, fused_quantize="all"))),
+                                  np.asarray(mlp(x, fp8=Fp8Options(kernel_rows=16))))
+    assert calls == []

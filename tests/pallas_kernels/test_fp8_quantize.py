@@ -44,6 +44,34 @@ def test_one_pass_and_two_loops_agree_with_the_reference(one_pass, block_rows, b
         np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
 
 
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_raw_products_are_scaled_in_the_kernel_as_the_model_scales_them(with_gate):
+    # gate's and up's unscaled fp8 products, their rows' scale and each one's channel scales: the kernel makes
+    # fp8_scaled_dot's epilogue itself, the same bf16 values, before silu(gate) * up
+    from jaxdyn.models.llama import fp8_dot, fp8_scaled_dot
+    t, k, f = 7, 64, 256
+    x = _rows(t, k, seed=5)
+    xq, sx = quantize_fp8(x)
+    ws = [(jax.random.normal(jax.random.key(6 + i), (f, k)) * 40).astype(jnp.float8_e4m3fn) for i in range(2)]
+    cs = [jax.random.uniform(jax.random.key(8 + i), (f,), minval=0.001, maxval=0.01) for i in range(2)]
+    up_raw, gate_raw = (fp8_dot(xq, w, jnp.bfloat16) for w in ws)
+    up, gate = (fp8_scaled_dot(xq, sx, w, c, jnp.bfloat16) for w, c in zip(ws, cs))
+    if not with_gate:
+        gate_raw = gate = None
+    scales = (sx, cs[0], cs[1] if with_gate else None)
+    want_q, want_s = quantize_rows_fp8_reference(up, gate)
+    for q, s in (quantize_rows_fp8_reference(up_raw, gate_raw, scales),
+                 quantize_rows_fp8(up_raw, gate_raw, scales=scales, impl="interpret"),
+                 quantize_rows_fp8_kernel(up_raw, gate_raw, scales=scales, block_rows=2, one_pass=False,
+                                          interpret=True)):
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+        np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
+    with pytest.raises(ValueError, match="scales must be"):
+        quantize_rows_fp8(up_raw, gate_raw, scales=(sx[:3], cs[0], cs[1]), impl="interpret")
+    with pytest.raises(ValueError, match="scales must be"):
+        quantize_rows_fp8(up_raw, gate_raw, scales=(sx, cs[0]), impl="interpret")
+
+
 def test_silu_gate_times_up_is_made_in_the_kernel():
     g, u = _rows(10, 512, seed=1), _rows(10, 512, seed=2)
     q, s = quantize_rows_fp8(u, g, impl="interpret")
