@@ -125,6 +125,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "all: down_proj's too, silu(gate) * up made inside) instead of XLA's reduction and conversion. "
                    "At one device on the model axis only (no effect under --tp). auto (default): "
                    "jaxdyn.engine.core.FP8_FUSED_QUANTIZE on a GPU, else off")
+    p.add_argument("--fp8-fused-quantize-min-tokens", default="auto", metavar="N|auto",
+                   help="--fp8-fused-quantize in steps of at least N tokens only (smaller ones keep XLA's). auto "
+                   "(default): jaxdyn.engine.core.FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -164,6 +167,7 @@ def _engine_fields(args) -> dict:
         raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
     triton = _token_limit(args, "triton_gemm_max_tokens", {"auto": "auto", "all": None})
     fp8_kernel = _token_limit(args, "fp8_kernel_max_tokens", {"auto": "auto"})
+    fused_min = _token_limit(args, "fp8_fused_quantize_min_tokens", {"auto": "auto"})
     from jaxdyn.engine.executable_cache import default_directory
     cache = getattr(args, "executable_cache", None)
     cache = default_directory() if cache is None else (cache or None)
@@ -175,6 +179,7 @@ def _engine_fields(args) -> dict:
                 split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone,
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
+                fp8_fused_quantize_min_tokens=fused_min,
                 **buckets)
 
 

@@ -68,6 +68,9 @@ class EngineConfig:
     # which of an fp8 model's row-parallel inputs one Pallas kernel quantizes: off, o_proj, all (RunnerConfig);
     # "auto": FP8_FUSED_QUANTIZE on a GPU, else off
     fp8_fused_quantize: str = "auto"
+    # fp8_fused_quantize in steps of at least this many tokens only (RunnerConfig); "auto":
+    # FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0
+    fp8_fused_quantize_min_tokens: int | str = "auto"
 
     def __post_init__(self):
         t = self.triton_gemm_max_tokens
@@ -78,6 +81,9 @@ class EngineConfig:
             raise ValueError(f"fp8_kernel_max_tokens: expected 'auto' or an integer >= 0, got {f!r}")
         if self.fp8_fused_quantize not in ("auto",) + FUSED_QUANTIZE_SITES:
             raise ValueError(f"fp8_fused_quantize: expected auto, off, o_proj or all, got {self.fp8_fused_quantize!r}")
+        m = self.fp8_fused_quantize_min_tokens
+        if not (m == "auto" or is_count(m)):
+            raise ValueError(f"fp8_fused_quantize_min_tokens: expected 'auto' or an integer >= 0, got {m!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -88,10 +94,13 @@ class EngineConfig:
 FP8_TRITON_GEMM_MAX_TOKENS = 0
 
 
-# Which row-parallel inputs of an fp8 model on a GPU ``pallas_kernels.fp8_quantize`` quantizes. "all" (o_proj's and
-# down_proj's) made every step dearer on an H200 (8B shape, ShareGPT-shaped offline run, two rounds: 14,206 output
-# tok/s against 15,018 with XLA's, 0.946x; ``benchmarks/gpu/ab_offline.py``, 2026-12-03)
-FP8_FUSED_QUANTIZE = "off"
+# Which row-parallel inputs of an fp8 model on a GPU ``pallas_kernels.fp8_quantize`` quantizes, in steps of at least
+# FP8_FUSED_QUANTIZE_MIN_TOKENS tokens. On an H200 (8B shape, ShareGPT-shaped offline run, ``benchmarks/gpu/
+# ab_offline.py``): the kernel's first form (two loops over a row) made every step dearer (2026-12-03, 0.946x);
+# the one-pass form, with down_proj's input made from gate's and up's raw products, cut the steps of 192-2,048
+# tokens by 3-7 % (2,048: 30.37 -> 28.61 ms) and cost 0.1-0.2 ms more in those of 16 and 64 (2026-12-04)
+FP8_FUSED_QUANTIZE = "all"
+FP8_FUSED_QUANTIZE_MIN_TOKENS = 129     # the buckets above 128 tokens
 
 # An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel for its products. 0
 # (never): on an H200 (8B shape) its products, alone, took 0.76-0.95x cuBLASLt's at 16 rows with the best blocks
@@ -121,6 +130,15 @@ def fp8_fused_quantize(config: EngineConfig, model_config, platform: str) -> str
     if f == "auto":
         return FP8_FUSED_QUANTIZE if platform == "gpu" else "off"
     return f
+
+
+def fp8_fused_quantize_min(config: EngineConfig, platform: str) -> int:
+    """``EngineConfig.fp8_fused_quantize_min_tokens`` resolved on ``platform``: "auto" FP8_FUSED_QUANTIZE_MIN_TOKENS
+    on a GPU, else 0."""
+    m = config.fp8_fused_quantize_min_tokens
+    if m != "auto":
+        return m
+    return FP8_FUSED_QUANTIZE_MIN_TOKENS if platform == "gpu" else 0
 
 
 def triton_gemm_limit(config: EngineConfig, model_config, platform: str) -> int | None:
@@ -153,7 +171,8 @@ class EngineCore:
             xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place,
             triton_gemm_max_tokens=triton_gemm_limit(config, model_config, platform),
             fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, platform),
-            fp8_fused_quantize=fp8_fused_quantize(config, model_config, platform)))
+            fp8_fused_quantize=fp8_fused_quantize(config, model_config, platform),
+            fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform)))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

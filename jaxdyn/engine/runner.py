@@ -151,6 +151,8 @@ class RunnerConfig:
     # Which of an fp8 model's row-parallel inputs ``pallas_kernels.fp8_quantize`` quantizes, one kernel each
     # instead of XLA's reduction and conversion: "off", "o_proj" or "all" (``llama.Fp8Options``).
     fp8_fused_quantize: str = "off"
+    # ``fp8_fused_quantize`` in steps of at least this many tokens only (``llama.Fp8Options.fused_min_rows``)
+    fp8_fused_quantize_min_tokens: int = 0
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -159,6 +161,9 @@ class RunnerConfig:
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
             raise ValueError(f"fp8_fused_quantize: expected off, o_proj or all, got {self.fp8_fused_quantize!r}")
+        if not is_count(self.fp8_fused_quantize_min_tokens):
+            raise ValueError("fp8_fused_quantize_min_tokens: expected an integer >= 0, got "
+                             f"{self.fp8_fused_quantize_min_tokens!r}")
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         max_pages = -(-self.max_model_len // self.page_size)
@@ -396,7 +401,8 @@ class ModelRunner:
         graphdef, state_treedef = self.graphdef, self.state_treedef
         options = dict(attention_in_place=self.config.attention_in_place,
                        fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
-                       fp8_fused_quantize=self.config.fp8_fused_quantize)
+                       fp8_fused_quantize=self.config.fp8_fused_quantize,
+                       fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -58,9 +58,12 @@ class Fp8Options:
       kernel each instead of XLA's reduction and conversion: "off", "o_proj" (the attention's output) or
       "all" (o_proj's and down_proj's, ``silu(gate) * up`` made in the kernel in float32 and rounded once, where
       XLA rounds ``silu(gate)`` first: not bit-identical in bf16); at one device on the model axis only (shards'
-      rows would need one maximum across them): under tensor parallelism the option changes nothing."""
+      rows would need one maximum across them): under tensor parallelism the option changes nothing;
+    - ``fused_min_rows``: ``fused_quantize`` in calls of at least this many rows only (and of more than
+      ``kernel_rows``)."""
     kernel_rows: int = 0
     fused_quantize: str = "off"
+    fused_min_rows: int = 0
 
 
 def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -134,7 +137,7 @@ class Linear(nnx.Module):
         """Whether this layer's input ``x`` is to be quantized by ``pallas_kernels.fp8_quantize``
         (``Fp8Options.fused_quantize`` among ``sites``) and given to ``quantized``."""
         return (self.weight is not None and fp8.fused_quantize in sites and x.ndim == 2
-                and x.shape[0] > fp8.kernel_rows
+                and x.shape[0] > fp8.kernel_rows and x.shape[0] >= fp8.fused_min_rows
                 and (self.mesh is None or model_parallel_size(self.mesh) == 1))
 
     def quantized(self, xq: jax.Array, sx: jax.Array, dtype) -> jax.Array:
@@ -351,13 +354,14 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
                  attention_in_place: bool = True, fp8_kernel_rows: int = 0,
-                 fp8_fused_quantize: str = "off") -> tuple[KVCache, jax.Array]:
+                 fp8_fused_quantize: str = "off", fp8_fused_min_rows: int = 0) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
-        (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``, ``fp8_fused_quantize``: how an
-        fp8 model's products run (``Fp8Options``)."""
-        fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize)
+        (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``, ``fp8_fused_quantize``,
+        ``fp8_fused_min_rows``: how an fp8 model's products run (``Fp8Options``)."""
+        fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
+                         fused_min_rows=fp8_fused_min_rows)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []

@@ -458,6 +458,13 @@ def test_fp8_fused_quantize_auto_resolves_by_platform_and_model():
     assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize="all"), fp8, "cpu") == "all"
     assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize="o_proj"), fp8, "gpu") == "o_proj"
     assert fp8_fused_quantize(EngineConfig(fp8_fused_quantize="all"), bf16, "gpu") == "off"
+    from jaxdyn.engine.core import FP8_FUSED_QUANTIZE_MIN_TOKENS, fp8_fused_quantize_min
+    assert fp8_fused_quantize_min(EngineConfig(), "gpu") == FP8_FUSED_QUANTIZE_MIN_TOKENS
+    assert fp8_fused_quantize_min(EngineConfig(), "cpu") == 0
+    assert fp8_fused_quantize_min(EngineConfig(fp8_fused_quantize_min_tokens=7), "gpu") == 7
+    for bad in (-1, True, "some", 2.5):
+        with pytest.raises(ValueError, match="fp8_fused_quantize_min_tokens"):
+            EngineConfig(fp8_fused_quantize_min_tokens=bad)
     for bad in ("yes", True, None):
         with pytest.raises(ValueError, match="fp8_fused_quantize"):
             EngineConfig(fp8_fused_quantize=bad)

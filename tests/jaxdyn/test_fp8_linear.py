@@ -146,7 +146,8 @@ def test_few_rows_fall_back_where_the_kernel_does_not_apply():
 def test_runner_config_refuses_bad_fp8_options():
     from jaxdyn.engine.runner import RunnerConfig
     for bad in (dict(fp8_kernel_max_tokens=None), dict(fp8_kernel_max_tokens=-1),
-                dict(fp8_fused_quantize="O_proj"), dict(fp8_fused_quantize=True)):
+                dict(fp8_fused_quantize="O_proj"), dict(fp8_fused_quantize=True),
+                dict(fp8_fused_quantize_min_tokens=-3), dict(fp8_fused_quantize_min_tokens="auto")):
         with pytest.raises(ValueError, match="fp8_"):
             RunnerConfig(**bad)
 
@@ -184,6 +185,13 @@ def test_fused_quantize_mlp_matches_the_unfused_one(mlp_bias, dtype, monkeypatch
         # silu(gate) * up rounded once in the kernel, twice in XLA's bf16 (silu first): a step of fp8 at most
         assert np.abs(fused - off).max() <= np.abs(off).max() / 8
         assert np.abs(fused - off).mean() <= 0.02 * np.abs(off).mean()
+    # from fused_min_rows rows only
+    calls.clear()
+    np.testing.assert_array_equal(np.asarray(mlp(x, fp8=Fp8Options(fused_quantize="all", fused_min_rows=13))),
+                                  np.asarray(mlp(x)))
+    assert calls == []
+    mlp(x, fp8=Fp8Options(fused_quantize="all", fused_min_rows=12))
+    assert calls == [not mlp_bias]
     # above the few-row kernel's limit only: a step the kernel takes stays unfused
     calls.clear()
     np.testing.assert_array_equal(np.asarray(mlp(x, fp8=Fp8Options(kernel_rows=16, fused_quantize="all"))),

@@ -82,6 +82,11 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve"])).fp8_fused_quantize == "auto"
     for site in ("off", "o_proj", "all"):
         assert _engine_config(parse(["serve", "--fp8-fused-quantize", site])).fp8_fused_quantize == site
+    assert _engine_config(parse(["serve"])).fp8_fused_quantize_min_tokens == "auto"
+    flag = "--fp8-fused-quantize-min-tokens"
+    assert _engine_config(parse(["serve", flag, "200"])).fp8_fused_quantize_min_tokens == 200
+    with pytest.raises(CLIError, match=f"{flag}: expected an integer, auto"):
+        _engine_config(parse(["serve", flag, "big"]))
     # the help states the default the engine resolves "auto" to
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions
                   if "--fp8-kernel-max-tokens" in a.option_strings)
