@@ -98,9 +98,13 @@ FP8_TRITON_GEMM_MAX_TOKENS = 0
 # FP8_FUSED_QUANTIZE_MIN_TOKENS tokens. On an H200 (8B shape, ShareGPT-shaped offline run, ``benchmarks/gpu/
 # ab_offline.py``): the kernel's first form (two loops over a row) made every step dearer (2026-12-03, 0.946x);
 # the one-pass form, with down_proj's input made from gate's and up's raw products, cut the steps of 192-2,048
-# tokens by 3-7 % (2,048: 30.37 -> 28.61 ms) and cost 0.1-0.2 ms more in those of 16 and 64 (2026-12-04)
+# tokens by 3-7 % (2,048: 30.37 -> 28.61 ms; 2026-12-04). Its cost: XLA compiles the kernels again in every
+# executable that holds them (cold start of that run 122-130 s against 59-65 s). From 512 tokens only: the
+# buckets of 192-384 gained 0.0-0.4 ms a step, and in ``benchmarks/schedule_sim.py``'s schedule of that run with
+# the measured costs the kernel from 512 tokens gives 16,262 output tok/s against 16,296 from 192 and 15,921
+# without, at 12 of the warm-up's 30 executables holding it instead of 21
 FP8_FUSED_QUANTIZE = "all"
-FP8_FUSED_QUANTIZE_MIN_TOKENS = 129     # the buckets above 128 tokens
+FP8_FUSED_QUANTIZE_MIN_TOKENS = 512
 
 # An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel for its products. 0
 # (never): on an H200 (8B shape) its products, alone, took 0.76-0.95x cuBLASLt's at 16 rows with the best blocks
