@@ -157,13 +157,26 @@ def test_runner_config_refuses_bad_fp8_options():
 def test_fused_quantize_mlp_matches_the_unfused_one(mlp_bias, dtype, monkeypatch):
     # fp8_fused_quantize="all": down_proj's input quantized by pallas_kernels.fp8_quantize (its reference on the
     # CPU); without biases from gate's and up's raw products and their scales (the scaled products never made)
+    _check_fused_mlp(mlp_bias, dtype, 12, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_quantize_mlp_matches_the_unfused_one(monkeypatch):
+    # the kernel itself (on a GPU quantize_rows_fp8 takes it), at widths of the 8B shape's
+    _check_fused_mlp(False, jnp.bfloat16, 256, monkeypatch, hidden=4096, intermediate=14336)
+
+
+def _check_fused_mlp(mlp_bias, dtype, rows, monkeypatch, hidden=None, intermediate=None):
     import dataclasses
 
     import jaxdyn.models.llama as llama
     from jaxdyn.config import ModelConfig
     from jaxdyn.models.llama import MLP
     from jaxdyn.models.presets import preset_config
+    from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS
     cfg = dataclasses.replace(ModelConfig.from_dict(preset_config("tiny")), quantization="fp8", mlp_bias=mlp_bias)
+    if hidden:
+        cfg = dataclasses.replace(cfg, hidden_size=hidden, intermediate_size=intermediate)
     mlp = MLP(cfg, dtype=dtype)
     k = jax.random.split(jax.random.key(3), 8)
     for i, lin in enumerate((mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
@@ -171,7 +184,7 @@ def test_fused_quantize_mlp_matches_the_unfused_one(mlp_bias, dtype, monkeypatch
         lin.scale[...] = jax.random.uniform(k[3 + i], lin.scale[...].shape, minval=1e-3, maxval=1e-2)
         if mlp_bias:
             lin.bias[...] = jax.random.normal(k[6], lin.bias[...].shape, dtype) * 0.1
-    x = jax.random.normal(k[7], (12, cfg.hidden_size), dtype)
+    x = jax.random.normal(k[7], (rows, cfg.hidden_size), dtype)
     calls = []
     real = llama.quantize_rows_fp8
     monkeypatch.setattr(llama, "quantize_rows_fp8", lambda *a, **kw: calls.append(kw.get("scales") is not None)
@@ -187,13 +200,15 @@ def test_fused_quantize_mlp_matches_the_unfused_one(mlp_bias, dtype, monkeypatch
         assert np.abs(fused - off).mean() <= 0.02 * np.abs(off).mean()
     # from fused_min_rows rows only
     calls.clear()
-    np.testing.assert_array_equal(np.asarray(mlp(x, fp8=Fp8Options(fused_quantize="all", fused_min_rows=13))),
+    np.testing.assert_array_equal(np.asarray(mlp(x, fp8=Fp8Options(fused_quantize="all", fused_min_rows=rows + 1))),
                                   np.asarray(mlp(x)))
     assert calls == []
-    mlp(x, fp8=Fp8Options(fused_quantize="all", fused_min_rows=12))
+    mlp(x, fp8=Fp8Options(fused_quantize="all", fused_min_rows=rows))
     assert calls == [not mlp_bias]
     # above the few-row kernel's limit only: a step the kernel takes stays unfused
-    calls.clear()
-    np.testing.assert_array_equal(np.asarray(mlp(x, fp8=Fp8Options(kernel_rows=16, fused_quantize="all"))),
-                                  np.asarray(mlp(x, fp8=Fp8Options(kernel_rows=16))))
-    assert calls == []
+    if rows <= FP8_KERNEL_MAX_ROWS:
+        calls.clear()
+        few = Fp8Options(kernel_rows=rows)
+        np.testing.assert_array_equal(np.asarray(mlp(x, fp8=dataclasses.replace(few, fused_quantize="all"))),
+                                      np.asarray(mlp(x, fp8=few)))
+        assert calls == []

@@ -97,9 +97,14 @@ def test_bad_inputs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_gpu_the_kernel_on_the_8b_widths(one_pass):
-    for f, t, with_gate in itertools.product((4096, 14336), (16, 2048), (True, False)):
+    for f, t, with_gate, scaled in itertools.product((4096, 14336), (16, 2048), (True, False), (False, True)):
         g, u = (_rows(t, f, seed=t) if with_gate else None), _rows(t, f, seed=t + 1)
-        q, s = jax.jit(lambda u, g: quantize_rows_fp8_kernel(u, g, one_pass=one_pass))(u, g)
-        rq, rs = quantize_rows_fp8_reference(u, g)
+        sc = None
+        if scaled:      # raw products' scales: rows' and each input's channels'
+            sc = (jax.random.uniform(jax.random.key(t), (t, 1), minval=0.5, maxval=2.0),
+                  jax.random.uniform(jax.random.key(f), (f,), minval=0.01, maxval=0.1),
+                  jax.random.uniform(jax.random.key(f + 1), (f,), minval=0.01, maxval=0.1) if with_gate else None)
+        q, s = jax.jit(lambda u, g, sc: quantize_rows_fp8_kernel(u, g, one_pass=one_pass, scales=sc))(u, g, sc)
+        rq, rs = quantize_rows_fp8_reference(u, g, sc)
         np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
         assert (np.asarray(q, np.float32) != np.asarray(rq, np.float32)).mean() < 1e-3
