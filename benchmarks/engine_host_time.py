@@ -45,10 +45,10 @@ TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 
 def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_format: str = "auto",
             prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None,
-            final_only: bool = False, served: bool = False) -> dict:
+            final_only: bool = False, served: bool = False, separate_sampler: bool = False) -> dict:
     eng = steady_engine(batch, steps * (repeats + bool(profile)), model_dir, load_format=load_format,
                         prompt_len=prompt_len, greedy=greedy, overlap=overlap, final_only=final_only,
-                        served=served)
+                        served=served, separate_sampler=separate_sampler)
     if served:     # the step and its message to the server, pickled as the engine process's loop does
         from jaxdyn.engine.process import _dumps
 
@@ -79,7 +79,8 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
 
 
 def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = "auto", prompt_len: int = 16,
-                  greedy: bool = False, overlap: bool = True, final_only: bool = False, served: bool = False):
+                  greedy: bool = False, overlap: bool = True, final_only: bool = False, served: bool = False,
+                  separate_sampler: bool = False):
     """A warmed-up EngineCore with ``batch`` requests in steady decode and room for ``steps`` more steps.
     ``served``: the requests as ``jaxdyn serve``'s engine process gets them (``detokenize=False``: the server
     decodes their text)."""
@@ -98,6 +99,7 @@ def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = 
                        max_num_batched_tokens=tokens, max_num_seqs=max(batch, 1),
                        max_model_len=max_model_len, token_buckets=tuple(sorted({batch, tokens})),
                        page_buckets=(-(-max_model_len // 16),), fail_on_compile=True, seed=0,
+                       separate_sampler=separate_sampler,
                        overlap=overlap)
     eng = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     eng.warmup()
@@ -134,6 +136,8 @@ def main() -> int:
                          "while the CPU device is idle, so it is timed without the device competing for the cores")
     ap.add_argument("--final-only", action="store_true",
                     help="requests as LLM.generate adds them (one output each, when it finishes: no per-step outputs)")
+    ap.add_argument("--separate-sampler", action="store_true",
+                    help="the engine's separate_sampler: a step is the bucket's forward call, then the sampler's")
     ap.add_argument("--served", action="store_true",
                     help="requests and steps as jaxdyn serve's engine process runs them (no detokenization: the "
                          "server decodes the text; outputs as the deltas sent to the server, step(wire=True), "
@@ -160,7 +164,7 @@ def main() -> int:
         load_format = "dummy"
     rows = [measure(b, args.steps, d, args.repeats, load_format=load_format, prompt_len=args.prompt_len,
                     greedy=args.greedy, overlap=not args.no_overlap, profile=args.profile,
-                    final_only=args.final_only, served=args.served)
+                    final_only=args.final_only, served=args.served, separate_sampler=args.separate_sampler)
             for b in args.batches]
     from jaxdyn.config import ModelConfig
     mc = ModelConfig.from_pretrained(d)
@@ -182,6 +186,8 @@ def main() -> int:
         cmd += " --final-only"
     if args.served:
         cmd += " --served"
+    if args.separate_sampler:
+        cmd += " --separate-sampler"
     model = (f"tiny random Llama ({mc.num_layers} layers, hidden {mc.hidden_size}, vocab {mc.vocab_size}, "
              "byte-level tokenizer)" if args.preset is None else
              f"{args.preset}'s depth and vocabulary ({mc.num_layers} layers, vocab {mc.vocab_size}, word-level "
@@ -195,6 +201,7 @@ def main() -> int:
         + f", prompts of {args.prompt_len} tokens, {'detokenization by the server' if args.served else 'detokenization on'}, overlap {'off' if args.no_overlap else 'on'}"
         + (", final-only requests (as LLM.generate)" if args.final_only else "")
         + (", requests and steps as jaxdyn serve's engine process runs them" if args.served else "")
+        + (", the sampler a call of its own (separate_sampler)" if args.separate_sampler else "")
         + (f"; median of {args.repeats} runs of {args.steps} steps." if args.repeats > 1 else "."),
         f"Command: `{cmd}`",
         "",

@@ -128,6 +128,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-fused-quantize-min-tokens", default="auto", metavar="N|auto",
                    help="--fp8-fused-quantize in steps of at least N tokens only (smaller ones keep XLA's). auto "
                    "(default): jaxdyn.engine.core.FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0")
+    p.add_argument("--separate-sampler", action="store_true",
+                   help="compile each token bucket's model once and the sampler apart (two calls a step) instead "
+                   "of one executable a bucket and sampler variant, each with the model inside: warm-up compiles "
+                   "the model a third as often (8B depth on the CPU: 17.1 s instead of 37.2 s)")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -180,6 +184,7 @@ def _engine_fields(args) -> dict:
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
+                separate_sampler=getattr(args, "separate_sampler", False),
                 **buckets)
 
 

@@ -71,6 +71,7 @@ class EngineConfig:
     # fp8_fused_quantize in steps of at least this many tokens only (RunnerConfig); "auto":
     # FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0
     fp8_fused_quantize_min_tokens: int | str = "auto"
+    separate_sampler: bool = False           # the model compiled once a bucket, the sampler apart (RunnerConfig)
 
     def __post_init__(self):
         t = self.triton_gemm_max_tokens
@@ -176,7 +177,8 @@ class EngineCore:
             triton_gemm_max_tokens=triton_gemm_limit(config, model_config, platform),
             fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, platform),
             fp8_fused_quantize=fp8_fused_quantize(config, model_config, platform),
-            fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform)))
+            fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform),
+            separate_sampler=config.separate_sampler))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

@@ -153,6 +153,11 @@ class RunnerConfig:
     fp8_fused_quantize: str = "off"
     # ``fp8_fused_quantize`` in steps of at least this many tokens only (``llama.Fp8Options.fused_min_rows``)
     fp8_fused_quantize_min_tokens: int = 0
+    # Each bucket's model compiled once, apart from the sampler: a step is two calls, the forward of its
+    # (tokens, pages) bucket, then the sampler variant's (``_SplitStep``). False: one executable a bucket and
+    # variant, the model inlined into each of the three (XLA compiles the model, and every Pallas kernel in
+    # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session).
+    separate_sampler: bool = False
 
     def __post_init__(self):
         if self.max_num_seqs > self.max_num_batched_tokens:
@@ -320,9 +325,27 @@ def kv_cache_dtype(weight_dtype, mesh: Mesh):
     return dt
 
 
-def _cache_name(key: tuple[int, int, str]) -> str:
-    t, p, variant = key
-    return f"step-t{t}-p{p}-{variant}"
+def _cache_name(key: tuple) -> str:
+    """The executable cache's name of a compiled part (``ModelRunner._part_keys``)."""
+    kind, t, p, *variant = key
+    return f"{kind}-t{t}-p{p}" + "".join(f"-{v}" for v in variant)
+
+
+class _SplitStep:
+    """A step as two compiled calls (``RunnerConfig.separate_sampler``): the bucket's forward (KV cache, token
+    pages, logits), then its sampler variant's (draws, logprobs); called as one compiled step is, with the same
+    outputs. Both calls take the three host buffers as they are (each moves them to the device: on the CPU
+    0.16-0.38 ms a step more than one call, where a ``device_put`` first cost 0.8-1.1 ms;
+    ``benchmarks/engine_host_time.py --separate-sampler``)."""
+
+    def __init__(self, forward, sample, return_logits: bool, replicated):
+        self.forward, self.sample = forward, sample
+        self.return_logits, self.replicated = return_logits, replicated
+
+    def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+        kv_cache, token_pages, logits = self.forward(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
+        sampled, lps, top_ids, top_lps = self.sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
+        return kv_cache, token_pages, sampled, lps, top_ids, top_lps, logits if self.return_logits else None
 
 
 def _pick(buckets: tuple[int, ...], n: int, what: str) -> int:
@@ -347,7 +370,11 @@ class ModelRunner:
         self._state_shardings = tuple(jax.tree.leaves(param_shardings(state, mesh)))
         self.mesh = mesh
         self.config = config
-        model_cfg = nnx.merge(graphdef, state).config
+        model = nnx.merge(graphdef, state)
+        model_cfg = model.config
+        # the logits' width (the output head's, or the tied embedding's rows)
+        self._logits_width = (model.embed_tokens.embedding.shape[0] if model.lm_head is None
+                              else model.lm_head.kernel.shape[1])
         self.model_config = model_cfg
         self.kv_spec = KVCacheSpec(
             num_layers=model_cfg.num_layers,
@@ -384,6 +411,11 @@ class ModelRunner:
         self._compiles_reported = 0
         self._forward = self._make_forward()
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
+        # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
+        self._parts: dict[tuple, jax.stages.Compiled] = {}
+        if config.separate_sampler:
+            self._forward_step = self._make_forward_step()
+            self._sample_steps = {v: self._make_sample_step(v) for v in VARIANTS}
         self._copy_jitted = self._make_copy()
 
     # ---- compilation -------------------------------------------------------------------------
@@ -413,16 +445,20 @@ class ModelRunner:
             kv_cache, hidden = model(kv_cache, token_ids, md, **options)
             return kv_cache, token_pages, model.compute_logits(hidden[logits_rows])   # f32[S, vocab]
 
+        self._forward_fn = forward
         return jax.jit(forward)
 
-    def _make_jitted(self, variant: str):
-        return_logits = self.config.return_logits
-        max_rows, page_size = self.max_rows, self.config.page_size
-        forward = self._forward
+    def _make_forward_step(self):
+        """The forward as an executable of its own (``separate_sampler``): the KV cache and token pages donated."""
+        kv, rep = self._kv_shardings(), self._replicated
+        return jax.jit(self._forward_fn, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
+                       out_shardings=(kv, rep, rep), donate_argnums=(1, 2))
 
-        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
-            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
-                                                    tok, seqi, seqf)
+    def _sample_fn(self, variant: str):
+        """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes."""
+        page_size = self.config.page_size
+
+        def sample_step(token_pages, prev_sampled, logits, tok, seqi, seqf):
             md, _, _, _, sp, out_rows = _unpack(tok, seqi, seqf)
             S, P = md.page_table.shape
 
@@ -434,7 +470,22 @@ class ModelRunner:
             ids, lps, top_ids, top_lps = sample(logits, history, sp, variant)
             # into the half of the buffer this step writes (the other half holds the previous step's
             # draws, which this step's inputs read); padding rows go nowhere
-            sampled = prev_sampled.at[out_rows].set(ids, mode="drop")
+            return prev_sampled.at[out_rows].set(ids, mode="drop"), lps, top_ids, top_lps
+
+        return sample_step
+
+    def _make_sample_step(self, variant: str):
+        rep = self._replicated
+        return jax.jit(self._sample_fn(variant), in_shardings=(rep,) * 6, out_shardings=(rep,) * 4)
+
+    def _make_jitted(self, variant: str):
+        return_logits = self.config.return_logits
+        forward, sample_step = self._forward, self._sample_fn(variant)
+
+        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
+                                                    tok, seqi, seqf)
+            sampled, lps, top_ids, top_lps = sample_step(token_pages, prev_sampled, logits, tok, seqi, seqf)
             return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
                     logits if return_logits else None)
 
@@ -555,8 +606,9 @@ class ModelRunner:
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         stopped = cancel.is_set if cancel is not None else (lambda: False)
-        keys = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
-        keys = [k for k in keys if k not in self._compiled]
+        steps = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
+        keys = list(dict.fromkeys(k for s in steps for k in self._part_keys(*s)))
+        keys = [k for k in keys if k not in self._parts]
         bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress or not keys)
         cache = self.executable_cache()
         threads = self.warmup_threads()
@@ -565,14 +617,14 @@ class ModelRunner:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup-load") as pool:
                 for key, compiled in zip(keys, pool.map(lambda k: cache.load(_cache_name(k)), keys)):
                     if compiled is not None:
-                        self._compiled[key] = compiled
+                        self._parts[key] = compiled
                         self.executables_loaded += 1
                         bar.update()
-            keys = [k for k in keys if k not in self._compiled]
+            keys = [k for k in keys if k not in self._parts]
 
         def done(key, compiled):
             # saved as each step is compiled, while the next compiles (serialising takes the GIL in part)
-            self._compiled[key] = compiled
+            self._parts[key] = compiled
             if cache is not None:
                 cache.save(_cache_name(key), compiled)
             bar.update()
@@ -589,25 +641,29 @@ class ModelRunner:
             for key in keys:
                 if stopped():
                     break
-                done(key, self.compile(self.lower(*key), key[0]))
+                done(key, self.compile(self._lower_part(key), key[1]))
         elif not self.config.first_compiles_alone:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
-                finish({pool.submit(self.compile, self.lower(*key), key[0]): key for key in keys if not stopped()})
+                finish({pool.submit(self.compile, self._lower_part(key), key[1]): key
+                        for key in keys if not stopped()})
         else:
-            first_of_shape: dict[tuple[int, int], tuple[int, int, str]] = {}
+            first_of_shape: dict[tuple[int, int], tuple] = {}
             for key in keys:
-                first_of_shape.setdefault(key[:2], key)
+                first_of_shape.setdefault(key[1:3], key)
             alone = list(first_of_shape.values())
-            rest = [k for k in keys if first_of_shape[k[:2]] != k]
+            rest = [k for k in keys if first_of_shape[k[1:3]] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
-                firsts = {first_pool.submit(self.compile, self.lower(*key), key[0]): key
+                firsts = {first_pool.submit(self.compile, self._lower_part(key), key[1]): key
                           for key in alone if not stopped()}
-                lowered = [(key, self.lower(*key)) for key in rest if not stopped()]
+                lowered = [(key, self._lower_part(key)) for key in rest if not stopped()]
                 finish(firsts)
                 if not stopped():
-                    finish({pool.submit(self.compile, lo, key[0]): key for key, lo in lowered})
+                    finish({pool.submit(self.compile, lo, key[1]): key for key, lo in lowered})
         bar.close()
+        for s in steps:
+            if s not in self._compiled and all(k in self._parts for k in self._part_keys(*s)):
+                self._compiled[s] = self._assemble(*s)
         return time.perf_counter() - t0
 
     def split_enabled(self) -> bool:
@@ -680,8 +736,43 @@ class ModelRunner:
 
     def _compile(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
         if (t, p, variant) not in self._compiled:
-            self._compiled[(t, p, variant)] = self.compile(self.lower(t, p, variant), t)
+            for key in self._part_keys(t, p, variant):
+                if key not in self._parts:
+                    self._parts[key] = self.compile(self._lower_part(key), t)
+            self._compiled[(t, p, variant)] = self._assemble(t, p, variant)
         return self._compiled[(t, p, variant)]
+
+    def _part_keys(self, t: int, p: int, variant: str) -> list[tuple]:
+        """The compiled parts of the step of bucket (t, p) with sampler ``variant``: ("step", t, p, variant), or
+        with ``separate_sampler`` ("forward", t, p) -- shared by the variants -- and ("sample", t, p, variant)."""
+        if self.config.separate_sampler:
+            return [("forward", t, p), ("sample", t, p, variant)]
+        return [("step", t, p, variant)]
+
+    def _assemble(self, t: int, p: int, variant: str):
+        """The step of (t, p, variant) from its compiled parts: called as ``compiled(state, kv_cache,
+        token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
+        if not self.config.separate_sampler:
+            return self._parts[("step", t, p, variant)]
+        return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
+                          self.config.return_logits, self._replicated)
+
+    def _lower_part(self, key: tuple) -> jax.stages.Lowered:
+        kind, t, p = key[:3]
+        if kind == "step":
+            return self.lower(t, p, key[3])
+        args = self._input_shapes(t, p)
+        if kind == "forward":
+            return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
+        logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self._logits_width), jnp.float32)
+        return self._sample_steps[key[3]].lower(self.token_pages, self.prev_sampled, logits, *args)
+
+    def _input_shapes(self, t: int, p: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """The shapes of the three input buffers (``_pack``) of a step of bucket (t, p)."""
+        s = self.config.seqs_for(t)
+        sd = jax.ShapeDtypeStruct
+        return (sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + MAX_BANNED), jnp.int32),
+                sd((s, _SEQF_COLS), jnp.float32))
 
     def compiler_options(self, tokens: int) -> dict[str, str | bool]:
         """XLA's options for the step of a bucket of ``tokens`` tokens (``xla_dot_merger``,
@@ -698,13 +789,10 @@ class ModelRunner:
         return lowered.compile(compiler_options=self.compiler_options(tokens))
 
     def lower(self, t: int, p: int, variant: str) -> jax.stages.Lowered:
-        """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered."""
-        s = self.config.seqs_for(t)
-        sd = jax.ShapeDtypeStruct
-        return self._jitted[variant].lower(
-            self.state, self.kv_cache, self.token_pages, self.prev_sampled,
-            sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + MAX_BANNED), jnp.int32),
-            sd((s, _SEQF_COLS), jnp.float32))
+        """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered (one executable: the
+        model inlined, whatever ``separate_sampler`` says)."""
+        return self._jitted[variant].lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled,
+                                           *self._input_shapes(t, p))
 
     def _compile_copy(self):
         if self._copy_compiled is None:

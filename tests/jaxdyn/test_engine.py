@@ -118,6 +118,23 @@ def test_split_steps_draw_what_whole_steps_draw(engine):
         assert split[rid].outputs[0].token_ids == whole[rid].outputs[0].token_ids, rid
 
 
+def test_a_separate_sampler_draws_what_one_executable_draws(engine, ckpt):
+    """``EngineConfig.separate_sampler``: the seeded, preempting workload (prompt chunks, decode fed back on the
+    device with overlap) draws the same tokens through two calls a step as through one."""
+    if not engine.config.enable_prefix_caching:
+        pytest.skip("one engine of each kind is enough")
+    reqs, arrivals = _workload(3, sampled=True)
+    want = run(engine, reqs, arrivals)
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      dataclasses.replace(CFG, separate_sampler=True))
+    core.warmup()
+    assert core.runner.config.separate_sampler
+    got = run(core, reqs, arrivals)
+    for rid in reqs:
+        assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids, rid
+
+
 def test_shared_prefixes_match_transformers_with_eviction_and_preemption(engine, ckpt):
     """Requests over three shared system prompts, and chats that resend their history, on a pool of 24
     pages: the cache hits, evicts and the engine preempts, and every greedy output equals transformers'."""

@@ -15,6 +15,7 @@ from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine import executable_cache
 from jaxdyn.engine.compilation import compilation_count
 from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork
+from jaxdyn.engine.sampler import VARIANTS
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
 from serving.cli import main
@@ -97,7 +98,25 @@ def test_a_second_runner_loads_every_step_compiles_none_and_computes_the_same(mo
     assert _files(tmp_path) == files
 
 
-@pytest.mark.parametrize("change", [dict(num_pages=48), dict(max_num_seqs=2), dict(return_logits=True)])
+def test_a_separate_sampler_s_parts_are_saved_and_loaded(model, tmp_path):
+    # separate_sampler: a forward a bucket and a sampler a bucket and variant, each its own file
+    first = _runner(model, tmp_path, separate_sampler=True)
+    first.warmup()
+    names = sorted(os.path.basename(f) for f in _files(tmp_path))
+    buckets = len(first.bucket_shapes())
+    assert len(names) == buckets * (1 + len(VARIANTS)) and first.executables_loaded == 0
+    assert sum(n.startswith("forward-") for n in names) == buckets
+    want = _tokens(first)
+    second = _runner(model, tmp_path, separate_sampler=True)
+    c0 = compilation_count()
+    second.warmup()
+    assert second.executables_loaded == len(names) and compilation_count() - c0 <= 1
+    assert _tokens(second) == want
+    assert want == _tokens(_runner(model, tmp_path / "one"))   # the one-executable steps draw the same
+
+
+@pytest.mark.parametrize("change", [dict(num_pages=48), dict(max_num_seqs=2), dict(return_logits=True),
+                                    dict(separate_sampler=True)])
 def test_what_changes_the_executable_changes_the_fingerprint(model, tmp_path, change):
     base = _runner(model, tmp_path)
     other = _runner(model, tmp_path, **change)

@@ -268,6 +268,29 @@ def _generate(runner, kinds, variant=None, steps=5):
     return tokens, logprobs, used
 
 
+def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_executable_draws(
+        loaded, variant_runner):
+    """``separate_sampler``: warm-up compiles a forward a bucket and a sampler a bucket and variant (2 + 2 x 3
+    + the page copy, against 2 x 3 + 1 whole steps); every kind of row, in its own variant and in a mixed
+    step, draws the tokens and logprobs the one-executable runner draws; nothing compiles after warm-up."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(VARIANT_CFG, separate_sampler=True))
+    before = compilation_count()
+    runner.warmup()
+    assert compilation_count() - before == 2 + 2 * len(VARIANTS) + 1
+    assert sorted(k[0] for k in runner._parts) == ["forward"] * 2 + ["sample"] * 2 * len(VARIANTS)
+    one, _ = variant_runner
+    before = compilation_count()
+    for kinds in (("greedy",), ("seeded",), ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs")):
+        tokens, logprobs, used = _generate(runner, kinds)
+        want, want_lps, want_used = _generate(one, kinds)
+        assert tokens == want and used == want_used
+        for a, b in zip(logprobs, want_lps):
+            for (lp, ids, lps), (lp1, ids1, lps1) in zip(a, b, strict=True):
+                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
+    assert compilation_count() == before
+
+
 @pytest.mark.parametrize("kinds", [("greedy", "banned", "greedy-top-k"), ("greedy", "seeded", "seeded-banned")])
 def test_a_greedy_or_plain_step_draws_what_full_draws(variant_runner, kinds):
     runner, _ = variant_runner
@@ -410,12 +433,13 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
 
 
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
-                                          ("triton_gemm_max_tokens", 16)])
+                                          ("triton_gemm_max_tokens", 16), ("separate_sampler", True)])
 def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, monkeypatch):
     """Options that must not change the numbers: XLA's dot merger (off by default,
     ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile), XLA's Triton
     GEMMs off above 16 tokens (``triton_gemm_max_tokens``: the 64-token bucket compiles with
-    ``xla_gpu_enable_triton_gemm`` off, an option XLA's CPU compiler takes and ignores) and the
+    ``xla_gpu_enable_triton_gemm`` off, an option XLA's CPU compiler takes and ignores), the model and the
+    sampler as two executables (``separate_sampler``: the tokens fed back on the device across them) and the
     attention kernels storing into one output (``attention_in_place``, on by default; here both runners'
     attention runs the kernels in interpret mode, as on the GPU, merged by a select or in place). Prompts,
     then decode tokens fed on the device, seeded sampling with logprobs, give the same tokens, logprobs and

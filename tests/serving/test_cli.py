@@ -83,6 +83,8 @@ def test_serve_fp8_kernel_limit_flag():
     for site in ("off", "o_proj", "all"):
         assert _engine_config(parse(["serve", "--fp8-fused-quantize", site])).fp8_fused_quantize == site
     assert _engine_config(parse(["serve"])).fp8_fused_quantize_min_tokens == "auto"
+    assert _engine_config(parse(["serve"])).separate_sampler is False
+    assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
     flag = "--fp8-fused-quantize-min-tokens"
     assert _engine_config(parse(["serve", flag, "200"])).fp8_fused_quantize_min_tokens == 200
     with pytest.raises(CLIError, match=f"{flag}: expected an integer, auto"):
