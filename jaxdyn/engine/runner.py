@@ -338,9 +338,8 @@ class _SplitStep:
     0.16-0.38 ms a step more than one call, where a ``device_put`` first cost 0.8-1.1 ms;
     ``benchmarks/engine_host_time.py --separate-sampler``)."""
 
-    def __init__(self, forward, sample, return_logits: bool, replicated):
-        self.forward, self.sample = forward, sample
-        self.return_logits, self.replicated = return_logits, replicated
+    def __init__(self, forward, sample, return_logits: bool):
+        self.forward, self.sample, self.return_logits = forward, sample, return_logits
 
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
         kv_cache, token_pages, logits = self.forward(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
@@ -755,7 +754,7 @@ class ModelRunner:
         if not self.config.separate_sampler:
             return self._parts[("step", t, p, variant)]
         return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
-                          self.config.return_logits, self._replicated)
+                          self.config.return_logits)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
         kind, t, p = key[:3]

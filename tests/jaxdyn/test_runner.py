@@ -291,6 +291,17 @@ def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_
     assert compilation_count() == before
 
 
+def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
+    mesh, model = loaded
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), return_logits=True)
+    work = [SequenceWork([3, 4, 5], 0, [0]), SequenceWork([7, 8], 0, [1])]
+    outs = [ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, separate_sampler=s)).step(work)
+            for s in (False, True)]
+    assert outs[0].logits.shape == (2, model.config.vocab_size)
+    np.testing.assert_allclose(outs[1].logits, outs[0].logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(outs[1].next_token_ids, outs[0].next_token_ids)
+
+
 @pytest.mark.parametrize("kinds", [("greedy", "banned", "greedy-top-k"), ("greedy", "seeded", "seeded-banned")])
 def test_a_greedy_or_plain_step_draws_what_full_draws(variant_runner, kinds):
     runner, _ = variant_runner
