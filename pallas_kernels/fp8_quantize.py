@@ -140,16 +140,18 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
     if f % bc:
         raise ValueError(f"block_cols={bc} does not divide the row width {f}")
     rows = pl.cdiv(t, block_rows) * block_rows
-    ops = [x] if gate is None else [gate, x]
+
+    def padded(a):          # rows up to a whole number of programs' (a copy: only where block_rows > 1)
+        return a if rows == t else jnp.pad(a, ((0, rows - t),) + ((0, 0),) * (a.ndim - 1))
+
+    ops = [padded(a) for a in ([x] if gate is None else [gate, x])]
     spec = pl.BlockSpec((block_rows, f), lambda i: (i, 0))
     specs = [spec] * len(ops)
     if scales is not None:
         rs, us, gs = _check_scales(x, gate, scales)
-        ops += [rs, us] + ([] if gate is None else [gs])
-        specs += [pl.BlockSpec((block_rows,), lambda i: (i,))] + [pl.BlockSpec((f,), lambda i: (0,))] * (
-            1 if gate is None else 2)
-    if rows != t:
-        ops = [jnp.pad(a, ((0, rows - t),) + ((0, 0),) * (a.ndim - 1)) if a.shape[0] == t else a for a in ops]
+        channels = [us] + ([] if gate is None else [gs])
+        ops += [padded(rs)] + channels
+        specs += [pl.BlockSpec((block_rows,), lambda i: (i,))] + [pl.BlockSpec((f,), lambda i: (0,))] * len(channels)
     q, s = pl.pallas_call(
         functools.partial(_kernel, block_cols=bc, steps=f // bc, silu=gate is not None,
                           one_pass=f // bc <= ONE_PASS_MAX_STEPS if one_pass is None else one_pass,

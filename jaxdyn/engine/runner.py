@@ -341,6 +341,10 @@ class _SplitStep:
     def __init__(self, forward, sample, return_logits: bool):
         self.forward, self.sample, self.return_logits = forward, sample, return_logits
 
+    def as_text(self) -> str:
+        """Both executables' HLO, the forward's first (as ``jax.stages.Compiled.as_text``)."""
+        return self.forward.as_text() + "\n" + self.sample.as_text()
+
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
         kv_cache, token_pages, logits = self.forward(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
         sampled, lps, top_ids, top_lps = self.sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
@@ -406,7 +410,7 @@ class ModelRunner:
         # Compilations on the calling thread inside this runner's own calls after warm-up: other
         # engines of the process (disaggregation, tests) compiling on other threads do not count.
         self.compiles_while_serving = 0
-        self.executables_loaded = 0        # steps warm-up took from the executable cache
+        self.executables_loaded = 0        # compiled parts (``_part_keys``) warm-up took from the executable cache
         self._compiles_reported = 0
         self._forward = self._make_forward()
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
@@ -606,8 +610,18 @@ class ModelRunner:
         t0 = time.perf_counter()
         stopped = cancel.is_set if cancel is not None else (lambda: False)
         steps = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
-        keys = list(dict.fromkeys(k for s in steps for k in self._part_keys(*s)))
-        keys = [k for k in keys if k not in self._parts]
+        users: dict[tuple, list[tuple[int, int, str]]] = {}     # a part's steps
+        for s in steps:
+            for k in self._part_keys(*s):
+                users.setdefault(k, []).append(s)
+        keys = [k for k in users if k not in self._parts]
+
+        def assemble(key):
+            # a step is ready (``_compiled``) as soon as its last part is
+            for s in users[key]:
+                if s not in self._compiled and all(k in self._parts for k in self._part_keys(*s)):
+                    self._compiled[s] = self._assemble(*s)
+
         bar = tqdm(total=len(keys), desc="warm-up (compiling buckets)", disable=not progress or not keys)
         cache = self.executable_cache()
         threads = self.warmup_threads()
@@ -617,6 +631,7 @@ class ModelRunner:
                 for key, compiled in zip(keys, pool.map(lambda k: cache.load(_cache_name(k)), keys)):
                     if compiled is not None:
                         self._parts[key] = compiled
+                        assemble(key)
                         self.executables_loaded += 1
                         bar.update()
             keys = [k for k in keys if k not in self._parts]
@@ -624,6 +639,7 @@ class ModelRunner:
         def done(key, compiled):
             # saved as each step is compiled, while the next compiles (serialising takes the GIL in part)
             self._parts[key] = compiled
+            assemble(key)
             if cache is not None:
                 cache.save(_cache_name(key), compiled)
             bar.update()
@@ -660,9 +676,9 @@ class ModelRunner:
                 if not stopped():
                     finish({pool.submit(self.compile, lo, key[1]): key for key, lo in lowered})
         bar.close()
-        for s in steps:
-            if s not in self._compiled and all(k in self._parts for k in self._part_keys(*s)):
-                self._compiled[s] = self._assemble(*s)
+        for key in users:          # parts compiled before this call (``_compile``)
+            if key in self._parts:
+                assemble(key)
         return time.perf_counter() - t0
 
     def split_enabled(self) -> bool:
