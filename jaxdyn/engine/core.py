@@ -169,6 +169,7 @@ class EngineCore:
         ps = config.page_size
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
         platform = mesh.devices.flat[0].platform
+        fused = fp8_fused_quantize(config, model_config, platform)
         self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
@@ -179,8 +180,9 @@ class EngineCore:
             xla_dot_merger=config.xla_dot_merger, attention_in_place=config.attention_in_place,
             triton_gemm_max_tokens=triton_gemm_limit(config, model_config, platform),
             fp8_kernel_max_tokens=fp8_kernel_limit(config, model_config, platform),
-            fp8_fused_quantize=fp8_fused_quantize(config, model_config, platform),
-            fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform),
+            fp8_fused_quantize=fused,
+            # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
+            fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None

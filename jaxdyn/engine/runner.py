@@ -412,7 +412,8 @@ class ModelRunner:
         self.compiles_while_serving = 0
         self.executables_loaded = 0        # compiled parts (``_part_keys``) warm-up took from the executable cache
         self._compiles_reported = 0
-        self._forward = self._make_forward()
+        self._forward_fn = self._forward_body()
+        self._forward = jax.jit(self._forward_fn)
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
         self._parts: dict[tuple, jax.stages.Compiled] = {}
@@ -428,11 +429,12 @@ class ModelRunner:
             self.mesh, kv_cache_partition_spec(self.mesh, self.kv_spec.num_kv_heads))
         return [(kv_sharding, kv_sharding)] * self.kv_spec.num_layers
 
-    def _make_forward(self):
-        """The model's part of the step (inputs unpacked, token ids written, forward, logits), one
-        ``jax.jit`` shared by every sampler variant's step: a nested jit is traced once per shape and
+    def _forward_body(self):
+        """The model's part of the step (inputs unpacked, token ids written, forward, logits). Jitted once
+        (``_forward``) and shared by every sampler variant's step: a nested jit is traced once per shape and
         its jaxpr reused by the other variants' steps (tracing the unrolled 32-layer model is most
-        of a warm start's lowering), and XLA inlines it, so the executables are unchanged."""
+        of a warm start's lowering), and XLA inlines it, so the executables are unchanged; with
+        ``separate_sampler`` also an executable of its own (``_make_forward_step``)."""
         graphdef, state_treedef = self.graphdef, self.state_treedef
         options = dict(attention_in_place=self.config.attention_in_place,
                        fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
@@ -448,8 +450,7 @@ class ModelRunner:
             kv_cache, hidden = model(kv_cache, token_ids, md, **options)
             return kv_cache, token_pages, model.compute_logits(hidden[logits_rows])   # f32[S, vocab]
 
-        self._forward_fn = forward
-        return jax.jit(forward)
+        return forward
 
     def _make_forward_step(self):
         """The forward as an executable of its own (``separate_sampler``): the KV cache and token pages donated."""
@@ -582,7 +583,7 @@ class ModelRunner:
         took (from the start of ``load_weights``' compiling, when that ran).
 
         Steps are traced and lowered one after another on this thread (tracing holds the GIL;
-        the variants of one shape share the model's trace, see ``_make_forward``), and each is
+        the variants of one shape share the model's trace, see ``_forward_body``), and each is
         handed to a compiling thread as soon as it is lowered, so compilation (or, with JAX's
         persistent cache warm, loading) overlaps the lowering of the next. Every step is compiled
         on ``warmup_threads()`` threads at once (each compilation runs in XLA without the GIL).
@@ -676,9 +677,6 @@ class ModelRunner:
                 if not stopped():
                     finish({pool.submit(self.compile, lo, key[1]): key for key, lo in lowered})
         bar.close()
-        for key in users:          # parts compiled before this call (``_compile``)
-            if key in self._parts:
-                assemble(key)
         return time.perf_counter() - t0
 
     def split_enabled(self) -> bool:

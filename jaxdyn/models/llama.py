@@ -310,17 +310,17 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="row")
 
     def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
-        if self.down_proj.fuses_quantize(x, fp8, ("all",)):
-            if self.gate_proj.bias is None and self.up_proj.bias is None:
-                # gate's and up's raw products (one quantized input), scaled in the quantization kernel
-                xq, sx = quantize_fp8(x)
-                gate = fp8_dot(xq, self.gate_proj.weight[...], x.dtype)
-                up = fp8_dot(xq, self.up_proj.weight[...], x.dtype)
-                scales = (sx, self.up_proj.scale[...], self.gate_proj.scale[...])
-                return self.down_proj.quantized(*quantize_rows_fp8(up, gate, scales=scales), x.dtype)
-            gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
-            return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
+        fused = self.down_proj.fuses_quantize(x, fp8, ("all",))
+        if fused and self.gate_proj.bias is None and self.up_proj.bias is None:
+            # gate's and up's raw products (one quantized input), scaled in the quantization kernel
+            xq, sx = quantize_fp8(x)
+            gate = fp8_dot(xq, self.gate_proj.weight[...], x.dtype)
+            up = fp8_dot(xq, self.up_proj.weight[...], x.dtype)
+            scales = (sx, self.up_proj.scale[...], self.gate_proj.scale[...])
+            return self.down_proj.quantized(*quantize_rows_fp8(up, gate, scales=scales), x.dtype)
         gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
+        if fused:
+            return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
         return self.down_proj(jax.nn.silu(gate) * up, fp8=fp8)
 
 
