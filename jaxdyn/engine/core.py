@@ -103,11 +103,10 @@ FP8_TRITON_GEMM_MAX_TOKENS = 0
 # executable that holds them (cold start of that run 122-130 s against 59-65 s). From 512 tokens only: the
 # buckets of 192-384 gained 0.0-0.4 ms a step, and in ``benchmarks/schedule_sim.py``'s schedule of that run with
 # the measured costs the kernel from 512 tokens gives 16,262 output tok/s against 16,296 from 192 and 15,921
-# without, at 12 of the warm-up's 30 executables holding it instead of 21. "off" until the kernel's rescaling of the
-# raw products has passed its GPU tests (``tests/pallas_kernels/test_fp8_quantize.py``, ``test_fp8_linear.py``:
-# written after the device time ran out; in Pallas interpret mode it is bit-exact), and the throughput gain was
-# within the runs' spread (1.012x and 0.99x medians): ``--fp8-fused-quantize all`` turns it on
-FP8_FUSED_QUANTIZE = "off"
+# without, at 12 of the warm-up's 30 executables holding it instead of 21. The rescaling of the raw products
+# passed its GPU tests on an H200 (``tests/pallas_kernels/test_fp8_quantize.py``, ``test_fp8_linear.py``,
+# 2026-12-04, fifteenth session); ``--fp8-fused-quantize off`` turns it off
+FP8_FUSED_QUANTIZE = "all"
 FP8_FUSED_QUANTIZE_MIN_TOKENS = 512
 
 # An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel for its products. 0
