@@ -50,6 +50,8 @@ LONG = 5                           # calls of the long timed jit per call of the
 TRACED_POINT = 1 << 14             # batch x context up to which a decode call is timed from a trace
 TRACED_RUNS = 5                    # traced runs of the ROTATE-call jit
 INTERPRET = jax.default_backend() != "gpu"   # CPU: a dry run through Pallas interpret mode
+# the KV pages' dtype (``--kv-dtype``): bf16, or fp8 (float8_e4m3fn, as ``--kv-cache-dtype fp8`` stores them)
+KV_DTYPE = jnp.dtype(jnp.bfloat16)
 L2_BYTES = 64 << 20
 
 
@@ -97,7 +99,8 @@ def measure_matmul(n: int = 8192) -> float:
 def _kv_pool(num_pages: int, head_dim: int, seed: int):
     k1, k2 = jax.random.split(jax.random.key(seed))
     shape = (KV_HEADS, num_pages, PAGE, head_dim)
-    return jax.random.normal(k1, shape, jnp.bfloat16), jax.random.normal(k2, shape, jnp.bfloat16)
+    return (jax.random.normal(k1, shape, jnp.bfloat16).astype(KV_DTYPE),
+            jax.random.normal(k2, shape, jnp.bfloat16).astype(KV_DTYPE))
 
 
 def _page_tables(rng, num_pages: int, count: int, batch: int, pages_per_seq: int) -> np.ndarray:
@@ -159,7 +162,7 @@ def _decode_inputs(rng, batch: int, context: int, head_dim: int):
     pages_per_seq = context // PAGE
     live = batch * pages_per_seq
     # enough pages that ROTATE calls touch more than the L2 holds, up to 4x the live set
-    bytes_per_page = 2 * KV_HEADS * PAGE * head_dim * 2
+    bytes_per_page = 2 * KV_HEADS * PAGE * head_dim * KV_DTYPE.itemsize
     num_pages = max(live, min(ROTATE * live, live * max(1, (4 * L2_BYTES) // (live * bytes_per_page))))
     k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=batch * 7 + context)
     tables = jnp.asarray(_page_tables(rng, num_pages, ROTATE * LONG, batch, pages_per_seq))
@@ -281,7 +284,7 @@ def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem
     for head_dim in head_dims:
         for context in contexts:
             for batch in batches:
-                kv_bytes = batch * context * KV_HEADS * head_dim * 2 * 2
+                kv_bytes = batch * context * KV_HEADS * head_dim * 2 * KV_DTYPE.itemsize
                 if kv_bytes > mem_budget:
                     continue
                 inputs = _decode_inputs(rng, batch, context, head_dim)
@@ -402,7 +405,7 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
                                           impl="interpret" if INTERPRET else "kernel")
         t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, context)
         t_kernel = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live, context)
-        kv_bytes = live * context * KV_HEADS * 128 * 2 * 2
+        kv_bytes = live * context * KV_HEADS * 128 * 2 * KV_DTYPE.itemsize
         rows.append(dict(live=live, slots=slots, context=context, entry_us=t_entry * 1e6,
                          kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
                          entry_gbs=kv_bytes / t_entry / 1e9))
@@ -438,7 +441,13 @@ def main(argv=None) -> str:
                          "its head_dim's grid points and prefill rows")
     ap.add_argument("--sweep-kernels", default="decode,prefill",
                     help="which kernels' block sizes are swept (decode, prefill or both)")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
+                    help="the KV pages' dtype (fp8: float8_e4m3fn, what --kv-cache-dtype fp8 stores)")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="the decode grid only (no correctness table, prefill rows or entry overhead)")
     args = ap.parse_args(argv)
+    global KV_DTYPE
+    KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
     started = time.time()
@@ -447,6 +456,8 @@ def main(argv=None) -> str:
         f" --points {args.points}" if args.points else "") + (
         f" --sweep-head-dims {args.sweep_head_dims}" if args.sweep_head_dims != "128" else "") + (
         f" --sweep-kernels {args.sweep_kernels}" if args.sweep_kernels != "decode,prefill" else "") + (
+        f" --kv-dtype {args.kv_dtype}" if args.kv_dtype != "bf16" else "") + (
+        " --decode-only" if args.decode_only else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -465,8 +476,9 @@ def main(argv=None) -> str:
          f"{platform.python_version()}. Command: `{cmd}`.", "",
          f"Measured in the same run: HBM bandwidth **{bandwidth / 1e12:.2f} TB/s** (donated in-place "
          f"`x + 1` over 4 GiB, read + write); bf16 matmul **{matmul / 1e12:.0f} TFLOP/s** (8192³).", "",
-         f"Decode: {Q_HEADS} query / {KV_HEADS} kv heads, page {PAGE}, bf16 KV, every sequence at the "
-         f"given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × 2 B. "
+         f"Decode: {Q_HEADS} query / {KV_HEADS} kv heads, page {PAGE}, {KV_DTYPE.name} KV, every sequence at "
+         f"the given context; KV bytes = batch × context × kv_heads × head_dim × 2 (K, V) × "
+         f"{KV_DTYPE.itemsize} B. "
          f"Each timed call reads pages of its own shuffled page table (rotating past the L2). "
          f"Grid and prefill times are device time back to back: the wall time of {ROTATE} calls in one "
          f"jit subtracted from that of {LONG * ROTATE} (the jit's fixed dispatch cost drops out); decode "
@@ -475,13 +487,14 @@ def main(argv=None) -> str:
          f"difference is within the host's jitter there); "
          f"sweeps rank variants by the wall time of {ROTATE} calls / {ROTATE}.", "")
 
-    correctness = check_correctness(rng)
+    correctness = [] if args.decode_only else check_correctness(rng)
     for r in correctness:
         print("correctness", r, flush=True)
-    emit("### Correctness (bf16 kernels vs the float32 reference on the same bf16 inputs)", "",
-         _table(correctness, [("case", "case", ""), ("head_dim", "head_dim", "d"), ("seqs", "seqs", "d"),
-                              ("max_len", "max len", "d"), ("rel_err", "rel err", ".2e"),
-                              ("nan", "NaN", ""), ("padding_zero", "padding rows 0", "")]))
+    if correctness:
+        emit("### Correctness (bf16 kernels vs the float32 reference on the same bf16 inputs)", "",
+             _table(correctness, [("case", "case", ""), ("head_dim", "head_dim", "d"), ("seqs", "seqs", "d"),
+                                  ("max_len", "max len", "d"), ("rel_err", "rel err", ".2e"),
+                                  ("nan", "NaN", ""), ("padding_zero", "padding rows 0", "")]))
 
     if INTERPRET:   # CPU dry run: the script's logic at toy sizes
         batches, contexts, head_dims, sweep_points = (2,), (64,), (128,), [(2, 64)]
@@ -523,6 +536,10 @@ def main(argv=None) -> str:
                        ("vs_reference", "× reference", ".2f")]),
          f"Decode block sizes used: head_dim 128 {best[128]}; head_dim 64 {best[64]}.", "")
 
+    if args.decode_only:
+        report = "\n".join(md)
+        print(report)
+        return report
     chunk = 64 if INTERPRET else 2048
     best_prefill = {d: ragged_prefill.prefill_block_sizes(d, PAGE) for d in (128, 64)}
     if args.sweep != "none" and "prefill" in sweep_kernels:

@@ -137,7 +137,7 @@ def paged_decode_attention_reference(
 
 
 def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size: int, end_page,
-              gather: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
+              gather: str, interpret: bool, dtype=None) -> tuple[jax.Array, jax.Array]:
     """(k, v) [pages_per_block * page_size, D]: the keys and values of the sequence's pages
     ``first_page ..`` (positions in its page table ``pt_ref``); pages at or past ``end_page`` are
     not read on GPU (0) and must be masked by the caller (interpret mode reads them: its gathers
@@ -148,6 +148,8 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
     hit) and the tile is loaded as ``[tokens, D]``, no reshape of the loaded data.
     ``gather="pages"``: they are ``[pages, page_size, D]``; the block's page ids are read once
     and the ``[pages, page_size, D]`` tile is reshaped to ``[tokens, D]``.
+    ``dtype``: the tiles widened to it once loaded (fp8 pages, read at half the bytes, multiplied in the
+    query's dtype); None: the pages' dtype.
     """
     tokens = pages_per_block * page_size
     if gather == "rows":
@@ -172,6 +174,8 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
     else:
         k = pltriton.load(k_ref.at[index], mask=mask, other=0.0)
         v = pltriton.load(v_ref.at[index], mask=mask, other=0.0)
+    if dtype is not None and k.dtype != dtype:
+        k, v = k.astype(dtype), v.astype(dtype)
     return k.reshape(tokens, k.shape[-1]), v.reshape(tokens, v.shape[-1])
 
 
@@ -213,7 +217,7 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
         acc, m_prev, l_prev = carry
         page0 = first_page + b * pages_per_block
         k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
-                         gather, interpret)
+                         gather, interpret, dtype=q_ref.dtype)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale
         key_pos = page0 * page_size + offsets

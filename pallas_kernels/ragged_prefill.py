@@ -120,7 +120,7 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: fl
             acc, m_prev, l_prev = carry
             # pages at or before the item's last position; later ones are not read on GPU
             k, v = key_block(k_ref, v_ref, pt_ref, b * pages_per_block, pages_per_block, page_size,
-                             last_pos // page_size + 1, gather, interpret)
+                             last_pos // page_size + 1, gather, interpret, dtype=q_ref.dtype)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale_log2
             if masked:

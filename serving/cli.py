@@ -132,6 +132,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="compile each token bucket's model once and the sampler apart (two calls a step) instead "
                    "of one executable a bucket and sampler variant, each with the model inside: warm-up compiles "
                    "the model a third as often (8B depth on the CPU: 17.1 s instead of 37.2 s)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"),
+                   help="the KV cache's dtype: auto (default: the model's) or fp8 (float8 e4m3, also fp8_e4m3): "
+                   "half the bytes a cached token, so twice the tokens fit and decode attention reads half as "
+                   "much; values are stored unscaled, saturating at +-448")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -185,6 +189,7 @@ def _engine_fields(args) -> dict:
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
                 separate_sampler=getattr(args, "separate_sampler", False),
+                kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 **buckets)
 
 

@@ -23,11 +23,13 @@ from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
-    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, is_count, sampling_row)
+    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, is_count, kv_cache_dtype,
+    sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
 from jaxdyn.kv.allocator import PageAllocator
+from jaxdyn.kv.cache import check_kv_cache_dtype
 from jaxdyn.kv.radix import RadixCache
 
 
@@ -72,8 +74,10 @@ class EngineConfig:
     # FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0
     fp8_fused_quantize_min_tokens: int | str = "auto"
     separate_sampler: bool = False           # the model compiled once a bucket, the sampler apart (RunnerConfig)
+    kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
 
     def __post_init__(self):
+        check_kv_cache_dtype(self.kv_cache_dtype)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
@@ -182,7 +186,7 @@ class EngineCore:
             fp8_fused_quantize=fused,
             # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
-            separate_sampler=config.separate_sampler))
+            separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),
@@ -595,7 +599,7 @@ def unloaded_bytes_per_device(state, mesh) -> int:
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
     ps = config.page_size
-    dtype = jax.tree.leaves(state)[0].dtype
+    dtype = kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh, config.kv_cache_dtype)
     kv_heads = stored_kv_heads(model_config.num_kv_heads, model_parallel_size(mesh))
     page_bytes = 2 * model_config.num_layers * kv_heads * ps * model_config.head_dim * dtype.itemsize
     dev = mesh.devices.flat[0]

@@ -45,7 +45,8 @@ from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_coun
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import SamplingParams
-from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, allocate_kv_cache,
+                             check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
 
@@ -158,8 +159,13 @@ class RunnerConfig:
     # variant, the model inlined into each of the three (XLA compiles the model, and every Pallas kernel in
     # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session).
     separate_sampler: bool = False
+    # The KV pages' dtype: "auto" (the model's; f32 on the CPU for 16-bit models) or "fp8" / "fp8_e4m3"
+    # (float8_e4m3fn, half the bytes: twice the pages in the same memory, and the decode kernel reads half
+    # the bytes; ``jaxdyn.kv.cache``)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         if not is_count(self.fp8_kernel_max_tokens):
@@ -310,8 +316,9 @@ def _place(ns: Sequence[int], buckets: tuple[int, ...], max_seqs: int) -> list[l
     return [sorted(r) for r in rows if r]
 
 
-def kv_cache_dtype(weight_dtype, mesh: Mesh):
-    """The KV pages' dtype: the weights', except 16-bit floats on the CPU, which are kept in f32.
+def kv_cache_dtype(weight_dtype, mesh: Mesh, requested: str = "auto"):
+    """The KV pages' dtype: fp8 (float8_e4m3fn) when ``requested`` is "fp8" / "fp8_e4m3"; for "auto" the
+    weights', except 16-bit floats on the CPU, which are kept in f32.
 
     XLA's CPU backend has no native bf16 scatter or gather: it converts the whole operand (the
     cache) to f32 and back around each, so every step costs time in the size of the pool (measured:
@@ -319,6 +326,8 @@ def kv_cache_dtype(weight_dtype, mesh: Mesh):
     computed in the weights' dtype and widened exactly, and attention reads them in f32 anyway, so
     the results are the same. GPUs keep 16-bit pages (the kernels read them at half the bytes).
     """
+    if check_kv_cache_dtype(requested) != "auto":
+        return FP8_KV_DTYPE
     dt = jnp.dtype(weight_dtype)
     if dt.itemsize == 2 and jnp.issubdtype(dt, jnp.floating) and mesh.devices.flat[0].platform == "cpu":
         return jnp.dtype(jnp.float32)
@@ -385,7 +394,7 @@ class ModelRunner:
             num_pages=config.num_pages,
             page_size=config.page_size,
             head_dim=model_cfg.head_dim,
-            dtype=kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh),
+            dtype=kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh, config.kv_cache_dtype),
         )
         self._replicated = replicated(mesh)
         self.kv_cache = allocate_kv_cache(self.kv_spec, mesh)

@@ -17,6 +17,12 @@ separate buffer that the jitted step donates and updates in place)::
   cache itself knows nothing of sequences.
 * Padding tokens of a bucketed step carry the page id ``num_pages`` (out of
   range); the write drops them, so padding never touches a real page.
+* The pages' dtype is the model's (``kv_cache_dtype="auto"``) or fp8
+  (``"fp8"``: float8_e4m3fn, half the bytes of bf16, as vLLM's and SGLang's
+  ``--kv-cache-dtype fp8``). fp8 pages hold the values themselves (a scale of
+  1.0, vLLM's default without calibrated scales), clipped to e4m3's range of
+  +-448 when written (a plain cast would make NaN of larger values); the
+  attention kernels widen each loaded tile to the query's dtype.
 
 Why a list per layer rather than one stacked array: the model's layers are
 unrolled in Python (a ``lax.scan`` over stacked weights measured 3x slower on
@@ -36,6 +42,29 @@ from jax.sharding import Mesh, NamedSharding
 from jaxdyn.parallel.sharding import kv_cache_partition_spec
 
 KVCache = list[tuple[jax.Array, jax.Array]]   # per layer: (k_pages, v_pages)
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8_e4m3" = "fp8" (vLLM's names)
+FP8_KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
+_FP8_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)   # 448
+
+
+def check_kv_cache_dtype(name) -> str:
+    """``name`` if it is a KV cache dtype this cache stores (ValueError naming the choices otherwise)."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return name
+
+
+def is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) == FP8_KV_DTYPE
+
+
+def to_pages_dtype(x: jax.Array, dtype) -> jax.Array:
+    """``x`` in the pages' ``dtype``: fp8 saturates at +-448 (e4m3 has no infinity, a cast of a larger value
+    would be NaN), NaN staying NaN."""
+    if is_fp8(dtype):
+        x = jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX)
+    return x.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +111,8 @@ def write_kv(
     written) and padding's are out of range, dropped: the scatter is declared unique, so XLA writes the rows
     in parallel instead of serialising possible collisions (on an H200, 19 µs a layer's K or V at 2,048 rows
     before)."""
-    k = jnp.swapaxes(k, 0, 1).astype(k_pages.dtype)   # [num_kv_heads, T, head_dim]
-    v = jnp.swapaxes(v, 0, 1).astype(v_pages.dtype)
+    k = to_pages_dtype(jnp.swapaxes(k, 0, 1), k_pages.dtype)   # [num_kv_heads, T, head_dim]
+    v = to_pages_dtype(jnp.swapaxes(v, 0, 1), v_pages.dtype)
     k_pages = k_pages.at[:, slot_page, slot_offset].set(k, mode="drop", unique_indices=True)
     v_pages = v_pages.at[:, slot_page, slot_offset].set(v, mode="drop", unique_indices=True)
     return k_pages, v_pages

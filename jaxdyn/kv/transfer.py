@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
+from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache, to_pages_dtype
 from jaxdyn.parallel.sharding import MODEL_AXIS, kv_cache_partition_spec, model_parallel_size, replicated
 
 
@@ -150,8 +150,8 @@ class KVScatter(_Side):
                 block = jnp.repeat(block, reps, axis=2)
             new = []
             for layer, (k, v) in enumerate(kv_cache):
-                new.append((k.at[:, ids].set(block[layer, 0].astype(k.dtype), mode="drop"),
-                            v.at[:, ids].set(block[layer, 1].astype(v.dtype), mode="drop")))
+                new.append((k.at[:, ids].set(block[layer, 0], mode="drop"),
+                            v.at[:, ids].set(block[layer, 1], mode="drop")))
             return new, token_pages.at[ids].set(toks, mode="drop")
 
         kv = runner._kv_shardings()
@@ -182,6 +182,10 @@ class KVScatter(_Side):
         toks = np.zeros(b * ps, np.int32)
         toks[:len(token_ids)] = token_ids
         ids, toks = jax.device_put((ids, toks.reshape(b, ps)), self.runner._replicated)
+        dtype = self.runner.kv_spec.dtype
+        if block.dtype != dtype:
+            # a cache of another dtype sent it (a bf16 prefill, fp8 pages here): rounded as a write rounds
+            block = to_pages_dtype(jnp.asarray(block), dtype)
         if isinstance(block, np.ndarray) or block.sharding != self.sharding:
             block = jax.device_put(block, self.sharding)
         r = self.runner

@@ -280,3 +280,31 @@ def test_gather_transfer_scatter_moves_pages_between_tp_degrees(ckpt):
     tp = np.asarray(dst.token_pages)
     assert tp[9].tolist() == list(range(16)) and tp[1][:8].tolist() == list(range(32, 40))
     assert not tp[1][8:].any()
+
+
+def test_scatter_rounds_a_block_of_another_dtype_into_fp8_pages(ckpt):
+    """A float32 prefill cache's block lands in an fp8 (``kv_cache_dtype="fp8"``) decode cache rounded as the
+    step's own write rounds it, saturating at +-448, no NaN."""
+    from jaxdyn.engine.runner import ModelRunner, RunnerConfig
+    from jaxdyn.kv.cache import to_pages_dtype
+    devs = jax.devices()
+    runners = []
+    for d, kv in ((devs[:1], "auto"), (devs[1:2], "fp8")):
+        _, loaded, _ = load_model(ckpt, dtype=jnp.float32, mesh=make_mesh(1, d))
+        runners.append(ModelRunner(loaded.graphdef, loaded.state, make_mesh(1, d),
+                                   RunnerConfig(page_size=16, num_pages=12, max_num_batched_tokens=32,
+                                                max_num_seqs=4, max_model_len=128, kv_cache_dtype=kv)))
+    src, dst = runners
+    assert dst.kv_spec.dtype == jnp.float8_e4m3fn and src.kv_spec.dtype == jnp.float32
+    rng = np.random.default_rng(1)
+    src.kv_cache = [tuple(jax.device_put((300 * rng.standard_normal(k.shape)).astype(np.float32), k.sharding)
+                          for k in pair) for pair in src.kv_cache]
+    g, s = KVGather(src, 2, 8), KVScatter(dst, 2, 8)
+    s([5, 2], g([1, 6]), list(range(20)))
+    for (sk, _), (dk, _) in zip(src.kv_cache, dst.kv_cache):
+        assert dk.dtype == jnp.float8_e4m3fn
+        got = np.asarray(dk.astype(jnp.float32))
+        assert not np.isnan(got).any() and np.abs(got).max() == 448.0
+        for a, b in ((1, 5), (6, 2)):
+            np.testing.assert_array_equal(got[:, b], np.asarray(to_pages_dtype(sk[:, a], jnp.float8_e4m3fn)
+                                                                  .astype(jnp.float32)))

@@ -485,3 +485,51 @@ def test_fp8_fused_quantize_auto_resolves_by_platform_and_model():
     for bad in ("yes", True, None):
         with pytest.raises(ValueError, match="fp8_fused_quantize"):
             EngineConfig(fp8_fused_quantize=bad)
+
+
+def test_fp8_kv_cache_serves_the_models_logprobs_within_fp8_rounding(ckpt):
+    """``kv_cache_dtype="fp8"``: the pages are float8_e4m3fn, the logprobs of what the engine draws are
+    transformers' (teacher-forced on those tokens) within fp8's rounding of K and V, not bit for bit; the
+    preempting workload with shared prefixes runs to the end with every page back in the pool."""
+    import torch
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      dataclasses.replace(CFG, kv_cache_dtype="fp8"))
+    core.warmup()
+    assert core.runner.kv_spec.dtype == jnp.float8_e4m3fn
+    assert all(k.dtype == jnp.float8_e4m3fn and v.dtype == jnp.float8_e4m3fn for k, v in core.runner.kv_cache)
+    ref = hf_model(ckpt)
+    prompt = list(range(40, 75))                 # three pages: later tokens read earlier pages from the cache
+    out = run(core, {"l": (prompt, SamplingParams(temperature=0, max_tokens=12, logprobs=5,
+                                                   ignore_eos=True))})["l"].outputs[0]
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1:].double()
+    want = torch.log_softmax(logits, -1).numpy()
+    diffs = [abs(lp.logprob - want[i, tid]) for i, entry in enumerate(out.logprobs) for tid, lp in entry.items()]
+    assert max(diffs) < 0.15, max(diffs)
+    assert max(diffs) > 1e-5, "fp8 pages should round K and V"
+    reqs, arrivals = _workload(4, sampled=False)
+    got = run(core, reqs, arrivals)
+    assert core.scheduler.num_preemptions > 0
+    for rid, (_, p) in reqs.items():
+        assert len(got[rid].outputs[0].token_ids) == p.max_tokens, rid
+    assert core.allocator.num_in_use == 0
+    if core.prefix_cache is not None:
+        core.prefix_cache.clear()
+    assert core.allocator.num_free == core.num_pages
+    assert core.metrics.compilations_after_warmup == 0
+
+
+def test_kv_cache_dtype_is_checked_and_resolved():
+    from jaxdyn.engine.runner import RunnerConfig, kv_cache_dtype
+    from jaxdyn.parallel.sharding import make_mesh
+    mesh = make_mesh(1)
+    assert kv_cache_dtype(jnp.bfloat16, mesh) == jnp.float32            # the CPU widens 16-bit pages
+    assert kv_cache_dtype(jnp.bfloat16, mesh, "fp8") == jnp.float8_e4m3fn
+    assert kv_cache_dtype(jnp.float32, mesh, "fp8_e4m3") == jnp.float8_e4m3fn
+    for bad in ("fp16", "e5m2", None):
+        with pytest.raises(ValueError, match="kv_cache_dtype"):
+            EngineConfig(kv_cache_dtype=bad)
+        with pytest.raises(ValueError, match="kv_cache_dtype"):
+            RunnerConfig(num_pages=8, page_size=16, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64,
+                         kv_cache_dtype=bad)

@@ -24,3 +24,19 @@ def test_rows_land_in_their_slots_and_padding_is_dropped():
         want_v[:, p, o] = np.asarray(v)[row]
     np.testing.assert_array_equal(np.asarray(nk), want_k)
     np.testing.assert_array_equal(np.asarray(nv), want_v)
+
+
+def test_fp8_pages_store_the_rows_rounded_and_saturate_instead_of_nan():
+    # e4m3 has no infinity: a plain cast of 500 is NaN; the write clips to +-448 first
+    heads, pages, page, dim = 1, 3, 2, 4
+    k_pages = jnp.zeros((heads, pages, page, dim), jnp.float8_e4m3fn)
+    v_pages = jnp.zeros((heads, pages, page, dim), jnp.float8_e4m3fn)
+    k = jnp.asarray([[[500.0, -1000.0, 3.3, 0.1]], [[1.0, 2.0, 3.0, 4.0]]], jnp.bfloat16)
+    v = -k
+    nk, nv = jax.jit(write_kv)(k_pages, v_pages, k, v, jnp.asarray([1, 3], jnp.int32), jnp.asarray([0, 0], jnp.int32))
+    assert nk.dtype == jnp.float8_e4m3fn
+    got = np.asarray(nk.astype(jnp.float32))
+    np.testing.assert_array_equal(got[0, 1, 0], [448.0, -448.0, 3.25, 0.1015625])
+    np.testing.assert_array_equal(np.asarray(nv.astype(jnp.float32))[0, 1, 0], [-448.0, 448.0, -3.25, -0.1015625])
+    assert not np.isnan(got).any()
+    assert np.all(got[0, [0, 2]] == 0) and np.all(got[0, 1, 1] == 0)   # only the real row's slot moved

@@ -296,3 +296,53 @@ def test_gpu_entry_point_picks_the_kernels():
     auto = ragged_paged_attention(*args, sm_scale=0.1)
     kernel = ragged_paged_attention(*args, sm_scale=0.1, impl="kernel")
     np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(kernel, np.float32))
+
+
+# ----------------------------------------------------------------------------- fp8 pages
+
+def _fp8_pages(args):
+    """The batch with its K and V pages stored as fp8 (e4m3), as ``kv_cache_dtype="fp8"`` keeps them."""
+    q, k, v, *rest = args
+    return (q, k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn), *rest)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,window", [
+    (8, 2, 32, None), (7, 1, 16, 13)])
+def test_interpreted_kernels_read_fp8_pages_as_the_reference_does(num_q_heads, num_kv_heads, head_dim, window,
+                                                                  in_place):
+    # the kernels widen each fp8 tile to the query's dtype: the same result as the reference over the same
+    # fp8 pages (which widens them to float32), and not the float32 pages' (fp8 rounding is visible)
+    rng = np.random.default_rng(num_q_heads + head_dim + 7)
+    args32, n = _batch(rng, MIXED_SHORT, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, page_size=16, dtype=jnp.float32)
+    args = _fp8_pages(args32)
+    assert args[1].dtype == jnp.float8_e4m3fn
+    kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
+    out = ragged_paged_attention(*args, impl="interpret", in_place=in_place, **kw)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(out[n:]) == 0), "padding rows must be zero"
+    exact = ragged_paged_attention_reference(*args32, **kw)
+    err = _rel(out[:n], exact[:n])
+    assert 1e-4 < err < 0.1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_place", [False, True], ids=["select", "in_place"])
+@pytest.mark.parametrize("name,head_dim,seqs,window", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_kernels_read_fp8_pages(name, head_dim, seqs, window, in_place):
+    rng = np.random.default_rng(len(name) + 1)
+    heads = (14, 2) if "of 7" in name else (32, 8)
+    args, n = _batch(rng, seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                     page_size=16, dtype=jnp.bfloat16)
+    args = _fp8_pages(args)
+    kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
+    out = jax.jit(functools.partial(ragged_paged_attention, impl="kernel", in_place=in_place, **kw))(*args)
+    f32 = [a.astype(jnp.float32) for a in args[:3]]
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, **kw))(*f32, *args[3:])
+    out = np.asarray(out.astype(jnp.float32))
+    assert not np.isnan(out).any()
+    assert _rel(out[:n], ref[:n]) < 1e-2
+    assert np.all(out[n:] == 0)
