@@ -504,7 +504,7 @@ def main(argv=None) -> str:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
         sweep_points = [(1, 2048), (32, 2048), (64, 2048), (8, 8192)]
 
-    best = {d: paged_decode.decode_block_sizes(d, PAGE) for d in (128, 64)}
+    best = {d: paged_decode.decode_block_sizes(d, PAGE, KV_DTYPE) for d in (128, 64)}
     sweep_dims = [int(d) for d in args.sweep_head_dims.split(",")]
     sweep_kernels = set(args.sweep_kernels.split(","))
     if sweep_kernels - {"decode", "prefill"}:

@@ -346,3 +346,26 @@ def test_gpu_kernels_read_fp8_pages(name, head_dim, seqs, window, in_place):
     assert not np.isnan(out).any()
     assert _rel(out[:n], ref[:n]) < 1e-2
     assert np.all(out[n:] == 0)
+
+
+def test_fp8_pages_are_multiplied_in_float16_with_a_16_bit_query():
+    """With fp8 pages and a bf16 query the kernels multiply in float16 (e4m3 widens to it natively; every e4m3
+    value is exact in it): same result as the float32 reference over the same pages within float16's rounding;
+    the fp8 decode blocks hold twice the pages of the bf16 ones."""
+    assert paged_decode.compute_dtype(jnp.bfloat16, jnp.float8_e4m3fn) == jnp.float16
+    assert paged_decode.compute_dtype(jnp.float32, jnp.float8_e4m3fn) == jnp.float32
+    assert paged_decode.compute_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
+    for d in (128, 64, 96):
+        b16, b8 = paged_decode.decode_block_sizes(d, 16), paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn)
+        assert b8.pages_per_block == 2 * b16.pages_per_block
+    rng = np.random.default_rng(3)
+    args, n = _batch(rng, MIXED_SHORT, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
+                     dtype=jnp.bfloat16)
+    args = _fp8_pages(args)
+    kw = dict(sm_scale=32 ** -0.5)
+    out = ragged_paged_attention(*args, impl="interpret", **kw)
+    assert out.dtype == jnp.bfloat16
+    f32 = [a.astype(jnp.float32) for a in args[:3]]
+    ref = ragged_paged_attention_reference(*f32, *args[3:], **kw)
+    assert _rel(out[:n], ref[:n]) < 1e-2
+    assert np.all(np.asarray(out[n:], np.float32) == 0)
