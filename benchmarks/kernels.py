@@ -249,11 +249,11 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     """Time block sizes x split policies; the winner has the least sum of time / best time."""
     rows = []
     if variants is None and full:
-        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, g)
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, gather=g)
                     for p, w, s in ((4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 8, 2), (8, 8, 3))
                     for t in (132, 264, 528) for g in ("pages", "rows")]
     elif variants is None:   # around the tuned entry; keys by row (by page lost at every point, H200)
-        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, "rows")
+        variants = [paged_decode.DecodeBlockSizes(p, w, s, t, gather="rows")
                     for p, w, s, t in ((8, 4, 3, 132), (4, 4, 3, 264), (8, 8, 3, 264), (4, 4, 4, 528),
                                        (16, 8, 2, 132), (2, 4, 6, 528), (8, 4, 3, 528), (4, 4, 3, 1056))]
     if INTERPRET:
@@ -267,6 +267,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
             for pt, key in zip(points, keys):
                 row[key] = time_per_call(_ours(v), inputs[pt], difference=False) * 1e6
         except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
+            print("sweep variant failed", v, repr(e)[:300], file=sys.stderr)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append(row)
     ok = [r for r in rows if "error" not in r]
@@ -276,7 +277,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     best = min(ok, key=lambda r: r["score"])
     return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"],
                                          best["num_stages"], best["min_programs"],
-                                         best["gather"]), rows
+                                         gather=best["gather"]), rows
 
 
 def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
