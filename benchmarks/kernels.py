@@ -505,7 +505,8 @@ def main(argv=None) -> str:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
         sweep_points = [(1, 2048), (32, 2048), (64, 2048), (8, 8192)]
 
-    best = {d: paged_decode.decode_block_sizes(d, PAGE, KV_DTYPE) for d in (128, 64)}
+    # None: each call takes the kernel's own choice (``decode_block_sizes`` by the pages' dtype and the batch)
+    best = {d: None for d in (128, 64)}
     sweep_dims = [int(d) for d in args.sweep_head_dims.split(",")]
     sweep_kernels = set(args.sweep_kernels.split(","))
     if sweep_kernels - {"decode", "prefill"}:
@@ -535,7 +536,9 @@ def main(argv=None) -> str:
                        ("us", "µs", ".1f"), ("kv_gbs", "KV GB/s", ".0f"), ("of_bw", "of HBM bw", ".2f"),
                        ("bundled_us", "bundled µs", ".1f"), ("vs_bundled", "× bundled", ".2f"),
                        ("vs_reference", "× reference", ".2f")]),
-         f"Decode block sizes used: head_dim 128 {best[128]}; head_dim 64 {best[64]}.", "")
+         "Decode block sizes used: " + "; ".join(
+             f"head_dim {d} " + (str(best[d]) if best[d] else "the kernel's table (`paged_decode.decode_block_sizes` "
+                                 "by the pages' dtype and the call's sequence slots)") for d in (128, 64)) + ".", "")
 
     if args.decode_only:
         report = "\n".join(md)

@@ -77,22 +77,27 @@ _FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2
 
 
 # fp8 pages (``kv_cache_dtype="fp8"``): a block of twice the pages keeps as many bytes in flight a pipeline
-# stage as the bf16 entry (on an H200 the bf16 kernel reads at the copy rate; with fp8 pages and the bf16 blocks
-# it ran at 0.51-0.64 of it, batch 64-256 at context 2,048: 137 / 493 µs against bf16's 141 / 524,
-# ``python -m benchmarks.kernels --sweep none --decode-only --kv-dtype fp8``, 2026-12-04)
+# stage as the bf16 entry. On an H200 the bf16 kernel reads at the copy rate; fp8 pages with the bf16 blocks ran at
+# 0.51-0.64 of it (batch 64-256 at context 2,048: 137 / 493 µs against bf16's 141 / 524), with these blocks
+# 0.72 (batch 256: 402 µs, 1.30x bf16's), ``python -m benchmarks.kernels --sweep none --decode-only --kv-dtype
+# fp8 --points 256x2048`` (2026-12-04). Calls of at most ``one_live_slots`` sequence slots keep the bf16 blocks:
+# their few sequences are split over the grid by blocks, and twice the pages a block would halve the splits.
 TUNED_DECODE_BLOCKS_FP8: dict[tuple[int, int], DecodeBlockSizes] = {
     (128, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=264),
 }
 
 
-def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None) -> DecodeBlockSizes:
-    """The tuned blocks for ``(head_dim, page_size)`` and pages of ``kv_dtype`` (None: 16-bit)."""
-    if kv_dtype is not None and jnp.dtype(kv_dtype).itemsize == 1:
-        if (head_dim, page_size) in TUNED_DECODE_BLOCKS_FP8:
-            return TUNED_DECODE_BLOCKS_FP8[(head_dim, page_size)]
-        b = decode_block_sizes(head_dim, page_size)
-        return dataclasses.replace(b, pages_per_block=2 * b.pages_per_block)
-    return TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
+def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None, num_seqs: int | None = None
+                       ) -> DecodeBlockSizes:
+    """The tuned blocks for ``(head_dim, page_size)``, pages of ``kv_dtype`` (None: 16-bit) and calls of
+    ``num_seqs`` sequence slots (None: many)."""
+    b = TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
+    if kv_dtype is None or jnp.dtype(kv_dtype).itemsize != 1:
+        return b
+    if num_seqs is not None and num_seqs <= b.one_live_slots:
+        return b
+    return TUNED_DECODE_BLOCKS_FP8.get((head_dim, page_size),
+                                       dataclasses.replace(b, pages_per_block=2 * b.pages_per_block))
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -337,7 +342,7 @@ def paged_decode_attention_kernel(
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     group = num_q_heads // num_kv_heads
-    blocks = blocks or decode_block_sizes(head_dim, page_size, k_pages.dtype)
+    blocks = blocks or decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs)
     ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
     if num_splits is None:
         splits = grid_splits(num_seqs, num_kv_heads, pages_per_seq, blocks)

@@ -122,8 +122,8 @@ def ragged_paged_attention(
     is_decode = q_lens == 1
     decode_rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
     num_kv_heads, _, page_size, head_dim = k_pages.shape
-    splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], decode_block_sizes(head_dim, page_size,
-                                                                                       k_pages.dtype))
+    blocks = decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs)
+    splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks)
     if in_place and splits == 1:
         # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
         out = paged_decode_attention_kernel(

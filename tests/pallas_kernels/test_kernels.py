@@ -358,6 +358,9 @@ def test_fp8_pages_are_multiplied_in_float16_with_a_16_bit_query():
     for d in (128, 64, 96):
         b16, b8 = paged_decode.decode_block_sizes(d, 16), paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn)
         assert b8.pages_per_block == 2 * b16.pages_per_block
+        # a call of few sequence slots keeps the 16-bit blocks (its context splits fill the grid)
+        assert paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn, b16.one_live_slots) == b16
+        assert paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn, b16.one_live_slots + 1) == b8
     rng = np.random.default_rng(3)
     args, n = _batch(rng, MIXED_SHORT, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
                      dtype=jnp.bfloat16)
