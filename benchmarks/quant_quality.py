@@ -8,7 +8,9 @@ The model is converted three times with ``jaxdyn convert`` (no quantization, int
 Hugging Face directory, each conversion is restored, and every position of every prompt of a fixed set
 is scored in float32 compute. Reported against the unquantized conversion: weight bytes (all
 parameters, and the quantized linear layers alone), top-1 agreement of next-token predictions, and the
-mean KL divergence KL(p_unquantized || p_quantized) in nats per position.
+mean KL divergence KL(p_unquantized || p_quantized) in nats per position. The unquantized and fp8 models are
+scored again with fp8 KV pages (``--kv-cache-dtype fp8``: the prompt's keys and values written as float8_e4m3fn
+and read back by attention), against the same unquantized reference.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def score(path: str, prompts: list[list[int]]) -> tuple[list[np.ndarray], int, int]:
+def score(path: str, prompts: list[list[int]], kv_dtype=None) -> tuple[list[np.ndarray], int, int]:
     """Log-probabilities at every position of every prompt, weight bytes as served (all, quantized linears)."""
     import jax
     import jax.numpy as jnp
@@ -43,7 +45,7 @@ def score(path: str, prompts: list[list[int]]) -> tuple[list[np.ndarray], int, i
     longest = max(len(p) for p in prompts)
     n_pages = -(-longest // page)
     spec = KVCacheSpec(cfg.num_layers, stored_kv_heads(cfg.num_kv_heads, 1), n_pages + 1, page, cfg.head_dim,
-                       jnp.float32)
+                       kv_dtype or jnp.float32)
 
     @jax.jit
     def forward(state, kv, ids, md):
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import jax
+    import jax.numpy as jnp
 
     from checkpoints.convert import convert
     from jaxdyn.engine.tokenizer import Tokenizer
@@ -98,15 +101,18 @@ def main(argv=None) -> int:
             out = os.path.join(tmp, quant or "none")
             convert(args.model, out, dtype=args.dtype, quant=quant, progress=False)
             results[quant] = score(out, prompts)
+            if quant in (None, "fp8"):
+                results[(quant, "kv")] = score(out, prompts, jnp.float8_e4m3fn)
 
     ref, ref_bytes, ref_linear = results[None]
     rows = [("none", ref_bytes, ref_linear, 1.0, 0.0, 0.0)]
-    for quant in ("int8", "fp8"):
+    names = {"int8": "int8", "fp8": "fp8", (None, "kv"): "none, fp8 KV", ("fp8", "kv"): "fp8, fp8 KV"}
+    for quant in ("int8", "fp8", (None, "kv"), ("fp8", "kv")):
         lps, nbytes, linear = results[quant]
         agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, lps)) / n_pos
         kl = [(np.exp(a) * (a - b)).sum(-1) for a, b in zip(ref, lps)]
         kl_all = np.concatenate(kl)
-        rows.append((quant, nbytes, linear, agree, float(kl_all.mean()), float(np.percentile(kl_all, 99))))
+        rows.append((names[quant], nbytes, linear, agree, float(kl_all.mean()), float(np.percentile(kl_all, 99))))
 
     cmd = "python benchmarks/quant_quality.py" + "".join(
         f" --{k} {v}" for k, v in (("model", args.model), ("prompts", args.prompts), ("dtype", args.dtype))

@@ -343,9 +343,10 @@ def _cache_name(key: tuple) -> str:
 class _SplitStep:
     """A step as two compiled calls (``RunnerConfig.separate_sampler``): the bucket's forward (KV cache, token
     pages, logits), then its sampler variant's (draws, logprobs); called as one compiled step is, with the same
-    outputs. Both calls take the three host buffers as they are (each moves them to the device: on the CPU
-    0.16-0.38 ms a step more than one call, where a ``device_put`` first cost 0.8-1.1 ms;
-    ``benchmarks/engine_host_time.py --separate-sampler``)."""
+    outputs. The forward's call takes the three host buffers as they are (moving them to the device) and returns
+    them on the device, which the sampler's call takes: one transfer a step, as with one call (the sampler's call
+    moving them again cost 0.16-0.38 ms a step on the CPU, and on an H200 the small steps were 0.5-0.8 ms dearer
+    than one call; ``benchmarks/engine_host_time.py --separate-sampler``)."""
 
     def __init__(self, forward, sample, return_logits: bool):
         self.forward, self.sample, self.return_logits = forward, sample, return_logits
@@ -355,7 +356,8 @@ class _SplitStep:
         return self.forward.as_text() + "\n" + self.sample.as_text()
 
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
-        kv_cache, token_pages, logits = self.forward(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
+        kv_cache, token_pages, logits, tok, seqi, seqf = self.forward(state, kv_cache, token_pages, prev_sampled,
+                                                                      tok, seqi, seqf)
         sampled, lps, top_ids, top_lps = self.sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
         return kv_cache, token_pages, sampled, lps, top_ids, top_lps, logits if self.return_logits else None
 
@@ -462,10 +464,18 @@ class ModelRunner:
         return forward
 
     def _make_forward_step(self):
-        """The forward as an executable of its own (``separate_sampler``): the KV cache and token pages donated."""
+        """The forward as an executable of its own (``separate_sampler``): the KV cache and token pages donated.
+        It also returns its three input buffers, on the device, for the sampler's call: so that call moves
+        nothing from the host (the forward's call moved them once)."""
         kv, rep = self._kv_shardings(), self._replicated
-        return jax.jit(self._forward_fn, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
-                       out_shardings=(kv, rep, rep), donate_argnums=(1, 2))
+        forward = self._forward_fn
+
+        def forward_step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
+            return kv_cache, token_pages, logits, tok, seqi, seqf
+
+        return jax.jit(forward_step, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
+                       out_shardings=(kv, rep, rep, rep, rep, rep), donate_argnums=(1, 2))
 
     def _sample_fn(self, variant: str):
         """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes."""

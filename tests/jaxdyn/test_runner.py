@@ -302,6 +302,38 @@ def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
     np.testing.assert_array_equal(outs[1].next_token_ids, outs[0].next_token_ids)
 
 
+def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded):
+    """The forward's call returns its three host buffers on the device and the sampler's call takes those: a step
+    moves its inputs from the host once, as one executable does."""
+    from jaxdyn.engine.runner import _SplitStep
+    mesh, model = loaded
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), separate_sampler=True)
+    runner = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    seen = []
+    original = _SplitStep.__call__
+
+    def spy(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+        sample = self.sample
+
+        def record(*args):
+            seen.append((type(tok), [type(a) for a in args[3:]]))
+            return sample(*args)
+        self.sample = record
+        try:
+            return original(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
+        finally:
+            self.sample = sample
+
+    _SplitStep.__call__ = spy
+    try:
+        out = runner.step([SequenceWork([3, 4, 5], 0, [0])])
+    finally:
+        _SplitStep.__call__ = original
+    assert len(out.next_token_ids) == 1
+    assert seen and seen[0][0] is np.ndarray                  # the forward's call gets the host buffer
+    assert all(issubclass(t, jax.Array) for t in seen[0][1])  # the sampler's, the device copies
+
+
 @pytest.mark.parametrize("kinds", [("greedy", "banned", "greedy-top-k"), ("greedy", "seeded", "seeded-banned")])
 def test_a_greedy_or_plain_step_draws_what_full_draws(variant_runner, kinds):
     runner, _ = variant_runner
