@@ -111,6 +111,17 @@ def compute_dtype(q_dtype, kv_dtype):
     return q_dtype
 
 
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
+def to_compute(x: jax.Array, dtype) -> jax.Array:
+    """``x`` (a loaded query tile) in the products' ``dtype``; into float16 it saturates at +-65504 (a bf16 query
+    can hold larger values, which a plain cast would make inf and the softmax NaN)."""
+    if jnp.dtype(dtype) == jnp.float16 and x.dtype != jnp.float16:
+        x = jnp.clip(x.astype(jnp.float32), -_F16_MAX, _F16_MAX)   # in f32: bf16 rounds 65504 up to 65536
+    return x.astype(dtype)
+
+
 def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int,
                        min_programs: int) -> int:
     """Splits of the context so that small batches still fill the GPU (a power of two)."""
@@ -243,7 +254,7 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     q = pltriton.load(q_ref.at[qrow_ref[0], pl.ds(head * group, rows)],
                       mask=(row_ids < group)[:, None], other=0.0)
     dtype = dtype or q_ref.dtype      # what the products take (compute_dtype)
-    q = q.astype(dtype)
+    q = to_compute(q, dtype)
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
     def body(b, carry):

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import _MASK_VALUE, compute_dtype, key_block, kv_operands, pltriton
+from pallas_kernels.paged_decode import (_MASK_VALUE, compute_dtype, key_block, kv_operands, pltriton,
+                                         to_compute)
 
 _LOG2E = math.log2(math.e)
 
@@ -110,7 +111,7 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: fl
         io_ref = (pl.ds(first_row, block_q), pl.ds(head * group, group_rows))
         q = pltriton.load(q_ref.at[io_ref], mask=io_mask, other=0.0)
         dtype_ = dtype or q_ref.dtype     # what the products take (compute_dtype)
-        q = q.reshape(rows_per_item, head_dim).astype(dtype_)
+        q = to_compute(q.reshape(rows_per_item, head_dim), dtype_)
         # query position of each row (row r is token r // group_rows)
         q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group_rows
         last_pos = first_pos + num_rows - 1

@@ -135,7 +135,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"),
                    help="the KV cache's dtype: auto (default: the model's) or fp8 (float8 e4m3, also fp8_e4m3): "
                    "half the bytes a cached token, so twice the tokens fit and decode attention reads half as "
-                   "much; values are stored unscaled, saturating at +-448")
+                   "much; values are stored unscaled, saturating at +-448. For GPUs: on the CPU every fp8 write "
+                   "converts the whole pool")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "

@@ -144,6 +144,9 @@ class DisaggEngine:
         self.role.warmup(progress)
         self.decode.warmup(progress)
         self.scatter.warmup()
+        prefill = self.prefill
+        if prefill is not None and prefill.runner.kv_spec.dtype != self.decode.runner.kv_spec.dtype:
+            self.scatter.warmup(prefill.runner.kv_spec.dtype)    # its blocks are converted in the scatter
         return time.perf_counter() - t0
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:

@@ -11,6 +11,7 @@ pages are freed at once, which is safe because steps run in order on the device.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -30,6 +31,8 @@ from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
 from jaxdyn.kv.allocator import PageAllocator
 from jaxdyn.kv.cache import check_kv_cache_dtype
+
+log = logging.getLogger(__name__)
 from jaxdyn.kv.radix import RadixCache
 
 
@@ -77,7 +80,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
 
     def __post_init__(self):
-        check_kv_cache_dtype(self.kv_cache_dtype)
+        # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
+        object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
@@ -172,6 +176,10 @@ class EngineCore:
         ps = config.page_size
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
         platform = mesh.devices.flat[0].platform
+        if config.kv_cache_dtype != "auto" and platform == "cpu":
+            log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
+                        "fp8 write and read, so every step costs time in the size of the pool (for correctness "
+                        "checks; serve with it on a GPU)", config.kv_cache_dtype)
         fused = fp8_fused_quantize(config, model_config, platform)
         self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,

@@ -165,7 +165,8 @@ class RunnerConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
-        check_kv_cache_dtype(self.kv_cache_dtype)
+        # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
+        object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         if not is_count(self.fp8_kernel_max_tokens):

@@ -49,10 +49,11 @@ _FP8_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)   # 448
 
 
 def check_kv_cache_dtype(name) -> str:
-    """``name`` if it is a KV cache dtype this cache stores (ValueError naming the choices otherwise)."""
+    """``name``'s canonical form ("fp8_e4m3" is "fp8") if it is a KV cache dtype this cache stores (ValueError
+    naming the choices otherwise)."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
-    return name
+    return "fp8" if name == "fp8_e4m3" else name
 
 
 def is_fp8(dtype) -> bool:
@@ -62,6 +63,8 @@ def is_fp8(dtype) -> bool:
 def to_pages_dtype(x: jax.Array, dtype) -> jax.Array:
     """``x`` in the pages' ``dtype``: fp8 saturates at +-448 (e4m3 has no infinity, a cast of a larger value
     would be NaN), NaN staying NaN."""
+    if x.dtype == jnp.dtype(dtype):
+        return x
     if is_fp8(dtype):
         x = jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX)
     return x.astype(dtype)

@@ -105,9 +105,9 @@ class _Side:
         s = self.runner.kv_spec
         return (s.num_layers, 2, self.num_kv_heads, n, s.page_size, s.head_dim)
 
-    def warmup(self) -> None:
+    def warmup(self, *args) -> None:
         for b in self.buckets:
-            self._compile(b)
+            self._compile(b, *args)
 
 
 class KVGather(_Side):
@@ -150,8 +150,9 @@ class KVScatter(_Side):
                 block = jnp.repeat(block, reps, axis=2)
             new = []
             for layer, (k, v) in enumerate(kv_cache):
-                new.append((k.at[:, ids].set(block[layer, 0], mode="drop"),
-                            v.at[:, ids].set(block[layer, 1], mode="drop")))
+                # a block of another dtype (a bf16 prefill's, fp8 pages here) rounded as a step's write rounds
+                new.append((k.at[:, ids].set(to_pages_dtype(block[layer, 0], k.dtype), mode="drop"),
+                            v.at[:, ids].set(to_pages_dtype(block[layer, 1], v.dtype), mode="drop")))
             return new, token_pages.at[ids].set(toks, mode="drop")
 
         kv = runner._kv_shardings()
@@ -159,14 +160,15 @@ class KVScatter(_Side):
         self._jitted = jax.jit(scatter, in_shardings=(kv, rep, rep, self.sharding, rep),
                                out_shardings=(kv, rep), donate_argnums=(0, 1))
 
-    def _compile(self, b: int):
-        if b not in self._compiled:
+    def _compile(self, b: int, dtype=None):
+        """The scatter of a block of ``b`` pages of ``dtype`` (None: the cache's own)."""
+        dtype = jnp.dtype(dtype or self.runner.kv_spec.dtype)
+        if (b, dtype) not in self._compiled:
             sd = jax.ShapeDtypeStruct
-            self._compiled[b] = self._jitted.lower(
-                self.runner.kv_cache, self.runner.token_pages, sd((b,), jnp.int32),
-                sd(self.block_shape(b), self.runner.kv_spec.dtype),
+            self._compiled[(b, dtype)] = self._jitted.lower(
+                self.runner.kv_cache, self.runner.token_pages, sd((b,), jnp.int32), sd(self.block_shape(b), dtype),
                 sd((b, self.runner.kv_spec.page_size), jnp.int32)).compile()
-        return self._compiled[b]
+        return self._compiled[(b, dtype)]
 
     def __call__(self, pages: list[int], block, token_ids) -> None:
         """Write ``block`` (a bucket >= len(pages); on any mesh, or host numpy) into ``pages``;
@@ -182,14 +184,12 @@ class KVScatter(_Side):
         toks = np.zeros(b * ps, np.int32)
         toks[:len(token_ids)] = token_ids
         ids, toks = jax.device_put((ids, toks.reshape(b, ps)), self.runner._replicated)
-        dtype = self.runner.kv_spec.dtype
-        if block.dtype != dtype:
-            # a cache of another dtype sent it (a bf16 prefill, fp8 pages here): rounded as a write rounds
-            block = to_pages_dtype(jnp.asarray(block), dtype)
         if isinstance(block, np.ndarray) or block.sharding != self.sharding:
             block = jax.device_put(block, self.sharding)
         r = self.runner
-        r.kv_cache, r.token_pages = self._compile(b)(r.kv_cache, r.token_pages, ids, block, toks)
+        # a block of another dtype than the pages' is converted inside the scatter (compiled once a bucket and
+        # dtype; ``warmup(dtype)`` compiles an expected one ahead)
+        r.kv_cache, r.token_pages = self._compile(b, block.dtype)(r.kv_cache, r.token_pages, ids, block, toks)
 
 
 def measure_handoff(gather: KVGather, scatter: KVScatter, src_pages: list[int], dst_pages: list[int],

@@ -116,7 +116,8 @@ def run(args, model: str, engine_config) -> dict:
                                          "output_len", "range_ratio", "ignore_eos", "temperature", "num_warmups",
                                          "tp", "dtype", "load_format", "quantization")}
     cfg.update(seed=seed, model=model, engine={k: getattr(engine_config, k) for k in (
-        "max_num_seqs", "max_num_batched_tokens", "page_size", "enable_prefix_caching")},
+        "max_num_seqs", "max_num_batched_tokens", "page_size", "enable_prefix_caching", "kv_cache_dtype",
+        "separate_sampler")},
         max_model_len=engine.max_model_len, num_pages=engine.num_pages,
         load_seconds=engine.load_info.get("seconds"), warmup_seconds=engine.load_info.get("warmup_seconds"))
     for k, v in (("prefix", ("prefix_len", "suffix_len", "num_prefixes")), ("multiturn", ("num_turns", "turn_len"))):

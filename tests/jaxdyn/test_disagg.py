@@ -300,7 +300,16 @@ def test_scatter_rounds_a_block_of_another_dtype_into_fp8_pages(ckpt):
     src.kv_cache = [tuple(jax.device_put((300 * rng.standard_normal(k.shape)).astype(np.float32), k.sharding)
                           for k in pair) for pair in src.kv_cache]
     g, s = KVGather(src, 2, 8), KVScatter(dst, 2, 8)
+    s.warmup(jnp.float32)
+    compiled = dict(s._compiled)
     s([5, 2], g([1, 6]), list(range(20)))
+    assert s._compiled == compiled, "the warmed scatter of float32 blocks compiles nothing more"
+    # a block from the host (a remote prefill's, over gRPC) takes the same path
+    host = np.asarray(g([3]))
+    s([7], host, list(range(5)))
+    np.testing.assert_array_equal(np.asarray(dst.kv_cache[0][0].astype(jnp.float32))[:, 7],
+                                  np.asarray(to_pages_dtype(src.kv_cache[0][0][:, 3], jnp.float8_e4m3fn)
+                                             .astype(jnp.float32)))
     for (sk, _), (dk, _) in zip(src.kv_cache, dst.kv_cache):
         assert dk.dtype == jnp.float8_e4m3fn
         got = np.asarray(dk.astype(jnp.float32))

@@ -527,6 +527,8 @@ def test_kv_cache_dtype_is_checked_and_resolved():
     assert kv_cache_dtype(jnp.bfloat16, mesh) == jnp.float32            # the CPU widens 16-bit pages
     assert kv_cache_dtype(jnp.bfloat16, mesh, "fp8") == jnp.float8_e4m3fn
     assert kv_cache_dtype(jnp.float32, mesh, "fp8_e4m3") == jnp.float8_e4m3fn
+    assert EngineConfig(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8"     # one name, one cache key
+    assert RunnerConfig(kv_cache_dtype="fp8_e4m3") == RunnerConfig(kv_cache_dtype="fp8")
     for bad in ("fp16", "e5m2", None):
         with pytest.raises(ValueError, match="kv_cache_dtype"):
             EngineConfig(kv_cache_dtype=bad)
