@@ -66,7 +66,9 @@ def to_pages_dtype(x: jax.Array, dtype) -> jax.Array:
     if x.dtype == jnp.dtype(dtype):
         return x
     if is_fp8(dtype):
-        x = jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX)
+        if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).max >= _FP8_MAX):
+            x = x.astype(jnp.float32)
+        x = jnp.clip(x, -_FP8_MAX, _FP8_MAX)     # 448 is exact in bf16, f16 and f32: clipped in x's own dtype
     return x.astype(dtype)
 
 
