@@ -31,9 +31,9 @@ from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
 from jaxdyn.kv.allocator import PageAllocator
 from jaxdyn.kv.cache import check_kv_cache_dtype
+from jaxdyn.kv.radix import RadixCache
 
 log = logging.getLogger(__name__)
-from jaxdyn.kv.radix import RadixCache
 
 
 class RequestError(ValueError):

@@ -22,7 +22,8 @@ separate buffer that the jitted step donates and updates in place)::
   ``--kv-cache-dtype fp8``). fp8 pages hold the values themselves (a scale of
   1.0, vLLM's default without calibrated scales), clipped to e4m3's range of
   +-448 when written (a plain cast would make NaN of larger values); the
-  attention kernels widen each loaded tile to the query's dtype.
+  attention kernels widen each loaded tile as they read it (to float16 for a
+  16-bit query: ``pallas_kernels.paged_decode.compute_dtype``).
 
 Why a list per layer rather than one stacked array: the model's layers are
 unrolled in Python (a ``lax.scan`` over stacked weights measured 3x slower on
