@@ -190,8 +190,8 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
     hit) and the tile is loaded as ``[tokens, D]``, no reshape of the loaded data.
     ``gather="pages"``: they are ``[pages, page_size, D]``; the block's page ids are read once
     and the ``[pages, page_size, D]`` tile is reshaped to ``[tokens, D]``.
-    ``dtype``: the tiles widened to it once loaded (fp8 pages, read at half the bytes, multiplied in the
-    query's dtype); None: the pages' dtype.
+    ``dtype``: the tiles widened to it once loaded (fp8 pages, read at half the bytes, multiplied in
+    ``compute_dtype``); None: the pages' dtype.
     """
     tokens = pages_per_block * page_size
     if gather == "rows":
