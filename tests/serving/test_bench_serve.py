@@ -62,7 +62,9 @@ def test_reported_latencies_and_throughputs_match_the_injected_delays(tmp_path, 
         assert r["output_tokens"] == n_out and r["token_source"] == "usage"
         assert r["prompt_len"] == 8 + 1 and r["prompt_token_source"] == "usage"    # the fake: words + 1
     assert 200 <= s["median_ttft_ms"] < 290 and s["median_ttft_ms"] <= s["p90_ttft_ms"] <= s["p99_ttft_ms"]
-    assert 100 <= s["median_itl_ms"] < 150 and 100 <= s["median_tpot_ms"] < 150
+    # a chunk that arrives late shortens the next interval: intervals keep the per-request 5 ms slack above, and
+    # so do their medians (one CI run: median ITL 99.76 ms with the machine busy)
+    assert 95 <= s["median_itl_ms"] < 150 and 95 <= s["median_tpot_ms"] < 150
     assert 500 <= s["median_e2el_ms"] < 590
     # throughputs are the totals over the run's duration, which is about one request's latency
     assert s["total_output_tokens"] == 12 * n_out and s["total_input_tokens"] == 12 * 9
