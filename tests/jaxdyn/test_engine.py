@@ -535,3 +535,21 @@ def test_kv_cache_dtype_is_checked_and_resolved():
         with pytest.raises(ValueError, match="kv_cache_dtype"):
             RunnerConfig(num_pages=8, page_size=16, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64,
                          kv_cache_dtype=bad)
+
+
+def test_fp8_kv_cache_under_tensor_parallelism_draws_what_one_device_draws(ckpt):
+    """fp8 pages sharded over kv heads (TP 2): the greedy tokens of one device's fp8 cache."""
+    from jaxdyn.parallel.sharding import make_mesh
+    import jax
+    cfg = dataclasses.replace(CFG, kv_cache_dtype="fp8")
+    prompts = {"a": list(range(40, 75)), "b": [256, 5, 6, 7, 8], "c": list(range(100, 120))}
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = []
+    for tp in (1, 2):
+        mesh, loaded, tok = load_model(ckpt, tp=tp, dtype=jnp.float32, mesh=make_mesh(tp, jax.devices()[:tp]))
+        core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
+        core.warmup()
+        assert core.runner.kv_cache[0][0].dtype == jnp.float8_e4m3fn
+        outs.append({k: o.outputs[0].token_ids for k, o in run(core, {k: (v, p) for k, v in prompts.items()}).items()})
+        assert core.allocator.num_in_use == 0
+    assert outs[0] == outs[1]
