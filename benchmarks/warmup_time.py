@@ -1,12 +1,13 @@
 """Warm-up seconds of an engine on this machine: every bucket compiled, no executable or JAX cache.
 
-    python benchmarks/warmup_time.py [--separate-sampler]                  # the shipped demo, jaxdyn serve's engine
-    python benchmarks/warmup_time.py --preset llama-3.1-8b --layers 32 [--separate-sampler]
+    python benchmarks/warmup_time.py [--separate-sampler [except-greedy]]      # the shipped demo, jaxdyn serve's engine
+    python benchmarks/warmup_time.py --preset llama-3.1-8b --layers 32 [--separate-sampler [except-greedy]]
 
 ``--preset``: that preset's depth and vocabulary at hidden 64 (``benchmarks/engine_host_time.py``'s narrow model,
 random weights), token buckets 16/64/256 and page buckets 8/32 (six shapes). Prints the seconds of
 ``warmup()`` and how many executables it compiled (``--separate-sampler``: a forward a bucket and a sampler a
-bucket and variant, against one executable a bucket and variant).
+bucket and variant, against one executable a bucket and variant; ``except-greedy``: the greedy variant's steps
+whole, the others' split).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default=None, help="a preset's depth and vocabulary at hidden 64 (default: the demo)")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
-    ap.add_argument("--separate-sampler", action="store_true")
+    ap.add_argument("--separate-sampler", nargs="?", const="all", default=None, choices=("all", "except-greedy"))
     args = ap.parse_args()
     sys.path.insert(0, ".")
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -31,7 +32,8 @@ def main() -> int:
     from jaxdyn.engine.compilation import compilation_count
     if args.preset is None:
         from serving.cli import DEMO_MODEL, _engine_config, build_parser
-        argv = ["serve", "--no-executable-cache"] + (["--separate-sampler"] if args.separate_sampler else [])
+        argv = ["serve", "--no-executable-cache"] + (["--separate-sampler", args.separate_sampler]
+                                                     if args.separate_sampler else [])
         cfg = _engine_config(build_parser().parse_args(argv))
         mesh, loaded, tok = load_model(DEMO_MODEL)
         what = "the demo model, jaxdyn serve's engine"
@@ -42,7 +44,9 @@ def main() -> int:
         mesh, loaded, tok = load_model(model_dir(args.preset, tempfile.mkdtemp(), **overrides), dtype="float32",
                                        load_format="dummy")
         cfg = EngineConfig(num_pages=512, max_num_batched_tokens=256, max_num_seqs=64, max_model_len=512,
-                           token_buckets=(16, 64, 256), page_buckets=(8, 32), separate_sampler=args.separate_sampler)
+                           token_buckets=(16, 64, 256), page_buckets=(8, 32),
+                           separate_sampler={None: False, "all": True, "except-greedy": "except_greedy"}[
+                               args.separate_sampler])
         what = f"{args.preset}'s depth and vocabulary ({loaded.config.num_layers} layers), hidden 64"
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     c0, t0 = compilation_count(), time.perf_counter()

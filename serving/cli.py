@@ -128,10 +128,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-fused-quantize-min-tokens", default="auto", metavar="N|auto",
                    help="--fp8-fused-quantize in steps of at least N tokens only (smaller ones keep XLA's). auto "
                    "(default): jaxdyn.engine.core.FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0")
-    p.add_argument("--separate-sampler", action="store_true",
+    p.add_argument("--separate-sampler", nargs="?", const="all", default=None, choices=("all", "except-greedy"),
                    help="compile each token bucket's model once and the sampler apart (two calls a step) instead "
                    "of one executable a bucket and sampler variant, each with the model inside: warm-up compiles "
-                   "the model a third as often (8B depth on the CPU: 17.1 s instead of 37.2 s)")
+                   "the model a third as often (8B depth on the CPU: 17.1 s instead of 37.2 s). except-greedy: "
+                   "greedy steps keep one executable (one call), the other variants share a forward: the model "
+                   "compiled twice a bucket")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"),
                    help="the KV cache's dtype: auto (default: the model's) or fp8 (float8 e4m3, also fp8_e4m3): "
                    "half the bytes a cached token, so twice the tokens fit and decode attention reads half as "
@@ -189,7 +191,8 @@ def _engine_fields(args) -> dict:
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
-                separate_sampler=getattr(args, "separate_sampler", False),
+                separate_sampler={None: False, "all": True, "except-greedy": "except_greedy"}[
+                    getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 **buckets)
 

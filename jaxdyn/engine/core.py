@@ -24,8 +24,8 @@ from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
-    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, is_count, kv_cache_dtype,
-    sampling_row)
+    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_separate_sampler,
+    is_count, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -76,12 +76,15 @@ class EngineConfig:
     # fp8_fused_quantize in steps of at least this many tokens only (RunnerConfig); "auto":
     # FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0
     fp8_fused_quantize_min_tokens: int | str = "auto"
-    separate_sampler: bool = False           # the model compiled once a bucket, the sampler apart (RunnerConfig)
+    # the model compiled once a bucket, the sampler apart; "except_greedy": greedy steps one executable each
+    # (RunnerConfig)
+    separate_sampler: bool | str = False
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
+        check_separate_sampler(self.separate_sampler)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")

@@ -157,8 +157,11 @@ class RunnerConfig:
     # Each bucket's model compiled once, apart from the sampler: a step is two calls, the forward of its
     # (tokens, pages) bucket, then the sampler variant's (``_SplitStep``). False: one executable a bucket and
     # variant, the model inlined into each of the three (XLA compiles the model, and every Pallas kernel in
-    # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session).
-    separate_sampler: bool = False
+    # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session). "except_greedy": the
+    # greedy variant's steps one executable each (the model inlined, one call a step), the other variants' two
+    # calls over one forward a bucket: the model compiled twice a bucket instead of three times, and greedy steps
+    # as fast as with False.
+    separate_sampler: bool | str = False
     # The KV pages' dtype: "auto" (the model's; f32 on the CPU for 16-bit models) or "fp8" / "fp8_e4m3"
     # (float8_e4m3fn, half the bytes: twice the pages in the same memory, and the decode kernel reads half
     # the bytes; ``jaxdyn.kv.cache``)
@@ -167,6 +170,7 @@ class RunnerConfig:
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
+        check_separate_sampler(self.separate_sampler)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         if not is_count(self.fp8_kernel_max_tokens):
@@ -186,6 +190,16 @@ class RunnerConfig:
 
     def seqs_for(self, token_bucket: int) -> int:
         return min(token_bucket, self.max_num_seqs)
+
+
+SEPARATE_SAMPLER = (False, True, "except_greedy")
+
+
+def check_separate_sampler(value):
+    """``value`` if it is a ``separate_sampler`` setting (ValueError naming the choices otherwise)."""
+    if not any(value is v or (isinstance(v, str) and value == v) for v in SEPARATE_SAMPLER):
+        raise ValueError(f"separate_sampler: expected False, True or 'except_greedy', got {value!r}")
+    return value
 
 
 _PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler
@@ -775,17 +789,23 @@ class ModelRunner:
             self._compiled[(t, p, variant)] = self._assemble(t, p, variant)
         return self._compiled[(t, p, variant)]
 
+    def _split(self, variant: str) -> bool:
+        """Whether ``variant``'s steps are two calls (``separate_sampler``)."""
+        mode = self.config.separate_sampler
+        return mode is True or (mode == "except_greedy" and variant != VARIANTS[0])
+
     def _part_keys(self, t: int, p: int, variant: str) -> list[tuple]:
         """The compiled parts of the step of bucket (t, p) with sampler ``variant``: ("step", t, p, variant), or
-        with ``separate_sampler`` ("forward", t, p) -- shared by the variants -- and ("sample", t, p, variant)."""
-        if self.config.separate_sampler:
+        where ``separate_sampler`` splits it ("forward", t, p) -- shared by the variants -- and ("sample", t, p,
+        variant)."""
+        if self._split(variant):
             return [("forward", t, p), ("sample", t, p, variant)]
         return [("step", t, p, variant)]
 
     def _assemble(self, t: int, p: int, variant: str):
         """The step of (t, p, variant) from its compiled parts: called as ``compiled(state, kv_cache,
         token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
-        if not self.config.separate_sampler:
+        if not self._split(variant):
             return self._parts[("step", t, p, variant)]
         return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
                           self.config.return_logits)

@@ -118,18 +118,20 @@ def test_split_steps_draw_what_whole_steps_draw(engine):
         assert split[rid].outputs[0].token_ids == whole[rid].outputs[0].token_ids, rid
 
 
-def test_a_separate_sampler_draws_what_one_executable_draws(engine, ckpt):
+@pytest.mark.parametrize("mode", [True, "except_greedy"])
+def test_a_separate_sampler_draws_what_one_executable_draws(engine, ckpt, mode):
     """``EngineConfig.separate_sampler``: the seeded, preempting workload (prompt chunks, decode fed back on the
-    device with overlap) draws the same tokens through two calls a step as through one."""
+    device with overlap) draws the same tokens through two calls a step as through one ("except_greedy": its
+    sampled steps are split, greedy ones would be whole)."""
     if not engine.config.enable_prefix_caching:
         pytest.skip("one engine of each kind is enough")
     reqs, arrivals = _workload(3, sampled=True)
     want = run(engine, reqs, arrivals)
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, separate_sampler=True))
+                      dataclasses.replace(CFG, separate_sampler=mode))
     core.warmup()
-    assert core.runner.config.separate_sampler
+    assert core.runner.config.separate_sampler == mode
     got = run(core, reqs, arrivals)
     for rid in reqs:
         assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids, rid
@@ -529,6 +531,11 @@ def test_kv_cache_dtype_is_checked_and_resolved():
     assert kv_cache_dtype(jnp.float32, mesh, "fp8_e4m3") == jnp.float8_e4m3fn
     assert EngineConfig(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8"     # one name, one cache key
     assert RunnerConfig(kv_cache_dtype="fp8_e4m3") == RunnerConfig(kv_cache_dtype="fp8")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="separate_sampler"):
+            EngineConfig(separate_sampler=bad)
+        with pytest.raises(ValueError, match="separate_sampler"):
+            RunnerConfig(separate_sampler=bad)
     for bad in ("fp16", "e5m2", None):
         with pytest.raises(ValueError, match="kv_cache_dtype"):
             EngineConfig(kv_cache_dtype=bad)

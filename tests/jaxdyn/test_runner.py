@@ -268,17 +268,25 @@ def _generate(runner, kinds, variant=None, steps=5):
     return tokens, logprobs, used
 
 
+@pytest.mark.parametrize("mode", [True, "except_greedy"])
 def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_executable_draws(
-        loaded, variant_runner):
+        loaded, variant_runner, mode):
     """``separate_sampler``: warm-up compiles a forward a bucket and a sampler a bucket and variant (2 + 2 x 3
-    + the page copy, against 2 x 3 + 1 whole steps); every kind of row, in its own variant and in a mixed
+    + the page copy, against 2 x 3 + 1 whole steps); "except_greedy": the greedy steps whole, a forward a bucket
+    and the other variants' samplers (2 + 2 + 2 x 2 + 1); every kind of row, in its own variant and in a mixed
     step, draws the tokens and logprobs the one-executable runner draws; nothing compiles after warm-up."""
     mesh, model = loaded
-    runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(VARIANT_CFG, separate_sampler=True))
+    runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(VARIANT_CFG, separate_sampler=mode))
     before = compilation_count()
     runner.warmup()
-    assert compilation_count() - before == 2 + 2 * len(VARIANTS) + 1
-    assert sorted(k[0] for k in runner._parts) == ["forward"] * 2 + ["sample"] * 2 * len(VARIANTS)
+    if mode is True:
+        assert compilation_count() - before == 2 + 2 * len(VARIANTS) + 1
+        assert sorted(k[0] for k in runner._parts) == ["forward"] * 2 + ["sample"] * 2 * len(VARIANTS)
+    else:
+        assert compilation_count() - before == 2 + 2 + 2 * (len(VARIANTS) - 1) + 1
+        assert sorted(k[0] for k in runner._parts) == ["forward"] * 2 + ["sample"] * 4 + ["step"] * 2
+        assert all(k[3] == VARIANTS[0] for k in runner._parts if k[0] == "step")
+        assert VARIANTS[0] not in {k[3] for k in runner._parts if k[0] == "sample"}
     one, _ = variant_runner
     before = compilation_count()
     for kinds in (("greedy",), ("seeded",), ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs")):

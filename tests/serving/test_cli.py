@@ -85,6 +85,9 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve"])).fp8_fused_quantize_min_tokens == "auto"
     assert _engine_config(parse(["serve"])).separate_sampler is False
     assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
+    assert _engine_config(parse(["serve", "--separate-sampler", "except-greedy"])).separate_sampler == "except_greedy"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--separate-sampler", "some"])
     assert _engine_config(parse(["serve"])).kv_cache_dtype == "auto"
     for name in ("fp8", "fp8_e4m3"):
         assert _engine_config(parse(["serve", "--kv-cache-dtype", name])).kv_cache_dtype == "fp8"
