@@ -51,7 +51,7 @@ def main() -> int:
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     c0, t0 = compilation_count(), time.perf_counter()
     core.warmup()
-    print(f"{what}, separate_sampler={args.separate_sampler}: warm-up {time.perf_counter() - t0:.1f} s, "
+    print(f"{what}, separate_sampler={args.separate_sampler or 'off'}: warm-up {time.perf_counter() - t0:.1f} s, "
           f"{compilation_count() - c0} compilations")
     return 0
 
