@@ -30,6 +30,7 @@ def main() -> int:
     from checkpoints.loader import load_model
     from jaxdyn import EngineConfig, EngineCore
     from jaxdyn.engine.compilation import compilation_count
+    from serving.cli import SEPARATE_SAMPLER_FLAG
     if args.preset is None:
         from serving.cli import DEMO_MODEL, _engine_config, build_parser
         argv = ["serve", "--no-executable-cache"] + (["--separate-sampler", args.separate_sampler]
@@ -45,8 +46,7 @@ def main() -> int:
                                        load_format="dummy")
         cfg = EngineConfig(num_pages=512, max_num_batched_tokens=256, max_num_seqs=64, max_model_len=512,
                            token_buckets=(16, 64, 256), page_buckets=(8, 32),
-                           separate_sampler={None: False, "all": True, "except-greedy": "except_greedy"}[
-                               args.separate_sampler])
+                           separate_sampler=SEPARATE_SAMPLER_FLAG[args.separate_sampler])
         what = f"{args.preset}'s depth and vocabulary ({loaded.config.num_layers} layers), hidden 64"
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     c0, t0 = compilation_count(), time.perf_counter()

@@ -76,28 +76,23 @@ TUNED_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
 _FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2)
 
 
-# fp8 pages (``kv_cache_dtype="fp8"``): a block of twice the pages keeps as many bytes in flight a pipeline
-# stage as the bf16 entry. On an H200 the bf16 kernel reads at the copy rate; fp8 pages with the bf16 blocks ran at
-# 0.51-0.64 of it (batch 64-256 at context 2,048: 137 / 493 µs against bf16's 141 / 524), with these blocks
-# 0.72 (batch 256: 402 µs, 1.30x bf16's), ``python -m benchmarks.kernels --sweep none --decode-only --kv-dtype
-# fp8 --points 256x2048`` (2026-12-04). Calls of at most ``one_live_slots`` sequence slots keep the bf16 blocks:
-# their few sequences are split over the grid by blocks, and twice the pages a block would halve the splits.
-TUNED_DECODE_BLOCKS_FP8: dict[tuple[int, int], DecodeBlockSizes] = {
-    (128, 16): DecodeBlockSizes(pages_per_block=8, num_warps=4, num_stages=3, min_programs=264),
-}
-
-
 def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None, num_seqs: int | None = None
                        ) -> DecodeBlockSizes:
     """The tuned blocks for ``(head_dim, page_size)``, pages of ``kv_dtype`` (None: 16-bit) and calls of
-    ``num_seqs`` sequence slots (None: many)."""
+    ``num_seqs`` sequence slots (None: many).
+
+    fp8 pages (``kv_cache_dtype="fp8"``) take blocks of twice the pages, which keep as many bytes in flight a
+    pipeline stage as the 16-bit blocks. On an H200 the bf16 kernel reads at the copy rate; fp8 pages with the
+    bf16 blocks ran at 0.51-0.64 of it (batch 64-256 at context 2,048: 137 / 493 µs against bf16's 141 / 524),
+    with twice the pages 0.72 (batch 256: 402 µs, 1.30x bf16's), ``python -m benchmarks.kernels --sweep none
+    --decode-only --kv-dtype fp8 --points 256x2048`` (2026-12-04). Calls of at most ``one_live_slots`` sequence
+    slots keep the 16-bit blocks: their few sequences are split over the grid by blocks, and twice the pages a
+    block would halve the splits."""
     b = TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
-    if kv_dtype is None or jnp.dtype(kv_dtype).itemsize != 1:
+    if kv_dtype is None or jnp.dtype(kv_dtype).itemsize != 1 or (num_seqs is not None
+                                                                  and num_seqs <= b.one_live_slots):
         return b
-    if num_seqs is not None and num_seqs <= b.one_live_slots:
-        return b
-    return TUNED_DECODE_BLOCKS_FP8.get((head_dim, page_size),
-                                       dataclasses.replace(b, pages_per_block=2 * b.pages_per_block))
+    return dataclasses.replace(b, pages_per_block=2 * b.pages_per_block)
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -224,7 +219,7 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
                    sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
                    sliding_window: int | None, precision, interpret: bool, gather: str,
-                   in_place: bool = False, dtype=None):
+                   in_place: bool, dtype):
     # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); splits_ref: i32[1]
     # (splits in use, <= the grid's); pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
@@ -253,8 +248,7 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     row_ids = jnp.arange(rows, dtype=jnp.int32)
     q = pltriton.load(q_ref.at[qrow_ref[0], pl.ds(head * group, rows)],
                       mask=(row_ids < group)[:, None], other=0.0)
-    dtype = dtype or q_ref.dtype      # what the products take (compute_dtype)
-    q = to_compute(q, dtype)
+    q = to_compute(q, dtype)          # what the products take (compute_dtype)
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
     def body(b, carry):

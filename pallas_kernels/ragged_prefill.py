@@ -91,7 +91,7 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
 def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: float,
                     page_size: int, pages_per_block: int, block_q: int, group: int,
                     group_rows: int, sliding_window: int | None, precision, interpret: bool,
-                    gather: str, dtype=None):
+                    gather: str, dtype):
     # item_ref: i32[4]; pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), [num_pages * page_size, D] with
     # gather="rows"; o_refs: (o [T, num_q_heads, D],), or (the aliased input, o) with ``out``
@@ -110,8 +110,7 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: fl
                    & (jnp.arange(group_rows, dtype=jnp.int32) < group)[None, :, None])
         io_ref = (pl.ds(first_row, block_q), pl.ds(head * group, group_rows))
         q = pltriton.load(q_ref.at[io_ref], mask=io_mask, other=0.0)
-        dtype_ = dtype or q_ref.dtype     # what the products take (compute_dtype)
-        q = to_compute(q.reshape(rows_per_item, head_dim), dtype_)
+        q = to_compute(q.reshape(rows_per_item, head_dim), dtype)   # what the products take (compute_dtype)
         # query position of each row (row r is token r // group_rows)
         q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group_rows
         last_pos = first_pos + num_rows - 1
@@ -122,7 +121,7 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: fl
             acc, m_prev, l_prev = carry
             # pages at or before the item's last position; later ones are not read on GPU
             k, v = key_block(k_ref, v_ref, pt_ref, b * pages_per_block, pages_per_block, page_size,
-                             last_pos // page_size + 1, gather, interpret, dtype=dtype_)
+                             last_pos // page_size + 1, gather, interpret, dtype=dtype)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale_log2
             if masked:

@@ -148,6 +148,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="neither load nor save compiled steps")
 
 
+# --separate-sampler's value (absent, bare, or "except-greedy") as ``EngineConfig.separate_sampler``
+SEPARATE_SAMPLER_FLAG = {None: False, "all": True, "except-greedy": "except_greedy"}
+
+
 def _engine_config(args):
     from jaxdyn import EngineConfig
     return EngineConfig(**_engine_fields(args))
@@ -191,8 +195,7 @@ def _engine_fields(args) -> dict:
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
-                separate_sampler={None: False, "all": True, "except-greedy": "except_greedy"}[
-                    getattr(args, "separate_sampler", None)],
+                separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 **buckets)
 

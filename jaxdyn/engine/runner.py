@@ -445,7 +445,7 @@ class ModelRunner:
         self._parts: dict[tuple, jax.stages.Compiled] = {}
         if config.separate_sampler:
             self._forward_step = self._make_forward_step()
-            self._sample_steps = {v: self._make_sample_step(v) for v in VARIANTS}
+            self._sample_steps = {v: self._make_sample_step(v) for v in VARIANTS if self._split(v)}
         self._copy_jitted = self._make_copy()
 
     # ---- compilation -------------------------------------------------------------------------

@@ -57,16 +57,12 @@ def check_kv_cache_dtype(name) -> str:
     return "fp8" if name == "fp8_e4m3" else name
 
 
-def is_fp8(dtype) -> bool:
-    return jnp.dtype(dtype) == FP8_KV_DTYPE
-
-
 def to_pages_dtype(x: jax.Array, dtype) -> jax.Array:
     """``x`` in the pages' ``dtype``: fp8 saturates at +-448 (e4m3 has no infinity, a cast of a larger value
     would be NaN), NaN staying NaN."""
     if x.dtype == jnp.dtype(dtype):
         return x
-    if is_fp8(dtype):
+    if jnp.dtype(dtype) == FP8_KV_DTYPE:
         if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).max >= _FP8_MAX):
             x = x.astype(jnp.float32)
         x = jnp.clip(x, -_FP8_MAX, _FP8_MAX)     # 448 is exact in bf16, f16 and f32: clipped in x's own dtype

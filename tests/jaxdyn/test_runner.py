@@ -310,7 +310,7 @@ def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
     np.testing.assert_array_equal(outs[1].next_token_ids, outs[0].next_token_ids)
 
 
-def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded):
+def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded, monkeypatch):
     """The forward's call returns its three host buffers on the device and the sampler's call takes those: a step
     moves its inputs from the host once, as one executable does."""
     from jaxdyn.engine.runner import _SplitStep
@@ -332,11 +332,8 @@ def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded):
         finally:
             self.sample = sample
 
-    _SplitStep.__call__ = spy
-    try:
-        out = runner.step([SequenceWork([3, 4, 5], 0, [0])])
-    finally:
-        _SplitStep.__call__ = original
+    monkeypatch.setattr(_SplitStep, "__call__", spy)
+    out = runner.step([SequenceWork([3, 4, 5], 0, [0])])
     assert len(out.next_token_ids) == 1
     assert seen and seen[0][0] is np.ndarray                  # the forward's call gets the host buffer
     assert all(issubclass(t, jax.Array) for t in seen[0][1])  # the sampler's, the device copies
