@@ -444,9 +444,23 @@ def main(argv=None) -> str:
                     help="which kernels' block sizes are swept (decode, prefill or both)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
                     help="the KV pages' dtype (fp8: float8_e4m3fn, what --kv-cache-dtype fp8 stores)")
+    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G,...",
+                    help="the decode sweep's variants instead of --sweep's: pages a block, warps, stages, "
+                         "programs to split to, gather (rows|pages), e.g. 8:4:3:264:rows,16:8:2:264:rows")
+    ap.add_argument("--sweep-points", default=None, metavar="BxC,...",
+                    help="the decode sweep's (batch, context) points instead of the defaults")
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode grid only (no correctness table, prefill rows or entry overhead)")
     args = ap.parse_args(argv)
+    variants = None
+    if args.sweep_variants:
+        try:
+            variants = [paged_decode.DecodeBlockSizes(int(p), int(w), int(st), int(t), gather=g)
+                        for p, w, st, t, g in (v.split(":") for v in args.sweep_variants.split(","))]
+        except ValueError:
+            ap.error(f"--sweep-variants: expected P:W:S:T:G entries separated by commas, got {args.sweep_variants!r}")
+        if any(v.gather not in ("rows", "pages") for v in variants):
+            ap.error("--sweep-variants: gather must be rows or pages")
     global KV_DTYPE
     KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     rng = np.random.default_rng(0)
@@ -458,6 +472,8 @@ def main(argv=None) -> str:
         f" --sweep-head-dims {args.sweep_head_dims}" if args.sweep_head_dims != "128" else "") + (
         f" --sweep-kernels {args.sweep_kernels}" if args.sweep_kernels != "decode,prefill" else "") + (
         f" --kv-dtype {args.kv_dtype}" if args.kv_dtype != "bf16" else "") + (
+        f" --sweep-variants {args.sweep_variants}" if args.sweep_variants else "") + (
+        f" --sweep-points {args.sweep_points}" if args.sweep_points else "") + (
         " --decode-only" if args.decode_only else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
@@ -505,6 +521,13 @@ def main(argv=None) -> str:
         batches, contexts, head_dims = (1, 8, 32, 128), (512, 2048, 8192, 32768), (128, 64)
         sweep_points = [(1, 2048), (32, 2048), (64, 2048), (8, 8192)]
 
+    if args.sweep_points and not INTERPRET:
+        try:
+            sweep_points = [tuple(int(x) for x in pt.split("x")) for pt in args.sweep_points.split(",")]
+        except ValueError:
+            ap.error(f"--sweep-points: expected BxC entries separated by commas, got {args.sweep_points!r}")
+        if any(len(pt) != 2 for pt in sweep_points):
+            ap.error("--sweep-points: expected BxC entries")
     # None: each call takes the kernel's own choice (``decode_block_sizes`` by the pages' dtype and the batch)
     best = {d: None for d in (128, 64)}
     sweep_dims = [int(d) for d in args.sweep_head_dims.split(",")]
@@ -514,7 +537,7 @@ def main(argv=None) -> str:
     if args.sweep != "none" and "decode" in sweep_kernels:
         for head_dim in sweep_dims:
             best[head_dim], sweep = sweep_decode_blocks(rng, sweep_points, full=args.sweep == "full",
-                                                        head_dim=head_dim)
+                                                        variants=variants, head_dim=head_dim)
             print(f"decode block sweep winner (head_dim {head_dim})", best[head_dim], flush=True)
             emit(f"### Decode block-size sweep, head_dim {head_dim} (µs per call)", "",
                  _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),

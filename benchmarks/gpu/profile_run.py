@@ -202,8 +202,9 @@ def main(argv=None) -> int:
     itemsize = 2
     matmul_params = layers_matmul_params(mc)
     head_params = mc.hidden_size * mc.vocab_size
-    weight_bytes = (matmul_params + head_params) * itemsize
-    kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * itemsize
+    # fp8 / int8 layers read 1 byte a weight (the head stays 16-bit); the pages' own dtype for the KV
+    weight_bytes = matmul_params * (1 if args.quant else itemsize) + head_params * itemsize
+    kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.kv_cache[0][0].dtype.itemsize
 
     state = {"step": -1, "calls": [], "window": None, "done": []}
     execute = runner.execute
