@@ -391,3 +391,63 @@ def test_interpreted_kernels_split_long_contexts_over_fp8_pages_with_their_own_b
     for in_place in (True, False):
         out = ragged_paged_attention(*args, impl="interpret", in_place=in_place, **kw)
         np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- fp8 products (DecodeBlockSizes)
+
+def _decode_batch_fp8(rng, contexts, *, num_q_heads=8, num_kv_heads=2, head_dim=32, q_scale=3.0):
+    """Decode queries (bf16) over fp8 pages: (q, k, v, lens, page table), each context + 1 cached tokens (the query's
+    own included) and a last, empty slot (kv_len 0)."""
+    args, n = _batch(rng, [(c, 1) for c in contexts], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                     head_dim=head_dim, page_size=16, dtype=jnp.float32, pad_tokens=0)
+    q, k, v, lens, pt, cu = _fp8_pages(args)
+    q = (q * q_scale).astype(jnp.bfloat16)
+    return q[cu[:-1].clip(0, n - 1)], k, v, lens, pt
+
+
+@pytest.mark.parametrize("products", ["qk", "all"])
+def test_interpreted_decode_kernel_with_fp8_products_stays_within_e4m3_rounding(products):
+    """fp8_products "qk" (q in e4m3, a scale a row) and "all" (p too, scaled by FP8_P_SCALE) change the numbers by
+    e4m3's rounding of q and p only: within a few % of the reference over the same pages, while the float16
+    products stay within 0.1 %; an empty slot is 0, long contexts split as before."""
+    rng = np.random.default_rng(11)
+    q, k, v, lens, pt = _decode_batch_fp8(rng, [100, 1, 700, 37, 0, 16])
+    assert int(lens[-1]) == 0
+    kw = dict(sm_scale=32 ** -0.5)
+    ref = np.asarray(paged_decode.paged_decode_attention_reference(q.astype(jnp.float32), k, v, lens, pt, **kw))
+    errs = {}
+    for f in ("none", products):
+        blocks = paged_decode.DecodeBlockSizes(4, 4, 3, 264, fp8_products=f)
+        out = np.asarray(paged_decode.paged_decode_attention_kernel(
+            q, k, v, lens, pt, interpret=True, blocks=blocks, **kw), np.float32)
+        assert np.isfinite(out).all() and np.all(out[-1] == 0)
+        errs[f] = _rel(out, ref)
+    assert errs["none"] < 2e-3, errs
+    assert 2e-3 < errs[products] < 0.05, errs
+
+
+def test_fp8_products_are_refused_over_16_bit_pages_and_unknown_names():
+    rng = np.random.default_rng(12)
+    q, k, v, lens, pt = _decode_batch_fp8(rng, [30, 5])
+    with pytest.raises(ValueError, match="needs fp8 pages"):
+        paged_decode.paged_decode_attention_kernel(
+            q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), lens, pt, sm_scale=0.2, interpret=True,
+            blocks=paged_decode.DecodeBlockSizes(4, 4, 3, fp8_products="qk"))
+    with pytest.raises(ValueError, match="fp8_products"):
+        paged_decode.DecodeBlockSizes(4, 4, 3, fp8_products="pv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("products", ["none", "qk", "all"])
+def test_gpu_decode_kernel_with_fp8_products(products):
+    rng = np.random.default_rng(13)
+    q, k, v, lens, pt = _decode_batch_fp8(rng, [100, 1, 2000, 37, 0, 16, 513], num_q_heads=32, num_kv_heads=8,
+                                          head_dim=128)
+    kw = dict(sm_scale=128 ** -0.5)
+    ref = np.asarray(paged_decode.paged_decode_attention_reference(q.astype(jnp.float32), k, v, lens, pt, **kw))
+    for ppb in (4, 8):
+        blocks = paged_decode.DecodeBlockSizes(ppb, 4, 3, 264, fp8_products=products)
+        out = np.asarray(paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, **kw),
+                         np.float32)
+        assert np.isfinite(out).all() and np.all(out[-1] == 0)
+        assert _rel(out, ref) < (1e-2 if products == "none" else 0.05)
