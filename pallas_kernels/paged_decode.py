@@ -49,11 +49,6 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16          # smallest M of a Triton dot tile
 
 
-FP8_PRODUCTS = ("none", "qk", "all")
-_FP8_MAX = 448.0         # float8_e4m3fn's largest finite value
-FP8_P_SCALE = 256.0      # p in [0, 1] times this in e4m3: its subnormals reach 2**-9 / 256, not 2**-9
-
-
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
     pages_per_block: int   # pages gathered per loop iteration
@@ -68,14 +63,6 @@ class DecodeBlockSizes:
     # the [tokens, D] tile loaded from the free [pages * page_size, D] view) or "pages" (the
     # [pages, page_size, D] tile loaded by page id and reshaped): see key_block
     gather: str = "rows"
-    # with fp8 pages: which products take the fp8 tiles as they are, with no widening ("none": both in
-    # ``compute_dtype``; "qk": q @ k^T as fp8 x fp8, q quantized per row with its own scale; "all": p @ v
-    # too, p scaled by FP8_P_SCALE into e4m3's range first)
-    fp8_products: str = "none"
-
-    def __post_init__(self):
-        if self.fp8_products not in FP8_PRODUCTS:
-            raise ValueError(f"fp8_products must be one of {FP8_PRODUCTS}, not {self.fp8_products!r}")
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -100,7 +87,10 @@ def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None, num_seqs: i
     with twice the pages 0.72 (batch 256: 402 µs, 1.30x bf16's), ``python -m benchmarks.kernels --sweep none
     --decode-only --kv-dtype fp8 --points 256x2048`` (2026-12-04). Calls of at most ``one_live_slots`` sequence
     slots keep the 16-bit blocks: their few sequences are split over the grid by blocks, and twice the pages a
-    block would halve the splits."""
+    block would halve the splits. At an engine's short contexts fp8 pages read no faster than bf16 pages: batch
+    768 at context 304 took 262-305 µs (0.55 of the copy rate) and a ShareGPT-shaped run's 768-token decode steps
+    spent 7.30 ms a step in this kernel against bf16 pages' 7.42 (``benchmarks/results/gpu_suite_h200.md``,
+    sixteenth session)."""
     b = TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
     if kv_dtype is None or jnp.dtype(kv_dtype).itemsize != 1 or (num_seqs is not None
                                                                   and num_seqs <= b.one_live_slots):
@@ -232,7 +222,7 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
                    sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
                    sliding_window: int | None, precision, interpret: bool, gather: str,
-                   in_place: bool, dtype, fp8_products: str = "none"):
+                   in_place: bool, dtype):
     # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); splits_ref: i32[1]
     # (splits in use, <= the grid's); pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
@@ -261,30 +251,16 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     row_ids = jnp.arange(rows, dtype=jnp.int32)
     q = pltriton.load(q_ref.at[qrow_ref[0], pl.ds(head * group, rows)],
                       mask=(row_ids < group)[:, None], other=0.0)
-    fp8_qk, fp8_pv = fp8_products in ("qk", "all"), fp8_products == "all"
-    if fp8_qk:
-        # each query row in e4m3 with its own scale (max |q| / 448), which multiplies its scores
-        qf = q.astype(jnp.float32)
-        q_scale = jnp.max(jnp.abs(qf), axis=1) / _FP8_MAX
-        q_scale = jnp.where(q_scale > 0, q_scale, 1.0)
-        q = (qf / q_scale[:, None]).astype(k_ref.dtype)
-        s_scale = q_scale[:, None] * sm_scale
-    else:
-        q = to_compute(q, dtype)          # what the products take (compute_dtype)
-        s_scale = sm_scale
+    q = to_compute(q, dtype)          # what the products take (compute_dtype)
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
     def body(b, carry):
         acc, m_prev, l_prev = carry
         page0 = first_page + b * pages_per_block
         k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
-                         gather, interpret)
-        if not fp8_qk and k.dtype != dtype:
-            k = k.astype(dtype)
-        if not fp8_pv and v.dtype != dtype:
-            v = v.astype(dtype)
+                         gather, interpret, dtype=dtype)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32) * s_scale
+                            preferred_element_type=jnp.float32) * sm_scale
         key_pos = page0 * page_size + offsets
         valid = key_pos < length
         if sliding_window is not None:
@@ -294,12 +270,8 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
         alpha = jnp.exp(m_prev - m_next)
         p = jnp.exp(s - m_next[:, None])
         l_next = alpha * l_prev + p.sum(axis=1)
-        if fp8_pv:
-            pv = lax.dot_general((p * FP8_P_SCALE).astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32) * (1.0 / FP8_P_SCALE)
-        else:
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_next, l_next
 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -397,14 +369,12 @@ def paged_decode_attention_kernel(
     if out is not None and splits != 1:
         raise ValueError(f"out needs one context split, not {splits} (grid_splits)")
     in_place = out is not None
-    if blocks.fp8_products != "none" and jnp.dtype(k_pages.dtype).itemsize != 1:
-        raise ValueError(f"fp8_products={blocks.fp8_products!r} needs fp8 pages, not {k_pages.dtype}")
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
         group=group, rows=rows, sliding_window=sliding_window, precision=precision,
         interpret=interpret, gather=blocks.gather, in_place=in_place,
-        dtype=compute_dtype(q.dtype, k_pages.dtype), fp8_products=blocks.fp8_products)
+        dtype=compute_dtype(q.dtype, k_pages.dtype))
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
     in_specs = [
         pl.BlockSpec((1,), lambda s, h, c: (s,)),

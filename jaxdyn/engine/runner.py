@@ -195,21 +195,6 @@ class RunnerConfig:
 SEPARATE_SAMPLER = (False, True, "except_greedy")
 
 
-def interleave_shapes(keys: list[tuple]) -> list[tuple]:
-    """Compiled parts' keys (``(kind, tokens, pages, ...)``) in the order warm-up compiles them: each (tokens,
-    pages) shape's first part, then each shape's second, and so on (each shape's parts in their order). On a
-    pool of threads the parts of one shape then compile after one another rather than at once, so the later
-    ones find what the first left in XLA's process-wide caches (its matrix products' autotuning, and with
-    ``--xla_gpu_kernel_cache_file`` its Pallas kernels) instead of repeating it alongside."""
-    by_shape: dict[tuple, list[tuple]] = {}
-    for k in keys:
-        by_shape.setdefault(tuple(k[1:3]), []).append(k)
-    out: list[tuple] = []
-    for i in range(max((len(v) for v in by_shape.values()), default=0)):
-        out.extend(v[i] for v in by_shape.values() if i < len(v))
-    return out
-
-
 def check_separate_sampler(value):
     """``value`` if it is a ``separate_sampler`` setting (ValueError naming the choices otherwise)."""
     if not any(value is v or (isinstance(v, str) and value == v) for v in SEPARATE_SAMPLER):
@@ -664,7 +649,7 @@ class ModelRunner:
         for s in steps:
             for k in self._part_keys(*s):
                 users.setdefault(k, []).append(s)
-        keys = interleave_shapes([k for k in users if k not in self._parts])
+        keys = [k for k in users if k not in self._parts]
 
         def assemble(key):
             # a step is ready (``_compiled``) as soon as its last part is

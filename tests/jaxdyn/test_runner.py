@@ -15,7 +15,7 @@ from flax import nnx
 
 from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
-from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, interleave_shapes, powers_of_two
+from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers_of_two
 from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, VARIANTS, serves
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
@@ -611,15 +611,3 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
     assert not runner.weights_loaded
     runner.set_weights(model.state)
     assert runner.weights_loaded
-
-
-def test_warmup_compiles_each_shapes_first_part_before_any_shapes_second():
-    keys = [("step", 16, 128, "greedy"), ("step", 16, 128, "sampled"), ("step", 16, 128, "logprobs"),
-            ("step", 64, 128, "greedy"), ("forward", 2048, 128), ("sample", 2048, 128, "sampled"),
-            ("step", 64, 256, "greedy"), ("step", 64, 256, "sampled")]
-    order = interleave_shapes(keys)
-    assert sorted(order) == sorted(keys)
-    assert order == [("step", 16, 128, "greedy"), ("step", 64, 128, "greedy"), ("forward", 2048, 128),
-                     ("step", 64, 256, "greedy"), ("step", 16, 128, "sampled"), ("sample", 2048, 128, "sampled"),
-                     ("step", 64, 256, "sampled"), ("step", 16, 128, "logprobs")]
-    assert interleave_shapes([]) == []
