@@ -2,7 +2,7 @@
 engine (the 8B shape, random weights), one dataset after another.
 
     python -m benchmarks.gpu.profile_host [--datasets prefix,sharegpt-lengths] [--num-prompts 1000]
-        [--model llama-3.1-8b] [--top 30] [--out DIR]
+        [--model llama-3.1-8b] [--top 30] [--out DIR] [--engine JSON] [--quant fp8]
 
 prints, for each dataset, the run's seconds, steps, the loop's host and device-wait ms a step (as the suite's
 tables), the same run's seconds without the profiler (run first), and the functions with the most own time
@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
+    from jaxdyn.config import QUANTIZATIONS        # no JAX
+    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
+                    help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
     args = ap.parse_args(argv)
 
     import json
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
     from serving.bench import datasets, offline
 
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
-    path = model_dir(args.model, tempfile.mkdtemp())
+    path = model_dir(args.model, tempfile.mkdtemp(),
+                     **({"jaxdyn_quantization": args.quant} if args.quant else {}))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", dtype=args.dtype, config=_engine_config(engine_cfg))
     print(f"engine {engine_cfg}: loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
