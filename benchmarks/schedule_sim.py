@@ -134,6 +134,31 @@ def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, flo
     return out
 
 
+def bucket_breakdown(prompts, outputs, costs: dict[int, float], kv_tb_s: float, max_seqs: int = 1024
+                     ) -> dict[int, tuple[int, float, float]]:
+    """Where a run of whole steps spends its time: bucket -> (steps, seconds of the bucket's cost, seconds of
+    its decode rows' KV read at ``kv_tb_s``), each step costed as ``measured_runs``' whole steps."""
+    buckets = tuple(sorted(costs))
+    out = {b: [0, 0.0, 0.0] for b in buckets}
+
+    def cost(tokens: int, kv: int) -> float:
+        b = next(x for x in buckets if x >= tokens)
+        kv_ms = kv * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3
+        out[b][0] += 1
+        out[b][1] += costs[b] / 1e3
+        out[b][2] += kv_ms / 1e3
+        return costs[b] + kv_ms
+
+    global step_ms
+    saved = step_ms
+    try:
+        step_ms = cost
+        simulate(prompts, outputs, tuple(range(1, buckets[-1] + 1)), max_seqs, budget=buckets[-1])
+    finally:
+        step_ms = saved
+    return {b: (n, c, k) for b, (n, c, k) in out.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.schedule_sim")
     p.add_argument("--dataset", choices=["sharegpt-lengths", "random"], default="sharegpt-lengths")
@@ -145,6 +170,8 @@ def main(argv=None) -> None:
     p.add_argument("--costs", default=None, metavar="T:MS,...",
                    help="measured ms a step of each token bucket (e.g. 16:5.21,128:6.08,512:13.12,2048:42.75)")
     p.add_argument("--kv-tb-s", type=float, default=4.0, help="with --costs: TB/s the decode rows' KV is read at")
+    p.add_argument("--by-bucket", action="store_true",
+                   help="with --costs: also where the whole-steps run spends its time, bucket by bucket")
     p.add_argument("--floor-ms", type=float, default=4.82,
                    help="with --costs: the bound's least step (the one-sequence decode step on the device)")
     args = p.parse_args(argv)
@@ -163,8 +190,18 @@ def main(argv=None) -> None:
         print("| steps | seconds | output tok/s |\n|---|---:|---:|")
         for label, s in measured_runs(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s, args.floor_ms):
             print(f"| {label} | {s:.1f} | {outputs.sum() / s:,.0f} |")
+        if args.by_bucket:
+            parts = bucket_breakdown(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s)
+            total = sum(c + k for _, c, k in parts.values())
+            print("\nWhole steps, bucket by bucket (the bucket's measured cost, and its decode rows' KV read):\n")
+            print("| token bucket | steps | cost s | KV read s | share of the run |\n|---:|---:|---:|---:|---:|")
+            for b, (n, c, k) in parts.items():
+                print(f"| {b} | {n} | {c:.2f} | {k:.2f} | {(c + k) / total:.3f} |")
+            print(f"| all | {sum(n for n, _, _ in parts.values())} | {sum(c for _, c, _ in parts.values()):.2f} | "
+                  f"{sum(k for _, _, k in parts.values()):.2f} | 1.000 |")
         print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --replies {args.replies} "
-              f"--num-prompts {args.num_prompts} --costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}")
+              f"--num-prompts {args.num_prompts} --costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}"
+              + (" --by-bucket" if args.by_bucket else ""))
         return
     first = None
     print(f"{args.dataset}{shape}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} "

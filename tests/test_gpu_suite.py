@@ -185,3 +185,17 @@ def test_the_dry_run_refuses_quant(capsys):
     with pytest.raises(SystemExit):
         suite.main(["--out", "/tmp/never", "--dry-run", "--quant", "fp8"])
     assert "--quant" in capsys.readouterr().err
+
+
+def test_bucket_breakdown_adds_up_to_the_whole_steps_run():
+    from benchmarks import schedule_sim
+    prompts, outputs = [40, 7, 300, 12, 90, 33], [5, 1, 9, 30, 60, 2]
+    costs = {4: 1.0, 16: 1.5, 64: 5.0}
+    parts = schedule_sim.bucket_breakdown(prompts, outputs, costs, kv_tb_s=4.0, max_seqs=8)
+    whole = dict(schedule_sim.measured_runs(prompts, outputs, costs, kv_tb_s=4.0, floor_ms=1.0, max_seqs=8))
+    assert set(parts) == set(costs)
+    assert sum(c + k for _, c, k in parts.values()) == pytest.approx(whole["whole steps"], rel=1e-9)
+    for b, (n, c, k) in parts.items():
+        assert c == pytest.approx(n * costs[b] / 1e3) and k >= 0
+    # the longest request's 60 outputs end alone: single-token steps, the smallest bucket
+    assert parts[4][0] >= 60 - 30
