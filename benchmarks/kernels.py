@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import platform
 import shutil
 import sys
@@ -385,14 +386,15 @@ def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048,
     return rows
 
 
-def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048))
-                   ) -> list[dict]:
+def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048)),
+                   decode_programs=(0,)) -> list[dict]:
     """A decode-only step through the ragged entry point (decode + prefill kernels), ``live`` of
     ``slots`` sequence slots in use (the rest padding, kv_len 0, as in a model step whose bucket
     has more sequence slots than running requests), against the decode kernel on the live
-    sequences alone."""
+    sequences alone; the entry point once for each of ``decode_programs`` (``ragged_paged_attention``'s:
+    0, a program a sequence and kv head, or that many programs looping over them)."""
     rows = []
-    for live, slots, context in points:
+    for (live, slots, context), programs in itertools.product(points, decode_programs):
         q, k_pages, v_pages, lens, tables = _decode_inputs(rng, live, context, 128)
         pad = slots - live
         q_s = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
@@ -400,17 +402,17 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
         tables_s = jnp.pad(tables, ((0, 0), (0, pad), (0, 0)))
         cu = jnp.minimum(jnp.arange(slots + 1, dtype=jnp.int32), live)
 
-        def entry(q, k_pages, v_pages, lens, table):
+        def entry(q, k_pages, v_pages, lens, table, programs=programs):
             return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
-                                          sm_scale=128 ** -0.5,
+                                          sm_scale=128 ** -0.5, decode_programs=programs,
                                           impl="interpret" if INTERPRET else "kernel")
         t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, context)
         t_kernel = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live, context)
         kv_bytes = live * context * KV_HEADS * 128 * 2 * KV_DTYPE.itemsize
-        rows.append(dict(live=live, slots=slots, context=context, entry_us=t_entry * 1e6,
+        rows.append(dict(live=live, slots=slots, context=context, decode_programs=programs, entry_us=t_entry * 1e6,
                          kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
                          entry_gbs=kv_bytes / t_entry / 1e9))
-        print(f"entry {live}/{slots} c={context}: {t_entry * 1e6:.1f} us vs kernel "
+        print(f"entry {live}/{slots} c={context} programs {programs}: {t_entry * 1e6:.1f} us vs kernel "
               f"{t_kernel * 1e6:.1f} us", flush=True)
     return rows
 
@@ -449,9 +451,26 @@ def main(argv=None) -> str:
                          "programs to split to, gather (rows|pages), e.g. 8:4:3:264:rows,16:8:2:264:rows")
     ap.add_argument("--sweep-points", default=None, metavar="BxC,...",
                     help="the decode sweep's (batch, context) points instead of the defaults")
+    ap.add_argument("--entry-only", action="store_true",
+                    help="the entry-point section only (decode-only steps through ragged_paged_attention)")
+    ap.add_argument("--entry-points", default=None, metavar="LIVE/SLOTS/CONTEXT,...",
+                    help="the entry-point section's points, e.g. 56/1024/256 (56 live sequences in a bucket of "
+                         "1,024 slots)")
+    ap.add_argument("--decode-programs", default="0", metavar="N,...",
+                    help="the entry-point section's decode kernel programs (0: one a sequence and kv head; N: N "
+                         "programs looping over them, DecodeBlockSizes.persistent_programs), each measured")
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode grid only (no correctness table, prefill rows or entry overhead)")
     args = ap.parse_args(argv)
+    try:
+        programs = [int(x) for x in args.decode_programs.split(",")]
+        entry_points = None if not args.entry_points else [
+            tuple(int(x) for x in pt.split("/")) for pt in args.entry_points.split(",")]
+    except ValueError:
+        ap.error(f"--decode-programs / --entry-points: expected integers (N,... and LIVE/SLOTS/CONTEXT,...), got "
+                 f"{args.decode_programs!r} / {args.entry_points!r}")
+    if any(p < 0 for p in programs) or (entry_points and any(len(pt) != 3 or pt[0] > pt[1] for pt in entry_points)):
+        ap.error("--decode-programs must be >= 0 and --entry-points LIVE/SLOTS/CONTEXT with LIVE <= SLOTS")
     variants = None
     if args.sweep_variants:
         try:
@@ -475,6 +494,9 @@ def main(argv=None) -> str:
         f" --sweep-variants {args.sweep_variants}" if args.sweep_variants else "") + (
         f" --sweep-points {args.sweep_points}" if args.sweep_points else "") + (
         " --decode-only" if args.decode_only else "") + (
+        " --entry-only" if args.entry_only else "") + (
+        f" --entry-points {args.entry_points}" if args.entry_points else "") + (
+        f" --decode-programs {args.decode_programs}" if args.decode_programs != "0" else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -504,6 +526,11 @@ def main(argv=None) -> str:
          f"difference is within the host's jitter there); "
          f"sweeps rank variants by the wall time of {ROTATE} calls / {ROTATE}.", "")
 
+    if args.entry_only:
+        entry_section(rng, None, entry_points, programs, emit)
+        report = "\n".join(md)
+        print(report)
+        return report
     correctness = [] if args.decode_only else check_correctness(rng)
     for r in correctness:
         print("correctness", r, flush=True)
@@ -588,18 +615,25 @@ def main(argv=None) -> str:
                           ("vs_reference", "× reference", ".2f")]),
          f"Prefill block sizes used: head_dim 128 {best_prefill[128]}; head_dim 64 {best_prefill[64]}.", "")
 
-    overhead = entry_overhead(rng, best[128], ((2, 4, 64),) if INTERPRET else
-                              ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048)))
-    emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
-         "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
-         "kernel alone runs on the live sequences only.", "",
-         _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
-                           ("entry_us", "entry µs", ".1f"), ("entry_gbs", "entry KV GB/s", ".0f"),
-                           ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")]),
-         f"Whole run: {time.time() - started:.0f} s.")
+    entry_section(rng, best[128], entry_points, programs, emit)
+    emit(f"Whole run: {time.time() - started:.0f} s.")
     report = "\n".join(md)
     print(report)
     return report
+
+
+def entry_section(rng, blocks, points, programs, emit) -> None:
+    overhead = entry_overhead(rng, blocks, ((2, 4, 64),) if INTERPRET else points or
+                              ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048)),
+                              decode_programs=programs)
+    emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
+         "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
+         "kernel alone runs on the live sequences only; `programs`: the entry's decode kernel programs (0: one a "
+         "sequence and kv head).", "",
+         _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
+                           ("decode_programs", "programs", "d"),
+                           ("entry_us", "entry µs", ".1f"), ("entry_gbs", "entry KV GB/s", ".0f"),
+                           ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")]))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ class DecodeBlockSizes:
     # the [tokens, D] tile loaded from the free [pages * page_size, D] view) or "pages" (the
     # [pages, page_size, D] tile loaded by page id and reshaped): see key_block
     gather: str = "rows"
+    # > 0: a call with one context split whose output is stored in place runs this many programs, each looping
+    # over (sequence, kv head) items pid, pid + programs, ... (gather "rows" only): a slot with kv_len 0 then
+    # costs one scalar load in a loop, not a program of its own (in a 2,048-token step of a 1,024-slot bucket
+    # most of the 8,192 (slot, head) programs have nothing to do, and each holds the pipeline's shared memory
+    # while it starts and exits). 0: a program for every (sequence, kv head, split).
+    persistent_programs: int = 0
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -177,7 +183,8 @@ def paged_decode_attention_reference(
 
 
 def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size: int, end_page,
-              gather: str, interpret: bool, dtype=None) -> tuple[jax.Array, jax.Array]:
+              gather: str, interpret: bool, dtype=None, *, pt_base=0, pt_len: int | None = None, row_base=0,
+              num_pages: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(k, v) [pages_per_block * page_size, D]: the keys and values of the sequence's pages
     ``first_page ..`` (positions in its page table ``pt_ref``); pages at or past ``end_page`` are
     not read on GPU (0) and must be masked by the caller (interpret mode reads them: its gathers
@@ -190,23 +197,28 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
     and the ``[pages, page_size, D]`` tile is reshaped to ``[tokens, D]``.
     ``dtype``: the tiles widened to it once loaded (fp8 pages, read at half the bytes, multiplied in
     ``compute_dtype``); None: the pages' dtype.
+    ``pt_base``, ``pt_len``, ``row_base``, ``num_pages`` (gather "rows"): the sequence's page table is
+    ``pt_ref[pt_base : pt_base + pt_len]`` and the kv head's rows start at row ``row_base`` of ``k_ref`` / ``v_ref``,
+    which hold ``num_pages`` pages a head (the persistent grid's flat views); by default the refs are the
+    sequence's and the head's own.
     """
     tokens = pages_per_block * page_size
+    pt_len = pt_ref.shape[0] if pt_len is None else pt_len
     if gather == "rows":
         offsets = jnp.arange(tokens, dtype=jnp.int32)
         page = first_page + offsets // page_size
-        num_pages = k_ref.shape[0] // page_size
+        num_pages = k_ref.shape[0] // page_size if num_pages is None else num_pages
     else:
         page = first_page + jnp.arange(pages_per_block, dtype=jnp.int32)
         num_pages = k_ref.shape[0]
     if interpret:
-        ids = pt_ref[jnp.clip(page, 0, pt_ref.shape[0] - 1)]
+        ids = pt_ref[pt_base + jnp.clip(page, 0, pt_len - 1)]
     else:
-        ids = pltriton.load(pt_ref.at[page], mask=page < pt_ref.shape[0], other=0)
+        ids = pltriton.load(pt_ref.at[pt_base + page], mask=page < pt_len, other=0)
     ids = jnp.clip(ids, 0, num_pages - 1)
     ok = page < end_page
     if gather == "rows":
-        index, mask = ids * page_size + offsets % page_size, ok[:, None]
+        index, mask = row_base + ids * page_size + offsets % page_size, ok[:, None]
     else:
         index, mask = ids, ok[:, None, None]
     if interpret:
@@ -217,6 +229,68 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
     if dtype is not None and k.dtype != dtype:
         k, v = k.astype(dtype), v.astype(dtype)
     return k.reshape(tokens, k.shape[-1]), v.reshape(tokens, v.shape[-1])
+
+
+def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, sm_scale: float, page_size: int,
+            pages_per_block: int, group: int, rows: int, sliding_window: int | None, precision, interpret: bool,
+            gather: str, dtype, pt_base=0, pt_len: int | None = None, row_base=0, num_pages: int | None = None):
+    """One (sequence, kv head, context split)'s attention: (run, first_block, num_blocks, row_ids), where
+    ``run()`` gives the unnormalised (acc f32[rows, D], m f32[rows], l f32[rows]) over the split's blocks of
+    the sequence's ``length`` cached tokens, for the G query heads of kv head ``head`` at row ``qrow`` of q."""
+    _, num_q_heads, head_dim = q_ref.shape
+    block_tokens = pages_per_block * page_size
+    # this sequence's blocks, shared evenly by the splits in use; later splits get none
+    seq_blocks = pl.cdiv(pl.cdiv(length, page_size), pages_per_block)
+    pages_per_split = pl.cdiv(seq_blocks, splits) * pages_per_block
+    first_page = split * pages_per_split
+    end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(length, page_size))
+    first_block = 0
+    if sliding_window is not None:
+        window_page = jnp.maximum(length - sliding_window, 0) // page_size
+        first_block = jnp.maximum(window_page - first_page, 0) // pages_per_block
+    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+
+    def run():
+        # The G query heads of this kv head, padded to `rows` (the smallest dot tile) by the mask.
+        q = pltriton.load(q_ref.at[qrow, pl.ds(head * group, rows)],
+                          mask=(row_ids < group)[:, None], other=0.0)
+        q = to_compute(q, dtype)          # what the products take (compute_dtype)
+        offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+
+        def body(b, carry):
+            acc, m_prev, l_prev = carry
+            page0 = first_page + b * pages_per_block
+            k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
+                             gather, interpret, dtype=dtype, pt_base=pt_base, pt_len=pt_len, row_base=row_base,
+                             num_pages=num_pages)
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32) * sm_scale
+            key_pos = page0 * page_size + offsets
+            valid = key_pos < length
+            if sliding_window is not None:
+                valid &= key_pos >= length - sliding_window
+            s = jnp.where(valid[None, :], s, _MASK_VALUE)
+            m_next = jnp.maximum(m_prev, s.max(axis=1))
+            alpha = jnp.exp(m_prev - m_next)
+            p = jnp.exp(s - m_next[:, None])
+            l_next = alpha * l_prev + p.sum(axis=1)
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
+            return acc * alpha[:, None] + pv, m_next, l_next
+
+        init = (jnp.zeros((rows, head_dim), jnp.float32),
+                jnp.full((rows,), _MASK_VALUE, jnp.float32),
+                jnp.zeros((rows,), jnp.float32))
+        return lax.fori_loop(first_block, num_blocks, body, init)
+
+    return run, first_block, num_blocks, row_ids
+
+
+def _store_rows(o_ref, qrow, head, group: int, rows: int, acc, l, row_ids):
+    """The normalised G query heads' rows of kv head ``head`` into ``o_ref`` [T, H, D] at row ``qrow``."""
+    out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    pltriton.store(o_ref.at[qrow, pl.ds(head * group, rows)], out, mask=(row_ids < group)[:, None])
 
 
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
@@ -232,75 +306,59 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     # with ``in_place`` (one split): (o [T, num_q_heads, D],), the normalised G rows stored at the
     # query's row and this kv head's query heads, nothing stored for a sequence with kv_len 0
     head, split = pl.program_id(1), pl.program_id(2)
-    _, num_q_heads, head_dim = q_ref.shape
-    block_tokens = pages_per_block * page_size
     length = lens_ref[0]
-
-    # this sequence's blocks, shared evenly by the splits in use; later splits get none
-    seq_blocks = pl.cdiv(pl.cdiv(length, page_size), pages_per_block)
-    pages_per_split = pl.cdiv(seq_blocks, splits_ref[0]) * pages_per_block
-    first_page = split * pages_per_split
-    end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(length, page_size))
-    first_block = 0
-    if sliding_window is not None:
-        window_page = jnp.maximum(length - sliding_window, 0) // page_size
-        first_block = jnp.maximum(window_page - first_page, 0) // pages_per_block
-    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
-
-    # The G query heads of this kv head, padded to `rows` (the smallest dot tile) by the mask.
-    row_ids = jnp.arange(rows, dtype=jnp.int32)
-    q = pltriton.load(q_ref.at[qrow_ref[0], pl.ds(head * group, rows)],
-                      mask=(row_ids < group)[:, None], other=0.0)
-    q = to_compute(q, dtype)          # what the products take (compute_dtype)
-    offsets = jnp.arange(block_tokens, dtype=jnp.int32)
-
-    def body(b, carry):
-        acc, m_prev, l_prev = carry
-        page0 = first_page + b * pages_per_block
-        k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
-                         gather, interpret, dtype=dtype)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32) * sm_scale
-        key_pos = page0 * page_size + offsets
-        valid = key_pos < length
-        if sliding_window is not None:
-            valid &= key_pos >= length - sliding_window
-        s = jnp.where(valid[None, :], s, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - m_next[:, None])
-        l_next = alpha * l_prev + p.sum(axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_next, l_next
-
-    init = (jnp.zeros((rows, head_dim), jnp.float32),
-            jnp.full((rows,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    run, first_block, num_blocks, row_ids = _attend(
+        length, qrow_ref[0], head, split, splits_ref[0], q_ref, k_ref, v_ref, pt_ref, sm_scale=sm_scale,
+        page_size=page_size, pages_per_block=pages_per_block, group=group, rows=rows,
+        sliding_window=sliding_window, precision=precision, interpret=interpret, gather=gather, dtype=dtype)
     if in_place:
         # out_refs: (the previous output aliased [T, H, D],); the query's own rows only
-        o_ref = out_refs[-1]
-
         @pl.when(length > 0)
         def _():
-            acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
-            out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
-            pltriton.store(o_ref.at[qrow_ref[0], pl.ds(head * group, rows)], out,
-                           mask=(row_ids < group)[:, None])
+            acc, _, l = run()
+            _store_rows(out_refs[-1], qrow_ref[0], head, group, rows, acc, l, row_ids)
     elif len(out_refs) == 1:
-        acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
+        acc, m, l = run()
         out_refs[0][...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
-        m_ref[...] = init[1]
-        l_ref[...] = init[2]
+        m_ref[...] = jnp.full(m_ref.shape, _MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
         @pl.when(num_blocks > first_block)
         def _():
-            acc, m, l = lax.fori_loop(first_block, num_blocks, body, init)
+            acc, m, l = run()
             o_ref[...] = acc
             m_ref[...] = m
             l_ref[...] = l
+
+
+def _decode_kernel_persistent(lens_ref, qrow_ref, pt_ref, q_ref, k_ref, v_ref, o_in_ref, o_ref, *, num_seqs: int,
+                              num_kv_heads: int, num_programs: int, pages_per_seq: int, num_pages: int,
+                              page_size: int, group: int, rows: int, **kw):
+    # lens_ref, qrow_ref: i32[S]; pt_ref: i32[S * P] (the page table, flat); q_ref, o_ref: [T, H, D] (o_in_ref aliased
+    # to the output given); k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows, flat).
+    # Program p takes the (sequence, kv head) items p, p + programs, ...: item w is sequence w // kv_heads,
+    # kv head w % kv_heads; one context split each, its rows stored in place; kv_len 0 stores nothing.
+    pid = pl.program_id(0)
+
+    def item(i, carry):
+        w = pid + i * num_programs
+        seq, head = w // num_kv_heads, w % num_kv_heads
+        length = lens_ref[seq]
+
+        @pl.when(length > 0)
+        def _():
+            qrow = qrow_ref[seq]
+            run, _, _, row_ids = _attend(
+                length, qrow, head, 0, 1, q_ref, k_ref, v_ref, pt_ref, page_size=page_size, group=group,
+                rows=rows, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
+                row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
+            acc, _, l = run()
+            _store_rows(o_ref, qrow, head, group, rows, acc, l, row_ids)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(num_seqs * num_kv_heads - pid, num_programs), item, 0)
 
 
 def kv_operands(k_pages, v_pages, gather: str, head_axis: int = 1):
@@ -369,12 +427,30 @@ def paged_decode_attention_kernel(
     if out is not None and splits != 1:
         raise ValueError(f"out needs one context split, not {splits} (grid_splits)")
     in_place = out is not None
+    static = dict(sm_scale=sm_scale, pages_per_block=ppb, sliding_window=sliding_window, precision=precision,
+                  interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype))
+    if in_place and splits == 1 and blocks.persistent_programs > 0:
+        if blocks.gather != "rows":
+            raise ValueError("persistent_programs needs gather='rows'")
+        programs = min(blocks.persistent_programs, num_seqs * num_kv_heads)
+        kernel = functools.partial(
+            _decode_kernel_persistent, num_seqs=num_seqs, num_kv_heads=num_kv_heads, num_programs=programs,
+            pages_per_seq=pages_per_seq, num_pages=num_pages, page_size=page_size, group=group, rows=rows,
+            **static)
+        flat = (num_kv_heads * num_pages * page_size, head_dim)
+        whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
+        return pl.pallas_call(
+            kernel, grid=(programs,),
+            in_specs=[whole((num_seqs,)), whole((num_seqs,)), whole((num_seqs * pages_per_seq,)),
+                      whole(q.shape), whole(flat), whole(flat), whole(q.shape)],
+            out_specs=whole(q.shape), out_shape=jax.ShapeDtypeStruct(q.shape, out.dtype),
+            interpret=interpret, compiler_params=None if interpret else _compiler_params(blocks),
+            input_output_aliases={6: 0}, name="paged_decode_attention",
+        )(kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), q,
+          k_pages.reshape(flat), v_pages.reshape(flat), out)
 
     kernel = functools.partial(
-        _decode_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
-        group=group, rows=rows, sliding_window=sliding_window, precision=precision,
-        interpret=interpret, gather=blocks.gather, in_place=in_place,
-        dtype=compute_dtype(q.dtype, k_pages.dtype))
+        _decode_kernel, page_size=page_size, group=group, rows=rows, in_place=in_place, **static)
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
     in_specs = [
         pl.BlockSpec((1,), lambda s, h, c: (s,)),

@@ -19,6 +19,7 @@ the one entry point the model calls: on GPU it runs the Pallas kernels of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -93,6 +94,7 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     impl: str = "auto",
     in_place: bool = True,
+    decode_programs: int = 0,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -106,6 +108,8 @@ def ragged_paged_attention(
     tiles of its matrix products), unless the decode kernel splits contexts
     (a call of few sequence slots), whose merge happens outside it; otherwise
     each kernel writes an output of its own and one select merges them.
+    ``decode_programs`` > 0: the in-place decode kernel runs that many programs, each looping over
+    (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``); 0: one program an item.
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -128,7 +132,8 @@ def ragged_paged_attention(
         # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
         out = paged_decode_attention_kernel(
             q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
-            out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
+            out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
+            blocks=dataclasses.replace(blocks, persistent_programs=decode_programs) if decode_programs else None)
         return ragged_prefill_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
             sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out)

@@ -4,6 +4,7 @@ On CPU they run through Pallas interpret mode (float32); the tests marked
 ``gpu`` run the compiled kernels in bf16 against the float32 reference.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -391,3 +392,78 @@ def test_interpreted_kernels_split_long_contexts_over_fp8_pages_with_their_own_b
     for in_place in (True, False):
         out = ragged_paged_attention(*args, impl="interpret", in_place=in_place, **kw)
         np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- persistent decode programs
+
+def _in_place_decode_case(rng, dtype):
+    """9 slots, 2 kv heads, live and empty slots interleaved, queries at scattered rows of a 12-row q."""
+    num_pages, pages_per_seq = 80, 8
+    k = jnp.asarray(rng.standard_normal((2, num_pages, 16, 32)), jnp.float32).astype(dtype)
+    v = jnp.asarray(rng.standard_normal((2, num_pages, 16, 32)), jnp.float32).astype(dtype)
+    q = jnp.asarray(rng.standard_normal((12, 8, 32)), jnp.float32)
+    lens = jnp.asarray([100, 1, 0, 128, 37, 0, 0, 5, 77], jnp.int32)
+    pt = jnp.asarray(rng.permutation(num_pages)[:9 * pages_per_seq].reshape(9, pages_per_seq), jnp.int32)
+    rows = jnp.asarray([3, 0, 11, 5, 1, 2, 4, 7, 9], jnp.int32)
+    return q, k, v, lens, pt, rows
+
+
+@pytest.mark.parametrize("pages", ["f32", "fp8"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_interpreted_decode_kernel_with_persistent_programs_stores_what_a_program_an_item_does(pages, window):
+    """``persistent_programs``: the in-place kernel's programs loop over the (sequence, kv head) items. With 1, 5 or
+    more programs than the 18 items the stored rows equal the grid of a program an item, bit for bit; rows of
+    empty slots and rows no query owns keep what ``out`` held."""
+    rng = np.random.default_rng(21)
+    q, k, v, lens, pt, rows = _in_place_decode_case(rng, jnp.float32 if pages == "f32" else jnp.float8_e4m3fn)
+    out = jnp.full(q.shape, 7.0, jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5, interpret=True, q_rows=rows, out=out, num_splits=1, sliding_window=window)
+    grid = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=paged_decode.DecodeBlockSizes(4, 4, 3),
+                                                      **kw)
+    live_rows = np.asarray(rows)[np.asarray(lens) > 0]
+    untouched = np.setdiff1d(np.arange(q.shape[0]), live_rows)
+    assert np.all(np.asarray(grid)[untouched] == 7.0) and not np.any(np.asarray(grid)[live_rows] == 7.0)
+    for programs in (1, 5, 64):
+        blocks = paged_decode.DecodeBlockSizes(4, 4, 3, persistent_programs=programs)
+        got = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, **kw)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(grid))
+
+
+def test_persistent_programs_need_keys_gathered_by_row():
+    rng = np.random.default_rng(22)
+    q, k, v, lens, pt, rows = _in_place_decode_case(rng, jnp.float32)
+    with pytest.raises(ValueError, match="gather='rows'"):
+        paged_decode.paged_decode_attention_kernel(
+            q, k, v, lens, pt, sm_scale=0.2, interpret=True, q_rows=rows, out=jnp.zeros_like(q), num_splits=1,
+            blocks=paged_decode.DecodeBlockSizes(4, 4, 3, gather="pages", persistent_programs=4))
+
+
+def test_interpreted_ragged_entry_point_with_decode_programs_equals_the_reference():
+    rng = np.random.default_rng(23)
+    args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    got = ragged_paged_attention(*args, impl="interpret", in_place=True, decode_programs=7, **kw)
+    np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(got[n:]) == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+def test_gpu_decode_kernel_with_persistent_programs(pages):
+    """On the GPU the persistent grid stores what a program an item stores (the same loop a (sequence, head))."""
+    rng = np.random.default_rng(24)
+    seqs = [(97 * i + 3, 1) for i in range(40)] + [(0, 0)] * 24          # 64 slots, 40 live decodes
+    seqs = [s for s in seqs if s[1]]
+    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    if pages == "fp8":
+        args = _fp8_pages(args)
+    q, k, v, lens, pt, cu = args
+    rows = jnp.minimum(cu[:-1], n - 1)
+    kw = dict(sm_scale=128 ** -0.5, q_rows=rows, out=jnp.zeros_like(q), num_splits=1)
+    grid = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, **kw)
+    base = paged_decode.decode_block_sizes(128, 16, k.dtype, lens.shape[0])
+    for programs in (132, 264, 1000):
+        got = paged_decode.paged_decode_attention_kernel(
+            q, k, v, lens, pt, blocks=dataclasses.replace(base, persistent_programs=programs), **kw)
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(grid.astype(jnp.float32)))
