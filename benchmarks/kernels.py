@@ -387,14 +387,14 @@ def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048,
 
 
 def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048)),
-                   decode_programs=(0,)) -> list[dict]:
+                   attention_programs=(0,)) -> list[dict]:
     """A decode-only step through the ragged entry point (decode + prefill kernels), ``live`` of
     ``slots`` sequence slots in use (the rest padding, kv_len 0, as in a model step whose bucket
     has more sequence slots than running requests), against the decode kernel on the live
-    sequences alone; the entry point once for each of ``decode_programs`` (``ragged_paged_attention``'s:
+    sequences alone; the entry point once for each of ``attention_programs`` (``ragged_paged_attention``'s:
     0, a program a sequence and kv head, or that many programs looping over them)."""
     rows = []
-    for (live, slots, context), programs in itertools.product(points, decode_programs):
+    for (live, slots, context), programs in itertools.product(points, attention_programs):
         q, k_pages, v_pages, lens, tables = _decode_inputs(rng, live, context, 128)
         pad = slots - live
         q_s = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
@@ -404,12 +404,12 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
 
         def entry(q, k_pages, v_pages, lens, table, programs=programs):
             return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
-                                          sm_scale=128 ** -0.5, decode_programs=programs,
+                                          sm_scale=128 ** -0.5, attention_programs=programs,
                                           impl="interpret" if INTERPRET else "kernel")
         t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, context)
         t_kernel = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live, context)
         kv_bytes = live * context * KV_HEADS * 128 * 2 * KV_DTYPE.itemsize
-        rows.append(dict(live=live, slots=slots, context=context, decode_programs=programs, entry_us=t_entry * 1e6,
+        rows.append(dict(live=live, slots=slots, context=context, attention_programs=programs, entry_us=t_entry * 1e6,
                          kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
                          entry_gbs=kv_bytes / t_entry / 1e9))
         print(f"entry {live}/{slots} c={context} programs {programs}: {t_entry * 1e6:.1f} us vs kernel "
@@ -456,21 +456,21 @@ def main(argv=None) -> str:
     ap.add_argument("--entry-points", default=None, metavar="LIVE/SLOTS/CONTEXT,...",
                     help="the entry-point section's points, e.g. 56/1024/256 (56 live sequences in a bucket of "
                          "1,024 slots)")
-    ap.add_argument("--decode-programs", default="0", metavar="N,...",
-                    help="the entry-point section's decode kernel programs (0: one a sequence and kv head; N: N "
-                         "programs looping over them, DecodeBlockSizes.persistent_programs), each measured")
+    ap.add_argument("--attention-programs", default="0", metavar="N,...",
+                    help="the entry-point section's attention programs (ragged_paged_attention's attention_programs; "
+                         "0: a program an item, N: N programs looping over the items), each measured")
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode grid only (no correctness table, prefill rows or entry overhead)")
     args = ap.parse_args(argv)
     try:
-        programs = [int(x) for x in args.decode_programs.split(",")]
+        programs = [int(x) for x in args.attention_programs.split(",")]
         entry_points = None if not args.entry_points else [
             tuple(int(x) for x in pt.split("/")) for pt in args.entry_points.split(",")]
     except ValueError:
-        ap.error(f"--decode-programs / --entry-points: expected integers (N,... and LIVE/SLOTS/CONTEXT,...), got "
-                 f"{args.decode_programs!r} / {args.entry_points!r}")
+        ap.error(f"--attention-programs / --entry-points: expected integers (N,... and LIVE/SLOTS/CONTEXT,...), got "
+                 f"{args.attention_programs!r} / {args.entry_points!r}")
     if any(p < 0 for p in programs) or (entry_points and any(len(pt) != 3 or pt[0] > pt[1] for pt in entry_points)):
-        ap.error("--decode-programs must be >= 0 and --entry-points LIVE/SLOTS/CONTEXT with LIVE <= SLOTS")
+        ap.error("--attention-programs must be >= 0 and --entry-points LIVE/SLOTS/CONTEXT with LIVE <= SLOTS")
     variants = None
     if args.sweep_variants:
         try:
@@ -496,7 +496,7 @@ def main(argv=None) -> str:
         " --decode-only" if args.decode_only else "") + (
         " --entry-only" if args.entry_only else "") + (
         f" --entry-points {args.entry_points}" if args.entry_points else "") + (
-        f" --decode-programs {args.decode_programs}" if args.decode_programs != "0" else "") + (
+        f" --attention-programs {args.attention_programs}" if args.attention_programs != "0" else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -625,13 +625,13 @@ def main(argv=None) -> str:
 def entry_section(rng, blocks, points, programs, emit) -> None:
     overhead = entry_overhead(rng, blocks, ((2, 4, 64),) if INTERPRET else points or
                               ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048)),
-                              decode_programs=programs)
+                              attention_programs=programs)
     emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
          "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
-         "kernel alone runs on the live sequences only; `programs`: the entry's decode kernel programs (0: one a "
-         "sequence and kv head).", "",
+         "kernel alone runs on the live sequences only; `programs`: the entry's attention programs (0: a program an "
+         "item; N: N programs looping over the items).", "",
          _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
-                           ("decode_programs", "programs", "d"),
+                           ("attention_programs", "programs", "d"),
                            ("entry_us", "entry µs", ".1f"), ("entry_gbs", "entry KV GB/s", ".0f"),
                            ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")]))
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.paged_decode import (decode_block_sizes, grid_splits, on_gpu,
                                          paged_decode_attention_kernel)
-from pallas_kernels.ragged_prefill import ragged_prefill_attention_kernel
+from pallas_kernels.ragged_prefill import prefill_block_sizes, ragged_prefill_attention_kernel
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -94,7 +94,7 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     impl: str = "auto",
     in_place: bool = True,
-    decode_programs: int = 0,
+    attention_programs: int = 0,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -108,8 +108,10 @@ def ragged_paged_attention(
     tiles of its matrix products), unless the decode kernel splits contexts
     (a call of few sequence slots), whose merge happens outside it; otherwise
     each kernel writes an output of its own and one select merges them.
-    ``decode_programs`` > 0: the in-place decode kernel runs that many programs, each looping over
-    (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``); 0: one program an item.
+    ``attention_programs`` > 0: the in-place decode kernel runs that many programs, each looping over
+    (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``), and the prefill kernel that many
+    over its kv heads, each looping over the step's real items (``PrefillBlockSizes.persistent_programs``):
+    a bucket's empty sequence slots and padding items then cost no program each; 0: a program an item.
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -128,21 +130,25 @@ def ragged_paged_attention(
     num_kv_heads, _, page_size, head_dim = k_pages.shape
     blocks = decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs)
     splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks)
+    prefill_blocks = None
+    if attention_programs:
+        prefill_blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size),
+                                             persistent_programs=attention_programs)
     if in_place and splits == 1:
         # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
         out = paged_decode_attention_kernel(
             q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
             out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
-            blocks=dataclasses.replace(blocks, persistent_programs=decode_programs) if decode_programs else None)
+            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs) if attention_programs else None)
         return ragged_prefill_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
-            sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out)
+            sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out, blocks=prefill_blocks)
     decode_out = paged_decode_attention_kernel(                     # [S, H, D]
         q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
         sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
     prefill_out = ragged_prefill_attention_kernel(                 # [T, H, D]
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
-        sliding_window=sliding_window, interpret=interpret, min_q_len=1)
+        sliding_window=sliding_window, interpret=interpret, min_q_len=1, blocks=prefill_blocks)
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     # the sequence of each row: one fused comparison (searchsorted is a loop of kernels on GPU)
     seq = jnp.clip((cu_q_lens[None, 1:] <= rows[:, None]).sum(axis=1), 0, num_seqs - 1)

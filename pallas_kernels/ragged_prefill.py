@@ -14,6 +14,9 @@ sliding window only the blocks inside it.
 The item list (sequence, first row, rows, first query position) is computed on
 the device from ``cu_q_lens`` and ``kv_lens`` with a static upper bound of
 ``ceil(T / block_q) + S`` items, so the step's shapes never depend on the data.
+With ``PrefillBlockSizes.persistent_programs`` the grid is (kv head, that many
+programs) instead, each program looping over the real items (counted on the
+device, listed first), so the bound's padding items cost no program each.
 
 Backend: Pallas on Triton, for the reasons given in ``paged_decode.py``
 (page-granular gathers by page id, which Triton expresses as pipelined pointer
@@ -48,6 +51,11 @@ class PrefillBlockSizes:
     num_warps: int
     num_stages: int
     gather: str = "rows"   # "rows" or "pages": see paged_decode.key_block
+    # > 0: that many programs a kv head, each looping over the step's real items (pid, pid + programs, ...), so
+    # the static bound's padding items (``ceil(T / block_q) + S``: 1,088 a head in a 2,048-token step of 1,024
+    # slots, none of them real in a decode-only step) cost no program each (gather "rows" only); 0: a program
+    # an item
+    persistent_programs: int = 0
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -88,73 +96,97 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
     return jnp.stack([seq, first_row, rows, first_pos], axis=1).astype(jnp.int32)
 
 
-def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, sm_scale: float,
-                    page_size: int, pages_per_block: int, block_q: int, group: int,
-                    group_rows: int, sliding_window: int | None, precision, interpret: bool,
-                    gather: str, dtype):
+def _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
+                  page_size: int, pages_per_block: int, block_q: int, group: int, group_rows: int,
+                  sliding_window: int | None, precision, interpret: bool, gather: str, dtype, pt_base=0,
+                  pt_len: int | None = None, row_base=0, num_pages: int | None = None):
+    """One (kv head, item): ``num_rows`` query tokens from packed row ``first_row`` (query position
+    ``first_pos`` on) over their sequence's pages (``pt_ref``, from ``pt_base``), stored into ``o_ref``."""
+    _, _, head_dim = q_ref.shape
+    rows_per_item = block_q * group_rows
+    block_tokens = pages_per_block * page_size
+    scale_log2 = sm_scale * _LOG2E      # scores in log2 units: exp2 instead of exp
+    # rows: block_q tokens x the G query heads of this kv head (padded to group_rows)
+    io_mask = ((jnp.arange(block_q, dtype=jnp.int32) < num_rows)[:, None, None]
+               & (jnp.arange(group_rows, dtype=jnp.int32) < group)[None, :, None])
+    io_ref = (pl.ds(first_row, block_q), pl.ds(head * group, group_rows))
+    q = pltriton.load(q_ref.at[io_ref], mask=io_mask, other=0.0)
+    q = to_compute(q.reshape(rows_per_item, head_dim), dtype)   # what the products take (compute_dtype)
+    # query position of each row (row r is token r // group_rows)
+    q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group_rows
+    last_pos = first_pos + num_rows - 1
+    num_blocks = pl.cdiv(last_pos + 1, block_tokens)
+    offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+
+    def step(b, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        # pages at or before the item's last position; later ones are not read on GPU
+        k, v = key_block(k_ref, v_ref, pt_ref, b * pages_per_block, pages_per_block, page_size,
+                         last_pos // page_size + 1, gather, interpret, dtype=dtype, pt_base=pt_base,
+                         pt_len=pt_len, row_base=row_base, num_pages=num_pages)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * scale_log2
+        if masked:
+            key_pos = b * block_tokens + offsets
+            valid = key_pos[None, :] <= q_pos[:, None]
+            if sliding_window is not None:
+                valid &= key_pos[None, :] > q_pos[:, None] - sliding_window
+            s = jnp.where(valid, s, _MASK_VALUE)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:   # a row whose keys are all masked in this block adds nothing
+            p = jnp.where(valid, p, 0.0)
+        l_next = alpha * l_prev + p.sum(axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+        return acc * alpha[:, None] + pv, m_next, l_next
+
+    carry = (jnp.zeros((rows_per_item, head_dim), jnp.float32),
+             jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
+             jnp.zeros((rows_per_item,), jnp.float32))
+    if sliding_window is None:
+        # blocks wholly at or before the first query position need no mask
+        full_blocks = (first_pos + 1) // block_tokens
+        carry = lax.fori_loop(0, full_blocks, functools.partial(step, masked=False), carry)
+        first_masked = full_blocks
+    else:
+        first_masked = jnp.maximum(first_pos - sliding_window + 1, 0) // block_tokens
+    acc, _, l = lax.fori_loop(first_masked, num_blocks, functools.partial(step, masked=True),
+                              carry)
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+    out = out.reshape(block_q, group_rows, head_dim).astype(o_ref.dtype)
+    pltriton.store(o_ref.at[io_ref], out, mask=io_mask)
+
+
+def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, **kw):
     # item_ref: i32[4]; pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), [num_pages * page_size, D] with
     # gather="rows"; o_refs: (o [T, num_q_heads, D],), or (the aliased input, o) with ``out``
-    o_ref = o_refs[-1]
-    _, _, head_dim = q_ref.shape
     head = pl.program_id(0)
-    rows_per_item = block_q * group_rows
-    block_tokens = pages_per_block * page_size
     first_row, num_rows, first_pos = item_ref[1], item_ref[2], item_ref[3]
-    scale_log2 = sm_scale * _LOG2E      # scores in log2 units: exp2 instead of exp
 
     @pl.when(num_rows > 0)
     def _():
-        # rows: block_q tokens x the G query heads of this kv head (padded to group_rows)
-        io_mask = ((jnp.arange(block_q, dtype=jnp.int32) < num_rows)[:, None, None]
-                   & (jnp.arange(group_rows, dtype=jnp.int32) < group)[None, :, None])
-        io_ref = (pl.ds(first_row, block_q), pl.ds(head * group, group_rows))
-        q = pltriton.load(q_ref.at[io_ref], mask=io_mask, other=0.0)
-        q = to_compute(q.reshape(rows_per_item, head_dim), dtype)   # what the products take (compute_dtype)
-        # query position of each row (row r is token r // group_rows)
-        q_pos = first_pos + jnp.arange(rows_per_item, dtype=jnp.int32) // group_rows
-        last_pos = first_pos + num_rows - 1
-        num_blocks = pl.cdiv(last_pos + 1, block_tokens)
-        offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+        _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_ref, o_refs[-1], **kw)
 
-        def step(b, carry, masked: bool):
-            acc, m_prev, l_prev = carry
-            # pages at or before the item's last position; later ones are not read on GPU
-            k, v = key_block(k_ref, v_ref, pt_ref, b * pages_per_block, pages_per_block, page_size,
-                             last_pos // page_size + 1, gather, interpret, dtype=dtype)
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * scale_log2
-            if masked:
-                key_pos = b * block_tokens + offsets
-                valid = key_pos[None, :] <= q_pos[:, None]
-                if sliding_window is not None:
-                    valid &= key_pos[None, :] > q_pos[:, None] - sliding_window
-                s = jnp.where(valid, s, _MASK_VALUE)
-            m_next = jnp.maximum(m_prev, s.max(axis=1))
-            alpha = jnp.exp2(m_prev - m_next)
-            p = jnp.exp2(s - m_next[:, None])
-            if masked:   # a row whose keys are all masked in this block adds nothing
-                p = jnp.where(valid, p, 0.0)
-            l_next = alpha * l_prev + p.sum(axis=1)
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 precision=precision, preferred_element_type=jnp.float32)
-            return acc * alpha[:, None] + pv, m_next, l_next
 
-        carry = (jnp.zeros((rows_per_item, head_dim), jnp.float32),
-                 jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
-                 jnp.zeros((rows_per_item,), jnp.float32))
-        if sliding_window is None:
-            # blocks wholly at or before the first query position need no mask
-            full_blocks = (first_pos + 1) // block_tokens
-            carry = lax.fori_loop(0, full_blocks, functools.partial(step, masked=False), carry)
-            first_masked = full_blocks
-        else:
-            first_masked = jnp.maximum(first_pos - sliding_window + 1, 0) // block_tokens
-        acc, _, l = lax.fori_loop(first_masked, num_blocks, functools.partial(step, masked=True),
-                                  carry)
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        out = out.reshape(block_q, group_rows, head_dim).astype(o_ref.dtype)
-        pltriton.store(o_ref.at[io_ref], out, mask=io_mask)
+def _prefill_kernel_persistent(real_ref, item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, num_programs: int,
+                               pages_per_seq: int, num_pages: int, page_size: int, **kw):
+    # real_ref: i32[1] (the real items, listed first); item_ref: i32[W, 4]; pt_ref: i32[S * P'] (the padded page
+    # table, flat); k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows, flat). Program
+    # (head, p) takes the items p, p + programs, ... below the real count.
+    head, pid = pl.program_id(0), pl.program_id(1)
+
+    def item(i, carry):
+        w = pid + i * num_programs
+        seq = item_ref[w, 0]
+        _prefill_item(item_ref[w, 1], item_ref[w, 2], item_ref[w, 3], head, pt_ref, q_ref, k_ref, v_ref,
+                      o_refs[-1], page_size=page_size, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
+                      row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(jnp.maximum(real_ref[0] - pid, 0), num_programs), item, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret",
@@ -190,24 +222,36 @@ def ragged_prefill_attention_kernel(
     pt = page_table.astype(jnp.int32)
     if padded_pages != pages_per_seq:
         pt = jnp.pad(pt, ((0, 0), (0, padded_pages - pages_per_seq)))
-    pt = pt[items[:, 0]]                                             # [W, P']
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _prefill_kernel, sm_scale=sm_scale, page_size=page_size, pages_per_block=ppb,
-        block_q=block_q, group=group, group_rows=group_p, sliding_window=sliding_window,
-        precision=precision, interpret=interpret, gather=blocks.gather,
-        dtype=compute_dtype(q.dtype, k_pages.dtype))
-    # Grid (kv head, item): the GPU launches blocks in the order of grid axis 0 first, so the
-    # kv heads of one item start together and the items, listed longest first, start in that order
-    # (largest work first). With the item axis first, the heads' items would start one head after
-    # another, and the long items of the last heads would start last: a lone causal chunk's tail
-    # ran ~1.5x its even share (list scheduling of 512 programs on 264 slots).
-    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, head_axis=0)
+    static = dict(sm_scale=sm_scale, pages_per_block=ppb, block_q=block_q, group=group, group_rows=group_p,
+                  sliding_window=sliding_window, precision=precision, interpret=interpret, gather=blocks.gather,
+                  dtype=compute_dtype(q.dtype, k_pages.dtype))
     whole = pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0))
-    in_specs = [pl.BlockSpec((None, 4), lambda h, i: (i, 0)),
-                pl.BlockSpec((None, padded_pages), lambda h, i: (i, 0)),
-                whole, kv_spec, kv_spec]
-    operands = [items, pt, q, k_in, v_in]
+    if blocks.persistent_programs > 0:
+        if blocks.gather != "rows":
+            raise ValueError("persistent_programs needs gather='rows'")
+        programs = max(1, min(num_items, blocks.persistent_programs // num_kv_heads))
+        flat = (num_kv_heads * num_pages * page_size, head_dim)
+        full = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))  # noqa: E731
+        real = jnp.sum(items[:, 2] > 0).astype(jnp.int32).reshape(1)   # the real items come first
+        in_specs = [full((1,)), full((num_items, 4)), full((num_seqs * padded_pages,)), whole, full(flat), full(flat)]
+        operands = [real, items, pt.reshape(-1), q, k_pages.reshape(flat), v_pages.reshape(flat)]
+        kernel = functools.partial(_prefill_kernel_persistent, num_programs=programs, pages_per_seq=padded_pages,
+                                   num_pages=num_pages, page_size=page_size, **static)
+        grid = (num_kv_heads, programs)
+    else:
+        kernel = functools.partial(_prefill_kernel, page_size=page_size, **static)
+        # Grid (kv head, item): the GPU launches blocks in the order of grid axis 0 first, so the
+        # kv heads of one item start together and the items, listed longest first, start in that order
+        # (largest work first). With the item axis first, the heads' items would start one head after
+        # another, and the long items of the last heads would start last: a lone causal chunk's tail
+        # ran ~1.5x its even share (list scheduling of 512 programs on 264 slots).
+        kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather, head_axis=0)
+        in_specs = [pl.BlockSpec((None, 4), lambda h, i: (i, 0)),
+                    pl.BlockSpec((None, padded_pages), lambda h, i: (i, 0)),
+                    whole, kv_spec, kv_spec]
+        operands = [items, pt[items[:, 0]], q, k_in, v_in]                 # the page table a row an item
+        grid = (num_kv_heads, num_items)
     aliases = {}
     if out is not None:
         in_specs.append(whole)
@@ -215,7 +259,7 @@ def ragged_prefill_attention_kernel(
         operands.append(out)
     return pl.pallas_call(
         kernel,
-        grid=(num_kv_heads, num_items),
+        grid=grid,
         in_specs=in_specs,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim),

@@ -80,14 +80,14 @@ class EngineConfig:
     # (RunnerConfig)
     separate_sampler: bool | str = False
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
-    decode_programs: int = 0                 # > 0: the decode kernel's programs loop over items (RunnerConfig)
+    attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
-        if not is_count(self.decode_programs):
-            raise ValueError(f"decode_programs: expected an integer >= 0, got {self.decode_programs!r}")
+        if not is_count(self.attention_programs):
+            raise ValueError(f"attention_programs: expected an integer >= 0, got {self.attention_programs!r}")
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
@@ -201,7 +201,7 @@ class EngineCore:
             # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
-            decode_programs=config.decode_programs))
+            attention_programs=config.attention_programs))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),

@@ -166,17 +166,18 @@ class RunnerConfig:
     # (float8_e4m3fn, half the bytes: twice the pages in the same memory, and the decode kernel reads half
     # the bytes; ``jaxdyn.kv.cache``)
     kv_cache_dtype: str = "auto"
-    # > 0: the in-place decode attention kernel runs this many programs, each looping over (sequence, kv head)
-    # items (``DecodeBlockSizes.persistent_programs``), so that a bucket's empty sequence slots cost a loop
-    # iteration each rather than a program; 0: a program an item (the tuned kernel as it was)
-    decode_programs: int = 0
+    # > 0: the attention kernels run this many programs, each looping over its items (the in-place decode
+    # kernel's (sequence, kv head) pairs, the prefill kernel's real items: ``ragged_paged_attention``), so that a
+    # bucket's empty sequence slots and padding items cost a loop iteration each rather than a program; 0: a
+    # program an item (the tuned kernels as they were)
+    attention_programs: int = 0
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
-        if not is_count(self.decode_programs):
-            raise ValueError(f"decode_programs: expected an integer >= 0, got {self.decode_programs!r}")
+        if not is_count(self.attention_programs):
+            raise ValueError(f"attention_programs: expected an integer >= 0, got {self.attention_programs!r}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         if not is_count(self.fp8_kernel_max_tokens):
@@ -472,7 +473,7 @@ class ModelRunner:
                        fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
                        fp8_fused_quantize=self.config.fp8_fused_quantize,
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
-                       decode_programs=self.config.decode_programs)
+                       attention_programs=self.config.attention_programs)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -562,14 +562,14 @@ def test_fp8_kv_cache_under_tensor_parallelism_draws_what_one_device_draws(ckpt)
     assert outs[0] == outs[1]
 
 
-def test_decode_programs_is_checked_and_reaches_the_runner(ckpt):
+def test_attention_programs_is_checked_and_reaches_the_runner(ckpt):
     from jaxdyn.engine.runner import RunnerConfig
     for bad in (-1, 2.5, "528", None, True):
-        with pytest.raises(ValueError, match="decode_programs"):
-            EngineConfig(decode_programs=bad)
-        with pytest.raises(ValueError, match="decode_programs"):
-            RunnerConfig(decode_programs=bad)
+        with pytest.raises(ValueError, match="attention_programs"):
+            EngineConfig(attention_programs=bad)
+        with pytest.raises(ValueError, match="attention_programs"):
+            RunnerConfig(attention_programs=bad)
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, decode_programs=528))
-    assert core.runner.config.decode_programs == 528
+                      dataclasses.replace(CFG, attention_programs=528))
+    assert core.runner.config.attention_programs == 528

@@ -438,12 +438,12 @@ def test_persistent_programs_need_keys_gathered_by_row():
             blocks=paged_decode.DecodeBlockSizes(4, 4, 3, gather="pages", persistent_programs=4))
 
 
-def test_interpreted_ragged_entry_point_with_decode_programs_equals_the_reference():
+def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_reference():
     rng = np.random.default_rng(23)
     args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
     kw = dict(sm_scale=32 ** -0.5)
     ref = ragged_paged_attention_reference(*args, **kw)
-    got = ragged_paged_attention(*args, impl="interpret", in_place=True, decode_programs=7, **kw)
+    got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=7, **kw)
     np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
     assert np.all(np.asarray(got[n:]) == 0)
 
@@ -467,3 +467,45 @@ def test_gpu_decode_kernel_with_persistent_programs(pages):
         got = paged_decode.paged_decode_attention_kernel(
             q, k, v, lens, pt, blocks=dataclasses.replace(base, persistent_programs=programs), **kw)
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(grid.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("window", [None, 13])
+def test_interpreted_prefill_kernel_with_persistent_programs_stores_what_a_program_an_item_does(window):
+    """``PrefillBlockSizes.persistent_programs``: programs a kv head looping over the step's real items (listed
+    first) store the same rows as a program an item, bit for bit, with fewer programs than items or more; rows the
+    kernel skips (decode tokens, padding) keep what ``out`` held."""
+    rng = np.random.default_rng(25)
+    q, k, v, lens, pt, cu = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
+                                   dtype=jnp.float32)[0]
+    kw = dict(sm_scale=32 ** -0.5, interpret=True, sliding_window=window, min_q_len=1,
+              out=jnp.full(q.shape, 5.0, jnp.float32))
+    grid = ragged_prefill.ragged_prefill_attention_kernel(
+        q, k, v, lens, pt, cu, blocks=ragged_prefill.PrefillBlockSizes(32, 4, 4, 3), **kw)
+    skipped = np.asarray(grid == 5.0).all(axis=(1, 2))
+    assert skipped.sum() == sum(n == 1 for _, n in MIXED) + 5          # decode tokens and the 5 padding rows
+    for programs in (2, 7, 1000):
+        got = ragged_prefill.ragged_prefill_attention_kernel(
+            q, k, v, lens, pt, cu, blocks=ragged_prefill.PrefillBlockSizes(32, 4, 4, 3, persistent_programs=programs),
+            **kw)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(grid))
+    with pytest.raises(ValueError, match="gather='rows'"):
+        ragged_prefill.ragged_prefill_attention_kernel(
+            q, k, v, lens, pt, cu, blocks=ragged_prefill.PrefillBlockSizes(32, 4, 4, 3, "pages", persistent_programs=4),
+            **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+@pytest.mark.parametrize("name,head_dim,seqs,window", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_entry_point_with_attention_programs_equals_a_program_an_item(name, head_dim, seqs, window, pages):
+    rng = np.random.default_rng(len(name) + 1)
+    heads = (14, 2) if "of 7" in name else (32, 8)
+    args, n = _batch(rng, seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                     page_size=16, dtype=jnp.bfloat16)
+    if pages == "fp8":
+        args = _fp8_pages(args)
+    kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window, impl="kernel")
+    want = jax.jit(functools.partial(ragged_paged_attention, **kw))(*args)
+    for programs in (132, 528):
+        got = jax.jit(functools.partial(ragged_paged_attention, attention_programs=programs, **kw))(*args)
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
