@@ -64,10 +64,10 @@ class DecodeBlockSizes:
     # [pages, page_size, D] tile loaded by page id and reshaped): see key_block
     gather: str = "rows"
     # > 0: a call with one context split whose output is stored in place runs this many programs, each looping
-    # over (sequence, kv head) items pid, pid + programs, ... (gather "rows" only): a slot with kv_len 0 then
-    # costs one scalar load in a loop, not a program of its own (in a 2,048-token step of a 1,024-slot bucket
-    # most of the 8,192 (slot, head) programs have nothing to do, and each holds the pipeline's shared memory
-    # while it starts and exits). 0: a program for every (sequence, kv head, split).
+    # over the live sequences' (sequence, kv head) items pid, pid + programs, ... (gather "rows" only): a slot
+    # with kv_len 0 then costs nothing (in a 2,048-token step of a 1,024-slot bucket most of the 8,192
+    # (slot, head) programs have nothing to do, and each holds the pipeline's shared memory while it starts and
+    # exits). 0: a program for every (sequence, kv head, split).
     persistent_programs: int = 0
 
 
@@ -102,6 +102,14 @@ def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None, num_seqs: i
                                                                   and num_seqs <= b.one_live_slots):
         return b
     return dataclasses.replace(b, pages_per_block=2 * b.pages_per_block)
+
+
+def max_kernel_pages(kv_heads: int, page_size: int, head_dim: int) -> int:
+    """The most pages a KV pool (one layer's K or V, ``kv_heads`` heads on a device) may hold for the kernels:
+    Pallas' Triton lowering offsets elements with 32-bit integers unless the array exceeds 2**32 bytes, so an
+    fp8 pool of 2**31 elements or more would wrap; keeping every pool below 2**31 elements is safe for every
+    dtype (8 kv heads of 128, pages of 16: 131,071 pages)."""
+    return (2 ** 31 - 1) // (kv_heads * page_size * head_dim)
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -333,32 +341,39 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
             l_ref[...] = l
 
 
-def _decode_kernel_persistent(lens_ref, qrow_ref, pt_ref, q_ref, k_ref, v_ref, o_in_ref, o_ref, *, num_seqs: int,
-                              num_kv_heads: int, num_programs: int, pages_per_seq: int, num_pages: int,
+def _decode_kernel_persistent(live_ref, order_ref, lens_ref, qrow_ref, pt_ref, q_ref, k_ref, v_ref, o_in_ref, o_ref,
+                              *, num_kv_heads: int, num_programs: int, pages_per_seq: int, num_pages: int,
                               page_size: int, group: int, rows: int, **kw):
-    # lens_ref, qrow_ref: i32[S]; pt_ref: i32[S * P] (the page table, flat); q_ref, o_ref: [T, H, D] (o_in_ref aliased
-    # to the output given); k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows, flat).
-    # Program p takes the (sequence, kv head) items p, p + programs, ...: item w is sequence w // kv_heads,
-    # kv head w % kv_heads; one context split each, its rows stored in place; kv_len 0 stores nothing.
+    # live_ref: i32[1] (the sequences with kv_len > 0); order_ref: i32[S] (those sequences' slots first);
+    # lens_ref, qrow_ref: i32[S]; pt_ref: i32[S * P] (the page table, flat); q_ref, o_ref: [T, H, D] (o_in_ref
+    # aliased to o); k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows, flat).
+    # Program p takes the items p, p + programs, ... of the live sequences' live * kv_heads: item w is live
+    # sequence order[w // kv_heads], kv head w % kv_heads; one context split each, its rows stored in place.
     pid = pl.program_id(0)
 
     def item(i, carry):
         w = pid + i * num_programs
-        seq, head = w // num_kv_heads, w % num_kv_heads
-        length = lens_ref[seq]
-
-        @pl.when(length > 0)
-        def _():
-            qrow = qrow_ref[seq]
-            run, _, _, row_ids = _attend(
-                length, qrow, head, 0, 1, q_ref, k_ref, v_ref, pt_ref, page_size=page_size, group=group,
-                rows=rows, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
-                row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
-            acc, _, l = run()
-            _store_rows(o_ref, qrow, head, group, rows, acc, l, row_ids)
+        seq, head = order_ref[w // num_kv_heads], w % num_kv_heads
+        qrow = qrow_ref[seq]
+        run, _, _, row_ids = _attend(
+            lens_ref[seq], qrow, head, 0, 1, q_ref, k_ref, v_ref, pt_ref, page_size=page_size, group=group,
+            rows=rows, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
+            row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
+        acc, _, l = run()
+        _store_rows(o_ref, qrow, head, group, rows, acc, l, row_ids)
         return carry
 
-    lax.fori_loop(0, pl.cdiv(num_seqs * num_kv_heads - pid, num_programs), item, 0)
+    lax.fori_loop(0, pl.cdiv(jnp.maximum(live_ref[0] * num_kv_heads - pid, 0), num_programs), item, 0)
+
+
+def live_first(kv_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(i32[1] the slots with kv_len > 0, i32[S] those slots in order then the others): a compaction by
+    prefix sum (no sort: CUB's sort would split the step's CUDA graph)."""
+    live = kv_lens > 0
+    n = jnp.sum(live).astype(jnp.int32)
+    slots = jnp.arange(kv_lens.shape[0], dtype=jnp.int32)
+    at = jnp.where(live, jnp.cumsum(live) - 1, n + jnp.cumsum(~live) - 1)
+    return n.reshape(1), jnp.zeros_like(slots).at[at].set(slots, unique_indices=True)
 
 
 def kv_operands(k_pages, v_pages, gather: str, head_axis: int = 1):
@@ -434,20 +449,21 @@ def paged_decode_attention_kernel(
             raise ValueError("persistent_programs needs gather='rows'")
         programs = min(blocks.persistent_programs, num_seqs * num_kv_heads)
         kernel = functools.partial(
-            _decode_kernel_persistent, num_seqs=num_seqs, num_kv_heads=num_kv_heads, num_programs=programs,
+            _decode_kernel_persistent, num_kv_heads=num_kv_heads, num_programs=programs,
             pages_per_seq=pages_per_seq, num_pages=num_pages, page_size=page_size, group=group, rows=rows,
             **static)
         flat = (num_kv_heads * num_pages * page_size, head_dim)
         whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
+        live, order = live_first(kv_lens)
         return pl.pallas_call(
             kernel, grid=(programs,),
-            in_specs=[whole((num_seqs,)), whole((num_seqs,)), whole((num_seqs * pages_per_seq,)),
-                      whole(q.shape), whole(flat), whole(flat), whole(q.shape)],
+            in_specs=[whole((1,)), whole((num_seqs,)), whole((num_seqs,)), whole((num_seqs,)),
+                      whole((num_seqs * pages_per_seq,)), whole(q.shape), whole(flat), whole(flat), whole(q.shape)],
             out_specs=whole(q.shape), out_shape=jax.ShapeDtypeStruct(q.shape, out.dtype),
             interpret=interpret, compiler_params=None if interpret else _compiler_params(blocks),
-            input_output_aliases={6: 0}, name="paged_decode_attention",
-        )(kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), q,
-          k_pages.reshape(flat), v_pages.reshape(flat), out)
+            input_output_aliases={8: 0}, name="paged_decode_attention",
+        )(live, order, kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1),
+          q, k_pages.reshape(flat), v_pages.reshape(flat), out)
 
     kernel = functools.partial(
         _decode_kernel, page_size=page_size, group=group, rows=rows, in_place=in_place, **static)

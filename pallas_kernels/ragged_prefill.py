@@ -173,20 +173,25 @@ def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, **kw):
 
 def _prefill_kernel_persistent(real_ref, item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, num_programs: int,
                                pages_per_seq: int, num_pages: int, page_size: int, **kw):
-    # real_ref: i32[1] (the real items, listed first); item_ref: i32[W, 4]; pt_ref: i32[S * P'] (the padded page
-    # table, flat); k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows, flat). Program
-    # (head, p) takes the items p, p + programs, ... below the real count.
+    # real_ref: i32[1] (the real items, listed first, longest first); item_ref: i32[W, 4]; pt_ref: i32[S * P']
+    # (the padded page table, flat); k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows,
+    # flat). Program (head, p) takes one item of each round of `programs` below the real count, in snake order
+    # (p in even rounds, programs - 1 - p in odd ones), so that the longest items do not all fall to one program.
     head, pid = pl.program_id(0), pl.program_id(1)
+    real = real_ref[0]
 
     def item(i, carry):
-        w = pid + i * num_programs
-        seq = item_ref[w, 0]
-        _prefill_item(item_ref[w, 1], item_ref[w, 2], item_ref[w, 3], head, pt_ref, q_ref, k_ref, v_ref,
-                      o_refs[-1], page_size=page_size, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
-                      row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
+        w = i * num_programs + jnp.where(i % 2 == 0, pid, num_programs - 1 - pid)
+
+        @pl.when(w < real)
+        def _():
+            seq = item_ref[w, 0]
+            _prefill_item(item_ref[w, 1], item_ref[w, 2], item_ref[w, 3], head, pt_ref, q_ref, k_ref, v_ref,
+                          o_refs[-1], page_size=page_size, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
+                          row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
         return carry
 
-    lax.fori_loop(0, pl.cdiv(jnp.maximum(real_ref[0] - pid, 0), num_programs), item, 0)
+    lax.fori_loop(0, pl.cdiv(real, num_programs), item, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret",

@@ -182,6 +182,10 @@ class EngineCore:
         ps = config.page_size
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
         platform = mesh.devices.flat[0].platform
+        if platform == "gpu" and num_pages > (most := _kernel_page_limit(model_config, mesh, ps)):
+            raise ValueError(f"num_pages={num_pages}: the attention kernels address at most {most} pages of "
+                             f"{ps} tokens for this model (a pool of 2**31 elements or more per layer would "
+                             "overflow their 32-bit offsets); use fewer or larger pages")
         if config.kv_cache_dtype != "auto" and platform == "cpu":
             log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
                         "fp8 write and read, so every step costs time in the size of the pool (for correctness "
@@ -611,6 +615,17 @@ def unloaded_bytes_per_device(state, mesh) -> int:
                if not isinstance(leaf, jax.Array))
 
 
+def _kernel_page_limit(model_config, mesh, page_size: int) -> int:
+    """The most pages the GPU attention kernels address for this model on this mesh
+    (``paged_decode.max_kernel_pages`` of one device's kv heads)."""
+    from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
+    from pallas_kernels.paged_decode import max_kernel_pages
+    tp = model_parallel_size(mesh)
+    kv_heads = stored_kv_heads(model_config.num_kv_heads, tp)
+    local = kv_heads // tp if kv_heads >= tp else kv_heads
+    return max_kernel_pages(local, page_size, model_config.head_dim)
+
+
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
     ps = config.page_size
@@ -624,6 +639,7 @@ def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_mode
         free = (stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
                 - unloaded_bytes_per_device(state, mesh))
         per_device_page = page_bytes / model_parallel_size(mesh) if kv_heads >= model_parallel_size(mesh) else page_bytes
-        return max(int(free // per_device_page), math.ceil(max_model_len / ps))
+        return min(max(int(free // per_device_page), math.ceil(max_model_len / ps)),
+                   _kernel_page_limit(model_config, mesh, ps))
     # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.
     return max(math.ceil(max_model_len / ps), config.max_num_seqs * math.ceil(1024 / ps))

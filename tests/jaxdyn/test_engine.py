@@ -573,3 +573,17 @@ def test_attention_programs_is_checked_and_reaches_the_runner(ckpt):
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
                       dataclasses.replace(CFG, attention_programs=528))
     assert core.runner.config.attention_programs == 528
+
+
+def test_the_kernels_page_limit_keeps_a_layers_pool_under_2_31_elements():
+    from jaxdyn.config import ModelConfig
+    from jaxdyn.engine.core import _kernel_page_limit
+    from jaxdyn.parallel.sharding import make_mesh
+    from pallas_kernels.paged_decode import max_kernel_pages
+    assert max_kernel_pages(8, 16, 128) == 131_071
+    assert 8 * 16 * 128 * max_kernel_pages(8, 16, 128) < 2 ** 31 <= 8 * 16 * 128 * (max_kernel_pages(8, 16, 128) + 1)
+    from jaxdyn.models.presets import PRESETS
+    cfg = ModelConfig.from_dict(PRESETS["llama-3.1-8b"])          # 8 kv heads of 128
+    assert _kernel_page_limit(cfg, make_mesh(1), 16) == 131_071
+    assert _kernel_page_limit(dataclasses.replace(cfg, num_kv_heads=2, head_dim=64), make_mesh(1), 32) == \
+        (2 ** 31 - 1) // (2 * 32 * 64)

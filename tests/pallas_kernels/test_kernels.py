@@ -440,7 +440,10 @@ def test_persistent_programs_need_keys_gathered_by_row():
 
 def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_reference():
     rng = np.random.default_rng(23)
-    args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    args, n = _batch(rng, MIXED_SHORT, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    # one context split: the in-place path, where both kernels take the programs
+    blocks = paged_decode.decode_block_sizes(32, 16, args[1].dtype, args[4].shape[0])
+    assert paged_decode.grid_splits(args[4].shape[0], 2, args[4].shape[1], blocks) == 1
     kw = dict(sm_scale=32 ** -0.5)
     ref = ragged_paged_attention_reference(*args, **kw)
     got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=7, **kw)
@@ -451,15 +454,19 @@ def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_refer
 @pytest.mark.gpu
 @pytest.mark.parametrize("pages", ["bf16", "fp8"])
 def test_gpu_decode_kernel_with_persistent_programs(pages):
-    """On the GPU the persistent grid stores what a program an item stores (the same loop a (sequence, head))."""
+    """On the GPU the persistent grid stores what a program an item stores (the same loop a (sequence, head)):
+    40 live decodes spread over a bucket's 1,024 sequence slots, the rest empty."""
     rng = np.random.default_rng(24)
-    seqs = [(97 * i + 3, 1) for i in range(40)] + [(0, 0)] * 24          # 64 slots, 40 live decodes
-    seqs = [s for s in seqs if s[1]]
+    seqs = [(97 * i + 3, 1) for i in range(40)]
     args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
     if pages == "fp8":
         args = _fp8_pages(args)
     q, k, v, lens, pt, cu = args
-    rows = jnp.minimum(cu[:-1], n - 1)
+    # the live slots scattered among 1,024
+    slots = np.sort(rng.choice(1024, lens.shape[0], replace=False))
+    lens = jnp.zeros(1024, jnp.int32).at[slots].set(lens)
+    pt = jnp.zeros((1024, pt.shape[1]), jnp.int32).at[slots].set(pt)
+    rows = jnp.zeros(1024, jnp.int32).at[slots].set(jnp.minimum(cu[:-1], n - 1))
     kw = dict(sm_scale=128 ** -0.5, q_rows=rows, out=jnp.zeros_like(q), num_splits=1)
     grid = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, **kw)
     base = paged_decode.decode_block_sizes(128, 16, k.dtype, lens.shape[0])
