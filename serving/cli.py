@@ -139,6 +139,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "half the bytes a cached token, so twice the tokens fit and decode attention reads half as "
                    "much; values are stored unscaled, saturating at +-448. For GPUs: on the CPU every fp8 write "
                    "converts the whole pool")
+    p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
+                   help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
+                   "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "
+                   "when max_tokens are the outputs' lengths; under a steady load it can hold short requests back)")
     p.add_argument("--executable-cache", default=None, metavar="DIR",
                    help="save the compiled steps here and load them at the next start (no tracing or compiling "
                    "of the steps then); default: $JAXDYN_EXECUTABLE_CACHE, else jaxdyn-executables inside JAX's "
@@ -197,6 +201,7 @@ def _engine_fields(args) -> dict:
                 fp8_fused_quantize_min_tokens=fused_min,
                 separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 **buckets)
 
 

@@ -27,7 +27,7 @@ from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_separate_sampler,
     is_count, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
-from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
 from jaxdyn.engine.tokenizer import Tokenizer
 from jaxdyn.kv.allocator import PageAllocator
 from jaxdyn.kv.cache import check_kv_cache_dtype
@@ -81,6 +81,7 @@ class EngineConfig:
     separate_sampler: bool | str = False
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
+    schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -88,6 +89,7 @@ class EngineConfig:
         check_separate_sampler(self.separate_sampler)
         if not is_count(self.attention_programs):
             raise ValueError(f"attention_programs: expected an integer >= 0, got {self.attention_programs!r}")
+        check_schedule_policy(self.schedule_policy)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
@@ -208,7 +210,8 @@ class EngineCore:
             attention_programs=config.attention_programs))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps),
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps,
+                                                   policy=config.schedule_policy),
                                    self.allocator, self.prefix_cache)
         eos = set(model_config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
         if tokenizer is not None and eos_token_ids is None:

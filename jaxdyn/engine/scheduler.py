@@ -6,9 +6,13 @@ Each step fills a token budget (``max_num_batched_tokens``) and a sequence cap
 1. Running sequences first, oldest admission first: a decoding sequence takes
    one token, a sequence still in its prompt takes the next chunk (as much of
    the budget as is left), so a long prompt never stalls decoding.
-2. Then waiting sequences, by (priority, arrival): admitted while the budget,
-   the cap and free pages allow; the first that does not fit stops admission
-   (no overtaking), and nothing is admitted in a step that had to preempt.
+2. Then waiting sequences, by (priority, arrival) -- or with the "lof" policy
+   (SGLang's longest output first) by (priority, largest max_tokens first,
+   arrival): admitted while the budget, the cap and free pages allow; the first
+   that does not fit stops admission (no overtaking), and nothing is admitted in
+   a step that had to preempt. Longest output first shortens an offline batch's
+   tail of few running sequences when max_tokens are the outputs' lengths; under
+   a steady load it can hold short requests back.
 
 Pages are allocated as a sequence's chunk needs them. When none are free for a
 running sequence, the running sequence with the largest (priority, admission)
@@ -42,11 +46,25 @@ from jaxdyn.kv.allocator import PageAllocator
 from jaxdyn.kv.radix import RadixCache
 
 
+SCHEDULE_POLICIES = ("fcfs", "lof")
+
+
+def check_schedule_policy(policy):
+    """``policy`` if it is one of SCHEDULE_POLICIES (ValueError naming them otherwise)."""
+    if policy not in SCHEDULE_POLICIES:
+        raise ValueError(f"schedule_policy: expected one of {', '.join(SCHEDULE_POLICIES)}, got {policy!r}")
+    return policy
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int
     page_size: int
+    policy: str = "fcfs"          # waiting order: "fcfs" (priority, arrival) or "lof" (longest max_tokens first)
+
+    def __post_init__(self):
+        check_schedule_policy(self.policy)
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,7 +93,7 @@ class Scheduler:
         self.cache = cache
         self.prefix_queries = 0         # tokens of admitted sequences looked up in the cache
         self.prefix_hits = 0            # of which found
-        self.waiting: list[Sequence] = []       # sorted by (priority, arrival)
+        self.waiting: list[Sequence] = []       # sorted by _wait_key: (priority, arrival) for fcfs
         self.running: list[Sequence] = []       # in admission order
         self._admits = itertools.count()
         self.num_preemptions = 0
@@ -90,10 +108,17 @@ class Scheduler:
         for seq in request.seqs:
             self._push_waiting(seq)
 
+    def _wait_key(self, seq: Sequence) -> tuple:
+        if self.config.policy == "lof":
+            max_tokens = seq.request.params.max_tokens
+            return (seq.request.priority, -(max_tokens if max_tokens is not None else float("inf")),
+                    seq.arrival_order)
+        return seq.sort_key
+
     def _push_waiting(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        keys = [s.sort_key for s in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, seq.sort_key), seq)
+        keys = [self._wait_key(s) for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self._wait_key(seq)), seq)
 
     def finish(self, seq: Sequence, hold: bool = False) -> None:
         """Take a sequence out of the scheduler and free its pages (stop, length or abort).

@@ -562,17 +562,20 @@ def test_fp8_kv_cache_under_tensor_parallelism_draws_what_one_device_draws(ckpt)
     assert outs[0] == outs[1]
 
 
-def test_attention_programs_is_checked_and_reaches_the_runner(ckpt):
+def test_attention_programs_and_schedule_policy_are_checked_and_reach_the_engine(ckpt):
     from jaxdyn.engine.runner import RunnerConfig
     for bad in (-1, 2.5, "528", None, True):
         with pytest.raises(ValueError, match="attention_programs"):
             EngineConfig(attention_programs=bad)
         with pytest.raises(ValueError, match="attention_programs"):
             RunnerConfig(attention_programs=bad)
+    with pytest.raises(ValueError, match="schedule_policy"):
+        EngineConfig(schedule_policy="sjf")
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, attention_programs=528))
+                      dataclasses.replace(CFG, attention_programs=528, schedule_policy="lof"))
     assert core.runner.config.attention_programs == 528
+    assert core.scheduler.config.policy == "lof"
 
 
 def test_the_kernels_page_limit_keeps_a_layers_pool_under_2_31_elements():

@@ -34,10 +34,10 @@ def test_allocator_counts_and_copy_on_write():
 class Sim:
     """The scheduler driven as the engine drives it, with tokens 'drawn' at once."""
 
-    def __init__(self, pages=12, budget=16, cap=4, page_size=4, seed=0, cache=False):
+    def __init__(self, pages=12, budget=16, cap=4, page_size=4, seed=0, cache=False, policy="fcfs"):
         self.alloc = PageAllocator(pages)
         self.cache = RadixCache(self.alloc, page_size) if cache else None
-        self.s = Scheduler(SchedulerConfig(budget, cap, page_size), self.alloc, self.cache)
+        self.s = Scheduler(SchedulerConfig(budget, cap, page_size, policy=policy), self.alloc, self.cache)
         self.content = {}          # (page, offset) -> token id written there
         self.page_size, self.pages = page_size, pages
         self.reqs, self.arrivals, self.rng = {}, 0, random.Random(seed)
@@ -133,6 +133,26 @@ def test_priority_orders_admission():
     sim.add("high", 4, 1, priority=-1)
     first = sim.step().items[0].seq.request.request_id
     assert first == "high"
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lof"])
+def test_longest_output_first_admits_by_max_tokens_after_priority(policy):
+    """"lof" (SGLang's longest output first): waiting requests of equal priority are admitted largest max_tokens
+    first, ties by arrival; priority still comes first. "fcfs" admits by arrival."""
+    sim = Sim(pages=256, budget=4, cap=1, page_size=4, policy=policy)
+    for rid, max_tokens, priority in (("a", 3, 0), ("b", 30, 0), ("c", 9, 0), ("d", 30, 0), ("e", 1, -1)):
+        sim.add(rid, 4, max_tokens, priority=priority)
+    admitted = []
+    while sim.reqs:
+        for it in sim.step().items:
+            if it.start == 0:
+                admitted.append(it.seq.request.request_id)
+    assert admitted == (["e", "b", "d", "c", "a"] if policy == "lof" else ["e", "a", "b", "c", "d"])
+
+
+def test_schedule_policy_is_checked():
+    with pytest.raises(ValueError, match="schedule_policy: expected one of fcfs, lof"):
+        SchedulerConfig(16, 4, 4, policy="sjf")
 
 
 @settings(max_examples=60, deadline=None)

@@ -93,6 +93,10 @@ def test_serve_fp8_kernel_limit_flag():
         assert _engine_config(parse(["serve", "--kv-cache-dtype", name])).kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit):       # argparse names the choices on stderr
         parse(["serve", "--kv-cache-dtype", "int4"])
+    assert _engine_config(parse(["serve"])).schedule_policy == "fcfs"
+    assert _engine_config(parse(["serve", "--schedule-policy", "lof"])).schedule_policy == "lof"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--schedule-policy", "sjf"])
     flag = "--fp8-fused-quantize-min-tokens"
     assert _engine_config(parse(["serve", flag, "200"])).fp8_fused_quantize_min_tokens == 200
     with pytest.raises(CLIError, match=f"{flag}: expected an integer, auto"):
