@@ -170,6 +170,9 @@ def main(argv=None) -> None:
     p.add_argument("--costs", default=None, metavar="T:MS,...",
                    help="measured ms a step of each token bucket (e.g. 16:5.21,128:6.08,512:13.12,2048:42.75)")
     p.add_argument("--kv-tb-s", type=float, default=4.0, help="with --costs: TB/s the decode rows' KV is read at")
+    p.add_argument("--order", choices=("fcfs", "lof"), default="fcfs",
+                   help="the admission order: fcfs (arrival) or lof (largest output first: the engine's "
+                        "schedule_policy='lof' with max_tokens the outputs' lengths)")
     p.add_argument("--by-bucket", action="store_true",
                    help="with --costs: also where the whole-steps run spends its time, bucket by bucket")
     p.add_argument("--floor-ms", type=float, default=4.82,
@@ -180,6 +183,9 @@ def main(argv=None) -> None:
         prompts, outputs = np.full(args.num_prompts, 1024), np.full(args.num_prompts, 128)
     else:     # the prompts bench offline draws (seed 0)
         prompts, outputs = sharegpt_lengths(seeded_rng(0, 1, 0), args.num_prompts, args.replies)
+    if args.order == "lof":
+        order = np.argsort(-outputs, kind="stable")
+        prompts, outputs = prompts[order], outputs[order]
     if args.costs:
         try:
             costs = {int(t): float(ms) for t, ms in (c.split(":") for c in args.costs.split(","))}
@@ -201,7 +207,7 @@ def main(argv=None) -> None:
                   f"{sum(k for _, _, k in parts.values()):.2f} | 1.000 |")
         print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --replies {args.replies} "
               f"--num-prompts {args.num_prompts} --costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}"
-              + (" --by-bucket" if args.by_bucket else ""))
+              + (" --by-bucket" if args.by_bucket else "") + (f" --order {args.order}" if args.order != "fcfs" else ""))
         return
     first = None
     print(f"{args.dataset}{shape}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} "

@@ -199,3 +199,17 @@ def test_bucket_breakdown_adds_up_to_the_whole_steps_run():
         assert c == pytest.approx(n * costs[b] / 1e3) and k >= 0
     # the longest request's 60 outputs end alone: single-token steps, the smallest bucket
     assert parts[4][0] >= 60 - 30
+
+
+def test_schedule_sim_orders_admission_longest_output_first(capsys):
+    from benchmarks import schedule_sim
+    schedule_sim.main(["--num-prompts", "60", "--costs", "16:1,64:2,256:5", "--order", "lof"])
+    lof = capsys.readouterr().out
+    schedule_sim.main(["--num-prompts", "60", "--costs", "16:1,64:2,256:5"])
+    fcfs = capsys.readouterr().out
+    assert "--order lof" in lof and "--order" not in fcfs
+
+    def whole(out):
+        return float(next(line for line in out.splitlines() if line.startswith("| whole steps")).split("|")[2])
+    # the same requests, their longest outputs started first: never a longer run here
+    assert whole(lof) <= whole(fcfs)
