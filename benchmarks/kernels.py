@@ -396,7 +396,11 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
     rows = []
     alone: dict[tuple[int, int], float] = {}              # the decode kernel on the live sequences, once a point
     for (live, slots, context), programs in itertools.product(points, attention_programs):
-        q, k_pages, v_pages, lens, tables = _decode_inputs(rng, live, context, 128)
+        # a context (lo, hi): each sequence's drawn in [lo, hi] (the same draws for every program count)
+        hi = context if isinstance(context, int) else context[1]
+        q, k_pages, v_pages, lens, tables = _decode_inputs(rng, live, hi, 128)
+        if not isinstance(context, int):
+            lens = jnp.asarray(np.random.default_rng(live).integers(context[0], hi + 1, live), jnp.int32)
         pad = slots - live
         q_s = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
         lens_s = jnp.pad(lens, (0, pad))
@@ -407,16 +411,16 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
             return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
                                           sm_scale=128 ** -0.5, attention_programs=programs,
                                           impl="interpret" if INTERPRET else "kernel")
-        t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, context)
+        t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
         if (live, context) not in alone:
-            alone[live, context] = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live,
-                                                        context)
+            alone[live, context] = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live, hi)
         t_kernel = alone[live, context]
-        kv_bytes = live * context * KV_HEADS * 128 * 2 * KV_DTYPE.itemsize
-        rows.append(dict(live=live, slots=slots, context=context, attention_programs=programs, entry_us=t_entry * 1e6,
+        kv_bytes = int(lens.sum()) * KV_HEADS * 128 * 2 * KV_DTYPE.itemsize
+        label = context if isinstance(context, int) else f"{context[0]}-{context[1]}"
+        rows.append(dict(live=live, slots=slots, context=label, attention_programs=programs, entry_us=t_entry * 1e6,
                          kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
                          entry_gbs=kv_bytes / t_entry / 1e9))
-        print(f"entry {live}/{slots} c={context} programs {programs}: {t_entry * 1e6:.1f} us vs kernel "
+        print(f"entry {live}/{slots} c={label} programs {programs}: {t_entry * 1e6:.1f} us vs kernel "
               f"{t_kernel * 1e6:.1f} us", flush=True)
     return rows
 
@@ -459,7 +463,7 @@ def main(argv=None) -> str:
                     help="the entry-point section only (decode-only steps through ragged_paged_attention)")
     ap.add_argument("--entry-points", default=None, metavar="LIVE/SLOTS/CONTEXT,...",
                     help="the entry-point section's points, e.g. 56/1024/256 (56 live sequences in a bucket of "
-                         "1,024 slots)")
+                         "1,024 slots) or 726/768/100-1500 (contexts drawn from 100 to 1,500)")
     ap.add_argument("--attention-programs", default="0", metavar="N,...",
                     help="the entry-point section's attention programs (ragged_paged_attention's attention_programs; "
                          "0: a program an item, N: N programs looping over the items), each measured")
@@ -468,12 +472,16 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     try:
         programs = [int(x) for x in args.attention_programs.split(",")]
+
+        def context(c: str):
+            lo, _, hi = c.partition("-")
+            return (int(lo), int(hi)) if hi else int(lo)
         entry_points = None if not args.entry_points else [
-            tuple(int(x) for x in pt.split("/")) for pt in args.entry_points.split(",")]
+            (int(a), int(b), context(c)) for a, b, c in (pt.split("/") for pt in args.entry_points.split(","))]
     except ValueError:
         ap.error(f"--attention-programs / --entry-points: expected integers (N,... and LIVE/SLOTS/CONTEXT,...), got "
                  f"{args.attention_programs!r} / {args.entry_points!r}")
-    if any(p < 0 for p in programs) or (entry_points and any(len(pt) != 3 or pt[0] > pt[1] for pt in entry_points)):
+    if any(p < 0 for p in programs) or (entry_points and any(pt[0] > pt[1] for pt in entry_points)):
         ap.error("--attention-programs must be >= 0 and --entry-points LIVE/SLOTS/CONTEXT with LIVE <= SLOTS")
     variants = None
     if args.sweep_variants:
@@ -627,8 +635,8 @@ def main(argv=None) -> str:
 
 
 def entry_section(rng, blocks, points, programs, emit) -> None:
-    overhead = entry_overhead(rng, blocks, ((2, 4, 64),) if INTERPRET else points or
-                              ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048)),
+    overhead = entry_overhead(rng, blocks, points or (((2, 4, 64),) if INTERPRET else
+                              ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048))),
                               attention_programs=programs)
     emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
          "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
