@@ -181,7 +181,8 @@ def _prefill_kernel_persistent(real_ref, item_ref, pt_ref, q_ref, k_ref, v_ref, 
     real = real_ref[0]
 
     def item(i, carry):
-        w = i * num_programs + jnp.where(i % 2 == 0, pid, num_programs - 1 - pid)
+        # (i & 1, not i % 2: Pallas' Triton lowering of an integer remainder by a constant failed, i32 vs i1)
+        w = i * num_programs + jnp.where((i & 1) == 0, pid, num_programs - 1 - pid)
 
         @pl.when(w < real)
         def _():

@@ -516,3 +516,22 @@ def test_gpu_entry_point_with_attention_programs_equals_a_program_an_item(name, 
     for programs in (132, 528):
         got = jax.jit(functools.partial(ragged_paged_attention, attention_programs=programs, **kw))(*args)
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+@pytest.mark.parametrize("programs", [0, 1056])
+@pytest.mark.parametrize("slots,window,in_place", [(1024, None, True), (16, None, True), (1024, 256, True),
+                                                   (64, None, False)])
+def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, programs, slots, window, in_place):
+    """Pallas' Triton lowering runs on the CPU too (``lower(lowering_platforms=("cuda",))``): every kernel
+    configuration the engine can ask for -- both page dtypes, persistent programs or not, a bucket of many slots
+    (one context split, in place) or few (splits and their merge), a sliding window -- must lower, so a construct
+    Triton's lowering rejects (which interpret mode accepts) fails here rather than on the device."""
+    dtype = jnp.float8_e4m3fn if pages == "fp8" else jnp.bfloat16
+    sds = jax.ShapeDtypeStruct
+    args = (sds((2048, 32, 128), jnp.bfloat16), sds((8, 4096, 16, 128), dtype), sds((8, 4096, 16, 128), dtype),
+            sds((slots,), jnp.int32), sds((slots, 128), jnp.int32), sds((slots + 1,), jnp.int32))
+    f = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.088, sliding_window=window, impl="kernel",
+                                  in_place=in_place, attention_programs=programs))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2              # the decode kernel and the prefill kernel
