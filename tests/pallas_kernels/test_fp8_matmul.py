@@ -104,3 +104,17 @@ def test_fp8_activations_and_the_swapped_product(blocks):
     np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2 ** -7, atol=1e-3 * np.abs(want).max())
     with pytest.raises(ValueError, match="need x_scale"):
         fp8_weight_matmul(xq, w, scale, impl="interpret", blocks=blocks)
+
+
+@pytest.mark.parametrize("activations", ["bf16", "fp8"])
+def test_the_kernel_lowers_to_triton_for_a_gpu(activations):
+    """w8a16 and w8a8 at 16 rows of the 8B shape's o_proj lower through Pallas' Triton lowering on the CPU."""
+    sds = jax.ShapeDtypeStruct
+    w, scale = sds((4096, 4096), jnp.float8_e4m3fn), sds((4096,), jnp.float32)
+    if activations == "bf16":
+        f = jax.jit(lambda x, w, s: fp8_weight_matmul(x, w, s, impl="kernel"))
+        lowered = f.trace(sds((16, 4096), jnp.bfloat16), w, scale)
+    else:
+        f = jax.jit(lambda x, w, s, xs: fp8_weight_matmul(x, w, s, impl="kernel", out_dtype=jnp.bfloat16, x_scale=xs))
+        lowered = f.trace(sds((16, 4096), jnp.float8_e4m3fn), w, scale, sds((16,), jnp.float32))
+    assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()

@@ -108,3 +108,16 @@ def test_gpu_the_kernel_on_the_8b_widths(one_pass):
         rq, rs = quantize_rows_fp8_reference(u, g, sc)
         np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
         assert (np.asarray(q, np.float32) != np.asarray(rq, np.float32)).mean() < 1e-3
+
+
+@pytest.mark.parametrize("rows", [16, 2048])
+@pytest.mark.parametrize("inputs", ["x", "gate", "raw products"])
+def test_the_kernel_lowers_to_triton_for_a_gpu(rows, inputs):
+    """The kernel as the engine calls it (the 8B shape's down_proj input) lowers through Pallas' Triton lowering on
+    the CPU, so a construct it rejects fails here rather than on the device."""
+    sds = jax.ShapeDtypeStruct
+    x = sds((rows, 14336), jnp.bfloat16)
+    scales = (sds((rows, 1), jnp.float32), sds((14336,), jnp.float32), sds((14336,), jnp.float32))
+    kw = {"x": {}, "gate": {"gate": x}, "raw products": {"gate": x, "scales": scales}}[inputs]
+    f = jax.jit(lambda x, gate=None, scales=None: quantize_rows_fp8(x, gate, scales=scales, impl="kernel"))
+    assert "__gpu$xla.gpu.triton" in f.trace(x, **kw).lower(lowering_platforms=("cuda",)).as_text()
