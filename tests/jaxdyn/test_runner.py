@@ -615,3 +615,43 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
     assert not runner.weights_loaded
     runner.set_weights(model.state)
     assert runner.weights_loaded
+
+
+@pytest.mark.parametrize("quant,options", [
+    (None, {}),
+    ("fp8", dict(fp8_fused_quantize="all", fp8_fused_quantize_min_tokens=0, attention_programs=264,
+                 kv_cache_dtype="fp8")),
+    ("fp8", dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
+])
+def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, options):
+    """Each bucket's step in every sampler variant, lowered for a GPU on the CPU with the Pallas kernels as a GPU
+    runs them (``on_gpu`` patched true; Pallas' Triton lowering runs here, Triton's GPU passes do not): the
+    attention kernels, an fp8 model's quantization and few-row product kernels, fp8 pages, persistent programs.
+    A construct only the GPU path takes fails here rather than on the device."""
+    import importlib
+    import json
+    import os
+
+    from jaxdyn.config import ModelConfig
+    # (by module name: the package exports a function named like the attention module)
+    modules = [importlib.import_module(f"pallas_kernels.{m}")
+               for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul")]
+    path = make_hf_checkpoint("qwen3", str(tmp_path))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quant)
+    mesh = make_mesh(1)
+    model = load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16, config=cfg)
+    for module in modules:
+        monkeypatch.setattr(module, "on_gpu", lambda: True)
+    runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(
+        CFG, max_num_seqs=32, token_buckets=(16, 64), page_buckets=(8,), **options))
+    for t, _, p in runner.bucket_shapes():
+        for variant in VARIANTS:
+            lowered = runner._jitted[variant].trace(runner.state, runner.kv_cache, runner.token_pages,
+                                                    runner.prev_sampled, *runner._input_shapes(t, p))
+            text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+            # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
+            # quantization from 0 tokens) or the few-row product kernel (steps of at most 16 tokens)
+            fp8_kernel = (options.get("fp8_fused_quantize") == "all"
+                          or t <= options.get("fp8_kernel_max_tokens", 0))
+            assert text.count("__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
