@@ -139,6 +139,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "half the bytes a cached token, so twice the tokens fit and decode attention reads half as "
                    "much; values are stored unscaled, saturating at +-448. For GPUs: on the CPU every fp8 write "
                    "converts the whole pool")
+    p.add_argument("--attention-programs", type=int, default=0, metavar="N",
+                   help="run the GPU attention kernels as N programs that loop over their work items (a bucket's "
+                   "empty sequence slots and padding items then cost no program each) instead of a program an item "
+                   "(0, the default); not yet measured on a GPU")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "
@@ -202,7 +206,16 @@ def _engine_fields(args) -> dict:
                 separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
+                attention_programs=_count_flag(args, "attention_programs"),
                 **buckets)
+
+
+def _count_flag(args, name: str) -> int:
+    """An integer flag that must be >= 0 (CLIError naming it otherwise)."""
+    v = getattr(args, name, 0)
+    if v < 0:
+        raise CLIError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {v}")
+    return v
 
 
 def _token_limit(args, name: str, words: dict):

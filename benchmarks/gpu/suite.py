@@ -1050,6 +1050,10 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
                   "--shutdown-grace", "5", "--log-level", "warning"]
     if e.get("first_compiles_alone"):
         serve_args.append("--first-compiles-alone")
+    if e.get("attention_programs"):
+        serve_args += ["--attention-programs", str(e["attention_programs"])]
+    if e.get("schedule_policy", "fcfs") != "fcfs":
+        serve_args += ["--schedule-policy", e["schedule_policy"]]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
                "--page-buckets", ",".join(map(str, e["page_buckets"]))]
     return serve_args, buckets

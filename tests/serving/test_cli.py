@@ -93,6 +93,10 @@ def test_serve_fp8_kernel_limit_flag():
         assert _engine_config(parse(["serve", "--kv-cache-dtype", name])).kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit):       # argparse names the choices on stderr
         parse(["serve", "--kv-cache-dtype", "int4"])
+    assert _engine_config(parse(["serve"])).attention_programs == 0
+    assert _engine_config(parse(["serve", "--attention-programs", "1056"])).attention_programs == 1056
+    with pytest.raises(CLIError, match="--attention-programs: expected an integer >= 0"):
+        _engine_config(parse(["serve", "--attention-programs", "-4"]))
     assert _engine_config(parse(["serve"])).schedule_policy == "fcfs"
     assert _engine_config(parse(["serve", "--schedule-policy", "lof"])).schedule_policy == "lof"
     with pytest.raises(SystemExit):
