@@ -91,13 +91,29 @@ def simulate(prompts, outputs, buckets, max_seqs: int, budget: int = 2048, min_f
     return total_ms / 1e3, steps, real / rows
 
 
+def _kv_ms(kv_tokens: int, kv_tb_s: float) -> float:
+    """ms to read ``kv_tokens`` tokens' KV (the 8B shape's) at ``kv_tb_s`` TB/s."""
+    return kv_tokens * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3
+
+
+def _costed_run(prompts, outputs, cost, largest: int, max_seqs: int) -> float:
+    """Seconds of ``simulate`` with every step costed ``cost(tokens, kv_tokens)`` ms by its own token count
+    (the bucket list 1..``largest``, ``largest`` tokens a step)."""
+    global step_ms
+    saved = step_ms
+    try:
+        step_ms = cost
+        return simulate(prompts, outputs, tuple(range(1, largest + 1)), max_seqs, budget=largest)[0]
+    finally:
+        step_ms = saved
+
+
 def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, floor_ms: float,
                   max_seqs: int = 1024) -> list[tuple[str, float]]:
     """(label, seconds) of whole steps, split steps and the bound, each step costed from ``costs``
     (token bucket -> ms) plus its decode rows' KV read at ``kv_tb_s``."""
     import functools
     buckets = tuple(sorted(costs))
-    kv_ms = lambda kv: kv * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3  # noqa: E731
 
     @functools.lru_cache(None)
     def split(tokens: int) -> float:
@@ -120,18 +136,9 @@ def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, flo
               ("split steps", split),
               ("no padding: every step its own tokens, its cost interpolated between the buckets'", unpadded),
               (f"bound: every step its tokens x {rate:.4f} ms, at least {floor_ms} ms", lambda t: max(floor_ms, rate * t)))
-    out = []
-    global step_ms
-    saved = step_ms
-    try:
-        for label, cost in models:
-            step_ms = lambda tokens, kv, cost=cost: cost(tokens) + kv_ms(kv)  # noqa: E731
-            # the bucket list 1..largest: a step is costed by its own token count
-            s, _, _ = simulate(prompts, outputs, tuple(range(1, buckets[-1] + 1)), max_seqs, budget=buckets[-1])
-            out.append((label, s))
-    finally:
-        step_ms = saved
-    return out
+    return [(label, _costed_run(prompts, outputs, lambda tokens, kv, cost=cost: cost(tokens) + _kv_ms(kv, kv_tb_s),
+                                buckets[-1], max_seqs))
+            for label, cost in models]
 
 
 def bucket_breakdown(prompts, outputs, costs: dict[int, float], kv_tb_s: float, max_seqs: int = 1024
@@ -143,19 +150,13 @@ def bucket_breakdown(prompts, outputs, costs: dict[int, float], kv_tb_s: float, 
 
     def cost(tokens: int, kv: int) -> float:
         b = next(x for x in buckets if x >= tokens)
-        kv_ms = kv * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3
+        kv_ms = _kv_ms(kv, kv_tb_s)
         out[b][0] += 1
         out[b][1] += costs[b] / 1e3
         out[b][2] += kv_ms / 1e3
         return costs[b] + kv_ms
 
-    global step_ms
-    saved = step_ms
-    try:
-        step_ms = cost
-        simulate(prompts, outputs, tuple(range(1, buckets[-1] + 1)), max_seqs, budget=buckets[-1])
-    finally:
-        step_ms = saved
+    _costed_run(prompts, outputs, cost, buckets[-1], max_seqs)
     return {b: (n, c, k) for b, (n, c, k) in out.items()}
 
 

@@ -242,7 +242,7 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
 def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, sm_scale: float, page_size: int,
             pages_per_block: int, group: int, rows: int, sliding_window: int | None, precision, interpret: bool,
             gather: str, dtype, pt_base=0, pt_len: int | None = None, row_base=0, num_pages: int | None = None):
-    """One (sequence, kv head, context split)'s attention: (run, first_block, num_blocks, row_ids), where
+    """One (sequence, kv head, context split)'s attention: (run, first_block, num_blocks), where
     ``run()`` gives the unnormalised (acc f32[rows, D], m f32[rows], l f32[rows]) over the split's blocks of
     the sequence's ``length`` cached tokens, for the G query heads of kv head ``head`` at row ``qrow`` of q."""
     _, num_q_heads, head_dim = q_ref.shape
@@ -257,12 +257,11 @@ def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, s
         window_page = jnp.maximum(length - sliding_window, 0) // page_size
         first_block = jnp.maximum(window_page - first_page, 0) // pages_per_block
     num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
-    row_ids = jnp.arange(rows, dtype=jnp.int32)
 
     def run():
         # The G query heads of this kv head, padded to `rows` (the smallest dot tile) by the mask.
         q = pltriton.load(q_ref.at[qrow, pl.ds(head * group, rows)],
-                          mask=(row_ids < group)[:, None], other=0.0)
+                          mask=(jnp.arange(rows, dtype=jnp.int32) < group)[:, None], other=0.0)
         q = to_compute(q, dtype)          # what the products take (compute_dtype)
         offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
@@ -292,13 +291,18 @@ def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, s
                 jnp.zeros((rows,), jnp.float32))
         return lax.fori_loop(first_block, num_blocks, body, init)
 
-    return run, first_block, num_blocks, row_ids
+    return run, first_block, num_blocks
 
 
-def _store_rows(o_ref, qrow, head, group: int, rows: int, acc, l, row_ids):
+def _normalised(acc, l, dtype):
+    """The attention rows ``acc / l`` in ``dtype`` (0 where a row saw no key: l = 0)."""
+    return (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(dtype)
+
+
+def _store_rows(o_ref, qrow, head, group: int, rows: int, acc, l):
     """The normalised G query heads' rows of kv head ``head`` into ``o_ref`` [T, H, D] at row ``qrow``."""
-    out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
-    pltriton.store(o_ref.at[qrow, pl.ds(head * group, rows)], out, mask=(row_ids < group)[:, None])
+    pltriton.store(o_ref.at[qrow, pl.ds(head * group, rows)], _normalised(acc, l, o_ref.dtype),
+                   mask=(jnp.arange(rows, dtype=jnp.int32) < group)[:, None])
 
 
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
@@ -315,7 +319,7 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     # query's row and this kv head's query heads, nothing stored for a sequence with kv_len 0
     head, split = pl.program_id(1), pl.program_id(2)
     length = lens_ref[0]
-    run, first_block, num_blocks, row_ids = _attend(
+    run, first_block, num_blocks = _attend(
         length, qrow_ref[0], head, split, splits_ref[0], q_ref, k_ref, v_ref, pt_ref, sm_scale=sm_scale,
         page_size=page_size, pages_per_block=pages_per_block, group=group, rows=rows,
         sliding_window=sliding_window, precision=precision, interpret=interpret, gather=gather, dtype=dtype)
@@ -324,10 +328,10 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
         @pl.when(length > 0)
         def _():
             acc, _, l = run()
-            _store_rows(out_refs[-1], qrow_ref[0], head, group, rows, acc, l, row_ids)
+            _store_rows(out_refs[-1], qrow_ref[0], head, group, rows, acc, l)
     elif len(out_refs) == 1:
-        acc, m, l = run()
-        out_refs[0][...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_refs[0].dtype)
+        acc, _, l = run()
+        out_refs[0][...] = _normalised(acc, l, out_refs[0].dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
         m_ref[...] = jnp.full(m_ref.shape, _MASK_VALUE, jnp.float32)
@@ -355,12 +359,12 @@ def _decode_kernel_persistent(live_ref, order_ref, lens_ref, qrow_ref, pt_ref, q
         w = pid + i * num_programs
         seq, head = order_ref[w // num_kv_heads], w % num_kv_heads
         qrow = qrow_ref[seq]
-        run, _, _, row_ids = _attend(
+        run, _, _ = _attend(
             lens_ref[seq], qrow, head, 0, 1, q_ref, k_ref, v_ref, pt_ref, page_size=page_size, group=group,
             rows=rows, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
             row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
         acc, _, l = run()
-        _store_rows(o_ref, qrow, head, group, rows, acc, l, row_ids)
+        _store_rows(o_ref, qrow, head, group, rows, acc, l)
         return carry
 
     lax.fori_loop(0, pl.cdiv(jnp.maximum(live_ref[0] * num_kv_heads - pid, 0), num_programs), item, 0)
@@ -393,6 +397,22 @@ def kv_operands(k_pages, v_pages, gather: str, head_axis: int = 1):
     spec = pl.BlockSpec((None, num_pages, page_size, head_dim),
                         lambda *g: (g[head_axis], 0, 0, 0))
     return spec, k_pages, v_pages
+
+
+def whole_block(shape) -> pl.BlockSpec:
+    """The whole array as every program's block, whatever the grid."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def flat_kv_operands(k_pages, v_pages, gather: str):
+    """(BlockSpec, k, v) as the persistent grids take the pages: every kv head's rows as one
+    [kv_heads * pages * page_size, D] view (a reshape of contiguous memory: no copy), whole in each program;
+    keys gathered by row only."""
+    if gather != "rows":
+        raise ValueError("persistent_programs needs gather='rows'")
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    flat = (num_kv_heads * num_pages * page_size, head_dim)
+    return whole_block(flat), k_pages.reshape(flat), v_pages.reshape(flat)
 
 
 def _compiler_params(blocks: DecodeBlockSizes):
@@ -445,25 +465,23 @@ def paged_decode_attention_kernel(
     static = dict(sm_scale=sm_scale, pages_per_block=ppb, sliding_window=sliding_window, precision=precision,
                   interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype))
     if in_place and splits == 1 and blocks.persistent_programs > 0:
-        if blocks.gather != "rows":
-            raise ValueError("persistent_programs needs gather='rows'")
+        kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
         programs = min(blocks.persistent_programs, num_seqs * num_kv_heads)
         kernel = functools.partial(
             _decode_kernel_persistent, num_kv_heads=num_kv_heads, num_programs=programs,
             pages_per_seq=pages_per_seq, num_pages=num_pages, page_size=page_size, group=group, rows=rows,
             **static)
-        flat = (num_kv_heads * num_pages * page_size, head_dim)
-        whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
         live, order = live_first(kv_lens)
         return pl.pallas_call(
             kernel, grid=(programs,),
-            in_specs=[whole((1,)), whole((num_seqs,)), whole((num_seqs,)), whole((num_seqs,)),
-                      whole((num_seqs * pages_per_seq,)), whole(q.shape), whole(flat), whole(flat), whole(q.shape)],
-            out_specs=whole(q.shape), out_shape=jax.ShapeDtypeStruct(q.shape, out.dtype),
+            in_specs=[whole_block((1,)), whole_block((num_seqs,)), whole_block((num_seqs,)), whole_block((num_seqs,)),
+                      whole_block((num_seqs * pages_per_seq,)), whole_block(q.shape), kv_spec, kv_spec,
+                      whole_block(q.shape)],
+            out_specs=whole_block(q.shape), out_shape=jax.ShapeDtypeStruct(q.shape, out.dtype),
             interpret=interpret, compiler_params=None if interpret else _compiler_params(blocks),
             input_output_aliases={8: 0}, name="paged_decode_attention",
         )(live, order, kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1),
-          q, k_pages.reshape(flat), v_pages.reshape(flat), out)
+          q, k_in, v_in, out)
 
     kernel = functools.partial(
         _decode_kernel, page_size=page_size, group=group, rows=rows, in_place=in_place, **static)

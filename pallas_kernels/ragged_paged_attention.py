@@ -130,16 +130,14 @@ def ragged_paged_attention(
     num_kv_heads, _, page_size, head_dim = k_pages.shape
     blocks = decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs)
     splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks)
-    prefill_blocks = None
-    if attention_programs:
-        prefill_blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size),
-                                             persistent_programs=attention_programs)
+    prefill_blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size),
+                                         persistent_programs=attention_programs)
     if in_place and splits == 1:
         # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
         out = paged_decode_attention_kernel(
             q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
             out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
-            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs) if attention_programs else None)
+            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs))
         return ragged_prefill_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
             sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out, blocks=prefill_blocks)

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import (_MASK_VALUE, compute_dtype, key_block, kv_operands, pltriton,
-                                         to_compute)
+from pallas_kernels.paged_decode import (_MASK_VALUE, compute_dtype, flat_kv_operands, key_block, kv_operands,
+                                         pltriton, to_compute, whole_block)
 
 _LOG2E = math.log2(math.e)
 
@@ -232,16 +232,14 @@ def ragged_prefill_attention_kernel(
     static = dict(sm_scale=sm_scale, pages_per_block=ppb, block_q=block_q, group=group, group_rows=group_p,
                   sliding_window=sliding_window, precision=precision, interpret=interpret, gather=blocks.gather,
                   dtype=compute_dtype(q.dtype, k_pages.dtype))
-    whole = pl.BlockSpec((num_tokens, num_q_heads, head_dim), lambda h, i: (0, 0, 0))
+    whole = whole_block((num_tokens, num_q_heads, head_dim))
     if blocks.persistent_programs > 0:
-        if blocks.gather != "rows":
-            raise ValueError("persistent_programs needs gather='rows'")
+        kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
         programs = max(1, min(num_items, blocks.persistent_programs // num_kv_heads))
-        flat = (num_kv_heads * num_pages * page_size, head_dim)
-        full = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))  # noqa: E731
         real = jnp.sum(items[:, 2] > 0).astype(jnp.int32).reshape(1)   # the real items come first
-        in_specs = [full((1,)), full((num_items, 4)), full((num_seqs * padded_pages,)), whole, full(flat), full(flat)]
-        operands = [real, items, pt.reshape(-1), q, k_pages.reshape(flat), v_pages.reshape(flat)]
+        in_specs = [whole_block((1,)), whole_block((num_items, 4)), whole_block((num_seqs * padded_pages,)), whole,
+                    kv_spec, kv_spec]
+        operands = [real, items, pt.reshape(-1), q, k_in, v_in]
         kernel = functools.partial(_prefill_kernel_persistent, num_programs=programs, pages_per_seq=padded_pages,
                                    num_pages=num_pages, page_size=page_size, **static)
         grid = (num_kv_heads, programs)

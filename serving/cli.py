@@ -174,6 +174,8 @@ def _engine_fields(args) -> dict:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
         raise CLIError("--num-pages must be at least 1")
+    if getattr(args, "attention_programs", 0) < 0:
+        raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
     buckets = {}
     for name in ("token_buckets", "page_buckets"):
         text = getattr(args, name, None)
@@ -206,16 +208,8 @@ def _engine_fields(args) -> dict:
                 separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
-                attention_programs=_count_flag(args, "attention_programs"),
+                attention_programs=getattr(args, "attention_programs", 0),
                 **buckets)
-
-
-def _count_flag(args, name: str) -> int:
-    """An integer flag that must be >= 0 (CLIError naming it otherwise)."""
-    v = getattr(args, name, 0)
-    if v < 0:
-        raise CLIError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {v}")
-    return v
 
 
 def _token_limit(args, name: str, words: dict):

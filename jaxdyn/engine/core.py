@@ -184,10 +184,14 @@ class EngineCore:
         ps = config.page_size
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
         platform = mesh.devices.flat[0].platform
-        if platform == "gpu" and num_pages > (most := _kernel_page_limit(model_config, mesh, ps)):
-            raise ValueError(f"num_pages={num_pages}: the attention kernels address at most {most} pages of "
-                             f"{ps} tokens for this model (a pool of 2**31 elements or more per layer would "
-                             "overflow their 32-bit offsets); use fewer or larger pages")
+        if platform == "gpu":
+            # the attention kernels' 32-bit offsets: the default is capped, a larger explicit count refused
+            most = _kernel_page_limit(model_config, mesh, ps)
+            if config.num_pages and num_pages > most:
+                raise ValueError(f"num_pages={num_pages}: the attention kernels address at most {most} pages of "
+                                 f"{ps} tokens for this model (a pool of 2**31 elements or more per layer would "
+                                 "overflow their 32-bit offsets); use fewer or larger pages")
+            num_pages = min(num_pages, most)
         if config.kv_cache_dtype != "auto" and platform == "cpu":
             log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
                         "fp8 write and read, so every step costs time in the size of the pool (for correctness "
@@ -618,31 +622,33 @@ def unloaded_bytes_per_device(state, mesh) -> int:
                if not isinstance(leaf, jax.Array))
 
 
+def _kv_heads_per_device(model_config, mesh) -> int:
+    """The kv heads each device's cache holds: the stored heads split over the model axis, or, when there are
+    fewer than its devices, the one each device keeps a copy of (``stored_kv_heads``)."""
+    from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
+    tp = model_parallel_size(mesh)
+    kv_heads = stored_kv_heads(model_config.num_kv_heads, tp)
+    return kv_heads // tp if kv_heads >= tp else kv_heads
+
+
 def _kernel_page_limit(model_config, mesh, page_size: int) -> int:
     """The most pages the GPU attention kernels address for this model on this mesh
     (``paged_decode.max_kernel_pages`` of one device's kv heads)."""
-    from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
     from pallas_kernels.paged_decode import max_kernel_pages
-    tp = model_parallel_size(mesh)
-    kv_heads = stored_kv_heads(model_config.num_kv_heads, tp)
-    local = kv_heads // tp if kv_heads >= tp else kv_heads
-    return max_kernel_pages(local, page_size, model_config.head_dim)
+    return max_kernel_pages(_kv_heads_per_device(model_config, mesh), page_size, model_config.head_dim)
 
 
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
-    from jaxdyn.parallel.sharding import model_parallel_size, stored_kv_heads
     ps = config.page_size
     dtype = kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh, config.kv_cache_dtype)
-    kv_heads = stored_kv_heads(model_config.num_kv_heads, model_parallel_size(mesh))
-    page_bytes = 2 * model_config.num_layers * kv_heads * ps * model_config.head_dim * dtype.itemsize
     dev = mesh.devices.flat[0]
     stats = dev.memory_stats() if dev.platform == "gpu" else None
     if stats and "bytes_limit" in stats:
         # weights not loaded yet (an abstract state) will take their share of the device too
         free = (stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
                 - unloaded_bytes_per_device(state, mesh))
-        per_device_page = page_bytes / model_parallel_size(mesh) if kv_heads >= model_parallel_size(mesh) else page_bytes
-        return min(max(int(free // per_device_page), math.ceil(max_model_len / ps)),
-                   _kernel_page_limit(model_config, mesh, ps))
+        per_device_page = (2 * model_config.num_layers * _kv_heads_per_device(model_config, mesh) * ps
+                           * model_config.head_dim * dtype.itemsize)
+        return max(int(free // per_device_page), math.ceil(max_model_len / ps))
     # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.
     return max(math.ceil(max_model_len / ps), config.max_num_seqs * math.ceil(1024 / ps))

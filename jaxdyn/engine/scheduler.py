@@ -117,8 +117,8 @@ class Scheduler:
 
     def _push_waiting(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        keys = [self._wait_key(s) for s in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, self._wait_key(seq)), seq)
+        # the keys of the O(log n) sequences the search visits only, not of the whole queue on every push
+        self.waiting.insert(bisect.bisect_right(self.waiting, self._wait_key(seq), key=self._wait_key), seq)
 
     def finish(self, seq: Sequence, hold: bool = False) -> None:
         """Take a sequence out of the scheduler and free its pages (stop, length or abort).
