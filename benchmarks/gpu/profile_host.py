@@ -3,10 +3,17 @@ engine (the 8B shape, random weights), one dataset after another.
 
     python -m benchmarks.gpu.profile_host [--datasets prefix,sharegpt-lengths] [--num-prompts 1000]
         [--model llama-3.1-8b] [--top 30] [--out DIR] [--engine JSON] [--quant fp8]
+        [--call-times] [--part-options KIND=JSON ...]
 
 prints, for each dataset, the run's seconds, steps, the loop's host and device-wait ms a step (as the suite's
 tables), the same run's seconds without the profiler (run first), and the functions with the most own time
 and the most cumulative time; ``--out`` also writes each profile (``pstats`` files).
+
+``--call-times`` adds a third run, without cProfile, that times each compiled call on the host (the Python call
+of the executable: argument handling, host-to-device copies of the step's buffers, the launch) by part (a whole
+"step", or a "forward" and a "sample" where ``separate_sampler`` splits it) and token bucket. ``--part-options
+sample={"xla_gpu_graph_min_graph_size": 100000}`` compiles the parts of one kind with more XLA options (here: the
+sampler's calls without CUDA graphs), to find which part's launch costs the host.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ def main(argv=None) -> int:
     from jaxdyn.config import QUANTIZATIONS        # no JAX
     ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
+    ap.add_argument("--call-times", action="store_true", help="time each compiled call by part and bucket")
+    ap.add_argument("--part-options", action="append", default=[], metavar="KIND=JSON",
+                    help="more XLA compiler options for the parts of one kind (step, forward, sample)")
     args = ap.parse_args(argv)
 
     import json
@@ -42,6 +52,8 @@ def main(argv=None) -> int:
     from jaxdyn.engine.llm import build_engine
     from serving.bench import datasets, offline
 
+    if args.part_options:
+        _patch_part_options(dict(_kind_options(o) for o in args.part_options))
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
     path = model_dir(args.model, tempfile.mkdtemp(),
                      **({"jaxdyn_quantization": args.quant} if args.quant else {}))
@@ -78,7 +90,85 @@ def main(argv=None) -> int:
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             prof.dump_stats(os.path.join(args.out, f"{name}.pstats"))
+        if args.call_times:
+            times: dict = {}
+            undo = _time_calls(engine.runner, times)
+            s0, h0 = m.steps, m.host_seconds
+            s = offline.benchmark(llm, samples, num_warmups=0, progress=False)
+            undo()
+            steps = m.steps - s0
+            print(f"### {name}, calls timed: {s['duration_s']:.2f} s ({s['output_throughput']:.0f} output tok/s), "
+                  f"{steps} steps, host {(m.host_seconds - h0) / steps * 1e3:.2f} ms / step\n\n"
+                  "| part | tokens | calls | host ms / call | total s | slow-path calls |\n|---|---:|---:|---:|---:|---:|", flush=True)
+            for (kind, t), (n, sec, k) in sorted(times.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                print(f"| {kind} | {t} | {n} | {sec / n * 1e3:.3f} | {sec:.2f} | {k} |")
+            print(flush=True)
     return 0
+
+
+def _kind_options(spec: str) -> tuple[str, dict]:
+    import json
+    kind, _, opts = spec.partition("=")
+    if kind not in ("step", "forward", "sample") or not opts:
+        raise SystemExit(f"--part-options {spec!r}: expected KIND=JSON with KIND step, forward or sample")
+    return kind, json.loads(opts)
+
+
+def _patch_part_options(by_kind: dict) -> None:
+    """Compile the parts of each kind in ``by_kind`` with its extra XLA options (on top of the runner's own)."""
+    from jaxdyn.engine.runner import ModelRunner
+    lower_part = ModelRunner._lower_part
+
+    def _lower(self, key):
+        self._profiled_kind = key[0]
+        return lower_part(self, key)
+
+    def _compile(self, lowered, tokens):
+        extra = by_kind.get(getattr(self, "_profiled_kind", "step"), {})
+        return lowered.compile(compiler_options={**self.compiler_options(tokens), **extra})
+
+    ModelRunner._lower_part, ModelRunner.compile = _lower, _compile
+
+
+def _time_calls(runner, times: dict):
+    """Wrap every compiled step of ``runner`` (or both calls of a split one) so that each call adds its host
+    seconds to ``times[(part, tokens)]`` (calls, seconds, calls through JAX's Python path); returns a function that unwraps them."""
+    from jaxdyn.engine.runner import _SplitStep
+
+    from jax._src import util as jax_util
+    import jax
+    kinds: dict = {}    # part -> the types of its outputs (the C++ fast path wants jax Arrays only)
+    slow = [0]          # calls JAX ran through its Python path (``Compiled.call``), not its C++ fast path
+
+    def listen(name, *_):
+        if name == "stages_compiled_call":
+            slow[0] += 1
+
+    def timed(fn, kind, t):
+        def call(*a):
+            s0 = slow[0]
+            t0 = time.perf_counter()
+            out = fn(*a)
+            n, sec, k = times.get((kind, t), (0, 0.0, 0))
+            times[(kind, t)] = (n + 1, sec + time.perf_counter() - t0, k + slow[0] - s0)
+            kinds.setdefault(kind, sorted({type(x).__name__ for x in jax.tree.leaves(out)}))
+            return out
+        return call
+
+    saved = dict(runner._compiled)
+    for (t, p, variant), step in saved.items():
+        if isinstance(step, _SplitStep):
+            runner._compiled[(t, p, variant)] = _SplitStep(timed(step.forward, "forward", t),
+                                                           timed(step.sample, "sample", t), step.return_logits)
+        else:
+            runner._compiled[(t, p, variant)] = timed(step, "step", t)
+    listener, jax_util.test_event_listener = jax_util.test_event_listener, listen
+
+    def undo():
+        runner._compiled.update(saved)
+        jax_util.test_event_listener = listener
+        print(f"outputs' types by part: {kinds}", flush=True)
+    return undo
 
 
 if __name__ == "__main__":
