@@ -380,7 +380,7 @@ class _SplitStep:
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
         kv_cache, token_pages, logits, tok, seqi, seqf = self.forward(state, kv_cache, token_pages, prev_sampled,
                                                                       tok, seqi, seqf)
-        sampled, lps, top_ids, top_lps = self.sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
+        token_pages, sampled, lps, top_ids, top_lps = self.sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
         return kv_cache, token_pages, sampled, lps, top_ids, top_lps, logits if self.return_logits else None
 
 
@@ -521,8 +521,16 @@ class ModelRunner:
         return sample_step
 
     def _make_sample_step(self, variant: str):
+        """The sampler as an executable of its own (``separate_sampler``). It takes the token pages donated and
+        returns them (aliased, no copy), for the next step's forward to donate: a buffer one executable reads
+        and the next donates is never read by a third in between."""
         rep = self._replicated
-        return jax.jit(self._sample_fn(variant), in_shardings=(rep,) * 6, out_shardings=(rep,) * 4)
+        sample_step = self._sample_fn(variant)
+
+        def sample_and_pass(token_pages, *rest):
+            return (token_pages, *sample_step(token_pages, *rest))
+
+        return jax.jit(sample_and_pass, in_shardings=(rep,) * 6, out_shardings=(rep,) * 5, donate_argnums=(0,))
 
     def _make_jitted(self, variant: str):
         return_logits = self.config.return_logits

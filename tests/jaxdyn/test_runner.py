@@ -339,6 +339,39 @@ def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded, 
     assert all(issubclass(t, jax.Array) for t in seen[0][1])  # the sampler's, the device copies
 
 
+def test_a_separate_sampler_passes_the_token_pages_on_donated(loaded, monkeypatch):
+    """The sampler's call takes the forward's token pages donated and returns them, and the next forward donates
+    those: no buffer is read by one executable between two that donate it."""
+    from jaxdyn.engine.runner import _SplitStep
+    mesh, model = loaded
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), separate_sampler=True)
+    runner = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    given, returned = [], []
+    original = _SplitStep.__call__
+
+    def spy(self, *args):
+        sample = self.sample
+
+        def record(*a):
+            given.append(a[0])
+            out = sample(*a)
+            returned.append(out[0])
+            return out
+        self.sample = record
+        try:
+            return original(self, *args)
+        finally:
+            self.sample = sample
+
+    monkeypatch.setattr(_SplitStep, "__call__", spy)
+    runner.step([SequenceWork([3, 4, 5], 0, [0])])
+    assert given[0].is_deleted()                      # donated to the sampler's call
+    assert runner.token_pages is returned[0]          # whose output the next forward takes
+    assert np.asarray(runner.token_pages)[0, :3].tolist() == [3, 4, 5]
+    runner.step([SequenceWork([6], 3, [0])])
+    assert returned[0].is_deleted()                   # donated to that forward
+
+
 @pytest.mark.parametrize("kinds", [("greedy", "banned", "greedy-top-k"), ("greedy", "seeded", "seeded-banned")])
 def test_a_greedy_or_plain_step_draws_what_full_draws(variant_runner, kinds):
     runner, _ = variant_runner
