@@ -65,3 +65,40 @@ def test_decode_steps_by_running_set_host_time_beside_the_bucket_cost():
     assert rows[0][6] == 5.0
     no_costs = pr.decode_steps_by_running(loop, {})
     assert [r[6] for r in no_costs] == [0.0, 0.0] and [r[3] for r in no_costs] == pytest.approx([2.0, 12.0])
+
+
+def test_host_events_sum_the_host_lines_and_leave_the_gpus_out(tmp_path):
+    import gzip
+    import json
+
+    from benchmarks.gpu.profile_step import host_events
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "PjRtExecute", "ts": 0, "dur": 30},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "PjRtExecute", "ts": 50, "dur": 10},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "Update.12", "ts": 5, "dur": 4},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "gemm_fusion", "ts": 0, "dur": 500},
+    ]
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert host_events(str(tmp_path)) == {"PjRtExecute": (2, 40.0), "Update": (1, 4.0)}
+
+
+def test_host_events_of_a_real_trace_hold_the_calls_dispatch(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu.profile_step import host_events
+    f = jax.jit(lambda x: x * 2 + 1)
+    x = jnp.ones(8)
+    f(x).block_until_ready()
+    jax.profiler.start_trace(str(tmp_path))
+    for _ in range(4):
+        f(x).block_until_ready()
+    jax.profiler.stop_trace()
+    events = host_events(str(tmp_path))
+    assert events["PjitFunction(<lambda>)"][0] >= 4
+    assert all(us >= 0 for _, us in events.values())

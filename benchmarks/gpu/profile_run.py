@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hlo", nargs="?", const="largest", default=None, metavar="BUCKETS",
                     help="write optimized HLO in --out too: the largest bucket's, or of each token bucket listed "
                          "(comma-separated)")
+    ap.add_argument("--host-top", type=int, default=15,
+                    help="list the N host events (XLA / PJRT annotations of dispatch) with the most time a step")
     ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     import jax
 
     from benchmarks.gpu.gpu import ENGINE, offline_datasets
-    from benchmarks.gpu.profile_step import kernel_events
+    from benchmarks.gpu.profile_step import host_events, kernel_events
     from benchmarks.gpu.suite import _dataset_args, _engine_config, layers_matmul_params, model_dir
     from benchmarks.kernels import measure_bandwidth, measure_matmul
     from jaxdyn import LLM
@@ -287,11 +289,15 @@ def main(argv=None) -> int:
           f"{summary['output_throughput']:.0f} output tok/s" + (" (perturbed by the traces)" if windows else ""),
           flush=True)
 
-    rows, tops, gemms = [], [], []
+    rows, tops, gemms, hosts = [], [], [], []
     for w, trace_dir, calls in state["done"]:
         events = kernel_events(trace_dir)
         if not calls:
             continue
+        if args.host_top:
+            nsteps = len({c["step"] for c in calls}) or 1
+            top = sorted(host_events(trace_dir).items(), key=lambda kv: -kv[1][1])[:args.host_top]
+            hosts.append((f"{w[0]}-{w[1]}", [(name, us / 1e3 / nsteps, n / nsteps) for name, (n, us) in top]))
         r = summarize_window(events, calls, weight_bytes=weight_bytes, matmul_params=matmul_params,
                              head_params=head_params, kv_bytes_per_token=kv_bytes_per_token,
                              bandwidth=bandwidth, matmul=matmul)
@@ -325,6 +331,11 @@ def main(argv=None) -> int:
         for label, nrows, top in gemms:
             lines += [f"| {label} | {nrows:.0f} | `{name[:80]}` | {ms:.3f} | {n:.0f} | {ms / n * 1e3:.1f} |"
                       for _, name, ms, n in top if n]
+    if hosts:
+        lines += ["", "The host events with the most time a step (inclusive: nested events each count their whole "
+                  "span):", "", "| window | event | ms / step | count / step |", "|---|---|---:|---:|"]
+        for label, top in hosts:
+            lines += [f"| {label} | `{name[:90]}` | {ms:.3f} | {n:.1f} |" for name, ms, n in top]
     lines += ["", "The engine loop by running sequences (every step of the run; host: the step's time outside waiting for "
               "the device; wait: blocked on the device; a step that did not wait at all found its result ready, "
               "the device having idled for the host):", "",

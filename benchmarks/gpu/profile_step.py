@@ -58,6 +58,24 @@ def kernel_events(trace_dir: str) -> list[tuple[float, float, str]]:
                       and (not streams or (e["pid"], e.get("tid")) in streams)))
 
 
+def host_events(trace_dir: str) -> dict[str, tuple[int, float]]:
+    """{event name: (count, total µs)} of the trace's host lines (every process but the GPUs': Python's and
+    XLA's / PJRT's own annotations of dispatch, transfers and launches), numbered suffixes dropped. Nested
+    events each count their whole span, so the totals rank where the host spends time; they do not add up."""
+    with gzip.open(trace_path(trace_dir)) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and re.search(r"/device:GPU|GPU:|stream", str(e.get("args", {}).get("name", "")))}
+    totals: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu_pids:
+            t = totals[re.sub(r"[._]\d+$", "", str(e["name"]))]
+            t[0] += 1
+            t[1] += float(e["dur"])
+    return {k: (n, us) for k, (n, us) in totals.items()}
+
+
 def kernel_times(events: list[tuple[float, float, str]]) -> tuple[dict[str, float], float]:
     """({kernel name: total µs}, GPU span µs) of ``kernel_events``."""
     totals: dict[str, float] = collections.defaultdict(float)
