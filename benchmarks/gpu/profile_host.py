@@ -70,8 +70,10 @@ def main(argv=None) -> int:
         a = _dataset_args(ds)
         source = datasets.PromptSource(datasets.seeded_rng(0, 1, 0), llm.tokenizer, None)
         samples = datasets.load_samples(a, source)
+        llm.reset_prefix_cache()        # each run computes its prompts: the runs compare
         plain = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False)
         prof = cProfile.Profile()
+        llm.reset_prefix_cache()
         s0, h0, w0 = m.steps, m.host_seconds, m.device_wait_seconds
         t = time.perf_counter()
         prof.enable()
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
         if args.call_times:
             times: dict = {}
             undo = _time_calls(engine.runner, times)
+            llm.reset_prefix_cache()
             s0, h0 = m.steps, m.host_seconds
             s = offline.benchmark(llm, samples, num_warmups=0, progress=False)
             undo()

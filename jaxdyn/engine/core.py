@@ -314,6 +314,12 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached prefix no sequence holds (vLLM's ``reset_prefix_cache``, SGLang's ``flush_cache``),
+        so later prompts compute their KV again; returns the pages freed (0 without a prefix cache). Pages that
+        running or held sequences share stay theirs."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.clear()
+
     # ---- disaggregation: KV that leaves or arrives -----------------------------------------------
 
     def held_pages(self, request_id: str) -> list[int] | None:

@@ -90,6 +90,12 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the cached prefixes no request holds; returns the KV pages freed (``EngineCore.reset_prefix_cache``)."""
+        if not isinstance(self.engine, EngineCore):
+            raise ValueError(f"reset_prefix_cache needs an EngineCore; this LLM runs a {type(self.engine).__name__}")
+        return self.engine.reset_prefix_cache()
+
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists."""

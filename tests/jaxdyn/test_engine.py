@@ -590,3 +590,21 @@ def test_the_kernels_page_limit_keeps_a_layers_pool_under_2_31_elements():
     assert _kernel_page_limit(cfg, make_mesh(1), 16) == 131_071
     assert _kernel_page_limit(dataclasses.replace(cfg, num_kv_heads=2, head_dim=64), make_mesh(1), 32) == \
         (2 ** 31 - 1) // (2 * 32 * 64)
+
+
+def test_reset_prefix_cache_drops_the_cached_prefixes_and_keeps_a_running_sequences_pages(engine):
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = list(range(3, 60))                          # 57 tokens: 3 whole pages of 16
+    first = run(engine, {"a": (prompt, p)})["a"]
+    engine.add_request("b", list(range(100, 140)), p)    # running while the cache is reset
+    engine.step()
+    freed = engine.reset_prefix_cache()
+    if engine.prefix_cache is None:
+        assert freed == 0
+    else:
+        assert freed >= 3 and engine.prefix_cache.num_pages <= 2   # at most b's own whole pages stay
+    assert engine.allocator.num_in_use > 0                # b's pages are still its own
+    rest = run(engine, {"a2": (prompt, p)})
+    assert rest["a2"].num_cached_tokens == 0              # computed again
+    assert rest["a2"].outputs[0].token_ids == first.outputs[0].token_ids
+    assert len(rest["b"].outputs[0].token_ids) == 6
