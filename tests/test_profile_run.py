@@ -80,6 +80,7 @@ def test_host_events_sum_the_host_lines_and_leave_the_gpus_out(tmp_path):
         {"ph": "X", "pid": 1, "tid": 1, "name": "PjRtExecute", "ts": 0, "dur": 30},
         {"ph": "X", "pid": 1, "tid": 1, "name": "PjRtExecute", "ts": 50, "dur": 10},
         {"ph": "X", "pid": 1, "tid": 2, "name": "Update.12", "ts": 5, "dur": 4},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "$core.py:411 _dispatch", "ts": 0, "dur": 90},
         {"ph": "X", "pid": 2, "tid": 1, "name": "gemm_fusion", "ts": 0, "dur": 500},
     ]
     with gzip.open(d / "x.trace.json.gz", "wt") as f:

@@ -59,9 +59,10 @@ def kernel_events(trace_dir: str) -> list[tuple[float, float, str]]:
 
 
 def host_events(trace_dir: str) -> dict[str, tuple[int, float]]:
-    """{event name: (count, total µs)} of the trace's host lines (every process but the GPUs': Python's and
-    XLA's / PJRT's own annotations of dispatch, transfers and launches), numbered suffixes dropped. Nested
-    events each count their whole span, so the totals rank where the host spends time; they do not add up."""
+    """{event name: (count, total µs)} of the trace's host lines (every process but the GPUs': XLA's and PJRT's
+    annotations of dispatch, transfers, launches and command-buffer updates; the Python tracer's frames left
+    out), numbered suffixes dropped. Nested events each count their whole span, so the totals rank where the
+    host spends time; they do not add up."""
     with gzip.open(trace_path(trace_dir)) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -69,7 +70,8 @@ def host_events(trace_dir: str) -> dict[str, tuple[int, float]]:
                 and re.search(r"/device:GPU|GPU:|stream", str(e.get("args", {}).get("name", "")))}
     totals: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
-        if e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu_pids:
+        if (e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu_pids
+                and not str(e.get("name", "")).startswith("$")):      # "$file.py:N f": Python's frames
             t = totals[re.sub(r"[._]\d+$", "", str(e["name"]))]
             t[0] += 1
             t[1] += float(e["dur"])
