@@ -368,20 +368,31 @@ class _SplitStep:
     outputs. The forward's call takes the three host buffers as they are (moving them to the device) and returns
     them on the device, which the sampler's call takes: one transfer a step, as with one call (the sampler's call
     moving them again cost 0.16-0.38 ms a step on the CPU, and on an H200 the small steps were 0.5-0.8 ms dearer
-    than one call; ``benchmarks/engine_host_time.py --separate-sampler``)."""
+    than one call; ``benchmarks/engine_host_time.py --separate-sampler``).
 
-    def __init__(self, forward, sample, return_logits: bool):
+    The logits cross from one call to the other in a buffer of the bucket's own (``buffers[tokens]``) that both
+    calls take donated and return aliased, as they do the token pages: a step allocates no logits (up to
+    1,024 x the vocabulary in float32) and frees none, so that the forward's temporary buffers keep their
+    addresses from step to step, as one executable's do (an address that moves makes XLA update the
+    forward's CUDA graph node by node; on an H200 the forward's call cost 3-6 ms of host time against
+    1.3-2.8 ms for the whole one-executable step, ``benchmarks/results/gpu_suite_h200.md``, seventeenth
+    session). With ``return_logits`` the sampler also returns a copy for the caller."""
+
+    def __init__(self, forward, sample, return_logits: bool, buffers: dict, tokens: int):
         self.forward, self.sample, self.return_logits = forward, sample, return_logits
+        self.buffers, self.tokens = buffers, tokens
 
     def as_text(self) -> str:
         """Both executables' HLO, the forward's first (as ``jax.stages.Compiled.as_text``)."""
         return self.forward.as_text() + "\n" + self.sample.as_text()
 
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
-        kv_cache, token_pages, logits, tok, seqi, seqf = self.forward(state, kv_cache, token_pages, prev_sampled,
-                                                                      tok, seqi, seqf)
-        token_pages, sampled, lps, top_ids, top_lps = self.sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
-        return kv_cache, token_pages, sampled, lps, top_ids, top_lps, logits if self.return_logits else None
+        kv_cache, token_pages, logits, tok, seqi, seqf = self.forward(
+            state, kv_cache, token_pages, prev_sampled, self.buffers[self.tokens], tok, seqi, seqf)
+        token_pages, logits, sampled, lps, top_ids, top_lps, *copy = self.sample(
+            token_pages, prev_sampled, logits, tok, seqi, seqf)
+        self.buffers[self.tokens] = logits
+        return kv_cache, token_pages, sampled, lps, top_ids, top_lps, copy[0] if copy else None
 
 
 def _pick(buckets: tuple[int, ...], n: int, what: str) -> int:
@@ -450,6 +461,8 @@ class ModelRunner:
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
         self._parts: dict[tuple, jax.stages.Compiled] = {}
+        # token bucket -> the device buffer a split step's logits cross in (``_SplitStep``), made with its step
+        self._logits_buffers: dict[int, jax.Array] = {}
         if config.separate_sampler:
             self._forward_step = self._make_forward_step()
             self._sample_steps = {v: self._make_sample_step(v) for v in VARIANTS if self._split(v)}
@@ -487,18 +500,21 @@ class ModelRunner:
         return forward
 
     def _make_forward_step(self):
-        """The forward as an executable of its own (``separate_sampler``): the KV cache and token pages donated.
-        It also returns its three input buffers, on the device, for the sampler's call: so that call moves
-        nothing from the host (the forward's call moved them once)."""
+        """The forward as an executable of its own (``separate_sampler``): the KV cache, token pages and the
+        bucket's logits buffer donated, the logits written into that buffer (``_SplitStep``). It also returns
+        its three input buffers, on the device, for the sampler's call: so that call moves nothing from the host
+        (the forward's call moved them once)."""
         kv, rep = self._kv_shardings(), self._replicated
         forward = self._forward_fn
 
-        def forward_step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+        def forward_step(state_leaves, kv_cache, token_pages, prev_sampled, logits_buffer, tok, seqi, seqf):
+            del logits_buffer       # donated: the logits (its shape and dtype) are written where it was
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
             return kv_cache, token_pages, logits, tok, seqi, seqf
 
-        return jax.jit(forward_step, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
-                       out_shardings=(kv, rep, rep, rep, rep, rep), donate_argnums=(1, 2))
+        # keep_unused: an argument the function does not read would otherwise be dropped, and its donation with it
+        return jax.jit(forward_step, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep, rep),
+                       out_shardings=(kv, rep, rep, rep, rep, rep), donate_argnums=(1, 2, 4), keep_unused=True)
 
     def _sample_fn(self, variant: str):
         """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes."""
@@ -521,16 +537,20 @@ class ModelRunner:
         return sample_step
 
     def _make_sample_step(self, variant: str):
-        """The sampler as an executable of its own (``separate_sampler``). It takes the token pages donated and
-        returns them (aliased, no copy), for the next step's forward to donate: a buffer one executable reads
-        and the next donates is never read by a third in between."""
+        """The sampler as an executable of its own (``separate_sampler``). It takes the token pages and the
+        logits donated and returns them (aliased, no copy), for the next step's forward to donate: a buffer one
+        executable reads and the next donates is never read by a third in between, and the logits stay in their
+        bucket's buffer (``_SplitStep``). With ``return_logits`` it also returns a copy of the logits."""
         rep = self._replicated
         sample_step = self._sample_fn(variant)
+        copy = self.config.return_logits
 
-        def sample_and_pass(token_pages, *rest):
-            return (token_pages, *sample_step(token_pages, *rest))
+        def sample_and_pass(token_pages, prev_sampled, logits, *rest):
+            out = (token_pages, logits, *sample_step(token_pages, prev_sampled, logits, *rest))
+            return (*out, logits * 1) if copy else out     # * 1: a buffer of its own, which the caller keeps
 
-        return jax.jit(sample_and_pass, in_shardings=(rep,) * 6, out_shardings=(rep,) * 5, donate_argnums=(0,))
+        return jax.jit(sample_and_pass, in_shardings=(rep,) * 6, out_shardings=(rep,) * (7 if copy else 6),
+                       donate_argnums=(0, 2))
 
     def _make_jitted(self, variant: str):
         return_logits = self.config.return_logits
@@ -551,6 +571,11 @@ class ModelRunner:
             out_shardings=(kv, rep, rep, rep, rep, rep, rep),
             donate_argnums=(1, 2),
         )
+
+    def _zero_logits(self, rows: int) -> jax.Array:
+        """A replicated f32[rows, vocab] of zeros on the device, moved from the host (nothing compiled: a warm
+        start compiles nothing); a copy of its own (``may_alias=False``), as it is donated."""
+        return jax.device_put(np.zeros((rows, self._logits_width), np.float32), self._replicated, may_alias=False)
 
     def _make_copy(self):
         def copy(kv_cache, token_pages, src, dst):
@@ -823,17 +848,20 @@ class ModelRunner:
         token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
         if not self._split(variant):
             return self._parts[("step", t, p, variant)]
+        if t not in self._logits_buffers:
+            self._logits_buffers[t] = self._zero_logits(self.config.seqs_for(t))
         return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
-                          self.config.return_logits)
+                          self.config.return_logits, self._logits_buffers, t)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
         kind, t, p = key[:3]
         if kind == "step":
             return self.lower(t, p, key[3])
         args = self._input_shapes(t, p)
-        if kind == "forward":
-            return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self._logits_width), jnp.float32)
+        if kind == "forward":
+            return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, logits,
+                                            *args)
         return self._sample_steps[key[3]].lower(self.token_pages, self.prev_sampled, logits, *args)
 
     def _input_shapes(self, t: int, p: int) -> tuple[jax.ShapeDtypeStruct, ...]:

@@ -310,6 +310,38 @@ def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
     np.testing.assert_array_equal(outs[1].next_token_ids, outs[0].next_token_ids)
 
 
+def test_a_separate_sampler_keeps_a_buckets_logits_in_one_buffer_and_returns_copies(loaded):
+    """The logits cross from the forward's call to the sampler's in a buffer of the bucket's own, donated to both
+    and returned aliased: it stays in place from step to step (a step allocates no logits). With
+    ``return_logits`` the step's logits are a copy of their own: a later step of the bucket, dispatched before
+    they are read, does not take them."""
+    mesh, model = loaded
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), return_logits=True)
+    one = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, separate_sampler=False))
+    split = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, separate_sampler=True))
+    first = [SequenceWork([3, 4, 5], 0, [0]), SequenceWork([7, 8], 0, [1])]
+    second = [SequenceWork([6], 3, [0], prev_row=0), SequenceWork([9], 2, [1], prev_row=1)]
+    want = [one.step(first), one.step(second)]
+    split.warmup()
+    buffer = split._logits_buffers[16]
+    handles = [split.execute(first), split.execute(second)]      # the second dispatched before the first is read
+    got = [h.result() for h in handles]
+    assert buffer.is_deleted() and split._logits_buffers[16] is not buffer      # donated, and passed on
+    # in place: each executable declares its donated inputs as its outputs' buffers (the CPU's allocator may
+    # still place an output elsewhere; a GPU's runtime writes it where the input was)
+    step = split._compiled[(16, split.page_buckets[0], VARIANTS[0])]
+    kv_leaves = len(jax.tree.leaves(split.kv_cache))
+
+    def aliased(compiled):
+        header = next(line for line in compiled.as_text().splitlines() if line.startswith("HloModule"))
+        return header.count("may-alias)") + header.count("must-alias)")
+    assert aliased(step.forward) == kv_leaves + 2          # the KV cache, the token pages, the logits
+    assert aliased(step.sample) == 2                       # the token pages, the logits
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.logits, w.logits, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(g.next_token_ids, w.next_token_ids)
+
+
 def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded, monkeypatch):
     """The forward's call returns its three host buffers on the device and the sampler's call takes those: a step
     moves its inputs from the host once, as one executable does."""
