@@ -160,7 +160,9 @@ class RunnerConfig:
     # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session). "except_greedy": the
     # greedy variant's steps one executable each (the model inlined, one call a step), the other variants' two
     # calls over one forward a bucket: the model compiled twice a bucket instead of three times, and greedy steps
-    # as fast as with False.
+    # as fast as with False. Split steps keep a float32 logits buffer a token bucket on the device (``_SplitStep``):
+    # the sum over buckets of min(bucket, max_num_seqs) x vocabulary x 4 bytes, 2.2 GB for the GPU suite's 8B
+    # engine, out of the memory the KV cache leaves (``kv_memory_fraction``).
     separate_sampler: bool | str = False
     # The KV pages' dtype: "auto" (the model's; f32 on the CPU for 16-bit models) or "fp8" / "fp8_e4m3"
     # (float8_e4m3fn, half the bytes: twice the pages in the same memory, and the decode kernel reads half
