@@ -162,7 +162,7 @@ def _time_calls(runner, times: dict):
     for (t, p, variant), step in saved.items():
         if isinstance(step, _SplitStep):
             runner._compiled[(t, p, variant)] = _SplitStep(timed(step.forward, "forward", t),
-                                                           timed(step.sample, "sample", t), step.return_logits)
+                                                           timed(step.sample, "sample", t), step.buffers, step.tokens)
         else:
             runner._compiled[(t, p, variant)] = timed(step, "step", t)
     listener, jax_util.test_event_listener = jax_util.test_event_listener, listen

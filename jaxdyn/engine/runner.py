@@ -380,9 +380,8 @@ class _SplitStep:
     1.3-2.8 ms for the whole one-executable step, ``benchmarks/results/gpu_suite_h200.md``, seventeenth
     session). With ``return_logits`` the sampler also returns a copy for the caller."""
 
-    def __init__(self, forward, sample, return_logits: bool, buffers: dict, tokens: int):
-        self.forward, self.sample, self.return_logits = forward, sample, return_logits
-        self.buffers, self.tokens = buffers, tokens
+    def __init__(self, forward, sample, buffers: dict, tokens: int):
+        self.forward, self.sample, self.buffers, self.tokens = forward, sample, buffers, tokens
 
     def as_text(self) -> str:
         """Both executables' HLO, the forward's first (as ``jax.stages.Compiled.as_text``)."""
@@ -853,7 +852,7 @@ class ModelRunner:
         if t not in self._logits_buffers:
             self._logits_buffers[t] = self._zero_logits(self.config.seqs_for(t))
         return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
-                          self.config.return_logits, self._logits_buffers, t)
+                          self._logits_buffers, t)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
         kind, t, p = key[:3]
