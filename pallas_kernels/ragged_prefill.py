@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import (_MASK_VALUE, compute_dtype, flat_kv_operands, key_block, kv_operands,
-                                         pltriton, to_compute, whole_block)
+from pallas_kernels.paged_decode import (_MASK_VALUE, _normalised, compute_dtype, flat_kv_operands, key_block,
+                                         kv_operands, pltriton, to_compute, whole_block)
 
 _LOG2E = math.log2(math.e)
 
@@ -154,8 +154,7 @@ def _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_
         first_masked = jnp.maximum(first_pos - sliding_window + 1, 0) // block_tokens
     acc, _, l = lax.fori_loop(first_masked, num_blocks, functools.partial(step, masked=True),
                               carry)
-    out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-    out = out.reshape(block_q, group_rows, head_dim).astype(o_ref.dtype)
+    out = _normalised(acc, l, o_ref.dtype).reshape(block_q, group_rows, head_dim)
     pltriton.store(o_ref.at[io_ref], out, mask=io_mask)
 
 

@@ -142,7 +142,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-programs", type=int, default=0, metavar="N",
                    help="run the GPU attention kernels as N programs that loop over their work items (a bucket's "
                    "empty sequence slots and padding items then cost no program each) instead of a program an item "
-                   "(0, the default); not yet measured on a GPU")
+                   "(0, the default); on an H200 1.005x offline, within the runs' spread")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "

@@ -93,13 +93,14 @@ def main(argv=None) -> int:
             os.makedirs(args.out, exist_ok=True)
             prof.dump_stats(os.path.join(args.out, f"{name}.pstats"))
         if args.call_times:
-            times: dict = {}
-            undo = _time_calls(engine.runner, times)
+            times, types = {}, {}
+            undo = _time_calls(engine.runner, times, types)
             llm.reset_prefix_cache()
             s0, h0 = m.steps, m.host_seconds
             s = offline.benchmark(llm, samples, num_warmups=0, progress=False)
             undo()
             steps = m.steps - s0
+            print(f"outputs' types by part: {types}", flush=True)
             print(f"### {name}, calls timed: {s['duration_s']:.2f} s ({s['output_throughput']:.0f} output tok/s), "
                   f"{steps} steps, host {(m.host_seconds - h0) / steps * 1e3:.2f} ms / step\n\n"
                   "| part | tokens | calls | host ms / call | total s | slow-path calls |\n|---|---:|---:|---:|---:|---:|", flush=True)
@@ -133,14 +134,16 @@ def _patch_part_options(by_kind: dict) -> None:
     ModelRunner._lower_part, ModelRunner.compile = _lower, _compile
 
 
-def _time_calls(runner, times: dict):
+def _time_calls(runner, times: dict, types: dict | None = None):
     """Wrap every compiled step of ``runner`` (or both calls of a split one) so that each call adds its host
-    seconds to ``times[(part, tokens)]`` (calls, seconds, calls through JAX's Python path); returns a function that unwraps them."""
-    from jaxdyn.engine.runner import _SplitStep
-
-    from jax._src import util as jax_util
+    seconds to ``times[(part, tokens)]`` (calls, seconds, calls through JAX's Python path), and ``types[part]``
+    gets the types of the part's outputs (JAX's C++ fast path wants jax Arrays only); returns a function that
+    unwraps them."""
     import jax
-    kinds: dict = {}    # part -> the types of its outputs (the C++ fast path wants jax Arrays only)
+    from jax._src import util as jax_util
+
+    from jaxdyn.engine.runner import _SplitStep
+    types = {} if types is None else types
     slow = [0]          # calls JAX ran through its Python path (``Compiled.call``), not its C++ fast path
 
     def listen(name, *_):
@@ -154,7 +157,7 @@ def _time_calls(runner, times: dict):
             out = fn(*a)
             n, sec, k = times.get((kind, t), (0, 0.0, 0))
             times[(kind, t)] = (n + 1, sec + time.perf_counter() - t0, k + slow[0] - s0)
-            kinds.setdefault(kind, sorted({type(x).__name__ for x in jax.tree.leaves(out)}))
+            types.setdefault(kind, sorted({type(x).__name__ for x in jax.tree.leaves(out)}))
             return out
         return call
 
@@ -170,7 +173,6 @@ def _time_calls(runner, times: dict):
     def undo():
         runner._compiled.update(saved)
         jax_util.test_event_listener = listener
-        print(f"outputs' types by part: {kinds}", flush=True)
     return undo
 
 

@@ -39,13 +39,19 @@ def trace_path(trace_dir: str) -> str:
     return sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
 
 
-def kernel_events(trace_dir: str) -> list[tuple[float, float, str]]:
-    """[(start µs, duration µs, kernel name)] of the GPU stream lines of the trace, in time order."""
+def _trace(trace_dir: str) -> tuple[list[dict], set]:
+    """(the trace's events, the process ids of its GPU timelines)."""
     with gzip.open(trace_path(trace_dir)) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and re.search(r"/device:GPU|GPU:|stream", str(e.get("args", {}).get("name", "")))}
+    return events, gpu_pids
+
+
+def kernel_events(trace_dir: str) -> list[tuple[float, float, str]]:
+    """[(start µs, duration µs, kernel name)] of the GPU stream lines of the trace, in time order."""
+    events, gpu_pids = _trace(trace_dir)
     # a GPU's timeline has stream lines (kernels) beside summary lines (XLA modules / ops):
     # count the stream lines only, so nothing is counted twice
     threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
@@ -63,11 +69,7 @@ def host_events(trace_dir: str) -> dict[str, tuple[int, float]]:
     annotations of dispatch, transfers, launches and command-buffer updates; the Python tracer's frames left
     out), numbered suffixes dropped. Nested events each count their whole span, so the totals rank where the
     host spends time; they do not add up."""
-    with gzip.open(trace_path(trace_dir)) as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and re.search(r"/device:GPU|GPU:|stream", str(e.get("args", {}).get("name", "")))}
+    events, gpu_pids = _trace(trace_dir)
     totals: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
         if (e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu_pids

@@ -24,8 +24,8 @@ from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
-    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_separate_sampler,
-    is_count, kv_cache_dtype, sampling_row)
+    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
+    check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -87,8 +87,7 @@ class EngineConfig:
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
-        if not is_count(self.attention_programs):
-            raise ValueError(f"attention_programs: expected an integer >= 0, got {self.attention_programs!r}")
+        check_attention_programs(self.attention_programs)
         check_schedule_policy(self.schedule_policy)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):

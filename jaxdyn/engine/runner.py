@@ -178,8 +178,7 @@ class RunnerConfig:
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
-        if not is_count(self.attention_programs):
-            raise ValueError(f"attention_programs: expected an integer >= 0, got {self.attention_programs!r}")
+        check_attention_programs(self.attention_programs)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         if not is_count(self.fp8_kernel_max_tokens):
@@ -202,6 +201,13 @@ class RunnerConfig:
 
 
 SEPARATE_SAMPLER = (False, True, "except_greedy")
+
+
+def check_attention_programs(value):
+    """``value`` if it is an ``attention_programs`` setting, an integer >= 0 (ValueError otherwise)."""
+    if not is_count(value):
+        raise ValueError(f"attention_programs: expected an integer >= 0, got {value!r}")
+    return value
 
 
 def check_separate_sampler(value):
