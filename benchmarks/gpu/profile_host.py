@@ -165,7 +165,8 @@ def _time_calls(runner, times: dict, types: dict | None = None):
     for (t, p, variant), step in saved.items():
         if isinstance(step, _SplitStep):
             runner._compiled[(t, p, variant)] = _SplitStep(timed(step.forward, "forward", t),
-                                                           timed(step.sample, "sample", t), step.buffers, step.tokens)
+                                                           timed(step.sample, "sample", t), step.buffers, step.tokens,
+                                                           step.sharding)
         else:
             runner._compiled[(t, p, variant)] = timed(step, "step", t)
     listener, jax_util.test_event_listener = jax_util.test_event_listener, listen

@@ -373,28 +373,30 @@ def _cache_name(key: tuple) -> str:
 class _SplitStep:
     """A step as two compiled calls (``RunnerConfig.separate_sampler``): the bucket's forward (KV cache, token
     pages, logits), then its sampler variant's (draws, logprobs); called as one compiled step is, with the same
-    outputs. The forward's call takes the three host buffers as they are (moving them to the device) and returns
-    them on the device, which the sampler's call takes: one transfer a step, as with one call (the sampler's call
-    moving them again cost 0.16-0.38 ms a step on the CPU, and on an H200 the small steps were 0.5-0.8 ms dearer
-    than one call; ``benchmarks/engine_host_time.py --separate-sampler``).
+    outputs. The three host buffers are moved to the device once (one ``device_put`` of the three), and both
+    calls take them there: one transfer a step, as with one call (each call moving them from the host cost
+    0.16-0.38 ms more a step on the CPU). Until session 18 the forward's call moved them and returned them for
+    the sampler: outputs that pass inputs through, which XLA copies into buffers allocated afresh every call.
 
     The logits cross from one call to the other in a buffer of the bucket's own (``buffers[tokens]``) that both
     calls take donated and return aliased, as they do the token pages: a step allocates no logits (up to
-    1,024 x the vocabulary in float32) and frees none, so that the forward's temporary buffers keep their
-    addresses from step to step, as one executable's do (an address that moves makes XLA update the
-    forward's CUDA graph node by node; on an H200 the forward's call cost 3-6 ms of host time against
-    1.3-2.8 ms for the whole one-executable step, ``benchmarks/results/gpu_suite_h200.md``, seventeenth
-    session). With ``return_logits`` the sampler also returns a copy for the caller."""
+    1,024 x the vocabulary in float32) and frees none. Why: an address that moves makes XLA update the
+    forward's CUDA graph (on an H200 the forward's call cost 3-7 ms of host time against 1.3-2.8 ms for the whole
+    one-executable step, and the 2,048-token forward spent 4.5 ms a call in ``command_buffer::update``;
+    ``benchmarks/results/gpu_suite_h200.md``, seventeenth and eighteenth sessions). With ``return_logits`` the
+    sampler also returns a copy for the caller."""
 
-    def __init__(self, forward, sample, buffers: dict, tokens: int):
+    def __init__(self, forward, sample, buffers: dict, tokens: int, sharding):
         self.forward, self.sample, self.buffers, self.tokens = forward, sample, buffers, tokens
+        self.sharding = sharding
 
     def as_text(self) -> str:
         """Both executables' HLO, the forward's first (as ``jax.stages.Compiled.as_text``)."""
         return self.forward.as_text() + "\n" + self.sample.as_text()
 
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
-        kv_cache, token_pages, logits, tok, seqi, seqf = self.forward(
+        tok, seqi, seqf = jax.device_put((tok, seqi, seqf), self.sharding)
+        kv_cache, token_pages, logits = self.forward(
             state, kv_cache, token_pages, prev_sampled, self.buffers[self.tokens], tok, seqi, seqf)
         token_pages, logits, sampled, lps, top_ids, top_lps, *copy = self.sample(
             token_pages, prev_sampled, logits, tok, seqi, seqf)
@@ -508,20 +510,20 @@ class ModelRunner:
 
     def _make_forward_step(self):
         """The forward as an executable of its own (``separate_sampler``): the KV cache, token pages and the
-        bucket's logits buffer donated, the logits written into that buffer (``_SplitStep``). It also returns
-        its three input buffers, on the device, for the sampler's call: so that call moves nothing from the host
-        (the forward's call moved them once)."""
+        bucket's logits buffer donated, the logits written into that buffer (``_SplitStep``). Its three input
+        buffers come on the device (``_SplitStep`` moves them once for both calls); it returns none of them: an
+        output that passes an input through is a copy into a buffer allocated afresh every call."""
         kv, rep = self._kv_shardings(), self._replicated
         forward = self._forward_fn
 
         def forward_step(state_leaves, kv_cache, token_pages, prev_sampled, logits_buffer, tok, seqi, seqf):
             del logits_buffer       # donated: the logits (its shape and dtype) are written where it was
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
-            return kv_cache, token_pages, logits, tok, seqi, seqf
+            return kv_cache, token_pages, logits
 
         # keep_unused: an argument the function does not read would otherwise be dropped, and its donation with it
         return jax.jit(forward_step, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep, rep),
-                       out_shardings=(kv, rep, rep, rep, rep, rep), donate_argnums=(1, 2, 4), keep_unused=True)
+                       out_shardings=(kv, rep, rep), donate_argnums=(1, 2, 4), keep_unused=True)
 
     def _sample_fn(self, variant: str):
         """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes."""
@@ -858,7 +860,7 @@ class ModelRunner:
         if t not in self._logits_buffers:
             self._logits_buffers[t] = self._zero_logits(self.config.seqs_for(t))
         return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
-                          self._logits_buffers, t)
+                          self._logits_buffers, t, self._replicated)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
         kind, t, p = key[:3]

@@ -342,33 +342,47 @@ def test_a_separate_sampler_keeps_a_buckets_logits_in_one_buffer_and_returns_cop
         np.testing.assert_array_equal(g.next_token_ids, w.next_token_ids)
 
 
-def test_a_separate_samplers_second_call_takes_the_inputs_on_the_device(loaded, monkeypatch):
-    """The forward's call returns its three host buffers on the device and the sampler's call takes those: a step
-    moves its inputs from the host once, as one executable does."""
+def test_a_separate_sampler_moves_the_inputs_once_and_both_calls_take_them_on_the_device(loaded, monkeypatch):
+    """A split step moves its three host buffers to the device once, and both calls take those same arrays: one
+    transfer a step, as one executable makes. The forward returns none of them (an output passing an input through
+    is a copy into a fresh buffer every call): its outputs are the KV cache, the token pages and the logits."""
     from jaxdyn.engine.runner import _SplitStep
     mesh, model = loaded
     cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), separate_sampler=True)
     runner = ModelRunner(model.graphdef, model.state, mesh, cfg)
-    seen = []
+    seen = {}
     original = _SplitStep.__call__
 
     def spy(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
-        sample = self.sample
+        forward, sample = self.forward, self.sample
 
-        def record(*args):
-            seen.append((type(tok), [type(a) for a in args[3:]]))
-            return sample(*args)
-        self.sample = record
+        def record(part, fn, inputs):
+            def call(*args):
+                seen[part] = args[inputs]
+                out = fn(*args)
+                seen[part + " outputs"] = len(out)
+                return out
+            return call
+        seen["host"] = (tok, seqi, seqf)
+        self.forward = record("forward", forward, slice(5, 8))
+        self.sample = record("sample", sample, slice(3, 6))
         try:
             return original(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
         finally:
-            self.sample = sample
+            self.forward, self.sample = forward, sample
 
     monkeypatch.setattr(_SplitStep, "__call__", spy)
     out = runner.step([SequenceWork([3, 4, 5], 0, [0])])
     assert len(out.next_token_ids) == 1
-    assert seen and seen[0][0] is np.ndarray                  # the forward's call gets the host buffer
-    assert all(issubclass(t, jax.Array) for t in seen[0][1])  # the sampler's, the device copies
+    assert all(type(h) is np.ndarray for h in seen["host"])                  # the step gets host buffers
+    assert all(isinstance(a, jax.Array) for a in seen["forward"])            # the forward, device arrays
+    assert all(f is s for f, s in zip(seen["forward"], seen["sample"]))      # the sampler, the same ones
+    for host, dev in zip(seen["host"], seen["forward"]):
+        np.testing.assert_array_equal(np.asarray(dev), host)
+    kv_leaves = len(jax.tree.leaves(runner.kv_cache))
+    assert seen["forward outputs"] == 3                                      # KV cache, token pages, logits
+    step = runner._compiled[(16, runner.page_buckets[0], VARIANTS[0])]
+    assert len(jax.tree.leaves(step.forward.out_info)) == kv_leaves + 2      # the executable's outputs too
 
 
 def test_a_separate_sampler_passes_the_token_pages_on_donated(loaded, monkeypatch):
