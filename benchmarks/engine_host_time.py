@@ -8,7 +8,7 @@ finishing), and set beside the step's wall time.
 
     python benchmarks/engine_host_time.py [--out benchmarks/results/engine_host_time.md]
         [--batches 1 64 256] [--steps 60] [--repeats 3]
-        [--preset llama-3.1-8b] [--layers N] [--vocab V] [--prompt-len 16] [--greedy]
+        [--preset llama-3.1-8b] [--layers N] [--vocab V] [--prompt-len 16] [--greedy] [--gc-freeze]
 
 With ``--repeats R`` the steps are timed in R runs of ``--steps`` each and the
 median run is reported (the host is shared: single runs are noisy).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import sys
@@ -45,10 +46,11 @@ TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 
 def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_format: str = "auto",
             prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None,
-            final_only: bool = False, served: bool = False, separate_sampler: bool = False) -> dict:
+            final_only: bool = False, served: bool = False, separate_sampler: bool = False,
+            gc_freeze: bool = False) -> dict:
     eng = steady_engine(batch, steps * (repeats + bool(profile)), model_dir, load_format=load_format,
                         prompt_len=prompt_len, greedy=greedy, overlap=overlap, final_only=final_only,
-                        served=served, separate_sampler=separate_sampler)
+                        served=served, separate_sampler=separate_sampler, gc_freeze=gc_freeze)
     if served:     # the step and its message to the server, pickled as the engine process's loop does
         from jaxdyn.engine.process import _dumps
 
@@ -57,12 +59,24 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
     else:
         step = eng.step
     runs = []
-    for _ in range(repeats):
-        h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
-        for _ in range(steps):
-            step()
-        wall = (time.perf_counter() - t0) / steps
-        runs.append((((eng.host_time - h0) - (eng.wait_time - w0)) / steps, wall))
+    pauses: list[float] = []           # Python's garbage collections while timed, seconds each
+    began = [0.0]
+
+    def on_gc(phase, _info):
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - began[0])
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(repeats):
+            h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
+            for _ in range(steps):
+                step()
+            wall = (time.perf_counter() - t0) / steps
+            runs.append((((eng.host_time - h0) - (eng.wait_time - w0)) / steps, wall))
+    finally:
+        gc.callbacks.remove(on_gc)
     host, wall = sorted(runs)[len(runs) // 2]
     if profile:
         import cProfile
@@ -75,12 +89,14 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
         print(f"## cProfile of {steps} steps at {batch} running ({path})")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     assert len(eng.scheduler.running) == batch, "a request finished or was preempted while timed"
-    return dict(batch=batch, host_ms=host * 1e3, wall_ms=wall * 1e3, host_per_req_us=host / batch * 1e6)
+    return dict(batch=batch, host_ms=host * 1e3, wall_ms=wall * 1e3, host_per_req_us=host / batch * 1e6,
+                gc_per_step_ms=sum(pauses) / (steps * repeats) * 1e3, gc_count=len(pauses),
+                gc_max_ms=max(pauses, default=0.0) * 1e3)
 
 
 def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = "auto", prompt_len: int = 16,
                   greedy: bool = False, overlap: bool = True, final_only: bool = False, served: bool = False,
-                  separate_sampler: bool = False):
+                  separate_sampler: bool = False, gc_freeze: bool = False):
     """A warmed-up EngineCore with ``batch`` requests in steady decode and room for ``steps`` more steps.
     ``served``: the requests as ``jaxdyn serve``'s engine process gets them (``detokenize=False``: the server
     decodes their text)."""
@@ -99,7 +115,7 @@ def steady_engine(batch: int, steps: int, model_dir: str, *, load_format: str = 
                        max_num_batched_tokens=tokens, max_num_seqs=max(batch, 1),
                        max_model_len=max_model_len, token_buckets=tuple(sorted({batch, tokens})),
                        page_buckets=(-(-max_model_len // 16),), fail_on_compile=True, seed=0,
-                       separate_sampler=separate_sampler,
+                       separate_sampler=separate_sampler, gc_freeze=gc_freeze or None,
                        overlap=overlap)
     eng = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     eng.warmup()
@@ -138,6 +154,10 @@ def main() -> int:
                     help="requests as LLM.generate adds them (one output each, when it finishes: no per-step outputs)")
     ap.add_argument("--separate-sampler", action="store_true",
                     help="the engine's separate_sampler: a step is the bucket's forward call, then the sampler's")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="the engine's gc_freeze (on by default on accelerators, off on the CPU): after warm-up the "
+                         "collector leaves what loading and compiling made alone, and runs its youngest generation "
+                         "less often")
     ap.add_argument("--served", action="store_true",
                     help="requests and steps as jaxdyn serve's engine process runs them (no detokenization: the "
                          "server decodes the text; outputs as the deltas sent to the server, step(wire=True), "
@@ -164,7 +184,8 @@ def main() -> int:
         load_format = "dummy"
     rows = [measure(b, args.steps, d, args.repeats, load_format=load_format, prompt_len=args.prompt_len,
                     greedy=args.greedy, overlap=not args.no_overlap, profile=args.profile,
-                    final_only=args.final_only, served=args.served, separate_sampler=args.separate_sampler)
+                    final_only=args.final_only, served=args.served, separate_sampler=args.separate_sampler,
+                    gc_freeze=args.gc_freeze)
             for b in args.batches]
     from jaxdyn.config import ModelConfig
     mc = ModelConfig.from_pretrained(d)
@@ -188,6 +209,8 @@ def main() -> int:
         cmd += " --served"
     if args.separate_sampler:
         cmd += " --separate-sampler"
+    if args.gc_freeze:
+        cmd += " --gc-freeze"
     model = (f"tiny random Llama ({mc.num_layers} layers, hidden {mc.hidden_size}, vocab {mc.vocab_size}, "
              "byte-level tokenizer)" if args.preset is None else
              f"{args.preset}'s depth and vocabulary ({mc.num_layers} layers, vocab {mc.vocab_size}, word-level "
@@ -202,15 +225,21 @@ def main() -> int:
         + (", final-only requests (as LLM.generate)" if args.final_only else "")
         + (", requests and steps as jaxdyn serve's engine process runs them" if args.served else "")
         + (", the sampler a call of its own (separate_sampler)" if args.separate_sampler else "")
+        + (", the heap settled after warm-up (gc_freeze)" if args.gc_freeze else "")
         + (f"; median of {args.repeats} runs of {args.steps} steps." if args.repeats > 1 else "."),
         f"Command: `{cmd}`",
         "",
-        "| running requests | host ms / step | wall ms / step | host / wall | host µs / request |",
-        "|---:|---:|---:|---:|---:|",
+        "Garbage collection: Python's collections in all the timed steps (every run's, not the median's): ms a "
+        "step on average, how many, the longest.",
+        "",
+        "| running requests | host ms / step | wall ms / step | host / wall | host µs / request | GC ms / step "
+        "| GC collections | longest GC ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['host_ms']:.2f} | {r['wall_ms']:.2f} | "
-                     f"{r['host_ms'] / r['wall_ms']:.2f} | {r['host_per_req_us']:.1f} |")
+                     f"{r['host_ms'] / r['wall_ms']:.2f} | {r['host_per_req_us']:.1f} | {r['gc_per_step_ms']:.2f} | "
+                     f"{r['gc_count']} | {r['gc_max_ms']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

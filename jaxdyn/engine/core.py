@@ -11,6 +11,7 @@ pages are freed at once, which is safe because steps run in order on the device.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import random
@@ -82,6 +83,13 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
+    # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
+    # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``), and runs its youngest generation every
+    # GC_GEN0_THRESHOLD allocations instead of 700: a full collection scanned all of it, a host stall of ~190 ms
+    # a few times a run at 256 running (CPU, ``benchmarks/results/engine_host_time.md``), in which the device
+    # waits. None: on for accelerators, off on the CPU (a process that builds many engines, as the tests do,
+    # would keep every earlier engine's cyclic garbage).
+    gc_freeze: bool | None = None
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -231,7 +239,13 @@ class EngineCore:
         return self.allocator.num_pages
 
     def warmup(self, progress: bool = False) -> float:
-        return self.runner.warmup(progress)
+        seconds = self.runner.warmup(progress)
+        freeze = self.config.gc_freeze
+        if freeze is None:
+            freeze = self.runner.mesh.devices.flat[0].platform != "cpu"
+        if freeze:
+            settle_heap()
+        return seconds
 
     def load_weights(self, load, compile_steps: bool = True, progress: bool = False):
         """For an engine built on an abstract state: ``ModelRunner.load_weights`` (the steps compile while
@@ -587,6 +601,23 @@ class EngineCore:
                 seq.logprobs, delta_lps, seq.finish_reason, seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt_ids, outs, req.finished,
                              req.num_cached_tokens, req.metrics)
+
+
+# Python's is 700: a collection of the youngest generation every 700 net allocations of container objects,
+# several a step at a few hundred running requests, and every tenth of those also scans the middle one
+GC_GEN0_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what is left (``gc.freeze``: the objects alive now move to a generation the
+    collector never scans, so a full collection later costs what was made since) and raise the youngest
+    generation's threshold to ``GC_GEN0_THRESHOLD`` (the older ones' stay). What vLLM's engine does after its
+    start-up; for a serving process, once the model is loaded and compiled. Process-wide: frozen objects are
+    never collected even if they become cyclic garbage later (``gc.unfreeze`` returns them)."""
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), g1, g2)
 
 
 def check_request(facts, prompt_ids, params: SamplingParams) -> None:

@@ -608,3 +608,36 @@ def test_reset_prefix_cache_drops_the_cached_prefixes_and_keeps_a_running_sequen
     assert rest["a2"].num_cached_tokens == 0              # computed again
     assert rest["a2"].outputs[0].token_ids == first.outputs[0].token_ids
     assert len(rest["b"].outputs[0].token_ids) == 6
+
+
+@pytest.fixture
+def gc_state():
+    """Python's collector as it was: thresholds and nothing frozen, back after the test."""
+    import gc
+    saved = gc.get_threshold()
+    gc.unfreeze()
+    yield gc
+    gc.unfreeze()
+    gc.set_threshold(*saved)
+
+
+@pytest.mark.parametrize("gc_freeze", [True, False, None])
+def test_warmup_settles_the_heap_when_asked_and_by_default_on_accelerators_only(ckpt, gc_state, gc_freeze):
+    """``EngineConfig.gc_freeze``: after warm-up the collector leaves alone what loading and compiling made
+    (frozen) and collects its youngest generation less often; None is off on the CPU (these tests' host)."""
+    from jaxdyn.engine.core import GC_GEN0_THRESHOLD
+    gc = gc_state
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      dataclasses.replace(CFG, gc_freeze=gc_freeze))
+    core.runner.warmup = lambda progress=False: 1.5           # the compiled steps are not what this tests
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    assert core.warmup() == 1.5
+    if gc_freeze:
+        assert gc.get_freeze_count() > 1000                   # the model, JAX's objects, the tokenizer
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+        assert gc.is_tracked(core.scheduler.running) and not any(
+            o is core.scheduler.running for o in gc.get_objects())       # frozen: out of every generation
+    else:
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
