@@ -156,8 +156,7 @@ def main() -> int:
                     help="the engine's separate_sampler: a step is the bucket's forward call, then the sampler's")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="the engine's gc_freeze (on by default on accelerators, off on the CPU): after warm-up the "
-                         "collector leaves what loading and compiling made alone, and runs its youngest generation "
-                         "less often")
+                         "collector leaves what loading and compiling made alone")
     ap.add_argument("--served", action="store_true",
                     help="requests and steps as jaxdyn serve's engine process runs them (no detokenization: the "
                          "server decodes the text; outputs as the deltas sent to the server, step(wire=True), "

@@ -84,11 +84,10 @@ class EngineConfig:
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
-    # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``), and runs its youngest generation every
-    # GC_GEN0_THRESHOLD allocations instead of 700: a full collection scanned all of it, a host stall of ~190 ms
-    # a few times a run at 256 running (CPU, ``benchmarks/results/engine_host_time.md``), in which the device
-    # waits. None: on for accelerators, off on the CPU (a process that builds many engines, as the tests do,
-    # would keep every earlier engine's cyclic garbage).
+    # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``): a full collection scanned all of it, a
+    # host stall of ~170 ms a few times a run at 256 running (CPU, ``benchmarks/results/engine_host_time.md``),
+    # in which the device waits. None: on for accelerators, off on the CPU (a process that builds many engines,
+    # as the tests do, would keep every earlier engine's cyclic garbage).
     gc_freeze: bool | None = None
 
     def __post_init__(self):
@@ -603,21 +602,16 @@ class EngineCore:
                              req.num_cached_tokens, req.metrics)
 
 
-# Python's is 700: a collection of the youngest generation every 700 net allocations of container objects,
-# several a step at a few hundred running requests, and every tenth of those also scans the middle one
-GC_GEN0_THRESHOLD = 20_000
-
-
 def settle_heap() -> None:
     """Collect, then freeze what is left (``gc.freeze``: the objects alive now move to a generation the
-    collector never scans, so a full collection later costs what was made since) and raise the youngest
-    generation's threshold to ``GC_GEN0_THRESHOLD`` (the older ones' stay). What vLLM's engine does after its
-    start-up; for a serving process, once the model is loaded and compiled. Process-wide: frozen objects are
-    never collected even if they become cyclic garbage later (``gc.unfreeze`` returns them)."""
+    collector never scans, so a full collection later costs what was made since), as vLLM's engine does after
+    its start-up; for a serving process, once the model is loaded and compiled. The thresholds stay Python's:
+    a larger youngest generation makes fewer, longer pauses (20,000 instead of 700: one of 15 ms in an offline
+    run on the CPU instead of a hundred of 0.1-0.6 ms), and a pause longer than the step in flight idles the
+    device. Process-wide: frozen objects are never collected even if they become cyclic garbage later
+    (``gc.unfreeze`` returns them)."""
     gc.collect()
     gc.freeze()
-    _, g1, g2 = gc.get_threshold()
-    gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), g1, g2)
 
 
 def check_request(facts, prompt_ids, params: SamplingParams) -> None:
