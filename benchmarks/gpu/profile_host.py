@@ -135,7 +135,7 @@ def _patch_part_options(by_kind: dict) -> None:
 
 
 def _time_calls(runner, times: dict, types: dict | None = None):
-    """Wrap every compiled step of ``runner`` (or both calls of a split one) so that each call adds its host
+    """Wrap every compiled step of ``runner`` (and both calls of a split one) so that each call adds its host
     seconds to ``times[(part, tokens)]`` (calls, seconds, calls through JAX's Python path), and ``types[part]``
     gets the types of the part's outputs (JAX's C++ fast path wants jax Arrays only); returns a function that
     unwraps them."""
@@ -164,9 +164,10 @@ def _time_calls(runner, times: dict, types: dict | None = None):
     saved = dict(runner._compiled)
     for (t, p, variant), step in saved.items():
         if isinstance(step, _SplitStep):
-            runner._compiled[(t, p, variant)] = _SplitStep(timed(step.forward, "forward", t),
-                                                           timed(step.sample, "sample", t), step.buffers, step.tokens,
-                                                           step.sharding)
+            # each call, and the whole step as one executable's is timed (its inputs' transfer and both calls)
+            runner._compiled[(t, p, variant)] = timed(_SplitStep(timed(step.forward, "forward", t),
+                                                                 timed(step.sample, "sample", t), step.buffers,
+                                                                 step.tokens, step.sharding), "step", t)
         else:
             runner._compiled[(t, p, variant)] = timed(step, "step", t)
     listener, jax_util.test_event_listener = jax_util.test_event_listener, listen
