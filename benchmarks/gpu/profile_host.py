@@ -166,8 +166,8 @@ def _time_calls(runner, times: dict, types: dict | None = None):
         if isinstance(step, _SplitStep):
             # each call, and the whole step as one executable's is timed (its inputs' transfer and both calls)
             runner._compiled[(t, p, variant)] = timed(_SplitStep(timed(step.forward, "forward", t),
-                                                                 timed(step.sample, "sample", t), step.buffers,
-                                                                 step.tokens, step.sharding), "step", t)
+                                                                 timed(step.sample, "sample", t), step.sharding),
+                                                      "step", t)
         else:
             runner._compiled[(t, p, variant)] = timed(step, "step", t)
     listener, jax_util.test_event_listener = jax_util.test_event_listener, listen

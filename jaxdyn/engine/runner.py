@@ -160,9 +160,7 @@ class RunnerConfig:
     # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session). "except_greedy": the
     # greedy variant's steps one executable each (the model inlined, one call a step), the other variants' two
     # calls over one forward a bucket: the model compiled twice a bucket instead of three times, and greedy steps
-    # as fast as with False. Split steps keep a float32 logits buffer a token bucket on the device (``_SplitStep``):
-    # the sum over buckets of min(bucket, max_num_seqs) x vocabulary x 4 bytes, 2.2 GB for the GPU suite's 8B
-    # engine, out of the memory the KV cache leaves (``kv_memory_fraction``).
+    # as fast as with False.
     separate_sampler: bool | str = False
     # The KV pages' dtype: "auto" (the model's; f32 on the CPU for 16-bit models) or "fp8" / "fp8_e4m3"
     # (float8_e4m3fn, half the bytes: twice the pages in the same memory, and the decode kernel reads half
@@ -375,20 +373,17 @@ class _SplitStep:
     pages, logits), then its sampler variant's (draws, logprobs); called as one compiled step is, with the same
     outputs. The three host buffers are moved to the device once (one ``device_put`` of the three), and both
     calls take them there: one transfer a step, as with one call (each call moving them from the host cost
-    0.16-0.38 ms more a step on the CPU). Until session 18 the forward's call moved them and returned them for
-    the sampler: outputs that pass inputs through, which XLA copies into buffers allocated afresh every call.
+    0.16-0.38 ms more a step on the CPU). The forward returns none of them: an output that passes an input
+    through is a copy into a buffer allocated afresh every call, and on an H200 those moving addresses made XLA
+    update the forward's CUDA graph, 3.7-7.5 ms of host time a call against 1.0-1.9 ms without them
+    (``benchmarks/results/gpu_suite_h200.md``, eighteenth session). The token pages pass through both calls
+    donated; the logits are the forward's output and the sampler's input (a copy returned with
+    ``return_logits``). Until session 18 the logits crossed in a float32 buffer a bucket donated to both calls
+    (2.2 GB for the GPU suite's engine); an H200 ran the split step at 0.969x one executable with fresh logits
+    against 0.915x with that buffer, which also cost the 2,048-token forward a 0.25 ms copy."""
 
-    The logits cross from one call to the other in a buffer of the bucket's own (``buffers[tokens]``) that both
-    calls take donated and return aliased, as they do the token pages: a step allocates no logits (up to
-    1,024 x the vocabulary in float32) and frees none. Why: an address that moves makes XLA update the
-    forward's CUDA graph (on an H200 the forward's call cost 3-7 ms of host time against 1.3-2.8 ms for the whole
-    one-executable step, and the 2,048-token forward spent 4.5 ms a call in ``command_buffer::update``;
-    ``benchmarks/results/gpu_suite_h200.md``, seventeenth and eighteenth sessions). With ``return_logits`` the
-    sampler also returns a copy for the caller."""
-
-    def __init__(self, forward, sample, buffers: dict, tokens: int, sharding):
-        self.forward, self.sample, self.buffers, self.tokens = forward, sample, buffers, tokens
-        self.sharding = sharding
+    def __init__(self, forward, sample, sharding):
+        self.forward, self.sample, self.sharding = forward, sample, sharding
 
     def as_text(self) -> str:
         """Both executables' HLO, the forward's first (as ``jax.stages.Compiled.as_text``)."""
@@ -396,11 +391,9 @@ class _SplitStep:
 
     def __call__(self, state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
         tok, seqi, seqf = jax.device_put((tok, seqi, seqf), self.sharding)
-        kv_cache, token_pages, logits = self.forward(
-            state, kv_cache, token_pages, prev_sampled, self.buffers[self.tokens], tok, seqi, seqf)
-        token_pages, logits, sampled, lps, top_ids, top_lps, *copy = self.sample(
+        kv_cache, token_pages, logits = self.forward(state, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
+        token_pages, sampled, lps, top_ids, top_lps, *copy = self.sample(
             token_pages, prev_sampled, logits, tok, seqi, seqf)
-        self.buffers[self.tokens] = logits
         return kv_cache, token_pages, sampled, lps, top_ids, top_lps, copy[0] if copy else None
 
 
@@ -470,8 +463,6 @@ class ModelRunner:
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
         self._parts: dict[tuple, jax.stages.Compiled] = {}
-        # token bucket -> the device buffer a split step's logits cross in (``_SplitStep``), made with its step
-        self._logits_buffers: dict[int, jax.Array] = {}
         if config.separate_sampler:
             self._forward_step = self._make_forward_step()
             self._sample_steps = {v: self._make_sample_step(v) for v in VARIANTS if self._split(v)}
@@ -509,21 +500,13 @@ class ModelRunner:
         return forward
 
     def _make_forward_step(self):
-        """The forward as an executable of its own (``separate_sampler``): the KV cache, token pages and the
-        bucket's logits buffer donated, the logits written into that buffer (``_SplitStep``). Its three input
-        buffers come on the device (``_SplitStep`` moves them once for both calls); it returns none of them: an
-        output that passes an input through is a copy into a buffer allocated afresh every call."""
+        """The forward as an executable of its own (``separate_sampler``): the KV cache and token pages
+        donated; returns them and the logits (``_SplitStep``). Its three input buffers come on the device
+        (``_SplitStep`` moves them once for both calls); it returns none of them: an output that passes an
+        input through is a copy into a buffer allocated afresh every call."""
         kv, rep = self._kv_shardings(), self._replicated
-        forward = self._forward_fn
-
-        def forward_step(state_leaves, kv_cache, token_pages, prev_sampled, logits_buffer, tok, seqi, seqf):
-            del logits_buffer       # donated: the logits (its shape and dtype) are written where it was
-            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf)
-            return kv_cache, token_pages, logits
-
-        # keep_unused: an argument the function does not read would otherwise be dropped, and its donation with it
-        return jax.jit(forward_step, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep, rep),
-                       out_shardings=(kv, rep, rep), donate_argnums=(1, 2, 4), keep_unused=True)
+        return jax.jit(self._forward_fn, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
+                       out_shardings=(kv, rep, rep), donate_argnums=(1, 2))
 
     def _sample_fn(self, variant: str):
         """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes."""
@@ -546,20 +529,20 @@ class ModelRunner:
         return sample_step
 
     def _make_sample_step(self, variant: str):
-        """The sampler as an executable of its own (``separate_sampler``). It takes the token pages and the
-        logits donated and returns them (aliased, no copy), for the next step's forward to donate: a buffer one
-        executable reads and the next donates is never read by a third in between, and the logits stay in their
-        bucket's buffer (``_SplitStep``). With ``return_logits`` it also returns a copy of the logits."""
+        """The sampler as an executable of its own (``separate_sampler``). It takes the token pages donated
+        and returns them (aliased, no copy), for the next step's forward to donate: a buffer one executable
+        reads and the next donates is never read by a third in between (``_SplitStep``). With
+        ``return_logits`` it also returns the logits (a copy: an input passed through)."""
         rep = self._replicated
         sample_step = self._sample_fn(variant)
         copy = self.config.return_logits
 
         def sample_and_pass(token_pages, prev_sampled, logits, *rest):
-            out = (token_pages, logits, *sample_step(token_pages, prev_sampled, logits, *rest))
-            return (*out, logits * 1) if copy else out     # * 1: a buffer of its own, which the caller keeps
+            out = (token_pages, *sample_step(token_pages, prev_sampled, logits, *rest))
+            return (*out, logits) if copy else out
 
-        return jax.jit(sample_and_pass, in_shardings=(rep,) * 6, out_shardings=(rep,) * (7 if copy else 6),
-                       donate_argnums=(0, 2))
+        return jax.jit(sample_and_pass, in_shardings=(rep,) * 6, out_shardings=(rep,) * (6 if copy else 5),
+                       donate_argnums=(0,))
 
     def _make_jitted(self, variant: str):
         return_logits = self.config.return_logits
@@ -580,11 +563,6 @@ class ModelRunner:
             out_shardings=(kv, rep, rep, rep, rep, rep, rep),
             donate_argnums=(1, 2),
         )
-
-    def _zero_logits(self, rows: int) -> jax.Array:
-        """A replicated f32[rows, vocab] of zeros on the device, moved from the host (nothing compiled: a warm
-        start compiles nothing); a copy of its own (``may_alias=False``), as it is donated."""
-        return jax.device_put(np.zeros((rows, self._logits_width), np.float32), self._replicated, may_alias=False)
 
     def _make_copy(self):
         def copy(kv_cache, token_pages, src, dst):
@@ -857,10 +835,7 @@ class ModelRunner:
         token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
         if not self._split(variant):
             return self._parts[("step", t, p, variant)]
-        if t not in self._logits_buffers:
-            self._logits_buffers[t] = self._zero_logits(self.config.seqs_for(t))
-        return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)],
-                          self._logits_buffers, t, self._replicated)
+        return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)], self._replicated)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
         kind, t, p = key[:3]
@@ -869,8 +844,7 @@ class ModelRunner:
         args = self._input_shapes(t, p)
         logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self._logits_width), jnp.float32)
         if kind == "forward":
-            return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, logits,
-                                            *args)
+            return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         return self._sample_steps[key[3]].lower(self.token_pages, self.prev_sampled, logits, *args)
 
     def _input_shapes(self, t: int, p: int) -> tuple[jax.ShapeDtypeStruct, ...]:
