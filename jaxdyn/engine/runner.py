@@ -377,10 +377,11 @@ class _SplitStep:
     through is a copy into a buffer allocated afresh every call, and on an H200 those moving addresses made XLA
     update the forward's CUDA graph, 3.7-7.5 ms of host time a call against 1.0-1.9 ms without them
     (``benchmarks/results/gpu_suite_h200.md``, eighteenth session). The token pages pass through both calls
-    donated; the logits are the forward's output and the sampler's input (a copy returned with
+    donated; the logits are the forward's output and the sampler's input (which returns them too with
     ``return_logits``). Until session 18 the logits crossed in a float32 buffer a bucket donated to both calls
     (2.2 GB for the GPU suite's engine); an H200 ran the split step at 0.969x one executable with fresh logits
-    against 0.915x with that buffer, which also cost the 2,048-token forward a 0.25 ms copy."""
+    (a patch of the earlier form) against 0.915x with that buffer, in one call of 3 rounds, and the buffer
+    seemed to cost the 2,048-token forward a 0.25 ms copy."""
 
     def __init__(self, forward, sample, sharding):
         self.forward, self.sample, self.sharding = forward, sample, sharding
