@@ -640,3 +640,24 @@ def test_warmup_settles_the_heap_when_asked_and_by_default_on_accelerators_only(
             o is core.scheduler.running for o in gc.get_objects())       # frozen: out of every generation
     else:
         assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+def test_a_settled_engine_is_freed_when_dropped(ckpt, gc_state):
+    """With the heap frozen, only reference counting frees what the collector no longer scans: an engine (its
+    runner, KV cache and weights) must hold no reference cycle, or a process that builds a second engine (the GPU
+    suite does) would keep the first one's device memory."""
+    import weakref
+
+    import jax
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      dataclasses.replace(CFG, gc_freeze=True))
+    del loaded
+    core.warmup()
+    assert gc_state.get_freeze_count() > 0
+    out = run(core, {"a": ([5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))})
+    assert len(out["a"].outputs[0].token_ids) == 4
+    refs = [weakref.ref(core), weakref.ref(core.runner), weakref.ref(jax.tree.leaves(core.runner.kv_cache)[0]),
+            weakref.ref(core.runner.state[0])]
+    del core, out
+    assert [r() is None for r in refs] == [True] * 4
