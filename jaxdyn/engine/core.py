@@ -608,8 +608,10 @@ def settle_heap() -> None:
     its start-up; for a serving process, once the model is loaded and compiled. The thresholds stay Python's:
     a larger youngest generation makes fewer, longer pauses (20,000 instead of 700: one of 15 ms in an offline
     run on the CPU instead of a hundred of 0.1-0.6 ms), and a pause longer than the step in flight idles the
-    device. Process-wide: frozen objects are never collected even if they become cyclic garbage later
-    (``gc.unfreeze`` returns them)."""
+    device. Process-wide: frozen objects are never collected even if they become cyclic garbage later, so it
+    first unfreezes what an earlier call froze (an engine built before, in a cycle and dropped since, is then
+    collected here)."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 

@@ -661,3 +661,23 @@ def test_a_settled_engine_is_freed_when_dropped(ckpt, gc_state):
             weakref.ref(core.runner.state[0])]
     del core, out
     assert [r() is None for r in refs] == [True] * 4
+
+
+def test_settling_the_heap_again_collects_cycles_frozen_by_the_last_settling(gc_state):
+    """Cyclic garbage frozen by one engine's warm-up (say an earlier engine's server loop, dropped after) is
+    collected by the next settling, not kept for the life of the process."""
+    import weakref
+
+    from jaxdyn.engine.core import settle_heap
+
+    class Node:
+        pass
+    a, b = Node(), Node()
+    a.other, b.other = b, a                                # a cycle: only the collector frees it
+    ref = weakref.ref(a)
+    settle_heap()
+    del a, b
+    gc_state.collect()
+    assert ref() is not None                               # frozen: a collection leaves it
+    settle_heap()
+    assert ref() is None
