@@ -27,6 +27,7 @@ detokenizing over a 128k vocabulary -- while the CPU's device time stays small.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -44,6 +45,25 @@ TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
                   head_dim=16, torch_dtype="float32")
 
 
+@contextlib.contextmanager
+def gc_pauses():
+    """Python's garbage collections while the block runs: yields a list that gets (generation, seconds) for
+    each one (``gc.callbacks``)."""
+    pauses: list[tuple[int, float]] = []
+    began = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], time.perf_counter() - began[0]))
+    gc.callbacks.append(on_gc)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(on_gc)
+
+
 def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_format: str = "auto",
             prompt_len: int = 16, greedy: bool = False, overlap: bool = True, profile: str | None = None,
             final_only: bool = False, served: bool = False, separate_sampler: bool = False,
@@ -59,24 +79,14 @@ def measure(batch: int, steps: int, model_dir: str, repeats: int = 1, *, load_fo
     else:
         step = eng.step
     runs = []
-    pauses: list[float] = []           # Python's garbage collections while timed, seconds each
-    began = [0.0]
-
-    def on_gc(phase, _info):
-        if phase == "start":
-            began[0] = time.perf_counter()
-        else:
-            pauses.append(time.perf_counter() - began[0])
-    gc.callbacks.append(on_gc)
-    try:
+    with gc_pauses() as collections:
         for _ in range(repeats):
             h0, w0, t0 = eng.host_time, eng.wait_time, time.perf_counter()
             for _ in range(steps):
                 step()
             wall = (time.perf_counter() - t0) / steps
             runs.append((((eng.host_time - h0) - (eng.wait_time - w0)) / steps, wall))
-    finally:
-        gc.callbacks.remove(on_gc)
+    pauses = [sec for _, sec in collections]
     host, wall = sorted(runs)[len(runs) // 2]
     if profile:
         import cProfile

@@ -12,7 +12,6 @@ ms a step and every collection while it ran, by generation, with and without ``-
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     if args.requests < 1 or args.layers < 1:
         ap.error("--requests and --layers must be at least 1")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.engine_host_time import TINY_WIDTH
+    from benchmarks.engine_host_time import TINY_WIDTH, gc_pauses
     from benchmarks.gpu.suite import model_dir
     from jaxdyn import LLM, SamplingParams
 
@@ -41,23 +40,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(10, 100_000, int(rng.integers(16, 120))).tolist() for _ in range(args.requests)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(8, 120)), ignore_eos=True) for _ in prompts]
-    pauses: list[tuple[int, float]] = []
-    began = [0.0]
-
-    def on_gc(phase, info):
-        if phase == "start":
-            began[0] = time.perf_counter()
-        else:
-            pauses.append((info["generation"], time.perf_counter() - began[0]))
-
     eng = llm.engine
     s0, h0, w0 = eng.metrics.steps, eng.host_time, eng.wait_time
-    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
-    try:
+    with gc_pauses() as pauses:
         out = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        gc.callbacks.remove(on_gc)
     wall = time.perf_counter() - t0
     steps = eng.metrics.steps - s0
     host = (eng.host_time - h0) - (eng.wait_time - w0)

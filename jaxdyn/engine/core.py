@@ -240,9 +240,7 @@ class EngineCore:
     def warmup(self, progress: bool = False) -> float:
         seconds = self.runner.warmup(progress)
         freeze = self.config.gc_freeze
-        if freeze is None:
-            freeze = self.runner.mesh.devices.flat[0].platform != "cpu"
-        if freeze:
+        if freeze or (freeze is None and not self.runner.on_cpu):
             settle_heap()
         return seconds
 

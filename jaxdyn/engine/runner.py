@@ -378,10 +378,8 @@ class _SplitStep:
     update the forward's CUDA graph, 3.7-7.5 ms of host time a call against 1.0-1.9 ms without them
     (``benchmarks/results/gpu_suite_h200.md``, eighteenth session). The token pages pass through both calls
     donated; the logits are the forward's output and the sampler's input (which returns them too with
-    ``return_logits``). Until session 18 the logits crossed in a float32 buffer a bucket donated to both calls
-    (2.2 GB for the GPU suite's engine); an H200 ran the split step at 0.969x one executable with fresh logits
-    (a patch of the earlier form) against 0.915x with that buffer, in one call of 3 rounds, and the buffer
-    seemed to cost the 2,048-token forward a 0.25 ms copy."""
+    ``return_logits``): a float32 buffer a bucket donated to both calls ran slower on an H200 (0.915x one
+    executable against 0.969x) and held 2.2 GB."""
 
     def __init__(self, forward, sample, sharding):
         self.forward, self.sample, self.sharding = forward, sample, sharding
@@ -581,11 +579,15 @@ class ModelRunner:
         """Every (tokens, seqs, pages) shape warm-up compiles."""
         return [(t, self.config.seqs_for(t), p) for t in self.token_buckets for p in self.page_buckets]
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the runner's devices are the CPU's (the defaults that differ on accelerators ask this)."""
+        return self.mesh.devices.flat[0].platform == "cpu"
+
     def warmup_threads(self) -> int:
         n = self.config.warmup_threads
         if n is None:
-            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-            n = 1 if on_cpu else min(8, (os.cpu_count() or 2) // 2)
+            n = 1 if self.on_cpu else min(8, (os.cpu_count() or 2) // 2)
         return max(1, n)
 
     def set_weights(self, state) -> None:
@@ -744,7 +746,7 @@ class ModelRunner:
 
     def split_enabled(self) -> bool:
         if self.config.split_steps is None:
-            return self.mesh.devices.flat[0].platform != "cpu"
+            return not self.on_cpu
         return self.config.split_steps
 
     def measure_step_costs(self, reps: int = 4, rounds: int = 2) -> dict[int, float]:
@@ -843,9 +845,9 @@ class ModelRunner:
         if kind == "step":
             return self.lower(t, p, key[3])
         args = self._input_shapes(t, p)
-        logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self._logits_width), jnp.float32)
         if kind == "forward":
             return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
+        logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self._logits_width), jnp.float32)
         return self._sample_steps[key[3]].lower(self.token_pages, self.prev_sampled, logits, *args)
 
     def _input_shapes(self, t: int, p: int) -> tuple[jax.ShapeDtypeStruct, ...]:
