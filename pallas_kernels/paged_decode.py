@@ -87,26 +87,34 @@ TUNED_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
 _FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2)
 
 
+# fp8 pages (1 byte a value), keyed as above: a ShareGPT-shaped run's decode rows are at short contexts, where
+# the kernel over fp8 pages is held by its registers, not by the bytes (``decode_block_sizes``).
+TUNED_FP8_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
+    (128, 16): DecodeBlockSizes(pages_per_block=2, num_warps=2, num_stages=6, min_programs=264),
+}
+
+
 def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None, num_seqs: int | None = None
                        ) -> DecodeBlockSizes:
     """The tuned blocks for ``(head_dim, page_size)``, pages of ``kv_dtype`` (None: 16-bit) and calls of
     ``num_seqs`` sequence slots (None: many).
 
-    fp8 pages (``kv_cache_dtype="fp8"``) take blocks of twice the pages, which keep as many bytes in flight a
-    pipeline stage as the 16-bit blocks. On an H200 the bf16 kernel reads at the copy rate; fp8 pages with the
-    bf16 blocks ran at 0.51-0.64 of it (batch 64-256 at context 2,048: 137 / 493 µs against bf16's 141 / 524),
-    with twice the pages 0.72 (batch 256: 402 µs, 1.30x bf16's), ``python -m benchmarks.kernels --sweep none
-    --decode-only --kv-dtype fp8 --points 256x2048`` (2026-12-04). Calls of at most ``one_live_slots`` sequence
-    slots keep the 16-bit blocks: their few sequences are split over the grid by blocks, and twice the pages a
-    block would halve the splits. At an engine's short contexts fp8 pages read no faster than bf16 pages: batch
-    768 at context 304 took 262-305 µs (0.55 of the copy rate) and a ShareGPT-shaped run's 768-token decode steps
-    spent 7.30 ms a step in this kernel against bf16 pages' 7.42 (``benchmarks/results/gpu_suite_h200.md``,
-    sixteenth session)."""
+    fp8 pages (``kv_cache_dtype="fp8"``) take their own table, ``TUNED_FP8_DECODE_BLOCKS``; a shape not in it
+    takes the 16-bit blocks with twice the pages a block. Why (H200, ``benchmarks/results/gpu_suite_h200.md``,
+    nineteenth session): widened to float16 for the products, fp8 tiles took 150 registers a thread at 4 warps
+    and 4-page blocks (bf16 pages: 96), so 3 programs fit a multiprocessor and the kernel read at half the
+    bandwidth (Nsight Compute at batch 768, context 304: 18.75 % occupancy, DRAM 50 %; bf16 pages 31 %, 86 %). Two
+    warps over 2-page blocks with 6 stages keep the registers a program needs low and the loads in flight: batch
+    768 x 304, 256 x 512 and 256 x 2,048 in 212 / 125 / 368 µs against the doubled bf16 blocks' 306 / 164 / 455
+    (``python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants ... --sweep-points
+    768x304,256x512,256x2048``). Calls of at most ``one_live_slots`` sequence slots keep the 16-bit blocks: their
+    few sequences are split over the grid by blocks."""
     b = TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
     if kv_dtype is None or jnp.dtype(kv_dtype).itemsize != 1 or (num_seqs is not None
                                                                   and num_seqs <= b.one_live_slots):
         return b
-    return dataclasses.replace(b, pages_per_block=2 * b.pages_per_block)
+    fp8 = TUNED_FP8_DECODE_BLOCKS.get((head_dim, page_size))
+    return fp8 if fp8 is not None else dataclasses.replace(b, pages_per_block=2 * b.pages_per_block)
 
 
 def max_kernel_pages(kv_heads: int, page_size: int, head_dim: int) -> int:

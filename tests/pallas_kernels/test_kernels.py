@@ -339,14 +339,18 @@ def test_fp8_pages_are_multiplied_in_float16_with_a_16_bit_query():
     """With fp8 pages and a bf16 query the kernels multiply in float16 (e4m3 widens to it natively; every e4m3
     value is exact in it). Through a float32 output the decode kernel's error against the float32 reference is
     float16's (1.2e-4 here; multiplying in bfloat16 gives 1.1e-3); the ragged entry point agrees with the
-    reference within bf16's output rounding. The fp8 decode blocks hold twice the pages of the bf16 ones, except in
-    calls of few sequence slots."""
+    reference within bf16's output rounding. The fp8 decode blocks are the fp8 table's (head_dim 128: 2-page blocks
+    over 2 warps) or, for a shape not in it, twice the pages of the bf16 ones; calls of few sequence slots keep the
+    bf16 blocks."""
     assert paged_decode.compute_dtype(jnp.bfloat16, jnp.float8_e4m3fn) == jnp.float16
     assert paged_decode.compute_dtype(jnp.float32, jnp.float8_e4m3fn) == jnp.float32
     assert paged_decode.compute_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
     for d in (128, 64, 96):
         b16, b8 = paged_decode.decode_block_sizes(d, 16), paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn)
-        assert b8.pages_per_block == 2 * b16.pages_per_block
+        if (d, 16) in paged_decode.TUNED_FP8_DECODE_BLOCKS:
+            assert b8 == paged_decode.TUNED_FP8_DECODE_BLOCKS[(d, 16)] and (b8.num_warps, b8.pages_per_block) == (2, 2)
+        else:
+            assert b8.pages_per_block == 2 * b16.pages_per_block
         # a call of few sequence slots keeps the 16-bit blocks (its context splits fill the grid)
         assert paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn, b16.one_live_slots) == b16
         assert paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn, b16.one_live_slots + 1) == b8
@@ -378,7 +382,7 @@ def test_a_bf16_query_beyond_float16s_range_saturates_instead_of_nan_over_fp8_pa
 
 
 def test_interpreted_kernels_split_long_contexts_over_fp8_pages_with_their_own_blocks():
-    """21 decode slots (more than one_live_slots: the fp8 table's 8-page blocks) over long contexts: the decode
+    """21 decode slots (more than one_live_slots: fp8's 8-page blocks, head_dim 16) over long contexts: the decode
     kernel splits the contexts and combines them, in place or not, as the reference reads the same pages."""
     seqs = [(37 * i + 300, 1) for i in range(20)] + [(0, 12)]
     rng = np.random.default_rng(5)
