@@ -340,7 +340,7 @@ def test_fp8_pages_are_multiplied_in_float16_with_a_16_bit_query():
     value is exact in it). Through a float32 output the decode kernel's error against the float32 reference is
     float16's (1.2e-4 here; multiplying in bfloat16 gives 1.1e-3); the ragged entry point agrees with the
     reference within bf16's output rounding. The fp8 decode blocks are the fp8 table's (head_dim 128: 2-page blocks
-    over 2 warps) or, for a shape not in it, twice the pages of the bf16 ones; calls of few sequence slots keep the
+    over 1 warp) or, for a shape not in it, twice the pages of the bf16 ones; calls of few sequence slots keep the
     bf16 blocks."""
     assert paged_decode.compute_dtype(jnp.bfloat16, jnp.float8_e4m3fn) == jnp.float16
     assert paged_decode.compute_dtype(jnp.float32, jnp.float8_e4m3fn) == jnp.float32
@@ -348,7 +348,7 @@ def test_fp8_pages_are_multiplied_in_float16_with_a_16_bit_query():
     for d in (128, 64, 96):
         b16, b8 = paged_decode.decode_block_sizes(d, 16), paged_decode.decode_block_sizes(d, 16, jnp.float8_e4m3fn)
         if (d, 16) in paged_decode.TUNED_FP8_DECODE_BLOCKS:
-            assert b8 == paged_decode.TUNED_FP8_DECODE_BLOCKS[(d, 16)] and (b8.num_warps, b8.pages_per_block) == (2, 2)
+            assert b8 == paged_decode.TUNED_FP8_DECODE_BLOCKS[(d, 16)] and (b8.num_warps, b8.pages_per_block) == (1, 2)
         else:
             assert b8.pages_per_block == 2 * b16.pages_per_block
         # a call of few sequence slots keeps the 16-bit blocks (its context splits fill the grid)
