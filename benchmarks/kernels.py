@@ -262,8 +262,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     keys = [f"b{pt[0]}_c{pt[1]}_us" for pt in points]
     for v in variants:
         row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps,
-                   num_stages=v.num_stages, min_programs=v.min_programs, gather=v.gather,
-                   heads_per_program=v.heads_per_program)
+                   num_stages=v.num_stages, min_programs=v.min_programs, gather=v.gather)
         try:
             for pt, key in zip(points, keys):
                 row[key] = time_per_call(_ours(v), inputs[pt], difference=False) * 1e6
@@ -278,7 +277,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     best = min(ok, key=lambda r: r["score"])
     return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"],
                                          best["num_stages"], best["min_programs"],
-                                         gather=best["gather"], heads_per_program=best["heads_per_program"]), rows
+                                         gather=best["gather"]), rows
 
 
 def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
@@ -452,10 +451,9 @@ def main(argv=None) -> str:
                     help="which kernels' block sizes are swept (decode, prefill or both)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
                     help="the KV pages' dtype (fp8: float8_e4m3fn, what --kv-cache-dtype fp8 stores)")
-    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G[:H],...",
+    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G,...",
                     help="the decode sweep's variants instead of --sweep's: pages a block, warps, stages, "
-                         "programs to split to, gather (rows|pages), optionally kv heads a program "
-                         "(heads_per_program, calls of one context split), e.g. 8:4:3:264:rows,8:4:3:264:rows:8")
+                         "programs to split to, gather (rows|pages), e.g. 8:4:3:264:rows,16:8:2:264:rows")
     ap.add_argument("--sweep-points", default=None, metavar="BxC,...",
                     help="the decode sweep's (batch, context) points instead of the defaults")
     ap.add_argument("--entry-only", action="store_true",
@@ -485,16 +483,10 @@ def main(argv=None) -> str:
     variants = None
     if args.sweep_variants:
         try:
-            variants = []
-            for v in args.sweep_variants.split(","):
-                p, w, st, t, g, *h = v.split(":")
-                if len(h) > 1:
-                    raise ValueError(v)
-                variants.append(paged_decode.DecodeBlockSizes(int(p), int(w), int(st), int(t), gather=g,
-                                                              heads_per_program=int(h[0]) if h else 1))
+            variants = [paged_decode.DecodeBlockSizes(int(p), int(w), int(st), int(t), gather=g)
+                        for p, w, st, t, g in (v.split(":") for v in args.sweep_variants.split(","))]
         except ValueError:
-            ap.error(f"--sweep-variants: expected P:W:S:T:G[:H] entries separated by commas, got "
-                     f"{args.sweep_variants!r}")
+            ap.error(f"--sweep-variants: expected P:W:S:T:G entries separated by commas, got {args.sweep_variants!r}")
         if any(v.gather not in ("rows", "pages") for v in variants):
             ap.error("--sweep-variants: gather must be rows or pages")
     global KV_DTYPE
@@ -586,7 +578,7 @@ def main(argv=None) -> str:
             emit(f"### Decode block-size sweep, head_dim {head_dim} (µs per call)", "",
                  _table(sweep, [("pages_per_block", "pages/block", "d"), ("num_warps", "warps", "d"),
                                 ("num_stages", "stages", "d"), ("min_programs", "split to programs", "d"),
-                                ("gather", "gather", ""), ("heads_per_program", "kv heads a program", "d"),
+                                ("gather", "gather", ""),
                                 ("score", "time / best (mean)", ".3f")]
                         + [(f"b{b}_c{c}_us", f"batch {b}, context {c}: µs", ".1f") for b, c in sweep_points]
                         + [("error", "error", "")]))

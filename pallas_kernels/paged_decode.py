@@ -69,11 +69,6 @@ class DecodeBlockSizes:
     # (slot, head) programs have nothing to do, and each holds the pipeline's shared memory while it starts and
     # exits). 0: a program for every (sequence, kv head, split).
     persistent_programs: int = 0
-    # > 1: a call with one context split (and no persistent programs) runs a program for each sequence and
-    # group of this many kv heads, whose one loop runs over the group's heads and their blocks in turn (the
-    # pipeline fills once a group of heads, not once a head); the rows of a head are stored after its last
-    # block (gather "rows" only). 1: a program for each (sequence, kv head).
-    heads_per_program: int = 1
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -383,77 +378,6 @@ def _decode_kernel_persistent(live_ref, order_ref, lens_ref, qrow_ref, pt_ref, q
     lax.fori_loop(0, pl.cdiv(jnp.maximum(live_ref[0] * num_kv_heads - pid, 0), num_programs), item, 0)
 
 
-def _decode_kernel_heads(lens_ref, qrow_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, heads: int, num_pages: int,
-                         sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
-                         sliding_window: int | None, precision, interpret: bool, gather: str, in_place: bool,
-                         dtype):
-    # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); pt_ref: i32[P]; q_ref: [T, H, D];
-    # k_ref, v_ref: [num_kv_heads * num_pages * page_size, D] (every head's rows, flat); out_refs: (o_in [T, H, D]
-    # aliased to o; o [T, H, D]) in place, else (o [heads, R, D],) this sequence's group of kv heads.
-    # One loop over the group's `heads` kv heads x the sequence's blocks: iteration i is head i // n, block
-    # first + i % n; the running (acc, m, l) restart at a head's first block and its rows are stored after its
-    # last, so the pipeline's loads run ahead across heads (a program a head restarts it every few blocks).
-    group_id = pl.program_id(1)
-    length, qrow = lens_ref[0], qrow_ref[0]
-    head_dim = q_ref.shape[-1]
-    block_tokens = pages_per_block * page_size
-    seq_pages = pl.cdiv(length, page_size)
-    num_blocks = pl.cdiv(seq_pages, pages_per_block)
-    first_block = 0
-    if sliding_window is not None:
-        first_block = jnp.maximum(length - sliding_window, 0) // page_size // pages_per_block
-    per_head = jnp.maximum(num_blocks - first_block, 0)
-    offsets = jnp.arange(block_tokens, dtype=jnp.int32)
-    real = (jnp.arange(rows, dtype=jnp.int32) < group)[:, None]
-    o_ref = out_refs[-1]
-    if not in_place:   # a sequence with no keys (kv_len 0) runs no iteration (length > 0 runs them all): rows 0
-
-        @pl.when(length == 0)
-        def _():
-            o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
-    def body(i, carry):
-        acc, m_prev, l_prev = carry
-        j = i // per_head
-        b = first_block + i - j * per_head
-        head = group_id * heads + j
-        start = b == first_block
-        acc = jnp.where(start, 0.0, acc)
-        m_prev = jnp.where(start, _MASK_VALUE, m_prev)
-        l_prev = jnp.where(start, 0.0, l_prev)
-        q = to_compute(pltriton.load(q_ref.at[qrow, pl.ds(head * group, rows)], mask=real, other=0.0), dtype)
-        page0 = b * pages_per_block
-        k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, seq_pages, gather, interpret,
-                         dtype=dtype, row_base=head * (num_pages * page_size), num_pages=num_pages)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32) * sm_scale
-        key_pos = page0 * page_size + offsets
-        valid = key_pos < length
-        if sliding_window is not None:
-            valid &= key_pos >= length - sliding_window
-        s = jnp.where(valid[None, :], s, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - m_next[:, None])
-        l_next = alpha * l_prev + p.sum(axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-        acc = acc * alpha[:, None] + pv
-        last = b == num_blocks - 1
-        if in_place:
-            pltriton.store(o_ref.at[qrow, pl.ds(head * group, rows)], _normalised(acc, l_next, o_ref.dtype),
-                           mask=real & last)
-        else:
-            pltriton.store(o_ref.at[j], _normalised(acc, l_next, o_ref.dtype),
-                           mask=jnp.full((rows, 1), True) & last)
-        return acc, m_next, l_next
-
-    init = (jnp.zeros((rows, head_dim), jnp.float32),
-            jnp.full((rows,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    lax.fori_loop(0, heads * per_head, body, init)
-
-
 def live_first(kv_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(i32[1] the slots with kv_len > 0, i32[S] those slots in order then the others): a compaction by
     prefix sum (no sort: CUB's sort would split the step's CUDA graph)."""
@@ -566,36 +490,6 @@ def paged_decode_attention_kernel(
             input_output_aliases={8: 0}, name="paged_decode_attention",
         )(live, order, kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1),
           q, k_in, v_in, out)
-
-    heads = blocks.heads_per_program
-    if splits == 1 and heads > 1:
-        if blocks.gather != "rows" or num_kv_heads % heads:
-            raise ValueError(f"heads_per_program {heads} needs gather='rows' and a divisor of the "
-                             f"{num_kv_heads} kv heads")
-        kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
-        kernel = functools.partial(_decode_kernel_heads, heads=heads, num_pages=num_pages, page_size=page_size,
-                                   group=group, rows=rows, in_place=in_place, **static)
-        in_specs = [pl.BlockSpec((1,), lambda s, h: (s,)), pl.BlockSpec((1,), lambda s, h: (s,)),
-                    pl.BlockSpec((None, pages_per_seq), lambda s, h: (s, 0)), whole_block(q.shape),
-                    kv_spec, kv_spec]
-        operands = [kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32), q,
-                    k_in, v_in]
-        if in_place:
-            in_specs.append(whole_block(q.shape))
-            operands.append(out)
-            out_spec, out_shape = whole_block(q.shape), jax.ShapeDtypeStruct(q.shape, out.dtype)
-        else:
-            out_spec = pl.BlockSpec((None, heads, rows, head_dim), lambda s, h: (s, h, 0, 0))
-            out_shape = jax.ShapeDtypeStruct((num_seqs, num_kv_heads, rows, head_dim), q.dtype)
-        result = pl.pallas_call(
-            kernel, grid=(num_seqs, num_kv_heads // heads), in_specs=in_specs, out_specs=out_spec,
-            out_shape=out_shape, interpret=interpret,
-            compiler_params=None if interpret else _compiler_params(blocks),
-            input_output_aliases={6: 0} if in_place else {}, name="paged_decode_attention",
-        )(*operands)
-        if in_place:
-            return result
-        return result[:, :, :group].reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
     kernel = functools.partial(
         _decode_kernel, page_size=page_size, group=group, rows=rows, in_place=in_place, **static)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +95,6 @@ def ragged_paged_attention(
     impl: str = "auto",
     in_place: bool = True,
     attention_programs: int = 0,
-    decode_heads_per_program: int = 1,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -114,11 +112,6 @@ def ragged_paged_attention(
     (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``), and the prefill kernel that many
     over its kv heads, each looping over the step's real items (``PrefillBlockSizes.persistent_programs``):
     a bucket's empty sequence slots and padding items then cost no program each; 0: a program an item.
-    ``decode_heads_per_program`` > 1 (with ``attention_programs`` 0): the in-place decode kernel runs a program
-    for each sequence and group of that many kv heads, looping over the group's heads and their blocks in one
-    pipelined loop (``DecodeBlockSizes.heads_per_program``); 1: a program for each (sequence, kv head). The
-    groups take the greatest common divisor of it and the kv heads the call holds (a shard's, under tensor
-    parallelism).
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -144,8 +137,7 @@ def ragged_paged_attention(
         out = paged_decode_attention_kernel(
             q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
             out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
-            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs,
-                                       heads_per_program=math.gcd(decode_heads_per_program, num_kv_heads)))
+            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs))
         return ragged_prefill_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
             sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out, blocks=prefill_blocks)

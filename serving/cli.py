@@ -143,10 +143,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the GPU attention kernels as N programs that loop over their work items (a bucket's "
                    "empty sequence slots and padding items then cost no program each) instead of a program an item "
                    "(0, the default); on an H200 1.005x offline, within the runs' spread")
-    p.add_argument("--decode-heads-per-program", type=int, default=1, metavar="N",
-                   help="run the GPU decode attention kernel as a program for each sequence and group of N kv "
-                   "heads, one pipelined loop over the group's heads and their pages (default 1: a program for "
-                   "each sequence and kv head)")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "
@@ -180,8 +176,6 @@ def _engine_fields(args) -> dict:
         raise CLIError("--num-pages must be at least 1")
     if getattr(args, "attention_programs", 0) < 0:
         raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
-    if getattr(args, "decode_heads_per_program", 1) < 1:
-        raise CLIError(f"--decode-heads-per-program: expected an integer >= 1, got {args.decode_heads_per_program}")
     buckets = {}
     for name in ("token_buckets", "page_buckets"):
         text = getattr(args, name, None)
@@ -215,7 +209,6 @@ def _engine_fields(args) -> dict:
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 attention_programs=getattr(args, "attention_programs", 0),
-                decode_heads_per_program=getattr(args, "decode_heads_per_program", 1),
                 **buckets)
 
 

@@ -140,11 +140,10 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
     flags, buckets = serve_flags("/m", "x", {**ENGINE, "first_compiles_alone": True}, "bfloat16", 8123)
     assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).first_compiles_alone is True
     assert cfg.attention_programs == 0 and cfg.schedule_policy == "fcfs"
-    assert cfg.decode_heads_per_program == 1
-    flags, buckets = serve_flags("/m", "x", {**ENGINE, "attention_programs": 1056, "schedule_policy": "lof",
-                                             "decode_heads_per_program": 4}, "bfloat16", 8123)
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "attention_programs": 1056, "schedule_policy": "lof"},
+                                 "bfloat16", 8123)
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
-    assert cfg.attention_programs == 1056 and cfg.schedule_policy == "lof" and cfg.decode_heads_per_program == 4
+    assert cfg.attention_programs == 1056 and cfg.schedule_policy == "lof"
 
 
 def test_measured_runs_order_whole_split_unpadded_bound():

@@ -3,7 +3,7 @@ at a batch x context, KV pages of a dtype and block sizes, called ``--calls`` ti
 
     ncu --clock-control none --kernel-name regex:paged_decode --launch-skip 2 --launch-count 1 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats \\
-        python -m benchmarks.gpu.ncu_decode --batch 768 --context 304 --kv-dtype fp8 [--blocks P:W:S[:H]]
+        python -m benchmarks.gpu.ncu_decode --batch 768 --context 304 --kv-dtype fp8 [--blocks P:W:S]
 
 Without ``ncu`` it prints the calls' median wall time (a check that the point runs).
 """
@@ -26,8 +26,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=768)
     ap.add_argument("--context", type=int, default=304)
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
-    ap.add_argument("--blocks", default=None, metavar="P:W:S[:H]",
-                    help="pages a block, warps, stages, kv heads a program (default: the kernel's table)")
+    ap.add_argument("--blocks", default=None, metavar="P:W:S",
+                    help="pages a block, warps, stages (default: the kernel's table)")
     ap.add_argument("--calls", type=int, default=4)
     args = ap.parse_args(argv)
     if args.batch < 1 or args.context < kernels.PAGE or args.calls < 1:
@@ -35,10 +35,10 @@ def main(argv=None) -> None:
     blocks = None
     if args.blocks:
         try:
-            p, w, s, *h = (int(x) for x in args.blocks.split(":"))
+            p, w, s = (int(x) for x in args.blocks.split(":"))
         except ValueError:
-            ap.error(f"--blocks: expected P:W:S[:H], got {args.blocks!r}")
-        blocks = paged_decode.DecodeBlockSizes(p, w, s, heads_per_program=h[0] if h else 1)
+            ap.error(f"--blocks: expected P:W:S, got {args.blocks!r}")
+        blocks = paged_decode.DecodeBlockSizes(p, w, s)
     kernels.KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     q, k, v, lens, tables = kernels._decode_inputs(np.random.default_rng(0), args.batch, args.context, 128)
     f = jax.jit(lambda q, k, v, lens, table: paged_decode.paged_decode_attention_kernel(

@@ -1052,8 +1052,6 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args.append("--first-compiles-alone")
     if e.get("attention_programs"):
         serve_args += ["--attention-programs", str(e["attention_programs"])]
-    if e.get("decode_heads_per_program", 1) != 1:
-        serve_args += ["--decode-heads-per-program", str(e["decode_heads_per_program"])]
     if e.get("schedule_policy", "fcfs") != "fcfs":
         serve_args += ["--schedule-policy", e["schedule_policy"]]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),

@@ -25,7 +25,7 @@ from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
-    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs, check_decode_heads_per_program,
+    FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
     check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
@@ -82,7 +82,6 @@ class EngineConfig:
     separate_sampler: bool | str = False
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
-    decode_heads_per_program: int = 1        # > 1: a decode program loops over that many kv heads (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
     # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``): a full collection scanned all of it, a
@@ -96,7 +95,6 @@ class EngineConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
-        check_decode_heads_per_program(self.decode_heads_per_program)
         check_schedule_policy(self.schedule_policy)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
@@ -219,8 +217,7 @@ class EngineCore:
             # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
-            attention_programs=config.attention_programs,
-            decode_heads_per_program=config.decode_heads_per_program))
+            attention_programs=config.attention_programs))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps,

@@ -171,17 +171,12 @@ class RunnerConfig:
     # bucket's empty sequence slots and padding items cost a loop iteration each rather than a program; 0: a
     # program an item (the tuned kernels as they were)
     attention_programs: int = 0
-    # > 1: the in-place decode kernel runs a program for each sequence and group of this many kv heads, one
-    # pipelined loop over the group's heads and blocks (``ragged_paged_attention``'s ``decode_heads_per_program``);
-    # 1: a program for each (sequence, kv head)
-    decode_heads_per_program: int = 1
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
-        check_decode_heads_per_program(self.decode_heads_per_program)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         if not is_count(self.fp8_kernel_max_tokens):
@@ -210,13 +205,6 @@ def check_attention_programs(value):
     """``value`` if it is an ``attention_programs`` setting, an integer >= 0 (ValueError otherwise)."""
     if not is_count(value):
         raise ValueError(f"attention_programs: expected an integer >= 0, got {value!r}")
-    return value
-
-
-def check_decode_heads_per_program(value):
-    """``value`` if it is a ``decode_heads_per_program`` setting, an integer >= 1 (ValueError otherwise)."""
-    if not is_count(value) or value < 1:
-        raise ValueError(f"decode_heads_per_program: expected an integer >= 1, got {value!r}")
     return value
 
 
@@ -497,8 +485,7 @@ class ModelRunner:
                        fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
                        fp8_fused_quantize=self.config.fp8_fused_quantize,
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
-                       attention_programs=self.config.attention_programs,
-                       decode_heads_per_program=self.config.decode_heads_per_program)
+                       attention_programs=self.config.attention_programs)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

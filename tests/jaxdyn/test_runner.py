@@ -556,7 +556,7 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
 
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
                                           ("triton_gemm_max_tokens", 16), ("separate_sampler", True),
-                                          ("attention_programs", 3), ("decode_heads_per_program", 2)])
+                                          ("attention_programs", 3)])
 def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, monkeypatch):
     """Options that must not change the numbers: XLA's dot merger (off by default,
     ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile), XLA's Triton
@@ -566,27 +566,24 @@ def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, m
     attention kernels storing into one output (``attention_in_place``, on by default; here both runners'
     attention runs the kernels in interpret mode, as on the GPU, merged by a select or in place), and the
     attention kernels' programs looping over their items (``attention_programs``: 3 programs for the decode
-    kernel's 8 slots x 2 kv heads and the prefill kernel's items; both runners in place, in interpret mode), and the
-    decode kernel's programs looping over both kv heads of a sequence (``decode_heads_per_program``). Prompts, then decode tokens fed
+    kernel's 8 slots x 2 kv heads and the prefill kernel's items; both runners in place, in interpret mode). Prompts, then decode tokens fed
     on the device, seeded sampling with logprobs, give the same tokens, logprobs and KV with the option on."""
     import jaxdyn.models.llama as llama
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     calls = []
 
-    kernel_options = ("attention_in_place", "attention_programs", "decode_heads_per_program")
-
-    def attention_kernels(*a, in_place, attention_programs=0, decode_heads_per_program=1, **k):
-        if in_place and (option == "attention_in_place" or attention_programs or decode_heads_per_program > 1):
-            calls.append((attention_programs, decode_heads_per_program))
+    def attention_kernels(*a, in_place, attention_programs=0, **k):
+        if in_place and (option == "attention_in_place" or attention_programs):
+            calls.append(attention_programs)
         return ragged_paged_attention(*a, **k, in_place=in_place, attention_programs=attention_programs,
-                                      decode_heads_per_program=decode_heads_per_program, impl="interpret")
+                                      impl="interpret")
 
-    if option in kernel_options:
+    if option in ("attention_in_place", "attention_programs"):
         monkeypatch.setattr(llama, "ragged_paged_attention", attention_kernels)
     mesh, model = loaded
     # (one page bucket of 4 pages: the decode kernel takes one context split, so in place is in place)
     cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False,
-                              attention_in_place=option in kernel_options[1:])
+                              attention_in_place=option == "attention_programs")
     off = ModelRunner(model.graphdef, model.state, mesh, cfg)
     on = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, **{option: value}))
     if option == "triton_gemm_max_tokens":
@@ -621,9 +618,8 @@ def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, m
         np.testing.assert_array_equal(a.top_ids, b.top_ids)
     np.testing.assert_allclose(results["off"][1], results["on"][1], rtol=1e-6, atol=1e-6)
     # the in-place attention ran (with the programs asked for), and only with its option on
-    assert (len(calls) > 0) == (option in kernel_options)
-    want = {"attention_programs": (value, 1), "decode_heads_per_program": (0, value)}.get(option, (0, 1))
-    assert all(c == want for c in calls)
+    assert (len(calls) > 0) == (option in ("attention_in_place", "attention_programs"))
+    assert all(c == (value if option == "attention_programs" else 0) for c in calls)
 
 
 # ---- compiling while the weights load ---------------------------------------------------------------

@@ -480,100 +480,6 @@ def test_gpu_decode_kernel_with_persistent_programs(pages):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(grid.astype(jnp.float32)))
 
 
-# ----------------------------------------------------------------------------- kv heads a decode program
-
-def _four_heads_case(rng, dtype):
-    """9 slots over 4 kv heads (groups of 4 query heads), live and empty slots interleaved, queries at scattered
-    rows of a 12-row q."""
-    num_pages, pages_per_seq = 80, 8
-    k = jnp.asarray(rng.standard_normal((4, num_pages, 16, 32)), jnp.float32).astype(dtype)
-    v = jnp.asarray(rng.standard_normal((4, num_pages, 16, 32)), jnp.float32).astype(dtype)
-    q = jnp.asarray(rng.standard_normal((12, 16, 32)), jnp.float32)
-    lens = jnp.asarray([100, 1, 0, 128, 37, 0, 0, 5, 77], jnp.int32)
-    pt = jnp.asarray(rng.permutation(num_pages)[:9 * pages_per_seq].reshape(9, pages_per_seq), jnp.int32)
-    rows = jnp.asarray([3, 0, 11, 5, 1, 2, 4, 7, 9], jnp.int32)
-    return q, k, v, lens, pt, rows
-
-
-@pytest.mark.parametrize("pages", ["f32", "fp8"])
-@pytest.mark.parametrize("window", [None, 40])
-def test_interpreted_decode_kernel_with_heads_per_program_equals_a_program_a_head(pages, window):
-    """``heads_per_program``: a program for each sequence and group of kv heads, one loop over the group's heads
-    and blocks. In place and into an output of its own, with groups of 2 and 4 of 4 kv heads, the result equals a
-    program for each (sequence, kv head), bit for bit: in place, the rows of empty slots and rows no query owns
-    keep what ``out`` held; apart, a sequence with no keys gets 0."""
-    rng = np.random.default_rng(26)
-    q, k, v, lens, pt, rows = _four_heads_case(rng, jnp.float32 if pages == "f32" else jnp.float8_e4m3fn)
-    out = jnp.full(q.shape, 7.0, jnp.float32)
-    kw = dict(sm_scale=32 ** -0.5, interpret=True, num_splits=1, sliding_window=window)
-    base = paged_decode.DecodeBlockSizes(2, 4, 3)
-    in_place = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=base, q_rows=rows, out=out, **kw)
-    apart = paged_decode.paged_decode_attention_kernel(q[:9], k, v, lens, pt, blocks=base, **kw)
-    live_rows = np.asarray(rows)[np.asarray(lens) > 0]
-    untouched = np.setdiff1d(np.arange(q.shape[0]), live_rows)
-    assert np.all(np.asarray(in_place)[untouched] == 7.0) and not np.any(np.asarray(in_place)[live_rows] == 7.0)
-    assert np.all(np.asarray(apart)[np.asarray(lens) == 0] == 0) and np.asarray(apart)[np.asarray(lens) > 0].all()
-    for heads in (2, 4):
-        blocks = paged_decode.DecodeBlockSizes(2, 4, 3, heads_per_program=heads)
-        got = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, q_rows=rows, out=out, **kw)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(in_place))
-        got = paged_decode.paged_decode_attention_kernel(q[:9], k, v, lens, pt, blocks=blocks, **kw)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(apart))
-
-
-def test_heads_per_program_needs_rows_and_a_divisor_of_the_kv_heads():
-    rng = np.random.default_rng(27)
-    q, k, v, lens, pt, rows = _four_heads_case(rng, jnp.float32)
-    kw = dict(sm_scale=0.2, interpret=True, q_rows=rows, out=jnp.zeros_like(q), num_splits=1)
-    for blocks in (paged_decode.DecodeBlockSizes(2, 4, 3, heads_per_program=3),
-                   paged_decode.DecodeBlockSizes(2, 4, 3, gather="pages", heads_per_program=2)):
-        with pytest.raises(ValueError, match="heads_per_program"):
-            paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, **kw)
-
-
-@pytest.mark.parametrize("heads", [2, 3, 8])
-def test_interpreted_ragged_entry_point_with_decode_heads_per_program_equals_the_reference(heads):
-    """The entry point's ``decode_heads_per_program`` on a mixed step (2 kv heads: groups of 2, and of
-    gcd(3, 2) = 1 and gcd(8, 2) = 2 kv heads)."""
-    rng = np.random.default_rng(28)
-    args, n = _batch(rng, MIXED_SHORT, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
-    blocks = paged_decode.decode_block_sizes(32, 16, args[1].dtype, args[4].shape[0])
-    assert paged_decode.grid_splits(args[4].shape[0], 2, args[4].shape[1], blocks) == 1     # in place: the groups
-    kw = dict(sm_scale=32 ** -0.5)
-    ref = ragged_paged_attention_reference(*args, **kw)
-    got = ragged_paged_attention(*args, impl="interpret", in_place=True, decode_heads_per_program=heads, **kw)
-    np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
-    assert np.all(np.asarray(got[n:]) == 0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pages", ["bf16", "fp8"])
-def test_gpu_decode_kernel_with_heads_per_program(pages):
-    """On the GPU a program looping over 2, 4 or 8 kv heads stores what a program a head stores: 300 decodes of
-    contexts 1-700 among 320 slots, in place and apart."""
-    rng = np.random.default_rng(29)
-    seqs = [(int(c), 1) for c in rng.integers(0, 700, 300)]
-    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
-    if pages == "fp8":
-        args = _fp8_pages(args)
-    q, k, v, lens, pt, cu = args
-    lens = jnp.pad(lens, (0, 320 - lens.shape[0]))
-    pt = jnp.pad(pt, ((0, 320 - pt.shape[0]), (0, 0)))
-    rows = jnp.minimum(jnp.pad(cu[:-1], (0, 320 - cu.shape[0] + 1)), n - 1)
-    kw = dict(sm_scale=128 ** -0.5, num_splits=1)
-    base = paged_decode.decode_block_sizes(128, 16, k.dtype, lens.shape[0])
-    want = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, q_rows=rows, out=jnp.zeros_like(q), **kw)
-    want_apart = paged_decode.paged_decode_attention_kernel(q[:320], k, v, lens, pt, **kw)
-    for heads in (2, 4, 8):
-        blocks = dataclasses.replace(base, heads_per_program=heads)
-        got = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, q_rows=rows, out=jnp.zeros_like(q),
-                                                         blocks=blocks, **kw)
-        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
-        got = paged_decode.paged_decode_attention_kernel(q[:320], k, v, lens, pt, blocks=blocks, **kw)
-        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                      np.asarray(want_apart.astype(jnp.float32)))
-
-
 @pytest.mark.parametrize("window", [None, 13])
 def test_interpreted_prefill_kernel_with_persistent_programs_stores_what_a_program_an_item_does(window):
     """``PrefillBlockSizes.persistent_programs``: programs a kv head looping over the step's real items (listed
@@ -617,14 +523,12 @@ def test_gpu_entry_point_with_attention_programs_equals_a_program_an_item(name, 
 
 
 @pytest.mark.parametrize("pages", ["bf16", "fp8"])
-@pytest.mark.parametrize("programs,heads", [(0, 1), (1056, 1), (0, 8)])
+@pytest.mark.parametrize("programs", [0, 1056])
 @pytest.mark.parametrize("slots,window,in_place", [(1024, None, True), (16, None, True), (1024, 256, True),
                                                    (64, None, False)])
-def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, programs, heads, slots, window,
-                                                                      in_place):
+def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, programs, slots, window, in_place):
     """Pallas' Triton lowering runs on the CPU too (``lower(lowering_platforms=("cuda",))``): every kernel
-    configuration the engine can ask for -- both page dtypes, persistent programs or a decode program a group of kv
-    heads or neither, a bucket of many slots
+    configuration the engine can ask for -- both page dtypes, persistent programs or not, a bucket of many slots
     (one context split, in place) or few (splits and their merge), a sliding window -- must lower, so a construct
     Triton's lowering rejects (which interpret mode accepts) fails here rather than on the device."""
     dtype = jnp.float8_e4m3fn if pages == "fp8" else jnp.bfloat16
@@ -632,7 +536,6 @@ def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, prog
     args = (sds((2048, 32, 128), jnp.bfloat16), sds((8, 4096, 16, 128), dtype), sds((8, 4096, 16, 128), dtype),
             sds((slots,), jnp.int32), sds((slots, 128), jnp.int32), sds((slots + 1,), jnp.int32))
     f = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.088, sliding_window=window, impl="kernel",
-                                  in_place=in_place, attention_programs=programs,
-                                  decode_heads_per_program=heads))
+                                  in_place=in_place, attention_programs=programs))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2              # the decode kernel and the prefill kernel

@@ -97,10 +97,6 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve", "--attention-programs", "1056"])).attention_programs == 1056
     with pytest.raises(CLIError, match="--attention-programs: expected an integer >= 0"):
         _engine_config(parse(["serve", "--attention-programs", "-4"]))
-    assert _engine_config(parse(["serve"])).decode_heads_per_program == 1
-    assert _engine_config(parse(["serve", "--decode-heads-per-program", "8"])).decode_heads_per_program == 8
-    with pytest.raises(CLIError, match="--decode-heads-per-program: expected an integer >= 1"):
-        _engine_config(parse(["serve", "--decode-heads-per-program", "0"]))
     assert _engine_config(parse(["serve"])).schedule_policy == "fcfs"
     assert _engine_config(parse(["serve", "--schedule-policy", "lof"])).schedule_policy == "lof"
     with pytest.raises(SystemExit):
