@@ -218,3 +218,25 @@ def test_schedule_sim_orders_admission_longest_output_first(capsys):
         return float(next(line for line in out.splitlines() if line.startswith("| whole steps")).split("|")[2])
     # the same requests, their longest outputs started first: never a longer run here
     assert whole(lof) <= whole(fcfs)
+
+
+def test_kv_cache_dtype_reaches_the_engine_sections_and_the_served_flags():
+    from serving.cli import _engine_config, build_parser
+    plan = gpu.plan(quant="fp8", kv_cache_dtype="fp8")
+    by_name = {sec.name: sec for sec in plan.sections}
+    for name in ("serve", "offline", "host"):
+        assert by_name[name].steps[0].config["engine"]["kv_cache_dtype"] == "fp8"
+    assert "fp8 KV cache" in plan.name and any("KV cache is fp8" in n for n in plan.notes)
+    assert "kv_cache_dtype" not in gpu.ENGINE and not any("KV cache" in n for n in gpu.plan().notes)
+    flags, buckets = suite.serve_flags("/m", "x", by_name["serve"].steps[0].config["engine"], "bfloat16", 8123)
+    assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).kv_cache_dtype == "fp8"
+    flags, buckets = suite.serve_flags("/m", "x", gpu.ENGINE, "bfloat16", 8123)
+    assert "--kv-cache-dtype" not in flags
+
+
+def test_kv_cache_dtype_is_refused_where_the_plan_has_none(capsys):
+    for argv in (["--dry-run"], []):
+        with pytest.raises(SystemExit):
+            suite.main(["--out", "/tmp/never", *argv, "--kv-cache-dtype", "fp8"], plan_factory=None if argv else
+                       __import__("benchmarks.gpu.tpu", fromlist=["plan"]).plan)
+        assert "--kv-cache-dtype" in capsys.readouterr().err

@@ -127,10 +127,13 @@ def step_models(quick: bool, model: str, full_grid: bool) -> list[dict]:
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
-         full_grid: bool = False, datasets: list[str] | None = None, quant: str | None = None) -> suite.Plan:
+         full_grid: bool = False, datasets: list[str] | None = None, quant: str | None = None,
+         kv_cache_dtype: str = "auto") -> suite.Plan:
     """The GPU plan; budgets sum to 690 s with the probe (425 s with ``quick``): more than one device call's
     600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``).
-    ``quant`` ("fp8", "int8"): the serve, offline and host sections' model quantized."""
+    ``quant`` ("fp8", "int8"): the serve, offline and host sections' model quantized; ``kv_cache_dtype`` ("fp8"):
+    their engines' KV cache in fp8."""
+    engine = ENGINE if kv_cache_dtype == "auto" else dict(ENGINE, kv_cache_dtype=kv_cache_dtype)
     runs, sets = serve_runs(quick), offline_datasets(quick, offline_prompts or (100 if quick else 1000))
     if datasets:          # --datasets: a shorter call (no compared server)
         runs = [r for r in runs if r["dataset"] in datasets]
@@ -138,10 +141,11 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
     # the loads run again against the compared server and the tiny model
     ceiling_runs = [r for r in runs if r["request_rate"] == "inf" and r["dataset"] != "random"]
     compare = None if quick or datasets else dict(COMPARE, runs=ceiling_runs)
-    host_engine = dict(ENGINE, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
+    host_engine = dict(engine, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
                        enable_prefix_caching=False)
     plan = suite.Plan(
-        name="gpu" + (" (quick)" if quick else "") + (f" ({quant} model)" if quant else ""),
+        name="gpu" + (" (quick)" if quick else "") + (f" ({quant} model)" if quant else "") + (
+            f" ({kv_cache_dtype} KV cache)" if kv_cache_dtype != "auto" else ""),
         entry="benchmarks.gpu.gpu", expect_platform="gpu",
         env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30, calls=CALLS,
         notes=("Model shapes with random bf16 weights (`--load-format dummy`); the engine sections load the preset "
@@ -149,12 +153,14 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
                "per token). Published anchors ran real weights on ShareGPT: their ratios place us, they do not "
                "rank.",) + ((f"The serve, offline and host sections' model is quantized ({quant}: random weights "
                              "as `jaxdyn convert --quant` lays them out); the published anchors ran bf16.",)
-                            if quant else ()),
+                            if quant else ()) + ((f"The serve, offline and host sections' KV cache is "
+                                                  f"{kv_cache_dtype} (`--kv-cache-dtype`).",)
+                                                 if kv_cache_dtype != "auto" else ()),
         sections=(
-            suite.serve_section(180 if quick else 370, model=model, engine=ENGINE, runs=runs,
+            suite.serve_section(180 if quick else 370, model=model, engine=engine, runs=runs,
                                 ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV, compare=compare,
                                 quant=quant),
-            suite.offline_section(60 if quick else 140, model=model, engine=ENGINE, datasets=sets, quant=quant),
+            suite.offline_section(60 if quick else 140, model=model, engine=engine, datasets=sets, quant=quant),
             suite.host_section(45 if quick else 50, model=model, engine=host_engine,
                                batches=[64] if quick else [64, 256], prompt_len=512, max_tokens=1024, steps=30,
                                quant=quant),

@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -1052,6 +1053,8 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args.append("--first-compiles-alone")
     if e.get("attention_programs"):
         serve_args += ["--attention-programs", str(e["attention_programs"])]
+    if e.get("kv_cache_dtype", "auto") != "auto":
+        serve_args += ["--kv-cache-dtype", e["kv_cache_dtype"]]
     if e.get("schedule_policy", "fcfs") != "fcfs":
         serve_args += ["--schedule-policy", e["schedule_policy"]]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
@@ -1360,17 +1363,24 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the engine sections' model quantized (random weights laid out as jaxdyn convert --quant "
                     "lays them out)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                    help="the engine sections' KV cache dtype (jaxdyn serve --kv-cache-dtype; default auto)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
     args = ap.parse_args(argv)
     if args.dry_run and args.quant:
         ap.error("--quant: the dry run's tiny model is not quantized")
+    if args.kv_cache_dtype != "auto" and (args.dry_run or plan_factory is None
+                                          or "kv_cache_dtype" not in inspect.signature(plan_factory).parameters):
+        ap.error(f"--kv-cache-dtype: {entry}'s plan has no KV cache dtype to set")
     if args.dry_run or plan_factory is None:
         plan = dry_run_plan(entry, dry_first)
     else:
         extra = {k: v for k, v in (("model", args.model), ("offline_prompts", args.offline_prompts),
                                    ("full_grid", args.full_grid),
                                    ("datasets", args.datasets and args.datasets.split(",")),
-                                   ("quant", args.quant)) if v}
+                                   ("quant", args.quant),
+                                   ("kv_cache_dtype", args.kv_cache_dtype if args.kv_cache_dtype != "auto" else None))
+                 if v}
         plan = plan_factory(quick=args.quick, **extra)
     only = args.sections.split(",") if args.sections else None
     if args.list:
