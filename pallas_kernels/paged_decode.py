@@ -100,9 +100,10 @@ def decode_block_sizes(head_dim: int, page_size: int, kv_dtype=None, num_seqs: i
     and 4-page blocks (bf16 pages: 96), so 3 programs fit a multiprocessor and the kernel read at half the
     bandwidth (Nsight Compute at batch 768, context 304: 18.75 % occupancy, DRAM 50 %; bf16 pages 31 %, 86 %). One
     warp over 2-page blocks with 6 stages keeps the registers a program needs low and the loads in flight: batch
-    768 x 304, 256 x 512, 256 x 2,048 and 64 x 2,048 in 201 / 116 / 324 / 121 µs, two warps 220 / 141 / 367 / 133, the
-    doubled bf16 blocks (4 warps, 8 pages) 306 / 164 / 455 / - (``python -m benchmarks.kernels --decode-only --kv-dtype
-    fp8 --sweep-variants ... --sweep-points 768x304,256x512,256x2048,64x2048``). Calls of at most ``one_live_slots``
+    768 x 304, 256 x 512, 256 x 2,048 and 64 x 2,048 in 201 / 116 / 324 / 121 µs, two warps 220 / 141 / 367 / 133 (one
+    sweep); the doubled bf16 blocks (4 warps, 8 pages) took 306 / 164 / 455 / - in another machine's sweep, where two
+    warps took 212 / 125 / 368 (``python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants ...
+    --sweep-points 768x304,256x512,256x2048,64x2048``). Calls of at most ``one_live_slots``
     sequence slots keep the 16-bit blocks: their few sequences are split over the grid by blocks."""
     b = TUNED_DECODE_BLOCKS.get((head_dim, page_size), _FALLBACK_BLOCKS)
     if kv_dtype is None or jnp.dtype(kv_dtype).itemsize != 1 or (num_seqs is not None
