@@ -339,16 +339,23 @@ def sweep_prefill_blocks(rng, chunk: int, full: bool = False, head_dim: int = 12
                                             best["gather"]), rows
 
 
-def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
-    """Seconds per call of the prefill kernel (and of the reference) on nseq chunks."""
+def prefill_inputs(rng, head_dim: int, prefix: int, chunk: int, nseq: int, count: int = ROTATE * LONG):
+    """(q, k_pages, v_pages, lens, tables, cu_q_lens) of ``nseq`` chunks of ``chunk`` tokens after ``prefix``
+    cached ones, with ``count`` page tables to rotate over."""
     length = prefix + chunk
-    pages_per_seq = length // PAGE
+    pages_per_seq = -(-length // PAGE)
     num_pages = nseq * pages_per_seq * ROTATE
     k_pages, v_pages = _kv_pool(num_pages, head_dim, seed=prefix + head_dim)
-    tables = jnp.asarray(_page_tables(rng, num_pages, ROTATE * LONG, nseq, pages_per_seq))
+    tables = jnp.asarray(_page_tables(rng, num_pages, count, nseq, pages_per_seq))
     q = jax.random.normal(jax.random.key(3), (nseq * chunk, Q_HEADS, head_dim), jnp.bfloat16)
     lens = jnp.full((nseq,), length, jnp.int32)
     cu = jnp.arange(nseq + 1, dtype=jnp.int32) * chunk
+    return q, k_pages, v_pages, lens, tables, cu
+
+
+def _prefill_time(rng, head_dim, prefix, chunk, nseq, blocks, reference: bool):
+    """Seconds per call of the prefill kernel (and of the reference) on nseq chunks."""
+    q, k_pages, v_pages, lens, tables, cu = prefill_inputs(rng, head_dim, prefix, chunk, nseq)
     scale = head_dim ** -0.5
 
     def with_cu(attn):

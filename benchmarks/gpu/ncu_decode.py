@@ -28,15 +28,8 @@ from pallas_kernels import paged_decode, ragged_prefill
 
 def _prefill_call(args, blocks):
     """(jit of the prefill kernel, its inputs): ``batch`` chunks of ``chunk`` rows after ``context`` cached tokens."""
-    length = args.context + args.chunk
-    pages_per_seq = -(-length // kernels.PAGE)
-    num_pages = args.batch * pages_per_seq * kernels.ROTATE
-    k, v = kernels._kv_pool(num_pages, 128, seed=1)
-    tables = jnp.asarray(kernels._page_tables(np.random.default_rng(0), num_pages, kernels.ROTATE, args.batch,
-                                              pages_per_seq))
-    q = jax.random.normal(jax.random.key(3), (args.batch * args.chunk, kernels.Q_HEADS, 128), jnp.bfloat16)
-    lens = jnp.full((args.batch,), length, jnp.int32)
-    cu = jnp.arange(args.batch + 1, dtype=jnp.int32) * args.chunk
+    q, k, v, lens, tables, cu = kernels.prefill_inputs(np.random.default_rng(0), 128, args.context, args.chunk,
+                                                       args.batch, count=kernels.ROTATE)
     kernel = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=128 ** -0.5,
                                interpret=kernels.INTERPRET, blocks=blocks)
     return jax.jit(lambda q, k, v, lens, table: kernel(q, k, v, lens, table, cu)), (q, k, v, lens, tables)
