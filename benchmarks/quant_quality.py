@@ -4,7 +4,8 @@ unquantized model.
     python benchmarks/quant_quality.py                      # the shipped demo model, CPU is fine
     python benchmarks/quant_quality.py --model DIR --prompts FILE.json
 
-The model is converted three times with ``jaxdyn convert`` (no quantization, int8, fp8) from the same
+The model is converted four times with ``jaxdyn convert`` (no quantization, int8, fp8, and fp8 with its lm_head
+in fp8 too: ``--quantize-lm-head``) from the same
 Hugging Face directory, each conversion is restored, and every position of every prompt of a fixed set
 is scored in float32 compute. Reported against the unquantized conversion: weight bytes (all
 parameters, and the quantized linear layers alone), top-1 agreement of next-token predictions, and the
@@ -103,11 +104,15 @@ def main(argv=None) -> int:
             results[quant] = score(out, prompts)
             if quant in (None, "fp8"):
                 results[(quant, "kv")] = score(out, prompts, jnp.float8_e4m3fn)
+        out = os.path.join(tmp, "fp8-head")
+        convert(args.model, out, dtype=args.dtype, quant="fp8", quantize_lm_head=True, progress=False)
+        results[("fp8", "head")] = score(out, prompts)
 
     ref, ref_bytes, ref_linear = results[None]
     rows = [("none", ref_bytes, ref_linear, 1.0, 0.0, 0.0)]
-    names = {"int8": "int8", "fp8": "fp8", (None, "kv"): "none, fp8 KV", ("fp8", "kv"): "fp8, fp8 KV"}
-    for quant in ("int8", "fp8", (None, "kv"), ("fp8", "kv")):
+    names = {"int8": "int8", "fp8": "fp8", (None, "kv"): "none, fp8 KV", ("fp8", "kv"): "fp8, fp8 KV",
+             ("fp8", "head"): "fp8, fp8 lm_head"}
+    for quant in ("int8", "fp8", (None, "kv"), ("fp8", "kv"), ("fp8", "head")):
         lps, nbytes, linear = results[quant]
         agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, lps)) / n_pos
         kl = [(np.exp(a) * (a - b)).sum(-1) for a, b in zip(ref, lps)]

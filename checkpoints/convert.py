@@ -38,7 +38,7 @@ from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_S
                             hf_names, qkv_sizes)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
-from jaxdyn.models.llama import split_qkv
+from jaxdyn.models.llama import QUANT_DTYPES, split_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh, model_parallel_size, param_shardings
 
@@ -110,8 +110,9 @@ def _nest(flat: dict[tuple, object]) -> dict:
 
 
 def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | None = None,
-            force: bool = False, progress: bool = True) -> dict:
-    """Convert; returns the marker dict (bytes written, seconds)."""
+            quantize_lm_head: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Convert; returns the marker dict (bytes written, seconds). ``quantize_lm_head`` (``quant`` "fp8"): the
+    output projection in fp8 too (with tied embeddings, an fp8 copy of the embedding beside the float table)."""
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
@@ -121,6 +122,8 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
         raise CheckpointError(f"--dtype {dtype!r}: expected bfloat16 or float32")
     if quant not in (None, *QUANTIZATIONS):
         raise CheckpointError(f"--quant {quant!r}: expected {' or '.join(QUANTIZATIONS)}")
+    if quantize_lm_head and quant != "fp8":
+        raise CheckpointError(f"--quantize-lm-head needs --quant fp8 (not {quant or 'none'})")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: not a directory")
     if os.path.exists(out_dir) and not force:
@@ -138,7 +141,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
     except SafetensorsError as e:
         raise CheckpointError(str(e)) from None
 
-    qcfg = cfg if quant is None else _replace(cfg, quantization=quant)
+    qcfg = cfg if quant is None else _replace(cfg, quantization=quant, quantize_lm_head=quantize_lm_head)
     mesh1 = make_mesh(1, jax.devices()[:1])
     _, abstract = build_abstract_model(qcfg, mesh1, jnp.dtype(dtype))
     leaves = [(_path_keys(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]]
@@ -151,7 +154,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
     for keys, leaf in leaves:
         if keys[-1] == "scale":
             continue
-        for name, want in zip(hf_names(keys), _hf_shapes(keys, leaf.shape, cfg)):
+        for name, want in zip(hf_names(keys, cfg), _hf_shapes(keys, leaf.shape, cfg)):
             expected.add(name)
             if name not in files:
                 raise CheckpointError(f"{hf_dir}: missing tensor {name!r}")
@@ -179,11 +182,11 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
             for keys, leaf in items:
                 if keys[-1] == "scale":
                     continue
-                raws = [np.asarray(files.get(n)) for n in hf_names(keys)]
+                raws = [np.asarray(files.get(n)) for n in hf_names(keys, qcfg)]
                 # qkv: one shard's q, k, v; an fp8 weight is [out, in] as Hugging Face's, the rest [in, out]
                 arr = np.concatenate([r.T if keys[-1] == "kernel" else r for r in raws],
                                      axis=0 if keys[-1] == "weight" else -1)
-                if quant and keys[-1] in ("kernel", "weight") and keys[-2] in QUANTIZABLE:
+                if quant and jnp.dtype(leaf.dtype) == jnp.dtype(QUANT_DTYPES[quant]):   # a quantized Linear's
                     q, scale = quantize(arr.astype(np.float32), quant, axis=1 if keys[-1] == "weight" else 0)
                     flat[keys] = q
                     flat[keys[:-1] + ("scale",)] = scale
@@ -203,6 +206,8 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
         hf_cfg.pop("dtype", None)
         if quant:
             hf_cfg["jaxdyn_quantization"] = quant
+        if quantize_lm_head:
+            hf_cfg["jaxdyn_quantize_lm_head"] = True
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         for name in ("generation_config.json", *TOKENIZER_FILES):
@@ -214,6 +219,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
                   "seconds": round(time.perf_counter() - t0, 3)}
         if quant == "fp8":
             marker["fp8_weights"] = FP8_WEIGHTS
+            marker["quantize_lm_head"] = quantize_lm_head
         with open(os.path.join(tmp, MARKER), "w") as f:       # written last: marks the directory complete
             json.dump(marker, f, indent=2)
         if os.path.exists(out_dir):

@@ -59,9 +59,12 @@ def hf_name(path: tuple) -> str:
 QKV_PARTS = ("q_proj", "k_proj", "v_proj")
 
 
-def hf_names(path: tuple) -> list[str]:
-    """jaxdyn parameter path -> the Hugging Face tensors it is made of: ``qkv_proj``'s are q, k and v's."""
+def hf_names(path: tuple, cfg: ModelConfig | None = None) -> list[str]:
+    """jaxdyn parameter path -> the Hugging Face tensors it is made of: ``qkv_proj``'s are q, k and v's; the fp8
+    lm_head of a model with tied embeddings (``cfg.quantize_lm_head``) is the embedding's."""
     keys = [p for p in path if p != "value"]
+    if keys[0] == "lm_head" and cfg is not None and cfg.tie_word_embeddings:
+        return ["model.embed_tokens.weight"]
     if len(keys) >= 2 and keys[-2] == "qkv_proj":
         return [hf_name((*keys[:-2], part, keys[-1])) for part in QKV_PARTS]
     return [hf_name(tuple(keys))]
@@ -110,7 +113,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
         if keys[-1] == "scale":             # a quantized Linear's: made with its weight, below
             return leaf
         quantized = cfg.quantization is not None and jnp.dtype(leaf.dtype) == QUANT_DTYPES[cfg.quantization]
-        names = hf_names(keys)
+        names = hf_names(keys, cfg)
         expected.update(names)
         kernel = keys[-1] == "kernel"
         arrays = []

@@ -37,11 +37,13 @@ class ModelPlan:
 
 
 def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None,
-               quantization: str | None = None) -> ModelPlan:
+               quantization: str | None = None, quantize_lm_head: bool = False) -> ModelPlan:
     """Check ``model`` and read its config, dtype and tokenizer; no weights. Raises CheckpointError naming
     what is wrong. ``quantization`` ("fp8": w8a8; "int8": weights only): a Hugging Face checkpoint of float
     weights quantized as it loads, on the devices, to what ``jaxdyn convert --quant`` would write (vLLM's
-    ``--quantization fp8``); random weights made quantized; a converted checkpoint must already be."""
+    ``--quantization fp8``); random weights made quantized; a converted checkpoint must already be.
+    ``quantize_lm_head``: an fp8 model's output projection in fp8 too (``ModelConfig.quantize_lm_head``), on the
+    same terms."""
     if load_format not in LOAD_FORMATS:
         raise CheckpointError(f"load format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
     if quantization not in (None, *QUANTIZATIONS):
@@ -86,6 +88,14 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
         if cfg.quantization is not None:
             raise CheckpointError(f"{model}: already quantized ({cfg.quantization}), not {quantization}")
         cfg = dataclasses.replace(cfg, quantization=quantization)
+    if quantize_lm_head and not cfg.quantize_lm_head:
+        if cfg.quantization != "fp8":
+            raise CheckpointError(f"--quantize-lm-head: only an fp8 model's lm_head is quantized; {model} is "
+                                  f"{cfg.quantization or 'not quantized'} (add --quantization fp8)")
+        if source == "converted":
+            raise CheckpointError(f"{model}: a converted checkpoint with a float lm_head; --quantize-lm-head needs "
+                                  f"the Hugging Face checkpoint or `jaxdyn convert --quant fp8 --quantize-lm-head`")
+        cfg = dataclasses.replace(cfg, quantize_lm_head=True)
     graphdef, abstract = build_abstract_model(cfg, mesh, dt)
     return ModelPlan(model, source, mesh, cfg, dt, graphdef, abstract, tokenizer)
 
@@ -101,9 +111,11 @@ def load_weights(plan: ModelPlan) -> LoadedModel:
 
 
 def load_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto", mesh=None,
-               quantization: str | None = None) -> tuple[jax.sharding.Mesh, LoadedModel, Tokenizer | None]:
+               quantization: str | None = None, quantize_lm_head: bool = False,
+               ) -> tuple[jax.sharding.Mesh, LoadedModel, Tokenizer | None]:
     """(mesh, weights, tokenizer or None). Raises CheckpointError naming what is wrong."""
-    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh, quantization=quantization)
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh, quantization=quantization,
+                      quantize_lm_head=quantize_lm_head)
     return plan.mesh, load_weights(plan), plan.tokenizer
 
 

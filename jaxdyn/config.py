@@ -56,7 +56,9 @@ class ModelConfig:
     dtype: str = "bfloat16"             # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    quantization: str | None = None     # weight-only: None | "int8" | "fp8" (converted checkpoints)
+    quantization: str | None = None     # None | "int8" (weights only) | "fp8" (weights and activations)
+    # fp8 models only: the output projection (lm_head, or the tied embedding's copy) in fp8 too
+    quantize_lm_head: bool = False
 
     @property
     def q_size(self) -> int:
@@ -122,6 +124,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             quantization=_quantization(hf),
+            quantize_lm_head=_quantize_lm_head(hf),
         )
 
     @classmethod
@@ -165,6 +168,16 @@ def _quantization(hf: dict[str, Any]) -> str | None:
         raise ConfigError(f"quantization_config {hf['quantization_config'].get('quant_method', '?')!r}: "
                           "pre-quantized Hugging Face checkpoints are not supported; convert the "
                           "unquantized checkpoint with `jaxdyn convert --quant int8|fp8`")
+    return q
+
+
+def _quantize_lm_head(hf: dict[str, Any]) -> bool:
+    q = hf.get("jaxdyn_quantize_lm_head", False)
+    if not isinstance(q, bool):
+        raise ConfigError(f"jaxdyn_quantize_lm_head {q!r}: expected true or false")
+    if q and hf.get("jaxdyn_quantization") != "fp8":
+        raise ConfigError("jaxdyn_quantize_lm_head: only an fp8 model's lm_head is quantized "
+                          f"(jaxdyn_quantization is {hf.get('jaxdyn_quantization')!r})")
     return q
 
 

@@ -50,7 +50,7 @@ def cmd_generate(args) -> int:
     try:
         args.model = _model_or_demo(args.model)
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                              quantization=args.quantization,
+                              **_quantization(args),
                               config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
                                                   max_model_len=args.max_model_len),
                               warmup=False)     # one request: compile only the shapes it uses
@@ -81,6 +81,15 @@ def _quantization_arg(p: argparse.ArgumentParser) -> None:
                    help="quantize a Hugging Face checkpoint of float weights as it loads (on the devices, as "
                    "jaxdyn convert --quant would): fp8 = fp8 weights and activations (w8a8), int8 = int8 weights "
                    "only; random weights (--load-format dummy) are made quantized")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with fp8 (--quantization fp8 or an fp8 checkpoint of float weights' conversion): the "
+                   "output projection (lm_head) in fp8 too, read and multiplied in half the bytes and time; off by "
+                   "default, as in vLLM and SGLang (the logits carry fp8's rounding)")
+
+
+def _quantization(args) -> dict:
+    """The loader's quantization arguments (``plan_model``) from ``_quantization_arg``'s flags."""
+    return dict(quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -310,8 +319,9 @@ def cmd_serve(args) -> int:
         except ConfigError as e:
             raise CLIError(str(e)) from None
     fields = _engine_fields(args)
-    if args.workers and args.quantization:
-        raise CLIError("--workers and --quantization: each worker loads (and quantizes) the model itself")
+    if args.workers and (args.quantization or args.quantize_lm_head):
+        raise CLIError(f"--workers and --{'quantization' if args.quantization else 'quantize-lm-head'}: each worker "
+                       f"loads (and quantizes) the model itself")
     if args.workers and args.disagg:
         raise CLIError("--workers and --disagg: the workers decide where prompts are prefilled")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
@@ -322,7 +332,7 @@ def cmd_serve(args) -> int:
         # its own below (one after the other, they were ~3 s of a start on 2 CPU cores).
         from jaxdyn.engine.boot import start_engine_process
         started = start_engine_process(dict(model=model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                            config=fields, progress=True, quantization=args.quantization))
+                                            config=fields, progress=True, **_quantization(args)))
 
     import uvicorn
 
@@ -351,17 +361,17 @@ def cmd_serve(args) -> int:
                 return
             if disagg is not None:
                 core = build_disagg_engine(model, dtype=args.dtype, load_format=args.load_format,
-                                           config=config, progress=True, quantization=args.quantization,
+                                           config=config, progress=True, **_quantization(args),
                                            **disagg)
                 state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             elif args.engine_process:
                 state.engine = ProcessEngine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                             config=config, progress=True, quantization=args.quantization,
+                                             config=config, progress=True, **_quantization(args),
                                              max_queued_requests=args.max_queued_requests, started=started)
                 core = state.engine.core
             else:
                 core = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                                    config=config, progress=True, quantization=args.quantization)
+                                    config=config, progress=True, **_quantization(args))
                 state.engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
             info = core.load_info
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
@@ -424,7 +434,7 @@ def cmd_worker(args) -> int:
     mesh = make_mesh(len(devices), [jax.devices()[i] for i in devices])
     try:
         _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh,
-                                          quantization=args.quantization)
+                                          **_quantization(args))
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
@@ -457,7 +467,8 @@ def cmd_convert(args) -> int:
     from checkpoints.hf import CheckpointError
 
     try:
-        info = convert(args.hf, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
+        info = convert(args.hf, args.out, dtype=args.dtype, quant=args.quant, quantize_lm_head=args.quantize_lm_head,
+                       force=args.force,
                        progress=not args.quiet)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
@@ -520,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="int8: weights only, per output channel; fp8: weights per output channel and each "
                          "product's input per token, fp8 x fp8 products (w8a8)")
+    cv.add_argument("--quantize-lm-head", action="store_true",
+                    help="with --quant fp8: the output projection (lm_head) in fp8 too (with tied embeddings, an "
+                         "fp8 copy of the embedding beside it)")
     cv.add_argument("--force", action="store_true", help="replace an existing output directory")
     cv.add_argument("--quiet", action="store_true", help="no progress bar")
     cv.set_defaults(func=cmd_convert)

@@ -53,3 +53,16 @@ def test_a_configuration_may_quantize_the_model():
     cmd = ab.run_command({"quant": "fp8", "max_num_seqs": 8}, engine, "sharegpt-lengths", 10, "llama-3.1-8b")
     assert cmd[-2:] == ["--quant", "fp8"] and '{"max_num_seqs": 8}' in cmd
     assert "--quant" not in ab.run_command({}, {}, "sharegpt-lengths", 10, "llama-3.1-8b")
+
+
+def test_a_configuration_may_quantize_the_lm_head_of_an_fp8_model_only():
+    cfg = {"quant": "fp8", "quantize_lm_head": True, "kv_cache_dtype": "fp8"}
+    engine, _, _ = ab.split_config(cfg, {})
+    assert engine == {"kv_cache_dtype": "fp8"}
+    cmd = ab.run_command(cfg, engine, "sharegpt-lengths", 10, "llama-3.1-8b")
+    assert cmd[-3:] == ["--quant", "fp8", "--quantize-lm-head"]
+    assert "--quantize-lm-head" not in ab.run_command({"quant": "fp8"}, {}, "sharegpt-lengths", 10, "llama-3.1-8b")
+    for bad in ({"quantize_lm_head": True}, {"quant": "int8", "quantize_lm_head": True},
+                {"quant": "fp8", "quantize_lm_head": "yes"}):
+        with pytest.raises(ValueError, match="quantize_lm_head"):
+            ab.split_config(bad, {})

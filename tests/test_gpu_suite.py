@@ -240,3 +240,22 @@ def test_kv_cache_dtype_is_refused_where_the_plan_has_none(capsys):
             suite.main(["--out", "/tmp/never", *argv, "--kv-cache-dtype", "fp8"], plan_factory=None if argv else
                        __import__("benchmarks.gpu.tpu", fromlist=["plan"]).plan)
         assert "--kv-cache-dtype" in capsys.readouterr().err
+
+
+def test_an_fp8_lm_head_reaches_the_engine_sections_model(tmp_path, capsys):
+    from jaxdyn.config import ModelConfig
+    plan = gpu.plan(quant="fp8", quantize_lm_head=True)
+    by_name = {sec.name: sec for sec in plan.sections}
+    for name in ("serve", "offline", "host"):
+        cfg = by_name[name].steps[0].config
+        assert cfg["quant"] == "fp8" and cfg["quantize_lm_head"] is True
+    assert "fp8 lm_head" in plan.name and "lm_head" not in gpu.plan(quant="fp8").name
+    assert not gpu.plan(quant="fp8").sections[0].steps[0].config["quantize_lm_head"]
+    fields = suite.quant_overrides({"quant": "fp8", "quantize_lm_head": True})
+    assert fields == {"jaxdyn_quantization": "fp8", "jaxdyn_quantize_lm_head": True}
+    mc = ModelConfig.from_pretrained(suite.model_dir("llama-3.2-1b", str(tmp_path), **fields))
+    assert mc.quantization == "fp8" and mc.quantize_lm_head
+    for argv in (["--quantize-lm-head"], ["--quant", "int8", "--quantize-lm-head"]):
+        with pytest.raises(SystemExit):
+            suite.main(["--out", "/tmp/never", *argv], plan_factory=gpu.plan, entry="benchmarks.gpu.gpu")
+        assert "--quantize-lm-head needs --quant fp8" in capsys.readouterr().err

@@ -103,3 +103,11 @@ def test_host_events_of_a_real_trace_hold_the_calls_dispatch(tmp_path):
     events = host_events(str(tmp_path))
     assert events["PjitFunction(<lambda>)"][0] >= 4
     assert all(us >= 0 for _, us in events.values())
+
+
+def test_an_fp8_lm_head_needs_an_fp8_model(capsys):
+    import pytest
+    for argv in (["--quantize-lm-head"], ["--quant", "int8", "--quantize-lm-head"]):
+        with pytest.raises(SystemExit):
+            pr.main(argv)
+        assert "--quantize-lm-head needs --quant fp8" in capsys.readouterr().err

@@ -14,7 +14,8 @@ process, e.g. ``{"env": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}}``: 
 product); ``XLA_FLAGS`` is part of JAX's cache keys and the executable cache's fingerprint, so each such
 configuration's first run compiles from scratch and its load seconds are a cold compilation's.
 
-A configuration's ``"quant"`` (``"fp8"`` or ``"int8"``) quantizes the model (``profile_run --quant``).
+A configuration's ``"quant"`` (``"fp8"`` or ``"int8"``) quantizes the model (``profile_run --quant``), and
+``"quantize_lm_head": true`` (with ``"quant": "fp8"``) its lm_head too (``profile_run --quantize-lm-head``).
 
 A configuration's ``"tree"`` is a directory holding another copy of the repository (``git archive BASE | tar -x
 -C base``): its runs run that code (``python -m`` from there), so two commits alternate in one call, e.g.
@@ -50,7 +51,10 @@ def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, st
     """(EngineConfig overrides, the run's environment, the tree its code comes from or None) of one
     configuration: ``environ`` with the configuration's ``"env"`` strings over it (ValueError when ``"env"``
     is not an object of strings, or ``"tree"`` not a directory with ``benchmarks/gpu/profile_run.py``)."""
-    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree", "quant")}
+    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree", "quant", "quantize_lm_head")}
+    if cfg.get("quantize_lm_head") not in (None, False, True) or (cfg.get("quantize_lm_head")
+                                                                    and cfg.get("quant") != "fp8"):
+        raise ValueError(f"\"quantize_lm_head\" of {json.dumps(cfg)}: true with \"quant\": \"fp8\" only")
     env = cfg.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ValueError(f"\"env\" of {json.dumps(cfg)}: expected an object of strings")
@@ -68,6 +72,8 @@ def run_command(cfg: dict, engine: dict, dataset: str, num_prompts: int, model: 
            "--num-prompts", str(num_prompts), "--model", model, "--engine", json.dumps(engine)]
     if "quant" in cfg:
         cmd += ["--quant", str(cfg["quant"])]
+    if cfg.get("quantize_lm_head"):
+        cmd.append("--quantize-lm-head")
     return cmd
 
 

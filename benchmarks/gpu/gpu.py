@@ -128,11 +128,11 @@ def step_models(quick: bool, model: str, full_grid: bool) -> list[dict]:
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
          full_grid: bool = False, datasets: list[str] | None = None, quant: str | None = None,
-         kv_cache_dtype: str = "auto") -> suite.Plan:
+         kv_cache_dtype: str = "auto", quantize_lm_head: bool = False) -> suite.Plan:
     """The GPU plan; budgets sum to 690 s with the probe (425 s with ``quick``): more than one device call's
     600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``).
     ``quant`` ("fp8", "int8"): the serve, offline and host sections' model quantized; ``kv_cache_dtype`` ("fp8"):
-    their engines' KV cache in fp8."""
+    their engines' KV cache in fp8; ``quantize_lm_head`` (with ``quant`` "fp8"): their lm_head in fp8 too."""
     engine = ENGINE if kv_cache_dtype == "auto" else dict(ENGINE, kv_cache_dtype=kv_cache_dtype)
     runs, sets = serve_runs(quick), offline_datasets(quick, offline_prompts or (100 if quick else 1000))
     if datasets:          # --datasets: a shorter call (no compared server)
@@ -144,7 +144,8 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
     host_engine = dict(engine, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
                        enable_prefix_caching=False)
     plan = suite.Plan(
-        name="gpu" + (" (quick)" if quick else "") + (f" ({quant} model)" if quant else "") + (
+        name="gpu" + (" (quick)" if quick else "") + (f" ({quant} model{', fp8 lm_head' if quantize_lm_head else ''})"
+                                                       if quant else "") + (
             f" ({kv_cache_dtype} KV cache)" if kv_cache_dtype != "auto" else ""),
         entry="benchmarks.gpu.gpu", expect_platform="gpu",
         env=PLAN_ENV, datasheets=DATASHEETS, probe_budget_s=30, calls=CALLS,
@@ -159,11 +160,12 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
         sections=(
             suite.serve_section(180 if quick else 370, model=model, engine=engine, runs=runs,
                                 ready_timeout_s=170, warm_reserve_s=40, server_env=SERVER_ENV, compare=compare,
-                                quant=quant),
-            suite.offline_section(60 if quick else 140, model=model, engine=engine, datasets=sets, quant=quant),
+                                quant=quant, quantize_lm_head=quantize_lm_head),
+            suite.offline_section(60 if quick else 140, model=model, engine=engine, datasets=sets, quant=quant,
+                                  quantize_lm_head=quantize_lm_head),
             suite.host_section(45 if quick else 50, model=model, engine=host_engine,
                                batches=[64] if quick else [64, 256], prompt_len=512, max_tokens=1024, steps=30,
-                               quant=quant),
+                               quant=quant, quantize_lm_head=quantize_lm_head),
             suite.step_section(step_models(quick, model, full_grid), bandwidth_gib=4.0, matmul_n=8192),
             suite.kernels_section(["--quick", "--sweep", "none"], 50),
         ) + ((

@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     from jaxdyn.config import QUANTIZATIONS        # no JAX
     ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help="with --quant fp8: the lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")
     ap.add_argument("--hlo", nargs="?", const="largest", default=None, metavar="BUCKETS",
@@ -151,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
+    if args.quantize_lm_head and args.quant != "fp8":
+        ap.error("--quantize-lm-head needs --quant fp8")
     try:
         windows = ([] if args.windows == "none" else
                    [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")])
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
             ap.error(f"--hlo: {missing} not among the token buckets {engine_cfg['token_buckets']}")
     scratch = args.out if args.out and args.keep_traces else tempfile.mkdtemp()
     path = model_dir(args.model, tempfile.mkdtemp(),
-                     **({"jaxdyn_quantization": args.quant} if args.quant else {}))
+                     **({"jaxdyn_quantization": args.quant} if args.quant else {}),
+                     **({"jaxdyn_quantize_lm_head": True} if args.quantize_lm_head else {}))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
     load_s = time.perf_counter() - t0
@@ -204,8 +209,10 @@ def main(argv=None) -> int:
     itemsize = 2
     matmul_params = layers_matmul_params(mc)
     head_params = mc.hidden_size * mc.vocab_size
-    # fp8 / int8 layers read 1 byte a weight (the head stays 16-bit); the pages' own dtype for the KV
-    weight_bytes = matmul_params * (1 if args.quant else itemsize) + head_params * itemsize
+    # fp8 / int8 layers read 1 byte a weight (the head 16-bit unless --quantize-lm-head); the pages' own dtype for
+    # the KV
+    weight_bytes = matmul_params * (1 if args.quant else itemsize) + head_params * (1 if args.quantize_lm_head
+                                                                                   else itemsize)
     kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.kv_cache[0][0].dtype.itemsize
 
     state = {"step": -1, "calls": [], "window": None, "done": []}
@@ -352,7 +359,8 @@ def main(argv=None) -> int:
                      f"{host / cost if cost else float('nan'):.2f} |")
     lines += ["", "reproduce: python -m benchmarks.gpu.profile_run --dataset " + args.dataset
               + f" --num-prompts {args.num_prompts} --windows {args.windows}"
-              + (f" --engine '{args.engine}'" if args.engine else "") + (f" --quant {args.quant}" if args.quant else "")]
+              + (f" --engine '{args.engine}'" if args.engine else "") + (f" --quant {args.quant}" if args.quant else "")
+              + (" --quantize-lm-head" if args.quantize_lm_head else "")]
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:

@@ -153,26 +153,31 @@ def step_section(models: list[dict], *, bandwidth_gib: float, matmul_n: int, pre
 
 
 def host_section(budget_s: float, *, model: str, engine: dict, batches: list[int], prompt_len: int,
-                 max_tokens: int, steps: int, dtype: str = "bfloat16", quant: str | None = None) -> Section:
+                 max_tokens: int, steps: int, dtype: str = "bfloat16", quant: str | None = None,
+                 quantize_lm_head: bool = False) -> Section:
     return Section("host", "Device idle share between engine steps (host time per step)",
                    (Step("host", budget_s, {"model": model, "engine": engine, "batches": list(batches),
                                             "prompt_len": prompt_len, "max_tokens": max_tokens, "steps": steps,
-                                            "dtype": dtype, "quant": quant}),), ENGINE_MODULES)
+                                            "dtype": dtype, "quant": quant,
+                                            "quantize_lm_head": quantize_lm_head}),), ENGINE_MODULES)
 
 
 def offline_section(budget_s: float, *, model: str, engine: dict, datasets: list[dict],
-                    dtype: str = "bfloat16", matmul_n: int = 8192, quant: str | None = None) -> Section:
+                    dtype: str = "bfloat16", matmul_n: int = 8192, quant: str | None = None,
+                    quantize_lm_head: bool = False) -> Section:
     """``datasets``: [{"dataset": "random"|"prefix"|"sharegpt-lengths", "num_prompts", ...lengths}];
     ``matmul_n``: the size of the matmul whose rate the runs' matmul FLOP/s are set against."""
     return Section("offline", "Offline throughput (jaxdyn bench offline)",
                    (Step("offline", budget_s, {"model": model, "engine": engine, "datasets": datasets,
-                                               "dtype": dtype, "matmul_n": matmul_n, "quant": quant}),),
+                                               "dtype": dtype, "matmul_n": matmul_n, "quant": quant,
+                                               "quantize_lm_head": quantize_lm_head}),),
                    ENGINE_MODULES)
 
 
 def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict], ready_timeout_s: float,
                   warm_reserve_s: float, server_env: dict, dtype: str = "bfloat16", warm_start: bool = True,
-                  compare: dict | None = None, ceiling: bool = False, quant: str | None = None) -> Section:
+                  compare: dict | None = None, ceiling: bool = False, quant: str | None = None,
+                  quantize_lm_head: bool = False) -> Section:
     """``runs``: [{"label", "dataset", "num_prompts", "request_rate", ...lengths}] of ``jaxdyn bench serve``.
     ``compare``: {"label", "args", "runs", "reserve_s"}: after the warm start, a third server with ``args``
     added to the command line runs ``runs`` (the same load against a variant of the server, in the same
@@ -182,7 +187,7 @@ def serve_section(budget_s: float, *, model: str, engine: dict, runs: list[dict]
     the ``bench serve`` client can carry; no anchors, no start targets."""
     config = {"model": model, "engine": engine, "runs": runs, "dtype": dtype, "ready_timeout_s": ready_timeout_s,
               "warm_reserve_s": warm_reserve_s, "server_env": server_env, "warm_start": warm_start,
-              "compare": compare, "ceiling": ceiling, "quant": quant}
+              "compare": compare, "ceiling": ceiling, "quant": quant, "quantize_lm_head": quantize_lm_head}
     if ceiling:
         return Section("ceiling", "Serving stack ceiling (jaxdyn serve on the tiny model + jaxdyn bench serve)",
                        (Step("serve", budget_s, config),), ENGINE_MODULES + SERVE_MODULES, body="serve")
@@ -758,8 +763,9 @@ def model_dir(preset: str, scratch: str, **overrides) -> str:
 
 def quant_overrides(cfg: dict) -> dict:
     """config.json fields that quantize a section's model (``--quant``: random weights laid out as ``jaxdyn
-    convert --quant`` lays them out)."""
-    return {"jaxdyn_quantization": cfg["quant"]} if cfg.get("quant") else {}
+    convert --quant`` lays them out; ``--quantize-lm-head``: the fp8 model's lm_head too)."""
+    return ({"jaxdyn_quantization": cfg["quant"]} if cfg.get("quant") else {}) | (
+        {"jaxdyn_quantize_lm_head": True} if cfg.get("quantize_lm_head") else {})
 
 
 def _engine_config(engine: dict):
@@ -888,7 +894,8 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                                        None if llm.tokenizer is not None else engine.model_config.vocab_size)
         samples = datasets.load_samples(args, source)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.items() if k != "dataset")
-        quant = f" --quantization {cfg['quant']}" if cfg.get("quant") else ""
+        quant = (f" --quantization {cfg['quant']}" if cfg.get("quant") else "") + (
+            " --quantize-lm-head" if cfg.get("quantize_lm_head") else "")
         rec.command(f"jaxdyn bench offline --model {cfg['model']} --load-format dummy{quant} --dataset "
                     f"{ds['dataset']} {flags}{' --no-split-steps' if whole else ''} (engine as above)")
         # each run starts from an empty prefix cache (a rerun of the same prompts would hit the first run's), and
@@ -1363,12 +1370,16 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the engine sections' model quantized (random weights laid out as jaxdyn convert --quant "
                     "lays them out)")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help="with --quant fp8: the engine sections' lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                     help="the engine sections' KV cache dtype (jaxdyn serve --kv-cache-dtype; default auto)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
     args = ap.parse_args(argv)
     if args.dry_run and args.quant:
         ap.error("--quant: the dry run's tiny model is not quantized")
+    if args.quantize_lm_head and args.quant != "fp8":
+        ap.error("--quantize-lm-head needs --quant fp8")
     if args.kv_cache_dtype != "auto" and (args.dry_run or plan_factory is None
                                           or "kv_cache_dtype" not in inspect.signature(plan_factory).parameters):
         ap.error(f"--kv-cache-dtype: {entry}'s plan has no KV cache dtype to set")
@@ -1378,7 +1389,7 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
         extra = {k: v for k, v in (("model", args.model), ("offline_prompts", args.offline_prompts),
                                    ("full_grid", args.full_grid),
                                    ("datasets", args.datasets and args.datasets.split(",")),
-                                   ("quant", args.quant),
+                                   ("quant", args.quant), ("quantize_lm_head", args.quantize_lm_head),
                                    ("kv_cache_dtype", args.kv_cache_dtype if args.kv_cache_dtype != "auto" else None))
                  if v}
         plan = plan_factory(quick=args.quick, **extra)

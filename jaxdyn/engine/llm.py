@@ -14,14 +14,17 @@ from jaxdyn.engine.sampling_params import SamplingParams
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
                  config: EngineConfig = EngineConfig(), warmup: bool = True,
-                 progress: bool = False, quantization: str | None = None) -> EngineCore:
+                 progress: bool = False, quantization: str | None = None,
+                 quantize_lm_head: bool = False) -> EngineCore:
     """An engine for ``model`` (a checkpoint directory, or a preset name with load_format="dummy").
-    ``quantization`` ("fp8", "int8"): a Hugging Face checkpoint quantized as it loads (``plan_model``)."""
+    ``quantization`` ("fp8", "int8"): a Hugging Face checkpoint quantized as it loads; ``quantize_lm_head``: an fp8
+    model's lm_head too (``plan_model``)."""
     # jaxdyn reaches into checkpoints/ here only, lazily: loading lives there
     # (it imports jaxdyn), and this keeps `from jaxdyn import LLM` whole.
     from checkpoints.loader import load_weights, plan_model
 
-    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, quantization=quantization)
+    plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, quantization=quantization,
+                      quantize_lm_head=quantize_lm_head)
     # built on the weights' shapes: with warmup, the steps compile while the weights load
     engine = EngineCore(plan.graphdef, plan.abstract, plan.mesh, plan.config, plan.tokenizer, config)
     loaded = engine.load_weights(lambda: load_weights(plan), compile_steps=warmup, progress=progress)
@@ -37,7 +40,7 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
                         decode_tp: int | None = None, dtype=None, load_format: str = "auto",
                         prefill_config: EngineConfig | None = None, config: EngineConfig = EngineConfig(),
                         policy=None, warmup: bool = True, progress: bool = False,
-                        quantization: str | None = None):
+                        quantization: str | None = None, quantize_lm_head: bool = False):
     """A ``DisaggEngine``: the model on a prefill mesh and a decode mesh of disjoint devices.
 
     ``*_devices``: device indices (into ``jax.devices()``); ``*_tp``: tensor-parallel degree of
@@ -68,7 +71,7 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     total_bytes = 0
     for (mesh, tp), cfg in zip(pick, (prefill_config or config, config)):
         plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, mesh=mesh,
-                          quantization=quantization)
+                          quantization=quantization, quantize_lm_head=quantize_lm_head)
         core = EngineCore(plan.graphdef, plan.abstract, mesh, plan.config, plan.tokenizer, cfg)
         total_bytes += core.load_weights(lambda: load_weights(plan), compile_steps=warmup,
                                          progress=progress).num_bytes
@@ -81,9 +84,11 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
 
 class LLM:
     def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
-                 load_format: str = "auto", quantization: str | None = None, **engine_kwargs):
+                 load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = False,
+                 **engine_kwargs):
         self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
-                                             config=EngineConfig(**engine_kwargs), quantization=quantization)
+                                             config=EngineConfig(**engine_kwargs), quantization=quantization,
+                                             quantize_lm_head=quantize_lm_head)
         self._ids = itertools.count()
 
     @property

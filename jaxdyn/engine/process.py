@@ -179,14 +179,16 @@ class ProcessEngine(StreamingEngine):
 
     def __init__(self, model, *, tp: int = 1, dtype=None, load_format: str = "auto",
                  config: EngineConfig = EngineConfig(), progress: bool = False,
-                 max_queued_requests: int | None = None, started=None, quantization: str | None = None):
+                 max_queued_requests: int | None = None, started=None, quantization: str | None = None,
+                 quantize_lm_head: bool = False):
         """``started``: (process, pipe) of ``boot.start_engine_process``, already started with these arguments
         (``jaxdyn serve`` starts it before its own imports); None: started here."""
         super().__init__(max_queued_requests)
         self._closing = False
         if started is None:
             build = dict(model=model, tp=tp, dtype=dtype, load_format=load_format,
-                         config=dataclasses.asdict(config), progress=progress, quantization=quantization)
+                         config=dataclasses.asdict(config), progress=progress, quantization=quantization,
+                         quantize_lm_head=quantize_lm_head)
             started = start_engine_process(build)
         self._proc, self._conn = started
         try:

@@ -421,8 +421,7 @@ class ModelRunner:
         model = nnx.merge(graphdef, state)
         model_cfg = model.config
         # the logits' width (the output head's, or the tied embedding's rows)
-        self._logits_width = (model.embed_tokens.embedding.shape[0] if model.lm_head is None
-                              else model.lm_head.kernel.shape[1])
+        self._logits_width = model_cfg.vocab_size
         self.model_config = model_cfg
         self.kv_spec = KVCacheSpec(
             num_layers=model_cfg.num_layers,

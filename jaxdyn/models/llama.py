@@ -350,10 +350,13 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(cfg, i, mesh=mesh, dtype=dtype) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        if cfg.tie_word_embeddings:
+        # ``cfg.quantize_lm_head`` (fp8 models): an fp8 lm_head [vocab, hidden] with a scale a vocabulary row; with
+        # tied embeddings it is the embedding's quantized copy (the lookup keeps the float table)
+        if cfg.tie_word_embeddings and not cfg.quantize_lm_head:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
+                                  quant="fp8" if cfg.quantize_lm_head else None)
 
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
                  attention_in_place: bool = True, fp8_kernel_rows: int = 0,
@@ -377,9 +380,14 @@ class LlamaForCausalLM(nnx.Module):
         return new_cache, self.norm(x)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden: [N, hidden_size] -> f32[N, vocab_size]."""
+        """hidden: [N, hidden_size] -> f32[N, vocab_size]. An fp8 lm_head (``quantize_lm_head``): the rows
+        quantized as every w8a8 product's input (``quantize_fp8``), one fp8 x fp8 product in float32, scaled by the
+        rows' and the vocabulary rows' scales."""
         if self.lm_head is None:
             w = self.embed_tokens.embedding[...]
             return jnp.einsum("nd,vd->nv", hidden, w, preferred_element_type=jnp.float32)
+        if self.lm_head.weight is not None:
+            xq, sx = quantize_fp8(hidden)
+            return fp8_dot(xq, self.lm_head.weight[...], jnp.float32) * (sx * self.lm_head.scale[...])
         return jnp.einsum("nd,dv->nv", hidden, self.lm_head.kernel[...],
                           preferred_element_type=jnp.float32)

@@ -39,6 +39,7 @@ _RULES: dict[tuple[str, str], tuple] = {
     ("down_proj", "scale"): (None,),
     ("embed_tokens", "embedding"): _ROW,      # [vocab, hidden]: vocab split
     ("lm_head", "kernel"): _COLUMN,           # [hidden, vocab]: vocab split
+    ("lm_head", "weight"): _ROW, ("lm_head", "scale"): (MODEL_AXIS,),    # fp8 [vocab, hidden]: vocab split
 }
 
 

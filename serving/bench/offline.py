@@ -93,7 +93,8 @@ def run(args, model: str, engine_config) -> dict:
         raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
     try:
         engine = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
-                              config=engine_config, warmup=False, quantization=args.quantization)
+                              config=engine_config, warmup=False, quantization=args.quantization,
+                              quantize_lm_head=args.quantize_lm_head)
     except (CheckpointError, ValueError) as e:
         raise BenchError(str(e)) from None
     llm = LLM(engine=engine)
@@ -114,7 +115,8 @@ def run(args, model: str, engine_config) -> dict:
     per_request = summary.pop("per_request")
     cfg = {k: getattr(args, k) for k in ("dataset", "dataset_path", "num_prompts", "seed", "input_len",
                                          "output_len", "range_ratio", "ignore_eos", "temperature", "num_warmups",
-                                         "tp", "dtype", "load_format", "quantization")}
+                                         "tp", "dtype", "load_format", "quantization",
+                                         "quantize_lm_head")}
     cfg.update(seed=seed, model=model, engine={k: getattr(engine_config, k) for k in (
         "max_num_seqs", "max_num_batched_tokens", "page_size", "enable_prefix_caching", "kv_cache_dtype",
         "separate_sampler")},
