@@ -84,6 +84,19 @@ def fp8_product(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     return fp8_scaled_dot(xq, sx, w, scale, x.dtype)
 
 
+# the fp8 lm_head's product type (``fp8_logits``)
+FP8_LOGITS_PRODUCT = jnp.float32
+
+
+def fp8_logits(hidden: jax.Array, weight: jax.Array, scale: jax.Array, product_dtype=None) -> jax.Array:
+    """f32[N, vocab] logits of an fp8 lm_head (``weight`` [vocab, hidden] float8_e4m3fn, ``scale`` [vocab]): the
+    rows quantized as every w8a8 product's input (``quantize_fp8``), one fp8 x fp8 product in ``product_dtype``
+    (default ``FP8_LOGITS_PRODUCT``), made float32 and scaled by the rows' and the vocabulary rows' scales."""
+    xq, sx = quantize_fp8(hidden)
+    y = fp8_dot(xq, weight, product_dtype or FP8_LOGITS_PRODUCT)
+    return y.astype(jnp.float32) * (sx * scale)
+
+
 class Linear(nnx.Module):
     """``x @ kernel (+ bias)``, the kernel ``[in, out]``. Quantized (``quant``), with a float32 scale per
     output channel:
@@ -387,7 +400,6 @@ class LlamaForCausalLM(nnx.Module):
             w = self.embed_tokens.embedding[...]
             return jnp.einsum("nd,vd->nv", hidden, w, preferred_element_type=jnp.float32)
         if self.lm_head.weight is not None:
-            xq, sx = quantize_fp8(hidden)
-            return fp8_dot(xq, self.lm_head.weight[...], jnp.float32) * (sx * self.lm_head.scale[...])
+            return fp8_logits(hidden, self.lm_head.weight[...], self.lm_head.scale[...])
         return jnp.einsum("nd,dv->nv", hidden, self.lm_head.kernel[...],
                           preferred_element_type=jnp.float32)
