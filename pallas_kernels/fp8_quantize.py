@@ -35,6 +35,12 @@ from pallas_kernels.paged_decode import on_gpu
 
 FP8_MAX = 448.0                 # the largest finite float8_e4m3fn
 ONE_PASS_MAX_STEPS = 16         # column blocks a row loaded at once (16 x 2,048: rows up to 32,768 wide)
+# Warps a program (one row) by default: 16 for the MLP's input (``gate`` given: two rows of the intermediate width,
+# 2 x 14,336 values in the 8B shape), 8 otherwise. On an H200, from the raw products at 2,048 / 768 rows, 16 warps
+# took 0.85x / 0.93x the time of 8 (``benchmarks/gpu/fp8_matmul_probe.py --quantize-only``, twentieth session;
+# 0.87x / 0.93x in the fourteenth), and the engine's 512-2,048-token steps (which take the kernel) cost 1-5 % less
+# in 7 of 8 warm-up measurements; the attention's output (4,096 wide) was fastest at 8.
+MLP_WARPS, ROW_WARPS = 16, 8
 
 
 def _scaled(raw, row_scale, col_scale):
@@ -125,12 +131,15 @@ def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scal
 
 
 def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, block_rows: int = 1,
-                             block_cols: int | None = None, num_warps: int = 8, num_stages: int = 1,
+                             block_cols: int | None = None, num_warps: int | None = None, num_stages: int = 1,
                              one_pass: bool | None = None, scales: tuple | None = None,
                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel: ``block_rows`` rows a program, their columns in blocks of ``block_cols`` (by default the
     largest power of two up to 2,048 that divides the width), all loaded at once when ``one_pass`` (by default
-    when the blocks are at most ``ONE_PASS_MAX_STEPS``), else in two loops."""
+    when the blocks are at most ``ONE_PASS_MAX_STEPS``), else in two loops; ``num_warps`` a program (by default
+    ``MLP_WARPS`` with ``gate``, else ``ROW_WARPS``)."""
+    if num_warps is None:
+        num_warps = MLP_WARPS if gate is not None else ROW_WARPS
     t, f = x.shape
     if gate is not None and gate.shape != x.shape:
         raise ValueError(f"gate {gate.shape} and up {x.shape} differ")

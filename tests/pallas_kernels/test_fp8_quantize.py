@@ -121,3 +121,18 @@ def test_the_kernel_lowers_to_triton_for_a_gpu(rows, inputs):
     kw = {"x": {}, "gate": {"gate": x}, "raw products": {"gate": x, "scales": scales}}[inputs]
     f = jax.jit(lambda x, gate=None, scales=None: quantize_rows_fp8(x, gate, scales=scales, impl="kernel"))
     assert "__gpu$xla.gpu.triton" in f.trace(x, **kw).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_the_mlp_input_takes_sixteen_warps_and_the_attention_output_eight():
+    """``MLP_WARPS`` / ``ROW_WARPS``: the warps a program the entry point asks Triton for (in the lowered call)."""
+    import re
+    from pallas_kernels.fp8_quantize import MLP_WARPS, ROW_WARPS
+    sds = jax.ShapeDtypeStruct
+    x = sds((64, 4096), jnp.bfloat16)
+
+    def warps(**kw):
+        f = jax.jit(lambda x, gate=None: quantize_rows_fp8(x, gate, impl="kernel"))
+        return [int(w) for w in re.findall(r"num_warps = (\d+) : i32", f.trace(x, **kw).lower(
+            lowering_platforms=("cuda",)).as_text())]
+    assert (MLP_WARPS, ROW_WARPS) == (16, 8)
+    assert warps(gate=x) == [MLP_WARPS] and warps() == [ROW_WARPS]
