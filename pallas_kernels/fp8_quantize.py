@@ -38,8 +38,8 @@ ONE_PASS_MAX_STEPS = 16         # column blocks a row loaded at once (16 x 2,048
 # Warps a program (one row) by default: 16 for the MLP's input (``gate`` given: two rows of the intermediate width,
 # 2 x 14,336 values in the 8B shape), 8 otherwise. On an H200, from the raw products at 2,048 / 768 rows, 16 warps
 # took 0.85x / 0.93x the time of 8 (``benchmarks/gpu/fp8_matmul_probe.py --quantize-only``, twentieth session;
-# 0.87x / 0.93x in the fourteenth), and the engine's 512-2,048-token steps (which take the kernel) cost 1-5 % less
-# in 7 of 8 warm-up measurements; the attention's output (4,096 wide) was fastest at 8.
+# 0.87x / 0.93x in the fourteenth), and the engine's 512-2,048-token steps (which take the kernel) cost 0.6-4.6 %
+# less in 7 of 8 warm-up measurements; the attention's output (4,096 wide) was fastest at 8.
 MLP_WARPS, ROW_WARPS = 16, 8
 
 
