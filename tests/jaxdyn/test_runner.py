@@ -691,17 +691,17 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
     assert runner.weights_loaded
 
 
-@pytest.mark.parametrize("quant,options", [
-    (None, {}),
-    ("fp8", dict(fp8_fused_quantize="all", fp8_fused_quantize_min_tokens=0, attention_programs=264,
-                 kv_cache_dtype="fp8")),
-    ("fp8", dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
+@pytest.mark.parametrize("quant,head,options", [
+    (None, False, {}),
+    ("fp8", True, dict(fp8_fused_quantize="all", fp8_fused_quantize_min_tokens=0, attention_programs=264,
+                       kv_cache_dtype="fp8")),
+    ("fp8", False, dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
 ])
-def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, options):
+def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, head, options):
     """Each bucket's step in every sampler variant, lowered for a GPU on the CPU with the Pallas kernels as a GPU
     runs them (``on_gpu`` patched true; Pallas' Triton lowering runs here, Triton's GPU passes do not): the
-    attention kernels, an fp8 model's quantization and few-row product kernels, fp8 pages, persistent programs.
-    A construct only the GPU path takes fails here rather than on the device."""
+    attention kernels, an fp8 model's quantization and few-row product kernels, fp8 pages, persistent programs,
+    an fp8 lm_head (``head``). A construct only the GPU path takes fails here rather than on the device."""
     import importlib
     import json
     import os
@@ -712,7 +712,7 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
                for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul")]
     path = make_hf_checkpoint("qwen3", str(tmp_path))
     with open(os.path.join(path, "config.json")) as f:
-        cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quant)
+        cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quant, quantize_lm_head=head)
     mesh = make_mesh(1)
     model = load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16, config=cfg)
     for module in modules:
@@ -729,3 +729,6 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
             fp8_kernel = (options.get("fp8_fused_quantize") == "all"
                           or t <= options.get("fp8_kernel_max_tokens", 0))
             assert text.count("__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
+            # the head: an fp8 [vocab, hidden] operand of the step (the float head's [hidden, vocab] otherwise)
+            fp8_head = f"tensor<{cfg.vocab_size}x{cfg.hidden_size}xf8E4M3FN>"
+            assert (fp8_head in text) == head, (t, variant)
