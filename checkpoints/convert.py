@@ -219,7 +219,6 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
                   "seconds": round(time.perf_counter() - t0, 3)}
         if quant == "fp8":
             marker["fp8_weights"] = FP8_WEIGHTS
-            marker["quantize_lm_head"] = quantize_lm_head
         with open(os.path.join(tmp, MARKER), "w") as f:       # written last: marks the directory complete
             json.dump(marker, f, indent=2)
         if os.path.exists(out_dir):

@@ -60,6 +60,11 @@ class ModelConfig:
     # fp8 models only: the output projection (lm_head, or the tied embedding's copy) in fp8 too
     quantize_lm_head: bool = False
 
+    def __post_init__(self):
+        if self.quantize_lm_head and self.quantization != "fp8":
+            raise ConfigError(f"quantize_lm_head: only an fp8 model's lm_head is quantized (quantization is "
+                              f"{self.quantization!r})")
+
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
@@ -175,10 +180,7 @@ def _quantize_lm_head(hf: dict[str, Any]) -> bool:
     q = hf.get("jaxdyn_quantize_lm_head", False)
     if not isinstance(q, bool):
         raise ConfigError(f"jaxdyn_quantize_lm_head {q!r}: expected true or false")
-    if q and hf.get("jaxdyn_quantization") != "fp8":
-        raise ConfigError("jaxdyn_quantize_lm_head: only an fp8 model's lm_head is quantized "
-                          f"(jaxdyn_quantization is {hf.get('jaxdyn_quantization')!r})")
-    return q
+    return q        # with jaxdyn_quantization fp8 only: ModelConfig checks it
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

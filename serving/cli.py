@@ -82,9 +82,10 @@ def _quantization_arg(p: argparse.ArgumentParser) -> None:
                    "jaxdyn convert --quant would): fp8 = fp8 weights and activations (w8a8), int8 = int8 weights "
                    "only; random weights (--load-format dummy) are made quantized")
     p.add_argument("--quantize-lm-head", action="store_true",
-                   help="with fp8 (--quantization fp8 or an fp8 checkpoint of float weights' conversion): the "
-                   "output projection (lm_head) in fp8 too, read and multiplied in half the bytes and time; off by "
-                   "default, as in vLLM and SGLang (the logits carry fp8's rounding)")
+                   help="with --quantization fp8 on a Hugging Face checkpoint or random weights: the output "
+                   "projection (lm_head) in fp8 too, half its bytes (a checkpoint converted with jaxdyn convert "
+                   "--quant fp8 --quantize-lm-head has it already); off by default, as in vLLM and SGLang (the "
+                   "logits carry fp8's rounding)")
 
 
 def _quantization(args) -> dict:

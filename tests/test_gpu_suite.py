@@ -259,3 +259,8 @@ def test_an_fp8_lm_head_reaches_the_engine_sections_model(tmp_path, capsys):
         with pytest.raises(SystemExit):
             suite.main(["--out", "/tmp/never", *argv], plan_factory=gpu.plan, entry="benchmarks.gpu.gpu")
         assert "--quantize-lm-head needs --quant fp8" in capsys.readouterr().err
+    from benchmarks.gpu import tpu          # a plan without the option refuses it by name, not with a TypeError
+    with pytest.raises(SystemExit):
+        suite.main(["--out", "/tmp/never", "--quant", "fp8", "--quantize-lm-head", "--list"], plan_factory=tpu.plan,
+                   entry="benchmarks.gpu.tpu")
+    assert "benchmarks.gpu.tpu's plan has no fp8 lm_head" in capsys.readouterr().err

@@ -38,3 +38,10 @@ def test_part_options_need_a_known_kind():
     assert ph._kind_options('sample={"a": 1}') == ("sample", {"a": 1})
     with pytest.raises(SystemExit, match="KIND=JSON"):
         ph._kind_options('model={"a": 1}')
+
+
+def test_an_fp8_lm_head_needs_an_fp8_model(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        ph.main(["--quantize-lm-head"])
+    assert "--quantize-lm-head needs --quant fp8" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     import jax.numpy as jnp
 
     from jaxdyn.models.llama import quantize_fp8
-    from pallas_kernels.fp8_quantize import quantize_rows_fp8_kernel
+    from pallas_kernels.fp8_quantize import MLP_WARPS, ROW_WARPS, quantize_rows_fp8_kernel
 
     def xla(u, g, scales=None):
         if scales is not None:      # the products' epilogues first, as fp8_scaled_dot makes them
@@ -80,8 +80,10 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     configs = [(br, nw, True, None) for br in (1, 2) for nw in (4, 8)]
     configs += [(1, 16, True, None), (2, 4, False, None)]
     if args.quantize_configs:
-        configs = [(1, 8, True, None)] + [(int(a), int(b), True, None) for a, b in (
-            c.split("/") for c in args.quantize_configs.split(",")) if (int(a), int(b)) != (1, 8)]
+        configs = [(int(a), int(b), True, None) for a, b in (c.split("/") for c in args.quantize_configs.split(","))]
+    for defaults in ((1, ROW_WARPS, True, None), (1, MLP_WARPS, True, None)):     # the entry point's, always
+        if defaults not in configs:
+            configs.insert(0, defaults)
     inputs = args.quantize_inputs.split(",")
 
     def name(c):
@@ -120,10 +122,10 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
                     print(f"  {label} t={t} {name(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     tks[c] = float("inf")
             best = min(tks, key=tks.get)
-            default = tks[(1, 8, True, None)]
+            default = (1, MLP_WARPS if silu else ROW_WARPS, True, None)     # quantize_rows_fp8's
             two = tks.get((2, 4, False, None))
             print(f"| {label} [{t}, {width}] | {t} | {floor * 1e3:.3f} | {tx * 1e3:.3f} | {tks[best] * 1e3:.3f} "
-                  f"({name(best)}; default 1/8/1p/auto {default * 1e3:.3f}) | "
+                  f"({name(best)}; default {name(default)} {tks[default] * 1e3:.3f}) | "
                   f"{'-' if two is None else f'{two * 1e3:.3f}'} | {tks[best] / tx:.3f} | {tks[best] / floor:.2f} | "
                   + ", ".join(f"{name(c)} {v * 1e3:.3f}" for c, v in tks.items()) + " |", flush=True)
 
@@ -144,8 +146,8 @@ def main(argv=None) -> int:
                     help="the quantization table's inputs, comma-separated: silu (silu(gate) * up), raw (from the "
                     "raw products, as the engine's MLP gives them), attn (the attention's output)")
     ap.add_argument("--quantize-configs", default=None, metavar="ROWS/WARPS,...",
-                    help="only these one-pass kernel configurations (rows a program / warps; 1/8, the default, "
-                    "always runs) instead of the sweep's six")
+                    help="only these one-pass kernel configurations (rows a program / warps) beside the entry "
+                    "point's defaults (1/8, and 1/16 for the MLP's input), instead of the sweep's six")
     ap.add_argument("--impl", default="kernel", choices=("kernel", "interpret"),
                     help="interpret: the kernel through Pallas interpret mode (a CPU check of this script)")
     args = ap.parse_args(argv)

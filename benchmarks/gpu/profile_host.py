@@ -39,15 +39,19 @@ def main(argv=None) -> int:
     from jaxdyn.config import QUANTIZATIONS        # no JAX
     ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
                     help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help="with --quant fp8: the lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
     ap.add_argument("--call-times", action="store_true", help="time each compiled call by part and bucket")
     ap.add_argument("--part-options", action="append", default=[], metavar="KIND=JSON",
                     help="more XLA compiler options for the parts of one kind (step, forward, sample)")
     args = ap.parse_args(argv)
+    if args.quantize_lm_head and args.quant != "fp8":
+        ap.error("--quantize-lm-head needs --quant fp8")
 
     import json
 
     from benchmarks.gpu.gpu import ENGINE, offline_datasets
-    from benchmarks.gpu.suite import _dataset_args, _engine_config, model_dir
+    from benchmarks.gpu.suite import _dataset_args, _engine_config, model_dir, quant_overrides
     from jaxdyn import LLM
     from jaxdyn.engine.llm import build_engine
     from serving.bench import datasets, offline
@@ -55,8 +59,7 @@ def main(argv=None) -> int:
     if args.part_options:
         _patch_part_options(dict(_kind_options(o) for o in args.part_options))
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
-    path = model_dir(args.model, tempfile.mkdtemp(),
-                     **({"jaxdyn_quantization": args.quant} if args.quant else {}))
+    path = model_dir(args.model, tempfile.mkdtemp(), **quant_overrides(vars(args)))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", dtype=args.dtype, config=_engine_config(engine_cfg))
     print(f"engine {engine_cfg}: loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     from benchmarks.gpu.gpu import ENGINE, offline_datasets
     from benchmarks.gpu.profile_step import host_events, kernel_events
-    from benchmarks.gpu.suite import _dataset_args, _engine_config, layers_matmul_params, model_dir
+    from benchmarks.gpu.suite import _dataset_args, _engine_config, layers_matmul_params, model_dir, quant_overrides
     from benchmarks.kernels import measure_bandwidth, measure_matmul
     from jaxdyn import LLM
     from jaxdyn.engine.llm import build_engine
@@ -186,9 +186,7 @@ def main(argv=None) -> int:
         if missing := [b for b in hlo_buckets if b not in engine_cfg["token_buckets"]]:
             ap.error(f"--hlo: {missing} not among the token buckets {engine_cfg['token_buckets']}")
     scratch = args.out if args.out and args.keep_traces else tempfile.mkdtemp()
-    path = model_dir(args.model, tempfile.mkdtemp(),
-                     **({"jaxdyn_quantization": args.quant} if args.quant else {}),
-                     **({"jaxdyn_quantize_lm_head": True} if args.quantize_lm_head else {}))
+    path = model_dir(args.model, tempfile.mkdtemp(), **quant_overrides(vars(args)))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
     load_s = time.perf_counter() - t0

@@ -1380,6 +1380,9 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
         ap.error("--quant: the dry run's tiny model is not quantized")
     if args.quantize_lm_head and args.quant != "fp8":
         ap.error("--quantize-lm-head needs --quant fp8")
+    if args.quantize_lm_head and (plan_factory is None
+                                  or "quantize_lm_head" not in inspect.signature(plan_factory).parameters):
+        ap.error(f"--quantize-lm-head: {entry}'s plan has no fp8 lm_head to set")
     if args.kv_cache_dtype != "auto" and (args.dry_run or plan_factory is None
                                           or "kv_cache_dtype" not in inspect.signature(plan_factory).parameters):
         ap.error(f"--kv-cache-dtype: {entry}'s plan has no KV cache dtype to set")

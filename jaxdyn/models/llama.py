@@ -72,10 +72,12 @@ def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return jax.lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
 
 
-def fp8_scaled_dot(xq: jax.Array, sx: jax.Array, w: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+def fp8_scaled_dot(xq: jax.Array, sx: jax.Array, w: jax.Array, scale: jax.Array, dtype, out_dtype=None
+                   ) -> jax.Array:
     """``xq [..., K]`` float8_e4m3fn with its rows' scales ``sx [..., 1]`` times ``w [N, K]`` float8_e4m3fn:
-    ``fp8_dot`` scaled by the rows' and the channels' (``scale [N]``) scales."""
-    return (fp8_dot(xq, w, dtype).astype(jnp.float32) * (sx * scale)).astype(dtype)
+    ``fp8_dot`` in ``dtype`` scaled in float32 by the rows' and the channels' (``scale [N]``) scales, in
+    ``out_dtype`` (default ``dtype``)."""
+    return (fp8_dot(xq, w, dtype).astype(jnp.float32) * (sx * scale)).astype(out_dtype or dtype)
 
 
 def fp8_product(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -95,8 +97,7 @@ def fp8_logits(hidden: jax.Array, weight: jax.Array, scale: jax.Array, product_d
     rows quantized as every w8a8 product's input (``quantize_fp8``), one fp8 x fp8 product in ``product_dtype``
     (default ``FP8_LOGITS_PRODUCT``), made float32 and scaled by the rows' and the vocabulary rows' scales."""
     xq, sx = quantize_fp8(hidden)
-    y = fp8_dot(xq, weight, product_dtype or FP8_LOGITS_PRODUCT)
-    return y.astype(jnp.float32) * (sx * scale)
+    return fp8_scaled_dot(xq, sx, weight, scale, product_dtype or FP8_LOGITS_PRODUCT, jnp.float32)
 
 
 class Linear(nnx.Module):
@@ -395,9 +396,8 @@ class LlamaForCausalLM(nnx.Module):
         return new_cache, self.norm(x)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden: [N, hidden_size] -> f32[N, vocab_size]. An fp8 lm_head (``quantize_lm_head``): the rows
-        quantized as every w8a8 product's input (``quantize_fp8``), one fp8 x fp8 product in float32, scaled by the
-        rows' and the vocabulary rows' scales."""
+        """hidden: [N, hidden_size] -> f32[N, vocab_size]. An fp8 lm_head (``quantize_lm_head``): ``fp8_logits``,
+        the rows quantized as every w8a8 product's input, one fp8 x fp8 product, scaled in float32."""
         if self.lm_head is None:
             w = self.embed_tokens.embedding[...]
             return jnp.einsum("nd,vd->nv", hidden, w, preferred_element_type=jnp.float32)

@@ -44,7 +44,6 @@ def test_converted_and_loaded_heads_agree_and_run_near_the_float_head(hf, tmp_pa
                  "--quantize-lm-head", "--quiet"]) == 0
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["jaxdyn_quantization"] == "fp8" and cfg["jaxdyn_quantize_lm_head"] is True
-    assert json.load(open(os.path.join(out, "jaxdyn_checkpoint.json")))["quantize_lm_head"] is True
     a = load_converted(out, mesh)
     _, b, _ = load_model(hf, dtype="float32", mesh=mesh, quantization="fp8", quantize_lm_head=True)
     plain_head = str(tmp_path / "fp8")
@@ -129,8 +128,11 @@ def test_bad_combinations_are_refused_by_name(hf, tmp_path, capsys):
     assert "--quantize-lm-head needs --quant fp8 (not int8)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
     base = json.load(open(os.path.join(hf, "config.json")))
-    with pytest.raises(ConfigError, match="jaxdyn_quantize_lm_head: only an fp8 model's"):
+    with pytest.raises(ConfigError, match="quantize_lm_head: only an fp8 model's"):
         ModelConfig.from_dict({**base, "jaxdyn_quantize_lm_head": True})
+    import dataclasses
+    with pytest.raises(ConfigError, match="quantization is 'int8'"):      # the Python API checks it too
+        dataclasses.replace(ModelConfig.from_dict(base), quantization="int8", quantize_lm_head=True)
     with pytest.raises(ConfigError, match="expected true or false"):
         ModelConfig.from_dict({**base, "jaxdyn_quantization": "fp8", "jaxdyn_quantize_lm_head": "yes"})
     assert main(["serve", "--workers", "127.0.0.1:1", "--quantize-lm-head", "--model", hf]) == 2
