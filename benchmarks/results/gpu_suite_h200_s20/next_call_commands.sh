@@ -1,0 +1,20 @@
+# For the next session's first device call (written at the end of the twentieth session, not yet run): why the
+# decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's stall reasons at 88 x 640 and at
+# 768 x 304 for contrast, the table's one-warp blocks), where the MLP input's quantization kernel spends its time
+# (2,048 rows, 16 warps), then three rounds of fp8 KV with and without the fp8 lm_head (the 16-warp quantization in
+# the engine; the spread between runs was up to 11 % this session). Copy $OUT's files into the session's folder.
+pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
+export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1); echo "ncu: $NCU"
+SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters"
+for pt in "88 640" "768 304"; do set -- $pt
+  timeout 100 $NCU --clock-control none --kernel-name regex:paged_decode --launch-skip 2 --launch-count 1 $SECTIONS \
+    python -m benchmarks.gpu.ncu_decode --batch $1 --context $2 --kv-dtype fp8 > $OUT/ncu_decode_fp8_$1x$2.txt 2>&1
+  echo "== fp8 $1 x $2 rc=$?"; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible|Stall" $OUT/ncu_decode_fp8_$1x$2.txt | head -24
+done
+timeout 120 $NCU --clock-control none --kernel-name regex:quantize_rows --launch-skip 40 --launch-count 1 $SECTIONS \
+  python -m benchmarks.gpu.fp8_matmul_probe --quantize-only --quantize-rows 2048 --quantize-inputs raw --reps 1 > $OUT/ncu_quantize_2048.txt 2>&1
+echo "== quantize rc=$?"; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Local Memory|Stall" $OUT/ncu_quantize_2048.txt | head -20
+unset XLA_PYTHON_CLIENT_PREALLOCATE
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 JAX_COMPILATION_CACHE_DIR=/tmp/jc
+timeout 330 python -m benchmarks.gpu.ab_offline --rounds 3 --timeout-s 170 --configs '[{"quant": "fp8", "kv_cache_dtype": "fp8"}, {"quant": "fp8", "kv_cache_dtype": "fp8", "quantize_lm_head": true}]' 2>&1 | grep -v "^W" | tee $OUT/ab_head.txt | tail -10
