@@ -82,8 +82,8 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     if args.quantize_configs:
         configs = [(int(a), int(b), True, None) for a, b in (c.split("/") for c in args.quantize_configs.split(","))]
     for defaults in ((1, ROW_WARPS, True, None), (1, MLP_WARPS, True, None)):     # the entry point's, always
-        if defaults not in configs:
-            configs.insert(0, defaults)
+        if defaults not in configs:                                                # (after the ones asked for)
+            configs.append(defaults)
     inputs = args.quantize_inputs.split(",")
 
     def name(c):
