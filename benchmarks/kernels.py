@@ -422,12 +422,49 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
                                               sm_scale=128 ** -0.5, attention_programs=programs,
                                               impl="interpret" if INTERPRET else "kernel")
             t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
+            decode_half, prefill_half = entry_halves(cu, programs)
+            t_decode = decode_time_per_call(decode_half, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
+            t_prefill = decode_time_per_call(prefill_half, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
             rows.append(dict(live=live, slots=slots, context=label, attention_programs=programs,
                              entry_us=t_entry * 1e6, kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
-                             entry_gbs=kv_bytes / t_entry / 1e9))
-            print(f"entry {live}/{slots} c={label} programs {programs}: {t_entry * 1e6:.1f} us vs kernel "
-                  f"{t_kernel * 1e6:.1f} us", flush=True)
+                             entry_gbs=kv_bytes / t_entry / 1e9, decode_half_us=t_decode * 1e6,
+                             prefill_half_us=t_prefill * 1e6))
+            print(f"entry {live}/{slots} c={label} programs {programs}: {t_entry * 1e6:.1f} us (its decode kernel "
+                  f"{t_decode * 1e6:.1f}, its prefill kernel {t_prefill * 1e6:.1f}) vs kernel {t_kernel * 1e6:.1f} us",
+                  flush=True)
     return rows
+
+
+def entry_halves(cu_q_lens, attention_programs: int = 0):
+    """The two kernels ``ragged_paged_attention`` runs for a decode-only step (every live sequence one query
+    token), each alone as the entry point calls it: (decode half, prefill half), each ``fn(q, k_pages, v_pages,
+    lens, table)``. The decode half is the decode kernel over every slot (stored in place into zeros when the
+    call has one context split, else the splits' partial results and their combination); the prefill half is
+    the prefill kernel, which finds no sequence of more than one query token and does nothing but start its
+    programs: what a decode-only step pays for the ragged entry point."""
+    import dataclasses
+    impl = dict(interpret=INTERPRET)
+
+    def decode_half(q, k_pages, v_pages, lens, table):
+        num_kv_heads, _, page_size, head_dim = k_pages.shape
+        blocks = paged_decode.decode_block_sizes(head_dim, page_size, k_pages.dtype, lens.shape[0])
+        splits = paged_decode.grid_splits(lens.shape[0], num_kv_heads, table.shape[1], blocks)
+        rows = jnp.arange(lens.shape[0], dtype=jnp.int32)
+        if splits == 1:
+            return paged_decode.paged_decode_attention_kernel(
+                q, k_pages, v_pages, lens, table, q_rows=rows, out=jnp.zeros_like(q), sm_scale=head_dim ** -0.5,
+                blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **impl)
+        return paged_decode.paged_decode_attention_kernel(q, k_pages, v_pages, lens, table, q_rows=rows,
+                                                          sm_scale=head_dim ** -0.5, **impl)
+
+    def prefill_half(q, k_pages, v_pages, lens, table):
+        _, _, page_size, head_dim = k_pages.shape
+        blocks = dataclasses.replace(ragged_prefill.prefill_block_sizes(head_dim, page_size),
+                                     persistent_programs=attention_programs)
+        return ragged_prefill.ragged_prefill_attention_kernel(
+            q, k_pages, v_pages, lens, table, cu_q_lens, sm_scale=head_dim ** -0.5, min_q_len=1,
+            out=jnp.zeros_like(q), blocks=blocks, **impl)
+    return decode_half, prefill_half
 
 
 # ----------------------------------------------------------------------------- report
@@ -646,10 +683,13 @@ def entry_section(rng, blocks, points, programs, emit) -> None:
     emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
          "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
          "kernel alone runs on the live sequences only; `programs`: the entry's attention programs (0: a program an "
-         "item; N: N programs looping over the items).", "",
+         "item; N: N programs looping over the items); `its decode kernel`, `its prefill kernel`: the entry's two "
+         "kernels each alone as it calls them (the prefill kernel finds no prompt rows in a decode-only step).", "",
          _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
                            ("attention_programs", "programs", "d"),
                            ("entry_us", "entry µs", ".1f"), ("entry_gbs", "entry KV GB/s", ".0f"),
+                           ("decode_half_us", "its decode kernel µs", ".1f"),
+                           ("prefill_half_us", "its prefill kernel µs", ".1f"),
                            ("kernel_us", "decode kernel µs", ".1f"), ("ratio", "ratio", ".2f")]))
 
 
