@@ -1,8 +1,9 @@
-# For the next session's first device call (written at the end of the twentieth session, not yet run): why the
-# decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's stall reasons at 88 x 640 and at
-# 768 x 304 for contrast, the table's one-warp blocks), where the MLP input's quantization kernel spends its time
-# (2,048 rows, 16 warps), the fp8 blocks gathering by page, then three rounds of fp8 KV with and without the fp8 lm_head (the 16-warp quantization in
-# the engine; the spread between runs was up to 11 % this session). Copy $OUT's files into the session's folder.
+# For the next session's first device call (written at the end of the twentieth session, not yet run; about 450 s):
+# why the decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's stall reasons at 88 x 640
+# and at 768 x 304 for contrast, the table's one-warp blocks); where the MLP input's quantization kernel spends its
+# time (2,048 rows, 16 warps); the fp8 blocks gathering by page and with more pages or warps at the small points; the
+# entry point's two kernels apart at the run's shapes (what a decode-only step pays for its prefill kernel).
+# Copy $OUT's files into the session's folder. The second call: next_call2_commands.sh.
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1); echo "ncu: $NCU"
@@ -20,5 +21,7 @@ unset XLA_PYTHON_CLIENT_PREALLOCATE
 # the one-warp fp8 blocks gathering by page (2 page ids an iteration) against by row (32), never swept for fp8 pages
 timeout 70 python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants 2:1:6:264:rows,2:1:6:264:pages,4:1:6:264:pages --sweep-points 32x800,88x640,768x304 --out $OUT/kernels_fp8_gather.md 2>&1 | grep -v "^W" | tail -1
 grep "^|" $OUT/kernels_fp8_gather.md
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 JAX_COMPILATION_CACHE_DIR=/tmp/jc
-timeout 330 python -m benchmarks.gpu.ab_offline --rounds 3 --timeout-s 170 --configs '[{"quant": "fp8", "kv_cache_dtype": "fp8"}, {"quant": "fp8", "kv_cache_dtype": "fp8", "quantize_lm_head": true}]' 2>&1 | grep -v "^W" | tee $OUT/ab_head.txt | tail -10
+timeout 70 python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants 2:1:6:264:rows,4:1:4:264:rows,8:1:3:264:rows,4:2:4:264:rows,8:2:3:264:rows --sweep-points 32x800,64x800,88x640,128x640 --out $OUT/kernels_fp8_small.md 2>&1 | grep -v "^W" | tail -1
+grep "^|" $OUT/kernels_fp8_small.md
+timeout 90 python -m benchmarks.kernels --entry-only --kv-dtype fp8 --entry-points 726/768/304,200/256/500,88/128/640,30/64/800,3/16/1100 --out $OUT/entry_halves_fp8.md 2>&1 | grep -v "^W" | tail -1
+grep "^|" $OUT/entry_halves_fp8.md
