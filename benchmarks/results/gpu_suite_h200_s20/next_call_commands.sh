@@ -21,7 +21,15 @@ unset XLA_PYTHON_CLIENT_PREALLOCATE
 # the one-warp fp8 blocks gathering by page (2 page ids an iteration) against by row (32), never swept for fp8 pages
 timeout 70 python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants 2:1:6:264:rows,2:1:6:264:pages,4:1:6:264:pages --sweep-points 32x800,88x640,768x304 --out $OUT/kernels_fp8_gather.md 2>&1 | grep -v "^W" | tail -1
 grep "^|" $OUT/kernels_fp8_gather.md
-timeout 70 python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants 2:1:6:264:rows,4:1:4:264:rows,8:1:3:264:rows,4:2:4:264:rows,8:2:3:264:rows --sweep-points 32x800,64x800,88x640,128x640 --out $OUT/kernels_fp8_small.md 2>&1 | grep -v "^W" | tail -1
+# stages (latency per load level = (stages - 1) / 2 with the page-id level: 5 and 6 alike, 7 more), pages a block,
+# warps, at the small points (the loop's ~4 pipeline iterations of prologue weigh on 20-iteration loops)
+timeout 120 python -m benchmarks.kernels --decode-only --kv-dtype fp8 --sweep-variants 2:1:6:264:rows,2:1:5:264:rows,2:1:7:264:rows,2:1:3:264:rows,1:1:6:264:rows,4:1:4:264:rows,8:1:3:264:rows,4:2:4:264:rows --sweep-points 32x800,64x800,88x640,128x640 --out $OUT/kernels_fp8_small.md 2>&1 | grep -v "^W" | tail -1
 grep "^|" $OUT/kernels_fp8_small.md
 timeout 90 python -m benchmarks.kernels --entry-only --kv-dtype fp8 --entry-points 726/768/304,200/256/500,88/128/640,30/64/800,3/16/1100 --out $OUT/entry_halves_fp8.md 2>&1 | grep -v "^W" | tail -1
 grep "^|" $OUT/entry_halves_fp8.md
+# whether Triton pipelined the decode loop's gathers (XLA's Triton pass log: tt.latency before ScheduleLoops,
+# loop.stage before Pipeline, ttg.async_copy_global_to_local after it)
+XLA_FLAGS="--xla_dump_to=/tmp/tdump --xla_dump_hlo_pass_re=triton-fusion-emitter" timeout 60 python -m benchmarks.gpu.ncu_decode --batch 88 --context 640 --kv-dtype fp8 > /dev/null 2>&1
+ls /tmp/tdump | grep -i -E "triton|passes" | head; for f in $(ls /tmp/tdump/*triton-passes.log 2>/dev/null | head -3); do
+  echo "== $f"; grep -c "async_copy_global_to_local" $f; grep -o -E "tt.latency = [0-9]+|loop.stage = [0-9]+" $f | sort | uniq -c | head; done > $OUT/triton_pipelining.txt 2>&1
+cat $OUT/triton_pipelining.txt | head -30
