@@ -1,14 +1,15 @@
-# For the next session's first device call (written at the end of the twentieth session, not yet run; about 450 s):
-# why the decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's stall reasons at 88 x 640
-# and at 768 x 304 for contrast, the table's one-warp blocks); where the MLP input's quantization kernel spends its
-# time (2,048 rows, 16 warps); the fp8 blocks gathering by page and with more pages or warps at the small points; the
-# entry point's two kernels apart at the run's shapes (what a decode-only step pays for its prefill kernel).
+# For the next session's first device call (written at the end of the twentieth session, not yet run; at most
+# 560 s by its time limits): why the decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's
+# stall reasons at 88 x 640, the table's one-warp blocks; Triton's pass log: was its loop pipelined?); where the MLP
+# input's quantization kernel spends its time (2,048 rows, 16 warps); the fp8 blocks gathering by page, and with other
+# stages, pages or warps at the small points; the entry point's two kernels apart at the run's shapes (what a
+# decode-only step pays for its prefill kernel).
 # Copy $OUT's files into the session's folder. The second call: next_call2_commands.sh.
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1); echo "ncu: $NCU"
 SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters"
-for pt in "88 640" "768 304"; do set -- $pt
+for pt in "88 640"; do set -- $pt
   timeout 100 $NCU --clock-control none --kernel-name regex:paged_decode --launch-skip 2 --launch-count 1 $SECTIONS \
     python -m benchmarks.gpu.ncu_decode --batch $1 --context $2 --kv-dtype fp8 > $OUT/ncu_decode_fp8_$1x$2.txt 2>&1
   echo "== fp8 $1 x $2 rc=$?"; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible|Stall" $OUT/ncu_decode_fp8_$1x$2.txt | head -24
