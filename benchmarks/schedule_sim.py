@@ -91,9 +91,11 @@ def simulate(prompts, outputs, buckets, max_seqs: int, budget: int = 2048, min_f
     return total_ms / 1e3, steps, real / rows
 
 
-def _kv_ms(kv_tokens: int, kv_tb_s: float) -> float:
-    """ms to read ``kv_tokens`` tokens' KV (the 8B shape's) at ``kv_tb_s`` TB/s."""
-    return kv_tokens * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3
+def _kv_ms(kv_tokens: int, kv_tb_s: float, attn_fixed_ms: float = 0.0) -> float:
+    """ms to read ``kv_tokens`` tokens' KV (the 8B shape's) at ``kv_tb_s`` TB/s, plus ``attn_fixed_ms`` where there
+    is any (the decode attention's cost a step that does not shrink with its bytes: the kernels' starts and loops'
+    latency in every layer)."""
+    return kv_tokens * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12) * 1e3 + (attn_fixed_ms if kv_tokens else 0.0)
 
 
 def _costed_run(prompts, outputs, cost, largest: int, max_seqs: int) -> float:
@@ -109,9 +111,9 @@ def _costed_run(prompts, outputs, cost, largest: int, max_seqs: int) -> float:
 
 
 def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, floor_ms: float,
-                  max_seqs: int = 1024) -> list[tuple[str, float]]:
+                  max_seqs: int = 1024, attn_fixed_ms: float = 0.0) -> list[tuple[str, float]]:
     """(label, seconds) of whole steps, split steps and the bound, each step costed from ``costs``
-    (token bucket -> ms) plus its decode rows' KV read at ``kv_tb_s``."""
+    (token bucket -> ms) plus its decode rows' KV read at ``kv_tb_s`` (``_kv_ms``, with ``attn_fixed_ms``)."""
     import functools
     buckets = tuple(sorted(costs))
 
@@ -136,21 +138,23 @@ def measured_runs(prompts, outputs, costs: dict[int, float], kv_tb_s: float, flo
               ("split steps", split),
               ("no padding: every step its own tokens, its cost interpolated between the buckets'", unpadded),
               (f"bound: every step its tokens x {rate:.4f} ms, at least {floor_ms} ms", lambda t: max(floor_ms, rate * t)))
-    return [(label, _costed_run(prompts, outputs, lambda tokens, kv, cost=cost: cost(tokens) + _kv_ms(kv, kv_tb_s),
+    return [(label, _costed_run(prompts, outputs,
+                                lambda tokens, kv, cost=cost: cost(tokens) + _kv_ms(kv, kv_tb_s, attn_fixed_ms),
                                 buckets[-1], max_seqs))
             for label, cost in models]
 
 
-def bucket_breakdown(prompts, outputs, costs: dict[int, float], kv_tb_s: float, max_seqs: int = 1024
-                     ) -> dict[int, tuple[int, float, float]]:
+def bucket_breakdown(prompts, outputs, costs: dict[int, float], kv_tb_s: float, max_seqs: int = 1024,
+                     attn_fixed_ms: float = 0.0) -> dict[int, tuple[int, float, float]]:
     """Where a run of whole steps spends its time: bucket -> (steps, seconds of the bucket's cost, seconds of
-    its decode rows' KV read at ``kv_tb_s``), each step costed as ``measured_runs``' whole steps."""
+    its decode rows' attention: KV read at ``kv_tb_s`` and ``attn_fixed_ms``), each step costed as
+    ``measured_runs``' whole steps."""
     buckets = tuple(sorted(costs))
     out = {b: [0, 0.0, 0.0] for b in buckets}
 
     def cost(tokens: int, kv: int) -> float:
         b = next(x for x in buckets if x >= tokens)
-        kv_ms = _kv_ms(kv, kv_tb_s)
+        kv_ms = _kv_ms(kv, kv_tb_s, attn_fixed_ms)
         out[b][0] += 1
         out[b][1] += costs[b] / 1e3
         out[b][2] += kv_ms / 1e3
@@ -170,7 +174,12 @@ def main(argv=None) -> None:
                    help="admit only once this many slots are free (a policy the engine does not have; 1: as it does)")
     p.add_argument("--costs", default=None, metavar="T:MS,...",
                    help="measured ms a step of each token bucket (e.g. 16:5.21,128:6.08,512:13.12,2048:42.75)")
-    p.add_argument("--kv-tb-s", type=float, default=4.0, help="with --costs: TB/s the decode rows' KV is read at")
+    p.add_argument("--kv-tb-s", type=float, default=4.0,
+                   help="with --costs: TB/s the decode rows' KV is read at (bf16 pages' bytes: twice the rate for "
+                   "fp8 pages read at it)")
+    p.add_argument("--attn-fixed-ms", type=float, default=0.0,
+                   help="with --costs: ms each step with decode rows spends on attention beyond the KV's bytes (all "
+                   "layers: e.g. 32 x 25 µs, the fixed part of call 3's entry-point fit, twentieth session)")
     p.add_argument("--order", choices=("fcfs", "lof"), default="fcfs",
                    help="the admission order: fcfs (arrival) or lof (largest output first: the engine's "
                         "schedule_policy='lof' with max_tokens the outputs' lengths)")
@@ -193,14 +202,18 @@ def main(argv=None) -> None:
         except ValueError:
             p.error(f"--costs: expected TOKENS:MS pairs separated by commas, got {args.costs!r}")
         print(f"{args.dataset}{shape}, {args.num_prompts} requests ({int(prompts.sum())} prompt / {int(outputs.sum())} output "
-              f"tokens), measured step costs {costs} ms, KV read at {args.kv_tb_s} TB/s, 1,024 sequences:")
+              f"tokens), measured step costs {costs} ms, KV read at {args.kv_tb_s} TB/s"
+              + (f" and {args.attn_fixed_ms} ms of attention a step with decode rows" if args.attn_fixed_ms else "")
+              + ", 1,024 sequences:")
         print("| steps | seconds | output tok/s |\n|---|---:|---:|")
-        for label, s in measured_runs(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s, args.floor_ms):
+        for label, s in measured_runs(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s, args.floor_ms,
+                                      attn_fixed_ms=args.attn_fixed_ms):
             print(f"| {label} | {s:.1f} | {outputs.sum() / s:,.0f} |")
         if args.by_bucket:
-            parts = bucket_breakdown(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s)
+            parts = bucket_breakdown(prompts.tolist(), outputs.tolist(), costs, args.kv_tb_s,
+                                     attn_fixed_ms=args.attn_fixed_ms)
             total = sum(c + k for _, c, k in parts.values())
-            print("\nWhole steps, bucket by bucket (the bucket's measured cost, and its decode rows' KV read):\n")
+            print("\nWhole steps, bucket by bucket (the bucket's measured cost, and its decode rows' attention):\n")
             print("| token bucket | steps | cost s | KV read s | share of the run |\n|---:|---:|---:|---:|---:|")
             for b, (n, c, k) in parts.items():
                 print(f"| {b} | {n} | {c:.2f} | {k:.2f} | {(c + k) / total:.3f} |")
@@ -208,6 +221,7 @@ def main(argv=None) -> None:
                   f"{sum(k for _, _, k in parts.values()):.2f} | 1.000 |")
         print(f"reproduce: python -m benchmarks.schedule_sim --dataset {args.dataset} --replies {args.replies} "
               f"--num-prompts {args.num_prompts} --costs {args.costs} --kv-tb-s {args.kv_tb_s} --floor-ms {args.floor_ms}"
+              + (f" --attn-fixed-ms {args.attn_fixed_ms}" if args.attn_fixed_ms else "")
               + (" --by-bucket" if args.by_bucket else "") + (f" --order {args.order}" if args.order != "fcfs" else ""))
         return
     first = None

@@ -169,6 +169,12 @@ def test_unpadded_costs_interpolate_between_buckets():
     # 40 tokens lie halfway between the buckets 16 and 64: 1.5 + (5.0 - 1.5) / 2 ms
     assert unpadded * 1e3 == pytest.approx(3.25 + 1.5 + kv_ms, rel=1e-6)
     assert runs["whole steps"] * 1e3 == pytest.approx(5.0 + 1.5 + kv_ms, rel=1e-6)
+    # a fixed attention cost falls on the step with decode rows only (the decode step), not on the prompt's
+    fixed = dict(schedule_sim.measured_runs([40], [1], {16: 1.5, 64: 5.0}, kv_tb_s=4.0, floor_ms=1.0,
+                                            attn_fixed_ms=0.7))
+    assert fixed["whole steps"] * 1e3 == pytest.approx(5.0 + 1.5 + kv_ms + 0.7, rel=1e-6)
+    parts = schedule_sim.bucket_breakdown([40], [1], {16: 1.5, 64: 5.0}, kv_tb_s=4.0, attn_fixed_ms=0.7)
+    assert parts[16][2] * 1e3 == pytest.approx(kv_ms + 0.7, rel=1e-6) and parts[64][2] == 0
 
 
 def test_quant_reaches_the_engine_sections_model_and_the_report_says_so(tmp_path):
