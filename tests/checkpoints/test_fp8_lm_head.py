@@ -137,3 +137,24 @@ def test_bad_combinations_are_refused_by_name(hf, tmp_path, capsys):
         ModelConfig.from_dict({**base, "jaxdyn_quantization": "fp8", "jaxdyn_quantize_lm_head": "yes"})
     assert main(["serve", "--workers", "127.0.0.1:1", "--quantize-lm-head", "--model", hf]) == 2
     assert "--workers and --quantize-lm-head" in capsys.readouterr().err
+
+
+def test_prefill_and_decode_meshes_both_get_the_fp8_head():
+    """``build_disagg_engine(quantize_lm_head=True)``: both meshes' models have the fp8 head, and a prompt prefilled
+    on one and decoded on the other (its KV handed over) gives the greedy tokens of one engine."""
+    from jaxdyn import LLM, EngineConfig, SamplingParams
+    from jaxdyn.disagg.policy import DisaggPolicy
+    from jaxdyn.engine.llm import build_disagg_engine, build_engine
+    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64)
+    kw = dict(load_format="dummy", quantization="fp8", quantize_lm_head=True, config=cfg)
+    prompt, params = list(range(1, 21)), SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
+    eng = build_disagg_engine("tiny", prefill_devices=[0], decode_devices=[1],
+                              policy=DisaggPolicy(min_remote_tokens=8), **kw)
+    try:
+        assert eng.prefill.model_config.quantize_lm_head and eng.decode.model_config.quantize_lm_head
+        got = LLM(engine=eng).generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert eng.metrics.kv_transfers == 1
+    finally:
+        eng.shutdown()
+    want = LLM(engine=build_engine("tiny", **kw)).generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want and len(got) == 5
