@@ -38,8 +38,29 @@ def hlo_summary(text: str) -> str:
         f"; fusions {dict(fusions)}; transposes {transposes}, copies {copies}"
 
 
+def time_forms(forms: dict, x, params, reps: int, summaries: dict) -> list[float]:
+    """Median seconds of each of ``forms`` (name -> ``fn(x, params)``), in order, each compiled as the engine
+    compiles its steps (XLA's dot merger off); the HLO summary (``hlo_summary``) of each form's first compile goes
+    into ``summaries``."""
+    import jax
+
+    from benchmarks.gpu.gemm_probe import median_time
+    from jaxdyn.engine.runner import NO_DOT_MERGER
+    times = []
+    for name, f in forms.items():
+        fn = jax.jit(f).lower(x, params).compile(compiler_options=NO_DOT_MERGER)
+        summaries.setdefault(name, hlo_summary(fn.as_text()))
+        times.append(median_time(fn, x, params, reps))
+    return times
+
+
+def print_summaries(summaries: dict) -> None:
+    for name, s in summaries.items():
+        print(f"- {name}: {s}")
+
+
 def main(argv=None) -> int:
-    from benchmarks.gpu.gemm_probe import layer_dims, median_time, probe_args
+    from benchmarks.gpu.gemm_probe import layer_dims, probe_args
     args, rows = probe_args("python -m benchmarks.gpu.fp8_probe", "16,128,768,2048", argv)
 
     import jax
@@ -48,7 +69,6 @@ def main(argv=None) -> int:
 
     from benchmarks.gpu.suite import layers_matmul_params
     from benchmarks.kernels import measure_bandwidth, measure_matmul
-    from jaxdyn.engine.runner import NO_DOT_MERGER
 
     mc, d, f, nq, nkv, keys = layer_dims(args.model)
     f8 = jnp.float8_e4m3fn
@@ -108,19 +128,13 @@ def main(argv=None) -> int:
     summaries = {}
     for m in rows:
         x = (jax.random.normal(jax.random.key(m), (m, d), jnp.float32) * 0.5).astype(jnp.bfloat16)
-        times = []
-        for form in forms:
-            fn = jax.jit(forward(form)).lower(x, layers).compile(compiler_options=NO_DOT_MERGER)
-            if form not in summaries:
-                summaries[form] = hlo_summary(fn.as_text())
-            times.append(median_time(fn, x, layers, args.reps))
+        times = time_forms({form: forward(form) for form in forms}, x, layers, args.reps, summaries)
         floor = max(2 * params * 1.0 / bandwidth, 2.0 * params * m / matmul)
         print(f"| {m} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
               + " | ".join(f"{t / times[0]:.3f}" for t in times[1:])
               + f" | {times[0] / floor:.2f} | {2.0 * params * m / times[0] / 1e12:.0f} | "
               f"{2.0 * params * m / times[1] / 1e12:.0f} |", flush=True)
-    for form, s in summaries.items():
-        print(f"- {form}: {s}")
+    print_summaries(summaries)
     print(f"reproduce: python -m benchmarks.gpu.fp8_probe --model {args.model} --rows {args.rows}")
     return 0
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 
 def main(argv=None) -> int:
-    from benchmarks.gpu.gemm_probe import median_time, probe_args
+    from benchmarks.gpu.gemm_probe import probe_args
     args, rows = probe_args("python -m benchmarks.gpu.lm_head_probe", "16,64,256,768,1024", argv)
 
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.gpu.fp8_probe import hlo_summary
+    from benchmarks.gpu.fp8_probe import print_summaries, time_forms
     from benchmarks.kernels import measure_bandwidth, measure_matmul
     from jaxdyn.config import ModelConfig
-    from jaxdyn.engine.runner import NO_DOT_MERGER
     from jaxdyn.models.llama import fp8_logits
     from jaxdyn.models.presets import preset_config
 
@@ -54,16 +53,11 @@ def main(argv=None) -> int:
     summaries = {}
     for m in rows:
         x = (jax.random.normal(jax.random.key(m), (m, d), jnp.float32)).astype(jnp.bfloat16)
-        times = []
-        for name, f in forms.items():
-            fn = jax.jit(f).lower(x, head).compile(compiler_options=NO_DOT_MERGER)
-            summaries.setdefault(name, hlo_summary(fn.as_text()))
-            times.append(median_time(fn, x, head, args.reps))
+        times = time_forms(forms, x, head, args.reps, summaries)
         floor = max(2.0 * d * v / bandwidth, 2.0 * m * d * v / matmul)
         print(f"| {m} | " + " | ".join(f"{t * 1e3:.3f}" for t in times) + " | "
               + " | ".join(f"{t / times[0]:.3f}" for t in times[1:]) + f" | {times[0] / floor:.2f} |", flush=True)
-    for name, s in summaries.items():
-        print(f"- {name}: {s}")
+    print_summaries(summaries)
     print(f"reproduce: python -m benchmarks.gpu.lm_head_probe --model {args.model} --rows {args.rows}")
     return 0
 
