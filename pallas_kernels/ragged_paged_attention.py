@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.paged_decode import (decode_block_sizes, grid_splits, on_gpu,
                                          paged_decode_attention_kernel)
@@ -95,6 +96,7 @@ def ragged_paged_attention(
     impl: str = "auto",
     in_place: bool = True,
     attention_programs: int = 0,
+    skip_idle_prefill: bool = False,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -112,6 +114,8 @@ def ragged_paged_attention(
     (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``), and the prefill kernel that many
     over its kv heads, each looping over the step's real items (``PrefillBlockSizes.persistent_programs``):
     a bucket's empty sequence slots and padding items then cost no program each; 0: a program an item.
+    ``skip_idle_prefill``: the prefill kernel runs under a ``lax.cond`` on the device, only when some sequence has
+    more than one query token; a decode-only step then starts none of its programs (the same result).
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -132,21 +136,27 @@ def ragged_paged_attention(
     splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks)
     prefill_blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size),
                                          persistent_programs=attention_programs)
+    def prefill(out=None):
+        return ragged_prefill_attention_kernel(
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
+            sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out, blocks=prefill_blocks)
+
+    has_prefill = jnp.any(q_lens > 1)         # the prefill kernel's work (min_q_len=1)
     if in_place and splits == 1:
         # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
         out = paged_decode_attention_kernel(
             q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
             out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
             blocks=dataclasses.replace(blocks, persistent_programs=attention_programs))
-        return ragged_prefill_attention_kernel(
-            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
-            sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out, blocks=prefill_blocks)
+        if skip_idle_prefill:
+            return lax.cond(has_prefill, prefill, lambda out: out, out)
+        return prefill(out)
     decode_out = paged_decode_attention_kernel(                     # [S, H, D]
         q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
         sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
-    prefill_out = ragged_prefill_attention_kernel(                 # [T, H, D]
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
-        sliding_window=sliding_window, interpret=interpret, min_q_len=1, blocks=prefill_blocks)
+    # [T, H, D]; a decode-only step's rows all come from the decode kernel, so zeros stand in
+    prefill_out = (lax.cond(has_prefill, prefill, lambda: jnp.zeros_like(q)) if skip_idle_prefill
+                   else prefill())
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     # the sequence of each row: one fused comparison (searchsorted is a loop of kernels on GPU)
     seq = jnp.clip((cu_q_lens[None, 1:] <= rows[:, None]).sum(axis=1), 0, num_seqs - 1)

@@ -153,6 +153,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the GPU attention kernels as N programs that loop over their work items (a bucket's "
                    "empty sequence slots and padding items then cost no program each) instead of a program an item "
                    "(0, the default); on an H200 1.005x offline, within the runs' spread")
+    p.add_argument("--skip-idle-prefill", action="store_true",
+                   help="start the GPU prefill attention kernel only in steps with a prompt chunk (a condition "
+                   "on the device), not in every step; not yet measured on a GPU, off by default")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "
@@ -219,6 +222,7 @@ def _engine_fields(args) -> dict:
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 attention_programs=getattr(args, "attention_programs", 0),
+                skip_idle_prefill=getattr(args, "skip_idle_prefill", False),
                 **buckets)
 
 

@@ -237,7 +237,9 @@ def test_kv_cache_dtype_reaches_the_engine_sections_and_the_served_flags():
     flags, buckets = suite.serve_flags("/m", "x", by_name["serve"].steps[0].config["engine"], "bfloat16", 8123)
     assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).kv_cache_dtype == "fp8"
     flags, buckets = suite.serve_flags("/m", "x", gpu.ENGINE, "bfloat16", 8123)
-    assert "--kv-cache-dtype" not in flags
+    assert "--kv-cache-dtype" not in flags and "--skip-idle-prefill" not in flags
+    flags, buckets = suite.serve_flags("/m", "x", dict(gpu.ENGINE, skip_idle_prefill=True), "bfloat16", 8123)
+    assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).skip_idle_prefill is True
 
 
 def test_kv_cache_dtype_is_refused_where_the_plan_has_none(capsys):

@@ -82,6 +82,7 @@ class EngineConfig:
     separate_sampler: bool | str = False
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
+    skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
     # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``): a full collection scanned all of it, a
@@ -217,7 +218,7 @@ class EngineCore:
             # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
-            attention_programs=config.attention_programs))
+            attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps,

@@ -171,6 +171,10 @@ class RunnerConfig:
     # bucket's empty sequence slots and padding items cost a loop iteration each rather than a program; 0: a
     # program an item (the tuned kernels as they were)
     attention_programs: int = 0
+    # the prefill attention kernel under a device-side condition: started only in steps with a prompt chunk of more
+    # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
+    # programs. Off: it starts them and they find nothing to do.
+    skip_idle_prefill: bool = False
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -484,7 +488,8 @@ class ModelRunner:
                        fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
                        fp8_fused_quantize=self.config.fp8_fused_quantize,
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
-                       attention_programs=self.config.attention_programs)
+                       attention_programs=self.config.attention_programs,
+                       skip_idle_prefill=self.config.skip_idle_prefill)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -281,7 +281,7 @@ class Attention(nnx.Module):
 
     def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
                  cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True, fp8: Fp8Options = Fp8Options(),
-                 attention_programs: int = 0):
+                 attention_programs: int = 0, skip_idle_prefill: bool = False):
         t = x.shape[0]
         hd = self.head_dim
         q, k, v = split_qkv(self.qkv_proj(x, fp8=fp8), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
@@ -296,7 +296,8 @@ class Attention(nnx.Module):
         pages = P(MODEL_AXIS, None, None, None)
         rep = P()
         local = jax.shard_map(
-            functools.partial(self._write_and_attend, in_place=attention_in_place, attention_programs=attention_programs),
+            functools.partial(self._write_and_attend, in_place=attention_in_place, attention_programs=attention_programs,
+                              skip_idle_prefill=skip_idle_prefill),
             mesh=self.mesh,
             in_specs=(pages, pages, heads, heads, heads, rep, rep, rep, rep, rep),
             out_specs=(pages, pages, heads),
@@ -310,12 +311,13 @@ class Attention(nnx.Module):
         return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
 
     def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
-                          kv_lens, page_table, cu_q_lens, *, in_place: bool, attention_programs: int = 0):
+                          kv_lens, page_table, cu_q_lens, *, in_place: bool, attention_programs: int = 0,
+                          skip_idle_prefill: bool = False):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_page, slot_offset)
         o = ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                    sm_scale=self.head_dim ** -0.5,
                                    sliding_window=self.sliding_window, in_place=in_place,
-                                   attention_programs=attention_programs)
+                                   attention_programs=attention_programs, skip_idle_prefill=skip_idle_prefill)
         return k_pages, v_pages, o
 
 
@@ -350,9 +352,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, mesh=mesh)
 
     def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True, fp8: Fp8Options = Fp8Options(),
-                 attention_programs: int = 0):
+                 attention_programs: int = 0, skip_idle_prefill: bool = False):
         kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention_in_place=attention_in_place,
-                                  fp8=fp8, attention_programs=attention_programs)
+                                  fp8=fp8, attention_programs=attention_programs, skip_idle_prefill=skip_idle_prefill)
         x = x + attn
         return kv, x + self.mlp(self.post_attention_layernorm(x), fp8=fp8)
 
@@ -377,13 +379,14 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, kv_cache: KVCache, token_ids: jax.Array, md: AttentionMetadata, *,
                  attention_in_place: bool = True, fp8_kernel_rows: int = 0,
                  fp8_fused_quantize: str = "off", fp8_fused_min_rows: int = 0,
-                 attention_programs: int = 0) -> tuple[KVCache, jax.Array]:
+                 attention_programs: int = 0, skip_idle_prefill: bool = False) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
         (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``, ``fp8_fused_quantize``,
         ``fp8_fused_min_rows``: how an fp8 model's products run (``Fp8Options``). ``attention_programs``: the
-        attention kernels' programs (``ragged_paged_attention``; 0: a program an item)."""
+        attention kernels' programs (``ragged_paged_attention``; 0: a program an item). ``skip_idle_prefill``: the
+        prefill kernel only in steps with a chunk of more than one token (``ragged_paged_attention``)."""
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows)
         x = self.embed_tokens(token_ids)
@@ -391,7 +394,7 @@ class LlamaForCausalLM(nnx.Module):
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
             kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place, fp8=fp8,
-                          attention_programs=attention_programs)
+                          attention_programs=attention_programs, skip_idle_prefill=skip_idle_prefill)
             new_cache.append(kv)
         return new_cache, self.norm(x)
 

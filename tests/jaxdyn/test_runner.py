@@ -694,14 +694,14 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
 @pytest.mark.parametrize("quant,head,options", [
     (None, False, {}),
     ("fp8", True, dict(fp8_fused_quantize="all", fp8_fused_quantize_min_tokens=0, attention_programs=264,
-                       kv_cache_dtype="fp8")),
+                       kv_cache_dtype="fp8", skip_idle_prefill=True)),
     ("fp8", False, dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
 ])
 def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, head, options):
     """Each bucket's step in every sampler variant, lowered for a GPU on the CPU with the Pallas kernels as a GPU
     runs them (``on_gpu`` patched true; Pallas' Triton lowering runs here, Triton's GPU passes do not): the
     attention kernels, an fp8 model's quantization and few-row product kernels, fp8 pages, persistent programs,
-    an fp8 lm_head (``head``). A construct only the GPU path takes fails here rather than on the device."""
+    an fp8 lm_head (``head``), the prefill kernel under a condition (``skip_idle_prefill``). A construct only the GPU path takes fails here rather than on the device."""
     import importlib
     import json
     import os
@@ -732,3 +732,7 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
             # the head: an fp8 [vocab, hidden] operand of the step (the float head's [hidden, vocab] otherwise)
             fp8_head = f"tensor<{cfg.vocab_size}x{cfg.hidden_size}xf8E4M3FN>"
             assert (fp8_head in text) == head, (t, variant)
+            # skip_idle_prefill: each layer's prefill kernel inside a conditional
+            cases = text.count("stablehlo.case")
+            assert (cases >= cfg.num_layers) if options.get("skip_idle_prefill") else (cases < cfg.num_layers), \
+                (t, variant, cases)

@@ -294,6 +294,22 @@ def test_gpu_kernels_match_reference_in_bf16(name, head_dim, seqs, window, in_pl
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+@pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode-only"])
+def test_gpu_skip_idle_prefill_gives_the_same_step(decode_only, pages):
+    """On the GPU: the prefill kernel under its condition (``skip_idle_prefill``) gives the unconditional
+    kernels' bits, in a mixed step and in a decode-only one."""
+    rng = np.random.default_rng(2)
+    seqs = [(c, 1) for c, _ in MIXED] if decode_only else MIXED
+    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    if pages == "fp8":
+        args = _fp8_pages(args)
+    want = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.1, impl="kernel"))(*args)
+    got = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.1, impl="kernel", skip_idle_prefill=True))(*args)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.gpu
 def test_gpu_entry_point_picks_the_kernels():
     # 'auto' on GPU must be the kernel path: same bits as impl="kernel"
     rng = np.random.default_rng(1)
@@ -455,6 +471,22 @@ def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_refer
     assert np.all(np.asarray(got[n:]) == 0)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("seqs", [MIXED_SHORT, [(c, 1) for c, _ in MIXED_SHORT]], ids=["mixed", "decode-only"])
+def test_skip_idle_prefill_gives_the_same_step(seqs, in_place):
+    """``skip_idle_prefill``: the prefill kernel under a device-side condition (taken in a step with a chunk of more
+    than one token, skipped in a decode-only one) gives the result the unconditional kernels give, in one output
+    or merged (interpret mode)."""
+    rng = np.random.default_rng(24)
+    args, n = _batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5, impl="interpret", in_place=in_place)
+    want = ragged_paged_attention(*args, **kw)
+    got = jax.jit(functools.partial(ragged_paged_attention, skip_idle_prefill=True, **kw))(*args)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ref = ragged_paged_attention_reference(*args, sm_scale=32 ** -0.5)
+    np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pages", ["bf16", "fp8"])
 def test_gpu_decode_kernel_with_persistent_programs(pages):
@@ -539,3 +571,9 @@ def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, prog
                                   in_place=in_place, attention_programs=programs))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2              # the decode kernel and the prefill kernel
+    # skip_idle_prefill: the same two kernels, the prefill one inside a conditional
+    skip = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.088, sliding_window=window, impl="kernel",
+                                     in_place=in_place, attention_programs=programs, skip_idle_prefill=True))
+    text_skip = skip.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text_skip.count("__gpu$xla.gpu.triton") == 2 and "stablehlo.case" in text_skip
+    assert "stablehlo.case" not in text

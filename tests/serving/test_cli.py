@@ -84,6 +84,9 @@ def test_serve_fp8_kernel_limit_flag():
         assert _engine_config(parse(["serve", "--fp8-fused-quantize", site])).fp8_fused_quantize == site
     assert _engine_config(parse(["serve"])).fp8_fused_quantize_min_tokens == "auto"
     assert _engine_config(parse(["serve"])).separate_sampler is False
+    assert _engine_config(parse(["serve"])).skip_idle_prefill is False
+    assert _engine_config(parse(["serve", "--skip-idle-prefill"])).skip_idle_prefill is True
+    assert _engine_config(parse(["bench", "offline", "--skip-idle-prefill"])).skip_idle_prefill is True
     assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
     assert _engine_config(parse(["serve", "--separate-sampler", "except-greedy"])).separate_sampler == "except_greedy"
     with pytest.raises(SystemExit):
