@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import paged_decode, ragged_prefill
-from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+from pallas_kernels.ragged_paged_attention import (decode_part, prefill_part, ragged_paged_attention,
                                                    ragged_paged_attention_reference)
 
 PAGE = 16
@@ -437,33 +437,20 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
 
 def entry_halves(cu_q_lens, attention_programs: int = 0):
     """The two kernels ``ragged_paged_attention`` runs for a decode-only step (every live sequence one query
-    token), each alone as the entry point calls it: (decode half, prefill half), each ``fn(q, k_pages, v_pages,
-    lens, table)``. The decode half is the decode kernel over every slot (stored in place into zeros when the
-    call has one context split, else the splits' partial results and their combination); the prefill half is
-    the prefill kernel, which finds no sequence of more than one query token and does nothing but start its
-    programs: what a decode-only step pays for the ragged entry point."""
-    import dataclasses
-    impl = dict(interpret=INTERPRET)
+    token), each alone as the entry point calls it (``decode_part``, ``prefill_part``): (decode half, prefill half),
+    each ``fn(q, k_pages, v_pages, lens, table)``. The decode half is the decode kernel over every slot (stored in
+    place into zeros when the call has one context split, else the splits' partial results and their
+    combination); the prefill half is the prefill kernel, which finds no sequence of more than one query token and
+    does nothing but start its programs: what a decode-only step pays for the ragged entry point."""
+    kw = dict(interpret=INTERPRET, attention_programs=attention_programs)
 
     def decode_half(q, k_pages, v_pages, lens, table):
-        num_kv_heads, _, page_size, head_dim = k_pages.shape
-        blocks = paged_decode.decode_block_sizes(head_dim, page_size, k_pages.dtype, lens.shape[0])
-        splits = paged_decode.grid_splits(lens.shape[0], num_kv_heads, table.shape[1], blocks)
         rows = jnp.arange(lens.shape[0], dtype=jnp.int32)
-        if splits == 1:
-            return paged_decode.paged_decode_attention_kernel(
-                q, k_pages, v_pages, lens, table, q_rows=rows, out=jnp.zeros_like(q), sm_scale=head_dim ** -0.5,
-                blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **impl)
-        return paged_decode.paged_decode_attention_kernel(q, k_pages, v_pages, lens, table, q_rows=rows,
-                                                          sm_scale=head_dim ** -0.5, **impl)
+        return decode_part(q, k_pages, v_pages, lens, table, rows, sm_scale=q.shape[-1] ** -0.5, **kw)[0]
 
     def prefill_half(q, k_pages, v_pages, lens, table):
-        _, _, page_size, head_dim = k_pages.shape
-        blocks = dataclasses.replace(ragged_prefill.prefill_block_sizes(head_dim, page_size),
-                                     persistent_programs=attention_programs)
-        return ragged_prefill.ragged_prefill_attention_kernel(
-            q, k_pages, v_pages, lens, table, cu_q_lens, sm_scale=head_dim ** -0.5, min_q_len=1,
-            out=jnp.zeros_like(q), blocks=blocks, **impl)
+        return prefill_part(q, k_pages, v_pages, lens, table, cu_q_lens, sm_scale=q.shape[-1] ** -0.5,
+                            out=jnp.zeros_like(q), **kw)
     return decode_half, prefill_half
 
 

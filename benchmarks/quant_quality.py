@@ -28,6 +28,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# the decoder's linear layers, every quantization's ("bytes (quantized linears)"; an fp8 lm_head is counted with
+# the rest)
+DECODER_LINEARS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 def score(path: str, prompts: list[list[int]], kv_dtype=None) -> tuple[list[np.ndarray], int, int]:
     """Log-probabilities at every position of every prompt, weight bytes as served (all, quantized linears)."""
@@ -35,7 +39,7 @@ def score(path: str, prompts: list[list[int]], kv_dtype=None) -> tuple[list[np.n
     import jax.numpy as jnp
     from flax import nnx
 
-    from checkpoints.convert import QUANTIZABLE, load_converted
+    from checkpoints.convert import load_converted
     from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
     from jaxdyn.parallel.sharding import make_mesh, stored_kv_heads
 
@@ -71,7 +75,7 @@ def score(path: str, prompts: list[list[int]], kv_dtype=None) -> tuple[list[np.n
         keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in p]
         nbytes = leaf.size * leaf.dtype.itemsize
         total += nbytes
-        if any(k in QUANTIZABLE for k in keys):
+        if any(k in DECODER_LINEARS for k in keys):
             linear += nbytes
     return out, total, linear
 

@@ -38,7 +38,7 @@ from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_S
                             hf_names, qkv_sizes)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
-from jaxdyn.models.llama import QUANT_DTYPES, split_qkv
+from jaxdyn.models.llama import is_quantized, split_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh, model_parallel_size, param_shardings
 
@@ -46,7 +46,6 @@ MARKER = "jaxdyn_checkpoint.json"
 FORMAT_VERSION = 2      # 2: q, k and v stored as one qkv_proj (1: separate; convert again)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
-QUANTIZABLE = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # fp8 weights are stored [out, in] (``llama.Linear``); fp8 checkpoints converted before said nothing of it and
 # hold [in, out] kernels
 FP8_WEIGHTS = "[out, in]"
@@ -182,11 +181,11 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
             for keys, leaf in items:
                 if keys[-1] == "scale":
                     continue
-                raws = [np.asarray(files.get(n)) for n in hf_names(keys, qcfg)]
+                raws = [np.asarray(files.get(n)) for n in hf_names(keys, cfg)]
                 # qkv: one shard's q, k, v; an fp8 weight is [out, in] as Hugging Face's, the rest [in, out]
                 arr = np.concatenate([r.T if keys[-1] == "kernel" else r for r in raws],
                                      axis=0 if keys[-1] == "weight" else -1)
-                if quant and jnp.dtype(leaf.dtype) == jnp.dtype(QUANT_DTYPES[quant]):   # a quantized Linear's
+                if is_quantized(leaf.dtype, quant):
                     q, scale = quantize(arr.astype(np.float32), quant, axis=1 if keys[-1] == "weight" else 0)
                     flat[keys] = q
                     flat[keys[:-1] + ("scale",)] = scale

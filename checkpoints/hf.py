@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import ModelConfig
-from jaxdyn.models.llama import QUANT_DTYPES, merge_qkv
+from jaxdyn.models.llama import is_quantized, merge_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import model_parallel_size, param_shardings
 
@@ -112,7 +112,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
         keys = _path_keys(key_path)
         if keys[-1] == "scale":             # a quantized Linear's: made with its weight, below
             return leaf
-        quantized = cfg.quantization is not None and jnp.dtype(leaf.dtype) == QUANT_DTYPES[cfg.quantization]
+        quantized = is_quantized(leaf.dtype, cfg.quantization)
         names = hf_names(keys, cfg)
         expected.update(names)
         kernel = keys[-1] == "kernel"

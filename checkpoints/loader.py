@@ -89,13 +89,13 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
             raise CheckpointError(f"{model}: already quantized ({cfg.quantization}), not {quantization}")
         cfg = dataclasses.replace(cfg, quantization=quantization)
     if quantize_lm_head and not cfg.quantize_lm_head:
-        if cfg.quantization != "fp8":
-            raise CheckpointError(f"--quantize-lm-head: only an fp8 model's lm_head is quantized; {model} is "
-                                  f"{cfg.quantization or 'not quantized'} (add --quantization fp8)")
+        try:                # ModelConfig refuses a head quantized without fp8 weights
+            cfg = dataclasses.replace(cfg, quantize_lm_head=True)
+        except ConfigError as e:
+            raise CheckpointError(f"--quantize-lm-head, {model}: {e} (add --quantization fp8)") from None
         if source == "converted":
             raise CheckpointError(f"{model}: a converted checkpoint with a float lm_head; --quantize-lm-head needs "
                                   f"the Hugging Face checkpoint or `jaxdyn convert --quant fp8 --quantize-lm-head`")
-        cfg = dataclasses.replace(cfg, quantize_lm_head=True)
     graphdef, abstract = build_abstract_model(cfg, mesh, dt)
     return ModelPlan(model, source, mesh, cfg, dt, graphdef, abstract, tokenizer)
 

@@ -83,6 +83,37 @@ def ragged_paged_attention_reference(
 
 
 @functools.partial(jax.named_call, name="ragged_paged_attention")
+def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: float,
+                sliding_window: int | None = None, interpret: bool = False, in_place: bool = True,
+                attention_programs: int = 0) -> tuple[jax.Array, bool]:
+    """The entry point's decode kernel call (``kv_lens`` 0 for every sequence it does not decode; sequence ``s``'s
+    query at row ``q_rows[s]``): (out, stored). With ``in_place`` and one context split (``grid_splits``: a call
+    of many sequence slots) the kernel stores each decoded query's rows into zeros shaped like ``q`` (stored
+    True; ``attention_programs`` > 0: its persistent programs); otherwise it returns [S, H, D] rows, the splits'
+    partial results combined (stored False)."""
+    num_seqs = kv_lens.shape[0]
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    blocks = decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs)
+    kw = dict(q_rows=q_rows, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
+    if in_place and grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks) == 1:
+        return paged_decode_attention_kernel(
+            q, k_pages, v_pages, kv_lens, page_table, out=jnp.zeros_like(q),
+            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **kw), True
+    return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, **kw), False
+
+
+def prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, *, sm_scale: float,
+                 sliding_window: int | None = None, interpret: bool = False, attention_programs: int = 0,
+                 out: jax.Array | None = None) -> jax.Array:
+    """The entry point's prefill kernel call: the chunks of more than one query token (``min_q_len=1``), stored
+    into ``out`` (rows of other sequences as they were) or, without it, into rows left undefined elsewhere."""
+    _, _, page_size, head_dim = k_pages.shape
+    blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size), persistent_programs=attention_programs)
+    return ragged_prefill_attention_kernel(
+        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale, sliding_window=sliding_window,
+        interpret=interpret, min_q_len=1, out=out, blocks=blocks)
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -130,33 +161,23 @@ def ragged_paged_attention(
     num_seqs = kv_lens.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     is_decode = q_lens == 1
-    decode_rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
-    num_kv_heads, _, page_size, head_dim = k_pages.shape
-    blocks = decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs)
-    splits = grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks)
-    prefill_blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size),
-                                         persistent_programs=attention_programs)
-    def prefill(out=None):
-        return ragged_prefill_attention_kernel(
-            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale,
-            sliding_window=sliding_window, interpret=interpret, min_q_len=1, out=out, blocks=prefill_blocks)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
+              attention_programs=attention_programs)
 
-    has_prefill = jnp.any(q_lens > 1)         # the prefill kernel's work (min_q_len=1)
-    if in_place and splits == 1:
-        # padding rows stay 0; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
-        out = paged_decode_attention_kernel(
-            q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
-            out=jnp.zeros_like(q), sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
-            blocks=dataclasses.replace(blocks, persistent_programs=attention_programs))
-        if skip_idle_prefill:
-            return lax.cond(has_prefill, prefill, lambda out: out, out)
-        return prefill(out)
-    decode_out = paged_decode_attention_kernel(                     # [S, H, D]
-        q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table, q_rows=decode_rows,
-        sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
-    # [T, H, D]; a decode-only step's rows all come from the decode kernel, so zeros stand in
-    prefill_out = (lax.cond(has_prefill, prefill, lambda: jnp.zeros_like(q)) if skip_idle_prefill
-                   else prefill())
+    def prefill(out=None):
+        return prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, out=out, **kw)
+
+    def maybe_prefill(idle, out=None):
+        # skip_idle_prefill: the prefill kernel only where some sequence has a chunk (its work: min_q_len=1)
+        return lax.cond(jnp.any(q_lens > 1), prefill, idle, out) if skip_idle_prefill else prefill(out)
+
+    # padding rows stay 0 in place; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
+    decode_out, stored = decode_part(q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table,
+                                     jnp.where(is_decode, cu_q_lens[:-1], 0), in_place=in_place, **kw)
+    if stored:
+        return maybe_prefill(lambda out: out, decode_out)
+    # [T, H, D]; a decode-only step's rows all come from the decode kernel, so zeros stand in for a skipped one
+    prefill_out = maybe_prefill(lambda out: jnp.zeros_like(q))
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     # the sequence of each row: one fused comparison (searchsorted is a loop of kernels on GPU)
     seq = jnp.clip((cu_q_lens[None, 1:] <= rows[:, None]).sum(axis=1), 0, num_seqs - 1)

@@ -26,6 +26,8 @@ import pstats
 import tempfile
 import time
 
+from benchmarks.gpu import suite
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.profile_host")
@@ -36,17 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
-    from jaxdyn.config import QUANTIZATIONS        # no JAX
-    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
-                    help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
-    ap.add_argument("--quantize-lm-head", action="store_true",
-                    help="with --quant fp8: the lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
+    suite.add_quant_arguments(ap)
     ap.add_argument("--call-times", action="store_true", help="time each compiled call by part and bucket")
     ap.add_argument("--part-options", action="append", default=[], metavar="KIND=JSON",
                     help="more XLA compiler options for the parts of one kind (step, forward, sample)")
     args = ap.parse_args(argv)
-    if args.quantize_lm_head and args.quant != "fp8":
-        ap.error("--quantize-lm-head needs --quant fp8")
+    suite.check_quant_arguments(ap, args)
 
     import json
 

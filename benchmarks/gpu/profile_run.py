@@ -28,6 +28,8 @@ import re
 import tempfile
 import time
 
+from benchmarks.gpu import suite
+
 KINDS = (("gemm", re.compile(r"gemm|nvjet|cublas|cutlass|xmma|matmul|dot", re.I)),
          ("decode attn", re.compile(r"paged_decode", re.I)),
          ("prefill attn", re.compile(r"ragged_prefill", re.I)),
@@ -138,11 +140,7 @@ def main(argv=None) -> int:
                     help="engine-step ranges START:END of the timed run, comma-separated (none: no traces)")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--engine", default=None, help="JSON of EngineConfig fields over the GPU suite's ENGINE")
-    from jaxdyn.config import QUANTIZATIONS        # no JAX
-    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
-                    help="the model quantized (random weights as jaxdyn convert --quant lays them out)")
-    ap.add_argument("--quantize-lm-head", action="store_true",
-                    help="with --quant fp8: the lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
+    suite.add_quant_arguments(ap)
     ap.add_argument("--out", default=None, help="write the table here (profile_run.md)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the traces in --out too")
     ap.add_argument("--hlo", nargs="?", const="largest", default=None, metavar="BUCKETS",
@@ -153,8 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the copy-bandwidth measurement")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
-    if args.quantize_lm_head and args.quant != "fp8":
-        ap.error("--quantize-lm-head needs --quant fp8")
+    suite.check_quant_arguments(ap, args)
     try:
         windows = ([] if args.windows == "none" else
                    [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")])

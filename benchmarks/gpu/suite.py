@@ -761,6 +761,21 @@ def model_dir(preset: str, scratch: str, **overrides) -> str:
     return path
 
 
+def add_quant_arguments(ap: argparse.ArgumentParser, whose: str = "the model") -> None:
+    """``--quant`` and ``--quantize-lm-head``: ``whose`` model quantized as ``quant_overrides`` lays it out
+    (``check_quant_arguments`` after parsing)."""
+    from jaxdyn.config import QUANTIZATIONS        # no JAX
+    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
+                    help=f"{whose} quantized (random weights laid out as jaxdyn convert --quant lays them out)")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help=f"with --quant fp8: {whose}'s lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
+
+
+def check_quant_arguments(ap: argparse.ArgumentParser, args) -> None:
+    if args.quantize_lm_head and args.quant != "fp8":
+        ap.error("--quantize-lm-head needs --quant fp8")
+
+
 def quant_overrides(cfg: dict) -> dict:
     """config.json fields that quantize a section's model (``--quant``: random weights laid out as ``jaxdyn
     convert --quant`` lays them out; ``--quantize-lm-head``: the fp8 model's lm_head too)."""
@@ -1368,20 +1383,14 @@ def main(argv: list[str] | None = None, *, plan_factory=None, entry: str = "benc
     ap.add_argument("--datasets", default=None,
                     help="comma-separated: only the serve runs and offline datasets of these (random, "
                     "sharegpt-lengths, prefix), no compared server (a shorter call)")
-    from jaxdyn.config import QUANTIZATIONS        # no JAX
-    ap.add_argument("--quant", default=None, choices=QUANTIZATIONS,
-                    help="the engine sections' model quantized (random weights laid out as jaxdyn convert --quant "
-                    "lays them out)")
-    ap.add_argument("--quantize-lm-head", action="store_true",
-                    help="with --quant fp8: the engine sections' lm_head in fp8 too (jaxdyn serve --quantize-lm-head)")
+    add_quant_arguments(ap, "the engine sections' model")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                     help="the engine sections' KV cache dtype (jaxdyn serve --kv-cache-dtype; default auto)")
     ap.add_argument("--list", action="store_true", help="print the plan (steps, budgets, configs) and exit")
     args = ap.parse_args(argv)
     if args.dry_run and args.quant:
         ap.error("--quant: the dry run's tiny model is not quantized")
-    if args.quantize_lm_head and args.quant != "fp8":
-        ap.error("--quantize-lm-head needs --quant fp8")
+    check_quant_arguments(ap, args)
     if args.quantize_lm_head and (plan_factory is None
                                   or "quantize_lm_head" not in inspect.signature(plan_factory).parameters):
         ap.error(f"--quantize-lm-head: {entry}'s plan has no fp8 lm_head to set")

@@ -424,8 +424,6 @@ class ModelRunner:
         self.config = config
         model = nnx.merge(graphdef, state)
         model_cfg = model.config
-        # the logits' width (the output head's, or the tied embedding's rows)
-        self._logits_width = model_cfg.vocab_size
         self.model_config = model_cfg
         self.kv_spec = KVCacheSpec(
             num_layers=model_cfg.num_layers,
@@ -851,7 +849,7 @@ class ModelRunner:
         args = self._input_shapes(t, p)
         if kind == "forward":
             return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
-        logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self._logits_width), jnp.float32)
+        logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self.model_config.vocab_size), jnp.float32)
         return self._sample_steps[key[3]].lower(self.token_pages, self.prev_sampled, logits, *args)
 
     def _input_shapes(self, t: int, p: int) -> tuple[jax.ShapeDtypeStruct, ...]:

@@ -38,6 +38,12 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 
+def is_quantized(dtype, quantization: str | None) -> bool:
+    """Whether a parameter of ``dtype`` is a quantized ``Linear``'s weight (or int8 kernel) under
+    ``quantization``: it holds the quantization's type (the decoder's linears, and an fp8 lm_head)."""
+    return quantization is not None and jnp.dtype(dtype) == jnp.dtype(QUANT_DTYPES[quantization])
+
+
 def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x in float8_e4m3fn, its f32 scales [..., 1]): one scale a row (a token), its absolute maximum / 448, found
     on the device. A row's result depends on its own values only, not on the batch it runs in (with one scale for
@@ -64,6 +70,15 @@ class Fp8Options:
     kernel_rows: int = 0
     fused_quantize: str = "off"
     fused_min_rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How a step's attention runs (the runner's options, static under jit): ``ragged_paged_attention``'s
+    ``in_place``, ``attention_programs`` and ``skip_idle_prefill``."""
+    in_place: bool = True
+    programs: int = 0
+    skip_idle_prefill: bool = False
 
 
 def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -280,8 +295,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
-                 cos: jax.Array, sin: jax.Array, *, attention_in_place: bool = True, fp8: Fp8Options = Fp8Options(),
-                 attention_programs: int = 0, skip_idle_prefill: bool = False):
+                 cos: jax.Array, sin: jax.Array, *, attention: AttentionOptions = AttentionOptions(),
+                 fp8: Fp8Options = Fp8Options()):
         t = x.shape[0]
         hd = self.head_dim
         q, k, v = split_qkv(self.qkv_proj(x, fp8=fp8), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
@@ -296,8 +311,7 @@ class Attention(nnx.Module):
         pages = P(MODEL_AXIS, None, None, None)
         rep = P()
         local = jax.shard_map(
-            functools.partial(self._write_and_attend, in_place=attention_in_place, attention_programs=attention_programs,
-                              skip_idle_prefill=skip_idle_prefill),
+            functools.partial(self._write_and_attend, attention=attention),
             mesh=self.mesh,
             in_specs=(pages, pages, heads, heads, heads, rep, rep, rep, rep, rep),
             out_specs=(pages, pages, heads),
@@ -311,13 +325,13 @@ class Attention(nnx.Module):
         return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
 
     def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
-                          kv_lens, page_table, cu_q_lens, *, in_place: bool, attention_programs: int = 0,
-                          skip_idle_prefill: bool = False):
+                          kv_lens, page_table, cu_q_lens, *, attention: AttentionOptions):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_page, slot_offset)
         o = ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                    sm_scale=self.head_dim ** -0.5,
-                                   sliding_window=self.sliding_window, in_place=in_place,
-                                   attention_programs=attention_programs, skip_idle_prefill=skip_idle_prefill)
+                                   sliding_window=self.sliding_window, in_place=attention.in_place,
+                                   attention_programs=attention.programs,
+                                   skip_idle_prefill=attention.skip_idle_prefill)
         return k_pages, v_pages, o
 
 
@@ -351,10 +365,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, mesh=mesh)
 
-    def __call__(self, kv, x, md, cos, sin, *, attention_in_place: bool = True, fp8: Fp8Options = Fp8Options(),
-                 attention_programs: int = 0, skip_idle_prefill: bool = False):
-        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention_in_place=attention_in_place,
-                                  fp8=fp8, attention_programs=attention_programs, skip_idle_prefill=skip_idle_prefill)
+    def __call__(self, kv, x, md, cos, sin, *, attention: AttentionOptions = AttentionOptions(),
+                 fp8: Fp8Options = Fp8Options()):
+        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention=attention, fp8=fp8)
         x = x + attn
         return kv, x + self.mlp(self.post_attention_layernorm(x), fp8=fp8)
 
@@ -389,12 +402,13 @@ class LlamaForCausalLM(nnx.Module):
         prefill kernel only in steps with a chunk of more than one token (``ragged_paged_attention``)."""
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows)
+        attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
+                                     skip_idle_prefill=skip_idle_prefill)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
-            kv, x = layer(kv, x, md, cos, sin, attention_in_place=attention_in_place, fp8=fp8,
-                          attention_programs=attention_programs, skip_idle_prefill=skip_idle_prefill)
+            kv, x = layer(kv, x, md, cos, sin, attention=attention, fp8=fp8)
             new_cache.append(kv)
         return new_cache, self.norm(x)
 
