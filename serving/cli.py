@@ -343,7 +343,7 @@ def cmd_serve(args) -> int:
 
     from checkpoints.hf import CheckpointError
     from jaxdyn import AsyncEngine, EngineConfig
-    from jaxdyn.engine.llm import build_disagg_engine, build_engine
+    from jaxdyn.engine.llm import build_disagg_engine, build_engine, describe_compile
     from jaxdyn.engine.process import EngineStartError, ProcessEngine
     from serving.app import ServerState, build_app
 
@@ -382,6 +382,8 @@ def cmd_serve(args) -> int:
             print(f"jaxdyn: loaded {model} ({info['weight_bytes'] / 2**20:.1f} MiB of weights) in "
                   f"{info['seconds']:.1f} s, warm-up (compiling every bucket, begun with the load) "
                   f"{info['warmup_seconds']:.1f} s", flush=True)
+            if info.get("compile"):
+                print(f"jaxdyn: {describe_compile(info['compile'])}", flush=True)
             if info.get("step_costs_ms"):
                 print(f"jaxdyn: step costs (ms by token bucket, measured at warm-up) {info['step_costs_ms']}",
                       flush=True)

@@ -66,3 +66,15 @@ def test_a_configuration_may_quantize_the_lm_head_of_an_fp8_model_only():
                 {"quant": "fp8", "quantize_lm_head": "yes"}):
         with pytest.raises(ValueError, match="quantize_lm_head"):
             ab.split_config(bad, {})
+
+
+def test_the_warm_up_compilation_line_of_a_run_is_found_as_describe_compile_writes_it():
+    from jaxdyn.engine.llm import describe_compile
+    line = describe_compile({"parts": 30, "threads": 8, "wall_s": 80.2, "lower_s": 9.1, "compile_s": 512.4,
+                             "compile_max_s": 31.0, "slowest": ("step", 2048, 128, "full"),
+                             "by_tokens": {16: 40.0, 2048: 90.0}})
+    assert line == ("compiled 30 executables on 8 threads in 80.2 s: XLA 512.4 s summed (the slowest 31.0 s, step "
+                    "2048 tokens x 128 pages full), lowering 9.1 s; XLA s by token bucket {16: 40.0, 2048: 90.0}")
+    out = f"engine {{...}}: loaded and warmed up in 93.0 s; step costs (ms by token bucket) {{16: 4.0}}\n{line}\nmore"
+    assert ab.COMPILED.search(out).group(0) == line
+    assert ab.COMPILED.search("engine {...}: loaded and warmed up in 9.0 s") is None

@@ -38,6 +38,8 @@ import sys
 RUN = re.compile(r"the run ([\d.]+) s, (\d+) output tok/s; loaded and warmed up in ([\d.]+) s; "
                  r"step costs \(ms by token bucket\) (\{[^}]*\})")
 
+COMPILED = re.compile(r"^compiled \d+ executables .*$", re.M)     # the warm-up's compilation (describe_compile)
+
 
 def parse_run(text: str) -> tuple[float, float, float, str]:
     """(seconds, output tok/s, load s, step costs) of profile_run's header line; ValueError when absent."""
@@ -121,8 +123,9 @@ def main(argv=None) -> int:
                     print(p.stderr[-3000:], flush=True)
                 continue
             results[i].append(run)
+            compiled = COMPILED.search(p.stdout)
             print(f"round {r} config {i} {cfg}: {run[0]:.2f} s, {run[1]:.0f} tok/s (load {run[2]:.1f} s) "
-                  f"costs {run[3]}", flush=True)
+                  f"costs {run[3]}" + (f"\n  {compiled.group(0)}" if compiled else ""), flush=True)
     print(f"\n{args.dataset}, {args.num_prompts} prompts, {args.rounds} rounds, configurations in turn:\n")
     print("| config | runs: s (tok/s) | median tok/s | x config 0 | load s | step costs ms |\n|---|---|---:|---:|---:|---|")
     for i, m, ratio in summarize(results):

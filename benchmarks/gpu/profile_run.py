@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     from benchmarks.gpu.suite import _dataset_args, _engine_config, layers_matmul_params, model_dir, quant_overrides
     from benchmarks.kernels import measure_bandwidth, measure_matmul
     from jaxdyn import LLM
-    from jaxdyn.engine.llm import build_engine
+    from jaxdyn.engine.llm import build_engine, describe_compile
     from serving.bench import datasets, offline
 
     engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
@@ -190,6 +190,8 @@ def main(argv=None) -> int:
     costs = {b: round(c * 1e3, 2) for b, c in (engine.runner.step_costs or {}).items()}
     print(f"engine {engine_cfg}: loaded and warmed up in {load_s:.1f} s; step costs (ms by token bucket) {costs}",
           flush=True)
+    if "compile" in engine.load_info:
+        print(describe_compile(engine.load_info["compile"]), flush=True)
     bandwidth, matmul = measure_bandwidth(args.bandwidth_gib), measure_matmul(args.matmul_n)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
 

@@ -30,10 +30,21 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     loaded = engine.load_weights(lambda: load_weights(plan), compile_steps=warmup, progress=progress)
     engine.load_info = {"seconds": loaded.load_seconds, "weight_bytes": loaded.num_bytes,
                         "warmup_seconds": engine.warmup(progress) if warmup else 0.0}
+    if summary := engine.runner.compile_summary():
+        engine.load_info["compile"] = summary
     costs = engine.runner.step_costs
     if costs:       # measured at warm-up where steps split (accelerators): ms a step by token bucket
         engine.load_info["step_costs_ms"] = {t: round(c * 1e3, 2) for t, c in sorted(costs.items())}
     return engine
+
+
+def describe_compile(summary: dict) -> str:
+    """One line of ``ModelRunner.compile_summary``: warm-up's compilation, wall against summed seconds."""
+    kind, t, p, *v = summary["slowest"]
+    slowest = f"{kind} {t} tokens x {p} pages" + (f" {v[0]}" if v else "")
+    return (f"compiled {summary['parts']} executables on {summary['threads']} threads in {summary['wall_s']:.1f} s: "
+            f"XLA {summary['compile_s']:.1f} s summed (the slowest {summary['compile_max_s']:.1f} s, {slowest}), "
+            f"lowering {summary['lower_s']:.1f} s; XLA s by token bucket {summary['by_tokens']}")
 
 
 def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: int | None = None,

@@ -457,6 +457,9 @@ class ModelRunner:
         # engines of the process (disaggregation, tests) compiling on other threads do not count.
         self.compiles_while_serving = 0
         self.executables_loaded = 0        # compiled parts (``_part_keys``) warm-up took from the executable cache
+        # seconds each part warm-up lowered and compiled took (``compile_summary``): part key -> [lower s, compile s]
+        self.compile_seconds: dict[tuple, list[float]] = {}
+        self._compile_wall: float | None = None
         self._compiles_reported = 0
         self._forward_fn = self._forward_body()
         self._forward = jax.jit(self._forward_fn)
@@ -704,6 +707,19 @@ class ModelRunner:
                         bar.update()
             keys = [k for k in keys if k not in self._parts]
 
+        def lower(key):
+            t = time.perf_counter()
+            lowered = self._lower_part(key)
+            self.compile_seconds[key] = [time.perf_counter() - t, 0.0]
+            return lowered
+
+        def compile_part(lowered, key):
+            # on a warm-up thread: XLA's seconds for this part (with JAX's persistent cache warm, its load)
+            t = time.perf_counter()
+            compiled = self.compile(lowered, key[1])
+            self.compile_seconds[key][1] = time.perf_counter() - t
+            return compiled
+
         def done(key, compiled):
             # saved as each step is compiled, while the next compiles (serialising takes the GIL in part)
             self._parts[key] = compiled
@@ -724,11 +740,10 @@ class ModelRunner:
             for key in keys:
                 if stopped():
                     break
-                done(key, self.compile(self._lower_part(key), key[1]))
+                done(key, compile_part(lower(key), key))
         elif not self.config.first_compiles_alone:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
-                finish({pool.submit(self.compile, self._lower_part(key), key[1]): key
-                        for key in keys if not stopped()})
+                finish({pool.submit(compile_part, lower(key), key): key for key in keys if not stopped()})
         else:
             first_of_shape: dict[tuple[int, int], tuple] = {}
             for key in keys:
@@ -737,14 +752,35 @@ class ModelRunner:
             rest = [k for k in keys if first_of_shape[k[1:3]] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
-                firsts = {first_pool.submit(self.compile, self._lower_part(key), key[1]): key
-                          for key in alone if not stopped()}
-                lowered = [(key, self._lower_part(key)) for key in rest if not stopped()]
+                firsts = {first_pool.submit(compile_part, lower(key), key): key for key in alone if not stopped()}
+                lowered = [(key, lower(key)) for key in rest if not stopped()]
                 finish(firsts)
                 if not stopped():
-                    finish({pool.submit(self.compile, lo, key[1]): key for key, lo in lowered})
+                    finish({pool.submit(compile_part, lo, key): key for key, lo in lowered})
         bar.close()
+        if keys:
+            self._compile_wall = time.perf_counter() - t0
         return time.perf_counter() - t0
+
+    def compile_summary(self) -> dict | None:
+        """What warm-up's compilation cost (None when it compiled nothing): ``parts`` compiled, ``threads``,
+        ``wall_s`` (the compiling part of warm-up, start to end), ``lower_s`` (tracing and lowering, on the
+        calling thread, summed), ``compile_s`` (XLA's compile calls on the warm-up threads, summed: with
+        ``wall_s`` it says how busy the threads were), ``compile_max_s`` and ``slowest`` (that part's key),
+        ``by_tokens`` (compile seconds summed by token bucket). Where JAX's persistent cache served a part, its
+        compile seconds are that load's."""
+        done = {k: v for k, v in self.compile_seconds.items() if v[1] > 0}
+        if not done or self._compile_wall is None:
+            return None
+        slowest = max(done, key=lambda k: done[k][1])
+        by_tokens: dict[int, float] = {}
+        for k, (_, c) in done.items():
+            by_tokens[k[1]] = by_tokens.get(k[1], 0.0) + c
+        return {"parts": len(done), "threads": self.warmup_threads(), "wall_s": round(self._compile_wall, 2),
+                "lower_s": round(sum(v[0] for v in done.values()), 2),
+                "compile_s": round(sum(v[1] for v in done.values()), 2),
+                "compile_max_s": round(done[slowest][1], 2), "slowest": slowest,
+                "by_tokens": {t: round(c, 2) for t, c in sorted(by_tokens.items())}}
 
     def split_enabled(self) -> bool:
         if self.config.split_steps is None:

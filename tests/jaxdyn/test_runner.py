@@ -15,6 +15,7 @@ from flax import nnx
 
 from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
+from jaxdyn.engine.llm import describe_compile
 from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers_of_two
 from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, VARIANTS, serves
 from jaxdyn.engine.sampling_params import SamplingParams
@@ -189,6 +190,16 @@ def test_warmup_on_several_threads_compiles_each_executable_once_and_steps_alike
                      else {"jaxdyn-warmup": 2 * len(VARIANTS)})
     # the sampler variants of a shape share one trace of the model
     assert sorted(traced) == sorted((t,) for t, _, _ in runner.bucket_shapes())
+    # what the compilation cost, part by part: every part lowered and compiled, XLA's seconds summed by bucket
+    summary = runner.compile_summary()
+    assert summary["parts"] == 2 * len(VARIANTS) and summary["threads"] == 3
+    assert set(runner.compile_seconds) == set(runner._parts)
+    assert all(lo > 0 and c > 0 for lo, c in runner.compile_seconds.values())
+    assert summary["compile_s"] == pytest.approx(sum(c for _, c in runner.compile_seconds.values()), abs=0.02)
+    assert summary["compile_max_s"] == pytest.approx(runner.compile_seconds[summary["slowest"]][1], abs=0.01)
+    assert sorted(summary["by_tokens"]) == sorted(t for t, _, _ in runner.bucket_shapes())
+    assert 0 < summary["wall_s"] and summary["lower_s"] < summary["wall_s"]
+    assert describe_compile(summary).startswith(f"compiled {2 * len(VARIANTS)} executables on 3 threads in ")
     assert set(runner._compiled) == set(variant_runner[0]._compiled)
     work = [SequenceWork(token_ids=[5, 6, 7], num_computed=0, page_ids=[0]),
             SequenceWork(token_ids=list(range(20, 40)), num_computed=0, page_ids=[1, 2])]
