@@ -156,6 +156,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-idle-prefill", action="store_true",
                    help="start the GPU prefill attention kernel only in steps with a prompt chunk (a condition "
                    "on the device), not in every step; not yet measured on a GPU, off by default")
+    p.add_argument("--sampler-switch", action="store_true",
+                   help="compile one executable a bucket for every sampler variant (greedy, temperature, "
+                   "penalties/filters/logprobs), the variant picked on the device by a switch, instead of three: "
+                   "a third of the model compilations at warm-up; filters and top logprobs then run without a sort. "
+                   "Not yet measured on a GPU; off by default, not with --separate-sampler")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "
@@ -206,6 +211,9 @@ def _engine_fields(args) -> dict:
     triton = _token_limit(args, "triton_gemm_max_tokens", {"auto": "auto", "all": None})
     fp8_kernel = _token_limit(args, "fp8_kernel_max_tokens", {"auto": "auto"})
     fused_min = _token_limit(args, "fp8_fused_quantize_min_tokens", {"auto": "auto"})
+    if getattr(args, "sampler_switch", False) and getattr(args, "separate_sampler", None):
+        raise CLIError("--sampler-switch and --separate-sampler are two ways to compile the model once a bucket: "
+                       "pick one")
     from jaxdyn.engine.executable_cache import default_directory
     cache = getattr(args, "executable_cache", None)
     cache = default_directory() if cache is None else (cache or None)
@@ -223,6 +231,7 @@ def _engine_fields(args) -> dict:
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 attention_programs=getattr(args, "attention_programs", 0),
                 skip_idle_prefill=getattr(args, "skip_idle_prefill", False),
+                sampler_switch=getattr(args, "sampler_switch", False),
                 **buckets)
 
 

@@ -83,6 +83,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
+    sampler_switch: bool = False             # one executable a bucket, the sampler variant picked on device (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
     # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``): a full collection scanned all of it, a
@@ -97,6 +98,11 @@ class EngineConfig:
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
         check_schedule_policy(self.schedule_policy)
+        if self.sampler_switch not in (False, True):
+            raise ValueError(f"sampler_switch: expected true or false, got {self.sampler_switch!r}")
+        if self.sampler_switch and self.separate_sampler:
+            raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
+                             "pick one")
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
@@ -218,7 +224,8 @@ class EngineCore:
             # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
-            attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill))
+            attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill,
+            sampler_switch=config.sampler_switch))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps,

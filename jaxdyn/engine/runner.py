@@ -39,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
-from jaxdyn.engine.sampling_params import SamplingParams
+from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, allocate_kv_cache,
                              check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
@@ -175,6 +176,15 @@ class RunnerConfig:
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
     skip_idle_prefill: bool = False
+    # One executable a bucket for every sampler variant: the step picks its variant on the device, a
+    # ``lax.switch`` over the three samplers on an index the host writes into the step's inputs, so warm-up
+    # compiles the model (and its Pallas kernels) once a bucket instead of three times, and a step stays one call.
+    # The ``full`` branch filters and takes the top logprobs without a sort (``sample(sort_free=True)``): XLA sends
+    # a vocabulary sort to CUB on a GPU, which its command buffers cannot hold, and a conditional they cannot hold
+    # copies its index to the host, a synchronisation every step; a conditional whose branches hold only kernels
+    # is recorded into the CUDA graph as conditional nodes (XLA's default command types include CONDITIONAL).
+    # False: three executables a bucket, one a variant.
+    sampler_switch: bool = False
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -183,6 +193,11 @@ class RunnerConfig:
         check_attention_programs(self.attention_programs)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
+        if self.sampler_switch not in (False, True):
+            raise ValueError(f"sampler_switch: expected true or false, got {self.sampler_switch!r}")
+        if self.sampler_switch and self.separate_sampler:
+            raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
+                             "pick one")
         if not is_count(self.fp8_kernel_max_tokens):
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
@@ -464,6 +479,8 @@ class ModelRunner:
         self._forward_fn = self._forward_body()
         self._forward = jax.jit(self._forward_fn)
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
+        if config.sampler_switch:
+            self._switched = self._make_switched()
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
         self._parts: dict[tuple, jax.stages.Compiled] = {}
         if config.separate_sampler:
@@ -512,8 +529,9 @@ class ModelRunner:
         return jax.jit(self._forward_fn, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
                        out_shardings=(kv, rep, rep), donate_argnums=(1, 2))
 
-    def _sample_fn(self, variant: str):
-        """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes."""
+    def _sample_fn(self, variant: str, sort_free: bool = False):
+        """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes
+        (``sort_free``: ``sample``'s)."""
         page_size = self.config.page_size
 
         def sample_step(token_pages, prev_sampled, logits, tok, seqi, seqf):
@@ -525,7 +543,7 @@ class ModelRunner:
                 pos = jnp.arange(P * page_size)[None, :]
                 return h, pos < md.kv_lens[:, None], pos >= sp.prompt_lens[:, None]
 
-            ids, lps, top_ids, top_lps = sample(logits, history, sp, variant)
+            ids, lps, top_ids, top_lps = sample(logits, history, sp, variant, sort_free=sort_free)
             # into the half of the buffer this step writes (the other half holds the previous step's
             # draws, which this step's inputs read); padding rows go nowhere
             return prev_sampled.at[out_rows].set(ids, mode="drop"), lps, top_ids, top_lps
@@ -556,6 +574,45 @@ class ModelRunner:
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
                                                     tok, seqi, seqf)
             sampled, lps, top_ids, top_lps = sample_step(token_pages, prev_sampled, logits, tok, seqi, seqf)
+            return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
+                    logits if return_logits else None)
+
+        kv = self._kv_shardings()
+        rep = self._replicated
+        return jax.jit(
+            step,
+            in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
+            out_shardings=(kv, rep, rep, rep, rep, rep, rep),
+            donate_argnums=(1, 2),
+        )
+
+    def _make_switched(self):
+        """The step of every sampler variant as one executable (``sampler_switch``): the model, then a
+        ``lax.switch`` over the variants' samplers on ``seqi[S, 0]`` (the index in ``VARIANTS`` the host wrote,
+        ``_set_variant``). Each branch returns the draws and the logprob outputs (zeros where its variant has none)."""
+        return_logits = self.config.return_logits
+        forward = self._forward
+        samplers = [self._sample_fn(v, sort_free=True) for v in VARIANTS]
+        k = MAX_LOGPROBS
+
+        def branch(fn):
+            def run(token_pages, prev_sampled, logits, tok, seqi, seqf):
+                sampled, lps, top_ids, top_lps = fn(token_pages, prev_sampled, logits, tok, seqi, seqf)
+                if lps is None:
+                    rows = seqf.shape[0]
+                    lps, top_ids, top_lps = (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, k), jnp.int32),
+                                             jnp.zeros((rows, k), jnp.float32))
+                return sampled, lps, top_ids, top_lps
+            return run
+
+        branches = [branch(fn) for fn in samplers]
+
+        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
+            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
+                                                    tok, seqi, seqf)
+            index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(VARIANTS) - 1)
+            sampled, lps, top_ids, top_lps = lax.switch(index, branches, token_pages, prev_sampled, logits,
+                                                        tok, seqi, seqf)
             return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
                     logits if return_logits else None)
 
@@ -867,6 +924,8 @@ class ModelRunner:
         """The compiled parts of the step of bucket (t, p) with sampler ``variant``: ("step", t, p, variant), or
         where ``separate_sampler`` splits it ("forward", t, p) -- shared by the variants -- and ("sample", t, p,
         variant)."""
+        if self.config.sampler_switch:
+            return [("switch", t, p)]
         if self._split(variant):
             return [("forward", t, p), ("sample", t, p, variant)]
         return [("step", t, p, variant)]
@@ -874,6 +933,8 @@ class ModelRunner:
     def _assemble(self, t: int, p: int, variant: str):
         """The step of (t, p, variant) from its compiled parts: called as ``compiled(state, kv_cache,
         token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
+        if self.config.sampler_switch:
+            return self._parts[("switch", t, p)]
         if not self._split(variant):
             return self._parts[("step", t, p, variant)]
         return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)], self._replicated)
@@ -882,6 +943,9 @@ class ModelRunner:
         kind, t, p = key[:3]
         if kind == "step":
             return self.lower(t, p, key[3])
+        if kind == "switch":
+            return self._switched.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled,
+                                        *self._input_shapes(t, p))
         args = self._input_shapes(t, p)
         if kind == "forward":
             return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
@@ -960,7 +1024,7 @@ class ModelRunner:
             parts = self.plan([len(w.token_ids) for w in work])
             packed = [self._pack(work, rows, read, write) for rows in parts]
             variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
-            calls = [(self._compile(t, p, variant), arrays) for t, p, _, arrays, _ in packed]
+            calls = [(self._compile(t, p, variant), self._set_variant(arrays, variant)) for t, p, _, arrays, _ in packed]
         finally:
             self._count_compiles(c0)
         # The host buffers go to the executable as they are: its call moves them to the device
@@ -1012,7 +1076,15 @@ class ModelRunner:
         that serves the work; a costlier one may be named (tests, benchmarks), a cheaper one is refused."""
         t, p, needed, host_arrays, want_lp = self._pack(work)
         variant = self._variant(variant, needed)
-        return self._compile(t, p, variant), jax.device_put(host_arrays, self._replicated), want_lp
+        return (self._compile(t, p, variant), jax.device_put(self._set_variant(host_arrays, variant), self._replicated),
+                want_lp)
+
+    def _set_variant(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], variant: str):
+        """The step's host buffers with ``variant``'s index where ``sampler_switch``'s executable reads it
+        (``seqi[S, 0]``, a cell no other input uses); as they are otherwise."""
+        if self.config.sampler_switch:
+            arrays[1][arrays[2].shape[0], 0] = VARIANTS.index(variant)
+        return arrays
 
     @staticmethod
     def _variant(variant: str | None, needed: str) -> str:

@@ -33,6 +33,16 @@ histograms (0.25 ms) ride along with them, and ``full`` costs 1.6 ms. A batch
 that needs one of the costly parts pays for all of them. ``greedy`` and
 ``plain`` return no logprobs (``None``).
 
+``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
+``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
+top-p's cutoff by bisection over order-preserving u32 keys of the logits (32 masked reductions over the
+vocabulary each, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes, keeping exactly what the
+sort keeps (ties included). XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
+its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
+index back and waits: the sync the variants exist to avoid. A conditional whose branches hold only kernels
+is recorded into the step's CUDA graph as conditional nodes (XLA's default command types include CONDITIONAL,
+CUDA 12.3 and later; read in XLA's source, not yet measured on a GPU).
+
 In the step (H100, 1B decode, batch 64, context 512, ms/step; before = the
 ``lax.cond`` sampler, whose host dispatch took the whole step): greedy 3.56 ->
 2.25, temperature 3.63 -> 2.28, top-p 4.70 -> 4.60; but a batch that needs only
@@ -45,6 +55,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 
@@ -128,13 +139,86 @@ def apply_filters(logits, s: SamplingArrays):
     return logits
 
 
-def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL):
+def order_keys(x: jax.Array) -> jax.Array:
+    """u32 keys of f32 ``x`` in the floats' order (``a < b`` exactly where ``key(a) < key(b)``; -0.0 is 0.0): the
+    sign bit set for a positive number, every bit flipped for a negative one."""
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x.astype(jnp.float32)), jnp.uint32)
+    return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
+
+
+def _largest_key_where(pred, rows: int) -> jax.Array:
+    """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows] -> bool[rows], true
+    below wherever it is true), 0 where it holds nowhere above 0: built from the high bit down, 32 reductions over
+    the row, unrolled (no sort, no loop)."""
+    ans = jnp.zeros((rows,), jnp.uint32)
+    for bit in range(31, -1, -1):
+        cand = ans | jnp.uint32(1 << bit)
+        ans = jnp.where(pred(cand), cand, ans)
+    return ans
+
+
+def apply_filters_sort_free(logits, s: SamplingArrays):
+    """``apply_filters`` without a sort: the k-th largest logit and top-p's cutoff found by bisection over the
+    logits' order keys (32 masked reductions over the vocabulary each) instead of a vocabulary sort, which XLA
+    sends to CUB on a GPU from 32 rows, a call its command buffers cannot hold (``sample(sort_free=True)``).
+    The same tokens are kept: every logit at least the k-th largest (ties kept); top-p over the k largest alone
+    (ties at the k-th counted as in the sorted order, to fill k); then min-p."""
+    S, V = logits.shape
+    keys = order_keys(logits)
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)[:, None]
+    kth_key = _largest_key_where(lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k[:, 0], S)[:, None]
+    logits = jnp.where(keys < kth_key, NEG_INF, logits)
+    # top-p over the k largest: the mass above each candidate cutoff, with the k-th value's ties filling k
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    above = keys > kth_key
+    kth = jnp.max(jnp.where(keys == kth_key, logits, NEG_INF), axis=-1, keepdims=True)
+    fill = (k - jnp.sum(above, axis=-1, keepdims=True)).astype(jnp.float32)
+    z = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + fill * jnp.exp(kth - m)
+    need = s.top_p[:, None] * z
+
+    def heavy(t):       # the mass strictly above key t reaches top_p: t is below the cutoff
+        return jnp.sum(jnp.where(keys > t[:, None], e, 0.0), axis=-1) >= need[:, 0]
+
+    below = _largest_key_where(heavy, S)
+    cutoff = jnp.where(heavy(jnp.zeros((S,), jnp.uint32)), below + jnp.uint32(1), jnp.uint32(0))
+    logits = jnp.where(keys < cutoff[:, None], NEG_INF, logits)
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)
+
+
+def top_logprobs_sort_free(lp):
+    """``_top_logprobs`` without ``lax.top_k`` (a sort on a GPU): the ``MAX_LOGPROBS`` largest by repeated
+    argmax, each over what is below the last in (value descending, index ascending) order -- ``lax.top_k``'s."""
+    S, V = lp.shape
+    keys = order_keys(lp)
+    col = jnp.arange(V, dtype=jnp.int32)[None, :]
+    ids, vals, prev_key, prev_id = [], [], None, None
+    for _ in range(min(MAX_LOGPROBS, V)):
+        if prev_key is None:
+            cand = keys
+        else:
+            below = (keys < prev_key[:, None]) | ((keys == prev_key[:, None]) & (col > prev_id[:, None]))
+            cand = jnp.where(below, keys, jnp.uint32(0))      # key 0 is below every float's but a NaN's
+        i = jnp.argmax(cand, axis=-1).astype(jnp.int32)
+        prev_key, prev_id = jnp.take_along_axis(keys, i[:, None], axis=-1)[:, 0], i
+        ids.append(i)
+        vals.append(jnp.take_along_axis(lp, i[:, None], axis=-1)[:, 0])
+    idx, v = jnp.stack(ids, axis=-1), jnp.stack(vals, axis=-1)
+    pad = MAX_LOGPROBS - idx.shape[-1]
+    if pad == 0:
+        return idx, v
+    return jnp.pad(idx, ((0, 0), (0, pad))), jnp.pad(v, ((0, 0), (0, pad)), constant_values=NEG_INF)
+
+
+def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free: bool = False):
     """Draw one token per row with the parts of the static ``variant`` (see the module docstring).
 
     ``history_fn()`` returns ``(history i32[S,H], valid bool[S,H], is_output bool[S,H])``;
     only ``full`` (penalties) calls it.
     Returns ``(ids i32[S], logprob f32[S], top_ids i32[S,K], top_logprobs f32[S,K])``; the last
-    three are ``None`` unless ``variant`` is ``full``.
+    three are ``None`` unless ``variant`` is ``full``. ``sort_free``: ``full``'s filters and top logprobs without
+    a sort (``apply_filters_sort_free``, ``top_logprobs_sort_free``; the same results).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown sampler variant {variant!r}; expected one of {VARIANTS}")
@@ -152,7 +236,8 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
         scaled = logits / temp
         if variant == FULL:
-            scaled = jnp.where(s.row_uses_filters()[:, None], apply_filters(scaled, s), scaled)
+            filters = apply_filters_sort_free if sort_free else apply_filters
+            scaled = jnp.where(s.row_uses_filters()[:, None], filters(scaled, s), scaled)
 
         def one(seed, idx, row):
             key = jax.random.fold_in(jax.random.key(seed), idx)
@@ -164,7 +249,7 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL):
         return ids, None, None, None
     raw_logprobs = jax.nn.log_softmax(raw_logits, axis=-1)
     logprob = jnp.take_along_axis(raw_logprobs, ids[:, None], axis=-1)[:, 0]
-    top_ids, top_lps = _top_logprobs(raw_logprobs)
+    top_ids, top_lps = (top_logprobs_sort_free if sort_free else _top_logprobs)(raw_logprobs)
     return ids, logprob, top_ids, top_lps
 
 

@@ -310,6 +310,52 @@ def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_
     assert compilation_count() == before
 
 
+def test_a_sampler_switch_compiles_one_executable_a_bucket_and_draws_what_the_variants_draw(loaded, variant_runner):
+    """``sampler_switch``: warm-up compiles one step a bucket (2 + the page copy, against 2 x 3 + 1); each step
+    still reports the cheapest variant its rows need, and every kind of row, alone and in a mixed step, draws the
+    tokens and logprobs the variants' executables draw (its ``full`` branch filters and ranks without a sort);
+    a costlier variant may still be asked for; nothing compiles after warm-up."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(VARIANT_CFG, sampler_switch=True))
+    before = compilation_count()
+    runner.warmup()
+    assert compilation_count() - before == 2 + 1
+    assert sorted(runner._parts) == sorted(("switch", t, p) for t, _, p in runner.bucket_shapes())
+    assert len({id(c) for c in runner._compiled.values()}) == 2 and len(runner._compiled) == 2 * len(VARIANTS)
+    one, _ = variant_runner
+    before = compilation_count()
+    for kinds in (("greedy",), ("seeded",), ("top-k",), ("greedy", "seeded-banned", "top-p-min-p", "penalties",
+                                                          "logprobs", "greedy-logprobs", "banned")):
+        tokens, logprobs, used = _generate(runner, kinds)
+        want, want_lps, want_used = _generate(one, kinds)
+        assert tokens == want and used == want_used
+        for a, b in zip(logprobs, want_lps):
+            for (lp, ids, lps), (lp1, ids1, lps1) in zip(a, b, strict=True):
+                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
+                np.testing.assert_allclose(lps, lps1, atol=1e-5)
+    # a greedy row run in the costlier variants' branches draws the same token
+    for variant in VARIANTS:
+        assert _generate(runner, ("greedy",), variant, steps=2)[0] == _generate(one, ("greedy",), steps=2)[0]
+    assert compilation_count() == before
+
+
+def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
+    """The switched step lowered for a GPU: one ``stablehlo.case`` (the variants), and nothing that XLA would send
+    to CUB or a top-k call outside its command buffers (a sort, a top-k); the variants' own steps do sort."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(VARIANT_CFG, token_buckets=(16,), page_buckets=(4,), sampler_switch=True))
+    text = runner._lower_part(("switch", 16, 4)).as_text()
+    assert text.count("stablehlo.case") == 1
+    assert "stablehlo.sort" not in text and "top_k" not in text.lower() and "topk" not in text.lower()
+    full = runner.lower(16, 4, FULL).as_text()
+    assert "stablehlo.sort" in full or "top_k" in full.lower()
+    with pytest.raises(ValueError, match="pick one"):
+        RunnerConfig(sampler_switch=True, separate_sampler=True)
+    with pytest.raises(ValueError, match="sampler_switch: expected true or false"):
+        RunnerConfig(sampler_switch="yes")
+
+
 def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
     mesh, model = loaded
     cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), return_logits=True)

@@ -1,13 +1,16 @@
 """The on-device sampler against numpy: filters, penalties, seeds, banned ids, logprobs; its static
 variants draw what ``full`` draws, and none holds a conditional."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdyn.engine.sampler import (
-    FULL, GREEDY, PLAIN, VARIANTS, SamplingArrays, apply_filters, apply_penalties, sample, serves, variant_for)
+    FULL, GREEDY, PLAIN, VARIANTS, SamplingArrays, _top_logprobs, apply_filters, apply_filters_sort_free,
+    apply_penalties, order_keys, sample, serves, top_logprobs_sort_free, variant_for)
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 
 
@@ -225,3 +228,65 @@ def test_an_unknown_variant_is_refused():
     logits, s, history, _ = mixed_batch()
     with pytest.raises(ValueError, match="unknown sampler variant 'fast'"):
         _sample(logits, s, history, "fast")
+
+
+def test_order_keys_order_floats_as_floats_do():
+    x = np.array([-np.inf, -3e38, -2.0, -1e-30, -0.0, 0.0, 1e-37, 1e-30, 2.0, 3e38, np.inf], np.float32)  # normals: XLA flushes subnormals
+    keys = np.asarray(jax.jit(order_keys)(jnp.asarray(x))).astype(np.int64)
+    assert keys[4] == keys[5]                                  # -0.0 is 0.0
+    assert np.all(np.diff(np.delete(keys, 4)) > 0)
+
+
+def _sampling(S, rng, ties_at_k=False):
+    s = arrays(S)
+    return dataclasses.replace(
+        s, top_k=jnp.asarray(rng.integers(0, 12, S), jnp.int32),
+        top_p=jnp.asarray(rng.choice([1.0, 0.999, 0.9, 0.5, 0.1, 1e-6], S), jnp.float32),
+        min_p=jnp.asarray(rng.choice([0.0, 0.05, 0.3], S), jnp.float32))
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "banned"])
+def test_sort_free_filters_keep_what_the_sorted_filters_keep(data):
+    """Bisection over the logits' order keys finds the k-th largest logit and top-p's cutoff: the same tokens
+    are kept, with the same values, as by the vocabulary sort, ties included (a row of rounded logits has many
+    at the k-th value and at the cutoff) and with banned (-inf) ids; k above the vocabulary keeps all."""
+    rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
+    for _ in range(8):
+        S, V = 8, 96
+        logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+        if data == "ties":
+            logits = np.round(logits)
+        if data == "banned":
+            logits[rng.random((S, V)) < 0.3] = -np.inf
+        s = _sampling(S, rng)
+        s = dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
+        want = np.asarray(apply_filters(jnp.asarray(logits), s))
+        got = np.asarray(jax.jit(apply_filters_sort_free)(jnp.asarray(logits), s))
+        assert np.array_equal(np.isinf(got), np.isinf(want))
+        np.testing.assert_array_equal(got[~np.isinf(got)], want[~np.isinf(want)])
+
+
+def test_sort_free_top_logprobs_are_top_ks():
+    rng = np.random.default_rng(3)
+    lp = jax.nn.log_softmax(jnp.asarray(np.round(rng.normal(size=(6, 300)) * 2).astype(np.float32)), axis=-1)
+    want = _top_logprobs(lp)
+    got = jax.jit(top_logprobs_sort_free)(lp)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))    # ties: the lower id first
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    small = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(2, 7)).astype(np.float32)), axis=-1)
+    for a, b in zip(top_logprobs_sort_free(small), _top_logprobs(small)):      # a vocabulary under MAX_LOGPROBS
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_sort_free_sampler_draws_what_the_sorted_one_draws_and_holds_no_sort(variant):
+    logits, s, history, _ = mixed_batch()
+    args = (jnp.asarray(logits), s, tuple(jnp.asarray(x) for x in history))
+    free = jax.jit(lambda lg, sa, h: sample(lg, lambda: h, sa, variant, sort_free=True))
+    for a, b in zip(free(*args), _sample(*args, variant)):
+        if b is None:
+            assert a is None
+        else:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    text = free.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.sort" not in text and "topk" not in text.lower() and "top_k" not in text.lower()

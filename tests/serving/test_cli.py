@@ -88,6 +88,11 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve", "--skip-idle-prefill"])).skip_idle_prefill is True
     assert _engine_config(parse(["bench", "offline", "--skip-idle-prefill"])).skip_idle_prefill is True
     assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
+    assert _engine_config(parse(["serve"])).sampler_switch is False
+    assert _engine_config(parse(["serve", "--sampler-switch"])).sampler_switch is True
+    assert _engine_config(parse(["bench", "offline", "--sampler-switch"])).sampler_switch is True
+    with pytest.raises(CLIError, match="--sampler-switch and --separate-sampler .* pick one"):
+        _engine_config(parse(["serve", "--sampler-switch", "--separate-sampler"]))
     assert _engine_config(parse(["serve", "--separate-sampler", "except-greedy"])).separate_sampler == "except_greedy"
     with pytest.raises(SystemExit):
         parse(["serve", "--separate-sampler", "some"])
