@@ -1,7 +1,7 @@
 """Warm-up seconds of an engine on this machine: every bucket compiled, no executable or JAX cache.
 
-    python benchmarks/warmup_time.py [--separate-sampler [except-greedy]]      # the shipped demo, jaxdyn serve's engine
-    python benchmarks/warmup_time.py --preset llama-3.1-8b --layers 32 [--separate-sampler [except-greedy]]
+    python benchmarks/warmup_time.py [--separate-sampler [except-greedy] | --sampler-switch]      # the shipped demo
+    python benchmarks/warmup_time.py --preset llama-3.1-8b --layers 32 [--separate-sampler [except-greedy] | --sampler-switch]
 
 ``--preset``: that preset's depth and vocabulary at hidden 64 (``benchmarks/engine_host_time.py``'s narrow model,
 random weights), token buckets 16/64/256 and page buckets 8/32 (six shapes). Prints the seconds of
@@ -24,7 +24,10 @@ def main() -> int:
     ap.add_argument("--preset", default=None, help="a preset's depth and vocabulary at hidden 64 (default: the demo)")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     ap.add_argument("--separate-sampler", nargs="?", const="all", default=None, choices=("all", "except-greedy"))
+    ap.add_argument("--sampler-switch", action="store_true", help="one executable a bucket (EngineConfig.sampler_switch)")
     args = ap.parse_args()
+    if args.sampler_switch and args.separate_sampler:
+        ap.error("--sampler-switch and --separate-sampler: pick one")
     sys.path.insert(0, ".")
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     from checkpoints.loader import load_model
@@ -34,7 +37,8 @@ def main() -> int:
     if args.preset is None:
         from serving.cli import DEMO_MODEL, _engine_config, build_parser
         argv = ["serve", "--no-executable-cache"] + (["--separate-sampler", args.separate_sampler]
-                                                     if args.separate_sampler else [])
+                                                     if args.separate_sampler else []) + (
+            ["--sampler-switch"] if args.sampler_switch else [])
         cfg = _engine_config(build_parser().parse_args(argv))
         mesh, loaded, tok = load_model(DEMO_MODEL)
         what = "the demo model, jaxdyn serve's engine"
@@ -46,13 +50,14 @@ def main() -> int:
                                        load_format="dummy")
         cfg = EngineConfig(num_pages=512, max_num_batched_tokens=256, max_num_seqs=64, max_model_len=512,
                            token_buckets=(16, 64, 256), page_buckets=(8, 32),
-                           separate_sampler=SEPARATE_SAMPLER_FLAG[args.separate_sampler])
+                           separate_sampler=SEPARATE_SAMPLER_FLAG[args.separate_sampler],
+                           sampler_switch=args.sampler_switch)
         what = f"{args.preset}'s depth and vocabulary ({loaded.config.num_layers} layers), hidden 64"
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     c0, t0 = compilation_count(), time.perf_counter()
     core.warmup()
-    print(f"{what}, separate_sampler={args.separate_sampler or 'off'}: warm-up {time.perf_counter() - t0:.1f} s, "
-          f"{compilation_count() - c0} compilations")
+    print(f"{what}, separate_sampler={args.separate_sampler or 'off'}, sampler_switch={args.sampler_switch}: warm-up "
+          f"{time.perf_counter() - t0:.1f} s, {compilation_count() - c0} compilations")
     return 0
 
 

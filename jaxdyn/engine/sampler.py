@@ -35,7 +35,7 @@ that needs one of the costly parts pays for all of them. ``greedy`` and
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
 ``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
-top-p's cutoff by bisection over order-preserving u32 keys of the logits (32 masked reductions over the
+top-p's cutoff by a radix search over order-preserving u32 keys of the logits (8 passes over the
 vocabulary each, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes, keeping exactly what the
 sort keeps (ties included). XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
 its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
@@ -146,27 +146,32 @@ def order_keys(x: jax.Array) -> jax.Array:
     return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
 
 
+_DIGIT_BITS = 4      # bits of the answer a pass of ``_largest_key_where`` settles: 2**4 - 1 candidates a pass
+
+
 def _largest_key_where(pred, rows: int) -> jax.Array:
-    """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows] -> bool[rows], true
-    below wherever it is true), 0 where it holds nowhere above 0: built from the high bit down, 32 reductions over
-    the row, unrolled (no sort, no loop)."""
+    """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
+    below wherever it is true), 0 where it holds nowhere above 0. A radix search from the high digit down: each
+    pass tries the 15 values of the next 4 bits at once (one masked reduction over the row per candidate, fused
+    into one pass), 8 passes in all, unrolled (no sort, no loop)."""
+    digits = (jnp.arange(1, 1 << _DIGIT_BITS, dtype=jnp.uint32))[None, :]
     ans = jnp.zeros((rows,), jnp.uint32)
-    for bit in range(31, -1, -1):
-        cand = ans | jnp.uint32(1 << bit)
-        ans = jnp.where(pred(cand), cand, ans)
+    for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        ok = pred(ans[:, None] | (digits << shift))               # true for a prefix of the digits
+        ans = ans | (jnp.sum(ok, axis=-1).astype(jnp.uint32) << shift)
     return ans
 
 
 def apply_filters_sort_free(logits, s: SamplingArrays):
-    """``apply_filters`` without a sort: the k-th largest logit and top-p's cutoff found by bisection over the
-    logits' order keys (32 masked reductions over the vocabulary each) instead of a vocabulary sort, which XLA
+    """``apply_filters`` without a sort: the k-th largest logit and top-p's cutoff found by a radix search over the
+    logits' order keys (8 passes over the vocabulary each) instead of a vocabulary sort, which XLA
     sends to CUB on a GPU from 32 rows, a call its command buffers cannot hold (``sample(sort_free=True)``).
     The same tokens are kept: every logit at least the k-th largest (ties kept); top-p over the k largest alone
     (ties at the k-th counted as in the sorted order, to fill k); then min-p."""
     S, V = logits.shape
     keys = order_keys(logits)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)[:, None]
-    kth_key = _largest_key_where(lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k[:, 0], S)[:, None]
+    kth_key = _largest_key_where(lambda t: jnp.sum(keys[:, None, :] >= t[:, :, None], axis=-1) >= k, S)[:, None]
     logits = jnp.where(keys < kth_key, NEG_INF, logits)
     # top-p over the k largest: the mass above each candidate cutoff, with the k-th value's ties filling k
     m = jnp.max(logits, axis=-1, keepdims=True)
@@ -177,11 +182,11 @@ def apply_filters_sort_free(logits, s: SamplingArrays):
     z = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + fill * jnp.exp(kth - m)
     need = s.top_p[:, None] * z
 
-    def heavy(t):       # the mass strictly above key t reaches top_p: t is below the cutoff
-        return jnp.sum(jnp.where(keys > t[:, None], e, 0.0), axis=-1) >= need[:, 0]
+    def heavy(t):       # u32[S, n]: the mass strictly above key t reaches top_p, so t is below the cutoff
+        return jnp.sum(jnp.where(keys[:, None, :] > t[:, :, None], e[:, None, :], 0.0), axis=-1) >= need
 
     below = _largest_key_where(heavy, S)
-    cutoff = jnp.where(heavy(jnp.zeros((S,), jnp.uint32)), below + jnp.uint32(1), jnp.uint32(0))
+    cutoff = jnp.where(heavy(jnp.zeros((S, 1), jnp.uint32))[:, 0], below + jnp.uint32(1), jnp.uint32(0))
     logits = jnp.where(keys < cutoff[:, None], NEG_INF, logits)
     p = jax.nn.softmax(logits, axis=-1)
     return jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)

@@ -247,7 +247,7 @@ def _sampling(S, rng, ties_at_k=False):
 
 @pytest.mark.parametrize("data", ["normal", "ties", "banned"])
 def test_sort_free_filters_keep_what_the_sorted_filters_keep(data):
-    """Bisection over the logits' order keys finds the k-th largest logit and top-p's cutoff: the same tokens
+    """A radix search over the logits' order keys finds the k-th largest logit and top-p's cutoff: the same tokens
     are kept, with the same values, as by the vocabulary sort, ties included (a row of rounded logits has many
     at the k-th value and at the cutoff) and with banned (-inf) ids; k above the vocabulary keeps all."""
     rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
