@@ -1,0 +1,79 @@
+"""What does the sampler cost, sorted or sort-free? Each variant of ``jaxdyn.engine.sampler.sample`` alone over
+``M`` rows of the model's vocabulary (float32 logits, random; every row with temperature 0.8, top-k 50, top-p 0.9,
+min-p 0.02, penalties and logprobs, so that ``full``'s every part runs on every row):
+
+- ``greedy``, ``plain``: the cheap variants;
+- ``full sort``: ``full`` as the variants' executables run it (a vocabulary sort for top-k / top-p, ``lax.top_k`` for
+  the top logprobs: CUB calls on a GPU from 32 rows);
+- ``full sort-free``: ``full`` as ``--sampler-switch`` runs it (``sample(sort_free=True)``: radix searches over the
+  logits' order keys and masked argmaxes, kernels a CUDA graph holds).
+
+    python -m benchmarks.gpu.sampler_probe [--model llama-3.1-8b] [--rows 16,64,256,1024]
+
+prints one table: rows, ms of each form, sort-free / sort, and the logits' read at the copy rate (one pass); then,
+per form, the compiled program's custom-call targets (a CUB sort shows as ``xla.gpu.ext.cub_sort_*``) and fusions.
+Runs on the CPU too (its figures say nothing of a GPU's).
+"""
+
+from __future__ import annotations
+
+
+def sampling_inputs(rows: int, vocab: int, history: int = 512):
+    """(logits f32[rows, vocab], SamplingArrays with every part on, (history, valid, is_output)) of ``rows`` rows."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdyn.engine.sampler import SamplingArrays
+    full = lambda v, dt=jnp.float32: jnp.full((rows,), v, dt)   # noqa: E731
+    s = SamplingArrays(temperature=full(0.8), top_k=full(50, jnp.int32), top_p=full(0.9), min_p=full(0.02),
+                       repetition_penalty=full(1.1), presence_penalty=full(0.2), frequency_penalty=full(0.2),
+                       prompt_lens=full(history // 2, jnp.int32), seeds=jnp.arange(rows, dtype=jnp.uint32),
+                       output_index=full(3, jnp.int32), banned=jnp.full((rows, 4), -1, jnp.int32))
+    logits = jax.random.normal(jax.random.key(rows), (rows, vocab), jnp.float32) * 3
+    rng = np.random.default_rng(rows)
+    hist = (jnp.asarray(rng.integers(0, vocab, (rows, history)), jnp.int32), jnp.ones((rows, history), bool),
+            jnp.asarray(np.arange(history)[None, :] >= history // 2).repeat(rows, 0))
+    return logits, (s, hist)
+
+
+def main(argv=None) -> int:
+    from benchmarks.gpu.gemm_probe import probe_args
+    args, rows = probe_args("python -m benchmarks.gpu.sampler_probe", "16,64,256,1024", argv)
+
+    import jax.numpy as jnp
+
+    from benchmarks.gpu.fp8_probe import print_summaries, time_forms
+    from benchmarks.kernels import measure_bandwidth
+    from jaxdyn.config import ModelConfig
+    from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, sample
+    from jaxdyn.models.presets import preset_config
+
+    vocab = ModelConfig.from_dict(preset_config(args.model)).vocab_size
+
+    def form(variant, sort_free=False):
+        def run(logits, p):     # every output kept (one small array: a timed call waits on one)
+            out = sample(logits, lambda: p[1], p[0], variant, sort_free=sort_free)
+            return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in out if x is not None])
+        return run
+
+    forms = {"greedy": form(GREEDY), "plain": form(PLAIN), "full sort": form(FULL),
+             "full sort-free": form(FULL, sort_free=True)}
+    bandwidth = measure_bandwidth(2.0)
+    print(f"{args.model} vocabulary {vocab}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process)", flush=True)
+    names = list(forms)
+    print("| rows | " + " | ".join(f"{n} ms" for n in names) + " | sort-free / sort | logits' read ms |")
+    print("|---:|" + "---:|" * (len(names) + 2))
+    summaries = {}
+    for m in rows:
+        logits, params = sampling_inputs(m, vocab)
+        t = time_forms(forms, logits, params, args.reps, summaries)
+        print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + f" | {t[3] / t[2]:.3f} | "
+              f"{4.0 * m * vocab / bandwidth * 1e3:.3f} |", flush=True)
+    print_summaries(summaries)
+    print(f"reproduce: python -m benchmarks.gpu.sampler_probe --model {args.model} --rows {args.rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
