@@ -1,0 +1,30 @@
+# For the next device session's third call (written in the twenty-first session; at most ~300 s by its limits):
+# 1. whether XLA put the two conditionals inside the step's command buffer (CUDA graph conditional nodes, no host
+#    sync) or left them as top-level thunks (a host sync each): the thunk sequence after XLA's thunk passes of a
+#    two-bucket fp8 engine with both --sampler-switch and --skip-idle-prefill, each Conditional line with the thunk
+#    that holds it;
+# 2. the sampler alone: greedy, plain, full with a sort (the variants' executables) and full sort-free (the switch's
+#    branch) at 16-1,024 rows of the 8B vocabulary, every part on every row.
+pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
+export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
+XLA_FLAGS="--xla_dump_to=/tmp/xdump" timeout 170 python -m benchmarks.gpu.profile_run --windows none --quant fp8 \
+  --num-prompts 64 --engine '{"kv_cache_dtype": "fp8", "token_buckets": [16, 2048], "sampler_switch": true, "skip_idle_prefill": true}' \
+  2>&1 | grep -v "^W" | tail -4 | tee $OUT/switch_skip_run.txt
+python - <<'PY' 2>&1 | tee $OUT/conditionals_in_graphs.txt
+import glob, os
+files = sorted(glob.glob("/tmp/xdump/*thunk_sequence_after_thunk_passes*.txt"))
+print(f"{len(files)} thunk sequences after the thunk passes")
+for f in files:
+    lines = open(f).read().splitlines()
+    hits = [i for i, l in enumerate(lines) if "onditional" in l]
+    if not hits:
+        continue
+    print(f"== {os.path.basename(f)}: {len(lines)} lines, {len(hits)} with a conditional")
+    for i in hits[:40]:
+        ind = len(lines[i]) - len(lines[i].lstrip())
+        parent = next((lines[j].strip()[:100] for j in range(i - 1, -1, -1)
+                       if len(lines[j]) - len(lines[j].lstrip()) < ind), "(top level)")
+        print(f"  indent {ind}: {lines[i].strip()[:100]}  <- in: {parent}")
+PY
+ls /tmp/xdump | grep -c . ; ls /tmp/xdump | grep -i thunk | head
+timeout 100 python -m benchmarks.gpu.sampler_probe --rows 16,64,256,1024 2>&1 | grep -v "^W" | tee $OUT/sampler_probe.txt | tail -12
