@@ -98,7 +98,7 @@ class EngineConfig:
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
         check_schedule_policy(self.schedule_policy)
-        if self.sampler_switch not in (False, True):
+        if not isinstance(self.sampler_switch, bool):
             raise ValueError(f"sampler_switch: expected true or false, got {self.sampler_switch!r}")
         if self.sampler_switch and self.separate_sampler:
             raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "

@@ -193,7 +193,7 @@ class RunnerConfig:
         check_attention_programs(self.attention_programs)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
-        if self.sampler_switch not in (False, True):
+        if not isinstance(self.sampler_switch, bool):
             raise ValueError(f"sampler_switch: expected true or false, got {self.sampler_switch!r}")
         if self.sampler_switch and self.separate_sampler:
             raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "

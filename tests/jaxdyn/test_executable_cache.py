@@ -115,8 +115,23 @@ def test_a_separate_sampler_s_parts_are_saved_and_loaded(model, tmp_path):
     assert want == _tokens(_runner(model, tmp_path / "one"))   # the one-executable steps draw the same
 
 
+def test_a_sampler_switch_s_steps_are_saved_and_loaded(model, tmp_path):
+    # sampler_switch: one file a bucket, every variant's steps served by it
+    first = _runner(model, tmp_path, sampler_switch=True)
+    first.warmup()
+    names = sorted(os.path.basename(f) for f in _files(tmp_path))
+    assert names == sorted(f"switch-t{t}-p{p}.jaxexec" for t, _, p in first.bucket_shapes())
+    want = _tokens(first)
+    second = _runner(model, tmp_path, sampler_switch=True)
+    c0 = compilation_count()
+    second.warmup()
+    assert second.executables_loaded == len(names) and compilation_count() - c0 <= 1
+    assert _tokens(second) == want
+    assert want == _tokens(_runner(model, tmp_path / "one"))   # the variants' steps draw the same
+
+
 @pytest.mark.parametrize("change", [dict(num_pages=48), dict(max_num_seqs=2), dict(return_logits=True),
-                                    dict(separate_sampler=True)])
+                                    dict(separate_sampler=True), dict(sampler_switch=True)])
 def test_what_changes_the_executable_changes_the_fingerprint(model, tmp_path, change):
     base = _runner(model, tmp_path)
     other = _runner(model, tmp_path, **change)
