@@ -1,5 +1,6 @@
 # For the next device session's third call (written in the twenty-first session; at most ~300 s by its limits):
-# 1. whether XLA put the two conditionals inside the step's command buffer (CUDA graph conditional nodes, no host
+# 1. how XLA's command buffers split the step (command buffers, memsets and copies between them: a memset is
+#    not a command, so each one ends a CUDA graph) and whether XLA put the two conditionals inside the step's command buffer (CUDA graph conditional nodes, no host
 #    sync) or left them as top-level thunks (a host sync each): the thunk sequence after XLA's thunk passes of a
 #    two-bucket fp8 engine with both --sampler-switch and --skip-idle-prefill, each Conditional line with the thunk
 #    that holds it;
@@ -19,7 +20,9 @@ for f in files:
     hits = [i for i, l in enumerate(lines) if "onditional" in l]
     if not hits:
         continue
-    print(f"== {os.path.basename(f)}: {len(lines)} lines, {len(hits)} with a conditional")
+    kinds = {k: sum(k in l for l in lines) for k in ("kCommandBuffer", "kMemset32BitValue", "kMemzero", "kCopy",
+                                                      "kConditional", "kCustomCall", "kCubSort", "kWhile")}
+    print(f"== {os.path.basename(f)}: {len(lines)} lines, {len(hits)} with a conditional; thunks by kind {kinds}")
     for i in hits[:40]:
         ind = len(lines[i]) - len(lines[i].lstrip())
         parent = next((lines[j].strip()[:100] for j in range(i - 1, -1, -1)
@@ -27,4 +30,6 @@ for f in files:
         print(f"  indent {ind}: {lines[i].strip()[:100]}  <- in: {parent}")
 PY
 ls /tmp/xdump | grep -c . ; ls /tmp/xdump | grep -i thunk | head
+for f in $(grep -l onditional /tmp/xdump/*thunk_sequence_after_thunk_passes*.txt 2>/dev/null | head -3); do
+  gzip -c $f > $OUT/$(basename $f).gz; done    # the step's thunks, to read at leisure
 timeout 100 python -m benchmarks.gpu.sampler_probe --rows 16,64,256,1024 2>&1 | grep -v "^W" | tee $OUT/sampler_probe.txt | tail -12
