@@ -78,7 +78,10 @@ def fp8_weight_matmul_reference(x: jax.Array, w: jax.Array, scale: jax.Array, ou
     return (y * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
-def _kernel(x_ref, w_ref, s_ref, xs_ref, o_ref, *, block_k: int, steps: int, split: bool, swap: bool, precision):
+def _kernel(x_ref, w_ref, s_ref, *refs, block_k: int, steps: int, split: bool, swap: bool, precision):
+    # refs: (xs_ref, o_ref) with the rows' scales (w8a8), (o_ref,) without (w8a16: no operand of ones, which XLA
+    # would fill with a memset, a thunk its CUDA graphs cannot hold)
+    xs_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     rows, bn = x_ref.shape[0], w_ref.shape[0]
     nt = (((1,), (1,)), ((), ()))
 
@@ -98,7 +101,8 @@ def _kernel(x_ref, w_ref, s_ref, xs_ref, o_ref, *, block_k: int, steps: int, spl
     if split:
         o_ref[...] = acc
     else:
-        o_ref[...] = (acc * s_ref[...][None, :] * xs_ref[...][:, None]).astype(o_ref.dtype)
+        acc = acc * s_ref[...][None, :]
+        o_ref[...] = (acc if xs_ref is None else acc * xs_ref[...][:, None]).astype(o_ref.dtype)
 
 
 def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
@@ -119,8 +123,8 @@ def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         raise ValueError(f"blocks {blocks} do not divide N={n}, K={k}")
     rows = max(_MIN_ROWS, pl.next_power_of_2(m))
     xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
-    xs = jnp.ones((m,), jnp.float32) if x_scale is None else x_scale.reshape(m).astype(jnp.float32)
-    xs = jnp.pad(xs, (0, rows - m)) if rows != m else xs
+    xs = None if x_scale is None else x_scale.reshape(m).astype(jnp.float32)
+    xs = jnp.pad(xs, (0, rows - m)) if xs is not None and rows != m else xs
     share = k // split
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     kernel = functools.partial(_kernel, block_k=bk, steps=share // bk, split=split > 1, swap=blocks.swap,
@@ -136,17 +140,18 @@ def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         grid=(n // bn, split),
         in_specs=[pl.BlockSpec((rows, share), lambda j, s: (0, s)),
                   pl.BlockSpec((bn, share), lambda j, s: (j, s)),
-                  pl.BlockSpec((bn,), lambda j, s: (j,)),
-                  pl.BlockSpec((rows,), lambda j, s: (0,))],
+                  pl.BlockSpec((bn,), lambda j, s: (j,))] + ([] if xs is None else [
+                  pl.BlockSpec((rows,), lambda j, s: (0,))]),
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         name="fp8_weight_matmul",
-    )(xp, w, scale.astype(jnp.float32), xs)
+    )(xp, w, scale.astype(jnp.float32), *([] if xs is None else [xs]))
     if split > 1:
-        out = (out.sum(axis=0) * scale.astype(jnp.float32) * xs[:, None]).astype(out_dtype)
+        out = out.sum(axis=0) * scale.astype(jnp.float32)
+        out = (out if xs is None else out * xs[:, None]).astype(out_dtype)
     return out[:m] if rows != m else out
 
 

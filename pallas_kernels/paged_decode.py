@@ -386,7 +386,7 @@ def live_first(kv_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = jnp.sum(live).astype(jnp.int32)
     slots = jnp.arange(kv_lens.shape[0], dtype=jnp.int32)
     at = jnp.where(live, jnp.cumsum(live) - 1, n + jnp.cumsum(~live) - 1)
-    return n.reshape(1), jnp.zeros_like(slots).at[at].set(slots, unique_indices=True)
+    return n.reshape(1), kernel_zeros(slots.shape, slots.dtype, n).at[at].set(slots, unique_indices=True)
 
 
 def kv_operands(k_pages, v_pages, gather: str, head_axis: int = 1):
@@ -559,6 +559,15 @@ def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial out
     den = (w * l).sum(axis=1)
     num = jnp.where(w[..., None] > 0, w[..., None] * o, 0.0).sum(axis=1)
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+def kernel_zeros(shape, dtype, anchor: jax.Array) -> jax.Array:
+    """Zeros that XLA cannot fold to a constant: a select on ``anchor``, an int32 scalar of the step's inputs that is
+    never negative (not ``jnp.zeros``). XLA emits a buffer filled with a constant as a memset thunk, which is not a
+    command of its CUDA graphs: in a step each one ends a graph (the attention's in-place output, every layer), and in
+    a ``lax.cond`` / ``lax.switch`` branch it keeps the conditional out of the graph, where it copies its index to the
+    host and waits. These zeros are a kernel like any other."""
+    return jnp.broadcast_to(jnp.where(anchor < 0, anchor, 0).astype(dtype), shape)
 
 
 def on_gpu() -> bool:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.paged_decode import (decode_block_sizes, grid_splits, on_gpu,
+from pallas_kernels.paged_decode import (decode_block_sizes, grid_splits, kernel_zeros, on_gpu,
                                          paged_decode_attention_kernel)
 from pallas_kernels.ragged_prefill import prefill_block_sizes, ragged_prefill_attention_kernel
 
@@ -97,7 +97,7 @@ def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: f
     kw = dict(q_rows=q_rows, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
     if in_place and grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks) == 1:
         return paged_decode_attention_kernel(
-            q, k_pages, v_pages, kv_lens, page_table, out=jnp.zeros_like(q),
+            q, k_pages, v_pages, kv_lens, page_table, out=kernel_zeros(q.shape, q.dtype, q_rows[0]),
             blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **kw), True
     return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, **kw), False
 
@@ -177,7 +177,7 @@ def ragged_paged_attention(
     if stored:
         return maybe_prefill(lambda out: out, decode_out)
     # [T, H, D]; a decode-only step's rows all come from the decode kernel, so zeros stand in for a skipped one
-    prefill_out = maybe_prefill(lambda out: jnp.zeros_like(q))
+    prefill_out = maybe_prefill(lambda out: kernel_zeros(q.shape, q.dtype, cu_q_lens[0]))
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     # the sequence of each row: one fused comparison (searchsorted is a loop of kernels on GPU)
     seq = jnp.clip((cu_q_lens[None, 1:] <= rows[:, None]).sum(axis=1), 0, num_seqs - 1)

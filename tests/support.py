@@ -122,3 +122,40 @@ def _bytes_to_unicode() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def constant_filled_buffers(jaxpr) -> list[str]:
+    """Where a traced program materializes a buffer filled with a constant, which XLA's GPU backend emits as a memset
+    thunk (not a command of its CUDA graphs): a ``broadcast_in_dim`` of a literal that is a ``cond`` branch's output,
+    a scatter's operand or a ``pallas_call``'s operand (an output buffer it aliases). Walks nested jaxprs (``pjit``,
+    ``cond`` branches, ...). Returns one description a place; [] when there is none."""
+    from jax.extend import core as jcore
+
+    found: list[str] = []
+
+    def literal_broadcasts(jx) -> dict:
+        return {e.outvars[0]: e for e in jx.eqns
+                if e.primitive.name == "broadcast_in_dim" and isinstance(e.invars[0], jcore.Literal)}
+
+    def walk(jx, where: str) -> None:
+        consts = literal_broadcasts(jx)
+        for e in jx.eqns:
+            name = e.primitive.name
+            if name.startswith("scatter") and e.invars[0] in consts:
+                found.append(f"{where}: a {name}'s operand {consts[e.invars[0]].outvars[0].aval.str_short()}")
+            if name == "pallas_call":
+                found.extend(f"{where}: pallas_call {e.params.get('name_and_src_info', '')} operand "
+                             f"{v.aval.str_short()}" for v in e.invars if v in consts)
+            if name == "cond":
+                for i, br in enumerate(e.params["branches"]):
+                    inner = literal_broadcasts(br.jaxpr)
+                    found.extend(f"{where}: branch {i}'s output {v.aval.str_short()}" for v in br.jaxpr.outvars
+                                 if v in inner)
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if isinstance(inner, jcore.Jaxpr):
+                        walk(inner, f"{where}/{name}")
+
+    walk(getattr(jaxpr, "jaxpr", jaxpr), "step")
+    return found

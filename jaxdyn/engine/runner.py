@@ -50,6 +50,7 @@ from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, alloc
                              check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
+from pallas_kernels.paged_decode import kernel_zeros
 
 MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under min_tokens)
 
@@ -598,10 +599,11 @@ class ModelRunner:
         def branch(fn):
             def run(token_pages, prev_sampled, logits, tok, seqi, seqf):
                 sampled, lps, top_ids, top_lps = fn(token_pages, prev_sampled, logits, tok, seqi, seqf)
-                if lps is None:
-                    rows = seqf.shape[0]
-                    lps, top_ids, top_lps = (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, k), jnp.int32),
-                                             jnp.zeros((rows, k), jnp.float32))
+                if lps is None:     # zeros that are a kernel, not a memset, which would keep the switch out of the graph
+                    rows, anchor = seqf.shape[0], seqi[0, 1]          # cu_q_lens[0]: 0
+                    lps, top_ids, top_lps = (kernel_zeros((rows,), jnp.float32, anchor),
+                                             kernel_zeros((rows, k), jnp.int32, anchor),
+                                             kernel_zeros((rows, k), jnp.float32, anchor))
                 return sampled, lps, top_ids, top_lps
             return run
 

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
+from pallas_kernels.paged_decode import kernel_zeros
 
 NEG_INF = -jnp.inf
 
@@ -111,9 +112,9 @@ def apply_penalties(logits, history, history_valid, is_output, s: SamplingArrays
     S, V = logits.shape
     rows = jnp.arange(S)[:, None]
     hist = jnp.clip(history, 0, V - 1)
-    out_counts = jnp.zeros((S, V), jnp.float32).at[rows, hist].add(
-        (history_valid & is_output).astype(jnp.float32))
-    seen = jnp.zeros((S, V), jnp.float32).at[rows, hist].add(history_valid.astype(jnp.float32)) > 0
+    zeros = kernel_zeros((S, V), jnp.float32, s.output_index[0])    # not a memset (kernel_zeros)
+    out_counts = zeros.at[rows, hist].add((history_valid & is_output).astype(jnp.float32))
+    seen = zeros.at[rows, hist].add(history_valid.astype(jnp.float32)) > 0
     rep = s.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - s.frequency_penalty[:, None] * out_counts

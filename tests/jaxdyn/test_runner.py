@@ -20,7 +20,7 @@ from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers
 from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, VARIANTS, serves
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
-from tests.support import make_hf_checkpoint
+from tests.support import constant_filled_buffers, make_hf_checkpoint
 
 CFG = RunnerConfig(num_pages=96, page_size=16, max_num_batched_tokens=64, max_num_seqs=8,
                    max_model_len=128, fail_on_compile=True)
@@ -753,6 +753,7 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
     ("fp8", True, dict(fp8_fused_quantize="all", fp8_fused_quantize_min_tokens=0, attention_programs=264,
                        kv_cache_dtype="fp8", skip_idle_prefill=True)),
     ("fp8", False, dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
+    ("fp8", False, dict(kv_cache_dtype="fp8", skip_idle_prefill=True, sampler_switch=True)),
 ])
 def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, head, options):
     """Each bucket's step in every sampler variant, lowered for a GPU on the CPU with the Pallas kernels as a GPU
@@ -776,11 +777,18 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
         monkeypatch.setattr(module, "on_gpu", lambda: True)
     runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(
         CFG, max_num_seqs=32, token_buckets=(16, 64), page_buckets=(8,), **options))
+    switch = options.get("sampler_switch", False)
     for t, _, p in runner.bucket_shapes():
-        for variant in VARIANTS:
-            lowered = runner._jitted[variant].trace(runner.state, runner.kv_cache, runner.token_pages,
-                                                    runner.prev_sampled, *runner._input_shapes(t, p))
+        for variant in VARIANTS[:1] if switch else VARIANTS:
+            step = runner._switched if switch else runner._jitted[variant]
+            lowered = step.trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
+                                 *runner._input_shapes(t, p))
             text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+            # no buffer filled with a constant: XLA makes it a memset, which ends a CUDA graph, and inside a
+            # conditional's branch (the skip's, the switch's) keeps the conditional out of the graph: a host sync
+            assert constant_filled_buffers(lowered.jaxpr) == [], (t, variant)
+            if switch:      # one more conditional (the sampler's), and no sort (a CUB call on a GPU)
+                assert text.count("stablehlo.case") == cfg.num_layers + 1 and "stablehlo.sort" not in text
             # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
             # quantization from 0 tokens) or the few-row product kernel (steps of at most 16 tokens)
             fp8_kernel = (options.get("fp8_fused_quantize") == "all"

@@ -15,6 +15,7 @@ import pytest
 from pallas_kernels import paged_decode, ragged_prefill
 from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
                                                    ragged_paged_attention_reference)
+from tests.support import constant_filled_buffers
 
 
 def _batch(rng, seqs, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, pad_tokens=5,
@@ -577,3 +578,7 @@ def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, prog
     text_skip = skip.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text_skip.count("__gpu$xla.gpu.triton") == 2 and "stablehlo.case" in text_skip
     assert "stablehlo.case" not in text
+    # no buffer filled with a constant (a memset on the GPU, which ends a CUDA graph or keeps the skip's
+    # conditional out of it): the in-place output's zeros and the skipped branch's are kernels (kernel_zeros)
+    assert constant_filled_buffers(f.trace(*args).jaxpr) == []
+    assert constant_filled_buffers(skip.trace(*args).jaxpr) == []
