@@ -1,14 +1,15 @@
-# For the next device session's third call (written in the twenty-first session; at most ~300 s by its limits):
-# 1. how XLA's command buffers split the step (command buffers, memsets and copies between them: a memset is
-#    not a command, so each one ends a CUDA graph) and whether XLA put the two conditionals inside the step's command buffer (CUDA graph conditional nodes, no host
-#    sync) or left them as top-level thunks (a host sync each): the thunk sequence after XLA's thunk passes of a
-#    two-bucket fp8 engine with both --sampler-switch and --skip-idle-prefill, each Conditional line with the thunk
-#    that holds it;
+# For the next device session's third call (written in the twenty-first session; at most ~560 s by its limits):
+# 1. how XLA's command buffers split a step, and whether the two conditionals are inside them: the thunk sequences
+#    after XLA's thunk passes of a two-bucket fp8 engine with --sampler-switch and --skip-idle-prefill (thunks by
+#    kind: command buffers, memsets, copies, conditionals; each conditional with the thunk that holds it: inside a
+#    command buffer, the branch is picked on the device; at the top level, the host waits for the index);
 # 2. the sampler alone: greedy, plain, full with a sort (the variants' executables) and full sort-free (the switch's
-#    branch) at 16-1,024 rows of the 8B vocabulary, every part on every row.
+#    branch) at 16-1,024 rows of the 8B vocabulary, every part on every row;
+# 3. the skip's GPU tests, then the engine offline with and without --skip-idle-prefill (one JAX cache shared: the
+#    second configuration compiles its own steps), two rounds.
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
-XLA_FLAGS="--xla_dump_to=/tmp/xdump" timeout 170 python -m benchmarks.gpu.profile_run --windows none --quant fp8 \
+XLA_FLAGS="--xla_dump_to=/tmp/xdump" timeout 150 python -m benchmarks.gpu.profile_run --windows none --quant fp8 \
   --num-prompts 64 --engine '{"kv_cache_dtype": "fp8", "token_buckets": [16, 2048], "sampler_switch": true, "skip_idle_prefill": true}' \
   2>&1 | grep -v "^W" | tail -4 | tee $OUT/switch_skip_run.txt
 python - <<'PY' 2>&1 | tee $OUT/conditionals_in_graphs.txt
@@ -18,8 +19,6 @@ print(f"{len(files)} thunk sequences after the thunk passes")
 for f in files:
     lines = open(f).read().splitlines()
     hits = [i for i, l in enumerate(lines) if "onditional" in l]
-    if not hits:
-        continue
     kinds = {k: sum(k in l for l in lines) for k in ("kCommandBuffer", "kMemset32BitValue", "kMemzero", "kCopy",
                                                       "kConditional", "kCustomCall", "kCubSort", "kWhile")}
     print(f"== {os.path.basename(f)}: {len(lines)} lines, {len(hits)} with a conditional; thunks by kind {kinds}")
@@ -32,4 +31,7 @@ PY
 ls /tmp/xdump | grep -c . ; ls /tmp/xdump | grep -i thunk | head
 for f in $(grep -l onditional /tmp/xdump/*thunk_sequence_after_thunk_passes*.txt 2>/dev/null | head -3); do
   gzip -c $f > $OUT/$(basename $f).gz; done    # the step's thunks, to read at leisure
-timeout 100 python -m benchmarks.gpu.sampler_probe --rows 16,64,256,1024 2>&1 | grep -v "^W" | tee $OUT/sampler_probe.txt | tail -12
+timeout 90 python -m benchmarks.gpu.sampler_probe --rows 16,64,256,1024 2>&1 | grep -v "^W" | tee $OUT/sampler_probe.txt | tail -12
+timeout 40 python -m pytest -q -m gpu tests/pallas_kernels/test_kernels.py -k gpu_skip 2>&1 | tail -2 | tee $OUT/tests_skip.txt
+export JAX_COMPILATION_CACHE_DIR=/tmp/jc
+timeout 260 python -m benchmarks.gpu.ab_offline --rounds 2 --timeout-s 130 --configs '[{"quant": "fp8", "kv_cache_dtype": "fp8"}, {"quant": "fp8", "kv_cache_dtype": "fp8", "skip_idle_prefill": true}]' 2>&1 | grep -v "^W" | tee $OUT/ab_skip.txt | tail -10
