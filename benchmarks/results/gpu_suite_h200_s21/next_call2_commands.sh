@@ -11,8 +11,8 @@
 # Copy $OUT's files into gpu_suite_h200_s22/ (prefixed callN_).
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
-mkdir -p /tmp/memset && cp -r jaxdyn pallas_kernels checkpoints benchmarks serving /tmp/memset/ \
-  && (cd /tmp/memset && patch -p1 < $OLDPWD/benchmarks/results/gpu_suite_h200_s21/attention_memset.patch)
+R=$PWD; mkdir -p /tmp/memset && cp -r jaxdyn pallas_kernels checkpoints benchmarks serving /tmp/memset/ \
+  && (cd /tmp/memset && patch -p1 < $R/benchmarks/results/gpu_suite_h200_s21/attention_memset.patch) | tail -1
 timeout 560 python -m benchmarks.gpu.ab_offline --rounds 2 --timeout-s 170 --configs '[
   {"quant": "fp8", "kv_cache_dtype": "fp8", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_base"}},
   {"quant": "fp8", "kv_cache_dtype": "fp8", "tree": "/tmp/memset", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_memset"}},
