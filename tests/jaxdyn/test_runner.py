@@ -787,6 +787,7 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
             # no buffer filled with a constant: XLA makes it a memset, which ends a CUDA graph, and inside a
             # conditional's branch (the skip's, the switch's) keeps the conditional out of the graph: a host sync
             assert constant_filled_buffers(lowered.jaxpr) == [], (t, variant)
+            assert "stablehlo.while" not in text, (t, variant)     # a loop outside the graph: a host sync an iteration
             if switch:      # one more conditional (the sampler's), and no sort (a CUB call on a GPU)
                 assert text.count("stablehlo.case") == cfg.num_layers + 1 and "stablehlo.sort" not in text
             # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
