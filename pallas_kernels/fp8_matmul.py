@@ -105,6 +105,9 @@ def _kernel(x_ref, w_ref, s_ref, *refs, block_k: int, steps: int, split: bool, s
         o_ref[...] = (acc if xs_ref is None else acc * xs_ref[...][:, None]).astype(o_ref.dtype)
 
 
+# jitted so that its lowering is cached (each layer calls it with the same shapes; a pallas_call outside a jit is
+# lowered to Triton at every call)
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "out_dtype"))
 def fp8_weight_matmul_kernel(x: jax.Array, w: jax.Array, scale: jax.Array, *,
                              blocks: Fp8MatmulBlocks | None = None, interpret: bool = False,
                              out_dtype=None, x_scale: jax.Array | None = None) -> jax.Array:

@@ -118,3 +118,24 @@ def test_the_kernel_lowers_to_triton_for_a_gpu(activations):
         f = jax.jit(lambda x, w, s, xs: fp8_weight_matmul(x, w, s, impl="kernel", out_dtype=jnp.bfloat16, x_scale=xs))
         lowered = f.trace(sds((16, 4096), jnp.float8_e4m3fn), w, scale, sds((16,), jnp.float32))
     assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_the_kernel_is_lowered_once_for_calls_of_one_shape(monkeypatch):
+    """As the quantization kernel: jitted, so the layers' calls of one shape lower it to Triton once."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from pallas_kernels import fp8_matmul
+    lowered = []
+    lower = triton_lowering.lower_jaxpr_to_triton_module
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module",
+                        lambda *a, **k: lowered.append(1) or lower(*a, **k))
+    monkeypatch.setattr(fp8_matmul, "on_gpu", lambda: True)
+
+    def layers(x, w, s):
+        for _ in range(4):
+            x = x + fp8_matmul.fp8_weight_matmul(x, w, s)
+        return x
+
+    sds = jax.ShapeDtypeStruct
+    jax.jit(layers).trace(sds((16, 256), jnp.bfloat16), sds((256, 256), jnp.float8_e4m3fn),
+                          sds((256,), jnp.float32)).lower(lowering_platforms=("cuda",))
+    assert len(lowered) == 1

@@ -136,3 +136,26 @@ def test_the_mlp_input_takes_sixteen_warps_and_the_attention_output_eight():
             lowering_platforms=("cuda",)).as_text())]
     assert (MLP_WARPS, ROW_WARPS) == (16, 8)
     assert warps(gate=x) == [MLP_WARPS] and warps() == [ROW_WARPS]
+
+
+def test_the_kernel_is_lowered_once_for_calls_of_one_shape(monkeypatch):
+    """A pallas_call outside a jit is lowered to Triton at every call; the kernel is jitted, so a step whose layers
+    call it with the same shapes lowers it once (in an 8B step of 2,048 tokens its 64 calls had taken 3.6 s of the
+    warm-up's serial lowering on a 2-core CPU; ``benchmarks/lowering_time.py``)."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from pallas_kernels import fp8_quantize
+    lowered = []
+    lower = triton_lowering.lower_jaxpr_to_triton_module
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module",
+                        lambda *a, **k: lowered.append(1) or lower(*a, **k))
+    monkeypatch.setattr(fp8_quantize, "on_gpu", lambda: True)
+
+    def layers(x, g):
+        for _ in range(4):
+            q, s = fp8_quantize.quantize_rows_fp8(x, g)
+            x = x + (q.astype(jnp.float32) * s).astype(x.dtype)
+        return x
+
+    args = (jax.ShapeDtypeStruct((16, 256), jnp.bfloat16), jax.ShapeDtypeStruct((16, 256), jnp.bfloat16))
+    jax.jit(layers).trace(*args).lower(lowering_platforms=("cuda",))
+    assert len(lowered) == 1

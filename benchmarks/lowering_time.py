@@ -1,0 +1,80 @@
+"""Seconds to trace and lower each of an engine's steps as a GPU warm-up does, measured on this machine's CPU.
+
+A warm-up lowers its steps one after another on the calling thread (tracing holds the GIL) and hands each to a
+compiling thread once lowered (``ModelRunner._compile_steps``), so the lowering is a serial part of every cold
+start. Lowering for a GPU runs without one (``lower(lowering_platforms=("cuda",))``, the Pallas kernels lowered to
+Triton as on the device: ``on_gpu`` patched true), so this measures it here: the GPU suite's engine (8B shape by
+default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, the fused quantization from 512
+tokens as on a GPU), abstract weights (no memory for them), every part ``_part_keys`` gives.
+
+    python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch] [--buckets 16,2048]
+
+prints each part's tracing and lowering seconds and their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/lowering_time.py")
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--quant", choices=("fp8", "none"), default="fp8")
+    ap.add_argument("--sampler-switch", action="store_true")
+    ap.add_argument("--buckets", default=None, help="token buckets (default: the GPU suite's engine's)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.gpu.gpu import ENGINE
+    buckets = ENGINE["token_buckets"]
+    if args.buckets:
+        try:
+            buckets = sorted(int(b) for b in args.buckets.split(","))
+        except ValueError:
+            ap.error(f"--buckets: expected token counts separated by commas, got {args.buckets!r}")
+        if buckets[-1] < ENGINE["max_num_batched_tokens"]:
+            ap.error(f"--buckets: the largest must be at least {ENGINE['max_num_batched_tokens']}")
+    for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul"):
+        importlib.import_module(f"pallas_kernels.{m}").on_gpu = lambda: True      # lower as a GPU runs them
+    from checkpoints.loader import plan_model
+    from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
+    from jaxdyn.engine.runner import ModelRunner, RunnerConfig
+    from jaxdyn.engine.sampler import VARIANTS
+
+    quant = None if args.quant == "none" else args.quant
+    plan = plan_model(args.model, load_format="dummy", quantization=quant)
+    cfg = RunnerConfig(page_size=ENGINE["page_size"], num_pages=4096, max_num_seqs=ENGINE["max_num_seqs"],
+                       max_num_batched_tokens=ENGINE["max_num_batched_tokens"], max_model_len=ENGINE["max_model_len"],
+                       token_buckets=tuple(buckets), page_buckets=tuple(ENGINE["page_buckets"]),
+                       kv_cache_dtype="fp8" if quant else "auto",
+                       fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
+                       fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
+                       sampler_switch=args.sampler_switch)
+    runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
+    keys = list(dict.fromkeys(k for t, _, p in runner.bucket_shapes() for v in VARIANTS
+                              for k in runner._part_keys(t, p, v)))
+    total = 0.0
+    print("| part | trace s | lower s |\n|---|---:|---:|")
+    for key in keys:
+        fn = runner._switched if key[0] == "switch" else runner._jitted[key[3]]
+        t0 = time.perf_counter()
+        traced = fn.trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
+                          *runner._input_shapes(key[1], key[2]))
+        t1 = time.perf_counter()
+        traced.lower(lowering_platforms=("cuda",))
+        t2 = time.perf_counter()
+        total += t2 - t0
+        print(f"| {' '.join(str(k) for k in key)} | {t1 - t0:.2f} | {t2 - t1:.2f} |", flush=True)
+    print(f"\n{len(keys)} parts traced and lowered for a GPU in {total:.1f} s on this CPU ({args.model}, "
+          f"{args.quant}, sampler_switch={args.sampler_switch})")
+    print(f"reproduce: python benchmarks/lowering_time.py --model {args.model} --quant {args.quant}"
+          + (" --sampler-switch" if args.sampler_switch else "") + (f" --buckets {args.buckets}" if args.buckets else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
