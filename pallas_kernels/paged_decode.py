@@ -566,7 +566,10 @@ def kernel_zeros(shape, dtype, anchor: jax.Array) -> jax.Array:
     never negative (not ``jnp.zeros``). XLA emits a buffer filled with a constant as a memset thunk, which is not a
     command of its CUDA graphs: in a step each one ends a graph (the attention's in-place output, every layer), and in
     a ``lax.cond`` / ``lax.switch`` branch it keeps the conditional out of the graph, where it copies its index to the
-    host and waits. These zeros are a kernel like any other."""
+    host and waits. These zeros are a kernel like any other. The anchor must be a signed integer: XLA folds
+    ``anchor < 0`` of an unsigned one to false, and the constant (the memset) comes back."""
+    if not jnp.issubdtype(jnp.asarray(anchor).dtype, jnp.signedinteger):
+        raise TypeError(f"kernel_zeros: the anchor must be a signed integer, not {jnp.asarray(anchor).dtype}")
     return jnp.broadcast_to(jnp.where(anchor < 0, anchor, 0).astype(dtype), shape)
 
 

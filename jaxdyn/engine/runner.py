@@ -608,10 +608,16 @@ class ModelRunner:
             return run
 
         branches = [branch(fn) for fn in samplers]
+        # tensor parallel: the logits split by vocabulary would make every reduction of the samplers a collective
+        # inside the branches (about 80 in the sort-free full branch), and a collective is not one of XLA's default
+        # command types, so the conditional would leave the CUDA graph; one all-gather before the switch instead
+        gather = model_parallel_size(self.mesh) > 1
 
         def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
                                                     tok, seqi, seqf)
+            if gather:
+                logits = jax.lax.with_sharding_constraint(logits, self._replicated)
             index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(VARIANTS) - 1)
             sampled, lps, top_ids, top_lps = lax.switch(index, branches, token_pages, prev_sampled, logits,
                                                         tok, seqi, seqf)
@@ -779,6 +785,8 @@ class ModelRunner:
             self.compile_seconds[key][1] = time.perf_counter() - t
             return compiled
 
+        t_compile = time.perf_counter()      # compile_summary's wall: what the cache did not serve
+
         def done(key, compiled):
             # saved as each step is compiled, while the next compiles (serialising takes the GIL in part)
             self._parts[key] = compiled
@@ -818,12 +826,12 @@ class ModelRunner:
                     finish({pool.submit(compile_part, lo, key): key for key, lo in lowered})
         bar.close()
         if keys:
-            self._compile_wall = time.perf_counter() - t0
+            self._compile_wall = time.perf_counter() - t_compile
         return time.perf_counter() - t0
 
     def compile_summary(self) -> dict | None:
         """What warm-up's compilation cost (None when it compiled nothing): ``parts`` compiled, ``threads``,
-        ``wall_s`` (the compiling part of warm-up, start to end), ``lower_s`` (tracing and lowering, on the
+        ``wall_s`` (warm-up's compiling, after any loads from the executable cache), ``lower_s`` (tracing and lowering, on the
         calling thread, summed), ``compile_s`` (XLA's compile calls on the warm-up threads, summed: with
         ``wall_s`` it says how busy the threads were), ``compile_max_s`` and ``slowest`` (that part's key),
         ``by_tokens`` (compile seconds summed by token bucket). Where JAX's persistent cache served a part, its

@@ -35,9 +35,10 @@ that needs one of the costly parts pays for all of them. ``greedy`` and
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
 ``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
-top-p's cutoff by a radix search over order-preserving u32 keys of the logits (8 passes over the
-vocabulary each, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes, keeping exactly what the
-sort keeps (ties included). XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
+top-p's cutoff by a radix search over order-preserving u32 keys of the logits (8 passes of 15 candidates
+each, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes: top-k and the top logprobs exactly
+the sort's (ties included), top-p the sort's up to float rounding at its boundary (``apply_filters_sort_free``);
+with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
 its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
 index back and waits: the sync the variants exist to avoid. A conditional whose branches hold only kernels
 is recorded into the step's CUDA graph as conditional nodes (XLA's default command types include CONDITIONAL,
@@ -122,6 +123,11 @@ def apply_penalties(logits, history, history_valid, is_output, s: SamplingArrays
     return logits
 
 
+# top-p below this counts as this (the top token alone, as any top-p near 0): a subnormal top-p, which the GPU
+# flushes to zero, would otherwise keep no token (the sort) or every token (the sort-free search)
+TOP_P_FLOOR = 1e-30
+
+
 def apply_filters(logits, s: SamplingArrays):
     """top-k, then top-p over what top-k kept, then min-p; logits already temperature-scaled."""
     S, V = logits.shape
@@ -132,7 +138,7 @@ def apply_filters(logits, s: SamplingArrays):
     sd = jnp.where(jnp.arange(V)[None, :] < k[:, None], sorted_desc, NEG_INF)
     probs = jax.nn.softmax(sd, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = before < s.top_p[:, None]
+    keep = before < jnp.maximum(s.top_p, TOP_P_FLOOR)[:, None]
     cutoff = jnp.min(jnp.where(keep, sd, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, NEG_INF, logits)
     p = jax.nn.softmax(logits, axis=-1)
@@ -153,8 +159,8 @@ _DIGIT_BITS = 4      # bits of the answer a pass of ``_largest_key_where`` settl
 def _largest_key_where(pred, rows: int) -> jax.Array:
     """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
     below wherever it is true), 0 where it holds nowhere above 0. A radix search from the high digit down: each
-    pass tries the 15 values of the next 4 bits at once (one masked reduction over the row per candidate, fused
-    into one pass), 8 passes in all, unrolled (no sort, no loop)."""
+    pass tries the 15 values of the next 4 bits at once (a reduction over the row for each candidate: the row is
+    read once a candidate, from cache after the first), 8 passes in all, unrolled (no sort, no loop)."""
     digits = (jnp.arange(1, 1 << _DIGIT_BITS, dtype=jnp.uint32))[None, :]
     ans = jnp.zeros((rows,), jnp.uint32)
     for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
@@ -165,10 +171,14 @@ def _largest_key_where(pred, rows: int) -> jax.Array:
 
 def apply_filters_sort_free(logits, s: SamplingArrays):
     """``apply_filters`` without a sort: the k-th largest logit and top-p's cutoff found by a radix search over the
-    logits' order keys (8 passes over the vocabulary each) instead of a vocabulary sort, which XLA
+    logits' order keys (8 passes of 15 candidates each) instead of a vocabulary sort, which XLA
     sends to CUB on a GPU from 32 rows, a call its command buffers cannot hold (``sample(sort_free=True)``).
-    The same tokens are kept: every logit at least the k-th largest (ties kept); top-p over the k largest alone
-    (ties at the k-th counted as in the sorted order, to fill k); then min-p."""
+    Top-k keeps exactly the sort's tokens: every logit at least the k-th largest (ties kept). Top-p is over the k
+    largest alone (ties at the k-th counted as in the sorted order, to fill k) and keeps the sort's tokens up to
+    float rounding at its boundary: the sort compares a running sum of normalised probabilities with top_p, this a
+    reduction of unnormalised mass with top_p times their sum, so a token whose mass before it is within rounding of
+    top_p may be kept by one and not the other (at a vocabulary of 32,000, a token in a few rows of 64). Then
+    min-p."""
     S, V = logits.shape
     keys = order_keys(logits)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)[:, None]
@@ -181,7 +191,7 @@ def apply_filters_sort_free(logits, s: SamplingArrays):
     kth = jnp.max(jnp.where(keys == kth_key, logits, NEG_INF), axis=-1, keepdims=True)
     fill = (k - jnp.sum(above, axis=-1, keepdims=True)).astype(jnp.float32)
     z = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + fill * jnp.exp(kth - m)
-    need = s.top_p[:, None] * z
+    need = jnp.maximum(s.top_p, TOP_P_FLOOR)[:, None] * z
 
     def heavy(t):       # u32[S, n]: the mass strictly above key t reaches top_p, so t is below the cutoff
         return jnp.sum(jnp.where(keys[:, None, :] > t[:, :, None], e[:, None, :], 0.0), axis=-1) >= need
@@ -224,7 +234,8 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     only ``full`` (penalties) calls it.
     Returns ``(ids i32[S], logprob f32[S], top_ids i32[S,K], top_logprobs f32[S,K])``; the last
     three are ``None`` unless ``variant`` is ``full``. ``sort_free``: ``full``'s filters and top logprobs without
-    a sort (``apply_filters_sort_free``, ``top_logprobs_sort_free``; the same results).
+    a sort (``apply_filters_sort_free``, ``top_logprobs_sort_free``; top-k and the top logprobs the same, top-p up
+    to rounding at its boundary).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown sampler variant {variant!r}; expected one of {VARIANTS}")

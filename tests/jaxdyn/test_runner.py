@@ -356,6 +356,53 @@ def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
         RunnerConfig(sampler_switch="yes")
 
 
+def test_a_sampler_switch_writes_each_variants_index_and_greedy_returns_zero_logprobs(loaded):
+    """The host writes the variant's index where the switch reads it, for each variant (a wrong index would still
+    draw the same tokens: a costlier branch serves every row), and the greedy branch returns its placeholders."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(VARIANT_CFG, token_buckets=(16,), page_buckets=(4,), sampler_switch=True))
+    work = [SequenceWork([5, 6, 7], 0, [0]), SequenceWork([9, 3], 0, [1])]
+    for i, variant in enumerate(VARIANTS):
+        compiled, args, _ = runner.prepare(work, variant)
+        seqi = np.asarray(args[1])
+        assert seqi[np.asarray(args[2]).shape[0], 0] == i
+        out = compiled(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled, *args)
+        runner.kv_cache, runner.token_pages = out[0], out[1]
+        lps, top_ids, top_lps = (np.asarray(x) for x in out[3:6])
+        if variant == FULL:
+            assert np.all(lps[:2] < 0) and np.all(top_lps[:2, 0] < 0)      # log-probabilities
+        else:
+            assert not lps.any() and not top_ids.any() and not top_lps.any()
+
+
+def test_a_sampler_switch_under_tensor_parallelism_gathers_the_logits_once(tmp_path):
+    """TP 2: the logits are gathered before the switch, so the samplers' reductions are not collectives inside the
+    branches (a collective is not one of XLA's default command types: the conditional would leave the CUDA graph);
+    the switched step holds about as many collectives as the greedy step (without the gather: 97 against 7); it
+    draws what the variants' steps draw."""
+    import re
+
+    path = make_hf_checkpoint("qwen3", str(tmp_path))
+    mesh = make_mesh(2, jax.devices()[:2])
+    model = load_hf_checkpoint(path, mesh, dtype=jnp.float32)
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(64,), page_buckets=(4,))
+    switch = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, sampler_switch=True))
+    variants = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    collectives = re.compile(r"all-reduce(-start)?\(|all-gather(-start)?\(")
+    switched = len(collectives.findall(switch._compile(64, 4, GREEDY).as_text()))
+    greedy = len(collectives.findall(variants._compile(64, 4, GREEDY).as_text()))
+    assert 0 < switched <= greedy + 1, (switched, greedy)
+    for kinds in (("greedy",), ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs")):
+        tokens, lps, _ = _generate(switch, kinds, steps=3)
+        want, want_lps, _ = _generate(variants, kinds, steps=3)
+        assert tokens == want
+        for a, b in zip(lps, want_lps):
+            for (lp, ids, top), (lp1, ids1, top1) in zip(a, b, strict=True):
+                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
+                np.testing.assert_allclose(top, top1, atol=1e-5)
+
+
 def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
     mesh, model = loaded
     cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), return_logits=True)

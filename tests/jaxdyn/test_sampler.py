@@ -237,7 +237,7 @@ def test_order_keys_order_floats_as_floats_do():
     assert np.all(np.diff(np.delete(keys, 4)) > 0)
 
 
-def _sampling(S, rng, ties_at_k=False):
+def _sampling(S, rng):
     s = arrays(S)
     return dataclasses.replace(
         s, top_k=jnp.asarray(rng.integers(0, 12, S), jnp.int32),
@@ -290,3 +290,42 @@ def test_the_sort_free_sampler_draws_what_the_sorted_one_draws_and_holds_no_sort
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     text = free.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.sort" not in text and "topk" not in text.lower() and "top_k" not in text.lower()
+
+
+def test_sort_free_top_p_at_a_real_vocabulary_differs_only_by_rounding_at_its_boundary():
+    """At 32,000 logits the two top-p's sum the mass in different orders: a row may keep one token more or less,
+    and only a token whose mass before it (in sorted order) is within rounding of top_p."""
+    rng = np.random.default_rng(5)
+    S, V = 32, 32000
+    logits = jnp.asarray(rng.normal(size=(S, V)).astype(np.float32) * 3)
+    for top_p in (0.9, 0.999):
+        s = dataclasses.replace(arrays(S, top_p=top_p), top_p=jnp.full((S,), top_p, jnp.float32))
+        want = np.isfinite(np.asarray(apply_filters(logits, s)))
+        got = np.isfinite(np.asarray(jax.jit(apply_filters_sort_free)(logits, s)))
+        p = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+        for r in range(S):
+            diff = np.flatnonzero(got[r] != want[r])
+            assert diff.size <= 1, (top_p, r, diff)
+            for i in diff:
+                before = p[r][p[r] > p[r, i]].sum()
+                assert abs(before - top_p) < 1e-4, (top_p, r, before)
+
+
+def test_a_top_p_near_zero_keeps_the_top_token_in_both_forms():
+    """A subnormal top-p (which the GPU flushes to zero) counts as TOP_P_FLOOR: the top token alone, not none (the
+    sort) or all (the sort-free search, whose cutoff would wrap)."""
+    logits = jnp.asarray(np.random.default_rng(6).normal(size=(3, 64)).astype(np.float32))
+    for top_p in (1e-40, 1e-45, 1e-20):
+        s = dataclasses.replace(arrays(3), top_p=jnp.full((3,), top_p, jnp.float32))
+        for f in (apply_filters, apply_filters_sort_free):
+            kept = np.isfinite(np.asarray(f(logits, s)))
+            assert kept.sum(axis=-1).tolist() == [1, 1, 1], (f.__name__, top_p)
+            assert np.array_equal(np.argmax(kept, -1), np.argmax(np.asarray(logits), -1))
+
+
+def test_kernel_zeros_take_a_signed_anchor_only():
+    from pallas_kernels.paged_decode import kernel_zeros
+    z = jax.jit(lambda a: kernel_zeros((2, 3), jnp.bfloat16, a))(jnp.int32(4))
+    assert z.dtype == jnp.bfloat16 and not np.asarray(z, np.float32).any()
+    with pytest.raises(TypeError, match="signed integer, not uint32"):
+        kernel_zeros((2,), jnp.float32, jnp.uint32(1))
