@@ -393,6 +393,8 @@ def cmd_serve(args) -> int:
                   f"{info['warmup_seconds']:.1f} s", flush=True)
             if info.get("compile"):
                 print(f"jaxdyn: {describe_compile(info['compile'])}", flush=True)
+            for role, summary in info.get("compile_by_role", {}).items():
+                print(f"jaxdyn: {role} mesh: {describe_compile(summary)}", flush=True)
             if info.get("step_costs_ms"):
                 print(f"jaxdyn: step costs (ms by token bucket, measured at warm-up) {info['step_costs_ms']}",
                       flush=True)

@@ -90,6 +90,10 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     engine = DisaggEngine(cores[0], cores[1], policy or DisaggPolicy())
     engine.load_info = {"seconds": time.perf_counter() - t0, "weight_bytes": total_bytes,
                         "warmup_seconds": engine.warmup(progress) if warmup else 0.0}
+    by_role = {role: summary for role, core in zip(("prefill", "decode"), cores)
+               if (summary := core.runner.compile_summary())}
+    if by_role:
+        engine.load_info["compile_by_role"] = by_role
     return engine
 
 

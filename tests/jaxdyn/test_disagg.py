@@ -317,3 +317,10 @@ def test_scatter_rounds_a_block_of_another_dtype_into_fp8_pages(ckpt):
         for a, b in ((1, 5), (6, 2)):
             np.testing.assert_array_equal(got[:, b], np.asarray(to_pages_dtype(sk[:, a], jnp.float8_e4m3fn)
                                                                   .astype(jnp.float32)))
+
+
+def test_each_mesh_reports_its_warm_ups_compilation(disagg):
+    roles = disagg.load_info["compile_by_role"]
+    assert set(roles) == {"prefill", "decode"}
+    for summary in roles.values():
+        assert summary["parts"] > 0 and summary["compile_s"] > 0 and summary["wall_s"] > 0
