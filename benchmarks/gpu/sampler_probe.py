@@ -5,12 +5,13 @@ min-p 0.02, penalties and logprobs, so that ``full``'s every part runs on every 
 - ``greedy``, ``plain``: the cheap variants;
 - ``full sort``: ``full`` as the variants' executables run it (a vocabulary sort for top-k / top-p, ``lax.top_k`` for
   the top logprobs: CUB calls on a GPU from 32 rows);
-- ``full sort-free``: ``full`` as ``--sampler-switch`` runs it (``sample(sort_free=True)``: radix searches over the
-  logits' order keys and masked argmaxes, kernels a CUDA graph holds).
+- ``full sort-free N-bit``: ``full`` as ``--sampler-switch`` runs it (``sample(sort_free=True)``: radix searches over
+  the logits' order keys and masked argmaxes, kernels a CUDA graph holds), with digits of 1, 2 and 4 bits a pass
+  (``SORT_FREE_DIGIT_BITS``: 32 passes reading the row once each, 16 reading it 3 times, 8 reading it 15 times).
 
     python -m benchmarks.gpu.sampler_probe [--model llama-3.1-8b] [--rows 16,64,256,1024]
 
-prints one table: rows, ms of each form, sort-free / sort, and the logits' read at the copy rate (one pass); then,
+prints one table: rows, ms of each form, each sort-free form / sort, and the logits' read at the copy rate (one pass); then,
 per form, the compiled program's custom-call targets (a CUB sort shows as ``xla.gpu.ext.cub_sort_*``) and fusions.
 Runs on the CPU too (its figures say nothing of a GPU's).
 """
@@ -46,30 +47,36 @@ def main(argv=None) -> int:
     from benchmarks.gpu.fp8_probe import print_summaries, time_forms
     from benchmarks.kernels import measure_bandwidth
     from jaxdyn.config import ModelConfig
+    from jaxdyn.engine import sampler
     from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, sample
     from jaxdyn.models.presets import preset_config
 
     vocab = ModelConfig.from_dict(preset_config(args.model)).vocab_size
 
-    def form(variant, sort_free=False):
+    def form(variant, sort_free=False, bits=sampler.SORT_FREE_DIGIT_BITS):
         def run(logits, p):     # every output kept (one small array: a timed call waits on one)
+            sampler.SORT_FREE_DIGIT_BITS = bits        # read as the form is traced
             out = sample(logits, lambda: p[1], p[0], variant, sort_free=sort_free)
             return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in out if x is not None])
         return run
 
-    forms = {"greedy": form(GREEDY), "plain": form(PLAIN), "full sort": form(FULL),
-             "full sort-free": form(FULL, sort_free=True)}
+    default_bits = sampler.SORT_FREE_DIGIT_BITS
+    forms = {"greedy": form(GREEDY), "plain": form(PLAIN), "full sort": form(FULL)}
+    forms.update({f"full sort-free {b}-bit": form(FULL, True, b) for b in (1, 2, 4)})
     bandwidth = measure_bandwidth(2.0)
     print(f"{args.model} vocabulary {vocab}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process)", flush=True)
     names = list(forms)
-    print("| rows | " + " | ".join(f"{n} ms" for n in names) + " | sort-free / sort | logits' read ms |")
-    print("|---:|" + "---:|" * (len(names) + 2))
+    print("| rows | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n[15:]} / sort" for n in names[3:])
+          + " | logits' read ms |")
+    print("|---:|" + "---:|" * (2 * len(names) - 2))
     summaries = {}
     for m in rows:
         logits, params = sampling_inputs(m, vocab)
         t = time_forms(forms, logits, params, args.reps, summaries)
-        print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + f" | {t[3] / t[2]:.3f} | "
-              f"{4.0 * m * vocab / bandwidth * 1e3:.3f} |", flush=True)
+        print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + " | "
+              + " | ".join(f"{x / t[2]:.3f}" for x in t[3:]) + f" | {4.0 * m * vocab / bandwidth * 1e3:.3f} |",
+              flush=True)
+    sampler.SORT_FREE_DIGIT_BITS = default_bits
     print_summaries(summaries)
     print(f"reproduce: python -m benchmarks.gpu.sampler_probe --model {args.model} --rows {args.rows}")
     return 0

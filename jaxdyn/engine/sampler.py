@@ -35,8 +35,8 @@ that needs one of the costly parts pays for all of them. ``greedy`` and
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
 ``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
-top-p's cutoff by a radix search over order-preserving u32 keys of the logits (8 passes of 15 candidates
-each, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes: top-k and the top logprobs exactly
+top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``SORT_FREE_DIGIT_BITS`` a
+pass, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes: top-k and the top logprobs exactly
 the sort's (ties included), top-p the sort's up to float rounding at its boundary (``apply_filters_sort_free``);
 with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
 its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
@@ -153,17 +153,26 @@ def order_keys(x: jax.Array) -> jax.Array:
     return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
 
 
-_DIGIT_BITS = 4      # bits of the answer a pass of ``_largest_key_where`` settles: 2**4 - 1 candidates a pass
+# Bits of the answer a pass of ``_largest_key_where`` settles (1, 2, 4 or 8: a pass tries 2**bits - 1 candidates).
+# Fewer bits: more passes (32 / bits), each reading the row fewer times (XLA reduces the row once a candidate:
+# 32 / bits x (2**bits - 1) reads a search: 32 at 1 bit, 48 at 2, 120 at 4). On this CPU at 64 rows x 128,256, 4 bits
+# compiled in 1.1 s against 1.8 s at 1 bit and ran 0.95 s against 0.57; at 4 rows 2 bits ran as fast as 1 and twice
+# as fast as 4. 2: a GPU's reads are what matter there, at half the passes of 1 bit; not measured on a GPU yet
+# (``benchmarks/gpu/sampler_probe.py`` times 1, 2 and 4).
+SORT_FREE_DIGIT_BITS = 2
 
 
 def _largest_key_where(pred, rows: int) -> jax.Array:
     """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
     below wherever it is true), 0 where it holds nowhere above 0. A radix search from the high digit down: each
-    pass tries the 15 values of the next 4 bits at once (a reduction over the row for each candidate: the row is
-    read once a candidate, from cache after the first), 8 passes in all, unrolled (no sort, no loop)."""
-    digits = (jnp.arange(1, 1 << _DIGIT_BITS, dtype=jnp.uint32))[None, :]
+    pass tries the ``2**SORT_FREE_DIGIT_BITS - 1`` values of the next digit at once (a reduction over the row for
+    each candidate), ``32 / SORT_FREE_DIGIT_BITS`` passes in all, unrolled (no sort, no loop)."""
+    bits = SORT_FREE_DIGIT_BITS
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"SORT_FREE_DIGIT_BITS must be 1, 2, 4 or 8, not {bits}")
+    digits = (jnp.arange(1, 1 << bits, dtype=jnp.uint32))[None, :]
     ans = jnp.zeros((rows,), jnp.uint32)
-    for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
+    for shift in range(32 - bits, -1, -bits):
         ok = pred(ans[:, None] | (digits << shift))               # true for a prefix of the digits
         ans = ans | (jnp.sum(ok, axis=-1).astype(jnp.uint32) << shift)
     return ans
@@ -171,7 +180,7 @@ def _largest_key_where(pred, rows: int) -> jax.Array:
 
 def apply_filters_sort_free(logits, s: SamplingArrays):
     """``apply_filters`` without a sort: the k-th largest logit and top-p's cutoff found by a radix search over the
-    logits' order keys (8 passes of 15 candidates each) instead of a vocabulary sort, which XLA
+    logits' order keys (``_largest_key_where``) instead of a vocabulary sort, which XLA
     sends to CUB on a GPU from 32 rows, a call its command buffers cannot hold (``sample(sort_free=True)``).
     Top-k keeps exactly the sort's tokens: every logit at least the k-th largest (ties kept). Top-p is over the k
     largest alone (ties at the k-th counted as in the sorted order, to fill k) and keeps the sort's tokens up to

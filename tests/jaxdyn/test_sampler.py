@@ -245,11 +245,14 @@ def _sampling(S, rng):
         min_p=jnp.asarray(rng.choice([0.0, 0.05, 0.3], S), jnp.float32))
 
 
+@pytest.mark.parametrize("bits", [1, 4, 8])
 @pytest.mark.parametrize("data", ["normal", "ties", "banned"])
-def test_sort_free_filters_keep_what_the_sorted_filters_keep(data):
+def test_sort_free_filters_keep_what_the_sorted_filters_keep(data, bits, monkeypatch):
     """A radix search over the logits' order keys finds the k-th largest logit and top-p's cutoff: the same tokens
     are kept, with the same values, as by the vocabulary sort, ties included (a row of rounded logits has many
     at the k-th value and at the cutoff) and with banned (-inf) ids; k above the vocabulary keeps all."""
+    from jaxdyn.engine import sampler
+    monkeypatch.setattr(sampler, "SORT_FREE_DIGIT_BITS", bits)       # a digit of 1, 4 or 8 bits a pass: the same
     rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
     for _ in range(8):
         S, V = 8, 96
@@ -261,7 +264,7 @@ def test_sort_free_filters_keep_what_the_sorted_filters_keep(data):
         s = _sampling(S, rng)
         s = dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
         want = np.asarray(apply_filters(jnp.asarray(logits), s))
-        got = np.asarray(jax.jit(apply_filters_sort_free)(jnp.asarray(logits), s))
+        got = np.asarray(jax.jit(lambda lg, sa: apply_filters_sort_free(lg, sa))(jnp.asarray(logits), s))  # traced anew
         assert np.array_equal(np.isinf(got), np.isinf(want))
         np.testing.assert_array_equal(got[~np.isinf(got)], want[~np.isinf(want)])
 
