@@ -5,9 +5,12 @@ min-p 0.02, penalties and logprobs, so that ``full``'s every part runs on every 
 - ``greedy``, ``plain``: the cheap variants;
 - ``full sort``: ``full`` as the variants' executables run it (a vocabulary sort for top-k / top-p, ``lax.top_k`` for
   the top logprobs: CUB calls on a GPU from 32 rows);
-- ``full sort-free N-bit``: ``full`` as ``--sampler-switch`` runs it (``sample(sort_free=True)``: radix searches over
-  the logits' order keys and masked argmaxes, kernels a CUDA graph holds), with digits of 1, 2 and 4 bits a pass
-  (``SORT_FREE_DIGIT_BITS``: 32 passes reading the row once each, 16 reading it 3 times, 8 reading it 15 times).
+- ``full sort-free N-bit``: ``full`` sort-free (``sample(sort_free=True)``: radix searches over the logits' order
+  keys and masked argmaxes, kernels a CUDA graph holds) in ``jax.numpy``, with digits of 1, 2 and 4 bits a pass
+  (``pallas_kernels.sampling_thresholds.DIGIT_BITS``: 32 passes reading the row once each, 16 reading it 3 times, 8
+  reading it 15 times);
+- ``full sort-free kernel`` (on a GPU): the same with the thresholds from the Pallas kernel (one program a row,
+  a pass reading the row once), as ``--sampler-switch`` runs it on a GPU.
 
     python -m benchmarks.gpu.sampler_probe [--model llama-3.1-8b] [--rows 16,64,256,1024]
 
@@ -42,27 +45,30 @@ def main(argv=None) -> int:
     from benchmarks.gpu.gemm_probe import probe_args
     args, rows = probe_args("python -m benchmarks.gpu.sampler_probe", "16,64,256,1024", argv)
 
+    import jax
     import jax.numpy as jnp
 
     from benchmarks.gpu.fp8_probe import print_summaries, time_forms
     from benchmarks.kernels import measure_bandwidth
     from jaxdyn.config import ModelConfig
-    from jaxdyn.engine import sampler
     from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, sample
+    from pallas_kernels import sampling_thresholds as thresholds
     from jaxdyn.models.presets import preset_config
 
     vocab = ModelConfig.from_dict(preset_config(args.model)).vocab_size
 
-    def form(variant, sort_free=False, bits=sampler.SORT_FREE_DIGIT_BITS):
+    def form(variant, sort_free=False, bits=thresholds.DIGIT_BITS, impl="reference"):
         def run(logits, p):     # every output kept (one small array: a timed call waits on one)
-            sampler.SORT_FREE_DIGIT_BITS = bits        # read as the form is traced
+            thresholds.DIGIT_BITS, thresholds.IMPL = bits, impl        # read as the form is traced
             out = sample(logits, lambda: p[1], p[0], variant, sort_free=sort_free)
             return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in out if x is not None])
         return run
 
-    default_bits = sampler.SORT_FREE_DIGIT_BITS
+    default = thresholds.DIGIT_BITS, thresholds.IMPL
     forms = {"greedy": form(GREEDY), "plain": form(PLAIN), "full sort": form(FULL)}
     forms.update({f"full sort-free {b}-bit": form(FULL, True, b) for b in (1, 2, 4)})
+    if jax.default_backend() == "gpu":      # the Pallas kernel (interpret mode would take minutes on a CPU)
+        forms["full sort-free kernel"] = form(FULL, True, impl="kernel")
     bandwidth = measure_bandwidth(2.0)
     print(f"{args.model} vocabulary {vocab}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process)", flush=True)
     names = list(forms)
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
         print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + " | "
               + " | ".join(f"{x / t[2]:.3f}" for x in t[3:]) + f" | {4.0 * m * vocab / bandwidth * 1e3:.3f} |",
               flush=True)
-    sampler.SORT_FREE_DIGIT_BITS = default_bits
+    thresholds.DIGIT_BITS, thresholds.IMPL = default
     print_summaries(summaries)
     print(f"reproduce: python -m benchmarks.gpu.sampler_probe --model {args.model} --rows {args.rows}")
     return 0

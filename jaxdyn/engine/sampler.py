@@ -35,10 +35,10 @@ that needs one of the costly parts pays for all of them. ``greedy`` and
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
 ``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
-top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``SORT_FREE_DIGIT_BITS`` a
-pass, unrolled) and its top logprobs by ``MAX_LOGPROBS`` masked argmaxes: top-k and the top logprobs exactly
-the sort's (ties included), top-p the sort's up to float rounding at its boundary (``apply_filters_sort_free``);
-with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
+top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``pallas_kernels.sampling_thresholds``:
+a Pallas kernel on a GPU, one program a row, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
+masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), top-p the sort's up to float
+rounding at its boundary (``apply_filters_sort_free``); with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
 its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
 index back and waits: the sync the variants exist to avoid. A conditional whose branches hold only kernels
 is recorded into the step's CUDA graph as conditional nodes (XLA's default command types include CONDITIONAL,
@@ -60,6 +60,7 @@ from jax import lax
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 from pallas_kernels.paged_decode import kernel_zeros
+from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
 
 NEG_INF = -jnp.inf
 
@@ -138,7 +139,8 @@ def apply_filters(logits, s: SamplingArrays):
     sd = jnp.where(jnp.arange(V)[None, :] < k[:, None], sorted_desc, NEG_INF)
     probs = jax.nn.softmax(sd, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = before < jnp.maximum(s.top_p, TOP_P_FLOOR)[:, None]
+    # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it
+    keep = (before < jnp.maximum(s.top_p, TOP_P_FLOOR)[:, None]) | (s.top_p >= 1.0)[:, None]
     cutoff = jnp.min(jnp.where(keep, sd, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, NEG_INF, logits)
     p = jax.nn.softmax(logits, axis=-1)
@@ -146,68 +148,21 @@ def apply_filters(logits, s: SamplingArrays):
     return logits
 
 
-def order_keys(x: jax.Array) -> jax.Array:
-    """u32 keys of f32 ``x`` in the floats' order (``a < b`` exactly where ``key(a) < key(b)``; -0.0 is 0.0): the
-    sign bit set for a positive number, every bit flipped for a negative one."""
-    bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x.astype(jnp.float32)), jnp.uint32)
-    return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
-
-
-# Bits of the answer a pass of ``_largest_key_where`` settles (1, 2, 4 or 8: a pass tries 2**bits - 1 candidates).
-# Fewer bits: more passes (32 / bits), each reading the row fewer times (XLA reduces the row once a candidate:
-# 32 / bits x (2**bits - 1) reads a search: 32 at 1 bit, 48 at 2, 120 at 4). On this CPU at 64 rows x 128,256, 4 bits
-# compiled in 1.1 s against 1.8 s at 1 bit and ran 0.95 s against 0.57; at 4 rows 2 bits ran as fast as 1 and twice
-# as fast as 4. 2: a GPU's reads are what matter there, at half the passes of 1 bit; not measured on a GPU yet
-# (``benchmarks/gpu/sampler_probe.py`` times 1, 2 and 4).
-SORT_FREE_DIGIT_BITS = 2
-
-
-def _largest_key_where(pred, rows: int) -> jax.Array:
-    """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
-    below wherever it is true), 0 where it holds nowhere above 0. A radix search from the high digit down: each
-    pass tries the ``2**SORT_FREE_DIGIT_BITS - 1`` values of the next digit at once (a reduction over the row for
-    each candidate), ``32 / SORT_FREE_DIGIT_BITS`` passes in all, unrolled (no sort, no loop)."""
-    bits = SORT_FREE_DIGIT_BITS
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"SORT_FREE_DIGIT_BITS must be 1, 2, 4 or 8, not {bits}")
-    digits = (jnp.arange(1, 1 << bits, dtype=jnp.uint32))[None, :]
-    ans = jnp.zeros((rows,), jnp.uint32)
-    for shift in range(32 - bits, -1, -bits):
-        ok = pred(ans[:, None] | (digits << shift))               # true for a prefix of the digits
-        ans = ans | (jnp.sum(ok, axis=-1).astype(jnp.uint32) << shift)
-    return ans
-
-
 def apply_filters_sort_free(logits, s: SamplingArrays):
-    """``apply_filters`` without a sort: the k-th largest logit and top-p's cutoff found by a radix search over the
-    logits' order keys (``_largest_key_where``) instead of a vocabulary sort, which XLA
-    sends to CUB on a GPU from 32 rows, a call its command buffers cannot hold (``sample(sort_free=True)``).
-    Top-k keeps exactly the sort's tokens: every logit at least the k-th largest (ties kept). Top-p is over the k
-    largest alone (ties at the k-th counted as in the sorted order, to fill k) and keeps the sort's tokens up to
-    float rounding at its boundary: the sort compares a running sum of normalised probabilities with top_p, this a
-    reduction of unnormalised mass with top_p times their sum, so a token whose mass before it is within rounding of
-    top_p may be kept by one and not the other (at a vocabulary of 32,000, a token in a few rows of 64). Then
-    min-p."""
+    """``apply_filters`` without a sort (``sample(sort_free=True)``): the k-th largest logit and top-p's cutoff from
+    ``pallas_kernels.sampling_thresholds`` (a radix search over the logits' order keys: the Pallas kernel on a GPU,
+    one program a row, else ``jax.numpy``) instead of a vocabulary sort, which XLA sends to CUB on a GPU from 32
+    rows, a call its command buffers cannot hold. Top-k keeps exactly the sort's tokens: every logit at least the
+    k-th largest (ties kept). Top-p is over the k largest alone (ties at the k-th counted as in the sorted order,
+    to fill k) and keeps the sort's tokens up to float rounding at its boundary: the sort compares a running sum of
+    normalised probabilities with top_p, this a sum of unnormalised mass with top_p times their total, so a token
+    whose mass before it is within rounding of top_p may be kept by one and not the other (at a vocabulary of
+    32,000, a token in a few rows of 64). Then min-p."""
     S, V = logits.shape
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
+    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR))
     keys = order_keys(logits)
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)[:, None]
-    kth_key = _largest_key_where(lambda t: jnp.sum(keys[:, None, :] >= t[:, :, None], axis=-1) >= k, S)[:, None]
-    logits = jnp.where(keys < kth_key, NEG_INF, logits)
-    # top-p over the k largest: the mass above each candidate cutoff, with the k-th value's ties filling k
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - m)
-    above = keys > kth_key
-    kth = jnp.max(jnp.where(keys == kth_key, logits, NEG_INF), axis=-1, keepdims=True)
-    fill = (k - jnp.sum(above, axis=-1, keepdims=True)).astype(jnp.float32)
-    z = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + fill * jnp.exp(kth - m)
-    need = jnp.maximum(s.top_p, TOP_P_FLOOR)[:, None] * z
-
-    def heavy(t):       # u32[S, n]: the mass strictly above key t reaches top_p, so t is below the cutoff
-        return jnp.sum(jnp.where(keys[:, None, :] > t[:, :, None], e[:, None, :], 0.0), axis=-1) >= need
-
-    below = _largest_key_where(heavy, S)
-    cutoff = jnp.where(heavy(jnp.zeros((S, 1), jnp.uint32))[:, 0], below + jnp.uint32(1), jnp.uint32(0))
-    logits = jnp.where(keys < cutoff[:, None], NEG_INF, logits)
+    logits = jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, logits)
     p = jax.nn.softmax(logits, axis=-1)
     return jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)
 

@@ -814,7 +814,7 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
     from jaxdyn.config import ModelConfig
     # (by module name: the package exports a function named like the attention module)
     modules = [importlib.import_module(f"pallas_kernels.{m}")
-               for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul")]
+               for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds")]
     path = make_hf_checkpoint("qwen3", str(tmp_path))
     with open(os.path.join(path, "config.json")) as f:
         cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quant, quantize_lm_head=head)
@@ -835,8 +835,9 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
             # conditional's branch (the skip's, the switch's) keeps the conditional out of the graph: a host sync
             assert constant_filled_buffers(lowered.jaxpr) == [], (t, variant)
             assert "stablehlo.while" not in text, (t, variant)     # a loop outside the graph: a host sync an iteration
-            if switch:      # one more conditional (the sampler's), and no sort (a CUB call on a GPU)
+            if switch:      # one more conditional (the sampler's), no sort (a CUB call on a GPU), the thresholds' kernel
                 assert text.count("stablehlo.case") == cfg.num_layers + 1 and "stablehlo.sort" not in text
+                assert "sampling_thresholds" in text
             # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
             # quantization from 0 tokens) or the few-row product kernel (steps of at most 16 tokens)
             fp8_kernel = (options.get("fp8_fused_quantize") == "all"

@@ -10,7 +10,8 @@ import pytest
 
 from jaxdyn.engine.sampler import (
     FULL, GREEDY, PLAIN, VARIANTS, SamplingArrays, _top_logprobs, apply_filters, apply_filters_sort_free,
-    apply_penalties, order_keys, sample, serves, top_logprobs_sort_free, variant_for)
+    apply_penalties, sample, serves, top_logprobs_sort_free, variant_for)
+from pallas_kernels.sampling_thresholds import order_keys
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 
 
@@ -251,8 +252,8 @@ def test_sort_free_filters_keep_what_the_sorted_filters_keep(data, bits, monkeyp
     """A radix search over the logits' order keys finds the k-th largest logit and top-p's cutoff: the same tokens
     are kept, with the same values, as by the vocabulary sort, ties included (a row of rounded logits has many
     at the k-th value and at the cutoff) and with banned (-inf) ids; k above the vocabulary keeps all."""
-    from jaxdyn.engine import sampler
-    monkeypatch.setattr(sampler, "SORT_FREE_DIGIT_BITS", bits)       # a digit of 1, 4 or 8 bits a pass: the same
+    from pallas_kernels import sampling_thresholds
+    monkeypatch.setattr(sampling_thresholds, "DIGIT_BITS", bits)      # a digit of 1, 4 or 8 bits a pass: the same
     rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
     for _ in range(8):
         S, V = 8, 96
@@ -332,3 +333,12 @@ def test_kernel_zeros_take_a_signed_anchor_only():
     assert z.dtype == jnp.bfloat16 and not np.asarray(z, np.float32).any()
     with pytest.raises(TypeError, match="signed integer, not uint32"):
         kernel_zeros((2,), jnp.float32, jnp.uint32(1))
+
+
+def test_a_top_p_of_one_keeps_every_token_top_k_kept():
+    """One logit far above the rest: the others' mass before them rounds to 1 in float32, which top_p 1 must not
+    read as reaching it (both forms; before, the sort dropped most of them)."""
+    logits = jnp.asarray(np.concatenate([[20.0], np.linspace(0.0, -1.0, 999)]).astype(np.float32))[None, :]
+    s = dataclasses.replace(arrays(1, top_k=500), top_k=jnp.full((1,), 500, jnp.int32))
+    for f in (apply_filters, apply_filters_sort_free):
+        assert int(np.isfinite(np.asarray(f(logits, s))).sum()) == 500, f.__name__

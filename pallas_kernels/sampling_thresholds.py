@@ -1,0 +1,195 @@
+"""Top-k's and top-p's thresholds of each row of logits without a sort (Pallas, GPU), and the same in ``jax.numpy``.
+
+The sampler's top-k keeps every logit at least the k-th largest, and its top-p, over those, the largest ones whose
+mass before them (in descending order) is under ``top_p``. A vocabulary sort finds both, but on a GPU XLA sends a
+sort of 32 rows or more to CUB, a call its CUDA graphs cannot hold (``jaxdyn.engine.sampler``). Here both are a
+radix search over order-preserving u32 keys of the logits (``order_keys``): the answer is built digit by digit
+from the high end, each digit the largest whose candidate still satisfies the search's predicate (at least k keys
+at or above it; a mass above it of at least ``top_p`` of the kept mass).
+
+- ``sampling_thresholds_reference``: ``jax.numpy``, each candidate a reduction over the row (XLA reads the row once
+  a candidate: ``32 / DIGIT_BITS x (2**DIGIT_BITS - 1)`` reads a search), ``DIGIT_BITS`` a pass;
+- ``sampling_thresholds_kernel``: one program a row, looping over it in tiles; a pass reads the row once and counts
+  the 15 candidates of a 4-bit digit in registers: 8 passes a search (2 searches, 2 passes for the mass).
+
+Top-k's threshold is exact. Top-p's sums the mass in another order than a sort's running sum, so a token whose
+mass before it is within float rounding of ``top_p`` may be kept by one and not the other.
+
+``sampling_thresholds`` is the entry point: the kernel on GPU, Pallas interpret mode or the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.paged_decode import on_gpu
+
+# Bits of the answer a pass of the reference settles (1, 2, 4 or 8: a pass tries 2**bits - 1 candidates, and XLA
+# reads the row once a candidate: 32 reads a search at 1 bit, 48 at 2, 120 at 4). On a 2-core CPU at 64 rows x
+# 128,256, 4 bits compiled in 1.1 s against 1.8 s at 1 bit and ran 0.95 s against 0.57; at 4 rows 2 bits ran as
+# fast as 1 and twice as fast as 4. Not measured on a GPU (``benchmarks/gpu/sampler_probe.py`` times them).
+DIGIT_BITS = 2
+# "auto": the kernel on a GPU, else the reference; "reference" / "kernel" / "interpret" force one (the probe).
+IMPL = "auto"
+TILE = 512              # logits a program loads at once (the kernel)
+_KERNEL_BITS = 4        # the kernel's digit: 15 candidates counted in registers a pass
+
+
+def order_keys(x: jax.Array) -> jax.Array:
+    """u32 keys of f32 ``x`` in the floats' order (``a < b`` exactly where ``key(a) < key(b)``; -0.0 is 0.0): the
+    sign bit set for a positive number, every bit flipped for a negative one."""
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x.astype(jnp.float32)), jnp.uint32)
+    return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
+
+
+def _largest_key_where(pred, rows: int, bits: int) -> jax.Array:
+    """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
+    below wherever it is true), 0 where it holds nowhere above 0: from the high digit down, each pass trying the
+    ``2**bits - 1`` values of the next digit at once, ``32 / bits`` passes, unrolled (no sort, no loop)."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"DIGIT_BITS must be 1, 2, 4 or 8, not {bits}")
+    digits = (jnp.arange(1, 1 << bits, dtype=jnp.uint32))[None, :]
+    ans = jnp.zeros((rows,), jnp.uint32)
+    for shift in range(32 - bits, -1, -bits):
+        ok = pred(ans[:, None] | (digits << shift))               # true for a prefix of the digits
+        ans = ans | (jnp.sum(ok, axis=-1).astype(jnp.uint32) << shift)
+    return ans
+
+
+def sampling_thresholds_reference(logits: jax.Array, k: jax.Array, top_p: jax.Array
+                                  ) -> tuple[jax.Array, jax.Array]:
+    """(kth u32[S], cutoff u32[S]): the order key of each row's k-th largest logit (``k`` i32[S] in [1, V]), and
+    the key below which top-p (``top_p`` f32[S] > 0) drops a logit among those at or above it; 0 keeps all. Top-p
+    is over the k largest alone, the k-th value's ties counted as a sort orders them (enough to fill k). (The entry
+    point makes a top_p of 1 keep all.)"""
+    S, V = logits.shape
+    bits = DIGIT_BITS
+    keys = order_keys(logits)
+    k = k[:, None]
+    kth = _largest_key_where(lambda t: jnp.sum(keys[:, None, :] >= t[:, :, None], axis=-1) >= k, S, bits)[:, None]
+    kept = jnp.where(keys < kth, -jnp.inf, logits)
+    m = jnp.max(kept, axis=-1, keepdims=True)
+    e = jnp.exp(kept - m)
+    above = keys > kth
+    kth_value = jnp.max(jnp.where(keys == kth, logits, -jnp.inf), axis=-1, keepdims=True)
+    fill = (k - jnp.sum(above, axis=-1, keepdims=True)).astype(jnp.float32)
+    need = top_p[:, None] * (jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + fill * jnp.exp(kth_value - m))
+
+    def heavy(t):       # u32[S, n]: the kept mass strictly above key t reaches top_p, so t is below the cutoff
+        return jnp.sum(jnp.where(keys[:, None, :] > t[:, :, None], e[:, None, :], 0.0), axis=-1) >= need
+
+    below = _largest_key_where(heavy, S, bits)
+    cutoff = jnp.where(heavy(jnp.zeros((S, 1), jnp.uint32))[:, 0], below + jnp.uint32(1), jnp.uint32(0))
+    return kth[:, 0], cutoff
+
+
+def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, *, vocab: int, tiles: int, interpret: bool):
+    # x_ref: this row's logits [V] (interpret mode: padded to tiles * TILE); k_ref, p_ref: [1]; outputs [1]
+    k, top_p = k_ref[0], p_ref[0]
+    lanes = jnp.arange(1 << _KERNEL_BITS, dtype=jnp.uint32)
+    offsets = jnp.arange(TILE, dtype=jnp.int32)
+
+    def tile(i):
+        """(logits f32[TILE], keys u32[TILE], valid bool[TILE]) of tile i; past the row: key 0, logit -inf."""
+        valid = i * TILE + offsets < vocab
+        if interpret:
+            x = x_ref[pl.ds(i * TILE, TILE)]
+        else:
+            x = pltriton.load(x_ref.at[pl.ds(i * TILE, TILE)], mask=valid, other=0.0)
+        x = jnp.where(valid, x, -jnp.inf)
+        return x, jnp.where(valid, order_keys(x), jnp.uint32(0)), valid
+
+    def search(count, passes):
+        """The largest key whose total (``count(keys, x, candidates u32[16]) -> f32[16]`` summed over the tiles)
+        ``passes`` (f32[16] -> bool[16]), lane 0 (the answer so far) passing by construction."""
+        ans = jnp.uint32(0)
+        for shift in range(32 - _KERNEL_BITS, -1, -_KERNEL_BITS):
+            cands = ans | (lanes << shift)
+
+            def body(i, acc, cands=cands):
+                x, keys, _ = tile(i)
+                return acc + count(keys, x, cands)
+
+            total = lax.fori_loop(0, tiles, body, jnp.zeros((lanes.shape[0],), jnp.float32))
+            digit = jnp.maximum(jnp.sum(passes(total).astype(jnp.int32)) - 1, 0)
+            ans = ans | (digit.astype(jnp.uint32) << shift)
+        return ans
+
+    # top-k: at least k keys at or above the candidate (counts in float32: exact to 2**24, past any vocabulary)
+    kf = k.astype(jnp.float32)
+    kth = search(lambda keys, x, c: jnp.sum((keys[:, None] >= c[None, :]).astype(jnp.float32), axis=0),
+                 lambda count: count >= kf)
+
+    def stats(i, acc):          # the row's max, the k-th value, how many keys are above the k-th
+        m, kth_value, above = acc
+        x, keys, _ = tile(i)
+        return (jnp.maximum(m, jnp.max(x)), jnp.maximum(kth_value, jnp.max(jnp.where(keys == kth, x, -jnp.inf))),
+                above + jnp.sum((keys > kth).astype(jnp.float32)))
+
+    m, kth_value, above = lax.fori_loop(0, tiles, stats, (jnp.float32(-jnp.inf), jnp.float32(-jnp.inf),
+                                                          jnp.float32(0)))
+
+    def masses(i, acc):         # the mass above the k-th, and all the kept mass (ties at the k-th too)
+        x, keys, _ = tile(i)
+        e = jnp.exp(x - m)
+        return (acc[0] + jnp.sum(jnp.where(keys > kth, e, 0.0)), acc[1] + jnp.sum(jnp.where(keys >= kth, e, 0.0)))
+
+    mass_above, kept = lax.fori_loop(0, tiles, masses, (jnp.float32(0), jnp.float32(0)))
+    need = top_p * (mass_above + (kf - above) * jnp.exp(kth_value - m))
+
+    def mass_above(keys, x, c):     # the kept mass strictly above each candidate
+        e = jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
+        return jnp.sum(jnp.where(keys[:, None] > c[None, :], e[:, None], 0.0), axis=0)
+
+    below = search(mass_above, lambda mass: mass >= need)     # top_p's share above: the candidate is below the cutoff
+    # the kept mass above key 0 (all of it) under top_p's share: every kept logit stays
+    cutoff = jnp.where(kept >= need, below + jnp.uint32(1), jnp.uint32(0))
+    kth_ref[...] = jnp.full((1,), kth, jnp.uint32)
+    cut_ref[...] = jnp.full((1,), cutoff, jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array, *, interpret: bool = False
+                               ) -> tuple[jax.Array, jax.Array]:
+    """The kernel (one program a row; same contract as the reference)."""
+    S, V = logits.shape
+    tiles = pl.cdiv(V, TILE)
+    x = logits.astype(jnp.float32)
+    if interpret:       # interpret mode's loads take no mask: the row padded to whole tiles (the pad is masked)
+        x = jnp.pad(x, ((0, 0), (0, tiles * TILE - V)))
+    row = pl.BlockSpec((None, x.shape[1]), lambda s: (s, 0))
+    one = pl.BlockSpec((1,), lambda s: (s,))
+    kth, cutoff = pl.pallas_call(
+        functools.partial(_kernel, vocab=V, tiles=tiles, interpret=interpret),
+        grid=(S,),
+        in_specs=[row, one, one],
+        out_specs=[one, one],
+        out_shape=[jax.ShapeDtypeStruct((S,), jnp.uint32), jax.ShapeDtypeStruct((S,), jnp.uint32)],
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=3),
+        name="sampling_thresholds",
+    )(x, k.astype(jnp.int32), top_p.astype(jnp.float32))
+    return kth, cutoff
+
+
+def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl: str | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Entry point. ``impl`` (default ``IMPL``): ``auto`` (the kernel on GPU, else the reference), ``kernel``,
+    ``interpret`` or ``reference``."""
+    impl = impl or IMPL
+    if impl == "auto":
+        impl = "kernel" if on_gpu() else "reference"
+    if impl == "reference":
+        kth, cutoff = sampling_thresholds_reference(logits, k, top_p)
+    elif impl in ("kernel", "interpret"):
+        kth, cutoff = sampling_thresholds_kernel(logits, k, top_p, interpret=impl == "interpret")
+    else:
+        raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
+    # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it
+    return kth, jnp.where(top_p >= 1.0, jnp.uint32(0), cutoff)
