@@ -567,14 +567,19 @@ class ModelRunner:
         return jax.jit(sample_and_pass, in_shardings=(rep,) * 6, out_shardings=(rep,) * (6 if copy else 5),
                        donate_argnums=(0,))
 
-    def _make_jitted(self, variant: str):
+    def _whole_step(self, sample, gather_logits: bool = False):
+        """The jitted step of one executable: the model (``_forward``), then ``sample(token_pages, prev_sampled,
+        logits, tok, seqi, seqf) -> (draws, logprobs, top ids, top logprobs)``; the KV cache and token pages donated.
+        ``gather_logits``: the logits replicated first (tensor parallelism splits them by vocabulary)."""
         return_logits = self.config.return_logits
-        forward, sample_step = self._forward, self._sample_fn(variant)
+        forward = self._forward
 
         def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
                                                     tok, seqi, seqf)
-            sampled, lps, top_ids, top_lps = sample_step(token_pages, prev_sampled, logits, tok, seqi, seqf)
+            if gather_logits:
+                logits = jax.lax.with_sharding_constraint(logits, self._replicated)
+            sampled, lps, top_ids, top_lps = sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
             return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
                     logits if return_logits else None)
 
@@ -587,13 +592,13 @@ class ModelRunner:
             donate_argnums=(1, 2),
         )
 
+    def _make_jitted(self, variant: str):
+        return self._whole_step(self._sample_fn(variant))
+
     def _make_switched(self):
         """The step of every sampler variant as one executable (``sampler_switch``): the model, then a
         ``lax.switch`` over the variants' samplers on ``seqi[S, 0]`` (the index in ``VARIANTS`` the host wrote,
         ``_set_variant``). Each branch returns the draws and the logprob outputs (zeros where its variant has none)."""
-        return_logits = self.config.return_logits
-        forward = self._forward
-        samplers = [self._sample_fn(v, sort_free=True) for v in VARIANTS]
         k = MAX_LOGPROBS
 
         def branch(fn):
@@ -607,31 +612,16 @@ class ModelRunner:
                 return sampled, lps, top_ids, top_lps
             return run
 
-        branches = [branch(fn) for fn in samplers]
+        branches = [branch(self._sample_fn(v, sort_free=True)) for v in VARIANTS]
+
+        def sample(token_pages, prev_sampled, logits, tok, seqi, seqf):
+            index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(VARIANTS) - 1)
+            return lax.switch(index, branches, token_pages, prev_sampled, logits, tok, seqi, seqf)
+
         # tensor parallel: the logits split by vocabulary would make every reduction of the samplers a collective
         # inside the branches (about 80 in the sort-free full branch), and a collective is not one of XLA's default
         # command types, so the conditional would leave the CUDA graph; one all-gather before the switch instead
-        gather = model_parallel_size(self.mesh) > 1
-
-        def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
-            kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
-                                                    tok, seqi, seqf)
-            if gather:
-                logits = jax.lax.with_sharding_constraint(logits, self._replicated)
-            index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(VARIANTS) - 1)
-            sampled, lps, top_ids, top_lps = lax.switch(index, branches, token_pages, prev_sampled, logits,
-                                                        tok, seqi, seqf)
-            return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
-                    logits if return_logits else None)
-
-        kv = self._kv_shardings()
-        rep = self._replicated
-        return jax.jit(
-            step,
-            in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
-            out_shardings=(kv, rep, rep, rep, rep, rep, rep),
-            donate_argnums=(1, 2),
-        )
+        return self._whole_step(sample, gather_logits=model_parallel_size(self.mesh) > 1)
 
     def _make_copy(self):
         def copy(kv_cache, token_pages, src, dst):

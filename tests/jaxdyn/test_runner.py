@@ -279,6 +279,19 @@ def _generate(runner, kinds, variant=None, steps=5):
     return tokens, logprobs, used
 
 
+def _assert_same_draws(runner, one, kinds_list, steps=5) -> None:
+    """``runner`` draws the tokens, and the logprobs (to 1e-5), that ``one`` draws for each of ``kinds_list``, and
+    its steps report the same variants."""
+    for kinds in kinds_list:
+        tokens, logprobs, used = _generate(runner, kinds, steps=steps)
+        want, want_lps, want_used = _generate(one, kinds, steps=steps)
+        assert tokens == want and used == want_used, kinds
+        for a, b in zip(logprobs, want_lps):
+            for (lp, ids, top), (lp1, ids1, top1) in zip(a, b, strict=True):
+                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
+                np.testing.assert_allclose(top, top1, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", [True, "except_greedy"])
 def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_executable_draws(
         loaded, variant_runner, mode):
@@ -300,13 +313,8 @@ def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_
         assert VARIANTS[0] not in {k[3] for k in runner._parts if k[0] == "sample"}
     one, _ = variant_runner
     before = compilation_count()
-    for kinds in (("greedy",), ("seeded",), ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs")):
-        tokens, logprobs, used = _generate(runner, kinds)
-        want, want_lps, want_used = _generate(one, kinds)
-        assert tokens == want and used == want_used
-        for a, b in zip(logprobs, want_lps):
-            for (lp, ids, lps), (lp1, ids1, lps1) in zip(a, b, strict=True):
-                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
+    _assert_same_draws(runner, one, (("greedy",), ("seeded",),
+                                     ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs")))
     assert compilation_count() == before
 
 
@@ -324,15 +332,9 @@ def test_a_sampler_switch_compiles_one_executable_a_bucket_and_draws_what_the_va
     assert len({id(c) for c in runner._compiled.values()}) == 2 and len(runner._compiled) == 2 * len(VARIANTS)
     one, _ = variant_runner
     before = compilation_count()
-    for kinds in (("greedy",), ("seeded",), ("top-k",), ("greedy", "seeded-banned", "top-p-min-p", "penalties",
-                                                          "logprobs", "greedy-logprobs", "banned")):
-        tokens, logprobs, used = _generate(runner, kinds)
-        want, want_lps, want_used = _generate(one, kinds)
-        assert tokens == want and used == want_used
-        for a, b in zip(logprobs, want_lps):
-            for (lp, ids, lps), (lp1, ids1, lps1) in zip(a, b, strict=True):
-                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
-                np.testing.assert_allclose(lps, lps1, atol=1e-5)
+    _assert_same_draws(runner, one, (("greedy",), ("seeded",), ("top-k",),
+                                     ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs",
+                                      "greedy-logprobs", "banned")))
     # a greedy row run in the costlier variants' branches draws the same token
     for variant in VARIANTS:
         assert _generate(runner, ("greedy",), variant, steps=2)[0] == _generate(one, ("greedy",), steps=2)[0]
@@ -393,14 +395,8 @@ def test_a_sampler_switch_under_tensor_parallelism_gathers_the_logits_once(tmp_p
     switched = len(collectives.findall(switch._compile(64, 4, GREEDY).as_text()))
     greedy = len(collectives.findall(variants._compile(64, 4, GREEDY).as_text()))
     assert 0 < switched <= greedy + 1, (switched, greedy)
-    for kinds in (("greedy",), ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs")):
-        tokens, lps, _ = _generate(switch, kinds, steps=3)
-        want, want_lps, _ = _generate(variants, kinds, steps=3)
-        assert tokens == want
-        for a, b in zip(lps, want_lps):
-            for (lp, ids, top), (lp1, ids1, top1) in zip(a, b, strict=True):
-                assert np.isclose(lp, lp1, atol=1e-5) and np.array_equal(ids, ids1)
-                np.testing.assert_allclose(top, top1, atol=1e-5)
+    _assert_same_draws(switch, variants, (("greedy",), ("greedy", "seeded-banned", "top-p-min-p", "penalties",
+                                                         "logprobs")), steps=3)
 
 
 def test_a_separate_sampler_returns_the_logits_one_executable_returns(loaded):
