@@ -1,5 +1,6 @@
-# For the next device session's first call (written in the twentieth session, revised in the twenty-first: the entry
-# point's timing against the memset tree; at most 570 s by its time limits): why the decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's
+# For the next device session's first call (session 20's gpu_suite_h200_s20/next_call_commands.sh, never run and now
+# replaced by this, revised in the twenty-first: the entry point's timing against the memset tree; at most 570 s by
+# its time limits): why the decode kernel over fp8 pages is latency-bound at 16-128 slots (Nsight Compute's
 # stall reasons at 88 x 640, the table's one-warp blocks; Triton's pass log: was its loop pipelined?); where the MLP
 # input's quantization kernel spends its time (2,048 rows, 16 warps); the fp8 blocks gathering by page, and with other
 # stages, pages or warps at the small points; the entry point's two kernels apart at the run's shapes (what a

@@ -1,5 +1,5 @@
 # For the next device session's second call (written in the twenty-first session, which was lent no device; it
-# replaces gpu_suite_h200_s20/next_call2_commands.sh; at most ~570 s by its limits). The engine offline (fp8 w8a8,
+# replaces session 20's next_call2_commands.sh, in git history; at most ~570 s by its limits). The engine offline (fp8 w8a8,
 # fp8 KV pages, 1,000 ShareGPT-shaped prompts), each configuration from its own empty JAX cache, so that its first
 # run's load seconds are its cold start (round 0) and its second run is warm (round 1):
 #   - the tree as committed (the in-place attention output's zeros a kernel, kernel_zeros);
