@@ -98,36 +98,27 @@ def test_a_second_runner_loads_every_step_compiles_none_and_computes_the_same(mo
     assert _files(tmp_path) == files
 
 
-def test_a_separate_sampler_s_parts_are_saved_and_loaded(model, tmp_path):
-    # separate_sampler: a forward a bucket and a sampler a bucket and variant, each its own file
-    first = _runner(model, tmp_path, separate_sampler=True)
-    first.warmup()
-    names = sorted(os.path.basename(f) for f in _files(tmp_path))
-    buckets = len(first.bucket_shapes())
-    assert len(names) == buckets * (1 + len(VARIANTS)) and first.executables_loaded == 0
-    assert sum(n.startswith("forward-") for n in names) == buckets
-    want = _tokens(first)
-    second = _runner(model, tmp_path, separate_sampler=True)
-    c0 = compilation_count()
-    second.warmup()
-    assert second.executables_loaded == len(names) and compilation_count() - c0 <= 1
-    assert _tokens(second) == want
-    assert want == _tokens(_runner(model, tmp_path / "one"))   # the one-executable steps draw the same
-
-
-def test_a_sampler_switch_s_steps_are_saved_and_loaded(model, tmp_path):
+@pytest.mark.parametrize("mode", ["separate_sampler", "sampler_switch"])
+def test_the_parts_of_a_model_compiled_once_a_bucket_are_saved_and_loaded(model, tmp_path, mode):
+    # separate_sampler: a forward a bucket and a sampler a bucket and variant, each its own file;
     # sampler_switch: one file a bucket, every variant's steps served by it
-    first = _runner(model, tmp_path, sampler_switch=True)
+    first = _runner(model, tmp_path, **{mode: True})
     first.warmup()
     names = sorted(os.path.basename(f) for f in _files(tmp_path))
-    assert names == sorted(f"switch-t{t}-p{p}.jaxexec" for t, _, p in first.bucket_shapes())
+    shapes = first.bucket_shapes()
+    if mode == "separate_sampler":
+        assert len(names) == len(shapes) * (1 + len(VARIANTS))
+        assert sum(n.startswith("forward-") for n in names) == len(shapes)
+    else:
+        assert names == sorted(f"switch-t{t}-p{p}.jaxexec" for t, _, p in shapes)
+    assert first.executables_loaded == 0
     want = _tokens(first)
-    second = _runner(model, tmp_path, sampler_switch=True)
+    second = _runner(model, tmp_path, **{mode: True})
     c0 = compilation_count()
     second.warmup()
     assert second.executables_loaded == len(names) and compilation_count() - c0 <= 1
     assert _tokens(second) == want
-    assert want == _tokens(_runner(model, tmp_path / "one"))   # the variants' steps draw the same
+    assert want == _tokens(_runner(model, tmp_path / "one"))   # the one-executable-a-variant steps draw the same
 
 
 @pytest.mark.parametrize("change", [dict(num_pages=48), dict(max_num_seqs=2), dict(return_logits=True),
