@@ -13,6 +13,7 @@ import time
 
 import httpx
 import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -494,6 +495,50 @@ def test_an_engine_that_dies_mid_stream_sends_an_error_event_then_done_and_healt
         assert httpx.get(srv.url + "/health").status_code == 503
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "y", "max_tokens": 2})
         assert r.status_code == 503 and "error" in r.json()
+    finally:
+        srv.stop()
+        state.engine.shutdown()
+
+
+def test_a_server_with_the_sampler_switch_answers_what_the_default_answers(ckpt, server):
+    """``--sampler-switch`` through the HTTP API: greedy, seeded top-p / top-k / penalties with logprobs, and a
+    plain seeded draw, concurrently, give the default server's texts and logprobs; nothing compiles while serving and
+    no KV page is left held."""
+    import concurrent.futures
+    import dataclasses
+
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                      dataclasses.replace(CFG, sampler_switch=True))
+    core.warmup()
+    state = ServerState("tiny", max_queued_requests=64, max_request_bytes=64 << 10)
+    state.engine = AsyncEngine(core)
+    srv = Server(state)
+    asks = [dict(prompt="Hello", **GREEDY),
+            dict(prompt="The sky", temperature=0.9, top_p=0.8, seed=7, max_tokens=8, logprobs=3,
+                 extra_body={"ignore_eos": True}),
+            dict(prompt="Once", temperature=1.0, seed=3, max_tokens=8, extra_body={"ignore_eos": True, "top_k": 5,
+                                                                                  "repetition_penalty": 1.3}),
+            dict(prompt="Numbers:", temperature=0.7, seed=11, max_tokens=8, extra_body={"ignore_eos": True})]
+    try:
+        def answers(s):
+            c = client(s)
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                outs = list(pool.map(lambda kw: c.completions.create(model="tiny", **kw), asks))
+            return [(o.choices[0].text, None if o.choices[0].logprobs is None else o.choices[0].logprobs.token_logprobs)
+                    for o in outs]
+
+        got, want = answers(srv), answers(server)
+        for (text, lps), (text1, lps1) in zip(got, want):
+            assert text == text1
+            assert (lps is None) == (lps1 is None)
+            if lps is not None:
+                np.testing.assert_allclose(lps, lps1, atol=1e-4)
+        for _ in range(300):
+            if not core.requests and core.allocator.num_in_use == 0:
+                break
+            time.sleep(0.02)
+        assert core.allocator.num_in_use == 0 and core.metrics.compilations_after_warmup == 0
     finally:
         srv.stop()
         state.engine.shutdown()
