@@ -78,3 +78,11 @@ def test_the_warm_up_compilation_line_of_a_run_is_found_as_describe_compile_writ
     out = f"engine {{...}}: loaded and warmed up in 93.0 s; step costs (ms by token bucket) {{16: 4.0}}\n{line}\nmore"
     assert ab.COMPILED.search(out).group(0) == line
     assert ab.COMPILED.search("engine {...}: loaded and warmed up in 9.0 s") is None
+
+
+def test_a_configuration_may_sample():
+    cfg = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "sampler_switch": True}
+    engine, _, _ = ab.split_config(cfg, {})
+    assert engine == {"sampler_switch": True}
+    cmd = ab.run_command(cfg, engine, "sharegpt-lengths", 10, "llama-3.1-8b")
+    assert cmd[-6:] == ["--temperature", "1.0", "--top-p", "0.9", "--top-k", "50"]

@@ -17,6 +17,9 @@ configuration's first run compiles from scratch and its load seconds are a cold 
 A configuration's ``"quant"`` (``"fp8"`` or ``"int8"``) quantizes the model (``profile_run --quant``), and
 ``"quantize_lm_head": true`` (with ``"quant": "fp8"``) its lm_head too (``profile_run --quantize-lm-head``).
 
+A configuration's ``"temperature"``, ``"top_p"`` and ``"top_k"`` set every request's sampling (greedy by default):
+``{"temperature": 1.0, "top_p": 0.9}`` runs the sampler's ``full`` variant every step.
+
 A configuration's ``"tree"`` is a directory holding another copy of the repository (``git archive BASE | tar -x
 -C base``): its runs run that code (``python -m`` from there), so two commits alternate in one call, e.g.
 ``--configs '[{"tree": "base"}, {}]'``.
@@ -38,6 +41,7 @@ import sys
 RUN = re.compile(r"the run ([\d.]+) s, (\d+) output tok/s; loaded and warmed up in ([\d.]+) s; "
                  r"step costs \(ms by token bucket\) (\{[^}]*\})")
 
+SAMPLING = ("temperature", "top_p", "top_k")     # a configuration's requests' sampling (profile_run's flags)
 COMPILED = re.compile(r"^compiled \d+ executables .*$", re.M)     # the warm-up's compilation (describe_compile)
 
 
@@ -53,7 +57,7 @@ def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, st
     """(EngineConfig overrides, the run's environment, the tree its code comes from or None) of one
     configuration: ``environ`` with the configuration's ``"env"`` strings over it (ValueError when ``"env"``
     is not an object of strings, or ``"tree"`` not a directory with ``benchmarks/gpu/profile_run.py``)."""
-    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree", "quant", "quantize_lm_head")}
+    engine = {k: v for k, v in cfg.items() if k not in ("env", "tree", "quant", "quantize_lm_head", *SAMPLING)}
     if cfg.get("quantize_lm_head") not in (None, False, True) or (cfg.get("quantize_lm_head")
                                                                     and cfg.get("quant") != "fp8"):
         raise ValueError(f"\"quantize_lm_head\" of {json.dumps(cfg)}: true with \"quant\": \"fp8\" only")
@@ -76,6 +80,9 @@ def run_command(cfg: dict, engine: dict, dataset: str, num_prompts: int, model: 
         cmd += ["--quant", str(cfg["quant"])]
     if cfg.get("quantize_lm_head"):
         cmd.append("--quantize-lm-head")
+    for key in SAMPLING:
+        if key in cfg:
+            cmd += ["--" + key.replace("_", "-"), str(cfg[key])]
     return cmd
 
 

@@ -29,6 +29,8 @@ import tempfile
 import time
 
 from benchmarks.gpu import suite
+from serving.bench import BenchError
+from serving.bench.offline import add_sampling_arguments, check_sampling_arguments
 
 KINDS = (("gemm", re.compile(r"gemm|nvjet|cublas|cutlass|xmma|matmul|dot", re.I)),
          ("decode attn", re.compile(r"paged_decode", re.I)),
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.profile_run")
     ap.add_argument("--dataset", default="sharegpt-lengths")
     ap.add_argument("--num-prompts", type=int, default=1000)
+    add_sampling_arguments(ap)                 # every request's sampling (default greedy)
     ap.add_argument("--windows", default="10:40,100:130,250:280,500:530,900:930",
                     help="engine-step ranges START:END of the timed run, comma-separated (none: no traces)")
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -152,6 +155,11 @@ def main(argv=None) -> int:
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate measurement")
     args = ap.parse_args(argv)
     suite.check_quant_arguments(ap, args)
+    try:
+        check_sampling_arguments(args)
+    except BenchError as e:
+        ap.error(str(e))
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     try:
         windows = ([] if args.windows == "none" else
                    [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")])
@@ -285,7 +293,7 @@ def main(argv=None) -> int:
         state["step"] = 0
 
     summary = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False,
-                                on_start=on_start)
+                                on_start=on_start, **sampling)
     if state["window"] is not None:
         jax.profiler.stop_trace()
         state["done"].append((state["window"], state["trace"], state["calls"]))

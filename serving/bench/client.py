@@ -30,6 +30,8 @@ class Endpoint:
     kind: str                         # "completions" | "chat"
     model: str
     temperature: float = 0.0
+    top_p: float = 1.0                # 1: not sent
+    top_k: int = 0                    # 0 or -1: not sent (a jaxdyn / vLLM extension of the API)
     ignore_eos: bool = True
     stream_usage: bool = True         # ask for usage in the stream (stream_options.include_usage)
     timeout: float = 600.0            # seconds per request, whole stream
@@ -48,6 +50,10 @@ class Endpoint:
         else:
             body["prompt"] = prompt
             body["max_tokens"] = max_tokens
+        if self.top_p < 1.0:
+            body["top_p"] = self.top_p
+        if self.top_k > 0:
+            body["top_k"] = self.top_k
         if self.ignore_eos:
             body["ignore_eos"] = True
         if self.stream_usage:

@@ -19,10 +19,10 @@ from serving.bench import BenchError, datasets, report
 from serving.bench.datasets import PromptSource, Sample
 
 
-def _params(samples: list[Sample], ignore_eos: bool, temperature: float):
+def _params(samples: list[Sample], ignore_eos: bool, sampling: dict):
+    """Each sample's SamplingParams: its output length, and ``sampling`` (temperature, top_p, top_k)."""
     from jaxdyn import SamplingParams
-    return [SamplingParams(max_tokens=s.output_len, ignore_eos=ignore_eos, temperature=temperature)
-            for s in samples]
+    return [SamplingParams(max_tokens=s.output_len, ignore_eos=ignore_eos, **sampling) for s in samples]
 
 
 def _generate(llm, prompts, params, progress: bool, desc: str):
@@ -33,20 +33,22 @@ def _generate(llm, prompts, params, progress: bool, desc: str):
         raise BenchError(f"{desc}: the engine refused a prompt: {e}") from None
 
 
-def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperature: float = 0.0,
-              num_warmups: int = 0, progress: bool = True, on_start=None) -> dict:
+def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperature: float = 0.0, top_p: float = 1.0,
+              top_k: int = 0, num_warmups: int = 0, progress: bool = True, on_start=None) -> dict:
     """Generate every sample; returns the summary (and ``requests``: prompt and output tokens of each).
+    ``temperature``, ``top_p``, ``top_k``: every request's sampling (vLLM's benchmark flags).
     ``on_start``: called after the warm-up requests, as the timed run starts."""
     tok = llm.tokenizer
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     if num_warmups:
         firsts = [s for s in samples if s.turn == 0][:num_warmups]
-        _generate(llm, [s.prompt for s in firsts], _params(firsts, ignore_eos, temperature), False, "warm-up")
+        _generate(llm, [s.prompt for s in firsts], _params(firsts, ignore_eos, sampling), False, "warm-up")
     records: list[tuple[int, int]] = []
     if on_start is not None:
         on_start()
     start = time.perf_counter()
     if samples[0].conversation is None:
-        outs = _generate(llm, [s.prompt for s in samples], _params(samples, ignore_eos, temperature),
+        outs = _generate(llm, [s.prompt for s in samples], _params(samples, ignore_eos, sampling),
                          progress, "generate")
         records = [(len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outs]
     else:
@@ -57,7 +59,7 @@ def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperatur
             for s in batch:
                 ids = s.prompt if isinstance(s.prompt, list) else tok.encode(s.prompt, add_special_tokens=turn == 0)
                 prompts.append(history.get(s.conversation, []) + ids)
-            outs = _generate(llm, prompts, _params(batch, ignore_eos, temperature), progress, f"turn {turn}")
+            outs = _generate(llm, prompts, _params(batch, ignore_eos, sampling), progress, f"turn {turn}")
             for s, o in zip(batch, outs):
                 history[s.conversation] = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
                 records.append((len(o.prompt_token_ids), len(o.outputs[0].token_ids)))
@@ -71,10 +73,27 @@ def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperatur
             "per_request": [{"prompt_tokens": p, "output_tokens": o} for p, o in records]}
 
 
+def add_sampling_arguments(p) -> None:
+    """Every request's sampling: --temperature, --top-p, --top-k (as vLLM's benchmarks take them)."""
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="every request's top_p (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="every request's top_k (0 or -1: off)")
+
+
+def check_sampling_arguments(args) -> None:
+    """BenchError naming a sampling flag out of range."""
+    if args.temperature < 0:
+        raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise BenchError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < -1:
+        raise BenchError(f"--top-k must be -1, 0 or a positive integer, got {args.top_k}")
+
+
 def add_arguments(p) -> None:
     """The flags besides the engine's (whose --seed also seeds the prompts)."""
     datasets.add_arguments(p, seed=False)
-    p.add_argument("--temperature", type=float, default=0.0)
+    add_sampling_arguments(p)
     p.add_argument("--num-warmups", type=int, default=0, help="prompts generated once, untimed, first")
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
@@ -89,8 +108,7 @@ def run(args, model: str, engine_config) -> dict:
     datasets.check_arguments(args)
     if args.num_warmups < 0:
         raise BenchError(f"--num-warmups must be >= 0, got {args.num_warmups}")
-    if args.temperature < 0:
-        raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
+    check_sampling_arguments(args)
     try:
         engine = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                               config=engine_config, warmup=False, quantization=args.quantization,
@@ -110,11 +128,11 @@ def run(args, model: str, engine_config) -> dict:
         raise BenchError(f"the longest prompt + output is {longest} tokens, over the engine's max_model_len "
                          f"{engine.max_model_len} (raise --max-model-len or shorten the dataset)")
     engine.load_info["warmup_seconds"] = engine.warmup(not args.disable_tqdm)   # compile every bucket
-    summary = benchmark(llm, samples, ignore_eos=args.ignore_eos, temperature=args.temperature,
-                        num_warmups=args.num_warmups, progress=not args.disable_tqdm)
+    summary = benchmark(llm, samples, ignore_eos=args.ignore_eos, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, num_warmups=args.num_warmups, progress=not args.disable_tqdm)
     per_request = summary.pop("per_request")
     cfg = {k: getattr(args, k) for k in ("dataset", "dataset_path", "num_prompts", "seed", "input_len",
-                                         "output_len", "range_ratio", "ignore_eos", "temperature", "num_warmups",
+                                         "output_len", "range_ratio", "ignore_eos", "temperature", "top_p", "top_k", "num_warmups",
                                          "tp", "dtype", "load_format", "quantization",
                                          "quantize_lm_head")}
     cfg.update(seed=seed, model=model, engine={k: getattr(engine_config, k) for k in (

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.bench import BenchError, datasets, metrics, report
+from serving.bench import BenchError, datasets, metrics, offline, report
 from serving.bench.client import ENDPOINTS, Endpoint, RequestRecord, send
 from serving.bench.datasets import PromptSource, Sample
 
@@ -240,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="client processes the requests are spread over (one Python process parses a bounded "
                    "number of streamed chunks a second); the arrival schedule is the same")
     p.add_argument("--num-warmups", type=int, default=0, help="requests sent (and not counted) before the runs")
-    p.add_argument("--temperature", type=float, default=0.0)
+    offline.add_sampling_arguments(p)
     p.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
                    help="do not send stream_options.include_usage (for servers that refuse it)")
     p.add_argument("--percentiles", default="90,99", help="latency percentiles to report (mean and median always)")
@@ -310,8 +310,7 @@ def check_arguments(args) -> dict:
         raise BenchError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     if not args.timeout > 0:
         raise BenchError(f"--timeout must be > 0, got {args.timeout}")
-    if args.temperature < 0:
-        raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
+    offline.check_sampling_arguments(args)
     slo = {k: v for k, v in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms),
                              ("e2el", args.slo_e2e_ms)) if v is not None}
     for k, v in slo.items():
@@ -347,7 +346,7 @@ def _served_model(base: str, model: str | None, api_key: str | None) -> str:
 def _config(args, parsed: dict, model: str) -> dict:
     keep = ("url", "tokenizer", "dataset", "dataset_path", "num_prompts", "seed", "input_len", "output_len",
             "range_ratio", "prefix_len", "suffix_len", "num_prefixes", "num_turns", "turn_len", "ignore_eos",
-            "burstiness", "max_concurrency", "num_clients", "num_warmups", "temperature", "stream_usage",
+            "burstiness", "max_concurrency", "num_clients", "num_warmups", "temperature", "top_p", "top_k", "stream_usage",
             "timeout")
     cfg = {k: getattr(args, k) for k in keep}
     cfg.update(model=model, endpoint=ENDPOINTS[parsed["kind"]], request_rates=args.request_rate,
@@ -421,7 +420,8 @@ def main(args) -> int:
         tok_path = args.model
     tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
     model = _served_model(base, args.model, args.api_key)
-    endpoint = Endpoint(base, parsed["kind"], model, temperature=args.temperature, ignore_eos=args.ignore_eos,
+    endpoint = Endpoint(base, parsed["kind"], model, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, ignore_eos=args.ignore_eos,
                         stream_usage=args.stream_usage, timeout=args.timeout, api_key=args.api_key)
     plans = plan_runs(args, tokenizer, parsed["rates"])
     warmup, runs = asyncio.run(_run_all(endpoint, tokenizer, plans, parsed, args))

@@ -57,6 +57,23 @@ def test_random_prompts_on_the_demo_model(tmp_path, monkeypatch, demo_engine, ca
     assert "| Request throughput (req/s) |" in out and "| Output token throughput (tok/s) |" in out
 
 
+def test_every_request_samples_as_the_flags_say(tmp_path, monkeypatch, demo_engine):
+    """--temperature / --top-p / --top-k reach every request's SamplingParams (vLLM's benchmark flags) and the
+    report's config."""
+    seen = []
+    generate = jaxdyn.LLM.generate
+
+    def spy(self, prompts, params, **kw):
+        seen.extend(params)
+        return generate(self, prompts, params, **kw)
+    monkeypatch.setattr(jaxdyn.LLM, "generate", spy)
+    doc = offline(tmp_path, monkeypatch, demo_engine, "--random-input-len", "8", "--random-output-len", "3",
+                  "--num-prompts", "3", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "7")
+    assert len(seen) == 3 and all((p.temperature, p.top_p, p.top_k) == (0.8, 0.9, 7) for p in seen)
+    assert (doc["config"]["temperature"], doc["config"]["top_p"], doc["config"]["top_k"]) == (0.8, 0.9, 7)
+    assert doc["summary"]["total_output_tokens"] == 9
+
+
 def test_multiturn_prompts_carry_the_conversation_so_far(tmp_path, monkeypatch, demo_engine):
     doc = offline(tmp_path, monkeypatch, demo_engine, "--dataset", "multiturn", "--num-prompts", "4", "--num-turns", "2", "--turn-len", "6",
                   "--output-len", "4")
@@ -88,6 +105,9 @@ def test_the_same_seed_gives_the_same_prompts():
     (["--model", "/no/such/dir"], "no such directory"),
     (["--num-prompts", "0"], "--num-prompts must be at least 1"),
     (["--dataset", "sharegpt"], "--dataset sharegpt needs --dataset-path"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-k", "-3"], "--top-k must be -1, 0 or a positive integer, got -3"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(argv, message, capsys):
     assert main(["bench", "offline", *ENGINE, *argv]) == 2

@@ -209,6 +209,14 @@ def test_json_has_every_field(tmp_path):
         "token_source", "prompt_token_source", "cached_tokens", "conversation", "turn"}
 
 
+def test_sampling_flags_reach_each_request_body_and_defaults_send_none():
+    from serving.bench.client import Endpoint
+    body = Endpoint("http://x", "completions", "m", temperature=0.8, top_p=0.9, top_k=5).payload("hi", 4)
+    assert (body["temperature"], body["top_p"], body["top_k"]) == (0.8, 0.9, 5)
+    body = Endpoint("http://x", "chat", "m").payload([{"role": "user", "content": "hi"}], 4)
+    assert body["temperature"] == 0.0 and "top_p" not in body and "top_k" not in body
+
+
 def test_token_counts_fall_back_to_the_tokenizer_then_to_chunks(tmp_path, demo_tokenizer):
     with FakeOpenAI(ttft=0.01, itl=0.002) as fake:
         fake.usage = False
@@ -425,6 +433,7 @@ def idle_fake():
     (["URL", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
     (["URL", "--num-clients", "0"], "--num-clients must be at least 1"),
     (["URL", "--burstiness", "0"], "--burstiness must be > 0"),
+    (["URL", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["URL", "--slo-ttft-ms", "-5"], "--slo-ttft-ms must be > 0"),
     (["URL", "--model", "nope"], "--model 'nope': the server serves 'fake'"),
     (["URL", "--tokenizer", "/no/such/dir"], "--tokenizer '/no/such/dir': no such file or directory"),
