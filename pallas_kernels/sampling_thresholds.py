@@ -38,6 +38,7 @@ DIGIT_BITS = 2
 # "auto": the kernel on a GPU, else the reference; "reference" / "kernel" / "interpret" force one (the probe).
 IMPL = "auto"
 TILE = 512              # logits a program loads at once (the kernel)
+BLOCK_TILES = 16        # tiles a thread sums alone before the program's sum of them (the kernel's row_sum)
 _KERNEL_BITS = 4        # the kernel's digit: 15 candidates counted in registers a pass
 
 
@@ -105,25 +106,43 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, *, vocab: int, tiles: int, in
         x = jnp.where(valid, x, -jnp.inf)
         return x, jnp.where(valid, order_keys(x), jnp.uint32(0)), valid
 
-    def search(count, passes):
-        """The largest key whose total (``count(keys, x, candidates u32[16]) -> f32[16]`` summed over the tiles)
-        ``passes`` (f32[16] -> bool[16]), lane 0 (the answer so far) passing by construction."""
+    blocks = pl.cdiv(tiles, BLOCK_TILES)
+
+    def row_sum(terms, width: int):
+        """f32[width]: ``terms(x, keys, valid) -> f32[TILE, width]`` summed over the row. Each thread adds its own
+        elements tile after tile (no reduction across the program's warps in the loop), ``BLOCK_TILES`` tiles at a
+        time; each block's sum is then reduced and added with Kahan's compensation (a serial float32 sum over the
+        row's tiles drifted by several boundary tokens' mass at top_p 0.999 and 128,256 logits)."""
+        def block(b, carry):
+            total, comp = carry
+
+            def one(j, acc):
+                x, keys, valid = tile(b * BLOCK_TILES + j)
+                return acc + terms(x, keys, valid)
+
+            acc = lax.fori_loop(0, jnp.minimum(BLOCK_TILES, tiles - b * BLOCK_TILES), one,
+                                jnp.zeros((TILE, width), jnp.float32))
+            y = jnp.sum(acc, axis=0) - comp
+            t = total + y
+            return t, (t - total) - y
+
+        zeros = jnp.zeros((width,), jnp.float32)
+        return lax.fori_loop(0, blocks, block, (zeros, zeros))[0]
+
+    def search(terms, passes):
+        """The largest key whose total (``terms(x, keys, valid, candidates u32[16]) -> f32[TILE, 16]`` summed over
+        the row) ``passes`` (f32[16] -> bool[16]), lane 0 (the answer so far) passing by construction."""
         ans = jnp.uint32(0)
         for shift in range(32 - _KERNEL_BITS, -1, -_KERNEL_BITS):
             cands = ans | (lanes << shift)
-
-            def body(i, acc, cands=cands):
-                x, keys, _ = tile(i)
-                return acc + count(keys, x, cands)
-
-            total = lax.fori_loop(0, tiles, body, jnp.zeros((lanes.shape[0],), jnp.float32))
+            total = row_sum(lambda x, keys, valid, c=cands: terms(x, keys, valid, c), lanes.shape[0])
             digit = jnp.maximum(jnp.sum(passes(total).astype(jnp.int32)) - 1, 0)
             ans = ans | (digit.astype(jnp.uint32) << shift)
         return ans
 
     # top-k: at least k keys at or above the candidate (counts in float32: exact to 2**24, past any vocabulary)
     kf = k.astype(jnp.float32)
-    kth = search(lambda keys, x, c: jnp.sum((keys[:, None] >= c[None, :]).astype(jnp.float32), axis=0),
+    kth = search(lambda x, keys, valid, c: jnp.where(valid[:, None] & (keys[:, None] >= c[None, :]), 1.0, 0.0),
                  lambda count: count >= kf)
 
     def stats(i, acc):          # the row's max, the k-th value, how many keys are above the k-th
@@ -135,19 +154,23 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, *, vocab: int, tiles: int, in
     m, kth_value, above = lax.fori_loop(0, tiles, stats, (jnp.float32(-jnp.inf), jnp.float32(-jnp.inf),
                                                           jnp.float32(0)))
 
-    def masses(i, acc):         # the mass above the k-th, and all the kept mass (ties at the k-th too)
-        x, keys, _ = tile(i)
-        e = jnp.exp(x - m)
-        return (acc[0] + jnp.sum(jnp.where(keys > kth, e, 0.0)), acc[1] + jnp.sum(jnp.where(keys >= kth, e, 0.0)))
+    two = jnp.arange(2, dtype=jnp.int32)
 
-    mass_above, kept = lax.fori_loop(0, tiles, masses, (jnp.float32(0), jnp.float32(0)))
+    def kept_mass(x, keys, valid):      # [TILE, 2]: the mass above the k-th, and all the kept mass (its ties too)
+        e = jnp.exp(x - m)[:, None]
+        return jnp.where(two[None, :] == 0, jnp.where(keys > kth, 1.0, 0.0)[:, None] * e,
+                         jnp.where(keys >= kth, 1.0, 0.0)[:, None] * e)
+
+    masses = row_sum(kept_mass, 2)      # (no slicing in Pallas' Triton lowering: each taken by a masked sum)
+    mass_above, kept = jnp.sum(jnp.where(two == 0, masses, 0.0)), jnp.sum(jnp.where(two == 1, masses, 0.0))
     need = top_p * (mass_above + (kf - above) * jnp.exp(kth_value - m))
 
-    def mass_above(keys, x, c):     # the kept mass strictly above each candidate
+    def mass_above_cands(x, keys, valid, c):     # the kept mass strictly above each candidate
         e = jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
-        return jnp.sum(jnp.where(keys[:, None] > c[None, :], e[:, None], 0.0), axis=0)
+        return jnp.where(keys[:, None] > c[None, :], e[:, None], 0.0)
 
-    below = search(mass_above, lambda mass: mass >= need)     # top_p's share above: the candidate is below the cutoff
+    # top_p's share strictly above: the candidate is below the cutoff
+    below = search(mass_above_cands, lambda mass: mass >= need)
     # the kept mass above key 0 (all of it) under top_p's share: every kept logit stays
     cutoff = jnp.where(kept >= need, below + jnp.uint32(1), jnp.uint32(0))
     kth_ref[...] = jnp.full((1,), kth, jnp.uint32)
@@ -172,7 +195,7 @@ def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array
         out_specs=[one, one],
         out_shape=[jax.ShapeDtypeStruct((S,), jnp.uint32), jax.ShapeDtypeStruct((S,), jnp.uint32)],
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8, num_stages=3),
         name="sampling_thresholds",
     )(x, k.astype(jnp.int32), top_p.astype(jnp.float32))
     return kth, cutoff

@@ -86,3 +86,10 @@ def test_a_configuration_may_sample():
     assert engine == {"sampler_switch": True}
     cmd = ab.run_command(cfg, engine, "sharegpt-lengths", 10, "llama-3.1-8b")
     assert cmd[-6:] == ["--temperature", "1.0", "--top-p", "0.9", "--top-k", "50"]
+
+
+def test_bad_sampling_keys_are_refused_before_any_run():
+    for bad, says in (({"top_p": 0}, "--top-p must be in"), ({"temperature": 200}, "--temperature must be in"),
+                      ({"top_k": "5"}, "numbers expected"), ({"top_k": -2}, "--top-k must be")):
+        with pytest.raises(ValueError, match=says):
+            ab.split_config(bad, {})

@@ -61,6 +61,16 @@ def split_config(cfg: dict, environ: dict[str, str]) -> tuple[dict, dict[str, st
     if cfg.get("quantize_lm_head") not in (None, False, True) or (cfg.get("quantize_lm_head")
                                                                     and cfg.get("quant") != "fp8"):
         raise ValueError(f"\"quantize_lm_head\" of {json.dumps(cfg)}: true with \"quant\": \"fp8\" only")
+    sampling = {k: cfg[k] for k in SAMPLING if k in cfg}
+    if sampling:
+        from serving.bench import BenchError
+        from serving.bench.offline import check_sampling_arguments
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sampling.values()):
+            raise ValueError(f"the sampling keys of {json.dumps(cfg)}: numbers expected")
+        try:
+            check_sampling_arguments(argparse.Namespace(**{"temperature": 0.0, "top_p": 1.0, "top_k": 0, **sampling}))
+        except BenchError as e:
+            raise ValueError(f"{json.dumps(cfg)}: {e}") from None
     env = cfg.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ValueError(f"\"env\" of {json.dumps(cfg)}: expected an object of strings")

@@ -75,15 +75,17 @@ def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperatur
 
 def add_sampling_arguments(p) -> None:
     """Every request's sampling: --temperature, --top-p, --top-k (as vLLM's benchmarks take them)."""
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0, help="every request's top_p (1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="every request's top_k (0 or -1: off)")
+    p.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="every request's top_p (1: off; applies with --temperature > 0 only, as in vLLM)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="every request's top_k (0 or -1: off; applies with --temperature > 0 only, as in vLLM)")
 
 
 def check_sampling_arguments(args) -> None:
     """BenchError naming a sampling flag out of range."""
-    if args.temperature < 0:
-        raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature <= 100:        # SamplingParams' range (a NaN fails it too)
+        raise BenchError(f"--temperature must be in [0, 100], got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise BenchError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < -1:

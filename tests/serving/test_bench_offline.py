@@ -107,7 +107,9 @@ def test_the_same_seed_gives_the_same_prompts():
     (["--dataset", "sharegpt"], "--dataset sharegpt needs --dataset-path"),
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (["--top-k", "-3"], "--top-k must be -1, 0 or a positive integer, got -3"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be in [0, 100], got -1.0"),
+    (["--temperature", "150"], "--temperature must be in [0, 100], got 150.0"),
+    (["--temperature", "nan"], "--temperature must be in [0, 100], got nan"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(argv, message, capsys):
     assert main(["bench", "offline", *ENGINE, *argv]) == 2

@@ -511,6 +511,7 @@ def test_a_server_with_the_sampler_switch_answers_what_the_default_answers(ckpt,
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
                       dataclasses.replace(CFG, sampler_switch=True))
     core.warmup()
+    assert core.runner.config.sampler_switch and all(k[0] == "switch" for k in core.runner._parts)
     state = ServerState("tiny", max_queued_requests=64, max_request_bytes=64 << 10)
     state.engine = AsyncEngine(core)
     srv = Server(state)
