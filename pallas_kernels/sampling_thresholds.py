@@ -10,7 +10,8 @@ at or above it; a mass above it of at least ``top_p`` of the kept mass).
 - ``sampling_thresholds_reference``: ``jax.numpy``, each candidate a reduction over the row (XLA reads the row once
   a candidate: ``32 / DIGIT_BITS x (2**DIGIT_BITS - 1)`` reads a search), ``DIGIT_BITS`` a pass;
 - ``sampling_thresholds_kernel``: one program a row, looping over it in tiles; a pass reads the row once and counts
-  the 15 candidates of a 4-bit digit in registers: 8 passes a search (2 searches, 2 passes for the mass).
+  the 15 candidates of a 4-bit digit in registers: 8 passes a search (2 searches, 2 passes for the mass), a row
+  with top-k off skipping the first search and one with top_p 1 the second.
 
 Top-k's threshold is exact. Top-p's sums the mass in another order than a sort's running sum, so a token whose
 mass before it is within float rounding of ``top_p`` may be kept by one and not the other.
@@ -65,7 +66,8 @@ def _largest_key_where(pred, rows: int, bits: int) -> jax.Array:
 
 def sampling_thresholds_reference(logits: jax.Array, k: jax.Array, top_p: jax.Array
                                   ) -> tuple[jax.Array, jax.Array]:
-    """(kth u32[S], cutoff u32[S]): the order key of each row's k-th largest logit (``k`` i32[S] in [1, V]), and
+    """(kth u32[S], cutoff u32[S]): the order key of each row's k-th largest logit (``k`` i32[S] in [1, V]; the entry
+    point makes k = V key 0), and
     the key below which top-p (``top_p`` f32[S] > 0) drops a logit among those at or above it; 0 keeps all. Top-p
     is over the k largest alone, the k-th value's ties counted as a sort orders them (enough to fill k). (The entry
     point makes a top_p of 1 keep all.)"""
@@ -140,10 +142,13 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, *, vocab: int, tiles: int, in
             ans = ans | (digit.astype(jnp.uint32) << shift)
         return ans
 
-    # top-k: at least k keys at or above the candidate (counts in float32: exact to 2**24, past any vocabulary)
+    # top-k: at least k keys at or above the candidate (counts in float32: exact to 2**24, past any vocabulary); a
+    # row with k = V (top-k off, most requests) skips the search: key 0 keeps every logit (and then no tie fills k)
     kf = k.astype(jnp.float32)
-    kth = search(lambda x, keys, valid, c: jnp.where(valid[:, None] & (keys[:, None] >= c[None, :]), 1.0, 0.0),
-                 lambda count: count >= kf)
+    zero_key = (k - k).astype(jnp.uint32)     # a value, not a literal: Triton's conditional yields values
+    kth = lax.cond(k < vocab, lambda: search(
+        lambda x, keys, valid, c: jnp.where(valid[:, None] & (keys[:, None] >= c[None, :]), 1.0, 0.0),
+        lambda count: count >= kf), lambda: zero_key)
 
     def stats(i, acc):          # the row's max, the k-th value, how many keys are above the k-th
         m, kth_value, above = acc
@@ -169,8 +174,10 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, *, vocab: int, tiles: int, in
         e = jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
         return jnp.where(keys[:, None] > c[None, :], e[:, None], 0.0)
 
-    # top_p's share strictly above: the candidate is below the cutoff
-    below = search(mass_above_cands, lambda mass: mass >= need)
+    # top_p's share strictly above: the candidate is below the cutoff (a row with top_p 1 skips the search: it keeps
+    # every token, sampling_thresholds)
+    below = lax.cond(top_p < 1.0, lambda: search(mass_above_cands, lambda mass: mass >= need),
+                     lambda: zero_key)
     # the kept mass above key 0 (all of it) under top_p's share: every kept logit stays
     cutoff = jnp.where(kept >= need, below + jnp.uint32(1), jnp.uint32(0))
     kth_ref[...] = jnp.full((1,), kth, jnp.uint32)
@@ -214,5 +221,6 @@ def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl:
         kth, cutoff = sampling_thresholds_kernel(logits, k, top_p, interpret=impl == "interpret")
     else:
         raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
-    # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it
-    return kth, jnp.where(top_p >= 1.0, jnp.uint32(0), cutoff)
+    # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it; k = V
+    # (top-k off) is key 0 in both forms (the kernel skips that search)
+    return jnp.where(k >= logits.shape[1], jnp.uint32(0), kth), jnp.where(top_p >= 1.0, jnp.uint32(0), cutoff)

@@ -43,10 +43,12 @@ def test_the_interpreted_kernel_keeps_what_the_reference_keeps(V, data):
     kth_i, cut_i = sampling_thresholds(x, k, p, impl="interpret")
     np.testing.assert_array_equal(np.asarray(kth_i), np.asarray(kth))
     np.testing.assert_array_equal(_kept(x, kth_i, cut_i), _kept(x, kth, cut))
-    # the k-th largest: k keys at or above it, fewer than k above it
-    keys = np.asarray(order_keys(x))
-    assert np.all((keys >= np.asarray(kth)[:, None]).sum(-1) >= np.asarray(k))
-    assert np.all((keys > np.asarray(kth)[:, None]).sum(-1) < np.asarray(k))
+    # the k-th largest: k keys at or above it, fewer than k above it; k = V (top-k off): key 0, every key kept
+    keys, kn, kth = np.asarray(order_keys(x)), np.asarray(k), np.asarray(kth)
+    part = kn < V
+    assert np.all(kth[~part] == 0)
+    assert np.all((keys[part] >= kth[part][:, None]).sum(-1) >= kn[part])
+    assert np.all((keys[part] > kth[part][:, None]).sum(-1) < kn[part])
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
