@@ -571,14 +571,15 @@ class ModelRunner:
         """The jitted step of one executable: the model (``_forward``), then ``sample(token_pages, prev_sampled,
         logits, tok, seqi, seqf) -> (draws, logprobs, top ids, top logprobs)``; the KV cache and token pages donated.
         ``gather_logits``: the logits replicated first (tensor parallelism splits them by vocabulary)."""
-        return_logits = self.config.return_logits
-        forward = self._forward
+        # locals, not self: the jitted step is kept on the runner, and a closure over self would be a reference cycle
+        # (a frozen heap frees an engine by reference counting alone: test_a_settled_engine_is_freed_when_dropped)
+        return_logits, forward, replicated = self.config.return_logits, self._forward, self._replicated
 
         def step(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             kv_cache, token_pages, logits = forward(state_leaves, kv_cache, token_pages, prev_sampled,
                                                     tok, seqi, seqf)
             if gather_logits:
-                logits = jax.lax.with_sharding_constraint(logits, self._replicated)
+                logits = jax.lax.with_sharding_constraint(logits, replicated)
             sampled, lps, top_ids, top_lps = sample(token_pages, prev_sampled, logits, tok, seqi, seqf)
             return (kv_cache, token_pages, sampled, lps, top_ids, top_lps,
                     logits if return_logits else None)

@@ -647,16 +647,17 @@ def test_warmup_settles_the_heap_when_asked_and_by_default_on_accelerators_only(
         assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 
-def test_a_settled_engine_is_freed_when_dropped(ckpt, gc_state):
+@pytest.mark.parametrize("switch", [False, True])
+def test_a_settled_engine_is_freed_when_dropped(ckpt, gc_state, switch):
     """With the heap frozen, only reference counting frees what the collector no longer scans: an engine (its
     runner, KV cache and weights) must hold no reference cycle, or a process that builds a second engine (the GPU
-    suite does) would keep the first one's device memory."""
+    suite does) would keep the first one's device memory (with the sampler switch's steps too)."""
     import weakref
 
     import jax
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, gc_freeze=True))
+                      dataclasses.replace(CFG, gc_freeze=True, sampler_switch=switch))
     del loaded
     core.warmup()
     assert gc_state.get_freeze_count() > 0
