@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             ap.error(f"--buckets: expected token counts separated by commas, got {args.buckets!r}")
         if buckets[-1] < ENGINE["max_num_batched_tokens"]:
             ap.error(f"--buckets: the largest must be at least {ENGINE['max_num_batched_tokens']}")
-    for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul"):
+    for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds"):
         importlib.import_module(f"pallas_kernels.{m}").on_gpu = lambda: True      # lower as a GPU runs them
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
