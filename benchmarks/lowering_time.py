@@ -38,8 +38,20 @@ def main(argv=None) -> int:
             ap.error(f"--buckets: expected token counts separated by commas, got {args.buckets!r}")
         if buckets[-1] < ENGINE["max_num_batched_tokens"]:
             ap.error(f"--buckets: the largest must be at least {ENGINE['max_num_batched_tokens']}")
-    for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds"):
-        importlib.import_module(f"pallas_kernels.{m}").on_gpu = lambda: True      # lower as a GPU runs them
+    modules = [importlib.import_module(f"pallas_kernels.{m}") for m in
+               ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds")]
+    saved = [m.on_gpu for m in modules]
+    for m in modules:
+        m.on_gpu = lambda: True            # lower as a GPU runs them (put back when done: a caller's process)
+    try:
+        return _measure(args, buckets)
+    finally:
+        for m, f in zip(modules, saved):
+            m.on_gpu = f
+
+
+def _measure(args, buckets) -> int:
+    from benchmarks.gpu.gpu import ENGINE
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
@@ -47,7 +59,7 @@ def main(argv=None) -> int:
 
     quant = None if args.quant == "none" else args.quant
     plan = plan_model(args.model, load_format="dummy", quantization=quant)
-    cfg = RunnerConfig(page_size=ENGINE["page_size"], num_pages=4096, max_num_seqs=ENGINE["max_num_seqs"],
+    cfg = RunnerConfig(page_size=ENGINE["page_size"], num_pages=1024, max_num_seqs=ENGINE["max_num_seqs"],
                        max_num_batched_tokens=ENGINE["max_num_batched_tokens"], max_model_len=ENGINE["max_model_len"],
                        token_buckets=tuple(buckets), page_buckets=tuple(ENGINE["page_buckets"]),
                        kv_cache_dtype="fp8" if quant else "auto",

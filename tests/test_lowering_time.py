@@ -1,0 +1,20 @@
+"""benchmarks/lowering_time.py: the suite's steps traced and lowered for a GPU on the CPU, part by part."""
+
+import pytest
+
+from benchmarks import lowering_time
+
+
+def test_it_lowers_each_part_for_a_gpu_and_prints_the_sum(capsys):
+    assert lowering_time.main(["--model", "llama-3.2-1b", "--buckets", "16,2048", "--sampler-switch"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| switch ") == 2                        # one part a bucket with the switch
+    assert "2 parts traced and lowered for a GPU in" in out and "--sampler-switch --buckets 16,2048" in out
+    from pallas_kernels import paged_decode, sampling_thresholds
+    assert not paged_decode.on_gpu() and not sampling_thresholds.on_gpu()      # put back for the rest of the process
+
+
+def test_buckets_below_the_step_budget_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        lowering_time.main(["--buckets", "16,64"])
+    assert "the largest must be at least 2048" in capsys.readouterr().err
