@@ -22,6 +22,7 @@ mass before it is within float rounding of ``top_p`` may be kept by one and not 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,9 @@ from pallas_kernels.paged_decode import on_gpu
 # 128,256, 4 bits compiled in 1.1 s against 1.8 s at 1 bit and ran 0.95 s against 0.57; at 4 rows 2 bits ran as
 # fast as 1 and twice as fast as 4. Not measured on a GPU (``benchmarks/gpu/sampler_probe.py`` times them).
 DIGIT_BITS = 2
-# "auto": the kernel on a GPU, else the reference; "reference" / "kernel" / "interpret" force one (the probe).
-IMPL = "auto"
+# "auto": the kernel on a GPU, else the reference; "reference" / "kernel" / "interpret" force one (the probe; or the
+# environment's JAXDYN_SAMPLING_THRESHOLDS, read at import, e.g. to run the reference on a GPU)
+IMPL = os.environ.get("JAXDYN_SAMPLING_THRESHOLDS", "auto")
 TILE = 512              # logits a program loads at once (the kernel)
 BLOCK_TILES = 16        # tiles a thread sums alone before the program's sum of them (the kernel's row_sum)
 _KERNEL_BITS = 4        # the kernel's digit: 15 candidates counted in registers a pass

@@ -110,3 +110,20 @@ def test_gpu_kernel_keeps_what_the_reference_keeps_at_the_8b_vocabulary(rows):
         near = np.zeros(x.shape[1], bool)
         near[order[np.abs(before - float(p[r])) < 1e-5]] = True
         assert np.array_equal(got[r] & ~near, want & ~near), r
+
+
+def test_the_environment_may_choose_the_implementation(monkeypatch):
+    import importlib
+
+    from pallas_kernels import sampling_thresholds as st
+    monkeypatch.setenv("JAXDYN_SAMPLING_THRESHOLDS", "reference")
+    try:
+        assert importlib.reload(st).IMPL == "reference"
+        monkeypatch.setenv("JAXDYN_SAMPLING_THRESHOLDS", "fast")
+        importlib.reload(st)
+        with pytest.raises(ValueError, match="not 'fast'"):
+            st.sampling_thresholds(jnp.zeros((1, 4)), jnp.ones((1,), jnp.int32), jnp.ones((1,)))
+    finally:
+        monkeypatch.delenv("JAXDYN_SAMPLING_THRESHOLDS")
+        importlib.reload(st)
+    assert st.IMPL == "auto"
