@@ -44,14 +44,13 @@ def main(argv=None) -> int:
     for m in modules:
         m.on_gpu = lambda: True            # lower as a GPU runs them (put back when done: a caller's process)
     try:
-        return _measure(args, buckets)
+        return _measure(args, ENGINE, buckets)
     finally:
         for m, f in zip(modules, saved):
             m.on_gpu = f
 
 
-def _measure(args, buckets) -> int:
-    from benchmarks.gpu.gpu import ENGINE
+def _measure(args, engine: dict, buckets) -> int:
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
@@ -59,9 +58,9 @@ def _measure(args, buckets) -> int:
 
     quant = None if args.quant == "none" else args.quant
     plan = plan_model(args.model, load_format="dummy", quantization=quant)
-    cfg = RunnerConfig(page_size=ENGINE["page_size"], num_pages=1024, max_num_seqs=ENGINE["max_num_seqs"],
-                       max_num_batched_tokens=ENGINE["max_num_batched_tokens"], max_model_len=ENGINE["max_model_len"],
-                       token_buckets=tuple(buckets), page_buckets=tuple(ENGINE["page_buckets"]),
+    cfg = RunnerConfig(page_size=engine["page_size"], num_pages=1024, max_num_seqs=engine["max_num_seqs"],
+                       max_num_batched_tokens=engine["max_num_batched_tokens"], max_model_len=engine["max_model_len"],
+                       token_buckets=tuple(buckets), page_buckets=tuple(engine["page_buckets"]),
                        kv_cache_dtype="fp8" if quant else "auto",
                        fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,

@@ -194,11 +194,7 @@ class RunnerConfig:
         check_attention_programs(self.attention_programs)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
-        if not isinstance(self.sampler_switch, bool):
-            raise ValueError(f"sampler_switch: expected true or false, got {self.sampler_switch!r}")
-        if self.sampler_switch and self.separate_sampler:
-            raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
-                             "pick one")
+        check_sampler_switch(self.sampler_switch, self.separate_sampler)
         if not is_count(self.fp8_kernel_max_tokens):
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
@@ -233,6 +229,15 @@ def check_separate_sampler(value):
     if not any(value is v or (isinstance(v, str) and value == v) for v in SEPARATE_SAMPLER):
         raise ValueError(f"separate_sampler: expected False, True or 'except_greedy', got {value!r}")
     return value
+
+
+def check_sampler_switch(value, separate_sampler) -> None:
+    """ValueError unless ``value`` is a ``sampler_switch`` setting that goes with ``separate_sampler``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"sampler_switch: expected true or false, got {value!r}")
+    if value and separate_sampler:
+        raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
+                         "pick one")
 
 
 _PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler

@@ -56,7 +56,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 from pallas_kernels.paged_decode import kernel_zeros
