@@ -8,6 +8,7 @@ default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, 
 tokens as on a GPU), abstract weights (no memory for them), every part ``_part_keys`` gives.
 
     python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch] [--buckets 16,2048]
+                                       [--no-nested-layers]
 
 prints each part's tracing and lowering seconds and their sum.
 """
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", choices=("fp8", "none"), default="fp8")
     ap.add_argument("--sampler-switch", action="store_true")
     ap.add_argument("--buckets", default=None, help="token buckets (default: the GPU suite's engine's)")
+    ap.add_argument("--no-nested-layers", action="store_true",
+                    help="trace the layers one by one into each step (RunnerConfig.nested_layers false)")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.gpu.gpu import ENGINE
@@ -64,7 +67,7 @@ def _measure(args, engine: dict, buckets) -> int:
                        kv_cache_dtype="fp8" if quant else "auto",
                        fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
-                       sampler_switch=args.sampler_switch)
+                       sampler_switch=args.sampler_switch, nested_layers=not args.no_nested_layers)
     runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
     keys = list(dict.fromkeys(k for t, _, p in runner.bucket_shapes() for v in VARIANTS
                               for k in runner._part_keys(t, p, v)))
@@ -81,9 +84,10 @@ def _measure(args, engine: dict, buckets) -> int:
         total += t2 - t0
         print(f"| {' '.join(str(k) for k in key)} | {t1 - t0:.2f} | {t2 - t1:.2f} |", flush=True)
     print(f"\n{len(keys)} parts traced and lowered for a GPU in {total:.1f} s on this CPU ({args.model}, "
-          f"{args.quant}, sampler_switch={args.sampler_switch})")
+          f"{args.quant}, sampler_switch={args.sampler_switch}, nested_layers={not args.no_nested_layers})")
     print(f"reproduce: python benchmarks/lowering_time.py --model {args.model} --quant {args.quant}"
-          + (" --sampler-switch" if args.sampler_switch else "") + (f" --buckets {args.buckets}" if args.buckets else ""))
+          + (" --sampler-switch" if args.sampler_switch else "") + (f" --buckets {args.buckets}" if args.buckets else "")
+          + (" --no-nested-layers" if args.no_nested_layers else ""))
     return 0
 
 

@@ -159,3 +159,33 @@ def constant_filled_buffers(jaxpr) -> list[str]:
 
     walk(getattr(jaxpr, "jaxpr", jaxpr), "step")
     return found
+
+
+def lowered_count(text: str, needle: str) -> int:
+    """How many times ``needle`` runs in a lowered program's text (``Lowered.as_text()``): its occurrences in each
+    function, each function counted as often as ``@main`` reaches it through calls (a nested jit, such as the
+    model's layers, is one private function called once a layer)."""
+    import re
+
+    bodies: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"\s*func\.func (?:public |private )?@([\w$.\-]+)\(", line)
+        if m:
+            name = m.group(1)
+            bodies[name] = []
+        elif name is not None:
+            bodies[name].append(line)
+    if "main" not in bodies:
+        raise ValueError("no @main function in the lowered text")
+    calls = re.compile(r"\bcall @([\w$.\-]+)\(")
+    memo: dict[str, int] = {}
+
+    def count(fn: str) -> int:
+        if fn not in memo:
+            body = bodies[fn]
+            memo[fn] = sum(line.count(needle) for line in body) + sum(
+                count(callee) for line in body for callee in calls.findall(line) if callee in bodies)
+        return memo[fn]
+
+    return count("main")

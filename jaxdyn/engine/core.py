@@ -26,7 +26,7 @@ from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
-    check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
+    check_nested_layers, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -84,6 +84,7 @@ class EngineConfig:
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
     sampler_switch: bool = False             # one executable a bucket, the sampler variant picked on device (RunnerConfig)
+    nested_layers: bool = True               # a layer traced once a step, each layer a call of it (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
     # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``): a full collection scanned all of it, a
@@ -99,6 +100,7 @@ class EngineConfig:
         check_attention_programs(self.attention_programs)
         check_schedule_policy(self.schedule_policy)
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
+        check_nested_layers(self.nested_layers)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")
@@ -221,7 +223,7 @@ class EngineCore:
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
             attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill,
-            sampler_switch=config.sampler_switch))
+            sampler_switch=config.sampler_switch, nested_layers=config.nested_layers))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps,

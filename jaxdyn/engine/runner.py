@@ -177,6 +177,10 @@ class RunnerConfig:
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
     skip_idle_prefill: bool = False
+    # Each decoder layer a call of one nested jit (``LlamaForCausalLM(nested_layers=True)``): a step traces and
+    # lowers one layer instead of all of them (the warm-up's serial part: ``benchmarks/lowering_time.py``), and XLA
+    # inlines the calls before optimizing. False: the layers traced one by one into the step.
+    nested_layers: bool = True
     # One executable a bucket for every sampler variant: the step picks its variant on the device, a
     # ``lax.switch`` over the three samplers on an index the host writes into the step's inputs, so warm-up
     # compiles the model (and its Pallas kernels) once a bucket instead of three times, and a step stays one call.
@@ -195,6 +199,7 @@ class RunnerConfig:
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
+        check_nested_layers(self.nested_layers)
         if not is_count(self.fp8_kernel_max_tokens):
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
@@ -238,6 +243,12 @@ def check_sampler_switch(value, separate_sampler) -> None:
     if value and separate_sampler:
         raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
                          "pick one")
+
+
+def check_nested_layers(value) -> None:
+    """ValueError unless ``value`` is a ``nested_layers`` setting (a bool)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"nested_layers: expected true or false, got {value!r}")
 
 
 _PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler
@@ -513,7 +524,8 @@ class ModelRunner:
                        fp8_fused_quantize=self.config.fp8_fused_quantize,
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
                        attention_programs=self.config.attention_programs,
-                       skip_idle_prefill=self.config.skip_idle_prefill)
+                       skip_idle_prefill=self.config.skip_idle_prefill,
+                       nested_layers=self.config.nested_layers)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):
             state = jax.tree.unflatten(state_treedef, state_leaves)

@@ -539,6 +539,8 @@ def test_kv_cache_dtype_is_checked_and_resolved():
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="sampler_switch: expected true or false"):
             EngineConfig(sampler_switch=bad)
+        with pytest.raises(ValueError, match="nested_layers: expected true or false"):
+            EngineConfig(nested_layers=bad)
     with pytest.raises(ValueError, match="sampler_switch and separate_sampler .* pick one"):
         EngineConfig(sampler_switch=True, separate_sampler="except_greedy")
     for bad in ("fp16", "e5m2", None):

@@ -20,7 +20,7 @@ from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers
 from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, VARIANTS, serves
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
-from tests.support import constant_filled_buffers, make_hf_checkpoint
+from tests.support import constant_filled_buffers, lowered_count, make_hf_checkpoint
 
 CFG = RunnerConfig(num_pages=96, page_size=16, max_num_batched_tokens=64, max_num_seqs=8,
                    max_model_len=128, fail_on_compile=True)
@@ -656,7 +656,7 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
 
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
                                           ("triton_gemm_max_tokens", 16), ("separate_sampler", True),
-                                          ("attention_programs", 3)])
+                                          ("attention_programs", 3), ("nested_layers", False)])
 def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, monkeypatch):
     """Options that must not change the numbers: XLA's dot merger (off by default,
     ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile), XLA's Triton
@@ -666,7 +666,8 @@ def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, m
     attention kernels storing into one output (``attention_in_place``, on by default; here both runners'
     attention runs the kernels in interpret mode, as on the GPU, merged by a select or in place), and the
     attention kernels' programs looping over their items (``attention_programs``: 3 programs for the decode
-    kernel's 8 slots x 2 kv heads and the prefill kernel's items; both runners in place, in interpret mode). Prompts, then decode tokens fed
+    kernel's 8 slots x 2 kv heads and the prefill kernel's items; both runners in place, in interpret mode), and the
+    layers traced one by one instead of as calls of one nested jit (``nested_layers`` False). Prompts, then decode tokens fed
     on the device, seeded sampling with logprobs, give the same tokens, logprobs and KV with the option on."""
     import jaxdyn.models.llama as llama
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
@@ -832,17 +833,51 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
             assert constant_filled_buffers(lowered.jaxpr) == [], (t, variant)
             assert "stablehlo.while" not in text, (t, variant)     # a loop outside the graph: a host sync an iteration
             if switch:      # one more conditional (the sampler's), no sort (a CUB call on a GPU), the thresholds' kernel
-                assert text.count("stablehlo.case") == cfg.num_layers + 1 and "stablehlo.sort" not in text
+                assert lowered_count(text, "stablehlo.case") == cfg.num_layers + 1 and "stablehlo.sort" not in text
                 assert "sampling_thresholds" in text
             # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
             # quantization from 0 tokens) or the few-row product kernel (steps of at most 16 tokens)
             fp8_kernel = (options.get("fp8_fused_quantize") == "all"
                           or t <= options.get("fp8_kernel_max_tokens", 0))
-            assert text.count("__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
+            assert lowered_count(text, "__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
             # the head: an fp8 [vocab, hidden] operand of the step (the float head's [hidden, vocab] otherwise)
             fp8_head = f"tensor<{cfg.vocab_size}x{cfg.hidden_size}xf8E4M3FN>"
             assert (fp8_head in text) == head, (t, variant)
             # skip_idle_prefill: each layer's prefill kernel inside a conditional
-            cases = text.count("stablehlo.case")
+            cases = lowered_count(text, "stablehlo.case")
             assert (cases >= cfg.num_layers) if options.get("skip_idle_prefill") else (cases < cfg.num_layers), \
                 (t, variant, cases)
+
+
+def test_nested_layers_trace_one_layer_a_step_and_lower_every_layer(loaded, monkeypatch):
+    """``nested_layers`` (the default): a step traces one decoder layer, not each of them, and its lowered program
+    calls that layer's one function once a layer, holding every layer's products and kernels as the unrolled
+    step does; off, each layer is traced. Traced afresh for each new runner (a patched layer is seen)."""
+    import jaxdyn.models.llama as llama
+    mesh, model = loaded
+    traced = []
+    real = llama.DecoderLayer.__call__
+
+    def counting(self, *a, **k):
+        traced.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(llama.DecoderLayer, "__call__", counting)
+    layers = len(model.state["layers"])
+    assert layers >= 2
+    texts = {}
+    for nested in (True, False):
+        runner = ModelRunner(model.graphdef, model.state, mesh,
+                             dataclasses.replace(CFG, token_buckets=(16,), page_buckets=(4,), nested_layers=nested))
+        traced.clear()
+        step = runner._jitted[GREEDY].trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
+                                            *runner._input_shapes(16, 4))
+        assert len(traced) == (1 if nested else layers), nested
+        texts[nested] = step.lower().as_text()
+    assert texts[True].count("func.func private @apply_layer(") == 1
+    assert lowered_count(texts[True], "call @apply_layer(") == layers
+    assert "@apply_layer" not in texts[False]
+    for op in ("stablehlo.dot_general", "stablehlo.scatter", "stablehlo.rsqrt"):
+        assert lowered_count(texts[True], op) == lowered_count(texts[False], op) > 0, op
+    with pytest.raises(ValueError, match="nested_layers: expected true or false"):
+        RunnerConfig(nested_layers=1)
