@@ -1,11 +1,10 @@
 """Whether nesting the layers (``RunnerConfig.nested_layers``) leaves a compiled step as it was: each part of a
 bucket compiled both ways on this machine's backend, and the optimized programs' instructions compared.
 
-With ``nested_layers`` a step traces and lowers one decoder layer and calls it once a layer; XLA inlines the calls
-before it optimizes, so the compiled program should be the unrolled one's. This checks it where it matters (on a
-GPU, ``--quant fp8`` as the suite's engine) and says what differs if anything does: the optimized HLO's
-instructions counted by opcode and result type (names and metadata left out), fusions by kind, and each
-configuration's lowering and compile seconds.
+With ``nested_layers`` a step traces one decoder layer and inlines its jaxpr for every layer, so the compiled program
+should be the one the layers traced one by one make. This checks it where it matters (on a GPU, ``--quant fp8`` as
+the suite's engine) and says what differs if anything does: the optimized HLO's instructions counted by opcode and
+result type (names and metadata left out), fusions by kind, and each configuration's lowering and compile seconds.
 
     python benchmarks/nested_layers_check.py [--model llama-3.1-8b] [--quant fp8|none] [--buckets 16,2048]
         [--sampler-switch] [--layers N] [--dtype bfloat16|float32]

@@ -84,7 +84,7 @@ class EngineConfig:
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
     sampler_switch: bool = False             # one executable a bucket, the sampler variant picked on device (RunnerConfig)
-    nested_layers: bool = True               # a layer traced once a step, each layer a call of it (RunnerConfig)
+    nested_layers: bool = True               # a layer traced once a step, its jaxpr inlined a layer (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's
     # modules, JAX's and XLA's objects, the tokenizer: ``settle_heap``): a full collection scanned all of it, a

@@ -177,9 +177,9 @@ class RunnerConfig:
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
     skip_idle_prefill: bool = False
-    # Each decoder layer a call of one nested jit (``LlamaForCausalLM(nested_layers=True)``): a step traces and
-    # lowers one layer instead of all of them (the warm-up's serial part: ``benchmarks/lowering_time.py``), and XLA
-    # inlines the calls before optimizing. False: the layers traced one by one into the step.
+    # A step traces one decoder layer and inlines its jaxpr for every layer (``LlamaForCausalLM(nested_layers=True)``):
+    # the warm-up's serial tracing about halved (``benchmarks/lowering_time.py``), the compiled step the same
+    # (``benchmarks/nested_layers_check.py``). False: the layers traced one by one.
     nested_layers: bool = True
     # One executable a bucket for every sampler variant: the step picks its variant on the device, a
     # ``lax.switch`` over the three samplers on an index the host writes into the step's inputs, so warm-up

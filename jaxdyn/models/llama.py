@@ -12,8 +12,8 @@ The model is functional about its KV cache::
 Parameter names mirror Hugging Face's (``layers/3/self_attn/o_proj/kernel``)
 with kernels stored ``[in, out]``, but for ``self_attn/qkv_proj``: Hugging Face's q, k and v projections
 as one (``merge_qkv``; the loaders merge them). Layers are unrolled in Python: a
-``lax.scan`` over stacked layer weights copied each layer's slice on the GPU. Each layer is a call of one nested
-jit (traced and lowered once a forward, inlined by XLA).
+``lax.scan`` over stacked layer weights copied each layer's slice on the GPU. A forward traces one layer and inlines
+its jaxpr for every layer (``nested_layers``).
 """
 
 from __future__ import annotations
@@ -402,24 +402,26 @@ class LlamaForCausalLM(nnx.Module):
         ``fp8_fused_min_rows``: how an fp8 model's products run (``Fp8Options``). ``attention_programs``: the
         attention kernels' programs (``ragged_paged_attention``; 0: a program an item). ``skip_idle_prefill``: the
         prefill kernel only in steps with a chunk of more than one token (``ragged_paged_attention``).
-        ``nested_layers``: each layer a call of one nested jit made for this call (below); False: the layers traced
-        one by one into the caller's program."""
+        ``nested_layers``: the layers traced once, their jaxpr inlined for each layer (below); False: each layer
+        traced into the caller's program."""
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
                                      skip_idle_prefill=skip_idle_prefill)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
-        # ``nested_layers``: each layer through one nested jit made for this call. The layers share a graphdef and
-        # their inputs' shapes, so the first layer is traced and lowered and the others reuse its jaxpr and its
-        # lowered function (a step's tracing and lowering were mostly its 32 layers': ``benchmarks/lowering_time.py``).
-        # XLA inlines the calls before optimizing. Made afresh each call: nothing traced outlives it (a patched
-        # kernel, an environment variable read while tracing, are seen by the next call).
+        # ``nested_layers``: each layer through one jit made for this call, inlined into the caller's jaxpr. The layers
+        # share a graphdef and their inputs' shapes, so the first layer is traced and the others reuse its jaxpr
+        # (tracing the 32 layers was most of a step's serial lowering: ``benchmarks/lowering_time.py``); inlined, the
+        # step's jaxpr, and so its compiled program, is the one the layers traced one by one make
+        # (``benchmarks/nested_layers_check.py``; a call of one lowered function a layer, not inlined, lowered a
+        # little faster but compiled differently on a CPU). Made afresh each call: nothing traced outlives it (a
+        # patched kernel, an environment variable read while tracing, are seen by the next call).
         def apply_layer(graphdef, state, kv, x, md, cos, sin):
             return nnx.merge(graphdef, state)(kv, x, md, cos, sin, attention=attention, fp8=fp8)
 
         if nested_layers:
-            apply_layer = jax.jit(apply_layer, static_argnums=0)
+            apply_layer = jax.jit(apply_layer, static_argnums=0, inline=True)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
             kv, x = apply_layer(*nnx.split(layer), kv, x, md, cos, sin)

@@ -849,10 +849,13 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
                 (t, variant, cases)
 
 
-def test_nested_layers_trace_one_layer_a_step_and_lower_every_layer(loaded, monkeypatch):
-    """``nested_layers`` (the default): a step traces one decoder layer, not each of them, and its lowered program
-    calls that layer's one function once a layer, holding every layer's products and kernels as the unrolled
-    step does; off, each layer is traced. Traced afresh for each new runner (a patched layer is seen)."""
+def test_nested_layers_trace_one_layer_a_step_and_lower_the_unrolled_program(loaded, monkeypatch):
+    """``nested_layers`` (the default): a step traces one decoder layer, not each of them, and inlines its jaxpr
+    for every layer, so the lowered program is the one the layers traced one by one make (the same text but for
+    its source locations); off, each layer is traced. Traced afresh for each new runner (a patched layer is
+    seen)."""
+    import re
+
     import jaxdyn.models.llama as llama
     mesh, model = loaded
     traced = []
@@ -874,10 +877,10 @@ def test_nested_layers_trace_one_layer_a_step_and_lower_every_layer(loaded, monk
                                             *runner._input_shapes(16, 4))
         assert len(traced) == (1 if nested else layers), nested
         texts[nested] = step.lower().as_text()
-    assert texts[True].count("func.func private @apply_layer(") == 1
-    assert lowered_count(texts[True], "call @apply_layer(") == layers
-    assert "@apply_layer" not in texts[False]
-    for op in ("stablehlo.dot_general", "stablehlo.scatter", "stablehlo.rsqrt"):
-        assert lowered_count(texts[True], op) == lowered_count(texts[False], op) > 0, op
+    ops = set(re.findall(r"stablehlo\.\w+", texts[False]))
+    assert {"stablehlo.dot_general", "stablehlo.rsqrt", "stablehlo.scatter"} <= ops
+    # every op as often (through the calls of private functions: their names and sharing may differ)
+    assert {op: lowered_count(texts[True], op) for op in ops} == {op: lowered_count(texts[False], op) for op in ops}
+    assert lowered_count(texts[True], "stablehlo.dot_general") >= 4 * layers
     with pytest.raises(ValueError, match="nested_layers: expected true or false"):
         RunnerConfig(nested_layers=1)

@@ -7,8 +7,9 @@
 #    branch: jax.numpy at 1, 2 and 4 bits a pass, and the Pallas thresholds kernel) at 16-1,024 rows of the 8B
 #    vocabulary, every part on every row;
 # 0. (added in the twenty-second session) whether the nested layers (RunnerConfig.nested_layers, on by default since
-#    then) leave the compiled step as the unrolled one: the fp8 engine's 16- and 2,048-token switch steps compiled
-#    both ways, their optimized programs' instructions compared (last line: same / differ);
+#    then: one layer traced, its jaxpr inlined for each) leave the compiled step as the unrolled one, as on the CPU:
+#    the fp8 engine's 16- and 2,048-token switch steps compiled both ways, their optimized programs' instructions
+#    compared (last line: same / differ);
 # 3. the GPU tests of the skip and of the thresholds kernel, then the engine offline with and without
 #    --skip-idle-prefill (one JAX cache shared: the second configuration compiles its own steps), one round each (the
 #    warm-up's step costs by bucket are the finer figure).
