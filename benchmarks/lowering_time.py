@@ -5,7 +5,7 @@ compiling thread once lowered (``ModelRunner._compile_steps``), so the lowering 
 start. Lowering for a GPU runs without one (``lower(lowering_platforms=("cuda",))``, the Pallas kernels lowered to
 Triton as on the device: ``on_gpu`` patched true), so this measures it here: the GPU suite's engine (8B shape by
 default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, the fused quantization from 512
-tokens as on a GPU), abstract weights (no memory for them), every part ``_part_keys`` gives.
+tokens as on a GPU), abstract weights (no memory for them), every part warm-up compiles (``ModelRunner.part_keys``).
 
     python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch] [--buckets 16,2048]
                                        [--no-nested-layers]
@@ -57,7 +57,6 @@ def _measure(args, engine: dict, buckets) -> int:
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
-    from jaxdyn.engine.sampler import VARIANTS
 
     quant = None if args.quant == "none" else args.quant
     plan = plan_model(args.model, load_format="dummy", quantization=quant)
@@ -69,8 +68,7 @@ def _measure(args, engine: dict, buckets) -> int:
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
                        sampler_switch=args.sampler_switch, nested_layers=not args.no_nested_layers)
     runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
-    keys = list(dict.fromkeys(k for t, _, p in runner.bucket_shapes() for v in VARIANTS
-                              for k in runner._part_keys(t, p, v)))
+    keys = runner.part_keys()
     total = 0.0
     print("| part | trace s | lower s |\n|---|---:|---:|")
     for key in keys:

@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
-    from jaxdyn.engine.sampler import VARIANTS
 
     quant = None if args.quant == "none" else args.quant
     model = args.model if args.layers is None else model_dir(args.model, tempfile.mkdtemp(),
@@ -80,8 +79,7 @@ def main(argv=None) -> int:
                            fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant and gpu else 0,
                            sampler_switch=args.sampler_switch, nested_layers=nested)
         runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
-        keys = list(dict.fromkeys(k for t, _, p in runner.bucket_shapes() for v in VARIANTS
-                                  for k in runner._part_keys(t, p, v)))
+        keys = runner.part_keys()
         for key in keys:
             t0 = time.perf_counter()
             lowered = runner._lower_part(key)

@@ -26,7 +26,7 @@ from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
-    check_nested_layers, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
+    check_flag, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -100,7 +100,7 @@ class EngineConfig:
         check_attention_programs(self.attention_programs)
         check_schedule_policy(self.schedule_policy)
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
-        check_nested_layers(self.nested_layers)
+        check_flag("nested_layers", self.nested_layers)
         t = self.triton_gemm_max_tokens
         if not (t is None or t == "auto" or is_count(t)):
             raise ValueError(f"triton_gemm_max_tokens: expected None, 'auto' or an integer >= 0, got {t!r}")

@@ -199,7 +199,7 @@ class RunnerConfig:
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
-        check_nested_layers(self.nested_layers)
+        check_flag("nested_layers", self.nested_layers)
         if not is_count(self.fp8_kernel_max_tokens):
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
@@ -236,19 +236,18 @@ def check_separate_sampler(value):
     return value
 
 
+def check_flag(name: str, value) -> None:
+    """ValueError naming the option ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+
+
 def check_sampler_switch(value, separate_sampler) -> None:
     """ValueError unless ``value`` is a ``sampler_switch`` setting that goes with ``separate_sampler``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"sampler_switch: expected true or false, got {value!r}")
+    check_flag("sampler_switch", value)
     if value and separate_sampler:
         raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
                          "pick one")
-
-
-def check_nested_layers(value) -> None:
-    """ValueError unless ``value`` is a ``nested_layers`` setting (a bool)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"nested_layers: expected true or false, got {value!r}")
 
 
 _PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler
@@ -753,11 +752,7 @@ class ModelRunner:
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
         stopped = cancel.is_set if cancel is not None else (lambda: False)
-        steps = [(t, p, v) for t, _, p in self.bucket_shapes() for v in VARIANTS]
-        users: dict[tuple, list[tuple[int, int, str]]] = {}     # a part's steps
-        for s in steps:
-            for k in self._part_keys(*s):
-                users.setdefault(k, []).append(s)
+        users = self._part_users()
         keys = [k for k in users if k not in self._parts]
 
         def assemble(key):
@@ -937,6 +932,19 @@ class ModelRunner:
         """Whether ``variant``'s steps are two calls (``separate_sampler``)."""
         mode = self.config.separate_sampler
         return mode is True or (mode == "except_greedy" and variant != VARIANTS[0])
+
+    def _part_users(self) -> dict[tuple, list[tuple[int, int, str]]]:
+        """Every compiled part of every step (``_part_keys``), in warm-up's order, with the steps that use it."""
+        users: dict[tuple, list[tuple[int, int, str]]] = {}
+        for t, _, p in self.bucket_shapes():
+            for v in VARIANTS:
+                for k in self._part_keys(t, p, v):
+                    users.setdefault(k, []).append((t, p, v))
+        return users
+
+    def part_keys(self) -> list[tuple]:
+        """Every part warm-up compiles (``_part_keys`` of every step), in its order."""
+        return list(self._part_users())
 
     def _part_keys(self, t: int, p: int, variant: str) -> list[tuple]:
         """The compiled parts of the step of bucket (t, p) with sampler ``variant``: ("step", t, p, variant), or
