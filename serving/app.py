@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ import jaxdyn
 from jaxdyn import AsyncEngine, EngineDeadError, RequestError, SamplingParams
 from jaxdyn.engine.async_engine import RequestFailedError
 from jaxdyn.engine.request import RequestOutput
-from jaxdyn.engine.sampling_params import SamplingParamsError
+from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParamsError
 from serving.chat import ChatTemplateError, message_text, render_chat
 from serving.metrics import make_registry, render
 from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
@@ -89,22 +90,117 @@ async def _read_json(request: Request, limit: int) -> dict:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        # not JSON, not UTF-8, an integer literal of more than 4,300 digits, or nested too deep to parse
+        raise APIError(400, f"malformed JSON body: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the JSON body must be an object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(body):
+        _check_unicode(data)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(data) -> None:
+    """Refuse a body whose strings hold an unpaired UTF-16 surrogate (JSON's ``\\ud800`` escape): not Unicode
+    text, which the tokenizer cannot take. Pairs (an emoji escaped by an ASCII-only encoder) are text."""
+    todo = [data]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "malformed JSON body: a string holds an unpaired UTF-16 surrogate "
+                               "(a \\ud800-\\udfff escape without its pair), which is not Unicode text",
+                               code="invalid_json") from None
+
+
+# what a field of several accepted types must be, for a value of none of them
+_ACCEPTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string, a list of content parts or null",
+}
+_NUMBERS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"}
 
 
 def _validate(model_cls, data: dict):
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int"))] \
-            or [str(x) for x in err["loc"]]
-        param = ".".join(loc)
-        raise APIError(400, f"{param}: {err['msg']}", param=param.split(".")[0], code="invalid_value") from None
+        errs = e.errors()
+        err = errs[0]
+        # drop the names pydantic gives a union's members ("str", "list[int]", "function-after[...]")
+        path = [str(x) for x in err["loc"] if isinstance(x, int)
+                or not (x in ("str", "int", "float", "bool") or x.startswith(("function-", "list[", "dict[")))] \
+            or [str(err["loc"][0])]
+        param = ".".join(path)
+        field = path[-1] if path[-1] in _ACCEPTS else path[0]
+        same = [x for x in errs if x["loc"][:1] == err["loc"][:1]]
+        types_only = all(x["type"].endswith("_type") for x in same)
+        got = repr(err["input"])[:60] if not isinstance(err["input"], dict) else "an object"
+        if field in _NUMBERS and types_only:
+            msg = f"must be a number, got {got}"
+        elif field in _ACCEPTS and len(same) > 1 and types_only:
+            msg = f"{_ACCEPTS[field]}, got {got}"
+        else:
+            msg = err["msg"]
+        raise APIError(400, f"{param}: {msg}", param=path[0], code="invalid_value") from None
+
+
+# OpenAI / vLLM request fields this server does not implement, with what a request may send and still be
+# served: a request asking for more is refused by name rather than served as if the field were absent.
+UNSUPPORTED = {
+    "best_of": "sampling several and returning the best",
+    "logit_bias": "logit_bias",
+    "response_format": "structured output (response_format other than {\"type\": \"text\"})",
+    "guided_json": "guided decoding",
+    "guided_regex": "guided decoding",
+    "guided_choice": "guided decoding",
+    "guided_grammar": "guided decoding",
+    "structured_outputs": "structured output",
+    "logits_processors": "logits processors",
+    "prompt_logprobs": "prompt logprobs",
+    "use_beam_search": "beam search",
+    "tools": "tool calling (tools with a tool_choice other than \"none\")",
+    "tool_choice": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+}
+
+
+def _refuse_unsupported(req) -> None:
+    for name, what in UNSUPPORTED.items():
+        value = getattr(req, name, None)
+        if value is None or value is False or value == {} or value == []:
+            continue
+        if name == "best_of" and value == (req.n if req.n is not None else 1):
+            continue                                    # best_of = n: every sample is returned
+        if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+            continue
+        if name in ("tools", "tool_choice") and getattr(req, "tool_choice", None) == "none":
+            continue                                    # tools described but none may be called
+        raise APIError(400, f"{name}: {what} is not supported by this server", param=name,
+                       code="unsupported")
+
+
+MAX_N = 128     # completions per prompt (OpenAI's cap): more, and one request occupies the engine for minutes
+
+
+def _check_stream_fields(req) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
+    if req.n is not None and req.n > MAX_N:
+        raise APIError(400, f"n: at most {MAX_N} completions a prompt, got {req.n}", param="n",
+                       code="invalid_value")
 
 
 def _sampling_params(req, *, max_tokens, logprobs) -> SamplingParams:
@@ -134,8 +230,8 @@ def _sampling_params(req, *, max_tokens, logprobs) -> SamplingParams:
 
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
-        raise APIError(400, f"model: the model {model!r} does not exist; this server serves "
-                       f"{state.model_name!r}", param="model", code="model_not_found")
+        raise APIError(404, f"model: the model {model!r} does not exist; this server serves "
+                       f"{state.model_name!r}", param="model", code="model_not_found", type_="not_found_error")
 
 
 def _require_engine(state: ServerState) -> AsyncEngine:
@@ -147,12 +243,19 @@ def _require_engine(state: ServerState) -> AsyncEngine:
     return state.engine
 
 
-def _admit(state: ServerState, engine: AsyncEngine, count: int) -> None:
+def _admit(state: ServerState, engine: AsyncEngine, seqs: int) -> None:
+    """Admit a request of ``seqs`` sequences (its prompts times n) under ``--max-queued-requests``: the
+    sequences in flight may exceed ``max_num_seqs`` by at most that bound. A request larger than the whole
+    bound could never be admitted: a 400, not a 503 its client would retry forever."""
     if state.max_queued_requests is None:
         return
     cap = engine.core.config.max_num_seqs + state.max_queued_requests
-    if engine.num_unfinished + count > cap:
-        raise APIError(503, f"the server is at capacity ({engine.num_unfinished} requests in flight, "
+    if seqs > cap:
+        raise APIError(400, f"the request asks for {seqs} sequences (prompts x n); this server admits at most "
+                       f"{cap} at once (max_num_seqs {engine.core.config.max_num_seqs} + queue bound "
+                       f"{state.max_queued_requests})", param="n", code="too_many_sequences")
+    if engine.num_unfinished_seqs + seqs > cap:
+        raise APIError(503, f"the server is at capacity ({engine.num_unfinished_seqs} sequences in flight, "
                        f"queue bound {state.max_queued_requests})", code="queue_full",
                        type_="service_unavailable", headers={"Retry-After": "1"})
 
@@ -326,7 +429,8 @@ def build_app(state: ServerState) -> Starlette:
         if req.prompt is not None:
             ids = await _encode(tok, req.prompt, add_special_tokens=req.add_special_tokens is not False)
         else:
-            ids = await _chat_prompt_ids(engine, req.messages, bool(req.add_generation_prompt), {})
+            ids = await _chat_prompt_ids(engine, req.messages, bool(req.add_generation_prompt), {},
+                                         bool(req.continue_final_message))
         return JSONResponse({"count": len(ids), "max_model_len": engine.core.max_model_len, "tokens": ids})
 
     @endpoint
@@ -346,6 +450,8 @@ def build_app(state: ServerState) -> Starlette:
     async def completions(request: Request):
         data = await _read_json(request, state.max_request_bytes)
         req = _validate(CompletionRequest, data)
+        _refuse_unsupported(req)
+        _check_stream_fields(req)
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer
@@ -379,7 +485,7 @@ def build_app(state: ServerState) -> Starlette:
                                   logprobs=req.logprobs)
         for ids in prompt_ids:
             _check(engine, ids, params)
-        _admit(state, engine, len(prompt_ids))
+        _admit(state, engine, len(prompt_ids) * params.n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gens = [engine.stream(engine.add_request(ids, params, f"{rid}-{i}", priority=req.priority or 0))
@@ -454,18 +560,32 @@ def build_app(state: ServerState) -> Starlette:
     async def chat_completions(request: Request):
         data = await _read_json(request, state.max_request_bytes)
         req = _validate(ChatCompletionRequest, data)
+        _refuse_unsupported(req)
+        _check_stream_fields(req)
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer
-        ids = await _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
-                               req.chat_template_kwargs or {})
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                           param="top_logprobs", code="invalid_value")
+        if req.continue_final_message and req.add_generation_prompt is not False:
+            raise APIError(400, "continue_final_message: cannot be used with add_generation_prompt; set "
+                           "add_generation_prompt to false", param="continue_final_message")
+        ids = await _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
+                                     req.chat_template_kwargs or {}, bool(req.continue_final_message))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = _sampling_params(req, max_tokens=max_tokens,
-                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        try:
+            params = _sampling_params(req, max_tokens=max_tokens,
+                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        except APIError as e:
+            if e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"
+                e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
+            raise
         _check(engine, ids, params, param_prefix="messages")
-        _admit(state, engine, 1)
+        _admit(state, engine, params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gen = engine.stream(engine.add_request(ids, params, rid, priority=req.priority or 0))
@@ -576,13 +696,27 @@ def _stream_error(e: Exception) -> APIError:
     return APIError(503, str(e), code="engine_dead", type_="service_unavailable")
 
 
-async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict) -> list[int]:
+_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict,
+                           continue_final_message: bool = False) -> list[int]:
+    """The prompt's ids. ``continue_final_message``: the prompt ends with the final (assistant) message's
+    text, with none of what the template writes after a message, so that generation continues it
+    (vLLM's option; the template is rendered without a generation prompt and cut after that text)."""
     tok = engine.core.tokenizer
     if tok is None:
         raise APIError(400, "messages: this model has no tokenizer", param="messages")
     if not tok.chat_template:
         raise APIError(400, "messages: this model has no chat template; use /v1/completions",
                        param="messages", code="no_chat_template")
+    taken = [k for k in kwargs if k in _TEMPLATE_ARGS]
+    if taken:
+        raise APIError(400, f"chat_template_kwargs: {taken[0]!r} is set by the request itself, not by "
+                       f"chat_template_kwargs", param="chat_template_kwargs")
+    if continue_final_message and messages[-1].role != "assistant":
+        raise APIError(400, f"continue_final_message: the final message must be the assistant's, not "
+                       f"{messages[-1].role!r}", param="continue_final_message")
     try:
         msgs = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
                 for m in messages]
@@ -592,4 +726,17 @@ async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt:
         raise APIError(400, f"messages: {e}", param="messages") from None
     except TypeError as e:
         raise APIError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from None
+    if continue_final_message and not msgs[-1]["content"]:
+        # an empty final message: continuing it is starting the assistant's turn
+        return await _chat_prompt_ids(engine, messages[:-1], True, kwargs)
+    if continue_final_message:
+        final = msgs[-1]["content"]
+        end = text.rfind(final) if final else -1
+        if end < 0 and final.strip():                  # a template that strips the message's text
+            final = final.strip()
+            end = text.rfind(final)
+        if end < 0:
+            raise APIError(400, "continue_final_message: the chat template does not write the final message's "
+                           "text as given, so it cannot be continued", param="continue_final_message")
+        text = text[:end + len(final)]
     return await _encode(tok, text, add_special_tokens=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -40,6 +40,19 @@ class _Sampling(_Base):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     priority: StrictInt | None = 0
+    # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
+    # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
+    best_of: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    logits_processors: Any = None
+    prompt_logprobs: Any = None
+    use_beam_search: Any = None
 
 
 class CompletionRequest(_Sampling):
@@ -65,6 +78,11 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
 
 
 class TokenizeRequest(_Base):
@@ -73,11 +91,10 @@ class TokenizeRequest(_Base):
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool | None = True
     add_generation_prompt: StrictBool | None = True
+    continue_final_message: StrictBool | None = False
 
 
 class DetokenizeRequest(_Base):
     model: StrictStr | None = None
     tokens: list[StrictInt]
 
-
-Role = Literal["system", "user", "assistant", "tool", "developer"]

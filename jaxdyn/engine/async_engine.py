@@ -36,6 +36,7 @@ class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.request_id = ""
+        self.n = 1                           # its sequences (the request's n)
         self.prompt_ids: list[int] = []
         self.acc: dict = {}                  # ProcessEngine: each completion's text / tokens / logprobs so far
         self.detok: dict | None = None       # ProcessEngine: each completion's detokenizer, when decoded here
@@ -88,6 +89,12 @@ class StreamingEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_unfinished_seqs(self) -> int:
+        """The unfinished requests' sequences (their n summed). ``list`` copies the streams at once: the
+        engine thread unregisters finished ones meanwhile."""
+        return sum(s.n for s in list(self._streams.values()))
+
     def add_request(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0) -> _Stream:
         """Submit now (call from the event loop); iterate the result with ``stream()``."""
         if self.dead is not None:
@@ -99,6 +106,7 @@ class StreamingEngine:
         stream.request_id = request_id
         prompt_ids = list(prompt_ids)
         stream.prompt_ids = prompt_ids
+        stream.n = params.n
         params = self._prepare(stream, params)
         self._streams[request_id] = stream
         self._send(("add", request_id, prompt_ids, params, priority, time.monotonic()))

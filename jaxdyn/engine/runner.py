@@ -253,6 +253,9 @@ def check_sampler_switch(value, separate_sampler) -> None:
 _PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler
 
 
+_TOP_K_OFF = 1 << 30
+
+
 def sampling_row(sp: SamplingParams | None) -> tuple[tuple[float, ...], int, int]:
     """A row's constant sampler inputs: (its ``seqf`` row, top_k, the flags of what it asks).
 
@@ -266,6 +269,8 @@ def sampling_row(sp: SamplingParams | None) -> tuple[tuple[float, ...], int, int
         if sp.uses_filters:
             flags |= _FILTERS
             top_k, top_p, min_p = sp.top_k, sp.top_p, sp.min_p
+            if top_k >= _TOP_K_OFF:            # keeps every token of any vocabulary: off (and fits int32)
+                top_k = 0
     if sp.uses_penalties:
         flags |= _PENALTIES
         rep, pres, freq = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty

@@ -163,6 +163,10 @@ class RemoteEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_unfinished_seqs(self) -> int:
+        return sum(s.params.n for s in list(self._streams.values()))
+
     # ---- requests --------------------------------------------------------------------------------
 
     def add_request(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):

@@ -177,7 +177,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "top_p": 7}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs", "logprobs"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-5"}, 400, "model", "does not exist"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-5"}, 404, "model", "does not exist"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {}, 400, "prompt", "prompt"),
@@ -192,6 +192,49 @@ BAD = [
      "top_logprobs", "logprobs"),
     ("/v1/completions", {"prompt": "x" * (70 << 10)}, 413, None, "exceeds the limit"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "tokens"),
+    # bodies that are JSON to a lenient parser but not to this server's reading of them
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400, None, "unpaired UTF-16 surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, None, "surrogate"),
+    ("/tokenize", b'{"prompt": ["\\ud83d"]}', 400, None, "surrogate"),
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "malformed JSON"),
+    ("/detokenize", b'{"tokens": [' + b"1" * 5000 + b"]}", 400, None, "malformed JSON"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, None, "malformed JSON"),
+    # what a field must be, named
+    ("/v1/completions", {"prompt": "x", "temperature": "1"}, 400, "temperature", "must be a number"),
+    ("/v1/completions", {"prompt": "x", "top_p": "0.5"}, 400, "top_p", "must be a number"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt", "a list of token ids"),
+    ("/v1/completions", {"prompt": ["a", 1]}, 400, "prompt", "a list of lists of token ids"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop", "a string or a list of strings"),
+    ("/v1/completions", {"prompt": "x", "n": 129}, 400, "n", "at most 128"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only allowed when stream is true"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options", "stream_options.include_usage"),
+    # fields of OpenAI's or vLLM's API this server does not implement: refused by name, not ignored
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+    ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json", "not supported"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "tool_choice", "not supported"),
+    # chat's own fields named as sent
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 25}, 400, "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, 400,
+     "max_completion_tokens", "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"messages": 5}}, 400, "chat_template_kwargs",
+     "set by the request itself"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                              "continue_final_message": True}, 400, "continue_final_message",
+     "add_generation_prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True,
+                              "add_generation_prompt": False}, 400, "continue_final_message", "assistant"),
     ("/v1/nothing", {}, 404, None, "no route"),
 ]
 
@@ -307,6 +350,50 @@ def test_unknown_fields_are_ignored(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_what_the_refusals_leave_alone_is_served(server):
+    """The values of the refused fields that ask for nothing unsupported, a top_k beyond any vocabulary (it once
+    overflowed the step's int32 row and killed the engine), and an escaped surrogate pair (an emoji)."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+            "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for extra in ({"response_format": {"type": "text"}}, {"tools": [{"type": "function", "function": {
+                "name": "f"}}], "tool_choice": "none"}, {"best_of": 1}, {"logit_bias": {}}, {"logit_bias": None},
+                {"use_beam_search": False}):
+            r = h.post("/v1/chat/completions", json={**chat, **extra})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (extra, r.text)
+        for top_k in (2**31, 2**63, 10**30):
+            r = h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "top_k": top_k, "seed": 1})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+        assert h.get("/health").status_code == 200
+        r = h.post("/v1/completions", content=b'{"prompt": "a\\ud83d\\ude00", "max_tokens": 1}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert h.post("/tokenize", json={"prompt": "a\U0001F600"}).json()["count"] == 1 + 1 + 4
+
+
+def test_continue_final_message_ends_the_prompt_with_the_final_messages_text(server):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        cont = h.post("/tokenize", json={"messages": msgs, "continue_final_message": True,
+                                         "add_generation_prompt": False}).json()["tokens"]
+        whole = h.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()["tokens"]
+        text = h.post("/detokenize", json={"tokens": cont}).json()["prompt"]
+        assert text == "<s>user: hi\nassistant: The answer is"        # the template's "\n" after it cut
+        assert whole == cont + [ord("\n")]
+        # an empty final message: the assistant's turn starts, as with a generation prompt
+        empty = h.post("/tokenize", json={"messages": [msgs[0], {"role": "assistant", "content": ""}],
+                                          "continue_final_message": True, "add_generation_prompt": False})
+        assert empty.json()["tokens"] == h.post("/tokenize", json={"messages": msgs[:1]}).json()["tokens"]
+        body = {"model": "tiny", "messages": msgs, "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": 4, "temperature": 0, "ignore_eos": True, "echo": True}
+        r = h.post("/v1/chat/completions", json=body).json()
+        assert r["usage"]["prompt_tokens"] == len(cont) and r["choices"][0]["message"]["content"].startswith(
+            "The answer is")
+        same = h.post("/v1/completions", json={"prompt": cont, "max_tokens": 4, "temperature": 0,
+                                                "ignore_eos": True}).json()
+        assert r["choices"][0]["message"]["content"] == "The answer is" + same["choices"][0]["text"]
+
+
 def test_async_openai_client_streams_completions_and_chat(server):
     c = client(server)
     ref = c.completions.create(model="tiny", prompt="stream me", max_tokens=6, temperature=0,
@@ -401,6 +488,14 @@ def test_queue_bound_answers_503_with_retry_after(ckpt, server):
         assert codes.count(200) >= core.config.max_num_seqs and 503 in codes
         busy = next(r for r in rs if r.status_code == 503)
         assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+        # a request of more sequences (prompts x n) than the bound could ever admit: 400, not a 503 to retry
+        seqs = core.config.max_num_seqs + 1
+        for extra in ({"prompt": ["q"] * seqs}, {"prompt": "q", "n": seqs}, {"prompt": ["q", "r"], "n": seqs // 2 + 1}):
+            r = httpx.post(srv.url + "/v1/completions", json={"max_tokens": 2, **extra}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences", (extra, r.text)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "q", "max_tokens": 2,
+                                                          "n": core.config.max_num_seqs}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == core.config.max_num_seqs
     finally:
         srv.stop()
 
