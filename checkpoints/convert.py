@@ -71,6 +71,12 @@ def read_marker(path: str) -> dict:
     if marker.get("format") != "jaxdyn" or marker.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format {marker.get('format')!r} "
                               f"version {marker.get('version')!r}")
+    if marker.get("dtype") not in ("bfloat16", "float32"):
+        raise CheckpointError(f"{os.path.join(path, MARKER)}: dtype {marker.get('dtype')!r} is not bfloat16 or "
+                              f"float32")
+    if marker.get("quantization") not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"{os.path.join(path, MARKER)}: quantization {marker.get('quantization')!r} is not "
+                              f"{' or '.join(QUANTIZATIONS)}")
     if marker.get("quantization") == "fp8" and marker.get("fp8_weights") != FP8_WEIGHTS:
         raise CheckpointError(f"{path}: an fp8 checkpoint of an older layout ([in, out] weights, dequantized "
                               f"inside the product); convert it again with `jaxdyn convert --quant fp8`")
@@ -108,10 +114,42 @@ def _nest(flat: dict[tuple, object]) -> dict:
     return out
 
 
+def _check_out_dir(hf_dir: str, out_dir: str, force: bool) -> None:
+    """Refuse an output that would lose data: ``force`` replaces only a jaxdyn checkpoint or an empty
+    directory, never the input, a directory holding it, or anything else."""
+    if out_dir == hf_dir or hf_dir.startswith(out_dir.rstrip(os.sep) + os.sep):
+        raise CheckpointError(f"--out {out_dir}: is the input checkpoint or a directory holding it")
+    if not os.path.lexists(out_dir):
+        return
+    if not force:
+        raise CheckpointError(f"{out_dir}: already exists (pass --force to replace it)")
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise CheckpointError(f"--out {out_dir}: exists and is not a directory; --force replaces only a "
+                              f"jaxdyn checkpoint or an empty directory")
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MARKER)):
+        raise CheckpointError(f"--out {out_dir}: exists and is not a jaxdyn checkpoint (no {MARKER}); --force "
+                              f"replaces only a jaxdyn checkpoint or an empty directory")
+
+
 def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | None = None,
             quantize_lm_head: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Convert; returns the marker dict (bytes written, seconds). ``quantize_lm_head`` (``quant`` "fp8"): the
-    output projection in fp8 too (with tied embeddings, an fp8 copy of the embedding beside the float table)."""
+    output projection in fp8 too (with tied embeddings, an fp8 copy of the embedding beside the float table).
+    Every failure is a ``CheckpointError`` naming the file or the option, and leaves ``out_dir`` as it was."""
+    if not hf_dir or not out_dir:
+        raise CheckpointError(f"--{'hf' if not hf_dir else 'out'}: an empty path")
+    try:
+        return _convert(hf_dir, out_dir, dtype=dtype, quant=quant, quantize_lm_head=quantize_lm_head,
+                        force=force, progress=progress)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        where = e.filename or out_dir
+        raise CheckpointError(f"{where}: {e.strerror or e} (converting {hf_dir} to {out_dir})") from None
+
+
+def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quantize_lm_head: bool, force: bool,
+             progress: bool) -> dict:
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
@@ -125,8 +163,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
         raise CheckpointError(f"--quantize-lm-head needs --quant fp8 (not {quant or 'none'})")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: not a directory")
-    if os.path.exists(out_dir) and not force:
-        raise CheckpointError(f"{out_dir}: already exists (pass --force to replace it)")
+    _check_out_dir(hf_dir, out_dir, force)
     try:
         cfg = ModelConfig.from_pretrained(hf_dir)
     except ConfigError as e:
@@ -135,10 +172,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | 
         raise CheckpointError(f"{hf_dir}: already a quantized jaxdyn checkpoint")
     if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         raise CheckpointError(f"{hf_dir}: missing tokenizer (no tokenizer.json); a served model needs one")
-    try:
-        files = CheckpointFiles(hf_dir)
-    except SafetensorsError as e:
-        raise CheckpointError(str(e)) from None
+    files = CheckpointFiles(hf_dir)
 
     qcfg = cfg if quant is None else _replace(cfg, quantization=quant, quantize_lm_head=quantize_lm_head)
     mesh1 = make_mesh(1, jax.devices()[:1])

@@ -28,18 +28,47 @@ class SafetensorsError(ValueError):
     pass
 
 
+def _check_entry(path: str, name: str, entry, data_bytes: int) -> None:
+    """A header entry's dtype, shape and offsets, checked so that reading it cannot fail in NumPy."""
+    def bad(what):
+        raise SafetensorsError(f"{path}: tensor {name!r}: {what}")
+    if not isinstance(entry, dict):
+        bad("its header entry is not an object")
+    if not isinstance(entry.get("dtype"), str):
+        bad(f"dtype {entry.get('dtype')!r} is not a dtype name")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        bad(f"shape {shape!r} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        bad(f"data_offsets {offsets!r} are not [begin, end]")
+    if offsets[1] > data_bytes:
+        bad(f"its data ends at byte {offsets[1]}, past the file's {data_bytes} bytes of data")
+
+
 class SafetensorsFile:
     """Tensors of one .safetensors file, each a read-only memmap view."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
+            size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise SafetensorsError(f"{self.path}: not a safetensors file (its header length {header_len} "
+                                           f"exceeds the file's {size} bytes)")
                 header = json.loads(f.read(header_len))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, struct.error, ValueError, RecursionError) as e:
+            if isinstance(e, SafetensorsError):
+                raise
             raise SafetensorsError(f"{self.path}: not a readable safetensors file ({e})") from e
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: not a safetensors file (its header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
+        data_bytes = size - 8 - header_len
+        for name, entry in header.items():
+            _check_entry(self.path, name, entry, data_bytes)
         self._header = header
         self._data_start = 8 + header_len
         self._mmap = None
@@ -80,9 +109,18 @@ class CheckpointFiles:
         self._files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}      # tensor name -> file name
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map", {})
+            try:
+                with open(index_path) as f:
+                    index = json.load(f)
+            except (OSError, ValueError, RecursionError) as e:
+                raise SafetensorsError(f"{index_path}: not valid JSON ({e})") from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise SafetensorsError(f"{index_path}: no weight_map of tensor names to file names")
             for name, fname in weight_map.items():
+                if os.path.basename(fname) != fname:
+                    raise SafetensorsError(f"{index_path}: {fname!r} is not a file name in this directory")
                 self.where[name] = fname
         else:
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))

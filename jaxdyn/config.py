@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -75,7 +76,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise ConfigError(f"expected a JSON object, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list):
+            archs = [archs]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ConfigError(
@@ -84,49 +89,61 @@ class ModelConfig:
             )
         family = SUPPORTED_ARCHITECTURES[arch]
         act = hf.get("hidden_act", "silu")
+        if not isinstance(act, str):
+            act = repr(act)
         if act != "silu":
             raise ConfigError(f"unsupported hidden_act {act!r} (only 'silu')")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             if key not in hf:
                 raise ConfigError(f"config.json lacks {key!r}")
-        num_heads = int(hf["num_attention_heads"])
-        num_kv_heads = int(hf.get("num_key_value_heads") or num_heads)
+        num_heads = _get(hf, "num_attention_heads", int, low=1)
+        num_kv_heads = _get(hf, "num_key_value_heads", int, num_heads, low=1)
         if num_heads % num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={num_heads} is not a multiple of "
                 f"num_key_value_heads={num_kv_heads}")
-        hidden = int(hf["hidden_size"])
-        head_dim = int(hf.get("head_dim") or hidden // num_heads)
-        num_layers = int(hf["num_hidden_layers"])
+        hidden = _get(hf, "hidden_size", int, low=1)
+        head_dim = _get(hf, "head_dim", int, 0, low=0) or hidden // num_heads
+        if head_dim < 1:
+            raise ConfigError(f"hidden_size={hidden} gives no head_dim over {num_heads} heads")
+        num_layers = _get(hf, "num_hidden_layers", int, low=1)
 
-        attention_bias = bool(hf.get("attention_bias", False))
+        attention_bias = _get(hf, "attention_bias", bool, False)
         qkv_bias = True if family == "qwen2" else attention_bias
         o_bias = False if family == "qwen2" else attention_bias
 
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(type(t) is int and t >= 0 for t in eos_ids):
+            raise ConfigError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
+        bos = hf.get("bos_token_id")
+        if bos is not None and not (type(bos) is int and bos >= 0):
+            raise ConfigError(f"bos_token_id must be a token id, got {bos!r}")
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+        if not isinstance(dtype, str):
+            raise ConfigError(f"torch_dtype must be a dtype name, got {dtype!r}")
         return cls(
             architecture=arch,
             family=family,
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=_get(hf, "vocab_size", int, low=1),
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
+            intermediate_size=_get(hf, "intermediate_size", int, low=1),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6, low=0),
             rope=_rope_from_hf(hf),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=_get(hf, "max_position_embeddings", int, 4096, low=1),
+            tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=_get(hf, "mlp_bias", bool, False),
             qk_norm=family == "qwen3",
             sliding_windows=_sliding_windows_from_hf(hf, family, num_layers),
-            dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"),
-            bos_token_id=hf.get("bos_token_id"),
+            dtype=dtype,
+            bos_token_id=bos,
             eos_token_ids=eos_ids,
             quantization=_quantization(hf),
             quantize_lm_head=_quantize_lm_head(hf),
@@ -140,12 +157,14 @@ class ModelConfig:
         with open(config_path) as f:
             try:
                 hf = json.load(f)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise ConfigError(f"{config_path}: not valid JSON ({e})") from e
         try:
             cfg = cls.from_dict(hf)
         except ConfigError as e:
             raise ConfigError(f"{config_path}: {e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError) as e:   # a value of a type no check above expects
+            raise ConfigError(f"{config_path}: a value has the wrong type or form ({e!r})") from None
         # generation_config.json's EOS ids end generation too (Llama 3 lists <|eot_id|> there).
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen_path):
@@ -183,45 +202,80 @@ def _quantize_lm_head(hf: dict[str, Any]) -> bool:
     return q        # with jaxdyn_quantization fp8 only: ModelConfig checks it
 
 
+_REQUIRED = object()
+
+
+def _get(d: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED, *, low: float | None = None,
+         where: str = "") -> Any:
+    """``d[key]`` checked to be of ``kind`` (int: an integer, or a float that is one; float: a finite number;
+    bool: true or false) and at least ``low``; ``default`` when absent or null."""
+    v = d.get(key)
+    name = where + key
+    if v is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json lacks {name!r}")
+        return default
+    if kind is int:
+        if not (type(v) is int or (type(v) is float and v.is_integer())):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        v = int(v)
+    elif kind is float:
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise ConfigError(f"{name} must be a number, got {v!r}")
+        v = float(v)
+    elif kind is bool and type(v) is not bool:
+        raise ConfigError(f"{name} must be true or false, got {v!r}")
+    if low is not None and v < low:
+        raise ConfigError(f"{name} must be at least {low}, got {v!r}")
+    return v
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote
     # `rope_theta` and `rope_scaling`. Accept both.
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ConfigError(f"{key} must be an object, got {hf[key]!r}")
     params = dict(hf.get("rope_parameters") or {})
+    where = "rope_parameters." if params else "rope_scaling."
     scaling = hf.get("rope_scaling") or {}
     if not params:
         params = dict(scaling)
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = _get(params, "rope_theta", float, None, low=0, where=where) or _get(hf, "rope_theta", float, 10000.0,
+                                                                                low=0)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     if rope_type == "default":
         return RopeConfig(theta=theta)
-    factor = float(params.get("factor", 1.0))
+    factor = _get(params, "factor", float, 1.0, low=0, where=where)
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)
     return RopeConfig(
         theta=theta,
         rope_type="llama3",
         factor=factor,
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        low_freq_factor=_get(params, "low_freq_factor", float, 1.0, low=0, where=where),
+        high_freq_factor=_get(params, "high_freq_factor", float, 4.0, low=0, where=where),
+        original_max_position_embeddings=_get(params, "original_max_position_embeddings", int, 8192, low=1,
+                                              where=where),
     )
 
 
 def _sliding_windows_from_hf(hf: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
-    window = hf.get("sliding_window")
+    window = _get(hf, "sliding_window", int, 0, low=0)
     layer_types = hf.get("layer_types")
     if not window:
         return (None,) * num_layers
-    window = int(window)
     if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise ConfigError(f"layer_types must be a list, got {layer_types!r}")
         if len(layer_types) != num_layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if family == "mistral":
         return (window,) * num_layers
-    if hf.get("use_sliding_window", False):
-        first = int(hf.get("max_window_layers", num_layers))
+    if _get(hf, "use_sliding_window", bool, False):
+        first = _get(hf, "max_window_layers", int, num_layers, low=0)
         return tuple(window if i >= first else None for i in range(num_layers))
     return (None,) * num_layers

@@ -47,6 +47,7 @@ def cmd_generate(args) -> int:
                                 top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     except SamplingParamsError as e:
         raise CLIError(f"--{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+    _check_max_model_len(args.max_model_len, _model_or_demo(args.model))
     try:
         args.model = _model_or_demo(args.model)
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
@@ -183,11 +184,73 @@ def _engine_config(args):
     return EngineConfig(**_engine_fields(args))
 
 
+def _port(low: int):
+    """An argparse type: a TCP port number from ``low`` to 65535."""
+    def parse(text: str) -> int:
+        try:
+            port = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+        if not low <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"a port is {low}..65535, got {port}")
+        return port
+    return parse
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail now, before minutes of loading and compiling, if the port cannot be listened on."""
+    import socket
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CLIError(f"--host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise CLIError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+
+
+def _check_max_model_len(max_model_len: int | None, model: str) -> None:
+    """--max-model-len at least 1 and within the model's positions (a directory's config.json, or a preset's),
+    checked before anything loads: a context the model was not trained for, or a KV cache sized for a
+    billion tokens, fails here with the flag named."""
+    if max_model_len is None:
+        return
+    if max_model_len < 1:
+        raise CLIError(f"--max-model-len must be at least 1, got {max_model_len}")
+    from jaxdyn.config import ConfigError, ModelConfig       # no JAX
+    from jaxdyn.models.presets import PRESETS, preset_config
+    try:
+        cfg = ModelConfig.from_pretrained(model) if os.path.isdir(model) else (
+            ModelConfig.from_dict(preset_config(model)) if model in PRESETS else None)
+    except ConfigError:
+        return                      # the load names what is wrong with the config
+    if cfg is not None and max_model_len > cfg.max_position_embeddings:
+        raise CLIError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
+                       f"({cfg.max_position_embeddings})")
+
+
+def _check_addresses(text: str, flag: str) -> None:
+    for addr in text.split(","):
+        host, _, port = addr.strip().rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise CLIError(f"{flag}: expected HOST:PORT[,HOST:PORT...], got {addr.strip()!r}")
+
+
 def _engine_fields(args) -> dict:
     """The EngineConfig fields the flags give, checked (CLIError); imports no JAX."""
     for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise CLIError(f"--max-model-len must be at least 1, got {args.max_model_len}")
+    if hasattr(args, "model"):
+        _check_max_model_len(args.max_model_len, _model_or_demo(args.model))
     if args.max_num_seqs > args.max_num_batched_tokens:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
@@ -340,6 +403,13 @@ def cmd_serve(args) -> int:
         raise CLIError("--workers and --disagg: the workers decide where prompts are prefilled")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise CLIError("--max-queued-requests must be >= 0")
+    if args.max_request_bytes < 1:
+        raise CLIError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
+    if args.shutdown_grace < 0:
+        raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    if args.workers:
+        _check_addresses(args.workers, "--workers")
+    _check_port_free(args.host, args.port)
     started = None
     if args.engine_process and not args.workers and not args.disagg:
         # The engine process starts now: its Python, JAX and engine imports run while this process imports
@@ -439,6 +509,9 @@ def cmd_worker(args) -> int:
 
     model = _model_or_demo(args.model)
     config = _engine_config(args)
+    if args.prefill_workers:
+        _check_addresses(args.prefill_workers, "--prefill-workers")
+    _check_port_free(args.host, args.port)
     n = len(jax.devices())
     devices = _device_list(args.devices, "--devices") if args.devices else list(range(args.tp))
     if max(devices) >= n:
@@ -535,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-model-len", type=int, default=2048)
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's max_position_embeddings, at most 8,192)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
@@ -559,14 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sv.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port(0), default=8000)
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-queued-requests", type=int, default=None,
                     help="requests that may wait beyond --max-num-seqs running ones (503 beyond)")
     sv.add_argument("--max-request-bytes", type=int, default=8 << 20)
     sv.add_argument("--shutdown-grace", type=float, default=30.0,
                     help="seconds in-flight requests get to finish on SIGTERM")
-    sv.add_argument("--log-level", default="info")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     sv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                     help="run the engine loop in its own process, apart from the HTTP server's Python "
                     "(default; --no-engine-process: on a thread of the server; --disagg always does)")
@@ -588,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
     wk.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
     wk.add_argument("--host", default="127.0.0.1")
-    wk.add_argument("--port", type=int, default=50051, help="0: any free port (printed)")
+    wk.add_argument("--port", type=_port(0), default=50051, help="0: any free port (printed)")
     wk.add_argument("--served-model-name", default=None)
     wk.add_argument("--devices", default=None, help="device indices of this worker's mesh (default: 0..tp-1)")
     wk.add_argument("--prefill-workers", default=None,
@@ -624,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "kernels"]:
+        # every argument after these two is benchmarks.kernels' own (argparse's REMAINDER drops a leading --flag)
+        from benchmarks import kernels
+        kernels.main(argv[2:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

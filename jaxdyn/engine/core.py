@@ -190,6 +190,9 @@ class EngineCore:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.load_info: dict[str, float] = {}   # seconds, weight_bytes, warmup_seconds (build_engine)
+        if config.max_model_len is not None and config.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({model_config.max_position_embeddings})")
         max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
         self.max_model_len = max_model_len
         ps = config.page_size

@@ -89,6 +89,38 @@ def test_errors_name_the_problem(hf, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("x") or ".partial" in p]
 
 
+def test_force_never_replaces_what_is_not_a_jaxdyn_checkpoint(hf, tmp_path, capsys):
+    """--force replaces a converted checkpoint or an empty directory; it refuses, leaving them as they were, the
+    input itself, a directory holding the input, an empty --out (the current directory), a file and a
+    directory of other files. Output paths that cannot be written are named, without a traceback."""
+    models = tmp_path / "models"
+    src = models / "src"
+    shutil.copytree(hf, src)
+    keep = models / "keep"
+    keep.mkdir()
+    (keep / "important.txt").write_text("x")
+    (tmp_path / "afile.txt").write_text("y")
+    for out, message in [(str(models), "is the input checkpoint or a directory holding it"),
+                         (str(src), "is the input checkpoint or a directory holding it"),
+                         (str(tmp_path), "is the input checkpoint or a directory holding it"),
+                         ("", "--out: an empty path"),
+                         (str(keep), "is not a jaxdyn checkpoint"),
+                         (str(tmp_path / "afile.txt"), "exists and is not a directory"),
+                         (str(tmp_path / "afile.txt" / "x"), "afile.txt"),
+                         ("/proc/jaxdyn-no-such/x", "/proc/jaxdyn-no-such")]:
+        assert main(["convert", "--quiet", "--force", "--hf", str(src), "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (out, err)
+    assert sorted(os.listdir(models)) == ["keep", "src"] and os.listdir(keep) == ["important.txt"]
+    assert sorted(os.listdir(src)) == sorted(os.listdir(hf))
+    assert (tmp_path / "afile.txt").read_text() == "y"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for _ in range(2):          # an empty directory, then the checkpoint written there
+        assert main(["convert", "--quiet", "--force", "--hf", str(src), "--out", str(empty)]) == 0
+        assert is_converted(str(empty))
+
+
 def test_interrupted_conversion_leaves_nothing_loadable(hf, tmp_path, monkeypatch):
     import checkpoints.convert as conv
     calls = {"n": 0}

@@ -1,6 +1,7 @@
 """ModelConfig from Hugging Face config.json dictionaries of every supported family."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,6 +70,37 @@ def test_sliding_windows_per_layer():
 def test_unsupported_configs_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({**LLAMA, **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": None}, "lacks 'hidden_size'"),
+    ({"hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer, got 2.5"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be at least 1"),
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps must be a number"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a number"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be at least 1"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"rope_parameters": "oops"}, "rope_parameters must be an object"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "rope_scaling.factor must be a number"),
+    ({"eos_token_id": "x"}, "eos_token_id must be a token id"),
+    ({"eos_token_id": [1, -2]}, "eos_token_id must be a token id"),
+    ({"bos_token_id": 1.5}, "bos_token_id must be a token id"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": "abc"}, "sliding_window must be an integer"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": -5}, "sliding_window must be at least 0"),
+    ({"architectures": "LlamaForCausalLM", "hidden_act": ["silu"]}, "hidden_act"),
+])
+def test_values_of_the_wrong_type_are_named(change, message):
+    """A config.json value of the wrong type or range is a ConfigError naming it, not a TypeError or a value
+    silently truncated (2.5 layers) or read as true ("yes")."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_dict({**LLAMA, **change})
+
+
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object, got list"):
+        ModelConfig.from_pretrained(tmp_path)
 
 
 def test_missing_config_json_names_the_path(tmp_path):

@@ -152,3 +152,57 @@ def test_serve_over_workers_refuses_quantization(capsys):
                  "--quantization", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "--workers and --quantization" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "99999"], "argument --port: a port is 0..65535, got 99999"),
+    (["serve", "--port", "-1"], "argument --port: a port is 0..65535, got -1"),
+    (["serve", "--port", "http"], "argument --port: expected a port number, got 'http'"),
+    (["worker", "--role", "both", "--port", "70000"], "argument --port: a port is 0..65535, got 70000"),
+    (["serve", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
+])
+def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--model", "tiny", "--load-format", "dummy"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--max-model-len", "-5"], "--max-model-len must be at least 1, got -5"),
+    (["serve", "--max-model-len", "1000000000"], "--max-model-len 1000000000 exceeds the model's "
+                                                 "max_position_embeddings (4096)"),
+    (["generate", "--prompt-ids", "1", "--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
+    (["generate", "--prompt-ids", "1", "--max-model-len", "5000"], "exceeds the model's max_position_embeddings"),
+    (["bench", "offline", "--max-model-len", "5000"], "exceeds the model's max_position_embeddings"),
+    (["serve", "--max-request-bytes", "0"], "--max-request-bytes must be at least 1"),
+    (["serve", "--workers", "bogus"], "--workers: expected HOST:PORT[,HOST:PORT...], got 'bogus'"),
+    (["serve", "--workers", "127.0.0.1:1,h:99999"], "got 'h:99999'"),
+])
+def test_bad_values_are_named_before_anything_loads(argv, message, capsys):
+    assert main([*argv, "--model", "tiny", "--load-format", "dummy"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["worker", "--role", "both"]])
+def test_a_port_in_use_is_named_before_the_model_loads(command, capsys):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main([*command, "--model", "tiny", "--load-format", "dummy", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err, err
+
+
+def test_bench_kernels_passes_every_argument_on(monkeypatch):
+    """``jaxdyn bench kernels --quick --out x`` is benchmarks.kernels' own command line (argparse's REMAINDER
+    had refused a leading --flag)."""
+    from benchmarks import kernels
+    seen = []
+    monkeypatch.setattr(kernels, "main", lambda argv: seen.append(argv))
+    assert main(["bench", "kernels", "--quick", "--out", "x.md"]) == 0
+    assert main(["bench", "kernels"]) == 0
+    assert seen == [["--quick", "--out", "x.md"], []]
