@@ -163,6 +163,8 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
         raise CheckpointError(f"--quantize-lm-head needs --quant fp8 (not {quant or 'none'})")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: not a directory")
+    if is_converted(hf_dir):
+        raise CheckpointError(f"--hf {hf_dir}: already a converted jaxdyn checkpoint (serve it as it is)")
     _check_out_dir(hf_dir, out_dir, force)
     try:
         cfg = ModelConfig.from_pretrained(hf_dir)

@@ -125,6 +125,10 @@ class CheckpointFiles:
         else:
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))
             if not names:
+                if os.path.isdir(os.path.join(self.directory, "params")):
+                    raise SafetensorsError(f"{self.directory}: no *.safetensors files; its params/ folder makes it a "
+                                           f"jaxdyn checkpoint, but one without its jaxdyn_checkpoint.json "
+                                           f"(damaged or incomplete): convert again")
                 raise SafetensorsError(f"{self.directory}: no *.safetensors files")
             for fname in names:
                 for name in self._file(fname).keys():

@@ -318,6 +318,14 @@ def check_arguments(args) -> dict:
             raise BenchError(f"--slo-{'e2e' if k == 'e2el' else k}-ms must be > 0, got {v}")
     if args.plot is not None:
         report.require_matplotlib()
+        if os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            raise BenchError(f"--plot {args.plot}: exists and is not a directory")
+    if args.out:
+        if os.path.isdir(args.out):
+            raise BenchError(f"--out {args.out}: is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise BenchError(f"--out {args.out}: {parent} is not a directory")
     return {"rates": rates, "percentiles": percentiles, "slo_ms": slo, "kind": _endpoint_kind(args)}
 
 
@@ -434,4 +442,7 @@ def main(args) -> int:
     if args.plot:
         for path in report.plot(doc, args.plot):
             print(f"wrote {path}")
+    if runs and all(r["summary"]["completed"] == 0 for r in runs):
+        errors = runs[0]["summary"].get("errors") or {}
+        raise BenchError(f"every request failed (first error: {next(iter(errors), 'unknown')})")
     return 0

@@ -119,6 +119,11 @@ def test_force_never_replaces_what_is_not_a_jaxdyn_checkpoint(hf, tmp_path, caps
     for _ in range(2):          # an empty directory, then the checkpoint written there
         assert main(["convert", "--quiet", "--force", "--hf", str(src), "--out", str(empty)]) == 0
         assert is_converted(str(empty))
+    assert main(["convert", "--quiet", "--hf", str(empty), "--out", str(tmp_path / "again")]) == 2
+    assert "already a converted jaxdyn checkpoint" in capsys.readouterr().err
+    os.remove(empty / "jaxdyn_checkpoint.json")        # a damaged checkpoint: said so, not "no safetensors"
+    with pytest.raises(CheckpointError, match="without its jaxdyn_checkpoint.json"):
+        load_hf_checkpoint(str(empty), make_mesh(1))
 
 
 def test_interrupted_conversion_leaves_nothing_loadable(hf, tmp_path, monkeypatch):

@@ -89,6 +89,19 @@ def test_failed_requests_are_counted_with_their_errors(tmp_path):
     assert len(s["errors"]) == 6 and s["errors"]["HTTP 500: injected failure of request 10"] == 1
 
 
+def test_a_run_in_which_every_request_failed_exits_2_after_its_report(tmp_path):
+    import contextlib
+    import io
+    err = io.StringIO()
+    with FakeOpenAI(ttft=0.01, itl=0.002) as fake, contextlib.redirect_stderr(err):
+        fake.fail_every = 1
+        out = str(tmp_path / "r.json")
+        assert main(["bench", "serve", "--url", fake.url, "--num-prompts", "3", "--random-output-len", "4",
+                     "--num-warmups", "0", "--out", out, *SMALL]) == 2
+    assert "every request failed (first error: HTTP 500: injected failure of request" in err.getvalue()
+    assert json.load(open(out))["runs"][0]["summary"]["failed"] == 3      # the report is still written
+
+
 def test_a_request_past_the_timeout_fails_with_a_timeout_error(tmp_path, capsys):
     with FakeOpenAI(ttft=0.01, itl=0.01) as fake:
         fake.hang_every = 3
@@ -439,6 +452,8 @@ def idle_fake():
     (["URL", "--tokenizer", "/no/such/dir"], "--tokenizer '/no/such/dir': no such file or directory"),
     (["URL", "--endpoint", "chat", "--backend", "openai"], "--backend openai contradicts --endpoint chat"),
     (["--compare", "/no/a.json", "/no/b.json"], "--compare /no/a.json"),
+    (["URL", "--out", "/tmp"], "--out /tmp: is a directory"),
+    (["URL", "--out", "/etc/hostname/x.json"], "/etc/hostname is not a directory"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(idle_fake, argv, message, capsys):
     argv = [a if a != "URL" else "--url" for a in argv]
