@@ -268,6 +268,17 @@ def _check(engine: AsyncEngine, prompt_ids, params, param_prefix=None) -> None:
         raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
 
 
+def _check_room(engine: AsyncEngine, prompt_ids, max_tokens: int | None, param: str) -> None:
+    """An explicit max_tokens that the context cannot hold after the prompt is a 400, as vLLM's server answers
+    (the engine itself would stop the request at the context's end, finish_reason "length")."""
+    room = engine.core.max_model_len - len(prompt_ids)
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"{param}: {max_tokens} is too large: this model's context is "
+                       f"{engine.core.max_model_len} tokens and the prompt has {len(prompt_ids)} "
+                       f"({max_tokens} > {engine.core.max_model_len} - {len(prompt_ids)})", param=param,
+                       code="invalid_value")
+
+
 def _usage(prompt_lens: list[int], outputs: list[RequestOutput], cached: int) -> dict:
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     prompt = sum(prompt_lens)
@@ -485,6 +496,7 @@ def build_app(state: ServerState) -> Starlette:
                                   logprobs=req.logprobs)
         for ids in prompt_ids:
             _check(engine, ids, params)
+            _check_room(engine, ids, req.max_tokens, "max_tokens")
         _admit(state, engine, len(prompt_ids) * params.n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -585,6 +597,8 @@ def build_app(state: ServerState) -> Starlette:
                 e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
             raise
         _check(engine, ids, params, param_prefix="messages")
+        _check_room(engine, ids, max_tokens,
+                    "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         _admit(state, engine, params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -222,6 +222,13 @@ BAD = [
      "not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
      "tool_choice", "not supported"),
+    # an explicit max_tokens the context cannot hold after the prompt (max_model_len 128; "x" is <s> + 1 byte)
+    ("/v1/completions", {"prompt": "x", "max_tokens": 127}, 400, "max_tokens", "127 is too large: this model's "
+     "context is 128 tokens and the prompt has 2 (127 > 128 - 2)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1000}, 400,
+     "max_completion_tokens", "1000 is too large"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400,
+     "max_tokens", "1000 is too large"),
     # chat's own fields named as sent
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 25}, 400, "top_logprobs", "[0, 20]"),

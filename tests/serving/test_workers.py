@@ -157,7 +157,7 @@ def test_a_client_that_leaves_aborts_on_the_worker(cluster, ckpt):
     _, dec, _ = cluster
     srv = _frontend(ckpt, [dec.address])
     try:
-        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True, "stream": True}
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 70, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
             for _ in r.iter_lines():
                 break                       # one event, then hang up
