@@ -195,7 +195,7 @@ def _refuse_unsupported(req) -> None:
 MAX_N = 128     # completions per prompt (OpenAI's cap): more, and one request occupies the engine for minutes
 
 
-def _check_stream_fields(req) -> None:
+def _check_request_fields(req) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     if req.n is not None and req.n > MAX_N:
@@ -462,7 +462,7 @@ def build_app(state: ServerState) -> Starlette:
         data = await _read_json(request, state.max_request_bytes)
         req = _validate(CompletionRequest, data)
         _refuse_unsupported(req)
-        _check_stream_fields(req)
+        _check_request_fields(req)
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer
@@ -573,7 +573,7 @@ def build_app(state: ServerState) -> Starlette:
         data = await _read_json(request, state.max_request_bytes)
         req = _validate(ChatCompletionRequest, data)
         _refuse_unsupported(req)
-        _check_stream_fields(req)
+        _check_request_fields(req)
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer

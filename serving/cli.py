@@ -47,9 +47,9 @@ def cmd_generate(args) -> int:
                                 top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     except SamplingParamsError as e:
         raise CLIError(f"--{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
-    _check_max_model_len(args.max_model_len, _model_or_demo(args.model))
+    args.model = _model_or_demo(args.model)
+    _check_max_model_len(args.max_model_len, args.model)
     try:
-        args.model = _model_or_demo(args.model)
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                               **_quantization(args),
                               config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
@@ -247,8 +247,6 @@ def _engine_fields(args) -> dict:
     for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_model_len is not None and args.max_model_len < 1:
-        raise CLIError(f"--max-model-len must be at least 1, got {args.max_model_len}")
     if hasattr(args, "model"):
         _check_max_model_len(args.max_model_len, _model_or_demo(args.model))
     if args.max_num_seqs > args.max_num_batched_tokens:
@@ -679,9 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk = bsub.add_parser("kernels", help="Pallas paged-attention kernels vs the reference, JAX's "
                          "bundled op and the HBM / matmul ceilings (python -m benchmarks.kernels)",
                          add_help=False)
-    bk.add_argument("bench_args", nargs=argparse.REMAINDER,
-                    help="arguments of benchmarks.kernels (--out, --quick, --sweep)")
-    bk.set_defaults(func=cmd_bench_kernels)
+    bk.set_defaults(func=cmd_bench_kernels, passes_on=True)   # its arguments are benchmarks.kernels' (--out, ...)
     from serving.bench import offline as bench_offline, serve as bench_serve
     bs = bsub.add_parser("serve", help="load an OpenAI-compatible server over HTTP and report what vLLM's "
                          "bench serve does (TTFT, TPOT, ITL, E2E, throughput, goodput); --compare A.json B.json")
@@ -698,13 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "kernels"]:
-        # every argument after these two is benchmarks.kernels' own (argparse's REMAINDER drops a leading --flag)
-        from benchmarks import kernels
-        kernels.main(argv[2:])
-        return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passes_on", False):
+        args.bench_args = rest          # a subcommand whose arguments are another command line's
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except CLIError as e:
