@@ -161,7 +161,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="compile one executable a bucket for every sampler variant (greedy, temperature, "
                    "penalties/filters/logprobs), the variant picked on the device by a switch, instead of three: "
                    "a third of the model compilations at warm-up; filters and top logprobs then run without a sort. "
-                   "Not yet measured on a GPU; off by default, not with --separate-sampler")
+                   "On an H200 (8B fp8) a cold start of 34-41 s against 71 s, at 0.93x the throughput in the "
+                   "same run; off by default, not with --separate-sampler")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "

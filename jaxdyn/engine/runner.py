@@ -94,15 +94,6 @@ FUSED_QUANTIZE_SITES = ("off", "o_proj", "all")
 NO_DOT_MERGER = {"xla_disable_hlo_passes": "dot-merger"}
 # XLA's options that send a step's matrix products to cuBLAS, not Triton (``RunnerConfig.triton_gemm_max_tokens``)
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
-# XLA's command-buffer kinds with CONDITIONAL added to its defaults (jax 0.11's XLA: FUSION, CUBLAS, CUBLASLT,
-# CUSTOM_CALL, CUDNN, DYNAMIC_SLICE_FUSION), for steps that hold a conditional (``sampler_switch``,
-# ``skip_idle_prefill``). Without it XLA runs a conditional between two CUDA graphs and the host waits for its
-# index every step (ConditionalThunk: a device-to-host copy and a stream sync); with it CUDA graph conditional
-# nodes pick the branch on the device. H200, 8B fp8 offline: the switch 14,881 -> 15,608 output tok/s
-# (benchmarks/results/gpu_suite_h200.md, twenty-third session). Per compilation, as compiler options take only
-# the whole list (not XLA_FLAGS' "+CONDITIONAL").
-CONDITIONAL_COMMAND_BUFFERS = {
-    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL"}
 
 
 def is_count(v) -> bool:
@@ -196,7 +187,8 @@ class RunnerConfig:
     # The ``full`` branch filters and takes the top logprobs without a sort (``sample(sort_free=True)``): XLA sends
     # a vocabulary sort to CUB on a GPU, which its command buffers cannot hold, and a conditional they cannot hold
     # copies its index to the host, a synchronisation every step; a conditional whose branches hold only kernels
-    # is recorded into the CUDA graph as conditional nodes (XLA's default command types include CONDITIONAL).
+    # is recorded into the CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer kinds
+    # in both jaxlib versions: ``benchmarks.gpu.thunk_census.default_command_buffer_kinds``).
     # False: three executables a bucket, one a variant.
     sampler_switch: bool = False
 
@@ -1001,14 +993,11 @@ class ModelRunner:
 
     def compiler_options(self, tokens: int) -> dict[str, str | bool]:
         """XLA's options for the step of a bucket of ``tokens`` tokens (``xla_dot_merger``,
-        ``triton_gemm_max_tokens``, conditional command buffers for steps with a conditional)."""
+        ``triton_gemm_max_tokens``)."""
         opts = {} if self.config.xla_dot_merger else dict(NO_DOT_MERGER)
         limit = self.config.triton_gemm_max_tokens
         if limit is not None and tokens > limit:
             opts.update(NO_TRITON_GEMM)
-        if (self.config.sampler_switch or self.config.skip_idle_prefill) and "xla_gpu_enable_command_buffer" \
-                not in os.environ.get("XLA_FLAGS", ""):
-            opts.update(CONDITIONAL_COMMAND_BUFFERS)     # a user's own XLA_FLAGS choice stands
         return opts
 
     def compile(self, lowered: jax.stages.Lowered, tokens: int) -> jax.stages.Compiled:

@@ -41,8 +41,9 @@ masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), 
 rounding at its boundary (``apply_filters_sort_free``); with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
 its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
 index back and waits: the sync the variants exist to avoid. A conditional whose branches hold only kernels
-is recorded into the step's CUDA graph as conditional nodes (XLA's default command types include CONDITIONAL,
-CUDA 12.3 and later; read in XLA's source, not yet measured on a GPU).
+is recorded into the step's CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer
+kinds in jaxlib 0.10 and 0.11, CUDA 12.3 and later; whether the step's conditional is recorded on a GPU is what
+``benchmarks/gpu/thunk_census.py`` reads).
 
 In the step (H100, 1B decode, batch 64, context 512, ms/step; before = the
 ``lax.cond`` sampler, whose host dispatch took the whole step): greedy 3.56 ->

@@ -884,27 +884,3 @@ def test_nested_layers_trace_one_layer_a_step_and_lower_the_unrolled_program(loa
     assert lowered_count(texts[True], "stablehlo.dot_general") >= 4 * layers
     with pytest.raises(ValueError, match="nested_layers: expected true or false"):
         RunnerConfig(nested_layers=1)
-
-
-def test_steps_with_a_conditional_compile_with_conditional_command_buffers(loaded, monkeypatch):
-    """The switch's and the skip's steps hold a conditional: XLA is told to put it in the step's CUDA graph (else
-    the host waits for the branch index every step); other steps keep XLA's defaults, and a user's own
-    XLA_FLAGS choice of command buffers stands."""
-    from jaxdyn.engine.runner import CONDITIONAL_COMMAND_BUFFERS
-    mesh, model = loaded
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    key = "xla_gpu_enable_command_buffer"
-    plain = ModelRunner(model.graphdef, model.state, mesh, CFG)
-    assert key not in plain.compiler_options(16)
-    for option in ("sampler_switch", "skip_idle_prefill"):
-        runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(CFG, **{option: True}))
-        assert runner.compiler_options(16)[key].split(",")[-1] == "CONDITIONAL"
-        assert runner.compiler_options(16)[key] == CONDITIONAL_COMMAND_BUFFERS[key]
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
-    assert key not in runner.compiler_options(16)
-    # the list is one XLA takes as a compiler option on this backend (an unknown kind is refused)
-    f = jax.jit(lambda x, i: jax.lax.switch(i, [lambda y: y + 1, lambda y: y * 2], x))
-    compiled = f.lower(jnp.ones(4), jnp.int32(1)).compile(compiler_options=CONDITIONAL_COMMAND_BUFFERS)
-    assert float(compiled(jnp.ones(4), jnp.int32(1))[0]) == 2.0
-    with pytest.raises(Exception, match="not a valid enum value"):
-        f.lower(jnp.ones(4), jnp.int32(1)).compile(compiler_options={key: "FUSION,NOT_A_KIND"})
