@@ -573,6 +573,15 @@ def kernel_zeros(shape, dtype, anchor: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.where(anchor < 0, anchor, 0).astype(dtype), shape)
 
 
+def step_copy(x: jax.Array, anchor: jax.Array) -> jax.Array:
+    """``x`` copied into a buffer of the computation's own (a kernel XLA cannot fold away: a select on ``anchor``, as
+    ``kernel_zeros``): what reads the copy reads a buffer whose address does not change from call to call, where
+    a parameter or an output of the step is at a new address every call."""
+    if not jnp.issubdtype(jnp.asarray(anchor).dtype, jnp.signedinteger):
+        raise TypeError(f"step_copy: the anchor must be a signed integer, not {jnp.asarray(anchor).dtype}")
+    return jnp.where(anchor < 0, jnp.zeros_like(x), x)
+
+
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 

@@ -14,7 +14,13 @@ XLA records a command buffer -- a CUDA graph -- per executable and re-records it
 its last call, and buffers that are still alive when the next step is dispatched move every call; two copies
 called in turn each see the same buffers every other step).
 
-    python -m benchmarks.gpu.dispatch_probe [--model llama-3.1-8b] [--buckets 16,512] [--steps 20]
+    python -m benchmarks.gpu.dispatch_probe [--model llama-3.1-8b] [--buckets 16,512] [--steps 20] [--quant fp8]
+        [--runner '{"sampler_switch": true, "kv_cache_dtype": "fp8"}']
+
+``--runner`` sets ``RunnerConfig`` fields over the probe's: with ``sampler_switch`` the step is the switch's one
+executable (greedy branch), whose ``lax.switch`` XLA records into the step's CUDA graph as conditional nodes; when
+a buffer one of its branches uses moved, XLA re-records every branch, so a switch step's call may take longer than
+the tree's where buffers move each call (what this probe shows side by side).
 
 Run it under different ``XLA_FLAGS`` (e.g. ``--xla_gpu_enable_command_buffer=``) to compare; the flags in effect
 are printed.
@@ -28,30 +34,59 @@ import statistics
 import time
 
 
+def runner_overrides(ap: argparse.ArgumentParser, text: str) -> dict:
+    """``--runner``'s JSON object of RunnerConfig fields (the parser's error naming what is wrong)."""
+    import dataclasses
+    import json
+
+    from jaxdyn.engine.runner import RunnerConfig
+
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        ap.error(f"--runner: not JSON ({e})")
+    if not isinstance(overrides, dict):
+        ap.error("--runner: expected a JSON object of RunnerConfig fields")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(RunnerConfig)})
+    if unknown:
+        ap.error(f"--runner: not RunnerConfig fields: {', '.join(unknown)}")
+    return overrides
+
+
+def probe_config(buckets: tuple[int, ...], overrides: dict):
+    """The probe's RunnerConfig: one page bucket of 128 pages, the token buckets asked, ``overrides`` over it."""
+    from jaxdyn.engine.runner import RunnerConfig
+
+    return RunnerConfig(**{**dict(page_size=16, num_pages=8192, max_num_seqs=max(buckets),
+                                  max_num_batched_tokens=max(buckets), max_model_len=2048, token_buckets=buckets,
+                                  page_buckets=(128,)), **overrides})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.dispatch_probe")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--buckets", default="16,512")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quant", default=None, choices=("fp8", "int8"), help="the layers' weights quantized")
+    ap.add_argument("--runner", default="{}", help="JSON of RunnerConfig fields over the probe's")
     args = ap.parse_args(argv)
     try:
         buckets = tuple(int(b) for b in args.buckets.split(","))
     except ValueError:
         ap.error(f"--buckets: expected token counts separated by commas, got {args.buckets!r}")
+    overrides = runner_overrides(ap, args.runner)
 
     import jax
     from jax.experimental import serialize_executable
 
     from checkpoints.loader import load_model
-    from jaxdyn.engine.runner import ModelRunner, RunnerConfig
+    from jaxdyn.engine.runner import ModelRunner
     from jaxdyn.engine.sampler import VARIANTS
 
-    mesh, loaded, _ = load_model(args.model, load_format="dummy", dtype="bfloat16")
-    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, RunnerConfig(
-        page_size=16, num_pages=8192, max_num_seqs=max(buckets), max_num_batched_tokens=max(buckets),
-        max_model_len=2048, token_buckets=buckets, page_buckets=(128,)))
-    print(f"{args.model}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, device {jax.devices()[0].device_kind}",
-          flush=True)
+    mesh, loaded, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", quantization=args.quant)
+    runner = ModelRunner(loaded.graphdef, loaded.state, mesh, probe_config(buckets, overrides))
+    print(f"{args.model}, quant {args.quant}, runner {overrides}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"device {jax.devices()[0].device_kind}", flush=True)
     print("| bucket | inputs | executables | call ms, device idle | call ms, back to back | "
           "device ms / step (back to back) |")
     print("|---:|---|---|---:|---:|---:|")
@@ -59,7 +94,8 @@ def main(argv=None) -> int:
     for t in buckets:
         compiled = runner._compile(t, p, VARIANTS[0])
         blob, in_tree, out_tree = serialize_executable.serialize(compiled)
-        twin = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+        twin = serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
+                                                         execution_devices=list(mesh.devices.flat))
         host_args = runner._padding_arrays(t, p)
         dev_args = jax.device_put(host_args, runner._replicated)
         for label, a, fns in (("numpy", host_args, (compiled,)), ("on device", dev_args, (compiled,)),
@@ -86,7 +122,8 @@ def main(argv=None) -> int:
             print(f"| {t} | {label} | {'twins' if len(fns) > 1 else 'one'} | {statistics.median(idle) * 1e3:.3f} "
                   f"| {statistics.median(b2b[2:]) * 1e3:.3f} | {per_step * 1e3:.2f} |", flush=True)
     print(f"reproduce: XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}' python -m benchmarks.gpu.dispatch_probe "
-          f"--model {args.model} --buckets {args.buckets} --steps {args.steps}")
+          f"--model {args.model} --buckets {args.buckets} --steps {args.steps}"
+          + (f" --quant {args.quant}" if args.quant else "") + (f" --runner '{args.runner}'" if overrides else ""))
     return 0
 
 

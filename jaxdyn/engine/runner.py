@@ -50,7 +50,7 @@ from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, alloc
                              check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
-from pallas_kernels.paged_decode import kernel_zeros
+from pallas_kernels.paged_decode import kernel_zeros, step_copy
 
 MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under min_tokens)
 
@@ -639,7 +639,15 @@ class ModelRunner:
 
         def sample(token_pages, prev_sampled, logits, tok, seqi, seqf):
             index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(VARIANTS) - 1)
-            return lax.switch(index, branches, token_pages, prev_sampled, logits, tok, seqi, seqf)
+            # The branches read and write only buffers of the step's own (copies in and out): the step's inputs and
+            # outputs are at new addresses every call, and XLA re-records a recorded conditional's every branch
+            # when a buffer one of them uses moved, where the tree re-records only the commands that use it (read
+            # in XLA's source, GpuCommandBuffer::UpdateCase; not yet measured on a GPU: dispatch_probe --runner).
+            anchor = seqi[0, 1]                                   # cu_q_lens[0]: 0
+            moved = (prev_sampled, tok, seqi, seqf)
+            prev_sampled, tok, seqi, seqf = (step_copy(x, anchor) for x in moved)
+            out = lax.switch(index, branches, token_pages, prev_sampled, logits, tok, seqi, seqf)
+            return tuple(step_copy(x, anchor) for x in out)
 
         # tensor parallel: the logits split by vocabulary would make every reduction of the samplers a collective
         # inside the branches (about 80 in the sort-free full branch), and a collective is not one of XLA's default

@@ -358,6 +358,31 @@ def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
         RunnerConfig(sampler_switch="yes")
 
 
+def test_a_sampler_switchs_branches_use_only_buffers_of_the_step(loaded):
+    """In the compiled switched step no operand of the conditional is a parameter of the step and no output of the
+    step is the conditional's own result: its branches read and write buffers of the step's own, at the same
+    addresses every call (a recorded conditional's branches are re-recorded when a buffer they use moves)."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(VARIANT_CFG, token_buckets=(16,), page_buckets=(4,), sampler_switch=True))
+    text = runner._lower_part(("switch", 16, 4)).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    defs = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = [^\n]*? (\w[\w-]*)\(", entry, flags=re.M))
+    cond = re.search(r"^\s*(%[\w.\-]+) = .*? conditional\(([^)]*)\)", entry, flags=re.M)
+    assert cond is not None
+    tuples = [o.strip() for o in cond.group(2).split(",")[1:]]
+    operands = []
+    for t in tuples:
+        line = re.search(rf"^\s*{re.escape(t)} = [^\n]*? tuple\(([^)]*)\)", entry, flags=re.M)
+        operands += [o.strip() for o in line.group(1).split(",")]
+    params = {name for name, op in defs.items() if op == "parameter"}
+    assert len(operands) >= 8 and not set(operands) & params, operands
+    gtes = {name for name in re.findall(rf"^\s*(%[\w.\-]+) = [^\n]*get-tuple-element\({re.escape(cond.group(1))}\)",
+                                        entry, flags=re.M)}
+    root = re.search(r"^\s*ROOT [^\n]*? tuple\(([^)]*)\)", entry, flags=re.M).group(1)
+    assert len(gtes) == 4 and not gtes & {o.strip() for o in root.split(",")}
+
+
 def test_a_sampler_switch_writes_each_variants_index_and_greedy_returns_zero_logprobs(loaded):
     """The host writes the variant's index where the switch reads it, for each variant (a wrong index would still
     draw the same tokens: a costlier branch serves every row), and the greedy branch returns its placeholders."""

@@ -335,6 +335,17 @@ def test_kernel_zeros_take_a_signed_anchor_only():
         kernel_zeros((2,), jnp.float32, jnp.uint32(1))
 
 
+def test_a_step_copy_is_its_input_in_a_buffer_of_its_own():
+    from pallas_kernels.paged_decode import step_copy
+    x = jnp.array([[-0.0, 1.5, jnp.nan], [jnp.inf, -2.0, 3.0]], jnp.float32)
+    f = jax.jit(lambda x, a: step_copy(x, a))
+    np.testing.assert_array_equal(np.asarray(f(x, jnp.int32(0))), np.asarray(x))
+    assert np.signbit(np.asarray(f(x, jnp.int32(0)))[0, 0])            # -0.0 kept: a select, not an addition
+    assert "select" in f.lower(x, jnp.int32(0)).compile().as_text()     # not folded away into the parameter
+    with pytest.raises(TypeError, match="signed integer, not uint32"):
+        step_copy(x, jnp.uint32(1))
+
+
 def test_a_top_p_of_one_keeps_every_token_top_k_kept():
     """One logit far above the rest: the others' mass before them rounds to 1 in float32, which top_p 1 must not
     read as reaching it (both forms; before, the sort dropped most of them)."""
