@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -53,6 +54,14 @@ FP8_WEIGHTS = "[out, in]"
 
 def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
+
+
+def restore_error(e: BaseException, limit: int = 600) -> str:
+    """What an Orbax / TensorStore restore error says, without the TensorStore specs it appends (``[tensorstore_spec
+    ...]``, a kilobyte of JSON each) and the chain of drivers opened on the way, at most ``limit`` characters."""
+    text = str(e).split(" [tensorstore_spec")[0]
+    text = re.sub(r'(Error opening "\w+" driver: )+', "", text).strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_marker(path: str) -> dict:
@@ -308,7 +317,8 @@ def load_converted(path: str, mesh, *, dtype=None, config: ModelConfig | None = 
         try:
             tree = ckptr.restore(gdir, _nest(flat))
         except Exception as e:  # orbax/tensorstore raise many kinds
-            raise CheckpointError(f"{gdir}: cannot restore group {group!r}: {e}") from None
+            raise CheckpointError(f"{gdir}: cannot restore group {group!r}: {restore_error(e)} (a damaged or "
+                                  f"incomplete checkpoint: convert it again)") from None
         for local in flat:
             v = tree
             for k in local:

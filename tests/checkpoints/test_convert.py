@@ -144,6 +144,26 @@ def test_interrupted_conversion_leaves_nothing_loadable(hf, tmp_path, monkeypatc
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def test_a_damaged_checkpoint_is_named_in_a_few_lines(hf, tmp_path):
+    """A group's data overwritten on disk: CheckpointError names the group and TensorStore's reason, without the
+    kilobytes of TensorStore specs its error carries."""
+    import glob
+    out = str(tmp_path / "conv")
+    convert(hf, out, progress=False)
+    data = [f for f in glob.glob(os.path.join(out, "params", "layers.0", "**", "d", "*"), recursive=True)
+            if os.path.isfile(f)]
+    assert data
+    for f in data:
+        b = bytearray(open(f, "rb").read())
+        b[len(b) // 2:len(b) // 2 + 64] = b"\xff" * 64
+        open(f, "wb").write(b)
+    with pytest.raises(CheckpointError) as e:
+        load_converted(out, make_mesh(1))
+    message = str(e.value)
+    assert "cannot restore group 'layers.0'" in message and "convert it again" in message
+    assert "tensorstore_spec" not in message and len(message) < 900, message
+
+
 def test_force_replaces_and_quantized_restores_at_tp2(hf, tmp_path):
     out = str(tmp_path / "q")
     convert(hf, out, dtype="float32", progress=False)
