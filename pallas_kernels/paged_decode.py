@@ -575,8 +575,9 @@ def kernel_zeros(shape, dtype, anchor: jax.Array) -> jax.Array:
 
 def step_copy(x: jax.Array, anchor: jax.Array) -> jax.Array:
     """``x`` copied into a buffer of the computation's own (a kernel XLA cannot fold away: a select on ``anchor``, as
-    ``kernel_zeros``): what reads the copy reads a buffer whose address does not change from call to call, where
-    a parameter or an output of the step is at a new address every call."""
+    ``kernel_zeros``): what reads the copy reads the step's temp buffer, which the allocator hands out at the same
+    address call after call as a rule (XLA's ``xla_gpu_command_buffer_update_mode=SKIP_TEMP`` makes it certain),
+    where a parameter or an output of the step is at a new address every call."""
     if not jnp.issubdtype(jnp.asarray(anchor).dtype, jnp.signedinteger):
         raise TypeError(f"step_copy: the anchor must be a signed integer, not {jnp.asarray(anchor).dtype}")
     return jnp.where(anchor < 0, jnp.zeros_like(x), x)
