@@ -57,6 +57,9 @@ class EngineCollector:
                       m.host_seconds)
         yield counter("jaxdyn:engine_device_wait_seconds", "Engine loop time waiting for the device's results.",
                       m.device_wait_seconds)
+        yield counter("jaxdyn:engine_step_call_seconds", "Of the engine's host seconds, those inside the compiled "
+                      "steps' calls (dispatch, and any wait for the device before a call returns).",
+                      m.step_call_seconds)
         yield counter("jaxdyn:step_tokens", "Tokens the model steps computed.", m.step_tokens)
         yield counter("jaxdyn:step_token_rows", "Token rows of the compiled buckets those steps ran in "
                       "(step_tokens / step_token_rows: the share that was not padding).", m.step_token_rows)

@@ -62,8 +62,9 @@ def test_dry_run_of_three_sections_writes_a_report_with_every_section_and_its_ra
                                                                          "| prefix 48+16/16 |"))]
     assert len(offline_rows) == 4
     for ln in offline_rows:
-        steps, host_ms, wait_ms, fill, calls = [c.strip() for c in ln.strip("|").split("|")][-5:]
+        steps, host_ms, call_ms, wait_ms, fill, calls = [c.strip() for c in ln.strip("|").split("|")][-6:]
         assert int(steps) > 0 and float(host_ms) > 0 and float(wait_ms) > 0, ln
+        assert 0 < float(call_ms) < float(host_ms), ln                     # the calls are part of the host time
         assert 0 < float(fill) <= 1 and float(calls) > 0, ln
     assert "Step costs measured at warm-up" in report and "--no-split-steps" in report
     assert "× |" in report                                                  # ratios in the figures table

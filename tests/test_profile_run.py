@@ -36,11 +36,14 @@ def test_window_summary_per_step():
 
 
 def test_loop_by_running_bins_and_no_wait_share():
-    loop = [(10, 0.002, 0.0), (10, 0.004, 0.001), (300, 0.020, 0.0), (300, 0.010, 0.00001)]
+    # (running, host s, wait s, tokens, prefill tokens, call s)
+    loop = [(10, 0.002, 0.0, 10, 0, 0.001), (10, 0.004, 0.001, 10, 0, 0.002), (300, 0.020, 0.0, 300, 0, 0.015),
+            (300, 0.010, 0.00001, 300, 0, 0.005)]
     rows = pr.loop_by_running(loop)
     assert [(lo, hi, k) for lo, hi, k, *_ in rows] == [(0, 16, 2), (256, 512, 2)]
     assert rows[0][3] == pytest.approx(3.0) and rows[0][4] == pytest.approx(0.5) and rows[0][5] == 0.5
     assert rows[1][5] == 1.0
+    assert rows[0][6] == pytest.approx(1.5) and rows[1][6] == pytest.approx(10.0)
 
 
 def test_top_kernels_outside_gemm_and_attention():
@@ -56,12 +59,13 @@ def test_top_kernels_outside_gemm_and_attention():
 def test_decode_steps_by_running_set_host_time_beside_the_bucket_cost():
     # (running, host s, wait s, tokens, prefill tokens): a prefill step is left out; 300 running decode
     # steps in the 512 bucket (cost 13 ms), one that waited 0.1 ms and one 5 ms
-    loop = [(300, 0.014, 0.0001, 300, 0), (300, 0.010, 0.005, 300, 0), (300, 0.020, 0.02, 2048, 1900),
-            (10, 0.002, 0.003, 10, 0)]
+    loop = [(300, 0.014, 0.0001, 300, 0, 0.010), (300, 0.010, 0.005, 300, 0, 0.002), (300, 0.020, 0.02, 2048, 1900, 0.0),
+            (10, 0.002, 0.003, 10, 0, 0.001)]
     rows = pr.decode_steps_by_running(loop, {16: 5.0, 512: 13.0, 2048: 47.0})
     assert [(lo, hi, k) for lo, hi, k, *_ in rows] == [(0, 16, 1), (256, 512, 2)]
-    lo, hi, k, host, wait, short, cost = rows[1]
+    lo, hi, k, host, wait, short, cost, call = rows[1]
     assert host == pytest.approx(12.0) and wait == pytest.approx(2.55) and short == 0.5 and cost == 13.0
+    assert call == pytest.approx(6.0)
     assert rows[0][6] == 5.0
     no_costs = pr.decode_steps_by_running(loop, {})
     assert [r[6] for r in no_costs] == [0.0, 0.0] and [r[3] for r in no_costs] == pytest.approx([2.0, 12.0])

@@ -111,26 +111,29 @@ def _bins(loop, edges):
 
 
 def loop_by_running(loop, edges=RUNNING_EDGES):
-    """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 50 µs of wait)] of the
-    engine steps ``loop`` ((running sequences, host s, wait s, ...) each) binned by running sequences."""
+    """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 50 µs of wait, call ms / step)]
+    of the engine steps ``loop`` ((running sequences, host s, wait s, tokens, prefill tokens, call s) each) binned
+    by running sequences; call: the part of host spent inside the compiled steps' calls."""
     return [(lo, hi, len(sel), sum(x[1] for x in sel) / len(sel) * 1e3, sum(x[2] for x in sel) / len(sel) * 1e3,
-             sum(x[2] < 50e-6 for x in sel) / len(sel)) for lo, hi, sel in _bins(loop, edges)]
+             sum(x[2] < 50e-6 for x in sel) / len(sel), sum(x[5] for x in sel) / len(sel) * 1e3)
+            for lo, hi, sel in _bins(loop, edges)]
 
 
 def decode_steps_by_running(loop, costs: dict[int, float], edges=RUNNING_EDGES):
     """[(low, high, steps, host ms / step, wait ms / step, share of steps with under 0.5 ms of wait, mean step
-    cost ms of their buckets)] of the decode-only steps of ``loop`` ((running sequences, host s, wait s, step
-    tokens, prefill tokens) each) binned by running sequences; ``costs``: ms by token bucket. A step whose
-    host time exceeds its bucket's cost leaves the device idle (overlap hides the host only up to the device's
-    time): the engine is host-bound there."""
+    cost ms of their buckets, call ms / step)] of the decode-only steps of ``loop`` ((running sequences, host s,
+    wait s, step tokens, prefill tokens, call s) each) binned by running sequences; ``costs``: ms by token bucket.
+    A step whose host time outside its calls exceeds its bucket's cost leaves the device idle (overlap hides the
+    host only up to the device's time): the engine is host-bound there. Time inside the calls is not all host
+    work: a call that returns only once the device has finished the previous step waits in it."""
     buckets = sorted(costs)
     decode = [x for x in loop if x[4] == 0 and x[3] > 0]
     out = []
     for lo, hi, sel in _bins(decode, edges):
-        cost = [costs[next((b for b in buckets if b >= t), buckets[-1])] for _, _, _, t, _ in sel] if buckets else [0.0]
+        cost = [costs[next((b for b in buckets if b >= x[3]), buckets[-1])] for x in sel] if buckets else [0.0]
         out.append((lo, hi, len(sel), sum(x[1] for x in sel) / len(sel) * 1e3,
                     sum(x[2] for x in sel) / len(sel) * 1e3, sum(x[2] < 0.5e-3 for x in sel) / len(sel),
-                    sum(cost) / len(cost)))
+                    sum(cost) / len(cost), sum(x[5] for x in sel) / len(sel) * 1e3))
     return out
 
 
@@ -251,18 +254,18 @@ def main(argv=None) -> int:
             leaf.block_until_ready()
 
     metrics = engine.metrics
-    loop = []       # every timed step: (running sequences before it, host s, device-wait s, tokens, prefill tokens)
+    loop = []       # every timed step: (running sequences before it, host s, device-wait s, tokens, prefill tokens, call s)
 
     def traced_step(*a, **k):
         if state["step"] < 0:           # warm-up requests: not counted
             return step(*a, **k)
         n, h0, w0 = len(engine.scheduler.running), metrics.host_seconds, metrics.device_wait_seconds
-        t0, p0 = runner.tokens_run, metrics.computed_prefill_tokens
+        t0, p0, c0 = runner.tokens_run, metrics.computed_prefill_tokens, runner.call_seconds
         try:
             return windowed_step(*a, **k)
         finally:
             loop.append((n, metrics.host_seconds - h0, metrics.device_wait_seconds - w0, runner.tokens_run - t0,
-                         metrics.computed_prefill_tokens - p0))
+                         metrics.computed_prefill_tokens - p0, runner.call_seconds - c0))
 
     def windowed_step(*a, **k):
         s = state["step"]
@@ -349,19 +352,21 @@ def main(argv=None) -> int:
         for label, top in hosts:
             lines += [f"| {label} | `{name[:90]}` | {ms:.3f} | {n:.1f} |" for name, ms, n in top]
     lines += ["", "The engine loop by running sequences (every step of the run; host: the step's time outside waiting for "
-              "the device; wait: blocked on the device; a step that did not wait at all found its result ready, "
-              "the device having idled for the host):", "",
-              "| running sequences | steps | host ms / step | wait ms / step | steps that did not wait |",
-              "|---|---:|---:|---:|---:|"]
-    for lo, hi, k, host, wait, nowait in loop_by_running(loop):
-        lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {wait:.2f} | {nowait:.2f} |")
+              "the device's results, of which call: inside the compiled steps' calls, where a call that returns only "
+              "once the device has finished the previous step waits; wait: blocked on the results; a step that did "
+              "not wait at all found its result ready):", "",
+              "| running sequences | steps | host ms / step | of which call ms | wait ms / step | "
+              "steps that did not wait |", "|---|---:|---:|---:|---:|---:|"]
+    for lo, hi, k, host, wait, nowait, call in loop_by_running(loop):
+        lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {call:.2f} | {wait:.2f} | {nowait:.2f} |")
     lines += ["", "Decode-only steps (no prompt token) by running sequences, beside the step cost of their buckets "
-              "(measured at warm-up): where host ms reach the cost, the device waits for the host:", "",
-              "| running sequences | steps | host ms / step | wait ms / step | share with under 0.5 ms of wait | "
-              "bucket cost ms | host / cost |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for lo, hi, k, host, wait, short, cost in decode_steps_by_running(loop, costs):
-        lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {wait:.2f} | {short:.2f} | {cost:.2f} | "
-                     f"{host / cost if cost else float('nan'):.2f} |")
+              "(measured at warm-up): where host ms outside the calls reach the cost, the device waits for the host:",
+              "", "| running sequences | steps | host ms / step | of which call ms | wait ms / step | "
+              "share with under 0.5 ms of wait | bucket cost ms | (host - call) / cost |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for lo, hi, k, host, wait, short, cost, call in decode_steps_by_running(loop, costs):
+        lines.append(f"| {lo}-{hi - 1} | {k} | {host:.2f} | {call:.2f} | {wait:.2f} | {short:.2f} | {cost:.2f} | "
+                     f"{(host - call) / cost if cost else float('nan'):.2f} |")
     lines += ["", "reproduce: python -m benchmarks.gpu.profile_run --dataset " + args.dataset
               + f" --num-prompts {args.num_prompts} --windows {args.windows}"
               + (f" --engine '{args.engine}'" if args.engine else "") + (f" --quant {args.quant}" if args.quant else "")

@@ -958,8 +958,9 @@ def body_offline(cfg: dict, rec: Recorder) -> None:
                                    ("in_tokens", "input tokens", "d"), ("out_tokens", "output tokens", "d"),
                                    ("in_tok_s", "input tok/s", ".0f"), ("out_tok_s", "output tok/s", ".0f"),
                                    ("tflops", "matmul TFLOP/s", ".0f"), ("steps", "engine steps", "d"),
-                                   ("host_ms", "host ms / step", ".2f"), ("wait_ms", "wait ms / step", ".2f"),
-                                   ("fill", "tokens / bucket rows", ".2f"), ("calls", "calls / step", ".2f")]))
+                                   ("host_ms", "host ms / step", ".2f"), ("call_ms", "of which call ms", ".2f"),
+                                   ("wait_ms", "wait ms / step", ".2f"), ("fill", "tokens / bucket rows", ".2f"),
+                                   ("calls", "calls / step", ".2f")]))
     from benchmarks.kernels import measure_matmul
     rate = measure_matmul(cfg.get("matmul_n", 8192)) / 1e12
     for label, tflops in tflops_figs:
@@ -1124,6 +1125,7 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
                                    ("tpot", "median TPOT ms", ".2f"), ("itl", "median ITL ms", ".2f"),
                                    ("e2e", "median E2E ms", ".0f"), ("seconds", "seconds", ".1f"),
                                    ("steps", "engine steps", "d"), ("host_ms", "host ms / step", ".2f"),
+                                   ("call_ms", "of which call ms", ".2f"),
                                    ("wait_ms", "wait ms / step", ".2f"), ("fill", "tokens / bucket rows", ".2f"),
                                    ("calls", "calls / step", ".2f")]))
 
@@ -1245,13 +1247,13 @@ def body_serve(cfg: dict, rec: Recorder) -> None:
 
 
 _LOOP_COUNTERS = ("jaxdyn:engine_steps", "jaxdyn:engine_host_seconds", "jaxdyn:engine_device_wait_seconds",
-                  "jaxdyn:step_tokens", "jaxdyn:step_token_rows", "jaxdyn:step_calls")
+                  "jaxdyn:step_tokens", "jaxdyn:step_token_rows", "jaxdyn:step_calls", "jaxdyn:engine_step_call_seconds")
 
 
 def _loop_counters(m) -> dict[str, float]:
     """The same counters from an engine's ``EngineMetrics`` in this process (the offline section)."""
     return dict(zip(_LOOP_COUNTERS, (m.steps, m.host_seconds, m.device_wait_seconds, m.step_tokens,
-                                     m.step_token_rows, m.step_calls)))
+                                     m.step_token_rows, m.step_calls, m.step_call_seconds)))
 
 
 def _engine_counters(url: str) -> dict[str, float]:
@@ -1280,7 +1282,7 @@ def _loop_figures(before: dict, after: dict) -> dict:
     delta = lambda k: after[k] - before[k]  # noqa: E731
     rows = delta("jaxdyn:step_token_rows")
     return dict(steps=int(steps), host_ms=per("jaxdyn:engine_host_seconds"),
-                wait_ms=per("jaxdyn:engine_device_wait_seconds"),
+                call_ms=per("jaxdyn:engine_step_call_seconds"), wait_ms=per("jaxdyn:engine_device_wait_seconds"),
                 fill=delta("jaxdyn:step_tokens") / rows if rows else None,
                 calls=delta("jaxdyn:step_calls") / steps)
 

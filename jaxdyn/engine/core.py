@@ -430,6 +430,7 @@ class EngineCore:
         r = self.runner
         self.metrics.step_tokens, self.metrics.step_token_rows, self.metrics.step_calls = (
             r.tokens_run, r.rows_run, r.calls_run)
+        self.metrics.step_call_seconds = r.call_seconds
         self.metrics.host_seconds += time.perf_counter() - t0 - (self.metrics.device_wait_seconds - w0)
         return outputs
 

@@ -62,6 +62,9 @@ class EngineMetrics:
     # that wait; with the steps, host ms a step (a loop slowed by other Python work in its process shows here)
     host_seconds: float = 0.0
     device_wait_seconds: float = 0.0
+    # of host_seconds, the time inside the compiled steps' calls: a call that returns only once the device has
+    # finished the step before it shows here, not as device wait (ModelRunner.call_seconds)
+    step_call_seconds: float = 0.0
     # the model steps' real tokens, the bucket rows they ran in (tokens / rows: the share not padding) and
     # their compiled calls (more than the steps where steps were split: ``ModelRunner.plan``)
     step_tokens: int = 0

@@ -486,6 +486,9 @@ class ModelRunner:
         # what the steps ran: their real tokens, the bucket rows those filled (tokens / rows: the share that
         # was not padding), their compiled calls (more than the steps where steps were split)
         self.tokens_run = self.rows_run = self.calls_run = 0
+        # host seconds inside the compiled steps' calls (their dispatch: argument handling, the inputs' transfer,
+        # launching the graph, and whatever the call waits for before it returns)
+        self.call_seconds = 0.0
         self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
@@ -1072,10 +1075,12 @@ class ModelRunner:
         # each step and never written again, so a zero-copy alias of them is safe.
         sampled = self.prev_sampled
         outs = []
+        t0 = time.perf_counter()
         for compiled, arrays in calls:
             (self.kv_cache, self.token_pages, sampled, lps, top_ids, top_lps, logits) = compiled(
                 self.state, self.kv_cache, self.token_pages, sampled, *arrays)
             outs.append((lps, top_ids, top_lps, logits))
+        self.call_seconds += time.perf_counter() - t0
         self.prev_sampled = sampled
         self._write_half ^= 1
         self.tokens_run += sum(len(w.token_ids) for w in work)

@@ -661,6 +661,7 @@ def test_a_split_step_draws_what_the_whole_step_draws(loaded):
         results[name] = (out, np.asarray(runner.kv_cache[0][0]))
     assert split.calls_run > whole.calls_run == 4
     assert split.rows_run < whole.rows_run and split.tokens_run == whole.tokens_run
+    assert split.call_seconds > 0 and whole.call_seconds > 0          # the host's time inside the calls
     for a, b in zip(results["whole"][0], results["split"][0]):
         np.testing.assert_array_equal(a.next_token_ids, b.next_token_ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
@@ -676,7 +677,7 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
     assert set(runner.step_costs) == {16, 64} and all(c > 0 for c in runner.step_costs.values())
     assert all(not np.asarray(k).any() and not np.asarray(v).any() for k, v in runner.kv_cache)
     assert not np.asarray(runner.token_pages).any() and not np.asarray(runner.prev_sampled).any()
-    assert runner.tokens_run == runner.rows_run == 0
+    assert runner.tokens_run == runner.rows_run == 0 and runner.call_seconds == 0.0    # warm-up's calls not counted
 
 
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),

@@ -456,6 +456,8 @@ def test_metrics_parse_and_count_the_traffic(server):
     host = after["jaxdyn:engine_host_seconds_total"] - before["jaxdyn:engine_host_seconds_total"]
     wait = after["jaxdyn:engine_device_wait_seconds_total"] - before["jaxdyn:engine_device_wait_seconds_total"]
     assert host > 0 and wait > 0
+    call = after["jaxdyn:engine_step_call_seconds_total"] - before["jaxdyn:engine_step_call_seconds_total"]
+    assert 0 < call < host                              # the compiled steps' calls: part of the host time
     assert after["jaxdyn:num_requests_running"] == 0 and "jaxdyn:kv_cache_usage_perc" in after
 
 
