@@ -168,6 +168,10 @@ class DisaggEngine:
             prefill_queue=len(self._remote), n=params.n, prefill_alive=self.prefill_dead is None)
         pages = None
         if decision == REMOTE:
+            # everything that can be refused before the pages are reserved
+            seed = params.seed if params.seed is not None else self.decode.draw_seed()
+            params = dataclasses.replace(params, seed=seed)
+            first = prefill_params(params)
             pages = self.decode.reserve_kv(request_id, len(prompt_ids))
             if pages is None:
                 decision = "decode_full"
@@ -176,11 +180,14 @@ class DisaggEngine:
         if decision != REMOTE:
             self.decode.add_request(request_id, prompt_ids, params, priority=priority, arrival_time=arrival)
             return
-        seed = params.seed if params.seed is not None else self.decode.draw_seed()
-        params = dataclasses.replace(params, seed=seed)
         self._remote[request_id] = _Remote(request_id, prompt_ids, params, priority, arrival,
                                            time.monotonic(), pages)
-        self.role.submit(request_id, prompt_ids, prefill_params(params), priority, arrival)
+        try:
+            self.role.submit(request_id, prompt_ids, first, priority, arrival)
+        except BaseException:
+            del self._remote[request_id]
+            self.decode.unreserve_kv(request_id)
+            raise
 
     def abort(self, request_id: str) -> RequestOutput | None:
         r = self._remote.pop(request_id, None)
@@ -224,16 +231,35 @@ class DisaggEngine:
                 if out is not None:
                     outputs.append(out)
                 continue
-            _, rid, message = item           # ("error", request_id, message)
+            kind, rid, message = item        # ("error" | "local", request_id, message)
+            if kind == "local":              # nothing was computed remotely (no worker reachable): here, then
+                self._prefill_here(rid)
+                continue
             # "*": the prefill role died, and every remote request fails with it
             failed = list(self._remote) if rid == "*" else [rid] if rid in self._remote else []
             outputs += [self._fail(self._remote[f], message) for f in failed]
 
+    def _prefill_here(self, request_id: str) -> None:
+        """A remote request no prefill worker took: its reserved pages freed, its prompt computed by the decode
+        engine like any local one (its seed kept, so it draws what the remote prefill would have)."""
+        r = self._remote.pop(request_id, None)
+        if r is None:                        # aborted or timed out meanwhile
+            return
+        self.decode.unreserve_kv(request_id)
+        d = self.metrics.prefill_decisions     # where the prompt was computed: here after all
+        d[REMOTE] -= 1
+        d["prefill_unreachable"] = d.get("prefill_unreachable", 0) + 1
+        self.decode.add_request(request_id, r.prompt_ids, r.params, priority=r.priority, arrival_time=r.arrival_time)
+
     def accept_handoff(self, h: Handoff) -> RequestOutput | None:
         """Scatter a handoff's KV into the pages reserved for it and continue decoding it."""
-        r = self._remote.pop(h.request_id, None)
+        r = self._remote.get(h.request_id)
         if r is None:                    # aborted or timed out meanwhile: its pages are gone
             return None
+        problem = self.scatter.refusal(r.pages, h.block, r.prompt_ids)
+        if problem is not None:          # e.g. a prefill worker of another page size: this request fails
+            return self._fail(r, f"the KV handoff does not fit this engine: {problem}", abort_prefill=True)
+        del self._remote[h.request_id]
         self.scatter(r.pages, h.block, r.prompt_ids)
         m = self.metrics
         m.kv_transfers += 1
@@ -268,9 +294,10 @@ class DisaggEngine:
 
 def prefill_params(params: SamplingParams) -> SamplingParams:
     """What the prefill role runs: the prompt and one token, drawn with the request's own seed
-    (stop strings and detokenization stay with the decode role, which checks the token)."""
-    return dataclasses.replace(params, n=1, max_tokens=1, stop=[], detokenize=False,
-                               include_stop_str_in_output=False)
+    (stop strings and detokenization stay with the decode role, which checks the token); a ``min_tokens`` of
+    one or more bans the end tokens from that first token, as the whole request's does."""
+    return dataclasses.replace(params, n=1, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[],
+                               detokenize=False, include_stop_str_in_output=False)
 
 
 class LocalPrefillRole:

@@ -11,7 +11,9 @@ cost is not worth paying, as Dynamo's disaggregated router does:
   running on the prefill side;
 * ``n``: several completions of one prompt (they share its pages locally);
 * ``decode_full``: the decode side cannot reserve pages for the KV now;
-* ``prefill_down``: the prefill side has failed.
+* ``prefill_down``: the prefill side has failed;
+* ``prefill_unreachable``: sent remote, but no prefill worker could be reached before it answered (the
+  decode side computes the prompt; counted here instead of ``remote``).
 
 Every decision is counted (``EngineMetrics.prefill_decisions``, exported as
 ``jaxdyn:disagg_prefill_decisions_total{decision=...}``).

@@ -170,15 +170,32 @@ class KVScatter(_Side):
                 sd((b, self.runner.kv_spec.page_size), jnp.int32)).compile()
         return self._compiled[(b, dtype)]
 
+    def refusal(self, pages: list[int], block, token_ids) -> str | None:
+        """Why ``block`` cannot be written into ``pages`` (None: it can): its shape must be ``block_shape`` of a
+        bucket of at least ``len(pages)`` pages (a block from an engine of another page size, model or head
+        count is not), its dtype a float, and ``token_ids`` must fit the pages."""
+        shape, dtype = tuple(getattr(block, "shape", ())), getattr(block, "dtype", None)
+        b = shape[3] if len(shape) == 6 else None
+        if b is None or shape != self.block_shape(b):
+            return (f"a KV block of shape {list(shape)}; this engine's blocks are {list(self.block_shape(0))[:3]} + "
+                    f"[pages] + {list(self.block_shape(0))[4:]} (layers, K/V, kv heads, pages, page size, head dim)")
+        if b not in self.buckets or b < len(pages):
+            return f"a block of {b} pages cannot fill {len(pages)} pages"
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            return f"a KV block of dtype {dtype}, not a float"
+        if len(token_ids) > len(pages) * self.runner.kv_spec.page_size:
+            return f"{len(token_ids)} tokens do not fit {len(pages)} pages"
+        return None
+
     def __call__(self, pages: list[int], block, token_ids) -> None:
         """Write ``block`` (a bucket >= len(pages); on any mesh, or host numpy) into ``pages``;
-        ``token_ids``: the tokens whose KV it holds (the prompt), for the penalties' history."""
+        ``token_ids``: the tokens whose KV it holds (the prompt), for the penalties' history. ValueError
+        (``refusal``) for a block that does not fit."""
+        problem = self.refusal(pages, block, token_ids)
+        if problem is not None:
+            raise ValueError(problem)
         b = block.shape[3]
-        if b not in self.buckets or b < len(pages):
-            raise ValueError(f"a block of {b} pages cannot fill {len(pages)} pages")
         ps = self.runner.kv_spec.page_size
-        if len(token_ids) > len(pages) * ps:
-            raise ValueError(f"{len(token_ids)} tokens do not fit {len(pages)} pages")
         ids = np.full(b, self.runner.kv_spec.num_pages, np.int32)
         ids[:len(pages)] = pages
         toks = np.zeros(b * ps, np.int32)

@@ -10,7 +10,7 @@ import json
 import grpc
 
 from jaxdyn.engine.request import CompletionOutput, Logprob, RequestOutput
-from jaxdyn.engine.sampling_params import SamplingParams
+from jaxdyn.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.workers import worker_pb2 as pb
 
 # Messages up to 64 MiB (KV chunks are 4 MiB; the default 4 MiB cap is for the rest).
@@ -27,7 +27,21 @@ def params_to_json(p: SamplingParams) -> str:
 
 
 def params_from_json(text: str) -> SamplingParams:
-    return SamplingParams(**json.loads(text))
+    """A request's sampling parameters from its ``params_json`` (SamplingParamsError naming ``params_json`` when
+    it is not a JSON object of SamplingParams' fields; the fields' own checks name the field)."""
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise SamplingParamsError("params_json", f"not JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise SamplingParamsError("params_json", "expected a JSON object of sampling parameters")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(SamplingParams)})
+    if unknown:
+        raise SamplingParamsError("params_json", f"unknown sampling parameters: {', '.join(unknown)}")
+    try:
+        return SamplingParams(**fields)
+    except TypeError as e:
+        raise SamplingParamsError("params_json", str(e)) from None
 
 
 def logprobs_to_json(entries) -> str:

@@ -47,6 +47,7 @@ class _Worker:
         self.max_model_len = 0
         self.max_num_seqs = 0
         self.vocab_size = 0
+        self.kv_pages_used = self.kv_pages_total = self.num_waiting = 0     # its last Health reply's
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.health_stub = pb_grpc.WorkerStub(self.channel)
         self._aio: dict[asyncio.AbstractEventLoop, tuple] = {}
@@ -143,6 +144,7 @@ class RemoteEngine:
                 w.missed = 0
                 w.role, w.healthy = r.role, r.healthy
                 w.max_model_len, w.max_num_seqs, w.vocab_size = r.max_model_len, r.max_num_seqs, r.vocab_size
+                w.kv_pages_used, w.kv_pages_total, w.num_waiting = r.kv_pages_used, r.kv_pages_total, r.num_waiting
             except grpc.RpcError:
                 w.missed += 1
                 if w.missed >= self.max_missed:
@@ -150,6 +152,13 @@ class RemoteEngine:
             if not w.healthy:
                 for s in list(w.inflight.values()):
                     s.fail(f"worker {w.address} is unreachable")
+        core = getattr(self, "core", None)
+        if core is not None:        # the gauges: the healthy decode / both workers' pages and queues
+            live = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+            m = core.metrics
+            m.kv_pages_used = sum(w.kv_pages_used for w in live)
+            m.kv_pages_total = core.num_pages = sum(w.kv_pages_total for w in live)
+            m.num_waiting = sum(w.num_waiting for w in live)
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):
@@ -179,6 +188,7 @@ class RemoteEngine:
         s = _RemoteStream(asyncio.get_running_loop(), request_id, list(prompt_ids), params, priority, w)
         self._streams[request_id] = s
         w.inflight[request_id] = s
+        self.core.metrics.num_running = len(self._streams)
         self.core.metrics.prompt_tokens += len(prompt_ids)
         return s
 

@@ -4,10 +4,13 @@
 unreachable) in a ``Prefill`` call on a thread of its own; the reply's header carries the
 first token, then the KV block comes either as byte chunks in the same stream (``grpc``) or
 is pulled device to device with ``jax.experimental.transfer`` (``jax``) onto this worker's
-first decode device. The block and token go to the sink as a ``Handoff``; any failure
-(worker gone, refused, cancelled by time) as ``("error", request_id, message)``, so the
-decode side frees the pages it reserved and ends the request with an error. ``abort``
-cancels the call, which aborts the prefill on the other side.
+first decode device. The block and token go to the sink as a ``Handoff``. A worker that cannot be
+reached before it has answered (UNAVAILABLE before the header: nothing was computed there) is skipped
+for ``UNREACHABLE_FOR_S`` and the next one tried; with none left the sink gets ``("local", request_id,
+message)`` and the decode side computes the prompt itself. Any other failure (a worker lost mid-reply,
+refused, cancelled by time) goes as ``("error", request_id, message)``, so the decode side frees the
+pages it reserved and ends the request with an error. ``abort`` cancels the call, which aborts the
+prefill on the other side.
 """
 
 from __future__ import annotations
@@ -99,30 +102,52 @@ class RemotePrefillRole:
         for ch in self._channels:
             ch.close()
 
-    def _pick(self) -> int:
+    def _pick(self, tried: set[int] = frozenset()) -> int | None:
+        """The next worker in turn that is not skipped as unreachable nor in ``tried``: None when there is none
+        (the first call of a request, ``tried`` empty, then takes the next in turn anyway)."""
         now = time.monotonic()
         n = len(self.addresses)
         start = next(self._rr)
         for k in range(n):
             i = (start + k) % n
-            if self._bad_until[i] <= now:
+            if self._bad_until[i] <= now and i not in tried:
                 return i
-        return start % n
+        return None if tried else start % n
 
     def _run(self, rid: str, prompt_ids: list[int], params, priority: int) -> None:
-        i = self._pick()
-        addr = self.addresses[i]
         req = pb.PrefillRequest(request_id=rid, prompt_ids=prompt_ids, params_json=params_to_json(params),
                                 priority=priority, kv_transport=self.transport)
+        tried: set[int] = set()
+        try:
+            while True:
+                i = self._pick(tried)
+                if i is None:            # every worker refused the connection: the decode side computes it
+                    self.sink(("local", rid, f"no prefill worker reachable ({', '.join(self.addresses)})"))
+                    return
+                tried.add(i)
+                if not self._attempt(i, rid, req):
+                    return
+        finally:
+            with self._lock:
+                self._calls.pop(rid, None)
+                self._aborted.discard(rid)
+                self._pending.discard(rid)
+
+    def _attempt(self, i: int, rid: str, req) -> bool:
+        """One Prefill call to worker ``i``; True when the worker could not be reached before it answered (the
+        request may go to another), else False (delivered to the sink, or aborted)."""
+        addr = self.addresses[i]
+        answered = False
         try:
             call = self._stubs[i].Prefill(req, timeout=self.timeout_s)
             with self._lock:
                 if rid in self._aborted:
                     self._aborted.discard(rid)
                     call.cancel()
-                    return
+                    return False
                 self._calls[rid] = call
             first = next(call)
+            answered = True
             t_header = time.perf_counter()
             h = first.header
             dtype = jnp.dtype(h.dtype)
@@ -148,17 +173,18 @@ class RemotePrefillRole:
                 with self._lock:
                     aborted = rid in self._aborted
                 if aborted:
-                    return                  # we cancelled it (abort): the decode side knows
+                    return False            # we cancelled it (abort): the decode side knows
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self._bad_until[i] = time.monotonic() + UNREACHABLE_FOR_S
+                if not answered:
+                    with self._lock:
+                        self._calls.pop(rid, None)
+                        aborted = rid in self._aborted
+                    return not aborted      # nothing was computed there: another worker, or this one's own
             self.sink(("error", rid, f"remote prefill on {addr} failed: {e.code().name}: {e.details()}"))
         except Exception as e:              # a malformed reply, a failed pull: this request fails
             self.sink(("error", rid, f"remote prefill on {addr} failed: {e!r}"))
-        finally:
-            with self._lock:
-                self._calls.pop(rid, None)
-                self._aborted.discard(rid)
-                self._pending.discard(rid)
+        return False
 
     def _transfer_server(self):
         if self._transfer is None:

@@ -110,7 +110,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         try:
             params = params_from_json(request.params_json)
             self.prefill.core.check_request(list(request.prompt_ids), params)
-        except (SamplingParamsError, RequestError) as e:
+        except SamplingParamsError as e:
+            await context.abort(REFUSED, refused_details(e.param, str(e).split(": ", 1)[-1]))
+        except RequestError as e:
             await context.abort(REFUSED, refused_details(e.param, str(e)))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

@@ -178,6 +178,54 @@ def test_timed_out_remote_prefill_ends_with_an_error(disagg):
     _check_clean(disagg)
 
 
+def test_min_tokens_cross_the_handoff(disagg, aggregated):
+    """A remote request with min_tokens > 1: the prefill draws its one token with the end tokens banned, as the
+    whole request's first token is (before, its params failed to build after the pages were reserved)."""
+    prompts = _prompts(6)
+    params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3)
+    reqs = [("m1", prompts["long"], params), ("m2", prompts["mid"], dataclasses.replace(params, min_tokens=8))]
+    got, want = _run(disagg, reqs), aggregated(reqs)
+    for rid in ("m1", "m2"):
+        assert got[rid].error is None, got[rid].error
+        assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids
+    assert len(got["m2"].outputs[0].token_ids) == 8
+    _check_clean(disagg)
+
+
+def test_a_handoff_that_does_not_fit_fails_its_request_only(disagg):
+    """A KV block of another page size (a prefill worker configured otherwise): that request ends with an error
+    naming the shapes, its reserved pages freed, and the engine goes on."""
+    from jaxdyn.disagg.engine import Handoff
+    prompts = _prompts(7)
+    disagg.add_request("h1", prompts["long"], GREEDY)
+    pages = len(disagg._remote["h1"].pages)
+    good = disagg.scatter.block_shape(min(b for b in disagg.scatter.buckets if b >= pages))
+    bad = np.zeros(good[:4] + (good[4] // 2, good[5]), np.float32)       # pages of half the size
+    assert disagg.scatter.refusal(list(range(pages)), np.zeros(good, np.float32), prompts["long"]) is None
+    assert disagg.scatter.refusal(list(range(pages)), bad, prompts["long"]) is not None
+    out = disagg.accept_handoff(Handoff("h1", bad, 5, None, 0, time.monotonic()))
+    assert out.finished and "does not fit this engine" in out.error and "shape" in out.error
+    assert "h1" not in disagg.decode.scheduler.reserved
+    got = _run(disagg, [("h2", prompts["page"], GREEDY)])       # the real handoff of h1 is dropped on arrival
+    assert got["h2"].error is None and len(got["h2"].outputs[0].token_ids) == 12
+    _check_clean(disagg)
+
+
+def test_a_prompt_no_prefill_worker_took_is_computed_here(disagg, aggregated):
+    """The prefill role's ("local", id, why): no worker could be reached before it answered, so the decode
+    engine computes the prompt (the same tokens), and the decision is counted as prefill_unreachable."""
+    prompts = _prompts(8)
+    before = dict(disagg.metrics.prefill_decisions)
+    disagg.add_request("l1", prompts["long"], GREEDY)
+    disagg._handoffs.put(("local", "l1", "no prefill worker reachable (test)"))
+    got = _run(disagg, [])
+    want = aggregated([("l1", prompts["long"], GREEDY)])
+    assert got["l1"].error is None and got["l1"].outputs[0].token_ids == want["l1"].outputs[0].token_ids
+    made = {k: v - before.get(k, 0) for k, v in disagg.metrics.prefill_decisions.items()}
+    assert made.get("prefill_unreachable") == 1 and made.get("remote", 0) == 0
+    _check_clean(disagg)
+
+
 def test_async_stream_over_disagg_first_token_then_rest(disagg, monkeypatch):
     """The engine sends the prefill's first token alone, then the decode's; the stream may merge what a slow
     reader left queued (``AsyncEngine.stream``), so the first-token check reads the engine's own outputs."""

@@ -1,7 +1,7 @@
 """Worker processes over gRPC on localhost: a prefill worker, decode workers that take KV from it
 by gRPC stream and by jax.experimental.transfer, and the OpenAI frontend over them. The same
-greedy text as one aggregated engine; a prefill worker killed mid-request gives an error event
-and no leaked page; a decode worker that stops answering is noticed and its requests fail while
+greedy text as one aggregated engine; a prompt whose prefill worker is killed before it answered
+is computed on the decode worker, with no leaked page; a decode worker that stops answering is noticed and its requests fail while
 the others go on; a client that leaves aborts the request on the worker."""
 
 import json
@@ -173,7 +173,84 @@ def test_a_client_that_leaves_aborts_on_the_worker(cluster, ckpt):
         srv.state.engine.shutdown()
 
 
-def test_a_prefill_worker_killed_mid_request_gives_an_error_and_leaks_nothing(ckpt):
+def test_the_frontends_gauges_follow_its_requests_and_the_workers_pages(cluster, ckpt):
+    """/metrics of a frontend over workers: its requests in flight, and the decode workers' pages from their
+    Health replies (before: 0 running until a stream ended, no pages at all). The prefill worker is stopped
+    (SIGSTOP) so that a request stays in flight, its pages reserved on the decode worker."""
+    pre, dec, _ = cluster
+    srv = _frontend(ckpt, [dec.address])
+    engine = srv.state.engine
+    # a prompt no other test sends: the decode worker's prefix cache would otherwise keep it local
+    body = {"model": "tiny", "prompt": "the gauges' own prompt, long enough to go to the prefill worker",
+            "max_tokens": 8, "ignore_eos": True}
+    pre.proc.send_signal(signal.SIGSTOP)
+    try:
+        t = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", json=body, timeout=60),
+                             daemon=True)
+        t.start()
+        for _ in range(100):
+            if dec.health().kv_pages_used > 0:
+                break
+            time.sleep(0.05)
+        engine._check_health()                           # what the health thread does every 0.3 s
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        gauges = {g.group(1): float(g.group(2)) for g in re.finditer(r"^(jaxdyn:\w+)\{[^}]*\} (\S+)$", text, re.M)}
+        assert gauges["jaxdyn:num_requests_running"] == 1
+        assert gauges["jaxdyn:kv_cache_pages_used"] == dec.health().kv_pages_used > 0
+        assert gauges["jaxdyn:kv_cache_pages_total"] == dec.health().kv_pages_total > 0
+        pre.proc.send_signal(signal.SIGCONT)
+        t.join(timeout=60)
+        assert engine.core.metrics.num_running == 0
+    finally:
+        pre.proc.send_signal(signal.SIGCONT)
+        srv.stop()
+        engine.shutdown()
+
+
+def test_a_worker_names_a_malformed_params_json(cluster):
+    _, dec, _ = cluster
+    with grpc.insecure_channel(dec.address) as ch:
+        stub = pb_grpc.WorkerStub(ch)
+        for bad, message in (("{bad", "not JSON"), ("[1, 2]", "a JSON object"), ('{"foo": 1}', "unknown sampling "
+                             "parameters: foo"), ('{"max_tokens": "x"}', "must be an integer")):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(pb.GenerateRequest(request_id="bad", prompt_ids=[3, 4, 5], params_json=bad)))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+            details = json.loads(e.value.details())
+            assert message in details["message"], (bad, details)
+            assert details["param"] == ("max_tokens" if "max_tokens" in bad else "params_json")
+
+
+def test_an_unreachable_prefill_worker_sends_the_prompt_back_to_be_computed_here():
+    """A Prefill call refused before any answer (nothing listens there): every worker tried, then ("local", ...)
+    to the sink, not an error: the decode worker computes the prompt itself."""
+    import socket
+
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.remote_prefill import RemotePrefillRole
+    addresses = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            addresses.append(f"127.0.0.1:{sock.getsockname()[1]}")
+    role = RemotePrefillRole(addresses, timeout_s=10)
+    got = []
+    role.set_sink(got.append)
+    try:
+        role.submit("u1", [3, 4, 5], SamplingParams(max_tokens=1, seed=0))
+        for _ in range(200):
+            if got:
+                break
+            time.sleep(0.05)
+        assert len(got) == 1 and got[0][:2] == ("local", "u1") and "no prefill worker reachable" in got[0][2]
+        assert role.dead is not None                          # both skipped for a while
+    finally:
+        role.shutdown()
+
+
+def test_a_prefill_worker_killed_mid_request_loses_nothing_and_leaks_nothing(ckpt, reference):
+    """Killed before it answered: the decode worker computes the prompt itself (the same text as one engine), and
+    the pages it had reserved for the KV are freed (before: the request ended with an error)."""
     pre = Worker(ckpt, "prefill").wait()
     dec = Worker(ckpt, "decode", "--prefill-workers", pre.address, "--disagg-min-remote-tokens", "16",
                  devices=1).wait()
@@ -190,8 +267,8 @@ def test_a_prefill_worker_killed_mid_request_gives_an_error_and_leaks_nothing(ck
         t.join(60)
         assert not t.is_alive() and time.monotonic() - t0 < 30
         events = result["events"]
-        assert events[-1] == "data: [DONE]"
-        assert "remote prefill" in events[-2]["error"]["message"]
+        assert events[-1] == "data: [DONE]" and all("error" not in e for e in events[:-1])
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reference[0]
         assert dec.health().kv_pages_used == 0        # the reservation was freed
         # later prompts are prefilled on the decode worker
         assert _complete(srv.url, PROMPTS[0])
