@@ -233,23 +233,32 @@ class DisaggEngine:
                 continue
             kind, rid, message = item        # ("error" | "local", request_id, message)
             if kind == "local":              # nothing was computed remotely (no worker reachable): here, then
-                self._prefill_here(rid)
+                out = self._prefill_here(rid, message)
+                if out is not None:
+                    outputs.append(out)
                 continue
             # "*": the prefill role died, and every remote request fails with it
             failed = list(self._remote) if rid == "*" else [rid] if rid in self._remote else []
             outputs += [self._fail(self._remote[f], message) for f in failed]
 
-    def _prefill_here(self, request_id: str) -> None:
+    def _prefill_here(self, request_id: str, why: str) -> RequestOutput | None:
         """A remote request no prefill worker took: its reserved pages freed, its prompt computed by the decode
-        engine like any local one (its seed kept, so it draws what the remote prefill would have)."""
-        r = self._remote.pop(request_id, None)
+        engine like any local one (its seed kept, so it draws what the remote prefill would have); the request's
+        failed output if the decode engine refuses it now."""
+        r = self._remote.get(request_id)
         if r is None:                        # aborted or timed out meanwhile
-            return
+            return None
+        try:
+            self.decode.check_request(r.prompt_ids, r.params)
+        except (RequestError, ValueError) as e:
+            return self._fail(r, f"{why}, and this engine cannot take it: {e}")
+        del self._remote[request_id]
         self.decode.unreserve_kv(request_id)
         d = self.metrics.prefill_decisions     # where the prompt was computed: here after all
         d[REMOTE] -= 1
         d["prefill_unreachable"] = d.get("prefill_unreachable", 0) + 1
         self.decode.add_request(request_id, r.prompt_ids, r.params, priority=r.priority, arrival_time=r.arrival_time)
+        return None
 
     def accept_handoff(self, h: Handoff) -> RequestOutput | None:
         """Scatter a handoff's KV into the pages reserved for it and continue decoding it."""

@@ -223,6 +223,20 @@ def test_a_prompt_no_prefill_worker_took_is_computed_here(disagg, aggregated):
     assert got["l1"].error is None and got["l1"].outputs[0].token_ids == want["l1"].outputs[0].token_ids
     made = {k: v - before.get(k, 0) for k, v in disagg.metrics.prefill_decisions.items()}
     assert made.get("prefill_unreachable") == 1 and made.get("remote", 0) == 0
+    # a prompt the decode engine cannot take after all ends with an error, its reserved pages freed
+    from jaxdyn.engine.core import RequestError
+
+    def refuse(prompt_ids, params):
+        raise RequestError("prompt", "refused for the test")
+    disagg.add_request("l2", prompts["mid"], GREEDY)
+    check, disagg.decode.check_request = disagg.decode.check_request, refuse
+    try:
+        disagg._handoffs.put(("local", "l2", "no prefill worker reachable (test)"))
+        got = _run(disagg, [])
+    finally:
+        disagg.decode.check_request = check
+    assert "cannot take it" in got["l2"].error and "refused for the test" in got["l2"].error
+    assert "l2" not in disagg.decode.scheduler.reserved
     _check_clean(disagg)
 
 
