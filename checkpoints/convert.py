@@ -271,6 +271,8 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        ckptr.close()                              # its background threads, however the conversion ends
     return marker
 
 
@@ -308,23 +310,23 @@ def load_converted(path: str, mesh, *, dtype=None, config: ModelConfig | None = 
         read_as = sh if same else NamedSharding(mesh, jax.sharding.PartitionSpec())
         local = keys[2:] if keys[0] == "layers" else keys[1:]
         groups.setdefault(_group_of(keys), {})[local] = jax.ShapeDtypeStruct(c.shape, stored_dtype, sharding=read_as)
-    ckptr = ocp.StandardCheckpointer()
     restored = {}
-    for group, flat in groups.items():
-        gdir = os.path.join(path, "params", group)
-        if not os.path.isdir(gdir):
-            raise CheckpointError(f"{gdir}: missing parameter group {group!r}")
-        try:
-            tree = ckptr.restore(gdir, _nest(flat))
-        except Exception as e:  # orbax/tensorstore raise many kinds
-            raise CheckpointError(f"{gdir}: cannot restore group {group!r}: {restore_error(e)} (a damaged or "
-                                  f"incomplete checkpoint: convert it again)") from None
-        for local in flat:
-            v = tree
-            for k in local:
-                v = v[str(k)]
-            full = (("layers", int(group.split(".")[1])) if group.startswith("layers.") else (group,)) + local
-            restored[full] = v
+    with ocp.StandardCheckpointer() as ckptr:      # closed however the restore ends (its background threads)
+        for group, flat in groups.items():
+            gdir = os.path.join(path, "params", group)
+            if not os.path.isdir(gdir):
+                raise CheckpointError(f"{gdir}: missing parameter group {group!r}")
+            try:
+                tree = ckptr.restore(gdir, _nest(flat))
+            except Exception as e:  # orbax/tensorstore raise many kinds
+                raise CheckpointError(f"{gdir}: cannot restore group {group!r}: {restore_error(e)} (a damaged or "
+                                      f"incomplete checkpoint: convert it again)") from None
+            for local in flat:
+                v = tree
+                for k in local:
+                    v = v[str(k)]
+                full = (("layers", int(group.split(".")[1])) if group.startswith("layers.") else (group,)) + local
+                restored[full] = v
     out = []
     for keys, (leaf, sh) in targets.items():
         v = restored[keys]
