@@ -568,8 +568,7 @@ def kernel_zeros(shape, dtype, anchor: jax.Array) -> jax.Array:
     a ``lax.cond`` / ``lax.switch`` branch it keeps the conditional out of the graph, where it copies its index to the
     host and waits. These zeros are a kernel like any other. The anchor must be a signed integer: XLA folds
     ``anchor < 0`` of an unsigned one to false, and the constant (the memset) comes back."""
-    if not jnp.issubdtype(jnp.asarray(anchor).dtype, jnp.signedinteger):
-        raise TypeError(f"kernel_zeros: the anchor must be a signed integer, not {jnp.asarray(anchor).dtype}")
+    _check_anchor("kernel_zeros", anchor)
     return jnp.broadcast_to(jnp.where(anchor < 0, anchor, 0).astype(dtype), shape)
 
 
@@ -578,9 +577,15 @@ def step_copy(x: jax.Array, anchor: jax.Array) -> jax.Array:
     ``kernel_zeros``): what reads the copy reads the step's temp buffer, which the allocator hands out at the same
     address call after call as a rule (XLA's ``xla_gpu_command_buffer_update_mode=SKIP_TEMP`` makes it certain),
     where a parameter or an output of the step is at a new address every call."""
-    if not jnp.issubdtype(jnp.asarray(anchor).dtype, jnp.signedinteger):
-        raise TypeError(f"step_copy: the anchor must be a signed integer, not {jnp.asarray(anchor).dtype}")
+    _check_anchor("step_copy", anchor)
     return jnp.where(anchor < 0, jnp.zeros_like(x), x)
+
+
+def _check_anchor(name: str, anchor) -> None:
+    """TypeError unless ``anchor`` is a signed integer: XLA folds ``anchor < 0`` of an unsigned one to false, and
+    the select it guards with it to a constant."""
+    if not jnp.issubdtype(jnp.asarray(anchor).dtype, jnp.signedinteger):
+        raise TypeError(f"{name}: the anchor must be a signed integer, not {jnp.asarray(anchor).dtype}")
 
 
 def on_gpu() -> bool:

@@ -265,11 +265,11 @@ class DisaggEngine:
         r = self._remote.get(h.request_id)
         if r is None:                    # aborted or timed out meanwhile: its pages are gone
             return None
-        problem = self.scatter.refusal(r.pages, h.block, r.prompt_ids)
-        if problem is not None:          # e.g. a prefill worker of another page size: this request fails
-            return self._fail(r, f"the KV handoff does not fit this engine: {problem}", abort_prefill=True)
+        try:
+            self.scatter(r.pages, h.block, r.prompt_ids)     # checks the block first (KVScatter.refusal)
+        except ValueError as e:          # e.g. a prefill worker of another page size: this request fails
+            return self._fail(r, f"the KV handoff does not fit this engine: {e}", abort_prefill=True)
         del self._remote[h.request_id]
-        self.scatter(r.pages, h.block, r.prompt_ids)
         m = self.metrics
         m.kv_transfers += 1
         m.kv_transfer_bytes += int(h.block.nbytes) * len(r.pages) // h.block.shape[3]
