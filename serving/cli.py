@@ -503,6 +503,7 @@ def cmd_worker(args) -> int:
     from jaxdyn import AsyncEngine, EngineCore
     from jaxdyn.disagg.engine import DisaggEngine, LocalPrefillRole
     from jaxdyn.parallel.sharding import make_mesh
+    from serving.workers.common import kv_layout
     from serving.workers.remote_prefill import RemotePrefillRole
     from serving.workers.worker import WorkerService, serve_worker
 
@@ -537,7 +538,8 @@ def cmd_worker(args) -> int:
         engine = core
         if prefill_workers:
             remote = RemotePrefillRole(prefill_workers, transport=args.kv_transport, device=mesh.devices.flat[0],
-                                       transfer_host=args.host, timeout_s=policy.prefill_timeout_s)
+                                       transfer_host=args.host, timeout_s=policy.prefill_timeout_s,
+                                       expect=kv_layout(core))
             engine = DisaggEngine(remote, core, policy)
         engine.warmup()
         service = WorkerService(args.role, name, engine=AsyncEngine(engine), transfer_host=args.host)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import grpc
+import jax.numpy as jnp
 
 from jaxdyn.engine.request import CompletionOutput, Logprob, RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -17,6 +18,39 @@ from serving.workers import worker_pb2 as pb
 KV_CHUNK_BYTES = 4 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                    ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def kv_layout(core) -> pb.KVLayout:
+    """The layout of the KV blocks ``core`` (an ``EngineCore``, or a ``DisaggEngine``: its decode engine's) reads and
+    writes."""
+    core = getattr(core, "decode", core)
+    spec = core.runner.kv_spec
+    return pb.KVLayout(page_size=spec.page_size, num_layers=spec.num_layers,
+                       num_kv_heads=core.model_config.num_kv_heads, head_dim=spec.head_dim,
+                       dtype=str(jnp.dtype(spec.dtype)), vocab_size=core.model_config.vocab_size)
+
+
+_LAYOUT_FIELDS = (("page_size", "page size", "--page-size"), ("dtype", "KV pages' dtype", "--kv-cache-dtype"),
+                  ("num_layers", "layers", None), ("num_kv_heads", "kv heads", None),
+                  ("head_dim", "head dim", None), ("vocab_size", "vocabulary", None))
+
+
+def layout_mismatch(mine: pb.KVLayout, wanted: pb.KVLayout) -> str | None:
+    """Why blocks of layout ``mine`` cannot serve a worker that expects ``wanted`` (None: they can). The dtype must
+    match too: a decode worker compiles its scatter for its own pages' dtype at warm-up, and nothing compiles while
+    serving."""
+    diffs, flags = [], []
+    for field, name, flag in _LAYOUT_FIELDS:
+        a, b = getattr(mine, field), getattr(wanted, field)
+        if a != b:
+            diffs.append(f"{name} {a} here, {b} there")
+            if flag:
+                flags.append(flag)
+    if not diffs:
+        return None
+    hint = f" (start both with the same {' and '.join(flags)})" if flags and len(flags) == len(diffs) else \
+        " (another model)"
+    return "KV layout differs: " + "; ".join(diffs) + hint
 
 
 def params_to_json(p: SamplingParams) -> str:
@@ -106,3 +140,4 @@ def refused_details(param: str, message: str) -> str:
 FAILED = grpc.StatusCode.INTERNAL
 REFUSED = grpc.StatusCode.INVALID_ARGUMENT
 DEAD = grpc.StatusCode.UNAVAILABLE
+INCOMPATIBLE = grpc.StatusCode.FAILED_PRECONDITION   # a prefill worker of another KV layout (layout_mismatch)

@@ -7,7 +7,10 @@ is pulled device to device with ``jax.experimental.transfer`` (``jax``) onto thi
 first decode device. The block and token go to the sink as a ``Handoff``. A worker that cannot be
 reached before it has answered (UNAVAILABLE before the header: nothing was computed there) is skipped
 for ``UNREACHABLE_FOR_S`` and the next one tried; with none left the sink gets ``("local", request_id,
-message)`` and the decode side computes the prompt itself. Any other failure (a worker lost mid-reply,
+message)`` and the decode side computes the prompt itself. Each call names this worker's KV layout
+(``expect``); a prefill worker of another (page size, KV dtype, model shape) refuses it before computing
+anything, and is skipped for ``INCOMPATIBLE_FOR_S`` as an unreachable one is (a warning names the difference),
+so a misconfigured prefill worker costs no request. Any other failure (a worker lost mid-reply,
 refused, cancelled by time) goes as ``("error", request_id, message)``, so the decode side frees the
 pages it reserved and ends the request with an error. ``abort`` cancels the call, which aborts the
 prefill on the other side.
@@ -16,6 +19,7 @@ prefill on the other side.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +32,18 @@ import numpy as np
 from jaxdyn.disagg.engine import Handoff
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CHANNEL_OPTIONS, logprobs_from_json, params_to_json
+from serving.workers.common import CHANNEL_OPTIONS, INCOMPATIBLE, logprobs_from_json, params_to_json
 
 UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
+INCOMPATIBLE_FOR_S = 60.0    # a worker of another KV layout is skipped this long (it may be restarted)
+log = logging.getLogger("jaxdyn.worker")
 
 
 class RemotePrefillRole:
     core = None
 
     def __init__(self, addresses: list[str], *, transport: str = "grpc", device=None,
-                 transfer_host: str = "127.0.0.1", timeout_s: float = 120.0):
+                 transfer_host: str = "127.0.0.1", timeout_s: float = 120.0, expect: pb.KVLayout | None = None):
         if not addresses:
             raise ValueError("no prefill workers given")
         if transport not in ("grpc", "jax"):
@@ -46,6 +52,8 @@ class RemotePrefillRole:
         self.transport = transport
         self.device = device or jax.devices()[0]
         self.timeout_s = timeout_s
+        self.expect = expect                   # this worker's KV layout (``common.kv_layout``), sent with each call
+        self.incompatible: dict[str, str] = {}  # address -> why its last refusal said the layouts differ
         self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
         self._bad_until = [0.0] * len(self.addresses)
@@ -65,11 +73,17 @@ class RemotePrefillRole:
 
     @property
     def dead(self) -> str | None:
-        """Set while every prefill worker is unreachable."""
+        """Set while every prefill worker is unreachable (or of another KV layout)."""
         now = time.monotonic()
         if all(t > now for t in self._bad_until):
-            return f"no prefill worker reachable ({', '.join(self.addresses)})"
+            return self._none_reachable()
         return None
+
+    def _none_reachable(self) -> str:
+        why = [f"{a}: {self.incompatible[a]}" for a in self.addresses if a in self.incompatible]
+        if why:
+            return f"no compatible prefill worker reachable ({'; '.join(why)})"
+        return f"no prefill worker reachable ({', '.join(self.addresses)})"
 
     def set_sink(self, sink) -> None:
         self.sink = sink
@@ -116,13 +130,13 @@ class RemotePrefillRole:
 
     def _run(self, rid: str, prompt_ids: list[int], params, priority: int) -> None:
         req = pb.PrefillRequest(request_id=rid, prompt_ids=prompt_ids, params_json=params_to_json(params),
-                                priority=priority, kv_transport=self.transport)
+                                priority=priority, kv_transport=self.transport, expect_kv=self.expect)
         tried: set[int] = set()
         try:
             while True:
                 i = self._pick(tried)
                 if i is None:            # every worker refused the connection: the decode side computes it
-                    self.sink(("local", rid, f"no prefill worker reachable ({', '.join(self.addresses)})"))
+                    self.sink(("local", rid, self._none_reachable()))
                     return
                 tried.add(i)
                 if not self._attempt(i, rid, req):
@@ -148,6 +162,7 @@ class RemotePrefillRole:
                 self._calls[rid] = call
             first = next(call)
             answered = True
+            self.incompatible.pop(addr, None)
             t_header = time.perf_counter()
             h = first.header
             dtype = jnp.dtype(h.dtype)
@@ -174,6 +189,16 @@ class RemotePrefillRole:
                     aborted = rid in self._aborted
                 if aborted:
                     return False            # we cancelled it (abort): the decode side knows
+            if e.code() == INCOMPATIBLE and not answered:
+                # refused before computing anything: another worker, or this one's own
+                if self.incompatible.get(addr) != e.details():
+                    log.warning("prefill worker %s is skipped for %.0f s: %s", addr, INCOMPATIBLE_FOR_S, e.details())
+                self.incompatible[addr] = e.details()
+                self._bad_until[i] = time.monotonic() + INCOMPATIBLE_FOR_S
+                with self._lock:
+                    self._calls.pop(rid, None)
+                    aborted = rid in self._aborted
+                return not aborted
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self._bad_until[i] = time.monotonic() + UNREACHABLE_FOR_S
                 if not answered:

@@ -30,8 +30,8 @@ from jaxdyn.engine.sampling_params import SamplingParamsError
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
 from serving.workers.common import (
-    CHANNEL_OPTIONS, DEAD, FAILED, KV_CHUNK_BYTES, REFUSED, logprobs_to_json, output_to_pb,
-    params_from_json, refused_details)
+    CHANNEL_OPTIONS, DEAD, FAILED, INCOMPATIBLE, KV_CHUNK_BYTES, REFUSED, kv_layout, layout_mismatch,
+    logprobs_to_json, output_to_pb, params_from_json, refused_details)
 
 log = logging.getLogger("jaxdyn.worker")
 ROLES = ("prefill", "decode", "both")
@@ -106,6 +106,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(DEAD, f"the prefill engine died: {self.prefill.dead!r}")
         if request.kv_transport not in ("grpc", "jax"):
             await context.abort(REFUSED, refused_details("kv_transport", "expected grpc or jax"))
+        if request.HasField("expect_kv"):      # before anything is computed or reserved
+            why = layout_mismatch(kv_layout(self.prefill.core), request.expect_kv)
+            if why is not None:
+                await context.abort(INCOMPATIBLE, why)
         rid = request.request_id
         try:
             params = params_from_json(request.params_json)
@@ -190,7 +194,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                               max_model_len=core.max_model_len, max_num_seqs=core.config.max_num_seqs,
                               error=error, kv_pages_used=local.allocator.num_in_use,
                               kv_pages_total=local.allocator.num_pages,
-                              vocab_size=core.model_config.vocab_size)
+                              vocab_size=core.model_config.vocab_size, kv_layout=kv_layout(core))
 
 
 async def serve_worker(service: WorkerService, host: str, port: int, ready=None, stop: asyncio.Event | None = None):

@@ -4,6 +4,7 @@ greedy text as one aggregated engine; a prompt whose prefill worker is killed be
 is computed on the decode worker, with no leaked page; a decode worker that stops answering is noticed and its requests fail while
 the others go on; a client that leaves aborts the request on the worker."""
 
+import contextlib
 import json
 import os
 import re
@@ -308,26 +309,14 @@ def test_a_worker_that_stops_answering_fails_its_requests_and_new_ones_go_to_the
         b.stop()
 
 
-def test_a_cancelled_prefill_call_aborts_the_prefill_and_frees_its_pages(ckpt):
-    """The prefill worker's side of a client abort: the decode side cancels its Prefill call
-    (DisaggEngine.abort -> RemotePrefillRole.abort); the prefill stops mid-way, pages freed."""
+@contextlib.contextmanager
+def _prefill_service(core):
+    """``core`` as a prefill worker's gRPC service in this process (its port), stopped on leaving."""
     import asyncio
 
     from jaxdyn.disagg.engine import LocalPrefillRole
-    from jaxdyn.engine.sampling_params import SamplingParams
-    from serving.workers.common import params_to_json
     from serving.workers.worker import WorkerService, serve_worker
 
-    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
-    cfg = EngineConfig(num_pages=64, page_size=16, max_num_batched_tokens=8, max_num_seqs=4,
-                       max_model_len=128, token_buckets=(8,), page_buckets=(8,), seed=0)
-    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
-    real_step = core.step
-
-    def slow_step():                     # 8 tokens a step, 0.3 s each: a 60-token prompt takes ~2 s
-        time.sleep(0.3)
-        return real_step()
-    core.step = slow_step
     role = LocalPrefillRole(core, None)
     service = WorkerService("prefill", "tiny", prefill=role)
     ports, stop = [], None
@@ -344,7 +333,34 @@ def test_a_cancelled_prefill_call_aborts_the_prefill_and_frees_its_pages(ckpt):
             break
         time.sleep(0.05)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as ch:
+        yield ports[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        role.shutdown()
+
+
+def _prefill_core(ckpt, page_size=16):
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    cfg = EngineConfig(num_pages=64, page_size=page_size, max_num_batched_tokens=8, max_num_seqs=4,
+                       max_model_len=128, token_buckets=(8,), page_buckets=(8,), seed=0)
+    return EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
+
+
+def test_a_cancelled_prefill_call_aborts_the_prefill_and_frees_its_pages(ckpt):
+    """The prefill worker's side of a client abort: the decode side cancels its Prefill call
+    (DisaggEngine.abort -> RemotePrefillRole.abort); the prefill stops mid-way, pages freed."""
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.common import params_to_json
+
+    core = _prefill_core(ckpt)
+    real_step = core.step
+
+    def slow_step():                     # 8 tokens a step, 0.3 s each: a 60-token prompt takes ~2 s
+        time.sleep(0.3)
+        return real_step()
+    core.step = slow_step
+    with _prefill_service(core) as port:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.WorkerStub(ch)
             params = SamplingParams(temperature=0.0, max_tokens=1, seed=0)
             call = stub.Prefill(pb.PrefillRequest(request_id="c1", prompt_ids=list(range(3, 63)),
@@ -361,6 +377,75 @@ def test_a_cancelled_prefill_call_aborts_the_prefill_and_frees_its_pages(ckpt):
             time.sleep(0.1)
         assert core.metrics.requests_finished.get("abort") == 1       # stopped mid-prefill, not finished
         assert core.allocator.num_in_use == 0 and not core.scheduler.held
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        role.shutdown()
+
+
+def test_a_prefill_worker_of_another_kv_layout_is_skipped_before_it_computes_anything(ckpt):
+    """A decode worker names its KV layout in each Prefill call: a prefill worker of another page size refuses it
+    (FAILED_PRECONDITION, the difference and the flag named) before reserving a page, the decode side skips that
+    worker and, with no other, computes the prompt itself ("local"), not an error per request. The same worker
+    answers a call whose layout matches, and its Health reports its layout."""
+    import socket
+
+    from jaxdyn.disagg.engine import Handoff
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.common import kv_layout, params_to_json
+    from serving.workers.remote_prefill import RemotePrefillRole
+
+    core = _prefill_core(ckpt, page_size=8)
+    here = kv_layout(core)
+    assert (here.page_size, here.num_kv_heads, here.vocab_size) == (8, core.model_config.num_kv_heads,
+                                                                     core.model_config.vocab_size)
+    decode_side = pb.KVLayout()
+    decode_side.CopyFrom(here)
+    decode_side.page_size = 16
+    params = SamplingParams(temperature=0.0, max_tokens=1, seed=0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{sock.getsockname()[1]}"
+    with _prefill_service(core) as port:
+        addr = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(addr) as ch:
+            stub = pb_grpc.WorkerStub(ch)
+            assert stub.Health(pb.HealthRequest(), timeout=5).kv_layout == here
+            call = stub.Prefill(pb.PrefillRequest(request_id="l1", prompt_ids=list(range(3, 30)),
+                                                  params_json=params_to_json(params), kv_transport="grpc",
+                                                  expect_kv=decode_side))
+            with pytest.raises(grpc.RpcError) as e:
+                next(call)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "page size 8 here, 16 there" in e.value.details() and "--page-size" in e.value.details()
+        assert core.allocator.num_in_use == 0 and not core.has_unfinished() and not core.metrics.requests_finished
+
+        role = RemotePrefillRole([addr, nobody], timeout_s=10, expect=decode_side)
+        got = []
+        role.set_sink(got.append)
+        try:
+            for rid in ("l2", "l3"):                      # the second is refused by nobody: both are skipped
+                role.submit(rid, list(range(3, 30)), params)
+                for _ in range(200):
+                    if any(g[1] == rid for g in got):
+                        break
+                    time.sleep(0.05)
+            assert [g[:2] for g in got] == [("local", "l2"), ("local", "l3")]
+            assert "no compatible prefill worker" in got[0][2] and "page size 8 here, 16 there" in got[0][2]
+            assert role.dead is not None and addr in role.incompatible
+        finally:
+            role.shutdown()
+
+        role = RemotePrefillRole([addr], timeout_s=30, expect=here)   # the same layout: answered
+        got = []
+        role.set_sink(got.append)
+        try:
+            role.submit("l4", list(range(3, 30)), params)
+            for _ in range(600):
+                if got:
+                    break
+                time.sleep(0.05)
+            assert len(got) == 1 and isinstance(got[0], Handoff) and got[0].block.shape[4] == 8
+        finally:
+            role.shutdown()
+        for _ in range(50):
+            if not core.has_unfinished():
+                break
+            time.sleep(0.1)
+        assert core.allocator.num_in_use == 0
