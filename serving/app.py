@@ -279,6 +279,19 @@ def _check_room(engine: AsyncEngine, prompt_ids, max_tokens: int | None, param: 
                        code="invalid_value")
 
 
+def _usage_options(req) -> tuple[bool, bool]:
+    """``stream_options``' (include_usage, continuous_usage_stats): usage in a last chunk, and in every chunk (one
+    choice's: its prompt and its tokens so far, as vLLM's). Continuous usage needs include_usage, as in vLLM."""
+    o = req.stream_options
+    include = bool(o and o.include_usage)
+    return include, include and bool(o.continuous_usage_stats)
+
+
+def _usage_so_far(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def _usage(prompt_lens: list[int], outputs: list[RequestOutput], cached: int) -> dict:
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     prompt = sum(prompt_lens)
@@ -509,12 +522,14 @@ def build_app(state: ServerState) -> Starlette:
             return (prompt_texts[i] if echo and first else "")
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            include_usage, continuous_usage = _usage_options(req)
 
             async def stream():
                 finals: dict[int, RequestOutput] = {}
                 started: set[int] = set()
                 ended: set[int] = set()
+                token_offset: dict[int, int] = {}     # text_offset of each choice's next token (as unstreamed)
+                generated: dict[int, int] = {}        # tokens so far by choice (continuous_usage_stats)
                 try:
                     async for i, out in _merge(gens):
                         for c in out.outputs:
@@ -529,9 +544,17 @@ def build_app(state: ServerState) -> Starlette:
                                   "logprobs": None, "finish_reason": c.finish_reason,
                                   "stop_reason": c.stop_reason}
                             if c.delta_logprobs is not None:
-                                ch["logprobs"] = _completion_logprobs(tok, c.delta_token_ids, c.delta_logprobs, 0)
-                            yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                        "model": state.model_name, "choices": [ch]})
+                                lp = _completion_logprobs(tok, c.delta_token_ids, c.delta_logprobs,
+                                                          token_offset.get(idx, 0))
+                                if lp["tokens"]:
+                                    token_offset[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                                ch["logprobs"] = lp
+                            obj = {"id": rid, "object": "text_completion", "created": created,
+                                   "model": state.model_name, "choices": [ch]}
+                            generated[idx] = generated.get(idx, 0) + len(c.delta_token_ids)
+                            if continuous_usage:
+                                obj["usage"] = _usage_so_far(len(prompt_ids[i]), generated[idx])
+                            yield _sse(obj)
                         if out.finished:
                             finals[i] = out
                     if include_usage:
@@ -609,33 +632,42 @@ def build_app(state: ServerState) -> Starlette:
             prefix = message_text(req.messages[-1].content)
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            include_usage, continuous_usage = _usage_options(req)
+            generated = [0] * params.n              # tokens so far by choice (continuous_usage_stats)
 
             def chunk(choices, usage=None):
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created,
                        "model": state.model_name, "choices": choices}
+                if usage is None and continuous_usage and len(choices) == 1:
+                    usage = _usage_so_far(len(ids), generated[choices[0]["index"]])
                 if usage is not None:
                     obj["usage"] = usage
                 return _sse(obj)
 
             async def stream():
                 final = None
+                ended: set[int] = set()
                 try:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": prefix},
-                                  "logprobs": None, "finish_reason": None} for i in range(params.n)])
+                    for i in range(params.n):
+                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": prefix},
+                                      "logprobs": None, "finish_reason": None}])
                     async for _, out in _merge([gen]):
                         for c in out.outputs:
+                            if c.index in ended:
+                                continue
                             if c.delta_text or c.delta_token_ids:
+                                generated[c.index] += len(c.delta_token_ids)
                                 ch = {"index": c.index, "delta": {"content": c.delta_text}, "logprobs": None,
                                       "finish_reason": None}
                                 if c.delta_logprobs is not None:
                                     ch["logprobs"] = _chat_logprobs(tok, c.delta_token_ids, c.delta_logprobs, top_n)
                                 yield chunk([ch])
+                            if c.finish_reason:          # each choice's end as it ends
+                                ended.add(c.index)
+                                yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
                         if out.finished:
                             final = out
-                    for c in final.outputs:
-                        yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
                     if include_usage:
                         yield chunk([], _usage([len(ids)], [final], final.num_cached_tokens))
                 except (RequestError, EngineDeadError, RequestFailedError) as e:
@@ -731,26 +763,44 @@ async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt:
     if continue_final_message and messages[-1].role != "assistant":
         raise APIError(400, f"continue_final_message: the final message must be the assistant's, not "
                        f"{messages[-1].role!r}", param="continue_final_message")
-    try:
-        msgs = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
-                for m in messages]
-        text = render_chat(tok.chat_template, msgs, add_generation_prompt=add_generation_prompt,
-                           bos_token=tok.bos_token, eos_token=tok.eos_token, **kwargs)
-    except ChatTemplateError as e:
-        raise APIError(400, f"messages: {e}", param="messages") from None
-    except TypeError as e:
-        raise APIError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from None
+    msgs = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
+            for m in messages]
+
+    def render(msgs):
+        try:
+            return render_chat(tok.chat_template, msgs, add_generation_prompt=add_generation_prompt,
+                               bos_token=tok.bos_token, eos_token=tok.eos_token, **kwargs)
+        except ChatTemplateError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        except TypeError as e:
+            raise APIError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from None
+    text = render(msgs)
     if continue_final_message and not msgs[-1]["content"]:
         # an empty final message: continuing it is starting the assistant's turn
         return await _chat_prompt_ids(engine, messages[:-1], True, kwargs)
     if continue_final_message:
-        final = msgs[-1]["content"]
-        end = text.rfind(final) if final else -1
-        if end < 0 and final.strip():                  # a template that strips the message's text
-            final = final.strip()
-            end = text.rfind(final)
-        if end < 0:
-            raise APIError(400, "continue_final_message: the chat template does not write the final message's "
-                           "text as given, so it cannot be continued", param="continue_final_message")
-        text = text[:end + len(final)]
+        text = _cut_after_final(text, msgs, render)
     return await _encode(tok, text, add_special_tokens=False)
+
+
+def _cut_after_final(text: str, msgs: list[dict], render) -> str:
+    """``text`` (the rendered chat) cut right after the final message's text. Where that text starts is found by
+    rendering the chat again with a marker for it (so a final text that also occurs later, in the template's
+    closing tag, is not mistaken for it); a template that writes the marker otherwise falls back to the text's
+    last occurrence."""
+    final = msgs[-1]["content"]
+    marker = f"JAXDYNFINALMESSAGE{uuid.uuid4().hex}"
+    marked = render([*msgs[:-1], {**msgs[-1], "content": marker}])
+    start = marked.find(marker)
+    if start >= 0 and text[:start] == marked[:start]:
+        for piece in (final, final.strip()):          # as given, or a template that strips the message's text
+            if piece and text.startswith(piece, start):
+                return text[:start + len(piece)]
+    end = text.rfind(final) if final else -1
+    if end < 0 and final.strip():
+        final = final.strip()
+        end = text.rfind(final)
+    if end < 0:
+        raise APIError(400, "continue_final_message: the chat template does not write the final message's "
+                       "text as given, so it cannot be continued", param="continue_final_message")
+    return text[:end + len(final)]

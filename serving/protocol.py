@@ -88,7 +88,7 @@ class ChatCompletionRequest(_Sampling):
 class TokenizeRequest(_Base):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: StrictBool | None = True
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False

@@ -327,7 +327,9 @@ class EngineCore:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
         req.metrics.finished_time = time.monotonic()
-        self.metrics.requests_finished["abort"] = self.metrics.requests_finished.get("abort", 0) + 1
+        for seq in req.seqs:                  # by sequence, as ``_retire`` counts (those already done as they ended)
+            self.metrics.requests_finished[seq.finish_reason] = \
+                self.metrics.requests_finished.get(seq.finish_reason, 0) + 1
         return self._make_wire(req) if wire else self._make_output(req)
 
     def has_unfinished(self) -> bool:
@@ -550,8 +552,9 @@ class EngineCore:
             reason = "stop"
         elif tok in p.stop_token_ids and n_out >= p.min_tokens:
             reason, stop_reason = "stop", tok
-        if seq.detok is not None:
-            # Before min_tokens a stop string does not count.
+        if seq.detok is not None and (reason is None or p.include_stop_str_in_output):
+            # The EOS or stop token that ends the sequence stays out of the text (vLLM: unless
+            # include_stop_str_in_output); it stays in the token ids. Before min_tokens a stop string does not count.
             matched = seq.detok.add(tok, check_stop=reason is None and n_out >= p.min_tokens)
             if matched is not None:
                 reason, stop_reason = "stop", matched

@@ -209,6 +209,22 @@ def test_abort_in_the_middle_of_a_prefill_chunk_frees_everything(engine):
     assert engine.allocator.num_in_use == 0
 
 
+def test_an_aborted_request_counts_each_of_its_sequences(engine):
+    """``requests_finished`` (``jaxdyn:request_success``) counts sequences by finish reason: an abort of a request of
+    n=3 counts 3 aborts, and a sequence that had already ended counts by its own reason."""
+    before = dict(engine.metrics.requests_finished)
+    engine.add_request("n3", [256, 5, 6], SamplingParams(temperature=1.0, n=3, max_tokens=50, ignore_eos=True, seed=1))
+    for _ in range(4):
+        engine.step()
+    req = engine.requests["n3"]
+    req.seqs[1].finish_reason = "length"          # one already ended (as a shorter stop would)
+    engine.scheduler.finish(req.seqs[1])
+    engine.abort("n3")
+    after = engine.metrics.requests_finished
+    assert after.get("abort", 0) - before.get("abort", 0) == 2
+    assert after.get("length", 0) - before.get("length", 0) == 1
+
+
 def test_stop_token_ids_min_tokens_and_eos(engine):
     prompt = [256, 40, 41, 42]
     free = run(engine, {"f": (prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))})["f"]
@@ -218,6 +234,13 @@ def test_stop_token_ids_min_tokens_and_eos(engine):
     out = run(engine, {"s": (prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
                                                      ignore_eos=True))})["s"].outputs[0]
     assert out.token_ids == toks[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_id
+    # the stop token's text stays out of the output unless include_stop_str_in_output (vLLM), as EOS's does
+    # with skip_special_tokens=False
+    dec = engine.tokenizer.decode
+    assert out.text == dec(toks[:first]) != dec(toks[:first + 1])
+    kept = run(engine, {"k": (prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
+                                                      ignore_eos=True, include_stop_str_in_output=True))})["k"]
+    assert kept.outputs[0].text == dec(toks[:first + 1])
     # min_tokens bans the stop id (and EOS) until it is reached.
     out = run(engine, {"m": (prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
                                                      min_tokens=first + 2, ignore_eos=True))})["m"].outputs[0]
@@ -230,6 +253,11 @@ def test_stop_token_ids_min_tokens_and_eos(engine):
     ended = [o.outputs[0] for o in outs.values() if o.outputs[0].finish_reason == "stop"]
     for o in ended:
         assert o.token_ids[-1] == 257 and 257 not in o.token_ids[:-1]
+    rid = next(r for r, o in outs.items() if o.outputs[0].finish_reason == "stop")
+    shown = run(engine, {"v": ([256, int(rid[1:])], SamplingParams(
+        temperature=0, max_tokens=20, stop_token_ids=[], skip_special_tokens=False))})["v"].outputs[0]
+    assert shown.token_ids == outs[rid].outputs[0].token_ids and shown.text == outs[rid].outputs[0].text
+    assert engine.tokenizer.decode([257], skip_special_tokens=False) not in shown.text
     lengths = [o.outputs[0] for o in outs.values() if o.outputs[0].finish_reason == "length"]
     assert all(len(o.token_ids) == 20 and 257 not in o.token_ids for o in lengths)
 

@@ -169,6 +169,44 @@ def test_raw_sse_framing(server):
     assert payloads[-1]["usage"]["completion_tokens"] == 4
 
 
+def _sse_payloads(url, path, body):
+    with httpx.stream("POST", url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def test_streams_keep_logprob_offsets_give_usage_each_chunk_and_end_each_choice_as_it_ends(server):
+    """Streamed completions' logprobs text_offset continue from the text already sent (the same as unstreamed);
+    stream_options.continuous_usage_stats puts each choice's usage so far in every chunk (vLLM); a chat stream
+    of n choices sends each choice's finish chunk when that choice ends, and one role chunk a choice."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    chunks = _sse_payloads(server.url, "/v1/completions", {
+        **body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    offsets = [o for c in chunks if c["choices"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == whole["text_offset"] and len(set(offsets)) > 1
+    so_far = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert so_far == sorted(so_far) and so_far[-1] == 6
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {chunks[-1]["usage"]["prompt_tokens"]}
+    plain = _sse_payloads(server.url, "/v1/completions", {**body, "stream": True})
+    assert all("usage" not in c for c in plain)
+
+    # chat, n=2: a role chunk and a finish chunk a choice, each finish chunk with its choice's usage
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "yo"}], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = _sse_payloads(server.url, "/v1/chat/completions", chat)
+    roles = [c for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+    assert sorted(c["choices"][0]["index"] for c in roles) == [0, 1] and all(len(c["choices"]) == 1 for c in roles)
+    ends = [i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(chunks[i]["choices"][0]["index"] for i in ends) == [0, 1]
+    for i in ends:          # the choice's finish chunk carries its own count so far: all of it
+        assert chunks[i]["usage"]["completion_tokens"] == 8
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
+
+
 BAD = [
     ("/v1/completions", b"{not json", 400, None, "malformed JSON"),
     ("/v1/completions", [1, 2], 400, None, "must be an object"),
@@ -391,6 +429,13 @@ def test_continue_final_message_ends_the_prompt_with_the_final_messages_text(ser
         empty = h.post("/tokenize", json={"messages": [msgs[0], {"role": "assistant", "content": ""}],
                                           "continue_final_message": True, "add_generation_prompt": False})
         assert empty.json()["tokens"] == h.post("/tokenize", json={"messages": msgs[:1]}).json()["tokens"]
+        # a final text that the template also writes after it (its closing "\n") is cut where the message ends
+        nl = h.post("/tokenize", json={"messages": [msgs[0], {"role": "assistant", "content": "\n"}],
+                                       "continue_final_message": True, "add_generation_prompt": False})
+        assert h.post("/detokenize", json={"tokens": nl.json()["tokens"]}).json()["prompt"] == \
+            "<s>user: hi\nassistant: \n"
+        r = h.post("/tokenize", json={"messages": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         body = {"model": "tiny", "messages": msgs, "continue_final_message": True, "add_generation_prompt": False,
                 "max_tokens": 4, "temperature": 0, "ignore_eos": True, "echo": True}
         r = h.post("/v1/chat/completions", json=body).json()
