@@ -468,8 +468,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return head + body
 
 
-def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> str:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the markdown report here (rewritten after every section)")
     ap.add_argument("--quick", action="store_true", help="a small grid (smoke run)")
     ap.add_argument("--sweep", choices=("none", "small", "full"), default="small",
@@ -499,6 +499,13 @@ def main(argv=None) -> str:
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode grid only (no correctness table, prefill rows or entry overhead)")
     args = ap.parse_args(argv)
+    if args.out:
+        from serving.bench import BenchError
+        from serving.bench.report import check_writable
+        try:
+            check_writable(args.out)
+        except BenchError as e:
+            ap.error(str(e))
     try:
         programs = [int(x) for x in args.attention_programs.split(",")]
 

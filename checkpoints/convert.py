@@ -22,10 +22,12 @@ at the end: an interrupted conversion leaves nothing that looks loadable.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import jax
@@ -58,10 +60,40 @@ def is_converted(path: str) -> bool:
 
 def restore_error(e: BaseException, limit: int = 600) -> str:
     """What an Orbax / TensorStore restore error says, without the TensorStore specs it appends (``[tensorstore_spec
-    ...]``, a kilobyte of JSON each) and the chain of drivers opened on the way, at most ``limit`` characters."""
-    text = str(e).split(" [tensorstore_spec")[0]
-    text = re.sub(r'(Error opening "\w+" driver: )+', "", text).strip()
+    ...]`` or ``See full TensorStore details: ...``, a kilobyte each) and the chain of drivers opened on the way,
+    followed by the reason Orbax wrapped (its cause: a read that failed, data corrupted), at most ``limit``
+    characters."""
+    def clean(x: BaseException) -> str:
+        text = str(x).split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
+        return re.sub(r'(Error opening "\w+" driver: )+', "", text).strip()
+    text = clean(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and clean(cause) and clean(cause) not in text:
+        text = f"{text.rstrip('.')}: {clean(cause)}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _orbax_leftover(u) -> bool:
+    """An unraisable exception a failed Orbax restore leaves behind: the other reads' coroutines, whose errors
+    nobody awaited, and TensorStore's callbacks posting to the restore's event loop after it closed."""
+    if getattr(getattr(u, "object", None), "__qualname__", "") == "_read_array_index_and_device_put":
+        return True
+    return isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+
+
+def _quiet_orbax_leftovers() -> None:
+    """After a failed restore: drop what ``_orbax_leftover`` matches from ``sys.unraisablehook`` (the same error,
+    printed again with kilobytes of TensorStore specs, and tracebacks after the CLI's one-line message), and
+    collect the coroutines now; every other unraisable exception still goes to the hook there was."""
+    if not getattr(sys.unraisablehook, "_jaxdyn_orbax_filter", False):
+        previous = sys.unraisablehook
+
+        def hook(u):
+            if not _orbax_leftover(u):
+                previous(u)
+        hook._jaxdyn_orbax_filter = True
+        sys.unraisablehook = hook
+    gc.collect()
 
 
 def read_marker(path: str) -> dict:
@@ -319,6 +351,7 @@ def load_converted(path: str, mesh, *, dtype=None, config: ModelConfig | None = 
             try:
                 tree = ckptr.restore(gdir, _nest(flat))
             except Exception as e:  # orbax/tensorstore raise many kinds
+                _quiet_orbax_leftovers()
                 raise CheckpointError(f"{gdir}: cannot restore group {group!r}: {restore_error(e)} (a damaged or "
                                       f"incomplete checkpoint: convert it again)") from None
             for local in flat:

@@ -245,8 +245,8 @@ def _check_addresses(text: str, flag: str) -> None:
 
 def _engine_fields(args) -> dict:
     """The EngineConfig fields the flags give, checked (CLIError); imports no JAX."""
-    for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
-        if getattr(args, name) < 1:
+    for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tp"):
+        if getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
     if hasattr(args, "model"):
         _check_max_model_len(args.max_model_len, _model_or_demo(args.model))
@@ -319,6 +319,8 @@ def _device_list(text: str | None, flag: str) -> list[int]:
         ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise CLIError(f"{flag}: expected comma-separated device indices, got {text!r}") from None
+    if not ids:
+        raise CLIError(f"{flag}: no device index in {text!r}")
     if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
         raise CLIError(f"{flag}: device indices must be distinct and >= 0, got {text!r}")
     return ids
@@ -379,6 +381,7 @@ def _remote_engine(model: str, args):
 def cmd_serve(args) -> int:
     import signal
     import threading
+    import time
 
     from jaxdyn.config import ConfigError, ModelConfig       # no JAX: see jaxdyn/__init__.py
     from jaxdyn.models.presets import PRESETS
@@ -435,11 +438,23 @@ def cmd_serve(args) -> int:
                                            timeout_graceful_shutdown=args.shutdown_grace))
     failed = []
 
+    def address() -> str:
+        """The server's address, with the port it bound (``--port 0``: the one the system gave)."""
+        for _ in range(200):
+            if server.started or server.should_exit:
+                break
+            time.sleep(0.05)
+        port = args.port
+        for srv in getattr(server, "servers", None) or []:
+            for sock in getattr(srv, "sockets", None) or []:
+                port = sock.getsockname()[1]
+        return f"http://{args.host}:{port}/v1"
+
     def load():
         try:
             if args.workers:
                 state.engine = _remote_engine(model, args)
-                print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 over workers "
+                print(f"jaxdyn: serving {name!r} at {address()} over workers "
                       f"{args.workers}", flush=True)
                 return
             if disagg is not None:
@@ -467,7 +482,7 @@ def cmd_serve(args) -> int:
             if info.get("step_costs_ms"):
                 print(f"jaxdyn: step costs (ms by token bucket, measured at warm-up) {info['step_costs_ms']}",
                       flush=True)
-            print(f"jaxdyn: serving {name!r} at http://{args.host}:{args.port}/v1 "
+            print(f"jaxdyn: serving {name!r} at {address()} "
                   f"(max_model_len {core.max_model_len}, {core.num_pages} KV pages)", flush=True)
         except (CheckpointError, ValueError, ConnectionError, EngineStartError) as e:
             state.load_error = e
@@ -513,7 +528,7 @@ def cmd_worker(args) -> int:
         _check_addresses(args.prefill_workers, "--prefill-workers")
     _check_port_free(args.host, args.port)
     n = len(jax.devices())
-    devices = _device_list(args.devices, "--devices") if args.devices else list(range(args.tp))
+    devices = _device_list(args.devices, "--devices") if args.devices is not None else list(range(args.tp))
     if max(devices) >= n:
         raise CLIError(f"--devices: this machine has {n} device(s) (0..{n - 1})")
     if args.devices and args.tp not in (1, len(devices)):
@@ -571,7 +586,7 @@ def cmd_convert(args) -> int:
 
 def cmd_bench_kernels(args) -> int:
     from benchmarks import kernels
-    kernels.main(args.bench_args)
+    kernels.main(args.bench_args, prog="jaxdyn bench kernels")
     return 0
 
 

@@ -195,7 +195,7 @@ class DisaggEngine:
             return self.decode.abort(request_id)
         self.decode.unreserve_kv(request_id)
         self.role.abort(request_id)
-        self._count_finish("abort")
+        self._count_finish("abort", r.params.n)
         return _final_output(r, "abort", None)
 
     def has_unfinished(self) -> bool:
@@ -291,13 +291,14 @@ class DisaggEngine:
         self.decode.unreserve_kv(r.request_id)
         if abort_prefill:
             self.role.abort(r.request_id)
-        self._count_finish("error")
+        self._count_finish("error", r.params.n)
         self.metrics.remote_prefill_failures += 1
         return _final_output(r, "abort", message)
 
-    def _count_finish(self, reason: str) -> None:
+    def _count_finish(self, reason: str, n: int) -> None:
+        """``requests_finished`` by sequence, as ``EngineCore`` counts: ``n`` of ``reason``."""
         f = self.metrics.requests_finished
-        f[reason] = f.get(reason, 0) + 1
+        f[reason] = f.get(reason, 0) + n
 
 
 

@@ -196,7 +196,11 @@ class EngineCore:
         max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
         self.max_model_len = max_model_len
         ps = config.page_size
+        if ps > max_model_len:
+            raise ValueError(f"page_size {ps} exceeds max_model_len {max_model_len}: a page holds tokens of one "
+                             "sequence; use a smaller page size")
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
+        _check_kv_fits(num_pages, state, model_config, mesh, config)
         platform = mesh.devices.flat[0].platform
         if platform == "gpu":
             # the attention kernels' 32-bit offsets: the default is capped, a larger explicit count refused
@@ -694,4 +698,51 @@ def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_mode
                            * model_config.head_dim * dtype.itemsize)
         return max(int(free // per_device_page), math.ceil(max_model_len / ps))
     # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.
-    return max(math.ceil(max_model_len / ps), config.max_num_seqs * math.ceil(1024 / ps))
+    return max(math.ceil(max_model_len / ps), math.ceil(config.max_num_seqs * 1024 / ps))
+
+
+def _kv_page_bytes_per_device(state, model_config, mesh, config: EngineConfig) -> int:
+    dtype = kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh, config.kv_cache_dtype)
+    return (2 * model_config.num_layers * _kv_heads_per_device(model_config, mesh) * config.page_size
+            * model_config.head_dim * dtype.itemsize)
+
+
+def _host_available_bytes() -> int | None:
+    """The host's available memory (Linux ``MemAvailable``), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_kv_fits(num_pages: int, state, model_config, mesh, config: EngineConfig) -> None:
+    """ValueError naming the sizes when a KV pool of ``num_pages`` cannot be allocated: more than a GPU's memory
+    limit less what it holds and the weights still to load, or on the CPU (all devices in the host's memory) more
+    than the host has available -- instead of an allocation failure, or the process killed for memory."""
+    dev = mesh.devices.flat[0]
+    per_page = _kv_page_bytes_per_device(state, model_config, mesh, config)
+    need = num_pages * per_page
+    weights = unloaded_bytes_per_device(state, mesh)
+    if dev.platform == "gpu":
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return
+        avail = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - weights
+        where = "a device has"
+    elif dev.platform == "cpu":
+        host = _host_available_bytes()
+        if host is None:
+            return
+        n = mesh.devices.size
+        need, avail = need * n, host - weights * n
+        where = "the host has"
+    else:
+        return
+    if need > avail:
+        raise ValueError(f"a KV cache of {num_pages} pages of {config.page_size} tokens needs {need / 2**30:.2f} GiB; "
+                         f"{where} {max(avail, 0) / 2**30:.2f} GiB free for it: use fewer pages (num_pages) or a "
+                         "smaller page size")

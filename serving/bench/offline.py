@@ -111,6 +111,8 @@ def run(args, model: str, engine_config) -> dict:
     if args.num_warmups < 0:
         raise BenchError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     check_sampling_arguments(args)
+    if args.out:
+        report.check_writable(args.out)
     try:
         engine = build_engine(model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                               config=engine_config, warmup=False, quantization=args.quantization,

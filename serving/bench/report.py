@@ -137,6 +137,22 @@ def _dumps(obj, level: int = 0) -> str:
     return "[\n" + ",\n".join(inner + _dumps(v, level + 1) for v in obj) + "\n" + pad + "]"
 
 
+def check_writable(path: str, flag: str = "--out") -> None:
+    """BenchError unless a file can be written at ``path`` -- checked before a run, not after it: a directory is
+    refused, and the file is opened for appending (and removed again if that created it)."""
+    if os.path.isdir(path):
+        raise BenchError(f"{flag} {path}: is a directory; give a file name")
+    existed = os.path.exists(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise BenchError(f"{flag} {path}: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+
+
 def write_json(doc: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:

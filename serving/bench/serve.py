@@ -321,11 +321,7 @@ def check_arguments(args) -> dict:
         if os.path.exists(args.plot) and not os.path.isdir(args.plot):
             raise BenchError(f"--plot {args.plot}: exists and is not a directory")
     if args.out:
-        if os.path.isdir(args.out):
-            raise BenchError(f"--out {args.out}: is a directory; give a file name")
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if os.path.exists(parent) and not os.path.isdir(parent):
-            raise BenchError(f"--out {args.out}: {parent} is not a directory")
+        report.check_writable(args.out)
     return {"rates": rates, "percentiles": percentiles, "slo_ms": slo, "kind": _endpoint_kind(args)}
 
 

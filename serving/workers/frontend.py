@@ -197,7 +197,7 @@ class RemoteEngine:
         req = pb.GenerateRequest(request_id=s.request_id, prompt_ids=s.prompt_ids,
                                  params_json=params_to_json(s.params), priority=s.priority)
         acc = OutputAccumulator(s.request_id, s.prompt_ids, s.params.n, s.params.logprobs is not None)
-        finished = False
+        finished = failed = False
         first = last = None
         try:
             s.call = s.worker.stub().Generate(req)
@@ -221,19 +221,27 @@ class RemoteEngine:
                 yield out
                 if finished:
                     return
+            failed = True
             raise RequestFailedError(s.failure or f"worker {s.worker.address} ended the stream early")
         except grpc.aio.AioRpcError as e:
+            failed = True
             raise _translate(e, s) from None
         except asyncio.CancelledError:
             if s.failure is not None:          # the health thread cancelled it: the worker is gone
+                failed = True
                 raise RequestFailedError(s.failure) from None
             raise
         finally:
             self._streams.pop(s.request_id, None)
             s.worker.inflight.pop(s.request_id, None)
-            if not finished and s.call is not None:
-                s.call.cancel()                # the worker aborts the request (and its prefill)
-                m.requests_finished["abort"] = m.requests_finished.get("abort", 0) + 1
+            if not finished:
+                if s.call is not None:
+                    s.call.cancel()            # the worker aborts the request (and its prefill)
+                # by sequence, as the engine counts: those that had ended by their reason, the rest as failed
+                # (the worker or the stream was lost) or aborted (the client left)
+                for reason in acc.finish:
+                    reason = reason or ("error" if failed else "abort")
+                    m.requests_finished[reason] = m.requests_finished.get(reason, 0) + 1
             m.num_running = len(self._streams)
 
     async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -144,24 +145,31 @@ def test_interrupted_conversion_leaves_nothing_loadable(hf, tmp_path, monkeypatc
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
-def test_a_damaged_checkpoint_is_named_in_a_few_lines(hf, tmp_path):
-    """A group's data overwritten on disk: CheckpointError names the group and TensorStore's reason, without the
-    kilobytes of TensorStore specs its error carries."""
+@pytest.mark.parametrize("where", ["middle", "start"])
+def test_a_damaged_checkpoint_is_named_in_a_few_lines(hf, tmp_path, where):
+    """A group's data overwritten on disk (mid-file: a b-tree node's checksum fails; near the start: an array's
+    compressed chunk, which Orbax wraps in "See full TensorStore details: <spec>"): CheckpointError names the group
+    and TensorStore's reason, without the kilobytes of TensorStore specs its errors carry."""
     import glob
     out = str(tmp_path / "conv")
     convert(hf, out, progress=False)
     data = [f for f in glob.glob(os.path.join(out, "params", "layers.0", "**", "d", "*"), recursive=True)
             if os.path.isfile(f)]
     assert data
+    if where == "start":                   # the largest file holds the arrays' chunks, the others b-tree nodes
+        data = [max(data, key=os.path.getsize)]
     for f in data:
         b = bytearray(open(f, "rb").read())
-        b[len(b) // 2:len(b) // 2 + 64] = b"\xff" * 64
-        open(f, "wb").write(b)
+        n = len(b)
+        at = n // 2 if where == "middle" else 50
+        b[at:at + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+        open(f, "wb").write(b[:n])
     with pytest.raises(CheckpointError) as e:
         load_converted(out, make_mesh(1))
     message = str(e.value)
     assert "cannot restore group 'layers.0'" in message and "convert it again" in message
-    assert "tensorstore_spec" not in message and len(message) < 900, message
+    assert "tensorstore_spec" not in message and "TensorStore details" not in message and len(message) < 900, message
+    assert re.search(r"checksum|corrupt|decompress|decod", message, re.I), message       # the reason itself
 
 
 def test_force_replaces_and_quantized_restores_at_tp2(hf, tmp_path):

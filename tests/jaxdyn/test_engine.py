@@ -209,6 +209,24 @@ def test_abort_in_the_middle_of_a_prefill_chunk_frees_everything(engine):
     assert engine.allocator.num_in_use == 0
 
 
+def test_a_kv_pool_that_cannot_fit_is_refused_with_its_size(ckpt, monkeypatch):
+    """A page larger than a sequence, or a pool larger than the host's available memory (the CPU's devices share
+    it), is a ValueError naming the sizes, raised before anything is allocated (it had been the process killed for
+    memory)."""
+    from jaxdyn.engine import core as core_mod
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+
+    def build(**kw):
+        return EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, dataclasses.replace(CFG, **kw))
+    with pytest.raises(ValueError, match="page_size 256 exceeds max_model_len 128"):
+        build(page_size=256)
+    monkeypatch.setattr(core_mod, "_host_available_bytes", lambda: 64 << 20)
+    with pytest.raises(ValueError, match=r"a KV cache of 100000 pages of 16 tokens needs [\d.]+ GiB; the host has "
+                                         r"0\.06 GiB free for it"):
+        build(num_pages=100_000)
+    assert build(num_pages=24).num_pages == 24               # what fits is built
+
+
 def test_an_aborted_request_counts_each_of_its_sequences(engine):
     """``requests_finished`` (``jaxdyn:request_success``) counts sequences by finish reason: an abort of a request of
     n=3 counts 3 aborts, and a sequence that had already ended counts by its own reason."""

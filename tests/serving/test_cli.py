@@ -178,6 +178,11 @@ def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     (["serve", "--max-request-bytes", "0"], "--max-request-bytes must be at least 1"),
     (["serve", "--workers", "bogus"], "--workers: expected HOST:PORT[,HOST:PORT...], got 'bogus'"),
     (["serve", "--workers", "127.0.0.1:1,h:99999"], "got 'h:99999'"),
+    (["serve", "--tp", "0"], "--tp must be at least 1"),
+    (["worker", "--role", "decode", "--tp", "-1"], "--tp must be at least 1"),
+    (["worker", "--role", "decode", "--devices", ","], "--devices: no device index in ','"),
+    (["serve", "--disagg", "--prefill-devices", ",", "--decode-devices", "0"], "--prefill-devices: no device index"),
+    (["bench", "offline", "--out", "/proc/no/x.json"], "--out /proc/no/x.json:"),
 ])
 def test_bad_values_are_named_before_anything_loads(argv, message, capsys):
     assert main([*argv, "--model", "tiny", "--load-format", "dummy"]) == 2
@@ -197,12 +202,20 @@ def test_a_port_in_use_is_named_before_the_model_loads(command, capsys):
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err, err
 
 
+def test_bench_kernels_refuses_an_unwritable_report_before_measuring(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "kernels", "--quick", "--out", "/proc/no/x.md"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "jaxdyn bench kernels: error: --out /proc/no/x.md:" in err and "HBM" not in err
+
+
 def test_bench_kernels_passes_every_argument_on(monkeypatch):
     """``jaxdyn bench kernels --quick --out x`` is benchmarks.kernels' own command line (argparse's REMAINDER
     had refused a leading --flag)."""
     from benchmarks import kernels
     seen = []
-    monkeypatch.setattr(kernels, "main", lambda argv: seen.append(argv))
+    monkeypatch.setattr(kernels, "main", lambda argv, prog=None: seen.append((argv, prog)))
     assert main(["bench", "kernels", "--quick", "--out", "x.md"]) == 0
     assert main(["bench", "kernels"]) == 0
-    assert seen == [["--quick", "--out", "x.md"], []]
+    assert seen == [(["--quick", "--out", "x.md"], "jaxdyn bench kernels"), ([], "jaxdyn bench kernels")]

@@ -566,26 +566,28 @@ def test_health_is_503_while_loading():
 
 
 def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
-    port = free_port()
+    """``jaxdyn serve --port 0`` names the port the system gave it; SIGTERM lets a stream in flight finish."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--model", ckpt, "--port", str(port), "--dtype", "float32",
+        [sys.executable, "-m", "serving.cli", "serve", "--model", ckpt, "--port", "0", "--dtype", "float32",
          "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--num-pages", "32",
          "--log-level", "warning", "--shutdown-grace", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    url = f"http://127.0.0.1:{port}"
+    lines, serving = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"serving '.*' at http://127\.0\.0\.1:\d+/v1", line):
+                serving.set()
+    threading.Thread(target=read, daemon=True).start()
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
-        else:
-            raise AssertionError("server never became healthy")
+        assert serving.wait(120), "".join(lines)
+        port = int(re.search(r"at http://127\.0\.0\.1:(\d+)/v1", "".join(lines)).group(1))
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/health").status_code == 200
         result = {}
 
         def stream():
@@ -605,7 +607,9 @@ def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
-        out = proc.stdout.read()
+        proc.wait(10)
+    time.sleep(0.2)                                  # the reader's last lines
+    out = "".join(lines)
     assert "serving 'tiny-chat" in out or "serving '" in out
     # load time and bytes are reported (qwen3 test checkpoint: float32 weights)
     m = re.search(r"loaded .* \(([\d.]+) MiB of weights\) in ([\d.]+) s, warm-up \(compiling every bucket[^)]*\) "

@@ -296,6 +296,8 @@ def test_a_worker_that_stops_answering_fails_its_requests_and_new_ones_go_to_the
             events = _stream_events(srv.url, "x" * 20, 20, 60)
             assert time.monotonic() - t0 < 30
             assert events[-1] == "data: [DONE]" and "unreachable" in events[-2]["error"]["message"]
+            done = srv.state.engine.core.metrics.requests_finished      # a failure, not a client's abort
+            assert done.get("error", 0) == 1 and done.get("abort", 0) == 0
             rest = [ln for ln in lines if ln]
         assert rest[-1] == "data: [DONE]" and "error" not in rest[-2]
         b.proc.kill()
