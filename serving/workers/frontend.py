@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import types
@@ -34,6 +35,9 @@ from jaxdyn.engine.sampling_params import SamplingParams
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
 from serving.workers.common import CHANNEL_OPTIONS, OutputAccumulator, params_to_json
+
+log = logging.getLogger("jaxdyn.frontend")
+WAITING_NOTE_S = 10.0        # while no decode or both worker answers, say so this often
 
 GENERATE_ROLES = ("decode", "both")
 
@@ -117,14 +121,24 @@ class RemoteEngine:
         self.max_missed = max_missed
         self._streams: dict[str, _RemoteStream] = {}
         self._stop = threading.Event()
-        deadline = time.monotonic() + connect_timeout
+        start = time.monotonic()
+        noted = start
         while True:
             self._check_health()
             if any(w.healthy and w.role in GENERATE_ROLES for w in self.workers):
                 break
-            if time.monotonic() > deadline:
+            if all(w.role is not None and w.role not in GENERATE_ROLES for w in self.workers):
+                raise ValueError(f"{', '.join(f'{w.address} is a {w.role} worker' for w in self.workers)}: --workers "
+                                 "takes decode or both workers (a decode worker is given its prefill workers with "
+                                 "--prefill-workers)")
+            now = time.monotonic()
+            if now > start + connect_timeout:
                 raise ConnectionError(f"no decode or both worker answered within {connect_timeout:g} s: "
-                                      f"{', '.join(addresses)}")
+                                      f"{self._worker_states()}")
+            if now - noted >= WAITING_NOTE_S:
+                noted = now
+                log.warning("waiting for a decode or both worker (%.0f of %g s): %s", now - start, connect_timeout,
+                            self._worker_states())
             time.sleep(0.2)
         gen = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
         bad = [w.address for w in gen if w.vocab_size != model_config.vocab_size]
@@ -136,6 +150,10 @@ class RemoteEngine:
         self._thread.start()
 
     # ---- health ----------------------------------------------------------------------------------
+
+    def _worker_states(self) -> str:
+        return ", ".join(f"{w.address} " + ("unreachable" if w.role is None else
+                                            f"{w.role}{'' if w.healthy else ' (unhealthy)'}") for w in self.workers)
 
     def _check_health(self) -> None:
         for w in self.workers:

@@ -12,8 +12,10 @@ message)`` and the decode side computes the prompt itself. Each call names this 
 anything, and is skipped for ``INCOMPATIBLE_FOR_S`` as an unreachable one is (a warning names the difference),
 so a misconfigured prefill worker costs no request. Any other failure (a worker lost mid-reply,
 refused, cancelled by time) goes as ``("error", request_id, message)``, so the decode side frees the
-pages it reserved and ends the request with an error. ``abort`` cancels the call, which aborts the
-prefill on the other side.
+pages it reserved and ends the request with an error. A worker that stops answering its Health
+(``HEALTH_MISSES`` in a row) is skipped, and the calls waiting on it are cancelled and tried elsewhere, so a
+stopped prefill worker delays its prompts by seconds, not by the prefill timeout. ``abort`` cancels the
+call, which aborts the prefill on the other side.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from serving.workers import worker_pb2_grpc as pb_grpc
 from serving.workers.common import CHANNEL_OPTIONS, INCOMPATIBLE, logprobs_from_json, params_to_json
 
 UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
+HEALTH_INTERVAL_S = 1.0      # each prefill worker's Health is asked this often ...
+HEALTH_TIMEOUT_S = 3.0       # ... answered within this ...
+HEALTH_MISSES = 2            # ... or, this many times in a row, it has stopped answering
 INCOMPATIBLE_FOR_S = 60.0    # a worker of another KV layout is skipped this long (it may be restarted)
 log = logging.getLogger("jaxdyn.worker")
 
@@ -70,6 +75,12 @@ class RemotePrefillRole:
         self.compiles_while_serving = 0
         self.computed_prefill_tokens = 0       # prompt tokens sent for remote prefill
         self.timings: dict[str, tuple[float, float]] | None = None   # benchmarks: {id: (header, block)}
+        self._calling: dict[str, int] = {}     # request -> the worker its call is waiting on (until delivered)
+        self._stalled: set[str] = set()        # requests whose call the health thread cancelled
+        self._misses = [0] * len(self.addresses)
+        self._stop = threading.Event()
+        self._health = threading.Thread(target=self._health_loop, name="jaxdyn-prefill-health", daemon=True)
+        self._health.start()
 
     @property
     def dead(self) -> str | None:
@@ -108,6 +119,7 @@ class RemotePrefillRole:
             call.cancel()
 
     def shutdown(self) -> None:
+        self._stop.set()
         with self._lock:
             calls = list(self._calls.values())
         for c in calls:
@@ -115,6 +127,33 @@ class RemotePrefillRole:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for ch in self._channels:
             ch.close()
+
+    def _health_loop(self) -> None:
+        """A prefill worker that stops answering its Health (stopped, hung, its host gone) is skipped, and the
+        calls waiting on it are cancelled: their prompts go to another worker or are computed here, in seconds
+        rather than at the prefill timeout. A busy worker still answers (its gRPC server runs apart from its
+        engine)."""
+        while not self._stop.wait(HEALTH_INTERVAL_S):
+            for i, stub in enumerate(self._stubs):
+                try:
+                    stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                    self._misses[i] = 0
+                    continue
+                except (grpc.RpcError, ValueError):        # ValueError: its channel closed by shutdown
+                    if self._stop.is_set():
+                        return
+                self._misses[i] += 1
+                if self._misses[i] >= HEALTH_MISSES:
+                    self._bad_until[i] = max(self._bad_until[i], time.monotonic() + UNREACHABLE_FOR_S)
+                    with self._lock:
+                        waiting = [rid for rid, j in self._calling.items() if j == i]
+                        self._stalled.update(waiting)
+                        calls = [self._calls[rid] for rid in waiting if rid in self._calls]
+                    if waiting:
+                        log.warning("prefill worker %s stopped answering: %d prompt(s) it held go elsewhere",
+                                    self.addresses[i], len(waiting))
+                    for c in calls:
+                        c.cancel()
 
     def _pick(self, tried: set[int] = frozenset()) -> int | None:
         """The next worker in turn that is not skipped as unreachable nor in ``tried``: None when there is none
@@ -144,6 +183,8 @@ class RemotePrefillRole:
         finally:
             with self._lock:
                 self._calls.pop(rid, None)
+                self._calling.pop(rid, None)
+                self._stalled.discard(rid)
                 self._aborted.discard(rid)
                 self._pending.discard(rid)
 
@@ -160,6 +201,7 @@ class RemotePrefillRole:
                     call.cancel()
                     return False
                 self._calls[rid] = call
+                self._calling[rid] = i
             first = next(call)
             answered = True
             self.incompatible.pop(addr, None)
@@ -178,6 +220,9 @@ class RemotePrefillRole:
                 if len(buf) != h.nbytes:
                     raise RuntimeError(f"KV stream from {addr} ended after {len(buf)} of {h.nbytes} bytes")
                 block = np.frombuffer(bytes(buf), dtype=dtype).reshape(shape)
+            with self._lock:                # delivered: the health thread leaves it alone
+                self._calling.pop(rid, None)
+                self._stalled.discard(rid)
             if self.timings is not None:
                 self.timings[rid] = (t_header, time.perf_counter())
             lps = logprobs_from_json(h.first_logprobs_json)
@@ -187,8 +232,14 @@ class RemotePrefillRole:
             if e.code() == grpc.StatusCode.CANCELLED:
                 with self._lock:
                     aborted = rid in self._aborted
+                    stalled = rid in self._stalled
+                    self._stalled.discard(rid)
+                    self._calling.pop(rid, None)
+                    self._calls.pop(rid, None)
                 if aborted:
                     return False            # we cancelled it (abort): the decode side knows
+                if stalled:                 # the health thread did: nothing of it is used, another worker or here
+                    return True
             if e.code() == INCOMPATIBLE and not answered:
                 # refused before computing anything: another worker, or this one's own
                 if self.incompatible.get(addr) != e.details():

@@ -1,7 +1,7 @@
 """Worker processes over gRPC on localhost: a prefill worker, decode workers that take KV from it
 by gRPC stream and by jax.experimental.transfer, and the OpenAI frontend over them. The same
-greedy text as one aggregated engine; a prompt whose prefill worker is killed before it answered
-is computed on the decode worker, with no leaked page; a decode worker that stops answering is noticed and its requests fail while
+greedy text as one aggregated engine; a prompt whose prefill worker stops answering or is killed before it
+answered is computed on the decode worker, with no leaked page; a prefill worker of another KV layout is skipped; a decode worker that stops answering is noticed and its requests fail while
 the others go on; a client that leaves aborts the request on the worker."""
 
 import contextlib
@@ -208,6 +208,23 @@ def test_the_frontends_gauges_follow_its_requests_and_the_workers_pages(cluster,
         engine.shutdown()
 
 
+def test_a_frontend_over_no_decode_worker_says_so_at_once(cluster, ckpt):
+    """--workers given only a prefill worker: refused as soon as it answers (it had waited out the 120 s connect
+    timeout); a worker nobody answers at is named as unreachable when the timeout ends."""
+    import socket
+    pre, _, _ = cluster
+    cfg, tok = model_config_and_tokenizer(ckpt)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=f"{pre.address} is a prefill worker: --workers takes decode or both"):
+        RemoteEngine([pre.address], tokenizer=tok, model_config=cfg)
+    assert time.monotonic() - t0 < 10
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(ConnectionError, match=f"within 1 s: {nobody} unreachable, {pre.address} prefill"):
+        RemoteEngine([nobody, pre.address], tokenizer=tok, model_config=cfg, connect_timeout=1)
+
+
 def test_a_worker_names_a_malformed_params_json(cluster):
     _, dec, _ = cluster
     with grpc.insecure_channel(dec.address) as ch:
@@ -249,12 +266,14 @@ def test_an_unreachable_prefill_worker_sends_the_prompt_back_to_be_computed_here
         role.shutdown()
 
 
-def test_a_prefill_worker_killed_mid_request_loses_nothing_and_leaks_nothing(ckpt, reference):
-    """Killed before it answered: the decode worker computes the prompt itself (the same text as one engine), and
-    the pages it had reserved for the KV are freed (before: the request ended with an error)."""
+def test_a_prefill_worker_that_stops_or_dies_mid_request_loses_nothing_and_leaks_nothing(ckpt, reference):
+    """Stopped (SIGSTOP) while it holds a prompt: the decode worker's health checks find it silent, cancel the call
+    and compute the prompt itself -- the same text as one engine, in seconds rather than at the 60 s prefill
+    timeout -- and the pages it had reserved for the KV are freed. Killed: later prompts are prefilled on the
+    decode worker."""
     pre = Worker(ckpt, "prefill").wait()
     dec = Worker(ckpt, "decode", "--prefill-workers", pre.address, "--disagg-min-remote-tokens", "16",
-                 devices=1).wait()
+                 "--disagg-prefill-timeout", "60", devices=1).wait()
     srv = _frontend(ckpt, [dec.address])
     try:
         pre.proc.send_signal(signal.SIGSTOP)          # the prompt will be stuck on the prefill side
@@ -264,15 +283,15 @@ def test_a_prefill_worker_killed_mid_request_loses_nothing_and_leaks_nothing(ckp
         t.start()
         time.sleep(1.0)
         assert dec.health().kv_pages_used > 0         # pages reserved for the KV on its way
-        pre.proc.kill()                               # mid-request
         t.join(60)
         assert not t.is_alive() and time.monotonic() - t0 < 30
         events = result["events"]
         assert events[-1] == "data: [DONE]" and all("error" not in e for e in events[:-1])
         assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reference[0]
         assert dec.health().kv_pages_used == 0        # the reservation was freed
-        # later prompts are prefilled on the decode worker
-        assert _complete(srv.url, PROMPTS[0])
+        pre.proc.kill()
+        assert _complete(srv.url, PROMPTS[0]) == reference[0]     # prefilled on the decode worker
+        assert "stopped answering" in "".join(dec.lines)
     finally:
         srv.stop()
         srv.state.engine.shutdown()
