@@ -27,10 +27,12 @@ def kv_layout(core) -> pb.KVLayout:
     spec = core.runner.kv_spec
     return pb.KVLayout(page_size=spec.page_size, num_layers=spec.num_layers,
                        num_kv_heads=core.model_config.num_kv_heads, head_dim=spec.head_dim,
-                       dtype=str(jnp.dtype(spec.dtype)), vocab_size=core.model_config.vocab_size)
+                       dtype=str(jnp.dtype(spec.dtype)), vocab_size=core.model_config.vocab_size,
+                       max_model_len=core.max_model_len)
 
 
 _LAYOUT_FIELDS = (("page_size", "page size", "--page-size"), ("dtype", "KV pages' dtype", "--kv-cache-dtype"),
+                  ("max_model_len", "max model len", "--max-model-len"),
                   ("num_layers", "layers", None), ("num_kv_heads", "kv heads", None),
                   ("head_dim", "head dim", None), ("vocab_size", "vocabulary", None))
 
@@ -38,7 +40,8 @@ _LAYOUT_FIELDS = (("page_size", "page size", "--page-size"), ("dtype", "KV pages
 def layout_mismatch(mine: pb.KVLayout, wanted: pb.KVLayout) -> str | None:
     """Why blocks of layout ``mine`` cannot serve a worker that expects ``wanted`` (None: they can). The dtype must
     match too: a decode worker compiles its scatter for its own pages' dtype at warm-up, and nothing compiles while
-    serving."""
+    serving; and the max model len, which with the page size sets the blocks' page buckets (a prompt of 90 pages
+    goes in a block of 128 under a limit of 2,048 tokens, of 100 under one of 1,600)."""
     diffs, flags = [], []
     for field, name, flag in _LAYOUT_FIELDS:
         a, b = getattr(mine, field), getattr(wanted, field)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\rjaxdyn.worker\"`\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"\xb2\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0f\x64\x65lta_token_ids\x18\x02 \x03(\x05\x12\x12\n\ndelta_text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x18\n\x10stop_reason_json\x18\x05 \x01(\t\x12\x1b\n\x13\x64\x65lta_logprobs_json\x18\x06 \x01(\t\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\"k\n\x10GenerateResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.jaxdyn.worker.Completion\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\"\xa1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0ckv_transport\x18\x05 \x01(\t\x12*\n\texpect_kv\x18\x06 \x01(\x0b\x32\x17.jaxdyn.worker.KVLayout\"|\n\x08KVLayout\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\"\xce\x01\n\rPrefillHeader\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x1b\n\x13\x66irst_logprobs_json\x18\x02 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x18\n\x10transfer_address\x18\x07 \x01(\t\x12\x15\n\rtransfer_uuid\x18\x08 \x01(\x04\x12\x0e\n\x06nbytes\x18\t \x01(\x03\"Z\n\x0cPrefillReply\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.jaxdyn.worker.PrefillHeaderH\x00\x12\x12\n\x08kv_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x90\x02\n\x0bHealthReply\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x15\n\rkv_pages_used\x18\t \x01(\x03\x12\x16\n\x0ekv_pages_total\x18\n \x01(\x03\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\x12*\n\tkv_layout\x18\x0c \x01(\x0b\x32\x17.jaxdyn.worker.KVLayout2\xa5\x02\n\x06Worker\x12M\n\x08Generate\x12\x1e.jaxdyn.worker.GenerateRequest\x1a\x1f.jaxdyn.worker.GenerateResponse0\x01\x12G\n\x07Prefill\x12\x1d.jaxdyn.worker.PrefillRequest\x1a\x1b.jaxdyn.worker.PrefillReply0\x01\x12?\n\x05\x41\x62ort\x12\x1b.jaxdyn.worker.AbortRequest\x1a\x19.jaxdyn.worker.AbortReply\x12\x42\n\x06Health\x12\x1c.jaxdyn.worker.HealthRequest\x1a\x1a.jaxdyn.worker.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\rjaxdyn.worker\"`\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"\xb2\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0f\x64\x65lta_token_ids\x18\x02 \x03(\x05\x12\x12\n\ndelta_text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x18\n\x10stop_reason_json\x18\x05 \x01(\t\x12\x1b\n\x13\x64\x65lta_logprobs_json\x18\x06 \x01(\t\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\"k\n\x10GenerateResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.jaxdyn.worker.Completion\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\"\xa1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0ckv_transport\x18\x05 \x01(\t\x12*\n\texpect_kv\x18\x06 \x01(\x0b\x32\x17.jaxdyn.worker.KVLayout\"\x93\x01\n\x08KVLayout\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\"\xce\x01\n\rPrefillHeader\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x1b\n\x13\x66irst_logprobs_json\x18\x02 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x18\n\x10transfer_address\x18\x07 \x01(\t\x12\x15\n\rtransfer_uuid\x18\x08 \x01(\x04\x12\x0e\n\x06nbytes\x18\t \x01(\x03\"Z\n\x0cPrefillReply\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.jaxdyn.worker.PrefillHeaderH\x00\x12\x12\n\x08kv_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x90\x02\n\x0bHealthReply\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x15\n\rkv_pages_used\x18\t \x01(\x03\x12\x16\n\x0ekv_pages_total\x18\n \x01(\x03\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\x12*\n\tkv_layout\x18\x0c \x01(\x0b\x32\x17.jaxdyn.worker.KVLayout2\xa5\x02\n\x06Worker\x12M\n\x08Generate\x12\x1e.jaxdyn.worker.GenerateRequest\x1a\x1f.jaxdyn.worker.GenerateResponse0\x01\x12G\n\x07Prefill\x12\x1d.jaxdyn.worker.PrefillRequest\x1a\x1b.jaxdyn.worker.PrefillReply0\x01\x12?\n\x05\x41\x62ort\x12\x1b.jaxdyn.worker.AbortRequest\x1a\x19.jaxdyn.worker.AbortReply\x12\x42\n\x06Health\x12\x1c.jaxdyn.worker.HealthRequest\x1a\x1a.jaxdyn.worker.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,20 +39,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=417
   _globals['_PREFILLREQUEST']._serialized_start=420
   _globals['_PREFILLREQUEST']._serialized_end=581
-  _globals['_KVLAYOUT']._serialized_start=583
-  _globals['_KVLAYOUT']._serialized_end=707
-  _globals['_PREFILLHEADER']._serialized_start=710
-  _globals['_PREFILLHEADER']._serialized_end=916
-  _globals['_PREFILLREPLY']._serialized_start=918
-  _globals['_PREFILLREPLY']._serialized_end=1008
-  _globals['_ABORTREQUEST']._serialized_start=1010
-  _globals['_ABORTREQUEST']._serialized_end=1044
-  _globals['_ABORTREPLY']._serialized_start=1046
-  _globals['_ABORTREPLY']._serialized_end=1073
-  _globals['_HEALTHREQUEST']._serialized_start=1075
-  _globals['_HEALTHREQUEST']._serialized_end=1090
-  _globals['_HEALTHREPLY']._serialized_start=1093
-  _globals['_HEALTHREPLY']._serialized_end=1365
-  _globals['_WORKER']._serialized_start=1368
-  _globals['_WORKER']._serialized_end=1661
+  _globals['_KVLAYOUT']._serialized_start=584
+  _globals['_KVLAYOUT']._serialized_end=731
+  _globals['_PREFILLHEADER']._serialized_start=734
+  _globals['_PREFILLHEADER']._serialized_end=940
+  _globals['_PREFILLREPLY']._serialized_start=942
+  _globals['_PREFILLREPLY']._serialized_end=1032
+  _globals['_ABORTREQUEST']._serialized_start=1034
+  _globals['_ABORTREQUEST']._serialized_end=1068
+  _globals['_ABORTREPLY']._serialized_start=1070
+  _globals['_ABORTREPLY']._serialized_end=1097
+  _globals['_HEALTHREQUEST']._serialized_start=1099
+  _globals['_HEALTHREQUEST']._serialized_end=1114
+  _globals['_HEALTHREPLY']._serialized_start=1117
+  _globals['_HEALTHREPLY']._serialized_end=1389
+  _globals['_WORKER']._serialized_start=1392
+  _globals['_WORKER']._serialized_end=1685
 # @@protoc_insertion_point(module_scope)

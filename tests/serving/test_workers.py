@@ -409,13 +409,20 @@ def test_a_prefill_worker_of_another_kv_layout_is_skipped_before_it_computes_any
 
     from jaxdyn.disagg.engine import Handoff
     from jaxdyn.engine.sampling_params import SamplingParams
-    from serving.workers.common import kv_layout, params_to_json
+    from serving.workers.common import kv_layout, layout_mismatch, params_to_json
     from serving.workers.remote_prefill import RemotePrefillRole
 
     core = _prefill_core(ckpt, page_size=8)
     here = kv_layout(core)
     assert (here.page_size, here.num_kv_heads, here.vocab_size) == (8, core.model_config.num_kv_heads,
                                                                      core.model_config.vocab_size)
+    longer = pb.KVLayout()
+    longer.CopyFrom(here)
+    longer.max_model_len = 2 * here.max_model_len          # other page buckets: refused too
+    assert layout_mismatch(here, longer) == (f"KV layout differs: max model len {here.max_model_len} here, "
+                                             f"{longer.max_model_len} there (start both with the same "
+                                             "--max-model-len)")
+    assert layout_mismatch(here, here) is None
     decode_side = pb.KVLayout()
     decode_side.CopyFrom(here)
     decode_side.page_size = 16
