@@ -41,6 +41,7 @@ class _Stream:
         self.acc: dict = {}                  # ProcessEngine: each completion's text / tokens / logprobs so far
         self.detok: dict | None = None       # ProcessEngine: each completion's detokenizer, when decoded here
         self.skip_special_tokens = True      # ProcessEngine: the request's, for those detokenizers
+        self.include_stop = False            # ProcessEngine: the request's include_stop_str_in_output, likewise
         self.queue: asyncio.Queue = asyncio.Queue()
 
 

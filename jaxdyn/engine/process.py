@@ -240,6 +240,7 @@ class ProcessEngine(StreamingEngine):
             return params
         stream.detok = {}
         stream.skip_special_tokens = params.skip_special_tokens
+        stream.include_stop = params.include_stop_str_in_output
         return dataclasses.replace(params, detokenize=False)
 
     def _send_loop(self) -> None:
@@ -312,7 +313,10 @@ class ProcessEngine(StreamingEngine):
                 if d is None:
                     d = s.detok[index] = IncrementalDetokenizer(
                         self.core.tokenizer, s.prompt_ids, skip_special_tokens=s.skip_special_tokens)
-                for t in dids:
+                # no stop string reaches here: a "stop" is the EOS or a stop token, whose text stays out of the
+                # output unless include_stop_str_in_output (as EngineCore._check_stop leaves it out)
+                shown = dids[:-1] if reason == "stop" and dids and not s.include_stop else dids
+                for t in shown:
                     d.add(t, check_stop=False)
                 if reason is not None:
                     d.flush()

@@ -117,6 +117,22 @@ def test_answers_equal_the_engine_on_a_thread(thread_server, proc_server):
         assert answer(proc_server.url, path, body) == answer(thread_server.url, path, body), (path, body)
 
 
+def test_a_stop_tokens_text_is_left_out_as_by_the_engine_on_a_thread(thread_server, proc_server):
+    """Text decoded on the server side (no stop string): the stop token that ends a sequence stays out of it unless
+    include_stop_str_in_output, as the engine leaves it out."""
+    base = {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    text = httpx.post(thread_server.url + "/v1/completions", json={"model": "tiny", **base},
+                      timeout=60).json()["choices"][0]["text"]
+    ids = httpx.post(thread_server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False},
+                     timeout=60).json()["tokens"]
+    body = {**base, "stop_token_ids": [ids[3]]}
+    cut = answer(thread_server.url, "/v1/completions", body)
+    assert cut["choices"][0]["finish_reason"] == "stop" and len(cut["choices"][0]["text"]) < len(text)
+    for extra in ({}, {"stream": True}, {"include_stop_str_in_output": True}):
+        assert answer(proc_server.url, "/v1/completions", {**body, **extra}) == \
+            answer(thread_server.url, "/v1/completions", {**body, **extra}), extra
+
+
 def test_concurrent_streams_and_the_exported_metrics(proc_server):
     before = settled(proc_server.url)
     body = {"model": "tiny", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
