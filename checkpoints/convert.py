@@ -67,24 +67,36 @@ def restore_error(e: BaseException, limit: int = 600) -> str:
         text = str(x).split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
         return re.sub(r'(Error opening "\w+" driver: )+', "", text).strip()
     text = clean(e)
-    cause = e.__cause__ or e.__context__
+    cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     if cause is not None and clean(cause) and clean(cause) not in text:
         text = f"{text.rstrip('.')}: {clean(cause)}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+LEFTOVERS_FOR_S = 60.0        # after a failed restore, its leftovers are dropped this long
+_failed_restore_at = [float("-inf")]
+
+
 def _orbax_leftover(u) -> bool:
     """An unraisable exception a failed Orbax restore leaves behind: the other reads' coroutines, whose errors
-    nobody awaited, and TensorStore's callbacks posting to the restore's event loop after it closed."""
+    nobody awaited, and -- within ``LEFTOVERS_FOR_S`` of the failure -- TensorStore's callbacks posting to the
+    restore's event loop after it closed (``call_soon_threadsafe``)."""
     if getattr(getattr(u, "object", None), "__qualname__", "") == "_read_array_index_and_device_put":
         return True
-    return isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+    if time.monotonic() - _failed_restore_at[0] > LEFTOVERS_FOR_S:
+        return False
+    tb, last = u.exc_traceback, None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_name, tb.tb_next
+    return (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+            and last == "_check_closed")
 
 
 def _quiet_orbax_leftovers() -> None:
     """After a failed restore: drop what ``_orbax_leftover`` matches from ``sys.unraisablehook`` (the same error,
     printed again with kilobytes of TensorStore specs, and tracebacks after the CLI's one-line message), and
     collect the coroutines now; every other unraisable exception still goes to the hook there was."""
+    _failed_restore_at[0] = time.monotonic()
     if not getattr(sys.unraisablehook, "_jaxdyn_orbax_filter", False):
         previous = sys.unraisablehook
 

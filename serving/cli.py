@@ -313,7 +313,7 @@ def _token_limit(args, name: str, words: dict):
 
 
 def _device_list(text: str | None, flag: str) -> list[int]:
-    if not text:
+    if text is None:
         raise CLIError(f"{flag}: required with --disagg (device indices, e.g. 0,1)")
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]

@@ -142,15 +142,25 @@ def check_writable(path: str, flag: str = "--out") -> None:
     refused, and the file is opened for appending (and removed again if that created it)."""
     if os.path.isdir(path):
         raise BenchError(f"{flag} {path}: is a directory; give a file name")
-    existed = os.path.exists(path)
+    missing = []                         # folders write_json will make, made here for the probe and removed after
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    existed = os.path.lexists(path)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        for folder in reversed(missing):
+            os.mkdir(folder)
         with open(path, "a"):
             pass
     except OSError as e:
         raise BenchError(f"{flag} {path}: {e.strerror or e}") from None
-    if not existed:
-        os.remove(path)
+    finally:
+        if not existed and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+        for folder in missing:
+            if os.path.isdir(folder):
+                os.rmdir(folder)
 
 
 def write_json(doc: dict, path: str) -> None:

@@ -31,7 +31,7 @@ def kv_layout(core) -> pb.KVLayout:
                        max_model_len=core.max_model_len)
 
 
-_LAYOUT_FIELDS = (("page_size", "page size", "--page-size"), ("dtype", "KV pages' dtype", "--kv-cache-dtype"),
+_LAYOUT_FIELDS = (("page_size", "page size", "--page-size"), ("dtype", "KV pages' dtype", "--kv-cache-dtype (or --dtype)"),
                   ("max_model_len", "max model len", "--max-model-len"),
                   ("num_layers", "layers", None), ("num_kv_heads", "kv heads", None),
                   ("head_dim", "head dim", None), ("vocab_size", "vocabulary", None))

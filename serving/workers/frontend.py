@@ -215,7 +215,7 @@ class RemoteEngine:
         req = pb.GenerateRequest(request_id=s.request_id, prompt_ids=s.prompt_ids,
                                  params_json=params_to_json(s.params), priority=s.priority)
         acc = OutputAccumulator(s.request_id, s.prompt_ids, s.params.n, s.params.logprobs is not None)
-        finished = failed = False
+        finished = failed = refused = False
         first = last = None
         try:
             s.call = s.worker.stub().Generate(req)
@@ -242,8 +242,10 @@ class RemoteEngine:
             failed = True
             raise RequestFailedError(s.failure or f"worker {s.worker.address} ended the stream early")
         except grpc.aio.AioRpcError as e:
-            failed = True
-            raise _translate(e, s) from None
+            err = _translate(e, s)
+            refused = isinstance(err, RequestError)     # the client's request: not counted, as the engine does not
+            failed = not refused
+            raise err from None
         except asyncio.CancelledError:
             if s.failure is not None:          # the health thread cancelled it: the worker is gone
                 failed = True
@@ -252,9 +254,9 @@ class RemoteEngine:
         finally:
             self._streams.pop(s.request_id, None)
             s.worker.inflight.pop(s.request_id, None)
-            if not finished:
-                if s.call is not None:
-                    s.call.cancel()            # the worker aborts the request (and its prefill)
+            if not finished and s.call is not None:
+                s.call.cancel()                # the worker aborts the request (and its prefill)
+            if not finished and not refused:
                 # by sequence, as the engine counts: those that had ended by their reason, the rest as failed
                 # (the worker or the stream was lost) or aborted (the client left)
                 for reason in acc.finish:

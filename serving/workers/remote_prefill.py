@@ -34,7 +34,7 @@ import numpy as np
 from jaxdyn.disagg.engine import Handoff
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CHANNEL_OPTIONS, INCOMPATIBLE, logprobs_from_json, params_to_json
+from serving.workers.common import CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, logprobs_from_json, params_to_json
 
 UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
 HEALTH_INTERVAL_S = 1.0      # each prefill worker's Health is asked this often ...
@@ -91,7 +91,8 @@ class RemotePrefillRole:
         return None
 
     def _none_reachable(self) -> str:
-        why = [f"{a}: {self.incompatible[a]}" for a in self.addresses if a in self.incompatible]
+        known = dict(self.incompatible)
+        why = [f"{a}: {known[a]}" for a in self.addresses if a in known]
         if why:
             return f"no compatible prefill worker reachable ({'; '.join(why)})"
         return f"no prefill worker reachable ({', '.join(self.addresses)})"
@@ -229,34 +230,32 @@ class RemotePrefillRole:
             self.sink(Handoff(rid, block, h.first_token, lps[0] if lps else None, h.num_cached_tokens,
                               time.monotonic()))
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                with self._lock:
-                    aborted = rid in self._aborted
-                    stalled = rid in self._stalled
-                    self._stalled.discard(rid)
-                    self._calling.pop(rid, None)
-                    self._calls.pop(rid, None)
-                if aborted:
-                    return False            # we cancelled it (abort): the decode side knows
-                if stalled:                 # the health thread did: nothing of it is used, another worker or here
-                    return True
-            if e.code() == INCOMPATIBLE and not answered:
+            code = e.code()
+            with self._lock:
+                self._calls.pop(rid, None)
+                self._calling.pop(rid, None)
+                aborted = rid in self._aborted
+                stalled = rid in self._stalled
+                self._stalled.discard(rid)
+            if aborted:
+                return False                # we cancelled it (abort): the decode side knows
+            if code == grpc.StatusCode.CANCELLED and stalled:
+                return True                 # the health thread did: nothing of it is used, another worker or here
+            if code == INCOMPATIBLE and not answered:
                 # refused before computing anything: another worker, or this one's own
                 if self.incompatible.get(addr) != e.details():
                     log.warning("prefill worker %s is skipped for %.0f s: %s", addr, INCOMPATIBLE_FOR_S, e.details())
                 self.incompatible[addr] = e.details()
                 self._bad_until[i] = time.monotonic() + INCOMPATIBLE_FOR_S
-                with self._lock:
-                    self._calls.pop(rid, None)
-                    aborted = rid in self._aborted
-                return not aborted
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                return True
+            if code == grpc.StatusCode.UNAVAILABLE:
                 self._bad_until[i] = time.monotonic() + UNREACHABLE_FOR_S
                 if not answered:
-                    with self._lock:
-                        self._calls.pop(rid, None)
-                        aborted = rid in self._aborted
-                    return not aborted      # nothing was computed there: another worker, or this one's own
+                    return True             # nothing was computed there: another worker, or this one's own
+            if code == REFUSED and not answered:
+                # its own limits (a smaller KV pool) refused what this worker accepted: computed here
+                self.sink(("local", rid, f"prefill worker {addr} refused it: {e.details()}"))
+                return False
             self.sink(("error", rid, f"remote prefill on {addr} failed: {e.code().name}: {e.details()}"))
         except Exception as e:              # a malformed reply, a failed pull: this request fails
             self.sink(("error", rid, f"remote prefill on {addr} failed: {e!r}"))

@@ -202,6 +202,23 @@ def test_a_port_in_use_is_named_before_the_model_loads(command, capsys):
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err, err
 
 
+def test_an_out_path_is_probed_before_a_run_and_nothing_is_left_behind(tmp_path):
+    """``--out`` is checked by writing where the report will go, then undone: no file, no folder made for it, an
+    existing file untouched; a path that cannot be written is a BenchError naming it."""
+    from serving.bench import BenchError
+    from serving.bench.report import check_writable
+    check_writable(str(tmp_path / "a" / "b" / "x.json"))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept.json").write_text("{}")
+    check_writable(str(tmp_path / "kept.json"))
+    assert (tmp_path / "kept.json").read_text() == "{}" and len(list(tmp_path.iterdir())) == 1
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BenchError, match="under"):
+        check_writable(str(tmp_path / "file" / "under" / "x.json"))
+    with pytest.raises(BenchError, match="is a directory"):
+        check_writable(str(tmp_path))
+
+
 def test_bench_kernels_refuses_an_unwritable_report_before_measuring(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "kernels", "--quick", "--out", "/proc/no/x.md"])

@@ -360,9 +360,9 @@ def _prefill_service(core):
         role.shutdown()
 
 
-def _prefill_core(ckpt, page_size=16):
+def _prefill_core(ckpt, page_size=16, num_pages=64):
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
-    cfg = EngineConfig(num_pages=64, page_size=page_size, max_num_batched_tokens=8, max_num_seqs=4,
+    cfg = EngineConfig(num_pages=num_pages, page_size=page_size, max_num_batched_tokens=8, max_num_seqs=4,
                        max_model_len=128, token_buckets=(8,), page_buckets=(8,), seed=0)
     return EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
 
@@ -477,3 +477,29 @@ def test_a_prefill_worker_of_another_kv_layout_is_skipped_before_it_computes_any
                 break
             time.sleep(0.1)
         assert core.allocator.num_in_use == 0
+
+
+def test_a_prompt_a_prefill_worker_refuses_for_its_own_limits_is_computed_here(ckpt):
+    """A prefill worker of the same layout but a KV pool too small for a prompt the decode worker accepted refuses
+    it (INVALID_ARGUMENT, before computing): the decode side computes it ("local"), not an error for the client;
+    the worker stays in use."""
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.common import kv_layout
+    from serving.workers.remote_prefill import RemotePrefillRole
+
+    core = _prefill_core(ckpt, num_pages=4)               # 64 tokens of KV
+    with _prefill_service(core) as port:
+        role = RemotePrefillRole([f"127.0.0.1:{port}"], timeout_s=30, expect=kv_layout(core))
+        got = []
+        role.set_sink(got.append)
+        try:
+            role.submit("big", list(range(3, 103)), SamplingParams(temperature=0.0, max_tokens=1, seed=0))
+            for _ in range(200):
+                if got:
+                    break
+                time.sleep(0.05)
+            assert len(got) == 1 and got[0][:2] == ("local", "big") and "refused it" in got[0][2], got
+            assert role.dead is None
+        finally:
+            role.shutdown()
+    assert core.allocator.num_in_use == 0
