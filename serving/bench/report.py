@@ -147,6 +147,8 @@ def check_writable(path: str, flag: str = "--out") -> None:
     while not os.path.lexists(d):
         missing.append(d)
         d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise BenchError(f"{flag} {path}: {d} is not a directory")
     existed = os.path.lexists(path)
     try:
         for folder in reversed(missing):

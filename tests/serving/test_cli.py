@@ -213,7 +213,7 @@ def test_an_out_path_is_probed_before_a_run_and_nothing_is_left_behind(tmp_path)
     check_writable(str(tmp_path / "kept.json"))
     assert (tmp_path / "kept.json").read_text() == "{}" and len(list(tmp_path.iterdir())) == 1
     (tmp_path / "file").write_text("")
-    with pytest.raises(BenchError, match="under"):
+    with pytest.raises(BenchError, match="file is not a directory"):
         check_writable(str(tmp_path / "file" / "under" / "x.json"))
     with pytest.raises(BenchError, match="is a directory"):
         check_writable(str(tmp_path))
