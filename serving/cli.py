@@ -71,9 +71,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# The shipped demo model lives inside the `checkpoints` package (package data),
-# so it is found from an editable install and from a wheel alike.
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(_checkpoints_pkg.__file__)), "demo")
+DEMO_MODEL = _checkpoints_pkg.DEMO_MODEL      # the shipped demo model (package data of ``checkpoints``)
 
 
 def _quantization_arg(p: argparse.ArgumentParser) -> None:

@@ -98,9 +98,15 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
 
 
 class LLM:
+    """vLLM's offline entry point: ``LLM(model).generate(prompts, sampling_params)``. ``model``: a Hugging Face or
+    converted checkpoint directory, or a preset name with ``load_format="dummy"``; None: the shipped demo model."""
+
     def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
                  load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = False,
                  **engine_kwargs):
+        if engine is None and model is None:
+            from checkpoints import DEMO_MODEL
+            model = DEMO_MODEL
         self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
                                              config=EngineConfig(**engine_kwargs), quantization=quantization,
                                              quantize_lm_head=quantize_lm_head)
@@ -116,9 +122,16 @@ class LLM:
             raise ValueError(f"reset_prefix_cache needs an EngineCore; this LLM runs a {type(self.engine).__name__}")
         return self.engine.reset_prefix_cache()
 
-    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists."""
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, *, params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists;
+        ``sampling_params`` (vLLM's name; ``params`` too): one for all, or one a prompt. Each output's ``prompt`` is
+        its text prompt (None for token ids), and its logprobs carry their tokens' text (``decoded_token``). A
+        batch with a prompt the engine refuses raises and leaves nothing queued."""
+        if sampling_params is not None and params is not None:
+            raise ValueError("give sampling_params or params, not both")
+        params = sampling_params if sampling_params is not None else params
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -126,19 +139,21 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         order = []
+        texts: dict[str, str | None] = {}
         # Only the finished outputs are kept: an EngineCore then builds one output per request, not per token.
         final = {"final_only": True} if isinstance(self.engine, EngineCore) else {}
-        for prompt, p in zip(prompts, plist):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
-                prompt = self.tokenizer.encode(prompt)
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p, **final)
-            order.append(rid)
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
+        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm)
         try:
+            for prompt, p in zip(prompts, plist):
+                rid = f"llm-{next(self._ids)}"
+                texts[rid] = prompt if isinstance(prompt, str) else None
+                if isinstance(prompt, str):
+                    if self.tokenizer is None:
+                        raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
+                    prompt = self.tokenizer.encode(prompt)
+                self.engine.add_request(rid, prompt, p, **final)
+                order.append(rid)
             while len(done) < len(order):
                 for out in self.engine.step():
                     if out.finished and out.request_id in order:
@@ -151,4 +166,22 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [done[r] for r in order]
+        outs = [done[r] for r in order]
+        for rid, out in zip(order, outs):
+            out.prompt = texts[rid]
+            self._name_logprob_tokens(out)
+        return outs
+
+    def _name_logprob_tokens(self, out: RequestOutput) -> None:
+        """Each logprob entry's token text (vLLM's ``Logprob.decoded_token``)."""
+        tok = self.tokenizer
+        if tok is None:
+            return
+        names: dict[int, str] = {}
+        for c in out.outputs:
+            for entry in c.logprobs or ():
+                for tid, lp in entry.items():
+                    if lp.decoded_token is None:
+                        if tid not in names:
+                            names[tid] = tok.decode([tid], skip_special_tokens=False)
+                        lp.decoded_token = names[tid]

@@ -213,6 +213,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None
+    prompt: str | None = None       # the text prompt, where one was given (``LLM.generate``); vLLM's field
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:

@@ -3,6 +3,7 @@ stop conditions, aborts, logprobs, and every page back in the pool afterwards.""
 
 import asyncio
 import dataclasses
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -386,6 +387,27 @@ def test_llm_text_prompts_and_progress(ckpt):
         c = o.outputs[0]
         assert len(c.token_ids) == 6 and c.text == llm.tokenizer.decode(c.token_ids)
     assert llm.engine.allocator.num_in_use == 0
+    # vLLM's face: the sampling_params keyword, each output's text prompt, the logprobs' token text
+    outs = llm.generate(["héllo", [256, 5, 6]], sampling_params=SamplingParams(temperature=0, max_tokens=3,
+                                                                             logprobs=2), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["héllo", None]
+    for entry in outs[0].outputs[0].logprobs:
+        assert all(lp.decoded_token == llm.tokenizer.decode([t], skip_special_tokens=False) for t, lp in entry.items())
+    # a batch with a prompt the engine refuses raises and leaves nothing queued (the others were queued before)
+    with pytest.raises(RequestError):
+        llm.generate(["ok", "fine", "x" * 500], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished() and llm.engine.allocator.num_in_use == 0
+    again = llm.generate(["héllo"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert again[0].outputs[0].token_ids == llm.generate(
+        ["héllo"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_llm_without_a_model_serves_the_demo_model(monkeypatch):
+    from checkpoints import DEMO_MODEL
+    from jaxdyn.engine import llm as llm_mod
+    seen = []
+    monkeypatch.setattr(llm_mod, "build_engine", lambda model, **kw: seen.append(model) or "engine")
+    assert LLM().engine == "engine" and seen == [DEMO_MODEL] and os.path.isdir(DEMO_MODEL)
 
 
 def _reference_greedy_with_penalties(model, prompt, n, *, presence=0.0, frequency=0.0, repetition=1.0):
