@@ -73,7 +73,7 @@ def restore_error(e: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-LEFTOVERS_FOR_S = 60.0        # after a failed restore, its leftovers are dropped this long
+LEFTOVERS_FOR_S = 60.0        # after a restore, a failed one's leftovers are dropped this long
 _failed_restore_at = [float("-inf")]
 
 
@@ -92,10 +92,11 @@ def _orbax_leftover(u) -> bool:
             and last == "_check_closed")
 
 
-def _quiet_orbax_leftovers() -> None:
-    """After a failed restore: drop what ``_orbax_leftover`` matches from ``sys.unraisablehook`` (the same error,
+def _quiet_orbax_leftovers(collect: bool = True) -> None:
+    """Around a restore (set before it: a callback can fire between the restore's failure and its handler) and
+    after a failed one: drop what ``_orbax_leftover`` matches from ``sys.unraisablehook`` (the same error,
     printed again with kilobytes of TensorStore specs, and tracebacks after the CLI's one-line message), and
-    collect the coroutines now; every other unraisable exception still goes to the hook there was."""
+    ``collect`` the coroutines now; every other unraisable exception still goes to the hook there was."""
     _failed_restore_at[0] = time.monotonic()
     if not getattr(sys.unraisablehook, "_jaxdyn_orbax_filter", False):
         previous = sys.unraisablehook
@@ -105,7 +106,8 @@ def _quiet_orbax_leftovers() -> None:
                 previous(u)
         hook._jaxdyn_orbax_filter = True
         sys.unraisablehook = hook
-    gc.collect()
+    if collect:
+        gc.collect()
 
 
 def read_marker(path: str) -> dict:
@@ -361,6 +363,7 @@ def load_converted(path: str, mesh, *, dtype=None, config: ModelConfig | None = 
             if not os.path.isdir(gdir):
                 raise CheckpointError(f"{gdir}: missing parameter group {group!r}")
             try:
+                _quiet_orbax_leftovers(collect=False)
                 tree = ckptr.restore(gdir, _nest(flat))
             except Exception as e:  # orbax/tensorstore raise many kinds
                 _quiet_orbax_leftovers()

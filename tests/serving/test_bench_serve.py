@@ -402,7 +402,8 @@ def test_compare_prints_both_runs_and_the_ratios_b_over_a(tmp_path, capsys):
     label, va, vb, ratio = _row(out, "Mean TTFT (ms)")
     assert float(va.replace(",", "")) == pytest.approx(a["mean_ttft_ms"], abs=0.01)
     assert float(ratio) == pytest.approx(b["mean_ttft_ms"] / a["mean_ttft_ms"], abs=1e-3)
-    assert 2.2 < float(ratio) < 3.3
+    # the fakes' first tokens differ by 100 ms; what the loaded host adds to both is not a ratio's (CI: 2.15x)
+    assert 80 < b["mean_ttft_ms"] - a["mean_ttft_ms"] < 130 and float(ratio) > 1
     assert float(_row(out, "Successful requests")[3]) == 1.0
     assert float(_row(out, "Request throughput (req/s)")[3]) < 0.8
 
