@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 import jaxdyn
 from jaxdyn import AsyncEngine, EngineDeadError, RequestError, SamplingParams
-from jaxdyn.engine.async_engine import RequestFailedError
+from jaxdyn.engine.async_engine import RequestFailedError, ShutdownError
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParamsError
 from serving.chat import ChatTemplateError, message_text, render_chat
@@ -727,6 +727,8 @@ async def _run_collect(request: Request, collect):
         return await _until_disconnect(request, collect())
     except RequestError as e:
         raise APIError(400, f"{e.param}: {e}", param=e.param, code="invalid_value") from None
+    except ShutdownError as e:
+        raise APIError(503, str(e), code="server_shutting_down", type_="service_unavailable") from None
     except EngineDeadError as e:
         raise APIError(503, str(e), code="engine_dead", type_="service_unavailable") from None
     except RequestFailedError as e:
@@ -735,6 +737,8 @@ async def _run_collect(request: Request, collect):
 
 def _stream_error(e: Exception) -> APIError:
     """The error event that ends a stream whose request failed after the response began."""
+    if isinstance(e, ShutdownError):
+        return APIError(503, str(e), code="server_shutting_down", type_="service_unavailable")
     if isinstance(e, (RequestError, SamplingParamsError)):
         return APIError(400, str(e), param=getattr(e, "param", None))
     if isinstance(e, RequestFailedError):

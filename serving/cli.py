@@ -432,8 +432,8 @@ def cmd_serve(args) -> int:
     state = ServerState(name, max_queued_requests=args.max_queued_requests,
                         max_request_bytes=args.max_request_bytes)
     app = build_app(state)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_grace))
+    server = _DrainingServer(state, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                                   timeout_graceful_shutdown=args.shutdown_grace))
     failed = []
 
     def address() -> str:
@@ -503,6 +503,29 @@ def cmd_serve(args) -> int:
     if failed:
         raise CLIError(f"loading {model} failed: {failed[0]}")
     return 0
+
+
+def _DrainingServer(state, config):
+    """uvicorn's server, whose shutdown (SIGTERM) ends the requests still unfinished shortly before its grace
+    period runs out with an error (an SSE error event and [DONE], or a 503), where uvicorn would cancel them
+    mid-response."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            grace = self.config.timeout_graceful_shutdown
+            if grace is not None and state.engine is not None:
+                def fail():
+                    n = state.engine.fail_unfinished(f"the server is shutting down (its {grace:g} s grace period "
+                                                     "ran out)")
+                    if n:
+                        print(f"jaxdyn: shutting down: {n} unfinished request(s) ended with an error", flush=True)
+                asyncio.get_running_loop().call_later(max(grace - min(1.0, grace / 2), 0.0), fail)
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def cmd_worker(args) -> int:

@@ -32,6 +32,10 @@ class RequestFailedError(RuntimeError):
     """One request failed inside the engine (e.g. its remote prefill); the engine lives on."""
 
 
+class ShutdownError(EngineDeadError):
+    """The server is stopping and its grace period ran out before this request finished (``fail_unfinished``)."""
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -159,6 +163,16 @@ class StreamingEngine:
         s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if s is not None:
             pending.setdefault(s.loop, []).append((s, out))
+
+    def fail_unfinished(self, message: str) -> int:
+        """End every unfinished request's stream with ``ShutdownError(message)`` and abort it in the engine: a
+        server whose shutdown grace is running out, so that its streams end with an error event rather than cut
+        off. Call from the event loop; returns how many requests it ended."""
+        rids = list(self._streams)
+        self._fail_all(ShutdownError(message), {})
+        for rid in rids:
+            self._send(("abort", rid))
+        return len(rids)
 
     def _fail_all(self, err: BaseException, pending: dict) -> None:
         for rid in list(self._streams):

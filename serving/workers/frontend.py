@@ -27,7 +27,7 @@ import types
 
 import grpc
 
-from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError
+from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, ShutdownError
 from jaxdyn.engine.core import RequestError
 from jaxdyn.engine.metrics import EngineMetrics
 from jaxdyn.engine.request import RequestOutput
@@ -78,9 +78,10 @@ class _RemoteStream:
         self.failure: str | None = None
         self.arrival = time.monotonic()
 
-    def fail(self, message: str) -> None:
-        """From any thread: end this stream with an error now."""
+    def fail(self, message: str, error: type = RequestFailedError) -> None:
+        """From any thread: end this stream with an ``error`` now."""
         self.failure = message
+        self.error = error
         if self.call is not None:
             self.loop.call_soon_threadsafe(self.call.cancel)
 
@@ -240,7 +241,8 @@ class RemoteEngine:
                 if finished:
                     return
             failed = True
-            raise RequestFailedError(s.failure or f"worker {s.worker.address} ended the stream early")
+            raise getattr(s, "error", RequestFailedError)(s.failure or f"worker {s.worker.address} ended the stream "
+                                                          "early")
         except grpc.aio.AioRpcError as e:
             err = _translate(e, s)
             refused = isinstance(err, RequestError)     # the client's request: not counted, as the engine does not
@@ -249,7 +251,7 @@ class RemoteEngine:
         except asyncio.CancelledError:
             if s.failure is not None:          # the health thread cancelled it: the worker is gone
                 failed = True
-                raise RequestFailedError(s.failure) from None
+                raise getattr(s, "error", RequestFailedError)(s.failure) from None
             raise
         finally:
             self._streams.pop(s.request_id, None)
@@ -263,6 +265,13 @@ class RemoteEngine:
                     reason = reason or ("error" if failed else "abort")
                     m.requests_finished[reason] = m.requests_finished.get(reason, 0) + 1
             m.num_running = len(self._streams)
+
+    def fail_unfinished(self, message: str) -> int:
+        """End every stream in flight with an error (``StreamingEngine.fail_unfinished``); returns how many."""
+        streams = list(self._streams.values())
+        for s in streams:
+            s.fail(message, ShutdownError)
+        return len(streams)
 
     async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
         s = self.add_request(prompt_ids, params, request_id, priority=priority)

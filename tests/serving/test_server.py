@@ -618,6 +618,62 @@ def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
     assert float(m.group(1)) > 0 and float(m.group(2)) >= 0 and float(m.group(3)) > 0
 
 
+def test_streams_left_when_the_shutdown_grace_runs_out_end_with_an_error_event_not_cut_off(ckpt):
+    """SIGTERM with a short --shutdown-grace (here: the server told to exit, as uvicorn's signal handler does):
+    the streams still running shortly before the grace ends get an error event (503, server_shutting_down) and
+    [DONE], and the engine aborts them, where uvicorn would cancel them mid-body (a truncated 200)."""
+    from serving.cli import _DrainingServer
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core.warmup()
+    real_step = core.step
+
+    def slow_step(*a, **k):                  # 20 steps a second: 100 tokens take 5 s
+        time.sleep(0.05)
+        return real_step(*a, **k)
+    core.step = slow_step
+    state = ServerState("tiny")
+    state.engine = AsyncEngine(core)
+    port = free_port()
+    server = _DrainingServer(state, uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
+                                                   log_level="critical", timeout_graceful_shutdown=1.0))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    results = []
+
+    def stream(i):
+        body = {"prompt": f"go {i}", "max_tokens": 100, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            results.append(r.read().decode())
+    clients = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    try:
+        for c in clients:
+            c.start()
+        time.sleep(1.0)
+        server.should_exit = True
+        for c in clients:
+            c.join(30)
+        thread.join(30)
+        assert len(results) == 3 and not thread.is_alive()
+        for raw in results:
+            events = [e for e in raw.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]", raw[-300:]
+            err = json.loads(events[-2][6:])["error"]
+            assert err["code"] == "server_shutting_down" and "grace period" in err["message"]
+        for _ in range(100):
+            if not core.requests:
+                break
+            time.sleep(0.05)
+        assert not core.requests and core.allocator.num_in_use == 0        # aborted in the engine too
+    finally:
+        server.should_exit = True
+        state.engine.shutdown()
+
+
 def test_an_engine_that_dies_mid_stream_sends_an_error_event_then_done_and_health_turns_503(ckpt):
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
