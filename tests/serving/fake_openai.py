@@ -55,7 +55,10 @@ class FakeOpenAI:
         app = Starlette(routes=[Route("/v1/models", self._models, methods=["GET"]),
                                 Route("/v1/completions", self._complete, methods=["POST"]),
                                 Route("/v1/chat/completions", self._complete, methods=["POST"])])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        # log_config None: uvicorn's default config would bind its handlers to the sys.stderr of the moment, a
+        # test's capsys stream, closed after that test (pytest's own capture then failed when a test ran alone)
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                     log_config=None))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self):
