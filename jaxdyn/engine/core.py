@@ -331,9 +331,7 @@ class EngineCore:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
         req.metrics.finished_time = time.monotonic()
-        for seq in req.seqs:                  # by sequence, as ``_retire`` counts (those already done as they ended)
-            self.metrics.requests_finished[seq.finish_reason] = \
-                self.metrics.requests_finished.get(seq.finish_reason, 0) + 1
+        self._count_finished(req)             # those already done by how they ended
         return self._make_wire(req) if wire else self._make_output(req)
 
     def has_unfinished(self) -> bool:
@@ -543,9 +541,13 @@ class EngineCore:
         self.requests.pop(req.request_id, None)
         req.metrics.finished_time = now
         self.metrics.e2e.observe(now - req.metrics.arrival_time)
+        self._count_finished(req)
+
+    def _count_finished(self, req: Request) -> None:
+        """``requests_finished`` (``jaxdyn:request_success``) counts sequences, by finish reason."""
+        done = self.metrics.requests_finished
         for s in req.seqs:
-            self.metrics.requests_finished[s.finish_reason] = \
-                self.metrics.requests_finished.get(s.finish_reason, 0) + 1
+            done[s.finish_reason] = done.get(s.finish_reason, 0) + 1
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         req = seq.request
@@ -687,16 +689,14 @@ def _kernel_page_limit(model_config, mesh, page_size: int) -> int:
 
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     ps = config.page_size
-    dtype = kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh, config.kv_cache_dtype)
     dev = mesh.devices.flat[0]
     stats = dev.memory_stats() if dev.platform == "gpu" else None
     if stats and "bytes_limit" in stats:
         # weights not loaded yet (an abstract state) will take their share of the device too
         free = (stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
                 - unloaded_bytes_per_device(state, mesh))
-        per_device_page = (2 * model_config.num_layers * _kv_heads_per_device(model_config, mesh) * ps
-                           * model_config.head_dim * dtype.itemsize)
-        return max(int(free // per_device_page), math.ceil(max_model_len / ps))
+        return max(int(free // _kv_page_bytes_per_device(state, model_config, mesh, config)),
+                   math.ceil(max_model_len / ps))
     # CPU: room for max_num_seqs sequences of 1k tokens, and at least one of max_model_len.
     return max(math.ceil(max_model_len / ps), math.ceil(config.max_num_seqs * 1024 / ps))
 

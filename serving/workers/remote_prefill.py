@@ -63,7 +63,7 @@ class RemotePrefillRole:
         self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
         self._bad_until = [0.0] * len(self.addresses)
         self._rr = itertools.count()
-        self._calls: dict[str, grpc.Future] = {}
+        self._calls: dict[str, tuple] = {}     # request -> (its Prefill call, the worker), until delivered
         self._aborted: set[str] = set()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -75,7 +75,6 @@ class RemotePrefillRole:
         self.compiles_while_serving = 0
         self.computed_prefill_tokens = 0       # prompt tokens sent for remote prefill
         self.timings: dict[str, tuple[float, float]] | None = None   # benchmarks: {id: (header, block)}
-        self._calling: dict[str, int] = {}     # request -> the worker its call is waiting on (until delivered)
         self._stalled: set[str] = set()        # requests whose call the health thread cancelled
         self._misses = [0] * len(self.addresses)
         self._stop = threading.Event()
@@ -117,12 +116,12 @@ class RemotePrefillRole:
             self._aborted.add(request_id)
             call = self._calls.pop(request_id, None)
         if call is not None:
-            call.cancel()
+            call[0].cancel()
 
     def shutdown(self) -> None:
         self._stop.set()
         with self._lock:
-            calls = list(self._calls.values())
+            calls = [c for c, _ in self._calls.values()]
         for c in calls:
             c.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -147,9 +146,9 @@ class RemotePrefillRole:
                 if self._misses[i] >= HEALTH_MISSES:
                     self._bad_until[i] = max(self._bad_until[i], time.monotonic() + UNREACHABLE_FOR_S)
                     with self._lock:
-                        waiting = [rid for rid, j in self._calling.items() if j == i]
+                        waiting = {rid: c for rid, (c, j) in self._calls.items() if j == i}
                         self._stalled.update(waiting)
-                        calls = [self._calls[rid] for rid in waiting if rid in self._calls]
+                        calls = list(waiting.values())
                     if waiting:
                         log.warning("prefill worker %s stopped answering: %d prompt(s) it held go elsewhere",
                                     self.addresses[i], len(waiting))
@@ -184,7 +183,6 @@ class RemotePrefillRole:
         finally:
             with self._lock:
                 self._calls.pop(rid, None)
-                self._calling.pop(rid, None)
                 self._stalled.discard(rid)
                 self._aborted.discard(rid)
                 self._pending.discard(rid)
@@ -201,8 +199,7 @@ class RemotePrefillRole:
                     self._aborted.discard(rid)
                     call.cancel()
                     return False
-                self._calls[rid] = call
-                self._calling[rid] = i
+                self._calls[rid] = (call, i)
             first = next(call)
             answered = True
             self.incompatible.pop(addr, None)
@@ -222,7 +219,7 @@ class RemotePrefillRole:
                     raise RuntimeError(f"KV stream from {addr} ended after {len(buf)} of {h.nbytes} bytes")
                 block = np.frombuffer(bytes(buf), dtype=dtype).reshape(shape)
             with self._lock:                # delivered: the health thread leaves it alone
-                self._calling.pop(rid, None)
+                self._calls.pop(rid, None)
                 self._stalled.discard(rid)
             if self.timings is not None:
                 self.timings[rid] = (t_header, time.perf_counter())
@@ -233,7 +230,6 @@ class RemotePrefillRole:
             code = e.code()
             with self._lock:
                 self._calls.pop(rid, None)
-                self._calling.pop(rid, None)
                 aborted = rid in self._aborted
                 stalled = rid in self._stalled
                 self._stalled.discard(rid)
