@@ -15,7 +15,9 @@ refused, cancelled by time) goes as ``("error", request_id, message)``, so the d
 pages it reserved and ends the request with an error. A worker that stops answering its Health
 (``HEALTH_MISSES`` in a row) is skipped, and the calls waiting on it are cancelled and tried elsewhere, so a
 stopped prefill worker delays its prompts by seconds, not by the prefill timeout. ``abort`` cancels the
-call, which aborts the prefill on the other side.
+call, which aborts the prefill on the other side. A block pulled over the ``jax`` transport is waited for here,
+not in the decode engine: one that never arrives (its worker stopped mid-transfer) fails its request at the prefill
+timeout, or goes elsewhere once that worker stops answering its Health, and never stalls the engine's step.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ class RemotePrefillRole:
         request may go to another), else False (delivered to the sink, or aborted)."""
         addr = self.addresses[i]
         answered = False
+        t_call = time.monotonic()
         try:
             call = self._stubs[i].Prefill(req, timeout=self.timeout_s)
             with self._lock:
@@ -211,6 +214,8 @@ class RemotePrefillRole:
                 conn = self._connection(h.transfer_address)
                 spec = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(self.device))
                 block = conn.pull(h.transfer_uuid, [spec])[0]
+                if not self._arrived(block, rid, i, t_call + self.timeout_s):
+                    return self._given_up(rid)
             else:
                 buf = bytearray()
                 for msg in call:
@@ -256,6 +261,34 @@ class RemotePrefillRole:
         except Exception as e:              # a malformed reply, a failed pull: this request fails
             self.sink(("error", rid, f"remote prefill on {addr} failed: {e!r}"))
         return False
+
+    def _arrived(self, block, rid: str, i: int, deadline: float) -> bool:
+        """Wait here, not in the engine, for a pulled block to arrive. ``pull`` returns at once with an array
+        whose data come later; one that never comes (the prefill worker stopped or died mid-transfer) would stall
+        the decode engine's step that reads it, and every request with it. True once it is here (raises if the
+        transfer failed); False if the request was aborted or its worker stopped answering meanwhile (the block
+        is dropped); TimeoutError past the prefill timeout."""
+        pause = 0.0002
+        while not block.is_ready():
+            with self._lock:
+                if rid in self._aborted or rid in self._stalled:
+                    return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the KV block from {self.addresses[i]} did not arrive within the "
+                                   f"{self.timeout_s:g} s prefill timeout")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        block.block_until_ready()           # a failed transfer raises here, in this request's thread
+        return True
+
+    def _given_up(self, rid: str) -> bool:
+        """After ``_arrived`` gave up: an aborted request ends here (the decode side knows); one whose worker
+        stopped answering goes to another worker or is computed here (True)."""
+        with self._lock:
+            self._calls.pop(rid, None)
+            stalled = rid in self._stalled and rid not in self._aborted
+            self._stalled.discard(rid)
+        return stalled                      # the health thread has logged which worker stopped answering
 
     def _transfer_server(self):
         if self._transfer is None:

@@ -503,3 +503,79 @@ def test_a_prompt_a_prefill_worker_refuses_for_its_own_limits_is_computed_here(c
         finally:
             role.shutdown()
     assert core.allocator.num_in_use == 0
+
+
+class _StalledTransferWorker(pb_grpc.WorkerServicer):
+    """A prefill worker that answers a Prefill with a jax-transport header naming a transfer it never offers
+    (as one stopped or killed between its header and the pull), and answers Health until ``silent`` is set."""
+
+    def __init__(self, address):
+        self.address = address
+        self.silent = threading.Event()
+
+    def Prefill(self, request, context):
+        yield pb.PrefillReply(header=pb.PrefillHeader(
+            first_token=5, shape=[2, 4], dtype="float32", transport="jax", nbytes=32,
+            transfer_uuid=4242, transfer_address=self.address))
+
+    def Health(self, request, context):
+        if self.silent.is_set():
+            time.sleep(5)                # past the health check's timeout
+        return pb.HealthReply(role="prefill")
+
+
+@contextlib.contextmanager
+def _stalled_transfer_worker():
+    from concurrent import futures
+
+    import jax
+    from jax.experimental import transfer
+    offerer = transfer.start_transfer_server(jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"])
+    fake = _StalledTransferWorker(offerer.address())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_WorkerServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield fake, f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def _first_delivery(got, within):
+    t0 = time.monotonic()
+    while not got and time.monotonic() - t0 < within:
+        time.sleep(0.05)
+    return got[0] if got else None, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("how", ["timeout", "silent"])
+def test_a_kv_pull_that_never_arrives_costs_its_request_not_the_decode_engine(how):
+    """``pull`` over the jax transport returns an array at once and its data later. A prefill worker that stops
+    between its header and the transfer: its block never arrives. It must not reach the decode engine (whose step
+    would wait on it forever, and every request with it): past the prefill timeout the request fails
+    (``timeout``); a worker that stops answering its Health meanwhile has the prompt computed here (``silent``)."""
+    from jaxdyn.disagg.engine import Handoff
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.remote_prefill import RemotePrefillRole
+
+    with _stalled_transfer_worker() as (fake, address):
+        role = RemotePrefillRole([address], transport="jax", timeout_s=3 if how == "timeout" else 60)
+        got = []
+        role.set_sink(got.append)
+        try:
+            role.submit("p1", [3, 4, 5], SamplingParams(max_tokens=1, seed=0))
+            if how == "silent":
+                time.sleep(0.5)
+                fake.silent.set()
+            item, took = _first_delivery(got, within=30)
+            assert item is not None, "nothing delivered"
+            handed_over = isinstance(item, Handoff)         # (an unready block's repr would wait for it)
+            assert not handed_over, "a block that never arrives was handed to the engine"
+            if how == "timeout":
+                assert item[:2] == ("error", "p1") and "did not arrive within the 3 s" in item[2]
+            else:
+                assert item[:2] == ("local", "p1") and took < 20
+            assert not role._calls and not role._pending
+        finally:
+            role.shutdown()
