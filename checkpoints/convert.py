@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _merged_qkv, _path_keys,
-                            hf_names, qkv_sizes)
+                            hf_names, qkv_sizes, untie_a_distinct_head)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
 from jaxdyn.models.llama import is_quantized, split_qkv
@@ -230,6 +230,8 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
     if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         raise CheckpointError(f"{hf_dir}: missing tokenizer (no tokenizer.json); a served model needs one")
     files = CheckpointFiles(hf_dir)
+    tied = cfg.tie_word_embeddings
+    cfg = untie_a_distinct_head(cfg, files, hf_dir)
 
     qcfg = cfg if quant is None else _replace(cfg, quantization=quant, quantize_lm_head=quantize_lm_head)
     mesh1 = make_mesh(1, jax.devices()[:1])
@@ -293,6 +295,8 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
         with open(os.path.join(hf_dir, "config.json")) as f:
             hf_cfg = json.load(f)
         hf_cfg["torch_dtype"] = dtype
+        if tied and not cfg.tie_word_embeddings:
+            hf_cfg["tie_word_embeddings"] = False       # the checkpoint's own lm_head is converted
         hf_cfg.pop("dtype", None)
         if quant:
             hf_cfg["jaxdyn_quantization"] = quant

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 
@@ -83,6 +84,28 @@ def _replicate_kv(array: np.ndarray, cfg: ModelConfig, stored: int) -> np.ndarra
     return np.repeat(heads, stored // cfg.num_kv_heads, axis=-2).reshape(*array.shape[:-1], stored * cfg.head_dim)
 
 
+log = logging.getLogger("jaxdyn.checkpoints")
+
+
+def untie_a_distinct_head(cfg: ModelConfig, files: CheckpointFiles, where: str) -> ModelConfig:
+    """``cfg`` untied when it ties the embeddings but the checkpoint holds an ``lm_head.weight`` that differs
+    from the embedding: transformers 5 then uses the head (with a warning), not the embedding. An identical head
+    changes nothing."""
+    if not (cfg.tie_word_embeddings and "lm_head.weight" in files and "model.embed_tokens.weight" in files):
+        return cfg
+    head, emb = files.get("lm_head.weight"), files.get("model.embed_tokens.weight")
+    if head.shape == emb.shape:
+        if head.dtype == emb.dtype:
+            same = np.array_equal(head.reshape(-1).view(np.uint8), emb.reshape(-1).view(np.uint8))
+        else:
+            same = np.array_equal(head.astype(np.float32), emb.astype(np.float32))
+        if same:
+            return cfg
+    log.warning("%s: tie_word_embeddings is set, but lm_head.weight differs from the embedding: lm_head.weight "
+                "is used (as transformers 5 does)", where)
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
 def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
                        config: ModelConfig | None = None, abstract=None) -> LoadedModel:
     """Read ``path`` (config.json + safetensors) into a model sharded over ``mesh``.
@@ -95,6 +118,8 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     dtype = jnp.dtype(dtype or cfg.dtype)
     try:
         files = CheckpointFiles(path)
+        if config is None:
+            cfg = untie_a_distinct_head(cfg, files, path)
     except SafetensorsError as e:
         raise CheckpointError(str(e)) from e
 

@@ -11,7 +11,8 @@ from flax import nnx
 
 from checkpoints.convert import is_converted, load_converted, read_marker
 from checkpoints.dummy import init_dummy_weights
-from checkpoints.hf import CheckpointError, LoadedModel, load_hf_checkpoint
+from checkpoints.hf import CheckpointError, LoadedModel, load_hf_checkpoint, untie_a_distinct_head
+from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
 from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
 from jaxdyn.models.presets import PRESETS, preset_config
@@ -74,6 +75,10 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
         else:
             source = "hf"
             cfg = ModelConfig.from_pretrained(model)
+            try:
+                cfg = untie_a_distinct_head(cfg, CheckpointFiles(model), model)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
             dt = dt or jnp.dtype(cfg.dtype)
         if os.path.isdir(model) and os.path.exists(os.path.join(model, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(model)

@@ -77,7 +77,9 @@ class SafetensorsFile:
         return list(self._header)
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
-        entry = self._header[name]
+        entry = self._header.get(name)
+        if entry is None:
+            raise SafetensorsError(f"{self.path}: no tensor {name!r}")
         return tuple(entry["shape"]), entry["dtype"]
 
     def get(self, name: str) -> np.ndarray:
@@ -122,6 +124,10 @@ class CheckpointFiles:
                 if os.path.basename(fname) != fname:
                     raise SafetensorsError(f"{index_path}: {fname!r} is not a file name in this directory")
                 self.where[name] = fname
+        elif os.path.isfile(os.path.join(self.directory, "model.safetensors")):
+            # as transformers: without an index only model.safetensors is read (a copy beside it is not)
+            for name in self._file("model.safetensors").keys():
+                self.where[name] = "model.safetensors"
         else:
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))
             if not names:
@@ -132,6 +138,10 @@ class CheckpointFiles:
                 raise SafetensorsError(f"{self.directory}: no *.safetensors files")
             for fname in names:
                 for name in self._file(fname).keys():
+                    if name in self.where:
+                        raise SafetensorsError(
+                            f"{self.directory}: tensor {name!r} is in both {self.where[name]} and {fname}, and no "
+                            f"model.safetensors.index.json says which to read")
                     self.where[name] = fname
 
     def _file(self, fname: str) -> SafetensorsFile:

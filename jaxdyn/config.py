@@ -231,34 +231,41 @@ def _get(d: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED, *, l
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
-    # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote
-    # `rope_theta` and `rope_scaling`. Accept both.
+    """transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta` and `rope_scaling`. Both
+    are read as transformers 5 reads them (`convert_rope_params_to_dict`, `standardize_rope_params`): a
+    `rope_scaling` wins over `rope_parameters` (what a user adds to a saved config, as Qwen's model cards say
+    for YaRN); theta comes from the chosen object, else the top-level `rope_theta`, else 10000; llama3's
+    `original_max_position_embeddings` from the top level, else the object, else `max_position_embeddings`."""
     for key in ("rope_parameters", "rope_scaling"):
         if hf.get(key) is not None and not isinstance(hf[key], dict):
             raise ConfigError(f"{key} must be an object, got {hf[key]!r}")
-    params = dict(hf.get("rope_parameters") or {})
-    where = "rope_parameters." if params else "rope_scaling."
-    scaling = hf.get("rope_scaling") or {}
-    if not params:
-        params = dict(scaling)
+    if hf.get("rope_scaling"):
+        params, where = dict(hf["rope_scaling"]), "rope_scaling."
+    else:
+        params, where = dict(hf.get("rope_parameters") or {}), "rope_parameters."
     theta = _get(params, "rope_theta", float, None, low=0, where=where) or _get(hf, "rope_theta", float, 10000.0,
                                                                                 low=0)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"unsupported rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+        raise ConfigError(f"unsupported rope_type {rope_type!r} (in {where[:-1]}); supported: "
+                          f"{SUPPORTED_ROPE_TYPES}")
     if rope_type == "default":
         return RopeConfig(theta=theta)
     factor = _get(params, "factor", float, 1.0, low=0, where=where)
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)
+    if hf.get("original_max_position_embeddings") is not None:
+        original = _get(hf, "original_max_position_embeddings", int, low=1)
+    else:
+        original = _get(params, "original_max_position_embeddings", int, None, low=1, where=where) or \
+            _get(hf, "max_position_embeddings", int, 4096, low=1)
     return RopeConfig(
         theta=theta,
         rope_type="llama3",
         factor=factor,
         low_freq_factor=_get(params, "low_freq_factor", float, 1.0, low=0, where=where),
         high_freq_factor=_get(params, "high_freq_factor", float, 4.0, low=0, where=where),
-        original_max_position_embeddings=_get(params, "original_max_position_embeddings", int, 8192, low=1,
-                                              where=where),
+        original_max_position_embeddings=original,
     )
 
 

@@ -72,13 +72,18 @@ def test_errors_name_the_problem(hf, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
     for case, message in [("missing", "missing tensor 'model.layers.0.mlp.up_proj.weight'"),
                           ("extra", "does not use: 'model.layers.0.surprise.weight'"),
-                          ("shape", "'model.norm.weight' has shape (3,)")]:
+                          ("shape", "'model.norm.weight' has shape (3,)"),
+                          ("elsewhere", "no tensor 'model.layers.0.mlp.up_proj.weight'")]:
         d = tmp_path / case
         shutil.copytree(hf, d)
         idx = json.load(open(d / "model.safetensors.index.json"))
-        name = {"missing": "model.layers.0.mlp.up_proj.weight", "extra": None, "shape": "model.norm.weight"}[case]
+        name = {"missing": "model.layers.0.mlp.up_proj.weight", "extra": None, "shape": "model.norm.weight",
+                "elsewhere": "model.layers.0.mlp.up_proj.weight"}[case]
         if case == "missing":
             del idx["weight_map"][name]
+        elif case == "elsewhere":       # the index names a shard that does not hold it
+            idx["weight_map"][name] = next(f for f in sorted(set(idx["weight_map"].values()))
+                                           if f != idx["weight_map"][name])
         else:
             extra = {"model.layers.0.surprise.weight": np.zeros(2, np.float32)} if case == "extra" else \
                 {"model.norm.weight": np.zeros(3, np.float32)}

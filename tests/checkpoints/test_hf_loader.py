@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from checkpoints.hf import CheckpointError, load_hf_checkpoint
 from jaxdyn.config import ConfigError
 from jaxdyn.parallel.sharding import make_mesh
-from tests.support import make_hf_checkpoint
+from tests.support import make_byte_tokenizer, make_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -149,4 +149,67 @@ def test_directory_without_weights_is_named(llama_dir, tmp_path):
     path.mkdir()
     shutil.copy(os.path.join(llama_dir, "config.json"), path)
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors files"):
+        load_hf_checkpoint(path, make_mesh(1))
+
+
+def _with_tensors(src, dst, extra: dict, fname="model.safetensors"):
+    """A copy of the single-file checkpoint ``src`` with ``extra`` tensors written into ``fname`` (the whole
+    checkpoint's tensors too when ``fname`` is model.safetensors, else ``extra`` alone)."""
+    from checkpoints.safetensors_io import CheckpointFiles, save_safetensors
+    path = _copy(src, dst)
+    if fname == "model.safetensors":
+        files = CheckpointFiles(path)
+        tensors = {n: np.array(files.get(n)) for n in files.where}
+        save_safetensors(os.path.join(path, fname), {**tensors, **extra})
+    else:
+        save_safetensors(os.path.join(path, fname), extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return make_hf_checkpoint("llama3.2-tied", str(tmp_path_factory.mktemp("tied")))
+
+
+@pytest.mark.parametrize("head", ["distinct", "the_embedding"])
+def test_a_tied_config_with_its_own_lm_head_uses_it_as_transformers_5_does(tied_dir, tmp_path, head, caplog):
+    """tie_word_embeddings set, and the checkpoint also holds an lm_head.weight: transformers 5 uses that head
+    when it differs from the embedding (and warns); it had been skipped for the embedding, silently wrong logits.
+    An identical copy keeps the model tied. The same holds for what `jaxdyn convert` writes."""
+    from checkpoints.convert import convert
+    from checkpoints.loader import plan_model
+    from tests.support import hf_model
+    emb = np.array(load_hf_checkpoint(tied_dir, make_mesh(1)).state["embed_tokens"]["embedding"][...])
+    given = np.random.default_rng(0).standard_normal(emb.shape).astype(np.float32) if head == "distinct" else emb
+    path = _with_tensors(tied_dir, tmp_path / "ckpt", {"lm_head.weight": given})
+    with caplog.at_level("WARNING", logger="jaxdyn.checkpoints"):
+        plan = plan_model(path)
+    assert plan.config.tie_word_embeddings == (head == "the_embedding")
+    assert ("lm_head.weight differs from the embedding" in caplog.text) == (head == "distinct")
+    want = hf_model(path).lm_head.weight.detach().numpy()          # what transformers computes with
+    np.testing.assert_array_equal(want, given)
+    for loaded in (load_hf_checkpoint(path, make_mesh(1)), load_hf_checkpoint(path, make_mesh(1), config=plan.config)):
+        state = loaded.state
+        used = np.array(state["embed_tokens"]["embedding"][...]) if loaded.config.tie_word_embeddings else \
+            np.array(state["lm_head"]["kernel"][...]).T
+        np.testing.assert_array_equal(used, given)
+    out = tmp_path / "converted"
+    make_byte_tokenizer(path)
+    convert(path, str(out), dtype="float32", progress=False)
+    assert json.load(open(out / "config.json"))["tie_word_embeddings"] == (head == "the_embedding")
+
+
+def test_without_an_index_only_model_safetensors_is_read_and_a_tensor_in_two_files_is_refused(llama_dir, tmp_path):
+    """A copy of a tensor beside model.safetensors (a backup, an adapter) is not read, as transformers reads only
+    model.safetensors without an index; it had silently replaced the model's. Several files without
+    model.safetensors or an index that repeat a tensor: refused, naming both files."""
+    from checkpoints.safetensors_io import CheckpointFiles
+    norm = np.array(CheckpointFiles(llama_dir).get("model.norm.weight"))
+    path = _with_tensors(llama_dir, tmp_path / "backup", {"model.norm.weight": norm * 0 + 7},
+                         fname="model_backup.safetensors")
+    loaded = load_hf_checkpoint(path, make_mesh(1))
+    np.testing.assert_array_equal(np.array(loaded.state["norm"]["weight"][...]), norm)
+    os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "model-a.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is in both model-a\.safetensors and "
+                                              r"model_backup\.safetensors"):
         load_hf_checkpoint(path, make_mesh(1))

@@ -1,5 +1,6 @@
 """ModelConfig from Hugging Face config.json dictionaries of every supported family."""
 
+import copy
 import json
 import re
 
@@ -119,3 +120,44 @@ def test_generation_config_eos_ids_join_the_config_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
     assert ModelConfig.from_pretrained(str(tmp_path)).eos_token_ids == (5, 9)
+
+
+@pytest.mark.parametrize("case", ["scaling_beside_parameters", "llama3_without_original", "original_on_top"])
+def test_rope_is_read_as_transformers_5_reads_it(case):
+    """Where a config holds both keys, or leaves llama3's pretraining length out, the rotary frequencies are
+    transformers 5's: a user's ``rope_scaling`` over the saved ``rope_parameters`` (Qwen's model cards tell users
+    to add one for long context); llama3's ``original_max_position_embeddings`` from the top level, else the rope
+    object, else ``max_position_embeddings``. Read otherwise, the model runs silently wrong."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0}
+    extra = {
+        "scaling_beside_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                                      "rope_scaling": {"type": "linear", "factor": 4.0}},
+        "llama3_without_original": {"rope_parameters": llama3, "max_position_embeddings": 512},
+        "original_on_top": {"rope_parameters": {**llama3, "original_max_position_embeddings": 32},
+                            "original_max_position_embeddings": 64, "max_position_embeddings": 512},
+    }[case]
+    d = {**LLAMA, **extra}
+    hf = LlamaConfig.from_dict(copy.deepcopy({k: v for k, v in d.items() if k != "architectures"}))  # it edits them
+    rope_type = hf.rope_parameters["rope_type"]
+    init = ROPE_INIT_FUNCTIONS.get(rope_type, LlamaRotaryEmbedding.compute_default_rope_parameters)
+    want, _ = init(hf, torch.device("cpu"))
+    ours = ModelConfig.from_dict(d).rope
+    assert ours.rope_type == rope_type
+    np.testing.assert_allclose(rope_inv_freq(ours, 16), want.numpy(), rtol=1e-6)
+    if case == "scaling_beside_parameters":
+        assert ours.factor == 4.0
+    else:
+        assert ours.original_max_position_embeddings == {"llama3_without_original": 512, "original_on_top": 64}[case]
+
+
+def test_an_unsupported_rope_scaling_beside_saved_parameters_is_refused():
+    d = {**LLAMA, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}
+    with pytest.raises(ConfigError, match=r"unsupported rope_type 'yarn' \(in rope_scaling\)"):
+        ModelConfig.from_dict(d)
