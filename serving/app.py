@@ -170,6 +170,10 @@ UNSUPPORTED = {
     "logits_processors": "logits processors",
     "prompt_logprobs": "prompt logprobs",
     "use_beam_search": "beam search",
+    "allowed_token_ids": "allowed_token_ids",
+    "bad_words": "bad_words",
+    "cache_salt": "cache_salt (prefix-cache isolation)",
+    "spaces_between_special_tokens": "spaces_between_special_tokens other than true",
     "tools": "tool calling (tools with a tool_choice other than \"none\")",
     "tool_choice": "tool calling",
     "functions": "function calling",
@@ -180,7 +184,10 @@ UNSUPPORTED = {
 def _refuse_unsupported(req) -> None:
     for name, what in UNSUPPORTED.items():
         value = getattr(req, name, None)
-        if value is None or value is False or value == {} or value == []:
+        if name == "spaces_between_special_tokens":
+            if value is None or value is True:          # vLLM's default: what this server does
+                continue
+        elif value is None or value is False or value == {} or value == []:
             continue
         if name == "best_of" and value == (req.n if req.n is not None else 1):
             continue                                    # best_of = n: every sample is returned
@@ -376,28 +383,60 @@ def _tok_str(tokenizer, tid: int) -> str:
     return tokenizer.decode([tid], skip_special_tokens=False) if tokenizer is not None else str(tid)
 
 
-def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int) -> dict:
+def _shown(tokenizer, tid: int, as_ids: bool) -> str:
+    """A logprob entry's token: its text, or ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``, for tokens
+    whose text is not valid UTF-8 alone)."""
+    return f"token_id:{tid}" if as_ids else _tok_str(tokenizer, tid)
+
+
+def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int, as_ids: bool = False) -> dict:
+    """``text_offset`` counts characters of the text (the token's text), whatever ``as_ids`` shows."""
     tokens, token_lps, tops, offsets = [], [], [], []
     off = text_offset0
     for tid, entry in zip(token_ids, lps):
-        s = _tok_str(tokenizer, tid)
-        tokens.append(s)
+        tokens.append(_shown(tokenizer, tid, as_ids))
         token_lps.append(entry[tid].logprob)
-        tops.append({_tok_str(tokenizer, t): lp.logprob for t, lp in entry.items() if lp.rank is not None or t == tid})
+        tops.append({_shown(tokenizer, t, as_ids): lp.logprob for t, lp in entry.items()
+                     if lp.rank is not None or t == tid})
         offsets.append(off)
-        off += len(s)
+        off += len(_tok_str(tokenizer, tid))
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(tokenizer, token_ids, lps, top_n: int) -> dict:
+def _next_offset(tokenizer, lp: dict, token_ids) -> int:
+    """The text offset after a chunk's last token (where the next chunk's count starts)."""
+    return lp["text_offset"][-1] + len(_tok_str(tokenizer, token_ids[len(lp["tokens"]) - 1]))
+
+
+def _chat_logprobs(tokenizer, token_ids, lps, top_n: int, as_ids: bool = False) -> dict:
     content = []
     for tid, entry in zip(token_ids, lps):
-        s = _tok_str(tokenizer, tid)
+        s = _shown(tokenizer, tid, as_ids)
         tops = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None), key=lambda x: x[1].rank)[:top_n]
         content.append({"token": s, "logprob": entry[tid].logprob, "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": _tok_str(tokenizer, t), "logprob": lp.logprob,
-                                          "bytes": list(_tok_str(tokenizer, t).encode())} for t, lp in tops]})
+                        "top_logprobs": [{"token": _shown(tokenizer, t, as_ids), "logprob": lp.logprob,
+                                          "bytes": list(_shown(tokenizer, t, as_ids).encode())} for t, lp in tops]})
     return {"content": content}
+
+
+def _truncate_prompt(engine: AsyncEngine, ids: list[int], req) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: k keeps the prompt's last k tokens (the first k with ``truncation_side``
+    "right"); -1 the model's context length."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return ids
+    limit = engine.core.max_model_len
+    if k == -1:
+        k = limit
+    if k < 1:
+        raise APIError(400, f"truncate_prompt_tokens: must be -1 or a positive integer, got {k}",
+                       param="truncate_prompt_tokens", code="invalid_value")
+    if k > limit:
+        raise APIError(400, f"truncate_prompt_tokens: {k} is larger than this model's context ({limit} tokens)",
+                       param="truncate_prompt_tokens", code="invalid_value")
+    if len(ids) <= k:
+        return ids
+    return ids[:k] if req.truncation_side == "right" else ids[len(ids) - k:]
 
 
 # ---- endpoints -------------------------------------------------------------------------------------
@@ -501,6 +540,12 @@ def build_app(state: ServerState) -> Starlette:
             else:
                 prompt_ids.append(list(x))
                 prompt_texts.append(tok.decode(x, skip_special_tokens=False) if (tok and req.echo) else "")
+        for j, ids in enumerate(prompt_ids):
+            cut = _truncate_prompt(engine, ids, req)
+            if len(cut) != len(ids):
+                prompt_ids[j] = cut
+                if req.echo:            # what the model was given
+                    prompt_texts[j] = tok.decode(cut, skip_special_tokens=False) if tok else ""
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo: echo with logprobs (prompt logprobs) is not supported", param="echo")
         if req.suffix:
@@ -517,6 +562,7 @@ def build_app(state: ServerState) -> Starlette:
                 for i, ids in enumerate(prompt_ids)]
         n = params.n
         echo = bool(req.echo)
+        as_ids = bool(req.return_tokens_as_token_ids)
 
         def choice_text(i, c, first):
             return (prompt_texts[i] if echo and first else "")
@@ -545,9 +591,9 @@ def build_app(state: ServerState) -> Starlette:
                                   "stop_reason": c.stop_reason}
                             if c.delta_logprobs is not None:
                                 lp = _completion_logprobs(tok, c.delta_token_ids, c.delta_logprobs,
-                                                          token_offset.get(idx, 0))
+                                                          token_offset.get(idx, 0), as_ids)
                                 if lp["tokens"]:
-                                    token_offset[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                                    token_offset[idx] = _next_offset(tok, lp, c.delta_token_ids)
                                 ch["logprobs"] = lp
                             obj = {"id": rid, "object": "text_completion", "created": created,
                                    "model": state.model_name, "choices": [ch]}
@@ -583,7 +629,7 @@ def build_app(state: ServerState) -> Starlette:
                 ch = {"index": i * n + c.index, "text": (prompt_texts[i] if echo else "") + c.text,
                       "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if c.logprobs is not None:
-                    ch["logprobs"] = _completion_logprobs(tok, c.token_ids, c.logprobs, 0)
+                    ch["logprobs"] = _completion_logprobs(tok, c.token_ids, c.logprobs, 0, as_ids)
                 choices.append(ch)
         outs = [finals[i] for i in range(len(prompt_ids))]
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
@@ -610,6 +656,8 @@ def build_app(state: ServerState) -> Starlette:
                            "add_generation_prompt to false", param="continue_final_message")
         ids = await _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
                                      req.chat_template_kwargs or {}, bool(req.continue_final_message))
+        ids = _truncate_prompt(engine, ids, req)
+        as_ids = bool(req.return_tokens_as_token_ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         try:
             params = _sampling_params(req, max_tokens=max_tokens,
@@ -660,7 +708,8 @@ def build_app(state: ServerState) -> Starlette:
                                 ch = {"index": c.index, "delta": {"content": c.delta_text}, "logprobs": None,
                                       "finish_reason": None}
                                 if c.delta_logprobs is not None:
-                                    ch["logprobs"] = _chat_logprobs(tok, c.delta_token_ids, c.delta_logprobs, top_n)
+                                    ch["logprobs"] = _chat_logprobs(tok, c.delta_token_ids, c.delta_logprobs, top_n,
+                                                                    as_ids)
                                 yield chunk([ch])
                             if c.finish_reason:          # each choice's end as it ends
                                 ended.add(c.index)
@@ -690,7 +739,7 @@ def build_app(state: ServerState) -> Starlette:
             ch = {"index": c.index, "message": {"role": "assistant", "content": prefix + c.text},
                   "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if c.logprobs is not None:
-                ch["logprobs"] = _chat_logprobs(tok, c.token_ids, c.logprobs, top_n)
+                ch["logprobs"] = _chat_logprobs(tok, c.token_ids, c.logprobs, top_n, as_ids)
             choices.append(ch)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": state.model_name, "choices": choices,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -40,6 +40,9 @@ class _Sampling(_Base):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     priority: StrictInt | None = 0
+    truncate_prompt_tokens: StrictInt | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    return_tokens_as_token_ids: StrictBool | None = False
     # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
     # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
     best_of: Any = None
@@ -53,6 +56,10 @@ class _Sampling(_Base):
     logits_processors: Any = None
     prompt_logprobs: Any = None
     use_beam_search: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    cache_salt: Any = None
+    spaces_between_special_tokens: Any = None
 
 
 class CompletionRequest(_Sampling):

@@ -253,6 +253,18 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
     ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json", "not supported"),
     ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search", "not supported"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [97, 98]}, 400, "allowed_token_ids", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "bad_words": ["s"]}, 400, "bad_words",
+     "not supported"),
+    ("/v1/completions", {"prompt": "x", "cache_salt": "tenant-a"}, 400, "cache_salt", "not supported"),
+    ("/v1/completions", {"prompt": "x", "spaces_between_special_tokens": False}, 400,
+     "spaces_between_special_tokens", "not supported"),
+    ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens",
+     "-1 or a positive integer"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "truncate_prompt_tokens": 129}, 400,
+     "truncate_prompt_tokens", "larger than this model's context"),
+    ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 3, "truncation_side": "middle"}, 400,
+     "truncation_side", "truncation_side"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -752,3 +764,42 @@ def test_a_server_with_the_sampler_switch_answers_what_the_default_answers(ckpt,
     finally:
         srv.stop()
         state.engine.shutdown()
+
+
+def test_truncate_prompt_tokens_and_tokens_shown_as_ids(server):
+    """vLLM's truncate_prompt_tokens (the prompt's last k tokens, or the first k with truncation_side "right";
+    -1 the context) and return_tokens_as_token_ids ("token_id:<id>" in logprobs, text offsets of the text); both
+    had been ignored, the request served as if they were absent."""
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        base = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        full = h.post("/v1/completions", json={**base, "prompt": "abcdefgh"}).json()
+        assert full["usage"]["prompt_tokens"] == 9                       # <s> + 8 bytes
+        tail = h.post("/v1/completions", json={**base, "prompt": "abcdefgh", "truncate_prompt_tokens": 3,
+                                               "echo": True}).json()
+        same = h.post("/v1/completions", json={**base, "prompt": [ord(c) for c in "fgh"]}).json()
+        assert tail["usage"]["prompt_tokens"] == 3
+        assert tail["choices"][0]["text"] == "fgh" + same["choices"][0]["text"]
+        head = h.post("/v1/completions", json={**base, "prompt": "abcdefgh", "truncate_prompt_tokens": 3,
+                                               "truncation_side": "right"}).json()
+        assert head["usage"]["prompt_tokens"] == 3
+        whole = h.post("/v1/completions", json={**base, "prompt": "abcdefgh", "truncate_prompt_tokens": -1}).json()
+        assert whole["usage"]["prompt_tokens"] == 9 and whole["choices"][0]["text"] == full["choices"][0]["text"]
+        chat = {"messages": [{"role": "user", "content": "hello there"}], **base}
+        r = h.post("/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 5}).json()
+        assert r["usage"]["prompt_tokens"] == 5
+
+        plain = h.post("/v1/completions", json={**base, "prompt": "hi", "logprobs": 2}).json()["choices"][0]
+        as_ids = h.post("/v1/completions", json={**base, "prompt": "hi", "logprobs": 2,
+                                                 "return_tokens_as_token_ids": True}).json()["choices"][0]
+        shown = as_ids["logprobs"]["tokens"]
+        assert len(shown) == 4 and all(re.fullmatch(r"token_id:\d+", t) for t in shown)
+        for text, t in zip(plain["logprobs"]["tokens"], shown):         # byte tokens: an ASCII one is its code
+            if text.isascii():
+                assert t == f"token_id:{ord(text)}"
+        assert as_ids["logprobs"]["text_offset"] == plain["logprobs"]["text_offset"]
+        assert all(k.startswith("token_id:") for top in as_ids["logprobs"]["top_logprobs"] for k in top)
+        c = h.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2,
+                                                 "return_tokens_as_token_ids": True}).json()["choices"][0]
+        entry = c["logprobs"]["content"][0]
+        assert entry["token"].startswith("token_id:") and entry["bytes"] == list(entry["token"].encode())
+        assert all(t["token"].startswith("token_id:") for t in entry["top_logprobs"])
