@@ -130,8 +130,10 @@ TOP_P_FLOOR = 1e-30
 
 
 def apply_filters(logits, s: SamplingArrays):
-    """top-k, then top-p over what top-k kept, then min-p; logits already temperature-scaled."""
+    """min-p, then top-k, then top-p over what those kept (vLLM V1's order: its min-p is a logits processor that
+    runs before its top-k/top-p sampler); logits already temperature-scaled."""
     S, V = logits.shape
+    logits = _min_p(logits, s)
     sorted_desc = -jnp.sort(-logits, axis=-1)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
     kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
@@ -142,10 +144,14 @@ def apply_filters(logits, s: SamplingArrays):
     # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it
     keep = (before < jnp.maximum(s.top_p, TOP_P_FLOOR)[:, None]) | (s.top_p >= 1.0)[:, None]
     cutoff = jnp.min(jnp.where(keep, sd, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return jnp.where(logits < cutoff, NEG_INF, logits)
+
+
+def _min_p(logits, s: SamplingArrays):
+    """Drop the tokens whose probability is under min_p times the largest's (a ratio: the same over any subset
+    that holds the largest)."""
     p = jax.nn.softmax(logits, axis=-1)
-    logits = jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)
-    return logits
+    return jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)
 
 
 def apply_filters_sort_free(logits, s: SamplingArrays):
@@ -157,14 +163,13 @@ def apply_filters_sort_free(logits, s: SamplingArrays):
     to fill k) and keeps the sort's tokens up to float rounding at its boundary: the sort compares a running sum of
     normalised probabilities with top_p, this a sum of unnormalised mass with top_p times their total, so a token
     whose mass before it is within rounding of top_p may be kept by one and not the other (at a vocabulary of
-    32,000, a token in a few rows of 64). Then min-p."""
+    32,000, a token in a few rows of 64). Min-p first, as there."""
     S, V = logits.shape
+    logits = _min_p(logits, s)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
     kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR))
     keys = order_keys(logits)
-    logits = jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, logits)
-    p = jax.nn.softmax(logits, axis=-1)
-    return jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)
+    return jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, logits)
 
 
 def top_logprobs_sort_free(lp):

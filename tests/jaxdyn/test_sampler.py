@@ -29,8 +29,13 @@ def arrays(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0
 
 
 def np_filters(logits, top_k, top_p, min_p):
+    """vLLM V1's order (``vllm/v1/sample/sampler.py``): min-p over the whole distribution, then top-k, then top-p
+    over what those kept (renormalised)."""
     out = logits.copy()
-    order = np.argsort(-logits, kind="stable")
+    p = np.exp(out - out.max())
+    p /= p.sum()
+    out[p < min_p * p.max()] = -np.inf
+    order = np.argsort(-out, kind="stable")
     if top_k:
         out[order[top_k:]] = -np.inf
     p = np.exp(out - out.max())
@@ -38,22 +43,33 @@ def np_filters(logits, top_k, top_p, min_p):
     cum_before = np.cumsum(p[order]) - p[order]
     drop = order[cum_before >= top_p]
     out[drop] = -np.inf
-    p = np.exp(out - out.max())
-    p /= p.sum()
-    out[p < min_p * p.max()] = -np.inf
     return out
 
 
 @pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.6, 0.0),
-                                                 (8, 0.8, 0.0), (0, 1.0, 0.2), (3, 0.9, 0.1)])
+                                                 (8, 0.8, 0.0), (0, 1.0, 0.2), (3, 0.9, 0.1), (0, 0.7, 0.1),
+                                                 (0, 0.9, 0.04)])
 def test_filters_match_numpy(top_k, top_p, min_p):
     rng = np.random.default_rng(top_k)
     logits = rng.normal(size=(4, 32)).astype(np.float32) * 2
-    got = np.asarray(apply_filters(jnp.asarray(logits), arrays(4, top_k=top_k, top_p=top_p, min_p=min_p)))
-    for r in range(4):
-        want = np_filters(logits[r], top_k, top_p, min_p)
-        assert np.array_equal(np.isinf(got[r]), np.isinf(want))
-        assert np.allclose(got[r][~np.isinf(want)], want[~np.isinf(want)])
+    s = arrays(4, top_k=top_k, top_p=top_p, min_p=min_p)
+    for filters in (apply_filters, apply_filters_sort_free):
+        got = np.asarray(filters(jnp.asarray(logits), s))
+        for r in range(4):
+            want = np_filters(logits[r], top_k, top_p, min_p)
+            assert np.array_equal(np.isinf(got[r]), np.isinf(want)), (filters.__name__, r)
+            assert np.allclose(got[r][~np.isinf(want)], want[~np.isinf(want)])
+
+
+def test_min_p_filters_before_top_p_as_vllm_v1():
+    """min-p first, then top-p over what it kept: top-p's mass is then counted over fewer tokens, so it keeps
+    fewer. In the other order (vLLM V0's, jaxdyn's before) this row keeps its third token too."""
+    logits = np.log(np.array([[0.5, 0.3, 0.1, 0.06, 0.02, 0.02]], np.float32))
+    s = arrays(1, top_p=0.85, min_p=0.15)
+    for filters in (apply_filters, apply_filters_sort_free):
+        kept = ~np.isinf(np.asarray(filters(jnp.asarray(logits), s))[0])
+        # min-p (0.15 x 0.5 = 0.075) keeps 0.5, 0.3, 0.1 -> renormalised 0.556, 0.333, 0.111: top-p 0.85 keeps two
+        assert kept.tolist() == [True, True, False, False, False, False], filters.__name__
 
 
 def test_penalties_match_the_formulas():
