@@ -283,7 +283,8 @@ class EngineCore:
         req.max_len = len(prompt_ids) + max_tokens
         req.sampling_row = sampling_row(params)
         for i in range(params.n):
-            seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFF
+            # 64 bits, as vLLM's (torch's) generator seeds: a negative seed as its two's complement
+            seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFFFFFFFFFF
             seq = Sequence(req, i, seed, self._arrivals)
             if self.tokenizer is not None and params.detokenize:
                 # a request whose text is read once, at its end, and that no stop string can end is

@@ -57,11 +57,11 @@ MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under m
 
 # Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, index in the sampled buffer of a token
 # drawn by the previous step (-1: none), positions, slot page, slot offset; seqi i32[S+1,
-# _SEQ_COLS + P + MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed (u32
-# bits), output index, index in the sampled buffer its draw goes to (2 * max_num_seqs: nowhere),
-# page table, banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition,
+# _SEQ_COLS + P + MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed's low 32
+# bits, output index, index in the sampled buffer its draw goes to (2 * max_num_seqs: nowhere),
+# seed's high 32 bits, page table, banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition,
 # presence, frequency penalties.
-_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 8, 6
+_TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 9, 6
 
 
 def _unpack(tok, seqi, seqf):
@@ -74,7 +74,8 @@ def _unpack(tok, seqi, seqf):
         temperature=seqf[:, 0], top_k=seqi[:S, 3], top_p=seqf[:, 1], min_p=seqf[:, 2],
         repetition_penalty=seqf[:, 3], presence_penalty=seqf[:, 4], frequency_penalty=seqf[:, 5],
         prompt_lens=seqi[:S, 4], seeds=jax.lax.bitcast_convert_type(seqi[:S, 5], jnp.uint32),
-        output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:])
+        output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:],
+        seeds_hi=jax.lax.bitcast_convert_type(seqi[:S, 8], jnp.uint32))
     return md, tok[0], tok[1], seqi[:S, 2], sp, seqi[:S, 7]
 
 
@@ -1185,10 +1186,12 @@ class ModelRunner:
                 sr = sampling_row(w.params)
             floats.append(sr[0])
             flags |= sr[2]
-            seed = w.seed & 0xFFFFFFFF
-            # kv_len, cu_q_len (filled below), logits row, top_k, prompt_len, seed, output index, where its draw goes
+            lo, hi = w.seed & 0xFFFFFFFF, (w.seed >> 32) & 0xFFFFFFFF
+            # kv_len, cu_q_len (filled below), logits row, top_k, prompt_len, seed (low), output index, where its
+            # draw goes, seed (high)
             ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len,
-                         seed - (1 << 32) if seed >= (1 << 31) else seed, w.output_index, write + index[i]))
+                         lo - (1 << 32) if lo >= (1 << 31) else lo, w.output_index, write + index[i],
+                         hi - (1 << 32) if hi >= (1 << 31) else hi))
             if w.banned:
                 if len(w.banned) > MAX_BANNED:
                     raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned ids")

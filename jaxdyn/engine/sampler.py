@@ -100,6 +100,7 @@ class SamplingArrays:
     use_filters: jax.Array | None = None
     use_random: jax.Array | None = None
     want_logprobs: jax.Array | None = None
+    seeds_hi: jax.Array | None = None   # u32[S] a 64-bit seed's high half (None: 0)
 
     def row_uses_penalties(self) -> jax.Array:   # bool[S], as SamplingParams.uses_penalties
         return ((self.repetition_penalty != 1.0) | (self.presence_penalty != 0.0)
@@ -225,11 +226,16 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
             filters = apply_filters_sort_free if sort_free else apply_filters
             scaled = jnp.where(s.row_uses_filters()[:, None], filters(scaled, s), scaled)
 
-        def one(seed, idx, row):
-            key = jax.random.fold_in(jax.random.key(seed), idx)
+        def one(seed, hi, idx, row):
+            key = jax.random.key(seed)
+            # a seed's high half folded in where it is not 0 (32-bit seeds draw as they did)
+            key = jax.random.wrap_key_data(jnp.where(hi != 0, jax.random.key_data(jax.random.fold_in(key, hi)),
+                                                     jax.random.key_data(key)))
+            key = jax.random.fold_in(key, idx)
             return jax.random.categorical(key, row).astype(jnp.int32)
 
-        drawn = jax.vmap(one)(s.seeds, s.output_index, scaled)
+        hi = s.seeds_hi if s.seeds_hi is not None else jnp.zeros_like(s.seeds)
+        drawn = jax.vmap(one)(s.seeds, hi, s.output_index, scaled)
         ids = jnp.where(s.temperature > 0, drawn, ids)
     if variant != FULL:
         return ids, None, None, None

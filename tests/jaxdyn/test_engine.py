@@ -757,3 +757,19 @@ def test_settling_the_heap_again_collects_cycles_frozen_by_the_last_settling(gc_
     assert ref() is not None                               # frozen: a collection leaves it
     settle_heap()
     assert ref() is None
+
+
+def test_seeds_are_64_bit(engine):
+    """vLLM seeds a 64-bit generator: seeds that differ only above bit 31 draw differently (they had been cut to
+    32 bits, so 0 and 2**32 drew the same tokens), a negative seed is its two's complement, and a seed under 2**32
+    draws as a sampler row without a high half does."""
+    prompt = list(range(10, 30))
+
+    def tokens(seed):
+        p = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=seed)
+        return run(engine, {f"s{seed}": (prompt, p)})[f"s{seed}"].outputs[0].token_ids
+
+    assert tokens(0) != tokens(2**32)
+    assert tokens(5) != tokens(5 + 2**40)
+    assert tokens(-1) == tokens(2**64 - 1)
+    assert tokens(2**63) == tokens(-2**63)

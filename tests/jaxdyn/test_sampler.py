@@ -369,3 +369,15 @@ def test_a_top_p_of_one_keeps_every_token_top_k_kept():
     s = dataclasses.replace(arrays(1, top_k=500), top_k=jnp.full((1,), 500, jnp.int32))
     for f in (apply_filters, apply_filters_sort_free):
         assert int(np.isfinite(np.asarray(f(logits, s))).sum()) == 500, f.__name__
+
+
+def test_a_seeds_high_half_of_zero_draws_as_none():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    s = arrays(6, seeds=np.arange(6) + 77, index=np.arange(6))
+    plain = np.asarray(_draw(logits, s)[0])
+    zero_hi = np.asarray(_draw(logits, dataclasses.replace(s, seeds_hi=jnp.zeros(6, jnp.uint32)))[0])
+    other_hi = [np.asarray(_draw(logits, dataclasses.replace(s, seeds_hi=jnp.full(6, h, jnp.uint32)))[0])
+                for h in (1, 2, 3)]
+    assert np.array_equal(plain, zero_hi)
+    assert any(not np.array_equal(plain, o) for o in other_hi)
