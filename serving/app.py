@@ -58,8 +58,11 @@ class ServerState:
     """What the app serves: set ``engine`` once loaded (``/health`` is 503 until then)."""
 
     def __init__(self, model_name: str, *, max_queued_requests: int | None = None,
-                 max_request_bytes: int = 8 << 20):
+                 max_request_bytes: int = 8 << 20, sampling_defaults: dict | None = None):
         self.model_name = model_name
+        # a request's defaults where it leaves a field out: the model's generation_config.json (vLLM's
+        # --generation-config auto), {SamplingParams field: value}
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.max_queued_requests = max_queued_requests
         self.max_request_bytes = max_request_bytes
         self.engine: AsyncEngine | None = None
@@ -210,17 +213,27 @@ def _check_request_fields(req) -> None:
                        code="invalid_value")
 
 
-def _sampling_params(req, *, max_tokens, logprobs) -> SamplingParams:
+def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None) -> SamplingParams:
+    """``defaults``: the model's generation config's, for the fields the request leaves out; its max_new_tokens
+    caps max_tokens, as vLLM's (the smallest of the request's, the config's and the context's)."""
+    d = defaults or {}
+
+    def pick(value, field, builtin):
+        return value if value is not None else d.get(field, builtin)
+
+    cap = d.get("max_tokens")
+    if cap is not None:
+        max_tokens = cap if max_tokens is None else min(max_tokens, cap)
     try:
         return SamplingParams(
             n=req.n if req.n is not None else 1,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            temperature=pick(req.temperature, "temperature", 1.0),
+            top_p=pick(req.top_p, "top_p", 1.0),
+            top_k=pick(req.top_k, "top_k", 0),
+            min_p=pick(req.min_p, "min_p", 0.0),
+            repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             seed=req.seed,
@@ -551,7 +564,7 @@ def build_app(state: ServerState) -> Starlette:
         if req.suffix:
             raise APIError(400, "suffix: not supported", param="suffix")
         params = _sampling_params(req, max_tokens=16 if req.max_tokens is None else req.max_tokens,
-                                  logprobs=req.logprobs)
+                                  logprobs=req.logprobs, defaults=state.sampling_defaults)
         for ids in prompt_ids:
             _check(engine, ids, params)
             _check_room(engine, ids, req.max_tokens, "max_tokens")
@@ -661,7 +674,8 @@ def build_app(state: ServerState) -> Starlette:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         try:
             params = _sampling_params(req, max_tokens=max_tokens,
-                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                      defaults=state.sampling_defaults)
         except APIError as e:
             if e.param == "max_tokens" and req.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"

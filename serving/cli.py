@@ -409,7 +409,19 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.workers:
         _check_addresses(args.workers, "--workers")
+    from jaxdyn.engine.sampling_params import generation_defaults
+    gen_source = args.generation_config
+    if gen_source == "auto":
+        gen_source = model if os.path.isdir(model) else None
+    try:
+        sampling_defaults = generation_defaults(gen_source)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     _check_port_free(args.host, args.port)
+    if sampling_defaults:
+        print(f"jaxdyn: requests' defaults from {os.path.join(gen_source, 'generation_config.json')} (where a "
+              f"request leaves them out; --generation-config vllm: none): "
+              + ", ".join(f"{k}={v}" for k, v in sampling_defaults.items()), flush=True)
     started = None
     if args.engine_process and not args.workers and not args.disagg:
         # The engine process starts now: its Python, JAX and engine imports run while this process imports
@@ -430,7 +442,7 @@ def cmd_serve(args) -> int:
     disagg = _disagg_args(args, config) if args.disagg else None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     state = ServerState(name, max_queued_requests=args.max_queued_requests,
-                        max_request_bytes=args.max_request_bytes)
+                        max_request_bytes=args.max_request_bytes, sampling_defaults=sampling_defaults)
     app = build_app(state)
     server = _DrainingServer(state, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                                    timeout_graceful_shutdown=args.shutdown_grace))
@@ -672,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_port(0), default=8000)
     sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
+                         "max_tokens cap come from (vLLM's): auto, the model's generation_config.json; vllm, none "
+                         "(the OpenAI defaults); or a folder holding a generation_config.json")
     sv.add_argument("--max-queued-requests", type=int, default=None,
                     help="requests that may wait beyond --max-num-seqs running ones (503 beyond)")
     sv.add_argument("--max-request-bytes", type=int, default=8 << 20)

@@ -33,7 +33,7 @@ class _Sampling(_Base):
     min_tokens: StrictInt | None = 0
     presence_penalty: Number | None = 0.0
     frequency_penalty: Number | None = 0.0
-    repetition_penalty: Number | None = 1.0
+    repetition_penalty: Number | None = None
     include_stop_str_in_output: StrictBool | None = False
     skip_special_tokens: StrictBool | None = True
     stream: StrictBool | None = False

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from jaxdyn.engine.core import EngineConfig, EngineCore
 from jaxdyn.engine.request import RequestOutput
-from jaxdyn.engine.sampling_params import SamplingParams
+from jaxdyn.engine.sampling_params import SamplingParams, generation_defaults
 
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
@@ -103,10 +104,14 @@ class LLM:
 
     def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
                  load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = False,
-                 **engine_kwargs):
+                 generation_config: str = "auto", **engine_kwargs):
         if engine is None and model is None:
             from checkpoints import DEMO_MODEL
             model = DEMO_MODEL
+        # vLLM's generation_config: "auto" reads the model's generation_config.json, "vllm" none, else a folder
+        source = (model if isinstance(model, str) and os.path.isdir(model) else None) \
+            if generation_config == "auto" else generation_config
+        self._defaults = generation_defaults(source)
         self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
                                              config=EngineConfig(**engine_kwargs), quantization=quantization,
                                              quantize_lm_head=quantize_lm_head)
@@ -122,6 +127,12 @@ class LLM:
             raise ValueError(f"reset_prefix_cache needs an EngineCore; this LLM runs a {type(self.engine).__name__}")
         return self.engine.reset_prefix_cache()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses without sampling params: SamplingParams' defaults, with those the model's
+        generation_config.json sets (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as
+        vLLM's."""
+        return SamplingParams(**self._defaults)
+
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, *, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
@@ -134,7 +145,7 @@ class LLM:
         params = sampling_params if sampling_params is not None else params
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
+        params = params or self.get_default_sampling_params()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")

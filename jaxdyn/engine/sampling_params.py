@@ -95,3 +95,40 @@ class SamplingParams:
     @property
     def uses_filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+# generation_config.json's fields that set a request's defaults, as vLLM's ``--generation-config auto`` reads
+# them (``get_diff_sampling_param``): the SamplingParams field each gives
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: str | None) -> dict:
+    """The sampling defaults a model's ``generation_config.json`` sets (vLLM's ``--generation-config``): ``source``
+    a directory that holds one ("auto" passes the model's; a directory without the file gives none), or None /
+    "vllm" for none. Returns {SamplingParams field: value}; ValueError naming the file and field for a value no
+    request could carry."""
+    import json
+    import os
+    if source is None or source == "vllm":
+        return {}
+    path = os.path.join(source, "generation_config.json")
+    if not os.path.isfile(path):
+        if not os.path.isdir(source):
+            raise ValueError(f"--generation-config {source}: not a directory (expected auto, vllm, or a folder "
+                             f"holding generation_config.json)")
+        return {}
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a valid generation config ({e})") from None
+    if not isinstance(gen, dict):
+        raise ValueError(f"{path}: not a valid generation config (not a JSON object)")
+    out = {field: gen[key] for key, field in GENERATION_CONFIG_FIELDS.items() if gen.get(key) is not None}
+    try:
+        SamplingParams(**out)
+    except SamplingParamsError as e:
+        key = next((k for k, f in GENERATION_CONFIG_FIELDS.items() if f == e.param), e.param)
+        raise ValueError(f"{path}: {key}: {str(e).split(': ', 1)[-1]}") from None
+    return out

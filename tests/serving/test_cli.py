@@ -236,3 +236,22 @@ def test_bench_kernels_passes_every_argument_on(monkeypatch):
     assert main(["bench", "kernels", "--quick", "--out", "x.md"]) == 0
     assert main(["bench", "kernels"]) == 0
     assert seen == [(["--quick", "--out", "x.md"], "jaxdyn bench kernels"), ([], "jaxdyn bench kernels")]
+
+
+def test_serve_names_a_bad_generation_config(tmp_path, capsys):
+    assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--generation-config",
+                 str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--generation-config" in err and "not a directory" in err and "Traceback" not in err
+    (tmp_path / "generation_config.json").write_text('{"temperature": -1}')
+    assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--generation-config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json: temperature: must be in [0, 100]" in err
+
+
+def test_llm_takes_its_default_sampling_params_from_the_generation_config(tmp_path):
+    from jaxdyn import LLM, SamplingParams
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7}')
+    p = LLM(engine=object(), generation_config=str(tmp_path)).get_default_sampling_params()
+    assert (p.temperature, p.top_p, p.max_tokens, p.top_k) == (0.6, 0.9, 7, 0)
+    assert LLM(engine=object(), generation_config="vllm").get_default_sampling_params() == SamplingParams()

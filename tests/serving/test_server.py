@@ -803,3 +803,43 @@ def test_truncate_prompt_tokens_and_tokens_shown_as_ids(server):
         entry = c["logprobs"]["content"][0]
         assert entry["token"].startswith("token_id:") and entry["bytes"] == list(entry["token"].encode())
         assert all(t["token"].startswith("token_id:") for t in entry["top_logprobs"])
+
+
+def test_the_models_generation_config_sets_what_a_request_leaves_out(server):
+    """vLLM's --generation-config auto: the model's generation_config.json sets temperature, top_p, top_k, min_p
+    and repetition_penalty where a request leaves them out, and its max_new_tokens caps max_tokens. Here top_k 1
+    makes an unseeded sampled request the greedy one, unless the request sets its own top_k."""
+    state = server.state
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        body = {"prompt": "abc", "max_tokens": 6, "ignore_eos": True}
+        greedy = h.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+        state.sampling_defaults = {"top_k": 1, "max_tokens": 4}
+        try:
+            for seed in range(3):
+                r = h.post("/v1/completions", json={**body, "seed": seed}).json()
+                assert r["choices"][0]["text"] == greedy[:len(r["choices"][0]["text"])]
+                assert r["usage"]["completion_tokens"] == 4                    # capped by max_new_tokens
+            own = {h.post("/v1/completions", json={**body, "seed": s, "top_k": 0, "temperature": 2.0}).json()
+                   ["choices"][0]["text"] for s in range(4)}
+            assert len(own) > 1                                                # the request's own top_k stands
+            chat = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "ignore_eos": True}).json()
+            assert chat["usage"]["completion_tokens"] == 4                     # no max_tokens: the config's
+        finally:
+            state.sampling_defaults = {}
+
+
+def test_generation_defaults_read_vllms_fields_and_name_a_bad_value(tmp_path):
+    from jaxdyn.engine.sampling_params import generation_defaults
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05,
+         "max_new_tokens": 512, "eos_token_id": [1, 2], "bos_token_id": 0}))
+    assert generation_defaults(str(tmp_path)) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                                  "repetition_penalty": 1.05, "max_tokens": 512}
+    assert generation_defaults("vllm") == {} and generation_defaults(None) == {}
+    assert generation_defaults(str(tmp_path / "..")) == {}                   # a folder without one
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 7}))
+    with pytest.raises(ValueError, match=r"generation_config.json: top_p: must be in \(0, 1\]"):
+        generation_defaults(str(tmp_path))
+    with pytest.raises(ValueError, match="not a directory"):
+        generation_defaults(str(tmp_path / "nope"))
