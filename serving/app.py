@@ -505,8 +505,9 @@ def build_app(state: ServerState) -> Starlette:
         if req.prompt is not None:
             ids = await _encode(tok, req.prompt, add_special_tokens=req.add_special_tokens is not False)
         else:
-            ids = await _chat_prompt_ids(engine, req.messages, bool(req.add_generation_prompt), {},
-                                         bool(req.continue_final_message))
+            ids = await _chat_prompt_ids(engine, req.messages, bool(req.add_generation_prompt),
+                                         req.chat_template_kwargs or {}, bool(req.continue_final_message),
+                                         tools=req.tools)
         return JSONResponse({"count": len(ids), "max_model_len": engine.core.max_model_len, "tokens": ids})
 
     @endpoint
@@ -668,7 +669,8 @@ def build_app(state: ServerState) -> Starlette:
             raise APIError(400, "continue_final_message: cannot be used with add_generation_prompt; set "
                            "add_generation_prompt to false", param="continue_final_message")
         ids = await _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
-                                     req.chat_template_kwargs or {}, bool(req.continue_final_message))
+                                     req.chat_template_kwargs or {}, bool(req.continue_final_message),
+                                     tools=_tools(req.tools))
         ids = _truncate_prompt(engine, ids, req)
         as_ids = bool(req.return_tokens_as_token_ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -809,14 +811,50 @@ def _stream_error(e: Exception) -> APIError:
     return APIError(503, str(e), code="engine_dead", type_="service_unavailable")
 
 
-_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+def _tools(tools) -> list | None:
+    """A chat request's ``tools`` for its template (reached only with ``tool_choice`` "none": calling is refused)."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise APIError(400, "tools: must be a list of tool objects", param="tools", code="invalid_value")
+    return tools
+
+
+_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools")
+
+
+def _template_message(m) -> dict:
+    """A message as the template sees it (vLLM's): text parts joined, an assistant's ``tool_calls`` with their
+    arguments parsed from JSON, a tool message's ``tool_call_id``."""
+    import json
+    msg = {"role": m.role, "content": message_text(m.content)}
+    if m.name:
+        msg["name"] = m.name
+    if m.tool_call_id is not None:
+        msg["tool_call_id"] = m.tool_call_id
+    if m.tool_calls is not None:
+        calls = []
+        for call in m.tool_calls:
+            call = dict(call)
+            fn = call.get("function")
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                except ValueError as e:
+                    raise APIError(400, f"messages: a tool call's function.arguments is not JSON ({e})",
+                                   param="messages") from None
+                call["function"] = fn
+            calls.append(call)
+        msg["tool_calls"] = calls
+    return msg
 
 
 async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict,
-                           continue_final_message: bool = False) -> list[int]:
+                           continue_final_message: bool = False, tools: list | None = None) -> list[int]:
     """The prompt's ids. ``continue_final_message``: the prompt ends with the final (assistant) message's
     text, with none of what the template writes after a message, so that generation continues it
-    (vLLM's option; the template is rendered without a generation prompt and cut after that text)."""
+    (vLLM's option; the template is rendered without a generation prompt and cut after that text).
+    ``tools``: described to the template (vLLM passes them even where none may be called)."""
     tok = engine.core.tokenizer
     if tok is None:
         raise APIError(400, "messages: this model has no tokenizer", param="messages")
@@ -830,8 +868,9 @@ async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt:
     if continue_final_message and messages[-1].role != "assistant":
         raise APIError(400, f"continue_final_message: the final message must be the assistant's, not "
                        f"{messages[-1].role!r}", param="continue_final_message")
-    msgs = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
-            for m in messages]
+    msgs = [_template_message(m) for m in messages]
+    if tools is not None:
+        kwargs = {**kwargs, "tools": tools}
 
     def render(msgs):
         try:
@@ -844,7 +883,7 @@ async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt:
     text = render(msgs)
     if continue_final_message and not msgs[-1]["content"]:
         # an empty final message: continuing it is starting the assistant's turn
-        return await _chat_prompt_ids(engine, messages[:-1], True, kwargs)
+        return await _chat_prompt_ids(engine, messages[:-1], True, kwargs)   # (tools already in kwargs)
     if continue_final_message:
         text = _cut_after_final(text, msgs, render)
     return await _encode(tok, text, add_special_tokens=False)

@@ -50,7 +50,8 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
 
 
 def message_text(content) -> str:
-    """OpenAI content: a string, or a list of parts of which only text parts are supported."""
+    """OpenAI content: a string, or a list of parts of which only text parts are supported, joined with newlines
+    (vLLM's ``_parse_chat_message_content_parts``)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -60,4 +61,4 @@ def message_text(content) -> str:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise ChatTemplateError(f"content part of type {part.get('type')!r} is not supported; only text")
         out.append(part["text"])
-    return "".join(out)
+    return "\n".join(out)

@@ -74,6 +74,8 @@ class ChatMessage(_Base):
     role: StrictStr
     content: StrictStr | list[dict[str, Any]] | None = None
     name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None     # an assistant's earlier calls, rendered by the template
+    tool_call_id: StrictStr | None = None               # a tool message's answer to one
 
 
 class ChatCompletionRequest(_Sampling):
@@ -99,6 +101,8 @@ class TokenizeRequest(_Base):
     add_special_tokens: StrictBool | None = True
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(_Base):

@@ -57,7 +57,7 @@ class Tokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):    # named templates: use "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+        if os.path.exists(os.path.join(path, "chat_template.jinja")):   # transformers: the file wins
             with open(os.path.join(path, "chat_template.jinja")) as f:
                 template = f.read()
         return cls(tok, bos_token=_token_str(cfg.get("bos_token")), eos_token=_token_str(cfg.get("eos_token")),

@@ -161,3 +161,15 @@ def test_streamed_text_matches_cutting_the_whole_text_at_the_first_stop(tok):
                 break
         d, pieces, stop = stream(tok, text, stop=stops, include_stop_str_in_output=include)
         assert (stop, "".join(pieces), d.text) == (want_stop, want, want), (trial, text, stops, include)
+
+
+def test_chat_template_jinja_wins_over_tokenizer_configs_as_in_transformers(tmp_path):
+    import json
+
+    from jaxdyn.engine.tokenizer import Tokenizer
+    from tests.support import make_byte_tokenizer
+    make_byte_tokenizer(str(tmp_path), chat_template="CONFIG")
+    assert Tokenizer.from_pretrained(str(tmp_path)).chat_template == "CONFIG"
+    (tmp_path / "chat_template.jinja").write_text("JINJA:{{ messages[0]['content'] }}")
+    assert Tokenizer.from_pretrained(str(tmp_path)).chat_template.startswith("JINJA:")
+    assert json.load(open(tmp_path / "tokenizer_config.json"))["chat_template"] == "CONFIG"

@@ -843,3 +843,53 @@ def test_generation_defaults_read_vllms_fields_and_name_a_bad_value(tmp_path):
         generation_defaults(str(tmp_path))
     with pytest.raises(ValueError, match="not a directory"):
         generation_defaults(str(tmp_path / "nope"))
+
+
+def test_chat_messages_reach_the_template_as_vllm_sends_them(server):
+    """Text parts joined with newlines (vLLM's; they were joined with nothing), an assistant's tool_calls with their
+    arguments parsed, a tool message's tool_call_id, the tools of a request whose tool_choice is "none", and
+    /tokenize's chat_template_kwargs (they had been dropped, so the prompt was silently another)."""
+    tok = server.state.core.tokenizer
+    saved = tok.chat_template
+    tok.chat_template = (
+        "{% if tools %}TOOLS={% for t in tools %}{{ t['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
+        "{% if mode %}MODE={{ mode }}{{ '\\n' }}{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<call {{ c['function']['name'] }}"
+        " city={{ c['function']['arguments']['city'] }}>{% endfor %}{% endif %}"
+        "{% if m['tool_call_id'] %} [for {{ m['tool_call_id'] }}]{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as h:
+            def ids(messages, **extra):
+                r = h.post("/tokenize", json={"messages": messages, **extra})
+                assert r.status_code == 200, r.text
+                return r.json()["tokens"]
+
+            def text(t):
+                return h.post("/tokenize", json={"prompt": t, "add_special_tokens": False}).json()["tokens"]
+
+            parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
+            assert ids([{"role": "user", "content": parts}]) == text("user: hello\nworld\nassistant:")
+            calls = [{"id": "c1", "type": "function",
+                      "function": {"name": "weather", "arguments": json.dumps({"city": "Oslo"})}}]
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                    {"role": "tool", "content": "cold", "tool_call_id": "c1"}]
+            want = "user: hi\nassistant: <call weather city=Oslo>\ntool: cold [for c1]\nassistant:"
+            assert ids(msgs) == text(want)
+            tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+            assert ids(msgs, tools=tools) == text("TOOLS=weather;\n" + want)
+            assert ids(msgs, chat_template_kwargs={"mode": "quiet"}) == text("MODE=quiet\n" + want)
+            # the chat endpoint renders the same prompt: its usage counts it
+            body = {"messages": msgs, "tools": tools, "tool_choice": "none", "max_tokens": 1}
+            r = h.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(text("TOOLS=weather;\n" + want))
+            bad = [{"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": "{city"}}]}]
+            r = h.post("/v1/chat/completions", json={"messages": bad, "max_tokens": 1})
+            assert r.status_code == 400 and "arguments is not JSON" in r.json()["error"]["message"]
+            r = h.post("/v1/chat/completions", json={"messages": msgs, "tools": "weather", "tool_choice": "none",
+                                                     "max_tokens": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    finally:
+        tok.chat_template = saved
