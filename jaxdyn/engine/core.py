@@ -568,9 +568,12 @@ class EngineCore:
         if reason is None and len(seq.prompt_ids) + n_out >= req.max_len:
             reason = "length"
         if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop_reason
             if seq.detok is not None:
-                seq.detok.flush()
+                # the held text of a sequence that ran out of length may complete a stop string: a stop then
+                seq.detok.flush(check_stop=reason == "length" and n_out >= p.min_tokens)
+                if reason == "length" and seq.detok.stopped_by is not None:
+                    reason, stop_reason = "stop", seq.detok.stopped_by
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq, hold=req.hold_kv)
 
     def _seq_delta(self, seq: Sequence) -> tuple[str, list[int], list | None]:

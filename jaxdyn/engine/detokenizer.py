@@ -32,6 +32,22 @@ except ImportError:            # tokenizers < 0.21: the Python window only
     DecodeStream = None
 
 _PROMPT_CONTEXT = 5
+_PROMPT_CONTEXT_MAX = 24
+
+
+def _prompt_context(tokenizer: Tokenizer, prompt_ids, skip: bool) -> list[int]:
+    """The prompt's last tokens the window starts on: the fewest (5 to 24) that decode without U+FFFD (vLLM's
+    choice). A window that starts inside a character the prompt spelled in several tokens (a byte-fallback emoji)
+    decodes it as U+FFFD, and a SentencePiece byte-fallback decoder then turns the first output character spelled
+    in bytes into U+FFFD too. None clean: the last 5 (the prompt itself is not valid text there)."""
+    prompt_ids = list(prompt_ids)
+    if len(prompt_ids) <= _PROMPT_CONTEXT:
+        return prompt_ids
+    for n in range(_PROMPT_CONTEXT, min(len(prompt_ids), _PROMPT_CONTEXT_MAX) + 1):
+        tail = prompt_ids[-n:]
+        if "\ufffd" not in tokenizer.decode(tail, skip_special_tokens=skip):
+            return tail
+    return prompt_ids[-_PROMPT_CONTEXT:]
 
 
 def _stream(tokenizer: Tokenizer, raw, context: list[int], skip: bool):
@@ -66,7 +82,7 @@ class IncrementalDetokenizer:
             raise ValueError("a lazy detokenizer cannot search stop strings")
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.tokens = list(prompt_ids[-_PROMPT_CONTEXT:])
+        self.tokens = _prompt_context(tokenizer, prompt_ids, skip_special_tokens)
         self.prefix = 0
         self.read = len(self.tokens)
         self._done: list[str] = []   # text streamed and out of reach of a stop string, in pieces
@@ -122,28 +138,38 @@ class IncrementalDetokenizer:
         before = len(self._tail)
         self._tail += delta
         if self.stop and check_stop:
-            # a stop string ending in this delta starts at most holdback characters before it; the streamed
-            # pieces end at or before that point (take_delta holds back as much)
-            start = max(0, before - self.holdback)
-            best = None
-            for s in self.stop:
-                i = self._tail.find(s, start)
-                if i >= 0 and (best is None or i < best[0]):
-                    best = (i, s)
-            if best is not None:
-                i, s = best
-                self._tail = self._tail[:i + len(s)] if self.include_stop else self._tail[:i]
-                self.stopped_by = s
-                return s
+            return self._search_stop(before)
         return None
 
-    def flush(self) -> str:
-        """At the end: decode whatever is still held (an incomplete character decodes as U+FFFD)."""
+    def _search_stop(self, before: int) -> str | None:
+        """The stop string that ends in the tail after its first ``before`` characters, if one does (the text is
+        then cut there)."""
+        # a stop string ending in the new text starts at most holdback characters before it; the streamed
+        # pieces end at or before that point (take_delta holds back as much)
+        start = max(0, before - self.holdback)
+        best = None
+        for s in self.stop:
+            i = self._tail.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        self._tail = self._tail[:i + len(s)] if self.include_stop else self._tail[:i]
+        self.stopped_by = s
+        return s
+
+    def flush(self, check_stop: bool = False) -> str:
+        """At the end: decode whatever is still held (an incomplete character decodes as U+FFFD). ``check_stop``:
+        a stop string that the held text completes ends the text there too (``stopped_by`` then names it)."""
         if self.stopped_by is None and self.read < len(self.tokens):
             prefix_text = self._decode(self.tokens[self.prefix:self.read])
             new_text = self._decode(self.tokens[self.prefix:])
+            before = len(self._tail)
             self._tail += new_text[len(prefix_text):]
             self.prefix = self.read = len(self.tokens)
+            if self.stop and check_stop:
+                self._search_stop(before)
         return self.text
 
     def take_delta(self, finished: bool) -> str:

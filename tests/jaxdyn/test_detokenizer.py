@@ -173,3 +173,76 @@ def test_chat_template_jinja_wins_over_tokenizer_configs_as_in_transformers(tmp_
     (tmp_path / "chat_template.jinja").write_text("JINJA:{{ messages[0]['content'] }}")
     assert Tokenizer.from_pretrained(str(tmp_path)).chat_template.startswith("JINJA:")
     assert json.load(open(tmp_path / "tokenizer_config.json"))["chat_template"] == "CONFIG"
+
+
+def _byte_fallback_tokenizer(directory) -> Tokenizer:
+    """A Llama-2 / Mistral-style tokenizer: SentencePiece spaces (▁), characters outside its vocabulary spelled as
+    <0xNN> byte tokens, a decoder of Replace, ByteFallback, Fuse and Strip."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+                                        + ["▁", "I", "l", "o", "v", "e", "k"])}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"}, open(os.path.join(directory, "tokenizer_config.json"), "w"))
+    return Tokenizer.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_prompt_ending_in_byte_spelled_characters_leaves_the_outputs_whole(tmp_path, lazy):
+    """The window's prompt tokens start on a whole character (vLLM's choice of prompt suffix): starting inside
+    the prompt's last byte-spelled emoji, the byte-fallback decoder had turned the output's own emoji into U+FFFD
+    as well ('���� ok' for '🙂 ok')."""
+    tok = _byte_fallback_tokenizer(tmp_path / "sp")
+    prompt = tok.encode("I love 🙂🙂", add_special_tokens=True)
+    out = tok.encode("🙂 ok", add_special_tokens=False)
+    out = out[1:] if out[0] == tok.encode(" ", add_special_tokens=False)[0] else out    # no leading ▁
+    want = tok.decode(prompt + out)[len(tok.decode(prompt)):]
+    assert want == "🙂 ok"
+    d = IncrementalDetokenizer(tok, prompt, lazy=lazy)
+    streamed = ""
+    for i, t in enumerate(out):
+        d.add(t)
+        last = i == len(out) - 1
+        if last:
+            d.flush()
+        streamed += d.take_delta(last)
+    assert streamed == d.text == want
+
+
+def test_a_stop_string_the_held_text_completes_at_the_end_is_found(tmp_path):
+    """The last token of a sequence that ran out of length completes a stop string and starts another character
+    (a byte-level BPE token of 中 and two of 文's three bytes): its text is held, so only flush sees it.
+    flush(check_stop=True) finds the stop string and cuts there; the held text had been appended unsearched."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    merges = [("ä", "¸"), ("ä¸", "Ń"), ("æ", "ĸ"), ("ä¸Ń", "æĸ")]
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    os.makedirs(tmp_path / "bl")
+    hf.save(str(tmp_path / "bl" / "tokenizer.json"))
+    json.dump({}, open(tmp_path / "bl" / "tokenizer_config.json", "w"))
+    tok = Tokenizer.from_pretrained(str(tmp_path / "bl"))
+    last = vocab["ä¸Ńæĸ"]
+    assert tok.decode([last]) == "中\ufffd"
+    for check in (True, False):
+        d = IncrementalDetokenizer(tok, tok.encode("hi", add_special_tokens=False), stop=["中"])
+        for t in tok.encode("ok ", add_special_tokens=False) + [last]:
+            assert d.add(t) is None                       # 中 is held with the unfinished 文
+        d.flush(check_stop=check)
+        assert (d.stopped_by, d.text) == (("中", "ok ") if check else (None, "ok 中\ufffd"))
