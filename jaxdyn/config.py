@@ -255,6 +255,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)
     if hf.get("original_max_position_embeddings") is not None:
+        # transformers' rope functions standardize the parameters again when the model is built, and a top-level
+        # key (then an attribute of the config) wins there, whatever the loaded config's rope_parameters show
         original = _get(hf, "original_max_position_embeddings", int, low=1)
     else:
         original = _get(params, "original_max_position_embeddings", int, None, low=1, where=where) or \

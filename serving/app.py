@@ -558,8 +558,8 @@ def build_app(state: ServerState) -> Starlette:
             cut = _truncate_prompt(engine, ids, req)
             if len(cut) != len(ids):
                 prompt_ids[j] = cut
-                if req.echo:            # what the model was given
-                    prompt_texts[j] = tok.decode(cut, skip_special_tokens=False) if tok else ""
+                if req.echo:            # what the model was given (a text prompt's: without the BOS encoding added)
+                    prompt_texts[j] = tok.decode(cut, skip_special_tokens=isinstance(prompts[j], str)) if tok else ""
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo: echo with logprobs (prompt logprobs) is not supported", param="echo")
         if req.suffix:
@@ -820,14 +820,17 @@ def _tools(tools) -> list | None:
     return tools
 
 
-_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools")
+_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
 
 
 def _template_message(m) -> dict:
     """A message as the template sees it (vLLM's): text parts joined, an assistant's ``tool_calls`` with their
     arguments parsed from JSON, a tool message's ``tool_call_id``."""
     import json
-    msg = {"role": m.role, "content": message_text(m.content)}
+    try:
+        msg = {"role": m.role, "content": message_text(m.content)}
+    except ChatTemplateError as e:                    # a part of a type this server does not take
+        raise APIError(400, f"messages: {e}", param="messages") from None
     if m.name:
         msg["name"] = m.name
     if m.tool_call_id is not None:
@@ -840,7 +843,7 @@ def _template_message(m) -> dict:
             if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                 try:
                     fn = {**fn, "arguments": json.loads(fn["arguments"])}
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:
                     raise APIError(400, f"messages: a tool call's function.arguments is not JSON ({e})",
                                    param="messages") from None
                 call["function"] = fn
@@ -869,8 +872,9 @@ async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt:
         raise APIError(400, f"continue_final_message: the final message must be the assistant's, not "
                        f"{messages[-1].role!r}", param="continue_final_message")
     msgs = [_template_message(m) for m in messages]
-    if tools is not None:
-        kwargs = {**kwargs, "tools": tools}
+    given = kwargs
+    if tools is not None:           # vLLM: chat_template_kwargs (tools among them) over the request's own
+        kwargs = {"tools": tools, **kwargs}
 
     def render(msgs):
         try:
@@ -883,7 +887,7 @@ async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt:
     text = render(msgs)
     if continue_final_message and not msgs[-1]["content"]:
         # an empty final message: continuing it is starting the assistant's turn
-        return await _chat_prompt_ids(engine, messages[:-1], True, kwargs)   # (tools already in kwargs)
+        return await _chat_prompt_ids(engine, messages[:-1], True, given, tools=tools)
     if continue_final_message:
         text = _cut_after_final(text, msgs, render)
     return await _encode(tok, text, add_special_tokens=False)

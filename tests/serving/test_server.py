@@ -780,8 +780,8 @@ def test_truncate_prompt_tokens_and_tokens_shown_as_ids(server):
         assert tail["usage"]["prompt_tokens"] == 3
         assert tail["choices"][0]["text"] == "fgh" + same["choices"][0]["text"]
         head = h.post("/v1/completions", json={**base, "prompt": "abcdefgh", "truncate_prompt_tokens": 3,
-                                               "truncation_side": "right"}).json()
-        assert head["usage"]["prompt_tokens"] == 3
+                                               "truncation_side": "right", "echo": True}).json()
+        assert head["usage"]["prompt_tokens"] == 3 and head["choices"][0]["text"].startswith("ab")   # <s>, a, b
         whole = h.post("/v1/completions", json={**base, "prompt": "abcdefgh", "truncate_prompt_tokens": -1}).json()
         assert whole["usage"]["prompt_tokens"] == 9 and whole["choices"][0]["text"] == full["choices"][0]["text"]
         chat = {"messages": [{"role": "user", "content": "hello there"}], **base}
@@ -891,5 +891,19 @@ def test_chat_messages_reach_the_template_as_vllm_sends_them(server):
             r = h.post("/v1/chat/completions", json={"messages": msgs, "tools": "weather", "tool_choice": "none",
                                                      "max_tokens": 1})
             assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+            # vLLM merges chat_template_kwargs over the request's own arguments, tools among them
+            assert ids(msgs, chat_template_kwargs={"tools": tools}) == text("TOOLS=weather;\n" + want)
+            # an empty final message to continue, with tools: the assistant's turn starts (it was a 400)
+            cont = msgs[:1] + [{"role": "assistant", "content": ""}]
+            assert ids(cont, tools=tools, continue_final_message=True, add_generation_prompt=False) == \
+                text("TOOLS=weather;\nuser: hi\nassistant:")
+            deep = [{"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "[" * 20000 + "]" * 20000}}]}]
+            image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+            for bad_msgs in (deep, image):
+                for path, payload in (("/v1/chat/completions", {"messages": bad_msgs, "max_tokens": 1}),
+                                      ("/tokenize", {"messages": bad_msgs})):
+                    r = h.post(path, json=payload)
+                    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", (path, r.text)
     finally:
         tok.chat_template = saved
