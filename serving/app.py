@@ -402,8 +402,9 @@ def _shown(tokenizer, tid: int, as_ids: bool) -> str:
     return f"token_id:{tid}" if as_ids else _tok_str(tokenizer, tid)
 
 
-def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int, as_ids: bool = False) -> dict:
-    """``text_offset`` counts characters of the text (the token's text), whatever ``as_ids`` shows."""
+def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int, as_ids: bool = False) -> tuple[dict, int]:
+    """(the choice's logprobs, the text offset after its last token: where a stream's next chunk counts from);
+    ``text_offset`` counts characters of the text (the token's text), whatever ``as_ids`` shows."""
     tokens, token_lps, tops, offsets = [], [], [], []
     off = text_offset0
     for tid, entry in zip(token_ids, lps):
@@ -413,12 +414,7 @@ def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int, as_ids: b
                      if lp.rank is not None or t == tid})
         offsets.append(off)
         off += len(_tok_str(tokenizer, tid))
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _next_offset(tokenizer, lp: dict, token_ids) -> int:
-    """The text offset after a chunk's last token (where the next chunk's count starts)."""
-    return lp["text_offset"][-1] + len(_tok_str(tokenizer, token_ids[len(lp["tokens"]) - 1]))
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, off
 
 
 def _chat_logprobs(tokenizer, token_ids, lps, top_n: int, as_ids: bool = False) -> dict:
@@ -604,11 +600,8 @@ def build_app(state: ServerState) -> Starlette:
                                   "logprobs": None, "finish_reason": c.finish_reason,
                                   "stop_reason": c.stop_reason}
                             if c.delta_logprobs is not None:
-                                lp = _completion_logprobs(tok, c.delta_token_ids, c.delta_logprobs,
-                                                          token_offset.get(idx, 0), as_ids)
-                                if lp["tokens"]:
-                                    token_offset[idx] = _next_offset(tok, lp, c.delta_token_ids)
-                                ch["logprobs"] = lp
+                                ch["logprobs"], token_offset[idx] = _completion_logprobs(
+                                    tok, c.delta_token_ids, c.delta_logprobs, token_offset.get(idx, 0), as_ids)
                             obj = {"id": rid, "object": "text_completion", "created": created,
                                    "model": state.model_name, "choices": [ch]}
                             generated[idx] = generated.get(idx, 0) + len(c.delta_token_ids)
@@ -643,7 +636,7 @@ def build_app(state: ServerState) -> Starlette:
                 ch = {"index": i * n + c.index, "text": (prompt_texts[i] if echo else "") + c.text,
                       "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if c.logprobs is not None:
-                    ch["logprobs"] = _completion_logprobs(tok, c.token_ids, c.logprobs, 0, as_ids)
+                    ch["logprobs"] = _completion_logprobs(tok, c.token_ids, c.logprobs, 0, as_ids)[0]
                 choices.append(ch)
         outs = [finals[i] for i in range(len(prompt_ids))]
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
@@ -670,7 +663,7 @@ def build_app(state: ServerState) -> Starlette:
                            "add_generation_prompt to false", param="continue_final_message")
         ids = await _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
                                      req.chat_template_kwargs or {}, bool(req.continue_final_message),
-                                     tools=_tools(req.tools))
+                                     tools=req.tools)
         ids = _truncate_prompt(engine, ids, req)
         as_ids = bool(req.return_tokens_as_token_ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -809,15 +802,6 @@ def _stream_error(e: Exception) -> APIError:
     if isinstance(e, RequestFailedError):
         return APIError(500, str(e), code="request_failed")
     return APIError(503, str(e), code="engine_dead", type_="service_unavailable")
-
-
-def _tools(tools) -> list | None:
-    """A chat request's ``tools`` for its template (reached only with ``tool_choice`` "none": calling is refused)."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise APIError(400, "tools: must be a list of tool objects", param="tools", code="invalid_value")
-    return tools
 
 
 _TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")

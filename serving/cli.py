@@ -409,10 +409,8 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.workers:
         _check_addresses(args.workers, "--workers")
-    from jaxdyn.engine.sampling_params import generation_defaults
-    gen_source = args.generation_config
-    if gen_source == "auto":
-        gen_source = model if os.path.isdir(model) else None
+    from jaxdyn.engine.sampling_params import generation_config_dir, generation_defaults
+    gen_source = generation_config_dir(args.generation_config, model)
     try:
         sampling_defaults = generation_defaults(gen_source)
     except ValueError as e:

@@ -87,7 +87,7 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: Any = None
+    tools: list[dict[str, Any]] | None = None     # described to the template; calling them is refused (app.py)
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None

@@ -35,29 +35,35 @@ _PROMPT_CONTEXT = 5
 _PROMPT_CONTEXT_MAX = 24
 
 
-def _prompt_context(tokenizer: Tokenizer, prompt_ids, skip: bool) -> list[int]:
-    """The prompt's last tokens the window starts on: the fewest (5 to 24) that decode without U+FFFD (vLLM's
-    choice). A window that starts inside a character the prompt spelled in several tokens (a byte-fallback emoji)
-    decodes it as U+FFFD, and a SentencePiece byte-fallback decoder then turns the first output character spelled
-    in bytes into U+FFFD too. None clean: the last 5 (the prompt itself is not valid text there)."""
+def _prompt_context(tokenizer: Tokenizer, prompt_ids, skip: bool) -> tuple[list[int], str | None]:
+    """The prompt's last tokens the window starts on, and their text where it was decoded to choose them: the
+    fewest (5 to 24) that decode without U+FFFD (vLLM's choice). A window that starts inside a character the prompt
+    spelled in several tokens (a byte-fallback emoji) decodes it as U+FFFD, and a SentencePiece byte-fallback
+    decoder then turns the first output character spelled in bytes into U+FFFD too. None clean: the last 5 (the
+    prompt itself is not valid text there)."""
     prompt_ids = list(prompt_ids)
     if len(prompt_ids) <= _PROMPT_CONTEXT:
-        return prompt_ids
+        return prompt_ids, None
+    first = None
     for n in range(_PROMPT_CONTEXT, min(len(prompt_ids), _PROMPT_CONTEXT_MAX) + 1):
         tail = prompt_ids[-n:]
-        if "\ufffd" not in tokenizer.decode(tail, skip_special_tokens=skip):
-            return tail
-    return prompt_ids[-_PROMPT_CONTEXT:]
+        text = tokenizer.decode(tail, skip_special_tokens=skip)
+        if "\ufffd" not in text:
+            return tail, text
+        first = text if first is None else first
+    return prompt_ids[-_PROMPT_CONTEXT:], first
 
 
-def _stream(tokenizer: Tokenizer, raw, context: list[int], skip: bool):
+def _stream(tokenizer: Tokenizer, raw, context: list[int], skip: bool, text: str | None = None):
     """A DecodeStream over ``raw`` (the ``tokenizers`` object inside ``tokenizer``) primed on ``context``
-    (whose text is not emitted), or None where it cannot stand in for the Python window (no DecodeStream,
-    no raw tokenizer, a context that ends inside a character)."""
+    (whose text, ``text`` if already decoded, is not emitted), or None where it cannot stand in for the Python
+    window (no DecodeStream, no raw tokenizer, a context that ends inside a character)."""
     if DecodeStream is None or raw is None or not hasattr(raw, "decode"):
         return None
     try:
-        if tokenizer.decode(context, skip_special_tokens=skip).endswith("\ufffd"):
+        if text is None:
+            text = tokenizer.decode(context, skip_special_tokens=skip)
+        if text.endswith("\ufffd"):
             return None
         stream = DecodeStream(skip_special_tokens=skip)
         for t in context:
@@ -82,7 +88,7 @@ class IncrementalDetokenizer:
             raise ValueError("a lazy detokenizer cannot search stop strings")
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.tokens = _prompt_context(tokenizer, prompt_ids, skip_special_tokens)
+        self.tokens, context_text = _prompt_context(tokenizer, prompt_ids, skip_special_tokens)
         self.prefix = 0
         self.read = len(self.tokens)
         self._done: list[str] = []   # text streamed and out of reach of a stop string, in pieces
@@ -95,7 +101,8 @@ class IncrementalDetokenizer:
         self.stopped_by: str | None = None
         self._raw = getattr(tokenizer, "_tok", None)
         self.lazy = lazy
-        self._stream = None if lazy else _stream(tokenizer, self._raw, self.tokens, skip_special_tokens)
+        self._stream = None if lazy else _stream(tokenizer, self._raw, self.tokens, skip_special_tokens,
+                                                 context_text)
 
     def streamed(self) -> tuple[list[str], int]:
         """(a list that only grows at its end, n): its first n pieces are the text ``take_delta`` has returned

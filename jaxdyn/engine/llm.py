@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from jaxdyn.engine.core import EngineConfig, EngineCore
 from jaxdyn.engine.request import RequestOutput
-from jaxdyn.engine.sampling_params import SamplingParams, generation_defaults
+from jaxdyn.engine.sampling_params import SamplingParams, generation_config_dir, generation_defaults
 
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
@@ -109,9 +108,7 @@ class LLM:
             from checkpoints import DEMO_MODEL
             model = DEMO_MODEL
         # vLLM's generation_config: "auto" reads the model's generation_config.json, "vllm" none, else a folder
-        source = (model if isinstance(model, str) and os.path.isdir(model) else None) \
-            if generation_config == "auto" else generation_config
-        self._defaults = generation_defaults(source)
+        self._defaults = generation_defaults(generation_config_dir(generation_config, model))
         self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
                                              config=EngineConfig(**engine_kwargs), quantization=quantization,
                                              quantize_lm_head=quantize_lm_head)

@@ -64,6 +64,12 @@ MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under m
 _TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 9, 6
 
 
+def _i32_bits(x: int) -> int:
+    """``x``'s low 32 bits as the int32 that holds them (a seed's half in the step's int32 rows)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
 def _unpack(tok, seqi, seqf):
     S = seqf.shape[0]
     P = seqi.shape[1] - _SEQ_COLS - MAX_BANNED
@@ -1186,12 +1192,10 @@ class ModelRunner:
                 sr = sampling_row(w.params)
             floats.append(sr[0])
             flags |= sr[2]
-            lo, hi = w.seed & 0xFFFFFFFF, (w.seed >> 32) & 0xFFFFFFFF
             # kv_len, cu_q_len (filled below), logits row, top_k, prompt_len, seed (low), output index, where its
             # draw goes, seed (high)
-            ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len,
-                         lo - (1 << 32) if lo >= (1 << 31) else lo, w.output_index, write + index[i],
-                         hi - (1 << 32) if hi >= (1 << 31) else hi))
+            ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len, _i32_bits(w.seed),
+                         w.output_index, write + index[i], _i32_bits(w.seed >> 32)))
             if w.banned:
                 if len(w.banned) > MAX_BANNED:
                     raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned ids")

@@ -103,6 +103,15 @@ GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top
                             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
+def generation_config_dir(setting: str | None, model) -> str | None:
+    """Where vLLM's ``--generation-config`` ``setting`` reads the defaults from: "auto", ``model``'s directory (a
+    preset has none); "vllm" or None, nowhere; else the folder it names."""
+    import os
+    if setting == "auto":
+        return model if isinstance(model, str) and os.path.isdir(model) else None
+    return None if setting == "vllm" else setting
+
+
 def generation_defaults(source: str | None) -> dict:
     """The sampling defaults a model's ``generation_config.json`` sets (vLLM's ``--generation-config``): ``source``
     a directory that holds one ("auto" passes the model's; a directory without the file gives none), or None /

@@ -76,6 +76,7 @@ class _RemoteStream:
         self.worker = worker
         self.call = None
         self.failure: str | None = None
+        self.error: type = RequestFailedError      # what ``failure`` ends the stream with
         self.arrival = time.monotonic()
 
     def fail(self, message: str, error: type = RequestFailedError) -> None:
@@ -241,8 +242,7 @@ class RemoteEngine:
                 if finished:
                     return
             failed = True
-            raise getattr(s, "error", RequestFailedError)(s.failure or f"worker {s.worker.address} ended the stream "
-                                                          "early")
+            raise s.error(s.failure or f"worker {s.worker.address} ended the stream early")
         except grpc.aio.AioRpcError as e:
             err = _translate(e, s)
             refused = isinstance(err, RequestError)     # the client's request: not counted, as the engine does not
@@ -251,7 +251,7 @@ class RemoteEngine:
         except asyncio.CancelledError:
             if s.failure is not None:          # the health thread cancelled it: the worker is gone
                 failed = True
-                raise getattr(s, "error", RequestFailedError)(s.failure) from None
+                raise s.error(s.failure) from None
             raise
         finally:
             self._streams.pop(s.request_id, None)

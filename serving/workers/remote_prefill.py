@@ -215,7 +215,10 @@ class RemotePrefillRole:
                 spec = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(self.device))
                 block = conn.pull(h.transfer_uuid, [spec])[0]
                 if not self._arrived(block, rid, i, t_call + self.timeout_s):
-                    return self._given_up(rid)
+                    aborted, stalled = self._call_ended(rid)
+                    # aborted: the decode side knows; its worker stopped answering: another worker, or here
+                    # (the health thread has logged which worker)
+                    return stalled and not aborted
             else:
                 buf = bytearray()
                 for msg in call:
@@ -233,11 +236,7 @@ class RemotePrefillRole:
                               time.monotonic()))
         except grpc.RpcError as e:
             code = e.code()
-            with self._lock:
-                self._calls.pop(rid, None)
-                aborted = rid in self._aborted
-                stalled = rid in self._stalled
-                self._stalled.discard(rid)
+            aborted, stalled = self._call_ended(rid)
             if aborted:
                 return False                # we cancelled it (abort): the decode side knows
             if code == grpc.StatusCode.CANCELLED and stalled:
@@ -281,14 +280,14 @@ class RemotePrefillRole:
         block.block_until_ready()           # a failed transfer raises here, in this request's thread
         return True
 
-    def _given_up(self, rid: str) -> bool:
-        """After ``_arrived`` gave up: an aborted request ends here (the decode side knows); one whose worker
-        stopped answering goes to another worker or is computed here (True)."""
+    def _call_ended(self, rid: str) -> tuple[bool, bool]:
+        """A call that will deliver nothing: no longer in flight; (aborted by the client, cancelled by the health
+        thread as its worker stopped answering)."""
         with self._lock:
             self._calls.pop(rid, None)
-            stalled = rid in self._stalled and rid not in self._aborted
+            aborted, stalled = rid in self._aborted, rid in self._stalled
             self._stalled.discard(rid)
-        return stalled                      # the health thread has logged which worker stopped answering
+        return aborted, stalled
 
     def _transfer_server(self):
         if self._transfer is None:
