@@ -7,8 +7,8 @@ export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRAC
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 ST=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
 D="python -m benchmarks.gpu.outputs_digest --quant fp8 --engine {\"kv_cache_dtype\":\"fp8\"} --num-prompts 200"
-JAX_COMPILATION_CACHE_DIR=/tmp/jc_tree timeout 100 $D --out $OUT/digest_default.json 2>&1 | grep -v "^W" | tee -a $OUT/digest.txt | tail -4
-XLA_FLAGS=$ST JAX_COMPILATION_CACHE_DIR=/tmp/jc_st timeout 100 $D --out $OUT/digest_skip_temp.json 2>&1 | grep -v "^W" | tee -a $OUT/digest.txt | tail -4
+JAX_COMPILATION_CACHE_DIR=/tmp/jc_tree timeout 130 $D --out $OUT/digest_default.json 2>&1 | grep -v "^W" | tee -a $OUT/digest.txt | tail -4
+XLA_FLAGS=$ST JAX_COMPILATION_CACHE_DIR=/tmp/jc_st timeout 130 $D --out $OUT/digest_skip_temp.json 2>&1 | grep -v "^W" | tee -a $OUT/digest.txt | tail -4
 python -m benchmarks.gpu.outputs_digest --compare $OUT/digest_default.json $OUT/digest_skip_temp.json | tee -a $OUT/digest.txt
 if ! cmp -s $OUT/digest_default.json $OUT/digest_skip_temp.json; then
   JAX_COMPILATION_CACHE_DIR=/tmp/jc_tree timeout 60 $D --out $OUT/digest_default2.json 2>&1 | grep -v "^W" | tail -1
