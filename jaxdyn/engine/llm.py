@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from jaxdyn.engine.core import EngineConfig, EngineCore
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams, generation_config_dir, generation_defaults
+from jaxdyn.engine.xla_options import command_buffer_update_mode
 
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
@@ -23,6 +24,7 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     # (it imports jaxdyn), and this keeps `from jaxdyn import LLM` whole.
     from checkpoints.loader import load_weights, plan_model
 
+    command_buffer_update_mode()        # before plan_model starts JAX's backend
     plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, quantization=quantization,
                       quantize_lm_head=quantize_lm_head)
     # built on the weights' shapes: with warmup, the steps compile while the weights load
@@ -65,6 +67,7 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     from jaxdyn.disagg.policy import DisaggPolicy
     from jaxdyn.parallel.sharding import make_mesh
 
+    command_buffer_update_mode()        # before jax.devices() starts JAX's backend
     devices = jax.devices()
     pick = []
     for role, idx, tp in (("prefill", prefill_devices, prefill_tp), ("decode", decode_devices, decode_tp)):

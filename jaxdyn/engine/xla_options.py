@@ -1,0 +1,83 @@
+"""Process-wide XLA options the engine sets on a GPU before JAX's backend starts.
+
+**The command-buffer update mode.** XLA runs a compiled step as a CUDA graph (a command buffer) and, in its
+default mode (``ALWAYS_UPDATE``), updates the graph's nodes whenever a buffer they use moved since the last call,
+the step's temporary buffer included, which the allocator hands out anew every call. ``SKIP_TEMP`` gives that
+buffer one address for the executable's life, so the update touches only the nodes of the step's own inputs and
+outputs. On an H200 (jax 0.11.2, the 8B shape in fp8) this took the small steps' device time down by about 1 ms at
+128 tokens with the engine's host-side inputs (``benchmarks.gpu.dispatch_probe``: 5.25 to 4.21 ms) and gave
+1.033x and 1.071x the offline ShareGPT-shaped throughput in two calls; the greedy tokens are those of the default
+mode (``benchmarks/results/gpu_suite_h200.md``, twenty-seventh session). ``SKIP_PROFILED`` was 2.5-13x slower.
+
+XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts, so this adds the mode to the environment only
+before that (``build_engine`` calls it first thing; a process that has already run a JAX computation keeps
+XLA's default), only where a CUDA plugin is installed and JAX may use it, and only on jaxlib 0.11 or later
+(0.10 refuses the value and would abort the process). A mode already in ``XLA_FLAGS`` is left as it is: set
+``--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE`` there to keep XLA's default.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+UPDATE_MODE_FLAG = "--xla_gpu_command_buffer_update_mode"
+UPDATE_MODE = "SKIP_TEMP"
+CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
+
+
+def _version(dist: str) -> tuple[int, ...] | None:
+    try:
+        text = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for p in text.split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit()) if p[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _cuda_plugin_installed() -> bool:
+    return any(_version(d) is not None for d in CUDA_PLUGINS)
+
+
+def _backends_started() -> bool:
+    import sys
+    if "jax" not in sys.modules:        # JAX not even imported: nothing has started
+        return False
+    from jax._src import xla_bridge
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started is not None else bool(getattr(xla_bridge, "_backends", {}))
+
+
+def _may_use_gpu(environ) -> bool:
+    platforms = (environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or "").lower()
+    return not platforms or any(p.strip() in ("cuda", "gpu") for p in platforms.split(","))
+
+
+def command_buffer_update_mode(environ=None, *, jaxlib_version: tuple[int, ...] | None = None,
+                               cuda_plugin: bool | None = None, backends_started: bool | None = None) -> str | None:
+    """Add ``--xla_gpu_command_buffer_update_mode=SKIP_TEMP`` to ``environ["XLA_FLAGS"]`` (``os.environ`` by
+    default) where it applies (see the module's text); returns the mode added, or None where nothing changed.
+    The keyword arguments stand in for what is otherwise read from the installed packages and JAX (tests)."""
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    if UPDATE_MODE_FLAG.lstrip("-") in flags or not _may_use_gpu(environ):
+        return None
+    version = _version("jaxlib") if jaxlib_version is None else jaxlib_version
+    if version is None or version[:2] < (0, 11):
+        return None
+    if not (_cuda_plugin_installed() if cuda_plugin is None else cuda_plugin):
+        return None
+    if _backends_started() if backends_started is None else backends_started:
+        logger.info("JAX's backend has already started in this process: XLA's command-buffer update mode stays "
+                    "its default (set %s=%s in XLA_FLAGS before it starts)", UPDATE_MODE_FLAG, UPDATE_MODE)
+        return None
+    environ["XLA_FLAGS"] = f"{flags} {UPDATE_MODE_FLAG}={UPDATE_MODE}".strip()
+    return UPDATE_MODE
