@@ -75,8 +75,10 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        return (self.request.priority, self.arrival_order)
+    def sort_key(self) -> tuple[int, int, int]:
+        # the index last: an n > 1 request's leader (index 0) queues ahead of its siblings blocked on it,
+        # so that forking them off the queue never moves the sequences after it (Scheduler.schedule)
+        return (self.request.priority, self.arrival_order, self.index)
 
     @property
     def finished(self) -> bool:

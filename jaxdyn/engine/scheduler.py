@@ -100,6 +100,9 @@ class Scheduler:
         # Disaggregation: pages a finished prefill keeps until its KV is sent (prefill role), and
         # pages reserved for KV that is on its way (decode role), both keyed by request id.
         self.held: dict[str, Sequence] = {}
+        # running sequences whose cached whole pages may duplicate pages the tree already held, with the
+        # number of those pages: moved onto the tree's at the next step (_share_cached_copies)
+        self._copies_to_share: list[tuple[Sequence, int]] = []
         self.reserved: dict[str, list[int]] = {}
 
     # ---- queue management --------------------------------------------------------------------
@@ -112,7 +115,7 @@ class Scheduler:
         if self.config.policy == "lof":
             max_tokens = seq.request.params.max_tokens
             return (seq.request.priority, -(max_tokens if max_tokens is not None else float("inf")),
-                    seq.arrival_order)
+                    seq.arrival_order, seq.index)
         return seq.sort_key
 
     def _push_waiting(self, seq: Sequence) -> None:
@@ -169,13 +172,41 @@ class Scheduler:
         # Its prompt is complete: cache it now, as for a prompt finished in a step.
         self._cache_pages(seq)
 
-    def _cache_pages(self, seq: Sequence) -> None:
-        """Put the sequence's computed whole pages of known tokens into the prefix cache."""
+    def _cache_pages(self, seq: Sequence) -> int:
+        """Put the sequence's computed whole pages of known tokens into the prefix cache; returns how many
+        pages that was (those the tree already held for the same tokens included)."""
         if self.cache is None or not seq.pages:
-            return
+            return 0
         full = min(seq.num_computed, seq.num_known) // self.config.page_size
         if full:
             self.cache.insert(seq.token_slice(0, full * self.config.page_size), seq.pages[:full])
+        return full
+
+    def _share_cached_copies(self) -> None:
+        """Move running sequences onto the tree's pages where theirs hold the same tokens, freeing their copies.
+
+        Two prompts with a common prefix prefilled in the same step each compute it into pages of their own;
+        the first to finish its prompt caches them, the second caches only the pages past them (``insert``
+        keeps what the tree holds). Its copies would stay in use as long as it runs, and the tree's pages
+        of that prefix would count as reclaimable (held by the tree alone) without being evictable (inner
+        nodes, below the second's pages). This runs as the next step is built: the copies were written by
+        the previous step (dispatched already, so ahead of anything this step writes into a freed page),
+        and nothing writes a whole computed page again."""
+        pending, self._copies_to_share = self._copies_to_share, []
+        ps = self.config.page_size
+        for seq, n in pending:
+            if seq.status is not SeqStatus.RUNNING or len(seq.pages) < n:
+                continue
+            cached = self.cache.cached_pages(seq.token_slice(0, n * ps))
+            moves = [(i, p) for i, p in enumerate(cached) if p != seq.pages[i]]
+            if not moves:
+                continue
+            pages = list(seq.pages)       # a new list: Sequence.page_array caches by identity
+            self.allocator.share([p for _, p in moves])
+            self.allocator.free([pages[i] for i, _ in moves])
+            for i, p in moves:
+                pages[i] = p
+            seq.pages = pages
 
     def _free_pages(self, seq: Sequence) -> None:
         if seq.pages:
@@ -244,6 +275,8 @@ class Scheduler:
         scheduled: set[int] = set()
         self._forked: list[Sequence] = []     # siblings forked this step join running after it
         self._prompts_done: list[Sequence] = []
+        if self._copies_to_share:
+            self._share_cached_copies()
 
         ps = cfg.page_size
         is_shared = self.allocator.is_shared
@@ -317,7 +350,8 @@ class Scheduler:
         # Prompts finished in this step enter the cache now, so that the sequences admitted from the
         # next step on can share them (their last pages are written by this very step).
         for seq in self._prompts_done:
-            self._cache_pages(seq)
+            if n := self._cache_pages(seq):
+                self._copies_to_share.append((seq, n))
         return SchedulerOutput(items, copies, preempted)
 
     def _match(self, seq: Sequence, target: int) -> int:

@@ -21,7 +21,12 @@ tree.
   the edge stays evictable. Touches the path (LRU). Takes no references.
 - ``insert(tokens, pages)``: cache a computed prefix. Pages of it already
   cached stay as they are (the caller's duplicates are not adopted); the tree
-  takes a reference on each page it adopts.
+  takes a reference on each page it adopts. A running sequence whose pages
+  duplicate cached ones (two prompts with a common prefix computed in the same
+  step) moves onto the cached pages (``cached_pages``) and frees its copies
+  (``Scheduler._share_cached_copies``): otherwise the cached ancestors of the
+  pages it adopted would be held by the tree alone yet not evictable (only
+  leaves are), and its copies would take memory twice.
 - ``evict(n)``: free up to ``n`` pages, least recently used leaves first,
   from the tail of each leaf; an in-use page is never evicted.
 
@@ -114,9 +119,14 @@ class RadixCache:
 
     def peek(self, tokens: Seq[int]) -> int:
         """Tokens of the longest cached prefix of ``tokens`` in whole pages; changes nothing."""
+        return len(self.cached_pages(tokens)) * self.page_size
+
+    def cached_pages(self, tokens: Seq[int]) -> list[int]:
+        """The pages of the longest cached prefix of ``tokens`` in whole pages; changes nothing (no split, no
+        touch, no reference taken)."""
         ps = self.page_size
         limit = len(tokens) - len(tokens) % ps
-        node, pos = self.root, 0
+        node, pos, pages = self.root, 0, []
         while pos < limit:
             child = node.children.get(tuple(tokens[pos:pos + ps]))
             if child is None:
@@ -126,10 +136,11 @@ class RadixCache:
                     tuple(tokens[pos + m * ps:pos + (m + 1) * ps]) == child.key[m * ps:(m + 1) * ps]:
                 m += 1
             pos += m * ps
+            pages.extend(child.pages[:m])
             if m < len(child.pages):
                 break
             node = child
-        return pos
+        return pages
 
     # ---- insertion -------------------------------------------------------------------------------
 

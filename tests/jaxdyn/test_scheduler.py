@@ -228,3 +228,46 @@ def test_an_eviction_frees_a_batch_of_the_pool_at_once():
         alloc.allocate(alloc.num_free)          # the pool is full
         assert s._make_room(1) and cache.num_evicted == expect
         assert cache.match([100] * 4) == ([], 0) and cache.match([107] * 4)[1] == 4   # the oldest went first
+
+
+def test_a_prefix_computed_twice_in_one_step_is_kept_once():
+    # "a" and "b" share 3 whole pages of prompt and are prefilled in the same step, so each computes them
+    # into its own pages; "a" caches its copy first, "b" then moves onto it and frees its own. Without that,
+    # the tree's 3 pages stay pinned under b's 4th (cache-only, yet not evictable) beside b's copies, and b's
+    # 9 pages no longer fit the 10-page pool: b would be preempted.
+    sim = Sim(pages=10, budget=64, cap=4, page_size=4, cache=True)
+    sim.add("a", 13, 1)
+    sim.add("b", 16, 20)
+    b = sim.reqs["b"].seqs[0]
+    sim.step()
+    own = list(b.pages[:3])
+    assert "a" not in sim.reqs
+    tree = [sim.cache.cached_prefixes()[tuple(range((i + 1) * 4))] for i in range(3)]
+    assert len(tree) == 3 and set(tree).isdisjoint(own)
+    sim.step()
+    assert b.pages[:3] == tree and all(sim.alloc.refcount[p] == 0 for p in own)
+    assert sim.alloc.num_cache_only == 0        # every cached page is b's too: none counted reclaimable
+    preempted = []
+    while sim.reqs:
+        preempted += sim.step().preempted
+    assert not preempted
+    assert sim.alloc.num_free + sim.cache.num_pages == 10
+    sim.cache.clear()
+    assert sim.alloc.num_free == 10
+
+
+def test_a_preempted_leader_queues_ahead_of_its_blocked_siblings():
+    # n = 2: the leader, preempted in the middle of the shared prompt, goes back to the queue ahead of its
+    # blocked sibling. (Behind it, forking the sibling off the queue as the leader is admitted again moved
+    # the queue under the admission loop, which then skipped "x" and admitted the later "y" first.)
+    sim = Sim(pages=64, budget=8, cap=8, page_size=4)
+    sim.add("r", 13, 4, n=2)
+    sim.step()                                  # the leader: 8 of its 12 shared tokens
+    leader = sim.reqs["r"].seqs[0]
+    sim.s._preempt(leader)                      # as schedule() does when pages run out
+    sim.add("x", 3, 4, first=100)
+    sim.add("y", 2, 4, first=200)
+    assert [(q.request.request_id, q.index) for q in sim.s.waiting] == [("r", 0), ("r", 1), ("x", 0), ("y", 0)]
+    sim.s.config = SchedulerConfig(32, 8, 4)
+    admitted = [(it.seq.request.request_id, it.seq.index) for it in sim.step().items]
+    assert admitted == [("r", 0), ("x", 0), ("y", 0)]
