@@ -210,6 +210,17 @@ class EngineCore:
                                  f"{ps} tokens for this model (a pool of 2**31 elements or more per layer would "
                                  "overflow their 32-bit offsets); use fewer or larger pages")
             num_pages = min(num_pages, most)
+        # the longest sequence the pool holds: a sequence's last token is sampled, never computed, so its KV
+        # takes no room (check_request's rule)
+        longest = num_pages * ps + 1
+        if max_model_len > longest:
+            if config.max_model_len is not None:
+                raise ValueError(f"max_model_len {max_model_len} exceeds what the KV cache holds: {num_pages} pages "
+                                 f"of {ps} tokens serve sequences of at most {longest} tokens; give the cache more "
+                                 "pages (num_pages, or a larger memory fraction) or lower max_model_len")
+            log.warning("max_model_len lowered from %d to %d: the KV cache's %d pages of %d tokens hold no longer "
+                        "sequence", max_model_len, longest, num_pages, ps)
+            max_model_len = self.max_model_len = longest
         if config.kv_cache_dtype != "auto" and platform == "cpu":
             log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
                         "fp8 write and read, so every step costs time in the size of the pool (for correctness "
@@ -661,9 +672,13 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
     room = facts.max_model_len - len(prompt_ids)
     max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
-    if math.ceil(max_len / facts.config.page_size) > facts.num_pages:
-        raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens exceed the KV "
-                           f"cache ({facts.num_pages * facts.config.page_size} tokens)")
+    # KV is computed for every token but the last (sampled, never fed back)
+    held = facts.num_pages * facts.config.page_size
+    if len(prompt_ids) > held:
+        raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {held}")
+    if max_len - 1 > held:
+        raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens: the KV of {max_len - 1} of them "
+                           f"exceeds the KV cache ({held} tokens)")
 
 
 def unloaded_bytes_per_device(state, mesh) -> int:

@@ -773,3 +773,39 @@ def test_seeds_are_64_bit(engine):
     assert tokens(5) != tokens(5 + 2**40)
     assert tokens(-1) == tokens(2**64 - 1)
     assert tokens(2**63) == tokens(-2**63)
+
+
+def test_the_pool_bounds_the_context(ckpt, caplog):
+    # 5 pages of 16 tokens hold the KV of 80 tokens, so sequences of 81 (the last token is sampled, never
+    # computed): a max_model_len over that is refused when set, lowered to it when left to the default.
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    small = EngineConfig(num_pages=5, page_size=16, max_num_batched_tokens=128, max_num_seqs=2, seed=0)
+    with pytest.raises(ValueError, match=r"max_model_len 128 exceeds what the KV cache holds: 5 pages of 16 "
+                                         r"tokens serve sequences of at most 81 tokens"):
+        EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                   dataclasses.replace(small, max_model_len=128))
+    with caplog.at_level("WARNING"):
+        core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, small)
+    assert core.max_model_len == 81 and "max_model_len lowered" in caplog.text
+    core.add_request("fits", list(range(1, 80)), SamplingParams(max_tokens=2, ignore_eos=True))
+    out = {}
+    while core.has_unfinished():
+        for o in core.step():
+            out[o.request_id] = o
+    assert len(out["fits"].outputs[0].token_ids) == 2 and out["fits"].outputs[0].finish_reason == "length"
+    assert core.allocator.num_in_use == 0
+
+
+def test_a_prompt_over_the_pool_is_refused_by_name():
+    import types
+
+    from jaxdyn.engine.core import check_request
+    facts = types.SimpleNamespace(model_config=types.SimpleNamespace(vocab_size=100), max_model_len=1000,
+                                  tokenizer=None, eos_token_ids=[], num_pages=5,
+                                  config=types.SimpleNamespace(page_size=16))
+    check_request(facts, [1] * 79, SamplingParams(max_tokens=2))
+    check_request(facts, [1] * 80, SamplingParams(max_tokens=1))
+    for prompt, max_tokens, param in ((79, 3, "max_tokens"), (81, 1, "prompt"), (80, None, "max_tokens")):
+        with pytest.raises(RequestError) as e:
+            check_request(facts, [1] * prompt, SamplingParams(max_tokens=max_tokens))
+        assert e.value.param == param, (prompt, max_tokens)
