@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -460,6 +460,9 @@ def build_app(state: ServerState) -> Starlette:
                 return await fn(request)
             except APIError as e:
                 return e.response()
+            except ClientDisconnect:    # the client hung up before its request's body had arrived: no one to answer
+                log.debug("client disconnected while sending %s", request.url.path)
+                return Response(status_code=499)
             except Exception:  # a bug: log it, answer 500 without the traceback
                 log.exception("internal error in %s", request.url.path)
                 return APIError(500, "internal server error").response()

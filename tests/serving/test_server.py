@@ -907,3 +907,16 @@ def test_chat_messages_reach_the_template_as_vllm_sends_them(server):
                     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", (path, r.text)
     finally:
         tok.chat_template = saved
+
+
+def test_a_client_gone_while_sending_its_body_is_no_internal_error(server, caplog):
+    # the body is announced at 100 bytes and the connection closed after 15: a client disconnect, not a bug
+    host, port = server.url.removeprefix("http://").split(":")
+    with caplog.at_level("ERROR", logger="serving.app"):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": \"hi\"")
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert httpx.get(server.url + "/health").status_code == 200
+    assert "internal error" not in caplog.text
