@@ -283,6 +283,9 @@ class ProcessEngine(StreamingEngine):
             _post(pending)
         if reason is not None:
             self.dead = EngineDeadError(reason)
+            # its requests, pages and cache are gone with it: the gauges say so (the totals stay)
+            self.core.metrics = dataclasses.replace(self.core.metrics, num_running=0, num_waiting=0,
+                                                    kv_pages_used=0, kv_pages_cached=0, num_remote_prefills=0)
             self._fail_all(self.dead, {})
 
     def _handle(self, items: list, pending: dict) -> None:

@@ -290,3 +290,29 @@ def test_an_output_the_server_cannot_decode_fails_that_request_only():
     assert isinstance(got["a"], RequestFailedError) and "cannot decode 13" in str(got["a"])
     assert got["b"].outputs[0].text == "de"
     assert ("abort", "a") in sent and "a" not in pe._streams and "b" in pe._streams
+
+
+def test_a_dead_engines_gauges_read_zero():
+    # The reader of a process whose engine is gone: its last snapshot had a request running on 6 pages; those
+    # are gone with it (the server's /metrics showed them as held for as long as it ran on).
+    import dataclasses
+    import types
+
+    from jaxdyn.engine.metrics import EngineMetrics
+
+    class Gone:
+        def recv_bytes(self):
+            raise EOFError
+
+    last = EngineMetrics(num_running=1, num_waiting=2, kv_pages_used=6, kv_pages_cached=3, kv_pages_total=160,
+                         generation_tokens=40)
+    pe = ProcessEngine.__new__(ProcessEngine)
+    pe._conn, pe._closing, pe.dead = Gone(), False, None
+    pe._proc = types.SimpleNamespace(join=lambda t: None, exitcode=-9)
+    pe.core = types.SimpleNamespace(metrics=last)
+    failed = []
+    pe._fail_all = lambda err, pending: failed.append(err)
+    pe._read_loop()
+    assert failed and "exited (code -9)" in str(pe.dead)
+    assert pe.core.metrics == dataclasses.replace(last, num_running=0, num_waiting=0, kv_pages_used=0,
+                                                  kv_pages_cached=0)
