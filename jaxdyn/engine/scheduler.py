@@ -169,8 +169,10 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         seq.admit_order = next(self._admits)
         self.running.append(seq)
-        # Its prompt is complete: cache it now, as for a prompt finished in a step.
-        self._cache_pages(seq)
+        # Its prompt is complete: cache it now, as for a prompt finished in a step (and move it onto the
+        # tree's pages where another's KV for the same tokens got there first: _share_cached_copies).
+        if n := self._cache_pages(seq):
+            self._copies_to_share.append((seq, n))
 
     def _cache_pages(self, seq: Sequence) -> int:
         """Put the sequence's computed whole pages of known tokens into the prefix cache; returns how many
@@ -303,7 +305,10 @@ class Scheduler:
                 continue
             ok = True
             while not self._reserve(seq, seq.num_computed + n, copies):
-                victim = max((s for s in self.running if s.seq_id not in scheduled),
+                # not a sequence whose KV is held for a hand-over once its last token (drawn, still on the
+                # device) arrives: preempted, it would finish with no pages and the decode side get nothing
+                victim = max((s for s in self.running if s.seq_id not in scheduled
+                              and not (s.request.hold_kv and s.num_tokens >= s.request.max_len)),
                              key=lambda s: (s.request.priority, s.admit_order))
                 self._preempt(victim)
                 preempted.append(victim)

@@ -5,7 +5,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxdyn.engine.request import Request, Sequence
+from jaxdyn.engine.request import Request, Sequence, SeqStatus
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig
 from jaxdyn.kv.allocator import OutOfPages, PageAllocator
@@ -271,3 +271,58 @@ def test_a_preempted_leader_queues_ahead_of_its_blocked_siblings():
     sim.s.config = SchedulerConfig(32, 8, 4)
     admitted = [(it.seq.request.request_id, it.seq.index) for it in sim.step().items]
     assert admitted == [("r", 0), ("x", 0), ("y", 0)]
+
+
+def _running_request(rid, prompt, max_tokens, hold=False):
+    req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens))
+    req.max_len, req.hold_kv = len(prompt) + max_tokens, hold
+    req.seqs.append(Sequence(req, 0, 0, 0))
+    return req
+
+
+def test_kv_arriving_for_a_cached_prefix_moves_onto_the_cache():
+    # The decode role: two prompts with a common 3-page prefix computed elsewhere land in pages reserved for
+    # each; the second moves onto the first's cached pages at the next step, and then fits the pool alone.
+    alloc = PageAllocator(10)
+    cache = RadixCache(alloc, 4)
+    s = Scheduler(SchedulerConfig(64, 4, 4), alloc, cache)
+    a, b = _running_request("a", list(range(13)), 1).seqs[0], _running_request("b", list(range(16)), 20).seqs[0]
+    s.reserve("a", 4), s.reserve("b", 4)
+    s.add_running(a, s.reserved.pop("a"), 13)
+    a.output_ids.append(0)
+    s.add_running(b, s.reserved.pop("b"), 16)
+    b.output_ids.append(0)
+    own = list(b.pages[:3])
+    s.finish(a)
+    steps = 0
+    while b.status is not SeqStatus.FINISHED:
+        for it in s.schedule(lambda q: q.num_tokens < q.request.max_len).items:
+            if it.samples:
+                b.output_ids.append(1)
+                if b.num_known >= b.request.max_len:
+                    s.finish(b)
+        s.check_invariants()
+        if steps == 0:
+            assert b.pages[:3] == cache.cached_pages(list(range(12))) != own
+            assert all(alloc.refcount[p] == 0 for p in own) and alloc.num_cache_only == 0
+        steps += 1
+    assert s.num_preemptions == 0
+
+
+def test_a_held_prefill_is_not_preempted_while_its_last_token_is_on_the_device():
+    # The prefill role's request (hold_kv, one token) has drawn its token in a step still in flight; the other
+    # sequence's next page must not come from it: preempted, it would finish with no pages to hand over.
+    alloc = PageAllocator(3)
+    s = Scheduler(SchedulerConfig(32, 4, 4), alloc)
+    y = _running_request("y", [1, 2, 3, 4], 6)
+    h = _running_request("h", list(range(20, 28)), 1, hold=True)
+    s.add(y), s.add(h)
+    for it in s.schedule(lambda q: q.num_tokens < q.request.max_len).items:
+        it.seq.num_pending += 1           # drawn on the device, not yet back (the engine's overlapped loop)
+    out = s.schedule(lambda q: q.num_tokens < q.request.max_len)
+    assert [q.request.request_id for q in out.preempted] == ["y"]
+    hs = h.seqs[0]
+    hs.num_pending -= 1
+    hs.output_ids.append(7)
+    s.finish(hs, hold=True)
+    assert len(s.held["h"].pages) == 2
