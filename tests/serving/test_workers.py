@@ -362,10 +362,10 @@ def _prefill_service(core):
         role.shutdown()
 
 
-def _prefill_core(ckpt, page_size=16, num_pages=64):
+def _prefill_core(ckpt, page_size=16, num_pages=64, max_model_len=128):
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     cfg = EngineConfig(num_pages=num_pages, page_size=page_size, max_num_batched_tokens=8, max_num_seqs=4,
-                       max_model_len=128, token_buckets=(8,), page_buckets=(8,), seed=0)
+                       max_model_len=max_model_len, token_buckets=(8,), page_buckets=(8,), seed=0)
     return EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
 
 
@@ -489,7 +489,8 @@ def test_a_prompt_a_prefill_worker_refuses_for_its_own_limits_is_computed_here(c
     from serving.workers.common import kv_layout
     from serving.workers.remote_prefill import RemotePrefillRole
 
-    core = _prefill_core(ckpt, num_pages=4)               # 64 tokens of KV
+    # 64 tokens of KV: its context is lowered to 65 (an explicit 128 would be refused at start)
+    core = _prefill_core(ckpt, num_pages=4, max_model_len=None)
     with _prefill_service(core) as port:
         role = RemotePrefillRole([f"127.0.0.1:{port}"], timeout_s=30, expect=kv_layout(core))
         got = []
