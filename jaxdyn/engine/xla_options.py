@@ -12,8 +12,8 @@ mode (``benchmarks/results/gpu_suite_h200.md``, twenty-seventh session). ``SKIP_
 XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts, so this adds the mode to the environment only
 before that (``build_engine`` calls it first thing; a process that has already run a JAX computation keeps
 XLA's default), only where a CUDA plugin is installed and JAX may use it, and only on jaxlib 0.11 or later
-(0.10 refuses the value and would abort the process). A mode already in ``XLA_FLAGS`` is left as it is: set
-``--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE`` there to keep XLA's default.
+(0.10 refuses the value and would abort the process). A mode already in ``XLA_FLAGS`` (or in a ``--flagfile`` it
+names) is left as it is: set ``--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE`` there to keep XLA's default.
 """
 
 from __future__ import annotations
@@ -61,6 +61,22 @@ def _may_use_gpu(environ) -> bool:
     return not platforms or any(p.strip() in ("cuda", "gpu") for p in platforms.split(","))
 
 
+def _sets_mode(flags: str) -> bool:
+    """Whether ``XLA_FLAGS`` sets the update mode, itself or in a ``--flagfile`` it names (one that cannot be
+    read counts as setting it: the user's flags are not overridden on a guess)."""
+    if UPDATE_MODE_FLAG.lstrip("-") in flags:
+        return True
+    for token in flags.split():
+        if token.lstrip("-").startswith("flagfile="):
+            try:
+                with open(token.split("=", 1)[1]) as f:
+                    if UPDATE_MODE_FLAG.lstrip("-") in f.read():
+                        return True
+            except OSError:
+                return True
+    return False
+
+
 def command_buffer_update_mode(environ=None, *, jaxlib_version: tuple[int, ...] | None = None,
                                cuda_plugin: bool | None = None, backends_started: bool | None = None) -> str | None:
     """Add ``--xla_gpu_command_buffer_update_mode=SKIP_TEMP`` to ``environ["XLA_FLAGS"]`` (``os.environ`` by
@@ -68,7 +84,7 @@ def command_buffer_update_mode(environ=None, *, jaxlib_version: tuple[int, ...] 
     The keyword arguments stand in for what is otherwise read from the installed packages and JAX (tests)."""
     environ = os.environ if environ is None else environ
     flags = environ.get("XLA_FLAGS", "")
-    if UPDATE_MODE_FLAG.lstrip("-") in flags or not _may_use_gpu(environ):
+    if _sets_mode(flags) or not _may_use_gpu(environ):
         return None
     version = _version("jaxlib") if jaxlib_version is None else jaxlib_version
     if version is None or version[:2] < (0, 11):

@@ -22,6 +22,18 @@ def test_added_on_a_gpu_before_the_backend_starts():
     assert command_buffer_update_mode(env, **GPU) == "SKIP_TEMP"
 
 
+def test_a_mode_in_a_flagfile_is_the_users(tmp_path):
+    mine = tmp_path / "flags"
+    mine.write_text("--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE\n")
+    other = tmp_path / "other"
+    other.write_text("--xla_gpu_enable_command_buffer=\n")
+    for flags, added in ((f"--flagfile={mine}", False), (f"--flagfile={tmp_path / 'missing'}", False),
+                         (f"--flagfile={other}", True)):
+        env = {"XLA_FLAGS": flags}
+        assert (command_buffer_update_mode(env, **GPU) == "SKIP_TEMP") is added, flags
+        assert (FLAG in env["XLA_FLAGS"]) is added
+
+
 def test_left_alone_where_it_does_not_apply():
     cases = [
         ({"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, GPU),   # the user's choice
