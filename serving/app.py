@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -163,7 +164,6 @@ def _validate(model_cls, data: dict):
 # served: a request asking for more is refused by name rather than served as if the field were absent.
 UNSUPPORTED = {
     "best_of": "sampling several and returning the best",
-    "logit_bias": "logit_bias",
     "response_format": "structured output (response_format other than {\"type\": \"text\"})",
     "guided_json": "guided decoding",
     "guided_regex": "guided decoding",
@@ -213,6 +213,25 @@ def _check_request_fields(req) -> None:
                        code="invalid_value")
 
 
+def _logit_bias(bias: dict | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as strings) as SamplingParams takes it, each bias clamped to [-100, 100]
+    as vLLM's server does."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias: {key[:50]!r} is not a token id", param="logit_bias",
+                           code="invalid_value") from None
+        if not math.isfinite(value):
+            raise APIError(400, f"logit_bias: the bias of {token} is not a finite number", param="logit_bias",
+                           code="invalid_value")
+        out[token] = min(100.0, max(-100.0, float(value)))
+    return out
+
+
 def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None) -> SamplingParams:
     """``defaults``: the model's generation config's, for the fields the request leaves out; its max_new_tokens
     caps max_tokens, as vLLM's (the smallest of the request's, the config's and the context's)."""
@@ -243,6 +262,7 @@ def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None)
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens is not False,
+            logit_bias=_logit_bias(req.logit_bias),
         )
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None

@@ -43,10 +43,10 @@ class _Sampling(_Base):
     truncate_prompt_tokens: StrictInt | None = None
     truncation_side: Literal["left", "right"] | None = None
     return_tokens_as_token_ids: StrictBool | None = False
+    logit_bias: dict[StrictStr, Number] | None = None    # token id (as a string, OpenAI's) -> bias, clamped to +-100
     # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
     # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
     best_of: Any = None
-    logit_bias: Any = None
     response_format: Any = None
     guided_json: Any = None
     guided_regex: Any = None

@@ -33,7 +33,7 @@ def sampling_inputs(rows: int, vocab: int, history: int = 512):
     s = SamplingArrays(temperature=full(0.8), top_k=full(50, jnp.int32), top_p=full(0.9), min_p=full(0.02),
                        repetition_penalty=full(1.1), presence_penalty=full(0.2), frequency_penalty=full(0.2),
                        prompt_lens=full(history // 2, jnp.int32), seeds=jnp.arange(rows, dtype=jnp.uint32),
-                       output_index=full(3, jnp.int32), banned=jnp.full((rows, 4), -1, jnp.int32))
+                       output_index=full(3, jnp.int32), biased=jnp.full((rows, 4), -1, jnp.int32))
     logits = jax.random.normal(jax.random.key(rows), (rows, vocab), jnp.float32) * 3
     rng = np.random.default_rng(rows)
     hist = (jnp.asarray(rng.integers(0, vocab, (rows, history)), jnp.int32), jnp.ones((rows, history), bool),

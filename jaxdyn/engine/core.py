@@ -293,6 +293,7 @@ class EngineCore:
         req.final_only = final_only
         req.max_len = len(prompt_ids) + max_tokens
         req.sampling_row = sampling_row(params)
+        req.logit_bias = tuple(sorted(params.logit_bias.items())) if params.logit_bias else ()
         for i in range(params.n):
             # 64 bits, as vLLM's (torch's) generator seeds: a negative seed as its two's complement
             seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFFFFFFFFFF
@@ -480,7 +481,8 @@ class EngineCore:
             if cached is None or cached[0] is not pages or cached[1] != len(pages):
                 cached = seq.page_array = (pages, len(pages), np.asarray(pages, np.int32))
             work.append(SequenceWork(toks, start, cached[2], prev_row, p, prompt_len,
-                                     seq.seed, out_index, banned, req.sampling_row))
+                                     seq.seed, out_index, banned, req.sampling_row,
+                                     req.logit_bias if it.samples else ()))
             if it.samples:
                 seq.num_pending += 1
                 seq.pending_rows.append(idx)
@@ -668,8 +670,15 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
     if params.stop and facts.tokenizer is None:
         raise RequestError("stop", "stop strings need a tokenizer; this model has none")
-    if len(facts.eos_token_ids) + len(params.stop_token_ids) > MAX_BANNED and params.min_tokens:
+    bans = len(facts.eos_token_ids) + len(params.stop_token_ids) if params.min_tokens else 0
+    if bans > MAX_BANNED:
         raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
+    if params.logit_bias:
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError("logit_bias", f"token ids must be in [0, {vocab})")
+        if bans + len(params.logit_bias) > MAX_BANNED:
+            raise RequestError("logit_bias", f"at most {MAX_BANNED - bans} token ids with min_tokens and these "
+                               f"EOS and stop ids ({bans}), {MAX_BANNED} in all")
     room = facts.max_model_len - len(prompt_ids)
     max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
     # KV is computed for every token but the last (sampled, never fed back)

@@ -112,6 +112,7 @@ class Request:
         self.hold_kv = False                 # keep its pages when done, until released (prefill role)
         self.final_only = False              # one output, when it finishes (offline: no per-step outputs)
         self.sampling_row = None             # runner.sampling_row(params), computed once by the engine
+        self.logit_bias: tuple = ()          # params.logit_bias as sorted (token id, bias) pairs
 
     @property
     def finished(self) -> bool:

@@ -52,16 +52,18 @@ from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
 from pallas_kernels.paged_decode import kernel_zeros, step_copy
 
-MAX_BANNED = 32    # ids a row may ban at once (EOS ids + stop_token_ids under min_tokens)
+MAX_BANNED = 32    # ids a row may bias at once: bans (EOS ids + stop_token_ids under min_tokens) and logit_bias
 
 
 # Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, index in the sampled buffer of a token
 # drawn by the previous step (-1: none), positions, slot page, slot offset; seqi i32[S+1,
 # _SEQ_COLS + P + MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed's low 32
 # bits, output index, index in the sampled buffer its draw goes to (2 * max_num_seqs: nowhere),
-# seed's high 32 bits, page table, banned ids; seqf f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition,
-# presence, frequency penalties.
+# seed's high 32 bits, page table, biased ids (-1 pads), their biases (float32 bits; -inf bans); seqf
+# f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition, presence, frequency penalties.
 _TOK_ROWS, _SEQ_COLS, _SEQF_COLS = 5, 9, 6
+_BIAS_COLS = 2 * MAX_BANNED
+_BAN_BITS = int(np.array(-np.inf, np.float32).view(np.int32))
 
 
 def _i32_bits(x: int) -> int:
@@ -72,7 +74,7 @@ def _i32_bits(x: int) -> int:
 
 def _unpack(tok, seqi, seqf):
     S = seqf.shape[0]
-    P = seqi.shape[1] - _SEQ_COLS - MAX_BANNED
+    P = seqi.shape[1] - _SEQ_COLS - _BIAS_COLS
     md = AttentionMetadata(positions=tok[2], slot_page=tok[3], slot_offset=tok[4],
                            page_table=seqi[:S, _SEQ_COLS:_SEQ_COLS + P], kv_lens=seqi[:S, 0],
                            cu_q_lens=seqi[:, 1])
@@ -80,7 +82,8 @@ def _unpack(tok, seqi, seqf):
         temperature=seqf[:, 0], top_k=seqi[:S, 3], top_p=seqf[:, 1], min_p=seqf[:, 2],
         repetition_penalty=seqf[:, 3], presence_penalty=seqf[:, 4], frequency_penalty=seqf[:, 5],
         prompt_lens=seqi[:S, 4], seeds=jax.lax.bitcast_convert_type(seqi[:S, 5], jnp.uint32),
-        output_index=seqi[:S, 6], banned=seqi[:S, _SEQ_COLS + P:],
+        output_index=seqi[:S, 6], biased=seqi[:S, _SEQ_COLS + P:_SEQ_COLS + P + MAX_BANNED],
+        bias=jax.lax.bitcast_convert_type(seqi[:S, _SEQ_COLS + P + MAX_BANNED:], jnp.float32),
         seeds_hi=jax.lax.bitcast_convert_type(seqi[:S, 8], jnp.uint32))
     return md, tok[0], tok[1], seqi[:S, 2], sp, seqi[:S, 7]
 
@@ -301,6 +304,7 @@ class SequenceWork:
     output_index: int = 0      # index in the output of the token this row draws
     banned: Sequence[int] = ()
     sampling_row: tuple | None = None      # sampling_row(params), when the caller keeps it
+    logit_bias: Sequence[tuple[int, float]] = ()   # (token id, bias) pairs added to its logits
 
 
 @dataclasses.dataclass
@@ -921,9 +925,9 @@ class ModelRunner:
         tok[0] = np.random.default_rng(t).integers(0, self.model_config.vocab_size, t)
         tok[1] = -1
         tok[3] = self.config.num_pages                   # every slot out of range: dropped
-        seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
+        seqi = np.zeros((s + 1, _SEQ_COLS + p + _BIAS_COLS), np.int32)
         seqi[:, 7] = 2 * self.max_rows                   # no draw kept
-        seqi[:, _SEQ_COLS + p:] = -1
+        seqi[:, _SEQ_COLS + p:_SEQ_COLS + p + MAX_BANNED] = -1
         seqf = np.zeros((s, _SEQF_COLS), np.float32)
         seqf[:, 1] = seqf[:, 3] = 1.0
         return tok, seqi, seqf
@@ -1006,7 +1010,7 @@ class ModelRunner:
         """The shapes of the three input buffers (``_pack``) of a step of bucket (t, p)."""
         s = self.config.seqs_for(t)
         sd = jax.ShapeDtypeStruct
-        return (sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + MAX_BANNED), jnp.int32),
+        return (sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + _BIAS_COLS), jnp.int32),
                 sd((s, _SEQF_COLS), jnp.float32))
 
     def compiler_options(self, tokens: int) -> dict[str, str | bool]:
@@ -1196,10 +1200,10 @@ class ModelRunner:
             # draw goes, seed (high)
             ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len, _i32_bits(w.seed),
                          w.output_index, write + index[i], _i32_bits(w.seed >> 32)))
-            if w.banned:
-                if len(w.banned) > MAX_BANNED:
-                    raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned ids")
-                banned_rows.append((i, w.banned))
+            if w.banned or w.logit_bias:
+                if len(w.banned) + len(w.logit_bias) > MAX_BANNED:
+                    raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned and biased ids")
+                banned_rows.append((i, w.banned, w.logit_bias))
         num_tokens = row
         t = _pick(self.token_buckets, num_tokens, "tokens per step")
         s = cfg.seqs_for(t)
@@ -1207,7 +1211,7 @@ class ModelRunner:
 
         # Three host buffers (one transfer each; many small transfers cost more than the data).
         tok = np.zeros((_TOK_ROWS, t), np.int32)
-        seqi = np.zeros((s + 1, _SEQ_COLS + p + MAX_BANNED), np.int32)
+        seqi = np.zeros((s + 1, _SEQ_COLS + p + _BIAS_COLS), np.int32)
         seqf = np.zeros((s, _SEQF_COLS), np.float32)
         seqf[:, 1] = 1.0                                   # top_p
         seqf[:, 3] = 1.0                                   # repetition penalty
@@ -1225,9 +1229,16 @@ class ModelRunner:
         head[:, 1] = starts                                # cu_q_lens
         seqi[S:, 1] = num_tokens
         seqi[S:, 7] = 2 * self.max_rows                    # padding rows' draws go nowhere
-        seqi[:, _SEQ_COLS + p:] = -1                       # banned
-        for i, b in banned_rows:
-            seqi[i, _SEQ_COLS + p:_SEQ_COLS + p + len(b)] = b
+        ids_at, bias_at = _SEQ_COLS + p, _SEQ_COLS + p + MAX_BANNED
+        seqi[:, ids_at:bias_at] = -1                       # biased ids (bias 0 where none)
+        for i, banned, biased in banned_rows:
+            n = len(banned)
+            seqi[i, ids_at:ids_at + n] = banned
+            seqi[i, bias_at:bias_at + n] = _BAN_BITS
+            if biased:
+                seqi[i, ids_at + n:ids_at + n + len(biased)] = [t for t, _ in biased]
+                seqi[i, bias_at + n:bias_at + n + len(biased)] = np.array([b for _, b in biased],
+                                                                           np.float32).view(np.int32)
         page_table = seqi[:S, _SEQ_COLS:_SEQ_COLS + p]
         if all_arrays:
             flat_pages = np.concatenate(page_parts)

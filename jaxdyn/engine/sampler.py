@@ -2,8 +2,8 @@
 
 Per row (one per sequence of the step): repetition / presence / frequency
 penalties over the sequence's tokens (read from the device-side token pages, so
-no history crosses from the host), banned ids (EOS and stop ids until
-``min_tokens``), temperature, top-k, top-p, min-p, then a draw with the row's
+no history crosses from the host) after the row's logit bias and its banned ids (EOS and stop ids until
+``min_tokens``: a bias of -inf), both added first as vLLM V1 does, temperature, top-k, top-p, min-p, then a draw with the row's
 own key ``fold_in(key(seed), index of the token in the output)``: a seeded
 request draws the same tokens whatever else shares its batch. Temperature 0 is
 argmax. Logprobs are those of the model's raw distribution (vLLM's default),
@@ -17,7 +17,7 @@ blocks every dispatch until the device has caught up and the engine can no
 longer prepare step N+1 while step N runs. The variants, each serving every
 batch the ones before it serve:
 
-- ``greedy``: argmax of the logits with the banned ids masked.
+- ``greedy``: argmax of the logits with the logit bias added and the banned ids masked.
 - ``plain``: ``greedy`` + temperature and the seeded draw (temperature-0 rows keep the argmax).
 - ``full``: ``plain`` + penalties, top-k / top-p / min-p, logprobs and the top
   ``MAX_LOGPROBS``, all computed for every row; a row's penalties and filters
@@ -94,13 +94,15 @@ class SamplingArrays:
     prompt_lens: jax.Array        # i32[S] tokens before this position are the prompt
     seeds: jax.Array              # u32[S]
     output_index: jax.Array       # i32[S] index of the token being drawn in the output
-    banned: jax.Array             # i32[S, E] ids that may not be drawn now; -1 pads
+    biased: jax.Array             # i32[S, E] ids whose logits move by ``bias`` (logit_bias, and bans); -1 pads
     # Batch-wide flags of the lax.cond sampler, accepted and ignored: the variant decides now.
     use_penalties: jax.Array | None = None
     use_filters: jax.Array | None = None
     use_random: jax.Array | None = None
     want_logprobs: jax.Array | None = None
     seeds_hi: jax.Array | None = None   # u32[S] a 64-bit seed's high half (None: 0)
+    bias: jax.Array | None = None  # f32[S, E] added to the ``biased`` ids' logits before penalties; -inf: may not
+                                   # be drawn now; None: every biased id banned
 
     def row_uses_penalties(self) -> jax.Array:   # bool[S], as SamplingParams.uses_penalties
         return ((self.repetition_penalty != 1.0) | (self.presence_penalty != 0.0)
@@ -211,13 +213,15 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
         raise ValueError(f"unknown sampler variant {variant!r}; expected one of {VARIANTS}")
     S, V = logits.shape
     raw_logits = logits
+    # logit_bias and bans first, then penalties (vLLM V1's order); a ban is a bias of -inf
+    rows = jnp.arange(S)[:, None]
+    biased = jnp.where(s.biased < 0, V, s.biased)
+    bias = jnp.full(biased.shape, NEG_INF, logits.dtype) if s.bias is None else s.bias.astype(logits.dtype)
+    logits = logits.at[rows, biased].add(bias, mode="drop")
     if variant == FULL:
         h, valid, is_out = history_fn()
         logits = jnp.where(s.row_uses_penalties()[:, None],
                            apply_penalties(logits, h, valid, is_out, s), logits)
-    rows = jnp.arange(S)[:, None]
-    banned = jnp.where(s.banned < 0, V, s.banned)
-    logits = logits.at[rows, banned].set(NEG_INF, mode="drop")
     ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if variant in (PLAIN, FULL):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]

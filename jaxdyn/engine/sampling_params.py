@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 MAX_LOGPROBS = 20    # top-logprobs computed on the device per sampled token (OpenAI's cap)
+MAX_LOGIT_BIAS = 32  # logit_bias entries a request may set (the step's per-row block, runner.MAX_BANNED, holds them
+                     # with the bans of min_tokens)
 
 
 class SamplingParamsError(ValueError):
@@ -34,6 +37,7 @@ class SamplingParams:
     logprobs: int | None = None           # top-k logprobs per sampled token (0: only the token's)
     skip_special_tokens: bool = True
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit before penalties and sampling
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -82,6 +86,13 @@ class SamplingParams:
         need(len(self.stop_token_ids) <= 16, "stop_token_ids", "at most 16 ids")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        bias = self.logit_bias
+        need(bias is None or isinstance(bias, dict), "logit_bias", "must map token ids to numbers")
+        if bias:
+            need(all(is_int(t) and t >= 0 for t in bias), "logit_bias", "keys must be token ids (integers >= 0)")
+            need(all(is_num(b) and math.isfinite(b) for b in bias.values()), "logit_bias",
+                 "values must be finite numbers")
+            need(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} token ids")
 
     @property
     def greedy(self) -> bool:

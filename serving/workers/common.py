@@ -60,6 +60,8 @@ def params_to_json(p: SamplingParams) -> str:
     d = dataclasses.asdict(p)
     d["stop"] = list(d["stop"])
     d["stop_token_ids"] = list(d["stop_token_ids"])
+    if d["logit_bias"] is not None:        # JSON's keys are strings: as [id, bias] pairs
+        d["logit_bias"] = [[t, b] for t, b in d["logit_bias"].items()]
     return json.dumps(d)
 
 
@@ -75,6 +77,12 @@ def params_from_json(text: str) -> SamplingParams:
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(SamplingParams)})
     if unknown:
         raise SamplingParamsError("params_json", f"unknown sampling parameters: {', '.join(unknown)}")
+    bias = fields.get("logit_bias")
+    if bias is not None:
+        if not (isinstance(bias, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int)
+                                               for x in bias)):
+            raise SamplingParamsError("logit_bias", "expected [token id, bias] pairs")
+        fields["logit_bias"] = {t: b for t, b in bias}
     try:
         return SamplingParams(**fields)
     except TypeError as e:

@@ -809,3 +809,34 @@ def test_a_prompt_over_the_pool_is_refused_by_name():
         with pytest.raises(RequestError) as e:
             check_request(facts, [1] * prompt, SamplingParams(max_tokens=max_tokens))
         assert e.value.param == param, (prompt, max_tokens)
+
+
+def test_logit_bias_steers_every_variant(engine):
+    # greedy, seeded draws and the full variant (logprobs, penalties): +100 on one id makes it every token; a
+    # bias of -100 on the unbiased run's first token moves it; with min_tokens the EOS ban and the bias share a
+    # row's block. Logprobs stay the model's raw ones.
+    prompt = [5, 17, 42, 9]
+    plain = run(engine, {"a": (prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))})["a"]
+    first = plain.outputs[0].token_ids[0]
+    reqs = {
+        "up": (prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={77: 100.0})),
+        "down": (prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logit_bias={first: -100})),
+        "drawn": (prompt, SamplingParams(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True,
+                                         logit_bias={77: 100.0})),
+        "full": (prompt, SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, repetition_penalty=1.3,
+                                        min_tokens=2, logit_bias={77: 100.0})),
+    }
+    out = run(engine, reqs)
+    for rid in ("up", "drawn", "full"):
+        assert out[rid].outputs[0].token_ids == [77] * 4, rid
+    assert out["down"].outputs[0].token_ids[0] != first
+    lps = out["full"].outputs[0].logprobs
+    assert all(lp[77].logprob < -0.5 for lp in lps)        # raw: the bias is not in the logprobs
+
+
+def test_logit_bias_is_checked(engine):
+    for bias, param in (({10**6: 1.0}, "logit_bias"), ({i: 1.0 for i in range(33)}, "logit_bias")):
+        with pytest.raises((RequestError, ValueError)) as e:
+            engine.add_request("bad", [1, 2], SamplingParams(logit_bias=bias))
+        assert getattr(e.value, "param", "logit_bias") == param
+    assert not engine.requests

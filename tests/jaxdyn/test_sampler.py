@@ -206,7 +206,7 @@ def test_greedy_and_plain_draw_what_full_draws_on_the_rows_they_serve(variant):
     assert np.array_equal(np.asarray(ids), np.asarray(full_ids))
     greedy = np.asarray(sub.temperature) == 0
     want = np.array([np.argmax(np.where(np.isin(np.arange(64), b[b >= 0]), -np.inf, l))
-                     for l, b in zip(logits[rows], sub.banned)])
+                     for l, b in zip(logits[rows], sub.biased)])
     assert np.array_equal(np.asarray(ids)[greedy], want[greedy])   # temperature 0: the argmax
 
 
@@ -381,3 +381,26 @@ def test_a_seeds_high_half_of_zero_draws_as_none():
                 for h in (1, 2, 3)]
     assert np.array_equal(plain, zero_hi)
     assert any(not np.array_equal(plain, o) for o in other_hi)
+
+
+def test_logit_bias_is_added_before_the_penalties():
+    # Row 0 greedy: +3 on id 1 makes it the argmax. Row 1: a ban (-inf) and a bias on one row. Row 2 (full,
+    # repetition penalty 2 on id 3, seen): vLLM V1 adds the bias first, so id 3's 1.0 + 1.0 halves to 1.0, under
+    # id 0's 1.2; the penalty first would give 0.5 + 1.0 = 1.5 and id 3. Logprobs stay the raw distribution's.
+    logits = np.array([[2.0, 0.0, 1.0, -1.0, 0.5],
+                       [2.0, 1.9, 1.0, -1.0, 0.5],
+                       [1.2, 0.0, 0.0, 1.0, 0.5]], np.float32)
+    biased = np.array([[1, -1], [0, 2], [3, -1]], np.int32)
+    bias = np.array([[3.0, 0.0], [-np.inf, 5.0], [1.0, 0.0]], np.float32)
+    s = arrays(3, temperature=0.0, banned=biased)
+    s = dataclasses.replace(s, bias=jnp.asarray(bias), repetition_penalty=jnp.asarray([1.0, 1.0, 2.0], jnp.float32),
+                            use_penalties=np.bool_(True))
+    history = (jnp.asarray([[0, 0], [0, 0], [3, 3]], jnp.int32), jnp.asarray([[False] * 2] * 2 + [[True] * 2]),
+               jnp.zeros((3, 2), bool))
+    ids, lp, _, _ = sample(jnp.asarray(logits), lambda: history, s, FULL)
+    assert np.asarray(ids).tolist() == [1, 2, 0]
+    ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
+    assert np.allclose(np.asarray(lp), ref[np.arange(3), [1, 2, 0]], atol=1e-6)
+    # without a bias array every biased id is a ban (what the runner's callers that only ban pass)
+    ids = _draw(logits[:1], arrays(1, temperature=0.0, banned=np.array([[0, -1]], np.int32)))[0]
+    assert int(np.asarray(ids)[0]) == 2

@@ -249,7 +249,12 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
      "stream_options", "stream_options.include_usage"),
     # fields of OpenAI's or vLLM's API this server does not implement: refused by name, not ignored
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias", "is not a token id"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "1"}}, 400, "logit_bias", "logit_bias.5"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias", "token ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias", "token ids must be in"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(40)}}, 400, "logit_bias",
+     "at most"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
     ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json", "not supported"),
     ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search", "not supported"),
@@ -920,3 +925,15 @@ def test_a_client_gone_while_sending_its_body_is_no_internal_error(server, caplo
         time.sleep(0.5)
         assert httpx.get(server.url + "/health").status_code == 200
     assert "internal error" not in caplog.text
+
+
+def test_logit_bias_over_http(server):
+    # OpenAI's form (ids as strings), clamped to +-100 as vLLM's server does: every token is the favoured one
+    for path, body in (("/v1/completions", {"prompt": "hello"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]})):
+        r = httpx.post(server.url + path, json={**body, "model": "tiny", "max_tokens": 3, "temperature": 0,
+                                                "ignore_eos": True, "logit_bias": {"65": 1000}}, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+        assert text == "AAA", text

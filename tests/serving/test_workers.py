@@ -582,3 +582,18 @@ def test_a_kv_pull_that_never_arrives_costs_its_request_not_the_decode_engine(ho
             assert not role._calls and not role._pending
         finally:
             role.shutdown()
+
+
+def test_sampling_params_cross_to_a_worker_whole():
+    """A request's parameters as the decode side sends them to a prefill worker (JSON): logit_bias's integer
+    keys survive (a JSON object's would come back as strings, and be refused), bad pairs are named."""
+    from jaxdyn.engine.sampling_params import SamplingParams, SamplingParamsError
+    from serving.workers.common import params_from_json, params_to_json
+
+    p = SamplingParams(max_tokens=5, temperature=0.7, seed=2**40, stop=["x"], logit_bias={7: 2.5, 300: -100.0})
+    assert params_from_json(params_to_json(p)) == p
+    assert params_from_json(params_to_json(SamplingParams())) == SamplingParams()
+    for bad in ('{"logit_bias": {"7": 1}}', '{"logit_bias": [[[1], 2]]}', '{"logit_bias": [[-1, 2]]}'):
+        with pytest.raises(SamplingParamsError) as e:
+            params_from_json(bad)
+        assert e.value.param == "logit_bias", bad
