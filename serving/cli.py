@@ -48,14 +48,14 @@ def cmd_generate(args) -> int:
     except SamplingParamsError as e:
         raise CLIError(f"--{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
     args.model = _model_or_demo(args.model)
-    _check_max_model_len(args.max_model_len, args.model)
+    _check_max_model_len(args.max_model_len, args.model, args.tp)
     try:
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                               **_quantization(args),
                               config=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
                                                   max_model_len=args.max_model_len),
                               warmup=False)     # one request: compile only the shapes it uses
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
     llm = LLM(engine=engine)
     if isinstance(prompt, str) and llm.tokenizer is None:
@@ -214,14 +214,14 @@ def _check_port_free(host: str, port: int) -> None:
             raise CLIError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
 
 
-def _check_max_model_len(max_model_len: int | None, model: str) -> None:
+def _check_max_model_len(max_model_len: int | None, model: str, tp: int = 1) -> None:
     """--max-model-len at least 1 and within the model's positions (a directory's config.json, or a preset's),
-    checked before anything loads: a context the model was not trained for, or a KV cache sized for a
-    billion tokens, fails here with the flag named."""
-    if max_model_len is None:
-        return
-    if max_model_len < 1:
+    and --tp dividing its attention heads, checked before anything loads: a context the model was not trained
+    for, a KV cache sized for a billion tokens, or heads that cannot be split fail here with the flag named."""
+    if max_model_len is not None and max_model_len < 1:
         raise CLIError(f"--max-model-len must be at least 1, got {max_model_len}")
+    if max_model_len is None and tp == 1:
+        return
     from jaxdyn.config import ConfigError, ModelConfig       # no JAX
     from jaxdyn.models.presets import PRESETS, preset_config
     try:
@@ -229,6 +229,10 @@ def _check_max_model_len(max_model_len: int | None, model: str) -> None:
             ModelConfig.from_dict(preset_config(model)) if model in PRESETS else None)
     except ConfigError:
         return                      # the load names what is wrong with the config
+    if cfg is not None and cfg.num_heads % tp:
+        raise CLIError(f"--tp {tp}: the model's {cfg.num_heads} attention heads do not split over {tp} devices")
+    if max_model_len is None:
+        return
     if cfg is not None and max_model_len > cfg.max_position_embeddings:
         raise CLIError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
                        f"({cfg.max_position_embeddings})")
@@ -247,7 +251,7 @@ def _engine_fields(args) -> dict:
         if getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
     if hasattr(args, "model"):
-        _check_max_model_len(args.max_model_len, _model_or_demo(args.model))
+        _check_max_model_len(args.max_model_len, _model_or_demo(args.model), getattr(args, "tp", 1) or 1)
     if args.max_num_seqs > args.max_num_batched_tokens:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
@@ -564,6 +568,7 @@ def cmd_worker(args) -> int:
         raise CLIError(f"--devices: this machine has {n} device(s) (0..{n - 1})")
     if args.devices and args.tp not in (1, len(devices)):
         raise CLIError("--tp: with --devices the TP degree is the number of devices")
+    _check_max_model_len(args.max_model_len, model, len(devices))
     prefill_workers = [a for a in (args.prefill_workers or "").split(",") if a]
     if prefill_workers and args.role != "decode":
         raise CLIError("--prefill-workers: only a decode worker sends prompts to prefill workers")
@@ -572,9 +577,9 @@ def cmd_worker(args) -> int:
     try:
         _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh,
                                           **_quantization(args))
-    except CheckpointError as e:
+        core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
+    except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
-    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     if args.role == "prefill":
         role = LocalPrefillRole(core, None)

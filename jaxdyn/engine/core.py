@@ -94,6 +94,16 @@ class EngineConfig:
     gc_freeze: bool | None = None
 
     def __post_init__(self):
+        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        for name in ("num_pages", "max_model_len"):     # None: sized by the engine
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"{name}: expected None or an integer >= 1, got {v!r}")
+        if not (isinstance(self.kv_memory_fraction, (int, float)) and 0 < self.kv_memory_fraction <= 1):
+            raise ValueError(f"kv_memory_fraction: expected a number in (0, 1], got {self.kv_memory_fraction!r}")
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
@@ -195,10 +205,7 @@ class EngineCore:
                              f"({model_config.max_position_embeddings})")
         max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
         self.max_model_len = max_model_len
-        ps = config.page_size
-        if ps > max_model_len:
-            raise ValueError(f"page_size {ps} exceeds max_model_len {max_model_len}: a page holds tokens of one "
-                             "sequence; use a smaller page size")
+        ps = config.page_size       # may exceed max_model_len (vLLM's blocks may): a sequence's one page part-filled
         num_pages = config.num_pages or _default_num_pages(state, model_config, mesh, config, max_model_len)
         _check_kv_fits(num_pages, state, model_config, mesh, config)
         platform = mesh.devices.flat[0].platform

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -100,13 +101,54 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     return engine
 
 
+def _prompt_list(prompts) -> list:
+    """``generate``'s prompts as a list of strings and token-id lists: one prompt (a string, token ids, or vLLM's
+    ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``) or a list of them; TypeError naming what is not one."""
+    def one(p, where):
+        if isinstance(p, dict):
+            if p.get("multi_modal_data"):
+                raise TypeError(f"{where}: multi-modal prompts are not supported")
+            keys = set(p) - {"multi_modal_data", "mm_processor_kwargs"}
+            if keys == {"prompt"} and isinstance(p["prompt"], str):
+                return p["prompt"]
+            if keys != {"prompt_token_ids"}:
+                raise TypeError(f"{where}: a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got "
+                                f"{sorted(p)}")
+            p = p["prompt_token_ids"]
+            if not isinstance(p, (list, tuple)):
+                raise TypeError(f"{where}: prompt_token_ids must be a list of token ids")
+        if isinstance(p, str):
+            return p
+        if hasattr(p, "ndim") and hasattr(p, "tolist") and p.ndim == 1:     # a numpy array of ids
+            p = p.tolist()
+        if isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                for t in p):
+            return list(p)
+        raise TypeError(f"{where}: expected a string, a list of token ids or a prompt dict, got {type(p).__name__}")
+
+    if isinstance(prompts, (str, dict)) or getattr(prompts, "ndim", None) == 1 or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], numbers.Integral)
+            and not isinstance(prompts[0], bool)):
+        return [one(prompts, "prompt")]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts: expected a prompt or a list of prompts, got {type(prompts).__name__}")
+    return [one(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
 class LLM:
     """vLLM's offline entry point: ``LLM(model).generate(prompts, sampling_params)``. ``model``: a Hugging Face or
     converted checkpoint directory, or a preset name with ``load_format="dummy"``; None: the shipped demo model."""
 
-    def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int = 1, dtype=None,
+    def __init__(self, model=None, *, engine: EngineCore | None = None, tp: int | None = None, dtype=None,
                  load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = False,
-                 generation_config: str = "auto", **engine_kwargs):
+                 generation_config: str = "auto", tensor_parallel_size: int | None = None, **engine_kwargs):
+        """``tensor_parallel_size`` is vLLM's name for ``tp``; ``dtype="auto"`` (vLLM's default) is the
+        checkpoint's dtype, as None."""
+        if tp is not None and tensor_parallel_size is not None and tp != tensor_parallel_size:
+            raise ValueError(f"tp={tp} and tensor_parallel_size={tensor_parallel_size}: give one")
+        tp = tp if tp is not None else (tensor_parallel_size if tensor_parallel_size is not None else 1)
+        if dtype == "auto":
+            dtype = None
         if engine is None and model is None:
             from checkpoints import DEMO_MODEL
             model = DEMO_MODEL
@@ -143,12 +185,14 @@ class LLM:
         if sampling_params is not None and params is not None:
             raise ValueError("give sampling_params or params, not both")
         params = sampling_params if sampling_params is not None else params
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params = params or self.get_default_sampling_params()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        for p in plist:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params: expected SamplingParams (or a list of them), got {type(p).__name__}")
         order = []
         texts: dict[str, str | None] = {}
         # Only the finished outputs are kept: an EngineCore then builds one output per request, not per token.

@@ -211,17 +211,18 @@ def test_abort_in_the_middle_of_a_prefill_chunk_frees_everything(engine):
 
 
 def test_a_kv_pool_that_cannot_fit_is_refused_with_its_size(ckpt, monkeypatch):
-    """A page larger than a sequence, or a pool larger than the host's available memory (the CPU's devices share
-    it), is a ValueError naming the sizes, raised before anything is allocated (it had been the process killed for
-    memory)."""
+    """A pool larger than the host's available memory (the CPU's devices share it), huge pages included, is a
+    ValueError naming the sizes, raised before anything is allocated (it had been the process killed for memory).
+    A page merely larger than a sequence is built, as vLLM builds a block larger than its context."""
     from jaxdyn.engine import core as core_mod
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
 
     def build(**kw):
         return EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, dataclasses.replace(CFG, **kw))
-    with pytest.raises(ValueError, match="page_size 256 exceeds max_model_len 128"):
-        build(page_size=256)
+    assert build(page_size=256).max_model_len == 128
     monkeypatch.setattr(core_mod, "_host_available_bytes", lambda: 64 << 20)
+    with pytest.raises(ValueError, match=r"a KV cache of 24 pages of 100000 tokens needs [\d.]+ GiB"):
+        build(page_size=100_000)
     with pytest.raises(ValueError, match=r"a KV cache of 100000 pages of 16 tokens needs [\d.]+ GiB; the host has "
                                          r"0\.06 GiB free for it"):
         build(num_pages=100_000)
@@ -839,4 +840,31 @@ def test_logit_bias_is_checked(engine):
         with pytest.raises((RequestError, ValueError)) as e:
             engine.add_request("bad", [1, 2], SamplingParams(logit_bias=bias))
         assert getattr(e.value, "param", "logit_bias") == param
+    assert not engine.requests
+
+
+def test_engine_config_names_a_bad_field():
+    for kw, field in ((dict(max_num_seqs=0), "max_num_seqs"), (dict(page_size=0), "page_size"),
+                      (dict(max_num_batched_tokens=-1), "max_num_batched_tokens"), (dict(num_pages=0), "num_pages"),
+                      (dict(max_model_len=0), "max_model_len"), (dict(kv_memory_fraction=1.5), "kv_memory_fraction"),
+                      (dict(max_num_seqs=True), "max_num_seqs")):
+        with pytest.raises(ValueError, match=f"^{field}: expected"):
+            EngineConfig(**kw)
+
+
+def test_llm_takes_vllms_prompt_forms_and_names_what_it_cannot(engine):
+    from jaxdyn.engine.llm import _prompt_list
+    assert _prompt_list({"prompt": "hi"}) == ["hi"] and _prompt_list(np.array([3, 4])) == [[3, 4]]
+    assert _prompt_list([{"prompt_token_ids": [1, 2]}, "x", (5, np.int64(6))]) == [[1, 2], "x", [5, 6]]
+    for bad, where in ((5, "prompts"), (None, "prompts"), ([None], r"prompts\[0\]"), ([[1, "a"]], r"prompts\[0\]"),
+                       ({"prompt": "x", "extra": 1}, "prompt"), ({"prompt_token_ids": 7}, "prompt"),
+                       ([{"prompt": "x", "multi_modal_data": {"image": 1}}], r"prompts\[0\]")):
+        with pytest.raises(TypeError, match=f"^{where}:"):
+            _prompt_list(bad)
+    llm = LLM(engine=engine)
+    sp = SamplingParams(max_tokens=2, temperature=0.0)
+    a, b = llm.generate([{"prompt_token_ids": [256, 72]}, [256, 72]], sp, use_tqdm=False)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    with pytest.raises(TypeError, match="sampling_params: expected SamplingParams"):
+        llm.generate([[256, 72]], {"temperature": 0}, use_tqdm=False)
     assert not engine.requests

@@ -183,6 +183,9 @@ def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     (["worker", "--role", "decode", "--devices", ","], "--devices: no device index in ','"),
     (["serve", "--disagg", "--prefill-devices", ",", "--decode-devices", "0"], "--prefill-devices: no device index"),
     (["bench", "offline", "--out", "/proc/no/x.json"], "--out /proc/no/x.json:"),
+    (["serve", "--tp", "3"], "--tp 3: the model's 4 attention heads do not split over 3 devices"),
+    (["generate", "--prompt-ids", "1", "--tp", "3"], "--tp 3: the model's 4 attention heads"),
+    (["bench", "offline", "--tp", "3"], "--tp 3: the model's 4 attention heads"),
 ])
 def test_bad_values_are_named_before_anything_loads(argv, message, capsys):
     assert main([*argv, "--model", "tiny", "--load-format", "dummy"]) == 2
