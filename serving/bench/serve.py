@@ -320,6 +320,10 @@ def check_arguments(args) -> dict:
         report.require_matplotlib()
         if os.path.exists(args.plot) and not os.path.isdir(args.plot):
             raise BenchError(f"--plot {args.plot}: exists and is not a directory")
+        try:                             # a file written there now, and removed: not a failure after the run
+            report.check_writable(os.path.join(args.plot, "plot.png"), "--plot")
+        except BenchError as e:
+            raise BenchError(f"--plot {args.plot}: cannot write there ({str(e).rsplit(': ', 1)[-1]})") from None
     if args.out:
         report.check_writable(args.out)
     return {"rates": rates, "percentiles": percentiles, "slo_ms": slo, "kind": _endpoint_kind(args)}

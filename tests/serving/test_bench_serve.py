@@ -529,3 +529,11 @@ def test_multiturn_chat_against_the_real_server(tmp_path, demo_server):
         first, second = by_key[(c, 0)], by_key[(c, 1)]
         # the second turn's prompt holds the first prompt, the 6-token reply and a 10-token message
         assert second["prompt_len"] >= first["prompt_len"] + 6 + 10
+
+
+def test_a_plot_folder_that_cannot_be_written_is_named_before_any_request(tmp_path, capsys):
+    with FakeOpenAI() as fake:
+        assert main(["bench", "serve", "--url", fake.url, "--plot", "/proc/no/plots", *SMALL]) == 2
+        assert fake.count == 0
+    err = capsys.readouterr().err
+    assert "--plot /proc/no/plots: cannot write there" in err and "Traceback" not in err, err
