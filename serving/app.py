@@ -33,7 +33,7 @@ from jaxdyn import AsyncEngine, EngineDeadError, RequestError, SamplingParams
 from jaxdyn.engine.async_engine import RequestFailedError, ShutdownError
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParamsError
-from serving.chat import ChatTemplateError, message_text, render_chat
+from jaxdyn.engine.chat import ChatTemplateError, chat_prompt, message_text
 from serving.metrics import make_registry, render
 from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
 
@@ -827,97 +827,17 @@ def _stream_error(e: Exception) -> APIError:
     return APIError(503, str(e), code="engine_dead", type_="service_unavailable")
 
 
-_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
-
-
-def _template_message(m) -> dict:
-    """A message as the template sees it (vLLM's): text parts joined, an assistant's ``tool_calls`` with their
-    arguments parsed from JSON, a tool message's ``tool_call_id``."""
-    import json
-    try:
-        msg = {"role": m.role, "content": message_text(m.content)}
-    except ChatTemplateError as e:                    # a part of a type this server does not take
-        raise APIError(400, f"messages: {e}", param="messages") from None
-    if m.name:
-        msg["name"] = m.name
-    if m.tool_call_id is not None:
-        msg["tool_call_id"] = m.tool_call_id
-    if m.tool_calls is not None:
-        calls = []
-        for call in m.tool_calls:
-            call = dict(call)
-            fn = call.get("function")
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                try:
-                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
-                except (ValueError, RecursionError) as e:
-                    raise APIError(400, f"messages: a tool call's function.arguments is not JSON ({e})",
-                                   param="messages") from None
-                call["function"] = fn
-            calls.append(call)
-        msg["tool_calls"] = calls
-    return msg
-
-
 async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict,
                            continue_final_message: bool = False, tools: list | None = None) -> list[int]:
-    """The prompt's ids. ``continue_final_message``: the prompt ends with the final (assistant) message's
-    text, with none of what the template writes after a message, so that generation continues it
-    (vLLM's option; the template is rendered without a generation prompt and cut after that text).
-    ``tools``: described to the template (vLLM passes them even where none may be called)."""
+    """The prompt's ids (``jaxdyn.engine.chat.chat_prompt``'s text, tokenized without special tokens); a chat
+    that cannot be rendered is a 400 naming the field to blame."""
     tok = engine.core.tokenizer
-    if tok is None:
-        raise APIError(400, "messages: this model has no tokenizer", param="messages")
-    if not tok.chat_template:
-        raise APIError(400, "messages: this model has no chat template; use /v1/completions",
-                       param="messages", code="no_chat_template")
-    taken = [k for k in kwargs if k in _TEMPLATE_ARGS]
-    if taken:
-        raise APIError(400, f"chat_template_kwargs: {taken[0]!r} is set by the request itself, not by "
-                       f"chat_template_kwargs", param="chat_template_kwargs")
-    if continue_final_message and messages[-1].role != "assistant":
-        raise APIError(400, f"continue_final_message: the final message must be the assistant's, not "
-                       f"{messages[-1].role!r}", param="continue_final_message")
-    msgs = [_template_message(m) for m in messages]
-    given = kwargs
-    if tools is not None:           # vLLM: chat_template_kwargs (tools among them) over the request's own
-        kwargs = {"tools": tools, **kwargs}
-
-    def render(msgs):
-        try:
-            return render_chat(tok.chat_template, msgs, add_generation_prompt=add_generation_prompt,
-                               bos_token=tok.bos_token, eos_token=tok.eos_token, **kwargs)
-        except ChatTemplateError as e:
-            raise APIError(400, f"messages: {e}", param="messages") from None
-        except TypeError as e:
-            raise APIError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from None
-    text = render(msgs)
-    if continue_final_message and not msgs[-1]["content"]:
-        # an empty final message: continuing it is starting the assistant's turn
-        return await _chat_prompt_ids(engine, messages[:-1], True, given, tools=tools)
-    if continue_final_message:
-        text = _cut_after_final(text, msgs, render)
+    try:
+        text = chat_prompt(tok, [{"role": m.role, "content": m.content, "name": m.name, "tool_calls": m.tool_calls,
+                                  "tool_call_id": m.tool_call_id} for m in messages],
+                           add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                           chat_template_kwargs=kwargs, tools=tools)
+    except ChatTemplateError as e:
+        code = "no_chat_template" if tok is not None and not tok.chat_template else None
+        raise APIError(400, str(e), param=e.param, code=code) from None
     return await _encode(tok, text, add_special_tokens=False)
-
-
-def _cut_after_final(text: str, msgs: list[dict], render) -> str:
-    """``text`` (the rendered chat) cut right after the final message's text. Where that text starts is found by
-    rendering the chat again with a marker for it (so a final text that also occurs later, in the template's
-    closing tag, is not mistaken for it); a template that writes the marker otherwise falls back to the text's
-    last occurrence."""
-    final = msgs[-1]["content"]
-    marker = f"JAXDYNFINALMESSAGE{uuid.uuid4().hex}"
-    marked = render([*msgs[:-1], {**msgs[-1], "content": marker}])
-    start = marked.find(marker)
-    if start >= 0 and text[:start] == marked[:start]:
-        for piece in (final, final.strip()):          # as given, or a template that strips the message's text
-            if piece and text.startswith(piece, start):
-                return text[:start + len(piece)]
-    end = text.rfind(final) if final else -1
-    if end < 0 and final.strip():
-        final = final.strip()
-        end = text.rfind(final)
-    if end < 0:
-        raise APIError(400, "continue_final_message: the chat template does not write the final message's "
-                       "text as given, so it cannot be continued", param="continue_final_message")
-    return text[:end + len(final)]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from jaxdyn.engine.chat import chat_prompt
 from jaxdyn.engine.core import EngineConfig, EngineCore
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams, generation_config_dir, generation_defaults
@@ -174,6 +175,28 @@ class LLM:
         generation_config.json sets (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as
         vLLM's."""
         return SamplingParams(**self._defaults)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list | None = None) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of OpenAI-style message dicts) or a list of them, each
+        rendered with the model's chat template (or ``chat_template``) as the server renders /v1/chat/completions
+        (``jaxdyn.engine.chat.chat_prompt``: ``add_generation_prompt``, ``continue_final_message``, ``tools``,
+        ``chat_template_kwargs``), then generated as ``generate`` does. Each output's ``prompt`` is its rendered
+        text. ChatTemplateError (a ValueError naming the field) where a conversation cannot be rendered."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages: expected a conversation (a list of message dicts) or a list of them")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        texts = [chat_prompt(self.tokenizer, list(conv), add_generation_prompt=add_generation_prompt,
+                             continue_final_message=continue_final_message,
+                             chat_template_kwargs=chat_template_kwargs, tools=tools, chat_template=chat_template)
+                 for conv in convs]
+        outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], sampling_params,
+                             use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text
+        return outs
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, *, params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -151,3 +151,27 @@ def test_jaxdyn_serve_with_no_arguments_serves_the_demo_in_chat():
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_llm_chat_renders_as_the_server_and_generates(llm):
+    """vLLM's ``LLM.chat``: a conversation rendered with the model's template (the server's /v1/chat/completions
+    rendering), then generated; several at once; continue_final_message; a message it cannot render named."""
+    from jaxdyn.engine.chat import ChatTemplateError, chat_prompt
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    text = chat_prompt(llm.tokenizer, conv)
+    assert text == "<s><|user|>What is the capital of France?<|end|><|assistant|>"
+    (out,) = llm.chat(conv, sp, use_tqdm=False)
+    (want,) = llm.generate([llm.tokenizer.encode(text, add_special_tokens=False)], sp, use_tqdm=False)
+    assert out.prompt == text and out.outputs[0].token_ids == want.outputs[0].token_ids
+    cont = conv + [{"role": "assistant", "content": "The capital"}]
+    (b,) = llm.chat(cont, sp, use_tqdm=False, continue_final_message=True)
+    assert b.prompt.endswith("<|assistant|>The capital")
+    two = llm.chat([conv, conv], sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in two] == [out.outputs[0].token_ids] * 2
+    with pytest.raises(ChatTemplateError, match="image_url") as e:
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], sp)
+    assert e.value.param == "messages"
+    with pytest.raises(ChatTemplateError) as e:
+        llm.chat(conv, sp, continue_final_message=True)
+    assert e.value.param == "continue_final_message"
