@@ -14,7 +14,6 @@ import concurrent.futures
 import functools
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -225,10 +224,7 @@ def _logit_bias(bias: dict | None) -> dict[int, float] | None:
         except ValueError:
             raise APIError(400, f"logit_bias: {key[:50]!r} is not a token id", param="logit_bias",
                            code="invalid_value") from None
-        if not math.isfinite(value):
-            raise APIError(400, f"logit_bias: the bias of {token} is not a finite number", param="logit_bias",
-                           code="invalid_value")
-        out[token] = min(100.0, max(-100.0, float(value)))
+        out[token] = float(min(100.0, max(-100.0, value)))    # vLLM's clamp (an int of any size, inf, NaN)
     return out
 
 

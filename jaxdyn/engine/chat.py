@@ -106,7 +106,7 @@ def template_message(m: dict) -> dict:
 
 def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-                tools: list | None = None, chat_template: str | None = None) -> str:
+                tools: list | None = None, chat_template: str | None = None, _continuing: bool = False) -> str:
     """The prompt text of a chat (tokenize it without adding special tokens: the template writes BOS itself).
     ``continue_final_message``: the prompt ends with the final (assistant) message's text, with none of what the
     template writes after a message, so that generation continues it (vLLM's option; the template is rendered
@@ -123,16 +123,16 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     if taken:
         raise ChatTemplateError(f"chat_template_kwargs: {taken[0]!r} is set by the request itself, not by "
                                 "chat_template_kwargs", "chat_template_kwargs")
-    if not messages:
+    if not messages and not _continuing:
         raise ChatTemplateError("messages: at least one message is needed")
+    if continue_final_message:
+        last = messages[-1]
+        role = last.get("role") if isinstance(last, dict) else None
+        if role != "assistant":
+            raise ChatTemplateError(f"continue_final_message: the final message must be the assistant's, not "
+                                    f"{role!r}", "continue_final_message")
     msgs = [template_message(m) for m in messages]
-    if continue_final_message and msgs[-1]["role"] != "assistant":
-        raise ChatTemplateError(f"continue_final_message: the final message must be the assistant's, not "
-                                f"{msgs[-1]['role']!r}", "continue_final_message")
-    if continue_final_message and not msgs[-1]["content"]:
-        # an empty final message: continuing it is starting the assistant's turn
-        return chat_prompt(tokenizer, messages[:-1], add_generation_prompt=True, chat_template_kwargs=kwargs,
-                           tools=tools, chat_template=chat_template)
+    given = kwargs
     if tools is not None:           # vLLM: chat_template_kwargs (tools among them) over the request's own
         kwargs = {"tools": tools, **kwargs}
 
@@ -144,7 +144,11 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
             raise ChatTemplateError(f"messages: {e}") from None
         except TypeError as e:
             raise ChatTemplateError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
-    text = render(msgs)
+    text = render(msgs)              # the whole chat first: a template that refuses it is heard (vLLM renders it)
+    if continue_final_message and not msgs[-1]["content"]:
+        # an empty final message: continuing it is starting the assistant's turn
+        return chat_prompt(tokenizer, messages[:-1], add_generation_prompt=True, chat_template_kwargs=given,
+                           tools=tools, chat_template=chat_template, _continuing=True)
     return _cut_after_final(text, msgs, render) if continue_final_message else text
 
 

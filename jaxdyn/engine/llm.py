@@ -116,7 +116,7 @@ def _prompt_list(prompts) -> list:
                 raise TypeError(f"{where}: a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got "
                                 f"{sorted(p)}")
             p = p["prompt_token_ids"]
-            if not isinstance(p, (list, tuple)):
+            if not isinstance(p, (list, tuple)) and getattr(p, "ndim", None) != 1:
                 raise TypeError(f"{where}: prompt_token_ids must be a list of token ids")
         if isinstance(p, str):
             return p
@@ -124,7 +124,7 @@ def _prompt_list(prompts) -> list:
             p = p.tolist()
         if isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                                                 for t in p):
-            return list(p)
+            return [int(t) for t in p]       # numpy scalars as Python ints (outputs' prompt ids stay JSON-able)
         raise TypeError(f"{where}: expected a string, a list of token ids or a prompt dict, got {type(p).__name__}")
 
     if isinstance(prompts, (str, dict)) or getattr(prompts, "ndim", None) == 1 or (

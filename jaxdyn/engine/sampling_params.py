@@ -11,6 +11,15 @@ MAX_LOGIT_BIAS = 32  # logit_bias entries a request may set (the step's per-row 
                      # with the bans of min_tokens)
 
 
+def _f32_finite(x) -> bool:
+    """Whether ``x`` (an int of any size or a float) is a finite float32: the step packs biases as float32, where
+    an overflow to inf would turn a ban's -inf into NaN."""
+    try:
+        return math.isfinite(x) and abs(float(x)) <= 3.4028234663852886e38
+    except OverflowError:
+        return False
+
+
 class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
@@ -90,8 +99,8 @@ class SamplingParams:
         need(bias is None or isinstance(bias, dict), "logit_bias", "must map token ids to numbers")
         if bias:
             need(all(is_int(t) and t >= 0 for t in bias), "logit_bias", "keys must be token ids (integers >= 0)")
-            need(all(is_num(b) and math.isfinite(b) for b in bias.values()), "logit_bias",
-                 "values must be finite numbers")
+            need(all(is_num(b) and _f32_finite(b) for b in bias.values()), "logit_bias",
+                 "values must be finite numbers within float32's range (+-3.4e38)")
             need(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} token ids")
 
     @property

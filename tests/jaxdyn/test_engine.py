@@ -836,6 +836,9 @@ def test_logit_bias_steers_every_variant(engine):
 
 
 def test_logit_bias_is_checked(engine):
+    for bad in ({5: 10**400}, {5: 1e39}, {5: float("nan")}, {-1: 1.0}):     # float32 overflow would undo a ban
+        with pytest.raises(ValueError, match="^logit_bias: "):
+            SamplingParams(logit_bias=bad)
     for bias, param in (({10**6: 1.0}, "logit_bias"), ({i: 1.0 for i in range(33)}, "logit_bias")):
         with pytest.raises((RequestError, ValueError)) as e:
             engine.add_request("bad", [1, 2], SamplingParams(logit_bias=bias))
@@ -855,7 +858,8 @@ def test_engine_config_names_a_bad_field():
 def test_llm_takes_vllms_prompt_forms_and_names_what_it_cannot(engine):
     from jaxdyn.engine.llm import _prompt_list
     assert _prompt_list({"prompt": "hi"}) == ["hi"] and _prompt_list(np.array([3, 4])) == [[3, 4]]
-    assert _prompt_list([{"prompt_token_ids": [1, 2]}, "x", (5, np.int64(6))]) == [[1, 2], "x", [5, 6]]
+    got = _prompt_list([{"prompt_token_ids": [1, 2]}, "x", (5, np.int64(6)), {"prompt_token_ids": np.array([7])}])
+    assert got == [[1, 2], "x", [5, 6], [7]] and type(got[2][1]) is int
     for bad, where in ((5, "prompts"), (None, "prompts"), ([None], r"prompts\[0\]"), ([[1, "a"]], r"prompts\[0\]"),
                        ({"prompt": "x", "extra": 1}, "prompt"), ({"prompt_token_ids": 7}, "prompt"),
                        ([{"prompt": "x", "multi_modal_data": {"image": 1}}], r"prompts\[0\]")):

@@ -1,0 +1,45 @@
+"""A chat's prompt text (jaxdyn.engine.chat.chat_prompt), as the server's chat endpoints and LLM.chat build it."""
+
+import types
+
+import pytest
+
+from jaxdyn.engine.chat import ChatTemplateError, chat_prompt
+
+PLAIN = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+         "{% if add_generation_prompt %}<assistant>{% endif %}")
+STRICT = ("{% for m in messages %}{% if m.role == 'assistant' and not m.content %}"
+          "{{ raise_exception('empty assistant message') }}{% endif %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>"
+          "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+TOK = types.SimpleNamespace(chat_template=PLAIN, bos_token="", eos_token="")
+U = {"role": "user", "content": "hi"}
+
+
+def test_continuing_a_final_message():
+    assert chat_prompt(TOK, [U, {"role": "assistant", "content": "Hel"}], continue_final_message=True,
+                       add_generation_prompt=False) == "<user>hi</user><assistant>Hel"
+    # an empty final message is the assistant's turn starting, even as the only message
+    assert chat_prompt(TOK, [U, {"role": "assistant", "content": ""}], continue_final_message=True,
+                       add_generation_prompt=False) == "<user>hi</user><assistant>"
+    assert chat_prompt(TOK, [{"role": "assistant"}], continue_final_message=True,
+                       add_generation_prompt=False) == "<assistant>"
+
+
+def test_the_whole_chat_is_rendered_first_and_checks_keep_their_order():
+    strict = types.SimpleNamespace(chat_template=STRICT, bos_token="", eos_token="")
+    with pytest.raises(ChatTemplateError, match="empty assistant message") as e:     # the template's own refusal
+        chat_prompt(strict, [U, {"role": "assistant", "content": ""}], continue_final_message=True)
+    assert e.value.param == "messages"
+    # the final message's role is checked before its content parts
+    bad = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    with pytest.raises(ChatTemplateError, match="must be the assistant's") as e:
+        chat_prompt(TOK, [bad], continue_final_message=True)
+    assert e.value.param == "continue_final_message"
+    with pytest.raises(ChatTemplateError, match="image_url") as e:
+        chat_prompt(TOK, [bad])
+    assert e.value.param == "messages"
+    with pytest.raises(ChatTemplateError, match="at least one message"):
+        chat_prompt(TOK, [])
+    with pytest.raises(ChatTemplateError, match="'add_generation_prompt' is set by the request") as e:
+        chat_prompt(TOK, [U], chat_template_kwargs={"add_generation_prompt": False})
+    assert e.value.param == "chat_template_kwargs"
