@@ -57,7 +57,7 @@ MAX_BANNED = 32    # ids a row may bias at once: bans (EOS ids + stop_token_ids 
 
 # Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, index in the sampled buffer of a token
 # drawn by the previous step (-1: none), positions, slot page, slot offset; seqi i32[S+1,
-# _SEQ_COLS + P + MAX_BANNED] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed's low 32
+# _SEQ_COLS + P + _BIAS_COLS] = kv_len, cu_q_len, logits row, top_k, prompt_len, seed's low 32
 # bits, output index, index in the sampled buffer its draw goes to (2 * max_num_seqs: nowhere),
 # seed's high 32 bits, page table, biased ids (-1 pads), their biases (float32 bits; -inf bans); seqf
 # f32[S, _SEQF_COLS] = temperature, top_p, min_p, repetition, presence, frequency penalties.
