@@ -28,7 +28,10 @@ def test_generate_dummy_preset(capsys):
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1,99999"], "token ids must be integers in"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--max-tokens", "0"], "--max-tokens"),
-    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--tp", "64"], "device(s)"),
+    # more TP than devices (the 1B shape's 32 heads split over 32; the tiny model's 4 do not over 64: next case)
+    (["--model", "llama-3.2-1b", "--load-format", "dummy", "--prompt-ids", "1", "--tp", "32"], "device(s)"),
+    (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--tp", "64"],
+     "the model's 4 attention heads do not split over 64 devices"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt", "hi"], "has no tokenizer"),
     (["--model", "tiny", "--load-format", "dummy", "--prompt-ids", "1", "--temperature", "-1"], "--temperature"),
 ])
