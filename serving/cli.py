@@ -48,7 +48,7 @@ def cmd_generate(args) -> int:
     except SamplingParamsError as e:
         raise CLIError(f"--{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
     args.model = _model_or_demo(args.model)
-    _check_max_model_len(args.max_model_len, args.model, args.tp)
+    _check_model_fits(args.max_model_len, args.model, args.tp)
     try:
         engine = build_engine(args.model, tp=args.tp, dtype=args.dtype, load_format=args.load_format,
                               **_quantization(args),
@@ -214,7 +214,7 @@ def _check_port_free(host: str, port: int) -> None:
             raise CLIError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
 
 
-def _check_max_model_len(max_model_len: int | None, model: str, tp: int = 1) -> None:
+def _check_model_fits(max_model_len: int | None, model: str, tp: int = 1) -> None:
     """--max-model-len at least 1 and within the model's positions (a directory's config.json, or a preset's),
     and --tp dividing its attention heads, checked before anything loads: a context the model was not trained
     for, a KV cache sized for a billion tokens, or heads that cannot be split fail here with the flag named."""
@@ -251,7 +251,7 @@ def _engine_fields(args) -> dict:
         if getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
     if hasattr(args, "model"):
-        _check_max_model_len(args.max_model_len, _model_or_demo(args.model), getattr(args, "tp", 1) or 1)
+        _check_model_fits(args.max_model_len, _model_or_demo(args.model), getattr(args, "tp", 1))
     if args.max_num_seqs > args.max_num_batched_tokens:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
@@ -568,7 +568,7 @@ def cmd_worker(args) -> int:
         raise CLIError(f"--devices: this machine has {n} device(s) (0..{n - 1})")
     if args.devices and args.tp not in (1, len(devices)):
         raise CLIError("--tp: with --devices the TP degree is the number of devices")
-    _check_max_model_len(args.max_model_len, model, len(devices))
+    _check_model_fits(args.max_model_len, model, len(devices))
     prefill_workers = [a for a in (args.prefill_workers or "").split(",") if a]
     if prefill_workers and args.role != "decode":
         raise CLIError("--prefill-workers: only a decode worker sends prompts to prefill workers")

@@ -1330,14 +1330,14 @@ def section_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     rec = Recorder(args.result)
     cfg = json.loads(args.config)
-    if args.name != "serve":
-        # the engine's process-wide XLA options (build_engine's) for the sections that build runners directly
-        from jaxdyn.engine.xla_options import command_buffer_update_mode
-        command_buffer_update_mode()
     if args.name == "serve":
         # this process only drives the server and the client: keep it off the accelerator
         cfg["_jax_platforms"] = os.environ.get("JAX_PLATFORMS")
         os.environ["JAX_PLATFORMS"] = "cpu"
+    else:
+        # the engine's process-wide XLA options (build_engine's) for the sections that build runners directly
+        from jaxdyn.engine.xla_options import command_buffer_update_mode
+        command_buffer_update_mode()
     try:
         BODIES[args.name](cfg, rec)
     except BaseException as e:

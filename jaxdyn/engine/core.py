@@ -96,11 +96,11 @@ class EngineConfig:
     def __post_init__(self):
         for name in ("page_size", "max_num_batched_tokens", "max_num_seqs"):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            if not (is_count(v) and v >= 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
         for name in ("num_pages", "max_model_len"):     # None: sized by the engine
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            if v is not None and not (is_count(v) and v >= 1):
                 raise ValueError(f"{name}: expected None or an integer >= 1, got {v!r}")
         if not (isinstance(self.kv_memory_fraction, (int, float)) and 0 < self.kv_memory_fraction <= 1):
             raise ValueError(f"kv_memory_fraction: expected a number in (0, 1], got {self.kv_memory_fraction!r}")

@@ -1173,7 +1173,7 @@ class ModelRunner:
         page_parts = []
         all_arrays = True
         ns, ints, floats, num_pages, src = [], [], [], [], []
-        banned_rows = []
+        biased_rows = []
         flags = 0
         row = 0
         for i, w in enumerate(work):
@@ -1203,7 +1203,7 @@ class ModelRunner:
             if w.banned or w.logit_bias:
                 if len(w.banned) + len(w.logit_bias) > MAX_BANNED:
                     raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned and biased ids")
-                banned_rows.append((i, w.banned, w.logit_bias))
+                biased_rows.append((i, w.banned, w.logit_bias))
         num_tokens = row
         t = _pick(self.token_buckets, num_tokens, "tokens per step")
         s = cfg.seqs_for(t)
@@ -1231,7 +1231,7 @@ class ModelRunner:
         seqi[S:, 7] = 2 * self.max_rows                    # padding rows' draws go nowhere
         ids_at, bias_at = _SEQ_COLS + p, _SEQ_COLS + p + MAX_BANNED
         seqi[:, ids_at:bias_at] = -1                       # biased ids (bias 0 where none)
-        for i, banned, biased in banned_rows:
+        for i, banned, biased in biased_rows:
             n = len(banned)
             seqi[i, ids_at:ids_at + n] = banned
             seqi[i, bias_at:bias_at + n] = _BAN_BITS

@@ -169,10 +169,8 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         seq.admit_order = next(self._admits)
         self.running.append(seq)
-        # Its prompt is complete: cache it now, as for a prompt finished in a step (and move it onto the
-        # tree's pages where another's KV for the same tokens got there first: _share_cached_copies).
-        if n := self._cache_pages(seq):
-            self._copies_to_share.append((seq, n))
+        # Its prompt is complete: cache it now, as for a prompt finished in a step.
+        self._cache_prompt(seq)
 
     def _cache_pages(self, seq: Sequence) -> int:
         """Put the sequence's computed whole pages of known tokens into the prefix cache; returns how many
@@ -183,6 +181,12 @@ class Scheduler:
         if full:
             self.cache.insert(seq.token_slice(0, full * self.config.page_size), seq.pages[:full])
         return full
+
+    def _cache_prompt(self, seq: Sequence) -> None:
+        """Cache a running sequence's finished prompt, and move it onto the tree's pages at the next step where
+        another's KV for the same tokens got there first (``_share_cached_copies``)."""
+        if n := self._cache_pages(seq):
+            self._copies_to_share.append((seq, n))
 
     def _share_cached_copies(self) -> None:
         """Move running sequences onto the tree's pages where theirs hold the same tokens, freeing their copies.
@@ -308,7 +312,7 @@ class Scheduler:
                 # not a sequence whose KV is held for a hand-over once its last token (drawn, still on the
                 # device) arrives: preempted, it would finish with no pages and the decode side get nothing
                 victim = max((s for s in self.running if s.seq_id not in scheduled
-                              and not (s.request.hold_kv and s.num_tokens >= s.request.max_len)),
+                              and not (s.request.hold_kv and not can_sample(s))),
                              key=lambda s: (s.request.priority, s.admit_order))
                 self._preempt(victim)
                 preempted.append(victim)
@@ -355,8 +359,7 @@ class Scheduler:
         # Prompts finished in this step enter the cache now, so that the sequences admitted from the
         # next step on can share them (their last pages are written by this very step).
         for seq in self._prompts_done:
-            if n := self._cache_pages(seq):
-                self._copies_to_share.append((seq, n))
+            self._cache_prompt(seq)
         return SchedulerOutput(items, copies, preempted)
 
     def _match(self, seq: Sequence, target: int) -> int:

@@ -25,6 +25,7 @@ import os
 logger = logging.getLogger(__name__)
 
 UPDATE_MODE_FLAG = "--xla_gpu_command_buffer_update_mode"
+_FLAG_NAME = UPDATE_MODE_FLAG.lstrip("-")
 UPDATE_MODE = "SKIP_TEMP"
 CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
 
@@ -64,13 +65,13 @@ def _may_use_gpu(environ) -> bool:
 def _sets_mode(flags: str) -> bool:
     """Whether ``XLA_FLAGS`` sets the update mode, itself or in a ``--flagfile`` it names (one that cannot be
     read counts as setting it: the user's flags are not overridden on a guess)."""
-    if UPDATE_MODE_FLAG.lstrip("-") in flags:
+    if _FLAG_NAME in flags:
         return True
     for token in flags.split():
         if token.lstrip("-").startswith("flagfile="):
             try:
                 with open(token.split("=", 1)[1]) as f:
-                    if UPDATE_MODE_FLAG.lstrip("-") in f.read():
+                    if _FLAG_NAME in f.read():
                         return True
             except OSError:
                 return True
