@@ -221,16 +221,18 @@ class LLM:
         # Only the finished outputs are kept: an EngineCore then builds one output per request, not per token.
         final = {"final_only": True} if isinstance(self.engine, EngineCore) else {}
         done: dict[str, RequestOutput] = {}
+        # the text prompts tokenized at once, in parallel, before anything is queued: the engine's first step (and the
+        # device) waits for every request to be added (1,000 ShareGPT-sized prompts one by one: 0.2 s on 2 cores)
+        text_at = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
+        if text_at and self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
+        ids = dict(zip(text_at, self.tokenizer.encode_batch([prompts[i] for i in text_at]))) if text_at else {}
         bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm)
         try:
-            for prompt, p in zip(prompts, plist):
+            for i, (prompt, p) in enumerate(zip(prompts, plist)):
                 rid = f"llm-{next(self._ids)}"
                 texts[rid] = prompt if isinstance(prompt, str) else None
-                if isinstance(prompt, str):
-                    if self.tokenizer is None:
-                        raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
-                    prompt = self.tokenizer.encode(prompt)
-                self.engine.add_request(rid, prompt, p, **final)
+                self.engine.add_request(rid, ids.get(i, prompt), p, **final)
                 order.append(rid)
             while len(done) < len(order):
                 for out in self.engine.step():

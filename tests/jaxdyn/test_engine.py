@@ -392,6 +392,12 @@ def test_llm_text_prompts_and_progress(ckpt):
     outs = llm.generate(["héllo", [256, 5, 6]], sampling_params=SamplingParams(temperature=0, max_tokens=3,
                                                                              logprobs=2), use_tqdm=False)
     assert [o.prompt for o in outs] == ["héllo", None]
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("héllo")
+    # the text prompts of a batch are tokenized in one call (in parallel), each as encode makes it
+    texts = ["héllo", "wörld €", "a b c", ""]
+    assert llm.tokenizer.encode_batch(texts) == [llm.tokenizer.encode(t) for t in texts]
+    assert llm.tokenizer.encode_batch(texts, add_special_tokens=False) == [
+        llm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     for entry in outs[0].outputs[0].logprobs:
         assert all(lp.decoded_token == llm.tokenizer.decode([t], skip_special_tokens=False) for t, lp in entry.items())
     # a batch with a prompt the engine refuses raises and leaves nothing queued (the others were queued before)
