@@ -93,3 +93,10 @@ def test_bad_sampling_keys_are_refused_before_any_run():
                       ({"top_k": "5"}, "numbers expected"), ({"top_k": -2}, "--top-k must be")):
         with pytest.raises(ValueError, match=says):
             ab.split_config(bad, {})
+
+
+def test_first_step_line_is_found_in_profile_runs_run_line():
+    line = ("run: 1181 steps, 13.3 s, 14947 output tok/s; its first step began 0.312 s after the run's start "
+            "(the requests tokenized and queued)")
+    assert ab.FIRST_STEP.search(line).group(0) == "its first step began 0.312 s after the run's start"
+    assert ab.FIRST_STEP.search("run: 5 steps, 1.0 s, 10 output tok/s") is None

@@ -43,6 +43,7 @@ RUN = re.compile(r"the run ([\d.]+) s, (\d+) output tok/s; loaded and warmed up 
 
 SAMPLING = ("temperature", "top_p", "top_k")     # a configuration's requests' sampling (profile_run's flags)
 COMPILED = re.compile(r"^compiled \d+ executables .*$", re.M)     # the warm-up's compilation (describe_compile)
+FIRST_STEP = re.compile(r"its first step began [\d.]+ s after the run's start")   # profile_run's, where it prints it
 
 
 def parse_run(text: str) -> tuple[float, float, float, str]:
@@ -140,9 +141,10 @@ def main(argv=None) -> int:
                     print(p.stderr[-3000:], flush=True)
                 continue
             results[i].append(run)
-            compiled = COMPILED.search(p.stdout)
+            compiled, first = COMPILED.search(p.stdout), FIRST_STEP.search(p.stdout)
             print(f"round {r} config {i} {cfg}: {run[0]:.2f} s, {run[1]:.0f} tok/s (load {run[2]:.1f} s) "
-                  f"costs {run[3]}" + (f"\n  {compiled.group(0)}" if compiled else ""), flush=True)
+                  f"costs {run[3]}" + (f"; {first.group(0)}" if first else "")
+                  + (f"\n  {compiled.group(0)}" if compiled else ""), flush=True)
     print(f"\n{args.dataset}, {args.num_prompts} prompts, {args.rounds} rounds, configurations in turn:\n")
     print("| config | runs: s (tok/s) | median tok/s | x config 0 | load s | step costs ms |\n|---|---|---:|---:|---:|---|")
     for i, m, ratio in summarize(results):

@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     def traced_step(*a, **k):
         if state["step"] < 0:           # warm-up requests: not counted
             return step(*a, **k)
+        if state["step"] == 0:          # the run's first step: what queueing its requests took before it
+            state["first_step_s"] = time.perf_counter() - state["started"]
         n, h0, w0 = len(engine.scheduler.running), metrics.host_seconds, metrics.device_wait_seconds
         t0, p0, c0 = runner.tokens_run, metrics.computed_prefill_tokens, runner.call_seconds
         try:
@@ -294,6 +296,7 @@ def main(argv=None) -> int:
 
     def on_start():
         state["step"] = 0
+        state["started"] = time.perf_counter()
 
     summary = offline.benchmark(llm, samples, num_warmups=ds.get("num_warmups", 0), progress=False,
                                 on_start=on_start, **sampling)
@@ -301,8 +304,9 @@ def main(argv=None) -> int:
         jax.profiler.stop_trace()
         state["done"].append((state["window"], state["trace"], state["calls"]))
     print(f"run: {state['step']} steps, {summary['duration_s']:.1f} s, "
-          f"{summary['output_throughput']:.0f} output tok/s" + (" (perturbed by the traces)" if windows else ""),
-          flush=True)
+          f"{summary['output_throughput']:.0f} output tok/s" + (" (perturbed by the traces)" if windows else "")
+          + f"; its first step began {state.get('first_step_s', float('nan')):.3f} s after the run's start (the "
+            "requests tokenized and queued)", flush=True)
 
     rows, tops, gemms, hosts = [], [], [], []
     for w, trace_dir, calls in state["done"]:
