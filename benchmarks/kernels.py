@@ -262,8 +262,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     keys = [f"b{pt[0]}_c{pt[1]}_us" for pt in points]
     for v in variants:
         row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps,
-                   num_stages=v.num_stages, min_programs=v.min_programs,
-                   gather=v.gather + (" prefetch" if v.prefetch else ""))
+                   num_stages=v.num_stages, min_programs=v.min_programs, gather=v.gather)
         try:
             for pt, key in zip(points, keys):
                 row[key] = time_per_call(_ours(v), inputs[pt], difference=False) * 1e6
@@ -278,8 +277,7 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     best = min(ok, key=lambda r: r["score"])
     return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"],
                                          best["num_stages"], best["min_programs"],
-                                         gather=best["gather"].split()[0],
-                                         prefetch=best["gather"].endswith("prefetch")), rows
+                                         gather=best["gather"]), rows
 
 
 def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
@@ -485,9 +483,9 @@ def main(argv=None, prog: str | None = None) -> str:
                     help="which kernels' block sizes are swept (decode, prefill or both)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
                     help="the KV pages' dtype (fp8: float8_e4m3fn, what --kv-cache-dtype fp8 stores)")
-    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G[:prefetch],...",
+    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G,...",
                     help="the decode sweep's variants instead of --sweep's: pages a block, warps, stages, "
-                         "programs to split to, gather (rows|pages), e.g. 8:4:3:264:rows,2:1:6:264:rows:prefetch (prefetch: DecodeBlockSizes.prefetch)")
+                         "programs to split to, gather (rows|pages), e.g. 8:4:3:264:rows,16:8:2:264:rows")
     ap.add_argument("--sweep-points", default=None, metavar="BxC,...",
                     help="the decode sweep's (batch, context) points instead of the defaults")
     ap.add_argument("--entry-only", action="store_true",
@@ -524,16 +522,10 @@ def main(argv=None, prog: str | None = None) -> str:
     variants = None
     if args.sweep_variants:
         try:
-            variants = []
-            for v in args.sweep_variants.split(","):
-                p, w, st, t, g, *extra = v.split(":")
-                if extra not in ([], ["prefetch"]):
-                    raise ValueError(v)
-                variants.append(paged_decode.DecodeBlockSizes(int(p), int(w), int(st), int(t), gather=g,
-                                                              prefetch=bool(extra)))
+            variants = [paged_decode.DecodeBlockSizes(int(p), int(w), int(st), int(t), gather=g)
+                        for p, w, st, t, g in (v.split(":") for v in args.sweep_variants.split(","))]
         except ValueError:
-            ap.error(f"--sweep-variants: expected P:W:S:T:G[:prefetch] entries separated by commas, got "
-                     f"{args.sweep_variants!r}")
+            ap.error(f"--sweep-variants: expected P:W:S:T:G entries separated by commas, got {args.sweep_variants!r}")
         if any(v.gather not in ("rows", "pages") for v in variants):
             ap.error("--sweep-variants: gather must be rows or pages")
     global KV_DTYPE

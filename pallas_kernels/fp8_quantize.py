@@ -84,7 +84,7 @@ def _check_scales(x, gate, scales):
     return rs.astype(jnp.float32), us.astype(jnp.float32), None if gate is None else gs.astype(jnp.float32)
 
 
-def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scaled: bool, reload: bool = False):
+def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scaled: bool):
     refs = list(refs)
     g_ref = refs.pop(0) if silu else None
     u_ref = refs.pop(0)
@@ -108,18 +108,6 @@ def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scal
     def row_max(j, m):
         _, v = values(j)
         return jnp.maximum(m, jnp.max(jnp.abs(v), axis=1))
-
-    if reload:
-        # two unrolled passes: every block's loads issued at once for the maxima (each value consumed into them as it
-        # arrives), then every block loaded again (from L2) to divide and store: the row is never held in registers
-        # whole, so a program needs fewer of them than one pass and more programs fit a multiprocessor
-        m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(values(j)[1]), axis=1) for j in range(steps)])
-        scale = jnp.maximum(m, 1e-12) / FP8_MAX
-        for j in range(steps):
-            cols, v = values(j)
-            q_ref[:, cols] = jnp.clip(v / scale[:, None], -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
-        s_ref[...] = scale
-        return
 
     if one_pass:
         blocks = [values(j) for j in range(steps)]
@@ -146,16 +134,15 @@ def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scal
 # lowered to Triton at every call (in an 8B step of 2,048 tokens, 64 calls: 3.6 s of a warm-up's serial lowering on a
 # 2-core CPU, against one lowering a kernel jitted)
 @functools.partial(jax.jit, static_argnames=("block_rows", "block_cols", "num_warps", "num_stages", "one_pass",
-                                             "reload", "interpret"))
+                                             "interpret"))
 def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, block_rows: int = 1,
                              block_cols: int | None = None, num_warps: int | None = None, num_stages: int = 1,
-                             one_pass: bool | None = None, scales: tuple | None = None, reload: bool = False,
+                             one_pass: bool | None = None, scales: tuple | None = None,
                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel: ``block_rows`` rows a program, their columns in blocks of ``block_cols`` (by default the
     largest power of two up to 2,048 that divides the width), all loaded at once when ``one_pass`` (by default
-    when the blocks are at most ``ONE_PASS_MAX_STEPS``), else in two loops; ``reload``: two unrolled passes
-    instead, all blocks loaded at once for the maxima and again to store (``one_pass`` ignored); ``num_warps`` a
-    program (by default ``MLP_WARPS`` with ``gate``, else ``ROW_WARPS``)."""
+    when the blocks are at most ``ONE_PASS_MAX_STEPS``), else in two loops; ``num_warps`` a program (by default
+    ``MLP_WARPS`` with ``gate``, else ``ROW_WARPS``)."""
     if num_warps is None:
         num_warps = MLP_WARPS if gate is not None else ROW_WARPS
     t, f = x.shape
@@ -182,7 +169,7 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
     q, s = pl.pallas_call(
         functools.partial(_kernel, block_cols=bc, steps=f // bc, silu=gate is not None,
                           one_pass=f // bc <= ONE_PASS_MAX_STEPS if one_pass is None else one_pass,
-                          scaled=scales is not None, reload=reload),
+                          scaled=scales is not None),
         grid=(rows // block_rows,),
         in_specs=specs,
         out_specs=[spec, pl.BlockSpec((block_rows,), lambda i: (i,))],

@@ -69,13 +69,6 @@ class DecodeBlockSizes:
     # (slot, head) programs have nothing to do, and each holds the pipeline's shared memory while it starts and
     # exits). 0: a program for every (sequence, kv head, split).
     persistent_programs: int = 0
-    # True: each loop iteration issues the loads of the next block (its page ids, then its keys and values, in the
-    # pages' own dtype) before it computes on the block loaded by the previous iteration, which it carries; the
-    # chain "page ids, then the rows they name" of one block then overlaps the previous block's products instead of
-    # following them. A program's time over a few hundred tokens is that chain per iteration (the fixed ~38 µs of
-    # a decode call at 30-88 sequences, H200): software pipelining written out, whether or not Triton's pipeliner
-    # (``num_stages``) takes a gather whose addresses come from another load. False: each iteration loads its own.
-    prefetch: bool = False
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -257,8 +250,7 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
 
 def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, sm_scale: float, page_size: int,
             pages_per_block: int, group: int, rows: int, sliding_window: int | None, precision, interpret: bool,
-            gather: str, dtype, pt_base=0, pt_len: int | None = None, row_base=0, num_pages: int | None = None,
-            prefetch: bool = False):
+            gather: str, dtype, pt_base=0, pt_len: int | None = None, row_base=0, num_pages: int | None = None):
     """One (sequence, kv head, context split)'s attention: (run, first_block, num_blocks), where
     ``run()`` gives the unnormalised (acc f32[rows, D], m f32[rows], l f32[rows]) over the split's blocks of
     the sequence's ``length`` cached tokens, for the G query heads of kv head ``head`` at row ``qrow`` of q."""
@@ -282,21 +274,12 @@ def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, s
         q = to_compute(q, dtype)          # what the products take (compute_dtype)
         offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
-        def load(b, as_dtype):
-            return key_block(k_ref, v_ref, pt_ref, first_page + b * pages_per_block, pages_per_block, page_size,
-                             end_page, gather, interpret, dtype=as_dtype, pt_base=pt_base, pt_len=pt_len,
-                             row_base=row_base, num_pages=num_pages)
-
         def body(b, carry):
-            if prefetch:     # the next block's loads first (past end_page they are masked: nothing is read)
-                acc, m_prev, l_prev, k, v = carry
-                k_next, v_next = load(b + 1, None)
-                if dtype is not None:
-                    k, v = k.astype(dtype), v.astype(dtype)
-            else:
-                acc, m_prev, l_prev = carry
-                k, v = load(b, dtype)
+            acc, m_prev, l_prev = carry
             page0 = first_page + b * pages_per_block
+            k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
+                             gather, interpret, dtype=dtype, pt_base=pt_base, pt_len=pt_len, row_base=row_base,
+                             num_pages=num_pages)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * sm_scale
             key_pos = page0 * page_size + offsets
@@ -310,15 +293,12 @@ def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, s
             l_next = alpha * l_prev + p.sum(axis=1)
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
-            out = (acc * alpha[:, None] + pv, m_next, l_next)
-            return out + (k_next, v_next) if prefetch else out
+            return acc * alpha[:, None] + pv, m_next, l_next
 
         init = (jnp.zeros((rows, head_dim), jnp.float32),
                 jnp.full((rows,), _MASK_VALUE, jnp.float32),
                 jnp.zeros((rows,), jnp.float32))
-        if prefetch:
-            init += load(first_block, None)
-        return lax.fori_loop(first_block, num_blocks, body, init)[:3]
+        return lax.fori_loop(first_block, num_blocks, body, init)
 
     return run, first_block, num_blocks
 
@@ -337,7 +317,7 @@ def _store_rows(o_ref, qrow, head, group: int, rows: int, acc, l):
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
                    sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
                    sliding_window: int | None, precision, interpret: bool, gather: str,
-                   in_place: bool, dtype, prefetch: bool = False):
+                   in_place: bool, dtype):
     # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); splits_ref: i32[1]
     # (splits in use, <= the grid's); pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
@@ -351,8 +331,7 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     run, first_block, num_blocks = _attend(
         length, qrow_ref[0], head, split, splits_ref[0], q_ref, k_ref, v_ref, pt_ref, sm_scale=sm_scale,
         page_size=page_size, pages_per_block=pages_per_block, group=group, rows=rows,
-        sliding_window=sliding_window, precision=precision, interpret=interpret, gather=gather, dtype=dtype,
-        prefetch=prefetch)
+        sliding_window=sliding_window, precision=precision, interpret=interpret, gather=gather, dtype=dtype)
     if in_place:
         # out_refs: (the previous output aliased [T, H, D],); the query's own rows only
         @pl.when(length > 0)
@@ -493,8 +472,7 @@ def paged_decode_attention_kernel(
         raise ValueError(f"out needs one context split, not {splits} (grid_splits)")
     in_place = out is not None
     static = dict(sm_scale=sm_scale, pages_per_block=ppb, sliding_window=sliding_window, precision=precision,
-                  interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype),
-                  prefetch=blocks.prefetch)
+                  interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype))
     if in_place and splits == 1 and blocks.persistent_programs > 0:
         kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
         programs = min(blocks.persistent_programs, num_seqs * num_kv_heads)

@@ -79,21 +79,15 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
     # and the two-loop form (first version: 2 rows, 4 warps)
     configs = [(br, nw, True, None) for br in (1, 2) for nw in (4, 8)]
     configs += [(1, 16, True, None), (2, 4, False, None)]
-    if args.quantize_configs:     # ROWS/WARPS, or ROWS/WARPS/reload (two unrolled passes: the kernel's ``reload``)
-        configs = []
-        for c in args.quantize_configs.split(","):
-            a, b, *mode = c.split("/")
-            if mode not in ([], ["reload"]):
-                ap_error = f"--quantize-configs: expected ROWS/WARPS or ROWS/WARPS/reload, got {c!r}"
-                raise SystemExit(ap_error)
-            configs.append((int(a), int(b), "reload" if mode else True, None))
+    if args.quantize_configs:
+        configs = [(int(a), int(b), True, None) for a, b in (c.split("/") for c in args.quantize_configs.split(","))]
     for defaults in ((1, ROW_WARPS, True, None), (1, MLP_WARPS, True, None)):     # the entry point's, always
         if defaults not in configs:                                                # (after the ones asked for)
             configs.append(defaults)
     inputs = args.quantize_inputs.split(",")
 
     def name(c):
-        return f"{c[0]}/{c[1]}/{'rl' if c[2] == 'reload' else '1p' if c[2] else '2l'}/{c[3] or 'auto'}"
+        return f"{c[0]}/{c[1]}/{'1p' if c[2] else '2l'}/{c[3] or 'auto'}"
 
     print("\n| input | rows | floor ms | XLA ms | best kernel ms (rows a program / warps / one pass or two loops / "
           "columns a block) | two loops 2/4 ms | best kernel / XLA | best kernel / floor | every configuration ms |")
@@ -122,8 +116,8 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
                 br, nw, one, bc = c
                 try:
                     tks[c] = timed(lambda u, g, s, br=br, nw=nw, one=one, bc=bc: quantize_rows_fp8_kernel(
-                        u, g, block_rows=br, num_warps=nw, one_pass=one is True, block_cols=bc, scales=s,
-                        reload=one == "reload", interpret=args.impl == "interpret"))
+                        u, g, block_rows=br, num_warps=nw, one_pass=one, block_cols=bc, scales=s,
+                        interpret=args.impl == "interpret"))
                 except Exception as e:
                     print(f"  {label} t={t} {name(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     tks[c] = float("inf")
@@ -151,10 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize-inputs", default="silu,raw,attn",
                     help="the quantization table's inputs, comma-separated: silu (silu(gate) * up), raw (from the "
                     "raw products, as the engine's MLP gives them), attn (the attention's output)")
-    ap.add_argument("--quantize-configs", default=None, metavar="ROWS/WARPS[/reload],...",
-                    help="only these kernel configurations (rows a program / warps, one pass; /reload: two unrolled "
-                    "passes) beside the entry point's defaults (1/8, and 1/16 for the MLP's input), instead of the "
-                    "sweep's six")
+    ap.add_argument("--quantize-configs", default=None, metavar="ROWS/WARPS,...",
+                    help="only these one-pass kernel configurations (rows a program / warps) beside the entry "
+                    "point's defaults (1/8, and 1/16 for the MLP's input), instead of the sweep's six")
     ap.add_argument("--impl", default="kernel", choices=("kernel", "interpret"),
                     help="interpret: the kernel through Pallas interpret mode (a CPU check of this script)")
     args = ap.parse_args(argv)

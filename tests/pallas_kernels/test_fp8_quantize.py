@@ -30,15 +30,14 @@ def test_the_kernel_quantizes_as_the_model_does(t, f):
     assert np.all(np.asarray(q0, np.float32) == 0) and np.all(np.asarray(s0) > 0)
 
 
-@pytest.mark.parametrize("one_pass", [True, False, "reload"])
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("block_rows, block_cols", [(1, None), (2, 128)])
 def test_one_pass_and_two_loops_agree_with_the_reference(one_pass, block_rows, block_cols):
     # 9 rows: with 2 a program the last program's second row is padding
-    reload = one_pass == "reload"
     for gate in (None, _rows(9, 1024, seed=3)):
         x = _rows(9, 1024, seed=4)
         q, s = quantize_rows_fp8_kernel(x, gate, block_rows=block_rows, block_cols=block_cols,
-                                        one_pass=one_pass is True, reload=reload, interpret=True)
+                                        one_pass=one_pass, interpret=True)
         want_q, want_s = quantize_rows_fp8_reference(x, gate)
         assert q.shape == (9, 1024) and s.shape == (9, 1)
         np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
@@ -64,8 +63,7 @@ def test_raw_products_are_scaled_in_the_kernel_as_the_model_scales_them(with_gat
     for q, s in (quantize_rows_fp8_reference(up_raw, gate_raw, scales),
                  quantize_rows_fp8(up_raw, gate_raw, scales=scales, impl="interpret"),
                  quantize_rows_fp8_kernel(up_raw, gate_raw, scales=scales, block_rows=2, one_pass=False,
-                                          interpret=True),
-                 quantize_rows_fp8_kernel(up_raw, gate_raw, scales=scales, reload=True, interpret=True)):
+                                          interpret=True)):
         np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
         np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
     with pytest.raises(ValueError, match="scales must be"):
@@ -97,7 +95,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_pass", [True, False, "reload"])
+@pytest.mark.parametrize("one_pass", [True, False])
 def test_gpu_the_kernel_on_the_8b_widths(one_pass):
     for f, t, with_gate, scaled in itertools.product((4096, 14336), (16, 2048), (True, False), (False, True)):
         g, u = (_rows(t, f, seed=t) if with_gate else None), _rows(t, f, seed=t + 1)
@@ -106,8 +104,7 @@ def test_gpu_the_kernel_on_the_8b_widths(one_pass):
             sc = (jax.random.uniform(jax.random.key(t), (t, 1), minval=0.5, maxval=2.0),
                   jax.random.uniform(jax.random.key(f), (f,), minval=0.01, maxval=0.1),
                   jax.random.uniform(jax.random.key(f + 1), (f,), minval=0.01, maxval=0.1) if with_gate else None)
-        q, s = jax.jit(lambda u, g, sc: quantize_rows_fp8_kernel(u, g, one_pass=one_pass is True, scales=sc,
-                                                                 reload=one_pass == "reload"))(u, g, sc)
+        q, s = jax.jit(lambda u, g, sc: quantize_rows_fp8_kernel(u, g, one_pass=one_pass, scales=sc))(u, g, sc)
         rq, rs = quantize_rows_fp8_reference(u, g, sc)
         np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
         assert (np.asarray(q, np.float32) != np.asarray(rq, np.float32)).mean() < 1e-3
@@ -124,8 +121,6 @@ def test_the_kernel_lowers_to_triton_for_a_gpu(rows, inputs):
     kw = {"x": {}, "gate": {"gate": x}, "raw products": {"gate": x, "scales": scales}}[inputs]
     f = jax.jit(lambda x, gate=None, scales=None: quantize_rows_fp8(x, gate, scales=scales, impl="kernel"))
     assert "__gpu$xla.gpu.triton" in f.trace(x, **kw).lower(lowering_platforms=("cuda",)).as_text()
-    reload = jax.jit(lambda x, gate=None, scales=None: quantize_rows_fp8_kernel(x, gate, scales=scales, reload=True))
-    assert "__gpu$xla.gpu.triton" in reload.trace(x, **kw).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_the_mlp_input_takes_sixteen_warps_and_the_attention_output_eight():

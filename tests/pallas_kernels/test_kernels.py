@@ -160,39 +160,6 @@ def test_interpreted_decode_kernel_splits_long_contexts_and_combines_them():
                                    err_msg=f"num_splits={splits}")
 
 
-@pytest.mark.parametrize("pages_dtype", ["float32", "float8_e4m3fn"])
-def test_interpreted_decode_kernel_prefetching_the_next_block_computes_the_same(pages_dtype):
-    # prefetch: each iteration loads the next block and computes on the one it carries; the same products in the
-    # same order, so the same numbers, in every form of the call (splits, a window, in place, persistent programs)
-    rng = np.random.default_rng(13)
-    seqs = [(c, 1) for c in (0, 15, 16, 17, 100, 255)]
-    args, n = _batch(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
-                     dtype=jnp.float32, pad_tokens=0)
-    q, k_pages, v_pages, kv_lens, page_table, cu = args
-    if pages_dtype != "float32":
-        q, k_pages, v_pages = q.astype(jnp.bfloat16), k_pages.astype(pages_dtype), v_pages.astype(pages_dtype)
-    lens, table = kv_lens[:n], page_table[:n]
-    ref = paged_decode.paged_decode_attention_reference(
-        q[:n].astype(jnp.float32), k_pages.astype(jnp.float32), v_pages.astype(jnp.float32), lens, table,
-        sm_scale=0.25)
-    calls = [dict(num_splits=1), dict(num_splits=4), dict(num_splits=2, sliding_window=37),
-             dict(num_splits=1, q_rows=jnp.arange(n, dtype=jnp.int32), out=jnp.zeros_like(q[:n])),
-             dict(num_splits=1, q_rows=jnp.arange(n, dtype=jnp.int32), out=jnp.zeros_like(q[:n]), programs=3)]
-    for kw in calls:
-        kw = dict(kw)
-        programs = kw.pop("programs", 0)
-        outs = []
-        for prefetch in (False, True):
-            blocks = paged_decode.DecodeBlockSizes(pages_per_block=2, num_warps=1, num_stages=2,
-                                                   persistent_programs=programs, prefetch=prefetch)
-            outs.append(np.asarray(paged_decode.paged_decode_attention_kernel(
-                q[:n], k_pages, v_pages, lens, table, sm_scale=0.25, interpret=True, blocks=blocks, **kw)))
-        np.testing.assert_array_equal(outs[1], outs[0], err_msg=str(kw))
-        if "sliding_window" not in kw:
-            np.testing.assert_allclose(outs[1].astype(np.float32), np.asarray(ref), rtol=2e-2, atol=2e-2,
-                                       err_msg=str(kw))
-
-
 def test_live_splits_fill_the_grid_from_the_live_sequences_only():
     lens = jnp.asarray([0, 300, 0, 0, 5, 0, 0, 0], jnp.int32)
     assert int(paged_decode.live_splits(lens, 2, 8, 16)[0]) == 4          # 2 live x 2 heads x 4
@@ -544,32 +511,6 @@ def test_gpu_decode_kernel_with_persistent_programs(pages):
         got = paged_decode.paged_decode_attention_kernel(
             q, k, v, lens, pt, blocks=dataclasses.replace(base, persistent_programs=programs), **kw)
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(grid.astype(jnp.float32)))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pages", ["bf16", "fp8"])
-def test_gpu_decode_kernel_prefetching_the_next_block_stores_the_same(pages):
-    """On the GPU, ``DecodeBlockSizes.prefetch`` gives what the tuned blocks give, within the products' rounding (a
-    compiled kernel may order a block's sums differently), at one split, several, and in place: ragged contexts
-    with a window, off page multiples."""
-    rng = np.random.default_rng(26)
-    seqs = [(97 * i + 3, 1) for i in range(24)] + [(4000, 1), (0, 1)]
-    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
-    if pages == "fp8":
-        args = _fp8_pages(args)
-    q, k, v, lens, pt, cu = args
-    base = paged_decode.decode_block_sizes(128, 16, k.dtype, lens.shape[0])
-    rows = jnp.minimum(cu[:-1], n - 1)
-    for kw in (dict(num_splits=1), dict(num_splits=4), dict(num_splits=2, sliding_window=300),
-               dict(num_splits=1, q_rows=rows, out=jnp.zeros_like(q))):
-        want = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, sm_scale=128 ** -0.5, blocks=base, **kw)
-        for blocks in (dataclasses.replace(base, prefetch=True),
-                       dataclasses.replace(base, prefetch=True, num_stages=1)):
-            got = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, sm_scale=128 ** -0.5, blocks=blocks,
-                                                             **kw)
-            got, ref = np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
-            assert not np.isnan(got).any()
-            assert _rel(got, ref) < 2e-3, (kw, blocks)
 
 
 @pytest.mark.parametrize("window", [None, 13])
