@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from jaxdyn.engine.chat import chat_prompt
+from jaxdyn.engine.chat import ChatTemplateError, chat_prompt
 from jaxdyn.engine.core import EngineConfig, EngineCore
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams, generation_config_dir, generation_defaults
@@ -187,13 +187,15 @@ class LLM:
         text. ChatTemplateError (a ValueError naming the field) where a conversation cannot be rendered."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages: expected a conversation (a list of message dicts) or a list of them")
+        if continue_final_message and add_generation_prompt:      # as transformers' template and the server refuse
+            raise ChatTemplateError("continue_final_message: cannot be used with add_generation_prompt; pass "
+                                    "add_generation_prompt=False", "continue_final_message")
         convs = [messages] if isinstance(messages[0], dict) else list(messages)
         texts = [chat_prompt(self.tokenizer, list(conv), add_generation_prompt=add_generation_prompt,
                              continue_final_message=continue_final_message,
                              chat_template_kwargs=chat_template_kwargs, tools=tools, chat_template=chat_template)
                  for conv in convs]
-        outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], sampling_params,
-                             use_tqdm)
+        outs = self.generate(self.tokenizer.encode_batch(texts, add_special_tokens=False), sampling_params, use_tqdm)
         for out, text in zip(outs, texts):
             out.prompt = text
         return outs
@@ -239,10 +241,15 @@ class LLM:
                     if out.finished and out.request_id in order:
                         done[out.request_id] = out
                         bar.update(1)
+            self._drain()
         except BaseException:
             for rid in order:
                 if rid not in done:
                     self.engine.abort(rid)
+            try:
+                self._drain()
+            except Exception:       # the device's own failure: the error raised below is the one to see
+                pass
             raise
         finally:
             bar.close()
@@ -251,6 +258,14 @@ class LLM:
             out.prompt = texts[rid]
             self._name_logprob_tokens(out)
         return outs
+
+    def _drain(self) -> None:
+        """With no request left, the step dispatched ahead while the last ones finished (the engine's overlap) is
+        read, so the engine holds nothing in flight: ``has_unfinished()`` is False once ``generate`` returns, as
+        vLLM's ``has_unfinished_requests()`` is. Another caller's requests, if any, are left to their caller."""
+        eng = self.engine
+        if isinstance(eng, EngineCore) and not eng.requests and eng.has_unfinished():
+            eng.step()
 
     def _name_logprob_tokens(self, out: RequestOutput) -> None:
         """Each logprob entry's token text (vLLM's ``Logprob.decoded_token``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 MAX_LOGPROBS = 20    # top-logprobs computed on the device per sampled token (OpenAI's cap)
 MAX_LOGIT_BIAS = 32  # logit_bias entries a request may set (the step's per-row block, runner.MAX_BANNED, holds them
@@ -51,6 +51,10 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):     # a list (or any sequence; not a string of ids or a number)
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, (str, bytes, dict)) or not isinstance(v, Iterable)):
+                raise SamplingParamsError(name, f"must be a list, got {type(v).__name__}")
         self.stop = list(self.stop or ())
         self.stop_token_ids = list(self.stop_token_ids or ())
         if self.top_k == -1:
@@ -90,6 +94,8 @@ class SamplingParams:
              f"must be an integer, got {self.seed!r}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         need(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        need(not self.stop or self.detokenize is not False, "stop",
+             "stop strings need detokenize=True (their match is on the text)")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")
         need(len(self.stop_token_ids) <= 16, "stop_token_ids", "at most 16 ids")

@@ -29,6 +29,11 @@ class Tokenizer:
     def __init__(self, tok: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
                  chat_template: str | None = None, add_bos_token: bool | None = None,
                  extra_eos_ids: tuple[int, ...] = ()):
+        # a tokenizer.json saved after a padded or truncated call keeps those settings, which the tokenizers library
+        # then applies to every encode: a batch's prompts padded to its longest, a long prompt silently cut
+        # (transformers, as vLLM uses it, turns both off for a prompt); a prompt is its text's tokens, all of them
+        tok.no_padding()
+        tok.no_truncation()
         self._tok = tok
         self.bos_token = bos_token
         self.eos_token = eos_token

@@ -165,13 +165,16 @@ def test_llm_chat_renders_as_the_server_and_generates(llm):
     (want,) = llm.generate([llm.tokenizer.encode(text, add_special_tokens=False)], sp, use_tqdm=False)
     assert out.prompt == text and out.outputs[0].token_ids == want.outputs[0].token_ids
     cont = conv + [{"role": "assistant", "content": "The capital"}]
-    (b,) = llm.chat(cont, sp, use_tqdm=False, continue_final_message=True)
+    (b,) = llm.chat(cont, sp, use_tqdm=False, continue_final_message=True, add_generation_prompt=False)
     assert b.prompt.endswith("<|assistant|>The capital")
+    with pytest.raises(ChatTemplateError, match="add_generation_prompt") as e:     # as transformers and vLLM
+        llm.chat(cont, sp, use_tqdm=False, continue_final_message=True)
+    assert e.value.param == "continue_final_message"
     two = llm.chat([conv, conv], sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in two] == [out.outputs[0].token_ids] * 2
     with pytest.raises(ChatTemplateError, match="image_url") as e:
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], sp)
     assert e.value.param == "messages"
-    with pytest.raises(ChatTemplateError) as e:
-        llm.chat(conv, sp, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="the assistant's") as e:
+        llm.chat(conv, sp, continue_final_message=True, add_generation_prompt=False)
     assert e.value.param == "continue_final_message"

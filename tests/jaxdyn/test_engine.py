@@ -332,7 +332,10 @@ def test_sampling_params_validation_names_the_field():
     for kwargs, field in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
                           (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(logprobs=21), "logprobs"),
                           (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop=[""]), "stop"),
-                          (dict(presence_penalty=3), "presence_penalty"), (dict(top_k=-2), "top_k")]:
+                          (dict(presence_penalty=3), "presence_penalty"), (dict(top_k=-2), "top_k"),
+                          (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
+                          (dict(stop_token_ids="12"), "stop_token_ids"),
+                          (dict(stop=["x"], detokenize=False), "stop")]:
         with pytest.raises(SamplingParamsError) as e:
             SamplingParams(**kwargs)
         assert e.value.param == field
@@ -392,6 +395,11 @@ def test_llm_text_prompts_and_progress(ckpt):
     outs = llm.generate(["héllo", [256, 5, 6]], sampling_params=SamplingParams(temperature=0, max_tokens=3,
                                                                              logprobs=2), use_tqdm=False)
     assert [o.prompt for o in outs] == ["héllo", None]
+    # a request that ends on a stop string while the next step is already on its way: generate reads that step too,
+    # so the engine holds nothing once it returns
+    llm.generate(["héllo"], SamplingParams(temperature=0, max_tokens=20, stop=[llm.tokenizer.decode(
+        outs[0].outputs[0].token_ids[:2])]), use_tqdm=False)
+    assert not llm.engine.has_unfinished() and llm.engine.allocator.num_in_use == 0
     assert outs[0].prompt_token_ids == llm.tokenizer.encode("héllo")
     # the text prompts of a batch are tokenized in one call (in parallel), each as encode makes it
     texts = ["héllo", "wörld €", "a b c", ""]
@@ -878,3 +886,28 @@ def test_llm_takes_vllms_prompt_forms_and_names_what_it_cannot(engine):
     with pytest.raises(TypeError, match="sampling_params: expected SamplingParams"):
         llm.generate([[256, 72]], {"temperature": 0}, use_tqdm=False)
     assert not engine.requests
+
+
+def test_a_tokenizer_json_saved_padded_or_truncated_still_encodes_each_prompt_whole(tmp_path):
+    # the tokenizers library keeps padding and truncation in tokenizer.json and applies them to every encode: a
+    # batch's prompts padded to the longest, a long prompt silently cut; a prompt is all of its text's tokens
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from checkpoints import DEMO_MODEL
+    from jaxdyn.engine.tokenizer import Tokenizer
+    plain = Tokenizer.from_pretrained(DEMO_MODEL)
+    texts = ["Hello there, my lord", "a", "To be or not to be. " * 20]
+    want = [plain.encode(t) for t in texts]
+    assert len(want[2]) > 16 and len(want[1]) < len(want[0])
+    for name, setup in (("padded", lambda t: t.enable_padding(pad_id=1, pad_token="</s>")),
+                        ("truncated", lambda t: t.enable_truncation(max_length=8))):
+        d = tmp_path / name
+        shutil.copytree(DEMO_MODEL, d)
+        hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        setup(hf)
+        hf.save(str(d / "tokenizer.json"))
+        tok = Tokenizer.from_pretrained(str(d))
+        assert tok.encode_batch(texts) == want, name
+        assert [tok.encode(t) for t in texts] == want, name
