@@ -172,7 +172,6 @@ UNSUPPORTED = {
     "logits_processors": "logits processors",
     "prompt_logprobs": "prompt logprobs",
     "use_beam_search": "beam search",
-    "allowed_token_ids": "allowed_token_ids",
     "bad_words": "bad_words",
     "cache_salt": "cache_salt (prefix-cache isolation)",
     "spaces_between_special_tokens": "spaces_between_special_tokens other than true",
@@ -259,6 +258,7 @@ def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None)
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens is not False,
             logit_bias=_logit_bias(req.logit_bias),
+            allowed_token_ids=req.allowed_token_ids,
         )
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None

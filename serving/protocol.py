@@ -44,6 +44,7 @@ class _Sampling(_Base):
     truncation_side: Literal["left", "right"] | None = None
     return_tokens_as_token_ids: StrictBool | None = False
     logit_bias: dict[StrictStr, Number] | None = None    # token id (as a string, OpenAI's) -> bias, clamped to +-100
+    allowed_token_ids: list[StrictInt] | None = None     # vLLM's: only these ids may be drawn
     # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
     # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
     best_of: Any = None
@@ -56,7 +57,6 @@ class _Sampling(_Base):
     logits_processors: Any = None
     prompt_logprobs: Any = None
     use_beam_search: Any = None
-    allowed_token_ids: Any = None
     bad_words: Any = None
     cache_salt: Any = None
     spaces_between_special_tokens: Any = None

@@ -301,6 +301,7 @@ class EngineCore:
         req.max_len = len(prompt_ids) + max_tokens
         req.sampling_row = sampling_row(params)
         req.logit_bias = tuple(sorted(params.logit_bias.items())) if params.logit_bias else ()
+        req.allowed = tuple(sorted(set(params.allowed_token_ids))) if params.allowed_token_ids else ()
         for i in range(params.n):
             # 64 bits, as vLLM's (torch's) generator seeds: a negative seed as its two's complement
             seed = ((params.seed + i) if params.seed is not None else self.draw_seed()) & 0xFFFFFFFFFFFFFFFF
@@ -489,7 +490,7 @@ class EngineCore:
                 cached = seq.page_array = (pages, len(pages), np.asarray(pages, np.int32))
             work.append(SequenceWork(toks, start, cached[2], prev_row, p, prompt_len,
                                      seq.seed, out_index, banned, req.sampling_row,
-                                     req.logit_bias if it.samples else ()))
+                                     req.logit_bias if it.samples else (), req.allowed if it.samples else ()))
             if it.samples:
                 seq.num_pending += 1
                 seq.pending_rows.append(idx)
@@ -686,6 +687,13 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         if bans + len(params.logit_bias) > MAX_BANNED:
             raise RequestError("logit_bias", f"at most {MAX_BANNED - bans} token ids with min_tokens and these "
                                f"EOS and stop ids ({bans}), {MAX_BANNED} in all")
+    if params.allowed_token_ids:
+        if any(t >= vocab for t in params.allowed_token_ids):
+            raise RequestError("allowed_token_ids", f"token ids must be in [0, {vocab})")
+        taken = bans + len(params.logit_bias or ())
+        if taken + len(set(params.allowed_token_ids)) + 1 > MAX_BANNED:
+            raise RequestError("allowed_token_ids", f"at most {MAX_BANNED - 1 - taken} distinct token ids beside "
+                               f"logit_bias's and min_tokens' ({taken}): {MAX_BANNED - 1} in all")
     room = facts.max_model_len - len(prompt_ids)
     max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
     # KV is computed for every token but the last (sampled, never fed back)

@@ -113,6 +113,7 @@ class Request:
         self.final_only = False              # one output, when it finishes (offline: no per-step outputs)
         self.sampling_row = None             # runner.sampling_row(params), computed once by the engine
         self.logit_bias: tuple = ()          # params.logit_bias as sorted (token id, bias) pairs
+        self.allowed: tuple = ()             # params.allowed_token_ids, sorted and distinct
 
     @property
     def finished(self) -> bool:

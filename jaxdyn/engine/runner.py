@@ -44,7 +44,7 @@ from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
-from jaxdyn.engine.sampler import VARIANTS, SamplingArrays, sample, serves, variant_for
+from jaxdyn.engine.sampler import ALLOWED_MARK, VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, allocate_kv_cache,
                              check_kv_cache_dtype)
@@ -261,7 +261,7 @@ def check_sampler_switch(value, separate_sampler) -> None:
                          "pick one")
 
 
-_PENALTIES, _FILTERS, _RANDOM, _LOGPROBS = 1, 2, 4, 8    # what a row asks of the sampler
+_PENALTIES, _FILTERS, _RANDOM, _LOGPROBS, _ALLOWED = 1, 2, 4, 8, 16    # what a row asks of the sampler
 
 
 _TOP_K_OFF = 1 << 30
@@ -287,6 +287,8 @@ def sampling_row(sp: SamplingParams | None) -> tuple[tuple[float, ...], int, int
         rep, pres, freq = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
     if sp.logprobs is not None:
         flags |= _LOGPROBS
+    if sp.allowed_token_ids:
+        flags |= _ALLOWED
     return (sp.temperature, top_p, min_p, rep, pres, freq), top_k, flags
 
 
@@ -305,6 +307,7 @@ class SequenceWork:
     banned: Sequence[int] = ()
     sampling_row: tuple | None = None      # sampling_row(params), when the caller keeps it
     logit_bias: Sequence[tuple[int, float]] = ()   # (token id, bias) pairs added to its logits
+    allowed: Sequence[int] = ()   # distinct ids the row may only draw from (allowed_token_ids; () : any)
 
 
 @dataclasses.dataclass
@@ -1200,10 +1203,11 @@ class ModelRunner:
             # draw goes, seed (high)
             ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len, _i32_bits(w.seed),
                          w.output_index, write + index[i], _i32_bits(w.seed >> 32)))
-            if w.banned or w.logit_bias:
-                if len(w.banned) + len(w.logit_bias) > MAX_BANNED:
-                    raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned and biased ids")
-                biased_rows.append((i, w.banned, w.logit_bias))
+            if w.banned or w.logit_bias or w.allowed:
+                # an allowed set takes its ids (bias 0) and a marker entry (ALLOWED_MARK, sampler.py)
+                if len(w.banned) + len(w.logit_bias) + (len(w.allowed) + 1 if w.allowed else 0) > MAX_BANNED:
+                    raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned, biased and allowed ids")
+                biased_rows.append((i, w.banned, w.logit_bias, w.allowed))
         num_tokens = row
         t = _pick(self.token_buckets, num_tokens, "tokens per step")
         s = cfg.seqs_for(t)
@@ -1231,7 +1235,7 @@ class ModelRunner:
         seqi[S:, 7] = 2 * self.max_rows                    # padding rows' draws go nowhere
         ids_at, bias_at = _SEQ_COLS + p, _SEQ_COLS + p + MAX_BANNED
         seqi[:, ids_at:bias_at] = -1                       # biased ids (bias 0 where none)
-        for i, banned, biased in biased_rows:
+        for i, banned, biased, allowed in biased_rows:
             n = len(banned)
             seqi[i, ids_at:ids_at + n] = banned
             seqi[i, bias_at:bias_at + n] = _BAN_BITS
@@ -1239,6 +1243,9 @@ class ModelRunner:
                 seqi[i, ids_at + n:ids_at + n + len(biased)] = [t for t, _ in biased]
                 seqi[i, bias_at + n:bias_at + n + len(biased)] = np.array([b for _, b in biased],
                                                                            np.float32).view(np.int32)
+                n += len(biased)
+            if allowed:       # the marker, then the ids (bias 0): those kept, every other id -inf (the full sampler)
+                seqi[i, ids_at + n:ids_at + n + len(allowed) + 1] = [ALLOWED_MARK, *allowed]
         page_table = seqi[:S, _SEQ_COLS:_SEQ_COLS + p]
         if all_arrays:
             flat_pages = np.concatenate(page_parts)
@@ -1266,6 +1273,7 @@ class ModelRunner:
             raise ValueError(f"page id out of range [0, {cfg.num_pages})")
         want_lp = bool(flags & _LOGPROBS)
         variant = variant_for(penalties=bool(flags & _PENALTIES), filters=bool(flags & _FILTERS),
+                              allowed=bool(flags & _ALLOWED),
                               random=bool(flags & _RANDOM), logprobs=want_lp)
         return t, p, variant, (tok, seqi, seqf), want_lp
 

@@ -63,15 +63,20 @@ from pallas_kernels.paged_decode import kernel_zeros
 from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
 
 NEG_INF = -jnp.inf
+# An entry of a row's ``biased`` block after which its ids are the only ones the row may draw
+# (``allowed_token_ids``; before it: bans and logit_bias); the ``full`` variant alone applies it (the host picks
+# ``full`` for such a row)
+ALLOWED_MARK = -2
 
 GREEDY, PLAIN, FULL = "greedy", "plain", "full"
 VARIANTS = (GREEDY, PLAIN, FULL)   # cheapest first; each serves every batch the ones before it serve
 
 
-def variant_for(*, penalties: bool, filters: bool, random: bool, logprobs: bool) -> str:
+def variant_for(*, penalties: bool, filters: bool, random: bool, logprobs: bool, allowed: bool = False) -> str:
     """The cheapest variant for a batch: does any row use penalties, top-k / top-p / min-p (on a
-    row with temperature > 0), temperature > 0, or ask for logprobs? (Banned ids: every variant.)"""
-    if penalties or filters or logprobs:
+    row with temperature > 0), temperature > 0, ask for logprobs, or draw from an allowed set only? (Banned and
+    biased ids: every variant.)"""
+    if penalties or filters or logprobs or allowed:
         return FULL
     return PLAIN if random else GREEDY
 
@@ -219,6 +224,14 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     bias = jnp.full(biased.shape, NEG_INF, logits.dtype) if s.bias is None else s.bias.astype(logits.dtype)
     logits = logits.at[rows, biased].add(bias, mode="drop")
     if variant == FULL:
+        # allowed_token_ids (a row whose block holds ALLOWED_MARK): its listed ids keep their (biased) logits, every
+        # other id -inf, before the penalties (vLLM V1 masks first; a bias or ban of a listed id still applies)
+        mark = s.biased == ALLOWED_MARK
+        only = jnp.any(mark, axis=1)
+        after = jnp.cumsum(mark, axis=1) > 0            # the marker and the entries after it: the allowed ids
+        kept = jnp.take_along_axis(logits, jnp.minimum(biased, V - 1), axis=1)
+        restore = jnp.where(only[:, None] & ~after, V, biased)   # an only-row's bans and biases stay masked
+        logits = jnp.where(only[:, None], NEG_INF, logits).at[rows, restore].set(kept, mode="drop")
         h, valid, is_out = history_fn()
         logits = jnp.where(s.row_uses_penalties()[:, None],
                            apply_penalties(logits, h, valid, is_out, s), logits)

@@ -47,16 +47,21 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit before penalties and sampling
+    # only these ids may be drawn (vLLM's): every other logit -inf before penalties and sampling; at most
+    # MAX_LOGIT_BIAS - 1 distinct ids (they share the step's per-row block with logit_bias and min_tokens' bans)
+    allowed_token_ids: Sequence[int] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        for name in ("stop", "stop_token_ids"):     # a list (or any sequence; not a string of ids or a number)
+        for name in ("stop", "stop_token_ids", "allowed_token_ids"):   # lists (not a string of ids or a number)
             v = getattr(self, name)
             if v is not None and (isinstance(v, (str, bytes, dict)) or not isinstance(v, Iterable)):
                 raise SamplingParamsError(name, f"must be a list, got {type(v).__name__}")
         self.stop = list(self.stop or ())
         self.stop_token_ids = list(self.stop_token_ids or ())
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -108,6 +113,12 @@ class SamplingParams:
             need(all(is_num(b) and _f32_finite(b) for b in bias.values()), "logit_bias",
                  "values must be finite numbers within float32's range (+-3.4e38)")
             need(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} token ids")
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            need(allowed and all(is_int(t) and t >= 0 for t in allowed), "allowed_token_ids",
+                 "must be a non-empty list of token ids (integers >= 0)")
+            need(len(set(allowed)) < MAX_LOGIT_BIAS, "allowed_token_ids",
+                 f"at most {MAX_LOGIT_BIAS - 1} distinct token ids")
 
     @property
     def greedy(self) -> bool:

@@ -860,6 +860,65 @@ def test_logit_bias_is_checked(engine):
     assert not engine.requests
 
 
+def test_allowed_token_ids_restrict_every_draw(engine):
+    # greedy: the allowed id with the highest raw logprob (the logprobs are the model's raw ones), every token; a
+    # seeded draw and penalties stay inside the set; a logit_bias on an id outside it does not let it in, one on an
+    # id inside moves it; min_tokens' EOS ban still holds for an allowed EOS; rows without a set share the step
+    prompt = [5, 17, 42, 9]
+    probe = run(engine, {"a": (prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=20,
+                                                      ignore_eos=True))})["a"]
+    raw = probe.outputs[0].logprobs[0]                               # the first position's top 20, raw
+    ranked = sorted(raw, key=lambda t: -raw[t].logprob)
+    allowed = [ranked[12], ranked[4], ranked[8]]                     # none the unrestricted choice
+    reqs = {
+        "greedy": (prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, allowed_token_ids=allowed,
+                                          logprobs=0)),
+        "drawn": (prompt, SamplingParams(max_tokens=6, temperature=1.5, seed=4, ignore_eos=True,
+                                         allowed_token_ids=allowed, repetition_penalty=1.5, top_k=50)),
+        "bias_out": (prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, allowed_token_ids=[3, 77],
+                                            logit_bias={101: 100.0})),
+        "bias_in": (prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, allowed_token_ids=[3, 77],
+                                           logit_bias={3: 100.0, 77: -100.0})),
+        "free": (prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)),
+    }
+    if engine.eos_token_ids:
+        eos = engine.eos_token_ids[0]
+        reqs["eos"] = (prompt, SamplingParams(max_tokens=3, temperature=0.0, min_tokens=2,
+                                              allowed_token_ids=[eos, 101], logit_bias={eos: 100.0}))
+    out = run(engine, reqs)
+    for rid in ("greedy", "drawn"):
+        assert set(out[rid].outputs[0].token_ids) <= set(allowed), rid
+    assert len(set(out["drawn"].outputs[0].token_ids)) > 1           # a draw, not one forced id
+    assert out["bias_out"].outputs[0].token_ids[0] in (3, 77)
+    assert out["bias_in"].outputs[0].token_ids == [3, 3, 3]
+    free = run(engine, {"f": reqs["free"]})["f"]
+    assert out["free"].outputs[0].token_ids == free.outputs[0].token_ids
+    # the first greedy token: the best of the set by the raw logprobs, which stay the model's
+    first = out["greedy"].outputs[0].token_ids[0]
+    assert first == ranked[4] != ranked[0]
+    assert out["greedy"].outputs[0].logprobs[0][first].logprob == pytest.approx(raw[first].logprob, abs=1e-4)
+    if "eos" in out:
+        toks = out["eos"].outputs[0].token_ids
+        assert toks[:2] == [101, 101] and toks[2] == engine.eos_token_ids[0]
+    assert not engine.requests and engine.allocator.num_in_use == 0
+
+
+def test_allowed_token_ids_are_checked(engine):
+    for bad in ([], [-1], ["3"], 5, [1.5]):
+        with pytest.raises(ValueError, match="^allowed_token_ids: "):
+            SamplingParams(allowed_token_ids=bad)
+    with pytest.raises(ValueError, match="^allowed_token_ids: at most 31"):
+        SamplingParams(allowed_token_ids=list(range(32)))
+    assert SamplingParams(allowed_token_ids=[4] * 40).allowed_token_ids == [4] * 40      # 1 distinct id
+    for params, param in ((SamplingParams(allowed_token_ids=[10**6]), "allowed_token_ids"),
+                          (SamplingParams(allowed_token_ids=list(range(20)), logit_bias={i: 1.0 for i in range(20)}),
+                           "allowed_token_ids")):
+        with pytest.raises(RequestError) as e:
+            engine.add_request("bad", [1, 2], params)
+        assert e.value.param == param
+    assert not engine.requests
+
+
 def test_engine_config_names_a_bad_field():
     for kw, field in ((dict(max_num_seqs=0), "max_num_seqs"), (dict(page_size=0), "page_size"),
                       (dict(max_num_batched_tokens=-1), "max_num_batched_tokens"), (dict(num_pages=0), "num_pages"),

@@ -258,7 +258,10 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
     ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json", "not supported"),
     ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search", "not supported"),
-    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [97, 98]}, 400, "allowed_token_ids", "not supported"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids", "non-empty"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": ["a"]}, 400, "allowed_token_ids", "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [100000]}, 400, "allowed_token_ids",
+     "token ids must be in"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "bad_words": ["s"]}, 400, "bad_words",
      "not supported"),
     ("/v1/completions", {"prompt": "x", "cache_salt": "tenant-a"}, 400, "cache_salt", "not supported"),
@@ -925,6 +928,26 @@ def test_a_client_gone_while_sending_its_body_is_no_internal_error(server, caplo
         time.sleep(0.5)
         assert httpx.get(server.url + "/health").status_code == 200
     assert "internal error" not in caplog.text
+
+
+def test_allowed_token_ids_over_http(server):
+    # vLLM's extra field, in completions and chat, streamed or not: every token one of the allowed
+    for path, body in (("/v1/completions", {"prompt": "hello"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]})):
+        for stream in (False, True):
+            r = httpx.post(server.url + path, json={**body, "model": "tiny", "max_tokens": 6, "temperature": 1.0,
+                                                    "seed": 5, "ignore_eos": True, "allowed_token_ids": [65, 66],
+                                                    "stream": stream}, timeout=60)
+            assert r.status_code == 200, r.text
+            if stream:
+                chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                          if line.startswith("data: {")]
+                text = "".join(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or ""
+                               for c in chunks if c["choices"])
+            else:
+                choice = r.json()["choices"][0]
+                text = choice["text"] if "text" in choice else choice["message"]["content"]
+            assert len(text) == 6 and set(text) <= {"A", "B"}, (path, stream, text)
 
 
 def test_logit_bias_over_http(server):
