@@ -678,7 +678,10 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
     if params.stop and facts.tokenizer is None:
         raise RequestError("stop", "stop strings need a tokenizer; this model has none")
-    bans = len(facts.eos_token_ids) + len(params.stop_token_ids) if params.min_tokens else 0
+    # the ids a row bans until min_tokens, as the engine's step bans them (EOS only without ignore_eos)
+    ban_ids = (tuple(() if params.ignore_eos else facts.eos_token_ids) + tuple(params.stop_token_ids)
+               if params.min_tokens else ())
+    bans = len(ban_ids)
     if bans > MAX_BANNED:
         raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
     if params.logit_bias:
@@ -691,9 +694,17 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         if any(t >= vocab for t in params.allowed_token_ids):
             raise RequestError("allowed_token_ids", f"token ids must be in [0, {vocab})")
         taken = bans + len(params.logit_bias or ())
-        if taken + len(set(params.allowed_token_ids)) + 1 > MAX_BANNED:
-            raise RequestError("allowed_token_ids", f"at most {MAX_BANNED - 1 - taken} distinct token ids beside "
-                               f"logit_bias's and min_tokens' ({taken}): {MAX_BANNED - 1} in all")
+        room = MAX_BANNED - 1 - taken
+        if room < 1:
+            raise RequestError("allowed_token_ids", f"no room: logit_bias and min_tokens' bans take {taken} of the "
+                               f"{MAX_BANNED} entries a request's ids share (allowed_token_ids needs one more "
+                               "besides its ids)")
+        if len(set(params.allowed_token_ids)) > room:
+            raise RequestError("allowed_token_ids", f"at most {room} distinct token ids beside logit_bias's and "
+                               f"min_tokens' ({taken}): {MAX_BANNED - 1} in all")
+        if set(params.allowed_token_ids) <= set(ban_ids):
+            raise RequestError("allowed_token_ids", "every allowed id is an EOS or stop id, banned until min_tokens "
+                               f"({params.min_tokens}) tokens: nothing could be drawn")
     room = facts.max_model_len - len(prompt_ids)
     max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
     # KV is computed for every token but the last (sampled, never fed back)

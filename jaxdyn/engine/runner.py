@@ -287,8 +287,6 @@ def sampling_row(sp: SamplingParams | None) -> tuple[tuple[float, ...], int, int
         rep, pres, freq = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
     if sp.logprobs is not None:
         flags |= _LOGPROBS
-    if sp.allowed_token_ids:
-        flags |= _ALLOWED
     return (sp.temperature, top_p, min_p, rep, pres, freq), top_k, flags
 
 
@@ -1203,6 +1201,8 @@ class ModelRunner:
             # draw goes, seed (high)
             ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len, _i32_bits(w.seed),
                          w.output_index, write + index[i], _i32_bits(w.seed >> 32)))
+            if w.allowed:     # the row's own set (a chunk that does not sample has none): the full variant
+                flags |= _ALLOWED
             if w.banned or w.logit_bias or w.allowed:
                 # an allowed set takes its ids (bias 0) and a marker entry (ALLOWED_MARK, sampler.py)
                 if len(w.banned) + len(w.logit_bias) + (len(w.allowed) + 1 if w.allowed else 0) > MAX_BANNED:

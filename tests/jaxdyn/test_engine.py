@@ -916,7 +916,35 @@ def test_allowed_token_ids_are_checked(engine):
         with pytest.raises(RequestError) as e:
             engine.add_request("bad", [1, 2], params)
         assert e.value.param == param
+    with pytest.raises(RequestError, match="no room: logit_bias and min_tokens' bans take 32"):
+        engine.add_request("bad", [1, 2], SamplingParams(logit_bias={i: 1.0 for i in range(32)},
+                                                         allowed_token_ids=[5]))
+    if engine.eos_token_ids:      # nothing left to draw while min_tokens bans every allowed id
+        with pytest.raises(RequestError, match="every allowed id is an EOS or stop id") as e:
+            engine.add_request("bad", [1, 2], SamplingParams(min_tokens=2, allowed_token_ids=[
+                engine.eos_token_ids[0], 9], stop_token_ids=[9]))
+        assert e.value.param == "allowed_token_ids"
+        # with ignore_eos, EOS is not banned, so neither refused nor counted against the row's room
+        engine.add_request("ok", [1, 2], SamplingParams(min_tokens=1, ignore_eos=True, max_tokens=2,
+                                                        allowed_token_ids=[engine.eos_token_ids[0]]))
+        engine.add_request("ok2", [1, 2], SamplingParams(min_tokens=1, ignore_eos=True, max_tokens=2,
+                                                         allowed_token_ids=list(range(31))))
+        engine.abort("ok")
+        engine.abort("ok2")
     assert not engine.requests
+
+
+def test_a_row_without_params_still_draws_from_its_allowed_set(engine):
+    # the runner takes the set from the row (SequenceWork.allowed), not from its params: the full variant runs
+    from jaxdyn.engine.runner import SequenceWork
+    r = engine.runner
+    pages = list(engine.allocator.allocate(1))
+    try:
+        for params in (None, SamplingParams(temperature=0)):
+            out = r.execute([SequenceWork([1, 2, 3, 4], 0, pages, params=params, allowed=(65, 66))]).result()
+            assert int(out.next_token_ids[0]) in (65, 66), params
+    finally:
+        engine.allocator.free(pages)
 
 
 def test_engine_config_names_a_bad_field():
