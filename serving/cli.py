@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -377,7 +378,7 @@ def _remote_engine(model: str, args):
 
     cfg, tokenizer = model_config_and_tokenizer(model, load_format=args.load_format)
     addresses = [a for a in args.workers.split(",") if a]
-    return RemoteEngine(addresses, tokenizer=tokenizer, model_config=cfg)
+    return RemoteEngine(addresses, tokenizer=tokenizer, model_config=cfg, connect_timeout=args.workers_wait)
 
 
 def cmd_serve(args) -> int:
@@ -413,6 +414,8 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.workers:
         _check_addresses(args.workers, "--workers")
+        if not (math.isfinite(args.workers_wait) and args.workers_wait > 0):
+            raise CLIError(f"--workers-wait: expected seconds > 0, got {args.workers_wait:g}")
     from jaxdyn.engine.sampling_params import generation_config_dir, generation_defaults
     gen_source = generation_config_dir(args.generation_config, model)
     try:
@@ -712,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", default=None,
                     help="HOST:PORT,... of decode/both workers (jaxdyn worker): serve the API over them; "
                     "--model then only gives the tokenizer and config")
+    sv.add_argument("--workers-wait", type=float, default=900.0, metavar="SECONDS",
+                    help="with --workers: how long to wait for a decode or both worker to answer before giving up "
+                    "(workers compiling from a cold cache take minutes; /health is 503 meanwhile; default 900)")
     sv.set_defaults(func=cmd_serve)
 
     wk = sub.add_parser("worker", help="a worker process serving one role over gRPC (serving/workers)")

@@ -56,14 +56,22 @@ class _Worker:
         self.health_stub = pb_grpc.WorkerStub(self.channel)
         self._aio: dict[asyncio.AbstractEventLoop, tuple] = {}
         self.inflight: dict[str, "_RemoteStream"] = {}
+        # bumped when the health check finds the worker back after it was lost: the requests' channels are then
+        # made afresh (one that failed while the worker was down waits out gRPC's reconnect backoff, seconds to
+        # minutes, and every request on it failed with "connection refused" while /health said 200)
+        self.generation = 0
 
     def stub(self) -> pb_grpc.WorkerStub:
-        """An asyncio stub bound to the running loop (channels belong to one loop)."""
+        """An asyncio stub bound to the running loop (channels belong to one loop), of the worker's current
+        ``generation``."""
         loop = asyncio.get_running_loop()
-        if loop not in self._aio:
+        entry = self._aio.get(loop)
+        if entry is None or entry[2] != self.generation:
+            if entry is not None:
+                loop.create_task(entry[0].close())
             ch = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            self._aio[loop] = (ch, pb_grpc.WorkerStub(ch))
-        return self._aio[loop][1]
+            entry = self._aio[loop] = (ch, pb_grpc.WorkerStub(ch), self.generation)
+        return entry[1]
 
 
 class _RemoteStream:
@@ -115,7 +123,7 @@ class FrontendCore:
 
 class RemoteEngine:
     def __init__(self, addresses: list[str], *, tokenizer, model_config, health_interval: float = 0.5,
-                 max_missed: int = 2, connect_timeout: float = 120.0):
+                 max_missed: int = 2, connect_timeout: float = 900.0):
         if not addresses:
             raise ValueError("no workers given")
         self.workers = [_Worker(a) for a in addresses]
@@ -162,6 +170,8 @@ class RemoteEngine:
             try:
                 r = w.health_stub.Health(pb.HealthRequest(), timeout=max(self.health_interval, 1.0))
                 w.missed = 0
+                if r.healthy and not w.healthy:
+                    w.generation += 1       # back (or first seen): requests get fresh channels
                 w.role, w.healthy = r.role, r.healthy
                 w.max_model_len, w.max_num_seqs, w.vocab_size = r.max_model_len, r.max_num_seqs, r.vocab_size
                 w.kv_pages_used, w.kv_pages_total, w.num_waiting = r.kv_pages_used, r.kv_pages_total, r.num_waiting

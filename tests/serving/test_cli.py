@@ -181,6 +181,8 @@ def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     (["serve", "--max-request-bytes", "0"], "--max-request-bytes must be at least 1"),
     (["serve", "--workers", "bogus"], "--workers: expected HOST:PORT[,HOST:PORT...], got 'bogus'"),
     (["serve", "--workers", "127.0.0.1:1,h:99999"], "got 'h:99999'"),
+    (["serve", "--workers", "127.0.0.1:1", "--workers-wait", "0"], "--workers-wait: expected seconds > 0, got 0"),
+    (["serve", "--workers", "127.0.0.1:1", "--workers-wait", "nan"], "--workers-wait: expected seconds > 0"),
     (["serve", "--tp", "0"], "--tp must be at least 1"),
     (["worker", "--role", "decode", "--tp", "-1"], "--tp must be at least 1"),
     (["worker", "--role", "decode", "--devices", ","], "--devices: no device index in ','"),

@@ -598,3 +598,51 @@ def test_sampling_params_cross_to_a_worker_whole():
         with pytest.raises(SamplingParamsError) as e:
             params_from_json(bad)
         assert e.value.param == "logit_bias", bad
+
+
+def test_a_worker_found_back_gets_fresh_request_channels():
+    """A worker the health check finds back after it was lost (or sees for the first time) has its requests'
+    asyncio channels made afresh: one that failed while the worker was down waits out gRPC's reconnect backoff,
+    and every request on it was refused for seconds while /health said 200."""
+    import asyncio
+    import types
+
+    from serving.workers import frontend
+
+    w = frontend._Worker("127.0.0.1:1")
+
+    async def stubs():
+        a, b = w.stub(), w.stub()
+        w.generation += 1
+        c = w.stub()
+        await asyncio.sleep(0)                      # the replaced channel's close runs
+        return a, b, c
+
+    a, b, c = asyncio.run(stubs())
+    assert a is b and c is not a
+
+    class Health:
+        def __init__(self):
+            self.up = True
+
+        def Health(self, request, timeout):
+            if not self.up:
+                raise frontend.grpc.RpcError()
+            return types.SimpleNamespace(role="decode", healthy=True, max_model_len=64, max_num_seqs=4,
+                                         vocab_size=10, kv_pages_used=0, kv_pages_total=8, num_waiting=0)
+
+    w = frontend._Worker("127.0.0.1:1")
+    w.health_stub = Health()
+    eng = object.__new__(frontend.RemoteEngine)
+    eng.workers, eng.health_interval, eng.max_missed = [w], 0.5, 2
+    eng._check_health()
+    assert w.healthy and w.generation == 1          # first seen
+    eng._check_health()
+    assert w.generation == 1                        # still there: the same channels
+    w.health_stub.up = False
+    eng._check_health()
+    eng._check_health()
+    assert not w.healthy
+    w.health_stub.up = True
+    eng._check_health()
+    assert w.healthy and w.generation == 2          # back: fresh channels
