@@ -249,6 +249,9 @@ class RemotePrefillRole:
                 self._bad_until[i] = time.monotonic() + INCOMPATIBLE_FOR_S
                 return True
             if code == grpc.StatusCode.UNAVAILABLE:
+                if self._bad_until[i] <= time.monotonic():      # once a skip, not once a prompt
+                    log.warning("prefill worker %s is unreachable (%s): skipped for %.0f s, its prompts go to "
+                                "another prefill worker or are prefilled here", addr, e.details(), UNREACHABLE_FOR_S)
                 self._bad_until[i] = time.monotonic() + UNREACHABLE_FOR_S
                 if not answered:
                     return True             # nothing was computed there: another worker, or this one's own

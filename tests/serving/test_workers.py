@@ -239,9 +239,10 @@ def test_a_worker_names_a_malformed_params_json(cluster):
             assert details["param"] == ("max_tokens" if "max_tokens" in bad else "params_json")
 
 
-def test_an_unreachable_prefill_worker_sends_the_prompt_back_to_be_computed_here():
+def test_an_unreachable_prefill_worker_sends_the_prompt_back_to_be_computed_here(caplog):
     """A Prefill call refused before any answer (nothing listens there): every worker tried, then ("local", ...)
-    to the sink, not an error: the decode worker computes the prompt itself."""
+    to the sink, not an error: the decode worker computes the prompt itself; each worker skipped is named in the
+    log (an operator sees the prefills fall back here)."""
     import socket
 
     from jaxdyn.engine.sampling_params import SamplingParams
@@ -262,6 +263,8 @@ def test_an_unreachable_prefill_worker_sends_the_prompt_back_to_be_computed_here
             time.sleep(0.05)
         assert len(got) == 1 and got[0][:2] == ("local", "u1") and "no prefill worker reachable" in got[0][2]
         assert role.dead is not None                          # both skipped for a while
+        for a in addresses:
+            assert f"prefill worker {a} is unreachable" in caplog.text
     finally:
         role.shutdown()
 
