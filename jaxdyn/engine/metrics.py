@@ -89,6 +89,9 @@ class EngineMetrics:
     e2e: Histogram = dataclasses.field(default_factory=Histogram)
     queue_time: Histogram = dataclasses.field(default_factory=Histogram)
     kv_handoff: Histogram = dataclasses.field(default_factory=Histogram)   # prefill done -> KV scattered
+    # the fields this object keeps (None: all): a front end over workers keeps a few, and /metrics exports only
+    # those (the rest would read 0 whatever the workers did)
+    collected: frozenset | None = None
 
     @property
     def kv_usage(self) -> float:

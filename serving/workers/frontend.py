@@ -103,7 +103,11 @@ class FrontendCore:
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
-        self.metrics = EngineMetrics()
+        # what the front end sees of its requests and the workers' Health replies; the workers' own counters (steps,
+        # prefix cache, KV transfers, remote prefills) are theirs, and /metrics leaves them out here
+        self.metrics = EngineMetrics(collected=frozenset({
+            "num_running", "num_waiting", "kv_usage", "kv_pages_used", "kv_pages_total", "prompt_tokens",
+            "generation_tokens", "requests_finished", "ttft", "itl", "e2e"}))
         self.num_pages = 0
         self.load_info: dict[str, float] = {}
 

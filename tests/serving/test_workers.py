@@ -199,6 +199,11 @@ def test_the_frontends_gauges_follow_its_requests_and_the_workers_pages(cluster,
         assert gauges["jaxdyn:num_requests_running"] == 1
         assert gauges["jaxdyn:kv_cache_pages_used"] == dec.health().kv_pages_used > 0
         assert gauges["jaxdyn:kv_cache_pages_total"] == dec.health().kv_pages_total > 0
+        # the workers' own counters are not the front end's to export: left out, not a 0 whatever they did
+        for absent in ("jaxdyn:kv_transfers", "jaxdyn:remote_prefill_failures", "jaxdyn:num_remote_prefills",
+                       "jaxdyn:prefix_cache_pages", "jaxdyn:engine_steps", "jaxdyn:disagg_prefill_decisions"):
+            assert absent not in text, absent
+        assert "jaxdyn:time_to_first_token_seconds" in text and "jaxdyn:prompt_tokens" in text
         pre.proc.send_signal(signal.SIGCONT)
         t.join(timeout=60)
         assert engine.core.metrics.num_running == 0
@@ -649,3 +654,19 @@ def test_a_worker_found_back_gets_fresh_request_channels():
     w.health_stub.up = True
     eng._check_health()
     assert w.healthy and w.generation == 2          # back: fresh channels
+
+
+def test_metrics_export_the_fields_a_metrics_object_keeps():
+    """An EngineMetrics that keeps some fields (``collected``: the front end over workers) exports those metrics
+    only; one that keeps all exports every one (the engine's own)."""
+    from prometheus_client import generate_latest
+
+    from jaxdyn.engine.metrics import EngineMetrics
+    from serving.metrics import make_registry
+    full = generate_latest(make_registry(lambda: EngineMetrics(), "m")).decode()
+    part = generate_latest(make_registry(lambda: EngineMetrics(collected=frozenset({"num_running", "ttft"})),
+                                         "m")).decode()
+    assert "jaxdyn:kv_transfers" in full and "jaxdyn:engine_steps" in full
+    assert "jaxdyn:num_requests_running" in part and "jaxdyn:time_to_first_token_seconds" in part
+    assert "jaxdyn:kv_transfers" not in part and "jaxdyn:engine_steps" not in part
+    assert "jaxdyn:num_requests_waiting" not in part and "jaxdyn:request_success" not in part
