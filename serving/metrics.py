@@ -5,7 +5,54 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from jaxdyn.engine.metrics import EngineMetrics, Histogram
+from jaxdyn.engine.metrics import EngineMetrics
+
+
+# Every metric in export order: (kind, name, help, the EngineMetrics field it reads)
+_METRICS = (
+    ("gauge", "jaxdyn:num_requests_running", "Requests running on the device.", "num_running"),
+    ("gauge", "jaxdyn:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
+    ("gauge", "jaxdyn:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).", "kv_usage"),
+    ("gauge", "jaxdyn:kv_cache_pages_used", "KV pages in use.", "kv_pages_used"),
+    ("gauge", "jaxdyn:prefix_cache_pages", "KV pages held only by the prefix cache (reclaimable).", "kv_pages_cached"),
+    ("gauge", "jaxdyn:kv_cache_pages_total", "KV pages in the pool.", "kv_pages_total"),
+    ("counter", "jaxdyn:prompt_tokens", "Prompt tokens of requests received.", "prompt_tokens"),
+    ("counter", "jaxdyn:generation_tokens", "Tokens generated.", "generation_tokens"),
+    ("counter", "jaxdyn:prefill_computed_tokens", "Prompt tokens the device computed.", "computed_prefill_tokens"),
+    ("counter", "jaxdyn:num_preemptions", "Preemptions (recompute).", "preemptions"),
+    ("counter", "jaxdyn:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+    ("counter", "jaxdyn:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+    ("counter", "jaxdyn:prefix_cache_evictions", "KV pages evicted from the prefix cache.", "prefix_cache_evictions"),
+    ("counter", "jaxdyn:engine_steps", "Engine steps.", "steps"),
+    ("counter", "jaxdyn:engine_host_seconds", "Engine loop time in its steps outside the wait for the device.",
+     "host_seconds"),
+    ("counter", "jaxdyn:engine_device_wait_seconds", "Engine loop time waiting for the device's results.",
+     "device_wait_seconds"),
+    ("counter", "jaxdyn:engine_step_call_seconds", "Of the engine's host seconds, those inside the compiled steps' "
+     "calls (dispatch, and any wait for the device before a call returns).", "step_call_seconds"),
+    ("counter", "jaxdyn:step_tokens", "Tokens the model steps computed.", "step_tokens"),
+    ("counter", "jaxdyn:step_token_rows", "Token rows of the compiled buckets those steps ran in "
+     "(step_tokens / step_token_rows: the share that was not padding).", "step_token_rows"),
+    ("counter", "jaxdyn:step_calls", "Compiled calls of the model steps (more than the steps where a step ran as "
+     "several smaller buckets' calls).", "step_calls"),
+    ("counter", "jaxdyn:compilations_after_warmup", "XLA compilations after warm-up (should stay 0).",
+     "compilations_after_warmup"),
+    ("by_reason", "jaxdyn:request_success", "Finished sequences by finish reason.", "requests_finished"),
+    ("by_decision", "jaxdyn:disagg_prefill_decisions", "Where prompts were computed: remote, or why local.",
+     "prefill_decisions"),
+    ("counter", "jaxdyn:kv_transfers", "KV handoffs from the prefill role to the decode role.", "kv_transfers"),
+    ("counter", "jaxdyn:kv_transfer_bytes", "KV bytes handed to the decode role.", "kv_transfer_bytes"),
+    ("counter", "jaxdyn:remote_prefill_failures", "Remote prefills failed, timed out or refused.",
+     "remote_prefill_failures"),
+    ("counter", "jaxdyn:remote_prefill_computed_tokens", "Prompt tokens the prefill role computed.",
+     "remote_prefill_tokens"),
+    ("gauge", "jaxdyn:num_remote_prefills", "Remote prefills in flight.", "num_remote_prefills"),
+    ("hist", "jaxdyn:time_to_first_token_seconds", "Time to first token.", "ttft"),
+    ("hist", "jaxdyn:inter_token_latency_seconds", "Time between tokens of a sequence.", "itl"),
+    ("hist", "jaxdyn:e2e_request_latency_seconds", "Arrival to finish.", "e2e"),
+    ("hist", "jaxdyn:request_queue_time_seconds", "Arrival to first scheduled.", "queue_time"),
+    ("hist", "jaxdyn:kv_handoff_seconds", "Prefill done to its KV scattered on the decode side.", "kv_handoff"),
+)
 
 
 class EngineCollector:
@@ -19,93 +66,31 @@ class EngineCollector:
             return
         # a metrics object that keeps only some of its fields (``EngineMetrics.collected``: the front end over
         # workers) exports those: the others would read 0 whatever the workers did
-        kept = getattr(m, "collected", None)
-        for family, fields in self._families(m):
-            if kept is None or any(f in kept for f in fields):
-                yield family
-
-    def _families(self, m: EngineMetrics):
-        """(metric family, the EngineMetrics fields it reads) of every metric."""
-        labels, lv = ["model_name"], [self.model_name]
-
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(lv, value)
-            return g
-
-        def counter(name, doc, value):
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(lv, value)
-            return c
-
-        def hist(name, doc, h: Histogram):
-            f = HistogramMetricFamily(name, doc, labels=labels)
-            buckets = [(("+Inf" if le == float("inf") else repr(float(le))), c) for le, c in h.cumulative()]
-            f.add_metric(lv, buckets, h.sum)
-            return f
-
-        yield gauge("jaxdyn:num_requests_running", "Requests running on the device.", m.num_running), ('num_running',)
-        yield gauge("jaxdyn:num_requests_waiting", "Requests waiting to be scheduled.", m.num_waiting), ('num_waiting',)
-        yield gauge("jaxdyn:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).", m.kv_usage), ('kv_usage',)
-        yield gauge("jaxdyn:kv_cache_pages_used", "KV pages in use.", m.kv_pages_used), ('kv_pages_used',)
-        yield gauge("jaxdyn:prefix_cache_pages", "KV pages held only by the prefix cache (reclaimable).",
-                    m.kv_pages_cached), ('kv_pages_cached',)
-        yield gauge("jaxdyn:kv_cache_pages_total", "KV pages in the pool.", m.kv_pages_total), ('kv_pages_total',)
-        yield counter("jaxdyn:prompt_tokens", "Prompt tokens of requests received.", m.prompt_tokens), \
-            ('prompt_tokens',)
-        yield counter("jaxdyn:generation_tokens", "Tokens generated.", m.generation_tokens), ('generation_tokens',)
-        yield counter("jaxdyn:prefill_computed_tokens", "Prompt tokens the device computed.",
-                      m.computed_prefill_tokens), ('computed_prefill_tokens',)
-        yield counter("jaxdyn:num_preemptions", "Preemptions (recompute).", m.preemptions), ('preemptions',)
-        yield counter("jaxdyn:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      m.prefix_cache_queries), ('prefix_cache_queries',)
-        yield counter("jaxdyn:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits), \
-            ('prefix_cache_hits',)
-        yield counter("jaxdyn:prefix_cache_evictions", "KV pages evicted from the prefix cache.",
-                      m.prefix_cache_evictions), ('prefix_cache_evictions',)
-        yield counter("jaxdyn:engine_steps", "Engine steps.", m.steps), ('steps',)
-        yield counter("jaxdyn:engine_host_seconds", "Engine loop time in its steps outside the wait for the device.",
-                      m.host_seconds), ('host_seconds',)
-        yield counter("jaxdyn:engine_device_wait_seconds", "Engine loop time waiting for the device's results.",
-                      m.device_wait_seconds), ('device_wait_seconds',)
-        yield counter("jaxdyn:engine_step_call_seconds", "Of the engine's host seconds, those inside the compiled "
-                      "steps' calls (dispatch, and any wait for the device before a call returns).",
-                      m.step_call_seconds), ('step_call_seconds',)
-        yield counter("jaxdyn:step_tokens", "Tokens the model steps computed.", m.step_tokens), ('step_tokens',)
-        yield counter("jaxdyn:step_token_rows", "Token rows of the compiled buckets those steps ran in "
-                      "(step_tokens / step_token_rows: the share that was not padding).", m.step_token_rows), \
-                          ('step_token_rows',)
-        yield counter("jaxdyn:step_calls", "Compiled calls of the model steps (more than the steps where a step "
-                      "ran as several smaller buckets' calls).", m.step_calls), ('step_calls',)
-        yield counter("jaxdyn:compilations_after_warmup", "XLA compilations after warm-up (should stay 0).",
-                      m.compilations_after_warmup), ('compilations_after_warmup',)
-        done = CounterMetricFamily("jaxdyn:request_success", "Finished sequences by finish reason.",
-                                   labels=["model_name", "finished_reason"])
-        for reason in ("stop", "length", "abort", "error"):
-            done.add_metric([self.model_name, reason], m.requests_finished.get(reason, 0))
-        yield done, ("requests_finished",)
-        decisions = CounterMetricFamily(
-            "jaxdyn:disagg_prefill_decisions", "Where prompts were computed: remote, or why local.",
-            labels=["model_name", "decision"])
-        for decision, count in sorted(m.prefill_decisions.items()):
-            decisions.add_metric([self.model_name, decision], count)
-        yield decisions, ("prefill_decisions",)
-        yield counter("jaxdyn:kv_transfers", "KV handoffs from the prefill role to the decode role.",
-                      m.kv_transfers), ('kv_transfers',)
-        yield counter("jaxdyn:kv_transfer_bytes", "KV bytes handed to the decode role.", m.kv_transfer_bytes), \
-            ('kv_transfer_bytes',)
-        yield counter("jaxdyn:remote_prefill_failures", "Remote prefills failed, timed out or refused.",
-                      m.remote_prefill_failures), ('remote_prefill_failures',)
-        yield counter("jaxdyn:remote_prefill_computed_tokens", "Prompt tokens the prefill role computed.",
-                      m.remote_prefill_tokens), ('remote_prefill_tokens',)
-        yield gauge("jaxdyn:num_remote_prefills", "Remote prefills in flight.", m.num_remote_prefills), \
-            ('num_remote_prefills',)
-        yield hist("jaxdyn:time_to_first_token_seconds", "Time to first token.", m.ttft), ('ttft',)
-        yield hist("jaxdyn:inter_token_latency_seconds", "Time between tokens of a sequence.", m.itl), ('itl',)
-        yield hist("jaxdyn:e2e_request_latency_seconds", "Arrival to finish.", m.e2e), ('e2e',)
-        yield hist("jaxdyn:request_queue_time_seconds", "Arrival to first scheduled.", m.queue_time), ('queue_time',)
-        yield hist("jaxdyn:kv_handoff_seconds", "Prefill done to its KV scattered on the decode side.",
-                   m.kv_handoff), ('kv_handoff',)
+        kept = m.collected
+        lv = [self.model_name]
+        for kind, name, doc, field in _METRICS:
+            if kept is not None and field not in kept:
+                continue
+            value = getattr(m, field)
+            if kind == "gauge":
+                f = GaugeMetricFamily(name, doc, labels=["model_name"])
+                f.add_metric(lv, value)
+            elif kind == "counter":
+                f = CounterMetricFamily(name, doc, labels=["model_name"])
+                f.add_metric(lv, value)
+            elif kind == "hist":
+                f = HistogramMetricFamily(name, doc, labels=["model_name"])
+                f.add_metric(lv, [(("+Inf" if le == float("inf") else repr(float(le))), c)
+                                  for le, c in value.cumulative()], value.sum)
+            elif kind == "by_reason":
+                f = CounterMetricFamily(name, doc, labels=["model_name", "finished_reason"])
+                for reason in ("stop", "length", "abort", "error"):
+                    f.add_metric([self.model_name, reason], value.get(reason, 0))
+            else:       # by_decision
+                f = CounterMetricFamily(name, doc, labels=["model_name", "decision"])
+                for decision, count in sorted(value.items()):
+                    f.add_metric([self.model_name, decision], count)
+            yield f
 
 
 def make_registry(get_metrics, model_name: str) -> CollectorRegistry:

@@ -45,14 +45,16 @@ from jax.sharding import Mesh
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import ALLOWED_MARK, VARIANTS, SamplingArrays, sample, serves, variant_for
-from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxdyn.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, allocate_kv_cache,
                              check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
 from pallas_kernels.paged_decode import kernel_zeros, step_copy
 
-MAX_BANNED = 32    # ids a row may bias at once: bans (EOS ids + stop_token_ids under min_tokens) and logit_bias
+# ids a row may bias at once: bans (EOS ids + stop_token_ids under min_tokens), logit_bias and allowed_token_ids
+# (the request-level limit, SamplingParams', is the row's block)
+MAX_BANNED = MAX_LOGIT_BIAS
 
 
 # Packed step inputs: tok i32[_TOK_ROWS, T] = token ids, index in the sampled buffer of a token

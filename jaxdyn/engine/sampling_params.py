@@ -7,8 +7,8 @@ import math
 from collections.abc import Iterable, Sequence
 
 MAX_LOGPROBS = 20    # top-logprobs computed on the device per sampled token (OpenAI's cap)
-MAX_LOGIT_BIAS = 32  # logit_bias entries a request may set (the step's per-row block, runner.MAX_BANNED, holds them
-                     # with the bans of min_tokens)
+MAX_LOGIT_BIAS = 32  # logit_bias entries a request may set: the size of the step's per-row block (runner.MAX_BANNED),
+                     # which also holds min_tokens' bans and allowed_token_ids
 
 
 def _f32_finite(x) -> bool:
