@@ -170,7 +170,6 @@ UNSUPPORTED = {
     "guided_grammar": "guided decoding",
     "structured_outputs": "structured output",
     "logits_processors": "logits processors",
-    "prompt_logprobs": "prompt logprobs",
     "use_beam_search": "beam search",
     "bad_words": "bad_words",
     "cache_salt": "cache_salt (prefix-cache isolation)",
@@ -227,10 +226,14 @@ def _logit_bias(bias: dict | None) -> dict[int, float] | None:
     return out
 
 
-def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None) -> SamplingParams:
+def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None,
+                     prompt_logprobs: int | None = None) -> SamplingParams:
     """``defaults``: the model's generation config's, for the fields the request leaves out; its max_new_tokens
     caps max_tokens, as vLLM's (the smallest of the request's, the config's and the context's)."""
     d = defaults or {}
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs",
+                       code="invalid_value")
 
     def pick(value, field, builtin):
         return value if value is not None else d.get(field, builtin)
@@ -259,6 +262,7 @@ def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None)
             skip_special_tokens=req.skip_special_tokens is not False,
             logit_bias=_logit_bias(req.logit_bias),
             allowed_token_ids=req.allowed_token_ids,
+            prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else req.prompt_logprobs,
         )
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None
@@ -420,17 +424,32 @@ def _shown(tokenizer, tid: int, as_ids: bool) -> str:
 
 def _completion_logprobs(tokenizer, token_ids, lps, text_offset0: int, as_ids: bool = False) -> tuple[dict, int]:
     """(the choice's logprobs, the text offset after its last token: where a stream's next chunk counts from);
-    ``text_offset`` counts characters of the text (the token's text), whatever ``as_ids`` shows."""
+    ``text_offset`` counts characters of the text (the token's text), whatever ``as_ids`` shows. An entry of
+    None (an echoed prompt's first token, which nothing precedes) has a null logprob and null top logprobs."""
     tokens, token_lps, tops, offsets = [], [], [], []
     off = text_offset0
     for tid, entry in zip(token_ids, lps):
         tokens.append(_shown(tokenizer, tid, as_ids))
-        token_lps.append(entry[tid].logprob)
-        tops.append({_shown(tokenizer, t, as_ids): lp.logprob for t, lp in entry.items()
-                     if lp.rank is not None or t == tid})
+        if entry is None:
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(entry[tid].logprob)
+            tops.append({_shown(tokenizer, t, as_ids): lp.logprob for t, lp in entry.items()
+                         if lp.rank is not None or t == tid})
         offsets.append(off)
         off += len(_tok_str(tokenizer, tid))
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, off
+
+
+def _prompt_logprobs_json(tokenizer, plps) -> list | None:
+    """vLLM's ``prompt_logprobs`` response field: per prompt token None (the first) or {token id (a string):
+    {logprob, rank, decoded_token}}."""
+    if plps is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": _tok_str(tokenizer, t)} for t, lp in e.items()}
+            for e in plps]
 
 
 def _chat_logprobs(tokenizer, token_ids, lps, top_n: int, as_ids: bool = False) -> dict:
@@ -575,12 +594,13 @@ def build_app(state: ServerState) -> Starlette:
                 prompt_ids[j] = cut
                 if req.echo:            # what the model was given (a text prompt's: without the BOS encoding added)
                     prompt_texts[j] = tok.decode(cut, skip_special_tokens=isinstance(prompts[j], str)) if tok else ""
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo: echo with logprobs (prompt logprobs) is not supported", param="echo")
         if req.suffix:
             raise APIError(400, "suffix: not supported", param="suffix")
+        # echo with logprobs: the prompt's tokens get theirs too (vLLM: prompt logprobs of the same count)
+        echo_lps = bool(req.echo) and req.logprobs is not None
         params = _sampling_params(req, max_tokens=16 if req.max_tokens is None else req.max_tokens,
-                                  logprobs=req.logprobs, defaults=state.sampling_defaults)
+                                  logprobs=req.logprobs, defaults=state.sampling_defaults,
+                                  prompt_logprobs=req.logprobs if echo_lps else None)
         for ids in prompt_ids:
             _check(engine, ids, params)
             _check_room(engine, ids, req.max_tokens, "max_tokens")
@@ -596,6 +616,21 @@ def build_app(state: ServerState) -> Starlette:
         def choice_text(i, c, first):
             return (prompt_texts[i] if echo and first else "")
 
+        plps: dict[int, list] = {}          # each prompt's logprobs, from the output that carried them
+
+        def prompt_lps(i, out):
+            if out.prompt_logprobs is not None:
+                plps[i] = out.prompt_logprobs
+            return plps.get(i)
+
+        def echoed_logprobs(i, c, token_ids, lps, offset):
+            """A choice's logprobs, its echoed prompt's first when ``offset`` is None (they start the choice)."""
+            if offset is None:
+                if echo_lps:
+                    token_ids, lps = [*prompt_ids[i], *token_ids], [*plps[i], *lps]
+                offset = 0
+            return _completion_logprobs(tok, token_ids, lps, offset, as_ids)
+
         if req.stream:
             include_usage, continuous_usage = _usage_options(req)
 
@@ -607,6 +642,7 @@ def build_app(state: ServerState) -> Starlette:
                 generated: dict[int, int] = {}        # tokens so far by choice (continuous_usage_stats)
                 try:
                     async for i, out in _merge(gens):
+                        prompt_lps(i, out)
                         for c in out.outputs:
                             idx = i * n + c.index
                             if idx in ended or not (c.delta_text or c.delta_token_ids or c.finish_reason):
@@ -619,8 +655,8 @@ def build_app(state: ServerState) -> Starlette:
                                   "logprobs": None, "finish_reason": c.finish_reason,
                                   "stop_reason": c.stop_reason}
                             if c.delta_logprobs is not None:
-                                ch["logprobs"], token_offset[idx] = _completion_logprobs(
-                                    tok, c.delta_token_ids, c.delta_logprobs, token_offset.get(idx, 0), as_ids)
+                                ch["logprobs"], token_offset[idx] = echoed_logprobs(
+                                    i, c, c.delta_token_ids, c.delta_logprobs, None if first else token_offset[idx])
                             obj = {"id": rid, "object": "text_completion", "created": created,
                                    "model": state.model_name, "choices": [ch]}
                             generated[idx] = generated.get(idx, 0) + len(c.delta_token_ids)
@@ -651,11 +687,14 @@ def build_app(state: ServerState) -> Starlette:
         finals = await _run_collect(request, collect)
         choices = []
         for i in range(len(prompt_ids)):
+            prompt_lps(i, finals[i])
             for c in finals[i].outputs:
                 ch = {"index": i * n + c.index, "text": (prompt_texts[i] if echo else "") + c.text,
                       "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if c.logprobs is not None:
-                    ch["logprobs"] = _completion_logprobs(tok, c.token_ids, c.logprobs, 0, as_ids)[0]
+                    ch["logprobs"] = echoed_logprobs(i, c, c.token_ids, c.logprobs, None)[0]
+                if req.prompt_logprobs is not None:
+                    ch["prompt_logprobs"] = _prompt_logprobs_json(tok, plps.get(i))
                 choices.append(ch)
         outs = [finals[i] for i in range(len(prompt_ids))]
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
@@ -769,9 +808,11 @@ def build_app(state: ServerState) -> Starlette:
             if c.logprobs is not None:
                 ch["logprobs"] = _chat_logprobs(tok, c.token_ids, c.logprobs, top_n, as_ids)
             choices.append(ch)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
-                             "model": state.model_name, "choices": choices,
-                             "usage": _usage([len(ids)], [final], final.num_cached_tokens)})
+        body = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+                "choices": choices, "usage": _usage([len(ids)], [final], final.num_cached_tokens)}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = _prompt_logprobs_json(tok, final.prompt_logprobs)
+        return JSONResponse(body)
 
     routes = [
         Route("/health", health, methods=["GET"]),

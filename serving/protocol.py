@@ -45,6 +45,7 @@ class _Sampling(_Base):
     return_tokens_as_token_ids: StrictBool | None = False
     logit_bias: dict[StrictStr, Number] | None = None    # token id (as a string, OpenAI's) -> bias, clamped to +-100
     allowed_token_ids: list[StrictInt] | None = None     # vLLM's: only these ids may be drawn
+    prompt_logprobs: StrictInt | None = None       # vLLM's: each prompt token's logprob and the top ones
     # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
     # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
     best_of: Any = None
@@ -55,7 +56,6 @@ class _Sampling(_Base):
     guided_grammar: Any = None
     structured_outputs: Any = None
     logits_processors: Any = None
-    prompt_logprobs: Any = None
     use_beam_search: Any = None
     bad_words: Any = None
     cache_salt: Any = None

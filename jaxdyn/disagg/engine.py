@@ -165,7 +165,8 @@ class DisaggEngine:
         cache = self.decode.prefix_cache
         decision = self.policy.decide(
             prompt_len=len(prompt_ids), decode_cached=cache.peek(prompt_ids) if cache else 0,
-            prefill_queue=len(self._remote), n=params.n, prefill_alive=self.prefill_dead is None)
+            prefill_queue=len(self._remote), n=params.n, prefill_alive=self.prefill_dead is None,
+            prompt_logprobs=params.prompt_logprobs is not None)
         pages = None
         if decision == REMOTE:
             # everything that can be refused before the pages are reserved
@@ -307,7 +308,7 @@ def prefill_params(params: SamplingParams) -> SamplingParams:
     (stop strings and detokenization stay with the decode role, which checks the token); a ``min_tokens`` of
     one or more bans the end tokens from that first token, as the whole request's does."""
     return dataclasses.replace(params, n=1, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[],
-                               detokenize=False, include_stop_str_in_output=False)
+                               detokenize=False, include_stop_str_in_output=False, prompt_logprobs=None)
 
 
 class LocalPrefillRole:

@@ -10,6 +10,8 @@ cost is not worth paying, as Dynamo's disaggregated router does:
 * ``prefill_queue``: ``max_prefill_queue`` prompts are already waiting for or
   running on the prefill side;
 * ``n``: several completions of one prompt (they share its pages locally);
+* ``prompt_logprobs``: the request scores its prompt's tokens (the decode side's step returns them; a
+  prefill's hand-over carries KV only);
 * ``decode_full``: the decode side cannot reserve pages for the KV now;
 * ``prefill_down``: the prefill side has failed;
 * ``prefill_unreachable``: sent remote, but no prefill worker could be reached before it answered (the
@@ -37,12 +39,14 @@ class DisaggPolicy:
             raise ValueError(f"invalid disaggregation policy {self}")
 
     def decide(self, *, prompt_len: int, decode_cached: int, prefill_queue: int, n: int,
-               prefill_alive: bool) -> str:
+               prefill_alive: bool, prompt_logprobs: bool = False) -> str:
         """``REMOTE`` or the reason the prompt stays local (before page reservation)."""
         if not prefill_alive:
             return "prefill_down"
         if n != 1:
             return "n"
+        if prompt_logprobs:
+            return "prompt_logprobs"
         if prompt_len < self.min_remote_tokens:
             return "short_prompt"
         if prompt_len - decode_cached < self.min_remote_tokens:

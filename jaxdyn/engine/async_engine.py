@@ -46,6 +46,7 @@ class _Stream:
         self.detok: dict | None = None       # ProcessEngine: each completion's detokenizer, when decoded here
         self.skip_special_tokens = True      # ProcessEngine: the request's, for those detokenizers
         self.include_stop = False            # ProcessEngine: the request's include_stop_str_in_output, likewise
+        self.prompt_logprobs = None          # ProcessEngine: the request's prompt logprobs, once they came
         self.queue: asyncio.Queue = asyncio.Queue()
 
 

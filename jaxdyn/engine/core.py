@@ -317,6 +317,8 @@ class EngineCore:
             if params.logprobs is not None:
                 seq.logprobs = []
             req.seqs.append(seq)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]          # the first prompt token has nothing before it
         self._arrivals += 1
         return req
 
@@ -488,9 +490,16 @@ class EngineCore:
             cached = seq.page_array
             if cached is None or cached[0] is not pages or cached[1] != len(pages):
                 cached = seq.page_array = (pages, len(pages), np.asarray(pages, np.int32))
-            work.append(SequenceWork(toks, start, cached[2], prev_row, p, prompt_len,
-                                     seq.seed, out_index, banned, req.sampling_row,
-                                     req.logit_bias if it.samples else (), req.allowed if it.samples else ()))
+            w = SequenceWork(toks, start, cached[2], prev_row, p, prompt_len,
+                             seq.seed, out_index, banned, req.sampling_row,
+                             req.logit_bias if it.samples else (), req.allowed if it.samples else ())
+            if req.prompt_logprobs is not None:
+                a, b = req.scoring_rows(start, end)
+                if a < b:     # positions a..b-1 score the prompt tokens after them (Scheduler._chunk gave the rows)
+                    w.scores, w.score_at = seq.prompt_ids[a + 1:b + 1], a - start
+                    req.score_next = b
+                    batch.scored.append((req, a, b))
+            work.append(w)
             if it.samples:
                 seq.num_pending += 1
                 seq.pending_rows.append(idx)
@@ -508,6 +517,8 @@ class EngineCore:
         now = time.monotonic()
         next_ids = res.next_token_ids.tolist()
         touched: dict[str, Request] = {}
+        if res.scores is not None:
+            self._take_scores(batch, res.scores)
         for idx, it in enumerate(batch.items):
             if not it.samples:
                 continue
@@ -540,6 +551,24 @@ class EngineCore:
             if done:
                 self._retire(req, now)
         return outputs
+
+    def _take_scores(self, batch: SchedulerOutput, scores) -> None:
+        """The step's scored prompt tokens into their requests' ``prompt_logprobs``, in the order ``_dispatch``
+        laid their rows out (``batch.scored``: each request's positions in order; steps are read in order)."""
+        lps, top_ids, top_lps = (a.tolist() for a in scores)
+        r = 0
+        for req, a, b in batch.scored:
+            plps, k = req.prompt_logprobs, req.params.prompt_logprobs
+            for pos in range(a, b):
+                tok = req.prompt_ids[pos + 1]
+                entry = {tok: Logprob(lps[r])}
+                for rank, (tid, tlp) in enumerate(zip(top_ids[r][:k], top_lps[r][:k]), 1):
+                    if tid == tok:
+                        entry[tok].rank = rank
+                    else:
+                        entry[tid] = Logprob(tlp, rank)
+                plps.append(entry)
+                r += 1
 
     def _accept(self, seq: Sequence, tok: int, now: float, entry: dict | None) -> None:
         """A drawn token joins its sequence: metrics, logprobs, stop checks."""
@@ -628,7 +657,8 @@ class EngineCore:
                          seq.cumulative_logprob if seq.logprobs is not None else None, delta_lps,
                          seq.finish_reason, seq.stop_reason))
         done = req.finished
-        return (req.request_id, done, req.num_cached_tokens, None, req.metrics if done else None, outs)
+        return (req.request_id, done, req.num_cached_tokens, None, req.metrics if done else None, outs,
+                self._prompt_logprobs(req, once=True))
 
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []
@@ -641,7 +671,19 @@ class EngineCore:
                 seq.cumulative_logprob if seq.logprobs is not None else None,
                 seq.logprobs, delta_lps, seq.finish_reason, seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt_ids, outs, req.finished,
-                             req.num_cached_tokens, req.metrics)
+                             req.num_cached_tokens, req.metrics, prompt_logprobs=self._prompt_logprobs(req))
+
+    @staticmethod
+    def _prompt_logprobs(req: Request, once: bool = False) -> list | None:
+        """``req``'s prompt logprobs for its output, once all are in: in the first output after that and in its
+        final one (``once``: the first only, for the engine process, whose other side keeps them)."""
+        plps = req.prompt_logprobs
+        if plps is None or len(plps) < len(req.prompt_ids):
+            return None
+        if req.prompt_logprobs_sent and (once or not req.finished):
+            return None
+        req.prompt_logprobs_sent = True
+        return plps
 
 
 def settle_heap() -> None:
@@ -705,6 +747,11 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         if set(params.allowed_token_ids) <= set(ban_ids):
             raise RequestError("allowed_token_ids", "every allowed id is an EOS or stop id, banned until min_tokens "
                                f"({params.min_tokens}) tokens: nothing could be drawn")
+    if params.prompt_logprobs is not None and len(prompt_ids) > 1:
+        cfg = facts.config
+        if min(cfg.max_num_seqs, cfg.max_num_batched_tokens) < 2:
+            raise RequestError("prompt_logprobs", "a step of this engine holds one row (max_num_seqs or "
+                               "max_num_batched_tokens 1): a prompt token's score needs a row beside its sequence's")
     room = facts.max_model_len - len(prompt_ids)
     max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
     # KV is computed for every token but the last (sampled, never fed back)

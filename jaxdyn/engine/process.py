@@ -304,10 +304,14 @@ class ProcessEngine(StreamingEngine):
                 self._deliver(RequestError(param, message) if param else ValueError(message), rid, pending)
 
     def _output(self, wire: tuple, pending: dict) -> None:
-        rid, finished, cached, error, metrics, comps = wire
+        rid, finished, cached, error, metrics, comps, plps = wire
         s = self._streams.get(rid)
         if s is None:                      # its consumer left (the abort is on its way)
             return
+        if plps is not None:               # sent once: in this output and again in the final one
+            s.prompt_logprobs = plps
+        elif finished:
+            plps = s.prompt_logprobs
         acc = s.acc
         outs = []
         for index, dtext, dids, cum_lp, dlps, reason, stop_reason in comps:
@@ -337,4 +341,5 @@ class ProcessEngine(StreamingEngine):
             outs.append(CompletionOutput(index, TextPrefix(a[0], len(a[0])), TokenPrefix(a[1], len(a[1])), dtext,
                                          dids, cum_lp, a[2],
                                          dlps, reason, stop_reason))
-        self._deliver(RequestOutput(rid, s.prompt_ids, outs, finished, cached, metrics, error), rid, pending)
+        self._deliver(RequestOutput(rid, s.prompt_ids, outs, finished, cached, metrics, error,
+                                    prompt_logprobs=plps), rid, pending)

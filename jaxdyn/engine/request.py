@@ -114,6 +114,18 @@ class Request:
         self.sampling_row = None             # runner.sampling_row(params), computed once by the engine
         self.logit_bias: tuple = ()          # params.logit_bias as sorted (token id, bias) pairs
         self.allowed: tuple = ()             # params.allowed_token_ids, sorted and distinct
+        # params.prompt_logprobs: an entry per prompt token (None for the first), filled as its chunks' results come
+        self.prompt_logprobs: list | None = None
+        self.score_next = 0                  # the next prompt position whose next token a dispatched step scores
+        self.prompt_logprobs_sent = False    # an output has carried prompt_logprobs (they go out once, whole)
+
+    def scoring_rows(self, start: int, end: int) -> tuple[int, int]:
+        """The prompt positions ``[a, b)`` of a chunk ``[start, end)`` whose next prompt token is still to score
+        (``params.prompt_logprobs``): each takes a row of the step of its own. ``(0, 0)`` when none."""
+        if self.prompt_logprobs is None:
+            return 0, 0
+        a, b = max(start, self.score_next), min(end, len(self.prompt_ids) - 1)
+        return (a, b) if a < b else (0, 0)
 
     @property
     def finished(self) -> bool:
@@ -218,6 +230,9 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     prompt: str | None = None       # the text prompt, where one was given (``LLM.generate``); vLLM's field
+    # params.prompt_logprobs: per prompt token (None for the first) its logprob and the top alternatives; in the
+    # first output after the prompt is computed (and in the final one), None in the others
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -239,4 +254,4 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     outs.extend(earlier.values())
     outs.sort(key=lambda c: c.index)
     return RequestOutput(b.request_id, b.prompt_token_ids, outs, b.finished, b.num_cached_tokens, b.metrics,
-                         b.error)
+                         b.error, b.prompt, b.prompt_logprobs if b.prompt_logprobs is not None else a.prompt_logprobs)

@@ -308,6 +308,10 @@ class SequenceWork:
     sampling_row: tuple | None = None      # sampling_row(params), when the caller keeps it
     logit_bias: Sequence[tuple[int, float]] = ()   # (token id, bias) pairs added to its logits
     allowed: Sequence[int] = ()   # distinct ids the row may only draw from (allowed_token_ids; () : any)
+    # prompt_logprobs: the prompt tokens that follow positions score_at, score_at + 1, ... of this chunk; each is
+    # scored (its raw logprob and the top ones) from that position's logits in a row of the step of its own
+    scores: Sequence[int] = ()
+    score_at: int = 0
 
 
 @dataclasses.dataclass
@@ -317,6 +321,9 @@ class StepOutput:
     top_ids: np.ndarray | None = None   # i32[num_seqs, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None = None
     logits: np.ndarray | None = None    # f32[num_seqs, vocab] when RunnerConfig.return_logits
+    # the step's scored prompt tokens (SequenceWork.scores), in the work's order: (f32[m] raw logprob of each,
+    # i32[m, MAX_LOGPROBS] top ids, f32[m, MAX_LOGPROBS] their logprobs); None when it scored none
+    scores: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 class StepHandle:
@@ -325,8 +332,8 @@ class StepHandle:
     last call, its rows at ``offset``; ``parts``: each call's rows (``ModelRunner.plan``) and ``outs``
     its (logprobs, top ids, top logprobs, logits), in the call's own row order."""
 
-    def __init__(self, runner, n, sampled, offset, parts, outs, want_logprobs, variant):
-        self._runner, self.n, self.variant = runner, n, variant
+    def __init__(self, runner, n, sampled, offset, parts, outs, want_logprobs, variant, scored: int = 0):
+        self._runner, self.n, self.variant, self.scored = runner, n, variant, scored
         self._sampled, self._offset, self._parts, self._outs = sampled, offset, parts, outs
         self._want = want_logprobs
         self._out: StepOutput | None = None
@@ -343,6 +350,9 @@ class StepHandle:
                 out.logprobs, out.top_ids, out.top_logprobs = (self._gather(k) for k in range(3))
             if self._outs[0][3] is not None:
                 out.logits = self._gather(3)
+            if self.scored:               # one call (plan keeps such a step whole): its rows after the work's
+                rows = slice(n, n + self.scored)
+                out.scores = tuple(np.asarray(self._outs[0][k])[rows] for k in range(3))
             self._out = out
             self._runner._check_no_compile()
         return self._out
@@ -1078,7 +1088,7 @@ class ModelRunner:
         write = self._write_half * self.max_rows
         read = self.max_rows - write
         try:
-            parts = self.plan([len(w.token_ids) for w in work])
+            parts = self.plan([len(w.token_ids) for w in work], sum(len(w.scores) for w in work))
             packed = [self._pack(work, rows, read, write) for rows in parts]
             variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
             calls = [(self._compile(t, p, variant), self._set_variant(arrays, variant)) for t, p, _, arrays, _ in packed]
@@ -1100,20 +1110,21 @@ class ModelRunner:
         self.tokens_run += sum(len(w.token_ids) for w in work)
         self.rows_run += sum(pk[0] for pk in packed)
         self.calls_run += len(calls)
-        return StepHandle(self, len(work), sampled, write, parts, outs, any(pk[4] for pk in packed), variant)
+        return StepHandle(self, len(work), sampled, write, parts, outs, any(pk[4] for pk in packed), variant,
+                          sum(len(w.scores) for w in work))
 
-    def plan(self, ns: Sequence[int]) -> list[list[int] | None]:
+    def plan(self, ns: Sequence[int], scored: int = 0) -> list[list[int] | None]:
         """The rows of each compiled call of a step whose rows hold ``ns[i]`` tokens: ``[None]`` (one call of
         the smallest bucket that holds them all), or the row lists of several calls of smaller buckets when
         their costs (``step_costs``) add up to at least 5 % less than the one call's. Rows of more than one
         token (prompt chunks) are placed first, largest first, each in the first call with room; single
         tokens (decode rows) fill the rest in order. No row of a step reads what another row of it writes
         (the scheduler shares a prompt's pages from the step after the one that wrote them), so the calls
-        may run in any order."""
+        may run in any order. A step that scores prompt tokens (``scored`` rows) runs whole."""
         costs = self.step_costs
         total = sum(ns)
         single = _pick(self.token_buckets, total, "tokens per step")
-        if not costs or len(ns) < 2 or single == self.token_buckets[0]:
+        if not costs or len(ns) < 2 or single == self.token_buckets[0] or scored:
             return [None]
         if single not in self._plans:
             self._plans[single] = _splits(self.token_buckets, single, costs)
@@ -1177,6 +1188,7 @@ class ModelRunner:
         all_arrays = True
         ns, ints, floats, num_pages, src = [], [], [], [], []
         biased_rows = []
+        scored = []       # (logits row, scored token) of each scoring row, after the work's rows
         flags = 0
         row = 0
         for i, w in enumerate(work):
@@ -1203,6 +1215,12 @@ class ModelRunner:
             # draw goes, seed (high)
             ints.append((w.num_computed + n, 0, row - 1, sr[1], w.prompt_len, _i32_bits(w.seed),
                          w.output_index, write + index[i], _i32_bits(w.seed >> 32)))
+            if w.scores:
+                if w.score_at < 0 or w.score_at + len(w.scores) > n:
+                    raise ValueError(f"sequence {index[i]}: scores positions {w.score_at}.."
+                                     f"{w.score_at + len(w.scores) - 1} of a {n}-token chunk")
+                first = row - n + w.score_at
+                scored.extend(zip(range(first, first + len(w.scores)), w.scores))
             if w.allowed:     # the row's own set (a chunk that does not sample has none): the full variant
                 flags |= _ALLOWED
             if w.banned or w.logit_bias or w.allowed:
@@ -1211,8 +1229,11 @@ class ModelRunner:
                     raise ValueError(f"sequence {index[i]}: more than {MAX_BANNED} banned, biased and allowed ids")
                 biased_rows.append((i, w.banned, w.logit_bias, w.allowed))
         num_tokens = row
-        t = _pick(self.token_buckets, num_tokens, "tokens per step")
+        rows_needed = S + len(scored)
+        t = _pick(self.token_buckets, max(num_tokens, rows_needed), "tokens per step")
         s = cfg.seqs_for(t)
+        if rows_needed > s:
+            raise ValueError(f"{S} sequences and {len(scored)} scored prompt tokens exceed the {s} rows of a step")
         p = _pick(self.page_buckets, max(num_pages), "pages per sequence")
 
         # Three host buffers (one transfer each; many small transfers cost more than the data).
@@ -1248,6 +1269,17 @@ class ModelRunner:
                 n += len(biased)
             if allowed:       # the marker, then the ids (bias 0): those kept, every other id -inf (the full sampler)
                 seqi[i, ids_at + n:ids_at + n + len(allowed) + 1] = [ALLOWED_MARK, *allowed]
+        if scored:
+            # a scoring row: no tokens and no context of its own (kv_len 0, as padding), its logits the position's,
+            # greedy over the one allowed id (the prompt's next token), whose raw logprob and top ones it returns;
+            # its draw goes nowhere
+            m = len(scored)
+            at = np.asarray(scored, np.int64)
+            seqi[S:S + m, 2] = at[:, 0]
+            seqi[S:S + m, ids_at] = ALLOWED_MARK
+            seqi[S:S + m, ids_at + 1] = at[:, 1]
+            seqf[S:S + m, 0] = 0.0
+            flags |= _ALLOWED | _LOGPROBS
         page_table = seqi[:S, _SEQ_COLS:_SEQ_COLS + p]
         if all_arrays:
             flat_pages = np.concatenate(page_parts)

@@ -44,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None           # top-k logprobs per sampled token (0: only the token's)
+    # top-k logprobs of each prompt token given the tokens before it (0: only the token's; the first has none)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit before penalties and sampling
@@ -106,6 +108,9 @@ class SamplingParams:
         need(len(self.stop_token_ids) <= 16, "stop_token_ids", "at most 16 ids")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        need(self.prompt_logprobs is None or (is_int(self.prompt_logprobs)
+                                              and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         bias = self.logit_bias
         need(bias is None or isinstance(bias, dict), "logit_bias", "must map token ids to numbers")
         if bias:

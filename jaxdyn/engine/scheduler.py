@@ -80,6 +80,9 @@ class SchedulerOutput:
     items: list[ScheduledSeq]
     copies: list[tuple[int, int]]      # (src page, dst page) to copy before the step
     preempted: list[Sequence]
+    # (request, a, b): the step scores the prompt tokens after positions a..b-1 (prompt_logprobs; set by the engine
+    # as it lays the step's rows out)
+    scored: list[tuple[Request, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -287,8 +290,9 @@ class Scheduler:
         ps = cfg.page_size
         is_shared = self.allocator.is_shared
         running = self.running
+        self._score_rows = 0                  # rows of this step that score prompt tokens (prompt_logprobs)
         i = 0
-        while i < len(running) and budget > 0 and len(items) < cfg.max_num_seqs:
+        while i < len(running) and budget > 0 and len(items) + self._score_rows < cfg.max_num_seqs:
             seq = running[i]
             num_tokens = len(seq.prompt_ids) + len(seq.output_ids) + seq.num_pending
             target = seq.fork_target if seq.fork_target is not None else num_tokens
@@ -296,7 +300,10 @@ class Scheduler:
             if computed >= target or (target == num_tokens and not can_sample(seq)):
                 i += 1
                 continue
-            n = min(target - computed, budget)
+            n = self._chunk(seq, computed, min(target - computed, budget), len(items))
+            if n == 0:                    # its prompt's scoring rows do not fit this step
+                i += 1
+                continue
             end = computed + n
             pages = seq.pages
             first = computed // ps
@@ -328,7 +335,7 @@ class Scheduler:
 
         if not preempted:
             j = 0
-            while j < len(self.waiting) and budget > 0 and len(items) < cfg.max_num_seqs:
+            while j < len(self.waiting) and budget > 0 and len(items) + self._score_rows < cfg.max_num_seqs:
                 seq = self.waiting[j]
                 if seq.blocked or seq.num_pending:
                     j += 1
@@ -338,8 +345,8 @@ class Scheduler:
                     j += 1
                     continue
                 cached = self._match(seq, target)
-                n = min(target - seq.num_computed, budget)
-                if not self._reserve(seq, seq.num_computed + n, copies):
+                n = self._chunk(seq, seq.num_computed, min(target - seq.num_computed, budget), len(items))
+                if n == 0 or not self._reserve(seq, seq.num_computed + n, copies):
                     if cached:
                         self._free_pages(seq)
                     break
@@ -366,6 +373,9 @@ class Scheduler:
         """Reuse the longest cached prefix (whole pages, short of ``target``); returns its length in tokens."""
         if self.cache is None or seq.pages:
             return 0
+        req = seq.request
+        if req.prompt_logprobs is not None and req.score_next < len(req.prompt_ids) - 1:
+            return 0                  # its prompt's tokens are to be scored: computed, not taken from the cache
         limit = target - 1          # at least one token is computed, for the logits
         pages, n = self.cache.match(seq.token_slice(0, limit), limit)
         if n:
@@ -374,8 +384,29 @@ class Scheduler:
             seq.num_computed = n
         return n
 
+    def _chunk(self, seq: Sequence, computed: int, n: int, num_items: int) -> int:
+        """The tokens of ``seq``'s next chunk (at most ``n``) that fit this step's rows: a prompt position
+        scored for ``prompt_logprobs`` takes a row of its own beside its sequence's (``max_num_seqs`` and the
+        largest token bucket bound the rows); 0 when not one more position fits."""
+        req = seq.request
+        if req.prompt_logprobs is None:
+            return n
+        a, b = req.scoring_rows(computed, computed + n)
+        if a == b:
+            return n
+        room = min(self.config.max_num_seqs, self.config.max_num_batched_tokens) - num_items - 1 - self._score_rows
+        if room <= 0:
+            return 0
+        if b - a > room:              # the chunk ends where the rows run out
+            n = a + room - computed
+        return n
+
     def _take(self, seq: Sequence, n: int, target: int) -> ScheduledSeq:
         start = seq.num_computed
+        req = seq.request
+        if req.prompt_logprobs is not None:
+            a, b = req.scoring_rows(start, start + n)
+            self._score_rows += b - a
         computed = seq.num_computed = start + n
         prompt_len = len(seq.prompt_ids)
         if start < prompt_len <= computed:

@@ -123,6 +123,9 @@ class FrontendCore:
                                f"is {self.max_model_len} tokens and at least one must be left to generate")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; this model has none")
+        if params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs", "prompt logprobs are not returned by workers (serve --workers); "
+                               "a server with its own engine (serve, or serve --disagg) returns them")
 
 
 class RemoteEngine:

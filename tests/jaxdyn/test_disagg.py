@@ -126,6 +126,23 @@ def test_greedy_tokens_equal_aggregated_serving(disagg, aggregated):
     _check_clean(disagg)
 
 
+def test_a_request_scoring_its_prompt_is_computed_on_the_decode_side(disagg, aggregated):
+    """``prompt_logprobs``: a prompt long enough to go remote stays local (a hand-over carries KV only), counted
+    ``prompt_logprobs``, and scores its prompt as aggregated serving does (TP on both)."""
+    prompt = _prompts()["long"]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)
+    want = aggregated([("pl", prompt, params)])["pl"]
+    before = dict(disagg.metrics.prefill_decisions)
+    got = _run(disagg, [("pl", prompt, params)])["pl"]
+    made = {k: v - before.get(k, 0) for k, v in disagg.metrics.prefill_decisions.items()}
+    assert made == {"prompt_logprobs": 1}, made
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(got.prompt_logprobs) == len(prompt) and got.prompt_logprobs[0] is None
+    for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert sorted(a) == sorted(b) and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    _check_clean(disagg)
+
+
 def test_sampled_stop_strings_and_logprobs_cross_the_handoff(disagg, aggregated):
     """The first token is drawn on the prefill side with the request's seed and goes through the
     decode side's stop checks; logprobs of every token, the first included, come back."""

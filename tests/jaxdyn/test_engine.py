@@ -11,6 +11,7 @@ import pytest
 
 from checkpoints.loader import load_model
 from jaxdyn import AsyncEngine, EngineConfig, EngineCore, LLM, RequestError, SamplingParams
+from jaxdyn.engine.sampling_params import SamplingParamsError
 from tests.support import hf_greedy, hf_model, make_byte_tokenizer, make_hf_checkpoint
 
 CFG = EngineConfig(num_pages=24, page_size=16, max_num_batched_tokens=32, max_num_seqs=16,
@@ -312,6 +313,91 @@ def test_logprobs_are_the_models(engine, ckpt):
         for tid, lp in entry.items():
             assert abs(lp.logprob - want[i, tid]) < 1e-4
     assert abs(out.cumulative_logprob - sum(want[i, t] for i, t in enumerate(out.token_ids))) < 1e-3
+
+
+def _want_prompt_logprobs(ckpt, prompt):
+    import torch
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(ckpt)(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+
+
+def _check_prompt_logprobs(plps, prompt, want, k):
+    assert plps[0] is None and len(plps) == len(prompt)
+    for i in range(1, len(prompt)):
+        entry = plps[i]
+        top = np.argsort(-want[i - 1], kind="stable")[:k]
+        assert prompt[i] in entry and set(top) <= set(entry) and len(entry) <= k + 1, (i, entry)
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - want[i - 1, tid]) < 1e-4, (i, tid)
+            assert lp.rank is None or top[lp.rank - 1] == tid
+
+
+def test_prompt_logprobs_are_the_models(engine, ckpt):
+    """``prompt_logprobs``: each prompt token's raw logprob given the ones before it (transformers' log-softmax) and
+    the top k, the first token None; a prompt longer than a step's rows is scored over several chunks beside other
+    requests; a repeated prompt is computed again (the prefix cache holds no scores) and gives the same; it comes
+    in the first output after the prompt and in the final one, once for n > 1."""
+    prompt = list(range(40, 97))                   # 57 tokens: 4+ chunks at 16 rows a step
+    want = _want_prompt_logprobs(ckpt, prompt)
+    reqs = {"p": (prompt, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=3, ignore_eos=True)),
+            "d": ([256, 9, 8], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
+            "o": (list(range(60, 90)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))}
+    for rid, (p, sp) in reqs.items():
+        engine.add_request(rid, p, sp)
+    seen = []
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == "p":
+                seen.append((len(out.outputs[0].token_ids), out.finished, out.prompt_logprobs is not None))
+            if out.finished:
+                finals[out.request_id] = out
+    assert seen == [(1, False, True), (2, False, False), (3, True, True)]
+    _check_prompt_logprobs(finals["p"].prompt_logprobs, prompt, want, 3)
+    assert finals["d"].prompt_logprobs is None and finals["o"].prompt_logprobs is None
+    alone = run(engine, {"a": (prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))})["a"]
+    assert finals["p"].outputs[0].token_ids == alone.outputs[0].token_ids
+    again = run(engine, {"q": (prompt, SamplingParams(max_tokens=2, n=2, seed=1, prompt_logprobs=0))})["q"]
+    assert again.num_cached_tokens == 0
+    assert [list(e) if e else e for e in again.prompt_logprobs] == [None] + [[t] for t in prompt[1:]]
+    for e, f in zip(again.prompt_logprobs[1:], finals["p"].prompt_logprobs[1:]):
+        assert next(iter(e.values())).logprob == pytest.approx(next(iter(f.values())).logprob, abs=1e-5)
+    one = run(engine, {"1": ([7], SamplingParams(max_tokens=2, prompt_logprobs=5))})["1"]
+    assert one.prompt_logprobs == [None]
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(prompt_logprobs=21)
+    assert e.value.param == "prompt_logprobs"
+
+
+def test_prompt_logprobs_under_preemption_and_offline(ckpt):
+    """Scored prompts in a workload that preempts (a pool of 24 pages): each request's prompt logprobs and tokens
+    are those it gets alone, nothing scored twice; ``LLM.generate`` returns them too."""
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    core.warmup()
+    rng = np.random.default_rng(3)
+    reqs = {f"r{i}": (rng.integers(0, 256, int(rng.integers(20, 60))).tolist(),
+                      SamplingParams(temperature=0, max_tokens=int(rng.integers(20, 60)), ignore_eos=True,
+                                     prompt_logprobs=int(rng.integers(0, 4)) if i % 2 == 0 else None))
+            for i in range(10)}
+    together = run(core, reqs)
+    assert core.scheduler.num_preemptions > 0, "the pool should be small enough to preempt"
+    for rid, (prompt, p) in reqs.items():
+        alone = run(core, {rid: (prompt, p)})[rid]
+        assert together[rid].outputs[0].token_ids == alone.outputs[0].token_ids, rid
+        a, b = together[rid].prompt_logprobs, alone.prompt_logprobs
+        if p.prompt_logprobs is None:
+            assert a is None and b is None
+            continue
+        assert len(a) == len(prompt) and [e and sorted(e) for e in a] == [e and sorted(e) for e in b], rid
+        for x, y in zip(a[1:], b[1:]):
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-5 and x[t].rank == y[t].rank for t in x)
+    assert core.allocator.num_in_use == 0
+    llm = LLM(engine=core)
+    prompt = list(range(30, 50))
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    _check_prompt_logprobs(out.prompt_logprobs, prompt, _want_prompt_logprobs(ckpt, prompt), 2)
 
 
 @pytest.mark.parametrize("prompt, params, param", [

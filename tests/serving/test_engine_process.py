@@ -82,6 +82,12 @@ REQUESTS = [
                               "ignore_eos": True}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
                               "temperature": 0, "stream": True, "ignore_eos": True}),
+    ("/v1/completions", {"prompt": "Hello there", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                         "echo": True, "logprobs": 2}),
+    ("/v1/completions", {"prompt": [[256, 72, 9, 8], [256, 73]], "n": 2, "max_tokens": 4, "temperature": 0.9,
+                         "seed": 7, "prompt_logprobs": 3, "ignore_eos": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                              "temperature": 0, "prompt_logprobs": 1, "ignore_eos": True}),
 ]
 
 
@@ -280,7 +286,7 @@ def test_an_output_the_server_cannot_decode_fails_that_request_only():
         a = pe.add_request([1, 2], SamplingParams(max_tokens=4), "a")
         b = pe.add_request([1, 2], SamplingParams(max_tokens=4), "b")
         pending = {}
-        wire = lambda rid, ids: (rid, False, 0, None, None, [(0, "", ids, None, None, None, None)])  # noqa: E731
+        wire = lambda rid, ids: (rid, False, 0, None, None, [(0, "", ids, None, None, None, None)], None)  # noqa: E731
         pe._handle([("o", wire("a", [13])), ("o", wire("b", [3, 4]))], pending)
         (items,) = pending.values()
         return a, b, items

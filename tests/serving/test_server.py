@@ -265,6 +265,13 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "bad_words": ["s"]}, 400, "bad_words",
      "not supported"),
     ("/v1/completions", {"prompt": "x", "cache_salt": "tenant-a"}, 400, "cache_salt", "not supported"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs", "in [0, 20]"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs", "in [0, 20]"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": "2"}, 400, "prompt_logprobs", "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs",
+     "not available when stream is true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1, "stream": True},
+     400, "prompt_logprobs", "not available when stream is true"),
     ("/v1/completions", {"prompt": "x", "spaces_between_special_tokens": False}, 400,
      "spaces_between_special_tokens", "not supported"),
     ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens",
@@ -960,3 +967,55 @@ def test_logit_bias_over_http(server):
         choice = r.json()["choices"][0]
         text = choice["text"] if "text" in choice else choice["message"]["content"]
         assert text == "AAA", text
+
+
+def test_prompt_logprobs_and_echo_with_logprobs_over_http(server, ckpt):
+    """Completions' ``echo`` with ``logprobs`` (lm-eval's loglikelihood request): the choice's logprobs start with
+    the prompt's tokens, the first with null logprob and top logprobs, the others transformers' log-softmax of
+    the position before; streamed, the first chunk carries them. vLLM's ``prompt_logprobs``: per prompt token
+    {id: {logprob, rank, decoded_token}} in completions' choices and beside chat's choices."""
+    import torch
+    from tests.support import hf_model
+    text = "the quick brown fox"
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()["tokens"]
+    with torch.no_grad():
+        want = torch.log_softmax(hf_model(ckpt)(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    body = {"model": "tiny", "prompt": text, "max_tokens": 1, "temperature": 0, "ignore_eos": True, "echo": True,
+            "logprobs": 1}
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        r = h.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1 and choice["text"].startswith(text)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for i in range(1, len(ids)):
+            assert abs(lp["token_logprobs"][i] - want[i - 1, ids[i]]) < 1e-4, i
+            assert 1 <= len(lp["top_logprobs"][i]) <= 2
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+        assert abs(lp["token_logprobs"][-1] - want[-1].max()) < 1e-4      # greedy: the last position's top token
+        events = [json.loads(line[6:]) for line in h.post("/v1/completions", json={**body, "stream": True,
+                  "max_tokens": 3}).text.splitlines() if line.startswith("data: {")]
+        first = events[0]["choices"][0]["logprobs"]
+        assert first["token_logprobs"][:len(ids)] == lp["token_logprobs"][:len(ids)]
+        later = [e["choices"][0]["logprobs"] for e in events[1:] if e["choices"] and e["choices"][0]["logprobs"]]
+        assert later and all(x["token_logprobs"][0] is not None for x in later)
+
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 2, "temperature": 0,
+                                            "prompt_logprobs": 2, "n": 2})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            plp = choice["prompt_logprobs"]
+            assert plp[0] is None and len(plp) == len(ids) and choice["logprobs"] is None
+            for i in range(1, len(ids)):
+                entry = plp[i]
+                assert str(ids[i]) in entry and 2 <= len(entry) <= 3
+                for tid, v in entry.items():
+                    assert abs(v["logprob"] - want[i - 1, int(tid)]) < 1e-4 and isinstance(v["decoded_token"], str)
+                ranked = sorted((v["rank"], int(t)) for t, v in entry.items() if v["rank"] is not None)
+                assert [t for _, t in ranked][:2] == list(np.argsort(-want[i - 1], kind="stable")[:2])
+        r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0})
+        assert r.status_code == 200, r.text
+        plp = r.json()["prompt_logprobs"]
+        assert plp[0] is None and all(len(e) == 1 for e in plp[1:]) and len(plp) == r.json()["usage"]["prompt_tokens"]

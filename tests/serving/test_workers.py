@@ -599,13 +599,29 @@ def test_sampling_params_cross_to_a_worker_whole():
     from serving.workers.common import params_from_json, params_to_json
 
     p = SamplingParams(max_tokens=5, temperature=0.7, seed=2**40, stop=["x"], logit_bias={7: 2.5, 300: -100.0},
-                       allowed_token_ids=[7, 9, 300])
+                       allowed_token_ids=[7, 9, 300], prompt_logprobs=3)
     assert params_from_json(params_to_json(p)) == p
     assert params_from_json(params_to_json(SamplingParams())) == SamplingParams()
     for bad in ('{"logit_bias": {"7": 1}}', '{"logit_bias": [[[1], 2]]}', '{"logit_bias": [[-1, 2]]}'):
         with pytest.raises(SamplingParamsError) as e:
             params_from_json(bad)
         assert e.value.param == "logit_bias", bad
+
+
+def test_a_frontend_over_workers_refuses_prompt_logprobs_by_name():
+    """Workers return no prompt logprobs (their replies carry the sampled tokens' only): the front end refuses a
+    request that asks for them, naming the field (a 400), rather than answering without them."""
+    import types
+
+    from jaxdyn.engine.core import RequestError
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.frontend import FrontendCore
+
+    core = FrontendCore(None, types.SimpleNamespace(vocab_size=300), max_model_len=64, max_num_seqs=8)
+    core.check_request([1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError) as e:
+        core.check_request([1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0))
+    assert e.value.param == "prompt_logprobs" and "serve --workers" in str(e.value)
 
 
 def test_a_worker_found_back_gets_fresh_request_channels():
