@@ -300,10 +300,12 @@ class Scheduler:
             if computed >= target or (target == num_tokens and not can_sample(seq)):
                 i += 1
                 continue
-            n = self._chunk(seq, computed, min(target - computed, budget), len(items))
-            if n == 0:                    # its prompt's scoring rows do not fit this step
-                i += 1
-                continue
+            n = min(target - computed, budget)
+            if seq.request.prompt_logprobs is not None:
+                n = self._chunk(seq, computed, n, len(items))
+                if n == 0:                # its prompt's scoring rows do not fit this step
+                    i += 1
+                    continue
             end = computed + n
             pages = seq.pages
             first = computed // ps
