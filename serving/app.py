@@ -172,7 +172,6 @@ UNSUPPORTED = {
     "logits_processors": "logits processors",
     "use_beam_search": "beam search",
     "bad_words": "bad_words",
-    "cache_salt": "cache_salt (prefix-cache isolation)",
     "spaces_between_special_tokens": "spaces_between_special_tokens other than true",
     "tools": "tool calling (tools with a tool_choice other than \"none\")",
     "tool_choice": "tool calling",
@@ -263,6 +262,7 @@ def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None,
             logit_bias=_logit_bias(req.logit_bias),
             allowed_token_ids=req.allowed_token_ids,
             prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else req.prompt_logprobs,
+            cache_salt=req.cache_salt,
         )
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None

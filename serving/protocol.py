@@ -46,6 +46,7 @@ class _Sampling(_Base):
     logit_bias: dict[StrictStr, Number] | None = None    # token id (as a string, OpenAI's) -> bias, clamped to +-100
     allowed_token_ids: list[StrictInt] | None = None     # vLLM's: only these ids may be drawn
     prompt_logprobs: StrictInt | None = None       # vLLM's: each prompt token's logprob and the top ones
+    cache_salt: StrictStr | None = None            # vLLM's: the prefix cache shares KV only within one salt
     # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
     # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
     best_of: Any = None
@@ -58,7 +59,6 @@ class _Sampling(_Base):
     logits_processors: Any = None
     use_beam_search: Any = None
     bad_words: Any = None
-    cache_salt: Any = None
     spaces_between_special_tokens: Any = None
 
 

@@ -164,7 +164,7 @@ class DisaggEngine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         cache = self.decode.prefix_cache
         decision = self.policy.decide(
-            prompt_len=len(prompt_ids), decode_cached=cache.peek(prompt_ids) if cache else 0,
+            prompt_len=len(prompt_ids), decode_cached=cache.peek(prompt_ids, params.cache_salt) if cache else 0,
             prefill_queue=len(self._remote), n=params.n, prefill_alive=self.prefill_dead is None,
             prompt_logprobs=params.prompt_logprobs is not None)
         pages = None

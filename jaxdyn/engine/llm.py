@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import numbers
 from collections.abc import Sequence
@@ -102,14 +103,20 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     return engine
 
 
-def _prompt_list(prompts) -> list:
+def _prompt_list(prompts, salts: list | None = None) -> list:
     """``generate``'s prompts as a list of strings and token-id lists: one prompt (a string, token ids, or vLLM's
-    ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``) or a list of them; TypeError naming what is not one."""
+    ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``, either with a ``cache_salt``) or a list of them; TypeError
+    naming what is not one. ``salts``: a list that gets each prompt's cache salt (None without one)."""
     def one(p, where):
+        salt = None
         if isinstance(p, dict):
             if p.get("multi_modal_data"):
                 raise TypeError(f"{where}: multi-modal prompts are not supported")
-            keys = set(p) - {"multi_modal_data", "mm_processor_kwargs"}
+            keys = set(p) - {"multi_modal_data", "mm_processor_kwargs", "cache_salt"}
+            salt = p.get("cache_salt")
+        if salts is not None:
+            salts.append(salt)
+        if isinstance(p, dict):
             if keys == {"prompt"} and isinstance(p["prompt"], str):
                 return p["prompt"]
             if keys != {"prompt_token_ids"}:
@@ -210,7 +217,8 @@ class LLM:
         if sampling_params is not None and params is not None:
             raise ValueError("give sampling_params or params, not both")
         params = sampling_params if sampling_params is not None else params
-        prompts = _prompt_list(prompts)
+        salts: list = []
+        prompts = _prompt_list(prompts, salts)
         params = params or self.get_default_sampling_params()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -218,6 +226,8 @@ class LLM:
         for p in plist:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling_params: expected SamplingParams (or a list of them), got {type(p).__name__}")
+        # a prompt dict's cache_salt (vLLM's place for it) rides with that prompt's params
+        plist = [p if salt is None else dataclasses.replace(p, cache_salt=salt) for p, salt in zip(plist, salts)]
         order = []
         texts: dict[str, str | None] = {}
         # Only the finished outputs are kept: an EngineCore then builds one output per request, not per token.
@@ -273,10 +283,12 @@ class LLM:
         if tok is None:
             return
         names: dict[int, str] = {}
+        entries = [e for e in out.prompt_logprobs or () if e is not None]
         for c in out.outputs:
-            for entry in c.logprobs or ():
-                for tid, lp in entry.items():
-                    if lp.decoded_token is None:
-                        if tid not in names:
-                            names[tid] = tok.decode([tid], skip_special_tokens=False)
-                        lp.decoded_token = names[tid]
+            entries.extend(c.logprobs or ())
+        for entry in entries:
+            for tid, lp in entry.items():
+                if lp.decoded_token is None:
+                    if tid not in names:
+                        names[tid] = tok.decode([tid], skip_special_tokens=False)
+                    lp.decoded_token = names[tid]

@@ -52,6 +52,9 @@ class SamplingParams:
     # only these ids may be drawn (vLLM's): every other logit -inf before penalties and sampling; at most
     # MAX_LOGIT_BIAS - 1 distinct ids (they share the step's per-row block with logit_bias and min_tokens' bans)
     allowed_token_ids: Sequence[int] | None = None
+    # vLLM's cache_salt (a request's field there, carried here with its parameters so that it reaches every engine
+    # and worker that computes it): the prefix cache shares KV only between requests with the same salt
+    cache_salt: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -118,6 +121,8 @@ class SamplingParams:
             need(all(is_num(b) and _f32_finite(b) for b in bias.values()), "logit_bias",
                  "values must be finite numbers within float32's range (+-3.4e38)")
             need(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} token ids")
+        need(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt), "cache_salt",
+             "must be a non-empty string")
         allowed = self.allowed_token_ids
         if allowed is not None:
             need(allowed and all(is_int(t) and t >= 0 for t in allowed), "allowed_token_ids",

@@ -182,7 +182,8 @@ class Scheduler:
             return 0
         full = min(seq.num_computed, seq.num_known) // self.config.page_size
         if full:
-            self.cache.insert(seq.token_slice(0, full * self.config.page_size), seq.pages[:full])
+            self.cache.insert(seq.token_slice(0, full * self.config.page_size), seq.pages[:full],
+                              seq.request.params.cache_salt)
         return full
 
     def _cache_prompt(self, seq: Sequence) -> None:
@@ -206,7 +207,7 @@ class Scheduler:
         for seq, n in pending:
             if seq.status is not SeqStatus.RUNNING or len(seq.pages) < n:
                 continue
-            cached = self.cache.cached_pages(seq.token_slice(0, n * ps))
+            cached = self.cache.cached_pages(seq.token_slice(0, n * ps), seq.request.params.cache_salt)
             moves = [(i, p) for i, p in enumerate(cached) if p != seq.pages[i]]
             if not moves:
                 continue
@@ -379,7 +380,7 @@ class Scheduler:
         if req.prompt_logprobs is not None and req.score_next < len(req.prompt_ids) - 1:
             return 0                  # its prompt's tokens are to be scored: computed, not taken from the cache
         limit = target - 1          # at least one token is computed, for the logits
-        pages, n = self.cache.match(seq.token_slice(0, limit), limit)
+        pages, n = self.cache.match(seq.token_slice(0, limit), limit, req.params.cache_salt)
         if n:
             self.allocator.share(pages)
             seq.pages = pages

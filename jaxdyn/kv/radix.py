@@ -32,6 +32,11 @@ tree.
 
 Eviction runs only when the allocator is short of pages (the scheduler calls
 it), so a cache that is not needed costs nothing.
+
+A ``salt`` (vLLM's ``cache_salt``) gives a request a tree of its own: every
+method takes one, and prefixes cached under a salt match only requests with
+the same salt (the unsalted tree is ``root``); one pool of pages and one LRU
+order for all of them. An emptied salted tree is dropped.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class RadixCache:
         self.allocator = allocator
         self.page_size = page_size
         self.root = _Node((), [], None, 0)
+        self._roots: dict[str | None, _Node] = {None: self.root}    # a tree per cache salt
         self._clock = itertools.count(1)
         self._leaves: set[_Node] = set()
         self.num_pages = 0           # pages the tree holds
@@ -69,13 +75,20 @@ class RadixCache:
 
     # ---- lookup ----------------------------------------------------------------------------------
 
-    def _walk(self, tokens: Seq[int], limit: int) -> tuple[_Node, list[int], int]:
-        """Follow ``tokens[:limit]`` down the tree, splitting the edge where the match ends inside it.
+    def _root(self, salt: str | None, make: bool = False) -> _Node | None:
+        root = self._roots.get(salt)
+        if root is None and make:
+            root = self._roots[salt] = _Node((), [], None, 0)
+        return root
+
+    def _walk(self, tokens: Seq[int], limit: int, salt: str | None = None) -> tuple[_Node, list[int], int]:
+        """Follow ``tokens[:limit]`` down ``salt``'s tree (made if it has none), splitting the edge where the
+        match ends inside it.
 
         Returns (the deepest node matched, the pages of its prefix, the number of tokens matched)."""
         ps = self.page_size
         limit -= limit % ps
-        node, pages, pos = self.root, [], 0
+        node, pages, pos = self._root(salt, make=True), [], 0
         while pos < limit:
             child = node.children.get(tuple(tokens[pos:pos + ps]))
             if child is None:
@@ -110,23 +123,28 @@ class RadixCache:
             node.last_access = t
             node = node.parent
 
-    def match(self, tokens: Seq[int], limit: int | None = None) -> tuple[list[int], int]:
+    def match(self, tokens: Seq[int], limit: int | None = None, salt: str | None = None
+              ) -> tuple[list[int], int]:
         """(pages, number of tokens) of the longest cached prefix of ``tokens[:limit]`` in whole pages."""
+        if salt not in self._roots:
+            return [], 0
         limit = len(tokens) if limit is None else min(limit, len(tokens))
-        node, pages, n = self._walk(tokens, limit)
+        node, pages, n = self._walk(tokens, limit, salt)
         self._touch(node)
         return pages, n
 
-    def peek(self, tokens: Seq[int]) -> int:
+    def peek(self, tokens: Seq[int], salt: str | None = None) -> int:
         """Tokens of the longest cached prefix of ``tokens`` in whole pages; changes nothing."""
-        return len(self.cached_pages(tokens)) * self.page_size
+        return len(self.cached_pages(tokens, salt)) * self.page_size
 
-    def cached_pages(self, tokens: Seq[int]) -> list[int]:
+    def cached_pages(self, tokens: Seq[int], salt: str | None = None) -> list[int]:
         """The pages of the longest cached prefix of ``tokens`` in whole pages; changes nothing (no split, no
         touch, no reference taken)."""
         ps = self.page_size
         limit = len(tokens) - len(tokens) % ps
-        node, pos, pages = self.root, 0, []
+        node, pos, pages = self._root(salt), 0, []
+        if node is None:
+            return pages
         while pos < limit:
             child = node.children.get(tuple(tokens[pos:pos + ps]))
             if child is None:
@@ -144,14 +162,17 @@ class RadixCache:
 
     # ---- insertion -------------------------------------------------------------------------------
 
-    def insert(self, tokens: Seq[int], pages: Seq[int]) -> int:
-        """Cache ``tokens`` (whole pages only: ``len(tokens) == len(pages) * page_size``) held in ``pages``.
+    def insert(self, tokens: Seq[int], pages: Seq[int], salt: str | None = None) -> int:
+        """Cache ``tokens`` (whole pages only: ``len(tokens) == len(pages) * page_size``) held in ``pages``, in
+        ``salt``'s tree.
 
         Returns the number of pages the tree adopted (took a reference on)."""
         ps = self.page_size
         if len(tokens) != len(pages) * ps:
             raise ValueError(f"{len(tokens)} tokens do not fill {len(pages)} pages of {ps}")
-        node, _, pos = self._walk(tokens, len(tokens))
+        if not tokens:
+            return 0
+        node, _, pos = self._walk(tokens, len(tokens), salt)
         new = list(pages[pos // ps:])
         if new:
             self.allocator.share(new)
@@ -193,10 +214,12 @@ class RadixCache:
             parent = leaf.parent
             del parent.children[first]
             self._leaves.discard(leaf)
-            if parent is not self.root and not parent.children:
+            if parent.parent is not None and not parent.children:
                 self._leaves.add(parent)
                 if self._evictable(parent):
                     heapq.heappush(heap, (parent.last_access, parent.uid, parent))
+            elif parent.parent is None and parent is not self.root and not parent.children:
+                self._roots = {s: r for s, r in self._roots.items() if r is not parent}   # an emptied salt's tree
         self.num_pages -= freed
         self.num_evicted += freed
         return freed
@@ -208,16 +231,17 @@ class RadixCache:
     # ---- introspection ---------------------------------------------------------------------------
 
     def _nodes(self):
-        stack = list(self.root.children.values())
+        stack = [n for root in self._roots.values() for n in root.children.values()]
         while stack:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
 
     def cached_prefixes(self) -> dict[tuple, int]:
-        """Every cached page: (token prefix up to and including it) -> page id. For tests and debugging."""
+        """Every cached page: (token prefix up to and including it) -> page id; a salted tree's prefixes start
+        with ``("salt", salt)``. For tests and debugging."""
         out = {}
-        stack = [(self.root, ())]
+        stack = [(root, () if salt is None else ("salt", salt)) for salt, root in self._roots.items()]
         ps = self.page_size
         while stack:
             node, prefix = stack.pop()

@@ -369,6 +369,30 @@ def test_prompt_logprobs_are_the_models(engine, ckpt):
     assert e.value.param == "prompt_logprobs"
 
 
+def test_cache_salt_shares_cached_prefixes_only_within_a_salt(engine):
+    """vLLM's cache_salt: a prompt cached under one salt is a hit for the same salt only (another salt, or none,
+    computes it); the tokens are the same either way; offline, a prompt dict's ``cache_salt`` is its salt."""
+    prompt = list(range(100, 150))                 # 3 whole pages
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    salted = dataclasses.replace(sp, cache_salt="tenant-a")
+    first = run(engine, {"a": (prompt, salted)})["a"]
+    cached = {rid: run(engine, {rid: (prompt, p)})[rid]
+              for rid, p in (("same", salted), ("other", dataclasses.replace(sp, cache_salt="tenant-b")),
+                             ("none", sp), ("none-again", sp))}
+    hit = 48 if engine.prefix_cache is not None else 0
+    assert first.num_cached_tokens == 0
+    assert {rid: o.num_cached_tokens for rid, o in cached.items()} == {"same": hit, "other": 0, "none": 0,
+                                                                        "none-again": hit}
+    assert all(o.outputs[0].token_ids == first.outputs[0].token_ids for o in cached.values())
+    llm = LLM(engine=engine)
+    a, b = llm.generate([{"prompt_token_ids": prompt, "cache_salt": "tenant-b"},
+                         {"prompt_token_ids": prompt, "cache_salt": "tenant-c"}], sp, use_tqdm=False)
+    assert (a.num_cached_tokens, b.num_cached_tokens) == (hit, 0)
+    with pytest.raises(SamplingParamsError) as e:
+        llm.generate([{"prompt_token_ids": prompt, "cache_salt": ""}], sp, use_tqdm=False)
+    assert e.value.param == "cache_salt"
+
+
 def test_prompt_logprobs_under_preemption_and_offline(ckpt):
     """Scored prompts in a workload that preempts (a pool of 24 pages): each request's prompt logprobs and tokens
     are those it gets alone, nothing scored twice; ``LLM.generate`` returns them too."""

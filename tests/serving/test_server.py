@@ -264,7 +264,9 @@ BAD = [
      "token ids must be in"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "bad_words": ["s"]}, 400, "bad_words",
      "not supported"),
-    ("/v1/completions", {"prompt": "x", "cache_salt": "tenant-a"}, 400, "cache_salt", "not supported"),
+    ("/v1/completions", {"prompt": "x", "cache_salt": ""}, 400, "cache_salt", "non-empty string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "cache_salt": 5}, 400, "cache_salt",
+     "cache_salt"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs", "in [0, 20]"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs", "in [0, 20]"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": "2"}, 400, "prompt_logprobs", "prompt_logprobs"),
@@ -1019,3 +1021,21 @@ def test_prompt_logprobs_and_echo_with_logprobs_over_http(server, ckpt):
         assert r.status_code == 200, r.text
         plp = r.json()["prompt_logprobs"]
         assert plp[0] is None and all(len(e) == 1 for e in plp[1:]) and len(plp) == r.json()["usage"]["prompt_tokens"]
+
+
+def test_cache_salt_over_http(server):
+    """A repeated prompt is a prefix-cache hit only under the same ``cache_salt`` (vLLM's field, completions and
+    chat): usage's cached tokens say so."""
+    prompt = "a prompt long enough to fill whole pages of the prefix cache, and then some"
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        def cached(**extra):
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2,
+                                                "temperature": 0, **extra})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached(cache_salt="s1") == 0
+        assert cached(cache_salt="s2") == 0
+        assert cached(cache_salt="s1") >= 64 and cached(cache_salt="s2") >= 64
+        r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+                                                 "max_tokens": 2, "cache_salt": "s3"})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

@@ -599,7 +599,7 @@ def test_sampling_params_cross_to_a_worker_whole():
     from serving.workers.common import params_from_json, params_to_json
 
     p = SamplingParams(max_tokens=5, temperature=0.7, seed=2**40, stop=["x"], logit_bias={7: 2.5, 300: -100.0},
-                       allowed_token_ids=[7, 9, 300], prompt_logprobs=3)
+                       allowed_token_ids=[7, 9, 300], prompt_logprobs=3, cache_salt="t")
     assert params_from_json(params_to_json(p)) == p
     assert params_from_json(params_to_json(SamplingParams())) == SamplingParams()
     for bad in ('{"logit_bias": {"7": 1}}', '{"logit_bias": [[[1], 2]]}', '{"logit_bias": [[-1, 2]]}'):
