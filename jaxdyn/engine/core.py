@@ -27,6 +27,7 @@ from jaxdyn.engine.request import (
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
     check_flag, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
+from jaxdyn.engine.sampler import RANK_COL
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
 from jaxdyn.engine.tokenizer import Tokenizer
@@ -532,13 +533,12 @@ class EngineCore:
             entry = None
             if seq.logprobs is not None:
                 lp = float(res.logprobs[idx])
-                entry = {tok: Logprob(lp)}
+                top_ids = res.top_ids[idx]
+                entry = {tok: Logprob(lp, int(top_ids[RANK_COL]))}
                 k = req.params.logprobs
-                for rank, (tid, tlp) in enumerate(zip(res.top_ids[idx][:k], res.top_logprobs[idx][:k]), 1):
+                for rank, (tid, tlp) in enumerate(zip(top_ids[:k], res.top_logprobs[idx][:k]), 1):
                     tid = int(tid)
-                    if tid == tok:
-                        entry[tok].rank = rank
-                    else:
+                    if tid != tok:
                         entry[tid] = Logprob(float(tlp), rank)
             self._accept(seq, tok, now, entry)
             touched[req.request_id] = req
@@ -561,11 +561,9 @@ class EngineCore:
             plps, k = req.prompt_logprobs, req.params.prompt_logprobs
             for pos in range(a, b):
                 tok = req.prompt_ids[pos + 1]
-                entry = {tok: Logprob(lps[r])}
+                entry = {tok: Logprob(lps[r], top_ids[r][RANK_COL])}
                 for rank, (tid, tlp) in enumerate(zip(top_ids[r][:k], top_lps[r][:k]), 1):
-                    if tid == tok:
-                        entry[tok].rank = rank
-                    else:
+                    if tid != tok:
                         entry[tid] = Logprob(tlp, rank)
                 plps.append(entry)
                 r += 1

@@ -318,11 +318,11 @@ class SequenceWork:
 class StepOutput:
     next_token_ids: np.ndarray          # i32[num_seqs] token drawn after each sequence's last token
     logprobs: np.ndarray | None = None  # f32[num_seqs] raw logprob of that token
-    top_ids: np.ndarray | None = None   # i32[num_seqs, MAX_LOGPROBS]
+    top_ids: np.ndarray | None = None   # i32[num_seqs, MAX_LOGPROBS + 1]: the last column the drawn token's rank
     top_logprobs: np.ndarray | None = None
     logits: np.ndarray | None = None    # f32[num_seqs, vocab] when RunnerConfig.return_logits
     # the step's scored prompt tokens (SequenceWork.scores), in the work's order: (f32[m] raw logprob of each,
-    # i32[m, MAX_LOGPROBS] top ids, f32[m, MAX_LOGPROBS] their logprobs); None when it scored none
+    # i32[m, MAX_LOGPROBS + 1] top ids and its rank, f32[m, MAX_LOGPROBS] their logprobs); None when it scored none
     scores: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
@@ -657,7 +657,7 @@ class ModelRunner:
                 if lps is None:     # zeros that are a kernel, not a memset, which would keep the switch out of the graph
                     rows, anchor = seqf.shape[0], seqi[0, 1]          # cu_q_lens[0]: 0
                     lps, top_ids, top_lps = (kernel_zeros((rows,), jnp.float32, anchor),
-                                             kernel_zeros((rows, k), jnp.int32, anchor),
+                                             kernel_zeros((rows, k + 1), jnp.int32, anchor),
                                              kernel_zeros((rows, k), jnp.float32, anchor))
                 return sampled, lps, top_ids, top_lps
             return run

@@ -7,7 +7,9 @@ no history crosses from the host) after the row's logit bias and its banned ids 
 own key ``fold_in(key(seed), index of the token in the output)``: a seeded
 request draws the same tokens whatever else shares its batch. Temperature 0 is
 argmax. Logprobs are those of the model's raw distribution (vLLM's default),
-for the sampled token and the top ``MAX_LOGPROBS``.
+for the sampled token and the top ``MAX_LOGPROBS``, with the sampled token's rank
+there (vLLM V1's: the ids whose raw logprob is at least its own) in the top ids'
+extra column ``RANK_COL``.
 
 Which parts are traced is static: the runner picks a ``variant`` on the host
 for each step from what its rows ask for (``variant_for``) and calls that
@@ -59,6 +61,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
+
+RANK_COL = MAX_LOGPROBS     # full's top ids i32[S, MAX_LOGPROBS + 1]: this column is the drawn token's rank
 from pallas_kernels.paged_decode import kernel_zeros
 from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
 
@@ -209,7 +213,8 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
 
     ``history_fn()`` returns ``(history i32[S,H], valid bool[S,H], is_output bool[S,H])``;
     only ``full`` (penalties) calls it.
-    Returns ``(ids i32[S], logprob f32[S], top_ids i32[S,K], top_logprobs f32[S,K])``; the last
+    Returns ``(ids i32[S], logprob f32[S], top_ids i32[S,K+1], top_logprobs f32[S,K])`` (``top_ids[:, RANK_COL]``:
+    the drawn token's rank among the raw logprobs); the last
     three are ``None`` unless ``variant`` is ``full``. ``sort_free``: ``full``'s filters and top logprobs without
     a sort (``apply_filters_sort_free``, ``top_logprobs_sort_free``; top-k and the top logprobs the same, top-p up
     to rounding at its boundary).
@@ -259,7 +264,8 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     raw_logprobs = jax.nn.log_softmax(raw_logits, axis=-1)
     logprob = jnp.take_along_axis(raw_logprobs, ids[:, None], axis=-1)[:, 0]
     top_ids, top_lps = (top_logprobs_sort_free if sort_free else _top_logprobs)(raw_logprobs)
-    return ids, logprob, top_ids, top_lps
+    rank = jnp.sum(raw_logprobs >= logprob[:, None], axis=-1, dtype=jnp.int32)
+    return ids, logprob, jnp.concatenate([top_ids, rank[:, None]], axis=1), top_lps
 
 
 def _top_logprobs(lp):

@@ -329,7 +329,8 @@ def _check_prompt_logprobs(plps, prompt, want, k):
         assert prompt[i] in entry and set(top) <= set(entry) and len(entry) <= k + 1, (i, entry)
         for tid, lp in entry.items():
             assert abs(lp.logprob - want[i - 1, tid]) < 1e-4, (i, tid)
-            assert lp.rank is None or top[lp.rank - 1] == tid
+            assert lp.rank == (want[i - 1] >= want[i - 1, tid]).sum(), (i, tid)     # its vocabulary rank
+    assert any(e[t].rank > k for e, t in zip(plps[1:], prompt[1:])), "no prompt token outside the top k"
 
 
 def test_prompt_logprobs_are_the_models(engine, ckpt):

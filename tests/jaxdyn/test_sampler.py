@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdyn.engine.sampler import (
-    FULL, GREEDY, PLAIN, VARIANTS, SamplingArrays, _top_logprobs, apply_filters, apply_filters_sort_free,
+    FULL, GREEDY, PLAIN, RANK_COL, VARIANTS, SamplingArrays, _top_logprobs, apply_filters, apply_filters_sort_free,
     apply_penalties, sample, serves, top_logprobs_sort_free, variant_for)
 from pallas_kernels.sampling_thresholds import order_keys
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
@@ -223,8 +223,11 @@ def test_a_row_of_a_full_batch_draws_what_its_own_variant_draws_alone():
         assert np.array_equal(np.asarray(alone[1])[0], lp[r]) and np.array_equal(np.asarray(alone[3])[0], top_lps[r])
     ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     assert np.allclose(lp, ref[np.arange(12), ids], atol=1e-6)
-    assert np.array_equal(top_ids, np.argsort(-ref, axis=-1, kind="stable")[:, :MAX_LOGPROBS])
+    assert np.array_equal(top_ids[:, :MAX_LOGPROBS], np.argsort(-ref, axis=-1, kind="stable")[:, :MAX_LOGPROBS])
     assert np.allclose(top_lps, np.sort(ref, axis=-1)[:, ::-1][:, :MAX_LOGPROBS], atol=1e-6)
+    # the drawn token's rank among the raw logprobs (vLLM V1's: the ids at least as likely), in or out of the top
+    assert np.array_equal(top_ids[:, RANK_COL], (ref >= ref[np.arange(12), ids][:, None]).sum(-1))
+    assert top_ids.shape == (12, MAX_LOGPROBS + 1)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
