@@ -760,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # the command line, for the reports to repeat
     if getattr(args, "passes_on", False):
         args.bench_args = rest          # a subcommand whose arguments are another command line's
     elif rest:

@@ -179,7 +179,11 @@ async def send(client: httpx.AsyncClient, endpoint: Endpoint, prompt, max_tokens
                         usage = obj["usage"]
                     if not obj.get("choices"):
                         continue
-                    carries, text = _chunk_output(obj, chat)
+                    try:
+                        carries, text = _chunk_output(obj, chat)
+                    except (AttributeError, KeyError, TypeError, IndexError):
+                        record.error = f"malformed event: {data[:200]!r}"
+                        return record
                     if not carries:
                         continue
                     texts.append(text)
@@ -203,17 +207,36 @@ async def send(client: httpx.AsyncClient, endpoint: Endpoint, prompt, max_tokens
     if chunks == 0:
         record.error = "no output in the stream"
         return record
+    if usage is not None and not isinstance(usage, dict):
+        record.error = f"malformed usage: {str(usage)[:200]!r}"
+        return record
+    try:
+        if usage and usage.get("completion_tokens") is not None:
+            output_tokens, source = _count(usage["completion_tokens"]), "usage"
+        elif tokenizer is not None:
+            output_tokens, source = len(tokenizer.encode(record.text, add_special_tokens=False)), "tokenizer"
+        else:
+            output_tokens, source = chunks, "chunks"
+        prompt = cached = None
+        if usage and usage.get("prompt_tokens") is not None:
+            prompt = _count(usage["prompt_tokens"])
+            details = usage.get("prompt_tokens_details") or {}
+            if details.get("cached_tokens") is not None:
+                cached = _count(details["cached_tokens"])
+    except (ValueError, TypeError, AttributeError):
+        record.error = f"malformed usage: {str(usage)[:200]!r}"
+        return record
     record.success = True
-    if usage and usage.get("completion_tokens") is not None:
-        record.output_tokens, record.token_source = int(usage["completion_tokens"]), "usage"
-    elif tokenizer is not None:
-        record.output_tokens = len(tokenizer.encode(record.text, add_special_tokens=False))
-        record.token_source = "tokenizer"
-    else:
-        record.output_tokens, record.token_source = chunks, "chunks"
-    if usage and usage.get("prompt_tokens") is not None:
-        record.prompt_len, record.prompt_token_source = int(usage["prompt_tokens"]), "usage"
-        details = usage.get("prompt_tokens_details") or {}
-        if details.get("cached_tokens") is not None:
-            record.cached_tokens = int(details["cached_tokens"])
+    record.output_tokens, record.token_source = output_tokens, source
+    if prompt is not None:
+        record.prompt_len, record.prompt_token_source = prompt, "usage"
+    if cached is not None:
+        record.cached_tokens = cached
     return record
+
+
+def _count(v) -> int:
+    """A usage count: an integer >= 0 (ValueError otherwise: a malformed usage fails its request)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"not a token count: {v!r}")
+    return v

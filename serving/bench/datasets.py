@@ -119,7 +119,8 @@ def add_arguments(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--random-input-len", "--input-len", dest="input_len", type=int, default=1024,
                    help="random: prompt tokens")
     p.add_argument("--random-output-len", "--output-len", dest="output_len", type=int, default=None,
-                   help="max_tokens of every request (default 128; sharegpt: the reply's length)")
+                   help="max_tokens of every request (default 128; sharegpt and sharegpt-lengths: the reply's "
+                        "length)")
     p.add_argument("--random-range-ratio", dest="range_ratio", type=float, default=0.0,
                    help="random: lengths drawn uniformly from [len * (1 - r), len * (1 + r)]")
     p.add_argument("--prefix-len", type=int, default=256, help="prefix: tokens of each shared prefix")
@@ -174,7 +175,7 @@ def load_samples(args, source: PromptSource, n: int | None = None) -> list[Sampl
     if args.dataset == "multiturn":
         return multiturn_samples(source, n, args.num_turns, args.turn_len, output_len)
     if args.dataset == "sharegpt-lengths":
-        return sharegpt_length_samples(source, n, args.sharegpt_replies)
+        return sharegpt_length_samples(source, n, args.sharegpt_replies, args.output_len)
     return sharegpt_samples(source, args.dataset_path, n, args.output_len)
 
 
@@ -323,12 +324,14 @@ def _scaled_to_mean(x: np.ndarray, mean: float, low: int, high: np.ndarray) -> n
     return np.clip(np.rint(x * hi), low, high).astype(np.int64)
 
 
-def sharegpt_length_samples(source: PromptSource, n: int, replies: str = "chatgpt") -> list[Sample]:
-    """Random prompts with ShareGPT's lengths (``sharegpt_lengths``); max_tokens = the drawn reply length.
-    Prompt lengths are exact with a tokenizer or token ids; without either, in words."""
+def sharegpt_length_samples(source: PromptSource, n: int, replies: str = "chatgpt",
+                            output_len: int | None = None) -> list[Sample]:
+    """Random prompts with ShareGPT's lengths (``sharegpt_lengths``); max_tokens = the drawn reply length, or
+    ``output_len`` for every request (the prompts stay the same: the lengths are drawn either way). Prompt lengths
+    are exact with a tokenizer or token ids; without either, in words."""
     prompts, outputs = sharegpt_lengths(source.rng, n, replies)
     out = []
     for i, o in zip(prompts, outputs):
         prompt = source.make(int(i))
-        out.append(Sample(prompt, source.count(prompt), int(o)))
+        out.append(Sample(prompt, source.count(prompt), output_len or int(o)))
     return out

@@ -1,7 +1,8 @@
 """``jaxdyn bench offline``: the engine without HTTP (``LLM.generate``) on the ``bench serve`` datasets.
 
 The engine is built and warmed up (every bucket compiled) before the clock
-starts; ``--num-warmups`` prompts then run once untimed. All prompts are added
+starts; ``--num-warmups`` prompts then run once untimed, and the prefix cache is
+emptied after them (the timed run finds none of their KV). All prompts are added
 at once and the engine runs until the last finishes (a multi-turn dataset runs
 turn by turn: each turn's prompt is the conversation so far, token ids of the
 earlier prompts and the actual replies, plus the new message). Reports
@@ -43,6 +44,8 @@ def benchmark(llm, samples: list[Sample], *, ignore_eos: bool = True, temperatur
     if num_warmups:
         firsts = [s for s in samples if s.turn == 0][:num_warmups]
         _generate(llm, [s.prompt for s in firsts], _params(firsts, ignore_eos, sampling), False, "warm-up")
+        if hasattr(llm.engine, "reset_prefix_cache"):
+            llm.engine.reset_prefix_cache()     # the warm-up prompts are the run's first: none of it is a cache hit
     records: list[tuple[int, int]] = []
     if on_start is not None:
         on_start()
@@ -103,6 +106,10 @@ def add_arguments(p) -> None:
 
 def run(args, model: str, engine_config) -> dict:
     """Build the engine for ``model``, generate the dataset, print the table; returns the JSON document."""
+    import dataclasses
+    import shlex
+    import sys
+
     from checkpoints.hf import CheckpointError
     from jaxdyn import LLM
     from jaxdyn.engine.llm import build_engine
@@ -135,14 +142,15 @@ def run(args, model: str, engine_config) -> dict:
     summary = benchmark(llm, samples, ignore_eos=args.ignore_eos, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, num_warmups=args.num_warmups, progress=not args.disable_tqdm)
     per_request = summary.pop("per_request")
-    cfg = {k: getattr(args, k) for k in ("dataset", "dataset_path", "num_prompts", "seed", "input_len",
-                                         "output_len", "range_ratio", "ignore_eos", "temperature", "top_p", "top_k", "num_warmups",
-                                         "tp", "dtype", "load_format", "quantization",
-                                         "quantize_lm_head")}
-    cfg.update(seed=seed, model=model, engine={k: getattr(engine_config, k) for k in (
-        "max_num_seqs", "max_num_batched_tokens", "page_size", "enable_prefix_caching", "kv_cache_dtype",
-        "separate_sampler")},
-        max_model_len=engine.max_model_len, num_pages=engine.num_pages,
+    cfg = {k: getattr(args, k) for k in ("dataset", "dataset_path", "sharegpt_replies", "num_prompts", "seed",
+                                         "input_len", "output_len", "range_ratio", "ignore_eos", "temperature",
+                                         "top_p", "top_k", "num_warmups", "tp", "dtype", "load_format",
+                                         "quantization", "quantize_lm_head")}
+    # every engine setting (what the command line set and the defaults it left), and the command itself
+    engine_fields = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                     for k, v in dataclasses.asdict(engine_config).items()}
+    cfg.update(seed=seed, model=model, command=shlex.join(["jaxdyn", *getattr(args, "argv", sys.argv[1:])]), engine=engine_fields,
+               max_model_len=engine.max_model_len, num_pages=engine.num_pages,
         load_seconds=engine.load_info.get("seconds"), warmup_seconds=engine.load_info.get("warmup_seconds"))
     for k, v in (("prefix", ("prefix_len", "suffix_len", "num_prefixes")), ("multiturn", ("num_turns", "turn_len"))):
         if args.dataset == k:
@@ -150,6 +158,7 @@ def run(args, model: str, engine_config) -> dict:
     doc = {"benchmark": "jaxdyn bench offline", "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "config": cfg, "summary": summary, "requests": per_request}
     print(report.table(doc))
+    print(f"command: {cfg['command']}")
     if args.out:
         report.write_json(doc, args.out)
         print(f"wrote {args.out}")

@@ -165,12 +165,25 @@ def check_writable(path: str, flag: str = "--out") -> None:
                 os.rmdir(folder)
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float (an infinite or NaN figure) as None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(doc: dict, path: str) -> None:
+    """``doc`` written to ``path``, serialised first (a file is never left half written or empty)."""
+    text = _dumps(_finite(doc)) + "\n"
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
         with open(path, "w") as f:
-            f.write(_dumps(doc) + "\n")
+            f.write(text)
     except OSError as e:
         raise BenchError(f"--out {path}: {e.strerror or e}") from None
 
@@ -185,6 +198,14 @@ def load_json(path: str) -> dict:
         raise BenchError(f"--compare {path}: not JSON ({e})") from None
     if not isinstance(doc, dict) or ("runs" not in doc and "summary" not in doc):
         raise BenchError(f"--compare {path}: not a jaxdyn bench result (no 'runs' or 'summary')")
+    if "runs" in doc:
+        runs = doc["runs"]
+        if not isinstance(runs, list) or not runs or not all(
+                isinstance(r, dict) and isinstance(r.get("summary"), dict) and "request_rate" in r for r in runs):
+            raise BenchError(f"--compare {path}: its 'runs' are not complete bench serve runs (each with "
+                             "'request_rate' and a 'summary')")
+    elif not isinstance(doc["summary"], dict):
+        raise BenchError(f"--compare {path}: its 'summary' is not a bench offline summary")
     return doc
 
 

@@ -20,6 +20,7 @@ import datetime
 import math
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 
@@ -159,16 +160,21 @@ class LoadRun:
         chunks a second (on 2 CPUs, 1,000 streams: 0.65x of what a raw socket client read from the same server,
         ``python -m benchmarks.serve_stack --streams 1000 --tokens 100``), which would cap what a fast server
         shows. The processes share the run's arrival schedule and start time; a conversation's turns stay
-        in one process; ``--max-concurrency`` is divided among them; the peak concurrency is their sum."""
+        in one process; ``--max-concurrency`` is divided among them (their shares add up to it: at most that many
+        processes, each a share of at least one); the peak concurrency is their sum."""
         ctx = multiprocessing.get_context("spawn")
+        if self.max_concurrency is not None:
+            n = min(n, self.max_concurrency)
         parts: list[list[int]] = [[] for _ in range(n)]
         for i, sample in enumerate(self.samples):
             key = sample.conversation if sample.conversation is not None else i
             parts[key % n].append(i)
         parts = [p for p in parts if p]
-        limit = None if self.max_concurrency is None else -(-self.max_concurrency // len(parts))
+        mc = self.max_concurrency
+        limits = [None] * len(parts) if mc is None else [mc // len(parts) + (j < mc % len(parts))
+                                                         for j in range(len(parts))]
         conns, procs = [], []
-        for part in parts:
+        for part, limit in zip(parts, limits):
             mine, theirs = ctx.Pipe()
             job = dict(endpoint=self.endpoint, samples=[self.samples[i] for i in part], source=self.source,
                        rate=self.rate, arrivals=self.arrivals[part], indices=part, max_concurrency=limit)
@@ -300,22 +306,22 @@ def check_arguments(args) -> dict:
         percentiles = metrics.parse_percentiles(args.percentiles)
     except ValueError as e:
         raise BenchError(f"--percentiles: {e}") from None
-    if not args.burstiness > 0:
-        raise BenchError(f"--burstiness must be > 0, got {args.burstiness}")
+    if not 0 < args.burstiness < math.inf:
+        raise BenchError(f"--burstiness must be a finite number > 0, got {args.burstiness}")
     if args.num_clients < 1:
         raise BenchError(f"--num-clients must be at least 1, got {args.num_clients}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise BenchError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
     if args.num_warmups < 0:
         raise BenchError(f"--num-warmups must be >= 0, got {args.num_warmups}")
-    if not args.timeout > 0:
-        raise BenchError(f"--timeout must be > 0, got {args.timeout}")
+    if not 0 < args.timeout < math.inf:
+        raise BenchError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     offline.check_sampling_arguments(args)
     slo = {k: v for k, v in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms),
                              ("e2el", args.slo_e2e_ms)) if v is not None}
     for k, v in slo.items():
-        if not v > 0:
-            raise BenchError(f"--slo-{'e2e' if k == 'e2el' else k}-ms must be > 0, got {v}")
+        if not 0 < v < math.inf:
+            raise BenchError(f"--slo-{'e2e' if k == 'e2el' else k}-ms must be a finite number > 0, got {v}")
     if args.plot is not None:
         report.require_matplotlib()
         if os.path.exists(args.plot) and not os.path.isdir(args.plot):
@@ -352,13 +358,17 @@ def _served_model(base: str, model: str | None, api_key: str | None) -> str:
 
 
 def _config(args, parsed: dict, model: str) -> dict:
-    keep = ("url", "tokenizer", "dataset", "dataset_path", "num_prompts", "seed", "input_len", "output_len",
+    keep = ("url", "tokenizer", "dataset", "dataset_path", "sharegpt_replies", "num_prompts", "seed", "input_len",
+            "output_len",
             "range_ratio", "prefix_len", "suffix_len", "num_prefixes", "num_turns", "turn_len", "ignore_eos",
             "burstiness", "max_concurrency", "num_clients", "num_warmups", "temperature", "top_p", "top_k", "stream_usage",
             "timeout")
     cfg = {k: getattr(args, k) for k in keep}
     cfg.update(model=model, endpoint=ENDPOINTS[parsed["kind"]], request_rates=args.request_rate,
-               percentiles=parsed["percentiles"], slo_ms=parsed["slo_ms"])
+               percentiles=parsed["percentiles"], slo_ms=parsed["slo_ms"],
+               command=shlex.join(["jaxdyn", *getattr(args, "argv", sys.argv[1:])]))
+    if not cfg["dataset"].startswith("sharegpt"):
+        cfg.pop("sharegpt_replies")
     if cfg["dataset"] != "random":
         for k in ("input_len", "range_ratio"):
             cfg.pop(k)
@@ -436,6 +446,7 @@ def main(args) -> int:
     doc = {"benchmark": "jaxdyn bench serve", "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "config": _config(args, parsed, model), "warmup": warmup, "runs": runs}
     print(report.table(doc))
+    print(f"command: {doc['config']['command']}")
     if args.out:
         report.write_json(doc, args.out)
         print(f"wrote {args.out}")

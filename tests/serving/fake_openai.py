@@ -46,6 +46,8 @@ class FakeOpenAI:
         self.error_event_every = 0   # every k-th request sends an error event after two tokens
         self.hang_every = 0          # every k-th request sends one token, then nothing for 30 s
         self.usage = True            # honour stream_options.include_usage
+        self.malformed_every = 0     # every k-th request sends a chunk whose choice is null after one token
+        self.bad_usage_every = 0     # every k-th request reports a usage whose completion_tokens is not a number
         self.bodies: list[dict] = []
         self.count = 0
         self.active = 0
@@ -114,11 +116,14 @@ class FakeOpenAI:
                         return
                     if self.hang_every and n % self.hang_every == 0 and k == 1:
                         await asyncio.sleep(30)
+                    if self.malformed_every and n % self.malformed_every == 0 and k == 1:
+                        yield f"data: {json.dumps({'id': f'x{n}', 'choices': [None]})}\n\n"
                     yield chunk(f"t{n}.{k} ")
                 yield chunk(finish="length")
                 if include_usage:
                     p = prompt_tokens(body)
-                    yield chunk(usage={"prompt_tokens": p, "completion_tokens": max_tokens,
+                    bad = self.bad_usage_every and n % self.bad_usage_every == 0
+                    yield chunk(usage={"prompt_tokens": p, "completion_tokens": "n/a" if bad else max_tokens,
                                        "total_tokens": p + max_tokens})
                 yield "data: [DONE]\n\n"
             finally:

@@ -55,6 +55,19 @@ def test_random_prompts_on_the_demo_model(tmp_path, monkeypatch, demo_engine, ca
     _check_rates(s)
     out = capsys.readouterr().out
     assert "| Request throughput (req/s) |" in out and "| Output token throughput (tok/s) |" in out
+    cfg = doc["config"]
+    assert cfg["command"].startswith("jaxdyn bench offline ") and "--num-warmups 2" in cfg["command"]
+    assert f"command: {cfg['command']}" in out
+    assert cfg["engine"]["max_num_batched_tokens"] == 16 and "schedule_policy" in cfg["engine"]
+
+
+def test_warm_up_prompts_leave_no_cache_hit_to_the_timed_run(tmp_path, monkeypatch, demo_engine):
+    """--num-warmups runs the run's first prompts untimed, then empties the prefix cache: the timed run computes
+    every prompt, as without a warm-up."""
+    hits = demo_engine.metrics.prefix_cache_hits
+    offline(tmp_path, monkeypatch, demo_engine, "--random-input-len", "40", "--random-output-len", "2",
+            "--num-prompts", "4", "--num-warmups", "4", "--seed", "9")
+    assert demo_engine.metrics.prefix_cache_hits == hits
 
 
 def test_every_request_samples_as_the_flags_say(tmp_path, monkeypatch, demo_engine):

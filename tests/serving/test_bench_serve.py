@@ -177,6 +177,11 @@ def test_several_client_processes_keep_the_schedule_the_bound_and_the_conversati
         doc = bench(tmp_path, fake.url, "--num-prompts", "12", "--random-output-len", "3", "--max-concurrency", "4",
                     "--num-clients", "2")
         assert fake.peak <= 4 and doc["runs"][0]["summary"]["completed"] == 12
+    for limit, clients in ((1, 4), (3, 2)):       # the bound is the run's, however few: shares that add up to it
+        with FakeOpenAI(ttft=0.05, itl=0.01) as fake:
+            doc = bench(tmp_path, fake.url, "--num-prompts", "12", "--random-output-len", "3", "--max-concurrency",
+                        str(limit), "--num-clients", str(clients))
+            assert fake.peak <= limit and doc["runs"][0]["summary"]["completed"] == 12, (limit, clients, fake.peak)
     with FakeOpenAI(ttft=0.01, itl=0.002) as fake:
         doc = bench(tmp_path, fake.url, "--dataset", "multiturn", "--num-prompts", "8", "--num-turns", "3",
                     "--turn-len", "4", "--output-len", "3", "--num-clients", "2")
@@ -446,9 +451,12 @@ def idle_fake():
     (["URL", "--percentiles", "50,150"], "--percentiles: percentiles must be in (0, 100]"),
     (["URL", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
     (["URL", "--num-clients", "0"], "--num-clients must be at least 1"),
-    (["URL", "--burstiness", "0"], "--burstiness must be > 0"),
+    (["URL", "--burstiness", "0"], "--burstiness must be a finite number > 0"),
+    (["URL", "--burstiness", "inf"], "--burstiness must be a finite number > 0"),
+    (["URL", "--timeout", "inf"], "--timeout must be a finite number of seconds > 0"),
+    (["URL", "--slo-ttft-ms", "inf"], "--slo-ttft-ms must be a finite number > 0"),
     (["URL", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["URL", "--slo-ttft-ms", "-5"], "--slo-ttft-ms must be > 0"),
+    (["URL", "--slo-ttft-ms", "-5"], "--slo-ttft-ms must be a finite number > 0"),
     (["URL", "--model", "nope"], "--model 'nope': the server serves 'fake'"),
     (["URL", "--tokenizer", "/no/such/dir"], "--tokenizer '/no/such/dir': no such file or directory"),
     (["URL", "--endpoint", "chat", "--backend", "openai"], "--backend openai contradicts --endpoint chat"),
@@ -470,6 +478,33 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
     (tmp_path / "x.json").write_text('{"hello": 1}')
     assert main(["bench", "serve", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == 2
     assert "not a jaxdyn bench result" in capsys.readouterr().err
+    for text in ('{"runs": [{}]}', '{"runs": []}', '{"runs": 3}', '{"summary": 5}'):
+        (tmp_path / "y.json").write_text(text)
+        assert main(["bench", "serve", "--compare", str(tmp_path / "y.json"), str(tmp_path / "y.json")]) == 2
+        err = capsys.readouterr().err
+        assert "--compare" in err and "Traceback" not in err and err.count("\n") == 1, (text, err)
+
+
+def test_a_malformed_chunk_or_usage_fails_that_request_only(tmp_path):
+    """A chunk whose choice is null, or a usage whose count is not a number: that request fails with the reason
+    (counted, out of the latencies); the others complete and the results are written."""
+    with FakeOpenAI(ttft=0.005, itl=0.001) as fake:
+        fake.malformed_every, fake.bad_usage_every = 3, 4
+        doc = bench(tmp_path, fake.url, "--num-prompts", "12", "--random-output-len", "3")
+    s = doc["runs"][0]["summary"]
+    assert s["failed"] == 6 and s["completed"] == 6, s       # 3, 6, 9, 12 malformed; 4 and 8 bad usage
+    errors = [r["error"] for r in doc["runs"][0]["requests"] if not r["success"]]
+    assert sum(e.startswith("malformed event") for e in errors) == 4
+    assert sum(e.startswith("malformed usage") for e in errors) == 2
+
+
+def test_sharegpt_lengths_take_the_output_len_given_and_the_json_says_how_to_rerun(tmp_path):
+    with FakeOpenAI(ttft=0.001, itl=0.0005) as fake:
+        doc = bench(tmp_path, fake.url, "--num-prompts", "5", "--dataset", "sharegpt-lengths", "--output-len", "8")
+        assert [b["max_tokens"] for b in fake.bodies] == [8] * 5
+    cfg = doc["config"]
+    assert cfg["sharegpt_replies"] == "chatgpt" and cfg["output_len"] == 8
+    assert cfg["command"].startswith("jaxdyn ") and "--output-len 8" in cfg["command"]
 
 
 # ---- the real server on the demo model -------------------------------------------------------------
