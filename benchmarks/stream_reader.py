@@ -54,7 +54,7 @@ def measure(tokenizer, num_streams: int, steps: int, reader_decodes: bool, seed:
             ids = rng.integers(0, vocab, num_streams).tolist()
             text = [""] * num_streams if reader_decodes else [tokenizer.decode([t]) for t in ids]
             msg = _dumps(("out", [("o", (f"r{i}", False, 0, None, None,
-                                         [(0, text[i], [ids[i]], None, None, None, None)]))
+                                         [(0, text[i], [ids[i]], None, None, None, None)], None))
                                   for i in range(num_streams)], None))
             t0 = time.perf_counter()
             _, items, _ = pickle.loads(msg)
