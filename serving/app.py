@@ -35,6 +35,7 @@ from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParamsError
 from jaxdyn.engine.chat import ChatTemplateError, chat_prompt, message_text
 from serving.metrics import make_registry, render
 from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
+from serving.tool_parsers import ToolCallStream, make_parser
 
 log = logging.getLogger("jaxdyn.server")
 
@@ -58,8 +59,14 @@ class ServerState:
     """What the app serves: set ``engine`` once loaded (``/health`` is 503 until then)."""
 
     def __init__(self, model_name: str, *, max_queued_requests: int | None = None,
-                 max_request_bytes: int = 8 << 20, sampling_defaults: dict | None = None):
+                 max_request_bytes: int = 8 << 20, sampling_defaults: dict | None = None,
+                 tool_call_parser: str | None = None):
         self.model_name = model_name
+        # vLLM's --enable-auto-tool-choice with --tool-call-parser: chat replies to requests with tools (tool_choice
+        # "auto") are read for tool calls in this syntax (serving.tool_parsers); None: such requests are refused
+        if tool_call_parser is not None:
+            make_parser(tool_call_parser)
+        self.tool_call_parser = tool_call_parser
         # a request's defaults where it leaves a field out: the model's generation_config.json (vLLM's
         # --generation-config auto), {SamplingParams field: value}
         self.sampling_defaults = dict(sampling_defaults or {})
@@ -173,14 +180,33 @@ UNSUPPORTED = {
     "use_beam_search": "beam search",
     "bad_words": "bad_words",
     "spaces_between_special_tokens": "spaces_between_special_tokens other than true",
-    "tools": "tool calling (tools with a tool_choice other than \"none\")",
+    "tools": "tool calling (tools with a tool_choice other than \"none\"; \"auto\" with serve's "
+             "--enable-auto-tool-choice and --tool-call-parser)",
     "tool_choice": "tool calling",
     "functions": "function calling",
     "function_call": "function calling",
 }
 
 
-def _refuse_unsupported(req) -> None:
+def _tool_parsing(req, parser: str | None) -> bool:
+    """Whether a chat request's reply is read for tool calls: tools given, ``tool_choice`` "auto" (or left out,
+    OpenAI's default with tools) and a parser configured (vLLM's ``--enable-auto-tool-choice``). A tool_choice
+    that forces a call ("required", or a named function) is refused: it takes guided decoding, which this server
+    does not implement."""
+    choice = getattr(req, "tool_choice", None)
+    tools = getattr(req, "tools", None)
+    if choice is not None and choice != "none" and not tools:
+        raise APIError(400, "tool_choice: needs tools", param="tool_choice")
+    if not tools or choice == "none" or parser is None:
+        return False
+    if choice not in (None, "auto"):
+        raise APIError(400, f"tool_choice: only \"auto\" and \"none\" are served (a forced call, "
+                       f"{json.dumps(choice)[:80]}, needs guided decoding, which this server does not implement)",
+                       param="tool_choice", code="unsupported")
+    return True
+
+
+def _refuse_unsupported(req, tool_parsing: bool = False) -> None:
     for name, what in UNSUPPORTED.items():
         value = getattr(req, name, None)
         if name == "spaces_between_special_tokens":
@@ -192,8 +218,8 @@ def _refuse_unsupported(req) -> None:
             continue                                    # best_of = n: every sample is returned
         if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
             continue
-        if name in ("tools", "tool_choice") and getattr(req, "tool_choice", None) == "none":
-            continue                                    # tools described but none may be called
+        if name in ("tools", "tool_choice") and (getattr(req, "tool_choice", None) == "none" or tool_parsing):
+            continue                                    # tools described but none may be called, or parsed
         raise APIError(400, f"{name}: {what} is not supported by this server", param=name,
                        code="unsupported")
 
@@ -706,11 +732,13 @@ def build_app(state: ServerState) -> Starlette:
     async def chat_completions(request: Request):
         data = await _read_json(request, state.max_request_bytes)
         req = _validate(ChatCompletionRequest, data)
-        _refuse_unsupported(req)
+        parsing = _tool_parsing(req, state.tool_call_parser)
+        _refuse_unsupported(req, parsing)
         _check_request_fields(req)
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer
+        parser = make_parser(state.tool_call_parser) if parsing else None
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
@@ -759,6 +787,9 @@ def build_app(state: ServerState) -> Starlette:
                     obj["usage"] = usage
                 return _sse(obj)
 
+            # tool calls read out of each choice's text: content passes as it comes, a call once the choice ends
+            calls_of = [ToolCallStream(parser) for _ in range(params.n)] if parser else None
+
             async def stream():
                 final = None
                 ended: set[int] = set()
@@ -772,7 +803,8 @@ def build_app(state: ServerState) -> Starlette:
                                 continue
                             if c.delta_text or c.delta_token_ids:
                                 generated[c.index] += len(c.delta_token_ids)
-                                ch = {"index": c.index, "delta": {"content": c.delta_text}, "logprobs": None,
+                                text = calls_of[c.index].feed(c.delta_text) if calls_of else c.delta_text
+                                ch = {"index": c.index, "delta": {"content": text}, "logprobs": None,
                                       "finish_reason": None}
                                 if c.delta_logprobs is not None:
                                     ch["logprobs"] = _chat_logprobs(tok, c.delta_token_ids, c.delta_logprobs, top_n,
@@ -780,8 +812,19 @@ def build_app(state: ServerState) -> Starlette:
                                 yield chunk([ch])
                             if c.finish_reason:          # each choice's end as it ends
                                 ended.add(c.index)
+                                reason = c.finish_reason
+                                if calls_of:
+                                    rest, calls = calls_of[c.index].finish()
+                                    if rest:
+                                        yield chunk([{"index": c.index, "delta": {"content": rest}, "logprobs": None,
+                                                      "finish_reason": None}])
+                                    if calls:
+                                        reason = "tool_calls"
+                                        yield chunk([{"index": c.index, "delta": {"tool_calls": [
+                                            call.to_json(k) for k, call in enumerate(calls)]}, "logprobs": None,
+                                            "finish_reason": None}])
                                 yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
+                                              "finish_reason": reason, "stop_reason": c.stop_reason}])
                         if out.finished:
                             final = out
                     if include_usage:
@@ -805,6 +848,12 @@ def build_app(state: ServerState) -> Starlette:
         for c in final.outputs:
             ch = {"index": c.index, "message": {"role": "assistant", "content": prefix + c.text},
                   "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if parser is not None:
+                content, calls = parser.parse(c.text)
+                if calls:
+                    ch["message"] = {"role": "assistant", "content": prefix + content if content else (prefix or None),
+                                     "tool_calls": [call.to_json() for call in calls]}
+                    ch["finish_reason"] = "tool_calls"
             if c.logprobs is not None:
                 ch["logprobs"] = _chat_logprobs(tok, c.token_ids, c.logprobs, top_n, as_ids)
             choices.append(ch)

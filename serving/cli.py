@@ -8,6 +8,7 @@ import os
 import sys
 
 import checkpoints as _checkpoints_pkg
+from serving.tool_parsers import TOOL_CALL_PARSERS
 
 
 class CLIError(Exception):
@@ -412,6 +413,9 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     if args.shutdown_grace < 0:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (the served model's tool-call syntax: "
+                       f"{', '.join(TOOL_CALL_PARSERS)})")
     if args.workers:
         _check_addresses(args.workers, "--workers")
         if not (math.isfinite(args.workers_wait) and args.workers_wait > 0):
@@ -447,7 +451,8 @@ def cmd_serve(args) -> int:
     disagg = _disagg_args(args, config) if args.disagg else None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     state = ServerState(name, max_queued_requests=args.max_queued_requests,
-                        max_request_bytes=args.max_request_bytes, sampling_defaults=sampling_defaults)
+                        max_request_bytes=args.max_request_bytes, sampling_defaults=sampling_defaults,
+                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     app = build_app(state)
     server = _DrainingServer(state, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                                    timeout_graceful_shutdown=args.shutdown_grace))
@@ -694,6 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                          "max_tokens cap come from (vLLM's): auto, the model's generation_config.json; vllm, none "
                          "(the OpenAI defaults); or a folder holding a generation_config.json")
+    sv.add_argument("--enable-auto-tool-choice", action="store_true",
+                    help="chat requests with tools (tool_choice \"auto\") get the model's tool calls read out of its "
+                         "reply as OpenAI's tool_calls (vLLM's flag; needs --tool-call-parser)")
+    sv.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                    help="the served model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2.5 "
+                         "and 3) or llama3_json (Llama 3.1 / 3.2's JSON calls)")
     sv.add_argument("--max-queued-requests", type=int, default=None,
                     help="requests that may wait beyond --max-num-seqs running ones (503 beyond)")
     sv.add_argument("--max-request-bytes", type=int, default=8 << 20)

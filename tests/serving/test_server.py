@@ -288,7 +288,7 @@ BAD = [
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
-     "tool_choice", "not supported"),
+     "tool_choice", "needs tools"),
     # an explicit max_tokens the context cannot hold after the prompt (max_model_len 128; "x" is <s> + 1 byte)
     ("/v1/completions", {"prompt": "x", "max_tokens": 127}, 400, "max_tokens", "127 is too large: this model's "
      "context is 128 tokens and the prompt has 2 (127 > 128 - 2)"),

@@ -1,0 +1,182 @@
+"""Tool calls read out of a chat completion's text, as vLLM's ``--tool-call-parser`` does (with
+``--enable-auto-tool-choice``: ``tool_choice`` "auto").
+
+The model writes its calls in its own syntax; the parser named for the served model turns them into OpenAI's
+``tool_calls`` (each a function name and its arguments as a JSON string) and what came before them into the
+message's content:
+
+- ``hermes`` (Hermes 2 Pro, Qwen 2.5 / 3 and the templates that follow them): each call is
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; text before the first call is content (a final
+  call the model did not close is read to the end of the text).
+- ``llama3_json`` (Llama 3.1 / 3.2's JSON tool calling): the whole reply is one call, or several separated by
+  ``;``, each ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), optionally after ``<|python_tag|>``.
+
+A reply that does not parse (malformed JSON, a call without a name) is content, whole, as vLLM returns it.
+
+Streamed, ``ToolCallStream`` passes content through as it comes, holds back what could begin a call, and gives the
+calls once the reply has ended (one delta per call, its arguments whole): what OpenAI clients accumulate either way.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import re
+import uuid
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
+
+@dataclasses.dataclass
+class ToolCall:
+    name: str
+    arguments: str            # a JSON object, as a string (OpenAI's)
+    id: str = dataclasses.field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
+
+    def to_json(self, index: int | None = None) -> dict:
+        d = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return d if index is None else {"index": index, **d}
+
+
+def _call(obj, args_keys: tuple[str, ...]) -> ToolCall:
+    """A call from a decoded JSON object (ValueError where it is not one)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        raise ValueError("a tool call needs a name")
+    args = next((obj[k] for k in args_keys if k in obj), {})
+    if isinstance(args, str):         # arguments already a JSON string: it must hold an object
+        args = json.loads(args)
+    if not isinstance(args, dict):
+        raise ValueError("a tool call's arguments must be an object")
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+class ToolParser(abc.ABC):
+    """A model family's tool-call syntax."""
+
+    name = ""
+
+    @abc.abstractmethod
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(the content, None if there is none, and the calls) of a whole reply; no calls: (text, [])."""
+
+    @abc.abstractmethod
+    def call_start(self, text: str) -> int | None:
+        """Where the calls of a reply that begins ``text`` start; None: not known yet; -1: the reply holds none
+        where this syntax would put them."""
+
+    @abc.abstractmethod
+    def may_start(self, text: str) -> int:
+        """How many characters at the end of ``text`` could be the beginning of a call: held back when streamed."""
+
+
+class HermesParser(ToolParser):
+    name = "hermes"
+    START, END = "<tool_call>", "</tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
+
+    def parse(self, text):
+        at = text.find(self.START)
+        if at < 0:
+            return text, []
+        try:
+            calls = [_call(json.loads(closed or open_), ("arguments",))
+                     for closed, open_ in self._CALL.findall(text[at:])]
+        except ValueError:            # json.JSONDecodeError is one
+            return text, []
+        if not calls:
+            return text, []
+        return (text[:at] or None), calls
+
+    def call_start(self, text):
+        at = text.find(self.START)
+        return None if at < 0 else at
+
+    def may_start(self, text):
+        for n in range(min(len(self.START) - 1, len(text)), 0, -1):
+            if self.START.startswith(text[-n:]):
+                return n
+        return 0
+
+
+class Llama3JsonParser(ToolParser):
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+
+    def parse(self, text):
+        body = text.strip()
+        if body.startswith(self.TAG):
+            body = body[len(self.TAG):].lstrip()
+        if not body.startswith("{"):
+            return text, []
+        decoder, calls, pos = json.JSONDecoder(), [], 0
+        try:
+            while pos < len(body):
+                obj, end = decoder.raw_decode(body, pos)
+                calls.append(_call(obj, ("parameters", "arguments")))
+                pos = end
+                while pos < len(body) and body[pos] in " \t\r\n;":
+                    pos += 1
+        except ValueError:
+            return text, []
+        return None, calls
+
+    def call_start(self, text):
+        body = text.lstrip()
+        if not body:
+            return None
+        if body.startswith("{") or body.startswith(self.TAG):
+            return 0
+        if self.TAG.startswith(body):
+            return None               # could still be the tag
+        return -1                     # content: no call at the start
+
+    def may_start(self, text):
+        return len(text) if self.call_start(text) is None else 0
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def make_parser(name: str) -> ToolParser:
+    if name not in PARSERS:
+        raise ValueError(f"--tool-call-parser: expected one of {', '.join(TOOL_CALL_PARSERS)}, got {name!r}")
+    return PARSERS[name]()
+
+
+class ToolCallStream:
+    """One streamed choice: ``feed(delta)`` returns the content to send now; ``finish()`` the content held back
+    and the calls, once the reply has ended."""
+
+    def __init__(self, parser: ToolParser):
+        self.parser = parser
+        self.text = ""                # the whole reply so far
+        self.sent = 0                 # characters of it sent as content
+        self.calls_at: int | None = None
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.calls_at is not None:
+            return ""
+        at = self.parser.call_start(self.text)
+        if at is not None and at >= 0:
+            self.calls_at = at
+            out = self.text[self.sent:at]
+        elif at == -1:                # llama3_json: the reply is content
+            out = self.text[self.sent:]
+        else:
+            out = self.text[self.sent:len(self.text) - self.parser.may_start(self.text)]
+        self.sent += len(out)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content not sent yet, the calls): the calls' text parsed, or sent as content where it does not parse."""
+        if self.calls_at is None:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, []
+        content, calls = self.parser.parse(self.text)
+        if not calls:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, []
+        self.sent = len(self.text)
+        return "", calls

@@ -1,0 +1,190 @@
+"""Tool calls read out of chat replies (vLLM's --enable-auto-tool-choice / --tool-call-parser): the parsers on
+text, streamed in any chunking, and the chat endpoint over an engine whose replies are scripted."""
+
+import asyncio
+import json
+import threading
+import time
+import types
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from jaxdyn.engine.async_engine import StreamingEngine, _post
+from jaxdyn.engine.core import check_request
+from jaxdyn.engine.request import CompletionOutput, RequestOutput
+from jaxdyn.engine.tokenizer import Tokenizer
+from serving.app import ServerState, build_app
+from serving.cli import main
+from serving.tool_parsers import ToolCallStream, make_parser
+from tests.serving.test_server import TEMPLATE, free_port
+from tests.support import make_byte_tokenizer
+
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
+TIME = '{"name": "get_time", "arguments": {}}'
+HERMES = [  # (reply, content, [(name, arguments)])
+    ("no call here", "no call here", []),
+    (f"<tool_call>{WEATHER}</tool_call>", None, [("get_weather", {"city": "Paris", "unit": "C"})]),
+    (f"Let me look.\n<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>{TIME}</tool_call>", "Let me look.\n",
+     [("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {})]),
+    (f"<tool_call>{TIME[:-1]}, \"x\": 1}}", None, [("get_time", {})]),            # not closed: read to the end
+    ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 2}"}</tool_call>', None, [("f", {"a": 2})]),
+    ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),   # no name
+    ("a < b <tool but no call", "a < b <tool but no call", []),
+]
+LLAMA = [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "arguments": {"x": [1]}}', None,
+     [("a", {}), ("b", {"x": [1]})]),
+    ("  The weather is fine.", "  The weather is fine.", []),
+    ('{"name": "a", "parameters": {}', '{"name": "a", "parameters": {}', []),          # cut short: content
+    ("{not a call}", "{not a call}", []),
+]
+
+
+def _calls(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("name, cases", [("hermes", HERMES), ("llama3_json", LLAMA)])
+def test_a_reply_parses_into_content_and_calls(name, cases):
+    parser = make_parser(name)
+    for reply, content, calls in cases:
+        got_content, got_calls = parser.parse(reply)
+        assert (got_content, _calls(got_calls)) == (content, calls), reply
+        assert all(c.id.startswith("chatcmpl-tool-") for c in got_calls)
+        assert len({c.id for c in got_calls}) == len(got_calls)
+
+
+@pytest.mark.parametrize("name, cases", [("hermes", HERMES), ("llama3_json", LLAMA)])
+def test_streamed_in_any_chunks_the_content_and_calls_are_the_whole_replys(name, cases):
+    """Content passes as it comes (what could begin a call held back), calls at the end: for every reply, cut
+    into chunks at random and one character at a time, the content sent is what was not a call, and no part of a
+    call's text is ever sent as content."""
+    rng = np.random.default_rng(0)
+    parser = make_parser(name)
+    for reply, content, calls in cases:
+        for cuts in [list(range(1, len(reply)))] + [sorted(rng.choice(np.arange(1, len(reply)), 3, replace=False))
+                                                     for _ in range(20)]:
+            pieces = [reply[a:b] for a, b in zip([0, *cuts], [*cuts, len(reply)])]
+            s = ToolCallStream(parser)
+            sent = "".join(s.feed(p) for p in pieces)
+            rest, got = s.finish()
+            assert _calls(got) == calls, (reply, pieces)
+            assert sent + rest == (reply if not calls else (content or "")), (reply, pieces)
+            if calls and content is None:
+                assert sent.strip() == "", (reply, pieces)
+
+
+def test_an_unknown_parser_is_named():
+    with pytest.raises(ValueError, match="--tool-call-parser: expected one of hermes, llama3_json"):
+        make_parser("mistral")
+
+
+# ---- the chat endpoint over scripted replies -------------------------------------------------------
+
+
+class ScriptedEngine(StreamingEngine):
+    """Replies with ``reply`` (each choice), a few bytes a step: the server's side of the engine, without a model."""
+
+    def __init__(self, tokenizer):
+        super().__init__(None)
+        self.reply = ""
+        self.core = types.SimpleNamespace(
+            tokenizer=tokenizer, config=types.SimpleNamespace(max_num_seqs=8), max_model_len=512, num_pages=64,
+            model_config=types.SimpleNamespace(vocab_size=258), eos_token_ids=(257,), metrics=None)
+        self.core.config.page_size = 16
+        self.core.check_request = lambda ids, params: check_request(self.core, ids, params)
+        self.is_healthy = True
+
+    def _send(self, cmd):
+        if cmd[0] != "add":
+            return
+        _, rid, prompt, params = cmd[:4]
+        ids = self.core.tokenizer.encode(self.reply, add_special_tokens=False)
+        loop = asyncio.get_running_loop()
+
+        async def play():
+            for k in range(0, len(ids), 3):
+                await asyncio.sleep(0.001)
+                done = k + 3 >= len(ids)
+                outs = [CompletionOutput(i, self.reply, ids[:k + 3], self.core.tokenizer.decode(ids[k:k + 3]),
+                                         ids[k:k + 3], None, None, None, "stop" if done else None)
+                        for i in range(params.n)]
+                pending = {}
+                self._deliver(RequestOutput(rid, prompt, outs, done), rid, pending)
+                _post(pending)
+        loop.create_task(play())
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok"))
+    make_byte_tokenizer(path, chat_template=TEMPLATE)
+    state = ServerState("tiny", tool_call_parser="hermes")
+    state.engine = ScriptedEngine(Tokenizer.from_pretrained(path))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning",
+                                           log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", state
+    server.should_exit = True
+    thread.join(10)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_chat_returns_the_calls_as_openai_tool_calls_streamed_or_not(tool_server):
+    url, state = tool_server
+    state.engine.reply = f"Checking.<tool_call>{WEATHER}</tool_call>"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, n=2)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+        assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}
+    content, calls, reasons = {}, {}, {}
+    for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="auto",
+                                                stream=True, n=2):
+        for ch in chunk.choices:
+            content[ch.index] = content.get(ch.index, "") + (ch.delta.content or "")
+            for tc in ch.delta.tool_calls or ():
+                calls.setdefault(ch.index, []).append((tc.index, tc.function.name, json.loads(tc.function.arguments)))
+            reasons[ch.index] = ch.finish_reason or reasons.get(ch.index)
+    assert content == {0: "Checking.", 1: "Checking."} and reasons == {0: "tool_calls", 1: "tool_calls"}
+    assert calls[0] == calls[1] == [(0, "get_weather", {"city": "Paris", "unit": "C"})]
+    state.engine.reply = "It is sunny."                    # no call: an ordinary reply
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS)
+    assert r.choices[0].message.content == "It is sunny." and not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "stop"
+    state.engine.reply = f"<tool_call>{WEATHER}</tool_call>"
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="none")
+    assert r.choices[0].message.content == state.engine.reply and not r.choices[0].message.tool_calls
+
+
+def test_forced_calls_and_tool_choice_without_tools_are_refused_by_name(tool_server):
+    url, state = tool_server
+    for body, message in (({"tools": TOOLS, "tool_choice": "required"}, "needs guided decoding"),
+                          ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                           "needs guided decoding"),
+                          ({"tool_choice": "auto"}, "needs tools")):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+        assert message in r.json()["error"]["message"]
+
+
+def test_serve_needs_a_parser_for_auto_tool_choice(capsys):
+    assert main(["serve", "--enable-auto-tool-choice", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in err and err.count("\n") == 1
