@@ -609,8 +609,9 @@ class EngineCore:
             reason, stop_reason = "stop", tok
         if seq.detok is not None and (reason is None or p.include_stop_str_in_output):
             # The EOS or stop token that ends the sequence stays out of the text (vLLM: unless
-            # include_stop_str_in_output); it stays in the token ids. Before min_tokens a stop string does not count.
-            matched = seq.detok.add(tok, check_stop=reason is None and n_out >= p.min_tokens)
+            # include_stop_str_in_output); it stays in the token ids. A stop string counts from the token after the
+            # first min_tokens on, and must end in that token's text or later (vLLM V1's detokenizer)
+            matched = seq.detok.add(tok, check_stop=reason is None and n_out > p.min_tokens)
             if matched is not None:
                 reason, stop_reason = "stop", matched
         if reason is None and len(seq.prompt_ids) + n_out >= req.max_len:
@@ -618,7 +619,7 @@ class EngineCore:
         if reason is not None:
             if seq.detok is not None:
                 # the held text of a sequence that ran out of length may complete a stop string: a stop then
-                seq.detok.flush(check_stop=reason == "length" and n_out >= p.min_tokens)
+                seq.detok.flush(check_stop=reason == "length" and n_out > p.min_tokens)
                 if reason == "length" and seq.detok.stopped_by is not None:
                     reason, stop_reason = "stop", seq.detok.stopped_by
             seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -151,12 +151,12 @@ class IncrementalDetokenizer:
     def _search_stop(self, before: int) -> str | None:
         """The stop string that ends in the tail after its first ``before`` characters, if one does (the text is
         then cut there)."""
-        # a stop string ending in the new text starts at most holdback characters before it; the streamed
-        # pieces end at or before that point (take_delta holds back as much)
-        start = max(0, before - self.holdback)
+        # a stop string ending in the new text starts at most len(s) - 1 characters before it (one wholly in the
+        # text before was either looked for there or, under min_tokens, must not end the request: vLLM's search);
+        # the streamed pieces end at or before that point (take_delta holds back the longest's length - 1)
         best = None
         for s in self.stop:
-            i = self._tail.find(s, start)
+            i = self._tail.find(s, max(0, before - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 MAX_LOGPROBS = 20    # top-logprobs computed on the device per sampled token (OpenAI's cap)
+MIN_TEMPERATURE = 1e-2   # a temperature in (0, this) is this (vLLM's _MAX_TEMP): logits / T overflows float32 below ~1e-37
 MAX_LOGIT_BIAS = 32  # logit_bias entries a request may set: the size of the step's per-row block (runner.MAX_BANNED),
                      # which also holds min_tokens' bans and allowed_token_ids
 
@@ -57,6 +59,7 @@ class SamplingParams:
     cache_salt: str | None = None
 
     def __post_init__(self):
+        self._plain_numbers()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name in ("stop", "stop_token_ids", "allowed_token_ids"):   # lists (not a string of ids or a number)
@@ -70,6 +73,31 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+
+    _INTS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+    _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+    def _plain_numbers(self) -> None:
+        """NumPy's (or any) integer and real scalars as Python's int and float (vLLM takes them; the step packs and
+        workers' JSON carry Python numbers); a bool stays a bool (refused where a number is asked)."""
+        def as_int(v):
+            return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+        def as_float(v):
+            return float(v) if isinstance(v, numbers.Real) and not isinstance(v, (bool, int)) else v
+
+        for name in self._INTS:
+            setattr(self, name, as_int(getattr(self, name)))
+        for name in self._FLOATS:
+            setattr(self, name, as_float(getattr(self, name)))
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
+                setattr(self, name, [as_int(t) for t in (v.tolist() if hasattr(v, "tolist") else v)])
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {as_int(t): as_float(b) for t, b in self.logit_bias.items()}
 
     def validate(self) -> None:
         def need(cond, param, msg):

@@ -298,6 +298,40 @@ def test_stop_strings_end_generation_and_are_cut(engine):
     assert out.text == text[:text.index(stop) + len(stop)]
 
 
+def test_stop_strings_count_from_the_token_after_min_tokens(engine):
+    """With min_tokens, a stop string ends the text only where it ends in the text of a token after the first
+    min_tokens (vLLM V1's detokenizer): one wholly inside those tokens' text does not end it, even beside a longer
+    stop string, nor one the min_tokens-th token completes."""
+    prompt = [256, 72, 105]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, allowed_token_ids=list(range(97, 123)))
+    text = run(engine, {"b": (prompt, sp)})["b"].outputs[0].text          # letters: a character a token
+    assert len(text) == 24
+    m = 6
+    for stop in ([text[1:3], "z" * 20], [text[m - 2:m]], [text[m - 1:m + 1]]):
+        at = min((i for i in range(max(0, m - len(stop[0]) + 1), len(text)) if text.startswith(stop[0], i)),
+                 default=None)
+        out = run(engine, {"s": (prompt, dataclasses.replace(sp, min_tokens=m, stop=stop))})["s"].outputs[0]
+        if at is None:
+            assert out.finish_reason == "length" and out.text == text, (stop, out.text)
+        else:
+            assert out.finish_reason == "stop" and out.stop_reason == stop[0] and out.text == text[:at], (stop, out)
+
+
+def test_a_tiny_temperature_is_vllms_smallest_and_numpy_numbers_are_taken():
+    """A temperature in (0, 0.01) is 0.01 (vLLM's clamp; 1.2e-38 overflowed logits / T and drew the lowest id);
+    NumPy scalars are taken as Python numbers (vLLM takes them), a bool is still refused."""
+    assert SamplingParams(temperature=1.2e-38).temperature == 0.01 and SamplingParams(temperature=0).temperature == 0
+    p = SamplingParams(temperature=np.float32(0.5), seed=np.int64(3), top_k=np.int64(3), max_tokens=np.int32(4),
+                       allowed_token_ids=[np.int64(5)], logit_bias={np.int64(2): np.float32(1.5)},
+                       stop_token_ids=np.array([4, 5]))
+    assert (p.temperature, p.seed, p.top_k, p.max_tokens, p.allowed_token_ids, p.logit_bias, p.stop_token_ids) == \
+        (0.5, 3, 3, 4, [5], {2: 1.5}, [4, 5])
+    assert all(type(v) is int for v in (p.seed, p.top_k, p.max_tokens, *p.allowed_token_ids, *p.stop_token_ids))
+    for bad in (dict(temperature=True), dict(n=np.float64(2.0))):
+        with pytest.raises(SamplingParamsError):
+            SamplingParams(**bad)
+
+
 def test_logprobs_are_the_models(engine, ckpt):
     import torch
     ref = hf_model(ckpt)
