@@ -739,7 +739,7 @@ def build_app(state: ServerState) -> Starlette:
         _check_model(state, req.model)
         tok = engine.core.tokenizer
         parser = make_parser(state.tool_call_parser) if parsing else None
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs and not req.logprobs:           # 0 without logprobs asks for nothing: served (vLLM)
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",

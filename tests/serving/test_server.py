@@ -432,7 +432,7 @@ def test_what_the_refusals_leave_alone_is_served(server):
     with httpx.Client(base_url=server.url, timeout=60) as h:
         for extra in ({"response_format": {"type": "text"}}, {"tools": [{"type": "function", "function": {
                 "name": "f"}}], "tool_choice": "none"}, {"best_of": 1}, {"logit_bias": {}}, {"logit_bias": None},
-                {"use_beam_search": False}):
+                {"use_beam_search": False}, {"top_logprobs": 0}):
             r = h.post("/v1/chat/completions", json={**chat, **extra})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (extra, r.text)
         for top_k in (2**31, 2**63, 10**30):
