@@ -259,6 +259,10 @@ class EngineCore:
         if tokenizer is not None and eos_token_ids is None:
             eos |= set(tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(sorted(eos))
+        # the tokenizer's own EOS (vLLM's model EOS): a sequence it ends has no stop_reason; another EOS id (a
+        # generation_config.json's, e.g. a chat turn's end) ends it as a stop token, stop_reason that id (vLLM's)
+        self._own_eos = (getattr(tokenizer, "eos_token_id", None)
+                         if tokenizer is not None and eos_token_ids is None else None)
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics(kv_pages_total=num_pages)
         self._rng = random.Random(config.seed)
@@ -605,6 +609,8 @@ class EngineCore:
         reason, stop_reason = None, None
         if not p.ignore_eos and tok in self.eos_token_ids and n_out > p.min_tokens - 1:
             reason = "stop"
+            if self._own_eos is not None and tok != self._own_eos:
+                stop_reason = tok
         elif tok in p.stop_token_ids and n_out >= p.min_tokens:
             reason, stop_reason = "stop", tok
         if seq.detok is not None and (reason is None or p.include_stop_str_in_output):

@@ -40,6 +40,7 @@ class Tokenizer:
         self.bos_token_id = tok.token_to_id(bos_token) if bos_token else None
         eos = [tok.token_to_id(eos_token)] if eos_token and tok.token_to_id(eos_token) is not None else []
         self.eos_token_ids = tuple(dict.fromkeys([*eos, *extra_eos_ids]))
+        self.eos_token_id = eos[0] if eos else None     # the tokenizer's own (tokenizer_config.json's eos_token)
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)

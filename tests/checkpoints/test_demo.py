@@ -178,3 +178,16 @@ def test_llm_chat_renders_as_the_server_and_generates(llm):
     with pytest.raises(ChatTemplateError, match="the assistant's") as e:
         llm.chat(conv, sp, continue_final_message=True, add_generation_prompt=False)
     assert e.value.param == "continue_final_message"
+
+
+def test_a_chat_turns_end_is_a_stop_token_and_the_tokenizers_eos_is_not(llm):
+    """The demo's generation_config.json lists <|end|> (5) beside the tokenizer's </s> (1): ending on <|end|> is a
+    stop token's end, stop_reason 5; on </s>, an EOS's, stop_reason None (vLLM's); ignore_eos ignores both."""
+    prompt = llm.tokenizer.encode("ROMEO:")
+    for eos, reason in ((5, 5), (1, None)):
+        out = llm.generate([prompt], SamplingParams(max_tokens=4, allowed_token_ids=[eos]), use_tqdm=False)[0]
+        c = out.outputs[0]
+        assert (c.finish_reason, c.stop_reason, c.token_ids) == ("stop", reason, [eos]), eos
+        out = llm.generate([prompt], SamplingParams(max_tokens=3, allowed_token_ids=[eos], ignore_eos=True),
+                           use_tqdm=False)[0]
+        assert out.outputs[0].finish_reason == "length" and out.outputs[0].token_ids == [eos] * 3
