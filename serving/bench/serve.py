@@ -228,7 +228,11 @@ def _client_process(conn, job: dict) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="the served model name (default: the first of /v1/models)")
+    p.add_argument("--model", default=None,
+                   help="the served model name, or the model's directory (the name jaxdyn serve gives it, its "
+                        "folder's name, and its tokenizer); default: the first of /v1/models")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name the requests send, where it is not --model's (vLLM's flag)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (tokenizer.json) or file: exact prompt lengths and output counts "
                    "when the server gives no usage (default: --model if it is such a directory)")
@@ -335,7 +339,7 @@ def check_arguments(args) -> dict:
     return {"rates": rates, "percentiles": percentiles, "slo_ms": slo, "kind": _endpoint_kind(args)}
 
 
-def _served_model(base: str, model: str | None, api_key: str | None) -> str:
+def _served_model(base: str, model: str | None, api_key: str | None, flag: str = "--model") -> str:
     """Check that the server answers; the model name to send (the first listed when none is given)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -353,7 +357,10 @@ def _served_model(base: str, model: str | None, api_key: str | None) -> str:
             raise BenchError(f"--model not given and {base}/v1/models lists no model (HTTP {r.status_code})")
         return ids[0]
     if ids and model not in ids:
-        raise BenchError(f"--model {model!r}: the server serves {', '.join(map(repr, ids))}")
+        folder = os.path.basename(os.path.normpath(model))
+        if os.path.isdir(model) and folder in ids:       # jaxdyn serve --model DIR serves it as DIR's name
+            return folder
+        raise BenchError(f"{flag} {model!r}: the server serves {', '.join(map(repr, ids))}")
     return model
 
 
@@ -437,7 +444,8 @@ def main(args) -> int:
     if tok_path is None and args.model is not None and os.path.isfile(os.path.join(args.model, "tokenizer.json")):
         tok_path = args.model
     tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
-    model = _served_model(base, args.model, args.api_key)
+    model = _served_model(base, args.served_model_name or args.model, args.api_key,
+                          "--served-model-name" if args.served_model_name else "--model")
     endpoint = Endpoint(base, parsed["kind"], model, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, ignore_eos=args.ignore_eos,
                         stream_usage=args.stream_usage, timeout=args.timeout, api_key=args.api_key)

@@ -485,6 +485,21 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
         assert "--compare" in err and "Traceback" not in err and err.count("\n") == 1, (text, err)
 
 
+def test_model_may_be_the_served_models_directory_or_named_apart(tmp_path, capsys):
+    """``--model DIR`` of a server that serves DIR under its folder's name (jaxdyn serve's default) sends that
+    name; ``--served-model-name`` names it apart (vLLM's flag), checked against /v1/models."""
+    folder = tmp_path / "fake"
+    folder.mkdir()
+    with FakeOpenAI(ttft=0.001, itl=0.0005) as fake:
+        doc = bench(tmp_path, fake.url, "--num-prompts", "2", "--random-output-len", "2", "--model", str(folder))
+        assert doc["config"]["model"] == "fake" and {b["model"] for b in fake.bodies} == {"fake"}
+        doc = bench(tmp_path, fake.url, "--num-prompts", "2", "--random-output-len", "2", "--model", "x",
+                    "--served-model-name", "fake")
+        assert doc["config"]["model"] == "fake"
+        assert main(["bench", "serve", "--url", fake.url, "--served-model-name", "nope", *SMALL]) == 2
+        assert "--served-model-name 'nope': the server serves 'fake'" in capsys.readouterr().err
+
+
 def test_a_malformed_chunk_or_usage_fails_that_request_only(tmp_path):
     """A chunk whose choice is null, or a usage whose count is not a number: that request fails with the reason
     (counted, out of the latencies); the others complete and the results are written."""
