@@ -62,8 +62,8 @@ class ToolParser(abc.ABC):
 
     @abc.abstractmethod
     def call_start(self, text: str) -> int | None:
-        """Where the calls of a reply that begins ``text`` start; None: not known yet; -1: the reply holds none
-        where this syntax would put them."""
+        """Where the calls start in ``text`` (the reply's text not sent yet: from its start until some is sent);
+        None: not known yet; -1: the reply holds none where this syntax would put them."""
 
     @abc.abstractmethod
     def may_start(self, text: str) -> int:
@@ -146,37 +146,53 @@ def make_parser(name: str) -> ToolParser:
 
 class ToolCallStream:
     """One streamed choice: ``feed(delta)`` returns the content to send now; ``finish()`` the content held back
-    and the calls, once the reply has ended."""
+    and the calls, once the reply has ended. A delta costs its own length (the reply is kept in pieces; only the
+    text not yet sent, at most a call marker's length, is searched again)."""
 
     def __init__(self, parser: ToolParser):
         self.parser = parser
-        self.text = ""                # the whole reply so far
-        self.sent = 0                 # characters of it sent as content
-        self.calls_at: int | None = None
+        self._pieces: list[str] = []  # the whole reply so far
+        self.pending = ""             # its text not sent yet (held back, or from where the calls start)
+        self.calls_at: int | None = None   # where the calls start in the reply (None: none found yet)
+        self.sent = 0                 # characters of the reply sent as content
+        self.content_only = False     # the syntax puts calls where this reply has none (llama3_json: at its start)
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def feed(self, delta: str) -> str:
-        self.text += delta
+        self._pieces.append(delta)
         if self.calls_at is not None:
             return ""
-        at = self.parser.call_start(self.text)
-        if at is not None and at >= 0:
-            self.calls_at = at
-            out = self.text[self.sent:at]
-        elif at == -1:                # llama3_json: the reply is content
-            out = self.text[self.sent:]
+        pending = self.pending + delta
+        if self.content_only:
+            out = pending
         else:
-            out = self.text[self.sent:len(self.text) - self.parser.may_start(self.text)]
+            # the unsent text is the reply's from its start until something is sent (llama3_json decides there)
+            at = self.parser.call_start(pending)
+            if at is not None and at >= 0:
+                self.calls_at = self.sent + at
+                out = pending[:at]
+            elif at == -1:            # llama3_json: the reply is content
+                self.content_only = True
+                out = pending
+            else:
+                out = pending[:len(pending) - self.parser.may_start(pending)]
+        self.pending = pending[len(out):]
         self.sent += len(out)
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content not sent yet, the calls): the calls' text parsed, or sent as content where it does not parse."""
         if self.calls_at is None:
-            out, self.sent = self.text[self.sent:], len(self.text)
-            return out, []
-        content, calls = self.parser.parse(self.text)
-        if not calls:
-            out, self.sent = self.text[self.sent:], len(self.text)
-            return out, []
-        self.sent = len(self.text)
-        return "", calls
+            rest, self.pending = self.pending, ""
+        else:
+            _, calls = self.parser.parse(self.text)
+            if calls:
+                return "", calls
+            rest = self.text[self.sent:]          # the calls' text did not parse: it is content
+        self.sent += len(rest)
+        return rest, []
