@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -622,11 +623,12 @@ def build_app(state: ServerState) -> Starlette:
                     prompt_texts[j] = tok.decode(cut, skip_special_tokens=isinstance(prompts[j], str)) if tok else ""
         if req.suffix:
             raise APIError(400, "suffix: not supported", param="suffix")
-        # echo with logprobs: the prompt's tokens get theirs too (vLLM: prompt logprobs of the same count)
+        # echo with logprobs: the prompt's tokens get theirs too (vLLM: prompt logprobs of the same count, unless
+        # prompt_logprobs is given)
         echo_lps = bool(req.echo) and req.logprobs is not None
         params = _sampling_params(req, max_tokens=16 if req.max_tokens is None else req.max_tokens,
                                   logprobs=req.logprobs, defaults=state.sampling_defaults,
-                                  prompt_logprobs=req.logprobs if echo_lps else None)
+                                  prompt_logprobs=req.logprobs if echo_lps and req.prompt_logprobs is None else None)
         for ids in prompt_ids:
             _check(engine, ids, params)
             _check_room(engine, ids, req.max_tokens, "max_tokens")
@@ -719,7 +721,7 @@ def build_app(state: ServerState) -> Starlette:
                       "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if c.logprobs is not None:
                     ch["logprobs"] = echoed_logprobs(i, c, c.token_ids, c.logprobs, None)[0]
-                if req.prompt_logprobs is not None:
+                if params.prompt_logprobs is not None:       # asked, or echo with logprobs (vLLM's choice field)
                     ch["prompt_logprobs"] = _prompt_logprobs_json(tok, plps.get(i))
                 choices.append(ch)
         outs = [finals[i] for i in range(len(prompt_ids))]
@@ -762,6 +764,8 @@ def build_app(state: ServerState) -> Starlette:
                 e.param = "max_completion_tokens"
                 e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
             raise
+        if parser is not None and params.skip_special_tokens and parser.needs_special_tokens(tok):
+            params = dataclasses.replace(params, skip_special_tokens=False)   # the calls' tags are special tokens
         _check(engine, ids, params, param_prefix="messages")
         _check_room(engine, ids, max_tokens,
                     "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")

@@ -55,6 +55,13 @@ class ToolParser(abc.ABC):
     """A model family's tool-call syntax."""
 
     name = ""
+    markers: tuple[str, ...] = ()     # the syntax's tags: a model whose tokenizer makes them special tokens has its
+                                      # replies decoded with them (vLLM's adjust_request: skip_special_tokens off)
+
+    def needs_special_tokens(self, tokenizer) -> bool:
+        """Whether a reply must keep special tokens in its text for its calls to be read (a tag is one)."""
+        is_special = getattr(tokenizer, "is_special", None)
+        return is_special is not None and any(is_special(m) for m in self.markers)
 
     @abc.abstractmethod
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -73,6 +80,7 @@ class ToolParser(abc.ABC):
 class HermesParser(ToolParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
+    markers = (START, END)
     _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
 
     def parse(self, text):
@@ -102,6 +110,7 @@ class HermesParser(ToolParser):
 class Llama3JsonParser(ToolParser):
     name = "llama3_json"
     TAG = "<|python_tag|>"
+    markers = (TAG,)
 
     def parse(self, text):
         body = text.strip()

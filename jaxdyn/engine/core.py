@@ -471,6 +471,7 @@ class EngineCore:
         if batch.copies:
             self.runner.copy_pages(batch.copies)
         work = []
+        scored = 0
         metrics = self.metrics
         for idx, it in enumerate(batch.items):
             seq = it.seq
@@ -498,12 +499,11 @@ class EngineCore:
             w = SequenceWork(toks, start, cached[2], prev_row, p, prompt_len,
                              seq.seed, out_index, banned, req.sampling_row,
                              req.logit_bias if it.samples else (), req.allowed if it.samples else ())
-            if req.prompt_logprobs is not None:
-                a, b = req.scoring_rows(start, end)
-                if a < b:     # positions a..b-1 score the prompt tokens after them (Scheduler._chunk gave the rows)
-                    w.scores, w.score_at = seq.prompt_ids[a + 1:b + 1], a - start
-                    req.score_next = b
-                    batch.scored.append((req, a, b))
+            if it.scored is not None:     # positions a..b-1 score the prompt tokens after them (Scheduler._chunk)
+                a, b = it.scored
+                w.scores, w.score_at = seq.prompt_ids[a + 1:b + 1], a - start
+                batch.scored.append((req, a, b))
+                scored += b - a
             work.append(w)
             if it.samples:
                 seq.num_pending += 1
@@ -513,7 +513,7 @@ class EngineCore:
                 metrics.queue_time.observe(now - req.metrics.arrival_time)
             if start < prompt_len:
                 metrics.computed_prefill_tokens += min(end, prompt_len) - start
-        return self.runner.execute(work)
+        return self.runner.execute(work, scored=scored)
 
     def _process(self, batch: SchedulerOutput, handle: StepHandle, wire: bool = False) -> list:
         tw = time.perf_counter()

@@ -116,7 +116,8 @@ class Request:
         self.allowed: tuple = ()             # params.allowed_token_ids, sorted and distinct
         # params.prompt_logprobs: an entry per prompt token (None for the first), filled as its chunks' results come
         self.prompt_logprobs: list | None = None
-        self.score_next = 0                  # the next prompt position whose next token a dispatched step scores
+        self.score_next = 0                  # the next prompt position whose next token a scheduled step scores
+        self.scoring_open = False            # its prompt is still to be scored (the scheduler counts it)
         self.prompt_logprobs_sent = False    # an output has carried prompt_logprobs (they go out once, whole)
 
     def scoring_rows(self, start: int, end: int) -> tuple[int, int]:

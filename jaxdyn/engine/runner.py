@@ -1079,16 +1079,20 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def execute(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepHandle:
+    def execute(self, work: Sequence[SequenceWork], variant: str | None = None, scored: int | None = None
+                ) -> StepHandle:
         """Dispatch one step (one compiled call, or several where ``plan`` splits it); returns at once
-        with a handle to its results."""
+        with a handle to its results. ``scored``: the work's scored prompt tokens (``SequenceWork.scores``), when
+        the caller counted them (else counted here)."""
         if not self.weights_loaded:
             raise RuntimeError("the runner has no weights yet (set_weights)")
         c0 = thread_compilation_count()
         write = self._write_half * self.max_rows
         read = self.max_rows - write
         try:
-            parts = self.plan([len(w.token_ids) for w in work], sum(len(w.scores) for w in work))
+            if scored is None:
+                scored = sum(len(w.scores) for w in work)
+            parts = self.plan([len(w.token_ids) for w in work], scored)
             packed = [self._pack(work, rows, read, write) for rows in parts]
             variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
             calls = [(self._compile(t, p, variant), self._set_variant(arrays, variant)) for t, p, _, arrays, _ in packed]
@@ -1111,7 +1115,7 @@ class ModelRunner:
         self.rows_run += sum(pk[0] for pk in packed)
         self.calls_run += len(calls)
         return StepHandle(self, len(work), sampled, write, parts, outs, any(pk[4] for pk in packed), variant,
-                          sum(len(w.scores) for w in work))
+                          scored)
 
     def plan(self, ns: Sequence[int], scored: int = 0) -> list[list[int] | None]:
         """The rows of each compiled call of a step whose rows hold ``ns[i]`` tokens: ``[None]`` (one call of

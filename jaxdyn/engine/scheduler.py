@@ -73,6 +73,7 @@ class ScheduledSeq:
     start: int              # first position computed
     num_tokens: int
     samples: bool           # the chunk reaches the sequence's end: a token is drawn
+    scored: tuple[int, int] | None = None   # prompt_logprobs: the positions a..b-1 whose next prompt token it scores
 
 
 @dataclasses.dataclass
@@ -106,11 +107,15 @@ class Scheduler:
         # running sequences whose cached whole pages may duplicate pages the tree already held, with the
         # number of those pages: moved onto the tree's at the next step (_share_cached_copies)
         self._copies_to_share: list[tuple[Sequence, int]] = []
+        self.scoring = 0              # requests whose prompts are still to be scored (prompt_logprobs)
         self.reserved: dict[str, list[int]] = {}
 
     # ---- queue management --------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
+        if request.prompt_logprobs is not None and len(request.prompt_ids) > 1:
+            request.scoring_open = True           # counted in self.scoring until its prompt is scored or it ends
+            self.scoring += 1
         for seq in request.seqs:
             self._push_waiting(seq)
 
@@ -137,6 +142,10 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
+        req = seq.request
+        if req.scoring_open and all(s.status is SeqStatus.FINISHED for s in req.seqs):
+            req.scoring_open = False              # ended (aborted) before its prompt was scored
+            self.scoring -= 1
         if hold and seq.pages:
             self.held[seq.request.request_id] = seq
             return
@@ -292,6 +301,16 @@ class Scheduler:
         is_shared = self.allocator.is_shared
         running = self.running
         self._score_rows = 0                  # rows of this step that score prompt tokens (prompt_logprobs)
+        self._scoring_items = 0               # sequences of this step that score (their own rows)
+        # With requests scoring their prompts (each position a row) beside others, the step's rows are shared:
+        # at most half for the scoring ones (their own rows and their positions'), the rest kept for the others
+        # (a scored prompt took every row: nothing else was admitted meanwhile, or the reverse).
+        rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self._scoring_cap = rows
+        others_cap = rows
+        if self.scoring and len(self.running) + len(self.waiting) > self.scoring:
+            self._scoring_cap = max(2, rows // 2)
+            others_cap = rows - self._scoring_cap
         i = 0
         while i < len(running) and budget > 0 and len(items) + self._score_rows < cfg.max_num_seqs:
             seq = running[i]
@@ -302,9 +321,9 @@ class Scheduler:
                 i += 1
                 continue
             n = min(target - computed, budget)
-            if seq.request.prompt_logprobs is not None:
-                n = self._chunk(seq, computed, n, len(items))
-                if n == 0:                # its prompt's scoring rows do not fit this step
+            if self.scoring:
+                n = self._chunk(seq, computed, n, len(items), others_cap)
+                if n == 0:                # its rows do not fit this step's share
                     i += 1
                     continue
             end = computed + n
@@ -347,9 +366,14 @@ class Scheduler:
                 if target == seq.num_tokens and not can_sample(seq):
                     j += 1
                     continue
+                if self.scoring and self._chunk(seq, seq.num_computed, min(target - seq.num_computed, budget),
+                                                len(items), others_cap) == 0:
+                    break                 # its rows do not fit this step's share (no overtaking)
                 cached = self._match(seq, target)
-                n = self._chunk(seq, seq.num_computed, min(target - seq.num_computed, budget), len(items))
-                if n == 0 or not self._reserve(seq, seq.num_computed + n, copies):
+                n = min(target - seq.num_computed, budget)
+                if seq.request.scoring_open:
+                    n = self._chunk(seq, seq.num_computed, n, len(items), others_cap)
+                if not self._reserve(seq, seq.num_computed + n, copies):
                     if cached:
                         self._free_pages(seq)
                     break
@@ -377,7 +401,7 @@ class Scheduler:
         if self.cache is None or seq.pages:
             return 0
         req = seq.request
-        if req.prompt_logprobs is not None and req.score_next < len(req.prompt_ids) - 1:
+        if req.scoring_open:
             return 0                  # its prompt's tokens are to be scored: computed, not taken from the cache
         limit = target - 1          # at least one token is computed, for the logits
         pages, n = self.cache.match(seq.token_slice(0, limit), limit, req.params.cache_salt)
@@ -387,17 +411,19 @@ class Scheduler:
             seq.num_computed = n
         return n
 
-    def _chunk(self, seq: Sequence, computed: int, n: int, num_items: int) -> int:
-        """The tokens of ``seq``'s next chunk (at most ``n``) that fit this step's rows: a prompt position
-        scored for ``prompt_logprobs`` takes a row of its own beside its sequence's (``max_num_seqs`` and the
-        largest token bucket bound the rows); 0 when not one more position fits."""
+    def _chunk(self, seq: Sequence, computed: int, n: int, num_items: int, others_cap: int) -> int:
+        """With requests scoring their prompts about: the tokens of ``seq``'s next chunk (at most ``n``) that fit
+        this step's rows, 0 when none does. A prompt position scored for ``prompt_logprobs`` takes a row of its own
+        beside its sequence's; the scoring sequences share ``_scoring_cap`` rows, the others ``others_cap``."""
         req = seq.request
-        if req.prompt_logprobs is None:
-            return n
+        if not req.scoring_open:
+            return n if num_items - self._scoring_items < others_cap else 0
         a, b = req.scoring_rows(computed, computed + n)
         if a == b:
-            return n
-        room = min(self.config.max_num_seqs, self.config.max_num_batched_tokens) - num_items - 1 - self._score_rows
+            return n if self._scoring_items + self._score_rows < self._scoring_cap else 0
+        rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        # rows for its positions: of the step's, and of the scoring sequences' share (each less its own row)
+        room = min(rows - num_items - self._score_rows, self._scoring_cap - self._scoring_items - self._score_rows) - 1
         if room <= 0:
             return 0
         if b - a > room:              # the chunk ends where the rows run out
@@ -407,9 +433,17 @@ class Scheduler:
     def _take(self, seq: Sequence, n: int, target: int) -> ScheduledSeq:
         start = seq.num_computed
         req = seq.request
-        if req.prompt_logprobs is not None:
+        scored = None
+        if req.scoring_open:
+            self._scoring_items += 1
             a, b = req.scoring_rows(start, start + n)
-            self._score_rows += b - a
+            if a < b:
+                scored = (a, b)
+                self._score_rows += b - a
+                req.score_next = b
+                if b >= len(req.prompt_ids) - 1:      # every prompt token scored
+                    req.scoring_open = False
+                    self.scoring -= 1
         computed = seq.num_computed = start + n
         prompt_len = len(seq.prompt_ids)
         if start < prompt_len <= computed:
@@ -417,7 +451,7 @@ class Scheduler:
         samples = computed == prompt_len + len(seq.output_ids) + seq.num_pending
         if seq.fork_target is not None and computed == seq.fork_target:
             self._fork(seq)
-        return ScheduledSeq(seq, start, n, samples)
+        return ScheduledSeq(seq, start, n, samples, scored)
 
     def _fork(self, leader: Sequence) -> None:
         """n > 1: the shared prompt is computed (or scheduled); siblings take references to its pages."""
@@ -438,6 +472,8 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         self.allocator.check_invariants()
+        scoring = {id(s.request) for s in self.running + self.waiting if s.request.scoring_open}
+        assert self.scoring == len(scoring), f"{self.scoring} requests counted scoring, {len(scoring)} are"
         counts: dict[int, int] = {}
         for s in self.running + self.waiting + list(self.held.values()):
             for p in s.pages:

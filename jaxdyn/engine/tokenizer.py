@@ -77,6 +77,14 @@ class Tokenizer:
         batch of 1,000 ShareGPT-sized prompts took 0.11 s against 0.21 s one by one on 2 cores."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
+    def is_special(self, text: str) -> bool:
+        """Whether ``text`` is one of the tokenizer's special tokens (left out of decoded text by
+        ``skip_special_tokens``)."""
+        specials = getattr(self, "_specials", None)
+        if specials is None:
+            specials = self._specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        return text in specials
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

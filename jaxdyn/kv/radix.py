@@ -68,6 +68,7 @@ class RadixCache:
         self.page_size = page_size
         self.root = _Node((), [], None, 0)
         self._roots: dict[str | None, _Node] = {None: self.root}    # a tree per cache salt
+        self._salt_of: dict[int, str] = {}                            # a salted root's uid -> its salt
         self._clock = itertools.count(1)
         self._leaves: set[_Node] = set()
         self.num_pages = 0           # pages the tree holds
@@ -79,6 +80,7 @@ class RadixCache:
         root = self._roots.get(salt)
         if root is None and make:
             root = self._roots[salt] = _Node((), [], None, 0)
+            self._salt_of[root.uid] = salt
         return root
 
     def _walk(self, tokens: Seq[int], limit: int, salt: str | None = None) -> tuple[_Node, list[int], int]:
@@ -219,7 +221,7 @@ class RadixCache:
                 if self._evictable(parent):
                     heapq.heappush(heap, (parent.last_access, parent.uid, parent))
             elif parent.parent is None and parent is not self.root and not parent.children:
-                self._roots = {s: r for s, r in self._roots.items() if r is not parent}   # an emptied salt's tree
+                del self._roots[self._salt_of.pop(parent.uid)]              # an emptied salt's tree
         self.num_pages -= freed
         self.num_evicted += freed
         return freed

@@ -111,6 +111,8 @@ def _chunk_output(obj: dict, chat: bool) -> tuple[bool, str]:
     else:
         text = choice.get("text") or ""
         carries = bool(text) or not finished
+    if not isinstance(text, str):
+        raise TypeError(f"its text is a {type(text).__name__}, not a string")
     return carries, text
 
 

@@ -163,16 +163,7 @@ class LoadRun:
         in one process; ``--max-concurrency`` is divided among them (their shares add up to it: at most that many
         processes, each a share of at least one); the peak concurrency is their sum."""
         ctx = multiprocessing.get_context("spawn")
-        if self.max_concurrency is not None:
-            n = min(n, self.max_concurrency)
-        parts: list[list[int]] = [[] for _ in range(n)]
-        for i, sample in enumerate(self.samples):
-            key = sample.conversation if sample.conversation is not None else i
-            parts[key % n].append(i)
-        parts = [p for p in parts if p]
-        mc = self.max_concurrency
-        limits = [None] * len(parts) if mc is None else [mc // len(parts) + (j < mc % len(parts))
-                                                         for j in range(len(parts))]
+        parts, limits = deal_requests(self.samples, n, self.max_concurrency)
         conns, procs = [], []
         for part, limit in zip(parts, limits):
             mine, theirs = ctx.Pipe()
@@ -364,6 +355,40 @@ def _served_model(base: str, model: str | None, api_key: str | None, flag: str =
     return model
 
 
+def deal_requests(samples, n: int, max_concurrency: int | None) -> tuple[list[list[int]], list[int | None]]:
+    """The samples' indices for each of (at most) ``n`` client processes and each one's share of
+    ``max_concurrency``: the shares add up to it (at most that many processes, a share of at least one each), and
+    requests are dealt in proportion to them (a process of two slots gets two for one's one); a conversation's
+    turns go to one process. Processes given no request are left out."""
+    mc = max_concurrency
+    if mc is not None:
+        n = min(n, mc)
+    shares = [None] * n if mc is None else [mc // n + (j < mc % n) for j in range(n)]
+    deal = list(range(n)) if mc is None else [j for j in range(n) for _ in range(shares[j])]
+    parts: list[list[int]] = [[] for _ in range(n)]
+    for i, sample in enumerate(samples):
+        key = sample.conversation if sample.conversation is not None else i
+        parts[deal[key % len(deal)]].append(i)
+    return [p for p in parts if p], [shares[j] for j in range(n) if parts[j]]
+
+
+def _command(argv: list[str]) -> str:
+    """The command line that reproduces the run, its API key (``--api-key``) left out."""
+    shown, hide = [], False
+    for a in argv:
+        if hide:
+            shown.append("***")
+            hide = False
+        elif a == "--api-key":
+            shown.append(a)
+            hide = True
+        elif a.startswith("--api-key="):
+            shown.append("--api-key=***")
+        else:
+            shown.append(a)
+    return shlex.join(["jaxdyn", *shown])
+
+
 def _config(args, parsed: dict, model: str) -> dict:
     keep = ("url", "tokenizer", "dataset", "dataset_path", "sharegpt_replies", "num_prompts", "seed", "input_len",
             "output_len",
@@ -373,7 +398,7 @@ def _config(args, parsed: dict, model: str) -> dict:
     cfg = {k: getattr(args, k) for k in keep}
     cfg.update(model=model, endpoint=ENDPOINTS[parsed["kind"]], request_rates=args.request_rate,
                percentiles=parsed["percentiles"], slo_ms=parsed["slo_ms"],
-               command=shlex.join(["jaxdyn", *getattr(args, "argv", sys.argv[1:])]))
+               command=_command(getattr(args, "argv", sys.argv[1:])))
     if not cfg["dataset"].startswith("sharegpt"):
         cfg.pop("sharegpt_replies")
     if cfg["dataset"] != "random":

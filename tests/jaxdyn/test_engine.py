@@ -428,6 +428,33 @@ def test_cache_salt_shares_cached_prefixes_only_within_a_salt(engine):
     assert e.value.param == "cache_salt"
 
 
+def test_a_prompt_being_scored_leaves_half_the_rows_to_the_others(engine):
+    """A scored prompt takes a step's row a position (16 rows a step here): beside other requests it has half of
+    them, so a request arriving meanwhile starts at once instead of after the whole prompt; alone it has them all."""
+    long = list(range(40, 100))                          # 59 positions to score
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    first: dict[str, int] = {}
+    pending = {"s": ([256, 9, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))}
+    engine.add_request("p", long, sp)
+    step = 0
+    while engine.has_unfinished() or pending:
+        if step == 1 and pending:
+            engine.add_request("s", *pending.pop("s"))
+        for out in engine.step():
+            first.setdefault(out.request_id, step)
+        step += 1
+    assert first["s"] <= 4 < first["p"], first           # the short one is not held behind the scoring
+    alone_steps = 0
+    engine.add_request("p2", long, sp)
+    while "p2" not in first:
+        for out in engine.step():
+            first.setdefault(out.request_id, alone_steps)
+        alone_steps += 1
+    assert first["p2"] <= 6, first                       # alone: 15 positions a step, 4 steps and the overlap's
+    while engine.has_unfinished():
+        engine.step()
+
+
 def test_prompt_logprobs_under_preemption_and_offline(ckpt):
     """Scored prompts in a workload that preempts (a pool of 24 pages): each request's prompt logprobs and tokens
     are those it gets alone, nothing scored twice; ``LLM.generate`` returns them too."""

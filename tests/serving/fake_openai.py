@@ -117,7 +117,8 @@ class FakeOpenAI:
                     if self.hang_every and n % self.hang_every == 0 and k == 1:
                         await asyncio.sleep(30)
                     if self.malformed_every and n % self.malformed_every == 0 and k == 1:
-                        yield f"data: {json.dumps({'id': f'x{n}', 'choices': [None]})}\n\n"
+                        bad = [None] if n % 2 else [{"index": 0, "text": 5, "delta": {"content": 7}}]
+                        yield f"data: {json.dumps({'id': f'x{n}', 'choices': bad})}\n\n"
                     yield chunk(f"t{n}.{k} ")
                 yield chunk(finish="length")
                 if include_usage:

@@ -485,6 +485,30 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
         assert "--compare" in err and "Traceback" not in err and err.count("\n") == 1, (text, err)
 
 
+def test_client_processes_get_requests_in_proportion_to_their_concurrency_shares():
+    """--max-concurrency over --num-clients: the shares add up to the bound and the requests follow the shares (a
+    process of one slot dealt as many requests as one of two ran alone half the run), conversations kept whole."""
+    from serving.bench.serve import deal_requests
+    samples = [datasets.Sample("p", 1, 1) for _ in range(30)]
+    parts, limits = deal_requests(samples, 2, 3)
+    assert limits == [2, 1] and [len(p) for p in parts] == [20, 10]
+    parts, limits = deal_requests(samples, 4, 1)
+    assert limits == [1] and [len(p) for p in parts] == [30]
+    parts, limits = deal_requests(samples, 3, None)
+    assert limits == [None] * 3 and [len(p) for p in parts] == [10, 10, 10]
+    turns = [datasets.Sample("p", 1, 1, conversation=c, turn=t) for c in range(5) for t in range(3)]
+    parts, _ = deal_requests(turns, 2, 3)
+    assert all(len({turns[i].conversation for i in p} & {turns[i].conversation for i in q}) == 0
+               for p in parts for q in parts if p is not q)
+
+
+def test_the_command_recorded_leaves_the_api_key_out(tmp_path, capsys):
+    with FakeOpenAI(ttft=0.001, itl=0.0005) as fake:
+        doc = bench(tmp_path, fake.url, "--num-prompts", "1", "--random-output-len", "2", "--api-key", "sk-SECRET-1")
+    assert "sk-SECRET" not in doc["config"]["command"] and "--api-key '***'" in doc["config"]["command"]
+    assert "sk-SECRET" not in capsys.readouterr().out + (tmp_path / "run.json").read_text()
+
+
 def test_model_may_be_the_served_models_directory_or_named_apart(tmp_path, capsys):
     """``--model DIR`` of a server that serves DIR under its folder's name (jaxdyn serve's default) sends that
     name; ``--served-model-name`` names it apart (vLLM's flag), checked against /v1/models."""

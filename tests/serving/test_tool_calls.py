@@ -105,15 +105,19 @@ class ScriptedEngine(StreamingEngine):
         if cmd[0] != "add":
             return
         _, rid, prompt, params = cmd[:4]
-        ids = self.core.tokenizer.encode(self.reply, add_special_tokens=False)
+        self.params = params
+        tok = self.core.tokenizer
+        ids = tok.encode(self.reply, add_special_tokens=False)
         loop = asyncio.get_running_loop()
 
         async def play():
             for k in range(0, len(ids), 3):
                 await asyncio.sleep(0.001)
                 done = k + 3 >= len(ids)
-                outs = [CompletionOutput(i, self.reply, ids[:k + 3], self.core.tokenizer.decode(ids[k:k + 3]),
-                                         ids[k:k + 3], None, None, None, "stop" if done else None)
+                text = tok.decode(ids[:k + 3], skip_special_tokens=params.skip_special_tokens)
+                delta = text[len(tok.decode(ids[:k], skip_special_tokens=params.skip_special_tokens)):]
+                outs = [CompletionOutput(i, text, ids[:k + 3], delta, ids[k:k + 3], None, None, None,
+                                         "stop" if done else None)
                         for i in range(params.n)]
                 pending = {}
                 self._deliver(RequestOutput(rid, prompt, outs, done), rid, pending)
@@ -171,6 +175,33 @@ def test_chat_returns_the_calls_as_openai_tool_calls_streamed_or_not(tool_server
     state.engine.reply = f"<tool_call>{WEATHER}</tool_call>"
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="none")
     assert r.choices[0].message.content == state.engine.reply and not r.choices[0].message.tool_calls
+
+
+def test_tags_that_are_special_tokens_are_kept_for_the_parser(tool_server, tmp_path):
+    """A tokenizer whose <tool_call> and </tool_call> are special tokens (some Hermes models'): a request with
+    tools is decoded with special tokens kept (vLLM's hermes parser does the same), so its calls are read; without
+    tools the request's own skip_special_tokens stands."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RawTokenizer
+    url, state = tool_server
+    make_byte_tokenizer(str(tmp_path), chat_template=TEMPLATE)
+    raw = RawTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken("<tool_call>", special=True), AddedToken("</tool_call>", special=True)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    plain, state.engine.core.tokenizer = state.engine.core.tokenizer, Tokenizer.from_pretrained(str(tmp_path))
+    try:
+        assert make_parser("hermes").needs_special_tokens(state.engine.core.tokenizer)
+        assert not make_parser("hermes").needs_special_tokens(plain)
+        state.engine.reply = f"<tool_call>{WEATHER}</tool_call>"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS)
+        assert state.engine.params.skip_special_tokens is False
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == \
+            "get_weather"
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES)
+        assert state.engine.params.skip_special_tokens is True and r.choices[0].message.content == WEATHER
+    finally:
+        state.engine.core.tokenizer = plain
 
 
 def test_forced_calls_and_tool_choice_without_tools_are_refused_by_name(tool_server):
