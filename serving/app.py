@@ -31,7 +31,7 @@ from starlette.routing import Route
 import jaxdyn
 from jaxdyn import AsyncEngine, EngineDeadError, RequestError, SamplingParams
 from jaxdyn.engine.async_engine import RequestFailedError, ShutdownError
-from jaxdyn.engine.request import RequestOutput
+from jaxdyn.engine.request import CompletionOutput, RequestOutput
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS, SamplingParamsError
 from jaxdyn.engine.chat import ChatTemplateError, chat_prompt, message_text
 from serving.metrics import make_registry, render
@@ -359,8 +359,8 @@ def _usage_so_far(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _usage(prompt_lens: list[int], outputs: list[RequestOutput], cached: int) -> dict:
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+def _usage(prompt_lens: list[int], outputs: list[RequestOutput], cached: int, generated: bool = True) -> dict:
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs) if generated else 0
     prompt = sum(prompt_lens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
@@ -626,7 +626,10 @@ def build_app(state: ServerState) -> Starlette:
         # echo with logprobs: the prompt's tokens get theirs too (vLLM: prompt logprobs of the same count, unless
         # prompt_logprobs is given)
         echo_lps = bool(req.echo) and req.logprobs is not None
-        params = _sampling_params(req, max_tokens=16 if req.max_tokens is None else req.max_tokens,
+        # echo with max_tokens 0 (vLLM's echo without generation, lm-eval's scoring form): the prompt alone is
+        # returned; one token is drawn, as the engine must, and left out
+        echo_only = bool(req.echo) and req.max_tokens == 0
+        params = _sampling_params(req, max_tokens=1 if echo_only else 16 if req.max_tokens is None else req.max_tokens,
                                   logprobs=req.logprobs, defaults=state.sampling_defaults,
                                   prompt_logprobs=req.logprobs if echo_lps and req.prompt_logprobs is None else None)
         for ids in prompt_ids:
@@ -643,6 +646,14 @@ def build_app(state: ServerState) -> Starlette:
 
         def choice_text(i, c, first):
             return (prompt_texts[i] if echo and first else "")
+
+        def shown(c):
+            """The choice as returned: without its one token where the request echoes without generating."""
+            if not echo_only:
+                return c
+            lps = None if c.logprobs is None else []
+            return CompletionOutput(c.index, "", [], "", [], None if c.cumulative_logprob is None else 0.0, lps, lps,
+                                    "length" if c.finish_reason else None, None)
 
         plps: dict[int, list] = {}          # each prompt's logprobs, from the output that carried them
 
@@ -671,7 +682,7 @@ def build_app(state: ServerState) -> Starlette:
                 try:
                     async for i, out in _merge(gens):
                         prompt_lps(i, out)
-                        for c in out.outputs:
+                        for c in map(shown, out.outputs):
                             idx = i * n + c.index
                             if idx in ended or not (c.delta_text or c.delta_token_ids or c.finish_reason):
                                 continue
@@ -697,7 +708,8 @@ def build_app(state: ServerState) -> Starlette:
                         yield _sse({"id": rid, "object": "text_completion", "created": created,
                                     "model": state.model_name, "choices": [],
                                     "usage": _usage([len(x) for x in prompt_ids], list(finals.values()),
-                                                    sum(o.num_cached_tokens for o in finals.values()))})
+                                                    sum(o.num_cached_tokens for o in finals.values()),
+                                                    not echo_only)})
                 except (RequestError, EngineDeadError, SamplingParamsError, RequestFailedError) as e:
                     yield _sse(_stream_error(e).body())
                 yield _DONE
@@ -716,7 +728,7 @@ def build_app(state: ServerState) -> Starlette:
         choices = []
         for i in range(len(prompt_ids)):
             prompt_lps(i, finals[i])
-            for c in finals[i].outputs:
+            for c in map(shown, finals[i].outputs):
                 ch = {"index": i * n + c.index, "text": (prompt_texts[i] if echo else "") + c.text,
                       "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if c.logprobs is not None:
@@ -728,7 +740,7 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
                              "model": state.model_name, "choices": choices,
                              "usage": _usage([len(x) for x in prompt_ids], outs,
-                                             sum(o.num_cached_tokens for o in outs))})
+                                             sum(o.num_cached_tokens for o in outs), not echo_only)})
 
     @endpoint
     async def chat_completions(request: Request):

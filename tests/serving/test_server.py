@@ -1003,6 +1003,20 @@ def test_prompt_logprobs_and_echo_with_logprobs_over_http(server, ckpt):
         later = [e["choices"][0]["logprobs"] for e in events[1:] if e["choices"] and e["choices"][0]["logprobs"]]
         assert later and all(x["token_logprobs"][0] is not None for x in later)
 
+        # max_tokens 0 with echo (vLLM's echo without generation): the prompt alone, its logprobs, no tokens used
+        for stream in (False, True):
+            r = h.post("/v1/completions", json={**body, "max_tokens": 0, "stream": stream,
+                                                "stream_options": {"include_usage": True} if stream else None})
+            assert r.status_code == 200, r.text
+            if stream:
+                events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+                (choice,) = [e["choices"][0] for e in events if e["choices"]]
+                usage = events[-1]["usage"]
+            else:
+                choice, usage = r.json()["choices"][0], r.json()["usage"]
+            assert choice["text"] == text and choice["finish_reason"] == "length"
+            assert choice["logprobs"]["token_logprobs"] == lp["token_logprobs"][:len(ids)]
+            assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(ids)
         r = h.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 2, "temperature": 0,
                                             "prompt_logprobs": 2, "n": 2})
         assert r.status_code == 200, r.text
