@@ -704,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "reply as OpenAI's tool_calls (vLLM's flag; needs --tool-call-parser)")
     sv.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                     help="the served model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2.5 "
-                         "and 3) or llama3_json (Llama 3.1 / 3.2's JSON calls)")
+                         "and 3), llama3_json (Llama 3.1 / 3.2's JSON calls) or mistral ([TOOL_CALLS]...)")
     sv.add_argument("--max-queued-requests", type=int, default=None,
                     help="requests that may wait beyond --max-num-seqs running ones (503 beyond)")
     sv.add_argument("--max-request-bytes", type=int, default=8 << 20)

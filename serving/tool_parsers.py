@@ -10,6 +10,9 @@ message's content:
   call the model did not close is read to the end of the text).
 - ``llama3_json`` (Llama 3.1 / 3.2's JSON tool calling): the whole reply is one call, or several separated by
   ``;``, each ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), optionally after ``<|python_tag|>``.
+- ``mistral``: after ``[TOOL_CALLS]``, a JSON list of ``{"name": ..., "arguments": {...}}`` (tokenizers before
+  v11) or ``name[ARGS]{...}``, one a ``[TOOL_CALLS]`` (v11 on); each call's id nine letters and digits, as Mistral's
+  chat templates require of the ids they are given back.
 
 A reply that does not parse (malformed JSON, a call without a name) is content, whole, as vLLM returns it.
 
@@ -22,10 +25,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import random
 import re
+import string
 import uuid
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 
 
 @dataclasses.dataclass
@@ -39,7 +44,7 @@ class ToolCall:
         return d if index is None else {"index": index, **d}
 
 
-def _call(obj, args_keys: tuple[str, ...]) -> ToolCall:
+def _call(obj, args_keys: tuple[str, ...], make=ToolCall) -> ToolCall:
     """A call from a decoded JSON object (ValueError where it is not one)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         raise ValueError("a tool call needs a name")
@@ -48,7 +53,13 @@ def _call(obj, args_keys: tuple[str, ...]) -> ToolCall:
         args = json.loads(args)
     if not isinstance(args, dict):
         raise ValueError("a tool call's arguments must be an object")
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    return make(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _mistral_call(name: str, arguments: str) -> ToolCall:
+    """A call whose id is nine letters and digits (Mistral's templates refuse others when the call comes back)."""
+    alphabet = string.ascii_letters + string.digits
+    return ToolCall(name, arguments, "".join(random.SystemRandom().choice(alphabet) for _ in range(9)))
 
 
 class ToolParser(abc.ABC):
@@ -77,7 +88,23 @@ class ToolParser(abc.ABC):
         """How many characters at the end of ``text`` could be the beginning of a call: held back when streamed."""
 
 
-class HermesParser(ToolParser):
+class _MarkedCalls(ToolParser):
+    """A syntax whose calls begin at a marker (``START``) anywhere in the reply."""
+
+    START = ""
+
+    def call_start(self, text):
+        at = text.find(self.START)
+        return None if at < 0 else at
+
+    def may_start(self, text):
+        for n in range(min(len(self.START) - 1, len(text)), 0, -1):
+            if self.START.startswith(text[-n:]):
+                return n
+        return 0
+
+
+class HermesParser(_MarkedCalls):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
     markers = (START, END)
@@ -96,15 +123,6 @@ class HermesParser(ToolParser):
             return text, []
         return (text[:at] or None), calls
 
-    def call_start(self, text):
-        at = text.find(self.START)
-        return None if at < 0 else at
-
-    def may_start(self, text):
-        for n in range(min(len(self.START) - 1, len(text)), 0, -1):
-            if self.START.startswith(text[-n:]):
-                return n
-        return 0
 
 
 class Llama3JsonParser(ToolParser):
@@ -144,7 +162,38 @@ class Llama3JsonParser(ToolParser):
         return len(text) if self.call_start(text) is None else 0
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+class MistralParser(_MarkedCalls):
+    name = "mistral"
+    START, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    markers = (START, ARGS)
+
+    def parse(self, text):
+        at = text.find(self.START)
+        if at < 0:
+            return text, []
+        calls = []
+        try:
+            for seg in text[at + len(self.START):].split(self.START):
+                seg = seg.strip()
+                if seg[:1] in ("[", "{"):          # a JSON list of calls (or one call)
+                    objs = json.loads(seg)
+                    for obj in objs if isinstance(objs, list) else [objs]:
+                        calls.append(_call(obj, ("arguments", "parameters"), _mistral_call))
+                else:                              # name[ARGS]{...}
+                    name, sep, args = seg.partition(self.ARGS)
+                    if not sep:
+                        raise ValueError("a call without [ARGS]")
+                    calls.append(_call({"name": name.strip(), "arguments": json.loads(args)}, ("arguments",),
+                                       _mistral_call))
+        except ValueError:
+            return text, []
+        if not calls:
+            return text, []
+        return (text[:at] or None), calls
+
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
 
 
 def make_parser(name: str) -> ToolParser:

@@ -44,23 +44,37 @@ LLAMA = [
     ('{"name": "a", "parameters": {}', '{"name": "a", "parameters": {}', []),          # cut short: content
     ("{not a call}", "{not a call}", []),
 ]
+MISTRAL = [
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]',
+     None, [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ('Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}', "Sure. ",
+     [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ("[TOOL_CALLS]get_weather{}", "[TOOL_CALLS]get_weather{}", []),                  # no [ARGS]: content
+    ("[TOOLS are fine]", "[TOOLS are fine]", []),
+]
 
 
 def _calls(calls):
     return [(c.name, json.loads(c.arguments)) for c in calls]
 
 
-@pytest.mark.parametrize("name, cases", [("hermes", HERMES), ("llama3_json", LLAMA)])
+CASES = [("hermes", HERMES), ("llama3_json", LLAMA), ("mistral", MISTRAL)]
+
+
+@pytest.mark.parametrize("name, cases", CASES)
 def test_a_reply_parses_into_content_and_calls(name, cases):
     parser = make_parser(name)
     for reply, content, calls in cases:
         got_content, got_calls = parser.parse(reply)
         assert (got_content, _calls(got_calls)) == (content, calls), reply
-        assert all(c.id.startswith("chatcmpl-tool-") for c in got_calls)
+        if name == "mistral":         # the ids Mistral's templates take back: nine letters and digits
+            assert all(len(c.id) == 9 and c.id.isalnum() for c in got_calls)
+        else:
+            assert all(c.id.startswith("chatcmpl-tool-") for c in got_calls)
         assert len({c.id for c in got_calls}) == len(got_calls)
 
 
-@pytest.mark.parametrize("name, cases", [("hermes", HERMES), ("llama3_json", LLAMA)])
+@pytest.mark.parametrize("name, cases", CASES)
 def test_streamed_in_any_chunks_the_content_and_calls_are_the_whole_replys(name, cases):
     """Content passes as it comes (what could begin a call held back), calls at the end: for every reply, cut
     into chunks at random and one character at a time, the content sent is what was not a call, and no part of a
@@ -81,8 +95,8 @@ def test_streamed_in_any_chunks_the_content_and_calls_are_the_whole_replys(name,
 
 
 def test_an_unknown_parser_is_named():
-    with pytest.raises(ValueError, match="--tool-call-parser: expected one of hermes, llama3_json"):
-        make_parser("mistral")
+    with pytest.raises(ValueError, match="--tool-call-parser: expected one of hermes, llama3_json, mistral"):
+        make_parser("pythonic")
 
 
 # ---- the chat endpoint over scripted replies -------------------------------------------------------
