@@ -3,24 +3,21 @@ text, streamed in any chunking, and the chat endpoint over an engine whose repli
 
 import asyncio
 import json
-import threading
-import time
 import types
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from jaxdyn.engine.async_engine import StreamingEngine, _post
 from jaxdyn.engine.core import check_request
 from jaxdyn.engine.request import CompletionOutput, RequestOutput
 from jaxdyn.engine.tokenizer import Tokenizer
-from serving.app import ServerState, build_app
+from serving.app import ServerState
 from serving.cli import main
 from serving.tool_parsers import ToolCallStream, make_parser
-from tests.serving.test_server import TEMPLATE, free_port
+from tests.serving.test_server import TEMPLATE, Server, free_port
 from tests.support import make_byte_tokenizer
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
@@ -145,16 +142,9 @@ def tool_server(tmp_path_factory):
     make_byte_tokenizer(path, chat_template=TEMPLATE)
     state = ServerState("tiny", tool_call_parser="hermes")
     state.engine = ScriptedEngine(Tokenizer.from_pretrained(path))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning",
-                                           log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", state
-    server.should_exit = True
-    thread.join(10)
+    server = Server(state)
+    yield server.url, state
+    server.stop()
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
