@@ -65,9 +65,7 @@ class ServerState:
         self.model_name = model_name
         # vLLM's --enable-auto-tool-choice with --tool-call-parser: chat replies to requests with tools (tool_choice
         # "auto") are read for tool calls in this syntax (serving.tool_parsers); None: such requests are refused
-        if tool_call_parser is not None:
-            make_parser(tool_call_parser)
-        self.tool_call_parser = tool_call_parser
+        self.tool_parser = make_parser(tool_call_parser) if tool_call_parser is not None else None
         # a request's defaults where it leaves a field out: the model's generation_config.json (vLLM's
         # --generation-config auto), {SamplingParams field: value}
         self.sampling_defaults = dict(sampling_defaults or {})
@@ -189,7 +187,7 @@ UNSUPPORTED = {
 }
 
 
-def _tool_parsing(req, parser: str | None) -> bool:
+def _tool_parsing(req, parser) -> bool:
     """Whether a chat request's reply is read for tool calls: tools given, ``tool_choice`` "auto" (or left out,
     OpenAI's default with tools) and a parser configured (vLLM's ``--enable-auto-tool-choice``). A tool_choice
     that forces a call ("required", or a named function) is refused: it takes guided decoding, which this server
@@ -660,7 +658,6 @@ def build_app(state: ServerState) -> Starlette:
         def prompt_lps(i, out):
             if out.prompt_logprobs is not None:
                 plps[i] = out.prompt_logprobs
-            return plps.get(i)
 
         def echoed_logprobs(i, c, token_ids, lps, offset):
             """A choice's logprobs, its echoed prompt's first when ``offset`` is None (they start the choice)."""
@@ -746,13 +743,13 @@ def build_app(state: ServerState) -> Starlette:
     async def chat_completions(request: Request):
         data = await _read_json(request, state.max_request_bytes)
         req = _validate(ChatCompletionRequest, data)
-        parsing = _tool_parsing(req, state.tool_call_parser)
+        parsing = _tool_parsing(req, state.tool_parser)
         _refuse_unsupported(req, parsing)
         _check_request_fields(req)
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer
-        parser = make_parser(state.tool_call_parser) if parsing else None
+        parser = state.tool_parser if parsing else None
         if req.top_logprobs and not req.logprobs:           # 0 without logprobs asks for nothing: served (vLLM)
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:

@@ -502,7 +502,6 @@ class EngineCore:
             if it.scored is not None:     # positions a..b-1 score the prompt tokens after them (Scheduler._chunk)
                 a, b = it.scored
                 w.scores, w.score_at = seq.prompt_ids[a + 1:b + 1], a - start
-                batch.scored.append((req, a, b))
                 scored += b - a
             work.append(w)
             if it.samples:
@@ -536,14 +535,8 @@ class EngineCore:
             tok = next_ids[idx]
             entry = None
             if seq.logprobs is not None:
-                lp = float(res.logprobs[idx])
-                top_ids = res.top_ids[idx]
-                entry = {tok: Logprob(lp, int(top_ids[RANK_COL]))}
-                k = req.params.logprobs
-                for rank, (tid, tlp) in enumerate(zip(top_ids[:k], res.top_logprobs[idx][:k]), 1):
-                    tid = int(tid)
-                    if tid != tok:
-                        entry[tid] = Logprob(float(tlp), rank)
+                entry = _logprob_entry(tok, res.logprobs[idx], res.top_ids[idx], res.top_logprobs[idx],
+                                       req.params.logprobs)
             self._accept(seq, tok, now, entry)
             touched[req.request_id] = req
         outputs = []
@@ -558,18 +551,16 @@ class EngineCore:
 
     def _take_scores(self, batch: SchedulerOutput, scores) -> None:
         """The step's scored prompt tokens into their requests' ``prompt_logprobs``, in the order ``_dispatch``
-        laid their rows out (``batch.scored``: each request's positions in order; steps are read in order)."""
+        laid their rows out (the items' ``scored`` positions in turn; steps are read in order)."""
         lps, top_ids, top_lps = (a.tolist() for a in scores)
         r = 0
-        for req, a, b in batch.scored:
-            plps, k = req.prompt_logprobs, req.params.prompt_logprobs
-            for pos in range(a, b):
-                tok = req.prompt_ids[pos + 1]
-                entry = {tok: Logprob(lps[r], top_ids[r][RANK_COL])}
-                for rank, (tid, tlp) in enumerate(zip(top_ids[r][:k], top_lps[r][:k]), 1):
-                    if tid != tok:
-                        entry[tid] = Logprob(tlp, rank)
-                plps.append(entry)
+        for it in batch.items:
+            if it.scored is None:
+                continue
+            req = it.seq.request
+            for pos in range(*it.scored):
+                req.prompt_logprobs.append(_logprob_entry(req.prompt_ids[pos + 1], lps[r], top_ids[r], top_lps[r],
+                                                          req.params.prompt_logprobs))
                 r += 1
 
     def _accept(self, seq: Sequence, tok: int, now: float, entry: dict | None) -> None:
@@ -689,6 +680,17 @@ class EngineCore:
             return None
         req.prompt_logprobs_sent = True
         return plps
+
+
+def _logprob_entry(tok: int, lp, top_ids, top_lps, k: int) -> dict[int, Logprob]:
+    """A token's logprob entry from a sampler row: the token's own raw logprob and vocabulary rank (``RANK_COL``),
+    and the ``k`` most likely ids beside it, ranked."""
+    entry = {tok: Logprob(float(lp), int(top_ids[RANK_COL]))}
+    for rank, (tid, tlp) in enumerate(zip(top_ids[:k], top_lps[:k]), 1):
+        tid = int(tid)
+        if tid != tok:
+            entry[tid] = Logprob(float(tlp), rank)
+    return entry
 
 
 def settle_heap() -> None:

@@ -108,15 +108,12 @@ def _prompt_list(prompts, salts: list | None = None) -> list:
     ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``, either with a ``cache_salt``) or a list of them; TypeError
     naming what is not one. ``salts``: a list that gets each prompt's cache salt (None without one)."""
     def one(p, where):
-        salt = None
+        if salts is not None:
+            salts.append(p.get("cache_salt") if isinstance(p, dict) else None)
         if isinstance(p, dict):
             if p.get("multi_modal_data"):
                 raise TypeError(f"{where}: multi-modal prompts are not supported")
             keys = set(p) - {"multi_modal_data", "mm_processor_kwargs", "cache_salt"}
-            salt = p.get("cache_salt")
-        if salts is not None:
-            salts.append(salt)
-        if isinstance(p, dict):
             if keys == {"prompt"} and isinstance(p["prompt"], str):
                 return p["prompt"]
             if keys != {"prompt_token_ids"}:

@@ -122,9 +122,8 @@ class Request:
 
     def scoring_rows(self, start: int, end: int) -> tuple[int, int]:
         """The prompt positions ``[a, b)`` of a chunk ``[start, end)`` whose next prompt token is still to score
-        (``params.prompt_logprobs``): each takes a row of the step of its own. ``(0, 0)`` when none."""
-        if self.prompt_logprobs is None:
-            return 0, 0
+        (a request with ``params.prompt_logprobs``): each takes a row of the step of its own. ``(0, 0)`` when
+        none."""
         a, b = max(start, self.score_next), min(end, len(self.prompt_ids) - 1)
         return (a, b) if a < b else (0, 0)
 

@@ -61,11 +61,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
-
-RANK_COL = MAX_LOGPROBS     # full's top ids i32[S, MAX_LOGPROBS + 1]: this column is the drawn token's rank
 from pallas_kernels.paged_decode import kernel_zeros
 from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
 
+RANK_COL = MAX_LOGPROBS     # full's top ids i32[S, MAX_LOGPROBS + 1]: this column is the drawn token's rank
 NEG_INF = -jnp.inf
 # An entry of a row's ``biased`` block after which its ids are the only ones the row may draw
 # (``allowed_token_ids``; before it: bans and logit_bias); the ``full`` variant alone applies it (the host picks

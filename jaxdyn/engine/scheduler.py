@@ -81,9 +81,6 @@ class SchedulerOutput:
     items: list[ScheduledSeq]
     copies: list[tuple[int, int]]      # (src page, dst page) to copy before the step
     preempted: list[Sequence]
-    # (request, a, b): the step scores the prompt tokens after positions a..b-1 (prompt_logprobs; set by the engine
-    # as it lays the step's rows out)
-    scored: list[tuple[Request, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -305,12 +302,11 @@ class Scheduler:
         # With requests scoring their prompts (each position a row) beside others, the step's rows are shared:
         # at most half for the scoring ones (their own rows and their positions'), the rest kept for the others
         # (a scored prompt took every row: nothing else was admitted meanwhile, or the reverse).
-        rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self._scoring_cap = rows
-        others_cap = rows
+        rows = self._rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self._scoring_cap = self._others_cap = rows
         if self.scoring and len(self.running) + len(self.waiting) > self.scoring:
             self._scoring_cap = max(2, rows // 2)
-            others_cap = rows - self._scoring_cap
+            self._others_cap = rows - self._scoring_cap
         i = 0
         while i < len(running) and budget > 0 and len(items) + self._score_rows < cfg.max_num_seqs:
             seq = running[i]
@@ -322,7 +318,7 @@ class Scheduler:
                 continue
             n = min(target - computed, budget)
             if self.scoring:
-                n = self._chunk(seq, computed, n, len(items), others_cap)
+                n = self._chunk(seq, computed, n, len(items))
                 if n == 0:                # its rows do not fit this step's share
                     i += 1
                     continue
@@ -367,12 +363,12 @@ class Scheduler:
                     j += 1
                     continue
                 if self.scoring and self._chunk(seq, seq.num_computed, min(target - seq.num_computed, budget),
-                                                len(items), others_cap) == 0:
+                                                len(items)) == 0:
                     break                 # its rows do not fit this step's share (no overtaking)
                 cached = self._match(seq, target)
                 n = min(target - seq.num_computed, budget)
                 if seq.request.scoring_open:
-                    n = self._chunk(seq, seq.num_computed, n, len(items), others_cap)
+                    n = self._chunk(seq, seq.num_computed, n, len(items))
                 if not self._reserve(seq, seq.num_computed + n, copies):
                     if cached:
                         self._free_pages(seq)
@@ -411,19 +407,18 @@ class Scheduler:
             seq.num_computed = n
         return n
 
-    def _chunk(self, seq: Sequence, computed: int, n: int, num_items: int, others_cap: int) -> int:
+    def _chunk(self, seq: Sequence, computed: int, n: int, num_items: int) -> int:
         """With requests scoring their prompts about: the tokens of ``seq``'s next chunk (at most ``n``) that fit
         this step's rows, 0 when none does. A prompt position scored for ``prompt_logprobs`` takes a row of its own
-        beside its sequence's; the scoring sequences share ``_scoring_cap`` rows, the others ``others_cap``."""
+        beside its sequence's; the scoring sequences share ``_scoring_cap`` rows, the others ``_others_cap``."""
         req = seq.request
         if not req.scoring_open:
-            return n if num_items - self._scoring_items < others_cap else 0
+            return n if num_items - self._scoring_items < self._others_cap else 0
         a, b = req.scoring_rows(computed, computed + n)
         if a == b:
             return n if self._scoring_items + self._score_rows < self._scoring_cap else 0
-        rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         # rows for its positions: of the step's, and of the scoring sequences' share (each less its own row)
-        room = min(rows - num_items - self._score_rows, self._scoring_cap - self._scoring_items - self._score_rows) - 1
+        room = min(self._rows - num_items, self._scoring_cap - self._scoring_items) - self._score_rows - 1
         if room <= 0:
             return 0
         if b - a > room:              # the chunk ends where the rows run out

@@ -41,6 +41,8 @@ class Tokenizer:
         eos = [tok.token_to_id(eos_token)] if eos_token and tok.token_to_id(eos_token) is not None else []
         self.eos_token_ids = tuple(dict.fromkeys([*eos, *extra_eos_ids]))
         self.eos_token_id = eos[0] if eos else None     # the tokenizer's own (tokenizer_config.json's eos_token)
+        # its special tokens' texts (what skip_special_tokens leaves out of decoded text)
+        self._specials = frozenset(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -80,10 +82,7 @@ class Tokenizer:
     def is_special(self, text: str) -> bool:
         """Whether ``text`` is one of the tokenizer's special tokens (left out of decoded text by
         ``skip_special_tokens``)."""
-        specials = getattr(self, "_specials", None)
-        if specials is None:
-            specials = self._specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
-        return text in specials
+        return text in self._specials
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -107,8 +107,6 @@ def add_arguments(p) -> None:
 def run(args, model: str, engine_config) -> dict:
     """Build the engine for ``model``, generate the dataset, print the table; returns the JSON document."""
     import dataclasses
-    import shlex
-    import sys
 
     from checkpoints.hf import CheckpointError
     from jaxdyn import LLM
@@ -149,9 +147,9 @@ def run(args, model: str, engine_config) -> dict:
     # every engine setting (what the command line set and the defaults it left), and the command itself
     engine_fields = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
                      for k, v in dataclasses.asdict(engine_config).items()}
-    cfg.update(seed=seed, model=model, command=shlex.join(["jaxdyn", *getattr(args, "argv", sys.argv[1:])]), engine=engine_fields,
+    cfg.update(seed=seed, model=model, command=report.command_line(args), engine=engine_fields,
                max_model_len=engine.max_model_len, num_pages=engine.num_pages,
-        load_seconds=engine.load_info.get("seconds"), warmup_seconds=engine.load_info.get("warmup_seconds"))
+               load_seconds=engine.load_info.get("seconds"), warmup_seconds=engine.load_info.get("warmup_seconds"))
     for k, v in (("prefix", ("prefix_len", "suffix_len", "num_prefixes")), ("multiturn", ("num_turns", "turn_len"))):
         if args.dataset == k:
             cfg.update({name: getattr(args, name) for name in v})

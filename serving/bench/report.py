@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import sys
 
 from serving.bench import BenchError
 from serving.bench.metrics import LATENCIES
@@ -163,6 +165,24 @@ def check_writable(path: str, flag: str = "--out") -> None:
         for folder in missing:
             if os.path.isdir(folder):
                 os.rmdir(folder)
+
+
+def command_line(args) -> str:
+    """The ``jaxdyn`` command line that reproduces a run (``args.argv``, set by ``serving.cli.main``; this process's
+    otherwise), its API key (``--api-key``) left out."""
+    shown, hide = [], False
+    for a in getattr(args, "argv", sys.argv[1:]):
+        if hide:
+            shown.append("***")
+            hide = False
+        elif a == "--api-key":
+            shown.append(a)
+            hide = True
+        elif a.startswith("--api-key="):
+            shown.append("--api-key=***")
+        else:
+            shown.append(a)
+    return shlex.join(["jaxdyn", *shown])
 
 
 def _finite(obj):

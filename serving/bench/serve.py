@@ -20,7 +20,6 @@ import datetime
 import math
 import multiprocessing
 import os
-import shlex
 import sys
 import time
 
@@ -372,23 +371,6 @@ def deal_requests(samples, n: int, max_concurrency: int | None) -> tuple[list[li
     return [p for p in parts if p], [shares[j] for j in range(n) if parts[j]]
 
 
-def _command(argv: list[str]) -> str:
-    """The command line that reproduces the run, its API key (``--api-key``) left out."""
-    shown, hide = [], False
-    for a in argv:
-        if hide:
-            shown.append("***")
-            hide = False
-        elif a == "--api-key":
-            shown.append(a)
-            hide = True
-        elif a.startswith("--api-key="):
-            shown.append("--api-key=***")
-        else:
-            shown.append(a)
-    return shlex.join(["jaxdyn", *shown])
-
-
 def _config(args, parsed: dict, model: str) -> dict:
     keep = ("url", "tokenizer", "dataset", "dataset_path", "sharegpt_replies", "num_prompts", "seed", "input_len",
             "output_len",
@@ -398,7 +380,7 @@ def _config(args, parsed: dict, model: str) -> dict:
     cfg = {k: getattr(args, k) for k in keep}
     cfg.update(model=model, endpoint=ENDPOINTS[parsed["kind"]], request_rates=args.request_rate,
                percentiles=parsed["percentiles"], slo_ms=parsed["slo_ms"],
-               command=_command(getattr(args, "argv", sys.argv[1:])))
+               command=report.command_line(args))
     if not cfg["dataset"].startswith("sharegpt"):
         cfg.pop("sharegpt_replies")
     if cfg["dataset"] != "random":
