@@ -262,7 +262,8 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     keys = [f"b{pt[0]}_c{pt[1]}_us" for pt in points]
     for v in variants:
         row = dict(pages_per_block=v.pages_per_block, num_warps=v.num_warps,
-                   num_stages=v.num_stages, min_programs=v.min_programs, gather=v.gather)
+                   num_stages=v.num_stages, min_programs=v.min_programs,
+                   gather=v.gather if v.fp8_products == "off" else f"{v.gather} {v.fp8_products}")
         try:
             for pt, key in zip(points, keys):
                 row[key] = time_per_call(_ours(v), inputs[pt], difference=False) * 1e6
@@ -275,9 +276,10 @@ def sweep_decode_blocks(rng, points, full: bool = False, variants=None, head_dim
     for r in ok:
         r["score"] = sum(r[k] / fastest[k] for k in keys) / len(keys)
     best = min(ok, key=lambda r: r["score"])
+    gather, _, products = best["gather"].partition(" ")
     return paged_decode.DecodeBlockSizes(best["pages_per_block"], best["num_warps"],
                                          best["num_stages"], best["min_programs"],
-                                         gather=best["gather"]), rows
+                                         gather=gather, fp8_products=products or "off"), rows
 
 
 def decode_grid(rng, bandwidth: float, blocks, batches, contexts, head_dims, mem_budget: float):
@@ -483,9 +485,10 @@ def main(argv=None, prog: str | None = None) -> str:
                     help="which kernels' block sizes are swept (decode, prefill or both)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
                     help="the KV pages' dtype (fp8: float8_e4m3fn, what --kv-cache-dtype fp8 stores)")
-    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G,...",
+    ap.add_argument("--sweep-variants", default=None, metavar="P:W:S:T:G[:F],...",
                     help="the decode sweep's variants instead of --sweep's: pages a block, warps, stages, "
-                         "programs to split to, gather (rows|pages), e.g. 8:4:3:264:rows,16:8:2:264:rows")
+                         "programs to split to, gather (rows|pages), optionally the fp8 products (off|qk|qk_pv: "
+                         "DecodeBlockSizes.fp8_products), e.g. 8:4:3:264:rows,2:1:6:264:rows:qk")
     ap.add_argument("--sweep-points", default=None, metavar="BxC,...",
                     help="the decode sweep's (batch, context) points instead of the defaults")
     ap.add_argument("--entry-only", action="store_true",
@@ -522,12 +525,18 @@ def main(argv=None, prog: str | None = None) -> str:
     variants = None
     if args.sweep_variants:
         try:
-            variants = [paged_decode.DecodeBlockSizes(int(p), int(w), int(st), int(t), gather=g)
-                        for p, w, st, t, g in (v.split(":") for v in args.sweep_variants.split(","))]
+            fields = [v.split(":") for v in args.sweep_variants.split(",")]
+            if any(len(f) not in (5, 6) for f in fields):
+                raise ValueError
+            variants = [paged_decode.DecodeBlockSizes(int(f[0]), int(f[1]), int(f[2]), int(f[3]), gather=f[4],
+                                                      fp8_products=f[5] if len(f) == 6 else "off") for f in fields]
         except ValueError:
-            ap.error(f"--sweep-variants: expected P:W:S:T:G entries separated by commas, got {args.sweep_variants!r}")
+            ap.error(f"--sweep-variants: expected P:W:S:T:G[:F] entries separated by commas, got "
+                     f"{args.sweep_variants!r}")
         if any(v.gather not in ("rows", "pages") for v in variants):
             ap.error("--sweep-variants: gather must be rows or pages")
+        if any(v.fp8_products not in paged_decode.FP8_PRODUCTS for v in variants):
+            ap.error(f"--sweep-variants: the fp8 products must be one of {', '.join(paged_decode.FP8_PRODUCTS)}")
     global KV_DTYPE
     KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     rng = np.random.default_rng(0)

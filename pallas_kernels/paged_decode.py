@@ -69,6 +69,11 @@ class DecodeBlockSizes:
     # (slot, head) programs have nothing to do, and each holds the pipeline's shared memory while it starts and
     # exits). 0: a program for every (sequence, kv head, split).
     persistent_programs: int = 0
+    # fp8 pages only: which matrix products take the 8-bit operands as they are, on the GPU's fp8 matrix
+    # instructions, instead of widening the tiles to float16 first: "off" (none), "qk" (the scores: the query
+    # quantized per head row to e4m3 with a float32 scale, as FlashAttention-3's fp8 path quantizes it) or "qk_pv"
+    # (the values' product too: the probabilities, in [0, 1], times 2**8 in e4m3). See ``fp8_products_ok``.
+    fp8_products: str = "off"
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -133,6 +138,27 @@ def compute_dtype(q_dtype, kv_dtype):
 
 
 _F16_MAX = float(jnp.finfo(jnp.float16).max)
+FP8_PRODUCTS = ("off", "qk", "qk_pv")
+_E4M3_MAX = 448.0
+_P_SCALE = 256.0        # probabilities in [0, 1] times this in e4m3 (whose largest value is 448)
+
+
+def fp8_products_ok(fp8_products: str, q_dtype, kv_dtype) -> bool:
+    """Whether ``DecodeBlockSizes.fp8_products`` applies (ValueError for a value not in ``FP8_PRODUCTS``): fp8 pages
+    (float8_e4m3fn) under a 16-bit query; with other pages or a float32 query the products widen as before."""
+    if fp8_products not in FP8_PRODUCTS:
+        raise ValueError(f"fp8_products must be one of {FP8_PRODUCTS}, not {fp8_products!r}")
+    return (fp8_products != "off" and jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn)
+            and jnp.dtype(q_dtype).itemsize == 2)
+
+
+def quantize_query_rows(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(q in e4m3, f32[rows] scales): each row of a loaded query tile over its largest magnitude times 448 (a row of
+    zeros keeps scale 1)."""
+    qf = q.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(qf), axis=1)
+    scale = jnp.where(amax > 0, amax / _E4M3_MAX, 1.0)
+    return (qf / scale[:, None]).astype(jnp.float8_e4m3fn), scale
 
 
 def to_compute(x: jax.Array, dtype) -> jax.Array:
@@ -250,7 +276,8 @@ def key_block(k_ref, v_ref, pt_ref, first_page, pages_per_block: int, page_size:
 
 def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, sm_scale: float, page_size: int,
             pages_per_block: int, group: int, rows: int, sliding_window: int | None, precision, interpret: bool,
-            gather: str, dtype, pt_base=0, pt_len: int | None = None, row_base=0, num_pages: int | None = None):
+            gather: str, dtype, pt_base=0, pt_len: int | None = None, row_base=0, num_pages: int | None = None,
+            fp8_products: str = "off"):
     """One (sequence, kv head, context split)'s attention: (run, first_block, num_blocks), where
     ``run()`` gives the unnormalised (acc f32[rows, D], m f32[rows], l f32[rows]) over the split's blocks of
     the sequence's ``length`` cached tokens, for the G query heads of kv head ``head`` at row ``qrow`` of q."""
@@ -271,17 +298,22 @@ def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, s
         # The G query heads of this kv head, padded to `rows` (the smallest dot tile) by the mask.
         q = pltriton.load(q_ref.at[qrow, pl.ds(head * group, rows)],
                           mask=(jnp.arange(rows, dtype=jnp.int32) < group)[:, None], other=0.0)
-        q = to_compute(q, dtype)          # what the products take (compute_dtype)
+        if fp8_products != "off":         # the scores from e4m3 operands: q per row, the keys as stored
+            q, q_scale = quantize_query_rows(q)
+            score_scale = q_scale[:, None] * sm_scale
+        else:
+            q = to_compute(q, dtype)          # what the products take (compute_dtype)
+            score_scale = sm_scale
         offsets = jnp.arange(block_tokens, dtype=jnp.int32)
 
         def body(b, carry):
             acc, m_prev, l_prev = carry
             page0 = first_page + b * pages_per_block
             k, v = key_block(k_ref, v_ref, pt_ref, page0, pages_per_block, page_size, end_page,
-                             gather, interpret, dtype=dtype, pt_base=pt_base, pt_len=pt_len, row_base=row_base,
-                             num_pages=num_pages)
+                             gather, interpret, dtype=None if fp8_products != "off" else dtype, pt_base=pt_base,
+                             pt_len=pt_len, row_base=row_base, num_pages=num_pages)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * sm_scale
+                                preferred_element_type=jnp.float32) * score_scale
             key_pos = page0 * page_size + offsets
             valid = key_pos < length
             if sliding_window is not None:
@@ -291,8 +323,14 @@ def _attend(length, qrow, head, split, splits, q_ref, k_ref, v_ref, pt_ref, *, s
             alpha = jnp.exp(m_prev - m_next)
             p = jnp.exp(s - m_next[:, None])
             l_next = alpha * l_prev + p.sum(axis=1)
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32)
+            if fp8_products == "qk_pv":
+                pv = lax.dot_general((p * _P_SCALE).astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                     precision=precision, preferred_element_type=jnp.float32) * (1.0 / _P_SCALE)
+            else:
+                if fp8_products == "qk":
+                    v = v.astype(dtype)
+                pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                                     preferred_element_type=jnp.float32)
             return acc * alpha[:, None] + pv, m_next, l_next
 
         init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -317,7 +355,7 @@ def _store_rows(o_ref, qrow, head, group: int, rows: int, acc, l):
 def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs,
                    sm_scale: float, page_size: int, pages_per_block: int, group: int, rows: int,
                    sliding_window: int | None, precision, interpret: bool, gather: str,
-                   in_place: bool, dtype):
+                   in_place: bool, dtype, fp8_products: str = "off"):
     # lens_ref, qrow_ref: i32[1] (this sequence's kv_len, its query's row of q); splits_ref: i32[1]
     # (splits in use, <= the grid's); pt_ref: i32[P]; q_ref: [T, num_q_heads, D];
     # k_ref, v_ref: [num_pages, page_size, D] (this kv head), or [num_pages * page_size, D]
@@ -331,7 +369,8 @@ def _decode_kernel(lens_ref, qrow_ref, splits_ref, pt_ref, q_ref, k_ref, v_ref, 
     run, first_block, num_blocks = _attend(
         length, qrow_ref[0], head, split, splits_ref[0], q_ref, k_ref, v_ref, pt_ref, sm_scale=sm_scale,
         page_size=page_size, pages_per_block=pages_per_block, group=group, rows=rows,
-        sliding_window=sliding_window, precision=precision, interpret=interpret, gather=gather, dtype=dtype)
+        sliding_window=sliding_window, precision=precision, interpret=interpret, gather=gather, dtype=dtype,
+        fp8_products=fp8_products)
     if in_place:
         # out_refs: (the previous output aliased [T, H, D],); the query's own rows only
         @pl.when(length > 0)
@@ -472,7 +511,9 @@ def paged_decode_attention_kernel(
         raise ValueError(f"out needs one context split, not {splits} (grid_splits)")
     in_place = out is not None
     static = dict(sm_scale=sm_scale, pages_per_block=ppb, sliding_window=sliding_window, precision=precision,
-                  interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype))
+                  interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype),
+                  fp8_products=blocks.fp8_products if fp8_products_ok(blocks.fp8_products, q.dtype,
+                                                                      k_pages.dtype) else "off")
     if in_place and splits == 1 and blocks.persistent_programs > 0:
         kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
         programs = min(blocks.persistent_programs, num_seqs * num_kv_heads)

@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     ap.add_argument("--blocks", default=None, metavar="P:W:S | R:P:W:S",
                     help="decode: pages a block, warps, stages; prefill: query rows, pages a block, warps, stages "
                     "(default: the kernel's table)")
+    ap.add_argument("--fp8-products", default="off", choices=paged_decode.FP8_PRODUCTS,
+                    help="decode: DecodeBlockSizes.fp8_products (the products on fp8 matrix instructions)")
     ap.add_argument("--calls", type=int, default=4)
     args = ap.parse_args(argv)
     low = 0 if args.prefill else kernels.PAGE
@@ -62,6 +64,10 @@ def main(argv=None) -> None:
             ap.error(f"--blocks: expected {want}, got {args.blocks!r}")
         blocks = (ragged_prefill.PrefillBlockSizes(*sizes) if args.prefill
                   else paged_decode.DecodeBlockSizes(*sizes))
+    if args.fp8_products != "off" and not args.prefill:
+        import dataclasses
+        blocks = dataclasses.replace(blocks or paged_decode.decode_block_sizes(128, kernels.PAGE, jnp.float8_e4m3fn),
+                                     fp8_products=args.fp8_products)
     kernels.KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     if args.prefill:
         f, (q, k, v, lens, tables) = _prefill_call(args, blocks)

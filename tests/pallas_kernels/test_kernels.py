@@ -311,6 +311,27 @@ def test_gpu_skip_idle_prefill_gives_the_same_step(decode_only, pages):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("products", ["qk", "qk_pv"])
+def test_gpu_decode_kernel_fp8_products(products):
+    """On the GPU: the decode kernel with ``fp8_products`` (the fp8 matrix instructions) over fp8 pages, 8B's heads,
+    41 slots in place and 5 split, within e4m3's rounding of the query of the float32 reference."""
+    rng = np.random.default_rng(9)
+    for seqs in ([(97 * i + 3, 1) for i in range(41)], [(c, 1) for c in (1, 16, 4095, 37, 1000)]):
+        args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
+                         dtype=jnp.bfloat16, pad_tokens=0)
+        q, k, v, lens, pt, cu = _fp8_pages(args)
+        blocks = dataclasses.replace(paged_decode.decode_block_sizes(128, 16, k.dtype, len(seqs)),
+                                     fp8_products=products)
+        out = jax.jit(functools.partial(paged_decode.paged_decode_attention_kernel, sm_scale=128 ** -0.5,
+                                        blocks=blocks))(q, k, v, lens, pt)
+        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+        ref = ragged_paged_attention_reference(*f32, lens, pt, cu, sm_scale=128 ** -0.5)
+        out = np.asarray(out.astype(jnp.float32))
+        assert np.isfinite(out).all()
+        assert _rel(out[:n], ref[:n]) < 0.05
+
+
+@pytest.mark.gpu
 def test_gpu_entry_point_picks_the_kernels():
     # 'auto' on GPU must be the kernel path: same bits as impl="kernel"
     rng = np.random.default_rng(1)
@@ -413,6 +434,43 @@ def test_interpreted_kernels_split_long_contexts_over_fp8_pages_with_their_own_b
     for in_place in (True, False):
         out = ragged_paged_attention(*args, impl="interpret", in_place=in_place, **kw)
         np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("products", ["qk", "qk_pv"])
+def test_decode_kernel_fp8_products_stay_near_the_widened_ones(products):
+    """``DecodeBlockSizes.fp8_products``: the scores (and with "qk_pv" the values' product) from e4m3 operands, the
+    query quantized per row. Over fp8 pages with a bf16 query the result stays within e4m3's rounding of the query
+    (and of the probabilities) of the widened kernel's, in place and split, persistent or not; a float32 query or
+    bf16 pages ignore the option (the same bits as "off"); an unknown value is refused."""
+    rng = np.random.default_rng(11)
+    args, n = _batch(rng, [(c, 1) for c in (40, 100, 7, 63, 250)], num_q_heads=8, num_kv_heads=2, head_dim=32,
+                     page_size=16, dtype=jnp.bfloat16, pad_tokens=0)
+    q, k, v, lens, pt, cu = _fp8_pages(args)
+    kw = dict(sm_scale=32 ** -0.5, interpret=True, q_rows=jnp.minimum(cu[:-1], n - 1))
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    exact = ragged_paged_attention_reference(*f32, lens, pt, cu, sm_scale=32 ** -0.5)
+    base = paged_decode.DecodeBlockSizes(pages_per_block=2, num_warps=1, num_stages=2)
+    fp8 = dataclasses.replace(base, fp8_products=products)
+    errs = []
+    for blocks, splits in ((base, 1), (fp8, 1), (fp8, 3), (dataclasses.replace(fp8, persistent_programs=3), 1)):
+        out_kw = dict(out=jnp.zeros(q.shape, jnp.float32)) if splits == 1 else {}
+        out = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, num_splits=splits,
+                                                         **out_kw, **kw)
+        rows = np.asarray(out[:n])        # one query a sequence: sequence s at row s
+        assert np.isfinite(rows).all()
+        errs.append(_rel(rows, np.asarray(exact[:n])))
+    assert errs[0] < 4e-4                       # widened to float16: float16's error
+    assert all(errs[0] < e < 0.05 for e in errs[1:]), errs      # e4m3's rounding of q (and p), no more
+    assert max(errs[1:]) - min(errs[1:]) < 1e-3, errs     # splits and programs: the same products
+    # not applied: a float32 query, or 16-bit pages
+    for qq, kk, vv in ((q.astype(jnp.float32), k, v), (q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))):
+        a, b = (paged_decode.paged_decode_attention_kernel(qq, kk, vv, lens, pt, blocks=bl, num_splits=1,
+                                                           out=jnp.zeros(qq.shape, jnp.float32), **kw)
+                for bl in (base, fp8))
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="fp8_products"):
+        paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, num_splits=1,
+                                                   blocks=dataclasses.replace(base, fp8_products="pv"), **kw)
 
 
 # ----------------------------------------------------------------------------- persistent decode programs
