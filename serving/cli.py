@@ -156,7 +156,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "(0, the default); on an H200 1.005x offline, within the runs' spread")
     p.add_argument("--skip-idle-prefill", action="store_true",
                    help="start the GPU prefill attention kernel only in steps with a prompt chunk (a condition "
-                   "on the device), not in every step; not yet measured on a GPU, off by default")
+                   "on the device), not in every step; on an H100 0.945x offline (the conditions cost more than "
+                   "the idle launches), off by default")
+    p.add_argument("--attention-fp8-products", default="off", choices=("off", "qk", "qk_pv"),
+                   help="with --kv-cache-dtype fp8 on a GPU: the decode attention kernel's products on the fp8 "
+                   "matrix instructions, the query quantized to e4m3 a head row (qk: the scores; qk_pv: the "
+                   "values' product too, the probabilities in e4m3) instead of widening the pages to float16; off "
+                   "by default")
     p.add_argument("--sampler-switch", action="store_true",
                    help="compile one executable a bucket for every sampler variant (greedy, temperature, "
                    "penalties/filters/logprobs), the variant picked on the device by a switch, instead of three: "
@@ -258,6 +264,9 @@ def _engine_fields(args) -> dict:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
         raise CLIError("--num-pages must be at least 1")
+    if getattr(args, "attention_fp8_products", "off") != "off" and getattr(args, "kv_cache_dtype", "auto") not in (
+            "fp8", "fp8_e4m3"):
+        raise CLIError("--attention-fp8-products needs --kv-cache-dtype fp8 (the products of fp8 pages)")
     if getattr(args, "attention_programs", 0) < 0:
         raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
     buckets = {}
@@ -297,6 +306,7 @@ def _engine_fields(args) -> dict:
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 attention_programs=getattr(args, "attention_programs", 0),
                 skip_idle_prefill=getattr(args, "skip_idle_prefill", False),
+                attention_fp8_products=getattr(args, "attention_fp8_products", "off"),
                 sampler_switch=getattr(args, "sampler_switch", False),
                 **buckets)
 

@@ -1080,6 +1080,8 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args += ["--kv-cache-dtype", e["kv_cache_dtype"]]
     if e.get("skip_idle_prefill"):
         serve_args.append("--skip-idle-prefill")
+    if e.get("attention_fp8_products", "off") != "off":
+        serve_args += ["--attention-fp8-products", e["attention_fp8_products"]]
     if e.get("schedule_policy", "fcfs") != "fcfs":
         serve_args += ["--schedule-policy", e["schedule_policy"]]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),

@@ -26,7 +26,8 @@ from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
-    check_flag, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
+    check_flag, check_fp8_products, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype,
+    sampling_row)
 from jaxdyn.engine.sampler import RANK_COL
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
@@ -84,6 +85,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
+    # fp8 KV pages: the decode kernel's products on e4m3 operands, "off" / "qk" / "qk_pv" (RunnerConfig)
+    attention_fp8_products: str = "off"
     sampler_switch: bool = False             # one executable a bucket, the sampler variant picked on device (RunnerConfig)
     nested_layers: bool = True               # a layer traced once a step, its jaxpr inlined a layer (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
@@ -109,6 +112,9 @@ class EngineConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
+        check_fp8_products(self.attention_fp8_products)
+        if self.attention_fp8_products != "off" and self.kv_cache_dtype != "fp8":
+            raise ValueError(f"attention_fp8_products {self.attention_fp8_products!r} needs kv_cache_dtype 'fp8'")
         check_schedule_policy(self.schedule_policy)
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
         check_flag("nested_layers", self.nested_layers)
@@ -249,6 +255,7 @@ class EngineCore:
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
             attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill,
+            attention_fp8_products=config.attention_fp8_products,
             sampler_switch=config.sampler_switch, nested_layers=config.nested_layers))
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = RadixCache(self.allocator, ps) if config.enable_prefix_caching else None

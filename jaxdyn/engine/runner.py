@@ -50,7 +50,7 @@ from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, alloc
                              check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
-from pallas_kernels.paged_decode import kernel_zeros, step_copy
+from pallas_kernels.paged_decode import FP8_PRODUCTS, kernel_zeros, step_copy
 
 # ids a row may bias at once: bans (EOS ids + stop_token_ids under min_tokens), logit_bias and allowed_token_ids
 # (the request-level limit, SamplingParams', is the row's block)
@@ -189,6 +189,10 @@ class RunnerConfig:
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
     skip_idle_prefill: bool = False
+    # fp8 KV pages: which of the decode attention kernel's products take e4m3 operands on the GPU's fp8 matrix
+    # instructions (``DecodeBlockSizes.fp8_products``): "off" (the tiles widened to float16), "qk" (the scores: the
+    # query quantized per head row), "qk_pv" (the values' product too: the probabilities in e4m3)
+    attention_fp8_products: str = "off"
     # A step traces one decoder layer and inlines its jaxpr for every layer (``LlamaForCausalLM(nested_layers=True)``):
     # the warm-up's serial tracing about halved (``benchmarks/lowering_time.py``), the compiled step the same
     # (``benchmarks/nested_layers_check.py``). False: the layers traced one by one.
@@ -209,6 +213,7 @@ class RunnerConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
+        check_fp8_products(self.attention_fp8_products)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
@@ -233,6 +238,13 @@ class RunnerConfig:
 
 
 SEPARATE_SAMPLER = (False, True, "except_greedy")
+
+
+def check_fp8_products(value):
+    """``value`` if it is an ``attention_fp8_products`` setting (ValueError otherwise)."""
+    if value not in FP8_PRODUCTS:
+        raise ValueError(f"attention_fp8_products: expected one of {', '.join(FP8_PRODUCTS)}, got {value!r}")
+    return value
 
 
 def check_attention_programs(value):
@@ -557,6 +569,7 @@ class ModelRunner:
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
                        attention_programs=self.config.attention_programs,
                        skip_idle_prefill=self.config.skip_idle_prefill,
+                       attention_fp8_products=self.config.attention_fp8_products,
                        nested_layers=self.config.nested_layers)
 
         def forward(state_leaves, kv_cache, token_pages, prev_sampled, tok, seqi, seqf):

@@ -76,10 +76,11 @@ class Fp8Options:
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
     """How a step's attention runs (the runner's options, static under jit): ``ragged_paged_attention``'s
-    ``in_place``, ``attention_programs`` and ``skip_idle_prefill``."""
+    ``in_place``, ``attention_programs``, ``skip_idle_prefill`` and ``fp8_products``."""
     in_place: bool = True
     programs: int = 0
     skip_idle_prefill: bool = False
+    fp8_products: str = "off"
 
 
 def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -332,7 +333,8 @@ class Attention(nnx.Module):
                                    sm_scale=self.head_dim ** -0.5,
                                    sliding_window=self.sliding_window, in_place=attention.in_place,
                                    attention_programs=attention.programs,
-                                   skip_idle_prefill=attention.skip_idle_prefill)
+                                   skip_idle_prefill=attention.skip_idle_prefill,
+                                   fp8_products=attention.fp8_products)
         return k_pages, v_pages, o
 
 
@@ -394,7 +396,7 @@ class LlamaForCausalLM(nnx.Module):
                  attention_in_place: bool = True, fp8_kernel_rows: int = 0,
                  fp8_fused_quantize: str = "off", fp8_fused_min_rows: int = 0,
                  attention_programs: int = 0, skip_idle_prefill: bool = False,
-                 nested_layers: bool = True) -> tuple[KVCache, jax.Array]:
+                 attention_fp8_products: str = "off", nested_layers: bool = True) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
@@ -402,12 +404,14 @@ class LlamaForCausalLM(nnx.Module):
         ``fp8_fused_min_rows``: how an fp8 model's products run (``Fp8Options``). ``attention_programs``: the
         attention kernels' programs (``ragged_paged_attention``; 0: a program an item). ``skip_idle_prefill``: the
         prefill kernel only in steps with a chunk of more than one token (``ragged_paged_attention``).
+        ``attention_fp8_products``: over fp8 KV pages, the decode kernel's products on e4m3 operands
+        (``ragged_paged_attention(fp8_products=)``).
         ``nested_layers``: the layers traced once, their jaxpr inlined for each layer (below); False: each layer
         traced into the caller's program."""
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
-                                     skip_idle_prefill=skip_idle_prefill)
+                                     skip_idle_prefill=skip_idle_prefill, fp8_products=attention_fp8_products)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         # ``nested_layers``: each layer through one jit made for this call, inlined into the caller's jaxpr. The layers

@@ -824,6 +824,7 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
                        kv_cache_dtype="fp8", skip_idle_prefill=True)),
     ("fp8", False, dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
     ("fp8", False, dict(kv_cache_dtype="fp8", skip_idle_prefill=True, sampler_switch=True)),
+    (None, False, dict(kv_cache_dtype="fp8", attention_fp8_products="qk_pv")),
 ])
 def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, head, options):
     """Each bucket's step in every sampler variant, lowered for a GPU on the CPU with the Pallas kernels as a GPU
@@ -873,6 +874,47 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
             cases = lowered_count(text, "stablehlo.case")
             assert (cases >= cfg.num_layers) if options.get("skip_idle_prefill") else (cases < cfg.num_layers), \
                 (t, variant, cases)
+
+
+def test_attention_fp8_products_reach_the_decode_kernel(tmp_path, monkeypatch):
+    """``attention_fp8_products`` is handed to the decode kernel: lowered for a GPU, a step's decode kernel is
+    another Triton program with it ("qk", "qk_pv") than without, and the prefill kernel the same; with 16-bit pages
+    the option is refused (it has nothing to act on)."""
+    import importlib
+    import re
+
+    modules = [importlib.import_module(f"pallas_kernels.{m}") for m in ("paged_decode", "ragged_paged_attention")]
+    path = make_hf_checkpoint("qwen3", str(tmp_path))
+    mesh = make_mesh(1)
+    model = load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16)
+    for module in modules:
+        monkeypatch.setattr(module, "on_gpu", lambda: True)
+
+    def kernels(products):
+        runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(
+            CFG, max_num_seqs=32, token_buckets=(64,), page_buckets=(8,), kv_cache_dtype="fp8",
+            attention_fp8_products=products))
+        t, _, p = runner.bucket_shapes()[0]
+        text = runner._jitted[VARIANTS[0]].trace(runner.state, runner.kv_cache, runner.token_pages,
+                                                 runner.prev_sampled, *runner._input_shapes(t, p)
+                                                 ).lower(lowering_platforms=("cuda",)).as_text()
+        # each attention Triton call's name and serialized program (a line of the text each)
+        calls = {}
+        for line in text.splitlines():
+            if "__gpu$xla.gpu.triton" in line and (m := re.search(r'name = "([a-z_]+)"', line)):
+                calls.setdefault(m.group(1), set()).add(re.search(r'ir = "(.*?)", name = ', line).group(1))
+        assert "paged_decode_attention" in calls and "ragged_prefill_attention" in calls, set(calls)
+        return calls
+
+    off, qk, qk_pv = (kernels(p) for p in ("off", "qk", "qk_pv"))
+    decode = [frozenset(c["paged_decode_attention"]) for c in (off, qk, qk_pv)]
+    assert len(set(decode)) == 3, "each setting its own decode program"
+    assert off["ragged_prefill_attention"] == qk["ragged_prefill_attention"] == qk_pv["ragged_prefill_attention"]
+    with pytest.raises(ValueError, match="attention_fp8_products"):
+        dataclasses.replace(CFG, attention_fp8_products="kv")
+    from jaxdyn import EngineConfig
+    with pytest.raises(ValueError, match="needs kv_cache_dtype 'fp8'"):
+        EngineConfig(attention_fp8_products="qk")
 
 
 def test_nested_layers_trace_one_layer_a_step_and_lower_the_unrolled_program(loaded, monkeypatch):

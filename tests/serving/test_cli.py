@@ -89,6 +89,11 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve"])).separate_sampler is False
     assert _engine_config(parse(["serve"])).skip_idle_prefill is False
     assert _engine_config(parse(["serve", "--skip-idle-prefill"])).skip_idle_prefill is True
+    assert _engine_config(parse(["serve"])).attention_fp8_products == "off"
+    assert _engine_config(parse(["serve", "--kv-cache-dtype", "fp8", "--attention-fp8-products", "qk"])
+                          ).attention_fp8_products == "qk"
+    with pytest.raises(CLIError, match="needs --kv-cache-dtype fp8"):
+        _engine_config(parse(["serve", "--attention-fp8-products", "qk_pv"]))
     assert _engine_config(parse(["bench", "offline", "--skip-idle-prefill"])).skip_idle_prefill is True
     assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
     assert _engine_config(parse(["serve"])).sampler_switch is False
