@@ -100,7 +100,7 @@ def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: f
         return paged_decode_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, out=kernel_zeros(q.shape, q.dtype, q_rows[0]),
             blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **kw), True
-    return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, **kw), False
+    return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, blocks=blocks, **kw), False
 
 
 def prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, *, sm_scale: float,

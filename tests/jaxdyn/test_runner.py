@@ -890,11 +890,11 @@ def test_attention_fp8_products_reach_the_decode_kernel(tmp_path, monkeypatch):
     for module in modules:
         monkeypatch.setattr(module, "on_gpu", lambda: True)
 
-    def kernels(products):
+    def kernels(products, bucket):
         runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(
-            CFG, max_num_seqs=32, token_buckets=(64,), page_buckets=(8,), kv_cache_dtype="fp8",
+            CFG, max_num_seqs=32, token_buckets=(16, 64), page_buckets=(32,), kv_cache_dtype="fp8",
             attention_fp8_products=products))
-        t, _, p = runner.bucket_shapes()[0]
+        t, _, p = next(s for s in runner.bucket_shapes() if s[0] == bucket)
         text = runner._jitted[VARIANTS[0]].trace(runner.state, runner.kv_cache, runner.token_pages,
                                                  runner.prev_sampled, *runner._input_shapes(t, p)
                                                  ).lower(lowering_platforms=("cuda",)).as_text()
@@ -906,10 +906,12 @@ def test_attention_fp8_products_reach_the_decode_kernel(tmp_path, monkeypatch):
         assert "paged_decode_attention" in calls and "ragged_prefill_attention" in calls, set(calls)
         return calls
 
-    off, qk, qk_pv = (kernels(p) for p in ("off", "qk", "qk_pv"))
-    decode = [frozenset(c["paged_decode_attention"]) for c in (off, qk, qk_pv)]
-    assert len(set(decode)) == 3, "each setting its own decode program"
-    assert off["ragged_prefill_attention"] == qk["ragged_prefill_attention"] == qk_pv["ragged_prefill_attention"]
+    # 16 slots: the decode kernel splits contexts (a call of few slots); 32: one split, in place
+    for bucket in (16, 64):
+        off, qk, qk_pv = (kernels(p, bucket) for p in ("off", "qk", "qk_pv"))
+        decode = [frozenset(c["paged_decode_attention"]) for c in (off, qk, qk_pv)]
+        assert len(set(decode)) == 3, f"each setting its own decode program ({bucket}-token step)"
+        assert off["ragged_prefill_attention"] == qk["ragged_prefill_attention"] == qk_pv["ragged_prefill_attention"]
     with pytest.raises(ValueError, match="attention_fp8_products"):
         dataclasses.replace(CFG, attention_fp8_products="kv")
     from jaxdyn import EngineConfig
