@@ -226,9 +226,9 @@ def main(argv=None) -> int:
     state = {"step": -1, "calls": [], "window": None, "done": []}
     execute = runner.execute
 
-    def traced_execute(work, variant=None):
+    def traced_execute(work, variant=None, **kw):
         calls0, rows0 = runner.calls_run, runner.rows_run
-        handle = execute(work, variant)
+        handle = execute(work, variant, **kw)
         s = state["step"] - 1
         if state["window"] is not None:
             decode = [w for w in work if len(w.token_ids) == 1]
