@@ -115,3 +115,16 @@ def test_an_fp8_lm_head_needs_an_fp8_model(capsys):
         with pytest.raises(SystemExit):
             pr.main(argv)
         assert "--quantize-lm-head needs --quant fp8" in capsys.readouterr().err
+
+
+def test_the_run_itself_goes_through_on_the_cpu(capsys):
+    """The untraced run (``--windows none``, what ``ab_offline`` runs) on the tiny model: its wrappers of the engine's
+    step and the runner's execute pass every argument through (session 29's ``scored`` keyword broke every GPU run
+    of it), and its header line is what ``ab_offline`` parses."""
+    from benchmarks.gpu.ab_offline import parse_run
+    engine = ('{"num_pages": 1024, "max_num_seqs": 8, "max_num_batched_tokens": 128, "max_model_len": 2048, '
+              '"token_buckets": [16, 128], "page_buckets": [128]}')
+    assert pr.main(["--model", "tiny", "--num-prompts", "6", "--windows", "none", "--engine", engine,
+                    "--bandwidth-gib", "0.01", "--matmul-n", "128"]) == 0
+    seconds, tok_s, load_s, costs = parse_run(capsys.readouterr().out)
+    assert seconds > 0 and tok_s > 0 and load_s > 0 and costs.startswith("{")    # (costs: measured on a GPU only)
