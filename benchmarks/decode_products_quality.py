@@ -4,7 +4,8 @@
 
 Every position of a fixed set of prompts is scored as a decode step (teacher-forced: one token a sequence a step,
 its keys and values written into float8_e4m3fn pages, attention over the cache by the decode kernel), the model
-in bf16. Scored four ways: the ``jax.numpy`` reference attention (the pages widened to float32), the decode kernel
+in bf16. Scored four ways (and a fifth, the reference with the model in float32, for the size of bf16's own
+rounding): the ``jax.numpy`` reference attention (the pages widened to float32), the decode kernel
 as a GPU runs it by default (the tiles widened to float16), and the kernel with ``attention_fp8_products`` "qk"
 (the scores from a query quantized to e4m3 a head row) and "qk_pv" (the probabilities in e4m3 too). Reported
 against the reference and against the default kernel: top-1 agreement of next-token predictions and
@@ -30,8 +31,10 @@ sys.path.insert(0, ROOT)
 PAGE = 16
 
 
-def score_decode(path: str, prompts: list[list[int]], impl: str, products: str) -> list[np.ndarray]:
-    """Log-probabilities at every position of every prompt, each position a decode step over fp8 pages."""
+def score_decode(path: str, prompts: list[list[int]], impl: str, products: str, dtype: str = "bfloat16"
+                 ) -> list[np.ndarray]:
+    """Log-probabilities at every position of every prompt, each position a decode step over fp8 pages, the model
+    computing in ``dtype``."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -43,7 +46,7 @@ def score_decode(path: str, prompts: list[list[int]], impl: str, products: str) 
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
     mesh = make_mesh(1)
-    loaded = load_converted(path, mesh, dtype=jnp.bfloat16)
+    loaded = load_converted(path, mesh, dtype=jnp.dtype(dtype))
     cfg = loaded.config
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))     # live sequences: a prefix a step
     b = len(prompts)
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_pretrained(args.model)
     prompts = [tok.encode(t) for t in texts]
     n_pos = sum(len(p) for p in prompts)
-    runs = (("reference", "off"), ("interpret", "off"), ("interpret", "qk"), ("interpret", "qk_pv"))
+    runs = (("reference", "off"), ("interpret", "off"), ("interpret", "qk"), ("interpret", "qk_pv"),
+            ("reference", "off", "float32"))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bf16")
         convert(args.model, out, dtype="bfloat16", progress=False)
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
     names = {("reference", "off"): "reference (pages widened to float32)",
              ("interpret", "off"): "kernel, products in float16 (default)",
              ("interpret", "qk"): "kernel, `attention_fp8_products` qk",
-             ("interpret", "qk_pv"): "kernel, `attention_fp8_products` qk_pv"}
+             ("interpret", "qk_pv"): "kernel, `attention_fp8_products` qk_pv",
+             ("reference", "off", "float32"): "reference, the model in float32 (the scale of bf16's rounding)"}
     for run in runs:
         a = compare(results[runs[0]], results[run])
         d = compare(results[runs[1]], results[run])

@@ -14,8 +14,8 @@ min-p 0.02, penalties and logprobs, so that ``full``'s every part runs on every 
 
     python -m benchmarks.gpu.sampler_probe [--model llama-3.1-8b] [--rows 16,64,256,1024]
 
-prints one table: rows, ms of each form, each sort-free form / sort, and the logits' read at the copy rate (one pass); then,
-per form, the compiled program's custom-call targets (a CUB sort shows as ``xla.gpu.ext.cub_sort_*``) and fusions.
+prints one table: rows, ms of each form, each sort-free form / sort, and the logits' read at the copy rate (one pass); a
+second of ``full``'s parts alone (its filters, top-p alone, the penalties, the top logprobs, the rank); then, per form, the compiled program's custom-call targets (a CUB sort shows as ``xla.gpu.ext.cub_sort_*``) and fusions.
 Runs on the CPU too (its figures say nothing of a GPU's).
 """
 
@@ -44,6 +44,8 @@ def sampling_inputs(rows: int, vocab: int, history: int = 512):
 def main(argv=None) -> int:
     from benchmarks.gpu.gemm_probe import probe_args
     args, rows = probe_args("python -m benchmarks.gpu.sampler_probe", "16,64,256,1024", argv)
+
+    import dataclasses
 
     import jax
     import jax.numpy as jnp
@@ -83,6 +85,26 @@ def main(argv=None) -> int:
               + " | ".join(f"{x / t[2]:.3f}" for x in t[3:]) + f" | {4.0 * m * vocab / bandwidth * 1e3:.3f} |",
               flush=True)
     thresholds.DIGIT_BITS, thresholds.IMPL = default
+    # ``full``'s parts alone, sorted as its executables run them: where its time goes
+    from jaxdyn.engine.sampler import _top_logprobs, apply_filters, apply_penalties
+
+    def top_p_only(s):
+        return dataclasses.replace(s, top_k=jnp.zeros_like(s.top_k), min_p=jnp.zeros_like(s.min_p))
+
+    parts = {
+        "filters (top-k, top-p, min-p)": lambda x, p: apply_filters(x / 0.8, p[0]),
+        "top-p alone": lambda x, p: apply_filters(x / 0.8, top_p_only(p[0])),
+        "penalties": lambda x, p: apply_penalties(x, *p[1], p[0]),
+        "log-softmax, top logprobs": lambda x, p: _top_logprobs(jax.nn.log_softmax(x, axis=-1))[1],
+        "log-softmax, rank": lambda x, p: jnp.sum(jax.nn.log_softmax(x, axis=-1) >= x[:, :1], axis=-1),
+    }
+    print("\n``full``'s parts alone (ms):\n")
+    print("| rows | " + " | ".join(parts) + " |")
+    print("|---:|" + "---:|" * len(parts))
+    for m in rows:
+        logits, params = sampling_inputs(m, vocab)
+        t = time_forms(parts, logits, params, args.reps, summaries)
+        print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + " |", flush=True)
     print_summaries(summaries)
     print(f"reproduce: python -m benchmarks.gpu.sampler_probe --model {args.model} --rows {args.rows}")
     return 0
