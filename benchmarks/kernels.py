@@ -537,6 +537,8 @@ def main(argv=None, prog: str | None = None) -> str:
             ap.error("--sweep-variants: gather must be rows or pages")
         if any(v.fp8_products not in paged_decode.FP8_PRODUCTS for v in variants):
             ap.error(f"--sweep-variants: the fp8 products must be one of {', '.join(paged_decode.FP8_PRODUCTS)}")
+        if args.kv_dtype != "fp8" and any(v.fp8_products != "off" for v in variants):
+            ap.error("--sweep-variants: fp8 products (qk, qk_pv) need --kv-dtype fp8")
     global KV_DTYPE
     KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     rng = np.random.default_rng(0)

@@ -152,6 +152,19 @@ def fp8_products_ok(fp8_products: str, q_dtype, kv_dtype) -> bool:
             and jnp.dtype(q_dtype).itemsize == 2)
 
 
+# the fp8 matrix instruction's depth (mma m16n8k32): a product's contracted length must be a multiple of it
+_FP8_MMA_K = 32
+
+
+def fp8_products_for(fp8_products: str, q_dtype, kv_dtype, head_dim: int, block_tokens: int) -> str:
+    """The products a call runs on e4m3 operands: ``fp8_products`` where it applies (``fp8_products_ok``) and the
+    contracted lengths fit the fp8 instruction (the scores' ``head_dim``, the values' tokens a block: multiples of
+    32), less otherwise ("qk_pv" over 16-token blocks is "qk"; a head_dim of 16 is "off")."""
+    if not fp8_products_ok(fp8_products, q_dtype, kv_dtype) or head_dim % _FP8_MMA_K:
+        return "off"
+    return "qk" if fp8_products == "qk_pv" and block_tokens % _FP8_MMA_K else fp8_products
+
+
 def quantize_query_rows(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(q in e4m3, f32[rows] scales): each row of a loaded query tile over its largest magnitude times 448 (a row of
     zeros keeps scale 1)."""
@@ -512,8 +525,8 @@ def paged_decode_attention_kernel(
     in_place = out is not None
     static = dict(sm_scale=sm_scale, pages_per_block=ppb, sliding_window=sliding_window, precision=precision,
                   interpret=interpret, gather=blocks.gather, dtype=compute_dtype(q.dtype, k_pages.dtype),
-                  fp8_products=blocks.fp8_products if fp8_products_ok(blocks.fp8_products, q.dtype,
-                                                                      k_pages.dtype) else "off")
+                  fp8_products=fp8_products_for(blocks.fp8_products, q.dtype, k_pages.dtype, head_dim,
+                                                ppb * page_size))
     if in_place and splits == 1 and blocks.persistent_programs > 0:
         kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
         programs = min(blocks.persistent_programs, num_seqs * num_kv_heads)

@@ -267,6 +267,9 @@ def _engine_fields(args) -> dict:
     if getattr(args, "attention_fp8_products", "off") != "off" and getattr(args, "kv_cache_dtype", "auto") not in (
             "fp8", "fp8_e4m3"):
         raise CLIError("--attention-fp8-products needs --kv-cache-dtype fp8 (the products of fp8 pages)")
+    if getattr(args, "attention_fp8_products", "off") != "off" and getattr(args, "dtype", None) == "float32":
+        raise CLIError("--attention-fp8-products takes a 16-bit model (its query is quantized from bf16): not with "
+                       "--dtype float32")
     if getattr(args, "attention_programs", 0) < 0:
         raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
     buckets = {}

@@ -64,10 +64,13 @@ def main(argv=None) -> None:
             ap.error(f"--blocks: expected {want}, got {args.blocks!r}")
         blocks = (ragged_prefill.PrefillBlockSizes(*sizes) if args.prefill
                   else paged_decode.DecodeBlockSizes(*sizes))
-    if args.fp8_products != "off" and not args.prefill:
+    if args.fp8_products != "off":
+        if args.prefill or args.kv_dtype != "fp8":
+            ap.error("--fp8-products: the decode kernel over fp8 pages only (--kv-dtype fp8, not --prefill)")
         import dataclasses
-        blocks = dataclasses.replace(blocks or paged_decode.decode_block_sizes(128, kernels.PAGE, jnp.float8_e4m3fn),
-                                     fp8_products=args.fp8_products)
+        blocks = dataclasses.replace(
+            blocks or paged_decode.decode_block_sizes(128, kernels.PAGE, jnp.float8_e4m3fn, args.batch),
+            fp8_products=args.fp8_products)
     kernels.KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn if args.kv_dtype == "fp8" else jnp.bfloat16)
     if args.prefill:
         f, (q, k, v, lens, tables) = _prefill_call(args, blocks)

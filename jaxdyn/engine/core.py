@@ -239,6 +239,11 @@ class EngineCore:
             log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
                         "fp8 write and read, so every step costs time in the size of the pool (for correctness "
                         "checks; serve with it on a GPU)", config.kv_cache_dtype)
+        if config.attention_fp8_products != "off" and (
+                platform != "gpu" or jax.tree.leaves(state)[0].dtype.itemsize != 2):
+            log.warning("attention_fp8_products %s takes effect in the GPU decode kernel under a 16-bit model only; "
+                        "here (%s, %s) attention multiplies as before", config.attention_fp8_products, platform,
+                        jax.tree.leaves(state)[0].dtype)
         fused = fp8_fused_quantize(config, model_config, platform)
         self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,

@@ -214,6 +214,8 @@ class RunnerConfig:
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
         check_fp8_products(self.attention_fp8_products)
+        if self.attention_fp8_products != "off" and self.kv_cache_dtype != "fp8":
+            raise ValueError(f"attention_fp8_products {self.attention_fp8_products!r} needs kv_cache_dtype 'fp8'")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         check_sampler_switch(self.sampler_switch, self.separate_sampler)

@@ -1170,3 +1170,18 @@ def test_a_tokenizer_json_saved_padded_or_truncated_still_encodes_each_prompt_wh
         tok = Tokenizer.from_pretrained(str(d))
         assert tok.encode_batch(texts) == want, name
         assert [tok.encode(t) for t in texts] == want, name
+
+
+def test_fp8_products_off_the_gpu_are_said_to_do_nothing(ckpt, caplog):
+    """``attention_fp8_products`` acts in the GPU decode kernel under a 16-bit model only: elsewhere the engine says
+    so at start (the CPU's reference attention multiplies as before) and serves as it would without it."""
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    cfg = EngineConfig(num_pages=8, page_size=16, max_num_batched_tokens=64, max_num_seqs=2, max_model_len=64,
+                       kv_cache_dtype="fp8", seed=0)
+    with caplog.at_level("WARNING", logger="jaxdyn.engine.core"):
+        EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
+    assert "attention_fp8_products" not in caplog.text
+    with caplog.at_level("WARNING", logger="jaxdyn.engine.core"):
+        EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
+                   dataclasses.replace(cfg, attention_fp8_products="qk"))
+    assert "attention_fp8_products qk takes effect in the GPU decode kernel under a 16-bit model only" in caplog.text

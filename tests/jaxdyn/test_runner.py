@@ -914,6 +914,8 @@ def test_attention_fp8_products_reach_the_decode_kernel(tmp_path, monkeypatch):
         assert off["ragged_prefill_attention"] == qk["ragged_prefill_attention"] == qk_pv["ragged_prefill_attention"]
     with pytest.raises(ValueError, match="attention_fp8_products"):
         dataclasses.replace(CFG, attention_fp8_products="kv")
+    with pytest.raises(ValueError, match="needs kv_cache_dtype 'fp8'"):
+        dataclasses.replace(CFG, attention_fp8_products="qk")
     from jaxdyn import EngineConfig
     with pytest.raises(ValueError, match="needs kv_cache_dtype 'fp8'"):
         EngineConfig(attention_fp8_products="qk")

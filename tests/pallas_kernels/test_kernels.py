@@ -460,6 +460,11 @@ def test_decode_kernel_fp8_products_stay_near_the_widened_ones(products):
         assert np.isfinite(rows).all()
         errs.append(_rel(rows, np.asarray(exact[:n])))
     assert errs[0] < 4e-4                       # widened to float16: float16's error
+    # qk_pv is its own product (the probabilities in e4m3 too), not qk's
+    outs = {p: np.asarray(paged_decode.paged_decode_attention_kernel(
+        q, k, v, lens, pt, blocks=dataclasses.replace(base, fp8_products=p), num_splits=1,
+        out=jnp.zeros(q.shape, jnp.float32), **kw)[:n]) for p in ("qk", "qk_pv")}
+    assert not np.array_equal(outs["qk"], outs["qk_pv"])
     assert all(errs[0] < e < 0.05 for e in errs[1:]), errs      # e4m3's rounding of q (and p), no more
     assert max(errs[1:]) - min(errs[1:]) < 1e-3, errs     # splits and programs: the same products
     # not applied: a float32 query, or 16-bit pages
@@ -471,6 +476,12 @@ def test_decode_kernel_fp8_products_stay_near_the_widened_ones(products):
     with pytest.raises(ValueError, match="fp8_products"):
         paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, num_splits=1,
                                                    blocks=dataclasses.replace(base, fp8_products="pv"), **kw)
+    # what the fp8 instruction's depth (32) allows: qk_pv over 16-token blocks is qk, a head_dim of 16 neither
+    bf16, e4m3 = jnp.bfloat16, jnp.float8_e4m3fn
+    assert paged_decode.fp8_products_for("qk_pv", bf16, e4m3, 128, 32) == "qk_pv"
+    assert paged_decode.fp8_products_for("qk_pv", bf16, e4m3, 128, 16) == "qk"
+    assert paged_decode.fp8_products_for("qk", bf16, e4m3, 16, 64) == "off"
+    assert paged_decode.fp8_products_for("qk", jnp.float32, e4m3, 128, 64) == "off"
 
 
 # ----------------------------------------------------------------------------- persistent decode programs

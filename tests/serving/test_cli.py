@@ -94,6 +94,9 @@ def test_serve_fp8_kernel_limit_flag():
                           ).attention_fp8_products == "qk"
     with pytest.raises(CLIError, match="needs --kv-cache-dtype fp8"):
         _engine_config(parse(["serve", "--attention-fp8-products", "qk_pv"]))
+    with pytest.raises(CLIError, match="takes a 16-bit model"):
+        _engine_config(parse(["serve", "--dtype", "float32", "--kv-cache-dtype", "fp8", "--attention-fp8-products",
+                              "qk"]))
     assert _engine_config(parse(["bench", "offline", "--skip-idle-prefill"])).skip_idle_prefill is True
     assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
     assert _engine_config(parse(["serve"])).sampler_switch is False
