@@ -72,7 +72,7 @@ class DecodeBlockSizes:
     # fp8 pages only: which matrix products take the 8-bit operands as they are, on the GPU's fp8 matrix
     # instructions, instead of widening the tiles to float16 first: "off" (none), "qk" (the scores: the query
     # quantized per head row to e4m3 with a float32 scale, as FlashAttention-3's fp8 path quantizes it) or "qk_pv"
-    # (the values' product too: the probabilities, in [0, 1], times 2**8 in e4m3). See ``fp8_products_ok``.
+    # (the values' product too: the probabilities, in [0, 1], times 2**8 in e4m3). See ``fp8_products_for``.
     fp8_products: str = "off"
 
 
@@ -143,24 +143,19 @@ _E4M3_MAX = 448.0
 _P_SCALE = 256.0        # probabilities in [0, 1] times this in e4m3 (whose largest value is 448)
 
 
-def fp8_products_ok(fp8_products: str, q_dtype, kv_dtype) -> bool:
-    """Whether ``DecodeBlockSizes.fp8_products`` applies (ValueError for a value not in ``FP8_PRODUCTS``): fp8 pages
-    (float8_e4m3fn) under a 16-bit query; with other pages or a float32 query the products widen as before."""
-    if fp8_products not in FP8_PRODUCTS:
-        raise ValueError(f"fp8_products must be one of {FP8_PRODUCTS}, not {fp8_products!r}")
-    return (fp8_products != "off" and jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn)
-            and jnp.dtype(q_dtype).itemsize == 2)
-
-
 # the fp8 matrix instruction's depth (mma m16n8k32): a product's contracted length must be a multiple of it
 _FP8_MMA_K = 32
 
 
 def fp8_products_for(fp8_products: str, q_dtype, kv_dtype, head_dim: int, block_tokens: int) -> str:
-    """The products a call runs on e4m3 operands: ``fp8_products`` where it applies (``fp8_products_ok``) and the
-    contracted lengths fit the fp8 instruction (the scores' ``head_dim``, the values' tokens a block: multiples of
-    32), less otherwise ("qk_pv" over 16-token blocks is "qk"; a head_dim of 16 is "off")."""
-    if not fp8_products_ok(fp8_products, q_dtype, kv_dtype) or head_dim % _FP8_MMA_K:
+    """The products a call runs on e4m3 operands (ValueError for a value not in ``FP8_PRODUCTS``): ``fp8_products``
+    over fp8 pages (float8_e4m3fn) under a 16-bit query where the contracted lengths fit the fp8 instruction (the
+    scores' ``head_dim``, the values' tokens a block: multiples of 32); less otherwise ("qk_pv" over 16-token blocks
+    is "qk"; a head_dim of 16, other pages or a float32 query: "off", the products widened as before)."""
+    if fp8_products not in FP8_PRODUCTS:
+        raise ValueError(f"fp8_products must be one of {FP8_PRODUCTS}, not {fp8_products!r}")
+    if (fp8_products == "off" or jnp.dtype(kv_dtype) != jnp.dtype(jnp.float8_e4m3fn)
+            or jnp.dtype(q_dtype).itemsize != 2 or head_dim % _FP8_MMA_K):
         return "off"
     return "qk" if fp8_products == "qk_pv" and block_tokens % _FP8_MMA_K else fp8_products
 
