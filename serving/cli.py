@@ -264,12 +264,12 @@ def _engine_fields(args) -> dict:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
         raise CLIError("--num-pages must be at least 1")
-    if getattr(args, "attention_fp8_products", "off") != "off" and getattr(args, "kv_cache_dtype", "auto") not in (
-            "fp8", "fp8_e4m3"):
-        raise CLIError("--attention-fp8-products needs --kv-cache-dtype fp8 (the products of fp8 pages)")
-    if getattr(args, "attention_fp8_products", "off") != "off" and getattr(args, "dtype", None) == "float32":
-        raise CLIError("--attention-fp8-products takes a 16-bit model (its query is quantized from bf16): not with "
-                       "--dtype float32")
+    if getattr(args, "attention_fp8_products", "off") != "off":
+        if getattr(args, "kv_cache_dtype", "auto") not in ("fp8", "fp8_e4m3"):
+            raise CLIError("--attention-fp8-products needs --kv-cache-dtype fp8 (the products of fp8 pages)")
+        if getattr(args, "dtype", None) == "float32":
+            raise CLIError("--attention-fp8-products takes a 16-bit model (its query is quantized from bf16): not "
+                           "with --dtype float32")
     if getattr(args, "attention_programs", 0) < 0:
         raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
     buckets = {}

@@ -124,7 +124,6 @@ class HermesParser(_MarkedCalls):
         return (text[:at] or None), calls
 
 
-
 class Llama3JsonParser(ToolParser):
     name = "llama3_json"
     TAG = "<|python_tag|>"
@@ -190,7 +189,6 @@ class MistralParser(_MarkedCalls):
         if not calls:
             return text, []
         return (text[:at] or None), calls
-
 
 
 PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}

@@ -112,9 +112,7 @@ class EngineConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
-        check_fp8_products(self.attention_fp8_products)
-        if self.attention_fp8_products != "off" and self.kv_cache_dtype != "fp8":
-            raise ValueError(f"attention_fp8_products {self.attention_fp8_products!r} needs kv_cache_dtype 'fp8'")
+        check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
         check_schedule_policy(self.schedule_policy)
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
         check_flag("nested_layers", self.nested_layers)
@@ -239,11 +237,11 @@ class EngineCore:
             log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
                         "fp8 write and read, so every step costs time in the size of the pool (for correctness "
                         "checks; serve with it on a GPU)", config.kv_cache_dtype)
-        if config.attention_fp8_products != "off" and (
-                platform != "gpu" or jax.tree.leaves(state)[0].dtype.itemsize != 2):
+        model_dtype = jax.tree.leaves(state)[0].dtype
+        if config.attention_fp8_products != "off" and (platform != "gpu" or model_dtype.itemsize != 2):
             log.warning("attention_fp8_products %s takes effect in the GPU decode kernel under a 16-bit model only; "
                         "here (%s, %s) attention multiplies as before", config.attention_fp8_products, platform,
-                        jax.tree.leaves(state)[0].dtype)
+                        model_dtype)
         fused = fp8_fused_quantize(config, model_config, platform)
         self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -273,8 +271,7 @@ class EngineCore:
         self.eos_token_ids = tuple(sorted(eos))
         # the tokenizer's own EOS (vLLM's model EOS): a sequence it ends has no stop_reason; another EOS id (a
         # generation_config.json's, e.g. a chat turn's end) ends it as a stop token, stop_reason that id (vLLM's)
-        self._own_eos = (getattr(tokenizer, "eos_token_id", None)
-                         if tokenizer is not None and eos_token_ids is None else None)
+        self._own_eos = getattr(tokenizer, "eos_token_id", None) if eos_token_ids is None else None
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics(kv_pages_total=num_pages)
         self._rng = random.Random(config.seed)

@@ -213,9 +213,7 @@ class RunnerConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
-        check_fp8_products(self.attention_fp8_products)
-        if self.attention_fp8_products != "off" and self.kv_cache_dtype != "fp8":
-            raise ValueError(f"attention_fp8_products {self.attention_fp8_products!r} needs kv_cache_dtype 'fp8'")
+        check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
@@ -242,10 +240,13 @@ class RunnerConfig:
 SEPARATE_SAMPLER = (False, True, "except_greedy")
 
 
-def check_fp8_products(value):
-    """``value`` if it is an ``attention_fp8_products`` setting (ValueError otherwise)."""
+def check_fp8_products(value, kv_cache_dtype: str):
+    """``value`` if it is an ``attention_fp8_products`` setting for pages of ``kv_cache_dtype`` (canonical):
+    ValueError for another value, or for fp8 products without fp8 pages."""
     if value not in FP8_PRODUCTS:
         raise ValueError(f"attention_fp8_products: expected one of {', '.join(FP8_PRODUCTS)}, got {value!r}")
+    if value != "off" and kv_cache_dtype != "fp8":
+        raise ValueError(f"attention_fp8_products {value!r} needs kv_cache_dtype 'fp8'")
     return value
 
 

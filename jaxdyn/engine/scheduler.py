@@ -362,13 +362,12 @@ class Scheduler:
                 if target == seq.num_tokens and not can_sample(seq):
                     j += 1
                     continue
-                if self.scoring and self._chunk(seq, seq.num_computed, min(target - seq.num_computed, budget),
-                                                len(items)) == 0:
-                    break                 # its rows do not fit this step's share (no overtaking)
-                cached = self._match(seq, target)
                 n = min(target - seq.num_computed, budget)
-                if seq.request.scoring_open:
-                    n = self._chunk(seq, seq.num_computed, n, len(items))
+                if self.scoring and (n := self._chunk(seq, seq.num_computed, n, len(items))) == 0:
+                    break                 # its rows do not fit this step's share (no overtaking)
+                cached = self._match(seq, target)     # none for a prompt still to be scored: its chunk stands
+                if cached:
+                    n = min(target - seq.num_computed, budget)
                 if not self._reserve(seq, seq.num_computed + n, copies):
                     if cached:
                         self._free_pages(seq)

@@ -890,25 +890,28 @@ def test_attention_fp8_products_reach_the_decode_kernel(tmp_path, monkeypatch):
     for module in modules:
         monkeypatch.setattr(module, "on_gpu", lambda: True)
 
-    def kernels(products, bucket):
+    def kernels(products):
+        """{bucket: {attention Triton call's name: its serialized programs}} of one runner's steps"""
         runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(
             CFG, max_num_seqs=32, token_buckets=(16, 64), page_buckets=(32,), kv_cache_dtype="fp8",
             attention_fp8_products=products))
-        t, _, p = next(s for s in runner.bucket_shapes() if s[0] == bucket)
-        text = runner._jitted[VARIANTS[0]].trace(runner.state, runner.kv_cache, runner.token_pages,
-                                                 runner.prev_sampled, *runner._input_shapes(t, p)
-                                                 ).lower(lowering_platforms=("cuda",)).as_text()
-        # each attention Triton call's name and serialized program (a line of the text each)
-        calls = {}
-        for line in text.splitlines():
-            if "__gpu$xla.gpu.triton" in line and (m := re.search(r'name = "([a-z_]+)"', line)):
-                calls.setdefault(m.group(1), set()).add(re.search(r'ir = "(.*?)", name = ', line).group(1))
-        assert "paged_decode_attention" in calls and "ragged_prefill_attention" in calls, set(calls)
-        return calls
+        by_bucket = {}
+        for t, _, p in runner.bucket_shapes():
+            text = runner._jitted[VARIANTS[0]].trace(runner.state, runner.kv_cache, runner.token_pages,
+                                                     runner.prev_sampled, *runner._input_shapes(t, p)
+                                                     ).lower(lowering_platforms=("cuda",)).as_text()
+            # each attention Triton call's name and serialized program (a line of the text each)
+            calls = by_bucket[t] = {}
+            for line in text.splitlines():
+                if "__gpu$xla.gpu.triton" in line and (m := re.search(r'name = "([a-z_]+)"', line)):
+                    calls.setdefault(m.group(1), set()).add(re.search(r'ir = "(.*?)", name = ', line).group(1))
+            assert "paged_decode_attention" in calls and "ragged_prefill_attention" in calls, set(calls)
+        return by_bucket
 
+    lowered = {p: kernels(p) for p in ("off", "qk", "qk_pv")}
     # 16 slots: the decode kernel splits contexts (a call of few slots); 32: one split, in place
     for bucket in (16, 64):
-        off, qk, qk_pv = (kernels(p, bucket) for p in ("off", "qk", "qk_pv"))
+        off, qk, qk_pv = (lowered[p][bucket] for p in ("off", "qk", "qk_pv"))
         decode = [frozenset(c["paged_decode_attention"]) for c in (off, qk, qk_pv)]
         assert len(set(decode)) == 3, f"each setting its own decode program ({bucket}-token step)"
         assert off["ragged_prefill_attention"] == qk["ragged_prefill_attention"] == qk_pv["ragged_prefill_attention"]
