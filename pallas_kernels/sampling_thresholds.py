@@ -186,6 +186,112 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, *, vocab: int, tiles: int, in
     cut_ref[...] = jnp.full((1,), cutoff, jnp.uint32)
 
 
+CHUNK_TILES = 16        # tiles a program of the passes form reads (16 x 512 logits: 16 programs a row at 128,256)
+_LANES = 1 << _KERNEL_BITS
+
+
+def from_key(key: jax.Array) -> jax.Array:
+    """``order_keys``' inverse: the f32 whose key is ``key`` (u32)."""
+    bits = jnp.where(key >> 31 == 1, key ^ jnp.uint32(0x80000000), ~key)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, cand_ref, out_ref, *, vocab: int, mode: str, interpret: bool):
+    """One program of a pass: 16 sums over one chunk of one row (``_pass``)."""
+    c = pl.program_id(1)
+    offsets = jnp.arange(TILE, dtype=jnp.int32)
+    lanes = jnp.arange(_LANES, dtype=jnp.int32)
+
+    def sums():
+        m, kth, cands = m_ref[0], kth_ref[0], cand_ref[...]
+        acc = jnp.zeros((TILE, _LANES), jnp.float32)
+        for j in range(CHUNK_TILES):
+            start = (c * CHUNK_TILES + j) * TILE
+            valid = start + offsets < vocab
+            if interpret:
+                x = x_ref[pl.ds(start, TILE)]
+            else:
+                x = pltriton.load(x_ref.at[pl.ds(start, TILE)], mask=valid, other=0.0)
+            x = jnp.where(valid, x, -jnp.inf)
+            keys = jnp.where(valid, order_keys(x), jnp.uint32(0))
+            if mode == "count":         # keys at or above each candidate
+                acc = acc + jnp.where(valid[:, None] & (keys[:, None] >= cands[None, :]), 1.0, 0.0)
+            elif mode == "mass":        # the kept mass (at or above the k-th) strictly above each candidate
+                e = jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
+                acc = acc + jnp.where(keys[:, None] > cands[None, :], e[:, None], 0.0)
+            else:                       # stats: keys above the k-th, their mass, the mass at or above it
+                e = jnp.exp(x - m)
+                above = jnp.where(keys > kth, 1.0, 0.0)[:, None]
+                at = jnp.where(keys >= kth, 1.0, 0.0)[:, None]
+                acc = acc + jnp.where(lanes[None, :] == 0, above, jnp.where(
+                    lanes[None, :] == 1, above * e[:, None], jnp.where(lanes[None, :] == 2, at * e[:, None], 0.0)))
+        return jnp.sum(acc, axis=0)
+
+    # a row that does not need this pass (top-k off, top_p 1) reads nothing: its program writes zeros
+    out_ref[...] = lax.cond(on_ref[0] != 0, sums, lambda: jnp.zeros((_LANES,), jnp.float32))
+
+
+def _pass(x, m, kth, on, cands, *, vocab: int, mode: str, interpret: bool):
+    """f32[S, 16]: each row's 16 sums of ``mode`` (``_pass_kernel``), a grid of (row, chunk) programs whose
+    chunk sums are added here (a tree of float32 sums, no serial sum over the row)."""
+    S = x.shape[0]
+    chunks = pl.cdiv(vocab, CHUNK_TILES * TILE)
+    row = pl.BlockSpec((None, x.shape[1]), lambda s, c: (s, 0))
+    one = pl.BlockSpec((1,), lambda s, c: (s,))
+    out = pl.pallas_call(
+        functools.partial(_pass_kernel, vocab=vocab, mode=mode, interpret=interpret),
+        grid=(S, chunks),
+        in_specs=[row, one, one, one, pl.BlockSpec((None, _LANES), lambda s, c: (s, 0))],
+        out_specs=pl.BlockSpec((None, None, _LANES), lambda s, c: (s, c, 0)),
+        out_shape=jax.ShapeDtypeStruct((S, chunks, _LANES), jnp.float32),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name=f"sampling_thresholds_{mode}",
+    )(x, m, kth, on.astype(jnp.int32), cands)
+    return jnp.sum(out, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, *, interpret: bool = False
+                               ) -> tuple[jax.Array, jax.Array]:
+    """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
+    of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the answer so far) over its chunk; the
+    digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one for the kept
+    mass, 8 for top-p (rows with top_p 1 read nothing). A pass reads the rows once with every multiprocessor
+    busy, where the one-program-a-row kernel runs each row's 18 reads in one program."""
+    S, V = logits.shape
+    x = logits.astype(jnp.float32)
+    if interpret:       # interpret mode's loads take no mask: the row padded to whole chunks (the pad is masked)
+        width = CHUNK_TILES * TILE
+        x = jnp.pad(x, ((0, 0), (0, pl.cdiv(V, width) * width - V)))
+    m = jnp.max(logits, axis=-1).astype(jnp.float32)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    k = k.astype(jnp.int32)
+    kf = k.astype(jnp.float32)
+    top_p = top_p.astype(jnp.float32)
+    lanes = jnp.arange(_LANES, dtype=jnp.uint32)[None, :]
+    run = functools.partial(_pass, x, m, vocab=V, interpret=interpret)
+
+    def search(mode, kth, on, passes):
+        ans = jnp.zeros((S,), jnp.uint32)
+        for shift in range(32 - _KERNEL_BITS, -1, -_KERNEL_BITS):
+            total = run(kth, on, ans[:, None] | (lanes << shift), mode=mode)
+            digit = jnp.maximum(jnp.sum(passes(total), axis=-1) - 1, 0)    # lane 0 (the answer so far) passes
+            ans = ans | (digit.astype(jnp.uint32) << shift)
+        return ans
+
+    zero = jnp.zeros((S,), jnp.uint32)
+    cut_on = top_p < 1.0
+    kth = jnp.where(k < V, search("count", zero, k < V, lambda count: count >= kf[:, None]), zero)
+    stats = run(kth, cut_on, jnp.zeros((S, _LANES), jnp.uint32), mode="stats")
+    above, mass_above, kept = stats[:, 0], stats[:, 1], stats[:, 2]
+    fill = kf - above          # the k-th value's ties a sort's order counts to fill k (0 with top-k off)
+    need = top_p * (mass_above + jnp.where(fill > 0, fill * jnp.exp(from_key(kth) - m), 0.0))
+    below = search("mass", kth, cut_on, lambda mass: mass >= need[:, None])
+    cutoff = jnp.where(kept >= need, below + jnp.uint32(1), jnp.uint32(0))
+    return kth, cutoff
+
+
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array, *, interpret: bool = False
                                ) -> tuple[jax.Array, jax.Array]:
@@ -212,17 +318,19 @@ def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array
 
 def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl: str | None = None
                         ) -> tuple[jax.Array, jax.Array]:
-    """Entry point. ``impl`` (default ``IMPL``): ``auto`` (the kernel on GPU, else the reference), ``kernel``,
-    ``interpret`` or ``reference``."""
+    """Entry point. ``impl`` (default ``IMPL``): ``auto`` (the passes on a GPU, else the reference), ``passes``,
+    ``kernel`` (one program a row), ``passes-interpret``, ``interpret`` or ``reference``."""
     impl = impl or IMPL
     if impl == "auto":
-        impl = "kernel" if on_gpu() else "reference"
+        impl = "passes" if on_gpu() else "reference"
     if impl == "reference":
         kth, cutoff = sampling_thresholds_reference(logits, k, top_p)
     elif impl in ("kernel", "interpret"):
         kth, cutoff = sampling_thresholds_kernel(logits, k, top_p, interpret=impl == "interpret")
+    elif impl in ("passes", "passes-interpret"):
+        kth, cutoff = sampling_thresholds_passes(logits, k, top_p, interpret=impl == "passes-interpret")
     else:
-        raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
+        raise ValueError(f"impl must be auto, passes, kernel, passes-interpret, interpret or reference, not {impl!r}")
     # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it; k = V
     # (top-k off) is key 0 in both forms (the kernel skips that search)
     return jnp.where(k >= logits.shape[1], jnp.uint32(0), kth), jnp.where(top_p >= 1.0, jnp.uint32(0), cutoff)

@@ -59,46 +59,64 @@ def main(argv=None) -> int:
 
     vocab = ModelConfig.from_dict(preset_config(args.model)).vocab_size
 
-    def form(variant, sort_free=False, bits=thresholds.DIGIT_BITS, impl="reference"):
+    def form(variant, sort_free=None, impl="auto", unfiltered=False):
         def run(logits, p):     # every output kept (one small array: a timed call waits on one)
-            thresholds.DIGIT_BITS, thresholds.IMPL = bits, impl        # read as the form is traced
-            out = sample(logits, lambda: p[1], p[0], variant, sort_free=sort_free)
+            thresholds.IMPL = impl        # read as the form is traced
+            s = no_filters(p[0]) if unfiltered else p[0]
+            out = sample(logits, lambda: p[1], s, variant, sort_free=sort_free)
             return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in out if x is not None])
         return run
 
-    default = thresholds.DIGIT_BITS, thresholds.IMPL
-    forms = {"greedy": form(GREEDY), "plain": form(PLAIN), "full sort": form(FULL)}
-    forms.update({f"full sort-free {b}-bit": form(FULL, True, b) for b in (1, 2, 4)})
-    if jax.default_backend() == "gpu":      # the Pallas kernel (interpret mode would take minutes on a CPU)
+    def no_filters(s):
+        return dataclasses.replace(s, top_k=jnp.zeros_like(s.top_k), top_p=jnp.ones_like(s.top_p),
+                                   min_p=jnp.zeros_like(s.min_p))
+
+    default = thresholds.IMPL
+    forms = {"greedy": form(GREEDY), "plain, no filters": form(PLAIN, unfiltered=True), "plain": form(PLAIN),
+             "full sort": form(FULL, sort_free=False), "full": form(FULL)}
+    if jax.default_backend() == "gpu":      # the Pallas kernels (interpret mode would take minutes on a CPU)
+        forms["full sort-free passes"] = form(FULL, True, impl="passes")
         forms["full sort-free kernel"] = form(FULL, True, impl="kernel")
     bandwidth = measure_bandwidth(2.0)
-    print(f"{args.model} vocabulary {vocab}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process)", flush=True)
+    print(f"{args.model} vocabulary {vocab}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process); rows with "
+          "temperature 0.8, top-k 50, top-p 0.9, min-p 0.02, penalties, logprobs ('plain, no filters': temperature "
+          "alone); on a GPU 'plain' and 'full' filter with the thresholds' passes, 'full sort' with the sort", flush=True)
     names = list(forms)
-    print("| rows | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n[15:]} / sort" for n in names[3:])
-          + " | logits' read ms |")
-    print("|---:|" + "---:|" * (2 * len(names) - 2))
+    ref = names.index("full sort")
+    print("| rows | " + " | ".join(f"{n} ms" for n in names) + " | "
+          + " | ".join(f"{n} / full sort" for n in names if n != "full sort") + " | logits' read ms |")
+    print("|---:|" + "---:|" * (2 * len(names)))
     summaries = {}
     for m in rows:
         logits, params = sampling_inputs(m, vocab)
         t = time_forms(forms, logits, params, args.reps, summaries)
         print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + " | "
-              + " | ".join(f"{x / t[2]:.3f}" for x in t[3:]) + f" | {4.0 * m * vocab / bandwidth * 1e3:.3f} |",
-              flush=True)
-    thresholds.DIGIT_BITS, thresholds.IMPL = default
-    # ``full``'s parts alone, sorted as its executables run them: where its time goes
-    from jaxdyn.engine.sampler import _top_logprobs, apply_filters, apply_penalties
+              + " | ".join(f"{x / t[ref]:.3f}" for i, x in enumerate(t) if i != ref)
+              + f" | {4.0 * m * vocab / bandwidth * 1e3:.3f} |", flush=True)
+    thresholds.IMPL = default
+    # the parts alone: where the time goes
+    from jaxdyn.engine.sampler import _top_logprobs, apply_filters, apply_filters_sort_free, apply_penalties
 
     def top_p_only(s):
         return dataclasses.replace(s, top_k=jnp.zeros_like(s.top_k), min_p=jnp.zeros_like(s.min_p))
 
     parts = {
-        "filters (top-k, top-p, min-p)": lambda x, p: apply_filters(x / 0.8, p[0]),
-        "top-p alone": lambda x, p: apply_filters(x / 0.8, top_p_only(p[0])),
+        "filters sort (top-k, top-p, min-p)": lambda x, p: apply_filters(x / 0.8, p[0]),
+        "top-p alone, sort": lambda x, p: apply_filters(x / 0.8, top_p_only(p[0])),
         "penalties": lambda x, p: apply_penalties(x, *p[1], p[0]),
         "log-softmax, top logprobs": lambda x, p: _top_logprobs(jax.nn.log_softmax(x, axis=-1))[1],
         "log-softmax, rank": lambda x, p: jnp.sum(jax.nn.log_softmax(x, axis=-1) >= x[:, :1], axis=-1),
     }
-    print("\n``full``'s parts alone (ms):\n")
+    if jax.default_backend() == "gpu":      # the thresholds alone: a pass a call, or one program a row
+        parts["filters passes"] = lambda x, p: apply_filters_sort_free(x / 0.8, p[0])
+        for impl in ("passes", "kernel"):
+            parts[f"{impl}: top-k and top-p"] = lambda x, p, i=impl: thresholds.sampling_thresholds(
+                x, p[0].top_k, p[0].top_p, impl=i)[1]
+            parts[f"{impl}: top-p alone"] = lambda x, p, i=impl: thresholds.sampling_thresholds(
+                x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, impl=i)[1]
+        parts["passes: neither"] = lambda x, p: thresholds.sampling_thresholds(
+            x, jnp.full_like(p[0].top_k, x.shape[1]), jnp.ones_like(p[0].top_p), impl="passes")[1]
+    print("\nthe parts alone (ms):\n")
     print("| rows | " + " | ".join(parts) + " |")
     print("|---:|" + "---:|" * len(parts))
     for m in rows:

@@ -595,7 +595,7 @@ class ModelRunner:
         return jax.jit(self._forward_fn, in_shardings=(self._state_shardings, kv, rep, rep, rep, rep, rep),
                        out_shardings=(kv, rep, rep), donate_argnums=(1, 2))
 
-    def _sample_fn(self, variant: str, sort_free: bool = False):
+    def _sample_fn(self, variant: str, sort_free: bool | None = None):
         """The sampler's part of a step: draws of ``logits`` into ``prev_sampled``'s rows this step writes
         (``sort_free``: ``sample``'s)."""
         page_size = self.config.page_size

@@ -20,11 +20,13 @@ longer prepare step N+1 while step N runs. The variants, each serving every
 batch the ones before it serve:
 
 - ``greedy``: argmax of the logits with the logit bias added and the banned ids masked.
-- ``plain``: ``greedy`` + temperature and the seeded draw (temperature-0 rows keep the argmax).
-- ``full``: ``plain`` + penalties, top-k / top-p / min-p, logprobs and the top
-  ``MAX_LOGPROBS``, all computed for every row; a row's penalties and filters
-  apply only where that row asked for them (``where`` per row), so a row's
-  result never depends on the rest of its batch.
+- ``plain``: ``greedy`` + temperature, min-p / top-k / top-p and the seeded draw (temperature-0 rows keep the
+  argmax). On a GPU the filters find their thresholds without a sort (``apply_filters_sort_free``: a Pallas call a
+  pass of a radix search, whose programs for a row that asks for no filter read nothing); elsewhere a vocabulary
+  sort.
+- ``full``: ``plain`` + allowed ids, penalties, logprobs and the top ``MAX_LOGPROBS`` (``lax.top_k``), all
+  computed for every row; a row's penalties and filters apply only where that row asked for them (``where`` per
+  row), so a row's result never depends on the rest of its batch.
 
 Why three: each variant is one more executable per bucket at warm-up (three
 variants about double the warm-up of the tiny test model on the CPU), and the
@@ -61,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
-from pallas_kernels.paged_decode import kernel_zeros
+from pallas_kernels.paged_decode import kernel_zeros, on_gpu
 from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
 
 RANK_COL = MAX_LOGPROBS     # full's top ids i32[S, MAX_LOGPROBS + 1]: this column is the drawn token's rank
@@ -79,9 +81,9 @@ def variant_for(*, penalties: bool, filters: bool, random: bool, logprobs: bool,
     """The cheapest variant for a batch: does any row use penalties, top-k / top-p / min-p (on a
     row with temperature > 0), temperature > 0, ask for logprobs, or draw from an allowed set only? (Banned and
     biased ids: every variant.)"""
-    if penalties or filters or logprobs or allowed:
+    if penalties or logprobs or allowed:
         return FULL
-    return PLAIN if random else GREEDY
+    return PLAIN if random or filters else GREEDY
 
 
 def serves(variant: str, needed: str) -> bool:
@@ -160,9 +162,9 @@ def apply_filters(logits, s: SamplingArrays):
 
 def _min_p(logits, s: SamplingArrays):
     """Drop the tokens whose probability is under min_p times the largest's (a ratio: the same over any subset
-    that holds the largest)."""
-    p = jax.nn.softmax(logits, axis=-1)
-    return jnp.where(p < s.min_p[:, None] * jnp.max(p, axis=-1, keepdims=True), NEG_INF, logits)
+    that holds the largest): ``exp(logit - max) < min_p``, no normalisation."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.where(jnp.exp(logits - m) < s.min_p[:, None], NEG_INF, logits)
 
 
 def apply_filters_sort_free(logits, s: SamplingArrays):
@@ -207,7 +209,7 @@ def top_logprobs_sort_free(lp):
     return jnp.pad(idx, ((0, 0), (0, pad))), jnp.pad(v, ((0, 0), (0, pad)), constant_values=NEG_INF)
 
 
-def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free: bool = False):
+def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free: bool | None = None):
     """Draw one token per row with the parts of the static ``variant`` (see the module docstring).
 
     ``history_fn()`` returns ``(history i32[S,H], valid bool[S,H], is_output bool[S,H])``;
@@ -243,9 +245,9 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     if variant in (PLAIN, FULL):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
         scaled = logits / temp
-        if variant == FULL:
-            filters = apply_filters_sort_free if sort_free else apply_filters
-            scaled = jnp.where(s.row_uses_filters()[:, None], filters(scaled, s), scaled)
+        sorted_filters = (not on_gpu()) if sort_free is None else not sort_free
+        filters = apply_filters if sorted_filters else apply_filters_sort_free
+        scaled = jnp.where(s.row_uses_filters()[:, None], filters(scaled, s), scaled)
 
         def one(seed, hi, idx, row):
             key = jax.random.key(seed)
