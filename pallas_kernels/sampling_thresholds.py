@@ -252,19 +252,20 @@ def _pass(x, m, kth, on, cands, *, vocab: int, mode: str, interpret: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, *, interpret: bool = False
-                               ) -> tuple[jax.Array, jax.Array]:
+def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, row_max: jax.Array | None = None,
+                               *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
     of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the answer so far) over its chunk; the
     digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one for the kept
     mass, 8 for top-p (rows with top_p 1 read nothing). A pass reads the rows once with every multiprocessor
-    busy, where the one-program-a-row kernel runs each row's 18 reads in one program."""
+    busy, where the one-program-a-row kernel runs each row's 18 reads in one program. ``row_max``: the rows'
+    largest logits where the caller has them (one read of the rows less)."""
     S, V = logits.shape
     x = logits.astype(jnp.float32)
     if interpret:       # interpret mode's loads take no mask: the row padded to whole chunks (the pad is masked)
         width = CHUNK_TILES * TILE
         x = jnp.pad(x, ((0, 0), (0, pl.cdiv(V, width) * width - V)))
-    m = jnp.max(logits, axis=-1).astype(jnp.float32)
+    m = (jnp.max(logits, axis=-1) if row_max is None else row_max).astype(jnp.float32)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     k = k.astype(jnp.int32)
     kf = k.astype(jnp.float32)
@@ -316,10 +317,11 @@ def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array
     return kth, cutoff
 
 
-def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl: str | None = None
-                        ) -> tuple[jax.Array, jax.Array]:
+def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl: str | None = None,
+                        row_max: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Entry point. ``impl`` (default ``IMPL``): ``auto`` (the passes on a GPU, else the reference), ``passes``,
-    ``kernel`` (one program a row), ``passes-interpret``, ``interpret`` or ``reference``."""
+    ``kernel`` (one program a row), ``passes-interpret``, ``interpret`` or ``reference``. ``row_max`` (f32[S], each
+    row's largest logit): spares the passes their own reading of it; the other forms ignore it."""
     impl = impl or IMPL
     if impl == "auto":
         impl = "passes" if on_gpu() else "reference"
@@ -328,7 +330,7 @@ def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl:
     elif impl in ("kernel", "interpret"):
         kth, cutoff = sampling_thresholds_kernel(logits, k, top_p, interpret=impl == "interpret")
     elif impl in ("passes", "passes-interpret"):
-        kth, cutoff = sampling_thresholds_passes(logits, k, top_p, interpret=impl == "passes-interpret")
+        kth, cutoff = sampling_thresholds_passes(logits, k, top_p, row_max, interpret=impl == "passes-interpret")
     else:
         raise ValueError(f"impl must be auto, passes, kernel, passes-interpret, interpret or reference, not {impl!r}")
     # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it; k = V

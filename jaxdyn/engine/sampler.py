@@ -160,10 +160,10 @@ def apply_filters(logits, s: SamplingArrays):
     return jnp.where(logits < cutoff, NEG_INF, logits)
 
 
-def _min_p(logits, s: SamplingArrays):
+def _min_p(logits, s: SamplingArrays, m=None):
     """Drop the tokens whose probability is under min_p times the largest's (a ratio: the same over any subset
-    that holds the largest): ``exp(logit - max) < min_p``, no normalisation."""
-    m = jnp.max(logits, axis=-1, keepdims=True)
+    that holds the largest): ``exp(logit - max) < min_p``, no normalisation. ``m``: the rows' maxima, f32[S, 1]."""
+    m = jnp.max(logits, axis=-1, keepdims=True) if m is None else m
     return jnp.where(jnp.exp(logits - m) < s.min_p[:, None], NEG_INF, logits)
 
 
@@ -178,9 +178,10 @@ def apply_filters_sort_free(logits, s: SamplingArrays):
     whose mass before it is within rounding of top_p may be kept by one and not the other (at a vocabulary of
     32,000, a token in a few rows of 64). Min-p first, as there."""
     S, V = logits.shape
-    logits = _min_p(logits, s)
+    m = jnp.max(logits, axis=-1, keepdims=True)     # min-p never drops the largest (min_p <= 1): the max of both
+    logits = _min_p(logits, s, m)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR))
+    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR), row_max=m[:, 0])
     keys = order_keys(logits)
     return jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, logits)
 

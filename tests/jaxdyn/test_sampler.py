@@ -290,6 +290,45 @@ def test_sort_free_filters_keep_what_the_sorted_filters_keep(data, bits, monkeyp
         np.testing.assert_array_equal(got[~np.isinf(got)], want[~np.isinf(want)])
 
 
+@pytest.mark.parametrize("data", ["normal", "ties", "banned"])
+def test_the_thresholds_passes_keep_what_the_sorted_filters_keep(data, monkeypatch):
+    """The GPU's form of the sort-free filters (``sampling_thresholds_passes``, here interpreted), given the rows'
+    maxima by the sampler: the sort's tokens, ties and banned ids included."""
+    from pallas_kernels import sampling_thresholds
+    monkeypatch.setattr(sampling_thresholds, "IMPL", "passes-interpret")
+    rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
+    S, V = 8, 96
+    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+    if data == "ties":
+        logits = np.round(logits)
+    if data == "banned":
+        logits[rng.random((S, V)) < 0.3] = -np.inf
+    s = _sampling(S, rng)
+    s = dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
+    want = np.asarray(apply_filters(jnp.asarray(logits), s))
+    got = np.asarray(apply_filters_sort_free(jnp.asarray(logits), s))
+    assert np.array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_array_equal(got[~np.isinf(got)], want[~np.isinf(want)])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_plain_variant_filters_with_the_passes_and_no_sort():
+    """A GPU's ``plain`` and ``full`` find top-k's and top-p's thresholds by the passes (17 Triton calls); ``full``
+    sorts only for its top logprobs (``lax.top_k``)."""
+    logits, s, history, _ = mixed_batch()
+    args = (jnp.asarray(logits), s, tuple(jnp.asarray(x) for x in history))
+    for variant in (PLAIN, FULL):
+        text = jax.jit(lambda lg, sa, h, v=variant: sample(lg, lambda: h, sa, v)).lower(*args).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 17, variant
+        assert "stablehlo.sort" not in text
+        assert ("topk" in text.lower() or "top_k" in text.lower()) == (variant == FULL)
+    ids = np.asarray(_sample(logits, s, history, PLAIN)[0])
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    kept = np.isfinite(np.asarray(apply_filters(jnp.asarray(logits) / temp, s)))
+    filtered = np.asarray(s.row_uses_filters()) & (np.asarray(s.temperature) > 0)
+    assert all(kept[r, ids[r]] for r in np.flatnonzero(filtered))
+
+
 def test_sort_free_top_logprobs_are_top_ks():
     rng = np.random.default_rng(3)
     lp = jax.nn.log_softmax(jnp.asarray(np.round(rng.normal(size=(6, 300)) * 2).astype(np.float32)), axis=-1)
