@@ -11,7 +11,12 @@ at or above it; a mass above it of at least ``top_p`` of the kept mass).
   a candidate: ``32 / DIGIT_BITS x (2**DIGIT_BITS - 1)`` reads a search), ``DIGIT_BITS`` a pass;
 - ``sampling_thresholds_kernel``: one program a row, looping over it in tiles; a pass reads the row once and counts
   the 15 candidates of a 4-bit digit in registers: 8 passes a search (2 searches, 2 passes for the mass), a row
-  with top-k off skipping the first search and one with top_p 1 the second.
+  with top-k off skipping the first search and one with top_p 1 the second;
+- ``sampling_thresholds_passes`` (what a GPU runs): the same search as one Pallas call a pass, a program a (row,
+  chunk of ``CHUNK_TILES`` tiles) summing the 16 lanes over its chunk, the chunks' sums added and the digit picked
+  in ``jax.numpy`` between calls: 17 calls (8 + the kept mass + 8), every multiprocessor busy in each, where the
+  kernel above runs a row's passes one after another in one program; a row that needs no search starts programs
+  that read nothing.
 
 Top-k's threshold is exact. Top-p's sums the mass in another order than a sort's running sum, so a token whose
 mass before it is within float rounding of ``top_p`` may be kept by one and not the other.
@@ -35,9 +40,11 @@ from pallas_kernels.paged_decode import on_gpu
 # Bits of the answer a pass of the reference settles (1, 2, 4 or 8: a pass tries 2**bits - 1 candidates, and XLA
 # reads the row once a candidate: 32 reads a search at 1 bit, 48 at 2, 120 at 4). On a 2-core CPU at 64 rows x
 # 128,256, 4 bits compiled in 1.1 s against 1.8 s at 1 bit and ran 0.95 s against 0.57; at 4 rows 2 bits ran as
-# fast as 1 and twice as fast as 4. Not measured on a GPU (``benchmarks/gpu/sampler_probe.py`` times them).
+# fast as 1 and twice as fast as 4. On an H100 (the whole ``full`` sampler, 1,024 rows): 25.2 ms at 1 bit, 28.7 at 2,
+# 52.0 at 4 (``benchmarks/results/gpu_suite_h200.md``, thirtieth session); a GPU runs the passes instead.
 DIGIT_BITS = 2
-# "auto": the kernel on a GPU, else the reference; "reference" / "kernel" / "interpret" force one (the probe; or the
+# "auto": the passes on a GPU, else the reference; "reference" / "passes" / "kernel" / "passes-interpret" /
+# "interpret" force one (the probe; or the
 # environment's JAXDYN_SAMPLING_THRESHOLDS, read at import, e.g. to run the reference on a GPU)
 IMPL = os.environ.get("JAXDYN_SAMPLING_THRESHOLDS", "auto")
 TILE = 512              # logits a program loads at once (the kernel)
