@@ -20,27 +20,25 @@ longer prepare step N+1 while step N runs. The variants, each serving every
 batch the ones before it serve:
 
 - ``greedy``: argmax of the logits with the logit bias added and the banned ids masked.
-- ``plain``: ``greedy`` + temperature, min-p / top-k / top-p and the seeded draw (temperature-0 rows keep the
-  argmax). On a GPU the filters find their thresholds without a sort (``apply_filters_sort_free``: a Pallas call a
-  pass of a radix search, whose programs for a row that asks for no filter read nothing); elsewhere a vocabulary
-  sort.
-- ``full``: ``plain`` + allowed ids, penalties, logprobs and the top ``MAX_LOGPROBS`` (``lax.top_k``), all
-  computed for every row; a row's penalties and filters apply only where that row asked for them (``where`` per
-  row), so a row's result never depends on the rest of its batch.
+- ``plain``: ``greedy`` + penalties, temperature, min-p / top-k / top-p and the seeded draw (temperature-0 rows
+  keep the argmax, after their penalties). The penalties are three scatters over the rows' history
+  (``apply_penalties``), a no-op on a row without them. On a GPU the filters find their thresholds without a sort
+  (``apply_filters_sort_free``: a Pallas call a pass of a radix search, whose programs for a row that asks for no
+  filter read nothing); elsewhere a vocabulary sort.
+- ``full``: ``plain`` + allowed ids, logprobs and the top ``MAX_LOGPROBS`` (``lax.top_k``), all computed for every
+  row; a row's filters apply only where that row asked for them (``where`` per row), so a row's result never
+  depends on the rest of its batch.
 
-Why three: each variant is one more executable per bucket at warm-up (three
-variants about double the warm-up of the tiny test model on the CPU), and the
-tiers follow the cost of the parts (H100, 64 rows, vocab 128256, sampler alone):
-argmax and the banned-id scatter 0.13 ms, + the draw 0.20 ms; the filters' vocab
-sort (1.5 ms) and the top-20 (1.3 ms, a sort in XLA) dominate, the penalty
-histograms (0.25 ms) ride along with them, and ``full`` costs 1.6 ms. A batch
-that needs one of the costly parts pays for all of them. ``greedy`` and
-``plain`` return no logprobs (``None``).
+Why three: each variant is one more executable per bucket at warm-up (three variants about double the warm-up of
+the tiny test model on the CPU). Until session 31 ``full`` held the penalties and the filters too, with a vocabulary
+sort, and a request with top-p or a repetition penalty made every step it was in pay for the top logprobs' sort
+and the rank as well (H100, 8B vocabulary, all parts on every row: 2.5 / 6.2 / 23.3 ms at 64 / 256 / 1,024 rows,
+against 0.17 / 0.40 / 1.25 for ``plain`` then). ``greedy`` and ``plain`` return no logprobs (``None``).
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
 ``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
 top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``pallas_kernels.sampling_thresholds``:
-a Pallas kernel on a GPU, one program a row, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
+its passes on a GPU, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
 masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), top-p the sort's up to float
 rounding at its boundary (``apply_filters_sort_free``); with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
 its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
@@ -52,7 +50,8 @@ kinds in jaxlib 0.10 and 0.11, CUDA 12.3 and later; whether the step's condition
 In the step (H100, 1B decode, batch 64, context 512, ms/step; before = the
 ``lax.cond`` sampler, whose host dispatch took the whole step): greedy 3.56 ->
 2.25, temperature 3.63 -> 2.28, top-p 4.70 -> 4.60; but a batch that needs only
-penalties (3.83) or only logprobs (3.69) now runs ``full``, 4.60.
+penalties (3.83) or only logprobs (3.69) then ran ``full``, 4.60 (penalties and filters: ``plain`` since
+session 31).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
-from pallas_kernels.paged_decode import kernel_zeros, on_gpu
+from pallas_kernels.paged_decode import on_gpu
 from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
 
 RANK_COL = MAX_LOGPROBS     # full's top ids i32[S, MAX_LOGPROBS + 1]: this column is the drawn token's rank
@@ -81,9 +80,9 @@ def variant_for(*, penalties: bool, filters: bool, random: bool, logprobs: bool,
     """The cheapest variant for a batch: does any row use penalties, top-k / top-p / min-p (on a
     row with temperature > 0), temperature > 0, ask for logprobs, or draw from an allowed set only? (Banned and
     biased ids: every variant.)"""
-    if penalties or logprobs or allowed:
+    if logprobs or allowed:
         return FULL
-    return PLAIN if random or filters else GREEDY
+    return PLAIN if random or filters or penalties else GREEDY
 
 
 def serves(variant: str, needed: str) -> bool:
@@ -123,18 +122,22 @@ class SamplingArrays:
 
 
 def apply_penalties(logits, history, history_valid, is_output, s: SamplingArrays):
-    """logits f32[S,V]; history i32[S,H] token ids; masks bool[S,H]."""
+    """logits f32[S,V]; history i32[S,H] token ids; masks bool[S,H]. Three scatters over the history's entries,
+    no [S, V] count: each seen token's logit set to its repetition-penalised value (a token's entries all write the
+    same value), each output token's to that minus the presence penalty, then the frequency penalty added once an
+    output entry. A row without penalties (1, 0, 0) comes out bit for bit as it went in (x / 1, x * 1, x - 0,
+    x + -0.0 are x), so no per-row select is needed."""
     S, V = logits.shape
     rows = jnp.arange(S)[:, None]
     hist = jnp.clip(history, 0, V - 1)
-    zeros = kernel_zeros((S, V), jnp.float32, s.output_index[0])    # not a memset (kernel_zeros)
-    out_counts = zeros.at[rows, hist].add((history_valid & is_output).astype(jnp.float32))
-    seen = zeros.at[rows, hist].add(history_valid.astype(jnp.float32)) > 0
+    seen = jnp.where(history_valid, hist, V)                    # V: out of range, dropped
+    out = jnp.where(history_valid & is_output, hist, V)
+    g = jnp.take_along_axis(logits, hist, axis=1)
     rep = s.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - s.frequency_penalty[:, None] * out_counts
-    logits = logits - s.presence_penalty[:, None] * (out_counts > 0)
-    return logits
+    r = jnp.where(g > 0, g / rep, g * rep)
+    logits = logits.at[rows, seen].set(r, mode="drop")
+    logits = logits.at[rows, out].set(r - s.presence_penalty[:, None], mode="drop")
+    return logits.at[rows, out].add(jnp.broadcast_to(-s.frequency_penalty[:, None], out.shape), mode="drop")
 
 
 # top-p below this counts as this (the top token alone, as any top-p near 0): a subnormal top-p, which the GPU
@@ -214,7 +217,7 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     """Draw one token per row with the parts of the static ``variant`` (see the module docstring).
 
     ``history_fn()`` returns ``(history i32[S,H], valid bool[S,H], is_output bool[S,H])``;
-    only ``full`` (penalties) calls it.
+    ``plain`` and ``full`` (penalties) call it.
     Returns ``(ids i32[S], logprob f32[S], top_ids i32[S,K+1], top_logprobs f32[S,K])`` (``top_ids[:, RANK_COL]``:
     the drawn token's rank among the raw logprobs); the last
     three are ``None`` unless ``variant`` is ``full``. ``sort_free``: ``full``'s filters and top logprobs without
@@ -239,9 +242,8 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
         kept = jnp.take_along_axis(logits, jnp.minimum(biased, V - 1), axis=1)
         restore = jnp.where(only[:, None] & ~after, V, biased)   # an only-row's bans and biases stay masked
         logits = jnp.where(only[:, None], NEG_INF, logits).at[rows, restore].set(kept, mode="drop")
-        h, valid, is_out = history_fn()
-        logits = jnp.where(s.row_uses_penalties()[:, None],
-                           apply_penalties(logits, h, valid, is_out, s), logits)
+    if variant in (PLAIN, FULL):
+        logits = apply_penalties(logits, *history_fn(), s)     # a row without penalties unchanged
     ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if variant in (PLAIN, FULL):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]

@@ -224,15 +224,15 @@ KINDS = {   # name: (params, banned ids)
     "greedy-top-k": (SamplingParams(temperature=0, top_k=5, max_tokens=None), ()),  # no draw: no filter
 }
 OWN_VARIANT = {"greedy": GREEDY, "banned": GREEDY, "greedy-top-k": GREEDY, "seeded": PLAIN,
-               "seeded-banned": PLAIN, "top-k": PLAIN, "top-p-min-p": PLAIN, "penalties": FULL,
+               "seeded-banned": PLAIN, "top-k": PLAIN, "top-p-min-p": PLAIN, "penalties": PLAIN,
                "logprobs": FULL, "greedy-logprobs": FULL}
 
 
 @pytest.mark.parametrize("kinds, want", [
     ((None,), GREEDY), (("greedy", "banned", "greedy-top-k"), GREEDY),
     (("seeded",), PLAIN), (("greedy", "seeded-banned", "banned"), PLAIN),
-    (("greedy", "top-k"), PLAIN), (("seeded", "top-p-min-p"), PLAIN), (("penalties",), FULL),
-    (("top-k", "penalties"), FULL),
+    (("greedy", "top-k"), PLAIN), (("seeded", "top-p-min-p"), PLAIN), (("penalties",), PLAIN),
+    (("top-k", "penalties", "banned"), PLAIN),
     (("greedy-logprobs", "greedy"), FULL), (("seeded", "logprobs", "banned"), FULL),
 ])
 def test_a_step_runs_the_cheapest_variant_its_rows_need(variant_runner, kinds, want):
