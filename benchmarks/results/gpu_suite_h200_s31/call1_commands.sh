@@ -1,4 +1,4 @@
-# Session 31, call 1 (~590 s): the thresholds' passes (a Pallas call a pass, a program a (row, chunk)) on a GPU:
+# Session 31, call 1 (~590 s): penalties and filters in `plain` (no sort; the penalties three scatters); the thresholds' passes (a Pallas call a pass, a program a (row, chunk)) on a GPU:
 # their tests, the sampler probe (every form and part at 64 / 256 / 1,024 rows), and sampled offline runs
 # (temperature 0.8, top-p 0.95: the `plain` variant now, which filters with the passes) and temperature 1 alone (top-p 1: `plain`, its filters' passes reading nothing) against the tree before
 # (e509fd9, `.base_tree`: such rows ran `full`, with two vocabulary sorts). Carry .gpu_wheels and .base_tree.
