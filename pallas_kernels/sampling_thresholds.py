@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.paged_decode import on_gpu
+from pallas_kernels.paged_decode import kernel_zeros, on_gpu
 
 # Bits of the answer a pass of the reference settles (1, 2, 4 or 8: a pass tries 2**bits - 1 candidates, and XLA
 # reads the row once a candidate: 32 reads a search at 1 bit, 48 at 2, 120 at 4). On a 2-core CPU at 64 rows x
@@ -238,9 +238,12 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, cand_ref, out_ref, *, vocab: int
     out_ref[...] = lax.cond(on_ref[0] != 0, sums, lambda: jnp.zeros((_LANES,), jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("vocab", "mode", "interpret"))
 def _pass(x, m, kth, on, cands, *, vocab: int, mode: str, interpret: bool):
     """f32[S, 16]: each row's 16 sums of ``mode`` (``_pass_kernel``), a grid of (row, chunk) programs whose
-    chunk sums are added here (a tree of float32 sums, no serial sum over the row)."""
+    chunk sums are added here (a tree of float32 sums, no serial sum over the row). Jitted, so that a step's
+    passes of one mode are one function of its lowered module, lowered once (JAX caches a nested jit's lowering
+    within a module): 3 Pallas lowerings a step instead of 17."""
     S = x.shape[0]
     chunks = pl.cdiv(vocab, CHUNK_TILES * TILE)
     row = pl.BlockSpec((None, x.shape[1]), lambda s, c: (s, 0))
@@ -280,18 +283,21 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     lanes = jnp.arange(_LANES, dtype=jnp.uint32)[None, :]
     run = functools.partial(_pass, x, m, vocab=V, interpret=interpret)
 
+    # zeros as a kernel's output, not constants: XLA fills a constant operand of a call by a memset, which ends
+    # the step's CUDA graph (and keeps a conditional around it out of the graph)
+    zero = kernel_zeros((S,), jnp.uint32, k[0])
+
     def search(mode, kth, on, passes):
-        ans = jnp.zeros((S,), jnp.uint32)
+        ans = zero
         for shift in range(32 - _KERNEL_BITS, -1, -_KERNEL_BITS):
             total = run(kth, on, ans[:, None] | (lanes << shift), mode=mode)
             digit = jnp.maximum(jnp.sum(passes(total), axis=-1) - 1, 0)    # lane 0 (the answer so far) passes
             ans = ans | (digit.astype(jnp.uint32) << shift)
         return ans
 
-    zero = jnp.zeros((S,), jnp.uint32)
     cut_on = top_p < 1.0
     kth = jnp.where(k < V, search("count", zero, k < V, lambda count: count >= kf[:, None]), zero)
-    stats = run(kth, cut_on, jnp.zeros((S, _LANES), jnp.uint32), mode="stats")
+    stats = run(kth, cut_on, zero[:, None] | lanes, mode="stats")      # (the candidates unused)
     above, mass_above, kept = stats[:, 0], stats[:, 1], stats[:, 2]
     fill = kf - above          # the k-th value's ties a sort's order counts to fill k (0 with top-k off)
     need = top_p * (mass_above + jnp.where(fill > 0, fill * jnp.exp(from_key(kth) - m), 0.0))

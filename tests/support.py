@@ -128,7 +128,7 @@ def constant_filled_buffers(jaxpr) -> list[str]:
     """Where a traced program materializes a buffer filled with a constant, which XLA's GPU backend emits as a memset
     thunk (not a command of its CUDA graphs): a ``broadcast_in_dim`` of a literal that is a ``cond`` branch's output,
     a scatter's operand or a ``pallas_call``'s operand (an output buffer it aliases). Walks nested jaxprs (``pjit``,
-    ``cond`` branches, ...). Returns one description a place; [] when there is none."""
+    ``cond`` branches, ...), not a kernel's body. Returns one description a place; [] when there is none."""
     from jax.extend import core as jcore
 
     found: list[str] = []
@@ -151,6 +151,8 @@ def constant_filled_buffers(jaxpr) -> list[str]:
                     inner = literal_broadcasts(br.jaxpr)
                     found.extend(f"{where}: branch {i}'s output {v.aval.str_short()}" for v in br.jaxpr.outvars
                                  if v in inner)
+            if name == "pallas_call":     # a kernel's body is the kernel's own code (registers), not XLA buffers
+                continue
             for p in e.params.values():
                 for sub in (p if isinstance(p, (tuple, list)) else (p,)):
                     inner = getattr(sub, "jaxpr", sub)

@@ -586,7 +586,10 @@ def test_a_mixed_workload_after_warmup_compiles_nothing(variant_runner):
     for _ in range(30):
         num_seqs = int(rng.integers(1, VARIANT_CFG.max_num_seqs + 1))
         kinds = rng.choice(sorted(KINDS), num_seqs, p=None).tolist()
-        if rng.random() < 0.4:                               # plenty of greedy-only and plain steps too
+        draw = rng.random()
+        if draw < 0.25:                                      # plenty of greedy-only and plain steps too
+            kinds = [k for k in kinds if OWN_VARIANT[k] == GREEDY] or ["greedy"]
+        elif draw < 0.55:
             kinds = [k for k in kinds if OWN_VARIANT[k] != FULL] or ["greedy"]
         work = []
         for i, k in enumerate(kinds):
