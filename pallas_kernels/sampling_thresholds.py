@@ -203,14 +203,16 @@ def from_key(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, cand_ref, out_ref, *, vocab: int, mode: str, interpret: bool):
-    """One program of a pass: 16 sums over one chunk of one row (``_pass``)."""
+def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, cand_ref, out_ref, *, vocab: int, mode: str,
+                 interpret: bool, scaled: bool):
+    """One program of a pass: 16 sums over one chunk of one row (``_pass``), of the row scaled by its ``scale``
+    (where ``scaled``) and with the logits under its ``floor`` dropped."""
     c = pl.program_id(1)
     offsets = jnp.arange(TILE, dtype=jnp.int32)
     lanes = jnp.arange(_LANES, dtype=jnp.int32)
 
     def sums():
-        m, kth, cands = m_ref[0], kth_ref[0], cand_ref[...]
+        m, kth, cands, floor = m_ref[0], kth_ref[0], cand_ref[...], floor_ref[0]
         acc = jnp.zeros((TILE, _LANES), jnp.float32)
         for j in range(CHUNK_TILES):
             start = (c * CHUNK_TILES + j) * TILE
@@ -219,7 +221,9 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, cand_ref, out_ref, *, vocab: int
                 x = x_ref[pl.ds(start, TILE)]
             else:
                 x = pltriton.load(x_ref.at[pl.ds(start, TILE)], mask=valid, other=0.0)
-            x = jnp.where(valid, x, -jnp.inf)
+            if scaled:
+                x = x * scale_ref[0]
+            x = jnp.where(valid & (x >= floor), x, -jnp.inf)
             keys = jnp.where(valid, order_keys(x), jnp.uint32(0))
             if mode == "count":         # keys at or above each candidate
                 acc = acc + jnp.where(valid[:, None] & (keys[:, None] >= cands[None, :]), 1.0, 0.0)
@@ -239,7 +243,7 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, cand_ref, out_ref, *, vocab: int
 
 
 @functools.partial(jax.jit, static_argnames=("vocab", "mode", "interpret"))
-def _pass(x, m, kth, on, cands, *, vocab: int, mode: str, interpret: bool):
+def _pass(x, m, kth, on, cands, scale, floor, *, vocab: int, mode: str, interpret: bool):
     """f32[S, 16]: each row's 16 sums of ``mode`` (``_pass_kernel``), a grid of (row, chunk) programs whose
     chunk sums are added here (a tree of float32 sums, no serial sum over the row). Jitted, so that a step's
     passes of one mode are one function of its lowered module, lowered once (JAX caches a nested jit's lowering
@@ -249,39 +253,45 @@ def _pass(x, m, kth, on, cands, *, vocab: int, mode: str, interpret: bool):
     row = pl.BlockSpec((None, x.shape[1]), lambda s, c: (s, 0))
     one = pl.BlockSpec((1,), lambda s, c: (s,))
     out = pl.pallas_call(
-        functools.partial(_pass_kernel, vocab=vocab, mode=mode, interpret=interpret),
+        functools.partial(_pass_kernel, vocab=vocab, mode=mode, interpret=interpret, scaled=scale is not None),
         grid=(S, chunks),
-        in_specs=[row, one, one, one, pl.BlockSpec((None, _LANES), lambda s, c: (s, 0))],
+        in_specs=[row, one, one, one, one, one, pl.BlockSpec((None, _LANES), lambda s, c: (s, 0))],
         out_specs=pl.BlockSpec((None, None, _LANES), lambda s, c: (s, c, 0)),
         out_shape=jax.ShapeDtypeStruct((S, chunks, _LANES), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
         name=f"sampling_thresholds_{mode}",
-    )(x, m, kth, on.astype(jnp.int32), cands)
+    )(x, m, kth, on.astype(jnp.int32), m if scale is None else scale, floor, cands)
     return jnp.sum(out, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, row_max: jax.Array | None = None,
-                               *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                               scale: jax.Array | None = None, floor: jax.Array | None = None, *,
+                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
     of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the answer so far) over its chunk; the
     digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one for the kept
     mass, 8 for top-p (rows with top_p 1 read nothing). A pass reads the rows once with every multiprocessor
     busy, where the one-program-a-row kernel runs each row's 18 reads in one program. ``row_max``: the rows'
-    largest logits where the caller has them (one read of the rows less)."""
+    largest logits where the caller has them (one read of the rows less; of the scaled rows where ``scale`` is
+    given). ``scale``, ``floor`` (f32[S]): the thresholds of ``where(logits * scale < floor, -inf, logits *
+    scale)``, each program scaling and flooring what it reads (no scaled copy of the rows written)."""
     S, V = logits.shape
     x = logits.astype(jnp.float32)
     if interpret:       # interpret mode's loads take no mask: the row padded to whole chunks (the pad is masked)
         width = CHUNK_TILES * TILE
         x = jnp.pad(x, ((0, 0), (0, pl.cdiv(V, width) * width - V)))
-    m = (jnp.max(logits, axis=-1) if row_max is None else row_max).astype(jnp.float32)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
     k = k.astype(jnp.int32)
+    if row_max is None:
+        row_max = jnp.max(logits, axis=-1) if scale is None else jnp.max(logits, axis=-1) * scale
+    m = jnp.where(jnp.isfinite(row_max), row_max, 0.0).astype(jnp.float32)
+    if floor is None:       # a value, not a constant (a constant operand is a memset on a GPU)
+        floor = jnp.where(m > jnp.inf, m, -jnp.inf)
     kf = k.astype(jnp.float32)
     top_p = top_p.astype(jnp.float32)
     lanes = jnp.arange(_LANES, dtype=jnp.uint32)[None, :]
-    run = functools.partial(_pass, x, m, vocab=V, interpret=interpret)
+    run = functools.partial(_pass, x, m, scale=scale, floor=floor.astype(jnp.float32), vocab=V, interpret=interpret)
 
     # zeros as a kernel's output, not constants: XLA fills a constant operand of a call by a memset, which ends
     # the step's CUDA graph (and keeps a conditional around it out of the graph)
@@ -330,20 +340,29 @@ def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array
     return kth, cutoff
 
 
+def _scaled(logits, scale, floor):
+    x = logits if scale is None else logits * scale[:, None]
+    return x if floor is None else jnp.where(x < floor[:, None], -jnp.inf, x)
+
+
 def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl: str | None = None,
-                        row_max: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                        row_max: jax.Array | None = None, scale: jax.Array | None = None,
+                        floor: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Entry point. ``impl`` (default ``IMPL``): ``auto`` (the passes on a GPU, else the reference), ``passes``,
     ``kernel`` (one program a row), ``passes-interpret``, ``interpret`` or ``reference``. ``row_max`` (f32[S], each
-    row's largest logit): spares the passes their own reading of it; the other forms ignore it."""
+    row's largest logit): spares the passes their own reading of it; the other forms ignore it. ``scale``,
+    ``floor`` (f32[S]): the thresholds of ``where(logits * scale < floor, -inf, logits * scale)`` (``row_max``
+    then the scaled rows'), which the passes apply as they read; the other forms are given that array."""
     impl = impl or IMPL
     if impl == "auto":
         impl = "passes" if on_gpu() else "reference"
     if impl == "reference":
-        kth, cutoff = sampling_thresholds_reference(logits, k, top_p)
+        kth, cutoff = sampling_thresholds_reference(_scaled(logits, scale, floor), k, top_p)
     elif impl in ("kernel", "interpret"):
-        kth, cutoff = sampling_thresholds_kernel(logits, k, top_p, interpret=impl == "interpret")
+        kth, cutoff = sampling_thresholds_kernel(_scaled(logits, scale, floor), k, top_p, interpret=impl == "interpret")
     elif impl in ("passes", "passes-interpret"):
-        kth, cutoff = sampling_thresholds_passes(logits, k, top_p, row_max, interpret=impl == "passes-interpret")
+        kth, cutoff = sampling_thresholds_passes(logits, k, top_p, row_max, scale, floor,
+                                                 interpret=impl == "passes-interpret")
     else:
         raise ValueError(f"impl must be auto, passes, kernel, passes-interpret, interpret or reference, not {impl!r}")
     # top_p 1 keeps every token: the tail's mass before it can round to 1 in float32, which would drop it; k = V

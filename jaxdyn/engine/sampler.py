@@ -163,14 +163,18 @@ def apply_filters(logits, s: SamplingArrays):
     return jnp.where(logits < cutoff, NEG_INF, logits)
 
 
-def _min_p(logits, s: SamplingArrays, m=None):
-    """Drop the tokens whose probability is under min_p times the largest's (a ratio: the same over any subset
-    that holds the largest): ``exp(logit - max) < min_p``, no normalisation. ``m``: the rows' maxima, f32[S, 1]."""
-    m = jnp.max(logits, axis=-1, keepdims=True) if m is None else m
-    return jnp.where(jnp.exp(logits - m) < s.min_p[:, None], NEG_INF, logits)
+def _min_p_floor(m, s: SamplingArrays):
+    """f32[S, 1]: the logit under which min-p drops a token, ``max + log(min_p)`` (-inf for min_p 0): a probability
+    under min_p times the largest's (a ratio: the same over any subset that holds the largest), no normalisation.
+    ``m``: the rows' maxima, f32[S, 1]."""
+    return m + jnp.log(s.min_p[:, None])
 
 
-def apply_filters_sort_free(logits, s: SamplingArrays):
+def _min_p(logits, s: SamplingArrays):
+    return jnp.where(logits < _min_p_floor(jnp.max(logits, axis=-1, keepdims=True), s), NEG_INF, logits)
+
+
+def apply_filters_sort_free(logits, s: SamplingArrays, inv_temperature=None):
     """``apply_filters`` without a sort (``sample(sort_free=True)``): the k-th largest logit and top-p's cutoff from
     ``pallas_kernels.sampling_thresholds`` (a radix search over the logits' order keys: the Pallas kernel on a GPU,
     one program a row, else ``jax.numpy``) instead of a vocabulary sort, which XLA sends to CUB on a GPU from 32
@@ -179,14 +183,26 @@ def apply_filters_sort_free(logits, s: SamplingArrays):
     to fill k) and keeps the sort's tokens up to float rounding at its boundary: the sort compares a running sum of
     normalised probabilities with top_p, this a sum of unnormalised mass with top_p times their total, so a token
     whose mass before it is within rounding of top_p may be kept by one and not the other (at a vocabulary of
-    32,000, a token in a few rows of 64). Min-p first, as there."""
+    32,000, a token in a few rows of 64). Min-p first, as there.
+
+    ``inv_temperature`` (f32[S, 1]): ``logits`` are unscaled; the filters are those of ``logits * inv_temperature``,
+    which is what they return, and the thresholds' passes scale as they read (and apply min-p's floor), so that no
+    scaled copy of the rows is written for them: a step whose rows ask for no filter pays little more than the
+    draw."""
     S, V = logits.shape
-    m = jnp.max(logits, axis=-1, keepdims=True)     # min-p never drops the largest (min_p <= 1): the max of both
-    logits = _min_p(logits, s, m)
+    # the scaled rows' max: a positive factor keeps the order, so it is the max scaled (and min-p never drops it)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    if inv_temperature is not None:
+        m = m * inv_temperature
+    floor = _min_p_floor(m, s)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR), row_max=m[:, 0])
-    keys = order_keys(logits)
-    return jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, logits)
+    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR), row_max=m[:, 0],
+                                      scale=None if inv_temperature is None else inv_temperature[:, 0],
+                                      floor=floor[:, 0])
+    x = logits if inv_temperature is None else logits * inv_temperature
+    x = jnp.where(x < floor, NEG_INF, x)
+    keys = order_keys(x)
+    return jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, x)
 
 
 def top_logprobs_sort_free(lp):
@@ -246,11 +262,13 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
         logits = apply_penalties(logits, *history_fn(), s)     # a row without penalties unchanged
     ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if variant in (PLAIN, FULL):
-        temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-        scaled = logits / temp
+        # a product by the reciprocal (not a quotient): the thresholds' kernels scale the same way (a GPU kernel's
+        # division need not round as XLA's does, a product does), so their keys are the draw's
+        inv_temp = 1.0 / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        scaled = logits * inv_temp
         sorted_filters = (not on_gpu()) if sort_free is None else not sort_free
-        filters = apply_filters if sorted_filters else apply_filters_sort_free
-        scaled = jnp.where(s.row_uses_filters()[:, None], filters(scaled, s), scaled)
+        filtered = apply_filters(scaled, s) if sorted_filters else apply_filters_sort_free(logits, s, inv_temp)
+        scaled = jnp.where(s.row_uses_filters()[:, None], filtered, scaled)
 
         def one(seed, hi, idx, row):
             key = jax.random.key(seed)

@@ -324,10 +324,13 @@ def test_the_thresholds_passes_keep_what_the_sorted_filters_keep(data, monkeypat
         logits[rng.random((S, V)) < 0.3] = -np.inf
     s = _sampling(S, rng)
     s = dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
-    want = np.asarray(apply_filters(jnp.asarray(logits), s))
-    got = np.asarray(apply_filters_sort_free(jnp.asarray(logits), s))
-    assert np.array_equal(np.isinf(got), np.isinf(want))
-    np.testing.assert_array_equal(got[~np.isinf(got)], want[~np.isinf(want)])
+    for inv_t in (None, jnp.asarray(1.0 / rng.choice([0.3, 0.8, 1.0, 1.7], (S, 1)), jnp.float32)):
+        # unscaled logits and the rows' 1 / temperature: the passes scale as they read, the sort is given them scaled
+        scaled = jnp.asarray(logits) if inv_t is None else jnp.asarray(logits) * inv_t
+        want = np.asarray(apply_filters(scaled, s))
+        got = np.asarray(apply_filters_sort_free(jnp.asarray(logits), s, inv_t))
+        assert np.array_equal(np.isinf(got), np.isinf(want))
+        np.testing.assert_array_equal(got[~np.isinf(got)], want[~np.isinf(want)])
 
 
 @pytest.mark.gpu

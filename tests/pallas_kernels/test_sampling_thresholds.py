@@ -112,6 +112,22 @@ def test_the_kernels_lower_to_triton_at_the_8b_vocabulary(impl, calls):
     assert constant_filled_buffers(traced.jaxpr) == []
 
 
+def test_the_passes_scale_and_floor_the_rows_as_they_read_them():
+    """``scale`` and ``floor`` give the thresholds of the scaled rows with the logits under the floor dropped: what
+    the reference finds over that array, made beforehand."""
+    rng = np.random.default_rng(4)
+    x, k, p = _rows(rng, 6, 700, "normal")
+    scale = jnp.asarray([1.0, 0.5, 2.0, 1.25, 1 / 0.7, 10.0], jnp.float32)
+    floor = jnp.asarray([-jnp.inf, 0.0, -3.0, 1.0, -jnp.inf, 5.0], jnp.float32)
+    scaled = x * scale[:, None]
+    dropped = jnp.where(scaled < floor[:, None], -jnp.inf, scaled)
+    a = sampling_thresholds(dropped, k, p, impl="reference")
+    b = sampling_thresholds(x, k, p, impl="passes-interpret", scale=scale, floor=floor,
+                            row_max=jnp.max(scaled, axis=-1))
+    np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(a[0]))
+    _assert_the_exact_set_but_at_the_boundary(dropped, k, p, _kept(dropped, *b))
+
+
 def test_from_key_inverts_order_keys():
     x = jnp.asarray([-jnp.inf, -3.5, -1e-30, 0.0, 1e-37, 2.0, 3e38, jnp.inf], jnp.float32)
     np.testing.assert_array_equal(np.asarray(from_key(order_keys(x))), np.asarray(x))
