@@ -342,7 +342,7 @@ def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array
 
 def _scaled(logits, scale, floor):
     x = logits if scale is None else logits * scale[:, None]
-    return x if floor is None else jnp.where(x < floor[:, None], -jnp.inf, x)
+    return x if floor is None else jnp.where(x >= floor[:, None], x, -jnp.inf)
 
 
 def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl: str | None = None,

@@ -62,14 +62,18 @@ def main(argv=None) -> int:
     def form(variant, sort_free=None, impl="auto", unfiltered=False):
         def run(logits, p):     # every output kept (one small array: a timed call waits on one)
             thresholds.IMPL = impl        # read as the form is traced
-            s = no_filters(p[0]) if unfiltered else p[0]
+            s = p[2] if unfiltered else p[0]     # an argument, as the runner's rows are (not constants XLA folds)
             out = sample(logits, lambda: p[1], s, variant, sort_free=sort_free)
             return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in out if x is not None])
         return run
 
     def no_filters(s):
         return dataclasses.replace(s, top_k=jnp.zeros_like(s.top_k), top_p=jnp.ones_like(s.top_p),
-                                   min_p=jnp.zeros_like(s.min_p))
+                                   min_p=jnp.zeros_like(s.min_p), repetition_penalty=jnp.ones_like(s.top_p),
+                                   presence_penalty=jnp.zeros_like(s.top_p), frequency_penalty=jnp.zeros_like(s.top_p))
+
+    def with_unfiltered(params):    # (rows' arrays, history, the same rows asking for temperature alone)
+        return (*params, no_filters(params[0]))
 
     default = thresholds.IMPL
     forms = {"greedy": form(GREEDY), "plain, no filters": form(PLAIN, unfiltered=True), "plain": form(PLAIN),
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     bandwidth = measure_bandwidth(2.0)
     print(f"{args.model} vocabulary {vocab}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process); rows with "
           "temperature 0.8, top-k 50, top-p 0.9, min-p 0.02, penalties, logprobs ('plain, no filters': temperature "
-          "alone); on a GPU 'plain' and 'full' filter with the thresholds' passes, 'full sort' with the sort", flush=True)
+          "alone, as arguments); on a GPU 'plain' and 'full' filter with the thresholds' passes, 'full sort' with the sort", flush=True)
     names = list(forms)
     ref = names.index("full sort")
     print("| rows | " + " | ".join(f"{n} ms" for n in names) + " | "
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     summaries = {}
     for m in rows:
         logits, params = sampling_inputs(m, vocab)
-        t = time_forms(forms, logits, params, args.reps, summaries)
+        t = time_forms(forms, logits, with_unfiltered(params), args.reps, summaries)
         print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + " | "
               + " | ".join(f"{x / t[ref]:.3f}" for i, x in enumerate(t) if i != ref)
               + f" | {4.0 * m * vocab / bandwidth * 1e3:.3f} |", flush=True)
@@ -115,13 +119,13 @@ def main(argv=None) -> int:
             parts[f"{impl}: top-p alone"] = lambda x, p, i=impl: thresholds.sampling_thresholds(
                 x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, impl=i)[1]
         parts["passes: neither"] = lambda x, p: thresholds.sampling_thresholds(
-            x, jnp.full_like(p[0].top_k, x.shape[1]), jnp.ones_like(p[0].top_p), impl="passes")[1]
+            x, jnp.where(p[2].top_k > 0, p[2].top_k, x.shape[1]), p[2].top_p, impl="passes")[1]
     print("\nthe parts alone (ms):\n")
     print("| rows | " + " | ".join(parts) + " |")
     print("|---:|" + "---:|" * len(parts))
     for m in rows:
         logits, params = sampling_inputs(m, vocab)
-        t = time_forms(parts, logits, params, args.reps, summaries)
+        t = time_forms(parts, logits, with_unfiltered(params), args.reps, summaries)
         print(f"| {m} | " + " | ".join(f"{x * 1e3:.3f}" for x in t) + " |", flush=True)
     print_summaries(summaries)
     print(f"reproduce: python -m benchmarks.gpu.sampler_probe --model {args.model} --rows {args.rows}")

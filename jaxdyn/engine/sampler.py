@@ -167,11 +167,12 @@ def _min_p_floor(m, s: SamplingArrays):
     """f32[S, 1]: the logit under which min-p drops a token, ``max + log(min_p)`` (-inf for min_p 0): a probability
     under min_p times the largest's (a ratio: the same over any subset that holds the largest), no normalisation.
     ``m``: the rows' maxima, f32[S, 1]."""
-    return m + jnp.log(s.min_p[:, None])
+    return jnp.where(s.min_p[:, None] > 0, m + jnp.log(s.min_p[:, None]), NEG_INF)   # (an inf max: no NaN floor)
 
 
 def _min_p(logits, s: SamplingArrays):
-    return jnp.where(logits < _min_p_floor(jnp.max(logits, axis=-1, keepdims=True), s), NEG_INF, logits)
+    # kept where at or above the floor, as the thresholds' kernels keep them (a NaN is dropped by both)
+    return jnp.where(logits >= _min_p_floor(jnp.max(logits, axis=-1, keepdims=True), s), logits, NEG_INF)
 
 
 def apply_filters_sort_free(logits, s: SamplingArrays, inv_temperature=None):
@@ -200,7 +201,7 @@ def apply_filters_sort_free(logits, s: SamplingArrays, inv_temperature=None):
                                       scale=None if inv_temperature is None else inv_temperature[:, 0],
                                       floor=floor[:, 0])
     x = logits if inv_temperature is None else logits * inv_temperature
-    x = jnp.where(x < floor, NEG_INF, x)
+    x = jnp.where(x >= floor, x, NEG_INF)        # as the passes' programs drop (a NaN too)
     keys = order_keys(x)
     return jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, x)
 
