@@ -659,7 +659,11 @@ class ModelRunner:
         )
 
     def _make_jitted(self, variant: str):
-        return self._whole_step(self._sample_fn(variant))
+        # with tensor parallelism the sampled variants gather the logits (split by vocabulary) once, first: their
+        # penalties' scatters, the filters' passes (Pallas calls, which XLA does not partition) and the draw then
+        # run on whole rows, not as collectives; greedy's argmax reduces the split rows as they are
+        gather = model_parallel_size(self.mesh) > 1 and variant != VARIANTS[0]
+        return self._whole_step(self._sample_fn(variant), gather_logits=gather)
 
     def _make_switched(self):
         """The step of every sampler variant as one executable (``sampler_switch``): the model, then a

@@ -405,7 +405,7 @@ def test_a_sampler_switch_writes_each_variants_index_and_greedy_returns_zero_log
 
 
 def test_a_sampler_switch_under_tensor_parallelism_gathers_the_logits_once(tmp_path):
-    """TP 2: the logits are gathered before the switch, so the samplers' reductions are not collectives inside the
+    """TP 2: the logits are gathered before the switch (and before the sampled variants' samplers), so the samplers' reductions are not collectives inside the
     branches (a collective is not one of XLA's default command types: the conditional would leave the CUDA graph);
     the switched step holds about as many collectives as the greedy step (without the gather: 97 against 7); it
     draws what the variants' steps draw."""
@@ -421,6 +421,10 @@ def test_a_sampler_switch_under_tensor_parallelism_gathers_the_logits_once(tmp_p
     switched = len(collectives.findall(switch._compile(64, 4, GREEDY).as_text()))
     greedy = len(collectives.findall(variants._compile(64, 4, GREEDY).as_text()))
     assert 0 < switched <= greedy + 1, (switched, greedy)
+    # the sampled variants' own steps gather the logits once too (their penalties, filters and draw on whole rows)
+    for variant in (PLAIN, FULL):
+        sampled = len(collectives.findall(variants._compile(64, 4, variant).as_text()))
+        assert sampled <= greedy + 1, (variant, sampled, greedy)
     _assert_same_draws(switch, variants, (("greedy",), ("greedy", "seeded-banned", "top-p-min-p", "penalties",
                                                          "logprobs")), steps=3)
 
