@@ -128,7 +128,7 @@ def constant_filled_buffers(jaxpr) -> list[str]:
     """Where a traced program materializes a buffer filled with a constant, which XLA's GPU backend emits as a memset
     thunk (not a command of its CUDA graphs): a ``broadcast_in_dim`` of a literal that is a ``cond`` branch's output,
     a scatter's operand or a ``pallas_call``'s operand (an output buffer it aliases). Walks nested jaxprs (``pjit``,
-    ``cond`` branches, ...), not a kernel's body. Returns one description a place; [] when there is none."""
+    ``cond`` branches, ...; a constant passed to a nested jit is one inside it), not a kernel's body. Returns one description a place; [] when there is none."""
     from jax.extend import core as jcore
 
     found: list[str] = []
@@ -137,8 +137,8 @@ def constant_filled_buffers(jaxpr) -> list[str]:
         return {e.outvars[0]: e for e in jx.eqns
                 if e.primitive.name == "broadcast_in_dim" and isinstance(e.invars[0], jcore.Literal)}
 
-    def walk(jx, where: str) -> None:
-        consts = literal_broadcasts(jx)
+    def walk(jx, where: str, inherited: dict | None = None) -> None:
+        consts = {**literal_broadcasts(jx), **(inherited or {})}
         for e in jx.eqns:
             name = e.primitive.name
             if name.startswith("scatter") and e.invars[0] in consts:
@@ -157,7 +157,10 @@ def constant_filled_buffers(jaxpr) -> list[str]:
                 for sub in (p if isinstance(p, (tuple, list)) else (p,)):
                     inner = getattr(sub, "jaxpr", sub)
                     if isinstance(inner, jcore.Jaxpr):
-                        walk(inner, f"{where}/{name}")
+                        # a nested jit's parameters that are constants outside are constants inside
+                        passed = ({iv: consts[ov] for iv, ov in zip(inner.invars, e.invars) if not isinstance(ov, jcore.Literal) and ov in consts}
+                                  if name in ("pjit", "jit", "closed_call") else None)
+                        walk(inner, f"{where}/{name}", passed)
 
     walk(getattr(jaxpr, "jaxpr", jaxpr), "step")
     return found

@@ -128,6 +128,25 @@ def test_the_passes_scale_and_floor_the_rows_as_they_read_them():
     _assert_the_exact_set_but_at_the_boundary(dropped, k, p, _kept(dropped, *b))
 
 
+def test_the_constant_check_sees_a_constant_passed_into_a_nested_jit():
+    """The passes' calls sit inside nested jits: a constant handed to one is still a constant-filled operand of its
+    call (what the lowering test asserts there is none of), and a zeros that is a kernel's output is not."""
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.paged_decode import kernel_zeros
+    from tests.support import constant_filled_buffers
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...]
+
+    inner = jax.jit(lambda x: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+                                             interpret=True)(x))
+    flagged = jax.jit(lambda: inner(jnp.zeros((8,), jnp.float32))).trace().jaxpr
+    assert len(constant_filled_buffers(flagged)) == 1
+    clean = jax.jit(lambda a: inner(kernel_zeros((8,), jnp.float32, a))).trace(jnp.int32(1)).jaxpr
+    assert constant_filled_buffers(clean) == []
+
+
 def test_from_key_inverts_order_keys():
     x = jnp.asarray([-jnp.inf, -3.5, -1e-30, 0.0, 1e-37, 2.0, 3e38, jnp.inf], jnp.float32)
     np.testing.assert_array_equal(np.asarray(from_key(order_keys(x))), np.asarray(x))
