@@ -21,7 +21,7 @@ at or above it; a mass above it of at least ``top_p`` of the kept mass).
 Top-k's threshold is exact. Top-p's sums the mass in another order than a sort's running sum, so a token whose
 mass before it is within float rounding of ``top_p`` may be kept by one and not the other.
 
-``sampling_thresholds`` is the entry point: the kernel on GPU, Pallas interpret mode or the reference elsewhere.
+``sampling_thresholds`` is the entry point: the passes on a GPU, the reference elsewhere (or a form named by ``impl``).
 """
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ class RunnerConfig:
     # One executable a bucket for every sampler variant: the step picks its variant on the device, a
     # ``lax.switch`` over the three samplers on an index the host writes into the step's inputs, so warm-up
     # compiles the model (and its Pallas kernels) once a bucket instead of three times, and a step stays one call.
-    # The ``full`` branch filters and takes the top logprobs without a sort (``sample(sort_free=True)``): XLA sends
+    # The branches filter and the ``full`` branch takes the top logprobs without a sort (``sample(sort_free=True)``): XLA sends
     # a vocabulary sort to CUB on a GPU, which its command buffers cannot hold, and a conditional they cannot hold
     # copies its index to the host, a synchronisation every step; a conditional whose branches hold only kernels
     # is recorded into the CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer kinds

@@ -3,7 +3,7 @@
 Per row (one per sequence of the step): repetition / presence / frequency
 penalties over the sequence's tokens (read from the device-side token pages, so
 no history crosses from the host) after the row's logit bias and its banned ids (EOS and stop ids until
-``min_tokens``: a bias of -inf), both added first as vLLM V1 does, temperature, top-k, top-p, min-p, then a draw with the row's
+``min_tokens``: a bias of -inf), both added first as vLLM V1 does, temperature, min-p, top-k, top-p, then a draw with the row's
 own key ``fold_in(key(seed), index of the token in the output)``: a seeded
 request draws the same tokens whatever else shares its batch. Temperature 0 is
 argmax. Logprobs are those of the model's raw distribution (vLLM's default),
@@ -36,7 +36,7 @@ and the rank as well (H100, 8B vocabulary, all parts on every row: 2.5 / 6.2 / 2
 against 0.17 / 0.40 / 1.25 for ``plain`` then). ``greedy`` and ``plain`` return no logprobs (``None``).
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
-``lax.switch`` in one executable a bucket): ``full``'s top-k and top-p find the k-th largest logit and
+``lax.switch`` in one executable a bucket): the filters' top-k and top-p find the k-th largest logit and
 top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``pallas_kernels.sampling_thresholds``:
 its passes on a GPU, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
 masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), top-p the sort's up to float
@@ -177,8 +177,8 @@ def _min_p(logits, s: SamplingArrays):
 
 def apply_filters_sort_free(logits, s: SamplingArrays, inv_temperature=None):
     """``apply_filters`` without a sort (``sample(sort_free=True)``): the k-th largest logit and top-p's cutoff from
-    ``pallas_kernels.sampling_thresholds`` (a radix search over the logits' order keys: the Pallas kernel on a GPU,
-    one program a row, else ``jax.numpy``) instead of a vocabulary sort, which XLA sends to CUB on a GPU from 32
+    ``pallas_kernels.sampling_thresholds`` (a radix search over the logits' order keys: on a GPU its passes, a
+    Pallas call each, else ``jax.numpy``) instead of a vocabulary sort, which XLA sends to CUB on a GPU from 32
     rows, a call its command buffers cannot hold. Top-k keeps exactly the sort's tokens: every logit at least the
     k-th largest (ties kept). Top-p is over the k largest alone (ties at the k-th counted as in the sorted order,
     to fill k) and keeps the sort's tokens up to float rounding at its boundary: the sort compares a running sum of
@@ -237,9 +237,10 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     ``plain`` and ``full`` (penalties) call it.
     Returns ``(ids i32[S], logprob f32[S], top_ids i32[S,K+1], top_logprobs f32[S,K])`` (``top_ids[:, RANK_COL]``:
     the drawn token's rank among the raw logprobs); the last
-    three are ``None`` unless ``variant`` is ``full``. ``sort_free``: ``full``'s filters and top logprobs without
-    a sort (``apply_filters_sort_free``, ``top_logprobs_sort_free``; top-k and the top logprobs the same, top-p up
-    to rounding at its boundary).
+    three are ``None`` unless ``variant`` is ``full``. ``sort_free``: True, the filters and the top logprobs
+    without a sort (``apply_filters_sort_free``, ``top_logprobs_sort_free``; top-k and the top logprobs the same,
+    top-p up to rounding at its boundary); None (the variants' executables), the filters sort-free on a GPU and
+    sorted elsewhere, the top logprobs by ``lax.top_k``; False, both sorted.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown sampler variant {variant!r}; expected one of {VARIANTS}")
