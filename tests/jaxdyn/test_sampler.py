@@ -285,6 +285,18 @@ def _sampling(S, rng):
         min_p=jnp.asarray(rng.choice([0.0, 0.05, 0.3], S), jnp.float32))
 
 
+def _filter_batch(rng, data, S=8, V=96):
+    """(logits f32[S, V], rows with filters): normal, rounded (ties at k and at the cutoff) or 30 % banned (-inf)
+    logits; row 0's top_k above the vocabulary."""
+    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+    if data == "ties":
+        logits = np.round(logits)
+    if data == "banned":
+        logits[rng.random((S, V)) < 0.3] = -np.inf
+    s = _sampling(S, rng)
+    return logits, dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
+
+
 @pytest.mark.parametrize("bits", [1, 4, 8])
 @pytest.mark.parametrize("data", ["normal", "ties", "banned"])
 def test_sort_free_filters_keep_what_the_sorted_filters_keep(data, bits, monkeypatch):
@@ -295,14 +307,7 @@ def test_sort_free_filters_keep_what_the_sorted_filters_keep(data, bits, monkeyp
     monkeypatch.setattr(sampling_thresholds, "DIGIT_BITS", bits)      # a digit of 1, 4 or 8 bits a pass: the same
     rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
     for _ in range(8):
-        S, V = 8, 96
-        logits = rng.normal(size=(S, V)).astype(np.float32) * 3
-        if data == "ties":
-            logits = np.round(logits)
-        if data == "banned":
-            logits[rng.random((S, V)) < 0.3] = -np.inf
-        s = _sampling(S, rng)
-        s = dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
+        logits, s = _filter_batch(rng, data)
         want = np.asarray(apply_filters(jnp.asarray(logits), s))
         got = np.asarray(jax.jit(lambda lg, sa: apply_filters_sort_free(lg, sa))(jnp.asarray(logits), s))  # traced anew
         assert np.array_equal(np.isinf(got), np.isinf(want))
@@ -316,15 +321,8 @@ def test_the_thresholds_passes_keep_what_the_sorted_filters_keep(data, monkeypat
     from pallas_kernels import sampling_thresholds
     monkeypatch.setattr(sampling_thresholds, "IMPL", "passes-interpret")
     rng = np.random.default_rng(["normal", "ties", "banned"].index(data))
-    S, V = 8, 96
-    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
-    if data == "ties":
-        logits = np.round(logits)
-    if data == "banned":
-        logits[rng.random((S, V)) < 0.3] = -np.inf
-    s = _sampling(S, rng)
-    s = dataclasses.replace(s, top_k=s.top_k.at[0].set(V + 5))
-    for inv_t in (None, jnp.asarray(1.0 / rng.choice([0.3, 0.8, 1.0, 1.7], (S, 1)), jnp.float32)):
+    logits, s = _filter_batch(rng, data)
+    for inv_t in (None, jnp.asarray(1.0 / rng.choice([0.3, 0.8, 1.0, 1.7], (len(logits), 1)), jnp.float32)):
         # unscaled logits and the rows' 1 / temperature: the passes scale as they read, the sort is given them scaled
         scaled = jnp.asarray(logits) if inv_t is None else jnp.asarray(logits) * inv_t
         want = np.asarray(apply_filters(scaled, s))
