@@ -59,14 +59,15 @@ def order_keys(x: jax.Array) -> jax.Array:
     return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
 
 
-def _largest_key_where(pred, rows: int, bits: int) -> jax.Array:
+def _largest_key_where(pred, rows: int, bits: int, zero: jax.Array | None = None) -> jax.Array:
     """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
     below wherever it is true), 0 where it holds nowhere above 0: from the high digit down, each pass trying the
-    ``2**bits - 1`` values of the next digit at once, ``32 / bits`` passes, unrolled (no sort, no loop)."""
+    ``2**bits - 1`` values of the next digit at once, ``32 / bits`` passes, unrolled (no sort, no loop). ``zero``:
+    u32[rows] zeros to start from (a kernel's, where a constant would be a memset)."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"DIGIT_BITS must be 1, 2, 4 or 8, not {bits}")
     digits = (jnp.arange(1, 1 << bits, dtype=jnp.uint32))[None, :]
-    ans = jnp.zeros((rows,), jnp.uint32)
+    ans = jnp.zeros((rows,), jnp.uint32) if zero is None else zero
     for shift in range(32 - bits, -1, -bits):
         ok = pred(ans[:, None] | (digits << shift))               # true for a prefix of the digits
         ans = ans | (jnp.sum(ok, axis=-1).astype(jnp.uint32) << shift)
@@ -290,7 +291,6 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
         floor = jnp.where(m > jnp.inf, m, -jnp.inf)
     kf = k.astype(jnp.float32)
     top_p = top_p.astype(jnp.float32)
-    lanes = jnp.arange(_LANES, dtype=jnp.uint32)[None, :]
     run = functools.partial(_pass, x, m, scale=scale, floor=floor.astype(jnp.float32), vocab=V, interpret=interpret)
 
     # zeros as a kernel's output, not constants: XLA fills a constant operand of a call by a memset, which ends
@@ -298,16 +298,14 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     zero = kernel_zeros((S,), jnp.uint32, k[0])
 
     def search(mode, kth, on, passes):
-        ans = zero
-        for shift in range(32 - _KERNEL_BITS, -1, -_KERNEL_BITS):
-            total = run(kth, on, ans[:, None] | (lanes << shift), mode=mode)
-            digit = jnp.maximum(jnp.sum(passes(total), axis=-1) - 1, 0)    # lane 0 (the answer so far) passes
-            ans = ans | (digit.astype(jnp.uint32) << shift)
-        return ans
+        # a digit's 15 candidates, and the first again in the kernel's 16th lane (a power of two), dropped after
+        return _largest_key_where(
+            lambda t: passes(run(kth, on, jnp.concatenate([t[:, :1], t], axis=1), mode=mode))[:, 1:],
+            S, _KERNEL_BITS, zero)
 
     cut_on = top_p < 1.0
     kth = jnp.where(k < V, search("count", zero, k < V, lambda count: count >= kf[:, None]), zero)
-    stats = run(kth, cut_on, zero[:, None] | lanes, mode="stats")      # (the candidates unused)
+    stats = run(kth, cut_on, zero[:, None] | jnp.arange(_LANES, dtype=jnp.uint32), mode="stats")  # (unused)
     above, mass_above, kept = stats[:, 0], stats[:, 1], stats[:, 2]
     fill = kf - above          # the k-th value's ties a sort's order counts to fill k (0 with top-k off)
     need = top_p * (mass_above + jnp.where(fill > 0, fill * jnp.exp(from_key(kth) - m), 0.0))
@@ -340,7 +338,9 @@ def sampling_thresholds_kernel(logits: jax.Array, k: jax.Array, top_p: jax.Array
     return kth, cutoff
 
 
-def _scaled(logits, scale, floor):
+def scale_and_floor(logits, scale, floor):
+    """``logits * scale`` (f32[S] or None: unscaled) with what is not at least ``floor`` (f32[S] or None) -inf: the
+    array whose thresholds ``sampling_thresholds(scale=, floor=)`` finds (a NaN is dropped too)."""
     x = logits if scale is None else logits * scale[:, None]
     return x if floor is None else jnp.where(x >= floor[:, None], x, -jnp.inf)
 
@@ -357,9 +357,10 @@ def sampling_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array, impl:
     if impl == "auto":
         impl = "passes" if on_gpu() else "reference"
     if impl == "reference":
-        kth, cutoff = sampling_thresholds_reference(_scaled(logits, scale, floor), k, top_p)
+        kth, cutoff = sampling_thresholds_reference(scale_and_floor(logits, scale, floor), k, top_p)
     elif impl in ("kernel", "interpret"):
-        kth, cutoff = sampling_thresholds_kernel(_scaled(logits, scale, floor), k, top_p, interpret=impl == "interpret")
+        kth, cutoff = sampling_thresholds_kernel(scale_and_floor(logits, scale, floor), k, top_p,
+                                                 interpret=impl == "interpret")
     elif impl in ("passes", "passes-interpret"):
         kth, cutoff = sampling_thresholds_passes(logits, k, top_p, row_max, scale, floor,
                                                  interpret=impl == "passes-interpret")

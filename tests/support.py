@@ -128,7 +128,8 @@ def constant_filled_buffers(jaxpr) -> list[str]:
     """Where a traced program materializes a buffer filled with a constant, which XLA's GPU backend emits as a memset
     thunk (not a command of its CUDA graphs): a ``broadcast_in_dim`` of a literal that is a ``cond`` branch's output,
     a scatter's operand or a ``pallas_call``'s operand (an output buffer it aliases). Walks nested jaxprs (``pjit``,
-    ``cond`` branches, ...; a constant passed to a nested jit is one inside it), not a kernel's body. Returns one description a place; [] when there is none."""
+    ``cond`` branches, ...; a constant passed to a nested jit is one inside it), not a kernel's body. Returns one
+    description a place; [] when there is none."""
     from jax.extend import core as jcore
 
     found: list[str] = []
@@ -158,8 +159,10 @@ def constant_filled_buffers(jaxpr) -> list[str]:
                     inner = getattr(sub, "jaxpr", sub)
                     if isinstance(inner, jcore.Jaxpr):
                         # a nested jit's parameters that are constants outside are constants inside
-                        passed = ({iv: consts[ov] for iv, ov in zip(inner.invars, e.invars) if not isinstance(ov, jcore.Literal) and ov in consts}
-                                  if name in ("pjit", "jit", "closed_call") else None)
+                        passed = None
+                        if name in ("pjit", "jit", "closed_call"):
+                            passed = {iv: consts[ov] for iv, ov in zip(inner.invars, e.invars)
+                                      if not isinstance(ov, jcore.Literal) and ov in consts}
                         walk(inner, f"{where}/{name}", passed)
 
     walk(getattr(jaxpr, "jaxpr", jaxpr), "step")

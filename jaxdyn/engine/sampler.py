@@ -63,7 +63,7 @@ import jax.numpy as jnp
 
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
 from pallas_kernels.paged_decode import on_gpu
-from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds
+from pallas_kernels.sampling_thresholds import order_keys, sampling_thresholds, scale_and_floor
 
 RANK_COL = MAX_LOGPROBS     # full's top ids i32[S, MAX_LOGPROBS + 1]: this column is the drawn token's rank
 NEG_INF = -jnp.inf
@@ -197,11 +197,10 @@ def apply_filters_sort_free(logits, s: SamplingArrays, inv_temperature=None):
         m = m * inv_temperature
     floor = _min_p_floor(m, s)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR), row_max=m[:, 0],
-                                      scale=None if inv_temperature is None else inv_temperature[:, 0],
+    scale = None if inv_temperature is None else inv_temperature[:, 0]
+    kth, cutoff = sampling_thresholds(logits, k, jnp.maximum(s.top_p, TOP_P_FLOOR), row_max=m[:, 0], scale=scale,
                                       floor=floor[:, 0])
-    x = logits if inv_temperature is None else logits * inv_temperature
-    x = jnp.where(x >= floor, x, NEG_INF)        # as the passes' programs drop (a NaN too)
+    x = scale_and_floor(logits, scale, floor[:, 0])      # the array the passes' programs read
     keys = order_keys(x)
     return jnp.where((keys < kth[:, None]) | (keys < cutoff[:, None]), NEG_INF, x)
 

@@ -1,4 +1,4 @@
-# The next session's first call (~400 s; written in session 31, whose call 2 never started). After session 31's call 1, the passes
+# The next session's first call (~400 s; session 31's call 2, which never started). After session 31's call 1, the passes
 # lowered once a mode a step (the cold start's lowering had gone from 13.6 to 45.1 s) and scaling / flooring the
 # unscaled logits as they read them (temperature-only steps had run 0.972x the tree before). Offline, two rounds:
 # temperature 1 alone on e509fd9 (`.base_tree`) and on this tree, each from its own empty cache (this tree's load is
