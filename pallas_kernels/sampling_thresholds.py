@@ -204,17 +204,23 @@ def from_key(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, cand_ref, out_ref, *, vocab: int, mode: str,
-                 interpret: bool, scaled: bool):
+def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, hi_ref, prefix_ref, cand_ref, out_ref, *,
+                 vocab: int, mode: str, interpret: bool, scaled: bool, skip: bool):
     """One program of a pass: 16 sums over one chunk of one row (``_pass``), of the row scaled by its ``scale``
-    (where ``scaled``) and with the logits under its ``floor`` dropped."""
+    (where ``scaled``) and with the logits under its ``floor`` dropped. With ``skip`` (count and mass), a key whose
+    bits above the pass's digit (``hi``) are above the answer's (``prefix``) counts in every lane and one below in
+    none, so those are one [TILE] sum; only keys that share the answer's prefix are compared with the 16
+    candidates, and a tile without one skips that (past the first passes most tiles: the pass reads the row and
+    adds one term an element instead of 16)."""
     c = pl.program_id(1)
     offsets = jnp.arange(TILE, dtype=jnp.int32)
     lanes = jnp.arange(_LANES, dtype=jnp.int32)
 
     def sums():
         m, kth, cands, floor = m_ref[0], kth_ref[0], cand_ref[...], floor_ref[0]
+        hi, prefix = hi_ref[0], prefix_ref[0]
         acc = jnp.zeros((TILE, _LANES), jnp.float32)
+        base = jnp.zeros((TILE,), jnp.float32)
         for j in range(CHUNK_TILES):
             start = (c * CHUNK_TILES + j) * TILE
             valid = start + offsets < vocab
@@ -226,50 +232,67 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, cand_ref, 
                 x = x * scale_ref[0]
             x = jnp.where(valid & (x >= floor), x, -jnp.inf)
             keys = jnp.where(valid, order_keys(x), jnp.uint32(0))
-            if mode == "count":         # keys at or above each candidate
-                acc = acc + jnp.where(valid[:, None] & (keys[:, None] >= cands[None, :]), 1.0, 0.0)
-            elif mode == "mass":        # the kept mass (at or above the k-th) strictly above each candidate
-                e = jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
-                acc = acc + jnp.where(keys[:, None] > cands[None, :], e[:, None], 0.0)
+            if mode in ("count", "mass"):
+                # count: keys at or above each candidate; mass: the kept mass (at or above the k-th) strictly above
+                w = jnp.where(valid, 1.0, 0.0) if mode == "count" else jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
+
+                def lanes_of(w, keys=keys):     # [TILE, 16]: each element's term in each candidate's sum
+                    hit = keys[:, None] >= cands[None, :] if mode == "count" else keys[:, None] > cands[None, :]
+                    return jnp.where(hit, w[:, None], 0.0)
+
+                if skip:
+                    high = keys & hi
+                    base = base + jnp.where(high > prefix, w, 0.0)
+                    w = jnp.where(high == prefix, w, 0.0)
+                    acc = lax.cond(jnp.max(w) > 0, lambda a, w=w, f=lanes_of: a + f(w), lambda a: a, acc)
+                else:
+                    acc = acc + lanes_of(w)
             else:                       # stats: keys above the k-th, their mass, the mass at or above it
                 e = jnp.exp(x - m)
                 above = jnp.where(keys > kth, 1.0, 0.0)[:, None]
                 at = jnp.where(keys >= kth, 1.0, 0.0)[:, None]
                 acc = acc + jnp.where(lanes[None, :] == 0, above, jnp.where(
                     lanes[None, :] == 1, above * e[:, None], jnp.where(lanes[None, :] == 2, at * e[:, None], 0.0)))
-        return jnp.sum(acc, axis=0)
+        return jnp.sum(acc, axis=0) + jnp.sum(base) if skip and mode != "stats" else jnp.sum(acc, axis=0)
 
     # a row that does not need this pass (top-k off, top_p 1) reads nothing: its program writes zeros
     out_ref[...] = lax.cond(on_ref[0] != 0, sums, lambda: jnp.zeros((_LANES,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("vocab", "mode", "interpret"))
-def _pass(x, m, kth, on, cands, scale, floor, *, vocab: int, mode: str, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("vocab", "mode", "interpret", "skip"))
+def _pass(x, m, kth, on, cands, scale, floor, *, vocab: int, mode: str, interpret: bool, skip: bool = True):
     """f32[S, 16]: each row's 16 sums of ``mode`` (``_pass_kernel``), a grid of (row, chunk) programs whose
     chunk sums are added here (a tree of float32 sums, no serial sum over the row). Jitted, so that a step's
     passes of one mode are one function of its lowered module, lowered once (JAX caches a nested jit's lowering
-    within a module): 3 Pallas lowerings a step instead of 17."""
+    within a module): 3 Pallas lowerings a step instead of 17. ``cands``' lane 1 is the answer so far with the
+    pass's digit 1: its lowest set bit is the digit's lowest (the answer has bits only above the digit), which
+    gives the kernel the bits above the digit (``hi``: none on the first pass) and the answer's (``prefix``)."""
     S = x.shape[0]
+    first = cands[:, 1]
+    low = first & (~first + jnp.uint32(1))
+    hi = ~((low << 4) - jnp.uint32(1))
+    prefix = first & hi
     chunks = pl.cdiv(vocab, CHUNK_TILES * TILE)
     row = pl.BlockSpec((None, x.shape[1]), lambda s, c: (s, 0))
     one = pl.BlockSpec((1,), lambda s, c: (s,))
     out = pl.pallas_call(
-        functools.partial(_pass_kernel, vocab=vocab, mode=mode, interpret=interpret, scaled=scale is not None),
+        functools.partial(_pass_kernel, vocab=vocab, mode=mode, interpret=interpret, scaled=scale is not None,
+                          skip=skip),
         grid=(S, chunks),
-        in_specs=[row, one, one, one, one, one, pl.BlockSpec((None, _LANES), lambda s, c: (s, 0))],
+        in_specs=[row, one, one, one, one, one, one, one, pl.BlockSpec((None, _LANES), lambda s, c: (s, 0))],
         out_specs=pl.BlockSpec((None, None, _LANES), lambda s, c: (s, c, 0)),
         out_shape=jax.ShapeDtypeStruct((S, chunks, _LANES), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
         name=f"sampling_thresholds_{mode}",
-    )(x, m, kth, on.astype(jnp.int32), m if scale is None else scale, floor, cands)
+    )(x, m, kth, on.astype(jnp.int32), m if scale is None else scale, floor, hi, prefix, cands)
     return jnp.sum(out, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("interpret", "skip"))
 def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, row_max: jax.Array | None = None,
                                scale: jax.Array | None = None, floor: jax.Array | None = None, *,
-                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                               interpret: bool = False, skip: bool = True) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
     of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the answer so far) over its chunk; the
     digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one for the kept
@@ -277,7 +300,9 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     busy, where the one-program-a-row kernel runs each row's 18 reads in one program. ``row_max``: the rows'
     largest logits where the caller has them (one read of the rows less; of the scaled rows where ``scale`` is
     given). ``scale``, ``floor`` (f32[S]): the thresholds of ``where(logits * scale < floor, -inf, logits *
-    scale)``, each program scaling and flooring what it reads (no scaled copy of the rows written)."""
+    scale)``, each program scaling and flooring what it reads (no scaled copy of the rows written). ``skip``
+    (default): a tile none of whose keys share the answer's bits above the pass's digit adds one term an element,
+    not 16 (``_pass_kernel``); False compares every key with every candidate (the probe's comparison)."""
     S, V = logits.shape
     x = logits.astype(jnp.float32)
     if interpret:       # interpret mode's loads take no mask: the row padded to whole chunks (the pad is masked)
@@ -291,7 +316,8 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
         floor = jnp.where(m > jnp.inf, m, -jnp.inf)
     kf = k.astype(jnp.float32)
     top_p = top_p.astype(jnp.float32)
-    run = functools.partial(_pass, x, m, scale=scale, floor=floor.astype(jnp.float32), vocab=V, interpret=interpret)
+    run = functools.partial(_pass, x, m, scale=scale, floor=floor.astype(jnp.float32), vocab=V, interpret=interpret,
+                            skip=skip)
 
     # zeros as a kernel's output, not constants: XLA fills a constant operand of a call by a memset, which ends
     # the step's CUDA graph (and keeps a conditional around it out of the graph)

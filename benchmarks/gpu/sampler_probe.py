@@ -118,6 +118,11 @@ def main(argv=None) -> int:
                 x, p[0].top_k, p[0].top_p, impl=i)[1]
             parts[f"{impl}: top-p alone"] = lambda x, p, i=impl: thresholds.sampling_thresholds(
                 x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, impl=i)[1]
+        # the passes comparing every key with every candidate (no tile skipped: the form before session 32)
+        parts["passes unskipped: top-k and top-p"] = lambda x, p: thresholds.sampling_thresholds_passes(
+            x, p[0].top_k, p[0].top_p, skip=False)[1]
+        parts["passes unskipped: top-p alone"] = lambda x, p: thresholds.sampling_thresholds_passes(
+            x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, skip=False)[1]
         parts["passes: neither"] = lambda x, p: thresholds.sampling_thresholds(
             x, jnp.where(p[2].top_k > 0, p[2].top_k, x.shape[1]), p[2].top_p, impl="passes")[1]
     print("\nthe parts alone (ms):\n")

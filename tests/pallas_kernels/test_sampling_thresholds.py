@@ -185,3 +185,19 @@ def test_the_environment_may_choose_the_implementation(monkeypatch):
         monkeypatch.delenv("JAXDYN_SAMPLING_THRESHOLDS")
         importlib.reload(st)
     assert st.IMPL == "auto"
+
+
+@pytest.mark.parametrize("data", ["normal", "ties"])
+def test_the_passes_skipping_settled_tiles_find_what_comparing_every_key_finds(data):
+    """A pass adds a key above the answer's prefix to every candidate's sum and compares only the keys that share
+    the prefix (a tile without one skips the comparisons): the same thresholds as comparing every key with every
+    candidate, over rows of several chunks (most of their tiles skipped after the first passes)."""
+    from pallas_kernels.sampling_thresholds import sampling_thresholds_passes
+    rng = np.random.default_rng(11)
+    x, k, p = _rows(rng, 5, 2 * CHUNK + 300, data)
+    k = k.at[2].set(3).at[3].set(200)
+    p = p.at[2].set(0.95).at[4].set(0.3)
+    dense = sampling_thresholds_passes(x, k, p, interpret=True, skip=False)
+    skipped = sampling_thresholds_passes(x, k, p, interpret=True)
+    np.testing.assert_array_equal(np.asarray(skipped[0]), np.asarray(dense[0]))
+    np.testing.assert_array_equal(_kept(x, *skipped), _kept(x, *dense))
