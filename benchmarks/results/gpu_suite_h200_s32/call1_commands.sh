@@ -13,4 +13,4 @@ timeout 230 python -m benchmarks.gpu.ab_offline --rounds 2 --timeout-s 90 --conf
   2>&1 | grep -v "^W" | tee $OUT/ab_sampled.txt | grep -v "^|" | grep "compiled\|tok/s" | cut -c1-400
 timeout 80 python -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_sampling_thresholds.py \
   tests/jaxdyn/test_sampler.py 2>&1 | tail -3 | tee $OUT/gpu_tests.txt
-timeout 70 python -m benchmarks.gpu.sampler_probe --rows 1024 2>&1 | grep -v "^W" | tee $OUT/sampler_probe.txt | head -14
+timeout 100 python -m benchmarks.gpu.sampler_probe --rows 1024 2>&1 | grep -v "^W" | tee $OUT/sampler_probe.txt | head -16
