@@ -3,7 +3,7 @@
 Shapes come from two explicit bucket lists, tokens per step and pages per
 sequence; the sequences per step follow the token bucket (``min(tokens,
 max_num_seqs)``), which keeps the number of compiled shapes small. The sampler
-comes in three static variants (``greedy``, ``plain``, ``full``: see
+comes in four static variants (``greedy``, ``random``, ``plain``, ``full``: see
 ``jaxdyn.engine.sampler``), picked on the host when a step is packed from what
 its rows ask for, so the executable holds no conditional on device data (a GPU
 conditional syncs the host on its predicate every step). ``warmup()`` compiles
@@ -170,10 +170,10 @@ class RunnerConfig:
     fp8_fused_quantize_min_tokens: int = 0
     # Each bucket's model compiled once, apart from the sampler: a step is two calls, the forward of its
     # (tokens, pages) bucket, then the sampler variant's (``_SplitStep``). False: one executable a bucket and
-    # variant, the model inlined into each of the three (XLA compiles the model, and every Pallas kernel in
+    # variant, the model inlined into each of the four (XLA compiles the model, and every Pallas kernel in
     # it, once a variant: ``benchmarks/results/gpu_suite_h200.md``, fourteenth session). "except_greedy": the
     # greedy variant's steps one executable each (the model inlined, one call a step), the other variants' two
-    # calls over one forward a bucket: the model compiled twice a bucket instead of three times, and greedy steps
+    # calls over one forward a bucket: the model compiled twice a bucket instead of four times, and greedy steps
     # as fast as with False.
     separate_sampler: bool | str = False
     # The KV pages' dtype: "auto" (the model's; f32 on the CPU for 16-bit models) or "fp8" / "fp8_e4m3"
@@ -198,14 +198,14 @@ class RunnerConfig:
     # (``benchmarks/nested_layers_check.py``). False: the layers traced one by one.
     nested_layers: bool = True
     # One executable a bucket for every sampler variant: the step picks its variant on the device, a
-    # ``lax.switch`` over the three samplers on an index the host writes into the step's inputs, so warm-up
-    # compiles the model (and its Pallas kernels) once a bucket instead of three times, and a step stays one call.
+    # ``lax.switch`` over the four samplers on an index the host writes into the step's inputs, so warm-up
+    # compiles the model (and its Pallas kernels) once a bucket instead of four times, and a step stays one call.
     # The branches filter and the ``full`` branch takes the top logprobs without a sort (``sample(sort_free=True)``): XLA sends
     # a vocabulary sort to CUB on a GPU, which its command buffers cannot hold, and a conditional they cannot hold
     # copies its index to the host, a synchronisation every step; a conditional whose branches hold only kernels
     # is recorded into the CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer kinds
     # in both jaxlib versions: ``benchmarks.gpu.thunk_census.default_command_buffer_kinds``).
-    # False: three executables a bucket, one a variant.
+    # False: four executables a bucket, one a variant.
     sampler_switch: bool = False
 
     def __post_init__(self):

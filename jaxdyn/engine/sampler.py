@@ -1,4 +1,4 @@
-"""Sampling on the device, inside the jitted step, in one of three static variants.
+"""Sampling on the device, inside the jitted step, in one of four static variants.
 
 Per row (one per sequence of the step): repetition / presence / frequency
 penalties over the sequence's tokens (read from the device-side token pages, so
@@ -20,8 +20,10 @@ longer prepare step N+1 while step N runs. The variants, each serving every
 batch the ones before it serve:
 
 - ``greedy``: argmax of the logits with the logit bias added and the banned ids masked.
-- ``plain``: ``greedy`` + penalties, temperature, min-p / top-k / top-p and the seeded draw (temperature-0 rows
-  keep the argmax, after their penalties). The penalties are three scatters over the rows' history
+- ``random``: ``greedy`` + temperature and the seeded draw (temperature-0 rows keep the argmax): the OpenAI API's
+  default request (temperature 1, nothing else), which should not pay for the parts below.
+- ``plain``: ``random`` + penalties and min-p / top-k / top-p (temperature-0 rows keep the argmax, after their
+  penalties). The penalties are three scatters over the rows' history
   (``apply_penalties``), a no-op on a row without them. On a GPU the filters find their thresholds without a sort
   (``apply_filters_sort_free``: a Pallas call a pass of a radix search, whose programs for a row that asks for no
   filter read nothing); elsewhere a vocabulary sort.
@@ -29,13 +31,15 @@ batch the ones before it serve:
   row; a row's filters apply only where that row asked for them (``where`` per row), so a row's result never
   depends on the rest of its batch.
 
-Why three: each variant is one more executable per bucket at warm-up (three variants about double the warm-up of
-the tiny test model on the CPU). Until session 31 ``full`` held the penalties and the filters too, with a vocabulary
+Why four: each variant is one more executable per bucket at warm-up (three variants about double the warm-up of
+the tiny test model on the CPU). ``random`` is session 32's: with temperature-only rows in ``plain`` (its
+penalties' scatters and the filters' 17 passes launched for rows that use neither), a run of temperature-1
+requests ran 0.973x one on ``plain`` without them (H100, 8B, ``benchmarks/results/gpu_suite_h200.md``). Until session 31 ``full`` held the penalties and the filters too, with a vocabulary
 sort, and a request with top-p or a repetition penalty made every step it was in pay for the top logprobs' sort
 and the rank as well (H100, 8B vocabulary, all parts on every row: 2.5 / 6.2 / 23.3 ms at 64 / 256 / 1,024 rows,
-against 0.17 / 0.40 / 1.25 for ``plain`` then). ``greedy`` and ``plain`` return no logprobs (``None``).
+against 0.17 / 0.40 / 1.25 for ``plain`` then). Only ``full`` returns logprobs (the others ``None``).
 
-``sort_free=True`` (``RunnerConfig.sampler_switch``, where the three variants are the branches of one
+``sort_free=True`` (``RunnerConfig.sampler_switch``, where the four variants are the branches of one
 ``lax.switch`` in one executable a bucket): the filters' top-k and top-p find the k-th largest logit and
 top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``pallas_kernels.sampling_thresholds``:
 its passes on a GPU, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
@@ -72,8 +76,8 @@ NEG_INF = -jnp.inf
 # ``full`` for such a row)
 ALLOWED_MARK = -2
 
-GREEDY, PLAIN, FULL = "greedy", "plain", "full"
-VARIANTS = (GREEDY, PLAIN, FULL)   # cheapest first; each serves every batch the ones before it serve
+GREEDY, RANDOM, PLAIN, FULL = "greedy", "random", "plain", "full"
+VARIANTS = (GREEDY, RANDOM, PLAIN, FULL)   # cheapest first; each serves every batch the ones before it serve
 
 
 def variant_for(*, penalties: bool, filters: bool, random: bool, logprobs: bool, allowed: bool = False) -> str:
@@ -82,7 +86,9 @@ def variant_for(*, penalties: bool, filters: bool, random: bool, logprobs: bool,
     biased ids: every variant.)"""
     if logprobs or allowed:
         return FULL
-    return PLAIN if random or filters or penalties else GREEDY
+    if filters or penalties:
+        return PLAIN
+    return RANDOM if random else GREEDY
 
 
 def serves(variant: str, needed: str) -> bool:
@@ -262,14 +268,15 @@ def sample(logits, history_fn, s: SamplingArrays, variant: str = FULL, sort_free
     if variant in (PLAIN, FULL):
         logits = apply_penalties(logits, *history_fn(), s)     # a row without penalties unchanged
     ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if variant in (PLAIN, FULL):
+    if variant != GREEDY:
         # a product by the reciprocal (not a quotient): the thresholds' kernels scale the same way (a GPU kernel's
         # division need not round as XLA's does, a product does), so their keys are the draw's
         inv_temp = 1.0 / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
         scaled = logits * inv_temp
-        sorted_filters = (not on_gpu()) if sort_free is None else not sort_free
-        filtered = apply_filters(scaled, s) if sorted_filters else apply_filters_sort_free(logits, s, inv_temp)
-        scaled = jnp.where(s.row_uses_filters()[:, None], filtered, scaled)
+        if variant != RANDOM:
+            sorted_filters = (not on_gpu()) if sort_free is None else not sort_free
+            filtered = apply_filters(scaled, s) if sorted_filters else apply_filters_sort_free(logits, s, inv_temp)
+            scaled = jnp.where(s.row_uses_filters()[:, None], filtered, scaled)
 
         def one(seed, hi, idx, row):
             key = jax.random.key(seed)

@@ -23,7 +23,7 @@ from tests.support import make_hf_checkpoint
 
 CFG = RunnerConfig(num_pages=32, page_size=16, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64,
                    token_buckets=(16,), page_buckets=(4,), fail_on_compile=True)
-STEPS = 3     # one (tokens, pages) shape x the three sampler variants
+STEPS = len(VARIANTS)     # one (tokens, pages) shape x the sampler variants
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
 from jaxdyn.engine.llm import describe_compile
 from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers_of_two
-from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, VARIANTS, serves
+from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, RANDOM, VARIANTS, serves
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
 from tests.support import constant_filled_buffers, lowered_count, make_hf_checkpoint
@@ -223,14 +223,14 @@ KINDS = {   # name: (params, banned ids)
     "greedy-logprobs": (SamplingParams(temperature=0, logprobs=0, max_tokens=None), ()),
     "greedy-top-k": (SamplingParams(temperature=0, top_k=5, max_tokens=None), ()),  # no draw: no filter
 }
-OWN_VARIANT = {"greedy": GREEDY, "banned": GREEDY, "greedy-top-k": GREEDY, "seeded": PLAIN,
-               "seeded-banned": PLAIN, "top-k": PLAIN, "top-p-min-p": PLAIN, "penalties": PLAIN,
+OWN_VARIANT = {"greedy": GREEDY, "banned": GREEDY, "greedy-top-k": GREEDY, "seeded": RANDOM,
+               "seeded-banned": RANDOM, "top-k": PLAIN, "top-p-min-p": PLAIN, "penalties": PLAIN,
                "logprobs": FULL, "greedy-logprobs": FULL}
 
 
 @pytest.mark.parametrize("kinds, want", [
     ((None,), GREEDY), (("greedy", "banned", "greedy-top-k"), GREEDY),
-    (("seeded",), PLAIN), (("greedy", "seeded-banned", "banned"), PLAIN),
+    (("seeded",), RANDOM), (("greedy", "seeded-banned", "banned"), RANDOM),
     (("greedy", "top-k"), PLAIN), (("seeded", "top-p-min-p"), PLAIN), (("penalties",), PLAIN),
     (("top-k", "penalties", "banned"), PLAIN),
     (("greedy-logprobs", "greedy"), FULL), (("seeded", "logprobs", "banned"), FULL),
@@ -250,7 +250,7 @@ def test_a_step_runs_the_cheapest_variant_its_rows_need(variant_runner, kinds, w
 def test_a_variant_cheaper_than_the_step_needs_is_refused(variant_runner):
     runner, _ = variant_runner
     work = [SequenceWork([1, 2], 0, [0], params=KINDS["seeded"][0])]
-    with pytest.raises(ValueError, match="variant 'greedy' cannot serve this step \\(it needs 'plain'\\)"):
+    with pytest.raises(ValueError, match="variant 'greedy' cannot serve this step \\(it needs 'random'\\)"):
         runner.prepare(work, GREEDY)
     assert runner.execute(work, FULL).variant == FULL
 
@@ -309,7 +309,8 @@ def test_a_separate_sampler_compiles_the_model_once_a_bucket_and_draws_what_one_
         assert sorted(k[0] for k in runner._parts) == ["forward"] * 2 + ["sample"] * 2 * len(VARIANTS)
     else:
         assert compilation_count() - before == 2 + 2 + 2 * (len(VARIANTS) - 1) + 1
-        assert sorted(k[0] for k in runner._parts) == ["forward"] * 2 + ["sample"] * 4 + ["step"] * 2
+        assert sorted(k[0] for k in runner._parts) == (["forward"] * 2 + ["sample"] * 2 * (len(VARIANTS) - 1)
+                                                       + ["step"] * 2)
         assert all(k[3] == VARIANTS[0] for k in runner._parts if k[0] == "step")
         assert VARIANTS[0] not in {k[3] for k in runner._parts if k[0] == "sample"}
     one, _ = variant_runner
@@ -544,13 +545,14 @@ def test_a_separate_sampler_passes_the_token_pages_on_donated(loaded, monkeypatc
 
 
 @pytest.mark.parametrize("kinds", [("greedy", "banned", "greedy-top-k"), ("greedy", "seeded", "seeded-banned")])
-def test_a_greedy_or_plain_step_draws_what_full_draws(variant_runner, kinds):
+def test_a_greedy_or_random_step_draws_what_plain_and_full_draw(variant_runner, kinds):
     runner, _ = variant_runner
     tokens, _, used = _generate(runner, kinds)
     assert used == {max((OWN_VARIANT[k] for k in kinds), key=VARIANTS.index)}
     assert _generate(runner, kinds, FULL)[0] == tokens
-    if PLAIN not in used:
-        assert _generate(runner, kinds, PLAIN)[0] == tokens
+    assert _generate(runner, kinds, PLAIN)[0] == tokens
+    if RANDOM not in used:
+        assert _generate(runner, kinds, RANDOM)[0] == tokens
 
 
 def test_every_row_of_a_mixed_step_draws_what_it_draws_alone(variant_runner):
@@ -591,9 +593,11 @@ def test_a_mixed_workload_after_warmup_compiles_nothing(variant_runner):
         num_seqs = int(rng.integers(1, VARIANT_CFG.max_num_seqs + 1))
         kinds = rng.choice(sorted(KINDS), num_seqs, p=None).tolist()
         draw = rng.random()
-        if draw < 0.25:                                      # plenty of greedy-only and plain steps too
+        if draw < 0.2:                                       # plenty of greedy-only, random and plain steps too
             kinds = [k for k in kinds if OWN_VARIANT[k] == GREEDY] or ["greedy"]
-        elif draw < 0.55:
+        elif draw < 0.35:
+            kinds = [k for k in kinds if OWN_VARIANT[k] in (GREEDY, RANDOM)] or ["seeded"]
+        elif draw < 0.6:
             kinds = [k for k in kinds if OWN_VARIANT[k] != FULL] or ["greedy"]
         work = []
         for i, k in enumerate(kinds):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdyn.engine.sampler import (
-    FULL, GREEDY, PLAIN, RANK_COL, VARIANTS, SamplingArrays, _top_logprobs, apply_filters, apply_filters_sort_free,
+    FULL, GREEDY, PLAIN, RANDOM, RANK_COL, VARIANTS, SamplingArrays, _top_logprobs, apply_filters, apply_filters_sort_free,
     apply_penalties, sample, serves, top_logprobs_sort_free, variant_for)
 from pallas_kernels.sampling_thresholds import order_keys
 from jaxdyn.engine.sampling_params import MAX_LOGPROBS
@@ -158,7 +158,7 @@ def test_greedy_banned_and_logprobs():
 
 @pytest.mark.parametrize("needs, want", [
     (dict(), GREEDY),
-    (dict(random=True), PLAIN),
+    (dict(random=True), RANDOM),
     (dict(penalties=True), PLAIN),
     (dict(random=True, filters=True), PLAIN),
     (dict(random=True, filters=True, penalties=True), PLAIN),
@@ -214,8 +214,8 @@ def _rows(s, history, rows):
     return jax.tree.map(lambda x: x[rows], s), tuple(x[rows] for x in history)
 
 
-@pytest.mark.parametrize("variant", [GREEDY, PLAIN])
-def test_greedy_and_plain_draw_what_full_draws_on_the_rows_they_serve(variant):
+@pytest.mark.parametrize("variant", [GREEDY, RANDOM, PLAIN])
+def test_greedy_random_and_plain_draw_what_full_draws_on_the_rows_they_serve(variant):
     logits, s, history, needs = mixed_batch()
     rows = np.array([r for r, need in enumerate(needs) if serves(variant, need)])
     assert {needs[r] for r in rows} == set(VARIANTS[:VARIANTS.index(variant) + 1]), "every kind it serves"
@@ -235,7 +235,7 @@ def test_a_row_of_a_full_batch_draws_what_its_own_variant_draws_alone():
     ``plain`` gives it alone, and a row with them what it gets alone; logprobs are the raw model's."""
     logits, s, history, needs = mixed_batch(1)
     ids, lp, top_ids, top_lps = (np.asarray(x) for x in _sample(logits, s, history, FULL))
-    assert set(needs) == {GREEDY, PLAIN}        # penalties and filters: plain
+    assert set(needs) == {GREEDY, RANDOM, PLAIN}        # temperature alone: random; penalties and filters: plain
     for r, need in enumerate(needs):
         sub, hist = _rows(s, history, np.array([r]))
         assert int(_sample(logits[r:r + 1], sub, hist, need)[0][0]) == ids[r], r
