@@ -2,7 +2,8 @@
 ``M`` rows of the model's vocabulary (float32 logits, random; every row with temperature 0.8, top-k 50, top-p 0.9,
 min-p 0.02, penalties and logprobs, so that ``full``'s every part runs on every row):
 
-- ``greedy``, ``plain``: the cheap variants;
+- ``greedy``, ``random`` (temperature alone), ``plain``: the cheap variants (``plain, no filters``: the
+  temperature-only rows ``random`` serves, in ``plain``);
 - ``full sort``: ``full`` as the variants' executables run it (a vocabulary sort for top-k / top-p, ``lax.top_k`` for
   the top logprobs: CUB calls on a GPU from 32 rows);
 - ``full sort-free N-bit``: ``full`` sort-free (``sample(sort_free=True)``: radix searches over the logits' order
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     from benchmarks.gpu.fp8_probe import print_summaries, time_forms
     from benchmarks.kernels import measure_bandwidth
     from jaxdyn.config import ModelConfig
-    from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, sample
+    from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, RANDOM, sample
     from pallas_kernels import sampling_thresholds as thresholds
     from jaxdyn.models.presets import preset_config
 
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
         return (*params, no_filters(params[0]))
 
     default = thresholds.IMPL
-    forms = {"greedy": form(GREEDY), "plain, no filters": form(PLAIN, unfiltered=True), "plain": form(PLAIN),
+    forms = {"greedy": form(GREEDY), "random": form(RANDOM, unfiltered=True),
+             "plain, no filters": form(PLAIN, unfiltered=True), "plain": form(PLAIN),
              "full sort": form(FULL, sort_free=False), "full": form(FULL)}
     if jax.default_backend() == "gpu":      # the Pallas kernels (interpret mode would take minutes on a CPU)
         forms["full sort-free passes"] = form(FULL, True, impl="passes")
