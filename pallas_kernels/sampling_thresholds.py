@@ -14,9 +14,10 @@ at or above it; a mass above it of at least ``top_p`` of the kept mass).
   with top-k off skipping the first search and one with top_p 1 the second;
 - ``sampling_thresholds_passes`` (what a GPU runs): the same search as one Pallas call a pass, a program a (row,
   chunk of ``CHUNK_TILES`` tiles) summing the 16 lanes over its chunk, the chunks' sums added and the digit picked
-  in ``jax.numpy`` between calls: 17 calls (8 + the kept mass + 8), every multiprocessor busy in each, where the
-  kernel above runs a row's passes one after another in one program; a row that needs no search starts programs
-  that read nothing.
+  in ``jax.numpy`` between calls: 18 calls (8 + the keys above the k-th + the kept mass + 8), every
+  multiprocessor busy in each, where the kernel above runs a row's passes one after another in one program; a row
+  that needs no search starts programs that read nothing. Every call is the same kernel (what it sums is an
+  input), lowered and compiled once a step.
 
 Top-k's threshold is exact. Top-p's sums the mass in another order than a sort's running sum, so a token whose
 mass before it is within float rounding of ``top_p`` may be kept by one and not the other.
@@ -204,21 +205,26 @@ def from_key(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+COUNT, MASS = 1, 2      # a pass's ``on`` for a row: 0 reads nothing, COUNT counts keys, MASS sums the kept mass
+
+
 def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, hi_ref, prefix_ref, cand_ref, out_ref, *,
-                 vocab: int, mode: str, interpret: bool, scaled: bool, skip: bool):
+                 vocab: int, interpret: bool, scaled: bool, skip: bool):
     """One program of a pass: 16 sums over one chunk of one row (``_pass``), of the row scaled by its ``scale``
-    (where ``scaled``) and with the logits under its ``floor`` dropped. With ``skip`` (count and mass), a key whose
-    bits above the pass's digit (``hi``) are above the answer's (``prefix``) counts in every lane and one below in
-    none, so those are one [TILE] sum; only keys that share the answer's prefix are compared with the 16
-    candidates, and a tile without one skips that (past the first passes most tiles: the pass reads the row and
-    adds one term an element instead of 16)."""
+    (where ``scaled``) and with the logits under its ``floor`` dropped: lane j sums, over the keys at or above
+    candidate j, 1 (the row's ``on`` COUNT) or the kept mass ``exp(x - m)`` of a key at or above ``kth`` (MASS);
+    ``on`` 0: zeros, nothing read. What a pass sums is data, not the kernel's code, so every pass of a step is the
+    same kernel (one lowering, one Triton compilation an executable). With ``skip``, a key whose bits above the
+    pass's digit (``hi``) are above the answer's (``prefix``) is at or above every candidate and one below them
+    under none (``hi`` 0: every key compared), so those are one [TILE] sum; only keys that share the answer's
+    prefix meet the 16 candidates, and a tile without one skips that (past the first passes most tiles: the pass
+    reads the row and adds one term an element instead of 16)."""
     c = pl.program_id(1)
     offsets = jnp.arange(TILE, dtype=jnp.int32)
-    lanes = jnp.arange(_LANES, dtype=jnp.int32)
 
     def sums():
         m, kth, cands, floor = m_ref[0], kth_ref[0], cand_ref[...], floor_ref[0]
-        hi, prefix = hi_ref[0], prefix_ref[0]
+        hi, prefix, mass = hi_ref[0], prefix_ref[0], on_ref[0] == MASS
 
         def tile(j, carry):     # a loop, not unrolled: the kernel traces and lowers in a sixteenth of the time
             acc, base = carry
@@ -232,18 +238,10 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, hi_ref, pr
                 x = x * scale_ref[0]
             x = jnp.where(valid & (x >= floor), x, -jnp.inf)
             keys = jnp.where(valid, order_keys(x), jnp.uint32(0))
-            if mode == "stats":         # keys above the k-th, their mass, the mass at or above it
-                e = jnp.exp(x - m)
-                above = jnp.where(keys > kth, 1.0, 0.0)[:, None]
-                at = jnp.where(keys >= kth, 1.0, 0.0)[:, None]
-                return acc + jnp.where(lanes[None, :] == 0, above, jnp.where(
-                    lanes[None, :] == 1, above * e[:, None], jnp.where(lanes[None, :] == 2, at * e[:, None], 0.0))), base
-            # count: keys at or above each candidate; mass: the kept mass (at or above the k-th) strictly above
-            w = jnp.where(valid, 1.0, 0.0) if mode == "count" else jnp.where(keys >= kth, jnp.exp(x - m), 0.0)
+            w = jnp.where(mass, jnp.where(keys >= kth, jnp.exp(x - m), 0.0), jnp.where(valid, 1.0, 0.0))
 
             def lanes_of(w):     # [TILE, 16]: each element's term in each candidate's sum
-                hit = keys[:, None] >= cands[None, :] if mode == "count" else keys[:, None] > cands[None, :]
-                return jnp.where(hit, w[:, None], 0.0)
+                return jnp.where(keys[:, None] >= cands[None, :], w[:, None], 0.0)
 
             if not skip:
                 return acc + lanes_of(w), base
@@ -254,38 +252,31 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, hi_ref, pr
 
         acc, base = lax.fori_loop(0, CHUNK_TILES, tile, (jnp.zeros((TILE, _LANES), jnp.float32),
                                                          jnp.zeros((TILE,), jnp.float32)))
-        return jnp.sum(acc, axis=0) + jnp.sum(base) if skip and mode != "stats" else jnp.sum(acc, axis=0)
+        return jnp.sum(acc, axis=0) + jnp.sum(base) if skip else jnp.sum(acc, axis=0)
 
     # a row that does not need this pass (top-k off, top_p 1) reads nothing: its program writes zeros
     out_ref[...] = lax.cond(on_ref[0] != 0, sums, lambda: jnp.zeros((_LANES,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("vocab", "mode", "interpret", "skip"))
-def _pass(x, m, kth, on, cands, scale, floor, *, vocab: int, mode: str, interpret: bool, skip: bool = True):
-    """f32[S, 16]: each row's 16 sums of ``mode`` (``_pass_kernel``), a grid of (row, chunk) programs whose
-    chunk sums are added here (a tree of float32 sums, no serial sum over the row). Jitted, so that a step's
-    passes of one mode are one function of its lowered module, lowered once (JAX caches a nested jit's lowering
-    within a module): 3 Pallas lowerings a step instead of 17. ``cands``' lane 1 is the answer so far with the
-    pass's digit 1: its lowest set bit is the digit's lowest (the answer has bits only above the digit), which
-    gives the kernel the bits above the digit (``hi``: none on the first pass) and the answer's (``prefix``)."""
+@functools.partial(jax.jit, static_argnames=("vocab", "interpret", "skip"))
+def _pass(x, m, kth, on, cands, hi, prefix, scale, floor, *, vocab: int, interpret: bool, skip: bool = True):
+    """f32[S, 16]: each row's 16 sums (``_pass_kernel``; ``on`` i32[S]: 0, COUNT or MASS), a grid of (row, chunk)
+    programs whose chunk sums are added here (a tree of float32 sums, no serial sum over the row). Jitted, so that
+    a step's passes are one function of its lowered module, lowered once (JAX caches a nested jit's lowering
+    within a module): one Pallas lowering a step instead of 18."""
     S = x.shape[0]
-    first = cands[:, 1]
-    low = first & (~first + jnp.uint32(1))
-    hi = ~((low << 4) - jnp.uint32(1))
-    prefix = first & hi
     chunks = pl.cdiv(vocab, CHUNK_TILES * TILE)
     row = pl.BlockSpec((None, x.shape[1]), lambda s, c: (s, 0))
     one = pl.BlockSpec((1,), lambda s, c: (s,))
     out = pl.pallas_call(
-        functools.partial(_pass_kernel, vocab=vocab, mode=mode, interpret=interpret, scaled=scale is not None,
-                          skip=skip),
+        functools.partial(_pass_kernel, vocab=vocab, interpret=interpret, scaled=scale is not None, skip=skip),
         grid=(S, chunks),
         in_specs=[row, one, one, one, one, one, one, one, pl.BlockSpec((None, _LANES), lambda s, c: (s, 0))],
         out_specs=pl.BlockSpec((None, None, _LANES), lambda s, c: (s, c, 0)),
         out_shape=jax.ShapeDtypeStruct((S, chunks, _LANES), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
-        name=f"sampling_thresholds_{mode}",
+        name="sampling_thresholds_pass",
     )(x, m, kth, on.astype(jnp.int32), m if scale is None else scale, floor, hi, prefix, cands)
     return jnp.sum(out, axis=1)
 
@@ -296,8 +287,9 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
                                interpret: bool = False, skip: bool = True) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
     of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the answer so far) over its chunk; the
-    digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one for the kept
-    mass, 8 for top-p (rows with top_p 1 read nothing). A pass reads the rows once with every multiprocessor
+    digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one counting the
+    keys above the k-th (rows with both filters), one for the kept mass, 8 for top-p (rows with top_p 1 read
+    nothing). A pass reads the rows once with every multiprocessor
     busy, where the one-program-a-row kernel runs each row's 18 reads in one program. ``row_max``: the rows'
     largest logits where the caller has them (one read of the rows less; of the scaled rows where ``scale`` is
     given). ``scale``, ``floor`` (f32[S]): the thresholds of ``where(logits * scale < floor, -inf, logits *
@@ -323,20 +315,36 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     # zeros as a kernel's output, not constants: XLA fills a constant operand of a call by a memset, which ends
     # the step's CUDA graph (and keeps a conditional around it out of the graph)
     zero = kernel_zeros((S,), jnp.uint32, k[0])
+    lanes = jnp.arange(_LANES, dtype=jnp.uint32)
 
-    def search(mode, kth, on, passes):
-        # a digit's 15 candidates, and the first again in the kernel's 16th lane (a power of two), dropped after
-        return _largest_key_where(
-            lambda t: passes(run(kth, on, jnp.concatenate([t[:, :1], t], axis=1), mode=mode))[:, 1:],
-            S, _KERNEL_BITS, zero)
+    def search(kth, on, strict, passes):
+        """A radix search, a pass a digit: the pass's 16 candidates are the digit's 15 and the first again (a
+        power of two of lanes; dropped after). Its lane 1 (the answer so far with digit 1) gives the bits above
+        the digit (``hi``: its lowest set bit is the digit's lowest; none on the first pass) and the answer's
+        (``prefix``). ``strict``: sums over the keys above each candidate (at or above the next key)."""
+        def pred(t):
+            first = t[:, 0]
+            hi = ~(((first & (~first + jnp.uint32(1))) << 4) - jnp.uint32(1))
+            cands = jnp.concatenate([t[:, :1], t], axis=1)
+            if strict:      # (no key is all ones: a NaN logit is dropped)
+                cands = jnp.where(cands == jnp.uint32(0xFFFFFFFF), cands, cands + jnp.uint32(1))
+            return passes(run(kth, on, cands, hi, first & hi))[:, 1:]
+        return _largest_key_where(pred, S, _KERNEL_BITS, zero)
 
-    cut_on = top_p < 1.0
-    kth = jnp.where(k < V, search("count", zero, k < V, lambda count: count >= kf[:, None]), zero)
-    stats = run(kth, cut_on, zero[:, None] | jnp.arange(_LANES, dtype=jnp.uint32), mode="stats")  # (unused)
-    above, mass_above, kept = stats[:, 0], stats[:, 1], stats[:, 2]
-    fill = kf - above          # the k-th value's ties a sort's order counts to fill k (0 with top-k off)
+    top_k_on, cut_on = k < V, top_p < 1.0
+    kth = jnp.where(top_k_on, search(zero, top_k_on.astype(jnp.int32) * COUNT, False,
+                                     lambda count: count >= kf[:, None]), zero)
+    # the keys above the k-th (where top-k and top-p both are on), then the kept mass above it and at or above it
+    # (lanes 0 and 1), every key compared (``hi`` 0)
+    above = run(kth, (top_k_on & cut_on).astype(jnp.int32) * COUNT,
+                jnp.broadcast_to((kth + jnp.uint32(1))[:, None], (S, _LANES)), zero, zero)[:, 0]
+    masses = run(kth, cut_on.astype(jnp.int32) * MASS, jnp.where(lanes == 0, kth[:, None] + jnp.uint32(1),
+                                                                  kth[:, None]), zero, zero)
+    mass_above, kept = masses[:, 0], masses[:, 1]
+    # the k-th value's ties a sort's order counts to fill k (none with top-k off)
+    fill = jnp.where(top_k_on, kf - above, 0.0)
     need = top_p * (mass_above + jnp.where(fill > 0, fill * jnp.exp(from_key(kth) - m), 0.0))
-    below = search("mass", kth, cut_on, lambda mass: mass >= need[:, None])
+    below = search(kth, cut_on.astype(jnp.int32) * MASS, True, lambda mass: mass >= need[:, None])
     cutoff = jnp.where(kept >= need, below + jnp.uint32(1), jnp.uint32(0))
     return kth, cutoff
 
