@@ -18,7 +18,8 @@ A configuration's ``"quant"`` (``"fp8"`` or ``"int8"``) quantizes the model (``p
 ``"quantize_lm_head": true`` (with ``"quant": "fp8"``) its lm_head too (``profile_run --quantize-lm-head``).
 
 A configuration's ``"temperature"``, ``"top_p"`` and ``"top_k"`` set every request's sampling (greedy by default):
-``{"temperature": 1.0}`` runs the sampler's ``random`` variant every step, ``{"temperature": 1.0, "top_p": 0.9}`` its ``plain``.
+``{"temperature": 1.0}`` runs the sampler's ``random`` variant every step, ``{"temperature": 1.0, "top_p": 0.9}``
+its ``plain``.
 
 A configuration's ``"tree"`` is a directory holding another copy of the repository (``git archive BASE | tar -x
 -C base``): its runs run that code (``python -m`` from there), so two commits alternate in one call, e.g.
