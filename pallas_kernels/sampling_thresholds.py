@@ -286,7 +286,7 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
                                scale: jax.Array | None = None, floor: jax.Array | None = None, *,
                                interpret: bool = False, skip: bool = True) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
-    of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the answer so far) over its chunk; the
+    of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the first again, a 16th lane) over its chunk; the
     digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one counting the
     keys above the k-th (rows with both filters), one for the kept mass, 8 for top-p (rows with top_p 1 read
     nothing). A pass reads the rows once with every multiprocessor
@@ -324,7 +324,7 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
         (``prefix``). ``strict``: sums over the keys above each candidate (at or above the next key)."""
         def pred(t):
             first = t[:, 0]
-            hi = ~(((first & (~first + jnp.uint32(1))) << 4) - jnp.uint32(1))
+            hi = ~(((first & (~first + jnp.uint32(1))) << _KERNEL_BITS) - jnp.uint32(1))
             cands = jnp.concatenate([t[:, :1], t], axis=1)
             if strict:      # (no key is all ones: a NaN logit is dropped)
                 cands = jnp.where(cands == jnp.uint32(0xFFFFFFFF), cands, cands + jnp.uint32(1))

@@ -11,7 +11,7 @@ greedy, so ``plain`` and ``full`` compute their extra parts and discard them):
 the difference to ``greedy`` is what that variant costs.
 
     python -m benchmarks.gpu.profile_step --model llama-3.1-8b --points 8x2048,64x2048 \
-        [--sampler greedy|plain|full] [--hlo-dir DIR]
+        [--sampler greedy|random|plain|full] [--hlo-dir DIR]
 """
 
 from __future__ import annotations

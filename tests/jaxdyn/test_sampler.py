@@ -230,6 +230,19 @@ def test_greedy_random_and_plain_draw_what_full_draws_on_the_rows_they_serve(var
     assert np.array_equal(np.asarray(ids)[greedy], want[greedy])   # temperature 0: the argmax
 
 
+def test_random_traces_the_draw_and_neither_the_penalties_nor_the_filters():
+    """``random`` is ``greedy``'s program plus the draw: the bias's scatters and no sort (the CPU's filters) and no
+    penalty scatters, which ``plain`` holds; ``greedy`` draws nothing."""
+    logits, s, history, _ = mixed_batch()
+    args = (jnp.asarray(logits), s, tuple(jnp.asarray(x) for x in history))
+    texts = {v: jax.jit(lambda lg, sa, h, v=v: sample(lg, lambda: h, sa, v)).lower(*args).as_text()
+             for v in (GREEDY, RANDOM, PLAIN)}
+    count = lambda v, op: texts[v].count(op)        # noqa: E731
+    assert count(RANDOM, "stablehlo.scatter") == count(GREEDY, "stablehlo.scatter") < count(PLAIN, "stablehlo.scatter")
+    assert count(RANDOM, "stablehlo.sort") == 0 < count(PLAIN, "stablehlo.sort")
+    assert count(GREEDY, "threefry") == 0 < count(RANDOM, "threefry")
+
+
 def test_a_row_of_a_full_batch_draws_what_its_own_variant_draws_alone():
     """Penalties and filters apply per row in ``full``: a row without them gets what ``greedy`` or
     ``plain`` gives it alone, and a row with them what it gets alone; logprobs are the raw model's."""
@@ -333,13 +346,13 @@ def test_the_thresholds_passes_keep_what_the_sorted_filters_keep(data, monkeypat
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_plain_variant_filters_with_the_passes_and_no_sort():
-    """A GPU's ``plain`` and ``full`` find top-k's and top-p's thresholds by the passes (17 Triton calls); ``full``
-    sorts only for its top logprobs (``lax.top_k``)."""
+    """A GPU's ``plain`` and ``full`` find top-k's and top-p's thresholds by the passes (18 Triton calls; ``random``
+    none); ``full`` sorts only for its top logprobs (``lax.top_k``)."""
     logits, s, history, _ = mixed_batch()
     args = (jnp.asarray(logits), s, tuple(jnp.asarray(x) for x in history))
-    for variant in (PLAIN, FULL):
+    for variant in (RANDOM, PLAIN, FULL):
         text = jax.jit(lambda lg, sa, h, v=variant: sample(lg, lambda: h, sa, v)).lower(*args).as_text()
-        assert lowered_count(text, "__gpu$xla.gpu.triton") == 17, variant
+        assert lowered_count(text, "__gpu$xla.gpu.triton") == (0 if variant == RANDOM else 18), variant
         assert "stablehlo.sort" not in text
         assert ("topk" in text.lower() or "top_k" in text.lower()) == (variant == FULL)
     ids = np.asarray(_sample(logits, s, history, PLAIN)[0])
