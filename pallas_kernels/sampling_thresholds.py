@@ -258,8 +258,9 @@ def _pass_kernel(x_ref, m_ref, kth_ref, on_ref, scale_ref, floor_ref, hi_ref, pr
     out_ref[...] = lax.cond(on_ref[0] != 0, sums, lambda: jnp.zeros((_LANES,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("vocab", "interpret", "skip"))
-def _pass(x, m, kth, on, cands, hi, prefix, scale, floor, *, vocab: int, interpret: bool, skip: bool = True):
+@functools.partial(jax.jit, static_argnames=("vocab", "interpret", "skip", "warps", "stages"))
+def _pass(x, m, kth, on, cands, hi, prefix, scale, floor, *, vocab: int, interpret: bool, skip: bool = True,
+          warps: int = 4, stages: int = 1):
     """f32[S, 16]: each row's 16 sums (``_pass_kernel``; ``on`` i32[S]: 0, COUNT or MASS), a grid of (row, chunk)
     programs whose chunk sums are added here (a tree of float32 sums, no serial sum over the row). Jitted, so that
     a step's passes are one function of its lowered module, lowered once (JAX caches a nested jit's lowering
@@ -275,16 +276,17 @@ def _pass(x, m, kth, on, cands, hi, prefix, scale, floor, *, vocab: int, interpr
         out_specs=pl.BlockSpec((None, None, _LANES), lambda s, c: (s, c, 0)),
         out_shape=jax.ShapeDtypeStruct((S, chunks, _LANES), jnp.float32),
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=stages),
         name="sampling_thresholds_pass",
     )(x, m, kth, on.astype(jnp.int32), m if scale is None else scale, floor, hi, prefix, cands)
     return jnp.sum(out, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "skip"))
+@functools.partial(jax.jit, static_argnames=("interpret", "skip", "warps", "stages"))
 def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, row_max: jax.Array | None = None,
                                scale: jax.Array | None = None, floor: jax.Array | None = None, *,
-                               interpret: bool = False, skip: bool = True) -> tuple[jax.Array, jax.Array]:
+                               interpret: bool = False, skip: bool = True, warps: int = 4, stages: int = 1
+                               ) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
     of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the first again, a 16th lane) over its chunk; the
     digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one counting the
@@ -295,7 +297,9 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     given). ``scale``, ``floor`` (f32[S]): the thresholds of ``where(logits * scale < floor, -inf, logits *
     scale)``, each program scaling and flooring what it reads (no scaled copy of the rows written). ``skip``
     (default): a tile none of whose keys share the answer's bits above the pass's digit adds one term an element,
-    not 16 (``_pass_kernel``); False compares every key with every candidate (the probe's comparison)."""
+    not 16 (``_pass_kernel``); False compares every key with every candidate (the probe's comparison).
+    ``warps``, ``stages``: Triton's for each pass's programs (4 and 1 by default: the [512, 16] sums are 64 registers
+    a thread at 4 warps; the probe times others)."""
     S, V = logits.shape
     x = logits.astype(jnp.float32)
     if interpret:       # interpret mode's loads take no mask: the row padded to whole chunks (the pad is masked)
@@ -310,7 +314,7 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     kf = k.astype(jnp.float32)
     top_p = top_p.astype(jnp.float32)
     run = functools.partial(_pass, x, m, scale=scale, floor=floor.astype(jnp.float32), vocab=V, interpret=interpret,
-                            skip=skip)
+                            skip=skip, warps=warps, stages=stages)
 
     # zeros as a kernel's output, not constants: XLA fills a constant operand of a call by a memset, which ends
     # the step's CUDA graph (and keeps a conditional around it out of the graph)

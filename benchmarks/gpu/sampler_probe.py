@@ -125,6 +125,12 @@ def main(argv=None) -> int:
             x, p[0].top_k, p[0].top_p, skip=False)[1]
         parts["passes unskipped: top-p alone"] = lambda x, p: thresholds.sampling_thresholds_passes(
             x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, skip=False)[1]
+        # Triton's warps and pipeline stages a pass (4 and 1 by default): fewer registers a thread for the sums at
+        # 8 warps (more programs resident), the tiles' loads ahead of their sums with stages
+        for warps, stages in ((8, 1), (4, 3), (8, 3)):
+            parts[f"passes {warps} warps {stages} stages: top-p alone"] = (
+                lambda x, p, w=warps, st=stages: thresholds.sampling_thresholds_passes(
+                    x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, warps=w, stages=st)[1])
         parts["passes: neither"] = lambda x, p: thresholds.sampling_thresholds(
             x, jnp.where(p[2].top_k > 0, p[2].top_k, x.shape[1]), p[2].top_p, impl="passes")[1]
     print("\nthe parts alone (ms):\n")

@@ -3,6 +3,7 @@
 sort's."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +202,15 @@ def test_the_passes_skipping_settled_tiles_find_what_comparing_every_key_finds(d
     skipped = sampling_thresholds_passes(x, k, p, interpret=True)
     np.testing.assert_array_equal(np.asarray(skipped[0]), np.asarray(dense[0]))
     np.testing.assert_array_equal(_kept(x, *skipped), _kept(x, *dense))
+
+
+def test_the_passes_take_tritons_warps_and_stages():
+    """The probe's sweep: ``warps`` and ``stages`` reach every pass's Triton call (4 and 1 by default)."""
+    from pallas_kernels.sampling_thresholds import sampling_thresholds_passes
+    sds = jax.ShapeDtypeStruct
+    args = (sds((8, 9000), jnp.float32), sds((8,), jnp.int32), sds((8,), jnp.float32))
+    for kw, want in (({}, (1, 4)), ({"warps": 8, "stages": 3}, (3, 8))):
+        text = jax.jit(functools.partial(sampling_thresholds_passes, **kw)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert {tuple(int(v) for v in m) for m in
+                re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+)", text)} == {want}
