@@ -288,11 +288,11 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
                                interpret: bool = False, skip: bool = True, warps: int = 4, stages: int = 1
                                ) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
-    of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the first again, a 16th lane) over its chunk; the
-    digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one counting the
-    keys above the k-th (rows with both filters), one for the kept mass, 8 for top-p (rows with top_p 1 read
-    nothing). A pass reads the rows once with every multiprocessor
-    busy, where the one-program-a-row kernel runs each row's 18 reads in one program. ``row_max``: the rows'
+    of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the first again, a 16th lane) over its
+    chunk; the digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one
+    counting the keys above the k-th (rows with both filters), one for the kept mass, 8 for top-p (rows with top_p
+    1 read nothing). A pass reads the rows once with every multiprocessor busy, where the one-program-a-row kernel
+    runs each row's 18 reads in one program. ``row_max``: the rows'
     largest logits where the caller has them (one read of the rows less; of the scaled rows where ``scale`` is
     given). ``scale``, ``floor`` (f32[S]): the thresholds of ``where(logits * scale < floor, -inf, logits *
     scale)``, each program scaling and flooring what it reads (no scaled copy of the rows written). ``skip``
