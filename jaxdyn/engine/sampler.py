@@ -37,9 +37,9 @@ it). ``random`` is session 32's: with temperature-only rows in ``plain`` (its pe
 filters' passes launched for rows that use neither), a run of temperature-1 requests ran 0.973x one on ``plain``
 without them, and the sampler alone at 1,024 rows took 2.05 ms against ``random``'s 1.39 (H100, 8B,
 ``benchmarks/results/gpu_suite_h200.md``). Until session 31 ``full`` held the penalties and the filters too, with
-a vocabulary sort, and a request with top-p or a repetition penalty made every step it was in pay for the top logprobs' sort
-and the rank as well (H100, 8B vocabulary, all parts on every row: 2.5 / 6.2 / 23.3 ms at 64 / 256 / 1,024 rows,
-against 0.17 / 0.40 / 1.25 for ``plain`` then). Only ``full`` returns logprobs (the others ``None``).
+a vocabulary sort, and a request with top-p or a repetition penalty made every step it was in pay for the top
+logprobs' sort and the rank as well (H100, 8B vocabulary, all parts on every row: 2.5 / 6.2 / 23.3 ms at 64 / 256 /
+1,024 rows, against 0.17 / 0.40 / 1.25 for ``plain`` then). Only ``full`` returns logprobs (the others ``None``).
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the four variants are the branches of one
 ``lax.switch`` in one executable a bucket): the filters' top-k and top-p find the k-th largest logit and
