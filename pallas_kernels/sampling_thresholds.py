@@ -16,8 +16,9 @@ at or above it; a mass above it of at least ``top_p`` of the kept mass).
   chunk of ``CHUNK_TILES`` tiles) summing the 16 lanes over its chunk, the chunks' sums added and the digit picked
   in ``jax.numpy`` between calls: 18 calls (8 + the keys above the k-th + the kept mass + 8), every
   multiprocessor busy in each, where the kernel above runs a row's passes one after another in one program; a row
-  that needs no search starts programs that read nothing. Every call is the same kernel (what it sums is an
-  input), lowered and compiled once a step.
+  that needs no search starts programs that read nothing, and top-p's search takes the leading digits its
+  answer's bracket fixes (between max(k-th, min-p's floor) - 1 and the row max) without reading the row. Every call
+  is the same kernel (what it sums is an input), lowered and compiled once a step.
 
 Top-k's threshold is exact. Top-p's sums the mass in another order than a sort's running sum, so a token whose
 mass before it is within float rounding of ``top_p`` may be kept by one and not the other.
@@ -60,18 +61,29 @@ def order_keys(x: jax.Array) -> jax.Array:
     return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
 
 
-def _largest_key_where(pred, rows: int, bits: int, zero: jax.Array | None = None) -> jax.Array:
+def _largest_key_where(pred, rows: int, bits: int, zero: jax.Array | None = None,
+                       known: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """u32[rows]: each row's largest key ``t`` with ``pred(t)`` true (``pred``: u32[rows, n] -> bool[rows, n], true
     below wherever it is true), 0 where it holds nowhere above 0: from the high digit down, each pass trying the
     ``2**bits - 1`` values of the next digit at once, ``32 / bits`` passes, unrolled (no sort, no loop). ``zero``:
-    u32[rows] zeros to start from (a kernel's, where a constant would be a memset)."""
+    u32[rows] zeros to start from (a kernel's, where a constant would be a memset). ``known`` (u32[rows] ``value``,
+    i32[rows] ``shared``): the answer's leading ``shared`` bits are ``value``'s; a digit within them is taken from
+    ``value``, and ``pred`` is called as ``pred(t, settled)`` with ``settled`` (bool[rows]) the rows whose digit
+    that pass is (whose ``pred`` is not read)."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"DIGIT_BITS must be 1, 2, 4 or 8, not {bits}")
     digits = (jnp.arange(1, 1 << bits, dtype=jnp.uint32))[None, :]
     ans = jnp.zeros((rows,), jnp.uint32) if zero is None else zero
     for shift in range(32 - bits, -1, -bits):
-        ok = pred(ans[:, None] | (digits << shift))               # true for a prefix of the digits
-        ans = ans | (jnp.sum(ok, axis=-1).astype(jnp.uint32) << shift)
+        t = ans[:, None] | (digits << shift)
+        if known is None:
+            digit = jnp.sum(pred(t), axis=-1).astype(jnp.uint32)         # true for a prefix of the digits
+        else:
+            value, shared = known
+            settled = shared >= 32 - shift
+            digit = jnp.where(settled, (value >> shift) & jnp.uint32((1 << bits) - 1),
+                              jnp.sum(pred(t, settled), axis=-1).astype(jnp.uint32))
+        ans = ans | (digit << shift)
     return ans
 
 
@@ -282,11 +294,11 @@ def _pass(x, m, kth, on, cands, hi, prefix, scale, floor, *, vocab: int, interpr
     return jnp.sum(out, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "skip", "warps", "stages"))
+@functools.partial(jax.jit, static_argnames=("interpret", "skip", "bracket", "warps", "stages"))
 def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array, row_max: jax.Array | None = None,
                                scale: jax.Array | None = None, floor: jax.Array | None = None, *,
-                               interpret: bool = False, skip: bool = True, warps: int = 4, stages: int = 1
-                               ) -> tuple[jax.Array, jax.Array]:
+                               interpret: bool = False, skip: bool = True, bracket: bool = True, warps: int = 4,
+                               stages: int = 1) -> tuple[jax.Array, jax.Array]:
     """The kernel as passes (same contract as the reference): each pass one Pallas call of a program a (row, chunk
     of 8,192 logits), which sums the 15 candidates of a 4-bit digit (and the first again, a 16th lane) over its
     chunk; the digit is picked here between calls. 8 passes for top-k (rows with top-k off read nothing), one
@@ -298,7 +310,9 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     scale)``, each program scaling and flooring what it reads (no scaled copy of the rows written). ``skip``
     (default): a tile none of whose keys share the answer's bits above the pass's digit adds one term an element,
     not 16 (``_pass_kernel``); False compares every key with every candidate (the probe's comparison).
-    ``warps``, ``stages``: Triton's for each pass's programs (4 and 1 by default: the [512, 16] sums are 64 registers
+    ``bracket`` (default): top-p's search takes the digits its answer's bracket fixes (between the k-th or the
+    floor and the row max: with top-k or min-p, several of its 8 passes) without reading the row; False searches
+    every digit (the probe's comparison). ``warps``, ``stages``: Triton's for each pass's programs (4 and 1 by default: the [512, 16] sums are 64 registers
     a thread at 4 warps; the probe times others)."""
     S, V = logits.shape
     x = logits.astype(jnp.float32)
@@ -321,19 +335,20 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     zero = kernel_zeros((S,), jnp.uint32, k[0])
     lanes = jnp.arange(_LANES, dtype=jnp.uint32)
 
-    def search(kth, on, strict, passes):
+    def search(kth, on, strict, passes, known=None):
         """A radix search, a pass a digit: the pass's 16 candidates are the digit's 15 and the first again (a
         power of two of lanes; dropped after). Its lane 1 (the answer so far with digit 1) gives the bits above
         the digit (``hi``: its lowest set bit is the digit's lowest; none on the first pass) and the answer's
-        (``prefix``). ``strict``: sums over the keys above each candidate (at or above the next key)."""
-        def pred(t):
+        (``prefix``). ``strict``: sums over the keys above each candidate (at or above the next key). ``known``:
+        ``_largest_key_where``'s; a row whose digit it knows reads nothing in that pass."""
+        def pred(t, settled=None):
             first = t[:, 0]
             hi = ~(((first & (~first + jnp.uint32(1))) << _KERNEL_BITS) - jnp.uint32(1))
             cands = jnp.concatenate([t[:, :1], t], axis=1)
             if strict:      # (no key is all ones: a NaN logit is dropped)
                 cands = jnp.where(cands == jnp.uint32(0xFFFFFFFF), cands, cands + jnp.uint32(1))
-            return passes(run(kth, on, cands, hi, first & hi))[:, 1:]
-        return _largest_key_where(pred, S, _KERNEL_BITS, zero)
+            return passes(run(kth, on if settled is None else jnp.where(settled, 0, on), cands, hi, first & hi))[:, 1:]
+        return _largest_key_where(pred, S, _KERNEL_BITS, zero, known)
 
     top_k_on, cut_on = k < V, top_p < 1.0
     kth = jnp.where(top_k_on, search(zero, top_k_on.astype(jnp.int32) * COUNT, False,
@@ -348,7 +363,17 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     # the k-th value's ties a sort's order counts to fill k (none with top-k off)
     fill = jnp.where(top_k_on, kf - above, 0.0)
     need = top_p * (mass_above + jnp.where(fill > 0, fill * jnp.exp(from_key(kth) - m), 0.0))
-    below = search(kth, cut_on.astype(jnp.int32) * MASS, True, lambda mass: mass >= need[:, None])
+    known = None
+    if bracket:
+        # top-p's search finds the largest key with at least ``need`` of the kept mass above it: where the kept mass
+        # reaches ``need`` (else the cutoff is 0 whatever it finds) and ``need`` > 0, that key is at or above
+        # max(k-th, the floor's key) - 1 (all the kept mass is above it) and below the row max's key (nothing is
+        # above that): the leading bits the two share are the answer's, and their passes read nothing for the row
+        ok = jnp.isfinite(row_max) & ~jnp.isnan(floor) & (need > 0) & (kept >= need)
+        top = jnp.where(ok, order_keys(row_max), jnp.uint32(0xFFFFFFFF))
+        bottom = jnp.where(ok, jnp.maximum(kth, order_keys(floor)) - jnp.uint32(1), zero)
+        known = (top, lax.clz(bottom ^ top).astype(jnp.int32))
+    below = search(kth, cut_on.astype(jnp.int32) * MASS, True, lambda mass: mass >= need[:, None], known)
     cutoff = jnp.where(kept >= need, below + jnp.uint32(1), jnp.uint32(0))
     return kth, cutoff
 

@@ -125,6 +125,9 @@ def main(argv=None) -> int:
             x, p[0].top_k, p[0].top_p, skip=False)[1]
         parts["passes unskipped: top-p alone"] = lambda x, p: thresholds.sampling_thresholds_passes(
             x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, skip=False)[1]
+        # top-p's search over every digit (no digit taken from its bracket: the form before session 32)
+        parts["passes unbracketed: top-k and top-p"] = lambda x, p: thresholds.sampling_thresholds_passes(
+            x, p[0].top_k, p[0].top_p, bracket=False)[1]
         # Triton's warps and pipeline stages a pass (4 and 1 by default): fewer registers a thread for the sums at
         # 8 warps (more programs resident), the tiles' loads ahead of their sums with stages
         for warps, stages in ((8, 1), (4, 3), (8, 3)):

@@ -214,3 +214,27 @@ def test_the_passes_take_tritons_warps_and_stages():
             lowering_platforms=("cuda",)).as_text()
         assert {tuple(int(v) for v in m) for m in
                 re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+)", text)} == {want}
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "banned"])
+def test_top_ps_search_within_its_bracket_finds_what_the_whole_search_finds(data):
+    """Top-p's answer lies between max(k-th, the floor's key) - 1 and the row max's key: the digits those share are
+    taken without reading the row (``bracket``), and the thresholds are those of the search over every digit, with
+    top-k on and off, min-p floors and a temperature's scale; rows whose answer the bracket fixes almost wholly (k
+    1 and 2) included."""
+    from pallas_kernels.sampling_thresholds import sampling_thresholds_passes
+    rng = np.random.default_rng(12 + len(data))
+    x, k, p = _rows(rng, 8, CHUNK + 300, data)
+    k = k.at[2].set(2).at[3].set(40).at[4].set(CHUNK + 300).at[5].set(7)
+    p = p.at[:].set(jnp.asarray([0.9, 0.95, 0.99, 0.5, 0.8, 0.3, 0.999, 0.7], jnp.float32))
+    scale = jnp.asarray([1.0, 1 / 0.7, 2.0, 1.0, 0.5, 1.0, 1.25, 1.0], jnp.float32)
+    scaled = x * scale[:, None]
+    m = jnp.max(scaled, axis=-1)
+    floor = jnp.where(jnp.arange(8) % 2 == 0, m + jnp.log(0.05), -jnp.inf)
+    args = dict(row_max=m, scale=scale, floor=floor, interpret=True)
+    whole = sampling_thresholds_passes(x, k, p, bracket=False, **args)
+    bracketed = sampling_thresholds_passes(x, k, p, **args)
+    np.testing.assert_array_equal(np.asarray(bracketed[0]), np.asarray(whole[0]))
+    np.testing.assert_array_equal(np.asarray(bracketed[1]), np.asarray(whole[1]))
+    dropped = jnp.where(scaled < floor[:, None], -jnp.inf, scaled)
+    _assert_the_exact_set_but_at_the_boundary(dropped, k, p, _kept(dropped, *bracketed))
