@@ -365,10 +365,12 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     need = top_p * (mass_above + jnp.where(fill > 0, fill * jnp.exp(from_key(kth) - m), 0.0))
     known = None
     if bracket:
-        # top-p's search finds the largest key with at least ``need`` of the kept mass above it: where the kept mass
-        # reaches ``need`` (else the cutoff is 0 whatever it finds) and ``need`` > 0, that key is at or above
-        # max(k-th, the floor's key) - 1 (all the kept mass is above it) and below the row max's key (nothing is
-        # above that): the leading bits the two share are the answer's, and their passes read nothing for the row
+        # top-p's search finds the largest key with at least ``need`` of the kept mass above it. Every key with
+        # mass lies in [max(k-th, the floor's key), the row max's key] (``row_max`` must be the largest the passes
+        # see), so the leading bits bottom and top share are every such key's: in a pass of those digits no key with
+        # mass is above the answer's prefix, the sums at the candidates at or below the prefix add the kept mass's
+        # own terms in its own order (bit for bit ``kept``, at least ``need``: true) and those above it nothing
+        # (``need`` > 0: false). So the whole search takes top's digits there, and the row's programs need not read.
         ok = jnp.isfinite(row_max) & ~jnp.isnan(floor) & (need > 0) & (kept >= need)
         top = jnp.where(ok, order_keys(row_max), jnp.uint32(0xFFFFFFFF))
         bottom = jnp.where(ok, jnp.maximum(kth, order_keys(floor)) - jnp.uint32(1), zero)
