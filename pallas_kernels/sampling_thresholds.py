@@ -312,8 +312,8 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
     not 16 (``_pass_kernel``); False compares every key with every candidate (the probe's comparison).
     ``bracket`` (default): top-p's search takes the digits its answer's bracket fixes (between the k-th or the
     floor and the row max: with top-k or min-p, several of its 8 passes) without reading the row; False searches
-    every digit (the probe's comparison). ``warps``, ``stages``: Triton's for each pass's programs (4 and 1 by default: the [512, 16] sums are 64 registers
-    a thread at 4 warps; the probe times others)."""
+    every digit (the probe's comparison). ``warps``, ``stages``: Triton's for each pass's programs (4 and 1 by
+    default: the [512, 16] sums are 64 registers a thread at 4 warps; the probe times others)."""
     S, V = logits.shape
     x = logits.astype(jnp.float32)
     if interpret:       # interpret mode's loads take no mask: the row padded to whole chunks (the pad is masked)
@@ -347,7 +347,8 @@ def sampling_thresholds_passes(logits: jax.Array, k: jax.Array, top_p: jax.Array
             cands = jnp.concatenate([t[:, :1], t], axis=1)
             if strict:      # (no key is all ones: a NaN logit is dropped)
                 cands = jnp.where(cands == jnp.uint32(0xFFFFFFFF), cands, cands + jnp.uint32(1))
-            return passes(run(kth, on if settled is None else jnp.where(settled, 0, on), cands, hi, first & hi))[:, 1:]
+            row_on = on if settled is None else jnp.where(settled, 0, on)
+            return passes(run(kth, row_on, cands, hi, first & hi))[:, 1:]
         return _largest_key_where(pred, S, _KERNEL_BITS, zero, known)
 
     top_k_on, cut_on = k < V, top_p < 1.0

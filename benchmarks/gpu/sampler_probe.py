@@ -120,20 +120,19 @@ def main(argv=None) -> int:
                 x, p[0].top_k, p[0].top_p, impl=i)[1]
             parts[f"{impl}: top-p alone"] = lambda x, p, i=impl: thresholds.sampling_thresholds(
                 x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, impl=i)[1]
-        # the passes comparing every key with every candidate (no tile skipped: the form before session 32)
-        parts["passes unskipped: top-k and top-p"] = lambda x, p: thresholds.sampling_thresholds_passes(
-            x, p[0].top_k, p[0].top_p, skip=False)[1]
-        parts["passes unskipped: top-p alone"] = lambda x, p: thresholds.sampling_thresholds_passes(
-            x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, skip=False)[1]
-        # top-p's search over every digit (no digit taken from its bracket: the form before session 32)
-        parts["passes unbracketed: top-k and top-p"] = lambda x, p: thresholds.sampling_thresholds_passes(
-            x, p[0].top_k, p[0].top_p, bracket=False)[1]
+        def passes(top_k: bool, **options):     # the passes' cutoff with ``options``, top-k on or off (k = V)
+            return lambda x, p: thresholds.sampling_thresholds_passes(
+                x, p[0].top_k if top_k else jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, **options)[1]
+
+        # every key compared with every candidate (no tile skipped), and top-p's search over every digit (none
+        # taken from its bracket): the forms before session 32
+        parts["passes unskipped: top-k and top-p"] = passes(True, skip=False)
+        parts["passes unskipped: top-p alone"] = passes(False, skip=False)
+        parts["passes unbracketed: top-k and top-p"] = passes(True, bracket=False)
         # Triton's warps and pipeline stages a pass (4 and 1 by default): fewer registers a thread for the sums at
         # 8 warps (more programs resident), the tiles' loads ahead of their sums with stages
         for warps, stages in ((8, 1), (4, 3), (8, 3)):
-            parts[f"passes {warps} warps {stages} stages: top-p alone"] = (
-                lambda x, p, w=warps, st=stages: thresholds.sampling_thresholds_passes(
-                    x, jnp.full_like(p[0].top_k, x.shape[1]), p[0].top_p, warps=w, stages=st)[1])
+            parts[f"passes {warps} warps {stages} stages: top-p alone"] = passes(False, warps=warps, stages=stages)
         parts["passes: neither"] = lambda x, p: thresholds.sampling_thresholds(
             x, jnp.where(p[2].top_k > 0, p[2].top_k, x.shape[1]), p[2].top_p, impl="passes")[1]
     print("\nthe parts alone (ms):\n")
