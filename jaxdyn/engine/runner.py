@@ -44,7 +44,7 @@ from jax.sharding import Mesh
 
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
-from jaxdyn.engine.sampler import ALLOWED_MARK, VARIANTS, SamplingArrays, sample, serves, variant_for
+from jaxdyn.engine.sampler import ALLOWED_MARK, FULL, PLAIN, VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, allocate_kv_cache,
                              check_kv_cache_dtype)
@@ -205,8 +205,11 @@ class RunnerConfig:
     # copies its index to the host, a synchronisation every step; a conditional whose branches hold only kernels
     # is recorded into the CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer kinds
     # in both jaxlib versions: ``benchmarks.gpu.thunk_census.default_command_buffer_kinds``).
-    # False: four executables a bucket, one a variant.
-    sampler_switch: bool = False
+    # False: four executables a bucket, one a variant. "plain_full": the switch over ``plain`` and ``full`` only,
+    # ``greedy`` and ``random`` their own executables (three a bucket): the cold start of three executables a
+    # bucket (session 32's fourth variant, ``random``, made it four), greedy and temperature-only steps the same
+    # programs as with False, and only the steps that filter, penalise or take logprobs pay for the switch.
+    sampler_switch: bool | str = False
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -272,10 +275,19 @@ def check_flag(name: str, value) -> None:
 
 def check_sampler_switch(value, separate_sampler) -> None:
     """ValueError unless ``value`` is a ``sampler_switch`` setting that goes with ``separate_sampler``."""
-    check_flag("sampler_switch", value)
+    if not isinstance(value, bool) and value != "plain_full":
+        raise ValueError(f"sampler_switch: expected true, false or 'plain_full', got {value!r}")
     if value and separate_sampler:
         raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
                          "pick one")
+
+
+def switched_variants(sampler_switch: bool | str) -> tuple[str, ...]:
+    """The sampler variants a ``sampler_switch`` setting puts into one switched executable a bucket, in the
+    order of their branches (the index the host writes, ``ModelRunner._set_variant``)."""
+    if sampler_switch == "plain_full":
+        return (PLAIN, FULL)
+    return VARIANTS if sampler_switch else ()
 
 
 _PENALTIES, _FILTERS, _RANDOM, _LOGPROBS, _ALLOWED = 1, 2, 4, 8, 16    # what a row asks of the sampler
@@ -543,8 +555,9 @@ class ModelRunner:
         self._forward_fn = self._forward_body()
         self._forward = jax.jit(self._forward_fn)
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
-        if config.sampler_switch:
-            self._switched = self._make_switched()
+        self._switch = switched_variants(config.sampler_switch)
+        if self._switch:
+            self._switched = self._make_switched(self._switch)
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
         self._parts: dict[tuple, jax.stages.Compiled] = {}
         if config.separate_sampler:
@@ -665,9 +678,9 @@ class ModelRunner:
         gather = model_parallel_size(self.mesh) > 1 and variant != VARIANTS[0]
         return self._whole_step(self._sample_fn(variant), gather_logits=gather)
 
-    def _make_switched(self):
-        """The step of every sampler variant as one executable (``sampler_switch``): the model, then a
-        ``lax.switch`` over the variants' samplers on ``seqi[S, 0]`` (the index in ``VARIANTS`` the host wrote,
+    def _make_switched(self, variants: tuple[str, ...]):
+        """The step of the sampler ``variants`` as one executable (``sampler_switch``): the model, then a
+        ``lax.switch`` over their samplers on ``seqi[S, 0]`` (the index in ``variants`` the host wrote,
         ``_set_variant``). Each branch returns the draws and the logprob outputs (zeros where its variant has none)."""
         k = MAX_LOGPROBS
 
@@ -682,10 +695,10 @@ class ModelRunner:
                 return sampled, lps, top_ids, top_lps
             return run
 
-        branches = [branch(self._sample_fn(v, sort_free=True)) for v in VARIANTS]
+        branches = [branch(self._sample_fn(v, sort_free=True)) for v in variants]
 
         def sample(token_pages, prev_sampled, logits, tok, seqi, seqf):
-            index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(VARIANTS) - 1)
+            index = jnp.clip(seqi[seqf.shape[0], 0], 0, len(variants) - 1)
             # The branches read and write only buffers of the step's own (copies in and out): the step's inputs and
             # outputs are at new addresses every call, and XLA re-records a recorded conditional's every branch
             # when a buffer one of them uses moved, where the tree re-records only the commands that use it (read
@@ -1011,7 +1024,7 @@ class ModelRunner:
         """The compiled parts of the step of bucket (t, p) with sampler ``variant``: ("step", t, p, variant), or
         where ``separate_sampler`` splits it ("forward", t, p) -- shared by the variants -- and ("sample", t, p,
         variant)."""
-        if self.config.sampler_switch:
+        if variant in self._switch:
             return [("switch", t, p)]
         if self._split(variant):
             return [("forward", t, p), ("sample", t, p, variant)]
@@ -1020,7 +1033,7 @@ class ModelRunner:
     def _assemble(self, t: int, p: int, variant: str):
         """The step of (t, p, variant) from its compiled parts: called as ``compiled(state, kv_cache,
         token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
-        if self.config.sampler_switch:
+        if variant in self._switch:
             return self._parts[("switch", t, p)]
         if not self._split(variant):
             return self._parts[("step", t, p, variant)]
@@ -1176,8 +1189,8 @@ class ModelRunner:
     def _set_variant(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], variant: str):
         """The step's host buffers with ``variant``'s index where ``sampler_switch``'s executable reads it
         (``seqi[S, 0]``, a cell no other input uses); as they are otherwise."""
-        if self.config.sampler_switch:
-            arrays[1][arrays[2].shape[0], 0] = VARIANTS.index(variant)
+        if variant in self._switch:
+            arrays[1][arrays[2].shape[0], 0] = self._switch.index(variant)
         return arrays
 
     @staticmethod

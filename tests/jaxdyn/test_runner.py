@@ -343,6 +343,40 @@ def test_a_sampler_switch_compiles_one_executable_a_bucket_and_draws_what_the_va
     assert compilation_count() == before
 
 
+def test_a_plain_full_switch_keeps_greedy_and_random_steps_and_switches_the_others(loaded, variant_runner):
+    """``sampler_switch="plain_full"``: warm-up compiles three executables a bucket (greedy's and random's steps,
+    and one switched over plain and full: 2 x 3 + the page copy, against 2 x 4 + 1); the greedy and random steps
+    are the default runner's programs; the switch holds one two-branch conditional and no sort; the host writes
+    plain's index 0 and full's 1; every kind of row, alone and mixed, draws what the variants' executables draw;
+    nothing compiles after warm-up."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(VARIANT_CFG, sampler_switch="plain_full"))
+    before = compilation_count()
+    runner.warmup()
+    assert compilation_count() - before == 2 * 3 + 1
+    shapes = [(t, p) for t, _, p in runner.bucket_shapes()]
+    assert sorted(runner._parts) == sorted([("step", t, p, v) for t, p in shapes for v in (GREEDY, RANDOM)]
+                                           + [("switch", t, p) for t, p in shapes])
+    one, _ = variant_runner
+    t, p = shapes[0]
+    for variant in (GREEDY, RANDOM):
+        assert runner.lower(t, p, variant).as_text() == one.lower(t, p, variant).as_text()
+    text = runner._lower_part(("switch", t, p)).as_text()
+    assert text.count("stablehlo.case") == 1 and "stablehlo.sort" not in text
+    work = [SequenceWork([5, 6, 7], 0, [0]), SequenceWork([9, 3], 0, [1])]
+    for variant, index in ((PLAIN, 0), (FULL, 1)):
+        _, args, _ = runner.prepare(work, variant)
+        assert np.asarray(args[1])[np.asarray(args[2]).shape[0], 0] == index
+    before = compilation_count()
+    _assert_same_draws(runner, one, (("greedy",), ("seeded",), ("top-k",), ("penalties",), ("logprobs",),
+                                     ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs",
+                                      "greedy-logprobs", "banned")))
+    assert compilation_count() == before
+    with pytest.raises(ValueError, match="pick one"):
+        RunnerConfig(sampler_switch="plain_full", separate_sampler="except_greedy")
+
+
 def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
     """The switched step lowered for a GPU: one ``stablehlo.case`` (the variants), and nothing that XLA would send
     to CUB or a top-k call outside its command buffers (a sort, a top-k); the variants' own steps do sort."""
@@ -356,8 +390,10 @@ def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
     assert "stablehlo.sort" in full or "top_k" in full.lower()
     with pytest.raises(ValueError, match="pick one"):
         RunnerConfig(sampler_switch=True, separate_sampler=True)
-    with pytest.raises(ValueError, match="sampler_switch: expected true or false"):
+    with pytest.raises(ValueError, match="sampler_switch: expected true, false or 'plain_full'"):
         RunnerConfig(sampler_switch="yes")
+    with pytest.raises(ValueError, match="sampler_switch: expected"):
+        RunnerConfig(sampler_switch=1)
 
 
 def test_a_sampler_switchs_branches_use_only_buffers_of_the_step(loaded):

@@ -102,6 +102,11 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve"])).sampler_switch is False
     assert _engine_config(parse(["serve", "--sampler-switch"])).sampler_switch is True
     assert _engine_config(parse(["bench", "offline", "--sampler-switch"])).sampler_switch is True
+    assert _engine_config(parse(["serve", "--sampler-switch", "plain-full"])).sampler_switch == "plain_full"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--sampler-switch", "greedy"])
+    with pytest.raises(CLIError, match="pick one"):
+        _engine_config(parse(["serve", "--sampler-switch", "plain-full", "--separate-sampler", "except-greedy"]))
     with pytest.raises(CLIError, match="--sampler-switch and --separate-sampler .* pick one"):
         _engine_config(parse(["serve", "--sampler-switch", "--separate-sampler"]))
     assert _engine_config(parse(["serve", "--separate-sampler", "except-greedy"])).separate_sampler == "except_greedy"
