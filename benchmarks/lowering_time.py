@@ -5,9 +5,10 @@ compiling thread once lowered (``ModelRunner._compile_steps``), so the lowering 
 start. Lowering for a GPU runs without one (``lower(lowering_platforms=("cuda",))``, the Pallas kernels lowered to
 Triton as on the device: ``on_gpu`` patched true), so this measures it here: the GPU suite's engine (8B shape by
 default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, the fused quantization from 512
-tokens as on a GPU), abstract weights (no memory for them), every part warm-up compiles (``ModelRunner.part_keys``).
+tokens as on a GPU; the sampler switch a GPU's default, ``plain-full``), abstract weights (no memory for them), every part warm-up compiles (``ModelRunner.part_keys``).
 
-    python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch] [--buckets 16,2048]
+    python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch [plain-full|off]]
+                                       [--buckets 16,2048]
                                        [--no-nested-layers]
 
 prints each part's tracing and lowering seconds and their sum.
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/lowering_time.py")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--quant", choices=("fp8", "none"), default="fp8")
-    ap.add_argument("--sampler-switch", action="store_true")
+    ap.add_argument("--sampler-switch", nargs="?", const="all", default="plain-full", choices=("all", "plain-full", "off"),
+                    help="RunnerConfig.sampler_switch (default: plain-full, a GPU's)")
     ap.add_argument("--buckets", default=None, help="token buckets (default: the GPU suite's engine's)")
     ap.add_argument("--no-nested-layers", action="store_true",
                     help="trace the layers one by one into each step (RunnerConfig.nested_layers false)")
@@ -57,6 +59,7 @@ def _measure(args, engine: dict, buckets) -> int:
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
+    from serving.cli import SAMPLER_SWITCH_FLAG
 
     quant = None if args.quant == "none" else args.quant
     plan = plan_model(args.model, load_format="dummy", quantization=quant)
@@ -66,7 +69,8 @@ def _measure(args, engine: dict, buckets) -> int:
                        kv_cache_dtype="fp8" if quant else "auto",
                        fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
-                       sampler_switch=args.sampler_switch, nested_layers=not args.no_nested_layers)
+                       sampler_switch=SAMPLER_SWITCH_FLAG[args.sampler_switch],
+                       nested_layers=not args.no_nested_layers)
     runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
     keys = runner.part_keys()
     total = 0.0
@@ -84,7 +88,7 @@ def _measure(args, engine: dict, buckets) -> int:
     print(f"\n{len(keys)} parts traced and lowered for a GPU in {total:.1f} s on this CPU ({args.model}, "
           f"{args.quant}, sampler_switch={args.sampler_switch}, nested_layers={not args.no_nested_layers})")
     print(f"reproduce: python benchmarks/lowering_time.py --model {args.model} --quant {args.quant}"
-          + (" --sampler-switch" if args.sampler_switch else "") + (f" --buckets {args.buckets}" if args.buckets else "")
+          + f" --sampler-switch {args.sampler_switch}" + (f" --buckets {args.buckets}" if args.buckets else "")
           + (" --no-nested-layers" if args.no_nested_layers else ""))
     return 0
 

@@ -1,7 +1,7 @@
 """Warm-up seconds of an engine on this machine: every bucket compiled, no executable or JAX cache.
 
-    python benchmarks/warmup_time.py [--separate-sampler [except-greedy] | --sampler-switch [plain-full]]      # the shipped demo
-    python benchmarks/warmup_time.py --preset llama-3.1-8b --layers 32 [--separate-sampler [except-greedy] | --sampler-switch [plain-full]]
+    python benchmarks/warmup_time.py [--separate-sampler [except-greedy] | --sampler-switch [plain-full|off]]      # the shipped demo
+    python benchmarks/warmup_time.py --preset llama-3.1-8b --layers 32 [--separate-sampler [except-greedy] | --sampler-switch [plain-full|off]]
         [--no-nested-layers]
 
 ``--preset``: that preset's depth and vocabulary at hidden 64 (``benchmarks/engine_host_time.py``'s narrow model,
@@ -28,11 +28,11 @@ def main() -> int:
     ap.add_argument("--preset", default=None, help="a preset's depth and vocabulary at hidden 64 (default: the demo)")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     ap.add_argument("--separate-sampler", nargs="?", const="all", default=None, choices=("all", "except-greedy"))
-    ap.add_argument("--sampler-switch", nargs="?", const="all", default=None, choices=("all", "plain-full"),
-                    help="one executable a bucket, or plain's and full's (EngineConfig.sampler_switch)")
+    ap.add_argument("--sampler-switch", nargs="?", const="all", default=None, choices=("all", "plain-full", "off"),
+                    help="one executable a bucket, or plain's and full's (EngineConfig.sampler_switch; default: by device)")
     ap.add_argument("--no-nested-layers", action="store_true", help="every layer traced (EngineConfig.nested_layers false)")
     args = ap.parse_args()
-    if args.sampler_switch and args.separate_sampler:
+    if args.sampler_switch not in (None, "off") and args.separate_sampler:
         ap.error("--sampler-switch and --separate-sampler: pick one")
     sys.path.insert(0, ".")
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -63,7 +63,7 @@ def main() -> int:
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
     c0, t0 = compilation_count(), time.perf_counter()
     core.warmup()
-    print(f"{what}, separate_sampler={args.separate_sampler or 'off'}, sampler_switch={args.sampler_switch or 'off'}, "
+    print(f"{what}, separate_sampler={args.separate_sampler or 'off'}, sampler_switch={args.sampler_switch or 'by device'}, "
           f"nested_layers={not args.no_nested_layers}: warm-up "
           f"{time.perf_counter() - t0:.1f} s, {compilation_count() - c0} compilations")
     return 0

@@ -9,13 +9,16 @@ def test_it_lowers_each_part_for_a_gpu_and_prints_the_sum(capsys):
     assert lowering_time.main(["--model", "llama-3.2-1b", "--buckets", "16,2048", "--sampler-switch"]) == 0
     out = capsys.readouterr().out
     assert out.count("| switch ") == 2                        # one part a bucket with the switch
-    assert "2 parts traced and lowered for a GPU in" in out and "--sampler-switch --buckets 16,2048" in out
+    assert "2 parts traced and lowered for a GPU in" in out and "--sampler-switch all --buckets 16,2048" in out
     from pallas_kernels import paged_decode, sampling_thresholds
     assert not paged_decode.on_gpu() and not sampling_thresholds.on_gpu()      # put back for the rest of the process
     assert "nested_layers=True" in out
     assert lowering_time.main(["--model", "llama-3.2-1b", "--buckets", "2048", "--no-nested-layers"]) == 0
     out = capsys.readouterr().out
-    assert "nested_layers=False" in out and out.rstrip().endswith("--buckets 2048 --no-nested-layers")
+    assert "nested_layers=False" in out and out.rstrip().endswith("--sampler-switch plain-full --buckets 2048 "
+                                                                  "--no-nested-layers")
+    # a GPU's default: greedy's and random's steps, and plain's and full's switch
+    assert "3 parts traced" in out and out.count("| step 2048 ") == 2 and out.count("| switch 2048 ") == 1
 
 
 def test_buckets_below_the_step_budget_are_refused(capsys):

@@ -87,7 +87,9 @@ class EngineConfig:
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
     # fp8 KV pages: the decode kernel's products on e4m3 operands, "off" / "qk" / "qk_pv" (RunnerConfig)
     attention_fp8_products: str = "off"
-    sampler_switch: bool | str = False       # one executable a bucket, the sampler variant picked on device (RunnerConfig)
+    # one executable a bucket, the sampler variant picked on device; "plain_full": plain's and full's steps only;
+    # None: "plain_full" on accelerators, False on the CPU (RunnerConfig)
+    sampler_switch: bool | str | None = None
     nested_layers: bool = True               # a layer traced once a step, its jaxpr inlined a layer (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)
     # After warm-up, Python's cyclic garbage collector leaves alone what loading and compiling made (the model's

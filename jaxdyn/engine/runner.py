@@ -206,10 +206,12 @@ class RunnerConfig:
     # is recorded into the CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer kinds
     # in both jaxlib versions: ``benchmarks.gpu.thunk_census.default_command_buffer_kinds``).
     # False: four executables a bucket, one a variant. "plain_full": the switch over ``plain`` and ``full`` only,
-    # ``greedy`` and ``random`` their own executables (three a bucket): the cold start of three executables a
-    # bucket (session 32's fourth variant, ``random``, made it four), greedy and temperature-only steps the same
-    # programs as with False, and only the steps that filter, penalise or take logprobs pay for the switch.
-    sampler_switch: bool | str = False
+    # ``greedy`` and ``random`` their own executables (three a bucket): greedy and temperature-only steps the
+    # same programs as with False, and only the steps that filter, penalise or take logprobs run the switch (8B
+    # fp8 on an H100, top-p 0.95 offline: 0.994x False, cold start 83.4 s against 96.6 s in the same call,
+    # ``benchmarks/results/gpu_suite_h200.md``, thirty-third session). None: "plain_full" on accelerators unless
+    # ``separate_sampler`` splits the steps, False on the CPU (the tests' reference, four variants).
+    sampler_switch: bool | str | None = None
 
     def __post_init__(self):
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -275,16 +277,20 @@ def check_flag(name: str, value) -> None:
 
 def check_sampler_switch(value, separate_sampler) -> None:
     """ValueError unless ``value`` is a ``sampler_switch`` setting that goes with ``separate_sampler``."""
-    if not isinstance(value, bool) and value != "plain_full":
-        raise ValueError(f"sampler_switch: expected true, false or 'plain_full', got {value!r}")
+    if not (value is None or isinstance(value, bool) or value == "plain_full"):
+        raise ValueError(f"sampler_switch: expected true, false, 'plain_full' or none, got {value!r}")
     if value and separate_sampler:
         raise ValueError("sampler_switch and separate_sampler are two ways to compile the model once a bucket: "
                          "pick one")
 
 
-def switched_variants(sampler_switch: bool | str) -> tuple[str, ...]:
+def switched_variants(sampler_switch: bool | str | None, on_cpu: bool, separate_sampler: bool | str = False
+                      ) -> tuple[str, ...]:
     """The sampler variants a ``sampler_switch`` setting puts into one switched executable a bucket, in the
-    order of their branches (the index the host writes, ``ModelRunner._set_variant``)."""
+    order of their branches (the index the host writes, ``ModelRunner._set_variant``); None: "plain_full" on an
+    accelerator whose steps ``separate_sampler`` does not split, none on the CPU."""
+    if sampler_switch is None:
+        sampler_switch = False if on_cpu or separate_sampler else "plain_full"
     if sampler_switch == "plain_full":
         return (PLAIN, FULL)
     return VARIANTS if sampler_switch else ()
@@ -555,7 +561,7 @@ class ModelRunner:
         self._forward_fn = self._forward_body()
         self._forward = jax.jit(self._forward_fn)
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
-        self._switch = switched_variants(config.sampler_switch)
+        self._switch = switched_variants(config.sampler_switch, self.on_cpu, config.separate_sampler)
         if self._switch:
             self._switched = self._make_switched(self._switch)
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)

@@ -16,7 +16,7 @@ from flax import nnx
 from checkpoints.hf import load_hf_checkpoint
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count
 from jaxdyn.engine.llm import describe_compile
-from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers_of_two
+from jaxdyn.engine.runner import ModelRunner, RunnerConfig, SequenceWork, powers_of_two, switched_variants
 from jaxdyn.engine.sampler import FULL, GREEDY, PLAIN, RANDOM, VARIANTS, serves
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
@@ -377,6 +377,18 @@ def test_a_plain_full_switch_keeps_greedy_and_random_steps_and_switches_the_othe
         RunnerConfig(sampler_switch="plain_full", separate_sampler="except_greedy")
 
 
+def test_the_sampler_switch_by_device():
+    """``sampler_switch=None`` (the default): plain's and full's switch on an accelerator, unless ``separate_sampler``
+    splits the steps; no switch on the CPU; a setting given is kept on either."""
+    assert RunnerConfig().sampler_switch is None
+    assert switched_variants(None, on_cpu=False) == (PLAIN, FULL)
+    assert switched_variants(None, on_cpu=True) == ()
+    assert switched_variants(None, on_cpu=False, separate_sampler="except_greedy") == ()
+    assert switched_variants(False, on_cpu=False) == ()
+    assert switched_variants(True, on_cpu=True) == VARIANTS
+    assert switched_variants("plain_full", on_cpu=True) == (PLAIN, FULL)
+
+
 def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
     """The switched step lowered for a GPU: one ``stablehlo.case`` (the variants), and nothing that XLA would send
     to CUB or a top-k call outside its command buffers (a sort, a top-k); the variants' own steps do sort."""
@@ -390,7 +402,7 @@ def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
     assert "stablehlo.sort" in full or "top_k" in full.lower()
     with pytest.raises(ValueError, match="pick one"):
         RunnerConfig(sampler_switch=True, separate_sampler=True)
-    with pytest.raises(ValueError, match="sampler_switch: expected true, false or 'plain_full'"):
+    with pytest.raises(ValueError, match="sampler_switch: expected true, false, 'plain_full' or none"):
         RunnerConfig(sampler_switch="yes")
     with pytest.raises(ValueError, match="sampler_switch: expected"):
         RunnerConfig(sampler_switch=1)

@@ -99,7 +99,9 @@ def test_serve_fp8_kernel_limit_flag():
                               "qk"]))
     assert _engine_config(parse(["bench", "offline", "--skip-idle-prefill"])).skip_idle_prefill is True
     assert _engine_config(parse(["serve", "--separate-sampler"])).separate_sampler is True
-    assert _engine_config(parse(["serve"])).sampler_switch is False
+    assert _engine_config(parse(["serve"])).sampler_switch is None          # by device: the runner decides
+    assert _engine_config(parse(["serve", "--sampler-switch", "off"])).sampler_switch is False
+    assert _engine_config(parse(["serve", "--sampler-switch", "off", "--separate-sampler"])).separate_sampler is True
     assert _engine_config(parse(["serve", "--sampler-switch"])).sampler_switch is True
     assert _engine_config(parse(["bench", "offline", "--sampler-switch"])).sampler_switch is True
     assert _engine_config(parse(["serve", "--sampler-switch", "plain-full"])).sampler_switch == "plain_full"

@@ -738,18 +738,21 @@ def test_an_engine_that_dies_mid_stream_sends_an_error_event_then_done_and_healt
         state.engine.shutdown()
 
 
-def test_a_server_with_the_sampler_switch_answers_what_the_default_answers(ckpt, server):
-    """``--sampler-switch`` through the HTTP API: greedy, seeded top-p / top-k / penalties with logprobs, and a
-    plain seeded draw, concurrently, give the default server's texts and logprobs; nothing compiles while serving and
-    no KV page is left held."""
+@pytest.mark.parametrize("switch", [True, "plain_full"])
+def test_a_server_with_the_sampler_switch_answers_what_the_default_answers(ckpt, server, switch):
+    """``--sampler-switch`` (all variants, or plain's and full's: a GPU's default) through the HTTP API: greedy,
+    seeded top-p / top-k / penalties with logprobs, and a plain seeded draw, concurrently, give the default
+    (CPU: no switch) server's texts and logprobs; nothing compiles while serving and no KV page is left held."""
     import concurrent.futures
     import dataclasses
 
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, sampler_switch=True))
+                      dataclasses.replace(CFG, sampler_switch=switch))
     core.warmup()
-    assert core.runner.config.sampler_switch and all(k[0] == "switch" for k in core.runner._parts)
+    kinds = {k[0] if k[0] == "switch" else k[3] for k in core.runner._parts}
+    assert kinds == ({"switch"} if switch is True else {"switch", "greedy", "random"})
+    assert not server.state.engine.core.runner._switch
     state = ServerState("tiny", max_queued_requests=64, max_request_bytes=64 << 10)
     state.engine = AsyncEngine(core)
     srv = Server(state)
