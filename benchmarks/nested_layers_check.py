@@ -7,7 +7,7 @@ the suite's engine) and says what differs if anything does: the optimized HLO's 
 result type (names and metadata left out), fusions by kind, and each configuration's lowering and compile seconds.
 
     python benchmarks/nested_layers_check.py [--model llama-3.1-8b] [--quant fp8|none] [--buckets 16,2048]
-        [--sampler-switch] [--layers N] [--dtype bfloat16|float32]
+        [--sampler-switch [plain-full|off]] [--layers N] [--dtype bfloat16|float32]
 
 ``--layers``: the preset at that depth (a narrower check on a CPU). Weights are abstract (nothing loaded).
 Exit status 0 either way; the last line says ``same`` or ``differ``.
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--quant", choices=("fp8", "none"), default="fp8")
     ap.add_argument("--buckets", default="16,2048", help="token buckets to compile (the largest: the step budget)")
-    ap.add_argument("--sampler-switch", action="store_true")
+    ap.add_argument("--sampler-switch", nargs="?", const="all", default=None, choices=("all", "plain-full", "off"),
+                    help="RunnerConfig.sampler_switch (default: by device, plain-full on a GPU)")
     ap.add_argument("--layers", type=int, default=None, help="the preset at this depth")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: the preset's")
     args = ap.parse_args(argv)
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     from checkpoints.loader import plan_model
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
+    from serving.cli import SAMPLER_SWITCH_FLAG
 
     quant = None if args.quant == "none" else args.quant
     model = args.model if args.layers is None else model_dir(args.model, tempfile.mkdtemp(),
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
                            page_buckets=(128,), kv_cache_dtype="fp8" if quant else "auto",
                            fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant and gpu else "off",
                            fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant and gpu else 0,
-                           sampler_switch=args.sampler_switch, nested_layers=nested)
+                           sampler_switch=SAMPLER_SWITCH_FLAG[args.sampler_switch], nested_layers=nested)
         runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
         keys = runner.part_keys()
         for key in keys:
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         for k, (x, y) in sorted(diff.items(), key=lambda kv: str(kv[0]))[:20]:
             print(f"    {k[0]} {k[1]}: nested {x}, unrolled {y}")
     print("\nreproduce: python benchmarks/nested_layers_check.py --model " + args.model + f" --quant {args.quant}"
-          + f" --buckets {args.buckets}" + (" --sampler-switch" if args.sampler_switch else "")
+          + f" --buckets {args.buckets}" + (f" --sampler-switch {args.sampler_switch}" if args.sampler_switch else "")
           + (f" --layers {args.layers}" if args.layers else "") + (f" --dtype {args.dtype}" if args.dtype else ""))
     print(f"compiled programs: {'same' if not differ else 'differ'} ({differ} of {len(parts)} parts differ)")
     return 0

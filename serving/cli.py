@@ -172,7 +172,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "at 0.93x the throughput in the same run. plain-full: the switch over the penalties/filters and "
                    "logprobs variants only, greedy and temperature-only steps keeping their own executables (three "
                    "a bucket; on an H100, 8B fp8, top-p 0.95: 0.994x off's throughput, cold start 0.86x). off: four "
-                   "executables a bucket. Default: plain-full on a GPU (off with --separate-sampler), off on the CPU")
+                   "executables a bucket. Default: plain-full on a GPU (off with --separate-sampler), else off")
     p.add_argument("--schedule-policy", default="fcfs", choices=("fcfs", "lof"),
                    help="the order waiting requests are admitted in, after their priority: fcfs (default: arrival) "
                    "or lof (longest output first, by max_tokens, as SGLang's: shortens an offline batch's tail "

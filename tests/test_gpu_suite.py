@@ -145,6 +145,15 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
                                  "bfloat16", 8123)
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
     assert cfg.attention_programs == 1056 and cfg.schedule_policy == "lof"
+    assert cfg.sampler_switch is None and cfg.separate_sampler is False        # by device, as the server's default
+    for switch in (True, False, "plain_full"):
+        flags, buckets = serve_flags("/m", "x", {**ENGINE, "sampler_switch": switch}, "bfloat16", 8123)
+        assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).sampler_switch == switch
+    for separate in (True, "except_greedy"):
+        flags, buckets = serve_flags("/m", "x", {**ENGINE, "separate_sampler": separate, "sampler_switch": False},
+                                     "bfloat16", 8123)
+        cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
+        assert cfg.separate_sampler == separate and cfg.sampler_switch is False
 
 
 def test_measured_runs_order_whole_split_unpadded_bound():

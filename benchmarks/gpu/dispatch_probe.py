@@ -17,8 +17,9 @@ called in turn each see the same buffers every other step).
     python -m benchmarks.gpu.dispatch_probe [--model llama-3.1-8b] [--buckets 16,512] [--steps 20] [--quant fp8]
         [--runner '{"sampler_switch": true, "kv_cache_dtype": "fp8"}']
 
-``--runner`` sets ``RunnerConfig`` fields over the probe's: with ``sampler_switch`` the step is the switch's one
-executable (greedy branch), whose ``lax.switch`` XLA records into the step's CUDA graph as conditional nodes; when
+``--runner`` sets ``RunnerConfig`` fields over the probe's. The probe times greedy's step: with ``sampler_switch``
+true that is the switch's one executable (greedy branch); with "plain_full" (a GPU's default) greedy's step is its own
+executable, as with false. The switch's ``lax.switch`` XLA records into the step's CUDA graph as conditional nodes; when
 a buffer one of its branches uses moved, XLA re-records every branch, so a switch step's call may take longer than
 the tree's where buffers move each call (what this probe shows side by side).
 

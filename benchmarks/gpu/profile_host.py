@@ -11,7 +11,8 @@ and the most cumulative time; ``--out`` also writes each profile (``pstats`` fil
 
 ``--call-times`` adds a third run, without cProfile, that times each compiled call on the host (the Python call
 of the executable: argument handling, host-to-device copies of the step's buffers, the launch) by part (a whole
-"step", or a "forward" and a "sample" where ``separate_sampler`` splits it) and token bucket. ``--part-options
+"step", a "switch" for the variants ``sampler_switch`` switches -- on a GPU by default plain's and full's --, or a
+"forward" and a "sample" where ``separate_sampler`` splits it) and token bucket. ``--part-options
 sample={"xla_gpu_graph_min_graph_size": 100000}`` compiles the parts of one kind with more XLA options (here: the
 sampler's calls without CUDA graphs), to find which part's launch costs the host.
 """
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
 def _kind_options(spec: str) -> tuple[str, dict]:
     import json
     kind, _, opts = spec.partition("=")
-    if kind not in ("step", "forward", "sample") or not opts:
-        raise SystemExit(f"--part-options {spec!r}: expected KIND=JSON with KIND step, forward or sample")
+    if kind not in ("step", "switch", "forward", "sample") or not opts:
+        raise SystemExit(f"--part-options {spec!r}: expected KIND=JSON with KIND step, switch, forward or sample")
     return kind, json.loads(opts)
 
 
@@ -168,8 +169,8 @@ def _time_calls(runner, times: dict, types: dict | None = None):
             runner._compiled[(t, p, variant)] = timed(_SplitStep(timed(step.forward, "forward", t),
                                                                  timed(step.sample, "sample", t), step.sharding),
                                                       "step", t)
-        else:
-            runner._compiled[(t, p, variant)] = timed(step, "step", t)
+        else:       # a switched variant's step is its bucket's switch (``sampler_switch``: on a GPU, plain's and full's)
+            runner._compiled[(t, p, variant)] = timed(step, "switch" if variant in runner._switch else "step", t)
     listener, jax_util.test_event_listener = jax_util.test_event_listener, listen
 
     def undo():

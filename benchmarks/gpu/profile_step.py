@@ -8,7 +8,9 @@ grouped by kernel name, with their share of the step. It also saves the
 optimised HLO of each step (``--hlo-dir``) to read for copies and fusions.
 ``--sampler`` picks the sampler variant the step is compiled with (the rows are
 greedy, so ``plain`` and ``full`` compute their extra parts and discard them):
-the difference to ``greedy`` is what that variant costs.
+the difference to ``greedy`` is what that variant costs, as the engine runs it: on a GPU
+``plain`` and ``full`` are by default the branches of their bucket's switch
+(``RunnerConfig.sampler_switch``), so their steps (and saved HLO) are the switch's.
 
     python -m benchmarks.gpu.profile_step --model llama-3.1-8b --points 8x2048,64x2048 \
         [--sampler greedy|random|plain|full] [--hlo-dir DIR]

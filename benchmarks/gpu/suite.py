@@ -1084,6 +1084,12 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args += ["--attention-fp8-products", e["attention_fp8_products"]]
     if e.get("schedule_policy", "fcfs") != "fcfs":
         serve_args += ["--schedule-policy", e["schedule_policy"]]
+    switch = e.get("sampler_switch")
+    if switch is not None:          # None: by device, as the server's own default
+        serve_args += ["--sampler-switch", {True: "all", False: "off", "plain_full": "plain-full"}[switch]]
+    separate = e.get("separate_sampler", False)
+    if separate:
+        serve_args += ["--separate-sampler", "all" if separate is True else "except-greedy"]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
                "--page-buckets", ",".join(map(str, e["page_buckets"]))]
     return serve_args, buckets

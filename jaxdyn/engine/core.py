@@ -88,7 +88,7 @@ class EngineConfig:
     # fp8 KV pages: the decode kernel's products on e4m3 operands, "off" / "qk" / "qk_pv" (RunnerConfig)
     attention_fp8_products: str = "off"
     # one executable a bucket, the sampler variant picked on device; "plain_full": plain's and full's steps only;
-    # None: "plain_full" on accelerators, False on the CPU (RunnerConfig)
+    # None: "plain_full" on a GPU unless separate_sampler, else False (RunnerConfig)
     sampler_switch: bool | str | None = None
     nested_layers: bool = True               # a layer traced once a step, its jaxpr inlined a layer (RunnerConfig)
     schedule_policy: str = "fcfs"            # waiting order: "fcfs" or "lof", longest max_tokens first (scheduler)

@@ -3,8 +3,9 @@
 JAX's persistent compilation cache saves XLA's compilation, but a warm start still traces and
 lowers every step (the unrolled model, once per bucket shape) to find its cache key: on an H200,
 most of a warm start's warm-up (8B shape: about 1.5-2 s a shape). This cache keeps the compiled
-executables themselves (``jax.experimental.serialize_executable``), one file per (token bucket,
-page bucket, sampler variant), under a directory named by a fingerprint of everything the
+executables themselves (``jax.experimental.serialize_executable``), one file per compiled part
+(a (token bucket, page bucket, sampler variant) step, a bucket's ``sampler_switch`` or forward, a
+sampler apart: ``ModelRunner._part_keys``), under a directory named by a fingerprint of everything the
 executable depends on: jax / jaxlib / flax versions, backend and devices, the mesh, the model
 config, the runner's config, the weights' shapes, dtypes and shardings, the KV cache spec,
 ``XLA_FLAGS`` and the source of ``jaxdyn`` and ``pallas_kernels``. Any change gives a new

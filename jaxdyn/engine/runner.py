@@ -209,8 +209,10 @@ class RunnerConfig:
     # ``greedy`` and ``random`` their own executables (three a bucket): greedy and temperature-only steps the
     # same programs as with False, and only the steps that filter, penalise or take logprobs run the switch (8B
     # fp8 on an H100, top-p 0.95 offline: 0.994x False, cold start 83.4 s against 96.6 s in the same call,
-    # ``benchmarks/results/gpu_suite_h200.md``, thirty-third session). None: "plain_full" on accelerators unless
-    # ``separate_sampler`` splits the steps, False on the CPU (the tests' reference, four variants).
+    # ``benchmarks/results/gpu_suite_h200.md``, thirty-third session). None: "plain_full" on a GPU unless
+    # ``separate_sampler`` splits the steps (the switch exists for XLA's command buffers there), False elsewhere (on
+    # the CPU, the tests' reference, the switch's sort-free branches are jax.numpy searches: the demo's warm-up 326 s
+    # with it against 192 s; a TPU's sort and search are unmeasured).
     sampler_switch: bool | str | None = None
 
     def __post_init__(self):
@@ -284,13 +286,13 @@ def check_sampler_switch(value, separate_sampler) -> None:
                          "pick one")
 
 
-def switched_variants(sampler_switch: bool | str | None, on_cpu: bool, separate_sampler: bool | str = False
+def switched_variants(sampler_switch: bool | str | None, on_gpu: bool, separate_sampler: bool | str = False
                       ) -> tuple[str, ...]:
     """The sampler variants a ``sampler_switch`` setting puts into one switched executable a bucket, in the
-    order of their branches (the index the host writes, ``ModelRunner._set_variant``); None: "plain_full" on an
-    accelerator whose steps ``separate_sampler`` does not split, none on the CPU."""
+    order of their branches (the index the host writes, ``ModelRunner._set_variant``); None: "plain_full" on a
+    GPU whose steps ``separate_sampler`` does not split, none elsewhere."""
     if sampler_switch is None:
-        sampler_switch = False if on_cpu or separate_sampler else "plain_full"
+        sampler_switch = "plain_full" if on_gpu and not separate_sampler else False
     if sampler_switch == "plain_full":
         return (PLAIN, FULL)
     return VARIANTS if sampler_switch else ()
@@ -561,7 +563,8 @@ class ModelRunner:
         self._forward_fn = self._forward_body()
         self._forward = jax.jit(self._forward_fn)
         self._jitted = {v: self._make_jitted(v) for v in VARIANTS}
-        self._switch = switched_variants(config.sampler_switch, self.on_cpu, config.separate_sampler)
+        # the variants ("switch", t, p) serves (``sampler_switch``, by device when None)
+        self._switch = switched_variants(config.sampler_switch, self.on_gpu, config.separate_sampler)
         if self._switch:
             self._switched = self._make_switched(self._switch)
         # compiled parts (``_part_keys``): whole steps, or forwards and samplers (``separate_sampler``)
@@ -740,6 +743,11 @@ class ModelRunner:
     def on_cpu(self) -> bool:
         """Whether the runner's devices are the CPU's (the defaults that differ on accelerators ask this)."""
         return self.mesh.devices.flat[0].platform == "cpu"
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the runner's devices are GPUs (``sampler_switch``'s default asks this)."""
+        return self.mesh.devices.flat[0].platform == "gpu"
 
     def warmup_threads(self) -> int:
         n = self.config.warmup_threads

@@ -13,11 +13,12 @@ extra column ``RANK_COL``.
 
 Which parts are traced is static: the runner picks a ``variant`` on the host
 for each step from what its rows ask for (``variant_for``) and calls that
-variant's executable. There is no ``lax.cond`` on device data: XLA's GPU
-conditional copies its predicate to the host, so a conditional in the step
-blocks every dispatch until the device has caught up and the engine can no
-longer prepare step N+1 while step N runs. The variants, each serving every
-batch the ones before it serve:
+variant's executable. A variant's sampler holds no ``lax.cond`` on device data: XLA's GPU
+conditional outside a command buffer copies its predicate to the host, so such a conditional
+blocks every dispatch until the device has caught up and the engine can no longer prepare
+step N+1 while step N runs (``RunnerConfig.sampler_switch``, a GPU's default for ``plain`` and
+``full``, is a ``lax.switch`` over the samplers that XLA keeps inside the step's command
+buffer, see below). The variants, each serving every batch the ones before it serve:
 
 - ``greedy``: argmax of the logits with the logit bias added and the banned ids masked.
 - ``random``: ``greedy`` + temperature and the seeded draw (temperature-0 rows keep the argmax): the OpenAI API's
@@ -43,7 +44,7 @@ logprobs' sort and the rank as well (H100, 8B vocabulary, all parts on every row
 1,024 rows, against 0.17 / 0.40 / 1.25 for ``plain`` then). Only ``full`` returns logprobs (the others ``None``).
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the four variants, or ``plain`` and ``full`` (its
-"plain_full", an accelerator's default), are the branches of one ``lax.switch`` in one executable a bucket): the filters' top-k and top-p find the k-th largest logit and
+"plain_full", a GPU's default), are the branches of one ``lax.switch`` in one executable a bucket): the filters' top-k and top-p find the k-th largest logit and
 top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``pallas_kernels.sampling_thresholds``:
 its passes on a GPU, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
 masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), top-p the sort's up to float

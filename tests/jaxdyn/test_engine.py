@@ -791,11 +791,15 @@ def test_kv_cache_dtype_is_checked_and_resolved():
             EngineConfig(separate_sampler=bad)
         with pytest.raises(ValueError, match="separate_sampler"):
             RunnerConfig(separate_sampler=bad)
-    for bad in ("yes", 1, None):
-        with pytest.raises(ValueError, match="sampler_switch: expected true or false"):
+    for bad in ("yes", 1, "plain-full"):
+        with pytest.raises(ValueError, match="sampler_switch: expected true, false, 'plain_full' or none"):
             EngineConfig(sampler_switch=bad)
+    for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="nested_layers: expected true or false"):
             EngineConfig(nested_layers=bad)
+    assert EngineConfig().sampler_switch is None and EngineConfig(sampler_switch="plain_full").sampler_switch
+    with pytest.raises(ValueError, match="pick one"):
+        EngineConfig(sampler_switch="plain_full", separate_sampler=True)
     with pytest.raises(ValueError, match="sampler_switch and separate_sampler .* pick one"):
         EngineConfig(sampler_switch=True, separate_sampler="except_greedy")
     for bad in ("fp16", "e5m2", None):

@@ -98,11 +98,13 @@ def test_a_second_runner_loads_every_step_compiles_none_and_computes_the_same(mo
     assert _files(tmp_path) == files
 
 
-@pytest.mark.parametrize("mode", ["separate_sampler", "sampler_switch"])
-def test_the_parts_of_a_model_compiled_once_a_bucket_are_saved_and_loaded(model, tmp_path, mode):
+@pytest.mark.parametrize("mode, value", [("separate_sampler", True), ("sampler_switch", True),
+                                         ("sampler_switch", "plain_full")])
+def test_the_parts_of_a_model_compiled_once_a_bucket_are_saved_and_loaded(model, tmp_path, mode, value):
     # separate_sampler: a forward a bucket and a sampler a bucket and variant, each its own file;
-    # sampler_switch: one file a bucket, every variant's steps served by it
-    first = _runner(model, tmp_path, **{mode: True})
+    # sampler_switch: one file a bucket, every variant's steps served by it; "plain_full": that and greedy's and
+    # random's steps
+    first = _runner(model, tmp_path, **{mode: value})
     first.warmup()
     names = sorted(os.path.basename(f) for f in _files(tmp_path))
     shapes = first.bucket_shapes()
@@ -110,10 +112,12 @@ def test_the_parts_of_a_model_compiled_once_a_bucket_are_saved_and_loaded(model,
         assert len(names) == len(shapes) * (1 + len(VARIANTS))
         assert sum(n.startswith("forward-") for n in names) == len(shapes)
     else:
-        assert names == sorted(f"switch-t{t}-p{p}.jaxexec" for t, _, p in shapes)
+        steps = [] if value is True else [f"step-t{t}-p{p}-{v}.jaxexec" for t, _, p in shapes for v in ("greedy",
+                                                                                                      "random")]
+        assert names == sorted([f"switch-t{t}-p{p}.jaxexec" for t, _, p in shapes] + steps)
     assert first.executables_loaded == 0
     want = _tokens(first)
-    second = _runner(model, tmp_path, **{mode: True})
+    second = _runner(model, tmp_path, **{mode: value})
     c0 = compilation_count()
     second.warmup()
     assert second.executables_loaded == len(names) and compilation_count() - c0 <= 1
@@ -122,7 +126,8 @@ def test_the_parts_of_a_model_compiled_once_a_bucket_are_saved_and_loaded(model,
 
 
 @pytest.mark.parametrize("change", [dict(num_pages=48), dict(max_num_seqs=2), dict(return_logits=True),
-                                    dict(separate_sampler=True), dict(sampler_switch=True)])
+                                    dict(separate_sampler=True), dict(sampler_switch=True),
+                                    dict(sampler_switch="plain_full")])
 def test_what_changes_the_executable_changes_the_fingerprint(model, tmp_path, change):
     base = _runner(model, tmp_path)
     other = _runner(model, tmp_path, **change)

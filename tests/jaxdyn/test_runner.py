@@ -2,6 +2,7 @@
 variant picked from its rows, the cache donated and written in place."""
 
 import collections
+import itertools
 import dataclasses
 import re
 import threading
@@ -378,15 +379,32 @@ def test_a_plain_full_switch_keeps_greedy_and_random_steps_and_switches_the_othe
 
 
 def test_the_sampler_switch_by_device():
-    """``sampler_switch=None`` (the default): plain's and full's switch on an accelerator, unless ``separate_sampler``
-    splits the steps; no switch on the CPU; a setting given is kept on either."""
+    """``sampler_switch=None`` (the default): plain's and full's switch on a GPU, unless ``separate_sampler`` splits
+    the steps; no switch elsewhere; a setting given is kept on either."""
     assert RunnerConfig().sampler_switch is None
-    assert switched_variants(None, on_cpu=False) == (PLAIN, FULL)
-    assert switched_variants(None, on_cpu=True) == ()
-    assert switched_variants(None, on_cpu=False, separate_sampler="except_greedy") == ()
-    assert switched_variants(False, on_cpu=False) == ()
-    assert switched_variants(True, on_cpu=True) == VARIANTS
-    assert switched_variants("plain_full", on_cpu=True) == (PLAIN, FULL)
+    assert switched_variants(None, on_gpu=True) == (PLAIN, FULL)
+    assert switched_variants(None, on_gpu=False) == ()
+    assert switched_variants(None, on_gpu=True, separate_sampler="except_greedy") == ()
+    assert switched_variants(False, on_gpu=True) == ()
+    assert switched_variants(True, on_gpu=False) == VARIANTS
+    assert switched_variants("plain_full", on_gpu=False) == (PLAIN, FULL)
+
+
+def test_a_runner_on_a_gpu_switches_plain_and_full_by_default(loaded, monkeypatch):
+    """A runner whose devices are GPUs (``on_gpu`` patched: the parts are only listed here) warms up greedy's and
+    random's steps and one switch a bucket by default, the four variants' steps with ``separate_sampler``
+    "except_greedy" split as before, and all four off; its CPU twin, the four variants' steps."""
+    mesh, model = loaded
+    cfg = dataclasses.replace(VARIANT_CFG, token_buckets=(16,), page_buckets=(4,))
+    cpu = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    assert cpu.part_keys() == [("step", 16, 4, v) for v in VARIANTS]
+    monkeypatch.setattr(ModelRunner, "on_gpu", property(lambda self: True))
+    gpu = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    assert gpu.part_keys() == [("step", 16, 4, GREEDY), ("step", 16, 4, RANDOM), ("switch", 16, 4)]
+    split = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, separate_sampler="except_greedy"))
+    assert "switch" not in {k[0] for k in split.part_keys()}
+    off = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, sampler_switch=False))
+    assert off.part_keys() == cpu.part_keys()
 
 
 def test_a_sampler_switch_holds_one_conditional_and_no_sort(loaded):
@@ -884,6 +902,7 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
                        kv_cache_dtype="fp8", skip_idle_prefill=True)),
     ("fp8", False, dict(fp8_kernel_max_tokens=16, separate_sampler=True)),
     ("fp8", False, dict(kv_cache_dtype="fp8", skip_idle_prefill=True, sampler_switch=True)),
+    ("fp8", False, dict(kv_cache_dtype="fp8", sampler_switch="plain_full")),
     (None, False, dict(kv_cache_dtype="fp8", attention_fp8_products="qk_pv")),
 ])
 def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, head, options):
@@ -908,32 +927,34 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
         monkeypatch.setattr(module, "on_gpu", lambda: True)
     runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(
         CFG, max_num_seqs=32, token_buckets=(16, 64), page_buckets=(8,), **options))
-    switch = options.get("sampler_switch", False)
-    for t, _, p in runner.bucket_shapes():
-        for variant in VARIANTS[:1] if switch else VARIANTS:
-            step = runner._switched if switch else runner._jitted[variant]
-            lowered = step.trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
-                                 *runner._input_shapes(t, p))
-            text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-            # no buffer filled with a constant: XLA makes it a memset, which ends a CUDA graph, and inside a
-            # conditional's branch (the skip's, the switch's) keeps the conditional out of the graph: a host sync
-            assert constant_filled_buffers(lowered.jaxpr) == [], (t, variant)
-            assert "stablehlo.while" not in text, (t, variant)     # a loop outside the graph: a host sync an iteration
-            if switch:      # one more conditional (the sampler's), no sort (a CUB call on a GPU), the thresholds' kernel
-                assert lowered_count(text, "stablehlo.case") == cfg.num_layers + 1 and "stablehlo.sort" not in text
-                assert "sampling_thresholds" in text
-            # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
-            # quantization from 0 tokens) or the few-row product kernel (steps of at most 16 tokens)
-            fp8_kernel = (options.get("fp8_fused_quantize") == "all"
-                          or t <= options.get("fp8_kernel_max_tokens", 0))
-            assert lowered_count(text, "__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
-            # the head: an fp8 [vocab, hidden] operand of the step (the float head's [hidden, vocab] otherwise)
-            fp8_head = f"tensor<{cfg.vocab_size}x{cfg.hidden_size}xf8E4M3FN>"
-            assert (fp8_head in text) == head, (t, variant)
-            # skip_idle_prefill: each layer's prefill kernel inside a conditional
-            cases = lowered_count(text, "stablehlo.case")
-            assert (cases >= cfg.num_layers) if options.get("skip_idle_prefill") else (cases < cfg.num_layers), \
-                (t, variant, cases)
+    # each bucket's steps whole (separate_sampler's split too), a switched variant's through its switch
+    own = [v for v in VARIANTS if v not in runner._switch] + (["switch"] if runner._switch else [])
+    for (t, _, p), variant in itertools.product(runner.bucket_shapes(), own):
+        switch = variant == "switch"
+        step = runner._switched if switch else runner._jitted[variant]
+        lowered = step.trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
+                             *runner._input_shapes(t, p))
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+        # no buffer filled with a constant: XLA makes it a memset, which ends a CUDA graph, and inside a
+        # conditional's branch (the skip's, the switch's) keeps the conditional out of the graph: a host sync
+        assert constant_filled_buffers(lowered.jaxpr) == [], (t, variant)
+        assert "stablehlo.while" not in text, (t, variant)     # a loop outside the graph: a host sync an iteration
+        if switch:      # one more conditional (the sampler's), no sort (a CUB call on a GPU), the thresholds' kernel
+            layers = cfg.num_layers if options.get("skip_idle_prefill") else 0
+            assert lowered_count(text, "stablehlo.case") == layers + 1 and "stablehlo.sort" not in text
+            assert "sampling_thresholds" in text
+        # the decode and prefill kernels, and the fp8 quantization kernel (every step with the fused
+        # quantization from 0 tokens) or the few-row product kernel (steps of at most 16 tokens)
+        fp8_kernel = (options.get("fp8_fused_quantize") == "all"
+                      or t <= options.get("fp8_kernel_max_tokens", 0))
+        assert lowered_count(text, "__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
+        # the head: an fp8 [vocab, hidden] operand of the step (the float head's [hidden, vocab] otherwise)
+        fp8_head = f"tensor<{cfg.vocab_size}x{cfg.hidden_size}xf8E4M3FN>"
+        assert (fp8_head in text) == head, (t, variant)
+        # skip_idle_prefill: each layer's prefill kernel inside a conditional
+        cases = lowered_count(text, "stablehlo.case")
+        assert (cases >= cfg.num_layers) if options.get("skip_idle_prefill") else (cases < cfg.num_layers), \
+            (t, variant, cases)
 
 
 def test_attention_fp8_products_reach_the_decode_kernel(tmp_path, monkeypatch):
