@@ -35,8 +35,8 @@ buffer, see below). The variants, each serving every batch the ones before it se
 Why four: each variant is one more executable per bucket at warm-up (three variants about double the warm-up of
 the tiny test model on the CPU; the 8B fp8 engine's cold start on an H100 went from 30 to 40 executables with
 it; 30 again on a GPU, where by default ``plain`` and ``full`` share one switched executable a bucket,
-``RunnerConfig.sampler_switch``). ``random`` is session 32's: with temperature-only rows in ``plain`` (its penalties' scatters and the
-filters' passes launched for rows that use neither), a run of temperature-1 requests ran 0.973x one on ``plain``
+``RunnerConfig.sampler_switch``). ``random`` is session 32's: with temperature-only rows in ``plain`` (its
+penalties' scatters and the filters' passes launched for rows that use neither), a run of temperature-1 requests ran 0.973x one on ``plain``
 without them, and the sampler alone at 1,024 rows took 2.05 ms against ``random``'s 1.39 (H100, 8B,
 ``benchmarks/results/gpu_suite_h200.md``). Until session 31 ``full`` held the penalties and the filters too, with
 a vocabulary sort, and a request with top-p or a repetition penalty made every step it was in pay for the top
@@ -44,15 +44,16 @@ logprobs' sort and the rank as well (H100, 8B vocabulary, all parts on every row
 1,024 rows, against 0.17 / 0.40 / 1.25 for ``plain`` then). Only ``full`` returns logprobs (the others ``None``).
 
 ``sort_free=True`` (``RunnerConfig.sampler_switch``, where the four variants, or ``plain`` and ``full`` (its
-"plain_full", a GPU's default), are the branches of one ``lax.switch`` in one executable a bucket): the filters' top-k and top-p find the k-th largest logit and
-top-p's cutoff by a radix search over order-preserving u32 keys of the logits (``pallas_kernels.sampling_thresholds``:
-its passes on a GPU, ``jax.numpy`` elsewhere) and its top logprobs by ``MAX_LOGPROBS``
-masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), top-p the sort's up to float
-rounding at its boundary (``apply_filters_sort_free``); with tensor parallelism the logits are gathered before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32 rows, a call
-its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies the
-index back and waits: the sync the variants exist to avoid. A conditional whose branches hold only kernels
-is recorded into the step's CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer
-kinds in jaxlib 0.10 and 0.11, CUDA 12.3 and later; whether the step's conditional is recorded on a GPU is what
+"plain_full", a GPU's default), are the branches of one ``lax.switch`` in one executable a bucket): the filters' top-k
+and top-p find the k-th largest logit and top-p's cutoff by a radix search over order-preserving u32 keys of the
+logits (``pallas_kernels.sampling_thresholds``: its passes on a GPU, ``jax.numpy`` elsewhere) and its top logprobs by
+``MAX_LOGPROBS`` masked argmaxes: top-k and the top logprobs exactly the sort's (ties included), top-p the sort's up
+to float rounding at its boundary (``apply_filters_sort_free``); with tensor parallelism the logits are gathered
+before the switch, so no branch holds a collective. XLA sends a vocabulary sort (and a top-k) to CUB on a GPU from 32
+rows, a call its command buffers cannot hold; a conditional whose branches hold one is run by the host, which copies
+the index back and waits: the sync the variants exist to avoid. A conditional whose branches hold only kernels is
+recorded into the step's CUDA graph as conditional nodes (CONDITIONAL is among XLA's default command-buffer kinds in
+jaxlib 0.10 and 0.11, CUDA 12.3 and later; whether the step's conditional is recorded on a GPU is what
 ``benchmarks/gpu/thunk_census.py`` reads).
 
 In the step (H100, 1B decode, batch 64, context 512, ms/step; before = the
