@@ -1040,3 +1040,23 @@ def test_nested_layers_trace_one_layer_a_step_and_lower_the_unrolled_program(loa
     assert lowered_count(texts[True], "stablehlo.dot_general") >= 4 * layers
     with pytest.raises(ValueError, match="nested_layers: expected true or false"):
         RunnerConfig(nested_layers=1)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_default_switches_plain_and_full_and_draws_what_four_executables_draw(tmp_path):
+    """On a GPU the default runner (``sampler_switch`` None) compiles greedy's and random's steps and one switch
+    over plain and full a bucket, and every kind of row, alone and mixed, draws the tokens and logprobs that the
+    four executables a bucket (``sampler_switch=False``) draw (the switch's full branch takes its top logprobs by
+    masked argmaxes, the variant's own by ``lax.top_k``: the same ids, ties included)."""
+    path = make_hf_checkpoint("qwen3", str(tmp_path))
+    mesh = make_mesh(1)
+    model = load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16)
+    default = ModelRunner(model.graphdef, model.state, mesh, VARIANT_CFG)
+    four = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(VARIANT_CFG, sampler_switch=False))
+    default.warmup()
+    four.warmup()
+    assert sorted({k[0] for k in default._parts}) == ["step", "switch"]
+    assert {k[3] for k in default._parts if k[0] == "step"} == {GREEDY, RANDOM}
+    _assert_same_draws(default, four, (("top-k",), ("top-p-min-p",), ("penalties",), ("logprobs",),
+                                       ("greedy", "seeded-banned", "top-p-min-p", "penalties", "logprobs",
+                                        "greedy-logprobs", "banned")))

@@ -1,4 +1,4 @@
-# The next session's first call (~380 s; carry .gpu_wheels): the cold start with XLA splitting each executable's
+# The next session's first call (~450 s; carry .gpu_wheels): the cold start with XLA splitting each executable's
 # LLVM module into parts compiled in parallel (`--xla_gpu_enable_llvm_module_compilation_parallelism=true`, off by
 # default in XLA; NVIDIA's JAX-Toolbox recommends it), against the default, on one host, greedy, one round each
 # from its own empty cache. The default's cold start was 45.4 / 61.9 / 83.4 s on three H100 hosts this session
@@ -9,6 +9,9 @@ pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 nproc | tee $OUT/nproc.txt
+# the GPU default's switch (new in session 33; its first GPU run): greedy/random steps apart, plain/full switched,
+# the same draws as four executables
+timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/jaxdyn/test_runner.py 2>&1 | tail -3 | tee $OUT/gpu_tests.txt
 timeout 420 python -m benchmarks.gpu.ab_offline --rounds 1 --timeout-s 140 --configs '[
   {"quant": "fp8", "kv_cache_dtype": "fp8", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_a"}},
   {"quant": "fp8", "kv_cache_dtype": "fp8", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_b", "XLA_FLAGS": "--xla_gpu_enable_llvm_module_compilation_parallelism=true"}},
