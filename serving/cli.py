@@ -295,7 +295,8 @@ def _engine_fields(args) -> dict:
     triton = _token_limit(args, "triton_gemm_max_tokens", {"auto": "auto", "all": None})
     fp8_kernel = _token_limit(args, "fp8_kernel_max_tokens", {"auto": "auto"})
     fused_min = _token_limit(args, "fp8_fused_quantize_min_tokens", {"auto": "auto"})
-    if getattr(args, "sampler_switch", None) not in (None, "off") and getattr(args, "separate_sampler", None):
+    switch = SAMPLER_SWITCH_FLAG[getattr(args, "sampler_switch", None)]
+    if switch and getattr(args, "separate_sampler", None):
         raise CLIError("--sampler-switch and --separate-sampler are two ways to compile the model once a bucket: "
                        "pick one")
     from jaxdyn.engine.executable_cache import default_directory
@@ -316,7 +317,7 @@ def _engine_fields(args) -> dict:
                 attention_programs=getattr(args, "attention_programs", 0),
                 skip_idle_prefill=getattr(args, "skip_idle_prefill", False),
                 attention_fp8_products=getattr(args, "attention_fp8_products", "off"),
-                sampler_switch=SAMPLER_SWITCH_FLAG[getattr(args, "sampler_switch", None)],
+                sampler_switch=switch,
                 **buckets)
 
 

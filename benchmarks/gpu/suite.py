@@ -1084,12 +1084,13 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args += ["--attention-fp8-products", e["attention_fp8_products"]]
     if e.get("schedule_policy", "fcfs") != "fcfs":
         serve_args += ["--schedule-policy", e["schedule_policy"]]
-    switch = e.get("sampler_switch")
-    if switch is not None:          # None: by device, as the server's own default
-        serve_args += ["--sampler-switch", {True: "all", False: "off", "plain_full": "plain-full"}[switch]]
-    separate = e.get("separate_sampler", False)
-    if separate:
-        serve_args += ["--separate-sampler", "all" if separate is True else "except-greedy"]
+    from serving.cli import SAMPLER_SWITCH_FLAG, SEPARATE_SAMPLER_FLAG
+    # the flag's word for the engine's value (the CLI's tables read backwards); None: by device, the server's default
+    for flag, table, value in (("--sampler-switch", SAMPLER_SWITCH_FLAG, e.get("sampler_switch")),
+                               ("--separate-sampler", SEPARATE_SAMPLER_FLAG, e.get("separate_sampler", False))):
+        word = {v: k for k, v in table.items()}[value]
+        if word is not None:
+            serve_args += [flag, word]
     buckets = ["--token-buckets", ",".join(map(str, e["token_buckets"])),
                "--page-buckets", ",".join(map(str, e["page_buckets"]))]
     return serve_args, buckets
