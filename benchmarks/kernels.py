@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import platform
 import shutil
 import sys
@@ -396,12 +397,13 @@ def prefill_rows(rng, matmul_rate: float, head_dims, chunk: int = 2048,
 
 
 def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048)),
-                   attention_programs=(0,)) -> list[dict]:
+                   attention_programs=(0,), decode_chunks=(None,)) -> list[dict]:
     """A decode-only step through the ragged entry point (decode + prefill kernels), ``live`` of
     ``slots`` sequence slots in use (the rest padding, kv_len 0, as in a model step whose bucket
     has more sequence slots than running requests), against the decode kernel on the live
     sequences alone; the entry point once for each of ``attention_programs`` (``ragged_paged_attention``'s:
-    0, a program a sequence and kv head, or that many programs looping over them)."""
+    0, a program a sequence and kv head, or that many programs looping over them) and each of ``decode_chunks``
+    (its ``decode_chunks``: long contexts split into up to that many chunks; None: the tuned blocks')."""
     rows = []
     for live, slots, context in points:
         # a context (lo, hi): each sequence's drawn in [lo, hi]
@@ -417,27 +419,30 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
         t_kernel = decode_time_per_call(_ours(blocks), (q, k_pages, v_pages, lens, tables), live, hi)
         kv_bytes = int(lens.sum()) * KV_HEADS * 128 * 2 * KV_DTYPE.itemsize
         label = context if isinstance(context, int) else f"{context[0]}-{context[1]}"
-        for programs in attention_programs:          # the same inputs for every program count
+        # the same inputs for every program count and chunking
+        for programs, chunks in itertools.product(attention_programs, decode_chunks):
 
-            def entry(q, k_pages, v_pages, lens, table, programs=programs):
+            def entry(q, k_pages, v_pages, lens, table, programs=programs, chunks=chunks):
                 return ragged_paged_attention(q, k_pages, v_pages, lens, table, cu,
                                               sm_scale=128 ** -0.5, attention_programs=programs,
-                                              impl="interpret" if INTERPRET else "kernel")
+                                              decode_chunks=chunks, impl="interpret" if INTERPRET else "kernel")
             t_entry = decode_time_per_call(entry, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
-            decode_half, prefill_half = entry_halves(cu, programs)
+            decode_half, prefill_half = entry_halves(cu, programs, chunks)
             t_decode = decode_time_per_call(decode_half, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
             t_prefill = decode_time_per_call(prefill_half, (q_s, k_pages, v_pages, lens_s, tables_s), slots, hi)
             rows.append(dict(live=live, slots=slots, context=label, attention_programs=programs,
+                             decode_chunks="tuned" if chunks is None else chunks,
                              entry_us=t_entry * 1e6, kernel_us=t_kernel * 1e6, ratio=t_entry / t_kernel,
                              entry_gbs=kv_bytes / t_entry / 1e9, decode_half_us=t_decode * 1e6,
                              prefill_half_us=t_prefill * 1e6))
-            print(f"entry {live}/{slots} c={label} programs {programs}: {t_entry * 1e6:.1f} us (its decode kernel "
+            print(f"entry {live}/{slots} c={label} programs {programs} chunks {chunks}: {t_entry * 1e6:.1f} us "
+                  f"(its decode kernel "
                   f"{t_decode * 1e6:.1f}, its prefill kernel {t_prefill * 1e6:.1f}) vs kernel {t_kernel * 1e6:.1f} us",
                   flush=True)
     return rows
 
 
-def entry_halves(cu_q_lens, attention_programs: int = 0):
+def entry_halves(cu_q_lens, attention_programs: int = 0, decode_chunks: int | None = None):
     """The two kernels ``ragged_paged_attention`` runs for a decode-only step (every live sequence one query
     token), each alone as the entry point calls it (``decode_part``, ``prefill_part``): (decode half, prefill half),
     each ``fn(q, k_pages, v_pages, lens, table)``. The decode half is the decode kernel over every slot (stored in
@@ -448,7 +453,8 @@ def entry_halves(cu_q_lens, attention_programs: int = 0):
 
     def decode_half(q, k_pages, v_pages, lens, table):
         rows = jnp.arange(lens.shape[0], dtype=jnp.int32)
-        return decode_part(q, k_pages, v_pages, lens, table, rows, sm_scale=q.shape[-1] ** -0.5, **kw)[0]
+        return decode_part(q, k_pages, v_pages, lens, table, rows, sm_scale=q.shape[-1] ** -0.5,
+                           decode_chunks=decode_chunks, **kw)[0]
 
     def prefill_half(q, k_pages, v_pages, lens, table):
         return prefill_part(q, k_pages, v_pages, lens, table, cu_q_lens, sm_scale=q.shape[-1] ** -0.5,
@@ -499,6 +505,10 @@ def main(argv=None, prog: str | None = None) -> str:
     ap.add_argument("--attention-programs", default="0", metavar="N,...",
                     help="the entry-point section's attention programs (ragged_paged_attention's attention_programs; "
                          "0: a program an item, N: N programs looping over the items), each measured")
+    ap.add_argument("--decode-chunks", default=None, metavar="N,...",
+                    help="the entry-point section's decode chunks (ragged_paged_attention's decode_chunks: long "
+                         "contexts of an in-place call split into up to N chunks; 0: off), each measured; default: "
+                         "the tuned blocks'")
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode grid only (no correctness table, prefill rows or entry overhead)")
     args = ap.parse_args(argv)
@@ -511,6 +521,7 @@ def main(argv=None, prog: str | None = None) -> str:
             ap.error(str(e))
     try:
         programs = [int(x) for x in args.attention_programs.split(",")]
+        chunks = [None] if args.decode_chunks is None else [int(x) for x in args.decode_chunks.split(",")]
 
         def context(c: str):
             lo, _, hi = c.partition("-")
@@ -518,8 +529,11 @@ def main(argv=None, prog: str | None = None) -> str:
         entry_points = None if not args.entry_points else [
             (int(a), int(b), context(c)) for a, b, c in (pt.split("/") for pt in args.entry_points.split(","))]
     except ValueError:
-        ap.error(f"--attention-programs / --entry-points: expected integers (N,... and LIVE/SLOTS/CONTEXT,...), got "
-                 f"{args.attention_programs!r} / {args.entry_points!r}")
+        ap.error(f"--attention-programs / --decode-chunks / --entry-points: expected integers (N,... and "
+                 f"LIVE/SLOTS/CONTEXT,...), got {args.attention_programs!r} / {args.decode_chunks!r} / "
+                 f"{args.entry_points!r}")
+    if any(c is not None and c < 0 for c in chunks):
+        ap.error("--decode-chunks must be >= 0")
     if any(p < 0 for p in programs) or (entry_points and any(pt[0] > pt[1] for pt in entry_points)):
         ap.error("--attention-programs must be >= 0 and --entry-points LIVE/SLOTS/CONTEXT with LIVE <= SLOTS")
     variants = None
@@ -556,6 +570,7 @@ def main(argv=None, prog: str | None = None) -> str:
         " --entry-only" if args.entry_only else "") + (
         f" --entry-points {args.entry_points}" if args.entry_points else "") + (
         f" --attention-programs {args.attention_programs}" if args.attention_programs != "0" else "") + (
+        f" --decode-chunks {args.decode_chunks}" if args.decode_chunks is not None else "") + (
         f" --out {args.out}" if args.out else "")
     md: list[str] = []
 
@@ -586,7 +601,7 @@ def main(argv=None, prog: str | None = None) -> str:
          f"sweeps rank variants by the wall time of {ROTATE} calls / {ROTATE}.", "")
 
     if args.entry_only:
-        entry_section(rng, None, entry_points, programs, emit)
+        entry_section(rng, None, entry_points, programs, emit, chunks)
         report = "\n".join(md)
         print(report)
         return report
@@ -674,24 +689,24 @@ def main(argv=None, prog: str | None = None) -> str:
                           ("vs_reference", "× reference", ".2f")]),
          f"Prefill block sizes used: head_dim 128 {best_prefill[128]}; head_dim 64 {best_prefill[64]}.", "")
 
-    entry_section(rng, best[128], entry_points, programs, emit)
+    entry_section(rng, best[128], entry_points, programs, emit, chunks)
     emit(f"Whole run: {time.time() - started:.0f} s.")
     report = "\n".join(md)
     print(report)
     return report
 
 
-def entry_section(rng, blocks, points, programs, emit) -> None:
+def entry_section(rng, blocks, points, programs, emit, chunks=(None,)) -> None:
     overhead = entry_overhead(rng, blocks, points or (((2, 4, 64),) if INTERPRET else
                               ((64, 64, 2048), (256, 256, 512), (1, 8, 2048), (8, 8, 2048), (1, 16, 2048))),
-                              attention_programs=programs)
+                              attention_programs=programs, decode_chunks=chunks)
     emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
          "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
          "kernel alone runs on the live sequences only; `programs`: the entry's attention programs (0: a program an "
          "item; N: N programs looping over the items); `its decode kernel`, `its prefill kernel`: the entry's two "
          "kernels each alone as it calls them (the prefill kernel finds no prompt rows in a decode-only step).", "",
          _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
-                           ("attention_programs", "programs", "d"),
+                           ("attention_programs", "programs", "d"), ("decode_chunks", "chunks", "d"),
                            ("entry_us", "entry µs", ".1f"), ("entry_gbs", "entry KV GB/s", ".0f"),
                            ("decode_half_us", "its decode kernel µs", ".1f"),
                            ("prefill_half_us", "its prefill kernel µs", ".1f"),

@@ -74,6 +74,15 @@ class DecodeBlockSizes:
     # quantized per head row to e4m3 with a float32 scale, as FlashAttention-3's fp8 path quantizes it) or "qk_pv"
     # (the values' product too: the probabilities, in [0, 1], times 2**8 in e4m3). See ``fp8_products_for``.
     fp8_products: str = "off"
+    # > 1: an in-place call with one context split (a program a (sequence, kv head), not persistent) of at most
+    # ``balance_max_slots`` sequence slots, no sliding window, splits each live sequence whose context is longer
+    # than the call's mean (its live sequences' blocks over their number, at least ``balance_min_blocks``) into
+    # up to this many chunks, each a program of its own: a program's loop over one long context no longer sets the
+    # call's time while the others sit idle. The last of a sequence's chunk programs to finish (an atomic count a
+    # (sequence, kv head)) merges the chunks' partial results and stores the rows. 0 or 1: off.
+    balance_chunks: int = 0
+    balance_max_slots: int = 512
+    balance_min_blocks: int = 4
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -90,7 +99,7 @@ _FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2
 # fp8 pages (1 byte a value), keyed as above: a ShareGPT-shaped run's decode rows are at short contexts, where
 # the kernel over fp8 pages is held by its registers, not by the bytes (``decode_block_sizes``).
 TUNED_FP8_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
-    (128, 16): DecodeBlockSizes(pages_per_block=2, num_warps=1, num_stages=6, min_programs=264),
+    (128, 16): DecodeBlockSizes(pages_per_block=2, num_warps=1, num_stages=6, min_programs=264, balance_chunks=2),
 }
 
 
@@ -426,6 +435,80 @@ def _decode_kernel_persistent(live_ref, order_ref, lens_ref, qrow_ref, pt_ref, q
     lax.fori_loop(0, pl.cdiv(jnp.maximum(live_ref[0] * num_kv_heads - pid, 0), num_programs), item, 0)
 
 
+def _decode_kernel_balanced(lens_ref, qrow_ref, chunk_ref, pt_ref, q_ref, k_ref, v_ref, o_in_ref, count_in_ref,
+                            o_ref, count_ref, po_ref, pm_ref, pl_ref, *, max_chunks: int, num_kv_heads: int,
+                            page_size: int, pages_per_block: int, group: int, rows: int, interpret: bool, **kw):
+    # lens_ref, qrow_ref: i32[1] (this sequence's kv_len and its query's row of q); chunk_ref: i32[1] (the call's
+    # chunk, in blocks); pt_ref: i32[P]; q_ref, o_ref: [T, H, D] (o_in_ref aliased to o); k_ref, v_ref: this kv
+    # head's [pages * page_size, D]; count_ref: i32[S * kv_heads] (zeros in, aliased to count_in_ref): the chunks
+    # of a (sequence, kv head) done so far; po_ref f32[C, R, D], pm_ref / pl_ref f32[C, R]: this (sequence, kv
+    # head)'s chunks' partial results (o, running max, running sum).
+    seq, head, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length, qrow = lens_ref[0], qrow_ref[0]
+    seq_blocks = pl.cdiv(pl.cdiv(length, page_size), pages_per_block)
+    # chunks of at least the call's chunk, at most max_chunks of them; each of the first n is nonempty
+    # ((n - 1) * cdiv(seq_blocks, n) < seq_blocks)
+    n = pl.cdiv(seq_blocks, jnp.maximum(jnp.maximum(chunk_ref[0], pl.cdiv(seq_blocks, max_chunks)), 1))
+    run, _, _ = _attend(length, qrow, head, chunk, jnp.maximum(n, 1), q_ref, k_ref, v_ref, pt_ref,
+                        page_size=page_size, pages_per_block=pages_per_block, group=group, rows=rows,
+                        interpret=interpret, sliding_window=None, **kw)
+
+    @pl.when(chunk < n)
+    def _():
+        acc, m, l = run()
+
+        @pl.when(n == 1)
+        def _():
+            _store_rows(o_ref, qrow, head, group, rows, acc, l)
+
+        @pl.when(n > 1)
+        def _():
+            po_ref[chunk] = acc
+            pm_ref[chunk] = m
+            pl_ref[chunk] = l
+            if not interpret:
+                # every thread's partial stored before the count's release (CUTLASS's semaphore: a barrier, then
+                # one thread's gpu-scope release; Triton's atomic is acquire-release, one thread's, its old value
+                # handed to the program's threads through a barrier)
+                pltriton.debug_barrier()
+            done = pltriton.atomic_add(count_ref, seq * num_kv_heads + head, jnp.ones((), jnp.int32))
+
+            @pl.when(done == n - 1)
+            def _():
+                # the last of the sequence's chunks to finish merges their partials (log-sum-exp), in chunk order
+                # whichever finished last (the same rounding every call)
+                def part(ref, j):     # volatile: past L1, to another multiprocessor's stores
+                    return ref[j] if interpret else pltriton.load(ref.at[j], volatile=True)
+
+                acc_all = jnp.zeros_like(acc)
+                m_all = jnp.full_like(m, _MASK_VALUE)
+                l_all = jnp.zeros_like(l)
+                for j in range(max_chunks):
+                    real = j < n
+                    m_j = jnp.where(real, part(pm_ref, j), _MASK_VALUE)
+                    m_new = jnp.maximum(m_all, m_j)
+                    a, b = jnp.exp(m_all - m_new), jnp.where(real, jnp.exp(m_j - m_new), 0.0)
+                    acc_all = acc_all * a[:, None] + jnp.where(real, part(po_ref, j), 0.0) * b[:, None]
+                    l_all = l_all * a + jnp.where(real, part(pl_ref, j), 0.0) * b
+                    m_all = m_new
+                _store_rows(o_ref, qrow, head, group, rows, acc_all, l_all)
+
+
+def balance_chunk_blocks(kv_lens: jax.Array, page_size: int, pages_per_block: int, min_blocks: int) -> jax.Array:
+    """i32[1]: the chunk (in blocks of ``pages_per_block`` pages) a balanced call splits its longer contexts into:
+    its live sequences' (kv_len > 0) mean blocks, at least ``min_blocks``."""
+    blocks = -(-(-(-kv_lens // page_size)) // pages_per_block)
+    live = jnp.maximum(jnp.sum(kv_lens > 0), 1)
+    mean = -(-jnp.sum(jnp.where(kv_lens > 0, blocks, 0)) // live)
+    return jnp.maximum(mean, min_blocks).astype(jnp.int32).reshape(1)
+
+
+def balances(blocks: DecodeBlockSizes, num_seqs: int, sliding_window: int | None) -> bool:
+    """Whether an in-place, one-split call of ``num_seqs`` slots splits its long contexts (``balance_chunks``)."""
+    return (blocks.balance_chunks > 1 and blocks.persistent_programs == 0 and sliding_window is None
+            and num_seqs <= blocks.balance_max_slots)
+
+
 def live_first(kv_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(i32[1] the slots with kv_len > 0, i32[S] those slots in order then the others): a compaction by
     prefix sum (no sort: CUB's sort would split the step's CUDA graph)."""
@@ -541,6 +624,10 @@ def paged_decode_attention_kernel(
         )(live, order, kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1),
           q, k_in, v_in, out)
 
+    if in_place and splits == 1 and balances(blocks, num_seqs, sliding_window):
+        return _balanced_call(q, k_pages, v_pages, kv_lens, page_table, q_rows, out, blocks=blocks, group=group,
+                              rows=rows, static=static)
+
     kernel = functools.partial(
         _decode_kernel, page_size=page_size, group=group, rows=rows, in_place=in_place, **static)
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
@@ -595,6 +682,44 @@ def paged_decode_attention_kernel(
         o, m, l = result
         o = combine_splits(o[..., :group, :], m[..., :group], l[..., :group])
     return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+
+
+def _balanced_call(q, k_pages, v_pages, kv_lens, page_table, q_rows, out, *, blocks: DecodeBlockSizes, group: int,
+                   rows: int, static: dict) -> jax.Array:
+    """The in-place call with long contexts split into chunks (``DecodeBlockSizes.balance_chunks``): a grid of
+    (sequence slot, kv head, chunk), chunks past a sequence's own count doing nothing."""
+    num_seqs = kv_lens.shape[0]
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    pages_per_seq = page_table.shape[1]
+    max_chunks = blocks.balance_chunks
+    static = {k: v for k, v in static.items() if k != "sliding_window"}
+    kernel = functools.partial(_decode_kernel_balanced, max_chunks=max_chunks, num_kv_heads=num_kv_heads,
+                               page_size=page_size, group=group, rows=rows, **static)
+    kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)
+    kv_lens = kv_lens.astype(jnp.int32)
+    chunk = balance_chunk_blocks(kv_lens, page_size, static["pages_per_block"], blocks.balance_min_blocks)
+    per_seq = pl.BlockSpec((1,), lambda s, h, c: (s,))
+    whole_q = pl.BlockSpec(q.shape, lambda s, h, c: (0, 0, 0))
+    counts = whole_block((num_seqs * num_kv_heads,))
+    part = pl.BlockSpec((None, max_chunks, None, rows, head_dim), lambda s, h, c: (s, 0, h, 0, 0))
+    part_ml = pl.BlockSpec((None, max_chunks, None, rows), lambda s, h, c: (s, 0, h, 0))
+    f32 = jnp.float32
+    result = pl.pallas_call(
+        kernel, grid=(num_seqs, num_kv_heads, max_chunks),
+        in_specs=[per_seq, per_seq, pl.BlockSpec((1,), lambda s, h, c: (0,)),
+                  pl.BlockSpec((None, pages_per_seq), lambda s, h, c: (s, 0)), whole_q, kv_spec, kv_spec, whole_q,
+                  counts],
+        out_specs=[whole_q, counts, part, part_ml, part_ml],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, out.dtype),
+                   jax.ShapeDtypeStruct((num_seqs * num_kv_heads,), jnp.int32),
+                   jax.ShapeDtypeStruct((num_seqs, max_chunks, num_kv_heads, rows, head_dim), f32),
+                   jax.ShapeDtypeStruct((num_seqs, max_chunks, num_kv_heads, rows), f32),
+                   jax.ShapeDtypeStruct((num_seqs, max_chunks, num_kv_heads, rows), f32)],
+        interpret=static["interpret"], compiler_params=None if static["interpret"] else _compiler_params(blocks),
+        input_output_aliases={7: 0, 8: 1}, name="paged_decode_attention",
+    )(kv_lens, q_rows.astype(jnp.int32), chunk, page_table.astype(jnp.int32), q, k_in, v_in, out,
+      kernel_zeros((num_seqs * num_kv_heads,), jnp.int32, q_rows[0].astype(jnp.int32)))
+    return result[0]
 
 
 def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial outputs

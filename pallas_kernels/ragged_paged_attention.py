@@ -85,16 +85,20 @@ def ragged_paged_attention_reference(
 @functools.partial(jax.named_call, name="ragged_paged_attention")
 def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: float,
                 sliding_window: int | None = None, interpret: bool = False, in_place: bool = True,
-                attention_programs: int = 0, fp8_products: str = "off") -> tuple[jax.Array, bool]:
+                attention_programs: int = 0, fp8_products: str = "off", decode_chunks: int | None = None
+                ) -> tuple[jax.Array, bool]:
     """The entry point's decode kernel call (``kv_lens`` 0 for every sequence it does not decode; sequence ``s``'s
     query at row ``q_rows[s]``): (out, stored). With ``in_place`` and one context split (``grid_splits``: a call
     of many sequence slots) the kernel stores each decoded query's rows into zeros shaped like ``q`` (stored
     True; ``attention_programs`` > 0: its persistent programs); otherwise it returns [S, H, D] rows, the splits'
-    partial results combined (stored False). ``fp8_products``: the blocks' ``DecodeBlockSizes.fp8_products``."""
+    partial results combined (stored False). ``fp8_products``: the blocks' ``DecodeBlockSizes.fp8_products``;
+    ``decode_chunks``: their ``balance_chunks`` (None: the tuned blocks')."""
     num_seqs = kv_lens.shape[0]
     num_kv_heads, _, page_size, head_dim = k_pages.shape
     blocks = dataclasses.replace(decode_block_sizes(head_dim, page_size, k_pages.dtype, num_seqs),
                                  fp8_products=fp8_products)
+    if decode_chunks is not None:
+        blocks = dataclasses.replace(blocks, balance_chunks=decode_chunks)
     kw = dict(q_rows=q_rows, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
     if in_place and grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks) == 1:
         return paged_decode_attention_kernel(
@@ -130,6 +134,7 @@ def ragged_paged_attention(
     attention_programs: int = 0,
     skip_idle_prefill: bool = False,
     fp8_products: str = "off",
+    decode_chunks: int | None = None,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -151,6 +156,8 @@ def ragged_paged_attention(
     more than one query token; a decode-only step then starts none of its programs (the same result).
     ``fp8_products`` ("off", "qk", "qk_pv"): over fp8 pages with a 16-bit query, the decode kernel's products on
     e4m3 operands (``DecodeBlockSizes.fp8_products``); the reference and the prefill kernel are unchanged.
+    ``decode_chunks``: the in-place decode kernel's ``DecodeBlockSizes.balance_chunks`` (long contexts split into
+    up to that many chunks; None: the tuned blocks').
     """
     if impl == "auto":
         impl = "kernel" if on_gpu() else "reference"
@@ -178,7 +185,7 @@ def ragged_paged_attention(
     # padding rows stay 0 in place; the decode kernel writes its sequences' rows, the prefill kernel the chunks'
     decode_out, stored = decode_part(q, k_pages, v_pages, jnp.where(is_decode, kv_lens, 0), page_table,
                                      jnp.where(is_decode, cu_q_lens[:-1], 0), in_place=in_place,
-                                     fp8_products=fp8_products, **kw)
+                                     fp8_products=fp8_products, decode_chunks=decode_chunks, **kw)
     if stored:
         return maybe_prefill(lambda out: out, decode_out)
     # [T, H, D]; a decode-only step's rows all come from the decode kernel, so zeros stand in for a skipped one

@@ -6,6 +6,7 @@ On CPU they run through Pallas interpret mode (float32); the tests marked
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -526,6 +527,135 @@ def test_persistent_programs_need_keys_gathered_by_row():
         paged_decode.paged_decode_attention_kernel(
             q, k, v, lens, pt, sm_scale=0.2, interpret=True, q_rows=rows, out=jnp.zeros_like(q), num_splits=1,
             blocks=paged_decode.DecodeBlockSizes(4, 4, 3, gather="pages", persistent_programs=4))
+
+
+# ----------------------------------------------------------------------------- balanced decode chunks
+
+def _chunks_of(lens, page_size, pages_per_block, chunk, max_chunks):
+    """The chunks each sequence of a balanced call runs (the kernel's rule, in numpy)."""
+    blocks = -(-(-(-np.asarray(lens) // page_size)) // pages_per_block)
+    return -(-blocks // np.maximum(np.maximum(chunk, -(-blocks // max_chunks)), 1))
+
+
+def test_balance_chunk_blocks_is_the_live_sequences_mean_at_least_the_minimum():
+    lens = jnp.asarray([100, 0, 1, 0, 300], jnp.int32)        # blocks of 2 pages of 16: 4, 1, 10 -> mean 5
+    assert int(paged_decode.balance_chunk_blocks(lens, 16, 2, 1)[0]) == 5
+    assert int(paged_decode.balance_chunk_blocks(lens, 16, 2, 8)[0]) == 8
+    assert int(paged_decode.balance_chunk_blocks(jnp.zeros(4, jnp.int32), 16, 2, 1)[0]) == 1
+    np.testing.assert_array_equal(_chunks_of([100, 0, 1, 0, 300], 16, 2, 5, 2), [1, 0, 1, 0, 2])
+    np.testing.assert_array_equal(_chunks_of([100, 0, 1, 0, 300], 16, 2, 5, 4), [1, 0, 1, 0, 2])
+    np.testing.assert_array_equal(_chunks_of([100, 0, 1, 0, 300], 16, 2, 1, 4), [4, 0, 1, 0, 4])
+
+
+def test_balanced_calls_are_in_place_calls_of_few_enough_slots_without_a_window_or_persistent_programs():
+    b = paged_decode.DecodeBlockSizes(2, 1, 6, balance_chunks=2, balance_max_slots=512)
+    assert paged_decode.balances(b, 512, None)
+    assert not paged_decode.balances(b, 513, None)
+    assert not paged_decode.balances(b, 64, 4096)
+    assert not paged_decode.balances(dataclasses.replace(b, persistent_programs=132), 64, None)
+    assert not paged_decode.balances(dataclasses.replace(b, balance_chunks=1), 64, None)
+    # the tuned fp8 blocks balance, the 16-bit ones do not (not measured on a GPU)
+    assert paged_decode.decode_block_sizes(128, 16, jnp.float8_e4m3fn, 256).balance_chunks == 2
+    assert paged_decode.decode_block_sizes(128, 16, jnp.bfloat16, 256).balance_chunks == 0
+
+
+@pytest.mark.parametrize("pages", ["f32", "fp8"])
+def test_interpreted_balanced_decode_kernel_stores_what_a_program_a_sequence_does(pages):
+    """``balance_chunks``: contexts longer than the call's mean split into up to 2, 3 or 4 chunks (one sequence into
+    4, others into 2 or 3, short ones whole), the last chunk to finish merging them: the stored rows equal one
+    program a (sequence, kv head) to float32 rounding; rows of empty slots and rows no query owns keep what ``out``
+    held."""
+    rng = np.random.default_rng(25)
+    dtype = jnp.float32 if pages == "f32" else jnp.float8_e4m3fn
+    num_pages, pages_per_seq = 400, 32
+    k, v = (jnp.asarray(rng.standard_normal((2, num_pages, 16, 32)), jnp.float32).astype(dtype) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((14, 8, 32)), jnp.float32)
+    lens = jnp.asarray([500, 1, 0, 300, 40, 0, 0, 5, 17, 33, 20, 12], jnp.int32)
+    pt = jnp.asarray(rng.permutation(num_pages)[:12 * pages_per_seq].reshape(12, pages_per_seq), jnp.int32)
+    rows = jnp.asarray([3, 0, 13, 5, 1, 2, 4, 7, 9, 6, 11, 12], jnp.int32)
+    out = jnp.full(q.shape, 7.0, jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5, interpret=True, q_rows=rows, out=out, num_splits=1)
+    whole = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=paged_decode.DecodeBlockSizes(1, 4, 3),
+                                                       **kw)
+    live_rows = np.asarray(rows)[np.asarray(lens) > 0]
+    untouched = np.setdiff1d(np.arange(q.shape[0]), live_rows)
+    chunk = int(paged_decode.balance_chunk_blocks(lens, 16, 1, 1)[0])
+    assert chunk == 8                      # 64 blocks over 9 live sequences
+    for max_chunks in (2, 3, 4):
+        blocks = paged_decode.DecodeBlockSizes(1, 4, 3, balance_chunks=max_chunks, balance_min_blocks=1)
+        n = _chunks_of(lens, 16, 1, chunk, max_chunks)
+        assert n.max() == max_chunks and 1 in n and (n > 1).sum() == 2
+        got = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, **kw)
+        assert np.all(np.asarray(got)[untouched] == 7.0)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(whole), rtol=1e-5, atol=1e-6)
+
+
+def test_interpreted_ragged_entry_point_with_decode_chunks_equals_the_reference(monkeypatch):
+    """The entry point's ``decode_chunks`` (the decode kernel's ``balance_chunks``) on a mixed step whose decode
+    kernel runs in place with long contexts split (the blocks patched to one split and 1-block chunks)."""
+    entry = importlib.import_module("pallas_kernels.ragged_paged_attention")
+    monkeypatch.setattr(entry, "decode_block_sizes",
+                        lambda *a: paged_decode.DecodeBlockSizes(1, 4, 3, min_programs=1, balance_min_blocks=1))
+    rng = np.random.default_rng(26)
+    seqs = MIXED_SHORT + [(300, 1), (5, 1), (700, 1)]
+    args, n = _batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    lens, slots = args[3], args[4].shape[0]
+    assert paged_decode.grid_splits(slots, 2, args[4].shape[1], entry.decode_block_sizes()) == 1
+    decoding = np.asarray(lens) * (np.diff(np.asarray(args[5])) == 1)
+    kw = dict(sm_scale=32 ** -0.5)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    for chunks in (2, 4):
+        chunk = int(paged_decode.balance_chunk_blocks(jnp.asarray(decoding), 16, 1, 1)[0])
+        assert _chunks_of(decoding, 16, 1, chunk, chunks).max() == chunks
+        got = ragged_paged_attention(*args, impl="interpret", decode_chunks=chunks, **kw)
+        np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+        assert np.all(np.asarray(got[n:]) == 0)
+
+
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+def test_the_balanced_decode_kernel_lowers_to_triton_for_a_gpu(pages):
+    """The balanced grid (its atomic count, barrier and volatile loads) through Pallas' Triton lowering on the CPU."""
+    dtype = jnp.float8_e4m3fn if pages == "fp8" else jnp.bfloat16
+    sds = jax.ShapeDtypeStruct
+    blocks = dataclasses.replace(paged_decode.decode_block_sizes(128, 16, dtype, 256), balance_chunks=3)
+    f = jax.jit(functools.partial(paged_decode.paged_decode_attention_kernel, sm_scale=0.088, blocks=blocks,
+                                  num_splits=1))
+    args = (sds((2048, 32, 128), jnp.bfloat16), sds((8, 4096, 16, 128), dtype), sds((8, 4096, 16, 128), dtype),
+            sds((256,), jnp.int32), sds((256, 128), jnp.int32))
+    text = f.trace(*args, q_rows=sds((256,), jnp.int32), out=sds((2048, 32, 128), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert constant_filled_buffers(f.trace(*args, q_rows=sds((256,), jnp.int32),
+                                           out=sds((2048, 32, 128), jnp.bfloat16)).jaxpr) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+def test_gpu_balanced_decode_kernel(pages):
+    """On the GPU the balanced grid (2-4 chunks a long context, merged by the last to finish through an atomic
+    count) stores what a program a (sequence, kv head) stores, to bf16 rounding, and the same bits call after call
+    (the merge runs in chunk order): 200 live decodes of drawn contexts among 256 slots."""
+    rng = np.random.default_rng(27)
+    seqs = [(int(c), 1) for c in rng.integers(16, 1400, 200)]
+    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    if pages == "fp8":
+        args = _fp8_pages(args)
+    q, k, v, lens, pt, cu = args
+    lens = jnp.zeros(256, jnp.int32).at[:lens.shape[0]].set(lens)
+    pt = jnp.zeros((256, pt.shape[1]), jnp.int32).at[:pt.shape[0]].set(pt)
+    rows = jnp.zeros(256, jnp.int32).at[:cu.shape[0] - 1].set(jnp.minimum(cu[:-1], n - 1))
+    kw = dict(sm_scale=128 ** -0.5, q_rows=rows, out=jnp.zeros_like(q), num_splits=1)
+    base = dataclasses.replace(paged_decode.decode_block_sizes(128, 16, k.dtype, 256), balance_chunks=0)
+    whole = np.asarray(paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=base, **kw), np.float32)
+    for chunks in (2, 4):
+        blocks = dataclasses.replace(base, balance_chunks=chunks)
+        first = np.asarray(paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, **kw),
+                           np.float32)
+        np.testing.assert_allclose(first, whole, rtol=2e-2, atol=2e-2)
+        assert _rel(first, whole) < 1e-2
+        for _ in range(3):
+            again = paged_decode.paged_decode_attention_kernel(q, k, v, lens, pt, blocks=blocks, **kw)
+            np.testing.assert_array_equal(np.asarray(again, np.float32), first)
 
 
 def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_reference():
