@@ -79,7 +79,13 @@ class DecodeBlockSizes:
     # than the call's mean (its live sequences' blocks over their number, at least ``balance_min_blocks``) into
     # up to this many chunks, each a program of its own: a program's loop over one long context no longer sets the
     # call's time while the others sit idle. The last of a sequence's chunk programs to finish (an atomic count a
-    # (sequence, kv head)) merges the chunks' partial results and stores the rows. 0 or 1: off.
+    # (sequence, kv head)) merges the chunks' partial results and stores the rows. 0 or 1: off, the tuned blocks'
+    # setting. On an H100 over fp8 pages, decode-only steps through the entry point at drawn contexts
+    # (``python -m benchmarks.kernels --kv-dtype fp8 --entry-only --decode-chunks 0,2,3 --entry-points
+    # 39/64/200-1360,88/128/100-1180,220/256/100-850``), µs off / 2 / 3 chunks: 65.0 / 58.3 / 73.9, 90.2 / 74.4 /
+    # 80.5, 121.5 / 131.7 / 124.4 (at 220 live sequences the grid is several waves, which balance themselves); the
+    # ShareGPT-shaped offline run with 2 chunks at up to 512 slots: 0.943x (two rounds, 2026-12-06,
+    # ``benchmarks/results/gpu_suite_h200.md``, thirty-fourth session).
     balance_chunks: int = 0
     balance_max_slots: int = 512
     balance_min_blocks: int = 4
@@ -99,7 +105,7 @@ _FALLBACK_BLOCKS = DecodeBlockSizes(pages_per_block=4, num_warps=4, num_stages=2
 # fp8 pages (1 byte a value), keyed as above: a ShareGPT-shaped run's decode rows are at short contexts, where
 # the kernel over fp8 pages is held by its registers, not by the bytes (``decode_block_sizes``).
 TUNED_FP8_DECODE_BLOCKS: dict[tuple[int, int], DecodeBlockSizes] = {
-    (128, 16): DecodeBlockSizes(pages_per_block=2, num_warps=1, num_stages=6, min_programs=264, balance_chunks=2),
+    (128, 16): DecodeBlockSizes(pages_per_block=2, num_warps=1, num_stages=6, min_programs=264),
 }
 
 

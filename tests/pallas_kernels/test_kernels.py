@@ -554,8 +554,8 @@ def test_balanced_calls_are_in_place_calls_of_few_enough_slots_without_a_window_
     assert not paged_decode.balances(b, 64, 4096)
     assert not paged_decode.balances(dataclasses.replace(b, persistent_programs=132), 64, None)
     assert not paged_decode.balances(dataclasses.replace(b, balance_chunks=1), 64, None)
-    # the tuned fp8 blocks balance, the 16-bit ones do not (not measured on a GPU)
-    assert paged_decode.decode_block_sizes(128, 16, jnp.float8_e4m3fn, 256).balance_chunks == 2
+    # off in the tuned blocks (slower in the engine's run on an H100)
+    assert paged_decode.decode_block_sizes(128, 16, jnp.float8_e4m3fn, 256).balance_chunks == 0
     assert paged_decode.decode_block_sizes(128, 16, jnp.bfloat16, 256).balance_chunks == 0
 
 
