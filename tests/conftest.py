@@ -23,6 +23,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# Under pytest-xdist (the README's `-n 2`) each worker is a JAX process of its own: on a GPU the first would
+# reserve most of the memory for itself and the second fail to start
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 # `jaxdyn serve` and `jaxdyn bench` keep compiled steps in the user's cache by default: not from tests
 # (a test that wants the cache names its directory)
 os.environ.setdefault("JAXDYN_EXECUTABLE_CACHE", "")
