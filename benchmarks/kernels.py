@@ -54,6 +54,7 @@ INTERPRET = jax.default_backend() != "gpu"   # CPU: a dry run through Pallas int
 # the KV pages' dtype (``--kv-dtype``): bf16, or fp8 (float8_e4m3fn, as ``--kv-cache-dtype fp8`` stores them)
 KV_DTYPE = jnp.dtype(jnp.bfloat16)
 L2_BYTES = 64 << 20
+MAX_DECODE_CHUNKS = 8              # --decode-chunks' largest (the kernel's merge is unrolled over the chunks)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -507,7 +508,8 @@ def main(argv=None, prog: str | None = None) -> str:
                          "0: a program an item, N: N programs looping over the items), each measured")
     ap.add_argument("--decode-chunks", default=None, metavar="N,...",
                     help="the entry-point section's decode chunks (ragged_paged_attention's decode_chunks: long "
-                         "contexts of an in-place call split into up to N chunks; 0: off), each measured; default: "
+                         "contexts of an in-place call split into up to N chunks, N <= 8; 0 or 1: off), each "
+                         "measured, with --attention-programs 0 only (persistent programs take no chunks); default: "
                          "the tuned blocks'")
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode grid only (no correctness table, prefill rows or entry overhead)")
@@ -532,8 +534,10 @@ def main(argv=None, prog: str | None = None) -> str:
         ap.error(f"--attention-programs / --decode-chunks / --entry-points: expected integers (N,... and "
                  f"LIVE/SLOTS/CONTEXT,...), got {args.attention_programs!r} / {args.decode_chunks!r} / "
                  f"{args.entry_points!r}")
-    if any(c is not None and c < 0 for c in chunks):
-        ap.error("--decode-chunks must be >= 0")
+    if any(c is not None and not 0 <= c <= MAX_DECODE_CHUNKS for c in chunks):
+        ap.error(f"--decode-chunks: each N from 0 to {MAX_DECODE_CHUNKS}")
+    if args.decode_chunks is not None and any(programs):
+        ap.error("--decode-chunks needs --attention-programs 0: persistent programs take no chunks")
     if any(p < 0 for p in programs) or (entry_points and any(pt[0] > pt[1] for pt in entry_points)):
         ap.error("--attention-programs must be >= 0 and --entry-points LIVE/SLOTS/CONTEXT with LIVE <= SLOTS")
     variants = None

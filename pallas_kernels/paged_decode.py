@@ -80,12 +80,12 @@ class DecodeBlockSizes:
     # up to this many chunks, each a program of its own: a program's loop over one long context no longer sets the
     # call's time while the others sit idle. The last of a sequence's chunk programs to finish (an atomic count a
     # (sequence, kv head)) merges the chunks' partial results and stores the rows. 0 or 1: off, the tuned blocks'
-    # setting. On an H100 over fp8 pages, decode-only steps through the entry point at drawn contexts
-    # (``python -m benchmarks.kernels --kv-dtype fp8 --entry-only --decode-chunks 0,2,3 --entry-points
-    # 39/64/200-1360,88/128/100-1180,220/256/100-850``), µs off / 2 / 3 chunks: 65.0 / 58.3 / 73.9, 90.2 / 74.4 /
-    # 80.5, 121.5 / 131.7 / 124.4 (at 220 live sequences the grid is several waves, which balance themselves); the
-    # ShareGPT-shaped offline run with 2 chunks at up to 512 slots: 0.943x (two rounds, 2026-12-06,
-    # ``benchmarks/results/gpu_suite_h200.md``, thirty-fourth session).
+    # setting. On an H100 over fp8 pages at drawn contexts (``python -m benchmarks.kernels --kv-dtype fp8 --entry-only
+    # --decode-chunks 0,2,3 --entry-points 39/64/200-1360,88/128/100-1180,220/256/100-850``), the decode kernel as the
+    # entry point calls it, µs off / 2 / 3 chunks: 54.5 / 59.1 / 72.8 at 39 live sequences, 90.4 / 75.0 / 76.3 at
+    # 88, 121.8 / 124.6 / 129.1 at 220 (a grid of several waves balances itself); the ShareGPT-shaped offline run
+    # with 2 chunks at up to 512 slots: 0.943x (two rounds, 2026-12-06, ``benchmarks/results/gpu_suite_h200.md``,
+    # thirty-fourth session).
     balance_chunks: int = 0
     balance_max_slots: int = 512
     balance_min_blocks: int = 4

@@ -11,8 +11,10 @@ if not os.path.exists("/dev/nvidiactl"):
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _flags).strip()
 
-# One JAX compilation cache for the whole run, the subprocesses the tests start included: many tests build
-# the same small engines (the demo's, the tiny preset's), and each build compiled every step again.
+# One JAX compilation cache for the whole run, the subprocesses the tests start and pytest-xdist's workers
+# included (the controller sets it before they start): many tests build the same small engines (the demo's, the
+# tiny preset's), and each build compiled every step again. (Two workers may write one entry at once; JAX then
+# reads a torn entry as a miss, with a warning, and compiles again.)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil

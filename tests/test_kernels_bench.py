@@ -29,3 +29,14 @@ def test_the_entry_halves_make_the_entry_points_decode_only_step(live, slots, co
     assert np.abs(np.asarray(entry, np.float32)[:live]).max() > 0
     # the prefill kernel finds no sequence of more than one query token: its output is the zeros it was given
     assert not np.asarray(prefill_half(q, k_pages, v_pages, lens, table), np.float32).any()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode-chunks", "2,x"], "expected integers"),
+    (["--decode-chunks", "9"], "from 0 to 8"),
+    (["--decode-chunks", "-1"], "from 0 to 8"),
+    (["--decode-chunks", "2", "--attention-programs", "0,264"], "needs --attention-programs 0")])
+def test_decode_chunks_out_of_range_or_with_persistent_programs_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        kernels.main(["--entry-only"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
