@@ -437,9 +437,8 @@ def entry_overhead(rng, blocks, points=((64, 64, 2048), (256, 256, 512), (1, 8, 
                              entry_gbs=kv_bytes / t_entry / 1e9, decode_half_us=t_decode * 1e6,
                              prefill_half_us=t_prefill * 1e6))
             print(f"entry {live}/{slots} c={label} programs {programs} chunks {chunks}: {t_entry * 1e6:.1f} us "
-                  f"(its decode kernel "
-                  f"{t_decode * 1e6:.1f}, its prefill kernel {t_prefill * 1e6:.1f}) vs kernel {t_kernel * 1e6:.1f} us",
-                  flush=True)
+                  f"(its decode kernel {t_decode * 1e6:.1f}, its prefill kernel {t_prefill * 1e6:.1f}) vs kernel "
+                  f"{t_kernel * 1e6:.1f} us", flush=True)
     return rows
 
 
@@ -707,7 +706,9 @@ def entry_section(rng, blocks, points, programs, emit, chunks=(None,)) -> None:
     emit("### Decode-only step through the ragged entry point (decode + prefill kernels) vs the decode kernel", "",
          "`live` of `slots` sequence slots hold a sequence (the rest are a bucket's padding); the decode "
          "kernel alone runs on the live sequences only; `programs`: the entry's attention programs (0: a program an "
-         "item; N: N programs looping over the items); `its decode kernel`, `its prefill kernel`: the entry's two "
+         "item; N: N programs looping over the items); `chunks`: the decode kernel's long contexts split into up to "
+         "that many chunks (`decode_chunks`; tuned: the tuned blocks'); `its decode kernel`, `its prefill kernel`: "
+         "the entry's two "
          "kernels each alone as it calls them (the prefill kernel finds no prompt rows in a decode-only step).", "",
          _table(overhead, [("live", "live", "d"), ("slots", "slots", "d"), ("context", "context", "d"),
                            ("attention_programs", "programs", "d"), ("decode_chunks", "chunks", "d"),
