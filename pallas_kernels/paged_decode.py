@@ -457,7 +457,7 @@ def _decode_kernel_balanced(lens_ref, qrow_ref, chunk_ref, pt_ref, q_ref, k_ref,
     n = pl.cdiv(seq_blocks, jnp.maximum(jnp.maximum(chunk_ref[0], pl.cdiv(seq_blocks, max_chunks)), 1))
     run, _, _ = _attend(length, qrow, head, chunk, jnp.maximum(n, 1), q_ref, k_ref, v_ref, pt_ref,
                         page_size=page_size, pages_per_block=pages_per_block, group=group, rows=rows,
-                        interpret=interpret, sliding_window=None, **kw)
+                        interpret=interpret, **kw)
 
     @pl.when(chunk < n)
     def _():
@@ -693,12 +693,12 @@ def paged_decode_attention_kernel(
 def _balanced_call(q, k_pages, v_pages, kv_lens, page_table, q_rows, out, *, blocks: DecodeBlockSizes, group: int,
                    rows: int, static: dict) -> jax.Array:
     """The in-place call with long contexts split into chunks (``DecodeBlockSizes.balance_chunks``): a grid of
-    (sequence slot, kv head, chunk), chunks past a sequence's own count doing nothing."""
+    (sequence slot, kv head, chunk), chunks past a sequence's own count doing nothing; ``static``: the kernel's
+    static arguments (no sliding window: ``balances``)."""
     num_seqs = kv_lens.shape[0]
     num_kv_heads, _, page_size, head_dim = k_pages.shape
     pages_per_seq = page_table.shape[1]
     max_chunks = blocks.balance_chunks
-    static = {k: v for k, v in static.items() if k != "sliding_window"}
     kernel = functools.partial(_decode_kernel_balanced, max_chunks=max_chunks, num_kv_heads=num_kv_heads,
                                page_size=page_size, group=group, rows=rows, **static)
     kv_spec, k_in, v_in = kv_operands(k_pages, v_pages, blocks.gather)

@@ -36,9 +36,9 @@ Why four: each variant is one more executable per bucket at warm-up (three varia
 the tiny test model on the CPU; the 8B fp8 engine's cold start on an H100 went from 30 to 40 executables with
 it; 30 again on a GPU, where by default ``plain`` and ``full`` share one switched executable a bucket,
 ``RunnerConfig.sampler_switch``). ``random`` is session 32's: with temperature-only rows in ``plain`` (its
-penalties' scatters and the filters' passes launched for rows that use neither), a run of temperature-1 requests ran 0.973x one on ``plain``
-without them, and the sampler alone at 1,024 rows took 2.05 ms against ``random``'s 1.39 (H100, 8B,
-``benchmarks/results/gpu_suite_h200.md``). Until session 31 ``full`` held the penalties and the filters too, with
+penalties' scatters and the filters' passes launched for rows that use neither), a run of temperature-1 requests
+ran 0.973x one on ``plain`` without them, and the sampler alone at 1,024 rows took 2.05 ms against ``random``'s
+1.39 (H100, 8B, ``benchmarks/results/gpu_suite_h200.md``). Until session 31 ``full`` held the penalties and the filters too, with
 a vocabulary sort, and a request with top-p or a repetition penalty made every step it was in pay for the top
 logprobs' sort and the rank as well (H100, 8B vocabulary, all parts on every row: 2.5 / 6.2 / 23.3 ms at 64 / 256 /
 1,024 rows, against 0.17 / 0.40 / 1.25 for ``plain`` then). Only ``full`` returns logprobs (the others ``None``).
