@@ -139,6 +139,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-fused-quantize-min-tokens", default="auto", metavar="N|auto",
                    help="--fp8-fused-quantize in steps of at least N tokens only (smaller ones keep XLA's). auto "
                    "(default): jaxdyn.engine.core.FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0")
+    p.add_argument("--fp8-fused-norm", default="auto", choices=("auto", "on", "off"),
+                   help="an fp8 model's residual adds, RMSNorms and the per-token quantization of their outputs in "
+                   "one Pallas kernel each instead of XLA's three (at one device on the model axis; no effect under "
+                   "--tp). auto (default): jaxdyn.engine.core.FP8_FUSED_NORM on a GPU, else off")
     p.add_argument("--separate-sampler", nargs="?", const="all", default=None, choices=("all", "except-greedy"),
                    help="compile each token bucket's model once and the sampler apart (two calls a step) instead "
                    "of one executable a bucket and sampler variant, each with the model inside: warm-up compiles "
@@ -311,6 +315,7 @@ def _engine_fields(args) -> dict:
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
+                fp8_fused_norm={"auto": "auto", "on": True, "off": False}[getattr(args, "fp8_fused_norm", "auto")],
                 separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),

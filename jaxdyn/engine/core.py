@@ -79,6 +79,9 @@ class EngineConfig:
     # fp8_fused_quantize in steps of at least this many tokens only (RunnerConfig); "auto":
     # FP8_FUSED_QUANTIZE_MIN_TOKENS on a GPU, else 0
     fp8_fused_quantize_min_tokens: int | str = "auto"
+    # an fp8 model's residual add, RMSNorm and per-token quantization in one kernel (RunnerConfig); "auto":
+    # FP8_FUSED_NORM on a GPU, else off
+    fp8_fused_norm: bool | str = "auto"
     # the model compiled once a bucket, the sampler apart; "except_greedy": greedy steps one executable each
     # (RunnerConfig)
     separate_sampler: bool | str = False
@@ -129,6 +132,8 @@ class EngineConfig:
         m = self.fp8_fused_quantize_min_tokens
         if not (m == "auto" or is_count(m)):
             raise ValueError(f"fp8_fused_quantize_min_tokens: expected 'auto' or an integer >= 0, got {m!r}")
+        if self.fp8_fused_norm not in ("auto", True, False):
+            raise ValueError(f"fp8_fused_norm: expected 'auto', True or False, got {self.fp8_fused_norm!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -159,6 +164,22 @@ FP8_FUSED_QUANTIZE_MIN_TOKENS = 512
 # ``benchmarks/gpu/fp8_matmul_probe.py``), and the offline run's 16- and 64-token steps cost 5.11 / 6.74 ms
 # against 4.75 / 4.69 (``benchmarks/gpu/ab_offline.py``, 2026-12-03)
 FP8_KERNEL_MAX_TOKENS = 0
+
+
+# An fp8 model's residual add, RMSNorm and per-token quantization of each layer input in one
+# ``pallas_kernels.rms_norm_fp8`` kernel on a GPU (``llama.Fp8Options.fused_norm``): off until measured
+FP8_FUSED_NORM = False
+
+
+def fp8_fused_norm(config: EngineConfig, model_config, platform: str) -> bool:
+    """``EngineConfig.fp8_fused_norm`` resolved for a model on ``platform``: False without fp8 weights, "auto"
+    FP8_FUSED_NORM on a GPU, else False."""
+    if model_config.quantization != "fp8":
+        return False
+    f = config.fp8_fused_norm
+    if f == "auto":
+        return FP8_FUSED_NORM and platform == "gpu"
+    return f
 
 
 def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:
@@ -258,6 +279,7 @@ class EngineCore:
             fp8_fused_quantize=fused,
             # the floor only matters with the kernel on (and would otherwise change the steps' cache key)
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
+            fp8_fused_norm=fp8_fused_norm(config, model_config, platform),
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
             attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill,
             attention_fp8_products=config.attention_fp8_products,

@@ -168,6 +168,9 @@ class RunnerConfig:
     fp8_fused_quantize: str = "off"
     # ``fp8_fused_quantize`` in steps of at least this many tokens only (``llama.Fp8Options.fused_min_rows``)
     fp8_fused_quantize_min_tokens: int = 0
+    # An fp8 model's residual adds, RMSNorms and their outputs' per-token quantization in one
+    # ``pallas_kernels.rms_norm_fp8`` kernel each (``llama.Fp8Options.fused_norm``)
+    fp8_fused_norm: bool = False
     # Each bucket's model compiled once, apart from the sampler: a step is two calls, the forward of its
     # (tokens, pages) bucket, then the sampler variant's (``_SplitStep``). False: one executable a bucket and
     # variant, the model inlined into each of the four (XLA compiles the model, and every Pallas kernel in
@@ -225,6 +228,7 @@ class RunnerConfig:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
         check_flag("nested_layers", self.nested_layers)
+        check_flag("fp8_fused_norm", self.fp8_fused_norm)
         if not is_count(self.fp8_kernel_max_tokens):
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
@@ -592,6 +596,7 @@ class ModelRunner:
                        fp8_kernel_rows=self.config.fp8_kernel_max_tokens,
                        fp8_fused_quantize=self.config.fp8_fused_quantize,
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
+                       fp8_fused_norm=self.config.fp8_fused_norm,
                        attention_programs=self.config.attention_programs,
                        skip_idle_prefill=self.config.skip_idle_prefill,
                        attention_fp8_products=self.config.attention_fp8_products,

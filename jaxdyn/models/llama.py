@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from jaxdyn.parallel.sharding import MODEL_AXIS, model_parallel_size, stored_kv_
 from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS, fp8_weight_matmul
 from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8, quantize_rows_fp8_reference  # noqa: F401
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.rms_norm_fp8 import add_rms_norm_fp8, rms_norm_reference
 
 
 QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
@@ -67,10 +69,13 @@ class Fp8Options:
       XLA rounds ``silu(gate)`` first: not bit-identical in bf16); at one device on the model axis only (shards'
       rows would need one maximum across them): under tensor parallelism the option changes nothing;
     - ``fused_min_rows``: ``fused_quantize`` in calls of at least this many rows only (and of more than
-      ``kernel_rows``)."""
+      ``kernel_rows``);
+    - ``fused_norm``: each layer's residual add, RMSNorm and input quantization in one
+      ``pallas_kernels.rms_norm_fp8`` kernel (``DecoderLayer.fuses_norm`` says where)."""
     kernel_rows: int = 0
     fused_quantize: str = "off"
     fused_min_rows: int = 0
+    fused_norm: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +94,18 @@ def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return jax.lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
 
 
+def fp8_scale(raw: jax.Array, sx: jax.Array, scale: jax.Array, out_dtype) -> jax.Array:
+    """An fp8 product's raw result ``raw [..., N]`` scaled in float32 by its rows' (``sx [..., 1]``) and its
+    channels' (``scale [N]``) scales, in ``out_dtype``."""
+    return (raw.astype(jnp.float32) * (sx * scale)).astype(out_dtype)
+
+
 def fp8_scaled_dot(xq: jax.Array, sx: jax.Array, w: jax.Array, scale: jax.Array, dtype, out_dtype=None
                    ) -> jax.Array:
     """``xq [..., K]`` float8_e4m3fn with its rows' scales ``sx [..., 1]`` times ``w [N, K]`` float8_e4m3fn:
     ``fp8_dot`` in ``dtype`` scaled in float32 by the rows' and the channels' (``scale [N]``) scales, in
     ``out_dtype`` (default ``dtype``)."""
-    return (fp8_dot(xq, w, dtype).astype(jnp.float32) * (sx * scale)).astype(out_dtype or dtype)
+    return fp8_scale(fp8_dot(xq, w, dtype), sx, scale, out_dtype or dtype)
 
 
 def fp8_product(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -206,12 +217,10 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # the weight multiplies in float32, before the one rounding: one fusion makes the output that every
-        # consumer reads (rounding first, as Hugging Face does, left XLA a separate multiply that it made
-        # again for each of the projections that read it: 1 ms a 2,048-token 8B step on an H200)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        # the weight multiplies in float32, before the one rounding (``rms_norm_reference``): one fusion makes the
+        # output that every consumer reads (rounding first, as Hugging Face does, left XLA a separate multiply that
+        # it made again for each of the projections that read it: 1 ms a 2,048-token 8B step on an H200)
+        return rms_norm_reference(x, self.weight[...], self.eps)
 
 
 class Embed(nnx.Module):
@@ -296,12 +305,21 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, kv: tuple[jax.Array, jax.Array], x: jax.Array, md: AttentionMetadata,
+    def __call__(self, kv: tuple[jax.Array, jax.Array], x, md: AttentionMetadata,
                  cos: jax.Array, sin: jax.Array, *, attention: AttentionOptions = AttentionOptions(),
-                 fp8: Fp8Options = Fp8Options()):
-        t = x.shape[0]
+                 fp8: Fp8Options = Fp8Options(), raw_output: bool = False):
+        """``x``: the normalized input [T, hidden], or ``(values, scales, dtype)``: it quantized per row already
+        (float8_e4m3fn [T, hidden], f32 [T, 1]) for an fp8 ``qkv_proj``, its output in ``dtype``. Returns (kv,
+        o_proj's output); with ``raw_output`` (an fp8 ``o_proj`` without bias) o_proj's raw product, its rows'
+        scales and its channels' scales instead (``fp8_dot``; ``fp8_scaled_dot`` scales it so)."""
+        if isinstance(x, tuple):
+            xq, sx, dtype = x
+            qkv = self.qkv_proj.quantized(xq, sx, dtype)
+        else:
+            qkv = self.qkv_proj(x, fp8=fp8)
+        t = qkv.shape[0]
         hd = self.head_dim
-        q, k, v = split_qkv(self.qkv_proj(x, fp8=fp8), self.num_heads * hd, self.num_kv_heads * hd, self.tp)
+        q, k, v = split_qkv(qkv, self.num_heads * hd, self.num_kv_heads * hd, self.tp)
         q = q.reshape(t, self.num_heads, hd)
         k = k.reshape(t, self.num_kv_heads, hd)
         v = v.reshape(t, self.num_kv_heads, hd)
@@ -322,6 +340,10 @@ class Attention(nnx.Module):
         k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
                                     md.kv_lens, md.page_table, md.cu_q_lens)
         o = o.reshape(t, self.num_heads * self.head_dim)
+        if raw_output:
+            fused = self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all"))
+            oq, so = quantize_rows_fp8(o) if fused else quantize_fp8(o)
+            return (k_pages, v_pages), (fp8_dot(oq, self.o_proj.weight[...], o.dtype), so, self.o_proj.scale[...])
         if self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all")):
             return (k_pages, v_pages), self.o_proj.quantized(*quantize_rows_fp8(o), o.dtype)
         return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
@@ -360,6 +382,34 @@ class MLP(nnx.Module):
             return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
         return self.down_proj(jax.nn.silu(gate) * up, fp8=fp8)
 
+    def raw_product(self, xq: jax.Array, sx: jax.Array, dtype, *, fp8: Fp8Options = Fp8Options()):
+        """The MLP of fp8 weights (down_proj without bias) on an input quantized per row (``xq`` float8_e4m3fn,
+        its scales ``sx [T, 1]``), as ``__call__`` makes it: (down_proj's raw product in ``dtype``, its rows'
+        scales, its channels' scales)."""
+        fused = self.down_proj.fuses_quantize(xq, fp8, ("all",))
+        if fused and self.gate_proj.bias is None and self.up_proj.bias is None:
+            gate = fp8_dot(xq, self.gate_proj.weight[...], dtype)
+            up = fp8_dot(xq, self.up_proj.weight[...], dtype)
+            hq, hs = quantize_rows_fp8(up, gate, scales=(sx, self.up_proj.scale[...], self.gate_proj.scale[...]))
+        else:
+            gate, up = self.gate_proj.quantized(xq, sx, dtype), self.up_proj.quantized(xq, sx, dtype)
+            hq, hs = quantize_rows_fp8(up, gate) if fused else quantize_fp8(jax.nn.silu(gate) * up)
+        return fp8_dot(hq, self.down_proj.weight[...], dtype), hs, self.down_proj.scale[...]
+
+
+class Residual(NamedTuple):
+    """A layer's output under ``Fp8Options.fused_norm``: the residual stream ``x`` and the MLP's output not yet
+    added to it, as down_proj's raw fp8 product with its rows' and channels' scales (the next layer's norm kernel
+    adds it)."""
+    x: jax.Array
+    raw: jax.Array
+    row_scale: jax.Array
+    col_scale: jax.Array
+
+    def added(self) -> jax.Array:
+        """``x`` plus the product scaled and rounded as ``fp8_scaled_dot`` makes it: the unfused layer's output."""
+        return self.x + fp8_scale(self.raw, self.row_scale, self.col_scale, self.x.dtype)
+
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, mesh: Mesh, dtype):
@@ -368,11 +418,36 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, mesh=mesh)
 
+    def fuses_norm(self, rows: int, fp8: Fp8Options) -> bool:
+        """Whether this layer, in a call of ``rows`` tokens, adds, normalizes and quantizes its inputs in one
+        kernel each (``pallas_kernels.rms_norm_fp8``) and leaves its MLP's output to the next layer's kernel
+        (``Residual``): under ``Fp8Options.fused_norm``, with fp8 weights, no bias on o_proj and down_proj, one
+        device on the model axis (a row's scale needs the whole row) and w8a8 products (more than
+        ``Fp8Options.kernel_rows`` rows)."""
+        a, m = self.self_attn, self.mlp
+        return (fp8.fused_norm and a.qkv_proj.weight is not None and m.down_proj.weight is not None
+                and a.o_proj.bias is None and m.down_proj.bias is None and rows > fp8.kernel_rows
+                and model_parallel_size(a.mesh) == 1)
+
     def __call__(self, kv, x, md, cos, sin, *, attention: AttentionOptions = AttentionOptions(),
                  fp8: Fp8Options = Fp8Options()):
-        kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention=attention, fp8=fp8)
-        x = x + attn
-        return kv, x + self.mlp(self.post_attention_layernorm(x), fp8=fp8)
+        """``x``: the residual stream [T, hidden], or a ``Residual`` (the previous layer's, fused). Returns (kv,
+        the residual stream), a ``Residual`` where ``fuses_norm``."""
+        rows = (x.x if isinstance(x, Residual) else x).shape[0]
+        if not self.fuses_norm(rows, fp8):
+            if isinstance(x, Residual):
+                x = x.added()
+            kv, attn = self.self_attn(kv, self.input_layernorm(x), md, cos, sin, attention=attention, fp8=fp8)
+            x = x + attn
+            return kv, x + self.mlp(self.post_attention_layernorm(x), fp8=fp8)
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if isinstance(x, Residual):
+            x, q, s = add_rms_norm_fp8(x.x, n1.weight[...], n1.eps, (x.raw, x.row_scale, x.col_scale))
+        else:       # the first layer: nothing to add (XLA's fusions)
+            q, s = quantize_fp8(n1(x))
+        kv, o = self.self_attn(kv, (q, s, x.dtype), md, cos, sin, attention=attention, fp8=fp8, raw_output=True)
+        x, q, s = add_rms_norm_fp8(x, n2.weight[...], n2.eps, o)
+        return kv, Residual(x, *self.mlp.raw_product(q, s, x.dtype, fp8=fp8))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -396,7 +471,8 @@ class LlamaForCausalLM(nnx.Module):
                  attention_in_place: bool = True, fp8_kernel_rows: int = 0,
                  fp8_fused_quantize: str = "off", fp8_fused_min_rows: int = 0,
                  attention_programs: int = 0, skip_idle_prefill: bool = False,
-                 attention_fp8_products: str = "off", nested_layers: bool = True) -> tuple[KVCache, jax.Array]:
+                 attention_fp8_products: str = "off", nested_layers: bool = True,
+                 fp8_fused_norm: bool = False) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
@@ -407,9 +483,9 @@ class LlamaForCausalLM(nnx.Module):
         ``attention_fp8_products``: over fp8 KV pages, the decode kernel's products on e4m3 operands
         (``ragged_paged_attention(fp8_products=)``).
         ``nested_layers``: the layers traced once, their jaxpr inlined for each layer (below); False: each layer
-        traced into the caller's program."""
+        traced into the caller's program. ``fp8_fused_norm``: ``Fp8Options.fused_norm``."""
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
-                         fused_min_rows=fp8_fused_min_rows)
+                         fused_min_rows=fp8_fused_min_rows, fused_norm=fp8_fused_norm)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
                                      skip_idle_prefill=skip_idle_prefill, fp8_products=attention_fp8_products)
         x = self.embed_tokens(token_ids)
@@ -430,7 +506,7 @@ class LlamaForCausalLM(nnx.Module):
         for layer, kv in zip(self.layers, kv_cache):
             kv, x = apply_layer(*nnx.split(layer), kv, x, md, cos, sin)
             new_cache.append(kv)
-        return new_cache, self.norm(x)
+        return new_cache, self.norm(x.added() if isinstance(x, Residual) else x)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [N, hidden_size] -> f32[N, vocab_size]. An fp8 lm_head (``quantize_lm_head``): ``fp8_logits``,

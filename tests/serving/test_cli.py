@@ -86,6 +86,12 @@ def test_serve_fp8_kernel_limit_flag():
     for site in ("off", "o_proj", "all"):
         assert _engine_config(parse(["serve", "--fp8-fused-quantize", site])).fp8_fused_quantize == site
     assert _engine_config(parse(["serve"])).fp8_fused_quantize_min_tokens == "auto"
+    for flag, value in ((None, "auto"), ("on", True), ("off", False)):
+        argv = ["serve"] + ([] if flag is None else ["--fp8-fused-norm", flag])
+        got = _engine_config(parse(argv)).fp8_fused_norm
+        assert got == value and type(got) is type(value), (flag, got)
+    with pytest.raises(SystemExit):
+        parse(["serve", "--fp8-fused-norm", "yes"])
     assert _engine_config(parse(["serve"])).separate_sampler is False
     assert _engine_config(parse(["serve"])).skip_idle_prefill is False
     assert _engine_config(parse(["serve", "--skip-idle-prefill"])).skip_idle_prefill is True

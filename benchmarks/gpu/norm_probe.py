@@ -1,0 +1,92 @@
+"""The layer inputs' residual add, RMSNorm and fp8 quantization: XLA's fusions against ``pallas_kernels.rms_norm_fp8``.
+
+At each row count, a chain of 32 sites as a step of an fp8 model makes them (each site's residual the previous
+site's output ``h``, so that nothing runs side by side that a step runs in turn): ``h = x + delta`` (``delta`` an fp8
+product's raw result with its rows' and channels' scales), ``(q, s)`` the per-row fp8 quantization of
+``rms_norm(h) * w``. ``xla``: the model's unfused operations in one jit; ``kernel``: the fused kernel at
+``--warps``. The floor: the bytes a site must move (x and the raw product read, h and q written) at the copy rate
+measured in this process. Times are a call's median, dispatch included (about 0.1 ms a call).
+
+    python -m benchmarks.gpu.norm_probe [--rows 16,64,128,512,2048] [--width 4096] [--warps 4,8] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SITES = 32
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.norm_probe")
+    ap.add_argument("--rows", default="16,64,128,512,2048")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--impl", default="kernel", choices=("kernel", "interpret"),
+                    help="interpret: Pallas interpret mode (a CPU check of this script, not a measurement)")
+    args = ap.parse_args(argv)
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+        warps = [int(w) for w in args.warps.split(",")]
+    except ValueError:
+        ap.error("--rows and --warps: comma-separated integers")
+    if min(rows) < 1 or min(warps) < 1 or args.width < 16 or args.reps < 1:
+        ap.error("--rows, --warps and --reps must be at least 1, --width at least 16")
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu.fp8_matmul_probe import _time
+    from benchmarks.kernels import measure_bandwidth
+    from jaxdyn.models.llama import fp8_scale, quantize_fp8
+    from pallas_kernels.rms_norm_fp8 import add_rms_norm_fp8_kernel, rms_norm_reference
+
+    d, eps = args.width, 1e-5
+    bandwidth = measure_bandwidth(4.0) if args.impl == "kernel" else 1e12
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (this process); {SITES} sites a call, width {d}; "
+          f"{jax.devices()[0].device_kind}")
+
+    def xla(x, raw, rs, cs, w):
+        h = x + fp8_scale(raw, rs, cs, x.dtype)
+        q, s = quantize_fp8(rms_norm_reference(h, w, eps))
+        return h, q, s
+
+    def fused(nw):
+        return lambda x, raw, rs, cs, w: add_rms_norm_fp8_kernel(x, w, (raw, rs, cs), eps=eps, num_warps=nw,
+                                                                 interpret=args.impl == "interpret")
+
+    def chain(site):
+        def run(x, raws, rss, cs, ws):
+            outs = []
+            for raw, rs, w in zip(raws, rss, ws):
+                x, q, s = site(x, raw, rs, cs, w)
+                outs.append((q, s))
+            return x, outs
+        return jax.jit(run)
+
+    print("\n| rows | floor ms | XLA ms (x floor) | " + " | ".join(f"kernel {w} warps ms (x floor, x XLA)" for w in warps)
+          + " |")
+    print("|---:|---:|---:|" + "---:|" * len(warps))
+    for t in rows:
+        k = jax.random.split(jax.random.key(t), 3 * SITES + 2)
+        x = jax.random.normal(k[0], (t, d), jnp.bfloat16)
+        raws = [(jax.random.normal(k[2 + i], (t, d)) * 300).astype(jnp.bfloat16) for i in range(SITES)]
+        rss = [jax.random.uniform(k[2 + SITES + i], (t, 1), minval=1e-3, maxval=1e-2) for i in range(SITES)]
+        ws = [(1 + 0.1 * jax.random.normal(k[2 + 2 * SITES + i], (d,))).astype(jnp.bfloat16) for i in range(SITES)]
+        cs = jax.random.uniform(k[1], (d,), minval=0.5, maxval=2.0)
+        floor = SITES * t * d * (2 + 2 + 2 + 1) / bandwidth
+        ops = (x, raws, rss, cs, ws)
+        tx = _time(chain(xla), *ops, reps=args.reps)
+        cells = []
+        for nw in warps:
+            tk = _time(chain(fused(nw)), *ops, reps=args.reps)
+            cells.append(f"{tk * 1e3:.3f} ({tk / floor:.2f}, {tk / tx:.3f})")
+        print(f"| {t} | {floor * 1e3:.3f} | {tx * 1e3:.3f} ({tx / floor:.2f}) | " + " | ".join(cells) + " |", flush=True)
+    print("\nreproduce: python -m benchmarks.gpu.norm_probe " + " ".join(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""benchmarks/gpu/norm_probe.py: its table, run in Pallas interpret mode on the CPU (the timings are a GPU's), and
+its refusals."""
+
+import pytest
+
+from benchmarks.gpu import norm_probe
+
+
+def test_the_probe_prints_a_row_a_row_count_with_each_warp_count(capsys):
+    assert norm_probe.main(["--rows", "2,4", "--width", "256", "--warps", "4,8", "--reps", "1",
+                            "--impl", "interpret"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2 and all(line.count("|") == 6 for line in rows)
+    assert "kernel 8 warps" in out and "reproduce: python -m benchmarks.gpu.norm_probe --rows 2,4" in out
+
+
+@pytest.mark.parametrize("argv", [["--rows", "a"], ["--rows", "0"], ["--width", "8"], ["--warps", "0"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        norm_probe.main(argv)
+    assert e.value.code == 2
