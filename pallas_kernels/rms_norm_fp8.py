@@ -32,21 +32,11 @@ from pallas_kernels.fp8_quantize import FP8_MAX, _scaled, quantize_rows_fp8_refe
 from pallas_kernels.paged_decode import on_gpu
 
 MAX_BLOCK_COLS = 4096   # a row's columns loaded as blocks of at most this many (powers of two: Triton's tiles)
-# (rows a program, warps) by the call's rows, for widths up to 4,096 (8 warps a row beyond): on an H100 at the 8B
-# width, 32 sites chained, 8 warps took 0.92-0.97x the time of 4 at 16-512 rows and 1.04x at 2,048
-# (``benchmarks/gpu/norm_probe.py``, session 35)
-SMALL_BLOCKS, LARGE_BLOCKS, LARGE_ROWS = (1, 8), (1, 4), 2048
-
-
-def norm_blocks(rows: int, width: int) -> tuple[int, int]:
-    """(rows a program, warps) for ``rows`` rows of ``width``: SMALL_BLOCKS, or LARGE_BLOCKS from LARGE_ROWS rows;
-    at least 8 warps a row above 4,096 columns; the rows a program lowered to a divisor of ``rows``."""
-    block_rows, warps = LARGE_BLOCKS if rows >= LARGE_ROWS else SMALL_BLOCKS
-    if width > 4096:
-        warps = max(warps, 8 * block_rows)
-    while rows % block_rows:
-        block_rows //= 2
-    return block_rows, warps
+# warps a program (one row): on an H100 at the 8B width (32 sites chained), 8 warps took 0.92-0.97x the time of 4
+# at 16-1,024 rows; at 2,048 rows 1.04x in one process and 0.98x in another, where 4 rows a program with 16 warps
+# took 0.97x of 8 but lost in the engine (15,294 against 15,420 output tok/s; ``benchmarks/gpu/norm_probe.py``
+# and ``ab_offline.py``, session 35)
+NUM_WARPS = 8
 
 
 def rms_norm_reference(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -110,13 +100,12 @@ def _kernel(*refs, eps: float, block_cols: int, steps: int, width: int, has_delt
 def add_rms_norm_fp8_kernel(x: jax.Array, weight: jax.Array, delta: tuple | None = None, *, eps: float,
                             block_rows: int | None = None, num_warps: int | None = None, interpret: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The kernel: ``block_rows`` rows a program, each row's columns in blocks of the largest power of two up to
-    ``MAX_BLOCK_COLS`` that divides the width, all loaded at once; ``num_warps`` a program (both by default
-    ``norm_blocks``'). Returns ``add_rms_norm_fp8_reference``'s triple (``h`` is x when ``delta`` is None)."""
+    """The kernel: ``block_rows`` rows a program (default 1), each row's columns in blocks of the largest power of
+    two up to ``MAX_BLOCK_COLS`` that divides the width, all loaded at once; ``num_warps`` a program (default
+    NUM_WARPS a row). Returns ``add_rms_norm_fp8_reference``'s triple (``h`` is x when ``delta`` is None)."""
     t, d = x.shape
-    auto_rows, auto_warps = norm_blocks(t, d)
-    block_rows = block_rows or auto_rows
-    num_warps = num_warps or auto_warps
+    block_rows = block_rows or 1
+    num_warps = num_warps or NUM_WARPS * block_rows
     bc = MAX_BLOCK_COLS
     while bc > 16 and d % bc:
         bc //= 2

@@ -99,9 +99,9 @@ def test_the_fused_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monke
 
 def test_fused_norm_falls_back_where_it_does_not_apply(tmp_path, monkeypatch):
     """A bias on down_proj (and o_proj) leaves the layers unfused: the kernel is never called, the tokens are the
-    unfused ones; a bf16 model resolves the option off."""
+    unfused ones; a bf16 model resolves the option off, "auto" resolves on for an fp8 model on a GPU only."""
     import jaxdyn.models.llama as llama
-    from jaxdyn.engine.core import fp8_fused_norm
+    from jaxdyn.engine.core import FP8_FUSED_NORM, fp8_fused_norm
     mesh, model = _model(tmp_path, "llama-mqa-bias")
     tokens, scores = _generate(mesh, model, fp8_fused_norm=False)
     monkeypatch.setattr(llama, "add_rms_norm_fp8", lambda *a, **kw: pytest.fail("the kernel was called"))
@@ -112,5 +112,6 @@ def test_fused_norm_falls_back_where_it_does_not_apply(tmp_path, monkeypatch):
     assert fp8_fused_norm(EngineConfig(fp8_fused_norm=True), bf16, "gpu") is False
     assert fp8_fused_norm(EngineConfig(fp8_fused_norm=True), model.config, "cpu") is True
     assert fp8_fused_norm(EngineConfig(), model.config, "cpu") is False
+    assert fp8_fused_norm(EngineConfig(), model.config, "gpu") is FP8_FUSED_NORM is True     # measured: on
     with pytest.raises(ValueError, match="fp8_fused_norm"):
         EngineConfig(fp8_fused_norm="on")

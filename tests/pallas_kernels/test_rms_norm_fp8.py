@@ -105,16 +105,3 @@ def test_gpu_the_kernel_on_the_8b_width():
         h, q, s = jax.jit(lambda x, w, delta: add_rms_norm_fp8(x, w, 1e-5, delta, impl="kernel"))(x, w, delta)
         _check((h, q, s), add_rms_norm_fp8_reference(x, w, 1e-5, delta), 1e-5)
 
-
-def test_the_blocks_follow_the_rows(monkeypatch):
-    import pallas_kernels.rms_norm_fp8 as m
-    assert m.norm_blocks(16, 4096) == m.SMALL_BLOCKS and m.norm_blocks(m.LARGE_ROWS - 1, 4096) == m.SMALL_BLOCKS
-    assert m.norm_blocks(m.LARGE_ROWS, 4096) == m.LARGE_BLOCKS
-    monkeypatch.setattr(m, "LARGE_BLOCKS", (4, 8))
-    assert m.norm_blocks(4096, 4096) == (4, 8)
-    assert m.norm_blocks(2050, 4096) == (2, 8)              # rows a program lowered to a divisor of the rows
-    assert m.norm_blocks(4096, 5120) == (4, 32)             # 8 warps a row above 4,096 columns
-    x, delta, w = _inputs(6, 256)                           # a call takes them: 6 rows, 2 a program
-    monkeypatch.setattr(m, "LARGE_ROWS", 4)
-    _check(m.add_rms_norm_fp8(x, w, 1e-5, delta, impl="interpret"), add_rms_norm_fp8_reference(x, w, 1e-5, delta),
-           1e-6)

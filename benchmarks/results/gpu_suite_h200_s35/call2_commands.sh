@@ -1,4 +1,4 @@
-# Session 35, call 2 (~420 s; carry .gpu_wheels): the fused norm kernel's blocks swept at 16-2,048 rows; a copy of
+# Session 35, call 2 (~420 s; carry .gpu_wheels; ran at 1e41e9c, whose kernel had SMALL_BLOCKS / LARGE_BLOCKS): the fused norm kernel's blocks swept at 16-2,048 rows; a copy of
 # the tree (/tmp/large) takes the fastest blocks at 2,048 rows as its LARGE_BLOCKS; then the offline A/B, two rounds,
 # each configuration with its own JAX cache: fp8_fused_norm off, on, and on in that copy.
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
