@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
 def _measure(args, engine: dict, buckets) -> int:
     from checkpoints.loader import plan_model
-    from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
+    from jaxdyn.engine.core import FP8_FUSED_NORM, FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
     from serving.cli import SAMPLER_SWITCH_FLAG
 
@@ -69,6 +69,7 @@ def _measure(args, engine: dict, buckets) -> int:
                        kv_cache_dtype="fp8" if quant else "auto",
                        fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
+                       fp8_fused_norm=FP8_FUSED_NORM and quant == "fp8",
                        sampler_switch=SAMPLER_SWITCH_FLAG[args.sampler_switch],
                        nested_layers=not args.no_nested_layers)
     runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)

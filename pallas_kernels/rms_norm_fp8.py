@@ -12,8 +12,11 @@ traces of the 16- and 2,048-token buckets, twentieth and twenty-eighth sessions)
 Here one program owns ``block_rows`` rows and writes, in one pass: ``h`` (bf16), the fp8 values of ``y`` and the
 rows' scales. ``delta`` comes as an fp8 product's raw result with its rows' and channels' scales (``(raw,
 row_scale, col_scale)``, scaled as ``jaxdyn.models.llama.fp8_scaled_dot`` scales it, in the kernel), so the
-scaled product is never written. The values are those of the ``jax.numpy`` form (``add_rms_norm_fp8_reference``,
-the model's own ``RMSNorm`` and ``quantize_fp8``) but for the order of the kernel's float32 sums.
+scaled product is never written. The values are those of the ``jax.numpy`` form (``add_rms_norm_fp8_reference``:
+the model's own ``RMSNorm`` and ``quantize_fp8``, run op by op) but for the order of the kernel's float32 sums.
+Compiled by XLA for a GPU, the unfused form quantizes the norm's output before its rounding to bf16 (XLA's
+``xla_allow_excess_precision``, on by default, drops the round trip): there about 2 % of the fp8 codes differ by
+one step from the kernel's, which rounds as Hugging Face's RMSNorm does.
 
 ``add_rms_norm_fp8`` is the entry point: the kernel on GPU, Pallas interpret mode (CPU tests) or the reference.
 """

@@ -18,8 +18,8 @@ def test_the_probe_prints_a_row_a_row_count_with_each_warp_count(capsys):
     assert len(best) == 2 and best[1] == "best at 3 rows: 1/4"
 
 
-@pytest.mark.parametrize("argv", [["--rows", "a"], ["--rows", "0"], ["--width", "8"], ["--configs", "1/0"],
-                                  ["--configs", "4"], ["--configs", "1/x"]])
+@pytest.mark.parametrize("argv", [["--rows", "a"], ["--rows", "0"], ["--width", "8"], ["--width", "40"],
+                                  ["--configs", "1/0"], ["--configs", "4"], ["--configs", "1/x"], ["--configs", "3/8"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as e:
         norm_probe.main(argv)

@@ -35,8 +35,12 @@ def main(argv=None) -> int:
         ap.error("--rows: comma-separated integers; --configs: R/W pairs, comma-separated")
     if any(len(c) != 2 for c in configs):
         ap.error("--configs: R/W pairs (rows a program / warps), comma-separated")
-    if min(rows) < 1 or min(min(c) for c in configs) < 1 or args.width < 16 or args.reps < 1:
-        ap.error("--rows, --configs and --reps must be at least 1, --width at least 16")
+    if min(rows) < 1 or min(min(c) for c in configs) < 1 or args.reps < 1:
+        ap.error("--rows, --configs and --reps must be at least 1")
+    if args.width < 16 or args.width % 16:
+        ap.error(f"--width: a multiple of 16 (the kernel's column blocks), got {args.width}")
+    if any(br & (br - 1) for br, _ in configs):
+        ap.error("--configs: rows a program must be a power of two (Triton's tiles)")
 
     import jax
     import jax.numpy as jnp

@@ -132,7 +132,7 @@ class EngineConfig:
         m = self.fp8_fused_quantize_min_tokens
         if not (m == "auto" or is_count(m)):
             raise ValueError(f"fp8_fused_quantize_min_tokens: expected 'auto' or an integer >= 0, got {m!r}")
-        if self.fp8_fused_norm not in ("auto", True, False):
+        if self.fp8_fused_norm != "auto" and not isinstance(self.fp8_fused_norm, bool):
             raise ValueError(f"fp8_fused_norm: expected 'auto', True or False, got {self.fp8_fused_norm!r}")
 
 
@@ -149,14 +149,18 @@ FP8_TRITON_GEMM_MAX_TOKENS = 0
 # ab_offline.py``): the kernel's first form (two loops over a row) made every step dearer (2026-12-03, 0.946x);
 # the one-pass form, with down_proj's input made from gate's and up's raw products, cut the steps of 192-2,048
 # tokens by 3-7 % (2,048: 30.37 -> 28.61 ms; 2026-12-04). Its cost: XLA compiles the kernels again in every
-# executable that holds them (cold start of that run 122-130 s against 59-65 s). From 512 tokens only: the
-# buckets of 192-384 gained 0.0-0.4 ms a step, and in ``benchmarks/schedule_sim.py``'s schedule of that run with
-# the measured costs the kernel from 512 tokens gives 16,262 output tok/s against 16,296 from 192 and 15,921
-# without, at 12 of the warm-up's 30 executables holding it instead of 21. The rescaling of the raw products
-# passed its GPU tests on an H200 (``tests/pallas_kernels/test_fp8_quantize.py``, ``test_fp8_linear.py``,
-# 2026-12-04, fifteenth session); ``--fp8-fused-quantize off`` turns it off
+# executable that holds them (cold start of that run 122-130 s against 59-65 s). From 512 tokens only until
+# session 35: the buckets of 192-384 gained 0.0-0.4 ms a step, and in ``benchmarks/schedule_sim.py``'s schedule of
+# that run the kernel from 512 tokens gave 16,262 output tok/s against 16,296 from 192 and 15,921 without. The
+# rescaling of the raw products passed its GPU tests on an H200 (``tests/pallas_kernels/test_fp8_quantize.py``,
+# ``test_fp8_linear.py``, 2026-12-04, fifteenth session); ``--fp8-fused-quantize off`` turns it off.
+# From every step since session 35 (0): with ``FP8_FUSED_NORM`` on, an H100 ran 15,750 against 15,532 output tok/s
+# with the floor at 512 (1.014x, two rounds each from its own empty cache; the 16-384-token steps 0.3-0.4 ms
+# cheaper), and XLA's time summed over the warm-up fell 245 -> 166 s (cold start 40.1 -> 34.9 s): the kernels cost
+# less compile time than XLA's own quantization fusions (``benchmarks/results/gpu_suite_h200.md``, thirty-fifth
+# session, call 3)
 FP8_FUSED_QUANTIZE = "all"
-FP8_FUSED_QUANTIZE_MIN_TOKENS = 512
+FP8_FUSED_QUANTIZE_MIN_TOKENS = 0
 
 # An fp8 model's steps of at most this many tokens on a GPU: the Pallas fp8-weight kernel for its products. 0
 # (never): on an H200 (8B shape) its products, alone, took 0.76-0.95x cuBLASLt's at 16 rows with the best blocks
@@ -167,12 +171,16 @@ FP8_KERNEL_MAX_TOKENS = 0
 
 
 # An fp8 model's residual add, RMSNorm and per-token quantization of each layer input in one
-# ``pallas_kernels.rms_norm_fp8`` kernel on a GPU (``llama.Fp8Options.fused_norm``). On two H100s (8B shape, fp8 KV
-# pages, ShareGPT-shaped offline run, each configuration from its own empty JAX cache, ``benchmarks/gpu/
-# ab_offline.py``, session 35): 15,617 against 15,251 output tok/s (1.024x, three rounds each) and 15,420 against
-# 15,118 (1.020x, two), the steps of 192-1,024 tokens 2-9 % cheaper; XLA's compile time 417 -> 218 s and 248 ->
-# 217 s summed over the warm-up's 30 executables (the cold start 67.2 -> 42.9 s and 39.3 -> 36.0 s): XLA's own
-# fusions of the norms had been Triton fusions that it compiled and tuned in every executable
+# ``pallas_kernels.rms_norm_fp8`` kernel on a GPU (``llama.Fp8Options.fused_norm``). One H100 each time (8B shape,
+# fp8 KV pages, ShareGPT-shaped offline run, each configuration from its own empty JAX cache, ``benchmarks/gpu/
+# ab_offline.py``, session 35): on against off 15,617 / 15,251 output tok/s (1.024x, three rounds, the kernel at 4
+# warps) and 15,420 / 15,118 (1.020x, two rounds, 8 warps under 2,048 rows); the committed kernel (8 warps) against
+# session 34's tree 15,532 / 15,308 (1.015x, two rounds); the steps of 192-1,024 tokens 2-9 % cheaper; XLA's time
+# summed over the warm-up's 30 executables 417 -> 218 s, 248 -> 217 s and 330 -> 245 s (cold start 67.2 -> 42.9 s,
+# 39.3 -> 36.0 s, 52.7 -> 40.1 s): XLA makes each site three Triton fusions that it compiles and tunes in every
+# executable. Not the same numbers as the unfused layers on a GPU: the kernel rounds the norm's output to bf16
+# before quantizing it (as Hugging Face's RMSNorm and the unjitted operations do), where XLA's compiled unfused
+# layers quantize it unrounded (``xla_allow_excess_precision``): about 2 % of the fp8 codes one step apart
 FP8_FUSED_NORM = True
 
 

@@ -422,8 +422,8 @@ class DecoderLayer(nnx.Module):
         """Whether this layer, in a call of ``rows`` tokens, adds, normalizes and quantizes its inputs in one
         kernel each (``pallas_kernels.rms_norm_fp8``) and leaves its MLP's output to the next layer's kernel
         (``Residual``): under ``Fp8Options.fused_norm``, with fp8 weights, no bias on o_proj and down_proj, one
-        device on the model axis (a row's scale needs the whole row) and w8a8 products (more than
-        ``Fp8Options.kernel_rows`` rows)."""
+        device on the model axis (a row's scale needs the whole row) and more than ``Fp8Options.kernel_rows`` rows
+        (fewer take the fp8-weight kernel, whose inputs are not quantized)."""
         a, m = self.self_attn, self.mlp
         return (fp8.fused_norm and a.qkv_proj.weight is not None and m.down_proj.weight is not None
                 and a.o_proj.bias is None and m.down_proj.bias is None and rows > fp8.kernel_rows
@@ -491,7 +491,8 @@ class LlamaForCausalLM(nnx.Module):
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         # ``nested_layers``: each layer through one jit made for this call, inlined into the caller's jaxpr. The layers
-        # share a graphdef and their inputs' shapes, so the first layer is traced and the others reuse its jaxpr
+        # share a graphdef and their inputs' shapes, so the first layer is traced and the others reuse its jaxpr (under
+        # ``fused_norm`` the first layer and the second: the others take the second's ``Residual`` input)
         # (tracing the 32 layers was most of a step's serial lowering: ``benchmarks/lowering_time.py``); inlined, the
         # step's jaxpr, and so its compiled program, is the one the layers traced one by one make
         # (``benchmarks/nested_layers_check.py``; a call of one lowered function a layer, not inlined, lowered a

@@ -30,40 +30,45 @@ def _model(tmp_path, family, dtype=jnp.bfloat16):
 
 
 def _generate(mesh, model, **options):
-    """({request: greedy tokens}, [each prompt token's logprob given the ones before it, every prompt in turn])."""
+    """({request: greedy tokens}, [each prompt token's logprob given the ones before it, every prompt in turn]): the
+    tokens from requests without prompt logprobs (their steps fill the 32-token bucket), the scores from a second
+    run with them."""
     eng = EngineCore(model.graphdef, model.state, mesh, model.config, None, dataclasses.replace(CFG, **options))
-    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1)
-    for i, prompt in enumerate(PROMPTS):
-        eng.add_request(str(i), prompt, p)
     out, scores = {}, {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                out[o.request_id] = list(o.outputs[0].token_ids)
-                scores[o.request_id] = [e[t].logprob for e, t in zip(o.prompt_logprobs[1:],
-                                                                     PROMPTS[int(o.request_id)][1:])]
+    for scored in (False, True):
+        p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1 if scored else None)
+        for i, prompt in enumerate(PROMPTS):
+            eng.add_request(f"{i}{'s' if scored else ''}", prompt, p)
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished and not scored:
+                    out[o.request_id] = list(o.outputs[0].token_ids)
+                elif o.finished:
+                    scores[o.request_id] = [e[t].logprob for e, t in zip(o.prompt_logprobs[1:],
+                                                                         PROMPTS[int(o.request_id[:-1])][1:])]
     assert eng.allocator.num_in_use == 0
-    return out, np.concatenate([scores[str(i)] for i in range(len(PROMPTS))])
+    return out, np.concatenate([scores[f"{i}s"] for i in range(len(PROMPTS))])
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen3", "qwen2"])
 def test_fused_norm_generates_what_the_unfused_layers_do(tmp_path, monkeypatch, family):
     """The same greedy tokens and prompt logprobs with the fused layers as without, through the kernel's
-    reference (the same operations, bit-identical by construction), which runs at 2 x layers - 1 sites a step
-    (the first layer's input norm has nothing to add and stays XLA's)."""
+    reference (the same operations: bit-identical on the CPU, whose XLA keeps the norm's bf16 rounding), which
+    runs at 2 x layers - 1 sites a step (the first layer's input norm has nothing to add and stays XLA's)."""
     import jaxdyn.models.llama as llama
     from pallas_kernels.rms_norm_fp8 import add_rms_norm_fp8
     mesh, model = _model(tmp_path, family)
     tokens, scores = _generate(mesh, model, fp8_fused_norm=False)
     calls = []
     monkeypatch.setattr(llama, "add_rms_norm_fp8",
-                        lambda *a, **kw: calls.append(1) or add_rms_norm_fp8(*a, impl="reference", **kw))
+                        lambda x, *a, **kw: calls.append(x.shape[0]) or add_rms_norm_fp8(x, *a, impl="reference", **kw))
     fused_tokens, fused_scores = _generate(mesh, model, fp8_fused_norm=True)
     assert fused_tokens == tokens
     np.testing.assert_array_equal(fused_scores, scores)
-    # each trace of the layers: the first layer once (its post-attention norm), the other layers' trace twice
+    # each trace of the layers: the first layer once (its post-attention norm), the other layers' trace twice; both
+    # token buckets
     layers = model.config.num_layers
-    assert calls and len(calls) % (1 + 2 * (layers > 1)) == 0
+    assert sorted(set(calls)) == [8, 32] and len(calls) % (1 + 2 * (layers > 1)) == 0
 
 
 def test_the_fused_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch):
@@ -113,5 +118,6 @@ def test_fused_norm_falls_back_where_it_does_not_apply(tmp_path, monkeypatch):
     assert fp8_fused_norm(EngineConfig(fp8_fused_norm=True), model.config, "cpu") is True
     assert fp8_fused_norm(EngineConfig(), model.config, "cpu") is False
     assert fp8_fused_norm(EngineConfig(), model.config, "gpu") is FP8_FUSED_NORM is True     # measured: on
-    with pytest.raises(ValueError, match="fp8_fused_norm"):
-        EngineConfig(fp8_fused_norm="on")
+    for bad in ("on", 1, np.True_, None):
+        with pytest.raises(ValueError, match="fp8_fused_norm"):
+            EngineConfig(fp8_fused_norm=bad)
