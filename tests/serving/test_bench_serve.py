@@ -407,8 +407,9 @@ def test_compare_prints_both_runs_and_the_ratios_b_over_a(tmp_path, capsys):
     label, va, vb, ratio = _row(out, "Mean TTFT (ms)")
     assert float(va.replace(",", "")) == pytest.approx(a["mean_ttft_ms"], abs=0.01)
     assert float(ratio) == pytest.approx(b["mean_ttft_ms"] / a["mean_ttft_ms"], abs=1e-3)
-    # the fakes' first tokens differ by 100 ms; what the loaded host adds to both is not a ratio's (CI: 2.15x)
-    assert 80 < b["mean_ttft_ms"] - a["mean_ttft_ms"] < 130 and float(ratio) > 1
+    # the fakes' first tokens differ by 100 ms; what the loaded host adds to both is not a ratio's (CI: 2.15x), and
+    # it may add more to one run than to the other (a busy 2-core host: 132 ms apart), so no upper bound
+    assert b["mean_ttft_ms"] - a["mean_ttft_ms"] > 80 and float(ratio) > 1
     assert float(_row(out, "Successful requests")[3]) == 1.0
     assert float(_row(out, "Request throughput (req/s)")[3]) < 0.8
 
