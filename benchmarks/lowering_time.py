@@ -4,8 +4,8 @@ A warm-up lowers its steps one after another on the calling thread (tracing hold
 compiling thread once lowered (``ModelRunner._compile_steps``), so the lowering is a serial part of every cold
 start. Lowering for a GPU runs without one (``lower(lowering_platforms=("cuda",))``, the Pallas kernels lowered to
 Triton as on the device: ``on_gpu`` patched true), so this measures it here: the GPU suite's engine (8B shape by
-default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, the fused quantization from 512
-tokens as on a GPU; the sampler switch a GPU's default, ``plain-full``), abstract weights (no memory for them), every part warm-up compiles (``ModelRunner.part_keys``).
+default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, the fused quantization and the
+fused norms as on a GPU; the sampler switch a GPU's default, ``plain-full``), abstract weights (no memory for them), every part warm-up compiles (``ModelRunner.part_keys``).
 
     python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch [plain-full|off]]
                                        [--buckets 16,2048]
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         if buckets[-1] < ENGINE["max_num_batched_tokens"]:
             ap.error(f"--buckets: the largest must be at least {ENGINE['max_num_batched_tokens']}")
     modules = [importlib.import_module(f"pallas_kernels.{m}") for m in
-               ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds")]
+               ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds",
+                "rms_norm_fp8")]
     saved = [m.on_gpu for m in modules]
     for m in modules:
         m.on_gpu = lambda: True            # lower as a GPU runs them (put back when done: a caller's process)

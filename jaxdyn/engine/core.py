@@ -155,8 +155,8 @@ FP8_TRITON_GEMM_MAX_TOKENS = 0
 # rescaling of the raw products passed its GPU tests on an H200 (``tests/pallas_kernels/test_fp8_quantize.py``,
 # ``test_fp8_linear.py``, 2026-12-04, fifteenth session); ``--fp8-fused-quantize off`` turns it off.
 # From every step since session 35 (0): with ``FP8_FUSED_NORM`` on, an H100 ran 15,750 against 15,532 output tok/s
-# with the floor at 512 (1.014x, two rounds each from its own empty cache; the 16-384-token steps 0.3-0.4 ms
-# cheaper), and XLA's time summed over the warm-up fell 245 -> 166 s (cold start 40.1 -> 34.9 s): the kernels cost
+# with the floor at 512 (1.014x, two rounds each from its own empty cache; the 128-384-token steps 0.17-0.37 ms
+# cheaper, the 16- and 64-token steps within their noise), and XLA's time summed over the warm-up fell 245 -> 166 s (cold start 40.1 -> 34.9 s): the kernels cost
 # less compile time than XLA's own quantization fusions (``benchmarks/results/gpu_suite_h200.md``, thirty-fifth
 # session, call 3)
 FP8_FUSED_QUANTIZE = "all"
@@ -175,7 +175,7 @@ FP8_KERNEL_MAX_TOKENS = 0
 # fp8 KV pages, ShareGPT-shaped offline run, each configuration from its own empty JAX cache, ``benchmarks/gpu/
 # ab_offline.py``, session 35): on against off 15,617 / 15,251 output tok/s (1.024x, three rounds, the kernel at 4
 # warps) and 15,420 / 15,118 (1.020x, two rounds, 8 warps under 2,048 rows); the committed kernel (8 warps) against
-# session 34's tree 15,532 / 15,308 (1.015x, two rounds); the steps of 192-1,024 tokens 2-9 % cheaper; XLA's time
+# session 34's tree 15,532 / 15,308 (1.015x, two rounds); the steps of 192-1,024 tokens 2-10 % cheaper; XLA's time
 # summed over the warm-up's 30 executables 417 -> 218 s, 248 -> 217 s and 330 -> 245 s (cold start 67.2 -> 42.9 s,
 # 39.3 -> 36.0 s, 52.7 -> 40.1 s): XLA makes each site three Triton fusions that it compiles and tunes in every
 # executable. Not the same numbers as the unfused layers on a GPU: the kernel rounds the norm's output to bf16

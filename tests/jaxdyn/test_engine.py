@@ -722,7 +722,7 @@ def test_fp8_kernel_limit_auto_is_for_fp8_models_on_a_gpu():
             EngineConfig(fp8_kernel_max_tokens=bad)
 
 
-def test_fp8_fused_quantize_auto_resolves_by_platform_and_model():
+def test_fp8_fused_quantize_auto_resolves_by_platform_and_model(monkeypatch):
     from types import SimpleNamespace
 
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE, fp8_fused_quantize
@@ -735,6 +735,9 @@ def test_fp8_fused_quantize_auto_resolves_by_platform_and_model():
     from jaxdyn.engine.core import FP8_FUSED_QUANTIZE_MIN_TOKENS, fp8_fused_quantize_min
     assert fp8_fused_quantize_min(EngineConfig(), "gpu") == FP8_FUSED_QUANTIZE_MIN_TOKENS
     assert fp8_fused_quantize_min(EngineConfig(), "cpu") == 0
+    from jaxdyn.engine import core
+    monkeypatch.setattr(core, "FP8_FUSED_QUANTIZE_MIN_TOKENS", 512)     # "auto" is the GPU's floor, 0 elsewhere
+    assert fp8_fused_quantize_min(EngineConfig(), "gpu") == 512 and fp8_fused_quantize_min(EngineConfig(), "cpu") == 0
     assert fp8_fused_quantize_min(EngineConfig(fp8_fused_quantize_min_tokens=7), "gpu") == 7
     for bad in (-1, True, "some", 2.5):
         with pytest.raises(ValueError, match="fp8_fused_quantize_min_tokens"):
