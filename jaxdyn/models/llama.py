@@ -340,11 +340,11 @@ class Attention(nnx.Module):
         k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
                                     md.kv_lens, md.page_table, md.cu_q_lens)
         o = o.reshape(t, self.num_heads * self.head_dim)
+        fused = self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all"))
         if raw_output:
-            fused = self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all"))
             oq, so = quantize_rows_fp8(o) if fused else quantize_fp8(o)
             return (k_pages, v_pages), (fp8_dot(oq, self.o_proj.weight[...], o.dtype), so, self.o_proj.scale[...])
-        if self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all")):
+        if fused:
             return (k_pages, v_pages), self.o_proj.quantized(*quantize_rows_fp8(o), o.dtype)
         return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
 
@@ -369,17 +369,9 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, quant=qt, mesh=mesh, split="row")
 
     def __call__(self, x: jax.Array, *, fp8: Fp8Options = Fp8Options()) -> jax.Array:
-        fused = self.down_proj.fuses_quantize(x, fp8, ("all",))
-        if fused and self.gate_proj.bias is None and self.up_proj.bias is None:
-            # gate's and up's raw products (one quantized input), scaled in the quantization kernel
-            xq, sx = quantize_fp8(x)
-            gate = fp8_dot(xq, self.gate_proj.weight[...], x.dtype)
-            up = fp8_dot(xq, self.up_proj.weight[...], x.dtype)
-            scales = (sx, self.up_proj.scale[...], self.gate_proj.scale[...])
-            return self.down_proj.quantized(*quantize_rows_fp8(up, gate, scales=scales), x.dtype)
+        if self.down_proj.fuses_quantize(x, fp8, ("all",)):
+            return self.down_proj.quantized(*self._hidden_quantized(*quantize_fp8(x), x.dtype, fused=True), x.dtype)
         gate, up = self.gate_proj(x, fp8=fp8), self.up_proj(x, fp8=fp8)
-        if fused:
-            return self.down_proj.quantized(*quantize_rows_fp8(up, gate), x.dtype)
         return self.down_proj(jax.nn.silu(gate) * up, fp8=fp8)
 
     def raw_product(self, xq: jax.Array, sx: jax.Array, dtype, *, fp8: Fp8Options = Fp8Options()):
@@ -387,14 +379,19 @@ class MLP(nnx.Module):
         its scales ``sx [T, 1]``), as ``__call__`` makes it: (down_proj's raw product in ``dtype``, its rows'
         scales, its channels' scales)."""
         fused = self.down_proj.fuses_quantize(xq, fp8, ("all",))
+        hq, hs = self._hidden_quantized(xq, sx, dtype, fused=fused)
+        return fp8_dot(hq, self.down_proj.weight[...], dtype), hs, self.down_proj.scale[...]
+
+    def _hidden_quantized(self, xq: jax.Array, sx: jax.Array, dtype, *, fused: bool):
+        """``silu(gate) * up`` quantized per row (values, scales [T, 1]) from the fp8 input quantized per row;
+        ``fused``: by ``pallas_kernels.fp8_quantize``, which without biases takes gate's and up's raw products
+        (one quantized input) and scales them itself; else XLA's ``quantize_fp8`` of the scaled products."""
         if fused and self.gate_proj.bias is None and self.up_proj.bias is None:
             gate = fp8_dot(xq, self.gate_proj.weight[...], dtype)
             up = fp8_dot(xq, self.up_proj.weight[...], dtype)
-            hq, hs = quantize_rows_fp8(up, gate, scales=(sx, self.up_proj.scale[...], self.gate_proj.scale[...]))
-        else:
-            gate, up = self.gate_proj.quantized(xq, sx, dtype), self.up_proj.quantized(xq, sx, dtype)
-            hq, hs = quantize_rows_fp8(up, gate) if fused else quantize_fp8(jax.nn.silu(gate) * up)
-        return fp8_dot(hq, self.down_proj.weight[...], dtype), hs, self.down_proj.scale[...]
+            return quantize_rows_fp8(up, gate, scales=(sx, self.up_proj.scale[...], self.gate_proj.scale[...]))
+        gate, up = self.gate_proj.quantized(xq, sx, dtype), self.up_proj.quantized(xq, sx, dtype)
+        return quantize_rows_fp8(up, gate) if fused else quantize_fp8(jax.nn.silu(gate) * up)
 
 
 class Residual(NamedTuple):
