@@ -143,6 +143,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="an fp8 model's residual adds, RMSNorms and the per-token quantization of their outputs in "
                    "one Pallas kernel each instead of XLA's three (at one device on the model axis; no effect under "
                    "--tp). auto (default): jaxdyn.engine.core.FP8_FUSED_NORM on a GPU, else off")
+    p.add_argument("--fused-rope-kv", default="auto", choices=("auto", "on", "off"),
+                   help="each layer's rotary embedding of q and k and its K/V write into the pages in one Pallas "
+                   "kernel instead of XLA's three (models without q/k norms whose heads per device and half a head "
+                   "are powers of two). auto (default): jaxdyn.engine.core.FUSED_ROPE_KV on a GPU, else off")
     p.add_argument("--separate-sampler", nargs="?", const="all", default=None, choices=("all", "except-greedy"),
                    help="compile each token bucket's model once and the sampler apart (two calls a step) instead "
                    "of one executable a bucket and sampler variant, each with the model inside: warm-up compiles "
@@ -316,6 +320,7 @@ def _engine_fields(args) -> dict:
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
                 fp8_fused_norm={"auto": "auto", "on": True, "off": False}[getattr(args, "fp8_fused_norm", "auto")],
+                fused_rope_kv={"auto": "auto", "on": True, "off": False}[getattr(args, "fused_rope_kv", "auto")],
                 separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),

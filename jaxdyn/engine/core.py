@@ -82,6 +82,9 @@ class EngineConfig:
     # an fp8 model's residual add, RMSNorm and per-token quantization in one kernel (RunnerConfig); "auto":
     # FP8_FUSED_NORM on a GPU, else off
     fp8_fused_norm: bool | str = "auto"
+    # q's and k's rotation and the K/V write in one kernel a layer (RunnerConfig); "auto": FUSED_ROPE_KV on a GPU,
+    # else off
+    fused_rope_kv: bool | str = "auto"
     # the model compiled once a bucket, the sampler apart; "except_greedy": greedy steps one executable each
     # (RunnerConfig)
     separate_sampler: bool | str = False
@@ -134,6 +137,8 @@ class EngineConfig:
             raise ValueError(f"fp8_fused_quantize_min_tokens: expected 'auto' or an integer >= 0, got {m!r}")
         if self.fp8_fused_norm != "auto" and not isinstance(self.fp8_fused_norm, bool):
             raise ValueError(f"fp8_fused_norm: expected 'auto', True or False, got {self.fp8_fused_norm!r}")
+        if self.fused_rope_kv != "auto" and not isinstance(self.fused_rope_kv, bool):
+            raise ValueError(f"fused_rope_kv: expected 'auto', True or False, got {self.fused_rope_kv!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -193,6 +198,18 @@ def fp8_fused_norm(config: EngineConfig, model_config, platform: str) -> bool:
     if f == "auto":
         return FP8_FUSED_NORM and platform == "gpu"
     return f
+
+
+# q's and k's rotary embedding and the K/V write of each layer in one ``pallas_kernels.rope_kv`` kernel on a GPU
+# (``llama.AttentionOptions.fused_rope_kv``), where XLA makes three kernels a layer.
+FUSED_ROPE_KV = False
+
+
+def fused_rope_kv(config: EngineConfig, platform: str) -> bool:
+    """``EngineConfig.fused_rope_kv`` resolved on ``platform``: "auto" FUSED_ROPE_KV on a GPU, else False."""
+    if config.fused_rope_kv == "auto":
+        return FUSED_ROPE_KV and platform == "gpu"
+    return config.fused_rope_kv
 
 
 def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:
@@ -295,6 +312,7 @@ class EngineCore:
             fp8_fused_norm=fp8_fused_norm(config, model_config, platform),
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
             attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill,
+            fused_rope_kv=fused_rope_kv(config, platform),
             attention_fp8_products=config.attention_fp8_products,
             sampler_switch=config.sampler_switch, nested_layers=config.nested_layers))
         self.allocator = PageAllocator(num_pages)

@@ -192,6 +192,10 @@ class RunnerConfig:
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
     skip_idle_prefill: bool = False
+    # q's and k's rotary embedding and the K/V write into the pages in one ``pallas_kernels.rope_kv`` kernel a layer
+    # (``llama.AttentionOptions.fused_rope_kv``) instead of XLA's three (q's rotation, k's with its scatter, v's
+    # scatter)
+    fused_rope_kv: bool = False
     # fp8 KV pages: which of the decode attention kernel's products take e4m3 operands on the GPU's fp8 matrix
     # instructions (``DecodeBlockSizes.fp8_products``): "off" (the tiles widened to float16), "qk" (the scores: the
     # query quantized per head row), "qk_pv" (the values' product too: the probabilities in e4m3)
@@ -229,6 +233,7 @@ class RunnerConfig:
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
         check_flag("nested_layers", self.nested_layers)
         check_flag("fp8_fused_norm", self.fp8_fused_norm)
+        check_flag("fused_rope_kv", self.fused_rope_kv)
         if not is_count(self.fp8_kernel_max_tokens):
             raise ValueError(f"fp8_kernel_max_tokens: expected an integer >= 0, got {self.fp8_kernel_max_tokens!r}")
         if self.fp8_fused_quantize not in FUSED_QUANTIZE_SITES:
@@ -599,6 +604,7 @@ class ModelRunner:
                        fp8_fused_norm=self.config.fp8_fused_norm,
                        attention_programs=self.config.attention_programs,
                        skip_idle_prefill=self.config.skip_idle_prefill,
+                       fused_rope_kv=self.config.fused_rope_kv,
                        attention_fp8_products=self.config.attention_fp8_products,
                        nested_layers=self.config.nested_layers)
 

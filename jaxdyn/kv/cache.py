@@ -41,12 +41,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from jaxdyn.parallel.sharding import kv_cache_partition_spec
+from pallas_kernels import rope_kv
 
 KVCache = list[tuple[jax.Array, jax.Array]]   # per layer: (k_pages, v_pages)
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8_e4m3" = "fp8" (vLLM's names)
-FP8_KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
-_FP8_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)   # 448
+FP8_KV_DTYPE = rope_kv.FP8_PAGES_DTYPE            # float8_e4m3fn
 
 
 def check_kv_cache_dtype(name) -> str:
@@ -57,16 +57,10 @@ def check_kv_cache_dtype(name) -> str:
     return "fp8" if name == "fp8_e4m3" else name
 
 
-def to_pages_dtype(x: jax.Array, dtype) -> jax.Array:
-    """``x`` in the pages' ``dtype``: fp8 saturates at +-448 (e4m3 has no infinity, a cast of a larger value
-    would be NaN), NaN staying NaN."""
-    if x.dtype == jnp.dtype(dtype):
-        return x
-    if jnp.dtype(dtype) == FP8_KV_DTYPE:
-        if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).max >= _FP8_MAX):
-            x = x.astype(jnp.float32)
-        x = jnp.clip(x, -_FP8_MAX, _FP8_MAX)     # 448 is exact in bf16, f16 and f32: clipped in x's own dtype
-    return x.astype(dtype)
+# ``x`` in the pages' dtype (fp8 saturating at +-448), and a step's K/V scattered into their pages (in place when
+# the cache is donated; padding's out-of-range slots dropped): the fused kernel's module holds both, as its reference
+to_pages_dtype = rope_kv.to_pages_dtype
+write_kv = rope_kv.write_pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,27 +91,6 @@ def allocate_kv_cache(spec: KVCacheSpec, mesh: Mesh) -> KVCache:
     sharding = NamedSharding(mesh, kv_cache_partition_spec(mesh, spec.num_kv_heads))
     zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=sharding)
     return [(zeros(), zeros()) for _ in range(spec.num_layers)]
-
-
-def write_kv(
-    k_pages: jax.Array,      # [num_kv_heads, num_pages, page_size, head_dim]
-    v_pages: jax.Array,
-    k: jax.Array,            # [T, num_kv_heads, head_dim]
-    v: jax.Array,            # [T, num_kv_heads, head_dim]
-    slot_page: jax.Array,    # i32[T] page id of each token; num_pages for padding
-    slot_offset: jax.Array,  # i32[T] offset inside the page
-) -> tuple[jax.Array, jax.Array]:
-    """Scatter this step's K/V into their pages (in place when the cache is donated).
-
-    The slots a step writes are distinct (a token's slot is its own; a shared page is copied before it is
-    written) and padding's are out of range, dropped: the scatter is declared unique, so XLA writes the rows
-    in parallel instead of serialising possible collisions (on an H200, 19 µs a layer's K or V at 2,048 rows
-    before)."""
-    k = to_pages_dtype(jnp.swapaxes(k, 0, 1), k_pages.dtype)   # [num_kv_heads, T, head_dim]
-    v = to_pages_dtype(jnp.swapaxes(v, 0, 1), v_pages.dtype)
-    k_pages = k_pages.at[:, slot_page, slot_offset].set(k, mode="drop", unique_indices=True)
-    v_pages = v_pages.at[:, slot_page, slot_offset].set(v, mode="drop", unique_indices=True)
-    return k_pages, v_pages
 
 
 @jax.tree_util.register_dataclass

@@ -36,6 +36,7 @@ from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS, fp8_weight_matmul
 from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8, quantize_rows_fp8_reference  # noqa: F401
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.rms_norm_fp8 import add_rms_norm_fp8, rms_norm_reference
+from pallas_kernels.rope_kv import apply_rope, kernel_supports, rope_write_kv  # noqa: F401 (apply_rope: the model's)
 
 
 QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
@@ -81,11 +82,14 @@ class Fp8Options:
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
     """How a step's attention runs (the runner's options, static under jit): ``ragged_paged_attention``'s
-    ``in_place``, ``attention_programs``, ``skip_idle_prefill`` and ``fp8_products``."""
+    ``in_place``, ``attention_programs``, ``skip_idle_prefill`` and ``fp8_products``; ``fused_rope_kv``: q's and
+    k's rotation and the K/V write in one ``pallas_kernels.rope_kv`` kernel a layer (``Attention.fuses_rope_kv``
+    says where)."""
     in_place: bool = True
     programs: int = 0
     skip_idle_prefill: bool = False
     fp8_products: str = "off"
+    fused_rope_kv: bool = False
 
 
 def fp8_dot(xq: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -258,13 +262,6 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 def merge_qkv(q, k, v, tp: int):
     """The ``qkv_proj`` layout from q [..., q_size] and k, v [..., kv_size] (host arrays): for each of the
     ``tp`` column shards in turn, its q columns, its k columns, its v columns -- so that a column split over
@@ -319,25 +316,30 @@ class Attention(nnx.Module):
             qkv = self.qkv_proj(x, fp8=fp8)
         t = qkv.shape[0]
         hd = self.head_dim
-        q, k, v = split_qkv(qkv, self.num_heads * hd, self.num_kv_heads * hd, self.tp)
-        q = q.reshape(t, self.num_heads, hd)
-        k = k.reshape(t, self.num_kv_heads, hd)
-        v = v.reshape(t, self.num_kv_heads, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
         heads = P(None, MODEL_AXIS, None)
+        if self.fuses_rope_kv(attention):
+            # merge_qkv's layout: each model shard's columns are its q heads, its k heads, its v heads in turn
+            write_and_attend, args, specs = self._rope_write_and_attend, (qkv.reshape(t, -1, hd), cos, sin), \
+                (heads, P(), P())
+        else:
+            q, k, v = split_qkv(qkv, self.num_heads * hd, self.num_kv_heads * hd, self.tp)
+            q = q.reshape(t, self.num_heads, hd)
+            k = k.reshape(t, self.num_kv_heads, hd)
+            v = v.reshape(t, self.num_kv_heads, hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            write_and_attend, args, specs = self._write_and_attend, (q, k, v), (heads, heads, heads)
         pages = P(MODEL_AXIS, None, None, None)
         rep = P()
         local = jax.shard_map(
-            functools.partial(self._write_and_attend, attention=attention),
+            functools.partial(write_and_attend, attention=attention),
             mesh=self.mesh,
-            in_specs=(pages, pages, heads, heads, heads, rep, rep, rep, rep, rep),
+            in_specs=(pages, pages, *specs, rep, rep, rep, rep, rep),
             out_specs=(pages, pages, heads),
             check_vma=False,
         )
-        k_pages, v_pages, o = local(kv[0], kv[1], q, k, v, md.slot_page, md.slot_offset,
+        k_pages, v_pages, o = local(kv[0], kv[1], *args, md.slot_page, md.slot_offset,
                                     md.kv_lens, md.page_table, md.cu_q_lens)
         o = o.reshape(t, self.num_heads * self.head_dim)
         fused = self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all"))
@@ -348,16 +350,34 @@ class Attention(nnx.Module):
             return (k_pages, v_pages), self.o_proj.quantized(*quantize_rows_fp8(o), o.dtype)
         return (k_pages, v_pages), self.o_proj(o, fp8=fp8)
 
+    def fuses_rope_kv(self, attention: AttentionOptions) -> bool:
+        """Whether this layer rotates q and k and writes K/V in one ``rope_write_kv`` kernel: under
+        ``attention.fused_rope_kv``, without q/k norms (which come between the product and the rotation), where
+        the kernel takes a shard's heads (``kernel_supports``)."""
+        return (attention.fused_rope_kv and self.q_norm is None
+                and kernel_supports(self.num_heads // self.tp, self.num_kv_heads // self.tp, self.head_dim))
+
     def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
                           kv_lens, page_table, cu_q_lens, *, attention: AttentionOptions):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_page, slot_offset)
-        o = ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-                                   sm_scale=self.head_dim ** -0.5,
-                                   sliding_window=self.sliding_window, in_place=attention.in_place,
-                                   attention_programs=attention.programs,
-                                   skip_idle_prefill=attention.skip_idle_prefill,
-                                   fp8_products=attention.fp8_products)
-        return k_pages, v_pages, o
+        return k_pages, v_pages, self._attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, attention)
+
+    def _rope_write_and_attend(self, k_pages, v_pages, qkv, cos, sin, slot_page, slot_offset, kv_lens, page_table,
+                               cu_q_lens, *, attention: AttentionOptions):
+        """A shard's ``qkv [T, its q + k + v heads, head_dim]``: rotated and written by one kernel, then attended."""
+        t = qkv.shape[0]
+        q, k_pages, v_pages = rope_write_kv(qkv.reshape(t, -1), cos, sin, k_pages, v_pages, slot_page, slot_offset,
+                                            num_q_heads=self.num_heads // self.tp,
+                                            num_kv_heads=self.num_kv_heads // self.tp)
+        return k_pages, v_pages, self._attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, attention)
+
+    def _attend(self, q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, attention: AttentionOptions):
+        return ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+                                      sm_scale=self.head_dim ** -0.5,
+                                      sliding_window=self.sliding_window, in_place=attention.in_place,
+                                      attention_programs=attention.programs,
+                                      skip_idle_prefill=attention.skip_idle_prefill,
+                                      fp8_products=attention.fp8_products)
 
 
 class MLP(nnx.Module):
@@ -469,7 +489,7 @@ class LlamaForCausalLM(nnx.Module):
                  fp8_fused_quantize: str = "off", fp8_fused_min_rows: int = 0,
                  attention_programs: int = 0, skip_idle_prefill: bool = False,
                  attention_fp8_products: str = "off", nested_layers: bool = True,
-                 fp8_fused_norm: bool = False) -> tuple[KVCache, jax.Array]:
+                 fp8_fused_norm: bool = False, fused_rope_kv: bool = False) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
@@ -480,11 +500,13 @@ class LlamaForCausalLM(nnx.Module):
         ``attention_fp8_products``: over fp8 KV pages, the decode kernel's products on e4m3 operands
         (``ragged_paged_attention(fp8_products=)``).
         ``nested_layers``: the layers traced once, their jaxpr inlined for each layer (below); False: each layer
-        traced into the caller's program. ``fp8_fused_norm``: ``Fp8Options.fused_norm``."""
+        traced into the caller's program. ``fp8_fused_norm``: ``Fp8Options.fused_norm``. ``fused_rope_kv``:
+        ``AttentionOptions.fused_rope_kv``."""
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows, fused_norm=fp8_fused_norm)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
-                                     skip_idle_prefill=skip_idle_prefill, fp8_products=attention_fp8_products)
+                                     skip_idle_prefill=skip_idle_prefill, fp8_products=attention_fp8_products,
+                                     fused_rope_kv=fused_rope_kv)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         # ``nested_layers``: each layer through one jit made for this call, inlined into the caller's jaxpr. The layers

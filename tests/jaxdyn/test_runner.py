@@ -904,13 +904,16 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
     ("fp8", False, dict(kv_cache_dtype="fp8", skip_idle_prefill=True, sampler_switch=True)),
     ("fp8", False, dict(kv_cache_dtype="fp8", sampler_switch="plain_full")),
     (None, False, dict(kv_cache_dtype="fp8", attention_fp8_products="qk_pv")),
+    ("fp8", False, dict(kv_cache_dtype="fp8", fp8_fused_quantize="all", fp8_fused_norm=True, fused_rope_kv=True,
+                        family="llama3.1")),
 ])
 def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, quant, head, options):
     """Each bucket's step in every sampler variant, lowered for a GPU on the CPU with the Pallas kernels as a GPU
     runs them (``on_gpu`` patched true; Pallas' Triton lowering runs here, Triton's GPU passes do not): the
     attention kernels, an fp8 model's quantization and few-row product kernels, fp8 pages, persistent programs,
     an fp8 lm_head (``head``), the prefill kernel under a condition (``skip_idle_prefill``), the fused norms
-    (``fp8_fused_norm``). A construct only the GPU path takes fails here rather than on the device."""
+    (``fp8_fused_norm``), the rotation and K/V write in one kernel (``fused_rope_kv``; a family without q/k norms).
+    A construct only the GPU path takes fails here rather than on the device."""
     import importlib
     import json
     import os
@@ -919,8 +922,9 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
     # (by module name: the package exports a function named like the attention module)
     modules = [importlib.import_module(f"pallas_kernels.{m}")
                for m in ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds",
-                         "rms_norm_fp8")]
-    path = make_hf_checkpoint("qwen3", str(tmp_path))
+                         "rms_norm_fp8", "rope_kv")]
+    options = dict(options)
+    path = make_hf_checkpoint(options.pop("family", "qwen3"), str(tmp_path))
     with open(os.path.join(path, "config.json")) as f:
         cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quant, quantize_lm_head=head)
     mesh = make_mesh(1)
@@ -952,6 +956,7 @@ def test_every_step_lowers_for_a_gpu_with_the_kernels_on(tmp_path, monkeypatch, 
         assert lowered_count(text, "__gpu$xla.gpu.triton") >= (3 if fp8_kernel else 2), (t, variant)
         # the residual adds, norms and their quantization as one kernel a site (``fp8_fused_norm``)
         assert ("add_rms_norm_fp8" in text) == bool(options.get("fp8_fused_norm")), (t, variant)
+        assert ("rope_write_kv" in text) == bool(options.get("fused_rope_kv")), (t, variant)
         # the head: an fp8 [vocab, hidden] operand of the step (the float head's [hidden, vocab] otherwise)
         fp8_head = f"tensor<{cfg.vocab_size}x{cfg.hidden_size}xf8E4M3FN>"
         assert (fp8_head in text) == head, (t, variant)

@@ -92,6 +92,12 @@ def test_serve_fp8_kernel_limit_flag():
         assert got == value and type(got) is type(value), (flag, got)
     with pytest.raises(SystemExit):
         parse(["serve", "--fp8-fused-norm", "yes"])
+    for flag, value in ((None, "auto"), ("on", True), ("off", False)):
+        argv = ["serve"] + ([] if flag is None else ["--fused-rope-kv", flag])
+        got = _engine_config(parse(argv)).fused_rope_kv
+        assert got == value and type(got) is type(value), (flag, got)
+    with pytest.raises(SystemExit):
+        parse(["serve", "--fused-rope-kv", "1"])
     assert _engine_config(parse(["serve"])).separate_sampler is False
     assert _engine_config(parse(["serve"])).skip_idle_prefill is False
     assert _engine_config(parse(["serve", "--skip-idle-prefill"])).skip_idle_prefill is True

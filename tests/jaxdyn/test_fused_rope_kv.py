@@ -1,0 +1,120 @@
+"""``fused_rope_kv``: each layer's rotary embedding of q and k and its K/V write in one kernel
+(``pallas_kernels.rope_kv``) instead of XLA's operations."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdyn import EngineConfig, EngineCore, SamplingParams
+from jaxdyn.parallel.sharding import make_mesh
+from tests.support import make_hf_checkpoint
+
+CFG = EngineConfig(num_pages=48, page_size=16, max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128,
+                   token_buckets=(8, 32), page_buckets=(8,))
+PROMPTS = [[5, 9, 200, 17, 3, 3, 40], list(range(30, 70)), [7]]
+
+
+def _model(tmp_path, family, quantization=None):
+    import json
+    import os
+
+    from checkpoints.hf import load_hf_checkpoint
+    from jaxdyn.config import ModelConfig
+    path = make_hf_checkpoint(family, str(tmp_path / family))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quantization)
+    mesh = make_mesh(1)
+    return mesh, load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16, config=cfg)
+
+
+def _generate(mesh, model, **options):
+    """{request: greedy tokens} of PROMPTS (each prompt twice: the second time after the first's pages are freed
+    and reused), every page back at the end."""
+    eng = EngineCore(model.graphdef, model.state, mesh, model.config, None, dataclasses.replace(CFG, **options))
+    out = {}
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for rnd in range(2):
+        for i, prompt in enumerate(PROMPTS):
+            eng.add_request(f"{rnd}-{i}", prompt, p)
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = list(o.outputs[0].token_ids)
+    assert eng.allocator.num_in_use == 0
+    return out
+
+
+@pytest.mark.parametrize("family,quantization", [("llama3.1", None), ("llama3.1", "fp8"), ("qwen2", None)])
+def test_fused_rope_kv_generates_what_the_unfused_layers_do(tmp_path, monkeypatch, family, quantization):
+    """The same greedy tokens with the option on as off, through the kernel's reference (the same operations),
+    which every layer of every step calls (both token buckets); qwen2: a bias on q/k/v."""
+    import jaxdyn.models.llama as llama
+    from pallas_kernels.rope_kv import rope_write_kv
+    mesh, model = _model(tmp_path, family, quantization)
+    tokens = _generate(mesh, model, fused_rope_kv=False)
+    calls = []
+    monkeypatch.setattr(llama, "rope_write_kv",
+                        lambda qkv, *a, **kw: calls.append(qkv.shape[0]) or rope_write_kv(qkv, *a, impl="reference",
+                                                                                          **kw))
+    assert _generate(mesh, model, fused_rope_kv=True) == tokens
+    assert sorted(set(calls)) == [8, 32] and len(calls) % model.config.num_layers == 0
+
+
+def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch):
+    """The kernel itself (Pallas interpret mode) in the model's forward, run op by op, gives the unfused model's
+    hidden states and pages bit for bit over fp8 pages, two of the step's rows padding (page ``num_pages``)."""
+    from flax import nnx
+
+    import jaxdyn.models.llama as llama
+    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    from pallas_kernels.rope_kv import rope_write_kv
+    mesh, loaded = _model(tmp_path, "llama3.1", "fp8")
+    cfg = loaded.config
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, jnp.float8_e4m3fn)
+    n = 20
+    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
+    slot_page = np.where(pos < n - 2, pages[pos // 16], 8).astype(np.int32)
+    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
+                           kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
+    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+    model = nnx.merge(loaded.graphdef, loaded.state)
+    calls = []
+    monkeypatch.setattr(llama, "rope_write_kv",
+                        lambda *a, **kw: calls.append(1) or rope_write_kv(*a, impl="interpret", **kw))
+    with jax.disable_jit():
+        kv_off, off = model(allocate_kv_cache(spec, mesh), ids, md)
+        assert not calls
+        kv_on, on = model(allocate_kv_cache(spec, mesh), ids, md, fused_rope_kv=True)
+    assert len(calls) == cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(on, np.float32)[:n - 2], np.asarray(off, np.float32)[:n - 2])
+    for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
+        np.testing.assert_array_equal(np.asarray(a.view(jnp.uint8)), np.asarray(b.view(jnp.uint8)))
+
+
+def test_the_option_resolves_and_falls_back(tmp_path):
+    """"auto" is FUSED_ROPE_KV on a GPU and off elsewhere; True / False as given; anything else refused. A model with
+    q/k norms (qwen3) or heads that are not powers of two keeps XLA's rotation."""
+    import json
+    import os
+
+    from jaxdyn.config import ModelConfig
+    from jaxdyn.engine.core import FUSED_ROPE_KV, fused_rope_kv
+    from jaxdyn.models.llama import Attention, AttentionOptions
+    assert fused_rope_kv(EngineConfig(), "gpu") is FUSED_ROPE_KV
+    assert fused_rope_kv(EngineConfig(), "cpu") is False
+    assert fused_rope_kv(EngineConfig(fused_rope_kv=True), "cpu") is True
+    assert fused_rope_kv(EngineConfig(fused_rope_kv=False), "gpu") is False
+    for bad in ("on", 1, None):
+        with pytest.raises(ValueError, match="fused_rope_kv"):
+            EngineConfig(fused_rope_kv=bad)
+    with open(os.path.join(make_hf_checkpoint("llama3.1", str(tmp_path)), "config.json")) as f:
+        base = ModelConfig.from_dict(json.load(f))
+    on = AttentionOptions(fused_rope_kv=True)
+    for extra, fuses in (({}, True), (dict(qk_norm=True), False), (dict(num_heads=6, hidden_size=96), False),
+                         (dict(head_dim=24), False)):
+        attn = Attention(dataclasses.replace(base, **extra), 0, mesh=make_mesh(1), dtype=jnp.bfloat16)
+        assert attn.fuses_rope_kv(on) is fuses, extra
+        assert attn.fuses_rope_kv(AttentionOptions()) is False

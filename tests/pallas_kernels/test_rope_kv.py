@@ -1,0 +1,128 @@
+"""``pallas_kernels.rope_kv``: q's and k's rotary embedding and the K/V write into the pages in one kernel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.rope_kv import (apply_rope, kernel_supports, rope_write_kv, rope_write_kv_reference, to_pages_dtype,
+                                    write_pages)
+
+
+def _inputs(t, hq, hk, d, num_pages, page_size, pages_dtype, seed=0):
+    """qkv (large enough that fp8 pages saturate some keys), cos/sin of scattered positions, pages filled with
+    noise (so an untouched slot is seen), and slots: distinct, two of them padding (page ``num_pages``)."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    qkv = (jax.random.normal(k[0], (t, (hq + 2 * hk) * d)) * 200).astype(jnp.bfloat16)
+    pos = jax.random.randint(k[1], (t,), 0, 4000)
+    inv_freq = 1.0 / (500000.0 ** (np.arange(0, d, 2) / d))
+    freqs = pos.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb).astype(jnp.bfloat16), jnp.sin(emb).astype(jnp.bfloat16)
+    kp = jax.random.normal(k[2], (hk, num_pages, page_size, d)).astype(pages_dtype)
+    vp = jax.random.normal(k[3], (hk, num_pages, page_size, d)).astype(pages_dtype)
+    slots = np.random.default_rng(seed).permutation(num_pages * page_size)[:t]
+    page, offset = slots // page_size, slots % page_size
+    page[[1, t - 1]] = num_pages                              # padding rows
+    return qkv, cos, sin, kp, vp, jnp.asarray(page, jnp.int32), jnp.asarray(offset, jnp.int32)
+
+
+def _bits(a):
+    return np.asarray(a.view(jnp.uint8) if a.dtype == jnp.float8_e4m3fn else a.view(jnp.uint16))
+
+
+@pytest.mark.parametrize("pages_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("t,hq,hk,d", [(5, 4, 2, 32), (12, 8, 1, 64), (9, 32, 8, 128)])
+def test_interpret_mode_equals_the_reference_bit_for_bit(pages_dtype, t, hq, hk, d):
+    """The kernel (Pallas interpret mode) gives the reference's q and pages bit for bit: rotated values, fp8
+    saturation, slots written, padding's dropped, every other slot untouched."""
+    args = _inputs(t, hq, hk, d, num_pages=7, page_size=4, pages_dtype=pages_dtype, seed=t)
+    got = rope_write_kv(*args, num_q_heads=hq, num_kv_heads=hk, impl="interpret")
+    want = rope_write_kv(*args, num_q_heads=hq, num_kv_heads=hk, impl="reference")
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+    kp = args[3]
+    written = np.zeros(kp.shape[1:3], bool)
+    page, offset = np.asarray(args[5]), np.asarray(args[6])
+    written[page[page < 7], offset[page < 7]] = True
+    np.testing.assert_array_equal(_bits(got[1])[:, ~written], _bits(kp)[:, ~written])     # untouched slots
+    assert (_bits(got[1])[:, written] != _bits(kp)[:, written]).any()
+    if pages_dtype == jnp.float8_e4m3fn:           # saturated, not NaN
+        assert np.isfinite(np.asarray(got[1], np.float32)).all()
+        assert np.abs(np.asarray(got[1], np.float32)).max() == 448
+
+
+def test_the_reference_is_the_model_s_unfused_layer():
+    """The reference is the split of merge_qkv's layout, ``apply_rope`` on q and k and ``write_pages``, which the
+    model's unfused layer runs (``jaxdyn.kv.cache.write_kv`` is ``write_pages``)."""
+    from jaxdyn.kv.cache import write_kv
+    from jaxdyn.models.llama import apply_rope as model_rope
+    from jaxdyn.models.llama import split_qkv
+    t, hq, hk, d = 6, 8, 2, 64
+    qkv, cos, sin, kp, vp, page, offset = _inputs(t, hq, hk, d, 5, 4, jnp.float8_e4m3fn)
+    q, k, v = split_qkv(qkv, hq * d, hk * d, 1)
+    q, k = (model_rope(a.reshape(t, -1, d), cos, sin) for a in (q, k))
+    nk, nv = write_kv(kp, vp, k, v.reshape(t, hk, d), page, offset)
+    rq, rk, rv = rope_write_kv_reference(qkv, cos, sin, kp, vp, page, offset, num_q_heads=hq, num_kv_heads=hk)
+    for a, b in ((q, rq), (nk, rk), (nv, rv)):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    assert model_rope is apply_rope and write_kv is write_pages
+
+
+def test_bad_inputs_and_unsupported_shapes_are_refused():
+    qkv, cos, sin, kp, vp, page, offset = _inputs(4, 4, 2, 32, 5, 4, jnp.bfloat16)
+    with pytest.raises(ValueError, match="q heads"):
+        rope_write_kv(qkv, cos, sin, kp, vp, page, offset, num_q_heads=2, num_kv_heads=2)
+    with pytest.raises(ValueError, match="cos, sin"):
+        rope_write_kv(qkv, cos[:3], sin, kp, vp, page, offset, num_q_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="impl"):
+        rope_write_kv(qkv, cos, sin, kp, vp, page, offset, num_q_heads=4, num_kv_heads=2, impl="triton")
+    assert kernel_supports(32, 8, 128) and kernel_supports(32, 8, 64)
+    assert not kernel_supports(28, 4, 128) and not kernel_supports(32, 8, 96) and not kernel_supports(4, 2, 24)
+    qkv, cos, sin, kp, vp, page, offset = _inputs(3, 6, 2, 32, 5, 4, jnp.bfloat16)      # 6 q heads
+    with pytest.raises(ValueError, match="powers of two"):
+        rope_write_kv(qkv, cos, sin, kp, vp, page, offset, num_q_heads=6, num_kv_heads=2, impl="interpret")
+    q, nk, _ = rope_write_kv(qkv, cos, sin, kp, vp, page, offset, num_q_heads=6, num_kv_heads=2)   # auto: reference
+    assert q.shape == (3, 6, 32) and nk.dtype == kp.dtype
+    np.testing.assert_array_equal(np.asarray(to_pages_dtype(jnp.asarray([1e4, -1e4, jnp.nan]), jnp.float8_e4m3fn),
+                                             np.float32)[:2], [448, -448])
+
+
+@pytest.mark.parametrize("rows,hq,hk,d,dtype", [(16, 32, 8, 128, jnp.float8_e4m3fn), (2048, 32, 8, 128, jnp.float8_e4m3fn),
+                                              (8, 4, 2, 16, jnp.bfloat16)])
+def test_the_kernel_lowers_to_triton_for_a_gpu(rows, hq, hk, d, dtype):
+    """The kernel as the 8B model calls it (32 q heads, 8 kv heads of 128, fp8 pages) and as the tests' tiny models
+    do lowers through Pallas' Triton lowering on the CPU, so a construct it rejects fails here rather than on the
+    device."""
+    sds = jax.ShapeDtypeStruct
+    pages = sds((hk, 4096, 16, d), dtype)
+    f = jax.jit(lambda *a: rope_write_kv(*a, num_q_heads=hq, num_kv_heads=hk, impl="kernel"))
+    lowered = f.trace(sds((rows, (hq + 2 * hk) * d), jnp.bfloat16), sds((rows, d), jnp.bfloat16),
+                      sds((rows, d), jnp.bfloat16), pages, pages, sds((rows,), jnp.int32),
+                      sds((rows,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_gpu_the_kernel_on_the_8b_shape(pages_dtype):
+    """On the GPU, jitted as the model calls it, at 16 and 2,048 tokens: the pages' untouched slots and padding
+    the same bits; q and the written keys within one rounding of the reference (XLA's compiled reference rotates in
+    float32 and rounds once, the kernel rounds each product and the sum as the operations do), the values the same
+    bits."""
+    for t in (16, 2048):
+        args = _inputs(t, 32, 8, 128, num_pages=160, page_size=16, pages_dtype=pages_dtype, seed=t)
+        kw = dict(num_q_heads=32, num_kv_heads=8)
+        got = jax.jit(lambda *a: rope_write_kv(*a, impl="kernel", **kw))(*args)
+        want = jax.jit(lambda *a: rope_write_kv(*a, impl="reference", **kw))(*args)
+        np.testing.assert_array_equal(_bits(got[2]), _bits(want[2]))
+        for g, w in ((got[0], want[0]), (got[1], want[1])):
+            g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+            # one bf16 rounding of the largest rotated values (|x| ~ 800): 4; an fp8 code at 448 is 32 apart
+            np.testing.assert_allclose(g, w, rtol=0.07, atol=4)
+            assert (g != w).mean() < 0.05
+        untouched = np.ones(args[3].shape[1:3], bool)
+        page, offset = np.asarray(args[5]), np.asarray(args[6])
+        untouched[page[page < 160], offset[page < 160]] = False
+        np.testing.assert_array_equal(_bits(got[1])[:, untouched], _bits(args[3])[:, untouched])
