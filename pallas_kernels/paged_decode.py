@@ -47,6 +47,7 @@ from jax.experimental.pallas import triton as pltriton   # Triton backend: loads
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16          # smallest M of a Triton dot tile
+MERGE_WARPS = 4         # a program of ``merge_splits_into_rows`` (a row's kv head: C x G x D float32 partials)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,12 +566,13 @@ def _compiler_params(blocks: DecodeBlockSizes):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret",
-                                             "blocks", "num_splits"))
+                                             "blocks", "num_splits", "merged_rows"))
 def paged_decode_attention_kernel(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
     page_table: jax.Array, *, sm_scale: float, sliding_window: int | None = None,
     interpret: bool = False, blocks: DecodeBlockSizes | None = None,
     num_splits: int | None = None, q_rows: jax.Array | None = None, out: jax.Array | None = None,
+    merged_rows: bool = False,
 ) -> jax.Array:
     """The Pallas kernel (GPU, or Pallas interpret mode); same contract as the reference.
 
@@ -580,6 +582,9 @@ def paged_decode_attention_kernel(
     each live sequence's (kv_len > 0) attention written at its query's row, every other row as it
     was; the kernel stores those rows into ``out``'s buffer (aliased: no copy when the caller gives
     it up), its query heads' rows only.
+    ``merged_rows`` (with ``q_rows``, no ``out``): the result is [T, H, D] like ``q``, each live sequence's attention
+    at its query's row and every other row 0 (``out``'s contract on zeros), with context splits merged by one
+    kernel that writes the rows (``merge_splits_into_rows``) rather than by XLA's operations and a gather.
     ``num_splits``: the context splits (every one used); by default the grid gets what the
     number of sequence slots needs (one live sequence's, up to ``blocks.one_live_slots`` slots)
     and each call uses as many of them as its live sequences need (``live_splits``)."""
@@ -602,6 +607,9 @@ def paged_decode_attention_kernel(
         if out is not None:
             raise ValueError("out needs q_rows: the row of each sequence's query in q and out")
         q_rows = jnp.arange(num_seqs, dtype=jnp.int32)
+    if merged_rows and (out is not None or splits == 1):
+        raise ValueError("merged_rows: the context splits' merge makes the output (no out; one split stores into "
+                         "out in place)")
     if out is not None and out.shape != q.shape:
         raise ValueError(f"out must have q's shape {q.shape}, not {out.shape}")
     if out is not None and splits != 1:
@@ -682,6 +690,9 @@ def paged_decode_attention_kernel(
 
     if in_place:
         return result
+    if merged_rows:
+        return merge_splits_into_rows(*result, kv_lens, q_rows, num_rows=q.shape[0], group=group, dtype=q.dtype,
+                                      interpret=interpret)
     if splits == 1:
         o = result[:, :, :group]
     else:
@@ -739,6 +750,59 @@ def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial out
     den = (w * l).sum(axis=1)
     num = jnp.where(w[..., None] > 0, w[..., None] * o, 0.0).sum(axis=1)
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+def _merge_rows_kernel(lens_ref, qrow_ref, o_ref, m_ref, l_ref, out_ref, *, num_seqs: int, splits: int, group: int,
+                       group_rows: int):
+    # program (row r, kv head h): the sequence whose live query is row r, if any, its splits' partial results for
+    # kv head h's G query heads merged (``combine_splits``'s arithmetic), else zeros, stored at row r
+    r, h = pl.program_id(0), pl.program_id(1)
+    seqs = jnp.arange(pl.next_power_of_2(num_seqs), dtype=jnp.int32)
+    valid = seqs < num_seqs
+    lens = pltriton.load(lens_ref.at[pl.ds(0, seqs.shape[0])], mask=valid, other=0)
+    qrows = pltriton.load(qrow_ref.at[pl.ds(0, seqs.shape[0])], mask=valid, other=-1)
+    match = (qrows == r) & (lens > 0) & valid
+    found = jnp.max(match.astype(jnp.int32)) > 0
+    s = jnp.sum(jnp.where(match, seqs, 0))
+    heads = pl.ds(0, group_rows)
+    # unrolled over the splits (every load in flight at once; Triton's lowering slices no loaded array)
+    ms = [m_ref[s, c, h, heads] for c in range(splits)]
+    ls = [l_ref[s, c, h, heads] for c in range(splits)]
+    m_max = functools.reduce(jnp.maximum, ms)
+    den = num = None
+    for c in range(splits):
+        w = jnp.where(ls[c] > 0, jnp.exp(ms[c] - m_max), 0.0)
+        term = jnp.where(w[:, None] > 0, w[:, None] * o_ref[s, c, h, heads, :], 0.0)
+        den = w * ls[c] if den is None else den + w * ls[c]
+        num = term if num is None else num + term
+    ok = (den > 0) & found
+    merged = jnp.where(ok[:, None], num / jnp.where(ok, den, 1.0)[:, None], 0.0)
+    pltriton.store(out_ref.at[r, pl.ds(h * group, group_rows)], merged.astype(out_ref.dtype),
+                   mask=(jnp.arange(group_rows, dtype=jnp.int32) < group)[:, None])
+
+
+def merge_splits_into_rows(o: jax.Array, m: jax.Array, l: jax.Array, kv_lens: jax.Array, q_rows: jax.Array, *,
+                           num_rows: int, group: int, dtype, interpret: bool = False) -> jax.Array:
+    """[num_rows, K * group, D] in ``dtype``: sequence ``s``'s context splits (``o`` f32[S, C, K, R, D], ``m``, ``l``
+    f32[S, C, K, R], R >= group; a split with l = 0 adds nothing) merged as ``combine_splits`` merges them, at row
+    ``q_rows[s]`` for each live sequence (``kv_lens`` > 0), every other row 0: one program a (row, kv head), which
+    writes its row whether a sequence owns it or not (no zero-filled buffer first)."""
+    num_seqs, splits, num_kv_heads, r, head_dim = o.shape
+    group_rows = pl.next_power_of_2(group)
+    if group_rows > r:
+        raise ValueError(f"the partial results hold {r} rows a kv head, fewer than the group's {group}")
+    kernel = functools.partial(_merge_rows_kernel, num_seqs=num_seqs, splits=splits, group=group,
+                               group_rows=group_rows)
+    shape = (num_rows, num_kv_heads * group, head_dim)
+    return pl.pallas_call(
+        kernel, grid=(num_rows, num_kv_heads),
+        in_specs=[whole_block((num_seqs,)), whole_block((num_seqs,)), whole_block(o.shape), whole_block(m.shape),
+                  whole_block(l.shape)],
+        out_specs=whole_block(shape), out_shape=jax.ShapeDtypeStruct(shape, dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
+        name="merge_decode_splits",
+    )(kv_lens.astype(jnp.int32), q_rows.astype(jnp.int32), o, m, l)
 
 
 def kernel_zeros(shape, dtype, anchor: jax.Array) -> jax.Array:

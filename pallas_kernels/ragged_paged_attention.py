@@ -90,8 +90,10 @@ def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: f
     """The entry point's decode kernel call (``kv_lens`` 0 for every sequence it does not decode; sequence ``s``'s
     query at row ``q_rows[s]``): (out, stored). With ``in_place`` and one context split (``grid_splits``: a call
     of many sequence slots) the kernel stores each decoded query's rows into zeros shaped like ``q`` (stored
-    True; ``attention_programs`` > 0: its persistent programs); otherwise it returns [S, H, D] rows, the splits'
-    partial results combined (stored False). ``fp8_products``: the blocks' ``DecodeBlockSizes.fp8_products``;
+    True; ``attention_programs`` > 0: its persistent programs); with ``in_place`` and context splits (a call of
+    few slots) a second kernel merges the splits' partial results into rows shaped like ``q``, zeros elsewhere
+    (stored True: ``merge_splits_into_rows``); otherwise it returns [S, H, D] rows, the splits' partial results
+    combined (stored False). ``fp8_products``: the blocks' ``DecodeBlockSizes.fp8_products``;
     ``decode_chunks``: their ``balance_chunks`` (None: the tuned blocks')."""
     num_seqs = kv_lens.shape[0]
     num_kv_heads, _, page_size, head_dim = k_pages.shape
@@ -104,6 +106,9 @@ def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: f
         return paged_decode_attention_kernel(
             q, k_pages, v_pages, kv_lens, page_table, out=kernel_zeros(q.shape, q.dtype, q_rows[0]),
             blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **kw), True
+    if in_place:        # context splits: one kernel merges them into q-shaped rows, zeros elsewhere
+        return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, blocks=blocks,
+                                             merged_rows=True, **kw), True
     return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, blocks=blocks, **kw), False
 
 
@@ -145,9 +150,10 @@ def ragged_paged_attention(
     of the output is taken from the kernel that owns its sequence: with
     ``in_place`` both store into one zeroed output, each its own rows (no merge,
     and the decode kernel writes its query heads' rows only, not the 16-row
-    tiles of its matrix products), unless the decode kernel splits contexts
-    (a call of few sequence slots), whose merge happens outside it; otherwise
-    each kernel writes an output of its own and one select merges them.
+    tiles of its matrix products); where the decode kernel splits contexts (a
+    call of few sequence slots) a merge kernel writes that output (the merged
+    decode rows, zeros elsewhere) before the prefill kernel stores into it;
+    otherwise each kernel writes an output of its own and one select merges them.
     ``attention_programs`` > 0: the in-place decode kernel runs that many programs, each looping over
     (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``), and the prefill kernel that many
     over its kv heads, each looping over the step's real items (``PrefillBlockSizes.persistent_programs``):

@@ -11,7 +11,9 @@ rotated, converted and stored at its slot, its v heads converted and stored; a t
 (padding: ``num_pages``) stores no key or value, as ``write_kv``'s scatter drops it.
 
 The values are ``rope_write_kv_reference``'s (``apply_rope`` op for op: each product and the sum rounded to the
-input's dtype), bit for bit in interpret mode; the pages are updated in place (the kernel's outputs alias them).
+input's dtype, as Hugging Face's bf16 operations round them), bit for bit in interpret mode; XLA, compiling the
+unfused operations for a GPU, rotates in float32 and rounds once (``xla_allow_excess_precision``), so there a
+rotated value can be a bf16 step apart. The pages are updated in place (the kernel's outputs alias them).
 ``rope_write_kv`` is the entry point: the kernel on GPU, Pallas interpret mode (CPU tests) or the reference.
 """
 
@@ -46,18 +48,24 @@ def to_pages_dtype(x: jax.Array, dtype) -> jax.Array:
     if jnp.dtype(dtype) == FP8_PAGES_DTYPE:
         if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).max >= FP8_PAGES_MAX):
             x = x.astype(jnp.float32)
-        x = jnp.clip(x, -FP8_PAGES_MAX, FP8_PAGES_MAX)     # 448 is exact in bf16, f16 and f32
+        # 448 is exact in bf16, f16 and f32; selects, not clip: Triton's max / min (the kernel's) drop a NaN
+        x = jnp.where(x > FP8_PAGES_MAX, FP8_PAGES_MAX, jnp.where(x < -FP8_PAGES_MAX, -FP8_PAGES_MAX, x))
     return x.astype(dtype)
 
 
 def write_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_page: jax.Array,
                 slot_offset: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``k``, ``v`` [T, kv_heads, D] scattered into ``k_pages``, ``v_pages`` [kv_heads, pages, page_size, D] at
-    (``slot_page``, ``slot_offset``) [T], in the pages' dtype; slots out of range (padding) dropped.
+    (``slot_page``, ``slot_offset``) [T], in the pages' dtype; slots out of range (padding: page ``num_pages``; a
+    negative page or an offset outside the page) dropped.
 
     The slots a step writes are distinct (a token's slot is its own; a shared page is copied before it is
     written), so the scatter is declared unique: XLA writes the rows in parallel instead of serialising possible
     collisions (on an H200, 19 µs a layer's K or V at 2,048 rows before)."""
+    num_pages, page_size = k_pages.shape[1:3]
+    # a negative slot would count from the end (``.at``'s indexing): out of range like padding's
+    dropped = (slot_page < 0) | (slot_offset < 0) | (slot_offset >= page_size)
+    slot_page = jnp.where(dropped, num_pages, slot_page)
     k = to_pages_dtype(jnp.swapaxes(k, 0, 1), k_pages.dtype)   # [kv_heads, T, D]
     v = to_pages_dtype(jnp.swapaxes(v, 0, 1), v_pages.dtype)
     k_pages = k_pages.at[:, slot_page, slot_offset].set(k, mode="drop", unique_indices=True)
@@ -90,7 +98,7 @@ def _rotated(ref, token, first: int, heads: int, half: int, c, s):
 
 
 def _kernel(page_ref, offset_ref, x_ref, cos_ref, sin_ref, k_in_ref, v_in_ref, q_ref, k_ref, v_ref, *,
-            num_q_heads: int, num_kv_heads: int, half: int, num_pages: int):
+            num_q_heads: int, num_kv_heads: int, half: int, num_pages: int, page_size: int):
     del k_in_ref, v_in_ref           # aliased to k_ref, v_ref
     t = pl.program_id(0)
     c = cos_ref[t, pl.ds(0, half)][None, :]
@@ -99,9 +107,10 @@ def _kernel(page_ref, offset_ref, x_ref, cos_ref, sin_ref, k_in_ref, v_in_ref, q
     q_ref[t, :, pl.ds(0, half)] = q1
     q_ref[t, :, pl.ds(half, half)] = q2
     page = page_ref[t]
-    ok = (page >= 0) & (page < num_pages)
-    page = jnp.clip(page, 0, num_pages - 1)     # the address stays in range where nothing is stored
     off = offset_ref[t]
+    ok = (page >= 0) & (page < num_pages) & (off >= 0) & (off < page_size)
+    page = jnp.clip(page, 0, num_pages - 1)     # the address stays in range where nothing is stored
+    off = jnp.clip(off, 0, page_size - 1)
     k1, k2 = _rotated(x_ref, t, num_q_heads, num_kv_heads, half, c, s)
     v1 = x_ref[t, pl.ds(num_q_heads + num_kv_heads, num_kv_heads), pl.ds(0, half)]
     v2 = x_ref[t, pl.ds(num_q_heads + num_kv_heads, num_kv_heads), pl.ds(half, half)]
@@ -120,7 +129,7 @@ def rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset
     x = qkv.reshape(t, num_q_heads + 2 * num_kv_heads, d)
     half = d // 2
     kernel = functools.partial(_kernel, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, half=half,
-                               num_pages=num_pages)
+                               num_pages=num_pages, page_size=page_size)
     q, k_pages, v_pages = pl.pallas_call(
         kernel, grid=(t,),
         in_specs=[whole_block((t,)), whole_block((t,)), whole_block(x.shape), whole_block(cos.shape),
@@ -149,9 +158,9 @@ def kernel_supports(num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 def rope_write_kv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   slot_page: jax.Array, slot_offset: jax.Array, *, num_q_heads: int, num_kv_heads: int,
                   impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``qkv [T, (Hq + 2 Hk) * D]`` (q's heads, k's, v's), ``cos``, ``sin`` [T, D] (``apply_rope``'s), the pages
-    [Hk, pages, page_size, D] and each token's slot (``slot_page``, ``slot_offset`` [T]; a page out of range:
-    nothing written) -> (q rotated [T, Hq, D], k_pages, v_pages with the tokens' rotated keys and values written
+    """``qkv [T, (Hq + 2 Hk) * D]`` (q's heads, k's, v's), ``cos``, ``sin`` [T, D] (``apply_rope``'s rotate-half
+    layout, both halves equal: the kernel reads the first), the pages [Hk, pages, page_size, D] and each token's slot
+    (``slot_page``, ``slot_offset`` [T]; a slot out of range: nothing written) -> (q rotated [T, Hq, D], k_pages, v_pages with the tokens' rotated keys and values written
     in the pages' dtype). ``impl``: ``auto`` (the kernel on GPU where ``kernel_supports`` the shapes, else the
     reference), ``kernel``, ``interpret`` or ``reference``."""
     if impl not in ("auto", "kernel", "interpret", "reference"):
