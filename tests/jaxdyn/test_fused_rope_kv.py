@@ -118,3 +118,42 @@ def test_the_option_resolves_and_falls_back(tmp_path):
         attn = Attention(dataclasses.replace(base, **extra), 0, mesh=make_mesh(1), dtype=jnp.bfloat16)
         assert attn.fuses_rope_kv(on) is fuses, extra
         assert attn.fuses_rope_kv(AttentionOptions()) is False
+
+
+@pytest.mark.parametrize("family,tp", [("llama3.1", 2), ("llama-mqa-bias", 2)])
+def test_the_kernel_under_tensor_parallelism_equals_the_unfused_layers(tmp_path, monkeypatch, family, tp):
+    """Over a model axis of 2 devices (merge_qkv's layout: each shard's own q, k and v heads; the MQA model's one kv
+    head replicated to each shard), a float32 model jitted with the kernel in interpret mode gives the unfused
+    model's hidden states and pages bit for bit, a padding row's slot dropped."""
+    from flax import nnx
+
+    import jaxdyn.models.llama as llama
+    from checkpoints.hf import load_hf_checkpoint
+    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    from jaxdyn.parallel.sharding import stored_kv_heads
+    from pallas_kernels.rope_kv import rope_write_kv
+    mesh = make_mesh(tp, jax.devices()[:tp])
+    loaded = load_hf_checkpoint(make_hf_checkpoint(family, str(tmp_path)), mesh, dtype=jnp.float32)
+    cfg = loaded.config
+    spec = KVCacheSpec(cfg.num_layers, stored_kv_heads(cfg.num_kv_heads, tp), 8, 16, cfg.head_dim, jnp.float32)
+    n = 20
+    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
+    slot_page = np.where(pos < n - 2, pages[pos // 16], 8).astype(np.int32)
+    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
+                           kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
+    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+    calls = []
+    monkeypatch.setattr(llama, "rope_write_kv",
+                        lambda *a, **kw: calls.append(kw["num_kv_heads"]) or rope_write_kv(*a, impl="interpret", **kw))
+
+    @nnx.jit(static_argnames=("fused",))
+    def forward(model, kv, ids, md, fused):
+        return model(kv, ids, md, fused_rope_kv=fused)
+
+    model = nnx.merge(loaded.graphdef, loaded.state)
+    kv_off, off = forward(model, allocate_kv_cache(spec, mesh), ids, md, False)
+    kv_on, on = forward(model, allocate_kv_cache(spec, mesh), ids, md, True)
+    assert calls and set(calls) == {spec.num_kv_heads // tp}          # a shard's kv heads
+    np.testing.assert_array_equal(np.asarray(on)[:n - 2], np.asarray(off)[:n - 2])
+    for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

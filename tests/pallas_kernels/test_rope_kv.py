@@ -14,6 +14,7 @@ def _inputs(t, hq, hk, d, num_pages, page_size, pages_dtype, seed=0):
     noise (so an untouched slot is seen), and slots: distinct, two of them padding (page ``num_pages``)."""
     k = jax.random.split(jax.random.key(seed), 4)
     qkv = (jax.random.normal(k[0], (t, (hq + 2 * hk) * d)) * 200).astype(jnp.bfloat16)
+    qkv = qkv.at[0, -1].set(jnp.nan)                          # a NaN value: NaN in the pages too, not saturated
     pos = jax.random.randint(k[1], (t,), 0, 4000)
     inv_freq = 1.0 / (500000.0 ** (np.arange(0, d, 2) / d))
     freqs = pos.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
@@ -48,9 +49,26 @@ def test_interpret_mode_equals_the_reference_bit_for_bit(pages_dtype, t, hq, hk,
     written[page[page < 7], offset[page < 7]] = True
     np.testing.assert_array_equal(_bits(got[1])[:, ~written], _bits(kp)[:, ~written])     # untouched slots
     assert (_bits(got[1])[:, written] != _bits(kp)[:, written]).any()
-    if pages_dtype == jnp.float8_e4m3fn:           # saturated, not NaN
-        assert np.isfinite(np.asarray(got[1], np.float32)).all()
-        assert np.abs(np.asarray(got[1], np.float32)).max() == 448
+    k = np.asarray(got[1], np.float32)
+    assert np.isfinite(k).all()                    # the NaN is a value's (the last column of the last v head)
+    if pages_dtype == jnp.float8_e4m3fn:           # saturated
+        assert np.abs(k).max() == 448
+    v = np.asarray(got[2], np.float32)
+    assert np.isnan(v[-1, page[0], offset[0], -1]) and np.isnan(v).sum() == 1
+
+
+def test_slots_out_of_range_are_dropped_by_both():
+    """A negative page, a negative offset and an offset past the page write nothing, in the kernel (interpret mode)
+    and in the reference (whose indexing would count a negative index from the end)."""
+    args = list(_inputs(6, 4, 2, 32, num_pages=7, page_size=4, pages_dtype=jnp.bfloat16))
+    args[5] = jnp.asarray([-1, 7, 3, 3, 2, 0], jnp.int32)
+    args[6] = jnp.asarray([0, 0, -1, 4, 1, 3], jnp.int32)
+    got = rope_write_kv(*args, num_q_heads=4, num_kv_heads=2, impl="interpret")
+    want = rope_write_kv(*args, num_q_heads=4, num_kv_heads=2, impl="reference")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+    changed = np.argwhere((_bits(got[1]) != _bits(args[3])).any(axis=(0, 3)))
+    assert sorted(map(tuple, changed)) == [(0, 3), (2, 1)]
 
 
 def test_the_reference_is_the_model_s_unfused_layer():
@@ -110,13 +128,15 @@ def test_gpu_the_kernel_on_the_8b_shape(pages_dtype):
     """On the GPU, jitted as the model calls it, at 16 and 2,048 tokens: the pages' untouched slots and padding
     the same bits; q and the written keys within one rounding of the reference (XLA's compiled reference rotates in
     float32 and rounds once, the kernel rounds each product and the sum as the operations do), the values the same
-    bits."""
+    bits (a NaN value among them stays NaN)."""
     for t in (16, 2048):
         args = _inputs(t, 32, 8, 128, num_pages=160, page_size=16, pages_dtype=pages_dtype, seed=t)
         kw = dict(num_q_heads=32, num_kv_heads=8)
         got = jax.jit(lambda *a: rope_write_kv(*a, impl="kernel", **kw))(*args)
         want = jax.jit(lambda *a: rope_write_kv(*a, impl="reference", **kw))(*args)
-        np.testing.assert_array_equal(_bits(got[2]), _bits(want[2]))
+        v = np.asarray(got[2], np.float32)          # (NaN equals NaN here, whatever its bits)
+        np.testing.assert_array_equal(v, np.asarray(want[2], np.float32))
+        assert np.isnan(v).sum() == 1
         for g, w in ((got[0], want[0]), (got[1], want[1])):
             g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
             # one bf16 rounding of the largest rotated values (|x| ~ 800): 4; an fp8 code at 448 is 32 apart
