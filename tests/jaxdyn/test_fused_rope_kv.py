@@ -157,3 +157,42 @@ def test_the_kernel_under_tensor_parallelism_equals_the_unfused_layers(tmp_path,
     np.testing.assert_array_equal(np.asarray(on)[:n - 2], np.asarray(off)[:n - 2])
     for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_gpu_the_kernel_in_the_jitted_model(tmp_path, pages):
+    """On the GPU, the model jitted with the kernel (its pages donated and updated in place) against XLA's unfused
+    layers: hidden states and pages within the rotation's one bf16 rounding (XLA rotates in float32 and rounds
+    once; the kernel rounds each operation), the padding row's slot untouched."""
+    from flax import nnx
+
+    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    mesh, loaded = _model(tmp_path, "llama3.1")
+    cfg = loaded.config
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, pages)
+    n = 20
+    pos = np.arange(n, dtype=np.int32)
+    slot_page = np.where(pos < n - 2, np.array([5, 2])[pos // 16], 8).astype(np.int32)
+    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=np.array([[5, 2]],
+                           np.int32), kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
+    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+
+    @nnx.jit(static_argnames=("fused",), donate_argnums=(1,))
+    def forward(model, kv, ids, md, fused):
+        return model(kv, ids, md, fused_rope_kv=fused)
+
+    model = nnx.merge(loaded.graphdef, loaded.state)
+    kv_off, off = forward(model, allocate_kv_cache(spec, mesh), ids, md, False)
+    kv_on, on = forward(model, allocate_kv_cache(spec, mesh), ids, md, True)
+    on, off = np.asarray(on, np.float32)[:n - 2], np.asarray(off, np.float32)[:n - 2]
+    np.testing.assert_allclose(on, off, rtol=0.05, atol=0.05 * np.abs(off).max())
+    for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0.07, atol=0.07 * np.abs(b).max())
+        # the 18 real tokens fill page 5 and two slots of page 2; every other slot stays 0 (the padding rows'
+        # slots are out of range: dropped)
+        written = np.zeros(a.shape[1:3], bool)
+        written[5] = True
+        written[2, :2] = True
+        assert a[:, written].any(axis=-1).all() and not a[:, ~written].any()
