@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             ap.error(f"--buckets: the largest must be at least {ENGINE['max_num_batched_tokens']}")
     modules = [importlib.import_module(f"pallas_kernels.{m}") for m in
                ("paged_decode", "ragged_paged_attention", "fp8_quantize", "fp8_matmul", "sampling_thresholds",
-                "rms_norm_fp8")]
+                "rms_norm_fp8", "rope_kv")]
     saved = [m.on_gpu for m in modules]
     for m in modules:
         m.on_gpu = lambda: True            # lower as a GPU runs them (put back when done: a caller's process)
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
 def _measure(args, engine: dict, buckets) -> int:
     from checkpoints.loader import plan_model
-    from jaxdyn.engine.core import FP8_FUSED_NORM, FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
+    from jaxdyn.engine.core import FP8_FUSED_NORM, FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS, FUSED_ROPE_KV
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
     from serving.cli import SAMPLER_SWITCH_FLAG
 
@@ -70,7 +70,7 @@ def _measure(args, engine: dict, buckets) -> int:
                        kv_cache_dtype="fp8" if quant else "auto",
                        fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
-                       fp8_fused_norm=FP8_FUSED_NORM and quant == "fp8",
+                       fp8_fused_norm=FP8_FUSED_NORM and quant == "fp8", fused_rope_kv=FUSED_ROPE_KV,
                        sampler_switch=SAMPLER_SWITCH_FLAG[args.sampler_switch],
                        nested_layers=not args.no_nested_layers)
     runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from benchmarks.gpu.suite import model_dir
     from checkpoints.loader import plan_model
-    from jaxdyn.engine.core import FP8_FUSED_NORM, FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS
+    from jaxdyn.engine.core import FP8_FUSED_NORM, FP8_FUSED_QUANTIZE, FP8_FUSED_QUANTIZE_MIN_TOKENS, FUSED_ROPE_KV
     from jaxdyn.engine.runner import ModelRunner, RunnerConfig
     from serving.cli import SAMPLER_SWITCH_FLAG
 
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
                            fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant and gpu else "off",
                            fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant and gpu else 0,
                            fp8_fused_norm=FP8_FUSED_NORM and quant == "fp8" and gpu,
+                           fused_rope_kv=FUSED_ROPE_KV and gpu,
                            sampler_switch=SAMPLER_SWITCH_FLAG[args.sampler_switch], nested_layers=nested)
         runner = ModelRunner(plan.graphdef, plan.abstract, plan.mesh, cfg)
         keys = runner.part_keys()

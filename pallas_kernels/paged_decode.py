@@ -13,7 +13,9 @@ no reshape (gathering ``[pages, page_size, head_dim]`` by page id and
 reshaping it, ``gather="pages"``, ran 1.4-1.6x slower on an H200). Long
 contexts are split over ``num_splits`` programs whose partial results (``o``,
 running max ``m``, running sum ``l``) are merged by a numerically stable
-log-sum-exp combine outside the kernel.
+log-sum-exp combine after the kernel: ``merge_splits_into_rows``, a second
+kernel writing q-shaped rows (the entry point in place), or ``combine_splits``
+(``jax.numpy``).
 
 KV layout (jaxdyn/kv/cache.py): ``k_pages, v_pages: [num_kv_heads, num_pages,
 page_size, head_dim]``; one (head, page) tile is one contiguous run.
@@ -48,6 +50,7 @@ from jax.experimental.pallas import triton as pltriton   # Triton backend: loads
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16          # smallest M of a Triton dot tile
 MERGE_WARPS = 4         # a program of ``merge_splits_into_rows`` (a row's kv head: C x G x D float32 partials)
+MERGE_UNROLL = 16       # context splits ``merge_splits_into_rows`` loads at once (more: a loop over such chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -755,7 +758,8 @@ def combine_splits(o: jax.Array,   # f32[S, C, K, G, D] unnormalised partial out
 def _merge_rows_kernel(lens_ref, qrow_ref, o_ref, m_ref, l_ref, out_ref, *, num_seqs: int, splits: int, group: int,
                        group_rows: int):
     # program (row r, kv head h): the sequence whose live query is row r, if any, its splits' partial results for
-    # kv head h's G query heads merged (``combine_splits``'s arithmetic), else zeros, stored at row r
+    # kv head h's G query heads merged (``combine_splits``'s arithmetic, the splits taken MERGE_UNROLL at a time
+    # with the running maximum rescaling what came before), else zeros, stored at row r
     r, h = pl.program_id(0), pl.program_id(1)
     seqs = jnp.arange(pl.next_power_of_2(num_seqs), dtype=jnp.int32)
     valid = seqs < num_seqs
@@ -763,22 +767,38 @@ def _merge_rows_kernel(lens_ref, qrow_ref, o_ref, m_ref, l_ref, out_ref, *, num_
     qrows = pltriton.load(qrow_ref.at[pl.ds(0, seqs.shape[0])], mask=valid, other=-1)
     match = (qrows == r) & (lens > 0) & valid
     found = jnp.max(match.astype(jnp.int32)) > 0
-    s = jnp.sum(jnp.where(match, seqs, 0))
+    s = jnp.max(jnp.where(match, seqs, 0))          # in range whatever the rows hold
     heads = pl.ds(0, group_rows)
-    # unrolled over the splits (every load in flight at once; Triton's lowering slices no loaded array)
-    ms = [m_ref[s, c, h, heads] for c in range(splits)]
-    ls = [l_ref[s, c, h, heads] for c in range(splits)]
-    m_max = functools.reduce(jnp.maximum, ms)
-    den = num = None
-    for c in range(splits):
-        w = jnp.where(ls[c] > 0, jnp.exp(ms[c] - m_max), 0.0)
-        term = jnp.where(w[:, None] > 0, w[:, None] * o_ref[s, c, h, heads, :], 0.0)
-        den = w * ls[c] if den is None else den + w * ls[c]
-        num = term if num is None else num + term
-    ok = (den > 0) & found
-    merged = jnp.where(ok[:, None], num / jnp.where(ok, den, 1.0)[:, None], 0.0)
-    pltriton.store(out_ref.at[r, pl.ds(h * group, group_rows)], merged.astype(out_ref.dtype),
-                   mask=(jnp.arange(group_rows, dtype=jnp.int32) < group)[:, None])
+    dst = out_ref.at[r, pl.ds(h * group, group_rows)]
+    rows_mask = (jnp.arange(group_rows, dtype=jnp.int32) < group)[:, None]
+    chunk = min(splits, MERGE_UNROLL)
+
+    def merge(i, carry):
+        # unrolled over a chunk's splits (every load in flight at once; Triton's lowering slices no loaded array)
+        m_run, den, num = carry
+        first = i * chunk
+        ms = [m_ref[s, first + c, h, heads] for c in range(chunk)]
+        ls = [l_ref[s, first + c, h, heads] for c in range(chunk)]
+        m_new = functools.reduce(jnp.maximum, ms, m_run)
+        alpha = jnp.exp(m_run - m_new)
+        den, num = den * alpha, num * alpha[:, None]
+        for c in range(chunk):
+            w = jnp.where(ls[c] > 0, jnp.exp(ms[c] - m_new), 0.0)
+            den = den + w * ls[c]
+            num = num + jnp.where(w[:, None] > 0, w[:, None] * o_ref[s, first + c, h, heads, :], 0.0)
+        return m_new, den, num
+
+    @pl.when(found)
+    def _():
+        init = (jnp.full((group_rows,), _MASK_VALUE, jnp.float32), jnp.zeros((group_rows,), jnp.float32),
+                jnp.zeros((group_rows, o_ref.shape[-1]), jnp.float32))
+        _, den, num = (merge(0, init) if chunk == splits else lax.fori_loop(0, splits // chunk, merge, init))
+        merged = jnp.where((den > 0)[:, None], num / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
+        pltriton.store(dst, merged.astype(out_ref.dtype), mask=rows_mask)
+
+    @pl.when(jnp.logical_not(found))
+    def _():            # no live query at this row: zeros, without reading any partial result
+        pltriton.store(dst, jnp.zeros((group_rows, o_ref.shape[-1]), out_ref.dtype), mask=rows_mask)
 
 
 def merge_splits_into_rows(o: jax.Array, m: jax.Array, l: jax.Array, kv_lens: jax.Array, q_rows: jax.Array, *,

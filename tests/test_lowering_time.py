@@ -10,8 +10,9 @@ def test_it_lowers_each_part_for_a_gpu_and_prints_the_sum(capsys):
     out = capsys.readouterr().out
     assert out.count("| switch ") == 2                        # one part a bucket with the switch
     assert "2 parts traced and lowered for a GPU in" in out and "--sampler-switch all --buckets 16,2048" in out
-    from pallas_kernels import paged_decode, sampling_thresholds
-    assert not paged_decode.on_gpu() and not sampling_thresholds.on_gpu()      # put back for the rest of the process
+    from pallas_kernels import paged_decode, rope_kv, sampling_thresholds
+    # put back for the rest of the process
+    assert not paged_decode.on_gpu() and not sampling_thresholds.on_gpu() and not rope_kv.on_gpu()
     assert "nested_layers=True" in out
     assert lowering_time.main(["--model", "llama-3.2-1b", "--buckets", "2048", "--no-nested-layers"]) == 0
     out = capsys.readouterr().out

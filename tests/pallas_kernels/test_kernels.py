@@ -671,16 +671,73 @@ def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_refer
     got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=7, **kw)
     np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
     assert np.all(np.asarray(got[n:]) == 0)
+    # context splits (MIXED's longer contexts): the decode kernel's splits merged into rows by their kernel, the
+    # prefill kernel's persistent programs storing into them
+    args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    assert paged_decode.grid_splits(args[4].shape[0], 2, args[4].shape[1], blocks) > 1
+    ref = ragged_paged_attention_reference(*args, **kw)
+    got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=7, **kw)
+    np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(got[n:]) == 0)
+
+
+@pytest.mark.parametrize("splits,group,num_seqs", [(4, 4, 5), (32, 7, 3), (16, 1, 12)])
+def test_the_split_merge_kernel_writes_what_combine_splits_gives_at_each_live_row(splits, group, num_seqs):
+    """``merge_splits_into_rows`` (interpret mode) against ``combine_splits`` scattered to the live sequences' rows:
+    splits that saw nothing (l = 0) hold NaN garbage that must not leak, a dead slot (kv_len 0) points at a live
+    row and at row 0, rows no live query owns are 0; 32 splits take the loop over chunks of MERGE_UNROLL; a group of
+    7 (padded to 8 rows) and of 1."""
+    rng = np.random.default_rng(splits)
+    k, r, d, t = 2, 16, 32, 16
+    o = rng.standard_normal((num_seqs, splits, k, r, d)).astype(np.float32)
+    m = rng.standard_normal((num_seqs, splits, k, r)).astype(np.float32) * 3
+    l = rng.uniform(0.5, 4, (num_seqs, splits, k, r)).astype(np.float32)
+    empty = rng.random((num_seqs, splits, 1, 1)) < 0.3
+    empty[:, 0] = False
+    l = np.where(empty, 0.0, l).astype(np.float32)
+    o = np.where(empty[..., None], np.nan, o).astype(np.float32)
+    m = np.where(empty, paged_decode._MASK_VALUE, m).astype(np.float32)
+    kv_lens = np.full(num_seqs, 50, np.int32)
+    q_rows = rng.permutation(t)[:num_seqs].astype(np.int32)
+    kv_lens[1] = 0
+    q_rows[1] = q_rows[0]                          # a dead slot on a live sequence's row
+    got = paged_decode.merge_splits_into_rows(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), jnp.asarray(kv_lens),
+                                              jnp.asarray(q_rows), num_rows=t, group=group, dtype=jnp.float32,
+                                              interpret=True)
+    merged = np.asarray(paged_decode.combine_splits(jnp.asarray(o[..., :group, :]), jnp.asarray(m[..., :group]),
+                                                    jnp.asarray(l[..., :group])))       # [S, K, G, D]
+    want = np.zeros((t, k * group, d), np.float32)
+    for seq in range(num_seqs):
+        if kv_lens[seq] > 0:
+            want[q_rows[seq]] = merged[seq].reshape(k * group, d)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # and as Triton lowers it (the chunks' loop at 32 splits, the padded group of 7)
+    sds = jax.ShapeDtypeStruct
+    f = jax.jit(functools.partial(paged_decode.merge_splits_into_rows, num_rows=t, group=group, dtype=jnp.bfloat16))
+    lowered = f.trace(sds(o.shape, jnp.float32), sds(m.shape, jnp.float32), sds(l.shape, jnp.float32),
+                      sds((num_seqs,), jnp.int32), sds((num_seqs,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+    with pytest.raises(ValueError, match="merged_rows"):
+        paged_decode.paged_decode_attention_kernel(
+            jnp.zeros((4, 8, 32)), jnp.zeros((2, 8, 16, 32)), jnp.zeros((2, 8, 16, 32)), jnp.ones((2,), jnp.int32),
+            jnp.zeros((2, 4), jnp.int32), sm_scale=0.1, q_rows=jnp.zeros((2,), jnp.int32), merged_rows=True,
+            num_splits=1, interpret=True)
 
 
 @pytest.mark.parametrize("in_place", [True, False])
-@pytest.mark.parametrize("seqs", [MIXED_SHORT, [(c, 1) for c, _ in MIXED_SHORT]], ids=["mixed", "decode-only"])
+@pytest.mark.parametrize("seqs", [MIXED_SHORT, [(c, 1) for c, _ in MIXED_SHORT], MIXED, [(c, 1) for c, _ in MIXED]],
+                         ids=["mixed", "decode-only", "mixed-split", "decode-only-split"])
 def test_skip_idle_prefill_gives_the_same_step(seqs, in_place):
     """``skip_idle_prefill``: the prefill kernel under a device-side condition (taken in a step with a chunk of more
     than one token, skipped in a decode-only one) gives the result the unconditional kernels give, in one output
-    or merged (interpret mode)."""
+    or merged (interpret mode); MIXED's longer contexts take context splits (in place: the split merge kernel's
+    rows, into which the conditional prefill kernel stores)."""
     rng = np.random.default_rng(24)
     args, n = _batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    blocks = paged_decode.decode_block_sizes(32, 16, args[1].dtype, args[4].shape[0])
+    splits = paged_decode.grid_splits(args[4].shape[0], 2, args[4].shape[1], blocks)
+    assert (splits > 1) == (len(seqs) == len(MIXED) and seqs[-1][0] == MIXED[-1][0])
     kw = dict(sm_scale=32 ** -0.5, impl="interpret", in_place=in_place)
     want = ragged_paged_attention(*args, **kw)
     got = jax.jit(functools.partial(ragged_paged_attention, skip_idle_prefill=True, **kw))(*args)
