@@ -125,7 +125,7 @@ def rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset
                          num_kv_heads: int, num_warps: int | None = None, interpret: bool = False):
     """The kernel: a program a token, ``num_warps`` each (default NUM_WARPS). Returns the reference's triple."""
     t = qkv.shape[0]
-    kvh, num_pages, page_size, d = k_pages.shape
+    _, num_pages, page_size, d = k_pages.shape
     x = qkv.reshape(t, num_q_heads + 2 * num_kv_heads, d)
     half = d // 2
     kernel = functools.partial(_kernel, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, half=half,
@@ -160,9 +160,10 @@ def rope_write_kv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.A
                   impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """``qkv [T, (Hq + 2 Hk) * D]`` (q's heads, k's, v's), ``cos``, ``sin`` [T, D] (``apply_rope``'s rotate-half
     layout, both halves equal: the kernel reads the first), the pages [Hk, pages, page_size, D] and each token's slot
-    (``slot_page``, ``slot_offset`` [T]; a slot out of range: nothing written) -> (q rotated [T, Hq, D], k_pages, v_pages with the tokens' rotated keys and values written
-    in the pages' dtype). ``impl``: ``auto`` (the kernel on GPU where ``kernel_supports`` the shapes, else the
-    reference), ``kernel``, ``interpret`` or ``reference``."""
+    (``slot_page``, ``slot_offset`` [T]; a slot out of range: nothing written) -> (q rotated [T, Hq, D], k_pages,
+    v_pages with the tokens' rotated keys and their values written in the pages' dtype). ``impl``: ``auto`` (the
+    kernel on GPU where ``kernel_supports`` the shapes, else the reference), ``kernel``, ``interpret`` or
+    ``reference``."""
     if impl not in ("auto", "kernel", "interpret", "reference"):
         raise ValueError(f"impl must be auto, kernel, interpret or reference, not {impl!r}")
     t, width = qkv.shape

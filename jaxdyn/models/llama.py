@@ -36,7 +36,7 @@ from pallas_kernels.fp8_matmul import FP8_KERNEL_MAX_ROWS, fp8_weight_matmul
 from pallas_kernels.fp8_quantize import FP8_MAX, quantize_rows_fp8, quantize_rows_fp8_reference  # noqa: F401
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.rms_norm_fp8 import add_rms_norm_fp8, rms_norm_reference
-from pallas_kernels.rope_kv import apply_rope, kernel_supports, rope_write_kv  # noqa: F401 (apply_rope: the model's)
+from pallas_kernels.rope_kv import apply_rope, kernel_supports, rope_write_kv
 
 
 QUANT_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}

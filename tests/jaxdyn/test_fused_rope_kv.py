@@ -30,6 +30,17 @@ def _model(tmp_path, family, quantization=None):
     return mesh, load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16, config=cfg)
 
 
+def _chunk(n: int):
+    """(AttentionMetadata, token ids) of one forward over a fresh sequence: its first ``n - 2`` tokens written at
+    pages 5 and 2 of an 8-page cache, the last two rows padding (page 8: out of range)."""
+    from jaxdyn.kv.cache import AttentionMetadata
+    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
+    slot_page = np.where(pos < n - 2, pages[pos // 16], 8).astype(np.int32)
+    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
+                           kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
+    return md, np.arange(3, 3 + n, dtype=np.int32) * 7
+
+
 def _generate(mesh, model, **options):
     """{request: greedy tokens} of PROMPTS (each prompt twice: the second time after the first's pages are freed
     and reused), every page back at the end."""
@@ -69,17 +80,13 @@ def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch
     from flax import nnx
 
     import jaxdyn.models.llama as llama
-    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
     from pallas_kernels.rope_kv import rope_write_kv
     mesh, loaded = _model(tmp_path, "llama3.1", "fp8")
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, jnp.float8_e4m3fn)
     n = 20
-    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
-    slot_page = np.where(pos < n - 2, pages[pos // 16], 8).astype(np.int32)
-    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
-                           kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
-    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+    md, ids = _chunk(n)
     model = nnx.merge(loaded.graphdef, loaded.state)
     calls = []
     monkeypatch.setattr(llama, "rope_write_kv",
@@ -129,7 +136,7 @@ def test_the_kernel_under_tensor_parallelism_equals_the_unfused_layers(tmp_path,
 
     import jaxdyn.models.llama as llama
     from checkpoints.hf import load_hf_checkpoint
-    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
     from jaxdyn.parallel.sharding import stored_kv_heads
     from pallas_kernels.rope_kv import rope_write_kv
     mesh = make_mesh(tp, jax.devices()[:tp])
@@ -137,11 +144,7 @@ def test_the_kernel_under_tensor_parallelism_equals_the_unfused_layers(tmp_path,
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, stored_kv_heads(cfg.num_kv_heads, tp), 8, 16, cfg.head_dim, jnp.float32)
     n = 20
-    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
-    slot_page = np.where(pos < n - 2, pages[pos // 16], 8).astype(np.int32)
-    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
-                           kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
-    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+    md, ids = _chunk(n)
     calls = []
     monkeypatch.setattr(llama, "rope_write_kv",
                         lambda *a, **kw: calls.append(kw["num_kv_heads"]) or rope_write_kv(*a, impl="interpret", **kw))
@@ -167,16 +170,12 @@ def test_gpu_the_kernel_in_the_jitted_model(tmp_path, pages):
     once; the kernel rounds each operation), the padding row's slot untouched."""
     from flax import nnx
 
-    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
     mesh, loaded = _model(tmp_path, "llama3.1")
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, pages)
     n = 20
-    pos = np.arange(n, dtype=np.int32)
-    slot_page = np.where(pos < n - 2, np.array([5, 2])[pos // 16], 8).astype(np.int32)
-    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=np.array([[5, 2]],
-                           np.int32), kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
-    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+    md, ids = _chunk(n)
 
     @nnx.jit(static_argnames=("fused",), donate_argnums=(1,))
     def forward(model, kv, ids, md, fused):

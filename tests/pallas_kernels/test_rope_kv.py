@@ -107,8 +107,8 @@ def test_bad_inputs_and_unsupported_shapes_are_refused():
                                              np.float32)[:2], [448, -448])
 
 
-@pytest.mark.parametrize("rows,hq,hk,d,dtype", [(16, 32, 8, 128, jnp.float8_e4m3fn), (2048, 32, 8, 128, jnp.float8_e4m3fn),
-                                              (8, 4, 2, 16, jnp.bfloat16)])
+@pytest.mark.parametrize("rows,hq,hk,d,dtype", [(16, 32, 8, 128, jnp.float8_e4m3fn),
+                                              (2048, 32, 8, 128, jnp.float8_e4m3fn), (8, 4, 2, 16, jnp.bfloat16)])
 def test_the_kernel_lowers_to_triton_for_a_gpu(rows, hq, hk, d, dtype):
     """The kernel as the 8B model calls it (32 q heads, 8 kv heads of 128, fp8 pages) and as the tests' tiny models
     do lowers through Pallas' Triton lowering on the CPU, so a construct it rejects fails here rather than on the
