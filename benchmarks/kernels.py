@@ -446,9 +446,9 @@ def entry_halves(cu_q_lens, attention_programs: int = 0, decode_chunks: int | No
     """The two kernels ``ragged_paged_attention`` runs for a decode-only step (every live sequence one query
     token), each alone as the entry point calls it (``decode_part``, ``prefill_part``): (decode half, prefill half),
     each ``fn(q, k_pages, v_pages, lens, table)``. The decode half is the decode kernel over every slot (stored in
-    place into zeros when the call has one context split, else the splits' partial results merged by their
-    kernel into q-shaped rows); the prefill half is the prefill kernel, which finds no sequence of more than one query token and
-    does nothing but start its programs: what a decode-only step pays for the ragged entry point."""
+    place into zeros when the call has one context split, else the splits' partial results merged by their kernel
+    into q-shaped rows); the prefill half is the prefill kernel, which finds no sequence of more than one query
+    token and does nothing but start its programs: what a decode-only step pays for the ragged entry point."""
     kw = dict(interpret=INTERPRET, attention_programs=attention_programs)
 
     def decode_half(q, k_pages, v_pages, lens, table):

@@ -811,6 +811,9 @@ def merge_splits_into_rows(o: jax.Array, m: jax.Array, l: jax.Array, kv_lens: ja
     group_rows = pl.next_power_of_2(group)
     if group_rows > r:
         raise ValueError(f"the partial results hold {r} rows a kv head, fewer than the group's {group}")
+    if splits > MERGE_UNROLL and splits % MERGE_UNROLL:
+        raise ValueError(f"{splits} context splits: beyond {MERGE_UNROLL} the merge takes multiples of {MERGE_UNROLL} "
+                         "(grid_splits gives powers of two)")
     kernel = functools.partial(_merge_rows_kernel, num_seqs=num_seqs, splits=splits, group=group,
                                group_rows=group_rows)
     shape = (num_rows, num_kv_heads * group, head_dim)

@@ -11,6 +11,7 @@ def test_kernel_kinds():
     assert pr.kind_of("paged_decode_attention") == "decode attn"
     assert pr.kind_of("ragged_prefill_attention") == "prefill attn"
     assert pr.kind_of("input_scatter_fusion") == "kv write"
+    assert pr.kind_of("rope_write_kv") == "kv write" and pr.kind_of("merge_decode_splits") == "decode attn"
     assert pr.kind_of("loop_add_fusion") == "other"
 
 

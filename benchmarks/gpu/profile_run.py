@@ -33,9 +33,10 @@ from serving.bench import BenchError
 from serving.bench.offline import add_sampling_arguments, check_sampling_arguments
 
 KINDS = (("gemm", re.compile(r"gemm|nvjet|cublas|cutlass|xmma|matmul|dot", re.I)),
-         ("decode attn", re.compile(r"paged_decode", re.I)),
+         ("decode attn", re.compile(r"paged_decode|merge_decode_splits", re.I)),
          ("prefill attn", re.compile(r"ragged_prefill", re.I)),
-         ("kv write", re.compile(r"scatter", re.I)))
+         # XLA's K/V scatters, or the rope kernel that rotates q and k and writes K/V (``fused_rope_kv``)
+         ("kv write", re.compile(r"scatter|rope_write_kv", re.I)))
 
 
 def kind_of(name: str) -> str:

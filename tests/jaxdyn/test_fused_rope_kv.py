@@ -182,6 +182,9 @@ def test_gpu_the_kernel_in_the_jitted_model(tmp_path, pages):
         return model(kv, ids, md, fused_rope_kv=fused)
 
     model = nnx.merge(loaded.graphdef, loaded.state)
+    for fused in (False, True):        # the kernel in the fused program only
+        text = forward.lower(model, allocate_kv_cache(spec, mesh), ids, md, fused).as_text()
+        assert ("rope_write_kv" in text) == fused
     kv_off, off = forward(model, allocate_kv_cache(spec, mesh), ids, md, False)
     kv_on, on = forward(model, allocate_kv_cache(spec, mesh), ids, md, True)
     on, off = np.asarray(on, np.float32)[:n - 2], np.asarray(off, np.float32)[:n - 2]

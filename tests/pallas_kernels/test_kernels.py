@@ -718,6 +718,10 @@ def test_the_split_merge_kernel_writes_what_combine_splits_gives_at_each_live_ro
     lowered = f.trace(sds(o.shape, jnp.float32), sds(m.shape, jnp.float32), sds(l.shape, jnp.float32),
                       sds((num_seqs,), jnp.int32), sds((num_seqs,), jnp.int32)).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+    with pytest.raises(ValueError, match="multiples of 16"):       # 24 splits: a chunk of 16 and 8 left over
+        paged_decode.merge_splits_into_rows(jnp.zeros((2, 24, 2, 16, 32)), jnp.zeros((2, 24, 2, 16)),
+                                            jnp.zeros((2, 24, 2, 16)), jnp.ones((2,), jnp.int32),
+                                            jnp.arange(2, dtype=jnp.int32), num_rows=4, group=4, dtype=jnp.float32)
     with pytest.raises(ValueError, match="merged_rows"):
         paged_decode.paged_decode_attention_kernel(
             jnp.zeros((4, 8, 32)), jnp.zeros((2, 8, 16, 32)), jnp.zeros((2, 8, 16, 32)), jnp.ones((2,), jnp.int32),

@@ -73,7 +73,9 @@ def test_slots_out_of_range_are_dropped_by_both():
 
 def test_the_reference_is_the_model_s_unfused_layer():
     """The reference is the split of merge_qkv's layout, ``apply_rope`` on q and k and ``write_pages``, which the
-    model's unfused layer runs (``jaxdyn.kv.cache.write_kv`` is ``write_pages``)."""
+    model's unfused layer runs: the model's ``apply_rope`` and the cache's ``write_kv`` are the module's own (the
+    identity asserted), so what the values compare is the reference's split against ``split_qkv`` (one shard;
+    ``tests/jaxdyn/test_fused_rope_kv.py`` compares the model's layers under two)."""
     from jaxdyn.kv.cache import write_kv
     from jaxdyn.models.llama import apply_rope as model_rope
     from jaxdyn.models.llama import split_qkv

@@ -1,7 +1,8 @@
 # Prepared in session 36 for the next session (~420 s; carry .gpu_wheels): where the default's step time goes now
 # (fused norms, fused quantization from every step, the rope kernel, the split merge kernel), which session 36 could
-# not measure: profile_run's untraced loop tables and traced kernel windows at a 2,048-token bucket (early, prompts)
-# and a 16-token one (the run's tail), the 16- and 2,048-token steps' optimized HLO (gzipped).
+# not measure: profile_run's loop tables (of the run the traced windows are in, so perturbed) and traced kernel
+# windows at a 2,048-token bucket (early, prompts) and a 16-token one (the run's tail), the 16- and 2,048-token
+# steps' optimized HLO (gzipped).
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
