@@ -198,6 +198,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 SEPARATE_SAMPLER_FLAG = {None: False, "all": True, "except-greedy": "except_greedy"}
 # --sampler-switch's value (absent, bare, "plain-full" or "off") as ``EngineConfig.sampler_switch``
 SAMPLER_SWITCH_FLAG = {None: None, "all": True, "plain-full": "plain_full", "off": False}
+# the EngineConfig value of an auto|on|off flag (--fp8-fused-norm, --fused-rope-kv)
+AUTO_ON_OFF = {"auto": "auto", "on": True, "off": False}
 
 
 def _engine_config(args):
@@ -319,8 +321,8 @@ def _engine_fields(args) -> dict:
                 triton_gemm_max_tokens=triton, fp8_kernel_max_tokens=fp8_kernel,
                 fp8_fused_quantize=getattr(args, "fp8_fused_quantize", "auto"),
                 fp8_fused_quantize_min_tokens=fused_min,
-                fp8_fused_norm={"auto": "auto", "on": True, "off": False}[getattr(args, "fp8_fused_norm", "auto")],
-                fused_rope_kv={"auto": "auto", "on": True, "off": False}[getattr(args, "fused_rope_kv", "auto")],
+                fp8_fused_norm=AUTO_ON_OFF[getattr(args, "fp8_fused_norm", "auto")],
+                fused_rope_kv=AUTO_ON_OFF[getattr(args, "fused_rope_kv", "auto")],
                 separate_sampler=SEPARATE_SAMPLER_FLAG[getattr(args, "separate_sampler", None)],
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),

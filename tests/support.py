@@ -197,3 +197,15 @@ def lowered_count(text: str, needle: str) -> int:
         return memo[fn]
 
     return count("main")
+
+
+def one_chunk(n: int, padding: int = 0):
+    """(AttentionMetadata, token ids) of one forward over a fresh sequence in an 8-page cache of 16-token pages: its
+    first ``n - padding`` tokens written at pages 5 and 2, the last ``padding`` rows padding (page 8: out of range)."""
+    from jaxdyn.kv.cache import AttentionMetadata
+    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
+    real = n - padding
+    slot_page = np.where(pos < real, pages[pos // 16], 8).astype(np.int32)
+    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
+                           kv_lens=np.array([real], np.int32), cu_q_lens=np.array([0, real], np.int32))
+    return md, np.arange(3, 3 + n, dtype=np.int32) * 7

@@ -135,10 +135,10 @@ class EngineConfig:
         m = self.fp8_fused_quantize_min_tokens
         if not (m == "auto" or is_count(m)):
             raise ValueError(f"fp8_fused_quantize_min_tokens: expected 'auto' or an integer >= 0, got {m!r}")
-        if self.fp8_fused_norm != "auto" and not isinstance(self.fp8_fused_norm, bool):
-            raise ValueError(f"fp8_fused_norm: expected 'auto', True or False, got {self.fp8_fused_norm!r}")
-        if self.fused_rope_kv != "auto" and not isinstance(self.fused_rope_kv, bool):
-            raise ValueError(f"fused_rope_kv: expected 'auto', True or False, got {self.fused_rope_kv!r}")
+        for name in ("fp8_fused_norm", "fused_rope_kv"):
+            value = getattr(self, name)
+            if value != "auto" and not isinstance(value, bool):
+                raise ValueError(f"{name}: expected 'auto', True or False, got {value!r}")
 
 
 # An fp8 (w8a8) model's steps on a GPU: no Triton GEMMs. XLA's search of Triton tilings for fp8 products made the
@@ -192,12 +192,12 @@ FP8_FUSED_NORM = True
 def fp8_fused_norm(config: EngineConfig, model_config, platform: str) -> bool:
     """``EngineConfig.fp8_fused_norm`` resolved for a model on ``platform``: False without fp8 weights, "auto"
     FP8_FUSED_NORM on a GPU, else False."""
-    if model_config.quantization != "fp8":
-        return False
-    f = config.fp8_fused_norm
-    if f == "auto":
-        return FP8_FUSED_NORM and platform == "gpu"
-    return f
+    return model_config.quantization == "fp8" and _on_gpu_if_auto(config.fp8_fused_norm, FP8_FUSED_NORM, platform)
+
+
+def _on_gpu_if_auto(value: bool | str, default: bool, platform: str) -> bool:
+    """An "auto" / True / False option resolved on ``platform``: "auto" is ``default`` on a GPU, else False."""
+    return default and platform == "gpu" if value == "auto" else value
 
 
 # q's and k's rotary embedding and the K/V write of each layer in one ``pallas_kernels.rope_kv`` kernel on a GPU
@@ -210,9 +210,7 @@ FUSED_ROPE_KV = True
 
 def fused_rope_kv(config: EngineConfig, platform: str) -> bool:
     """``EngineConfig.fused_rope_kv`` resolved on ``platform``: "auto" FUSED_ROPE_KV on a GPU, else False."""
-    if config.fused_rope_kv == "auto":
-        return FUSED_ROPE_KV and platform == "gpu"
-    return config.fused_rope_kv
+    return _on_gpu_if_auto(config.fused_rope_kv, FUSED_ROPE_KV, platform)
 
 
 def fp8_kernel_limit(config: EngineConfig, model_config, platform: str) -> int:

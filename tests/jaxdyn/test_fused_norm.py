@@ -14,7 +14,7 @@ from checkpoints.hf import load_hf_checkpoint
 from jaxdyn import EngineConfig, EngineCore, SamplingParams
 from jaxdyn.config import ModelConfig
 from jaxdyn.parallel.sharding import make_mesh
-from tests.support import make_hf_checkpoint
+from tests.support import make_hf_checkpoint, one_chunk
 
 CFG = EngineConfig(num_pages=48, page_size=16, max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128,
                    token_buckets=(8, 32), page_buckets=(8,))
@@ -79,17 +79,13 @@ def test_the_fused_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monke
     from flax import nnx
 
     import jaxdyn.models.llama as llama
-    from jaxdyn.kv.cache import AttentionMetadata, KVCacheSpec, allocate_kv_cache
+    from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
     from jaxdyn.parallel.sharding import stored_kv_heads
     from pallas_kernels.rms_norm_fp8 import add_rms_norm_fp8
     mesh, loaded = _model(tmp_path, "qwen2")
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, stored_kv_heads(cfg.num_kv_heads, 1), 8, 16, cfg.head_dim, jnp.bfloat16)
-    n = 20
-    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
-    md = AttentionMetadata(positions=pos, slot_page=pages[pos // 16], slot_offset=pos % 16, page_table=pages[None],
-                           kv_lens=np.array([n], np.int32), cu_q_lens=np.array([0, n], np.int32))
-    ids = np.arange(3, 3 + n, dtype=np.int32) * 7
+    md, ids = one_chunk(20)
     model = nnx.merge(loaded.graphdef, loaded.state)
     calls = []
     monkeypatch.setattr(llama, "add_rms_norm_fp8",

@@ -10,7 +10,7 @@ import pytest
 
 from jaxdyn import EngineConfig, EngineCore, SamplingParams
 from jaxdyn.parallel.sharding import make_mesh
-from tests.support import make_hf_checkpoint
+from tests.support import make_hf_checkpoint, one_chunk
 
 CFG = EngineConfig(num_pages=48, page_size=16, max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128,
                    token_buckets=(8, 32), page_buckets=(8,))
@@ -28,17 +28,6 @@ def _model(tmp_path, family, quantization=None):
         cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)), quantization=quantization)
     mesh = make_mesh(1)
     return mesh, load_hf_checkpoint(path, mesh, dtype=jnp.bfloat16, config=cfg)
-
-
-def _chunk(n: int):
-    """(AttentionMetadata, token ids) of one forward over a fresh sequence: its first ``n - 2`` tokens written at
-    pages 5 and 2 of an 8-page cache, the last two rows padding (page 8: out of range)."""
-    from jaxdyn.kv.cache import AttentionMetadata
-    pages, pos = np.array([5, 2], np.int32), np.arange(n, dtype=np.int32)
-    slot_page = np.where(pos < n - 2, pages[pos // 16], 8).astype(np.int32)
-    md = AttentionMetadata(positions=pos, slot_page=slot_page, slot_offset=pos % 16, page_table=pages[None],
-                           kv_lens=np.array([n - 2], np.int32), cu_q_lens=np.array([0, n - 2], np.int32))
-    return md, np.arange(3, 3 + n, dtype=np.int32) * 7
 
 
 def _generate(mesh, model, **options):
@@ -86,7 +75,7 @@ def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, jnp.float8_e4m3fn)
     n = 20
-    md, ids = _chunk(n)
+    md, ids = one_chunk(n, padding=2)
     model = nnx.merge(loaded.graphdef, loaded.state)
     calls = []
     monkeypatch.setattr(llama, "rope_write_kv",
@@ -144,7 +133,7 @@ def test_the_kernel_under_tensor_parallelism_equals_the_unfused_layers(tmp_path,
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, stored_kv_heads(cfg.num_kv_heads, tp), 8, 16, cfg.head_dim, jnp.float32)
     n = 20
-    md, ids = _chunk(n)
+    md, ids = one_chunk(n, padding=2)
     calls = []
     monkeypatch.setattr(llama, "rope_write_kv",
                         lambda *a, **kw: calls.append(kw["num_kv_heads"]) or rope_write_kv(*a, impl="interpret", **kw))
@@ -175,7 +164,7 @@ def test_gpu_the_kernel_in_the_jitted_model(tmp_path, pages):
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, pages)
     n = 20
-    md, ids = _chunk(n)
+    md, ids = one_chunk(n, padding=2)
 
     @nnx.jit(static_argnames=("fused",), donate_argnums=(1,))
     def forward(model, kv, ids, md, fused):

@@ -86,18 +86,13 @@ def test_serve_fp8_kernel_limit_flag():
     for site in ("off", "o_proj", "all"):
         assert _engine_config(parse(["serve", "--fp8-fused-quantize", site])).fp8_fused_quantize == site
     assert _engine_config(parse(["serve"])).fp8_fused_quantize_min_tokens == "auto"
-    for flag, value in ((None, "auto"), ("on", True), ("off", False)):
-        argv = ["serve"] + ([] if flag is None else ["--fp8-fused-norm", flag])
-        got = _engine_config(parse(argv)).fp8_fused_norm
-        assert got == value and type(got) is type(value), (flag, got)
-    with pytest.raises(SystemExit):
-        parse(["serve", "--fp8-fused-norm", "yes"])
-    for flag, value in ((None, "auto"), ("on", True), ("off", False)):
-        argv = ["serve"] + ([] if flag is None else ["--fused-rope-kv", flag])
-        got = _engine_config(parse(argv)).fused_rope_kv
-        assert got == value and type(got) is type(value), (flag, got)
-    with pytest.raises(SystemExit):
-        parse(["serve", "--fused-rope-kv", "1"])
+    for option, bad in (("fp8_fused_norm", "yes"), ("fused_rope_kv", "1")):
+        name = "--" + option.replace("_", "-")
+        for flag, value in ((None, "auto"), ("on", True), ("off", False)):
+            got = getattr(_engine_config(parse(["serve"] + ([] if flag is None else [name, flag]))), option)
+            assert got == value and type(got) is type(value), (option, flag, got)
+        with pytest.raises(SystemExit):
+            parse(["serve", name, bad])
     assert _engine_config(parse(["serve"])).separate_sampler is False
     assert _engine_config(parse(["serve"])).skip_idle_prefill is False
     assert _engine_config(parse(["serve", "--skip-idle-prefill"])).skip_idle_prefill is True
