@@ -589,6 +589,46 @@ def test_llm_text_prompts_and_progress(ckpt):
         ["héllo"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
 
 
+def test_llm_queues_in_slices_and_steps_between_them_under_fcfs_only(engine, monkeypatch):
+    import jaxdyn.engine.llm as llm_mod
+    llm = LLM(engine=engine)
+    prompts = [f"prompt number {i} " + "ab" * (i % 5) for i in range(22)]
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    first = llm.generate(prompts, sp, use_tqdm=False)          # QUEUE_SLICE 64: all queued before a step
+    events = []
+    add, step = engine.add_request, engine.step
+
+    def spy_add(rid, ids, *a, **k):
+        events.append(("add", len(ids)))
+        return add(rid, ids, *a, **k)
+
+    def spy_step(*a, **k):
+        events.append(("step", 0))
+        return step(*a, **k)
+    monkeypatch.setattr(engine, "add_request", spy_add)
+    monkeypatch.setattr(engine, "step", spy_step)
+    monkeypatch.setattr(llm_mod, "QUEUE_SLICE", 4)
+    sliced = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in sliced] == [o.outputs[0].token_ids for o in first]
+    assert [o.prompt for o in sliced] == prompts
+    adds = [i for i, (kind, _) in enumerate(events) if kind == "add"]
+    early = [i for i, (kind, _) in enumerate(events) if kind == "step" and i < adds[-1]]
+    assert early, "no step before the last request was queued"
+    budget = engine.scheduler.config.max_num_batched_tokens
+    for n, i in enumerate(early):       # each step taken while queueing had two budgets of prompt tokens queued
+        assert sum(t for kind, t in events[:i] if kind == "add") >= (n + 2) * budget
+    # lof orders the whole queue by max_tokens: everything is queued before the first step
+    events.clear()
+    monkeypatch.setattr(engine.scheduler, "config", dataclasses.replace(engine.scheduler.config, policy="lof"))
+    llm.generate(prompts, sp, use_tqdm=False)
+    assert [kind for kind, _ in events[:len(prompts)]] == ["add"] * len(prompts)
+    monkeypatch.setattr(engine.scheduler, "config", dataclasses.replace(engine.scheduler.config, policy="fcfs"))
+    # a prompt refused in a later slice, after steps ran: raises, and nothing stays queued or holds pages
+    with pytest.raises(RequestError):
+        llm.generate(prompts[:12] + ["x" * 500], sp, use_tqdm=False)
+    assert not engine.requests and not engine.scheduler.waiting and not engine.scheduler.running
+
+
 def test_llm_without_a_model_serves_the_demo_model(monkeypatch):
     from checkpoints import DEMO_MODEL
     from jaxdyn.engine import llm as llm_mod
