@@ -140,6 +140,7 @@ def ragged_paged_attention(
     skip_idle_prefill: bool = False,
     fp8_products: str = "off",
     decode_chunks: int | None = None,
+    prefill_programs: int | None = None,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -158,6 +159,8 @@ def ragged_paged_attention(
     (sequence, kv head) items (``DecodeBlockSizes.persistent_programs``), and the prefill kernel that many
     over its kv heads, each looping over the step's real items (``PrefillBlockSizes.persistent_programs``):
     a bucket's empty sequence slots and padding items then cost no program each; 0: a program an item.
+    ``prefill_programs``: the prefill kernel's alone (None: ``attention_programs``), e.g. its programs looping over
+    the step's real items with the decode kernel a program an item.
     ``skip_idle_prefill``: the prefill kernel runs under a ``lax.cond`` on the device, only when some sequence has
     more than one query token; a decode-only step then starts none of its programs (the same result).
     ``fp8_products`` ("off", "qk", "qk_pv"): over fp8 pages with a 16-bit query, the decode kernel's products on
@@ -180,9 +183,10 @@ def ragged_paged_attention(
     is_decode = q_lens == 1
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
               attention_programs=attention_programs)
+    prefill_kw = dict(kw, attention_programs=attention_programs if prefill_programs is None else prefill_programs)
 
     def prefill(out=None):
-        return prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, out=out, **kw)
+        return prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, out=out, **prefill_kw)
 
     def maybe_prefill(idle, out=None):
         # skip_idle_prefill: the prefill kernel only where some sequence has a chunk (its work: min_q_len=1)

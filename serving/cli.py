@@ -163,6 +163,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the GPU attention kernels as N programs that loop over their work items (a bucket's "
                    "empty sequence slots and padding items then cost no program each) instead of a program an item "
                    "(0, the default); on an H200 1.005x offline, within the runs' spread")
+    p.add_argument("--prefill-programs", type=int, default=None, metavar="N",
+                   help="the GPU prefill attention kernel alone as N programs looping over the step's real prompt "
+                   "items (a decode-only step then starts N programs, not one per padding item); default: as "
+                   "--attention-programs")
     p.add_argument("--skip-idle-prefill", action="store_true",
                    help="start the GPU prefill attention kernel only in steps with a prompt chunk (a condition "
                    "on the device), not in every step; on an H100 0.945x offline (the conditions cost more than "
@@ -288,6 +292,8 @@ def _engine_fields(args) -> dict:
                            "with --dtype float32")
     if getattr(args, "attention_programs", 0) < 0:
         raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
+    if (getattr(args, "prefill_programs", None) or 0) < 0:
+        raise CLIError(f"--prefill-programs: expected an integer >= 0, got {args.prefill_programs}")
     buckets = {}
     for name in ("token_buckets", "page_buckets"):
         text = getattr(args, name, None)
@@ -327,6 +333,7 @@ def _engine_fields(args) -> dict:
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 attention_programs=getattr(args, "attention_programs", 0),
+                prefill_programs=getattr(args, "prefill_programs", None),
                 skip_idle_prefill=getattr(args, "skip_idle_prefill", False),
                 attention_fp8_products=getattr(args, "attention_fp8_products", "off"),
                 sampler_switch=switch,

@@ -90,6 +90,7 @@ class EngineConfig:
     separate_sampler: bool | str = False
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
+    prefill_programs: int | None = None      # the prefill kernel's alone (RunnerConfig); None: attention_programs
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
     # fp8 KV pages: the decode kernel's products on e4m3 operands, "off" / "qk" / "qk_pv" (RunnerConfig)
     attention_fp8_products: str = "off"
@@ -120,6 +121,8 @@ class EngineConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
+        if self.prefill_programs is not None:
+            check_attention_programs(self.prefill_programs, "prefill_programs")
         check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
         check_schedule_policy(self.schedule_policy)
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
@@ -312,7 +315,8 @@ class EngineCore:
             fp8_fused_quantize_min_tokens=fp8_fused_quantize_min(config, platform) if fused != "off" else 0,
             fp8_fused_norm=fp8_fused_norm(config, model_config, platform),
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
-            attention_programs=config.attention_programs, skip_idle_prefill=config.skip_idle_prefill,
+            attention_programs=config.attention_programs, prefill_programs=config.prefill_programs,
+            skip_idle_prefill=config.skip_idle_prefill,
             fused_rope_kv=fused_rope_kv(config, platform),
             attention_fp8_products=config.attention_fp8_products,
             sampler_switch=config.sampler_switch, nested_layers=config.nested_layers))

@@ -188,6 +188,10 @@ class RunnerConfig:
     # bucket's empty sequence slots and padding items cost a loop iteration each rather than a program; 0: a
     # program an item (the tuned kernels as they were)
     attention_programs: int = 0
+    # the prefill attention kernel's programs alone (``ragged_paged_attention(prefill_programs=)``): > 0, that many
+    # looping over the step's real items, so that a step's padding items (a decode-only step's every item) start no
+    # program each; None: ``attention_programs``
+    prefill_programs: int | None = None
     # the prefill attention kernel under a device-side condition: started only in steps with a prompt chunk of more
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
@@ -227,6 +231,8 @@ class RunnerConfig:
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)
         check_attention_programs(self.attention_programs)
+        if self.prefill_programs is not None:
+            check_attention_programs(self.prefill_programs, "prefill_programs")
         check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
@@ -266,10 +272,10 @@ def check_fp8_products(value, kv_cache_dtype: str):
     return value
 
 
-def check_attention_programs(value):
-    """``value`` if it is an ``attention_programs`` setting, an integer >= 0 (ValueError otherwise)."""
+def check_attention_programs(value, name: str = "attention_programs"):
+    """``value`` if it is an ``attention_programs`` (or ``name``) setting, an integer >= 0 (ValueError otherwise)."""
     if not is_count(value):
-        raise ValueError(f"attention_programs: expected an integer >= 0, got {value!r}")
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     return value
 
 
@@ -603,6 +609,7 @@ class ModelRunner:
                        fp8_fused_min_rows=self.config.fp8_fused_quantize_min_tokens,
                        fp8_fused_norm=self.config.fp8_fused_norm,
                        attention_programs=self.config.attention_programs,
+                       prefill_programs=self.config.prefill_programs,
                        skip_idle_prefill=self.config.skip_idle_prefill,
                        fused_rope_kv=self.config.fused_rope_kv,
                        attention_fp8_products=self.config.attention_fp8_products,

@@ -878,12 +878,17 @@ def test_attention_programs_and_schedule_policy_are_checked_and_reach_the_engine
             EngineConfig(attention_programs=bad)
         with pytest.raises(ValueError, match="attention_programs"):
             RunnerConfig(attention_programs=bad)
+        if bad is not None:         # None: prefill_programs as attention_programs
+            with pytest.raises(ValueError, match="prefill_programs"):
+                EngineConfig(prefill_programs=bad)
+            with pytest.raises(ValueError, match="prefill_programs"):
+                RunnerConfig(prefill_programs=bad)
     with pytest.raises(ValueError, match="schedule_policy"):
         EngineConfig(schedule_policy="sjf")
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, attention_programs=528, schedule_policy="lof"))
-    assert core.runner.config.attention_programs == 528
+                      dataclasses.replace(CFG, attention_programs=528, schedule_policy="lof", prefill_programs=264))
+    assert core.runner.config.attention_programs == 528 and core.runner.config.prefill_programs == 264
     assert core.scheduler.config.policy == "lof"
 
 

@@ -681,6 +681,39 @@ def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_refer
     assert np.all(np.asarray(got[n:]) == 0)
 
 
+@pytest.mark.parametrize("mix", [MIXED_SHORT, MIXED])
+def test_prefill_programs_go_to_the_prefill_kernel_alone(mix, monkeypatch):
+    """``prefill_programs``: the prefill kernel's persistent programs with the decode kernel a program an item (and
+    None: both as ``attention_programs``); the same rows as the reference, in interpret mode."""
+    import importlib
+    rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")   # the module, not the package's function
+    seen = []
+    decode_part, prefill_part = rpa.decode_part, rpa.prefill_part
+
+    def spy_decode(*a, attention_programs=0, **k):
+        seen.append(("decode", attention_programs))
+        return decode_part(*a, attention_programs=attention_programs, **k)
+
+    def spy_prefill(*a, attention_programs=0, **k):
+        seen.append(("prefill", attention_programs))
+        return prefill_part(*a, attention_programs=attention_programs, **k)
+    monkeypatch.setattr(rpa, "decode_part", spy_decode)
+    monkeypatch.setattr(rpa, "prefill_part", spy_prefill)
+    rng = np.random.default_rng(29)
+    args, n = _batch(rng, mix, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    for programs, prefill_programs, want in ((0, 5, [("decode", 0), ("prefill", 5)]),
+                                             (3, None, [("decode", 3), ("prefill", 3)]),
+                                             (3, 0, [("decode", 3), ("prefill", 0)])):
+        seen.clear()
+        got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=programs,
+                                     prefill_programs=prefill_programs, **kw)
+        assert seen == want
+        np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+        assert np.all(np.asarray(got[n:]) == 0)
+
+
 @pytest.mark.parametrize("splits,group,num_seqs", [(4, 4, 5), (32, 7, 3), (16, 1, 12)])
 def test_the_split_merge_kernel_writes_what_combine_splits_gives_at_each_live_row(splits, group, num_seqs):
     """``merge_splits_into_rows`` (interpret mode) against ``combine_splits`` scattered to the live sequences' rows:
@@ -815,6 +848,9 @@ def test_gpu_entry_point_with_attention_programs_equals_a_program_an_item(name, 
     for programs in (132, 528):
         got = jax.jit(functools.partial(ragged_paged_attention, attention_programs=programs, **kw))(*args)
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    # the prefill kernel's programs alone (prefill_programs), the decode kernel a program an item
+    got = jax.jit(functools.partial(ragged_paged_attention, prefill_programs=1056, **kw))(*args)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
 @pytest.mark.parametrize("pages", ["bf16", "fp8"])

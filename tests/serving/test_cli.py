@@ -130,6 +130,10 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve", "--attention-programs", "1056"])).attention_programs == 1056
     with pytest.raises(CLIError, match="--attention-programs: expected an integer >= 0"):
         _engine_config(parse(["serve", "--attention-programs", "-4"]))
+    assert _engine_config(parse(["serve"])).prefill_programs is None
+    assert _engine_config(parse(["serve", "--prefill-programs", "1056"])).prefill_programs == 1056
+    with pytest.raises(CLIError, match="--prefill-programs: expected an integer >= 0"):
+        _engine_config(parse(["serve", "--prefill-programs", "-1"]))
     assert _engine_config(parse(["serve"])).schedule_policy == "fcfs"
     assert _engine_config(parse(["serve", "--schedule-policy", "lof"])).schedule_policy == "lof"
     with pytest.raises(SystemExit):
