@@ -167,7 +167,13 @@ def _persistent_kernel(*refs, block_cols: int, steps: int, silu: bool, scaled: b
         s_ref[at] = scale
         return carry
 
-    lax.fori_loop(0, pl.cdiv(rows - pid, num_programs), row, 0)
+    lax.fori_loop(0, persistent_trips(rows, num_programs, pid), row, 0)
+
+
+def persistent_trips(rows, num_programs: int, pid):
+    """Rows program ``pid`` of ``num_programs`` (at most ``rows``) takes in ``_persistent_kernel``: pid, pid + n,
+    ... below ``rows``."""
+    return pl.cdiv(rows - pid, num_programs)
 
 
 # jitted so that its lowering is cached: each layer calls it with the same shapes, and a pallas_call outside a jit is
@@ -194,6 +200,11 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
         bc //= 2
     if f % bc:
         raise ValueError(f"block_cols={bc} does not divide the row width {f}")
+    if programs < 0:
+        raise ValueError(f"programs must be >= 0, got {programs}")
+    if programs > 0 and f // bc > ONE_PASS_MAX_STEPS:
+        raise ValueError(f"programs > 0 loads a row at once: at most {ONE_PASS_MAX_STEPS} blocks of {bc} columns, "
+                         f"not a row of {f}")
     if programs > 0:
         return _persistent_call(x, gate, scales, bc, num_warps, num_stages, programs, interpret)
     rows = pl.cdiv(t, block_rows) * block_rows

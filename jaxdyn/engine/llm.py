@@ -269,15 +269,19 @@ class LLM:
     def _queue(self, prompts: list, plist: list, final: dict, order: list, texts: dict, collect) -> None:
         """Queue the prompts in slices of ``QUEUE_SLICE``, each slice's text prompts tokenized at once (in parallel,
         the tokenizers library's threads). Where the engine takes its waiting requests in arrival order (an
-        ``EngineCore`` under "fcfs"), it steps between slices once the prompt tokens queued are two token budgets
-        ahead of the steps taken: the device starts on the first prompts while the host tokenizes and queues the
-        rest, and each step still finds at least a budget of waiting prompt tokens, as with everything queued
-        first (1,000 ShareGPT-sized prompts: ~90 ms of tokenizing and queueing before the first step on the GPU
-        host, ~0.2 s on 2 cores). Under "lof" every request is queued before the first step."""
+        ``EngineCore`` under "fcfs"), it steps between slices whenever the waiting requests hold at least a token
+        budget of work (their tokens to compute less the cached prefixes admission would reuse:
+        ``Scheduler.waiting_work``): the device starts on the first prompts while the host tokenizes and queues
+        the rest (1,000 ShareGPT-sized prompts: ~90 ms of tokenizing and queueing before the first step on the GPU
+        host, ~0.2 s on 2 cores), and each such step admits what it would with every request queued first, since
+        admission takes the queue's front in order and stops at the budget (or the seats, or the pages) before
+        the queue's end. Every request is queued before the first step under "lof" (which orders the whole queue
+        by max_tokens) and where a prompt's logprobs are to be scored (the rows a step gives the scoring requests
+        depend on the queue)."""
         eng = self.engine
-        interleave = isinstance(eng, EngineCore) and eng.scheduler.config.policy == "fcfs"
+        interleave = (isinstance(eng, EngineCore) and eng.scheduler.config.policy == "fcfs"
+                      and not any(p.prompt_logprobs is not None for p in plist))
         budget = eng.scheduler.config.max_num_batched_tokens if interleave else 0
-        queued = steps = 0
         for lo in range(0, len(prompts), QUEUE_SLICE):
             part = prompts[lo:lo + QUEUE_SLICE]
             text_at = [j for j, prompt in enumerate(part) if isinstance(prompt, str)]
@@ -285,12 +289,11 @@ class LLM:
             for j, (prompt, p) in enumerate(zip(part, plist[lo:lo + QUEUE_SLICE])):
                 rid = f"llm-{next(self._ids)}"
                 texts[rid] = prompt if isinstance(prompt, str) else None
-                req = eng.add_request(rid, ids.get(j, prompt), p, **final)
+                eng.add_request(rid, ids.get(j, prompt), p, **final)
                 order.append(rid)
-                queued += len(req.prompt_ids) if interleave else 0
-            if interleave and lo + QUEUE_SLICE < len(prompts) and queued >= (steps + 2) * budget:
+            if (interleave and lo + QUEUE_SLICE < len(prompts) and not eng.scheduler.scoring
+                    and eng.scheduler.waiting_work(budget) >= budget):
                 collect(eng.step())
-                steps += 1
 
     def _drain(self) -> None:
         """With no request left, the step dispatched ahead while the last ones finished (the engine's overlap) is

@@ -123,6 +123,24 @@ class Scheduler:
                     seq.arrival_order, seq.index)
         return seq.sort_key
 
+    def waiting_work(self, at_least: int) -> int:
+        """Tokens the waiting sequences have still to compute, from the queue's front, each less the cached prefix
+        admission would reuse now (``_match``: whole pages, short of its last token; none for a prompt to be
+        scored), summed until ``at_least`` is reached (the rest of the queue not looked at). Changes nothing."""
+        total = 0
+        for seq in self.waiting:
+            if total >= at_least:
+                break
+            if seq.blocked or seq.num_pending:      # not admitted yet whatever the budget (as ``schedule``)
+                continue
+            target = self._target(seq)
+            n = target - seq.num_computed
+            req = seq.request
+            if self.cache is not None and not seq.pages and not req.scoring_open and target > 1:
+                n -= self.cache.peek(seq.token_slice(0, target - 1), req.params.cache_salt)
+            total += max(n, 0)
+        return total
+
     def _push_waiting(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         # the keys of the O(log n) sequences the search visits only, not of the whole queue on every push

@@ -590,43 +590,71 @@ def test_llm_text_prompts_and_progress(ckpt):
 
 
 def test_llm_queues_in_slices_and_steps_between_them_under_fcfs_only(engine, monkeypatch):
+    """``LLM.generate`` queues its prompts in slices (``QUEUE_SLICE``) and, under fcfs, steps between them once the
+    waiting requests hold a token budget of work: each step admits what it would with every request queued first
+    (the same chunks in the same steps), with distinct prompts, prompts sharing a prefix the cache serves, and a warm
+    cache; under lof, or with prompt logprobs to score, everything is queued before the first step."""
     import jaxdyn.engine.llm as llm_mod
+    from jaxdyn.engine.scheduler import Scheduler
     llm = LLM(engine=engine)
-    prompts = [f"prompt number {i} " + "ab" * (i % 5) for i in range(22)]
-    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    first = llm.generate(prompts, sp, use_tqdm=False)          # QUEUE_SLICE 64: all queued before a step
     events = []
-    add, step = engine.add_request, engine.step
+    add, step, schedule = EngineCore.add_request, EngineCore.step, Scheduler.schedule
 
-    def spy_add(rid, ids, *a, **k):
-        events.append(("add", len(ids)))
-        return add(rid, ids, *a, **k)
+    def spy_add(self, rid, ids, *a, **k):
+        events.append(("add", None))
+        return add(self, rid, ids, *a, **k)
 
-    def spy_step(*a, **k):
-        events.append(("step", 0))
-        return step(*a, **k)
-    monkeypatch.setattr(engine, "add_request", spy_add)
-    monkeypatch.setattr(engine, "step", spy_step)
-    monkeypatch.setattr(llm_mod, "QUEUE_SLICE", 4)
-    sliced = llm.generate(prompts, sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in sliced] == [o.outputs[0].token_ids for o in first]
-    assert [o.prompt for o in sliced] == prompts
-    adds = [i for i, (kind, _) in enumerate(events) if kind == "add"]
-    early = [i for i, (kind, _) in enumerate(events) if kind == "step" and i < adds[-1]]
-    assert early, "no step before the last request was queued"
-    budget = engine.scheduler.config.max_num_batched_tokens
-    for n, i in enumerate(early):       # each step taken while queueing had two budgets of prompt tokens queued
-        assert sum(t for kind, t in events[:i] if kind == "add") >= (n + 2) * budget
-    # lof orders the whole queue by max_tokens: everything is queued before the first step
-    events.clear()
+    def spy_step(self, *a, **k):
+        events.append(("step", None))
+        return step(self, *a, **k)
+
+    def spy_schedule(self, *a, **k):
+        out = schedule(self, *a, **k)
+        events.append(("schedule", sorted((tuple(i.seq.prompt_ids), i.start, i.num_tokens) for i in out.items)))
+        return out
+    monkeypatch.setattr(EngineCore, "add_request", spy_add)
+    monkeypatch.setattr(EngineCore, "step", spy_step)
+    monkeypatch.setattr(Scheduler, "schedule", spy_schedule)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    def run(prompts, params=sp, slice_=64, reset=True):
+        if reset:
+            engine.reset_prefix_cache()
+        monkeypatch.setattr(llm_mod, "QUEUE_SLICE", slice_)
+        events.clear()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], [e[1] for e in events if e[0] == "schedule"], list(events)
+
+    distinct = [f"prompt number {i} " + "ab" * (i % 5) for i in range(22)]
+    shared = ["a shared system prompt of some length, " * 2 + f"then {i}" for i in range(22)]
+    for prompts in (distinct, shared):
+        want_tokens, want_steps, _ = run(prompts)                    # 22 < 64: all queued before the first step
+        tokens, steps, ev = run(prompts, slice_=4)
+        assert tokens == want_tokens and steps == want_steps
+        adds = [i for i, (kind, _) in enumerate(ev) if kind == "add"]
+        assert any(kind == "step" and i < adds[-1] for i, (kind, _) in enumerate(ev)), "no step while queueing"
+    # a warm cache: the prompts' pages cached by the run before
+    _, want_steps, _ = run(distinct, slice_=64)
+    _, want_warm, _ = run(distinct, slice_=64, reset=False)
+    engine.reset_prefix_cache()
+    run(distinct, slice_=64)
+    _, warm, _ = run(distinct, slice_=4, reset=False)
+    assert warm == want_warm
+    # prompt logprobs to score, or lof (which orders the whole queue by max_tokens): all queued before a step
+    scoring = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
     monkeypatch.setattr(engine.scheduler, "config", dataclasses.replace(engine.scheduler.config, policy="lof"))
-    llm.generate(prompts, sp, use_tqdm=False)
-    assert [kind for kind, _ in events[:len(prompts)]] == ["add"] * len(prompts)
-    monkeypatch.setattr(engine.scheduler, "config", dataclasses.replace(engine.scheduler.config, policy="fcfs"))
-    # a prompt refused in a later slice, after steps ran: raises, and nothing stays queued or holds pages
+    for params in (sp, scoring):
+        _, _, ev = run(distinct, params=params, slice_=4)
+        assert [kind for kind, _ in ev[:len(distinct)]] == ["add"] * len(distinct)
+        monkeypatch.setattr(engine.scheduler, "config", dataclasses.replace(engine.scheduler.config, policy="fcfs"))
+    # a prompt refused in a later slice, after steps ran: raises, and nothing stays queued, in flight or holds pages
+    events.clear()
+    monkeypatch.setattr(llm_mod, "QUEUE_SLICE", 4)
     with pytest.raises(RequestError):
-        llm.generate(prompts[:12] + ["x" * 500], sp, use_tqdm=False)
+        llm.generate(distinct[:12] + ["x" * 500], sp, use_tqdm=False)
+    assert ("step", None) in events
     assert not engine.requests and not engine.scheduler.waiting and not engine.scheduler.running
+    assert not engine.has_unfinished() and engine.allocator.num_in_use == 0
 
 
 def test_llm_without_a_model_serves_the_demo_model(monkeypatch):

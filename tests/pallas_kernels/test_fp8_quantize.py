@@ -61,6 +61,22 @@ def test_persistent_programs_agree_with_the_reference(programs):
         np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
 
 
+def test_persistent_programs_take_each_row_once_and_refuse_what_they_cannot_do():
+    from pallas_kernels.fp8_quantize import persistent_trips
+    # interpret mode clamps a row past the end onto the last one: the trip counts are checked directly
+    for rows in (1, 5, 9, 132, 2048, 2049):
+        for n in {1, 4, 132, rows}:
+            if n > rows:
+                continue
+            taken = [pid + i * n for pid in range(n) for i in range(int(persistent_trips(rows, n, pid)))]
+            assert sorted(taken) == list(range(rows))
+    x = _rows(4, 64, seed=1)
+    with pytest.raises(ValueError, match="programs must be >= 0"):
+        quantize_rows_fp8_kernel(x, programs=-1, interpret=True)
+    with pytest.raises(ValueError, match="at most 16 blocks"):
+        quantize_rows_fp8_kernel(_rows(4, 16 * 17, seed=1), programs=2, block_cols=16, interpret=True)
+
+
 def test_persistent_programs_lower_for_a_gpu():
     # Triton's lowering on the CPU (no GPU needed): the 8B MLP input's shapes, raw products with their scales
     t, f = 2048, 14336
