@@ -130,66 +130,19 @@ def _kernel(*refs, block_cols: int, steps: int, silu: bool, one_pass: bool, scal
     s_ref[...] = scale
 
 
-def _persistent_kernel(*refs, block_cols: int, steps: int, silu: bool, scaled: bool, num_programs: int):
-    """``programs`` > 0: a program loops over the rows ``pid, pid + programs, ...``, each in one pass; the
-    channels' scales are loaded once a program (not once a row: 2 x 14,336 float32 a row of the MLP's input, read
-    from L2 by every row's program otherwise) and stay in registers across its rows."""
-    refs = list(refs)
-    g_ref = refs.pop(0) if silu else None
-    u_ref = refs.pop(0)
-    rs_ref = us_ref = gs_ref = None
-    if scaled:
-        rs_ref, us_ref = refs.pop(0), refs.pop(0)
-        gs_ref = refs.pop(0) if silu else None
-    q_ref, s_ref = refs
-    rows = u_ref.shape[0]
-    pid = pl.program_id(0)
-    col_blocks = [pl.ds(j * block_cols, block_cols) for j in range(steps)]
-    channel = ([(us_ref[c], None if gs_ref is None else gs_ref[c]) for c in col_blocks] if scaled
-               else [(None, None)] * steps)
-
-    def row(i, carry):
-        r = pid + i * num_programs
-        at = pl.ds(r, 1)
-        rs = rs_ref[at] if scaled else None
-        vals = []
-        for c, (us, gs) in zip(col_blocks, channel):
-            u = u_ref[at, c]
-            g = None if g_ref is None else g_ref[at, c]
-            if scaled:
-                u = _scaled(u, rs, us)
-                g = None if g is None else _scaled(g, rs, gs)
-            vals.append(_values(u, g))
-        m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1) for v in vals])
-        scale = jnp.maximum(m, 1e-12) / FP8_MAX
-        for c, v in zip(col_blocks, vals):
-            q_ref[at, c] = jnp.clip(v / scale[:, None], -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
-        s_ref[at] = scale
-        return carry
-
-    lax.fori_loop(0, persistent_trips(rows, num_programs, pid), row, 0)
-
-
-def persistent_trips(rows, num_programs: int, pid):
-    """Rows program ``pid`` of ``num_programs`` (at most ``rows``) takes in ``_persistent_kernel``: pid, pid + n,
-    ... below ``rows``."""
-    return pl.cdiv(rows - pid, num_programs)
-
-
 # jitted so that its lowering is cached: each layer calls it with the same shapes, and a pallas_call outside a jit is
 # lowered to Triton at every call (in an 8B step of 2,048 tokens, 64 calls: 3.6 s of a warm-up's serial lowering on a
 # 2-core CPU, against one lowering a kernel jitted)
 @functools.partial(jax.jit, static_argnames=("block_rows", "block_cols", "num_warps", "num_stages", "one_pass",
-                                             "programs", "interpret"))
+                                             "interpret"))
 def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, block_rows: int = 1,
                              block_cols: int | None = None, num_warps: int | None = None, num_stages: int = 1,
-                             one_pass: bool | None = None, scales: tuple | None = None, programs: int = 0,
+                             one_pass: bool | None = None, scales: tuple | None = None,
                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel: ``block_rows`` rows a program, their columns in blocks of ``block_cols`` (by default the
     largest power of two up to 2,048 that divides the width), all loaded at once when ``one_pass`` (by default
     when the blocks are at most ``ONE_PASS_MAX_STEPS``), else in two loops; ``num_warps`` a program (by default
-    ``MLP_WARPS`` with ``gate``, else ``ROW_WARPS``). ``programs`` > 0: that many programs instead, each looping
-    over rows one at a time in one pass (``_persistent_kernel``; ``block_rows`` and ``one_pass`` do not apply)."""
+    ``MLP_WARPS`` with ``gate``, else ``ROW_WARPS``)."""
     if num_warps is None:
         num_warps = MLP_WARPS if gate is not None else ROW_WARPS
     t, f = x.shape
@@ -200,13 +153,6 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
         bc //= 2
     if f % bc:
         raise ValueError(f"block_cols={bc} does not divide the row width {f}")
-    if programs < 0:
-        raise ValueError(f"programs must be >= 0, got {programs}")
-    if programs > 0 and f // bc > ONE_PASS_MAX_STEPS:
-        raise ValueError(f"programs > 0 loads a row at once: at most {ONE_PASS_MAX_STEPS} blocks of {bc} columns, "
-                         f"not a row of {f}")
-    if programs > 0:
-        return _persistent_call(x, gate, scales, bc, num_warps, num_stages, programs, interpret)
     rows = pl.cdiv(t, block_rows) * block_rows
 
     def padded(a):          # rows up to a whole number of programs' (a copy: only where block_rows > 1)
@@ -233,29 +179,6 @@ def quantize_rows_fp8_kernel(x: jax.Array, gate: jax.Array | None = None, *, blo
         name="quantize_rows_fp8",
     )(*ops)
     return q[:t], s[:t, None]
-
-
-def _persistent_call(x, gate, scales, bc, num_warps, num_stages, programs, interpret):
-    t, f = x.shape
-    ops = [x] if gate is None else [gate, x]
-    if scales is not None:
-        rs, us, gs = _check_scales(x, gate, scales)
-        ops += [rs, us] + ([] if gate is None else [gs])
-    whole = [pl.BlockSpec(op.shape, lambda i, n=op.ndim: (0,) * n) for op in ops]
-    out = [pl.BlockSpec((t, f), lambda i: (0, 0)), pl.BlockSpec((t,), lambda i: (0,))]
-    n = max(1, min(programs, t))
-    q, s = pl.pallas_call(
-        functools.partial(_persistent_kernel, block_cols=bc, steps=f // bc, silu=gate is not None,
-                          scaled=scales is not None, num_programs=n),
-        grid=(n,),
-        in_specs=whole,
-        out_specs=out,
-        out_shape=[jax.ShapeDtypeStruct((t, f), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((t,), jnp.float32)],
-        interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name="quantize_rows_fp8",
-    )(*ops)
-    return q, s[:, None]
 
 
 def quantize_rows_fp8(x: jax.Array, gate: jax.Array | None = None, *, scales: tuple | None = None,

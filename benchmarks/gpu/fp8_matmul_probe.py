@@ -60,16 +60,14 @@ def sweep_blocks(m: int, n: int, k: int):
 
 
 def parse_quantize_config(text: str) -> tuple:
-    """``ROWS/WARPS[/1p|2l|pN[/COLS[/STAGES]]]`` (rows a program, warps, one pass, two loops or N persistent
-    programs each looping over rows in one pass, columns a block or ``auto``, Triton's stages) -> the tuple
-    ``quantize_table`` times."""
+    """``ROWS/WARPS[/1p|2l[/COLS[/STAGES]]]`` (rows a program, warps, one pass or two loops, columns a block or
+    ``auto``, Triton's stages) -> the tuple ``quantize_table`` times."""
     parts = text.split("/")
-    mode = parts[2] if len(parts) > 2 else "1p"
-    if not 2 <= len(parts) <= 5 or not (mode in ("1p", "2l") or (mode[:1] == "p" and mode[1:].isdigit())):
-        raise SystemExit(f"--quantize-configs: {text!r} is not ROWS/WARPS[/1p|2l|pN[/COLS|auto[/STAGES]]]")
+    if not 2 <= len(parts) <= 5 or (len(parts) > 2 and parts[2] not in ("1p", "2l")):
+        raise SystemExit(f"--quantize-configs: {text!r} is not ROWS/WARPS[/1p|2l[/COLS|auto[/STAGES]]]")
     cols = parts[3] if len(parts) > 3 else "auto"
-    return (int(parts[0]), int(parts[1]), mode != "2l", None if cols == "auto" else int(cols),
-            int(parts[4]) if len(parts) > 4 else 1, int(mode[1:]) if mode[0] == "p" else 0)
+    return (int(parts[0]), int(parts[1]), len(parts) < 3 or parts[2] == "1p", None if cols == "auto" else int(cols),
+            int(parts[4]) if len(parts) > 4 else 1)
 
 
 def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
@@ -90,17 +88,17 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
 
     # (rows a program, warps, one pass, columns a block): one pass (each value read once, the row in registers)
     # and the two-loop form (first version: 2 rows, 4 warps)
-    configs = [(br, nw, True, None, 1, 0) for br in (1, 2) for nw in (4, 8)]
-    configs += [(1, 16, True, None, 1, 0), (2, 4, False, None, 1, 0)]
+    configs = [(br, nw, True, None, 1) for br in (1, 2) for nw in (4, 8)]
+    configs += [(1, 16, True, None, 1), (2, 4, False, None, 1)]
     if args.quantize_configs:
         configs = [parse_quantize_config(c) for c in args.quantize_configs.split(",")]
-    for defaults in ((1, ROW_WARPS, True, None, 1, 0), (1, MLP_WARPS, True, None, 1, 0)):     # the entry point's,
+    for defaults in ((1, ROW_WARPS, True, None, 1), (1, MLP_WARPS, True, None, 1)):     # the entry point's,
         if defaults not in configs:                                          # always (after the ones asked for)
             configs.append(defaults)
     inputs = args.quantize_inputs.split(",")
 
     def name(c):
-        return f"{c[0]}/{c[1]}/{f'p{c[5]}' if c[5] else '1p' if c[2] else '2l'}/{c[3] or 'auto'}/{c[4]}"
+        return f"{c[0]}/{c[1]}/{'1p' if c[2] else '2l'}/{c[3] or 'auto'}/{c[4]}"
 
     print("\n| input | rows | floor ms | XLA ms | best kernel ms (rows a program / warps / one pass or two loops / "
           "columns a block) | two loops 2/4 ms | best kernel / XLA | best kernel / floor | every configuration ms |")
@@ -126,18 +124,17 @@ def quantize_table(args, bandwidth: float, d: int, f: int, opts: dict) -> None:
             tx = timed(xla)
             tks = {}
             for c in configs:
-                br, nw, one, bc, ns, pr = c
+                br, nw, one, bc, ns = c
                 try:
-                    tks[c] = timed(lambda u, g, s, br=br, nw=nw, one=one, bc=bc, ns=ns, pr=pr:
-                                   quantize_rows_fp8_kernel(u, g, block_rows=br, num_warps=nw, one_pass=one,
-                                                            block_cols=bc, num_stages=ns, programs=pr, scales=s,
-                                                            interpret=args.impl == "interpret"))
+                    tks[c] = timed(lambda u, g, s, br=br, nw=nw, one=one, bc=bc, ns=ns: quantize_rows_fp8_kernel(
+                        u, g, block_rows=br, num_warps=nw, one_pass=one, block_cols=bc, num_stages=ns, scales=s,
+                        interpret=args.impl == "interpret"))
                 except Exception as e:
                     print(f"  {label} t={t} {name(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     tks[c] = float("inf")
             best = min(tks, key=tks.get)
-            default = (1, MLP_WARPS if silu else ROW_WARPS, True, None, 1, 0)     # quantize_rows_fp8's
-            two = tks.get((2, 4, False, None, 1, 0))
+            default = (1, MLP_WARPS if silu else ROW_WARPS, True, None, 1)     # quantize_rows_fp8's
+            two = tks.get((2, 4, False, None, 1))
             print(f"| {label} [{t}, {width}] | {t} | {floor * 1e3:.3f} | {tx * 1e3:.3f} | {tks[best] * 1e3:.3f} "
                   f"({name(best)}; default {name(default)} {tks[default] * 1e3:.3f}) | "
                   f"{'-' if two is None else f'{two * 1e3:.3f}'} | {tks[best] / tx:.3f} | {tks[best] / floor:.2f} | "
@@ -159,10 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize-inputs", default="silu,raw,attn",
                     help="the quantization table's inputs, comma-separated: silu (silu(gate) * up), raw (from the "
                     "raw products, as the engine's MLP gives them), attn (the attention's output)")
-    ap.add_argument("--quantize-configs", default=None, metavar="ROWS/WARPS[/1p|2l|pN[/COLS[/STAGES]]],...",
-                    help="only these kernel configurations (rows a program / warps / one pass, two loops or N "
-                    "persistent programs / columns a block or auto / Triton's stages; by default one pass, auto, 1 "
-                    "stage) beside the "
+    ap.add_argument("--quantize-configs", default=None, metavar="ROWS/WARPS[/1p|2l[/COLS[/STAGES]]],...",
+                    help="only these kernel configurations (rows a program / warps / one pass or two loops / "
+                    "columns a block or auto / Triton's stages; by default one pass, auto, 1 stage) beside the "
                     "entry point's defaults (1/8, and 1/16 for the MLP's input), instead of the sweep's six")
     ap.add_argument("--impl", default="kernel", choices=("kernel", "interpret"),
                     help="interpret: the kernel through Pallas interpret mode (a CPU check of this script)")

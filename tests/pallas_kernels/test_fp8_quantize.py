@@ -44,50 +44,6 @@ def test_one_pass_and_two_loops_agree_with_the_reference(one_pass, block_rows, b
         np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
 
 
-@pytest.mark.parametrize("programs", [4, 16])
-def test_persistent_programs_agree_with_the_reference(programs):
-    # 9 rows over 4 programs (3, 2, 2, 2 rows each) or over 9 (16 asked: no more programs than rows); raw products
-    # with their scales, the channels' loaded once a program
-    t, f = 9, 1024
-    rs = jax.random.uniform(jax.random.key(1), (t, 1), minval=0.5, maxval=2.0)
-    us, gs = (jax.random.uniform(jax.random.key(2 + i), (f,), minval=0.001, maxval=0.01) for i in range(2))
-    for gate, scales in ((None, None), (_rows(t, f, seed=3), None), (_rows(t, f, seed=3), (rs, us, gs)),
-                         (None, (rs, us, None))):
-        x = _rows(t, f, seed=4)
-        q, s = quantize_rows_fp8_kernel(x, gate, scales=scales, programs=programs, block_cols=256, interpret=True)
-        want_q, want_s = quantize_rows_fp8_reference(x, gate, scales)
-        assert q.shape == (t, f) and s.shape == (t, 1)
-        np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
-        np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
-
-
-def test_persistent_programs_take_each_row_once_and_refuse_what_they_cannot_do():
-    from pallas_kernels.fp8_quantize import persistent_trips
-    # interpret mode clamps a row past the end onto the last one: the trip counts are checked directly
-    for rows in (1, 5, 9, 132, 2048, 2049):
-        for n in {1, 4, 132, rows}:
-            if n > rows:
-                continue
-            taken = [pid + i * n for pid in range(n) for i in range(int(persistent_trips(rows, n, pid)))]
-            assert sorted(taken) == list(range(rows))
-    x = _rows(4, 64, seed=1)
-    with pytest.raises(ValueError, match="programs must be >= 0"):
-        quantize_rows_fp8_kernel(x, programs=-1, interpret=True)
-    with pytest.raises(ValueError, match="at most 16 blocks"):
-        quantize_rows_fp8_kernel(_rows(4, 16 * 17, seed=1), programs=2, block_cols=16, interpret=True)
-
-
-def test_persistent_programs_lower_for_a_gpu():
-    # Triton's lowering on the CPU (no GPU needed): the 8B MLP input's shapes, raw products with their scales
-    t, f = 2048, 14336
-    u = jax.ShapeDtypeStruct((t, f), jnp.bfloat16)
-    sc = (jax.ShapeDtypeStruct((t, 1), jnp.float32), jax.ShapeDtypeStruct((f,), jnp.float32),
-          jax.ShapeDtypeStruct((f,), jnp.float32))
-    text = jax.jit(lambda u, g, s: quantize_rows_fp8_kernel(u, g, scales=s, programs=132, num_stages=2)).trace(
-        u, u, sc).lower(lowering_platforms=("cuda",)).as_text()
-    assert "quantize_rows_fp8" in text
-
-
 @pytest.mark.parametrize("with_gate", [True, False])
 def test_raw_products_are_scaled_in_the_kernel_as_the_model_scales_them(with_gate):
     # gate's and up's unscaled fp8 products, their rows' scale and each one's channel scales: the kernel makes
