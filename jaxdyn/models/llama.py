@@ -509,8 +509,8 @@ class LlamaForCausalLM(nnx.Module):
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows, fused_norm=fp8_fused_norm)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
-                                     prefill_programs=prefill_programs, skip_idle_prefill=skip_idle_prefill, fp8_products=attention_fp8_products,
-                                     fused_rope_kv=fused_rope_kv)
+                                     prefill_programs=prefill_programs, skip_idle_prefill=skip_idle_prefill,
+                                     fp8_products=attention_fp8_products, fused_rope_kv=fused_rope_kv)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)
         # ``nested_layers``: each layer through one jit made for this call, inlined into the caller's jaxpr. The layers
