@@ -112,6 +112,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="step sizes compiled at warm-up, e.g. 16,64,512 (default: powers of two)")
     p.add_argument("--page-buckets", default=None,
                    help="page-table widths compiled at warm-up (default: powers of two)")
+    p.add_argument("--seq-buckets", default=None, metavar="TOKENS:SEQS,...",
+                   help="a token bucket also compiled with fewer sequence slots than its own (min(tokens, "
+                   "--max-num-seqs)), e.g. 2048:512: a step of that many tokens whose rows fit the fewer slots "
+                   "computes logits and samples for those only (one more executable a pair)")
     p.add_argument("--no-split-steps", dest="split_steps", action="store_const", const=False, default=None,
                    help="always run a step as one call of the smallest bucket that holds it (by default, on a GPU "
                    "or TPU, a step that would mostly pad its bucket runs as smaller buckets' steps where their "
@@ -308,6 +312,21 @@ def _engine_fields(args) -> dict:
             buckets[name] = vals
     if "token_buckets" in buckets and buckets["token_buckets"][-1] < args.max_num_batched_tokens:
         raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
+    if getattr(args, "seq_buckets", None):
+        from jaxdyn.engine.runner import check_seq_buckets, powers_of_two
+        try:
+            pairs = [tuple(int(v) for v in pair.split(":")) for pair in args.seq_buckets.replace(",", " ").split()]
+            if not pairs or any(len(p) != 2 for p in pairs):
+                raise ValueError
+        except ValueError:
+            raise CLIError(f"--seq-buckets: expected comma-separated TOKENS:SEQS pairs, got {args.seq_buckets!r}") \
+                from None
+        mnbt = args.max_num_batched_tokens
+        tokens = buckets.get("token_buckets") or powers_of_two(min(16, mnbt), mnbt)
+        try:
+            buckets["seq_buckets"] = check_seq_buckets(pairs, tokens, args.max_num_seqs)
+        except ValueError as e:
+            raise CLIError(f"--seq-buckets: {e}") from None
     triton = _token_limit(args, "triton_gemm_max_tokens", {"auto": "auto", "all": None})
     fp8_kernel = _token_limit(args, "fp8_kernel_max_tokens", {"auto": "auto"})
     fused_min = _token_limit(args, "fp8_fused_quantize_min_tokens", {"auto": "auto"})

@@ -26,8 +26,8 @@ from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
-    check_flag, check_fp8_products, check_sampler_switch, check_separate_sampler, is_count, kv_cache_dtype,
-    sampling_row)
+    check_flag, check_fp8_products, check_sampler_switch, check_seq_buckets, check_separate_sampler, is_count,
+    kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampler import RANK_COL
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
@@ -57,6 +57,8 @@ class EngineConfig:
     max_model_len: int | None = None         # None: min(model's max positions, 8192)
     token_buckets: tuple[int, ...] | None = None
     page_buckets: tuple[int, ...] | None = None
+    # (tokens, sequence slots) pairs: a token bucket also compiled with fewer slots than its own (RunnerConfig)
+    seq_buckets: tuple[tuple[int, int], ...] = ()
     fail_on_compile: bool = False
     overlap: bool = True                     # dispatch step N+1 before reading step N
     seed: int | None = None                  # seeds unseeded requests' draws (None: random)
@@ -123,6 +125,8 @@ class EngineConfig:
         check_attention_programs(self.attention_programs)
         if self.prefill_programs is not None:
             check_attention_programs(self.prefill_programs, "prefill_programs")
+        # the pairs' form here; each against its token bucket where the runner's config is made (RunnerConfig)
+        object.__setattr__(self, "seq_buckets", check_seq_buckets(self.seq_buckets))
         check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
         check_schedule_policy(self.schedule_policy)
         check_sampler_switch(self.sampler_switch, self.separate_sampler)
@@ -303,7 +307,7 @@ class EngineCore:
         self.runner = ModelRunner(graphdef, state, mesh, RunnerConfig(
             page_size=ps, num_pages=num_pages, max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
-            token_buckets=config.token_buckets, page_buckets=config.page_buckets,
+            token_buckets=config.token_buckets, page_buckets=config.page_buckets, seq_buckets=config.seq_buckets,
             fail_on_compile=config.fail_on_compile, warmup_threads=config.warmup_threads,
             first_compiles_alone=config.first_compiles_alone,
             executable_cache_dir=config.executable_cache_dir, split_steps=config.split_steps,

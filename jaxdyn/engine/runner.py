@@ -188,6 +188,12 @@ class RunnerConfig:
     # bucket's empty sequence slots and padding items cost a loop iteration each rather than a program; 0: a
     # program an item (the tuned kernels as they were)
     attention_programs: int = 0
+    # (tokens, sequence slots) pairs: a token bucket also compiled with fewer sequence slots than its own
+    # (``seqs_for``), for steps whose rows fit them: the model's logits, the sampler and the attention kernels' grids
+    # then cover those slots (a 2,048-token step of 1,024 slots with 461 live sequences, the ShareGPT-shaped run's
+    # mean, computes the 128k-wide logits of 1,024 rows). Each pair is one more executable a sampler variant and
+    # page bucket.
+    seq_buckets: tuple[tuple[int, int], ...] = ()
     # the prefill attention kernel's programs alone (``ragged_paged_attention(prefill_programs=)``): > 0, that many
     # looping over the step's real items, so that a step's padding items (a decode-only step's every item) start no
     # program each; None: ``attention_programs``
@@ -247,6 +253,8 @@ class RunnerConfig:
         if not is_count(self.fp8_fused_quantize_min_tokens):
             raise ValueError("fp8_fused_quantize_min_tokens: expected an integer >= 0, got "
                              f"{self.fp8_fused_quantize_min_tokens!r}")
+        object.__setattr__(self, "seq_buckets", check_seq_buckets(self.seq_buckets, self.buckets()[0],
+                                                                  self.max_num_seqs))
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         max_pages = -(-self.max_model_len // self.page_size)
@@ -257,6 +265,29 @@ class RunnerConfig:
 
     def seqs_for(self, token_bucket: int) -> int:
         return min(token_bucket, self.max_num_seqs)
+
+    def seq_options(self, token_bucket: int) -> tuple[int, ...]:
+        """The sequence slots a step of ``token_bucket`` may be compiled with, fewest first: its ``seq_buckets`` and
+        its own (``seqs_for``), the last."""
+        own = self.seqs_for(token_bucket)
+        return tuple(sorted({s for t, s in self.seq_buckets if t == token_bucket and s < own})) + (own,)
+
+
+def check_seq_buckets(value, tokens: Sequence[int] | None = None, max_num_seqs: int | None = None
+                      ) -> tuple[tuple[int, int], ...]:
+    """``value`` as sorted (tokens, sequence slots) pairs of integers >= 1; with ``tokens``, each a token bucket of
+    them with fewer slots than its own, ``min(tokens, max_num_seqs)`` (ValueError naming the field otherwise)."""
+    try:
+        pairs = sorted({(a, b) for a, b in value})
+    except (TypeError, ValueError):
+        raise ValueError(f"seq_buckets: expected (tokens, sequence slots) pairs, got {value!r}") from None
+    for t, s in pairs:
+        if not (is_count(t) and is_count(s) and t >= 1 and s >= 1):
+            raise ValueError(f"seq_buckets: expected pairs of integers >= 1, got {value!r}")
+        if tokens is not None and (t not in tokens or s >= min(t, max_num_seqs)):
+            raise ValueError(f"seq_buckets: ({t!r}, {s!r}) must pair a token bucket ({', '.join(map(str, tokens))}) "
+                             f"with fewer sequence slots than its own, min(tokens, max_num_seqs={max_num_seqs})")
+    return tuple(pairs)
 
 
 SEPARATE_SAMPLER = (False, True, "except_greedy")
@@ -479,8 +510,8 @@ def kv_cache_dtype(weight_dtype, mesh: Mesh, requested: str = "auto"):
 
 def _cache_name(key: tuple) -> str:
     """The executable cache's name of a compiled part (``ModelRunner._part_keys``)."""
-    kind, t, p, *variant = key
-    return f"{kind}-t{t}-p{p}" + "".join(f"-{v}" for v in variant)
+    kind, t, p, *rest = key
+    return f"{kind}-t{t}-p{p}" + "".join(f"-{v}" if isinstance(v, str) else f"-s{v}" for v in rest)
 
 
 class _SplitStep:
@@ -754,8 +785,15 @@ class ModelRunner:
                        donate_argnums=(0, 1))
 
     def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (tokens, seqs, pages) shape warm-up compiles."""
-        return [(t, self.config.seqs_for(t), p) for t in self.token_buckets for p in self.page_buckets]
+        """Every (tokens, seqs, pages) shape warm-up compiles: each token bucket with its own sequence slots, then
+        the ``seq_buckets``."""
+        own = [(t, self.config.seqs_for(t), p) for t in self.token_buckets for p in self.page_buckets]
+        return own + [(t, s, p) for t, s in self.config.seq_buckets for p in self.page_buckets]
+
+    def _fewer_seqs(self, t: int, s: int) -> int | None:
+        """``s`` where it is one of token bucket ``t``'s ``seq_buckets`` (fewer slots than its own), else None: a
+        step's key (``_compile``) and its parts' (``_part_keys``) carry ``s`` only then."""
+        return None if s == self.config.seqs_for(t) else s
 
     @property
     def on_cpu(self) -> bool:
@@ -1026,67 +1064,75 @@ class ModelRunner:
             str(self.state_treedef))
         return ExecutableCache(d, key, devices)
 
-    def _compile(self, t: int, p: int, variant: str) -> jax.stages.Compiled:
-        if (t, p, variant) not in self._compiled:
-            for key in self._part_keys(t, p, variant):
+    def _compile(self, t: int, p: int, variant: str, s: int | None = None) -> jax.stages.Compiled:
+        """The step of bucket (t, p) with sampler ``variant`` (``s``: one of the bucket's ``seq_buckets``; None: its own
+        slots), compiled if it was not (warm-up compiles every one)."""
+        sid = (t, p, variant) if s is None else (t, p, variant, s)
+        if sid not in self._compiled:
+            for key in self._part_keys(*sid):
                 if key not in self._parts:
                     self._parts[key] = self.compile(self._lower_part(key), t)
-            self._compiled[(t, p, variant)] = self._assemble(t, p, variant)
-        return self._compiled[(t, p, variant)]
+            self._compiled[sid] = self._assemble(*sid)
+        return self._compiled[sid]
 
     def _split(self, variant: str) -> bool:
         """Whether ``variant``'s steps are two calls (``separate_sampler``)."""
         mode = self.config.separate_sampler
         return mode is True or (mode == "except_greedy" and variant != VARIANTS[0])
 
-    def _part_users(self) -> dict[tuple, list[tuple[int, int, str]]]:
-        """Every compiled part of every step (``_part_keys``), in warm-up's order, with the steps that use it."""
-        users: dict[tuple, list[tuple[int, int, str]]] = {}
-        for t, _, p in self.bucket_shapes():
+    def _part_users(self) -> dict[tuple, list[tuple]]:
+        """Every compiled part of every step (``_part_keys``), in warm-up's order, with the steps that use it (each
+        as ``_compile``'s key: (t, p, variant), and the slots last where they are one of the ``seq_buckets``)."""
+        users: dict[tuple, list[tuple]] = {}
+        for t, s, p in self.bucket_shapes():
+            fewer = self._fewer_seqs(t, s)
             for v in VARIANTS:
-                for k in self._part_keys(t, p, v):
-                    users.setdefault(k, []).append((t, p, v))
+                sid = (t, p, v) if fewer is None else (t, p, v, fewer)
+                for k in self._part_keys(*sid):
+                    users.setdefault(k, []).append(sid)
         return users
 
     def part_keys(self) -> list[tuple]:
         """Every part warm-up compiles (``_part_keys`` of every step), in its order."""
         return list(self._part_users())
 
-    def _part_keys(self, t: int, p: int, variant: str) -> list[tuple]:
+    def _part_keys(self, t: int, p: int, variant: str, s: int | None = None) -> list[tuple]:
         """The compiled parts of the step of bucket (t, p) with sampler ``variant``: ("step", t, p, variant), or
         where ``separate_sampler`` splits it ("forward", t, p) -- shared by the variants -- and ("sample", t, p,
-        variant)."""
+        variant); ("switch", t, p) where ``sampler_switch`` serves the variant. ``s`` (one of the bucket's
+        ``seq_buckets``): each key ends with it."""
+        tail = () if s is None else (s,)
         if variant in self._switch:
-            return [("switch", t, p)]
+            return [("switch", t, p, *tail)]
         if self._split(variant):
-            return [("forward", t, p), ("sample", t, p, variant)]
-        return [("step", t, p, variant)]
+            return [("forward", t, p, *tail), ("sample", t, p, variant, *tail)]
+        return [("step", t, p, variant, *tail)]
 
-    def _assemble(self, t: int, p: int, variant: str):
-        """The step of (t, p, variant) from its compiled parts: called as ``compiled(state, kv_cache,
+    def _assemble(self, t: int, p: int, variant: str, s: int | None = None):
+        """The step of (t, p, variant[, s]) from its compiled parts: called as ``compiled(state, kv_cache,
         token_pages, prev_sampled, tok, seqi, seqf)`` either way."""
-        if variant in self._switch:
-            return self._parts[("switch", t, p)]
-        if not self._split(variant):
-            return self._parts[("step", t, p, variant)]
-        return _SplitStep(self._parts[("forward", t, p)], self._parts[("sample", t, p, variant)], self._replicated)
+        keys = self._part_keys(t, p, variant, s)
+        if len(keys) == 1:
+            return self._parts[keys[0]]
+        return _SplitStep(self._parts[keys[0]], self._parts[keys[1]], self._replicated)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
-        kind, t, p = key[:3]
+        kind, t, p, *rest = key
+        s = rest.pop() if rest and not isinstance(rest[-1], str) else None
         if kind == "step":
-            return self.lower(t, p, key[3])
+            return self.lower(t, p, rest[0], s)
+        args = self._input_shapes(t, p, s)
         if kind == "switch":
-            return self._switched.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled,
-                                        *self._input_shapes(t, p))
-        args = self._input_shapes(t, p)
+            return self._switched.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
         if kind == "forward":
             return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
-        logits = jax.ShapeDtypeStruct((self.config.seqs_for(t), self.model_config.vocab_size), jnp.float32)
-        return self._sample_steps[key[3]].lower(self.token_pages, self.prev_sampled, logits, *args)
+        logits = jax.ShapeDtypeStruct((args[2].shape[0], self.model_config.vocab_size), jnp.float32)
+        return self._sample_steps[rest[0]].lower(self.token_pages, self.prev_sampled, logits, *args)
 
-    def _input_shapes(self, t: int, p: int) -> tuple[jax.ShapeDtypeStruct, ...]:
-        """The shapes of the three input buffers (``_pack``) of a step of bucket (t, p)."""
-        s = self.config.seqs_for(t)
+    def _input_shapes(self, t: int, p: int, s: int | None = None) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """The shapes of the three input buffers (``_pack``) of a step of bucket (t, p) (``s`` sequence slots; None:
+        the bucket's own)."""
+        s = s or self.config.seqs_for(t)
         sd = jax.ShapeDtypeStruct
         return (sd((_TOK_ROWS, t), jnp.int32), sd((s + 1, _SEQ_COLS + p + _BIAS_COLS), jnp.int32),
                 sd((s, _SEQF_COLS), jnp.float32))
@@ -1105,11 +1151,11 @@ class ModelRunner:
         (``compiler_options``)."""
         return lowered.compile(compiler_options=self.compiler_options(tokens))
 
-    def lower(self, t: int, p: int, variant: str) -> jax.stages.Lowered:
-        """The step of bucket (``t`` tokens, ``p`` pages) with sampler ``variant``, lowered (one executable: the
-        model inlined, whatever ``separate_sampler`` says)."""
+    def lower(self, t: int, p: int, variant: str, s: int | None = None) -> jax.stages.Lowered:
+        """The step of bucket (``t`` tokens, ``p`` pages; ``s`` sequence slots, None: the bucket's own) with sampler
+        ``variant``, lowered (one executable: the model inlined, whatever ``separate_sampler`` says)."""
         return self._jitted[variant].lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled,
-                                           *self._input_shapes(t, p))
+                                           *self._input_shapes(t, p, s))
 
     def _compile_copy(self):
         if self._copy_compiled is None:
@@ -1160,7 +1206,8 @@ class ModelRunner:
             parts = self.plan([len(w.token_ids) for w in work], scored)
             packed = [self._pack(work, rows, read, write) for rows in parts]
             variant = self._variant(variant, max((pk[2] for pk in packed), key=VARIANTS.index))
-            calls = [(self._compile(t, p, variant), self._set_variant(arrays, variant)) for t, p, _, arrays, _ in packed]
+            calls = [(self._compile(t, p, variant, s), self._set_variant(arrays, variant))
+                     for t, p, _, arrays, _, s in packed]
         finally:
             self._count_compiles(c0)
         # The host buffers go to the executable as they are: its call moves them to the device
@@ -1213,9 +1260,9 @@ class ModelRunner:
         input arrays on the device, and whether it wants logprobs. Benchmarks call it back to back as
         ``compiled(state, kv_cache, token_pages, prev_sampled, *args)``. ``variant`` None: the cheapest
         that serves the work; a costlier one may be named (tests, benchmarks), a cheaper one is refused."""
-        t, p, needed, host_arrays, want_lp = self._pack(work)
+        t, p, needed, host_arrays, want_lp, s = self._pack(work)
         variant = self._variant(variant, needed)
-        return (self._compile(t, p, variant), jax.device_put(self._set_variant(host_arrays, variant), self._replicated),
+        return (self._compile(t, p, variant, s), jax.device_put(self._set_variant(host_arrays, variant), self._replicated),
                 want_lp)
 
     def _set_variant(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], variant: str):
@@ -1234,9 +1281,10 @@ class ModelRunner:
         return variant
 
     def _pack(self, work: Sequence[SequenceWork], rows: list[int] | None = None, read: int = 0, write: int = 0
-              ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
+              ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool, int | None]:
         """The bucket (tokens, pages) of one call of a step, the sampler variant its rows need, its three
-        host buffers, and whether it wants logprobs. ``rows``: the rows of ``work`` this call computes
+        host buffers, whether it wants logprobs, and its sequence slots where they are one of the bucket's
+        ``seq_buckets`` (the fewest that hold its rows; None: the bucket's own). ``rows``: the rows of ``work`` this call computes
         (None: all); a row's draw goes to ``write + its row`` of the sampled buffer, and a token the
         previous step drew is read from ``read + that step's row``.
 
@@ -1300,7 +1348,8 @@ class ModelRunner:
         num_tokens = row
         rows_needed = S + len(scored)
         t = _pick(self.token_buckets, max(num_tokens, rows_needed), "tokens per step")
-        s = cfg.seqs_for(t)
+        own = cfg.seqs_for(t)
+        s = _pick(cfg.seq_options(t), rows_needed, "rows per step") if rows_needed <= own else own
         if rows_needed > s:
             raise ValueError(f"{S} sequences and {len(scored)} scored prompt tokens exceed the {s} rows of a step")
         p = _pick(self.page_buckets, max(num_pages), "pages per sequence")
@@ -1378,7 +1427,7 @@ class ModelRunner:
         variant = variant_for(penalties=bool(flags & _PENALTIES), filters=bool(flags & _FILTERS),
                               allowed=bool(flags & _ALLOWED),
                               random=bool(flags & _RANDOM), logprobs=want_lp)
-        return t, p, variant, (tok, seqi, seqf), want_lp
+        return t, p, variant, (tok, seqi, seqf), want_lp, self._fewer_seqs(t, s)
 
     def step(self, work: Sequence[SequenceWork], variant: str | None = None) -> StepOutput:
         """Dispatch one step and wait for it (greedy unless the work says otherwise)."""

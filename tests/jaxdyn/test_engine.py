@@ -915,8 +915,12 @@ def test_attention_programs_and_schedule_policy_are_checked_and_reach_the_engine
         EngineConfig(schedule_policy="sjf")
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
-                      dataclasses.replace(CFG, attention_programs=528, schedule_policy="lof", prefill_programs=264))
+                      dataclasses.replace(CFG, attention_programs=528, schedule_policy="lof", prefill_programs=264,
+                                          seq_buckets=[(32, 8)]))
     assert core.runner.config.attention_programs == 528 and core.runner.config.prefill_programs == 264
+    assert core.runner.config.seq_buckets == ((32, 8),)
+    with pytest.raises(ValueError, match="seq_buckets"):
+        EngineConfig(seq_buckets=[(32, "8")])
     assert core.scheduler.config.policy == "lof"
 
 

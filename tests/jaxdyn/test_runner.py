@@ -760,7 +760,8 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
 
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
                                           ("triton_gemm_max_tokens", 16), ("separate_sampler", True),
-                                          ("attention_programs", 3), ("nested_layers", False)])
+                                          ("attention_programs", 3), ("nested_layers", False),
+                                          ("seq_buckets", ((64, 4),))])
 def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, monkeypatch):
     """Options that must not change the numbers: XLA's dot merger (off by default,
     ``RunnerConfig.xla_dot_merger``; an option name XLA did not know would fail the compile), XLA's Triton
@@ -822,9 +823,42 @@ def test_steps_with_and_without_an_option_draw_the_same(loaded, option, value, m
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(a.top_ids, b.top_ids)
     np.testing.assert_allclose(results["off"][1], results["on"][1], rtol=1e-6, atol=1e-6)
+    if option == "seq_buckets":      # the prompts' step (4 rows, 64 tokens) ran the 64-token bucket's 4 slots
+        assert (64, 4) in {(t, s) for t, s, _ in on.bucket_shapes()}
+        assert any(k[0] == 64 and k[-1] == 4 for k in on._compiled) and not any(len(k) == 4 for k in off._compiled)
     # the in-place attention ran (with the programs asked for), and only with its option on
     assert (len(calls) > 0) == (option in ("attention_in_place", "attention_programs"))
     assert all(c == (value if option == "attention_programs" else 0) for c in calls)
+
+
+def test_seq_buckets_are_checked_and_split_steps_take_them_part_by_part(loaded):
+    """``seq_buckets``: each pair a token bucket with fewer slots than its own; with ``separate_sampler`` the
+    forward and the sampler of the fewer slots are parts of their own (their cache names distinct), and a step
+    whose rows fit them draws what the bucket's own slots draw."""
+    from jaxdyn.engine.runner import _cache_name
+    for bad, match in ((((64, 8),), "fewer sequence slots"), (((32, 4),), "token bucket"), (((64, 0),), ">= 1"),
+                       (((64, "4"),), ">= 1"), ((64, 4), "pairs"), (5, "pairs")):
+        with pytest.raises(ValueError, match="seq_buckets"):
+            RunnerConfig(**dict(dataclasses.asdict(CFG), token_buckets=(16, 64), seq_buckets=bad))
+    mesh, model = loaded
+    cfg = dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=False,
+                              separate_sampler=True, sampler_switch=False)
+    own = ModelRunner(model.graphdef, model.state, mesh, cfg)
+    fewer = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(cfg, seq_buckets=((64, 4), (64, 2))))
+    assert fewer.config.seq_options(64) == (2, 4, 8) and fewer.config.seq_options(16) == (8,)
+    keys = fewer.part_keys()
+    assert ("forward", 64, 4, 4) in keys and ("sample", 64, 4, VARIANTS[0], 2) in keys
+    assert len({_cache_name(k) for k in keys}) == len(keys) == len(own.part_keys()) * 2
+    own.warmup()
+    fewer.warmup()
+    rng = np.random.default_rng(9)
+    for rows in (2, 3, 5):       # 2 slots, 4, the bucket's own 8
+        prompts = [rng.integers(0, 256, 40 // rows).tolist() for _ in range(rows)]
+        work = [SequenceWork(p, 0, [2 * i, 2 * i + 1], seed=i) for i, p in enumerate(prompts)]
+        a, b = own.step(work), fewer.step(work)
+        np.testing.assert_array_equal(a.next_token_ids, b.next_token_ids)
+        t, p, _, arrays, _, s = fewer._pack(work)
+        assert (t, s) == (64, {2: 2, 3: 4, 5: None}[rows]) and arrays[2].shape[0] == (s or 8)
 
 
 # ---- compiling while the weights load ---------------------------------------------------------------

@@ -130,6 +130,15 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve", "--attention-programs", "1056"])).attention_programs == 1056
     with pytest.raises(CLIError, match="--attention-programs: expected an integer >= 0"):
         _engine_config(parse(["serve", "--attention-programs", "-4"]))
+    assert _engine_config(parse(["serve"])).seq_buckets == ()
+    got = _engine_config(parse(["serve", "--max-num-batched-tokens", "2048", "--max-num-seqs", "1024",
+                                "--seq-buckets", "2048:512, 1024:256"]))
+    assert got.seq_buckets == ((1024, 256), (2048, 512))
+    for bad, match in (("2048", "TOKENS:SEQS"), ("2048:x", "TOKENS:SEQS"), ("2048:1024", "fewer sequence slots"),
+                       ("1000:4", "token bucket")):
+        with pytest.raises(CLIError, match=f"--seq-buckets: .*{match}"):
+            _engine_config(parse(["serve", "--max-num-batched-tokens", "2048", "--max-num-seqs", "1024",
+                                  "--seq-buckets", bad]))
     assert _engine_config(parse(["serve"])).prefill_programs is None
     assert _engine_config(parse(["serve", "--prefill-programs", "1056"])).prefill_programs == 1056
     with pytest.raises(CLIError, match="--prefill-programs: expected an integer >= 0"):
