@@ -428,6 +428,15 @@ def _disagg_args(args, config) -> dict:
         if args.prefill_max_num_batched_tokens < config.max_num_seqs:
             raise CLIError("--prefill-max-num-batched-tokens cannot be below --max-num-seqs")
         pcfg = dataclasses.replace(config, max_num_batched_tokens=args.prefill_max_num_batched_tokens)
+        if pcfg.seq_buckets:        # against the prefill engine's token buckets too, before the port opens
+            from jaxdyn.engine.runner import check_seq_buckets, powers_of_two
+            mnbt = pcfg.max_num_batched_tokens
+            try:
+                check_seq_buckets(pcfg.seq_buckets, pcfg.token_buckets or powers_of_two(min(16, mnbt), mnbt),
+                                  pcfg.max_num_seqs)
+            except ValueError as e:
+                raise CLIError(f"--seq-buckets (the prefill engine's, --prefill-max-num-batched-tokens "
+                               f"{mnbt}): {e}") from None
     return dict(prefill_devices=pre, decode_devices=dec, prefill_config=pcfg, policy=policy)
 
 

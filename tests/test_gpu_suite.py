@@ -145,6 +145,11 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
                                  "bfloat16", 8123)
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
     assert cfg.attention_programs == 1056 and cfg.schedule_policy == "lof"
+    assert cfg.prefill_programs is None and cfg.seq_buckets == ()
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "prefill_programs": 264, "seq_buckets": [[2048, 512]]},
+                                 "bfloat16", 8123)
+    cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
+    assert cfg.prefill_programs == 264 and cfg.seq_buckets == ((2048, 512),)
     assert cfg.sampler_switch is None and cfg.separate_sampler is False        # by device, as the server's default
     for switch in (True, False, "plain_full"):
         flags, buckets = serve_flags("/m", "x", {**ENGINE, "sampler_switch": switch}, "bfloat16", 8123)

@@ -34,6 +34,24 @@ def test_call_times_wrap_every_step_by_part_and_unwrap(split):
             assert times[("step", t)][1] >= times[("forward", t)][1] + times[("sample", t)][1]
 
 
+def test_call_times_keep_fewer_slots_apart():
+    # seq_buckets: a step of fewer sequence slots than its bucket's own is its own executable, timed as "tokens/slots"
+    from jaxdyn import LLM, SamplingParams
+    from jaxdyn.engine.core import EngineConfig
+    from jaxdyn.engine.llm import build_engine
+    from serving.cli import DEMO_MODEL
+    engine = build_engine(DEMO_MODEL, config=EngineConfig(
+        num_pages=64, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, token_buckets=[16],
+        seq_buckets=[(16, 2)]))
+    times = {}
+    undo = ph._time_calls(engine.runner, times)
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    LLM(engine=engine).generate([[5, 6, 7]] * 2, sp, use_tqdm=False)       # two rows: the 2 slots
+    LLM(engine=engine).generate([[5, 6, 7]] * 3, sp, use_tqdm=False)       # three: the bucket's own 4
+    undo()
+    assert {t for _, t in times} == {16, "16/2"}
+
+
 def test_part_options_need_a_known_kind():
     assert ph._kind_options('sample={"a": 1}') == ("sample", {"a": 1})
     with pytest.raises(SystemExit, match="KIND=JSON"):

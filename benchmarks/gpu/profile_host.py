@@ -163,14 +163,15 @@ def _time_calls(runner, times: dict, types: dict | None = None):
         return call
 
     saved = dict(runner._compiled)
-    for (t, p, variant), step in saved.items():
+    for key, step in saved.items():
+        # (t, p, variant), or (t, p, variant, s) for fewer sequence slots (``seq_buckets``): timed apart, as "t/s"
+        t, variant = key[0] if len(key) == 3 else f"{key[0]}/{key[3]}", key[2]
         if isinstance(step, _SplitStep):
             # each call, and the whole step as one executable's is timed (its inputs' transfer and both calls)
-            runner._compiled[(t, p, variant)] = timed(_SplitStep(timed(step.forward, "forward", t),
-                                                                 timed(step.sample, "sample", t), step.sharding),
-                                                      "step", t)
+            runner._compiled[key] = timed(_SplitStep(timed(step.forward, "forward", t),
+                                                     timed(step.sample, "sample", t), step.sharding), "step", t)
         else:       # a switched variant's step is its bucket's switch (``sampler_switch``: on a GPU, plain's and full's)
-            runner._compiled[(t, p, variant)] = timed(step, "switch" if variant in runner._switch else "step", t)
+            runner._compiled[key] = timed(step, "switch" if variant in runner._switch else "step", t)
     listener, jax_util.test_event_listener = jax_util.test_event_listener, listen
 
     def undo():

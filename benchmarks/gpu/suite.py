@@ -1076,6 +1076,10 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args.append("--first-compiles-alone")
     if e.get("attention_programs"):
         serve_args += ["--attention-programs", str(e["attention_programs"])]
+    if e.get("prefill_programs") is not None:
+        serve_args += ["--prefill-programs", str(e["prefill_programs"])]
+    if e.get("seq_buckets"):
+        serve_args += ["--seq-buckets", ",".join(f"{t}:{s}" for t, s in e["seq_buckets"])]
     if e.get("kv_cache_dtype", "auto") != "auto":
         serve_args += ["--kv-cache-dtype", e["kv_cache_dtype"]]
     if e.get("skip_idle_prefill"):

@@ -45,8 +45,9 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
 
 def describe_compile(summary: dict) -> str:
     """One line of ``ModelRunner.compile_summary``: warm-up's compilation, wall against summed seconds."""
-    kind, t, p, *v = summary["slowest"]
-    slowest = f"{kind} {t} tokens x {p} pages" + (f" {v[0]}" if v else "")
+    kind, t, p, *rest = summary["slowest"]
+    slowest = f"{kind} {t} tokens x {p} pages" + "".join(f" {v}" if isinstance(v, str) else f" x {v} slots"
+                                                          for v in rest)
     return (f"compiled {summary['parts']} executables on {summary['threads']} threads in {summary['wall_s']:.1f} s: "
             f"XLA {summary['compile_s']:.1f} s summed (the slowest {summary['compile_max_s']:.1f} s, {slowest}), "
             f"lowering {summary['lower_s']:.1f} s; XLA s by token bucket {summary['by_tokens']}")

@@ -2,7 +2,8 @@
 
 Shapes come from two explicit bucket lists, tokens per step and pages per
 sequence; the sequences per step follow the token bucket (``min(tokens,
-max_num_seqs)``), which keeps the number of compiled shapes small. The sampler
+max_num_seqs)``), which keeps the number of compiled shapes small, except where
+``seq_buckets`` adds a token bucket with fewer sequence slots. The sampler
 comes in four static variants (``greedy``, ``random``, ``plain``, ``full``: see
 ``jaxdyn.engine.sampler``), picked on the host when a step is packed from what
 its rows ask for, so the executable holds no conditional on device data (a GPU
@@ -594,7 +595,8 @@ class ModelRunner:
         # host seconds inside the compiled steps' calls (their dispatch: argument handling, the inputs' transfer,
         # launching the graph, and whatever the call waits for before it returns)
         self.call_seconds = 0.0
-        self._compiled: dict[tuple[int, int, str], jax.stages.Compiled] = {}   # (tokens, pages, variant)
+        # (tokens, pages, variant), and the slots last where they are one of the ``seq_buckets``
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
         self._copy_compiled = None
         self._compiles_at_warmup: int | None = None
         self._warmup_started: float | None = None   # when load_weights began compiling (warmup's start)
@@ -959,11 +961,14 @@ class ModelRunner:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
                 finish({pool.submit(compile_part, lower(key), key): key for key in keys if not stopped()})
         else:
-            first_of_shape: dict[tuple[int, int], tuple] = {}
+            def shape(key):     # (tokens, pages) and, for fewer slots (``seq_buckets``), the slots
+                return key[1:3] + tuple(x for x in key[3:] if not isinstance(x, str))
+
+            first_of_shape: dict[tuple, tuple] = {}
             for key in keys:
-                first_of_shape.setdefault(key[1:3], key)
+                first_of_shape.setdefault(shape(key), key)
             alone = list(first_of_shape.values())
-            rest = [k for k in keys if first_of_shape[k[1:3]] != k]
+            rest = [k for k in keys if first_of_shape[shape(k)] != k]
             with (concurrent.futures.ThreadPoolExecutor(1, "jaxdyn-warmup-first") as first_pool,
                   concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool):
                 firsts = {first_pool.submit(compile_part, lower(key), key): key for key in alone if not stopped()}
