@@ -1267,7 +1267,8 @@ class ModelRunner:
         that serves the work; a costlier one may be named (tests, benchmarks), a cheaper one is refused."""
         t, p, needed, host_arrays, want_lp, s = self._pack(work)
         variant = self._variant(variant, needed)
-        return (self._compile(t, p, variant, s), jax.device_put(self._set_variant(host_arrays, variant), self._replicated),
+        return (self._compile(t, p, variant, s),
+                jax.device_put(self._set_variant(host_arrays, variant), self._replicated),
                 want_lp)
 
     def _set_variant(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], variant: str):
@@ -1289,9 +1290,9 @@ class ModelRunner:
               ) -> tuple[int, int, str, tuple[np.ndarray, np.ndarray, np.ndarray], bool, int | None]:
         """The bucket (tokens, pages) of one call of a step, the sampler variant its rows need, its three
         host buffers, whether it wants logprobs, and its sequence slots where they are one of the bucket's
-        ``seq_buckets`` (the fewest that hold its rows; None: the bucket's own). ``rows``: the rows of ``work`` this call computes
-        (None: all); a row's draw goes to ``write + its row`` of the sampled buffer, and a token the
-        previous step drew is read from ``read + that step's row``.
+        ``seq_buckets`` (the fewest that hold its rows; None: the bucket's own). ``rows``: the rows of
+        ``work`` this call computes (None: all); a row's draw goes to ``write + its row`` of the sampled
+        buffer, and a token the previous step drew is read from ``read + that step's row``.
 
         One Python pass gathers each row's facts into flat lists; positions, page slots and the
         page table are then filled by numpy over all rows at once (per-element numpy writes in
