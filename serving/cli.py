@@ -210,6 +210,16 @@ SAMPLER_SWITCH_FLAG = {None: None, "all": True, "plain-full": "plain_full", "off
 AUTO_ON_OFF = {"auto": "auto", "on": True, "off": False}
 
 
+def _checked_seq_buckets(pairs, token_buckets, max_num_batched_tokens: int, max_num_seqs: int, flag: str):
+    """``pairs`` checked against the token buckets a runner of these settings compiles (``check_seq_buckets``), a
+    CLIError naming ``flag`` otherwise."""
+    from jaxdyn.engine.runner import check_seq_buckets, token_buckets_for
+    try:
+        return check_seq_buckets(pairs, token_buckets_for(token_buckets, max_num_batched_tokens), max_num_seqs)
+    except ValueError as e:
+        raise CLIError(f"{flag}: {e}") from None
+
+
 def _engine_config(args):
     from jaxdyn import EngineConfig
     return EngineConfig(**_engine_fields(args))
@@ -313,7 +323,6 @@ def _engine_fields(args) -> dict:
     if "token_buckets" in buckets and buckets["token_buckets"][-1] < args.max_num_batched_tokens:
         raise CLIError("--token-buckets: the largest must be at least --max-num-batched-tokens")
     if getattr(args, "seq_buckets", None):
-        from jaxdyn.engine.runner import check_seq_buckets, powers_of_two
         try:
             pairs = [tuple(int(v) for v in pair.split(":")) for pair in args.seq_buckets.replace(",", " ").split()]
             if not pairs or any(len(p) != 2 for p in pairs):
@@ -321,12 +330,8 @@ def _engine_fields(args) -> dict:
         except ValueError:
             raise CLIError(f"--seq-buckets: expected comma-separated TOKENS:SEQS pairs, got {args.seq_buckets!r}") \
                 from None
-        mnbt = args.max_num_batched_tokens
-        tokens = buckets.get("token_buckets") or powers_of_two(min(16, mnbt), mnbt)
-        try:
-            buckets["seq_buckets"] = check_seq_buckets(pairs, tokens, args.max_num_seqs)
-        except ValueError as e:
-            raise CLIError(f"--seq-buckets: {e}") from None
+        buckets["seq_buckets"] = _checked_seq_buckets(pairs, buckets.get("token_buckets"),
+                                                      args.max_num_batched_tokens, args.max_num_seqs, "--seq-buckets")
     triton = _token_limit(args, "triton_gemm_max_tokens", {"auto": "auto", "all": None})
     fp8_kernel = _token_limit(args, "fp8_kernel_max_tokens", {"auto": "auto"})
     fused_min = _token_limit(args, "fp8_fused_quantize_min_tokens", {"auto": "auto"})
@@ -429,14 +434,9 @@ def _disagg_args(args, config) -> dict:
             raise CLIError("--prefill-max-num-batched-tokens cannot be below --max-num-seqs")
         pcfg = dataclasses.replace(config, max_num_batched_tokens=args.prefill_max_num_batched_tokens)
         if pcfg.seq_buckets:        # against the prefill engine's token buckets too, before the port opens
-            from jaxdyn.engine.runner import check_seq_buckets, powers_of_two
-            mnbt = pcfg.max_num_batched_tokens
-            try:
-                check_seq_buckets(pcfg.seq_buckets, pcfg.token_buckets or powers_of_two(min(16, mnbt), mnbt),
-                                  pcfg.max_num_seqs)
-            except ValueError as e:
-                raise CLIError(f"--seq-buckets (the prefill engine's, --prefill-max-num-batched-tokens "
-                               f"{mnbt}): {e}") from None
+            _checked_seq_buckets(pcfg.seq_buckets, pcfg.token_buckets, pcfg.max_num_batched_tokens, pcfg.max_num_seqs,
+                                 "--seq-buckets (the prefill engine's, --prefill-max-num-batched-tokens "
+                                 f"{pcfg.max_num_batched_tokens})")
     return dict(prefill_devices=pre, decode_devices=dec, prefill_config=pcfg, policy=policy)
 
 

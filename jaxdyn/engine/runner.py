@@ -259,10 +259,9 @@ class RunnerConfig:
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         max_pages = -(-self.max_model_len // self.page_size)
-        tokens = self.token_buckets or powers_of_two(min(16, self.max_num_batched_tokens),
-                                                     self.max_num_batched_tokens)
+        tokens = token_buckets_for(self.token_buckets, self.max_num_batched_tokens)
         pages = self.page_buckets or powers_of_two(min(4, max_pages), max_pages)
-        return tuple(sorted(tokens)), tuple(sorted(pages))
+        return tokens, tuple(sorted(pages))
 
     def seqs_for(self, token_bucket: int) -> int:
         return min(token_bucket, self.max_num_seqs)
@@ -272,6 +271,12 @@ class RunnerConfig:
         its own (``seqs_for``), the last."""
         own = self.seqs_for(token_bucket)
         return tuple(sorted({s for t, s in self.seq_buckets if t == token_bucket and s < own})) + (own,)
+
+
+def token_buckets_for(token_buckets, max_num_batched_tokens: int) -> tuple[int, ...]:
+    """The token buckets a runner compiles: ``token_buckets`` sorted, or (None) powers of two from 16 up to
+    ``max_num_batched_tokens``."""
+    return tuple(sorted(token_buckets or powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)))
 
 
 def check_seq_buckets(value, tokens: Sequence[int] | None = None, max_num_seqs: int | None = None
