@@ -1,4 +1,4 @@
-# Prepared in session 37 for the next session (~560 s; carry .gpu_wheels): the GPU test of the persistent attention
+# Prepared in session 37 (as next_call1_commands.sh), run in session 38 (~560 s; carry .gpu_wheels): the GPU test of the persistent attention
 # programs (its cases check prefill_programs=1056 too; session 37 reached four), then the default against the
 # session's two opt-in levers, three rounds each from its own empty JAX cache: seq_buckets [[2048, 512]] (the
 # 2,048-token steps whose rows fit 512 slots take an executable of 512: their logits and sampler over 512 rows, not
