@@ -1,18 +1,14 @@
 # Session 38, call 2 (~570 s; carry .gpu_wheels): the default against session 37's two levers together (seq_buckets
-# [[2048, 512]] and prefill_programs 1056) and against those without the 16-token bucket (the run's tail steps of
-# <= 16 rows then take the 64-token bucket, whose measured cost was at or under the 16's in every round of call 1),
-# three rounds each from its own empty JAX cache; then the default's profile (loop tables, traced windows at a
+# [[2048, 512]] and prefill_programs 1056), four rounds each from its own empty JAX cache; then the default's profile (loop tables, traced windows at a
 # 2,048- and a 16-token bucket, both steps' optimized HLO) from the default's warm cache, to where it gets in the
 # time left.
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
-timeout 330 python -m benchmarks.gpu.ab_offline --rounds 3 --timeout-s 110 --configs '[
+timeout 330 python -m benchmarks.gpu.ab_offline --rounds 4 --timeout-s 110 --configs '[
   {"quant": "fp8", "kv_cache_dtype": "fp8", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_a"}},
   {"quant": "fp8", "kv_cache_dtype": "fp8", "seq_buckets": [[2048, 512]], "prefill_programs": 1056,
-   "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_b"}},
-  {"quant": "fp8", "kv_cache_dtype": "fp8", "seq_buckets": [[2048, 512]], "prefill_programs": 1056,
-   "token_buckets": [64, 128, 192, 256, 384, 512, 768, 1024, 2048], "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_c"}}]' \
+   "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_b"}}]' \
   2>&1 | grep -v "^W" | tee $OUT/ab_levers.txt | grep -v "^|" | grep "tok/s\|compiled\|rror" | cut -c1-330
 grep "^|" $OUT/ab_levers.txt | cut -c1-400
 export JAX_COMPILATION_CACHE_DIR=/tmp/jc_a JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
