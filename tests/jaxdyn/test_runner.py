@@ -758,6 +758,28 @@ def test_measured_step_costs_cover_every_bucket_and_write_nothing(loaded):
     assert runner.tokens_run == runner.rows_run == 0 and runner.call_seconds == 0.0    # warm-up's calls not counted
 
 
+def test_step_costs_are_timed_round_by_round_after_every_bucket_warmed_up(loaded, monkeypatch):
+    """Each round runs every bucket, the first untimed: timed bucket by bucket, the first bucket's steps ran while a
+    GPU's clocks were still rising (its cost 1.0-1.4x its real one)."""
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh,
+                         dataclasses.replace(CFG, token_buckets=(16, 64), page_buckets=(4,), split_steps=True))
+    runner.warmup()
+    order, compile_ = [], runner._compile
+
+    def logged(t, p, variant, *rest):
+        compiled = compile_(t, p, variant, *rest)
+
+        def run(*args):
+            order.append(t)
+            return compiled(*args)
+        return run
+    monkeypatch.setattr(runner, "_compile", logged)
+    costs = runner.measure_step_costs(reps=2, rounds=2)
+    assert order == [16, 16, 64, 64] * 3
+    assert set(costs) == {16, 64} and runner.step_costs == costs
+
+
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
                                           ("triton_gemm_max_tokens", 16), ("separate_sampler", True),
                                           ("attention_programs", 3), ("nested_layers", False),
