@@ -1,4 +1,4 @@
-# Session 38, call 2 (~530 s; carry .gpu_wheels): the default against session 37's two levers together (seq_buckets
+# Session 38, call 2 (~440 s; carry .gpu_wheels): the default against session 37's two levers together (seq_buckets
 # [[2048, 512]] and prefill_programs 1056), three rounds each from its own empty JAX cache; then the default's profile (loop tables, traced windows at a
 # 2,048- and a 16-token bucket, both steps' optimized HLO) from the default's warm cache, to where it gets in the
 # time left.
@@ -12,7 +12,7 @@ timeout 270 python -m benchmarks.gpu.ab_offline --rounds 3 --timeout-s 110 --con
   2>&1 | grep -v "^W" | tee $OUT/ab_levers.txt | grep -v "^|" | grep "tok/s\|compiled\|rror" | cut -c1-330
 grep "^|" $OUT/ab_levers.txt | cut -c1-400
 export JAX_COMPILATION_CACHE_DIR=/tmp/jc_a JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-timeout 240 python -m benchmarks.gpu.profile_run --quant fp8 --engine '{"kv_cache_dtype": "fp8"}' \
+timeout 150 python -m benchmarks.gpu.profile_run --quant fp8 --engine '{"kv_cache_dtype": "fp8"}' \
   --windows 60:63,1000:1003 --hlo 16,2048 --host-top 12 --out $OUT/prof 2>&1 | grep -v "^W" | tail -80 \
   > $OUT/profile_run.txt
 gzip -f $OUT/prof/*.hlo.txt 2>/dev/null
