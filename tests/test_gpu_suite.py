@@ -138,11 +138,12 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
     assert (cfg.max_num_seqs, cfg.num_pages, cfg.token_buckets) == (
         ENGINE["max_num_seqs"], ENGINE["num_pages"], tuple(ENGINE["token_buckets"]))
     assert cfg.first_compiles_alone is False
+    assert cfg.prefill_programs == 1056 and cfg.seq_buckets == ((2048, 512),)
     flags, buckets = serve_flags("/m", "x", {**ENGINE, "first_compiles_alone": True}, "bfloat16", 8123)
     assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).first_compiles_alone is True
     assert cfg.attention_programs == 0 and cfg.schedule_policy == "fcfs"
-    flags, buckets = serve_flags("/m", "x", {**ENGINE, "attention_programs": 1056, "schedule_policy": "lof"},
-                                 "bfloat16", 8123)
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "attention_programs": 1056, "schedule_policy": "lof",
+                                             "prefill_programs": None, "seq_buckets": []}, "bfloat16", 8123)
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
     assert cfg.attention_programs == 1056 and cfg.schedule_policy == "lof"
     assert cfg.prefill_programs is None and cfg.seq_buckets == ()
@@ -287,3 +288,20 @@ def test_an_fp8_lm_head_reaches_the_engine_sections_model(tmp_path, capsys):
         suite.main(["--out", "/tmp/never", "--quant", "fp8", "--quantize-lm-head", "--list"], plan_factory=tpu.plan,
                    entry="benchmarks.gpu.tpu")
     assert "benchmarks.gpu.tpu's plan has no fp8 lm_head" in capsys.readouterr().err
+
+
+def test_every_engine_section_of_the_gpu_and_tpu_plans_is_a_valid_runner_config():
+    """The suite's engine carries seq_buckets and prefill_programs: the sections with fewer sequence slots (host:
+    256, the TPU's: 128) must drop the pair their 2,048 bucket cannot have fewer slots than, or the run fails."""
+    from jaxdyn.engine.runner import RunnerConfig
+    for plan in (gpu.plan(), gpu.plan(quant="fp8", kv_cache_dtype="fp8"), tpu.plan()):
+        engines = [step.config["engine"] for sec in plan.sections for step in sec.steps if "engine" in step.config]
+        assert len(engines) >= 3
+        for e in engines:
+            cfg = suite._engine_config(e)
+            RunnerConfig(page_size=cfg.page_size, num_pages=cfg.num_pages or 512,
+                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+                         max_model_len=cfg.max_model_len, token_buckets=cfg.token_buckets,
+                         page_buckets=cfg.page_buckets, seq_buckets=cfg.seq_buckets,
+                         prefill_programs=cfg.prefill_programs)
+    assert gpu.ENGINE["seq_buckets"] == [[2048, 512]] and tpu.ENGINE["seq_buckets"] == []

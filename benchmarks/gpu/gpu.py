@@ -65,8 +65,15 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 # every size. Every step compiles at once at warm-up (``first_compiles_alone`` off), so the four more buckets
 # cost the cold start 11 s: 52.3 s against 41.2 s with six.
 # 40,960 pages of 16 tokens (80 GiB in the 8B shape, beside 16 GB of weights).
+# The 2,048-token bucket also with 512 sequence slots (``seq_buckets``: about 73 of the run's 135 such steps hold
+# <= 512 rows, and their lm_head and sampler then run over 512 rows instead of 1,024), and the prefill kernel's
+# programs looping over its items, 8 an SM of an H100's 132 (``prefill_programs``: a decode-only step then starts
+# 1,056 programs that find nothing instead of 8 x (tokens / 32 + slots)): offline ShareGPT-shaped, fp8, on an H100,
+# 16,038 output tok/s (median of three) against 15,878 without them, 1.010x in one call; the cold start 36.4 s
+# against 30.6 s (three more executables) (``gpu_suite_h200.md``, thirty-eighth session).
 ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
-              token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128])
+              token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128],
+              seq_buckets=[[2048, 512]], prefill_programs=1056)
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.
 CALLS = (("serve", "offline"), ("host", "step", "kernels", "ceiling"))
@@ -142,7 +149,7 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
     ceiling_runs = [r for r in runs if r["request_rate"] == "inf" and r["dataset"] != "random"]
     compare = None if quick or datasets else dict(COMPARE, runs=ceiling_runs)
     host_engine = dict(engine, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, seq_buckets=[])     # 256 slots: the 2,048 bucket's own
     plan = suite.Plan(
         name="gpu" + (" (quick)" if quick else "") + (f" ({quant} model{', fp8 lm_head' if quantize_lm_head else ''})"
                                                        if quant else "") + (

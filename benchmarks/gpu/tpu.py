@@ -35,7 +35,9 @@ DATASHEETS = (   # Google Cloud TPU documentation, per chip: HBM bandwidth, bf16
     ("TPU v4", 1.2e12, 275e12, "Cloud TPU v4: 1,200 GB/s HBM, 275 TFLOP/s bf16"),
 )
 
-ENGINE = dict(gpu.ENGINE, num_pages=6144, max_num_seqs=128, token_buckets=[16, 128, 2048])
+# 128 slots (the 2,048 bucket's own: no seq_buckets); the prefill programs' count is an H100's
+ENGINE = dict(gpu.ENGINE, num_pages=6144, max_num_seqs=128, token_buckets=[16, 128, 2048], seq_buckets=[],
+              prefill_programs=None)
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
