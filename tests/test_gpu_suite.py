@@ -305,3 +305,18 @@ def test_every_engine_section_of_the_gpu_and_tpu_plans_is_a_valid_runner_config(
                          page_buckets=cfg.page_buckets, seq_buckets=cfg.seq_buckets,
                          prefill_programs=cfg.prefill_programs)
     assert gpu.ENGINE["seq_buckets"] == [[2048, 512]] and tpu.ENGINE["seq_buckets"] == []
+
+
+def test_engine_with_drops_the_seq_buckets_pairs_the_overrides_leave_no_room_for():
+    base = gpu.ENGINE
+    assert gpu.engine_with(base, {})["seq_buckets"] == [[2048, 512]]
+    assert gpu.engine_with(base, {"max_num_seqs": 512})["seq_buckets"] == []              # 2,048's own: 512 slots
+    assert gpu.engine_with(base, {"max_num_seqs": 600})["seq_buckets"] == [[2048, 512]]
+    assert gpu.engine_with(base, {"token_buckets": [16, 128]})["seq_buckets"] == []       # no 2,048 bucket
+    assert gpu.engine_with(base, {"token_buckets": None})["seq_buckets"] == [[2048, 512]]  # powers of two to 2,048
+    assert gpu.engine_with(base, {"token_buckets": None, "max_num_batched_tokens": 4096})["seq_buckets"] == [[2048, 512]]
+    assert gpu.engine_with(base, {"token_buckets": None, "max_num_batched_tokens": 1500})["seq_buckets"] == []
+    # named: kept as given (the runner refuses a pair it cannot have, naming the field)
+    assert gpu.engine_with(base, {"max_num_seqs": 256, "seq_buckets": [[2048, 128]]})["seq_buckets"] == [[2048, 128]]
+    assert gpu.engine_with(base, {"seq_buckets": [[64, 8]]})["seq_buckets"] == [[64, 8]]
+    assert base["seq_buckets"] == [[2048, 512]]                                            # the base unchanged

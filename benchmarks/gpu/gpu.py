@@ -74,6 +74,21 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
               token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128],
               seq_buckets=[[2048, 512]], prefill_programs=1056)
+
+def engine_with(base: dict, overrides: dict) -> dict:
+    """``base`` (an engine of the suite's) with ``overrides`` over it. Where these change the token buckets, the
+    token budget or the sequence slots and say nothing of ``seq_buckets``, base's pairs that the new buckets cannot
+    have (a token bucket not among them, or no fewer slots than its own, ``min(tokens, max_num_seqs)``) are dropped:
+    ``{"max_num_seqs": 256}`` runs without the 2,048 bucket's 512 slots instead of failing on them."""
+    out = {**base, **overrides}
+    if "seq_buckets" not in overrides and out.get("seq_buckets"):
+        budget = out["max_num_batched_tokens"]
+        tokens = out.get("token_buckets") or [min(16, budget) << i for i in range(budget.bit_length())
+                                              if min(16, budget) << i < budget] + [budget]
+        out["seq_buckets"] = [[t, n] for t, n in out["seq_buckets"] if t in tokens and n < min(t, out["max_num_seqs"])]
+    return out
+
+
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.
 CALLS = (("serve", "offline"), ("host", "step", "kernels", "ceiling"))
@@ -148,8 +163,8 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
     # the loads run again against the compared server and the tiny model
     ceiling_runs = [r for r in runs if r["request_rate"] == "inf" and r["dataset"] != "random"]
     compare = None if quick or datasets else dict(COMPARE, runs=ceiling_runs)
-    host_engine = dict(engine, num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
-                       enable_prefix_caching=False, seq_buckets=[])     # 256 slots: the 2,048 bucket's own
+    host_engine = engine_with(engine, dict(num_pages=16384, max_num_seqs=256, token_buckets=[16, 64, 256, 2048],
+                                           enable_prefix_caching=False))
     plan = suite.Plan(
         name="gpu" + (" (quick)" if quick else "") + (f" ({quant} model{', fp8 lm_head' if quantize_lm_head else ''})"
                                                        if quant else "") + (

@@ -68,13 +68,13 @@ def main(argv=None) -> int:
         return 0
     suite.check_quant_arguments(ap, args)
 
-    from benchmarks.gpu.gpu import ENGINE, offline_datasets
+    from benchmarks.gpu.gpu import ENGINE, engine_with, offline_datasets
     from benchmarks.gpu.suite import _dataset_args, _engine_config, model_dir, quant_overrides
     from jaxdyn import LLM, SamplingParams
     from jaxdyn.engine.llm import build_engine
     from serving.bench import datasets
 
-    engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
+    engine_cfg = engine_with(ENGINE, json.loads(args.engine) if args.engine else {})
     path = model_dir(args.model, tempfile.mkdtemp(), **quant_overrides(vars(args)))
     llm = LLM(engine=build_engine(path, load_format="dummy", config=_engine_config(engine_cfg)))
     ds = next(d for d in offline_datasets(False, args.num_prompts) if d["dataset"] == args.dataset)

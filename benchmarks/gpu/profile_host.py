@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     import json
 
-    from benchmarks.gpu.gpu import ENGINE, offline_datasets
+    from benchmarks.gpu.gpu import ENGINE, engine_with, offline_datasets
     from benchmarks.gpu.suite import _dataset_args, _engine_config, model_dir, quant_overrides
     from jaxdyn import LLM
     from jaxdyn.engine.llm import build_engine
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     if args.part_options:
         _patch_part_options(dict(_kind_options(o) for o in args.part_options))
-    engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
+    engine_cfg = engine_with(ENGINE, json.loads(args.engine) if args.engine else {})
     path = model_dir(args.model, tempfile.mkdtemp(), **quant_overrides(vars(args)))
     t0 = time.perf_counter()
     engine = build_engine(path, load_format="dummy", dtype=args.dtype, config=_engine_config(engine_cfg))

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from benchmarks.gpu.gpu import ENGINE, offline_datasets
+    from benchmarks.gpu.gpu import ENGINE, engine_with, offline_datasets
     from benchmarks.gpu.profile_step import host_events, kernel_events
     from benchmarks.gpu.suite import _dataset_args, _engine_config, layers_matmul_params, model_dir, quant_overrides
     from benchmarks.kernels import measure_bandwidth, measure_matmul
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     from jaxdyn.engine.llm import build_engine, describe_compile
     from serving.bench import datasets, offline
 
-    engine_cfg = dict(ENGINE, **(json.loads(args.engine) if args.engine else {}))
+    engine_cfg = engine_with(ENGINE, json.loads(args.engine) if args.engine else {})
     hlo_buckets = []                          # checked before the model loads
     if args.hlo == "largest":
         hlo_buckets = [max(engine_cfg["token_buckets"])]

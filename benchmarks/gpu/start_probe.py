@@ -62,7 +62,7 @@ def start_once(argv: list[str], env: dict, log_path: str, url: str, timeout_s: f
 
 
 def main(argv=None) -> int:
-    from benchmarks.gpu.gpu import ENGINE, SERVER_ENV
+    from benchmarks.gpu.gpu import ENGINE, SERVER_ENV, engine_with
     from benchmarks.gpu.suite import _free_port, model_dir, serve_flags
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu.start_probe")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         configs = json.loads(args.configs)
-        base = {**ENGINE, **json.loads(args.engine)}
+        base = engine_with(ENGINE, json.loads(args.engine))
         if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
             raise ValueError("--configs: expected a JSON list of objects")
         runs = []
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     path = model_dir(args.model, scratch)
     results = []
     for i, (engine, env) in enumerate(runs):
-        e = {**base, **engine}
+        e = engine_with(base, engine)
         port = _free_port()
         flags, buckets = serve_flags(path, args.model, e, args.dtype, port)
         cmd = [sys.executable, "-m", "serving.cli", "serve", *flags, *buckets]

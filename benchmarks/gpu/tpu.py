@@ -35,14 +35,14 @@ DATASHEETS = (   # Google Cloud TPU documentation, per chip: HBM bandwidth, bf16
     ("TPU v4", 1.2e12, 275e12, "Cloud TPU v4: 1,200 GB/s HBM, 275 TFLOP/s bf16"),
 )
 
-# 128 slots (the 2,048 bucket's own: no seq_buckets); the prefill programs' count is an H100's
-ENGINE = dict(gpu.ENGINE, num_pages=6144, max_num_seqs=128, token_buckets=[16, 128, 2048], seq_buckets=[],
-              prefill_programs=None)
+# 128 slots (the 2,048 bucket's own: engine_with drops its seq_buckets pair); the prefill programs' count is an H100's
+ENGINE = gpu.engine_with(gpu.ENGINE, dict(num_pages=6144, max_num_seqs=128, token_buckets=[16, 128, 2048],
+                                          prefill_programs=None))
 
 
 def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int | None = None,
          full_grid: bool = False, quant: str | None = None) -> suite.Plan:
-    host_engine = dict(ENGINE, token_buckets=[16, 64, 128, 2048], enable_prefix_caching=False)
+    host_engine = gpu.engine_with(ENGINE, dict(token_buckets=[16, 64, 128, 2048], enable_prefix_caching=False))
     # batch 256 of the GPU plans needs more KV than a 32 GB chip has beside the 8B weights: 128 instead
     step_models = [dict(m, batches=sorted({min(b, 128) for b in m["batches"]}))
                    for m in gpu.step_models(quick, model, full_grid)]
