@@ -4,7 +4,8 @@ A warm-up lowers its steps one after another on the calling thread (tracing hold
 compiling thread once lowered (``ModelRunner._compile_steps``), so the lowering is a serial part of every cold
 start. Lowering for a GPU runs without one (``lower(lowering_platforms=("cuda",))``, the Pallas kernels lowered to
 Triton as on the device: ``on_gpu`` patched true), so this measures it here: the GPU suite's engine (8B shape by
-default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, the fused quantization and the
+default, fp8 w8a8 with fp8 KV pages, its ten token buckets and page bucket 128, its ``seq_buckets`` (those the
+buckets hold) and ``prefill_programs``, the fused quantization and the
 fused norms as on a GPU; the sampler switch a GPU's default, ``plain-full``), abstract weights (no memory for them), every part warm-up compiles (``ModelRunner.part_keys``).
 
     python benchmarks/lowering_time.py [--model llama-3.1-8b] [--quant fp8|none] [--sampler-switch [plain-full|off]]
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
                     help="trace the layers one by one into each step (RunnerConfig.nested_layers false)")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.gpu.gpu import ENGINE
+    from benchmarks.gpu.gpu import ENGINE, engine_with
     buckets = ENGINE["token_buckets"]
     if args.buckets:
         try:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     for m in modules:
         m.on_gpu = lambda: True            # lower as a GPU runs them (put back when done: a caller's process)
     try:
-        return _measure(args, ENGINE, buckets)
+        return _measure(args, engine_with(ENGINE, {"token_buckets": list(buckets)}), buckets)
     finally:
         for m, f in zip(modules, saved):
             m.on_gpu = f
@@ -67,6 +68,8 @@ def _measure(args, engine: dict, buckets) -> int:
     cfg = RunnerConfig(page_size=engine["page_size"], num_pages=1024, max_num_seqs=engine["max_num_seqs"],
                        max_num_batched_tokens=engine["max_num_batched_tokens"], max_model_len=engine["max_model_len"],
                        token_buckets=tuple(buckets), page_buckets=tuple(engine["page_buckets"]),
+                       seq_buckets=tuple(map(tuple, engine["seq_buckets"])),
+                       prefill_programs=engine.get("prefill_programs"),
                        kv_cache_dtype="fp8" if quant else "auto",
                        fp8_fused_quantize=FP8_FUSED_QUANTIZE if quant else "off",
                        fp8_fused_quantize_min_tokens=FP8_FUSED_QUANTIZE_MIN_TOKENS if quant else 0,
@@ -78,10 +81,12 @@ def _measure(args, engine: dict, buckets) -> int:
     total = 0.0
     print("| part | trace s | lower s |\n|---|---:|---:|")
     for key in keys:
-        fn = runner._switched if key[0] == "switch" else runner._jitted[key[3]]
+        kind, t, p, *rest = key       # a part of fewer slots than its bucket's own ends with them (_lower_part)
+        slots = rest.pop() if rest and not isinstance(rest[-1], str) else None
+        fn = runner._switched if kind == "switch" else runner._jitted[rest[0]]
         t0 = time.perf_counter()
         traced = fn.trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
-                          *runner._input_shapes(key[1], key[2]))
+                          *runner._input_shapes(t, p, slots))
         t1 = time.perf_counter()
         traced.lower(lowering_platforms=("cuda",))
         t2 = time.perf_counter()

@@ -147,10 +147,10 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
     assert cfg.attention_programs == 1056 and cfg.schedule_policy == "lof"
     assert cfg.prefill_programs is None and cfg.seq_buckets == ()
-    flags, buckets = serve_flags("/m", "x", {**ENGINE, "prefill_programs": 264, "seq_buckets": [[2048, 512]]},
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "prefill_programs": 264, "seq_buckets": [[2048, 256]]},
                                  "bfloat16", 8123)
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
-    assert cfg.prefill_programs == 264 and cfg.seq_buckets == ((2048, 512),)
+    assert cfg.prefill_programs == 264 and cfg.seq_buckets == ((2048, 256),)
     assert cfg.sampler_switch is None and cfg.separate_sampler is False        # by device, as the server's default
     for switch in (True, False, "plain_full"):
         flags, buckets = serve_flags("/m", "x", {**ENGINE, "sampler_switch": switch}, "bfloat16", 8123)
@@ -320,3 +320,7 @@ def test_engine_with_drops_the_seq_buckets_pairs_the_overrides_leave_no_room_for
     assert gpu.engine_with(base, {"max_num_seqs": 256, "seq_buckets": [[2048, 128]]})["seq_buckets"] == [[2048, 128]]
     assert gpu.engine_with(base, {"seq_buckets": [[64, 8]]})["seq_buckets"] == [[64, 8]]
     assert base["seq_buckets"] == [[2048, 512]]                                            # the base unchanged
+    assert gpu.engine_with(gpu.engine_with(base, {"seq_buckets": [[100, 8]]}), {})["seq_buckets"] == [[100, 8]]
+    assert gpu.engine_with(base, {"seq_buckets": None})["seq_buckets"] == []
+    with pytest.raises(ValueError, match="seq_buckets: expected"):
+        gpu.engine_with(base, {"seq_buckets": [[2048]]})

@@ -23,7 +23,9 @@ its ``plain``.
 
 A configuration's ``"tree"`` is a directory holding another copy of the repository (``git archive BASE | tar -x
 -C base``): its runs run that code (``python -m`` from there), so two commits alternate in one call, e.g.
-``--configs '[{"tree": "base"}, {}]'``.
+``--configs '[{"tree": "base"}, {}]'``. A tree runs its own suite engine (``benchmarks/gpu/gpu.py`` ``ENGINE``):
+name the fields that differ between the two (``seq_buckets``, ``prefill_programs`` before session 38's) in both
+configurations to compare the code alone.
 
 prints a table: each configuration's runs (seconds, output tok/s), its median, its ratio to the first
 configuration's median, its load-and-warm-up seconds and its step costs.

@@ -67,10 +67,12 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 # 40,960 pages of 16 tokens (80 GiB in the 8B shape, beside 16 GB of weights).
 # The 2,048-token bucket also with 512 sequence slots (``seq_buckets``: about 73 of the run's 135 such steps hold
 # <= 512 rows, and their lm_head and sampler then run over 512 rows instead of 1,024), and the prefill kernel's
-# programs looping over its items, 8 an SM of an H100's 132 (``prefill_programs``: a decode-only step then starts
-# 1,056 programs that find nothing instead of 8 x (tokens / 32 + slots)): offline ShareGPT-shaped, fp8, on an H100,
-# 16,038 output tok/s (median of three) against 15,878 without them, 1.010x in one call; the cold start 36.4 s
-# against 30.6 s (three more executables) (``gpu_suite_h200.md``, thirty-eighth session).
+# programs looping over its items, at most 8 an SM of an H100's 132 (``prefill_programs``: a decode-only step then
+# starts min(items, 1,056) programs that find nothing instead of one an item, 8 x (tokens / 32 + slots)): offline
+# ShareGPT-shaped, fp8, on an H100, 16,038 output tok/s (median of three) against 15,878 without them, 1.010x in one
+# call (seq_buckets alone 1.009x: prefill_programs' share is within the spread); load and warm-up from an empty cache
+# 36.4 s against 30.6 s (three more executables) (``gpu_suite_h200.md``, thirty-eighth session). Compare an older
+# tree (ab_offline's "tree") with both named: its ENGINE has neither.
 ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
               token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128],
               seq_buckets=[[2048, 512]], prefill_programs=1056)
@@ -79,9 +81,16 @@ def engine_with(base: dict, overrides: dict) -> dict:
     """``base`` (an engine of the suite's) with ``overrides`` over it. Where these change the token buckets, the
     token budget or the sequence slots and say nothing of ``seq_buckets``, base's pairs that the new buckets cannot
     have (a token bucket not among them, or no fewer slots than its own, ``min(tokens, max_num_seqs)``) are dropped:
-    ``{"max_num_seqs": 256}`` runs without the 2,048 bucket's 512 slots instead of failing on them."""
+    ``{"max_num_seqs": 256}`` runs without the 2,048 bucket's 512 slots instead of failing on them. A named
+    ``seq_buckets`` is kept as given (the runner refuses a pair it cannot have, naming the field); ``null`` is
+    ``[]``, none."""
     out = {**base, **overrides}
-    if "seq_buckets" not in overrides and out.get("seq_buckets"):
+    try:
+        out["seq_buckets"] = [[t, n] for t, n in out.get("seq_buckets") or []]
+    except (TypeError, ValueError):
+        raise ValueError(f"seq_buckets: expected (tokens, sequence slots) pairs, got {out['seq_buckets']!r}") from None
+    resized = any(k in overrides for k in ("token_buckets", "max_num_batched_tokens", "max_num_seqs"))
+    if resized and "seq_buckets" not in overrides and out["seq_buckets"]:
         budget = out["max_num_batched_tokens"]
         tokens = out.get("token_buckets") or [min(16, budget) << i for i in range(budget.bit_length())
                                               if min(16, budget) << i < budget] + [budget]

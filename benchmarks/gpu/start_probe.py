@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         configs = json.loads(args.configs)
-        base = engine_with(ENGINE, json.loads(args.engine))
+        overrides = json.loads(args.engine)
+        if not isinstance(overrides, dict):
+            raise ValueError("--engine: expected a JSON object")
+        base = engine_with(ENGINE, overrides)
         if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
             raise ValueError("--configs: expected a JSON list of objects")
         runs = []
@@ -84,14 +87,13 @@ def main(argv=None) -> int:
             if "tree" in c or "quant" in c:
                 raise ValueError(f"--configs: {json.dumps(c)}: \"tree\" and \"quant\" are ab_offline's, not this probe's")
             engine, env, _ = split_config(c, dict(os.environ))
-            runs.append((engine, env))
+            runs.append((engine_with(ENGINE, {**overrides, **engine}), env))
     except ValueError as e:
         ap.error(str(e))
     scratch = args.scratch or tempfile.mkdtemp(prefix="jaxdyn-start-")
     path = model_dir(args.model, scratch)
     results = []
-    for i, (engine, env) in enumerate(runs):
-        e = engine_with(base, engine)
+    for i, (e, env) in enumerate(runs):
         port = _free_port()
         flags, buckets = serve_flags(path, args.model, e, args.dtype, port)
         cmd = [sys.executable, "-m", "serving.cli", "serve", *flags, *buckets]

@@ -778,6 +778,7 @@ def test_step_costs_are_timed_round_by_round_after_every_bucket_warmed_up(loaded
     costs = runner.measure_step_costs(reps=2, rounds=2)
     assert order == [16, 16, 64, 64] * 3
     assert set(costs) == {16, 64} and runner.step_costs == costs
+    assert all(0 < c < float("inf") for c in costs.values())
 
 
 @pytest.mark.parametrize("option,value", [("xla_dot_merger", True), ("attention_in_place", True),
