@@ -77,6 +77,7 @@ ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_
               token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128],
               seq_buckets=[[2048, 512]], prefill_programs=1056)
 
+
 def engine_with(base: dict, overrides: dict) -> dict:
     """``base`` (an engine of the suite's) with ``overrides`` over it. Where these change the token buckets, the
     token budget or the sequence slots and say nothing of ``seq_buckets``, base's pairs that the new buckets cannot
