@@ -81,12 +81,9 @@ def _measure(args, engine: dict, buckets) -> int:
     total = 0.0
     print("| part | trace s | lower s |\n|---|---:|---:|")
     for key in keys:
-        kind, t, p, *rest = key       # a part of fewer slots than its bucket's own ends with them (_lower_part)
-        slots = rest.pop() if rest and not isinstance(rest[-1], str) else None
-        fn = runner._switched if kind == "switch" else runner._jitted[rest[0]]
+        fn, part_args = runner._part_call(key)
         t0 = time.perf_counter()
-        traced = fn.trace(runner.state, runner.kv_cache, runner.token_pages, runner.prev_sampled,
-                          *runner._input_shapes(t, p, slots))
+        traced = fn.trace(*part_args)
         t1 = time.perf_counter()
         traced.lower(lowering_platforms=("cuda",))
         t2 = time.perf_counter()

@@ -213,7 +213,7 @@ AUTO_ON_OFF = {"auto": "auto", "on": True, "off": False}
 def _checked_seq_buckets(pairs, token_buckets, max_num_batched_tokens: int, max_num_seqs: int, flag: str):
     """``pairs`` checked against the token buckets a runner of these settings compiles (``check_seq_buckets``), a
     CLIError naming ``flag`` otherwise."""
-    from jaxdyn.engine.runner import check_seq_buckets, token_buckets_for
+    from jaxdyn.engine.buckets import check_seq_buckets, token_buckets_for
     try:
         return check_seq_buckets(pairs, token_buckets_for(token_buckets, max_num_batched_tokens), max_num_seqs)
     except ValueError as e:

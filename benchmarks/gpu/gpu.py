@@ -92,10 +92,10 @@ def engine_with(base: dict, overrides: dict) -> dict:
         raise ValueError(f"seq_buckets: expected (tokens, sequence slots) pairs, got {out['seq_buckets']!r}") from None
     resized = any(k in overrides for k in ("token_buckets", "max_num_batched_tokens", "max_num_seqs"))
     if resized and "seq_buckets" not in overrides and out["seq_buckets"]:
-        budget = out["max_num_batched_tokens"]
-        tokens = out.get("token_buckets") or [min(16, budget) << i for i in range(budget.bit_length())
-                                              if min(16, budget) << i < budget] + [budget]
-        out["seq_buckets"] = [[t, n] for t, n in out["seq_buckets"] if t in tokens and n < min(t, out["max_num_seqs"])]
+        from jaxdyn.engine.buckets import seq_bucket_fits, token_buckets_for     # no JAX: the driver imports this
+        tokens = token_buckets_for(out.get("token_buckets"), out["max_num_batched_tokens"])
+        slots = out["max_num_seqs"]
+        out["seq_buckets"] = [[t, n] for t, n in out["seq_buckets"] if seq_bucket_fits(t, n, tokens, slots)]
     return out
 
 

@@ -43,6 +43,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh
 
+from jaxdyn.engine.buckets import check_seq_buckets, is_count, powers_of_two, token_buckets_for
 from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_count, thread_compilation_count
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import ALLOWED_MARK, FULL, PLAIN, VARIANTS, SamplingArrays, sample, serves, variant_for
@@ -91,27 +92,12 @@ def _unpack(tok, seqi, seqf):
     return md, tok[0], tok[1], seqi[:S, 2], sp, seqi[:S, 7]
 
 
-def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-    """lo, 2lo, 4lo, ... up to and including hi (hi itself always ends the list)."""
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= 2
-    out.append(hi)
-    return tuple(out)
-
-
 # Which row-parallel inputs of an fp8 model ``pallas_kernels.fp8_quantize`` may quantize (``fp8_fused_quantize``)
 FUSED_QUANTIZE_SITES = ("off", "o_proj", "all")
 # XLA options that turn its dot merger off (``RunnerConfig.xla_dot_merger``)
 NO_DOT_MERGER = {"xla_disable_hlo_passes": "dot-merger"}
 # XLA's options that send a step's matrix products to cuBLAS, not Triton (``RunnerConfig.triton_gemm_max_tokens``)
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
-
-
-def is_count(v) -> bool:
-    """An integer >= 0 (not a bool): a token-count option's value."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,29 +257,6 @@ class RunnerConfig:
         its own (``seqs_for``), the last."""
         own = self.seqs_for(token_bucket)
         return tuple(sorted({s for t, s in self.seq_buckets if t == token_bucket and s < own})) + (own,)
-
-
-def token_buckets_for(token_buckets, max_num_batched_tokens: int) -> tuple[int, ...]:
-    """The token buckets a runner compiles: ``token_buckets`` sorted, or (None) powers of two from 16 up to
-    ``max_num_batched_tokens``."""
-    return tuple(sorted(token_buckets or powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)))
-
-
-def check_seq_buckets(value, tokens: Sequence[int] | None = None, max_num_seqs: int | None = None
-                      ) -> tuple[tuple[int, int], ...]:
-    """``value`` as sorted (tokens, sequence slots) pairs of integers >= 1; with ``tokens``, each a token bucket of
-    them with fewer slots than its own, ``min(tokens, max_num_seqs)`` (ValueError naming the field otherwise)."""
-    try:
-        pairs = sorted({(a, b) for a, b in value})
-    except (TypeError, ValueError):
-        raise ValueError(f"seq_buckets: expected (tokens, sequence slots) pairs, got {value!r}") from None
-    for t, s in pairs:
-        if not (is_count(t) and is_count(s) and t >= 1 and s >= 1):
-            raise ValueError(f"seq_buckets: expected pairs of integers >= 1, got {value!r}")
-        if tokens is not None and (t not in tokens or s >= min(t, max_num_seqs)):
-            raise ValueError(f"seq_buckets: ({t!r}, {s!r}) must pair a token bucket ({', '.join(map(str, tokens))}) "
-                             f"with fewer sequence slots than its own, min(tokens, max_num_seqs={max_num_seqs})")
-    return tuple(pairs)
 
 
 SEPARATE_SAMPLER = (False, True, "except_greedy")
@@ -512,6 +475,14 @@ def kv_cache_dtype(weight_dtype, mesh: Mesh, requested: str = "auto"):
     if dt.itemsize == 2 and jnp.issubdtype(dt, jnp.floating) and mesh.devices.flat[0].platform == "cpu":
         return jnp.dtype(jnp.float32)
     return dt
+
+
+def _key_fields(key: tuple) -> tuple[str, int, int, str | None, int | None]:
+    """(kind, tokens, pages, sampler variant or None, slots or None) of a compiled part's key (``_part_keys``): the
+    slots end a key only where they are one of its bucket's ``seq_buckets``."""
+    kind, t, p, *rest = key
+    s = rest.pop() if rest and not isinstance(rest[-1], str) else None
+    return kind, t, p, (rest[0] if rest else None), s
 
 
 def _cache_name(key: tuple) -> str:
@@ -966,8 +937,9 @@ class ModelRunner:
             with concurrent.futures.ThreadPoolExecutor(threads, "jaxdyn-warmup") as pool:
                 finish({pool.submit(compile_part, lower(key), key): key for key in keys if not stopped()})
         else:
-            def shape(key):     # (tokens, pages) and, for fewer slots (``seq_buckets``), the slots
-                return key[1:3] + tuple(x for x in key[3:] if not isinstance(x, str))
+            def shape(key):     # (tokens, pages, slots: None for the bucket's own)
+                _, t, p, _, s = _key_fields(key)
+                return t, p, s
 
             first_of_shape: dict[tuple, tuple] = {}
             for key in keys:
@@ -1128,17 +1100,19 @@ class ModelRunner:
         return _SplitStep(self._parts[keys[0]], self._parts[keys[1]], self._replicated)
 
     def _lower_part(self, key: tuple) -> jax.stages.Lowered:
-        kind, t, p, *rest = key
-        s = rest.pop() if rest and not isinstance(rest[-1], str) else None
-        if kind == "step":
-            return self.lower(t, p, rest[0], s)
+        fn, args = self._part_call(key)
+        return fn.lower(*args)
+
+    def _part_call(self, key: tuple) -> tuple[Callable, tuple]:
+        """The jitted function of a compiled part (``_part_keys``) and the arguments (abstract inputs) it is
+        lowered with."""
+        kind, t, p, variant, s = _key_fields(key)
         args = self._input_shapes(t, p, s)
-        if kind == "switch":
-            return self._switched.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
-        if kind == "forward":
-            return self._forward_step.lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
-        logits = jax.ShapeDtypeStruct((args[2].shape[0], self.model_config.vocab_size), jnp.float32)
-        return self._sample_steps[rest[0]].lower(self.token_pages, self.prev_sampled, logits, *args)
+        if kind == "sample":
+            logits = jax.ShapeDtypeStruct((args[2].shape[0], self.model_config.vocab_size), jnp.float32)
+            return self._sample_steps[variant], (self.token_pages, self.prev_sampled, logits, *args)
+        fn = self._jitted[variant] if kind == "step" else self._switched if kind == "switch" else self._forward_step
+        return fn, (self.state, self.kv_cache, self.token_pages, self.prev_sampled, *args)
 
     def _input_shapes(self, t: int, p: int, s: int | None = None) -> tuple[jax.ShapeDtypeStruct, ...]:
         """The shapes of the three input buffers (``_pack``) of a step of bucket (t, p) (``s`` sequence slots; None:
@@ -1165,8 +1139,8 @@ class ModelRunner:
     def lower(self, t: int, p: int, variant: str, s: int | None = None) -> jax.stages.Lowered:
         """The step of bucket (``t`` tokens, ``p`` pages; ``s`` sequence slots, None: the bucket's own) with sampler
         ``variant``, lowered (one executable: the model inlined, whatever ``separate_sampler`` says)."""
-        return self._jitted[variant].lower(self.state, self.kv_cache, self.token_pages, self.prev_sampled,
-                                           *self._input_shapes(t, p, s))
+        fn, args = self._part_call(("step", t, p, variant) + (() if s is None else (s,)))
+        return fn.lower(*args)
 
     def _compile_copy(self):
         if self._copy_compiled is None:

@@ -135,9 +135,8 @@ class Scheduler:
                 continue
             target = self._target(seq)
             n = target - seq.num_computed
-            req = seq.request
-            if self.cache is not None and not seq.pages and not req.scoring_open and target > 1:
-                n -= self.cache.peek(seq.token_slice(0, target - 1), req.params.cache_salt)
+            if limit := self._reusable(seq, target):
+                n -= self.cache.peek(seq.token_slice(0, limit), seq.request.params.cache_salt)
             total += max(n, 0)
         return total
 
@@ -409,15 +408,20 @@ class Scheduler:
             self._cache_prompt(seq)
         return SchedulerOutput(items, copies, preempted)
 
+    def _reusable(self, seq: Sequence, target: int) -> int:
+        """The tokens of ``seq`` a cached prefix may cover when it is admitted up to ``target`` (``_match``; what
+        ``waiting_work`` looks up): all but the last, of which the logits are computed, or 0 where none is looked up
+        (no cache, pages held already, or a prompt to be scored: its tokens computed, not taken from the cache)."""
+        if self.cache is None or seq.pages or seq.request.scoring_open:
+            return 0
+        return max(target - 1, 0)
+
     def _match(self, seq: Sequence, target: int) -> int:
         """Reuse the longest cached prefix (whole pages, short of ``target``); returns its length in tokens."""
-        if self.cache is None or seq.pages:
+        limit = self._reusable(seq, target)
+        if not limit:
             return 0
-        req = seq.request
-        if req.scoring_open:
-            return 0                  # its prompt's tokens are to be scored: computed, not taken from the cache
-        limit = target - 1          # at least one token is computed, for the logits
-        pages, n = self.cache.match(seq.token_slice(0, limit), limit, req.params.cache_salt)
+        pages, n = self.cache.match(seq.token_slice(0, limit), limit, seq.request.params.cache_salt)
         if n:
             self.allocator.share(pages)
             seq.pages = pages
