@@ -557,6 +557,8 @@ class ModelRunner:
         self.token_pages = jax.device_put(
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
         self.token_buckets, self.page_buckets = config.buckets()
+        # each token bucket's sequence slots, fewest first (``seq_options``), which ``_pack`` picks from every step
+        self._seq_options = {t: config.seq_options(t) for t in self.token_buckets}
         self.max_rows = config.max_num_seqs
         # The tokens steps draw, two halves: a step writes one (``_write_half``) while its inputs read the
         # previous step's draws from the other, so the calls of a split step can share one buffer.
@@ -1335,7 +1337,7 @@ class ModelRunner:
         rows_needed = S + len(scored)
         t = _pick(self.token_buckets, max(num_tokens, rows_needed), "tokens per step")
         own = cfg.seqs_for(t)
-        s = _pick(cfg.seq_options(t), rows_needed, "rows per step") if rows_needed <= own else own
+        s = _pick(self._seq_options[t], rows_needed, "rows per step") if rows_needed <= own else own
         if rows_needed > s:
             raise ValueError(f"{S} sequences and {len(scored)} scored prompt tokens exceed the {s} rows of a step")
         p = _pick(self.page_buckets, max(num_pages), "pages per sequence")
