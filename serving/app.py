@@ -612,13 +612,12 @@ def build_app(state: ServerState) -> Starlette:
                 prompt_texts.append(x)
             else:
                 prompt_ids.append(list(x))
-                prompt_texts.append(tok.decode(x, skip_special_tokens=False) if (tok and req.echo) else "")
+                prompt_texts.append(None)       # echoed: decoded once the ids are checked
         for j, ids in enumerate(prompt_ids):
             cut = _truncate_prompt(engine, ids, req)
             if len(cut) != len(ids):
                 prompt_ids[j] = cut
-                if req.echo:            # what the model was given (a text prompt's: without the BOS encoding added)
-                    prompt_texts[j] = tok.decode(cut, skip_special_tokens=isinstance(prompts[j], str)) if tok else ""
+                prompt_texts[j] = None
         if req.suffix:
             raise APIError(400, "suffix: not supported", param="suffix")
         # echo with logprobs: the prompt's tokens get theirs too (vLLM: prompt logprobs of the same count, unless
@@ -633,6 +632,10 @@ def build_app(state: ServerState) -> Starlette:
         for ids in prompt_ids:
             _check(engine, ids, params)
             _check_room(engine, ids, req.max_tokens, "max_tokens")
+        for j, text in enumerate(prompt_texts):
+            if text is None:    # echoed: what the model was given (a truncated text prompt's without the BOS added)
+                prompt_texts[j] = (tok.decode(prompt_ids[j], skip_special_tokens=isinstance(prompts[j], str))
+                                   if tok and req.echo else "")
         _admit(state, engine, len(prompt_ids) * params.n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -238,6 +238,13 @@ def _port(low: int):
     return parse
 
 
+def _model_name(text: str) -> str:
+    """An argparse type: the name requests give as ``model`` (not empty: every request naming one would be a 404)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty name")
+    return text
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail now, before minutes of loading and compiling, if the port cannot be listened on."""
     import socket
@@ -761,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_port(0), default=8000)
-    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--served-model-name", type=_model_name, default=None)
     sv.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                     help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                          "max_tokens cap come from (vLLM's): auto, the model's generation_config.json; vllm, none "
@@ -803,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
     wk.add_argument("--host", default="127.0.0.1")
     wk.add_argument("--port", type=_port(0), default=50051, help="0: any free port (printed)")
-    wk.add_argument("--served-model-name", default=None)
+    wk.add_argument("--served-model-name", type=_model_name, default=None)
     wk.add_argument("--devices", default=None, help="device indices of this worker's mesh (default: 0..tp-1)")
     wk.add_argument("--prefill-workers", default=None,
                     help="decode role: HOST:PORT,... of prefill workers (else every prompt is prefilled here)")

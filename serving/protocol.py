@@ -4,9 +4,42 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 
 Number = Union[StrictInt, StrictFloat]
+
+
+def _invalid(msg: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", "{msg}", {"msg": msg})
+
+
+def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """OpenAI's tool definitions: ``{"type": "function", "function": {"name": <non-empty string>, "description"?:
+    <string>, "parameters"?: <object>}}`` each (what the chat template renders and a tool parser matches)."""
+    for i, tool in enumerate(tools or ()):
+        fn = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(fn, dict):
+            raise _invalid(f'item {i} must be {{"type": "function", "function": {{"name": ...}}}}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _invalid(f"item {i}: function.name must be a non-empty string")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise _invalid(f"item {i}: function.description must be a string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise _invalid(f"item {i}: function.parameters must be a JSON Schema object")
+    return tools
+
+
+def check_tool_choice(choice: Any) -> Any:
+    """OpenAI's tool_choice: "none", "auto", "required" or ``{"type": "function", "function": {"name": ...}}``."""
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str) and fn["name"]):
+        return choice
+    raise _invalid(f'must be "none", "auto", "required" or {{"type": "function", "function": {{"name": ...}}}}, '
+                   f"got {repr(choice)[:60]}")
 
 
 class _Base(BaseModel):
@@ -87,11 +120,14 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None     # described to the template; calling them is refused (app.py)
+    tools: list[dict[str, Any]] | None = None     # described to the template; read for calls with a tool parser
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
+
+    _tools = field_validator("tools")(check_tools)
+    _tool_choice = field_validator("tool_choice")(check_tool_choice)
 
 
 class TokenizeRequest(_Base):
@@ -103,6 +139,8 @@ class TokenizeRequest(_Base):
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+
+    _tools = field_validator("tools")(check_tools)
 
 
 class DetokenizeRequest(_Base):

@@ -62,9 +62,12 @@ def message_text(content) -> str:
     if isinstance(content, str):
         return content
     out = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+    for i, part in enumerate(content):
+        if part.get("type") != "text":
             raise ChatTemplateError(f"content part of type {part.get('type')!r} is not supported; only text")
+        if not isinstance(part.get("text"), str):
+            raise ChatTemplateError(f"content[{i}]: a text part's text must be a string, got "
+                                    f"{repr(part.get('text'))[:40]}")
         out.append(part["text"])
     return "\n".join(out)
 

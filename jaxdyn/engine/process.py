@@ -30,6 +30,7 @@ exception in a step, a killed process) ends every stream with ``EngineDeadError`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import queue
 import threading
@@ -41,6 +42,8 @@ from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
 from jaxdyn.engine.request import CompletionOutput, RequestOutput, TextPrefix, TokenPrefix, append_piece
+
+log = logging.getLogger(__name__)
 
 METRICS_INTERVAL_S = 0.25       # the longest a busy engine goes without sending its metrics
 
@@ -282,6 +285,7 @@ class ProcessEngine(StreamingEngine):
             self._handle(items, pending)
             _post(pending)
         if reason is not None:
+            log.error("%s; its requests fail and /health answers 503", reason)
             self.dead = EngineDeadError(reason)
             # its requests, pages and cache are gone with it: the gauges say so (the totals stay)
             self.core.metrics = dataclasses.replace(self.core.metrics, num_running=0, num_waiting=0,

@@ -197,6 +197,8 @@ def test_serve_over_workers_refuses_quantization(capsys):
     (["serve", "--port", "-1"], "argument --port: a port is 0..65535, got -1"),
     (["serve", "--port", "http"], "argument --port: expected a port number, got 'http'"),
     (["worker", "--role", "both", "--port", "70000"], "argument --port: a port is 0..65535, got 70000"),
+    (["serve", "--served-model-name", ""], "argument --served-model-name: expected a non-empty name"),
+    (["worker", "--role", "both", "--served-model-name", " "], "argument --served-model-name: expected a non-empty name"),
     (["serve", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
 ])
 def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):

@@ -298,9 +298,10 @@ def test_an_output_the_server_cannot_decode_fails_that_request_only():
     assert ("abort", "a") in sent and "a" not in pe._streams and "b" in pe._streams
 
 
-def test_a_dead_engines_gauges_read_zero():
+def test_a_dead_engines_gauges_read_zero(caplog):
     # The reader of a process whose engine is gone: its last snapshot had a request running on 6 pages; those
-    # are gone with it (the server's /metrics showed them as held for as long as it ran on).
+    # are gone with it (the server's /metrics showed them as held for as long as it ran on). The death is logged
+    # (an engine killed for memory left no line in the server's log).
     import dataclasses
     import types
 
@@ -318,7 +319,9 @@ def test_a_dead_engines_gauges_read_zero():
     pe.core = types.SimpleNamespace(metrics=last)
     failed = []
     pe._fail_all = lambda err, pending: failed.append(err)
-    pe._read_loop()
+    with caplog.at_level("ERROR", logger="jaxdyn.engine.process"):
+        pe._read_loop()
     assert failed and "exited (code -9)" in str(pe.dead)
+    assert [r.levelname for r in caplog.records] == ["ERROR"] and "exited (code -9)" in caplog.records[0].message
     assert pe.core.metrics == dataclasses.replace(last, num_running=0, num_waiting=0, kv_pages_used=0,
                                                   kv_pages_cached=0)
