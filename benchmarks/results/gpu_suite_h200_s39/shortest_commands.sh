@@ -7,5 +7,3 @@ timeout 150 python -m benchmarks.gpu.ab_offline --rounds 3 --timeout-s 110 --con
   {"quant": "fp8", "kv_cache_dtype": "fp8", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_b"}}]' \
   2>&1 | grep -v "^W" | tee $OUT/ab_default.txt | grep -v "^|" | grep "tok/s\|compiled\|rror" | cut -c1-330
 grep "^|" $OUT/ab_default.txt | cut -c1-400
-export JAX_COMPILATION_CACHE_DIR=/tmp/jc_b JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-timeout 200 python -m benchmarks.gpu.profile_run --quant fp8 --engine '{"kv_cache_dtype": "fp8"}' \
