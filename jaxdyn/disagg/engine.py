@@ -189,6 +189,8 @@ class DisaggEngine:
             del self._remote[request_id]
             self.decode.unreserve_kv(request_id)
             raise
+        # the gauge now: a step that waits for the prefill role's handoff sets it only once one comes
+        m.num_remote_prefills = len(self._remote)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         r = self._remote.pop(request_id, None)
@@ -196,6 +198,7 @@ class DisaggEngine:
             return self.decode.abort(request_id)
         self.decode.unreserve_kv(request_id)
         self.role.abort(request_id)
+        self.metrics.num_remote_prefills = len(self._remote)
         self._count_finish("abort", r.params.n)
         return _final_output(r, "abort", None)
 

@@ -115,6 +115,9 @@ class StreamingEngine:
         stream.n = params.n
         params = self._prepare(stream, params)
         self._streams[request_id] = stream
+        if self.dead is not None:   # died or shut down since the check above, after its streams were failed
+            del self._streams[request_id]
+            raise EngineDeadError(f"the engine died: {self.dead!r}")
         self._send(("add", request_id, prompt_ids, params, priority, time.monotonic()))
         return stream
 
@@ -233,6 +236,10 @@ class AsyncEngine(StreamingEngine):
             stop = getattr(core, "shutdown", None)
             if stop is not None:
                 stop()
+            # shut down with requests in flight (a server's grace period fails them first): they end with an
+            # error, and later ones are refused, instead of waiting for outputs that never come
+            self.dead = ShutdownError("the engine was shut down")
+            self._fail_all(self.dead, {})
         except BaseException as e:  # the engine is dead: tell everyone, keep the reason
             self.dead = e
             traceback.print_exc()

@@ -96,3 +96,55 @@ class EngineMetrics:
     @property
     def kv_usage(self) -> float:
         return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+
+# What a worker process reports to the front end over it (``serving/workers``: its Health replies), which sums the
+# reports: the engine's own counters and histograms, and the gauges the front end cannot see for itself. The front
+# end counts its requests' tokens, finishes and latencies itself, and takes running / waiting / KV pages from the
+# replies' own fields.
+WORKER_COUNTERS = ("computed_prefill_tokens", "preemptions", "prefix_cache_queries", "prefix_cache_hits",
+                   "prefix_cache_evictions", "compilations_after_warmup", "steps", "host_seconds",
+                   "device_wait_seconds", "step_call_seconds", "step_tokens", "step_token_rows", "step_calls",
+                   "prefill_decisions", "kv_transfers", "kv_transfer_bytes", "remote_prefill_failures",
+                   "remote_prefill_tokens")
+WORKER_GAUGES = ("kv_pages_cached", "num_remote_prefills")
+WORKER_HISTOGRAMS = ("queue_time", "kv_handoff")
+WORKER_FIELDS = WORKER_COUNTERS + WORKER_GAUGES + WORKER_HISTOGRAMS
+
+
+def worker_report(m: EngineMetrics) -> dict:
+    """``m``'s fields of ``WORKER_FIELDS``, as JSON-able values (a histogram: its buckets, counts, sum, count)."""
+    out = {f: dict(getattr(m, f)) if isinstance(getattr(m, f), dict) else getattr(m, f)
+           for f in WORKER_COUNTERS + WORKER_GAUGES}
+    for f in WORKER_HISTOGRAMS:
+        h = getattr(m, f).__getstate__()
+        out[f] = {"buckets": list(h["buckets"]), "counts": h["counts"], "sum": h["sum"], "count": h["count"]}
+    return out
+
+
+def set_worker_sums(m: EngineMetrics, counted: list[dict], live: list[dict]) -> None:
+    """Set ``m``'s ``WORKER_FIELDS`` to sums of workers' reports: counters and histograms over ``counted`` (every
+    worker's last report, a lost worker's too: counters do not fall when one stops answering), gauges over
+    ``live``. A report's field of another shape (a worker of another version) is left out of its sum."""
+    for f in WORKER_COUNTERS:
+        values = [r[f] for r in counted if f in r]
+        if f == "prefill_decisions":
+            total: dict = {}
+            for v in values:
+                if isinstance(v, dict):
+                    for k, c in v.items():
+                        total[k] = total.get(k, 0) + c
+            setattr(m, f, total)
+        else:
+            setattr(m, f, sum(v for v in values if isinstance(v, (int, float))))
+    for f in WORKER_GAUGES:
+        setattr(m, f, sum(r[f] for r in live if isinstance(r.get(f), (int, float))))
+    for f in WORKER_HISTOGRAMS:
+        h = Histogram()
+        for r in counted:
+            v = r.get(f)
+            if isinstance(v, dict) and tuple(v.get("buckets", ())) == h.buckets and len(v["counts"]) == len(h.counts):
+                h.counts = [a + b for a, b in zip(h.counts, v["counts"])]
+                h.sum += v["sum"]
+                h.count += v["count"]
+        setattr(m, f, h)

@@ -29,7 +29,7 @@ import grpc
 
 from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, ShutdownError
 from jaxdyn.engine.core import RequestError
-from jaxdyn.engine.metrics import EngineMetrics
+from jaxdyn.engine.metrics import WORKER_FIELDS, EngineMetrics, set_worker_sums
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
 from serving.workers import worker_pb2 as pb
@@ -52,6 +52,7 @@ class _Worker:
         self.max_num_seqs = 0
         self.vocab_size = 0
         self.kv_pages_used = self.kv_pages_total = self.num_waiting = 0     # its last Health reply's
+        self.report: dict = {}      # its engine's counters, histograms and hidden gauges, as last reported
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.health_stub = pb_grpc.WorkerStub(self.channel)
         self._aio: dict[asyncio.AbstractEventLoop, tuple] = {}
@@ -103,11 +104,11 @@ class FrontendCore:
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
-        # what the front end sees of its requests and the workers' Health replies; the workers' own counters (steps,
-        # prefix cache, KV transfers, remote prefills) are theirs, and /metrics leaves them out here
+        # what the front end sees of its requests, and the workers' Health replies: their pages and queues, and
+        # their engines' own counters (steps, prefix cache, KV transfers, remote prefills), summed
         self.metrics = EngineMetrics(collected=frozenset({
             "num_running", "num_waiting", "kv_usage", "kv_pages_used", "kv_pages_total", "prompt_tokens",
-            "generation_tokens", "requests_finished", "ttft", "itl", "e2e"}))
+            "generation_tokens", "requests_finished", "ttft", "itl", "e2e", *WORKER_FIELDS}))
         self.num_pages = 0
         self.load_info: dict[str, float] = {}
 
@@ -182,6 +183,12 @@ class RemoteEngine:
                 w.role, w.healthy = r.role, r.healthy
                 w.max_model_len, w.max_num_seqs, w.vocab_size = r.max_model_len, r.max_num_seqs, r.vocab_size
                 w.kv_pages_used, w.kv_pages_total, w.num_waiting = r.kv_pages_used, r.kv_pages_total, r.num_waiting
+                if r.metrics_json:
+                    try:
+                        report = json.loads(r.metrics_json)
+                        w.report = report if isinstance(report, dict) else w.report
+                    except ValueError:
+                        log.warning("worker %s sent metrics that are not JSON; its last ones are kept", w.address)
             except grpc.RpcError:
                 w.missed += 1
                 if w.missed >= self.max_missed:
@@ -196,6 +203,7 @@ class RemoteEngine:
             m.kv_pages_used = sum(w.kv_pages_used for w in live)
             m.kv_pages_total = core.num_pages = sum(w.kv_pages_total for w in live)
             m.num_waiting = sum(w.num_waiting for w in live)
+            set_worker_sums(m, [w.report for w in self.workers], [w.report for w in live])
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):

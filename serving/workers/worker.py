@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ import numpy as np
 from jaxdyn.disagg.engine import Handoff, LocalPrefillRole
 from jaxdyn.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from jaxdyn.engine.core import RequestError
+from jaxdyn.engine.metrics import worker_report
 from jaxdyn.engine.sampling_params import SamplingParamsError
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
@@ -194,7 +196,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                               max_model_len=core.max_model_len, max_num_seqs=core.config.max_num_seqs,
                               error=error, kv_pages_used=local.allocator.num_in_use,
                               kv_pages_total=local.allocator.num_pages,
-                              vocab_size=core.model_config.vocab_size, kv_layout=kv_layout(core))
+                              vocab_size=core.model_config.vocab_size, kv_layout=kv_layout(core),
+                              metrics_json=json.dumps(worker_report(core.metrics)))
 
 
 async def serve_worker(service: WorkerService, host: str, port: int, ready=None, stop: asyncio.Event | None = None):

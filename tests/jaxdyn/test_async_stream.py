@@ -90,3 +90,22 @@ def test_an_error_after_waiting_outputs_comes_after_them(engine):
 
     got = asyncio.run(run())
     assert [o.outputs[0].delta_token_ids for o in got] == [[1, 2]]
+
+
+def test_shutdown_ends_the_streams_in_flight_and_refuses_later_requests():
+    """A shutdown with a request in flight (the idle core never finishes it) ends its stream with ShutdownError
+    instead of leaving it waiting for outputs that never come; a request after it is refused."""
+    from jaxdyn.engine.async_engine import EngineDeadError, ShutdownError
+    e = AsyncEngine(_IdleCore())
+
+    async def run():
+        s = e.add_request([1, 2], SamplingParams(max_tokens=4), "r")
+        await asyncio.get_running_loop().run_in_executor(None, e.shutdown)
+        with pytest.raises(ShutdownError, match="shut down"):
+            async for _ in e.stream(s):
+                pass
+        with pytest.raises(EngineDeadError, match="shut down"):
+            e.add_request([1], SamplingParams(max_tokens=1), "later")
+        assert not e.is_healthy and not e._streams
+
+    asyncio.run(asyncio.wait_for(run(), 10))

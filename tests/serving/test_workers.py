@@ -175,8 +175,9 @@ def test_a_client_that_leaves_aborts_on_the_worker(cluster, ckpt):
 
 
 def test_the_frontends_gauges_follow_its_requests_and_the_workers_pages(cluster, ckpt):
-    """/metrics of a frontend over workers: its requests in flight, and the decode workers' pages from their
-    Health replies (before: 0 running until a stream ended, no pages at all). The prefill worker is stopped
+    """/metrics of a frontend over workers: its requests in flight, and the decode workers' pages, gauges and
+    counters from their Health replies (before: 0 running until a stream ended, no pages at all; the workers'
+    counters left out). The prefill worker is stopped
     (SIGSTOP) so that a request stays in flight, its pages reserved on the decode worker."""
     pre, dec, _ = cluster
     srv = _frontend(ckpt, [dec.address])
@@ -199,14 +200,23 @@ def test_the_frontends_gauges_follow_its_requests_and_the_workers_pages(cluster,
         assert gauges["jaxdyn:num_requests_running"] == 1
         assert gauges["jaxdyn:kv_cache_pages_used"] == dec.health().kv_pages_used > 0
         assert gauges["jaxdyn:kv_cache_pages_total"] == dec.health().kv_pages_total > 0
-        # the workers' own counters are not the front end's to export: left out, not a 0 whatever they did
-        for absent in ("jaxdyn:kv_transfers", "jaxdyn:remote_prefill_failures", "jaxdyn:num_remote_prefills",
-                       "jaxdyn:prefix_cache_pages", "jaxdyn:engine_steps", "jaxdyn:disagg_prefill_decisions"):
-            assert absent not in text, absent
+        # the decode worker's own gauges, from its Health reply: the remote prefill it waits on
+        assert gauges["jaxdyn:num_remote_prefills"] == json.loads(dec.health().metrics_json)["num_remote_prefills"] == 1
         assert "jaxdyn:time_to_first_token_seconds" in text and "jaxdyn:prompt_tokens" in text
         pre.proc.send_signal(signal.SIGCONT)
         t.join(timeout=60)
         assert engine.core.metrics.num_running == 0
+        # and its counters once the request is done (they were left out of the front end's /metrics)
+        engine._check_health()
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        values = {g.group(1): float(g.group(2)) for g in re.finditer(r"^(jaxdyn:[^ ]+) (\S+)$", text, re.M)}
+        report = json.loads(dec.health().metrics_json)
+        assert values['jaxdyn:engine_steps_total{model_name="tiny"}'] == report["steps"] > 0
+        assert values['jaxdyn:kv_transfers_total{model_name="tiny"}'] == report["kv_transfers"] >= 1
+        assert values['jaxdyn:disagg_prefill_decisions_total{decision="remote",model_name="tiny"}'] \
+            == report["prefill_decisions"]["remote"] >= 1
+        assert values['jaxdyn:kv_handoff_seconds_count{model_name="tiny"}'] == report["kv_handoff"]["count"] >= 1
+        assert values['jaxdyn:num_remote_prefills{model_name="tiny"}'] == 0
     finally:
         pre.proc.send_signal(signal.SIGCONT)
         srv.stop()
@@ -653,7 +663,8 @@ def test_a_worker_found_back_gets_fresh_request_channels():
             if not self.up:
                 raise frontend.grpc.RpcError()
             return types.SimpleNamespace(role="decode", healthy=True, max_model_len=64, max_num_seqs=4,
-                                         vocab_size=10, kv_pages_used=0, kv_pages_total=8, num_waiting=0)
+                                         vocab_size=10, kv_pages_used=0, kv_pages_total=8, num_waiting=0,
+                                         metrics_json="")
 
     w = frontend._Worker("127.0.0.1:1")
     w.health_stub = Health()
@@ -686,3 +697,27 @@ def test_metrics_export_the_fields_a_metrics_object_keeps():
     assert "jaxdyn:num_requests_running" in part and "jaxdyn:time_to_first_token_seconds" in part
     assert "jaxdyn:kv_transfers" not in part and "jaxdyn:engine_steps" not in part
     assert "jaxdyn:num_requests_waiting" not in part and "jaxdyn:request_success" not in part
+
+
+def test_workers_reports_are_summed_counters_over_all_gauges_over_the_live():
+    """The front end's sums of its workers' Health reports: counters, finish-like dicts and histograms over every
+    worker's last report (a lost worker's counts stay: a counter does not fall), gauges over the live ones; a
+    field of another shape (a worker of another version) is left out of its sum."""
+    from jaxdyn.engine.metrics import EngineMetrics, set_worker_sums, worker_report
+    a, b = EngineMetrics(steps=5, kv_transfers=2, prefill_decisions={"remote": 3}, num_remote_prefills=1),\
+        EngineMetrics(steps=7, prefill_decisions={"remote": 1, "short prompt": 4}, num_remote_prefills=2,
+                      kv_pages_cached=9)
+    a.queue_time.observe(0.003)
+    b.queue_time.observe(0.003)
+    b.queue_time.observe(30.0)
+    ra, rb = json.loads(json.dumps(worker_report(a))), json.loads(json.dumps(worker_report(b)))
+    m = EngineMetrics()
+    set_worker_sums(m, [ra, rb], [rb])
+    assert (m.steps, m.kv_transfers, m.prefill_decisions) == (12, 2, {"remote": 4, "short prompt": 4})
+    assert (m.num_remote_prefills, m.kv_pages_cached) == (2, 9)
+    assert m.queue_time.count == 3 and m.queue_time.sum == 30.006
+    assert m.queue_time.cumulative() == [(le, (2 if le >= 0.005 else 0) + (le == float("inf") or le >= 40.0))
+                                         for le, _ in m.queue_time.cumulative()]
+    rb["steps"], rb["queue_time"]["buckets"] = "7", [1.0]
+    set_worker_sums(m, [ra, rb], [])
+    assert (m.steps, m.queue_time.count, m.num_remote_prefills) == (5, 1, 0)
