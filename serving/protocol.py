@@ -16,10 +16,11 @@ def _invalid(msg: str) -> PydanticCustomError:
 
 def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """OpenAI's tool definitions: ``{"type": "function", "function": {"name": <non-empty string>, "description"?:
-    <string>, "parameters"?: <object>}}`` each (what the chat template renders and a tool parser matches)."""
+    <string>, "parameters"?: <object>}}`` each (what the chat template renders and a tool parser matches); a
+    missing ``type`` is "function" (vLLM's default), filled in for the template."""
     for i, tool in enumerate(tools or ()):
         fn = tool.get("function")
-        if tool.get("type") != "function" or not isinstance(fn, dict):
+        if tool.setdefault("type", "function") != "function" or not isinstance(fn, dict):
             raise _invalid(f'item {i} must be {{"type": "function", "function": {{"name": ...}}}}')
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise _invalid(f"item {i}: function.name must be a non-empty string")
@@ -31,11 +32,12 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | No
 
 
 def check_tool_choice(choice: Any) -> Any:
-    """OpenAI's tool_choice: "none", "auto", "required" or ``{"type": "function", "function": {"name": ...}}``."""
+    """OpenAI's tool_choice: "none", "auto", "required" or ``{"type": "function", "function": {"name": ...}}``
+    (``type`` may be left out, as vLLM allows)."""
     if choice is None or choice in ("none", "auto", "required"):
         return choice
     fn = choice.get("function") if isinstance(choice, dict) else None
-    if (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(fn, dict)
+    if (isinstance(choice, dict) and choice.get("type", "function") == "function" and isinstance(fn, dict)
             and isinstance(fn.get("name"), str) and fn["name"]):
         return choice
     raise _invalid(f'must be "none", "auto", "required" or {{"type": "function", "function": {{"name": ...}}}}, '

@@ -62,7 +62,8 @@ def _post(pending: dict) -> None:
     one per request cost 3.3-110 ms of the engine thread a step in runs on a 2-core CPU, one per step
     0.07-0.3 ms: ``benchmarks/stream_delivery.py``)."""
     for loop, items in pending.items():
-        loop.call_soon_threadsafe(_put_all, items)
+        if not loop.is_closed():    # a closed loop's consumers are gone (a server stopped before its engine)
+            loop.call_soon_threadsafe(_put_all, items)
 
 
 def apply_command(core, cmd, wire: bool = False):
@@ -104,7 +105,7 @@ class StreamingEngine:
     def add_request(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0) -> _Stream:
         """Submit now (call from the event loop); iterate the result with ``stream()``."""
         if self.dead is not None:
-            raise EngineDeadError(f"the engine died: {self.dead!r}")
+            raise self._dead_error()
         if request_id in self._streams:
             from jaxdyn.engine.core import RequestError
             raise RequestError("request_id", f"request id {request_id!r} is already in use")
@@ -116,10 +117,15 @@ class StreamingEngine:
         params = self._prepare(stream, params)
         self._streams[request_id] = stream
         if self.dead is not None:   # died or shut down since the check above, after its streams were failed
-            del self._streams[request_id]
-            raise EngineDeadError(f"the engine died: {self.dead!r}")
+            self._streams.pop(request_id, None)
+            raise self._dead_error()
         self._send(("add", request_id, prompt_ids, params, priority, time.monotonic()))
         return stream
+
+    def _dead_error(self) -> EngineDeadError:
+        if isinstance(self.dead, ShutdownError):
+            return ShutdownError(str(self.dead))
+        return EngineDeadError(f"the engine died: {self.dead!r}")
 
     def _prepare(self, stream: _Stream, params: SamplingParams) -> SamplingParams:
         """The params the engine gets for a new request's ``stream`` (before it is sent); as given here."""
@@ -236,12 +242,13 @@ class AsyncEngine(StreamingEngine):
             stop = getattr(core, "shutdown", None)
             if stop is not None:
                 stop()
-            # shut down with requests in flight (a server's grace period fails them first): they end with an
-            # error, and later ones are refused, instead of waiting for outputs that never come
-            self.dead = ShutdownError("the engine was shut down")
-            self._fail_all(self.dead, {})
         except BaseException as e:  # the engine is dead: tell everyone, keep the reason
             self.dead = e
             traceback.print_exc()
             # after what this turn gathered before it died
             self._fail_all(EngineDeadError(f"the engine died: {e!r}"), pending)
+        else:
+            # shut down with requests in flight (a server's grace period fails them first): they end with an
+            # error, and later ones are refused, instead of waiting for outputs that never come
+            self.dead = ShutdownError("the engine was shut down")
+            self._fail_all(self.dead, {})

@@ -122,28 +122,34 @@ def worker_report(m: EngineMetrics) -> dict:
     return out
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def set_worker_sums(m: EngineMetrics, counted: list[dict], live: list[dict]) -> None:
     """Set ``m``'s ``WORKER_FIELDS`` to sums of workers' reports: counters and histograms over ``counted`` (every
-    worker's last report, a lost worker's too: counters do not fall when one stops answering), gauges over
-    ``live``. A report's field of another shape (a worker of another version) is left out of its sum."""
+    worker process's last report, a lost or restarted one's too: counters do not fall), gauges over ``live``. A
+    value of another shape (a worker of another version) is left out of its sum."""
     for f in WORKER_COUNTERS:
-        values = [r[f] for r in counted if f in r]
+        values = [r.get(f) for r in counted]
         if f == "prefill_decisions":
             total: dict = {}
             for v in values:
-                if isinstance(v, dict):
-                    for k, c in v.items():
+                for k, c in (v.items() if isinstance(v, dict) else ()):
+                    if _number(c):
                         total[k] = total.get(k, 0) + c
             setattr(m, f, total)
         else:
-            setattr(m, f, sum(v for v in values if isinstance(v, (int, float))))
+            setattr(m, f, sum(v for v in values if _number(v)))
     for f in WORKER_GAUGES:
-        setattr(m, f, sum(r[f] for r in live if isinstance(r.get(f), (int, float))))
+        setattr(m, f, sum(r.get(f) for r in live if _number(r.get(f))))
     for f in WORKER_HISTOGRAMS:
         h = Histogram()
         for r in counted:
             v = r.get(f)
-            if isinstance(v, dict) and tuple(v.get("buckets", ())) == h.buckets and len(v["counts"]) == len(h.counts):
+            if (isinstance(v, dict) and isinstance(v.get("buckets"), list) and tuple(v["buckets"]) == h.buckets
+                    and isinstance(v.get("counts"), list) and len(v["counts"]) == len(h.counts)
+                    and all(_number(c) for c in v["counts"]) and _number(v.get("sum")) and _number(v.get("count"))):
                 h.counts = [a + b for a, b in zip(h.counts, v["counts"])]
                 h.sum += v["sum"]
                 h.count += v["count"]

@@ -53,6 +53,7 @@ class _Worker:
         self.vocab_size = 0
         self.kv_pages_used = self.kv_pages_total = self.num_waiting = 0     # its last Health reply's
         self.report: dict = {}      # its engine's counters, histograms and hidden gauges, as last reported
+        self.retired: list[dict] = []   # the last reports of its earlier processes (restarted at this address)
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.health_stub = pb_grpc.WorkerStub(self.channel)
         self._aio: dict[asyncio.AbstractEventLoop, tuple] = {}
@@ -183,12 +184,7 @@ class RemoteEngine:
                 w.role, w.healthy = r.role, r.healthy
                 w.max_model_len, w.max_num_seqs, w.vocab_size = r.max_model_len, r.max_num_seqs, r.vocab_size
                 w.kv_pages_used, w.kv_pages_total, w.num_waiting = r.kv_pages_used, r.kv_pages_total, r.num_waiting
-                if r.metrics_json:
-                    try:
-                        report = json.loads(r.metrics_json)
-                        w.report = report if isinstance(report, dict) else w.report
-                    except ValueError:
-                        log.warning("worker %s sent metrics that are not JSON; its last ones are kept", w.address)
+                self._take_report(w, r.metrics_json)
             except grpc.RpcError:
                 w.missed += 1
                 if w.missed >= self.max_missed:
@@ -203,7 +199,26 @@ class RemoteEngine:
             m.kv_pages_used = sum(w.kv_pages_used for w in live)
             m.kv_pages_total = core.num_pages = sum(w.kv_pages_total for w in live)
             m.num_waiting = sum(w.num_waiting for w in live)
-            set_worker_sums(m, [w.report for w in self.workers], [w.report for w in live])
+            try:
+                set_worker_sums(m, [x for w in self.workers for x in (*w.retired, w.report)], [w.report for w in live])
+            except Exception:   # noqa: BLE001 -- a report this misreads costs its metrics, not the health checks
+                log.exception("summing the workers' metrics failed")
+
+    @staticmethod
+    def _take_report(w: _Worker, metrics_json: str) -> None:
+        """A Health reply's metrics report as ``w``'s last; one of another process (its ``instance``: the worker
+        restarted) retires the last one, whose counts stay summed. A reply without one (a worker of an earlier
+        version) leaves nothing live."""
+        try:
+            report = json.loads(metrics_json) if metrics_json else {}
+        except ValueError:
+            log.warning("worker %s sent metrics that are not JSON; its last ones are kept", w.address)
+            return
+        if not isinstance(report, dict):
+            return
+        if w.report and report.get("instance") != w.report.get("instance"):
+            w.retired.append(w.report)
+        w.report = report
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):

@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 
 import grpc
 import jax
@@ -49,6 +50,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._uuids = itertools.count(1)
+        self.instance = uuid.uuid4().hex     # this process, in its metrics reports: a front end sees a restart
         self._transfer = None
         self._transfer_host = transfer_host
         if prefill is not None:
@@ -197,7 +199,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                               error=error, kv_pages_used=local.allocator.num_in_use,
                               kv_pages_total=local.allocator.num_pages,
                               vocab_size=core.model_config.vocab_size, kv_layout=kv_layout(core),
-                              metrics_json=json.dumps(worker_report(core.metrics)))
+                              metrics_json=json.dumps({**worker_report(core.metrics), "instance": self.instance}))
 
 
 async def serve_worker(service: WorkerService, host: str, port: int, ready=None, stop: asyncio.Event | None = None):

@@ -104,8 +104,19 @@ def test_shutdown_ends_the_streams_in_flight_and_refuses_later_requests():
         with pytest.raises(ShutdownError, match="shut down"):
             async for _ in e.stream(s):
                 pass
-        with pytest.raises(EngineDeadError, match="shut down"):
+        with pytest.raises(ShutdownError, match="shut down"):
             e.add_request([1], SamplingParams(max_tokens=1), "later")
         assert not e.is_healthy and not e._streams
 
     asyncio.run(asyncio.wait_for(run(), 10))
+    # a server whose event loop closed before its engine shut down (a request left in flight): the shutdown is
+    # still a shutdown, not an engine death ("Event loop is closed")
+    e = AsyncEngine(_IdleCore())
+
+    async def submit():
+        e.add_request([1, 2], SamplingParams(max_tokens=4), "r")
+
+    asyncio.run(submit())
+    e.shutdown()
+    assert isinstance(e.dead, ShutdownError)
+    assert issubclass(ShutdownError, EngineDeadError)

@@ -322,6 +322,7 @@ def test_a_dead_engines_gauges_read_zero(caplog):
     with caplog.at_level("ERROR", logger="jaxdyn.engine.process"):
         pe._read_loop()
     assert failed and "exited (code -9)" in str(pe.dead)
-    assert [r.levelname for r in caplog.records] == ["ERROR"] and "exited (code -9)" in caplog.records[0].message
+    logged = [r for r in caplog.records if r.name == "jaxdyn.engine.process"]
+    assert [r.levelname for r in logged] == ["ERROR"] and "exited (code -9)" in logged[0].message
     assert pe.core.metrics == dataclasses.replace(last, num_running=0, num_waiting=0, kv_pages_used=0,
                                                   kv_pages_cached=0)

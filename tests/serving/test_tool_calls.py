@@ -223,3 +223,22 @@ def test_serve_needs_a_parser_for_auto_tool_choice(capsys):
     assert main(["serve", "--enable-auto-tool-choice", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "--enable-auto-tool-choice needs --tool-call-parser" in err and err.count("\n") == 1
+
+
+def test_tool_definitions_and_tool_choice_are_checked_as_vllm_reads_them():
+    """A tool is {"type": "function", "function": {"name": ..., "description"?, "parameters"?}}, its type "function"
+    when left out (vLLM's default, filled in for the template); tool_choice one of "none", "auto", "required" or a
+    named function (its type may be left out too). Anything else is a 400 naming the field."""
+    from serving.app import APIError, _validate
+    from serving.protocol import ChatCompletionRequest
+    msgs = [{"role": "user", "content": "hi"}]
+    r = _validate(ChatCompletionRequest, {"messages": msgs, "tools": [{"function": {"name": "f", "strict": True}}],
+                                          "tool_choice": {"function": {"name": "f"}}})
+    assert r.tools == [{"type": "function", "function": {"name": "f", "strict": True}}]
+    for bad, param in (({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
+                       ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}]}, "tools"),
+                       ({"tool_choice": "any"}, "tool_choice"),
+                       ({"tool_choice": {"type": "function", "function": {}}}, "tool_choice")):
+        with pytest.raises(APIError) as e:
+            _validate(ChatCompletionRequest, {"messages": msgs, **bad})
+        assert e.value.status == 400 and e.value.param == param, bad

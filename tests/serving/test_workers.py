@@ -721,3 +721,40 @@ def test_workers_reports_are_summed_counters_over_all_gauges_over_the_live():
     rb["steps"], rb["queue_time"]["buckets"] = "7", [1.0]
     set_worker_sums(m, [ra, rb], [])
     assert (m.steps, m.queue_time.count, m.num_remote_prefills) == (5, 1, 0)
+
+
+def test_a_restarted_or_odd_workers_reports_keep_the_counters_from_falling():
+    """A worker restarted at the same address reports from 0 under a new ``instance``: its earlier process's last
+    report stays summed, so the front end's counters do not fall (Prometheus would read a reset); a report whose
+    values are of another shape (a worker of another version) is left out of the sums, and nothing of it stops the
+    health checks."""
+    import types
+
+    from jaxdyn.engine.metrics import EngineMetrics, worker_report
+    from serving.workers import frontend
+
+    def report(instance, **fields):
+        return json.dumps({**worker_report(EngineMetrics(**fields)), "instance": instance})
+
+    w = frontend._Worker("127.0.0.1:1")
+    engine = frontend.RemoteEngine.__new__(frontend.RemoteEngine)
+    engine.workers, engine.health_interval, engine.max_missed = [w], 0.1, 2
+    engine.core = types.SimpleNamespace(metrics=EngineMetrics(), num_pages=0)
+    replies = iter([report("a", steps=40, kv_transfers=3), report("b", steps=2),
+                    json.dumps({"instance": "c", "steps": "x", "queue_time": {"buckets": "no"},
+                                "prefill_decisions": {"remote": "3"}}), ""])
+
+    class Health:
+        def Health(self, request, timeout):
+            return types.SimpleNamespace(role="decode", healthy=True, max_model_len=64, max_num_seqs=4,
+                                         vocab_size=10, kv_pages_used=0, kv_pages_total=8, num_waiting=0,
+                                         metrics_json=next(replies))
+
+    w.health_stub = Health()
+    steps = []
+    for _ in range(4):
+        engine._check_health()
+        m = engine.core.metrics
+        steps.append((m.steps, m.kv_transfers, m.prefill_decisions))
+    assert steps == [(40, 3, {}), (42, 3, {}), (42, 3, {}), (42, 3, {})]
+    assert w.healthy
