@@ -177,8 +177,8 @@ class DisaggEngine:
             if pages is None:
                 decision = "decode_full"
         m = self.metrics
-        m.prefill_decisions[decision] = m.prefill_decisions.get(decision, 0) + 1
         if decision != REMOTE:
+            m.prefill_decisions[decision] = m.prefill_decisions.get(decision, 0) + 1
             self.decode.add_request(request_id, prompt_ids, params, priority=priority, arrival_time=arrival)
             return
         self._remote[request_id] = _Remote(request_id, prompt_ids, params, priority, arrival,
@@ -196,6 +196,7 @@ class DisaggEngine:
         r = self._remote.pop(request_id, None)
         if r is None:
             return self.decode.abort(request_id)
+        self._count_remote()
         self.decode.unreserve_kv(request_id)
         self.role.abort(request_id)
         self.metrics.num_remote_prefills = len(self._remote)
@@ -259,7 +260,6 @@ class DisaggEngine:
         del self._remote[request_id]
         self.decode.unreserve_kv(request_id)
         d = self.metrics.prefill_decisions     # where the prompt was computed: here after all
-        d[REMOTE] -= 1
         d["prefill_unreachable"] = d.get("prefill_unreachable", 0) + 1
         self.decode.add_request(request_id, r.prompt_ids, r.params, priority=r.priority, arrival_time=r.arrival_time)
         return None
@@ -274,6 +274,7 @@ class DisaggEngine:
         except ValueError as e:          # e.g. a prefill worker of another page size: this request fails
             return self._fail(r, f"the KV handoff does not fit this engine: {e}", abort_prefill=True)
         del self._remote[h.request_id]
+        self._count_remote()
         m = self.metrics
         m.kv_transfers += 1
         m.kv_transfer_bytes += int(h.block.nbytes) * len(r.pages) // h.block.shape[3]
@@ -282,6 +283,13 @@ class DisaggEngine:
             r.request_id, r.prompt_ids, r.params, seed=r.params.seed, first_token=h.first_token,
             first_logprobs=h.first_logprobs, priority=r.priority, arrival_time=r.arrival_time,
             num_cached_tokens=h.num_cached_tokens)
+
+    def _count_remote(self) -> None:
+        """A remote prefill's decision, counted once it is over (handed off, failed or aborted), not when it is
+        made: one that no prefill worker answers is computed here and counted as ``prefill_unreachable`` instead
+        (a counter taken back would read as a reset to Prometheus)."""
+        d = self.metrics.prefill_decisions
+        d[REMOTE] = d.get(REMOTE, 0) + 1
 
     def _expire(self) -> list[RequestOutput]:
         now = time.monotonic()
@@ -292,6 +300,7 @@ class DisaggEngine:
     def _fail(self, r: _Remote, message: str, abort_prefill: bool = False) -> RequestOutput:
         """End a remote request with an error: its reserved pages freed (and its prefill stopped)."""
         del self._remote[r.request_id]
+        self._count_remote()
         self.decode.unreserve_kv(r.request_id)
         if abort_prefill:
             self.role.abort(r.request_id)

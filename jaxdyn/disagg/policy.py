@@ -18,7 +18,8 @@ cost is not worth paying, as Dynamo's disaggregated router does:
   decode side computes the prompt; counted here instead of ``remote``).
 
 Every decision is counted (``EngineMetrics.prefill_decisions``, exported as
-``jaxdyn:disagg_prefill_decisions_total{decision=...}``).
+``jaxdyn:disagg_prefill_decisions_total{decision=...}``); a remote one once its prefill is over (handed off,
+failed or aborted), since one that no worker answers becomes ``prefill_unreachable``.
 """
 
 from __future__ import annotations

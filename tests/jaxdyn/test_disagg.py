@@ -230,10 +230,13 @@ def test_a_handoff_that_does_not_fit_fails_its_request_only(disagg):
 
 def test_a_prompt_no_prefill_worker_took_is_computed_here(disagg, aggregated):
     """The prefill role's ("local", id, why): no worker could be reached before it answered, so the decode
-    engine computes the prompt (the same tokens), and the decision is counted as prefill_unreachable."""
+    engine computes the prompt (the same tokens), and the decision is counted as prefill_unreachable; no count
+    goes down meanwhile (remote is counted once a remote prefill is over, not taken back: Prometheus would read a
+    counter that falls as a reset)."""
     prompts = _prompts(8)
     before = dict(disagg.metrics.prefill_decisions)
     disagg.add_request("l1", prompts["long"], GREEDY)
+    assert disagg.metrics.prefill_decisions.get("remote", 0) == before.get("remote", 0)    # not yet over
     disagg._handoffs.put(("local", "l1", "no prefill worker reachable (test)"))
     got = _run(disagg, [])
     want = aggregated([("l1", prompts["long"], GREEDY)])
