@@ -63,6 +63,21 @@ class _Worker:
         # minutes, and every request on it failed with "connection refused" while /health said 200)
         self.generation = 0
 
+    def take_report(self, metrics_json: str) -> None:
+        """A Health reply's metrics report as the last; one of another process (its ``instance``: the worker
+        restarted) retires the last one, whose counts stay summed. A reply without one (a worker of an earlier
+        version) leaves nothing live."""
+        try:
+            report = json.loads(metrics_json) if metrics_json else {}
+        except ValueError:
+            log.warning("worker %s sent metrics that are not JSON; its last ones are kept", self.address)
+            return
+        if not isinstance(report, dict):
+            return
+        if self.report and report.get("instance") != self.report.get("instance"):
+            self.retired.append(self.report)
+        self.report = report
+
     def stub(self) -> pb_grpc.WorkerStub:
         """An asyncio stub bound to the running loop (channels belong to one loop), of the worker's current
         ``generation``."""
@@ -184,7 +199,7 @@ class RemoteEngine:
                 w.role, w.healthy = r.role, r.healthy
                 w.max_model_len, w.max_num_seqs, w.vocab_size = r.max_model_len, r.max_num_seqs, r.vocab_size
                 w.kv_pages_used, w.kv_pages_total, w.num_waiting = r.kv_pages_used, r.kv_pages_total, r.num_waiting
-                self._take_report(w, r.metrics_json)
+                w.take_report(r.metrics_json)
             except grpc.RpcError:
                 w.missed += 1
                 if w.missed >= self.max_missed:
@@ -203,22 +218,6 @@ class RemoteEngine:
                 set_worker_sums(m, [x for w in self.workers for x in (*w.retired, w.report)], [w.report for w in live])
             except Exception:   # noqa: BLE001 -- a report this misreads costs its metrics, not the health checks
                 log.exception("summing the workers' metrics failed")
-
-    @staticmethod
-    def _take_report(w: _Worker, metrics_json: str) -> None:
-        """A Health reply's metrics report as ``w``'s last; one of another process (its ``instance``: the worker
-        restarted) retires the last one, whose counts stay summed. A reply without one (a worker of an earlier
-        version) leaves nothing live."""
-        try:
-            report = json.loads(metrics_json) if metrics_json else {}
-        except ValueError:
-            log.warning("worker %s sent metrics that are not JSON; its last ones are kept", w.address)
-            return
-        if not isinstance(report, dict):
-            return
-        if w.report and report.get("instance") != w.report.get("instance"):
-            w.retired.append(w.report)
-        w.report = report
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):

@@ -12,9 +12,4 @@ timeout 280 python -m benchmarks.gpu.ab_offline --rounds 3 --timeout-s 110 --con
   {"quant": "fp8", "kv_cache_dtype": "fp8", "env": {"JAX_COMPILATION_CACHE_DIR": "/tmp/jc_b"}}]' \
   2>&1 | grep -v "^W" | tee $OUT/ab_levers.txt | grep -v "^|" | grep "tok/s\|compiled\|rror" | cut -c1-330
 grep "^|" $OUT/ab_levers.txt | cut -c1-400
-export JAX_COMPILATION_CACHE_DIR=/tmp/jc_b JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-timeout 240 python -m benchmarks.gpu.profile_run --quant fp8 --engine '{"kv_cache_dtype": "fp8"}' \
-  --windows 60:63,1000:1003 --hlo 16,2048 --host-top 12 --out $OUT/prof 2>&1 | grep -v "^W" | tail -80 \
-  > $OUT/profile_run.txt
-gzip -f $OUT/prof/*.hlo.txt 2>/dev/null
-head -c 5000 $OUT/prof/profile_run.md 2>/dev/null || tail -30 $OUT/profile_run.txt
+. benchmarks/results/gpu_suite_h200_s39/profile_commands.sh
