@@ -41,6 +41,7 @@ from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_S
                             hf_names, qkv_sizes, untie_a_distinct_head)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
 from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
+from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
 from jaxdyn.models.llama import is_quantized, split_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh, model_parallel_size, param_shardings
@@ -229,6 +230,10 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
         raise CheckpointError(f"{hf_dir}: already a quantized jaxdyn checkpoint")
     if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         raise CheckpointError(f"{hf_dir}: missing tokenizer (no tokenizer.json); a served model needs one")
+    try:        # the tokenizer's side files are copied as they are: one the server cannot read fails here, not there
+        Tokenizer.from_pretrained(hf_dir)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
     files = CheckpointFiles(hf_dir)
     tied = cfg.tie_word_embeddings
     cfg = untie_a_distinct_head(cfg, files, hf_dir)

@@ -171,8 +171,8 @@ class ModelConfig:
             try:
                 with open(gen_path) as f:
                     eos = json.load(f).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise ConfigError(f"{gen_path}: not a valid generation config ({e})") from None
+            except (OSError, ValueError, AttributeError, RecursionError) as e:   # JSONDecodeError, not UTF-8: ValueError
+                raise ConfigError(f"{gen_path}: not a valid generation config ({e or type(e).__name__})") from None
             extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
             if not all(isinstance(t, int) for t in extra):
                 raise ConfigError(f"{gen_path}: eos_token_id must be an integer or a list of integers")

@@ -269,6 +269,8 @@ def _check_model_fits(max_model_len: int | None, model: str, tp: int = 1) -> Non
     for, a KV cache sized for a billion tokens, or heads that cannot be split fail here with the flag named."""
     if max_model_len is not None and max_model_len < 1:
         raise CLIError(f"--max-model-len must be at least 1, got {max_model_len}")
+    if tp < 1:
+        raise CLIError(f"--tp must be at least 1, got {tp}")
     if max_model_len is None and tp == 1:
         return
     from jaxdyn.config import ConfigError, ModelConfig       # no JAX
@@ -485,8 +487,8 @@ def cmd_serve(args) -> int:
         raise CLIError("--max-queued-requests must be >= 0")
     if args.max_request_bytes < 1:
         raise CLIError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
-    if args.shutdown_grace < 0:
-        raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    if not args.shutdown_grace >= 0:        # NaN too (the drain's timer cannot take it)
+        raise CLIError(f"--shutdown-grace must be seconds >= 0, got {args.shutdown_grace}")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (the served model's tool-call syntax: "
                        f"{', '.join(TOOL_CALL_PARSERS)})")

@@ -117,7 +117,7 @@ class HermesParser(_MarkedCalls):
         try:
             calls = [_call(json.loads(closed or open_), ("arguments",))
                      for closed, open_ in self._CALL.findall(text[at:])]
-        except ValueError:            # json.JSONDecodeError is one
+        except (ValueError, RecursionError):      # json.JSONDecodeError is a ValueError; nesting past the limit
             return text, []
         if not calls:
             return text, []
@@ -143,7 +143,7 @@ class Llama3JsonParser(ToolParser):
                 pos = end
                 while pos < len(body) and body[pos] in " \t\r\n;":
                     pos += 1
-        except ValueError:
+        except (ValueError, RecursionError):
             return text, []
         return None, calls
 
@@ -184,7 +184,7 @@ class MistralParser(_MarkedCalls):
                         raise ValueError("a call without [ARGS]")
                     calls.append(_call({"name": name.strip(), "arguments": json.loads(args)}, ("arguments",),
                                        _mistral_call))
-        except ValueError:
+        except (ValueError, RecursionError):
             return text, []
         if not calls:
             return text, []

@@ -36,7 +36,7 @@ class DisaggPolicy:
     prefill_timeout_s: float = 120.0      # a remote prefill not done by then ends with an error
 
     def __post_init__(self):
-        if self.min_remote_tokens < 0 or self.max_prefill_queue < 0 or self.prefill_timeout_s <= 0:
+        if self.min_remote_tokens < 0 or self.max_prefill_queue < 0 or not self.prefill_timeout_s > 0:
             raise ValueError(f"invalid disaggregation policy {self}")
 
     def decide(self, *, prompt_len: int, decode_cached: int, prefill_queue: int, n: int,

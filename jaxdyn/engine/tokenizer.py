@@ -12,17 +12,47 @@ class TokenizerError(ValueError):
     pass
 
 
-def _token_str(value) -> str | None:
-    if isinstance(value, dict):         # AddedToken serialised as a dict
-        return value.get("content")
+def _token_str(value, file: str, key: str) -> str | None:
+    """A special token's text: a string, an AddedToken serialised as a dict (its ``content``) or absent."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{file}: {key} must be a string or an object with a string content, "
+                             f"not {json.dumps(value)[:80]}")
     return value
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as e:      # a directory, unreadable, not UTF-8
+        raise TokenizerError(f"{path}: cannot be read: {e}") from None
+
+
 def _read_json(path: str) -> dict:
+    """A side file's object ({} when the file is absent); anything else is a ``TokenizerError`` naming it."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        value = json.loads(_read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise TokenizerError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _chat_template(value, file: str) -> str | None:
+    """``chat_template`` as transformers writes it: a string, or a list of ``{"name", "template"}`` objects of
+    which the one named "default" is used (None where none is)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return next((t["template"] for t in value if t["name"] == "default"), None)
+    raise TokenizerError(f"{file}: chat_template must be a string or a list of objects with a string name "
+                         f"and template")
 
 
 class Tokenizer:
@@ -58,18 +88,26 @@ class Tokenizer:
             tok = _HFTokenizer.from_file(file)
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise TokenizerError(f"{file}: cannot be read: {e}") from None
-        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
-        gen = _read_json(os.path.join(path, "generation_config.json"))
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        gen_file = os.path.join(path, "generation_config.json")
+        cfg, gen = _read_json(cfg_file), _read_json(gen_file)
         extra = gen.get("eos_token_id")
-        extra = tuple(extra) if isinstance(extra, list) else ((extra,) if isinstance(extra, int) else ())
-        template = cfg.get("chat_template")
-        if isinstance(template, list):    # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if os.path.exists(os.path.join(path, "chat_template.jinja")):   # transformers: the file wins
-            with open(os.path.join(path, "chat_template.jinja")) as f:
-                template = f.read()
-        return cls(tok, bos_token=_token_str(cfg.get("bos_token")), eos_token=_token_str(cfg.get("eos_token")),
-                   chat_template=template, add_bos_token=cfg.get("add_bos_token"), extra_eos_ids=extra)
+        extra = [extra] if extra is None or isinstance(extra, int) else extra
+        if not (isinstance(extra, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in extra if i is not None)):
+            raise TokenizerError(f"{gen_file}: eos_token_id must be a token id or a list of them, "
+                                 f"not {json.dumps(gen.get('eos_token_id'))[:80]}")
+        extra = tuple(i for i in extra if i is not None)
+        template = _chat_template(cfg.get("chat_template"), cfg_file)
+        jinja = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja):   # transformers: the file wins
+            template = _read_text(jinja)
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise TokenizerError(f"{cfg_file}: add_bos_token must be true, false or null, not {json.dumps(add_bos)[:80]}")
+        return cls(tok, bos_token=_token_str(cfg.get("bos_token"), cfg_file, "bos_token"),
+                   eos_token=_token_str(cfg.get("eos_token"), cfg_file, "eos_token"),
+                   chat_template=template, add_bos_token=add_bos, extra_eos_ids=extra)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

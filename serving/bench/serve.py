@@ -334,6 +334,8 @@ def _served_model(base: str, model: str | None, api_key: str | None, flag: str =
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         r = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+    except httpx.InvalidURL as e:          # not an HTTPError
+        raise BenchError(f"--url {base}: not a valid URL ({e})") from None
     except httpx.HTTPError as e:
         raise BenchError(f"--url {base}: cannot reach the server ({type(e).__name__}: {e})") from None
     ids = []

@@ -68,6 +68,10 @@ def test_errors_name_the_problem(hf, tmp_path, capsys):
     shutil.copytree(hf, notok)
     os.remove(notok / "tokenizer.json")
     fails(["--hf", str(notok), "--out", str(tmp_path / "x")], "missing tokenizer")
+    badtok = tmp_path / "badtok"        # copied as it is, it would fail only when served
+    shutil.copytree(hf, badtok)
+    (badtok / "tokenizer_config.json").write_text('{"chat_template": [1, "x"]}')
+    fails(["--hf", str(badtok), "--out", str(tmp_path / "x")], "tokenizer_config.json: chat_template must be")
     # a tensor missing, an extra one, a wrong shape: edit the index to point elsewhere
     from safetensors.numpy import load_file, save_file
     for case, message in [("missing", "missing tensor 'model.layers.0.mlp.up_proj.weight'"),

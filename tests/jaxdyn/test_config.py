@@ -122,6 +122,16 @@ def test_generation_config_eos_ids_join_the_config_ones(tmp_path):
     assert ModelConfig.from_pretrained(str(tmp_path)).eos_token_ids == (5, 9)
 
 
+@pytest.mark.parametrize("content", [b"[" * 5000 + b"]" * 5000, b'{"eos_token_id": "\xff"}', b"[5]", b"{"])
+def test_a_generation_config_that_cannot_be_read_is_named(tmp_path, content):
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, eos_token_id=5)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "generation_config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"generation_config\.json: not a valid generation config"):
+        ModelConfig.from_pretrained(str(tmp_path))
+
+
 @pytest.mark.parametrize("case", ["scaling_beside_parameters", "llama3_without_original", "original_on_top"])
 def test_rope_is_read_as_transformers_5_reads_it(case):
     """Where a config holds both keys, or leaves llama3's pretraining length out, the rotary frequencies are

@@ -175,6 +175,58 @@ def test_chat_template_jinja_wins_over_tokenizer_configs_as_in_transformers(tmp_
     assert json.load(open(tmp_path / "tokenizer_config.json"))["chat_template"] == "CONFIG"
 
 
+@pytest.mark.parametrize("file, content, message", [
+    ("tokenizer_config.json", "[1, 2]", "must hold a JSON object"),
+    ("tokenizer_config.json", '{"bos_token": "<s>",', "not valid JSON"),
+    ("tokenizer_config.json", "[" * 5000 + "]" * 5000, "not valid JSON"),
+    ("tokenizer_config.json", '{"chat_template": [1, "x"]}', "chat_template must be"),
+    ("tokenizer_config.json", '{"chat_template": 7}', "chat_template must be"),
+    ("tokenizer_config.json", '{"bos_token": 5}', "bos_token must be a string"),
+    ("tokenizer_config.json", '{"eos_token": ["a"]}', "eos_token must be a string"),
+    ("tokenizer_config.json", '{"eos_token": {"content": 3}}', "eos_token must be a string"),
+    ("tokenizer_config.json", '{"add_bos_token": "yes"}', "add_bos_token must be"),
+    ("generation_config.json", '{"eos_token_id": "2"}', "eos_token_id must be"),
+    ("generation_config.json", '{"eos_token_id": [2, -1]}', "eos_token_id must be"),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}", "cannot be read"),
+    ("chat_template.jinja", None, "cannot be read"),          # a directory
+    ("tokenizer_config.json", None, "cannot be read"),
+])
+def test_a_malformed_side_file_is_a_tokenizer_error_naming_it(tmp_path, file, content, message):
+    """The tokenizer's side files as the loader, ``convert`` and ``bench`` read them: what transformers would not
+    take is a ``TokenizerError`` naming the file (the CLI's message), not an AttributeError or TypeError."""
+    from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
+    from tests.support import make_byte_tokenizer
+    make_byte_tokenizer(str(tmp_path))
+    path = tmp_path / file
+    if path.exists():
+        path.unlink()
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_pretrained(str(tmp_path))
+    assert str(path) in str(e.value) and message in str(e.value), e.value
+
+
+def test_the_side_files_forms_transformers_writes_are_read(tmp_path):
+    import json
+
+    from jaxdyn.engine.tokenizer import Tokenizer
+    from tests.support import make_byte_tokenizer
+    make_byte_tokenizer(str(tmp_path))
+    cfg = tmp_path / "tokenizer_config.json"
+    json.dump({**json.load(open(cfg)), "eos_token": {"content": "</s>", "special": True}, "bos_token": None,
+               "add_bos_token": False, "chat_template": [{"name": "tool_use", "template": "T"},
+                                                          {"name": "default", "template": "D"}]}, open(cfg, "w"))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, null]}')
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    assert (tok.chat_template, tok.bos_token, tok.eos_token, tok.add_bos_token) == ("D", None, "</s>", False)
+    assert 1 in tok.eos_token_ids
+
+
 def _byte_fallback_tokenizer(directory) -> Tokenizer:
     """A Llama-2 / Mistral-style tokenizer: SentencePiece spaces (▁), characters outside its vocabulary spelled as
     <0xNN> byte tokens, a decoder of Replace, ByteFallback, Fuse and Strip."""

@@ -443,6 +443,7 @@ def idle_fake():
     ([], "--url is required"),
     (["--url", "http://127.0.0.1:1"], "cannot reach the server"),
     (["--url", "localhost:8000"], "expected http://host:port"),
+    (["--url", "http://[::1"], "--url http://[::1: not a valid URL"),
     (["URL", "--request-rate", "fast"], "--request-rate: expected numbers or inf"),
     (["URL", "--request-rate", "4,0"], "rates must be > 0"),
     (["URL", "--num-prompts", "0"], "--num-prompts must be at least 1"),
@@ -470,6 +471,26 @@ def test_bad_input_is_one_line_naming_the_problem(idle_fake, argv, message, caps
     if argv and argv[0] == "--url" and len(argv) > 1 and argv[1].startswith("-"):
         argv.insert(1, idle_fake.url)
     assert main(["bench", "serve", *argv, "--disable-tqdm"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert idle_fake.count == 0
+
+
+@pytest.mark.parametrize("case", ["deep dataset", "tokenizer side file"])
+def test_bad_files_are_one_line_naming_them(idle_fake, tmp_path, case, capsys):
+    """A dataset nested past the JSON parser's depth and a tokenizer directory whose tokenizer_config.json is not
+    an object: one line naming the file, nothing sent."""
+    from tests.support import make_byte_tokenizer
+    if case == "deep dataset":
+        (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+        argv, message = ["--dataset", "sharegpt", "--dataset-path", str(tmp_path / "deep.json")], \
+            f"--dataset-path {tmp_path / 'deep.json'}: cannot be read as JSON"
+    else:
+        make_byte_tokenizer(str(tmp_path))
+        (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+        argv, message = ["--tokenizer", str(tmp_path)], \
+            f"--tokenizer {tmp_path / 'tokenizer_config.json'}: must hold a JSON object"
+    assert main(["bench", "serve", "--url", idle_fake.url, *argv, "--disable-tqdm"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1, err
     assert idle_fake.count == 0

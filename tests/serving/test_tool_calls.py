@@ -91,6 +91,23 @@ def test_streamed_in_any_chunks_the_content_and_calls_are_the_whole_replys(name,
                 assert sent.strip() == "", (reply, pieces)
 
 
+@pytest.mark.parametrize("name, reply", [
+    ("hermes", '<tool_call>{"name": "f", "arguments": ' + "[" * 3000 + "]" * 3000 + "}</tool_call>"),
+    ("hermes", '<tool_call>{"name": "f", "arguments": "' + "[" * 3000 + '"}</tool_call>'),
+    ("llama3_json", '{"name": "f", "parameters": ' + "{\"a\": " * 3000 + "1" + "}" * 3000 + "}"),
+    ("mistral", "[TOOL_CALLS]" + "[" * 3000 + "]" * 3000),
+    ("mistral", "[TOOL_CALLS]f[ARGS]" + "[" * 3000 + "]" * 3000),
+])
+def test_a_reply_nested_past_the_json_parsers_depth_stays_text(name, reply):
+    """A model's reply nested deeper than the JSON parser goes (a RecursionError, not a ValueError) is content
+    with no calls, as malformed JSON is, not an exception out of the reply's end."""
+    assert make_parser(name).parse(reply) == (reply, [])
+    s = ToolCallStream(make_parser(name))
+    sent = s.feed(reply)
+    rest, calls = s.finish()
+    assert (sent + rest, calls) == (reply, [])
+
+
 def test_an_unknown_parser_is_named():
     with pytest.raises(ValueError, match="--tool-call-parser: expected one of hermes, llama3_json, mistral"):
         make_parser("pythonic")
