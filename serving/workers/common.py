@@ -18,6 +18,13 @@ from serving.workers import worker_pb2 as pb
 KV_CHUNK_BYTES = 4 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                    ("grpc.max_receive_message_length", 64 << 20)]
+# A client's channel to a worker: its reconnect backoff capped at a second (gRPC's default grows from 1 s to 120 s,
+# so a worker back after a minute down, or first listening after a long warm-up, was used again only 30-40 s later:
+# its health checks failed fast on the channel's backoff meanwhile, and requests got 503s or prefilled locally).
+CLIENT_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS,
+                          ("grpc.initial_reconnect_backoff_ms", 500),
+                          ("grpc.min_reconnect_backoff_ms", 500),
+                          ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def kv_layout(core) -> pb.KVLayout:

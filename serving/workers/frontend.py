@@ -34,7 +34,7 @@ from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CHANNEL_OPTIONS, OutputAccumulator, params_to_json
+from serving.workers.common import CLIENT_CHANNEL_OPTIONS, OutputAccumulator, params_to_json
 
 log = logging.getLogger("jaxdyn.frontend")
 WAITING_NOTE_S = 10.0        # while no decode or both worker answers, say so this often
@@ -54,7 +54,7 @@ class _Worker:
         self.kv_pages_used = self.kv_pages_total = self.num_waiting = 0     # its last Health reply's
         self.report: dict = {}      # its engine's counters, histograms and hidden gauges, as last reported
         self.retired: list[dict] = []   # the last reports of its earlier processes (restarted at this address)
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
         self.health_stub = pb_grpc.WorkerStub(self.channel)
         self._aio: dict[asyncio.AbstractEventLoop, tuple] = {}
         self.inflight: dict[str, "_RemoteStream"] = {}
@@ -86,7 +86,7 @@ class _Worker:
         if entry is None or entry[2] != self.generation:
             if entry is not None:
                 loop.create_task(entry[0].close())
-            ch = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            ch = grpc.aio.insecure_channel(self.address, options=CLIENT_CHANNEL_OPTIONS)
             entry = self._aio[loop] = (ch, pb_grpc.WorkerStub(ch), self.generation)
         return entry[1]
 

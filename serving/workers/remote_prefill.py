@@ -36,7 +36,7 @@ import numpy as np
 from jaxdyn.disagg.engine import Handoff
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, logprobs_from_json, params_to_json
+from serving.workers.common import CLIENT_CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, logprobs_from_json, params_to_json
 
 UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
 HEALTH_INTERVAL_S = 1.0      # each prefill worker's Health is asked this often ...
@@ -61,7 +61,7 @@ class RemotePrefillRole:
         self.timeout_s = timeout_s
         self.expect = expect                   # this worker's KV layout (``common.kv_layout``), sent with each call
         self.incompatible: dict[str, str] = {}  # address -> why its last refusal said the layouts differ
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
+        self._channels = [grpc.insecure_channel(a, options=CLIENT_CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
         self._bad_until = [0.0] * len(self.addresses)
         self._rr = itertools.count()
