@@ -10,11 +10,6 @@ session): about 0.2 ms a step. Here one program takes one token: its q heads rot
 rotated, converted and stored at its slot, its v heads converted and stored; a token whose page is out of range
 (padding: ``num_pages``) stores no key or value, as ``write_kv``'s scatter drops it.
 
-With ``scales`` (an fp8 layer's product: ``qkv`` its raw result, before its rows' and channels' scales) the kernel
-scales each value as it reads it, in float32 and rounded once to ``qkv``'s dtype (``scale_product``, what XLA's
-separate kernel made of it: 17 µs a layer at 2,048 rows and a launch at every step on an H200,
-``benchmarks/results/gpu_suite_h200.md``, fortieth session).
-
 The values are ``rope_write_kv_reference``'s (``apply_rope`` op for op: each product and the sum rounded to the
 input's dtype, as Hugging Face's bf16 operations round them), bit for bit in interpret mode; XLA, compiling the
 unfused operations for a GPU, rotates in float32 and rounds once (``xla_allow_excess_precision``), so there a
@@ -78,12 +73,6 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Arr
     return k_pages, v_pages
 
 
-def scale_product(raw: jax.Array, row_scale: jax.Array, col_scale: jax.Array) -> jax.Array:
-    """An fp8 product's raw result ``raw [T, W]`` times its rows' (``row_scale [T]``) and channels' (``col_scale
-    [W]``) scales in float32, rounded once to ``raw``'s dtype (the model's ``fp8_scale``, operation for operation)."""
-    return (raw.astype(jnp.float32) * (row_scale[:, None] * col_scale[None, :])).astype(raw.dtype)
-
-
 def _split(qkv: jax.Array, num_q_heads: int, num_kv_heads: int):
     t, width = qkv.shape
     d = width // (num_q_heads + 2 * num_kv_heads)
@@ -92,46 +81,29 @@ def _split(qkv: jax.Array, num_q_heads: int, num_kv_heads: int):
 
 
 def rope_write_kv_reference(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset, *, num_q_heads: int,
-                            num_kv_heads: int, scales=None):
+                            num_kv_heads: int):
     """(q [T, Hq, D] rotated, k_pages, v_pages with this step's k rotated and v written): ``apply_rope`` and
-    ``write_pages`` as the model's unfused layer runs them (after ``scale_product`` with ``scales``)."""
-    if scales is not None:
-        qkv = scale_product(qkv, *scales)
+    ``write_pages`` as the model's unfused layer runs them."""
     q, k, v = _split(qkv, num_q_heads, num_kv_heads)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_pages, v_pages = write_pages(k_pages, v_pages, k, v, slot_page, slot_offset)
     return q, k_pages, v_pages
 
 
-def _read(ref, scale_refs, token, first: int, heads: int, col: int, half: int):
-    """Half ``col ..`` of heads ``first ..`` of ``token``, scaled as ``scale_product`` scales it where
-    ``scale_refs`` (the rows' [T], the channels' [heads, D]) are given."""
-    x = ref[token, pl.ds(first, heads), pl.ds(col, half)]
-    if scale_refs is None:
-        return x
-    row_ref, col_ref = scale_refs
-    return (x.astype(jnp.float32) * (row_ref[token] * col_ref[pl.ds(first, heads), pl.ds(col, half)])).astype(x.dtype)
-
-
-def _rotated(ref, scale_refs, token, first: int, heads: int, half: int, c, s):
+def _rotated(ref, token, first: int, heads: int, half: int, c, s):
     """(first half, second half) of heads ``first ..`` of ``token`` rotated: ``apply_rope``'s products and sums."""
-    x1 = _read(ref, scale_refs, token, first, heads, 0, half)
-    x2 = _read(ref, scale_refs, token, first, heads, half, half)
+    x1 = ref[token, pl.ds(first, heads), pl.ds(0, half)]
+    x2 = ref[token, pl.ds(first, heads), pl.ds(half, half)]
     return x1 * c + (-x2) * s, x2 * c + x1 * s
 
 
-def _kernel(page_ref, offset_ref, x_ref, cos_ref, sin_ref, *refs, num_q_heads: int, num_kv_heads: int, half: int,
-            num_pages: int, page_size: int, scaled: bool):
-    if scaled:
-        row_ref, col_ref, _, _, q_ref, k_ref, v_ref = refs     # the pages' inputs aliased to k_ref, v_ref
-        scale_refs = (row_ref, col_ref)
-    else:
-        _, _, q_ref, k_ref, v_ref = refs
-        scale_refs = None
+def _kernel(page_ref, offset_ref, x_ref, cos_ref, sin_ref, k_in_ref, v_in_ref, q_ref, k_ref, v_ref, *,
+            num_q_heads: int, num_kv_heads: int, half: int, num_pages: int, page_size: int):
+    del k_in_ref, v_in_ref           # aliased to k_ref, v_ref
     t = pl.program_id(0)
     c = cos_ref[t, pl.ds(0, half)][None, :]
     s = sin_ref[t, pl.ds(0, half)][None, :]
-    q1, q2 = _rotated(x_ref, scale_refs, t, 0, num_q_heads, half, c, s)
+    q1, q2 = _rotated(x_ref, t, 0, num_q_heads, half, c, s)
     q_ref[t, :, pl.ds(0, half)] = q1
     q_ref[t, :, pl.ds(half, half)] = q2
     page = page_ref[t]
@@ -139,9 +111,9 @@ def _kernel(page_ref, offset_ref, x_ref, cos_ref, sin_ref, *refs, num_q_heads: i
     ok = (page >= 0) & (page < num_pages) & (off >= 0) & (off < page_size)
     page = jnp.clip(page, 0, num_pages - 1)     # the address stays in range where nothing is stored
     off = jnp.clip(off, 0, page_size - 1)
-    k1, k2 = _rotated(x_ref, scale_refs, t, num_q_heads, num_kv_heads, half, c, s)
-    v1 = _read(x_ref, scale_refs, t, num_q_heads + num_kv_heads, num_kv_heads, 0, half)
-    v2 = _read(x_ref, scale_refs, t, num_q_heads + num_kv_heads, num_kv_heads, half, half)
+    k1, k2 = _rotated(x_ref, t, num_q_heads, num_kv_heads, half, c, s)
+    v1 = x_ref[t, pl.ds(num_q_heads + num_kv_heads, num_kv_heads), pl.ds(0, half)]
+    v2 = x_ref[t, pl.ds(num_q_heads + num_kv_heads, num_kv_heads), pl.ds(half, half)]
     mask = jnp.broadcast_to(ok, (num_kv_heads, half))
     for ref, val, col in ((k_ref, k1, 0), (k_ref, k2, half), (v_ref, v1, 0), (v_ref, v2, half)):
         val = to_pages_dtype(val, ref.dtype)
@@ -149,7 +121,7 @@ def _kernel(page_ref, offset_ref, x_ref, cos_ref, sin_ref, *refs, num_q_heads: i
 
 
 @functools.partial(jax.jit, static_argnames=("num_q_heads", "num_kv_heads", "num_warps", "interpret"))
-def rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset, scales=None, *, num_q_heads: int,
+def rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset, *, num_q_heads: int,
                          num_kv_heads: int, num_warps: int | None = None, interpret: bool = False):
     """The kernel: a program a token, ``num_warps`` each (default NUM_WARPS). Returns the reference's triple."""
     t = qkv.shape[0]
@@ -157,25 +129,21 @@ def rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset
     x = qkv.reshape(t, num_q_heads + 2 * num_kv_heads, d)
     half = d // 2
     kernel = functools.partial(_kernel, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, half=half,
-                               num_pages=num_pages, page_size=page_size, scaled=scales is not None)
-    scale_args = () if scales is None else (scales[0].astype(jnp.float32),
-                                            scales[1].astype(jnp.float32).reshape(x.shape[1:]))
-    pages_at = 5 + len(scale_args)
+                               num_pages=num_pages, page_size=page_size)
     q, k_pages, v_pages = pl.pallas_call(
         kernel, grid=(t,),
         in_specs=[whole_block((t,)), whole_block((t,)), whole_block(x.shape), whole_block(cos.shape),
-                  whole_block(sin.shape), *(whole_block(a.shape) for a in scale_args), whole_block(k_pages.shape),
-                  whole_block(v_pages.shape)],
+                  whole_block(sin.shape), whole_block(k_pages.shape), whole_block(v_pages.shape)],
         out_specs=[whole_block((t, num_q_heads, d)), whole_block(k_pages.shape), whole_block(v_pages.shape)],
         out_shape=[jax.ShapeDtypeStruct((t, num_q_heads, d), qkv.dtype),
                    jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)],
-        input_output_aliases={pages_at: 1, pages_at + 1: 2},
+        input_output_aliases={5: 1, 6: 2},
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS,
                                                                         num_stages=1),
         name="rope_write_kv",
-    )(slot_page.astype(jnp.int32), slot_offset.astype(jnp.int32), x, cos, sin, *scale_args, k_pages, v_pages)
+    )(slot_page.astype(jnp.int32), slot_offset.astype(jnp.int32), x, cos, sin, k_pages, v_pages)
     return q, k_pages, v_pages
 
 
@@ -189,14 +157,11 @@ def kernel_supports(num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 
 def rope_write_kv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   slot_page: jax.Array, slot_offset: jax.Array, *, num_q_heads: int, num_kv_heads: int,
-                  scales: tuple[jax.Array, jax.Array] | None = None,
                   impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """``qkv [T, (Hq + 2 Hk) * D]`` (q's heads, k's, v's), ``cos``, ``sin`` [T, D] (``apply_rope``'s rotate-half
     layout, both halves equal: the kernel reads the first), the pages [Hk, pages, page_size, D] and each token's slot
     (``slot_page``, ``slot_offset`` [T]; a slot out of range: nothing written) -> (q rotated [T, Hq, D], k_pages,
-    v_pages with the tokens' rotated keys and their values written in the pages' dtype). ``scales``: (the rows'
-    [T], the channels' [W]) float32 scales of an fp8 product whose raw result ``qkv`` is, applied first
-    (``scale_product``). ``impl``: ``auto`` (the
+    v_pages with the tokens' rotated keys and their values written in the pages' dtype). ``impl``: ``auto`` (the
     kernel on GPU where ``kernel_supports`` the shapes, else the reference), ``kernel``, ``interpret`` or
     ``reference``."""
     if impl not in ("auto", "kernel", "interpret", "reference"):
@@ -209,17 +174,14 @@ def rope_write_kv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.A
     if cos.shape != (t, d) or sin.shape != (t, d) or slot_page.shape != (t,) or slot_offset.shape != (t,):
         raise ValueError(f"cos, sin must be [{t}, {d}] and the slots [{t}], got {cos.shape}, {sin.shape}, "
                          f"{slot_page.shape}, {slot_offset.shape}")
-    if scales is not None and (len(scales) != 2 or scales[0].shape != (t,) or scales[1].shape != (width,)):
-        raise ValueError(f"scales must be the rows' [{t}] and the channels' [{width}], got "
-                         f"{[getattr(a, 'shape', a) for a in scales]}")
     supported = kernel_supports(num_q_heads, num_kv_heads, d)
     if impl == "auto":
         impl = "kernel" if on_gpu() and supported else "reference"
     if impl == "reference":
         return rope_write_kv_reference(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset,
-                                       num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, scales=scales)
+                                       num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
     if not supported:
         raise ValueError(f"the kernel takes powers of two of heads and of half a head, not {num_q_heads} "
                          f"q heads, {num_kv_heads} kv heads of width {d}")
-    return rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset, scales,
-                                num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, interpret=impl == "interpret")
+    return rope_write_kv_kernel(qkv, cos, sin, k_pages, v_pages, slot_page, slot_offset, num_q_heads=num_q_heads,
+                                num_kv_heads=num_kv_heads, interpret=impl == "interpret")

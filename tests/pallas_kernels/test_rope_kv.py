@@ -28,38 +28,18 @@ def _inputs(t, hq, hk, d, num_pages, page_size, pages_dtype, seed=0):
     return qkv, cos, sin, kp, vp, jnp.asarray(page, jnp.int32), jnp.asarray(offset, jnp.int32)
 
 
-def _scales(qkv, seed=0):
-    """An fp8 product's rows' and channels' float32 scales for ``qkv`` as its raw result (``scales=``)."""
-    k = jax.random.split(jax.random.key(seed + 100), 2)
-    t, w = qkv.shape
-    return (jax.random.uniform(k[0], (t,), jnp.float32, 0.25, 2.0),
-            jax.random.uniform(k[1], (w,), jnp.float32, 0.25, 2.0))
-
-
 def _bits(a):
     return np.asarray(a.view(jnp.uint8) if a.dtype == jnp.float8_e4m3fn else a.view(jnp.uint16))
 
 
-@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("pages_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
 @pytest.mark.parametrize("t,hq,hk,d", [(5, 4, 2, 32), (12, 8, 1, 64), (9, 32, 8, 128)])
-def test_interpret_mode_equals_the_reference_bit_for_bit(pages_dtype, t, hq, hk, d, scaled):
+def test_interpret_mode_equals_the_reference_bit_for_bit(pages_dtype, t, hq, hk, d):
     """The kernel (Pallas interpret mode) gives the reference's q and pages bit for bit: rotated values, fp8
-    saturation, slots written, padding's dropped, every other slot untouched; with ``scales``, of the raw product
-    scaled as the model's ``fp8_scale`` scales it (the reference's ``scale_product`` is asserted to be that)."""
+    saturation, slots written, padding's dropped, every other slot untouched."""
     args = _inputs(t, hq, hk, d, num_pages=7, page_size=4, pages_dtype=pages_dtype, seed=t)
-    kw = dict(num_q_heads=hq, num_kv_heads=hk, scales=_scales(args[0], t) if scaled else None)
-    got = rope_write_kv(*args, impl="interpret", **kw)
-    want = rope_write_kv(*args, impl="reference", **kw)
-    if scaled:
-        from jaxdyn.models.llama import fp8_scale
-        row, col = kw["scales"]
-        same = rope_write_kv(fp8_scale(args[0], row[:, None], col, args[0].dtype), *args[1:], num_q_heads=hq,
-                             num_kv_heads=hk, impl="reference")
-        for a, b in zip(same, want):
-            np.testing.assert_array_equal(_bits(a), _bits(b))
-        unscaled = rope_write_kv(*args, num_q_heads=hq, num_kv_heads=hk, impl="reference")
-        assert (_bits(unscaled[0]) != _bits(want[0])).mean() > 0.5
+    got = rope_write_kv(*args, num_q_heads=hq, num_kv_heads=hk, impl="interpret")
+    want = rope_write_kv(*args, num_q_heads=hq, num_kv_heads=hk, impl="reference")
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_array_equal(_bits(g), _bits(w))
@@ -118,10 +98,6 @@ def test_bad_inputs_and_unsupported_shapes_are_refused():
         rope_write_kv(qkv, cos[:3], sin, kp, vp, page, offset, num_q_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="impl"):
         rope_write_kv(qkv, cos, sin, kp, vp, page, offset, num_q_heads=4, num_kv_heads=2, impl="triton")
-    row, col = _scales(qkv)
-    for bad in ((row[:3], col), (row, col[:-1]), (row,)):
-        with pytest.raises(ValueError, match="scales must be"):
-            rope_write_kv(qkv, cos, sin, kp, vp, page, offset, num_q_heads=4, num_kv_heads=2, scales=bad)
     assert kernel_supports(32, 8, 128) and kernel_supports(32, 8, 64)
     assert not kernel_supports(28, 4, 128) and not kernel_supports(32, 8, 96) and not kernel_supports(4, 2, 24)
     qkv, cos, sin, kp, vp, page, offset = _inputs(3, 6, 2, 32, 5, 4, jnp.bfloat16)      # 6 q heads
@@ -133,36 +109,31 @@ def test_bad_inputs_and_unsupported_shapes_are_refused():
                                              np.float32)[:2], [448, -448])
 
 
-@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("rows,hq,hk,d,dtype", [(16, 32, 8, 128, jnp.float8_e4m3fn),
                                               (2048, 32, 8, 128, jnp.float8_e4m3fn), (8, 4, 2, 16, jnp.bfloat16)])
-def test_the_kernel_lowers_to_triton_for_a_gpu(rows, hq, hk, d, dtype, scaled):
+def test_the_kernel_lowers_to_triton_for_a_gpu(rows, hq, hk, d, dtype):
     """The kernel as the 8B model calls it (32 q heads, 8 kv heads of 128, fp8 pages) and as the tests' tiny models
-    do, with and without ``scales``, lowers through Pallas' Triton lowering on the CPU, so a construct it rejects
-    fails here rather than on the device."""
+    do lowers through Pallas' Triton lowering on the CPU, so a construct it rejects fails here rather than on the
+    device."""
     sds = jax.ShapeDtypeStruct
     pages = sds((hk, 4096, 16, d), dtype)
-    width = (hq + 2 * hk) * d
-    scales = (sds((rows,), jnp.float32), sds((width,), jnp.float32)) if scaled else None
-    f = jax.jit(lambda *a, scales=None: rope_write_kv(*a, num_q_heads=hq, num_kv_heads=hk, impl="kernel",
-                                                      scales=scales))
-    lowered = f.trace(sds((rows, width), jnp.bfloat16), sds((rows, d), jnp.bfloat16),
+    f = jax.jit(lambda *a: rope_write_kv(*a, num_q_heads=hq, num_kv_heads=hk, impl="kernel"))
+    lowered = f.trace(sds((rows, (hq + 2 * hk) * d), jnp.bfloat16), sds((rows, d), jnp.bfloat16),
                       sds((rows, d), jnp.bfloat16), pages, pages, sds((rows,), jnp.int32),
-                      sds((rows,), jnp.int32), scales=scales).lower(lowering_platforms=("cuda",))
+                      sds((rows,), jnp.int32)).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("pages_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
-def test_gpu_the_kernel_on_the_8b_shape(pages_dtype, scaled):
+def test_gpu_the_kernel_on_the_8b_shape(pages_dtype):
     """On the GPU, jitted as the model calls it, at 16 and 2,048 tokens: the pages' untouched slots and padding
     the same bits; q and the written keys within one rounding of the reference (XLA's compiled reference rotates in
     float32 and rounds once, the kernel rounds each product and the sum as the operations do), the values the same
-    bits (a NaN value among them stays NaN); with ``scales`` of the raw product scaled as XLA scales it."""
+    bits (a NaN value among them stays NaN)."""
     for t in (16, 2048):
         args = _inputs(t, 32, 8, 128, num_pages=160, page_size=16, pages_dtype=pages_dtype, seed=t)
-        kw = dict(num_q_heads=32, num_kv_heads=8, scales=_scales(args[0], t) if scaled else None)
+        kw = dict(num_q_heads=32, num_kv_heads=8)
         got = jax.jit(lambda *a: rope_write_kv(*a, impl="kernel", **kw))(*args)
         want = jax.jit(lambda *a: rope_write_kv(*a, impl="reference", **kw))(*args)
         v = np.asarray(got[2], np.float32)          # (NaN equals NaN here, whatever its bits)

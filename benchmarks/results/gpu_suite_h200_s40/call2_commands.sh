@@ -1,6 +1,6 @@
-# Session 40, call 2 (~300 s; carry .gpu_wheels and .ab_trees/s40base = `git archive abf0f14`, before the change):
-# the rope + KV-write kernel's GPU tests (now also scaling the q/k/v product's raw fp8 result), then offline A/B,
-# three rounds, each configuration from its own empty JAX cache: the tree before against this one.
+# Session 40, call 2 (~260 s; carry .gpu_wheels and .ab_trees/s40base = `git archive abf0f14`, before the change), run at
+# 0912e2c (c3f208a's scaled rope kernel, reverted after this call): the kernel's GPU tests (also scaling the q/k/v product's raw fp8 result),
+# then offline A/B, three rounds, each configuration from its own empty JAX cache: the tree before against this one.
 pip install -q --no-index --no-deps .gpu_wheels/*.whl -t /tmp/pydeps 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=$PWD:/tmp/pydeps PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
