@@ -512,7 +512,12 @@ def _truncate_prompt(engine: AsyncEngine, ids: list[int], req) -> list[int]:
 
 
 def build_app(state: ServerState) -> Starlette:
-    registry = make_registry(lambda: state.core.metrics if state.core is not None else None, state.model_name)
+    def prefill_gauges():
+        get = getattr(state.core, "prefill_gauges", None)      # serve --disagg: the prefill mesh's engine
+        return get() if get is not None else None
+
+    registry = make_registry(lambda: state.core.metrics if state.core is not None else None, state.model_name,
+                             prefill_gauges)
 
     def endpoint(fn):
         async def wrapped(request: Request):

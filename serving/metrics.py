@@ -55,9 +55,22 @@ _METRICS = (
 )
 
 
+# The prefill engine of ``serve --disagg`` (its own mesh, queues and pages; the gauges above are the decode
+# engine's): (name, help, key of ``DisaggEngine.prefill_gauges``)
+_PREFILL_GAUGES = (
+    ("jaxdyn:prefill_role_num_requests_running", "Requests running on the prefill mesh.", "num_running"),
+    ("jaxdyn:prefill_role_num_requests_waiting", "Requests waiting on the prefill mesh.", "num_waiting"),
+    ("jaxdyn:prefill_role_kv_cache_pages_used", "KV pages in use on the prefill mesh.", "kv_pages_used"),
+    ("jaxdyn:prefill_role_prefix_cache_pages", "KV pages held only by the prefill mesh's prefix cache.",
+     "kv_pages_cached"),
+    ("jaxdyn:prefill_role_kv_cache_pages_total", "KV pages in the prefill mesh's pool.", "kv_pages_total"),
+)
+
+
 class EngineCollector:
-    def __init__(self, get_metrics, model_name: str):
+    def __init__(self, get_metrics, model_name: str, get_prefill_gauges=None):
         self._get = get_metrics
+        self._get_prefill = get_prefill_gauges
         self.model_name = model_name
 
     def collect(self):
@@ -91,11 +104,18 @@ class EngineCollector:
                 for decision, count in sorted(value.items()):
                     f.add_metric([self.model_name, decision], count)
             yield f
+        prefill = self._get_prefill() if self._get_prefill is not None else None
+        for name, doc, key in _PREFILL_GAUGES if prefill is not None else ():
+            f = GaugeMetricFamily(name, doc, labels=["model_name"])
+            f.add_metric(lv, prefill[key])
+            yield f
 
 
-def make_registry(get_metrics, model_name: str) -> CollectorRegistry:
+def make_registry(get_metrics, model_name: str, get_prefill_gauges=None) -> CollectorRegistry:
+    """``get_metrics``: the engine's ``EngineMetrics`` (or None: nothing exported); ``get_prefill_gauges``: an
+    in-process prefill engine's gauges (``DisaggEngine.prefill_gauges``; None: none exported)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(EngineCollector(get_metrics, model_name))
+    reg.register(EngineCollector(get_metrics, model_name, get_prefill_gauges))
     return reg
 
 

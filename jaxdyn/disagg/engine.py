@@ -109,6 +109,16 @@ class DisaggEngine:
     def prefill_dead(self) -> BaseException | None:
         return self.role.dead
 
+    def prefill_gauges(self) -> dict | None:
+        """The in-process prefill engine's queues and pages, read now (its metrics change only when it steps, and
+        it releases a finished prompt's pages after its last step); None where the prefill role is elsewhere."""
+        core = self.prefill
+        if core is None:
+            return None
+        return dict(num_running=len(core.scheduler.running), num_waiting=len(core.scheduler.waiting),
+                    kv_pages_used=core.allocator.num_in_use, kv_pages_cached=core.allocator.num_cache_only,
+                    kv_pages_total=core.allocator.num_pages)
+
     # ---- EngineCore's face -----------------------------------------------------------------------
 
     @property

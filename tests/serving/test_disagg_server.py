@@ -85,6 +85,15 @@ def test_disaggregated_server_answers_as_the_aggregated_one(ckpt, reference):
         transfers = [s.value for s in fams["jaxdyn:kv_transfers"].samples if s.name.endswith("_total")]
         assert transfers[0] >= 2
         assert eng.decode.allocator.num_in_use == 0 and not eng.decode.scheduler.reserved
+        # the prefill mesh's engine, read when /metrics is: nothing held or queued once every request is done,
+        # the remote prompts' pages kept by its prefix cache
+        prefill = {n[len("jaxdyn:prefill_role_"):]: fams[n].samples[0].value for n in fams
+                   if n.startswith("jaxdyn:prefill_role_")}
+        assert prefill == {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_pages_used": 0,
+                           "prefix_cache_pages": eng.prefill.allocator.num_cache_only,
+                           "kv_cache_pages_total": eng.prefill.allocator.num_pages}, prefill
+        assert prefill["prefix_cache_pages"] > 0 and prefill["kv_cache_pages_total"] > 0
+        assert eng.prefill_gauges()["kv_pages_used"] == 0
     finally:
         srv.stop()
         srv.state.engine.shutdown()

@@ -127,6 +127,7 @@ def test_usage_reports_cached_tokens_of_a_repeated_prefix(server):
     hits = [s.value for f in text_string_to_metric_families(text) for s in f.samples
             if s.name == "jaxdyn:prefix_cache_hits_total"]
     assert hits and hits[0] >= 64
+    assert "prefill_role" not in text         # one engine: no prefill mesh's gauges
 
 
 def test_chat_with_the_openai_client_sync_and_async(server):
