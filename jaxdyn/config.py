@@ -154,7 +154,7 @@ class ModelConfig:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ConfigError(f"{config_path}: no config.json in the checkpoint directory")
-        with open(config_path) as f:
+        with open(config_path, encoding="utf-8") as f:
             try:
                 hf = json.load(f)
             except (ValueError, RecursionError) as e:
@@ -169,10 +169,10 @@ class ModelConfig:
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen_path):
             try:
-                with open(gen_path) as f:
+                with open(gen_path, encoding="utf-8") as f:
                     eos = json.load(f).get("eos_token_id")
             except (OSError, ValueError, AttributeError, RecursionError) as e:   # JSONDecodeError, not UTF-8: ValueError
-                raise ConfigError(f"{gen_path}: not a valid generation config ({e or type(e).__name__})") from None
+                raise ConfigError(f"{gen_path}: not a valid generation config ({str(e) or type(e).__name__})") from None
             extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
             if not all(isinstance(t, int) for t in extra):
                 raise ConfigError(f"{gen_path}: eos_token_id must be an integer or a list of integers")

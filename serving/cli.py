@@ -418,7 +418,7 @@ def _disagg_policy(args):
         return DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
                             args.disagg_prefill_timeout)
     except ValueError:
-        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout > 0") from None
+        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout seconds > 0 and at most 86400") from None
 
 
 def _disagg_args(args, config) -> dict:

@@ -115,9 +115,11 @@ class DisaggEngine:
         core = self.prefill
         if core is None:
             return None
+        # read while the prefill thread runs: a page being freed may count once too many for a moment (the
+        # allocator's counts are not read at one instant), never below 0
         return dict(num_running=len(core.scheduler.running), num_waiting=len(core.scheduler.waiting),
-                    kv_pages_used=core.allocator.num_in_use, kv_pages_cached=core.allocator.num_cache_only,
-                    kv_pages_total=core.allocator.num_pages)
+                    kv_pages_used=max(0, core.allocator.num_in_use),
+                    kv_pages_cached=max(0, core.allocator.num_cache_only), kv_pages_total=core.allocator.num_pages)
 
     # ---- EngineCore's face -----------------------------------------------------------------------
 

@@ -36,7 +36,9 @@ class DisaggPolicy:
     prefill_timeout_s: float = 120.0      # a remote prefill not done by then ends with an error
 
     def __post_init__(self):
-        if self.min_remote_tokens < 0 or self.max_prefill_queue < 0 or not self.prefill_timeout_s > 0:
+        # the timeout at most a day: a gRPC deadline of 1e12 s or inf is exceeded at once (grpcio 1.85), and NaN
+        # compares false
+        if self.min_remote_tokens < 0 or self.max_prefill_queue < 0 or not 0 < self.prefill_timeout_s <= 86400:
             raise ValueError(f"invalid disaggregation policy {self}")
 
     def decide(self, *, prompt_len: int, decode_cached: int, prefill_queue: int, n: int,

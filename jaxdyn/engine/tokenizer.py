@@ -44,15 +44,18 @@ def _read_json(path: str) -> dict:
 
 
 def _chat_template(value, file: str) -> str | None:
-    """``chat_template`` as transformers writes it: a string, or a list of ``{"name", "template"}`` objects of
-    which the one named "default" is used (None where none is)."""
+    """``chat_template`` as transformers reads it: a string, a list of ``{"name", "template"}`` objects (as it
+    writes named templates) or an object of name -> template, of which the one named "default" is used (None where
+    none is)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
                                        and isinstance(t.get("template"), str) for t in value):
-        return next((t["template"] for t in value if t["name"] == "default"), None)
-    raise TokenizerError(f"{file}: chat_template must be a string or a list of objects with a string name "
-                         f"and template")
+        value = {t["name"]: t["template"] for t in value}
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return value.get("default")
+    raise TokenizerError(f"{file}: chat_template must be a string, a list of objects with a string name and "
+                         f"template, or an object of names to templates")
 
 
 class Tokenizer:
@@ -92,16 +95,18 @@ class Tokenizer:
         gen_file = os.path.join(path, "generation_config.json")
         cfg, gen = _read_json(cfg_file), _read_json(gen_file)
         extra = gen.get("eos_token_id")
-        extra = [extra] if extra is None or isinstance(extra, int) else extra
-        if not (isinstance(extra, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                for i in extra if i is not None)):
+        extra = [] if extra is None else [extra] if isinstance(extra, int) else extra
+        # what ModelConfig reads of the same file takes (integers; transformers warns of a negative one, and so
+        # it never matches a token)
+        if not (isinstance(extra, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in extra)):
             raise TokenizerError(f"{gen_file}: eos_token_id must be a token id or a list of them, "
                                  f"not {json.dumps(gen.get('eos_token_id'))[:80]}")
-        extra = tuple(i for i in extra if i is not None)
-        template = _chat_template(cfg.get("chat_template"), cfg_file)
+        extra = tuple(extra)
         jinja = os.path.join(path, "chat_template.jinja")
-        if os.path.exists(jinja):   # transformers: the file wins
+        if os.path.exists(jinja):   # transformers: the file wins, whatever tokenizer_config.json holds
             template = _read_text(jinja)
+        else:
+            template = _chat_template(cfg.get("chat_template"), cfg_file)
         add_bos = cfg.get("add_bos_token")
         if add_bos is not None and not isinstance(add_bos, bool):
             raise TokenizerError(f"{cfg_file}: add_bos_token must be true, false or null, not {json.dumps(add_bos)[:80]}")

@@ -224,7 +224,7 @@ def sharegpt_samples(source: PromptSource, path: str, n: int, output_len: int | 
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise BenchError(f"--dataset-path {path}: cannot be read as JSON: {e or type(e).__name__}") from None
+        raise BenchError(f"--dataset-path {path}: cannot be read as JSON: {str(e) or type(e).__name__}") from None
     if not isinstance(data, list):
         raise BenchError(f"--dataset-path {path}: expected a JSON list of conversations (ShareGPT format)")
     pairs = []

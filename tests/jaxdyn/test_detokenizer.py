@@ -186,7 +186,9 @@ def test_chat_template_jinja_wins_over_tokenizer_configs_as_in_transformers(tmp_
     ("tokenizer_config.json", '{"eos_token": {"content": 3}}', "eos_token must be a string"),
     ("tokenizer_config.json", '{"add_bos_token": "yes"}', "add_bos_token must be"),
     ("generation_config.json", '{"eos_token_id": "2"}', "eos_token_id must be"),
-    ("generation_config.json", '{"eos_token_id": [2, -1]}', "eos_token_id must be"),
+    ("generation_config.json", '{"eos_token_id": [2, null]}', "eos_token_id must be"),
+    ("generation_config.json", '{"eos_token_id": true}', "eos_token_id must be"),
+    ("tokenizer_config.json", '{"chat_template": {"default": 3}}', "chat_template must be"),
     ("chat_template.jinja", b"\xff\xfe{{ x }}", "cannot be read"),
     ("chat_template.jinja", None, "cannot be read"),          # a directory
     ("tokenizer_config.json", None, "cannot be read"),
@@ -221,10 +223,17 @@ def test_the_side_files_forms_transformers_writes_are_read(tmp_path):
     json.dump({**json.load(open(cfg)), "eos_token": {"content": "</s>", "special": True}, "bos_token": None,
                "add_bos_token": False, "chat_template": [{"name": "tool_use", "template": "T"},
                                                           {"name": "default", "template": "D"}]}, open(cfg, "w"))
-    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, null]}')
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 2]}')
     tok = Tokenizer.from_pretrained(str(tmp_path))
     assert (tok.chat_template, tok.bos_token, tok.eos_token, tok.add_bos_token) == ("D", None, "</s>", False)
-    assert 1 in tok.eos_token_ids
+    assert {1, 2} <= set(tok.eos_token_ids)
+    # an object of names to templates (transformers reads it too); a chat_template.jinja wins over whatever the
+    # config holds, even what could not be read as a template
+    json.dump({**json.load(open(cfg)), "chat_template": {"default": "O", "tool_use": "T"}}, open(cfg, "w"))
+    assert Tokenizer.from_pretrained(str(tmp_path)).chat_template == "O"
+    json.dump({**json.load(open(cfg)), "chat_template": [1, "x"]}, open(cfg, "w"))
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert Tokenizer.from_pretrained(str(tmp_path)).chat_template == "J"
 
 
 def _byte_fallback_tokenizer(directory) -> Tokenizer:
