@@ -96,6 +96,17 @@ def client(server):
 GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
 
 
+def test_completions_max_tokens_left_out_is_16_and_null_is_the_context_s_end(server):
+    """As vLLM: a completion's max_tokens left out is 16, given as null it is what the context leaves after the
+    prompt (max_model_len 128, "x" is <s> + 1 byte: 126)."""
+    body = {"model": "tiny", "prompt": "x", "temperature": 0, "ignore_eos": True}
+    for extra, want in (({}, 16), ({"max_tokens": None}, 126)):
+        r = httpx.post(server.url + "/v1/completions", json={**body, **extra}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == want, extra
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
 def test_completions_with_the_openai_client(server):
     c = client(server)
     r = c.completions.create(model="tiny", prompt="Hello", **GREEDY)
