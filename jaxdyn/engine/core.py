@@ -332,7 +332,9 @@ class EngineCore:
         eos = set(model_config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
         if tokenizer is not None and eos_token_ids is None:
             eos |= set(tokenizer.eos_token_ids)
-        self.eos_token_ids = tuple(sorted(eos))
+        # ids outside the vocabulary (a config's negative or too-large id, which transformers only warns of) are never
+        # drawn, and banned until min_tokens a negative one would index another token's logit from the end
+        self.eos_token_ids = tuple(sorted(t for t in eos if 0 <= t < model_config.vocab_size))
         # the tokenizer's own EOS (vLLM's model EOS): a sequence it ends has no stop_reason; another EOS id (a
         # generation_config.json's, e.g. a chat turn's end) ends it as a stop token, stop_reason that id (vLLM's)
         self._own_eos = getattr(tokenizer, "eos_token_id", None) if eos_token_ids is None else None

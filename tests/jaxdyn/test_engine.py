@@ -246,6 +246,24 @@ def test_an_aborted_request_counts_each_of_its_sequences(engine):
     assert after.get("length", 0) - before.get("length", 0) == 1
 
 
+def test_eos_ids_outside_the_vocabulary_are_left_out(ckpt):
+    """A config's negative or too-large EOS id (transformers only warns of one) is never drawn, and banned until
+    min_tokens a negative one would index another token's logit from the end: the engine keeps the others."""
+    import json
+    import shutil
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    vocab = loaded.config.vocab_size
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG, eos_token_ids=(-1, 5, vocab))
+    assert core.eos_token_ids == (5,)
+    odd = ckpt + "-odd-eos"
+    shutil.copytree(ckpt, odd, dirs_exist_ok=True)
+    with open(odd + "/generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [-1, 7, vocab + 3]}, f)
+    mesh, loaded, tok = load_model(odd, dtype=jnp.float32)
+    core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, CFG)
+    assert 7 in core.eos_token_ids and all(0 <= t < vocab for t in core.eos_token_ids), core.eos_token_ids
+
+
 def test_stop_token_ids_min_tokens_and_eos(engine):
     prompt = [256, 40, 41, 42]
     free = run(engine, {"f": (prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))})["f"]
