@@ -632,7 +632,7 @@ def build_app(state: ServerState) -> Starlette:
         # returned; one token is drawn, as the engine must, and left out
         echo_only = bool(req.echo) and req.max_tokens == 0
         # max_tokens left out: 16 (OpenAI's and vLLM's default); given as null: up to the context's end (vLLM)
-        max_tokens = req.max_tokens if req.max_tokens is not None or "max_tokens" in req.model_fields_set else 16
+        max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else 16
         params = _sampling_params(req, max_tokens=1 if echo_only else max_tokens,
                                   logprobs=req.logprobs, defaults=state.sampling_defaults,
                                   prompt_logprobs=req.logprobs if echo_lps and req.prompt_logprobs is None else None)

@@ -413,12 +413,13 @@ def _policy_args(p) -> None:
 
 
 def _disagg_policy(args):
-    from jaxdyn.disagg.policy import DisaggPolicy
+    from jaxdyn.disagg.policy import MAX_PREFILL_TIMEOUT_S, DisaggPolicy
     try:
         return DisaggPolicy(args.disagg_min_remote_tokens, args.disagg_max_prefill_queue,
                             args.disagg_prefill_timeout)
     except ValueError:
-        raise CLIError("--disagg-*: thresholds must be >= 0 and the timeout seconds > 0 and at most 86400") from None
+        raise CLIError(f"--disagg-*: thresholds must be >= 0 and the timeout seconds > 0 and at most "
+                       f"{MAX_PREFILL_TIMEOUT_S:g}") from None
 
 
 def _disagg_args(args, config) -> dict:

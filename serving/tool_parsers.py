@@ -33,6 +33,11 @@ import uuid
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 
 
+# what a reply that is not the JSON of a call raises: json.JSONDecodeError (a ValueError), ``_call``'s ValueError,
+# and RecursionError for one nested past the parser's depth
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
 @dataclasses.dataclass
 class ToolCall:
     name: str
@@ -117,7 +122,7 @@ class HermesParser(_MarkedCalls):
         try:
             calls = [_call(json.loads(closed or open_), ("arguments",))
                      for closed, open_ in self._CALL.findall(text[at:])]
-        except (ValueError, RecursionError):      # json.JSONDecodeError is a ValueError; nesting past the limit
+        except _JSON_ERRORS:
             return text, []
         if not calls:
             return text, []
@@ -143,7 +148,7 @@ class Llama3JsonParser(ToolParser):
                 pos = end
                 while pos < len(body) and body[pos] in " \t\r\n;":
                     pos += 1
-        except (ValueError, RecursionError):
+        except _JSON_ERRORS:
             return text, []
         return None, calls
 
@@ -184,7 +189,7 @@ class MistralParser(_MarkedCalls):
                         raise ValueError("a call without [ARGS]")
                     calls.append(_call({"name": name.strip(), "arguments": json.loads(args)}, ("arguments",),
                                        _mistral_call))
-        except (ValueError, RecursionError):
+        except _JSON_ERRORS:
             return text, []
         if not calls:
             return text, []

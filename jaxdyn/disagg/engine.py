@@ -110,16 +110,11 @@ class DisaggEngine:
         return self.role.dead
 
     def prefill_gauges(self) -> dict | None:
-        """The in-process prefill engine's queues and pages, read now (its metrics change only when it steps, and
-        it releases a finished prompt's pages after its last step); None where the prefill role is elsewhere."""
+        """The in-process prefill engine's queues and pages, read now (``EngineCore.gauges``: its metrics change
+        only when it steps, and it releases a finished prompt's pages after its last step); None where the prefill
+        role is elsewhere."""
         core = self.prefill
-        if core is None:
-            return None
-        # read while the prefill thread runs: a page being freed may count once too many for a moment (the
-        # allocator's counts are not read at one instant), never below 0
-        return dict(num_running=len(core.scheduler.running), num_waiting=len(core.scheduler.waiting),
-                    kv_pages_used=max(0, core.allocator.num_in_use),
-                    kv_pages_cached=max(0, core.allocator.num_cache_only), kv_pages_total=core.allocator.num_pages)
+        return None if core is None else core.gauges()
 
     # ---- EngineCore's face -----------------------------------------------------------------------
 

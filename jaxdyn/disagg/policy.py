@@ -29,6 +29,10 @@ import dataclasses
 REMOTE = "remote"
 
 
+# a remote prefill's timeout at most a day: a gRPC deadline of 1e12 s or inf is exceeded at once (grpcio 1.85)
+MAX_PREFILL_TIMEOUT_S = 86400.0
+
+
 @dataclasses.dataclass(frozen=True)
 class DisaggPolicy:
     min_remote_tokens: int = 64
@@ -36,9 +40,9 @@ class DisaggPolicy:
     prefill_timeout_s: float = 120.0      # a remote prefill not done by then ends with an error
 
     def __post_init__(self):
-        # the timeout at most a day: a gRPC deadline of 1e12 s or inf is exceeded at once (grpcio 1.85), and NaN
-        # compares false
-        if self.min_remote_tokens < 0 or self.max_prefill_queue < 0 or not 0 < self.prefill_timeout_s <= 86400:
+        # NaN compares false
+        if (self.min_remote_tokens < 0 or self.max_prefill_queue < 0
+                or not 0 < self.prefill_timeout_s <= MAX_PREFILL_TIMEOUT_S):
             raise ValueError(f"invalid disaggregation policy {self}")
 
     def decide(self, *, prompt_len: int, decode_cached: int, prefill_queue: int, n: int,

@@ -508,6 +508,16 @@ class EngineCore:
         """Seconds step() spent waiting for the device's results."""
         return self.metrics.device_wait_seconds
 
+    def gauges(self) -> dict:
+        """Its queues and pages now (``EngineMetrics``' gauge fields, which ``step`` sets as it goes), for a reader
+        on another thread (a worker's Health, the disaggregated server's /metrics of its prefill engine): the
+        allocator's counts are not read at one instant, so a page being freed may count once too many for a moment,
+        never below 0."""
+        a = self.allocator
+        return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                    kv_pages_used=max(0, a.num_in_use), kv_pages_cached=max(0, a.num_cache_only),
+                    kv_pages_total=a.num_pages)
+
     def step(self, wire: bool = False) -> list:
         """Schedule and dispatch the next step, then process the previous one's tokens: the outputs of
         the requests that got a token (``RequestOutput``; with ``wire`` each as its deltas only, the

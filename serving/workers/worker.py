@@ -193,11 +193,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         else:
             healthy = self.prefill.dead is None
             error = "" if healthy else repr(self.prefill.dead)
+        g = local.gauges()
         return pb.HealthReply(healthy=healthy, role=self.role, model=self.model_name,
-                              num_running=len(local.scheduler.running), num_waiting=len(local.scheduler.waiting),
+                              num_running=g["num_running"], num_waiting=g["num_waiting"],
                               max_model_len=core.max_model_len, max_num_seqs=core.config.max_num_seqs,
-                              error=error, kv_pages_used=local.allocator.num_in_use,
-                              kv_pages_total=local.allocator.num_pages,
+                              error=error, kv_pages_used=g["kv_pages_used"], kv_pages_total=g["kv_pages_total"],
                               vocab_size=core.model_config.vocab_size, kv_layout=kv_layout(core),
                               metrics_json=json.dumps({**worker_report(core.metrics), "instance": self.instance}))
 
