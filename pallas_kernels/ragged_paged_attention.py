@@ -104,7 +104,7 @@ def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: f
     kw = dict(q_rows=q_rows, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
     if in_place and grid_splits(num_seqs, num_kv_heads, page_table.shape[1], blocks) == 1:
         return paged_decode_attention_kernel(
-            q, k_pages, v_pages, kv_lens, page_table, out=kernel_zeros(q.shape, q.dtype, q_rows[0]),
+            q, k_pages, v_pages, kv_lens, page_table, out=kernel_zeros(q.shape, q.dtype, q_rows[0], tie=q),
             blocks=dataclasses.replace(blocks, persistent_programs=attention_programs), **kw), True
     if in_place:        # context splits: one kernel merges them into q-shaped rows, zeros elsewhere
         return paged_decode_attention_kernel(q, k_pages, v_pages, kv_lens, page_table, blocks=blocks,

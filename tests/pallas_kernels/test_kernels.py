@@ -296,6 +296,31 @@ def test_gpu_kernels_match_reference_in_bf16(name, head_dim, seqs, window, in_pl
 
 
 @pytest.mark.gpu
+def test_gpu_in_place_outputs_of_several_layers_are_not_copies_of_one_zeros_buffer():
+    """On the GPU: layers' in-place attention calls (41 slots: one context split) each store into zeros of their own.
+    Sharing one (XLA's CSE of identical zeros) made the compiled step copy the shared buffer before each call, a
+    read and a write of the whole output a layer; the compiled HLO has no copy of the output's shape."""
+    rng = np.random.default_rng(3)
+    seqs = [(0, 300)] + [(97 * i + 3, 1) for i in range(40)]
+    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    q, rest = args[0], args[1:]
+    attend = functools.partial(ragged_paged_attention, impl="kernel", sm_scale=0.1)
+
+    def layers(q, *rest):       # three "layers": each one's query made from the previous one's output
+        for _ in range(3):
+            q = (attend(q, *rest) * 2).astype(q.dtype)
+        return q
+
+    hlo = jax.jit(layers).lower(q, *rest).compile().as_text()
+    shape = "bf16[" + ",".join(map(str, q.shape)) + "]"
+    copies = [line for line in hlo.splitlines() if " copy(" in line and shape in line.split("copy(")[0]]
+    assert hlo.count("paged_decode_attention") >= 3
+    assert not copies, copies
+    out = np.asarray(jax.jit(layers)(q, *rest).astype(jnp.float32))
+    assert np.isfinite(out).all() and np.all(out[n:] == 0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("pages", ["bf16", "fp8"])
 @pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode-only"])
 def test_gpu_skip_idle_prefill_gives_the_same_step(decode_only, pages):
