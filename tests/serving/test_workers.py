@@ -118,6 +118,12 @@ def _frontend(ckpt, addresses):
     cfg, tok = model_config_and_tokenizer(ckpt)
     state = ServerState("tiny")
     state.engine = RemoteEngine(addresses, tokenizer=tok, model_config=cfg, health_interval=0.3)
+    # the engine starts once one worker answers; the tests route among all of theirs (a loaded host can answer one
+    # worker's first health check late, and requests meanwhile all go to the other)
+    deadline = time.monotonic() + 60
+    while not all(w.healthy for w in state.engine.workers):
+        assert time.monotonic() < deadline, state.engine._worker_states()
+        time.sleep(0.05)
     return Server(state)
 
 
