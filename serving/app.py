@@ -513,7 +513,8 @@ def _truncate_prompt(engine: AsyncEngine, ids: list[int], req) -> list[int]:
 
 def build_app(state: ServerState) -> Starlette:
     def prefill_gauges():
-        get = getattr(state.core, "prefill_gauges", None)      # serve --disagg: the prefill mesh's engine
+        # serve --disagg: the prefill mesh's engine; a front end over workers: the decode workers' prefill workers
+        get = getattr(state.core, "prefill_gauges", None)
         return get() if get is not None else None
 
     registry = make_registry(lambda: state.core.metrics if state.core is not None else None, state.model_name,

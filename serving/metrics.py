@@ -56,7 +56,8 @@ _METRICS = (
 
 
 # The prefill engine of ``serve --disagg`` (its own mesh, queues and pages; the gauges above are the decode
-# engine's): (name, help, key of ``DisaggEngine.prefill_gauges``)
+# engine's), or the sums of the prefill workers behind a front end's decode workers (``FrontendCore.prefill_gauges``):
+# (name, help, key of ``DisaggEngine.prefill_gauges``)
 _PREFILL_GAUGES = (
     ("jaxdyn:prefill_role_num_requests_running", "Requests running on the prefill mesh.", "num_running"),
     ("jaxdyn:prefill_role_num_requests_waiting", "Requests waiting on the prefill mesh.", "num_waiting"),
@@ -113,7 +114,8 @@ class EngineCollector:
 
 def make_registry(get_metrics, model_name: str, get_prefill_gauges=None) -> CollectorRegistry:
     """``get_metrics``: the engine's ``EngineMetrics`` (or None: nothing exported); ``get_prefill_gauges``: an
-    in-process prefill engine's gauges (``DisaggEngine.prefill_gauges``; None: none exported)."""
+    in-process prefill engine's gauges (``DisaggEngine.prefill_gauges``) or a front end's prefill workers'
+    (``FrontendCore.prefill_gauges``); None: none exported."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(EngineCollector(get_metrics, model_name, get_prefill_gauges))
     return reg

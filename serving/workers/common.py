@@ -27,6 +27,42 @@ CLIENT_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS,
                           ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
+# A prefill worker's queues and pages (``EngineCore.gauges``' keys) as a decode worker last read them from its Health
+# reply, passed on in the decode worker's own Health report (``"prefill_workers"``) to a front end, which exports
+# their sums as the ``jaxdyn:prefill_role_*`` gauges.
+PREFILL_GAUGE_KEYS = ("num_running", "num_waiting", "kv_pages_used", "kv_pages_cached", "kv_pages_total")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def prefill_worker_report(address: str, reply) -> dict:
+    """A prefill worker's Health ``reply`` as a decode worker passes it on: its gauges, and the ``instance`` of its
+    process (its address where the reply has none), by which a front end whose decode workers share the prefill
+    worker counts it once. The prefix cache's pages come from the reply's metrics report (0 where it has none)."""
+    try:
+        report = json.loads(reply.metrics_json) if reply.metrics_json else {}
+    except ValueError:
+        report = {}
+    report = report if isinstance(report, dict) else {}
+    cached = report.get("kv_pages_cached")
+    instance = report.get("instance")
+    return dict(num_running=reply.num_running, num_waiting=reply.num_waiting, kv_pages_used=reply.kv_pages_used,
+                kv_pages_cached=cached if _count(cached) else 0, kv_pages_total=reply.kv_pages_total,
+                instance=instance if isinstance(instance, str) and instance else address)
+
+
+def sum_prefill_reports(reports) -> dict:
+    """The sums of prefill workers' reports (``prefill_worker_report``), each process once (the last report of each
+    ``instance``); a value of another shape (a worker of another version) is left out of its sum."""
+    by_instance = {}
+    for r in reports:
+        if isinstance(r, dict):
+            by_instance[str(r.get("instance"))] = r
+    return {k: sum(r[k] for r in by_instance.values() if _count(r.get(k))) for k in PREFILL_GAUGE_KEYS}
+
+
 def kv_layout(core) -> pb.KVLayout:
     """The layout of the KV blocks ``core`` (an ``EngineCore``, or a ``DisaggEngine``: its decode engine's) reads and
     writes."""

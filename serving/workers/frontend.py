@@ -34,7 +34,7 @@ from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CLIENT_CHANNEL_OPTIONS, OutputAccumulator, params_to_json
+from serving.workers.common import CLIENT_CHANNEL_OPTIONS, OutputAccumulator, params_to_json, sum_prefill_reports
 
 log = logging.getLogger("jaxdyn.frontend")
 WAITING_NOTE_S = 10.0        # while no decode or both worker answers, say so this often
@@ -115,8 +115,9 @@ class _RemoteStream:
 class FrontendCore:
     """The engine facts the OpenAI app reads, for an engine made of workers."""
 
-    def __init__(self, tokenizer, model_config, max_model_len: int, max_num_seqs: int):
+    def __init__(self, tokenizer, model_config, max_model_len: int, max_num_seqs: int, prefill_gauges=None):
         self.tokenizer = tokenizer
+        self._prefill_gauges = prefill_gauges
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
@@ -127,6 +128,11 @@ class FrontendCore:
             "generation_tokens", "requests_finished", "ttft", "itl", "e2e", *WORKER_FIELDS}))
         self.num_pages = 0
         self.load_info: dict[str, float] = {}
+
+    def prefill_gauges(self) -> dict | None:
+        """The prefill workers' queues and pages behind the decode workers (the app's ``jaxdyn:prefill_role_*``
+        gauges); None where no decode worker has prefill workers."""
+        return self._prefill_gauges() if self._prefill_gauges is not None else None
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
         """What can be refused here; the worker checks the rest (and its refusal is a 400 too)."""
@@ -179,7 +185,7 @@ class RemoteEngine:
         if bad:
             raise ValueError(f"workers {', '.join(bad)} serve a model with another vocabulary")
         self.core = FrontendCore(tokenizer, model_config, min(w.max_model_len for w in gen),
-                                 sum(w.max_num_seqs for w in gen))
+                                 sum(w.max_num_seqs for w in gen), prefill_gauges=self.prefill_gauges)
         self._thread = threading.Thread(target=self._health_loop, name="jaxdyn-health", daemon=True)
         self._thread.start()
 
@@ -218,6 +224,16 @@ class RemoteEngine:
                 set_worker_sums(m, [x for w in self.workers for x in (*w.retired, w.report)], [w.report for w in live])
             except Exception:   # noqa: BLE001 -- a report this misreads costs its metrics, not the health checks
                 log.exception("summing the workers' metrics failed")
+
+    def prefill_gauges(self) -> dict | None:
+        """The sums of the prefill workers' queues and pages as the healthy decode workers last reported them, each
+        prefill worker once however many decode workers share it (``sum_prefill_reports``); None where none of
+        them has prefill workers (their reports carry no ``prefill_workers``)."""
+        live = [w.report.get("prefill_workers") for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+        lists = [r for r in live if isinstance(r, list)]
+        if not lists:
+            return None
+        return sum_prefill_reports([r for rs in lists for r in rs])
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):

@@ -36,7 +36,8 @@ import numpy as np
 from jaxdyn.disagg.engine import Handoff
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CLIENT_CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, logprobs_from_json, params_to_json
+from serving.workers.common import (CLIENT_CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, logprobs_from_json, params_to_json,
+                                   prefill_worker_report)
 
 UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
 HEALTH_INTERVAL_S = 1.0      # each prefill worker's Health is asked this often ...
@@ -79,6 +80,7 @@ class RemotePrefillRole:
         self.timings: dict[str, tuple[float, float]] | None = None   # benchmarks: {id: (header, block)}
         self._stalled: set[str] = set()        # requests whose call the health thread cancelled
         self._misses = [0] * len(self.addresses)
+        self._reports: list[dict | None] = [None] * len(self.addresses)   # each healthy worker's last gauges
         self._stop = threading.Event()
         self._health = threading.Thread(target=self._health_loop, name="jaxdyn-prefill-health", daemon=True)
         self._health.start()
@@ -138,14 +140,16 @@ class RemotePrefillRole:
         while not self._stop.wait(HEALTH_INTERVAL_S):
             for i, stub in enumerate(self._stubs):
                 try:
-                    stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                    reply = stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
                     self._misses[i] = 0
+                    self._reports[i] = prefill_worker_report(self.addresses[i], reply) if reply.healthy else None
                     continue
                 except (grpc.RpcError, ValueError):        # ValueError: its channel closed by shutdown
                     if self._stop.is_set():
                         return
                 self._misses[i] += 1
                 if self._misses[i] >= HEALTH_MISSES:
+                    self._reports[i] = None
                     self._bad_until[i] = max(self._bad_until[i], time.monotonic() + UNREACHABLE_FOR_S)
                     with self._lock:
                         waiting = {rid: c for rid, (c, j) in self._calls.items() if j == i}
@@ -156,6 +160,11 @@ class RemotePrefillRole:
                                     self.addresses[i], len(waiting))
                     for c in calls:
                         c.cancel()
+
+    def worker_reports(self) -> list[dict]:
+        """The prefill workers' queues and pages as their last Health replies gave them (``prefill_worker_report``),
+        of those that answered healthy within the last checks (read every ``HEALTH_INTERVAL_S``)."""
+        return [r for r in list(self._reports) if r is not None]
 
     def _pick(self, tried: set[int] = frozenset()) -> int | None:
         """The next worker in turn that is not skipped as unreachable nor in ``tried``: None when there is none

@@ -194,12 +194,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             healthy = self.prefill.dead is None
             error = "" if healthy else repr(self.prefill.dead)
         g = local.gauges()
+        report = {**worker_report(core.metrics), "kv_pages_cached": g["kv_pages_cached"], "instance": self.instance}
+        remote = getattr(core, "role", None)
+        if hasattr(remote, "worker_reports"):       # a decode worker's prefill workers, for a front end's gauges
+            report["prefill_workers"] = remote.worker_reports()
         return pb.HealthReply(healthy=healthy, role=self.role, model=self.model_name,
                               num_running=g["num_running"], num_waiting=g["num_waiting"],
                               max_model_len=core.max_model_len, max_num_seqs=core.config.max_num_seqs,
                               error=error, kv_pages_used=g["kv_pages_used"], kv_pages_total=g["kv_pages_total"],
                               vocab_size=core.model_config.vocab_size, kv_layout=kv_layout(core),
-                              metrics_json=json.dumps({**worker_report(core.metrics), "instance": self.instance}))
+                              metrics_json=json.dumps(report))
 
 
 async def serve_worker(service: WorkerService, host: str, port: int, ready=None, stop: asyncio.Event | None = None):

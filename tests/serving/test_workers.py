@@ -229,6 +229,95 @@ def test_the_frontends_gauges_follow_its_requests_and_the_workers_pages(cluster,
         engine.shutdown()
 
 
+def test_a_frontend_exports_the_prefill_workers_behind_its_decode_workers_once(cluster, ckpt):
+    """/metrics of a front end over two decode workers that share one prefill worker: the ``prefill_role`` gauges
+    are that prefill worker's pool and queues, counted once (before: nothing of the prefill workers was exported)."""
+    pre, dec_grpc, dec_jax = cluster
+    srv = _frontend(ckpt, [dec_grpc.address, dec_jax.address])
+    engine = srv.state.engine
+    names = {"num_requests_running": "num_running", "num_requests_waiting": "num_waiting",
+             "kv_cache_pages_used": "kv_pages_used", "kv_cache_pages_total": "kv_pages_total"}
+    try:
+        gauges, want = {}, {}
+        # each decode worker reads its prefill workers' Health once a second: until the gauges show what the
+        # prefill worker says now (an earlier test's request may still be in a report of a second ago)
+        deadline = time.monotonic() + 20
+        while not want or any(gauges.get(f"jaxdyn:prefill_role_{n}") != want[f] for n, f in names.items()):
+            assert time.monotonic() < deadline, (gauges, want)
+            time.sleep(0.2)
+            engine._check_health()
+            text = httpx.get(srv.url + "/metrics", timeout=10).text
+            gauges = {g.group(1): float(g.group(2))
+                      for g in re.finditer(r"^(jaxdyn:prefill_role_\w+)\{[^}]*\} (\S+)$", text, re.M)}
+            reply = pre.health()
+            want = {f: getattr(reply, f) for f in names.values()}
+        assert want["kv_pages_total"] > 0          # counted once: two decode workers report it
+        assert "jaxdyn:prefill_role_prefix_cache_pages" in gauges
+        reports = [json.loads(d.health().metrics_json)["prefill_workers"] for d in (dec_grpc, dec_jax)]
+        assert [len(r) for r in reports] == [1, 1] and reports[0][0]["instance"] == reports[1][0]["instance"]
+        assert "prefill_workers" not in json.loads(reply.metrics_json)
+    finally:
+        srv.stop()
+        engine.shutdown()
+
+
+def test_prefill_worker_reports_are_summed_once_each_and_dropped_when_their_worker_stops_answering(monkeypatch):
+    """The sums count each prefill worker process once (its ``instance``) and leave out values of another shape; a
+    front end whose decode workers have no prefill workers exports none; a decode worker's report of a prefill
+    worker goes once it has missed its Health checks."""
+    import types
+
+    from serving.workers import common, frontend, remote_prefill
+
+    a = dict(num_running=2, num_waiting=1, kv_pages_used=5, kv_pages_cached=3, kv_pages_total=100, instance="a")
+    b = dict(num_running=1, num_waiting=0, kv_pages_used=1, kv_pages_cached=0, kv_pages_total=50, instance="b")
+    odd = dict(num_running="3", num_waiting=-1, kv_pages_used=True, kv_pages_cached=None, kv_pages_total=7,
+               instance="c")
+    assert common.sum_prefill_reports([a, b, dict(a), odd, "x"]) == dict(
+        num_running=3, num_waiting=1, kv_pages_used=6, kv_pages_cached=3, kv_pages_total=157)
+
+    engine = frontend.RemoteEngine.__new__(frontend.RemoteEngine)
+    d1, d2, both = frontend._Worker("127.0.0.1:1"), frontend._Worker("127.0.0.1:2"), frontend._Worker("127.0.0.1:3")
+    for w, role in ((d1, "decode"), (d2, "decode"), (both, "both")):
+        w.role, w.healthy = role, True
+    engine.workers = [both]
+    both.report = {"steps": 3}
+    assert engine.prefill_gauges() is None
+    engine.workers = [d1, d2, both]
+    d1.report, d2.report = {"prefill_workers": [a]}, {"prefill_workers": [a, b]}
+    assert engine.prefill_gauges()["kv_pages_total"] == 150
+    d2.healthy = False
+    assert engine.prefill_gauges()["kv_pages_total"] == 100
+    d1.report = {"prefill_workers": []}                 # its prefill workers all unreachable: zeros, not none
+    assert engine.prefill_gauges() == dict.fromkeys(common.PREFILL_GAUGE_KEYS, 0)
+
+    replies = [types.SimpleNamespace(healthy=True, num_running=1, num_waiting=2, kv_pages_used=3, kv_pages_total=9,
+                                     metrics_json=json.dumps({"kv_pages_cached": 4, "instance": "p"}))]
+
+    class Stub:
+        def Health(self, request, timeout):
+            if not replies:
+                raise grpc.RpcError()
+            return replies[0]
+
+    monkeypatch.setattr(remote_prefill, "HEALTH_INTERVAL_S", 0.02)
+    role = remote_prefill.RemotePrefillRole(["127.0.0.1:1"], timeout_s=10)
+    try:
+        role._stubs = [Stub()]
+        deadline = time.monotonic() + 10
+        while not role.worker_reports():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert role.worker_reports() == [dict(num_running=1, num_waiting=2, kv_pages_used=3, kv_pages_cached=4,
+                                              kv_pages_total=9, instance="p")]
+        replies.clear()
+        while role.worker_reports():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        role.shutdown()
+
+
 def test_a_frontend_over_no_decode_worker_says_so_at_once(cluster, ckpt):
     """--workers given only a prefill worker: refused as soon as it answers (it had waited out the 120 s connect
     timeout); a worker nobody answers at is named as unreachable when the timeout ends."""
