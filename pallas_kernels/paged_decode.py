@@ -738,7 +738,7 @@ def _balanced_call(q, k_pages, v_pages, kv_lens, page_table, q_rows, out, *, blo
         interpret=static["interpret"], compiler_params=None if static["interpret"] else _compiler_params(blocks),
         input_output_aliases={7: 0, 8: 1}, name="paged_decode_attention",
     )(kv_lens, q_rows.astype(jnp.int32), chunk, page_table.astype(jnp.int32), q, k_in, v_in, out,
-      kernel_zeros((num_seqs * num_kv_heads,), jnp.int32, q_rows[0].astype(jnp.int32)))
+      kernel_zeros((num_seqs * num_kv_heads,), jnp.int32, q_rows[0].astype(jnp.int32), tie=q))
     return result[0]
 
 

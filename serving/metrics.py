@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from jaxdyn.engine.metrics import EngineMetrics
+
+log = logging.getLogger("jaxdyn.metrics")
 
 
 # Every metric in export order: (kind, name, help, the EngineMetrics field it reads)
@@ -105,7 +109,11 @@ class EngineCollector:
                 for decision, count in sorted(value.items()):
                     f.add_metric([self.model_name, decision], count)
             yield f
-        prefill = self._get_prefill() if self._get_prefill is not None else None
+        try:
+            prefill = self._get_prefill() if self._get_prefill is not None else None
+        except Exception:   # noqa: BLE001 -- the prefill role's gauges are lost, not the page
+            log.exception("reading the prefill role's gauges failed")
+            prefill = None
         for name, doc, key in _PREFILL_GAUGES if prefill is not None else ():
             f = GaugeMetricFamily(name, doc, labels=["model_name"])
             f.add_metric(lv, prefill[key])

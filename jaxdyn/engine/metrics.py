@@ -123,7 +123,9 @@ def worker_report(m: EngineMetrics) -> dict:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # an int past 2**63 is no counter of ours (one past a float's range broke the whole /metrics page as Prometheus'
+    # client rendered it)
+    return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63)
 
 
 def set_worker_sums(m: EngineMetrics, counted: list[dict], live: list[dict]) -> None:

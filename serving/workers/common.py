@@ -34,7 +34,9 @@ PREFILL_GAUGE_KEYS = ("num_running", "num_waiting", "kv_pages_used", "kv_pages_c
 
 
 def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    """A count as a report may hold it: an int in [0, 2**53) (a larger one could not be a float's exact value, and
+    one past a float's range broke the whole /metrics page as Prometheus' client rendered it)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 53
 
 
 def prefill_worker_report(address: str, reply) -> dict:
@@ -43,7 +45,7 @@ def prefill_worker_report(address: str, reply) -> dict:
     worker counts it once. The prefix cache's pages come from the reply's metrics report (0 where it has none)."""
     try:
         report = json.loads(reply.metrics_json) if reply.metrics_json else {}
-    except ValueError:
+    except (ValueError, RecursionError):        # not JSON, or nested past the parser's depth
         report = {}
     report = report if isinstance(report, dict) else {}
     cached = report.get("kv_pages_cached")

@@ -69,7 +69,7 @@ class _Worker:
         version) leaves nothing live."""
         try:
             report = json.loads(metrics_json) if metrics_json else {}
-        except ValueError:
+        except (ValueError, RecursionError):         # not JSON, or nested past the parser's depth
             log.warning("worker %s sent metrics that are not JSON; its last ones are kept", self.address)
             return
         if not isinstance(report, dict):

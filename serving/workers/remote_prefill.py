@@ -142,7 +142,7 @@ class RemotePrefillRole:
                 try:
                     reply = stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
                     self._misses[i] = 0
-                    self._reports[i] = prefill_worker_report(self.addresses[i], reply) if reply.healthy else None
+                    self._reports[i] = self._report(i, reply)
                     continue
                 except (grpc.RpcError, ValueError):        # ValueError: its channel closed by shutdown
                     if self._stop.is_set():
@@ -160,6 +160,15 @@ class RemotePrefillRole:
                                     self.addresses[i], len(waiting))
                     for c in calls:
                         c.cancel()
+
+    def _report(self, i: int, reply) -> dict | None:
+        """Worker ``i``'s gauges from its Health ``reply`` (None: not healthy, or a reply this misreads, logged: its
+        gauges are lost, not the health checks)."""
+        try:
+            return prefill_worker_report(self.addresses[i], reply) if reply.healthy else None
+        except Exception:   # noqa: BLE001
+            log.exception("prefill worker %s: its Health reply's gauges could not be read", self.addresses[i])
+            return None
 
     def worker_reports(self) -> list[dict]:
         """The prefill workers' queues and pages as their last Health replies gave them (``prefill_worker_report``),

@@ -304,6 +304,8 @@ def test_gpu_in_place_outputs_of_several_layers_are_not_copies_of_one_zeros_buff
     seqs = [(0, 300)] + [(97 * i + 3, 1) for i in range(40)]
     args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
     q, rest = args[0], args[1:]
+    blocks = paged_decode.decode_block_sizes(128, 16, args[1].dtype, args[4].shape[0])
+    assert paged_decode.grid_splits(args[4].shape[0], 8, args[4].shape[1], blocks) == 1     # the in-place path
     attend = functools.partial(ragged_paged_attention, impl="kernel", sm_scale=0.1)
 
     def layers(q, *rest):       # three "layers": each one's query made from the previous one's output

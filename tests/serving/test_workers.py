@@ -273,8 +273,16 @@ def test_prefill_worker_reports_are_summed_once_each_and_dropped_when_their_work
     b = dict(num_running=1, num_waiting=0, kv_pages_used=1, kv_pages_cached=0, kv_pages_total=50, instance="b")
     odd = dict(num_running="3", num_waiting=-1, kv_pages_used=True, kv_pages_cached=None, kv_pages_total=7,
                instance="c")
-    assert common.sum_prefill_reports([a, b, dict(a), odd, "x"]) == dict(
-        num_running=3, num_waiting=1, kv_pages_used=6, kv_pages_cached=3, kv_pages_total=157)
+    huge = dict(b, instance="d", kv_pages_total=10 ** 400)   # past a float's range: it broke /metrics' rendering
+    assert common.sum_prefill_reports([a, b, dict(a), odd, "x", huge]) == dict(
+        num_running=4, num_waiting=1, kv_pages_used=7, kv_pages_cached=3, kv_pages_total=157)
+    nested = types.SimpleNamespace(healthy=True, num_running=1, num_waiting=0, kv_pages_used=0, kv_pages_total=4,
+                                   metrics_json="[" * 100000 + "]" * 100000)
+    assert common.prefill_worker_report("h:1", nested) == dict(num_running=1, num_waiting=0, kv_pages_used=0,
+                                                               kv_pages_cached=0, kv_pages_total=4, instance="h:1")
+    w = frontend._Worker("127.0.0.1:9")
+    w.take_report(nested.metrics_json)                  # a RecursionError had ended the front end's health thread
+    assert w.report == {}
 
     engine = frontend.RemoteEngine.__new__(frontend.RemoteEngine)
     d1, d2, both = frontend._Worker("127.0.0.1:1"), frontend._Worker("127.0.0.1:2"), frontend._Worker("127.0.0.1:3")
@@ -293,9 +301,13 @@ def test_prefill_worker_reports_are_summed_once_each_and_dropped_when_their_work
 
     replies = [types.SimpleNamespace(healthy=True, num_running=1, num_waiting=2, kv_pages_used=3, kv_pages_total=9,
                                      metrics_json=json.dumps({"kv_pages_cached": 4, "instance": "p"}))]
+    odd_replies = [types.SimpleNamespace(healthy=True, metrics_json=""),       # fields missing: nothing read
+                   nested]                                                      # nested: read without its report
 
     class Stub:
         def Health(self, request, timeout):
+            if odd_replies:
+                return odd_replies.pop(0)
             if not replies:
                 raise grpc.RpcError()
             return replies[0]
@@ -305,11 +317,12 @@ def test_prefill_worker_reports_are_summed_once_each_and_dropped_when_their_work
     try:
         role._stubs = [Stub()]
         deadline = time.monotonic() + 10
-        while not role.worker_reports():
+        while [r["instance"] for r in role.worker_reports()] != ["p"]:     # after the odd replies
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert role.worker_reports() == [dict(num_running=1, num_waiting=2, kv_pages_used=3, kv_pages_cached=4,
                                               kv_pages_total=9, instance="p")]
+        assert not odd_replies and role._health.is_alive()
         replies.clear()
         while role.worker_reports():
             assert time.monotonic() < deadline
@@ -861,6 +874,9 @@ def test_workers_reports_are_summed_counters_over_all_gauges_over_the_live():
     rb["steps"], rb["queue_time"]["buckets"] = "7", [1.0]
     set_worker_sums(m, [ra, rb], [])
     assert (m.steps, m.queue_time.count, m.num_remote_prefills) == (5, 1, 0)
+    rb["steps"] = 10 ** 400             # past a float's range: Prometheus' client could not render it
+    set_worker_sums(m, [ra, rb], [])
+    assert m.steps == 5
 
 
 def test_a_restarted_or_odd_workers_reports_keep_the_counters_from_falling():
