@@ -517,8 +517,12 @@ def build_app(state: ServerState) -> Starlette:
         get = getattr(state.core, "prefill_gauges", None)
         return get() if get is not None else None
 
+    def worker_counts():
+        get = getattr(state.core, "worker_counts", None)       # a front end over workers
+        return get() if get is not None else None
+
     registry = make_registry(lambda: state.core.metrics if state.core is not None else None, state.model_name,
-                             prefill_gauges)
+                             prefill_gauges, worker_counts)
 
     def endpoint(fn):
         async def wrapped(request: Request):

@@ -73,9 +73,10 @@ _PREFILL_GAUGES = (
 
 
 class EngineCollector:
-    def __init__(self, get_metrics, model_name: str, get_prefill_gauges=None):
+    def __init__(self, get_metrics, model_name: str, get_prefill_gauges=None, get_worker_counts=None):
         self._get = get_metrics
         self._get_prefill = get_prefill_gauges
+        self._get_workers = get_worker_counts
         self.model_name = model_name
 
     def collect(self):
@@ -118,14 +119,26 @@ class EngineCollector:
             f = GaugeMetricFamily(name, doc, labels=["model_name"])
             f.add_metric(lv, prefill[key])
             yield f
+        try:
+            workers = self._get_workers() if self._get_workers is not None else None
+        except Exception:   # noqa: BLE001 -- the worker counts are lost, not the page
+            log.exception("counting the workers failed")
+            workers = None
+        if workers is not None:
+            f = GaugeMetricFamily("jaxdyn:workers", "Workers answering their health checks, by role (serve --workers).",
+                                  labels=["model_name", "role"])
+            for role, count in sorted(workers.items()):
+                f.add_metric([self.model_name, role], count)
+            yield f
 
 
-def make_registry(get_metrics, model_name: str, get_prefill_gauges=None) -> CollectorRegistry:
+def make_registry(get_metrics, model_name: str, get_prefill_gauges=None, get_worker_counts=None) -> CollectorRegistry:
     """``get_metrics``: the engine's ``EngineMetrics`` (or None: nothing exported); ``get_prefill_gauges``: an
     in-process prefill engine's gauges (``DisaggEngine.prefill_gauges``) or a front end's prefill workers'
-    (``FrontendCore.prefill_gauges``); None: none exported."""
+    (``FrontendCore.prefill_gauges``); None: none exported. ``get_worker_counts``: a front end's workers answering
+    their health checks, by role (``FrontendCore.worker_counts``: ``jaxdyn:workers``)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(EngineCollector(get_metrics, model_name, get_prefill_gauges))
+    reg.register(EngineCollector(get_metrics, model_name, get_prefill_gauges, get_worker_counts))
     return reg
 
 

@@ -115,9 +115,10 @@ class _RemoteStream:
 class FrontendCore:
     """The engine facts the OpenAI app reads, for an engine made of workers."""
 
-    def __init__(self, tokenizer, model_config, max_model_len: int, max_num_seqs: int, prefill_gauges=None):
+    def __init__(self, tokenizer, model_config, max_model_len: int, max_num_seqs: int, prefill_gauges=None,
+                 worker_counts=None):
         self.tokenizer = tokenizer
-        self._prefill_gauges = prefill_gauges
+        self._prefill_gauges, self._worker_counts = prefill_gauges, worker_counts
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
@@ -133,6 +134,10 @@ class FrontendCore:
         """The prefill workers' queues and pages behind the decode workers (the app's ``jaxdyn:prefill_role_*``
         gauges); None where no decode worker has prefill workers."""
         return self._prefill_gauges() if self._prefill_gauges is not None else None
+
+    def worker_counts(self) -> dict | None:
+        """The workers answering their health checks, by role (the app's ``jaxdyn:workers`` gauge)."""
+        return self._worker_counts() if self._worker_counts is not None else None
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
         """What can be refused here; the worker checks the rest (and its refusal is a 400 too)."""
@@ -185,7 +190,8 @@ class RemoteEngine:
         if bad:
             raise ValueError(f"workers {', '.join(bad)} serve a model with another vocabulary")
         self.core = FrontendCore(tokenizer, model_config, min(w.max_model_len for w in gen),
-                                 sum(w.max_num_seqs for w in gen), prefill_gauges=self.prefill_gauges)
+                                 sum(w.max_num_seqs for w in gen), prefill_gauges=self.prefill_gauges,
+                                 worker_counts=self.worker_counts)
         self._thread = threading.Thread(target=self._health_loop, name="jaxdyn-health", daemon=True)
         self._thread.start()
 
@@ -234,6 +240,18 @@ class RemoteEngine:
         if not lists:
             return None
         return sum_prefill_reports([r for rs in lists for r in rs])
+
+    def worker_counts(self) -> dict:
+        """The workers answering their health checks, by role: this front end's decode and both workers, and the
+        prefill workers behind them as the decode workers last reported them (each process once)."""
+        live = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+        prefill = set()
+        for w in live:
+            reports = w.report.get("prefill_workers")
+            if isinstance(reports, list):
+                prefill.update(str(r.get("instance")) for r in reports if isinstance(r, dict))
+        return {"decode": sum(w.role == "decode" for w in live), "both": sum(w.role == "both" for w in live),
+                "prefill": len(prefill)}
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):

@@ -253,6 +253,9 @@ def test_a_frontend_exports_the_prefill_workers_behind_its_decode_workers_once(c
             want = {f: getattr(reply, f) for f in names.values()}
         assert want["kv_pages_total"] > 0          # counted once: two decode workers report it
         assert "jaxdyn:prefill_role_prefix_cache_pages" in gauges
+        workers = {g.group(1): float(g.group(2))
+                   for g in re.finditer(r'^jaxdyn:workers\{[^}]*role="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+        assert workers == {"both": 0, "decode": 2, "prefill": 1}
         reports = [json.loads(d.health().metrics_json)["prefill_workers"] for d in (dec_grpc, dec_jax)]
         assert [len(r) for r in reports] == [1, 1] and reports[0][0]["instance"] == reports[1][0]["instance"]
         assert "prefill_workers" not in json.loads(reply.metrics_json)
@@ -294,8 +297,12 @@ def test_prefill_worker_reports_are_summed_once_each_and_dropped_when_their_work
     engine.workers = [d1, d2, both]
     d1.report, d2.report = {"prefill_workers": [a]}, {"prefill_workers": [a, b]}
     assert engine.prefill_gauges()["kv_pages_total"] == 150
+    assert engine.worker_counts() == {"decode": 2, "both": 1, "prefill": 2}
     d2.healthy = False
     assert engine.prefill_gauges()["kv_pages_total"] == 100
+    assert engine.worker_counts() == {"decode": 1, "both": 1, "prefill": 1}
+    both.report = {"prefill_workers": {"x": 1}}         # of another shape: counted as none
+    assert engine.worker_counts()["prefill"] == 1
     d1.report = {"prefill_workers": []}                 # its prefill workers all unreachable: zeros, not none
     assert engine.prefill_gauges() == dict.fromkeys(common.PREFILL_GAUGE_KEYS, 0)
 
