@@ -166,18 +166,32 @@ class ModelConfig:
         except (TypeError, ValueError, AttributeError, KeyError) as e:   # a value of a type no check above expects
             raise ConfigError(f"{config_path}: a value has the wrong type or form ({e!r})") from None
         # generation_config.json's EOS ids end generation too (Llama 3 lists <|eot_id|> there).
-        gen_path = os.path.join(path, "generation_config.json")
-        if os.path.isfile(gen_path):
-            try:
-                with open(gen_path, encoding="utf-8") as f:
-                    eos = json.load(f).get("eos_token_id")
-            except (OSError, ValueError, AttributeError, RecursionError) as e:   # JSONDecodeError, not UTF-8: ValueError
-                raise ConfigError(f"{gen_path}: not a valid generation config ({str(e) or type(e).__name__})") from None
-            extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-            if not all(isinstance(t, int) for t in extra):
-                raise ConfigError(f"{gen_path}: eos_token_id must be an integer or a list of integers")
+        extra = generation_config_eos_ids(path)
+        if extra:
             cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *extra])))
         return cfg
+
+
+def generation_config_eos_ids(directory: str | os.PathLike) -> tuple[int, ...]:
+    """The EOS ids a checkpoint directory's ``generation_config.json`` lists (() without the file), as ``ModelConfig``
+    and the tokenizer both read them: integers as transformers takes them (a negative one it only warns of; the
+    engine leaves out ids outside the vocabulary). A file that is not a JSON object, or an id that is not an integer
+    (true included), is a ConfigError naming the file."""
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(path):
+        return ()
+    try:
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:      # JSONDecodeError, not UTF-8: ValueError
+        raise ConfigError(f"{path}: not a valid generation config ({str(e) or type(e).__name__})") from None
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{path}: not a valid generation config (a JSON {type(gen).__name__}, not an object)")
+    eos = gen.get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, not {json.dumps(eos)[:80]}")
+    return tuple(ids)
 
 
 # int8: weights only; fp8: weights and activations (w8a8) (``jaxdyn.models.llama.Linear``)

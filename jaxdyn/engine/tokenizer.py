@@ -7,6 +7,8 @@ import os
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from jaxdyn.config import ConfigError, generation_config_eos_ids
+
 
 class TokenizerError(ValueError):
     pass
@@ -92,16 +94,11 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise TokenizerError(f"{file}: cannot be read: {e}") from None
         cfg_file = os.path.join(path, "tokenizer_config.json")
-        gen_file = os.path.join(path, "generation_config.json")
-        cfg, gen = _read_json(cfg_file), _read_json(gen_file)
-        extra = gen.get("eos_token_id")
-        extra = [] if extra is None else [extra] if isinstance(extra, int) else extra
-        # what ModelConfig reads of the same file takes (integers; transformers warns of a negative one, and so
-        # it never matches a token)
-        if not (isinstance(extra, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in extra)):
-            raise TokenizerError(f"{gen_file}: eos_token_id must be a token id or a list of them, "
-                                 f"not {json.dumps(gen.get('eos_token_id'))[:80]}")
-        extra = tuple(extra)
+        cfg = _read_json(cfg_file)
+        try:    # the ids ModelConfig reads of the same file
+            extra = generation_config_eos_ids(path)
+        except ConfigError as e:
+            raise TokenizerError(str(e)) from None
         jinja = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja):   # transformers: the file wins, whatever tokenizer_config.json holds
             template = _read_text(jinja)

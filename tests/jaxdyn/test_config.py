@@ -132,6 +132,23 @@ def test_a_generation_config_that_cannot_be_read_is_named(tmp_path, content):
         ModelConfig.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("eos", [True, [5, False], "9", [9.0]])
+def test_generation_config_eos_ids_that_are_not_ids_are_named_as_the_tokenizer_names_them(tmp_path, eos):
+    """ModelConfig and the tokenizer read generation_config.json's EOS ids with one reader: ``true`` (an int to
+    Python) was id 1 to ModelConfig and an error to the tokenizer."""
+    from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
+    from tests.support import make_byte_tokenizer
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, eos_token_id=5)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    make_byte_tokenizer(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    with pytest.raises(ConfigError, match=r"generation_config\.json: eos_token_id must be a token id"):
+        ModelConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(TokenizerError, match=r"generation_config\.json: eos_token_id must be a token id"):
+        Tokenizer.from_pretrained(str(tmp_path))
+
+
 @pytest.mark.parametrize("case", ["scaling_beside_parameters", "llama3_without_original", "original_on_top"])
 def test_rope_is_read_as_transformers_5_reads_it(case):
     """Where a config holds both keys, or leaves llama3's pretraining length out, the rotary frequencies are
