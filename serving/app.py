@@ -512,17 +512,17 @@ def _truncate_prompt(engine: AsyncEngine, ids: list[int], req) -> list[int]:
 
 
 def build_app(state: ServerState) -> Starlette:
-    def prefill_gauges():
-        # serve --disagg: the prefill mesh's engine; a front end over workers: the decode workers' prefill workers
-        get = getattr(state.core, "prefill_gauges", None)
-        return get() if get is not None else None
-
-    def worker_counts():
-        get = getattr(state.core, "worker_counts", None)       # a front end over workers
-        return get() if get is not None else None
+    def core_reader(name: str):
+        """A reader of ``state.core``'s ``name()`` (None where the engine has none): ``prefill_gauges`` under serve
+        --disagg (the prefill mesh's engine) and over workers (the decode workers' prefill workers), and
+        ``worker_counts`` over workers."""
+        def read():
+            get = getattr(state.core, name, None)
+            return get() if get is not None else None
+        return read
 
     registry = make_registry(lambda: state.core.metrics if state.core is not None else None, state.model_name,
-                             prefill_gauges, worker_counts)
+                             core_reader("prefill_gauges"), core_reader("worker_counts"))
 
     def endpoint(fn):
         async def wrapped(request: Request):

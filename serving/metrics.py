@@ -72,6 +72,16 @@ _PREFILL_GAUGES = (
 )
 
 
+def _read(get, what: str):
+    """``get()`` (None without ``get``); one that raises is logged and read as None: its metrics are lost, not the
+    page."""
+    try:
+        return get() if get is not None else None
+    except Exception:   # noqa: BLE001
+        log.exception("reading %s failed", what)
+        return None
+
+
 class EngineCollector:
     def __init__(self, get_metrics, model_name: str, get_prefill_gauges=None, get_worker_counts=None):
         self._get = get_metrics
@@ -110,20 +120,12 @@ class EngineCollector:
                 for decision, count in sorted(value.items()):
                     f.add_metric([self.model_name, decision], count)
             yield f
-        try:
-            prefill = self._get_prefill() if self._get_prefill is not None else None
-        except Exception:   # noqa: BLE001 -- the prefill role's gauges are lost, not the page
-            log.exception("reading the prefill role's gauges failed")
-            prefill = None
+        prefill = _read(self._get_prefill, "the prefill role's gauges")
         for name, doc, key in _PREFILL_GAUGES if prefill is not None else ():
             f = GaugeMetricFamily(name, doc, labels=["model_name"])
             f.add_metric(lv, prefill[key])
             yield f
-        try:
-            workers = self._get_workers() if self._get_workers is not None else None
-        except Exception:   # noqa: BLE001 -- the worker counts are lost, not the page
-            log.exception("counting the workers failed")
-            workers = None
+        workers = _read(self._get_workers, "the workers' counts")
         if workers is not None:
             f = GaugeMetricFamily("jaxdyn:workers", "Workers answering their health checks, by role (serve --workers).",
                                   labels=["model_name", "role"])

@@ -55,14 +55,17 @@ def prefill_worker_report(address: str, reply) -> dict:
                 instance=instance if isinstance(instance, str) and instance else address)
 
 
+def prefill_reports_by_instance(reports) -> dict[str, dict]:
+    """Prefill workers' reports (``prefill_worker_report``) by their process's ``instance``, the last of each (a
+    prefill worker that several decode workers share, once); one that is not an object is left out."""
+    return {str(r.get("instance")): r for r in reports if isinstance(r, dict)}
+
+
 def sum_prefill_reports(reports) -> dict:
-    """The sums of prefill workers' reports (``prefill_worker_report``), each process once (the last report of each
-    ``instance``); a value of another shape (a worker of another version) is left out of its sum."""
-    by_instance = {}
-    for r in reports:
-        if isinstance(r, dict):
-            by_instance[str(r.get("instance"))] = r
-    return {k: sum(r[k] for r in by_instance.values() if _count(r.get(k))) for k in PREFILL_GAUGE_KEYS}
+    """The sums of prefill workers' reports, each process once (``prefill_reports_by_instance``); a value of another
+    shape (a worker of another version) is left out of its sum."""
+    unique = prefill_reports_by_instance(reports).values()
+    return {k: sum(r[k] for r in unique if _count(r.get(k))) for k in PREFILL_GAUGE_KEYS}
 
 
 def kv_layout(core) -> pb.KVLayout:

@@ -34,7 +34,8 @@ from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import CLIENT_CHANNEL_OPTIONS, OutputAccumulator, params_to_json, sum_prefill_reports
+from serving.workers.common import (CLIENT_CHANNEL_OPTIONS, OutputAccumulator, params_to_json,
+                                   prefill_reports_by_instance, sum_prefill_reports)
 
 log = logging.getLogger("jaxdyn.frontend")
 WAITING_NOTE_S = 10.0        # while no decode or both worker answers, say so this often
@@ -118,7 +119,9 @@ class FrontendCore:
     def __init__(self, tokenizer, model_config, max_model_len: int, max_num_seqs: int, prefill_gauges=None,
                  worker_counts=None):
         self.tokenizer = tokenizer
-        self._prefill_gauges, self._worker_counts = prefill_gauges, worker_counts
+        # the app's /metrics readers (``RemoteEngine``'s): the prefill workers' gauges (``jaxdyn:prefill_role_*``),
+        # the workers answering by role (``jaxdyn:workers``)
+        self.prefill_gauges, self.worker_counts = prefill_gauges, worker_counts
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
@@ -129,15 +132,6 @@ class FrontendCore:
             "generation_tokens", "requests_finished", "ttft", "itl", "e2e", *WORKER_FIELDS}))
         self.num_pages = 0
         self.load_info: dict[str, float] = {}
-
-    def prefill_gauges(self) -> dict | None:
-        """The prefill workers' queues and pages behind the decode workers (the app's ``jaxdyn:prefill_role_*``
-        gauges); None where no decode worker has prefill workers."""
-        return self._prefill_gauges() if self._prefill_gauges is not None else None
-
-    def worker_counts(self) -> dict | None:
-        """The workers answering their health checks, by role (the app's ``jaxdyn:workers`` gauge)."""
-        return self._worker_counts() if self._worker_counts is not None else None
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
         """What can be refused here; the worker checks the rest (and its refusal is a 400 too)."""
@@ -170,7 +164,7 @@ class RemoteEngine:
         noted = start
         while True:
             self._check_health()
-            if any(w.healthy and w.role in GENERATE_ROLES for w in self.workers):
+            if self._live():
                 break
             if all(w.role is not None and w.role not in GENERATE_ROLES for w in self.workers):
                 raise ValueError(f"{', '.join(f'{w.address} is a {w.role} worker' for w in self.workers)}: --workers "
@@ -185,7 +179,7 @@ class RemoteEngine:
                 log.warning("waiting for a decode or both worker (%.0f of %g s): %s", now - start, connect_timeout,
                             self._worker_states())
             time.sleep(0.2)
-        gen = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+        gen = self._live()
         bad = [w.address for w in gen if w.vocab_size != model_config.vocab_size]
         if bad:
             raise ValueError(f"workers {', '.join(bad)} serve a model with another vocabulary")
@@ -221,7 +215,7 @@ class RemoteEngine:
                     s.fail(f"worker {w.address} is unreachable")
         core = getattr(self, "core", None)
         if core is not None:        # the gauges: the healthy decode / both workers' pages and queues
-            live = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+            live = self._live()
             m = core.metrics
             m.kv_pages_used = sum(w.kv_pages_used for w in live)
             m.kv_pages_total = core.num_pages = sum(w.kv_pages_total for w in live)
@@ -231,27 +225,29 @@ class RemoteEngine:
             except Exception:   # noqa: BLE001 -- a report this misreads costs its metrics, not the health checks
                 log.exception("summing the workers' metrics failed")
 
+    def _live(self) -> list[_Worker]:
+        """The decode and both workers answering their health checks."""
+        return [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+
+    def _prefill_reports(self) -> dict[str, dict] | None:
+        """The prefill workers' last reports as the live decode workers passed them on, each process once
+        (``prefill_reports_by_instance``); None where none of them has prefill workers (their reports carry no
+        ``prefill_workers``)."""
+        lists = [r for r in (w.report.get("prefill_workers") for w in self._live()) if isinstance(r, list)]
+        return None if not lists else prefill_reports_by_instance(r for rs in lists for r in rs)
+
     def prefill_gauges(self) -> dict | None:
-        """The sums of the prefill workers' queues and pages as the healthy decode workers last reported them, each
-        prefill worker once however many decode workers share it (``sum_prefill_reports``); None where none of
-        them has prefill workers (their reports carry no ``prefill_workers``)."""
-        live = [w.report.get("prefill_workers") for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
-        lists = [r for r in live if isinstance(r, list)]
-        if not lists:
-            return None
-        return sum_prefill_reports([r for rs in lists for r in rs])
+        """The sums of the prefill workers' queues and pages (``sum_prefill_reports``), or None (no prefill
+        workers)."""
+        reports = self._prefill_reports()
+        return None if reports is None else sum_prefill_reports(reports.values())
 
     def worker_counts(self) -> dict:
         """The workers answering their health checks, by role: this front end's decode and both workers, and the
-        prefill workers behind them as the decode workers last reported them (each process once)."""
-        live = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
-        prefill = set()
-        for w in live:
-            reports = w.report.get("prefill_workers")
-            if isinstance(reports, list):
-                prefill.update(str(r.get("instance")) for r in reports if isinstance(r, dict))
+        prefill workers behind them as the decode workers last reported them."""
+        live = self._live()
         return {"decode": sum(w.role == "decode" for w in live), "both": sum(w.role == "both" for w in live),
-                "prefill": len(prefill)}
+                "prefill": len(self._prefill_reports() or {})}
 
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):
@@ -259,7 +255,7 @@ class RemoteEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return any(w.healthy and w.role in GENERATE_ROLES for w in self.workers)
+        return bool(self._live())
 
     @property
     def num_unfinished(self) -> int:
@@ -274,7 +270,7 @@ class RemoteEngine:
     def add_request(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
         if request_id in self._streams:
             raise RequestError("request_id", f"request id {request_id!r} is already in use")
-        live = [w for w in self.workers if w.healthy and w.role in GENERATE_ROLES]
+        live = self._live()
         if not live:
             raise EngineDeadError("no worker is available")
         w = min(live, key=lambda w: len(w.inflight))
