@@ -63,15 +63,6 @@ class DecodeBlockSizes:
     # running sequences) gets as many splits as one live sequence would; the splits a call uses
     # are picked on device from the sequences that are live (kv_len > 0), up to that number.
     one_live_slots: int = 16
-    # > one_live_slots: a call of more sequence slots than ``one_live_slots``, up to this many (a 64-slot bucket's
-    # step of 17-63 running sequences), gets a grid of the splits ``few_live_grid_for`` live sequences would need;
-    # the splits it uses are picked on device from its live sequences (``live_splits``: one when they fill the
-    # GPU), their partial results merged by ``merge_splits_into_rows``. Without it such a call has one split: a
-    # program a (sequence, kv head), so a few live sequences' long contexts loop in few programs (on an H100 over
-    # fp8 pages, 20 live of 64 slots at contexts 600-1,400: 62 µs, against 42 µs with 16-bit blocks split as for
-    # one live sequence; ``benchmarks/results/gpu_suite_h200.md``, forty-second session). 0: off.
-    few_live_max_slots: int = 0
-    few_live_grid_for: int = 16
     # how a block of keys is gathered: "rows" (each key token's page id read from the page table,
     # the [tokens, D] tile loaded from the free [pages * page_size, D] view) or "pages" (the
     # [pages, page_size, D] tile loaded by page id and reshaped): see key_block
@@ -217,15 +208,9 @@ def num_context_splits(num_seqs: int, num_kv_heads: int, num_blocks: int,
 
 def grid_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, blocks: DecodeBlockSizes) -> int:
     """The context splits of the kernel's grid for a call of ``num_seqs`` sequence slots (static): what one
-    live sequence needs up to ``blocks.one_live_slots`` slots, what ``blocks.few_live_grid_for`` need up to
-    ``blocks.few_live_max_slots``, else what ``num_seqs`` need."""
+    live sequence needs up to ``blocks.one_live_slots`` slots, else what ``num_seqs`` need."""
     ppb = min(blocks.pages_per_block, pl.next_power_of_2(pages_per_seq))
-    if num_seqs <= blocks.one_live_slots:
-        sized_for = 1
-    elif num_seqs <= blocks.few_live_max_slots:
-        sized_for = min(num_seqs, max(blocks.few_live_grid_for, 1))
-    else:
-        sized_for = num_seqs
+    sized_for = 1 if num_seqs <= blocks.one_live_slots else num_seqs
     return num_context_splits(sized_for, num_kv_heads, pl.cdiv(pages_per_seq, ppb), blocks.min_programs)
 
 

@@ -195,36 +195,6 @@ def test_interpreted_decode_kernel_in_a_bucket_of_padding_slots_uses_the_live_se
     assert np.all(np.asarray(out)[dead] == 0), "a padding slot's rows must be zero"
 
 
-@pytest.mark.parametrize("live", [[3], [0, 5, 9, 17], list(range(0, 24, 2))])
-def test_interpreted_decode_kernel_of_few_live_in_many_slots_splits_as_its_live_sequences_need(live):
-    """``few_live_max_slots``: a call of 24 slots (more than ``one_live_slots``) gets the grid splits 4 live
-    sequences would need and uses what its live ones need (4, 2 or 1 here), the splits merged into q-shaped rows;
-    without the option the same call has one split. Either way the rows are the reference's, padding rows zero."""
-    rng = np.random.default_rng(len(live))
-    contexts = [(97 * s) % 500 + 20 for s in range(24)]
-    args, n = _batch(rng, [(contexts[s] if s in live else 0, 1) for s in range(24)], num_q_heads=4,
-                     num_kv_heads=2, head_dim=16, page_size=8, dtype=jnp.float32, pad_tokens=0)
-    q, k_pages, v_pages, kv_lens, page_table, cu = args
-    kv_lens = jnp.asarray([contexts[s] + 1 if s in live else 0 for s in range(24)], jnp.int32)
-    blocks = paged_decode.DecodeBlockSizes(pages_per_block=2, num_warps=4, num_stages=2, min_programs=32,
-                                           one_live_slots=8, few_live_max_slots=32, few_live_grid_for=4)
-    pages = page_table.shape[1]
-    assert paged_decode.grid_splits(24, 2, pages, dataclasses.replace(blocks, few_live_max_slots=0)) == 1
-    assert paged_decode.grid_splits(24, 2, pages, dataclasses.replace(blocks, few_live_max_slots=16)) == 1
-    assert paged_decode.grid_splits(24, 2, pages, blocks) == 4          # 4 live x 2 heads x 4 splits = 32 programs
-    want = {1: 4, 4: 4, 12: 2}[len(live)]
-    assert int(paged_decode.live_splits(kv_lens, 2, 4, 32)[0]) == want
-    rows = jnp.arange(24, dtype=jnp.int32)
-    out = paged_decode.paged_decode_attention_kernel(
-        q[:24], k_pages, v_pages, kv_lens, page_table[:24], sm_scale=0.25, interpret=True, blocks=blocks,
-        q_rows=rows, merged_rows=True)
-    ref = paged_decode.paged_decode_attention_reference(
-        q[:24], k_pages, v_pages, kv_lens, page_table[:24], sm_scale=0.25)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
-    dead = [s for s in range(24) if s not in live]
-    assert np.all(np.asarray(out)[dead] == 0), "a padding slot's rows must be zero"
-
-
 def test_interpreted_decode_kernel_reads_each_query_in_place_by_row():
     rng = np.random.default_rng(5)
     args, n = _batch(rng, [(40, 1), (0, 1), (200, 1)], num_q_heads=4, num_kv_heads=2,
