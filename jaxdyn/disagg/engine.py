@@ -36,11 +36,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import queue
-import threading
 import time
 import traceback
 
 from jaxdyn.disagg.policy import REMOTE, DisaggPolicy
+from jaxdyn.engine.async_engine import CommandThread
 from jaxdyn.engine.core import EngineCore, RequestError
 from jaxdyn.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
@@ -330,7 +330,7 @@ def prefill_params(params: SamplingParams) -> SamplingParams:
                                detokenize=False, include_stop_str_in_output=False, prompt_logprobs=None)
 
 
-class LocalPrefillRole:
+class LocalPrefillRole(CommandThread):
     """Runs a prefill ``EngineCore`` on its own thread and hands each finished prompt over.
 
     ``sink`` receives a ``Handoff`` per finished prefill (its KV block on ``target_mesh``, or on
@@ -345,12 +345,8 @@ class LocalPrefillRole:
         max_len = max_model_len or core.max_model_len
         self.gather = KVGather(core.runner, core.model_config.num_kv_heads,
                                math.ceil(max_len / core.config.page_size))
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = False
         self.dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="jaxdyn-prefill", daemon=True)
-        self._thread.start()
+        self._start("jaxdyn-prefill")
 
     @property
     def computed_prefill_tokens(self) -> int:
@@ -373,25 +369,11 @@ class LocalPrefillRole:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
-    def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def _send(self, cmd) -> None:
-        self._commands.put(cmd)
-        self._wake.set()
-
     def _loop(self) -> None:
         core = self.core
         try:
             while not self._stop:
-                self._wake.clear()
-                while True:
-                    try:
-                        cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
+                for cmd in self._taken():
                     if cmd[0] == "add":
                         _, rid, prompt, params, priority, arrival = cmd
                         try:

@@ -81,6 +81,41 @@ def apply_command(core, cmd, wire: bool = False):
     return None if out is None else (cmd[1], out)
 
 
+class CommandThread:
+    """An engine loop on a daemon thread of its own, fed commands through a queue: ``_start`` starts ``_loop``,
+    ``_send`` queues a command and wakes the loop, ``_taken`` gives the loop what was queued since (the wake-up
+    cleared first, so a command sent meanwhile wakes the next wait), ``shutdown`` stops the loop (within 10 s).
+    ``AsyncEngine``'s loop and the disaggregated engine's local prefill role (``jaxdyn.disagg.engine``)."""
+
+    def _start(self, name: str) -> None:
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, cmd) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def _taken(self) -> list:
+        self._wake.clear()
+        taken = []
+        while True:
+            try:
+                taken.append(self._commands.get_nowait())
+            except queue.Empty:
+                return taken
+
+
 class StreamingEngine:
     """The consumer side shared by the engine on a thread (``AsyncEngine``) and the engine in its own process
     (``jaxdyn.engine.process.ProcessEngine``): streams by request id, folding, abort on early exit. A
@@ -190,30 +225,17 @@ class StreamingEngine:
         _post(pending)
 
 
-class AsyncEngine(StreamingEngine):
+class AsyncEngine(StreamingEngine, CommandThread):
     """The engine core driven by a thread of this process."""
 
     def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
         super().__init__(max_queued_requests)
         self.core = core
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="jaxdyn-engine", daemon=True)
-        self._thread.start()
+        self._start("jaxdyn-engine")
 
     @property
     def is_healthy(self) -> bool:
         return self.dead is None and self._thread.is_alive()
-
-    def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def _send(self, cmd) -> None:
-        self._commands.put(cmd)
-        self._wake.set()
 
     # ---- engine thread -------------------------------------------------------------------------
 
@@ -222,12 +244,7 @@ class AsyncEngine(StreamingEngine):
         pending: dict = {}     # this turn's outputs and errors, in order, sent to the loops at its end
         try:
             while not self._stop:
-                self._wake.clear()
-                while True:
-                    try:
-                        cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
+                for cmd in self._taken():
                     done = apply_command(core, cmd)
                     if done is not None:
                         self._deliver(done[1], done[0], pending)
