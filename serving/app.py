@@ -560,15 +560,19 @@ def build_app(state: ServerState) -> Starlette:
     async def metrics(request: Request):
         return Response(render(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @endpoint
-    async def tokenize(request: Request):
-        data = await _read_json(request, state.max_request_bytes)
-        req = _validate(TokenizeRequest, data)
+    async def tokenizer_request(request: Request, model):
+        """(the body as ``model``, the engine, its tokenizer) for /tokenize and /detokenize: 400 without one."""
+        req = _validate(model, await _read_json(request, state.max_request_bytes))
         engine = _require_engine(state)
         _check_model(state, req.model)
         tok = engine.core.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer", code="no_tokenizer")
+        return req, engine, tok
+
+    @endpoint
+    async def tokenize(request: Request):
+        req, engine, tok = await tokenizer_request(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if req.prompt is not None:
@@ -581,13 +585,7 @@ def build_app(state: ServerState) -> Starlette:
 
     @endpoint
     async def detokenize(request: Request):
-        data = await _read_json(request, state.max_request_bytes)
-        req = _validate(DetokenizeRequest, data)
-        engine = _require_engine(state)
-        _check_model(state, req.model)
-        tok = engine.core.tokenizer
-        if tok is None:
-            raise APIError(400, "this model has no tokenizer", code="no_tokenizer")
+        req, _, tok = await tokenizer_request(request, DetokenizeRequest)
         if any(t < 0 or t >= tok.vocab_size for t in req.tokens):
             raise APIError(400, f"tokens: ids must be in [0, {tok.vocab_size})", param="tokens")
         return JSONResponse({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})
