@@ -40,6 +40,19 @@ log = logging.getLogger("jaxdyn.worker")
 ROLES = ("prefill", "decode", "both")
 
 
+async def _checked_params(core, request, context):
+    """The request's sampling parameters, checked with its prompt by ``core`` (``check_request``); a request either
+    refuses is aborted with REFUSED and the parameter it names."""
+    try:
+        params = params_from_json(request.params_json)
+        core.check_request(list(request.prompt_ids), params)
+    except SamplingParamsError as e:
+        await context.abort(REFUSED, refused_details(e.param, str(e).split(": ", 1)[-1]))
+    except RequestError as e:
+        await context.abort(REFUSED, refused_details(e.param, str(e)))
+    return params
+
+
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, role: str, model_name: str, *, engine: AsyncEngine | None = None,
                  prefill: LocalPrefillRole | None = None, transfer_host: str = "127.0.0.1"):
@@ -65,13 +78,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Generate(self, request, context):
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this is a prefill worker: use Prefill")
-        try:
-            params = params_from_json(request.params_json)
-            self.engine.core.check_request(list(request.prompt_ids), params)
-        except SamplingParamsError as e:
-            await context.abort(REFUSED, refused_details(e.param, str(e).split(": ", 1)[-1]))
-        except RequestError as e:
-            await context.abort(REFUSED, refused_details(e.param, str(e)))
+        params = await _checked_params(self.engine.core, request, context)
         try:
             stream = self.engine.add_request(list(request.prompt_ids), params, request.request_id,
                                              priority=request.priority)
@@ -115,13 +122,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             if why is not None:
                 await context.abort(INCOMPATIBLE, why)
         rid = request.request_id
-        try:
-            params = params_from_json(request.params_json)
-            self.prefill.core.check_request(list(request.prompt_ids), params)
-        except SamplingParamsError as e:
-            await context.abort(REFUSED, refused_details(e.param, str(e).split(": ", 1)[-1]))
-        except RequestError as e:
-            await context.abort(REFUSED, refused_details(e.param, str(e)))
+        params = await _checked_params(self.prefill.core, request, context)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
