@@ -97,19 +97,44 @@ async def _read_json(request: Request, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    body = bytes(body)
+    encoding = json.detect_encoding(body)     # UTF-8 (a BOM allowed), UTF-16 or UTF-32, as json.loads of bytes reads
     try:
-        data = json.loads(body)
+        # strictly: json.loads of the bytes would decode a surrogate encoded in them (its surrogatepass), a string
+        # the tokenizer cannot take
+        text = body.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"malformed JSON body: not {encoding.upper().removesuffix('-SIG')} text ({str(e)[:160]})",
+                       code="invalid_json") from None
+    try:
+        data = json.loads(text)
     except (ValueError, RecursionError) as e:
-        # not JSON, not UTF-8, an integer literal of more than 4,300 digits, or nested too deep to parse
+        # not JSON, an integer literal of more than 4,300 digits, or nested too deep to parse
         raise APIError(400, f"malformed JSON body: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the JSON body must be an object", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(body):
+    _check_depth(data)
+    if _SURROGATE_ESCAPE.search(text):
         _check_unicode(data)
     return data
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_JSON_DEPTH = 64     # objects and arrays within each other: deeper, a chat template's tojson could recurse past the stack
+
+
+def _check_depth(data) -> None:
+    """Refuse a body whose objects and arrays nest more than ``MAX_JSON_DEPTH`` deep (a tool's schema rendered by a
+    chat template's ``tojson``, or a validator, would otherwise recurse past Python's stack: a 500)."""
+    todo = [(data, 1)]
+    while todo:
+        x, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"malformed JSON body: nested more than {MAX_JSON_DEPTH} deep", code="invalid_json")
+        if isinstance(x, dict):
+            todo.extend((v, depth + 1) for v in x.values() if isinstance(v, (dict, list)))
+        elif isinstance(x, list):
+            todo.extend((v, depth + 1) for v in x if isinstance(v, (dict, list)))
 
 
 def _check_unicode(data) -> None:
@@ -184,6 +209,7 @@ UNSUPPORTED = {
     "tool_choice": "tool calling",
     "functions": "function calling",
     "function_call": "function calling",
+    "chat_template": "a chat template given by the request (the model's own is rendered)",
 }
 
 
@@ -773,7 +799,8 @@ def build_app(state: ServerState) -> Starlette:
                            "add_generation_prompt to false", param="continue_final_message")
         ids = await _chat_prompt_ids(engine, req.messages, req.add_generation_prompt is not False,
                                      req.chat_template_kwargs or {}, bool(req.continue_final_message),
-                                     tools=req.tools)
+                                     tools=req.tools, documents=req.documents,
+                                     add_special_tokens=bool(req.add_special_tokens))
         ids = _truncate_prompt(engine, ids, req)
         as_ids = bool(req.return_tokens_as_token_ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -940,16 +967,18 @@ def _stream_error(e: Exception) -> APIError:
 
 
 async def _chat_prompt_ids(engine: AsyncEngine, messages, add_generation_prompt: bool, kwargs: dict,
-                           continue_final_message: bool = False, tools: list | None = None) -> list[int]:
-    """The prompt's ids (``jaxdyn.engine.chat.chat_prompt``'s text, tokenized without special tokens); a chat
-    that cannot be rendered is a 400 naming the field to blame."""
+                           continue_final_message: bool = False, tools: list | None = None,
+                           documents: list | None = None, add_special_tokens: bool = False) -> list[int]:
+    """The prompt's ids (``jaxdyn.engine.chat.chat_prompt``'s text, tokenized without special tokens unless
+    ``add_special_tokens``: the template writes BOS itself); a chat that cannot be rendered is a 400 naming the
+    field to blame."""
     tok = engine.core.tokenizer
     try:
         text = chat_prompt(tok, [{"role": m.role, "content": m.content, "name": m.name, "tool_calls": m.tool_calls,
                                   "tool_call_id": m.tool_call_id} for m in messages],
                            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                           chat_template_kwargs=kwargs, tools=tools)
+                           chat_template_kwargs=kwargs, tools=tools, documents=documents)
     except ChatTemplateError as e:
         code = "no_chat_template" if tok is not None and not tok.chat_template else None
         raise APIError(400, str(e), param=e.param, code=code) from None
-    return await _encode(tok, text, add_special_tokens=False)
+    return await _encode(tok, text, add_special_tokens=add_special_tokens)

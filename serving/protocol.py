@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
@@ -74,7 +74,7 @@ class _Sampling(_Base):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    priority: StrictInt | None = 0
+    priority: Annotated[StrictInt, Field(ge=-2**31, le=2**31 - 1)] | None = 0    # a worker's gRPC field is int32
     truncate_prompt_tokens: StrictInt | None = None
     truncation_side: Literal["left", "right"] | None = None
     return_tokens_as_token_ids: StrictBool | None = False
@@ -123,6 +123,9 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None     # described to the template; read for calls with a tool parser
+    documents: list[dict[str, Any]] | None = None    # vLLM's: described to a retrieval template as ``documents``
+    add_special_tokens: StrictBool | None = False    # vLLM's: the tokenizer's special tokens (BOS) on top of the template's
+    chat_template: Any = None                     # vLLM's per-request template: refused (serving.app.UNSUPPORTED)
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None

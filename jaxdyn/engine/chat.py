@@ -52,6 +52,10 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
         raise
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
+    except RecursionError:      # e.g. tojson of a tool's schema nested past Python's stack
+        raise ChatTemplateError("chat template failed: a value is nested too deep to render") from None
+    except OverflowError as e:  # the sandbox's range limit, or a number too large for a filter
+        raise ChatTemplateError(f"chat template failed: {e}") from None
 
 
 def message_text(content) -> str:
@@ -109,13 +113,17 @@ def template_message(m: dict) -> dict:
 
 def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-                tools: list | None = None, chat_template: str | None = None, _continuing: bool = False) -> str:
+                tools: list | None = None, documents: list | None = None, chat_template: str | None = None,
+                _continuing: bool = False) -> str:
     """The prompt text of a chat (tokenize it without adding special tokens: the template writes BOS itself).
     ``continue_final_message``: the prompt ends with the final (assistant) message's text, with none of what the
     template writes after a message, so that generation continues it (vLLM's option; the template is rendered
     without a generation prompt and cut after that text). ``tools``: described to the template (vLLM passes them
-    even where none may be called); ``chat_template_kwargs`` over them. ``chat_template``: instead of the
-    tokenizer's. ChatTemplateError (its ``param`` the field to blame) where the chat cannot be rendered."""
+    even where none may be called); ``documents``: the same for a retrieval template's documents (vLLM's);
+    ``chat_template_kwargs`` over both, except a ``chat_template`` among them, refused (vLLM's, which takes one
+    only from a server that trusts its requests' templates). ``chat_template``: instead of the tokenizer's (``LLM.chat``'s
+    option; the server takes none from a request). ChatTemplateError (its ``param`` the field to blame) where the chat cannot be
+    rendered."""
     kwargs = dict(chat_template_kwargs or {})
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     if tokenizer is None:
@@ -126,6 +134,9 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     if taken:
         raise ChatTemplateError(f"chat_template_kwargs: {taken[0]!r} is set by the request itself, not by "
                                 "chat_template_kwargs", "chat_template_kwargs")
+    if "chat_template" in kwargs:
+        raise ChatTemplateError("chat_template_kwargs: a chat template given by the request is not supported by "
+                                "this server (it renders the model's own)", "chat_template_kwargs")
     if not messages and not _continuing:
         raise ChatTemplateError("messages: at least one message is needed")
     if continue_final_message:
@@ -136,8 +147,8 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
                                     f"{role!r}", "continue_final_message")
     msgs = [template_message(m) for m in messages]
     given = kwargs
-    if tools is not None:           # vLLM: chat_template_kwargs (tools among them) over the request's own
-        kwargs = {"tools": tools, **kwargs}
+    own = {k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None}
+    kwargs = {**own, **kwargs}      # vLLM: chat_template_kwargs (tools, documents among them) over the request's own
 
     def render(msgs):
         try:
@@ -151,7 +162,7 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     if continue_final_message and not msgs[-1]["content"]:
         # an empty final message: continuing it is starting the assistant's turn
         return chat_prompt(tokenizer, messages[:-1], add_generation_prompt=True, chat_template_kwargs=given,
-                           tools=tools, chat_template=chat_template, _continuing=True)
+                           tools=tools, documents=documents, chat_template=chat_template, _continuing=True)
     return _cut_after_final(text, msgs, render) if continue_final_message else text
 
 

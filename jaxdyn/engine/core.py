@@ -329,12 +329,7 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ps,
                                                    policy=config.schedule_policy),
                                    self.allocator, self.prefix_cache)
-        eos = set(model_config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
-        if tokenizer is not None and eos_token_ids is None:
-            eos |= set(tokenizer.eos_token_ids)
-        # ids outside the vocabulary (a config's negative or too-large id, which transformers only warns of) are never
-        # drawn, and banned until min_tokens a negative one would index another token's logit from the end
-        self.eos_token_ids = tuple(sorted(t for t in eos if 0 <= t < model_config.vocab_size))
+        self.eos_token_ids = engine_eos_ids(model_config, tokenizer, eos_token_ids)
         # the tokenizer's own EOS (vLLM's model EOS): a sequence it ends has no stop_reason; another EOS id (a
         # generation_config.json's, e.g. a chat turn's end) ends it as a stop token, stop_reason that id (vLLM's)
         self._own_eos = getattr(tokenizer, "eos_token_id", None) if eos_token_ids is None else None
@@ -792,10 +787,44 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def engine_eos_ids(model_config, tokenizer, eos_token_ids=None) -> tuple[int, ...]:
+    """The ids that end a sequence (``EngineCore.eos_token_ids``): ``eos_token_ids`` if given, else the model
+    config's and the tokenizer's EOS ids. Ids outside the vocabulary (a config's negative or too-large id, which
+    transformers only warns of) are left out: never drawn, and banned until min_tokens a negative one would index
+    another token's logit from the end."""
+    eos = set(model_config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
+    if tokenizer is not None and eos_token_ids is None:
+        eos |= set(tokenizer.eos_token_ids)
+    return tuple(sorted(t for t in eos if 0 <= t < model_config.vocab_size))
+
+
 def check_request(facts, prompt_ids, params: SamplingParams) -> None:
     """Raise RequestError if an engine with these ``facts`` would refuse the request: anything with an
     EngineCore's ``model_config``, ``max_model_len``, ``tokenizer``, ``eos_token_ids``, ``config`` and
     ``num_pages`` (the core itself, or the view of a core in another process)."""
+    check_request_ids(facts, prompt_ids, params)
+    if params.prompt_logprobs is not None and len(prompt_ids) > 1:
+        cfg = facts.config
+        if min(cfg.max_num_seqs, cfg.max_num_batched_tokens) < 2:
+            raise RequestError("prompt_logprobs", "a step of this engine holds one row (max_num_seqs or "
+                               "max_num_batched_tokens 1): a prompt token's score needs a row beside its sequence's")
+    room = facts.max_model_len - len(prompt_ids)
+    max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
+    # KV is computed for every token but the last (sampled, never fed back)
+    held = facts.num_pages * facts.config.page_size
+    if len(prompt_ids) > held:
+        raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {held}")
+    if max_len - 1 > held:
+        raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens: the KV of {max_len - 1} of them "
+                           f"exceeds the KV cache ({held} tokens)")
+
+
+def check_request_ids(facts, prompt_ids, params: SamplingParams) -> None:
+    """The part of ``check_request`` that needs no engine's pages or step shape: the prompt against the vocabulary
+    and the context, the parameters' token ids against the vocabulary and the room the bans until min_tokens
+    share (``facts``: ``model_config``, ``max_model_len``, ``tokenizer``, ``eos_token_ids``). A front end over
+    workers checks this much itself, so that a streamed request it would have the worker refuse is a 400, not an
+    error event after a 200."""
     if len(prompt_ids) == 0:
         raise RequestError("prompt", "the prompt is empty")
     vocab = facts.model_config.vocab_size
@@ -808,6 +837,11 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
     if len(prompt_ids) >= facts.max_model_len:
         raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
                            f"is {facts.max_model_len} tokens and at least one must be left to generate")
+    room = facts.max_model_len - len(prompt_ids)
+    if params.max_tokens is None and params.min_tokens > room:
+        # without max_tokens a request may generate up to the context's end (vLLM's default max_tokens)
+        raise RequestError("min_tokens", f"min_tokens ({params.min_tokens}) exceeds the {room} tokens the context "
+                           f"leaves after the prompt ({len(prompt_ids)} of {facts.max_model_len})")
     if any(t >= vocab for t in params.stop_token_ids):
         raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
     if params.stop and facts.tokenizer is None:
@@ -839,20 +873,6 @@ def check_request(facts, prompt_ids, params: SamplingParams) -> None:
         if set(params.allowed_token_ids) <= set(ban_ids):
             raise RequestError("allowed_token_ids", "every allowed id is an EOS or stop id, banned until min_tokens "
                                f"({params.min_tokens}) tokens: nothing could be drawn")
-    if params.prompt_logprobs is not None and len(prompt_ids) > 1:
-        cfg = facts.config
-        if min(cfg.max_num_seqs, cfg.max_num_batched_tokens) < 2:
-            raise RequestError("prompt_logprobs", "a step of this engine holds one row (max_num_seqs or "
-                               "max_num_batched_tokens 1): a prompt token's score needs a row beside its sequence's")
-    room = facts.max_model_len - len(prompt_ids)
-    max_len = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
-    # KV is computed for every token but the last (sampled, never fed back)
-    held = facts.num_pages * facts.config.page_size
-    if len(prompt_ids) > held:
-        raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {held}")
-    if max_len - 1 > held:
-        raise RequestError("max_tokens", f"prompt + max_tokens = {max_len} tokens: the KV of {max_len - 1} of them "
-                           f"exceeds the KV cache ({held} tokens)")
 
 
 def unloaded_bytes_per_device(state, mesh) -> int:

@@ -28,7 +28,7 @@ import types
 import grpc
 
 from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, ShutdownError
-from jaxdyn.engine.core import RequestError
+from jaxdyn.engine.core import RequestError, check_request_ids, engine_eos_ids
 from jaxdyn.engine.metrics import WORKER_FIELDS, EngineMetrics, set_worker_sums
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams
@@ -124,6 +124,9 @@ class FrontendCore:
         self.prefill_gauges, self.worker_counts = prefill_gauges, worker_counts
         self.model_config = model_config
         self.max_model_len = max_model_len
+        # the EOS ids the workers end sequences at (as their engines make them: the model's and the tokenizer's),
+        # which min_tokens bans, for check_request
+        self.eos_token_ids = engine_eos_ids(model_config, tokenizer)
         self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
         # what the front end sees of its requests, and the workers' Health replies: their pages and queues, and
         # their engines' own counters (steps, prefix cache, KV transfers, remote prefills), summed
@@ -134,17 +137,9 @@ class FrontendCore:
         self.load_info: dict[str, float] = {}
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
-        """What can be refused here; the worker checks the rest (and its refusal is a 400 too)."""
-        if len(prompt_ids) == 0:
-            raise RequestError("prompt", "the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
-            raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
-                               f"is {self.max_model_len} tokens and at least one must be left to generate")
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop", "stop strings need a tokenizer; this model has none")
+        """What can be refused here (``check_request_ids``: what needs no worker's pages); the worker checks the
+        rest (its refusal a 400 too, or an error event in a stream already answered 200)."""
+        check_request_ids(self, prompt_ids, params)
         if params.prompt_logprobs is not None:
             raise RequestError("prompt_logprobs", "prompt logprobs are not returned by workers (serve --workers); "
                                "a server with its own engine (serve, or serve --disagg) returns them")
@@ -283,12 +278,12 @@ class RemoteEngine:
 
     async def stream(self, s: _RemoteStream):
         m = self.core.metrics
-        req = pb.GenerateRequest(request_id=s.request_id, prompt_ids=s.prompt_ids,
-                                 params_json=params_to_json(s.params), priority=s.priority)
         acc = OutputAccumulator(s.request_id, s.prompt_ids, s.params.n, s.params.logprobs is not None)
         finished = failed = refused = False
         first = last = None
-        try:
+        try:            # from here the stream's entries are dropped however it ends (the finally)
+            req = pb.GenerateRequest(request_id=s.request_id, prompt_ids=s.prompt_ids,
+                                     params_json=params_to_json(s.params), priority=s.priority)
             s.call = s.worker.stub().Generate(req)
             if s.failure is not None:
                 s.call.cancel()

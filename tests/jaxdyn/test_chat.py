@@ -43,3 +43,32 @@ def test_the_whole_chat_is_rendered_first_and_checks_keep_their_order():
     with pytest.raises(ChatTemplateError, match="'add_generation_prompt' is set by the request") as e:
         chat_prompt(TOK, [U], chat_template_kwargs={"add_generation_prompt": False})
     assert e.value.param == "chat_template_kwargs"
+
+
+@pytest.mark.parametrize("template, words", [
+    # a macro calling itself without end, and tojson of a value nested past the stack
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nested too deep"),
+    ("{{ deep | tojson }}", "nested too deep"),
+    ("{% for i in range(10 ** 9) %}{% endfor %}", "range"),          # the sandbox's range limit
+])
+def test_a_template_that_recurses_or_overflows_is_a_chat_template_error(template, words):
+    """RecursionError and OverflowError out of a template were no ChatTemplateError: the server answered 500."""
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    tok = types.SimpleNamespace(chat_template=template, bos_token="", eos_token="")
+    with pytest.raises(ChatTemplateError, match=words) as e:
+        chat_prompt(tok, [U], chat_template_kwargs={"deep": deep})
+    assert e.value.param == "messages"
+
+
+def test_documents_reach_the_template_and_a_chat_template_among_the_kwargs_is_refused():
+    docs = [{"title": "a"}, {"title": "b"}]
+    tok = types.SimpleNamespace(chat_template="{% for d in documents %}{{ d.title }};{% endfor %}" + PLAIN,
+                                bos_token="", eos_token="")
+    assert chat_prompt(tok, [U], documents=docs) == "a;b;<user>hi</user><assistant>"
+    assert chat_prompt(tok, [U], documents=docs, chat_template_kwargs={"documents": docs[1:]}) == \
+        "b;<user>hi</user><assistant>"
+    with pytest.raises(ChatTemplateError, match="a chat template given by the request") as e:
+        chat_prompt(TOK, [U], chat_template_kwargs={"chat_template": PLAIN})
+    assert e.value.param == "chat_template_kwargs"

@@ -263,6 +263,30 @@ BAD = [
     ("/v1/completions", b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "malformed JSON"),
     ("/detokenize", b'{"tokens": [' + b"1" * 5000 + b"]}", 400, None, "malformed JSON"),
     ("/v1/completions", b'{"prompt": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, None, "malformed JSON"),
+    # a surrogate encoded in the body's UTF-8 or UTF-16, or escaped in a UTF-16 body: json.loads of the bytes took
+    # each (a 500 at the tokenizer)
+    ("/v1/completions", b'{"prompt": "a\xed\xa0\x80b"}', 400, None, "not UTF-8 text"),
+    ("/tokenize", '{"prompt": "a\ud800b"}'.encode("utf-16-le", "surrogatepass"), 400, None, "not UTF-16-LE text"),
+    ("/tokenize", '{"prompt": "a\\ud800b"}'.encode("utf-16"), 400, None, "unpaired UTF-16 surrogate"),
+    # nested past MAX_JSON_DEPTH (64): a tool's schema this deep made the template's tojson recurse past the stack
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "none", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": json.loads('{"a": ' * 70 + "1" + "}" * 70)}}]},
+     400, None, "nested more than 64 deep"),
+    ("/v1/completions", {"prompt": "x", "extra": json.loads("[" * 64 + "]" * 64)}, 400, None,
+     "nested more than 64 deep"),
+    # a worker's gRPC field is int32: a priority past it was a 500 (or a stream cut off) at a front end over workers
+    ("/v1/completions", {"prompt": "x", "priority": 2**31}, 400, "priority", "priority"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "priority": -2**31 - 1}, 400,
+     "priority", "priority"),
+    # vLLM's per-request chat template (refused there without --trust-request-chat-template): refused, not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 'hi' }}"}, 400,
+     "chat_template", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"chat_template": "{{ 'hi' }}"}}, 400, "chat_template_kwargs",
+     "not supported"),
+    # chat without max_tokens may run to the context's end (128 here): a min_tokens past that cannot be met
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_tokens": 1000}, 400,
+     "min_tokens", "exceeds the"),
     # what a field must be, named
     ("/v1/completions", {"prompt": "x", "temperature": "1"}, 400, "temperature", "must be a number"),
     ("/v1/completions", {"prompt": "x", "top_p": "0.5"}, 400, "top_p", "must be a number"),
@@ -469,6 +493,20 @@ def test_what_the_refusals_leave_alone_is_served(server):
                    headers={"content-type": "application/json"})
         assert r.status_code == 200, r.text
         assert h.post("/tokenize", json={"prompt": "a\U0001F600"}).json()["count"] == 1 + 1 + 4
+        # a UTF-8 body with a byte order mark, and UTF-16 and UTF-32 ones (JSON's other encodings, as json.loads
+        # takes them); the int32 bounds of priority; nesting at the depth limit (64)
+        for encoding in ("utf-8", "utf-16", "utf-32-le"):
+            body = '\ufeff{"prompt": "hi\u00e9", "max_tokens": 1}' if encoding == "utf-8" else \
+                '{"prompt": "hi\u00e9", "max_tokens": 1}'
+            r = h.post("/v1/completions", content=body.encode(encoding), headers={"content-type": "application/json"})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1 + 2 + 2, (encoding, r.text)
+        for priority in (2**31 - 1, -2**31):
+            r = h.post("/v1/chat/completions", json={**chat, "priority": priority})
+            assert r.status_code == 200, r.text
+        deep = json.loads('{"a": ' * 60 + "1" + "}" * 60)     # under the body, tools, a tool, its function: 64 deep
+        r = h.post("/v1/chat/completions", json={**chat, "tool_choice": "none", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": deep}}]})
+        assert r.status_code == 200, r.text
 
 
 def test_continue_final_message_ends_the_prompt_with_the_final_messages_text(server):
@@ -900,6 +938,7 @@ def test_chat_messages_reach_the_template_as_vllm_sends_them(server):
     tok.chat_template = (
         "{% if tools %}TOOLS={% for t in tools %}{{ t['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
         "{% if mode %}MODE={{ mode }}{{ '\\n' }}{% endif %}"
+        "{% if documents %}DOCS={% for d in documents %}{{ d['title'] }};{% endfor %}{{ '\\n' }}{% endif %}"
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
         "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<call {{ c['function']['name'] }}"
         " city={{ c['function']['arguments']['city'] }}>{% endfor %}{% endif %}"
@@ -930,6 +969,17 @@ def test_chat_messages_reach_the_template_as_vllm_sends_them(server):
             body = {"messages": msgs, "tools": tools, "tool_choice": "none", "max_tokens": 1}
             r = h.post("/v1/chat/completions", json=body)
             assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(text("TOOLS=weather;\n" + want))
+            # vLLM's documents reach the template; add_special_tokens puts the tokenizer's BOS before the template's
+            # text (the template here writes none)
+            docs = [{"title": "a", "text": "x"}, {"title": "b", "text": "y"}]
+            for extra, want_ids in (({"documents": docs}, text("DOCS=a;b;\n" + want)),
+                                    ({"add_special_tokens": True}, h.post("/tokenize", json={"prompt": want}).json()[
+                                        "tokens"]),
+                                    ({"chat_template_kwargs": {"documents": docs[:1]}, "documents": docs},
+                                     text("DOCS=a;\n" + want))):
+                r = h.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1, **extra})
+                assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want_ids), (extra, r.text)
+            assert len(h.post("/tokenize", json={"prompt": want}).json()["tokens"]) == len(text(want)) + 1
             bad = [{"role": "assistant", "content": None, "tool_calls": [
                 {"type": "function", "function": {"name": "weather", "arguments": "{city"}}]}]
             r = h.post("/v1/chat/completions", json={"messages": bad, "max_tokens": 1})

@@ -733,20 +733,34 @@ def test_sampling_params_cross_to_a_worker_whole():
         assert e.value.param == "logit_bias", bad
 
 
-def test_a_frontend_over_workers_refuses_prompt_logprobs_by_name():
+def test_a_frontend_over_workers_refuses_what_its_workers_would_before_a_stream_starts():
     """Workers return no prompt logprobs (their replies carry the sampled tokens' only): the front end refuses a
-    request that asks for them, naming the field (a 400), rather than answering without them."""
+    request that asks for them, naming the field (a 400), rather than answering without them. It also refuses what
+    a worker's engine would refuse without its pages (``check_request_ids``: token ids past the vocabulary in
+    stop_token_ids, logit_bias or allowed_token_ids, the room of the bans until min_tokens, min_tokens past the
+    context): a streamed request the worker refused had been answered 200 and then an error event."""
     import types
 
-    from jaxdyn.engine.core import RequestError
+    from jaxdyn.engine.core import MAX_BANNED, RequestError
     from jaxdyn.engine.sampling_params import SamplingParams
     from serving.workers.frontend import FrontendCore
 
-    core = FrontendCore(None, types.SimpleNamespace(vocab_size=300), max_model_len=64, max_num_seqs=8)
+    cfg = types.SimpleNamespace(vocab_size=300, eos_token_ids=(2, 7, 999))
+    core = FrontendCore(None, cfg, max_model_len=64, max_num_seqs=8)
+    assert core.eos_token_ids == (2, 7)         # as an engine makes them: the vocabulary's only
     core.check_request([1, 2, 3], SamplingParams(max_tokens=2))
-    with pytest.raises(RequestError) as e:
-        core.check_request([1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0))
-    assert e.value.param == "prompt_logprobs" and "serve --workers" in str(e.value)
+    core.check_request([1, 2, 3], SamplingParams(max_tokens=None, min_tokens=61))     # up to the context's end
+    refused = [(SamplingParams(max_tokens=2, prompt_logprobs=0), "prompt_logprobs", "serve --workers"),
+               (SamplingParams(max_tokens=2, stop_token_ids=[300]), "stop_token_ids", "[0, 300)"),
+               (SamplingParams(max_tokens=2, logit_bias={300: 1.0}), "logit_bias", "[0, 300)"),
+               (SamplingParams(max_tokens=2, allowed_token_ids=[5, 300]), "allowed_token_ids", "[0, 300)"),
+               (SamplingParams(max_tokens=4, min_tokens=2, logit_bias={i: 1.0 for i in range(MAX_BANNED - 1)}),
+                "logit_bias", "EOS and stop ids (2)"),
+               (SamplingParams(max_tokens=None, min_tokens=62), "min_tokens", "exceeds the 61 tokens")]
+    for params, param, words in refused:
+        with pytest.raises(RequestError) as e:
+            core.check_request([1, 2, 3], params)
+        assert e.value.param == param and words in str(e.value), (param, str(e.value))
 
 
 def test_a_worker_found_back_gets_fresh_request_channels():
