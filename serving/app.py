@@ -601,12 +601,16 @@ def build_app(state: ServerState) -> Starlette:
         req, engine, tok = await tokenizer_request(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-        if req.prompt is not None:
+        if req.prompt is not None:      # vLLM's defaults: a prompt's special tokens added, a chat's not
             ids = await _encode(tok, req.prompt, add_special_tokens=req.add_special_tokens is not False)
         else:
+            if req.chat_template is not None:
+                raise APIError(400, f"chat_template: {UNSUPPORTED['chat_template']} is not supported by this server",
+                               param="chat_template", code="unsupported")
             ids = await _chat_prompt_ids(engine, req.messages, bool(req.add_generation_prompt),
                                          req.chat_template_kwargs or {}, bool(req.continue_final_message),
-                                         tools=req.tools)
+                                         tools=req.tools, documents=req.documents,
+                                         add_special_tokens=bool(req.add_special_tokens))
         return JSONResponse({"count": len(ids), "max_model_len": engine.core.max_model_len, "tokens": ids})
 
     @endpoint

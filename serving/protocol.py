@@ -139,11 +139,13 @@ class TokenizeRequest(_Base):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: StrictBool | None = True
+    add_special_tokens: StrictBool | None = None     # None: vLLM's defaults, true for a prompt, false for messages
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template: Any = None                         # refused, as by /v1/chat/completions
 
     _tools = field_validator("tools")(check_tools)
 

@@ -120,8 +120,8 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     template writes after a message, so that generation continues it (vLLM's option; the template is rendered
     without a generation prompt and cut after that text). ``tools``: described to the template (vLLM passes them
     even where none may be called); ``documents``: the same for a retrieval template's documents (vLLM's);
-    ``chat_template_kwargs`` over both, except a ``chat_template`` among them, refused (vLLM's, which takes one
-    only from a server that trusts its requests' templates). ``chat_template``: instead of the tokenizer's (``LLM.chat``'s
+    ``chat_template_kwargs`` over both, except a ``chat_template`` among them, refused (vLLM's server takes one
+    only where it trusts its requests' templates; ``LLM.chat`` takes it as its ``chat_template``). ``chat_template``: instead of the tokenizer's (``LLM.chat``'s
     option; the server takes none from a request). ChatTemplateError (its ``param`` the field to blame) where the chat cannot be
     rendered."""
     kwargs = dict(chat_template_kwargs or {})
@@ -134,7 +134,7 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     if taken:
         raise ChatTemplateError(f"chat_template_kwargs: {taken[0]!r} is set by the request itself, not by "
                                 "chat_template_kwargs", "chat_template_kwargs")
-    if "chat_template" in kwargs:
+    if kwargs.get("chat_template") is not None:
         raise ChatTemplateError("chat_template_kwargs: a chat template given by the request is not supported by "
                                 "this server (it renders the model's own)", "chat_template_kwargs")
     if not messages and not _continuing:

@@ -838,8 +838,9 @@ def check_request_ids(facts, prompt_ids, params: SamplingParams) -> None:
         raise RequestError("prompt", f"the prompt has {len(prompt_ids)} tokens; this model's context "
                            f"is {facts.max_model_len} tokens and at least one must be left to generate")
     room = facts.max_model_len - len(prompt_ids)
-    if params.max_tokens is None and params.min_tokens > room:
-        # without max_tokens a request may generate up to the context's end (vLLM's default max_tokens)
+    if params.min_tokens > room:
+        # a request ends at the context's end whatever its max_tokens (vLLM caps max_tokens there, then refuses
+        # a min_tokens above it)
         raise RequestError("min_tokens", f"min_tokens ({params.min_tokens}) exceeds the {room} tokens the context "
                            f"leaves after the prompt ({len(prompt_ids)} of {facts.max_model_len})")
     if any(t >= vocab for t in params.stop_token_ids):

@@ -201,6 +201,11 @@ class LLM:
             raise ChatTemplateError("continue_final_message: cannot be used with add_generation_prompt; pass "
                                     "add_generation_prompt=False", "continue_final_message")
         convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        if chat_template_kwargs and chat_template_kwargs.get("chat_template") is not None:
+            # vLLM's LLM.chat renders a template given among the kwargs (its caller's own, trusted)
+            chat_template_kwargs = dict(chat_template_kwargs)
+            given = chat_template_kwargs.pop("chat_template")
+            chat_template = chat_template if chat_template is not None else given
         texts = [chat_prompt(self.tokenizer, list(conv), add_generation_prompt=add_generation_prompt,
                              continue_final_message=continue_final_message,
                              chat_template_kwargs=chat_template_kwargs, tools=tools, chat_template=chat_template)

@@ -178,6 +178,10 @@ def test_llm_chat_renders_as_the_server_and_generates(llm):
     with pytest.raises(ChatTemplateError, match="the assistant's") as e:
         llm.chat(conv, sp, continue_final_message=True, add_generation_prompt=False)
     assert e.value.param == "continue_final_message"
+    # vLLM's LLM.chat renders a template given among chat_template_kwargs (the server refuses one)
+    mine = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    (k,) = llm.chat(conv, SamplingParams(max_tokens=1), use_tqdm=False, chat_template_kwargs={"chat_template": mine})
+    assert k.prompt == "[What is the capital of France?]"
 
 
 def test_a_chat_turns_end_is_a_stop_token_and_the_tokenizers_eos_is_not(llm):

@@ -284,9 +284,13 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "chat_template_kwargs": {"chat_template": "{{ 'hi' }}"}}, 400, "chat_template_kwargs",
      "not supported"),
-    # chat without max_tokens may run to the context's end (128 here): a min_tokens past that cannot be met
+    # a min_tokens past the context's end (128 here) cannot be met, whatever max_tokens (a completion's default 16)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_tokens": 1000}, 400,
      "min_tokens", "exceeds the"),
+    ("/v1/completions", {"prompt": [5] * 123, "min_tokens": 10}, 400, "min_tokens",
+     "exceeds the 5 tokens the context leaves"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 'hi' }}"}, 400,
+     "chat_template", "not supported"),
     # what a field must be, named
     ("/v1/completions", {"prompt": "x", "temperature": "1"}, 400, "temperature", "must be a number"),
     ("/v1/completions", {"prompt": "x", "top_p": "0.5"}, 400, "top_p", "must be a number"),
@@ -980,6 +984,11 @@ def test_chat_messages_reach_the_template_as_vllm_sends_them(server):
                 r = h.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1, **extra})
                 assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want_ids), (extra, r.text)
             assert len(h.post("/tokenize", json={"prompt": want}).json()["tokens"]) == len(text(want)) + 1
+            # /tokenize's messages take the same (vLLM's: no special tokens unless asked); a null chat_template
+            # among the kwargs asks for nothing
+            assert ids(msgs, documents=docs) == text("DOCS=a;b;\n" + want)
+            assert ids(msgs, add_special_tokens=True) == h.post("/tokenize", json={"prompt": want}).json()["tokens"]
+            assert ids(msgs, chat_template_kwargs={"chat_template": None}) == text(want)
             bad = [{"role": "assistant", "content": None, "tool_calls": [
                 {"type": "function", "function": {"name": "weather", "arguments": "{city"}}]}]
             r = h.post("/v1/chat/completions", json={"messages": bad, "max_tokens": 1})
