@@ -246,10 +246,9 @@ def _model_name(text: str) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fail now, before minutes of loading and compiling, if the port cannot be listened on."""
+    """Fail now, before minutes of loading and compiling, if the host cannot be listened on at the port (port 0:
+    any free one, the host checked alone)."""
     import socket
-    if port == 0:
-        return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -443,6 +442,10 @@ def _disagg_args(args, config) -> dict:
         if args.prefill_max_num_batched_tokens < config.max_num_seqs:
             raise CLIError("--prefill-max-num-batched-tokens cannot be below --max-num-seqs")
         pcfg = dataclasses.replace(config, max_num_batched_tokens=args.prefill_max_num_batched_tokens)
+        if pcfg.token_buckets and max(pcfg.token_buckets) < pcfg.max_num_batched_tokens:
+            raise CLIError(f"--token-buckets: the largest ({max(pcfg.token_buckets)}) must be at least "
+                           f"--prefill-max-num-batched-tokens ({pcfg.max_num_batched_tokens}): the prefill engine "
+                           "takes the same buckets")
         if pcfg.seq_buckets:        # against the prefill engine's token buckets too, before the port opens
             _checked_seq_buckets(pcfg.seq_buckets, pcfg.token_buckets, pcfg.max_num_batched_tokens, pcfg.max_num_seqs,
                                  "--seq-buckets (the prefill engine's, --prefill-max-num-batched-tokens "
@@ -687,6 +690,8 @@ def cmd_worker(args) -> int:
         asyncio.run(serve_worker(service, args.host, args.port, ready))
     except KeyboardInterrupt:
         pass
+    except OSError as e:                # the port taken since it was checked, or an address gRPC cannot bind
+        raise CLIError(f"--host/--port: {e}") from None
     return 0
 
 

@@ -294,6 +294,7 @@ class EngineCore:
             log.warning("max_model_len lowered from %d to %d: the KV cache's %d pages of %d tokens hold no longer "
                         "sequence", max_model_len, longest, num_pages, ps)
             max_model_len = self.max_model_len = longest
+        _check_buckets_hold(config, max_model_len)
         if config.kv_cache_dtype != "auto" and platform == "cpu":
             log.warning("kv_cache_dtype %s on the CPU: XLA's CPU backend converts the whole KV pool around each "
                         "fp8 write and read, so every step costs time in the size of the pool (for correctness "
@@ -785,6 +786,20 @@ def settle_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def _check_buckets_hold(config: EngineConfig, max_model_len: int) -> None:
+    """ValueError where the given buckets cannot hold a step the engine schedules: the largest token bucket below
+    ``max_num_batched_tokens``, or the largest page bucket below a sequence of ``max_model_len`` tokens (the step
+    that needs it would fail in the middle of serving, ending every request)."""
+    if config.token_buckets and max(config.token_buckets) < config.max_num_batched_tokens:
+        raise ValueError(f"token_buckets: the largest ({max(config.token_buckets)}) must be at least "
+                         f"max_num_batched_tokens ({config.max_num_batched_tokens}), the tokens a step may hold")
+    pages = -(-max_model_len // config.page_size)
+    if config.page_buckets and max(config.page_buckets) < pages:
+        raise ValueError(f"page_buckets: the largest ({max(config.page_buckets)}) must be at least the {pages} pages "
+                         f"of {config.page_size} tokens a sequence of max_model_len {max_model_len} takes (add a "
+                         "larger bucket or lower max_model_len)")
 
 
 def engine_eos_ids(model_config, tokenizer, eos_token_ids=None) -> tuple[int, ...]:

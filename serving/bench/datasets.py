@@ -138,6 +138,7 @@ def check_arguments(args) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
 
     at_least("num_prompts", 1)
+    at_least("seed", 0)                 # a SeedSequence's entropy (bench offline's --seed is the engine's too)
     if args.dataset == "random":
         at_least("input_len", 1)
     at_least("output_len", 1)

@@ -211,9 +211,13 @@ async def serve_worker(service: WorkerService, host: str, port: int, ready=None,
     """Run the gRPC server until ``stop`` is set (or forever); ``ready(port)`` once it listens."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"   # IPv6
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:           # grpc's "Failed to bind" (older versions return 0 instead)
+        raise OSError(f"cannot listen on {address}: {e}") from None
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     await server.start()
     if ready is not None:
         ready(bound)

@@ -1064,6 +1064,20 @@ def test_seeds_are_64_bit(engine):
     assert tokens(2**63) == tokens(-2**63)
 
 
+def test_buckets_that_cannot_hold_a_step_are_refused_when_the_engine_is_built(ckpt):
+    """A step of max_num_batched_tokens or a sequence of max_model_len the buckets cannot hold failed in the middle
+    of serving (the runner finds no bucket for it, and the engine dies with every request): refused up front."""
+    mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    base = EngineConfig(num_pages=64, page_size=16, max_num_batched_tokens=64, max_num_seqs=2, max_model_len=128,
+                        seed=0)
+    for bad, words in (({"page_buckets": (2, 7)}, r"page_buckets: the largest \(7\) must be at least the 8 pages of 16 "
+                                                  r"tokens a sequence of max_model_len 128 takes"),
+                       ({"token_buckets": (16, 32)}, r"token_buckets: the largest \(32\) must be at least "
+                                                     r"max_num_batched_tokens \(64\)")):
+        with pytest.raises(ValueError, match=words):
+            EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, dataclasses.replace(base, **bad))
+
+
 def test_the_pool_bounds_the_context(ckpt, caplog):
     # 5 pages of 16 tokens hold the KV of 80 tokens, so sequences of 81 (the last token is sampled, never
     # computed): a max_model_len over that is refused when set, lowered to it when left to the default.

@@ -497,8 +497,9 @@ def _prefill_service(core):
 
 def _prefill_core(ckpt, page_size=16, num_pages=64, max_model_len=128):
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
+    pages = -(-(max_model_len or num_pages * page_size + 1) // page_size)      # a sequence of max_model_len's
     cfg = EngineConfig(num_pages=num_pages, page_size=page_size, max_num_batched_tokens=8, max_num_seqs=4,
-                       max_model_len=max_model_len, token_buckets=(8,), page_buckets=(8,), seed=0)
+                       max_model_len=max_model_len, token_buckets=(8,), page_buckets=(pages,), seed=0)
     return EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, cfg)
 
 
@@ -935,3 +936,33 @@ def test_a_restarted_or_odd_workers_reports_keep_the_counters_from_falling():
         steps.append((m.steps, m.kv_transfers, m.prefill_decisions))
     assert steps == [(40, 3, {}), (42, 3, {}), (42, 3, {}), (42, 3, {})]
     assert w.healthy
+
+
+def test_a_worker_listens_on_an_ipv6_literal_and_names_an_address_it_cannot_bind(monkeypatch):
+    """``--host ::1`` was passed to gRPC as "::1:PORT" (no brackets), and an address gRPC cannot bind raised its
+    RuntimeError past the CLI (a traceback after the model had loaded): a bracketed address, and an OSError the
+    CLI names."""
+    import asyncio
+    import socket
+
+    from serving.workers import worker
+
+    monkeypatch.setattr(worker.pb_grpc, "add_WorkerServicer_to_server", lambda service, server: None)
+
+    async def listen(host):
+        stop, ports = asyncio.Event(), []
+        await asyncio.wait_for(worker.serve_worker(None, host, 0, ready=lambda p: (ports.append(p), stop.set()),
+                                                   stop=stop), 30)
+        return ports
+
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+            ipv6 = True
+        except OSError:
+            ipv6 = False
+        if ipv6:
+            assert asyncio.run(listen("::1"))[0] > 0
+    with pytest.raises(OSError, match="cannot listen on 300.1.1.1:0"):
+        asyncio.run(listen("300.1.1.1"))
