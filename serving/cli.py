@@ -401,6 +401,25 @@ def _device_list(text: str | None, flag: str) -> list[int]:
     return ids
 
 
+def _flags_given(args, command: list[str], adder) -> list[str]:
+    """The flags ``adder`` (a function that adds arguments to a parser) defines that ``args`` (a parse of
+    ``command``'s) sets to other than ``command``'s defaults, by their first option string."""
+    probe = argparse.ArgumentParser(add_help=False)
+    adder(probe)
+    defaults = vars(build_parser().parse_args(command))
+    return [a.option_strings[0] for a in probe._actions
+            if a.option_strings and a.dest in defaults and getattr(args, a.dest, defaults[a.dest]) != defaults[a.dest]]
+
+
+def _disagg_flags(p) -> None:
+    """The flags of ``serve --disagg`` beside ``--disagg`` itself (``build_parser``'s group)."""
+    p.add_argument("--prefill-devices", default=None, help="device indices, e.g. 0,1")
+    p.add_argument("--decode-devices", default=None, help="device indices, e.g. 2,3")
+    p.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
+                   help="token budget of a prefill step (default: --max-num-batched-tokens)")
+    _policy_args(p)
+
+
 def _policy_args(p) -> None:
     """The disaggregation policy's flags (serve --disagg, and decode workers)."""
     p.add_argument("--disagg-min-remote-tokens", type=int, default=64,
@@ -487,6 +506,17 @@ def cmd_serve(args) -> int:
                        f"loads (and quantizes) the model itself")
     if args.workers and args.disagg:
         raise CLIError("--workers and --disagg: the workers decide where prompts are prefilled")
+    if args.workers:
+        # the front end runs no engine: its flags would be ignored (the front end reads the model's config and
+        # tokenizer, so --load-format stays)
+        given = [f for f in _flags_given(args, ["serve"], _engine_args) if f != "--load-format"]
+        if given:
+            raise CLIError(f"--workers and {given[0]}: each worker runs its own engine; give {given[0]} to the "
+                           "workers (jaxdyn worker)")
+    if not args.disagg:
+        given = _flags_given(args, ["serve"], _disagg_flags)
+        if given:
+            raise CLIError(f"{given[0]} is for --disagg (prefill and decode on separate devices)")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise CLIError("--max-queued-requests must be >= 0")
     if args.max_request_bytes < 1:
@@ -800,11 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg = sv.add_argument_group("disaggregated prefill and decode (one process, two meshes)")
     dg.add_argument("--disagg", action="store_true",
                     help="prefill on --prefill-devices, decode on --decode-devices, KV moved device to device")
-    dg.add_argument("--prefill-devices", default=None, help="device indices, e.g. 0,1")
-    dg.add_argument("--decode-devices", default=None, help="device indices, e.g. 2,3")
-    dg.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
-                    help="token budget of a prefill step (default: --max-num-batched-tokens)")
-    _policy_args(dg)
+    _disagg_flags(dg)
     sv.add_argument("--workers", default=None,
                     help="HOST:PORT,... of decode/both workers (jaxdyn worker): serve the API over them; "
                     "--model then only gives the tokenizer and config")

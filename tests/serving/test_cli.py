@@ -238,6 +238,11 @@ def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
       "--token-buckets", "16,256", "--prefill-max-num-batched-tokens", "512"],
      "--token-buckets: the largest (256) must be at least --prefill-max-num-batched-tokens (512)"),
     (["bench", "offline", "--seed", "-1"], "--seed must be at least 0, got -1"),
+    # flags that would be ignored: the engine's at a front end over workers, --disagg's without it
+    (["serve", "--workers", "127.0.0.1:1", "--num-pages", "9"], "--workers and --num-pages: each worker runs its own"),
+    (["serve", "--workers", "127.0.0.1:1", "--no-prefix-cache"], "--workers and --no-prefix-cache"),
+    (["serve", "--prefill-devices", "0"], "--prefill-devices is for --disagg"),
+    (["serve", "--disagg-prefill-timeout", "5"], "--disagg-prefill-timeout is for --disagg"),
     (["worker", "--role", "both", "--host", "bogus.invalid", "--port", "0"], "--host 'bogus.invalid':"),
     (["bench", "offline", "--out", "/proc/no/x.json"], "--out /proc/no/x.json:"),
     (["serve", "--tp", "3"], "--tp 3: the model's 4 attention heads do not split over 3 devices"),
