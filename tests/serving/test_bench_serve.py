@@ -56,7 +56,10 @@ def test_reported_latencies_and_throughputs_match_the_injected_delays(tmp_path, 
     for r in reqs:
         # the chat stream's opening role chunk comes at once and must not count as the first token
         assert ttft <= r["ttft"] < r["e2e"]
-        assert len(r["itls"]) == n_out - 1 and all(x >= itl - 0.005 for x in r["itls"])
+        # token k arrives no earlier than it was sent (ttft + k * itl); a late chunk shortens the interval after
+        # it (one CI run: 87 ms after a chunk 13 ms late), so the arrivals are bounded, not each interval
+        assert len(r["itls"]) == n_out - 1 and all(x > 0 for x in r["itls"])
+        assert all(r["ttft"] + sum(r["itls"][:k]) >= ttft + k * itl - 0.005 for k in range(1, n_out))
         assert e2e <= r["e2e"]
         assert r["tpot"] == pytest.approx((r["e2e"] - r["ttft"]) / (n_out - 1), abs=1e-5)
         assert r["output_tokens"] == n_out and r["token_source"] == "usage"
