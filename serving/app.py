@@ -231,6 +231,12 @@ def _tool_parsing(req, parser) -> bool:
     return True
 
 
+def _allowed_calls(calls: list, req) -> list:
+    """The tool calls a reply returns: with ``parallel_tool_calls`` false, its first only (OpenAI's at most one; vLLM
+    keeps the first as well)."""
+    return calls[:1] if getattr(req, "parallel_tool_calls", None) is False else calls
+
+
 def _refuse_unsupported(req, tool_parsing: bool = False) -> None:
     for name, what in UNSUPPORTED.items():
         value = getattr(req, name, None)
@@ -464,7 +470,15 @@ async def _until_disconnect(request: Request, coro):
 
 
 def _tok_str(tokenizer, tid: int) -> str:
-    return tokenizer.decode([tid], skip_special_tokens=False) if tokenizer is not None else str(tid)
+    return tokenizer.token_text(tid) if tokenizer is not None else str(tid)
+
+
+def _tok_bytes(tokenizer, tid: int, as_ids: bool) -> list[int]:
+    """A chat logprob entry's ``bytes``: what the token stands for in the text (``Tokenizer.token_bytes``: a token
+    of part of a character its own bytes, not U+FFFD's), or the bytes of what ``as_ids`` shows."""
+    if as_ids or tokenizer is None:
+        return list(_shown(tokenizer, tid, as_ids).encode())
+    return list(tokenizer.token_bytes(tid))
 
 
 def _shown(tokenizer, tid: int, as_ids: bool) -> str:
@@ -508,9 +522,9 @@ def _chat_logprobs(tokenizer, token_ids, lps, top_n: int, as_ids: bool = False) 
     for tid, entry in zip(token_ids, lps):
         s = _shown(tokenizer, tid, as_ids)
         tops = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None), key=lambda x: x[1].rank)[:top_n]
-        content.append({"token": s, "logprob": entry[tid].logprob, "bytes": list(s.encode()),
+        content.append({"token": s, "logprob": entry[tid].logprob, "bytes": _tok_bytes(tokenizer, tid, as_ids),
                         "top_logprobs": [{"token": _shown(tokenizer, t, as_ids), "logprob": lp.logprob,
-                                          "bytes": list(_shown(tokenizer, t, as_ids).encode())} for t, lp in tops]})
+                                          "bytes": _tok_bytes(tokenizer, t, as_ids)} for t, lp in tops]})
     return {"content": content}
 
 
@@ -872,6 +886,7 @@ def build_app(state: ServerState) -> Starlette:
                                 reason = c.finish_reason
                                 if calls_of:
                                     rest, calls = calls_of[c.index].finish()
+                                    calls = _allowed_calls(calls, req)
                                     if rest:
                                         yield chunk([{"index": c.index, "delta": {"content": rest}, "logprobs": None,
                                                       "finish_reason": None}])
@@ -907,6 +922,7 @@ def build_app(state: ServerState) -> Starlette:
                   "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if parser is not None:
                 content, calls = parser.parse(c.text)
+                calls = _allowed_calls(calls, req)
                 if calls:
                     ch["message"] = {"role": "assistant", "content": prefix + content if content else (prefix or None),
                                      "tool_calls": [call.to_json() for call in calls]}

@@ -129,7 +129,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: StrictBool | None = None    # false: a reply's first tool call only
 
     _tools = field_validator("tools")(check_tools)
     _tool_choice = field_validator("tool_choice")(check_tool_choice)

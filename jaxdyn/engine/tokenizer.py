@@ -14,6 +14,39 @@ class TokenizerError(ValueError):
     pass
 
 
+def _decoder_kinds(tok: _HFTokenizer) -> set[str]:
+    """The types of a tokenizer's decoder and of those in its Sequence ("ByteLevel", "ByteFallback", "Metaspace";
+    a Replace of "▁" by a space, Llama-2's SentencePiece form, counts as "Metaspace")."""
+    try:
+        state = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else {}
+    except (AttributeError, TypeError, ValueError):
+        return set()
+    kinds = set()
+    for d in [state, *state.get("decoders", [])]:
+        if not isinstance(d, dict):
+            continue
+        kinds.add(d.get("type"))
+        if d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "\u2581":
+            kinds.add("Metaspace")
+    return kinds
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character a byte-level vocabulary writes for each byte -> the
+    byte (printable Latin-1 bytes stand for themselves, the others for 256 + their rank)."""
+    global _U2B
+    if _U2B is None:
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                *range(ord("\u00ae"), ord("\u00ff") + 1)]
+        chars = {b: chr(b) for b in keep}
+        chars.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)})
+        _U2B = {c: b for b, c in chars.items()}
+    return _U2B
+
+
+_U2B: dict[str, int] | None = None
+
+
 def _token_str(value, file: str, key: str) -> str | None:
     """A special token's text: a string, an AddedToken serialised as a dict (its ``content``) or absent."""
     if isinstance(value, dict):
@@ -83,6 +116,11 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(
             i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self._added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+        kinds = _decoder_kinds(tok)
+        self._byte_level = "ByteLevel" in kinds
+        self._byte_fallback = "ByteFallback" in kinds
+        self._metaspace = "Metaspace" in kinds       # SentencePiece's "▁" for a space (or a Replace of it)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Tokenizer":
@@ -129,6 +167,41 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+    def token_text(self, i: int) -> str:
+        """Token ``i``'s text alone (a logprob entry's ``token``): decoded by itself, with the leading spaces a
+        SentencePiece decoder strips from a text's first token put back (vLLM's), so that " world" and "world"
+        stay apart. A byte-level piece of part of a character decodes to U+FFFD, as vLLM shows it."""
+        text = self._tok.decode([i], skip_special_tokens=False)
+        if self._metaspace and i not in self._added:
+            piece = self._tok.id_to_token(i) or ""
+            lead = len(piece) - len(piece.lstrip("\u2581"))
+            have = len(text) - len(text.lstrip(" "))
+            if lead > have:
+                text = " " * (lead - have) + text
+        return text
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` stands for in decoded text (OpenAI's logprob ``bytes``, which exist for tokens
+        that hold part of a character): a byte-level vocabulary's piece mapped back to its bytes, a byte-fallback
+        piece (``<0xC3>``) its byte, a SentencePiece piece with its "▁" as spaces; an added token's text."""
+        if i in self._added:
+            return self._added[i].encode()
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            return self.token_text(i).encode()
+        if self._byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if self._metaspace:
+            return piece.replace("\u2581", " ").encode()
+        return self.token_text(i).encode()
 
     def token_to_id(self, t: str) -> int | None:
         return self._tok.token_to_id(t)

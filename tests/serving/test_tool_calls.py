@@ -259,3 +259,24 @@ def test_tool_definitions_and_tool_choice_are_checked_as_vllm_reads_them():
         with pytest.raises(APIError) as e:
             _validate(ChatCompletionRequest, {"messages": msgs, **bad})
         assert e.value.status == 400 and e.value.param == param, bad
+
+
+def test_parallel_tool_calls_false_returns_the_first_call_only(tool_server):
+    """OpenAI's ``parallel_tool_calls: false`` (at most one call; vLLM keeps the first): it was accepted and
+    ignored, both calls returned."""
+    url, state = tool_server
+    other = json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})
+    state.engine.reply = f"<tool_call>{WEATHER}</tool_call><tool_call>{other}</tool_call>"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    cities = lambda calls: [json.loads(c.function.arguments)["city"] for c in calls]     # noqa: E731
+    for parallel, want in ((None, ["Paris", "Oslo"]), (True, ["Paris", "Oslo"]), (False, ["Paris"])):
+        extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, **extra)
+        assert cities(r.choices[0].message.tool_calls) == want and r.choices[0].finish_reason == "tool_calls"
+        streamed = [tc for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS,
+                                                                    stream=True, **extra)
+                    for ch in chunk.choices for tc in ch.delta.tool_calls or ()]
+        assert cities(streamed) == want and [tc.index for tc in streamed] == list(range(len(want)))
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "tools": TOOLS,
+                                                      "parallel_tool_calls": "no"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
