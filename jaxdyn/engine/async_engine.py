@@ -14,6 +14,7 @@ ends with ``EngineDeadError`` and ``is_healthy`` turns false.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -47,6 +48,7 @@ class _Stream:
         self.skip_special_tokens = True      # ProcessEngine: the request's, for those detokenizers
         self.include_stop = False            # ProcessEngine: the request's include_stop_str_in_output, likewise
         self.prompt_logprobs = None          # ProcessEngine: the request's prompt logprobs, once they came
+        self.closed = False                  # its consumer left: what still comes is dropped (``stream``)
         self.queue: asyncio.Queue = asyncio.Queue()
 
 
@@ -187,14 +189,24 @@ class StreamingEngine:
                     finished = True
                     return
         finally:
-            self._streams.pop(stream.request_id, None)
-            if not finished:
-                self._send(("abort", stream.request_id))
+            # the request's last item unregistered it (``_deliver``); a later request may hold its id since
+            if self._streams.get(stream.request_id) is stream:
+                if finished:
+                    self._streams.pop(stream.request_id, None)
+                else:
+                    # the consumer left: the id stays taken until the abort's final output comes back (``_deliver``
+                    # unregisters it then), so a request that reuses the id meanwhile is refused rather than handed
+                    # the old request's outputs and its end
+                    stream.closed = True
+                    self._send(("abort", stream.request_id))
 
     async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
         s = self.add_request(prompt_ids, params, request_id, priority=priority)
-        async for out in self.stream(s):
-            yield out
+        # closed with this generator: a caller that leaves early aborts the request now, not when the inner
+        # generator is collected
+        async with contextlib.aclosing(self.stream(s)) as outs:
+            async for out in outs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -206,7 +218,7 @@ class StreamingEngine:
         # The last item of a request unregisters it here, so a stream nobody reads cannot leak.
         last = isinstance(out, BaseException) or out.finished
         s = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if s is not None:
+        if s is not None and not s.closed:
             pending.setdefault(s.loop, []).append((s, out))
 
     def fail_unfinished(self, message: str) -> int:

@@ -310,7 +310,9 @@ class ProcessEngine(StreamingEngine):
     def _output(self, wire: tuple, pending: dict) -> None:
         rid, finished, cached, error, metrics, comps, plps = wire
         s = self._streams.get(rid)
-        if s is None:                      # its consumer left (the abort is on its way)
+        if s is None or s.closed:          # its consumer left (the abort is on its way)
+            if s is not None and (finished or error is not None):
+                self._streams.pop(rid, None)     # the id is free again (StreamingEngine.stream)
             return
         if plps is not None:               # sent once: in this output and again in the final one
             s.prompt_logprobs = plps

@@ -323,7 +323,9 @@ class Scheduler:
         self._scoring_cap = self._others_cap = rows
         if self.scoring and len(self.running) + len(self.waiting) > self.scoring:
             self._scoring_cap = max(2, rows // 2)
-            self._others_cap = rows - self._scoring_cap
+            # at least one row for the others: with two rows a step (a scoring request needs both) they had none,
+            # and the first of them waiting or holding pages stalled the engine for good
+            self._others_cap = max(1, rows - self._scoring_cap)
         i = 0
         while i < len(running) and budget > 0 and len(items) + self._score_rows < cfg.max_num_seqs:
             seq = running[i]

@@ -120,3 +120,76 @@ def test_shutdown_ends_the_streams_in_flight_and_refuses_later_requests():
     e.shutdown()
     assert isinstance(e.dead, ShutdownError)
     assert issubclass(ShutdownError, EngineDeadError)
+
+
+class _StepCore:
+    """Each request draws one token a step and ends after max_tokens; abort ends it with an "abort" output."""
+
+    def __init__(self):
+        self.requests, self.log = {}, []
+
+    def add_request(self, rid, prompt, params, priority=0, arrival_time=None):
+        self.requests[rid] = [list(prompt), params, 0]
+        self.log.append(("add", rid))
+
+    def abort(self, rid):
+        r = self.requests.pop(rid, None)
+        self.log.append(("abort", rid))
+        if r is None:
+            return None
+        return RequestOutput(rid, r[0], [CompletionOutput(0, "", [], "", [], None, None, None, "abort")], True)
+
+    def has_unfinished(self):
+        return bool(self.requests)
+
+    def step(self):
+        import time
+        time.sleep(0.005)
+        outs = []
+        for rid, r in list(self.requests.items()):
+            r[2] += 1
+            done = r[2] >= r[1].max_tokens
+            outs.append(RequestOutput(rid, r[0], [CompletionOutput(0, "", list(range(r[2])), "", [r[2]], None, None,
+                                                                   None, "length" if done else None)], done))
+            if done:
+                del self.requests[rid]
+        return outs
+
+
+def test_an_id_whose_consumer_left_is_taken_until_its_abort_lands():
+    """The consumer of "X" leaves (its abort queued); a request that reused "X" at once was handed the old
+    request's outputs and its abort as its own end, while it ran in the engine with no one reading it. Now the
+    id is refused until the abort has come back, and then serves the new request its own outputs."""
+    from jaxdyn.engine.core import RequestError
+
+    core = _StepCore()
+    eng = AsyncEngine(core)
+
+    async def run():
+        for leave in ("stream", "generate"):
+            if leave == "stream":
+                outs = eng.stream(eng.add_request([1, 2, 3], SamplingParams(max_tokens=50), "X"))
+            else:       # generate's inner stream closes with it (it was left to the garbage collector)
+                outs = eng.generate([1, 2, 3], SamplingParams(max_tokens=50), "X")
+            async for _ in outs:
+                break                                     # the client leaves early
+            await outs.aclose()
+            await reused()
+        return [o async for o in eng.generate([7, 7], SamplingParams(max_tokens=5), "X")]
+
+    async def reused():
+        with pytest.raises(RequestError, match="already in use"):
+            eng.add_request([7, 7], SamplingParams(max_tokens=5), "X")
+        for _ in range(400):
+            if "X" not in eng._streams:
+                break
+            await asyncio.sleep(0.005)
+        assert "X" not in eng._streams and eng.num_unfinished == 0
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+    assert all(o.prompt_token_ids == [7, 7] for o in outs)
+    assert core.log == [("add", "X"), ("abort", "X")] * 2 + [("add", "X")]

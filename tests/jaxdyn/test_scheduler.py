@@ -326,3 +326,47 @@ def test_a_held_prefill_is_not_preempted_while_its_last_token_is_on_the_device()
     hs.output_ids.append(7)
     s.finish(hs, hold=True)
     assert len(s.held["h"].pages) == 2
+
+
+@pytest.mark.parametrize("case", ["waiting", "pages"])
+def test_a_prompt_scored_beside_others_in_steps_of_two_rows_stalls_nothing(case):
+    """With two rows a step (max_num_seqs 2), a request scoring its prompt (prompt_logprobs: a row per position
+    beside its own) took both, and the others' share was 0 rows: an earlier request waiting ahead of it ("waiting":
+    admission does not overtake) or holding the pages it needed ("pages": it preempted itself) stalled every step
+    after. The others keep a row; everything finishes and every page comes back."""
+    ps = 4
+    alloc = PageAllocator(64 if case == "waiting" else 8)
+    s = Scheduler(SchedulerConfig(64, 2, ps), alloc, None)
+
+    def req(rid, order, prompt_len, max_tokens, scored):
+        r = Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens,
+                                                                 prompt_logprobs=0 if scored else None))
+        r.max_len = prompt_len + max_tokens
+        r.seqs.append(Sequence(r, 0, 0, order))
+        if scored:
+            r.prompt_logprobs = [None]
+        s.add(r)
+        return r.seqs[0]
+
+    def step():
+        out = s.schedule(lambda q: q.num_tokens < q.request.max_len)
+        for it in out.items:
+            if it.samples:
+                it.seq.output_ids.append(1)
+                if it.seq.num_known >= it.seq.request.max_len:
+                    s.finish(it.seq)
+        return out
+
+    if case == "waiting":
+        seqs = [req("A", 0, 10, 4, False), req("B", 1, 10, 4, True)]
+    else:
+        seqs = [req("A", 0, 20, 9, False)]
+        step(), step()                                   # A holds 6 of the 8 pages
+        seqs.append(req("B", 1, 20, 2, True))
+    for _ in range(300):
+        if all(q.status == SeqStatus.FINISHED for q in seqs):
+            break
+        step()
+        s.check_invariants()
+    assert [q.status for q in seqs] == [SeqStatus.FINISHED] * 2
+    assert alloc.num_free == alloc.num_pages and s.scoring == 0
