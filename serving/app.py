@@ -231,6 +231,21 @@ def _tool_parsing(req, parser) -> bool:
     return True
 
 
+def _add_requests(engine, prompts: list, params, rid: str, priority: int) -> list:
+    """The streams of a completion request's prompts (ids ``{rid}-{i}``), each added to the engine; where adding
+    one fails, those added before it are aborted first (their streams would never run: a front end over workers
+    kept their entries, counted as in flight, for good)."""
+    added = []
+    try:
+        for i, ids in enumerate(prompts):
+            added.append(engine.add_request(ids, params, f"{rid}-{i}", priority=priority))
+    except BaseException:
+        for s in added:
+            engine.abort(s.request_id)
+        raise
+    return [engine.stream(s) for s in added]
+
+
 def _allowed_calls(calls: list, req) -> list:
     """The tool calls a reply returns: with ``parallel_tool_calls`` false, its first only (OpenAI's at most one; vLLM
     keeps the first as well)."""
@@ -693,8 +708,7 @@ def build_app(state: ServerState) -> Starlette:
         _admit(state, engine, len(prompt_ids) * params.n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        gens = [engine.stream(engine.add_request(ids, params, f"{rid}-{i}", priority=req.priority or 0))
-                for i, ids in enumerate(prompt_ids)]
+        gens = _add_requests(engine, prompt_ids, params, rid, req.priority or 0)
         n = params.n
         echo = bool(req.echo)
         as_ids = bool(req.return_tokens_as_token_ids)

@@ -101,6 +101,7 @@ class _RemoteStream:
         self.priority = priority
         self.worker = worker
         self.call = None
+        self.started = False                       # ``RemoteEngine.stream`` has begun (its finally cleans up)
         self.failure: str | None = None
         self.error: type = RequestFailedError      # what ``failure`` ends the stream with
         self.arrival = time.monotonic()
@@ -277,6 +278,7 @@ class RemoteEngine:
         return s
 
     async def stream(self, s: _RemoteStream):
+        s.started = True
         m = self.core.metrics
         acc = OutputAccumulator(s.request_id, s.prompt_ids, s.params.n, s.params.logprobs is not None)
         finished = failed = refused = False
@@ -344,8 +346,14 @@ class RemoteEngine:
 
     def abort(self, request_id: str) -> None:
         s = self._streams.get(request_id)
-        if s is not None and s.call is not None:
+        if s is None:
+            return
+        if s.call is not None:
             s.loop.call_soon_threadsafe(s.call.cancel)
+        elif not s.started:         # added, never streamed (nothing runs on a worker): its entries go now
+            self._streams.pop(request_id, None)
+            s.worker.inflight.pop(request_id, None)
+            self.core.metrics.num_running = len(self._streams)
 
     def shutdown(self) -> None:
         self._stop.set()

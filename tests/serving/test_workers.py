@@ -966,3 +966,31 @@ def test_a_worker_listens_on_an_ipv6_literal_and_names_an_address_it_cannot_bind
             assert asyncio.run(listen("::1"))[0] > 0
     with pytest.raises(OSError, match="cannot listen on 300.1.1.1:0"):
         asyncio.run(listen("300.1.1.1"))
+
+
+def test_a_prompt_that_cannot_be_added_aborts_the_ones_added_before_it():
+    """A completion of several prompts adds each before streaming any: where a later one was refused (no worker
+    left, say), the earlier ones' streams never ran, and a front end over workers kept their entries, counted in
+    flight, for good (its 503 bound then refused everyone). They are aborted: a never-streamed entry goes at once."""
+    import asyncio
+    import types
+
+    from jaxdyn.engine.async_engine import EngineDeadError
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.app import _add_requests
+    from serving.workers.frontend import RemoteEngine
+
+    eng = RemoteEngine.__new__(RemoteEngine)
+    worker = types.SimpleNamespace(inflight={})
+    eng._streams = {}
+    eng.core = types.SimpleNamespace(metrics=types.SimpleNamespace(num_running=0, prompt_tokens=0))
+    live = [[worker], [worker], []]                  # the third prompt finds no worker
+    eng._live = lambda: live.pop(0)
+
+    async def run():
+        with pytest.raises(EngineDeadError, match="no worker is available"):
+            _add_requests(eng, [[1], [2], [3]], SamplingParams(max_tokens=2), "cmpl-x", 0)
+        return eng._streams, worker.inflight, eng.core.metrics.num_running
+
+    streams, inflight, running = asyncio.run(run())
+    assert streams == {} and inflight == {} and running == 0
