@@ -286,10 +286,15 @@ class DisaggEngine:
         m.kv_transfers += 1
         m.kv_transfer_bytes += int(h.block.nbytes) * len(r.pages) // h.block.shape[3]
         m.kv_handoff.observe(time.monotonic() - h.prefill_done)
-        return self.decode.add_prefilled(
-            r.request_id, r.prompt_ids, r.params, seed=r.params.seed, first_token=h.first_token,
-            first_logprobs=h.first_logprobs, priority=r.priority, arrival_time=r.arrival_time,
-            num_cached_tokens=h.num_cached_tokens)
+        try:
+            return self.decode.add_prefilled(
+                r.request_id, r.prompt_ids, r.params, seed=r.params.seed, first_token=h.first_token,
+                first_logprobs=h.first_logprobs, priority=r.priority, arrival_time=r.arrival_time,
+                num_cached_tokens=h.num_cached_tokens)
+        except RequestError as e:       # this request fails (add_prefilled freed its pages), not the engine's step
+            self._count_finish("error", r.params.n)
+            self.metrics.remote_prefill_failures += 1
+            return _final_output(r, "abort", f"the prefilled request could not continue here: {e}")
 
     def _count_remote(self) -> None:
         """A remote prefill's decision, counted once it is over (handed off, failed or aborted), not when it is

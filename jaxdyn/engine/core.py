@@ -469,6 +469,7 @@ class EngineCore:
         if request_id not in self.scheduler.reserved:
             raise RequestError("request_id", f"no pages reserved for {request_id!r}")
         if params.n != 1:
+            self.scheduler.unreserve(request_id)
             raise RequestError("n", "a prefilled request must have n=1")
         params = dataclasses.replace(params, seed=seed)
         try:

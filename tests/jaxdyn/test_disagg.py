@@ -228,6 +228,30 @@ def test_a_handoff_that_does_not_fit_fails_its_request_only(disagg):
     _check_clean(disagg)
 
 
+def test_a_handoff_the_decode_engine_refuses_fails_its_request_only(disagg, monkeypatch):
+    """A RequestError out of the decode engine's add_prefilled (any of its refusals) escaped DisaggEngine.step and
+    killed the engine: that request ends with the error, its reserved pages freed, and the rest go on."""
+    from jaxdyn.disagg.engine import Handoff
+    from jaxdyn.engine.core import RequestError
+    prompts = _prompts(8)
+    disagg.add_request("r1", prompts["long"], GREEDY)
+    pages = len(disagg._remote["r1"].pages)
+    block = np.zeros(disagg.scatter.block_shape(min(b for b in disagg.scatter.buckets if b >= pages)), np.float32)
+    real = disagg.decode.add_prefilled
+
+    def refuse(request_id, *a, **k):
+        disagg.decode.scheduler.unreserve(request_id)         # as add_prefilled's own refusals do
+        raise RequestError("prompt", "refused for the test")
+    monkeypatch.setattr(disagg.decode, "add_prefilled", refuse)
+    out = disagg.accept_handoff(Handoff("r1", block, 5, None, 0, time.monotonic()))
+    assert out.finished and "refused for the test" in out.error
+    assert "r1" not in disagg.decode.scheduler.reserved and "r1" not in disagg._remote
+    monkeypatch.setattr(disagg.decode, "add_prefilled", real)
+    got = _run(disagg, [("r2", prompts["page"], GREEDY)])       # the real handoff of r1 is dropped on arrival
+    assert got["r2"].error is None and len(got["r2"].outputs[0].token_ids) == 12
+    _check_clean(disagg)
+
+
 def test_a_prompt_no_prefill_worker_took_is_computed_here(disagg, aggregated):
     """The prefill role's ("local", id, why): no worker could be reached before it answered, so the decode
     engine computes the prompt (the same tokens), and the decision is counted as prefill_unreachable; no count

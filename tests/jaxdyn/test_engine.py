@@ -1301,3 +1301,15 @@ def test_fp8_products_off_the_gpu_are_said_to_do_nothing(ckpt, caplog):
         EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
                    dataclasses.replace(cfg, attention_fp8_products="qk"))
     assert "attention_fp8_products qk takes effect in the GPU decode kernel under a 16-bit model only" in caplog.text
+
+
+def test_a_prefilled_request_refused_frees_the_pages_reserved_for_it(engine):
+    """``add_prefilled``'s refusals give back the pages ``reserve_kv`` set aside (n other than 1 kept them)."""
+    from jaxdyn.engine.core import RequestError
+    free = engine.allocator.num_free
+    for params, words in ((SamplingParams(max_tokens=3, n=2), "n=1"),
+                          (SamplingParams(max_tokens=3, stop_token_ids=[10**6]), "token ids must be in")):
+        assert engine.reserve_kv("pre", 20) is not None and engine.allocator.num_free < free
+        with pytest.raises(RequestError, match=words):
+            engine.add_prefilled("pre", list(range(1, 21)), params, seed=0, first_token=5)
+        assert "pre" not in engine.scheduler.reserved and engine.allocator.num_free == free
