@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -438,8 +439,9 @@ _DONE = b"data: [DONE]\n\n"
 async def _merge(gens: list) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several engine streams; cancelling the consumer aborts all of them."""
     if len(gens) == 1:
-        async for out in gens[0]:
-            yield 0, out
+        async with contextlib.aclosing(gens[0]) as outs:     # closed with this one: leaving aborts it now
+            async for out in outs:
+                yield 0, out
         return
     q: asyncio.Queue = asyncio.Queue()
 

@@ -407,8 +407,14 @@ def _flags_given(args, command: list[str], adder) -> list[str]:
     probe = argparse.ArgumentParser(add_help=False)
     adder(probe)
     defaults = vars(build_parser().parse_args(command))
-    return [a.option_strings[0] for a in probe._actions
-            if a.option_strings and a.dest in defaults and getattr(args, a.dest, defaults[a.dest]) != defaults[a.dest]]
+    given: dict[str, str] = {}
+    for a in probe._actions:
+        if not a.option_strings or a.dest not in defaults:
+            continue
+        value = getattr(args, a.dest, defaults[a.dest])
+        if value != defaults[a.dest] and (a.dest not in given or getattr(a, "const", None) == value):
+            given[a.dest] = a.option_strings[0]     # of a flag pair (--x / --no-x), the one that sets this value
+    return list(given.values())
 
 
 def _disagg_flags(p) -> None:
@@ -713,16 +719,22 @@ def cmd_worker(args) -> int:
         engine.warmup()
         service = WorkerService(args.role, name, engine=AsyncEngine(engine), transfer_host=args.host)
 
+    listening = []
+
     def ready(port):
-        print(f"jaxdyn worker: {args.role} worker for {name!r} listening on {args.host}:{port}", flush=True)
+        host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host    # IPv6
+        print(f"jaxdyn worker: {args.role} worker for {name!r} listening on {host}:{port}", flush=True)
+        listening.append(port)
 
     try:
         asyncio.run(serve_worker(service, args.host, args.port, ready))
     except KeyboardInterrupt:
         pass
-    except OSError as e:                # the port taken since it was checked, or an address gRPC cannot bind
-        raise CLIError(f"--host/--port: {e}") from None
-    return 0
+    except OSError as e:
+        if listening:
+            raise
+        raise CLIError(f"--host/--port: {e}") from None     # the port taken since it was checked, or an address
+    return 0                                                # gRPC cannot bind
 
 
 def cmd_convert(args) -> int:

@@ -225,7 +225,7 @@ class StreamingEngine:
         """End every unfinished request's stream with ``ShutdownError(message)`` and abort it in the engine: a
         server whose shutdown grace is running out, so that its streams end with an error event rather than cut
         off. Call from the event loop; returns how many requests it ended."""
-        rids = list(self._streams)
+        rids = [rid for rid, s in list(self._streams.items()) if not s.closed]   # a closed one's abort was sent
         self._fail_all(ShutdownError(message), {})
         for rid in rids:
             self._send(("abort", rid))

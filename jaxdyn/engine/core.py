@@ -796,11 +796,11 @@ def _check_buckets_hold(config: EngineConfig, max_model_len: int) -> None:
     if config.token_buckets and max(config.token_buckets) < config.max_num_batched_tokens:
         raise ValueError(f"token_buckets: the largest ({max(config.token_buckets)}) must be at least "
                          f"max_num_batched_tokens ({config.max_num_batched_tokens}), the tokens a step may hold")
-    pages = -(-max_model_len // config.page_size)
+    pages = max(1, -(-(max_model_len - 1) // config.page_size))     # the last token's KV is never computed
     if config.page_buckets and max(config.page_buckets) < pages:
         raise ValueError(f"page_buckets: the largest ({max(config.page_buckets)}) must be at least the {pages} pages "
                          f"of {config.page_size} tokens a sequence of max_model_len {max_model_len} takes (add a "
-                         "larger bucket or lower max_model_len)")
+                         "larger bucket, or give a lower max_model_len)")
 
 
 def engine_eos_ids(model_config, tokenizer, eos_token_ids=None) -> tuple[int, ...]:

@@ -185,8 +185,8 @@ class Tokenizer:
         """The bytes token ``i`` stands for in decoded text (OpenAI's logprob ``bytes``, which exist for tokens
         that hold part of a character): a byte-level vocabulary's piece mapped back to its bytes, a byte-fallback
         piece (``<0xC3>``) its byte, a SentencePiece piece with its "▁" as spaces; an added token's text."""
-        if i in self._added:
-            return self._added[i].encode()
+        if i in self._added:            # as decoded (a decoder may rewrite its text, e.g. a leading "▁")
+            return self.token_text(i).encode()
         piece = self._tok.id_to_token(i)
         if piece is None:
             return self.token_text(i).encode()

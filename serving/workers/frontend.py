@@ -19,6 +19,7 @@ tokenizer, limits, request checks and metrics the app reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -341,8 +342,9 @@ class RemoteEngine:
 
     async def generate(self, prompt_ids, params: SamplingParams, request_id: str, *, priority: int = 0):
         s = self.add_request(prompt_ids, params, request_id, priority=priority)
-        async for out in self.stream(s):
-            yield out
+        async with contextlib.aclosing(self.stream(s)) as outs:     # leaving early cancels the call now
+            async for out in outs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         s = self._streams.get(request_id)

@@ -1076,6 +1076,12 @@ def test_buckets_that_cannot_hold_a_step_are_refused_when_the_engine_is_built(ck
                                                      r"max_num_batched_tokens \(64\)")):
         with pytest.raises(ValueError, match=words):
             EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, dataclasses.replace(base, **bad))
+    # a sequence's last token is sampled, never computed: 129 tokens take 8 pages of 16, as does a context lowered
+    # to what a pool of 8 pages holds (8 x 16 + 1)
+    for ok in ({"max_model_len": 129, "page_buckets": (8,)},
+               {"max_model_len": None, "num_pages": 8, "page_buckets": (4, 8)}):
+        core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok, dataclasses.replace(base, **ok))
+        assert core.max_model_len == 129
 
 
 def test_the_pool_bounds_the_context(ckpt, caplog):

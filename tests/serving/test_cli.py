@@ -241,6 +241,7 @@ def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     # flags that would be ignored: the engine's at a front end over workers, --disagg's without it
     (["serve", "--workers", "127.0.0.1:1", "--num-pages", "9"], "--workers and --num-pages: each worker runs its own"),
     (["serve", "--workers", "127.0.0.1:1", "--no-prefix-cache"], "--workers and --no-prefix-cache"),
+    (["serve", "--workers", "127.0.0.1:1", "--no-executable-cache"], "--workers and --no-executable-cache:"),
     (["serve", "--prefill-devices", "0"], "--prefill-devices is for --disagg"),
     (["serve", "--disagg-prefill-timeout", "5"], "--disagg-prefill-timeout is for --disagg"),
     (["worker", "--role", "both", "--host", "bogus.invalid", "--port", "0"], "--host 'bogus.invalid':"),
