@@ -154,6 +154,10 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
                 raise CheckpointError(
                     f"{files.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
                     f"expected {want} for this config")
+            try:
+                files.check_float(name)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
             arrays.append(raw.T if kernel else raw)
         if len(arrays) == 1:
             array = arrays[0]

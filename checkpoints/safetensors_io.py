@@ -102,6 +102,9 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(shape)
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 class CheckpointFiles:
     """Every tensor of a Hugging Face checkpoint directory, single file or sharded."""
 
@@ -164,6 +167,15 @@ class CheckpointFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the header alone (nothing is read)."""
         return self._file(self.where[name]).info(name)[0]
+
+    def check_float(self, name: str) -> None:
+        """SafetensorsError unless tensor ``name`` holds floats (F16, BF16, F32, F64): an 8-bit or integer weight
+        without its quantization's scales would be served as its raw values."""
+        dtype = self._file(self.where[name]).info(name)[1]
+        if dtype not in FLOAT_DTYPES:
+            raise SafetensorsError(f"{self.file_of(name)}: tensor {name!r} is {dtype}, not a float weight (F16, BF16 "
+                                   f"or F32); a quantized checkpoint needs its quantization_config, which jaxdyn "
+                                   f"does not load")
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],

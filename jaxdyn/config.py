@@ -88,6 +88,10 @@ class ModelConfig:
                 f"jaxdyn serves {sorted(SUPPORTED_ARCHITECTURES)}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        model_type = hf.get("model_type")
+        if model_type is not None and model_type != family:
+            # transformers' AutoModelForCausalLM picks the model by model_type: another family's math
+            raise ConfigError(f"model_type {model_type!r} does not match the architecture {arch} ({family!r})")
         act = hf.get("hidden_act", "silu")
         if not isinstance(act, str):
             act = repr(act)
@@ -109,9 +113,12 @@ class ModelConfig:
             raise ConfigError(f"hidden_size={hidden} gives no head_dim over {num_heads} heads")
         num_layers = _get(hf, "num_hidden_layers", int, low=1)
 
-        attention_bias = _get(hf, "attention_bias", bool, False)
+        # the biases transformers' model of the family builds: Qwen2's q/k/v always (o never), Mistral none,
+        # Llama and Qwen3 as attention_bias says; an MLP bias only in Llama (mlp_bias)
+        attention_bias = _get(hf, "attention_bias", bool, False) if family in ("llama", "qwen3") else False
         qkv_bias = True if family == "qwen2" else attention_bias
-        o_bias = False if family == "qwen2" else attention_bias
+        o_bias = attention_bias
+        mlp_bias = _get(hf, "mlp_bias", bool, False) if family == "llama" else False
 
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -139,7 +146,7 @@ class ModelConfig:
             tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=_get(hf, "mlp_bias", bool, False),
+            mlp_bias=mlp_bias,
             qk_norm=family == "qwen3",
             sliding_windows=_sliding_windows_from_hf(hf, family, num_layers),
             dtype=dtype,
@@ -286,10 +293,40 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
 
 
 def _sliding_windows_from_hf(hf: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
-    window = _get(hf, "sliding_window", int, 0, low=0)
+    """Each layer's attention window (None: full), as transformers' model of the family reads the config: Llama
+    has none (it reads neither sliding_window nor layer_types); Mistral windows every layer by sliding_window (4096
+    when the key is absent, none when it is null; layer_types is not read); Qwen2 / Qwen3 window nothing unless
+    use_sliding_window, then the layers layer_types names "sliding_attention" (by default those from
+    max_window_layers, 28 by default, on) by sliding_window (4096 by default)."""
+    none = (None,) * num_layers
+    if family == "llama":
+        return none
+    if family == "mistral":
+        window = _get(hf, "sliding_window", int, 4096 if "sliding_window" not in hf else 0, low=0)
+        return (window or None,) * num_layers
     layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise ConfigError(f"layer_types must be a list, got {layer_types!r}")
+        if len(layer_types) != num_layers:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+        odd = next((t for t in layer_types if t not in ("full_attention", "sliding_attention")), None)
+        if odd is not None:
+            raise ConfigError(f"layer_types: {odd!r} is not supported (full_attention or sliding_attention)")
+    if not _get(hf, "use_sliding_window", bool, False):
+        if layer_types is not None and "sliding_attention" in layer_types:
+            raise ConfigError("layer_types names sliding_attention layers but use_sliding_window is false "
+                              "(transformers then has no window for them and refuses the mask)")
+        return none
+    window = _get(hf, "sliding_window", int, 4096 if "sliding_window" not in hf else 0, low=0)
     if not window:
-        return (None,) * num_layers
+        if layer_types is not None and "sliding_attention" in layer_types:
+            raise ConfigError("layer_types names sliding_attention layers but sliding_window is null")
+        return none
+    if layer_types is not None:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    first = _get(hf, "max_window_layers", int, 28, low=0)
+    return tuple(window if i >= first else None for i in range(num_layers))
     if layer_types is not None:
         if not isinstance(layer_types, list):
             raise ConfigError(f"layer_types must be a list, got {layer_types!r}")

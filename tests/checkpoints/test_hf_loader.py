@@ -122,6 +122,28 @@ def test_wrong_shape_names_file_and_tensor(llama_dir, tmp_path):
         load_hf_checkpoint(path, make_mesh(1))
 
 
+def test_a_weight_that_is_not_floats_is_refused(llama_dir, tmp_path):
+    """An 8-bit or integer weight (a quantized checkpoint without its config) was cast to floats and served as its
+    raw values: refused, naming the file, the tensor and its dtype, by the loader and by convert."""
+    from checkpoints.convert import convert
+    path = _copy(llama_dir, tmp_path / "int8")
+
+    def edit(h):                                    # its expected shape, (64,), in int8s: the first 64 bytes
+        entry = h["model.norm.weight"]
+        begin, _ = entry["data_offsets"]
+        entry.update(dtype="I8", data_offsets=[begin, begin + 64])
+        return h
+
+    _rewrite_safetensors(path, edit)
+    words = r"model\.safetensors: tensor 'model\.norm\.weight' is I8, not a float weight"
+    with pytest.raises(CheckpointError, match=words):
+        load_hf_checkpoint(path, make_mesh(1))
+    from tests.support import make_byte_tokenizer
+    make_byte_tokenizer(str(path))                  # convert wants a servable checkpoint: a tokenizer beside it
+    with pytest.raises(CheckpointError, match=words):
+        convert(str(path), str(tmp_path / "out"))
+
+
 def test_unexpected_tensor_is_named(llama_dir, tmp_path):
     path = _copy(llama_dir, tmp_path / "extra")
 

@@ -55,11 +55,51 @@ def test_sliding_windows_per_layer():
                                      "sliding_window": 4096})
     assert mistral.sliding_windows == (4096, 4096)
     qwen = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
-                                  "layer_types": ["full_attention", "sliding_attention"]})
+                                  "use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"]})
     assert qwen.sliding_windows == (None, 64)
     off = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
                                  "use_sliding_window": False})
     assert off.sliding_windows == (None, None)
+
+
+def test_sliding_windows_as_transformers_reads_each_family():
+    """transformers 5's models: Llama has no window whatever the config says; Mistral windows every layer (4096
+    when sliding_window is absent, none when null) and does not read layer_types; Qwen2/Qwen3 window nothing
+    without use_sliding_window, and with it the layers from max_window_layers (28 by default) by sliding_window
+    (4096 by default). Configs transformers cannot run are refused."""
+    def windows(arch, **kw):
+        return ModelConfig.from_dict({**LLAMA, "num_hidden_layers": 30, "architectures": [arch], **kw}).sliding_windows
+    both = ["full_attention", "sliding_attention"] * 15
+    assert windows("LlamaForCausalLM", sliding_window=64, layer_types=both) == (None,) * 30
+    assert windows("MistralForCausalLM") == (4096,) * 30
+    assert windows("MistralForCausalLM", sliding_window=None) == (None,) * 30
+    assert windows("MistralForCausalLM", sliding_window=64, layer_types=both) == (64,) * 30
+    assert windows("Qwen2ForCausalLM", sliding_window=64, layer_types=["full_attention"] * 30) == (None,) * 30
+    assert windows("Qwen3ForCausalLM", use_sliding_window=True) == (None,) * 28 + (4096,) * 2
+    assert windows("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=64, max_window_layers=10) == \
+        (None,) * 10 + (64,) * 20
+    for kw, words in (({"layer_types": both, "sliding_window": 64}, "use_sliding_window is false"),
+                      ({"layer_types": ["chunked_attention"] * 30, "use_sliding_window": True}, "chunked_attention"),
+                      ({"layer_types": both, "use_sliding_window": True, "sliding_window": None}, "null")):
+        with pytest.raises(ConfigError, match=words):
+            windows("Qwen2ForCausalLM", **kw)
+
+
+def test_biases_and_model_type_as_transformers_reads_each_family():
+    """Mistral builds no biases and Qwen2/Qwen3 no MLP bias whatever attention_bias / mlp_bias say (a checkpoint
+    with such tensors is then refused by the loader, not served with them); a model_type of another family (which
+    transformers' auto class would load instead) is refused."""
+    on = {"attention_bias": True, "mlp_bias": True}
+    m = ModelConfig.from_dict({**LLAMA, "architectures": ["MistralForCausalLM"], **on})
+    assert not (m.qkv_bias or m.o_bias or m.mlp_bias)
+    q = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen3ForCausalLM"], **on})
+    assert q.qkv_bias and q.o_bias and not q.mlp_bias
+    q2 = ModelConfig.from_dict({**LLAMA, "architectures": ["Qwen2ForCausalLM"], **on})
+    assert q2.qkv_bias and not q2.o_bias and not q2.mlp_bias
+    llama = ModelConfig.from_dict({**LLAMA, **on, "model_type": "llama"})
+    assert llama.qkv_bias and llama.o_bias and llama.mlp_bias
+    with pytest.raises(ConfigError, match="model_type 'mistral' does not match the architecture LlamaForCausalLM"):
+        ModelConfig.from_dict({**LLAMA, "model_type": "mistral"})
 
 
 @pytest.mark.parametrize("change,message", [
