@@ -264,14 +264,30 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         params, where = dict(hf["rope_scaling"]), "rope_scaling."
     else:
         params, where = dict(hf.get("rope_parameters") or {}), "rope_parameters."
+    if params and "rope_type" not in params and "type" not in params and any(
+            isinstance(v, dict) for v in params.values()):
+        # transformers 5's per-layer-type form ({"full_attention": {...}, "sliding_attention": {...}})
+        raise ConfigError(f"{where[:-1]}: rope parameters per layer type ({sorted(params)}) are not supported")
+    for partial in (params.get("partial_rotary_factor"), hf.get("partial_rotary_factor")):
+        if partial is not None and partial != 1:
+            raise ConfigError(f"partial_rotary_factor {partial!r}: rotary embedding of part of a head is not "
+                              "supported")
     theta = _get(params, "rope_theta", float, None, low=0, where=where) or _get(hf, "rope_theta", float, 10000.0,
                                                                                 low=0)
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type is None and ("rope_type" in params or "type" in params) and len(params) > 1:
+        raise ConfigError(f"{where}rope_type is null beside other rope parameters ({sorted(params)})")
+    rope_type = rope_type or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported rope_type {rope_type!r} (in {where[:-1]}); supported: "
                           f"{SUPPORTED_ROPE_TYPES}")
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    # transformers' rope functions read these without defaults (a KeyError there)
+    needed = ("factor",) if rope_type == "linear" else ("factor", "low_freq_factor", "high_freq_factor")
+    lacking = [k for k in needed if params.get(k) is None]
+    if lacking:
+        raise ConfigError(f"{where[:-1]} of rope_type {rope_type!r} lacks {lacking[0]!r}")
     factor = _get(params, "factor", float, 1.0, low=0, where=where)
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)

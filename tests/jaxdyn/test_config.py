@@ -106,6 +106,14 @@ def test_biases_and_model_type_as_transformers_reads_each_family():
     ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+    # rope configs transformers cannot run (a KeyError or a shape mismatch there), refused rather than defaulted
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks 'low_freq_factor'"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "lacks 'factor'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}},
+     "partial_rotary_factor 0.25"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "per layer type"),
+    ({"rope_scaling": {"rope_type": None, "type": "yarn"}}, "rope_type is null"),
     ({"num_key_value_heads": 3}, "not a multiple"),
 ])
 def test_unsupported_configs_are_named(change, message):
