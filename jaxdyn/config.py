@@ -317,9 +317,10 @@ def _sliding_windows_from_hf(hf: dict[str, Any], family: str, num_layers: int) -
     none = (None,) * num_layers
     if family == "llama":
         return none
+    # transformers' default when the key is absent; none when it is null
+    window = _get(hf, "sliding_window", int, 4096 if "sliding_window" not in hf else 0, low=0) or None
     if family == "mistral":
-        window = _get(hf, "sliding_window", int, 4096 if "sliding_window" not in hf else 0, low=0)
-        return (window or None,) * num_layers
+        return (window,) * num_layers
     layer_types = hf.get("layer_types")
     if layer_types is not None:
         if not isinstance(layer_types, list):
@@ -334,7 +335,6 @@ def _sliding_windows_from_hf(hf: dict[str, Any], family: str, num_layers: int) -
             raise ConfigError("layer_types names sliding_attention layers but use_sliding_window is false "
                               "(transformers then has no window for them and refuses the mask)")
         return none
-    window = _get(hf, "sliding_window", int, 4096 if "sliding_window" not in hf else 0, low=0)
     if not window:
         if layer_types is not None and "sliding_attention" in layer_types:
             raise ConfigError("layer_types names sliding_attention layers but sliding_window is null")
@@ -343,15 +343,3 @@ def _sliding_windows_from_hf(hf: dict[str, Any], family: str, num_layers: int) -
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     first = _get(hf, "max_window_layers", int, 28, low=0)
     return tuple(window if i >= first else None for i in range(num_layers))
-    if layer_types is not None:
-        if not isinstance(layer_types, list):
-            raise ConfigError(f"layer_types must be a list, got {layer_types!r}")
-        if len(layer_types) != num_layers:
-            raise ConfigError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
-        return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if family == "mistral":
-        return (window,) * num_layers
-    if _get(hf, "use_sliding_window", bool, False):
-        first = _get(hf, "max_window_layers", int, num_layers, low=0)
-        return tuple(window if i >= first else None for i in range(num_layers))
-    return (None,) * num_layers

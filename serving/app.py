@@ -114,42 +114,30 @@ async def _read_json(request: Request, limit: int) -> dict:
         raise APIError(400, f"malformed JSON body: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the JSON body must be an object", code="invalid_json")
-    _check_depth(data)
-    if _SURROGATE_ESCAPE.search(text):
-        _check_unicode(data)
+    _check_body(data, strings=_SURROGATE_ESCAPE.search(text) is not None)
     return data
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-MAX_JSON_DEPTH = 64     # objects and arrays within each other: deeper, a chat template's tojson could recurse past the stack
+MAX_JSON_DEPTH = 64     # objects and arrays within each other (deeper: a template's tojson recursed past the stack)
 
 
-def _check_depth(data) -> None:
-    """Refuse a body whose objects and arrays nest more than ``MAX_JSON_DEPTH`` deep (a tool's schema rendered by a
-    chat template's ``tojson``, or a validator, would otherwise recurse past Python's stack: a 500)."""
+def _check_body(data, strings: bool) -> None:
+    """One walk over a parsed body: refuse one whose objects and arrays nest more than ``MAX_JSON_DEPTH`` deep (a
+    tool's schema rendered by a chat template's ``tojson``, or a validator, would otherwise recurse past Python's
+    stack: a 500), and with ``strings`` (the body has a surrogate escape) one whose strings hold an unpaired UTF-16
+    surrogate (JSON's ``\\ud800`` escape): not Unicode text, which the tokenizer cannot take. Pairs (an emoji escaped
+    by an ASCII-only encoder) are text."""
     todo = [(data, 1)]
     while todo:
         x, depth = todo.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"malformed JSON body: nested more than {MAX_JSON_DEPTH} deep", code="invalid_json")
-        if isinstance(x, dict):
-            todo.extend((v, depth + 1) for v in x.values() if isinstance(v, (dict, list)))
-        elif isinstance(x, list):
-            todo.extend((v, depth + 1) for v in x if isinstance(v, (dict, list)))
-
-
-def _check_unicode(data) -> None:
-    """Refuse a body whose strings hold an unpaired UTF-16 surrogate (JSON's ``\\ud800`` escape): not Unicode
-    text, which the tokenizer cannot take. Pairs (an emoji escaped by an ASCII-only encoder) are text."""
-    todo = [data]
-    while todo:
-        x = todo.pop()
-        if isinstance(x, dict):
-            todo.extend(x.keys())
-            todo.extend(x.values())
-        elif isinstance(x, list):
-            todo.extend(x)
-        elif isinstance(x, str):
+        if isinstance(x, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(400, f"malformed JSON body: nested more than {MAX_JSON_DEPTH} deep",
+                               code="invalid_json")
+            items = x if isinstance(x, list) else [*x.keys(), *x.values()] if strings else x.values()
+            todo.extend((v, depth + 1) for v in items if strings or isinstance(v, (dict, list)))
+        elif strings and isinstance(x, str):
             try:
                 x.encode("utf-8")
             except UnicodeEncodeError:
@@ -250,7 +238,7 @@ def _add_requests(engine, prompts: list, params, rid: str, priority: int) -> lis
 def _allowed_calls(calls: list, req) -> list:
     """The tool calls a reply returns: with ``parallel_tool_calls`` false, its first only (OpenAI's at most one; vLLM
     keeps the first as well)."""
-    return calls[:1] if getattr(req, "parallel_tool_calls", None) is False else calls
+    return calls[:1] if req.parallel_tool_calls is False else calls
 
 
 def _refuse_unsupported(req, tool_parsing: bool = False) -> None:

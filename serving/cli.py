@@ -677,7 +677,7 @@ def cmd_worker(args) -> int:
     from jaxdyn import AsyncEngine, EngineCore
     from jaxdyn.disagg.engine import DisaggEngine, LocalPrefillRole
     from jaxdyn.parallel.sharding import make_mesh
-    from serving.workers.common import kv_layout
+    from serving.workers.common import host_port, kv_layout
     from serving.workers.remote_prefill import RemotePrefillRole
     from serving.workers.worker import WorkerService, serve_worker
 
@@ -722,8 +722,8 @@ def cmd_worker(args) -> int:
     listening = []
 
     def ready(port):
-        host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host    # IPv6
-        print(f"jaxdyn worker: {args.role} worker for {name!r} listening on {host}:{port}", flush=True)
+        print(f"jaxdyn worker: {args.role} worker for {name!r} listening on {host_port(args.host, port)}",
+              flush=True)
         listening.append(port)
 
     try:

@@ -121,9 +121,9 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     without a generation prompt and cut after that text). ``tools``: described to the template (vLLM passes them
     even where none may be called); ``documents``: the same for a retrieval template's documents (vLLM's);
     ``chat_template_kwargs`` over both, except a ``chat_template`` among them, refused (vLLM's server takes one
-    only where it trusts its requests' templates; ``LLM.chat`` takes it as its ``chat_template``). ``chat_template``: instead of the tokenizer's (``LLM.chat``'s
-    option; the server takes none from a request). ChatTemplateError (its ``param`` the field to blame) where the chat cannot be
-    rendered."""
+    only where it trusts its requests' templates; ``LLM.chat`` takes it as its ``chat_template``).
+    ``chat_template``: instead of the tokenizer's (``LLM.chat``'s option; the server takes none from a request).
+    ChatTemplateError (its ``param`` the field to blame) where the chat cannot be rendered."""
     kwargs = dict(chat_template_kwargs or {})
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     if tokenizer is None:

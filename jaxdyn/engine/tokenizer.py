@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -31,20 +32,15 @@ def _decoder_kinds(tok: _HFTokenizer) -> set[str]:
     return kinds
 
 
+@functools.cache
 def _unicode_to_byte() -> dict[str, int]:
     """GPT-2's byte-level alphabet reversed: the character a byte-level vocabulary writes for each byte -> the
     byte (printable Latin-1 bytes stand for themselves, the others for 256 + their rank)."""
-    global _U2B
-    if _U2B is None:
-        keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                *range(ord("\u00ae"), ord("\u00ff") + 1)]
-        chars = {b: chr(b) for b in keep}
-        chars.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)})
-        _U2B = {c: b for b, c in chars.items()}
-    return _U2B
-
-
-_U2B: dict[str, int] | None = None
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = {b: chr(b) for b in keep}
+    chars.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)})
+    return {c: b for b, c in chars.items()}
 
 
 def _token_str(value, file: str, key: str) -> str | None:

@@ -39,6 +39,11 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 53
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal bracketed (``[::1]:50051``), as gRPC takes an address."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def prefill_worker_report(address: str, reply) -> dict:
     """A prefill worker's Health ``reply`` as a decode worker passes it on: its gauges, and the ``instance`` of its
     process (its address where the reply has none), by which a front end whose decode workers share the prefill

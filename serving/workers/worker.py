@@ -33,7 +33,7 @@ from jaxdyn.engine.sampling_params import SamplingParamsError
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
 from serving.workers.common import (
-    CHANNEL_OPTIONS, DEAD, FAILED, INCOMPATIBLE, KV_CHUNK_BYTES, REFUSED, kv_layout, layout_mismatch,
+    CHANNEL_OPTIONS, DEAD, FAILED, INCOMPATIBLE, KV_CHUNK_BYTES, REFUSED, host_port, kv_layout, layout_mismatch,
     logprobs_to_json, output_to_pb, params_from_json, refused_details)
 
 log = logging.getLogger("jaxdyn.worker")
@@ -211,7 +211,7 @@ async def serve_worker(service: WorkerService, host: str, port: int, ready=None,
     """Run the gRPC server until ``stop`` is set (or forever); ``ready(port)`` once it listens."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"   # IPv6
+    address = host_port(host, port)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as e:           # grpc's "Failed to bind" (older versions return 0 instead)
