@@ -3,7 +3,7 @@
 Each step fills a token budget (``max_num_batched_tokens``) and a sequence cap
 (``max_num_seqs``):
 
-1. Running sequences first, oldest admission first: a decoding sequence takes
+1. Running sequences first, by (priority, admission): a decoding sequence takes
    one token, a sequence still in its prompt takes the next chunk (as much of
    the budget as is left), so a long prompt never stalls decoding.
 2. Then waiting sequences, by (priority, arrival) -- or with the "lof" policy
@@ -47,6 +47,11 @@ from jaxdyn.kv.radix import RadixCache
 
 
 SCHEDULE_POLICIES = ("fcfs", "lof")
+
+
+def _run_key(seq: Sequence) -> tuple[int, int]:
+    """A running sequence's order: priority (lower first), then admission."""
+    return seq.request.priority, seq.admit_order
 
 
 def check_schedule_policy(policy):
@@ -194,7 +199,7 @@ class Scheduler:
         seq.num_computed = num_computed
         seq.status = SeqStatus.RUNNING
         seq.admit_order = next(self._admits)
-        self.running.append(seq)
+        self._add_running(seq)
         # Its prompt is complete: cache it now, as for a prompt finished in a step.
         self._cache_prompt(seq)
 
@@ -252,6 +257,13 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------
 
+    def _add_running(self, seq: Sequence) -> None:
+        """Put ``seq`` (its admit_order set) into ``running``, which stays in (priority, admission) order: a step
+        serves the most urgent first, and the victim a preemption picks among the sequences not yet scheduled (the
+        largest key) is then the largest of all running, never one scheduled before it (a high-priority sequence
+        admitted later preempted itself while a low-priority one kept its pages)."""
+        bisect.insort(self.running, seq, key=_run_key)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._cache_pages(seq)
@@ -269,13 +281,18 @@ class Scheduler:
         return max(need, 0), shared
 
     def _make_room(self, n: int) -> bool:
-        """Whether ``n`` pages can be allocated, evicting cached pages nobody uses if need be.
+        """Whether ``n`` pages can be allocated, evicting cached pages nobody uses if need be (none when that
+        would not free enough).
 
         An eviction scans every leaf of the tree, so it frees at least 1/512 of the pool at once (the least
         recently used pages): with a full cache, evicting page by page cost 2.7 ms a step of a 1,000-request
         ShareGPT-shaped run on the H200 (4,275 scans, 6.3 M leaf checks; ``benchmarks/gpu/profile_host.py``)."""
         short = n - self.allocator.num_free
         if short > 0 and self.cache is not None:
+            if short > self.allocator.num_cache_only:
+                # eviction cannot free enough (only pages nobody else holds go): keep the cache (evicting it
+                # all, a waiting request too large for the pool left emptied it every step, for nothing)
+                return False
             self.cache.evict(max(short, self.allocator.num_pages // 512))
         return self.allocator.can_allocate(n)
 
@@ -321,7 +338,7 @@ class Scheduler:
         # (a scored prompt took every row: nothing else was admitted meanwhile, or the reverse).
         rows = self._rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self._scoring_cap = self._others_cap = rows
-        if self.scoring and len(self.running) + len(self.waiting) > self.scoring:
+        if self.scoring and len(self.running) + len(self.waiting) > self.scoring and self._scoring_may_run():
             self._scoring_cap = max(2, rows // 2)
             # at least one row for the others: with two rows a step (a scoring request needs both) they had none,
             # and the first of them waiting or holding pages stalled the engine for good
@@ -355,16 +372,23 @@ class Scheduler:
             while not self._reserve(seq, seq.num_computed + n, copies):
                 # not a sequence whose KV is held for a hand-over once its last token (drawn, still on the
                 # device) arrives: preempted, it would finish with no pages and the decode side get nothing
+                # (running is in _run_key order: the victim sits at i or after, unless seq itself is not one)
                 victim = max((s for s in self.running if s.seq_id not in scheduled
                               and not (s.request.hold_kv and not can_sample(s))),
-                             key=lambda s: (s.request.priority, s.admit_order))
+                             key=_run_key, default=None)
+                if victim is None:        # nothing to preempt: seq waits for pages to be freed
+                    ok = False
+                    i += 1
+                    break
+                if running.index(victim) < i:
+                    i -= 1
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     ok = False
                     break
             if not ok:
-                continue                  # seq left running; self.running[i] is the next one
+                continue                  # self.running[i] is the next one
             items.append(self._take(seq, n, target))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -399,16 +423,29 @@ class Scheduler:
                 self.waiting.pop(j)
                 seq.status = SeqStatus.RUNNING
                 seq.admit_order = next(self._admits)
-                self.running.append(seq)
+                self._add_running(seq)
                 items.append(self._take(seq, n, target))
                 scheduled.add(seq.seq_id)
                 budget -= n
-        self.running.extend(self._forked)
+        for sib in self._forked:
+            self._add_running(sib)
         # Prompts finished in this step enter the cache now, so that the sequences admitted from the
         # next step on can share them (their last pages are written by this very step).
         for seq in self._prompts_done:
             self._cache_prompt(seq)
         return SchedulerOutput(items, copies, preempted)
+
+    def _scoring_may_run(self) -> bool:
+        """Whether a sequence scoring its prompt may take rows this step: one running, or the first waiting one
+        admission would look at. A scoring request queued behind another that waits for pages (no overtaking)
+        reserves no rows: it held half of every step's rows, and the running sequences past the others' share got
+        no token until those before them had finished."""
+        if any(s.request.scoring_open for s in self.running):
+            return True
+        for s in self.waiting:
+            if not (s.blocked or s.num_pending):
+                return s.request.scoring_open
+        return False
 
     def _reusable(self, seq: Sequence, target: int) -> int:
         """The tokens of ``seq`` a cached prefix may cover when it is admitted up to ``target`` (``_match``; what

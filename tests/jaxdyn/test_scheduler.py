@@ -135,6 +135,53 @@ def test_priority_orders_admission():
     assert first == "high"
 
 
+def test_preemption_takes_the_lowest_priority_running_sequence():
+    """A high-priority request admitted after a low-priority one: when pages run out, the low-priority sequence is
+    preempted (it was scheduled first in the step, so it was no candidate: the high one preempted itself and waited
+    for the low one to finish), and the high one runs to its end undisturbed."""
+    sim = Sim(pages=6, budget=32, cap=4, page_size=4)
+    sim.add("low", 2, 20, priority=10)
+    sim.step()
+    sim.add("high", 4, 16, priority=0)
+    preempted, steps = [], []
+    for _ in range(80):
+        if not sim.reqs:
+            break
+        out = sim.step()
+        preempted += [q.request.request_id for q in out.preempted]
+        steps.append({it.seq.request.request_id for it in out.items})
+    assert not sim.reqs and sim.alloc.num_free == 6
+    assert preempted == ["low"]
+    last_high = max(k for k, ids in enumerate(steps) if "high" in ids)
+    assert all("high" in ids for ids in steps[:last_high + 1])      # never held back until it was done
+    assert all(ids == {"low"} for ids in steps[last_high + 1:])
+
+
+def test_a_preemption_skips_no_running_sequence():
+    """A victim sitting before the sequence that needed the pages (in running order) no longer shifts the list under
+    the loop: the next running sequence is scheduled in the same step (it was skipped for a step)."""
+    s = Scheduler(SchedulerConfig(64, 8, 4), PageAllocator(3))
+    can = lambda q: q.num_tokens < q.request.max_len
+
+    def add(rid, plen, mt, prio, order):
+        r = Request(rid, list(range(order * 10, order * 10 + plen)), SamplingParams(max_tokens=mt), prio)
+        r.max_len = plen + mt
+        r.seqs.append(Sequence(r, 0, 0, order))
+        s.add(r)
+        return r.seqs[0]
+
+    low = add("L", 3, 2, 10, 0)
+    s.schedule(can)
+    low.output_ids.append(1)
+    add("H1", 4, 8, 0, 1), add("H2", 3, 8, 0, 2)
+    for it in s.schedule(can).items:      # L's token, H1's and H2's prompts: drawn, not yet read back
+        it.seq.num_pending += 1
+    out = s.schedule(can)
+    assert [q.request.request_id for q in out.preempted] == ["L"]
+    assert sorted(it.seq.request.request_id for it in out.items) == ["H1", "H2"]
+    s.check_invariants()
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "lof"])
 def test_longest_output_first_admits_by_max_tokens_after_priority(policy):
     """"lof" (SGLang's longest output first): waiting requests of equal priority are admitted largest max_tokens
@@ -370,3 +417,42 @@ def test_a_prompt_scored_beside_others_in_steps_of_two_rows_stalls_nothing(case)
         s.check_invariants()
     assert [q.status for q in seqs] == [SeqStatus.FINISHED] * 2
     assert alloc.num_free == alloc.num_pages and s.scoring == 0
+
+
+def test_a_scoring_request_queued_behind_a_waiting_one_reserves_no_rows():
+    """A prompt_logprobs request queued behind one that waits for pages (no overtaking) cannot run, yet it split
+    every step's rows: the running sequences past the others' half got no token until the first half finished.
+    Now each of the 8 decoding sequences gets a token every step while the two wait."""
+    sim = Sim(pages=40, budget=128, cap=8, page_size=4)
+    for i in range(8):
+        sim.add(f"d{i}", 4, 30, first=100 * i)
+    for _ in range(5):
+        sim.step()
+    sim.add("big", 150, 1, first=5000)                # its 128-token chunk needs 32 pages, 24 are free: it waits
+    req = Request("score", list(range(1000, 1020)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    req.max_len, req.prompt_logprobs = 21, [None]
+    req.seqs.append(Sequence(req, 0, 0, 99))
+    sim.reqs["score"] = req
+    sim.s.add(req)
+    for _ in range(3):
+        out = sim.step()
+        assert sorted(it.seq.request.request_id for it in out.items) == [f"d{i}" for i in range(8)]
+    assert sim.s.waiting[0].request.request_id == "big"
+
+
+def test_a_request_that_cannot_be_admitted_evicts_nothing():
+    """A waiting request whose chunk needs more pages than eviction could free is not admitted, and the prefix cache
+    keeps its pages (it was emptied every step, for nothing: later requests lost their hits)."""
+    sim = Sim(pages=20, budget=64, cap=4, page_size=4, cache=True)
+    sim.add("a", 16, 1, first=0)                 # 4 pages, cached when done
+    while "a" in sim.reqs:
+        sim.step()
+    sim.add("r", 40, 36, first=500)              # 10 pages now
+    sim.step()
+    cached = sim.cache.num_pages
+    assert cached >= 4
+    sim.add("big", 60, 1, first=900)             # its first chunk needs 15 pages: more than free + evictable
+    sim.step()
+    assert [q.request.request_id for q in sim.s.waiting] == ["big"]
+    assert sim.cache.num_evicted == 0 and sim.cache.num_pages == cached
+    sim.s.check_invariants()
