@@ -1051,17 +1051,20 @@ def test_settling_the_heap_again_collects_cycles_frozen_by_the_last_settling(gc_
 def test_seeds_are_64_bit(engine):
     """vLLM seeds a 64-bit generator: seeds that differ only above bit 31 draw differently (they had been cut to
     32 bits, so 0 and 2**32 drew the same tokens), a negative seed is its two's complement, and a seed under 2**32
-    draws as a sampler row without a high half does."""
+    draws as a sampler row without a high half does. -1 is vLLM's "no seed": each request draws differently (it
+    had been the fixed seed 2**64 - 1, so every client sending -1 for a random draw got the same text)."""
     prompt = list(range(10, 30))
 
-    def tokens(seed):
+    def tokens(seed, tag=""):
         p = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=seed)
-        return run(engine, {f"s{seed}": (prompt, p)})[f"s{seed}"].outputs[0].token_ids
+        return run(engine, {f"s{seed}{tag}": (prompt, p)})[f"s{seed}{tag}"].outputs[0].token_ids
 
     assert tokens(0) != tokens(2**32)
     assert tokens(5) != tokens(5 + 2**40)
-    assert tokens(-1) == tokens(2**64 - 1)
+    assert tokens(-2) == tokens(2**64 - 2)
     assert tokens(2**63) == tokens(-2**63)
+    assert SamplingParams(seed=-1).seed is None
+    assert len({tuple(tokens(-1, k)) for k in "abc"}) > 1
 
 
 def test_buckets_that_cannot_hold_a_step_are_refused_when_the_engine_is_built(ckpt):
