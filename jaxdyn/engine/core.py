@@ -573,7 +573,7 @@ class EngineCore:
             out_index = num_out + seq.num_pending
             banned = ()
             if it.samples and out_index < p.min_tokens:
-                banned = (() if p.ignore_eos else self.eos_token_ids) + tuple(p.stop_token_ids)
+                banned = self.eos_token_ids + tuple(p.stop_token_ids)
             pages = seq.pages
             cached = seq.page_array
             if cached is None or cached[0] is not pages or cached[1] != len(pages):
@@ -697,9 +697,10 @@ class EngineCore:
             reason = "length"
         if reason is not None:
             if seq.detok is not None:
-                # the held text of a sequence that ran out of length may complete a stop string: a stop then
-                seq.detok.flush(check_stop=reason == "length" and n_out > p.min_tokens)
-                if reason == "length" and seq.detok.stopped_by is not None:
+                # the held text (a token's text ending in part of a character) may complete a stop string, whatever
+                # ended the sequence (length, an EOS or a stop token after it): a stop string then, its text cut
+                seq.detok.flush(check_stop=n_out > p.min_tokens)
+                if seq.detok.stopped_by is not None:
                     reason, stop_reason = "stop", seq.detok.stopped_by
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq, hold=req.hold_kv)
@@ -863,9 +864,9 @@ def check_request_ids(facts, prompt_ids, params: SamplingParams) -> None:
         raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
     if params.stop and facts.tokenizer is None:
         raise RequestError("stop", "stop strings need a tokenizer; this model has none")
-    # the ids a row bans until min_tokens, as the engine's step bans them (EOS only without ignore_eos)
-    ban_ids = (tuple(() if params.ignore_eos else facts.eos_token_ids) + tuple(params.stop_token_ids)
-               if params.min_tokens else ())
+    # the ids a row bans until min_tokens, as the engine's step bans them: EOS with ignore_eos too (vLLM bans every
+    # stop id, the model's EOS ids included, until min_tokens whatever ignore_eos says)
+    ban_ids = tuple(facts.eos_token_ids) + tuple(params.stop_token_ids) if params.min_tokens else ()
     bans = len(ban_ids)
     if bans > MAX_BANNED:
         raise RequestError("stop_token_ids", f"at most {MAX_BANNED} EOS and stop ids with min_tokens")
