@@ -14,6 +14,7 @@ All roles serve ``Abort`` and ``Health``.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import json
 import logging
@@ -38,6 +39,9 @@ from serving.workers.common import (
 
 log = logging.getLogger("jaxdyn.worker")
 ROLES = ("prefill", "decode", "both")
+# How long a block offered over the jax transport waits for its pull when the call has no deadline of its own (the
+# decode side's calls carry one: its prefill timeout). A block not pulled by then is withdrawn, its copy freed.
+OFFER_TIMEOUT_S = 300.0
 
 
 async def _checked_params(core, request, context):
@@ -149,12 +153,19 @@ class WorkerService(pb_grpc.WorkerServicer):
                                   dtype=str(item.block.dtype), transport=request.kv_transport,
                                   nbytes=int(item.block.nbytes))
         if request.kv_transport == "jax":
+            if context.cancelled():       # the caller left (aborted, or gave up on this worker): nothing to offer
+                return
             # One device's copy: a pull must name the same shards the server offers, and the
             # caller's mesh may have another TP degree; it reshards on its own devices.
             arr = jax.device_put(item.block, self.prefill.core.runner.mesh.devices.flat[0])
             header.transfer_uuid = next(self._uuids)
             header.transfer_address = self._transfer_server().address()
-            self._transfer_server().await_pull(header.transfer_uuid, [arr])
+            # Offered until the caller's deadline (its wait for the block ends there too): a block never pulled (the
+            # caller cancelled after the result was in, failed before its pull, or died) was held for good.
+            left = context.time_remaining()
+            wait_s = OFFER_TIMEOUT_S if left is None else max(min(left, OFFER_TIMEOUT_S), 0.0)
+            self._transfer_server().await_pull(
+                header.transfer_uuid, [arr], timeout=datetime.datetime.now() + datetime.timedelta(seconds=wait_s))
             yield pb.PrefillReply(header=header)
             return
         host = await loop.run_in_executor(None, lambda: np.ascontiguousarray(jax.device_get(item.block)))

@@ -723,6 +723,86 @@ def test_a_kv_pull_that_never_arrives_costs_its_request_not_the_decode_engine(ho
             role.shutdown()
 
 
+def test_a_block_offered_but_never_pulled_is_withdrawn_at_the_callers_deadline():
+    """A prefill worker offers a block over the jax transport and answers with its header; a caller that never pulls
+    it (it cancelled once the result was in, failed before its pull, or died) left the offer, and its copy of the
+    block, in the transfer server for good. The offer now lasts until the call's deadline: pulled before it, the
+    block arrives; pulled after it, nothing comes."""
+    import asyncio
+    import types
+
+    import jax
+    import numpy as np
+    from jax.experimental import transfer
+
+    from jaxdyn.disagg.engine import Handoff
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.common import params_to_json
+    from serving.workers.worker import WorkerService, serve_worker
+
+    dev = jax.devices()[0]
+
+    class Role:
+        dead = None
+        core = types.SimpleNamespace(check_request=lambda ids, p: None,
+                                     runner=types.SimpleNamespace(mesh=types.SimpleNamespace(devices=np.array([dev]))))
+
+        def set_sink(self, sink):
+            self.sink = sink
+
+        def submit(self, rid, ids, params, priority, arrival):
+            block = jnp.full((2, 2, 1, 4, 16, 64), 1.0)
+            threading.Timer(0.05, lambda: self.sink(Handoff(rid, block, 7, None, 0, time.monotonic()))).start()
+
+        def abort(self, rid):
+            pass
+
+    svc = WorkerService("prefill", "tiny", prefill=Role())
+    ports, loop_stop = [], []
+
+    def run():
+        async def main():
+            loop_stop.append((asyncio.get_running_loop(), asyncio.Event()))
+            await serve_worker(svc, "127.0.0.1", 0, ready=ports.append, stop=loop_stop[0][1])
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not ports and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    assert ports, "the worker did not start"
+    try:
+        stub = pb_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{ports[0]}"))
+        mine = transfer.start_transfer_server(dev.client, "127.0.0.1:0", ["127.0.0.1:0"])
+
+        def offer(rid):
+            call = stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_ids=[1, 2, 3], kv_transport="jax",
+                                                  params_json=params_to_json(SamplingParams(max_tokens=1))),
+                                timeout=1.5)
+            header = next(call).header
+            call.cancel()
+            return header
+
+        def arrives(header, within):
+            spec = jax.ShapeDtypeStruct(tuple(header.shape), jnp.dtype(header.dtype),
+                                        sharding=jax.sharding.SingleDeviceSharding(dev))
+            x = mine.connect(header.transfer_address).pull(header.transfer_uuid, [spec])[0]
+            t = time.monotonic()
+            while not x.is_ready() and time.monotonic() - t < within:
+                time.sleep(0.01)
+            return x.is_ready()
+
+        assert arrives(offer("soon"), within=10)           # pulled within the deadline: it comes
+        late = offer("late")
+        time.sleep(2.5)                                     # past the call's 1.5 s deadline
+        assert not arrives(late, within=2), "an offer never pulled is still held after its caller's deadline"
+    finally:
+        loop, stop = loop_stop[0]
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
 def test_sampling_params_cross_to_a_worker_whole():
     """A request's parameters as the decode side sends them to a prefill worker (JSON): logit_bias's integer
     keys survive (a JSON object's would come back as strings, and be refused), bad pairs are named."""
