@@ -42,6 +42,7 @@ ROLES = ("prefill", "decode", "both")
 # How long a block offered over the jax transport waits for its pull when the call has no deadline of its own (the
 # decode side's calls carry one: its prefill timeout). A block not pulled by then is withdrawn, its copy freed.
 OFFER_TIMEOUT_S = 300.0
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 async def _checked_params(core, request, context):
@@ -121,6 +122,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(DEAD, f"the prefill engine died: {self.prefill.dead!r}")
         if request.kv_transport not in ("grpc", "jax"):
             await context.abort(REFUSED, refused_details("kv_transport", "expected grpc or jax"))
+        if request.kv_transport == "jax" and self._transfer_host.strip("[]") in WILDCARD_HOSTS:
+            # its transfer server would advertise 0.0.0.0 / ::, where a decode worker finds only itself (its pull
+            # then waits out the prefill timeout): skipped by the decode side, which prefills elsewhere
+            await context.abort(INCOMPATIBLE, f"this prefill worker listens on {self._transfer_host!r}, no address a "
+                                              f"decode worker can pull KV from over the jax transport: start it with "
+                                              f"--host set to its own address, or use --kv-transport grpc")
         if request.HasField("expect_kv"):      # before anything is computed or reserved
             why = layout_mismatch(kv_layout(self.prefill.core), request.expect_kv)
             if why is not None:
@@ -159,7 +166,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             # caller's mesh may have another TP degree; it reshards on its own devices.
             arr = jax.device_put(item.block, self.prefill.core.runner.mesh.devices.flat[0])
             header.transfer_uuid = next(self._uuids)
-            header.transfer_address = self._transfer_server().address()
+            header.transfer_address = self._transfer_address()
             # Offered until the caller's deadline (its wait for the block ends there too): a block never pulled (the
             # caller cancelled after the result was in, failed before its pull, or died) was held for good.
             left = context.time_remaining()
@@ -178,9 +185,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self._transfer is None:
             from jax.experimental import transfer
             client = self.prefill.core.runner.mesh.devices.flat[0].client
-            self._transfer = transfer.start_transfer_server(client, f"{self._transfer_host}:0",
-                                                            [f"{self._transfer_host}:0"])
+            bind = host_port(self._transfer_host, 0)
+            self._transfer = transfer.start_transfer_server(client, bind, [bind])
         return self._transfer
+
+    def _transfer_address(self) -> str:
+        """Where decode workers reach the transfer server: this worker's host and the server's port (the server
+        reports 0.0.0.0 for a host given by name)."""
+        port = int(self._transfer_server().address().rsplit(":", 1)[1])
+        return host_port(self._transfer_host.strip("[]"), port)
 
     # ---- Abort, Health ---------------------------------------------------------------------------
 

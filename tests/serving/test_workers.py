@@ -723,21 +723,17 @@ def test_a_kv_pull_that_never_arrives_costs_its_request_not_the_decode_engine(ho
             role.shutdown()
 
 
-def test_a_block_offered_but_never_pulled_is_withdrawn_at_the_callers_deadline():
-    """A prefill worker offers a block over the jax transport and answers with its header; a caller that never pulls
-    it (it cancelled once the result was in, failed before its pull, or died) left the offer, and its copy of the
-    block, in the transfer server for good. The offer now lasts until the call's deadline: pulled before it, the
-    block arrives; pulled after it, nothing comes."""
+@contextlib.contextmanager
+def _fake_prefill_worker(transfer_host="127.0.0.1"):
+    """A WorkerService in prefill mode over a role that hands over a small block 50 ms after each prompt; yields
+    a stub of its gRPC server."""
     import asyncio
     import types
 
     import jax
     import numpy as np
-    from jax.experimental import transfer
 
     from jaxdyn.disagg.engine import Handoff
-    from jaxdyn.engine.sampling_params import SamplingParams
-    from serving.workers.common import params_to_json
     from serving.workers.worker import WorkerService, serve_worker
 
     dev = jax.devices()[0]
@@ -757,7 +753,7 @@ def test_a_block_offered_but_never_pulled_is_withdrawn_at_the_callers_deadline()
         def abort(self, rid):
             pass
 
-    svc = WorkerService("prefill", "tiny", prefill=Role())
+    svc = WorkerService("prefill", "tiny", prefill=Role(), transfer_host=transfer_host)
     ports, loop_stop = [], []
 
     def run():
@@ -773,34 +769,67 @@ def test_a_block_offered_but_never_pulled_is_withdrawn_at_the_callers_deadline()
         time.sleep(0.05)
     assert ports, "the worker did not start"
     try:
-        stub = pb_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{ports[0]}"))
-        mine = transfer.start_transfer_server(dev.client, "127.0.0.1:0", ["127.0.0.1:0"])
-
-        def offer(rid):
-            call = stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_ids=[1, 2, 3], kv_transport="jax",
-                                                  params_json=params_to_json(SamplingParams(max_tokens=1))),
-                                timeout=1.5)
-            header = next(call).header
-            call.cancel()
-            return header
-
-        def arrives(header, within):
-            spec = jax.ShapeDtypeStruct(tuple(header.shape), jnp.dtype(header.dtype),
-                                        sharding=jax.sharding.SingleDeviceSharding(dev))
-            x = mine.connect(header.transfer_address).pull(header.transfer_uuid, [spec])[0]
-            t = time.monotonic()
-            while not x.is_ready() and time.monotonic() - t < within:
-                time.sleep(0.01)
-            return x.is_ready()
-
-        assert arrives(offer("soon"), within=10)           # pulled within the deadline: it comes
-        late = offer("late")
-        time.sleep(2.5)                                     # past the call's 1.5 s deadline
-        assert not arrives(late, within=2), "an offer never pulled is still held after its caller's deadline"
+        yield pb_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{ports[0]}"))
     finally:
         loop, stop = loop_stop[0]
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
+
+
+def _offer(stub, rid, timeout=1.5):
+    """A jax-transport Prefill whose caller reads the header and leaves."""
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.common import params_to_json
+    call = stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_ids=[1, 2, 3], kv_transport="jax",
+                                          params_json=params_to_json(SamplingParams(max_tokens=1))), timeout=timeout)
+    header = next(call).header
+    call.cancel()
+    return header
+
+
+def _arrives(header, within):
+    import jax
+    from jax.experimental import transfer
+    dev = jax.devices()[0]
+    mine = transfer.start_transfer_server(dev.client, "127.0.0.1:0", ["127.0.0.1:0"])
+    spec = jax.ShapeDtypeStruct(tuple(header.shape), jnp.dtype(header.dtype),
+                                sharding=jax.sharding.SingleDeviceSharding(dev))
+    x = mine.connect(header.transfer_address).pull(header.transfer_uuid, [spec])[0]
+    t = time.monotonic()
+    while not x.is_ready() and time.monotonic() - t < within:
+        time.sleep(0.01)
+    return x.is_ready()
+
+
+def test_a_block_offered_but_never_pulled_is_withdrawn_at_the_callers_deadline():
+    """A prefill worker offers a block over the jax transport and answers with its header; a caller that never pulls
+    it (it cancelled once the result was in, failed before its pull, or died) left the offer, and its copy of the
+    block, in the transfer server for good. The offer now lasts until the call's deadline: pulled before it, the
+    block arrives; pulled after it, nothing comes."""
+    with _fake_prefill_worker() as stub:
+        assert _arrives(_offer(stub, "soon"), within=10)      # pulled within the deadline: it comes
+        late = _offer(stub, "late")
+        time.sleep(2.5)                                       # past the call's 1.5 s deadline
+        assert not _arrives(late, within=2), "an offer never pulled is still held after its caller's deadline"
+
+
+def test_the_transfer_address_is_the_workers_host():
+    """The header names the worker's own host and its transfer server's port: an IPv6 host bracketed (the server
+    could not start: '::1:0' is no address) and a host by name kept (the server reports 0.0.0.0 for it, where a
+    decode worker finds only itself); a worker bound to a wildcard refuses the jax transport as incompatible, before
+    computing anything (the decode side then prefills elsewhere)."""
+    with _fake_prefill_worker("localhost") as stub:
+        header = _offer(stub, "name", timeout=10)
+        assert re.fullmatch(r"localhost:\d+", header.transfer_address), header.transfer_address
+        assert _arrives(header, within=10)
+    with _fake_prefill_worker("::1") as stub:
+        header = _offer(stub, "v6", timeout=10)
+        assert re.fullmatch(r"\[::1\]:\d+", header.transfer_address), header.transfer_address
+    from serving.workers.common import INCOMPATIBLE
+    with _fake_prefill_worker("0.0.0.0") as stub:
+        with pytest.raises(grpc.RpcError) as e:
+            _offer(stub, "wild", timeout=10)
+        assert e.value.code() == INCOMPATIBLE and "--kv-transport grpc" in e.value.details()
 
 
 def test_sampling_params_cross_to_a_worker_whole():
