@@ -705,8 +705,10 @@ def cmd_worker(args) -> int:
     except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    closers = []      # shut down on leaving: the engine thread, the prefill roles' threads and calls in flight
     if args.role == "prefill":
         role = LocalPrefillRole(core, None)
+        closers.append(role.shutdown)
         role.warmup()
         service = WorkerService("prefill", name, prefill=role, transfer_host=args.host)
     else:
@@ -715,9 +717,12 @@ def cmd_worker(args) -> int:
             remote = RemotePrefillRole(prefill_workers, transport=args.kv_transport, device=mesh.devices.flat[0],
                                        transfer_host=args.host, timeout_s=policy.prefill_timeout_s,
                                        expect=kv_layout(core))
+            closers.append(remote.shutdown)
             engine = DisaggEngine(remote, core, policy)
         engine.warmup()
-        service = WorkerService(args.role, name, engine=AsyncEngine(engine), transfer_host=args.host)
+        async_engine = AsyncEngine(engine)
+        closers.insert(0, async_engine.shutdown)
+        service = WorkerService(args.role, name, engine=async_engine, transfer_host=args.host)
 
     listening = []
 
@@ -734,7 +739,10 @@ def cmd_worker(args) -> int:
         if listening:
             raise
         raise CLIError(f"--host/--port: {e}") from None     # the port taken since it was checked, or an address
-    return 0                                                # gRPC cannot bind
+    finally:                                                # gRPC cannot bind
+        for close in closers:
+            close()
+    return 0
 
 
 def cmd_convert(args) -> int:

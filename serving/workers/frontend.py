@@ -287,27 +287,25 @@ class RemoteEngine:
         try:            # from here the stream's entries are dropped however it ends (the finally)
             req = pb.GenerateRequest(request_id=s.request_id, prompt_ids=s.prompt_ids,
                                      params_json=params_to_json(s.params), priority=s.priority)
-            s.call = s.worker.stub().Generate(req)
-            if s.failure is not None:
-                s.call.cancel()
-            async for msg in s.call:
-                out: RequestOutput = acc.add(msg)
-                now = time.monotonic()
-                m.generation_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
-                if first is None:
-                    first = now
-                    m.ttft.observe(now - s.arrival)
-                elif last is not None:
-                    m.itl.observe(now - last)
-                last = now
-                if out.finished:
-                    finished = True
-                    m.e2e.observe(now - s.arrival)
-                    for c in out.outputs:
-                        m.requests_finished[c.finish_reason] = m.requests_finished.get(c.finish_reason, 0) + 1
-                yield out
-                if finished:
-                    return
+            async with contextlib.aclosing(self._call(s, req)) as msgs:
+                async for msg in msgs:
+                    out: RequestOutput = acc.add(msg)
+                    now = time.monotonic()
+                    m.generation_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
+                    if first is None:
+                        first = now
+                        m.ttft.observe(now - s.arrival)
+                    elif last is not None:
+                        m.itl.observe(now - last)
+                    last = now
+                    if out.finished:
+                        finished = True
+                        m.e2e.observe(now - s.arrival)
+                        for c in out.outputs:
+                            m.requests_finished[c.finish_reason] = m.requests_finished.get(c.finish_reason, 0) + 1
+                    yield out
+                    if finished:
+                        return
             failed = True
             raise s.error(s.failure or f"worker {s.worker.address} ended the stream early")
         except grpc.aio.AioRpcError as e:
@@ -332,6 +330,42 @@ class RemoteEngine:
                     reason = reason or ("error" if failed else "abort")
                     m.requests_finished[reason] = m.requests_finished.get(reason, 0) + 1
             m.num_running = len(self._streams)
+
+    async def _call(self, s: _RemoteStream, req):
+        """The worker's replies to ``req``. A worker that cannot be reached before its first reply (it died or
+        stopped; nothing was computed) is marked down at once, and the request goes once to another live worker:
+        until its health checks had failed, a dead worker with nothing in flight took most new requests, each
+        failing with a 500 while another worker was up."""
+        for attempt in range(2):
+            s.call = s.worker.stub().Generate(req)
+            if s.failure is not None:
+                s.call.cancel()
+            replied = False
+            try:
+                async for msg in s.call:
+                    replied = True
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as e:
+                if (attempt or replied or s.failure is not None or e.code() != grpc.StatusCode.UNAVAILABLE
+                        or not self._reroute(s)):
+                    raise
+
+    def _reroute(self, s: _RemoteStream) -> bool:
+        """Mark ``s``'s worker down (its next health check that answers brings it back, on fresh channels) and move
+        ``s`` to the live worker with the fewest requests in flight; False where there is none."""
+        w = s.worker
+        w.missed = max(w.missed, self.max_missed)
+        w.healthy = False
+        others = [x for x in self._live() if x is not w]
+        if not others:
+            return False
+        w.inflight.pop(s.request_id, None)
+        s.worker = min(others, key=lambda x: len(x.inflight))
+        s.worker.inflight[s.request_id] = s
+        log.warning("worker %s is unreachable: marked down; request %s goes to %s", w.address, s.request_id,
+                    s.worker.address)
+        return True
 
     def fail_unfinished(self, message: str) -> int:
         """End every stream in flight with an error (``StreamingEngine.fail_unfinished``); returns how many."""

@@ -286,13 +286,13 @@ class RemotePrefillRole:
         """Wait here, not in the engine, for a pulled block to arrive. ``pull`` returns at once with an array
         whose data come later; one that never comes (the prefill worker stopped or died mid-transfer) would stall
         the decode engine's step that reads it, and every request with it. True once it is here (raises if the
-        transfer failed); False if the request was aborted or its worker stopped answering meanwhile (the block
-        is dropped); TimeoutError past the prefill timeout."""
+        transfer failed); False if the request was aborted, its worker stopped answering or this role was shut down
+        meanwhile (the block is dropped); TimeoutError past the prefill timeout."""
         pause = 0.0002
         while not block.is_ready():
             with self._lock:
-                if rid in self._aborted or rid in self._stalled:
-                    return False
+                if rid in self._aborted or rid in self._stalled or self._stop.is_set():
+                    return False      # (shut down: its exit waited for the pull, up to the prefill timeout)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the KV block from {self.addresses[i]} did not arrive within the "
                                    f"{self.timeout_s:g} s prefill timeout")

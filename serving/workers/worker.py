@@ -140,6 +140,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             if rid in self._waiters:
                 await context.abort(REFUSED, refused_details("request_id", f"{rid!r} is already in use"))
             self._waiters[rid] = (loop, q)
+        if self.prefill.dead is not None:
+            # died since the check above: its last word went to the waiters there were, not this one (whose call
+            # would have waited out its deadline)
+            with self._lock:
+                self._waiters.pop(rid, None)
+            await context.abort(DEAD, f"the prefill engine died: {self.prefill.dead!r}")
         done = False
         try:
             self.prefill.submit(rid, list(request.prompt_ids), params, request.priority, time.monotonic())

@@ -470,6 +470,50 @@ def test_a_worker_that_stops_answering_fails_its_requests_and_new_ones_go_to_the
         b.stop()
 
 
+def test_a_dead_worker_is_marked_down_at_its_first_unanswered_request_and_that_request_goes_elsewhere(ckpt):
+    """A decode worker that died, until its health checks had failed, took most new requests (it had none in flight)
+    and each failed with a 500 though nothing was computed and another worker was up. The first request it cannot
+    answer marks it down and goes to the other worker; every request succeeds."""
+    from concurrent import futures
+    cfg, _ = model_config_and_tokenizer(ckpt)
+
+    class Fake(pb_grpc.WorkerServicer):
+        def Health(self, request, context):
+            return pb.HealthReply(healthy=True, role="decode", model="tiny", max_model_len=1000, max_num_seqs=8,
+                                  vocab_size=cfg.vocab_size)
+
+        def Generate(self, request, context):
+            yield pb.GenerateResponse(outputs=[pb.Completion(index=0, delta_token_ids=[65], delta_text="A",
+                                                             finish_reason="length")], finished=True)
+
+    servers = []
+    for _ in range(2):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        pb_grpc.add_WorkerServicer_to_server(Fake(), server)
+        servers.append((server, server.add_insecure_port("127.0.0.1:0")))
+        server.start()
+    srv = _frontend(ckpt, [f"127.0.0.1:{port}" for _, port in servers])
+    eng = srv.state.engine
+    try:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+        assert httpx.post(srv.url + "/v1/completions", json=body, timeout=30).status_code == 200
+        servers[0][0].stop(0).wait()
+        codes = [httpx.post(srv.url + "/v1/completions", json=body, timeout=30).status_code for _ in range(10)]
+        assert codes == [200] * 10
+        assert [w.healthy for w in eng.workers] == [False, True]
+        assert not eng._streams and not any(w.inflight for w in eng.workers)
+        assert eng.core.metrics.requests_finished.get("error", 0) == 0
+        servers[1][0].stop(0).wait()                   # no worker left: the request fails, nothing is kept
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code >= 500 and r.json()["error"]["message"]
+        assert not eng._streams and not any(w.inflight for w in eng.workers)
+    finally:
+        srv.stop()
+        eng.shutdown()
+        for server, _ in servers:
+            server.stop(0)
+
+
 @contextlib.contextmanager
 def _prefill_service(core):
     """``core`` as a prefill worker's gRPC service in this process (its port), stopped on leaving."""
@@ -724,9 +768,10 @@ def test_a_kv_pull_that_never_arrives_costs_its_request_not_the_decode_engine(ho
 
 
 @contextlib.contextmanager
-def _fake_prefill_worker(transfer_host="127.0.0.1"):
+def _fake_prefill_worker(transfer_host="127.0.0.1", dies_at_check=None):
     """A WorkerService in prefill mode over a role that hands over a small block 50 ms after each prompt; yields
-    a stub of its gRPC server."""
+    a stub of its gRPC server. ``dies_at_check``: the role reads as dead from that read of ``dead`` on (and takes
+    no prompt)."""
     import asyncio
     import types
 
@@ -739,14 +784,21 @@ def _fake_prefill_worker(transfer_host="127.0.0.1"):
     dev = jax.devices()[0]
 
     class Role:
-        dead = None
         core = types.SimpleNamespace(check_request=lambda ids, p: None,
                                      runner=types.SimpleNamespace(mesh=types.SimpleNamespace(devices=np.array([dev]))))
+        checks = 0
+
+        @property
+        def dead(self):
+            self.checks += 1
+            return RuntimeError("gone") if dies_at_check is not None and self.checks >= dies_at_check else None
 
         def set_sink(self, sink):
             self.sink = sink
 
         def submit(self, rid, ids, params, priority, arrival):
+            if dies_at_check is not None:
+                return                    # a dead thread: nothing comes back
             block = jnp.full((2, 2, 1, 4, 16, 64), 1.0)
             threading.Timer(0.05, lambda: self.sink(Handoff(rid, block, 7, None, 0, time.monotonic()))).start()
 
@@ -830,6 +882,40 @@ def test_the_transfer_address_is_the_workers_host():
         with pytest.raises(grpc.RpcError) as e:
             _offer(stub, "wild", timeout=10)
         assert e.value.code() == INCOMPATIBLE and "--kv-transport grpc" in e.value.details()
+
+
+def test_a_prefill_engine_that_dies_as_a_call_arrives_fails_the_call_at_once():
+    """The prefill thread dying between a call's first check of it and its waiter's registration: its last word
+    went to the waiters there were, and the call waited out its deadline for a reply that never came. The second
+    check fails it at once."""
+    from serving.workers.common import DEAD
+    with _fake_prefill_worker(dies_at_check=2) as stub:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            _offer(stub, "r", timeout=20)
+        assert e.value.code() == DEAD and time.monotonic() - t0 < 10, e.value
+
+
+def test_shutting_down_a_decode_worker_does_not_wait_for_a_stalled_pull():
+    """A decode worker's exit waited for a jax-transport pull whose block never comes (its pool's threads are joined
+    at exit), up to the prefill timeout: shut down, the wait ends at once and nothing is delivered."""
+    from jaxdyn.engine.sampling_params import SamplingParams
+    from serving.workers.remote_prefill import RemotePrefillRole
+
+    with _stalled_transfer_worker() as (fake, address):
+        role = RemotePrefillRole([address], transport="jax", timeout_s=60)
+        got = []
+        role.set_sink(got.append)
+        role.submit("p1", [3, 4, 5], SamplingParams(max_tokens=1, seed=0))
+        t0 = time.monotonic()
+        while "p1" not in role._calls and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        time.sleep(0.3)                                 # past its header: waiting for the block
+        role.shutdown()
+        t0 = time.monotonic()
+        role._pool.shutdown(wait=True)                  # what the interpreter's exit waits for
+        assert time.monotonic() - t0 < 5
+        assert not any(isinstance(g, tuple) and g[0] != "error" for g in got), got
 
 
 def test_sampling_params_cross_to_a_worker_whole():
