@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -91,6 +92,22 @@ def _orbax_leftover(u) -> bool:
         last, tb = tb.tb_frame.f_code.co_name, tb.tb_next
     return (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
             and last == "_check_closed")
+
+
+class _OrbaxWriteErrors(logging.Filter):
+    """Drops what Orbax's background save threads log (with a traceback each, several threads) when a write fails:
+    ``convert`` raises that failure as one CheckpointError naming the output and the group."""
+
+    MARKS = ("_SignalingThread.run() raised an exception", "in background save thread")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and any(m in str(record.msg) for m in self.MARKS))
+
+
+def _quiet_orbax_write_errors() -> None:
+    absl_log = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxWriteErrors) for f in absl_log.filters):
+        absl_log.addFilter(_OrbaxWriteErrors())
 
 
 def _quiet_orbax_leftovers(collect: bool = True) -> None:
@@ -274,6 +291,7 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "params"))
     ckptr = ocp.StandardCheckpointer()
+    _quiet_orbax_write_errors()         # (its threads log a failed write before the save raises it here)
     np_dtype = np.dtype(jnp.dtype(dtype))
     num_bytes = 0
     try:
@@ -296,9 +314,14 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
                     flat[keys] = np.ascontiguousarray(arr).astype(np_dtype)
                     bar.update(1)
             num_bytes += sum(a.nbytes for a in flat.values())
-            ckptr.save(os.path.join(tmp, "params", group), _nest(
-                {(k[2:] if group.startswith("layers.") else k[1:]): v for k, v in flat.items()}))
-            ckptr.wait_until_finished()
+            try:
+                _quiet_orbax_leftovers(collect=False)
+                ckptr.save(os.path.join(tmp, "params", group), _nest(
+                    {(k[2:] if group.startswith("layers.") else k[1:]): v for k, v in flat.items()}))
+                ckptr.wait_until_finished()
+            except Exception as e:      # TensorStore's write errors (a full disk, a file size limit) are ValueErrors
+                _quiet_orbax_leftovers()
+                raise CheckpointError(f"{out_dir}: writing {group!r} failed: {restore_error(e)}") from None
             del flat
         bar.close()
         with open(os.path.join(hf_dir, "config.json")) as f:

@@ -15,6 +15,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+FAMILY_ARCHITECTURES = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
+# the dtypes a config's dtype / torch_dtype may name ("auto": none given, the default)
+CONFIG_DTYPES = ("bfloat16", "float16", "float32")
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -81,6 +85,10 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         if not isinstance(archs, list):
             archs = [archs]
+        if not archs and hf.get("model_type") in FAMILY_ARCHITECTURES:
+            # no architectures (LlamaConfig().save_pretrained writes none): transformers' AutoModelForCausalLM picks
+            # the model by model_type
+            archs = [FAMILY_ARCHITECTURES[hf["model_type"]]]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ConfigError(
@@ -127,9 +135,13 @@ class ModelConfig:
         bos = hf.get("bos_token_id")
         if bos is not None and not (type(bos) is int and bos >= 0):
             raise ConfigError(f"bos_token_id must be a token id, got {bos!r}")
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
-        if not isinstance(dtype, str):
-            raise ConfigError(f"torch_dtype must be a dtype name, got {dtype!r}")
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "auto"
+        if isinstance(dtype, str) and dtype.startswith("torch."):
+            dtype = dtype[len("torch."):]
+        if dtype == "auto":
+            dtype = "bfloat16"
+        if dtype not in CONFIG_DTYPES:
+            raise ConfigError(f"torch_dtype must be one of {', '.join(CONFIG_DTYPES)} or auto, got {dtype!r}")
         return cls(
             architecture=arch,
             family=family,

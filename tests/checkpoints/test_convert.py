@@ -154,6 +154,24 @@ def test_interrupted_conversion_leaves_nothing_loadable(hf, tmp_path, monkeypatc
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def test_a_write_that_fails_is_a_cli_message(hf, tmp_path):
+    """TensorStore reports a failed write (a full disk, here the process's file size limit) as a ValueError: it went
+    past convert's handler as hundreds of lines of tracebacks from Orbax's threads; now one CLI message naming the
+    output and the group, exit 2, nothing left behind."""
+    import shlex
+    import subprocess
+    import sys
+    out = tmp_path / "small" / "out"
+    cmd = [sys.executable, "-m", "serving.cli", "convert", "--quiet", "--hf", hf, "--out", str(out), "--dtype", "float32"]
+    p = subprocess.run(["bash", "-c", "ulimit -f 40 && exec " + shlex.join(cmd)], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("W")]
+    assert "Traceback" not in p.stderr and len(lines) <= 3, p.stderr[-3000:]
+    assert "jaxdyn convert: error:" in p.stderr and "writing" in p.stderr and "failed" in p.stderr, p.stderr
+    assert not out.exists() and os.listdir(tmp_path / "small") == []
+
+
 @pytest.mark.parametrize("where", ["middle", "start"])
 def test_a_damaged_checkpoint_is_named_in_a_few_lines(hf, tmp_path, where):
     """A group's data overwritten on disk (mid-file: a b-tree node's checksum fails; near the start: an array's

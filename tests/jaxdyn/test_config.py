@@ -236,3 +236,27 @@ def test_an_unsupported_rope_scaling_beside_saved_parameters_is_refused():
          "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}
     with pytest.raises(ConfigError, match=r"unsupported rope_type 'yarn' \(in rope_scaling\)"):
         ModelConfig.from_dict(d)
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type():
+    """LlamaConfig().save_pretrained writes no architectures; transformers' AutoModelForCausalLM picks the model by
+    model_type, and so does jaxdyn now (it refused "unsupported architecture 'llama'")."""
+    from transformers import LlamaConfig, Qwen2Config
+    for cls, arch in ((LlamaConfig, "LlamaForCausalLM"), (Qwen2Config, "Qwen2ForCausalLM")):
+        hf = cls(**{k: v for k, v in LLAMA.items() if k != "architectures"}).to_dict()
+        assert not hf.get("architectures")
+        assert ModelConfig.from_dict(hf).architecture == arch
+    with pytest.raises(ConfigError, match="unsupported architecture 'gpt2'"):
+        ModelConfig.from_dict({k: v for k, v in LLAMA.items() if k != "architectures"} | {"model_type": "gpt2"})
+
+
+def test_config_dtypes_are_checked_where_they_are_read():
+    """An unknown dtype in config.json was taken and failed later as a raw TypeError ("data type 'x' not
+    understood", a traceback from `jaxdyn worker`); "auto" (none given) is the default and "torch.float16" is
+    float16."""
+    assert ModelConfig.from_dict({**LLAMA, "torch_dtype": "auto"}).dtype == "bfloat16"
+    assert ModelConfig.from_dict({**LLAMA, "dtype": "torch.float16"}).dtype == "float16"
+    assert ModelConfig.from_dict({**LLAMA, "torch_dtype": "float32"}).dtype == "float32"
+    for bad in ("fp17", 3, "int8"):
+        with pytest.raises(ConfigError, match="torch_dtype must be one of bfloat16, float16, float32 or auto"):
+            ModelConfig.from_dict({**LLAMA, "torch_dtype": bad})
