@@ -663,9 +663,11 @@ def build_app(state: ServerState) -> Starlette:
             if isinstance(x, str):
                 if tok is None:
                     raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
-                if not x:
-                    raise APIError(400, "prompt: the prompt is empty", param="prompt", code="invalid_value")
-                prompt_ids.append(await _encode(tok, x, add_special_tokens=req.add_special_tokens is not False))
+                ids = await _encode(tok, x, add_special_tokens=req.add_special_tokens is not False)
+                if not ids:        # "" is served where the tokenizer adds a BOS (vLLM's), refused where it has none
+                    raise APIError(400, "prompt: the prompt is empty (no tokens)", param="prompt",
+                                   code="invalid_value")
+                prompt_ids.append(ids)
                 prompt_texts.append(x)
             else:
                 prompt_ids.append(list(x))
@@ -884,7 +886,8 @@ def build_app(state: ServerState) -> Starlette:
                                 if c.delta_logprobs is not None:
                                     ch["logprobs"] = _chat_logprobs(tok, c.delta_token_ids, c.delta_logprobs, top_n,
                                                                     as_ids)
-                                yield chunk([ch])
+                                if text or ch["logprobs"] is not None or not calls_of:
+                                    yield chunk([ch])    # (not for a tool call's text held back, as vLLM's)
                             if c.finish_reason:          # each choice's end as it ends
                                 ended.add(c.index)
                                 reason = c.finish_reason

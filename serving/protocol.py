@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator)
 from pydantic_core import PydanticCustomError
 
 Number = Union[StrictInt, StrictFloat]
+
+
+def _whole(v):
+    """A float with no fractional part as the integer it is (``max_tokens: 2.0``, which vLLM takes); anything
+    else as it came, for StrictInt to judge (2.5, "2" and true stay refused)."""
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+# an integer field: an int, or a float of an integer's value
+Int = Annotated[StrictInt, BeforeValidator(_whole)]
 
 
 def _invalid(msg: str) -> PydanticCustomError:
@@ -55,17 +66,17 @@ class StreamOptions(_Base):
 
 class _Sampling(_Base):
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = None
+    max_tokens: Int | None = None
     temperature: Number | None = None
     top_p: Number | None = None
-    top_k: StrictInt | None = None
+    top_k: Int | None = None
     min_p: Number | None = None
-    n: StrictInt | None = 1
-    seed: StrictInt | None = None
+    n: Int | None = 1
+    seed: Int | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = False
-    min_tokens: StrictInt | None = 0
+    min_tokens: Int | None = 0
     presence_penalty: Number | None = 0.0
     frequency_penalty: Number | None = 0.0
     repetition_penalty: Number | None = None
@@ -74,13 +85,13 @@ class _Sampling(_Base):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    priority: Annotated[StrictInt, Field(ge=-2**31, le=2**31 - 1)] | None = 0    # a worker's gRPC field is int32
-    truncate_prompt_tokens: StrictInt | None = None
+    priority: Annotated[Int, Field(ge=-2**31, le=2**31 - 1)] | None = 0    # a worker's gRPC field is int32
+    truncate_prompt_tokens: Int | None = None
     truncation_side: Literal["left", "right"] | None = None
     return_tokens_as_token_ids: StrictBool | None = False
     logit_bias: dict[StrictStr, Number] | None = None    # token id (as a string, OpenAI's) -> bias, clamped to +-100
     allowed_token_ids: list[StrictInt] | None = None     # vLLM's: only these ids may be drawn
-    prompt_logprobs: StrictInt | None = None       # vLLM's: each prompt token's logprob and the top ones
+    prompt_logprobs: Int | None = None       # vLLM's: each prompt token's logprob and the top ones
     cache_salt: StrictStr | None = None            # vLLM's: the prefix cache shares KV only within one salt
     # OpenAI / vLLM fields this server does not implement: a request that uses one is refused by name
     # (serving.app.UNSUPPORTED) instead of being served as if the field were absent
@@ -99,7 +110,7 @@ class _Sampling(_Base):
 
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    logprobs: StrictInt | None = None
+    logprobs: Int | None = None
     echo: StrictBool | None = False
     suffix: StrictStr | None = None
     add_special_tokens: StrictBool | None = True
@@ -115,9 +126,9 @@ class ChatMessage(_Base):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: Int | None = None
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
     echo: StrictBool | None = False
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False

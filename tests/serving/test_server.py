@@ -107,6 +107,24 @@ def test_completions_max_tokens_left_out_is_16_and_null_is_the_context_s_end(ser
         assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_an_empty_prompt_string_is_its_bos_token(server):
+    """vLLM serves prompt "" as what the tokenizer makes of it (<s> here); it was refused by its characters. With no
+    tokens at all (add_special_tokens false) it is still refused (in BAD)."""
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "", "max_tokens": 2,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {**r.json()["usage"], "prompt_tokens": 1, "completion_tokens": 2}
+
+
+def test_whole_number_floats_are_taken_for_integer_fields(server):
+    """vLLM takes max_tokens 2.0 and n 1.0 as 2 and 1 (a client computing them as floats); they were refused."""
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2.0, "n": 1.0, "seed": 3.0, "temperature": 0,
+            "ignore_eos": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2 and len(r.json()["choices"]) == 1
+
+
 def test_completions_with_the_openai_client(server):
     c = client(server)
     r = c.completions.create(model="tiny", prompt="Hello", **GREEDY)
@@ -228,7 +246,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs", "logprobs"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-5"}, 404, "model", "does not exist"),
-    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": "", "add_special_tokens": False}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {}, 400, "prompt", "prompt"),
     ("/v1/completions", {"prompt": "x" * 200}, 400, "prompt", "context"),
@@ -240,6 +258,10 @@ BAD = [
      "token ids"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [70000]}, 400, "stop_token_ids", "stop_token_ids"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    # a whole-number float is taken for an integer field (below); a fraction, a string or a bool is not
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, 400, "n", "integer"),
+    ("/v1/completions", {"prompt": "x", "seed": True}, 400, "seed", "integer"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages", "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "context"),

@@ -180,15 +180,19 @@ def test_chat_returns_the_calls_as_openai_tool_calls_streamed_or_not(tool_server
         assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
         assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}
     content, calls, reasons = {}, {}, {}
+    empty = 0
     for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="auto",
                                                 stream=True, n=2):
         for ch in chunk.choices:
+            # nothing sent while a call's text is held back (an empty content chunk a step, before)
+            empty += (ch.delta.content == "" and not ch.delta.role and not ch.delta.tool_calls and not ch.finish_reason)
             content[ch.index] = content.get(ch.index, "") + (ch.delta.content or "")
             for tc in ch.delta.tool_calls or ():
                 calls.setdefault(ch.index, []).append((tc.index, tc.function.name, json.loads(tc.function.arguments)))
             reasons[ch.index] = ch.finish_reason or reasons.get(ch.index)
     assert content == {0: "Checking.", 1: "Checking."} and reasons == {0: "tool_calls", 1: "tool_calls"}
     assert calls[0] == calls[1] == [(0, "get_weather", {"city": "Paris", "unit": "C"})]
+    assert empty == 0
     state.engine.reply = "It is sunny."                    # no call: an ordinary reply
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS)
     assert r.choices[0].message.content == "It is sunny." and not r.choices[0].message.tool_calls
