@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from checkpoints.hf import (CheckpointError, LoadedModel, _hf_shapes, _IGNORED_SUFFIXES, _merged_qkv, _path_keys,
                             hf_names, qkv_sizes, untie_a_distinct_head)
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
-from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
+from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig, hub_id_hint
 from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
 from jaxdyn.models.llama import is_quantized, split_qkv
 from jaxdyn.models.registry import build_abstract_model
@@ -227,6 +227,7 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    hint = hub_id_hint(hf_dir)
     hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
     if dtype not in ("bfloat16", "float32"):
         raise CheckpointError(f"--dtype {dtype!r}: expected bfloat16 or float32")
@@ -235,7 +236,7 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
     if quantize_lm_head and quant != "fp8":
         raise CheckpointError(f"--quantize-lm-head needs --quant fp8 (not {quant or 'none'})")
     if not os.path.isdir(hf_dir):
-        raise CheckpointError(f"{hf_dir}: not a directory")
+        raise CheckpointError(f"{hf_dir}: not a directory{hint}")
     if is_converted(hf_dir):
         raise CheckpointError(f"--hf {hf_dir}: already a converted jaxdyn checkpoint (serve it as it is)")
     _check_out_dir(hf_dir, out_dir, force)

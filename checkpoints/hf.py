@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
-from jaxdyn.config import ModelConfig
+from jaxdyn.config import ModelConfig, hub_id_hint
 from jaxdyn.models.llama import is_quantized, merge_qkv
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import model_parallel_size, param_shardings
@@ -113,7 +113,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh, *, dtype=None,
     t0 = time.perf_counter()
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory")
+        raise CheckpointError(f"{path}: not a directory{hub_id_hint(path)}")
     cfg = config or ModelConfig.from_pretrained(path)
     dtype = jnp.dtype(dtype or cfg.dtype)
     try:

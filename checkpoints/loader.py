@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -13,13 +14,15 @@ from checkpoints.convert import is_converted, load_converted, read_marker
 from checkpoints.dummy import init_dummy_weights
 from checkpoints.hf import CheckpointError, LoadedModel, load_hf_checkpoint, untie_a_distinct_head
 from checkpoints.safetensors_io import CheckpointFiles, SafetensorsError
-from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig
+from jaxdyn.config import QUANTIZATIONS, ConfigError, ModelConfig, hub_id_hint
 from jaxdyn.engine.tokenizer import Tokenizer, TokenizerError
 from jaxdyn.models.presets import PRESETS, preset_config
 from jaxdyn.models.registry import build_abstract_model
 from jaxdyn.parallel.sharding import make_mesh
 
 LOAD_FORMATS = ("auto", "dummy")
+
+log = logging.getLogger("jaxdyn.loader")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,8 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
                                       f"({', '.join(sorted(PRESETS))})")
             source, dt = "dummy", dt or jnp.dtype(cfg.dtype)
         elif not os.path.isdir(model):
-            raise CheckpointError(f"model {model!r}: no such directory (or use load format dummy "
-                                  f"with a preset: {', '.join(sorted(PRESETS))})")
+            raise CheckpointError(f"model {model!r}: no such directory{hub_id_hint(model)} (or use load format "
+                                  f"dummy with a preset: {', '.join(sorted(PRESETS))})")
         elif is_converted(model):
             source, marker = "converted", read_marker(model)
             cfg = ModelConfig.from_pretrained(model)
@@ -82,6 +85,12 @@ def plan_model(model: str, *, tp: int = 1, dtype=None, load_format: str = "auto"
             dt = dt or jnp.dtype(cfg.dtype)
         if os.path.isdir(model) and os.path.exists(os.path.join(model, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(model)
+        elif os.path.isdir(model):
+            other = [n for n in ("tokenizer.model", "vocab.json") if os.path.exists(os.path.join(model, n))]
+            log.warning("%s: no tokenizer.json%s: it is served without a tokenizer (requests must send token ids; "
+                        "text prompts and chat are refused)", model,
+                        f" (found {other[0]}, which jaxdyn does not read: save the tokenizer with transformers' "
+                        f"fast tokenizer to get a tokenizer.json)" if other else "")
     except (ConfigError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
     if quantization is not None and quantization != cfg.quantization:
@@ -130,7 +139,7 @@ def model_config_and_tokenizer(model: str, *, load_format: str = "auto") -> tupl
         if load_format == "dummy" and model in PRESETS:
             return ModelConfig.from_dict(preset_config(model)), None
         if not os.path.isdir(model):
-            raise CheckpointError(f"model {model!r}: no such directory")
+            raise CheckpointError(f"model {model!r}: no such directory{hub_id_hint(model)}")
         cfg = ModelConfig.from_pretrained(model)
         tok = (Tokenizer.from_pretrained(model)
                if os.path.exists(os.path.join(model, "tokenizer.json")) else None)

@@ -138,6 +138,11 @@ class CheckpointFiles:
                     raise SafetensorsError(f"{self.directory}: no *.safetensors files; its params/ folder makes it a "
                                            f"jaxdyn checkpoint, but one without its jaxdyn_checkpoint.json "
                                            f"(damaged or incomplete): convert again")
+                torch_files = sorted(n for n in os.listdir(self.directory) if n.endswith((".bin", ".pt", ".pth")))
+                if torch_files:
+                    raise SafetensorsError(f"{self.directory}: no *.safetensors files (found {torch_files[0]}: PyTorch "
+                                           f"checkpoints are not read; save the model as safetensors, e.g. "
+                                           f"model.save_pretrained(DIR, safe_serialization=True))")
                 raise SafetensorsError(f"{self.directory}: no *.safetensors files")
             for fname in names:
                 for name in self._file(fname).keys():

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = {
@@ -20,6 +21,16 @@ FAMILY_ARCHITECTURES = {family: arch for arch, family in SUPPORTED_ARCHITECTURES
 CONFIG_DTYPES = ("bfloat16", "float16", "float32")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def hub_id_hint(path: str) -> str:
+    """For a model path that does not exist: a hint where it looks like a Hugging Face Hub id ("org/name"), which
+    jaxdyn does not download."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
+        return (f" (a Hugging Face Hub id? jaxdyn reads local directories only: download it first, e.g. "
+                f"`huggingface-cli download {path} --local-dir DIR`)")
+    return ""
 
 
 class ConfigError(ValueError):

@@ -492,7 +492,7 @@ def cmd_serve(args) -> int:
     import threading
     import time
 
-    from jaxdyn.config import ConfigError, ModelConfig       # no JAX: see jaxdyn/__init__.py
+    from jaxdyn.config import ConfigError, ModelConfig, hub_id_hint      # no JAX: see jaxdyn/__init__.py
     from jaxdyn.models.presets import PRESETS
 
     model = _model_or_demo(args.model)
@@ -500,7 +500,7 @@ def cmd_serve(args) -> int:
     if args.load_format == "dummy" and model in PRESETS:
         pass
     elif not os.path.isdir(model):
-        raise CLIError(f"--model {model!r}: no such directory")
+        raise CLIError(f"--model {model!r}: no such directory{hub_id_hint(model)}")
     else:
         try:
             ModelConfig.from_pretrained(model)

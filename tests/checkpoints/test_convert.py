@@ -60,6 +60,15 @@ def test_errors_name_the_problem(hf, tmp_path, capsys):
     os.makedirs(out)
     fails(["--hf", hf, "--out", out], "already exists (pass --force")
     fails(["--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "not a directory")
+    # a Hub id is not downloaded: the message says so; a PyTorch-only directory is named as such
+    fails(["--hf", "no-such-org/no-such-model", "--out", str(tmp_path / "x")],
+          "a Hugging Face Hub id? jaxdyn reads local directories only")
+    torch_only = tmp_path / "torch_only"
+    torch_only.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(hf, name), torch_only / name)
+    (torch_only / "pytorch_model.bin").write_bytes(b"x")
+    fails(["--hf", str(torch_only), "--out", str(tmp_path / "x")], "found pytorch_model.bin: PyTorch checkpoints")
     bad = tmp_path / "gpt2"
     bad.mkdir()
     (bad / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
@@ -399,3 +408,19 @@ def test_quantized_as_it_loads_equals_the_converted_checkpoint(hf, hf_bf16, tmp_
             load_model(plain, dtype="float32", mesh=mesh, quantization=quant)
         with pytest.raises(CheckpointError, match="quantization 'fp4'"):
             load_model(hf, dtype="float32", mesh=mesh, quantization="fp4")
+
+
+def test_a_directory_without_tokenizer_json_is_served_with_a_warning(hf, tmp_path, caplog):
+    """A checkpoint with only tokenizer.model (SentencePiece) was served with no tokenizer and no word: every text
+    request then failed with "no tokenizer". The load now warns, naming what it found."""
+    import logging
+
+    from checkpoints.loader import load_model
+    d = tmp_path / "spm"
+    shutil.copytree(hf, d)
+    os.remove(d / "tokenizer.json")
+    (d / "tokenizer.model").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="jaxdyn.loader"):
+        _, _, tok = load_model(str(d), dtype=jnp.float32)
+    assert tok is None
+    assert "no tokenizer.json (found tokenizer.model" in caplog.text and "token ids" in caplog.text, caplog.text
