@@ -194,6 +194,13 @@ def _check_out_dir(hf_dir: str, out_dir: str, force: bool) -> None:
         raise CheckpointError(f"--out {out_dir}: is the input checkpoint or a directory holding it")
     if not os.path.lexists(out_dir):
         return
+    parent = os.path.dirname(out_dir) or "."
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and (
+            os.path.ismount(out_dir) or os.stat(out_dir).st_dev != os.stat(parent).st_dev):
+        # the checkpoint is written beside --out and renamed into place: a mount point cannot be replaced (that
+        # failed with "Device or resource busy" once the whole model was written)
+        raise CheckpointError(f"--out {out_dir}: a mount point (the checkpoint is written beside it and renamed into "
+                              f"place); give a directory inside it, e.g. {os.path.join(out_dir, 'model')}")
     if not force:
         raise CheckpointError(f"{out_dir}: already exists (pass --force to replace it)")
     if os.path.islink(out_dir) or not os.path.isdir(out_dir):
@@ -202,6 +209,23 @@ def _check_out_dir(hf_dir: str, out_dir: str, force: bool) -> None:
     if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MARKER)):
         raise CheckpointError(f"--out {out_dir}: exists and is not a jaxdyn checkpoint (no {MARKER}); --force "
                               f"replaces only a jaxdyn checkpoint or an empty directory")
+
+
+def _remove_abandoned_partials(parent: str, base: str) -> None:
+    """Remove the hidden ``.{base}.partial-{pid}`` directories of conversions killed before they could clean up
+    (SIGKILL, the OOM killer): no process of that pid is alive. They were left for good, up to a model's size."""
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(f".{base}.partial-") + r"(\d+)", name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                      # alive: another conversion of the same output is running
+        except (ProcessLookupError, OverflowError):
+            pass                          # gone (or no pid at all)
+        except PermissionError:
+            continue                      # alive, another user's
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def convert(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", quant: str | None = None,
@@ -288,6 +312,7 @@ def _convert(hf_dir: str, out_dir: str, *, dtype: str, quant: str | None, quanti
 
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
+    _remove_abandoned_partials(parent, os.path.basename(out_dir))
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "params"))

@@ -424,3 +424,22 @@ def test_a_directory_without_tokenizer_json_is_served_with_a_warning(hf, tmp_pat
         _, _, tok = load_model(str(d), dtype=jnp.float32)
     assert tok is None
     assert "no tokenizer.json (found tokenizer.model" in caplog.text and "token ids" in caplog.text, caplog.text
+
+
+def test_a_killed_conversions_leftovers_are_removed_and_a_mount_point_is_refused(hf, tmp_path):
+    """A conversion killed before it could clean up (SIGKILL, the OOM killer) left its hidden .partial-<pid>
+    directory for good: the next conversion of that output removes those of dead processes (a live one's stays).
+    --out naming a mount point failed only once the whole model was written (the rename into place): refused first."""
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    gone = tmp_path / f".out.partial-{dead.pid}"
+    alive = tmp_path / f".out.partial-{os.getppid()}"
+    for d in (gone, alive):
+        (d / "params").mkdir(parents=True)
+    convert(hf, str(out), progress=False)
+    assert not gone.exists() and alive.exists() and is_converted(str(out))
+    assert os.path.ismount("/dev/shm")
+    with pytest.raises(CheckpointError, match="a mount point"):
+        convert(hf, "/dev/shm", force=True, progress=False)
