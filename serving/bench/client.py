@@ -100,6 +100,14 @@ class RequestRecord:
         return d
 
 
+def _aborted(obj: dict) -> bool:
+    """Whether a streamed chunk ends its choice as aborted by the server (vLLM's finish_reason "abort", SGLang's
+    ``{"type": "abort"}``): such a request failed, its output cut short."""
+    choice = obj["choices"][0] if isinstance(obj.get("choices"), list) and obj["choices"] else {}
+    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return reason == "abort" or (isinstance(reason, dict) and reason.get("type") == "abort")
+
+
 def _chunk_output(obj: dict, chat: bool) -> tuple[bool, str]:
     """(whether the chunk carries output, its text) for one streamed chunk with choices."""
     choice = obj["choices"][0]
@@ -168,7 +176,7 @@ async def send(client: httpx.AsyncClient, endpoint: Endpoint, prompt, max_tokens
                         continue
                     try:
                         obj = json.loads(data)
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, RecursionError):      # (nested past the parser's depth)
                         record.error = f"malformed event: {data[:200]!r}"
                         return record
                     if not isinstance(obj, dict):
@@ -185,6 +193,9 @@ async def send(client: httpx.AsyncClient, endpoint: Endpoint, prompt, max_tokens
                         carries, text = _chunk_output(obj, chat)
                     except (AttributeError, KeyError, TypeError, IndexError):
                         record.error = f"malformed event: {data[:200]!r}"
+                        return record
+                    if _aborted(obj):      # vLLM's "abort" finish, SGLang's {"type": "abort"}: not an output
+                        record.error = f"the server aborted the request: {data[:200]!r}"
                         return record
                     if not carries:
                         continue

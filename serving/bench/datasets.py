@@ -60,6 +60,9 @@ class PromptSource:
                                   and "\ufffd" not in tokenizer.decode([i])], dtype=np.int64)
             if len(self._ids) == 0:
                 raise BenchError("the tokenizer has no ordinary tokens to draw prompts from")
+        # the tokens a text prompt gets from the tokenizer besides its own (a BOS): drawn lengths count them, as
+        # vLLM's datasets do (num_special_tokens_to_add), so a prompt of length n is n tokens at the server
+        self.specials = 0 if tokenizer is None else len(tokenizer.encode("", add_special_tokens=True))
 
     @property
     def exact(self) -> bool:
@@ -82,6 +85,11 @@ class PromptSource:
                 return text
             ids = again[:n] if len(again) > n else again + [int(t) for t in self.rng.choice(self._ids, n - len(again))]
         return text
+
+    def prompt(self, n: int) -> str | list[int]:
+        """A prompt of n tokens as the server counts them (its special tokens included, as vLLM's datasets draw
+        them: ``n`` less ``specials`` tokens of text)."""
+        return self.make(max(n - self.specials, 0))
 
     def join(self, a: str | list[int], b: str | list[int]) -> str | list[int]:
         if isinstance(a, list):
@@ -191,7 +199,7 @@ def random_samples(source: PromptSource, n: int, input_len: int, output_len: int
     outs = _lengths(source.rng, n, output_len, range_ratio)
     out = []
     for i, o in zip(ins, outs):
-        prompt = source.make(int(i))
+        prompt = source.prompt(int(i))
         out.append(Sample(prompt, source.count(prompt), int(o)))
     return out
 
@@ -246,7 +254,9 @@ def sharegpt_samples(source: PromptSource, path: str, n: int, output_len: int | 
         prompt, reply = pairs[i]
         prompt_len = source.count(prompt) if source.tokenizer is not None else None
         out = output_len or source.count(reply, special=False)
-        if source.tokenizer is not None and (prompt_len < 4 or out < 4 or prompt_len > 1024
+        # (the reply's floor only on measured replies: a fixed --output-len below 4 dropped every one, as vLLM's
+        # is_valid_sequence skips that check when the output length is given)
+        if source.tokenizer is not None and (prompt_len < 4 or (out < 4 and output_len is None) or prompt_len > 1024
                                              or prompt_len + out > 2048):
             continue
         samples.append(Sample(prompt, prompt_len, out))
@@ -333,6 +343,6 @@ def sharegpt_length_samples(source: PromptSource, n: int, replies: str = "chatgp
     prompts, outputs = sharegpt_lengths(source.rng, n, replies)
     out = []
     for i, o in zip(prompts, outputs):
-        prompt = source.make(int(i))
+        prompt = source.prompt(int(i))
         out.append(Sample(prompt, source.count(prompt), output_len or int(o)))
     return out

@@ -302,6 +302,12 @@ def check_arguments(args) -> dict:
         raise BenchError(f"--percentiles: {e}") from None
     if not 0 < args.burstiness < math.inf:
         raise BenchError(f"--burstiness must be a finite number > 0, got {args.burstiness}")
+    for rate in rates:
+        # the gaps' scale 1 / (rate * burstiness) must be a number (1e-320 overflowed it: arrivals at inf, a hang,
+        # or NaN, every request at once)
+        if not math.isinf(rate) and not math.isfinite(1.0 / (rate * args.burstiness)):
+            raise BenchError(f"--request-rate {rate:g} with --burstiness {args.burstiness:g}: the mean gap "
+                             f"between requests overflows; use a larger rate or burstiness")
     if args.num_clients < 1:
         raise BenchError(f"--num-clients must be at least 1, got {args.num_clients}")
     if args.max_concurrency is not None and args.max_concurrency < 1:

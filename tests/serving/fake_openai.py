@@ -48,6 +48,8 @@ class FakeOpenAI:
         self.usage = True            # honour stream_options.include_usage
         self.malformed_every = 0     # every k-th request sends a chunk whose choice is null after one token
         self.bad_usage_every = 0     # every k-th request reports a usage whose completion_tokens is not a number
+        self.abort_every = 0         # every k-th request ends with finish_reason "abort" (vLLM's aborted request)
+        self.nested_every = 0        # every k-th request sends an event nested past the JSON parser's depth
         self.bodies: list[dict] = []
         self.count = 0
         self.active = 0
@@ -119,8 +121,10 @@ class FakeOpenAI:
                     if self.malformed_every and n % self.malformed_every == 0 and k == 1:
                         bad = [None] if n % 2 else [{"index": 0, "text": 5, "delta": {"content": 7}}]
                         yield f"data: {json.dumps({'id': f'x{n}', 'choices': bad})}\n\n"
+                    if self.nested_every and n % self.nested_every == 0 and k == 1:
+                        yield "data: " + "[" * 100_000 + "\n\n"
                     yield chunk(f"t{n}.{k} ")
-                yield chunk(finish="length")
+                yield chunk(finish="abort" if self.abort_every and n % self.abort_every == 0 else "length")
                 if include_usage:
                     p = prompt_tokens(body)
                     bad = self.bad_usage_every and n % self.bad_usage_every == 0

@@ -247,7 +247,7 @@ def test_token_counts_fall_back_to_the_tokenizer_then_to_chunks(tmp_path, demo_t
         assert "stream_options" not in fake.bodies[-1]
     for r, prompt in zip(doc["runs"][0]["requests"], prompts):
         assert r["token_source"] == "tokenizer" and r["prompt_token_source"] == "tokenizer"
-        assert r["prompt_len"] == len(demo_tokenizer.encode(prompt)) == 8 + 1    # exact length + BOS
+        assert r["prompt_len"] == len(demo_tokenizer.encode(prompt)) == 8        # exact length, BOS included
     n = doc["runs"][0]["requests"][0]["index"] + 1
     reply = "".join(f"t{n}.{k} " for k in range(5))
     assert doc["runs"][0]["requests"][0]["output_tokens"] == len(demo_tokenizer.encode(reply, add_special_tokens=False))
@@ -293,7 +293,8 @@ def test_random_dataset_lengths_are_exact_with_a_tokenizer(demo_tokenizer):
     source = PromptSource(np.random.default_rng(0), demo_tokenizer)
     samples = datasets.random_samples(source, 40, 100, 20, range_ratio=0.5)
     lens = [len(demo_tokenizer.encode(s.prompt, add_special_tokens=False)) for s in samples]
-    assert all(50 <= n <= 150 for n in lens) and len(set(lens)) > 10
+    # the drawn length counts the BOS the server adds (vLLM's datasets: num_special_tokens_to_add); it came on top
+    assert all(50 <= s.prompt_len <= 150 for s in samples) and len(set(lens)) > 10
     assert [s.prompt_len for s in samples] == [n + 1 for n in lens]                  # + BOS
     assert all(10 <= s.output_len <= 30 for s in samples)
     again = datasets.random_samples(PromptSource(np.random.default_rng(0), demo_tokenizer), 40, 100, 20, 0.5)
@@ -329,6 +330,9 @@ def test_sharegpt_file_gives_first_exchanges_filtered_as_vllm_does(tmp_path, dem
         datasets.sharegpt_samples(PromptSource(np.random.default_rng(0)), str(path), 4, None)
     words = datasets.sharegpt_samples(PromptSource(np.random.default_rng(0)), str(path), 5, 7)
     assert all(s.output_len == 7 and s.prompt_len is None for s in words)
+    # a fixed --output-len under 4 keeps the conversations (vLLM checks only measured replies; every one was dropped)
+    short = datasets.sharegpt_samples(PromptSource(np.random.default_rng(0), demo_tokenizer), str(path), 4, 2)
+    assert all(s.output_len == 2 for s in short)
 
 
 @pytest.mark.parametrize("replies", datasets.SHAREGPT_REPLY_SHAPES)
@@ -364,7 +368,9 @@ def test_sharegpt_lengths_dataset_prompts_are_exact_with_a_tokenizer(demo_tokeni
     samples = datasets.sharegpt_length_samples(source, 30)
     p, o = datasets.sharegpt_lengths(np.random.default_rng(0), 30)
     assert [s.output_len for s in samples] == o.tolist()
-    assert [len(demo_tokenizer.encode(s.prompt, add_special_tokens=False)) for s in samples] == p.tolist()
+    # the drawn lengths are the prompts' at the server, BOS included (vLLM's ShareGPT totals count it)
+    assert [s.prompt_len for s in samples] == p.tolist()
+    assert [len(demo_tokenizer.encode(s.prompt, add_special_tokens=False)) for s in samples] == (p - 1).tolist()
     ids = datasets.sharegpt_length_samples(PromptSource(np.random.default_rng(0), vocab_size=500), 30)
     assert [len(s.prompt) for s in ids] == p.tolist()
 
@@ -560,6 +566,28 @@ def test_a_malformed_chunk_or_usage_fails_that_request_only(tmp_path):
     errors = [r["error"] for r in doc["runs"][0]["requests"] if not r["success"]]
     assert sum(e.startswith("malformed event") for e in errors) == 4
     assert sum(e.startswith("malformed usage") for e in errors) == 2
+
+
+def test_an_aborted_or_unparseable_stream_fails_that_request_only(tmp_path):
+    """A stream ending with finish_reason "abort" (vLLM's aborted request, its output cut short) counted as a
+    success; an event nested past the JSON parser's depth raised RecursionError out of the run (every record lost).
+    Both fail their request with the reason; the others complete."""
+    with FakeOpenAI(ttft=0.005, itl=0.001) as fake:
+        fake.abort_every, fake.nested_every = 3, 5
+        doc = bench(tmp_path, fake.url, "--num-prompts", "10", "--random-output-len", "3")
+    s = doc["runs"][0]["summary"]
+    assert s["failed"] == 5 and s["completed"] == 5, s          # 3, 6, 9 aborted; 5, 10 nested
+    errors = [r["error"] for r in doc["runs"][0]["requests"] if not r["success"]]
+    assert sum(e.startswith("the server aborted the request") for e in errors) == 3
+    assert sum(e.startswith("malformed event") for e in errors) == 2
+
+
+def test_a_rate_whose_gaps_overflow_is_refused(tmp_path, capsys):
+    """--request-rate 1e-320 made the mean gap inf (the run hung); with a tiny --burstiness the gaps were NaN
+    (every request at once, reported as a valid rate)."""
+    for extra in (["--request-rate", "1e-320"], ["--request-rate", "5", "--burstiness", "1e-320"]):
+        assert main(["bench", "serve", "--url", "http://127.0.0.1:9", "--num-prompts", "2", *extra]) == 2
+        assert "overflows" in capsys.readouterr().err
 
 
 def test_sharegpt_lengths_take_the_output_len_given_and_the_json_says_how_to_rerun(tmp_path):
