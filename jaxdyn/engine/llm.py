@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import numbers
+import signal
+import threading
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from jaxdyn.engine.chat import ChatTemplateError, chat_prompt
-from jaxdyn.engine.core import EngineConfig, EngineCore
+from jaxdyn.engine.core import EngineConfig, EngineCore, RequestError
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams, generation_config_dir, generation_defaults
 from jaxdyn.engine.xla_options import command_buffer_update_mode
@@ -163,8 +166,15 @@ class LLM:
         if engine is None and model is None:
             from checkpoints import DEMO_MODEL
             model = DEMO_MODEL
+        if engine is not None and (engine_kwargs or model is not None or quantization or quantize_lm_head):
+            given = sorted(engine_kwargs) + [k for k, v in (("model", model), ("quantization", quantization),
+                                                            ("quantize_lm_head", quantize_lm_head)) if v]
+            raise ValueError(f"engine= is built already: {', '.join(given)} would be ignored")
         # vLLM's generation_config: "auto" reads the model's generation_config.json, "vllm" none, else a folder
         self._defaults = generation_defaults(generation_config_dir(generation_config, model))
+        # one caller at a time: an engine's step is not thread-safe (two threads' generate raced on the donated KV
+        # buffers, and a caller whose outputs the other collected waited for good)
+        self._lock = threading.RLock()
         self.engine = engine or build_engine(model, tp=tp, dtype=dtype, load_format=load_format,
                                              config=EngineConfig(**engine_kwargs), quantization=quantization,
                                              quantize_lm_head=quantize_lm_head)
@@ -178,7 +188,8 @@ class LLM:
         """Drop the cached prefixes no request holds; returns the KV pages freed (``EngineCore.reset_prefix_cache``)."""
         if not isinstance(self.engine, EngineCore):
             raise ValueError(f"reset_prefix_cache needs an EngineCore; this LLM runs a {type(self.engine).__name__}")
-        return self.engine.reset_prefix_cache()
+        with self._lock:
+            return self.engine.reset_prefix_cache()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` uses without sampling params: SamplingParams' defaults, with those the model's
@@ -221,13 +232,18 @@ class LLM:
         """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists;
         ``sampling_params`` (vLLM's name; ``params`` too): one for all, or one a prompt. Each output's ``prompt`` is
         its text prompt (None for token ids), and its logprobs carry their tokens' text (``decoded_token``). A
-        batch with a prompt the engine refuses raises and leaves nothing queued."""
+        batch with a prompt the engine refuses raises and leaves nothing queued. Calls from several threads run
+        one after another; a Ctrl-C (SIGINT, on the main thread) takes effect between engine steps."""
+        with self._lock:
+            return self._generate(prompts, sampling_params, use_tqdm, params)
+
+    def _generate(self, prompts, sampling_params, use_tqdm, params) -> list[RequestOutput]:
         if sampling_params is not None and params is not None:
             raise ValueError("give sampling_params or params, not both")
         params = sampling_params if sampling_params is not None else params
         salts: list = []
         prompts = _prompt_list(prompts, salts)
-        params = params or self.get_default_sampling_params()
+        params = self.get_default_sampling_params() if params is None else params
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
@@ -243,6 +259,14 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         if any(isinstance(prompt, str) for prompt in prompts) and self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
+        check = getattr(self.engine, "check_request", None)
+        if check is not None:       # token-id prompts checked before anything runs (a bad one late in a batch was
+            for i, (prompt, p) in enumerate(zip(prompts, plist)):         # refused after the first slices' steps)
+                if not isinstance(prompt, str):
+                    try:
+                        check(prompt, p)
+                    except RequestError as e:
+                        raise RequestError(e.param, f"prompts[{i}]: {e}") from None
         bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm)
 
         def collect(outs):
@@ -253,7 +277,7 @@ class LLM:
         try:
             self._queue(prompts, plist, final, order, texts, collect)
             while len(done) < len(order):
-                collect(self.engine.step())
+                collect(self._step())
             self._drain()
         except BaseException:
             for rid in order:
@@ -299,7 +323,7 @@ class LLM:
                 order.append(rid)
             if (interleave and lo + QUEUE_SLICE < len(prompts) and not eng.scheduler.scoring
                     and eng.scheduler.waiting_work(budget) >= budget):
-                collect(eng.step())
+                collect(self._step())
 
     def _drain(self) -> None:
         """With no request left, the step dispatched ahead while the last ones finished (the engine's overlap) is
@@ -307,7 +331,14 @@ class LLM:
         vLLM's ``has_unfinished_requests()`` is. Another caller's requests, if any, are left to their caller."""
         eng = self.engine
         if isinstance(eng, EngineCore) and not eng.requests and eng.has_unfinished():
-            eng.step()
+            self._step()
+
+    def _step(self):
+        """One engine step with SIGINT held until it returns: a KeyboardInterrupt raised as the compiled step
+        returned, before the runner stored the new KV arrays, left it holding the donated (deleted) ones, and every
+        later step failed."""
+        with _sigint_deferred():
+            return self.engine.step()
 
     def _name_logprob_tokens(self, out: RequestOutput) -> None:
         """Each logprob entry's token text (vLLM's ``Logprob.decoded_token``)."""
@@ -324,3 +355,21 @@ class LLM:
                     if tid not in names:
                         names[tid] = tok.decode([tid], skip_special_tokens=False)
                     lp.decoded_token = names[tid]
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """On the main thread, with Python's own SIGINT handler in place: a SIGINT during the block is recorded and
+    raised as KeyboardInterrupt once the block has finished (elsewhere: nothing changes)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt

@@ -37,7 +37,8 @@ import threading
 import time
 import traceback
 
-from jaxdyn.engine.async_engine import EngineDeadError, RequestFailedError, StreamingEngine, _post, apply_command
+from jaxdyn.engine.async_engine import (EngineDeadError, RequestFailedError, ShutdownError, StreamingEngine, _post,
+                                       apply_command)
 from jaxdyn.engine.boot import start_engine_process
 from jaxdyn.engine.core import EngineConfig, RequestError, check_request
 from jaxdyn.engine.detokenizer import IncrementalDetokenizer
@@ -290,6 +291,11 @@ class ProcessEngine(StreamingEngine):
             # its requests, pages and cache are gone with it: the gauges say so (the totals stay)
             self.core.metrics = dataclasses.replace(self.core.metrics, num_running=0, num_waiting=0,
                                                     kv_pages_used=0, kv_pages_cached=0, num_remote_prefills=0)
+            self._fail_all(self.dead, {})
+        elif self._closing:
+            # shut down with requests in flight: they end with an error and later ones are refused, as AsyncEngine's
+            # (their streams waited for good, and a request added after was taken and never answered)
+            self.dead = ShutdownError("the engine was shut down")
             self._fail_all(self.dead, {})
 
     def _handle(self, items: list, pending: dict) -> None:

@@ -1364,3 +1364,81 @@ def test_a_prefilled_request_refused_frees_the_pages_reserved_for_it(engine):
         with pytest.raises(RequestError, match=words):
             engine.add_prefilled("pre", list(range(1, 21)), params, seed=0, first_token=5)
         assert "pre" not in engine.scheduler.reserved and engine.allocator.num_free == free
+
+
+def test_a_ctrl_c_during_generate_leaves_the_engine_usable(engine, monkeypatch):
+    """A SIGINT arriving as a compiled step returns (before the runner stores the new KV arrays) raised
+    KeyboardInterrupt there: the runner kept the donated, deleted buffers and every later step failed. generate holds
+    SIGINT until the step returns: it still raises KeyboardInterrupt, and the next generate works."""
+    import signal
+    import threading
+    assert threading.current_thread() is threading.main_thread()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    llm = LLM(engine=engine)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = llm.generate([[256, 5, 6, 7]], sp, use_tqdm=False)[0].outputs[0].token_ids
+    runner = engine.runner
+    real = runner._compile
+    calls = [0]
+
+    def compile_(*a, **k):
+        compiled = real(*a, **k)
+
+        def call(*args):
+            out = compiled(*args)
+            calls[0] += 1
+            if calls[0] == 3:                      # the signal lands as the step returns
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+        return call
+    monkeypatch.setattr(runner, "_compile", compile_)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[256, 5, 6, 7, i] for i in range(4)], sp, use_tqdm=False)
+    monkeypatch.undo()
+    assert calls[0] >= 3 and not engine.requests
+    assert llm.generate([[256, 5, 6, 7]], sp, use_tqdm=False)[0].outputs[0].token_ids == want
+
+
+def test_generate_from_two_threads_runs_one_call_after_the_other(engine):
+    """Two threads' generate raced on one engine (its step is not thread-safe: donated buffers deleted under the
+    other, or one caller's outputs collected by the other, which then waited for good): they now run in turn,
+    each with its own outputs."""
+    import threading
+    llm = LLM(engine=engine)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = {k: [o.outputs[0].token_ids for o in llm.generate([[256, k, j] for j in range(4)], sp, use_tqdm=False)]
+            for k in (20, 30)}
+    got, errors = {}, []
+
+    def run(k):
+        try:
+            got[k] = [o.outputs[0].token_ids for o in llm.generate([[256, k, j] for j in range(4)], sp,
+                                                                   use_tqdm=False)]
+        except Exception as e:             # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(k,)) for k in (20, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert got == want
+
+
+def test_llm_refuses_a_bad_token_id_prompt_before_anything_runs_and_ignores_no_argument(engine):
+    """A bad token-id prompt late in a batch (past the first slice) was refused only after steps had run for the
+    others (thrown away, counted as aborts); now before anything runs, naming the prompt. An empty params list is
+    a length mismatch (it gave every prompt the defaults); engine settings beside a built engine are refused (they
+    were ignored)."""
+    from jaxdyn.engine.llm import QUEUE_SLICE
+    llm = LLM(engine=engine)
+    steps = engine.metrics.steps
+    finished = dict(engine.metrics.requests_finished)
+    prompts = [[256, 5, i % 200] for i in range(QUEUE_SLICE + 6)] + [[5, 99999]]
+    with pytest.raises(RequestError, match=rf"prompts\[{QUEUE_SLICE + 6}\]: token ids must be integers"):
+        llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert engine.metrics.steps == steps and engine.metrics.requests_finished == finished and not engine.requests
+    with pytest.raises(ValueError, match="0 sampling params for 2 prompts"):
+        llm.generate([[256, 5], [256, 6]], [], use_tqdm=False)
+    with pytest.raises(ValueError, match="max_num_seqs would be ignored"):
+        LLM(engine=engine, max_num_seqs=4)

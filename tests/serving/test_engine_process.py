@@ -326,3 +326,33 @@ def test_a_dead_engines_gauges_read_zero(caplog):
     assert [r.levelname for r in logged] == ["ERROR"] and "exited (code -9)" in logged[0].message
     assert pe.core.metrics == dataclasses.replace(last, num_running=0, num_waiting=0, kv_pages_used=0,
                                                   kv_pages_cached=0)
+
+
+def test_a_shutdown_ends_the_streams_in_flight_and_refuses_later_requests(ckpt):  # noqa: F811
+    """ProcessEngine.shutdown with streams open left them waiting for good, and a request added after was taken and
+    never answered (AsyncEngine's ends them with ShutdownError): now the same."""
+    from jaxdyn.engine.async_engine import ShutdownError
+    eng = ProcessEngine(ckpt, dtype="float32", config=CFG)
+
+    async def run():
+        sp = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+        outcomes = []
+
+        async def consume(rid):
+            try:
+                async for _ in eng.generate([256, 5, 6, 7], sp, rid):
+                    pass
+                outcomes.append("finished")
+            except ShutdownError as e:
+                outcomes.append(str(e))
+        tasks = [asyncio.create_task(consume(f"r{i}")) for i in range(2)]
+        while eng.core.metrics.generation_tokens == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, eng.shutdown)
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        assert len(outcomes) == 2 and all(o in ("finished", "the engine was shut down") for o in outcomes), outcomes
+        with pytest.raises(ShutdownError):
+            eng.add_request([256, 5], SamplingParams(max_tokens=2), "late")
+        assert not eng.is_healthy
+
+    asyncio.run(run())
