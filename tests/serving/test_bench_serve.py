@@ -164,8 +164,8 @@ def test_requests_are_sent_at_their_scheduled_arrival_times(tmp_path):
 
 
 def _on_schedule(got, want):
-    """Sent at the scheduled times: none more than 30 ms early, most within 30 ms; a loaded 2-core host (CI beside other work)
-    delays a few (one 91 ms late once), so those have a wider bound."""
+    """Sent at the scheduled times: none more than 30 ms early, most within 30 ms; a loaded 2-core host (CI beside
+    other work) delays a few (one 91 ms late once), so those have a wider bound."""
     late = got - want
     assert np.all(late > -0.03) and np.median(np.abs(late)) < 0.03 and np.all(late < 0.25), late
 
