@@ -113,10 +113,18 @@ class EngineConfig:
             v = getattr(self, name)
             if not (is_count(v) and v >= 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-        for name in ("num_pages", "max_model_len"):     # None: sized by the engine
+        for name, least in (("num_pages", 1), ("max_model_len", 2)):     # None: sized by the engine
             v = getattr(self, name)
-            if v is not None and not (is_count(v) and v >= 1):
-                raise ValueError(f"{name}: expected None or an integer >= 1, got {v!r}")
+            if v is not None and not (is_count(v) and v >= least):
+                # (a context of 1 token leaves none to generate: every request was refused)
+                raise ValueError(f"{name}: expected None or an integer >= {least}, got {v!r}")
+        for name in ("token_buckets", "page_buckets"):
+            v = getattr(self, name)
+            if v is not None:
+                # checked here, not in the warm-up (a 0 there was a ZeroDivisionError from inside JAX's reshape)
+                if isinstance(v, (str, bytes)) or not all(is_count(b) and b >= 1 for b in _iter_or_none(v)) or not v:
+                    raise ValueError(f"{name}: expected integers >= 1, got {v!r}")
+                object.__setattr__(self, name, tuple(sorted(set(v))))
         if not (isinstance(self.kv_memory_fraction, (int, float)) and 0 < self.kv_memory_fraction <= 1):
             raise ValueError(f"kv_memory_fraction: expected a number in (0, 1], got {self.kv_memory_fraction!r}")
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -276,6 +284,7 @@ class EngineCore:
         _check_kv_fits(num_pages, state, model_config, mesh, config)
         platform = mesh.devices.flat[0].platform
         if platform == "gpu":
+            check_gpu_kernel_shapes(ps, model_config.head_dim)
             # the attention kernels' 32-bit offsets: the default is capped, a larger explicit count refused
             most = _kernel_page_limit(model_config, mesh, ps)
             if config.num_pages and num_pages > most:
@@ -767,13 +776,32 @@ class EngineCore:
 
 def _logprob_entry(tok: int, lp, top_ids, top_lps, k: int) -> dict[int, Logprob]:
     """A token's logprob entry from a sampler row: the token's own raw logprob and vocabulary rank (``RANK_COL``),
-    and the ``k`` most likely ids beside it, ranked."""
+    and the ``k`` most likely ids beside it, ranked. With ``k`` above the vocabulary the sampler pads the list with
+    id 0 at -inf: a pad never replaces an id listed before it (token 0 read -inf)."""
     entry = {tok: Logprob(float(lp), int(top_ids[RANK_COL]))}
     for rank, (tid, tlp) in enumerate(zip(top_ids[:k], top_lps[:k]), 1):
         tid = int(tid)
-        if tid != tok:
+        if tid not in entry:
             entry[tid] = Logprob(float(tlp), rank)
     return entry
+
+
+def _iter_or_none(v):
+    try:
+        return list(v)
+    except TypeError:
+        return [None]
+
+
+def check_gpu_kernel_shapes(page_size: int, head_dim: int) -> None:
+    """The GPU attention kernels (Pallas on Triton) take array sizes that are powers of two: a page size or head_dim
+    of another size is refused when the engine is built (it failed in the warm-up's lowering, naming neither)."""
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size {page_size}: the GPU attention kernels (Pallas on Triton) take powers of two "
+                         f"only; use a page size of 8, 16, 32, ...")
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"this model's head_dim {head_dim}: the GPU attention kernels (Pallas on Triton) take powers "
+                         f"of two only (64, 128, ...); it cannot be served on a GPU")
 
 
 def settle_heap() -> None:

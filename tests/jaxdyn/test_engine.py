@@ -1442,3 +1442,37 @@ def test_llm_refuses_a_bad_token_id_prompt_before_anything_runs_and_ignores_no_a
         llm.generate([[256, 5], [256, 6]], [], use_tqdm=False)
     with pytest.raises(ValueError, match="max_num_seqs would be ignored"):
         LLM(engine=engine, max_num_seqs=4)
+
+
+def test_engine_settings_that_failed_later_are_refused_where_given():
+    """A context of 1 token (every request refused), a bucket of 0 (a ZeroDivisionError from inside the warm-up);
+    on a GPU, a page size or head_dim not a power of two (the kernels' lowering failed in the warm-up, naming
+    neither)."""
+    from jaxdyn.engine.core import check_gpu_kernel_shapes
+    with pytest.raises(ValueError, match="max_model_len: expected None or an integer >= 2"):
+        EngineConfig(max_model_len=1)
+    for name in ("token_buckets", "page_buckets"):
+        for bad in ((0, 32), (), (16, 2.5), "16"):
+            with pytest.raises(ValueError, match=f"{name}: expected integers >= 1"):
+                EngineConfig(**{name: bad})
+    assert EngineConfig(token_buckets=(64, 16, 64)).token_buckets == (16, 64)
+    check_gpu_kernel_shapes(16, 128)
+    check_gpu_kernel_shapes(1, 64)
+    with pytest.raises(ValueError, match="page_size 24: the GPU attention kernels"):
+        check_gpu_kernel_shapes(24, 128)
+    with pytest.raises(ValueError, match="head_dim 80: the GPU attention kernels"):
+        check_gpu_kernel_shapes(16, 80)
+
+
+def test_a_logprob_list_padded_past_the_vocabulary_keeps_each_tokens_own_value():
+    """Asking for more top logprobs than the vocabulary has: the sampler pads the ids with 0 at -inf, and a pad
+    replaced token 0's real entry (-inf, rank 20)."""
+    from jaxdyn.engine.core import _logprob_entry
+    from jaxdyn.engine.sampler import RANK_COL
+    ids = np.zeros(RANK_COL + 1, np.int64)
+    ids[:3] = [3, 0, 5]
+    ids[RANK_COL] = 1
+    lps = np.full(RANK_COL + 1, -np.inf, np.float32)
+    lps[:3] = [-1.0, -2.0, -3.0]
+    entry = _logprob_entry(3, -1.0, ids, lps, min(8, RANK_COL))
+    assert entry[0].logprob == -2.0 and entry[0].rank == 2 and entry[5].rank == 3 and entry[3].rank == 1
