@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -122,9 +123,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None:
                 # checked here, not in the warm-up (a 0 there was a ZeroDivisionError from inside JAX's reshape)
-                if isinstance(v, (str, bytes)) or not all(is_count(b) and b >= 1 for b in _iter_or_none(v)) or not v:
+                items = list(v) if isinstance(v, Iterable) and not isinstance(v, (str, bytes)) else []
+                if not items or not all(is_count(b) and b >= 1 for b in items):
                     raise ValueError(f"{name}: expected integers >= 1, got {v!r}")
-                object.__setattr__(self, name, tuple(sorted(set(v))))
+                object.__setattr__(self, name, tuple(sorted(set(items))))
         if not (isinstance(self.kv_memory_fraction, (int, float)) and 0 < self.kv_memory_fraction <= 1):
             raise ValueError(f"kv_memory_fraction: expected a number in (0, 1], got {self.kv_memory_fraction!r}")
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
@@ -784,13 +786,6 @@ def _logprob_entry(tok: int, lp, top_ids, top_lps, k: int) -> dict[int, Logprob]
         if tid not in entry:
             entry[tid] = Logprob(float(tlp), rank)
     return entry
-
-
-def _iter_or_none(v):
-    try:
-        return list(v)
-    except TypeError:
-        return [None]
 
 
 def check_gpu_kernel_shapes(page_size: int, head_dim: int) -> None:

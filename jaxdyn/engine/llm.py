@@ -259,14 +259,14 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         if any(isinstance(prompt, str) for prompt in prompts) and self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; this model has none (pass token ids)")
-        check = getattr(self.engine, "check_request", None)
-        if check is not None:       # token-id prompts checked before anything runs (a bad one late in a batch was
-            for i, (prompt, p) in enumerate(zip(prompts, plist)):         # refused after the first slices' steps)
-                if not isinstance(prompt, str):
-                    try:
-                        check(prompt, p)
-                    except RequestError as e:
-                        raise RequestError(e.param, f"prompts[{i}]: {e}") from None
+        # token-id prompts checked before anything runs (a bad one late in a batch was refused after the first
+        # slices' steps)
+        for i, (prompt, p) in enumerate(zip(prompts, plist)):
+            if not isinstance(prompt, str):
+                try:
+                    self.engine.check_request(prompt, p)
+                except RequestError as e:
+                    raise RequestError(e.param, f"prompts[{i}]: {e}") from None
         bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm)
 
         def collect(outs):

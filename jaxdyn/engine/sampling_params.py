@@ -72,7 +72,7 @@ class SamplingParams:
             self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
-        if self.seed == -1 and not isinstance(self.seed, bool):
+        if self.seed == -1:
             self.seed = None          # vLLM's "no seed" (clients send -1 for a random draw), not a fixed seed
         self.validate()
         if 0 < self.temperature < MIN_TEMPERATURE:

@@ -101,10 +101,9 @@ class RequestRecord:
 
 
 def _aborted(obj: dict) -> bool:
-    """Whether a streamed chunk ends its choice as aborted by the server (vLLM's finish_reason "abort", SGLang's
-    ``{"type": "abort"}``): such a request failed, its output cut short."""
-    choice = obj["choices"][0] if isinstance(obj.get("choices"), list) and obj["choices"] else {}
-    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+    """Whether a streamed chunk (one ``_chunk_output`` read) ends its choice as aborted by the server (vLLM's
+    finish_reason "abort", SGLang's ``{"type": "abort"}``): such a request failed, its output cut short."""
+    reason = obj["choices"][0].get("finish_reason")
     return reason == "abort" or (isinstance(reason, dict) and reason.get("type") == "abort")
 
 

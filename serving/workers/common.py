@@ -44,6 +44,13 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def start_transfer_server(client, host: str):
+    """A ``jax.experimental.transfer`` server of ``client`` on ``host``, a port of the system's choosing."""
+    from jax.experimental import transfer
+    bind = host_port(host, 0)
+    return transfer.start_transfer_server(client, bind, [bind])
+
+
 def prefill_worker_report(address: str, reply) -> dict:
     """A prefill worker's Health ``reply`` as a decode worker passes it on: its gauges, and the ``instance`` of its
     process (its address where the reply has none), by which a front end whose decode workers share the prefill

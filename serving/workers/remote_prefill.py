@@ -36,8 +36,8 @@ import numpy as np
 from jaxdyn.disagg.engine import Handoff
 from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
-from serving.workers.common import (CLIENT_CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, host_port, logprobs_from_json,
-                                   params_to_json, prefill_worker_report)
+from serving.workers.common import (CLIENT_CHANNEL_OPTIONS, INCOMPATIBLE, REFUSED, logprobs_from_json, params_to_json,
+                                   prefill_worker_report, start_transfer_server)
 
 UNREACHABLE_FOR_S = 5.0      # a worker that refused a connection is skipped this long
 HEALTH_INTERVAL_S = 1.0      # each prefill worker's Health is asked this often ...
@@ -312,9 +312,7 @@ class RemotePrefillRole:
 
     def _transfer_server(self):
         if self._transfer is None:
-            from jax.experimental import transfer
-            bind = host_port(self._transfer_host, 0)
-            self._transfer = transfer.start_transfer_server(self.device.client, bind, [bind])
+            self._transfer = start_transfer_server(self.device.client, self._transfer_host)
         return self._transfer
 
     def _connection(self, address: str):

@@ -35,7 +35,7 @@ from serving.workers import worker_pb2 as pb
 from serving.workers import worker_pb2_grpc as pb_grpc
 from serving.workers.common import (
     CHANNEL_OPTIONS, DEAD, FAILED, INCOMPATIBLE, KV_CHUNK_BYTES, REFUSED, host_port, kv_layout, layout_mismatch,
-    logprobs_to_json, output_to_pb, params_from_json, refused_details)
+    logprobs_to_json, output_to_pb, params_from_json, refused_details, start_transfer_server)
 
 log = logging.getLogger("jaxdyn.worker")
 ROLES = ("prefill", "decode", "both")
@@ -70,7 +70,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._uuids = itertools.count(1)
         self.instance = uuid.uuid4().hex     # this process, in its metrics reports: a front end sees a restart
         self._transfer = None
-        self._transfer_host = transfer_host
+        self._transfer_host = transfer_host.strip("[]")      # (bracketed again where an address is made)
         if prefill is not None:
             prefill.set_sink(self._deliver)
 
@@ -122,7 +122,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(DEAD, f"the prefill engine died: {self.prefill.dead!r}")
         if request.kv_transport not in ("grpc", "jax"):
             await context.abort(REFUSED, refused_details("kv_transport", "expected grpc or jax"))
-        if request.kv_transport == "jax" and self._transfer_host.strip("[]") in WILDCARD_HOSTS:
+        if request.kv_transport == "jax" and self._transfer_host in WILDCARD_HOSTS:
             # its transfer server would advertise 0.0.0.0 / ::, where a decode worker finds only itself (its pull
             # then waits out the prefill timeout): skipped by the decode side, which prefills elsewhere
             await context.abort(INCOMPATIBLE, f"this prefill worker listens on {self._transfer_host!r}, no address a "
@@ -189,17 +189,15 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _transfer_server(self):
         if self._transfer is None:
-            from jax.experimental import transfer
-            client = self.prefill.core.runner.mesh.devices.flat[0].client
-            bind = host_port(self._transfer_host, 0)
-            self._transfer = transfer.start_transfer_server(client, bind, [bind])
+            self._transfer = start_transfer_server(self.prefill.core.runner.mesh.devices.flat[0].client,
+                                                   self._transfer_host)
         return self._transfer
 
     def _transfer_address(self) -> str:
         """Where decode workers reach the transfer server: this worker's host and the server's port (the server
         reports 0.0.0.0 for a host given by name)."""
         port = int(self._transfer_server().address().rsplit(":", 1)[1])
-        return host_port(self._transfer_host.strip("[]"), port)
+        return host_port(self._transfer_host, port)
 
     # ---- Abort, Health ---------------------------------------------------------------------------
 
