@@ -310,18 +310,26 @@ class Attention(nnx.Module):
         (float8_e4m3fn [T, hidden], f32 [T, 1]) for an fp8 ``qkv_proj``, its output in ``dtype``. Returns (kv,
         o_proj's output); with ``raw_output`` (an fp8 ``o_proj`` without bias) o_proj's raw product, its rows'
         scales and its channels' scales instead (``fp8_dot``; ``fp8_scaled_dot`` scales it so)."""
+        fuses_rope_kv = self.fuses_rope_kv(attention)
+        scales = ()
         if isinstance(x, tuple):
             xq, sx, dtype = x
-            qkv = self.qkv_proj.quantized(xq, sx, dtype)
+            if fuses_rope_kv and self.qkv_proj.bias is None:
+                # the raw product: the rope kernel scales it as it reads it (one kernel a layer fewer)
+                qkv = fp8_dot(xq, self.qkv_proj.weight[...], dtype)
+                scales = (sx.reshape(-1), self.qkv_proj.scale[...].reshape(-1, self.head_dim))
+            else:
+                qkv = self.qkv_proj.quantized(xq, sx, dtype)
         else:
             qkv = self.qkv_proj(x, fp8=fp8)
         t = qkv.shape[0]
         hd = self.head_dim
         heads = P(None, MODEL_AXIS, None)
-        if self.fuses_rope_kv(attention):
-            # merge_qkv's layout: each model shard's columns are its q heads, its k heads, its v heads in turn
-            write_and_attend, args, specs = self._rope_write_and_attend, (qkv.reshape(t, -1, hd), cos, sin), \
-                (heads, P(), P())
+        if fuses_rope_kv:
+            # merge_qkv's layout: each model shard's columns are its q heads, its k heads, its v heads in turn (the
+            # channels' scales split as the columns)
+            write_and_attend, args, specs = self._rope_write_and_attend, (qkv.reshape(t, -1, hd), cos, sin, *scales), \
+                (heads, P(), P(), *((P(), P(MODEL_AXIS, None)) if scales else ()))
         else:
             q, k, v = split_qkv(qkv, self.num_heads * hd, self.num_kv_heads * hd, self.tp)
             q = q.reshape(t, self.num_heads, hd)
@@ -336,12 +344,12 @@ class Attention(nnx.Module):
         local = jax.shard_map(
             functools.partial(write_and_attend, attention=attention),
             mesh=self.mesh,
-            in_specs=(pages, pages, *specs, rep, rep, rep, rep, rep),
+            in_specs=(pages, pages, rep, rep, rep, rep, rep, *specs),
             out_specs=(pages, pages, heads),
             check_vma=False,
         )
-        k_pages, v_pages, o = local(kv[0], kv[1], *args, md.slot_page, md.slot_offset,
-                                    md.kv_lens, md.page_table, md.cu_q_lens)
+        k_pages, v_pages, o = local(kv[0], kv[1], md.slot_page, md.slot_offset, md.kv_lens, md.page_table,
+                                    md.cu_q_lens, *args)
         o = o.reshape(t, self.num_heads * self.head_dim)
         fused = self.o_proj.fuses_quantize(o, fp8, ("o_proj", "all"))
         if raw_output:
@@ -358,18 +366,21 @@ class Attention(nnx.Module):
         return (attention.fused_rope_kv and self.q_norm is None
                 and kernel_supports(self.num_heads // self.tp, self.num_kv_heads // self.tp, self.head_dim))
 
-    def _write_and_attend(self, k_pages, v_pages, q, k, v, slot_page, slot_offset,
-                          kv_lens, page_table, cu_q_lens, *, attention: AttentionOptions):
+    def _write_and_attend(self, k_pages, v_pages, slot_page, slot_offset, kv_lens, page_table, cu_q_lens, q, k, v,
+                          *, attention: AttentionOptions):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_page, slot_offset)
         return k_pages, v_pages, self._attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, attention)
 
-    def _rope_write_and_attend(self, k_pages, v_pages, qkv, cos, sin, slot_page, slot_offset, kv_lens, page_table,
-                               cu_q_lens, *, attention: AttentionOptions):
-        """A shard's ``qkv [T, its q + k + v heads, head_dim]``: rotated and written by one kernel, then attended."""
+    def _rope_write_and_attend(self, k_pages, v_pages, slot_page, slot_offset, kv_lens, page_table, cu_q_lens, qkv,
+                               cos, sin, *scales, attention: AttentionOptions):
+        """A shard's ``qkv [T, its q + k + v heads, head_dim]``: rotated and written by one kernel, then attended.
+        ``scales``: none, or an fp8 product's rows' [T] and the shard's channels' [its heads, head_dim] (``qkv``
+        its raw result, ``rope_write_kv(scales=)``)."""
         t = qkv.shape[0]
         q, k_pages, v_pages = rope_write_kv(qkv.reshape(t, -1), cos, sin, k_pages, v_pages, slot_page, slot_offset,
                                             num_q_heads=self.num_heads // self.tp,
-                                            num_kv_heads=self.num_kv_heads // self.tp)
+                                            num_kv_heads=self.num_kv_heads // self.tp,
+                                            scales=(scales[0], scales[1].reshape(-1)) if scales else None)
         return k_pages, v_pages, self._attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, attention)
 
     def _attend(self, q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, attention: AttentionOptions):

@@ -90,6 +90,39 @@ def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch
         np.testing.assert_array_equal(np.asarray(a.view(jnp.uint8)), np.asarray(b.view(jnp.uint8)))
 
 
+def test_under_fused_norms_the_kernel_scales_the_raw_fp8_product(tmp_path, monkeypatch):
+    """An fp8 model with the fused norms (its layers' q/k/v product on an input quantized by the norm kernel) hands
+    the kernel the product's raw result and its rows' and channels' scales (no XLA kernel scales it first): in
+    Pallas interpret mode, op by op, the hidden states and pages are the unfused rotation's bit for bit."""
+    from flax import nnx
+
+    import jaxdyn.models.llama as llama
+    from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
+    from pallas_kernels.rope_kv import rope_write_kv
+    mesh, loaded = _model(tmp_path, "llama3.1", "fp8")
+    cfg = loaded.config
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, jnp.float8_e4m3fn)
+    n = 20
+    md, ids = one_chunk(n, padding=2)
+    model = nnx.merge(loaded.graphdef, loaded.state)
+    scales = []
+    monkeypatch.setattr(llama, "rope_write_kv",
+                        lambda *a, **kw: scales.append(kw.get("scales")) or rope_write_kv(*a, impl="interpret", **kw))
+    width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    with jax.disable_jit():
+        kv_off, off = model(allocate_kv_cache(spec, mesh), ids, md, fp8_fused_norm=True)
+        assert not scales
+        kv_on, on = model(allocate_kv_cache(spec, mesh), ids, md, fp8_fused_norm=True, fused_rope_kv=True)
+        # without the fused norms the layers' input is not quantized ahead: the kernel takes the scaled product
+        model(allocate_kv_cache(spec, mesh), ids, md, fused_rope_kv=True)
+    assert len(scales) == 2 * cfg.num_layers
+    assert all(s is not None and s[0].shape == (n,) and s[1].shape == (width,) for s in scales[:cfg.num_layers])
+    assert all(s is None for s in scales[cfg.num_layers:])
+    np.testing.assert_array_equal(np.asarray(on, np.float32)[:n - 2], np.asarray(off, np.float32)[:n - 2])
+    for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
+        np.testing.assert_array_equal(np.asarray(a.view(jnp.uint8)), np.asarray(b.view(jnp.uint8)))
+
+
 def test_the_option_resolves_and_falls_back(tmp_path):
     """"auto" is FUSED_ROPE_KV on a GPU and off elsewhere; True / False as given; anything else refused. A model with
     q/k norms (qwen3) or heads that are not powers of two keeps XLA's rotation."""
