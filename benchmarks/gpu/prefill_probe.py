@@ -13,7 +13,7 @@ rows, 1,024 sequence slots, decode rows of one token skipped, fp8 pages, a page 
 slot), and times ``ragged_prefill_attention_kernel`` with each variant of blocks: 32 calls in one jitted program,
 each on its own layer's pages (as a step's 32 layers), wall time / 32, the median of ``--reps``.
 
-    python -m benchmarks.gpu.prefill_probe [--steps 12] [--variants ROWS:PAGES:WARPS:STAGES:PROGRAMS,...]
+    python -m benchmarks.gpu.prefill_probe [--steps 12] [--variants ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT],...]
 
 prints, per variant, µs a call averaged over the steps, that / the default's, and the causal products' TFLOP/s
 as a share of a bf16 matmul measured in the same process; then each step's composition (chunks, the longest
@@ -79,9 +79,13 @@ def step_compositions(num_prompts: int = 1000, budget: int = TOKENS, max_seqs: i
 
 
 def parse_variant(text: str):
+    """ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT] -> PrefillBlockSizes (SPLIT: ``split_blocks``, 0 by default)."""
     from pallas_kernels.ragged_prefill import PrefillBlockSizes
-    rows, pages, warps, stages, programs = (int(x) for x in text.split(":"))
-    return PrefillBlockSizes(rows, pages, warps, stages, "rows", programs)
+    fields = [int(x) for x in text.split(":")]
+    if len(fields) not in (5, 6):
+        raise ValueError(text)
+    rows, pages, warps, stages, programs, *split = fields
+    return PrefillBlockSizes(rows, pages, warps, stages, "rows", programs, split_blocks=split[0] if split else 0)
 
 
 def causal_flops(seqs) -> float:
@@ -157,9 +161,9 @@ def median_s(fn, *args, reps: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.prefill_probe")
     p.add_argument("--steps", type=int, default=12, help="2,048-token steps of the schedule, evenly spaced")
-    p.add_argument("--variants", default=VARIANTS, help="ROWS:PAGES:WARPS:STAGES:PROGRAMS, comma separated "
-                   f"(block_rows, pages_per_block, num_warps, num_stages, persistent_programs); first: the default "
-                   f"{DEFAULT_VARIANT}")
+    p.add_argument("--variants", default=VARIANTS, help="ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT], comma separated "
+                   "(block_rows, pages_per_block, num_warps, num_stages, persistent_programs, split_blocks); first: "
+                   f"the default {DEFAULT_VARIANT}")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--interpret", action="store_true", help="check the variants' outputs on a CPU, no timing")
     args = p.parse_args(argv)
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
         del inputs
     flops = np.mean([causal_flops(s) for _, s in steps])
     base = np.nanmean(times[variants[0][0]])
-    print("\n| variant (rows:pages:warps:stages:programs) | µs a call (mean of steps) | x default | TFLOP/s | of "
+    print("\n| variant (rows:pages:warps:stages:programs[:split]) | µs a call (mean of steps) | x default | TFLOP/s | of "
           "matmul |\n|---|---:|---:|---:|---:|")
     for name, _ in variants:
         t = float(np.nanmean(times[name])) if not np.isnan(times[name]).all() else float("nan")

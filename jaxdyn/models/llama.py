@@ -88,6 +88,7 @@ class AttentionOptions:
     in_place: bool = True
     programs: int = 0
     prefill_programs: int | None = None     # the prefill kernel's programs (None: ``programs``)
+    prefill_split_blocks: int = 0           # ``ragged_paged_attention(prefill_split_blocks=)``
     skip_idle_prefill: bool = False
     fp8_products: str = "off"
     fused_rope_kv: bool = False
@@ -389,6 +390,7 @@ class Attention(nnx.Module):
                                       sliding_window=self.sliding_window, in_place=attention.in_place,
                                       attention_programs=attention.programs,
                                       prefill_programs=attention.prefill_programs,
+                                      prefill_split_blocks=attention.prefill_split_blocks,
                                       skip_idle_prefill=attention.skip_idle_prefill,
                                       fp8_products=attention.fp8_products)
 
@@ -503,7 +505,7 @@ class LlamaForCausalLM(nnx.Module):
                  attention_programs: int = 0, skip_idle_prefill: bool = False,
                  attention_fp8_products: str = "off", nested_layers: bool = True,
                  fp8_fused_norm: bool = False, fused_rope_kv: bool = False,
-                 prefill_programs: int | None = None) -> tuple[KVCache, jax.Array]:
+                 prefill_programs: int | None = None, prefill_split_blocks: int = 0) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
@@ -520,7 +522,8 @@ class LlamaForCausalLM(nnx.Module):
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows, fused_norm=fp8_fused_norm)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
-                                     prefill_programs=prefill_programs, skip_idle_prefill=skip_idle_prefill,
+                                     prefill_programs=prefill_programs, prefill_split_blocks=prefill_split_blocks,
+                                     skip_idle_prefill=skip_idle_prefill,
                                      fp8_products=attention_fp8_products, fused_rope_kv=fused_rope_kv)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)

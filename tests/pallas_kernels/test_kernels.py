@@ -910,3 +910,137 @@ def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, prog
     # conditional out of it): the in-place output's zeros and the skipped branch's are kernels (kernel_zeros)
     assert constant_filled_buffers(f.trace(*args).jaxpr) == []
     assert constant_filled_buffers(skip.trace(*args).jaxpr) == []
+
+
+# a step with long chunks: 11 key blocks of 16 tokens for the (150, 20) chunk's last items, 6 for (0, 90)'s
+SPLIT_SEQS = MIXED + [(0, 90)]
+
+
+# (split_blocks, slots, split): the step's items need 95 slots at 1 block a part, 28 at 3, 17 at 4
+@pytest.mark.parametrize("split_blocks,slots,split", [(1, 256, True), (3, 64, True), (4, 17, True), (4, 16, False),
+                                                      (2, 2, False)])
+def test_interpreted_prefill_kernel_split_over_keys_stores_what_it_does_unsplit(split_blocks, slots, split):
+    """``PrefillBlockSizes.split_blocks``: items of more key blocks than that run as parts of at most that many
+    blocks, their partial rows merged by a second kernel: the rows the unsplit kernel stores (float32, to its
+    rounding: the parts' sums are added in another order), and the reference's; rows the kernel skips keep what
+    ``out`` held. A step whose parts would need more than ``split_slots`` slots runs unsplit (bit for bit)."""
+    rng = np.random.default_rng(44)
+    q, k, v, lens, pt, cu = _batch(rng, SPLIT_SEQS, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
+                                   dtype=jnp.float32)[0]
+    kw = dict(sm_scale=32 ** -0.5, interpret=True, min_q_len=1, out=jnp.full(q.shape, 5.0, jnp.float32))
+    base = ragged_prefill.PrefillBlockSizes(32, 1, 4, 3, persistent_programs=7)
+    want = ragged_prefill.ragged_prefill_attention_kernel(q, k, v, lens, pt, cu, blocks=base, **kw)
+    got = ragged_prefill.ragged_prefill_attention_kernel(
+        q, k, v, lens, pt, cu, blocks=dataclasses.replace(base, split_blocks=split_blocks, split_slots=slots), **kw)
+    block_q = 32 // 4
+    items = ragged_prefill.work_items(cu, lens, block_q=block_q, num_items=-(-q.shape[0] // block_q) + lens.shape[0],
+                                      min_q_len=1)
+    sub, merges = ragged_prefill.split_items(items, block_tokens=16, split_blocks=split_blocks, slots=slots)
+    assert (np.asarray(sub[:, 6]) >= 0).any() == split and (np.asarray(merges[:, 1]) > 0).any() == split
+    if split:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        assert not np.array_equal(np.asarray(got), np.asarray(want))      # the parts' order of addition shows
+    else:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    skipped = np.asarray(want == 5.0).all(axis=(1, 2))
+    np.testing.assert_array_equal(np.asarray(got)[skipped], 5.0)
+    ref = ragged_paged_attention_reference(q, k, v, lens, pt, cu, sm_scale=32 ** -0.5)
+    assert _rel(np.asarray(got)[~skipped], np.asarray(ref)[~skipped]) < 1e-5
+
+
+def test_split_items_parts_cover_each_item_s_blocks_once():
+    """``split_items``: each real item's key blocks covered once, in order, by its parts (at most ``split_blocks``
+    each); split items' slots distinct and within ``slots``, one merge row each naming them; other items one part,
+    slot -1; the real sub-items first."""
+    rng = np.random.default_rng(7)
+    _, _, _, lens, _, cu = _batch(rng, SPLIT_SEQS, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
+                                  dtype=jnp.float32)[0]
+    items = np.asarray(ragged_prefill.work_items(cu, lens, block_q=8, num_items=40, min_q_len=1))
+    sub, merges = (np.asarray(a) for a in ragged_prefill.split_items(jnp.asarray(items), block_tokens=16,
+                                                                      split_blocks=3, slots=64))
+    real = sub[:, 2] > 0
+    assert real.sum() > (items[:, 2] > 0).sum() and not real[real.sum():].any()
+    slots = sub[real, 6][sub[real, 6] >= 0]
+    assert len(set(slots.tolist())) == len(slots) and slots.max() < 64
+    merged = merges[merges[:, 1] > 0]
+    for it in items[items[:, 2] > 0]:
+        mine = sub[real & (sub[:, 1] == it[1]) & (sub[:, 3] == it[3])]
+        blocks = -(-(it[3] + it[2]) // 16)
+        covered = np.concatenate([np.arange(a, b) for a, b in mine[:, 4:6]])
+        np.testing.assert_array_equal(covered, np.arange(blocks))
+        assert (mine[:, 5] - mine[:, 4] <= 3).all() or len(mine) == 1
+        if len(mine) > 1:
+            row = merged[merged[:, 0] == it[1]]
+            assert len(row) == 1 and row[0, 3] == len(mine)
+            np.testing.assert_array_equal(mine[:, 6], row[0, 2] + np.arange(len(mine)))
+        else:
+            assert mine[0, 6] == -1
+    assert len(merged) == sum(1 for it in items[items[:, 2] > 0] if -(-(it[3] + it[2]) // 16) > 3)
+
+
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+def test_the_split_prefill_kernel_lowers_to_triton_at_the_engines_shapes(pages):
+    """The split over keys (persistent programs, the 8B shape's 2,048 rows and 1,024 slots, both page dtypes) lowers
+    through Pallas' Triton lowering on the CPU: the prefill kernel and the merge kernel, and no buffer filled with a
+    constant (a memset, which would end the step's CUDA graph)."""
+    dtype = jnp.float8_e4m3fn if pages == "fp8" else jnp.bfloat16
+    sds = jax.ShapeDtypeStruct
+    args = (sds((2048, 32, 128), jnp.bfloat16), sds((8, 4096, 16, 128), dtype), sds((8, 4096, 16, 128), dtype),
+            sds((1024,), jnp.int32), sds((1024, 128), jnp.int32), sds((1025,), jnp.int32))
+    blocks = dataclasses.replace(ragged_prefill.prefill_block_sizes(128, 16), persistent_programs=1056,
+                                 split_blocks=4)
+    f = jax.jit(functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=0.088, min_q_len=1,
+                                  blocks=blocks))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2 and "ragged_prefill_merge" in text
+    assert constant_filled_buffers(f.trace(*args).jaxpr) == []
+    with pytest.raises(ValueError, match="persistent_programs"):
+        f = functools.partial(ragged_prefill.ragged_prefill_attention_kernel, sm_scale=0.088, min_q_len=1,
+                              blocks=dataclasses.replace(blocks, persistent_programs=0))
+        jax.jit(f).trace(*args)
+
+
+def test_the_entry_point_passes_the_split_to_the_prefill_kernel():
+    """``ragged_paged_attention(prefill_split_blocks=)`` (in place, the prefill kernel's persistent programs): the
+    reference's rows (interpret mode), with the long items split (the merge kernel runs)."""
+    rng = np.random.default_rng(31)
+    args, n = _batch(rng, SPLIT_SEQS, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    seen = []
+    split_items = ragged_prefill.split_items
+
+    def spy(*a, **k):
+        seen.append(k["split_blocks"])
+        return split_items(*a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ragged_prefill, "split_items", spy)
+        got = ragged_paged_attention(*args, impl="interpret", in_place=True, prefill_programs=5,
+                                     prefill_split_blocks=1, **kw)
+    assert seen == [1]
+    np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", ["bf16", "fp8"])
+def test_gpu_the_split_prefill_kernel_stores_what_it_does_unsplit(pages):
+    """On the GPU at the 8B shape (32 q heads, 8 kv heads of 128, a step of long and short chunks beside decode
+    rows): the split over keys (4 and 2 blocks a part) stores the unsplit kernel's rows to the float32 sums' order
+    (bf16 output: within a rounding), the rows it skips as ``out`` held them."""
+    rng = np.random.default_rng(8)
+    seqs = [(0, 900), (0, 300), (500, 200), (40, 1), (700, 1), (0, 120), (1000, 64)] + [(100, 1)] * 20
+    args, n = _batch(rng, seqs, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    if pages == "fp8":
+        args = _fp8_pages(args)
+    q = args[0]
+    base = dataclasses.replace(ragged_prefill.prefill_block_sizes(128, 16), persistent_programs=1056)
+    kw = dict(sm_scale=128 ** -0.5, min_q_len=1, out=jnp.full(q.shape, 5.0, q.dtype))
+    want = jax.jit(functools.partial(ragged_prefill.ragged_prefill_attention_kernel, blocks=base, **kw))(*args)
+    skipped = np.asarray(want == 5.0).all(axis=(1, 2))
+    for split in (4, 2):
+        got = jax.jit(functools.partial(ragged_prefill.ragged_prefill_attention_kernel,
+                                        blocks=dataclasses.replace(base, split_blocks=split), **kw))(*args)
+        g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_array_equal(g[skipped], 5.0)
+        np.testing.assert_allclose(g[~skipped], w[~skipped], rtol=2e-2, atol=2e-2)
+        assert _rel(g[~skipped], w[~skipped]) < 5e-3
