@@ -63,9 +63,11 @@ class PrefillBlockSizes:
     # are merged by a second kernel. The step's longest chunk's last items otherwise run their blocks one after
     # another while the other items are done (session 44: the kernel on the ShareGPT-shaped run's 2,048-token
     # steps took ~99 µs a layer on an H100, set by a chunk ending at 680-965 tokens, at 0.125 of the matmul
-    # rate). Not with a sliding window. 0: no split
+    # rate). Not with a sliding window. Its cost where on: the float32 partials (``split_slots`` x the item's rows x
+    # head_dim a kv head: 128 MiB a layer's call at the 8B shape, a temporary the KV pages' sizing does not count)
+    # and the merge kernel's launch in every step. 0: no split
     split_blocks: int = 0
-    # the partial results' slots a kv head (``split_blocks``): a step whose splits need more runs unsplit
+    # the partial results' slots a kv head (``split_blocks``): items whose parts do not fit (in list order) run unsplit
     split_slots: int = 256
 
 
@@ -119,12 +121,13 @@ def split_items(items: jax.Array, *, block_tokens: int, split_blocks: int, slots
     - merges i32[slots // 2, 4]: a row a split item, (first packed row, rows, first slot, parts); unused rows
       have 0 rows.
 
-    A step whose splits would need more than ``slots`` slots is not split (every item one sub-item)."""
+    Items are split in list order while their parts fit in ``slots``; the rest of a step that would need more
+    run unsplit."""
     n = items.shape[0]
     rows, first_pos = items[:, 2], items[:, 3]
     blocks = jnp.where(rows > 0, pl.cdiv(first_pos + rows, block_tokens), 0)
     parts = jnp.where(blocks > split_blocks, pl.cdiv(blocks, split_blocks), 1)
-    parts = jnp.where(jnp.sum(jnp.where(parts > 1, parts, 0)) <= slots, parts, 1)
+    parts = jnp.where(jnp.cumsum(jnp.where(parts > 1, parts, 0)) <= slots, parts, 1)
     ends = jnp.cumsum(parts)
     starts = ends - parts
     sub = jnp.arange(n + slots, dtype=jnp.int32)
@@ -204,9 +207,11 @@ def _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_
     if span is not None:
         # a sub-item: its blocks [first, end), those wholly at or before the first query position unmasked
         first, end, slot = span
-        full_blocks = (first_pos + 1) // block_tokens
-        carry = lax.fori_loop(first, jnp.minimum(end, full_blocks), functools.partial(step, masked=False), carry)
-        acc, m, l = lax.fori_loop(jnp.maximum(first, full_blocks), end, functools.partial(step, masked=True), carry)
+        # (clipped into [first, end]: neither loop's upper bound under its lower one, which Triton's pipeliner has
+        # mishandled)
+        mid = jnp.clip((first_pos + 1) // block_tokens, first, end)
+        carry = lax.fori_loop(first, mid, functools.partial(step, masked=False), carry)
+        acc, m, l = lax.fori_loop(mid, end, functools.partial(step, masked=True), carry)
         pa_ref, pm_ref = partial_refs
 
         @pl.when(slot < 0)

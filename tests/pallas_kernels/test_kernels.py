@@ -916,14 +916,15 @@ def test_the_kernels_lower_to_triton_for_a_gpu_at_the_engines_shapes(pages, prog
 SPLIT_SEQS = MIXED + [(0, 90)]
 
 
-# (split_blocks, slots, split): the step's items need 95 slots at 1 block a part, 28 at 3, 17 at 4
-@pytest.mark.parametrize("split_blocks,slots,split", [(1, 256, True), (3, 64, True), (4, 17, True), (4, 16, False),
-                                                      (2, 2, False)])
-def test_interpreted_prefill_kernel_split_over_keys_stores_what_it_does_unsplit(split_blocks, slots, split):
+# (split_blocks, slots, items split, items of more blocks): the step's items need 95 slots at 1 block a part, 28 at
+# 3, 17 at 4; with fewer slots the first items in list order that fit are split, the others run unsplit
+@pytest.mark.parametrize("split_blocks,slots,split,long", [(1, 256, 21, 21), (3, 64, 11, 11), (4, 17, 7, 7),
+                                                           (4, 16, 6, 7), (2, 2, 0, 16)])
+def test_interpreted_prefill_kernel_split_over_keys_stores_what_it_does_unsplit(split_blocks, slots, split, long):
     """``PrefillBlockSizes.split_blocks``: items of more key blocks than that run as parts of at most that many
     blocks, their partial rows merged by a second kernel: the rows the unsplit kernel stores (float32, to its
     rounding: the parts' sums are added in another order), and the reference's; rows the kernel skips keep what
-    ``out`` held. A step whose parts would need more than ``split_slots`` slots runs unsplit (bit for bit)."""
+    ``out`` held. Items whose parts do not fit in ``split_slots`` run unsplit (none fitting: bit for bit)."""
     rng = np.random.default_rng(44)
     q, k, v, lens, pt, cu = _batch(rng, SPLIT_SEQS, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
                                    dtype=jnp.float32)[0]
@@ -936,7 +937,9 @@ def test_interpreted_prefill_kernel_split_over_keys_stores_what_it_does_unsplit(
     items = ragged_prefill.work_items(cu, lens, block_q=block_q, num_items=-(-q.shape[0] // block_q) + lens.shape[0],
                                       min_q_len=1)
     sub, merges = ragged_prefill.split_items(items, block_tokens=16, split_blocks=split_blocks, slots=slots)
-    assert (np.asarray(sub[:, 6]) >= 0).any() == split and (np.asarray(merges[:, 1]) > 0).any() == split
+    blocks = np.asarray(-(-(items[:, 3] + items[:, 2]) // 16))[np.asarray(items[:, 2]) > 0]
+    assert (blocks > split_blocks).sum() == long and (np.asarray(merges[:, 1]) > 0).sum() == split
+    assert ((np.asarray(sub[:, 6]) >= 0).sum() > 0) == (split > 0)
     if split:
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
         assert not np.array_equal(np.asarray(got), np.asarray(want))      # the parts' order of addition shows
@@ -1013,11 +1016,20 @@ def test_the_entry_point_passes_the_split_to_the_prefill_kernel():
     def spy(*a, **k):
         seen.append(k["split_blocks"])
         return split_items(*a, **k)
+    jax.clear_caches()          # the kernel's trace (which calls split_items) not taken from an earlier test's
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ragged_prefill, "split_items", spy)
         got = ragged_paged_attention(*args, impl="interpret", in_place=True, prefill_programs=5,
                                      prefill_split_blocks=1, **kw)
     assert seen == [1]
+    q, _, _, lens, _, cu = args         # the step is split: items merged (the blocks the entry point takes)
+    blocks = ragged_prefill.prefill_block_sizes(32, 16)
+    block_q = blocks.block_rows // 4
+    items = ragged_prefill.work_items(cu, lens, block_q=block_q, num_items=-(-q.shape[0] // block_q) + lens.shape[0],
+                                      min_q_len=1)
+    merges = ragged_prefill.split_items(items, block_tokens=blocks.pages_per_block * 16, split_blocks=1,
+                                        slots=blocks.split_slots)[1]
+    assert int(jnp.sum(merges[:, 1] > 0)) > 0
     np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
 
 
@@ -1037,7 +1049,11 @@ def test_gpu_the_split_prefill_kernel_stores_what_it_does_unsplit(pages):
     kw = dict(sm_scale=128 ** -0.5, min_q_len=1, out=jnp.full(q.shape, 5.0, q.dtype))
     want = jax.jit(functools.partial(ragged_prefill.ragged_prefill_attention_kernel, blocks=base, **kw))(*args)
     skipped = np.asarray(want == 5.0).all(axis=(1, 2))
+    items = ragged_prefill.work_items(args[5], args[3], block_q=32, num_items=-(-q.shape[0] // 32) + args[3].shape[0],
+                                      min_q_len=1)
     for split in (4, 2):
+        merges = ragged_prefill.split_items(items, block_tokens=64, split_blocks=split, slots=base.split_slots)[1]
+        assert int(jnp.sum(merges[:, 1] > 0)) > 10                        # the step is split
         got = jax.jit(functools.partial(ragged_prefill.ragged_prefill_attention_kernel,
                                         blocks=dataclasses.replace(base, split_blocks=split), **kw))(*args)
         g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
