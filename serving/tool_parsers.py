@@ -58,7 +58,13 @@ def _call(obj, args_keys: tuple[str, ...], make=ToolCall) -> ToolCall:
         args = json.loads(args)
     if not isinstance(args, dict):
         raise ValueError("a tool call's arguments must be an object")
-    return make(obj["name"], json.dumps(args, ensure_ascii=False))
+    # strict JSON for the client (NaN / Infinity are not: allow_nan=False raises) and Unicode text (a model's
+    # "\ud83d" escape decodes to an unpaired surrogate, which the response's UTF-8 cannot hold: a 500, or a stream
+    # cut off); either ValueError (UnicodeEncodeError is one) makes the reply content, as any call that does not parse
+    arguments = json.dumps(args, ensure_ascii=False, allow_nan=False)
+    arguments.encode("utf-8")
+    obj["name"].encode("utf-8")       # (the name's escapes likewise)
+    return make(obj["name"], arguments)
 
 
 def _mistral_call(name: str, arguments: str) -> ToolCall:

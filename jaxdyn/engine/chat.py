@@ -100,12 +100,23 @@ def template_message(m: dict) -> dict:
         for call in m["tool_calls"]:
             call = dict(call)
             fn = call.get("function")
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            if isinstance(fn, dict) and not fn.get("arguments"):
+                # none, null or "": no arguments, {} (vLLM's _postprocess_messages; a template's tojson of a missing
+                # value raised)
+                call["function"] = {**fn, "arguments": {}}
+            elif isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                 try:
-                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                    args = json.loads(fn["arguments"])
+                    # a "\ud800" escape inside the arguments' JSON text decodes to an unpaired surrogate, which the
+                    # tokenizer cannot take (the request's own strings were checked before)
+                    json.dumps(args, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ChatTemplateError("messages: a tool call's function.arguments holds an unpaired UTF-16 "
+                                            "surrogate (a \\ud800-\\udfff escape without its pair), which is not "
+                                            "Unicode text") from None
                 except (ValueError, RecursionError) as e:
                     raise ChatTemplateError(f"messages: a tool call's function.arguments is not JSON ({e})") from None
-                call["function"] = fn
+                call["function"] = {**fn, "arguments": args}
             calls.append(call)
         msg["tool_calls"] = calls
     return msg
@@ -157,7 +168,11 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
         except ChatTemplateError as e:
             raise ChatTemplateError(f"messages: {e}") from None
         except TypeError as e:
-            raise ChatTemplateError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+            # a keyword the template cannot take, or a value of the wrong type: the request's chat_template_kwargs
+            # where it gave some, else what its messages made of the template
+            if given:
+                raise ChatTemplateError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+            raise ChatTemplateError(f"messages: the chat template could not render them ({e})") from None
     text = render(msgs)              # the whole chat first: a template that refuses it is heard (vLLM renders it)
     if continue_final_message and not msgs[-1]["content"]:
         # an empty final message: continuing it is starting the assistant's turn

@@ -72,3 +72,47 @@ def test_documents_reach_the_template_and_a_chat_template_among_the_kwargs_is_re
     with pytest.raises(ChatTemplateError, match="a chat template given by the request") as e:
         chat_prompt(TOK, [U], chat_template_kwargs={"chat_template": PLAIN})
     assert e.value.param == "chat_template_kwargs"
+
+
+CALLS = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+         "[{{ c.function.name }}:{{ c.function.arguments | tojson }}]{% endfor %}</{{ m.role }}>{% endfor %}")
+
+
+def _with_call(function):
+    return [U, {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function",
+                                                                        "function": function}]}]
+
+
+def test_earlier_calls_arguments_none_null_or_empty_are_an_empty_object_as_vllm_makes_them():
+    """vLLM's _postprocess_messages: a tool call's arguments missing, null or "" become {} (a "" was refused as not
+    JSON; a missing one made the template's tojson raise, blamed on chat_template_kwargs; null rendered null)."""
+    tok = types.SimpleNamespace(chat_template=CALLS, bos_token="", eos_token="")
+    for fn in ({"name": "f"}, {"name": "f", "arguments": None}, {"name": "f", "arguments": ""}):
+        assert chat_prompt(tok, _with_call(fn), add_generation_prompt=False) == \
+            "<user>hi</user><assistant>[f:{}]</assistant>"
+    assert chat_prompt(tok, _with_call({"name": "f", "arguments": '{"a": [1]}'}), add_generation_prompt=False) == \
+        '<user>hi</user><assistant>[f:{"a": [1]}]</assistant>'
+
+
+def test_an_earlier_calls_arguments_escaping_an_unpaired_surrogate_are_refused_by_name():
+    """A request's arguments string whose JSON escapes a lone surrogate ("\\\\ud800" in the request: its own strings
+    are Unicode) decodes to text the tokenizer cannot take: a 400 naming it (was a TypeError out of the tokenizer,
+    a 500); a pair (an emoji escaped) is text."""
+    import json
+    tok = types.SimpleNamespace(chat_template=CALLS, bos_token="", eos_token="")
+    with pytest.raises(ChatTemplateError, match="unpaired UTF-16 surrogate") as e:
+        chat_prompt(tok, _with_call({"name": "f", "arguments": json.dumps({"a": "\ud800"})}))
+    assert e.value.param == "messages"
+    got = chat_prompt(tok, _with_call({"name": "f", "arguments": json.dumps({"a": "\U0001F600"})}),
+                      add_generation_prompt=False)
+    assert "\\ud83d\\ude00" in got or "\U0001F600" in got
+
+
+def test_a_templates_type_error_is_blamed_on_the_kwargs_only_where_the_request_gave_some():
+    tok = types.SimpleNamespace(chat_template="{{ 'a' + messages | length }}", bos_token="", eos_token="")
+    with pytest.raises(ChatTemplateError, match="could not render them") as e:
+        chat_prompt(tok, [U])
+    assert e.value.param == "messages"
+    with pytest.raises(ChatTemplateError) as e:
+        chat_prompt(tok, [U], chat_template_kwargs={"x": 1})
+    assert e.value.param == "chat_template_kwargs"

@@ -108,6 +108,26 @@ def test_a_reply_nested_past_the_json_parsers_depth_stays_text(name, reply):
     assert (sent + rest, calls) == (reply, [])
 
 
+@pytest.mark.parametrize("name, reply", [
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"x": "\\ud83d"}}</tool_call>'),
+    ("hermes", '<tool_call>{"name": "f\\udc00", "arguments": {}}</tool_call>'),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>'),
+    ("llama3_json", '{"name": "f", "parameters": {"a": 1e999}}'),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"x": "\\udfff"}'),
+])
+def test_arguments_that_are_not_unicode_or_strict_json_leave_the_reply_as_content(name, reply):
+    """A model's JSON escaping an unpaired surrogate (its arguments or name: text the response's UTF-8 cannot hold,
+    a 500 or a stream cut off) or holding NaN / Infinity (not JSON to a strict client) makes no call: the reply is
+    content, as any call that does not parse; an escaped pair (an emoji) is a call."""
+    assert make_parser(name).parse(reply) == (reply, [])
+    s = ToolCallStream(make_parser(name))
+    sent = s.feed(reply)
+    rest, calls = s.finish()
+    assert (sent + rest, calls) == (reply, [])
+    emoji = '<tool_call>{"name": "f", "arguments": {"x": "\\ud83d\\ude00"}}</tool_call>'
+    assert _calls(make_parser("hermes").parse(emoji)[1]) == [("f", {"x": "\U0001F600"})]
+
+
 def test_an_unknown_parser_is_named():
     with pytest.raises(ValueError, match="--tool-call-parser: expected one of hermes, llama3_json, mistral"):
         make_parser("pythonic")
