@@ -174,8 +174,8 @@ class Llama3JsonParser(ToolParser):
 
 class MistralParser(_MarkedCalls):
     name = "mistral"
-    START, ARGS = "[TOOL_CALLS]", "[ARGS]"
-    markers = (START, ARGS)
+    START, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+    markers = (START, ARGS, CALL_ID)
 
     def parse(self, text):
         at = text.find(self.START)
@@ -189,12 +189,15 @@ class MistralParser(_MarkedCalls):
                     objs = json.loads(seg)
                     for obj in objs if isinstance(objs, list) else [objs]:
                         calls.append(_call(obj, ("arguments", "parameters"), _mistral_call))
-                else:                              # name[ARGS]{...}
+                else:                              # name[ARGS]{...}, or name[CALL_ID]id[ARGS]{...} (v11+ templates)
                     name, sep, args = seg.partition(self.ARGS)
                     if not sep:
                         raise ValueError("a call without [ARGS]")
-                    calls.append(_call({"name": name.strip(), "arguments": json.loads(args)}, ("arguments",),
-                                       _mistral_call))
+                    name, marked, call_id = name.partition(self.CALL_ID)
+                    call_id = call_id.strip()
+                    make = (lambda n, a, i=call_id: ToolCall(n, a, i)) if marked and call_id.isalnum() \
+                        else _mistral_call
+                    calls.append(_call({"name": name.strip(), "arguments": json.loads(args)}, ("arguments",), make))
         except _JSON_ERRORS:
             return text, []
         if not calls:

@@ -47,6 +47,8 @@ MISTRAL = [
     ('Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}', "Sure. ",
      [("get_weather", {"city": "Paris"}), ("get_time", {})]),
     ("[TOOL_CALLS]get_weather{}", "[TOOL_CALLS]get_weather{}", []),                  # no [ARGS]: content
+    # v11+ templates: the call's id written by the model (kept: its template takes it back)
+    ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}', None, [("get_weather", {"city": "Paris"})]),
     ("[TOOLS are fine]", "[TOOLS are fine]", []),
 ]
 
@@ -66,6 +68,8 @@ def test_a_reply_parses_into_content_and_calls(name, cases):
         assert (got_content, _calls(got_calls)) == (content, calls), reply
         if name == "mistral":         # the ids Mistral's templates take back: nine letters and digits
             assert all(len(c.id) == 9 and c.id.isalnum() for c in got_calls)
+            if "[CALL_ID]" in reply:
+                assert [c.id for c in got_calls] == ["a1B2c3D4e"]
         else:
             assert all(c.id.startswith("chatcmpl-tool-") for c in got_calls)
         assert len({c.id for c in got_calls}) == len(got_calls)
