@@ -220,8 +220,8 @@ def main(argv=None) -> int:
         del inputs
     flops = np.mean([causal_flops(s) for _, s in steps])
     base = np.nanmean(times[variants[0][0]])
-    print("\n| variant (rows:pages:warps:stages:programs[:split]) | µs a call (mean of steps) | x default | TFLOP/s | of "
-          "matmul |\n|---|---:|---:|---:|---:|")
+    print("\n| variant (rows:pages:warps:stages:programs[:split]) | µs a call (mean of steps) | x default | TFLOP/s "
+          "| of matmul |\n|---|---:|---:|---:|---:|")
     for name, _ in variants:
         t = float(np.nanmean(times[name])) if not np.isnan(times[name]).all() else float("nan")
         print(f"| {name} | {t * 1e6:.1f} | {t / base:.3f} | {flops / t / 1e12:.0f} | {flops / t / matmul:.3f} |")

@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     width = (HQ + 2 * HK) * D
     copy = measure_bandwidth()
     print(f"{jax.devices()[0].device_kind}; copy {copy / 1e12:.2f} TB/s in this process")
-    print("| tokens | tokens a program | XLA scales, then the kernel µs | the kernel scales µs | x before | floor µs |\n"
-          "|---:|---:|---:|---:|---:|---:|")
+    print("| tokens | tokens a program | XLA scales, then the kernel µs | the kernel scales µs | x before "
+          "| floor µs |\n|---:|---:|---:|---:|---:|---:|")
     for t in sizes:
         key = jax.random.key(t)
         raw = [(jax.random.normal(jax.random.fold_in(key, i), (t, width), jnp.float32) * 8).astype(jnp.bfloat16)

@@ -512,7 +512,8 @@ class LlamaForCausalLM(nnx.Module):
         (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``, ``fp8_fused_quantize``,
         ``fp8_fused_min_rows``: how an fp8 model's products run (``Fp8Options``). ``attention_programs``: the
         attention kernels' programs (``ragged_paged_attention``; 0: a program an item); ``prefill_programs``: the
-        prefill kernel's alone (None: ``attention_programs``). ``skip_idle_prefill``: the
+        prefill kernel's alone (None: ``attention_programs``). ``prefill_split_blocks``: its long items split over
+        their keys (``ragged_paged_attention(prefill_split_blocks=)``; 0: no split). ``skip_idle_prefill``: the
         prefill kernel only in steps with a chunk of more than one token (``ragged_paged_attention``).
         ``attention_fp8_products``: over fp8 KV pages, the decode kernel's products on e4m3 operands
         (``ragged_paged_attention(fp8_products=)``).
