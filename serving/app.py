@@ -945,6 +945,7 @@ def build_app(state: ServerState) -> Starlette:
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET", "POST"]),       # vLLM's (SageMaker's probe): /health's answer
         Route("/version", version, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -349,6 +349,8 @@ class EngineCore:
         # generation_config.json's, e.g. a chat turn's end) ends it as a stop token, stop_reason that id (vLLM's)
         self._own_eos = getattr(tokenizer, "eos_token_id", None) if eos_token_ids is None else None
         self.requests: dict[str, Request] = {}
+        # n > 1 requests whose siblings wait blocked on their leader's prompt (the gauges count them with it)
+        self._forking: set[str] = set()
         self.metrics = EngineMetrics(kv_pages_total=num_pages)
         self._rng = random.Random(config.seed)
         self._arrivals = 0
@@ -428,6 +430,7 @@ class EngineCore:
             req.seqs[0].fork_target = len(prompt_ids) - 1
             for s in req.seqs[1:]:
                 s.blocked = True
+            self._forking.add(request_id)
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.metrics.prompt_tokens += len(prompt_ids)
@@ -439,12 +442,15 @@ class EngineCore:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        self._forking.discard(request_id)
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
         req.metrics.finished_time = time.monotonic()
         self._count_finished(req)             # those already done by how they ended
+        # the gauges now, not at the next step (without overlap, none may come: an abort of the last request)
+        self._refresh_gauges()
         return self._make_wire(req) if wire else self._make_output(req)
 
     def has_unfinished(self) -> bool:
@@ -546,10 +552,7 @@ class EngineCore:
             outputs += self._process(*cur, wire)
         self.metrics.steps += 1
         self.metrics.preemptions = self.scheduler.num_preemptions
-        self.metrics.num_running = len(self.scheduler.running)
-        self.metrics.num_waiting = len(self.scheduler.waiting)
-        self.metrics.kv_pages_used = self.allocator.num_in_use
-        self.metrics.kv_pages_cached = self.allocator.num_cache_only
+        self._refresh_gauges()
         self.metrics.prefix_cache_queries = self.scheduler.prefix_queries
         self.metrics.prefix_cache_hits = self.scheduler.prefix_hits
         if self.prefix_cache is not None:
@@ -677,8 +680,22 @@ class EngineCore:
             seq.logprobs.append(entry)
         self._check_stop(seq, tok)
 
+    def _refresh_gauges(self) -> None:
+        """The running / waiting / KV page gauges as the scheduler and allocator stand. An n > 1 request's siblings
+        blocked on their leader's prompt count where the leader is (vLLM's n children run together): as running
+        while it runs, not as a queue on an idle engine."""
+        waiting = self.scheduler.waiting
+        with_leader = 0
+        if self._forking:
+            with_leader = sum(1 for s in waiting if s.blocked and s.request.seqs[0].status is SeqStatus.RUNNING)
+        self.metrics.num_running = len(self.scheduler.running) + with_leader
+        self.metrics.num_waiting = len(waiting) - with_leader
+        self.metrics.kv_pages_used = self.allocator.num_in_use
+        self.metrics.kv_pages_cached = self.allocator.num_cache_only
+
     def _retire(self, req: Request, now: float) -> None:
         self.requests.pop(req.request_id, None)
+        self._forking.discard(req.request_id)
         req.metrics.finished_time = now
         self.metrics.e2e.observe(now - req.metrics.arrival_time)
         self._count_finished(req)

@@ -1487,3 +1487,24 @@ def test_a_logprob_list_padded_past_the_vocabulary_keeps_each_tokens_own_value()
     lps[:3] = [-1.0, -2.0, -3.0]
     entry = _logprob_entry(3, -1.0, ids, lps, min(8, RANK_COL))
     assert entry[0].logprob == -2.0 and entry[0].rank == 2 and entry[5].rank == 3 and entry[3].rank == 1
+
+
+def test_the_gauges_count_an_n_request_s_siblings_with_their_leader_and_an_abort_at_once(engine):
+    """An n = 3 request's siblings wait blocked on their leader's prompt: the gauges count them where the leader
+    is (3 running while it prefills, as vLLM's n children run together; they read as a queue on an idle engine);
+    an abort updates the gauges at once (without overlap no step might come after the last request's abort)."""
+    engine.add_request("fork", list(range(1, 40)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, n=3))
+    engine.step()                                   # the leader's first chunk of 32
+    m = engine.metrics
+    assert (m.num_running, m.num_waiting) == (3, 0)
+    assert sum(s.blocked for s in engine.scheduler.waiting) == 2
+    engine.abort("fork")
+    assert (m.num_running, m.num_waiting, m.kv_pages_used) == (0, 0, engine.allocator.num_in_use)
+    assert not engine._forking
+    engine.add_request("queued", list(range(1, 40)), SamplingParams(max_tokens=2, n=3))
+    assert engine.abort("queued") is not None and not engine._forking
+    engine.add_request("plain", [1, 2, 3], SamplingParams(max_tokens=2))
+    engine.step()
+    assert (m.num_running, m.num_waiting) == (1, 0)
+    engine.abort("plain")
+    assert (m.num_running, m.num_waiting) == (0, 0)

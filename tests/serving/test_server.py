@@ -811,6 +811,7 @@ def test_an_engine_that_dies_mid_stream_sends_an_error_event_then_done_and_healt
     srv = Server(state)
     try:
         assert httpx.get(srv.url + "/health").status_code == 200
+        assert httpx.get(srv.url + "/ping").status_code == 200 and httpx.post(srv.url + "/ping").status_code == 200
         body = {"model": "tiny", "prompt": "x", "max_tokens": 50, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
@@ -821,6 +822,12 @@ def test_an_engine_that_dies_mid_stream_sends_an_error_event_then_done_and_healt
         err = json.loads(events[-2][6:])["error"]
         assert "engine died" in err["message"] and "device lost" in err["message"]
         assert httpx.get(srv.url + "/health").status_code == 503
+        assert httpx.get(srv.url + "/ping").status_code == 503 and httpx.post(srv.url + "/ping").status_code == 503
+        # its requests and pages went with it: the gauges read 0, not what they were when it died
+        m = core.metrics
+        assert (m.num_running, m.num_waiting, m.kv_pages_used, m.kv_pages_cached) == (0, 0, 0, 0)
+        assert "jaxdyn:num_requests_running 0" in httpx.get(srv.url + "/metrics").text.replace(
+            '{model_name="tiny"}', "")
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "y", "max_tokens": 2})
         assert r.status_code == 503 and "error" in r.json()
     finally:
