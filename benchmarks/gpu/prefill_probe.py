@@ -28,8 +28,6 @@ import time
 
 import numpy as np
 
-from benchmarks.schedule_sim import KV_BYTES_PER_TOKEN  # noqa: F401  (the 8B shape's KV geometry, documented there)
-
 DEFAULT_VARIANT = "128:4:4:3:1056"
 VARIANTS = ("128:4:4:3:1056,128:4:4:3:0,128:8:4:3:1056,128:2:4:3:1056,128:8:8:3:1056,128:4:8:3:1056,"
             "64:4:4:3:1056,64:8:4:3:1056,256:4:8:3:1056,128:4:4:2:1056,128:4:4:4:1056,128:4:4:3:528,"

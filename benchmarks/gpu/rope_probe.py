@@ -29,7 +29,6 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from benchmarks.gpu.prefill_probe import median_s
     from benchmarks.kernels import measure_bandwidth
