@@ -276,15 +276,24 @@ class ProcessEngine(StreamingEngine):
                     self._proc.join(5)
                     reason = f"the engine process exited (code {self._proc.exitcode})"
                 break
+            except Exception as e:        # noqa: BLE001  (a message this side cannot read: the engine is lost to it)
+                traceback.print_exc()
+                reason = f"a message from the engine process could not be read ({e!r})"
+                break
             if msg[0] == "dead":
                 reason = f"the engine died: {msg[1]}"
                 break
-            _, items, snapshot = msg
-            if snapshot is not None:       # before the outputs: a client that sees a finish sees its counts
-                self.core.metrics = snapshot
-            pending: dict = {}
-            self._handle(items, pending)
-            _post(pending)
+            try:
+                _, items, snapshot = msg
+                if snapshot is not None:       # before the outputs: a client that sees a finish sees its counts
+                    self.core.metrics = snapshot
+                pending: dict = {}
+                self._handle(items, pending)
+                _post(pending)
+            except Exception as e:        # noqa: BLE001  (the reader dying silently left /health 200 and every
+                traceback.print_exc()     # request waiting for good)
+                reason = f"the engine's outputs could not be handled ({e!r})"
+                break
         if reason is not None:
             log.error("%s; its requests fail and /health answers 503", reason)
             self.dead = EngineDeadError(reason)

@@ -328,6 +328,33 @@ def test_a_dead_engines_gauges_read_zero(caplog):
                                                   kv_pages_cached=0)
 
 
+@pytest.mark.parametrize("message", [b"not a pickle", None])
+def test_a_message_the_reader_cannot_read_or_handle_marks_the_engine_dead(message):
+    """A message from the engine process that does not unpickle, or outputs whose handling raises, ended the reader
+    thread silently: /health stayed 200 (the process lives on) and every request waited for good. Now the engine is
+    dead, named, its requests failed and its gauges zero, as when the process exits."""
+    import pickle
+    import types
+
+    from jaxdyn.engine.metrics import EngineMetrics
+
+    class Conn:
+        def recv_bytes(self):
+            return message if message is not None else pickle.dumps(("outputs", ["bad"], None))
+
+    pe = ProcessEngine.__new__(ProcessEngine)
+    pe._conn, pe._closing, pe.dead = Conn(), False, None
+    pe._proc = types.SimpleNamespace(join=lambda t: None, exitcode=None)
+    pe.core = types.SimpleNamespace(metrics=EngineMetrics(num_running=2, kv_pages_used=5))
+    failed = []
+    pe._fail_all = lambda err, pending: failed.append(err)
+    pe._handle = lambda items, pending: (_ for _ in ()).throw(TypeError("an item of another shape"))
+    pe._read_loop()
+    assert failed and pe.dead is failed[0]
+    assert ("could not be read" if message else "could not be handled") in str(pe.dead)
+    assert (pe.core.metrics.num_running, pe.core.metrics.kv_pages_used) == (0, 0)
+
+
 def test_a_shutdown_ends_the_streams_in_flight_and_refuses_later_requests(ckpt):  # noqa: F811
     """ProcessEngine.shutdown with streams open left them waiting for good, and a request added after was taken and
     never answered (AsyncEngine's ends them with ShutdownError): now the same."""
