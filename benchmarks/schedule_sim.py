@@ -47,19 +47,19 @@ def step_ms(bucket: int, kv_tokens: int) -> float:
     return max(4.3, 0.0268 * bucket) + 0.5 + kv_tokens * KV_BYTES_PER_TOKEN / 3.5e12 * 1e3 + 0.3
 
 
-def simulate(prompts, outputs, buckets, max_seqs: int, budget: int = 2048, min_free_slots: int = 1
-             ) -> tuple[float, int, float]:
-    """(seconds, steps, real tokens / bucket rows) of one run with every request waiting at t = 0.
+def schedule(prompts, outputs, max_seqs: int, budget: int = 2048, min_free_slots: int = 1):
+    """The run's steps in turn, every request waiting at t = 0: each a list of its rows' (query tokens, the
+    sequence's context after the step, decode row or not), running sequences first (a decode token each or their
+    next prompt chunk), then the waiting requests it admits in order.
 
     ``min_free_slots`` > 1: a policy the engine does not have, admitting waiting requests only once that
     many slots are free (or while fewer than a quarter of ``max_seqs`` run), so that freed slots' prompts
     fill one step instead of padding several."""
     waiting = list(range(len(prompts)))[::-1]
     running: list[list[int]] = []            # [request, prompt tokens computed, tokens generated]
-    total_ms, steps, rows, real = 0.0, 0, 0, 0
     while waiting or running:
-        tokens = kv = 0
-        seqs = 0
+        tokens = 0
+        step = []
         for r in running:
             i = r[0]
             if r[1] < prompts[i]:
@@ -68,26 +68,37 @@ def simulate(prompts, outputs, buckets, max_seqs: int, budget: int = 2048, min_f
                     continue
                 r[1] += take
                 tokens += take
+                step.append((take, r[1], False))
             else:
                 if tokens + 1 > budget:
                     continue
                 tokens += 1
-                kv += prompts[i] + r[2]
+                step.append((1, prompts[i] + r[2] + 1, True))
                 r[2] += 1
-            seqs += 1
         admit = max_seqs - len(running) >= min_free_slots or len(running) < max_seqs // 4
         while admit and waiting and len(running) < max_seqs and tokens < budget:
             i = waiting.pop()
             take = min(prompts[i], budget - tokens)
             running.append([i, take, 0])
             tokens += take
-            seqs += 1
-        bucket = next(b for b in buckets if b >= tokens and min(b, max_seqs) >= seqs)
+            step.append((take, take, False))
+        yield step
+        running = [r for r in running if not (r[1] >= prompts[r[0]] and r[2] >= outputs[r[0]])]
+
+
+def simulate(prompts, outputs, buckets, max_seqs: int, budget: int = 2048, min_free_slots: int = 1
+             ) -> tuple[float, int, float]:
+    """(seconds, steps, real tokens / bucket rows) of one run of ``schedule``'s steps, each costed by ``step_ms``
+    at its bucket with its decode rows' KV read."""
+    total_ms, steps, rows, real = 0.0, 0, 0, 0
+    for step in schedule(prompts, outputs, max_seqs, budget, min_free_slots):
+        tokens = sum(q for q, _, _ in step)
+        kv = sum(context - 1 for _, context, decode in step if decode)      # the KV each decode row reads
+        bucket = next(b for b in buckets if b >= tokens and min(b, max_seqs) >= len(step))
         total_ms += step_ms(bucket, kv)
         steps += 1
         rows += bucket
         real += tokens
-        running = [r for r in running if not (r[1] >= prompts[r[0]] and r[2] >= outputs[r[0]])]
     return total_ms / 1e3, steps, real / rows
 
 

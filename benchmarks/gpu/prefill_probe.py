@@ -24,7 +24,6 @@ default's on one small step instead of timing.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -37,42 +36,16 @@ POOL_PAGES = 1024                # a layer's pages: more than any step's chunks 
 
 
 def step_compositions(num_prompts: int = 1000, budget: int = TOKENS, max_seqs: int = 1024):
-    """[(index, [(q_len, kv_len), ...])] of the schedule's steps of more than half the budget with a prompt chunk,
-    each sequence in the step's order (running first, then admitted)."""
+    """[(index, [(q_len, kv_len), ...])] of the schedule's steps (``benchmarks.schedule_sim.schedule``) of more than
+    half the budget with a prompt chunk, each sequence in the step's order (running first, then admitted)."""
+    from benchmarks.schedule_sim import schedule
     from serving.bench.datasets import seeded_rng, sharegpt_lengths
     prompts, outputs = sharegpt_lengths(seeded_rng(0, 1, 0), num_prompts, "chatgpt")
-    prompts, outputs = prompts.tolist(), outputs.tolist()
-    waiting = list(range(len(prompts)))[::-1]
-    running: list[list[int]] = []
     steps = []
-    index = 0
-    while waiting or running:
-        tokens, seqs = 0, []
-        for r in running:
-            i = r[0]
-            if r[1] < prompts[i]:
-                take = min(prompts[i] - r[1], budget - tokens)
-                if take <= 0:
-                    continue
-                r[1] += take
-                tokens += take
-                seqs.append((take, r[1]))
-            else:
-                if tokens + 1 > budget:
-                    continue
-                tokens += 1
-                seqs.append((1, prompts[i] + r[2] + 1))
-                r[2] += 1
-        while waiting and len(running) < max_seqs and tokens < budget:
-            i = waiting.pop()
-            take = min(prompts[i], budget - tokens)
-            running.append([i, take, 0])
-            tokens += take
-            seqs.append((take, take))
-        if tokens > budget // 2 and any(q > 1 for q, _ in seqs):
+    for index, rows in enumerate(schedule(prompts.tolist(), outputs.tolist(), max_seqs, budget)):
+        seqs = [(q, kv) for q, kv, _ in rows]
+        if sum(q for q, _ in seqs) > budget // 2 and any(q > 1 for q, _ in seqs):
             steps.append((index, seqs))
-        index += 1
-        running = [r for r in running if not (r[1] >= prompts[r[0]] and r[2] >= outputs[r[0]])]
     return steps
 
 
@@ -145,17 +118,6 @@ def layer_stack(blocks, interpret: bool = False):
     return run
 
 
-def median_s(fn, *args, reps: int) -> float:
-    import jax
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.prefill_probe")
     p.add_argument("--steps", type=int, default=12, help="2,048-token steps of the schedule, evenly spaced")
@@ -191,7 +153,7 @@ def main(argv=None) -> int:
                 return 1
         return 0
 
-    from benchmarks.kernels import measure_matmul
+    from benchmarks.kernels import _median_time, measure_matmul
     all_steps = step_compositions()
     pick = np.linspace(0, len(all_steps) - 1, min(args.steps, len(all_steps))).round().astype(int)
     steps = [all_steps[i] for i in sorted(set(pick.tolist()))]
@@ -206,7 +168,7 @@ def main(argv=None) -> int:
         line = []
         for name, blocks in variants:
             try:
-                t = median_s(layer_stack(blocks), *inputs, reps=args.reps) / LAYERS
+                t = _median_time(layer_stack(blocks), *inputs, reps=args.reps) / LAYERS
             except Exception as e:  # noqa: BLE001  (a variant Triton cannot compile: said, the others go on)
                 print(f"  {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 t = float("nan")

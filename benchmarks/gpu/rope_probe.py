@@ -30,8 +30,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.gpu.prefill_probe import median_s
-    from benchmarks.kernels import measure_bandwidth
+    from benchmarks.kernels import _median_time, measure_bandwidth
     from jaxdyn.models.llama import fp8_scale
     from pallas_kernels.rope_kv import rope_write_kv, tokens_per_program
 
@@ -68,8 +67,8 @@ def main(argv=None) -> int:
         fb, fa = jax.jit(before), jax.jit(after)
         qb, qa = fb(raw, cols, pages), fa(raw, cols, pages)
         diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(qa, qb))
-        tb = median_s(fb, raw, cols, pages, reps=args.reps) / LAYERS
-        ta = median_s(fa, raw, cols, pages, reps=args.reps) / LAYERS
+        tb = _median_time(fb, raw, cols, pages, reps=args.reps) / LAYERS
+        ta = _median_time(fa, raw, cols, pages, reps=args.reps) / LAYERS
         floor = t * (width * 2 + HQ * D * 2 + 2 * HK * D) / copy
         print(f"| {t} | {tokens_per_program(t, True)} | {tb * 1e6:.1f} | {ta * 1e6:.1f} | {ta / tb:.3f} | "
               f"{floor * 1e6:.1f} | (q max |diff| {diff:.3g})", flush=True)

@@ -63,9 +63,10 @@ def test_fused_rope_kv_generates_what_the_unfused_layers_do(tmp_path, monkeypatc
     assert sorted(set(calls)) == [8, 32] and len(calls) % model.config.num_layers == 0
 
 
-def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch):
-    """The kernel itself (Pallas interpret mode) in the model's forward, run op by op, gives the unfused model's
-    hidden states and pages bit for bit over fp8 pages, two of the step's rows padding (page ``num_pages``)."""
+def _interpreted_fp8_chunk(tmp_path, monkeypatch, seen):
+    """(model, config, metadata, ids, fresh fp8 pages) of the fp8 llama3.1 test model and a chunk of 20 tokens, two
+    of its rows padding (page ``num_pages``); the model's ``rope_write_kv`` runs the kernel in interpret mode,
+    each call's keyword arguments appended to ``seen``."""
     from flax import nnx
 
     import jaxdyn.models.llama as llama
@@ -74,53 +75,50 @@ def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch
     mesh, loaded = _model(tmp_path, "llama3.1", "fp8")
     cfg = loaded.config
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, jnp.float8_e4m3fn)
-    n = 20
-    md, ids = one_chunk(n, padding=2)
-    model = nnx.merge(loaded.graphdef, loaded.state)
-    calls = []
+    md, ids = one_chunk(20, padding=2)
     monkeypatch.setattr(llama, "rope_write_kv",
-                        lambda *a, **kw: calls.append(1) or rope_write_kv(*a, impl="interpret", **kw))
-    with jax.disable_jit():
-        kv_off, off = model(allocate_kv_cache(spec, mesh), ids, md)
-        assert not calls
-        kv_on, on = model(allocate_kv_cache(spec, mesh), ids, md, fused_rope_kv=True)
-    assert len(calls) == cfg.num_layers
-    np.testing.assert_array_equal(np.asarray(on, np.float32)[:n - 2], np.asarray(off, np.float32)[:n - 2])
+                        lambda *a, **kw: seen.append(kw) or rope_write_kv(*a, impl="interpret", **kw))
+    return nnx.merge(loaded.graphdef, loaded.state), cfg, md, ids, lambda: allocate_kv_cache(spec, mesh)
+
+
+def _assert_bit_for_bit(on, kv_on, off, kv_off, rows: int):
+    np.testing.assert_array_equal(np.asarray(on, np.float32)[:rows], np.asarray(off, np.float32)[:rows])
     for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
         np.testing.assert_array_equal(np.asarray(a.view(jnp.uint8)), np.asarray(b.view(jnp.uint8)))
+
+
+def test_the_kernel_in_the_model_equals_the_unfused_layers(tmp_path, monkeypatch):
+    """The kernel itself (Pallas interpret mode) in the model's forward, run op by op, gives the unfused model's
+    hidden states and pages bit for bit over fp8 pages, two of the step's rows padding (page ``num_pages``)."""
+    calls = []
+    model, cfg, md, ids, pages = _interpreted_fp8_chunk(tmp_path, monkeypatch, calls)
+    with jax.disable_jit():
+        kv_off, off = model(pages(), ids, md)
+        assert not calls
+        kv_on, on = model(pages(), ids, md, fused_rope_kv=True)
+    assert len(calls) == cfg.num_layers
+    _assert_bit_for_bit(on, kv_on, off, kv_off, 20 - 2)
 
 
 def test_under_fused_norms_the_kernel_scales_the_raw_fp8_product(tmp_path, monkeypatch):
     """An fp8 model with the fused norms (its layers' q/k/v product on an input quantized by the norm kernel) hands
     the kernel the product's raw result and its rows' and channels' scales (no XLA kernel scales it first): in
     Pallas interpret mode, op by op, the hidden states and pages are the unfused rotation's bit for bit."""
-    from flax import nnx
-
-    import jaxdyn.models.llama as llama
-    from jaxdyn.kv.cache import KVCacheSpec, allocate_kv_cache
-    from pallas_kernels.rope_kv import rope_write_kv
-    mesh, loaded = _model(tmp_path, "llama3.1", "fp8")
-    cfg = loaded.config
-    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, 8, 16, cfg.head_dim, jnp.float8_e4m3fn)
+    calls = []
+    model, cfg, md, ids, pages = _interpreted_fp8_chunk(tmp_path, monkeypatch, calls)
     n = 20
-    md, ids = one_chunk(n, padding=2)
-    model = nnx.merge(loaded.graphdef, loaded.state)
-    scales = []
-    monkeypatch.setattr(llama, "rope_write_kv",
-                        lambda *a, **kw: scales.append(kw.get("scales")) or rope_write_kv(*a, impl="interpret", **kw))
     width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     with jax.disable_jit():
-        kv_off, off = model(allocate_kv_cache(spec, mesh), ids, md, fp8_fused_norm=True)
-        assert not scales
-        kv_on, on = model(allocate_kv_cache(spec, mesh), ids, md, fp8_fused_norm=True, fused_rope_kv=True)
+        kv_off, off = model(pages(), ids, md, fp8_fused_norm=True)
+        assert not calls
+        kv_on, on = model(pages(), ids, md, fp8_fused_norm=True, fused_rope_kv=True)
         # without the fused norms the layers' input is not quantized ahead: the kernel takes the scaled product
-        model(allocate_kv_cache(spec, mesh), ids, md, fused_rope_kv=True)
+        model(pages(), ids, md, fused_rope_kv=True)
+    scales = [kw.get("scales") for kw in calls]
     assert len(scales) == 2 * cfg.num_layers
     assert all(s is not None and s[0].shape == (n,) and s[1].shape == (width,) for s in scales[:cfg.num_layers])
     assert all(s is None for s in scales[cfg.num_layers:])
-    np.testing.assert_array_equal(np.asarray(on, np.float32)[:n - 2], np.asarray(off, np.float32)[:n - 2])
-    for a, b in zip(jax.tree.leaves(kv_on), jax.tree.leaves(kv_off)):
-        np.testing.assert_array_equal(np.asarray(a.view(jnp.uint8)), np.asarray(b.view(jnp.uint8)))
+    _assert_bit_for_bit(on, kv_on, off, kv_off, n - 2)
 
 
 def test_the_option_resolves_and_falls_back(tmp_path):
