@@ -15,6 +15,12 @@ each on its own layer's pages (as a step's 32 layers), wall time / 32, the media
 
     python -m benchmarks.gpu.prefill_probe [--steps 12] [--variants ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT],...]
 
+    python -m benchmarks.gpu.prefill_probe --long 2048@8192,1024@16384+1024@1024 [--variants ...]
+
+times given steps instead of the schedule's (``--long``): each a ``+``-joined list of chunks ``Q@KV`` (a chunk of Q
+query tokens ending at key KV), the page table as wide as the longest context needs: long prompts' chunks, where a
+chunk's few items each loop over many key blocks (what ``split_blocks`` is for).
+
 prints, per variant, µs a call averaged over the steps, that / the default's, and the causal products' TFLOP/s
 as a share of a bf16 matmul measured in the same process; then each step's composition (chunks, the longest
 chunk's end) and each variant's µs on it. On a CPU (``--interpret``) it checks a variant's output against the
@@ -65,18 +71,38 @@ def causal_flops(seqs) -> float:
     return 4 * Q_HEADS * HEAD_DIM * keys
 
 
-def step_inputs(seqs, layers: int, rng, interpret: bool = False):
+def parse_long(text: str):
+    """``Q@KV+Q@KV,...`` -> [(label, [(q_len, kv_len), ...])]: steps of chunks (q_len <= kv_len, q_len > 1, at most
+    TOKENS query tokens a step)."""
+    steps = []
+    for i, step in enumerate(text.split(",")):
+        seqs = []
+        for chunk in step.split("+"):
+            q, kv = (int(x) for x in chunk.split("@"))
+            if not 1 < q <= kv:
+                raise ValueError(f"{chunk}: expected Q@KV with 1 < Q <= KV")
+            seqs.append((q, kv))
+        if sum(q for q, _ in seqs) > TOKENS:
+            raise ValueError(f"{step}: more than {TOKENS} query tokens")
+        steps.append((f"long {i} ({step})", seqs))
+    return steps
+
+
+def step_inputs(seqs, layers: int, rng, interpret: bool = False, shape: tuple[int, int] | None = None):
     """(q, [k_pages, v_pages] a layer, kv_lens, page_table, cu_q_lens) of one step as the entry point gives them to
     the prefill kernel; the chunks' pages distinct and shuffled, each layer its own pool; decode rows' tables
-    point at page 0 (the kernel skips them)."""
+    point at page 0 (the kernel skips them). ``shape``: (pages a slot, pages a layer's pool) at least, so that
+    steps of one shape share a compilation."""
     import jax
     import jax.numpy as jnp
     tokens = 64 if interpret else TOKENS
     # one shape for every step (one compilation a variant): the engine's 1,024 slots, a pool of POOL_PAGES
     slots = 8 if interpret else 1024
-    pages_per_slot = 8 if interpret else PAGES_PER_SLOT
     need = [-(-kv // PAGE) if q > 1 else 0 for q, kv in seqs]
-    num_pages = max(1, sum(need)) if interpret else POOL_PAGES
+    # the schedule's steps in one shape (one compilation a variant); a long step's table as wide as it needs
+    width, pool = shape or (0, 0)
+    pages_per_slot = 8 if interpret else max(PAGES_PER_SLOT, max(need), width)
+    num_pages = max(1, sum(need)) if interpret else max(POOL_PAGES, sum(need), pool)
     if sum(need) > num_pages:
         raise ValueError(f"a step's chunks need {sum(need)} pages, the pool has {num_pages}")
     perm = rng.permutation(num_pages)
@@ -125,8 +151,16 @@ def main(argv=None) -> int:
                    "(block_rows, pages_per_block, num_warps, num_stages, persistent_programs, split_blocks); first: "
                    f"the default {DEFAULT_VARIANT}")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--long", default=None, metavar="Q@KV[+Q@KV...],...",
+                   help="time these steps instead of the schedule's: chunks of Q query tokens ending at key KV")
     p.add_argument("--interpret", action="store_true", help="check the variants' outputs on a CPU, no timing")
     args = p.parse_args(argv)
+    long_steps = None
+    if args.long:
+        try:
+            long_steps = parse_long(args.long)
+        except ValueError as e:
+            p.error(f"--long: {e}")
     try:
         variants = [(v, parse_variant(v)) for v in args.variants.split(",")]
     except (TypeError, ValueError):
@@ -154,16 +188,22 @@ def main(argv=None) -> int:
         return 0
 
     from benchmarks.kernels import _median_time, measure_matmul
-    all_steps = step_compositions()
-    pick = np.linspace(0, len(all_steps) - 1, min(args.steps, len(all_steps))).round().astype(int)
-    steps = [all_steps[i] for i in sorted(set(pick.tolist()))]
+    if long_steps:
+        steps = long_steps
+        what = f"{len(steps)} given steps"
+    else:
+        all_steps = step_compositions()
+        pick = np.linspace(0, len(all_steps) - 1, min(args.steps, len(all_steps))).round().astype(int)
+        steps = [all_steps[i] for i in sorted(set(pick.tolist()))]
+        what = f"{len(all_steps)} steps of over {TOKENS // 2} tokens with a chunk in the schedule, {len(steps)} timed"
     matmul = measure_matmul()
-    print(f"{jax.devices()[0].device_kind}; bf16 matmul {matmul / 1e12:.0f} TFLOP/s in this process; "
-          f"{len(all_steps)} steps of over {TOKENS // 2} tokens with a chunk in the schedule, {len(steps)} timed",
+    print(f"{jax.devices()[0].device_kind}; bf16 matmul {matmul / 1e12:.0f} TFLOP/s in this process; {what}",
           flush=True)
     times = {name: [] for name, _ in variants}
+    pages = [[-(-kv // PAGE) for _, kv in seqs] for _, seqs in steps if long_steps]
+    shape = (max(max(n) for n in pages), max(sum(n) for n in pages)) if long_steps else None
     for index, seqs in steps:
-        inputs = step_inputs(seqs, LAYERS, rng)
+        inputs = step_inputs(seqs, LAYERS, rng, shape=shape)
         chunks = [(q, kv) for q, kv in seqs if q > 1]
         line = []
         for name, blocks in variants:
@@ -186,7 +226,7 @@ def main(argv=None) -> int:
         t = float(np.nanmean(times[name])) if not np.isnan(times[name]).all() else float("nan")
         print(f"| {name} | {t * 1e6:.1f} | {t / base:.3f} | {flops / t / 1e12:.0f} | {flops / t / matmul:.3f} |")
     print(f"\nreproduce: python -m benchmarks.gpu.prefill_probe --steps {args.steps} --reps {args.reps} "
-          f"--variants {args.variants}")
+          f"--variants {args.variants}" + (f" --long {args.long}" if args.long else ""))
     return 0
 
 
