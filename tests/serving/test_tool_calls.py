@@ -31,6 +31,9 @@ HERMES = [  # (reply, content, [(name, arguments)])
     ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 2}"}</tool_call>', None, [("f", {"a": 2})]),
     ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),   # no name
+    ('<tool_call>{"name": "f", "arguments": null}</tool_call>', None, [("f", {})]),    # null: no arguments
+    ('<tool_call>{"name": "f", "arguments": [1]}</tool_call>', '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+     []),                                                                             # not an object: content
     ("a < b <tool but no call", "a < b <tool but no call", []),
 ]
 LLAMA = [
