@@ -161,10 +161,10 @@ def test_sampled_stop_strings_and_logprobs_cross_the_handoff(disagg, aggregated)
     # a stop string found in the very first token ends the request at once
     first = got["s-long"].outputs[0].token_ids[0]
     stop_text = tok.decode([first])
-    if stop_text.strip():
-        p = dataclasses.replace(sampled, stop=[stop_text], max_tokens=10)
-        out = _run(disagg, [("s-stop", prompts["long"], p)])["s-stop"].outputs[0]
-        assert out.finish_reason == "stop" and out.token_ids == [first]
+    assert stop_text.strip() and "\ufffd" not in stop_text, stop_text      # (the seed draws a whole character)
+    p = dataclasses.replace(sampled, stop=[stop_text], max_tokens=10)
+    out = _run(disagg, [("s-stop", prompts["long"], p)])["s-stop"].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids == [first]
     _check_clean(disagg)
 
 

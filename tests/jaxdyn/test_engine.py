@@ -1203,10 +1203,15 @@ def test_logit_bias_is_checked(engine):
     for bad in ({5: 10**400}, {5: 1e39}, {5: float("nan")}, {-1: 1.0}):     # float32 overflow would undo a ban
         with pytest.raises(ValueError, match="^logit_bias: "):
             SamplingParams(logit_bias=bad)
-    for bias, param in (({10**6: 1.0}, "logit_bias"), ({i: 1.0 for i in range(33)}, "logit_bias")):
-        with pytest.raises((RequestError, ValueError)) as e:
-            engine.add_request("bad", [1, 2], SamplingParams(logit_bias=bias))
-        assert getattr(e.value, "param", "logit_bias") == param
+    with pytest.raises(SamplingParamsError, match="at most 32 token ids"):      # the parameters' own limit
+        SamplingParams(logit_bias={i: 1.0 for i in range(33)})
+    # the engine's: ids past the vocabulary; and 32 biases that no longer fit beside min_tokens' banned EOS ids
+    params = (SamplingParams(logit_bias={10**6: 1.0}),
+              SamplingParams(min_tokens=2, logit_bias={i: 1.0 for i in range(32)}))
+    for p, message in zip(params, ("token ids must be in", "with min_tokens and these EOS and stop ids")):
+        with pytest.raises(RequestError, match=message) as e:
+            engine.add_request("bad", [1, 2], p)
+        assert e.value.param == "logit_bias"
     assert not engine.requests
 
 

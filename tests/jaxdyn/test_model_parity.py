@@ -42,10 +42,10 @@ def _runner(path, tp, num_pages=64):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_prefill_and_decode_match_hf_with_shuffled_pages_and_chunked_prefill(family_case, tp):
-    if tp > len(jax.devices()):   # on one GPU the model runs with the Pallas kernels at TP 1 only
-        pytest.skip(f"tensor_parallel={tp} needs {tp} devices")
     """Two copies of one prompt share each step: A has shuffled pages and one prefill,
     B in-order pages and a prefill in three chunks that overlap A's decode steps."""
+    if tp > len(jax.devices()):   # on one GPU the model runs with the Pallas kernels at TP 1 only
+        pytest.skip(f"tensor_parallel={tp} needs {tp} devices")
     family, path, prompt, continuation, ref = family_case
     runner = _runner(path, tp)
     rng = np.random.default_rng(tp)
