@@ -1389,7 +1389,15 @@ def test_a_ctrl_c_during_generate_leaves_the_engine_usable(engine, monkeypatch):
     import signal
     import threading
     assert threading.current_thread() is threading.main_thread()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, whatever the launcher left (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_during_generate(engine, monkeypatch, signal)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_during_generate(engine, monkeypatch, signal):
     llm = LLM(engine=engine)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     want = llm.generate([[256, 5, 6, 7]], sp, use_tqdm=False)[0].outputs[0].token_ids

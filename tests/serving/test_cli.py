@@ -164,18 +164,28 @@ def test_serve_fp8_kernel_limit_flag():
     assert f"auto (default): {FP8_KERNEL_MAX_TOKENS} on a GPU" in action.help
 
 
-def test_generate_quantizes_a_hf_checkpoint_as_it_loads(tmp_path, capsys):
-    """``--quantization fp8|int8`` on a Hugging Face directory: generates (greedy, the quantized model's
-    tokens equal the LLM's of the same quantization); on a converted checkpoint of float weights it is refused,
-    naming what to do; ``serve`` and ``bench offline`` take the flag too."""
+def test_generate_quantizes_a_hf_checkpoint_as_it_loads(tmp_path, capsys, monkeypatch):
+    """``--quantization fp8|int8`` on a Hugging Face directory: generates with the model quantized (the engine
+    the CLI builds holds that quantization; greedy, its tokens equal the LLM's of the same quantization, which at
+    this size are the float model's too); on a converted checkpoint of float weights it is refused, naming what to
+    do; ``serve`` and ``bench offline`` take the flag too."""
+    import jaxdyn.engine.llm as llm_module
     from jaxdyn import LLM, SamplingParams
     from serving.cli import build_parser
     from tests.support import make_byte_tokenizer
     path = make_hf_checkpoint("llama3.1", str(tmp_path / "m"))
     make_byte_tokenizer(path)
+    built, build = [], llm_module.build_engine
+
+    def recording(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        built.append(engine.model_config.quantization)
+        return engine
+    monkeypatch.setattr(llm_module, "build_engine", recording)
     for quant in ("fp8", "int8"):
         assert main(["generate", "--model", path, "--prompt-ids", "5,6,7,8", "--max-tokens", "6", "--ignore-eos",
                      "--dtype", "float32", "--quantization", quant]) == 0
+        assert built[-1] == quant
         got = [int(t) for t in capsys.readouterr().out.split()]
         llm = LLM(path, dtype="float32", quantization=quant, max_num_seqs=1, max_num_batched_tokens=16)
         assert llm.engine.model_config.quantization == quant

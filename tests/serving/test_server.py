@@ -714,22 +714,35 @@ def test_jaxdyn_serve_process_drains_on_sigterm(ckpt):
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
                 result["events"] = r.read().decode().split("\n\n")
 
-        t = threading.Thread(target=stream)
-        t.start()
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        # the engine process held (SIGSTOP) so that the stream is surely in flight when SIGTERM comes (unheld, the
+        # tiny model's 60 tokens take ~0.05 s)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        engine = [c for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        assert len(engine) == 1, children
+        os.kill(engine[0], signal.SIGSTOP)
+        try:
+            t = threading.Thread(target=stream)
+            t.start()
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert proc.poll() is None and t.is_alive()      # draining: the server waits for the stream
+        finally:
+            os.kill(engine[0], signal.SIGCONT)
         t.join(60)
         assert proc.wait(60) == 0
         assert result["events"][-2] == "data: [DONE]"
-        last = json.loads(result["events"][-3][6:])
-        assert last["choices"][0]["finish_reason"] == "length"
+        chunks = [json.loads(e[6:]) for e in result["events"][:-2] if e.startswith("data: {")]
+        assert len("".join(c["choices"][0]["text"] for c in chunks).encode()) >= 1
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
     time.sleep(0.2)                                  # the reader's last lines
     out = "".join(lines)
-    assert "serving 'tiny-chat" in out or "serving '" in out
+    assert f"serving '{os.path.basename(ckpt)}' at http://127.0.0.1:{port}/v1" in out     # named for its directory
     # load time and bytes are reported (qwen3 test checkpoint: float32 weights)
     m = re.search(r"loaded .* \(([\d.]+) MiB of weights\) in ([\d.]+) s, warm-up \(compiling every bucket[^)]*\) "
                   r"([\d.]+) s", out)
@@ -1167,6 +1180,12 @@ def test_cache_salt_over_http(server):
         assert cached(cache_salt="s1") == 0
         assert cached(cache_salt="s2") == 0
         assert cached(cache_salt="s1") >= 64 and cached(cache_salt="s2") >= 64
-        r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": prompt}],
-                                                 "max_tokens": 2, "cache_salt": "s3"})
-        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+        def chat_cached(**extra):
+            r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+                                                     "max_tokens": 2, **extra})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert chat_cached(cache_salt="s3") == 0
+        assert chat_cached(cache_salt="s3") >= 64          # the same salt: a hit
+        assert chat_cached(cache_salt="s4") == 0 and chat_cached() == 0     # another salt, or none: a miss
