@@ -152,6 +152,9 @@ def test_prefill_and_decode_meshes_both_get_the_fp8_head():
                               policy=DisaggPolicy(min_remote_tokens=8), **kw)
     try:
         assert eng.prefill.model_config.quantize_lm_head and eng.decode.model_config.quantize_lm_head
+        for side in (eng.prefill, eng.decode):       # the weights each mesh's runner holds
+            head = dict(zip(side.runner._state_names, side.runner.state))["['lm_head']['weight'].value"]
+            assert head.dtype == jnp.float8_e4m3fn
         got = LLM(engine=eng).generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
         assert eng.metrics.kv_transfers == 1
     finally:

@@ -68,12 +68,21 @@ def _runner(model, directory, **changes):
                                                                       **changes))
 
 
-def _tokens(runner) -> list[int]:
-    work = [SequenceWork([5, 6, 7], 0, [0]),
-            SequenceWork([9, 3], 0, [1], params=SamplingParams(temperature=0.8, seed=3), seed=3)]
-    out = [int(t) for t in runner.step(work).next_token_ids]
-    full = [SequenceWork([5, 6, 7], 0, [2], params=SamplingParams(temperature=0.7, top_p=0.9, seed=1), seed=1)]
-    return out + [int(t) for t in runner.step(full).next_token_ids]
+def _tokens(runner) -> list:
+    """Steps of every sampler variant (greedy, random, plain, full) in turn: their tokens, and full's logprobs."""
+    steps = [[SequenceWork([5, 6, 7], 0, [0])],                                                     # greedy
+             [SequenceWork([5, 6, 7], 0, [0]),
+              SequenceWork([9, 3], 0, [1], params=SamplingParams(temperature=0.8, seed=3), seed=3)],  # random
+             [SequenceWork([5, 6, 7], 0, [2], params=SamplingParams(temperature=0.7, top_p=0.9, seed=1), seed=1)],
+             [SequenceWork([9, 3, 4], 0, [3], params=SamplingParams(temperature=0, logprobs=2))]]      # full
+    out, variants = [], []
+    for work in steps:
+        handle = runner.execute(work)
+        variants.append(handle.variant)
+        res = handle.result()
+        out += [int(t) for t in res.next_token_ids]
+    assert variants == ["greedy", "random", "plain", "full"], variants
+    return out + [round(float(x), 5) for x in np.asarray(res.logprobs).ravel()]
 
 
 def _files(directory) -> list[str]:
@@ -94,7 +103,7 @@ def test_a_second_runner_loads_every_step_compiles_none_and_computes_the_same(mo
     second.warmup()
     assert second.executables_loaded == STEPS
     assert compilation_count() - c0 <= 1          # the page-copy step only (not cached: small, lowered in ms)
-    assert _tokens(second) == want                 # greedy, seeded plain and full variants alike
+    assert _tokens(second) == want                 # every variant's executable, loaded, alike
     assert _files(tmp_path) == files
 
 
@@ -225,12 +234,29 @@ def test_on_the_cpu_with_jax_s_cache_on_nothing_is_saved_and_steps_run(model, tm
     base.warmup()
     assert len(_files(tmp_path / "off")) == STEPS
     want = _tokens(base)
+    import jax.monitoring
+    hits = []
+
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        _jax_cache_serves(model, tmp_path, want, hits)
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
+
+
+def _jax_cache_serves(model, tmp_path, want, hits):
     with jax_cache(tmp_path / "jax"):
         assert executable_cache.jax_cache_in_use()
         for name in ("compiles", "served by JAX's cache"):
+            hits.clear()
             runner = _runner(model, tmp_path / name)
             runner.warmup()
             assert runner.executables_loaded == 0
+            # the first runner's steps compiled (nothing in JAX's cache yet), the second's read from it
+            assert (len(hits) >= STEPS) if name == "served by JAX's cache" else not hits, (name, len(hits))
             assert not os.path.exists(tmp_path / name) or _files(tmp_path / name) == [], name
             assert _tokens(runner) == want, name
         assert os.listdir(tmp_path / "jax")               # JAX's cache kept the compilations

@@ -171,7 +171,7 @@ def test_live_splits_fill_the_grid_from_the_live_sequences_only():
 
 
 @pytest.mark.parametrize("live", [[5], [0, 3, 6], list(range(8))])
-def test_interpreted_decode_kernel_in_a_bucket_of_padding_slots_uses_the_live_sequences_splits(live):
+def test_interpreted_decode_kernel_in_a_bucket_of_padding_slots_uses_the_live_sequences_splits(live, monkeypatch):
     # 8 sequence slots, the live ones at uneven lengths; the grid is sized for one live sequence
     # (8 splits) and a call uses what its live sequences need (1, 3 or 8 of them here)
     rng = np.random.default_rng(len(live))
@@ -185,9 +185,20 @@ def test_interpreted_decode_kernel_in_a_bucket_of_padding_slots_uses_the_live_se
                                            min_programs=16, one_live_slots=8)
     want = {1: 8, 3: 3, 8: 1}[len(live)]
     assert int(paged_decode.live_splits(kv_lens, 2, 8, 16)[0]) == want
+    # the kernel takes its splits in use from live_splits (any number in use gives the same rows: what it saves is
+    # work, so the call itself is checked), traced afresh
+    used, real = [], paged_decode.live_splits
+
+    def spy(*a, **k):
+        n = real(*a, **k)
+        used.append(n)
+        return n
+    monkeypatch.setattr(paged_decode, "live_splits", spy)
+    jax.clear_caches()
     out = paged_decode.paged_decode_attention_kernel(
         q[:8], k_pages, v_pages, kv_lens, page_table[:8], sm_scale=0.25, interpret=True,
         blocks=blocks)
+    assert len(used) == 1
     ref = paged_decode.paged_decode_attention_reference(
         q[:8], k_pages, v_pages, kv_lens, page_table[:8], sm_scale=0.25)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
@@ -615,6 +626,25 @@ def test_interpreted_balanced_decode_kernel_stores_what_a_program_a_sequence_doe
         np.testing.assert_allclose(np.asarray(got), np.asarray(whole), rtol=1e-5, atol=1e-6)
 
 
+def _kernel_blocks(monkeypatch) -> list:
+    """[(kind, blocks)] of each kernel the entry point calls from now on ("decode" / "prefill"): what reaches the
+    kernels themselves (the same rows come out whatever their programs and chunks)."""
+    entry = importlib.import_module("pallas_kernels.ragged_paged_attention")
+    seen = []
+    decode, prefill = entry.paged_decode_attention_kernel, entry.ragged_prefill_attention_kernel
+
+    def spy_decode(*a, blocks, **k):
+        seen.append(("decode", blocks))
+        return decode(*a, blocks=blocks, **k)
+
+    def spy_prefill(*a, blocks, **k):
+        seen.append(("prefill", blocks))
+        return prefill(*a, blocks=blocks, **k)
+    monkeypatch.setattr(entry, "paged_decode_attention_kernel", spy_decode)
+    monkeypatch.setattr(entry, "ragged_prefill_attention_kernel", spy_prefill)
+    return seen
+
+
 def test_interpreted_ragged_entry_point_with_decode_chunks_equals_the_reference(monkeypatch):
     """The entry point's ``decode_chunks`` (the decode kernel's ``balance_chunks``) on a mixed step whose decode
     kernel runs in place with long contexts split (the blocks patched to one split and 1-block chunks)."""
@@ -629,10 +659,13 @@ def test_interpreted_ragged_entry_point_with_decode_chunks_equals_the_reference(
     decoding = np.asarray(lens) * (np.diff(np.asarray(args[5])) == 1)
     kw = dict(sm_scale=32 ** -0.5)
     ref = ragged_paged_attention_reference(*args, **kw)
+    seen = _kernel_blocks(monkeypatch)
     for chunks in (2, 4):
         chunk = int(paged_decode.balance_chunk_blocks(jnp.asarray(decoding), 16, 1, 1)[0])
         assert _chunks_of(decoding, 16, 1, chunk, chunks).max() == chunks
+        seen.clear()
         got = ragged_paged_attention(*args, impl="interpret", decode_chunks=chunks, **kw)
+        assert [b.balance_chunks for kind, b in seen if kind == "decode"] == [chunks]
         np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
         assert np.all(np.asarray(got[n:]) == 0)
 
@@ -687,7 +720,8 @@ def test_gpu_balanced_decode_kernel(pages):
             np.testing.assert_array_equal(np.asarray(again, np.float32), first)
 
 
-def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_reference():
+def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_reference(monkeypatch):
+    seen = _kernel_blocks(monkeypatch)
     rng = np.random.default_rng(23)
     args, n = _batch(rng, MIXED_SHORT, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
     # one context split: the in-place path, where both kernels take the programs
@@ -696,14 +730,18 @@ def test_interpreted_ragged_entry_point_with_attention_programs_equals_the_refer
     kw = dict(sm_scale=32 ** -0.5)
     ref = ragged_paged_attention_reference(*args, **kw)
     got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=7, **kw)
+    assert [(kind, b.persistent_programs) for kind, b in seen] == [("decode", 7), ("prefill", 7)]
     np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
     assert np.all(np.asarray(got[n:]) == 0)
+    seen.clear()
     # context splits (MIXED's longer contexts): the decode kernel's splits merged into rows by their kernel, the
     # prefill kernel's persistent programs storing into them
     args, n = _batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
     assert paged_decode.grid_splits(args[4].shape[0], 2, args[4].shape[1], blocks) > 1
     ref = ragged_paged_attention_reference(*args, **kw)
     got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=7, **kw)
+    # the decode kernel a program a (sequence, kv head, split), its splits merged; the prefill kernel's programs
+    assert [(kind, b.persistent_programs) for kind, b in seen] == [("decode", 0), ("prefill", 7)]
     np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
     assert np.all(np.asarray(got[n:]) == 0)
 
@@ -726,6 +764,7 @@ def test_prefill_programs_go_to_the_prefill_kernel_alone(mix, monkeypatch):
         return prefill_part(*a, attention_programs=attention_programs, **k)
     monkeypatch.setattr(rpa, "decode_part", spy_decode)
     monkeypatch.setattr(rpa, "prefill_part", spy_prefill)
+    kernels = _kernel_blocks(monkeypatch)
     rng = np.random.default_rng(29)
     args, n = _batch(rng, mix, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=16, dtype=jnp.float32)
     kw = dict(sm_scale=32 ** -0.5)
@@ -734,9 +773,14 @@ def test_prefill_programs_go_to_the_prefill_kernel_alone(mix, monkeypatch):
                                              (3, None, [("decode", 3), ("prefill", 3)]),
                                              (3, 0, [("decode", 3), ("prefill", 0)])):
         seen.clear()
+        kernels.clear()
         got = ragged_paged_attention(*args, impl="interpret", in_place=True, attention_programs=programs,
                                      prefill_programs=prefill_programs, **kw)
         assert seen == want
+        # and into the kernels: the prefill kernel's programs; the decode kernel's where it has one split (MIXED's
+        # long contexts are split: a program an item and split there)
+        decode_programs = want[0][1] if mix is MIXED_SHORT else 0
+        assert [(kind, b.persistent_programs) for kind, b in kernels] == [("decode", decode_programs), want[1]]
         np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(ref[:n]), rtol=2e-5, atol=2e-5)
         assert np.all(np.asarray(got[n:]) == 0)
 

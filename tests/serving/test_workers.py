@@ -911,6 +911,7 @@ def test_shutting_down_a_decode_worker_does_not_wait_for_a_stalled_pull():
         while "p1" not in role._calls and time.monotonic() - t0 < 10:
             time.sleep(0.01)
         time.sleep(0.3)                                 # past its header: waiting for the block
+        assert "p1" in role._calls and not got          # stalled, not failed at once
         role.shutdown()
         t0 = time.monotonic()
         role._pool.shutdown(wait=True)                  # what the interpreter's exit waits for
