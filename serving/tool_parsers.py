@@ -53,9 +53,8 @@ def _call(obj, args_keys: tuple[str, ...], make=ToolCall) -> ToolCall:
     """A call from a decoded JSON object (ValueError where it is not one)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         raise ValueError("a tool call needs a name")
-    args = next((obj[k] for k in args_keys if k in obj), None)
-    if args is None:                  # absent or null: a call without arguments (as an earlier turn's are read)
-        args = {}
+    # the first of the keys given a value; absent or null: a call without arguments (as an earlier turn's are read)
+    args = next((obj[k] for k in args_keys if obj.get(k) is not None), {})
     if isinstance(args, str):         # arguments already a JSON string: it must hold an object
         args = json.loads(args)
     if not isinstance(args, dict):

@@ -42,6 +42,7 @@ LLAMA = [
      [("a", {}), ("b", {"x": [1]})]),
     ("  The weather is fine.", "  The weather is fine.", []),
     ('{"name": "a", "parameters": {}', '{"name": "a", "parameters": {}', []),          # cut short: content
+    ('{"name": "a", "parameters": null, "arguments": {"x": 1}}', None, [("a", {"x": 1})]),  # the key with a value
     ("{not a call}", "{not a call}", []),
 ]
 MISTRAL = [
