@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -196,8 +197,7 @@ class MistralParser(_MarkedCalls):
                         raise ValueError("a call without [ARGS]")
                     name, marked, call_id = name.partition(self.CALL_ID)
                     call_id = call_id.strip()
-                    make = (lambda n, a, i=call_id: ToolCall(n, a, i)) if marked and call_id.isalnum() \
-                        else _mistral_call
+                    make = functools.partial(ToolCall, id=call_id) if marked and call_id.isalnum() else _mistral_call
                     calls.append(_call({"name": name.strip(), "arguments": json.loads(args)}, ("arguments",), make))
         except _JSON_ERRORS:
             return text, []

@@ -14,7 +14,6 @@ ends with ``EngineDeadError`` and ``is_healthy`` turns false.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
 import queue
 import threading
@@ -275,9 +274,7 @@ class AsyncEngine(StreamingEngine, CommandThread):
         except BaseException as e:  # the engine is dead: tell everyone, keep the reason
             self.dead = e
             traceback.print_exc()
-            # its requests, pages and cache are gone with it: the gauges say so (the totals stay), as ProcessEngine's
-            core.metrics = dataclasses.replace(core.metrics, num_running=0, num_waiting=0, kv_pages_used=0,
-                                               kv_pages_cached=0, num_remote_prefills=0)
+            core.metrics = core.metrics.of_a_dead_engine()
             # after what this turn gathered before it died
             self._fail_all(EngineDeadError(f"the engine died: {e!r}"), pending)
         else:

@@ -97,6 +97,12 @@ class EngineMetrics:
     def kv_usage(self) -> float:
         return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
 
+    def of_a_dead_engine(self) -> "EngineMetrics":
+        """A copy for an engine that died: its requests, pages and cache are gone with it, so its queue and page
+        gauges read 0 (the totals, counters and histograms stay)."""
+        return dataclasses.replace(self, num_running=0, num_waiting=0, kv_pages_used=0, kv_pages_cached=0,
+                                   num_remote_prefills=0)
+
 
 # What a worker process reports to the front end over it (``serving/workers``: its Health replies), which sums the
 # reports: the engine's own counters and histograms, and the gauges the front end cannot see for itself. The front

@@ -297,9 +297,7 @@ class ProcessEngine(StreamingEngine):
         if reason is not None:
             log.error("%s; its requests fail and /health answers 503", reason)
             self.dead = EngineDeadError(reason)
-            # its requests, pages and cache are gone with it: the gauges say so (the totals stay)
-            self.core.metrics = dataclasses.replace(self.core.metrics, num_running=0, num_waiting=0,
-                                                    kv_pages_used=0, kv_pages_cached=0, num_remote_prefills=0)
+            self.core.metrics = self.core.metrics.of_a_dead_engine()
             self._fail_all(self.dead, {})
         elif self._closing:
             # shut down with requests in flight: they end with an error and later ones are refused, as AsyncEngine's

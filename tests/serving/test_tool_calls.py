@@ -61,6 +61,15 @@ def _calls(calls):
     return [(c.name, json.loads(c.arguments)) for c in calls]
 
 
+def _stays_content(name, reply):
+    """``reply`` parsed whole and streamed by parser ``name``: all of it content, no calls."""
+    assert make_parser(name).parse(reply) == (reply, [])
+    s = ToolCallStream(make_parser(name))
+    sent = s.feed(reply)
+    rest, calls = s.finish()
+    assert (sent + rest, calls) == (reply, [])
+
+
 CASES = [("hermes", HERMES), ("llama3_json", LLAMA), ("mistral", MISTRAL)]
 
 
@@ -109,11 +118,7 @@ def test_streamed_in_any_chunks_the_content_and_calls_are_the_whole_replys(name,
 def test_a_reply_nested_past_the_json_parsers_depth_stays_text(name, reply):
     """A model's reply nested deeper than the JSON parser goes (a RecursionError, not a ValueError) is content
     with no calls, as malformed JSON is, not an exception out of the reply's end."""
-    assert make_parser(name).parse(reply) == (reply, [])
-    s = ToolCallStream(make_parser(name))
-    sent = s.feed(reply)
-    rest, calls = s.finish()
-    assert (sent + rest, calls) == (reply, [])
+    _stays_content(name, reply)
 
 
 @pytest.mark.parametrize("name, reply", [
@@ -127,11 +132,7 @@ def test_arguments_that_are_not_unicode_or_strict_json_leave_the_reply_as_conten
     """A model's JSON escaping an unpaired surrogate (its arguments or name: text the response's UTF-8 cannot hold,
     a 500 or a stream cut off) or holding NaN / Infinity (not JSON to a strict client) makes no call: the reply is
     content, as any call that does not parse; an escaped pair (an emoji) is a call."""
-    assert make_parser(name).parse(reply) == (reply, [])
-    s = ToolCallStream(make_parser(name))
-    sent = s.feed(reply)
-    rest, calls = s.finish()
-    assert (sent + rest, calls) == (reply, [])
+    _stays_content(name, reply)
     emoji = '<tool_call>{"name": "f", "arguments": {"x": "\\ud83d\\ude00"}}</tool_call>'
     assert _calls(make_parser("hermes").parse(emoji)[1]) == [("f", {"x": "\U0001F600"})]
 
