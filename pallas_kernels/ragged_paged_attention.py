@@ -114,13 +114,11 @@ def decode_part(q, k_pages, v_pages, kv_lens, page_table, q_rows, *, sm_scale: f
 
 def prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, *, sm_scale: float,
                  sliding_window: int | None = None, interpret: bool = False, attention_programs: int = 0,
-                 out: jax.Array | None = None, split_blocks: int = 0) -> jax.Array:
+                 out: jax.Array | None = None) -> jax.Array:
     """The entry point's prefill kernel call: the chunks of more than one query token (``min_q_len=1``), stored
-    into ``out`` (rows of other sequences as they were) or, without it, into rows left undefined elsewhere.
-    ``split_blocks``: ``PrefillBlockSizes.split_blocks`` (with ``attention_programs`` > 0)."""
+    into ``out`` (rows of other sequences as they were) or, without it, into rows left undefined elsewhere."""
     _, _, page_size, head_dim = k_pages.shape
-    blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size), persistent_programs=attention_programs,
-                                 split_blocks=split_blocks)
+    blocks = dataclasses.replace(prefill_block_sizes(head_dim, page_size), persistent_programs=attention_programs)
     return ragged_prefill_attention_kernel(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale, sliding_window=sliding_window,
         interpret=interpret, min_q_len=1, out=out, blocks=blocks)
@@ -143,7 +141,6 @@ def ragged_paged_attention(
     fp8_products: str = "off",
     decode_chunks: int | None = None,
     prefill_programs: int | None = None,
-    prefill_split_blocks: int = 0,
 ) -> jax.Array:
     """The entry point the model calls; same contract as the reference.
 
@@ -164,9 +161,6 @@ def ragged_paged_attention(
     a bucket's empty sequence slots and padding items then cost no program each; 0: a program an item.
     ``prefill_programs``: the prefill kernel's alone (None: ``attention_programs``), e.g. its programs looping over
     the step's real items with the decode kernel a program an item.
-    ``prefill_split_blocks`` > 0: the prefill kernel's items of more key blocks than that split over their keys, the
-    parts merged by a second kernel (``PrefillBlockSizes.split_blocks``; needs its programs > 0); the reference's
-    rows to the float32 sums' order.
     ``skip_idle_prefill``: the prefill kernel runs under a ``lax.cond`` on the device, only when some sequence has
     more than one query token; a decode-only step then starts none of its programs (the same result).
     ``fp8_products`` ("off", "qk", "qk_pv"): over fp8 pages with a 16-bit query, the decode kernel's products on
@@ -189,8 +183,7 @@ def ragged_paged_attention(
     is_decode = q_lens == 1
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret,
               attention_programs=attention_programs)
-    prefill_kw = dict(kw, attention_programs=attention_programs if prefill_programs is None else prefill_programs,
-                      split_blocks=prefill_split_blocks)
+    prefill_kw = dict(kw, attention_programs=attention_programs if prefill_programs is None else prefill_programs)
 
     def prefill(out=None):
         return prefill_part(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, out=out, **prefill_kw)

@@ -42,8 +42,6 @@ from pallas_kernels.paged_decode import (_MASK_VALUE, _normalised, compute_dtype
                                          kv_operands, pltriton, to_compute, whole_block)
 
 _LOG2E = math.log2(math.e)
-# the merge kernel's warps: it holds an item's float32 rows ([128, 128] at the 8B shape) twice
-MERGE_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +56,6 @@ class PrefillBlockSizes:
     # slots, none of them real in a decode-only step) cost no program each (gather "rows" only); 0: a program
     # an item
     persistent_programs: int = 0
-    # > 0: an item whose keys span more than that many blocks is split into parts of at most that many blocks,
-    # each its own program (``split_items``); the parts' partial results (float32: output rows, maxima, sums)
-    # are merged by a second kernel. The step's longest chunk's last items otherwise run their blocks one after
-    # another while the other items are done (session 44: the kernel on the ShareGPT-shaped run's 2,048-token
-    # steps took ~99 µs a layer on an H100, set by a chunk ending at 680-965 tokens, at 0.125 of the matmul
-    # rate). Not with a sliding window. Its cost where on: the float32 partials (``split_slots`` x the item's rows x
-    # head_dim a kv head: 128 MiB a layer's call at the 8B shape, a temporary the KV pages' sizing does not count)
-    # and the merge kernel's launch in every step. 0: no split
-    split_blocks: int = 0
-    # the partial results' slots a kv head (``split_blocks``): items whose parts do not fit (in list order) run unsplit
-    split_slots: int = 256
 
 
 # Tuned on an H200 (benchmarks/kernels.py sweep, benchmarks/results/kernels_h200.md), keyed by
@@ -109,58 +96,12 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, *, block_q: int, num_it
     return jnp.stack([seq, first_row, rows, first_pos], axis=1).astype(jnp.int32)
 
 
-def split_items(items: jax.Array, *, block_tokens: int, split_blocks: int, slots: int
-                ) -> tuple[jax.Array, jax.Array]:
-    """``work_items``' items with the long ones split over their keys (``PrefillBlockSizes.split_blocks``):
-
-    - sub-items i32[W + slots, 7]: (sequence, first packed row, rows, position of the first row, first key block,
-      end key block, partial slot): an item of ``n > split_blocks`` key blocks (of ``block_tokens`` keys: those up
-      to its last query position) becomes ``ceil(n / split_blocks)`` parts of at most ``split_blocks`` blocks in
-      turn, each with its own slot (>= 0) for its partial result; any other item one sub-item of all its blocks,
-      slot -1 (stored as the unsplit kernel stores it). The items' order is kept (the real ones first);
-    - merges i32[slots // 2, 4]: a row a split item, (first packed row, rows, first slot, parts); unused rows
-      have 0 rows.
-
-    Items are split in list order while their parts fit in ``slots``; the rest of a step that would need more
-    run unsplit."""
-    n = items.shape[0]
-    rows, first_pos = items[:, 2], items[:, 3]
-    blocks = jnp.where(rows > 0, pl.cdiv(first_pos + rows, block_tokens), 0)
-    parts = jnp.where(blocks > split_blocks, pl.cdiv(blocks, split_blocks), 1)
-    parts = jnp.where(jnp.cumsum(jnp.where(parts > 1, parts, 0)) <= slots, parts, 1)
-    ends = jnp.cumsum(parts)
-    starts = ends - parts
-    sub = jnp.arange(n + slots, dtype=jnp.int32)
-    item = jnp.minimum((ends[None, :] <= sub[:, None]).sum(axis=1), n - 1).astype(jnp.int32)
-    part = sub - starts[item]
-    split = parts[item] > 1
-    first_block = jnp.where(split, part * split_blocks, 0)
-    end_block = jnp.where(split, jnp.minimum(blocks[item], first_block + split_blocks), blocks[item])
-    used = jnp.where(parts > 1, parts, 0)
-    first_slot = jnp.cumsum(used) - used
-    slot = jnp.where(split, first_slot[item] + part, -1)
-    out = jnp.stack([items[item, 0], items[item, 1], jnp.where(sub < ends[-1], rows[item], 0), first_pos[item],
-                     first_block, end_block, slot], axis=1).astype(jnp.int32)
-    # the r-th split item for each merge row r (comparisons, not a scatter into zeros: a buffer filled with a
-    # constant is a memset on the GPU, which ends a CUDA graph)
-    counted = jnp.cumsum(parts > 1)
-    r = jnp.arange(slots // 2, dtype=jnp.int32)
-    which = jnp.minimum((counted[None, :] <= r[:, None]).sum(axis=1), n - 1).astype(jnp.int32)
-    merges = jnp.stack([items[which, 1], jnp.where(r < counted[-1], rows[which], 0), first_slot[which],
-                        parts[which]], axis=1).astype(jnp.int32)
-    return out, merges
-
-
 def _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float,
                   page_size: int, pages_per_block: int, block_q: int, group: int, group_rows: int,
                   sliding_window: int | None, precision, interpret: bool, gather: str, dtype, pt_base=0,
-                  pt_len: int | None = None, row_base=0, num_pages: int | None = None, span=None,
-                  partial_refs=None):
+                  pt_len: int | None = None, row_base=0, num_pages: int | None = None):
     """One (kv head, item): ``num_rows`` query tokens from packed row ``first_row`` (query position
-    ``first_pos`` on) over their sequence's pages (``pt_ref``, from ``pt_base``), stored into ``o_ref``.
-    ``span`` (a split's sub-item, ``split_items``): (first key block, end key block, slot): only those blocks, and
-    with a slot >= 0 the unnormalised rows, their maxima and sums stored into ``partial_refs`` (``[heads, slots, R,
-    D]``, ``[heads, slots, 2, R]``) at that slot instead."""
+    ``first_pos`` on) over their sequence's pages (``pt_ref``, from ``pt_base``), stored into ``o_ref``."""
     _, _, head_dim = q_ref.shape
     rows_per_item = block_q * group_rows
     block_tokens = pages_per_block * page_size
@@ -204,27 +145,6 @@ def _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_
     carry = (jnp.zeros((rows_per_item, head_dim), jnp.float32),
              jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
              jnp.zeros((rows_per_item,), jnp.float32))
-    if span is not None:
-        # a sub-item: its blocks [first, end), those wholly at or before the first query position unmasked
-        first, end, slot = span
-        # (clipped into [first, end]: neither loop's upper bound under its lower one, which Triton's pipeliner has
-        # mishandled)
-        mid = jnp.clip((first_pos + 1) // block_tokens, first, end)
-        carry = lax.fori_loop(first, mid, functools.partial(step, masked=False), carry)
-        acc, m, l = lax.fori_loop(mid, end, functools.partial(step, masked=True), carry)
-        pa_ref, pm_ref = partial_refs
-
-        @pl.when(slot < 0)
-        def _():
-            out = _normalised(acc, l, o_ref.dtype).reshape(block_q, group_rows, head_dim)
-            pltriton.store(o_ref.at[io_ref], out, mask=io_mask)
-
-        @pl.when(slot >= 0)
-        def _():
-            pa_ref[head, slot] = acc
-            pm_ref[head, slot, 0] = m
-            pm_ref[head, slot, 1] = l
-        return
     if sliding_window is None:
         # blocks wholly at or before the first query position need no mask
         full_blocks = (first_pos + 1) // block_tokens
@@ -236,33 +156,6 @@ def _prefill_item(first_row, num_rows, first_pos, head, pt_ref, q_ref, k_ref, v_
                               carry)
     out = _normalised(acc, l, o_ref.dtype).reshape(block_q, group_rows, head_dim)
     pltriton.store(o_ref.at[io_ref], out, mask=io_mask)
-
-
-def _merge_kernel(merge_ref, pa_ref, pm_ref, *o_refs, block_q: int, group: int, group_rows: int):
-    # merge_ref: i32[M, 4] (``split_items``' merges); pa_ref [heads, slots, R, D], pm_ref [heads, slots, 2, R]: the
-    # parts' unnormalised rows, maxima (log2 units) and sums; o_refs: (the aliased input, o [T, H, D])
-    head, k = pl.program_id(0), pl.program_id(1)
-    o_ref = o_refs[-1]
-    first_row, num_rows, first_slot, parts = merge_ref[k, 0], merge_ref[k, 1], merge_ref[k, 2], merge_ref[k, 3]
-    rows_per_item, head_dim = pa_ref.shape[2], pa_ref.shape[3]
-
-    @pl.when(num_rows > 0)
-    def _():
-        def part(p, carry):
-            acc, m, l = carry
-            slot = first_slot + p
-            m_p, l_p = pm_ref[head, slot, 0], pm_ref[head, slot, 1]
-            m_next = jnp.maximum(m, m_p)
-            a, b = jnp.exp2(m - m_next), jnp.exp2(m_p - m_next)
-            return acc * a[:, None] + pa_ref[head, slot] * b[:, None], m_next, l * a + l_p * b
-
-        acc, _, l = lax.fori_loop(0, parts, part, (jnp.zeros((rows_per_item, head_dim), jnp.float32),
-                                                   jnp.full((rows_per_item,), _MASK_VALUE, jnp.float32),
-                                                   jnp.zeros((rows_per_item,), jnp.float32)))
-        io_mask = ((jnp.arange(block_q, dtype=jnp.int32) < num_rows)[:, None, None]
-                   & (jnp.arange(group_rows, dtype=jnp.int32) < group)[None, :, None])
-        out = _normalised(acc, l, o_ref.dtype).reshape(block_q, group_rows, head_dim)
-        pltriton.store(o_ref.at[(pl.ds(first_row, block_q), pl.ds(head * group, group_rows))], out, mask=io_mask)
 
 
 def _prefill_kernel(item_ref, pt_ref, q_ref, k_ref, v_ref, *o_refs, **kw):
@@ -285,7 +178,6 @@ def _prefill_kernel_persistent(real_ref, item_ref, pt_ref, q_ref, k_ref, v_ref, 
     # (p in even rounds, programs - 1 - p in odd ones), so that the longest items do not all fall to one program.
     head, pid = pl.program_id(0), pl.program_id(1)
     real = real_ref[0]
-    split = item_ref.shape[1] == 7          # split_items' sub-items; o_refs then end with the partials' two
 
     def item(i, carry):
         # (i & 1, not i % 2: Pallas' Triton lowering of an integer remainder by a constant failed, i32 vs i1)
@@ -294,12 +186,9 @@ def _prefill_kernel_persistent(real_ref, item_ref, pt_ref, q_ref, k_ref, v_ref, 
         @pl.when(w < real)
         def _():
             seq = item_ref[w, 0]
-            extra = dict(span=(item_ref[w, 4], item_ref[w, 5], item_ref[w, 6]), partial_refs=o_refs[-2:]) \
-                if split else {}
             _prefill_item(item_ref[w, 1], item_ref[w, 2], item_ref[w, 3], head, pt_ref, q_ref, k_ref, v_ref,
-                          o_refs[-3 if split else -1], page_size=page_size, pt_base=seq * pages_per_seq,
-                          pt_len=pages_per_seq, row_base=head * (num_pages * page_size), num_pages=num_pages,
-                          **extra, **kw)
+                          o_refs[-1], page_size=page_size, pt_base=seq * pages_per_seq, pt_len=pages_per_seq,
+                          row_base=head * (num_pages * page_size), num_pages=num_pages, **kw)
         return carry
 
     lax.fori_loop(0, pl.cdiv(real, num_programs), item, 0)
@@ -343,28 +232,11 @@ def ragged_prefill_attention_kernel(
                   sliding_window=sliding_window, precision=precision, interpret=interpret, gather=blocks.gather,
                   dtype=compute_dtype(q.dtype, k_pages.dtype))
     whole = whole_block((num_tokens, num_q_heads, head_dim))
-    if blocks.split_blocks < 0 or blocks.split_slots < 2:
-        raise ValueError(f"split_blocks must be >= 0 and split_slots >= 2, got {blocks}")
-    split = blocks.split_blocks > 0 and sliding_window is None
-    if split and blocks.persistent_programs <= 0:
-        raise ValueError("split_blocks needs persistent_programs > 0 (the split is built on the persistent grid)")
-    out_dtype = q.dtype if out is None else out.dtype
-    out_shape = [jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), out_dtype)]
-    out_specs = [whole]
-    if split:
-        items, merges = split_items(items, block_tokens=ppb * page_size, split_blocks=blocks.split_blocks,
-                                    slots=blocks.split_slots)
-        rows_per_item = block_q * group_p
-        partials = [(num_kv_heads, blocks.split_slots, rows_per_item, head_dim),
-                    (num_kv_heads, blocks.split_slots, 2, rows_per_item)]
-        out_shape += [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in partials]
-        out_specs += [whole_block(shape) for shape in partials]
     if blocks.persistent_programs > 0:
-        num_items = items.shape[0]
         kv_spec, k_in, v_in = flat_kv_operands(k_pages, v_pages, blocks.gather)
         programs = max(1, min(num_items, blocks.persistent_programs // num_kv_heads))
         real = jnp.sum(items[:, 2] > 0).astype(jnp.int32).reshape(1)   # the real items come first
-        in_specs = [whole_block((1,)), whole_block(items.shape), whole_block((num_seqs * padded_pages,)), whole,
+        in_specs = [whole_block((1,)), whole_block((num_items, 4)), whole_block((num_seqs * padded_pages,)), whole,
                     kv_spec, kv_spec]
         operands = [real, items, pt.reshape(-1), q, k_in, v_in]
         kernel = functools.partial(_prefill_kernel_persistent, num_programs=programs, pages_per_seq=padded_pages,
@@ -388,30 +260,16 @@ def ragged_prefill_attention_kernel(
         in_specs.append(whole)
         aliases = {len(operands): 0}
         operands.append(out)
-    results = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim),
+                                       q.dtype if out is None else out.dtype),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         input_output_aliases=aliases,
         name="ragged_prefill_attention",
     )(*operands)
-    if not split:
-        return results[0]
-    o, pa, pm = results
-    # the split items' parts merged into their rows of o (in place: every other row as the first kernel left it)
-    return pl.pallas_call(
-        functools.partial(_merge_kernel, block_q=block_q, group=group, group_rows=group_p),
-        grid=(num_kv_heads, merges.shape[0]),
-        in_specs=[whole_block(merges.shape), whole_block(pa.shape), whole_block(pm.shape), whole],
-        out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct(o.shape, o.dtype),
-        interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
-        input_output_aliases={3: 0},
-        name="ragged_prefill_merge",
-    )(merges, pa, pm, o)

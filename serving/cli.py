@@ -171,10 +171,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="the GPU prefill attention kernel alone as N programs looping over the step's real prompt "
                    "items (a decode-only step then starts N programs, not one per padding item); default: as "
                    "--attention-programs; 1056 on an H100 1.001x offline, within the runs' spread")
-    p.add_argument("--prefill-split-blocks", type=int, default=0, metavar="N",
-                   help="split the GPU prefill attention kernel's items of more than N blocks of keys over their keys "
-                   "(the parts merged by a second kernel), so that a step's longest prompt chunk does not set the "
-                   "kernel's time; needs --prefill-programs (or --attention-programs) > 0; 0 (the default): no split")
     p.add_argument("--skip-idle-prefill", action="store_true",
                    help="start the GPU prefill attention kernel only in steps with a prompt chunk (a condition "
                    "on the device), not in every step; on an H100 0.945x offline (the conditions cost more than "
@@ -320,12 +316,6 @@ def _engine_fields(args) -> dict:
         raise CLIError(f"--attention-programs: expected an integer >= 0, got {args.attention_programs}")
     if (getattr(args, "prefill_programs", None) or 0) < 0:
         raise CLIError(f"--prefill-programs: expected an integer >= 0, got {args.prefill_programs}")
-    split = getattr(args, "prefill_split_blocks", 0)
-    if split < 0:
-        raise CLIError(f"--prefill-split-blocks: expected an integer >= 0, got {split}")
-    programs = getattr(args, "prefill_programs", None)
-    if split and not (getattr(args, "attention_programs", 0) if programs is None else programs):
-        raise CLIError("--prefill-split-blocks needs --prefill-programs (or --attention-programs) > 0")
     buckets = {}
     for name in ("token_buckets", "page_buckets"):
         text = getattr(args, name, None)
@@ -376,7 +366,6 @@ def _engine_fields(args) -> dict:
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 attention_programs=getattr(args, "attention_programs", 0),
                 prefill_programs=getattr(args, "prefill_programs", None),
-                prefill_split_blocks=getattr(args, "prefill_split_blocks", 0),
                 skip_idle_prefill=getattr(args, "skip_idle_prefill", False),
                 attention_fp8_products=getattr(args, "attention_fp8_products", "off"),
                 sampler_switch=switch,

@@ -13,13 +13,13 @@ rows, 1,024 sequence slots, decode rows of one token skipped, fp8 pages, a page 
 slot), and times ``ragged_prefill_attention_kernel`` with each variant of blocks: 32 calls in one jitted program,
 each on its own layer's pages (as a step's 32 layers), wall time / 32, the median of ``--reps``.
 
-    python -m benchmarks.gpu.prefill_probe [--steps 12] [--variants ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT],...]
+    python -m benchmarks.gpu.prefill_probe [--steps 12] [--variants ROWS:PAGES:WARPS:STAGES:PROGRAMS,...]
 
     python -m benchmarks.gpu.prefill_probe --long 2048@8192,1024@16384+1024@1024 [--variants ...]
 
 times given steps instead of the schedule's (``--long``): each a ``+``-joined list of chunks ``Q@KV`` (a chunk of Q
 query tokens ending at key KV), the page table as wide as the longest context needs: long prompts' chunks, where a
-chunk's few items each loop over many key blocks (what ``split_blocks`` is for).
+chunk's few items each loop over many key blocks.
 
 prints, per variant, µs a call averaged over the steps, that / the default's, and the causal products' TFLOP/s
 as a share of a bf16 matmul measured in the same process; then each step's composition (chunks, the longest
@@ -56,13 +56,9 @@ def step_compositions(num_prompts: int = 1000, budget: int = TOKENS, max_seqs: i
 
 
 def parse_variant(text: str):
-    """ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT] -> PrefillBlockSizes (SPLIT: ``split_blocks``, 0 by default)."""
     from pallas_kernels.ragged_prefill import PrefillBlockSizes
-    fields = [int(x) for x in text.split(":")]
-    if len(fields) not in (5, 6):
-        raise ValueError(text)
-    rows, pages, warps, stages, programs, *split = fields
-    return PrefillBlockSizes(rows, pages, warps, stages, "rows", programs, split_blocks=split[0] if split else 0)
+    rows, pages, warps, stages, programs = (int(x) for x in text.split(":"))
+    return PrefillBlockSizes(rows, pages, warps, stages, "rows", programs)
 
 
 def causal_flops(seqs) -> float:
@@ -144,9 +140,9 @@ def layer_stack(blocks, interpret: bool = False):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.prefill_probe")
     p.add_argument("--steps", type=int, default=12, help="2,048-token steps of the schedule, evenly spaced")
-    p.add_argument("--variants", default=VARIANTS, help="ROWS:PAGES:WARPS:STAGES:PROGRAMS[:SPLIT], comma separated "
-                   "(block_rows, pages_per_block, num_warps, num_stages, persistent_programs, split_blocks); first: "
-                   f"the default {DEFAULT_VARIANT}")
+    p.add_argument("--variants", default=VARIANTS, help="ROWS:PAGES:WARPS:STAGES:PROGRAMS, comma separated "
+                   f"(block_rows, pages_per_block, num_warps, num_stages, persistent_programs); first: the default "
+                   f"{DEFAULT_VARIANT}")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--long", default=None, metavar="Q@KV[+Q@KV...],...",
                    help="time these steps instead of the schedule's: chunks of Q query tokens ending at key KV")
@@ -218,13 +214,13 @@ def main(argv=None) -> int:
         del inputs
     flops = np.mean([causal_flops(s) for _, s in steps])
     base = np.nanmean(times[variants[0][0]])
-    print("\n| variant (rows:pages:warps:stages:programs[:split]) | µs a call (mean of steps) | x default | TFLOP/s "
-          "| of matmul |\n|---|---:|---:|---:|---:|")
+    print("\n| variant (rows:pages:warps:stages:programs) | µs a call (mean of steps) | x default | TFLOP/s | of "
+          "matmul |\n|---|---:|---:|---:|---:|")
     for name, _ in variants:
         t = float(np.nanmean(times[name])) if not np.isnan(times[name]).all() else float("nan")
         print(f"| {name} | {t * 1e6:.1f} | {t / base:.3f} | {flops / t / 1e12:.0f} | {flops / t / matmul:.3f} |")
-    print(f"\nreproduce: python -m benchmarks.gpu.prefill_probe --steps {args.steps} --reps {args.reps} "
-          f"--variants {args.variants}" + (f" --long {args.long}" if args.long else ""))
+    which = f"--long {args.long}" if args.long else f"--steps {args.steps}"
+    print(f"\nreproduce: python -m benchmarks.gpu.prefill_probe {which} --reps {args.reps} --variants {args.variants}")
     return 0
 
 

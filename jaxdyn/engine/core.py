@@ -27,8 +27,8 @@ from jaxdyn.engine.request import (
     CompletionOutput, Logprob, Request, RequestOutput, Sequence, SeqStatus, TextPrefix, TokenPrefix)
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
-    check_flag, check_fp8_products, check_prefill_split, check_sampler_switch, check_seq_buckets,
-    check_separate_sampler, is_count, kv_cache_dtype, sampling_row)
+    check_flag, check_fp8_products, check_sampler_switch, check_seq_buckets, check_separate_sampler, is_count,
+    kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampler import RANK_COL
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
@@ -94,7 +94,6 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"             # "auto" (the model's) or "fp8" / "fp8_e4m3" (RunnerConfig)
     attention_programs: int = 0              # > 0: the attention kernels' programs loop over items (RunnerConfig)
     prefill_programs: int | None = None      # the prefill kernel's alone (RunnerConfig); None: attention_programs
-    prefill_split_blocks: int = 0            # the prefill kernel's long items split over their keys (RunnerConfig)
     skip_idle_prefill: bool = False          # the prefill kernel only in steps with a prompt chunk (RunnerConfig)
     # fp8 KV pages: the decode kernel's products on e4m3 operands, "off" / "qk" / "qk_pv" (RunnerConfig)
     attention_fp8_products: str = "off"
@@ -136,7 +135,6 @@ class EngineConfig:
         check_attention_programs(self.attention_programs)
         if self.prefill_programs is not None:
             check_attention_programs(self.prefill_programs, "prefill_programs")
-        check_prefill_split(self.prefill_split_blocks, self.prefill_programs, self.attention_programs)
         # the pairs' form here; each against its token bucket where the runner's config is made (RunnerConfig)
         object.__setattr__(self, "seq_buckets", check_seq_buckets(self.seq_buckets))
         check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
@@ -334,7 +332,6 @@ class EngineCore:
             fp8_fused_norm=fp8_fused_norm(config, model_config, platform),
             separate_sampler=config.separate_sampler, kv_cache_dtype=config.kv_cache_dtype,
             attention_programs=config.attention_programs, prefill_programs=config.prefill_programs,
-            prefill_split_blocks=config.prefill_split_blocks,
             skip_idle_prefill=config.skip_idle_prefill,
             fused_rope_kv=fused_rope_kv(config, platform),
             attention_fp8_products=config.attention_fp8_products,

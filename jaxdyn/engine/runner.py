@@ -185,11 +185,6 @@ class RunnerConfig:
     # looping over the step's real items, so that a step's padding items (a decode-only step's every item) start no
     # program each; None: ``attention_programs``
     prefill_programs: int | None = None
-    # > 0: the prefill kernel's items of more key blocks than that split over their keys, the parts merged by a
-    # second kernel (``ragged_paged_attention(prefill_split_blocks=)``): the step's longest chunk's last items
-    # otherwise set the kernel's time. Needs the prefill kernel's programs (``prefill_programs``, else
-    # ``attention_programs``) > 0. 0: no split
-    prefill_split_blocks: int = 0
     # the prefill attention kernel under a device-side condition: started only in steps with a prompt chunk of more
     # than one token (``ragged_paged_attention(skip_idle_prefill=True)``); a decode-only step starts none of its
     # programs. Off: it starts them and they find nothing to do.
@@ -231,7 +226,6 @@ class RunnerConfig:
         check_attention_programs(self.attention_programs)
         if self.prefill_programs is not None:
             check_attention_programs(self.prefill_programs, "prefill_programs")
-        check_prefill_split(self.prefill_split_blocks, self.prefill_programs, self.attention_programs)
         check_fp8_products(self.attention_fp8_products, self.kv_cache_dtype)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens")
@@ -283,18 +277,6 @@ def check_attention_programs(value, name: str = "attention_programs"):
     if not is_count(value):
         raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     return value
-
-
-def check_prefill_split(split_blocks, prefill_programs, attention_programs):
-    """``prefill_split_blocks`` checked: an integer >= 0, and > 0 only where the prefill kernel's programs
-    (``prefill_programs``, else ``attention_programs``) are > 0 (the split is built on its persistent grid)."""
-    if not is_count(split_blocks):
-        raise ValueError(f"prefill_split_blocks: expected an integer >= 0, got {split_blocks!r}")
-    programs = attention_programs if prefill_programs is None else prefill_programs
-    if split_blocks and not programs:
-        raise ValueError("prefill_split_blocks needs the prefill kernel's programs: set prefill_programs (or "
-                         "attention_programs) > 0")
-    return split_blocks
 
 
 def check_separate_sampler(value):
@@ -639,7 +621,6 @@ class ModelRunner:
                        fp8_fused_norm=self.config.fp8_fused_norm,
                        attention_programs=self.config.attention_programs,
                        prefill_programs=self.config.prefill_programs,
-                       prefill_split_blocks=self.config.prefill_split_blocks,
                        skip_idle_prefill=self.config.skip_idle_prefill,
                        fused_rope_kv=self.config.fused_rope_kv,
                        attention_fp8_products=self.config.attention_fp8_products,

@@ -88,7 +88,6 @@ class AttentionOptions:
     in_place: bool = True
     programs: int = 0
     prefill_programs: int | None = None     # the prefill kernel's programs (None: ``programs``)
-    prefill_split_blocks: int = 0           # ``ragged_paged_attention(prefill_split_blocks=)``
     skip_idle_prefill: bool = False
     fp8_products: str = "off"
     fused_rope_kv: bool = False
@@ -390,7 +389,6 @@ class Attention(nnx.Module):
                                       sliding_window=self.sliding_window, in_place=attention.in_place,
                                       attention_programs=attention.programs,
                                       prefill_programs=attention.prefill_programs,
-                                      prefill_split_blocks=attention.prefill_split_blocks,
                                       skip_idle_prefill=attention.skip_idle_prefill,
                                       fp8_products=attention.fp8_products)
 
@@ -505,15 +503,14 @@ class LlamaForCausalLM(nnx.Module):
                  attention_programs: int = 0, skip_idle_prefill: bool = False,
                  attention_fp8_products: str = "off", nested_layers: bool = True,
                  fp8_fused_norm: bool = False, fused_rope_kv: bool = False,
-                 prefill_programs: int | None = None, prefill_split_blocks: int = 0) -> tuple[KVCache, jax.Array]:
+                 prefill_programs: int | None = None) -> tuple[KVCache, jax.Array]:
         """token_ids: i32[T] -> (kv_cache, hidden [T, hidden_size]).
 
         ``attention_in_place``: the attention kernels store into one output, no merge
         (``ragged_paged_attention(in_place=True)``; the same numbers). ``fp8_kernel_rows``, ``fp8_fused_quantize``,
         ``fp8_fused_min_rows``: how an fp8 model's products run (``Fp8Options``). ``attention_programs``: the
         attention kernels' programs (``ragged_paged_attention``; 0: a program an item); ``prefill_programs``: the
-        prefill kernel's alone (None: ``attention_programs``). ``prefill_split_blocks``: its long items split over
-        their keys (``ragged_paged_attention(prefill_split_blocks=)``; 0: no split). ``skip_idle_prefill``: the
+        prefill kernel's alone (None: ``attention_programs``). ``skip_idle_prefill``: the
         prefill kernel only in steps with a chunk of more than one token (``ragged_paged_attention``).
         ``attention_fp8_products``: over fp8 KV pages, the decode kernel's products on e4m3 operands
         (``ragged_paged_attention(fp8_products=)``).
@@ -523,8 +520,7 @@ class LlamaForCausalLM(nnx.Module):
         fp8 = Fp8Options(kernel_rows=fp8_kernel_rows, fused_quantize=fp8_fused_quantize,
                          fused_min_rows=fp8_fused_min_rows, fused_norm=fp8_fused_norm)
         attention = AttentionOptions(in_place=attention_in_place, programs=attention_programs,
-                                     prefill_programs=prefill_programs, prefill_split_blocks=prefill_split_blocks,
-                                     skip_idle_prefill=skip_idle_prefill,
+                                     prefill_programs=prefill_programs, skip_idle_prefill=skip_idle_prefill,
                                      fp8_products=attention_fp8_products, fused_rope_kv=fused_rope_kv)
         x = self.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(md.positions, np.asarray(self.inv_freq, np.float32), x.dtype)

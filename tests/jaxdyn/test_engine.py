@@ -976,19 +976,8 @@ def test_attention_programs_and_schedule_policy_are_checked_and_reach_the_engine
     mesh, loaded, tok = load_model(ckpt, dtype=jnp.float32)
     core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tok,
                       dataclasses.replace(CFG, attention_programs=528, schedule_policy="lof", prefill_programs=264,
-                                          seq_buckets=[(32, 8)], prefill_split_blocks=4))
+                                          seq_buckets=[(32, 8)]))
     assert core.runner.config.attention_programs == 528 and core.runner.config.prefill_programs == 264
-    assert core.runner.config.prefill_split_blocks == 4
-    # the split is built on the prefill kernel's persistent programs: refused without them, named
-    for cls in (EngineConfig, RunnerConfig):
-        for bad in (-1, 2.5, "4", True):
-            with pytest.raises(ValueError, match="prefill_split_blocks: expected an integer"):
-                cls(prefill_split_blocks=bad, prefill_programs=264)
-        with pytest.raises(ValueError, match="prefill_split_blocks needs the prefill kernel's programs"):
-            cls(prefill_split_blocks=4)
-        with pytest.raises(ValueError, match="prefill_split_blocks needs"):
-            cls(prefill_split_blocks=4, attention_programs=528, prefill_programs=0)
-        assert cls(prefill_split_blocks=4, attention_programs=528).prefill_split_blocks == 4
     assert core.runner.config.seq_buckets == ((32, 8),)
     with pytest.raises(ValueError, match="seq_buckets"):
         EngineConfig(seq_buckets=[(32, "8")])

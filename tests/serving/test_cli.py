@@ -143,13 +143,6 @@ def test_serve_fp8_kernel_limit_flag():
     assert _engine_config(parse(["serve", "--prefill-programs", "1056"])).prefill_programs == 1056
     with pytest.raises(CLIError, match="--prefill-programs: expected an integer >= 0"):
         _engine_config(parse(["serve", "--prefill-programs", "-1"]))
-    assert _engine_config(parse(["serve"])).prefill_split_blocks == 0
-    assert _engine_config(parse(["serve", "--prefill-programs", "1056", "--prefill-split-blocks", "6"])
-                          ).prefill_split_blocks == 6
-    with pytest.raises(CLIError, match="--prefill-split-blocks: expected an integer >= 0"):
-        _engine_config(parse(["serve", "--prefill-programs", "1056", "--prefill-split-blocks", "-1"]))
-    with pytest.raises(CLIError, match="--prefill-split-blocks needs --prefill-programs"):
-        _engine_config(parse(["serve", "--prefill-split-blocks", "6"]))
     assert _engine_config(parse(["serve"])).schedule_policy == "fcfs"
     assert _engine_config(parse(["serve", "--schedule-policy", "lof"])).schedule_policy == "lof"
     with pytest.raises(SystemExit):
