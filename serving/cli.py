@@ -104,6 +104,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="the share of each GPU's memory the engine's JAX takes, weights, KV pages and activations "
+                        "(default: XLA_CLIENT_MEM_FRACTION if set, else 0.9); the KV pages get "
+                        "0.85 of it less the weights unless --num-pages is given")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
@@ -306,6 +310,9 @@ def _engine_fields(args) -> dict:
         raise CLIError("--max-num-seqs cannot exceed --max-num-batched-tokens")
     if args.num_pages is not None and args.num_pages < 1:
         raise CLIError("--num-pages must be at least 1")
+    util = getattr(args, "gpu_memory_utilization", None)
+    if util is not None and not 0 < util <= 1:      # NaN too
+        raise CLIError(f"--gpu-memory-utilization: expected a fraction in (0, 1], got {util}")
     if getattr(args, "attention_fp8_products", "off") != "off":
         if getattr(args, "kv_cache_dtype", "auto") not in ("fp8", "fp8_e4m3"):
             raise CLIError("--attention-fp8-products needs --kv-cache-dtype fp8 (the products of fp8 pages)")
@@ -352,7 +359,8 @@ def _engine_fields(args) -> dict:
     cache = default_directory() if cache is None else (cache or None)
     if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
         raise CLIError(f"--executable-cache {cache}: not a directory")
-    return dict(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+    return dict(page_size=args.page_size, num_pages=args.num_pages, gpu_memory_utilization=util,
+                max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enable_prefix_caching=args.prefix_cache, executable_cache_dir=cache,
                 split_steps=args.split_steps, first_compiles_alone=args.first_compiles_alone,

@@ -325,3 +325,19 @@ def test_engine_with_drops_the_seq_buckets_pairs_the_overrides_leave_no_room_for
     assert gpu.engine_with(base, {"seq_buckets": None})["seq_buckets"] == []
     with pytest.raises(ValueError, match="seq_buckets: expected"):
         gpu.engine_with(base, {"seq_buckets": [[2048]]})
+
+
+def test_engine_with_keeps_the_kv_pools_bytes_when_the_kv_dtype_changes():
+    base = gpu.ENGINE                                   # bf16 pages: 40 GiB in the 8B shape
+    assert base["num_pages"] == 20480 and "kv_cache_dtype" not in base
+    fp8 = gpu.engine_with(base, {"kv_cache_dtype": "fp8"})
+    assert fp8["num_pages"] == 40960 and gpu.engine_with(base, {"kv_cache_dtype": "fp8_e4m3"})["num_pages"] == 40960
+    assert gpu.engine_with(fp8, {"kv_cache_dtype": "auto"})["num_pages"] == 20480
+    assert gpu.engine_with(fp8, {"max_num_seqs": 256})["num_pages"] == 40960         # no dtype named: as it was
+    assert gpu.engine_with(base, {"kv_cache_dtype": "fp8", "num_pages": 999})["num_pages"] == 999   # named: kept
+    assert gpu.engine_with(base, {"kv_cache_dtype": "int4"})["num_pages"] == 20480    # unknown: the engine names it
+    # the plan's fp8-KV engines hold fp8's count, its bf16 ones bf16's
+    for kv, pages in (("auto", 20480), ("fp8", 40960)):
+        plan = gpu.plan(kv_cache_dtype=kv)
+        assert {st.config["engine"]["num_pages"] for s in plan.sections if s.name in ("serve", "offline")
+                for st in s.steps} == {pages}

@@ -38,7 +38,8 @@ GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
 that drives the server and the ``bench serve`` client run with
 ``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
 only process on the GPU while it runs. The engine sections size their KV pool
-explicitly (serve and offline: 40,960 pages × 2 MiB for the 8B shape, beside 16 GB of weights; host: 16,384).
+explicitly (serve and offline: 40 GiB of pages in the 8B shape, 20,480 bf16 pages of 2 MiB or 40,960 fp8 ones
+of 1 MiB, which an H100 holds beside 16 GB of bf16 weights; host: 16,384).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 # 2026-12-03); ``schedule_sim`` with the measured costs gives 16.9 s against 17.0 s, and 16.4 s for a bucket of
 # every size. Every step compiles at once at warm-up (``first_compiles_alone`` off), so the four more buckets
 # cost the cold start 11 s: 52.3 s against 41.2 s with six.
-# 40,960 pages of 16 tokens (80 GiB in the 8B shape, beside 16 GB of weights).
+# 20,480 bf16 pages of 16 tokens (40 GiB in the 8B shape; `engine_with` makes them 40,960 fp8 pages, the same
+# bytes): the ShareGPT-shaped run holds at most 14,523 pages. 40,960 bf16 pages (80 GiB, the suite's before
+# session 46, sized on an H200) did not fit an H100 beside the weights.
 # The 2,048-token bucket also with 512 sequence slots (``seq_buckets``: about 73 of the run's 135 such steps hold
 # <= 512 rows, and their lm_head and sampler then run over 512 rows instead of 1,024), and the prefill kernel's
 # programs looping over its items, at most 8 an SM of an H100's 132 (``prefill_programs``: a decode-only step then
@@ -73,9 +76,12 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 # call (seq_buckets alone 1.009x: prefill_programs' share is within the spread); load and warm-up from an empty cache
 # 36.4 s against 30.6 s (three more executables) (``gpu_suite_h200.md``, thirty-eighth session). Compare an older
 # tree (ab_offline's "tree") with both named: its ENGINE has neither.
-ENGINE = dict(page_size=16, num_pages=40960, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
+ENGINE = dict(page_size=16, num_pages=20480, max_num_seqs=1024, max_num_batched_tokens=2048, max_model_len=2048,
               token_buckets=[16, 64, 128, 192, 256, 384, 512, 768, 1024, 2048], page_buckets=[128],
               seq_buckets=[[2048, 512]], prefill_programs=1056)
+
+
+KV_BYTES = {"auto": 2, "fp8": 1, "fp8_e4m3": 1}     # a KV value's bytes by kv_cache_dtype (the suite's models: bf16)
 
 
 def engine_with(base: dict, overrides: dict) -> dict:
@@ -84,8 +90,13 @@ def engine_with(base: dict, overrides: dict) -> dict:
     have (a token bucket not among them, or no fewer slots than its own, ``min(tokens, max_num_seqs)``) are dropped:
     ``{"max_num_seqs": 256}`` runs without the 2,048 bucket's 512 slots instead of failing on them. A named
     ``seq_buckets`` is kept as given (the runner refuses a pair it cannot have, naming the field); ``null`` is
-    ``[]``, none."""
+    ``[]``, none. Overrides that change ``kv_cache_dtype`` and name no ``num_pages`` keep the pool's bytes: base's
+    pages scaled by the values' sizes (bf16's 20,480 are 40,960 fp8 pages)."""
     out = {**base, **overrides}
+    if "kv_cache_dtype" in overrides and "num_pages" not in overrides and base.get("num_pages"):
+        before, after = (KV_BYTES.get(base.get("kv_cache_dtype", "auto")), KV_BYTES.get(out["kv_cache_dtype"]))
+        if before and after:        # the pool keeps its bytes (an unknown dtype: the engine names it)
+            out["num_pages"] = base["num_pages"] * before // after
     try:
         out["seq_buckets"] = [[t, n] for t, n in out.get("seq_buckets") or []]
     except (TypeError, ValueError):
@@ -165,7 +176,7 @@ def plan(quick: bool = False, model: str = "llama-3.1-8b", offline_prompts: int 
     600 s, so run it as two calls (``--sections serve,offline`` and ``--sections step,host,kernels``).
     ``quant`` ("fp8", "int8"): the serve, offline and host sections' model quantized; ``kv_cache_dtype`` ("fp8"):
     their engines' KV cache in fp8; ``quantize_lm_head`` (with ``quant`` "fp8"): their lm_head in fp8 too."""
-    engine = ENGINE if kv_cache_dtype == "auto" else dict(ENGINE, kv_cache_dtype=kv_cache_dtype)
+    engine = ENGINE if kv_cache_dtype == "auto" else engine_with(ENGINE, dict(kv_cache_dtype=kv_cache_dtype))
     runs, sets = serve_runs(quick), offline_datasets(quick, offline_prompts or (100 if quick else 1000))
     if datasets:          # --datasets: a shorter call (no compared server)
         runs = [r for r in runs if r["dataset"] in datasets]

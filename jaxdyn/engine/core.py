@@ -52,7 +52,10 @@ class RequestError(ValueError):
 class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None            # None: sized from free device memory (GPU) or a default (CPU)
-    kv_memory_fraction: float = 0.85         # of the device memory left after weights (GPU)
+    kv_memory_fraction: float = 0.85         # of JAX's memory limit, less the weights: the KV pages (GPU)
+    # the share of each GPU's memory JAX's allocator takes (vLLM's): set by build_engine before JAX starts
+    # (xla_options.gpu_memory_fraction); None: XLA_CLIENT_MEM_FRACTION's if set, else 0.9
+    gpu_memory_utilization: float | None = None
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None         # None: min(model's max positions, 8192)
@@ -127,8 +130,11 @@ class EngineConfig:
                 if not items or not all(is_count(b) and b >= 1 for b in items):
                     raise ValueError(f"{name}: expected integers >= 1, got {v!r}")
                 object.__setattr__(self, name, tuple(sorted(set(items))))
-        if not (isinstance(self.kv_memory_fraction, (int, float)) and 0 < self.kv_memory_fraction <= 1):
-            raise ValueError(f"kv_memory_fraction: expected a number in (0, 1], got {self.kv_memory_fraction!r}")
+        for name in ("kv_memory_fraction", "gpu_memory_utilization"):
+            v = getattr(self, name)
+            if not ((v is None and name == "gpu_memory_utilization")
+                    or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1)):
+                raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
         # canonical, so that "fp8" and "fp8_e4m3" share compiled steps and cache entries
         object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_separate_sampler(self.separate_sampler)

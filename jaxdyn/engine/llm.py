@@ -16,7 +16,7 @@ from jaxdyn.engine.chat import ChatTemplateError, chat_prompt
 from jaxdyn.engine.core import EngineConfig, EngineCore, RequestError
 from jaxdyn.engine.request import RequestOutput
 from jaxdyn.engine.sampling_params import SamplingParams, generation_config_dir, generation_defaults
-from jaxdyn.engine.xla_options import command_buffer_update_mode
+from jaxdyn.engine.xla_options import command_buffer_update_mode, gpu_memory_fraction
 
 
 def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
@@ -31,6 +31,7 @@ def build_engine(model, *, tp: int = 1, dtype=None, load_format: str = "auto",
     from checkpoints.loader import load_weights, plan_model
 
     command_buffer_update_mode()        # before plan_model starts JAX's backend
+    gpu_memory_fraction(config.gpu_memory_utilization)
     plan = plan_model(model, tp=tp, dtype=dtype, load_format=load_format, quantization=quantization,
                       quantize_lm_head=quantize_lm_head)
     # built on the weights' shapes: with warmup, the steps compile while the weights load
@@ -75,6 +76,11 @@ def build_disagg_engine(model, *, prefill_devices, decode_devices, prefill_tp: i
     from jaxdyn.parallel.sharding import make_mesh
 
     command_buffer_update_mode()        # before jax.devices() starts JAX's backend
+    fractions = {c.gpu_memory_utilization for c in (prefill_config or config, config)} - {None}
+    if len(fractions) > 1:
+        raise ValueError(f"gpu_memory_utilization: the prefill and decode engines share one process's JAX, which "
+                         f"takes one share of each GPU's memory; got {sorted(fractions)}")
+    gpu_memory_fraction(fractions.pop() if fractions else None)
     devices = jax.devices()
     pick = []
     for role, idx, tp in (("prefill", prefill_devices, prefill_tp), ("decode", decode_devices, decode_tp)):

@@ -9,6 +9,14 @@ outputs. On an H200 (jax 0.11.2, the 8B shape in fp8) this took the small steps'
 1.033x and 1.071x the offline ShareGPT-shaped throughput in two calls; the greedy tokens are those of the default
 mode (``benchmarks/results/gpu_suite_h200.md``, twenty-seventh session). ``SKIP_PROFILED`` was 2.5-13x slower.
 
+**The share of a GPU's memory JAX takes** (``gpu_memory_fraction``, vLLM's ``gpu_memory_utilization``): JAX's
+allocator takes at most a fraction of each GPU's memory, read from ``XLA_CLIENT_MEM_FRACTION`` (or the deprecated
+``XLA_PYTHON_CLIENT_MEM_FRACTION``) when its backend starts, 0.75 without either. The engine's KV pages are sized
+within that limit (``EngineConfig.kv_memory_fraction`` of it, less the weights), so JAX's default left a quarter of
+an H100 unused: 80 GiB of bf16 pages did not fit beside the 8B shape's weights, and the default pages were 35.7 GiB
+where vLLM's 0.9 gives it more. ``EngineConfig.gpu_memory_utilization`` (``--gpu-memory-utilization``) sets it
+before the backend starts; left None, the environment's value stands, else 0.9 as vLLM's.
+
 XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts, so this adds the mode to the environment only
 before that (``build_engine`` calls it first thing; a process that has already run a JAX computation keeps
 XLA's default), only where a CUDA plugin is installed and JAX may use it, and only on jaxlib 0.11 or later
@@ -28,6 +36,9 @@ UPDATE_MODE_FLAG = "--xla_gpu_command_buffer_update_mode"
 _FLAG_NAME = UPDATE_MODE_FLAG.lstrip("-")
 UPDATE_MODE = "SKIP_TEMP"
 CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
+MEM_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")   # JAX's name, its deprecated one
+JAX_MEM_FRACTION = 0.75                 # JAX's allocator without either
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9    # vLLM's
 
 
 def _version(dist: str) -> tuple[int, ...] | None:
@@ -98,3 +109,43 @@ def command_buffer_update_mode(environ=None, *, jaxlib_version: tuple[int, ...] 
         return None
     environ["XLA_FLAGS"] = f"{flags} {UPDATE_MODE_FLAG}={UPDATE_MODE}".strip()
     return UPDATE_MODE
+
+
+def _environ_fraction(environ) -> float | None:
+    """The memory fraction the environment gives JAX (None: neither variable set, or not a number)."""
+    for var in MEM_FRACTION_VARS:
+        if environ.get(var):
+            try:
+                return float(environ[var])
+            except ValueError:
+                return None
+    return None
+
+
+def gpu_memory_fraction(fraction: float | None, environ=None, *, cuda_plugin: bool | None = None,
+                        backends_started: bool | None = None) -> float | None:
+    """Set the share of each GPU's memory JAX's allocator may take to ``fraction`` in ``environ``
+    (``os.environ`` by default) before JAX's backend starts; returns the fraction set, or None where nothing
+    changed. ``fraction`` None: the environment's own (``MEM_FRACTION_VARS``) stands, else
+    ``DEFAULT_GPU_MEMORY_UTILIZATION``. Nothing where no CUDA plugin is installed or JAX may not use it. A
+    ``fraction`` given once the backend has started that differs from the one it started with is a ValueError
+    naming both (the allocator's limit is fixed by then). The keyword arguments stand in for what is otherwise
+    read from the installed packages and JAX (tests)."""
+    environ = os.environ if environ is None else environ
+    current = _environ_fraction(environ)
+    if fraction is None and current is not None:
+        return None
+    if not _may_use_gpu(environ) or not (_cuda_plugin_installed() if cuda_plugin is None else cuda_plugin):
+        return None
+    if _backends_started() if backends_started is None else backends_started:
+        started_with = JAX_MEM_FRACTION if current is None else current
+        if fraction is not None and fraction != started_with:
+            raise ValueError(f"gpu_memory_utilization={fraction}: JAX's backend has already started in this process "
+                             f"with {started_with} of each GPU's memory, which cannot change now; give it to the "
+                             "process's first engine, or set XLA_CLIENT_MEM_FRACTION before JAX starts")
+        return None
+    fraction = DEFAULT_GPU_MEMORY_UTILIZATION if fraction is None else fraction
+    for var in MEM_FRACTION_VARS:       # both set is an error in JAX: the given value replaces the old name too
+        environ.pop(var, None)
+    environ[MEM_FRACTION_VARS[0]] = str(fraction)
+    return fraction

@@ -53,6 +53,14 @@ def test_serve_prefix_cache_is_on_by_default_and_can_be_turned_off():
     assert _engine_config(build_parser().parse_args(["serve", "--no-prefix-cache"])).enable_prefix_caching is False
 
 
+def test_gpu_memory_utilization_reaches_the_engine_config():
+    from serving.cli import _engine_config, build_parser
+    for command in (["serve"], ["worker", "--role", "both"], ["bench", "offline"]):
+        assert _engine_config(build_parser().parse_args(command)).gpu_memory_utilization is None
+        args = build_parser().parse_args([*command, "--gpu-memory-utilization", "0.6"])
+        assert _engine_config(args).gpu_memory_utilization == 0.6
+
+
 def test_serve_compiles_first_steps_alone_unless_told_otherwise():
     from serving.cli import _engine_config, build_parser
     assert _engine_config(build_parser().parse_args(["serve"])).first_compiles_alone is False
@@ -248,6 +256,10 @@ def test_flags_out_of_range_are_refused_by_the_parser(argv, message, capsys):
       "--token-buckets", "16,256", "--prefill-max-num-batched-tokens", "512"],
      "--token-buckets: the largest (256) must be at least --prefill-max-num-batched-tokens (512)"),
     (["bench", "offline", "--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["serve", "--gpu-memory-utilization", "0"], "--gpu-memory-utilization: expected a fraction in (0, 1], got 0.0"),
+    (["worker", "--role", "both", "--gpu-memory-utilization", "1.5"], "expected a fraction in (0, 1], got 1.5"),
+    (["bench", "offline", "--gpu-memory-utilization", "nan"], "expected a fraction in (0, 1], got nan"),
+    (["serve", "--workers", "127.0.0.1:1", "--gpu-memory-utilization", "0.5"], "--workers and --gpu-memory-utilization"),
     # flags that would be ignored: the engine's at a front end over workers, --disagg's without it
     (["serve", "--workers", "127.0.0.1:1", "--num-pages", "9"], "--workers and --num-pages: each worker runs its own"),
     (["serve", "--workers", "127.0.0.1:1", "--no-prefix-cache"], "--workers and --no-prefix-cache"),
