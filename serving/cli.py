@@ -694,6 +694,12 @@ def cmd_worker(args) -> int:
     if args.prefill_workers:
         _check_addresses(args.prefill_workers, "--prefill-workers")
     _check_port_free(args.host, args.port)
+    from jaxdyn.engine import xla_options      # as build_engine: before jax.devices() starts JAX's backend
+    xla_options.command_buffer_update_mode()
+    try:
+        xla_options.gpu_memory_fraction(config.gpu_memory_utilization)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     n = len(jax.devices())
     devices = _device_list(args.devices, "--devices") if args.devices is not None else list(range(args.tp))
     if max(devices) >= n:

@@ -343,3 +343,21 @@ def test_llm_takes_its_default_sampling_params_from_the_generation_config(tmp_pa
     p = LLM(engine=object(), generation_config=str(tmp_path)).get_default_sampling_params()
     assert (p.temperature, p.top_p, p.max_tokens, p.top_k) == (0.6, 0.9, 7, 0)
     assert LLM(engine=object(), generation_config="vllm").get_default_sampling_params() == SamplingParams()
+
+
+def test_a_worker_sets_the_process_xla_options_before_its_devices(monkeypatch, capsys):
+    # as build_engine does: the command-buffer mode, then the memory share (its refusal named as a CLI error)
+    from jaxdyn.engine import xla_options
+    seen = []
+    monkeypatch.setattr(xla_options, "command_buffer_update_mode", lambda: seen.append("mode"))
+
+    def refuse(fraction):
+        seen.append(fraction)
+        raise ValueError("gpu_memory_utilization=0.6: JAX's backend has already started")
+    monkeypatch.setattr(xla_options, "gpu_memory_fraction", refuse)
+    assert main(["worker", "--role", "both", "--port", "0", "--model", "tiny", "--load-format", "dummy",
+                 "--gpu-memory-utilization", "0.6"]) == 2
+    assert seen == ["mode", 0.6]
+    err = capsys.readouterr().err
+    assert "jaxdyn worker: error: gpu_memory_utilization=0.6: JAX's backend has already started" in err
+    assert "Traceback" not in err
