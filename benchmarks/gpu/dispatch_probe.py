@@ -83,9 +83,10 @@ def main(argv=None) -> int:
     from checkpoints.loader import load_model
     from jaxdyn.engine.runner import ModelRunner
     from jaxdyn.engine.sampler import VARIANTS
-    from jaxdyn.engine.xla_options import command_buffer_update_mode
+    from jaxdyn.engine.xla_options import command_buffer_update_mode, gpu_memory_fraction
 
     command_buffer_update_mode()      # the engine's XLA options (build_engine's), before the backend starts
+    gpu_memory_fraction(None)
     mesh, loaded, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", quantization=args.quant)
     runner = ModelRunner(loaded.graphdef, loaded.state, mesh, probe_config(buckets, overrides))
     print(f"{args.model}, quant {args.quant}, runner {overrides}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "

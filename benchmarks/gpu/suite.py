@@ -1349,8 +1349,9 @@ def section_main(argv: list[str]) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
     else:
         # the engine's process-wide XLA options (build_engine's) for the sections that build runners directly
-        from jaxdyn.engine.xla_options import command_buffer_update_mode
+        from jaxdyn.engine.xla_options import command_buffer_update_mode, gpu_memory_fraction
         command_buffer_update_mode()
+        gpu_memory_fraction(None)       # the plan's environment gives it (0.85); else the engine's default
     try:
         BODIES[args.name](cfg, rec)
     except BaseException as e:
