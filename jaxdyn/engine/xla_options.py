@@ -13,9 +13,12 @@ mode (``benchmarks/results/gpu_suite_h200.md``, twenty-seventh session). ``SKIP_
 allocator takes at most a fraction of each GPU's memory, read from ``XLA_CLIENT_MEM_FRACTION`` (or the deprecated
 ``XLA_PYTHON_CLIENT_MEM_FRACTION``) when its backend starts, 0.75 without either. The engine's KV pages are sized
 within that limit (``EngineConfig.kv_memory_fraction`` of it, less the weights), so JAX's default left a quarter of
-an H100 unused: 80 GiB of bf16 pages did not fit beside the 8B shape's weights, and the default pages were 35.7 GiB
-where vLLM's 0.9 gives it more. ``EngineConfig.gpu_memory_utilization`` (``--gpu-memory-utilization``) sets it
-before the backend starts; left None, the environment's value stands, else 0.9 as vLLM's.
+each GPU to nothing. ``EngineConfig.gpu_memory_utilization`` (``--gpu-memory-utilization``) sets it before the
+backend starts; left None, the environment's value stands, else 0.9 as vLLM's (on an H100 JAX's limit then read
+71.3 GiB of 79.2, session 46). Known defect (session 46, ``benchmarks/gpu/memory_probe.py``): with default pages, the
+8B bf16 engine with the GPU suite's 1,024 sequences and ten token buckets ran out of memory while it was built on
+an H100, at 0.75 and at 0.9 alike: the 15 % of the limit the pages leave did not hold what the build takes besides
+weights and pages; explicit ``num_pages`` leaving 12.7 GiB built.
 
 XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts, so this adds the mode to the environment only
 before that (``build_engine`` calls it first thing; a process that has already run a JAX computation keeps
@@ -111,14 +114,15 @@ def command_buffer_update_mode(environ=None, *, jaxlib_version: tuple[int, ...] 
     return UPDATE_MODE
 
 
-def _environ_fraction(environ) -> float | None:
-    """The memory fraction the environment gives JAX (None: neither variable set, or not a number)."""
+def _environ_fraction(environ) -> float | str | None:
+    """The memory fraction the environment gives JAX (None: neither variable set; the text where it is not a
+    number, which JAX itself refuses as it starts)."""
     for var in MEM_FRACTION_VARS:
         if environ.get(var):
             try:
                 return float(environ[var])
             except ValueError:
-                return None
+                return environ[var]
     return None
 
 
@@ -126,7 +130,7 @@ def gpu_memory_fraction(fraction: float | None, environ=None, *, cuda_plugin: bo
                         backends_started: bool | None = None) -> float | None:
     """Set the share of each GPU's memory JAX's allocator may take to ``fraction`` in ``environ``
     (``os.environ`` by default) before JAX's backend starts; returns the fraction set, or None where nothing
-    changed. ``fraction`` None: the environment's own (``MEM_FRACTION_VARS``) stands, else
+    changed. ``fraction`` None: the environment's own (``MEM_FRACTION_VARS``, as it is written) stands, else
     ``DEFAULT_GPU_MEMORY_UTILIZATION``. Nothing where no CUDA plugin is installed or JAX may not use it. A
     ``fraction`` given once the backend has started that differs from the one it started with is a ValueError
     naming both (the allocator's limit is fixed by then). The keyword arguments stand in for what is otherwise

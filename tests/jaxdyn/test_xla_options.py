@@ -85,8 +85,10 @@ MEM = dict(cuda_plugin=True, backends_started=False)
 def test_gpu_memory_fraction_set_before_the_backend_starts():
     env = {}
     assert gpu_memory_fraction(None, env, **MEM) == 0.9 and env == {"XLA_CLIENT_MEM_FRACTION": "0.9"}   # vLLM's
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
-    assert gpu_memory_fraction(None, env, **MEM) is None and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
+    # the environment's own stands, as written (a value JAX cannot read is JAX's to refuse, by name)
+    for env in ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}, {"XLA_CLIENT_MEM_FRACTION": "most"}):
+        before = dict(env)
+        assert gpu_memory_fraction(None, env, **MEM) is None and env == before
     # a value given replaces the environment's, under JAX's name only (both names set is an error in JAX)
     for env in ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}, {"XLA_CLIENT_MEM_FRACTION": "0.3"}, {}):
         assert gpu_memory_fraction(0.5, env, **MEM) == 0.5 and env == {"XLA_CLIENT_MEM_FRACTION": "0.5"}
