@@ -62,8 +62,11 @@ class ServerState:
 
     def __init__(self, model_name: str, *, max_queued_requests: int | None = None,
                  max_request_bytes: int = 8 << 20, sampling_defaults: dict | None = None,
-                 tool_call_parser: str | None = None):
+                 tool_call_parser: str | None = None, aliases: tuple[str, ...] = ()):
         self.model_name = model_name
+        # every name a request may give as ``model`` (vLLM's several --served-model-name), the first the one
+        # responses carry when a request gives none; /v1/models lists them all
+        self.model_names = tuple(dict.fromkeys((model_name, *aliases)))
         # vLLM's --enable-auto-tool-choice with --tool-call-parser: chat replies to requests with tools (tool_choice
         # "auto") are read for tool calls in this syntax (serving.tool_parsers); None: such requests are refused
         self.tool_parser = make_parser(tool_call_parser) if tool_call_parser is not None else None
@@ -329,10 +332,16 @@ def _sampling_params(req, *, max_tokens, logprobs, defaults: dict | None = None,
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"model: the model {model!r} does not exist; this server serves "
-                       f"{state.model_name!r}", param="model", code="model_not_found", type_="not_found_error")
+def _check_model(state: ServerState, model: str | None) -> str:
+    """The name a response carries (the request's, as vLLM's, or the first served name when it gives none);
+    404 for a name the server does not serve."""
+    if model is None:
+        return state.model_name
+    if model not in state.model_names:
+        served = " or ".join(repr(n) for n in state.model_names)
+        raise APIError(404, f"model: the model {model!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found", type_="not_found_error")
+    return model
 
 
 def _require_engine(state: ServerState) -> AsyncEngine:
@@ -597,9 +606,11 @@ def build_app(state: ServerState) -> Starlette:
     @endpoint
     async def models(request: Request):
         core = state.core
+        created = int(time.time())
         return JSONResponse({"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "jaxdyn",
-            "root": state.model_name, "max_model_len": core.max_model_len if core else None}]})
+            "id": name, "object": "model", "created": created, "owned_by": "jaxdyn",
+            "root": state.model_name, "max_model_len": core.max_model_len if core else None}
+            for name in state.model_names]})
 
     @endpoint
     async def metrics(request: Request):
@@ -646,7 +657,7 @@ def build_app(state: ServerState) -> Starlette:
         _refuse_unsupported(req)
         _check_request_fields(req)
         engine = _require_engine(state)
-        _check_model(state, req.model)
+        model_name = _check_model(state, req.model)
         tok = engine.core.tokenizer
         # prompt: a string, strings, token ids, or lists of token ids
         p = req.prompt
@@ -757,7 +768,7 @@ def build_app(state: ServerState) -> Starlette:
                                 ch["logprobs"], token_offset[idx] = echoed_logprobs(
                                     i, c, c.delta_token_ids, c.delta_logprobs, None if first else token_offset[idx])
                             obj = {"id": rid, "object": "text_completion", "created": created,
-                                   "model": state.model_name, "choices": [ch]}
+                                   "model": model_name, "choices": [ch]}
                             generated[idx] = generated.get(idx, 0) + len(c.delta_token_ids)
                             if continuous_usage:
                                 obj["usage"] = _usage_so_far(len(prompt_ids[i]), generated[idx])
@@ -766,7 +777,7 @@ def build_app(state: ServerState) -> Starlette:
                             finals[i] = out
                     if include_usage:
                         yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                    "model": state.model_name, "choices": [],
+                                    "model": model_name, "choices": [],
                                     "usage": _usage([len(x) for x in prompt_ids], list(finals.values()),
                                                     sum(o.num_cached_tokens for o in finals.values()),
                                                     not echo_only)})
@@ -798,7 +809,7 @@ def build_app(state: ServerState) -> Starlette:
                 choices.append(ch)
         outs = [finals[i] for i in range(len(prompt_ids))]
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
-                             "model": state.model_name, "choices": choices,
+                             "model": model_name, "choices": choices,
                              "usage": _usage([len(x) for x in prompt_ids], outs,
                                              sum(o.num_cached_tokens for o in outs), not echo_only)})
 
@@ -810,7 +821,7 @@ def build_app(state: ServerState) -> Starlette:
         _refuse_unsupported(req, parsing)
         _check_request_fields(req)
         engine = _require_engine(state)
-        _check_model(state, req.model)
+        model_name = _check_model(state, req.model)
         tok = engine.core.tokenizer
         parser = state.tool_parser if parsing else None
         if req.top_logprobs and not req.logprobs:           # 0 without logprobs asks for nothing: served (vLLM)
@@ -857,7 +868,7 @@ def build_app(state: ServerState) -> Starlette:
 
             def chunk(choices, usage=None):
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                       "model": state.model_name, "choices": choices}
+                       "model": model_name, "choices": choices}
                 if usage is None and continuous_usage and len(choices) == 1:
                     usage = _usage_so_far(len(ids), generated[choices[0]["index"]])
                 if usage is not None:
@@ -937,7 +948,7 @@ def build_app(state: ServerState) -> Starlette:
             if c.logprobs is not None:
                 ch["logprobs"] = _chat_logprobs(tok, c.token_ids, c.logprobs, top_n, as_ids)
             choices.append(ch)
-        body = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+        body = {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": _usage([len(ids)], [final], final.num_cached_tokens)}
         if req.prompt_logprobs is not None:
             body["prompt_logprobs"] = _prompt_logprobs_json(tok, final.prompt_logprobs)

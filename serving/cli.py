@@ -249,6 +249,15 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _served_names(args, model: str) -> list[str]:
+    """The names ``jaxdyn serve`` answers to, the first the one responses carry when a request names none:
+    ``--served-model-name``'s, else the checkpoint directory's name and ``--model`` as given (vLLM's default name)
+    where one was given."""
+    if args.served_model_name:
+        return list(dict.fromkeys(args.served_model_name))
+    return list(dict.fromkeys([os.path.basename(os.path.normpath(model)), *([args.model] if args.model else [])]))
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail now, before minutes of loading and compiling, if the host cannot be listened on at the port (port 0:
     any free one, the host checked alone)."""
@@ -573,8 +582,8 @@ def cmd_serve(args) -> int:
 
     config = EngineConfig(**fields)
     disagg = _disagg_args(args, config) if args.disagg else None
-    name = args.served_model_name or os.path.basename(os.path.normpath(model))
-    state = ServerState(name, max_queued_requests=args.max_queued_requests,
+    name, *aliases = _served_names(args, model)
+    state = ServerState(name, aliases=tuple(aliases), max_queued_requests=args.max_queued_requests,
                         max_request_bytes=args.max_request_bytes, sampling_defaults=sampling_defaults,
                         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     app = build_app(state)
@@ -840,7 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_port(0), default=8000)
-    sv.add_argument("--served-model-name", type=_model_name, default=None)
+    sv.add_argument("--served-model-name", type=_model_name, nargs="+", default=None, metavar="NAME",
+                    help="the names requests give as model (vLLM's: each accepted, the first in responses that "
+                         "name none; default: the checkpoint directory's name, and --model as given)")
     sv.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                     help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                          "max_tokens cap come from (vLLM's): auto, the model's generation_config.json; vllm, none "

@@ -361,3 +361,14 @@ def test_a_worker_sets_the_process_xla_options_before_its_devices(monkeypatch, c
     err = capsys.readouterr().err
     assert "jaxdyn worker: error: gpu_memory_utilization=0.6: JAX's backend has already started" in err
     assert "Traceback" not in err
+
+
+def test_serve_answers_to_the_served_names_or_the_directory_and_the_path_given():
+    from serving.cli import _served_names, build_parser
+    parse = build_parser().parse_args
+    assert _served_names(parse(["serve", "--model", "/m/Llama-3.1-8B/"]), "/m/Llama-3.1-8B/") == [
+        "Llama-3.1-8B", "/m/Llama-3.1-8B/"]                      # vLLM's name (the path as given) too
+    assert _served_names(parse(["serve", "--model", "tiny"]), "tiny") == ["tiny"]
+    assert _served_names(parse(["serve"]), "/pkg/checkpoints/demo") == ["demo"]      # the demo: its name only
+    args = parse(["serve", "--model", "/m/x", "--served-model-name", "a", "b", "a", "--port", "0"])
+    assert _served_names(args, "/m/x") == ["a", "b"] and args.port == 0

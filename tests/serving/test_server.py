@@ -1192,3 +1192,34 @@ def test_cache_salt_over_http(server):
         assert chat_cached(cache_salt="s3") == 0
         assert chat_cached(cache_salt="s3") >= 64          # the same salt: a hit
         assert chat_cached(cache_salt="s4") == 0 and chat_cached() == 0     # another salt, or none: a miss
+
+
+def test_every_served_name_is_listed_accepted_and_echoed(server):
+    # vLLM's several --served-model-name: /v1/models lists each, a request may give any, and a response carries
+    # the name the request gave (the first one where it gives none); another name is a 404 naming them all
+    state = ServerState("tiny", aliases=("/models/tiny", "tiny"))
+    state.engine = server.state.engine
+    assert state.model_names == ("tiny", "/models/tiny")
+    srv = Server(state)
+    try:
+        listed = httpx.get(srv.url + "/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["tiny", "/models/tiny"] and {m["root"] for m in listed} == {"tiny"}
+        body = {"prompt": "x", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+        for given, answered in (("/models/tiny", "/models/tiny"), ("tiny", "tiny"), (None, "tiny")):
+            r = httpx.post(srv.url + "/v1/completions", json=dict(body, **({"model": given} if given else {})))
+            assert r.status_code == 200 and r.json()["model"] == answered, r.text
+        chat = {"model": "/models/tiny", "messages": [{"role": "user", "content": "yo"}], "max_tokens": 2,
+                "temperature": 0, "ignore_eos": True}
+        assert httpx.post(srv.url + "/v1/chat/completions", json=chat).json()["model"] == "/models/tiny"
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=dict(chat, stream=True)) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks and {c["model"] for c in chunks} == {"/models/tiny"}
+        with httpx.stream("POST", srv.url + "/v1/completions",
+                          json=dict(body, model="/models/tiny", stream=True)) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks and {c["model"] for c in chunks} == {"/models/tiny"}
+        r = httpx.post(srv.url + "/v1/completions", json=dict(body, model="gpt-5"))
+        assert r.status_code == 404
+        assert "this server serves 'tiny' or '/models/tiny'" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
