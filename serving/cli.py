@@ -581,6 +581,14 @@ def cmd_serve(args) -> int:
     from serving.app import ServerState, build_app
 
     config = EngineConfig(**fields)
+    if args.disagg:
+        # both meshes live in this process, and _disagg_args reads its devices: build_engine's XLA options first
+        from jaxdyn.engine import xla_options
+        xla_options.command_buffer_update_mode()
+        try:
+            xla_options.gpu_memory_fraction(config.gpu_memory_utilization)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     disagg = _disagg_args(args, config) if args.disagg else None
     name, *aliases = _served_names(args, model)
     state = ServerState(name, aliases=tuple(aliases), max_queued_requests=args.max_queued_requests,

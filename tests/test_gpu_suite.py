@@ -152,6 +152,9 @@ def test_serve_flags_carry_the_engine_and_the_compile_order():
     cfg = _engine_config(build_parser().parse_args(["serve", *flags, *buckets]))
     assert cfg.prefill_programs == 264 and cfg.seq_buckets == ((2048, 256),)
     assert cfg.sampler_switch is None and cfg.separate_sampler is False        # by device, as the server's default
+    assert cfg.gpu_memory_utilization is None                                  # the server's environment's
+    flags, buckets = serve_flags("/m", "x", {**ENGINE, "gpu_memory_utilization": 0.7}, "bfloat16", 8123)
+    assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).gpu_memory_utilization == 0.7
     for switch in (True, False, "plain_full"):
         flags, buckets = serve_flags("/m", "x", {**ENGINE, "sampler_switch": switch}, "bfloat16", 8123)
         assert _engine_config(build_parser().parse_args(["serve", *flags, *buckets])).sampler_switch == switch
@@ -341,3 +344,8 @@ def test_engine_with_keeps_the_kv_pools_bytes_when_the_kv_dtype_changes():
         plan = gpu.plan(kv_cache_dtype=kv)
         assert {st.config["engine"]["num_pages"] for s in plan.sections if s.name in ("serve", "offline")
                 for st in s.steps} == {pages}
+
+
+def test_the_servers_memory_share_is_under_jaxs_own_name():
+    # with the deprecated name beside a user's XLA_CLIENT_MEM_FRACTION, JAX refuses to start
+    assert gpu.SERVER_ENV == {"XLA_CLIENT_MEM_FRACTION": "0.85"}

@@ -34,7 +34,7 @@ its compiled steps:
 | ceiling | 100 | the serving stack's ceiling: ``jaxdyn serve`` on the tiny preset (steps next to free) with the serve section's rate-inf ShareGPT-shaped and prefix loads |
 
 Sections 860 s + probe 30 s: two device calls (``--sections serve,offline``, then the rest). GPU settings: every process that opens the
-GPU (one at a time) gets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.85``; the section
+GPU (one at a time) gets ``XLA_CLIENT_MEM_FRACTION=0.85``; the section
 that drives the server and the ``bench serve`` client run with
 ``JAX_PLATFORMS=cpu`` and the driver never imports jax, so the server is the
 only process on the GPU while it runs. The engine sections size their KV pool
@@ -67,7 +67,8 @@ DATASHEETS = (   # (device_kind substring, HBM bytes/s, dense bf16 FLOP/s, sourc
 # cost the cold start 11 s: 52.3 s against 41.2 s with six.
 # 20,480 bf16 pages of 16 tokens (40 GiB in the 8B shape; `engine_with` makes them 40,960 fp8 pages, the same
 # bytes): the ShareGPT-shaped run holds at most 14,523 pages. 40,960 bf16 pages (80 GiB, the suite's before
-# session 46, sized on an H200) did not fit an H100 beside the weights.
+# session 46, sized on an H200) did not fit an H100 beside the weights. The random 1024/128 load's bf16 runs hold
+# about 284 sequences' pages at once where they held 568 (72 pages a sequence): not comparable with bf16 runs before.
 # The 2,048-token bucket also with 512 sequence slots (``seq_buckets``: about 73 of the run's 135 such steps hold
 # <= 512 rows, and their lm_head and sampler then run over 512 rows instead of 1,024), and the prefill kernel's
 # programs looping over its items, at most 8 an SM of an H100's 132 (``prefill_programs``: a decode-only step then
@@ -113,7 +114,7 @@ def engine_with(base: dict, overrides: dict) -> dict:
 # The plan's device calls (each under 600 s with the probe): the engine sections share one machine (offline
 # loads the server's compiled steps), the model-step and kernel sections the other.
 CALLS = (("serve", "offline"), ("host", "step", "kernels", "ceiling"))
-SERVER_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.85"}
+SERVER_ENV = {"XLA_CLIENT_MEM_FRACTION": "0.85"}   # JAX's name (with the deprecated one beside it JAX refuses both)
 PLAN_ENV = {"JAX_COMPILATION_CACHE_DIR": "{scratch}/jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **SERVER_ENV}
 

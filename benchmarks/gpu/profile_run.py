@@ -199,11 +199,12 @@ def main(argv=None) -> int:
     # measured before the engine, their buffers freed before its KV pages take the device (after it, 4 GiB did
     # not fit beside 20,480 bf16 pages on an H100), under the XLA options build_engine sets before JAX starts
     from jaxdyn.engine.xla_options import command_buffer_update_mode, gpu_memory_fraction
+    config = _engine_config(engine_cfg)          # checked before its memory share is set
     command_buffer_update_mode()
-    gpu_memory_fraction(engine_cfg.get("gpu_memory_utilization"))
+    gpu_memory_fraction(config.gpu_memory_utilization)
     bandwidth, matmul = measure_bandwidth(args.bandwidth_gib), measure_matmul(args.matmul_n)
     t0 = time.perf_counter()
-    engine = build_engine(path, load_format="dummy", config=_engine_config(engine_cfg))
+    engine = build_engine(path, load_format="dummy", config=config)
     load_s = time.perf_counter() - t0
     costs = {b: round(c * 1e3, 2) for b, c in (engine.runner.step_costs or {}).items()}
     print(f"engine {engine_cfg}: loaded and warmed up in {load_s:.1f} s; step costs (ms by token bucket) {costs}",

@@ -1078,6 +1078,8 @@ def serve_flags(path: str, name: str, e: dict, dtype: str, port: int) -> tuple[l
         serve_args += ["--attention-programs", str(e["attention_programs"])]
     if e.get("prefill_programs") is not None:
         serve_args += ["--prefill-programs", str(e["prefill_programs"])]
+    if e.get("gpu_memory_utilization") is not None:
+        serve_args += ["--gpu-memory-utilization", str(e["gpu_memory_utilization"])]
     if e.get("seq_buckets"):
         serve_args += ["--seq-buckets", ",".join(f"{t}:{s}" for t, s in e["seq_buckets"])]
     if e.get("kv_cache_dtype", "auto") != "auto":

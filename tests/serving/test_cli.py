@@ -347,19 +347,56 @@ def test_llm_takes_its_default_sampling_params_from_the_generation_config(tmp_pa
 
 def test_a_worker_sets_the_process_xla_options_before_its_devices(monkeypatch, capsys):
     # as build_engine does: the command-buffer mode, then the memory share (its refusal named as a CLI error)
+    import jax
+
+    from jaxdyn.engine import xla_options
+    from serving.cli import CLIError
+    seen = []
+    monkeypatch.setattr(xla_options, "command_buffer_update_mode", lambda: seen.append("mode"))
+    monkeypatch.setattr(xla_options, "gpu_memory_fraction", seen.append)
+
+    def devices(*a):                # the worker's first look at its devices: the options must be set by then
+        seen.append("devices")
+        raise CLIError("stopped at the devices")
+    monkeypatch.setattr(jax, "devices", devices)
+    argv = ["worker", "--role", "both", "--port", "0", "--model", "tiny", "--load-format", "dummy",
+            "--gpu-memory-utilization", "0.6"]
+    assert main(argv) == 2
+    assert seen == ["mode", 0.6, "devices"]
+    assert "stopped at the devices" in capsys.readouterr().err
+
+    def refuse(fraction):
+        raise ValueError("gpu_memory_utilization=0.6: JAX's backend has already started")
+    monkeypatch.setattr(xla_options, "gpu_memory_fraction", refuse)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "jaxdyn worker: error: gpu_memory_utilization=0.6: JAX's backend has already started" in err
+    assert "Traceback" not in err
+
+
+def test_disagg_serve_sets_the_process_xla_options_before_it_reads_its_devices(monkeypatch, capsys):
+    import serving.cli as cli
     from jaxdyn.engine import xla_options
     seen = []
     monkeypatch.setattr(xla_options, "command_buffer_update_mode", lambda: seen.append("mode"))
+    monkeypatch.setattr(xla_options, "gpu_memory_fraction", seen.append)
+
+    def disagg_args(args, config):  # reads jax.devices(): the options must be set by then
+        seen.append("devices")
+        raise cli.CLIError("stopped at the devices")
+    monkeypatch.setattr(cli, "_disagg_args", disagg_args)
+    argv = ["serve", "--disagg", "--prefill-devices", "0", "--decode-devices", "1", "--port", "0", "--model",
+            "tiny", "--load-format", "dummy", "--gpu-memory-utilization", "0.7"]
+    assert main(argv) == 2
+    assert seen == ["mode", 0.7, "devices"]
+    assert "stopped at the devices" in capsys.readouterr().err
 
     def refuse(fraction):
-        seen.append(fraction)
-        raise ValueError("gpu_memory_utilization=0.6: JAX's backend has already started")
+        raise ValueError("gpu_memory_utilization=0.7: JAX's backend has already started")
     monkeypatch.setattr(xla_options, "gpu_memory_fraction", refuse)
-    assert main(["worker", "--role", "both", "--port", "0", "--model", "tiny", "--load-format", "dummy",
-                 "--gpu-memory-utilization", "0.6"]) == 2
-    assert seen == ["mode", 0.6]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "jaxdyn worker: error: gpu_memory_utilization=0.6: JAX's backend has already started" in err
+    assert "jaxdyn serve: error: gpu_memory_utilization=0.7: JAX's backend has already started" in err
     assert "Traceback" not in err
 
 
