@@ -249,6 +249,17 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _set_xla_options(config) -> None:
+    """build_engine's process-wide XLA options (command-buffer mode, memory share), for a command that reads its
+    devices before building its engine: before that starts JAX's backend (a share JAX cannot take: CLIError)."""
+    from jaxdyn.engine import xla_options
+    xla_options.command_buffer_update_mode()
+    try:
+        xla_options.gpu_memory_fraction(config.gpu_memory_utilization)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def _served_names(args, model: str) -> list[str]:
     """The names ``jaxdyn serve`` answers to, the first the one responses carry when a request names none:
     ``--served-model-name``'s, else the checkpoint directory's name and ``--model`` as given (vLLM's default name)
@@ -581,14 +592,8 @@ def cmd_serve(args) -> int:
     from serving.app import ServerState, build_app
 
     config = EngineConfig(**fields)
-    if args.disagg:
-        # both meshes live in this process, and _disagg_args reads its devices: build_engine's XLA options first
-        from jaxdyn.engine import xla_options
-        xla_options.command_buffer_update_mode()
-        try:
-            xla_options.gpu_memory_fraction(config.gpu_memory_utilization)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
+    if args.disagg:     # both meshes live in this process, and _disagg_args reads its devices
+        _set_xla_options(config)
     disagg = _disagg_args(args, config) if args.disagg else None
     name, *aliases = _served_names(args, model)
     state = ServerState(name, aliases=tuple(aliases), max_queued_requests=args.max_queued_requests,
@@ -711,12 +716,7 @@ def cmd_worker(args) -> int:
     if args.prefill_workers:
         _check_addresses(args.prefill_workers, "--prefill-workers")
     _check_port_free(args.host, args.port)
-    from jaxdyn.engine import xla_options      # as build_engine: before jax.devices() starts JAX's backend
-    xla_options.command_buffer_update_mode()
-    try:
-        xla_options.gpu_memory_fraction(config.gpu_memory_utilization)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    _set_xla_options(config)
     n = len(jax.devices())
     devices = _device_list(args.devices, "--devices") if args.devices is not None else list(range(args.tp))
     if max(devices) >= n:

@@ -345,59 +345,44 @@ def test_llm_takes_its_default_sampling_params_from_the_generation_config(tmp_pa
     assert LLM(engine=object(), generation_config="vllm").get_default_sampling_params() == SamplingParams()
 
 
-def test_a_worker_sets_the_process_xla_options_before_its_devices(monkeypatch, capsys):
-    # as build_engine does: the command-buffer mode, then the memory share (its refusal named as a CLI error)
-    import jax
-
+def _options_set_before_the_devices(monkeypatch, capsys, argv, fraction, where, name, command):
+    # build_engine's XLA options: the command-buffer mode, then the memory share (its refusal a CLI error), set
+    # before the command's first look at its devices (``where.name``, stopped there)
     from jaxdyn.engine import xla_options
     from serving.cli import CLIError
     seen = []
     monkeypatch.setattr(xla_options, "command_buffer_update_mode", lambda: seen.append("mode"))
     monkeypatch.setattr(xla_options, "gpu_memory_fraction", seen.append)
 
-    def devices(*a):                # the worker's first look at its devices: the options must be set by then
+    def devices(*a):
         seen.append("devices")
         raise CLIError("stopped at the devices")
-    monkeypatch.setattr(jax, "devices", devices)
-    argv = ["worker", "--role", "both", "--port", "0", "--model", "tiny", "--load-format", "dummy",
-            "--gpu-memory-utilization", "0.6"]
+    monkeypatch.setattr(where, name, devices)
     assert main(argv) == 2
-    assert seen == ["mode", 0.6, "devices"]
+    assert seen == ["mode", fraction, "devices"]
     assert "stopped at the devices" in capsys.readouterr().err
 
     def refuse(fraction):
-        raise ValueError("gpu_memory_utilization=0.6: JAX's backend has already started")
+        raise ValueError(f"gpu_memory_utilization={fraction}: JAX's backend has already started")
     monkeypatch.setattr(xla_options, "gpu_memory_fraction", refuse)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "jaxdyn worker: error: gpu_memory_utilization=0.6: JAX's backend has already started" in err
+    assert f"jaxdyn {command}: error: gpu_memory_utilization={fraction}: JAX's backend has already started" in err
     assert "Traceback" not in err
+
+
+def test_a_worker_sets_the_process_xla_options_before_its_devices(monkeypatch, capsys):
+    import jax
+    argv = ["worker", "--role", "both", "--port", "0", "--model", "tiny", "--load-format", "dummy",
+            "--gpu-memory-utilization", "0.6"]
+    _options_set_before_the_devices(monkeypatch, capsys, argv, 0.6, jax, "devices", "worker")
 
 
 def test_disagg_serve_sets_the_process_xla_options_before_it_reads_its_devices(monkeypatch, capsys):
-    import serving.cli as cli
-    from jaxdyn.engine import xla_options
-    seen = []
-    monkeypatch.setattr(xla_options, "command_buffer_update_mode", lambda: seen.append("mode"))
-    monkeypatch.setattr(xla_options, "gpu_memory_fraction", seen.append)
-
-    def disagg_args(args, config):  # reads jax.devices(): the options must be set by then
-        seen.append("devices")
-        raise cli.CLIError("stopped at the devices")
-    monkeypatch.setattr(cli, "_disagg_args", disagg_args)
+    import serving.cli as cli           # its _disagg_args reads jax.devices()
     argv = ["serve", "--disagg", "--prefill-devices", "0", "--decode-devices", "1", "--port", "0", "--model",
             "tiny", "--load-format", "dummy", "--gpu-memory-utilization", "0.7"]
-    assert main(argv) == 2
-    assert seen == ["mode", 0.7, "devices"]
-    assert "stopped at the devices" in capsys.readouterr().err
-
-    def refuse(fraction):
-        raise ValueError("gpu_memory_utilization=0.7: JAX's backend has already started")
-    monkeypatch.setattr(xla_options, "gpu_memory_fraction", refuse)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "jaxdyn serve: error: gpu_memory_utilization=0.7: JAX's backend has already started" in err
-    assert "Traceback" not in err
+    _options_set_before_the_devices(monkeypatch, capsys, argv, 0.7, cli, "_disagg_args", "serve")
 
 
 def test_serve_answers_to_the_served_names_or_the_directory_and_the_path_given():
