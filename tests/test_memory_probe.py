@@ -1,5 +1,7 @@
 """benchmarks/gpu/memory_probe.py on the CPU: its stages in build_engine's order, and a failing stage reported."""
 
+import re
+
 from benchmarks.gpu import memory_probe as mp
 
 SMALL = ('{"num_pages": %s, "max_num_seqs": 8, "max_num_batched_tokens": 64, "token_buckets": [16, 64], '
@@ -13,6 +15,18 @@ def test_every_stage_is_reported_in_order(capsys):
               "weights loaded, steps compiled", "warm-up", "built: 256 pages of 16 tokens"]
     at = [out.find(s) for s in stages]
     assert -1 not in at and at == sorted(at), out
+    assert re.search(r"compiled steps: \d+ executables: temporaries at most \d+\.\d{3} GiB", out), out
+
+
+def test_compiled_needs_reads_xla_buffer_assignment():
+    import jax
+    import jax.numpy as jnp
+    # [1024, 1024] f32 input, a 4 MiB matmul result as output: nothing aliased
+    compiled = jax.jit(lambda x: x @ x + 1).lower(jnp.ones((1024, 1024))).compile()
+    line = mp.compiled_needs([compiled, compiled])
+    assert line.startswith("2 executables:"), line
+    assert "unaliased outputs at most 0.004 GiB" in line, line
+    assert mp.compiled_needs([]) == "n/a"
 
 
 def test_a_failing_stage_is_named_with_the_memory_then(capsys):

@@ -6,7 +6,8 @@ stage by stage, with the device's memory stats after each (JAX's ``memory_stats`
 ``--engine``: EngineConfig fields over the GPU suite's ``ENGINE`` (``{"num_pages": null}``: the pages sized from
 free memory, as ``jaxdyn serve`` sizes them). The stages: JAX's backend started under the engine's memory share
 (``xla_options.gpu_memory_fraction``); the engine built on the weights' shapes (its KV pages allocated); the
-weights loaded while every step compiles; the warm-up (every step run once, the step costs measured). A stage
+weights loaded while every step compiles (then what XLA's buffer assignment of the compiled steps needs besides
+their arguments); the warm-up (every step run once, the step costs measured). A stage
 that fails prints its error and the stats at that moment, and the probe exits 1. Session 46: with default pages
 the 8B bf16 engine ran out of memory on an H100 at 0.75 and at 0.9 of it, where 20,480 explicit pages (40 GiB)
 built at 0.9.
@@ -30,6 +31,27 @@ def describe(stats: dict | None) -> str:
     labels = {"bytes_in_use": "in use", "peak_bytes_in_use": "peak", "bytes_limit": "limit",
               "largest_free_block_bytes": "largest free block"}
     return ", ".join(f"{label} {stats[k] / GIB:.2f} GiB" for k, label in labels.items() if k in stats)
+
+
+def compiled_needs(parts) -> str:
+    """What the compiled steps need besides their arguments, from XLA's own buffer assignment of each
+    (``memory_analysis``): the largest step's temporaries and outputs not aliased to an input, and the code of
+    them all; "n/a" where no executable reports it."""
+    temps, outs, code = [], [], 0
+    for compiled in parts:
+        try:
+            m = compiled.memory_analysis()
+        except Exception:  # noqa: BLE001 -- an executable that keeps no analysis (a platform's or cache's)
+            m = None
+        if m is None:
+            continue
+        temps.append(m.temp_size_in_bytes)
+        outs.append(max(m.output_size_in_bytes - m.alias_size_in_bytes, 0))
+        code += m.generated_code_size_in_bytes
+    if not temps:
+        return "n/a"
+    return (f"{len(temps)} executables: temporaries at most {max(temps) / GIB:.3f} GiB, "
+            f"unaliased outputs at most {max(outs) / GIB:.3f} GiB, code {code / GIB:.3f} GiB in all")
 
 
 def main(argv=None) -> int:
@@ -72,6 +94,7 @@ def main(argv=None) -> int:
         step = "weights loaded, steps compiled"
         engine.load_weights(lambda: load_weights(plan), compile_steps=True)
         stage(step)
+        print(f"          compiled steps: {compiled_needs(engine.runner._parts.values())}", flush=True)
         step = "warm-up"
         engine.warmup()
         stage(step)
