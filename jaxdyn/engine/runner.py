@@ -48,7 +48,7 @@ from jaxdyn.engine.compilation import CompiledAfterWarmupError, compilation_coun
 from jaxdyn.engine.executable_cache import ExecutableCache, fingerprint
 from jaxdyn.engine.sampler import ALLOWED_MARK, FULL, PLAIN, VARIANTS, SamplingArrays, sample, serves, variant_for
 from jaxdyn.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
-from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, allocate_kv_cache,
+from jaxdyn.kv.cache import (FP8_KV_DTYPE, AttentionMetadata, KVCacheSpec, abstract_kv_cache, allocate_kv_cache,
                              check_kv_cache_dtype)
 from jaxdyn.parallel.sharding import (
     kv_cache_partition_spec, model_parallel_size, param_shardings, replicated, stored_kv_heads)
@@ -553,7 +553,13 @@ class ModelRunner:
             dtype=kv_cache_dtype(jax.tree.leaves(state)[0].dtype, mesh, config.kv_cache_dtype),
         )
         self._replicated = replicated(mesh)
-        self.kv_cache = allocate_kv_cache(self.kv_spec, mesh)
+        # A runner built on an abstract state compiles against the pages' shapes and allocates them once its
+        # weights are in and its steps compiled (``allocate_kv``): the buffers loading and compiling take for a
+        # while (a generator's, XLA's autotuning) are gone by then. Session 46: the 8B engine's default pages,
+        # allocated first, left too little of an H100 for those and the build ran out of memory.
+        self.kv_cache = (allocate_kv_cache(self.kv_spec, mesh) if self.weights_loaded
+                         else abstract_kv_cache(self.kv_spec, mesh))
+        self._loading = False          # load_weights' compiling thread runs: set_weights leaves the pages to it
         self.token_pages = jax.device_put(
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
         self.token_buckets, self.page_buckets = config.buckets()
@@ -807,6 +813,55 @@ class ModelRunner:
                 raise ValueError(f"weight {name}: sharded as {new.sharding}, the steps take {sharding}")
         self.state = tuple(leaves)
         self.weights_loaded = True
+        if not self._loading:
+            self.allocate_kv()
+
+    @property
+    def kv_allocated(self) -> bool:
+        return isinstance(self.kv_cache[0][0], jax.Array)
+
+    def allocate_kv(self) -> None:
+        """The KV pages of a runner built on an abstract state, allocated (``set_weights`` calls it, or
+        ``load_weights`` once its steps are compiled), then checked against what the compiled steps allocate as
+        they run (``check_step_room``)."""
+        if self.kv_allocated:
+            return
+        self.kv_cache = allocate_kv_cache(self.kv_spec, self.mesh)
+        self.check_step_room()
+
+    def step_memory_need(self) -> int | None:
+        """The most bytes one compiled part allocates per device as it runs besides its arguments, over the parts
+        compiled so far (XLA's buffer assignment: temporaries, and outputs not aliased to a donated input); None
+        where no executable reports it (the CPU's may not, nor one a cache loaded)."""
+        needs = []
+        for compiled in self._parts.values():
+            try:
+                m = compiled.memory_analysis()
+            except Exception:  # noqa: BLE001 -- an executable without the analysis: nothing known of it
+                m = None
+            if m is not None:
+                needs.append(m.temp_size_in_bytes + max(m.output_size_in_bytes - m.alias_size_in_bytes, 0))
+        return max(needs) if needs else None
+
+    def _memory_stats(self) -> dict:
+        """The first device's memory stats on a GPU (JAX's ``memory_stats``), else empty."""
+        dev = self.mesh.devices.flat[0]
+        return (dev.memory_stats() or {}) if dev.platform == "gpu" else {}
+
+    def check_step_room(self) -> None:
+        """On a GPU, ValueError naming the sizes when the device's memory left beside the weights and the pages is
+        less than the largest compiled step allocates as it runs (its first run would fail for memory)."""
+        stats = self._memory_stats()
+        need = self.step_memory_need()
+        if "bytes_limit" not in stats or need is None:
+            return
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if need > free:
+            gib = 2 ** 30
+            raise ValueError(f"the KV cache's {self.config.num_pages} pages leave {free / gib:.2f} GiB of the device's "
+                             f"{stats['bytes_limit'] / gib:.2f} GiB limit, and the largest compiled step allocates "
+                             f"{need / gib:.2f} GiB as it runs: use fewer pages (num_pages), a larger memory share "
+                             "(gpu_memory_utilization) or fewer tokens per step (max_num_batched_tokens)")
 
     def load_weights(self, load: Callable[[], Any], compile_steps: bool = True, progress: bool = False) -> Any:
         """``set_weights(load().state)`` where ``load`` returns an object with the weights as ``.state`` (a
@@ -830,6 +885,7 @@ class ModelRunner:
 
         thread = threading.Thread(target=compile_all, name="jaxdyn-compile-while-loading", daemon=True)
         t0 = time.perf_counter()
+        self._loading = True
         thread.start()
         try:
             loaded = load()
@@ -838,9 +894,12 @@ class ModelRunner:
             cancel.set()
             thread.join()
             raise
+        finally:
+            self._loading = False
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
+        self.allocate_kv()          # the pages after the loading's and compiling's transient buffers are gone
         self._warmup_started = t0
         return loaded
 
@@ -866,6 +925,7 @@ class ModelRunner:
             raise RuntimeError("the runner has no weights yet (set_weights)")
         self._compile_steps(progress)
         self._compile_copy()
+        self.check_step_room()
         if self.split_enabled() and len(self.token_buckets) > 1:
             self.measure_step_costs()
         self._compiles_at_warmup = compilation_count()

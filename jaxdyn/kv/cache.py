@@ -93,6 +93,14 @@ def allocate_kv_cache(spec: KVCacheSpec, mesh: Mesh) -> KVCache:
     return [(zeros(), zeros()) for _ in range(spec.num_layers)]
 
 
+def abstract_kv_cache(spec: KVCacheSpec, mesh: Mesh) -> list[tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]:
+    """``allocate_kv_cache``'s pages as shapes (with their sharding): what steps compile against before the
+    pages are allocated."""
+    sharding = NamedSharding(mesh, kv_cache_partition_spec(mesh, spec.num_kv_heads))
+    page = jax.ShapeDtypeStruct(spec.page_shape, jnp.dtype(spec.dtype), sharding=sharding)
+    return [(page, page) for _ in range(spec.num_layers)]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:

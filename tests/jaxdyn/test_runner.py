@@ -923,10 +923,66 @@ def test_steps_compile_while_the_weights_load_and_step_as_a_runner_built_on_them
     assert seen[0] >= 1
     assert set(runner._compiled) == set(variant_runner[0]._compiled)
     runner.warmup()
-    assert compilation_count() - before == 2 * len(VARIANTS) + 1          # nothing twice, + the page copy
+    # nothing twice; + the page copy, + the pages' zeros (allocated once the steps are compiled)
+    assert compilation_count() - before == 2 * len(VARIANTS) + 2
     work = [SequenceWork(token_ids=[5, 6, 7], num_computed=0, page_ids=[0]),
             SequenceWork(token_ids=list(range(20, 40)), num_computed=0, page_ids=[1, 2])]
     np.testing.assert_array_equal(runner.step(work).next_token_ids, variant_runner[0].step(work).next_token_ids)
+
+
+def test_a_runner_built_on_shapes_allocates_its_pages_once_its_steps_are_compiled(loaded, monkeypatch):
+    # loading's and compiling's transient buffers are gone before the pages take their room
+    import jaxdyn.engine.runner as runner_mod
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, _abstract(model), mesh, VARIANT_CFG)
+    assert not runner.kv_allocated
+    assert all(isinstance(k, jax.ShapeDtypeStruct) and k.sharding is not None for k, _ in runner.kv_cache)
+    at_allocation, watched = [], [runner]
+    real = runner_mod.allocate_kv_cache
+
+    def allocate(spec, mesh_):
+        compiling = [t for t in threading.enumerate() if t.name == "jaxdyn-compile-while-loading"]
+        at_allocation.append((len(watched[0]._parts), bool(compiling), watched[0].weights_loaded))
+        return real(spec, mesh_)
+
+    monkeypatch.setattr(runner_mod, "allocate_kv_cache", allocate)
+    during_load = []
+
+    def load():
+        during_load.append(runner.kv_allocated)
+        return model
+
+    runner.load_weights(load)
+    users = runner._part_users()
+    assert during_load == [False] and at_allocation == [(len(users), False, True)]
+    assert runner.kv_allocated and runner.kv_cache[0][0].shape == runner.kv_spec.page_shape
+    runner.warmup()
+    assert at_allocation == [(len(users), False, True)]            # once
+    # without compiling while loading, the weights bring the pages
+    other = watched[0] = ModelRunner(model.graphdef, _abstract(model), mesh, VARIANT_CFG)
+    other.load_weights(lambda: model, compile_steps=False)
+    assert other.kv_allocated and at_allocation[1:] == [(0, False, True)]
+
+
+def test_a_step_that_would_not_fit_beside_the_pages_is_refused_with_the_sizes(loaded, monkeypatch):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh, CFG)
+    runner._compile_steps()
+    need = runner.step_memory_need()
+    # XLA's CPU buffer assignment reports each executable's temporaries: the largest step's are the need
+    assert need is not None and need > 0
+    runner.check_step_room()                                 # the CPU keeps no limit: nothing to check
+    gib = 2 ** 30
+    monkeypatch.setattr(runner, "_memory_stats",
+                        lambda: {"bytes_limit": 10 * gib, "bytes_in_use": 10 * gib - need + 1})
+    with pytest.raises(ValueError, match=r"96 pages leave 0\.\d\d GiB of the device's 10\.00 GiB limit, and the "
+                                         r"largest compiled step allocates .* use fewer pages"):
+        runner.check_step_room()
+    with pytest.raises(ValueError, match="use fewer pages"):
+        runner.warmup()
+    monkeypatch.setattr(runner, "_memory_stats", lambda: {"bytes_limit": 10 * gib, "bytes_in_use": 10 * gib - need})
+    runner.check_step_room()
+    runner.warmup()
 
 
 def test_a_failed_load_stops_the_compiling_after_the_step_in_hand_and_raises(loaded):
@@ -956,9 +1012,9 @@ def test_weights_unlike_the_abstract_state_are_refused_by_name(loaded):
             runner.set_weights(jax.tree.unflatten(treedef, bad))
     with pytest.raises(ValueError, match="another structure"):
         runner.set_weights({"w": model.state})
-    assert not runner.weights_loaded
+    assert not runner.weights_loaded and not runner.kv_allocated
     runner.set_weights(model.state)
-    assert runner.weights_loaded
+    assert runner.weights_loaded and runner.kv_allocated
 
 
 @pytest.mark.parametrize("quant,head,options", [
