@@ -6,8 +6,8 @@ stage by stage, with the device's memory stats after each (JAX's ``memory_stats`
 ``--engine``: EngineConfig fields over the GPU suite's ``ENGINE`` (``{"num_pages": null}``: the pages sized from
 free memory, as ``jaxdyn serve`` sizes them). The stages: JAX's backend started under the engine's memory share
 (``xla_options.gpu_memory_fraction``); the engine built on the weights' shapes (its KV pages sized); the weights
-loaded while every step compiles, then the pages allocated (and what XLA's buffer assignment of the compiled steps
-needs besides their arguments); the warm-up (every step run once, the step costs measured). A stage
+loaded while every step compiles (and what XLA's buffer assignment of the compiled steps needs besides their
+arguments); the pages allocated; the warm-up (every step run once, the step costs measured). A stage
 that fails prints its error and the stats at that moment, and the probe exits 1. Session 46: with default pages
 the 8B bf16 engine ran out of memory on an H100 at 0.75 and at 0.9 of it, where 20,480 explicit pages (40 GiB)
 built at 0.9.
@@ -91,10 +91,20 @@ def main(argv=None) -> int:
         step = "engine on the weights' shapes"
         engine = EngineCore(plan.graphdef, plan.abstract, plan.mesh, plan.config, plan.tokenizer, config)
         stage(f"{step} ({engine.runner.config.num_pages} KV pages sized)")
-        step = "weights loaded, steps compiled, KV pages allocated"
+        step = "weights loaded, steps compiled"
+        runner = engine.runner
+        allocate = runner.allocate_kv
+
+        def allocate_kv():           # load_weights allocates the pages last: the stage before them reported
+            nonlocal step
+            stage(step)
+            print(f"          compiled steps: {compiled_needs(runner._parts.values())}", flush=True)
+            step = "KV pages allocated"
+            allocate()
+
+        runner.allocate_kv = allocate_kv
         engine.load_weights(lambda: load_weights(plan), compile_steps=True)
         stage(step)
-        print(f"          compiled steps: {compiled_needs(engine.runner._parts.values())}", flush=True)
         step = "warm-up"
         engine.warmup()
         stage(step)
