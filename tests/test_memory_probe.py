@@ -15,18 +15,7 @@ def test_every_stage_is_reported_in_order(capsys):
               "weights loaded, steps compiled", "compiled steps: ", "KV pages allocated", "warm-up", "built: 256 pages of 16 tokens"]
     at = [out.find(s) for s in stages]
     assert -1 not in at and at == sorted(at), out
-    assert re.search(r"compiled steps: \d+ executables: temporaries at most \d+\.\d{3} GiB", out), out
-
-
-def test_compiled_needs_reads_xla_buffer_assignment():
-    import jax
-    import jax.numpy as jnp
-    # [1024, 1024] f32 input, a 4 MiB matmul result as output: nothing aliased
-    compiled = jax.jit(lambda x: x @ x + 1).lower(jnp.ones((1024, 1024))).compile()
-    line = mp.compiled_needs([compiled, compiled])
-    assert line.startswith("2 executables:"), line
-    assert "unaliased outputs at most 0.004 GiB" in line, line
-    assert mp.compiled_needs([]) == "n/a"
+    assert re.search(r"compiled steps: \d+ steps: the largest allocates \d+\.\d{3} GiB as it runs", out), out
 
 
 def test_a_failing_stage_is_named_with_the_memory_then(capsys):

@@ -33,25 +33,21 @@ def describe(stats: dict | None) -> str:
     return ", ".join(f"{label} {stats[k] / GIB:.2f} GiB" for k, label in labels.items() if k in stats)
 
 
-def compiled_needs(parts) -> str:
-    """What the compiled steps need besides their arguments, from XLA's own buffer assignment of each
-    (``memory_analysis``): the largest step's temporaries and outputs not aliased to an input, and the code of
-    them all; "n/a" where no executable reports it."""
-    temps, outs, code = [], [], 0
-    for compiled in parts:
-        try:
-            m = compiled.memory_analysis()
-        except Exception:  # noqa: BLE001 -- an executable that keeps no analysis (a platform's or cache's)
-            m = None
-        if m is None:
-            continue
-        temps.append(m.temp_size_in_bytes)
-        outs.append(max(m.output_size_in_bytes - m.alias_size_in_bytes, 0))
-        code += m.generated_code_size_in_bytes
-    if not temps:
+def compiled_needs(runner) -> str:
+    """What a runner's compiled steps need besides their arguments: ``step_memory_need`` (XLA's buffer assignment,
+    what ``check_step_room`` holds against the memory left beside the pages) and their code; "n/a" where no
+    executable reports it."""
+    need = runner.step_memory_need()
+    if need is None:
         return "n/a"
-    return (f"{len(temps)} executables: temporaries at most {max(temps) / GIB:.3f} GiB, "
-            f"unaliased outputs at most {max(outs) / GIB:.3f} GiB, code {code / GIB:.3f} GiB in all")
+    code = 0
+    for compiled in runner._parts.values():
+        try:
+            code += compiled.memory_analysis().generated_code_size_in_bytes
+        except Exception:  # noqa: BLE001 -- an executable that keeps no analysis
+            pass
+    return (f"{len(runner._compiled)} steps: the largest allocates {need / GIB:.3f} GiB as it runs, "
+            f"code {code / GIB:.3f} GiB in all")
 
 
 def main(argv=None) -> int:
@@ -98,7 +94,7 @@ def main(argv=None) -> int:
         def allocate_kv():           # load_weights allocates the pages last: the stage before them reported
             nonlocal step
             stage(step)
-            print(f"          compiled steps: {compiled_needs(runner._parts.values())}", flush=True)
+            print(f"          compiled steps: {compiled_needs(runner)}", flush=True)
             step = "KV pages allocated"
             allocate()
 

@@ -830,21 +830,35 @@ class ModelRunner:
         self.check_step_room()
 
     def step_memory_need(self) -> int | None:
-        """The most bytes one compiled part allocates per device as it runs besides its arguments, over the parts
-        compiled so far (XLA's buffer assignment: temporaries, and outputs not aliased to a donated input); None
-        where no executable reports it (the CPU's may not, nor one a cache loaded)."""
-        needs = []
-        for compiled in self._parts.values():
+        """The most bytes one compiled step allocates per device as it runs besides its arguments, over the steps
+        compiled so far, from XLA's buffer assignment of its parts: a part's temporaries and its outputs not
+        aliased to a donated input; a step of two calls (``separate_sampler``) holds the forward's outputs (the
+        logits) while its sampler runs. None where no executable reports it. A floor: the outputs of a step still
+        in flight and the page copy's and KV transfers' executables are not counted."""
+        def analysis(key):
             try:
-                m = compiled.memory_analysis()
+                m = self._parts[key].memory_analysis()
             except Exception:  # noqa: BLE001 -- an executable without the analysis: nothing known of it
-                m = None
-            if m is not None:
-                needs.append(m.temp_size_in_bytes + max(m.output_size_in_bytes - m.alias_size_in_bytes, 0))
+                return None
+            if m is None:
+                return None
+            out = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
+            return m.temp_size_in_bytes + out, out
+
+        needs = []
+        for step in self._compiled:
+            held = 0
+            for key in self._part_keys(*step):
+                a = analysis(key)
+                if a is None:
+                    break
+                needs.append(held + a[0])
+                held += a[1]
         return max(needs) if needs else None
 
     def _memory_stats(self) -> dict:
-        """The first device's memory stats on a GPU (JAX's ``memory_stats``), else empty."""
+        """The first device's memory stats on a GPU (JAX's ``memory_stats``), else empty (a mesh's devices hold
+        like shards of the weights and pages, so the first stands for all)."""
         dev = self.mesh.devices.flat[0]
         return (dev.memory_stats() or {}) if dev.platform == "gpu" else {}
 
@@ -925,7 +939,10 @@ class ModelRunner:
             raise RuntimeError("the runner has no weights yet (set_weights)")
         self._compile_steps(progress)
         self._compile_copy()
-        self.check_step_room()
+        if self.kv_allocated:
+            self.check_step_room()
+        else:               # a load whose compiling failed after the weights came: the pages were never allocated
+            self.allocate_kv()
         if self.split_enabled() and len(self.token_buckets) > 1:
             self.measure_step_costs()
         self._compiles_at_warmup = compilation_count()

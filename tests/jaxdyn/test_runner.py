@@ -983,6 +983,44 @@ def test_a_step_that_would_not_fit_beside_the_pages_is_refused_with_the_sizes(lo
     monkeypatch.setattr(runner, "_memory_stats", lambda: {"bytes_limit": 10 * gib, "bytes_in_use": 10 * gib - need})
     runner.check_step_room()
     runner.warmup()
+    # the need leaves out the donated pages the steps return (aliased): the pool is no part of it
+    kv_bytes = sum(k.nbytes + v.nbytes for k, v in runner.kv_cache)
+    temps = [c.memory_analysis().temp_size_in_bytes for c in runner._parts.values()]
+    assert max(temps) <= need < max(temps) + kv_bytes
+
+
+def test_pages_allocated_after_compiling_are_checked_against_the_steps_need(loaded, monkeypatch):
+    # a device whose memory the pages fill: load_weights refuses once it has allocated them, naming the sizes
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, _abstract(model), mesh, CFG)
+    gib = 2 ** 30
+    monkeypatch.setattr(runner, "_memory_stats",
+                        lambda: {"bytes_limit": 10 * gib, "bytes_in_use": 10 * gib if runner.kv_allocated else 0})
+    with pytest.raises(ValueError, match=r"96 pages leave 0\.00 GiB .* largest compiled step allocates"):
+        runner.load_weights(lambda: model)
+    assert runner.kv_allocated
+
+
+def test_a_split_step_holds_its_forwards_logits_while_its_sampler_runs(loaded):
+    mesh, model = loaded
+    runner = ModelRunner(model.graphdef, model.state, mesh, dataclasses.replace(CFG, separate_sampler=True))
+    runner._compile_steps()
+
+    def part(key):
+        m = runner._parts[key].memory_analysis()
+        return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, \
+            m.output_size_in_bytes - m.alias_size_in_bytes
+
+    want = 0
+    for step in runner._compiled:
+        keys = runner._part_keys(*step)
+        if len(keys) == 2:
+            (fwd_need, fwd_out), (sample_need, _) = part(keys[0]), part(keys[1])
+            assert fwd_out > 0                              # the logits
+            want = max(want, fwd_need, fwd_out + sample_need)
+        else:
+            want = max(want, part(keys[0])[0])
+    assert runner.step_memory_need() == want
 
 
 def test_a_failed_load_stops_the_compiling_after_the_step_in_hand_and_raises(loaded):
