@@ -62,8 +62,10 @@ class ServerState:
 
     def __init__(self, model_name: str, *, max_queued_requests: int | None = None,
                  max_request_bytes: int = 8 << 20, sampling_defaults: dict | None = None,
-                 tool_call_parser: str | None = None, aliases: tuple[str, ...] = ()):
+                 tool_call_parser: str | None = None, aliases: tuple[str, ...] = (), model_root: str | None = None):
         self.model_name = model_name
+        # what /v1/models gives as each name's ``root``: the model as ``jaxdyn serve`` was given it (vLLM's model path)
+        self.model_root = model_root or model_name
         # every name a request may give as ``model`` (vLLM's several --served-model-name), the first the one
         # responses carry when a request gives none; /v1/models lists them all
         self.model_names = tuple(dict.fromkeys((model_name, *aliases)))
@@ -609,7 +611,7 @@ def build_app(state: ServerState) -> Starlette:
         created = int(time.time())
         return JSONResponse({"object": "list", "data": [{
             "id": name, "object": "model", "created": created, "owned_by": "jaxdyn",
-            "root": state.model_name, "max_model_len": core.max_model_len if core else None}
+            "root": state.model_root, "max_model_len": core.max_model_len if core else None}
             for name in state.model_names]})
 
     @endpoint

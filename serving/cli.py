@@ -596,7 +596,8 @@ def cmd_serve(args) -> int:
         _set_xla_options(config)
     disagg = _disagg_args(args, config) if args.disagg else None
     name, *aliases = _served_names(args, model)
-    state = ServerState(name, aliases=tuple(aliases), max_queued_requests=args.max_queued_requests,
+    state = ServerState(name, aliases=tuple(aliases), model_root=args.model or model,
+                        max_queued_requests=args.max_queued_requests,
                         max_request_bytes=args.max_request_bytes, sampling_defaults=sampling_defaults,
                         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     app = build_app(state)

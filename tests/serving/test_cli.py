@@ -394,3 +394,18 @@ def test_serve_answers_to_the_served_names_or_the_directory_and_the_path_given()
     assert _served_names(parse(["serve"]), "/pkg/checkpoints/demo") == ["demo"]      # the demo: its name only
     args = parse(["serve", "--model", "/m/x", "--served-model-name", "a", "b", "a", "--port", "0"])
     assert _served_names(args, "/m/x") == ["a", "b"] and args.port == 0
+
+
+def test_serve_lists_the_model_as_given_as_each_names_root(monkeypatch, capsys):
+    # vLLM's /v1/models: each served name's root is the model path serve was given
+    import serving.app as app
+    from serving.cli import CLIError
+    made = []
+
+    def state(name, **kw):
+        made.append((name, kw["aliases"], kw["model_root"]))
+        raise CLIError("stopped at the server state")
+    monkeypatch.setattr(app, "ServerState", state)
+    assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--served-model-name", "a", "b",
+                 "--port", "0"]) == 2
+    assert made == [("a", ("b",), "tiny")] and "stopped at the server state" in capsys.readouterr().err

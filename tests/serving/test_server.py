@@ -1197,13 +1197,15 @@ def test_cache_salt_over_http(server):
 def test_every_served_name_is_listed_accepted_and_echoed(server):
     # vLLM's several --served-model-name: /v1/models lists each, a request may give any, and a response carries
     # the name the request gave (the first one where it gives none); another name is a 404 naming them all
-    state = ServerState("tiny", aliases=("/models/tiny", "tiny"))
+    state = ServerState("tiny", aliases=("/models/tiny", "tiny"), model_root="/models/tiny")
     state.engine = server.state.engine
     assert state.model_names == ("tiny", "/models/tiny")
+    assert ServerState("a").model_root == "a"                  # no path given: the name
     srv = Server(state)
     try:
         listed = httpx.get(srv.url + "/v1/models").json()["data"]
-        assert [m["id"] for m in listed] == ["tiny", "/models/tiny"] and {m["root"] for m in listed} == {"tiny"}
+        # each name's root is the model's path, as vLLM's
+        assert [m["id"] for m in listed] == ["tiny", "/models/tiny"] and {m["root"] for m in listed} == {"/models/tiny"}
         body = {"prompt": "x", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
         for given, answered in (("/models/tiny", "/models/tiny"), ("tiny", "tiny"), (None, "tiny")):
             r = httpx.post(srv.url + "/v1/completions", json=dict(body, **({"model": given} if given else {})))
