@@ -704,7 +704,7 @@ def cmd_worker(args) -> int:
     import jax
 
     from checkpoints.hf import CheckpointError
-    from checkpoints.loader import load_model
+    from checkpoints.loader import load_weights, plan_model
     from jaxdyn import AsyncEngine, EngineCore
     from jaxdyn.disagg.engine import DisaggEngine, LocalPrefillRole
     from jaxdyn.parallel.sharding import make_mesh
@@ -731,9 +731,11 @@ def cmd_worker(args) -> int:
     policy = _disagg_policy(args)
     mesh = make_mesh(len(devices), [jax.devices()[i] for i in devices])
     try:
-        _, loaded, tokenizer = load_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh,
-                                          **_quantization(args))
-        core = EngineCore(loaded.graphdef, loaded.state, mesh, loaded.config, tokenizer, config)
+        plan = plan_model(model, dtype=args.dtype, load_format=args.load_format, mesh=mesh, **_quantization(args))
+        # as build_engine: built on the weights' shapes, the steps compile while the weights load, and the KV
+        # pages are allocated after both (the buffers loading and compiling take for a while gone by then)
+        core = EngineCore(plan.graphdef, plan.abstract, mesh, plan.config, plan.tokenizer, config)
+        core.load_weights(lambda: load_weights(plan), compile_steps=True)
     except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
