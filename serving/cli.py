@@ -59,6 +59,10 @@ def cmd_generate(args) -> int:
                               warmup=False)     # one request: compile only the shapes it uses
     except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- out of device memory named as a CLI error, anything else raised
+        if (why := out_of_device_memory(e)) is None:
+            raise
+        raise CLIError(why) from None
     llm = LLM(engine=engine)
     if isinstance(prompt, str) and llm.tokenizer is None:
         raise CLIError(f"--prompt: {args.model} has no tokenizer; use --prompt-ids")
@@ -588,7 +592,7 @@ def cmd_serve(args) -> int:
     from checkpoints.hf import CheckpointError
     from jaxdyn import AsyncEngine, EngineConfig
     from jaxdyn.engine.llm import build_disagg_engine, build_engine, describe_compile
-    from jaxdyn.engine.process import EngineStartError, ProcessEngine
+    from jaxdyn.engine.process import EngineStartError, ProcessEngine, out_of_device_memory
     from serving.app import ServerState, build_app
 
     config = EngineConfig(**fields)
@@ -657,9 +661,11 @@ def cmd_serve(args) -> int:
             server.should_exit = True
         except BaseException as e:
             state.load_error = e
-            failed.append(repr(e))
+            why = out_of_device_memory(e)
+            failed.append(why or repr(e))
             server.should_exit = True
-            raise
+            if why is None:
+                raise
 
     threading.Thread(target=load, name="jaxdyn-load", daemon=True).start()
     # SIGTERM / SIGINT: uvicorn stops accepting, lets in-flight requests finish within the
@@ -707,6 +713,7 @@ def cmd_worker(args) -> int:
     from checkpoints.loader import load_weights, plan_model
     from jaxdyn import AsyncEngine, EngineCore
     from jaxdyn.disagg.engine import DisaggEngine, LocalPrefillRole
+    from jaxdyn.engine.process import out_of_device_memory
     from jaxdyn.parallel.sharding import make_mesh
     from serving.workers.common import host_port, kv_layout
     from serving.workers.remote_prefill import RemotePrefillRole
@@ -738,6 +745,10 @@ def cmd_worker(args) -> int:
         core.load_weights(lambda: load_weights(plan), compile_steps=True)
     except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- out of device memory named as a CLI error, anything else raised
+        if (why := out_of_device_memory(e)) is None:
+            raise
+        raise CLIError(why) from None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     closers = []      # shut down on leaving: the engine thread, the prefill roles' threads and calls in flight
     if args.role == "prefill":

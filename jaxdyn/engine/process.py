@@ -151,13 +151,27 @@ def _loop(conn, core, outbox: queue.SimpleQueue, broken: list) -> None:
         stop()
 
 
+def out_of_device_memory(e: BaseException) -> str | None:
+    """What ``jaxdyn serve`` / ``worker`` say of an engine build that ran out of device memory (XLA's
+    RESOURCE_EXHAUSTED): its first line and the settings that change what the build takes; None for any other
+    error."""
+    from jax.errors import JaxRuntimeError
+    text = str(e).strip()
+    if not isinstance(e, JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in text:
+        return None
+    return (f"out of device memory while building the engine ({text.splitlines()[0][:300]}): give the KV cache "
+            "fewer pages (--num-pages), JAX more of each GPU (--gpu-memory-utilization), or the steps fewer tokens "
+            "(--max-num-batched-tokens)")
+
+
 def _engine_main(conn, build: dict) -> None:
     """The child process (``boot._boot``): build the engine, say ready (or why not), run the loop."""
     try:
         from jaxdyn.engine.llm import build_engine
         core = build_engine(**build)
     except BaseException as e:  # noqa: BLE001 -- reported to the server, which says it and exits
-        conn.send_bytes(_dumps(("failed", type(e).__name__, str(e))))
+        why = out_of_device_memory(e)
+        conn.send_bytes(_dumps(("failed", type(e).__name__, why or str(e))))
         return
     conn.send_bytes(_dumps(("ready", EngineFacts.of(core))))
     try:

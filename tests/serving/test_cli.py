@@ -409,3 +409,30 @@ def test_serve_lists_the_model_as_given_as_each_names_root(monkeypatch, capsys):
     assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--served-model-name", "a", "b",
                  "--port", "0"]) == 2
     assert made == [("a", ("b",), "tiny")] and "stopped at the server state" in capsys.readouterr().err
+
+
+def _out_of_memory(*a, **k):
+    from jax.errors import JaxRuntimeError
+    raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB with allocator "
+                          "GPU_0_bfc on device 0.\nmore lines")
+
+
+def test_serve_names_an_engine_build_out_of_device_memory_and_what_to_change(monkeypatch, capsys):
+    # the engine built on the server's thread (the engine process's own build: tests/serving/test_engine_process.py)
+    import jaxdyn.engine.llm as llm
+    monkeypatch.setattr(llm, "build_engine", _out_of_memory)
+    assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--port", "0", "--no-engine-process"]) == 2
+    err = capsys.readouterr().err
+    assert ("loading tiny failed: out of device memory while building the engine (RESOURCE_EXHAUSTED: Out of memory "
+            "while trying to allocate 4.00GiB with allocator GPU_0_bfc on device 0.): give the KV cache fewer pages "
+            "(--num-pages)") in err
+    assert "Traceback" not in err and "more lines" not in err
+
+
+def test_a_worker_names_an_engine_build_out_of_device_memory(monkeypatch, capsys):
+    import jaxdyn
+    monkeypatch.setattr(jaxdyn, "EngineCore", _out_of_memory)
+    assert main(["worker", "--role", "both", "--port", "0", "--model", "tiny", "--load-format", "dummy"]) == 2
+    err = capsys.readouterr().err
+    assert "jaxdyn worker: error: out of device memory while building the engine (RESOURCE_EXHAUSTED" in err
+    assert "--gpu-memory-utilization" in err and "Traceback" not in err

@@ -383,3 +383,28 @@ def test_a_shutdown_ends_the_streams_in_flight_and_refuses_later_requests(ckpt):
         assert not eng.is_healthy
 
     asyncio.run(run())
+
+
+def test_an_engine_process_out_of_device_memory_says_what_to_change(monkeypatch):
+    # the child's side of the pipe (``_engine_main``), its build running out of device memory
+    import multiprocessing
+    import pickle
+
+    from jax.errors import JaxRuntimeError
+
+    import jaxdyn.engine.llm as llm
+    from jaxdyn.engine import process
+
+    def oom(**build):
+        raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB\nmore")
+    monkeypatch.setattr(llm, "build_engine", oom)
+    parent, child = multiprocessing.Pipe()
+    process._engine_main(child, {})
+    kind, name, why = pickle.loads(parent.recv_bytes())
+    assert (kind, name) == ("failed", "JaxRuntimeError")
+    assert why.startswith("out of device memory while building the engine (RESOURCE_EXHAUSTED: Out of memory while "
+                          "trying to allocate 4.00GiB): give the KV cache fewer pages (--num-pages)"), why
+    # any other error as it is
+    monkeypatch.setattr(llm, "build_engine", lambda **b: (_ for _ in ()).throw(JaxRuntimeError("INTERNAL: x")))
+    process._engine_main(child, {})
+    assert pickle.loads(parent.recv_bytes()) == ("failed", "JaxRuntimeError", "INTERNAL: x")

@@ -1,4 +1,4 @@
-# Session 47, call 1 (~400 s; carry .gpu_wheels; an H100, or an H200 at the share that gives an H100's limit):
+# Next session, call 1 (~400 s; carry .gpu_wheels; an H100, or an H200 at the share that gives an H100's limit):
 # the 8B bf16 engine with default KV pages, which ran out of memory on an H100 in session 46, built with the pages
 # now allocated after the weights load and the steps compile (memory_probe: the device's memory after each stage,
 # the compiled steps' own needs), from an empty and a warm JAX cache; then the bf16 profile session 46 could not run.
