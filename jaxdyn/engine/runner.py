@@ -560,6 +560,7 @@ class ModelRunner:
         self.kv_cache = (allocate_kv_cache(self.kv_spec, mesh) if self.weights_loaded
                          else abstract_kv_cache(self.kv_spec, mesh))
         self._loading = False          # load_weights' compiling thread runs: set_weights leaves the pages to it
+        self._part_needs: dict[tuple, tuple[int, int] | None] = {}     # ``step_memory_need``'s, by part key
         self.token_pages = jax.device_put(
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
         self.token_buckets, self.page_buckets = config.buckets()
@@ -835,15 +836,15 @@ class ModelRunner:
         aliased to a donated input; a step of two calls (``separate_sampler``) holds the forward's outputs (the
         logits) while its sampler runs. None where no executable reports it. A floor: the outputs of a step still
         in flight and the page copy's and KV transfers' executables are not counted."""
-        def analysis(key):
-            try:
-                m = self._parts[key].memory_analysis()
-            except Exception:  # noqa: BLE001 -- an executable without the analysis: nothing known of it
-                return None
-            if m is None:
-                return None
-            out = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
-            return m.temp_size_in_bytes + out, out
+        def analysis(key):      # once a part (each step of a bucket shares its forward): (need, outputs held)
+            if key not in self._part_needs:
+                try:
+                    m = self._parts[key].memory_analysis()
+                except Exception:  # noqa: BLE001 -- an executable without the analysis: nothing known of it
+                    m = None
+                out = 0 if m is None else max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
+                self._part_needs[key] = None if m is None else (m.temp_size_in_bytes + out, out)
+            return self._part_needs[key]
 
         needs = []
         for step in self._compiled:
