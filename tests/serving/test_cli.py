@@ -1,5 +1,7 @@
 """The jaxdyn command line: generate on dummy weights and on a HF directory; clear errors."""
 
+import time
+
 import pytest
 
 from serving.cli import main
@@ -417,10 +419,30 @@ def _out_of_memory(*a, **k):
                           "GPU_0_bfc on device 0.\nmore lines")
 
 
+class _IdleServer:
+    """uvicorn's server stood in for: runs until the loading thread tells it to exit (no sockets, no logging set
+    up in the test's process)."""
+
+    def __init__(self, state, config):
+        self.started, self.should_exit, self.servers = False, False, []
+
+    def run(self):
+        deadline = time.monotonic() + 60
+        while not self.should_exit and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def test_serve_names_an_engine_build_out_of_device_memory_and_what_to_change(monkeypatch, capsys):
     # the engine built on the server's thread (the engine process's own build: tests/serving/test_engine_process.py)
+    import signal
+
     import jaxdyn.engine.llm as llm
+    import serving.cli as cli
     monkeypatch.setattr(llm, "build_engine", _out_of_memory)
+    import uvicorn
+    monkeypatch.setattr(cli, "_DrainingServer", _IdleServer)
+    monkeypatch.setattr(uvicorn, "Config", lambda *a, **k: None)     # its logging set up on the captured stderr
+    monkeypatch.setattr(signal, "signal", lambda *a: None)          # serve's handlers left out of the test process
     assert main(["serve", "--model", "tiny", "--load-format", "dummy", "--port", "0", "--no-engine-process"]) == 2
     err = capsys.readouterr().err
     assert ("loading tiny failed: out of device memory while building the engine (RESOURCE_EXHAUSTED: Out of memory "
