@@ -59,10 +59,6 @@ def cmd_generate(args) -> int:
                               warmup=False)     # one request: compile only the shapes it uses
     except (CheckpointError, ValueError) as e:      # ValueError: the engine's settings against the model or machine
         raise CLIError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 -- out of device memory named as a CLI error, anything else raised
-        if (why := out_of_device_memory(e)) is None:
-            raise
-        raise CLIError(why) from None
     llm = LLM(engine=engine)
     if isinstance(prompt, str) and llm.tokenizer is None:
         raise CLIError(f"--prompt: {args.model} has no tokenizer; use --prompt-ids")
