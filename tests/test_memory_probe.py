@@ -12,7 +12,8 @@ def test_every_stage_is_reported_in_order(capsys):
     assert mp.main(["--model", "tiny", "--engine", SMALL % 256]) == 0
     out = capsys.readouterr().out
     stages = ["backend started (cpu)", "engine on the weights' shapes (256 KV pages sized)",
-              "weights loaded, steps compiled", "compiled steps: ", "KV pages allocated", "warm-up", "built: 256 pages of 16 tokens"]
+              "weights loaded, steps compiled", "compiled steps: ", "KV pages allocated", "warm-up",
+              "built: 256 pages of 16 tokens"]
     at = [out.find(s) for s in stages]
     assert -1 not in at and at == sorted(at), out
     assert re.search(r"compiled steps: \d+ steps: the largest allocates \d+\.\d{3} GiB as it runs", out), out

@@ -28,7 +28,7 @@ from jaxdyn.engine.request import (
 from jaxdyn.engine.runner import (
     FUSED_QUANTIZE_SITES, MAX_BANNED, ModelRunner, RunnerConfig, SequenceWork, StepHandle, check_attention_programs,
     check_flag, check_fp8_products, check_sampler_switch, check_seq_buckets, check_separate_sampler, is_count,
-    kv_cache_dtype, sampling_row)
+    gpu_memory_stats, kv_cache_dtype, sampling_row)
 from jaxdyn.engine.sampler import RANK_COL
 from jaxdyn.engine.sampling_params import SamplingParams
 from jaxdyn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_schedule_policy
@@ -966,9 +966,8 @@ def _kernel_page_limit(model_config, mesh, page_size: int) -> int:
 
 def _default_num_pages(state, model_config, mesh, config: EngineConfig, max_model_len: int) -> int:
     ps = config.page_size
-    dev = mesh.devices.flat[0]
-    stats = dev.memory_stats() if dev.platform == "gpu" else None
-    if stats and "bytes_limit" in stats:
+    stats = gpu_memory_stats(mesh)
+    if "bytes_limit" in stats:
         # weights not loaded yet (an abstract state) will take their share of the device too
         free = (stats["bytes_limit"] * config.kv_memory_fraction - stats.get("bytes_in_use", 0)
                 - unloaded_bytes_per_device(state, mesh))
@@ -1005,7 +1004,7 @@ def _check_kv_fits(num_pages: int, state, model_config, mesh, config: EngineConf
     need = num_pages * per_page
     weights = unloaded_bytes_per_device(state, mesh)
     if dev.platform == "gpu":
-        stats = dev.memory_stats() or {}
+        stats = gpu_memory_stats(mesh)
         if "bytes_limit" not in stats:
             return
         avail = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - weights

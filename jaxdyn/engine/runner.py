@@ -526,6 +526,13 @@ def _pick(buckets: tuple[int, ...], n: int, what: str) -> int:
     raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
 
 
+def gpu_memory_stats(mesh: Mesh) -> dict:
+    """The memory stats (JAX's ``memory_stats``) of a GPU mesh's first device, else empty: a mesh's devices hold
+    like shards of the weights and pages, so the first stands for all."""
+    dev = mesh.devices.flat[0]
+    return (dev.memory_stats() or {}) if dev.platform == "gpu" else {}
+
+
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, config: RunnerConfig):
         self.graphdef = graphdef
@@ -559,7 +566,6 @@ class ModelRunner:
         # allocated first, left too little of an H100 for those and the build ran out of memory.
         self.kv_cache = (allocate_kv_cache(self.kv_spec, mesh) if self.weights_loaded
                          else abstract_kv_cache(self.kv_spec, mesh))
-        self._loading = False          # load_weights' compiling thread runs: set_weights leaves the pages to it
         self._part_needs: dict[tuple, tuple[int, int] | None] = {}     # ``step_memory_need``'s, by part key
         self.token_pages = jax.device_put(
             np.zeros((config.num_pages, config.page_size), np.int32), self._replicated)
@@ -800,7 +806,13 @@ class ModelRunner:
 
     def set_weights(self, state) -> None:
         """The weights of a runner built on an abstract state: the same tree of arrays, each in the shape,
-        dtype and sharding the steps were compiled for (ValueError naming the first that is not)."""
+        dtype and sharding the steps were compiled for (ValueError naming the first that is not); then its KV
+        pages (``allocate_kv``)."""
+        self._take_weights(state)
+        self.allocate_kv()
+
+    def _take_weights(self, state) -> None:
+        """``set_weights``' check and hand-over of the weights, the pages left as they are."""
         leaves, treedef = jax.tree.flatten(state)
         if treedef != self.state_treedef:
             raise ValueError("weights of another structure than the runner's model")
@@ -814,8 +826,6 @@ class ModelRunner:
                 raise ValueError(f"weight {name}: sharded as {new.sharding}, the steps take {sharding}")
         self.state = tuple(leaves)
         self.weights_loaded = True
-        if not self._loading:
-            self.allocate_kv()
 
     @property
     def kv_allocated(self) -> bool:
@@ -858,10 +868,7 @@ class ModelRunner:
         return max(needs) if needs else None
 
     def _memory_stats(self) -> dict:
-        """The first device's memory stats on a GPU (JAX's ``memory_stats``), else empty (a mesh's devices hold
-        like shards of the weights and pages, so the first stands for all)."""
-        dev = self.mesh.devices.flat[0]
-        return (dev.memory_stats() or {}) if dev.platform == "gpu" else {}
+        return gpu_memory_stats(self.mesh)
 
     def check_step_room(self) -> None:
         """On a GPU, ValueError naming the sizes when the device's memory left beside the weights and the pages is
@@ -900,17 +907,14 @@ class ModelRunner:
 
         thread = threading.Thread(target=compile_all, name="jaxdyn-compile-while-loading", daemon=True)
         t0 = time.perf_counter()
-        self._loading = True
         thread.start()
         try:
             loaded = load()
-            self.set_weights(loaded.state)
+            self._take_weights(loaded.state)
         except BaseException:
             cancel.set()
             thread.join()
             raise
-        finally:
-            self._loading = False
         thread.join()
         if "error" in outcome:
             raise outcome["error"]

@@ -87,9 +87,9 @@ class KVCacheSpec:
 
 
 def allocate_kv_cache(spec: KVCacheSpec, mesh: Mesh) -> KVCache:
-    """Zero-filled pages, sharded over kv heads on the mesh's model axis."""
-    sharding = NamedSharding(mesh, kv_cache_partition_spec(mesh, spec.num_kv_heads))
-    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=sharding)
+    """Zero-filled pages (``abstract_kv_cache``'s), sharded over kv heads on the mesh's model axis."""
+    page = abstract_kv_cache(spec, mesh)[0][0]
+    zeros = jax.jit(lambda: jnp.zeros(page.shape, page.dtype), out_shardings=page.sharding)
     return [(zeros(), zeros()) for _ in range(spec.num_layers)]
 
 

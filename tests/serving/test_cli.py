@@ -436,10 +436,11 @@ def test_serve_names_an_engine_build_out_of_device_memory_and_what_to_change(mon
     # the engine built on the server's thread (the engine process's own build: tests/serving/test_engine_process.py)
     import signal
 
+    import uvicorn
+
     import jaxdyn.engine.llm as llm
     import serving.cli as cli
     monkeypatch.setattr(llm, "build_engine", _out_of_memory)
-    import uvicorn
     monkeypatch.setattr(cli, "_DrainingServer", _IdleServer)
     monkeypatch.setattr(uvicorn, "Config", lambda *a, **k: None)     # its logging set up on the captured stderr
     monkeypatch.setattr(signal, "signal", lambda *a: None)          # serve's handlers left out of the test process
